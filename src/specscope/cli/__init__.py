@@ -1,0 +1,73 @@
+"""The `specscope` command line: one Typer app; each command lives in its own module."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from specscope import __version__
+
+app = typer.Typer(
+    name="specscope",
+    help="Spectral structure of training: probe st(A) and nr(G) per weight, train with spectral "
+    "optimizers, reproduce the published claims.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"specscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """specscope command line."""
+
+
+def _register() -> None:
+    # Importing a command module registers its commands on `app`.
+    from specscope.cli import commands  # noqa: F401
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2 (SPECSCOPE_DEBUG=1 shows tracebacks)."""
+    from pydantic import ValidationError
+
+    from specscope.errors import SpecscopeError
+
+    _register()
+    try:
+        app(standalone_mode=False)
+    except (SpecscopeError, ValidationError, FileNotFoundError) as e:
+        if os.environ.get("SPECSCOPE_DEBUG"):
+            raise
+        msg = str(e).strip().replace("\n", " ") if not isinstance(e, ValidationError) else _validation_line(e)
+        typer.echo(f"error: {msg}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors come here in non-standalone mode
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+def _validation_line(e) -> str:
+    parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+    return "invalid config: " + "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Data the project generates or finds on the machine: modular arithmetic, spiked covariance, text corpora."""

@@ -1,0 +1,91 @@
+"""What a lab is made of: a Config, Arms that train with the shared loop, Measures that only compute.
+
+A lab module `specscope/labs/<name>.py` defines `NAME`, `Config(LabConfig)`, `build(cfg, device) -> list[Arm | Measure]`
+(everything created on `device`, a torch.device the loop resolved from `cfg.device`),
+`claims(df, cfg) -> list[Claim]` and optionally `figures(df, cfg) -> dict[str, Figure]`. Its docstring's first
+line is what `specscope list` shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from specscope.records import Record
+
+
+class LabConfig(BaseModel):
+    """Fields every lab has. Subclasses add their own; unknown keys are an error, never ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = 0  # 0: checkpoint only at the end of each arm and on interrupt
+
+
+Log = Callable[[Iterable[Record]], None]
+
+
+class Callback(Protocol):
+    """Lab-specific work inside the shared loop. Both hooks are optional; each returns records to store.
+
+    `after_backward` sees the gradients before the optimizer step (measure them, or project them in place);
+    `after_step` sees the parameters after it. `every` says on which steps they run.
+    """
+
+    every: int
+
+    def after_backward(self, step: int, model: torch.nn.Module, optimizer: Any) -> Iterable[Record]: ...
+
+    def after_step(self, step: int, model: torch.nn.Module, optimizer: Any) -> Iterable[Record]: ...
+
+
+@dataclass
+class Arm:
+    """One model trained by the shared loop.
+
+    `batch(step)` must be a deterministic function of the step (so a resumed run sees the same data);
+    `loss(model, batch)` returns the scalar loss to minimise. `evaluate(model)` returns whole-model metrics
+    (val_loss, test_acc, ...) every `eval_every` steps and at the end. `optimizer` is a torch.optim.Optimizer,
+    or any object with step()/zero_grad()/state_dict()/load_state_dict(); `extra_steppers` (e.g. LowRankDecay)
+    are stepped after it. `stop(metrics)` may end the arm early (e.g. once grokked and stable).
+    """
+
+    name: str
+    model: torch.nn.Module
+    optimizer: Any
+    batch: Callable[[int], Any]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    steps: int
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    eval_every: int = 0
+    monitor: Any = None  # specscope.probe.Monitor or None
+    callbacks: list[Any] = field(default_factory=list)
+    extra_steppers: list[Any] = field(default_factory=list)
+    grad_clip: float | None = None
+    micro_batches: int = 1  # batch(step) returns a list of this many micro-batches when > 1
+    stop: Callable[[dict[str, float]], bool] | None = None
+    log_every: int = 1
+
+
+@dataclass
+class Measure:
+    """An analysis-only part of a lab: `fn(log, device)` computes and logs records (no training loop)."""
+
+    name: str
+    fn: Callable[[Log, torch.device], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu. Asking for cuda without one is a ConfigError."""
+    from specscope.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device; use --set device=cpu or auto")
+    return torch.device(name)

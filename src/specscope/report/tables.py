@@ -1,0 +1,165 @@
+"""Tables from the long-format metrics: the per-layer summary, and rich tables for the CLI.
+
+The metrics DataFrame is the store's long format (`run_id, step, layer, metric, value, arm, estimator,
+rows, shape, flag`). Every function here tolerates missing columns, missing metrics and NaN values:
+a lab that records no st(A) simply gets an empty summary, never an exception.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from rich.table import Table
+from rich.text import Text
+
+from specscope.records import Claim
+
+COLUMNS = ("run_id", "step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
+TEXT_COLUMNS = ("run_id", "layer", "metric", "arm", "estimator", "shape", "flag")
+
+VERDICT_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
+
+SUMMARY_COLUMNS = [
+    "arm", "layer", "steps", "last_step",
+    "st_last", "st_median", "nr_last", "nr_median", "ratio_last", "ratio_median", "favoured",
+]
+
+
+def prepare(df: pd.DataFrame | None) -> pd.DataFrame:
+    """A clean copy of a metrics frame: all store columns present, text columns str, value float.
+
+    Why: frames come from SQLite, from tests and from labs' own analysis; None/NaN arms and layers
+    would otherwise split groups ("" vs None) and break sorting.
+    """
+    if df is None:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+    out = df.copy()
+    for c in COLUMNS:
+        if c not in out.columns:
+            out[c] = 0 if c in ("step", "rows") else ("" if c != "value" else np.nan)
+    for c in TEXT_COLUMNS:
+        out[c] = out[c].fillna("").astype(str)
+    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
+    out["step"] = pd.to_numeric(out["step"], errors="coerce")
+    out = out[out["step"].notna()]
+    out["step"] = out["step"].astype(np.int64)
+    return out.reset_index(drop=True)
+
+
+def finite(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose value is a finite number (what can be plotted or summarized)."""
+    return df[np.isfinite(df["value"].to_numpy(dtype=float))]
+
+
+def ordered_unique(values: Iterable) -> list:
+    """Unique values in order of first appearance (layers keep model order, not alphabetical)."""
+    return list(pd.unique(pd.Series(list(values), dtype=object)))
+
+
+def rank_pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (arm, layer, step) with columns st, nr, ratio.
+
+    ratio is the recorded `spectral_advantage` where present, else nr/st computed from the pair measured
+    at the same step. Layers with neither metric are absent.
+    """
+    df = finite(prepare(df))
+    df = df[df["metric"].isin(["stable_rank", "nuclear_rank", "spectral_advantage"]) & (df["layer"] != "")]
+    cols = ["arm", "layer", "step", "st", "nr", "ratio"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    wide = df.pivot_table(index=["arm", "layer", "step"], columns="metric", values="value", aggfunc="mean")
+    wide = wide.reindex(columns=["stable_rank", "nuclear_rank", "spectral_advantage"])
+    wide.columns = ["st", "nr", "recorded_ratio"]
+    wide["ratio"] = wide["recorded_ratio"].fillna(wide["nr"] / wide["st"])
+    wide = wide.drop(columns="recorded_ratio").reset_index()
+    order = {name: i for i, name in enumerate(ordered_unique(df["layer"]))}
+    wide["_order"] = wide["layer"].map(order)
+    wide = wide.sort_values(["arm", "_order", "step"]).drop(columns="_order")
+    return wide[cols].reset_index(drop=True)
+
+
+def _last(s: pd.Series) -> float:
+    s = s.dropna()
+    return float(s.iloc[-1]) if len(s) else math.nan
+
+
+def _median(s: pd.Series) -> float:
+    s = s.dropna()
+    return float(s.median()) if len(s) else math.nan
+
+
+def layer_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (arm, layer): last and median st(A), nr(G) and nr/st over the recorded steps.
+
+    `favoured` is "spectral" when the median nr/st exceeds 1 (the spectral step has the larger
+    guaranteed decrease, REFERENCE §3), "euclidean" when below, "" when unknown. The median, not the
+    last value, decides because a single measured step is noisy.
+    """
+    pairs = rank_pairs(df)
+    rows = []
+    for (arm, layer), g in pairs.groupby(["arm", "layer"], sort=False):
+        ratio_median = _median(g["ratio"])
+        favoured = "" if math.isnan(ratio_median) else ("spectral" if ratio_median > 1 else "euclidean")
+        rows.append({
+            "arm": arm, "layer": layer, "steps": int(len(g)), "last_step": int(g["step"].max()),
+            "st_last": _last(g["st"]), "st_median": _median(g["st"]),
+            "nr_last": _last(g["nr"]), "nr_median": _median(g["nr"]),
+            "ratio_last": _last(g["ratio"]), "ratio_median": ratio_median, "favoured": favoured,
+        })
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def fmt(x: object) -> str:
+    """Numbers to 4 significant digits, NaN to an em dash, anything else to str."""
+    if isinstance(x, (bool, np.bool_)):
+        return str(x)
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return "—" if not math.isfinite(float(x)) else f"{float(x):.4g}"
+    return "" if x is None else str(x)
+
+
+def claims_table(claims: Sequence[Claim], *, title: str = "Claims") -> Table:
+    """A rich table of claims: id, claim, published, measured, coloured verdict."""
+    table = Table(title=title, show_lines=False)
+    for name in ("claim", "text", "published", "measured", "verdict"):
+        table.add_column(name, overflow="fold", ratio=3 if name == "text" else None)
+    for c in claims:
+        # Text(...) never parses rich markup, so a claim text like "[red]" prints as written
+        table.add_row(Text(c.id), Text(c.text), Text(c.published), Text(c.measured),
+                      Text(c.verdict, style=VERDICT_STYLE.get(c.verdict, "")))
+    return table
+
+
+def _is_long_format(df: pd.DataFrame) -> bool:
+    return {"metric", "value"}.issubset(df.columns)
+
+
+def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry") -> Table:
+    """A rich per-layer table for the CLI.
+
+    Accepts either the long-format metrics (summarized with `layer_summary`) or an already wide table
+    such as `Monitor.advice()` (one row per layer; shown column by column). A column named
+    `favoured`, `geometry`, `advice` or `recommendation` is coloured: spectral green, euclidean blue.
+    """
+    wide = layer_summary(df_or_advice) if _is_long_format(df_or_advice) else df_or_advice
+    if "arm" in wide.columns and (wide["arm"].astype(str) == "").all():
+        wide = wide.drop(columns="arm")
+    table = Table(title=title)
+    for col in wide.columns:
+        numeric = pd.api.types.is_numeric_dtype(wide[col])
+        table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
+    colour = {"spectral": "green", "euclidean": "blue"}
+    for _, row in wide.iterrows():
+        cells = []
+        for col in wide.columns:
+            text = fmt(row[col])
+            style = colour.get(text.lower(), "") if str(col) in ("favoured", "geometry", "advice",
+                                                                 "recommendation") else ""
+            cells.append(Text(text, style=style))
+        table.add_row(*cells)
+    return table
