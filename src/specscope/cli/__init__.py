@@ -45,15 +45,16 @@ def main() -> None:
 
     _register()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except (SpecscopeError, ValidationError, FileNotFoundError) as e:
         if os.environ.get("SPECSCOPE_DEBUG"):
             raise
         msg = str(e).strip().replace("\n", " ") if not isinstance(e, ValidationError) else _validation_line(e)
         typer.echo(f"error: {msg}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as e:
+        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -1,0 +1,28 @@
+"""specscope.linalg: pure tensor functions for the spectral structure of gradients and activations.
+
+Ranks (REFERENCE §1), norms, polar-factor backends and subspace tools. Every function takes tensors
+[..., m, n] (CPU or CUDA), computes half-precision input in float32/float64, and raises ValueError naming
+the function and the problem on non-finite or empty input. See docs/linalg.md.
+"""
+from .norms import gram, nuclear_norm_from_gram, spectral_norm, stable_rank_from_gram
+from .polar import (
+    KELLER_COEFFICIENTS,
+    POLAR_EXPRESS_COEFFICIENTS,
+    newton_schulz,
+    orthogonality_error,
+    polar,
+    polar_error,
+    polar_express,
+    polar_with_nuclear_norm,
+)
+from .ranks import onehot_stable_rank, spectral_advantage, stable_rank
+from .spectra import energy_rank, entropy_rank, nuclear_norm, nuclear_rank, participation_ratio, singular_values
+from .subspaces import principal_angles, singular_value_soft_threshold
+
+__all__ = [
+    "stable_rank", "nuclear_rank", "spectral_advantage", "entropy_rank", "participation_ratio", "energy_rank",
+    "singular_values", "spectral_norm", "nuclear_norm", "gram", "stable_rank_from_gram", "nuclear_norm_from_gram",
+    "polar", "polar_with_nuclear_norm", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
+    "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS",
+    "singular_value_soft_threshold", "principal_angles", "onehot_stable_rank",
+]

@@ -28,6 +28,11 @@ SUMMARY_COLUMNS = [
 ]
 
 
+# the CLI shows a compact view of layer_summary: summary column -> header
+CLI_COLUMNS = {"arm": "arm", "layer": "weight", "last_step": "step", "st_last": "st(A)", "nr_last": "nr(G)",
+               "ratio_last": "nr/st", "ratio_median": "median nr/st", "favoured": "favoured"}
+
+
 def prepare(df: pd.DataFrame | None) -> pd.DataFrame:
     """A clean copy of a metrics frame: all store columns present, text columns str, value float.
 
@@ -56,7 +61,9 @@ def finite(df: pd.DataFrame) -> pd.DataFrame:
 
 def ordered_unique(values: Iterable) -> list:
     """Unique values in order of first appearance (layers keep model order, not alphabetical)."""
-    return list(pd.unique(pd.Series(list(values), dtype=object)))
+    if isinstance(values, pd.Series):
+        values = values.tolist()
+    return list(dict.fromkeys(values))
 
 
 def rank_pairs(df: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +76,9 @@ def rank_pairs(df: pd.DataFrame) -> pd.DataFrame:
     df = df[df["metric"].isin(["stable_rank", "nuclear_rank", "spectral_advantage"]) & (df["layer"] != "")]
     cols = ["arm", "layer", "step", "st", "nr", "ratio"]
     if df.empty:
-        return pd.DataFrame(columns=cols)
+        return pd.DataFrame({"arm": pd.Series(dtype=str), "layer": pd.Series(dtype=str),
+                             "step": pd.Series(dtype=np.int64),
+                             **{c: pd.Series(dtype=float) for c in ("st", "nr", "ratio")}})
     wide = df.pivot_table(index=["arm", "layer", "step"], columns="metric", values="value", aggfunc="mean")
     wide = wide.reindex(columns=["stable_rank", "nuclear_rank", "spectral_advantage"])
     wide.columns = ["st", "nr", "recorded_ratio"]
@@ -146,13 +155,17 @@ def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry
     such as `Monitor.advice()` (one row per layer; shown column by column). A column named
     `favoured`, `geometry`, `advice` or `recommendation` is coloured: spectral green, euclidean blue.
     """
-    wide = layer_summary(df_or_advice) if _is_long_format(df_or_advice) else df_or_advice
+    if _is_long_format(df_or_advice):
+        wide = layer_summary(df_or_advice)[list(CLI_COLUMNS)].rename(columns=CLI_COLUMNS)
+    else:
+        wide = df_or_advice
     if "arm" in wide.columns and (wide["arm"].astype(str) == "").all():
         wide = wide.drop(columns="arm")
     table = Table(title=title)
     for col in wide.columns:
         numeric = pd.api.types.is_numeric_dtype(wide[col])
-        table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
+        table.add_column(str(col), justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=numeric or col in ("arm", "weight", "layer"))
     colour = {"spectral": "green", "euclidean": "blue"}
     for _, row in wide.iterrows():
         cells = []

@@ -1,0 +1,59 @@
+"""`specscope runs` (list run directories with their status) and `specscope export` (records to csv/parquet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from specscope.cli import app
+
+_STYLE = {"running": "cyan", "complete": "green", "incomplete": "yellow", "interrupted": "yellow",
+          "failed": "red", "unreadable": "red"}
+
+
+@app.command()
+def runs(
+    root: Path = typer.Option(Path("runs"), "--root", help="Directory holding <lab>/<run_id>/ run directories."),
+    lab: Optional[str] = typer.Option(None, "--lab", help="Only the runs of this lab."),
+) -> None:
+    """List runs, newest first, with their status (a run whose process died reads "incomplete")."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from specscope.store import list_runs
+
+    df = list_runs(root, lab=lab)
+    if df.empty:
+        typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + ".")
+        return
+    table = Table(title=f"runs in {root}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
+    for col in ("run_id", "lab", "status", "created", "steps"):  # path = root/lab/run_id
+        table.add_column(col, no_wrap=col != "lab", min_width=8 if col == "lab" else None,
+                         justify="right" if col == "steps" else "left")
+    for r in df.itertuples():
+        created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
+        status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
+        steps = "" if str(r.steps) == "<NA>" else str(r.steps)
+        table.add_row(r.run_id, r.lab, status, created, steps)
+    Console().print(table)
+
+
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="Run directory, or a run id (or lab/run_id) under --root."),
+    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <run_id>.<format> here)."),
+    root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
+) -> None:
+    """Write every record of a run (run_id, step, layer, metric, value, arm, ...) to one csv or parquet file."""
+    from specscope.store import export as export_run
+    from specscope.store import find_run
+    from specscope.store.run import read_config
+
+    path = find_run(run, root)
+    out = out or Path(f"{read_config(path)['run_id']}.{format}")
+    export_run(path, out, format)
+    typer.echo(f"wrote {out}")

@@ -1,0 +1,232 @@
+"""Spiked data for the two-layer gradient lab (paper 000, REFERENCE §4): generated, digits, or a user's matrix.
+
+Every data set is held as its split X = X_B + ζ z qᵀ (n × d), the form the gradient decomposition needs.
+- generated: bulk rows x_B ~ N(0, diag(k^{−α})), z ~ N(0, I_n), q a unit vector, ζ = n^ν, so the population
+  covariance is diag(k^{−α}) + ζ² qqᵀ;
+- measured (digits, a user's .npy): q is the top eigenvector of the *uncentred* second moment XᵀX/n,
+  ζ z = Xq, ζ = ‖Xq‖/√n (so mean(z²) = 1) and X_B = X − (Xq)qᵀ; the split is exact, so the decomposition
+  is exact on real data too. ν̂ = log ζ / log n and α̂ is a log-log fit of the bulk eigenvalues.
+Everything is drawn on CPU in float64 from an explicit seed, then moved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specscope.errors import ConfigError
+
+TARGETS = ("teacher", "multi-index")
+
+
+@dataclass
+class SpikedData:
+    """X = X_B + ζ z qᵀ with targets y (n,). `alpha`/`nu` are the requested values (None for real data)."""
+
+    X_B: torch.Tensor  # n × d
+    z: torch.Tensor  # (n,)
+    q: torch.Tensor  # (d,), unit norm
+    zeta: float
+    y: torch.Tensor  # (n,)
+    name: str = "synthetic"
+    alpha: float | None = None
+    nu: float | None = None
+
+    @property
+    def X(self) -> torch.Tensor:
+        return self.X_B + self.zeta * torch.outer(self.z, self.q)
+
+    @property
+    def n(self) -> int:
+        return self.X_B.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.X_B.shape[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "SpikedData":
+        mv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+        return replace(self, X_B=mv(self.X_B), z=mv(self.z), q=mv(self.q), y=mv(self.y))
+
+    def labels(self) -> torch.Tensor:
+        """±1 labels for the logistic loss: sign(y), with 0 mapped to +1."""
+        return torch.where(self.y >= 0, 1.0, -1.0).to(self.y.dtype)
+
+
+@dataclass
+class SpectrumEstimate:
+    """Measured spectrum of a data matrix: α̂, ζ̂ = √λ_1, ν̂ = log ζ̂ / log n, q̂ and all eigenvalues of XᵀX/n."""
+
+    alpha: float
+    zeta: float
+    nu: float
+    q: torch.Tensor
+    eigenvalues: torch.Tensor  # descending
+
+
+def bulk_eigenvalues(d: int, alpha: float) -> torch.Tensor:
+    """λ_k = k^{−α}, k = 1..d."""
+    return torch.arange(1, d + 1, dtype=torch.float64) ** (-alpha)
+
+
+def spike_direction(d: int, q: str | torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """"random" (uniform on the sphere), "top"/"bottom" (the bulk's largest/smallest eigendirection) or a vector."""
+    if isinstance(q, torch.Tensor):
+        if q.shape != (d,) or q.norm() == 0:
+            raise ConfigError(f"q must be a nonzero vector of length d={d}, got shape {tuple(q.shape)}")
+        return q.double().cpu() / q.norm()
+    if q == "random":
+        v = torch.randn(d, generator=gen, dtype=torch.float64)
+        return v / v.norm()
+    if q in ("top", "bottom"):
+        v = torch.zeros(d, dtype=torch.float64)
+        v[0 if q == "top" else -1] = 1.0
+        return v
+    raise ConfigError(f"unknown q {q!r}; choose 'random', 'top', 'bottom' or pass a unit vector")
+
+
+def spiked_covariance(n: int, d: int, alpha: float = 0.0, nu: float = 0.25, *, q: str | torch.Tensor = "random",
+                      target: str = "teacher", teacher_width: int = 4, label_noise: float = 0.0, seed: int = 0,
+                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64) -> SpikedData:
+    """X = X_B + ζ z qᵀ with bulk covariance diag(k^{−α}), ζ = n^ν, and targets (`teacher_targets` or
+    `multi_index_targets`). The same seed draws the same Gaussians for every (α, ν): sweeps use common
+    random numbers, so a map over (ν, α) changes only what it varies."""
+    if n < 2 or d < 2:
+        raise ConfigError(f"spiked data needs n ≥ 2 and d ≥ 2, got n={n}, d={d}")
+    gen = torch.Generator().manual_seed(seed)
+    X_B = torch.randn(n, d, generator=gen, dtype=torch.float64) * bulk_eigenvalues(d, alpha).sqrt()
+    z = torch.randn(n, generator=gen, dtype=torch.float64)
+    qv = spike_direction(d, q, gen)
+    zeta = float(n) ** nu
+    X = X_B + zeta * torch.outer(z, qv)
+    y = make_targets(X, target, width=teacher_width, seed=seed + 1)
+    if label_noise:
+        y = y + label_noise * torch.randn(n, generator=gen, dtype=torch.float64)
+    data = SpikedData(X_B, z, qv, zeta, y, "synthetic", alpha, nu)
+    return data.to(device, dtype)
+
+
+def _standardize(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.mean()) / v.std().clamp_min(1e-12)
+
+
+def teacher_targets(X: torch.Tensor, width: int = 4, seed: int = 0) -> torch.Tensor:
+    """y = Σ_j tanh(w*_j·x / s_j) with teacher rows w*_j on the unit sphere, s_j the preactivation's RMS
+    (so the teacher is neither linear nor saturated at any α); standardised to mean 0, variance 1."""
+    gen = torch.Generator().manual_seed(seed)
+    Wt = torch.randn(width, X.shape[1], generator=gen, dtype=torch.float64).to(X)
+    Wt = Wt / Wt.norm(dim=1, keepdim=True)
+    h = X @ Wt.T
+    return _standardize(torch.tanh(h / h.pow(2).mean(0).sqrt().clamp_min(1e-12)).sum(1))
+
+
+def multi_index_targets(X: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """y = h_1 + h_1 h_2, h = Uᵀx normalised to unit RMS, U two random orthonormal directions; standardised."""
+    gen = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(X.shape[1], 2, generator=gen, dtype=torch.float64))
+    h = X @ U.to(X)
+    h = h / h.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    return _standardize(h[:, 0] + h[:, 0] * h[:, 1])
+
+
+def make_targets(X: torch.Tensor, target: str, width: int = 4, seed: int = 0) -> torch.Tensor:
+    if target == "teacher":
+        return teacher_targets(X, width, seed)
+    if target == "multi-index":
+        return multi_index_targets(X, seed)
+    raise ConfigError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def estimate_spectrum(X: torch.Tensor, fit_range: tuple[int, int] | None = None) -> SpectrumEstimate:
+    """α̂, ζ̂, ν̂ and q̂ from the uncentred second moment XᵀX/n.
+
+    α̂ is the least-squares slope of −log λ_k on log k over `fit_range` (1-based, inclusive; default
+    k = 2 .. min(n, d)/2: the top eigenvalue is the spike, the tail is distorted by finite n).
+    """
+    X = X.detach().double().cpu()
+    n, d = X.shape
+    evals, evecs = torch.linalg.eigh(X.T @ X / n)
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    lo, hi = fit_range or (2, max(3, min(n, d) // 2))
+    k = torch.arange(lo, hi + 1, dtype=torch.float64)
+    lam = evals[lo - 1 : hi]
+    keep = lam > 0
+    if keep.sum() < 2:
+        raise ValueError(f"too few positive eigenvalues in k = {lo}..{hi} to fit α; widen fit_range")
+    lk, ll = k[keep].log(), lam[keep].log()
+    slope = ((lk - lk.mean()) * (ll - ll.mean())).sum() / ((lk - lk.mean()) ** 2).sum()
+    zeta = evals[0].sqrt().item()
+    return SpectrumEstimate(-slope.item(), zeta, math.log(zeta) / math.log(n), evecs[:, 0].clone(), evals)
+
+
+def from_matrix(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | None = None, *, name: str = "matrix",
+                target: str = "teacher", seed: int = 0) -> SpikedData:
+    """Split a measured data matrix (n × d, rows are samples, not centred) as X_B + ζ z qᵀ around its top
+    eigendirection. Without y, targets come from a seeded teacher network on X."""
+    X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X).double().cpu()
+    if X.ndim != 2 or min(X.shape) < 2:
+        raise ConfigError(f"the data matrix must be 2-D n × d with n, d ≥ 2 (rows = samples); got shape {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise ConfigError("the data matrix has NaN or Inf entries; clean or impute them first")
+    est = estimate_spectrum(X)
+    q = est.q
+    proj = X @ q
+    zeta = proj.norm().item() / math.sqrt(X.shape[0])
+    X_B = X - torch.outer(proj, q)
+    if y is None:
+        yt = make_targets(X, target, seed=seed)
+    else:
+        yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).double().reshape(-1).cpu()
+        if yt.shape[0] != X.shape[0]:
+            raise ConfigError(f"targets have {yt.shape[0]} entries but the matrix has {X.shape[0]} rows")
+    return SpikedData(X_B, proj / zeta, q, zeta, yt, name)
+
+
+def digits(embed_dim: int = 0, seed: int = 0) -> SpikedData:
+    """scikit-learn's bundled 8×8 digits (1797 × 64, no download), each pixel standardised (constant
+    pixels left at 0), target +1 for digits 0–4 and −1 for 5–9.
+
+    With `embed_dim` > 0 the images go through a fixed random ReLU embedding x ↦ relu(Rx/√64),
+    R ∈ R^{embed_dim × 64} Gaussian (seeded); its outputs are not centred, so their mean is a natural spike.
+    """
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    X = torch.as_tensor(ds.data, dtype=torch.float64)
+    X = (X - X.mean(0)) / torch.where(X.std(0) > 0, X.std(0), torch.ones(()))
+    if embed_dim:
+        R = torch.randn(embed_dim, X.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        X = torch.relu(X @ R.T / math.sqrt(X.shape[1]))
+    y = torch.where(torch.as_tensor(ds.target) <= 4, 1.0, -1.0).double()
+    return from_matrix(X, y, name="digits" if not embed_dim else f"digits-relu{embed_dim}")
+
+
+def load_matrix(path: str | Path, *, target: str = "teacher", seed: int = 0) -> SpikedData:
+    """A user's matrix: `.npy` with X (n × d), or `.npz` with arrays `X` and optionally `y`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist; give a .npy (n × d) or .npz (X, y) path")
+    if path.suffix == ".npz":
+        with np.load(path) as f:
+            if "X" not in f:
+                raise ConfigError(f"{path} has arrays {list(f.keys())}; it needs one named 'X' (and optionally 'y')")
+            X, y = f["X"], (f["y"] if "y" in f else None)
+    elif path.suffix == ".npy":
+        X, y = np.load(path), None
+    else:
+        raise ConfigError(f"data file {path} must end in .npy or .npz")
+    return from_matrix(X, y, name=path.stem, target=target, seed=seed)
+
+
+def load(spec: str, *, n: int, d: int, alpha: float, nu: float, q: str = "random", target: str = "teacher",
+         teacher_width: int = 4, seed: int = 0, digits_embed_dim: int = 0) -> SpikedData:
+    """The lab's `data` key: "synthetic", "digits" or a path to a .npy/.npz matrix."""
+    if spec == "synthetic":
+        return spiked_covariance(n, d, alpha, nu, q=q, target=target, teacher_width=teacher_width, seed=seed)
+    if spec == "digits":
+        return digits(digits_embed_dim, seed)
+    return load_matrix(spec, target=target, seed=seed)

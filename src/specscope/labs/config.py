@@ -1,0 +1,94 @@
+"""Lab configs from defaults, a TOML file and `--set key=value` overrides, validated by the lab's pydantic Config."""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from specscope.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def describe_fields(config_cls: type[BaseModel]) -> str:
+    """`name (type) = default` for every key, for error messages and `specscope list --keys`."""
+    parts = []
+    for name, f in config_cls.model_fields.items():
+        tp = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        parts.append(f"{name} ({tp}) = {f.default!r}")
+    return ", ".join(parts)
+
+
+def _is_list_field(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, set):
+        return True
+    return any(_is_list_field(a) for a in typing.get_args(annotation)) if origin is typing.Union else False
+
+
+def _parse_value(raw: str, annotation: Any) -> Any:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    if _is_list_field(annotation) and not isinstance(value, list):
+        value = [_parse_value(v.strip(), None) for v in raw.split(",") if v.strip()] if isinstance(value, str) else [value]
+    if annotation is str and not isinstance(value, str):
+        value = raw  # "--set name=123" for a string field stays the string "123"
+    return value
+
+
+def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = "") -> dict[str, Any]:
+    """["width=512", "acts=relu,swiglu"] -> {"width": 512, "acts": ["relu", "swiglu"]}; unknown keys are errors."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got '{pair}'")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        field = config_cls.model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"unknown config key '{key}'{_for(lab)}; valid keys: {describe_fields(config_cls)}")
+        out[key] = _parse_value(raw.strip(), field.annotation)
+    return out
+
+
+def _for(lab: str) -> str:
+    return f" for lab '{lab}'" if lab else ""
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    return data.get("config", data)
+
+
+def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = None, lab: str = "") -> BaseModel:
+    """Validate; every problem is reported as one ConfigError naming the key, what was given and what is expected."""
+    values = dict(values or {})
+    unknown = [k for k in values if k not in config_cls.model_fields]
+    if unknown:
+        raise ConfigError(f"unknown config key '{unknown[0]}'{_for(lab)}; valid keys: {describe_fields(config_cls)}")
+    try:
+        return config_cls(**values)
+    except ValidationError as e:
+        errs = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"])
+            f = config_cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
+            expected = getattr(f.annotation, "__name__", str(f.annotation)) if f else "?"
+            errs.append(f"'{key}' = {err.get('input')!r}: {err['msg']} (expected {expected})")
+        raise ConfigError(f"invalid config{_for(lab)}: " + "; ".join(errs)) from None

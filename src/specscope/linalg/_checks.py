@@ -1,0 +1,41 @@
+"""Input validation and dtype policy shared by every linalg function.
+
+Every public function calls `check_tensor` first, so a NaN, an Inf or an empty matrix fails loudly with
+the function's name instead of silently producing a wrong number downstream.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:
+    """Validate `x` and return it as a real floating tensor (ints become float32)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
+    if x.is_complex():
+        raise ValueError(f"{fn}: {name} is complex ({x.dtype}); only real matrices are supported")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims ([..., m, n]), got shape {tuple(x.shape)}; "
+                         f"use x.unsqueeze(0) for a single row")
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); pass a matrix with at least one row and one column")
+    if not x.is_floating_point():
+        x = x.float()
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(x.numel() - finite.sum()) - n_nan
+        raise ValueError(f"{fn}: {name} has {n_nan} NaN and {n_inf} Inf entries (shape {tuple(x.shape)}); "
+                         f"fix the step that produced it (e.g. a diverged loss) or clean it with torch.nan_to_num")
+    return x
+
+
+def work_dtype(x: Tensor) -> torch.dtype:
+    """Result dtype: float64 stays float64; float32/float16/bfloat16 are reported in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def smaller_gram(x: Tensor) -> Tensor:
+    """X Xᵀ if m <= n else Xᵀ X: the Gram matrix on the smaller side, in x's dtype."""
+    return x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x

@@ -1,0 +1,102 @@
+"""Spectral norm by warm-started power iteration, and Gram-matrix helpers for the probe.
+
+The probe measures st(A) every few steps: ‖A‖_F² is a plain sum, σ_1 comes from a few power iterations
+on the smaller side, warm-started from the previous step's vector (activations change slowly, so 1–3
+iterations usually suffice once warm).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor, smaller_gram, work_dtype
+
+
+def _default_v0(batch: torch.Size, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A private generator: measuring must not consume the global RNG stream (DESIGN: probe never alters RNG).
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*batch, k, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """σ_1(A) by power iteration on the smaller side; returns (sigma, v) with v the warm start for next time.
+
+    Side: v lives in R^m (a left singular vector estimate, A Aᵀ side) when m ≤ n, else in R^n (a right
+    singular vector, AᵀA side), i.e. v has shape [..., min(m, n)]. v0=None starts from a fixed
+    pseudo-random vector (private generator, the global RNG is untouched).
+
+    Estimator: sigma is a lower bound on σ_1; after k iterations its relative error is about
+    (σ_2/σ_1)^(2k) (slower when σ_1 ≈ σ_2, and v may then be any vector of the top cluster, which still
+    gives an accurate sigma). Stops early when every batch entry changed by less than tol (relative).
+    A v0 exactly orthogonal to the top singular vector converges to the next one instead. Zero matrix:
+    sigma = 0 and v is returned unchanged. Computed in float32 (float64 for float64 input).
+    """
+    A = check_tensor(A, "spectral_norm", "A")
+    if iters < 1:
+        raise ValueError(f"spectral_norm: iters must be ≥ 1, got {iters}")
+    dt = work_dtype(A)
+    X = A.to(dt)
+    if X.shape[-2] > X.shape[-1]:
+        X = X.mT  # now m ≤ n and v lives in R^m
+    k = X.shape[-2]
+    if v0 is None:
+        v = _default_v0(X.shape[:-2], k, dt, X.device)
+    else:
+        v0 = check_tensor(v0, "spectral_norm", "v0", min_ndim=1)
+        if v0.shape[-1] != k:
+            raise ValueError(f"spectral_norm: v0 has length {v0.shape[-1]} but A {tuple(A.shape)} needs min(m, n) = {k}; "
+                             f"pass the v returned by the previous call on a matrix of the same shape")
+        v = v0.to(device=X.device, dtype=dt).expand(*X.shape[:-2], k).clone()
+    v = v / v.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
+    sigma = torch.zeros(X.shape[:-2], dtype=dt, device=X.device)
+    for _ in range(iters):
+        u = (X.mT @ v.unsqueeze(-1)).squeeze(-1)        # Aᵀ v, in R^n
+        w = (X @ u.unsqueeze(-1)).squeeze(-1)            # A Aᵀ v, in R^m
+        new_sigma = u.norm(dim=-1)                       # ‖Aᵀ v‖ with ‖v‖ = 1
+        wn = w.norm(dim=-1, keepdim=True)
+        v = torch.where(wn > 0, w / wn.clamp(min=torch.finfo(dt).tiny), v)
+        done = bool(((new_sigma - sigma).abs() <= tol * new_sigma).all())
+        sigma = new_sigma
+        if done:
+            break
+    # One more Rayleigh quotient with the final v (costs one matvec, tightens sigma).
+    sigma = (X.mT @ v.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+    return sigma, v
+
+
+def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """The smaller-side Gram matrix: A Aᵀ if m ≤ n else AᵀA, shape [..., k, k] with k = min(m, n).
+
+    Computed in `dtype` (default float32, or float64 for float64 input). Exact up to round-off; in
+    float32 its small eigenvalues carry absolute error ~1e-7·‖A‖_2² (see nuclear_norm_from_gram)."""
+    A = check_tensor(A, "gram", "A")
+    return smaller_gram(A.to(dtype or work_dtype(A)))
+
+
+def _check_gram(C: Tensor, fn: str) -> Tensor:
+    C = check_tensor(C, fn, "C")
+    if C.shape[-1] != C.shape[-2]:
+        raise ValueError(f"{fn}: C must be a square Gram matrix [..., k, k], got {tuple(C.shape)}; build it with linalg.gram(A)")
+    return C
+
+
+def stable_rank_from_gram(C: Tensor) -> Tensor:
+    """st(A) = tr(C)/λ_max(C) for C = gram(A). Exact given C (float64 eigvalsh); st of a zero C is 0.
+
+    Well conditioned: a float32 C gives st to ~1e-6 relative."""
+    C = _check_gram(C, "stable_rank_from_gram")
+    Cd = C.double()
+    top = torch.linalg.eigvalsh(Cd)[..., -1]
+    tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
+    out = torch.where(top > 0, tr / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
+    return out.to(work_dtype(C))
+
+
+def nuclear_norm_from_gram(C: Tensor) -> Tensor:
+    """‖A‖_* = Σ sqrt(max(eig(C), 0)) for C = gram(A). Exact given C (float64 eigvalsh).
+
+    Accuracy is that of C: a float32 C has eigenvalue errors ~1e-7·λ_max, so singular values below
+    ~3e-4·σ_1 are unreliable and the sum is off by at most about k·3e-4·σ_1 (k = size of C)."""
+    C = _check_gram(C, "nuclear_norm_from_gram")
+    lam = torch.linalg.eigvalsh(C.double()).clamp(min=0)
+    return lam.sqrt().sum(-1).to(work_dtype(C))

@@ -1,0 +1,51 @@
+"""Stable rank, the spectral advantage nr(G)/st(A), and the one-hot closed form."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor, work_dtype
+from .norms import spectral_norm
+from .spectra import nuclear_rank, stable_rank_exact
+
+
+def stable_rank(A: Tensor, *, method: str = "exact", iters: int = 20, v0: Tensor | None = None) -> Tensor:
+    """st(A) = ‖A‖_F² / ‖A‖_2², shape A.shape[:-2]. 1 ≤ st ≤ rank(A); st(0) := 0 (rank of the zero matrix).
+
+    method="exact": float64 eigenvalues of the smaller Gram (exact to float64 round-off).
+    method="power": ‖A‖_F² / σ̂_1² with σ̂_1 from `spectral_norm(A, v0, iters=iters)`; an estimator that
+    over-estimates st by the relative factor (σ_1/σ̂_1)² ≈ 1 + O((σ_2/σ_1)^(2·iters)). Use spectral_norm
+    directly to get the warm-start vector back.
+    """
+    A = check_tensor(A, "stable_rank", "A")
+    if method == "exact":
+        return stable_rank_exact(A).to(work_dtype(A))
+    if method == "power":
+        sigma, _ = spectral_norm(A, v0, iters=iters)
+        fro2 = A.to(work_dtype(A)).square().sum((-2, -1))
+        return torch.where(sigma > 0, fro2 / torch.where(sigma > 0, sigma, torch.ones_like(sigma)) ** 2, torch.zeros_like(fro2))
+    raise ValueError(f"stable_rank: method must be 'exact' or 'power', got {method!r}")
+
+
+def spectral_advantage(G: Tensor, A: Tensor) -> Tensor:
+    """nr(G)/st(A) (both exact). > 1: the spectral step has the larger guaranteed one-step decrease
+    (REFERENCE §3). G = 0 gives 0; A = 0 raises (no curvature, the ratio is undefined)."""
+    st = stable_rank(A)
+    if bool((st == 0).any()):
+        raise ValueError("spectral_advantage: A is the zero matrix, so st(A) = 0 and nr(G)/st(A) is undefined; "
+                         "check that the hook captured the layer's input")
+    return nuclear_rank(G) / st
+
+
+def onehot_stable_rank(token_ids: Tensor) -> Tensor:
+    """st(X) of the one-hot matrix of `token_ids` = N / c_max, exactly (X has orthogonal columns, so
+    XᵀX = diag(counts)). No one-hot matrix is built; works on any integer tensor (all entries are one
+    sequence of N tokens, negative ids allowed). Returns a float64 scalar tensor."""
+    if not isinstance(token_ids, Tensor):
+        raise ValueError(f"onehot_stable_rank: token_ids must be a torch.Tensor, got {type(token_ids).__name__}")
+    if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
+        raise ValueError(f"onehot_stable_rank: token_ids must be an integer tensor, got {token_ids.dtype}; use .long()")
+    if token_ids.numel() == 0:
+        raise ValueError("onehot_stable_rank: token_ids is empty; pass at least one token")
+    _, counts = torch.unique(token_ids.reshape(-1), return_counts=True)
+    return torch.tensor(token_ids.numel() / int(counts.max()), dtype=torch.float64)

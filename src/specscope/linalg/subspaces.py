@@ -1,0 +1,48 @@
+"""The nuclear-norm proximal step and principal angles between subspaces."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._checks import check_tensor, work_dtype
+
+
+def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
+    """prox_{τ‖·‖_*}(W) = U diag(max(σ_i − τ, 0)) Vᵀ. Exact (float64 SVD), returned in W's dtype.
+
+    The ideal effect of Low-Rank Decay (REFERENCE §3). tau ≥ 0: a float, or a tensor broadcast against
+    W.shape[:-2] (one threshold per batch entry)."""
+    W = check_tensor(W, "singular_value_soft_threshold", "W")
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=W.device)
+    if not bool(torch.isfinite(tau).all()) or bool((tau < 0).any()):
+        raise ValueError(f"singular_value_soft_threshold: tau must be finite and ≥ 0, got {tau}")
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    S = (S - tau.unsqueeze(-1)).clamp(min=0)
+    return ((U * S.unsqueeze(-2)) @ Vh).to(W.dtype)
+
+
+def _orthonormal_basis(X: Tensor, name: str) -> Tensor:
+    Q, R = torch.linalg.qr(X.double())
+    d = R.diagonal(dim1=-2, dim2=-1).abs()
+    if bool((d <= max(X.shape[-2:]) * torch.finfo(torch.float64).eps * d.amax(-1, keepdim=True).clamp(min=1e-300)).any()):
+        raise ValueError(f"principal_angles: the columns of {name} {tuple(X.shape)} are linearly dependent; "
+                         f"pass a basis (e.g. the leading singular vectors) of the subspace")
+    return Q
+
+
+def principal_angles(U: Tensor, V: Tensor) -> Tensor:
+    """Principal angles (radians, ascending, min(k_U, k_V) of them) between the column spaces of U [..., n, k_U]
+    and V [..., n, k_V]. Exact (float64): inputs are orthonormalised by QR (their columns must be linearly
+    independent, else ValueError); θ_i = atan2(sin_i, cos_i) with cos from svd(QᵤᵀQᵥ) and sin from
+    svd(Qᵥ − QᵤQᵤᵀQᵥ), accurate for tiny and for near-π/2 angles alike (Björck–Golub)."""
+    U = check_tensor(U, "principal_angles", "U")
+    V = check_tensor(V, "principal_angles", "V")
+    if U.shape[-2] != V.shape[-2]:
+        raise ValueError(f"principal_angles: U {tuple(U.shape)} and V {tuple(V.shape)} must have the same number of rows")
+    Qu, Qv = _orthonormal_basis(U, "U"), _orthonormal_basis(V, "V")
+    if Qv.shape[-1] > Qu.shape[-1]:
+        Qu, Qv = Qv, Qu                      # the angles are symmetric; make Qv the narrower one
+    M = Qu.mT @ Qv
+    cos = torch.linalg.svdvals(M)                             # descending
+    sin = torch.linalg.svdvals(Qv - Qu @ M).flip(-1)          # ascending, paired with cos
+    return torch.atan2(sin, cos).to(work_dtype(U))

@@ -1,0 +1,183 @@
+"""Small pieces shared by the optimizers: names, routing checks, matrix views, polar dispatch.
+
+Nothing here holds state; the optimizers compose these functions.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from specscope import linalg
+from specscope.errors import ConfigError, NonFiniteError
+from specscope.optim import _distributed
+
+PolarSpec = Union[str, Callable[[Tensor], Tensor]]
+POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
+# Backends that iterate a polynomial: like torch.optim.Muon and Keller's muon.py they run in bfloat16.
+ITERATIVE = ("newton_schulz", "polar_express")
+
+# A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
+_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|_head$|^lm_head$|^output$)")
+NON_HIDDEN_ATTR = "_specscope_non_hidden"
+
+
+# ---------------------------------------------------------------- names and routing
+
+
+def layer_name(param_name: str) -> str:
+    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down` (the module that owns the weight)."""
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
+
+
+def mark_non_hidden(*params: Tensor) -> None:
+    """Mark parameters (an embedding, a tied or untied LM head) that must never take a spectral step."""
+    for p in params:
+        setattr(p, NON_HIDDEN_ATTR, True)
+
+
+def is_non_hidden(p: Tensor, name: str) -> bool:
+    """True for 1-D/0-D tensors, marked tensors, and names that look like an embedding or a head."""
+    if p.ndim < 2 or getattr(p, NON_HIDDEN_ATTR, False):
+        return True
+    return any(_NON_HIDDEN.search(part) for part in name.lower().split("."))
+
+
+def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorithm: str) -> None:
+    """A spectral group holds only hidden matrices; anything else raises with the routing fix."""
+    for p, name in zip(params, names):
+        if not is_non_hidden(p, name):
+            continue
+        what = f"{p.ndim}-D" if p.ndim < 2 else "an embedding / LM head"
+        raise ConfigError(
+            f"parameter '{name}' (shape {tuple(p.shape)}) is {what} and was put in a spectral "
+            f"('{algorithm}') group. Route it to AdamW: put it in a group with algorithm='adamw' "
+            "(specscope.optim.spectral_param_groups(model, ...) does this for a whole model), or pass "
+            "allow_non_hidden=True in that group if you really mean it."
+        )
+
+
+def check_finite(named_grads: Iterable[tuple[str, Tensor]]) -> None:
+    """Raise before any update if any gradient holds NaN/Inf, naming the first such parameter."""
+    for name, g in named_grads:
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError(
+                f"non-finite gradient (NaN or Inf) in parameter '{name}' (shape {tuple(g.shape)}); "
+                "no parameter or optimizer state was changed. Lower the learning rate, check the loss "
+                "for overflow, or skip this step (e.g. torch.amp.GradScaler does)."
+            )
+
+
+# ---------------------------------------------------------------- matrix views
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """2-D view of a weight: a conv kernel [out, in, kh, kw] becomes [out, in*kh*kw] (rows = outputs)."""
+    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+
+
+def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's update scale, on the matrix shape (a conv weight: [out, in*kh*kw])."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    raise ConfigError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use None, 'original' or 'match_rms_adamw'")
+
+
+def buckets_by_shape(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
+    """Indices of same-shape (and dtype/device) matrices, so each bucket is one batched polar call."""
+    out: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        out.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
+    return out
+
+
+# ---------------------------------------------------------------- polar dispatch
+
+
+def check_polar(polar: PolarSpec) -> None:
+    if not (callable(polar) or polar in POLAR_METHODS):
+        raise ConfigError(f"polar={polar!r} is unknown; use one of {POLAR_METHODS} or a callable G -> polar(G)")
+
+
+def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
+    """The batched polar map a group asked for: a linalg backend name or the user's callable.
+
+    Iterative backends get their input in bfloat16 (as torch.optim.Muon); exact ones keep float32.
+    """
+    polar = group["polar"]
+    if callable(polar):
+        return polar
+    kwargs = {}
+    if polar == "newton_schulz":
+        kwargs = dict(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"])
+    elif polar == "polar_express":  # its own per-step coefficients
+        kwargs = dict(ns_steps=group["ns_steps"], eps=group["eps"])
+    dtype = torch.bfloat16 if polar in ITERATIVE and group.get("ns_bf16", True) else None
+
+    def fn(X: Tensor) -> Tensor:
+        return linalg.polar(X if dtype is None else X.to(dtype), method=polar, **kwargs)
+
+    return fn
+
+
+def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """fn on every matrix, one call per shape bucket; under torch.distributed ranks share the work."""
+    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
+    for idx in buckets_by_shape(mats).values():
+        (P,) = _distributed.sharded(lambda X: (fn(X),), torch.stack([mats[i] for i in idx]))
+        for k, i in enumerate(idx):
+            out[i] = P[k]
+    return out
+
+
+def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """(polar(M), ‖M‖_*) per matrix, one call per shape bucket.
+
+    "gram"/"svd": both from one eigendecomposition (linalg.polar_with_nuclear_norm), exact. Any other
+    backend: ‖M‖_* ≈ ⟨M, P⟩ with its approximate P (exact only when P is).
+    """
+    method = group["polar"]
+    if method in ("gram", "svd"):
+
+        def fn(X: Tensor) -> tuple[Tensor, Tensor]:
+            P, nuc = linalg.polar_with_nuclear_norm(X, method=method)
+            return P, nuc.reshape(X.shape[0])
+
+    else:
+        approx = polar_fn(group)
+
+        def fn(X: Tensor) -> tuple[Tensor, Tensor]:
+            P = approx(X).to(X.dtype)
+            return P, (X * P).sum(dim=(-2, -1))
+
+    out: list[tuple[Tensor, Tensor]] = [None] * len(mats)  # type: ignore[list-item]
+    for idx in buckets_by_shape(mats).values():
+        P, nuc = _distributed.sharded(fn, torch.stack([mats[i] for i in idx]))
+        for k, i in enumerate(idx):
+            out[i] = (P[k], nuc[k])
+    return out
+
+
+# ---------------------------------------------------------------- stable-rank sources
+
+
+def read_stable_rank(source: Any, layer: str) -> float | None:
+    """st(A) of a layer's input from a probe Monitor (`.stable_rank(name)`) or any callable name -> float|None."""
+    if source is None:
+        return None
+    get = source.stable_rank if hasattr(source, "stable_rank") else source
+    st = get(layer)
+    if st is None:
+        return None
+    st = float(st)
+    if not math.isfinite(st) or st <= 0:
+        raise NonFiniteError(f"stable_rank source returned {st} for layer '{layer}'; st(A) must be a positive number")
+    return st

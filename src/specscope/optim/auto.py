@@ -1,0 +1,136 @@
+"""AutoGeometry: per block and step, take the spectral or the Euclidean step, whichever is predicted
+to descend more (REFERENCE §3).
+
+For each matrix, on decision steps (every `every` steps):
+    P, ‖D‖_*   <- one eigendecomposition of D (linalg.polar_with_nuclear_norm)
+    nr         =  ‖D‖_*² / ‖D‖_F²
+    st         =  st(A) of the block's input, read from a probe Monitor (or a callable)
+    spectral   iff nr/st > threshold·(1 − h) when the block is spectral now, > threshold·(1 + h) when not
+and then
+    spectral:  ΔW = −lr·(‖D‖_*/st)·polar(D)     (geometry-matched: same lr as the Euclidean step)
+    Euclidean: ΔW = −lr·E
+D and E by `euclidean`:
+    "sgd"      D = E = G
+    "momentum" D = E = torch.optim.SGD's buffer b <- μ·b + G (Nesterov: G + μ·b)
+    "adamw"    E = AdamW's m̂/(sqrt(v̂)+eps), D = m̂; Adam's step has no ‖G‖ scale, so the spectral branch
+               is RMS-matched to it instead: ΔW = −lr·0.2·sqrt(max(rows, cols))·polar(m̂) (Moonshot's rule).
+Moments are updated on every step whichever branch runs, so a switch never starts from cold state.
+A block without a measured st(A) (yet) takes the Euclidean step. Choices are kept in `choices` and
+emitted as Records ("geometry": 1 spectral / 0 Euclidean, "spectral_advantage", "nuclear_rank").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from specscope.errors import ConfigError
+from specscope.optim import _common, _euclidean
+from specscope.optim.hybrid import Hybrid, register
+from specscope.optim.specgd import layer_stable_ranks
+from specscope.records import Record
+
+EUCLIDEAN = ("sgd", "momentum", "adamw")
+AUTO_DEFAULTS: dict[str, Any] = dict(
+    threshold=1.0, hysteresis=0.1, every=1, euclidean="sgd", momentum=0.9, nesterov=False,
+    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, polar="gram", ns_coefficients=(3.4445, -4.775, 2.0315),
+    ns_steps=5,
+)
+
+
+def choose(previous: int | None, advantage: float, threshold: float, hysteresis: float) -> int:
+    """1 (spectral) or 0 (Euclidean): switch only when nr/st crosses the threshold by the hysteresis band."""
+    if previous is None:
+        return int(advantage > threshold)
+    band = 1 - hysteresis if previous == 1 else 1 + hysteresis
+    return int(advantage > threshold * band)
+
+
+def _directions(state: dict, g: Tensor, group: dict) -> tuple[Tensor, Tensor]:
+    """(D, E): the matrix the spectral branch orthogonalizes and the Euclidean direction."""
+    kind = group["euclidean"]
+    if kind == "adamw":
+        m, v, step = _euclidean.adam_moments(state, g, group["betas"])
+        return m / (1 - group["betas"][0] ** step), _euclidean.adam_direction(m, v, step, group["betas"], group["eps"])
+    momentum = group["momentum"] if kind == "momentum" else 0.0
+    d = _euclidean.sgd_direction(state, g, momentum, group["nesterov"])
+    return d, d
+
+
+def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
+    """One AutoGeometry step on a group (see the module docstring)."""
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    states = [opt.state[p] for p in params]
+    dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
+    sts = layer_stable_ranks(opt, names, required=False)
+    steps = [s.get("step", 0) for s in states]
+    deciding = [st is not None and (k % group["every"] == 0 or "geometry" not in s)
+                for s, st, k in zip(states, sts, steps)]
+    need = [i for i, s in enumerate(states) if deciding[i] or (sts[i] is not None and s.get("geometry") == 1)]
+    polar = _common.batched_polar_with_nuclear_norm([_common.as_matrix(dirs[i][0]) for i in need], group)
+    exact = dict(zip(need, polar))
+    for i, (p, name, s, st) in enumerate(zip(params, names, states, sts)):
+        D, E = dirs[i]
+        rec = dict(step=steps[i], layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
+        if st is None:
+            s["geometry"] = 0
+        elif deciding[i]:
+            nuc = float(exact[i][1])
+            fro2 = float(D.float().square().sum())
+            nr = nuc * nuc / fro2 if fro2 > 0 else 1.0
+            s["geometry"] = choose(s.get("geometry"), nr / st, group["threshold"], group["hysteresis"])
+            opt._records += [Record(metric="nuclear_rank", value=nr, estimator="gram", **rec),
+                             Record(metric="spectral_advantage", value=nr / st, estimator="gram", **rec)]
+        if s["geometry"] == 1:
+            P, nuc = exact[i]
+            if group["euclidean"] == "adamw":
+                step = P * (0.2 * math.sqrt(max(P.shape[-2], P.shape[-1])))
+            else:
+                step = P * (nuc / st)
+            _euclidean.apply(p, step, lr, wd)
+        else:
+            _euclidean.apply(p, E, lr, wd)
+        s["step"] = steps[i] + 1
+        opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag="" if st else "no_stable_rank", **rec))
+        opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
+
+
+register("auto", auto_update, AUTO_DEFAULTS, spectral=True)
+
+
+class AutoGeometry(Hybrid):
+    """Per-block automatic choice between the spectral and the Euclidean step; see the module docstring.
+
+    `monitor`: a probe Monitor (`.stable_rank(layer)`) or a callable layer -> st(A) | None. Pass named
+    parameters (`model.named_parameters()`) so layer names match the monitor's. `choices` maps each
+    layer to its latest "spectral"/"euclidean"; `pop_records()` returns the per-step Records.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        monitor: Any = None,
+        threshold: float = 1.0,
+        hysteresis: float = 0.1,
+        every: int = 1,
+        euclidean: str = "sgd",
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        polar: _common.PolarSpec = "gram",
+    ) -> None:
+        if euclidean not in EUCLIDEAN:
+            raise ConfigError(f"euclidean={euclidean!r} is unknown; use one of {EUCLIDEAN}")
+        if every < 1 or not 0 <= hysteresis < 1 or threshold <= 0:
+            raise ConfigError(f"need every >= 1, 0 <= hysteresis < 1, threshold > 0 (got {every}, {hysteresis}, {threshold})")
+        super().__init__(
+            params, "auto", stable_rank=monitor, lr=lr, threshold=threshold, hysteresis=hysteresis, every=every,
+            euclidean=euclidean, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
+            weight_decay=weight_decay, polar=polar,
+        )

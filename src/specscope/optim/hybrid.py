@@ -1,0 +1,187 @@
+"""`Hybrid`: one torch.optim.Optimizer whose param groups each name an `algorithm`.
+
+    opt = Hybrid([
+        {"params": hidden, "algorithm": "muon", "lr": 0.02},
+        {"params": rest, "algorithm": "adamw", "lr": 3e-4, "weight_decay": 0.0},
+    ])
+
+Algorithms: "muon", "specgd", "auto" (spectral: hidden matrices only) and "adamw", "sgd". Each group has its
+own lr (so an LRScheduler can drive each), there is one state_dict, and `step()` first checks every
+gradient for NaN/Inf so a bad step changes nothing. `Muon`, `SpecGD` and `AutoGeometry` are `Hybrid`s
+whose default algorithm is theirs, so each of them accepts extra algorithm="adamw" groups too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from specscope.errors import ConfigError, NonFiniteError
+from specscope.optim import _common, _distributed, _euclidean
+from specscope.records import Record
+
+Update = Callable[[Any, dict, list[Tensor], list[Tensor], list[str]], None]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    update: Update  # update(opt, group, params, grads, names), grads all finite
+    defaults: dict[str, Any]  # keys a group of this algorithm needs beyond lr
+    spectral: bool  # only hidden matrices allowed
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "adamw": Algorithm(_euclidean.adamw_update, _euclidean.ADAMW_DEFAULTS, spectral=False),
+    "sgd": Algorithm(_euclidean.sgd_update, _euclidean.SGD_DEFAULTS, spectral=False),
+}
+
+
+def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool) -> None:
+    """Make `algorithm=name` available to every Hybrid-based optimizer."""
+    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral)
+
+
+class Hybrid(Optimizer):
+    """Param groups with a per-group `algorithm`; see the module docstring.
+
+    A group whose algorithm differs from the optimizer's own must set its own "lr"; its other missing
+    keys come from that algorithm's defaults (AdamW: betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01),
+    never from the constructor's arguments (Muon's eps=1e-7 is not AdamW's eps).
+    `stable_rank` (a probe Monitor or a callable layer -> st(A) or None) feeds "specgd" and "auto" groups.
+    """
+
+    def __init__(self, params: Iterable, algorithm: str = "adamw", *, stable_rank: Any = None, **defaults: Any):
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm={algorithm!r} is unknown; use one of {sorted(ALGORITHMS)}")
+        self.stable_rank_source = stable_rank
+        self._records: list[Record] = []
+        self.choices: dict[str, str] = {}  # "auto" groups: layer -> latest "spectral" / "euclidean"
+        super().__init__(params, {**ALGORITHMS[algorithm].defaults, **defaults, "algorithm": algorithm})
+
+    # ------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        own = self.defaults["algorithm"]
+        alg = group.setdefault("algorithm", own)
+        if alg not in ALGORITHMS:
+            raise ConfigError(f"param group algorithm={alg!r} is unknown; use one of {sorted(ALGORITHMS)}")
+        if "lr" not in group and ("lr" not in self.defaults or alg != own):
+            raise ConfigError(f"a param group with algorithm={alg!r} needs an 'lr' (in the group or, for "
+                              f"{own!r} groups, as the optimizer's lr=)")
+        if alg != own:
+            for key, value in ALGORITHMS[alg].defaults.items():
+                group.setdefault(key, value)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        if float(group["lr"]) < 0:
+            raise ConfigError(f"lr must be >= 0, got {group['lr']}")
+        if "polar" in group and ALGORITHMS[alg].spectral:
+            _common.check_polar(group["polar"])
+        if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False):
+            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+            _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
+
+    # ------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Check all gradients, then run each group's algorithm. Raises NonFiniteError with nothing changed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        flat = []  # (group index, param, name)
+        offset = 0
+        for gi, group in enumerate(self.param_groups):
+            names = _group_names(group, offset)
+            offset += len(group["params"])
+            flat += [(gi, p, n) for p, n in zip(group["params"], names)]
+        if not flat:
+            return loss
+        has = [p.grad is not None for _, p, _ in flat]
+        bad = [h and not bool(torch.isfinite(p.grad).all()) for h, (_, p, _) in zip(has, flat)]
+        has, bad = _distributed.agree(has, bad, flat[0][1].device)
+        for (_, p, name), b in zip(flat, bad):
+            if b and p.grad is not None:
+                _common.check_finite([(name, p.grad)])
+        if any(bad):
+            name = flat[bad.index(True)][2]
+            raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
+        for gi, group in enumerate(self.param_groups):
+            items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h]
+            if items:
+                params, names = [p for p, _ in items], [n for _, n in items]
+                grads = [p.grad for p in params]
+                for g in grads:
+                    if g.is_sparse or torch.is_complex(g):
+                        raise ConfigError("sparse or complex gradients are not supported by specscope.optim")
+                ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
+        return loss
+
+    # ------------------------------------------------------------ records and state
+
+    def pop_records(self) -> list[Record]:
+        """Records made since the last call (AutoGeometry: "geometry", "spectral_advantage", "nuclear_rank")."""
+        out, self._records = self._records, []
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params)."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, saved in state_dict["state"].items():
+            p = params[idx]
+            for key, value in saved.items():
+                if torch.is_tensor(value) and value.dtype != self.state[p][key].dtype:
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _group_names(group: dict[str, Any], offset: int) -> list[str]:
+    """Parameter names of a group: its "param_names" (named params) or "param{k}" by global position."""
+    if "param_names" in group:
+        return list(group["param_names"])
+    return [f"param{offset + k}" for k in range(len(group["params"]))]
+
+
+def spectral_param_groups(
+    model: nn.Module,
+    lr_spectral: float,
+    lr_adamw: float,
+    *,
+    algorithm: str = "muon",
+    weight_decay: float | None = None,
+    adamw_weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    exclude: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Route a model: hidden ≥2-D matrices to `algorithm`, everything else (embeddings, LM head, gains,
+    biases, names matching `exclude`) to AdamW. Returns named param groups for `Hybrid`/`Muon`/...
+
+    Embedding weights are found by module type (nn.Embedding, also when tied to a head) and marked, heads
+    by name (…head, lm_head, output).
+    """
+    if algorithm not in ALGORITHMS or not ALGORITHMS[algorithm].spectral:
+        spectral = sorted(k for k, a in ALGORITHMS.items() if a.spectral)
+        raise ConfigError(f"algorithm={algorithm!r} is not a spectral algorithm; use one of {spectral}")
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            _common.mark_non_hidden(m.weight)
+    exclude = tuple(exclude)
+    hidden, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        other = _common.is_non_hidden(p, name) or any(x in name for x in exclude)
+        (rest if other else hidden).append((name, p))
+    spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral}
+    if weight_decay is not None:
+        spectral_group["weight_decay"] = weight_decay
+    adamw_group = {"params": rest, "algorithm": "adamw", "lr": lr_adamw,
+                   "weight_decay": adamw_weight_decay, "betas": betas}
+    return [g for g in (spectral_group, adamw_group) if g["params"]]

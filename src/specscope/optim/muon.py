@@ -1,0 +1,87 @@
+"""Muon: momentum, then the polar factor of the update, with torch.optim.Muon's arguments and results.
+
+Per parameter (torch.optim.Muon, Keller Jordan's muon.py):
+    B <- μ·B + (1 − μ)·G                  (lerp; B kept in float32 for bf16/fp16 params)
+    U <- (1 − μ)·G + μ·B  if nesterov else B
+    O <- polar(U)                         (one batched call per shape; bf16 for iterative backends)
+    W <- W·(1 − lr·wd) − lr·s·O           s = sqrt(max(1, rows/cols)) ("original")
+                                          or 0.2·sqrt(max(rows, cols)) ("match_rms_adamw")
+A conv weight [out, in, kh, kw] is orthogonalized as the matrix [out, in·kh·kw]; rows/cols in s are
+that matrix's (out and in·kh·kw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from specscope.errors import ConfigError
+from specscope.optim import _common
+from specscope.optim._euclidean import state_dtype
+from specscope.optim.hybrid import Hybrid, register
+
+# Default polar backend: see docs/optim.md ("Which backend") for the CPU measurements behind it.
+DEFAULT_POLAR = "newton_schulz"
+
+MUON_DEFAULTS: dict[str, Any] = dict(
+    weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315),
+    eps=1e-7, ns_steps=5, adjust_lr_fn=None, polar=DEFAULT_POLAR,
+)
+
+
+def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
+    """One Muon step on a group: momentum per parameter, batched polar per shape, decoupled decay."""
+    mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
+    updates = []
+    for p, g in zip(params, grads):
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g, dtype=state_dtype(g))
+        buf = state["momentum_buffer"]
+        g = g.to(buf.dtype)
+        buf.lerp_(g, 1 - mu)
+        updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
+    orth = _common.batched_polar(updates, _common.polar_fn(group))
+    for p, o in zip(params, orth):
+        p.mul_(1 - lr * wd)
+        p.add_(o.view_as(p).to(p.dtype), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+register("muon", muon_update, MUON_DEFAULTS, spectral=True)
+
+
+class Muon(Hybrid):
+    """torch.optim.Muon's interface plus `polar=` (a specscope.linalg backend name or a callable).
+
+    polar="newton_schulz" with the defaults reproduces torch.optim.Muon (bf16 Newton–Schulz); "gram" and
+    "svd" give the exact polar factor; "polar_express" per-step minimax coefficients (pass a list of
+    (a, b, c) as ns_coefficients for any per-step schedule). Groups with algorithm="adamw" (and their own
+    lr) may sit beside the Muon groups. Parameters of ≥2 dims only; embeddings and heads raise ConfigError.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: tuple[float, float, float] | list = (3.4445, -4.775, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        polar: _common.PolarSpec = DEFAULT_POLAR,
+    ) -> None:
+        if momentum < 0 or weight_decay < 0:
+            raise ConfigError(f"momentum and weight_decay must be >= 0 (got {momentum}, {weight_decay})")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ConfigError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use None, 'original' or 'match_rms_adamw'")
+        if not 0 < ns_steps < 100:
+            raise ConfigError(f"ns_steps must be in 1..99, got {ns_steps}")
+        super().__init__(
+            params, "muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, polar=polar,
+        )

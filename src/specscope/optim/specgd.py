@@ -1,0 +1,79 @@
+"""SpecGD: the exact spectral step ΔW = −lr·(‖D‖_*/st(A))·polar(D) (REFERENCE §3).
+
+D is the gradient, or torch.optim.SGD's momentum buffer (b <- μ·b + G) when momentum > 0.
+Without a stable-rank source st(A) = 1: ΔW = −lr·‖D‖_*·polar(D), the steepest descent step in the
+spectral norm with lr = 1/L_S. With a source (a probe Monitor or a callable layer -> st(A)) it is the
+geometry-matched step: the lr that suits GD (1/‖A‖_2²) suits it too, since L_S = st(A)·L_E.
+polar(D) and ‖D‖_* come from one eigendecomposition (polar="gram", the default, or "svd").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from torch import Tensor
+
+from specscope.errors import ConfigError
+from specscope.optim import _common, _euclidean
+from specscope.optim.hybrid import Hybrid, register
+
+SPECGD_DEFAULTS: dict[str, Any] = dict(
+    momentum=0.0, nesterov=False, weight_decay=0.0, polar="gram",
+    ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5, eps=1e-7,
+)
+
+
+def layer_stable_ranks(opt, names: list[str], required: bool) -> list[float | None]:
+    """st(A) for each parameter's layer from the optimizer's source (1.0 without a source)."""
+    source = opt.stable_rank_source
+    if source is None:
+        return [1.0] * len(names)
+    out = [_common.read_stable_rank(source, _common.layer_name(n)) for n in names]
+    missing = [n for n, st in zip(names, out) if st is None]
+    if required and missing:
+        raise ConfigError(
+            f"the stable_rank source has no st(A) for layer '{_common.layer_name(missing[0])}'; measure that "
+            "layer's input (probe Monitor on it, with a measurement before the first step) or drop stable_rank="
+        )
+    return out
+
+
+def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
+    """One SpecGD step on a group; ‖D‖_* stays on the device (no host sync)."""
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    dirs = [
+        _common.as_matrix(_euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"]))
+        for p, g in zip(params, grads)
+    ]
+    sts = layer_stable_ranks(opt, names, required=True)
+    for p, (P, nuc), st in zip(params, _common.batched_polar_with_nuclear_norm(dirs, group), sts):
+        _euclidean.apply(p, P * (nuc / st), lr, wd)
+
+
+register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True)
+
+
+class SpecGD(Hybrid):
+    """Exact spectral gradient descent, optionally geometry-matched by a measured st(A); see the module doc.
+
+    `stable_rank`: a probe Monitor (its `.stable_rank(layer)`) or a callable layer -> st(A); layer names
+    come from named parameters (`model.named_parameters()`), `blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        stable_rank: Any = None,
+        polar: _common.PolarSpec = "gram",
+        weight_decay: float = 0.0,
+    ) -> None:
+        if momentum < 0 or (nesterov and momentum == 0):
+            raise ConfigError(f"momentum must be >= 0 and > 0 for nesterov (got {momentum}, nesterov={nesterov})")
+        super().__init__(
+            params, "specgd", stable_rank=stable_rank, lr=lr, momentum=momentum, nesterov=nesterov,
+            polar=polar, weight_decay=weight_decay,
+        )

@@ -1,0 +1,65 @@
+"""`diagnose`: train any model for a few AdamW steps with a Monitor and return its per-weight verdicts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+
+from specscope.errors import ConfigError
+from specscope.probe.monitor import Monitor
+from specscope.records import Record
+
+
+@dataclass
+class DiagnoseResult:
+    advice: pd.DataFrame  # Monitor.advice() over all measured steps
+    losses: list[float]
+    monitor: Monitor
+    records: list[Record] = field(default_factory=list)
+
+
+def diagnose(
+    model: nn.Module,
+    batches: Iterable,
+    loss_fn: Callable[[nn.Module, object], torch.Tensor],
+    steps: int,
+    *,
+    every: int = 1,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    margin: float = 0.25,
+    sink: Callable[[list[Record]], None] | None = None,
+    **monitor_kwargs,
+) -> DiagnoseResult:
+    """Train `model` with AdamW for `steps` steps on `batches` (one batch per step), measuring every
+    `every`-th step; `loss_fn(model, batch)` returns the scalar loss. Records (plus the loss) go to
+    `sink` after each step, e.g. a store's `run.append`. The verdicts use every measured step."""
+    if steps < 1 or every < 1:
+        raise ConfigError(f"diagnose needs steps >= 1 and every >= 1; got steps={steps}, every={every}")
+    monitor = Monitor(model, every=every, **monitor_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    it, losses, records = iter(batches), [], []
+    model.train()
+    for step in range(steps):
+        try:
+            batch = next(it)
+        except StopIteration:
+            raise ConfigError(f"the batch iterator ended after {step} batches; diagnose needs one per step (steps={steps})") from None
+        opt.zero_grad(set_to_none=True)
+        with monitor.step(step):
+            loss = loss_fn(model, batch)
+            loss.backward()
+        opt.step()
+        monitor.after_optimizer_step()
+        losses.append(float(loss.detach()))
+        recs = monitor.pop_records() + [Record(step, "", "loss", losses[-1])]
+        records.extend(recs)
+        if sink is not None:
+            sink(recs)
+    table = monitor.advice(window=steps, margin=margin)
+    monitor.close()
+    return DiagnoseResult(table, losses, monitor, records)

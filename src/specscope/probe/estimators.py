@@ -1,0 +1,244 @@
+"""Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
+
+A is never kept (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
+the forward hook to a few small tensors that add over micro-batches and over ranks —
+
+- `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives
+  VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on
+  σ_1(A)² (so st is never underestimated) that is tight once V holds the top eigenvector. V is
+  refined by `iters` subspace iterations on the step's first micro-batch and carried to the next step.
+- `gram`: C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to rounding).
+- `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
+- `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specscope.probe import distributed as D
+
+from specscope import linalg as L
+
+
+def _orth(Z: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of Z (deterministic Householder QR)."""
+    return torch.linalg.qr(Z)[0]
+
+
+def _initial_block(n: int, b: int, device: torch.device) -> torch.Tensor:
+    """A fixed pseudo-random start block from a private generator: the global RNG stream is untouched."""
+    g = torch.Generator().manual_seed(n * 1_000_003 + b)
+    return _orth(torch.randn(n, b, generator=g)).to(device)
+
+
+def max_rayleigh_ratio(VCV: torch.Tensor, ZZ: torch.Tensor) -> torch.Tensor:
+    """max over y = Vx of yᵀC²y / yᵀCy from VᵀCV and VᵀC²V: a lower bound on λ_max(C), exact on span(V)."""
+    VCV, ZZ = VCV.double(), ZZ.double()
+    d, W = torch.linalg.eigh((VCV + VCV.mT) / 2)
+    keep = d > d[-1].clamp_min(0) * 1e-12
+    if not bool(keep.any()):
+        return torch.zeros((), dtype=torch.float64, device=VCV.device)
+    T = W[:, keep] / d[keep].sqrt()
+    M = T.mT @ ZZ @ T
+    return torch.linalg.eigvalsh((M + M.mT) / 2)[-1]
+
+
+class PowerStats:
+    """st(A) by one-pass block power iteration, warm-started from the previous measured step."""
+
+    estimator = "power"
+
+    def __init__(self, n: int, block: int = 4, iters: int = 2):
+        self.n, self.block, self.iters = n, min(block, n), iters
+        self.V: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.fro2: torch.Tensor | None = None
+        self.Z: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, A: torch.Tensor) -> None:
+        A = A.float()
+        if self.V is None:
+            self.V = _initial_block(self.n, self.block, A.device)
+        V = self.V = self.V.to(A.device)
+        if self.Z is None:  # first micro-batch of the step: refine the warm block on it
+            for _ in range(self.iters):
+                (Z,) = D.all_reduce_sum([A.mT @ (A @ V)])
+                Q = _orth(Z)
+                V = torch.where(torch.isfinite(Q).all(), Q, V)  # a NaN batch must not poison the warm state
+            self.V = V
+            self.fro2, self.Z = A.new_zeros(()), torch.zeros_like(V)
+        self.fro2 += A.square().sum()
+        self.Z += A.mT @ (A @ V)
+        self.rows += A.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.fro2, self.Z]
+
+    def set_tensors(self, ts: list[torch.Tensor]) -> None:
+        self.fro2, self.Z = ts
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖A‖_F², σ_1² estimate) as 0-d tensors; carries the improved block to the next step."""
+        lam = max_rayleigh_ratio(self.V.mT @ self.Z, self.Z.mT @ self.Z)
+        if bool(torch.isfinite(self.Z).all()) and bool(self.Z.abs().sum() > 0):
+            self.V = _orth(self.Z)
+        return self.fro2.double(), lam
+
+    def state(self) -> dict:
+        return {"V": None if self.V is None else self.V.detach().cpu()}
+
+    def load_state(self, s: dict) -> None:
+        self.V = s.get("V")
+
+
+class GramStats:
+    """st(A) from the summed Gram AᵀA (n × n, feature side, so it adds over micro-batches)."""
+
+    estimator = "gram"
+
+    def __init__(self, n: int):
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        self.C: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, A: torch.Tensor) -> None:
+        A = A.float()
+        # the feature-side Gram on purpose: linalg.gram picks the smaller side, which would not add up
+        C = A.mT @ A
+        self.C = C if self.C is None else self.C + C
+        self.rows += A.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.C]
+
+    def set_tensors(self, ts: list[torch.Tensor]) -> None:
+        (self.C,) = ts
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        C = self.C.double()
+        fro2 = C.diagonal().sum()
+        if not bool(torch.isfinite(C).all()):
+            return fro2 * float("nan"), fro2
+        return fro2, fro2 / L.stable_rank_from_gram(C)
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, s: dict) -> None:
+        pass
+
+
+class ExactStats:
+    """Reference: keeps A (float64) and takes its SVD. Single process only; memory grows with the step."""
+
+    estimator = "exact"
+
+    def __init__(self, n: int):
+        self.n = n
+        self.reset()
+
+    def reset(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.rows = 0
+
+    def add(self, A: torch.Tensor) -> None:
+        self.chunks.append(A.double().clone())
+        self.rows += A.shape[0]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def set_tensors(self, ts: list[torch.Tensor]) -> None:
+        pass
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.cat(self.chunks)
+        fro2 = A.square().sum()
+        if not bool(torch.isfinite(fro2)):
+            return fro2, fro2
+        return fro2, fro2 / L.stable_rank(A)
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, s: dict) -> None:
+        pass
+
+
+class TokenCounts:
+    """Embedding input: token counts; the one-hot matrix of N tokens has st = N / c_max exactly."""
+
+    estimator = "closed_form"
+
+    def __init__(self, num_embeddings: int):
+        self.n = num_embeddings
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, ids: torch.Tensor) -> None:
+        c = torch.bincount(ids.reshape(-1), minlength=self.n)
+        self.counts = c if self.counts is None else self.counts + c
+        self.rows += ids.numel()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.counts]
+
+    def set_tensors(self, ts: list[torch.Tensor]) -> None:
+        (self.counts,) = ts
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # ‖X‖_F² = N and σ_1² = c_max for the one-hot matrix X (its Gram is diag(counts)).
+        c = self.counts.double()
+        return c.sum(), c.max()
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, s: dict) -> None:
+        pass
+
+
+def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 2):
+    """The input accumulator for one weight: token counts for embeddings, else the chosen estimator."""
+    if kind == "embedding":
+        return TokenCounts(n)
+    if estimator == "power":
+        return PowerStats(n, block, iters)
+    if estimator == "gram":
+        return GramStats(n)
+    return ExactStats(n)
+
+
+def gradient_spectra(mats: list[torch.Tensor], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
+
+    `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram (exact up to rounding; Grams of equal
+    size are stacked into one batched eigendecomposition). `exact=True`: float64 SVD.
+    """
+    if not mats:
+        z = torch.zeros(0, dtype=torch.float64)
+        return z, z
+    fro = torch.stack([G.float().square().sum() for G in mats]).double().sqrt()
+    finite = torch.isfinite(fro).tolist()
+    # linalg rejects non-finite input; those matrices are reported through their non-finite ‖G‖_F
+    mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
+    if exact:
+        return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
+    grams = [L.gram(G.float()) for G in mats]
+    nuc = torch.empty(len(mats), dtype=torch.float64, device=fro.device)
+    by_size: dict[int, list[int]] = {}
+    for i, C in enumerate(grams):
+        by_size.setdefault(C.shape[-1], []).append(i)
+    for idx in by_size.values():  # one batched eigendecomposition per Gram size
+        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]).double())
+    return fro, nuc

@@ -1,0 +1,125 @@
+"""Reading runs: `load` (records -> DataFrame), `list_runs` (run directories -> DataFrame), `export`.
+
+Readers open metrics.sqlite read-only, so they work while the run is being written (WAL) and after a
+crash (committed batches are in the WAL file), and they never modify the files of a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from specscope.errors import ConfigError, RunStoreError
+from specscope.store import sqlite
+from specscope.store.deps import require
+from specscope.store.run import _NAME, CONFIG, METRICS, Run, effective_status, read_config
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+LOAD_COLUMNS = ["run_id", *sqlite.COLUMNS]
+LIST_COLUMNS = ["run_id", "lab", "status", "created", "steps", "records", "path"]
+
+
+def run_dir(run: str | os.PathLike | Run) -> Path:
+    """The directory of a Run, a run directory path, or the path of its metrics.sqlite / config.json."""
+    if isinstance(run, Run):
+        return run.path
+    p = Path(run)
+    return p.parent if p.name in (METRICS, CONFIG) and p.is_file() else p
+
+
+def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = None,
+         layer: str | Iterable[str] | None = None, arm: str | Iterable[str] | None = None,
+         strict: bool = False) -> "pd.DataFrame":
+    """All records of a run as a long DataFrame (run_id, step, layer, metric, value, arm, estimator, rows,
+    shape, flag), in the order they were written, optionally only some metrics / layers / arms.
+
+    A Run still open for writing in this process is flushed first. A damaged database raises RunStoreError
+    naming the file when `strict`; otherwise every readable record is returned with a RuntimeWarning.
+    NaN values come back as NaN.
+    """
+    import pandas as pd
+
+    if isinstance(run, Run) and run._con is not None:
+        run.flush()
+    path = run_dir(run)
+    run_id = read_config(path)["run_id"]
+    con, damage = sqlite.connect_reader(path / METRICS, lenient=not strict)
+    try:
+        rows = sqlite.read_rows(con, path / METRICS, {"metric": metric, "layer": layer, "arm": arm}, strict, damage)
+    finally:
+        con.close()
+    df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
+    df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN
+    df.insert(0, "run_id", run_id)
+    return df
+
+
+def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.DataFrame":
+    """Every run under `root/<lab>/<run_id>/`, newest first: run_id, lab, status, created, steps (the last
+    step recorded), records, path. A "running" run whose process is gone is listed as "incomplete"; a
+    directory with a damaged config.json as "unreadable"."""
+    import pandas as pd
+
+    root = Path(root)
+    pattern = f"{lab}/*/{CONFIG}" if lab else f"*/*/{CONFIG}"
+    rows = [_describe(p.parent) for p in root.glob(pattern)] if root.is_dir() else []
+    df = pd.DataFrame(rows, columns=LIST_COLUMNS)
+    df["created"] = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
+    df["steps"] = df["steps"].astype("Int64")
+    df["records"] = df["records"].astype("Int64")
+    return df.sort_values(["created", "run_id"], ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _describe(path: Path) -> dict:
+    row = {"run_id": path.name, "lab": path.parent.name, "status": "unreadable", "created": None,
+           "steps": None, "records": None, "path": str(path)}
+    try:
+        meta = read_config(path)
+    except RunStoreError:
+        return row
+    row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
+               status=effective_status(path, meta))
+    try:
+        con, _ = sqlite.connect_reader(path / METRICS)
+        progress = sqlite.read_progress(con)
+        con.close()
+        row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
+    except RunStoreError:
+        pass
+    return row
+
+
+def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
+    """A run directory from a path, or from a run id (or `lab/run_id`) under `root`."""
+    p, root = Path(run), Path(root)
+    if p.is_dir():
+        return p
+    if (root / run / CONFIG).is_file():  # "lab/run_id"
+        return root / run
+    plain = _NAME.fullmatch(run) is not None  # never glob a name with wildcards in it
+    hits = sorted(h for h in root.glob(f"*/{run}") if (h / CONFIG).is_file()) if plain and root.is_dir() else []
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise RunStoreError(f"run id {run!r} exists in several labs under {root}: "
+                            + ", ".join(str(h) for h in hits) + "; give the path instead.")
+    raise RunStoreError(f"no run {run!r}: not a directory, and no {root}/<lab>/{run}; "
+                        f"list runs with `specscope runs --root {root}` or give the run directory's path.")
+
+
+def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv") -> Path:
+    """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow)."""
+    if fmt not in ("csv", "parquet"):
+        raise ConfigError(f"unknown export format {fmt!r}: use csv or parquet.")
+    if fmt == "parquet":
+        require("pyarrow", "parquet", "export to parquet")
+    df = load(run)
+    out = Path(out)
+    if fmt == "csv":
+        df.to_csv(out, index=False)
+    else:
+        df.to_parquet(out, index=False, engine="pyarrow")
+    return out

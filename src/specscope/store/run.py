@@ -1,0 +1,350 @@
+"""One run directory `root/<lab>/<run_id>/`: config and metadata, buffered metric records, status.
+
+    with Run.create("runs", "random-features", cfg) as run:
+        for step in range(T):
+            ...
+            run.log(step, {"loss": loss})            # buffered
+            run.append(monitor.pop_records())         # buffered; a batch is written every N records or T seconds
+    # clean exit: status "complete"; exception: "failed"; Ctrl-C: "interrupted"; SIGKILL: reads as "incomplete"
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import platform
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from specscope.errors import ConfigError, RunStoreError
+from specscope.records import Record
+from specscope.store import lock, sqlite
+
+STATUSES = ("running", "complete", "incomplete", "interrupted", "failed")
+CONFIG, METRICS, SUMMARY = "config.json", "metrics.sqlite", "summary.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def new_run_id() -> str:
+    """UTC time to the second plus a random suffix: sorts by creation time, unique without coordination."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+class Run:
+    """A run directory. Use `Run.create` for a new run and `Run.open` for an existing one.
+
+    A Run from `open` is a reader until its first write of records (append, log, flush, delete_after): it
+    then takes the writer lock (failing if another live process writes the run) and marks the run
+    "running" again, which is how a resumed run continues. `set_status` takes the lock without that mark;
+    `write_summary` needs no lock.
+    """
+
+    def __init__(self, path: Path, meta: dict, *, flush_every: int = 1000, flush_seconds: float = 5.0):
+        self.path = path
+        self._meta = meta
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self._buffer: list[tuple] = []
+        self._sinks: list[Callable[[list[Record]], Any]] = []
+        self._con = None
+        self._lock_fd: int | None = None
+        self._last_flush = time.monotonic()
+
+    # ---- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, lab: str, config: Mapping[str, Any], *, run_id: str | None = None,
+               flush_every: int = 1000, flush_seconds: float = 5.0) -> "Run":
+        """Make `root/<lab>/<run_id>/` (never reusing a directory that exists) and open it for writing."""
+        run_id = new_run_id() if run_id is None else run_id
+        for what, name in (("lab", lab), ("run_id", run_id)):
+            if not _NAME.fullmatch(name):
+                raise ConfigError(f"{what} {name!r} is not a plain directory name: use letters, digits, '.', '_', '-'.")
+        config = _plain_config(config)
+        path = Path(root) / lab / run_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()  # atomic: of two processes creating the same id, one fails here
+        except FileExistsError:
+            raise RunStoreError(f"run directory {path} already exists (run id {run_id!r} is taken); "
+                                "runs are never overwritten: pick another run_id or leave it to the default.") from None
+        (path / "checkpoints").mkdir()
+        (path / "figures").mkdir()
+        run = cls(path, _metadata(run_id, lab, config), flush_every=flush_every, flush_seconds=flush_seconds)
+        run._become_writer()
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, flush_every: int = 1000, flush_seconds: float = 5.0) -> "Run":
+        """An existing run directory (for reading; writing later resumes it)."""
+        path = Path(path)
+        return cls(path, read_config(path), flush_every=flush_every, flush_seconds=flush_seconds)
+
+    # ---- what a run is --------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._meta["run_id"]
+
+    @property
+    def lab(self) -> str:
+        return self._meta["lab"]
+
+    @property
+    def config(self) -> dict:
+        return self._meta["config"]
+
+    @property
+    def meta(self) -> dict:
+        """Everything in config.json: config, versions, git commit, seed, device, created, status, pid, host."""
+        return self._meta
+
+    @property
+    def status(self) -> str:
+        """The status on disk, except that "running" without a live writer reads as "incomplete"."""
+        if self._con is not None:
+            return self._meta["status"]
+        self._meta = read_config(self.path)
+        return effective_status(self.path, self._meta)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def summary(self) -> dict | None:
+        p = self.path / SUMMARY
+        return _read_json(p) if p.exists() else None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # ---- writing --------------------------------------------------------------------------------
+
+    def append(self, records: Iterable[Record]) -> None:
+        """Buffer records; a batch is written when `flush_every` records or `flush_seconds` have accumulated."""
+        self._become_writer()
+        records = list(records)
+        self._buffer += [sqlite.as_row(r) for r in records]
+        for sink in self._sinks:
+            sink(records)
+        if len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def log(self, step: int, values: Mapping[str, float], *, layer: str = "", arm: str = "") -> None:
+        """Convenience: `run.log(step, {"loss": 1.2, "val_loss": 1.4})`."""
+        self.append(Record(step, layer, metric, float(v), arm=arm) for metric, v in values.items())
+
+    def flush(self) -> None:
+        """Write the buffered records as one transaction; once this returns they survive a crash."""
+        self._become_writer()
+        rows, self._buffer = self._buffer, []
+        sqlite.insert_batch(self._con, self.metrics_path, rows)
+        self._last_flush = time.monotonic()
+
+    def delete_after(self, step: int, arm: str = "") -> int:
+        """Drop the records of `arm` with step > `step` (resume from a checkpoint taken at `step`)."""
+        self.flush()
+        return sqlite.delete_after(self._con, self.metrics_path, step, arm)
+
+    def add_sink(self, sink: Callable[[list[Record]], Any]) -> None:
+        """Also hand every appended batch of records to `sink` (e.g. `TensorBoardSink`)."""
+        self._sinks.append(sink)
+
+    def set_status(self, status: str) -> None:
+        """running / complete / incomplete / interrupted / failed; takes the writer lock if not yet held."""
+        if status not in STATUSES:
+            raise ConfigError(f"unknown run status {status!r}: use one of {', '.join(STATUSES)}.")
+        self._become_writer(resume=False)
+        self._write_meta(status=status)
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json (claims, headline numbers), written atomically; does not change the status."""
+        _write_json(self.path / SUMMARY, dict(summary))
+
+    def close(self) -> None:
+        """Flush, mark "complete" if still "running" (a status set explicitly is kept), release the lock."""
+        if self._con is None:
+            return
+        try:
+            self.flush()
+            if self._meta["status"] == "running":
+                self._write_meta(status="complete")
+        finally:
+            self._release()
+            for sink in self._sinks:
+                getattr(sink, "close", lambda: None)()
+
+    def __del__(self) -> None:  # an unclosed, collected run: keep its records, leave the status alone
+        try:
+            if self._con is not None:
+                self.flush()
+                self._release()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._con is not None:
+            try:
+                self.flush()
+            finally:
+                self._write_meta(status="interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        self.close()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _become_writer(self, resume: bool = True) -> None:
+        """Take the writer lock and open the database; `resume` marks the run "running" (records are coming)."""
+        if self._con is not None:
+            return
+        if not self.path.is_dir():
+            raise RunStoreError(f"run directory {self.path} does not exist.")
+        self._lock_fd = lock.acquire(self.path)
+        try:
+            self._con = sqlite.connect_writer(self.metrics_path)
+            self._meta = read_config(self.path) if (self.path / CONFIG).exists() else self._meta
+            self._write_meta(pid=os.getpid(), host=socket.gethostname(),
+                             **({"status": "running"} if resume else {}))
+        except BaseException:
+            self._release()
+            raise
+        _OPEN.add(self)
+
+    def _release(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        lock.release(self._lock_fd)
+        self._lock_fd = None
+        _OPEN.discard(self)
+
+    def _write_meta(self, **changes) -> None:
+        self._meta.update(changes, status_time=_now())
+        _write_json(self.path / CONFIG, self._meta)
+
+
+# Runs open for writing: at interpreter exit their buffers are flushed (status stays as it is, so a script
+# that forgot close() shows "incomplete" rather than claiming completion).
+_OPEN: "weakref.WeakSet[Run]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_runs() -> None:
+    for run in list(_OPEN):
+        try:
+            run.flush()
+            run._release()
+        except Exception:
+            pass
+
+
+# ---- config.json ------------------------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict:
+    """config.json of a run directory; RunStoreError naming the path and the fix when it is not there."""
+    if not path.is_dir():
+        raise RunStoreError(f"no run directory at {path}: check the path, or list runs with `specscope runs --root DIR`.")
+    meta = _read_json(path / CONFIG)
+    missing = {"run_id", "lab", "config", "status"} - set(meta)
+    if missing:
+        raise RunStoreError(f"{path / CONFIG} lacks {sorted(missing)}: not written by specscope.store.Run.create.")
+    return meta
+
+
+def effective_status(path: Path, meta: dict) -> str:
+    if meta["status"] == "running" and not lock.writer_alive(path, meta.get("pid"), meta.get("host")):
+        return "incomplete"
+    return meta["status"]
+
+
+def _read_json(p: Path) -> dict:
+    if not p.is_file():
+        raise RunStoreError(f"{p} is missing: {p.parent} is not a complete run directory "
+                            "(a run made by specscope.store.Run.create has config.json and metrics.sqlite).")
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, OSError) as e:
+        raise RunStoreError(f"{p} is unreadable or not valid JSON ({e}); restore or delete that run directory.") from e
+
+
+def _write_json(p: Path, obj: dict) -> None:
+    """Write-then-rename, so a reader (or a crash) sees the old file or the new one, never half of one."""
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def _plain_config(config: Any) -> dict:
+    if hasattr(config, "model_dump"):  # a pydantic LabConfig
+        config = config.model_dump(mode="json")
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"config must be a dict (or a pydantic model), not {type(config).__name__}.")
+    return json.loads(json.dumps(dict(config), default=str))  # what reads back from disk is what the run sees
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _metadata(run_id: str, lab: str, config: dict) -> dict:
+    return {
+        "run_id": run_id, "lab": lab, "created": _now(), "status": "running",
+        "config": config, "seed": config.get("seed"), "device": config.get("device") or _device(),
+        "versions": _versions(), "git_commit": _git_commit(), "argv": sys.argv,
+        "pid": os.getpid(), "host": socket.gethostname(),
+    }
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    from specscope import __version__
+
+    def version(pkg: str) -> str | None:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"specscope": __version__, "torch": version("torch"), "numpy": version("numpy"),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _device() -> str:
+    torch = sys.modules.get("torch")  # only if the caller already imported it: the store does not need torch
+    return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+
+
+def _git_commit() -> str | None:
+    """HEAD of the git repository around the working directory, None when there is none (or no git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+

@@ -1,0 +1,209 @@
+"""metrics.sqlite: the long-format record table of one run.
+
+WAL journal, so one writer and any number of readers (other processes included) work at the same time,
+and a transaction committed before a crash is in the WAL file and survives it. synchronous=NORMAL is
+enough for that: WAL + NORMAL loses committed data only on power loss, never on a killed process.
+Every statement is parameterized: layer, metric and arm names are data, never SQL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from specscope.errors import RunStoreError
+from specscope.records import Record
+
+COLUMNS = ("step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
+
+# MIGRATIONS[v] takes a database from schema version v to v + 1. Append, never edit.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE metrics (
+        step INTEGER NOT NULL, layer TEXT NOT NULL, metric TEXT NOT NULL, value REAL,
+        arm TEXT NOT NULL, estimator TEXT NOT NULL, rows INTEGER NOT NULL, shape TEXT NOT NULL,
+        flag TEXT NOT NULL
+    );
+    CREATE INDEX metrics_arm_metric_layer_step ON metrics (arm, metric, layer, step);
+    CREATE TABLE run_info (key TEXT PRIMARY KEY, value);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
+
+
+def _fail(path: Path, what: str, e: Exception) -> RunStoreError:
+    return RunStoreError(
+        f"{path}: {what} ({e}). The file is truncated, corrupt or not a specscope metrics database; "
+        "`specscope.store.load(run)` reads what is still readable."
+    )
+
+
+def connect_writer(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the database for appending, in WAL mode, migrated to SCHEMA_VERSION."""
+    try:
+        con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=NORMAL")
+        _migrate(con, path)
+    except sqlite3.DatabaseError as e:
+        raise _fail(path, "cannot open for writing", e) from e
+    return con
+
+
+def _migrate(con: sqlite3.Connection, path: Path) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = con.execute("SELECT max(version) FROM schema_version").fetchone()
+    version = row[0] or 0
+    if version > SCHEMA_VERSION:
+        raise RunStoreError(
+            f"{path} has schema version {version}, newer than this specscope ({SCHEMA_VERSION}): upgrade specscope."
+        )
+    for v in range(version, SCHEMA_VERSION):
+        con.execute("BEGIN IMMEDIATE")
+        # executescript() would COMMIT on its own; run the statements one by one inside our transaction
+        for stmt in filter(str.strip, MIGRATIONS[v].split(";")):
+            con.execute(stmt)
+        con.execute("DELETE FROM schema_version")
+        con.execute("INSERT INTO schema_version (version) VALUES (?)", (v + 1,))
+        con.execute("COMMIT")
+
+
+def connect_reader(path: Path, lenient: bool = False) -> tuple[sqlite3.Connection, str | None]:
+    """Read-only connection (never checkpoints or changes the file of a live or crashed run) and, when the
+    file is damaged but `lenient`, the error that was worked around (else None).
+
+    A truncated file fails to open because its header promises more pages than there are; with
+    writable_schema SQLite takes the file's real size instead, so the pages that remain can be read.
+    Nothing is written: the connection is read-only.
+    """
+    if not path.is_file():
+        raise RunStoreError(f"{path} does not exist: the run directory has no metrics database (was it made by Run.create?).")
+    try:
+        return _open_ro(path, writable_schema=False), None
+    except sqlite3.DatabaseError as e:
+        if not lenient:
+            raise _fail(path, "cannot read the database", e) from e
+        damage = e
+    try:
+        return _open_ro(path, writable_schema=True), str(damage)
+    except sqlite3.DatabaseError as e:
+        raise _fail(path, "cannot read the database", damage) from e
+
+
+def _open_ro(path: Path, writable_schema: bool) -> sqlite3.Connection:
+    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    try:
+        if writable_schema:
+            con.execute("PRAGMA writable_schema=ON")
+        version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    except BaseException:
+        con.close()
+        raise
+    if version is None or version > SCHEMA_VERSION:
+        con.close()
+        raise RunStoreError(f"{path} has schema version {version}; this specscope reads up to {SCHEMA_VERSION}: upgrade specscope.")
+    return con
+
+
+def as_row(r: Record) -> tuple:
+    """Record -> SQL parameters. NaN is stored as NULL by SQLite and read back as NaN (`value` is never NULL otherwise)."""
+    return (int(r.step), str(r.layer), str(r.metric), float(r.value), str(r.arm), str(r.estimator),
+            int(r.rows), str(r.shape), str(r.flag))
+
+
+def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> None:
+    """Append one batch in one transaction and bump the run's progress counters in the same transaction."""
+    if not rows:
+        return
+    last = max(r[0] for r in rows)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.executemany(_INSERT, rows)
+        con.execute(
+            "INSERT INTO run_info (key, value) VALUES ('last_step', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)", (last,))
+        con.execute(
+            "INSERT INTO run_info (key, value) VALUES ('records', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
+        con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('updated', ?)", (time.time(),))
+        con.execute("COMMIT")
+    except sqlite3.Error as e:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise _fail(path, "cannot append records", e) from e
+
+
+def delete_after(con: sqlite3.Connection, path: Path, step: int, arm: str) -> int:
+    """Delete the records of `arm` with step > `step` (resume from a checkpoint at `step`); return how many."""
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        n = con.execute("DELETE FROM metrics WHERE arm = ? AND step > ?", (arm, int(step))).rowcount
+        con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', (SELECT max(step) FROM metrics))")
+        con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
+        con.execute("COMMIT")
+    except sqlite3.Error as e:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise _fail(path, "cannot delete records", e) from e
+    return n
+
+
+def _where(filters: dict[str, Iterable[str] | None]) -> tuple[str, list]:
+    clauses, params = [], []
+    for col, values in filters.items():
+        if values is None:
+            continue
+        values = [values] if isinstance(values, str) else list(values)
+        clauses.append(f"{col} IN ({', '.join('?' * len(values))})")  # col is ours, values are data
+        params += values
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def read_rows(con: sqlite3.Connection, path: Path, filters: dict, strict: bool, damage: str | None = None) -> list[tuple]:
+    """All matching rows in insertion order. On a damaged file: raise if strict, else salvage and warn."""
+    where, params = _where(filters)
+    try:
+        rows, lost = con.execute(_SELECT + where + " ORDER BY rowid", params).fetchall(), 0
+    except sqlite3.DatabaseError as e:
+        if strict:
+            raise _fail(path, "the metrics table is damaged", e) from e
+        (rows, lost), damage = _salvage(con, where, params), damage or str(e)
+    if damage:
+        warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, "
+                      f"{lost} unreadable stretches of <= 16 rowids skipped.", RuntimeWarning, stacklevel=3)
+    return rows
+
+
+def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 4096) -> tuple[list[tuple], int]:
+    """Read rowid ranges one at a time, halving a range that fails, skipping ranges of <= 16 rows that still fail."""
+    try:
+        hi = con.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0
+    except sqlite3.DatabaseError:  # upper bound from the file size: a row takes at least ~16 bytes
+        hi = con.execute("PRAGMA page_count").fetchone()[0] * con.execute("PRAGMA page_size").fetchone()[0] // 16
+    sql = _SELECT + (where + " AND" if where else " WHERE") + " rowid BETWEEN ? AND ? ORDER BY rowid"
+    rows, lost, todo = [], 0, [(lo, min(lo + chunk - 1, hi)) for lo in range(1, hi + 1, chunk)]
+    while todo:
+        lo, hi_ = todo.pop(0)
+        try:
+            rows += con.execute(sql, params + [lo, hi_]).fetchall()
+        except sqlite3.DatabaseError:
+            if hi_ - lo < 16:
+                lost += 1
+            else:
+                mid = (lo + hi_) // 2
+                todo[:0] = [(lo, mid), (mid + 1, hi_)]
+    return rows, lost
+
+
+def read_progress(con: sqlite3.Connection) -> dict:
+    """run_info as a dict: last_step, records, updated (cheap: no scan of the metrics table)."""
+    try:
+        return dict(con.execute("SELECT key, value FROM run_info").fetchall())
+    except sqlite3.DatabaseError:
+        return {}

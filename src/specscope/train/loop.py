@@ -1,0 +1,254 @@
+"""The one training loop every lab shares.
+
+For each step s of an arm: micro-batches -> forward -> backward (the Monitor's hooks see inputs and
+gradients on measured steps) -> callbacks.after_backward -> clip -> optimizer.step -> extra steppers
+(e.g. LowRankDecay) -> callbacks.after_step -> records to the store. Evaluations happen after 0,
+eval_every, 2*eval_every, ... updates and at the end; they are recorded at that update count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from specscope.errors import NonFiniteError
+from specscope.records import Record
+from specscope.train.checkpoint import load_checkpoint, save_checkpoint
+
+
+def arm_seed(seed: int, name: str) -> int:
+    """A seed per (run seed, arm name), so an arm's randomness does not depend on the arms before it."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Interrupt:
+    """Turns SIGINT into a flag the loop checks between steps, so a checkpoint is saved before stopping."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Interrupt":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class ArmResult:
+    name: str
+    steps_done: int
+    interrupted: bool = False
+    final: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _state(obj: Any) -> Any:
+    return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
+
+
+def _load_state(obj: Any, state: Any) -> None:
+    if obj is not None and state is not None and hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _runs_hook(cb: Any, hook: str, step: int) -> bool:
+    return hasattr(cb, hook) and step % max(int(getattr(cb, "every", 1)), 1) == 0
+
+
+def _tagged(records: Iterable[Record], arm: str, step: int | None = None) -> list[Record]:
+    out = []
+    for r in records:
+        changes = {}
+        if not r.arm:
+            changes["arm"] = arm
+        if step is not None and r.step < 0:
+            changes["step"] = step
+        out.append(r if not changes else Record(**{**r.as_dict(), **changes}))
+    return out
+
+
+class Trainer:
+    """Runs one Arm against a run store, with checkpoints, resume and SIGINT handling."""
+
+    def __init__(self, run: Any, device: torch.device, seed: int, checkpoint_every: int = 0, progress: Any = None):
+        self.run = run
+        self.device = device
+        self.seed = seed
+        self.checkpoint_every = checkpoint_every
+        self.progress = progress  # a specscope.train.progress.Progress or None
+
+    def checkpoint_path(self, arm_name: str) -> Path:
+        return Path(self.run.checkpoints_dir) / f"{arm_name}.pt"
+
+    # -- one arm -----------------------------------------------------------------------------------
+    def fit(self, arm: Any, interrupt: Interrupt, resume: bool = False) -> ArmResult:
+        arm.model.to(self.device)
+        start, elapsed = 0, 0.0
+        torch.manual_seed(arm_seed(self.seed, arm.name))
+        if resume and self.checkpoint_path(arm.name).exists():
+            start, elapsed = self._restore(arm)
+        self.run.delete_after(start - 1, arm.name)  # records past the checkpoint are recomputed exactly
+
+        task = self.progress.add(arm.name, arm.steps, start) if self.progress else None
+        result = ArmResult(arm.name, start)
+        t0 = time.perf_counter() - elapsed
+        step = start
+        # A checkpoint is taken before the evaluation of its step, so resuming repeats that evaluation
+        # exactly as the uninterrupted run did (same parameters, same RNG state).
+        if step == 0 or self._due(step, arm.eval_every) or step == arm.steps:
+            result.final.update(self._evaluate(arm, step, t0))
+        while step < arm.steps:
+            loss = self._step(arm, step)
+            step += 1
+            if interrupt.requested or (self._due(step, self.checkpoint_every) and step < arm.steps):
+                self.run.flush()
+                self._save(arm, step, time.perf_counter() - t0)
+                if interrupt.requested:
+                    result.interrupted = True
+                    break
+            if self._due(step, arm.eval_every) or step == arm.steps:
+                metrics = self._evaluate(arm, step, t0)
+                result.final.update(metrics)
+                if arm.stop is not None and metrics and step < arm.steps and arm.stop(metrics):
+                    self._append([Record(step, "", "stopped_early", 1.0, arm.name)])
+                    step = arm.steps
+            if self.progress:
+                self.progress.update(task, step, loss)
+        result.steps_done = step
+        result.seconds = time.perf_counter() - t0
+        self.run.flush()
+        return result
+
+    @staticmethod
+    def _due(step: int, every: int) -> bool:
+        return bool(every) and step % every == 0
+
+    def _step(self, arm: Any, step: int) -> float:
+        model, opt = arm.model, arm.optimizer
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        batches = arm.batch(step)
+        micro = batches if arm.micro_batches > 1 else [batches]
+        monitor = arm.monitor
+        total = 0.0
+        with monitor.step(step) if monitor is not None else contextlib.nullcontext():
+            for mb in micro:
+                loss = arm.loss(model, to_device(mb, self.device))
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteError(
+                        f"loss is {loss.item()} at step {step} of arm '{arm.name}'; lower the learning rate "
+                        "or check the data (the run keeps everything recorded so far)"
+                    )
+                (loss / len(micro)).backward()
+                total += loss.item() / len(micro)
+        records = [Record(step, "", "loss", total, arm.name)] if step % max(arm.log_every, 1) == 0 else []
+        for cb in arm.callbacks:
+            if _runs_hook(cb, "after_backward", step):
+                records += _tagged(cb.after_backward(step, model, opt) or (), arm.name, step)
+        if arm.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), arm.grad_clip)
+        opt.step()
+        for stepper in arm.extra_steppers:
+            stepper.step()
+        if monitor is not None:
+            monitor.after_optimizer_step()
+            records += _tagged(monitor.pop_records(), arm.name)
+        for cb in arm.callbacks:
+            if _runs_hook(cb, "after_step", step):
+                records += _tagged(cb.after_step(step, model, opt) or (), arm.name, step)
+        if hasattr(opt, "pop_records"):
+            records += _tagged(opt.pop_records(), arm.name, step)
+        self._append(records)
+        return total
+
+    def _evaluate(self, arm: Any, step: int, t0: float) -> dict[str, float]:
+        if arm.evaluate is None:
+            return {}
+        arm.model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in arm.evaluate(arm.model).items()}
+        records = [Record(step, "", k, v, arm.name) for k, v in metrics.items()]
+        records.append(Record(step, "", "time", time.perf_counter() - t0, arm.name))
+        self._append(records)
+        return metrics
+
+    def _append(self, records: list[Record]) -> None:
+        if records:
+            self.run.append(records)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _save(self, arm: Any, next_step: int, elapsed: float) -> None:
+        save_checkpoint(
+            self.checkpoint_path(arm.name),
+            {
+                "arm": arm.name,
+                "next_step": next_step,
+                "elapsed": elapsed,
+                "model": arm.model.state_dict(),
+                "optimizer": _state(arm.optimizer),
+                "extra_steppers": [_state(s) for s in arm.extra_steppers],
+                "monitor": _state(arm.monitor),
+                "callbacks": [_state(cb) for cb in arm.callbacks],
+                "rng": _rng_state(),
+            },
+        )
+
+    def _restore(self, arm: Any) -> tuple[int, float]:
+        ckpt = load_checkpoint(self.checkpoint_path(arm.name))  # cpu; load_state_dict copies to the device
+        arm.model.load_state_dict(ckpt["model"])
+        _load_state(arm.optimizer, ckpt["optimizer"])
+        for s, st in zip(arm.extra_steppers, ckpt["extra_steppers"]):
+            _load_state(s, st)
+        _load_state(arm.monitor, ckpt["monitor"])
+        for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
+            _load_state(cb, st)
+        _set_rng_state(ckpt["rng"])
+        return int(ckpt["next_step"]), float(ckpt["elapsed"])
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,92 @@
+"""The quadratic check (REFERENCE §3) and the random-features lab.
+
+Tolerances: every comparison is between float64 quantities of size O(f(0)); the one-step guarantees are
+exact inequalities of a quadratic, so they may only fail by rounding, ~1e-12 relative.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from specscope.data.synthetic import rf_regression
+from specscope.labs import random_features as rf
+from specscope.linalg import nuclear_norm
+
+SMALL = dict(dim=32, width=256, samples=256, outputs=16)
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module", params=["relu", "swiglu"])
+def problem(request):
+    return request.param, rf_regression(**SMALL, activation=request.param, seed=1)
+
+
+def test_constants_are_exact(problem):
+    _, p = problem
+    c = rf.constants(p.A)
+    s = torch.linalg.svdvals(p.A.double())
+    assert c.L_E == pytest.approx(float(s[0] ** 2), rel=1e-12)
+    assert c.L_S == pytest.approx(float((s ** 2).sum()), rel=1e-12)
+    assert c.st == pytest.approx(c.L_S / c.L_E, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gd", "specgd"])
+def test_each_step_decreases_at_least_the_guarantee(problem, method):
+    """f(W_t) − f(W_{t+1}) ≥ ‖G‖_F²/(2L_E) for GD and ≥ ‖G‖_*²/(2L_S) for SpecGD, at every step."""
+    _, p = problem
+    c = rf.constants(p.A)
+    W = torch.zeros(p.Y.shape[0], p.A.shape[0], dtype=p.A.dtype)
+    for _ in range(8):
+        G = rf.gradient(W, p.A, p.Y)
+        if method == "gd":
+            step, bound = rf.gd_step(G, c), float(G.square().sum()) / (2 * c.L_E)
+        else:
+            step, bound = rf.spectral_step(G, c.L_S), float(nuclear_norm(G)) ** 2 / (2 * c.L_S)
+        before, W = rf.objective(W, p.A, p.Y), W + step
+        assert before - rf.objective(W, p.A, p.Y) >= bound - RTOL * before
+
+
+def test_wrong_spectral_constant_increases_loss_on_swiglu():
+    """Using ‖A‖_2² for the spectral step (the known mistake) raises f on SwiGLU features; ‖A‖_F² does not."""
+    p = rf_regression(**SMALL, activation="swiglu", seed=1)
+    wrong = rf.descend(p, "specgd_wrong_L", 3)
+    right = rf.descend(p, "specgd", 3)
+    assert wrong.objective[1] > wrong.objective[0]
+    assert wrong.objective[3] > 10 * wrong.objective[0]
+    assert all(b < a for a, b in zip(right.objective, right.objective[1:]))
+
+
+def test_relu_mean_spike_keeps_stable_rank_near_pi():
+    """ReLU features: ‖A‖_F²/σ₁² → E[relu²]/E[relu]² = π as width and samples grow (finite-size bias below π)."""
+    for width in (128, 512):
+        p = rf_regression(dim=64, width=width, samples=512, outputs=4, activation="relu", seed=0)
+        assert 2.5 < rf.constants(p.A).st < math.pi + 0.05
+
+
+def test_swiglu_stable_rank_grows_with_width():
+    sts = [rf.constants(rf_regression(64, w, 512, 4, "swiglu", 0).A).st for w in (64, 256)]
+    assert sts[1] > 2.5 * sts[0]
+
+
+def test_relu_nuclear_rank_jumps_after_one_gd_step():
+    """nr(G) is O(1) at W = 0 (G = −W̄AAᵀ is dominated by the mean spike) and O(outputs) after one GD step."""
+    nr = {}
+    for k in (16, 64):
+        p = rf_regression(dim=64, width=512, samples=512, outputs=k, activation="relu", seed=0)
+        nr[k] = rf.first_step_ranks(p)
+    assert nr[16][0] < 8 and nr[64][0] < 8
+    assert nr[16][1] > 0.5 * 16 and nr[64][1] > 0.5 * 64  # grows with the dimension
+    assert nr[64][1] > 2.5 * nr[16][1]
+
+
+def test_predicted_geometry_matches_winner_on_relu_and_swiglu():
+    for act, expected in (("relu", "spectral"), ("swiglu", "euclidean")):
+        p = rf_regression(dim=32, width=512, samples=512, outputs=16, activation=act, seed=0)
+        c = rf.constants(p.A)
+        _, nr1 = rf.first_step_ranks(p, c)
+        gd, spec = rf.descend(p, "gd", 10, c), rf.descend(p, "specgd", 10, c)
+        won = "spectral" if spec.objective[-1] < gd.objective[-1] else "euclidean"
+        assert rf.predicted(nr1, c.st) == expected == won

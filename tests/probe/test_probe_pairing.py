@@ -1,0 +1,214 @@
+"""Each recorded st(A) is the stable rank of the matrix the weight really multiplied (REFERENCE §2)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specscope import linalg
+from specscope.probe import Monitor, input_matrix
+
+
+# st from a float32 Gram vs a float64 SVD: relative error ~1e-6 (linalg.stable_rank_from_gram docs)
+RTOL = {"exact": 1e-9, "gram": 1e-5}
+
+
+def by(records, metric):
+    return {r.layer: r for r in records if r.metric == metric}
+
+
+def exact_st(A: torch.Tensor) -> float:
+    return float(linalg.stable_rank(A.detach().double().reshape(-1, A.shape[-1])))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "gram"])
+def test_linear_with_and_without_bias(estimator):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3, bias=False))
+    x = torch.randn(4, 6, 5) + 0.5
+    mon = Monitor(model, estimator=estimator)
+    with mon.step(0):
+        model(x).square().sum().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    hidden = torch.relu(model[0](x))
+    assert st["0"].rows == 24 and st["0"].shape == "24x5" and st["2"].rows == 24
+    assert st["0"].value == pytest.approx(exact_st(x), rel=RTOL[estimator])
+    assert st["2"].value == pytest.approx(exact_st(hidden), rel=RTOL[estimator])
+    assert st["0"].estimator == estimator and not mon.unpaired
+
+
+def test_gradient_metrics_are_exact():
+    torch.manual_seed(0)
+    model = nn.Linear(12, 5)
+    mon = Monitor(model, estimator="gram")
+    with mon.step(3):
+        model(torch.randn(40, 12)).pow(3).sum().backward()
+    recs = mon.pop_records()
+    G = model.weight.grad.double()
+    nr = float(linalg.nuclear_rank(G))
+    r = {x.metric: x for x in recs if x.layer == ""}
+    assert r["nuclear_rank"].value == pytest.approx(nr, rel=1e-5) and r["nuclear_rank"].shape == "5x12"
+    assert r["grad_fro_norm"].value == pytest.approx(float(G.norm()), rel=1e-6)
+    assert r["grad_nuclear_norm"].value == pytest.approx(float(linalg.nuclear_norm(G)), rel=1e-5)
+    assert r["spectral_advantage"].value == pytest.approx(r["nuclear_rank"].value / r["stable_rank"].value)
+    assert all(x.step == 3 for x in recs)
+
+
+@pytest.mark.parametrize("conv, x", [(nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 8)),
+                                     (nn.Conv1d(3, 5, 4, dilation=2, padding="same"), (2, 3, 11)),
+                                     (nn.Conv2d(2, 3, (2, 3), padding="valid"), (3, 2, 5, 6))])
+def test_conv_patches_are_the_rows_the_kernel_multiplies(conv, x):
+    torch.manual_seed(0)
+    if conv.padding == "same" and conv.dilation[0] * (conv.kernel_size[0] - 1) % 2:
+        pytest.skip("asymmetric same padding")
+    x = torch.randn(*x)
+    A = input_matrix(conv, x)
+    y = conv(x)
+    W = conv.weight.reshape(conv.out_channels, -1)
+    # conv output = A Wᵀ + b, positions in row-major order of the output map
+    expected = y.flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+    torch.testing.assert_close(A @ W.T + conv.bias, expected, rtol=1e-5, atol=1e-5)
+    mon = Monitor(conv, estimator="exact")
+    with mon.step(0):
+        conv(x).sum().backward()
+    st = by(mon.pop_records(), "stable_rank")[""]
+    assert st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
+
+
+def test_conv_with_groups_is_listed_unpaired():
+    mon = Monitor(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv3d(1, 1, 2)))
+    assert set(mon.unpaired) == {"0.weight", "1.weight"}
+    assert "groups=2" in mon.unpaired["0.weight"] and "observe" in mon.unpaired["1.weight"]
+
+
+def test_tied_linear_is_measured_once_with_all_inputs():
+    torch.manual_seed(0)
+    a, b = nn.Linear(6, 6), nn.Linear(6, 6)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.Tanh(), b)
+    x = torch.randn(10, 6)
+    mon = Monitor(model, estimator="exact")
+    with mon.step(0):
+        model(x).sum().backward()
+    recs = mon.pop_records()
+    st = by(recs, "stable_rank")
+    assert set(st) == {"0"} and st["0"].rows == 20
+    both = torch.cat([x, torch.tanh(a(x))])
+    assert st["0"].value == pytest.approx(exact_st(both), rel=1e-9)
+    assert by(recs, "nuclear_rank")["0"].value == pytest.approx(float(linalg.nuclear_rank(a.weight.grad)), rel=1e-5)
+
+
+def test_embedding_closed_form(tokens, tiny_gpt, lm_step):
+    model = tiny_gpt()
+    mon = Monitor(model)
+    with mon.step(0):
+        lm_step(model, tokens).backward()
+    st = by(mon.pop_records(), "stable_rank")["embed"]
+    ids = tokens[:, :-1]
+    assert st.estimator == "closed_form" and st.rows == ids.numel()
+    assert st.value == pytest.approx(ids.numel() / torch.bincount(ids.flatten()).max().item(), rel=1e-12)
+    assert st.value == pytest.approx(float(linalg.onehot_stable_rank(ids)), rel=1e-12)
+
+
+def test_tied_embedding_and_head_measured_on_head_input(tokens, tiny_gpt, lm_step):
+    model = tiny_gpt(tie_embeddings=True)
+    final = {}
+    model.final_norm.register_forward_hook(lambda m, i, o: final.setdefault("x", o))
+    mon = Monitor(model, estimator="exact")
+    with mon.step(0):
+        lm_step(model, tokens).backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert "head" not in st and st["embed"].estimator == "exact"
+    assert st["embed"].value == pytest.approx(exact_st(final["x"]), rel=1e-9)
+
+
+@pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
+def test_gpt_pairing_follows_reference_table(tokens, mlp, tiny_gpt, lm_step):
+    """Q,K,V <- attention RMS state; O <- attention output; up/gate <- MLP RMS state; down <- MLP
+    post-activation; head <- final RMS state; all recomputed here independently of the probe's hooks."""
+    model = tiny_gpt(mlp=mlp, n_layer=2)
+    seen = {}
+    for name in ("blocks.1.attn_norm", "blocks.1.mlp_norm", "final_norm"):
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, o))
+    mon = Monitor(model, estimator="exact")
+    with mon.step(0):
+        lm_step(model, tokens).backward()
+    st = by(mon.pop_records(), "stable_rank")
+    blk = model.blocks[1]
+    h_attn, h_mlp = seen["blocks.1.attn_norm"], seen["blocks.1.mlp_norm"]
+    with torch.no_grad():
+        B, T, C = h_attn.shape
+        q, k, v = (m(h_attn).view(B, T, 2, C // 2).transpose(1, 2) for m in (blk.attn.q, blk.attn.k, blk.attn.v))
+        cos, sin = model.rope_cos[:T], model.rope_sin[:T]
+        from specscope.models.gpt import apply_rope
+
+        att = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, is_causal=True)
+        att = att.transpose(1, 2).reshape(B, T, C)
+        u = blk.mlp.up(h_mlp)
+        post = F.relu(u).square() if mlp == "relu2" else F.silu(blk.mlp.gate(h_mlp)) * u
+    expect = {"attn.q": h_attn, "attn.k": h_attn, "attn.v": h_attn, "attn.o": att, "mlp.up": h_mlp, "mlp.down": post}
+    if mlp == "swiglu":
+        expect["mlp.gate"] = h_mlp
+    for name, A in expect.items():
+        assert st[f"blocks.1.{name}"].value == pytest.approx(exact_st(A), rel=1e-6), name
+        assert st[f"blocks.1.{name}"].rows == B * T
+    assert st["head"].value == pytest.approx(exact_st(seen["final_norm"]), rel=1e-6)
+
+
+def test_fused_qkv_split_into_named_slices(tokens, tiny_gpt, lm_step):
+    model = tiny_gpt(fused_qkv=True)
+    seen = {}
+    model.blocks[0].attn_norm.register_forward_hook(lambda m, i, o: seen.setdefault("x", o))
+    mon = Monitor(model, estimator="exact", split={"blocks.*.attn.qkv": ["q", "k", "v"]})
+    with mon.step(0):
+        lm_step(model, tokens).backward()
+    recs = mon.pop_records()
+    st, nr = by(recs, "stable_rank"), by(recs, "nuclear_rank")
+    G = model.blocks[0].attn.qkv.weight.grad
+    for i, part in enumerate("qkv"):
+        name = f"blocks.0.attn.qkv.{part}"
+        assert st[name].value == pytest.approx(exact_st(seen["x"]), rel=1e-9)
+        assert nr[name].shape == "16x16"
+        assert nr[name].value == pytest.approx(float(linalg.nuclear_rank(G[16 * i : 16 * (i + 1)])), rel=1e-6)
+    assert "blocks.0.attn.qkv" not in st
+    assert mon.stable_rank("blocks.0.attn.qkv.k") == st["blocks.0.attn.qkv.k"].value
+
+
+def test_split_errors_name_the_problem():
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="match no"):
+        Monitor(nn.Linear(4, 6), split={"nothing.*": ["a", "b"]})
+    with pytest.raises(ConfigError, match="equal parts"):
+        Monitor(nn.Linear(4, 7), split={"": ["a", "b"]})
+    mon = Monitor(nn.Linear(4, 7), split={"": {"a": 3, "b": 4}})
+    assert mon.layers == [".a", ".b"]
+
+
+class RawLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 5))
+        self.lin = nn.Linear(5, 3)
+        self.monitor = None
+
+    def forward(self, x):
+        if self.monitor is not None:
+            self.monitor.observe("raw", self.w, x)
+        return F.linear(x, self.w) + F.linear(x, self.lin.weight)  # lin's forward never runs
+
+
+def test_unpaired_raw_parameter_then_observe():
+    torch.manual_seed(0)
+    model = RawLinear()
+    mon = Monitor(model, estimator="exact")
+    assert "w" in mon.unpaired and "observe" in mon.unpaired["w"]
+    model.monitor = mon
+    x = torch.randn(9, 5)
+    with pytest.warns(UserWarning, match="never called"), mon.step(0):
+        model(x).sum().backward()
+    recs = mon.pop_records()
+    assert "w" not in mon.unpaired and "lin" in mon.unpaired
+    st = by(recs, "stable_rank")
+    assert st["raw"].value == pytest.approx(exact_st(x), rel=1e-9) and "lin" not in st
+    assert "lin" in by(recs, "nuclear_rank")  # its gradient is still measured

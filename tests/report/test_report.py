@@ -1,0 +1,177 @@
+"""Reports from synthetic long-format metrics: files written, valid PNGs, self-contained and escaped HTML."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from rich.console import Console
+
+from specscope.records import Claim
+from specscope.report import (
+    advantage_heatmap, claims_table, layer_summary, layer_table, loss_curves, rank_curves, rank_pairs,
+    rank_scatter, run_figures, write_comparison, write_report,
+)
+
+from conftest import LAYERS, synthetic_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DPI = 30  # tiny images keep the folder fast
+
+
+def assert_png(path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR", path
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 50 and height > 50, (path, width, height)
+
+
+def assert_self_contained(text: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
+    assert not re.search(r"https?://", text)
+    assert "<script" not in text.lower()
+    assert "@import" not in text and "url(" not in text
+
+
+def render(table) -> str:
+    console = Console(width=200, record=True, color_system=None)
+    console.print(table)
+    return console.export_text()
+
+
+def test_report_writes_html_and_valid_pngs(tmp_path, metrics, claims):
+    path = write_report(tmp_path / "out", metrics, config={"lr": 0.1, "optim": {"name": "specgd"}},
+                        claims=claims, title="Synthetic run", dpi=DPI)
+    assert path == tmp_path / "out" / "report.html"
+    text = path.read_text(encoding="utf-8")
+    pngs = sorted((tmp_path / "out" / "figures").glob("*.png"))
+    names = {p.stem for p in pngs}
+    assert names == {"loss", "accuracy", "stable_rank", "nuclear_rank", "advantage_heatmap", "nr_vs_st", "claims"}
+    for p in pngs:
+        assert_png(p)
+    # every figure except the claims image is embedded, as a data URI
+    assert text.count('src="data:image/png;base64,') == len(pngs) - 1
+    assert_self_contained(text)
+    for c in claims:
+        assert f'<td class="{c.verdict}">{c.verdict}</td>' in text
+    assert "optim.name" in text and "specgd" in text
+    for layer in LAYERS:
+        assert layer in text
+
+
+def test_report_escapes_every_foreign_string(tmp_path):
+    evil = "<script>alert(1)</script>"
+    df = synthetic_metrics(layers=[evil, "ok.layer"], arms=(f'arm"{evil}',), steps=range(3))
+    claim = Claim(evil, f"text {evil}", "<img src=x onerror=alert(1)>", "a & b", "PASS")
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+    config = {evil: 'say "hi" & <b>bye</b>', "nested": {"k": f"'{evil}'"}, "path": "../../etc/passwd"}
+    path = write_report(tmp_path, df, config=config, claims=[claim], title=f"Title {evil}",
+                        summary={"note": evil}, extra_figures={f"../{evil}": fig}, dpi=DPI)
+    text = path.read_text(encoding="utf-8")
+    assert "<script" not in text.lower()
+    assert "<img src=x" not in text and "<b>bye" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "say &quot;hi&quot; &amp; &lt;b&gt;bye&lt;/b&gt;" in text
+    # the lab figure's file name cannot leave figures/ or carry markup
+    lab = [p for p in (tmp_path / "figures").iterdir() if p.name.startswith("lab_")]
+    assert len(lab) == 1 and re.fullmatch(r"lab_[A-Za-z0-9_.-]+\.png", lab[0].name)
+    assert_png(lab[0])
+
+
+def test_missing_metrics_give_none_not_errors(tmp_path):
+    only_loss = synthetic_metrics()
+    only_loss = only_loss[only_loss["metric"].isin(["loss"])]
+    assert loss_curves(only_loss) is not None
+    for make in (advantage_heatmap, rank_scatter, lambda d: rank_curves(d, "stable_rank")):
+        assert make(only_loss) is None
+    assert run_figures(only_loss).keys() == {"loss"}
+    empty = pd.DataFrame(columns=["run_id", "step", "layer", "metric", "value"])
+    assert run_figures(empty) == {}
+    path = write_report(tmp_path, empty, config=None, claims=[], title="empty", dpi=DPI)
+    assert "No metrics to plot" in path.read_text() and list((tmp_path / "figures").iterdir()) == []
+
+
+def test_frames_without_optional_columns_or_with_all_nan(tmp_path):
+    df = synthetic_metrics(arms=("",))[["step", "layer", "metric", "value"]]  # no arm, run_id, ...
+    assert set(run_figures(df, dpi=DPI)) >= {"loss", "stable_rank", "advantage_heatmap", "nr_vs_st"}
+    nan = synthetic_metrics().assign(value=np.nan)
+    assert run_figures(nan) == {}
+    assert layer_summary(nan).empty
+    write_report(tmp_path, nan, config={}, claims=[], title="all NaN", dpi=DPI)
+
+
+def test_ratio_uses_recorded_advantage_else_nr_over_st():
+    df = pd.DataFrame({"step": [0, 0, 1, 1, 1], "layer": ["w"] * 5, "arm": [""] * 5,
+                       "metric": ["stable_rank", "nuclear_rank", "stable_rank", "nuclear_rank",
+                                  "spectral_advantage"],
+                       "value": [4.0, 2.0, 4.0, 2.0, 0.7]})
+    pairs = rank_pairs(df)
+    assert pairs["ratio"].tolist() == [0.5, 0.7]  # step 0 computed nr/st, step 1 the recorded value
+    summary = layer_summary(df).iloc[0]
+    assert summary["favoured"] == "euclidean" and summary["ratio_median"] == pytest.approx(0.6)
+
+
+def test_layer_summary_values_and_nan_handling(metrics):
+    summary = layer_summary(metrics)
+    assert len(summary) == len(LAYERS) * 2
+    head = summary[(summary["layer"] == "head") & (summary["arm"] == "gd")].iloc[0]
+    rows = metrics[(metrics["layer"] == "head") & (metrics["arm"] == "gd") & (metrics["metric"] == "stable_rank")]
+    finite = rows["value"][np.isfinite(rows["value"])]
+    assert head["st_median"] == pytest.approx(finite.median())
+    assert head["st_last"] == pytest.approx(rows[rows["step"] == rows["step"].max()]["value"].iloc[0])
+    # the synthetic model makes early layers spectral (nr >> st) and the head Euclidean
+    first = summary[summary["layer"] == LAYERS[0]]
+    assert set(first["favoured"]) == {"spectral"} and head["favoured"] == "euclidean"
+
+
+def test_many_layers_are_grouped_by_type():
+    layers = [f"blocks.{i}.{n}" for i in range(6) for n in ("attn.q", "mlp.down")]
+    fig = rank_curves(synthetic_metrics(layers=layers, steps=range(0, 10, 2)), "nuclear_rank", dpi=DPI)
+    titles = {ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()}
+    assert titles == {"blocks.*.attn.q (6 weights)", "blocks.*.mlp.down (6 weights)"}
+
+
+def test_heatmap_is_centred_and_shows_unmeasured_cells(metrics):
+    fig = advantage_heatmap(metrics, dpi=DPI)
+    image = fig.axes[0].images[0]
+    lo, hi = image.norm.vmin, image.norm.vmax
+    assert lo == pytest.approx(-hi) and hi > 0
+    grid = image.get_array()
+    assert grid.shape == (len(LAYERS), metrics["step"].nunique())
+    assert grid.mask[:, 2].all()  # step 10: st is NaN for every weight -> grey column, not dropped
+
+
+def test_rich_tables(metrics, claims):
+    text = render(claims_table(claims))
+    for c in claims:
+        assert c.id in text and c.verdict in text
+    assert "<b>bold</b>" in text  # shown as written, never parsed as markup
+    text = render(layer_table(metrics))
+    assert "blocks.1.mlp.down" in text and "spectral" in text and "euclidean" in text
+    advice = pd.DataFrame({"layer": ["[red]x[/red]", "y"], "spectral_advantage": [2.0, np.nan],
+                           "geometry": ["spectral", "euclidean"]})
+    text = render(layer_table(advice))
+    assert "[red]x[/red]" in text and "—" in text
+
+
+def test_comparison(tmp_path):
+    runs = {"run-a": synthetic_metrics(seed=1),
+            'run-"b"<script>': synthetic_metrics(seed=2, arms=("adamw",), layers=LAYERS[:3])}
+    configs = {"run-a": {"lr": 0.1, "width": 64}, 'run-"b"<script>': {"lr": 0.2, "width": 64}}
+    path = write_comparison(tmp_path, runs, configs=configs, title="A vs B", dpi=DPI)
+    text = path.read_text(encoding="utf-8")
+    assert path.name == "comparison.html"
+    assert_self_contained(text)
+    pngs = sorted((tmp_path / "figures").glob("*.png"))
+    assert {p.stem for p in pngs} == {"compare_loss", "compare_final_ranks"}
+    for p in pngs:
+        assert_png(p)
+    assert text.count("data:image/png;base64,") == 2
+    assert '<tr class="differs"><td>lr</td>' in text and "<tr><td>width</td>" in text
+    assert "run-&quot;b&quot;&lt;script&gt;" in text
+    # final values: one row per (run, arm, layer)
+    assert text.count("<td>blocks.0.attn.q</td>") == 3

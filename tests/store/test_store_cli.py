@@ -1,0 +1,81 @@
+"""`specscope runs` and `specscope export`, in-process (CliRunner) and as a real console script."""
+
+import math
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import specscope.cli
+from specscope.cli import app
+from specscope.records import Record
+from specscope.store import Run, load
+
+specscope.cli._register()
+runner = CliRunner()
+SCRIPT = Path("/work/main/.venv/bin/specscope")
+
+
+@pytest.fixture
+def root(tmp_path):
+    with Run.create(tmp_path, "demo", {"seed": 1}, run_id="r1") as run:
+        run.append([Record(s, "blocks.0.mlp", "stable_rank", s / 7, estimator="gram", rows=32, shape="32x16")
+                    for s in range(5)] + [Record(5, "a,b \"quoted\"", "loss", math.nan, arm="adamw")])
+    killed = Run.create(tmp_path, "other", {}, run_id="r2")
+    killed.log(9, {"loss": 0.5})
+    killed.flush()
+    killed._release()  # as after SIGKILL
+    return tmp_path
+
+
+def test_runs_lists_status(root):
+    res = runner.invoke(app, ["runs", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    r1 = next(line for line in lines if "r1" in line)
+    r2 = next(line for line in lines if "r2" in line)
+    assert "complete" in r1 and "demo" in r1 and r1.split()[-1] == "5"
+    assert "incomplete" in r2 and r2.split()[-1] == "9"
+    assert lines.index(r2) < lines.index(r1)  # newest first
+    res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "demo"])
+    assert "r1" in res.output and "r2" not in res.output
+
+
+def test_runs_empty_root(tmp_path):
+    res = runner.invoke(app, ["runs", "--root", str(tmp_path / "none")])
+    assert res.exit_code == 0 and "no runs under" in res.output
+
+
+@pytest.mark.parametrize("how", ["path", "id", "lab/id"])
+def test_export_csv_equals_load(root, tmp_path, how):
+    arg = {"path": str(root / "demo" / "r1"), "id": "r1", "lab/id": "demo/r1"}[how]
+    out = tmp_path / "out.csv"
+    res = runner.invoke(app, ["export", arg, "--format", "csv", "--out", str(out), "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    got = pd.read_csv(out, keep_default_na=False, na_values={"value": ["NaN", ""]})
+    pd.testing.assert_frame_equal(got, load(root / "demo" / "r1"), check_dtype=False)
+
+
+def test_export_parquet_equals_load(root, tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "out.parquet"
+    res = runner.invoke(app, ["export", "r1", "-f", "parquet", "-o", str(out), "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(pd.read_parquet(out), load(root / "demo" / "r1"))
+
+
+def test_export_default_output_name(root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["export", str(root / "other" / "r2")])
+    assert res.exit_code == 0 and (tmp_path / "r2.csv").is_file()
+
+
+def test_real_console_script(root):
+    out = subprocess.run([str(SCRIPT), "runs", "--root", str(root)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "r1" in out.stdout and "complete" in out.stdout and "incomplete" in out.stdout
+    bad = subprocess.run([str(SCRIPT), "export", "nope", "--root", str(root)], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "no run 'nope'" in bad.stderr and "specscope runs" in bad.stderr

@@ -1,0 +1,239 @@
+"""Run directories: create/append/flush/load, never overwrite, statuses, resume, NaN, injection-like names."""
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from specscope.errors import ConfigError, RunStoreError
+from specscope.records import Record
+from specscope.store import STATUSES, Run, list_runs, load, new_run_id
+
+
+def recs(step, n=3, arm=""):
+    return [Record(step, f"blocks.{i}.mlp", "stable_rank", step + i / 10, arm=arm, estimator="gram", rows=64,
+                   shape="64x32") for i in range(n)]
+
+
+def test_layout_and_metadata(tmp_path):
+    run = Run.create(tmp_path, "demo", {"seed": 7, "device": "cpu", "width": 8})
+    assert run.path == tmp_path / "demo" / run.id and run.lab == "demo"
+    for name in ("config.json", "metrics.sqlite", "checkpoints", "figures", "run.lock"):
+        assert (run.path / name).exists(), name
+    meta = json.loads((run.path / "config.json").read_text())
+    assert meta["config"] == {"seed": 7, "device": "cpu", "width": 8} and meta["seed"] == 7
+    assert meta["status"] == "running" and meta["versions"]["python"] and "git_commit" in meta
+    run.close()
+    assert Run.open(run.path).status == "complete" and Run.open(run.path).config["width"] == 8
+
+
+def test_git_commit_absent_outside_a_repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tmp is not inside a git repository
+    run = Run.create(tmp_path, "demo", {})
+    assert run.meta["git_commit"] is None
+    run.close()
+
+
+def test_round_trip_with_buffering(tmp_path):
+    run = Run.create(tmp_path, "demo", {}, flush_every=5, flush_seconds=1e9)
+    run.append(recs(0))  # 3 records: buffered
+    assert len(load(run.path)) == 0
+    run.append(recs(1))  # 6 >= 5: one batch written
+    assert len(load(run.path)) == 6
+    run.log(2, {"loss": 1.25, "val_loss": 1.5}, arm="adamw")
+    run.close()
+    df = load(run)
+    assert list(df.columns) == ["run_id", "step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag"]
+    assert len(df) == 8 and (df.run_id == run.id).all()
+    expected = [r.as_dict() for r in recs(0) + recs(1)] + [
+        Record(2, "", "loss", 1.25, arm="adamw").as_dict(), Record(2, "", "val_loss", 1.5, arm="adamw").as_dict()]
+    assert df.drop(columns="run_id").to_dict("records") == expected
+    assert df.step.dtype == "int64" and df.value.dtype == "float64" and df.rows.dtype == "int64"
+    assert load(run, metric="loss").value.tolist() == [1.25]
+    assert len(load(run, layer=["blocks.0.mlp", "blocks.2.mlp"], arm="")) == 4
+
+
+def test_time_based_flush(tmp_path):
+    run = Run.create(tmp_path, "demo", {}, flush_every=10**9, flush_seconds=0.0)
+    run.append(recs(0))
+    assert len(load(run.path)) == 3  # written by append itself, not by close
+    run.close()
+
+
+def test_nan_and_inf_round_trip(tmp_path):
+    with Run.create(tmp_path, "demo", {}) as run:
+        run.append([Record(0, "a", "m", math.nan, flag="nonfinite"), Record(1, "a", "m", math.inf),
+                    Record(2, "a", "m", -math.inf), Record(3, "a", "m", -0.0)])
+    v = load(run).value.tolist()
+    assert math.isnan(v[0]) and v[1:3] == [math.inf, -math.inf] and v[3] == 0.0
+    assert load(run).flag.tolist()[0] == "nonfinite"
+
+
+def test_numpy_scalars_are_stored(tmp_path):
+    np = pytest.importorskip("numpy")
+    with Run.create(tmp_path, "demo", {}) as run:
+        run.append([Record(np.int64(3), "a", "m", np.float32(0.5), rows=np.int64(9))])
+    assert load(run)[["step", "value", "rows"]].values.tolist() == [[3, 0.5, 9]]
+
+
+def test_injection_like_names_are_data(tmp_path):
+    evil = "x'); DROP TABLE metrics;--"
+    with Run.create(tmp_path, "demo", {}) as run:
+        run.append([Record(0, evil, evil, 1.0, arm=evil, estimator=evil, shape=evil, flag=evil), Record(0, "b", "m", 2.0)])
+        run.delete_after(-1, arm=evil)  # deletes only the evil arm's rows
+    df = load(run)
+    assert df.layer.tolist() == ["b"]
+    with Run.create(tmp_path, "demo", {}) as run2:
+        run2.append([Record(0, evil, evil, 1.0, arm=evil)])
+    assert load(run2, layer=evil, metric=evil, arm=evil).value.tolist() == [1.0]
+    assert load(run2, layer="' OR '1'='1").empty
+
+
+def test_never_overwrite(tmp_path):
+    run = Run.create(tmp_path, "demo", {"a": 1}, run_id="fixed")
+    run.close()
+    with pytest.raises(RunStoreError, match="fixed"):
+        Run.create(tmp_path, "demo", {"a": 2}, run_id="fixed")
+    assert Run.open(run.path).config == {"a": 1}
+    (tmp_path / "demo" / "bare").mkdir()  # a directory that exists, even empty, is taken
+    with pytest.raises(RunStoreError, match="bare"):
+        Run.create(tmp_path, "demo", {}, run_id="bare")
+
+
+@pytest.mark.parametrize("bad", ["", "..", "a/b", ".hidden", "x y"])
+def test_bad_names(tmp_path, bad):
+    with pytest.raises(ConfigError):
+        Run.create(tmp_path, "demo", {}, run_id=bad)
+
+
+def test_run_ids_sort_by_time_and_differ():
+    ids = [new_run_id() for _ in range(50)]
+    assert len(set(ids)) == 50 and all(len(i) == len(ids[0]) for i in ids)
+    assert sorted(ids, key=lambda i: i[:16]) == ids  # the time prefix never goes backwards
+
+
+def test_statuses_and_context_manager(tmp_path):
+    with pytest.raises(RuntimeError):
+        with Run.create(tmp_path, "demo", {}) as failed:
+            failed.append(recs(0))
+            raise RuntimeError("boom")
+    assert Run.open(failed.path).status == "failed" and len(load(failed.path)) == 3  # buffered records kept
+    with pytest.raises(KeyboardInterrupt):
+        with Run.create(tmp_path, "demo", {}) as interrupted:
+            raise KeyboardInterrupt
+    assert Run.open(interrupted.path).status == "interrupted"
+    run = Run.create(tmp_path, "demo", {})
+    for s in STATUSES:
+        run.set_status(s)
+        assert json.loads((run.path / "config.json").read_text())["status"] == s
+    run.set_status("interrupted")
+    run.close()  # an explicit status survives close
+    assert Run.open(run.path).status == "interrupted"
+    with pytest.raises(ConfigError, match="complete"):
+        run.set_status("done")
+
+
+def test_status_running_while_open_then_incomplete_when_abandoned(tmp_path):
+    run = Run.create(tmp_path, "demo", {})
+    assert Run.open(run.path).status == "running"  # lock held by this process
+    assert list_runs(tmp_path).status.tolist() == ["running"]
+    run._release()  # as if the process died: lock gone, config.json still says running
+    assert json.loads((run.path / "config.json").read_text())["status"] == "running"
+    assert Run.open(run.path).status == "incomplete"
+    assert list_runs(tmp_path).status.tolist() == ["incomplete"]
+
+
+def test_second_writer_is_refused(tmp_path):
+    run = Run.create(tmp_path, "demo", {})
+    other = Run.open(run.path)
+    with pytest.raises(RunStoreError, match="another live process"):
+        other.append(recs(0))
+    run.close()
+
+
+def test_resume_delete_after(tmp_path):
+    run = Run.create(tmp_path, "demo", {})
+    for step in range(10):
+        run.append(recs(step, n=1, arm="a") + recs(step, n=1, arm="b"))
+    run.flush()
+    run.append(recs(10, n=1, arm="a"))  # buffered when the process "dies": lost
+    run._release()  # crash: lock gone, status on disk still "running"
+    resumed = Run.open(run.path)
+    assert resumed.status == "incomplete"
+    assert resumed.delete_after(5, "a") == 4  # steps 6..9 of arm a
+    assert resumed.status == "running"
+    resumed.append(recs(6, n=1, arm="a"))
+    resumed.close()
+    df = load(run.path)
+    assert sorted(df[df.arm == "a"].step) == [0, 1, 2, 3, 4, 5, 6] and len(df[df.arm == "b"]) == 10
+    assert list_runs(tmp_path).steps.tolist() == [9] and Run.open(run.path).status == "complete"
+
+
+def test_summary_does_not_touch_status(tmp_path):
+    with Run.create(tmp_path, "demo", {}) as run:
+        pass
+    reader = Run.open(run.path)
+    reader.write_summary({"claims": [{"id": "RF-1", "verdict": "PASS"}], "loss": math.nan})
+    assert Run.open(run.path).summary["claims"][0]["verdict"] == "PASS"
+    assert Run.open(run.path).status == "complete"
+
+
+def test_list_runs_newest_first_and_lab_filter(tmp_path):
+    ids = []
+    for lab in ("a", "b", "a"):
+        with Run.create(tmp_path, lab, {}) as run:
+            run.log(3, {"loss": 1.0})
+        ids.append(run.id)
+    df = list_runs(tmp_path)
+    assert df.run_id.tolist() == ids[::-1]
+    assert list(df.columns) == ["run_id", "lab", "status", "created", "steps", "records", "path"]
+    assert list_runs(tmp_path, lab="a").run_id.tolist() == [ids[2], ids[0]]
+    assert list_runs(tmp_path / "nothing").empty
+    (tmp_path / "a" / "junk").mkdir()  # no config.json: not a run, not listed
+    (tmp_path / "b" / "broken").mkdir()
+    (tmp_path / "b" / "broken" / "config.json").write_text("{not json")
+    df = list_runs(tmp_path)
+    assert len(df) == 4 and df.set_index("run_id").loc["broken", "status"] == "unreadable"
+
+
+def test_missing_directory_and_config(tmp_path):
+    with pytest.raises(RunStoreError, match="no run directory at .*nope.*specscope runs"):
+        Run.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunStoreError, match=r"config\.json is missing"):
+        load(tmp_path / "empty")
+    run = Run.create(tmp_path, "demo", {})
+    run.close()
+    (run.path / "metrics.sqlite").unlink()
+    with pytest.raises(RunStoreError, match=r"metrics\.sqlite does not exist"):
+        load(run.path)
+
+
+def test_newer_schema_is_refused(tmp_path):
+    with Run.create(tmp_path, "demo", {}) as run:
+        run.log(0, {"loss": 1.0})
+    con = sqlite3.connect(run.path / "metrics.sqlite")
+    con.execute("UPDATE schema_version SET version = 99")
+    con.commit()
+    con.close()
+    with pytest.raises(RunStoreError, match="upgrade specscope"):
+        load(run)
+
+
+def test_concurrent_reader_in_another_process(tmp_path):
+    """The writer stays open (lock held, records flushed + some buffered); a separate process reads."""
+    run = Run.create(tmp_path, "demo", {}, flush_every=10**9, flush_seconds=1e9)
+    run.append(recs(0) + recs(1))
+    run.flush()
+    run.append(recs(2))  # buffered: not visible to others yet
+    code = ("import sys; from specscope.store import load, list_runs; "
+            "print(len(load(sys.argv[1])), list_runs(sys.argv[2]).status[0])")
+    out = subprocess.run([sys.executable, "-c", code, str(run.path), str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["6", "running"]
+    run.close()
+    assert len(load(run.path)) == 9

@@ -1,0 +1,146 @@
+"""The shared loop: runs, determinism, exact resume after SIGINT, checkpoint errors, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from specscope import labs, store
+from specscope.errors import ConfigError, RunStoreError
+from specscope.labs.runner import run_lab
+from specscope.train import load_checkpoint, save_checkpoint
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+import toy_lab  # noqa: E402
+
+VOLATILE = {"time", "lab_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def toy_registered(monkeypatch):
+    reg = dict(labs._registry())
+    reg["toy"] = "toy_lab"
+    monkeypatch.setattr(labs, "_registry", lambda: reg)
+
+
+def metrics(run_dir) -> pd.DataFrame:
+    df = store.load(run_dir)
+    df = df[~df.metric.isin(VOLATILE)].drop(columns=["run_id"])
+    return df.sort_values(["arm", "metric", "layer", "step"]).reset_index(drop=True)
+
+
+def test_run_completes_with_summary_report_and_claims(tmp_path):
+    run_dir = run_lab("toy", {"steps": 12}, out=tmp_path)
+    assert store.Run.open(run_dir).status == "complete"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["claims"][0]["verdict"] == "PASS"
+    assert (run_dir / "report.html").is_file()
+    df = store.load(run_dir)
+    assert set(df.arm) >= {"a", "b", "truth"}
+    assert sorted(df[(df.metric == "val_loss") & (df.arm == "a")].step) == [0, 5, 10, 12]
+    assert sorted(df[(df.metric == "loss") & (df.arm == "a")].step) == list(range(12))
+
+
+def test_same_config_and_seed_give_same_metrics(tmp_path):
+    a = metrics(run_lab("toy", {"steps": 10}, out=tmp_path / "1"))
+    b = metrics(run_lab("toy", {"steps": 10}, out=tmp_path / "2"))
+    pd.testing.assert_frame_equal(a, b)
+    c = metrics(run_lab("toy", {"steps": 10, "seed": 1}, out=tmp_path / "3"))
+    assert not a["value"].equals(c["value"])
+
+
+@pytest.mark.parametrize("arm,at", [("a", 7), ("b", 3)])
+def test_sigint_checkpoints_and_resume_is_exact(tmp_path, arm, at):
+    straight = run_lab("toy", {"steps": 20}, out=tmp_path / "straight")
+    toy_lab.INTERRUPT_AT[arm] = at
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("toy", {"steps": 20}, out=tmp_path / "cut")
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    assert store.Run.open(cut).status == "interrupted"
+    assert (cut / "checkpoints" / f"{arm}.pt").is_file()
+    resumed = run_lab("", resume=cut)
+    assert store.Run.open(resumed).status == "complete"
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+
+
+def test_resuming_a_complete_run_is_an_error(tmp_path):
+    run_dir = run_lab("toy", {"steps": 3}, out=tmp_path)
+    with pytest.raises(ConfigError, match="already complete"):
+        run_lab("", resume=run_dir)
+
+
+def test_runs_are_never_overwritten(tmp_path):
+    a = run_lab("toy", {"steps": 3}, out=tmp_path, run_id="same")
+    with pytest.raises(Exception, match="same"):
+        run_lab("toy", {"steps": 3}, out=tmp_path, run_id="same")
+    assert store.Run.open(a).status == "complete"
+
+
+def test_checkpoint_roundtrip_and_bad_files(tmp_path):
+    p = tmp_path / "c.pt"
+    save_checkpoint(p, {"x": torch.arange(3), "step": 4})
+    assert load_checkpoint(p)["step"] == 4
+    with pytest.raises(RunStoreError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    p.write_bytes(p.read_bytes()[:40])
+    with pytest.raises(RunStoreError, match="truncated or corrupt"):
+        load_checkpoint(p)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(RunStoreError, match="not written by specscope"):
+        load_checkpoint(foreign)
+
+
+def test_checkpoint_never_executes_code(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / "pwned"),))
+
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(RunStoreError):
+        load_checkpoint(p)
+    assert not (tmp_path / "pwned").exists()
+
+
+def cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    from specscope.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["specscope", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code, out.out + out.err
+
+
+def test_cli_unknown_lab_suggests_closest(monkeypatch, capsys):
+    code, text = cli(monkeypatch, capsys, "run", "toyy")
+    assert code == 2 and "did you mean 'toy'" in text and "Traceback" not in text
+
+
+def test_cli_unknown_key_lists_valid_keys(monkeypatch, capsys):
+    code, text = cli(monkeypatch, capsys, "run", "toy", "--set", "widht=3")
+    assert code == 2 and "unknown config key 'widht'" in text and "width (int)" in text
+    assert len(text.strip().splitlines()) == 1
+
+
+def test_cli_ill_typed_value_names_key_and_type(monkeypatch, capsys):
+    code, text = cli(monkeypatch, capsys, "run", "toy", "--set", "steps=many")
+    assert code == 2 and "'steps'" in text and "int" in text and "Traceback" not in text
+
+
+def test_cli_run_and_list_lists_and_toml(monkeypatch, capsys, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[config]\nsteps = 4\narms = ['a']\n")
+    code, text = cli(monkeypatch, capsys, "run", "toy", "--config", str(cfg), "--set", "lr=0.01", "--out", str(tmp_path), "--quiet")
+    assert code in (0, None), text
+    run_dir = next((tmp_path / "toy").iterdir())
+    conf = store.Run.open(run_dir).config
+    assert conf["steps"] == 4 and conf["arms"] == ["a"] and conf["lr"] == 0.01
+    assert "TOY-1" in text
