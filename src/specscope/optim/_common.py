@@ -19,8 +19,6 @@ from specscope.optim import _distributed
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
 POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
-# Backends that iterate a polynomial: like torch.optim.Muon and Keller's muon.py they run in bfloat16.
-ITERATIVE = ("newton_schulz", "polar_express")
 
 # A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
 _NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|_head$|^lm_head$|^output$)")
@@ -110,22 +108,17 @@ def check_polar(polar: PolarSpec) -> None:
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """The batched polar map a group asked for: a linalg backend name or the user's callable.
 
-    Iterative backends get their input in bfloat16 (as torch.optim.Muon); exact ones keep float32.
+    Iterative backends run in bfloat16 (linalg's default, as torch.optim.Muon); "gram"/"svd" in float64.
     """
     polar = group["polar"]
     if callable(polar):
         return polar
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if polar == "newton_schulz":
         kwargs = dict(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"])
     elif polar == "polar_express":  # its own per-step coefficients
         kwargs = dict(ns_steps=group["ns_steps"], eps=group["eps"])
-    dtype = torch.bfloat16 if polar in ITERATIVE and group.get("ns_bf16", True) else None
-
-    def fn(X: Tensor) -> Tensor:
-        return linalg.polar(X if dtype is None else X.to(dtype), method=polar, **kwargs)
-
-    return fn
+    return lambda X: linalg.polar(X, method=polar, **kwargs)
 
 
 def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:

@@ -222,8 +222,8 @@ def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int 
 def gradient_spectra(mats: list[torch.Tensor], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
 
-    `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram (exact up to rounding; Grams of equal
-    size are stacked into one batched eigendecomposition). `exact=True`: float64 SVD.
+    `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram, formed in float64 (exact to ~1e-12
+    relative; Grams of equal size are stacked into one batched eigendecomposition). `exact=True`: float64 SVD.
     """
     if not mats:
         z = torch.zeros(0, dtype=torch.float64)
@@ -234,11 +234,13 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False) -> tuple[tor
     mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
     if exact:
         return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
-    grams = [L.gram(G.float()) for G in mats]
+    # float64 Gram: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular values
+    # ~3e-4·σ_1 on every zero direction, which inflates ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
+    grams = [L.gram(G, dtype=torch.float64) for G in mats]
     nuc = torch.empty(len(mats), dtype=torch.float64, device=fro.device)
     by_size: dict[int, list[int]] = {}
     for i, C in enumerate(grams):
         by_size.setdefault(C.shape[-1], []).append(i)
     for idx in by_size.values():  # one batched eigendecomposition per Gram size
-        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]).double())
+        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]))
     return fro, nuc

@@ -151,13 +151,13 @@ def rank_curves(df: pd.DataFrame, metric: str = "stable_rank", *, dpi: int = DPI
     rows, cols = _grid(len(panels))
     fig = _figure(4.0 * cols + (1.2 if grouped else 0), 2.8 * rows + 0.4, dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    curves = df.groupby(["layer", "arm", "step"], sort=False)["value"].mean()
+    curves = {key: g.groupby("step")["value"].mean() for key, g in df.groupby(["layer", "arm"], sort=False)}
     for ax, (name, layers) in zip(axes, panels):
         for li, layer in enumerate(layers):
             for ai, arm in enumerate(arms):
-                if (layer, arm) not in curves.index.droplevel("step"):
+                if (layer, arm) not in curves:
                     continue
-                g = curves.loc[(layer, arm)].sort_index()
+                g = curves[(layer, arm)]
                 if grouped:
                     style = dict(color=_depth_colour(li, len(layers)), linestyle=LINESTYLES[ai % 4])
                 else:

@@ -1,0 +1,103 @@
+"""Rolling SVD of a window of flattened gradient (or update) vectors: the spectral edge directions (SED).
+
+Stack the last W vectors g(τ) ∈ R^P as the rows of M (W × P). Its top-k right singular vectors are the
+SED-k directions. We never form anything P × P: the W × W Gram matrix C = M Mᵀ is kept up to date one
+row/column per push (O(W·P)), and eigh(C) = U Λ Uᵀ gives σ = sqrt(Λ) and V = Mᵀ U Σ⁻¹ (O(W³ + k·W·P)).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specscope.linalg import principal_angles
+
+
+class RollingSVD:
+    """Top-k right singular vectors of the last `window` vectors pushed.
+
+    >>> sed = RollingSVD(window=20, k=3)
+    >>> for g in grads: sed.push(g)        # g: any tensor, flattened
+    >>> V = sed.directions()               # [k, P], orthonormal rows, σ descending
+    """
+
+    def __init__(self, window: int = 20, k: int = 3, dtype: torch.dtype = torch.float32):
+        if window < 1 or k < 1:
+            raise ValueError(f"RollingSVD: window ({window}) and k ({k}) must be ≥ 1")
+        if k > window:
+            raise ValueError(f"RollingSVD: k ({k}) cannot exceed the window ({window}): the window has rank ≤ {window}")
+        self.window, self.k, self.dtype = window, k, dtype
+        self._rows: Tensor | None = None  # [W, P] ring buffer
+        self._gram: Tensor | None = None  # [W, W], float64
+        self._count = 0
+        self._cache: tuple[Tensor, Tensor] | None = None
+        self._previous: Tensor | None = None
+
+    @property
+    def full(self) -> bool:
+        return self._count >= self.window
+
+    def __len__(self) -> int:
+        return min(self._count, self.window)
+
+    def push(self, vector: Tensor) -> None:
+        """Add one vector (flattened); the oldest leaves once the window is full."""
+        v = vector.detach().reshape(-1).to(self.dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError("RollingSVD.push: the vector has NaN or Inf entries")
+        if self._rows is None:
+            self._rows = torch.zeros(self.window, v.numel(), dtype=self.dtype, device=v.device)
+            self._gram = torch.zeros(self.window, self.window, dtype=torch.float64, device=v.device)
+        if v.numel() != self._rows.shape[1]:
+            raise ValueError(f"RollingSVD.push: got {v.numel()} entries, the window holds vectors of {self._rows.shape[1]}")
+        i = self._count % self.window
+        self._rows[i] = v
+        g = (self._rows @ v).double()
+        self._gram[i, :] = g
+        self._gram[:, i] = g
+        self._count += 1
+        self._cache = None
+
+    def _decompose(self) -> tuple[Tensor, Tensor]:
+        """(σ descending [n], V [n, P]) over the n = len(self) rows present."""
+        if self._cache is None:
+            if self._count == 0:
+                raise ValueError("RollingSVD: no vectors pushed yet")
+            n = len(self)
+            evals, U = torch.linalg.eigh(self._gram[:n, :n])
+            evals, U = evals.flip(0).clamp(min=0), U.flip(1)
+            sigma = evals.sqrt()
+            keep = sigma > sigma[0] * n * torch.finfo(self.dtype).eps
+            V = (U[:, keep].T.to(self.dtype) @ self._rows[:n]) / sigma[keep, None].to(self.dtype)
+            self._cache = (sigma, V)
+        return self._cache
+
+    def singular_values(self) -> Tensor:
+        """All singular values of the window matrix, descending."""
+        return self._decompose()[0]
+
+    def directions(self, k: int | None = None) -> Tensor:
+        """The top-k right singular vectors as orthonormal rows [k, P] (fewer if the window has lower rank)."""
+        return self._decompose()[1][: k or self.k]
+
+    def gap(self) -> float:
+        """σ_k / σ_{k+1}: how well separated the SED-k subspace is (inf when σ_{k+1} = 0)."""
+        s = self.singular_values()
+        if len(s) <= self.k:
+            return float("inf")
+        return float(s[self.k - 1] / s[self.k]) if s[self.k] > 0 else float("inf")
+
+    def rotation(self) -> float:
+        """Largest principal angle (radians) between the current SED-k subspace and the one at the last call."""
+        V = self.directions()
+        prev, self._previous = self._previous, V.clone()
+        if prev is None or prev.shape != V.shape:
+            return float("nan")
+        return float(principal_angles(prev.T, V.T).max())
+
+    def state_dict(self) -> dict:
+        return {"rows": self._rows, "gram": self._gram, "count": self._count, "previous": self._previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rows, self._gram, self._count = state["rows"], state["gram"], int(state["count"])
+        self._previous, self._cache = state["previous"], None

@@ -1,0 +1,211 @@
+"""Monitor behaviour: accumulation, schedule, gradient sources, no effect on training, bad input, state."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from specscope import linalg
+from specscope.errors import NonFiniteError, SpecscopeError
+from specscope.probe import Monitor, is_log_step
+
+
+def by(records, metric):
+    return {r.layer: r for r in records if r.metric == metric}
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def test_accumulation_covers_all_micro_batches():
+    x, y = torch.randn(12, 8) + 0.3, torch.randn(12, 4)
+    loss = lambda m, a, b: (m(a) - b).square().sum()  # noqa: E731 - a sum, so micro-batch grads add exactly
+    one, two = mlp(), mlp()
+    m1, m2 = Monitor(one, estimator="gram"), Monitor(two, estimator="gram")
+    with m1.step(0):
+        loss(one, x, y).backward()
+    with m2.step(0):
+        for sl in (slice(0, 5), slice(5, 12)):
+            loss(two, x[sl], y[sl]).backward()
+    r1, r2 = m1.pop_records(), m2.pop_records()
+    for metric in ("stable_rank", "nuclear_rank", "grad_fro_norm", "grad_nuclear_norm"):
+        a, b = by(r1, metric), by(r2, metric)
+        for layer in ("0", "2"):
+            assert b[layer].value == pytest.approx(a[layer].value, rel=1e-5), (metric, layer)
+    assert by(r2, "stable_rank")["0"].rows == 12
+    assert by(r1, "stable_rank")["0"].value == pytest.approx(float(linalg.stable_rank(x.double())), rel=1e-5)
+
+
+def test_eval_passes_without_grad_are_not_counted():
+    model = mlp()
+    mon = Monitor(model)
+    with mon.step(0):
+        with torch.no_grad():
+            model(torch.randn(100, 8))
+        model(torch.randn(7, 8)).sum().backward()
+    assert by(mon.pop_records(), "stable_rank")["0"].rows == 7
+
+
+def test_schedule_every_and_log_spaced():
+    model = mlp()
+    mon = Monitor(model, every=3)
+    assert [s for s in range(10) if mon.is_measured(s)] == [0, 3, 6, 9]
+    mon = Monitor(model, every=None, log_spaced=True)
+    measured = [s for s in range(1001) if mon.is_measured(s)]
+    assert measured[:6] == [0, 1, 2, 3, 4, 5] and 7 not in measured and 1000 in measured
+    assert 25 <= len(measured) <= 35  # about 10 per decade over three decades
+    assert is_log_step(100) and not is_log_step(101)
+    for step in range(4):
+        with mon.step(step) if step != 1 else Monitor(model, every=2).step(step):
+            model(torch.randn(3, 8)).sum().backward()
+    with Monitor(model, every=2).step(1):  # not measured: nothing recorded, no hooks
+        model(torch.randn(3, 8)).sum().backward()
+
+
+def test_unmeasured_step_records_nothing_and_leaves_no_hooks():
+    model = mlp()
+    mon = Monitor(model, every=2)
+    with mon.step(1):
+        model(torch.randn(3, 8)).sum().backward()
+    assert mon.pop_records() == [] and not model[0]._forward_pre_hooks
+    with mon.step(2):
+        assert model[0]._forward_pre_hooks
+        model(torch.randn(3, 8)).sum().backward()
+    assert mon.pop_records() and not model[0]._forward_pre_hooks
+
+
+def train(model, steps, monitor=None, micro=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        opt.zero_grad()
+        ctx = monitor.step(step) if monitor else torch.enable_grad()
+        with ctx:
+            for _ in range(micro):
+                x = torch.randn(6, 8, generator=g)
+                nn.functional.dropout(model(x), 0.2).square().mean().backward()  # dropout draws global RNG
+        opt.step()
+        if monitor:
+            monitor.after_optimizer_step()
+            monitor.pop_records()
+    return [p.detach().clone() for p in model.parameters()], torch.get_rng_state()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(gradient="update", estimator="gram", extras=("topk", "entropy_rank", "weight_stable_rank")),
+                                dict(every=2, estimator="exact")])
+def test_probe_does_not_change_training_bitwise(kw):
+    torch.manual_seed(3)
+    ref, rng_ref = train(mlp(), 5)
+    torch.manual_seed(3)
+    model = mlp()
+    got, rng = train(model, 5, Monitor(model, **kw))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert torch.equal(rng_ref, rng)
+
+
+def test_gradient_update_and_callable():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = Monitor(model, gradient="update", estimator="gram")
+    with mon.step(0):
+        model(torch.randn(5, 8)).sum().backward()
+    assert mon.pop_records() == []  # the update is read after the optimizer step
+    before = model[0].weight.detach().clone()
+    opt.step()
+    mon.after_optimizer_step()
+    nr = by(mon.pop_records(), "nuclear_rank")["0"].value
+    assert nr == pytest.approx(float(linalg.nuclear_rank(model[0].weight.detach() - before)), rel=1e-4)
+    with mon.step(1):
+        model(torch.randn(5, 8)).sum().backward()
+    with pytest.raises(SpecscopeError, match="after_optimizer_step"), mon.step(2):
+        pass
+
+    buf = lambda name, p: opt.state[p]["momentum_buffer"]  # noqa: E731
+    mon = Monitor(model, gradient=buf, estimator="gram")
+    with mon.step(0):
+        model(torch.randn(5, 8)).sum().backward()
+    opt.step()
+    mon.after_optimizer_step()
+    nr = by(mon.pop_records(), "nuclear_rank")["2"].value
+    assert nr == pytest.approx(float(linalg.nuclear_rank(opt.state[model[2].weight]["momentum_buffer"])), rel=1e-4)
+
+
+def nan_model():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")  # NaN gradient of layer 0, finite input to layer 2
+    return model
+
+
+def test_nonfinite_raise_names_layer_and_step():
+    model = mlp()
+    mon = Monitor(model)
+    x = torch.randn(4, 8)
+    x[1, 2] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"activation entering '0' at step 7"), mon.step(7):
+        model(x).sum().backward()
+    model = nan_model()
+    mon = Monitor(model)
+    with pytest.raises(NonFiniteError, match=r"gradient of '0' at step 2"), mon.step(2):
+        model(torch.randn(4, 8)).sum().backward()
+
+
+def test_nonfinite_warn_records_flag_and_recovers():
+    model = mlp()
+    mon = Monitor(model, nonfinite="warn")
+    x = torch.randn(4, 8)
+    x[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match="activation entering '0' at step 0"), mon.step(0):
+        model(x).sum().backward()
+    recs = mon.pop_records()
+    bad = [r for r in recs if r.flag == "nonfinite"]
+    assert {r.layer for r in bad} >= {"0"} and all(math.isnan(r.value) for r in bad if r.metric == "stable_rank")
+    model.zero_grad()
+    with mon.step(1):  # the warm-start state was not poisoned
+        model(torch.randn(4, 8)).sum().backward()
+    assert all(math.isfinite(r.value) and r.flag == "" for r in mon.pop_records())
+
+
+def test_power_estimator_bounds_and_converges_with_warm_start():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 8)
+    mon = Monitor(model, estimator="power", power_iters=1, power_block=2)
+    base = torch.randn(256, 64) @ torch.diag(torch.linspace(1, 2, 64))  # a flat spectrum: slow power iteration
+    errs = []
+    for step in range(6):
+        x = base + 0.01 * torch.randn(256, 64)
+        with mon.step(step):
+            model(x).sum().backward()
+        st = by(mon.pop_records(), "stable_rank")[""].value
+        exact = float(linalg.stable_rank(x.double()))
+        assert st >= exact * (1 - 1e-5)  # σ_1² is estimated from below, so st from above
+        errs.append(st / exact - 1)
+    assert errs[-1] < 0.01 and errs[-1] < errs[0]
+    # state_dict carries the warm block: a fresh monitor resumes with the same estimate
+    fresh = Monitor(model, estimator="power", power_iters=1, power_block=2)
+    fresh.load_state_dict(mon.state_dict())
+    x = base.clone()
+    for m in (mon, fresh):
+        with m.step(10):
+            model(x).sum().backward()
+    assert by(mon.pop_records(), "stable_rank")[""].value == by(fresh.pop_records(), "stable_rank")[""].value
+    assert fresh.stable_rank("") == mon.stable_rank("")
+
+
+def test_extras_records_and_bad_options():
+    model = mlp()
+    mon = Monitor(model, extras=("topk", "entropy_rank", "weight_stable_rank"), topk=2)
+    with mon.step(0):
+        model(torch.randn(9, 8)).sum().backward()
+    recs = by(mon.pop_records(), "grad_sigma_1")
+    assert recs["0"].value == pytest.approx(float(linalg.singular_values(model[0].weight.grad)[0]), rel=1e-5)
+    from specscope.errors import ConfigError
+
+    for kw in (dict(every=0), dict(estimator="svd"), dict(gradient="momentum"), dict(extras=("x",)), dict(nonfinite="skip")):
+        with pytest.raises(ConfigError):
+            Monitor(model, **kw)
+    with pytest.raises(ConfigError, match="known"):
+        mon.stable_rank("nope")
