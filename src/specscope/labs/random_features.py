@@ -21,7 +21,7 @@ import torch
 
 from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
 from specscope.labs.base import Arm, LabConfig, Measure
-from specscope.linalg import nuclear_norm, nuclear_rank, polar, stable_rank
+from specscope.linalg import nuclear_norm, nuclear_rank, stable_rank
 from specscope.records import Claim, Record
 
 NAME = "random-features"
@@ -51,56 +51,82 @@ def constants(A: torch.Tensor) -> Constants:
     return Constants(L_E=L_E, L_S=L_S, st=L_S / L_E)
 
 
-def objective(W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor) -> float:
-    """f(W) = ½‖W A − Y‖_F²."""
-    return 0.5 * float((W @ A - Y).square().sum())
+class RFModel(torch.nn.Module):
+    """The trained layer y = W a, W zero at start; fed Aᵀ (samples × features), the nn.Linear layout."""
+
+    def __init__(self, width: int, outputs: int, *, dtype: torch.dtype = torch.float64, device=None):
+        super().__init__()
+        self.W = torch.nn.Linear(width, outputs, bias=False, dtype=dtype, device=device)
+        torch.nn.init.zeros_(self.W.weight)
+
+    def forward(self, At: torch.Tensor) -> torch.Tensor:
+        return self.W(At)
 
 
-def gradient(W: torch.Tensor, A: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """∇f(W) = (W A − Y) Aᵀ (outputs × features)."""
-    return (W @ A - Y) @ A.T
+def rf_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """f(W) = ½‖W A − Y‖_F² for a batch (Aᵀ, Yᵀ); its gradient is (W A − Y) Aᵀ."""
+    At, Yt = batch
+    return 0.5 * (model(At) - Yt).square().sum()
 
 
-def gd_step(G: torch.Tensor, c: Constants) -> torch.Tensor:
-    """Euclidean step ΔW = −G / L_E."""
-    return -G / c.L_E
+METHODS = ("gd", "specgd", "auto", "specgd_wrong_L")
 
 
-def spectral_step(G: torch.Tensor, L: float) -> torch.Tensor:
-    """Spectral step ΔW = −(‖G‖_* / L) · polar(G); L = L_S is correct, L = L_E is the known mistake."""
-    return -(float(nuclear_norm(G)) / L) * polar(G, method="svd")
+def make_optimizer(method: str, model: RFModel, c: Constants, threshold: float = 1.0, hysteresis: float = 0.1):
+    """The exact-constant steps as optimizers, all with lr = 1/L_E (one implementation of each step):
 
+    gd              torch.optim.SGD:  ΔW = −G/L_E
+    specgd          SpecGD fed st(A): ΔW = −(1/L_E)(‖G‖_*/st(A))·polar(G) = −(‖G‖_*/L_S)·polar(G)
+    auto            AutoGeometry: per step the one of the two above with the larger guarantee (nr/st vs 1)
+    specgd_wrong_L  SpecGD without st(A): ΔW = −(‖G‖_*/L_E)·polar(G), the known mistake (REFERENCE §3)
+    """
+    from specscope.optim import AutoGeometry, SpecGD
 
-METHODS = ("gd", "specgd", "specgd_wrong_L")
+    lr, st = 1.0 / c.L_E, (lambda layer: c.st)
+    named = list(model.named_parameters())
+    if method == "gd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    if method == "specgd":
+        return SpecGD(named, lr=lr, stable_rank=st, polar="svd")
+    if method == "auto":
+        return AutoGeometry(named, lr=lr, monitor=st, threshold=threshold, hysteresis=hysteresis,
+                            euclidean="sgd", polar="svd")
+    if method == "specgd_wrong_L":
+        return SpecGD(named, lr=lr, polar="svd")
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
 @dataclass
 class Trajectory:
-    """Objective and nr(G) at every step 0..steps of one method from W = 0 (index t = before update t+1)."""
+    """Per step t = 0..steps of one method from W = 0: f(W_t), ‖G_t‖_F², ‖G_t‖_*, nr(G_t)."""
 
     method: str
     objective: list[float] = field(default_factory=list)
+    grad_fro2: list[float] = field(default_factory=list)
+    grad_nuclear: list[float] = field(default_factory=list)
     nuclear_rank: list[float] = field(default_factory=list)
 
 
 def descend(problem: RFProblem, method: str, steps: int, c: Constants | None = None) -> Trajectory:
-    """Run `method` ∈ METHODS for `steps` steps from W = 0, recording f(W_t) and nr(∇f(W_t)) for t = 0..steps."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    """Run `method` ∈ METHODS for `steps` steps from W = 0, recording the trajectory at t = 0..steps."""
     A, Y = problem.A, problem.Y
     c = c or constants(A)
-    W = torch.zeros(Y.shape[0], A.shape[0], dtype=A.dtype, device=A.device)
+    model = RFModel(A.shape[0], Y.shape[0], dtype=A.dtype, device=A.device)
+    opt = make_optimizer(method, model, c)
+    batch = (A.T, Y.T)
     traj = Trajectory(method)
     for t in range(steps + 1):
-        G = gradient(W, A, Y)
-        traj.objective.append(objective(W, A, Y))
-        traj.nuclear_rank.append(float(nuclear_rank(G)) if G.abs().max() > 0 else math.nan)
-        if t == steps:
-            break
-        if method == "gd":
-            W = W + gd_step(G, c)
-        else:
-            W = W + spectral_step(G, c.L_S if method == "specgd" else c.L_E)
+        opt.zero_grad()
+        loss = rf_loss(model, batch)
+        loss.backward()
+        G = model.W.weight.grad
+        fro2 = float(G.square().sum())
+        traj.objective.append(float(loss))
+        traj.grad_fro2.append(fro2)
+        traj.grad_nuclear.append(float(nuclear_norm(G)) if fro2 > 0 else 0.0)
+        traj.nuclear_rank.append(float(nuclear_rank(G)) if fro2 > 0 else math.nan)
+        if t < steps:
+            opt.step()
     return traj
 
 

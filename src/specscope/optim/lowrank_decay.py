@@ -31,8 +31,8 @@ CUBIC = (1.5, -0.5, 0.0)  # X <- 1.5·X − 0.5·(X Xᵀ) X
 class LowRankDecay(Optimizer):
     """Decoupled Low-Rank Decay on chosen matrices; call `.step()` after the base optimizer's step.
 
-    `polar_method` picks the exact backend for "polar"/"elastic" ("svd" default; "gram" is faster on CPU
-    for rectangular W but loses accuracy on σ below ~1e-3·σ_1 in float32).
+    `polar_method` picks the exact backend for "polar"/"elastic" ("svd" default, float64; "gram" is faster
+    for rectangular W). "ns" runs in `ns_dtype` (float32; torch.bfloat16 to mimic Muon's arithmetic).
     """
 
     def __init__(
@@ -45,9 +45,10 @@ class LowRankDecay(Optimizer):
         ns_coefficients: tuple[float, float, float] | list = CUBIC,
         l2: float = 0.0,
         polar_method: str = "svd",
+        ns_dtype: torch.dtype = torch.float32,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, mode=mode, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, l2=l2, polar_method=polar_method)
+                        ns_coefficients=ns_coefficients, l2=l2, polar_method=polar_method, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -93,7 +94,7 @@ class LowRankDecay(Optimizer):
             return
         if mode == "ns":
             fn = lambda X: linalg.polar(X, method="newton_schulz", ns_steps=group["ns_steps"],  # noqa: E731
-                                        ns_coefficients=group["ns_coefficients"])
+                                        ns_coefficients=group["ns_coefficients"], dtype=group["ns_dtype"])
         else:
             fn = lambda X: linalg.polar(X, method=group["polar_method"])  # noqa: E731
         shrink = group["lr"] * group["l2"] if mode == "elastic" else 0.0

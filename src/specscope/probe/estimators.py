@@ -83,10 +83,13 @@ class PowerStats:
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖A‖_F², σ_1² estimate) as 0-d tensors; carries the improved block to the next step."""
+        fro2 = self.fro2.double()
+        if not (bool(torch.isfinite(self.Z).all()) and bool(torch.isfinite(fro2))):
+            return fro2 * float("nan"), fro2 * float("nan")  # reported as non-finite; V is kept
         lam = max_rayleigh_ratio(self.V.mT @ self.Z, self.Z.mT @ self.Z)
-        if bool(torch.isfinite(self.Z).all()) and bool(self.Z.abs().sum() > 0):
+        if bool(self.Z.abs().sum() > 0):
             self.V = _orth(self.Z)
-        return self.fro2.double(), lam
+        return fro2, lam
 
     def state(self) -> dict:
         return {"V": None if self.V is None else self.V.detach().cpu()}

@@ -27,7 +27,7 @@ except ImportError:  # Windows
 LOCK_NAME = "run.lock"
 
 
-def acquire(run_dir: Path, wait_s: float = 2.0) -> int | None:
+def acquire(run_dir: Path, wait_s: float = 0.5) -> int | None:
     """Take the writer lock; returns the fd to keep open (None without flock). Raises if another writer holds it.
 
     Waits up to `wait_s` because a reader holds a shared lock for a few microseconds while it checks.

@@ -1,0 +1,99 @@
+"""Muon: torch.optim.Muon equivalence, fp32 momentum for bf16, conv flattening, batching by shape."""
+
+import copy
+
+import pytest
+import torch
+
+from specscope import linalg
+from specscope.optim import Muon
+
+SHAPES = [(64, 32), (32, 64), (48, 48), (48, 48)]
+
+
+def _run(make_opt, steps=15, seed=0):
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = make_opt(params)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _ns64(X):  # the same Newton–Schulz map in float64: the rounding-free reference
+    return linalg.polar(X.double(), method="newton_schulz", dtype=torch.float64).float()
+
+
+@pytest.mark.parametrize("kw", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.3}])
+def test_matches_torch_muon_within_bf16_rounding(kw):
+    kw = dict(lr=0.02, **kw)
+    ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw))
+    theirs = _run(lambda ps: torch.optim.Muon(ps, **kw))
+    ref = _run(lambda ps: Muon(ps, polar=_ns64, **kw))
+    for a, b, r in zip(ours, theirs, ref):
+        torch_rounding = float((b - r).abs().max())
+        assert torch_rounding > 0  # bf16 really differs from float64, so the bound below is meaningful
+        # ours is a bf16 evaluation of the same map: its distance to the float64 map is torch's, up to 2x
+        assert float((a - r).abs().max()) <= 2 * torch_rounding
+        assert float((a - b).abs().max()) <= 3 * torch_rounding
+
+
+def test_bf16_params_keep_fp32_momentum_through_state_dict():
+    p = torch.nn.Parameter(torch.randn(16, 8).bfloat16())
+    opt = Muon([p], lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    expected = torch.zeros(16, 8)
+    for _ in range(3):
+        p.grad = torch.randn(16, 8, generator=g).bfloat16()
+        expected.lerp_(p.grad.float(), 1 - 0.95)
+        opt.step()
+    buf = opt.state[p]["momentum_buffer"]
+    assert buf.dtype == torch.float32 and torch.equal(buf, expected)
+    opt2 = Muon([p], lr=0.01)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    buf2 = opt2.state[p]["momentum_buffer"]
+    assert buf2.dtype == torch.float32 and torch.equal(buf2, expected)  # torch's load would cast to bf16
+
+
+def test_conv_weight_is_flattened_and_scaled_by_matrix_shape():
+    w = torch.nn.Parameter(torch.randn(3, 2, 3, 3))
+    w0 = w.detach().clone()
+    w.grad = torch.randn(3, 2, 3, 3)
+    Muon([w], lr=0.1, momentum=0.0, weight_decay=0.0, polar="svd").step()
+    # rows=3 < cols=18: scale sqrt(max(1, 3/18)) = 1
+    expected = w0 - 0.1 * linalg.polar(w.grad.reshape(3, 18), method="svd").reshape(3, 2, 3, 3)
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_tall_matrix_scale_original():
+    w = torch.nn.Parameter(torch.zeros(32, 8))
+    w.grad = torch.randn(32, 8)
+    Muon([w], lr=0.1, momentum=0.0, weight_decay=0.0, polar="svd").step()
+    expected = -0.1 * 2.0 * linalg.polar(w.grad, method="svd")  # sqrt(32/8) = 2
+    torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_same_shape_params_share_one_batched_call():
+    calls = []
+
+    def polar(X):
+        calls.append(tuple(X.shape))
+        return linalg.polar(X, method="gram")
+
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    Muon(params, polar=polar).step()
+    assert sorted(calls) == [(1, 32, 64), (1, 64, 32), (2, 48, 48)]
+
+
+@pytest.mark.parametrize("method", ["gram", "svd", "polar_express"])
+def test_each_backend_steps(method):
+    p = torch.nn.Parameter(torch.randn(40, 24))
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    Muon([p], lr=0.01, polar=method).step()
+    assert torch.isfinite(p).all() and not torch.equal(p, before)
