@@ -186,6 +186,23 @@ def from_matrix(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | Non
     return SpikedData(X_B, proj / zeta, q, zeta, yt, name)
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(1797 × 64 pixels, labels) from the CSV scikit-learn ships (read directly: importing sklearn.datasets
+    costs seconds); `sklearn.datasets.load_digits` when the file is not where scikit-learn keeps it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            raw = np.loadtxt(path, delimiter=",")
+            return raw[:, :-1], raw[:, -1].astype(int)
+    from sklearn.datasets import load_digits
+
+    ds = load_digits()
+    return ds.data, ds.target
+
+
 def digits(embed_dim: int = 0, seed: int = 0) -> SpikedData:
     """scikit-learn's bundled 8×8 digits (1797 × 64, no download), each pixel standardised (constant
     pixels left at 0), target +1 for digits 0–4 and −1 for 5–9.
@@ -193,15 +210,13 @@ def digits(embed_dim: int = 0, seed: int = 0) -> SpikedData:
     With `embed_dim` > 0 the images go through a fixed random ReLU embedding x ↦ relu(Rx/√64),
     R ∈ R^{embed_dim × 64} Gaussian (seeded); its outputs are not centred, so their mean is a natural spike.
     """
-    from sklearn.datasets import load_digits
-
-    ds = load_digits()
-    X = torch.as_tensor(ds.data, dtype=torch.float64)
+    pixels, labels = _digits_arrays()
+    X = torch.as_tensor(pixels, dtype=torch.float64)
     X = (X - X.mean(0)) / torch.where(X.std(0) > 0, X.std(0), torch.ones(()))
     if embed_dim:
         R = torch.randn(embed_dim, X.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         X = torch.relu(X @ R.T / math.sqrt(X.shape[1]))
-    y = torch.where(torch.as_tensor(ds.target) <= 4, 1.0, -1.0).double()
+    y = torch.where(torch.as_tensor(labels) <= 4, 1.0, -1.0).double()
     return from_matrix(X, y, name="digits" if not embed_dim else f"digits-relu{embed_dim}")
 
 

@@ -430,7 +430,8 @@ def sweep_claims(table: pd.DataFrame) -> list[Claim]:
 
     shared = sorted(set(rate.loc[rate.arm == "l2", "strength"]) & set(rate.loc[rate.arm == "lrd", "strength"]))
     pairs = {s: (boundary("l2", s), boundary("lrd", s)) for s in shared}
-    measured = "; ".join(f"λ={s:g}: L2 ≥ {b[0]:g}, LRD ≥ {b[1]:g}" for s, b in pairs.items())
+    fmt = lambda b: "none" if math.isinf(b) else f"≥ {b:g}"  # noqa: E731
+    measured = "; ".join(f"λ={s:g}: L2 {fmt(b[0])}, LRD {fmt(b[1])}" for s, b in pairs.items())
     known = {s: b for s, b in pairs.items() if not (math.isinf(b[0]) and math.isinf(b[1]))}
     if not known:
         return [Claim("LRD-2", text, published, measured + " (neither grokked)", "INCONCLUSIVE")]

@@ -121,7 +121,7 @@ def descend(problem: RFProblem, method: str, steps: int, c: Constants | None = N
         loss.backward()
         G = model.W.weight.grad
         fro2 = float(G.square().sum())
-        traj.objective.append(float(loss))
+        traj.objective.append(float(loss.detach()))
         traj.grad_fro2.append(fro2)
         traj.grad_nuclear.append(float(nuclear_norm(G)) if fro2 > 0 else 0.0)
         traj.nuclear_rank.append(float(nuclear_rank(G)) if fro2 > 0 else math.nan)
@@ -139,3 +139,242 @@ def first_step_ranks(problem: RFProblem, c: Constants | None = None) -> tuple[fl
 def predicted(nr: float, st: float) -> str:
     """The geometry whose one-step guarantee is larger: spectral when nr(G)/st(A) > 1."""
     return "spectral" if nr > st else "euclidean"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The lab: arms through the shared loop, two sweeps, claims from the recorded metrics.
+# ---------------------------------------------------------------------------------------------------
+
+class Config(LabConfig):
+    """Random-feature regression; defaults reproduce RF-1..RF-3 in a few minutes on 2 CPU cores."""
+
+    activations: list[str] = ["relu", "swiglu", "gelu", "tanh"]
+    methods: list[str] = ["gd", "specgd", "auto"]
+    dim: int = 128  # input dimension d of X (d × samples)
+    width: int = 1024  # random features (rows of A)
+    samples: int = 1024  # columns of A
+    outputs: int = 64  # rows of W and Y
+    steps: int = 30
+    sweep_widths: list[int] = [128, 256, 512, 1024, 2048]  # st(A) vs width ...
+    sweep_samples: int = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
+    sweep_dims: list[int] = [32, 64, 128, 256]  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
+    decisive: float = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive
+    threshold: float = 1.0  # AutoGeometry: spectral when nr/st > threshold
+    hysteresis: float = 0.1
+
+
+def _problem(cfg: Config, act: str, device, dim=None, width=None, samples=None, outputs=None) -> RFProblem:
+    return rf_regression(dim or cfg.dim, width or cfg.width, samples or cfg.samples, outputs or cfg.outputs,
+                         act, cfg.seed, device=device)
+
+
+class RankRecorder:
+    """Records nr(G) of W's gradient and the exact st(A) of its fixed input on every step (lab metrics)."""
+
+    every = 1
+
+    def __init__(self, c: Constants, rows: int, shape: str):
+        self.c, self.rows, self.shape = c, rows, shape
+
+    def after_backward(self, step: int, model: RFModel, optimizer) -> list[Record]:
+        G = model.W.weight.grad
+        if not G.abs().max() > 0:
+            return []
+        nr = float(nuclear_rank(G))
+        meta = dict(layer="W", rows=self.rows, shape=self.shape)
+        return [Record(step, metric="stable_rank", value=self.c.st, estimator="exact", **meta),
+                Record(step, metric="nuclear_rank", value=nr, estimator="exact", **meta),
+                Record(step, metric="spectral_advantage", value=nr / self.c.st, estimator="exact", **meta)]
+
+
+def _arm(cfg: Config, act: str, method: str, device) -> Arm:
+    p = _problem(cfg, act, device)
+    c = constants(p.A)
+    model = RFModel(cfg.width, cfg.outputs, dtype=p.A.dtype, device=device)
+    batch = (p.A.T.contiguous(), p.Y.T.contiguous())
+    return Arm(
+        name=f"{act}/{method}", model=model, optimizer=make_optimizer(method, model, c, cfg.threshold, cfg.hysteresis),
+        batch=lambda step: batch, loss=rf_loss, steps=cfg.steps,
+        evaluate=lambda m: {"objective": float(rf_loss(m, batch).detach())}, eval_every=cfg.steps,
+        callbacks=[RankRecorder(c, cfg.samples, f"{cfg.samples}x{cfg.width}")],
+    )
+
+
+def _width_sweep(cfg: Config):
+    def fn(log, device) -> None:
+        for act in cfg.activations:
+            for w in cfg.sweep_widths:
+                A = _problem(cfg, act, device, width=w, samples=cfg.sweep_samples, outputs=1).A
+                log([Record(w, act, "stable_rank", float(stable_rank(A)), estimator="exact",
+                            rows=cfg.sweep_samples, shape=f"{cfg.sweep_samples}x{w}")])
+    return fn
+
+
+def _dim_sweep(cfg: Config):
+    def fn(log, device) -> None:
+        for act in cfg.activations:
+            for d in cfg.sweep_dims:
+                p = _problem(cfg, act, device, dim=d, width=8 * d, samples=8 * d, outputs=max(d // 2, 1))
+                c = constants(p.A)
+                tr = descend(p, "gd", 1, c)
+                for t in (0, 1):
+                    log([Record(d, act, "nuclear_rank", tr.nuclear_rank[t], f"dim-sweep/step{t}", "exact"),
+                         Record(d, act, "stable_rank", c.st, f"dim-sweep/step{t}", "exact", rows=8 * d)])
+    return fn
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
+    """Arms activation × method (exact constants, W = 0 start), then the width and dimension sweeps."""
+    for act in cfg.activations:
+        check_activation(act)
+    for m in cfg.methods:
+        if m not in METHODS:
+            from specscope.errors import ConfigError
+
+            raise ConfigError(f"unknown method {m!r} in methods; choose from {', '.join(METHODS)}")
+    items: list[Arm | Measure] = [_arm(cfg, a, m, device) for a in cfg.activations for m in cfg.methods]
+    return items + [Measure("width-sweep", _width_sweep(cfg)), Measure("dim-sweep", _dim_sweep(cfg))]
+
+
+# ------------------------------------------------------------------------- reading the records back
+
+def _series(df: pd.DataFrame, arm: str, metric: str, layer: str | None = None) -> pd.Series:
+    """value indexed by step for one arm/metric (/layer); empty when absent."""
+    sel = df[(df["arm"] == arm) & (df["metric"] == metric)]
+    if layer is not None:
+        sel = sel[sel["layer"] == layer]
+    return sel.groupby("step")["value"].last().sort_index()
+
+
+def final_objective(df: pd.DataFrame, act: str, method: str) -> float:
+    s = _series(df, f"{act}/{method}", "objective")
+    return float(s.iloc[-1]) if len(s) else math.nan
+
+
+def step_ratio(df: pd.DataFrame, act: str, step: int = 1) -> tuple[float, float]:
+    """(nr(G), st(A)) recorded on the GD arm at `step` (step 1: after one exact GD step)."""
+    nr, st = _series(df, f"{act}/gd", "nuclear_rank"), _series(df, f"{act}/gd", "stable_rank")
+    return (float(nr.get(step, math.nan)), float(st.get(step, math.nan)))
+
+
+def loglog_slope(s: pd.Series) -> float:
+    """Least-squares slope of log value vs log step (the exponent of a power law)."""
+    s = s[(s > 0) & np.isfinite(s)]
+    if len(s) < 2:
+        return math.nan
+    return float(np.polyfit(np.log(s.index.to_numpy(float)), np.log(s.to_numpy(float)), 1)[0])
+
+
+def _verdict(checks: list[bool | None]) -> str:
+    if any(c is None for c in checks):
+        return "INCONCLUSIVE"
+    return "PASS" if all(checks) else "FAIL"
+
+
+def _finite(*xs: float) -> bool:
+    return all(math.isfinite(x) for x in xs)
+
+
+def _rf1(df: pd.DataFrame, cfg: Config) -> Claim:
+    text = ("ReLU random features: st(A) stays O(1) (≈ 3) as width grows; nr(G) is O(1) at W = 0 and grows "
+            "with d after one GD step; SpecGD reaches a much lower loss than GD at equal steps.")
+    pub = "st(A) ≈ π; nr(G₀) = O(1), nr(G₁) = Ω(d); SpecGD ≪ GD (001 §1.2, §3, Fig. 3, 15)"
+    st = _series(df, "width-sweep", "stable_rank", "relu")
+    nr0, nr1 = (_series(df, f"dim-sweep/step{t}", "nuclear_rank", "relu") for t in (0, 1))
+    gd, spec = final_objective(df, "relu", "gd"), final_objective(df, "relu", "specgd")
+    if st.empty or nr1.empty or not _finite(gd, spec):
+        return Claim("RF-1", text, pub, "relu or the sweeps not recorded", "INCONCLUSIVE")
+    s0, s1 = loglog_slope(nr0), loglog_slope(nr1)
+    checks = [st.max() < 1.5 * st.min() and st.max() < 10, nr0.max() < 10, s1 > 0.75, spec < 0.5 * gd]
+    measured = (f"st(A) {st.min():.2f}–{st.max():.2f} over width {st.index.min()}–{st.index.max()}; "
+                f"nr(G₀) {nr0.iloc[0]:.1f}→{nr0.iloc[-1]:.1f} (slope {s0:.2f}), nr(G₁) {nr1.iloc[0]:.1f}→"
+                f"{nr1.iloc[-1]:.1f} (slope {s1:.2f}) over d {nr1.index.min()}–{nr1.index.max()}; "
+                f"f/f₀ at step {cfg.steps}: SpecGD/GD = {spec / gd:.3f}")
+    return Claim("RF-1", text, pub, measured, _verdict(checks))
+
+
+def _rf2(df: pd.DataFrame, cfg: Config) -> Claim:
+    text = "SwiGLU random features: st(A) grows with width, nr(G) < st(A), and GD beats SpecGD."
+    pub = "st(A) ∝ width; nr(G) below st(A); GD ≪ SpecGD (001 §1.2.2, Fig. 11)"
+    st = _series(df, "width-sweep", "stable_rank", "swiglu")
+    nr1, st_arm = step_ratio(df, "swiglu")
+    gd, spec = final_objective(df, "swiglu", "gd"), final_objective(df, "swiglu", "specgd")
+    if st.empty or not _finite(nr1, st_arm, gd, spec):
+        return Claim("RF-2", text, pub, "swiglu arms or the width sweep not recorded", "INCONCLUSIVE")
+    slope = loglog_slope(st)
+    checks = [slope > 0.5, nr1 < st_arm, gd < spec]
+    measured = (f"st(A) {st.iloc[0]:.1f}→{st.iloc[-1]:.1f} over width {st.index.min()}–{st.index.max()} "
+                f"(log-log slope {slope:.2f}); step 1: nr(G) {nr1:.1f} vs st(A) {st_arm:.1f}; "
+                f"f at step {cfg.steps}: GD/SpecGD = {gd / spec:.3f}")
+    return Claim("RF-2", text, pub, measured, _verdict(checks))
+
+
+def rf3_rows(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Per activation: nr/st after one GD step, the predicted geometry, the winner at the last step."""
+    rows = []
+    for act in cfg.activations:
+        nr, st = step_ratio(df, act)
+        gd, spec = final_objective(df, act, "gd"), final_objective(df, act, "specgd")
+        if not _finite(nr, st, gd, spec):
+            continue
+        ratio = nr / st
+        rows.append(dict(activation=act, ratio=ratio, predicted=predicted(nr, st),
+                         won="spectral" if spec < gd else "euclidean",
+                         decisive=ratio > cfg.decisive or ratio < 1 / cfg.decisive))
+    return pd.DataFrame(rows, columns=["activation", "ratio", "predicted", "won", "decisive"])
+
+
+def _rf3(df: pd.DataFrame, cfg: Config) -> Claim:
+    text = "The sign of log(nr(G)/st(A)) after one GD step predicts which geometry reaches the lower loss."
+    pub = "spectral wins iff nr/st > 1 (001 (1.5); ReLU vs SwiGLU)"
+    rows = rf3_rows(df, cfg)
+    dec = rows[rows["decisive"]] if len(rows) else rows
+    parts = [f"{r.activation}: nr/st {r.ratio:.2f}, predicted {r.predicted}, won {r.won}"
+             + ("" if r.decisive else " (borderline, not tested)") for r in rows.itertuples()]
+    measured = "; ".join(parts) or "no activation recorded"
+    if len(dec) == 0 or dec["predicted"].nunique() < 2:
+        return Claim("RF-3", text, pub, measured + "; needs decisive cases of both signs", "INCONCLUSIVE")
+    return Claim("RF-3", text, pub, measured, "PASS" if (dec["predicted"] == dec["won"]).all() else "FAIL")
+
+
+def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
+    """RF-1..RF-3 from the recorded sweeps and arm metrics (never from constants)."""
+    return [_rf1(df, cfg), _rf2(df, cfg), _rf3(df, cfg)]
+
+
+def figures(df: pd.DataFrame, cfg: Config) -> dict:
+    """st(A) vs width, nr(G) at steps 0 and 1 vs d, and f/f₀ per activation and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for act in cfg.activations:
+        s = _series(df, "width-sweep", "stable_rank", act)
+        ax.loglog(s.index, s.values, "o-", label=act)
+    ax.set(xlabel="width (features)", ylabel="st(A)", title="stable rank of random features vs width")
+    ax.legend()
+    out["rf_stable_rank_vs_width"] = fig
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for act in cfg.activations:
+        for t, style in ((0, "--"), (1, "-")):
+            s = _series(df, f"dim-sweep/step{t}", "nuclear_rank", act)
+            ax.loglog(s.index, s.values, "o" + style, label=f"{act} step {t}")
+    ax.set(xlabel="input dimension d (width = samples = 8d)", ylabel="nr(G)", title="nr(G) at W = 0 and after one GD step")
+    ax.legend(fontsize=7)
+    out["rf_nuclear_rank_vs_dim"] = fig
+
+    fig, axes = plt.subplots(1, len(cfg.activations), figsize=(3.2 * len(cfg.activations), 3), squeeze=False)
+    for ax, act in zip(axes[0], cfg.activations):
+        for m in cfg.methods:
+            s = _series(df, f"{act}/{m}", "loss")
+            if len(s):
+                ax.semilogy(s.index, s.values / s.iloc[0], label=m)
+        ax.set(title=act, xlabel="step")
+    axes[0][0].set_ylabel("f / f(0)")
+    axes[0][0].legend()
+    out["rf_loss"] = fig
+    return out

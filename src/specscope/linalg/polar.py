@@ -62,10 +62,13 @@ def _odd_quintic_iteration(G: Tensor, schedule: Sequence[tuple[float, float, flo
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale + eps)
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # 3-D so the fused baddbmm kernels apply
     for a, b, c in schedule:
         A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)   # bA + cA²
+        X = torch.baddbmm(X, B, X, beta=a)            # aX + BX
+    X = X.reshape(*batch, *X.shape[-2:])
     return X.mT if tall else X
 
 

@@ -82,6 +82,8 @@ class LowRankDecay(Optimizer):
     def _decay_group(self, group: dict[str, Any]) -> None:
         tau = group["lr"] * group["weight_decay"]
         mode, params = group["mode"], group["params"]
+        if tau == 0 and (mode != "elastic" or group["lr"] * group["l2"] == 0):
+            return  # nothing to do (and an SVD round trip would not be bitwise the identity)
         if mode == "l2":
             for p in params:
                 p.mul_(1 - tau)

@@ -1,0 +1,88 @@
+"""`specscope sweep LAB --grid key=v1,v2 ... --set key=value --workers N --out DIR [--resume SWEEPDIR]`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from specscope.cli import app
+from specscope.errors import ConfigError
+
+
+def _split_top(raw: str) -> list[str]:
+    """Split on commas outside brackets: "0.3,[l2,lrd],1" -> ["0.3", "[l2,lrd]", "1"]."""
+    parts, depth, cur = [], 0, ""
+    for ch in raw:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
+
+
+def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
+    """["train_fraction=0.3,0.5", "arms=[l2],[l2,lrd]"] -> {"train_fraction": [0.3, 0.5], "arms": [["l2"], ["l2", "lrd"]]}.
+
+    Each value is parsed like `--set key=value` (a bracketed list for a list-valued key)."""
+    from specscope.labs.config import parse_overrides
+
+    grid: dict[str, list] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--grid expects key=v1,v2,..., got '{pair}'")
+        key, raw = pair.split("=", 1)
+        values = [v[1:-1] if v.startswith("[") and v.endswith("]") else v for v in _split_top(raw)]
+        grid[key.strip()] = [parse_overrides(config_cls, [f"{key.strip()}={v}"], lab)[key.strip()] for v in values]
+        if not grid[key.strip()]:
+            raise ConfigError(f"--grid {key} has no values; write --grid {key}=v1,v2")
+    return grid
+
+
+@app.command("sweep")
+def sweep(
+    lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`); omit with --resume."),
+    grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (repeatable; the product of all is run)."),
+    set_: list[str] = typer.Option([], "--set", help="A fixed override for every point: key=value (repeatable)."),
+    workers: int = typer.Option(1, "--workers", help="Parallel worker processes (each gets cpu_count/workers torch threads)."),
+    out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Where the sweep directory is created."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a sweep directory: complete points are not rerun."),
+    ray: bool = typer.Option(False, "--ray", help="Run the points on a Ray cluster (RAY_ADDRESS) instead of local processes."),
+) -> None:
+    """Run a lab over a grid of config values; writes one run per point, summary.csv and the phase diagram."""
+    import json
+
+    from specscope import labs, sweep as sw
+    from specscope.labs.config import parse_overrides
+
+    if resume is not None:
+        meta_file = resume / sw.SWEEP_FILE
+        if not meta_file.is_file():
+            raise ConfigError(f"{resume} is not a sweep directory (no {sw.SWEEP_FILE})")
+        recorded = json.loads(meta_file.read_text())["lab"]
+        if lab is not None and lab != recorded:
+            raise ConfigError(f"--resume {resume} is a sweep of lab '{recorded}', not '{lab}'")
+        lab = recorded
+    if lab is None:
+        raise ConfigError("name a lab (see `specscope list`) or pass --resume SWEEP_DIR")
+    if resume is None and not grid:
+        raise ConfigError("give at least one --grid key=v1,v2 (or use `specscope run` for a single point)")
+    mod = labs.get(lab)
+    sweep_dir = sw.run_sweep(
+        lab, parse_grid(mod.Config, grid, lab), parse_overrides(mod.Config, set_, lab),
+        out=out, workers=workers, resume=resume, backend="ray" if ray else "process", echo=typer.echo,
+    )
+    sw.print_table(sw.summary(sweep_dir), echo=typer.echo)
+    claims_file = sweep_dir / "claims.json"
+    if claims_file.is_file():
+        from rich.console import Console
+
+        from specscope.records import Claim
+        from specscope.report import claims_table
+
+        Console().print(claims_table([Claim(**c) for c in json.loads(claims_file.read_text())], title="Sweep claims"))
+    typer.echo(f"sweep: {sweep_dir}")

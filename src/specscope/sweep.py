@@ -1,0 +1,291 @@
+"""Sweeps: a grid of config overrides, one run directory per point, a summary table, resumable.
+
+    sweep_dir = run_sweep("grokking", {"train_fraction": [0.3, 0.4, 0.5], "weight_decay": [0.3, 1.0]},
+                          fixed={"arms": ["l2", "lrd"]}, workers=2, out="runs/sweeps")
+    table = summary(sweep_dir)          # one row per point (and per row the lab's `summarize` returns)
+
+Layout: `<out>/<lab>-<time>/sweep.json` (lab, grid, fixed), `runs/<lab>/<run_id>/` (one run per point,
+written by `specscope.labs.run_lab`), `summary.csv`, `claims.json` and `phase_diagram.png` when the lab
+declares them. Resuming scans the run directories: a point whose overrides match a *complete* run is not
+rerun; failed or interrupted points are rerun as new runs.
+
+Workers are separate processes (spawned, each with `threads_per_worker` torch threads), so runs never
+share a file or a thread pool. `backend="ray"` sends the points to a Ray cluster instead (optional
+dependency, imported only then).
+
+Lab hooks used when present: `summarize(df, cfg) -> list[dict]` (rows per run; default: the last
+whole-model value of each metric per arm), `sweep_claims(table) -> list[Claim]`, and `PHASE = {"x", "y",
+"values", "panel"}` naming the columns of the phase-diagram figure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from specscope.errors import ConfigError
+
+SWEEP_FILE = "sweep.json"
+SUMMARY_FILE = "summary.csv"
+
+
+# ---------------------------------------------------------------- grid
+
+
+def expand_grid(grid: dict[str, list[Any]], fixed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Cartesian product of the grid values, each point merged over `fixed` (grid keys win)."""
+    for key, values in grid.items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"--grid {key} needs at least one value (key=v1,v2,...)")
+    keys = list(grid)
+    return [{**(fixed or {}), **dict(zip(keys, combo))} for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def matches(overrides: dict[str, Any], config: dict[str, Any]) -> bool:
+    """A run's recorded config realizes these overrides (after validation: 1 == 1.0, (a, b) == [a, b])."""
+    return all(k in config and _same(v, config[k]) for k, v in overrides.items())
+
+
+def _normalized(lab: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides as the lab's validated config writes them (so matching is by value, not spelling)."""
+    from specscope import labs
+    from specscope.labs.config import make_config
+
+    cfg = make_config(labs.get(lab).Config, overrides, lab).model_dump(mode="json")
+    return {k: cfg[k] for k in overrides}
+
+
+# ---------------------------------------------------------------- running
+
+
+def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> tuple[str, str, float]:
+    """Worker body: one run. Returns (run directory or "", error message or "", seconds)."""
+    import torch
+
+    from specscope.labs import run_lab
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    try:
+        path = run_lab(lab, overrides, out=out)
+        return str(path), "", time.perf_counter() - t0
+    except Exception as e:  # a failed point is reported in the table; the sweep goes on
+        return "", f"{type(e).__name__}: {e}", time.perf_counter() - t0
+
+
+def _init_worker(threads: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def completed_runs(sweep_dir: Path, lab: str) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, config) of every complete run under the sweep."""
+    from specscope import store
+
+    out = []
+    root = Path(sweep_dir) / "runs" / lab
+    for cfg_file in sorted(root.glob("*/config.json")):
+        try:
+            run = store.Run.open(cfg_file.parent)
+        except Exception:  # a run directory cut short before its config was written
+            continue
+        if run.status == "complete":
+            out.append((Path(run.path), dict(run.config)))
+    return out
+
+
+def run_sweep(
+    lab: str,
+    grid: dict[str, list[Any]],
+    fixed: dict[str, Any] | None = None,
+    *,
+    out: str | Path = "runs/sweeps",
+    workers: int = 1,
+    resume: str | Path | None = None,
+    threads_per_worker: int | None = None,
+    backend: str = "process",
+    echo: Any = print,
+) -> Path:
+    """Run every grid point of `lab` that has no complete run yet; return the sweep directory.
+
+    `resume` continues an existing sweep directory with its recorded lab, grid and fixed overrides
+    (the grid may be extended by passing a larger one). Each point's error, if any, goes to the table.
+    """
+    from specscope import labs
+
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if backend not in ("process", "ray"):
+        raise ConfigError(f"sweep backend {backend!r} is unknown; use 'process' or 'ray'")
+    if resume is not None:
+        sweep_dir = Path(resume)
+        meta_file = sweep_dir / SWEEP_FILE
+        if not meta_file.is_file():
+            raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); pass the directory `specscope sweep` printed")
+        meta = json.loads(meta_file.read_text())
+        lab, grid, fixed = meta["lab"], {**meta["grid"], **grid}, {**meta["fixed"], **(fixed or {})}
+    labs.get(lab)  # unknown lab: error now, not in every worker
+    points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
+    if resume is None:
+        sweep_dir = Path(out) / f"{lab}-{time.strftime('%Y%m%d-%H%M%S')}"
+        while sweep_dir.exists():
+            sweep_dir = sweep_dir.with_name(sweep_dir.name + "_")
+        sweep_dir.mkdir(parents=True)
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"lab": lab, "grid": grid, "fixed": fixed or {}}, indent=1))
+    done = completed_runs(sweep_dir, lab)
+    todo = [p for p in points if not any(matches(p, cfg) for _, cfg in done)]
+    echo(f"sweep {sweep_dir}: {len(points)} points, {len(points) - len(todo)} already complete, "
+         f"{len(todo)} to run on {workers} worker(s)")
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    t0 = time.perf_counter()
+    errors = _execute(lab, todo, str(sweep_dir / "runs"), workers, threads, backend, echo)
+    wall = time.perf_counter() - t0
+    (sweep_dir / "errors.json").write_text(json.dumps(errors, indent=1))
+    timing = {"points_run": len(todo), "workers": workers, "threads_per_worker": threads, "wall_seconds": wall}
+    (sweep_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    finish(sweep_dir)
+    return sweep_dir
+
+
+def _execute(lab: str, todo: list[dict], runs_root: str, workers: int, threads: int, backend: str, echo) -> list[dict]:
+    """Run the points; returns [{overrides, error}] for the failed ones."""
+    errors = []
+
+    def report(p, result):
+        path, err, secs = result
+        echo(f"  {'FAILED' if err else 'done'} {_label(p)} ({secs:.1f} s){': ' + err if err else ''}")
+        if err:
+            errors.append({"overrides": p, "error": err})
+
+    if backend == "ray":
+        for p, result in zip(todo, _ray_map(lab, todo, runs_root, threads)):
+            report(p, result)
+    elif workers == 1:
+        for p in todo:
+            report(p, _run_point(lab, p, runs_root, threads))
+    else:
+        ctx = get_context("spawn")  # a fresh interpreter per worker: no inherited torch thread pools or locks
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_point, lab, p, runs_root, threads): i for i, p in enumerate(todo)}
+            for f in as_completed(futures):
+                report(todo[futures[f]], f.result())
+    return errors
+
+
+def _ray_map(lab: str, todo: list[dict], runs_root: str, threads: int) -> list[tuple[str, str, float]]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("backend=ray needs Ray: pip install 'specscope[ray]' (or run without --ray)") from None
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    remote = ray.remote(num_cpus=threads)(_run_point)
+    return ray.get([remote.remote(lab, p, runs_root, threads) for p in todo])
+
+
+def _label(p: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in p.items())
+
+
+# ---------------------------------------------------------------- summary, claims, figure
+
+
+def _default_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    whole = df[df["layer"] == ""].sort_values("step")
+    rows = []
+    for arm, g in whole.groupby("arm"):
+        rows.append({"arm": arm, **{f"final_{m}": float(s["value"].iloc[-1]) for m, s in g.groupby("metric")}})
+    return rows
+
+
+def summary(sweep_dir: str | Path) -> pd.DataFrame:
+    """One row per (complete run, row of the lab's `summarize`): the grid keys, then the lab's columns."""
+    from specscope import labs, store
+    from specscope.labs.config import make_config
+
+    sweep_dir = Path(sweep_dir)
+    meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    lab = labs.get(meta["lab"])
+    keys = list(meta["grid"])  # the fixed overrides are in sweep.json, the same for every row
+    rows = []
+    for path, config in completed_runs(sweep_dir, meta["lab"]):
+        df = store.load(path)
+        cfg = make_config(lab.Config, config, meta["lab"])
+        lab_rows = lab.summarize(df, cfg) if hasattr(lab, "summarize") else _default_rows(df)
+        point = {k: (json.dumps(config[k]) if isinstance(config.get(k), (list, dict)) else config.get(k)) for k in keys}
+        rows += [{**point, **r, "run": path.name} for r in lab_rows]
+    return pd.DataFrame(rows)
+
+
+def finish(sweep_dir: str | Path) -> pd.DataFrame:
+    """Write summary.csv, the lab's sweep claims (claims.json) and phase diagram; print the table."""
+    from specscope import labs
+
+    sweep_dir = Path(sweep_dir)
+    meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    lab = labs.get(meta["lab"])
+    table = summary(sweep_dir)
+    table.to_csv(sweep_dir / SUMMARY_FILE, index=False)
+    if not table.empty and hasattr(lab, "sweep_claims"):
+        claims = lab.sweep_claims(table)
+        (sweep_dir / "claims.json").write_text(json.dumps([c.as_dict() for c in claims], indent=1))
+    phase = getattr(lab, "PHASE", None)
+    if phase and not table.empty and {phase["x"], phase["y"]} <= set(table.columns):
+        fig = phase_diagram(table, **phase)
+        fig.savefig(sweep_dir / "phase_diagram.png", dpi=110)
+    return table
+
+
+def phase_diagram(table: pd.DataFrame, x: str, y: str, values: Iterable[str], panel: str | None = None):
+    """A grid of heatmaps: one row per value column, one column per `panel` value (e.g. arm); cells are the
+    mean over seeds at (x, y); blank where nothing grokked (NaN). Returns a matplotlib Figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    values = list(values)
+    panels = list(pd.unique(table[panel])) if panel else [None]
+    fig, axes = plt.subplots(len(values), len(panels), figsize=(4.2 * len(panels), 3.4 * len(values)), squeeze=False)
+    for i, value in enumerate(values):
+        finite = table[value].to_numpy(float)[np.isfinite(table[value].to_numpy(float))]
+        vmin, vmax = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+        for j, pv in enumerate(panels):
+            sub = table if pv is None else table[table[panel] == pv]
+            grid = sub.pivot_table(index=y, columns=x, values=value, aggfunc="mean", dropna=False)
+            ax = axes[i][j]
+            im = ax.imshow(grid.to_numpy(float), origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="viridis")
+            ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
+            ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
+            for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
+                ax.text(c, r, "—" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+            ax.set(xlabel=x, ylabel=y, title=f"{value}" + (f" — {panel}={pv}" if pv is not None else ""))
+            fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def print_table(table: pd.DataFrame, echo: Any = print) -> None:
+    """The summary as aligned text (numbers to 4 significant digits)."""
+    if table.empty:
+        echo("(no complete runs)")
+        return
+    echo(table.drop(columns=["run"], errors="ignore").to_string(index=False, float_format=lambda v: f"{v:.4g}"))

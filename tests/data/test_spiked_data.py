@@ -1,0 +1,96 @@
+"""Spiked data: the generator's spectrum matches the requested α and ν; measured splits are exact; loaders."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from specscope.data.spiked import (
+    bulk_eigenvalues,
+    digits,
+    estimate_spectrum,
+    from_matrix,
+    load_matrix,
+    spiked_covariance,
+)
+from specscope.errors import ConfigError
+
+
+@pytest.mark.parametrize("alpha", [0.0, 5 / 9, 8 / 9])
+@pytest.mark.parametrize("nu", [0.25, 0.5])
+def test_generator_spectrum_matches_request(alpha, nu):
+    # n ≫ d so the sample second moment is close to the population one: Marchenko–Pastur spreads the sorted
+    # eigenvalues over a factor (1 ± 2√(d/n)), which tilts the log-log fit over k = 1..d by at most
+    # 4√(d/n)/ln d = 0.034 for n = 40000, d = 40.
+    n, d = 40000, 40
+    data = spiked_covariance(n, d, alpha, nu, seed=3)
+    est = estimate_spectrum(data.X_B, fit_range=(1, d))
+    assert abs(est.alpha - alpha) < 4 * math.sqrt(d / n) / math.log(d)
+    full = estimate_spectrum(data.X)
+    # λ_1 = ζ²·mean(z²) + O(λ_max(bulk)) with mean(z²) = 1 ± 4√(2/n) (4σ): the bulk adds ≤ (1+√(d/n))²+ζ·O(1) to ζ²;
+    # for ν ≥ 1/4 (ζ² ≥ 141) that is < 3 % of λ_1, i.e. |ν̂ − ν| < log(1.03)/(2 log n) ≈ 0.0015.
+    assert abs(full.nu - nu) < 0.005
+    assert abs(full.zeta - data.zeta) / data.zeta < 0.03
+    assert abs(torch.dot(full.q, data.q).item()) > 0.99
+
+
+def test_generator_is_seeded_and_uses_common_random_numbers():
+    a = spiked_covariance(40, 30, 0.5, 0.25, seed=1)
+    b = spiked_covariance(40, 30, 0.5, 0.25, seed=1)
+    c = spiked_covariance(40, 30, 0.0, 0.5, seed=1)
+    assert torch.equal(a.X, b.X) and torch.equal(a.y, b.y)
+    # the same Gaussians for every (α, ν): only the scaling changes
+    assert torch.allclose(c.X_B * bulk_eigenvalues(30, 0.5).sqrt(), a.X_B, rtol=1e-12, atol=1e-14)
+    assert torch.equal(a.q, c.q) and torch.equal(a.z, c.z)
+    assert c.zeta == pytest.approx(40**0.5)
+    assert not torch.equal(spiked_covariance(40, 30, 0.5, 0.25, seed=2).X, a.X)
+
+
+@pytest.mark.parametrize("target", ["teacher", "multi-index"])
+def test_targets_are_standardised(target):
+    data = spiked_covariance(500, 20, 0.0, 0.25, target=target, seed=0)
+    assert abs(data.y.mean().item()) < 1e-12 and abs(data.y.std().item() - 1) < 1e-12
+    assert set(data.labels().unique().tolist()) == {-1.0, 1.0}
+
+
+def test_from_matrix_split_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(80, 30, generator=gen, dtype=torch.float64) + 3.0  # a mean spike, not centred
+    data = from_matrix(X)
+    assert torch.allclose(data.X, X, rtol=0, atol=1e-12)
+    assert (data.X_B @ data.q).abs().max().item() < 1e-10
+    assert data.z.square().mean().item() == pytest.approx(1.0, rel=1e-12)
+    assert abs(data.q.norm().item() - 1) < 1e-12
+    # the mean is the spike: q̂ ≈ 1/√d
+    assert abs(data.q.sum().item()) / math.sqrt(30) > 0.99
+
+
+def test_digits_loads_and_embeds():
+    data = digits()
+    assert (data.n, data.d) == (1797, 64) and torch.isfinite(data.X).all()
+    assert set(data.y.unique().tolist()) == {-1.0, 1.0}
+    emb = digits(embed_dim=128, seed=0)
+    assert emb.d == 128 and (emb.X >= -1e-12).all()  # ReLU features, uncentred
+    assert estimate_spectrum(emb.X).nu > estimate_spectrum(data.X).nu  # the mean of ReLU features is a spike
+
+
+def test_load_matrix_npy_npz_and_errors(tmp_path):
+    X = np.random.default_rng(0).normal(size=(25, 12))
+    np.save(tmp_path / "x.npy", X)
+    np.savez(tmp_path / "xy.npz", X=X, y=np.arange(25.0))
+    a = load_matrix(tmp_path / "x.npy")
+    assert torch.allclose(a.X, torch.as_tensor(X), atol=1e-12) and a.y.shape == (25,)
+    b = load_matrix(tmp_path / "xy.npz")
+    assert torch.equal(b.y, torch.arange(25.0, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_matrix(tmp_path / "missing.npy")
+    np.save(tmp_path / "v.npy", np.ones(5))
+    with pytest.raises(ConfigError, match="2-D"):
+        load_matrix(tmp_path / "v.npy")
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        from_matrix(bad)
+    with pytest.raises(ConfigError, match="rows"):
+        from_matrix(X, np.ones(3))

@@ -1,0 +1,126 @@
+"""Grokking lab: models, grok step, Low-Rank Decay's prox rule, optimizer routing, a tiny run via the CLI."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from specscope.data.modular import modular_dataset
+from specscope.labs import grokking as g
+from specscope.models.modular import enc003, qk_weights, tf004
+
+TINY = ["--set", "p=5", "--set", "steps=12", "--set", "eval_every=4", "--set", "d_model=16", "--set", "d_ff=32",
+        "--set", "n_heads=2", "--set", "grok_window=2", "--set", "batch_size=8", "--set", "device=cpu"]
+
+
+def test_lrd_prox_lowers_each_singular_value_by_exactly_lr_lambda():
+    from specscope.optim import LowRankDecay
+
+    torch.manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64))
+    s = torch.tensor([2.0, 1.0, 0.3, 0.02], dtype=torch.float64)
+    W = torch.nn.Parameter(U[:, :4] @ torch.diag(s) @ V.T)
+    lr, lam = 0.1, 0.5  # lr·λ = 0.05 clips the smallest singular value to 0
+    LowRankDecay([W], lr=lr, weight_decay=lam, mode="prox").step()
+    got = torch.linalg.svdvals(W.detach())
+    assert torch.allclose(got, (s - lr * lam).clamp_min(0), atol=1e-12)
+    # singular vectors unchanged: W is still U diag(.) Vᵀ
+    assert torch.allclose(U[:, :4].T @ W.detach() @ V, torch.diag((s - lr * lam).clamp_min(0)), atol=1e-12)
+
+
+def test_tf004_loss_is_invariant_to_the_scale_of_wq_wk():
+    torch.manual_seed(0)
+    d = modular_dataset("add", 7, 0.5, eq_token=True)
+    model = tf004(7, d_model=32, n_heads=4, d_ff=64).double()
+    x = d.x_train
+    before = model(x)
+    with torch.no_grad():
+        for w in qk_weights(model).values():
+            w.mul_(5.0)
+    assert torch.allclose(model(x), before, rtol=1e-6, atol=1e-8)  # RMSNorm eps leaves ~1e-6·(1/25 - 1)
+    enc = enc003(7, d_model=32, n_heads=4, d_ff=64).double()
+    y0 = enc(d.x_train[:, :2])
+    with torch.no_grad():
+        enc.blocks[0].attn.q.weight.mul_(5.0)
+    assert not torch.allclose(enc(d.x_train[:, :2]), y0, atol=1e-3)  # no QK-norm: not invariant
+
+
+def test_qk_weights_select_by_name():
+    names = list(qk_weights(enc003(7, n_layers=3)))
+    assert names == [f"blocks.{i}.attn.{m}" for i in range(3) for m in ("q", "k")]
+    assert list(qk_weights(enc003(7), ("v",))) == ["blocks.0.attn.v", "blocks.1.attn.v"]
+
+
+def test_grok_steps_first_hit_and_stable_window():
+    steps = [0, 10, 20, 30, 40, 50, 60]
+    accs = [0.1, 0.99, 0.5, 0.98, 0.99, 1.0, 0.99]
+    assert g.grok_steps(steps, accs, 0.98, 3) == (10.0, 30.0)
+    first, stable = g.grok_steps(steps, accs, 0.98, 5)  # streak of 4 cut off by the end: not stable
+    assert first == 10.0 and math.isnan(stable)
+    assert all(math.isnan(v) for v in g.grok_steps(steps, [0.1] * 7))
+
+
+def test_batches_are_a_function_of_the_step():
+    d = modular_dataset("add", 11, 0.5)
+    a, b = g.Batches(d, 16, seed=3), g.Batches(d, 16, seed=3)
+    for step in (0, 5, 100, 7):  # out of order, as after a resume
+        assert torch.equal(a(step)[0], b(step)[0])
+    full = g.Batches(d, 0, seed=3)(9)
+    assert full[0].shape[0] == len(d.x_train)
+
+
+def test_lrd_arms_move_targets_out_of_l2():
+    cfg = g.Config(p=7, d_model=16, d_ff=32, n_heads=2)
+    d = g.make_data(cfg, torch.device("cpu"))
+    model = g.make_model(cfg, d)
+    targets = {id(w) for w in qk_weights(model).values()}
+    for reg, target_wd, n_steppers in (("l2", 1.0, 0), ("lrd", 0.0, 1), ("elastic", 1.0, 1), ("none", 0.0, 0)):
+        opt, steppers = g.make_optimizer(cfg, model, reg)
+        wd = {id(p): grp["weight_decay"] for grp in opt.param_groups for p in grp["params"]}
+        assert {wd[t] for t in targets} == {target_wd} and len(steppers) == n_steppers
+        others = {v for k, v in wd.items() if k not in targets}
+        assert others == ({0.0} if reg == "none" else {1.0})
+
+
+def test_sweep_claims_compare_phase_boundaries():
+    rows = []
+    for frac, l2, lrd in ((0.3, None, None), (0.4, None, 900.0), (0.5, 1500.0, 700.0)):
+        rows += [{"arm": "l2", "strength": 1.0, "train_fraction": frac, "grok_step_stable": l2},
+                 {"arm": "lrd", "strength": 1.0, "train_fraction": frac, "grok_step_stable": lrd}]
+    (claim,) = g.sweep_claims(pd.DataFrame(rows))
+    assert claim.verdict == "PASS" and "L2 ≥ 0.5" in claim.measured and "LRD ≥ 0.4" in claim.measured
+    swapped = pd.DataFrame(rows).replace({"arm": {"l2": "lrd", "lrd": "l2"}})
+    assert g.sweep_claims(swapped)[0].verdict == "FAIL"
+
+
+def test_tiny_run_through_the_cli(tmp_path):
+    from specscope import store
+    from specscope.cli import _register, app
+
+    _register()
+    args = ["run", "grokking", *TINY, "--set", "arms=l2,lrd", "--set", "model=tf004", "--out", str(tmp_path), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "grokking").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [c["id"] for c in summary["claims"]] == ["BASE-003", "LRD-1", "LRD-2"]
+    df = store.load(run_dir)
+    st = df[df.metric == "weight_stable_rank"]
+    assert set(st.layer) == {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.1.attn.q", "blocks.1.attn.k"}
+    assert sorted(df[(df.metric == "test_acc") & (df.arm == "lrd")].step) == [0, 4, 8, 12]
+    assert sorted(st[st.arm == "l2"].step.unique()) == [0, 4, 8, 12]
+    cos = df[df.metric == "grad_weight_cosine"]["value"].abs()
+    assert len(cos) and cos.max() < 1e-3  # QK-norm: ∇L ⟂ W_Q, W_K
+
+
+def test_unknown_key_is_a_clear_cli_error(tmp_path):
+    from specscope.cli import main
+
+    import subprocess, sys  # noqa: E401
+    r = subprocess.run([sys.executable, "-m", "specscope", "run", "grokking", "--set", "p=12", "--set", "steps=1",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a prime" in r.stderr

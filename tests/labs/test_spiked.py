@@ -1,0 +1,188 @@
+"""Spiked two-layer lab: exact gradient decomposition, regularizers, measurements, claims, CLI smoke run."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from specscope.data.spiked import spiked_covariance
+from specscope.errors import ConfigError
+from specscope.labs import spiked as lab
+from specscope.labs.config import make_config
+from specscope.linalg import energy_rank, nuclear_rank
+from specscope.models.spiked import TwoLayer, decompose, jacobian_penalty, objective, residue
+from specscope.records import Record
+
+
+def _setup(activation="tanh", scaling="mf", loss="mse", nu=0.375, alpha=0.5, n=40, d=30, m=50, init="sphere"):
+    data = spiked_covariance(n, d, alpha, nu, seed=0)
+    model = TwoLayer.init(d, m, activation_name=activation, scaling=scaling, init=init, q=data.q, spike_corr=0.5,
+                          seed=1)
+    y = data.labels() if loss == "logistic" else data.y
+    return data, model, y
+
+
+@pytest.mark.parametrize("activation", ["tanh", "relu", "gelu", "silu", "softplus", "quadratic"])
+@pytest.mark.parametrize("scaling", ["mf", "ntk"])
+@pytest.mark.parametrize("loss", ["mse", "logistic"])
+def test_decomposition_sums_to_autograd_gradient(activation, scaling, loss):
+    data, model, y = _setup(activation, scaling, loss)
+    X = data.X
+    (g,) = torch.autograd.grad(objective(model, X, y, loss), model.W)
+    with torch.no_grad():
+        r = residue(model(X), y, loss)
+    dec = decompose(model, data.X_B, data.z, data.zeta, data.q, r)
+    assert ((dec.total - g).norm() / g.norm()).item() < 1e-6  # the brief's bound; float64 gives ~1e-15
+    # each rank-one term points where REFERENCE §4 says: rows of S1 along X_Bᵀr, rows of S12 and S2 along q
+    b = dec.bulk_residue / dec.bulk_residue.norm()
+    for S, v in ((dec.S1, b), (dec.S12, data.q), (dec.S2, data.q)):
+        assert (S - torch.outer(S @ v, v)).norm() <= 1e-12 * max(S.norm().item(), 1e-300)
+
+
+def test_residue_matches_autograd():
+    for loss in ("mse", "logistic"):
+        data, model, y = _setup(loss=loss)
+        f = model(data.X).detach().requires_grad_(True)
+        from specscope.models.spiked import per_sample_loss
+
+        (r,) = torch.autograd.grad(per_sample_loss(f, y, loss).mean(), f)
+        assert torch.allclose(residue(f.detach(), y, loss), r, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+def test_jacobian_penalty_closed_form_matches_per_sample_jacobians(activation):
+    data, model, _ = _setup(activation, n=7, d=5, m=6)
+    X, lam = data.X, 0.7
+    total = 0.0
+    for x in X:
+        (J,) = torch.autograd.grad(model(x[None])[0], model.W)  # ∂_W f(x_i), m × d
+        total += J.square().sum().item()
+    assert jacobian_penalty(model, X, lam).item() == pytest.approx(lam / (2 * len(X)) * total, rel=1e-12)
+
+
+def test_analyse_with_regularizers_matches_objective_gradient():
+    data, model, y = _setup("tanh", "ntk")
+    res = lab.analyse(model, data.X_B, data.z, data.zeta, data.q, y, weight_decay=0.3, jac_lambda=2.0)
+    assert res.metrics["decomposition_error"] < 1e-12
+    assert res.metrics["reg_norm"] > 0
+    relu = _setup("relu")[1]
+    # ReLU'' = 0 almost everywhere: the Jacobian penalty has no gradient, only weight decay remains
+    R = lab.regularizer_gradient(relu, data.X, weight_decay=0.0, jac_lambda=5.0)
+    assert R.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(50, 30), (30, 50)])
+def test_spectrum_and_ranks_agree_with_svd_and_linalg(shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G[:, 0] += 5.0  # a clear top direction
+    S, V = lab.spectrum(G)
+    U_ref, S_ref, Vh_ref = torch.linalg.svd(G, full_matrices=False)
+    assert torch.allclose(S[: len(S_ref)], S_ref, rtol=1e-10, atol=1e-10)
+    assert abs(V[0].dot(Vh_ref[0]).abs().item() - 1) < 1e-10
+    nr, er = lab.ranks_from_singular_values(S, 0.9)
+    assert nr == pytest.approx(nuclear_rank(G).item(), rel=1e-10)
+    assert er == energy_rank(G, 0.9).item()
+
+
+def test_alignment_moves_from_bulk_residue_to_spike_with_nu():
+    # the paper's regimes at α = 0: small ν one residue-aligned spike, large ν the spike q on top
+    out = {}
+    for nu in (0.0, 0.5):
+        data, model, y = _setup(nu=nu, alpha=0.0, n=300, d=200, m=300)
+        out[nu] = lab.analyse(model, data.X_B, data.z, data.zeta, data.q, y).metrics
+    assert out[0.0]["cos_top_bulk_residue"] > 0.9 > out[0.0]["cos_top_q"]
+    assert out[0.5]["cos_top_q"] > out[0.5]["cos_top_bulk_residue"]
+    assert out[0.5]["cos_top_q"] > out[0.0]["cos_top_q"] + 0.5
+
+
+def test_spike_init_correlates_rows_with_q():
+    data, model, _ = _setup(init="spike")
+    overlap = (model.W.detach() @ data.q).abs()
+    assert torch.allclose(model.W.detach().norm(dim=1), torch.ones(50, dtype=torch.float64))
+    # ⟨w_j, q⟩ = ±ρ + √(1−ρ²)·N(0, 1/d) before renormalising: the mean |overlap| is ρ = 0.5 up to
+    # ~0.87/√d·(spread over 50 rows) ≪ 0.1; rows on the sphere average √(2/(πd)) ≈ 0.15
+    assert abs(overlap.mean().item() - 0.5) < 0.1
+    sphere = _setup(init="sphere")[1]
+    assert (sphere.W.detach() @ data.q).abs().mean().item() < 0.25
+
+
+def test_config_rejects_unknown_activation_and_key():
+    with pytest.raises(ConfigError, match="activation"):
+        make_config(lab.Config, {"activation": "swish2"}, "spiked")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_config(lab.Config, {"widht": 3}, "spiked")
+
+
+def test_callback_records_and_resumes_direction_state():
+    cfg = lab.Config(**lab.PRESETS["tiny"])
+    data = spiked_covariance(cfg.n, cfg.d, cfg.alpha, cfg.nu, seed=0)
+    arm = lab._train_arm(cfg, data, "mf", "tanh", torch.device("cpu"))
+    cb = arm.callbacks[0]
+    recs = []
+    for step in range(3):
+        arm.optimizer.zero_grad()
+        arm.loss(arm.model, arm.batch(step)).backward()
+        recs += cb.after_backward(step, arm.model, arm.optimizer)
+        arm.optimizer.step()
+    by = {(r.step, r.metric): r.value for r in recs}
+    assert (0, "top_direction_angle") not in by and 0 <= by[(2, "top_direction_angle")] <= math.pi / 2
+    assert max(v for (s, k), v in by.items() if k == "decomposition_error") < 1e-12
+    fresh = lab.DecompositionCallback(data, arm.batch, cfg, 1)
+    fresh.load_state_dict(cb.state_dict())
+    assert torch.equal(fresh.prev, cb.prev)
+
+
+def _df(rows):
+    return pd.DataFrame([Record(*r).as_dict() for r in rows])
+
+
+def test_claims_follow_the_recorded_numbers():
+    def reg(kind, s, balance):
+        arm = lab._arm_name("reg", kind=kind, strength=float(s))
+        return [(0, "W", "bulk_spike_balance", balance, arm), (0, "W", "s1_s2_ratio", 1.0, arm)]
+
+    good = _df(reg("noise_tau", 0, 1.0) + reg("noise_tau", 1, 2.0) + reg("jac_lambda", 0, 1.0) + reg("jac_lambda", 9, 0.5))
+    bad = _df(reg("noise_tau", 0, 1.0) + reg("noise_tau", 1, 0.5) + reg("jac_lambda", 0, 1.0) + reg("jac_lambda", 9, 0.5))
+    assert lab._claim_spk3(good).verdict == "PASS"
+    assert lab._claim_spk3(bad).verdict == "FAIL"
+    assert lab._claim_spk3(_df([(0, "", "loss", 1.0, "mf-tanh")])).verdict == "INCONCLUSIVE"
+
+    def angles(arm, v):
+        return [(s, "W", "top_direction_angle", v, arm) for s in (5, 10)]
+
+    def act(name, ratio):
+        arm = lab._arm_name("act", activation=name, nu=0.25, alpha=0.0)
+        return [(0, "W", "s1_e_ratio", ratio, arm), (0, "W", "s1_s2_ratio", ratio, arm)]
+
+    rows = act("relu", 1.0) + act("tanh", 3.0)
+    assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3))).verdict == "PASS"
+    assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.3) + angles("ntk-tanh", 0.1))).verdict == "FAIL"
+
+
+def test_tiny_lab_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+
+    _register()
+    sets = []
+    for k, v in lab.PRESETS["tiny"].items():
+        sets += ["--set", f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"]
+    res = CliRunner().invoke(app, ["run", "spiked", "--quiet", "--out", str(tmp_path), *sets])
+    assert res.exit_code == 0, res.output
+    run_dir = next((tmp_path / "spiked").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [c["id"] for c in summary["claims"]] == ["SPK-1", "SPK-2", "SPK-3"]
+    assert all(c["verdict"] in {"PASS", "FAIL", "INCONCLUSIVE"} and c["measured"] for c in summary["claims"])
+    figs = {p.name for p in (run_dir / "figures").iterdir()}
+    assert {"lab_spectrum.png", "lab_alignment_map.png", "lab_regularizer_balance.png",
+            "lab_direction_stability.png"} <= figs
+
+    from specscope import store
+
+    df = store.load(run_dir)
+    err = df[df["metric"] == "decomposition_error"]["value"]
+    assert len(err) > 0 and err.max() < 1e-10
+    assert set(df[df["metric"] == "top_direction_angle"]["arm"]) == {"mf-tanh", "ntk-tanh"}

@@ -1,0 +1,181 @@
+"""Rank measures and norms vs a float64 SVD reference; invariances, bounds, edge cases."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from specscope import linalg as L
+
+from .conftest import random_matrix
+
+shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
+seeds = st.integers(0, 2**16)
+
+
+def ref_sv(M):
+    return torch.linalg.svdvals(M.double())
+
+
+def rel(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-300)
+
+
+@given(shapes, seeds)
+def test_exact_methods_match_float64_svd(shape, seed):
+    M = random_matrix(seed, *shape, decay=0.3)
+    s = ref_sv(M)
+    assert rel(L.stable_rank(M), (s**2).sum() / s[0] ** 2) < 1e-5
+    assert rel(L.nuclear_rank(M), s.sum() ** 2 / (s**2).sum()) < 1e-5
+    assert rel(L.nuclear_norm(M), s.sum()) < 1e-5
+    assert rel(L.participation_ratio(M), (s**2).sum() ** 2 / (s**4).sum()) < 1e-5
+    p = s / s.sum()
+    assert rel(L.entropy_rank(M), torch.exp(-(p * p.log()).sum())) < 1e-5
+    e = (s**2).cumsum(0) / (s**2).sum()
+    assert int(L.energy_rank(M, 0.9)) == int((e < 0.9 * (1 - 1e-12)).sum()) + 1
+    torch.testing.assert_close(L.singular_values(M), s, rtol=1e-10, atol=1e-12)
+    C = L.gram(M)
+    assert rel(L.stable_rank_from_gram(C), (s**2).sum() / s[0] ** 2) < 1e-5
+    assert rel(L.nuclear_norm_from_gram(C), s.sum()) < 1e-5
+
+
+@given(shapes, seeds, st.floats(1e-3, 1e3))
+def test_invariances_scale_transpose_rotation(shape, seed, scale):
+    M = random_matrix(seed, *shape, decay=0.2)
+    g = torch.Generator().manual_seed(seed + 1)
+    Q, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio):
+        base = f(M)
+        for variant in (scale * M, M.mT, Q @ M):
+            assert rel(f(variant), base) < 1e-8, f.__name__
+
+
+@given(shapes, seeds, st.integers(1, 12))
+def test_bounds_one_to_rank(shape, seed, r):
+    r = min(r, *shape)
+    M = random_matrix(seed, *shape, rank=r)
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio):
+        v = float(f(M))
+        assert 1 - 1e-9 <= v <= r + 1e-6, (f.__name__, v, r)
+    assert 1 <= int(L.energy_rank(M)) <= r
+
+
+def test_rank_one_and_row_vector():
+    x = torch.randn(1, 7, dtype=torch.float64)
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio):
+        assert float(f(x)) == pytest.approx(1.0, abs=1e-12)
+    assert float(L.nuclear_norm(x)) == pytest.approx(float(x.norm()), rel=1e-12)
+
+
+def test_zero_matrix_is_rank_zero():
+    z = torch.zeros(4, 6)
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio, L.nuclear_norm):
+        assert float(f(z)) == 0.0
+    assert int(L.energy_rank(z)) == 0
+    assert float(L.stable_rank(z, method="power")) == 0.0
+    assert float(L.spectral_advantage(z, torch.randn(3, 4))) == 0.0
+    with pytest.raises(ValueError, match="st\\(A\\) = 0"):
+        L.spectral_advantage(torch.randn(3, 3), z)
+
+
+def test_spectral_advantage_is_ratio():
+    G, A = random_matrix(1, 6, 9), random_matrix(2, 20, 6, decay=1.0)
+    assert rel(L.spectral_advantage(G, A), L.nuclear_rank(G) / L.stable_rank(A)) < 1e-12
+
+
+def test_batched_equals_looped():
+    M = random_matrix(3, 5, 8, batch=(2, 3), decay=0.4)
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio, L.energy_rank,
+              L.nuclear_norm, L.singular_values):
+        out = f(M)
+        looped = torch.stack([torch.stack([f(M[i, j]) for j in range(3)]) for i in range(2)])
+        torch.testing.assert_close(out, looped, rtol=1e-12, atol=0)
+    sig, v = L.spectral_norm(M, iters=200, tol=0)
+    for i in range(2):
+        for j in range(3):
+            s1, _ = L.spectral_norm(M[i, j], iters=200, tol=0)
+            assert rel(sig[i, j], s1) < 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_computed_in_float32(dtype):
+    M = random_matrix(4, 16, 24, decay=0.2).to(dtype)
+    ref = M.double()
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank):
+        out = f(M)
+        assert out.dtype == torch.float32
+        assert rel(out, f(ref)) < 1e-6  # same exact value as the up-cast matrix
+
+
+def test_spectral_norm_power_and_warm_start():
+    M = random_matrix(5, 30, 50, decay=0.1)
+    s1 = float(ref_sv(M)[0])
+    sig, v = L.spectral_norm(M, iters=500, tol=1e-14)
+    assert rel(sig, s1) < 1e-8
+    assert v.shape == (30,)
+    # warm start: a slightly changed matrix converges in a few iterations from the old vector
+    M2 = M + 1e-3 * random_matrix(6, 30, 50)
+    warm, _ = L.spectral_norm(M2, v, iters=3, tol=0)
+    cold, _ = L.spectral_norm(M2, iters=3, tol=0)
+    s2 = float(ref_sv(M2)[0])
+    assert rel(warm, s2) < 1e-6 < rel(cold, s2)
+    # tall matrix: v lives on the smaller (right) side
+    _, vt = L.spectral_norm(M.mT)
+    assert vt.shape == (30,)
+    # power estimate of stable rank is within its stated bound
+    est = float(L.stable_rank(M, method="power", iters=500))
+    assert rel(est, L.stable_rank(M)) < 1e-6
+
+
+def test_spectral_norm_does_not_touch_global_rng():
+    torch.manual_seed(0)
+    a = torch.rand(3)
+    torch.manual_seed(0)
+    L.spectral_norm(torch.randn(4, 5, generator=torch.Generator().manual_seed(1)))
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_onehot_stable_rank_matches_explicit_matrix():
+    g = torch.Generator().manual_seed(0)
+    for vocab, n in [(5, 40), (50, 17), (3, 1)]:
+        ids = torch.randint(0, vocab, (n,), generator=g)
+        X = torch.nn.functional.one_hot(ids, vocab).double()
+        counts = torch.bincount(ids)
+        assert float(L.onehot_stable_rank(ids)) == n / int(counts.max())
+        assert float(L.onehot_stable_rank(ids)) == pytest.approx(float(L.stable_rank(X)), rel=1e-12)
+    ids = torch.tensor([[-3, 7], [7, 7]], dtype=torch.int32)  # any int tensor, negative ids fine
+    assert float(L.onehot_stable_rank(ids)) == 4 / 3
+
+
+@pytest.mark.parametrize("bad,msg", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_raises_naming_function(bad, msg):
+    M = torch.randn(3, 4)
+    M[1, 2] = bad
+    for f in (L.stable_rank, L.nuclear_rank, L.entropy_rank, L.participation_ratio, L.energy_rank, L.nuclear_norm,
+              L.singular_values, L.gram, L.polar, L.singular_value_soft_threshold):
+        args = (M, 0.1) if f is L.singular_value_soft_threshold else (M,)
+        with pytest.raises(ValueError, match=msg) as e:
+            f(*args)
+        assert f.__name__ in str(e.value)
+    with pytest.raises(ValueError, match="spectral_norm"):
+        L.spectral_norm(M)
+
+
+def test_empty_and_bad_inputs_raise():
+    for f in (L.stable_rank, L.nuclear_rank, L.polar, L.spectral_norm, L.nuclear_norm):
+        with pytest.raises(ValueError, match="empty"):
+            f(torch.zeros(0, 3))
+        with pytest.raises(ValueError, match="at least 2 dims"):
+            f(torch.ones(3))
+    with pytest.raises(ValueError, match="empty"):
+        L.onehot_stable_rank(torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer"):
+        L.onehot_stable_rank(torch.zeros(3))
+    with pytest.raises(ValueError, match="q must be"):
+        L.energy_rank(torch.ones(2, 2), q=1.5)
+    with pytest.raises(ValueError, match="method"):
+        L.stable_rank(torch.ones(2, 2), method="svd")
+    with pytest.raises(ValueError, match="v0 has length"):
+        L.spectral_norm(torch.ones(2, 5), torch.ones(5))
+    assert math.isfinite(float(L.stable_rank(torch.ones(2, 2, dtype=torch.int64))))

@@ -1,0 +1,50 @@
+"""The reference GPT and MLP: shapes, causality, names the probe relies on, config errors."""
+
+import pytest
+import torch
+
+from specscope.errors import ConfigError
+from specscope.models import GPT, MLP, GPTConfig
+
+SMALL = dict(vocab_size=20, seq_len=8, n_layer=2, n_head=2, d_model=16)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mlp="gelu", pos="learned"), dict(mlp="swiglu", qk_norm=True, fused_qkv=True),
+                                dict(tie_embeddings=True, dropout=0.1)])
+def test_gpt_shapes_causality_and_names(kw):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **kw)).eval()
+    idx = torch.randint(0, 20, (3, 8))
+    logits = model(idx)
+    assert logits.shape == (3, 8, 20)
+    idx2 = idx.clone()
+    idx2[:, 5:] = (idx2[:, 5:] + 1) % 20
+    torch.testing.assert_close(model(idx2)[:, :5], logits[:, :5])  # the future does not leak
+    names = {n for n, _ in model.named_modules()}
+    attn = {"blocks.1.attn.qkv"} if kw.get("fused_qkv") else {"blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v"}
+    assert attn | {"embed", "blocks.1.attn_norm", "blocks.1.attn.o", "blocks.1.mlp_norm", "blocks.1.mlp.up",
+                   "blocks.1.mlp.down", "final_norm", "head"} <= names
+    assert ("blocks.0.mlp.gate" in names) == (kw.get("mlp") == "swiglu")
+    assert ("pos_embed" in names) == (kw.get("pos") == "learned")
+    assert (model.head.weight is model.embed.weight) == bool(kw.get("tie_embeddings"))
+    model.train()
+    model(idx).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_gpt_config_errors():
+    for kw in (dict(mlp="relu"), dict(pos="alibi"), dict(n_head=3), dict(d_model=18, n_head=6)):
+        with pytest.raises(ConfigError):
+            GPTConfig(**{**SMALL, **kw})
+    with pytest.raises(ConfigError, match="seq_len"):
+        GPT(GPTConfig(**SMALL))(torch.zeros(1, 9, dtype=torch.long))
+    assert GPTConfig(**{**SMALL, "mlp": "swiglu"}).d_ff == 48
+
+
+def test_mlp():
+    m = MLP([4, 8, 8, 3], activation="gelu")
+    assert m(torch.randn(5, 4)).shape == (5, 3) and [n for n, _ in m.named_modules()][2:] == ["layers.0", "layers.1", "layers.2"]
+    with pytest.raises(ConfigError):
+        MLP([4], "relu")
+    with pytest.raises(ConfigError):
+        MLP([4, 2], "sigmoidish")

@@ -1,0 +1,102 @@
+"""Non-finite gradients change nothing; state_dict round trip; N + save + load (new process) + N == 2N."""
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from specscope.errors import NonFiniteError
+from specscope.optim import Hybrid, Muon, spectral_param_groups
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from specscope.optim import Muon, LowRankDecay, spectral_param_groups
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.LayerNorm(8))
+        opt = Muon(spectral_param_groups(model, 0.02, 1e-3, exclude=("0.",)), polar="newton_schulz")
+        decay = LowRankDecay([model[3].weight], lr=0.02, weight_decay=0.05)
+        return model, opt, decay
+
+    def train(model, opt, decay, start, n):
+        for step in range(start, start + n):
+            torch.manual_seed(1000 + step)  # batches are a function of the step
+            x = torch.randint(0, 10, (32,))
+            loss = model(x).square().mean()
+            opt.zero_grad(); loss.backward(); opt.step(); decay.step()
+
+    mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model, opt, decay = build()
+    if mode == "first":  # 2N straight, then (fresh objects) N steps and a checkpoint
+        train(model, opt, decay, 0, 2 * n)
+        torch.save(model.state_dict(), path + ".straight")
+        model, opt, decay = build()
+        train(model, opt, decay, 0, n)
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "decay": decay.state_dict()}, path + ".ckpt")
+    else:  # a new process: load and train N more
+        ck = torch.load(path + ".ckpt")
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); decay.load_state_dict(ck["decay"])
+        train(model, opt, decay, n, n)
+        torch.save(model.state_dict(), path + ".second")
+    """
+)
+
+
+def test_resume_in_new_process_is_bitwise(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    base = str(tmp_path / "run")
+    for mode in ("first", "second"):
+        subprocess.run([sys.executable, str(script), mode, base, "4"], check=True, timeout=120)
+    straight, resumed = torch.load(base + ".straight"), torch.load(base + ".second")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def _snapshot(model, opt):
+    return copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()["state"])
+
+
+@pytest.mark.parametrize("algorithm", ["muon", "specgd", "auto"])
+def test_non_finite_grad_raises_and_changes_nothing(tiny_model, algorithm):
+    groups = spectral_param_groups(tiny_model, 0.02, 1e-3, algorithm=algorithm)
+    opt = Hybrid(groups, algorithm=algorithm, lr=0.02, stable_rank=lambda layer: 2.0)
+    for step in range(2):
+        for p in tiny_model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    params, state = _snapshot(tiny_model, opt)
+    for p in tiny_model.parameters():
+        p.grad = torch.randn_like(p)
+    tiny_model.norm.weight.grad[0] = float("nan")
+    with pytest.raises(NonFiniteError, match="norm.weight"):
+        opt.step()
+    params2, state2 = _snapshot(tiny_model, opt)
+    for k in params:
+        assert torch.equal(params[k], params2[k]), k
+    for i in state:
+        for key, v in state[i].items():
+            assert (torch.equal(v, state2[i][key]) if torch.is_tensor(v) else v == state2[i][key]), (i, key)
+
+
+def test_state_dict_round_trip(tiny_model):
+    opt = Muon(spectral_param_groups(tiny_model, 0.02, 1e-3), polar="gram")
+    for p in tiny_model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    model2 = copy.deepcopy(tiny_model)
+    opt2 = Muon(spectral_param_groups(model2, 0.5, 0.5), polar="gram")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["lr"] == 0.02
+    for p, q in zip(tiny_model.parameters(), model2.parameters()):
+        q.grad = p.grad.clone()
+    opt.step()
+    opt2.step()
+    for p, q in zip(tiny_model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
