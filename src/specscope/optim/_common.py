@@ -61,7 +61,7 @@ def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorit
 
 
 def check_finite(named_grads: Iterable[tuple[str, Tensor]]) -> None:
-    """Raise before any update if any gradient holds NaN/Inf, naming the first such parameter."""
+    """Raise if any gradient holds NaN/Inf, naming the first such parameter."""
     for name, g in named_grads:
         if not bool(torch.isfinite(g).all()):
             raise NonFiniteError(
@@ -69,6 +69,19 @@ def check_finite(named_grads: Iterable[tuple[str, Tensor]]) -> None:
                 "no parameter or optimizer state was changed. Lower the learning rate, check the loss "
                 "for overflow, or skip this step (e.g. torch.amp.GradScaler does)."
             )
+
+
+def nonfinite_flags(grads: Sequence[Tensor]) -> list[bool]:
+    """Which gradients hold NaN/Inf: one fused norm over all of them and one host sync.
+
+    A non-finite entry makes the norm non-finite; a finite norm proves the gradient finite. The rare
+    finite gradient whose norm overflows is re-checked entry by entry.
+    """
+    if not grads:
+        return []
+    norms = torch.stack([n.float() for n in torch._foreach_norm(list(grads))])
+    suspects = (~torch.isfinite(norms)).tolist()
+    return [s and not bool(torch.isfinite(g).all()) for s, g in zip(suspects, grads)]
 
 
 # ---------------------------------------------------------------- matrix views
@@ -108,7 +121,9 @@ def check_polar(polar: PolarSpec) -> None:
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """The batched polar map a group asked for: a linalg backend name or the user's callable.
 
-    Iterative backends run in bfloat16 (linalg's default, as torch.optim.Muon); "gram"/"svd" in float64.
+    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update), so linalg neither
+    converts it nor converts the result back: the bf16 factor is added to the parameter directly.
+    "gram"/"svd" run in linalg's float64.
     """
     polar = group["polar"]
     if callable(polar):
@@ -118,14 +133,21 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
         kwargs = dict(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"])
     elif polar == "polar_express":  # its own per-step coefficients
         kwargs = dict(ns_steps=group["ns_steps"], eps=group["eps"])
+    if polar in ("newton_schulz", "polar_express"):
+        return lambda X: linalg.polar(X.to(torch.bfloat16), method=polar, **kwargs)
     return lambda X: linalg.polar(X, method=polar, **kwargs)
+
+
+def _stack(mats: Sequence[Tensor], idx: list[int]) -> Tensor:
+    """One batch [b, m, n] of the chosen matrices; a lone matrix is a view, not a copy."""
+    return mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
 
 
 def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
     """fn on every matrix, one call per shape bucket; under torch.distributed ranks share the work."""
     out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
     for idx in buckets_by_shape(mats).values():
-        (P,) = _distributed.sharded(lambda X: (fn(X),), torch.stack([mats[i] for i in idx]))
+        (P,) = _distributed.sharded(lambda X: (fn(X),), _stack(mats, idx))
         for k, i in enumerate(idx):
             out[i] = P[k]
     return out
@@ -153,7 +175,7 @@ def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any
 
     out: list[tuple[Tensor, Tensor]] = [None] * len(mats)  # type: ignore[list-item]
     for idx in buckets_by_shape(mats).values():
-        P, nuc = _distributed.sharded(fn, torch.stack([mats[i] for i in idx]))
+        P, nuc = _distributed.sharded(fn, _stack(mats, idx))
         for k, i in enumerate(idx):
             out[i] = (P[k], nuc[k])
     return out

@@ -105,7 +105,9 @@ class Hybrid(Optimizer):
         if not flat:
             return loss
         has = [p.grad is not None for _, p, _ in flat]
-        bad = [h and not bool(torch.isfinite(p.grad).all()) for h, (_, p, _) in zip(has, flat)]
+        with_grad = [p.grad for _, p, _ in flat if p.grad is not None]
+        flags = iter(_common.nonfinite_flags(with_grad))
+        bad = [next(flags) if h else False for h in has]
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         for (_, p, name), b in zip(flat, bad):
             if b and p.grad is not None:

@@ -1,0 +1,135 @@
+"""Optimizer step time on a GPT's hidden matrices, and the random-feature regression check.
+
+Not a test. Part 1 prints, per setting (one GPT block at d=768; a 4-layer model at d=256), the median
+step time of torch.optim.Muon (the baseline, timed in the same run, interleaved), specscope Muon with
+each polar backend, SpecGD and AutoGeometry; the ratio to the baseline; and the polar error of the
+update direction, max|u_iᵀPv_i − 1| over σ_i ≥ 0.1·σ_1 and σ_i ≥ 1e-3·σ_1 (linalg.polar_error), on the
+gradient-like matrices of benchmarks/polar.py (geometric spectrum 1 … 1e-6, as the linalg benchmark).
+Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/‖A‖_2²), SpecGD
+(‖G‖_*/‖A‖_F²) and AutoGeometry (geometry-matched, lr 1/‖A‖_2²) and checks AutoGeometry's loss is within
+10 % of the better of the two.
+
+    .venv/bin/python benchmarks/optim_step.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
+
+from specscope import linalg  # noqa: E402
+from specscope.optim import AutoGeometry, Muon, SpecGD, checks  # noqa: E402
+from specscope.optim._common import adjust_lr  # noqa: E402
+
+
+def gpt_hidden_shapes(d: int, n_layer: int) -> list[tuple[int, int]]:
+    """nn.Linear weights of Q, K, V, O (d×d), MLP up (4d×d), down (d×4d), per layer."""
+    return ([(d, d)] * 4 + [(4 * d, d), (d, 4 * d)]) * n_layer
+
+
+def _params(mats: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    ps = [torch.nn.Parameter(torch.zeros_like(G)) for G in mats]
+    for p, G in zip(ps, mats):
+        p.grad = G.clone()
+    return ps
+
+
+def optimizers(mats: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+    named = lambda ps: [(f"h{i}.weight", p) for i, p in enumerate(ps)]  # noqa: E731
+    st = lambda layer: 3.0  # noqa: E731  a constant st(A) stands in for the probe Monitor
+    out = {"torch.optim.Muon": torch.optim.Muon(_params(mats), lr=1.0, weight_decay=0.0)}
+    for polar in ("default", "newton_schulz", "polar_express", "gram", "svd"):
+        kw = {} if polar == "default" else {"polar": polar}
+        out[f"Muon polar={polar}"] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
+    out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
+    out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
+    return out
+
+
+def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tuple[float, float] | None:
+    """Polar error of a Muon-style optimizer's first update from W = 0 (lr = 1, wd = 0): P = −W / scale."""
+    if not isinstance(opt, (torch.optim.Muon, Muon)):
+        return None
+    ps = [p for g in opt.param_groups for p in g["params"]]
+    Ps = [-p.detach() / adjust_lr(1.0, None, p.shape) for p in ps]
+    e1 = max(float(linalg.polar_error(G, P, 0.1)) for G, P in zip(mats, Ps))
+    e3 = max(float(linalg.polar_error(G, P, 1e-3)) for G, P in zip(mats, Ps))
+    return e1, e3
+
+
+def bench_steps(label: str, d: int, n_layer: int, repeats: int, seed: int, device: str) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    mats = [gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]
+    opts = optimizers(mats)
+    for opt in opts.values():
+        opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
+    errs = {k: direction_errors(o, mats) for k, o in opts.items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(repeats):  # interleaved, so machine load hits all alike
+        for k, opt in opts.items():
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["torch.optim.Muon"])
+    return [dict(setting=label, optimizer=k, ms=1e3 * statistics.median(v), ratio=statistics.median(v) / base,
+                 err=errs[k]) for k, v in times.items()]
+
+
+def rf_check(steps: int, seed: int) -> list[dict]:
+    rows = []
+    for act in ("relu", "swiglu"):
+        A, Y = checks.random_features(act, d=32, width=512, n=1024, d_out=16, seed=seed)
+        loss = {o: checks.run(o, A, Y, steps) for o in ("gd", "specgd", "auto")}
+        best = min(loss["gd"], loss["specgd"])
+        rows.append(dict(activation=act, st=float(linalg.stable_rank(A)), **loss,
+                         ratio=loss["auto"] / best, ok=loss["auto"] <= 1.1 * best))
+    return rows
+
+
+def markdown(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rf-steps", type=int, default=50)
+    ap.add_argument("--skip-rf", action="store_true")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n")
+    rows = []
+    for label, d, n_layer in (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4)):
+        rows += bench_steps(label, d, n_layer, args.repeats, args.seed, args.device)
+    fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['ms']:.1f}", ratio=f"{r['ratio']:.2f}",
+                e1="–" if r["err"] is None else f"{r['err'][0]:.1e}",
+                e3="–" if r["err"] is None else f"{r['err'][1]:.1e}") for r in rows]
+    for r in fmt:
+        r["× Muon"], r["median ms"], r["err σ≥0.1σ₁"], r["err σ≥1e-3σ₁"] = r["ratio"], r["ms"], r["e1"], r["e3"]
+    print(markdown(fmt, ["setting", "optimizer", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]))
+    if args.skip_rf:
+        return
+    rf = rf_check(args.rf_steps, args.seed)
+    print(f"\nrandom-feature regression, T = {args.rf_steps} steps, final ½‖WA − Y‖²\n")
+    print(markdown([{"activation": r["activation"], "st(A)": f"{r['st']:.1f}", "GD": f"{r['gd']:.4g}",
+                     "SpecGD": f"{r['specgd']:.4g}", "AutoGeometry": f"{r['auto']:.4g}",
+                     "Auto / best": f"{r['ratio']:.3f}", "within 10 %": str(r["ok"])} for r in rf],
+                   ["activation", "st(A)", "GD", "SpecGD", "AutoGeometry", "Auto / best", "within 10 %"]))
+
+
+if __name__ == "__main__":
+    main()

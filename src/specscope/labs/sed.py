@@ -1,0 +1,423 @@
+"""Rolling gradient SVD (SED): centroid coupling of gradient vs update SED, projection interventions, multitask (paper 003; SED-1..3).
+
+θ_attn is every attention weight matrix (W_Q, W_K, W_V, W_O of every block, no biases), flattened. Every
+`snapshot_every` steps the gradient of the loss on a fixed training batch goes into a RollingSVD(window, k)
+(gradient SED) and the optimizer's step Δθ_t = θ_t − θ_{t−1} into another (update SED). Once the windows
+are full, every `coupling_every` steps, R_1..R_k and R̄ of each SED are measured against the centroids
+μ_x = ∂(correct-class logit)/∂(token + position embedding) on `n_probe` fixed inputs (REFERENCE §5).
+
+Parts, in order:
+- `<intervention>-s<i>` for each intervention and seed: the paper-003 encoder on a single task, with the
+  attention gradient projected before the optimizer step once the window is full (control: none;
+  keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace). The coupling curves
+  are measured on the first control arm (`control-s0`). Grok steps as in the grokking lab.
+- `multitask`: one shared encoder with a head per task in `multitask`; aggregated update SED,
+  aggregated gradient SED and per-task gradient SED, each coupled to each task's centroids.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from specscope.data.modular import ModularData, modular_dataset
+from specscope.errors import ConfigError
+from specscope.labs.base import Arm, LabConfig
+from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
+from specscope.models.modular import ModularTransformer, enc003
+from specscope.records import Claim, Record
+from specscope.subspace import GradientProjection, coupling_ratios
+from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
+
+NAME = "sed"
+GRADIENT = "gradient-sed"
+Intervention = Literal["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
+INTERVENTIONS: tuple[str, ...] = ("control", "keep_sed", "remove_sed", "keep_random", "remove_random")
+
+
+class Config(LabConfig):
+    task: str = "add"  # the single-task runs (coupling curves, interventions)
+    multitask: list[str] = ["add", "sub", "mul", "sum_sq"]  # [] skips the multitask comparison
+    p: int = 97
+    train_fraction: float = 0.5
+    split: Literal["random", "commutative"] = "random"
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    n_layers: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    batch_size: int = 512
+    grad_clip: float = 1.0
+    steps: int = 6000  # at most, per single-task arm
+    multitask_steps: int = 3000
+    eval_every: int = 50
+    grok_threshold: float = 0.98
+    grok_window: int = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
+    stop_after_grok: bool = True
+    # rolling SVD and coupling (REFERENCE §5)
+    window: int = 20
+    k: int = 3
+    snapshot_every: int = 25
+    fixed_batch: int = 512  # training examples of the fixed gradient batch
+    n_probe: int = 1024
+    n_random: int = 20
+    eps_rel: float = 0.005
+    coupling_every: int = 250
+    # interventions
+    interventions: list[Intervention] = ["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
+    seeds: int = 1
+    random_fixed: bool = True  # random arms: one subspace drawn when projection starts (False: fresh each step)
+
+
+# ---------------------------------------------------------------- model pieces
+
+
+def attention_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """θ_attn: the weight matrices of every attention module's linear maps (no biases), in model order."""
+    out = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "attn":
+            for sub, lin in module.named_children():
+                if isinstance(lin, torch.nn.Linear):
+                    out[f"{name}.{sub}"] = lin.weight
+    if not out:
+        raise ConfigError("the model has no modules named '*.attn' with nn.Linear children; θ_attn would be empty")
+    return out
+
+
+def embed(model: ModularTransformer, x: Tensor) -> Tensor:
+    """The embedded input h0 = token embedding + position embedding, [B, T, d]."""
+    return model.embed(x) + model.pos[: x.shape[1]]
+
+
+def forward_from_embeddings(model: ModularTransformer, h: Tensor) -> list[Tensor]:
+    """The model's forward from the embedded input: one logits tensor [B, p] per task head."""
+    for block in model.blocks:
+        h = block(h)
+    h = model.norm(h[:, model.readout])
+    return [head(h) for head in model.heads]
+
+
+def centroids(model: ModularTransformer, x: Tensor, y: Tensor, task: int = 0) -> Tensor:
+    """μ_x = ∂ logit_{y_x}(x) / ∂ h0(x), flattened: [B, T·d].
+
+    Inputs do not interact in the forward pass (attention is within a sequence), so the gradient of the
+    summed correct-class logits w.r.t. the batch of embeddings is the per-input gradient."""
+    h = embed(model, x).detach().requires_grad_(True)
+    logits = forward_from_embeddings(model, h)[task]
+    (g,) = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), h)
+    return g.reshape(x.shape[0], -1)
+
+
+# ---------------------------------------------------------------- coupling callback
+
+
+class Coupling:
+    """Every `every` steps once the tracked windows are full: R_1..R_k and R̄ of each SED in `pairs[c]`
+    against centroid set c, with one random-direction baseline per centroid set (REFERENCE §5).
+
+    Records (layer = SED name, or "SED:task" for a multitask centroid set): coupling_R1..Rk, coupling_Rbar,
+    coupling_baseline; and coupling_seconds for the whole checkpoint.
+    """
+
+    def __init__(self, params: list[Tensor], tracker: SEDTracker, centroid_fns: dict[str, Callable[[], Tensor]],
+                 pairs: dict[str, list[str]], every: int, n_random: int, eps_rel: float, seed: int):
+        self.params, self.tracker, self.centroid_fns, self.pairs = params, tracker, centroid_fns, pairs
+        self.every, self.n_random, self.eps_rel, self.seed = every, n_random, eps_rel, seed
+
+    def after_step(self, step: int, model, optimizer) -> list[Record]:
+        if not all(self.tracker.seds[s].full for seds in self.pairs.values() for s in seds):
+            return []
+        t0 = time.perf_counter()
+        out = []
+        for cname, fn in self.centroid_fns.items():
+            seds = self.pairs[cname]
+            blocks = [self.tracker.seds[s].directions() for s in seds]
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            ratios, baseline = coupling_ratios(fn, self.params, torch.cat(blocks), n_random=self.n_random,
+                                               eps_rel=self.eps_rel, generator=gen)
+            offset = 0
+            for s, V in zip(seds, blocks):
+                layer = f"{s}:{cname}" if cname else s
+                r = ratios[offset:offset + len(V)]
+                offset += len(V)
+                out += [Record(step, layer, f"coupling_R{i + 1}", v, estimator="finite_difference") for i, v in enumerate(r)]
+                out += [Record(step, layer, "coupling_Rbar", float(np.mean(r)), estimator="finite_difference"),
+                        Record(step, layer, "coupling_baseline", baseline, estimator="finite_difference")]
+        out.append(Record(step, "", "coupling_seconds", time.perf_counter() - t0))
+        return out
+
+
+# ---------------------------------------------------------------- build
+
+
+def make_data(cfg: Config, tasks: list[str], device: torch.device) -> ModularData:
+    return modular_dataset(tasks, cfg.p, cfg.train_fraction, cfg.split, cfg.seed, device=device)
+
+
+def make_model(cfg: Config, n_tasks: int, seed: int, device: torch.device) -> ModularTransformer:
+    torch.manual_seed(seed)
+    return enc003(cfg.p, n_tasks, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
+                  n_layers=cfg.n_layers).to(device)
+
+
+def fixed_inputs(data: ModularData, n_fixed: int, n_probe: int, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """(fixed gradient batch from the training set, probe inputs drawn from all pairs), same every step."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randperm(len(data.x_train), generator=g)[:n_fixed].to(data.x_train.device)
+    x_all, y_all = torch.cat([data.x_train, data.x_test]), torch.cat([data.y_train, data.y_test])
+    j = torch.randperm(len(x_all), generator=g)[:n_probe].to(x_all.device)
+    return (data.x_train[i], data.y_train[i]), (x_all[j], y_all[j])
+
+
+def task_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor], t: int) -> Tensor:
+    x, y = batch
+    logits = model(x).reshape(x.shape[0], -1, model.heads[0].out_features)
+    return F.cross_entropy(logits[:, t], y[:, t])
+
+
+def _arm(cfg: Config, name: str, model, data: ModularData, seed: int, callbacks: list, steps: int) -> Arm:
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    tracker = Tracker(cfg.grok_threshold, cfg.grok_window)
+    stop = (lambda m, t=tracker: t.grokked) if cfg.stop_after_grok else None
+    return Arm(name=name, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, seed), loss=loss_fn,
+               steps=steps, evaluate=make_evaluate(data, tracker), eval_every=cfg.eval_every,
+               callbacks=[tracker, *callbacks], grad_clip=cfg.grad_clip or None, stop=stop)
+
+
+def _projection(cfg: Config, iv: str, params: list[Tensor], tracker: SEDTracker, seed: int) -> GatedProjection:
+    mode = iv.split("_")[0]
+    sed = tracker.seds[GRADIENT]
+    subspace = sed if iv.endswith("_sed") else "random"
+    proj = GradientProjection(params, subspace, mode=mode, k=cfg.k, fixed=cfg.random_fixed, seed=seed)
+    return GatedProjection(proj, lambda: sed.full)
+
+
+def intervention_arm(cfg: Config, iv: str, s: int, data: ModularData, device: torch.device) -> Arm:
+    """One single-task arm: SED tracking, the projection of `iv`, and (for control-s0) coupling curves."""
+    seed = cfg.seed + s
+    model = make_model(cfg, 1, seed, device)
+    params = list(attention_weights(model).values())
+    fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
+    measure = iv == "control" and s == 0
+    tracker = SEDTracker(params, {GRADIENT: lambda: loss_fn(model, fixed)}, window=cfg.window, k=cfg.k,
+                         every=cfg.snapshot_every, update=measure)
+    callbacks: list[Any] = [tracker]
+    if iv != "control":
+        callbacks.append(_projection(cfg, iv, params, tracker, seed * 7919 + INTERVENTIONS.index(iv)))
+    if measure:
+        fn = lambda: centroids(model, xp, yp[:, 0])  # noqa: E731
+        callbacks.append(Coupling(params, tracker, {"": fn}, {"": [GRADIENT, UPDATE]}, cfg.coupling_every,
+                                  cfg.n_random, cfg.eps_rel, cfg.seed))
+    return _arm(cfg, f"{iv}-s{s}", model, data, seed, callbacks, cfg.steps)
+
+
+def multitask_arm(cfg: Config, device: torch.device) -> Arm:
+    """Shared encoder, one head per task: aggregated update/gradient SED and per-task gradient SED."""
+    data = make_data(cfg, cfg.multitask, device)
+    model = make_model(cfg, len(cfg.multitask), cfg.seed, device)
+    params = list(attention_weights(model).values())
+    fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
+    losses = {GRADIENT: lambda: loss_fn(model, fixed)}
+    losses.update({f"task-{t}-sed": (lambda i=i: task_loss(model, fixed, i)) for i, t in enumerate(cfg.multitask)})
+    tracker = SEDTracker(params, losses, window=cfg.window, k=cfg.k, every=cfg.snapshot_every, update=True)
+    fns = {t: (lambda i=i: centroids(model, xp, yp[:, i], task=i)) for i, t in enumerate(cfg.multitask)}
+    pairs = {t: [UPDATE, GRADIENT, f"task-{t}-sed"] for t in cfg.multitask}
+    coupling = Coupling(params, tracker, fns, pairs, cfg.coupling_every, cfg.n_random, cfg.eps_rel, cfg.seed)
+    return _arm(cfg, "multitask", model, data, cfg.seed, [tracker, coupling], cfg.multitask_steps)
+
+
+def check(cfg: Config) -> None:
+    if cfg.k > cfg.window:
+        raise ConfigError(f"k={cfg.k} exceeds window={cfg.window}; the window matrix has rank ≤ window")
+    if cfg.seeds < 1:
+        raise ConfigError(f"seeds={cfg.seeds}; need at least 1")
+    if not cfg.interventions and not cfg.multitask:
+        raise ConfigError("nothing to run: interventions and multitask are both empty")
+    if len(cfg.multitask) == 1:
+        raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm]:
+    """Intervention arms (seed-major, control first), then the multitask arm."""
+    check(cfg)
+    arms = []
+    if cfg.interventions:
+        data = make_data(cfg, [cfg.task], device)
+        ivs = ["control"] + [iv for iv in cfg.interventions if iv != "control"]
+        arms += [intervention_arm(cfg, iv, s, data, device) for s in range(cfg.seeds) for iv in ivs]
+    if cfg.multitask:
+        arms.append(multitask_arm(cfg, device))
+    return arms
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _series(df: pd.DataFrame, arm: str, metric: str, layer: str = "") -> pd.Series:
+    d = df[(df["arm"] == arm) & (df["metric"] == metric) & (df["layer"] == layer)]
+    return d.groupby("step")["value"].mean().sort_index()
+
+
+def peak_rbar(df: pd.DataFrame, arm: str, layer: str) -> float:
+    """R̄ reported as its peak over checkpoints (REFERENCE §5); NaN when never measured."""
+    s = _series(df, arm, "coupling_Rbar", layer)
+    return float(s.max()) if len(s) else math.nan
+
+
+def intervention_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """One row per (intervention, seed): grok steps (first ≥ threshold, stable), steps run, speedups vs the
+    same seed's control (control grok / arm grok; for an arm that never grokked: at most control / steps run)."""
+    rows = []
+    ivs = ["control"] + [iv for iv in cfg.interventions if iv != "control"]
+    for s in range(cfg.seeds):
+        for iv in ivs:
+            acc = _series(df, f"{iv}-s{s}", "test_acc")
+            if acc.empty:
+                continue
+            first, stable = grok_steps(acc.index, acc.values, cfg.grok_threshold, cfg.grok_window)
+            rows.append({"intervention": iv, "seed": s, "grok_first": first, "grok_stable": stable,
+                         "steps_run": int(acc.index[-1]), "final_test_acc": float(acc.iloc[-1])})
+    t = pd.DataFrame(rows)
+    if t.empty:
+        return t
+    for kind in ("first", "stable"):
+        ctrl = t[t.intervention == "control"].set_index("seed")[f"grok_{kind}"]
+        base = t["seed"].map(ctrl)
+        arm = t[f"grok_{kind}"].where(t[f"grok_{kind}"].notna(), t["steps_run"])
+        t[f"speedup_{kind}"] = base / arm
+        t[f"speedup_{kind}_bound"] = t[f"grok_{kind}"].isna()  # True: an upper bound (the arm never grokked)
+    return t
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x != x else f"{x:.1f}"
+
+
+def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
+    text = "Gradient SED couples to centroid features far more than update SED"
+    published = "R̄ 100–330× (gradient SED) vs 3–9× (update SED), single task"
+    g, u = peak_rbar(df, "control-s0", GRADIENT), peak_rbar(df, "control-s0", UPDATE)
+    if math.isnan(g) or math.isnan(u):
+        return Claim("SED-1", text, published, "no coupling checkpoint recorded (needs the control arm and "
+                     "steps > window·snapshot_every)", "INCONCLUSIVE")
+    measured = (f"peak R̄ gradient SED {g:.1f} vs update SED {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
+                f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
+    return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL")
+
+
+def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
+    text = "Keeping any 3-D subspace of the attention gradient speeds grokking ≈ 2.2–2.4×; removing it changes nothing"
+    published = "keep SED-3 2.20×, keep random-3 2.36×, remove SED-3 1.02×, remove random-3 1.00× (control 3358 steps)"
+    if table.empty or not set(INTERVENTIONS) <= set(table.intervention):
+        return Claim("SED-2", text, published, "needs all five interventions", "INCONCLUSIVE")
+    ctrl = table[table.intervention == "control"]
+    if ctrl["grok_stable"].isna().any():
+        return Claim("SED-2", text, published, f"control did not grok (stable) within {cfg.steps} steps in "
+                     f"{int(ctrl['grok_stable'].isna().sum())} of {len(ctrl)} seeds", "INCONCLUSIVE")
+    mean = table.groupby("intervention")["speedup_stable"].agg(["mean", "min", "max"])
+    parts = [f"{iv} {mean.loc[iv, 'mean']:.2f}× [{mean.loc[iv, 'min']:.2f}–{mean.loc[iv, 'max']:.2f}]"
+             for iv in INTERVENTIONS[1:]]
+    measured = (f"stable-grok speedup vs control (mean [min–max] over {cfg.seeds} seed(s), control "
+                f"{ctrl['grok_stable'].mean():.0f} steps): " + ", ".join(parts)
+                + "; PASS needs both keep ≥ 1.5× and both remove within 0.8–1.25×")
+    keep = all(mean.loc[iv, "mean"] >= 1.5 for iv in ("keep_sed", "keep_random"))
+    remove = all(0.8 <= mean.loc[iv, "mean"] <= 1.25 for iv in ("remove_sed", "remove_random"))
+    return Claim("SED-2", text, published, measured, "PASS" if keep and remove else "FAIL")
+
+
+def multitask_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
+    """Peak R̄ per task of the aggregated update SED, aggregated gradient SED and that task's gradient SED."""
+    rows = [{"task": t, "update-sed": peak_rbar(df, "multitask", f"{UPDATE}:{t}"),
+             "gradient-sed": peak_rbar(df, "multitask", f"{GRADIENT}:{t}"),
+             "task-sed": peak_rbar(df, "multitask", f"task-{t}-sed:{t}")} for t in cfg.multitask]
+    return pd.DataFrame(rows)
+
+
+def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
+    text = "Multitask: aggregated update SED fails (R̄ ≤ 1), per-task gradient SED recovers 20–45×"
+    published = "update SED R̄ ≤ 1; per-task gradient SED R̄ 20–45× (four operations)"
+    t = multitask_table(df, cfg)
+    if t.empty or t[["update-sed", "task-sed"]].isna().any().any():
+        return Claim("SED-3", text, published, "no multitask coupling recorded (multitask=[] or too few steps)",
+                     "INCONCLUSIVE")
+    measured = "peak R̄ update / aggregated gradient / per-task gradient SED: " + "; ".join(
+        f"{r.task} {_fmt(r['update-sed'])} / {_fmt(r['gradient-sed'])} / {_fmt(r['task-sed'])}" for _, r in t.iterrows()
+    ) + "; PASS needs update ≤ 2 and per-task ≥ 10 for every task"
+    ok = bool((t["update-sed"] <= 2).all() and (t["task-sed"] >= 10).all())
+    return Claim("SED-3", text, published, measured, "PASS" if ok else "FAIL")
+
+
+def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
+    return [_sed1_claim(df, cfg), _sed2_claim(intervention_table(df, cfg), cfg), _sed3_claim(df, cfg)]
+
+
+# ---------------------------------------------------------------- figures
+
+
+def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for layer, style in ((GRADIENT, "-o"), (UPDATE, "-s")):
+        s = _series(df, "control-s0", "coupling_Rbar", layer)
+        ax.plot(s.index, s.values, style, ms=3, label=f"{layer} R̄")
+    acc = _series(df, "control-s0", "test_acc")
+    ax2 = ax.twinx()
+    ax2.plot(acc.index, acc.values, color="gray", alpha=0.5, label="test acc")
+    ax2.set_ylabel("test accuracy")
+    ax.set(xlabel="step", ylabel="R̄ (vs median random direction)", yscale="log",
+           title=f"centroid coupling, {cfg.task} mod {cfg.p} (control-s0)")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    out["sed_coupling"] = fig
+
+    table = intervention_table(df, cfg)
+    if not table.empty:
+        fig, (ax, axt) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
+        ivs = list(dict.fromkeys(table.intervention))
+        for i, iv in enumerate(ivs):
+            d = table[table.intervention == iv]
+            ax.scatter([i] * len(d), d["grok_stable"], color="C0", label="stable" if i == 0 else None)
+            ax.scatter([i + 0.15] * len(d), d["grok_first"], color="C1", marker="x", label="first" if i == 0 else None)
+        ax.set_xticks(range(len(ivs)), ivs, rotation=20)
+        ax.set(ylabel="grok step", title="grok step per seed")
+        ax.legend(fontsize=8)
+        agg = table.groupby("intervention", sort=False).agg(
+            first=("grok_first", "mean"), stable=("grok_stable", "mean"),
+            speedup_first=("speedup_first", "mean"), speedup_stable=("speedup_stable", "mean")).reset_index()
+        cells = [[r.intervention, _fmt(r.first), _fmt(r.stable), f"{r.speedup_first:.2f}×", f"{r.speedup_stable:.2f}×"]
+                 for r in agg.itertuples()]
+        axt.axis("off")
+        axt.table(cells, colLabels=["intervention", "grok first", "grok stable", "speedup first", "speedup stable"],
+                  loc="center").scale(1, 1.5)
+        axt.set_title(f"mean over {cfg.seeds} seed(s)")
+        fig.tight_layout()
+        out["sed_interventions"] = fig
+
+    mt = multitask_table(df, cfg)
+    if not mt.empty:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(mt))
+        for j, col in enumerate(("update-sed", "gradient-sed", "task-sed")):
+            ax.bar(x + (j - 1) * 0.27, mt[col].fillna(0), 0.27, label=col)
+        ax.axhline(1, color="k", lw=0.7)
+        ax.set_xticks(x, mt.task)
+        ax.set(ylabel="peak R̄", yscale="log", title="multitask: aggregated vs per-task SED coupling")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out["sed_multitask"] = fig
+    return out

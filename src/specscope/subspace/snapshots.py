@@ -1,0 +1,106 @@
+"""Gradient and update snapshots of a parameter set pushed into rolling SVDs (paper 003, REFERENCE §5).
+
+`SEDTracker` is a training-loop callback. Every `every` steps it
+- computes the gradient of each named loss closure (a fixed batch, or one task's loss on it) with
+  `torch.autograd.grad`, so the training gradients in `.grad` are left untouched, and pushes it into
+  that loss's RollingSVD ("gradient SED", "task-<name> SED");
+- with `update=True`, pushes the optimizer's step Δθ_t = θ_t − θ_{t−1} into the "update-sed" window.
+`GatedProjection` applies a GradientProjection only once a window is full, so the random-subspace arms
+start projecting at the same step as the SED arms.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from specscope.records import Record
+from specscope.subspace.project import GradientProjection, flatten
+from specscope.subspace.rolling import RollingSVD
+
+UPDATE = "update-sed"
+
+
+class SEDTracker:
+    """Rolling SVDs of gradient snapshots (one per named loss) and of update snapshots of `params`.
+
+    >>> tracker = SEDTracker(attn_params, {"gradient-sed": lambda: loss_fn(model, fixed_batch)})
+    >>> # in a loop: tracker.after_backward(step, model, opt); opt.step(); tracker.after_step(step, model, opt)
+    >>> tracker.seds["gradient-sed"].directions()   # [k, P] SED-k directions
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        losses: dict[str, Callable[[], Tensor]],
+        *,
+        window: int = 20,
+        k: int = 3,
+        every: int = 25,
+        update: bool = True,
+    ):
+        self.params = list(params)
+        self.losses, self.every = losses, every
+        names = list(losses) + ([UPDATE] if update else [])
+        self.seds = {name: RollingSVD(window, k) for name in names}
+        self._before: Tensor | None = None
+
+    def theta(self) -> Tensor:
+        return flatten([p.detach() for p in self.params], self.params)
+
+    def after_backward(self, step: int, model, optimizer) -> list[Record]:
+        out = []
+        for name, loss in self.losses.items():
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss(), self.params, allow_unused=True)
+            g = flatten(grads, self.params)
+            self.seds[name].push(g)
+            out += self._describe(step, name, float(g.norm()))
+        if UPDATE in self.seds:
+            self._before = self.theta().clone()
+        return out
+
+    def after_step(self, step: int, model, optimizer) -> list[Record]:
+        if UPDATE not in self.seds or self._before is None:
+            return []
+        delta = self.theta() - self._before
+        self._before = None
+        self.seds[UPDATE].push(delta)
+        return self._describe(step, UPDATE, float(delta.norm()))
+
+    def _describe(self, step: int, name: str, norm: float) -> list[Record]:
+        sed = self.seds[name]
+        out = [Record(step, name, "snapshot_norm", norm)]
+        if sed.full:
+            s = sed.singular_values()
+            rotation = sed.rotation()  # NaN at the first full window: nothing to compare with yet
+            out.append(Record(step, name, "sed_gap", sed.gap()))
+            out += [Record(step, name, "sed_rotation", rotation)] if rotation == rotation else []
+            out += [Record(step, name, f"sed_sigma{i + 1}", float(s[i])) for i in range(min(sed.k, len(s)))]
+        return out
+
+    def state_dict(self) -> dict:
+        return {"seds": {n: s.state_dict() for n, s in self.seds.items()}, "before": self._before}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n, s in self.seds.items():
+            s.load_state_dict(state["seds"][n])
+        self._before = state["before"]
+
+
+class GatedProjection:
+    """A GradientProjection that acts only once `ready()` is true (e.g. once the SED window is full)."""
+
+    def __init__(self, projection: GradientProjection, ready: Callable[[], bool]):
+        self.projection, self.ready, self.every = projection, ready, 1
+
+    def after_backward(self, step: int, model, optimizer) -> list[Record]:
+        return self.projection.after_backward(step, model, optimizer) if self.ready() else []
+
+    def state_dict(self) -> dict:
+        return self.projection.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.projection.load_state_dict(state)
