@@ -13,6 +13,7 @@ few strong directions and a long tail. They are stored in float32 (the gradient 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -47,7 +48,7 @@ BACKENDS = {
     "gram": ("gram", {}),
     "newton_schulz bf16 ×5": ("newton_schulz", {}),
     "polar_express bf16 ×5": ("polar_express", {}),
-    "polar_express fp32 ×5": ("polar_express", {"dtype": torch.float32}),
+    "polar_express fp32 ×10": ("polar_express", {"dtype": torch.float32, "ns_steps": 10}),
     "auto": ("auto", {}),
     "auto tol=1e-4": ("auto", {"tol": 1e-4}),
 }
@@ -60,7 +61,8 @@ def muon_baseline(mats: list[torch.Tensor]):
         p.grad = G.clone()
     opt = torch.optim.Muon(params, lr=1.0, weight_decay=0.0)
     opt.step()  # first step from zero parameters: p = −adjusted_lr · NS(g), the update direction
-    directions = [-p.detach().clone() for p in params]
+    # torch scales the update by sqrt(max(1, rows/cols)) ("original" adjust_lr_fn); undo it
+    directions = [-p.detach().clone() / math.sqrt(max(1.0, p.shape[0] / p.shape[1])) for p in params]
     return opt.step, directions
 
 

@@ -9,7 +9,7 @@ written by `specscope.labs.run_lab`), `summary.csv`, `claims.json` and `phase_di
 declares them. Resuming scans the run directories: a point whose overrides match a *complete* run is not
 rerun; failed or interrupted points are rerun as new runs.
 
-Workers are separate processes (spawned, each with `threads_per_worker` torch threads), so runs never
+Workers are separate processes (spawned, each with `threads_per_worker` torch threads, 1 by default), so runs never
 share a file or a thread pool. `backend="ray"` sends the points to a Ray cluster instead (optional
 dependency, imported only then).
 
@@ -81,6 +81,7 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> t
 
     from specscope.labs import run_lab
 
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
@@ -88,6 +89,8 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> t
         return str(path), "", time.perf_counter() - t0
     except Exception as e:  # a failed point is reported in the table; the sweep goes on
         return "", f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _init_worker(threads: int) -> None:
@@ -153,7 +156,7 @@ def run_sweep(
     todo = [p for p in points if not any(matches(p, cfg) for _, cfg in done)]
     echo(f"sweep {sweep_dir}: {len(points)} points, {len(points) - len(todo)} already complete, "
          f"{len(todo)} to run on {workers} worker(s)")
-    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+    threads = threads_per_worker or 1  # small models: one thread each; more threads oversubscribe the cores
     t0 = time.perf_counter()
     errors = _execute(lab, todo, str(sweep_dir / "runs"), workers, threads, backend, echo)
     wall = time.perf_counter() - t0

@@ -125,3 +125,15 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and "not a prime" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factory, seq", [(enc003, 2), (tf004, 3)])
+def test_single_position_last_block_equals_the_full_computation(factory, seq):
+    torch.manual_seed(0)
+    model = factory(7, d_model=32, n_heads=4, d_ff=64).double()
+    x = torch.randint(0, 7, (20, seq))
+    h = model.embed(x) + model.pos[:seq]
+    for block in model.blocks:
+        h = block(h)  # every position, as a plain encoder computes it
+    ref = model.heads[0](model.norm(h[:, model.readout]))
+    assert torch.allclose(model(x), ref, atol=1e-12)

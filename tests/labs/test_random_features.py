@@ -97,3 +97,48 @@ def test_predicted_geometry_matches_winner_on_relu_and_swiglu():
         gd, spec = rf.descend(p, "gd", 10, c), rf.descend(p, "specgd", 10, c)
         won = "spectral" if spec.objective[-1] < gd.objective[-1] else "euclidean"
         assert rf.predicted(nr1, c.st) == expected == won
+
+
+TINY = ["device=cpu", "dim=16", "width=64", "samples=64", "outputs=8", "steps=4", "activations=relu,swiglu",
+        "sweep_widths=32,64", "sweep_samples=64", "sweep_dims=8,16"]
+
+
+def test_lab_smoke_through_cli(tmp_path):
+    """`specscope run random-features --set ...` at tiny size: report, claims, and claims recomputable from the store."""
+    import json
+    import subprocess
+    import sys
+
+    from specscope import store
+
+    args = [sys.executable, "-m", "specscope", "run", "random-features", "--quiet", "--out", str(tmp_path)]
+    for kv in TINY:
+        args += ["--set", kv]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "random-features").iterdir()
+    assert (run_dir / "report.html").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [c["id"] for c in summary["claims"]] == ["RF-1", "RF-2", "RF-3"]
+    cfg = rf.Config.model_validate(json.loads((run_dir / "config.json").read_text())["config"])
+    df = store.load(run_dir)
+    assert [c.verdict for c in rf.claims(df, cfg)] == [c["verdict"] for c in summary["claims"]]
+
+
+def test_claims_follow_the_recorded_metrics():
+    """Swap the GD and SpecGD objectives in a recorded frame: RF-3's verdict must flip from PASS to FAIL."""
+    import pandas as pd
+
+    cfg = rf.Config(activations=["relu", "swiglu"], steps=3)
+    rows = []
+    for act, ratio, gd, spec in (("relu", 10.0, 0.5, 0.1), ("swiglu", 0.3, 0.1, 0.5)):
+        rows += [dict(step=1, layer="W", metric="nuclear_rank", value=ratio, arm=f"{act}/gd"),
+                 dict(step=1, layer="W", metric="stable_rank", value=1.0, arm=f"{act}/gd"),
+                 dict(step=3, layer="", metric="objective", value=gd, arm=f"{act}/gd"),
+                 dict(step=3, layer="", metric="objective", value=spec, arm=f"{act}/specgd")]
+    df = pd.DataFrame(rows)
+    assert rf.claims(df, cfg)[2].verdict == "PASS"
+    obj = df["metric"] == "objective"
+    df.loc[obj, "arm"] = df.loc[obj, "arm"].map(lambda a: a.replace("gd", "X").replace("specX", "gd").replace("X", "specgd"))
+    assert rf.claims(df, cfg)[2].verdict == "FAIL"
+    assert rf.claims(df.iloc[0:0], cfg)[0].verdict == "INCONCLUSIVE"

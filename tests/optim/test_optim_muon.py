@@ -36,10 +36,11 @@ def test_matches_torch_muon_within_bf16_rounding(kw):
     for a, b, r in zip(ours, theirs, ref):
         torch_rounding = float((b - r).abs().max())
         assert torch_rounding > 0  # bf16 really differs from float64, so the bound below is meaningful
-        # ours is a bf16 evaluation of the same map. torch rounds 3 results per iteration (A and two fused
-        # addmm); linalg's unfused b·A + c·A², a·X + B·X rounds up to 7: allow 4x torch's own rounding.
-        assert float((a - r).abs().max()) <= 4 * torch_rounding
-        assert float((a - b).abs().max()) <= 5 * torch_rounding
+        # ours is a bf16 evaluation of the same map (linalg's fused baddbmm, torch's addmm): its distance to
+        # the float64 map may differ from torch's by the order of rounding, not by more than torch's own.
+        # (On CPU with torch 2.13 the two are in fact bitwise equal.)
+        assert float((a - r).abs().max()) <= 2 * torch_rounding
+        assert float((a - b).abs().max()) <= 3 * torch_rounding
 
 
 def test_bf16_params_keep_fp32_momentum_through_state_dict():

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from specscope import linalg
 from specscope.errors import ConfigError
 from specscope.optim import AutoGeometry, SpecGD, checks
 from specscope.optim.auto import choose

@@ -177,7 +177,7 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
     scale[-1] = 3.0  # σ_2/σ_1 ≈ 2/3: each subspace iteration shrinks the error of σ_1² by ≈ (2/3)²
     base = torch.randn(256, 64) @ torch.diag(scale)
     errs = []
-    for step in range(6):
+    for step in range(12):  # consecutive steps: one subspace iteration each (no refinement once warm)
         x = base + 0.01 * torch.randn(256, 64)
         with mon.step(step):
             model(x).sum().backward()
@@ -211,3 +211,20 @@ def test_extras_records_and_bad_options():
             Monitor(model, **kw)
     with pytest.raises(ConfigError, match="known"):
         mon.stable_rank("nope")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("estimator", ["power", "gram"])
+def test_cuda_records_match_cpu(tiny_gpt, lm_step, tokens, estimator):
+    out = {}
+    for dev in ("cpu", "cuda"):
+        model = tiny_gpt(n_layer=2).to(dev)
+        mon = Monitor(model, estimator=estimator)
+        for step in range(2):
+            model.zero_grad()
+            with mon.step(step):
+                lm_step(model, tokens.to(dev)).backward()
+        out[dev] = {(r.layer, r.metric): r.value for r in mon.pop_records()}
+    assert out["cpu"].keys() == out["cuda"].keys()
+    for k, v in out["cpu"].items():  # TF32 is off by default for matmuls, so float32 agreement
+        assert out["cuda"][k] == pytest.approx(v, rel=2e-3), k

@@ -95,8 +95,9 @@ def _targets(cfg: Config, model: torch.nn.Module) -> dict[str, torch.nn.Paramete
     return qk_weights(model, tuple(cfg.lrd_targets))
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module, reg: str) -> tuple[Any, list[Any]]:
-    """The base optimizer and the extra steppers (LowRankDecay) of one arm.
+def make_optimizer(cfg: Config, model: torch.nn.Module, reg: str, monitor: Any = None) -> tuple[Any, list[Any]]:
+    """The base optimizer and the extra steppers (LowRankDecay) of one arm. `monitor` (a probe Monitor)
+    supplies st(A) of each block's input to AutoGeometry (optimizer=auto).
 
     L2 applies to every parameter except the targets of `lrd`, `lrd_prox` and `lrd_ns` (which get LRD
     instead) and nothing under `none`; `elastic` keeps L2 on the targets and adds LRD.
@@ -118,13 +119,15 @@ def make_optimizer(cfg: Config, model: torch.nn.Module, reg: str) -> tuple[Any, 
         from specscope.optim import Hybrid
 
         algorithm = "muon" if cfg.optimizer == "muon" else "auto"
+        # AutoGeometry: AdamW as the Euclidean branch, at AdamW's lr (its spectral branch is RMS-matched)
+        spectral = {"algorithm": "muon", "lr": cfg.muon_lr} if algorithm == "muon" else \
+            {"algorithm": "auto", "lr": cfg.lr, "euclidean": "adamw", "betas": cfg.betas}
         params = [
             {"params": [p for _, p in ps], "param_names": [n for n, _ in ps], "weight_decay": d,
-             **({"algorithm": algorithm, "lr": cfg.muon_lr} if h else
-                {"algorithm": "adamw", "lr": cfg.lr, "betas": cfg.betas})}
+             **(spectral if h else {"algorithm": "adamw", "lr": cfg.lr, "betas": cfg.betas})}
             for (h, d), ps in groups.items()
         ]
-        opt = Hybrid(params, algorithm=algorithm)
+        opt = Hybrid(params, algorithm=algorithm, stable_rank=monitor)
     steppers = []
     if reg in LRD_MODE:
         from specscope.optim import LowRankDecay
@@ -299,13 +302,18 @@ def build(cfg: Config, device: torch.device) -> list[Arm]:
         if init is None:
             init = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(init)
-        opt, steppers = make_optimizer(cfg, model, reg)
+        monitor = None
+        if cfg.optimizer == "auto":
+            from specscope.probe import Monitor
+
+            monitor = Monitor(model, every=1)
+        opt, steppers = make_optimizer(cfg, model, reg, monitor)
         tracker = Tracker(cfg.grok_threshold, cfg.grok_window)
         stop = (lambda m, t=tracker: t.grokked) if cfg.stop_after_grok else None
         arms.append(Arm(
             name=reg, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, cfg.seed), loss=loss_fn,
             steps=cfg.steps, evaluate=make_evaluate(data, tracker), eval_every=cfg.eval_every,
-            callbacks=[tracker, Spectra(_targets(cfg, model), every, cfg.top_singular)],
+            monitor=monitor, callbacks=[tracker, Spectra(_targets(cfg, model), every, cfg.top_singular)],
             extra_steppers=steppers, grad_clip=cfg.grad_clip or None, stop=stop,
         ))
     return arms

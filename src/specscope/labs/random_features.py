@@ -21,7 +21,7 @@ import torch
 
 from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
 from specscope.labs.base import Arm, LabConfig, Measure
-from specscope.linalg import nuclear_norm, nuclear_rank, stable_rank
+from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import Claim, Record
 
 NAME = "random-features"
@@ -124,8 +124,9 @@ def descend(problem: RFProblem, method: str, steps: int, c: Constants | None = N
         fro2 = float(G.square().sum())
         traj.objective.append(float(loss.detach()))
         traj.grad_fro2.append(fro2)
-        traj.grad_nuclear.append(float(nuclear_norm(G)) if fro2 > 0 else 0.0)
-        traj.nuclear_rank.append(float(nuclear_rank(G)) if fro2 > 0 else math.nan)
+        nr = float(nuclear_rank(G)) if fro2 > 0 else math.nan
+        traj.nuclear_rank.append(nr)
+        traj.grad_nuclear.append(math.sqrt(nr * fro2) if fro2 > 0 else 0.0)  # ‖G‖_*² = nr(G)·‖G‖_F²
         if t < steps:
             opt.step()
     return traj

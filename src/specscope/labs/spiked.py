@@ -529,7 +529,8 @@ def fig_spectrum(df: pd.DataFrame):
     for ax, arm in zip(axes, arms):
         a = df[(df["arm"] == arm) & (df["layer"] == LAYER)]
         sv = a[a["metric"] == "singular_value"].sort_values("step")
-        ax.semilogy(sv["step"], sv["value"].clip(lower=1e-300), ".", ms=3, color="k", label="σ_k(G)")
+        sv = sv[sv["value"] > 1e-10 * sv["value"].max()]  # below that a Gram-based σ is round-off
+        ax.semilogy(sv["step"], sv["value"], ".", ms=3, color="k", label="σ_k(G)")
         at0 = a[a["step"] == 0].set_index("metric")["value"]
         for key, label, colour, ls in marks:
             if key in at0 and at0[key] > 0:

@@ -1,7 +1,7 @@
 """Rank measures computed from the singular values (exact, float64 internally).
 
 All of them use the eigenvalues of the smaller Gram matrix in float64: σ_i² = eig(X Xᵀ) (or XᵀX),
-clamped at 0. That is exact up to float64 round-off (absolute error ~1e-16·σ_1² on each σ_i²), which is
+with eigenvalues ≤ max(m, n)·eps·λ_1 (σ_i ≲ 1e-6·σ_1) set to 0. That is exact up to float64 round-off (absolute error ~1e-16·σ_1² on each σ_i²), which is
 far below the 1e-5 relative accuracy the project promises for these quantities.
 
 Zero matrix convention: every rank measure of an all-zero matrix is 0 (its rank), never NaN.
@@ -15,9 +15,13 @@ from ._checks import check_tensor, smaller_gram, work_dtype
 
 
 def _sq_singular_values(x: Tensor) -> Tensor:
-    """σ_i² descending, shape [..., min(m, n)], float64, from eigvalsh of the smaller Gram."""
-    lam = torch.linalg.eigvalsh(smaller_gram(x.double()))
-    return lam.clamp(min=0).flip(-1)
+    """σ_i² descending, shape [..., min(m, n)], float64, from eigvalsh of the smaller Gram.
+
+    Eigenvalues ≤ max(m, n)·eps·λ_1 are round-off of exact zeros (the Gram's own error is ~eps·λ_1) and
+    are set to 0, so a rank-r matrix has exactly r nonzero σ_i² and the bounds nr, st ≤ rank hold."""
+    lam = torch.linalg.eigvalsh(smaller_gram(x.double())).flip(-1)
+    cutoff = max(x.shape[-2:]) * torch.finfo(torch.float64).eps * lam[..., :1]
+    return torch.where(lam > cutoff, lam, torch.zeros_like(lam))
 
 
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:

@@ -45,14 +45,15 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        heads = lambda t: t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+    def forward(self, x: torch.Tensor, x_query: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention of `x`; with `x_query` only those positions ask (keys and values still come from all)."""
+        xq = x if x_query is None else x_query
+        heads = lambda t: t.view(t.shape[0], t.shape[1], self.n_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(self.q(xq)), heads(self.k(x)), heads(self.v(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
+        return self.o(y.transpose(1, 2).reshape(xq.shape))
 
 
 class MLP(nn.Module):
@@ -79,8 +80,15 @@ class Block(nn.Module):
         self.norm1, self.attn = _norm(norm, d, bias), Attention(d, n_heads, bias, qk_norm)
         self.norm2, self.mlp = _norm(norm, d, bias), MLP(d, d_ff, mlp, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, only: int | None = None) -> torch.Tensor:
+        """`only`: compute the output at that position alone (the last block before a single-token readout:
+        the same numbers for that position at a fraction of the cost)."""
+        h = self.norm1(x)
+        if only is not None:
+            x, hq = x[:, [only]], h[:, [only]]
+            x = x + self.attn(h, hq)
+        else:
+            x = x + self.attn(h)
         return x + self.mlp(self.norm2(x))
 
 
@@ -119,9 +127,9 @@ class ModularTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) + self.pos[: x.shape[1]]
-        for block in self.blocks:
-            h = block(h)
-        h = self.norm(h[:, self.readout])
+        for i, block in enumerate(self.blocks):
+            h = block(h, self.readout if i == len(self.blocks) - 1 else None)
+        h = self.norm(h[:, -1 if len(self.blocks) else self.readout])
         if self.n_tasks == 1:
             return self.heads[0](h)
         return torch.stack([head(h) for head in self.heads], dim=1)

@@ -33,21 +33,26 @@ MUON_DEFAULTS: dict[str, Any] = dict(
 
 
 def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
-    """One Muon step on a group: momentum per parameter, batched polar per shape, decoupled decay."""
+    """One Muon step on a group, shape bucket by shape bucket: momentum, one batched polar, apply.
+
+    Working a bucket at a time keeps its buffers in cache between the momentum and the update.
+    """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
-    updates = []
-    for p, g in zip(params, grads):
-        state = opt.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(g, dtype=state_dtype(g))
-        buf = state["momentum_buffer"]
-        g = g.to(buf.dtype)
-        buf.lerp_(g, 1 - mu)
-        updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
-    orth = _common.batched_polar(updates, _common.polar_fn(group))
-    for p, o in zip(params, orth):
-        p.mul_(1 - lr * wd)
-        p.add_(o.view_as(p).to(p.dtype), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+    polar = _common.polar_fn(group)
+    for idx in _common.buckets_by_shape(grads).values():
+        updates = []
+        for i in idx:
+            state = opt.state[params[i]]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads[i], dtype=state_dtype(grads[i]))
+            buf = state["momentum_buffer"]
+            g = grads[i].to(buf.dtype)
+            buf.lerp_(g, 1 - mu)
+            updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
+        for i, o in zip(idx, _common.batched_polar(updates, polar)):
+            p = params[i]
+            p.mul_(1 - lr * wd)
+            p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # bf16 o: promoted
 
 
 register("muon", muon_update, MUON_DEFAULTS, spectral=True)

@@ -49,29 +49,34 @@ class PowerStats:
 
     estimator = "power"
 
-    def __init__(self, n: int, block: int = 4, iters: int = 2):
+    def __init__(self, n: int, block: int = 4, iters: int = 1):
         self.n, self.block, self.iters = n, min(block, n), iters
         self.V: torch.Tensor | None = None
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, refine: bool = True) -> None:
+        """Start a step; refine=False skips the first-micro-batch refinement (the block is already warm
+        from the immediately preceding step, and this step's pass is itself one more iteration)."""
         self.fro2: torch.Tensor | None = None
         self.Z: torch.Tensor | None = None
         self.rows = 0
+        self.refine = refine
 
     def add(self, A: torch.Tensor) -> None:
         A = A.float()
-        if self.V is None:
+        cold = self.V is None
+        if cold:
             self.V = _initial_block(self.n, self.block, A.device)
         V = self.V = self.V.to(A.device)
         if self.Z is None:  # first micro-batch of the step: refine the warm block on it
-            for _ in range(self.iters):
+            for _ in range(self.iters if self.refine or cold else 0):
                 (Z,) = D.all_reduce_sum([A.mT @ (A @ V)])
                 Q = _orth(Z)
                 V = torch.where(torch.isfinite(Q).all(), Q, V)  # a NaN batch must not poison the warm state
             self.V = V
             self.fro2, self.Z = A.new_zeros(()), torch.zeros_like(V)
-        self.fro2 += A.square().sum()
+        flat = A.reshape(-1)
+        self.fro2 += flat @ flat  # ‖A‖_F² without a squared copy of A
         self.Z += A.mT @ (A @ V)
         self.rows += A.shape[0]
 
@@ -107,7 +112,7 @@ class GramStats:
         self.n = n
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, refine: bool = True) -> None:
         self.C: torch.Tensor | None = None
         self.rows = 0
 
@@ -147,7 +152,7 @@ class ExactStats:
         self.n = n
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, refine: bool = True) -> None:
         self.chunks: list[torch.Tensor] = []
         self.rows = 0
 
@@ -184,7 +189,7 @@ class TokenCounts:
         self.n = num_embeddings
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, refine: bool = True) -> None:
         self.counts: torch.Tensor | None = None
         self.rows = 0
 
@@ -211,7 +216,7 @@ class TokenCounts:
         pass
 
 
-def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 2):
+def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 1):
     """The input accumulator for one weight: token counts for embeddings, else the chosen estimator."""
     if kind == "embedding":
         return TokenCounts(n)
@@ -222,7 +227,7 @@ def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int 
     return ExactStats(n)
 
 
-def gradient_spectra(mats: list[torch.Tensor], exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
 
     `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram, formed in float64 (exact to ~1e-12
@@ -237,13 +242,13 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False) -> tuple[tor
     mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
     if exact:
         return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
-    # float64 Gram: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular values
-    # ~3e-4·σ_1 on every zero direction, which inflates ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
-    grams = [L.gram(G, dtype=torch.float64) for G in mats]
+    # float64 Gram by default: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular
+    # values ~3e-4·σ_1 on every zero direction, inflating ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
+    grams = [L.gram(G, dtype=dtype) for G in mats]
     nuc = torch.empty(len(mats), dtype=torch.float64, device=fro.device)
     by_size: dict[int, list[int]] = {}
     for i, C in enumerate(grams):
         by_size.setdefault(C.shape[-1], []).append(i)
     for idx in by_size.values():  # one batched eigendecomposition per Gram size
-        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]))
+        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]).double())
     return fro, nuc

@@ -70,7 +70,10 @@ class Monitor:
     read in `after_optimizer_step()`.
     estimator: how st(A) is measured — "power" (default, one-pass warm-started block power iteration),
     "gram" (exact up to rounding, n² memory per weight) or "exact" (keeps A; a reference). nr(G) is
-    always exact: eigenvalues of the smaller Gram ("gram"), or an SVD with estimator="exact".
+    always exact: eigenvalues of the smaller Gram ("gram", formed in `grad_gram_dtype`, float64 by
+    default; float32 is ~2x cheaper but spurious singular values ~3e-4·σ_1 then inflate ‖G‖_* of
+    low-rank gradients), or an SVD with estimator="exact". The power block is refined `power_iters`
+    times on a step's first micro-batch unless the previous step was measured too (it is then warm).
     split: {module pattern: [slice names]} or {pattern: {name: rows}} measures a fused weight's output
     row blocks separately, e.g. {"blocks.*.attn.qkv": ["q", "k", "v"]} records "blocks.0.attn.qkv.q".
     """
@@ -88,10 +91,11 @@ class Monitor:
         nonfinite: str = "raise",
         include: Iterable[str] | None = None,
         exclude: Iterable[str] = (),
-        power_iters: int = 2,
+        power_iters: int = 1,
         power_block: int = 4,
         topk: int = 4,
         history: int = 1000,
+        grad_gram_dtype: torch.dtype = torch.float64,
     ):
         if every is not None and (not isinstance(every, int) or every < 1):
             raise ConfigError(f"Monitor(every={every!r}) must be a positive int or None")
@@ -126,6 +130,8 @@ class Monitor:
         self._latest_inputs: dict[str, tuple[int, str]] = {}
         self._history: dict[str, deque] = {}
         self._history_len = history
+        self.grad_gram_dtype = grad_gram_dtype
+        self._last_measured: int | None = None
 
     # -- schedule ---------------------------------------------------------------------------------
     def is_measured(self, step: int) -> bool:
@@ -185,7 +191,7 @@ class Monitor:
                 raise ConfigError(f"observe('{name}', ...): that name is already a measured weight; pick another")
             slot = Slot(name, weight, "observed", weight.shape[-1], modules=[name])
             slot.stats = make_stats("observed", slot.n_features, self.estimator, **self._stats_kw)
-            slot.stats.reset()
+            slot.stats.reset(refine=True)
             self.slots[id(weight)] = slot
             for pname, p in self.model.named_parameters():
                 if p is weight:
@@ -209,8 +215,10 @@ class Monitor:
     # -- hooks --------------------------------------------------------------------------------------
     def _arm(self, step: int) -> None:
         self._step = step
+        warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
+        self._last_measured = step
         for s in self.slots.values():
-            s.stats.reset()
+            s.stats.reset(refine=not warm)
         for _, module, slot in self._uses:
             self._handles.append(module.register_forward_pre_hook(self._hook(slot), with_kwargs=True))
 
@@ -271,7 +279,7 @@ class Monitor:
         if reduce and self.gradient == "grad" and not self._grads_reduced:
             mats = D.all_reduce_mean(mats)
         named = [(nm, s, G[a:b]) for s, G in zip(slots, mats) for nm, a, b in (s.slices or [(s.name, 0, G.shape[0])])]
-        fro, nuc = gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact")
+        fro, nuc = gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
         nr_est = "exact" if self.estimator == "exact" else "gram"
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
             self._records_for(step, nm, s, G, f, n, nr_est, inputs.get(id(s.param)))

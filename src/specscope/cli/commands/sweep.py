@@ -48,9 +48,10 @@ def sweep(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`); omit with --resume."),
     grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (repeatable; the product of all is run)."),
     set_: list[str] = typer.Option([], "--set", help="A fixed override for every point: key=value (repeatable)."),
-    workers: int = typer.Option(1, "--workers", help="Parallel worker processes (each gets cpu_count/workers torch threads)."),
+    workers: int = typer.Option(1, "--workers", help="Parallel worker processes (one torch thread each unless --threads)."),
     out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Where the sweep directory is created."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a sweep directory: complete points are not rerun."),
+    threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     ray: bool = typer.Option(False, "--ray", help="Run the points on a Ray cluster (RAY_ADDRESS) instead of local processes."),
 ) -> None:
     """Run a lab over a grid of config values; writes one run per point, summary.csv and the phase diagram."""
@@ -74,7 +75,7 @@ def sweep(
     mod = labs.get(lab)
     sweep_dir = sw.run_sweep(
         lab, parse_grid(mod.Config, grid, lab), parse_overrides(mod.Config, set_, lab),
-        out=out, workers=workers, resume=resume, backend="ray" if ray else "process", echo=typer.echo,
+        out=out, workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
     )
     sw.print_table(sw.summary(sweep_dir), echo=typer.echo)
     claims_file = sweep_dir / "claims.json"

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from specscope import linalg as L
 
-from .conftest import random_matrix
+from _linalg_util import random_matrix
 
 shapes = st.tuples(st.integers(1, 12), st.integers(1, 12))
 seeds = st.integers(0, 2**16)

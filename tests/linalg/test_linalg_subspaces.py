@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from specscope import linalg as L
 
-from .conftest import random_matrix
+from _linalg_util import random_matrix
 
 
 @given(st.integers(1, 10), st.integers(1, 10), st.integers(0, 2**16), st.floats(0.0, 2.0))

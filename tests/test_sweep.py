@@ -1,0 +1,64 @@
+"""Sweep engine: grid expansion, matching runs to points, resume without rerunning, the CLI's grid parser."""
+
+import json
+
+import pytest
+
+from specscope import sweep
+from specscope.errors import ConfigError
+
+FAST = {"p": 5, "steps": 4, "eval_every": 2, "d_model": 8, "d_ff": 16, "n_heads": 2, "n_layers": 1,
+        "grok_window": 2, "batch_size": 0, "arms": ["l2"], "device": "cpu"}
+
+
+def test_expand_grid_is_the_product_over_fixed():
+    points = sweep.expand_grid({"a": [1, 2], "b": ["x", "y", "z"]}, {"c": 0, "a": 9})
+    assert len(points) == 6 and points[0] == {"c": 0, "a": 1, "b": "x"}
+    with pytest.raises(ConfigError, match="at least one value"):
+        sweep.expand_grid({"a": []})
+
+
+def test_matches_compares_validated_values():
+    cfg = {"train_fraction": 0.5, "arms": ["l2", "lrd"], "betas": [0.9, 0.98], "p": 97}
+    assert sweep.matches({"train_fraction": 0.5, "arms": ["l2", "lrd"], "betas": (0.9, 0.98)}, cfg)
+    assert not sweep.matches({"train_fraction": 0.4}, cfg)
+    assert not sweep.matches({"arms": ["l2"]}, cfg)
+    assert not sweep.matches({"missing": 1}, cfg)
+
+
+def _run_dirs(sweep_dir):
+    return sorted(p.name for p in (sweep_dir / "runs" / "grokking").iterdir())
+
+
+def test_resume_runs_only_missing_points(tmp_path):
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6]}, FAST, out=tmp_path, echo=quiet)
+    first = _run_dirs(d)
+    assert len(first) == 2
+    table = sweep.summary(d)
+    assert sorted(table["train_fraction"]) == [0.4, 0.6] and set(table["arm"]) == {"l2"}
+    assert (d / "summary.csv").is_file() and (d / "phase_diagram.png").is_file()
+
+    sweep.run_sweep("grokking", {}, resume=d, echo=quiet)  # everything complete: nothing reruns
+    assert _run_dirs(d) == first
+    sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6, 0.8]}, resume=d, echo=quiet)  # one new point
+    assert len(_run_dirs(d)) == 3 and set(first) <= set(_run_dirs(d))
+    assert json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4, 0.6, 0.8]
+
+
+def test_failed_point_is_reported_and_rerun_on_resume(tmp_path):
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"lrd_targets": [["q"], ["x"]]}, FAST, out=tmp_path, echo=quiet)
+    errors = json.loads((d / "errors.json").read_text())
+    assert len(errors) == 1 and "lrd_targets" in errors[0]["error"]
+    assert len(sweep.summary(d)) == 1
+
+
+def test_cli_grid_parser_handles_lists_and_numbers():
+    from specscope.cli.commands.sweep import parse_grid
+    from specscope.labs.grokking import Config
+
+    grid = parse_grid(Config, ["train_fraction=0.3,0.5", "arms=[l2,lrd],[l2]", "task=add,mul"], "grokking")
+    assert grid == {"train_fraction": [0.3, 0.5], "arms": [["l2", "lrd"], ["l2"]], "task": [["add"], ["mul"]]}
+    with pytest.raises(ConfigError, match="unknown config key"):
+        parse_grid(Config, ["nope=1,2"], "grokking")
