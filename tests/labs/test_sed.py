@@ -1,0 +1,152 @@
+"""SED lab: centroids against per-input autograd and finite differences, θ_attn selection, grok tables and
+verdicts from synthetic records, and a tiny run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from specscope import store
+from specscope.labs import sed
+from specscope.models.modular import enc003
+
+TINY = dict(p=5, d_model=8, d_ff=16, n_heads=2, steps=16, multitask_steps=16, eval_every=4, grok_window=2,
+            window=3, k=2, snapshot_every=2, fixed_batch=8, n_probe=8, n_random=3, coupling_every=4,
+            batch_size=8, device="cpu", multitask=["add", "sub"], interventions=["control", "keep_random", "keep_sed"])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared; intra-op threads only contend
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(n_tasks: int = 1):
+    torch.manual_seed(0)
+    return enc003(7, n_tasks, d_model=8, n_heads=2, d_ff=16).double()
+
+
+def test_forward_from_embeddings_is_the_model_forward():
+    model = tiny_model(2)
+    x = torch.randint(0, 7, (6, 2))
+    heads = sed.forward_from_embeddings(model, sed.embed(model, x))
+    assert torch.allclose(torch.stack(heads, 1), model(x), atol=1e-12)
+
+
+def test_centroids_are_per_input_gradients_of_the_correct_logit():
+    model = tiny_model(2)
+    x = torch.randint(0, 7, (5, 2))
+    y = torch.randint(0, 7, (5,))
+    mu = sed.centroids(model, x, y, task=1)
+    assert mu.shape == (5, 2 * 8)
+    for i in range(5):  # one input at a time: no cross-talk through the batch
+        h = sed.embed(model, x[i:i + 1]).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(model.heads[1](model.norm(_blocks(model, h)[:, 0]))[0, y[i]], h)
+        assert torch.allclose(mu[i], g.reshape(-1), atol=1e-12)
+    # central finite difference on one embedding coordinate, float64: error O(δ²) ≈ 1e-10
+    i, j, delta = 2, 5, 1e-5
+    h = sed.embed(model, x[i:i + 1]).detach().reshape(-1)
+    def logit(v):
+        return sed.forward_from_embeddings(model, v.reshape(1, 2, 8))[1][0, y[i]]
+    e = torch.zeros_like(h)
+    e[j] = delta
+    with torch.no_grad():
+        fd = (logit(h + e) - logit(h - e)) / (2 * delta)
+    assert abs(fd.item() - mu[i, j].item()) < 1e-7
+
+
+def _blocks(model, h):
+    for block in model.blocks:
+        h = block(h)
+    return h
+
+
+def test_attention_weights_are_the_four_projections_of_every_block_without_biases():
+    names = list(sed.attention_weights(enc003(7, n_layers=2)))
+    assert names == [f"blocks.{i}.attn.{m}" for i in range(2) for m in "qkvo"]
+    with pytest.raises(Exception, match="attn"):
+        sed.attention_weights(torch.nn.Linear(3, 3))
+
+
+def _records(rows):
+    return pd.DataFrame([dict(step=s, layer=layer, metric=m, value=v, arm=a) for a, m, layer, s, v in rows])
+
+
+def _accs(arm, grok_at, steps=400, every=50):
+    return [(arm, "test_acc", "", s, 1.0 if s >= grok_at else 0.1) for s in range(0, steps + 1, every)]
+
+
+def test_intervention_table_speedups_and_sed2_verdicts():
+    cfg = sed.Config(seeds=1, grok_window=2, eval_every=50)
+    rows = _accs("control-s0", 300) + _accs("keep_sed-s0", 150) + _accs("keep_random-s0", 100)
+    rows += _accs("remove_sed-s0", 300) + _accs("remove_random-s0", 300)
+    table = sed.intervention_table(_records(rows), cfg)
+    speed = table.set_index("intervention")["speedup_stable"]
+    assert speed["keep_sed"] == 2.0 and speed["keep_random"] == 3.0 and speed["remove_sed"] == 1.0
+    assert sed._sed2_claim(table, cfg).verdict == "PASS"
+    rows = [r for r in rows if r[0] != "remove_sed-s0"] + _accs("remove_sed-s0", 10**9)  # never groks
+    table = sed.intervention_table(_records(rows), cfg)
+    r = table.set_index("intervention").loc["remove_sed"]
+    assert r["speedup_stable_bound"] and r["speedup_stable"] == 300 / 400
+    assert sed._sed2_claim(table, cfg).verdict == "FAIL"
+    no_ctrl = [r for r in rows if r[0] != "control-s0"] + _accs("control-s0", 10**9)
+    assert sed._sed2_claim(sed.intervention_table(_records(no_ctrl), cfg), cfg).verdict == "INCONCLUSIVE"
+
+
+def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
+    cfg = sed.Config(multitask=["add", "sub"])
+    rb = lambda arm, layer, vals: [(arm, "coupling_Rbar", layer, 100 * i, v) for i, v in enumerate(vals)]  # noqa: E731
+    df = _records(rb("control-s0", "gradient-sed", [5, 150, 40]) + rb("control-s0", "update-sed", [2, 6, 3]))
+    assert sed.peak_rbar(df, "control-s0", "gradient-sed") == 150
+    assert sed._sed1_claim(df, cfg).verdict == "PASS"
+    df = _records(rb("control-s0", "gradient-sed", [5, 15]) + rb("control-s0", "update-sed", [2, 6]))
+    assert sed._sed1_claim(df, cfg).verdict == "FAIL"
+    assert sed._sed1_claim(_records(rb("x", "gradient-sed", [1])), cfg).verdict == "INCONCLUSIVE"
+    good = []
+    for t in cfg.multitask:
+        good += rb("multitask", f"update-sed:{t}", [0.5, 0.9]) + rb("multitask", f"task-{t}-sed:{t}", [10, 30])
+        good += rb("multitask", f"gradient-sed:{t}", [3, 4])
+    assert sed._sed3_claim(_records(good), cfg).verdict == "PASS"
+    bad = good + rb("multitask", "update-sed:sub", [5])
+    assert sed._sed3_claim(_records(bad), cfg).verdict == "FAIL"
+
+
+def test_bad_configs_are_config_errors():
+    from specscope.errors import ConfigError
+
+    for bad in (dict(k=5, window=3), dict(multitask=["add"]), dict(interventions=[], multitask=[])):
+        with pytest.raises(ConfigError):
+            sed.check(sed.Config(**bad))
+
+
+def test_tiny_run_through_the_cli(monkeypatch, capsys, tmp_path):
+    from specscope.cli import main
+
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={','.join(v) if isinstance(v, list) else v}")]
+    monkeypatch.setattr(sys, "argv", ["specscope", "run", "sed", *sets, "--out", str(tmp_path), "--quiet"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code in (0, None), out.out + out.err
+    run_dir = next((tmp_path / "sed").iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [c["id"] for c in summary["claims"]] == ["SED-1", "SED-2", "SED-3"]
+    df = store.load(run_dir)
+    assert set(df.arm) >= {"control-s0", "keep_random-s0", "keep_sed-s0", "multitask"}
+    rbar = df[df.metric == "coupling_Rbar"]
+    assert set(rbar[rbar.arm == "control-s0"].layer) == {"gradient-sed", "update-sed"}
+    assert set(rbar[rbar.arm == "multitask"].layer) == {f"{s}:{t}" for t in ("add", "sub")
+                                                         for s in ("update-sed", "gradient-sed", f"task-{t}-sed")}
+    assert rbar["value"].map(math.isfinite).all() and (rbar["value"] > 0).all()
+    # projection starts when the window is full: snapshots at 0, 2, 4 -> full after step 4
+    proj = df[(df.arm == "keep_sed-s0") & (df.metric == "projected")]
+    assert proj.step.min() == 4 and (proj.value == 1).all()
+    for name in ("sed_coupling", "sed_interventions", "sed_multitask"):
+        assert any(name in p.name for p in (run_dir / "figures").iterdir())

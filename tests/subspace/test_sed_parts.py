@@ -1,0 +1,68 @@
+"""SEDTracker and GatedProjection: snapshots are the true gradients/updates and never touch training."""
+
+from __future__ import annotations
+
+import torch
+
+from specscope.subspace import GradientProjection
+from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
+
+
+def setup(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.nn.Parameter(torch.randn(4, 3, generator=g, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    return W, b, x
+
+
+def test_tracker_pushes_the_fixed_batch_gradient_and_the_optimizer_step():
+    W, b, x = setup()
+    fixed = lambda: ((x @ W.T + b) ** 2).sum()  # noqa: E731
+    tracker = SEDTracker([W], {"gradient-sed": fixed}, window=3, k=1, every=1, update=True)
+    opt = torch.optim.SGD([W, b], lr=0.1)
+    for step in range(4):
+        opt.zero_grad()
+        (x @ W.T + b).sin().sum().backward()  # the training loss differs from the fixed-batch loss
+        train_grad = W.grad.clone()
+        expected = 2 * ((x @ W.T + b).T @ x).detach()  # d/dW of the fixed-batch loss
+        before = W.detach().clone()
+        tracker.after_backward(step, None, opt)
+        assert torch.equal(W.grad, train_grad)  # .grad untouched
+        opt.step()
+        tracker.after_step(step, None, opt)
+        n = min(step + 1, 3)
+        assert torch.allclose(tracker.seds["gradient-sed"]._rows[step % 3].double(), expected.reshape(-1).float().double(), rtol=1e-6)
+        assert torch.allclose(tracker.seds[UPDATE]._rows[step % 3].double(), (W.detach() - before).reshape(-1).float().double(), rtol=1e-6)
+        assert len(tracker.seds[UPDATE]) == n
+
+
+def test_tracker_records_gap_and_rotation_only_once_full():
+    W, b, x = setup()
+    tracker = SEDTracker([W, b], {"g": lambda: (x @ W.T + b).pow(3).sum()}, window=2, k=1, every=1, update=False)
+    r0 = tracker.after_backward(0, None, None)
+    assert {r.metric for r in r0} == {"snapshot_norm"}
+    with torch.no_grad():
+        W.add_(0.3)
+    r1 = {r.metric for r in tracker.after_backward(1, None, None)}
+    assert {"sed_gap", "sed_sigma1"} <= r1 and "sed_rotation" not in r1  # nothing to compare with yet
+    with torch.no_grad():
+        W.add_(0.3)
+    assert "sed_rotation" in {r.metric for r in tracker.after_backward(2, None, None)}
+
+
+def test_gated_projection_waits_for_the_window_then_keeps_the_subspace():
+    W, b, x = setup()
+    tracker = SEDTracker([W], {"g": lambda: (x @ W.T + b).pow(2).sum()}, window=2, k=1, every=1, update=False)
+    sed = tracker.seds["g"]
+    gate = GatedProjection(GradientProjection([W], sed, mode="keep", k=1), lambda: sed.full)
+    W.grad = torch.ones_like(W)
+    tracker.after_backward(0, None, None)
+    assert gate.after_backward(0, None, None) == [] and torch.equal(W.grad, torch.ones_like(W))
+    with torch.no_grad():
+        W.mul_(1.5)
+    tracker.after_backward(1, None, None)
+    gate.after_backward(1, None, None)
+    v = sed.directions(1)[0].double()
+    g = torch.ones(12, dtype=torch.float64)
+    assert torch.allclose(W.grad.reshape(-1), (v @ g) * v, atol=1e-6)
