@@ -65,7 +65,7 @@ def test_model_shapes_and_post_activations():
 
 
 TINY = ["device=cpu", "dim=8", "width=16", "samples=32", "steps=6", "early=3", "batch_sweep=16,64",
-        "st_batches=16,32", "test_samples=32", "eval_every=3"]
+        "st_batches=16,32", "test_samples=32", "eval_every=3", "lr=0.002"]
 
 
 def test_lab_smoke_through_cli(tmp_path, monkeypatch, capsys):

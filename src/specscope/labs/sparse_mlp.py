@@ -129,7 +129,7 @@ class Config(LabConfig):
     samples: int = 256  # full batch n of every activation's arms
     support: int = 3  # target x₁⋯x_support (the paper's cubic)
     steps: int = 150
-    lr: float = 0.5  # one η for both geometries (geometry-matched spectral step)
+    lr: float = 0.05  # one η for both geometries (geometry-matched spectral step)
     sweep_activation: str = "swiglu"  # also trained at each extra batch size below (Fig. 18)
     batch_sweep: list[int] = [32, 1024]
     st_batches: list[int] = [16, 32, 64, 128, 256, 512, 1024, 2048]  # st(A) at initialisation vs n (Fig. 17)

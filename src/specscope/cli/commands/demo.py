@@ -1,21 +1,43 @@
-"""`specscope demo`: the main job. The quadratic check first, then both labs and `diagnose`, one report.
+"""`specscope demo`: the main job. Both labs at demo size, `diagnose` on the built-in transformer, one report.
 
-Part 1 (needs only `specscope.linalg`): random-feature regression f(W) = ½‖W σ(BX) − Y‖², exact GD
-(L_E = ‖A‖_2²) vs exact SpecGD (L_S = ‖A‖_F²) for ReLU and SwiGLU features; per activation st(A), nr(G) at
-W = 0 and after one GD step, the loss of both at a few steps, and the geometry nr/st predicts vs the winner.
+1. `random-features` (RF-1..3) through the shared loop; its GD and SpecGD arms give the quadratic-check tables
+   (st(A), nr(G) at steps 0 and 1, the geometry nr/st predicts vs the winner, f/f(0) at a few steps).
+2. `sparse-mlp` (MLP-1): GD vs SpecGD on layers 2–3 of a 3-hidden-layer MLP, ReLU vs SwiGLU, a batch sweep.
+3. `diagnose` on the built-in transformer: st(A), nr(G) and a verdict per weight.
+Everything lands in one run directory runs/demo/<id>/ whose report.html holds the diagnose figures, every
+claim and the labs' figures; the two lab runs (with their own reports) sit inside it.
+
+Torch and the specscope layers are imported inside the command: every command module is imported on every
+CLI start, so this module stays light.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from specscope.cli import app
+
+RF_DEMO: dict[str, Any] = dict(activations=["relu", "swiglu"], methods=["gd", "specgd"], dim=128, width=1024,
+                               samples=1024, outputs=64, steps=30, sweep_widths=[128, 512, 2048],
+                               sweep_samples=2048, sweep_dims=[32, 64, 128])
+MLP_DEMO: dict[str, Any] = dict(width=128, samples=256, steps=60, early=20, batch_sweep=[32, 1024],
+                                st_batches=[16, 64, 256, 1024], test_samples=512, eval_every=20)
+DIAGNOSE_STEPS = 30
+RF_QUICK: dict[str, Any] = dict(activations=["relu", "swiglu"], methods=["gd", "specgd"], dim=16, width=64,
+                                samples=64, outputs=8, steps=4, sweep_widths=[32, 64], sweep_samples=64,
+                                sweep_dims=[8, 16])
+MLP_QUICK: dict[str, Any] = dict(dim=8, width=16, samples=32, steps=6, early=3, batch_sweep=[16, 64],
+                                 st_batches=[16, 32], test_samples=32, eval_every=3, lr=0.002)
+QUICK_DIAGNOSE_STEPS = 3
 
 
 @dataclass
@@ -40,26 +62,27 @@ class RFRow:
         return "spectral" if self.specgd[-1] < self.gd[-1] else "euclidean"
 
 
-def quadratic_check(activations: list[str], dim: int, width: int, samples: int, outputs: int, steps: int,
-                    seed: int, progress: Progress | None = None) -> list[RFRow]:
-    """Run exact GD and SpecGD on random-feature regression for each activation (the demo's part 1)."""
-    from specscope.data.synthetic import rf_regression
-    from specscope.labs.random_features import constants, descend
+def objective_curve(df, arm: str, steps: int) -> list[float]:
+    """f(W_t)/f(0) for t = 0..steps from a random-features run: the loop's loss at t < steps, the final eval at steps."""
+    from specscope.labs.random_features import _series
+
+    loss, final = _series(df, arm, "loss", ""), _series(df, arm, "objective")
+    values = [float(loss.get(t, math.nan)) for t in range(steps)] + [float(final.get(steps, math.nan))]
+    return [v / values[0] for v in values]
+
+
+def rf_rows(df, activations: list[str], steps: int) -> list[RFRow]:
+    """The quadratic-check rows, read from a random-features run's records (GD arm: st(A), nr(G) at steps 0, 1)."""
+    from specscope.labs.random_features import _series
 
     rows = []
-    task = progress.add_task("quadratic check", total=2 * len(activations)) if progress else None
     for act in activations:
-        problem = rf_regression(dim, width, samples, outputs, act, seed)
-        c = constants(problem.A)
-        gd = descend(problem, "gd", steps, c)
-        if progress:
-            progress.advance(task)
-        spec = descend(problem, "specgd", steps, c)
-        if progress:
-            progress.advance(task)
-        f0 = gd.objective[0]
-        rows.append(RFRow(act, c.st, gd.nuclear_rank[0], gd.nuclear_rank[1],
-                          [v / f0 for v in gd.objective], [v / f0 for v in spec.objective]))
+        nr = _series(df, f"{act}/gd", "nuclear_rank", "W")
+        st = _series(df, f"{act}/gd", "stable_rank", "W")
+        if len(nr) < 2 or st.empty:
+            continue
+        rows.append(RFRow(act, float(st.iloc[0]), float(nr.get(0, math.nan)), float(nr.get(1, math.nan)),
+                          objective_curve(df, f"{act}/gd", steps), objective_curve(df, f"{act}/specgd", steps)))
     return rows
 
 
@@ -88,25 +111,92 @@ def rf_tables(rows: list[RFRow], steps: int) -> tuple[Table, Table]:
     return ranks, losses
 
 
-def progress_bar(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
+def mlp_table(df, cfg) -> Table:
+    """sparse-mlp: per (activation, batch) st(h) at step 0 and the training loss of GD and SpecGD early and last."""
+    from specscope.labs import sparse_mlp as sm
+
+    t = Table(title=f"Sparse-function MLP: GD vs SpecGD on layers 2–3 (loss at steps {cfg.early} and {cfg.steps - 1})")
+    for name in ("activation", "batch", "st(h) step 0", f"GD @{cfg.early}", f"SpecGD @{cfg.early}", "SpecGD/GD",
+                 f"GD @{cfg.steps - 1}", f"SpecGD @{cfg.steps - 1}"):
+        t.add_column(name, justify="left" if name == "activation" else "right")
+    for act, n in sm.arm_specs(cfg):
+        st = sm.hidden_stable_ranks(df, sm.arm_name(act, n, "gd"))
+        st0 = float(st.iloc[0].mean()) if len(st) else math.nan
+        gd, spec = (sm.arm_name(act, n, m) for m in ("gd", "specgd"))
+        early = [sm.loss_at(df, a, cfg.early) for a in (gd, spec)]
+        last = [sm.loss_at(df, a, cfg.steps - 1) for a in (gd, spec)]
+        t.add_row(act, str(n), f"{st0:.2f}", *[f"{v:.3g}" for v in early], f"{early[1] / early[0]:.3f}",
+                  *[f"{v:.3g}" for v in last])
+    return t
+
+
+def run_labs(out: Path, quick: bool, seed: int, console: Console) -> dict[str, Path]:
+    """Run both labs at demo (or quick) size under `out`, with progress bars; returns lab -> run directory."""
+    from specscope.labs import run_lab
+
+    sizes = {"random-features": RF_QUICK if quick else RF_DEMO, "sparse-mlp": MLP_QUICK if quick else MLP_DEMO}
+    dirs = {}
+    for lab, overrides in sizes.items():
+        console.print(f"[bold]{lab}[/] ({'quick' if quick else 'demo'} size)")
+        dirs[lab] = run_lab(lab, {**overrides, "seed": seed}, out=out, progress=True)
+    return dirs
+
+
+def write_demo_report(run, diag_df, labs_: dict[str, Path]) -> tuple[Path, list]:
+    """One self-contained page: diagnose's figures and per-weight table, every lab claim, the labs' figures."""
+    from specscope import labs, report, store
+    from specscope.labs.config import make_config
+
+    claims, figures, summary = [], {}, {}
+    for name, path in labs_.items():
+        lab = labs.get(name)
+        cfg = make_config(lab.Config, store.Run.open(path).config, name)
+        df = store.load(path)
+        claims += list(lab.claims(df, cfg))
+        figures.update({f"{name}: {k}": f for k, f in lab.figures(df, cfg).items()})
+        summary[f"{name} run (its own full report)"] = str(Path(path).relative_to(run.path) / "report.html")
+    summary["diagnose"] = "the figures and the per-weight table below are the built-in transformer's"
+    page = report.write_report(run.path, diag_df, config=run.config, claims=claims, extra_figures=figures,
+                               title="specscope demo", summary=summary)
+    return page, claims
 
 
 @app.command()
 def demo(
-    dim: int = typer.Option(128, help="Input dimension d of X (d × samples)."),
-    width: int = typer.Option(1024, help="Number of random features (rows of A)."),
-    samples: int = typer.Option(1024, help="Number of samples (columns of A)."),
-    outputs: int = typer.Option(64, help="Output dimension (rows of W and Y)."),
-    steps: int = typer.Option(30, help="Steps of GD and SpecGD for the quadratic check."),
-    seed: int = typer.Option(0, help="Seed for X, B and the ground truth."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Root folder; the demo writes OUT/demo/<run_id>/."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds; for tests), not the demo sizes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of both labs and the diagnosed transformer."),
 ) -> None:
-    """The main job: random-feature regression, GD vs SpecGD with exact constants, for ReLU and SwiGLU."""
+    """The main job: random-features and sparse-mlp labs, diagnose on a transformer, one report."""
+    from specscope import report, store
+    from specscope.cli.commands.diagnose import builtin, verdict_table
+    from specscope.labs import sparse_mlp as sm
+    from specscope.labs.config import make_config
+    from specscope.probe import diagnose as run_diagnose
+
     console = Console()
-    with progress_bar(console) as bar:
-        rows = quadratic_check(["relu", "swiglu"], dim, width, samples, outputs, steps, seed, bar)
-    for table in rf_tables(rows, steps):
+    t0 = time.perf_counter()
+    steps = QUICK_DIAGNOSE_STEPS if quick else DIAGNOSE_STEPS
+    with store.Run.create(out, "demo", {"quick": quick, "seed": seed, "diagnose_steps": steps}) as run:
+        labs_ = run_labs(Path(run.path), quick, seed, console)
+        console.print(f"[bold]diagnose[/] built-in transformer, {steps} AdamW steps")
+        net, batches, loss_fn = builtin("transformer", seed)
+        result = run_diagnose(net, batches, loss_fn, steps, sink=run.append)
+        run.flush()
+        page, claims = write_demo_report(run, store.load(run), labs_)
+        run.write_summary({"labs": {k: str(v) for k, v in labs_.items()},
+                           "claims": [c.as_dict() for c in claims], "final_loss": result.losses[-1]})
+        run.set_status("complete")
+
+    rf_cfg = RF_QUICK if quick else RF_DEMO
+    for table in rf_tables(rf_rows(store.load(labs_["random-features"]), rf_cfg["activations"], rf_cfg["steps"]),
+                           rf_cfg["steps"]):
         console.print(table)
     console.print("GD: ΔW = −G/‖A‖₂²;  SpecGD: ΔW = −(‖G‖_*/‖A‖_F²)·polar(G);  predicted: spectral when "
                   "nr(G)/st(A) > 1 after one GD step (paper 001 (1.5)).")
+    mlp_cfg = make_config(sm.Config, store.Run.open(labs_["sparse-mlp"]).config, sm.NAME)
+    console.print(mlp_table(store.load(labs_["sparse-mlp"]), mlp_cfg))
+    console.print(verdict_table(result.advice, f"transformer: {steps} steps, loss {result.losses[0]:.3f} -> "
+                                               f"{result.losses[-1]:.3f}"))
+    console.print(report.claims_table(claims, title="Claims (measured verdicts)"))
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {page}")
