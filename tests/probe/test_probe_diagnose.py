@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from specscope import store
 from specscope.cli import _register, app
-from specscope.cli.commands.diagnose import TRANSFORMER, language_batches
+from specscope.models.builtin import TRANSFORMER, language_batches
 from specscope.errors import ConfigError
 
 _register()

@@ -119,7 +119,7 @@ def mlp_table(df, cfg) -> Table:
     for name in ("activation", "batch", "st(h) step 0", f"GD @{cfg.early}", f"SpecGD @{cfg.early}", "SpecGD/GD",
                  f"GD @{cfg.steps - 1}", f"SpecGD @{cfg.steps - 1}"):
         t.add_column(name, justify="left" if name == "activation" else "right")
-    for act, n in sm.arm_specs(cfg):
+    for act, n in sorted(sm.arm_specs(cfg)):
         st = sm.hidden_stable_ranks(df, sm.arm_name(act, n, "gd"))
         st0 = float(st.iloc[0].mean()) if len(st) else math.nan
         gd, spec = (sm.arm_name(act, n, m) for m in ("gd", "specgd"))
