@@ -16,7 +16,7 @@ from specscope.labs import sed
 from specscope.models.modular import enc003
 
 TINY = dict(p=5, d_model=8, d_ff=16, n_heads=2, steps=16, multitask_steps=16, eval_every=4, grok_window=2,
-            window=3, k=2, snapshot_every=2, fixed_batch=8, n_probe=8, n_random=3, coupling_every=4,
+            window=3, k=2, snapshot_every=2, fixed_batch=8, n_probe=8, n_random=3, coupling_every=4, multitask_coupling_every=4,
             batch_size=8, device="cpu", multitask=["add", "sub"], interventions=["control", "keep_random", "keep_sed"])
 
 

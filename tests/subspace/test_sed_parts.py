@@ -66,3 +66,23 @@ def test_gated_projection_waits_for_the_window_then_keeps_the_subspace():
     v = sed.directions(1)[0].double()
     g = torch.ones(12, dtype=torch.float64)
     assert torch.allclose(W.grad.reshape(-1), (v @ g) * v, atol=1e-6)
+
+
+def test_tracker_state_survives_a_checkpoint_and_continues_identically(tmp_path):
+    from specscope.train import load_checkpoint, save_checkpoint
+
+    W, b, x = setup()
+    loss = lambda: (x @ W.T + b).tanh().sum()  # noqa: E731
+    a = SEDTracker([W], {"g": loss}, window=3, k=2, every=1)
+    for step in range(4):
+        a.after_backward(step, None, None)
+        with torch.no_grad():
+            W.mul_(0.9)
+        a.after_step(step, None, None)
+    save_checkpoint(tmp_path / "c.pt", {"tracker": a.state_dict()})
+    b_ = SEDTracker([W], {"g": loss}, window=3, k=2, every=1)
+    b_.load_state_dict(load_checkpoint(tmp_path / "c.pt")["tracker"])
+    ra, rb = a.after_backward(4, None, None), b_.after_backward(4, None, None)
+    assert ra == rb
+    for name in ("g", UPDATE):
+        assert torch.equal(a.seds[name].directions(), b_.seds[name].directions())

@@ -72,6 +72,7 @@ class Config(LabConfig):
     n_random: int = 20
     eps_rel: float = 0.005
     coupling_every: int = 250
+    multitask_coupling_every: int = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
     interventions: list[Intervention] = ["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
     seeds: int = 1
@@ -232,7 +233,7 @@ def multitask_arm(cfg: Config, device: torch.device) -> Arm:
     tracker = SEDTracker(params, losses, window=cfg.window, k=cfg.k, every=cfg.snapshot_every, update=True)
     fns = {t: (lambda i=i: centroids(model, xp, yp[:, i], task=i)) for i, t in enumerate(cfg.multitask)}
     pairs = {t: [UPDATE, GRADIENT, f"task-{t}-sed"] for t in cfg.multitask}
-    coupling = Coupling(params, tracker, fns, pairs, cfg.coupling_every, cfg.n_random, cfg.eps_rel, cfg.seed)
+    coupling = Coupling(params, tracker, fns, pairs, cfg.multitask_coupling_every, cfg.n_random, cfg.eps_rel, cfg.seed)
     return _arm(cfg, "multitask", model, data, cfg.seed, [tracker, coupling], cfg.multitask_steps)
 
 
