@@ -1,4 +1,4 @@
-"""Rolling gradient SVD (SED): centroid coupling of gradient vs update SED, projection interventions, multitask (paper 003; SED-1..3).
+"""Rolling gradient SVD: SED centroid coupling, projection interventions, multitask (paper 003, SED-1..3).
 
 θ_attn is every attention weight matrix (W_Q, W_K, W_V, W_O of every block, no biases), flattened. Every
 `snapshot_every` steps the gradient of the loss on a fixed training batch goes into a RollingSVD(window, k)

@@ -128,7 +128,7 @@ class Config(LabConfig):
     width: int = 256  # hidden width h
     samples: int = 256  # full batch n of every activation's arms
     support: int = 3  # target x₁⋯x_support (the paper's cubic)
-    steps: int = 150
+    steps: int = 100
     lr: float = 0.05  # one η for both geometries (geometry-matched spectral step)
     sweep_activation: str = "swiglu"  # also trained at each extra batch size below (Fig. 18)
     batch_sweep: list[int] = [32, 1024]
