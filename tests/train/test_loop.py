@@ -144,3 +144,11 @@ def test_cli_run_and_list_lists_and_toml(monkeypatch, capsys, tmp_path):
     conf = store.Run.open(run_dir).config
     assert conf["steps"] == 4 and conf["arms"] == ["a"] and conf["lr"] == 0.01
     assert "TOY-1" in text
+
+
+def test_list_overrides_accept_commas_brackets_and_json():
+    from specscope.labs.config import parse_overrides
+
+    for raw in ("a,b", "[a,b]", '["a", "b"]'):
+        assert parse_overrides(toy_lab.Config, [f"arms={raw}"])["arms"] == ["a", "b"]
+    assert parse_overrides(toy_lab.Config, ["arms=[]"])["arms"] == []

@@ -40,7 +40,8 @@ def _parse_value(raw: str, annotation: Any) -> Any:
     except json.JSONDecodeError:
         value = raw
     if _is_list_field(annotation) and not isinstance(value, list):
-        value = [_parse_value(v.strip(), None) for v in raw.split(",") if v.strip()] if isinstance(value, str) else [value]
+        inner = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw  # [a,b] without JSON quotes
+        value = [_parse_value(v.strip(), None) for v in inner.split(",") if v.strip()] if isinstance(value, str) else [value]
     if annotation is str and not isinstance(value, str):
         value = raw  # "--set name=123" for a string field stays the string "123"
     return value
