@@ -74,10 +74,10 @@ class Config(LabConfig):
     batch_size: int = 16
     # training (equal for every arm: same steps, batches, schedule, seed)
     arms: list[ArmName] = list(ARMS)
-    steps: int = 600
+    steps: int = 1000
     lr_adamw: float = 3e-3  # AdamW arm; also every AdamW-routed parameter of the other arms
-    lr_muon: float = 0.04  # Muon on all hidden matrices
-    lr_muon_down: float = 0.04  # Muon on W_down only
+    lr_muon: float = 0.01  # Muon on all hidden matrices
+    lr_muon_down: float = 0.08  # Muon on W_down only
     lr_auto: float = 3e-3  # AutoGeometry (Adam-scale: its spectral step is RMS-matched to Adam's)
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0  # decoupled, on the hidden matrices only (never embeddings, head, gains)
