@@ -74,7 +74,7 @@ class Config(LabConfig):
     batch_size: int = 16
     # training (equal for every arm: same steps, batches, schedule, seed)
     arms: list[ArmName] = list(ARMS)
-    steps: int = 1000
+    steps: int = 600
     lr_adamw: float = 3e-3  # AdamW arm; also every AdamW-routed parameter of the other arms
     lr_muon: float = 0.01  # Muon on all hidden matrices
     lr_muon_down: float = 0.08  # Muon on W_down only
