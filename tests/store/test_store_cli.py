@@ -2,6 +2,7 @@
 
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +17,7 @@ from specscope.store import Run, load
 
 specscope.cli._register()
 runner = CliRunner()
-SCRIPT = Path("/work/main/.venv/bin/specscope")
+SCRIPT = Path(sys.executable).parent / "specscope"  # the console script of the environment running the tests
 
 
 @pytest.fixture
@@ -83,3 +84,10 @@ def test_export_unknown_run_is_a_store_error(root):
     res = runner.invoke(app, ["export", "nope", "--root", str(root)])
     assert isinstance(res.exception, RunStoreError)  # main() prints it on one line, exit status 2
     assert "no run 'nope'" in str(res.exception) and "specscope runs" in str(res.exception)
+
+
+@pytest.mark.parametrize("argv", [["run", "sed", "--no-such-option"], ["no-such-command"], ["runs", "--root"]])
+def test_usage_errors_exit_2_without_a_traceback(argv):
+    out = subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "Error:" in out.stderr

@@ -61,12 +61,22 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as e:  # click usage errors come here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+        if _is_click_exception(e):
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def _is_click_exception(e: Exception) -> bool:
+    """Usage errors (unknown option, missing argument): click's ClickException, or typer's vendored copy
+    (typer ≥ 0.24 ships click as `typer._click`)."""
+    classes = []
+    for module in ("click", "typer._click"):
+        try:
+            classes.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
+    return isinstance(e, tuple(classes))
 
 
 def _validation_line(e) -> str:
