@@ -150,3 +150,53 @@ def test_tiny_run_through_the_cli(monkeypatch, capsys, tmp_path):
     assert proj.step.min() == 4 and (proj.value == 1).all()
     for name in ("sed_coupling", "sed_interventions", "sed_multitask"):
         assert any(name in p.name for p in (run_dir / "figures").iterdir())
+
+
+class _Interrupt:
+    """Sends SIGINT to this process after update `at` (the loop checkpoints and stops)."""
+
+    every = 1
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def after_step(self, step, model, optimizer):
+        if step == self.at:
+            import os
+            import signal
+
+            self.at = -1
+            os.kill(os.getpid(), signal.SIGINT)
+        return []
+
+
+@pytest.mark.parametrize("arm,at", [("control-s0", 9), ("keep_sed-s0", 6), ("multitask", 11)])
+def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, arm, at):
+    """SED windows, the projection's subspace, the coupling baseline and the grok tracker survive a
+    checkpoint: an interrupted and resumed run records what the straight run records."""
+    from specscope.labs.runner import run_lab
+
+    cfg = dict(TINY, steps=14, multitask_steps=14, stop_after_grok=False)
+    straight = run_lab("sed", cfg, out=tmp_path / "straight")
+    build = sed.build
+
+    def build_with_interrupt(c, device):
+        arms = build(c, device)
+        next(a for a in arms if a.name == arm).callbacks.append(_Interrupt(at))
+        return arms
+
+    monkeypatch.setattr(sed, "build", build_with_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("sed", cfg, out=tmp_path / "cut")
+    monkeypatch.setattr(sed, "build", build)
+    cut = next((tmp_path / "cut" / "sed").iterdir())
+    assert store.Run.open(cut).status == "interrupted"
+    resumed = run_lab("", resume=cut)
+    assert store.Run.open(resumed).status == "complete"
+
+    def metrics(run_dir):
+        df = store.load(run_dir)
+        df = df[~df.metric.isin({"time", "lab_seconds", "coupling_seconds"})].drop(columns=["run_id"])
+        return df.sort_values(["arm", "metric", "layer", "step"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
