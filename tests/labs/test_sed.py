@@ -114,6 +114,9 @@ def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
         good += rb("multitask", f"update-sed:{t}", [0.5, 0.9]) + rb("multitask", f"task-{t}-sed:{t}", [10, 30])
         good += rb("multitask", f"gradient-sed:{t}", [3, 4])
     assert sed._sed3_claim(_records(good), cfg).verdict == "PASS"
+    table = sed.multitask_table(_records(good), cfg).set_index("task")
+    assert table.loc["add", "task-sed"] == 30 and table.loc["add", "gradient-sed"] == 4
+    assert table.loc["sub", "update-sed last"] == 0.9 and table.loc["sub", "last step"] == 100
     bad = good + rb("multitask", "update-sed:sub", [5])
     assert sed._sed3_claim(_records(bad), cfg).verdict == "FAIL"
 
@@ -200,3 +203,24 @@ def test_interrupted_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, arm,
         return df.sort_values(["arm", "metric", "layer", "step"]).reset_index(drop=True)
 
     pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+
+
+@pytest.mark.parametrize("part", ["multitask only", "interventions only"])
+def test_either_part_alone_completes_with_its_figures(tmp_path, part):
+    """`interventions=[]` (no control arm, so no coupling curve) and `multitask=[]` each finish with a
+    report: the claims whose data is missing are INCONCLUSIVE, the figures with no data are left out."""
+    from specscope.labs.runner import run_lab
+
+    cfg = dict(TINY, interventions=[]) if part == "multitask only" else dict(TINY, multitask=[])
+    run_dir = run_lab("sed", cfg, out=tmp_path)
+    assert store.Run.open(run_dir).status == "complete"
+    verdicts = {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
+    figures = {name for name in ("sed_coupling", "sed_interventions", "sed_multitask")
+               if any(name in p.name for p in (run_dir / "figures").iterdir())}
+    assert (run_dir / "report.html").exists()
+    if part == "multitask only":
+        assert verdicts["SED-1"] == verdicts["SED-2"] == "INCONCLUSIVE" != verdicts["SED-3"]
+        assert figures == {"sed_multitask"}
+    else:
+        assert verdicts["SED-3"] == "INCONCLUSIVE" != verdicts["SED-1"]
+        assert figures == {"sed_coupling", "sed_interventions"}

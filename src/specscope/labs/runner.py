@@ -128,7 +128,6 @@ def finish(run, lab, cfg) -> list[Claim]:
     run.flush()
     df = store.load(run)
     claims = list(lab.claims(df, cfg))
-    figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}
     run.write_summary(
         {
             "lab": lab.NAME,
@@ -136,6 +135,7 @@ def finish(run, lab, cfg) -> list[Claim]:
             "final": _final_metrics(df),
         }
     )
+    figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
     report.write_report(
         Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures,
         title=f"{lab.NAME} — {Path(run.path).name}",

@@ -58,7 +58,7 @@ class Config(LabConfig):
     batch_size: int = 512
     grad_clip: float = 1.0
     steps: int = 6000  # at most, per single-task arm
-    multitask_steps: int = 3000
+    multitask_steps: int = 12000  # at most; the four-task model groks (stable) at ≈ 10.5k steps, then stops
     eval_every: int = 50
     grok_threshold: float = 0.98
     grok_window: int = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
@@ -275,6 +275,12 @@ def peak_rbar(df: pd.DataFrame, arm: str, layer: str) -> float:
     return float(s.max()) if len(s) else math.nan
 
 
+def last_rbar(df: pd.DataFrame, arm: str, layer: str) -> tuple[float, int]:
+    """(R̄ at the last checkpoint, its step); (NaN, -1) when never measured."""
+    s = _series(df, arm, "coupling_Rbar", layer)
+    return (float(s.iloc[-1]), int(s.index[-1])) if len(s) else (math.nan, -1)
+
+
 def intervention_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     """One row per (intervention, seed): grok steps (first ≥ threshold, stable), steps run, speedups vs the
     same seed's control (control grok / arm grok; for an arm that never grokked: at most control / steps run)."""
@@ -337,11 +343,22 @@ def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
 
 
 def multitask_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Peak R̄ per task of the aggregated update SED, aggregated gradient SED and that task's gradient SED."""
-    rows = [{"task": t, "update-sed": peak_rbar(df, "multitask", f"{UPDATE}:{t}"),
-             "gradient-sed": peak_rbar(df, "multitask", f"{GRADIENT}:{t}"),
-             "task-sed": peak_rbar(df, "multitask", f"task-{t}-sed:{t}")} for t in cfg.multitask]
+    """Per task, R̄ of the aggregated update SED, aggregated gradient SED and that task's gradient SED:
+    the peak over checkpoints (REFERENCE §5) and the value at the last checkpoint (`<sed> last`)."""
+    rows = []
+    for t in cfg.multitask:
+        row: dict[str, Any] = {"task": t}
+        for col, layer in (("update-sed", f"{UPDATE}:{t}"), ("gradient-sed", f"{GRADIENT}:{t}"),
+                           ("task-sed", f"task-{t}-sed:{t}")):
+            row[col] = peak_rbar(df, "multitask", layer)
+            row[f"{col} last"], row["last step"] = last_rbar(df, "multitask", layer)
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fmt_acc(df: pd.DataFrame) -> str:
+    acc = _series(df, "multitask", "test_acc")
+    return f"{acc.iloc[-1]:.3f} at step {int(acc.index[-1])}" if len(acc) else "n/a"
 
 
 def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -353,7 +370,10 @@ def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
                      "INCONCLUSIVE")
     measured = "peak R̄ update / aggregated gradient / per-task gradient SED: " + "; ".join(
         f"{r.task} {_fmt(r['update-sed'])} / {_fmt(r['gradient-sed'])} / {_fmt(r['task-sed'])}" for _, r in t.iterrows()
-    ) + "; PASS needs update ≤ 2 and per-task ≥ 10 for every task"
+    ) + f" (at the last checkpoint, step {int(t['last step'].max())}: " + "; ".join(
+        f"{r.task} {_fmt(r['update-sed last'])} / {_fmt(r['gradient-sed last'])} / {_fmt(r['task-sed last'])}"
+        for _, r in t.iterrows()
+    ) + f"; multitask test acc {_fmt_acc(df)}); PASS needs peak update ≤ 2 and per-task ≥ 10 for every task"
     ok = bool((t["update-sed"] <= 2).all() and (t["task-sed"] >= 10).all())
     return Claim("SED-3", text, published, measured, "PASS" if ok else "FAIL")
 
@@ -372,19 +392,20 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
     out = {}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for layer, style in ((GRADIENT, "-o"), (UPDATE, "-s")):
-        s = _series(df, "control-s0", "coupling_Rbar", layer)
-        ax.plot(s.index, s.values, style, ms=3, label=f"{layer} R̄")
-    acc = _series(df, "control-s0", "test_acc")
-    ax2 = ax.twinx()
-    ax2.plot(acc.index, acc.values, color="gray", alpha=0.5, label="test acc")
-    ax2.set_ylabel("test accuracy")
-    ax.set(xlabel="step", ylabel="R̄ (vs median random direction)", yscale="log",
-           title=f"centroid coupling, {cfg.task} mod {cfg.p} (control-s0)")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    out["sed_coupling"] = fig
+    curves = {layer: _series(df, "control-s0", "coupling_Rbar", layer) for layer in (GRADIENT, UPDATE)}
+    if any(len(s) for s in curves.values()):  # none without the control arm (interventions=[]) or a full window
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for (layer, s), style in zip(curves.items(), ("-o", "-s")):
+            ax.plot(s.index, s.values, style, ms=3, label=f"{layer} R̄")
+        acc = _series(df, "control-s0", "test_acc")
+        ax2 = ax.twinx()
+        ax2.plot(acc.index, acc.values, color="gray", alpha=0.5, label="test acc")
+        ax2.set_ylabel("test accuracy")
+        ax.set(xlabel="step", ylabel="R̄ (vs median random direction)", yscale="log",
+               title=f"centroid coupling, {cfg.task} mod {cfg.p} (control-s0)")
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        out["sed_coupling"] = fig
 
     table = intervention_table(df, cfg)
     if not table.empty:
@@ -403,22 +424,39 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         cells = [[r.intervention, _fmt(r.first), _fmt(r.stable), f"{r.speedup_first:.2f}×", f"{r.speedup_stable:.2f}×"]
                  for r in agg.itertuples()]
         axt.axis("off")
-        axt.table(cells, colLabels=["intervention", "grok first", "grok stable", "speedup first", "speedup stable"],
-                  loc="center").scale(1, 1.5)
+        tab = axt.table(cells, colLabels=["intervention", "grok first", "grok stable", "speedup first", "speedup stable"],
+                        loc="center")
+        tab.auto_set_font_size(False)
+        tab.set_fontsize(9)
+        tab.scale(1, 1.5)
         axt.set_title(f"mean over {cfg.seeds} seed(s)")
         fig.tight_layout()
         out["sed_interventions"] = fig
 
     mt = multitask_table(df, cfg)
-    if not mt.empty:
-        fig, ax = plt.subplots(figsize=(7, 4))
+    if not mt.empty and mt[["update-sed", "task-sed"]].notna().any().any():
+        fig, (ax, axc) = plt.subplots(1, 2, figsize=(12, 4))
         x = np.arange(len(mt))
         for j, col in enumerate(("update-sed", "gradient-sed", "task-sed")):
-            ax.bar(x + (j - 1) * 0.27, mt[col].fillna(0), 0.27, label=col)
+            ax.bar(x + (j - 1) * 0.27, mt[col].fillna(0), 0.27, label=col, color=f"C{j}")
         ax.axhline(1, color="k", lw=0.7)
         ax.set_xticks(x, mt.task)
-        ax.set(ylabel="peak R̄", yscale="log", title="multitask: aggregated vs per-task SED coupling")
-        ax.legend(fontsize=8)
+        ax.set(ylabel="peak R̄", yscale="log", title="multitask: aggregated vs per-task SED, peak R̄")
+        ax.set_ylim(top=4 * float(np.nanmax(mt[["update-sed", "gradient-sed", "task-sed"]].to_numpy())))
+        ax.legend(fontsize=8, loc="upper left", ncol=3)  # in the headroom above the bars
+        for j, sed_name in enumerate((UPDATE, GRADIENT, "task")):
+            for i, t in enumerate(cfg.multitask):
+                layer = f"task-{t}-sed:{t}" if sed_name == "task" else f"{sed_name}:{t}"
+                r = _series(df, "multitask", "coupling_Rbar", layer)
+                axc.plot(r.index, r.values, color=f"C{j}", alpha=0.7, lw=1,
+                         label=("task-sed" if sed_name == "task" else sed_name) if i == 0 else None)
+        acc = _series(df, "multitask", "test_acc")
+        axa = axc.twinx()
+        axa.plot(acc.index, acc.values, color="gray", alpha=0.5)
+        axa.set_ylabel("test accuracy (mean over tasks)")
+        axc.axhline(1, color="k", lw=0.7)
+        axc.set(xlabel="step", ylabel="R̄ (one line per task)", yscale="log", title="R̄ over training")
+        axc.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
         out["sed_multitask"] = fig
     return out
