@@ -87,3 +87,28 @@ def test_tracker_state_survives_a_checkpoint_and_continues_identically(tmp_path)
     assert ra == rb
     for name in ("g", UPDATE):
         assert torch.equal(a.seds[name].directions(), b_.seds[name].directions())
+
+
+def test_update_without_decay_is_minus_lr_times_the_adam_direction():
+    """AdamW: θ_t = θ_{t−1}(1 − lr·wd) − lr·adam; with exclude_decay the pushed update is −lr·adam,
+    identical to the step of Adam (no decay) from the same state."""
+    W, b, x = setup()
+    loss = lambda: (x @ W.T + b).sin().sum()  # noqa: E731
+    W2 = torch.nn.Parameter(W.detach().clone())
+    tracker = SEDTracker([W], {}, window=2, k=1, every=1, update=True, exclude_decay=True)
+    opt = torch.optim.AdamW([{"params": [W], "weight_decay": 0.5}, {"params": [b]}], lr=0.1)
+    plain = torch.optim.Adam([W2], lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        plain.zero_grad()
+        loss().backward()
+        W2.grad = W.grad.clone()
+        tracker.after_backward(step, None, opt)
+        before = W.detach().clone()
+        opt.step()
+        tracker.after_step(step, None, opt)
+        w2 = W2.detach().clone()
+        plain.step()  # Adam from the same moments: its step is −lr·adam on W's gradient history
+        assert torch.allclose(tracker.seds[UPDATE]._rows[step], (W2.detach() - w2).reshape(-1).float(), atol=1e-7)
+        assert not torch.allclose((W.detach() - before).reshape(-1).float(), tracker.seds[UPDATE]._rows[step])
+        W2.data.copy_(W.detach())  # keep the two on the same θ so only the decay differs

@@ -71,6 +71,7 @@ class Config(LabConfig):
     n_probe: int = 1024
     n_random: int = 20
     eps_rel: float = 0.005
+    update_excludes_decay: bool = False  # update SED of Δθ + lr·wd·θ (the Adam direction) instead of Δθ
     coupling_every: int = 250
     multitask_coupling_every: int = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
@@ -211,7 +212,7 @@ def intervention_arm(cfg: Config, iv: str, s: int, data: ModularData, device: to
     fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
     measure = iv == "control" and s == 0
     tracker = SEDTracker(params, {GRADIENT: lambda: loss_fn(model, fixed)}, window=cfg.window, k=cfg.k,
-                         every=cfg.snapshot_every, update=measure)
+                         every=cfg.snapshot_every, update=measure, exclude_decay=cfg.update_excludes_decay)
     callbacks: list[Any] = [tracker]
     if iv != "control":
         callbacks.append(_projection(cfg, iv, params, tracker, seed * 7919 + INTERVENTIONS.index(iv)))
@@ -230,7 +231,8 @@ def multitask_arm(cfg: Config, device: torch.device) -> Arm:
     fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
     losses = {GRADIENT: lambda: loss_fn(model, fixed)}
     losses.update({f"task-{t}-sed": (lambda i=i: task_loss(model, fixed, i)) for i, t in enumerate(cfg.multitask)})
-    tracker = SEDTracker(params, losses, window=cfg.window, k=cfg.k, every=cfg.snapshot_every, update=True)
+    tracker = SEDTracker(params, losses, window=cfg.window, k=cfg.k, every=cfg.snapshot_every, update=True,
+                         exclude_decay=cfg.update_excludes_decay)
     fns = {t: (lambda i=i: centroids(model, xp, yp[:, i], task=i)) for i, t in enumerate(cfg.multitask)}
     pairs = {t: [UPDATE, GRADIENT, f"task-{t}-sed"] for t in cfg.multitask}
     coupling = Coupling(params, tracker, fns, pairs, cfg.multitask_coupling_every, cfg.n_random, cfg.eps_rel, cfg.seed)
@@ -317,7 +319,8 @@ def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     if math.isnan(g) or math.isnan(u):
         return Claim("SED-1", text, published, "no coupling checkpoint recorded (needs the control arm and "
                      "steps > window·snapshot_every)", "INCONCLUSIVE")
-    measured = (f"peak R̄ gradient SED {g:.1f} vs update SED {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
+    update = "Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "Δθ"
+    measured = (f"peak R̄ gradient SED {g:.1f} vs update SED ({update}) {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
                 f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
     return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL")
 

@@ -4,7 +4,9 @@
 - computes the gradient of each named loss closure (a fixed batch, or one task's loss on it) with
   `torch.autograd.grad`, so the training gradients in `.grad` are left untouched, and pushes it into
   that loss's RollingSVD ("gradient SED", "task-<name> SED");
-- with `update=True`, pushes the optimizer's step Δθ_t = θ_t − θ_{t−1} into the "update-sed" window.
+- with `update=True`, pushes the optimizer's step Δθ_t = θ_t − θ_{t−1} into the "update-sed" window
+  (with `exclude_decay=True`, the step without decoupled weight decay: Δθ_t + lr·wd·θ_{t−1}, which for
+  AdamW is −lr times the Adam direction).
 `GatedProjection` applies a GradientProjection only once a window is full, so the random-subspace arms
 start projecting at the same step as the SED arms.
 """
@@ -40,9 +42,10 @@ class SEDTracker:
         k: int = 3,
         every: int = 25,
         update: bool = True,
+        exclude_decay: bool = False,
     ):
         self.params = list(params)
-        self.losses, self.every = losses, every
+        self.losses, self.every, self.exclude_decay = losses, every, exclude_decay
         names = list(losses) + ([UPDATE] if update else [])
         self.seds = {name: RollingSVD(window, k) for name in names}
         self._before: Tensor | None = None
@@ -65,10 +68,21 @@ class SEDTracker:
     def after_step(self, step: int, model, optimizer) -> list[Record]:
         if UPDATE not in self.seds or self._before is None:
             return []
-        delta = self.theta() - self._before
+        before = self._before * self._decay(optimizer) if self.exclude_decay else self._before
+        delta = self.theta() - before
         self._before = None
         self.seds[UPDATE].push(delta)
         return self._describe(step, UPDATE, float(delta.norm()))
+
+    def _decay(self, optimizer) -> Tensor:
+        """Per coordinate, the factor 1 − lr·wd that decoupled weight decay (AdamW) applied to θ_{t−1}."""
+        group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        missing = [i for i, p in enumerate(self.params) if id(p) not in group]
+        if missing:
+            raise ValueError(f"exclude_decay: tracked parameters {missing} are not in the optimizer's param groups")
+        factors = [1 - group[id(p)]["lr"] * group[id(p)].get("weight_decay", 0.0) for p in self.params]
+        return torch.cat([torch.full((p.numel(),), f, dtype=self._before.dtype, device=self._before.device)
+                          for p, f in zip(self.params, factors)])
 
     def _describe(self, step: int, name: str, norm: float) -> list[Record]:
         sed = self.seds[name]
