@@ -121,12 +121,16 @@ def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
     assert sed._sed3_claim(_records(bad), cfg).verdict == "FAIL"
 
 
-def test_bad_configs_are_config_errors():
+@pytest.mark.parametrize("bad", [dict(k=5, window=3), dict(multitask=["add"]), dict(interventions=[], multitask=[]),
+                                 dict(k=0), dict(n_probe=0), dict(eps_rel=0), dict(snapshot_every=0),
+                                 dict(task="foo"), dict(p=10), dict(n_heads=3)])
+def test_bad_configs_are_config_errors_and_make_no_run_directory(tmp_path, bad):
     from specscope.errors import ConfigError
+    from specscope.labs.runner import run_lab
 
-    for bad in (dict(k=5, window=3), dict(multitask=["add"]), dict(interventions=[], multitask=[])):
-        with pytest.raises(ConfigError):
-            sed.check(sed.Config(**bad))
+    with pytest.raises(ConfigError):
+        run_lab("sed", dict(TINY, **bad), out=tmp_path)
+    assert not (tmp_path / "sed").exists()
 
 
 def test_tiny_run_through_the_cli(monkeypatch, capsys, tmp_path):
@@ -153,6 +157,16 @@ def test_tiny_run_through_the_cli(monkeypatch, capsys, tmp_path):
     assert proj.step.min() == 4 and (proj.value == 1).all()
     for name in ("sed_coupling", "sed_interventions", "sed_multitask"):
         assert any(name in p.name for p in (run_dir / "figures").iterdir())
+
+    # `specscope report` rebuilds the report from the records and leaves the run complete
+    (run_dir / "report.html").unlink()
+    monkeypatch.setattr(sys, "argv", ["specscope", "report", str(run_dir)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None), capsys.readouterr().err
+    assert (run_dir / "report.html").exists()
+    assert store.Run.open(run_dir).status == "complete"
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
 
 
 class _Interrupt:

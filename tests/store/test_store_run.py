@@ -172,6 +172,16 @@ def test_resume_delete_after(tmp_path):
     assert list_runs(tmp_path).steps.tolist() == [9] and Run.open(run.path).status == "complete"
 
 
+def test_steps_are_listed_after_a_delete_on_an_empty_run(tmp_path):
+    """A new arm clears its stale records first (delete_after on an empty table): the progress counter
+    must still follow the records appended afterwards."""
+    run = Run.create(tmp_path, "demo", {})
+    assert run.delete_after(-1, "a") == 0
+    run.append(recs(3, n=1, arm="a") + recs(7, n=1, arm="a"))
+    run.close()
+    assert list_runs(tmp_path).steps.tolist() == [7]
+
+
 def test_summary_does_not_touch_status(tmp_path):
     with Run.create(tmp_path, "demo", {}) as run:
         pass

@@ -49,8 +49,8 @@ def get(name: str) -> ModuleType:
         raise ConfigError(f"lab '{name}' failed to import ({_broken[name]}); reinstall specscope or fix the module")
     if name not in reg:
         close = difflib.get_close_matches(name, reg, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown lab '{name}'{hint} Labs: {', '.join(sorted(reg))} (see `specscope list`)")
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        raise ConfigError(f"unknown lab '{name}'{hint} Labs: {', '.join(sorted(reg))} (see `specscope list`).")
     return importlib.import_module(reg[name])
 
 

@@ -9,12 +9,16 @@ line is what `specscope list` shows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Protocol
+from typing import Annotated, Any, Callable, Iterable, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from specscope.records import Record
+
+
+AtLeast1 = Annotated[int, Field(ge=1)]  # counts, sizes, intervals: 0 would be meaningless or divide by it
+Positive = Annotated[float, Field(gt=0)]
 
 
 class LabConfig(BaseModel):

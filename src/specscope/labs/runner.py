@@ -58,16 +58,19 @@ def run_lab(
             raise ConfigError(f"run {run.path} is already complete; nothing to resume")
         lab = labs.get(run.lab)
         cfg = make_config(lab.Config, run.config, run.lab)
-        run.set_status("running")
     else:
         lab = labs.get(name)
         cfg = make_config(lab.Config, overrides, name)
-        run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
     device = resolve_device(cfg.device)
+    items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
+    if resume is None:
+        run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
+    else:
+        run.set_status("running")
     run_dir = Path(run.path)
     try:
         with Interrupt() as interrupt, Progress(enabled=progress) as bar:
-            interrupted = _run_items(lab, cfg, run, device, interrupt, bar, resume is not None)
+            interrupted = _run_items(items, cfg, run, device, interrupt, bar, resume is not None)
         if interrupted:
             run.set_status("interrupted")
             raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}")
@@ -86,11 +89,16 @@ def run_lab(
     return run_dir
 
 
-def _run_items(lab, cfg, run, device, interrupt, bar, resuming: bool) -> bool:
-    """Build the lab and run its parts in order, skipping the ones a previous attempt finished."""
+def build_items(lab, cfg, device) -> list:
+    """The lab's arms and measures, built from the seeded global RNG (the same on every attempt)."""
     torch.manual_seed(cfg.seed)
     items = lab.build(cfg, device)
     _check_names(items, lab.NAME)
+    return items
+
+
+def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool) -> bool:
+    """Run the lab's parts in order, skipping the ones a previous attempt finished."""
     run_dir = Path(run.path)
     done = _done_items(run_dir)
     trainer = Trainer(run, device, cfg.seed, cfg.checkpoint_every, bar)

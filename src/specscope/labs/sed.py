@@ -29,7 +29,7 @@ from torch import Tensor
 
 from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, LabConfig
+from specscope.labs.base import Arm, AtLeast1, LabConfig, Positive
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
 from specscope.models.modular import ModularTransformer, enc003
 from specscope.records import Claim, Record
@@ -45,38 +45,38 @@ INTERVENTIONS: tuple[str, ...] = ("control", "keep_sed", "remove_sed", "keep_ran
 class Config(LabConfig):
     task: str = "add"  # the single-task runs (coupling curves, interventions)
     multitask: list[str] = ["add", "sub", "mul", "sum_sq"]  # [] skips the multitask comparison
-    p: int = 97
+    p: AtLeast1 = 97
     train_fraction: float = 0.5
     split: Literal["random", "commutative"] = "random"
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 256
-    n_layers: int = 2
-    lr: float = 1e-3
+    d_model: AtLeast1 = 128
+    n_heads: AtLeast1 = 4
+    d_ff: AtLeast1 = 256
+    n_layers: AtLeast1 = 2
+    lr: Positive = 1e-3
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
-    batch_size: int = 512
+    batch_size: AtLeast1 = 512
     grad_clip: float = 1.0
-    steps: int = 6000  # at most, per single-task arm
-    multitask_steps: int = 12000  # at most; the four-task model groks (stable) at ≈ 10.5k steps, then stops
-    eval_every: int = 50
+    steps: AtLeast1 = 6000  # at most, per single-task arm
+    multitask_steps: AtLeast1 = 12000  # at most; the four-task model groks (stable) at ≈ 10.5k steps, then stops
+    eval_every: AtLeast1 = 50
     grok_threshold: float = 0.98
-    grok_window: int = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
+    grok_window: AtLeast1 = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
     stop_after_grok: bool = True
     # rolling SVD and coupling (REFERENCE §5)
-    window: int = 20
-    k: int = 3
-    snapshot_every: int = 25
-    fixed_batch: int = 512  # training examples of the fixed gradient batch
-    n_probe: int = 1024
-    n_random: int = 20
-    eps_rel: float = 0.005
+    window: AtLeast1 = 20
+    k: AtLeast1 = 3
+    snapshot_every: AtLeast1 = 25
+    fixed_batch: AtLeast1 = 512  # training examples of the fixed gradient batch
+    n_probe: AtLeast1 = 1024
+    n_random: AtLeast1 = 20
+    eps_rel: Positive = 0.005
     update_excludes_decay: bool = False  # update SED of Δθ + lr·wd·θ (the Adam direction) instead of Δθ
-    coupling_every: int = 250
-    multitask_coupling_every: int = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
+    coupling_every: AtLeast1 = 250
+    multitask_coupling_every: AtLeast1 = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
     interventions: list[Intervention] = ["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
-    seeds: int = 1
+    seeds: AtLeast1 = 1
     random_fixed: bool = True  # random arms: one subspace drawn when projection starts (False: fresh each step)
 
 
@@ -242,8 +242,6 @@ def multitask_arm(cfg: Config, device: torch.device) -> Arm:
 def check(cfg: Config) -> None:
     if cfg.k > cfg.window:
         raise ConfigError(f"k={cfg.k} exceeds window={cfg.window}; the window matrix has rank ≤ window")
-    if cfg.seeds < 1:
-        raise ConfigError(f"seeds={cfg.seeds}; need at least 1")
     if not cfg.interventions and not cfg.multitask:
         raise ConfigError("nothing to run: interventions and multitask are both empty")
     if len(cfg.multitask) == 1:
@@ -312,6 +310,10 @@ def _fmt(x: float) -> str:
     return "n/a" if x != x else f"{x:.1f}"
 
 
+def _update_kind(cfg: Config) -> str:
+    return "Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "Δθ"
+
+
 def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     text = "Gradient SED couples to centroid features far more than update SED"
     published = "R̄ 100–330× (gradient SED) vs 3–9× (update SED), single task"
@@ -319,7 +321,7 @@ def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     if math.isnan(g) or math.isnan(u):
         return Claim("SED-1", text, published, "no coupling checkpoint recorded (needs the control arm and "
                      "steps > window·snapshot_every)", "INCONCLUSIVE")
-    update = "Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "Δθ"
+    update = _update_kind(cfg)
     measured = (f"peak R̄ gradient SED {g:.1f} vs update SED ({update}) {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
                 f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
     return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL")
@@ -337,7 +339,7 @@ def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
     mean = table.groupby("intervention")["speedup_stable"].agg(["mean", "min", "max"])
     parts = [f"{iv} {mean.loc[iv, 'mean']:.2f}× [{mean.loc[iv, 'min']:.2f}–{mean.loc[iv, 'max']:.2f}]"
              for iv in INTERVENTIONS[1:]]
-    measured = (f"stable-grok speedup vs control (mean [min–max] over {cfg.seeds} seed(s), control "
+    measured = (f"k = {cfg.k}: stable-grok speedup vs control (mean [min–max] over {cfg.seeds} seed(s), control "
                 f"{ctrl['grok_stable'].mean():.0f} steps): " + ", ".join(parts)
                 + "; PASS needs both keep ≥ 1.5× and both remove within 0.8–1.25×")
     keep = all(mean.loc[iv, "mean"] >= 1.5 for iv in ("keep_sed", "keep_random"))
@@ -371,7 +373,7 @@ def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     if t.empty or t[["update-sed", "task-sed"]].isna().any().any():
         return Claim("SED-3", text, published, "no multitask coupling recorded (multitask=[] or too few steps)",
                      "INCONCLUSIVE")
-    measured = "peak R̄ update / aggregated gradient / per-task gradient SED: " + "; ".join(
+    measured = f"peak R̄ update ({_update_kind(cfg)}) / aggregated gradient / per-task gradient SED: " + "; ".join(
         f"{r.task} {_fmt(r['update-sed'])} / {_fmt(r['gradient-sed'])} / {_fmt(r['task-sed'])}" for _, r in t.iterrows()
     ) + f" (at the last checkpoint, step {int(t['last step'].max())}: " + "; ".join(
         f"{r.task} {_fmt(r['update-sed last'])} / {_fmt(r['gradient-sed last'])} / {_fmt(r['task-sed last'])}"
@@ -419,12 +421,14 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
             ax.scatter([i] * len(d), d["grok_stable"], color="C0", label="stable" if i == 0 else None)
             ax.scatter([i + 0.15] * len(d), d["grok_first"], color="C1", marker="x", label="first" if i == 0 else None)
         ax.set_xticks(range(len(ivs)), ivs, rotation=20)
-        ax.set(ylabel="grok step", title="grok step per seed")
+        grokked = table[["grok_first", "grok_stable"]].notna().any().any()
+        ax.set(ylabel="grok step", title="grok step per seed" + ("" if grokked else f": none within {cfg.steps} steps"))
         ax.legend(fontsize=8)
         agg = table.groupby("intervention", sort=False).agg(
             first=("grok_first", "mean"), stable=("grok_stable", "mean"),
             speedup_first=("speedup_first", "mean"), speedup_stable=("speedup_stable", "mean")).reset_index()
-        cells = [[r.intervention, _fmt(r.first), _fmt(r.stable), f"{r.speedup_first:.2f}×", f"{r.speedup_stable:.2f}×"]
+        times = lambda x: "n/a" if x != x else f"{x:.2f}×"  # noqa: E731
+        cells = [[r.intervention, _fmt(r.first), _fmt(r.stable), times(r.speedup_first), times(r.speedup_stable)]
                  for r in agg.itertuples()]
         axt.axis("off")
         tab = axt.table(cells, colLabels=["intervention", "grok first", "grok stable", "speedup first", "speedup stable"],

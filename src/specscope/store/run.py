@@ -153,6 +153,8 @@ class Run:
 
     def flush(self) -> None:
         """Write the buffered records as one transaction; once this returns they survive a crash."""
+        if self._con is None and not self._buffer:
+            return  # a run opened for reading stays a reader (and keeps its status)
         self._become_writer()
         rows, self._buffer = self._buffer, []
         sqlite.insert_batch(self._con, self.metrics_path, rows)
@@ -160,6 +162,7 @@ class Run:
 
     def delete_after(self, step: int, arm: str = "") -> int:
         """Drop the records of `arm` with step > `step` (resume from a checkpoint taken at `step`)."""
+        self._become_writer()
         self.flush()
         return sqlite.delete_after(self._con, self.metrics_path, step, arm)
 

@@ -127,7 +127,7 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
         con.executemany(_INSERT, rows)
         con.execute(
             "INSERT INTO run_info (key, value) VALUES ('last_step', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)", (last,))
+            "ON CONFLICT(key) DO UPDATE SET value = max(coalesce(value, excluded.value), excluded.value)", (last,))
         con.execute(
             "INSERT INTO run_info (key, value) VALUES ('records', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
