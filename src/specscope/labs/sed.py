@@ -347,14 +347,18 @@ def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
     return Claim("SED-2", text, published, measured, "PASS" if keep and remove else "FAIL")
 
 
+def multitask_layers(task: str) -> dict[str, str]:
+    """The three SEDs coupled to `task`'s centroids in the multitask arm: column -> recorded layer name."""
+    return {"update-sed": f"{UPDATE}:{task}", "gradient-sed": f"{GRADIENT}:{task}", "task-sed": f"task-{task}-sed:{task}"}
+
+
 def multitask_table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     """Per task, R̄ of the aggregated update SED, aggregated gradient SED and that task's gradient SED:
     the peak over checkpoints (REFERENCE §5) and the value at the last checkpoint (`<sed> last`)."""
     rows = []
     for t in cfg.multitask:
         row: dict[str, Any] = {"task": t}
-        for col, layer in (("update-sed", f"{UPDATE}:{t}"), ("gradient-sed", f"{GRADIENT}:{t}"),
-                           ("task-sed", f"task-{t}-sed:{t}")):
+        for col, layer in multitask_layers(t).items():
             row[col] = peak_rbar(df, "multitask", layer)
             row[f"{col} last"], row["last step"] = last_rbar(df, "multitask", layer)
         rows.append(row)
@@ -451,12 +455,10 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         ax.set(ylabel="peak R̄", yscale="log", title="multitask: aggregated vs per-task SED, peak R̄")
         ax.set_ylim(top=4 * float(np.nanmax(mt[["update-sed", "gradient-sed", "task-sed"]].to_numpy())))
         ax.legend(fontsize=8, loc="upper left", ncol=3)  # in the headroom above the bars
-        for j, sed_name in enumerate((UPDATE, GRADIENT, "task")):
-            for i, t in enumerate(cfg.multitask):
-                layer = f"task-{t}-sed:{t}" if sed_name == "task" else f"{sed_name}:{t}"
+        for i, t in enumerate(cfg.multitask):
+            for j, (col, layer) in enumerate(multitask_layers(t).items()):
                 r = _series(df, "multitask", "coupling_Rbar", layer)
-                axc.plot(r.index, r.values, color=f"C{j}", alpha=0.7, lw=1,
-                         label=("task-sed" if sed_name == "task" else sed_name) if i == 0 else None)
+                axc.plot(r.index, r.values, color=f"C{j}", alpha=0.7, lw=1, label=col if i == 0 else None)
         acc = _series(df, "multitask", "test_acc")
         axa = axc.twinx()
         axa.plot(acc.index, acc.values, color="gray", alpha=0.5)
