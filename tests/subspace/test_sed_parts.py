@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from specscope.subspace import GradientProjection
@@ -19,7 +20,7 @@ def setup(seed: int = 0):
 def test_tracker_pushes_the_fixed_batch_gradient_and_the_optimizer_step():
     W, b, x = setup()
     fixed = lambda: ((x @ W.T + b) ** 2).sum()  # noqa: E731
-    tracker = SEDTracker([W], {"gradient-sed": fixed}, window=3, k=1, every=1, update=True)
+    tracker = SEDTracker([W], {"gradient-sed": fixed}, window=3, k=1, every=1, update=True, update_delta="step")
     opt = torch.optim.SGD([W, b], lr=0.1)
     for step in range(4):
         opt.zero_grad()
@@ -95,7 +96,7 @@ def test_update_without_decay_is_minus_lr_times_the_adam_direction():
     W, b, x = setup()
     loss = lambda: (x @ W.T + b).sin().sum()  # noqa: E731
     W2 = torch.nn.Parameter(W.detach().clone())
-    tracker = SEDTracker([W], {}, window=2, k=1, every=1, update=True, exclude_decay=True)
+    tracker = SEDTracker([W], {}, window=2, k=1, every=1, update=True, update_delta="step", exclude_decay=True)
     opt = torch.optim.AdamW([{"params": [W], "weight_decay": 0.5}, {"params": [b]}], lr=0.1)
     plain = torch.optim.Adam([W2], lr=0.1)
     for step in range(2):
@@ -112,3 +113,27 @@ def test_update_without_decay_is_minus_lr_times_the_adam_direction():
         assert torch.allclose(tracker.seds[UPDATE]._rows[step], (W2.detach() - w2).reshape(-1).float(), atol=1e-7)
         assert not torch.allclose((W.detach() - before).reshape(-1).float(), tracker.seds[UPDATE]._rows[step])
         W2.data.copy_(W.detach())  # keep the two on the same θ so only the decay differs
+
+
+def test_update_between_snapshots_is_the_accumulated_change():
+    """update_delta="snapshots": the pushed update is θ at this snapshot minus θ at the previous one,
+    i.e. the sum of the `every` optimizer steps in between; the first snapshot pushes nothing."""
+    W, b, x = setup()
+    tracker = SEDTracker([W], {}, window=3, k=1, every=3, update=True)
+    opt = torch.optim.AdamW([W, b], lr=0.05, weight_decay=0.1)
+    at_snapshot = []
+    for step in range(7):
+        opt.zero_grad()
+        (x @ W.T + b).sin().sum().backward()
+        if step % 3 == 0:
+            tracker.after_backward(step, None, opt)
+        opt.step()
+        if step % 3 == 0:
+            tracker.after_step(step, None, opt)
+            at_snapshot.append(W.detach().clone().reshape(-1).float())
+    sed = tracker.seds[UPDATE]
+    assert len(sed) == 2  # snapshots at steps 0, 3, 6 -> two differences
+    for i in range(2):
+        assert torch.allclose(sed._rows[i], at_snapshot[i + 1] - at_snapshot[i], atol=1e-7)
+    with pytest.raises(ValueError, match="update_delta='step'"):
+        SEDTracker([W], {}, exclude_decay=True)

@@ -2,7 +2,8 @@
 
 θ_attn is every attention weight matrix (W_Q, W_K, W_V, W_O of every block, no biases), flattened. Every
 `snapshot_every` steps the gradient of the loss on a fixed training batch goes into a RollingSVD(window, k)
-(gradient SED) and the optimizer's step Δθ_t = θ_t − θ_{t−1} into another (update SED). Once the windows
+(gradient SED) and the update Δθ since the previous snapshot into another (update SED; `update_delta=step`:
+the one optimizer step θ_t − θ_{t−1}). Once the windows
 are full, every `coupling_every` steps, R_1..R_k and R̄ of each SED are measured against the centroids
 μ_x = ∂(correct-class logit)/∂(token + position embedding) on `n_probe` fixed inputs (REFERENCE §5).
 
@@ -71,7 +72,9 @@ class Config(LabConfig):
     n_probe: AtLeast1 = 1024
     n_random: AtLeast1 = 20
     eps_rel: Positive = 0.005
-    update_excludes_decay: bool = False  # update SED of Δθ + lr·wd·θ (the Adam direction) instead of Δθ
+    # update SED of θ(snapshot) − θ(previous snapshot), or of the one optimizer step at each snapshot
+    update_delta: Literal["snapshots", "step"] = "snapshots"
+    update_excludes_decay: bool = False  # with update_delta=step: Δθ + lr·wd·θ (the Adam direction)
     coupling_every: AtLeast1 = 250
     multitask_coupling_every: AtLeast1 = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
@@ -204,6 +207,10 @@ def _projection(cfg: Config, iv: str, params: list[Tensor], tracker: SEDTracker,
     return GatedProjection(proj, lambda: sed.full)
 
 
+def update_options(cfg: Config) -> dict[str, Any]:
+    return {"update_delta": cfg.update_delta, "exclude_decay": cfg.update_excludes_decay}
+
+
 def intervention_arm(cfg: Config, iv: str, s: int, data: ModularData, device: torch.device) -> Arm:
     """One single-task arm: SED tracking, the projection of `iv`, and (for control-s0) coupling curves."""
     seed = cfg.seed + s
@@ -212,7 +219,7 @@ def intervention_arm(cfg: Config, iv: str, s: int, data: ModularData, device: to
     fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
     measure = iv == "control" and s == 0
     tracker = SEDTracker(params, {GRADIENT: lambda: loss_fn(model, fixed)}, window=cfg.window, k=cfg.k,
-                         every=cfg.snapshot_every, update=measure, exclude_decay=cfg.update_excludes_decay)
+                         every=cfg.snapshot_every, update=measure, **update_options(cfg))
     callbacks: list[Any] = [tracker]
     if iv != "control":
         callbacks.append(_projection(cfg, iv, params, tracker, seed * 7919 + INTERVENTIONS.index(iv)))
@@ -232,7 +239,7 @@ def multitask_arm(cfg: Config, device: torch.device) -> Arm:
     losses = {GRADIENT: lambda: loss_fn(model, fixed)}
     losses.update({f"task-{t}-sed": (lambda i=i: task_loss(model, fixed, i)) for i, t in enumerate(cfg.multitask)})
     tracker = SEDTracker(params, losses, window=cfg.window, k=cfg.k, every=cfg.snapshot_every, update=True,
-                         exclude_decay=cfg.update_excludes_decay)
+                         **update_options(cfg))
     fns = {t: (lambda i=i: centroids(model, xp, yp[:, i], task=i)) for i, t in enumerate(cfg.multitask)}
     pairs = {t: [UPDATE, GRADIENT, f"task-{t}-sed"] for t in cfg.multitask}
     coupling = Coupling(params, tracker, fns, pairs, cfg.multitask_coupling_every, cfg.n_random, cfg.eps_rel, cfg.seed)
@@ -244,6 +251,8 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"k={cfg.k} exceeds window={cfg.window}; the window matrix has rank ≤ window")
     if not cfg.interventions and not cfg.multitask:
         raise ConfigError("nothing to run: interventions and multitask are both empty")
+    if cfg.update_excludes_decay and cfg.update_delta != "step":
+        raise ConfigError("update_excludes_decay removes one optimizer step's decay; add --set update_delta=step")
     if len(cfg.multitask) == 1:
         raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
 
@@ -311,7 +320,9 @@ def _fmt(x: float) -> str:
 
 
 def _update_kind(cfg: Config) -> str:
-    return "Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "Δθ"
+    if cfg.update_delta == "snapshots":
+        return f"Δθ over the {cfg.snapshot_every} steps between snapshots"
+    return "one optimizer step Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "one optimizer step Δθ"
 
 
 def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:

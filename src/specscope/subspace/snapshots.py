@@ -4,16 +4,18 @@
 - computes the gradient of each named loss closure (a fixed batch, or one task's loss on it) with
   `torch.autograd.grad`, so the training gradients in `.grad` are left untouched, and pushes it into
   that loss's RollingSVD ("gradient SED", "task-<name> SED");
-- with `update=True`, pushes the optimizer's step Δθ_t = θ_t − θ_{t−1} into the "update-sed" window
-  (with `exclude_decay=True`, the step without decoupled weight decay: Δθ_t + lr·wd·θ_{t−1}, which for
-  AdamW is −lr times the Adam direction).
+- with `update=True`, pushes the parameter update into the "update-sed" window: by default
+  (`update_delta="snapshots"`) Δθ = θ(this snapshot) − θ(previous snapshot), the update accumulated over
+  the `every` steps between snapshots; with `update_delta="step"` the single optimizer step
+  θ_t − θ_{t−1} at the snapshot (and with `exclude_decay=True` that step without decoupled weight decay,
+  Δθ_t + lr·wd·θ_{t−1}, which for AdamW is −lr times the Adam direction).
 `GatedProjection` applies a GradientProjection only once a window is full, so the random-subspace arms
 start projecting at the same step as the SED arms.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor
@@ -42,13 +44,19 @@ class SEDTracker:
         k: int = 3,
         every: int = 25,
         update: bool = True,
+        update_delta: Literal["snapshots", "step"] = "snapshots",
         exclude_decay: bool = False,
     ):
+        if update_delta not in ("snapshots", "step"):
+            raise ValueError(f"update_delta={update_delta!r}: use 'snapshots' or 'step'")
+        if exclude_decay and update_delta != "step":
+            raise ValueError("exclude_decay removes one step's weight decay; it needs update_delta='step'")
         self.params = list(params)
-        self.losses, self.every, self.exclude_decay = losses, every, exclude_decay
+        self.losses, self.every = losses, every
+        self.update_delta, self.exclude_decay = update_delta, exclude_decay
         names = list(losses) + ([UPDATE] if update else [])
         self.seds = {name: RollingSVD(window, k) for name in names}
-        self._before: Tensor | None = None
+        self._before: Tensor | None = None  # θ before the optimizer step ("step"), or at the last snapshot
 
     def theta(self) -> Tensor:
         return flatten([p.detach() for p in self.params], self.params)
@@ -61,27 +69,31 @@ class SEDTracker:
             g = flatten(grads, self.params)
             self.seds[name].push(g)
             out += self._describe(step, name, float(g.norm()))
-        if UPDATE in self.seds:
+        if UPDATE in self.seds and self.update_delta == "step":
             self._before = self.theta().clone()
         return out
 
     def after_step(self, step: int, model, optimizer) -> list[Record]:
-        if UPDATE not in self.seds or self._before is None:
+        if UPDATE not in self.seds:
             return []
-        before = self._before * self._decay(optimizer) if self.exclude_decay else self._before
-        delta = self.theta() - before
-        self._before = None
+        theta = self.theta()
+        before, self._before = self._before, (theta if self.update_delta == "snapshots" else None)
+        if before is None:  # the first snapshot: nothing to subtract yet
+            return []
+        if self.exclude_decay:
+            before = before * self._decay(optimizer, before)
+        delta = theta - before
         self.seds[UPDATE].push(delta)
         return self._describe(step, UPDATE, float(delta.norm()))
 
-    def _decay(self, optimizer) -> Tensor:
+    def _decay(self, optimizer, like: Tensor) -> Tensor:
         """Per coordinate, the factor 1 − lr·wd that decoupled weight decay (AdamW) applied to θ_{t−1}."""
         group = {id(p): g for g in optimizer.param_groups for p in g["params"]}
         missing = [i for i, p in enumerate(self.params) if id(p) not in group]
         if missing:
             raise ValueError(f"exclude_decay: tracked parameters {missing} are not in the optimizer's param groups")
         factors = [1 - group[id(p)]["lr"] * group[id(p)].get("weight_decay", 0.0) for p in self.params]
-        return torch.cat([torch.full((p.numel(),), f, dtype=self._before.dtype, device=self._before.device)
+        return torch.cat([torch.full((p.numel(),), f, dtype=like.dtype, device=like.device)
                           for p, f in zip(self.params, factors)])
 
     def _describe(self, step: int, name: str, norm: float) -> list[Record]:
