@@ -1,0 +1,83 @@
+"""Interleaved timing for the benchmarks: ratios against a baseline timed in the same run.
+
+The machine the figures come from is shared and noisy, so a single median is not a figure. Every
+benchmark times its candidates round-robin (baseline, a, b, …, baseline, a, b, …), takes the median
+of each candidate's repeats within a round, divides by the baseline's median of the same round, and
+reports the median and min–max of that ratio over ≥ 3 rounds, with the load average at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One candidate's figures: median ms over all repeats, and its ratio to the baseline per round."""
+
+    name: str
+    ms: float
+    ratios: tuple[float, ...]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        return min(self.ratios), max(self.ratios)
+
+    def ratio_text(self) -> str:
+        lo, hi = self.spread
+        return f"{self.ratio:.2f} [{lo:.2f}–{hi:.2f}]"
+
+
+def load_average() -> str:
+    """The 1-minute load average and the core count, e.g. "load 0.42 on 2 cores"."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return f"load unknown on {os.cpu_count()} cores"
+    return f"load {load:.2f} on {os.cpu_count()} cores"
+
+
+def _ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, rounds: int = 3, repeats: int = 3,
+                warmup: int = 1, sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+    """Time every candidate round-robin; ratios are to `baseline`'s median in the same round.
+
+    `sync` is called around each call (torch.cuda.synchronize on a GPU). Each round runs every
+    candidate `repeats` times in turn (a, b, c, a, b, c, …), so slow drifts of the machine hit all
+    candidates alike.
+    """
+    if baseline not in candidates:
+        raise ValueError(f"baseline {baseline!r} is not among the candidates {sorted(candidates)}")
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"rounds={rounds} and repeats={repeats} must both be >= 1")
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[list[float]]] = {n: [] for n in candidates}
+    for _ in range(rounds):
+        this: dict[str, list[float]] = {n: [] for n in candidates}
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                this[name].append(_ms(fn, sync))
+        for name in candidates:
+            times[name].append(this[name])
+    out = {}
+    for name in candidates:
+        ratios = tuple(statistics.median(r) / statistics.median(b) for r, b in zip(times[name], times[baseline]))
+        out[name] = Timing(name, statistics.median(t for r in times[name] for t in r), ratios)
+    return out
