@@ -64,16 +64,19 @@ def test_schedule_every_and_log_spaced():
     assert sorted({r.step for r in mon.pop_records()}) == [0, 1, 2, 3, 4, 5, 6]
 
 
-def test_unmeasured_step_records_nothing_and_leaves_no_hooks():
+def test_unmeasured_step_records_nothing_and_arms_nothing():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     model = mlp()
     mon = Monitor(model, every=2)
     with mon.step(1):
+        assert _get_current_dispatch_mode() is None
         model(torch.randn(3, 8)).sum().backward()
     assert mon.pop_records() == [] and not model[0]._forward_pre_hooks
     with mon.step(2):
-        assert model[0]._forward_pre_hooks
+        assert _get_current_dispatch_mode() is not None
         model(torch.randn(3, 8)).sum().backward()
-    assert mon.pop_records() and not model[0]._forward_pre_hooks
+    assert mon.pop_records() and _get_current_dispatch_mode() is None
 
 
 def train(model, steps, monitor=None, micro=2):

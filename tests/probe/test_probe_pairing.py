@@ -75,10 +75,26 @@ def test_conv_patches_are_the_rows_the_kernel_multiplies(conv, x):
     assert st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
 
 
-def test_conv_with_groups_is_listed_unpaired():
-    mon = Monitor(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv3d(1, 1, 2)))
-    assert set(mon.unpaired) == {"0.weight", "1.weight"}
-    assert "groups=2" in mon.unpaired["0.weight"] and "observe" in mon.unpaired["1.weight"]
+@pytest.mark.parametrize("conv, x", [(nn.Conv2d(4, 6, 3, groups=2, padding=1), (2, 4, 7, 6)),
+                                     (nn.Conv1d(4, 4, 3, groups=4, stride=2), (3, 4, 9)),
+                                     (nn.Conv3d(2, 4, (2, 3, 2), groups=2, padding=(1, 0, 1), dilation=(1, 2, 1)), (2, 2, 4, 7, 5))])
+def test_grouped_and_3d_convs_are_measured_exactly(conv, x):
+    """A group's rows of W multiply that group's patches: A stacks every group's patches."""
+    torch.manual_seed(0)
+    x = torch.randn(*x)
+    A = input_matrix(conv, x)
+    g, o = conv.groups, conv.out_channels
+    W = conv.weight.reshape(o, -1)
+    y = conv(x) - conv.bias.view(1, -1, *([1] * (x.dim() - 2)))
+    P = A.shape[0] // g
+    for j in range(g):  # group j's patches times group j's rows of W = group j's output channels
+        yj = y[:, j * o // g : (j + 1) * o // g].flatten(2).transpose(1, 2).reshape(-1, o // g)
+        torch.testing.assert_close(A[j * P : (j + 1) * P] @ W[j * o // g : (j + 1) * o // g].T, yj, rtol=1e-4, atol=1e-5)
+    mon = Monitor(conv, estimator="exact")
+    with mon.step(0):
+        conv(x).sum().backward()
+    st = by(mon.pop_records(), "stable_rank")[""]
+    assert not mon.unmeasured and st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
 
 
 def test_tied_linear_is_measured_once_with_all_inputs():
@@ -190,25 +206,33 @@ class RawLinear(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.randn(3, 5))
         self.lin = nn.Linear(5, 3)
+        self.u = nn.Parameter(torch.randn(4, 5))
         self.monitor = None
 
     def forward(self, x):
+        z = torch.einsum("bi,ji->bj", torch.tanh(x), self.u)  # a product the probe does not pair
         if self.monitor is not None:
-            self.monitor.observe("raw", self.w, x)
-        return F.linear(x, self.w) + F.linear(x, self.lin.weight)  # lin's forward never runs
+            self.monitor.observe("u_obs", self.u, torch.tanh(x))
+        return F.linear(x, self.w) + F.linear(x, self.lin.weight) + z[:, :3]  # lin's forward never runs
 
 
-def test_unpaired_raw_parameter_then_observe():
+def test_raw_parameters_functional_linear_and_observe():
     torch.manual_seed(0)
     model = RawLinear()
     mon = Monitor(model, estimator="exact")
-    assert "w" in mon.unpaired and "observe" in mon.unpaired["w"]
-    model.monitor = mon
     x = torch.randn(9, 5)
-    with pytest.warns(UserWarning, match="never called"), mon.step(0):
+    with pytest.warns(UserWarning, match="'u' is unmeasured"), mon.step(0):
         model(x).sum().backward()
     recs = mon.pop_records()
-    assert "w" not in mon.unpaired and "lin" in mon.unpaired
     st = by(recs, "stable_rank")
-    assert st["raw"].value == pytest.approx(exact_st(x), rel=1e-9) and "lin" not in st
-    assert "lin" in by(recs, "nuclear_rank")  # its gradient is still measured
+    assert st["w"].value == pytest.approx(exact_st(x), rel=1e-9) and st["lin"].value == pytest.approx(exact_st(x), rel=1e-9)
+    assert set(mon.unmeasured) == {"u"} and "observe" in mon.unmeasured["u"]
+    un = by(recs, "unmeasured")["u"]
+    assert un.value == 1.0 and un.shape == "4x5" and un.flag == mon.unmeasured["u"]
+    assert "u" in by(recs, "nuclear_rank")  # its gradient is still measured
+    assert mon.advice().set_index("layer").loc["u", "verdict"] == "unmeasured"
+    model.monitor = mon
+    with mon.step(1):
+        model(x).sum().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert not mon.unmeasured and st["u_obs"].value == pytest.approx(exact_st(torch.tanh(x)), rel=1e-9)

@@ -7,7 +7,8 @@ the forward hook to a few small tensors that add over micro-batches and over ran
   VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on
   σ_1(A)² (so st is never underestimated) that is tight once V holds the top eigenvector. V is
   refined by `iters` subspace iterations on the step's first micro-batch and carried to the next step.
-- `gram`: C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to rounding).
+- `gram` (default): C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to float32
+  rounding of C); weights that share an input share its Gram, eigenvalue solves are batched by size.
 - `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
 - `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
 """
@@ -104,7 +105,12 @@ class PowerStats:
 
 
 class GramStats:
-    """st(A) from the summed Gram AᵀA (n × n, feature side, so it adds over micro-batches)."""
+    """st(A) from the summed feature-side Gram C = AᵀA (n × n, so it adds over micro-batches and ranks).
+
+    Weights that multiply the same activation (q, k, v; up and gate) share one C per micro-batch: the
+    Monitor computes it once (`gram_of`) and hands it to each. λ_max(C) comes from eigenvalue solves
+    batched by size (`finish_grams`), trace(C) = ‖A‖_F²: exact up to float32 rounding of C (~1e-6).
+    """
 
     estimator = "gram"
 
@@ -114,13 +120,13 @@ class GramStats:
 
     def reset(self, refine: bool = True) -> None:
         self.C: torch.Tensor | None = None
+        self.keys: list = []
         self.rows = 0
 
-    def add(self, A: torch.Tensor) -> None:
-        A = A.float()
-        # the feature-side Gram on purpose: linalg.gram picks the smaller side, which would not add up
-        C = A.mT @ A
+    def add(self, A: torch.Tensor, C: torch.Tensor | None = None, key=None) -> None:
+        C = gram_of(A) if C is None else C
         self.C = C if self.C is None else self.C + C
+        self.keys.append(key if key is not None else id(C))
         self.rows += A.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -130,17 +136,44 @@ class GramStats:
         (self.C,) = ts
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        C = self.C.double()
-        fro2 = C.diagonal().sum()
-        if not bool(torch.isfinite(C).all()):
-            return fro2 * float("nan"), fro2
-        return fro2, fro2 / L.stable_rank_from_gram(C)
+        (pair,) = finish_grams([self])
+        return pair
 
     def state(self) -> dict:
         return {}
 
     def load_state(self, s: dict) -> None:
         pass
+
+
+def gram_of(A: torch.Tensor) -> torch.Tensor:
+    """AᵀA in float32 (the feature side on purpose: it adds over micro-batches; the smaller side would not)."""
+    A = A.float()
+    return A.mT @ A
+
+
+def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(‖A‖_F², λ_max(AᵀA)) per GramStats; one batched eigvalsh per Gram size, shared Grams solved once."""
+    unique: dict[tuple, GramStats] = {}
+    for s in stats:
+        unique.setdefault((tuple(s.keys), s.n), s)
+    by_n: dict[int, list[tuple]] = {}
+    for k, s in unique.items():
+        by_n.setdefault(s.n, []).append(k)
+    lam: dict[tuple, torch.Tensor] = {}
+    for keys in by_n.values():
+        C = torch.stack([unique[k].C for k in keys])
+        finite = torch.isfinite(C).flatten(1).all(1)
+        C = torch.where(finite[:, None, None], C, torch.zeros_like(C))
+        top = torch.linalg.eigvalsh((C + C.mT) / 2)[:, -1].double()
+        top = torch.where(finite, top, torch.full_like(top, float("nan")))
+        for k, v in zip(keys, top):
+            lam[k] = v
+    out = []
+    for s in stats:
+        fro2 = s.C.diagonal().sum().double()
+        out.append((fro2, lam[(tuple(s.keys), s.n)]))
+    return out
 
 
 class ExactStats:

@@ -17,20 +17,23 @@ import math
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
-from specscope.probe.estimators import L, gradient_spectra, make_stats
-from specscope.probe.pairing import Slot, find_slots, input_matrix
+from specscope.probe import roles as R
+from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gradient_spectra, gram_of, make_stats
+from specscope.probe.pairing import MATMULS, Slot, aten, in_backward, input_key, operand_layout, patches, resolve, tracked_slots
 from specscope.records import Record
 
-ESTIMATORS = ("power", "gram", "exact")
+ESTIMATORS = ("gram", "power", "exact")
 EXTRAS = ("topk", "entropy_rank", "weight_stable_rank")
 GradientSource = str | Callable[[str, nn.Parameter], torch.Tensor]
 
@@ -60,22 +63,62 @@ class _Pending:
     before: dict[int, torch.Tensor]
 
 
+class _Watch(TorchDispatchMode):
+    """Armed on measured steps only: hands every product/convolution/lookup of a tracked weight to the Monitor."""
+
+    def __init__(self, monitor: "Monitor"):
+        super().__init__()
+        self.monitor = monitor
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled() or in_backward():
+            return func(*args, **kwargs)
+        op = func._overloadpacket
+        self.monitor._see(op, args)
+        out = func(*args, **kwargs)
+        if op is aten._to_copy and isinstance(args[0], torch.Tensor):  # autocast's copy of a weight
+            hit = resolve(args[0], self.monitor.slots, self.monitor._casts)
+            if hit is not None:
+                self.monitor._casts[id(out)] = (hit[0], out)
+        return out
+
+
+class _Backward(TorchFunctionMode):
+    """Sees `loss.backward()` to find the weights that produce the outputs (the head role)."""
+
+    def __init__(self, monitor: "Monitor"):
+        super().__init__()
+        self.monitor = monitor
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.backward and args:
+            self.monitor._heads |= R.output_weights(args[0])
+        return func(*args, **(kwargs or {}))
+
+
 class Monitor:
     """Pairs each weight of `model` with the matrix of its inputs and measures st(A), nr(G) per step.
+
+    Every trainable ≥2-D parameter is tracked. On a measured step the probe watches the operations
+    themselves (probe.pairing): whatever multiplies a tracked weight — nn.Linear, transformers' Conv1D,
+    nn.MultiheadAttention, F.linear on a raw parameter, Conv1d/2d/3d with groups, an embedding lookup —
+    is that weight's input. A weight it cannot pair gets an "unmeasured" record with the reason, is
+    listed in `unmeasured` (alias `unpaired`), warned about once, and has verdict "unmeasured".
 
     every / log_spaced: a step is measured when `step % every == 0` (every=None: never by this rule) or,
     with log_spaced (True = 10 per decade, or an int), when it is a log-spaced step.
     gradient: "grad" (the accumulated .grad, read on leaving `step()`), "update" (parameter change across
     the optimizer step) or a callable(name, param) -> Tensor (e.g. an optimizer buffer); the last two are
     read in `after_optimizer_step()`.
-    estimator: how st(A) is measured — "power" (default, one-pass warm-started block power iteration),
-    "gram" (exact up to rounding, n² memory per weight) or "exact" (keeps A; a reference). nr(G) is
-    always exact: eigenvalues of the smaller Gram ("gram", formed in `grad_gram_dtype`, float64 by
-    default; float32 is ~2x cheaper but spurious singular values ~3e-4·σ_1 then inflate ‖G‖_* of
-    low-rank gradients), or an SVD with estimator="exact". The power block is refined `power_iters`
-    times on a step's first micro-batch unless the previous step was measured too (it is then warm).
-    split: {module pattern: [slice names]} or {pattern: {name: rows}} measures a fused weight's output
-    row blocks separately, e.g. {"blocks.*.attn.qkv": ["q", "k", "v"]} records "blocks.0.attn.qkv.q".
+    estimator: how st(A) is measured — "gram" (default: feature-side Gram AᵀA, shared by weights with the
+    same input, top eigenvalue by batched eigvalsh; exact up to float32 rounding), "power" (one-pass
+    warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
+    direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) is exact: eigenvalues of the
+    smaller Gram, formed in `grad_gram_dtype` (float64 by default), or an SVD with estimator="exact".
+    split: {layer pattern: [slice names] | {name: size} | Interleaved(parts, heads)} measures a fused
+    weight's output blocks separately, e.g. {"blocks.*.attn.qkv": ["q", "k", "v"]} records
+    "blocks.0.attn.qkv.q"; the output dim is the weight's own (columns of a Conv1D weight stored [in, out]).
     """
 
     def __init__(
@@ -85,7 +128,7 @@ class Monitor:
         every: int | None = 1,
         log_spaced: bool | int = False,
         gradient: GradientSource = "grad",
-        estimator: str = "power",
+        estimator: str = "gram",
         extras: Iterable[str] = (),
         split: dict | None = None,
         nonfinite: str = "raise",
@@ -113,16 +156,22 @@ class Monitor:
         if estimator == "exact" and D.world_size() > 1:
             raise ConfigError("estimator='exact' keeps activations and is single-process; use 'gram' or 'power' under torch.distributed")
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        self.model = model.module if ddp else model
+        model = model.module if ddp else model
+        self.model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: names without `_orig_mod.`
         self._grads_reduced = ddp  # DDP has already averaged .grad over ranks
         self.every, self.log_spaced = every, (10 if log_spaced is True else int(log_spaced))
         self.gradient, self.estimator, self.nonfinite, self.topk = gradient, estimator, nonfinite, topk
         self._stats_kw = dict(block=power_block, iters=power_iters)
-        slots, self.unpaired, self._uses = find_slots(self.model, include=include, exclude=tuple(exclude), split=split)
-        self.slots: dict[int, Slot] = slots
-        for s in slots.values():
-            s.stats = make_stats(s.kind, s.n_features, estimator, **self._stats_kw)
-        self._handles: list = []
+        self.slots: dict[int, Slot] = tracked_slots(self.model, include=include, exclude=tuple(exclude), split=split)
+        for pid, role in R.static_roles(self.model).items():
+            if pid in self.slots:
+                self.slots[pid].role = role
+        self.unmeasured: dict[str, str] = {}
+        self._warned: set[str] = set()
+        self._stack: ExitStack | None = None
+        self._grams: dict = {}
+        self._casts: dict = {}
+        self._heads: set[int] = set()
         self._step: int | None = None
         self._pending: _Pending | None = None
         self._records: list[Record] = []
@@ -132,6 +181,16 @@ class Monitor:
         self._history_len = history
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
+
+    @property
+    def unpaired(self) -> dict[str, str]:
+        """The weights not measured on the last measured step, name -> reason (same dict as `unmeasured`)."""
+        return self.unmeasured
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Layer name -> "embedding" | "head" | "hidden" (probe.roles), from the last measured step's use."""
+        return {s.name: s.role for s in self.slots.values()}
 
     # -- schedule ---------------------------------------------------------------------------------
     def is_measured(self, step: int) -> bool:
@@ -147,7 +206,7 @@ class Monitor:
     # -- measuring one step -----------------------------------------------------------------------
     @contextmanager
     def step(self, step: int) -> Iterator[None]:
-        """Context for one optimizer step's forward/backward passes; measured steps arm the hooks."""
+        """Context for one optimizer step's forward/backward passes; measured steps arm the watch."""
         if self._pending is not None:
             raise SpecscopeError(
                 f"step {self._pending.step} was measured with gradient={self._gradient_name()}, which is read after the "
@@ -179,27 +238,25 @@ class Monitor:
             self._measure(p.step, p.inputs, lambda s: self.gradient(s.name, s.param), reduce=False)
 
     def observe(self, name: str, weight: nn.Parameter, inputs: torch.Tensor) -> None:
-        """Pair `weight` (used as F.linear(inputs, weight)) with `inputs`; call it next to that F.linear.
-
-        A no-op outside a measured step, so it can stay in the forward pass.
-        """
+        """Pair `weight` (used as F.linear(inputs, weight)) with `inputs`, for products the probe cannot
+        see (a custom kernel, an einsum); call it next to that product. A no-op outside a measured step."""
         if self._step is None or not torch.is_grad_enabled():
             return
         slot = self.slots.get(id(weight))
-        if slot is None:
-            if name in self.layers:
+        if slot is None or slot.kind != "observed":
+            if name in self.layers and (slot is None or name not in slot.names()):
                 raise ConfigError(f"observe('{name}', ...): that name is already a measured weight; pick another")
-            slot = Slot(name, weight, "observed", weight.shape[-1], modules=[name])
+            if slot is None:
+                slot = self.slots[id(weight)] = Slot(name, weight)
+            slot.name, slot.kind, slot.n_features, slot.out_dim = name, "observed", weight.shape[-1], 0
             slot.stats = make_stats("observed", slot.n_features, self.estimator, **self._stats_kw)
             slot.stats.reset(refine=True)
-            self.slots[id(weight)] = slot
-            for pname, p in self.model.named_parameters():
-                if p is weight:
-                    self.unpaired.pop(pname, None)
         if inputs.shape[-1] != slot.n_features:
             raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {slot.n_features}")
         with torch.no_grad():
-            slot.stats.add(inputs.detach().reshape(-1, slot.n_features))
+            A = inputs.detach().reshape(-1, slot.n_features)
+            slot.inputs.setdefault((0, weight.shape[0]), set()).add(input_key(A))
+            slot.stats.add(A)
 
     def pop_records(self) -> list[Record]:
         """The records made since the last call (hand them to a store)."""
@@ -207,78 +264,184 @@ class Monitor:
         return out
 
     def stable_rank(self, name: str) -> float | None:
-        """Latest measured st(A) of the input of weight `name` (None before its first measurement)."""
+        """Latest measured st(A) of the input of weight `name`; None before its first measurement or
+        while it is unmeasured (see `unmeasured[name]`). A fused weight's slices share their input's."""
+        if name in self._latest_st:
+            return self._latest_st[name]
+        fused = next((s for s in self.slots.values() if s.name == name and s.split is not None), None)
+        if fused is not None:
+            return self._latest_st.get(fused.names()[0])
         if name not in self.layers:
-            raise ConfigError(f"no measured weight named '{name}'; known: {self.layers}")
-        return self._latest_st.get(name)
+            raise ConfigError(f"no tracked weight named '{name}'; known: {self.layers}")
+        return None
 
-    # -- hooks --------------------------------------------------------------------------------------
+    # -- watching the operations --------------------------------------------------------------------
     def _arm(self, step: int) -> None:
         self._step = step
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
+        self._grams, self._casts, self._heads = {}, {}, set()
         for s in self.slots.values():
-            s.stats.reset(refine=not warm)
-        for _, module, slot in self._uses:
-            self._handles.append(module.register_forward_pre_hook(self._hook(slot), with_kwargs=True))
+            s.begin_step()
+            if s.stats is not None:
+                s.stats.reset(refine=not warm)
+            if s.tokens is not None:
+                s.tokens.reset()
+        self._stack = ExitStack()
+        self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
+        self._stack.enter_context(_Backward(self))
+        self._stack.enter_context(_Watch(self))
 
     def _disarm(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles, self._step = [], None
+        stack, self._stack, self._step = self._stack, None, None
+        if stack is not None:
+            stack.close()
+        self._grams, self._casts = {}, {}
 
-    @staticmethod
-    def _hook(slot: Slot):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if not torch.is_grad_enabled():  # evaluation passes do not produce this step's gradient
-                return
-            x = args[0] if args else next(iter(kwargs.values()))
+    def _see(self, op, args) -> None:
+        """One aten op of a measured forward pass: pair it if one operand is a tracked weight."""
+        if op in MATMULS:
+            x, M = (args[1], args[2]) if op is aten.addmm else (args[0], args[1])
+            hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
+            if hm is not None and hx is None:
+                return self._dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
+            if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
+                return self._dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
+            return self._other(op, args)
+        if op is aten.convolution:
+            x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
+            s = self.slots.get(id(w))
+            if s is None:
+                return self._other(op, args)
+            if transposed:
+                s.problem = "used in a transposed convolution, which the probe does not pair; pass its inputs with monitor.observe"
+                return None
             with torch.no_grad():
-                slot.stats.add(x.detach() if slot.kind == "embedding" else input_matrix(module, x.detach()))
+                A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
+            return self._dense(s, A, (0, (0, w.shape[0]), True), "conv", op)
+        if op is aten.embedding:
+            s = self.slots.get(id(args[0]))
+            if s is None:
+                return self._other(op, args)
+            if s.tokens is None:
+                s.tokens = TokenCounts(s.param.shape[0])
+            s.tokens.add(args[1].detach())
+            s.role = "embedding"
+            if s.kind == "":
+                s.kind = "embedding"
+            return None
+        return self._other(op, args)
 
-        return hook
+    def _other(self, op, args) -> None:
+        """A tracked weight used by an op the probe does not pair: remembered for the reason text."""
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                hit = resolve(a, self.slots, self._casts)
+                if hit is not None and op not in (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_copy,
+                                                  aten.slice, aten.split, aten.chunk, aten.split_with_sizes, aten.unsqueeze, aten.expand):
+                    hit[0].other_ops.add(str(op).removeprefix("aten."))
+
+    def _dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op) -> None:
+        if s.kind == "observed" or s.problem:
+            return
+        if layout is None:
+            s.problem = f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns"
+            return
+        out_dim, out_range, whole_input = layout
+        if not whole_input:
+            s.problem = "only some of its input features multiply this input (a column block of W used as inputs)"
+            return
+        with torch.no_grad():
+            A = x.detach().reshape(-1, x.shape[-1])
+            key = input_key(A)
+            if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
+                return
+            if s.stats is None:
+                s.stats = make_stats(kind, A.shape[1], self.estimator, **self._stats_kw)
+                s.stats.reset(refine=True)
+            if any(key in keys for r, keys in s.inputs.items() if r != out_range):
+                return  # another output block of the same product input: A is counted once
+            if isinstance(s.stats, GramStats):
+                C = self._grams.get(key)
+                if C is None:
+                    C = self._grams[key] = gram_of(A)
+                s.stats.add(A, C, key)
+            else:
+                s.stats.add(A)
 
     # -- turning statistics into records ------------------------------------------------------------
+    def _active_stats(self, s: Slot):
+        """The statistics a slot is measured by this step: dense use wins over lookups (tied weights)."""
+        if s.stats is not None and s.stats.rows > 0 and s.kind != "embedding":
+            return s.stats
+        if s.tokens is not None and s.tokens.rows > 0:
+            return s.tokens
+        return None
+
     def _finish_inputs(self, step: int) -> dict[int, _Inputs]:
         """Reduce the input statistics over ranks and turn them into st(A) per slot."""
-        active = [s for s in self.slots.values() if s.stats.rows > 0]
-        flat = [t for s in active for t in s.stats.tensors()]
-        rows = torch.tensor([s.stats.rows for s in active], dtype=torch.float64)
+        for pid in self._heads:
+            if pid in self.slots and self.slots[pid].role != "embedding":
+                self.slots[pid].role = "head"
+        active = []
+        for s in self.slots.values():
+            s.check_ranges()
+            st = self._active_stats(s)
+            if st is not None and not s.problem:
+                active.append((s, st))
+        flat = [t for _, st in active for t in st.tensors()]
+        rows = torch.tensor([st.rows for _, st in active], dtype=torch.float64)
         *flat, rows = D.all_reduce_sum(flat + [rows])
         i = 0
-        for s in active:
-            k = len(s.stats.tensors())
-            s.stats.set_tensors(flat[i : i + k])
+        for _, st in active:
+            k = len(st.tensors())
+            st.set_tensors(flat[i : i + k])
             i += k
-        pairs = [s.stats.finish() for s in active]
+        grams = [st for _, st in active if isinstance(st, GramStats)]
+        done = dict(zip(map(id, grams), finish_grams(grams)))
+        pairs = [done[id(st)] if id(st) in done else st.finish() for _, st in active]
         if not pairs:
             return {}
         vals = torch.stack([torch.stack([f.double().cpu(), l.double().cpu()]) for f, l in pairs]).tolist()
         out = {}
-        for s, (fro2, lam), r in zip(active, vals, rows.tolist()):
+        for (s, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
             flag = "" if math.isfinite(fro2) and math.isfinite(lam) else "nonfinite"
             if flag:
                 self._bad(f"non-finite activation entering '{s.name}' at step {step}")
             elif fro2 == 0:
                 flag = "zero_input"  # st(0) is undefined: recorded as NaN with this flag, not an error
-            st = fro2 / lam if not flag else float("nan")
-            out[id(s.param)] = _Inputs(st, int(r), s.n_features, s.stats.estimator, flag)
+            value = fro2 / lam if not flag else float("nan")
+            out[id(s.param)] = _Inputs(value, int(r), st.n, st.estimator, flag)
         return out
+
+    def _unmeasured_reason(self, s: Slot, has_grad: bool) -> str:
+        if s.problem:
+            return s.problem
+        if s.other_ops:
+            return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
+        if not has_grad:
+            return "not used in this step's forward pass (no input, no gradient)"
+        return "has a gradient but no product with it was seen; pass its inputs with monitor.observe"
 
     def _measure(self, step: int, inputs: dict[int, _Inputs], grad_of: Callable[[Slot], torch.Tensor | None], reduce: bool = True) -> None:
         slots, mats = [], []
+        self.unmeasured.clear()
         for s in self.slots.values():
             g = grad_of(s)
+            if id(s.param) not in inputs:
+                why = self.unmeasured[s.name] = self._unmeasured_reason(s, g is not None)
+                shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
+                self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
+                if s.name not in self._warned:
+                    self._warned.add(s.name)
+                    warnings.warn(f"specscope probe: '{s.name}' is unmeasured: {why}", stacklevel=4)
             if g is None:
                 continue
-            if id(s.param) not in inputs and s.kind != "observed" and s.name not in self.unpaired:
-                self.unpaired[s.name] = "has a gradient but its module's forward was never called (weight used functionally?); pass its inputs with monitor.observe"
-                warnings.warn(f"specscope probe: {s.name}: {self.unpaired[s.name]}", stacklevel=3)
             slots.append(s)
             mats.append(s.grad_matrix(g.detach()))
         if reduce and self.gradient == "grad" and not self._grads_reduced:
             mats = D.all_reduce_mean(mats)
-        named = [(nm, s, G[a:b]) for s, G in zip(slots, mats) for nm, a, b in (s.slices or [(s.name, 0, G.shape[0])])]
+        named = [(nm, s, G) for s, M in zip(slots, mats) for nm, G in s.slices(M)]
         fro, nuc = gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
         nr_est = "exact" if self.estimator == "exact" else "gram"
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
@@ -310,8 +473,7 @@ class Monitor:
         if "entropy_rank" in self.extras:
             rec(Record(step, name, "entropy_rank", float(L.entropy_rank(G.double())), estimator="exact", rows=rows, shape=gshape))
         if "weight_stable_rank" in self.extras:
-            a_, b_ = next(((a_, b_) for nm, a_, b_ in slot.slices if nm == name), (0, G.shape[0]))
-            W = slot.grad_matrix(slot.param.detach())[a_:b_]
+            W = dict(slot.slices(slot.grad_matrix(slot.param.detach())))[name]
             rec(Record(step, name, "weight_stable_rank", float(L.stable_rank(W)), estimator="exact", rows=rows, shape=gshape))
 
     def _bad(self, message: str) -> None:
@@ -324,26 +486,26 @@ class Monitor:
         return self.gradient if isinstance(self.gradient, str) else getattr(self.gradient, "__name__", "callable")
 
     # -- verdicts -----------------------------------------------------------------------------------
-    def advice(self, window: int = 20, margin: float = 0.25):
-        """Per weight: median st(A), nr(G) and nr/st over the last `window` measurements, and a verdict.
-
-        verdict "spectral" when median nr/st > 1 + margin, "euclidean" when < 1 / (1 + margin), else
-        "undecided" (REFERENCE §1: nr/st > 1 means a spectral step has the larger guaranteed decrease).
-        """
+    def advice(self, window: int = 20, margin: float = _advice.MARGIN):
+        """Per weight: median st(A), nr(G) and nr/st over the last `window` measurements, and a verdict
+        (probe.advice.verdict: "spectral", "euclidean", "undecided", or "unmeasured" with the reason)."""
         return _advice.advice_table(self._history, self._describe(), window=window, margin=margin)
 
-    def param_groups(self, model: nn.Module | None = None, *, window: int = 20, margin: float = 0.25, **kwargs) -> list[dict]:
-        """Optimizer parameter groups from the verdicts plus structural rules (see probe.advice.param_groups)."""
+    def param_groups(self, model: nn.Module | None = None, *, window: int = 20, margin: float = _advice.MARGIN, **kwargs) -> list[dict]:
+        """Optimizer parameter groups from the verdicts and the roles (see probe.advice.param_groups)."""
         model = self.model if model is None else model
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        model = getattr(model, "_orig_mod", model)
         return _advice.param_groups(model, self.advice(window, margin), self.slots.values(), **kwargs)
 
     def _describe(self) -> dict[str, dict]:
         out = {}
         for s in self.slots.values():
-            for nm, a, b in s.slices or [(s.name, 0, s.param.shape[0])]:
-                rows, est = self._latest_inputs.get(nm, (0, s.stats.estimator))
-                out[nm] = {"kind": s.kind, "shape": "x".join(map(str, (b - a, *s.param.shape[1:]))), "rows": rows, "estimator": est}
+            M = s.grad_matrix(s.param.detach())
+            for nm, blk in s.slices(M):
+                rows, est = self._latest_inputs.get(nm, (0, self.estimator if s.kind != "embedding" else "closed_form"))
+                out[nm] = {"kind": s.kind or "unseen", "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
+                           "unmeasured": self.unmeasured.get(s.name, ""), "role": s.role}
         return out
 
     # -- persistence ----------------------------------------------------------------------------------
@@ -351,7 +513,7 @@ class Monitor:
         """Warm-start blocks, advice history and latest st(A) (resume gives the same next measurement)."""
         return {
             "version": 1,
-            "stats": {s.name: s.stats.state() for s in self.slots.values()},
+            "stats": {s.name: s.stats.state() for s in self.slots.values() if s.stats is not None},
             "history": {k: list(v) for k, v in self._history.items()},
             "latest_st": dict(self._latest_st),
         }
@@ -361,16 +523,19 @@ class Monitor:
             raise ConfigError(f"Monitor state version {state.get('version')!r} is not supported (expected 1)")
         by_name = {s.name: s for s in self.slots.values()}
         for name, st in state["stats"].items():
-            if name in by_name:
-                by_name[name].stats.load_state(st)
+            s = by_name.get(name)
+            if s is not None and st.get("V") is not None and self.estimator == "power":
+                s.kind, s.n_features = s.kind or "linear", st["V"].shape[0]
+                s.stats = s.stats or make_stats(s.kind, s.n_features, "power", **self._stats_kw)
+                s.stats.load_state(st)
         self._history = {k: deque(map(tuple, v), maxlen=self._history_len) for k, v in state["history"].items()}
         self._latest_st = dict(state["latest_st"])
 
     def close(self) -> None:
-        """Remove any hooks and drop pending state; the monitor measures nothing afterwards."""
+        """Disarm and drop pending state; the monitor measures nothing afterwards."""
         self._disarm()
         self._pending = None
-        self._uses = []
+        self.every, self.log_spaced = None, 0
 
     def __repr__(self) -> str:
-        return f"Monitor({len(self.layers)} weights, every={self.every}, estimator={self.estimator!r}, unpaired={list(self.unpaired)})"
+        return f"Monitor({len(self.layers)} weights, every={self.every}, estimator={self.estimator!r}, unmeasured={list(self.unmeasured)})"

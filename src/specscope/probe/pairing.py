@@ -1,15 +1,25 @@
-"""Which matrix each weight multiplies (REFERENCE §2) and the hooks that see it.
+"""Which matrix each weight multiplies (REFERENCE §2), seen at the operation, not the module class.
 
-A weight W used as y = W a pairs with the matrix A whose rows are the inputs a:
-nn.Linear -> its input flattened to [tokens, in_features]; nn.Conv1d/2d -> unfolded patches
-[positions, C·k]; nn.Embedding -> the one-hot token matrix (counted, never built); a weight shared by
-several modules is one `Slot` fed by all of them. Everything else with a matrix parameter is listed in
-`unpaired` with the reason.
+On a measured step a `TorchDispatchMode` watches every matrix product, convolution and embedding lookup
+of the forward pass. When one operand is a tracked weight (or a view of it: `W.T` inside `F.linear`, a
+row block of `nn.MultiheadAttention`'s `in_proj_weight`, a column block of transformers' `Conv1D`
+weight stored [in, out]), the other operand is the input matrix A of that weight, in the weight's own
+orientation:
+
+    y = A @ M, M a view of W   ->  rows of A are the inputs; W's output dim is the one M's columns index
+    convolution(x, W, groups)   ->  A = patches of x, [groups·positions, C/groups·k] (a group's rows of W
+                                    multiply that group's patches; together W multiplies all of them)
+    embedding(W, ids)           ->  the one-hot matrix of ids (counted, never built)
+
+Passes without gradient (evaluation) and the recomputed forwards of gradient checkpointing (they run
+inside the backward pass) are not counted. A weight that is used some other way is named with the
+reason; `Monitor.observe` remains for products the probe cannot see.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,133 +28,208 @@ from torch import nn
 
 from specscope.errors import ConfigError
 
-PAIRABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d)
+aten = torch.ops.aten
+MATMULS = (aten.mm, aten.addmm)
+
+
+@dataclass(frozen=True)
+class Interleaved:
+    """A fused output dimension laid out [heads, len(parts), head_dim] (GPT-NeoX `query_key_value`).
+
+    `split={"*.query_key_value": Interleaved(("q", "k", "v"), heads=8)}` measures q, k and v separately.
+    """
+
+    parts: tuple[str, ...]
+    heads: int
+
+    def indices(self, out: int) -> list[tuple[str, torch.Tensor]]:
+        k = len(self.parts)
+        if out % (self.heads * k):
+            raise ConfigError(f"Interleaved({list(self.parts)}, heads={self.heads}): {out} outputs do not divide into heads × parts")
+        layout = torch.arange(out).view(self.heads, k, out // (self.heads * k))
+        return [(p, layout[:, i].reshape(-1)) for i, p in enumerate(self.parts)]
+
+
+def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Tensor]]:
+    """(slice name, index along the output dim) of a fused weight, from a `split=` value:
+    [names] (equal contiguous blocks), {name: size} (contiguous blocks) or `Interleaved`."""
+    if isinstance(spec, Interleaved):
+        return [(f"{name}.{p}", idx) for p, idx in spec.indices(out)]
+    if isinstance(spec, dict):
+        sizes = dict(spec)
+    else:
+        if out % len(spec):
+            raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give sizes as {{name: size}}")
+        sizes = {p: out // len(spec) for p in spec}
+    if sum(sizes.values()) != out:
+        raise ConfigError(f"split of '{name}': sizes {sizes} add to {sum(sizes.values())}, the weight has {out} outputs")
+    out_, start = [], 0
+    for p, n in sizes.items():
+        out_.append((f"{name}.{p}", slice(start, start + n)))
+        start += n
+    return out_
+
+
+def split_parts(spec) -> list[str]:
+    return list(spec.parts if isinstance(spec, Interleaved) else spec)
 
 
 @dataclass
 class Slot:
-    """One measured weight: its parameter, the modules that use it and its row slices (fused weights)."""
+    """One tracked weight: how it was used on the current step and its input statistics."""
 
     name: str
     param: nn.Parameter
-    kind: str  # "linear" | "conv" | "embedding" | "observed"
-    n_features: int
-    modules: list[str] = field(default_factory=list)
-    slices: list[tuple[str, int, int]] = field(default_factory=list)  # (name, start, stop) of output rows
-    stats: object = None
+    split: object = None
+    kind: str = ""  # "linear" | "conv" | "embedding" | "observed" once seen
+    n_features: int = 0
+    out_dim: int = 0  # the parameter's dim that indexes outputs (1 for a weight stored [in, out])
+    stats: object = None  # dense input statistics (persist across steps: warm starts)
+    tokens: object = None  # embedding lookups
+    role: str = "hidden"
+    # per step
+    problem: str = ""
+    inputs: dict = field(default_factory=dict)  # output range -> set of input keys
+    other_ops: set = field(default_factory=set)
 
     def grad_matrix(self, g: torch.Tensor) -> torch.Tensor:
-        """The gradient as the matrix acting on A's rows: [out, in] (conv kernels flattened)."""
+        """The gradient as a matrix in the weight's stored orientation (conv kernels flattened per output)."""
         return g.to_dense().reshape(g.shape[0], -1)
 
     def names(self) -> list[str]:
-        return [s[0] for s in self.slices] or [self.name]
+        return [f"{self.name}.{p}" for p in split_parts(self.split)] if self.split is not None else [self.name]
+
+    def slices(self, G: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """(name, gradient block) per recorded weight: the whole matrix, or the fused weight's slices."""
+        if self.split is None:
+            return [(self.name, G)]
+        out = []
+        for nm, idx in split_indices(self.name, self.split, G.shape[self.out_dim]):
+            blk = G[idx] if self.out_dim == 0 else G[:, idx]
+            out.append((nm, blk))
+        return out
+
+    def begin_step(self) -> None:
+        self.problem, self.inputs, self.other_ops = "", {}, set()
+
+    def note_use(self, kind: str, n: int, out_dim: int, out_range: tuple[int, int], key) -> bool:
+        """Record one use; False (with `problem` set) when it contradicts an earlier one."""
+        if self.kind in ("", "embedding") or (kind == self.kind and n == self.n_features and out_dim == self.out_dim):
+            self.kind, self.n_features, self.out_dim = kind, n, out_dim
+        elif self.kind != "observed":
+            self.problem = f"used as {kind} on {n} input features and as {self.kind} on {self.n_features}"
+            return False
+        self.inputs.setdefault(out_range, set()).add(key)
+        return True
+
+    def check_ranges(self) -> None:
+        """Output blocks used on different inputs (cross-attention's q vs kv rows) are not one A."""
+        if len(self.inputs) > 1 and len({frozenset(k) for k in self.inputs.values()}) > 1:
+            blocks = ", ".join(f"{a}:{b}" for a, b in sorted(self.inputs))
+            self.problem = f"output blocks {blocks} multiply different inputs; measure them separately with split={{'{self.name}': {{...}}}}"
 
 
-def conv_padding(m: nn.Conv1d | nn.Conv2d) -> tuple[int, ...] | None:
-    """Integer padding per spatial dim, or None when the conv cannot be written as unfold @ Wᵀ."""
-    if m.padding_mode != "zeros" or m.groups != 1:
-        return None
-    if m.padding == "valid":
-        return (0,) * len(m.kernel_size)
-    if m.padding == "same":
-        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
-        return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
-    return tuple(m.padding)
-
-
-def input_matrix(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The matrix A (rows = samples/tokens/positions) whose rows the module's weight multiplies."""
-    if isinstance(m, nn.Linear):
-        return x.reshape(-1, m.in_features)
-    if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        two_d = isinstance(m, nn.Conv2d)
-        if x.dim() == (3 if two_d else 2):  # unbatched input
-            x = x.unsqueeze(0)
-        pad = conv_padding(m)
-        k, s, d = m.kernel_size, m.stride, m.dilation
-        if not two_d:  # a 1-D conv is a 2-D conv over a height-1 image
-            x, k, s, d, pad = x.unsqueeze(-2), (1, *k), (1, *s), (1, *d), (0, *pad)
-        cols = F.unfold(x, k, dilation=d, padding=pad, stride=s)  # [B, C·k, positions]
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise TypeError(f"no input matrix for {type(m).__name__}")
+def layer_name(param_name: str) -> str:
+    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`; a root-level `weight` -> ``; other names stay."""
+    if param_name == "weight":
+        return ""
+    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _split_for(name: str, split: dict, out_rows: int) -> list[tuple[str, int, int]]:
-    """Row slices of a fused weight from split={pattern: [names] (equal parts) or {name: rows}}."""
-    for pattern, parts in split.items():
-        if not fnmatch.fnmatchcase(name, pattern):
-            continue
-        sizes = dict(parts) if isinstance(parts, dict) else None
-        names = list(sizes) if sizes else list(parts)
-        if sizes is None:
-            if out_rows % len(names):
-                raise ConfigError(f"split of '{name}': {out_rows} output rows do not divide into {len(names)} equal parts; give sizes as {{name: rows}}")
-            sizes = {p: out_rows // len(names) for p in names}
-        if sum(sizes.values()) != out_rows:
-            raise ConfigError(f"split of '{name}': sizes {sizes} add to {sum(sizes.values())}, the weight has {out_rows} output rows")
-        out, start = [], 0
-        for p in names:
-            out.append((f"{name}.{p}", start, start + sizes[p]))
-            start += sizes[p]
-        return out
-    return []
-
-
-def find_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> tuple[dict[int, Slot], dict[str, str], list[tuple[str, nn.Module, Slot]]]:
-    """Pair the model's weights with their inputs.
-
-    Returns (slots keyed by id(param), unpaired {name: reason}, uses [(module name, module, slot)]).
-    A parameter shared by several modules becomes one slot named after its first module; an embedding
-    tied to a linear layer is measured on the dense (linear) side.
-    """
+def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> dict[int, Slot]:
+    """A slot for every trainable ≥2-D parameter whose layer name passes include/exclude."""
     split = split or {}
     slots: dict[int, Slot] = {}
-    uses: list[tuple[str, nn.Module, Slot]] = []
-    unpaired: dict[str, str] = {}
-    paired_params: set[int] = set()
-
-    def selected(name: str) -> bool:
-        return (include is None or _matches(name, include)) and not _matches(name, exclude)
-
-    for name, m in model.named_modules():
-        if not isinstance(m, PAIRABLE) or not selected(name):
-            continue
-        w = m.weight
-        if not w.requires_grad:
-            continue
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)) and conv_padding(m) is None:
-            unpaired[f"{name}.weight"] = f"{type(m).__name__} with groups={m.groups}, padding={m.padding!r}, padding_mode={m.padding_mode!r} is not unfold @ Wᵀ"
-            continue
-        kind = "embedding" if isinstance(m, nn.Embedding) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d)) else "linear"
-        n = m.num_embeddings if kind == "embedding" else w[0].numel()
-        slot = slots.get(id(w))
-        if slot is None:
-            slot = slots[id(w)] = Slot(name, w, kind, n, slices=_split_for(name, split, w.shape[0]))
-        elif slot.kind == "embedding" and kind != "embedding":  # tied embedding/head: measure the dense side
-            slot.kind, slot.n_features = kind, n
-            for i, (_, mod, s) in enumerate(uses):
-                if s is slot:
-                    uses[i] = (None, None, None)  # type: ignore[assignment]
-        elif kind == "embedding" and slot.kind != "embedding":
-            slot.modules.append(name)
-            continue
-        elif slot.n_features != n:
-            unpaired[f"{name}.weight"] = f"shared with '{slot.name}' but used on inputs of another width"
-            continue
-        slot.modules.append(name)
-        uses.append((name, m, slot))
-        paired_params.add(id(w))
-    uses = [u for u in uses if u[0] is not None]
-    unknown = [p for p in split if not any(fnmatch.fnmatchcase(s.name, p) for s in slots.values())]
-    if unknown:
-        raise ConfigError(f"split patterns {unknown} match no Linear/Conv weight of the model; names look like {[s.name for s in slots.values()][:4]}")
+    owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     for pname, p in model.named_parameters():
-        if p.dim() >= 2 and p.requires_grad and id(p) not in paired_params and pname not in unpaired and selected(pname.rsplit(".", 1)[0]):
-            owner = model.get_submodule(pname.rsplit(".", 1)[0]) if "." in pname else model
-            unpaired[pname] = f"{type(owner).__name__} parameter of shape {tuple(p.shape)} is not used through nn.Linear/Embedding/Conv1d/Conv2d; pass its inputs with monitor.observe('{pname}', weight, inputs)"
-    return slots, unpaired, uses
+        name = layer_name(pname)
+        if p.dim() < 2 or not p.requires_grad:
+            continue
+        if (include is not None and not _matches(name, include)) or _matches(name, exclude):
+            continue
+        spec = next((v for k, v in split.items() if fnmatch.fnmatchcase(name, k)), None)
+        out_dim = 1 if type(owners.get(id(p))).__name__ == "Conv1D" else 0  # transformers' Conv1D stores [in, out]
+        if spec is not None:
+            split_indices(name, spec, p.shape[out_dim])  # a bad split fails here, not mid-training
+        slots[id(p)] = Slot(name, p, spec, out_dim=out_dim)
+    unknown = [k for k in split if not any(fnmatch.fnmatchcase(s.name, k) for s in slots.values())]
+    if unknown:
+        raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
+    return slots
+
+
+def resolve(t: torch.Tensor, slots: dict[int, Slot], casts: dict) -> tuple[Slot, torch.Tensor] | None:
+    """(slot, base) when `t` is a tracked weight, a view of one, or a view of its cast copy (autocast);
+    `base` is the tensor whose storage t views. None when t is none of these."""
+    for b in (t, t._base):
+        if b is None:
+            continue
+        s = slots.get(id(b))
+        if s is not None:
+            return s, b
+        c = casts.get(id(b))
+        if c is not None and c[1] is b:
+            return c[0], b
+    return None
+
+
+def operand_layout(W: torch.Tensor, M: torch.Tensor) -> tuple[int, tuple[int, int], bool] | None:
+    """For y = A @ M with M a 2-D view of weight W: (W's output dim, output range, whole input dim?)."""
+    if W.dim() != 2 or M.dim() != 2:
+        return None
+    s0, s1 = W.stride()
+    off = M.storage_offset() - W.storage_offset()
+    r0, c0 = (off // s0, (off % s0) // s1) if s0 >= s1 and s1 > 0 else (0, 0)
+    if M.stride() == (s0, s1) or M is W:  # M = W[rows, cols]: W stored [in, out]
+        return 1, (c0, c0 + M.shape[1]), M.shape[0] == W.shape[0]
+    if M.stride() == (s1, s0):  # M = W[rows, cols].T: W stored [out, in]
+        return 0, (r0, r0 + M.shape[1]), M.shape[0] == W.shape[1]
+    return None
+
+
+def patches(x: torch.Tensor, weight_shape, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """Rows the kernel multiplies: [groups·B·positions, C/groups·prod(k)], columns in W.reshape(out, -1)'s order."""
+    k = weight_shape[2:]
+    d = len(k)
+    if x.dim() == d + 1:  # unbatched input
+        x = x.unsqueeze(0)
+    if any(padding):
+        x = F.pad(x, [p for pd in reversed(padding) for p in (pd, pd)])
+    for i in range(d):
+        span = dilation[i] * (k[i] - 1) + 1
+        x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
+    # x: [B, C, *out_positions, *k]
+    B, C = x.shape[:2]
+    x = x.reshape(B, groups, C // groups, -1, math.prod(k))  # [B, g, C/g, P, K]
+    return x.permute(1, 0, 3, 2, 4).reshape(-1, (C // groups) * math.prod(k))
+
+
+def input_matrix(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The matrix A (rows = samples/tokens/positions) whose rows module m's weight multiplies."""
+    if isinstance(m, nn.Linear):
+        return x.reshape(-1, m.in_features)
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.padding_mode == "zeros":
+        pad = m.padding
+        if pad == "valid":
+            pad = (0,) * len(m.kernel_size)
+        elif pad == "same":
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            if any(t % 2 for t in total):
+                raise TypeError("padding='same' with an even receptive field pads asymmetrically; the Monitor sees it at the operation")
+            pad = tuple(t // 2 for t in total)
+        return patches(x, m.weight.shape, m.stride, pad, m.dilation, m.groups)
+    raise TypeError(f"no input matrix for {type(m).__name__}; the Monitor sees it at the operation")
+
+
+def input_key(A: torch.Tensor) -> tuple:
+    """Identity of an input within one step: the same activation seen by q, k and v gives one key."""
+    return (A.data_ptr(), tuple(A.shape), A.stride(), A._version, A.device)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (gradient checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1

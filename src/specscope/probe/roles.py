@@ -1,0 +1,75 @@
+"""The role of each weight, from how it is used — never from its name.
+
+- embedding: looked up by index (`nn.Embedding`, `F.embedding`), or the same tensor as such a weight (tied);
+- head: produces the model's outputs — the first matrix product met walking the autograd graph back from
+  the loss (logits, class scores), or, without a backward pass to look at, the model's declared output
+  embedding (transformers' `get_output_embeddings()`) or a Linear with as many outputs as an embedding
+  has tokens;
+- hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+ROLES = ("embedding", "head", "hidden")
+# autograd nodes of a product with a weight: walking back from the loss stops at the first one
+_PRODUCTS = ("MmBackward", "AddmmBackward", "ConvolutionBackward", "EmbeddingBackward", "BmmBackward", "LinearBackward")
+# nodes between a weight and the product that uses it (W.T, views, casts)
+_WEIGHT_PATH = ("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackward", "ToCopyBackward", "SliceBackward",
+                "SplitBackward", "UnsafeViewBackward", "ReshapeAlias", "AliasBackward", "ExpandBackward", "CloneBackward")
+
+
+def static_roles(model: nn.Module) -> dict[int, str]:
+    """id(param) -> "embedding" / "head" from the model's structure (no forward pass needed)."""
+    roles: dict[int, str] = {}
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    vocab = {m.num_embeddings for m in embeds}
+    getter = getattr(model, "get_output_embeddings", None)
+    out_emb = getter() if callable(getter) else None
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and (m is out_emb or m.out_features in vocab):
+            roles[id(m.weight)] = "head"
+        elif out_emb is not None and m is out_emb and getattr(m, "weight", None) is not None:
+            roles[id(m.weight)] = "head"
+    for m in embeds:  # tied beats head: the tensor is an embedding
+        roles[id(m.weight)] = "embedding"
+    return roles
+
+
+def output_weights(root: Tensor, max_nodes: int = 100_000) -> set[int]:
+    """ids of the weights of the products nearest to `root` (the loss) in its autograd graph."""
+    fn = root.grad_fn
+    if fn is None:
+        return set()
+    found: set[int] = set()
+    stack, seen = [fn], set()
+    while stack and len(seen) < max_nodes:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith(_PRODUCTS):
+            found |= _leaf_weights(node)
+            continue
+        stack.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def _leaf_weights(node, depth: int = 4) -> set[int]:
+    """Parameters reaching a product node through view/transpose/cast nodes only (its weight operand)."""
+    out: set[int] = set()
+    frontier = [n for n, _ in node.next_functions]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n is None:
+                continue
+            var = getattr(n, "variable", None)
+            if var is not None:
+                if var.dim() >= 2:
+                    out.add(id(var))
+            elif type(n).__name__.startswith(_WEIGHT_PATH):
+                nxt.extend(m for m, _ in n.next_functions)
+        frontier = nxt
+    return out
