@@ -20,8 +20,10 @@ from specscope.optim import _distributed
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
 POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
 
-# A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
-_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|_head$|^lm_head$|^output$)")
+# Fallback for parameters no role was given to (hand-built groups): a dotted name component that can
+# only be an embedding or an LM head. Routing itself goes by role (probe.roles); "output" is not here,
+# since BERT's `attention.output.dense` is a hidden matrix.
+_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$)")
 NON_HIDDEN_ATTR = "_specscope_non_hidden"
 
 
@@ -33,16 +35,21 @@ def layer_name(param_name: str) -> str:
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
-def mark_non_hidden(*params: Tensor) -> None:
-    """Mark parameters (an embedding, a tied or untied LM head) that must never take a spectral step."""
+def mark_non_hidden(*params: Tensor, non_hidden: bool = True) -> None:
+    """Mark parameters (an embedding, a tied or untied LM head) that must never take a spectral step;
+    non_hidden=False marks a matrix whose role is known to be hidden, whatever its name."""
     for p in params:
-        setattr(p, NON_HIDDEN_ATTR, True)
+        setattr(p, NON_HIDDEN_ATTR, non_hidden)
 
 
 def is_non_hidden(p: Tensor, name: str) -> bool:
-    """True for 1-D/0-D tensors, marked tensors, and names that look like an embedding or a head."""
-    if p.ndim < 2 or getattr(p, NON_HIDDEN_ATTR, False):
+    """True for 1-D/0-D tensors and tensors whose role is embedding/head (marked by role); for unmarked
+    matrices, names that can only be an embedding or an LM head."""
+    if p.ndim < 2:
         return True
+    marked = getattr(p, NON_HIDDEN_ATTR, None)
+    if marked is not None:
+        return bool(marked)
     return any(_NON_HIDDEN.search(part) for part in name.lower().split("."))
 
 

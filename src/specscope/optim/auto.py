@@ -15,7 +15,8 @@ D and E by `euclidean`:
     "adamw"    E = AdamW's m̂/(sqrt(v̂)+eps), D = m̂; Adam's step has no ‖G‖ scale, so the spectral branch
                is RMS-matched to it instead: ΔW = −lr·0.2·sqrt(max(rows, cols))·polar(m̂) (Moonshot's rule).
 Moments are updated on every step whichever branch runs, so a switch never starts from cold state.
-A block without a measured st(A) (yet) takes the Euclidean step. Choices are kept in `choices` and
+A block without a measured st(A) (yet), or one the probe could not pair ("unmeasured", warned once with
+the reason), takes the Euclidean step. Choices are kept in `choices` and
 emitted as Records ("geometry": 1 spectral / 0 Euclidean, "spectral_advantage", "nuclear_rank").
 """
 
@@ -94,7 +95,8 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         else:
             _euclidean.apply(p, E, lr, wd)
         s["step"] = steps[i] + 1
-        opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag="" if st else "no_stable_rank", **rec))
+        flag = "" if st else "unmeasured" if rec["layer"] in getattr(opt.stable_rank_source, "unmeasured", {}) else "no_stable_rank"
+        opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
 
 

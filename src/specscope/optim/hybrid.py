@@ -161,24 +161,35 @@ def spectral_param_groups(
     adamw_weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.95),
     exclude: Iterable[str] = (),
+    roles: Any = None,
 ) -> list[dict[str, Any]]:
-    """Route a model: hidden ≥2-D matrices to `algorithm`, everything else (embeddings, LM head, gains,
-    biases, names matching `exclude`) to AdamW. Returns named param groups for `Hybrid`/`Muon`/...
+    """Route a model by role: hidden ≥2-D matrices to `algorithm`; embeddings, output heads, gains,
+    biases and names matching `exclude` to AdamW. Returns named param groups for `Hybrid`/`Muon`/...
 
-    Embedding weights are found by module type (nn.Embedding, also when tied to a head) and marked, heads
-    by name (…head, lm_head, output).
+    Roles (specscope.probe.roles): an embedding is looked up by index or tied to such a weight; the head
+    produces the outputs. `roles`: a probe Monitor (roles seen on its measured steps, the head found from
+    the loss), a {parameter or layer name: role} dict, or None for the model's structure alone
+    (nn.Embedding weights, `get_output_embeddings()`, a Linear with as many outputs as an embedding has
+    tokens). Each routed matrix is marked, so the spectral group's check agrees with the routing.
     """
+    from specscope.probe.roles import static_roles  # optim may use probe (DESIGN.md layers)
+
     if algorithm not in ALGORITHMS or not ALGORITHMS[algorithm].spectral:
         spectral = sorted(k for k, a in ALGORITHMS.items() if a.spectral)
         raise ConfigError(f"algorithm={algorithm!r} is not a spectral algorithm; use one of {spectral}")
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            _common.mark_non_hidden(m.weight)
+    role_of = static_roles(getattr(model, "_orig_mod", model))
+    named = {_common.layer_name(n): p for n, p in model.named_parameters()} | dict(model.named_parameters())
+    given = roles.roles if hasattr(roles, "roles") else (roles or {})
+    for key, role in given.items():
+        if key in named:
+            role_of[id(named[key])] = role
     exclude = tuple(exclude)
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if p.ndim >= 2:
+            _common.mark_non_hidden(p, non_hidden=role_of.get(id(p), "hidden") != "hidden")
         other = _common.is_non_hidden(p, name) or any(x in name for x in exclude)
         (rest if other else hidden).append((name, p))
     spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral}

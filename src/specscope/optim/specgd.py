@@ -9,6 +9,7 @@ polar(D) and ‖D‖_* come from one eigendecomposition (polar="gram", the defau
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,17 +26,28 @@ SPECGD_DEFAULTS: dict[str, Any] = dict(
 
 
 def layer_stable_ranks(opt, names: list[str], required: bool) -> list[float | None]:
-    """st(A) for each parameter's layer from the optimizer's source (1.0 without a source)."""
+    """st(A) for each parameter's layer from the optimizer's source (1.0 without a source).
+
+    A layer the source's probe could not pair (`source.unmeasured[layer]`) has none: with required=False
+    (AutoGeometry) it takes the Euclidean step and is warned about once, with the probe's reason.
+    """
     source = opt.stable_rank_source
     if source is None:
         return [1.0] * len(names)
     out = [_common.read_stable_rank(source, _common.layer_name(n)) for n in names]
-    missing = [n for n, st in zip(names, out) if st is None]
+    unmeasured = getattr(source, "unmeasured", {})
+    missing = [_common.layer_name(n) for n, st in zip(names, out) if st is None]
     if required and missing:
+        why = f" (the probe could not pair it: {unmeasured[missing[0]]})" if missing[0] in unmeasured else ""
         raise ConfigError(
-            f"the stable_rank source has no st(A) for layer '{_common.layer_name(missing[0])}'; measure that "
-            "layer's input (probe Monitor on it, with a measurement before the first step) or drop stable_rank="
+            f"the stable_rank source has no st(A) for layer '{missing[0]}'{why}; measure that layer's input "
+            "(probe Monitor on it, with a measurement before the first step, or monitor.observe) or drop stable_rank="
         )
+    warned = opt.__dict__.setdefault("_warned_unmeasured", set())
+    for layer in missing:
+        if layer in unmeasured and layer not in warned:
+            warned.add(layer)
+            warnings.warn(f"specscope: '{layer}' is unmeasured by the probe ({unmeasured[layer]}); it takes the Euclidean step", stacklevel=4)
     return out
 
 

@@ -380,9 +380,10 @@ class Monitor:
 
     def _finish_inputs(self, step: int) -> dict[int, _Inputs]:
         """Reduce the input statistics over ranks and turn them into st(A) per slot."""
-        for pid in self._heads:
-            if pid in self.slots and self.slots[pid].role != "embedding":
-                self.slots[pid].role = "head"
+        if self._heads:  # a backward pass was seen: the head is what the loss is computed from
+            for pid, s in self.slots.items():
+                if s.role != "embedding":
+                    s.role = "head" if pid in self._heads else "hidden"
         active = []
         for s in self.slots.values():
             s.check_ranges()

@@ -24,9 +24,10 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     """id(param) -> "embedding" / "head" from the model's structure (no forward pass needed)."""
     roles: dict[int, str] = {}
     embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    vocab = {m.num_embeddings for m in embeds}
-    getter = getattr(model, "get_output_embeddings", None)
-    out_emb = getter() if callable(getter) else None
+    inp = _call(model, "get_input_embeddings")
+    tokens = inp if isinstance(inp, nn.Embedding) else max(embeds, key=lambda m: m.num_embeddings, default=None)
+    vocab = {tokens.num_embeddings} if tokens is not None else set()  # the token table, not positions
+    out_emb = _call(model, "get_output_embeddings")
     for m in model.modules():
         if isinstance(m, nn.Linear) and (m is out_emb or m.out_features in vocab):
             roles[id(m.weight)] = "head"
@@ -35,6 +36,14 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
     return roles
+
+
+def _call(model: nn.Module, name: str):
+    """transformers' get_input_embeddings()/get_output_embeddings(), None elsewhere or when not provided."""
+    try:
+        return getattr(model, name)()
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
 
 
 def output_weights(root: Tensor, max_nodes: int = 100_000) -> set[int]:
