@@ -72,10 +72,10 @@ class _Watch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled() or in_backward():
+        if not torch.is_grad_enabled():  # evaluation passes, and the backward pass itself
             return func(*args, **kwargs)
         op = func._overloadpacket
-        self.monitor._see(op, args)
+        self.monitor._see(op, args, recompute=in_backward())
         out = func(*args, **kwargs)
         if op is aten._to_copy and isinstance(args[0], torch.Tensor):  # autocast's copy of a weight
             hit = resolve(args[0], self.monitor.slots, self.monitor._casts)
@@ -172,6 +172,7 @@ class Monitor:
         self._grams: dict = {}
         self._casts: dict = {}
         self._heads: set[int] = set()
+        self._recompute = False
         self._step: int | None = None
         self._pending: _Pending | None = None
         self._records: list[Record] = []
@@ -298,8 +299,14 @@ class Monitor:
             stack.close()
         self._grams, self._casts = {}, {}
 
-    def _see(self, op, args) -> None:
-        """One aten op of a measured forward pass: pair it if one operand is a tracked weight."""
+    def _see(self, op, args, recompute: bool = False) -> None:
+        """One aten op of a measured forward pass: pair it if one operand is a tracked weight.
+
+        recompute: a forward run inside the backward pass (gradient checkpointing). It is counted only for
+        weights that no forward of this step reached: reentrant checkpointing runs the first forward
+        without gradients, so the recompute is the only pass that sees those inputs.
+        """
+        self._recompute = recompute
         if op in MATMULS:
             x, M = (args[1], args[2]) if op is aten.addmm else (args[0], args[1])
             hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
@@ -323,6 +330,9 @@ class Monitor:
             s = self.slots.get(id(args[0]))
             if s is None:
                 return self._other(op, args)
+            if self._recompute and s.forward_seen:
+                return None
+            s.forward_seen |= not self._recompute
             if s.tokens is None:
                 s.tokens = TokenCounts(s.param.shape[0])
             s.tokens.add(args[1].detach())
@@ -334,6 +344,8 @@ class Monitor:
 
     def _other(self, op, args) -> None:
         """A tracked weight used by an op the probe does not pair: remembered for the reason text."""
+        if self._recompute:
+            return
         for a in args:
             if isinstance(a, torch.Tensor):
                 hit = resolve(a, self.slots, self._casts)
@@ -342,8 +354,9 @@ class Monitor:
                     hit[0].other_ops.add(str(op).removeprefix("aten."))
 
     def _dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op) -> None:
-        if s.kind == "observed" or s.problem:
+        if s.kind == "observed" or s.problem or (self._recompute and s.forward_seen):
             return
+        s.forward_seen |= not self._recompute
         if layout is None:
             s.problem = f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns"
             return

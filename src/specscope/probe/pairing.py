@@ -89,6 +89,7 @@ class Slot:
     role: str = "hidden"
     # per step
     problem: str = ""
+    forward_seen: bool = False
     inputs: dict = field(default_factory=dict)  # output range -> set of input keys
     other_ops: set = field(default_factory=set)
 
@@ -110,7 +111,7 @@ class Slot:
         return out
 
     def begin_step(self) -> None:
-        self.problem, self.inputs, self.other_ops = "", {}, set()
+        self.problem, self.inputs, self.other_ops, self.forward_seen = "", {}, set(), False
 
     def note_use(self, kind: str, n: int, out_dim: int, out_range: tuple[int, int], key) -> bool:
         """Record one use; False (with `problem` set) when it contradicts an earlier one."""

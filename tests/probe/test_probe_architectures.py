@@ -1,0 +1,263 @@
+"""The probe on the models people train: every weight paired with the input it multiplied (checked against
+float64 references taken by module hooks, independently of the probe), fused layouts, roles, compile,
+checkpointing, and the default estimator against the exact one."""
+
+import importlib.util
+import pathlib
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specscope import linalg
+from specscope.probe import Interleaved, Monitor, input_matrix
+
+_spec = importlib.util.spec_from_file_location("probe_accuracy", pathlib.Path(__file__).parents[2] / "benchmarks" / "probe_accuracy.py")
+acc = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(acc)
+
+HF = ("gpt2", "llama", "bert")
+
+
+def by(records, metric):
+    return {r.layer: r for r in records if r.metric == metric}
+
+
+def exact_st(chunks) -> float:
+    A = torch.cat([c.double().reshape(-1, c.shape[-1]) for c in chunks])
+    return float(linalg.stable_rank(A))
+
+
+def capture(model):
+    """Inputs of every Linear / transformers Conv1D / Conv module, keyed by id(weight), via forward pre-hooks."""
+    seen: dict[int, list] = {}
+
+    def hook(m, args):
+        if torch.is_grad_enabled():
+            x = args[0].detach()
+            A = input_matrix(m, x) if isinstance(m, (nn.Conv1d, nn.Conv2d)) else x.reshape(-1, x.shape[-1])
+            seen.setdefault(id(m.weight), []).append(A)
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(m).__name__ == "Conv1D"]
+    return seen, handles
+
+
+def build(arch):
+    if arch in HF:
+        pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return acc.ARCHITECTURES[arch]()
+
+
+@pytest.mark.parametrize("arch", [*HF, "cnn", "builtin_gpt"])
+def test_every_weight_paired_with_what_it_multiplied(arch):
+    model, data, loss_fn = build(arch)
+    seen, handles = capture(model)
+    mon = Monitor(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # nothing unmeasured, so nothing warned
+        with mon.step(0):
+            loss_fn(model, next(data)).backward()
+    recs = mon.pop_records()
+    for h in handles:
+        h.remove()
+    st, nr = by(recs, "stable_rank"), by(recs, "nuclear_rank")
+    assert not mon.unmeasured and not by(recs, "unmeasured")
+    assert set(st) == set(mon.layers) == set(nr)
+    checked = 0
+    for s in mon.slots.values():
+        G = s.param.grad.double().reshape(s.param.shape[0], -1)
+        assert nr[s.name].value == pytest.approx(float(linalg.nuclear_rank(G)), rel=1e-6), s.name
+        if id(s.param) in seen:  # Linear / Conv1D / Conv: the hook saw the input; embeddings are counted
+            assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)]), rel=1e-4), s.name
+            assert st[s.name].rows == sum(a.shape[0] for a in seen[id(s.param)])
+            checked += 1
+        else:
+            assert st[s.name].estimator == "closed_form", s.name
+    assert checked >= len(mon.layers) - 3
+
+
+def test_multihead_attention_in_proj_and_out_proj():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    x = torch.randn(3, 5, 16)
+    mon = Monitor(layer, estimator="exact")
+    with mon.step(0):
+        layer(x).square().sum().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    attn = layer.self_attn
+    with torch.no_grad():  # the attention output that out_proj multiplies, recomputed by hand
+        q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)
+        heads = lambda t: t.view(3, 5, 2, 8).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).reshape(3, 5, 16)
+    assert not mon.unmeasured
+    assert st["self_attn.in_proj_weight"].value == pytest.approx(exact_st([x]), rel=1e-9)
+    assert st["self_attn.out_proj"].value == pytest.approx(exact_st([o]), rel=1e-6)
+    assert mon.advice().set_index("layer").loc["self_attn.out_proj", "measurements"] == 1
+
+
+def test_conv1d_column_split_gpt2():
+    model, data, loss_fn = build("gpt2")
+    mon = Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})
+    with mon.step(0):
+        loss_fn(model, next(data)).backward()
+    nr = by(mon.pop_records(), "nuclear_rank")
+    G = model.transformer.h[1].attn.c_attn.weight.grad.double()  # [in, 3·out]: q, k, v are column blocks
+    for i, part in enumerate("qkv"):
+        rec = nr[f"transformer.h.1.attn.c_attn.{part}"]
+        assert rec.shape == "64x64"
+        assert rec.value == pytest.approx(float(linalg.nuclear_rank(G[:, 64 * i : 64 * (i + 1)])), rel=1e-6)
+
+
+def test_neox_interleaved_heads_split():
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          vocab_size=64, max_position_embeddings=16)
+    model = T.GPTNeoXForCausalLM(cfg)
+    mon = Monitor(model, split={"*.query_key_value": Interleaved(("q", "k", "v"), heads=4)})
+    ids = torch.randint(0, 64, (2, 16))
+    with mon.step(0):
+        model(input_ids=ids, labels=ids).loss.backward()
+    nr = by(mon.pop_records(), "nuclear_rank")
+    G = model.gpt_neox.layers[0].attention.query_key_value.weight.grad.double().view(4, 3, 8, 32)  # [heads, 3, hd, in]
+    for i, part in enumerate("qkv"):
+        exact = float(linalg.nuclear_rank(G[:, i].reshape(32, 32)))
+        assert nr[f"gpt_neox.layers.0.attention.query_key_value.{part}"].value == pytest.approx(exact, rel=1e-6)
+    contiguous = float(linalg.nuclear_rank(G.reshape(96, 32)[:32]))  # what a row split would have measured
+    assert abs(nr["gpt_neox.layers.0.attention.query_key_value.q"].value / contiguous - 1) > 1e-3
+
+
+ROUTED = {  # arch -> (embeddings and heads by role, hidden matrices that names alone would misroute)
+    "gpt2": ({"transformer.wte.weight", "transformer.wpe.weight"}, {"transformer.h.0.attn.c_proj.weight"}),
+    "llama": ({"model.embed_tokens.weight", "lm_head.weight"}, {"model.layers.0.mlp.down_proj.weight"}),
+    "bert": ({"bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+              "bert.embeddings.token_type_embeddings.weight"},
+             {"bert.encoder.layer.0.attention.output.dense.weight", "bert.encoder.layer.1.output.dense.weight"}),
+    "builtin_gpt": ({"embed.weight", "head.weight"}, {"blocks.0.attn.o.weight"}),
+    "encoder": ({"embed.weight", "head.weight"}, {"layers.0.self_attn.out_proj.weight", "layers.0.self_attn.in_proj_weight"}),
+    "cnn": ({"fc.weight"}, {"conv2.weight"}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ROUTED))
+def test_routing_by_role(arch):
+    from specscope.optim import Muon, spectral_param_groups
+
+    model, data, loss_fn = build(arch)
+    non_hidden, hidden = ROUTED[arch]
+    mon = Monitor(model)
+    with mon.step(0):
+        loss_fn(model, next(data)).backward()
+    for roles in ([None, mon] if arch != "cnn" else [mon]):  # a CNN's classifier is found from the loss only
+        groups = {g["algorithm"]: {n for n, _ in g["params"]} for g in spectral_param_groups(model, 0.02, 1e-3, roles=roles)}
+        assert non_hidden <= groups["adamw"] and hidden <= groups["muon"], roles
+        assert all(dict(model.named_parameters())[n].dim() >= 2 for n in groups["muon"])
+        Muon(spectral_param_groups(model, 0.02, 1e-3, roles=roles))  # the spectral group's check agrees
+    pg = {g["algorithm"]: set(g["param_names"]) for g in mon.param_groups()}
+    assert non_hidden <= pg["adamw"]
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _run(model, monitor, steps=3):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for step in range(steps):
+        model.zero_grad()
+        with monitor.step(step):
+            model(torch.randn(12, 8, generator=g)).square().mean().backward()
+        out.append({(r.layer, r.metric): r.value for r in monitor.pop_records()})
+    return out
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_torch_compile_same_records_and_no_extra_graphs(when):
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    eager = Tiny()
+    ref = _run(eager, Monitor(eager, every=2))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Tiny()
+    if when == "before":
+        compiled = torch.compile(model, backend="eager")
+        mon = Monitor(compiled, every=2)
+    else:
+        mon = Monitor(model, every=2)
+        compiled = torch.compile(model, backend="eager")
+    counters.clear()
+    got = _run(compiled, mon)
+    assert [g.keys() for g in got] == [r.keys() for r in ref] and not any("_orig_mod" in k[0] for g in got for k in g)
+    for g, r in zip(got, ref):
+        for k, v in r.items():
+            assert g[k] == pytest.approx(v, rel=1e-5), k
+    assert sum(counters["graph_break"].values()) == 0
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    counters.clear()
+    plain = torch.compile(Tiny(), backend="eager")
+    _run(plain, Monitor(Tiny(), every=10**6))  # the same steps without any measurement
+    assert graphs == counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_counts_each_forward_once(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = Tiny()
+    x = torch.randn(32, 8, requires_grad=reentrant)
+    mon = Monitor(model, estimator="exact")
+    with mon.step(0):
+        checkpoint(model, x, use_reentrant=reentrant).square().mean().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert st["a"].rows == 32 and st["c"].rows == 32
+    assert st["a"].value == pytest.approx(exact_st([x.detach()]), rel=1e-9)
+
+
+def test_autogeometry_steps_unmeasured_weights_euclidean_with_a_warning():
+    from specscope.optim import AutoGeometry
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+            self.u = nn.Parameter(torch.randn(6, 6))
+
+        def forward(self, x):
+            return torch.einsum("bi,ij->bj", self.lin(x), self.u)
+
+    torch.manual_seed(0)
+    model = Odd()
+    mon = Monitor(model)
+    opt = AutoGeometry([(n, p) for n, p in model.named_parameters() if p.dim() == 2], lr=0.01, monitor=mon)
+    with pytest.warns(UserWarning, match="'u' is unmeasured"), mon.step(0):
+        model(torch.randn(10, 6)).sum().backward()
+    assert "einsum" in mon.unmeasured["u"] or "bmm" in mon.unmeasured["u"] or "mm" in mon.unmeasured["u"]
+    assert mon.stable_rank("u") is None and mon.stable_rank("lin") > 0
+    with pytest.warns(UserWarning, match="takes the Euclidean step"):
+        opt.step()
+    assert opt.choices["u"] == "euclidean"
+    assert any(r.layer == "u" and r.flag == "unmeasured" for r in opt.pop_records())
+
+
+@pytest.mark.parametrize("arch", list(acc.ARCHITECTURES))
+def test_default_estimator_within_one_percent_of_exact(arch):
+    if arch in HF:
+        pytest.importorskip("transformers")
+    for every in (1, 5):
+        r = acc.compare(arch, every, measurements=2)
+        assert r["unmeasured"] == 0 and r["st_max"] <= 1e-2 and r["st_median"] <= 1e-3, r
+        assert r["nr_max"] <= 1e-4 and r["verdict_flips"] == 0 and r["advice_flips"] == 0, r
