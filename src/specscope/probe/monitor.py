@@ -538,9 +538,8 @@ class Monitor:
         by_name = {s.name: s for s in self.slots.values()}
         for name, st in state["stats"].items():
             s = by_name.get(name)
-            if s is not None and st.get("V") is not None and self.estimator == "power":
-                s.kind, s.n_features = s.kind or "linear", st["V"].shape[0]
-                s.stats = s.stats or make_stats(s.kind, s.n_features, "power", **self._stats_kw)
+            if s is not None and st.get("V") is not None:  # warm blocks of "power" and "gram"
+                s.stats = s.stats or make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, **self._stats_kw)
                 s.stats.load_state(st)
         self._history = {k: deque(map(tuple, v), maxlen=self._history_len) for k, v in state["history"].items()}
         self._latest_st = dict(state["latest_st"])
