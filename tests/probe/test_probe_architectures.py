@@ -261,3 +261,19 @@ def test_default_estimator_within_one_percent_of_exact(arch):
         r = acc.compare(arch, every, measurements=2)
         assert r["unmeasured"] == 0 and r["st_max"] <= 1e-2 and r["st_median"] <= 1e-3, r
         assert r["nr_max"] <= 1e-4 and r["verdict_flips"] == 0 and r["advice_flips"] == 0, r
+
+
+def test_hf_gradient_checkpointing_gives_the_same_records():
+    out = []
+    for ckpt in (False, True):
+        model, data, loss_fn = build("llama")
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        mon = Monitor(model)
+        with mon.step(0):
+            loss_fn(model, next(data)).backward()
+        out.append({(r.layer, r.metric): (r.value, r.rows) for r in mon.pop_records()})
+    assert out[0].keys() == out[1].keys()
+    for k, (v, rows) in out[0].items():
+        assert out[1][k][1] == rows and out[1][k][0] == pytest.approx(v, rel=1e-4), k

@@ -192,15 +192,16 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         cold = any(v is None or v.shape != (n, b) for v in warm)
         V0 = torch.stack([_initial_block(n, b, C.device) if v is None or v.shape != (n, b) else v.to(C.device) for v in warm])
         theta, V, ok = top_eigenvalues(C, V0, COLD_ITERS if cold else WARM_ITERS)
-        if not bool(ok.all()):  # the one sync: fall back to a full eigvalsh where not certified
-            bad = (~ok).nonzero().flatten()
+        flags = torch.stack([ok, finite]).tolist()  # the one sync of this size
+        bad = [i for i, good in enumerate(flags[0]) if not good]
+        if bad:  # a full eigvalsh where the certificate failed
             theta = theta.clone()
             theta[bad] = torch.linalg.eigvalsh(C[bad].double())[:, -1].to(theta.dtype)
         top = torch.where(finite, theta.double(), torch.full_like(theta, float("nan"), dtype=torch.float64))
         for i, k in enumerate(keys):
             lam[k] = top[i]
             for s in unique[k]:
-                s.V = V[i] if bool(finite[i]) or s.V is None else s.V
+                s.V = V[i] if flags[1][i] or s.V is None else s.V
     return [(s.C.diagonal().sum().double(), lam[(tuple(s.keys), s.n)]) for s in stats]
 
 
