@@ -147,7 +147,7 @@ class GramStats:
         self.V = s.get("V")
 
 
-CERTIFIED = 1e-3  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
+CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
 
 

@@ -173,6 +173,7 @@ class Monitor:
         self._casts: dict = {}
         self._heads: set[int] = set()
         self._recompute = False
+        self._serial = 0
         self._step: int | None = None
         self._pending: _Pending | None = None
         self._records: list[Record] = []
@@ -256,7 +257,7 @@ class Monitor:
             raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {slot.n_features}")
         with torch.no_grad():
             A = inputs.detach().reshape(-1, slot.n_features)
-            slot.inputs.setdefault((0, weight.shape[0]), set()).add(input_key(A))
+            slot.inputs.setdefault((0, weight.shape[0]), set()).add(self._input(A)[2])
             slot.stats.add(A)
 
     def pop_records(self) -> list[Record]:
@@ -366,21 +367,34 @@ class Monitor:
             return
         with torch.no_grad():
             A = x.detach().reshape(-1, x.shape[-1])
-            key = input_key(A)
+            entry = self._input(A)
+            key = entry[2]
+            if any(key in keys for r, keys in s.inputs.items() if r != out_range):
+                return  # another output block of the same product input: A is counted once
             if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
                 return
             if s.stats is None:
                 s.stats = make_stats(kind, A.shape[1], self.estimator, **self._stats_kw)
                 s.stats.reset(refine=True)
-            if any(key in keys for r, keys in s.inputs.items() if r != out_range):
-                return  # another output block of the same product input: A is counted once
             if isinstance(s.stats, GramStats):
-                C = self._grams.get(key)
-                if C is None:
-                    C = self._grams[key] = gram_of(A)
-                s.stats.add(A, C, key)
+                if entry[1] is None:
+                    entry[1] = gram_of(A)
+                s.stats.add(A, entry[1], key)
             else:
                 s.stats.add(A)
+
+    def _input(self, A: torch.Tensor) -> list:
+        """[A, its Gram (lazily), a serial number] for an input: weights multiplying the same activation
+        (q, k, v) get the same entry. The last few entries are held, so their memory cannot be reused by
+        another tensor (which would alias the key) while they can still be matched."""
+        key = input_key(A)
+        entry = self._grams.get(key)
+        if entry is None:
+            self._serial += 1
+            entry = self._grams[key] = [A, None, self._serial]
+            if len(self._grams) > 4:
+                self._grams.pop(next(iter(self._grams)))
+        return entry
 
     # -- turning statistics into records ------------------------------------------------------------
     def _active_stats(self, s: Slot):
