@@ -92,8 +92,11 @@ class _Backward(TorchFunctionMode):
         self.monitor = monitor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.backward and args:
-            self.monitor._heads |= R.output_weights(args[0])
+        if func in (torch.Tensor.backward, torch.autograd.backward) and args:
+            roots = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
+            for root in roots:
+                if isinstance(root, torch.Tensor):
+                    self.monitor._heads |= R.output_weights(root)
         return func(*args, **(kwargs or {}))
 
 
