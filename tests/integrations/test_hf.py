@@ -136,9 +136,12 @@ def test_optimizers_helper_routes_and_the_trainer_schedules_both_groups(tmp_path
     assert algos["model.embed_tokens.weight"] == "adamw" and algos["lm_head.weight"] == "adamw"
     assert algos["model.norm.weight"] == "adamw"
     before = [p.detach().clone() for p in model.parameters()]
+    callback = SpecscopeCallback(every=2)  # no trainer reference: builds its Monitor on train begin, logs to log_history
     trainer = Trainer(model=model, args=args(tmp_path, 3, lr_scheduler_type="linear", gradient_accumulation_steps=1),
-                      train_dataset=Tokens(), optimizers=(opt, sched))
+                      train_dataset=Tokens(), optimizers=(opt, sched), callbacks=[callback])
     trainer.train()
+    logged = [e["step"] for e in trainer.state.log_history if "specscope/lm_head/nuclear_rank" in e]
+    assert logged == [1, 3] and set(callback.monitor.advice().measurements) == {2}
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs[0] / 0.02 == pytest.approx(lrs[1] / 3e-3) and lrs[0] < 0.02  # one linear decay drives both groups
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
