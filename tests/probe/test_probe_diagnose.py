@@ -182,3 +182,20 @@ def test_table_folds_long_names_instead_of_cutting_them():
     assert "…" not in text and long in "".join(pieces) and len(pieces) > 1  # folded over lines, whole
     assert all(line.endswith(("┓", "┃", "┩", "│", "┘")) for line in text.splitlines()[1:] if line)  # no column cut off
     assert "rows" in text and "unmeasured" in text
+
+
+def test_hf_local_folder_uses_its_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "def", "return", "self", "import", "if", "else", "for", "in", "class", "None", "=", "(", ")", ":"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    small = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(words), n_positions=64, bos_token_id=0, eos_token_id=0)
+    folder = tmp_path / "word-gpt2"
+    transformers.GPT2LMHeadModel(small).save_pretrained(folder)
+    res = invoke("--model", f"hf:{folder}", "--steps", "1", "--out", str(tmp_path / "runs"))
+    assert isinstance(res.exception, ConfigError) and "no tokenizer" in str(res.exception)  # 15 ids cannot hold bytes
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    res = invoke("--model", f"hf:{folder}", "--steps", "2", "--out", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output

@@ -18,6 +18,7 @@ from specscope.errors import ConfigError
 
 SEQ, BATCH, MASK_FRACTION = 64, 8, 0.15
 CORPUS_BYTES = 1 << 20
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 MASKED_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2", "modernbert"}
 
 
@@ -70,11 +71,12 @@ def _from_folder(transformers, path: Path):
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--model hf:{path}: cannot load a causal- or masked-LM from that folder ({first})") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return model, None  # byte tokens
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None  # no tokenizer files: byte tokens
-    return model, tokenizer
+        return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--model hf:{path}: the folder's tokenizer does not load ({str(e).strip().splitlines()[0]})") from None
 
 
 @lru_cache(maxsize=1)
