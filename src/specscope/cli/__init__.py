@@ -39,19 +39,23 @@ def _register() -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2 (SPECSCOPE_DEBUG=1 shows tracebacks)."""
+    import json
+
     from pydantic import ValidationError
 
     from specscope.errors import SpecscopeError
+    from specscope.labs.config import tomllib
 
     _register()
+    user_errors = (SpecscopeError, ValidationError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+                   tomllib.TOMLDecodeError)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
-    except (SpecscopeError, ValidationError, FileNotFoundError) as e:
+    except user_errors as e:
         if os.environ.get("SPECSCOPE_DEBUG"):
             raise
-        msg = str(e).strip().replace("\n", " ") if not isinstance(e, ValidationError) else _validation_line(e)
-        typer.echo(f"error: {msg}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
         typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
@@ -77,6 +81,17 @@ def _is_click_exception(e: Exception) -> bool:
         except ImportError:
             pass
     return isinstance(e, tuple(classes))
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error on one line; an OSError says which file and what went wrong."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return _validation_line(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "")
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _validation_line(e) -> str:

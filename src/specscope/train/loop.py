@@ -19,7 +19,8 @@ from typing import Any, Iterable
 
 import torch
 
-from specscope.errors import NonFiniteError
+from specscope.errors import NonFiniteError, RunStoreError
+from specscope.names import check_name
 from specscope.records import Record
 from specscope.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -114,15 +115,32 @@ def _tagged(records: Iterable[Record], arm: str, step: int | None = None) -> lis
 class Trainer:
     """Runs one Arm against a run store, with checkpoints, resume and SIGINT handling."""
 
-    def __init__(self, run: Any, device: torch.device, seed: int, checkpoint_every: int = 0, progress: Any = None):
+    def __init__(self, run: Any, device: torch.device, seed: int, checkpoint_every: int = 0, progress: Any = None,
+                 on_checkpoint: Any = None):
         self.run = run
         self.device = device
         self.seed = seed
         self.checkpoint_every = checkpoint_every
         self.progress = progress  # a specscope.train.progress.Progress or None
+        self.on_checkpoint = on_checkpoint  # called (arm, next_step, records) after each checkpoint is in place
 
     def checkpoint_path(self, arm_name: str) -> Path:
+        check_name("arm", arm_name)
         return Path(self.run.checkpoints_dir) / f"{arm_name}.pt"
+
+    def verify_checkpoint(self, arm_name: str) -> int:
+        """The step the checkpoint of `arm_name` resumes from, after checking its hash and that the database
+        still holds every record the arm had written when it was taken (RunStoreError naming what is missing)."""
+        path = self.checkpoint_path(arm_name)
+        ckpt = load_checkpoint(path)
+        step, want = int(ckpt["next_step"]), int(ckpt["records"])
+        have = self.run.record_count(arm_name, below=step)
+        if have != want:
+            raise RunStoreError(
+                f"{self.run.metrics_path} holds {have} records of arm '{arm_name}' before step {step}, but {want} "
+                f"were written when {path} was taken: the database lost records (or belongs to another run); "
+                "restore it, or start a new run.")
+        return step
 
     # -- one arm -----------------------------------------------------------------------------------
     def fit(self, arm: Any, interrupt: Interrupt, resume: bool = False) -> ArmResult:
@@ -222,11 +240,13 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self, arm: Any, next_step: int, elapsed: float) -> None:
+        records = self.run.record_count(arm.name, below=next_step)  # flushed: what a resume must find again
         save_checkpoint(
             self.checkpoint_path(arm.name),
             {
                 "arm": arm.name,
                 "next_step": next_step,
+                "records": records,
                 "elapsed": elapsed,
                 "model": arm.model.state_dict(),
                 "optimizer": _state(arm.optimizer),
@@ -236,6 +256,8 @@ class Trainer:
                 "rng": _rng_state(),
             },
         )
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(arm.name, next_step, records)
 
     def _restore(self, arm: Any) -> tuple[int, float]:
         ckpt = load_checkpoint(self.checkpoint_path(arm.name))  # cpu; load_state_dict copies to the device
