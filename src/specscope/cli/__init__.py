@@ -46,6 +46,9 @@ def main() -> None:
     from specscope.errors import SpecscopeError
     from specscope.labs.config import tomllib
 
+    import warnings
+
+    warnings.showwarning = _warning_line
     _register()
     user_errors = (SpecscopeError, ValidationError, OSError, UnicodeDecodeError, json.JSONDecodeError,
                    tomllib.TOMLDecodeError)
@@ -58,8 +61,7 @@ def main() -> None:
         typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
-        sys.exit(130)
+        _interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -81,6 +83,31 @@ def _is_click_exception(e: Exception) -> bool:
         except ImportError:
             pass
     return isinstance(e, tuple(classes))
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130."""
+    typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+    sys.exit(130)
+
+
+def interruptible(fn):
+    """Run a command body so that Ctrl-C prints its message (typer would turn it into a silent exit 130)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+
+    return wrapper
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. what --salvage skipped) as one line on stderr, without the source line."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
 def _one_line(e: BaseException) -> str:

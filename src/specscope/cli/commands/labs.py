@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from specscope.cli import app
+from specscope.cli import app, interruptible
 from specscope.errors import ConfigError
 from specscope.names import markup
 
@@ -36,6 +36,7 @@ def list_labs(keys: bool = typer.Option(False, "--keys", help="Also list each la
 
 
 @app.command("run")
+@interruptible
 def run(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable)."),
