@@ -146,13 +146,20 @@ class Run:
             self.flush()
         return sqlite.open_reader(self.metrics_path, live=self.live, salvage=salvage, check=check)
 
-    def record_count(self, arm: str | None = None, *, metric: str | None = None, below: int | None = None) -> int:
-        """Records in the database (of `arm`, of `metric`, with step < `below`), buffered ones flushed first."""
+    def record_count(self, arm: str | None = None, *, metric: str | None = None, upto: int | None = None) -> int:
+        """Records in the database (of `arm`, of `metric`, written up to `position()` `upto`), buffered ones
+        flushed first."""
         if self._con is not None:
             self.flush()
-            return sqlite.count_rows(self._con, self.metrics_path, arm=arm, metric=metric, below=below)
+            return sqlite.count_rows(self._con, self.metrics_path, arm=arm, metric=metric, upto=upto)
         with self.reader(check=False) as (con, _):
-            return sqlite.count_rows(con, self.metrics_path, arm=arm, metric=metric, below=below)
+            return sqlite.count_rows(con, self.metrics_path, arm=arm, metric=metric, upto=upto)
+
+    def position(self) -> int:
+        """Where the next record will go: a checkpoint stores it, and `rewind` returns to it."""
+        self._become_writer()
+        self.flush()
+        return sqlite.position(self._con)
 
     def check(self) -> None:
         """RunStoreError naming the file unless metrics.sqlite exists and passes SQLite's integrity check."""
@@ -192,6 +199,13 @@ class Run:
         self._become_writer()
         self.flush()
         return sqlite.delete_after(self._con, self.metrics_path, step, arm)
+
+    def rewind(self, arm: str, position: int) -> int:
+        """Drop the records of `arm` written after `position` (from `position()`): resume from a checkpoint
+        taken there, whatever steps those records carry."""
+        self._become_writer()
+        self.flush()
+        return sqlite.rewind(self._con, self.metrics_path, arm, position)
 
     def add_sink(self, sink: Callable[[list[Record]], Any]) -> None:
         """Also hand every appended batch of records to `sink` (e.g. `TensorBoardSink`)."""

@@ -151,16 +151,26 @@ def _open_ro(uri: str, path: Path, writable_schema: bool) -> sqlite3.Connection:
 
 
 def count_rows(con: sqlite3.Connection, path: Path, *, arm: str | None = None, metric: str | None = None,
-               below: int | None = None) -> int:
-    """How many records (of `arm`, of `metric`, with step < `below`) the database holds."""
+               upto: int | None = None) -> int:
+    """How many records (of `arm`, of `metric`, written up to position `upto`) the database holds."""
     where, params = _where({"arm": arm, "metric": metric})
-    if below is not None:
-        where += (" AND" if where else " WHERE") + " step < ?"
-        params.append(int(below))
+    if upto is not None:
+        where += (" AND" if where else " WHERE") + " rowid <= ?"
+        params.append(int(upto))
     try:
         return con.execute("SELECT count(*) FROM metrics" + where, params).fetchone()[0]
     except sqlite3.DatabaseError as e:
         raise _fail(path, "cannot count records", e) from None
+
+
+def position(con: sqlite3.Connection) -> int:
+    """The rowid of the last record written (0 when none): records are appended in rowid order."""
+    return con.execute("SELECT coalesce(max(rowid), 0) FROM metrics").fetchone()[0]
+
+
+def rewind(con: sqlite3.Connection, path: Path, arm: str, to: int) -> int:
+    """Delete the records of `arm` written after position `to` (resume from a checkpoint taken there)."""
+    return _delete(con, path, "DELETE FROM metrics WHERE arm = ? AND rowid > ?", (arm, int(to)))
 
 
 def as_row(r: Record) -> tuple:
@@ -193,10 +203,14 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
 
 
 def delete_after(con: sqlite3.Connection, path: Path, step: int, arm: str) -> int:
-    """Delete the records of `arm` with step > `step` (resume from a checkpoint at `step`); return how many."""
+    """Delete the records of `arm` with step > `step`; return how many."""
+    return _delete(con, path, "DELETE FROM metrics WHERE arm = ? AND step > ?", (arm, int(step)))
+
+
+def _delete(con: sqlite3.Connection, path: Path, sql: str, params: tuple) -> int:
     try:
         con.execute("BEGIN IMMEDIATE")
-        n = con.execute("DELETE FROM metrics WHERE arm = ? AND step > ?", (arm, int(step))).rowcount
+        n = con.execute(sql, params).rowcount
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', (SELECT max(step) FROM metrics))")
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
         con.execute("COMMIT")

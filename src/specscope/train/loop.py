@@ -134,10 +134,10 @@ class Trainer:
         path = self.checkpoint_path(arm_name)
         ckpt = load_checkpoint(path)
         step, want = int(ckpt["next_step"]), int(ckpt["records"])
-        have = self.run.record_count(arm_name, below=step)
+        have = self.run.record_count(arm_name, upto=int(ckpt["position"]))
         if have != want:
             raise RunStoreError(
-                f"{self.run.metrics_path} holds {have} records of arm '{arm_name}' before step {step}, but {want} "
+                f"{self.run.metrics_path} holds {have} records of arm '{arm_name}' up to step {step}, but {want} "
                 f"were written when {path} was taken: the database lost records (or belongs to another run); "
                 "restore it, or start a new run.")
         return step
@@ -145,11 +145,11 @@ class Trainer:
     # -- one arm -----------------------------------------------------------------------------------
     def fit(self, arm: Any, interrupt: Interrupt, resume: bool = False) -> ArmResult:
         arm.model.to(self.device)
-        start, elapsed = 0, 0.0
+        start, elapsed, position = 0, 0.0, 0
         torch.manual_seed(arm_seed(self.seed, arm.name))
         if resume and self.checkpoint_path(arm.name).exists():
-            start, elapsed = self._restore(arm)
-        self.run.delete_after(start - 1, arm.name)  # records past the checkpoint are recomputed exactly
+            start, elapsed, position = self._restore(arm)
+        self.run.rewind(arm.name, position)  # records written after the checkpoint are recomputed exactly
 
         task = self.progress.add(arm.name, arm.steps, start) if self.progress else None
         result = ArmResult(arm.name, start)
@@ -240,13 +240,15 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self, arm: Any, next_step: int, elapsed: float) -> None:
-        records = self.run.record_count(arm.name, below=next_step)  # flushed: what a resume must find again
+        position = self.run.position()  # flushed: a resume keeps exactly the records written up to here
+        records = self.run.record_count(arm.name, upto=position)
         save_checkpoint(
             self.checkpoint_path(arm.name),
             {
                 "arm": arm.name,
                 "next_step": next_step,
                 "records": records,
+                "position": position,
                 "elapsed": elapsed,
                 "model": arm.model.state_dict(),
                 "optimizer": _state(arm.optimizer),
@@ -269,7 +271,7 @@ class Trainer:
         for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
             _load_state(cb, st)
         _set_rng_state(ckpt["rng"])
-        return int(ckpt["next_step"]), float(ckpt["elapsed"])
+        return int(ckpt["next_step"]), float(ckpt["elapsed"]), int(ckpt["position"])
 
 
 def finite_or_nan(x: float) -> float:
