@@ -14,7 +14,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import kill_at, metrics
+from conftest import QUICK, kill_at, metrics
 from specscope import store
 from specscope.labs.runner import run_lab
 
@@ -103,3 +103,25 @@ def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
     (sweep_dir,) = tmp_path.iterdir()
     sweep.run_sweep("grokking", {}, resume=sweep_dir, echo=lambda *a: None)
     assert sorted(sweep.summary(sweep_dir)["seed"]) == [0, 1]
+
+
+def test_ctrl_c_prints_the_resume_command(cli, tmp_path, monkeypatch, finished):
+    from specscope.train import loop
+
+    step = loop.Trainer._step
+
+    def interrupted_at_5(self, arm, i):
+        if i == 5 and arm.name == "lrd":
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler checkpoints and stops after this step
+        return step(self, arm, i)
+
+    monkeypatch.setattr(loop.Trainer, "_step", interrupted_at_5)
+    sets = [a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")]
+    rc, _, err = cli("run", "grokking", *sets, "--out", tmp_path, "--quiet")
+    (run,) = (tmp_path / "grokking").iterdir()
+    assert rc == 130 and err.strip() == f"interrupted: run interrupted; resume with: specscope run --resume {run}"
+    assert store.Run.open(run).status == "interrupted"
+    monkeypatch.setattr(loop.Trainer, "_step", step)
+    rc, _, err = cli("run", "--resume", run, "--quiet")
+    assert rc == 0, err
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))
