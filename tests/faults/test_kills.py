@@ -16,6 +16,7 @@ import pytest
 
 from conftest import QUICK, kill_at, metrics
 from specscope import store
+from specscope.store.lock import _pid_alive
 from specscope.labs.runner import run_lab
 
 
@@ -70,14 +71,6 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
     from specscope import sweep
@@ -94,9 +87,9 @@ def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(alive(w) for w in workers)
+        assert not any(_pid_alive(w) for w in workers)
     finally:
         if parent.poll() is None:
             parent.kill()
