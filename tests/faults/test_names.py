@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import fingerprint, one_line_error
-from specscope.names import check_name, markup, mathtext
 from specscope.errors import ConfigError
+from specscope.names import check_name, markup, mathtext
 
 
 def set_meta(run: Path, **changes) -> None:
@@ -77,3 +76,14 @@ def test_mathtext_escape_renders(tmp_path):
     ax.set_title(mathtext(r"a$\undefinedcommand{$"))
     fig.savefig(tmp_path / "t.png")  # unescaped, this raises ValueError in the mathtext parser
     plt.close(fig)
+
+
+@pytest.mark.parametrize("arm", ["relu/gd", "../../x", "/abs", "..", "a b[1]"])
+def test_arm_names_never_leave_the_checkpoint_directory(tmp_path, arm):
+    from types import SimpleNamespace
+
+    from specscope.train import Trainer
+
+    trainer = Trainer(SimpleNamespace(checkpoints_dir=tmp_path / "checkpoints"), None, 0)
+    path = trainer.checkpoint_path(arm)
+    assert path.parent == tmp_path / "checkpoints" and path.name.endswith(".pt") and "/" not in path.name

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 import torch
 
 from specscope.errors import NonFiniteError, RunStoreError
-from specscope.names import check_name
 from specscope.records import Record
 from specscope.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -125,8 +125,8 @@ class Trainer:
         self.on_checkpoint = on_checkpoint  # called (arm, next_step, records) after each checkpoint is in place
 
     def checkpoint_path(self, arm_name: str) -> Path:
-        check_name("arm", arm_name)
-        return Path(self.run.checkpoints_dir) / f"{arm_name}.pt"
+        """checkpoints/<arm>.pt, the arm's name percent-encoded: "relu/gd" -> relu%2Fgd.pt, never a subpath."""
+        return Path(self.run.checkpoints_dir) / f"{quote(arm_name, safe='-_.')}.pt"
 
     def verify_checkpoint(self, arm_name: str) -> int:
         """The step the checkpoint of `arm_name` resumes from, after checking its hash and that the database
