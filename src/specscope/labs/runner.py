@@ -13,21 +13,21 @@ from specscope.errors import ConfigError, RunStoreError
 from specscope.labs.base import Arm, Measure, resolve_device
 from specscope.labs.config import make_config
 from specscope.records import Claim, Record
-from specscope.store import integrity
+from specscope.store import integrity, sqlite
 from specscope.train import Interrupt, Progress, Trainer, arm_seed
 
 PROGRESS_FILE = "progress.json"
 _PROGRESS_FIX = "restore it, or start a new run"
 
 
-def read_progress(run) -> dict:
+def read_progress(run, count=None) -> dict:
     """progress.json (checksummed): the finished parts ("done"), the records each had written ("records"),
     the latest checkpoint of each unfinished arm ("checkpoints": {arm: {step, records}}) and the seconds
     each part took ("seconds"). A run killed before its first write has none: an empty one, when its
-    database is empty too."""
+    database is empty too. `count(arm=None)` counts records (default: `run.record_count`)."""
     p = Path(run.path) / PROGRESS_FILE
     empty = {"done": [], "records": {}, "checkpoints": {}, "seconds": {}}
-    if not p.exists() and run.record_count() == 0:
+    if not p.exists() and (count or run.record_count)() == 0:
         return empty
     return {**empty, **integrity.read_json(p, checksum=True, fix=_PROGRESS_FIX)}  # names only compared, never paths
 
@@ -39,24 +39,27 @@ def _write_progress(run, progress: dict) -> None:
 def verify_resume(run, items, trainer: Trainer) -> dict:
     """Before anything is written: the database is intact and holds every record that progress.json and the
     checkpoints say were written. Returns the progress; a mismatch is a RunStoreError naming the file."""
-    run.check()
-    progress = read_progress(run)
-    for name in progress["done"]:
-        want, have = progress["records"].get(name), run.record_count(name)
-        if have != want:
-            raise RunStoreError(
-                f"{run.metrics_path} holds {have} records of '{name}', but {Path(run.path) / PROGRESS_FILE} says "
-                f"{want} were written when it finished: the database lost records (or belongs to another run); "
-                f"{_PROGRESS_FIX}.")
-    for item in items:
-        if item.name in progress["done"] or not isinstance(item, Arm):
-            continue
-        if trainer.checkpoint_path(item.name).exists():
-            trainer.verify_checkpoint(item.name)
-        elif item.name in progress["checkpoints"]:
-            raise RunStoreError(
-                f"{trainer.checkpoint_path(item.name)} is missing, but {PROGRESS_FILE} says arm '{item.name}' "
-                f"was checkpointed at step {progress['checkpoints'][item.name]['step']}; {_PROGRESS_FIX}.")
+    with run.reader() as (con, _):  # read-only, integrity-checked, opened once
+        def count(arm=None, upto=None):
+            return sqlite.count_rows(con, run.metrics_path, arm=arm, upto=upto)
+
+        progress = read_progress(run, count)
+        for name in progress["done"]:
+            want, have = progress["records"].get(name), count(name)
+            if have != want:
+                raise RunStoreError(
+                    f"{run.metrics_path} holds {have} records of '{name}', but {Path(run.path) / PROGRESS_FILE} "
+                    f"says {want} were written when it finished: the database lost records (or belongs to another "
+                    f"run); {_PROGRESS_FIX}.")
+        for item in items:
+            if item.name in progress["done"] or not isinstance(item, Arm):
+                continue
+            if trainer.checkpoint_path(item.name).exists():
+                trainer.verify_checkpoint(item.name, count)
+            elif item.name in progress["checkpoints"]:
+                raise RunStoreError(
+                    f"{trainer.checkpoint_path(item.name)} is missing, but {PROGRESS_FILE} says arm '{item.name}' "
+                    f"was checkpointed at step {progress['checkpoints'][item.name]['step']}; {_PROGRESS_FIX}.")
     return progress
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from specscope.errors import ConfigError, RunStoreError
+from specscope.names import check_name
 from specscope.store import sqlite
 from specscope.store.deps import require
 from specscope.store.run import _NAME, CONFIG, METRICS, Run, effective_status
@@ -62,6 +63,8 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
     import pandas as pd
 
     root = Path(root)
+    if lab is not None:
+        check_name("lab", lab)  # never a glob pattern or a path
     pattern = f"{lab}/*/{CONFIG}" if lab else f"*/*/{CONFIG}"
     rows = [_describe(p.parent) for p in root.glob(pattern)] if root.is_dir() else []
     df = pd.DataFrame(rows, columns=LIST_COLUMNS)

@@ -128,13 +128,15 @@ class Trainer:
         """checkpoints/<arm>.pt, the arm's name percent-encoded: "relu/gd" -> relu%2Fgd.pt, never a subpath."""
         return Path(self.run.checkpoints_dir) / f"{quote(arm_name, safe='-_.')}.pt"
 
-    def verify_checkpoint(self, arm_name: str) -> int:
+    def verify_checkpoint(self, arm_name: str, count: Any = None) -> int:
         """The step the checkpoint of `arm_name` resumes from, after checking its hash and that the database
-        still holds every record the arm had written when it was taken (RunStoreError naming what is missing)."""
+        still holds every record the arm had written when it was taken (RunStoreError naming what is missing).
+        `count(arm, upto)` counts records (default: the run's `record_count`)."""
         path = self.checkpoint_path(arm_name)
         ckpt = load_checkpoint(path)
         step, want = int(ckpt["next_step"]), int(ckpt["records"])
-        have = self.run.record_count(arm_name, upto=int(ckpt["position"]))
+        count = count or (lambda arm, upto: self.run.record_count(arm, upto=upto))
+        have = count(arm_name, upto=int(ckpt["position"]))
         if have != want:
             raise RunStoreError(
                 f"{self.run.metrics_path} holds {have} records of arm '{arm_name}' up to step {step}, but {want} "
