@@ -156,7 +156,7 @@ class Run:
             return sqlite.count_rows(con, self.metrics_path, arm=arm, metric=metric, upto=upto)
 
     def position(self) -> int:
-        """Where the next record will go: a checkpoint stores it, and `rewind` returns to it."""
+        """The position (rowid) of the last record written, 0 when none: a checkpoint stores it, `rewind` returns to it."""
         self._become_writer()
         self.flush()
         return sqlite.position(self._con)
@@ -286,7 +286,7 @@ class Run:
 
     def _write_meta(self, **changes) -> None:
         self._meta.update(changes, status_time=_now())
-        _write_json(self.path / CONFIG, self._meta)
+        integrity.write_json(self.path / CONFIG, self._meta)
 
 
 # Runs open for writing: at interpreter exit their buffers are flushed (status stays as it is, so a script
@@ -333,10 +333,6 @@ def effective_status(path: Path, meta: dict) -> str:
 
 
 _REWRITE = "`specscope report RUN` rewrites it from the recorded metrics"
-
-
-def _write_json(p: Path, obj: dict) -> None:
-    integrity.write_json(p, obj)
 
 
 def _plain_config(config: Any) -> dict:
