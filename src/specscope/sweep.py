@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from specscope.errors import ConfigError
+from specscope.names import mathtext
 from specscope.store.integrity import read_json
 
 SWEEP_FILE = "sweep.json"
@@ -324,7 +325,8 @@ def phase_diagram(table: pd.DataFrame, x: str, y: str, values: Iterable[str], pa
             ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
             for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
                 ax.text(c, r, "—" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
-            ax.set(xlabel=x, ylabel=y, title=f"{value}" + (f" — {panel}={pv}" if pv is not None else ""))
+            title = f"{value}" + (f" — {panel}={pv}" if pv is not None else "")
+            ax.set(xlabel=mathtext(x), ylabel=mathtext(y), title=mathtext(title))  # names from disk: drawn as typed
             fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
