@@ -71,6 +71,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:  # gone meanwhile
+        return ""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
     from specscope import sweep
@@ -82,7 +90,7 @@ def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob("*/runs/grokking/*/metrics.sqlite")) and time.monotonic() < deadline:
             time.sleep(0.2)
-        workers = [c for c in children(parent.pid) if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        workers = [c for c in children(parent.pid) if "spawn_main" in cmdline(c)]
         assert workers, "no worker process found"
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
