@@ -14,7 +14,6 @@ import sys
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -104,8 +103,8 @@ def table_width(df) -> int:
 @app.command()
 def diagnose(
     model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
-    steps: int = typer.Option(30, "--steps", help="Training steps (AdamW)."),
-    every: int = typer.Option(1, "--every", help="Measure every K-th step."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Training steps (AdamW)."),
+    every: int = typer.Option(1, "--every", min=1, help="Measure every K-th step."),
     out: str = typer.Option("runs", "--out", help="Root folder of run directories."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model and the data."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
@@ -146,5 +145,5 @@ def diagnose(
         console = Console(width=max(console.width, table_width(result.advice)))
     console.print(verdict_table(result.advice, f"{model}: {steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     for name, why in result.monitor.unpaired.items():
-        console.print(f"[yellow]unpaired[/] {escape(name)}: {escape(why)}")
+        console.print(Text.assemble(("unpaired", "yellow"), f" {name}: {why}"))  # literal: no markup, no emoji codes
     console.print(Text(f"run: {run.path}\nreport: {run.path / 'report.html'}"))
