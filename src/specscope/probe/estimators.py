@@ -1,7 +1,7 @@
 """Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
 
 A is never kept (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
-the forward hook to a few small tensors that add over micro-batches and over ranks —
+the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks —
 
 - `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives
   VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on

@@ -2,12 +2,12 @@
 
     monitor = Monitor(model, every=10)
     for step in range(T):
-        with monitor.step(step):            # hooks armed only on measured steps
+        with monitor.step(step):            # armed only on measured steps
             loss_fn(model, batch).backward()  # any number of micro-batches
         opt.step(); monitor.after_optimizer_step()
         run.append(monitor.pop_records())
 
-Measuring never changes training: hooks read detached inputs under no_grad, gradients are read (never
+Measuring never changes training: the watch reads detached inputs under no_grad, gradients are read (never
 written), and the global RNG is not used.
 """
 
