@@ -33,7 +33,7 @@ class Record:
         return asdict(self)
 
 
-Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
+Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "UNDECIDABLE"]  # UNDECIDABLE: "not decidable at quick size"
 
 
 @dataclass(frozen=True)

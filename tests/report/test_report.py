@@ -222,8 +222,11 @@ def test_run_labels_name_lab_and_differing_settings():
     configs = {"20261201-1": {"lr": 0.1, "width": 64, "seed": 0}, "20261201-2": {"lr": 0.2, "width": 64, "seed": 0}}
     assert run_labels(list(configs), configs, {"20261201-1": "gpt", "20261201-2": "gpt"}) == {
         "20261201-1": "lr=0.1", "20261201-2": "lr=0.2"}
-    labs = {"20261201-1": "gpt", "20261201-2": "sed"}
-    assert run_labels(list(configs), configs, labs) == {"20261201-1": "gpt · lr=0.1", "20261201-2": "sed · lr=0.2"}
+    labs = {"20261201-1": "gpt", "20261201-2": "sed"}  # settings of different labs are not compared
+    assert run_labels(list(configs), configs, labs) == {"20261201-1": "gpt", "20261201-2": "sed"}
+    configs["20261201-3"], labs["20261201-3"] = {"lr": 0.1, "width": 128, "seed": 0}, "sed"
+    assert run_labels(list(configs), configs, labs) == {"20261201-1": "gpt", "20261201-2": "sed · lr=0.2, width=64",
+                                                        "20261201-3": "sed · lr=0.1, width=128"}
     same = {"a": {"lr": 1}, "b": {"lr": 1}}
     assert run_labels(["a", "b"], same, {"a": "gpt", "b": "gpt"}) == {"a": "gpt (a)", "b": "gpt (b)"}
 

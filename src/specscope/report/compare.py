@@ -33,14 +33,16 @@ def differing_keys(configs: Mapping[str, Mapping]) -> list[str]:
 
 def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = None,
                labs: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Run name -> "lab · key=value, ..." with the settings that differ between the runs (at most
-    MAX_KEYS, "+N" for the rest). Labs are named only when they differ or when nothing else does; the
-    run's own name is appended wherever two labels would otherwise be the same."""
+    """Run name -> "lab · key=value, ..." with the settings that differ between the runs of the same lab
+    (at most MAX_KEYS, "+N" for the rest). Labs are named only when they differ or when nothing else
+    does; the run's own name is appended wherever two labels would otherwise be the same."""
     configs, labs = configs or {}, labs or {}
-    keys = differing_keys({n: configs.get(n, {}) for n in names}) if configs else []
     several_labs = len({labs.get(n, "") for n in names}) > 1
     labels = {}
     for n in names:
+        # settings are compared between runs of the same lab; different labs have different settings
+        same_lab = [m for m in names if labs.get(m, "") == labs.get(n, "")]
+        keys = differing_keys({m: configs.get(m, {}) for m in same_lab}) if len(same_lab) > 1 else []
         flat = flatten(configs.get(n) or {})
         parts = [f"{k.split('.')[-1]}={textwrap.shorten(value_text(flat[k]), 24, placeholder='…')}"
                  for k in keys[:MAX_KEYS] if k in flat]
@@ -135,7 +137,7 @@ def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str
                        fontsize=size)
     axes[0].invert_yaxis()  # model order from the top
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside upper center", ncols=min(len(series), 3),
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(series), 3),
                fontsize=style.FONT["legend"], frameon=False)
     fig.suptitle("Final st(A) and nr(G) per weight", fontsize=style.FONT["suptitle"])
     return style.finish(fig)
@@ -223,11 +225,11 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     listing = table([[labels[name], (labs or {}).get(name, ""), name, len(prepare(df)),
                       ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
                      for name, df in runs.items()], ["run", "lab", "id", "records", "arms"])
-    keys = differing_keys(configs) if configs else []
+    keys = differing_keys(configs) if configs and len(set((labs or {}).values())) <= 1 else []
     body = "\n".join([
         f"<h1>{esc(title)}</h1>",
         "<h2>Runs</h2>",
-        f"<p>Settings that differ: {esc(', '.join(keys) or 'none')}.</p>" if configs else "", listing,
+        f"<p>Settings that differ: {esc(', '.join(keys))}.</p>" if keys else "", listing,
         "<h2>Figures</h2>",
         "\n".join(figure_block(s, d, captions[s]) for s, d in pngs.items()) or "<p>No metrics to plot.</p>",
         "<h2>Final metrics</h2>", final_metrics_html(runs, labels),

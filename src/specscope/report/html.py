@@ -37,7 +37,8 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; border-bo
 table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td { overflow-wrap: anywhere; } .wide td, .wide th { white-space: nowrap; }
+td { overflow-wrap: anywhere; } .wide td { white-space: nowrap; } .wide th { min-width: 4em; }
+.scroll { max-width: 100%; overflow-x: auto; }
 """ + "".join(f"td.{k} {{ background: {v}; font-weight: bold; }}\n" for k, v in style.CLAIM_COLOURS.items()) + \
     "".join(f"td.{k} {{ color: {v}; font-weight: 600; }}\n" for k, v in style.VERDICT_COLOURS.items()) + """
 td.unmeasured { font-style: italic; } tr.differs td { background: #fff6d6; }
@@ -173,7 +174,8 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str], *, classes: S
         rc = f' class="{re.sub(r"[^A-Za-z0-9_-]", "", row_classes[i])}"' if i < len(row_classes) and row_classes[i] else ""
         body.append(f"<tr{rc}>{''.join(cells)}</tr>")
     cls = f' class="{re.sub(r"[^A-Za-z0-9_ -]", "", table_class)}"' if table_class else ""
-    return f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
+    html_table = f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{html_table}</div>' if "wide" in table_class.split() else html_table
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:

@@ -105,6 +105,6 @@ def compare(
         out,
         {r.id: store.load(r) for r in runs},
         configs={r.id: r.config for r in runs},
-        title="specscope comparison: " + ", ".join(r.id for r in runs),
+        labs={r.id: r.lab for r in runs},
     )
     console.print(f"comparison: {page}")
