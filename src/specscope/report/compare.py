@@ -22,6 +22,8 @@ from specscope.report.html import (config_table, esc, figure_block, flatten, pag
 from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs
 
 MAX_KEYS = 3  # differing settings named in a run's label
+MAX_SERIES = 8  # run/arm pairs drawn in the final-ranks figure
+HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo", "--"]
 
 
 def differing_keys(configs: Mapping[str, Mapping]) -> list[str]:
@@ -110,36 +112,47 @@ def final_ranks(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str] | None = None,
                         dpi: int = DPI) -> Figure | None:
-    """Final st(A) and nr(G) per weight, one horizontal bar per run/arm, the two quantities side by side."""
+    """Final st(A) and nr(G) per weight, one horizontal bar per run/arm that measured it (colour = run,
+    hatch = arm), the two quantities side by side. At most MAX_SERIES run/arm pairs are drawn; the
+    table on the page has all of them."""
     final = final_ranks(runs)
     if final.empty:
         return None
     layers = ordered_unique(final["layer"])
     series = ordered_unique(zip(final["run"], final["arm"]))
-    height = 0.8 / len(series)
-    fig = style.figure(11, float(np.clip(0.25 * len(layers) * max(len(series), 2) / 2 + 2.0, 3.2, 30)), dpi)
+    dropped, series = len(series[MAX_SERIES:]), series[:MAX_SERIES]
+    final = final[[s in set(series) for s in zip(final["run"], final["arm"])]]
+    present = {layer: [s for s in series if ((final["run"] == s[0]) & (final["arm"] == s[1])
+                                              & (final["layer"] == layer)).any()] for layer in layers}
+    layers = [layer for layer in layers if present[layer]]
+    height = 0.8 / max(max(len(p) for p in present.values()), 1)
+    fig = style.figure(11, float(np.clip(0.8 * len(layers) * height * max(map(len, present.values()))
+                                         * 0.35 + 0.3 * len(layers) + 2.2, 3.2, 30)), dpi)
     axes = fig.subplots(1, 2, sharey=True)
     names = list(runs)
+    by = final.set_index(["run", "arm", "layer"])
     for ax, (key, label) in zip(axes, [("st", "final st(A)"), ("nr", "final nr(G)")]):
-        for k, (run, arm) in enumerate(series):
-            d = final[(final["run"] == run) & (final["arm"] == arm)].set_index("layer").reindex(layers)
+        for run, arm in series:
+            rows = [(i, by.loc[(run, arm, layer), key], present[layer].index((run, arm)), len(present[layer]))
+                    for i, layer in enumerate(layers) if (run, arm) in present[layer]]
             arms = ordered_unique(final[final["run"] == run]["arm"])
-            ax.barh(np.arange(len(layers)) + (k - (len(series) - 1) / 2) * height, d[key].to_numpy(),
+            ax.barh([i + (k - (n - 1) / 2) * height for i, _, k, n in rows], [v for _, v, _, _ in rows],
                     height=height, color=_arm_colour(names.index(run)), label=_label(run, arm, labels),
-                    hatch=["", "//", "..", "xx"][arms.index(arm) % 4], edgecolor="white", linewidth=0.3)
+                    hatch=HATCHES[arms.index(arm) % len(HATCHES)], edgecolor="white", linewidth=0.3)
         values = final[key].to_numpy(dtype=float)
         if _log_is_sensible(values):
             ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, axis="x")
-    size = float(np.clip(240 / max(len(layers), 1), 5, 9))
+    size = float(np.clip(240 / max(len(layers), 1), style.MIN_FONT, 9))
     axes[0].set_yticks(range(len(layers)), [textwrap.shorten(l, 40, placeholder="…") for l in layers],
                        fontsize=size)
     axes[0].invert_yaxis()  # model order from the top
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=min(len(series), 3),
                fontsize=style.FONT["legend"], frameon=False)
-    fig.suptitle("Final st(A) and nr(G) per weight", fontsize=style.FONT["suptitle"])
+    more = f" (first {MAX_SERIES} run/arm pairs; {dropped} more in the table)" if dropped else ""
+    fig.suptitle("Final st(A) and nr(G) per weight" + more, fontsize=style.FONT["suptitle"])
     return style.finish(fig)
 
 

@@ -83,7 +83,8 @@ def metric_curves(df: pd.DataFrame, metrics: Sequence[str], *, title: str, dpi: 
         ax.set_title(metric, fontsize=style.FONT["title"])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        style.legend(ax)
+        if len(ax.lines) > 1:
+            style.legend(ax)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     if len(metrics) > 1:

@@ -41,7 +41,7 @@ td { overflow-wrap: anywhere; } .wide td { white-space: nowrap; } .wide th { min
 .scroll { max-width: 100%; overflow-x: auto; }
 """ + "".join(f"td.{k} {{ background: {v}; font-weight: bold; }}\n" for k, v in style.CLAIM_COLOURS.items()) + \
     "".join(f"td.{k} {{ color: {v}; font-weight: 600; }}\n" for k, v in style.VERDICT_COLOURS.items()) + """
-td.unmeasured { font-style: italic; } tr.differs td { background: #fff6d6; }
+td.unmeasured { font-style: italic; } td.UNDECIDABLE { min-width: 9em; } tr.differs td { background: #fff6d6; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; } .meta { color: #555; font-size: 0.9em; }
 code { background: #f5f5f5; padding: 0 3px; }

@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import AutoLocator, FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 DPI = 100
 PANEL = (4.2, 3.0)  # inches of one panel of a grid
@@ -55,7 +55,8 @@ def log_ticks(lo: float, hi: float) -> list[float]:
     inside = lambda ticks: [float(t) for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
     decades = math.log10(hi / lo)
     if decades < 1:
-        return inside(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
+        ticks = inside(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
+        return ticks if len(ticks) >= 3 else inside(MaxNLocator(9, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
     first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
     subs = (1, 2, 5) if decades <= 3 else (1,)
     ticks = inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
@@ -172,6 +173,8 @@ def finish(fig: Figure) -> Figure:
             if axis.get_scale() == "log":
                 lo, hi = sorted(getattr(ax, f"get_{name}lim")())
                 log_axis(axis, lo, hi)
+            elif axis.get_label_text() == "step" and isinstance(axis.get_major_locator(), AutoLocator):
+                axis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=max(MIN_FONT, min(_tick_size(ax), FONT["tick"])))
         leg = ax.get_legend()
         if leg is not None and leg._bbox_to_anchor is None and len(leg.get_texts()) > 4:
