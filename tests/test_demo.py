@@ -109,3 +109,19 @@ def test_quadratic_check_rows_are_the_lab_math(quick_demo):
 def test_report_steps():
     assert report_steps(30) == [0, 1, 2, 5, 10, 20, 30]
     assert report_steps(1) == [0, 1]
+
+
+def test_lab_figures_fit_their_canvas(quick_demo):
+    """The labs' own figures, in the project style: no text cut off, no overlapping tick labels."""
+    from specscope import labs, store
+    from specscope.labs.config import make_config
+    from specscope.report.style import finish, layout_problems
+
+    _, _, run_dir = quick_demo
+    for config in sorted(run_dir.glob("*/*/config.json")):
+        run = store.Run.open(config.parent)
+        lab = labs.get(run.lab)
+        figures = lab.figures(store.load(run), make_config(lab.Config, run.config, run.lab))
+        assert figures, run.lab
+        for name, fig in figures.items():
+            assert layout_problems(finish(fig)) == [], (run.lab, name)

@@ -38,6 +38,7 @@ from specscope.models.gpt import GPT, GPTConfig
 from specscope.optim import Hybrid
 from specscope.probe import Monitor
 from specscope.records import Claim, Record
+from specscope.report import style
 
 NAME = "gpt"
 
@@ -434,7 +435,7 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def _panels(n: int, height: float = 3.2) -> tuple[Figure, list]:
-    fig = Figure(figsize=(4.2 * n, height), dpi=100, layout="constrained")
+    fig = style.figure(4.2 * n, height)
     axes = fig.subplots(1, n, squeeze=False)[0]
     return fig, list(axes)
 

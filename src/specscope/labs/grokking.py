@@ -454,12 +454,9 @@ def sweep_claims(table: pd.DataFrame) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    import matplotlib
+    from specscope.report.style import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(1, 3, figsize=(15, 4))
     for arm in cfg.arms:
         for metric, ls in (("train_acc", "--"), ("test_acc", "-")):
             s = _series(df, arm, metric)
@@ -473,5 +470,4 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
     axes[2].set(xlabel="step", ylabel="σ1", title="Q/K top singular value (mean)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return {"grokking": fig}

@@ -406,15 +406,12 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from specscope.report.style import subplots
 
     out = {}
     curves = {layer: _series(df, "control-s0", "coupling_Rbar", layer) for layer in (GRADIENT, UPDATE)}
     if any(len(s) for s in curves.values()):  # none without the control arm (interventions=[]) or a full window
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         for (layer, s), style in zip(curves.items(), ("-o", "-s")):
             ax.plot(s.index, s.values, style, ms=3, label=f"{layer} R̄")
         acc = _series(df, "control-s0", "test_acc")
@@ -424,12 +421,11 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         ax.set(xlabel="step", ylabel="R̄ (vs median random direction)", yscale="log",
                title=f"centroid coupling, {cfg.task} mod {cfg.p} (control-s0)")
         ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
         out["sed_coupling"] = fig
 
     table = intervention_table(df, cfg)
     if not table.empty:
-        fig, (ax, axt) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
+        fig, (ax, axt) = subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
         ivs = list(dict.fromkeys(table.intervention))
         for i, iv in enumerate(ivs):
             d = table[table.intervention == iv]
@@ -452,12 +448,11 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         tab.set_fontsize(9)
         tab.scale(1, 1.5)
         axt.set_title(f"mean over {cfg.seeds} seed(s)")
-        fig.tight_layout()
         out["sed_interventions"] = fig
 
     mt = multitask_table(df, cfg)
     if not mt.empty and mt[["update-sed", "task-sed"]].notna().any().any():
-        fig, (ax, axc) = plt.subplots(1, 2, figsize=(12, 4))
+        fig, (ax, axc) = subplots(1, 2, figsize=(12, 4))
         x = np.arange(len(mt))
         for j, col in enumerate(("update-sed", "gradient-sed", "task-sed")):
             ax.bar(x + (j - 1) * 0.27, mt[col].fillna(0), 0.27, label=col, color=f"C{j}")
@@ -477,6 +472,5 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         axc.axhline(1, color="k", lw=0.7)
         axc.set(xlabel="step", ylabel="R̄ (one line per task)", yscale="log", title="R̄ over training")
         axc.legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
         out["sed_multitask"] = fig
     return out

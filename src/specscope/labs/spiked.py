@@ -512,9 +512,9 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def _figure(w: float, h: float, ncols: int = 1):
-    from matplotlib.figure import Figure
+    from specscope.report import style
 
-    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    fig = style.figure(w, h)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 

@@ -34,9 +34,12 @@ def figure(width: float, height: float, dpi: int = DPI) -> Figure:
     return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
 
 
-def subplots(rows: int = 1, cols: int = 1, *, panel: tuple[float, float] = PANEL, dpi: int = DPI, **kw):
-    """(figure, axes) with `panel`-sized panels, like `plt.subplots` but without the pyplot registry."""
-    fig = figure(panel[0] * cols, panel[1] * rows, dpi)
+def subplots(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float] | None = None,
+             panel: tuple[float, float] = PANEL, dpi: int = DPI, **kw):
+    """(figure, axes) like `plt.subplots` (figsize, or `panel`-sized panels), in the project style and
+    without pyplot's global figure registry."""
+    width, height = figsize or (panel[0] * cols, panel[1] * rows)
+    fig = figure(width, height, dpi)
     return fig, fig.subplots(rows, cols, **kw)
 
 
