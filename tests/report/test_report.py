@@ -279,3 +279,26 @@ def test_layout_problems_finds_clipped_and_overlapping_text():
     ax.set_xticks([0, 0.01], ["a long tick label", "another long one"])
     problems = layout_problems(fig)
     assert any("leaves the canvas" in p for p in problems) and any("overlap" in p for p in problems)
+
+
+def test_cli_compare_names_runs_by_lab_and_settings(tmp_path, monkeypatch, capsys):
+    """`specscope compare A B`: the page names the runs by the setting that differs, not by their ids."""
+    import sys
+
+    from specscope import store
+    from specscope.cli import main
+    from specscope.records import Record
+
+    dirs = []
+    for lr in (0.1, 0.2):
+        with store.Run.create(tmp_path / "runs", "gpt", {"lr": lr, "width": 64}) as run:
+            run.append([Record(s, "", "loss", 1 / (1 + lr * s)) for s in range(3)]
+                       + [Record(s, "w", m, v) for s in range(3) for m, v in (("stable_rank", 4.0), ("nuclear_rank", 6.0))])
+            dirs.append(str(run.path))
+    monkeypatch.setattr(sys, "argv", ["specscope", "compare", *dirs, "--out", str(tmp_path / "cmp")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None), capsys.readouterr()
+    text = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<title>specscope comparison: lr=0.1 vs lr=0.2</title>" in text
+    assert text.count('<td class="spectral">spectral</td>') == 2
