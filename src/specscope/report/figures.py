@@ -201,6 +201,7 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     pairs = pairs.assign(log_ratio=np.log10(np.where(valid, ratio, np.nan)))
     arms = ordered_unique(pairs["arm"])
     missing = unmeasured(df)
+    unmeasured_names = set(missing["layer"])
     layers = ordered_unique(list(pairs["layer"]) + list(missing["layer"]))
     steps = sorted(pairs["step"].unique())
     vmax = max(float(np.abs(pairs["log_ratio"]).max()), 0.1)
@@ -218,7 +219,7 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
                 .reindex(index=layers, columns=steps))
         image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap,
                           norm=Normalize(-vmax, vmax), interpolation="nearest")
-        for i in (i for i, name in enumerate(layers) if name in set(missing["layer"])):
+        for i in [i for i, name in enumerate(layers) if name in unmeasured_names]:
             ax.axhspan(i - 0.5, i + 0.5, color=style.VERDICT_COLOURS["unmeasured"], alpha=0.55, lw=0)
         if k == 0:
             ax.set_yticks(range(0, len(layers), every), names[::every], fontsize=label_size)
