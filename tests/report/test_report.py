@@ -201,6 +201,8 @@ def test_unmeasured_weights_are_listed_never_absent(tmp_path, metrics):
     assert text.count('<td class="unmeasured">unmeasured</td>') == 2
     grid = advantage_heatmap(df, dpi=DPI).axes[0].images[0].get_array()
     assert grid.shape[0] == len(LAYERS) + 2  # the unmeasured weights are rows of the heatmap too
+    text = write_comparison(tmp_path / "c", {"a": df, "b": metrics}, dpi=DPI).read_text()
+    assert text.count('<td class="unmeasured">unmeasured</td>') == 2  # in run a only
 
 
 def test_one_verdict_rule_in_report_and_compare(tmp_path):

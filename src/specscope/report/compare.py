@@ -19,7 +19,7 @@ from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
                                    table, value_text, write_text_atomic)
-from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs
+from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs, unmeasured
 
 MAX_KEYS = 3  # differing settings named in a run's label
 MAX_SERIES = 8  # run/arm pairs drawn in the final-ranks figure
@@ -192,19 +192,22 @@ def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, st
 
 
 def final_table_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
-    """Wide: one row per weight; per run/arm its final st(A), nr(G), nr/st and verdict."""
+    """Wide: one row per weight; per run/arm its final st(A), nr(G), nr/st and verdict. A weight the probe
+    could not pair in a run has the verdict "unmeasured" there; "—" where a run has no such weight."""
     final = final_ranks(runs)
-    if final.empty:
+    missing = pd.concat([unmeasured(df).assign(run=str(name)) for name, df in runs.items()], ignore_index=True)
+    if final.empty and missing.empty:
         return "<p>No per-weight st(A) / nr(G) were recorded.</p>"
-    series = ordered_unique(zip(final["run"], final["arm"]))
+    series = ordered_unique(list(zip(final["run"], final["arm"])) + list(zip(missing["run"], missing["arm"])))
     by = final.set_index(["run", "arm", "layer"])
+    not_paired = set(zip(missing["run"], missing["arm"], missing["layer"]))
     rows, classes = [], []
-    for layer in ordered_unique(final["layer"]):
+    for layer in ordered_unique(list(final["layer"]) + list(missing["layer"])):
         row, cls = [layer], [""]
         for run, arm in series:
-            st, nr, ratio = (by.loc[(run, arm, layer)][["st", "nr", "ratio"]].tolist()
-                             if (run, arm, layer) in by.index else [np.nan] * 3)
-            v = verdict(ratio) if (run, arm, layer) in by.index else "—"
+            key = (run, arm, layer)
+            st, nr, ratio = by.loc[key][["st", "nr", "ratio"]].tolist() if key in by.index else [np.nan] * 3
+            v = verdict(ratio) if key in by.index else "unmeasured" if key in not_paired else "—"
             row += [st, nr, ratio, v]
             cls += ["", "", v, v]
         rows.append(row)
