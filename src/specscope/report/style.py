@@ -51,18 +51,21 @@ def plain_number(value: float, _pos=None) -> str:
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
-    """Tick positions for a log axis over [lo, hi], all plain numbers: round linear steps within a decade
-    (8, 10, 12, 14, 16), 1-2-5 over up to three decades, decades beyond (at most 8 labels)."""
+    """Tick positions for a log axis over [lo, hi], all plain numbers: round linear steps over less than
+    half a decade (8, 10, 12, 14, 16), 1-2-5 (or 1..9 when that gives fewer than three) up to three
+    decades, decades beyond (at most 8 labels)."""
     if not (lo > 0 and hi > lo):
         return []
     inside = lambda ticks: [float(t) for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
     decades = math.log10(hi / lo)
-    if decades < 1:
+    if decades < 0.5:
         ticks = inside(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
         return ticks if len(ticks) >= 3 else inside(MaxNLocator(9, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
     first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    subs = (1, 2, 5) if decades <= 3 else (1,)
-    ticks = inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
+    for subs in ((1, 2, 5), range(1, 10)) if decades <= 3 else ((1,),):
+        ticks = inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
+        if len(ticks) >= 3:
+            break
     return ticks[:: max(1, math.ceil(len(ticks) / 8))]
 
 
