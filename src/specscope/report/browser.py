@@ -124,7 +124,8 @@ class _Pipe:
         self.messages: queue.Queue = queue.Queue()
         self.events: list[dict] = []
         self._next = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         buffer = b""
@@ -186,6 +187,9 @@ class _Pipe:
             self.proc.kill()
             self.proc.wait()
         os.close(self._cmd_w)
+        self._reader.join(timeout=10)  # reads to EOF now that Chromium has exited
+        if not self._reader.is_alive():
+            os.close(self._out_r)
 
 
 def _errors(events: list[dict]) -> list[str]:
