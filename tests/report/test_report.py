@@ -295,7 +295,8 @@ def test_cli_compare_names_runs_by_lab_and_settings(tmp_path, monkeypatch, capsy
     for lr in (0.1, 0.2):
         with store.Run.create(tmp_path / "runs", "gpt", {"lr": lr, "width": 64}) as run:
             run.append([Record(s, "", "loss", 1 / (1 + lr * s)) for s in range(3)]
-                       + [Record(s, "w", m, v) for s in range(3) for m, v in (("stable_rank", 4.0), ("nuclear_rank", 6.0))])
+                       + [Record(s, "w", m, v) for s in range(3)
+                          for m, v in (("stable_rank", 4.0), ("nuclear_rank", 6.0))])
             dirs.append(str(run.path))
     monkeypatch.setattr(sys, "argv", ["specscope", "compare", *dirs, "--out", str(tmp_path / "cmp")])
     with pytest.raises(SystemExit) as e:

@@ -28,7 +28,10 @@ FLAGS = ("--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--no-
          "--disable-extensions", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--disable-default-apps", "--mute-audio", "--hide-scrollbars")
 
-LAUNCH = "import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); os.execvp(sys.argv[3], sys.argv[3:])"
+# moves the two pipe ends (argv 1, 2) onto fds 3 and 4, then becomes Chromium (argv 3...)
+LAUNCH = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.dup2(int(sys.argv[2]), 4); "
+          "os.execvp(sys.argv[3], sys.argv[3:])")
+
 # what the page looks like from inside: images and overflow
 LOOK_JS = """(() => {
   const images = [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, shown: i.clientWidth,
@@ -115,7 +118,7 @@ class _Pipe:
         self._out_r, out_w = os.pipe()
         args = [exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
                 "--remote-debugging-pipe", "about:blank"]
-        # a tiny Python launcher moves the two pipe ends onto fds 3 and 4, where Chromium expects them
+        # Chromium expects its pipe ends on fds 3 and 4; LAUNCH puts them there
         self.proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(cmd_r), str(out_w), *args],
                                      pass_fds=(cmd_r, out_w),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -157,8 +157,8 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str], *, classes: S
     sortable: header cells are buttons the page's script sorts by. groups: a header row above the
     column names, (text, number of columns spanned) each.
     """
-    cell = (lambda h: f"<th><button type=\"button\">{esc(h)}</button></th>") if sortable else (lambda h: f"<th>{esc(h)}</th>")
-    head = f"<tr>{''.join(cell(h) for h in header)}</tr>" if any(header) else ""
+    button = '<button type="button">{}</button>' if sortable else "{}"
+    head = "<tr>" + "".join(f"<th>{button.format(esc(h))}</th>" for h in header) + "</tr>" if any(header) else ""
     if groups:
         head = "<tr>" + "".join(f'<th colspan="{int(n)}">{esc(g)}</th>' for g, n in groups) + "</tr>" + head
     head = f"<thead>{head}</thead>" if head else ""
@@ -249,8 +249,7 @@ def unmeasured_html(df: pd.DataFrame) -> str:
     cols = [c for c in missing.columns if c != "arm" or (missing["arm"] != "").any()]
     return (f"<h3>Weights not measured ({len(missing)})</h3><p>The probe could not pair these weights with the "
             "input they multiply; their verdict is <em>unmeasured</em>, not a guess.</p>"
-            + table(missing[cols].values.tolist(), ["weight" if c == "layer" else c for c in cols],
-                    classes=[[""] * len(cols)] * len(missing)))
+            + table(missing[cols].values.tolist(), ["weight" if c == "layer" else c for c in cols]))
 
 
 def weights_html(df: pd.DataFrame, heatmap: str) -> str:
