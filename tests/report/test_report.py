@@ -190,7 +190,8 @@ def unmeasured_records(layers=("blocks.0.attn.c_attn", "blocks.1.attn.c_attn")) 
                           "arm": "gd", "shape": "64x192", "flag": "no input seen <b>"} for name in layers])
 
 
-def test_unmeasured_weights_are_listed_never_absent(tmp_path, metrics):
+def test_unmeasured_weights_are_listed_never_absent(tmp_path):
+    metrics = synthetic_metrics(arms=("gd",), steps=range(0, 15, 5))
     df = pd.concat([metrics, unmeasured_records()], ignore_index=True)
     summary = layer_summary(df)
     rows = summary[summary["verdict"] == "unmeasured"]
@@ -262,9 +263,9 @@ def test_no_figure_text_leaves_its_canvas(layers, claims):
     from specscope.report.compare import compare_final_ranks, compare_losses
     from specscope.report.style import finish, layout_problems
 
-    df = synthetic_metrics(layers=layers, steps=range(0, 20, 5))
+    df = synthetic_metrics(layers=layers, steps=range(0, 15, 5))
     figures = dict(run_figures(df, claims, dpi=DPI))
-    runs = {"a": df, "b": synthetic_metrics(layers=layers, seed=3, arms=("adamw",), steps=range(0, 20, 5))}
+    runs = {"a": df, "b": synthetic_metrics(layers=layers, seed=3, arms=("adamw",), steps=range(0, 15, 5))}
     labels = {"a": "gpt · lr=0.001, width=128", "b": "gpt · lr=0.01, width=256"}
     figures["compare_loss"] = finish(compare_losses(runs, labels=labels, dpi=DPI))
     figures["compare_final_ranks"] = finish(compare_final_ranks(runs, labels=labels, dpi=DPI))

@@ -143,20 +143,18 @@ def _axis_titles(fig: Figure):
 
 
 def _fit_text(fig: Figure) -> None:
-    """Wrap the suptitle to the canvas and each axes title / x label to its axes (two passes)."""
-    for _ in range(2):
-        renderer = FigureCanvasAgg(fig).get_renderer()
-        fig.draw_without_rendering()
-        changed = False
-        if fig._suptitle is not None:
-            changed |= _wrap(fig._suptitle, fig.bbox.width * 0.96, renderer)
-        for ax, texts in _axis_titles(fig):
-            room = max(ax.get_window_extent(renderer).width, fig.bbox.width / max(len(fig.axes), 1)) * 1.1
-            for t in texts:
-                if t.get_text():
-                    changed |= _wrap(t, min(room, fig.bbox.width * 0.96), renderer)
-        if not changed:
-            return
+    """Wrap the suptitle to the canvas and each axes title / x label to its axes. A text's width needs no
+    layout pass, so this draws nothing."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    canvas = fig.bbox.width * 0.96
+    texts = [(fig._suptitle, canvas)] if fig._suptitle is not None else []
+    for ax, titles in _axis_titles(fig):
+        room = min(max(ax.get_position().width * fig.bbox.width, fig.bbox.width / len(fig.axes)) * 1.1, canvas)
+        texts += [(t, room) for t in titles if t.get_text()]
+    for text, room in texts:
+        for _ in range(3):  # each pass re-measures the wrapped text
+            if not _wrap(text, room, renderer):
+                break
 
 
 def finish(fig: Figure) -> Figure:
