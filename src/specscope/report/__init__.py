@@ -7,7 +7,7 @@ every string they did not write themselves. `style` is the one figure style of t
 checks a page in headless Chromium.
 """
 
-from specscope.report.compare import compare_final_ranks, compare_losses, final_ranks, write_comparison
+from specscope.report.compare import compare_final_ranks, compare_losses, final_ranks, run_labels, write_comparison
 from specscope.report.figures import (
     accuracy_curves,
     advantage_heatmap,
@@ -25,6 +25,6 @@ from specscope.report.tables import claims_table, layer_summary, layer_table, ra
 __all__ = [
     "accuracy_curves", "advantage_heatmap", "claims_figure", "claims_table", "compare_final_ranks",
     "compare_losses", "final_ranks", "layer_summary", "layer_table", "loss_curves", "nuclear_rank_curves",
-    "rank_curves", "rank_pairs", "rank_scatter", "run_figures", "stable_rank_curves", "unmeasured",
+    "rank_curves", "rank_pairs", "rank_scatter", "run_figures", "run_labels", "stable_rank_curves", "unmeasured",
     "write_comparison", "write_report",
 ]
