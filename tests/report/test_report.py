@@ -69,7 +69,8 @@ def test_report_writes_html_and_valid_pngs(tmp_path, metrics, claims):
 
 def test_report_escapes_every_foreign_string(tmp_path):
     evil = "<script>alert(1)</script>"
-    df = synthetic_metrics(layers=[evil, "ok.layer"], arms=(f'arm"{evil}',), steps=range(3))
+    math = r"a$\frac{$"  # not valid mathtext: drawn as typed, never parsed
+    df = synthetic_metrics(layers=[evil, "ok.layer", math], arms=(f'arm"{evil}', f"{math}"), steps=range(3))
     claim = Claim(evil, f"text {evil}", "<img src=x onerror=alert(1)>", "a & b", "PASS")
     fig = Figure()
     fig.subplots().plot([0, 1])

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 import specscope
@@ -115,7 +116,8 @@ def esc(x: object) -> str:
 def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes (the same bytes go to disk and into the page)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, facecolor="white")
+    with rc_context(style.PLAIN_TEXT):
+        fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, facecolor="white")
     return buffer.getvalue()
 
 

@@ -13,9 +13,11 @@ import math
 import textwrap
 
 import numpy as np
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Text
 from matplotlib.ticker import AutoLocator, FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
 
 DPI = 100
@@ -166,6 +168,8 @@ def finish(fig: Figure) -> Figure:
     if getattr(fig, "_specscope_finished", False):
         return fig
     fig._specscope_finished = True
+    for text in fig.findobj(Text):  # names are data: "a$b$" draws as typed, never as mathtext
+        text.set_parse_math(False)
     if fig.get_layout_engine() is None or type(fig.get_layout_engine()).__name__ != "ConstrainedLayoutEngine":
         try:
             fig.set_layout_engine("constrained")
@@ -200,10 +204,14 @@ def _tick_size(ax) -> float:
     return max((t.get_fontsize() for t in labels), default=FONT["tick"])
 
 
+PLAIN_TEXT = {"text.parse_math": False}  # rc for drawing: tick labels made while drawing are plain text too
+
+
 def layout_problems(fig: Figure, tolerance: float = 1.0) -> list[str]:
     """What a reader would find broken once the figure is drawn: text leaving the canvas, tick labels
     of one axis that overlap. Empty when the figure is clean."""
-    fig.draw_without_rendering()
+    with rc_context(PLAIN_TEXT):
+        fig.draw_without_rendering()
     renderer = FigureCanvasAgg(fig).get_renderer()
     canvas = fig.bbox
     problems = []
