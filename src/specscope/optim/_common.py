@@ -18,7 +18,8 @@ from specscope.errors import ConfigError, NonFiniteError
 from specscope.optim import _distributed
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
-POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
+ITERATIVE = ("newton_schulz", "polar_express", "gram_newton_schulz")  # bf16 estimators
+POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
 
 # A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
 _NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|_head$|^lm_head$|^output$)")
@@ -123,19 +124,20 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
 
     Iterative backends get bfloat16 input (as torch.optim.Muon casts its update), so linalg neither
     converts it nor converts the result back: the bf16 factor is added to the parameter directly.
-    "gram"/"svd" run in linalg's float64.
+    The group's ns_steps / ns_coefficients drive "newton_schulz" (ns_steps also "polar_express");
+    "gram_newton_schulz" runs its own four-step schedule. "gram"/"svd" run in linalg's float64.
     """
     polar = group["polar"]
     if callable(polar):
         return polar
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(eps=group["eps"]) if polar in ITERATIVE else {}
     if polar == "newton_schulz":
-        kwargs = dict(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"])
+        kwargs.update(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"])
     elif polar == "polar_express":  # its own per-step coefficients
-        kwargs = dict(ns_steps=group["ns_steps"], eps=group["eps"])
-    if polar in ("newton_schulz", "polar_express"):
+        kwargs.update(ns_steps=group["ns_steps"])
+    if polar in ITERATIVE:
         return lambda X: linalg.polar(X.to(torch.bfloat16), method=polar, **kwargs)
-    return lambda X: linalg.polar(X, method=polar, **kwargs)
+    return lambda X: linalg.polar(X, method=polar)
 
 
 def _stack(mats: Sequence[Tensor], idx: list[int]) -> Tensor:

@@ -24,7 +24,7 @@ from specscope.optim._euclidean import state_dtype
 from specscope.optim.hybrid import Hybrid, register
 
 # Default polar backend: see docs/optim.md ("Which backend") for the CPU measurements behind it.
-DEFAULT_POLAR = "polar_express"
+DEFAULT_POLAR = "gram_newton_schulz"
 
 MUON_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315),
