@@ -42,16 +42,18 @@ def _params(mats: list[torch.Tensor]) -> list[torch.nn.Parameter]:
     return ps
 
 
-def optimizers(mats: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[str, torch.optim.Optimizer]:
+    """The baseline and the candidates (all, or the baseline plus the names in `only`)."""
     named = lambda ps: [(f"h{i}.weight", p) for i, p in enumerate(ps)]  # noqa: E731
     st = lambda layer: 3.0  # noqa: E731  a constant st(A) stands in for the probe Monitor
     out = {"torch.optim.Muon": torch.optim.Muon(_params(mats), lr=1.0, weight_decay=0.0)}
     for polar in ("default", "newton_schulz", "polar_express", "gram", "svd"):
         kw = {} if polar == "default" else {"polar": polar}
-        out["Muon default (gram_newton_schulz)" if polar == "default" else f"Muon polar={polar}"] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
+        label = "Muon default (gram_newton_schulz)" if polar == "default" else f"Muon polar={polar}"
+        out[label] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
-    return out
+    return {k: o for k, o in out.items() if only is None or k == "torch.optim.Muon" or k in only}
 
 
 def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tuple[float, float] | None:
@@ -65,10 +67,11 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
     return e1, e3
 
 
-def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, seed: int, device: str) -> list[dict]:
+def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, seed: int, device: str,
+                only: list[str] | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     mats = [gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]
-    opts = optimizers(mats)
+    opts = optimizers(mats, only)
     for opt in opts.values():
         opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
@@ -103,6 +106,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rf-steps", type=int, default=50)
     ap.add_argument("--skip-rf", action="store_true")
+    ap.add_argument("--optimizers", nargs="*", default=None, help='only these candidates (the baseline always runs)')
     ap.add_argument("--settings", nargs="*", default=None, help='only these settings, e.g. "GPT block d=768"')
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
@@ -111,7 +115,7 @@ def main() -> None:
     for label, d, n_layer in (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4)):
         if args.settings and label not in args.settings:
             continue
-        rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device)
+        rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device, args.optimizers)
     fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['timing'].ms:.1f}",
                 ratio=r["timing"].ratio_text(),
                 e1="–" if r["err"] is None else f"{r['err'][0]:.1e}",
