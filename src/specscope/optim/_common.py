@@ -18,7 +18,6 @@ from specscope.errors import ConfigError, NonFiniteError
 from specscope.optim import _distributed
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
-ITERATIVE = ("newton_schulz", "polar_express", "gram_newton_schulz")  # bf16 estimators
 POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
 
 # A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
@@ -122,21 +121,23 @@ def check_polar(polar: PolarSpec) -> None:
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """The batched polar map a group asked for: a linalg backend name or the user's callable.
 
-    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update), so linalg neither
-    converts it nor converts the result back: the bf16 factor is added to the parameter directly.
-    The group's ns_steps / ns_coefficients drive "newton_schulz" (ns_steps also "polar_express");
-    "gram_newton_schulz" runs its own four-step schedule. "gram"/"svd" run in linalg's float64.
+    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update) and go straight to
+    linalg's kernels: the step has already checked the gradients (one fused norm), so the per-call
+    validation of `linalg.polar` — a host sync per bucket on CUDA — is skipped, and the bf16 factor is
+    added to the parameter directly. The group's ns_steps / ns_coefficients drive "newton_schulz"
+    (ns_steps also "polar_express"); "gram_newton_schulz" runs its own four-step schedule.
+    "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions).
     """
     polar = group["polar"]
     if callable(polar):
         return polar
-    kwargs: dict[str, Any] = dict(eps=group["eps"]) if polar in ITERATIVE else {}
+    eps, bf16 = group["eps"], torch.bfloat16
     if polar == "newton_schulz":
-        kwargs.update(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"])
-    elif polar == "polar_express":  # its own per-step coefficients
-        kwargs.update(ns_steps=group["ns_steps"])
-    if polar in ITERATIVE:
-        return lambda X: linalg.polar(X.to(torch.bfloat16), method=polar, **kwargs)
+        return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
+    if polar == "polar_express":
+        return lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps)
+    if polar == "gram_newton_schulz":
+        return lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps)
     return lambda X: linalg.polar(X, method=polar)
 
 
