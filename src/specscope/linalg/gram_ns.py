@@ -36,8 +36,12 @@ from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 GRAM_NS_COEFFICIENTS = tuple(POLAR_EXPRESS_COEFFICIENTS[2:6])
 
 # Aspect ratio max(m,n)/min(m,n) from which the Gram-side iteration is cheaper than the X-side one
-# (four steps: 2r + 15 vs 8r + 4 units of m³·2 flops, equal at r ≈ 1.8).
+# (four steps: 2r + 15 vs 8r + 4 units of m³·2 flops, equal at r ≈ 1.8), and the smallest side it is
+# used from: a bf16 Gram of a few rows carries absolute eigenvalue error ≈ eps_bf16·λ_1, i.e. garbage
+# below ≈ 0.06·σ_1, which gave a rank-1 13×2 float32 input a null-space weight of 0.8 (measured); from
+# 128 rows the rounding averages out (rank-4 128×512: ≤ 0.05, tested). Below, the X-side iteration.
 GRAM_SIDE_MIN_ASPECT = 2.0
+GRAM_SIDE_MIN_ROWS = 128
 
 
 def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False) -> tuple[Tensor, Tensor]:
@@ -110,7 +114,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
         X = X[0]
     R = X @ X.mT
     X, R = rowsum_scale(X, R, eps, aol)
-    if X.shape[-1] >= GRAM_SIDE_MIN_ASPECT * X.shape[-2]:
+    if X.shape[-1] >= GRAM_SIDE_MIN_ASPECT * X.shape[-2] and X.shape[-2] >= GRAM_SIDE_MIN_ROWS:
         X = _gram_side(X, R, schedule, restart)
     else:
         X = _x_side(X, R, schedule)
