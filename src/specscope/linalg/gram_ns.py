@@ -7,14 +7,15 @@ Gram R = XXᵀ alone (Gram Newton–Schulz):
     H = aI + bR + cR²,   Q ← H Q,   R ← H R H          (all m×m)
 
 with one n-sized product at the start (R₀ = X₀X₀ᵀ) and one at the end (Q X₀). A step costs 4m³ instead of
-2m²n + m³, so the Gram side pays from aspect ratio ≈ 2 on (a d×4d MLP matrix: 19 instead of 36 units of
+2m²n + m³, so the Gram side pays from aspect ratio ≈ 2 on (a d×4d MLP matrix: 21 instead of 36 units of
 d³·2 flops for four steps). In bfloat16, R drifts from XXᵀ as steps multiply its rounding error; a
-`restart` rebuilds X = QX₀ and R = XXᵀ from scratch at the given step (needed after an aggressive first
-coefficient, such as Polar Express's 8.29, measured in docs/linalg.md).
+`restart` rebuilds X = QX₀ and R = XXᵀ from scratch at the given step (needed for schedules longer than
+four steps, measured below).
 
 Start: X₀ = G/sqrt(max_i Σ_j |GGᵀ|_ij). The row sums of |R| bound λ_max(R) (Gershgorin), so ‖X₀‖₂ ≤ 1 with
-a σ_1 about 2.7× larger than the Frobenius start G/‖G‖_F on a gradient-like spectrum, which saves the
-first, most aggressive Polar Express step; the scaled Gram comes free, so the first step reuses it. This
+a σ_1 about 2.7× larger than the Frobenius start G/‖G‖_F on a gradient-like spectrum, so the schedule
+can start at Polar Express's third polynomial: four steps instead of five. The scaled Gram comes free,
+so the first step reuses it. This
 is the bound of AOL preconditioning (Turbo-Muon, Boissin et al. 2025, arXiv 2512.04632) taken as one
 scalar: AOL's per-row scaling diag(s)G changes the target (polar(DG) ≠ polar(G)), which on rank-2 37×91
 float32 inputs left an error of 0.3–0.7 against polar(G) (measured; `aol=True` keeps that variant).
@@ -32,7 +33,7 @@ from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 
 # Four steps: Polar Express's steps 3–6 (arXiv 2505.16932, ℓ = 1e-3 schedule with the 1.01 safety
 # deflation). With the row-sum start this reaches error ≤ 0.01 at 0.1·σ_1 and maps σ ≲ 1e-3·σ_1 — the
-# bfloat16 rounding noise of a low-rank input (≈ 0.1·eps_bf16·σ_1) — to ≤ 0.04 (docs/linalg.md).
+# bfloat16 rounding noise of a low-rank input (≈ 0.1·eps_bf16·σ_1) — to ≲ 0.06 (docs/linalg.md).
 GRAM_NS_COEFFICIENTS = tuple(POLAR_EXPRESS_COEFFICIENTS[2:6])
 
 # Aspect ratio max(m,n)/min(m,n) from which the Gram-side iteration is cheaper than the X-side one
@@ -95,7 +96,8 @@ def _gram_side(X: Tensor, R: Tensor, schedule: Sequence[tuple[float, float, floa
 def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]] = GRAM_NS_COEFFICIENTS, *,
                        restart: int | None = None, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
                        aol: bool = False) -> Tensor:
-    """Row-sum-scaled quintic iteration in `dtype`; Gram-side for aspect ratio ≥ 2, X-side otherwise.
+    """Row-sum-scaled quintic iteration in `dtype`; Gram-side for aspect ratio ≥ 2 (from 128 rows), X-side
+    otherwise.
 
     G: [..., m, n]. Returns [..., m, n] in `dtype`. Zero rows/columns and zero singular values stay 0.
     restart=None rebuilds the Gram at step 2 for schedules longer than four steps and never for four or

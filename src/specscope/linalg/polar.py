@@ -5,7 +5,7 @@ Backends (see docs/linalg.md for the measured speed/accuracy table behind `auto`
 - "gram": (G Gᵀ)^{-1/2} G via float64 eigh of the smaller Gram; exact down to a documented cutoff.
 - "newton_schulz": odd quintic iteration X ← aX + (bA + cA²)X, A = XXᵀ (Keller Jordan's Muon).
 - "polar_express": the same iteration with per-step minimax coefficients (Amsel et al., arXiv 2505.16932).
-- "gram_newton_schulz": AOL-preconditioned start, then the iteration on the small Gram (linalg/gram_ns.py).
+- "gram_newton_schulz": row-sum-scaled start, then the iteration on the small Gram (linalg/gram_ns.py).
 - "auto": picks one of the above by shape and requested tolerance.
 
 Every backend treats singular values below the input's own precision (σ_i ≤ rcond·σ_1, `default_rcond`)
@@ -166,9 +166,10 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
                       per-step list of triples whose last entry repeats), Frobenius-normalised start,
                       computed in `dtype` (default bfloat16 like torch.optim.Muon).
       "polar_express" estimator: per-step minimax coefficients, start G/(1.01‖G‖_F), ns_steps (default 5).
-      "gram_newton_schulz" estimator: AOL-preconditioned start, then ns_steps (default 4) Polar Express
-                      steps 2…; on the small Gram for aspect ratio ≥ 2 (`restart`: rebuild the Gram from X
-                      at that step), `dtype` default bfloat16 (linalg/gram_ns.py).
+      "gram_newton_schulz" estimator: start G/sqrt(max row sum of |GGᵀ|), then ns_steps (default 4) Polar
+                      Express steps 3…; on the small Gram for aspect ratio ≥ 2 and ≥ 128 rows
+                      (`restart`: rebuild the Gram from X at that step), `dtype` default bfloat16
+                      (linalg/gram_ns.py).
       "auto"          see `_auto_method`: no tol -> gram_newton_schulz; tol < 0.05 -> gram; min(m,n) ≤ 32 -> gram.
     The estimators map σ below the input's precision to ≈ p'(0)·σ (small, not exactly 0). Accuracy of each
     backend on GPT-block gradients is tabulated in docs/linalg.md.
