@@ -61,9 +61,11 @@ register("muon", muon_update, MUON_DEFAULTS, spectral=True)
 class Muon(Hybrid):
     """torch.optim.Muon's interface plus `polar=` (a specscope.linalg backend name or a callable).
 
-    polar="newton_schulz" with the defaults reproduces torch.optim.Muon (bf16 Newton–Schulz); "gram" and
-    "svd" give the exact polar factor; "polar_express" per-step minimax coefficients (pass a list of
-    (a, b, c) as ns_coefficients for any per-step schedule). Groups with algorithm="adamw" (and their own
+    The default polar="gram_newton_schulz" (4 bf16 steps, the d×4d matrices iterated on their Gram) is
+    cheaper than torch's step and ~30× more accurate at 0.1·σ_1; polar="newton_schulz" with the defaults
+    reproduces torch.optim.Muon bit for bit on CPU (bf16 Newton–Schulz; pass a list of (a, b, c) as
+    ns_coefficients for any per-step schedule); "gram" and "svd" give the exact polar factor;
+    "polar_express" per-step minimax coefficients. Groups with algorithm="adamw" (and their own
     lr) may sit beside the Muon groups. Parameters of ≥2 dims only; embeddings and heads raise ConfigError.
     """
 
