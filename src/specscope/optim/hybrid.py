@@ -105,13 +105,13 @@ class Hybrid(Optimizer):
         if not flat:
             return loss
         has = [p.grad is not None for _, p, _ in flat]
-        with_grad = [p.grad for _, p, _ in flat if p.grad is not None]
+        with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         for (_, p, name), b in zip(flat, bad):
             if b and p.grad is not None:
-                _common.check_finite([(name, p.grad)])
+                _common.check_finite([(name, _distributed.local(p.grad))])
         if any(bad):
             name = flat[bad.index(True)][2]
             raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
