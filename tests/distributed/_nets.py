@@ -1,30 +1,35 @@
 """A small model, its data and its optimizer, built the same way in one process and in each gloo worker."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 from specscope.optim import Muon
 from specscope.train import distributed as D
 
-BATCH = 8
+BATCH, OUT = 32, 13
 
 
 class Net(nn.Module):
-    """Three linears; the last has 3 rows, so on 4 ranks one shard is empty. Plus a weight outside FSDP."""
+    """Four linears (l4 has 3 rows: on 4 ranks one shard is empty) and a weight FSDP leaves plain."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.l1, self.l2, self.l3 = nn.Linear(8, 12), nn.Linear(12, 10), nn.Linear(10, 3)
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 12, bias=False)
+        self.l3, self.l4 = nn.Linear(12, 10, bias=False), nn.Linear(12, 3, bias=False)
+        self.extra = nn.Parameter(torch.eye(8) + torch.randn(8, 8) / 10)
 
     def forward(self, x):
-        return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
+        h = torch.tanh(self.l2(torch.tanh(self.l1(x @ self.extra))))
+        return torch.cat([self.l3(h), self.l4(h)], dim=-1)
 
 
 def batch(step: int, rank: int = 0, world: int = 1):
     """Rows [rank/world, (rank+1)/world) of the global batch of `step`."""
     g = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(BATCH, 8, generator=g), torch.randn(BATCH, 3, generator=g)
+    x, y = torch.randn(BATCH, 8, generator=g), torch.randn(BATCH, OUT, generator=g)
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     return x[rows], y[rows]
 
@@ -32,33 +37,34 @@ def batch(step: int, rank: int = 0, world: int = 1):
 def build(world: int = 1, shardwise: bool = False, polar: str = "gram"):
     """(model, extra, optimizer): FSDP2 on every layer when world > 1; `extra` is a plain replicated weight."""
     model = Net()
-    torch.manual_seed(1)
-    extra = nn.Parameter(torch.randn(3, 3) / 3)
     if world > 1:
-        D.shard(model, [model.l1, model.l2, model.l3])
+        D.shard(model, [model.l1, model.l2, model.l3, model.l4], ignored=[model.extra])
     named = list(model.named_parameters())
     opt = Muon(
         [
-            {"params": [(n, p) for n, p in named if n.endswith("weight")] + [("extra.weight", extra)]},
+            {"params": [(n, p) for n, p in named if not n.endswith("bias")]},
             {"params": [(n, p) for n, p in named if n.endswith("bias")], "algorithm": "adamw", "lr": 1e-2},
         ],
-        lr=0.05, polar=polar, shardwise=shardwise,
+        lr=0.02, polar=polar, shardwise=shardwise,
     )
-    return model, extra, opt
+    return model, opt
 
 
-def train_step(model, extra, opt, step: int, rank: int = 0, world: int = 1) -> None:
+def train_step(model, opt, step: int, rank: int = 0, world: int = 1, monitor=None) -> None:
     x, y = batch(step, rank, world)
     opt.zero_grad()
-    ((model(x) @ extra - y).square().mean()).backward()
+    with monitor.step(step) if monitor is not None else contextlib.nullcontext():
+        (model(x) - y).square().mean().backward()
     if world > 1:  # `extra` is not under FSDP: average its gradient by hand, as DDP would
-        torch.distributed.all_reduce(extra.grad)
-        extra.grad /= world
+        torch.distributed.all_reduce(model.extra.grad)
+        model.extra.grad /= world
     opt.step()
 
 
-def full(model, extra) -> dict[str, torch.Tensor]:
+def full(model) -> dict[str, torch.Tensor]:
     """Every parameter whole (gathered from its shards), by name."""
-    out = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
-    out["extra"] = extra.detach().clone()
-    return out
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def records(monitor) -> list[tuple]:
+    return [(r.step, r.layer, r.metric, r.value, r.rows, r.estimator) for r in monitor.pop_records()]

@@ -83,10 +83,11 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
 # ---------------------------------------------------------------- FSDP2
 
 
-def shard(model: nn.Module, blocks: Iterable[nn.Module] = ()) -> nn.Module:
+def shard(model: nn.Module, blocks: Iterable[nn.Module] = (), ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
     """FSDP2: `fully_shard` each block (its parameters gathered only while it runs), then the root.
 
     Parameters become row-sharded DTensors (Shard(0)); gradients are averaged over ranks on backward.
+    `ignored` parameters stay plain tensors (their gradients are then yours to average, as under DDP).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -94,7 +95,7 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module] = ()) -> nn.Module:
         raise ConfigError("shard() needs a torch.distributed process group; launch with torchrun (or spawn())")
     for b in blocks:
         fully_shard(b)
-    fully_shard(model)
+    fully_shard(model, ignored_params=set(ignored) or None)
     return model
 
 
