@@ -35,7 +35,7 @@ def batch(step: int, rank: int = 0, world: int = 1):
 
 
 def build(world: int = 1, shardwise: bool = False, polar: str = "gram"):
-    """(model, extra, optimizer): FSDP2 on every layer when world > 1; `extra` is a plain replicated weight."""
+    """(model, Muon): FSDP2 on every layer but `extra` when world > 1 (`extra` stays a plain tensor)."""
     model = Net()
     if world > 1:
         D.shard(model, [model.l1, model.l2, model.l3, model.l4], ignored=[model.extra])

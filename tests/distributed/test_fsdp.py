@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from specscope import linalg
+from specscope.optim import AutoGeometry, LowRankDecay, SpecGD
 from specscope.probe import Monitor
 from specscope.train import distributed as D
 
@@ -50,9 +51,29 @@ def _probed_run(rank, world, ckpt, resume):
     return full(model), records(mon)
 
 
+def _other_optimizers(rank, world):
+    """Three steps each of SpecGD followed by LowRankDecay, and of AutoGeometry (st(A) = 2 for every layer)."""
+    out = {}
+    for kind in ("specgd+lrd", "auto"):
+        model, _ = build(world)
+        weights = [(n, p) for n, p in model.named_parameters() if not n.endswith("bias")]
+        biases = {"params": [(n, p) for n, p in model.named_parameters() if n.endswith("bias")], "algorithm": "adamw", "lr": 1e-2}
+        if kind == "auto":
+            opt, decay = AutoGeometry([{"params": weights}, biases], lr=0.05, monitor=lambda layer: 2.0), None
+        else:
+            opt = SpecGD([{"params": weights}, biases], lr=0.01, momentum=0.9)
+            decay = LowRankDecay([p for _, p in weights], lr=0.01, weight_decay=0.5, polar_method="gram")
+        for step in range(3):
+            train_step(model, opt, step, rank, world)
+            if decay is not None:
+                decay.step()
+        out[kind] = full(model)
+    return out
+
+
 def _at(rank, world, ckpt, resume):
     return {"muon": _muon_runs(rank, world), "first": _first_shardwise_step(rank, world),
-            "probed": _probed_run(rank, world, ckpt, resume)}
+            "others": _other_optimizers(rank, world), "probed": _probed_run(rank, world, ckpt, resume)}
 
 
 def _single(steps, shardwise=False, monitor=True):
@@ -75,7 +96,8 @@ def runs(tmp_path_factory):
     for step in range(SAVED_AT, STEPS):
         train_step(model, opt, step, monitor=mon)
     model_u, _, _, recs_u = _single(range(STEPS))  # uninterrupted, one process, global batch
-    return {2: two, 4: four, "one_resumed": full(model), "single": full(model_u), "single_records": recs_u}
+    return {2: two, 4: four, "one_resumed": full(model), "single": full(model_u), "single_records": recs_u,
+            "others": _other_optimizers(0, 1)}
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -86,6 +108,13 @@ def test_fsdp2_muon_equals_one_process(runs, world):
             assert torch.equal(r["muon"][False][k], ranks[0]["muon"][False][k])  # bitwise the same on every rank
             assert torch.equal(r["muon"][True][k], ranks[0]["muon"][True][k])
             torch.testing.assert_close(r["muon"][False][k], single[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_specgd_lowrank_decay_autogeometry_equal_one_process(runs, world):
+    for kind, single in runs["others"].items():
+        for k in single:
+            torch.testing.assert_close(runs[world][0]["others"][kind][k], single[k], rtol=0, atol=1e-6, msg=f"{kind} {k}")
 
 
 @pytest.mark.parametrize("world", [2, 4])
