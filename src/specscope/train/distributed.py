@@ -135,6 +135,8 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     state = _state(model, optimizer, monitor, {})
     dcp.load(state, checkpoint_id=os.fspath(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if hasattr(optimizer, "pop_records"):  # get_state_dict's zero-gradient, lr=0 step to create state recorded nothing real
+        optimizer.pop_records()
     if monitor is not None:
         state["monitor"].seek(0)
         monitor.load_state_dict(torch.load(state["monitor"], weights_only=False))
