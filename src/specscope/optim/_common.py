@@ -141,26 +141,18 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     return lambda X: linalg.polar(X, method=polar)
 
 
-def _stack(mats: Sequence[Tensor], idx: list[int]) -> Tensor:
-    """One batch [b, m, n] of the chosen matrices; a lone matrix is a view, not a copy."""
-    return mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
-
-
-def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """fn on every matrix, one call per shape bucket; under torch.distributed ranks share the work."""
-    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
-    for idx in buckets_by_shape(mats).values():
-        (P,) = _distributed.sharded(lambda X: (fn(X),), _stack(mats, idx))
-        for k, i in enumerate(idx):
-            out[i] = P[k]
-    return out
+def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor], shardwise: bool = False) -> list[Tensor]:
+    """fn on every matrix, one call per shape bucket; under torch.distributed each matrix is mapped whole on
+    one owner rank (DTensor shards included), or shard by shard with shardwise=True (optim/_distributed.py)."""
+    return [r[0] for r in _distributed.owner_map(mats, fn, shardwise)]
 
 
 def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
     """(polar(M), ‖M‖_*) per matrix, one call per shape bucket.
 
     "gram"/"svd": both from one eigendecomposition (linalg.polar_with_nuclear_norm), exact. Any other
-    backend: ‖M‖_* ≈ ⟨M, P⟩ with its approximate P (exact only when P is).
+    backend: ‖M‖_* ≈ ⟨M, P⟩ with its approximate P (exact only when P is). With shardwise=True both are
+    of each local shard.
     """
     method = group["polar"]
     if method in ("gram", "svd"):
@@ -176,12 +168,7 @@ def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any
             P = approx(X).to(X.dtype)
             return P, (X * P).sum(dim=(-2, -1))
 
-    out: list[tuple[Tensor, Tensor]] = [None] * len(mats)  # type: ignore[list-item]
-    for idx in buckets_by_shape(mats).values():
-        P, nuc = _distributed.sharded(fn, _stack(mats, idx))
-        for k, i in enumerate(idx):
-            out[i] = (P[k], nuc[k])
-    return out
+    return [(P, nuc) for P, nuc in _distributed.owner_map(mats, fn, group.get("shardwise", False), extras=1)]
 
 
 # ---------------------------------------------------------------- stable-rank sources
