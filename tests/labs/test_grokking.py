@@ -142,6 +142,7 @@ def _lrd1_frame(st_lrd, st_l2):
         for i, v in enumerate(st):
             step = 100 * i
             rows += [{"step": step, "arm": arm, "layer": "", "metric": "train_acc", "value": float(i > 0)},
+                     {"step": step, "arm": arm, "layer": "", "metric": "test_acc", "value": 0.5},
                      {"step": step, "arm": arm, "layer": "blocks.0.attn.q", "metric": "weight_stable_rank", "value": v},
                      {"step": step, "arm": arm, "layer": "blocks.0.attn.q", "metric": "weight_nuclear_norm",
                       "value": 50.0 / (1 + i) if arm == "lrd" else 50.0}]
@@ -155,6 +156,18 @@ def test_lrd1_uses_the_median_over_the_post_memorization_window():
     assert claim.verdict == "PASS" and "median 3.10 [2.90–28.70]" in claim.measured and claim.value < 0.2
     assert g._lrd1_claim(_lrd1_frame([33.9] + [20.0] * 7, [33.9] + [22.8] * 7), cfg).verdict == "FAIL"
     assert "wd 0.1" in claim.setting and "median Q/K stable rank" in claim.setting
+
+
+def test_lrd1_from_a_sweep_over_arms_and_seeds():
+    """`specscope sweep grokking --grid 'arms=[l2],[lrd]' --grid seed=0,1`: LRD-1 per seed, combined."""
+    cfg = g.Config(arms=["l2", "lrd"])
+    rows = []
+    for seed, last in ((0, 3.0), (1, 20.0)):
+        for r in g.summarize(_lrd1_frame([33.9, 4.0, 3.0, last, 3.0], [33.9] + [22.8] * 4), cfg):
+            rows.append({"arms": '["' + r["arm"] + '"]', "seed": seed, **r, "run": f"r{seed}{r['arm']}"})
+    (lrd1, lrd2) = g.sweep_claims(pd.DataFrame(rows))
+    assert lrd1.id == "LRD-1" and lrd1.seeds == 2 and lrd1.verdict == "PASS" and "seed 0:" in lrd1.measured
+    assert lrd2.id == "LRD-2" and lrd2.verdict == "INCONCLUSIVE"  # one train fraction
 
 
 def test_tiny_run_through_the_cli(tmp_path):

@@ -29,7 +29,7 @@ from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, LabConfig
 from specscope.models.modular import ModularTransformer, enc003, qk_weights, tf004
-from specscope.records import Claim, Record
+from specscope.records import Claim, Record, over_seeds
 
 NAME = "grokking"
 
@@ -396,6 +396,9 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
         first, stable = grok_steps(acc.index, acc.values, cfg.grok_threshold, cfg.grok_window)
         st = _qk_mean(df, name, "weight_stable_rank")
         post = post_memorization(df, name, cfg.memorized_acc)
+        nuc = _qk_mean(df, name, "weight_nuclear_norm")
+        at_mem = nuc[nuc.index >= post[0]] if math.isfinite(post[0]) else nuc.iloc[:0]
+        shrink = float(nuc.iloc[-5:].median()) / float(at_mem.iloc[0]) if len(at_mem) else math.nan
         rows.append({
             "arm": reg, "name": name, "strength": arm_strength(arm_cfg, reg),
             "grok_step_first": first, "grok_step_stable": stable,
@@ -403,7 +406,9 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
             "final_test_acc": float(acc.iloc[-1]),
             "final_train_acc": float(_series(df, name, "train_acc").iloc[-1]),
             "final_qk_stable_rank": float(st.iloc[-1]) if len(st) else math.nan,
-            "memorized_step": post[0], "post_mem_qk_stable_rank": post[1],
+            "init_qk_stable_rank": float(st.iloc[0]) if len(st) else math.nan,
+            "memorized_acc": cfg.memorized_acc, "memorized_step": post[0], "post_mem_qk_stable_rank": post[1], "post_mem_min": post[2],
+            "post_mem_max": post[3], "nuclear_shrink": shrink,
             "steps": int(acc.index[-1]),
             "seconds": float(_series(df, name, "time").iloc[-1]) if len(_series(df, name, "time")) else math.nan,
         })
@@ -452,45 +457,51 @@ def _baseline_claim(df: pd.DataFrame, cfg: Config, rows: dict[str, dict]) -> Cla
 LRD_ARMS = ("lrd", "lrd_prox", "lrd_ns")
 
 
-def _lrd1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
-    """Per LRD variant: the median Q/K stable rank over its post-memorization window (train acc ≥
-    `memorized_acc`) is < 5 and < half of L2's over L2's window, and its nuclear norm keeps shrinking
-    (median of the last five evaluations < 0.9 × at memorization). PASS when every LRD variant run passes."""
-    text = "LRD on W_Q, W_K collapses their stable rank and keeps shrinking singular values after train loss vanishes; L2 does not"
-    published = "Q/K stable rank ≈ 33 → < 5 within ≈ 500 steps (LRD)"
-    rule = (f"rule: per LRD variant, median Q/K stable rank over the evaluations after train acc ≥ {cfg.memorized_acc} "
+LRD1_TEXT = "LRD on W_Q, W_K collapses their stable rank and keeps shrinking singular values after train loss vanishes; L2 does not"
+LRD1_PUBLISHED = "Q/K stable rank ≈ 33 → < 5 within ≈ 500 steps (LRD)"
+
+
+def lrd1_rule(memorized: float) -> str:
+    return (f"rule: per LRD variant, median Q/K stable rank over the evaluations after train acc ≥ {memorized} "
             "< 5 and < ½ of L2's, and ‖W‖_* (median of the last 5 evaluations) < 0.9 × at memorization; "
             "PASS when every LRD variant passes")
-    claim = lambda measured, verdict, value=None: Claim("LRD-1", text, published, measured, verdict,  # noqa: E731
-                                                        setting=setting(cfg) + "; " + rule, value=value)
-    names = {reg: name for name, reg, _ in reversed(arm_specs(cfg))}  # the first arm of each regularizer
-    variants = [r for r in LRD_ARMS if r in names]
-    if "l2" not in names or not variants:
+
+
+def lrd1_from_rows(rows: list[dict], where: str) -> Claim:
+    """LRD-1 from `summarize` rows (one run, or one point of a sweep): the first l2 row against the first
+    row of each LRD variant."""
+    claim = lambda measured, verdict, value=None: Claim("LRD-1", LRD1_TEXT, LRD1_PUBLISHED, measured, verdict,  # noqa: E731
+                                                        setting=where, value=value)
+    first = {}
+    for r in rows:
+        first.setdefault(r["arm"], r)
+    variants = [a for a in LRD_ARMS if a in first]
+    if "l2" not in first or not variants:
         return claim("needs arm l2 and at least one of lrd, lrd_prox, lrd_ns (--set arms=l2,lrd,lrd_prox)", "INCONCLUSIVE")
-    l2 = post_memorization(df, names["l2"], cfg.memorized_acc)
-    if math.isnan(l2[1]):
-        return claim("the l2 arm never reached train accuracy " + f"{cfg.memorized_acc}", "INCONCLUSIVE")
+    l2 = first["l2"]
+    if math.isnan(l2["post_mem_qk_stable_rank"]):
+        return claim("the l2 arm never reached the memorization accuracy", "INCONCLUSIVE")
     parts, oks, medians = [], [], []
-    for reg in variants:
-        arm = names[reg]
-        t_mem, med, lo, hi = post_memorization(df, arm, cfg.memorized_acc)
-        st = _qk_mean(df, arm, "weight_stable_rank")
+    for arm in variants:
+        r = first[arm]
+        med = r["post_mem_qk_stable_rank"]
         if math.isnan(med):
-            parts.append(f"{reg}: never reached train acc {cfg.memorized_acc}")
+            parts.append(f"{r['name']}: never reached the memorization accuracy")
             oks.append(False)
             continue
-        nuc = _qk_mean(df, arm, "weight_nuclear_norm")
-        shrink = float(nuc.iloc[-5:].median()) / float(nuc[nuc.index >= t_mem].iloc[0])
-        ok = med < 5 and med < 0.5 * l2[1] and shrink < 0.9
-        parts.append(f"{reg}: Q/K stable rank {st.iloc[0]:.1f} → median {med:.2f} [{lo:.2f}–{hi:.2f}] after "
-                     f"memorization (step {t_mem:.0f}), final {st.iloc[-1]:.2f}; ‖W‖_* ×{shrink:.2f}")
-        oks.append(ok)
+        oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and r["nuclear_shrink"] < 0.9)
         medians.append(med)
-    st_l2 = _qk_mean(df, names["l2"], "weight_stable_rank")
-    parts.append(f"l2: {st_l2.iloc[0]:.1f} → median {l2[1]:.2f} [{l2[2]:.2f}–{l2[3]:.2f}] after memorization "
-                 f"(step {l2[0]:.0f})")
-    value = max(medians) / l2[1] if medians else None
+        parts.append(f"{r['name']}: Q/K stable rank {r['init_qk_stable_rank']:.1f} → median {med:.2f} "
+                     f"[{r['post_mem_min']:.2f}–{r['post_mem_max']:.2f}] after memorization (step {r['memorized_step']:.0f}), "
+                     f"final {r['final_qk_stable_rank']:.2f}; ‖W‖_* ×{r['nuclear_shrink']:.2f}")
+    parts.append(f"{l2['name']}: {l2['init_qk_stable_rank']:.1f} → median {l2['post_mem_qk_stable_rank']:.2f} "
+                 f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f})")
+    value = max(medians) / l2["post_mem_qk_stable_rank"] if medians else None
     return claim("; ".join(parts), "PASS" if all(oks) else "FAIL", value)
+
+
+def _lrd1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
+    return lrd1_from_rows(summarize(df, cfg), setting(cfg) + "; " + lrd1_rule(cfg.memorized_acc))
 
 
 def _lrd2_claim(rows: dict[str, dict], cfg: Config) -> Claim:
@@ -539,6 +550,40 @@ def best_strength(b: pd.DataFrame, arm: str) -> tuple[float, float]:
 
 
 def sweep_claims(table: pd.DataFrame) -> list[Claim]:
+    """LRD-1 (per sweep point, combined over points such as seeds) and LRD-2."""
+    return [c for c in (_sweep_lrd1(table),) if c is not None] + _sweep_lrd2(table)
+
+
+ROW_KEYS = {"arm", "name", "strength", "grok_step_first", "grok_step_stable", "grok_status", "final_test_acc",
+            "final_train_acc", "final_qk_stable_rank", "init_qk_stable_rank", "memorized_acc", "memorized_step",
+            "post_mem_qk_stable_rank", "post_mem_min", "post_mem_max", "nuclear_shrink", "steps", "seconds", "run"}
+
+
+def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:
+    """LRD-1 at each point of the grid (runs that differ only in `arms` are one point); None when no point
+    has both l2 and an LRD variant."""
+    if not {"arm", "post_mem_qk_stable_rank"} <= set(table.columns):
+        return None
+    keys = [c for c in table.columns if c not in ROW_KEYS and c != "arms"]
+    groups = list(table.groupby(keys, dropna=False)) if keys else [((), table)]
+    claims, points = [], []
+    for point, g in groups:
+        if "l2" in set(g["arm"]) and set(g["arm"]) & set(LRD_ARMS):
+            point = point if isinstance(point, tuple) else (point,)
+            label = ", ".join(f"{k} {v}" for k, v in zip(keys, point)) or "one point"
+            rule = lrd1_rule(float(g["memorized_acc"].iloc[0]))
+            claims.append(lrd1_from_rows(g.to_dict("records"), f"sweep point {label}; " + rule))
+            points.append(label)
+    if not claims:
+        return None
+    if len(claims) == 1:
+        return claims[0]
+    c = over_seeds(claims, list(range(len(claims))))
+    return Claim(**{**c.as_dict(), "measured": " | ".join(f"{p}: {x.measured}" for p, x in zip(points, claims)),
+                    "setting": f"{len(claims)} sweep points ({'; '.join(points)}); " + rule})
+
+
+def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
     """LRD-2 from a sweep table (one row per run and arm): each arm at its best strength (the one whose
     smallest train fraction where most seeds grok, stably, is lowest); PASS when LRD's best boundary is
     below L2's best. The first-grok boundaries are reported beside it."""
