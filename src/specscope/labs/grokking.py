@@ -12,6 +12,10 @@ pairs whose mirror (b, a) was also held out: `test_acc_clean`), the grok steps, 
 matrix its stable rank (`weight_stable_rank`, the "effective rank" of paper 004), entropy rank, top
 singular values, norms and the cosine ⟨∇L, W⟩/‖∇L‖‖W‖ (`grad_weight_cosine`, 0 under QK-norm).
 LRD-2 needs several train fractions: run `specscope sweep grokking --grid train_fraction=...`.
+
+Default: tf004, AdamW wd 0.1, LRD λ = 5 (lr·λ = 5e-3 per step) on W_Q, W_K, arms l2 / lrd / lrd_prox, 4,000
+steps: a setting where L2 does not collapse the Q/K spectrum (docs/lab-grokking.md). Paper 003's baseline
+is `--set model=enc003 --set weight_decay=1.0 --set arms=l2`. `strength_grid` sweeps each arm's strength.
 """
 
 from __future__ import annotations
