@@ -10,7 +10,8 @@ are full, every `coupling_every` steps, R_1..R_k and R̄ of each SED are measure
 Parts, in order:
 - `<intervention>-s<i>` for each intervention and seed: the paper-003 encoder on a single task, with the
   attention gradient projected before the optimizer step once the window is full (control: none;
-  keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace). The coupling curves
+  keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace, fixed or `*_fresh` each
+  step; `project_after_clip`, `project_from=start` move the projection after clipping / to step 1). The coupling curves
   are measured on the first control arm (`control-s0`). Grok steps as in the grokking lab.
 - `multitask`: one shared encoder with a head per task in `multitask`; aggregated update SED,
   aggregated gradient SED and per-task gradient SED, each coupled to each task's centroids.
