@@ -574,9 +574,10 @@ def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:
     for point, g in groups:
         if "l2" in set(g["arm"]) and set(g["arm"]) & set(LRD_ARMS):
             point = point if isinstance(point, tuple) else (point,)
-            label = ", ".join(f"{k} {v}" for k, v in zip(keys, point)) or "one point"
+            label = ", ".join(f"{k} {v}" for k, v in zip(keys, point)) or "one sweep point"
+            arms = ", ".join(f"{r.name} λ {r.strength:g}" for r in g.itertuples())
             rule = lrd1_rule(float(g["memorized_acc"].iloc[0]))
-            claims.append(lrd1_from_rows(g.to_dict("records"), f"sweep point {label}; " + rule))
+            claims.append(lrd1_from_rows(g.to_dict("records"), f"{label}: {arms}, {int(g['steps'].max())} steps; " + rule))
             points.append(label)
     if not claims:
         return None
