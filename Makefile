@@ -5,6 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow claims-table bench install clean
 
@@ -16,16 +17,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# the test suite also runs the Hugging Face and Lightning integrations; `make demo` does not need them
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,hf,lightning]' torch==2.13.0
+	touch $(TEST_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/specscope demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q
 
 # three seeds per claim; the runs stay in runs/slow for `make claims-table`
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	SPECSCOPE_SLOW_ROOT=runs/slow $(BIN)/python -m pytest -q -m slow
 
 # the README's claims table, regenerated from the recorded runs (no re-running)
