@@ -303,9 +303,14 @@ def _mlp1c(df: pd.DataFrame, cfg: Config) -> Claim:
     small, large = rows.iloc[0], rows.iloc[-1]
     checks = [large.st0 > small.st0, small.ratio < cfg.margin, adv[-1] < 0.5 * adv[0]]
     measured = "; ".join(f"n={int(r.batch)}: st(h) at init {r.st0:.1f}, loss SpecGD/GD at step {cfg.early} "
-                         f"{r.ratio:.3f}" for r in rows.itertuples())
-    return Claim("MLP-1c", text, pub, measured + f" (fades: log-advantage at the largest n < ½ of the smallest's)",
-                 _verdict(checks))
+                         f"{r.ratio:.3f} (log-advantage {x:.3f})" for r, x in zip(rows.itertuples(), adv))
+    kept = adv[-1] / adv[0] if adv[0] > 0 else math.nan
+    sensitivity = ", ".join(f"{f:g}: {'fades' if adv[-1] < f * adv[0] else 'does not'}" for f in (0.25, 0.5, 0.75))
+    measured += (f"; log-advantage at the largest n = {kept:.2f} × the smallest's; 'fades' at threshold {sensitivity}")
+    where = ("'fades' = log-advantage at the largest n < ½ of the smallest's is this project's threshold (paper 001 "
+             f"shows curves only); {act}, width {cfg.width}, early step {cfg.early}, seed {cfg.seed}")
+    return Claim("MLP-1c", text, pub, measured, _verdict(checks), setting=where,
+                 value=float(kept) if math.isfinite(kept) else None)
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
