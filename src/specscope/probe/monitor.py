@@ -29,7 +29,7 @@ from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import roles as R
-from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gradient_spectra, gram_of, make_stats
+from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gram_of, make_stats
 from specscope.probe.pairing import MATMULS, Slot, aten, in_backward, input_key, operand_layout, patches, resolve, tracked_slots
 from specscope.records import Record
 
@@ -473,7 +473,10 @@ class Monitor:
         if reduce and self.gradient == "grad" and not self._grads_reduced:
             mats = D.all_reduce_mean(mats)
         named = [(nm, s, G) for s, M in zip(slots, mats) for nm, G in s.slices(M)]
-        fro, nuc = gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        # FSDP2: sharded gradients are measured through the all-reduced Gram of their shards (probe/distributed.py)
+        fro, nuc = D.gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        if self.extras:  # the extras need whole matrices: gather sharded ones
+            named = [(nm, s, D.whole(G)) for nm, s, G in named]
         nr_est = "exact" if self.estimator == "exact" else "gram"
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
             self._records_for(step, nm, s, G, f, n, nr_est, inputs.get(id(s.param)))
@@ -504,7 +507,7 @@ class Monitor:
         if "entropy_rank" in self.extras:
             rec(Record(step, name, "entropy_rank", float(L.entropy_rank(G.double())), estimator="exact", rows=rows, shape=gshape))
         if "weight_stable_rank" in self.extras:
-            W = dict(slot.slices(slot.grad_matrix(slot.param.detach())))[name]
+            W = dict(slot.slices(D.whole(slot.grad_matrix(slot.param.detach()))))[name]
             rec(Record(step, name, "weight_stable_rank", float(L.stable_rank(W)), estimator="exact", rows=rows, shape=gshape))
 
     def _bad(self, message: str) -> None:
