@@ -30,7 +30,8 @@ from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gram_of, make_stats
-from specscope.probe.pairing import MATMULS, Slot, aten, in_backward, input_key, operand_layout, patches, resolve, tracked_slots
+from specscope.probe.pairing import (MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve,
+                                     tracked_slots)
 from specscope.records import Record
 
 ESTIMATORS = ("gram", "power", "exact")
@@ -176,6 +177,7 @@ class Monitor:
         self._casts: dict = {}
         self._heads: set[int] = set()
         self._recompute = False
+        self._fsdp_checked: set[int] = set()
         self._serial = 0
         self._step: int | None = None
         self._pending: _Pending | None = None
@@ -285,7 +287,7 @@ class Monitor:
         self._step = step
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
-        self._grams, self._casts, self._heads = {}, {}, set()
+        self._grams, self._casts, self._heads, self._fsdp_checked = {}, {}, set(), set()
         for s in self.slots.values():
             s.begin_step()
             if s.stats is not None:
@@ -313,6 +315,10 @@ class Monitor:
         self._recompute = recompute
         if op in MATMULS:
             x, M = (args[1], args[2]) if op is aten.addmm else (args[0], args[1])
+            base = M._base if M._base is not None else M
+            if isinstance(base, nn.Parameter) and id(base) not in self._fsdp_checked and resolve(M, self.slots, self._casts) is None:
+                self._fsdp_checked.add(id(base))  # FSDP2 made this unsharded parameter on this forward
+                self._casts.update(fsdp_aliases(self.model, self.slots))
             hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
             if hm is not None and hx is None:
                 return self._dense(hm[0], x, operand_layout(hm[1], M), "linear", op)

@@ -178,6 +178,20 @@ def resolve(t: torch.Tensor, slots: dict[int, Slot], casts: dict) -> tuple[Slot,
     return None
 
 
+def fsdp_aliases(model: nn.Module, slots: dict[int, Slot]) -> dict[int, tuple[Slot, torch.Tensor]]:
+    """FSDP2 (`fully_shard`) runs the forward on an unsharded copy of each sharded parameter: map those
+    copies to the slots of their sharded parameters (resolve() treats them like autocast copies)."""
+    out: dict[int, tuple[Slot, torch.Tensor]] = {}
+    for m in model.modules():
+        get = getattr(m, "_get_fsdp_state", None)
+        group = getattr(get(), "_fsdp_param_group", None) if callable(get) else None
+        for fp in getattr(group, "fsdp_params", ()):
+            s, u = slots.get(id(getattr(fp, "sharded_param", None))), getattr(fp, "_unsharded_param", None)
+            if s is not None and u is not None:
+                out[id(u)] = (s, u)
+    return out
+
+
 def operand_layout(W: torch.Tensor, M: torch.Tensor) -> tuple[int, tuple[int, int], bool] | None:
     """For y = A @ M with M a 2-D view of weight W: (W's output dim, output range, whole input dim?)."""
     if W.dim() != 2 or M.dim() != 2:
