@@ -70,7 +70,7 @@ def test_matched_step_is_the_exact_steepest_descent_step_on_one_hot_least_square
         opt.step()
         expect = before - float(dual_norm(G, 1)) / L_12 * colnorm(G, 1)
         assert torch.allclose(E.detach(), expect, atol=1e-12)
-        assert float(f().detach()) <= float(loss) - float(dual_norm(G, 1)) ** 2 / (2 * L_12) + 1e-9
+        assert float(f().detach()) <= float(loss.detach()) - float(dual_norm(G, 1)) ** 2 / (2 * L_12) + 1e-9
 
 
 def test_rms_scale_moves_every_token_by_the_same_rms():

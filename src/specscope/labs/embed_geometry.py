@@ -39,7 +39,7 @@ Geometry = Literal["adamw", "l1_to_l2", "spectral"]
 
 
 class Config(LabConfig):
-    """Defaults: the gpt lab's 2-layer d=128 model, 300 steps, 3 seeds, 9 arms (≈ 5 min on 2 idle cores)."""
+    """Defaults: the gpt lab's 2-layer d=128 model, 200 steps, 3 seeds, 9 arms."""
 
     geometries: list[Geometry] = list(GEOMETRIES)
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
@@ -51,13 +51,13 @@ class Config(LabConfig):
     max_bytes: int | None = Field(None, ge=10_000)
     seq_len: int = Field(64, ge=2, le=4096)
     batch_size: int = Field(16, ge=1, le=4096)
-    steps: int = Field(300, ge=1, le=1_000_000)
+    steps: int = Field(200, ge=1, le=1_000_000)
     lr_adamw: float = Field(3e-3, gt=0, le=1)  # LM head and gains (AdamW in every arm)
     lr_muon: float = Field(0.01, gt=0, le=1)  # hidden matrices (Muon in every arm)
     lr_embed: float = Field(3e-3, gt=0, le=1)  # the embedding, whatever its geometry (all RMS-matched to AdamW)
     momentum: float = Field(0.95, ge=0, lt=1)  # ℓ₁→ℓ₂ and spectral embedding steps (Nesterov)
     warmup: AtLeast1 = 30
-    eval_every: AtLeast1 = 50
+    eval_every: AtLeast1 = 25
     eval_batches: AtLeast1 = 8
     probe_every: AtLeast1 = 25
     margin: float = Field(0.0, ge=0)  # EG-1: "lower" means lower by more than margin nats/byte

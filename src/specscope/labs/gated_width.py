@@ -30,19 +30,19 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class Config(LabConfig):
-    """Defaults: d_model 192, 3 layers, 150 steps of 16×64 tokens, 3 seeds, 12 arms (the size the shared
-    2-core CPU runs in ≈ 20 min; raise d_model, n_layer, steps on a bigger machine)."""
+    """Defaults: d_model 192, 2 layers, 120 steps of 16×64 tokens, 3 seeds, 12 arms (the size the shared
+    2-core CPU runs in ≈ 30 min under load; raise d_model, n_layer, steps on a bigger machine)."""
 
     mlps: list[Literal["relu2", "swiglu"]] = list(MLPS)
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
-    n_layer: int = Field(3, ge=1, le=96)
+    n_layer: int = Field(2, ge=1, le=96)
     n_head: AtLeast1 = 6
     d_model: int = Field(192, ge=8, le=16384)
     corpus: str = "stdlib"
     max_bytes: int | None = Field(None, ge=10_000)
     seq_len: int = Field(64, ge=2, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
-    steps: int = Field(150, ge=1, le=1_000_000)
+    steps: int = Field(120, ge=1, le=1_000_000)
     lr_adamw: float = Field(3e-3, gt=0, le=1)
     lr_muon: float = Field(0.01, gt=0, le=1)
     warmup: AtLeast1 = 20
