@@ -21,11 +21,17 @@ def test_each_geometry_routes_only_the_embedding():
     cfg = make_config(eg.Config, TINY)
     gcfg = eg.gpt_config(cfg, 0)
     model = eg.gpt.make_model(gcfg)
-    for geo, alg in (("adamw", "adamw"), ("l1_to_l2", "l1_to_l2"), ("spectral", "muon")):
+    for geo, alg in (("adamw", "adamw"), ("l1_to_l2", "l1_to_l2"), ("spectral", "muon"), ("auto", "auto")):
         groups = eg.param_groups(cfg, gcfg, model, geo)
+        opt = eg.gpt.Hybrid(groups, algorithm="adamw", stable_rank=lambda layer: 4.0)  # embeddings allowed here
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
         embed = [g for g in groups if "embed.weight" in g["param_names"]]
         assert len(embed) == 1 and embed[0]["param_names"] == ["embed.weight"] and embed[0]["algorithm"] == alg
         hidden = [n for g in groups if g["algorithm"] == "muon" for n in g["param_names"] if n != "embed.weight"]
+        if geo == "auto":
+            assert opt.choices["embed"] in ("euclidean", "spectral", "l1_to_l2")
         assert hidden and all(n.startswith("blocks.") for n in hidden)
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 

@@ -9,6 +9,8 @@ gains; only the embedding's step differs:
     l1_to_l2   each token's vector moved along its own normalized momentum, RMS-matched to AdamW:
                ΔE_j = −lr·0.2·sqrt(d)·M_j/‖M_j‖ (optim algorithm "l1_to_l2", scale="rms"; Nesterov momentum 0.95)
     spectral   Muon on the embedding, RMS-matched (adjust_lr_fn="match_rms_adamw")
+    auto       (optional) AutoGeometry choosing among the three per probe step by 1 : nr/st : cr/st
+               (euclidean="adamw": Adam's step or an RMS-matched spectral / ℓ₁→ℓ₂ step)
 
 so one embedding lr (`lr_embed`) serves the three. On probe steps a callback records, for the embedding's
 gradient, nr(G) and the ℓ₁→ℓ₂ analogue cr(G) = ‖G‖_{2,1}²/‖G‖_F², each over st(A) = N/c_max: the one-step
@@ -34,8 +36,8 @@ from specscope.optim.l1_to_l2 import column_rank
 from specscope.records import Claim, Record
 
 NAME = "embed-geometry"
-GEOMETRIES = ("adamw", "l1_to_l2", "spectral")
-Geometry = Literal["adamw", "l1_to_l2", "spectral"]
+GEOMETRIES = ("adamw", "l1_to_l2", "spectral")  # the defaults; "auto" is optional
+Geometry = Literal["adamw", "l1_to_l2", "spectral", "auto"]
 
 
 class Config(LabConfig):
@@ -77,6 +79,9 @@ def embedding_group(cfg: Config, geometry: str, name: str, p: torch.Tensor) -> d
     if geometry == "l1_to_l2":
         return {**base, "algorithm": "l1_to_l2", "scale": "rms", "rms": 0.2, "token_dim": 0,
                 "momentum": cfg.momentum, "nesterov": cfg.momentum > 0}
+    if geometry == "auto":
+        return {**base, "algorithm": "auto", "token_dim": 0, "euclidean": "adamw", "betas": (0.9, 0.95),
+                "polar": "gram", "every": cfg.probe_every}
     return {**base, "algorithm": "muon", "adjust_lr_fn": "match_rms_adamw", "allow_non_hidden": True,
             "momentum": cfg.momentum, "nesterov": cfg.momentum > 0, "polar": "newton_schulz"}
 
