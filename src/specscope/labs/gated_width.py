@@ -30,8 +30,8 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class Config(LabConfig):
-    """Defaults: d_model 192, 2 layers, 120 steps of 16×64 tokens, 3 seeds, 12 arms (the size the shared
-    2-core CPU runs in ≈ 30 min under load; raise d_model, n_layer, steps on a bigger machine)."""
+    """Defaults: d_model 192, 2 layers, 80 steps of 16×64 tokens, 3 seeds, 12 arms (what the shared 2-core CPU
+    ran in under an hour at load ≈ 20; raise d_model, n_layer, steps on a bigger machine)."""
 
     mlps: list[Literal["relu2", "swiglu"]] = list(MLPS)
     seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
@@ -42,13 +42,13 @@ class Config(LabConfig):
     max_bytes: int | None = Field(None, ge=10_000)
     seq_len: int = Field(64, ge=2, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
-    steps: int = Field(120, ge=1, le=1_000_000)
+    steps: int = Field(80, ge=1, le=1_000_000)
     lr_adamw: float = Field(3e-3, gt=0, le=1)
     lr_muon: float = Field(0.01, gt=0, le=1)
     warmup: AtLeast1 = 20
-    eval_every: AtLeast1 = 25
-    eval_batches: AtLeast1 = 8
-    probe_every: AtLeast1 = 25
+    eval_every: AtLeast1 = 20
+    eval_batches: AtLeast1 = 4
+    probe_every: AtLeast1 = 20
     margin: float = Field(0.0, ge=0)  # GW-1: Muon's gain counts when AdamW − Muon > margin (nats/byte)
 
 
