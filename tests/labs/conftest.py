@@ -28,3 +28,14 @@ def _smoke(monkeypatch, tmp_path, lab: str, overrides: dict) -> tuple[dict, pd.D
     run_dir = run_lab(lab, overrides, out=tmp_path)
     claims = {c["id"]: c for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
     return claims, store.load(run_dir), sorted(figures)
+
+
+def measured_verdicts(lab: str, tmp_path) -> dict[str, str]:
+    """The verdicts of the lab's default run (the slow reproductions compare them with the documented ones)."""
+    run_dir = run_lab(lab, {}, out=tmp_path)
+    return {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
+
+
+@pytest.fixture
+def verdicts(tmp_path):
+    return lambda lab: measured_verdicts(lab, tmp_path)

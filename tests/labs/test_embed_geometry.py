@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 import torch
 
 from specscope.errors import ConfigError
 from specscope.labs import embed_geometry as eg
-from specscope.labs import run_lab
 from specscope.labs.config import make_config
 
 TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
@@ -83,10 +80,8 @@ def test_bad_config_is_one_clear_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_measured_run(tmp_path):
-    run_dir = run_lab("embed-geometry", {}, out=tmp_path)
-    v = {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
-    assert v == MEASURED
+def test_measured_run(verdicts):
+    assert verdicts("embed-geometry") == MEASURED
 
 
 MEASURED = {"EG-1": "?", "EG-2": "?"}  # the verdicts of the measured default run (docs/lab-embed-geometry.md)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 import torch
 
 from specscope.errors import ConfigError
-from specscope.labs import run_lab
 from specscope.labs import switching as sw
 from specscope.labs.config import make_config
 
@@ -74,10 +71,8 @@ def test_bad_setup_is_one_clear_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_measured_run(tmp_path):
-    run_dir = run_lab("switching", {}, out=tmp_path)
-    v = {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
-    assert v == MEASURED
+def test_measured_run(verdicts):
+    assert verdicts("switching") == MEASURED
 
 
 MEASURED = {"SW-1": "?", "SW-2": "?"}  # the verdicts of the measured default run (docs/lab-switching.md)
