@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
@@ -30,7 +29,7 @@ from specscope.data.synthetic import check_activation, rf_regression, sparse_reg
 from specscope.errors import ConfigError
 from specscope.labs import random_features as rf
 from specscope.labs import sparse_mlp as mlp
-from specscope.labs.base import Arm, AtLeast1, LabConfig
+from specscope.labs.base import Arm, LabConfig
 from specscope.records import Claim
 
 NAME = "switching"
