@@ -157,7 +157,7 @@ def test_auto_geometry_picks_l1_to_l2_for_an_embedding_and_descends():
         opt.zero_grad()
         loss = f()
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         opt.step()
     recs = opt.pop_records()
     cr = [r.value for r in recs if r.metric == "l1_to_l2_advantage"]
