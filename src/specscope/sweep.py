@@ -7,11 +7,13 @@
 Layout: `<out>/<lab>-<time>/sweep.json` (lab, grid, fixed), `runs/<lab>/<run_id>/` (one run per point,
 written by `specscope.labs.run_lab`), `summary.csv`, `claims.json` and `phase_diagram.png` when the lab
 declares them. Resuming scans the run directories: a point whose overrides match a *complete* run is not
-rerun; failed or interrupted points are rerun as new runs.
+rerun; an interrupted or killed (incomplete) run of a point is resumed from its checkpoints; a failed
+point is rerun as a new run.
 
 Workers are separate processes (spawned, each with `threads_per_worker` torch threads, 1 by default), so runs never
-share a file or a thread pool. `backend="ray"` sends the points to a Ray cluster instead (optional
-dependency, imported only then).
+share a file or a thread pool. A worker dies with the sweep's process (Linux: PR_SET_PDEATHSIG; elsewhere
+a watchdog thread that sees the parent change), so killing a sweep never leaves runs going on unattended.
+`backend="ray"` sends the points to a Ray cluster instead (optional dependency, imported only then).
 
 Lab hooks used when present: `summarize(df, cfg) -> list[dict]` (rows per run; default: the last
 whole-model value of each metric per arm), `sweep_claims(table) -> list[Claim]`, and `PHASE = {"x", "y",
@@ -33,6 +35,8 @@ from typing import Any, Iterable
 import pandas as pd
 
 from specscope.errors import ConfigError
+from specscope.names import mathtext
+from specscope.store.integrity import read_json
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.csv"
@@ -72,11 +76,20 @@ def _normalized(lab: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in overrides}
 
 
+def _sweep_meta(path: Path) -> dict[str, Any]:
+    """sweep.json: {"lab": str, "grid": {key: [values]}, "fixed": {key: value}}, or one ConfigError naming it."""
+    meta = read_json(path, fix="pass the directory `specscope sweep` printed, or start a new sweep")
+    if not (isinstance(meta.get("lab"), str) and isinstance(meta.get("grid"), dict) and isinstance(meta.get("fixed"), dict)):
+        raise ConfigError(f"{path} is not a sweep description (lab, grid, fixed); start a new sweep")
+    return meta
+
+
 # ---------------------------------------------------------------- running
 
 
-def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> tuple[str, str, float]:
-    """Worker body: one run. Returns (run directory or "", error message or "", seconds)."""
+def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int,
+               resume: str | None = None) -> tuple[str, str, float]:
+    """Worker body: one run (or the resume of one). Returns (run directory or "", error message or "", seconds)."""
     import torch
 
     from specscope.labs import run_lab
@@ -85,7 +98,7 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> t
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
-        path = run_lab(lab, overrides, out=out)
+        path = run_lab(lab, overrides, out=out, resume=resume)
         return str(path), "", time.perf_counter() - t0
     except Exception as e:  # a failed point is reported in the table; the sweep goes on
         return "", f"{type(e).__name__}: {e}", time.perf_counter() - t0
@@ -93,13 +106,38 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int) -> t
         torch.set_num_threads(previous)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
+    die_with_parent(parent)
 
 
-def completed_runs(sweep_dir: Path, lab: str) -> list[tuple[Path, dict[str, Any]]]:
-    """(run directory, config) of every complete run under the sweep."""
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process when `parent` dies (a killed sweep takes its workers with it)."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        armed = False
+    if os.getppid() != parent:  # died before the signal was armed
+        os._exit(1)
+    if not armed:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="specscope-parent-watchdog").start()
+
+
+def completed_runs(sweep_dir: Path, lab: str, statuses: tuple[str, ...] = ("complete",)) -> list[tuple[Path, dict[str, Any]]]:
+    """(run directory, config) of every run under the sweep whose status is one of `statuses`."""
     from specscope import store
 
     out = []
@@ -109,7 +147,7 @@ def completed_runs(sweep_dir: Path, lab: str) -> list[tuple[Path, dict[str, Any]
             run = store.Run.open(cfg_file.parent)
         except Exception:  # a run directory cut short before its config was written
             continue
-        if run.status == "complete":
+        if run.status in statuses:
             out.append((Path(run.path), dict(run.config)))
     return out
 
@@ -142,7 +180,7 @@ def run_sweep(
         meta_file = sweep_dir / SWEEP_FILE
         if not meta_file.is_file():
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); pass the directory `specscope sweep` printed")
-        meta = json.loads(meta_file.read_text())
+        meta = _sweep_meta(meta_file)
         lab, grid, fixed = meta["lab"], {**meta["grid"], **grid}, {**meta["fixed"], **(fixed or {})}
     labs.get(lab)  # unknown lab: error now, not in every worker
     points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
@@ -154,11 +192,13 @@ def run_sweep(
     (sweep_dir / SWEEP_FILE).write_text(json.dumps({"lab": lab, "grid": grid, "fixed": fixed or {}}, indent=1))
     done = completed_runs(sweep_dir, lab)
     todo = [p for p in points if not any(matches(p, cfg) for _, cfg in done)]
+    cut_short = completed_runs(sweep_dir, lab, ("incomplete", "interrupted"))
+    resumes = [next((str(path) for path, cfg in cut_short if matches(p, cfg)), None) for p in todo]
     echo(f"sweep {sweep_dir}: {len(points)} points, {len(points) - len(todo)} already complete, "
-         f"{len(todo)} to run on {workers} worker(s)")
+         f"{len(todo)} to run ({sum(r is not None for r in resumes)} resumed) on {workers} worker(s)")
     threads = threads_per_worker or 1  # small models: one thread each; more threads oversubscribe the cores
     t0 = time.perf_counter()
-    errors = _execute(lab, todo, str(sweep_dir / "runs"), workers, threads, backend, echo)
+    errors = _execute(lab, todo, resumes, str(sweep_dir / "runs"), workers, threads, backend, echo)
     wall = time.perf_counter() - t0
     (sweep_dir / "errors.json").write_text(json.dumps(errors, indent=1))
     timing = {"points_run": len(todo), "workers": workers, "threads_per_worker": threads, "wall_seconds": wall}
@@ -167,8 +207,10 @@ def run_sweep(
     return sweep_dir
 
 
-def _execute(lab: str, todo: list[dict], runs_root: str, workers: int, threads: int, backend: str, echo) -> list[dict]:
-    """Run the points; returns [{overrides, error}] for the failed ones."""
+def _execute(lab: str, todo: list[dict], resumes: list[str | None], runs_root: str, workers: int, threads: int,
+             backend: str, echo) -> list[dict]:
+    """Run the points (resuming the run directory given for a point, if any); returns [{overrides, error}]
+    for the failed ones."""
     errors = []
 
     def report(p, result):
@@ -178,21 +220,24 @@ def _execute(lab: str, todo: list[dict], runs_root: str, workers: int, threads: 
             errors.append({"overrides": p, "error": err})
 
     if backend == "ray":
-        for p, result in zip(todo, _ray_map(lab, todo, runs_root, threads)):
+        for p, result in zip(todo, _ray_map(lab, todo, resumes, runs_root, threads)):
             report(p, result)
     elif workers == 1:
-        for p in todo:
-            report(p, _run_point(lab, p, runs_root, threads))
+        for p, r in zip(todo, resumes):
+            report(p, _run_point(lab, p, runs_root, threads, r))
     else:
         ctx = get_context("spawn")  # a fresh interpreter per worker: no inherited torch thread pools or locks
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(_run_point, lab, p, runs_root, threads): i for i, p in enumerate(todo)}
+        init = (threads, os.getpid())
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+            futures = {pool.submit(_run_point, lab, p, runs_root, threads, r): i
+                       for i, (p, r) in enumerate(zip(todo, resumes))}
             for f in as_completed(futures):
                 report(todo[futures[f]], f.result())
     return errors
 
 
-def _ray_map(lab: str, todo: list[dict], runs_root: str, threads: int) -> list[tuple[str, str, float]]:
+def _ray_map(lab: str, todo: list[dict], resumes: list[str | None], runs_root: str,
+             threads: int) -> list[tuple[str, str, float]]:
     try:
         import ray
     except ImportError:
@@ -200,7 +245,7 @@ def _ray_map(lab: str, todo: list[dict], runs_root: str, threads: int) -> list[t
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     remote = ray.remote(num_cpus=threads)(_run_point)
-    return ray.get([remote.remote(lab, p, runs_root, threads) for p in todo])
+    return ray.get([remote.remote(lab, p, runs_root, threads, r) for p, r in zip(todo, resumes)])
 
 
 def _label(p: dict[str, Any]) -> str:
@@ -224,7 +269,7 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
     from specscope.labs.config import make_config
 
     sweep_dir = Path(sweep_dir)
-    meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    meta = _sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     keys = list(meta["grid"])  # the fixed overrides are in sweep.json, the same for every row
     rows = []
@@ -242,7 +287,7 @@ def finish(sweep_dir: str | Path) -> pd.DataFrame:
     from specscope import labs
 
     sweep_dir = Path(sweep_dir)
-    meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
+    meta = _sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     table = summary(sweep_dir)
     table.to_csv(sweep_dir / SUMMARY_FILE, index=False)
@@ -280,7 +325,8 @@ def phase_diagram(table: pd.DataFrame, x: str, y: str, values: Iterable[str], pa
             ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
             for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
                 ax.text(c, r, "—" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
-            ax.set(xlabel=x, ylabel=y, title=f"{value}" + (f" — {panel}={pv}" if pv is not None else ""))
+            title = f"{value}" + (f" — {panel}={pv}" if pv is not None else "")
+            ax.set(xlabel=mathtext(x), ylabel=mathtext(y), title=mathtext(title))  # names from disk: drawn as typed
             fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig

@@ -57,7 +57,7 @@ def test_reader_sees_flushed_batches_while_the_writer_runs(killed_run):
 
 def test_every_flushed_batch_survives_sigkill(killed_run):
     path, reported, _, _ = killed_run
-    df = load(path, strict=True)
+    df = load(path)
     per_step = df.groupby("step").size()
     last = reported[-1]
     assert set(range(last + 1)) <= set(per_step.index)  # every batch flushed before the kill
@@ -116,9 +116,10 @@ def test_truncated_database(tmp_path):
     with open(db, "r+b") as f:
         f.truncate(db.stat().st_size * 6 // 10)
     with pytest.raises(RunStoreError, match=str(db)):
-        load(path, strict=True)
+        load(path)
     with pytest.warns(RuntimeWarning, match="damaged database"):
-        part = load(path)
+        part = load(path, salvage=True)
+    assert "damage" in part.attrs
     assert 0 < len(part) < len(full)
     merged = part.merge(full, how="left", indicator=True)
     assert (merged["_merge"] == "both").all()  # every salvaged row is a real row, unchanged

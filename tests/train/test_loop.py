@@ -12,6 +12,7 @@ import torch
 from specscope import labs, store
 from specscope.errors import ConfigError, RunStoreError
 from specscope.labs.runner import run_lab
+from specscope.store.integrity import seal
 from specscope.train import load_checkpoint, save_checkpoint
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
@@ -86,13 +87,17 @@ def test_checkpoint_roundtrip_and_bad_files(tmp_path):
     assert load_checkpoint(p)["step"] == 4
     with pytest.raises(RunStoreError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
-    p.write_bytes(p.read_bytes()[:40])
-    with pytest.raises(RunStoreError, match="truncated or corrupt"):
+    p.write_bytes(p.read_bytes()[:-40])
+    with pytest.raises(RunStoreError, match=f"{p} fails its checksum"):
         load_checkpoint(p)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(RunStoreError, match="not written by specscope"):
+    with pytest.raises(RunStoreError, match="no specscope checksum header"):
         load_checkpoint(foreign)
+    other = tmp_path / "other.pt"  # intact, but not a specscope payload
+    other.write_bytes(seal(foreign.read_bytes()))
+    with pytest.raises(RunStoreError, match="not written by this specscope"):
+        load_checkpoint(other)
 
 
 def test_checkpoint_never_executes_code(tmp_path):
@@ -105,6 +110,9 @@ def test_checkpoint_never_executes_code(tmp_path):
     p = tmp_path / "evil.pt"
     p.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(RunStoreError):
+        load_checkpoint(p)
+    p.write_bytes(seal(pickle.dumps(Evil())))  # a valid checksum does not make a pickle trusted: weights_only still
+    with pytest.raises(RunStoreError, match="corrupt"):
         load_checkpoint(p)
     assert not (tmp_path / "pwned").exists()
 

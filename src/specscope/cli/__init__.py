@@ -39,23 +39,29 @@ def _register() -> None:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2 (SPECSCOPE_DEBUG=1 shows tracebacks)."""
+    import json
+
     from pydantic import ValidationError
 
     from specscope.errors import SpecscopeError
+    from specscope.labs.config import tomllib
 
+    import warnings
+
+    warnings.showwarning = _warning_line
     _register()
+    user_errors = (SpecscopeError, ValidationError, OSError, UnicodeDecodeError, json.JSONDecodeError,
+                   tomllib.TOMLDecodeError)
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
-    except (SpecscopeError, ValidationError, FileNotFoundError) as e:
+    except user_errors as e:
         if os.environ.get("SPECSCOPE_DEBUG"):
             raise
-        msg = str(e).strip().replace("\n", " ") if not isinstance(e, ValidationError) else _validation_line(e)
-        typer.echo(f"error: {msg}", err=True)
+        typer.echo(f"error: {_one_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
-        sys.exit(130)
+        _interrupted(e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -77,6 +83,42 @@ def _is_click_exception(e: Exception) -> bool:
         except ImportError:
             pass
     return isinstance(e, tuple(classes))
+
+
+def _interrupted(e: KeyboardInterrupt) -> None:
+    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130."""
+    typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+    sys.exit(130)
+
+
+def interruptible(fn):
+    """Run a command body so that Ctrl-C prints its message (typer would turn it into a silent exit 130)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
+
+    return wrapper
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. what --salvage skipped) as one line on stderr, without the source line."""
+    typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of a user error on one line; an OSError says which file and what went wrong."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        return _validation_line(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "")
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def _validation_line(e) -> str:

@@ -17,8 +17,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from specscope.records import Record
 
 
+# Every config value has a range, checked by pydantic before a run directory exists (never NaN or ±inf).
 AtLeast1 = Annotated[int, Field(ge=1)]  # counts, sizes, intervals: 0 would be meaningless or divide by it
-Positive = Annotated[float, Field(gt=0)]
+AtLeast2 = Annotated[int, Field(ge=2)]
+AtLeast0 = Annotated[int, Field(ge=0)]  # counts where 0 means "off" / "all" (the field's comment says which)
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # learning rates, scales, thresholds
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # decays, penalties, clip norms (0: off)
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # accuracies, ratios in [0, 1]
+Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # a part of a whole, all of it allowed: (0, 1]
+Correlation = Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]  # a proper part of a whole: (0, 1)
+Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # momentum / EMA coefficient in [0, 1)
+Betas = tuple[Beta, Beta]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch.manual_seed accepts
 
 
 class LabConfig(BaseModel):
@@ -26,9 +38,9 @@ class LabConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    seed: int = 0
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    checkpoint_every: int = 0  # 0: checkpoint only at the end of each arm and on interrupt
+    checkpoint_every: AtLeast0 = 0  # 0: checkpoint only at the end of each arm and on interrupt
 
 
 Log = Callable[[Iterable[Record]], None]

@@ -23,8 +23,18 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     parts = []
     for name, f in config_cls.model_fields.items():
         tp = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        parts.append(f"{name} ({tp}) = {f.default!r}")
+        parts.append(f"{name} ({tp}{_range(f.metadata)}) = {f.default!r}")
     return ", ".join(parts)
+
+
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def _range(metadata: list) -> str:
+    """" >= 1" / " > 0, finite" from a field's annotated constraints ("" when it has none)."""
+    bits = [f"{op} {getattr(m, k)}" for m in metadata for k, op in _BOUNDS.items() if getattr(m, k, None) is not None]
+    bits += ["finite" for m in metadata if getattr(m, "allow_inf_nan", None) is False]
+    return (" " + ", ".join(bits)) if bits else ""
 
 
 def _is_list_field(annotation: Any) -> bool:
@@ -67,14 +77,23 @@ def _for(lab: str) -> str:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The `[config]` table of a TOML file (or its top level); every way it can be wrong is one ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    return data.get("config", data)
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    data = data.get("config", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: 'config' must be a table ([config] with key = value lines), "
+                          f"not a {type(data).__name__}")
+    return data
 
 
 def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = None, lab: str = "") -> BaseModel:

@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from specscope import linalg
 from specscope.data.text import TextCorpus, load_corpus, sample_batch, unigram_loss
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, LabConfig, Measure
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, AtLeast2, Betas, LabConfig, Measure, NonNegative, Positive, Unit
 from specscope.models.gpt import GPT, GPTConfig
 from specscope.optim import Hybrid
 from specscope.probe import Monitor
@@ -59,41 +59,41 @@ RMS_AND_POST = ("attention RMS state", "MLP RMS state", "final RMS state", "MLP 
 
 class Config(LabConfig):
     # model (specscope.models.gpt.GPTConfig)
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    d_ff: int | None = None  # None: 4·d_model (8/3·d_model for swiglu)
+    n_layer: AtLeast1 = 2
+    n_head: AtLeast1 = 4
+    d_model: AtLeast1 = 128
+    d_ff: AtLeast1 | None = None  # None: 4·d_model (8/3·d_model for swiglu)
     mlp: Literal["relu2", "gelu", "swiglu"] = "relu2"
     qk_norm: bool = True
     pos: Literal["rope", "learned"] = "rope"
     tie_embeddings: bool = False
     # data
     corpus: str = "stdlib"  # "stdlib" or a path to a text file / folder
-    max_bytes: int | None = None  # None: the whole corpus
-    seq_len: int = 64
-    batch_size: int = 16
+    max_bytes: AtLeast1 | None = None  # None: the whole corpus
+    seq_len: AtLeast2 = 64
+    batch_size: AtLeast1 = 16
     # training (equal for every arm: same steps, batches, schedule, seed)
     arms: list[ArmName] = list(ARMS)
-    steps: int = 600
-    lr_adamw: float = 3e-3  # AdamW arm; also every AdamW-routed parameter of the other arms
-    lr_muon: float = 0.01  # Muon on all hidden matrices
-    lr_muon_down: float = 0.08  # Muon on W_down only
-    lr_auto: float = 3e-3  # AutoGeometry (Adam-scale: its spectral step is RMS-matched to Adam's)
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0  # decoupled, on the hidden matrices only (never embeddings, head, gains)
-    warmup: int = 30
+    steps: AtLeast1 = 600
+    lr_adamw: Positive = 3e-3  # AdamW arm; also every AdamW-routed parameter of the other arms
+    lr_muon: Positive = 0.01  # Muon on all hidden matrices
+    lr_muon_down: Positive = 0.08  # Muon on W_down only
+    lr_auto: Positive = 3e-3  # AutoGeometry (Adam-scale: its spectral step is RMS-matched to Adam's)
+    betas: Betas = (0.9, 0.95)
+    weight_decay: NonNegative = 0.0  # decoupled, on the hidden matrices only (never embeddings, head, gains)
+    warmup: AtLeast0 = 30
     decay: Literal["cosine", "linear", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    min_lr_ratio: Unit = 0.1
+    grad_clip: NonNegative = 1.0  # 0: no clipping
     muon_polar: Literal["newton_schulz", "polar_express", "gram", "svd"] = "newton_schulz"
     # measurement
-    eval_every: int = 50
-    eval_batches: int = 8
-    probe_every: int = 10
+    eval_every: AtLeast1 = 50
+    eval_batches: AtLeast1 = 8
+    probe_every: AtLeast1 = 10
     probe_estimator: Literal["power", "gram", "exact"] = "power"
     # claims
     claims_arm: str = "muon"  # whose spectra GPT-1 is judged on (the paper measured a Muon run); first arm if absent
-    st_bound: float = 10.0  # GPT-1 "bounded by a small constant": max st(A) over training at most this
+    st_bound: Positive = 10.0  # GPT-1 "bounded by a small constant": max st(A) over training at most this
 
 
 # ---------------------------------------------------------------- data, model, optimizer

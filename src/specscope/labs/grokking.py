@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from specscope import linalg
 from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, LabConfig
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.models.modular import ModularTransformer, enc003, qk_weights, tf004
 from specscope.records import Claim, Record
 
@@ -39,32 +39,32 @@ LRD_MODE = {"lrd": "polar", "lrd_prox": "prox", "lrd_ns": "ns", "elastic": "pola
 
 class Config(LabConfig):
     task: list[str] = ["add"]  # several names: one shared encoder, one head per task
-    p: int = 97
-    train_fraction: float = 0.5
+    p: AtLeast1 = 97
+    train_fraction: Fraction = 0.5
     split: Literal["random", "commutative"] = "random"
     model: Literal["enc003", "tf004"] = "enc003"
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 256
-    n_layers: int = 2
+    d_model: AtLeast1 = 128
+    n_heads: AtLeast1 = 4
+    d_ff: AtLeast1 = 256
+    n_layers: AtLeast1 = 2
     mlp: Literal["default", "gelu", "silu", "swiglu"] = "default"  # default: gelu (enc003), swiglu (tf004)
     optimizer: Literal["adamw", "muon", "auto"] = "adamw"
-    lr: float = 1e-3
-    muon_lr: float = 0.02  # lr of the hidden matrices under optimizer=muon|auto
-    weight_decay: float = 1.0  # λ of L2 (decoupled, AdamW)
-    lrd_strength: float | None = None  # λ of LRD; None: the same as weight_decay
+    lr: Positive = 1e-3
+    muon_lr: Positive = 0.02  # lr of the hidden matrices under optimizer=muon|auto
+    weight_decay: NonNegative = 1.0  # λ of L2 (decoupled, AdamW)
+    lrd_strength: NonNegative | None = None  # λ of LRD; None: the same as weight_decay
     lrd_targets: list[str] = ["q", "k"]
-    ns_steps: int = 5
-    betas: tuple[float, float] = (0.9, 0.98)
-    batch_size: int = 512  # 0: full batch
-    grad_clip: float = 1.0
+    ns_steps: AtLeast1 = 5
+    betas: Betas = (0.9, 0.98)
+    batch_size: AtLeast0 = 512  # 0: full batch
+    grad_clip: NonNegative = 1.0  # 0: no clipping
     arms: list[Regularizer] = ["l2", "lrd"]
-    steps: int = 5000  # the grok window (20 evals × 50) must fit after a ≈3k-step grok
-    eval_every: int = 50
-    spectrum_every: int = 0  # Q/K spectra and gradient cosines; 0: every evaluation
-    top_singular: int = 8
-    grok_threshold: float = 0.98
-    grok_window: int = 20  # evaluations the test accuracy must stay >= grok_threshold
+    steps: AtLeast1 = 5000  # the grok window (20 evals × 50) must fit after a ≈3k-step grok
+    eval_every: AtLeast1 = 50
+    spectrum_every: AtLeast0 = 0  # Q/K spectra and gradient cosines; 0: every evaluation
+    top_singular: AtLeast1 = 8
+    grok_threshold: Unit = 0.98
+    grok_window: AtLeast1 = 20  # evaluations the test accuracy must stay >= grok_threshold
     stop_after_grok: bool = False
 
 

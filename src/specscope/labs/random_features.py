@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
-from specscope.labs.base import Arm, LabConfig, Measure
+from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
 from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import Claim, Record
 
@@ -152,18 +152,18 @@ class Config(LabConfig):
 
     activations: list[str] = ["relu", "swiglu", "gelu", "tanh"]
     methods: list[str] = ["gd", "specgd", "auto"]
-    dim: int = 128  # input dimension d of X (d × samples)
-    width: int = 1024  # random features (rows of A)
-    samples: int = 1024  # columns of A
-    outputs: int = 64  # rows of W and Y
-    steps: int = 30
+    dim: AtLeast1 = 128  # input dimension d of X (d × samples)
+    width: AtLeast1 = 1024  # random features (rows of A)
+    samples: AtLeast1 = 1024  # columns of A
+    outputs: AtLeast1 = 64  # rows of W and Y
+    steps: AtLeast1 = 30
     sweep_activations: list[str] = ["relu", "swiglu"]  # activations of the two sweeps
-    sweep_widths: list[int] = [128, 256, 512, 1024, 2048]  # st(A) vs width ...
-    sweep_samples: int = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
-    sweep_dims: list[int] = [32, 64, 128, 256]  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
-    decisive: float = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive
-    threshold: float = 1.0  # AutoGeometry: spectral when nr/st > threshold
-    hysteresis: float = 0.1
+    sweep_widths: list[AtLeast1] = [128, 256, 512, 1024, 2048]  # st(A) vs width ...
+    sweep_samples: AtLeast1 = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
+    sweep_dims: list[AtLeast1] = [32, 64, 128, 256]  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
+    decisive: Positive = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive
+    threshold: Positive = 1.0  # AutoGeometry: spectral when nr/st > threshold
+    hysteresis: NonNegative = 0.1
 
 
 def _problem(cfg: Config, act: str, device, dim=None, width=None, samples=None, outputs=None) -> RFProblem:

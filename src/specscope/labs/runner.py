@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,24 +9,58 @@ from typing import Any
 import torch
 
 from specscope import labs, report, store
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.labs.base import Arm, Measure, resolve_device
 from specscope.labs.config import make_config
 from specscope.records import Claim, Record
+from specscope.store import integrity, sqlite
 from specscope.train import Interrupt, Progress, Trainer, arm_seed
 
 PROGRESS_FILE = "progress.json"
+_PROGRESS_FIX = "restore it, or start a new run"
 
 
-def _done_items(run_dir: Path) -> list[str]:
-    p = run_dir / PROGRESS_FILE
-    return json.loads(p.read_text())["done"] if p.is_file() else []
+def read_progress(run, count=None) -> dict:
+    """progress.json (checksummed): the finished parts ("done"), the records each had written ("records"),
+    the latest checkpoint of each unfinished arm ("checkpoints": {arm: {step, records}}) and the seconds
+    each part took ("seconds"). A run killed before its first write has none: an empty one, when its
+    database is empty too. `count(arm=None)` counts records (default: `run.record_count`)."""
+    p = Path(run.path) / PROGRESS_FILE
+    empty = {"done": [], "records": {}, "checkpoints": {}, "seconds": {}}
+    if not p.exists() and (count or run.record_count)() == 0:
+        return empty
+    return {**empty, **integrity.read_json(p, checksum=True, fix=_PROGRESS_FIX)}  # names only compared, never paths
 
 
-def _mark_done(run_dir: Path, done: list[str]) -> None:
-    tmp = run_dir / (PROGRESS_FILE + ".tmp")
-    tmp.write_text(json.dumps({"done": done}))
-    os.replace(tmp, run_dir / PROGRESS_FILE)
+def _write_progress(run, progress: dict) -> None:
+    integrity.write_json(Path(run.path) / PROGRESS_FILE, progress, checksum=True)
+
+
+def verify_resume(run, items, trainer: Trainer) -> dict:
+    """Before anything is written: the database is intact and holds every record that progress.json and the
+    checkpoints say were written. Returns the progress; a mismatch is a RunStoreError naming the file."""
+    with run.reader() as (con, _):  # read-only, integrity-checked, opened once
+        def count(arm=None, upto=None):
+            return sqlite.count_rows(con, run.metrics_path, arm=arm, upto=upto)
+
+        progress = read_progress(run, count)
+        for name in progress["done"]:
+            want, have = progress["records"].get(name), count(name)
+            if have != want:
+                raise RunStoreError(
+                    f"{run.metrics_path} holds {have} records of '{name}', but {Path(run.path) / PROGRESS_FILE} "
+                    f"says {want} were written when it finished: the database lost records (or belongs to another "
+                    f"run); {_PROGRESS_FIX}.")
+        for item in items:
+            if item.name in progress["done"] or not isinstance(item, Arm):
+                continue
+            if trainer.checkpoint_path(item.name).exists():
+                trainer.verify_checkpoint(item.name, count)
+            elif item.name in progress["checkpoints"]:
+                raise RunStoreError(
+                    f"{trainer.checkpoint_path(item.name)} is missing, but {PROGRESS_FILE} says arm '{item.name}' "
+                    f"was checkpointed at step {progress['checkpoints'][item.name]['step']}; {_PROGRESS_FIX}.")
+    return progress
 
 
 def _check_names(items: list[Arm | Measure], lab: str) -> None:
@@ -65,21 +97,23 @@ def run_lab(
     items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
     if resume is None:
         run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
+        state = read_progress(run)
+        _write_progress(run, state)
     else:
+        state = verify_resume(run, items, Trainer(run, device, cfg.seed))  # nothing is written before this
         run.set_status("running")
     run_dir = Path(run.path)
     try:
         with Interrupt() as interrupt, Progress(enabled=progress) as bar:
-            interrupted = _run_items(items, cfg, run, device, interrupt, bar, resume is not None)
+            interrupted = _run_items(items, cfg, run, device, interrupt, bar, resume is not None, state)
         if interrupted:
-            run.set_status("interrupted")
-            raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}")
+            raise KeyboardInterrupt
         finish(run, lab, cfg)
         run.set_status("complete")
     except KeyboardInterrupt:
         run.flush()
         run.set_status("interrupted")
-        raise
+        raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}") from None
     except BaseException:
         run.flush()
         run.set_status("failed")
@@ -97,30 +131,40 @@ def build_items(lab, cfg, device) -> list:
     return items
 
 
-def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool) -> bool:
-    """Run the lab's parts in order, skipping the ones a previous attempt finished."""
-    run_dir = Path(run.path)
-    done = _done_items(run_dir)
-    trainer = Trainer(run, device, cfg.seed, cfg.checkpoint_every, bar)
-    t_start = time.perf_counter()
+def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool, state: dict) -> bool:
+    """Run the lab's parts in order, skipping the ones a previous attempt finished; progress.json records
+    each part's records and seconds when it finishes and each checkpoint's step and records."""
+
+    def checkpointed(arm: str, step: int, records: int) -> None:
+        state["checkpoints"][arm] = {"step": step, "records": records}
+        _write_progress(run, state)
+
+    trainer = Trainer(run, device, cfg.seed, cfg.checkpoint_every, bar, on_checkpoint=checkpointed)
     for item in items:
-        if item.name in done:
+        if item.name in state["done"]:
+            trainer.checkpoint_path(item.name).unlink(missing_ok=True)  # left by a kill just after "done"
             continue
+        t0 = time.perf_counter()
         if isinstance(item, Measure):
             run.delete_after(-1, item.name)  # a half-finished measurement is redone whole
             torch.manual_seed(arm_seed(cfg.seed, item.name))
             item.fn(_logger(run, item.name), device)
-            run.flush()
+            seconds = time.perf_counter() - t0
         else:
             result = trainer.fit(item, interrupt, resume=resuming)
             if result.interrupted:
                 return True
-            trainer.checkpoint_path(item.name).unlink(missing_ok=True)
-        done.append(item.name)
-        _mark_done(run_dir, done)
+            seconds = result.seconds  # includes the time before a resume
+        state["done"].append(item.name)
+        state["records"][item.name] = run.record_count(item.name)
+        state["seconds"][item.name] = seconds
+        state["checkpoints"].pop(item.name, None)
+        _write_progress(run, state)
+        trainer.checkpoint_path(item.name).unlink(missing_ok=True) if isinstance(item, Arm) else None
         if interrupt.requested:
             return True
-    run.append([Record(0, "", "lab_seconds", time.perf_counter() - t_start, "")])
+    if run.record_count("", metric="lab_seconds") == 0:  # one timing record, however often it was resumed
+        run.append([Record(0, "", "lab_seconds", sum(state["seconds"].values()), "")])
     return False
 
 
@@ -131,22 +175,21 @@ def _logger(run, arm: str):
     return log
 
 
-def finish(run, lab, cfg) -> list[Claim]:
-    """Claims from the recorded metrics, then summary.json and report.html (also used by `specscope report`)."""
-    run.flush()
-    df = store.load(run)
+def finish(run, lab, cfg, *, salvage: bool = False) -> list[Claim]:
+    """Claims from the recorded metrics, then summary.json and report.html (also used by `specscope report`).
+
+    A damaged database is an error unless `salvage`; then both files say, in them, that they were computed
+    from the records that were still readable."""
+    df = store.load(run, salvage=salvage)
+    damage = df.attrs.get("damage")
     claims = list(lab.claims(df, cfg))
-    run.write_summary(
-        {
-            "lab": lab.NAME,
-            "claims": [c.as_dict() for c in claims],
-            "final": _final_metrics(df),
-        }
-    )
+    summary = {"lab": lab.NAME, "claims": [c.as_dict() for c in claims], "final": _final_metrics(df)}
+    run.write_summary({**summary, "salvaged": damage} if damage else summary)
     figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
+    title = f"{lab.NAME} — {Path(run.path).name}"
     report.write_report(
         Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures,
-        title=f"{lab.NAME} — {Path(run.path).name}",
+        title=f"SALVAGED FROM A DAMAGED DATABASE ({damage}) — {title}" if damage else title,
     )
     return claims
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast1, LabConfig, Positive
+from specscope.labs.base import Arm, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
 from specscope.models.modular import ModularTransformer, enc003
 from specscope.records import Claim, Record
@@ -47,21 +47,21 @@ class Config(LabConfig):
     task: str = "add"  # the single-task runs (coupling curves, interventions)
     multitask: list[str] = ["add", "sub", "mul", "sum_sq"]  # [] skips the multitask comparison
     p: AtLeast1 = 97
-    train_fraction: float = 0.5
+    train_fraction: Fraction = 0.5
     split: Literal["random", "commutative"] = "random"
     d_model: AtLeast1 = 128
     n_heads: AtLeast1 = 4
     d_ff: AtLeast1 = 256
     n_layers: AtLeast1 = 2
     lr: Positive = 1e-3
-    weight_decay: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: NonNegative = 1.0
+    betas: Betas = (0.9, 0.98)
     batch_size: AtLeast1 = 512
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0  # 0: no clipping
     steps: AtLeast1 = 6000  # at most, per single-task arm
     multitask_steps: AtLeast1 = 12000  # at most; the four-task model groks (stable) at ≈ 10.5k steps, then stops
     eval_every: AtLeast1 = 50
-    grok_threshold: float = 0.98
+    grok_threshold: Unit = 0.98
     grok_window: AtLeast1 = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
     stop_after_grok: bool = True
     # rolling SVD and coupling (REFERENCE §5)

@@ -26,7 +26,7 @@ from torch import nn
 
 from specscope.data.synthetic import check_activation, generator, sparse_regression
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, LabConfig, Measure
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, LabConfig, Measure, Positive
 from specscope.linalg import stable_rank
 from specscope.records import Claim, Record
 
@@ -124,21 +124,21 @@ class Config(LabConfig):
 
     activations: list[str] = ["relu", "swiglu"]  # each trained at `samples`
     methods: list[str] = ["gd", "specgd"]
-    dim: int = 32  # input dimension d
-    width: int = 256  # hidden width h
-    samples: int = 256  # full batch n of every activation's arms
-    support: int = 3  # target x₁⋯x_support (the paper's cubic)
-    steps: int = 100
-    lr: float = 0.05  # one η for both geometries (geometry-matched spectral step)
+    dim: AtLeast1 = 32  # input dimension d
+    width: AtLeast1 = 256  # hidden width h
+    samples: AtLeast1 = 256  # full batch n of every activation's arms
+    support: AtLeast1 = 3  # target x₁⋯x_support (the paper's cubic)
+    steps: AtLeast1 = 100
+    lr: Positive = 0.05  # one η for both geometries (geometry-matched spectral step)
     sweep_activation: str = "swiglu"  # also trained at each extra batch size below (Fig. 18)
-    batch_sweep: list[int] = [32, 1024]
-    st_batches: list[int] = [16, 32, 64, 128, 256, 512, 1024, 2048]  # st(A) at initialisation vs n (Fig. 17)
-    test_samples: int = 1024
-    probe_every: int = 1  # Monitor cadence; SpecGD uses the latest st(A), so 1 = exact every step
-    eval_every: int = 25
-    early: int = 20  # "early in training": the step at which MLP-1b/c compare the losses
-    margin: float = 0.9  # SpecGD "beats" GD when its loss is below margin × GD's
-    low_st: float = 0.05  # MLP-1a: "low" means st(A) ≤ low_st × min(width, samples)
+    batch_sweep: list[AtLeast1] = [32, 1024]
+    st_batches: list[AtLeast1] = [16, 32, 64, 128, 256, 512, 1024, 2048]  # st(A) at initialisation vs n (Fig. 17)
+    test_samples: AtLeast1 = 1024
+    probe_every: AtLeast1 = 1  # Monitor cadence; SpecGD uses the latest st(A), so 1 = exact every step
+    eval_every: AtLeast1 = 25
+    early: AtLeast0 = 20  # "early in training": the step at which MLP-1b/c compare the losses
+    margin: Positive = 0.9  # SpecGD "beats" GD when its loss is below margin × GD's
+    low_st: Positive = 0.05  # MLP-1a: "low" means st(A) ≤ low_st × min(width, samples)
 
 
 def arm_specs(cfg: Config) -> list[tuple[str, int]]:

@@ -23,7 +23,7 @@ import torch
 from pydantic import field_validator
 
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
-from specscope.labs.base import Arm, LabConfig, Measure
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, Correlation, LabConfig, Measure, NonNegative, Positive, Share
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
 from specscope.records import Claim, Record
@@ -35,43 +35,43 @@ SMOOTH = ("tanh", "gelu", "silu", "softplus", "sigmoid", "erf", "elu")  # C² or
 
 class Config(LabConfig):
     # data and model (defaults: the published size, paper 000)
-    n: int = 750
-    d: int = 1000
-    m: int = 1250
-    nu: float = 0.25
-    alpha: float = 0.0
+    n: AtLeast1 = 750
+    d: AtLeast1 = 1000
+    m: AtLeast1 = 1250
+    nu: NonNegative = 0.25  # spike size ζ = n^ν
+    alpha: NonNegative = 0.0  # bulk eigenvalues i^(-α)
     q: Literal["random", "top", "bottom"] = "random"
     target: Literal["teacher", "multi-index"] = "teacher"
-    teacher_width: int = 4
+    teacher_width: AtLeast1 = 4
     data: str = "synthetic"  # "synthetic" | "digits" | path to a .npy (n × d) or .npz (X, y)
-    digits_embed_dim: int = 0  # > 0: digits through a fixed random ReLU embedding of this width
+    digits_embed_dim: AtLeast0 = 0  # > 0: digits through a fixed random ReLU embedding of this width
     activation: str = "tanh"
     scaling: Literal["mf", "ntk"] = "mf"
     loss: Literal["mse", "logistic"] = "mse"
     init: Literal["sphere", "spike"] = "sphere"
-    init_spike_corr: float = 0.5
-    energy_q: float = 0.9  # energy_rank threshold ("rank-90")
+    init_spike_corr: Correlation = 0.5
+    energy_q: Share = 0.9  # energy_rank threshold ("rank-90")
     # regularizers (used by the single analysis and the training arms)
-    weight_decay: float = 0.0
-    noise_tau: float = 0.0
-    jac_lambda: float = 0.0
+    weight_decay: NonNegative = 0.0
+    noise_tau: NonNegative = 0.0
+    jac_lambda: NonNegative = 0.0
     # training arms: full-batch GD; W's step is lr / (γ² m λ_max(XᵀX/n)) so lr is in function-space units
-    steps: int = 100
-    lr: float = 0.5
-    record_every: int = 5
+    steps: AtLeast1 = 100
+    lr: Positive = 0.5
+    record_every: AtLeast1 = 5
     train_scalings: list[Literal["mf", "ntk"]] = ["mf", "ntk"]
     train_activations: list[str] = ["tanh"]
     # sweeps at initialisation (empty list: sweep skipped); sweep_n/d/m = 0: same as n, d, m
-    nus: list[float] = [1 / 8, 1 / 4, 3 / 8, 1 / 2]
-    alphas: list[float] = [0.0, 5 / 9, 8 / 9]
+    nus: list[NonNegative] = [1 / 8, 1 / 4, 3 / 8, 1 / 2]
+    alphas: list[NonNegative] = [0.0, 5 / 9, 8 / 9]
     activations: list[str] = ["tanh", "gelu", "silu", "relu"]
-    act_alphas: list[float] = [0.0, 8 / 9]  # the paper's ReLU condition 2ν > 1 − α holds for all ν > 1/18 at α = 8/9
-    weight_decays: list[float] = [0.0, 1e-3, 1e-2, 1e-1]
-    noise_taus: list[float] = [0.0, 0.5, 1.0, 2.0]
-    jac_lambdas: list[float] = [0.0, 1.0, 10.0, 100.0]
-    sweep_n: int = 0
-    sweep_d: int = 0
-    sweep_m: int = 0
+    act_alphas: list[NonNegative] = [0.0, 8 / 9]  # the paper's ReLU condition 2ν > 1 − α holds for all ν > 1/18 at α = 8/9
+    weight_decays: list[NonNegative] = [0.0, 1e-3, 1e-2, 1e-1]
+    noise_taus: list[NonNegative] = [0.0, 0.5, 1.0, 2.0]
+    jac_lambdas: list[NonNegative] = [0.0, 1.0, 10.0, 100.0]
+    sweep_n: AtLeast0 = 0
+    sweep_d: AtLeast0 = 0
+    sweep_m: AtLeast0 = 0
     analyse_digits: bool = True
 
     @field_validator("activation")

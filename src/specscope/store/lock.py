@@ -57,15 +57,16 @@ def release(fd: int | None) -> None:
         os.close(fd)  # closing the last descriptor drops the flock
 
 
-def writer_alive(run_dir: Path, pid: int | None, host: str | None) -> bool:
-    """True when the run's writer is (as far as can be told) still running."""
+def writer_alive(run_dir: Path, pid: int | None, host: str | None, strict: bool = False) -> bool:
+    """True when the run's writer is (as far as can be told) still running. When nothing is decisive (no
+    flock, no pid to check) the answer is True, or False with `strict` (only a held lock counts)."""
     held = _lock_held(run_dir / LOCK_NAME)
     same_host = host == socket.gethostname()
     if held is False:
         return False
     if same_host and pid is not None and not _pid_alive(pid):
         return False
-    return True  # lock held by a live pid, or nothing decisive: trust the status on disk
+    return held is True or not strict  # lock held by a live pid, or nothing decisive: trust the status on disk
 
 
 def _lock_held(path: Path) -> bool | None:

@@ -1,7 +1,9 @@
 """Reading runs: `load` (records -> DataFrame), `list_runs` (run directories -> DataFrame), `export`.
 
-Readers open metrics.sqlite read-only, so they work while the run is being written (WAL) and after a
-crash (committed batches are in the WAL file), and they never modify the files of a run.
+Readers never write: metrics.sqlite is opened read-only (immutable for a finished run, a private copy for a
+crashed one), so they work while the run is being written (WAL), after a crash, and on a read-only run
+directory, and they create nothing in it. A database that fails its integrity check is an error naming the
+file unless `salvage=True`, which reads what is still readable and marks the DataFrame (`df.attrs["damage"]`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from specscope.errors import ConfigError, RunStoreError
+from specscope.names import check_name
 from specscope.store import sqlite
 from specscope.store.deps import require
-from specscope.store.run import _NAME, CONFIG, METRICS, Run, effective_status, read_config
+from specscope.store.run import _NAME, CONFIG, METRICS, Run, effective_status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,28 +35,24 @@ def run_dir(run: str | os.PathLike | Run) -> Path:
 
 def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = None,
          layer: str | Iterable[str] | None = None, arm: str | Iterable[str] | None = None,
-         strict: bool = False) -> "pd.DataFrame":
+         salvage: bool = False) -> "pd.DataFrame":
     """All records of a run as a long DataFrame (run_id, step, layer, metric, value, arm, estimator, rows,
     shape, flag), in the order they were written, optionally only some metrics / layers / arms.
 
-    A Run still open for writing in this process is flushed first. A damaged database raises RunStoreError
-    naming the file when `strict`; otherwise every readable record is returned with a RuntimeWarning.
-    NaN values come back as NaN.
+    A Run still open for writing in this process is flushed first. A database that fails its integrity
+    check raises RunStoreError naming the file; with `salvage` every readable record is returned, with a
+    RuntimeWarning and `df.attrs["damage"]` saying what was wrong. NaN values come back as NaN.
     """
     import pandas as pd
 
-    if isinstance(run, Run) and run._con is not None:
-        run.flush()
-    path = run_dir(run)
-    run_id = read_config(path)["run_id"]
-    con, damage = sqlite.connect_reader(path / METRICS, lenient=not strict)
-    try:
-        rows = sqlite.read_rows(con, path / METRICS, {"metric": metric, "layer": layer, "arm": arm}, strict, damage)
-    finally:
-        con.close()
+    run = run if isinstance(run, Run) else Run.open(run_dir(run))
+    with run.reader(salvage=salvage) as (con, damage):
+        rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
     df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
     df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN
-    df.insert(0, "run_id", run_id)
+    df.insert(0, "run_id", run.id)
+    if damage:
+        df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
     return df
 
 
@@ -64,6 +63,8 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
     import pandas as pd
 
     root = Path(root)
+    if lab is not None:
+        check_name("lab", lab)  # never a glob pattern or a path
     pattern = f"{lab}/*/{CONFIG}" if lab else f"*/*/{CONFIG}"
     rows = [_describe(p.parent) for p in root.glob(pattern)] if root.is_dir() else []
     df = pd.DataFrame(rows, columns=LIST_COLUMNS)
@@ -77,15 +78,15 @@ def _describe(path: Path) -> dict:
     row = {"run_id": path.name, "lab": path.parent.name, "status": "unreadable", "created": None,
            "steps": None, "records": None, "path": str(path)}
     try:
-        meta = read_config(path)
+        run = Run.open(path)
     except RunStoreError:
         return row
+    meta = run.meta
     row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
                status=effective_status(path, meta))
     try:
-        con, _ = sqlite.connect_reader(path / METRICS)
-        progress = sqlite.read_progress(con)
-        con.close()
+        with run.reader(check=False) as (con, _):
+            progress = sqlite.read_progress(con)
         row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
     except RunStoreError:
         pass
@@ -110,16 +111,34 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
                         f"list runs with `specscope runs --root {root}` or give the run directory's path.")
 
 
-def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv") -> Path:
-    """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow)."""
+def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False) -> Path:
+    """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow), through a temporary file, so
+    `out` is the whole export or untouched. With `salvage` the file name says so: `<out stem>.salvaged<suffix>`."""
     if fmt not in ("csv", "parquet"):
         raise ConfigError(f"unknown export format {fmt!r}: use csv or parquet.")
     if fmt == "parquet":
         require("pyarrow", "parquet", "export to parquet")
-    df = load(run)
+    df = load(run, salvage=salvage)
     out = Path(out)
-    if fmt == "csv":
-        df.to_csv(out, index=False)
+    special = out.exists() and not out.is_file() and not out.is_dir()  # /dev/null, a fifo: write into, never replace
+    if "damage" in df.attrs and not special:
+        out = out.with_name(f"{out.stem}.salvaged{out.suffix}")
+    if special:
+        tmp = out
+    elif out.is_dir() or not out.parent.is_dir():
+        raise RunStoreError(f"cannot write {out}: " + ("it is a directory" if out.is_dir() else
+                            f"the directory {out.parent} does not exist") + "; pass --out FILE in an existing directory.")
     else:
-        df.to_parquet(out, index=False, engine="pyarrow")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if fmt == "csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False, engine="pyarrow")
+        if tmp != out:
+            os.replace(tmp, out)
+    except OSError as e:
+        if tmp != out:
+            tmp.unlink(missing_ok=True)
+        raise RunStoreError(f"cannot write {out}: {e.strerror or e}; pass --out FILE somewhere writable.") from None
     return out

@@ -14,7 +14,6 @@ import atexit
 import json
 import os
 import platform
-import re
 import secrets
 import socket
 import subprocess
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from specscope.errors import ConfigError, RunStoreError
+from specscope.names import PLAIN, check_name
 from specscope.records import Record
-from specscope.store import lock, sqlite
+from specscope.store import integrity, lock, sqlite
 
 STATUSES = ("running", "complete", "incomplete", "interrupted", "failed")
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.sqlite", "summary.json"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME = PLAIN
 
 
 def new_run_id() -> str:
@@ -57,6 +57,7 @@ class Run:
         self._con = None
         self._lock_fd: int | None = None
         self._last_flush = time.monotonic()
+        self._new = False
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -66,8 +67,7 @@ class Run:
         """Make `root/<lab>/<run_id>/` (never reusing a directory that exists) and open it for writing."""
         run_id = new_run_id() if run_id is None else run_id
         for what, name in (("lab", lab), ("run_id", run_id)):
-            if not _NAME.fullmatch(name):
-                raise ConfigError(f"{what} {name!r} is not a plain directory name: use letters, digits, '.', '_', '-'.")
+            check_name(what, name)
         config = _plain_config(config)
         path = Path(root) / lab / run_id
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,6 +79,7 @@ class Run:
         (path / "checkpoints").mkdir()
         (path / "figures").mkdir()
         run = cls(path, _metadata(run_id, lab, config), flush_every=flush_every, flush_seconds=flush_seconds)
+        run._new = True  # the one case where the writer may create metrics.sqlite
         run._become_writer()
         return run
 
@@ -130,7 +131,40 @@ class Run:
     @property
     def summary(self) -> dict | None:
         p = self.path / SUMMARY
-        return _read_json(p) if p.exists() else None
+        return integrity.read_json(p, checksum=True, fix=_REWRITE) if p.exists() else None
+
+    @property
+    def live(self) -> bool:
+        """Whether a process (this one or another) holds the writer lock of this run right now."""
+        return self._con is not None or lock.writer_alive(self.path, self._meta.get("pid"), self._meta.get("host"),
+                                                           strict=True)
+
+    def reader(self, *, salvage: bool = False, check: bool = True):
+        """`with run.reader() as (con, damage):` a read-only connection that writes nothing in the run
+        directory (see `sqlite.open_reader`); a damaged database raises unless `salvage`."""
+        if self._con is not None:
+            self.flush()
+        return sqlite.open_reader(self.metrics_path, live=self.live, salvage=salvage, check=check)
+
+    def record_count(self, arm: str | None = None, *, metric: str | None = None, upto: int | None = None) -> int:
+        """Records in the database (of `arm`, of `metric`, written up to `position()` `upto`), buffered ones
+        flushed first."""
+        if self._con is not None:
+            self.flush()
+            return sqlite.count_rows(self._con, self.metrics_path, arm=arm, metric=metric, upto=upto)
+        with self.reader(check=False) as (con, _):
+            return sqlite.count_rows(con, self.metrics_path, arm=arm, metric=metric, upto=upto)
+
+    def position(self) -> int:
+        """The position (rowid) of the last record written, 0 when none: a checkpoint stores it, `rewind` returns to it."""
+        self._become_writer()
+        self.flush()
+        return sqlite.position(self._con)
+
+    def check(self) -> None:
+        """RunStoreError naming the file unless metrics.sqlite exists and passes SQLite's integrity check."""
+        with self.reader():
+            pass
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
@@ -166,6 +200,13 @@ class Run:
         self.flush()
         return sqlite.delete_after(self._con, self.metrics_path, step, arm)
 
+    def rewind(self, arm: str, position: int) -> int:
+        """Drop the records of `arm` written after `position` (from `position()`): resume from a checkpoint
+        taken there, whatever steps those records carry."""
+        self._become_writer()
+        self.flush()
+        return sqlite.rewind(self._con, self.metrics_path, arm, position)
+
     def add_sink(self, sink: Callable[[list[Record]], Any]) -> None:
         """Also hand every appended batch of records to `sink` (e.g. `TensorBoardSink`)."""
         self._sinks.append(sink)
@@ -178,8 +219,8 @@ class Run:
         self._write_meta(status=status)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """summary.json (claims, headline numbers), written atomically; does not change the status."""
-        _write_json(self.path / SUMMARY, dict(summary))
+        """summary.json (claims, headline numbers) with its checksum, written atomically; keeps the status."""
+        integrity.write_json(self.path / SUMMARY, dict(summary), checksum=True)
 
     def close(self) -> None:
         """Flush, mark "complete" if still "running" (a status set explicitly is kept), release the lock."""
@@ -221,6 +262,9 @@ class Run:
             return
         if not self.path.is_dir():
             raise RunStoreError(f"run directory {self.path} does not exist.")
+        if not self._new and not self.metrics_path.is_file():  # never re-create a database that went missing
+            raise RunStoreError(f"{self.metrics_path} is missing: the records of this run are gone; "
+                                "restore the file, or start a new run.")
         self._lock_fd = lock.acquire(self.path)
         try:
             self._con = sqlite.connect_writer(self.metrics_path)
@@ -242,7 +286,7 @@ class Run:
 
     def _write_meta(self, **changes) -> None:
         self._meta.update(changes, status_time=_now())
-        _write_json(self.path / CONFIG, self._meta)
+        integrity.write_json(self.path / CONFIG, self._meta)
 
 
 # Runs open for writing: at interpreter exit their buffers are flushed (status stays as it is, so a script
@@ -264,13 +308,21 @@ def _flush_open_runs() -> None:
 
 
 def read_config(path: Path) -> dict:
-    """config.json of a run directory; RunStoreError naming the path and the fix when it is not there."""
+    """config.json of a run directory, checked: its names are plain (they become paths), its config is a
+    table and its status one of STATUSES; otherwise RunStoreError naming the file and the fix."""
+    path = Path(path)
     if not path.is_dir():
         raise RunStoreError(f"no run directory at {path}: check the path, or list runs with `specscope runs --root DIR`.")
-    meta = _read_json(path / CONFIG)
+    p = path / CONFIG
+    meta = integrity.read_json(p, fix=f"{path} is not a complete run directory (restore config.json or delete the run)")
     missing = {"run_id", "lab", "config", "status"} - set(meta)
     if missing:
-        raise RunStoreError(f"{path / CONFIG} lacks {sorted(missing)}: not written by specscope.store.Run.create.")
+        raise RunStoreError(f"{p} lacks {sorted(missing)}: not written by specscope.store.Run.create.")
+    for what in ("run_id", "lab"):
+        check_name(what, meta[what], source=p, error=RunStoreError)
+    if not isinstance(meta["config"], dict) or meta["status"] not in STATUSES:
+        raise RunStoreError(f"{p}: 'config' must be an object and 'status' one of {', '.join(STATUSES)}; "
+                            "the file was not written by specscope.store.Run.")
     return meta
 
 
@@ -280,24 +332,7 @@ def effective_status(path: Path, meta: dict) -> str:
     return meta["status"]
 
 
-def _read_json(p: Path) -> dict:
-    if not p.is_file():
-        raise RunStoreError(f"{p} is missing: {p.parent} is not a complete run directory "
-                            "(a run made by specscope.store.Run.create has config.json and metrics.sqlite).")
-    try:
-        return json.loads(p.read_text())
-    except (ValueError, OSError) as e:
-        raise RunStoreError(f"{p} is unreadable or not valid JSON ({e}); restore or delete that run directory.") from e
-
-
-def _write_json(p: Path, obj: dict) -> None:
-    """Write-then-rename, so a reader (or a crash) sees the old file or the new one, never half of one."""
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+_REWRITE = "`specscope report RUN` rewrites it from the recorded metrics"
 
 
 def _plain_config(config: Any) -> dict:

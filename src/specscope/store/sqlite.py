@@ -8,7 +8,10 @@ Every statement is parameterized: layer, metric and arm names are data, never SQ
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sqlite3
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Iterable, Sequence
 
 from specscope.errors import RunStoreError
 from specscope.records import Record
+from specscope.store.integrity import fault_point
 
 COLUMNS = ("step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
 
@@ -40,7 +44,7 @@ _SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
 def _fail(path: Path, what: str, e: Exception) -> RunStoreError:
     return RunStoreError(
         f"{path}: {what} ({e}). The file is truncated, corrupt or not a specscope metrics database; "
-        "`specscope.store.load(run)` reads what is still readable."
+        "--salvage (store.load(run, salvage=True)) reads what is still readable."
     )
 
 
@@ -74,30 +78,65 @@ def _migrate(con: sqlite3.Connection, path: Path) -> None:
         con.execute("COMMIT")
 
 
-def connect_reader(path: Path, lenient: bool = False) -> tuple[sqlite3.Connection, str | None]:
-    """Read-only connection (never checkpoints or changes the file of a live or crashed run) and, when the
-    file is damaged but `lenient`, the error that was worked around (else None).
+@contextlib.contextmanager
+def open_reader(path: Path, *, live: bool, salvage: bool = False, check: bool = True):
+    """A read-only connection and, when the file is damaged and `salvage`, the damage worked around (else None).
 
-    A truncated file fails to open because its header promises more pages than there are; with
-    writable_schema SQLite takes the file's real size instead, so the pages that remain can be read.
-    Nothing is written: the connection is read-only.
+    Nothing in the run directory is written, not even the -wal/-shm files SQLite makes for WAL readers:
+    - a run with a live writer is read with `mode=ro` (the writer's -wal/-shm are already there);
+    - a finished run is read with `immutable=1` (no locks, no side files: works on a read-only directory);
+    - a run that crashed (a -wal file left behind) is read from a private copy of the database and its WAL
+      in a temporary directory, so the committed batches in the WAL are seen without touching the run.
+    `check` runs SQLite's quick_check first: a database that fails it raises RunStoreError naming the file
+    unless `salvage`, which reads what is still readable (a truncated file is opened with writable_schema,
+    which takes the file's real size instead of the page count its header promises).
     """
     if not path.is_file():
         raise RunStoreError(f"{path} does not exist: the run directory has no metrics database (was it made by Run.create?).")
-    try:
-        return _open_ro(path, writable_schema=False), None
-    except sqlite3.DatabaseError as e:
-        if not lenient:
-            raise _fail(path, "cannot read the database", e) from e
-        damage = e
-    try:
-        return _open_ro(path, writable_schema=True), str(damage)
-    except sqlite3.DatabaseError as e:
-        raise _fail(path, "cannot read the database", damage) from e
+    with contextlib.ExitStack() as stack:
+        wal = path.with_name(path.name + "-wal")
+        if live:
+            uri = f"{path.resolve().as_uri()}?mode=ro"
+        elif wal.is_file() and wal.stat().st_size > 0:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specscope-read-")))
+            shutil.copyfile(path, tmp / path.name)
+            shutil.copyfile(wal, tmp / wal.name)
+            uri = f"{(tmp / path.name).as_uri()}?mode=ro"
+        else:
+            uri = f"{path.resolve().as_uri()}?mode=ro&immutable=1"
+        con, damage = _open_checked(uri, path, salvage, check)
+        stack.callback(con.close)
+        yield con, damage
 
 
-def _open_ro(path: Path, writable_schema: bool) -> sqlite3.Connection:
-    con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+def _open_checked(uri: str, path: Path, salvage: bool, check: bool) -> tuple[sqlite3.Connection, str | None]:
+    try:
+        con = _open_ro(uri, path, writable_schema=False)
+    except sqlite3.DatabaseError as e:
+        if not salvage:
+            raise _fail(path, "cannot read the database", e) from None
+        try:
+            return _open_ro(uri, path, writable_schema=True), str(e)
+        except sqlite3.DatabaseError:
+            raise _fail(path, "cannot read the database even to salvage it", e) from None
+    problem = _quick_check(con) if check else None
+    if problem and not salvage:
+        con.close()
+        raise _fail(path, "fails its integrity check", problem)
+    return con, problem
+
+
+def _quick_check(con: sqlite3.Connection) -> str | None:
+    """None when SQLite's quick_check passes, else its first complaint."""
+    try:
+        first = con.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        return str(e)
+    return None if first == "ok" else str(first)
+
+
+def _open_ro(uri: str, path: Path, writable_schema: bool) -> sqlite3.Connection:
+    con = sqlite3.connect(uri, uri=True, timeout=30.0)
     try:
         if writable_schema:
             con.execute("PRAGMA writable_schema=ON")
@@ -109,6 +148,29 @@ def _open_ro(path: Path, writable_schema: bool) -> sqlite3.Connection:
         con.close()
         raise RunStoreError(f"{path} has schema version {version}; this specscope reads up to {SCHEMA_VERSION}: upgrade specscope.")
     return con
+
+
+def count_rows(con: sqlite3.Connection, path: Path, *, arm: str | None = None, metric: str | None = None,
+               upto: int | None = None) -> int:
+    """How many records (of `arm`, of `metric`, written up to position `upto`) the database holds."""
+    where, params = _where({"arm": arm, "metric": metric})
+    if upto is not None:
+        where += (" AND" if where else " WHERE") + " rowid <= ?"
+        params.append(int(upto))
+    try:
+        return con.execute("SELECT count(*) FROM metrics" + where, params).fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise _fail(path, "cannot count records", e) from None
+
+
+def position(con: sqlite3.Connection) -> int:
+    """The rowid of the last record written (0 when none): records are appended in rowid order."""
+    return con.execute("SELECT coalesce(max(rowid), 0) FROM metrics").fetchone()[0]
+
+
+def rewind(con: sqlite3.Connection, path: Path, arm: str, to: int) -> int:
+    """Delete the records of `arm` written after position `to` (resume from a checkpoint taken there)."""
+    return _delete(con, path, "DELETE FROM metrics WHERE arm = ? AND rowid > ?", (arm, int(to)))
 
 
 def as_row(r: Record) -> tuple:
@@ -132,6 +194,7 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
             "INSERT INTO run_info (key, value) VALUES ('records', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('updated', ?)", (time.time(),))
+        fault_point("db_commit")
         con.execute("COMMIT")
     except sqlite3.Error as e:
         if con.in_transaction:
@@ -140,10 +203,14 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
 
 
 def delete_after(con: sqlite3.Connection, path: Path, step: int, arm: str) -> int:
-    """Delete the records of `arm` with step > `step` (resume from a checkpoint at `step`); return how many."""
+    """Delete the records of `arm` with step > `step`; return how many."""
+    return _delete(con, path, "DELETE FROM metrics WHERE arm = ? AND step > ?", (arm, int(step)))
+
+
+def _delete(con: sqlite3.Connection, path: Path, sql: str, params: tuple) -> int:
     try:
         con.execute("BEGIN IMMEDIATE")
-        n = con.execute("DELETE FROM metrics WHERE arm = ? AND step > ?", (arm, int(step))).rowcount
+        n = con.execute(sql, params).rowcount
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', (SELECT max(step) FROM metrics))")
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
         con.execute("COMMIT")
@@ -165,19 +232,21 @@ def _where(filters: dict[str, Iterable[str] | None]) -> tuple[str, list]:
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
-def read_rows(con: sqlite3.Connection, path: Path, filters: dict, strict: bool, damage: str | None = None) -> list[tuple]:
-    """All matching rows in insertion order. On a damaged file: raise if strict, else salvage and warn."""
+def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
+              damage: str | None = None) -> tuple[list[tuple], str | None]:
+    """All matching rows in insertion order, and the damage met (None when none). On a damaged file: raise
+    unless `salvage`, else read what is readable and warn."""
     where, params = _where(filters)
     try:
         rows, lost = con.execute(_SELECT + where + " ORDER BY rowid", params).fetchall(), 0
     except sqlite3.DatabaseError as e:
-        if strict:
+        if not salvage:
             raise _fail(path, "the metrics table is damaged", e) from e
         (rows, lost), damage = _salvage(con, where, params), damage or str(e)
     if damage:
         warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, "
                       f"{lost} unreadable stretches of <= 16 rowids skipped.", RuntimeWarning, stacklevel=3)
-    return rows
+    return rows, damage
 
 
 def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 4096) -> tuple[list[tuple], int]:

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 import torch
 
-from specscope.errors import NonFiniteError
+from specscope.errors import NonFiniteError, RunStoreError
 from specscope.records import Record
 from specscope.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -114,24 +115,43 @@ def _tagged(records: Iterable[Record], arm: str, step: int | None = None) -> lis
 class Trainer:
     """Runs one Arm against a run store, with checkpoints, resume and SIGINT handling."""
 
-    def __init__(self, run: Any, device: torch.device, seed: int, checkpoint_every: int = 0, progress: Any = None):
+    def __init__(self, run: Any, device: torch.device, seed: int, checkpoint_every: int = 0, progress: Any = None,
+                 on_checkpoint: Any = None):
         self.run = run
         self.device = device
         self.seed = seed
         self.checkpoint_every = checkpoint_every
         self.progress = progress  # a specscope.train.progress.Progress or None
+        self.on_checkpoint = on_checkpoint  # called (arm, next_step, records) after each checkpoint is in place
 
     def checkpoint_path(self, arm_name: str) -> Path:
-        return Path(self.run.checkpoints_dir) / f"{arm_name}.pt"
+        """checkpoints/<arm>.pt, the arm's name percent-encoded: "relu/gd" -> relu%2Fgd.pt, never a subpath."""
+        return Path(self.run.checkpoints_dir) / f"{quote(arm_name, safe='-_.')}.pt"
+
+    def verify_checkpoint(self, arm_name: str, count: Any = None) -> int:
+        """The step the checkpoint of `arm_name` resumes from, after checking its hash and that the database
+        still holds every record the arm had written when it was taken (RunStoreError naming what is missing).
+        `count(arm, upto)` counts records (default: the run's `record_count`)."""
+        path = self.checkpoint_path(arm_name)
+        ckpt = load_checkpoint(path)
+        step, want = int(ckpt["next_step"]), int(ckpt["records"])
+        count = count or (lambda arm, upto: self.run.record_count(arm, upto=upto))
+        have = count(arm_name, upto=int(ckpt["position"]))
+        if have != want:
+            raise RunStoreError(
+                f"{self.run.metrics_path} holds {have} records of arm '{arm_name}' up to step {step}, but {want} "
+                f"were written when {path} was taken: the database lost records (or belongs to another run); "
+                "restore it, or start a new run.")
+        return step
 
     # -- one arm -----------------------------------------------------------------------------------
     def fit(self, arm: Any, interrupt: Interrupt, resume: bool = False) -> ArmResult:
         arm.model.to(self.device)
-        start, elapsed = 0, 0.0
+        start, elapsed, position = 0, 0.0, 0
         torch.manual_seed(arm_seed(self.seed, arm.name))
         if resume and self.checkpoint_path(arm.name).exists():
-            start, elapsed = self._restore(arm)
-        self.run.delete_after(start - 1, arm.name)  # records past the checkpoint are recomputed exactly
+            start, elapsed, position = self._restore(arm)
+        self.run.rewind(arm.name, position)  # records written after the checkpoint are recomputed exactly
 
         task = self.progress.add(arm.name, arm.steps, start) if self.progress else None
         result = ArmResult(arm.name, start)
@@ -222,11 +242,15 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _save(self, arm: Any, next_step: int, elapsed: float) -> None:
+        position = self.run.position()  # flushed: a resume keeps exactly the records written up to here
+        records = self.run.record_count(arm.name, upto=position)
         save_checkpoint(
             self.checkpoint_path(arm.name),
             {
                 "arm": arm.name,
                 "next_step": next_step,
+                "records": records,
+                "position": position,
                 "elapsed": elapsed,
                 "model": arm.model.state_dict(),
                 "optimizer": _state(arm.optimizer),
@@ -236,6 +260,8 @@ class Trainer:
                 "rng": _rng_state(),
             },
         )
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(arm.name, next_step, records)
 
     def _restore(self, arm: Any) -> tuple[int, float]:
         ckpt = load_checkpoint(self.checkpoint_path(arm.name))  # cpu; load_state_dict copies to the device
@@ -247,7 +273,7 @@ class Trainer:
         for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
             _load_state(cb, st)
         _set_rng_state(ckpt["rng"])
-        return int(ckpt["next_step"]), float(ckpt["elapsed"])
+        return int(ckpt["next_step"]), float(ckpt["elapsed"]), int(ckpt["position"])
 
 
 def finite_or_nan(x: float) -> float:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from specscope.cli import app
 from specscope.errors import ConfigError
+from specscope.names import markup
 
 
 def builtin(name: str, seed: int):
@@ -59,15 +60,15 @@ def verdict_table(df, title: str) -> Table:
         t.add_column(col, justify="left" if col in ("weight", "verdict", "estimator") else "right")
     for r in df.itertuples():
         v = f"[{colour[r.verdict]}]{r.verdict}[/]"
-        t.add_row(r.layer, _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt(r.spectral_advantage), v, r.estimator, str(r.rows))
+        t.add_row(markup(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt(r.spectral_advantage), v, r.estimator, str(r.rows))
     return t
 
 
 @app.command()
 def diagnose(
     model: str = typer.Option("transformer", "--model", help="mlp, transformer, or a factory module:function returning (model, batches, loss_fn)."),
-    steps: int = typer.Option(30, "--steps", help="Training steps (AdamW)."),
-    every: int = typer.Option(1, "--every", help="Measure every K-th step."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Training steps (AdamW)."),
+    every: int = typer.Option(1, "--every", min=1, help="Measure every K-th step."),
     out: str = typer.Option("runs", "--out", help="Root folder of run directories."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model and the data."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
@@ -90,5 +91,5 @@ def diagnose(
     console = Console()
     console.print(verdict_table(result.advice, f"{model}: {steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     for name, why in result.monitor.unpaired.items():
-        console.print(f"[yellow]unpaired[/] {name}: {why}")
+        console.print(f"[yellow]unpaired[/] {markup(name)}: {markup(why)}")
     console.print(f"run: {run.path}\nreport: {run.path / 'report.html'}")

@@ -9,8 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from specscope.cli import app
+from specscope.cli import app, interruptible
 from specscope.errors import ConfigError
+from specscope.names import markup
+
+SALVAGE_HELP = "Read a damaged metrics database anyway: use the records still readable, and say so in every file written."
 
 console = Console()
 
@@ -33,6 +36,7 @@ def list_labs(keys: bool = typer.Option(False, "--keys", help="Also list each la
 
 
 @app.command("run")
+@interruptible
 def run(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable)."),
@@ -61,21 +65,25 @@ def run(
 
 
 def show_run(run_dir: Path) -> None:
-    """Print a finished run's claims table and where its report is."""
-    import json
-
+    """Print a finished run's claims table and where its report is (summary.json's checksum verified)."""
+    from specscope import store
     from specscope.records import Claim
     from specscope.report import claims_table
 
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = store.Run.open(run_dir).summary or {}
     claims = [Claim(**c) for c in summary.get("claims", [])]
     if claims:
         console.print(claims_table(claims))
-    console.print(f"run: {run_dir}\nreport: {Path(run_dir) / 'report.html'}")
+    if summary.get("salvaged"):
+        console.print(f"[red]salvaged[/]: {markup(summary['salvaged'])}")
+    console.print(f"run: {markup(run_dir)}\nreport: {markup(Path(run_dir) / 'report.html')}")
 
 
 @app.command("report")
-def report_cmd(run_dir: Path = typer.Argument(..., help="A run directory.")) -> None:
+def report_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+    salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
+) -> None:
     """Recompute a run's claims from its recorded metrics and rewrite its report.html."""
     from specscope import labs, store
     from specscope.labs.config import make_config
@@ -83,7 +91,10 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run directory.")) -> 
 
     run = store.Run.open(run_dir)
     lab = labs.get(run.lab)
-    finish(run, lab, make_config(lab.Config, run.config, run.lab))
+    cfg = make_config(lab.Config, run.config, run.lab)
+    if not salvage:
+        run.check()  # before anything is rewritten
+    finish(run, lab, cfg, salvage=salvage)
     show_run(run_dir)
 
 
@@ -91,6 +102,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="A run directory.")) -> 
 def compare(
     run_dirs: list[Path] = typer.Argument(..., help="Two or more run directories."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison (default runs/compare/<time>)."),
+    salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
 ) -> None:
     """Overlay several runs in one HTML page (loss curves, st(A) and nr(G) per weight)."""
     import time
@@ -100,11 +112,14 @@ def compare(
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
     runs = [store.Run.open(p) for p in run_dirs]
+    frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
+    damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
     page = report.write_comparison(
         out,
-        {r.id: store.load(r) for r in runs},
+        frames,
         configs={r.id: r.config for r in runs},
-        title="specscope comparison: " + ", ".join(r.id for r in runs),
+        title=("SALVAGED FROM DAMAGED DATABASES (" + "; ".join(damaged) + ") — " if damaged else "")
+        + "specscope comparison: " + ", ".join(r.id for r in runs),
     )
-    console.print(f"comparison: {page}")
+    console.print(f"comparison: {markup(page)}")

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from specscope.cli import app
+from specscope.names import markup
 
 _STYLE = {"running": "cyan", "complete": "green", "incomplete": "yellow", "interrupted": "yellow",
           "failed": "red", "unreadable": "red"}
@@ -29,7 +30,7 @@ def runs(
     if df.empty:
         typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + ".")
         return
-    table = Table(title=f"runs in {root}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
+    table = Table(title=f"runs in {markup(root)}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
     for col in ("run_id", "lab", "status", "created", "steps"):  # path = root/lab/run_id
         table.add_column(col, no_wrap=col != "lab", min_width=8 if col == "lab" else None,
                          justify="right" if col == "steps" else "left")
@@ -37,7 +38,7 @@ def runs(
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
         status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
-        table.add_row(r.run_id, r.lab, status, created, steps)
+        table.add_row(markup(r.run_id), markup(r.lab), status, created, steps)  # names from disk are data
     Console().print(table)
 
 
@@ -47,6 +48,8 @@ def export(
     format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <run_id>.<format> here)."),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
+    salvage: bool = typer.Option(False, "--salvage", help="Export what is still readable of a damaged database "
+                                 "(the file is named <name>.salvaged.<format>)."),
 ) -> None:
     """Write every record of a run (run_id, step, layer, metric, value, arm, ...) to one csv or parquet file."""
     from specscope.store import export as export_run
@@ -54,6 +57,6 @@ def export(
     from specscope.store.run import read_config
 
     path = find_run(run, root)
-    out = out or Path(f"{read_config(path)['run_id']}.{format}")
-    export_run(path, out, format)
-    typer.echo(f"wrote {out}")
+    out = out or Path(f"{read_config(path)['run_id']}.{format}")  # a plain name (checked): here, never elsewhere
+    written = export_run(path, out, format, salvage=salvage)
+    typer.echo(f"wrote {written}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from specscope.cli import app
+from specscope.cli import app, interruptible
 from specscope.errors import ConfigError
 
 
@@ -44,6 +44,7 @@ def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
 
 
 @app.command("sweep")
+@interruptible
 def sweep(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`); omit with --resume."),
     grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (repeatable; the product of all is run)."),
@@ -64,7 +65,7 @@ def sweep(
         meta_file = resume / sw.SWEEP_FILE
         if not meta_file.is_file():
             raise ConfigError(f"{resume} is not a sweep directory (no {sw.SWEEP_FILE})")
-        recorded = json.loads(meta_file.read_text())["lab"]
+        recorded = sw._sweep_meta(meta_file)["lab"]
         if lab is not None and lab != recorded:
             raise ConfigError(f"--resume {resume} is a sweep of lab '{recorded}', not '{lab}'")
         lab = recorded

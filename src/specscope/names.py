@@ -1,0 +1,43 @@
+"""Names read from files (run ids, labs, arms, layers) are data: checked before they become paths, escaped
+before they are printed with rich or drawn by matplotlib.
+
+    check_name("run_id", meta["run_id"], source=path / "config.json")   # ConfigError unless a plain name
+    console.print(f"run {markup(run_id)}")                             # "[/nope]" prints as typed
+    ax.set_title(mathtext(layer))                                      # "a$\\x{$" draws as typed
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from specscope.errors import ConfigError
+
+PLAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # no separators, no "..", no leading dot, never absolute
+MAX_LEN = 200
+
+
+def is_plain(name: object) -> bool:
+    """A name that is safe as one path component on every platform: letters, digits, '.', '_', '-', not '..'-led."""
+    return isinstance(name, str) and len(name) <= MAX_LEN and PLAIN.fullmatch(name) is not None
+
+
+def check_name(what: str, name: object, source: str | Path | None = None, error: type[Exception] = ConfigError) -> str:
+    """`name` if it is plain, else `error` naming the value, where it came from and what is allowed."""
+    if is_plain(name):
+        return name  # type: ignore[return-value]
+    where = f" in {source}" if source is not None else ""
+    raise error(f"{what} {name!r}{where} is not a plain name: use letters, digits, '.', '_', '-' "
+                      f"(no path separators, no leading '.', at most {MAX_LEN} characters).")
+
+
+def markup(text: object) -> str:
+    """`text` for rich's console markup: square brackets print as themselves instead of styling."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def mathtext(text: object) -> str:
+    """`text` for a matplotlib label: every `$` escaped, so no mathtext is parsed."""
+    return str(text).replace("$", r"\$")

@@ -1,0 +1,138 @@
+"""Truncated, bit-flipped, emptied, missing and malformed files: exit 2 naming the file, nothing recorded changes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from conftest import fingerprint, one_line_error
+from specscope import store
+from specscope.errors import RunStoreError
+
+
+def truncate(path, fraction=0.5):
+    with open(path, "r+b") as f:
+        f.truncate(int(path.stat().st_size * fraction))
+
+
+def flip_bit(path, at=0.5):
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("command", ["report", "export", "compare"])
+def test_truncated_database_is_an_error_for_every_reader(finished, copy_of, cli, tmp_path, command):
+    run = copy_of(finished)
+    truncate(run / "metrics.sqlite")
+    before = fingerprint(run)
+    argv = {"report": ["report", run], "export": ["export", run, "--out", tmp_path / "x.csv"],
+            "compare": ["compare", run, finished, "--out", tmp_path / "cmp"]}[command]
+    rc, _, err = cli(*argv)
+    one_line_error(rc, err, run / "metrics.sqlite", "--salvage")
+    assert fingerprint(run) == before
+    assert not (tmp_path / "x.csv").exists() and not (tmp_path / "cmp").exists()
+
+
+def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_path):
+    run = copy_of(finished)
+    truncate(run / "metrics.sqlite")
+    rc, out, _ = cli("report", run, "--salvage")
+    assert rc == 0
+    summary = store.Run.open(run).summary
+    assert "metrics.sqlite is damaged" in summary["salvaged"]
+    assert "SALVAGED FROM A DAMAGED DATABASE" in (run / "report.html").read_text()
+    rc, out, _ = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
+    assert rc == 0 and (tmp_path / "x.salvaged.csv").is_file() and not (tmp_path / "x.csv").exists()
+
+
+def test_overwritten_page_fails_the_integrity_check(finished, copy_of, cli):
+    run = copy_of(finished)
+    db = run / "metrics.sqlite"
+    data = bytearray(db.read_bytes())
+    page = 4096 * (len(data) // 4096 // 2)  # a b-tree page in the middle
+    data[page:page + 64] = b"\xff" * 64
+    db.write_bytes(bytes(data))
+    before = fingerprint(run)
+    rc, _, err = cli("report", run)
+    one_line_error(rc, err, db)
+    assert fingerprint(run) == before
+
+
+def test_bit_flip_in_a_checkpoint_stops_the_resume(killed, copy_of, cli):
+    run = copy_of(killed)
+    ckpt = run / "checkpoints" / "lrd.pt"
+    flip_bit(ckpt)
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, ckpt, "checksum")
+    assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("how", ["removed", "emptied"])
+def test_resume_refuses_a_lost_database(killed, copy_of, cli, how):
+    run = copy_of(killed)
+    for p in run.glob("metrics.sqlite*"):
+        p.unlink()
+    if how == "emptied":
+        (run / "metrics.sqlite").write_bytes(b"")
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, run / "metrics.sqlite")
+    assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("arm,named", [("l2", "progress.json"), ("lrd", "lrd.pt")])
+def test_resume_refuses_a_database_missing_records(killed, copy_of, cli, arm, named):
+    """l2 finished (progress.json holds its count), lrd has a checkpoint (which holds its count)."""
+    run = copy_of(killed)
+    with sqlite3.connect(run / "metrics.sqlite") as con:
+        con.execute("DELETE FROM metrics WHERE arm = ? AND rowid % 5 = 0", (arm,))
+    con.close()
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, run / "metrics.sqlite", named, f"'{arm}'")
+    assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("name", ["progress.json", "checkpoints/lrd.pt"])
+def test_truncated_progress_or_checkpoint(killed, copy_of, cli, name):
+    run = copy_of(killed)
+    truncate(run / name)
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, run / name)
+    assert fingerprint(run) == before
+
+
+def test_missing_checkpoint_that_progress_records(killed, copy_of, cli):
+    run = copy_of(killed)
+    (run / "checkpoints" / "lrd.pt").unlink()
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, run / "checkpoints" / "lrd.pt", "step 4")
+    assert fingerprint(run) == before
+
+
+def test_edited_summary_fails_its_checksum(finished, copy_of):
+    run = copy_of(finished)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["claims"][0]["verdict"] = "PASS" if summary["claims"][0]["verdict"] != "PASS" else "FAIL"
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(RunStoreError, match="summary.json fails its checksum"):
+        store.Run.open(run).summary
+
+
+@pytest.mark.parametrize("content", ["5", "[{}]", '{"run_id": "x"', "\xff\xfe not utf-8"])
+@pytest.mark.parametrize("command", ["report", "export", "resume"])
+def test_malformed_config_json(finished, copy_of, cli, tmp_path, content, command):
+    run = copy_of(finished)
+    (run / "config.json").write_bytes(content.encode("latin-1"))
+    before = fingerprint(run)
+    argv = {"report": ["report", run], "export": ["export", run, "--out", tmp_path / "x.csv"],
+            "resume": ["run", "--resume", run]}[command]
+    rc, _, err = cli(*argv)
+    one_line_error(rc, err, run / "config.json")
+    assert fingerprint(run) == before

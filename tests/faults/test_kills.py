@@ -1,0 +1,128 @@
+"""SIGKILL at the checkpoint rename and at the database commit (the SPECSCOPE_FAULT test hook), then resume:
+the result equals the uninterrupted run's, with one timing record. A killed sweep takes its workers along."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pandas as pd
+import pytest
+
+from conftest import QUICK, kill_at, metrics
+from specscope import store
+from specscope.store.lock import _pid_alive
+from specscope.labs.runner import run_lab
+
+
+def resume_equals_finished(run, finished):
+    run_lab("", resume=run)
+    assert store.Run.open(run).status == "complete"
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))
+    seconds = store.load(run, metric="lab_seconds")
+    assert len(seconds) == 1 and seconds.value.iloc[0] > 0
+
+
+def test_kill_at_checkpoint_rename_then_resume(killed, copy_of, finished):
+    run = copy_of(killed)
+    resume_equals_finished(run, finished)
+
+
+def test_kill_at_database_commit_then_resume(tmp_path, finished):
+    run = kill_at(tmp_path, "db_commit:7")  # the 7th commit: past the first checkpoints
+    resume_equals_finished(run, finished)
+
+
+def test_resume_after_a_kill_while_the_report_was_written(finished, copy_of):
+    """All parts done and timed; killed before `complete`: the resume keeps the one timing record."""
+    run = copy_of(finished)
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**meta, "status": "running", "pid": 2**22 + 1}))
+    before = store.load(run, metric="lab_seconds")
+    run_lab("", resume=run)
+    pd.testing.assert_frame_equal(store.load(run, metric="lab_seconds"), before)
+
+
+SWEEP = textwrap.dedent("""
+    import sys
+    from specscope.sweep import run_sweep
+    fixed = {"p": 5, "steps": 300, "eval_every": 100, "d_model": 8, "d_ff": 16, "n_heads": 2, "n_layers": 1,
+             "grok_window": 2, "batch_size": 8, "arms": ["l2"], "device": "cpu", "checkpoint_every": 20}
+    run_sweep("grokking", {"seed": [0, 1]}, fixed, out=sys.argv[1], workers=2)
+""")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:  # gone meanwhile
+        return ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
+    from specscope import sweep
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", SWEEP, str(tmp_path)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/runs/grokking/*/metrics.sqlite")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [c for c in children(parent.pid) if "spawn_main" in cmdline(c)]
+        assert workers, "no worker process found"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_pid_alive(w) for w in workers)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    (sweep_dir,) = tmp_path.iterdir()
+    sweep.run_sweep("grokking", {}, resume=sweep_dir, echo=lambda *a: None)
+    assert sorted(sweep.summary(sweep_dir)["seed"]) == [0, 1]
+
+
+def test_ctrl_c_prints_the_resume_command(cli, tmp_path, monkeypatch, finished):
+    from specscope.train import loop
+
+    step = loop.Trainer._step
+
+    def interrupted_at_5(self, arm, i):
+        if i == 5 and arm.name == "lrd":
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler checkpoints and stops after this step
+        return step(self, arm, i)
+
+    monkeypatch.setattr(loop.Trainer, "_step", interrupted_at_5)
+    sets = [a for k, v in QUICK.items() for a in ("--set", f"{k}={v}")]
+    rc, _, err = cli("run", "grokking", *sets, "--out", tmp_path, "--quiet")
+    (run,) = (tmp_path / "grokking").iterdir()
+    assert rc == 130 and err.strip() == f"interrupted: run interrupted; resume with: specscope run --resume {run}"
+    assert store.Run.open(run).status == "interrupted"
+    monkeypatch.setattr(loop.Trainer, "_step", step)
+    rc, _, err = cli("run", "--resume", run, "--quiet")
+    assert rc == 0, err
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))

@@ -1,0 +1,89 @@
+"""Out-of-range values and unreadable inputs: one line, exit 2, and no run directory is made."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import one_line_error
+
+QUICK_ARGS = ["--set", "p=5", "--set", "steps=2", "--set", "d_model=8", "--set", "d_ff=16", "--set", "n_heads=2",
+              "--set", "device=cpu"]
+
+
+@pytest.mark.parametrize("lab,pair", [
+    ("grokking", "grad_clip=-1"), ("grokking", "lr=-1"), ("grokking", "lr=NaN"), ("grokking", "lr=Infinity"),
+    ("grokking", "d_model=-4"), ("grokking", "betas=[2,3]"), ("grokking", "betas=[0.9,1]"),
+    ("grokking", f"seed={10**20}"), ("grokking", "seed=-1"), ("grokking", "steps=-5"), ("grokking", "steps=0"),
+    ("grokking", "eval_every=-1"), ("grokking", "checkpoint_every=-1"), ("grokking", "batch_size=-1"),
+    ("grokking", "train_fraction=1"), ("grokking", "weight_decay=-0.1"), ("grokking", "grok_threshold=2"),
+    ("random-features", "dim=0"), ("random-features", "width=-1"), ("sparse-mlp", "lr=0"),
+    ("gpt", "seq_len=1"), ("gpt", "betas=[0.9,-0.1]"), ("sed", "grad_clip=-1"), ("spiked", "energy_q=0"),
+])
+def test_out_of_range_value_fails_before_a_run_directory(cli, tmp_path, lab, pair):
+    rc, _, err = cli("run", lab, "--set", pair, "--out", tmp_path / "runs")
+    one_line_error(rc, err, pair.split("=")[0])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_value_of_every_lab_has_a_range():
+    """No float without a finiteness bound, no int size without a lower bound (Literal, bool, str are closed)."""
+    import typing
+
+    from specscope import labs
+
+    open_fields = []
+    for name in labs.names():
+        for key, f in labs.get(name).Config.model_fields.items():
+            tp = f.annotation
+            inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+            if any(t in (int, float) for t in inner) and not f.metadata:
+                open_fields.append(f"{name}.{key}")
+    assert not open_fields, open_fields
+
+
+@pytest.mark.parametrize("content,named", [
+    (b"\xff\xfe\x00 not utf-8", "not UTF-8"), (b"config = 5", "must be a table"), (b"p = = 5", "not valid TOML"),
+])
+def test_bad_config_file(cli, tmp_path, content, named):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(content)
+    rc, _, err = cli("run", "grokking", "--config", bad, "--out", tmp_path / "runs")
+    one_line_error(rc, err, bad, named)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_file_is_a_directory(cli, tmp_path):
+    rc, _, err = cli("run", "grokking", "--config", tmp_path, "--out", tmp_path / "runs")
+    one_line_error(rc, err, tmp_path)
+
+
+@pytest.mark.parametrize("out", ["/dev/null", "file"])
+def test_run_out_that_is_not_a_directory(cli, tmp_path, out):
+    target = tmp_path / "file" if out == "file" else out
+    if out == "file":
+        target.write_text("x")
+    rc, _, err = cli("run", "grokking", *QUICK_ARGS, "--out", target, "--quiet")
+    one_line_error(rc, err, target)
+
+
+@pytest.mark.parametrize("where", ["missing dir", "a dir", "under a file"])
+def test_export_out_that_cannot_be_written(finished, cli, tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    out = {"missing dir": tmp_path / "nope" / "x.csv", "a dir": tmp_path,
+           "under a file": tmp_path / "file" / "x.csv"}[where]
+    rc, _, err = cli("export", finished, "--out", out)
+    one_line_error(rc, err, out)
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_compare_out_under_a_file(finished, cli, tmp_path):
+    (tmp_path / "file").write_text("x")
+    rc, _, err = cli("compare", finished, finished, "--out", tmp_path / "file" / "cmp")
+    one_line_error(rc, err, tmp_path / "file")
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--every"])
+def test_diagnose_zero_leaves_no_run_directory(cli, tmp_path, flag):
+    rc, _, err = cli("diagnose", "--model", "mlp", flag, "0", "--out", tmp_path / "runs")
+    assert rc == 2 and flag in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
