@@ -53,7 +53,7 @@ def _records(finals: dict[str, list[float]], cr: float, nr: float) -> pd.DataFra
                      dict(arm=arm, step=10, layer="", metric="time", value=1.0)]
             if geo == "adamw":
                 rows += [dict(arm=arm, step=0, layer="embed", metric="l1_to_l2_advantage", value=cr),
-                         dict(arm=arm, step=0, layer="embed", metric="embed_spectral_advantage", value=nr)]
+                         dict(arm=arm, step=0, layer="embed", metric="spectral_advantage", value=nr)]
     return pd.DataFrame(rows)
 
 

@@ -13,8 +13,8 @@ gains; only the embedding's step differs:
                (euclidean="adamw": Adam's step or an RMS-matched spectral / ℓ₁→ℓ₂ step)
 
 so one embedding lr (`lr_embed`) serves the three. On probe steps a callback records, for the embedding's
-gradient, nr(G) and the ℓ₁→ℓ₂ analogue cr(G) = ‖G‖_{2,1}²/‖G‖_F², each over st(A) = N/c_max: the one-step
-guarantees of the spectral and ℓ₁→ℓ₂ steps relative to GD's (docs/optim.md, "ℓ₁→ℓ₂ geometry").
+gradient, the ℓ₁→ℓ₂ analogue of nr(G), cr(G) = ‖G‖_{2,1}²/‖G‖_F², over st(A) = N/c_max; with the Monitor's nr/st
+these are the one-step guarantees of the ℓ₁→ℓ₂ and spectral steps relative to GD's (docs/optim.md, "ℓ₁→ℓ₂ geometry").
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def param_groups(cfg: Config, gcfg: gpt.Config, model: torch.nn.Module, geometry
 
 
 class EmbeddingRanks:
-    """On probe steps: cr(G) and nr(G) of the embedding's gradient and both over st(A) = N/c_max of the batch."""
+    """On probe steps: cr(G) of the embedding's gradient and cr/st with st(A) = N/c_max of the batch (the
+    Monitor records nr(G) and nr/st of the same gradient as `nuclear_rank`, `spectral_advantage`)."""
 
     def __init__(self, batches: gpt.Batches, every: int):
         self.batches, self.every = batches, every
@@ -108,11 +109,10 @@ class EmbeddingRanks:
             return []
         x, _ = self.batches(step)
         st = float(linalg.onehot_stable_rank(x))
-        cr, nr = column_rank(G, token_dim=0), float(linalg.nuclear_rank(G.double()))
+        cr = column_rank(G, token_dim=0)
         meta = dict(layer="embed", estimator="exact", rows=x.numel(), shape="x".join(map(str, G.shape)))
         return [Record(step, metric="column_rank", value=cr, **meta),
-                Record(step, metric="l1_to_l2_advantage", value=cr / st, **meta),
-                Record(step, metric="embed_spectral_advantage", value=nr / st, **meta)]
+                Record(step, metric="l1_to_l2_advantage", value=cr / st, **meta)]
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:
@@ -169,7 +169,7 @@ def _eg2(df: pd.DataFrame, cfg: Config) -> Claim:
             "(lower mean final val loss) iff the median cr(G)/st(A) exceeds the median nr(G)/st(A) of the embedding "
             "gradient (over the AdamW arms' probed steps)")
     pub = "001 §1.2.1 / REFERENCE §3 guarantee ratio, applied to the ℓ₁→ℓ₂ geometry (docs/optim.md)"
-    cr, nr = _median(df, "l1_to_l2_advantage"), _median(df, "embed_spectral_advantage")
+    cr, nr = _median(df, "l1_to_l2_advantage"), _median(df, "spectral_advantage")
     d = S.paired_difference(S.final_table(df), "l1_to_l2", "spectral")
     if not (math.isfinite(cr) and math.isfinite(nr)) or d.empty:
         return Claim("EG-2", text, pub, "needs the adamw, l1_to_l2 and spectral arms", "INCONCLUSIVE")
@@ -190,7 +190,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Figure]:
     fig = S.curves_figure(df, list(cfg.geometries), "embedding geometry (hidden: Muon)")
     if fig is not None:
         out["embed_geometry_val_loss"] = fig
-    adv = df[(df["layer"] == "embed") & df["metric"].isin(["l1_to_l2_advantage", "embed_spectral_advantage"])]
+    adv = df[(df["layer"] == "embed") & df["metric"].isin(["l1_to_l2_advantage", "spectral_advantage"])]
     if not adv.empty:
         fig = Figure(figsize=(4.8, 3.4), dpi=100, layout="constrained")
         ax = fig.subplots()
