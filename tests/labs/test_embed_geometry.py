@@ -10,6 +10,8 @@ from specscope.errors import ConfigError
 from specscope.labs import embed_geometry as eg
 from specscope.labs.config import make_config
 
+from labsmoke import smoke, verdicts
+
 TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
             probe_every=2, max_bytes=60_000, warmup=2, device="cpu", seeds=[0])
 
@@ -33,8 +35,8 @@ def test_each_geometry_routes_only_the_embedding():
         assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_smoke_run_records_seeds_geometries_and_the_embedding_ranks(smoke):
-    claims, df, figs = smoke("embed-geometry", TINY)
+def test_smoke_run_records_seeds_geometries_and_the_embedding_ranks(monkeypatch, tmp_path):
+    claims, df, figs = smoke(monkeypatch, tmp_path, "embed-geometry", TINY)
     assert set(df.arm.dropna().unique()) >= {"adamw/s0", "l1_to_l2/s0", "spectral/s0"}
     for arm in ("adamw/s0", "l1_to_l2/s0", "spectral/s0"):
         assert sorted(df[(df.arm == arm) & (df.metric == "val_loss")].step) == [0, 2, 4]
@@ -80,8 +82,8 @@ def test_bad_config_is_one_clear_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_measured_run(verdicts):
-    assert verdicts("embed-geometry") == MEASURED
+def test_measured_run(tmp_path):
+    assert verdicts("embed-geometry", tmp_path) == MEASURED
 
 
 MEASURED = {"EG-1": "FAIL", "EG-2": "PASS"}  # the verdicts of the measured default run (docs/lab-embed-geometry.md)

@@ -10,12 +10,14 @@ from specscope.errors import ConfigError
 from specscope.labs import gated_width as gw
 from specscope.labs.config import make_config
 
+from labsmoke import smoke, verdicts
+
 TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
             probe_every=2, max_bytes=60_000, warmup=2, device="cpu", seeds=[0])
 
 
-def test_smoke_run_has_both_mlps_and_optimizers_and_per_layer_ranks(smoke):
-    claims, df, figs = smoke("gated-width", TINY)
+def test_smoke_run_has_both_mlps_and_optimizers_and_per_layer_ranks(monkeypatch, tmp_path):
+    claims, df, figs = smoke(monkeypatch, tmp_path, "gated-width", TINY)
     for v in ("relu2-adamw", "relu2-muon", "swiglu-adamw", "swiglu-muon"):
         assert sorted(df[(df.arm == f"{v}/s0") & (df.metric == "val_loss")].step) == [0, 2, 4]
     swiglu = df[(df.arm == "swiglu-muon/s0") & (df.metric == "spectral_advantage")]
@@ -60,8 +62,8 @@ def test_bad_config_is_one_clear_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(7200)
-def test_measured_run(verdicts):
-    assert verdicts("gated-width") == MEASURED
+def test_measured_run(tmp_path):
+    assert verdicts("gated-width", tmp_path) == MEASURED
 
 
 MEASURED = {"GW-1": "FAIL", "GW-2": "FAIL"}  # the verdicts of the measured default run (docs/lab-gated-width.md)

@@ -10,6 +10,8 @@ from specscope.errors import ConfigError
 from specscope.labs import switching as sw
 from specscope.labs.config import make_config
 
+from labsmoke import smoke, verdicts
+
 TINY = dict(seeds=[0], rf_dim=8, rf_width=32, rf_samples=32, rf_outputs=4, rf_steps=4, rf_switch=[0, 2],
             mlp_dim=6, mlp_width=16, mlp_samples=16, mlp_steps=4, mlp_switch=[0, 2], device="cpu")
 
@@ -35,8 +37,8 @@ def test_switch_takes_gd_then_the_spectral_step_and_round_trips():
     assert other.k == 4
 
 
-def test_smoke_run_every_setup_has_every_T_the_burn_in_and_auto(smoke):
-    claims, df, figs = smoke("switching", TINY)
+def test_smoke_run_every_setup_has_every_T_the_burn_in_and_auto(monkeypatch, tmp_path):
+    claims, df, figs = smoke(monkeypatch, tmp_path, "switching", TINY)
     for setup in ("rf/relu", "rf/swiglu", "mlp/relu"):
         assert set(sw.final_losses(df, setup, 0)) == {"0", "2", "4", "auto"}
         assert not sw.burn_in(df, setup, 0, 4).empty
@@ -71,8 +73,8 @@ def test_bad_setup_is_one_clear_error():
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-def test_measured_run(verdicts):
-    assert verdicts("switching") == MEASURED
+def test_measured_run(tmp_path):
+    assert verdicts("switching", tmp_path) == MEASURED
 
 
 MEASURED = {"SW-1": "PASS", "SW-2": "PASS"}  # the verdicts of the measured default run (docs/lab-switching.md)

@@ -31,7 +31,7 @@ from specscope import linalg
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, LabConfig
+from specscope.labs.base import Arm, AtLeast1, LabConfig, NonNegative, Seed
 from specscope.optim.l1_to_l2 import column_rank
 from specscope.records import Claim, Record
 
@@ -44,7 +44,7 @@ class Config(LabConfig):
     """Defaults: the gpt lab's 2-layer d=128 model, 200 steps, 3 seeds, 9 arms."""
 
     geometries: list[Geometry] = list(GEOMETRIES)
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     n_layer: int = Field(2, ge=1, le=48)
     n_head: AtLeast1 = 4
     d_model: int = Field(128, ge=8, le=8192)
@@ -62,7 +62,7 @@ class Config(LabConfig):
     eval_every: AtLeast1 = 25
     eval_batches: AtLeast1 = 8
     probe_every: AtLeast1 = 25
-    margin: float = Field(0.0, ge=0)  # EG-1: "lower" means lower by more than margin nats/byte
+    margin: NonNegative = 0.0  # EG-1: "lower" means lower by more than margin nats/byte
 
 
 def gpt_config(cfg: Config, seed: int) -> gpt.Config:

@@ -21,7 +21,7 @@ from pydantic import Field
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, LabConfig
+from specscope.labs.base import Arm, AtLeast1, LabConfig, NonNegative, Seed
 from specscope.records import Claim
 
 NAME = "gated-width"
@@ -34,7 +34,7 @@ class Config(LabConfig):
     ran in under an hour at load ≈ 20; raise d_model, n_layer, steps on a bigger machine)."""
 
     mlps: list[Literal["relu2", "swiglu"]] = list(MLPS)
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     n_layer: int = Field(2, ge=1, le=96)
     n_head: AtLeast1 = 6
     d_model: int = Field(192, ge=8, le=16384)
@@ -49,7 +49,7 @@ class Config(LabConfig):
     eval_every: AtLeast1 = 20
     eval_batches: AtLeast1 = 4
     probe_every: AtLeast1 = 20
-    margin: float = Field(0.0, ge=0)  # GW-1: Muon's gain counts when AdamW − Muon > margin (nats/byte)
+    margin: NonNegative = 0.0  # GW-1: Muon's gain counts when AdamW − Muon > margin (nats/byte)
 
 
 def gpt_config(cfg: Config, mlp: str, seed: int) -> gpt.Config:

@@ -29,7 +29,7 @@ from specscope.data.synthetic import check_activation, rf_regression, sparse_reg
 from specscope.errors import ConfigError
 from specscope.labs import random_features as rf
 from specscope.labs import sparse_mlp as mlp
-from specscope.labs.base import Arm, LabConfig
+from specscope.labs.base import Arm, AtLeast0, LabConfig, NonNegative, Seed
 from specscope.records import Claim
 
 NAME = "switching"
@@ -40,20 +40,20 @@ class Config(LabConfig):
     """Defaults: rf/relu, rf/swiglu, mlp/relu × 3 seeds × the T grid (+ AutoGeometry), ≈ 3 min on 2 idle cores."""
 
     setups: list[str] = ["rf/relu", "rf/swiglu", "mlp/relu"]
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     rf_steps: int = Field(30, ge=1, le=100_000)
-    rf_switch: list[int] = [0, 1, 2, 3, 5, 8, 12, 20, 30]  # T grid; T = rf_steps is plain GD
+    rf_switch: list[AtLeast0] = [0, 1, 2, 3, 5, 8, 12, 20, 30]  # T grid; T = rf_steps is plain GD
     rf_dim: int = Field(128, ge=2)
     rf_width: int = Field(1024, ge=2)
     rf_samples: int = Field(1024, ge=2)
     rf_outputs: int = Field(64, ge=1)
     mlp_steps: int = Field(100, ge=1, le=100_000)
-    mlp_switch: list[int] = [0, 2, 5, 10, 20, 40, 70, 100]
+    mlp_switch: list[AtLeast0] = [0, 2, 5, 10, 20, 40, 70, 100]
     mlp_dim: int = Field(32, ge=3)
     mlp_width: int = Field(256, ge=2)
     mlp_samples: int = Field(256, ge=2)
     mlp_lr: float = Field(0.05, gt=0, le=10)
-    tolerance: float = Field(0.05, ge=0)  # SW-1: loss at the predicted T within (1 + tolerance) × the best
+    tolerance: NonNegative = 0.05  # SW-1: loss at the predicted T within (1 + tolerance) × the best
 
 
 def _parse(setup: str) -> tuple[str, str]:
