@@ -1,28 +1,28 @@
 """Optimizer step time on a GPT's hidden matrices, and the random-feature regression check.
 
 Not a test. Part 1 prints, per setting (one GPT block at d=768; a 4-layer model at d=256), the median
-step time of torch.optim.Muon (the baseline, timed in the same run, interleaved), specscope Muon with
-each polar backend, SpecGD and AutoGeometry; the ratio to the baseline; and the polar error of the
+step time of torch.optim.Muon (the baseline), specscope Muon with each polar backend, SpecGD and
+AutoGeometry, timed round-robin (benchmarks/_timing.py); the ratio to the baseline's step in the same
+round as median [min–max] over the rounds, with the load average at start; and the polar error of the
 update direction, max|u_iᵀPv_i − 1| over σ_i ≥ 0.1·σ_1 and σ_i ≥ 1e-3·σ_1 (linalg.polar_error), on the
 gradient-like matrices of benchmarks/polar.py (geometric spectrum 1 … 1e-6, as the linalg benchmark).
 Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/‖A‖_2²), SpecGD
 (‖G‖_*/‖A‖_F²) and AutoGeometry (geometry-matched, lr 1/‖A‖_2²) and checks AutoGeometry's loss is within
 10 % of the better of the two.
 
-    .venv/bin/python benchmarks/optim_step.py --repeats 7
+    .venv/bin/python benchmarks/optim_step.py --rounds 3 --repeats 3   (--device cuda --skip-rf on a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, load_average  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
@@ -42,16 +42,18 @@ def _params(mats: list[torch.Tensor]) -> list[torch.nn.Parameter]:
     return ps
 
 
-def optimizers(mats: list[torch.Tensor]) -> dict[str, torch.optim.Optimizer]:
+def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[str, torch.optim.Optimizer]:
+    """The baseline and the candidates (all, or the baseline plus the names in `only`)."""
     named = lambda ps: [(f"h{i}.weight", p) for i, p in enumerate(ps)]  # noqa: E731
     st = lambda layer: 3.0  # noqa: E731  a constant st(A) stands in for the probe Monitor
     out = {"torch.optim.Muon": torch.optim.Muon(_params(mats), lr=1.0, weight_decay=0.0)}
     for polar in ("default", "newton_schulz", "polar_express", "gram", "svd"):
         kw = {} if polar == "default" else {"polar": polar}
-        out[f"Muon polar={polar}"] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
+        label = "Muon default (gram_newton_schulz)" if polar == "default" else f"Muon polar={polar}"
+        out[label] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
-    return out
+    return {k: o for k, o in out.items() if only is None or k == "torch.optim.Muon" or k in only}
 
 
 def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tuple[float, float] | None:
@@ -65,25 +67,18 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
     return e1, e3
 
 
-def bench_steps(label: str, d: int, n_layer: int, repeats: int, seed: int, device: str) -> list[dict]:
+def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, seed: int, device: str,
+                only: list[str] | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     mats = [gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]
-    opts = optimizers(mats)
+    opts = optimizers(mats, only)
     for opt in opts.values():
         opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    times: dict[str, list[float]] = {k: [] for k in opts}
-    for _ in range(repeats):  # interleaved, so machine load hits all alike
-        for k, opt in opts.items():
-            sync()
-            t0 = time.perf_counter()
-            opt.step()
-            sync()
-            times[k].append(time.perf_counter() - t0)
-    base = statistics.median(times["torch.optim.Muon"])
-    return [dict(setting=label, optimizer=k, ms=1e3 * statistics.median(v), ratio=statistics.median(v) / base,
-                 err=errs[k]) for k, v in times.items()]
+    timings = interleaved({k: o.step for k, o in opts.items()}, "torch.optim.Muon", rounds=rounds, repeats=repeats,
+                          warmup=0, sync=sync)
+    return [dict(setting=label, optimizer=k, timing=t, err=errs[k]) for k, t in timings.items()]
 
 
 def rf_check(steps: int, seed: int) -> list[dict]:
@@ -105,22 +100,30 @@ def markdown(rows: list[dict], cols: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median and min–max over them)")
+    ap.add_argument("--repeats", type=int, default=3, help="steps per optimizer per round")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rf-steps", type=int, default=50)
     ap.add_argument("--skip-rf", action="store_true")
+    ap.add_argument("--optimizers", nargs="*", default=None, help='only these candidates (the baseline always runs)')
+    ap.add_argument("--settings", nargs="*", default=None, help='only these settings, e.g. "GPT block d=768"')
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+          f"{load_average()} at start\n")
     rows = []
     for label, d, n_layer in (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4)):
-        rows += bench_steps(label, d, n_layer, args.repeats, args.seed, args.device)
-    fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['ms']:.1f}", ratio=f"{r['ratio']:.2f}",
+        if args.settings and label not in args.settings:
+            continue
+        rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device, args.optimizers)
+    fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['timing'].ms:.1f}",
+                ratio=r["timing"].ratio_text(),
                 e1="–" if r["err"] is None else f"{r['err'][0]:.1e}",
                 e3="–" if r["err"] is None else f"{r['err'][1]:.1e}") for r in rows]
     for r in fmt:
         r["× Muon"], r["median ms"], r["err σ≥0.1σ₁"], r["err σ≥1e-3σ₁"] = r["ratio"], r["ms"], r["e1"], r["e3"]
     print(markdown(fmt, ["setting", "optimizer", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]))
+    print("\n× Muon: median [min–max] over the interleaved rounds of the ratio to torch.optim.Muon's step in the same round")
     if args.skip_rf:
         return
     rf = rf_check(args.rf_steps, args.seed)

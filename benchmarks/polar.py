@@ -1,25 +1,30 @@
 """Polar backends vs one torch.optim.Muon step on the hidden matrices of one GPT block.
 
-Not a test: prints a table of median times, ratio to the Muon baseline (measured in the same run) and
-each backend's error max|u_iᵀPv_i − 1| over singular triplets with σ_i ≥ 0.1·σ_1 and ≥ 1e-3·σ_1.
+Not a test: prints a table of median times, the ratio to the Muon baseline timed in the same run
+(median and min–max over interleaved rounds, benchmarks/_timing.py; the load average at start is
+printed) and each backend's error max|u_iᵀPv_i − 1| over singular triplets with σ_i ≥ 0.1·σ_1 and
+≥ 1e-3·σ_1.
 
 Test matrices ("gradient-like"): G = U diag(σ) Vᵀ with Haar-random orthonormal U, V (float64 QR of a
 Gaussian) and a geometric spectrum σ_i = 10^(−6·(i−1)/(k−1)), i.e. from σ_1 = 1 down to 1e-6: half of
 the singular values lie below 1e-3·σ_1, ‖G‖_F/σ_1 ≈ 5 at d = 768, like a trained layer's gradient with a
 few strong directions and a long tail. They are stored in float32 (the gradient dtype).
 
-    .venv/bin/python benchmarks/polar.py --dims 256 768 --repeats 7
+    .venv/bin/python benchmarks/polar.py --dims 256 768 --rounds 3 --repeats 3   (add --device cuda on a GPU)
 """
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from specscope.linalg import polar, polar_error
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, load_average  # noqa: E402
+
+from specscope.linalg import gram_newton_schulz, polar, polar_error  # noqa: E402
 
 
 def block_shapes(d: int) -> list[tuple[int, int]]:
@@ -45,12 +50,13 @@ def group_by_shape(mats: list[torch.Tensor]) -> list[torch.Tensor]:
 BACKENDS = {
     # label: (method, kwargs)
     "svd": ("svd", {}),
-    "gram": ("gram", {}),
+    "gram (= auto tol=1e-4)": ("gram", {}),
     "newton_schulz bf16 ×5": ("newton_schulz", {}),
     "polar_express bf16 ×5": ("polar_express", {}),
     "polar_express fp32 ×10": ("polar_express", {"dtype": torch.float32, "ns_steps": 10}),
-    "auto": ("auto", {}),
-    "auto tol=1e-4": ("auto", {"tol": 1e-4}),
+    "gram_newton_schulz bf16 ×4 (= auto)": ("gram_newton_schulz", {}),
+    "gram_newton_schulz bf16 ×4, restart 2": ("gram_newton_schulz", {"restart": 2}),
+    "gram_newton_schulz bf16 ×4, AOL rows": (lambda G: gram_newton_schulz(G, aol=True).to(G.dtype), {}),
 }
 
 
@@ -66,18 +72,14 @@ def muon_baseline(mats: list[torch.Tensor]):
     return opt.step, directions
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _polar_all(groups: list[torch.Tensor], method, kw: dict) -> list[torch.Tensor]:
+    """Every same-shape batch through a backend name (with kwargs) or a kernel function."""
+    return [method(Gb) if callable(method) else polar(Gb, method, **kw) for Gb in groups]
 
 
-def run(d: int, repeats: int, backends: list[str], seed: int) -> list[dict]:
+def run(d: int, rounds: int, repeats: int, backends: list[str], seed: int, device: str) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
-    mats = [gradient_like(m, n, gen) for m, n in block_shapes(d)]
+    mats = [gradient_like(m, n, gen).to(device) for m, n in block_shapes(d)]
     groups = group_by_shape(mats)
     muon_step, muon_dirs = muon_baseline(mats)
 
@@ -86,36 +88,28 @@ def run(d: int, repeats: int, backends: list[str], seed: int) -> list[dict]:
         e3 = max(float(polar_error(G, P, 1e-3)) for G, P in zip(mats, Ps))
         return e1, e3
 
-    calls = {"torch.optim.Muon step": muon_step}
+    base = "torch.optim.Muon step"
+    calls = {base: muon_step}
     for label in backends:
         method, kw = BACKENDS[label]
-        calls[label] = (lambda method=method, kw=kw: [polar(Gb, method, **kw) for Gb in groups])
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for fn in calls.values():
-        fn()  # warm-up
-    for _ in range(repeats):  # interleave the backends so machine load hits all of them alike
-        for label, fn in calls.items():
-            times[label] += timed(fn, 1)
+        calls[label] = lambda method=method, kw=kw: _polar_all(groups, method, kw)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    timings = interleaved(calls, base, rounds=rounds, repeats=repeats, sync=sync)
 
-    base = statistics.median(times["torch.optim.Muon step"])
-    rows = [dict(d=d, backend="torch.optim.Muon step", ms=base * 1e3, ratio=1.0, err=errors(muon_dirs))]
+    rows = [dict(d=d, backend=base, timing=timings[base], err=errors(muon_dirs))]
     for label in backends:
         method, kw = BACKENDS[label]
-        Ps = [P for Gb in groups for P in polar(Gb, method, **kw).unbind(0)]
-        shapes = [G.shape for Gb in groups for G in Gb.unbind(0)]
-        by_shape = {tuple(s): [] for s in shapes}
-        for s, P in zip(shapes, Ps):
-            by_shape[tuple(s)].append(P)
+        per_group = [P.unbind(0) for P in _polar_all(groups, method, kw)]
+        by_shape = {tuple(Gb.shape[1:]): list(Ps) for Gb, Ps in zip(groups, per_group)}
         ordered = [by_shape[tuple(G.shape)].pop(0) for G in mats]
-        med = statistics.median(times[label])
-        rows.append(dict(d=d, backend=label, ms=med * 1e3, ratio=med / base, err=errors(ordered)))
+        rows.append(dict(d=d, backend=label, timing=timings[label], err=errors(ordered)))
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["d", "backend", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]
-    cells = [[str(r["d"]), r["backend"], f"{r['ms']:.1f}", f"{r['ratio']:.2f}", f"{r['err'][0]:.2e}", f"{r['err'][1]:.2e}"]
-             for r in rows]
+    header = ["d", "backend", "median ms", "× Muon [min–max]", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]
+    cells = [[str(r["d"]), r["backend"], f"{r['timing'].ms:.1f}", r["timing"].ratio_text(),
+              f"{r['err'][0]:.2e}", f"{r['err'][1]:.2e}"] for r in rows]
     try:
         from rich.console import Console
         from rich.table import Table
@@ -124,7 +118,7 @@ def print_table(rows: list[dict]) -> None:
             table.add_column(h, justify="left" if h == "backend" else "right")
         for c in cells:
             table.add_row(*c)
-        Console().print(table)
+        Console(width=160).print(table)
     except ImportError:
         print(" | ".join(header))
         for c in cells:
@@ -134,12 +128,14 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dims", type=int, nargs="+", default=[256, 768])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median and min–max over them)")
+    ap.add_argument("--repeats", type=int, default=3, help="calls per candidate per round")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    rows = [r for d in args.dims for r in run(d, args.repeats, args.backends, args.seed)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {load_average()} at start")
+    rows = [r for d in args.dims for r in run(d, args.rounds, args.repeats, args.backends, args.seed, args.device)]
     print_table(rows)
 
 

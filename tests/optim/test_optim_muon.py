@@ -92,10 +92,36 @@ def test_same_shape_params_share_one_batched_call():
     assert sorted(calls) == [(1, 32, 64), (1, 64, 32), (2, 48, 48)]
 
 
-@pytest.mark.parametrize("method", ["gram", "svd", "polar_express"])
+@pytest.mark.parametrize("method", ["gram", "svd", "polar_express", "gram_newton_schulz", "auto"])
 def test_each_backend_steps(method):
     p = torch.nn.Parameter(torch.randn(40, 24))
     p.grad = torch.randn_like(p)
     before = p.detach().clone()
     Muon([p], lr=0.01, polar=method).step()
     assert torch.isfinite(p).all() and not torch.equal(p, before)
+
+
+def test_newton_schulz_equals_torch_muon_bit_for_bit():
+    kw = dict(lr=0.02, weight_decay=0.1)
+    ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw))
+    theirs = _run(lambda ps: torch.optim.Muon(ps, **kw))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_default_backend_is_more_accurate_than_torch_muon():
+    """Default polar (gram_newton_schulz, 4 bf16 steps): smaller polar error at 0.1·σ_1 than torch.optim.Muon's
+    5 Keller steps, on a wide, a tall and a square gradient with a decaying spectrum."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(32, 128), (128, 32), (64, 64)]:
+        U, _ = torch.linalg.qr(torch.randn(shape[0], min(shape), generator=g))
+        V, _ = torch.linalg.qr(torch.randn(shape[1], min(shape), generator=g))
+        G = (U * torch.logspace(0, -3, min(shape))) @ V.mT
+        steps = {}
+        for name, opt_cls, kw in [("torch", torch.optim.Muon, {}), ("ours", Muon, {})]:
+            p = torch.nn.Parameter(torch.zeros(shape))
+            p.grad = G.clone()
+            opt_cls([p], lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, **kw).step()
+            steps[name] = -p.detach() / max(1.0, shape[0] / shape[1]) ** 0.5
+        ours, theirs = (float(linalg.polar_error(G, steps[k], 0.1)) for k in ("ours", "torch"))
+        assert ours < 0.05 < 0.25 < theirs

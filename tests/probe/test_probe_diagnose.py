@@ -78,3 +78,124 @@ def test_python_diagnose_function():
     res = diagnose(model, batches, lambda m, b: (m(b[0]) - b[1]).square().mean(), 5, sink=seen.extend)
     assert list(res.advice.layer) == ["0", "2"] and set(res.advice.measurements) == {5}
     assert len(res.losses) == 5 and seen == res.records
+
+
+# -- real models, options, literal names --------------------------------------------------------------
+
+def summary_of(tmp_path) -> dict:
+    import json
+
+    (run_dir,) = (tmp_path / "diagnose").iterdir()
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_hf_builtin_configs_print_every_measured_weight_in_full(name, tmp_path):
+    pytest.importorskip("transformers")
+    res = invoke("--model", f"hf:{name}", "--steps", "2", "--out", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    verdicts = summary_of(tmp_path)["verdicts"]
+    assert len(verdicts) >= 2
+    lines = res.output.splitlines()
+    for layer in verdicts:  # each name whole, on one line of the table
+        assert any(f"│ {layer} " in line for line in lines), layer
+    if name == "bert":
+        assert "bert.encoder.layer.1.attention.output.dense" in verdicts
+
+
+def test_hf_local_folder_trains_its_saved_weights(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from specscope.models.hf import SEQ, batches, corpus_bytes, tiny_configs
+
+    torch.manual_seed(5)
+    saved = transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"])
+    saved.save_pretrained(tmp_path / "my-llama")
+    res = invoke("--model", f"hf:{tmp_path / 'my-llama'}", "--steps", "1", "--out", str(tmp_path / "runs"), "--seed", "3")
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "runs" / "diagnose").iterdir()
+    df = store.load(run_dir)
+    first = next(batches(corpus_bytes().long(), 3, SEQ, None))
+    with torch.no_grad():
+        expected = saved(**first).loss.item()
+    assert df[df.metric == "loss"].value.item() == pytest.approx(expected, rel=1e-6)  # the saved weights, not a fresh init
+
+
+def test_options_current_directory_and_literal_names(tmp_path, monkeypatch):
+    (tmp_path / "fused_factory.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+
+        def build(seed):
+            torch.manual_seed(seed)
+            model = nn.Sequential()
+            model.add_module("qkv", nn.Linear(8, 24))
+            model.add_module(":llama:", nn.Linear(24, 8))
+            model.add_module("[bold]out[/bold]", nn.Linear(8, 2))
+            model.add_module("skip", nn.Linear(2, 2))
+            batches = iter([(torch.randn(16, 8), torch.randn(16, 2)) for _ in range(3)])
+            return model, batches, lambda m, b: (m(b[0]) - b[1]).square().mean()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    res = invoke("--model", "fused_factory:build", "--steps", "2", "--out", str(tmp_path), "--estimator", "gram",
+                 "--split", "qkv=q,k,v", "--exclude", "skip")
+    sys.modules.pop("fused_factory", None)
+    assert res.exit_code == 0, res.output
+    assert set(summary_of(tmp_path)["verdicts"]) == {"qkv.q", "qkv.k", "qkv.v", ":llama:", "[bold]out[/bold]"}
+    assert "│ :llama: " in res.output and "│ [bold]out[/bold] " in res.output  # literal, no emoji, no markup
+    assert "│ gram " in res.output and "skip" not in res.output
+
+
+def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    from specscope.cli import main
+
+    (tmp_path / "empty").mkdir()
+    cases = [(["--model", "hf:no-such-model"], "no local folder"),
+             (["--model", f"hf:{tmp_path / 'empty'}"], "cannot load"),
+             (["--split", "qkv"], "PATTERN=q,k,v"),
+             (["--split", "qkv=q:1,k"], "PATTERN=q,k,v"),
+             (["--split", "qkv=q:a,k:b"], "integers"),
+             (["--estimator", "svd", "--steps", "1"], "estimator")]
+    for args, msg in cases:
+        if args[1].startswith("hf:"):
+            pytest.importorskip("transformers")
+        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--out", str(tmp_path), *args])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1 and err.startswith("error:"), (args, err)
+
+
+def test_table_folds_long_names_instead_of_cutting_them():
+    import pandas as pd
+    from rich.console import Console
+
+    from specscope.cli.commands.diagnose import verdict_table
+
+    long = "model.layers.0.self_attn.q_proj." * 3 + "weight"
+    df = pd.DataFrame([{"layer": long, "stable_rank": 2.0, "nuclear_rank": 3.0, "spectral_advantage": 1.5,
+                        "verdict": "unmeasured", "estimator": "power", "rows": 64}])
+    console = Console(width=80, record=True)
+    console.print(verdict_table(df, "t"))
+    text = console.export_text()
+    pieces = [line.split("│")[1].strip() for line in text.splitlines() if line.startswith("│")]
+    assert "…" not in text and long in "".join(pieces) and len(pieces) > 1  # folded over lines, whole
+    assert all(line.endswith(("┓", "┃", "┩", "│", "┘")) for line in text.splitlines()[1:] if line)  # no column cut off
+    assert "rows" in text and "unmeasured" in text
+
+
+def test_hf_local_folder_uses_its_tokenizer(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "def", "return", "self", "import", "if", "else", "for", "in", "class", "None", "=", "(", ")", ":"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    small = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(words), n_positions=64, bos_token_id=0, eos_token_id=0)
+    folder = tmp_path / "word-gpt2"
+    transformers.GPT2LMHeadModel(small).save_pretrained(folder)
+    res = invoke("--model", f"hf:{folder}", "--steps", "1", "--out", str(tmp_path / "runs"))
+    assert isinstance(res.exception, ConfigError) and "no tokenizer" in str(res.exception)  # 15 ids cannot hold bytes
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    res = invoke("--model", f"hf:{folder}", "--steps", "2", "--out", str(tmp_path / "runs"))
+    assert res.exit_code == 0, res.output

@@ -6,8 +6,11 @@ the function and the problem on non-finite or empty input. See docs/linalg.md.
 """
 from .norms import gram, nuclear_norm_from_gram, spectral_norm, stable_rank_from_gram
 from .polar import (
+    GRAM_NS_COEFFICIENTS,
     KELLER_COEFFICIENTS,
     POLAR_EXPRESS_COEFFICIENTS,
+    default_rcond,
+    gram_newton_schulz,
     newton_schulz,
     orthogonality_error,
     polar,
@@ -23,6 +26,6 @@ __all__ = [
     "stable_rank", "nuclear_rank", "spectral_advantage", "entropy_rank", "participation_ratio", "energy_rank",
     "singular_values", "spectral_norm", "nuclear_norm", "gram", "stable_rank_from_gram", "nuclear_norm_from_gram",
     "polar", "polar_with_nuclear_norm", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
-    "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS",
+    "gram_newton_schulz", "default_rcond", "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "GRAM_NS_COEFFICIENTS",
     "singular_value_soft_threshold", "principal_angles", "onehot_stable_rank",
 ]

@@ -5,7 +5,11 @@ Backends (see docs/linalg.md for the measured speed/accuracy table behind `auto`
 - "gram": (G Gᵀ)^{-1/2} G via float64 eigh of the smaller Gram; exact down to a documented cutoff.
 - "newton_schulz": odd quintic iteration X ← aX + (bA + cA²)X, A = XXᵀ (Keller Jordan's Muon).
 - "polar_express": the same iteration with per-step minimax coefficients (Amsel et al., arXiv 2505.16932).
-- "auto": picks one of the above by device, shape and requested tolerance.
+- "gram_newton_schulz": row-sum-scaled start, then the iteration on the small Gram (linalg/gram_ns.py).
+- "auto": picks one of the above by shape and requested tolerance.
+
+Every backend treats singular values below the input's own precision (σ_i ≤ rcond·σ_1, `default_rcond`)
+as zero: the exact ones map them to exactly 0, the estimators to ≈ p'(0)·σ_i.
 """
 from __future__ import annotations
 
@@ -15,31 +19,21 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor, smaller_gram
+from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
+from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
 
-KELLER_COEFFICIENTS = (3.4445, -4.775, 2.0315)
+METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
 
-# Degree-5 Polar Express schedule for an initial lower bound ℓ = 1e-3 (arXiv 2505.16932, Algorithm 1).
-# Every polynomial but the last is deflated by a 1.01 safety factor, p(x/1.01), so round-off cannot push
-# a singular value past the interval the next polynomial was optimised on; the last one is the
-# cubically convergent fixed-point map 15/8 x − 10/8 x³ + 3/8 x⁵, repeated for extra steps.
-_PE_RAW = [
-    (8.28721201814563, -23.595886519098837, 17.300387312530933),
-    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
-    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
-    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
-    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
-    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
-    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
-    (1.875, -1.25, 0.375),
-]
-POLAR_EXPRESS_COEFFICIENTS = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PE_RAW[:-1]] + [_PE_RAW[-1]]
 
-METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
+def default_rcond(dtype: torch.dtype, m: int, n: int) -> float:
+    """The relative cut-off below which σ_i/σ_1 is rounding noise of a [m, n] matrix stored in `dtype`.
 
-# Relative cutoffs below which a singular value is treated as exactly zero (mapped to 0 by polar).
-# svd: σ_i ≤ max(m, n)·eps·σ_1 (numpy.linalg.matrix_rank's rule). gram: λ_i ≤ max(m, n)·eps·λ_1 on the
-# Gram eigenvalues, i.e. σ_i ≤ sqrt(max(m, n)·eps)·σ_1 ≈ 8e-7·σ_1 for 3072 columns in float64 — the
-# level at which the Gram's round-off (~eps·σ_1²) makes σ_i² meaningless.
+    float32/float64: max(m, n)·eps (numpy.linalg.matrix_rank's rule; covers the rounding of the products
+    that made the matrix). float16/bfloat16: eps — max(m, n)·eps would exceed 1 from 128 columns on,
+    while rounding a rank-r matrix to 16 bits leaves noise singular values of only 0.03–0.1·eps·σ_1
+    (measured for 37×91 … 768×3072, r = 2, 8)."""
+    eps = torch.finfo(dtype).eps
+    return eps if torch.finfo(dtype).bits <= 16 else max(m, n) * eps
 
 
 def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
@@ -105,97 +99,115 @@ def _wide(G: Tensor) -> tuple[Tensor, bool]:
     return (G.mT if tall else G), tall
 
 
-def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """P = V diag(λ^{-1/2}) Vᵀ X for X Xᵀ = V diag(λ) Vᵀ, λ_i ≤ max(m,n)·eps·λ_1 mapped to 0; ‖G‖_* = Σ sqrt(λ⁺).
+def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Tensor]:
+    """P = V diag(λ^{-1/2}) Vᵀ X for X Xᵀ = V diag(λ) Vᵀ; ‖G‖_* = Σ sqrt(λ⁺).
 
+    λ_i ≤ max(rcond², max(m,n)·eps_dtype)·λ_1 map to 0: σ_i ≤ rcond·σ_1 is below the input's precision,
+    and σ_i ≲ sqrt(max(m,n)·eps_dtype)·σ_1 (≈ 1e-7 in float64) is below what the Gram resolves.
     Only the Gram and its eigh need `dtype` (float64): squaring the matrix squares its condition number.
     The two products that apply C^{-1/2} run in float32 for float32-or-narrower input: each row of VᵀX is
     σ_i·v_iᵀ with absolute error ~eps32·σ_1, so u_iᵀPv_i is off by ~eps32·σ_1/σ_i (3e-6 at 1e-3·σ_1, measured)."""
     X, tall = _wide(G)
     lam, V = torch.linalg.eigh(smaller_gram(X.to(dtype)))
     lam = lam.clamp(min=0)
-    cutoff = max(X.shape[-2:]) * torch.finfo(dtype).eps * lam[..., -1:]
-    inv_sqrt = torch.where(lam > cutoff, lam.clamp(min=torch.finfo(dtype).tiny).rsqrt(), torch.zeros_like(lam))
+    cutoff = max(rcond**2, max(X.shape[-2:]) * torch.finfo(dtype).eps) * lam[..., -1:]
+    keep = lam > cutoff
+    inv_sqrt = torch.where(keep, lam.clamp(min=torch.finfo(dtype).tiny).rsqrt(), torch.zeros_like(lam))
     apply = torch.float64 if G.dtype == dtype == torch.float64 else torch.float32
     V = V.to(apply)
     P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X.to(apply)))  # VᵀX first: its rows are σ_i·v_iᵀ
-    nuclear = torch.where(lam > cutoff, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
+    nuclear = torch.where(keep, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
     return (P.mT if tall else P), nuclear
 
 
-def _polar_svd_with_nuclear(G: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """P = U Vᵀ over σ_i > max(m,n)·eps·σ_1 from the thin SVD; ‖G‖_* = Σσ."""
+def _polar_svd_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Tensor]:
+    """P = U Vᵀ over σ_i > max(rcond, max(m,n)·eps_dtype)·σ_1 from the thin SVD; ‖G‖_* = Σσ over those."""
     U, S, Vh = torch.linalg.svd(G.to(dtype), full_matrices=False)
-    cutoff = max(G.shape[-2:]) * torch.finfo(dtype).eps * S[..., :1]
+    cutoff = max(rcond, max(G.shape[-2:]) * torch.finfo(dtype).eps) * S[..., :1]
     keep = (S > cutoff).to(dtype)
     return (U * keep.unsqueeze(-2)) @ Vh, (S * keep).sum(-1)
 
 
-# polar_error at 0.1·σ_1 of 5 bfloat16 Polar Express steps on GPT-block gradients (docs/linalg.md: 0.13),
-# rounded up: a requested tol at or above this is met by the fast backend.
-FAST_BACKEND_ERROR = 0.15
+# polar_error at 0.1·σ_1 of the fast backend (gram_newton_schulz, bf16, 4 steps) on GPT-block gradients
+# (docs/linalg.md: 0.010 at d=768, 0.018 at d=256), rounded up: a requested tol at or above this is met
+# by the fast backend.
+FAST_BACKEND_ERROR = 0.05
 
 
 def _auto_method(G: Tensor, tol: float | None) -> str:
-    """Selection rule (measured, docs/linalg.md):
+    """Selection rule (measured on CPU, docs/linalg.md):
     - min(m, n) ≤ 32: "gram" — an exact eigh of a ≤ 32×32 Gram costs less than the iterations' overhead.
-    - no tol, or tol ≥ FAST_BACKEND_ERROR (0.15): "polar_express" (5 steps, bfloat16), the fast backend —
-      about the time of one torch.optim.Muon step with ~2.5× less error at 0.1·σ_1.
-    - tol < 0.15: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
-    tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The device is not part of the
-    rule yet: CUDA timings have not been measured, so CUDA follows the CPU rule.
+    - no tol, or tol ≥ FAST_BACKEND_ERROR: "gram_newton_schulz" (AOL + 4 bfloat16 steps, Gram-side on
+      rectangles) — below torch.optim.Muon's step time with less error at 0.1·σ_1.
+    - tol < FAST_BACKEND_ERROR: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
+    tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The rule is the same on CUDA
+    (the fast backend is matmul-only and batched; CUDA timings are not yet measured, see docs/linalg.md).
     """
     if min(G.shape[-2:]) <= 32:
         return "gram"
     if tol is None or tol >= FAST_BACKEND_ERROR:
-        return "polar_express"
+        return "gram_newton_schulz"
     return "gram"
 
 
-def polar(G: Tensor, method: str = "auto", *, ns_steps: int = 5, ns_coefficients=KELLER_COEFFICIENTS,
-          eps: float = 1e-7, tol: float | None = None, dtype: torch.dtype | None = None) -> Tensor:
-    """polar(G) = U Vᵀ for G = U S Vᵀ (thin SVD), batched over [..., m, n]; zero singular values map to 0,
-    polar(0) = 0. Returned in G's dtype (float32 for integer input).
+def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_coefficients=KELLER_COEFFICIENTS,
+          eps: float = 1e-7, tol: float | None = None, dtype: torch.dtype | None = None,
+          rcond: float | None = None, restart: int | None = None) -> Tensor:
+    """polar(G) = U Vᵀ for G = U S Vᵀ (thin SVD), batched over [..., m, n]; singular values at or below the
+    input's precision (σ_i ≤ rcond·σ_1, default `default_rcond(G.dtype, m, n)`) map to 0, polar(0) = 0.
+    Returned in G's dtype (float32 for integer input).
 
     method:
-      "svd"           exact reference (float64 SVD unless `dtype`); σ_i ≤ max(m,n)·eps·σ_1 treated as 0.
-      "gram"          exact up to conditioning: (GGᵀ)^{-1/2}G via float64 eigh of the smaller Gram;
-                      Gram eigenvalues λ_i ≤ max(m,n)·eps·λ_1 (σ_i ≲ 1e-6·σ_1 in float64) map to 0;
-                      for non-float64 G the two final products run in float32 (error ~eps32·σ_1/σ_i).
-      "newton_schulz" estimator: ns_steps quintic steps with ns_coefficients ((a,b,c), or a per-step
-                      list of triples whose last entry repeats), Frobenius-normalised start, computed in
-                      `dtype` (default bfloat16 like torch.optim.Muon).
-      "polar_express" estimator: per-step minimax coefficients, start G/(1.01‖G‖_F), ns_steps steps,
-                      `dtype` default bfloat16.
-      "auto"          see `_auto_method`: no tol -> polar_express; tol < 0.15 -> gram; min(m,n) ≤ 32 -> gram.
-    Accuracy of each backend on GPT-block gradients is tabulated in docs/linalg.md.
+      "svd"           exact reference (float64 SVD unless `dtype`).
+      "gram"          exact up to conditioning: (GGᵀ)^{-1/2}G via float64 eigh of the smaller Gram; also
+                      zeroes σ_i ≲ 1e-7·σ_1 that a float64 Gram cannot resolve; for non-float64 G the two
+                      final products run in float32 (error ~eps32·σ_1/σ_i).
+      "newton_schulz" estimator: ns_steps (default 5) quintic steps with ns_coefficients ((a,b,c), or a
+                      per-step list of triples whose last entry repeats), Frobenius-normalised start,
+                      computed in `dtype` (default bfloat16 like torch.optim.Muon).
+      "polar_express" estimator: per-step minimax coefficients, start G/(1.01‖G‖_F), ns_steps (default 5).
+      "gram_newton_schulz" estimator: start G/sqrt(max row sum of |GGᵀ|), then ns_steps (default 4) Polar
+                      Express steps 3…; on the small Gram for aspect ratio ≥ 2 and ≥ 128 rows
+                      (`restart`: rebuild the Gram from X at that step), `dtype` default bfloat16
+                      (linalg/gram_ns.py).
+      "auto"          see `_auto_method`: no tol -> gram_newton_schulz; tol < 0.05 -> gram; min(m,n) ≤ 32 -> gram.
+    The estimators map σ below the input's precision to ≈ p'(0)·σ (small, not exactly 0). Accuracy of each
+    backend on GPT-block gradients is tabulated in docs/linalg.md.
     """
     G = check_tensor(G, "polar", "G")
     if method not in METHODS:
         raise ValueError(f"polar: unknown method {method!r}; choose one of {METHODS}")
     if method == "auto":
         method = _auto_method(G, tol)
+    if rcond is None:
+        rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "svd":
-        P, _ = _polar_svd_with_nuclear(G, dtype or torch.float64)
+        P, _ = _polar_svd_with_nuclear(G, dtype or torch.float64, rcond)
     elif method == "gram":
-        P, _ = _polar_gram_with_nuclear(G, dtype or torch.float64)
+        P, _ = _polar_gram_with_nuclear(G, dtype or torch.float64, rcond)
     elif method == "newton_schulz":
-        P = newton_schulz(G, ns_steps, ns_coefficients, eps, dtype or torch.bfloat16)
+        P = newton_schulz(G, ns_steps or 5, ns_coefficients, eps, dtype or torch.bfloat16)
+    elif method == "polar_express":
+        P = polar_express(G, ns_steps or 5, eps, dtype or torch.bfloat16)
     else:
-        P = polar_express(G, ns_steps, eps, dtype or torch.bfloat16)
+        schedule = _coefficient_schedule(GRAM_NS_COEFFICIENTS, ns_steps or len(GRAM_NS_COEFFICIENTS))
+        P = gram_newton_schulz(G, schedule, restart=restart, eps=eps, dtype=dtype or torch.bfloat16)
     return P.to(G.dtype)
 
 
-def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dtype | None = None,
+                            rcond: float | None = None) -> tuple[Tensor, Tensor]:
     """(polar(G), ‖G‖_*) from one decomposition, so an optimizer gets nr(G) at no extra cost.
 
-    method "gram" (float64 eigh of the smaller Gram) or "svd" (float64 SVD); both exact as in `polar`.
-    The norm has shape G.shape[:-2], float32 (float64 for float64 input)."""
+    method "gram" (float64 eigh of the smaller Gram) or "svd" (float64 SVD); both exact as in `polar`,
+    with the same cut-off `rcond`. The norm has shape G.shape[:-2], float32 (float64 for float64 input)."""
     G = check_tensor(G, "polar_with_nuclear_norm", "G")
+    if rcond is None:
+        rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "gram":
-        P, nuc = _polar_gram_with_nuclear(G, dtype or torch.float64)
+        P, nuc = _polar_gram_with_nuclear(G, dtype or torch.float64, rcond)
     elif method == "svd":
-        P, nuc = _polar_svd_with_nuclear(G, dtype or torch.float64)
+        P, nuc = _polar_svd_with_nuclear(G, dtype or torch.float64, rcond)
     else:
         raise ValueError(f"polar_with_nuclear_norm: method must be 'gram' or 'svd', got {method!r}")
     out = torch.float64 if G.dtype == torch.float64 else torch.float32

@@ -1,5 +1,6 @@
 """Built-in targets for `specscope diagnose` and the demo: a small MLP on a teacher task and a small GPT on a
-synthetic language with a skewed unigram distribution. Each comes with its batch iterator and loss."""
+synthetic language with a skewed unigram distribution, plus transformers models by `hf:` name
+(specscope.models.hf). Each comes with its batch iterator and loss."""
 
 from __future__ import annotations
 
@@ -54,7 +55,12 @@ def mlp_loss(model, batch) -> torch.Tensor:
 
 
 def builtin(name: str, seed: int):
-    """(model, batches, loss_fn) of a built-in model: 'mlp' or 'transformer'."""
+    """(model, batches, loss_fn) of a built-in model: 'mlp', 'transformer', or 'hf:<folder or gpt2|llama|bert>'
+    (a transformers model on the stdlib corpus, specscope.models.hf)."""
+    if name.startswith("hf:"):
+        from specscope.models.hf import hf_model
+
+        return hf_model(name[3:], seed)
     torch.manual_seed(seed)
     if name == "mlp":
         return MLP([32, 128, 128, 10], activation="relu"), teacher_batches(seed), mlp_loss

@@ -18,7 +18,7 @@ from specscope.errors import ConfigError, NonFiniteError
 from specscope.optim import _distributed
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
-POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express")
+POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
 
 # A dotted name component that marks an embedding or an output head (REFERENCE §3 routing).
 _NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|_head$|^lm_head$|^output$)")
@@ -121,43 +121,38 @@ def check_polar(polar: PolarSpec) -> None:
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """The batched polar map a group asked for: a linalg backend name or the user's callable.
 
-    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update), so linalg neither
-    converts it nor converts the result back: the bf16 factor is added to the parameter directly.
-    "gram"/"svd" run in linalg's float64.
+    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update) and go straight to
+    linalg's kernels: the step has already checked the gradients (one fused norm), so the per-call
+    validation of `linalg.polar` — a host sync per bucket on CUDA — is skipped, and the bf16 factor is
+    added to the parameter directly. The group's ns_steps / ns_coefficients drive "newton_schulz"
+    (ns_steps also "polar_express"); "gram_newton_schulz" runs its own four-step schedule.
+    "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions).
     """
     polar = group["polar"]
     if callable(polar):
         return polar
-    kwargs: dict[str, Any] = {}
+    eps, bf16 = group["eps"], torch.bfloat16
     if polar == "newton_schulz":
-        kwargs = dict(ns_steps=group["ns_steps"], ns_coefficients=group["ns_coefficients"], eps=group["eps"])
-    elif polar == "polar_express":  # its own per-step coefficients
-        kwargs = dict(ns_steps=group["ns_steps"], eps=group["eps"])
-    if polar in ("newton_schulz", "polar_express"):
-        return lambda X: linalg.polar(X.to(torch.bfloat16), method=polar, **kwargs)
-    return lambda X: linalg.polar(X, method=polar, **kwargs)
+        return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
+    if polar == "polar_express":
+        return lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps)
+    if polar == "gram_newton_schulz":
+        return lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps)
+    return lambda X: linalg.polar(X, method=polar)
 
 
-def _stack(mats: Sequence[Tensor], idx: list[int]) -> Tensor:
-    """One batch [b, m, n] of the chosen matrices; a lone matrix is a view, not a copy."""
-    return mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
-
-
-def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """fn on every matrix, one call per shape bucket; under torch.distributed ranks share the work."""
-    out: list[Tensor] = [None] * len(mats)  # type: ignore[list-item]
-    for idx in buckets_by_shape(mats).values():
-        (P,) = _distributed.sharded(lambda X: (fn(X),), _stack(mats, idx))
-        for k, i in enumerate(idx):
-            out[i] = P[k]
-    return out
+def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor], shardwise: bool = False) -> list[Tensor]:
+    """fn on every matrix, one call per shape bucket; under torch.distributed each matrix is mapped whole on
+    one owner rank (DTensor shards included), or shard by shard with shardwise=True (optim/_distributed.py)."""
+    return [r[0] for r in _distributed.owner_map(mats, fn, shardwise)]
 
 
 def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
     """(polar(M), ‖M‖_*) per matrix, one call per shape bucket.
 
     "gram"/"svd": both from one eigendecomposition (linalg.polar_with_nuclear_norm), exact. Any other
-    backend: ‖M‖_* ≈ ⟨M, P⟩ with its approximate P (exact only when P is).
+    backend: ‖M‖_* ≈ ⟨M, P⟩ with its approximate P (exact only when P is). With shardwise=True both are
+    of each local shard.
     """
     method = group["polar"]
     if method in ("gram", "svd"):
@@ -173,12 +168,7 @@ def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any
             P = approx(X).to(X.dtype)
             return P, (X * P).sum(dim=(-2, -1))
 
-    out: list[tuple[Tensor, Tensor]] = [None] * len(mats)  # type: ignore[list-item]
-    for idx in buckets_by_shape(mats).values():
-        P, nuc = _distributed.sharded(fn, _stack(mats, idx))
-        for k, i in enumerate(idx):
-            out[i] = (P[k], nuc[k])
-    return out
+    return [(P, nuc) for P, nuc in _distributed.owner_map(mats, fn, group.get("shardwise", False), extras=1)]
 
 
 # ---------------------------------------------------------------- stable-rank sources

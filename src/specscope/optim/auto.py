@@ -39,7 +39,7 @@ EUCLIDEAN = ("sgd", "momentum", "adamw")
 AUTO_DEFAULTS: dict[str, Any] = dict(
     threshold=1.0, hysteresis=0.1, every=1, euclidean="sgd", momentum=0.9, nesterov=False,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, polar="gram", ns_coefficients=(3.4445, -4.775, 2.0315),
-    ns_steps=5, token_dim=None,
+    ns_steps=5, shardwise=False, token_dim=None,
 )
 
 

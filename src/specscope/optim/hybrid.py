@@ -105,13 +105,13 @@ class Hybrid(Optimizer):
         if not flat:
             return loss
         has = [p.grad is not None for _, p, _ in flat]
-        with_grad = [p.grad for _, p, _ in flat if p.grad is not None]
+        with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         for (_, p, name), b in zip(flat, bad):
             if b and p.grad is not None:
-                _common.check_finite([(name, p.grad)])
+                _common.check_finite([(name, _distributed.local(p.grad))])
         if any(bad):
             name = flat[bad.index(True)][2]
             raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
@@ -136,9 +136,11 @@ class Hybrid(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params)."""
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, saved in state_dict["state"].items():
-            p = params[idx]
+        # saved keys are positions, or parameter names when torch.distributed.checkpoint wrote them
+        saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        by_key = dict(zip(saved_keys, (p for g in self.param_groups for p in g["params"])))
+        for key, saved in state_dict["state"].items():
+            p = by_key[key]
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.dtype != self.state[p][key].dtype:
                     self.state[p][key] = value.to(device=p.device, copy=True)

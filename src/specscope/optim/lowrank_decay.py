@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
-from specscope.optim import _common
+from specscope.optim import _common, _distributed
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
 CUBIC = (1.5, -0.5, 0.0)  # X <- 1.5·X − 0.5·(X Xᵀ) X
@@ -33,6 +33,7 @@ class LowRankDecay(Optimizer):
 
     `polar_method` picks the exact backend for "polar"/"elastic" ("svd" default, float64; "gram" is faster
     for rectangular W). "ns" runs in `ns_dtype` (float32; torch.bfloat16 to mimic Muon's arithmetic).
+    Under FSDP2 each matrix is mapped whole on one owner rank; shardwise=True maps each row shard instead.
     """
 
     def __init__(
@@ -46,9 +47,10 @@ class LowRankDecay(Optimizer):
         l2: float = 0.0,
         polar_method: str = "svd",
         ns_dtype: torch.dtype = torch.float32,
+        shardwise: bool = False,
     ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, mode=mode, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, l2=l2, polar_method=polar_method, ns_dtype=ns_dtype)
+        defaults = dict(lr=lr, weight_decay=weight_decay, mode=mode, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
+                        l2=l2, polar_method=polar_method, ns_dtype=ns_dtype, shardwise=shardwise)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -70,11 +72,13 @@ class LowRankDecay(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for gi, group in enumerate(self.param_groups):
-            for k, p in enumerate(group["params"]):
-                if not bool(torch.isfinite(p).all()):
-                    name = group.get("param_names", [f"param{k} of group {gi}"] * (k + 1))[k]
-                    raise NonFiniteError(f"non-finite weight in '{name}' before LowRankDecay; nothing was changed")
+        named = [(group.get("param_names", [f"param{k} of group {gi}"] * (k + 1))[k], p)
+                 for gi, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])]
+        if named:  # each rank checks its shard; all ranks agree before anything changes
+            bad = [not bool(torch.isfinite(_distributed.local(p)).all()) for _, p in named]
+            _, bad = _distributed.agree([True] * len(bad), bad, named[0][1].device)
+            if any(bad):
+                raise NonFiniteError(f"non-finite weight in '{named[bad.index(True)][0]}' before LowRankDecay; nothing was changed")
         for group in self.param_groups:
             self._decay_group(group)
         return loss
@@ -90,7 +94,7 @@ class LowRankDecay(Optimizer):
             return
         mats = [_common.as_matrix(p).to(_state_dtype(p)) for p in params]
         if mode == "prox":
-            new = _common.batched_polar(mats, lambda X: linalg.singular_value_soft_threshold(X, tau))
+            new = _common.batched_polar(mats, lambda X: linalg.singular_value_soft_threshold(X, tau), group.get("shardwise", False))
             for p, w in zip(params, new):
                 p.copy_(w.view_as(p))
             return
@@ -100,7 +104,7 @@ class LowRankDecay(Optimizer):
         else:
             fn = lambda X: linalg.polar(X, method=group["polar_method"])  # noqa: E731
         shrink = group["lr"] * group["l2"] if mode == "elastic" else 0.0
-        for p, w, P in zip(params, mats, _common.batched_polar(mats, fn)):
+        for p, w, P in zip(params, mats, _common.batched_polar(mats, fn, group.get("shardwise", False))):
             p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
 
 

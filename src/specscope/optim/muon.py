@@ -24,35 +24,33 @@ from specscope.optim._euclidean import state_dtype
 from specscope.optim.hybrid import Hybrid, register
 
 # Default polar backend: see docs/optim.md ("Which backend") for the CPU measurements behind it.
-DEFAULT_POLAR = "polar_express"
+DEFAULT_POLAR = "gram_newton_schulz"
 
 MUON_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315),
-    eps=1e-7, ns_steps=5, adjust_lr_fn=None, polar=DEFAULT_POLAR,
+    eps=1e-7, ns_steps=5, adjust_lr_fn=None, polar=DEFAULT_POLAR, shardwise=False,
 )
 
 
 def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
-    """One Muon step on a group, shape bucket by shape bucket: momentum, one batched polar, apply.
+    """One Muon step on a group: momentum per matrix, one batched polar map over all of them, apply.
 
-    Working a bucket at a time keeps its buffers in cache between the momentum and the update.
+    The polar map is one call so that, under torch.distributed, matrices of every shape are balanced over
+    the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard.
     """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
-    polar = _common.polar_fn(group)
-    for idx in _common.buckets_by_shape(grads).values():
-        updates = []
-        for i in idx:
-            state = opt.state[params[i]]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(grads[i], dtype=state_dtype(grads[i]))
-            buf = state["momentum_buffer"]
-            g = grads[i].to(buf.dtype)
-            buf.lerp_(g, 1 - mu)
-            updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
-        for i, o in zip(idx, _common.batched_polar(updates, polar)):
-            p = params[i]
-            p.mul_(1 - lr * wd)
-            p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # bf16 o: promoted
+    updates = []
+    for p, g in zip(params, grads):
+        state = opt.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g, dtype=state_dtype(g))
+        buf = state["momentum_buffer"]
+        g = g.to(buf.dtype)
+        buf.lerp_(g, 1 - mu)
+        updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
+    for p, o in zip(params, _common.batched_polar(updates, _common.polar_fn(group), group.get("shardwise", False))):
+        p.mul_(1 - lr * wd)
+        p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # bf16 o: promoted
 
 
 register("muon", muon_update, MUON_DEFAULTS, spectral=True)
@@ -61,10 +59,16 @@ register("muon", muon_update, MUON_DEFAULTS, spectral=True)
 class Muon(Hybrid):
     """torch.optim.Muon's interface plus `polar=` (a specscope.linalg backend name or a callable).
 
-    polar="newton_schulz" with the defaults reproduces torch.optim.Muon (bf16 Newton–Schulz); "gram" and
-    "svd" give the exact polar factor; "polar_express" per-step minimax coefficients (pass a list of
-    (a, b, c) as ns_coefficients for any per-step schedule). Groups with algorithm="adamw" (and their own
+    The default polar="gram_newton_schulz" (4 bf16 steps, the d×4d matrices iterated on their Gram) is
+    cheaper than torch's step and ~30× more accurate at 0.1·σ_1; polar="newton_schulz" with the defaults
+    reproduces torch.optim.Muon bit for bit on CPU (bf16 Newton–Schulz; pass a list of (a, b, c) as
+    ns_coefficients for any per-step schedule); "gram" and "svd" give the exact polar factor;
+    "polar_express" per-step minimax coefficients. Groups with algorithm="adamw" (and their own
     lr) may sit beside the Muon groups. Parameters of ≥2 dims only; embeddings and heads raise ConfigError.
+
+    Under torch.distributed (DDP or FSDP2 DTensor parameters) the update equals one process's: each matrix
+    is orthogonalized whole on one owner rank. shardwise=True orthogonalizes each rank's row shard instead:
+    cheaper, no communication, and a different update (see docs/distributed.md).
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class Muon(Hybrid):
         ns_steps: int = 5,
         adjust_lr_fn: str | None = None,
         polar: _common.PolarSpec = DEFAULT_POLAR,
+        shardwise: bool = False,
     ) -> None:
         if momentum < 0 or weight_decay < 0:
             raise ConfigError(f"momentum and weight_decay must be >= 0 (got {momentum}, {weight_decay})")
@@ -89,4 +94,5 @@ class Muon(Hybrid):
         super().__init__(
             params, "muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, polar=polar,
+            shardwise=shardwise,
         )

@@ -20,7 +20,7 @@ from specscope.optim.hybrid import Hybrid, register
 
 SPECGD_DEFAULTS: dict[str, Any] = dict(
     momentum=0.0, nesterov=False, weight_decay=0.0, polar="gram",
-    ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5, eps=1e-7,
+    ns_coefficients=(3.4445, -4.775, 2.0315), ns_steps=5, eps=1e-7, shardwise=False,
 )
 
 
@@ -59,6 +59,7 @@ class SpecGD(Hybrid):
 
     `stable_rank`: a probe Monitor (its `.stable_rank(layer)`) or a callable layer -> st(A); layer names
     come from named parameters (`model.named_parameters()`), `blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`.
+    shardwise=True: under FSDP2, polar(D) and ‖D‖_* of each rank's row shard (a different update; see Muon).
     """
 
     def __init__(
@@ -70,10 +71,11 @@ class SpecGD(Hybrid):
         stable_rank: Any = None,
         polar: _common.PolarSpec = "gram",
         weight_decay: float = 0.0,
+        shardwise: bool = False,
     ) -> None:
         if momentum < 0 or (nesterov and momentum == 0):
             raise ConfigError(f"momentum must be >= 0 and > 0 for nesterov (got {momentum}, nesterov={nesterov})")
         super().__init__(
             params, "specgd", stable_rank=stable_rank, lr=lr, momentum=momentum, nesterov=nesterov,
-            polar=polar, weight_decay=weight_decay,
+            polar=polar, weight_decay=weight_decay, shardwise=shardwise,
         )

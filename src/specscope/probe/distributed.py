@@ -3,12 +3,24 @@
 Every rank adds its rows' Frobenius sums, power-iteration products, Grams and token counts; one
 all-reduce per measured step makes them the statistics of the global batch, so all ranks record the
 same numbers. Outside torch.distributed (or with one process) everything here is the identity.
+
+Under FSDP2 a weight's gradient is a DTensor already averaged over ranks and sharded by rows (Shard(0)).
+nr(G) needs only the eigenvalues of a Gram: for row shards G_r, GᵀG = Σ_r G_rᵀG_r, so each rank forms its
+cols×cols Gram and one all-reduce sums them. That is the cheaper message when cols ≤ rows; otherwise the
+gradient itself (rows·cols < cols²) is gathered. Every rank then holds the same Gram and records the same.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from specscope import linalg as L
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch.distributed unavailable on this build
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 
 def world_size() -> int:
@@ -33,6 +45,70 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average over ranks (gradients of a model that is not wrapped in DistributedDataParallel)."""
+    """Average over ranks (gradients of a model that is not wrapped in DistributedDataParallel).
+
+    DTensors pass through: FSDP2 has averaged them already."""
     n = world_size()
-    return tensors if n == 1 else [t / n for t in all_reduce_sum(tensors)]
+    idx = [i for i, t in enumerate(tensors) if not is_dtensor(t)]
+    if n == 1 or not idx:
+        return tensors
+    out = list(tensors)
+    for i, t in zip(idx, all_reduce_sum([tensors[i] for i in idx])):
+        out[i] = t / n
+    return out
+
+
+def is_dtensor(t: object) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def whole(G: torch.Tensor) -> torch.Tensor:
+    """The whole matrix on every rank (gathered from a DTensor's shards; a plain tensor as it is)."""
+    return G.full_tensor() if is_dtensor(G) else G
+
+
+def _sharded_dim(G: torch.Tensor) -> int | None:
+    """0 or 1 for a 2-D DTensor sharded by rows or columns on a 1-D mesh; None when its local part is whole."""
+    (place,) = G.placements if G.device_mesh.ndim == 1 else (None,)
+    if place is None or (place.is_shard() and place.dim not in (0, 1)) or place.is_partial():
+        raise ValueError(f"probe: a gradient DTensor with placements {G.placements} is not supported; use a 1-D mesh (fully_shard)")
+    return place.dim if place.is_shard() else None
+
+
+def gram_of_shards(G: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """(this rank's part of a Gram of G, whether it must be summed over ranks) for a sharded DTensor G.
+
+    Row shards: G_rᵀG_r (sums to GᵀG); column shards: G_rG_rᵀ (sums to GGᵀ) — when that Gram is no larger
+    than G. Otherwise G is gathered and the smaller-side Gram formed whole (the same on every rank)."""
+    d = _sharded_dim(G)
+    sharded, other = (G.shape[d], G.shape[1 - d]) if d is not None else (0, 0)
+    if d is None or other > sharded:
+        return L.gram(whole(G), dtype=dtype), False
+    A = G.to_local().to(dtype)
+    return (A.T @ A if d == 0 else A @ A.T), True
+
+
+def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """‖G‖_F and ‖G‖_* per matrix (float64 vectors), as estimators.gradient_spectra; DTensor gradients are
+    measured through the all-reduced Gram of their shards (see the module docstring), never gathered to
+    one rank only."""
+    from specscope.probe.estimators import gradient_spectra as plain_spectra
+
+    sharded = [i for i, G in enumerate(mats) if is_dtensor(G)]
+    if not sharded:
+        return plain_spectra(mats, exact=exact, dtype=dtype)
+    plain = [i for i in range(len(mats)) if i not in sharded]
+    fro = torch.zeros(len(mats), dtype=torch.float64)
+    nuc = torch.zeros(len(mats), dtype=torch.float64)
+    if plain:
+        fro[plain], nuc[plain] = (t.cpu() for t in plain_spectra([mats[i] for i in plain], exact=exact, dtype=dtype))
+    grams, summed = zip(*(gram_of_shards(mats[i], dtype) for i in sharded))
+    to_sum = [i for i, s in enumerate(summed) if s]
+    grams = list(grams)
+    for k, C in zip(to_sum, all_reduce_sum([grams[k] for k in to_sum])):
+        grams[k] = C
+    for i, C in zip(sharded, grams):
+        f2 = torch.diagonal(C).sum().double()
+        fro[i] = f2.clamp(min=0).sqrt().cpu() if torch.isfinite(f2) else float("nan")
+        nuc[i] = L.nuclear_norm_from_gram(C.double()).cpu() if torch.isfinite(f2) else float("nan")
+    return fro, nuc

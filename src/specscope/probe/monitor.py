@@ -26,7 +26,7 @@ from torch import nn
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
-from specscope.probe.estimators import L, gradient_spectra, make_stats
+from specscope.probe.estimators import L, make_stats
 from specscope.probe.pairing import Slot, find_slots, input_matrix
 from specscope.records import Record
 
@@ -279,7 +279,10 @@ class Monitor:
         if reduce and self.gradient == "grad" and not self._grads_reduced:
             mats = D.all_reduce_mean(mats)
         named = [(nm, s, G[a:b]) for s, G in zip(slots, mats) for nm, a, b in (s.slices or [(s.name, 0, G.shape[0])])]
-        fro, nuc = gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        # FSDP2: sharded gradients are measured through the all-reduced Gram of their shards (probe/distributed.py)
+        fro, nuc = D.gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        if self.extras:  # the extras need whole matrices: gather sharded ones
+            named = [(nm, s, D.whole(G)) for nm, s, G in named]
         nr_est = "exact" if self.estimator == "exact" else "gram"
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
             self._records_for(step, nm, s, G, f, n, nr_est, inputs.get(id(s.param)))
@@ -311,7 +314,7 @@ class Monitor:
             rec(Record(step, name, "entropy_rank", float(L.entropy_rank(G.double())), estimator="exact", rows=rows, shape=gshape))
         if "weight_stable_rank" in self.extras:
             a_, b_ = next(((a_, b_) for nm, a_, b_ in slot.slices if nm == name), (0, G.shape[0]))
-            W = slot.grad_matrix(slot.param.detach())[a_:b_]
+            W = D.whole(slot.grad_matrix(slot.param.detach()))[a_:b_]
             rec(Record(step, name, "weight_stable_rank", float(L.stable_rank(W)), estimator="exact", rows=rows, shape=gshape))
 
     def _bad(self, message: str) -> None:

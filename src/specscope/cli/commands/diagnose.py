@@ -9,34 +9,42 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import os
+import sys
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from specscope.cli import app
 from specscope.errors import ConfigError
-from specscope.names import markup
+
+COLOURS = {"spectral": "green", "euclidean": "cyan", "undecided": "yellow", "unmeasured": "red"}
+COLUMNS = ("st(A)", "nr(G)", "nr/st", "verdict", "estimator", "rows")
 
 
 def builtin(name: str, seed: int):
-    """(model, batches, loss_fn) of a built-in model: 'mlp' or 'transformer' (see specscope.models.builtin)."""
+    """(model, batches, loss_fn) of a built-in model: 'mlp', 'transformer' or 'hf:...' (see specscope.models.builtin)."""
     from specscope.models.builtin import builtin as make
 
     return make(name, seed)
 
 
 def load_factory(spec: str, seed: int):
-    """Import `module:function` and call it (with seed= if it takes one) -> (model, batches, loss_fn)."""
-    if spec in ("mlp", "transformer"):
+    """A built-in name, or import `module:function` (the current directory is importable) and call it (with
+    seed= if it takes one) -> (model, batches, loss_fn)."""
+    if spec in ("mlp", "transformer") or spec.startswith("hf:"):
         return builtin(spec, seed)
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ConfigError(f"--model {spec!r}: use 'mlp', 'transformer' or a factory 'package.module:function'")
+        raise ConfigError(f"--model {spec!r}: use 'mlp', 'transformer', 'hf:<folder or gpt2|llama|bert>' or a factory 'package.module:function'")
+    if os.getcwd() not in sys.path:  # like `python -m`: the user's own package, run from its folder
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ConfigError(f"--model {spec!r}: cannot import module {mod_name!r} ({e}); is it on PYTHONPATH?") from None
+        raise ConfigError(f"--model {spec!r}: cannot import module {mod_name!r} ({e}); run from its folder or put it on PYTHONPATH") from None
     factory = getattr(module, fn_name, None)
     if not callable(factory):
         raise ConfigError(f"--model {spec!r}: module {mod_name!r} has no function {fn_name!r}")
@@ -49,39 +57,83 @@ def load_factory(spec: str, seed: int):
     return out
 
 
+def parse_split(items: list[str]) -> dict:
+    """--split PATTERN=q,k,v (equal row blocks) or PATTERN=q:64,k:64,v:64 (rows each) -> Monitor(split=...)."""
+    out: dict = {}
+    for item in items:
+        pattern, sep, rest = item.partition("=")
+        parts = [p.strip() for p in rest.split(",") if p.strip()]
+        sized = [p for p in parts if ":" in p]
+        if not sep or not pattern or len(parts) < 2 or 0 < len(sized) < len(parts):
+            raise ConfigError(f"--split {item!r}: use PATTERN=q,k,v (equal row blocks) or PATTERN=q:64,k:64,v:64 (rows of each)")
+        if not sized:
+            out[pattern] = parts
+            continue
+        try:
+            out[pattern] = {name: int(rows) for name, rows in (p.split(":", 1) for p in parts)}
+        except ValueError:
+            raise ConfigError(f"--split {item!r}: the rows after ':' must be integers") from None
+    return out
+
+
 def _fmt(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.3g}"
 
 
 def verdict_table(df, title: str) -> Table:
-    colour = {"spectral": "green", "euclidean": "cyan", "undecided": "yellow"}
-    t = Table(title=title)
-    for col in ("weight", "st(A)", "nr(G)", "nr/st", "verdict", "estimator", "rows"):
-        t.add_column(col, justify="left" if col in ("weight", "verdict", "estimator") else "right")
+    """One row per weight. Names are printed literally and in full: the weight column folds a name that does
+    not fit, it never cuts one."""
+    t = Table(title=Text(title))
+    t.add_column("weight", overflow="fold", ratio=1)  # the only column that gives way when the console is narrow
+    for col in COLUMNS:
+        t.add_column(col, justify="left" if col in ("verdict", "estimator") else "right", no_wrap=True)
     for r in df.itertuples():
-        v = f"[{colour[r.verdict]}]{r.verdict}[/]"
-        t.add_row(markup(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt(r.spectral_advantage), v, r.estimator, str(r.rows))
+        verdict = Text(r.verdict, style=COLOURS.get(r.verdict, "magenta"))
+        t.add_row(Text(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt(r.spectral_advantage), verdict,
+                  Text(r.estimator), str(r.rows))
     return t
+
+
+def table_width(df) -> int:
+    """Columns a table needs to show every name on one line (used when the output is not a terminal)."""
+    longest = max((len(n) for n in df["layer"]), default=6)
+    return longest + 72
 
 
 @app.command()
 def diagnose(
-    model: str = typer.Option("transformer", "--model", help="mlp, transformer, or a factory module:function returning (model, batches, loss_fn)."),
+    model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
     steps: int = typer.Option(30, "--steps", min=1, help="Training steps (AdamW)."),
     every: int = typer.Option(1, "--every", min=1, help="Measure every K-th step."),
     out: str = typer.Option("runs", "--out", help="Root folder of run directories."),
     seed: int = typer.Option(0, "--seed", help="Seed of the model and the data."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
+    estimator: str = typer.Option("power", "--estimator", help="st(A) estimator: power, gram or exact."),
+    split: list[str] = typer.Option([], "--split", help="Measure a fused weight's row blocks apart: PATTERN=q,k,v or PATTERN=q:64,k:64,v:64 (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Module name pattern (fnmatch) not to measure (repeatable)."),
 ) -> None:
     """Train a model for a few steps with the probe; print st(A), nr(G), nr/st and a verdict per weight."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from specscope import report, store
     from specscope.probe import diagnose as run_diagnose
     from specscope.store import Run
 
+    monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
     net, batches, loss_fn = load_factory(model, seed)
-    config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw"}
-    with Run.create(out, "diagnose", config) as run:
-        result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=run.append)
+    config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw",
+              "estimator": estimator, "split": list(split), "exclude": list(exclude)}
+    bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    with Run.create(out, "diagnose", config) as run, bar:
+        task = bar.add_task("", total=steps)
+
+        def sink(records) -> None:
+            run.append(records)
+            loss = next((r.value for r in records if r.metric == "loss"), float("nan"))
+            bar.update(task, advance=1, description=f"loss {loss:.3f}")
+
+        result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
         run.flush()
         summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
                    "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}
@@ -89,7 +141,9 @@ def diagnose(
         report.write_report(run.path, store.load(run), config=config, title=f"diagnose {model} — {run.id}")
         run.set_status("complete")
     console = Console()
+    if not console.is_terminal:  # piped or captured: no terminal width to respect, keep every name on one line
+        console = Console(width=max(console.width, table_width(result.advice)))
     console.print(verdict_table(result.advice, f"{model}: {steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     for name, why in result.monitor.unpaired.items():
-        console.print(f"[yellow]unpaired[/] {markup(name)}: {markup(why)}")
-    console.print(f"run: {run.path}\nreport: {run.path / 'report.html'}")
+        console.print(Text.assemble(("unpaired", "yellow"), f" {name}: {why}"))  # literal: no markup, no emoji codes
+    console.print(Text(f"run: {run.path}\nreport: {run.path / 'report.html'}"))

@@ -1,0 +1,72 @@
+"""What the framework callbacks share: one Monitor step around all micro-batches of an optimizer step, the
+records as flat log values, and the one-optimizer spectral/AdamW split."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+from specscope.optim import Hybrid, spectral_param_groups
+from specscope.probe import Monitor
+from specscope.records import Record
+
+LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage")
+
+
+class _Abandoned(Exception):
+    """Thrown into an open Monitor step that training left without finishing."""
+
+
+class StepMeasure:
+    """`monitor.step(k)` held open across every micro-batch of optimizer step k.
+
+    begin(k) at each micro-batch (only the first of a step opens it), gradients_ready() once every backward
+    pass of the step is done (the accumulated gradient is read there), optimizer_stepped() after
+    optimizer.step(): returns the step's records and appends them to `run` (a specscope.store.Run) if given.
+    """
+
+    def __init__(self, monitor: Monitor, run: Any = None):
+        self.monitor, self.run = monitor, run
+        self._open = None  # the entered monitor.step(k) context
+        self.step: int | None = None
+
+    def begin(self, step: int) -> None:
+        if self._open is None:
+            self._open, self.step = self.monitor.step(step), step
+            self._open.__enter__()
+
+    def gradients_ready(self) -> None:
+        context, self._open = self._open, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def optimizer_stepped(self) -> list[Record]:
+        self.gradients_ready()
+        self.monitor.after_optimizer_step()
+        records = self.monitor.pop_records()
+        if records and self.run is not None:
+            self.run.append(records)
+        return records
+
+    def abandon(self) -> None:
+        """Disarm a step that training left early (exception, stop signal) without measuring it."""
+        context, self._open = self._open, None
+        if context is not None:
+            context.__exit__(_Abandoned, _Abandoned(), None)
+
+
+def log_values(records: Iterable[Record], metrics: Iterable[str] = LOGGED, prefix: str = "specscope") -> dict[str, float]:
+    """{"<prefix>/<layer>/<metric>": value} of the finite records among `metrics`, for a framework logger."""
+    metrics = set(metrics)
+    return {f"{prefix}/{r.layer}/{r.metric}": r.value for r in records if r.metric in metrics and math.isfinite(r.value)}
+
+
+def spectral_optimizer(model: nn.Module, lr_spectral: float = 0.02, lr_adamw: float = 3e-4, *, algorithm: str = "muon",
+                       monitor: Monitor | None = None, **options: Any) -> Hybrid:
+    """One optimizer: hidden matrices -> `algorithm` (Muon by default), embeddings, heads, gains and biases ->
+    AdamW (specscope.optim.spectral_param_groups, whose keyword options pass through). `monitor` feeds the
+    measured st(A) to algorithm="specgd" / "auto"."""
+    return Hybrid(spectral_param_groups(model, lr_spectral, lr_adamw, algorithm=algorithm, **options), stable_rank=monitor)

@@ -1,0 +1,131 @@
+"""Hugging Face `Trainer`: measure st(A), nr(G) per weight while it trains, and train with Muon + AdamW.
+
+    monitor = Monitor(model, every=10)
+    trainer = Trainer(model, args, train_dataset=ds, optimizers=optimizers(model))
+    attach(trainer, monitor)            # or Trainer(callbacks=[SpecscopeCallback(monitor)])
+    trainer.train()
+    print(monitor.advice())
+
+Events -> Monitor: on_step_begin (first micro-batch of optimizer step k) opens monitor.step(k), which stays
+open over all `gradient_accumulation_steps` micro-batches; on_pre_optimizer_step reads the accumulated
+gradient (the Trainer has clipped it by then: nr(G) and st(A) are scale-free, ‖G‖ is the clipped norm);
+on_optimizer_step finishes gradient="update"/callable measurements. Checkpoints carry the Monitor's state
+in `specscope_monitor.pt`, restored when training resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specscope.errors import ConfigError
+from specscope.integrations.common import LOGGED, StepMeasure, log_values, spectral_optimizer
+from specscope.probe import Monitor
+from specscope.store.deps import require
+
+transformers = require("transformers", "hf", "specscope.integrations.hf")
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR  # noqa: E402
+
+STATE_FILE = "specscope_monitor.pt"
+
+
+class SpecscopeCallback(transformers.TrainerCallback):
+    """A TrainerCallback driving a `Monitor` (given, or built on train begin as Monitor(model, **monitor_kwargs)).
+
+    Measured values go to `state.log_history` (saved in trainer_state.json); with `trainer` given (see
+    `attach`) also to its reporting callbacks (TensorBoard, W&B, ...) — not to the console printers.
+    run: a specscope.store.Run that receives every record and the Trainer's logged loss / lr.
+    metrics: which records are logged, as "specscope/<layer>/<metric>".
+    """
+
+    def __init__(self, monitor: Monitor | None = None, *, trainer: Any = None, run: Any = None,
+                 metrics: tuple[str, ...] = LOGGED, **monitor_kwargs: Any):
+        if monitor is not None and monitor_kwargs:
+            raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
+        self.monitor, self.trainer, self.run, self.metrics = monitor, trainer, run, metrics
+        self._monitor_kwargs = monitor_kwargs
+        self._measure: StepMeasure | None = None
+        self._values: dict[str, float] = {}
+
+    # -- training events -------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.monitor is None:
+            self.monitor = Monitor(model, **self._monitor_kwargs)
+        self._measure = StepMeasure(self.monitor, self.run)
+        if state.global_step > 0:
+            self._resume(args, state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._measure.begin(state.global_step)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._measure.gradients_ready()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._values = log_values(self._measure.optimizer_stepped(), self.metrics)
+
+    def on_step_end(self, args, state, control, **kwargs):  # logged at global_step k+1, like the Trainer's loss
+        values, self._values = self._values, {}
+        if not values:
+            return
+        state.log_history.append({**values, "step": state.global_step})
+        if self.trainer is None:
+            return
+        for cb in self.trainer.callback_handler.callbacks:  # reporters, not the console printers (dozens of keys)
+            if not isinstance(cb, (SpecscopeCallback, transformers.ProgressCallback, transformers.PrinterCallback)):
+                cb.on_log(args, state, control, logs=dict(values), model=self.trainer.model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run is None or not logs:
+            return
+        own = {k: float(v) for k, v in logs.items()
+               if not k.startswith("specscope/") and isinstance(v, (int, float)) and math.isfinite(v)}
+        if own:  # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor
+            self.run.log(state.global_step - 1, own)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._measure is not None:
+            self._measure.abandon()
+        if self.run is not None:
+            self.run.flush()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            torch.save(self.monitor.state_dict(), folder / STATE_FILE)
+
+    def load(self, checkpoint: str | Path) -> None:
+        """Restore the Monitor's state from a checkpoint folder this callback saved into."""
+        path = Path(checkpoint) / STATE_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} does not exist: that checkpoint was saved without a SpecscopeCallback")
+        self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _resume(self, args, state) -> None:
+        given = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+        folder = Path(given or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if (folder / STATE_FILE).is_file():
+            self.load(folder)
+        else:
+            warnings.warn(f"specscope: resuming at step {state.global_step} without Monitor state ({folder / STATE_FILE} "
+                          "not found); call callback.load(checkpoint_dir) before trainer.train() resumes", stacklevel=2)
+
+
+def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **monitor_kwargs: Any) -> Monitor:
+    """Add a SpecscopeCallback to `trainer` (logging to its reporters too); returns its Monitor.
+
+    With no `monitor`, one is built now on trainer.model with `monitor_kwargs` (e.g. every=10)."""
+    monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
+    trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
+    return monitor
+
+
+def optimizers(model: torch.nn.Module, lr_spectral: float = 0.02, lr_adamw: float = 3e-4, **options: Any) -> tuple:
+    """`Trainer(optimizers=optimizers(model))`: (spectral_optimizer(model, ...), None) — the Trainer then builds
+    its own scheduler (args.lr_scheduler_type, warmup) over both groups' learning rates."""
+    return spectral_optimizer(model, lr_spectral, lr_adamw, **options), None

@@ -1,0 +1,94 @@
+"""Lightning: measure st(A), nr(G) per weight while `Trainer.fit` runs, and train with Muon + AdamW.
+
+    class LitModel(L.LightningModule):
+        def configure_optimizers(self):
+            return spectral_optimizer(self)          # hidden matrices -> Muon, the rest -> AdamW
+
+    callback = SpecscopeCallback(every=10)           # builds Monitor(pl_module, every=10) at setup
+    L.Trainer(callbacks=[callback], accumulate_grad_batches=4).fit(LitModel(), loader)
+    print(callback.monitor.advice())
+
+Events -> Monitor: on_train_batch_start opens monitor.step(trainer.global_step) at the first micro-batch of
+an optimizer step and keeps it open over all `accumulate_grad_batches` of them; on_before_optimizer_step
+reads the accumulated gradient (before Lightning's gradient clipping); on_train_batch_end after the
+optimizer step finishes gradient="update"/callable measurements and sends the values to every logger.
+The Monitor's state rides in Lightning checkpoints (`state_dict`/`load_state_dict` of this callback).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from specscope.errors import ConfigError
+from specscope.integrations.common import LOGGED, StepMeasure, log_values, spectral_optimizer
+from specscope.probe import Monitor
+from specscope.store.deps import require
+
+L = require("lightning", "lightning", "specscope.integrations.lightning")
+
+__all__ = ["SpecscopeCallback", "spectral_optimizer"]
+
+
+class SpecscopeCallback(L.Callback):
+    """A Lightning Callback driving a `Monitor` (given, or built at setup as Monitor(pl_module, **monitor_kwargs)).
+
+    Measured values go to every logger of the Trainer as "specscope/<layer>/<metric>" at the optimizer
+    step's index (trainer.global_step before the step); `run` (a specscope.store.Run) receives every record.
+    One optimizer per LightningModule (the one `on_before_optimizer_step` reports).
+    """
+
+    def __init__(self, monitor: Monitor | None = None, *, run: Any = None, metrics: tuple[str, ...] = LOGGED,
+                 **monitor_kwargs: Any):
+        if monitor is not None and monitor_kwargs:
+            raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
+        self.monitor, self.run, self.metrics = monitor, run, metrics
+        self._monitor_kwargs = monitor_kwargs
+        self._measure: StepMeasure | None = None
+        self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
+        self._stepping = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.monitor is None:
+            self.monitor = Monitor(pl_module, **self._monitor_kwargs)
+        self._measure = StepMeasure(self.monitor, self.run)
+        if self._saved is not None:
+            self.monitor.load_state_dict(self._saved)
+            self._saved = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._measure.begin(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._measure.gradients_ready()
+        self._stepping = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._stepping:  # a micro-batch inside an accumulation window
+            return
+        self._stepping = False
+        step = self._measure.step
+        values = log_values(self._measure.optimizer_stepped(), self.metrics)
+        if values:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._measure.abandon()
+        if self.run is not None:
+            self.run.flush()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._measure is not None:
+            self._measure.abandon()
+
+    # -- checkpoints: Lightning stores this under checkpoint["callbacks"]["SpecscopeCallback"] --------
+    def state_dict(self) -> dict:
+        return {"monitor": self.monitor.state_dict()} if self.monitor is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "monitor" not in state_dict:
+            return
+        if self.monitor is None:
+            self._saved = state_dict["monitor"]
+        else:
+            self.monitor.load_state_dict(state_dict["monitor"])

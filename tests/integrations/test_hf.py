@@ -1,0 +1,154 @@
+"""The Hugging Face TrainerCallback on real tiny Trainer fits (CPU): records equal a hand-written loop's,
+gradient accumulation measured as one step, Monitor state saved with checkpoints and restored on resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
+
+from specscope import store  # noqa: E402
+from specscope.integrations.hf import STATE_FILE, SpecscopeCallback, attach, optimizers  # noqa: E402
+from specscope.probe import Monitor  # noqa: E402
+
+SEQ, BATCH, ACCUM = 16, 2, 2
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+class Tokens(torch.utils.data.IterableDataset):
+    """Fixed random byte sequences in a fixed order (no sampler: the Trainer sees them as listed)."""
+
+    def __init__(self, n: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.rows = torch.randint(0, 256, (n, SEQ), generator=g)
+
+    def __iter__(self):
+        for r in self.rows:
+            yield {"input_ids": r, "labels": r}
+
+
+def args(tmp_path, steps: int, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUM,
+                learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], use_cpu=True, logging_steps=1,
+                save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+    return TrainingArguments(**{**base, **kw})
+
+
+def adamw(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-3), None
+
+
+def manual_records(model, steps: int, every: int) -> list:
+    """The same fit written by hand: ACCUM micro-batches and the clip inside one monitor.step, then AdamW."""
+    monitor = Monitor(model, every=every)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rows = iter(Tokens().rows)
+    model.train()
+    out = []
+    for step in range(steps):
+        with monitor.step(step):
+            for _ in range(ACCUM):
+                ids = torch.stack([next(rows) for _ in range(BATCH)])
+                (model(input_ids=ids, labels=ids).loss / ACCUM).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the Trainer clips before on_pre_optimizer_step
+        opt.step()
+        opt.zero_grad()
+        monitor.after_optimizer_step()
+        out += monitor.pop_records()
+    return out
+
+
+def by_key(records):
+    return {(r.step, r.layer, r.metric): r for r in records}
+
+
+def test_trainer_records_equal_a_manual_loop_with_accumulation(tmp_path):
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    seen = []
+    monitor = Monitor(model, every=2)
+    trainer = Trainer(model=model, args=args(tmp_path, 4), train_dataset=Tokens(), optimizers=adamw(model))
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 4})
+    trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
+    monitor_pop = monitor.pop_records
+    monitor.pop_records = lambda: seen.extend(r := monitor_pop()) or r  # keep a copy of what the callback took
+    trainer.train()
+    run.close()
+
+    ref = by_key(manual_records(reference, 4, every=2))
+    got = by_key(seen)
+    assert {k[0] for k in got} == {0, 2} and got.keys() == ref.keys()
+    for k, r in got.items():
+        assert r.value == pytest.approx(ref[k].value, rel=1e-4, abs=1e-9), k
+        assert (r.rows, r.shape, r.estimator) == (ref[k].rows, ref[k].shape, ref[k].estimator), k
+    q = got[(0, "model.layers.0.self_attn.q_proj", "stable_rank")]
+    assert q.rows == ACCUM * BATCH * SEQ  # the inputs of both micro-batches of the step
+
+    logged = [e for e in trainer.state.log_history if any(k.startswith("specscope/") for k in e)]
+    assert [e["step"] for e in logged] == [1, 3]  # after optimizer steps 0 and 2, where the Trainer logs their loss
+    assert logged[0]["specscope/model.layers.0.self_attn.q_proj/stable_rank"] == q.value
+    df = store.load(run.path)
+    assert set(df[df.metric == "stable_rank"].step) == {0, 2} and set(df[df.metric == "loss"].step) == {0, 1, 2, 3}
+
+
+def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fit(tmp_path):
+    full_model = tiny_llama()
+    part_model = copy.deepcopy(full_model)
+    trainer = Trainer(model=full_model, args=args(tmp_path / "full", 4), train_dataset=Tokens(), optimizers=adamw(full_model))
+    full = attach(trainer, every=1, estimator="gram")
+    trainer.train()
+    expected = full.advice(window=4)
+
+    # the same fit stopped after step 2 (checkpoint-2), then resumed by a fresh Trainer, model and Monitor
+    out, saving = tmp_path / "part", dict(save_strategy="steps", save_steps=2)
+    trainer = Trainer(model=part_model, args=args(out, 2, **saving), train_dataset=Tokens(), optimizers=adamw(part_model))
+    attach(trainer, every=1, estimator="gram")
+    trainer.train()
+    assert (out / "checkpoint-2" / STATE_FILE).is_file()
+    resumed_model = tiny_llama(seed=1)  # its weights come from the checkpoint
+    trainer = Trainer(model=resumed_model, args=args(out, 4, **saving), train_dataset=Tokens(), optimizers=adamw(resumed_model))
+    resumed = attach(trainer, every=1, estimator="gram")
+    trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    after = resumed.advice(window=4)
+    assert set(after.measurements) == {4}  # steps 0, 1 from the checkpoint's Monitor state, 2, 3 measured now
+    for col in ("stable_rank", "nuclear_rank", "spectral_advantage"):
+        assert after[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5), col
+
+
+def test_optimizers_helper_routes_and_the_trainer_schedules_both_groups(tmp_path):
+    model = tiny_llama()
+    opt, sched = optimizers(model, lr_spectral=0.02, lr_adamw=3e-3)
+    assert sched is None
+    algos = {n: g["algorithm"] for g in opt.param_groups for n in g["param_names"]}
+    assert algos["model.layers.0.self_attn.q_proj.weight"] == "muon" and algos["model.layers.1.mlp.down_proj.weight"] == "muon"
+    assert algos["model.embed_tokens.weight"] == "adamw" and algos["lm_head.weight"] == "adamw"
+    assert algos["model.norm.weight"] == "adamw"
+    before = [p.detach().clone() for p in model.parameters()]
+    callback = SpecscopeCallback(every=2)  # no trainer reference: builds its Monitor on train begin, logs to log_history
+    trainer = Trainer(model=model, args=args(tmp_path, 3, lr_scheduler_type="linear", gradient_accumulation_steps=1),
+                      train_dataset=Tokens(), optimizers=(opt, sched), callbacks=[callback])
+    trainer.train()
+    logged = [e["step"] for e in trainer.state.log_history if "specscope/lm_head/nuclear_rank" in e]
+    assert logged == [1, 3] and set(callback.monitor.advice().measurements) == {2}
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] / 0.02 == pytest.approx(lrs[1] / 3e-3) and lrs[0] < 0.02  # one linear decay drives both groups
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_callback_arguments_are_checked():
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="not both"):
+        SpecscopeCallback(Monitor(tiny_llama()), every=2)

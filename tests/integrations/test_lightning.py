@@ -1,0 +1,134 @@
+"""The Lightning Callback on real CPU fits: records equal a hand-written loop's with accumulate_grad_batches=2,
+values reach the logger, and the Monitor's state rides in checkpoints across a resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+
+L = pytest.importorskip("lightning")
+
+from specscope.integrations.lightning import SpecscopeCallback, spectral_optimizer  # noqa: E402
+from specscope.models.builtin import TRANSFORMER, language_batches, lm_loss  # noqa: E402
+from specscope.models.gpt import GPT, GPTConfig  # noqa: E402
+from specscope.probe import Monitor  # noqa: E402
+
+ACCUM, MICRO_PER_EPOCH = 2, 4  # two optimizer steps per epoch
+
+
+class Lit(L.LightningModule):
+    def __init__(self, net, spectral: bool = False):
+        super().__init__()
+        self.net, self.spectral = net, spectral
+
+    def training_step(self, batch, batch_idx):
+        return lm_loss(self.net, batch)
+
+    def configure_optimizers(self):
+        return spectral_optimizer(self, 0.02, 1e-3) if self.spectral else torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**TRANSFORMER, "n_layer": 1}))
+
+
+def micro_batches() -> list[torch.Tensor]:
+    it = language_batches(0, TRANSFORMER["vocab_size"], TRANSFORMER["seq_len"], batch=4)
+    return [next(it) for _ in range(MICRO_PER_EPOCH)]
+
+
+def loader():
+    return torch.utils.data.DataLoader(micro_batches(), batch_size=None, shuffle=False)
+
+
+def fit(module, callback, root, steps: int, ckpt_path=None, **kw):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=ACCUM, callbacks=[callback],
+                        logger=L.pytorch.loggers.CSVLogger(root, name="", version=""), enable_progress_bar=False,
+                        enable_model_summary=False, log_every_n_steps=1, enable_checkpointing=False, **kw)
+    trainer.fit(module, train_dataloaders=loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_fit_records_equal_a_manual_loop_and_reach_the_logger(tmp_path):
+    net = gpt()
+    reference = copy.deepcopy(net)
+    module = Lit(net)
+    seen = []
+    fit(module, StepRecords(seen).wrap(SpecscopeCallback(every=2)), tmp_path, 4)
+
+    monitor = Monitor(reference, every=2)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+    batches, ref = micro_batches() * 2, []
+    for step in range(4):
+        with monitor.step(step):
+            for b in batches[step * ACCUM:(step + 1) * ACCUM]:
+                (lm_loss(reference, b) / ACCUM).backward()
+        opt.step()
+        opt.zero_grad()
+        ref += monitor.pop_records()
+    got = {(r.step, r.layer, r.metric): r for r in seen}
+    want = {(r.step, "net." + r.layer, r.metric): r for r in ref}
+    assert got.keys() == want.keys() and {k[0] for k in got} == {0, 2}
+    for k, r in got.items():
+        assert r.value == pytest.approx(want[k].value, rel=1e-5, abs=1e-9), k
+        assert (r.rows, r.shape) == (want[k].rows, want[k].shape), k
+    assert got[(0, "net.blocks.0.attn.q", "stable_rank")].rows == ACCUM * 4 * TRANSFORMER["seq_len"]
+
+    with open(tmp_path / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("specscope/net.blocks.0.attn.q/stable_rank")]
+    assert [int(r["step"]) for r in rows] == [0, 2]
+    assert float(rows[0]["specscope/net.blocks.0.attn.q/stable_rank"]) == pytest.approx(got[(0, "net.blocks.0.attn.q", "stable_rank")].value)
+
+
+class StepRecords:
+    """Keeps a copy of every record the callback takes from its Monitor."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def wrap(self, callback):
+        setup = callback.setup
+
+        def setup_and_wrap(trainer, pl_module, stage):
+            setup(trainer, pl_module, stage)
+            pop = callback.monitor.pop_records
+            callback.monitor.pop_records = lambda: self.into.extend(r := pop()) or r
+
+        callback.setup = setup_and_wrap
+        return callback
+
+
+def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fit(tmp_path):
+    net = gpt()
+    part = Lit(copy.deepcopy(net))
+    full = SpecscopeCallback(every=1, estimator="gram")
+    fit(Lit(net), full, tmp_path / "full", 4)
+    expected = full.monitor.advice(window=4)
+
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    first = SpecscopeCallback(every=1, estimator="gram")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=ACCUM, callbacks=[first, saver],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(part, train_dataloaders=loader())
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert "monitor" in torch.load(ckpt, weights_only=False)["callbacks"]["SpecscopeCallback"]
+
+    resumed = SpecscopeCallback(every=1, estimator="gram")
+    fit(Lit(gpt(seed=1)), resumed, tmp_path / "resumed", 4, ckpt_path=str(ckpt))
+    after = resumed.monitor.advice(window=4)
+    assert set(after.measurements) == {4}  # steps 0, 1 from the checkpoint, 2, 3 measured after the resume
+    for col in ("stable_rank", "nuclear_rank", "spectral_advantage"):
+        assert after[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5), col
+
+
+def test_configure_optimizers_helper_trains_hidden_matrices_with_muon(tmp_path):
+    module = Lit(gpt(), spectral=True)
+    trainer = fit(module, SpecscopeCallback(every=1), tmp_path, 2)
+    opt = trainer.optimizers[0]
+    algos = {n: g["algorithm"] for g in opt.param_groups for n in g["param_names"]}
+    assert algos["net.blocks.0.attn.q.weight"] == "muon" and algos["net.embed.weight"] == "adamw"
+    assert all(opt.state[p] for g in opt.param_groups for p in g["params"])  # every parameter was stepped

@@ -1,0 +1,36 @@
+"""shardwise lab: config checks, the summary table, and (slow) a tiny run on 2 gloo processes."""
+
+import pandas as pd
+import pytest
+
+from specscope.errors import ConfigError
+from specscope.labs import shardwise as lab
+from specscope.records import Record
+
+
+@pytest.mark.parametrize("ranks", [[], [1], [3]])
+def test_rank_counts_must_be_at_least_two_and_divide_the_batch(ranks):
+    with pytest.raises(ConfigError, match="ranks"):
+        lab.build(lab.Config(ranks=ranks, batch_size=16), device=None)
+
+
+def test_summary_reads_cosines_per_weight_type_and_final_losses():
+    recs = [Record(s, f"blocks.{b}.attn.q", "update_cosine", c, arm="global-2") for s, b, c in [(0, 0, 0.7), (10, 0, 0.9), (0, 1, 0.8)]]
+    recs += [Record(s, "", "val_loss", v, arm=a) for a, s, v in [("global-2", 0, 5.0), ("global-2", 10, 3.0),
+                                                                 ("shardwise-2", 0, 5.0), ("shardwise-2", 10, 3.5)]]
+    df = pd.DataFrame([r.as_dict() for r in recs])
+    (row,) = lab.summarize(df).to_dict("records")
+    assert row == dict(ranks=2, weight="attn.q", cosine_median=0.8, cosine_min=0.7, val_loss_global=3.0, val_loss_shardwise=3.5)
+
+
+@pytest.mark.slow
+def test_tiny_run_on_two_processes(tmp_path):
+    cfg = lab.Config(ranks=[2], steps=3, d_model=16, n_layer=1, n_head=2, seq_len=8, batch_size=4, eval_every=3,
+                     cosine_every=1, eval_batches=1, max_bytes=50_000)
+    (item,) = lab.build(cfg, device=None)
+    recs = []
+    item.fn(recs.extend, None)
+    df = pd.DataFrame([r.as_dict() for r in recs])
+    cos = df[df.metric == "update_cosine"]
+    assert len(cos) == 3 * 6 and cos.value.between(-1, 1).all() and (cos.value < 0.999).any()
+    assert set(df[df.metric == "val_loss"].arm) == {"global-2", "shardwise-2"}
