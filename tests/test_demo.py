@@ -40,8 +40,49 @@ def test_demo_prints_the_tables_and_writes_one_report(quick_demo):
     page = run_dir / "report.html"
     assert str(page) in text.replace("\n", "")
     html = page.read_text()
-    assert "MLP-1b" in html and "RF-2" in html and "<script" not in html and "data:image/png;base64" in html
+    assert "MLP-1b" in html and "RF-2" in html and "data:image/png;base64" in html
     assert {p.parent.parent.name for p in run_dir.glob("*/*/report.html")} == {"random-features", "sparse-mlp"}
+
+
+def test_quick_claims_are_not_decided(quick_demo):
+    """Quick sizes are far below the claims' sizes: every claim reads "not decidable at quick size", in the
+    console, the demo page, and each lab run's own page and summary; the measured figures stay."""
+    import json
+
+    _, text, run_dir = quick_demo
+    assert "not decidable at quick size" in text
+    pages = [run_dir / "report.html", *run_dir.glob("*/*/report.html")]
+    for page in pages:
+        html = page.read_text()
+        assert '<td class="UNDECIDABLE">not decidable at quick size</td>' in html, page
+        assert not any(f'<td class="{v}">' in html for v in ("PASS", "FAIL", "INCONCLUSIVE")), page
+    for summary in run_dir.glob("*/*/summary.json"):
+        claims = json.loads(summary.read_text())["claims"]
+        assert claims and {c["verdict"] for c in claims} == {"UNDECIDABLE"} and all(c["measured"] for c in claims)
+
+
+def test_demo_and_compare_pages_in_a_browser(quick_demo):
+    """Headless Chromium (installed with apt-get when missing and running as root, as in CI): the demo page
+    and a comparison of its two lab runs load nothing from the network, every image decodes, no console
+    error, nothing overflows the window, the per-weight table searches and sorts. Screenshots go into the
+    demo's run directory: report.png and compare/comparison.png."""
+    from specscope import report, store
+    from specscope.report.browser import check_page, chromium
+
+    exe = chromium(install=True)
+    if exe is None:
+        pytest.skip("no chromium: install Debian's `chromium` package (apt-get install -y chromium, as root)")
+    _, _, run_dir = quick_demo
+    check = check_page(run_dir / "report.html", run_dir / "report.png", exe=exe)
+    assert check.problems == [], check.problems
+    assert len(check.images) >= 8 and check.tables and check.tables[0]["sorted"]
+    runs = [store.Run.open(p.parent) for p in sorted(run_dir.glob("*/*/config.json"))]
+    page = report.write_comparison(run_dir / "compare", {r.id: store.load(r) for r in runs},
+                                   configs={r.id: r.config for r in runs}, labs={r.id: r.lab for r in runs})
+    assert "random-features · " in page.read_text() and "sparse-mlp · " in page.read_text()
+    check = check_page(page, run_dir / "compare" / "comparison.png", exe=exe)
+    assert check.problems == [], check.problems
+    assert (run_dir / "report.png").stat().st_size > 10_000
 
 
 def test_quadratic_check_rows_are_the_lab_math(quick_demo):
@@ -68,3 +109,19 @@ def test_quadratic_check_rows_are_the_lab_math(quick_demo):
 def test_report_steps():
     assert report_steps(30) == [0, 1, 2, 5, 10, 20, 30]
     assert report_steps(1) == [0, 1]
+
+
+def test_lab_figures_fit_their_canvas(quick_demo):
+    """The labs' own figures, in the project style: no text cut off, no overlapping tick labels."""
+    from specscope import labs, store
+    from specscope.labs.config import make_config
+    from specscope.report.style import finish, layout_problems
+
+    _, _, run_dir = quick_demo
+    for config in sorted(run_dir.glob("*/*/config.json")):
+        run = store.Run.open(config.parent)
+        lab = labs.get(run.lab)
+        figures = lab.figures(store.load(run), make_config(lab.Config, run.config, run.lab))
+        assert figures, run.lab
+        for name, fig in figures.items():
+            assert layout_problems(finish(fig)) == [], (run.lab, name)

@@ -5,8 +5,10 @@ Nothing here imports the rest of specscope, so every layer may use it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Literal
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Sequence
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class Record:
         return asdict(self)
 
 
-Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE"]
+Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "UNDECIDABLE"]  # UNDECIDABLE: "not decidable at quick size"
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,28 @@ class Claim:
     published: str  # the published figure, as text
     measured: str  # the figure measured in this run, as text
     verdict: Verdict
+    seeds: int = 1  # how many seeds the verdict is over
+    spread: str = ""  # the measured figure's mean and [min–max] over seeds, as text ("" for one seed)
+    setting: str = ""  # the regime and the settings the paper leaves open that this verdict was measured at
+    value: float | None = None  # the figure the verdict rule tests (for the mean and range over seeds)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def over_seeds(claims: Sequence[Claim], seeds: Sequence[int] | None = None) -> Claim:
+    """One claim measured at several seeds -> one claim: the verdict most seeds reached (INCONCLUSIVE on a
+    tie), `seeds`, and `spread` = the mean [min–max] of `value` over seeds and the per-seed verdicts."""
+    if not claims:
+        raise ValueError("over_seeds needs at least one claim")
+    if len({c.id for c in claims}) > 1:
+        raise ValueError(f"over_seeds got different claims {sorted({c.id for c in claims})}; pass one id at a time")
+    counts = Counter(c.verdict for c in claims).most_common()
+    verdict = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else "INCONCLUSIVE"
+    values = [c.value for c in claims if c.value is not None and math.isfinite(c.value)]
+    spread = f"{sum(values) / len(values):.3g} [{min(values):.3g}–{max(values):.3g}]; " if values else ""
+    spread += "verdicts " + ", ".join(c.verdict for c in claims)
+    seeds = list(seeds) if seeds is not None else list(range(len(claims)))
+    measured = " | ".join(f"seed {s}: {c.measured}" for s, c in zip(seeds, claims))
+    mean = sum(values) / len(values) if values else None
+    return replace(claims[0], measured=measured, verdict=verdict, seeds=len(claims), spread=spread, value=mean)

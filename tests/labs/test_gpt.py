@@ -161,12 +161,15 @@ def test_claims_follow_the_records():
     good = _records({"adamw": [5, 3, 2.0], "muon-down": [5, 2.5, 1.9], "muon": [5, 1.9, 1.5]}, st_down=2.0)
     c = {x.id: x for x in gpt.claims(good, cfg.model_copy(update={"arms": ["adamw", "muon-down", "muon"]}))}
     assert c["GPT-1a"].verdict == "PASS" and c["GPT-1b"].verdict == "PASS" and c["GPT-1d"].verdict == "PASS"
+    assert "project's reading" in c["GPT-1a"].setting and c["GPT-1a"].value == 2.0
+    assert "bound 5: PASS, 10: PASS, 20: PASS (passes for any bound ≥ 2.00)" in c["GPT-1a"].measured
     assert c["GPT-2a"].verdict == "PASS" and "step 10" in c["GPT-2a"].measured
     assert c["GPT-2b"].verdict == "PASS"
     assert c["GPT-1c"].verdict == "INCONCLUSIVE"  # no embedding st recorded here
     bad = _records({"adamw": [5, 3, 1.5], "muon-down": [5, 2.5, 1.9], "muon": [5, 1.9, 1.7]}, st_down=20.0)
     c = {x.id: x for x in gpt.claims(bad, cfg.model_copy(update={"arms": ["adamw", "muon-down", "muon"]}))}
     assert [c[k].verdict for k in ("GPT-1a", "GPT-1b", "GPT-2a", "GPT-2b")] == ["FAIL"] * 4
+    assert "bound 5: FAIL, 10: FAIL, 20: PASS" in c["GPT-1a"].measured  # st 20: the verdict turns on the bound
     assert math.isnan(gpt.steps_to_reach(pd.Series([3.0, 2.0], index=[0, 10]), 1.0))
 
 

@@ -74,7 +74,7 @@ def test_batches_are_a_function_of_the_step():
 
 
 def test_lrd_arms_move_targets_out_of_l2():
-    cfg = g.Config(p=7, d_model=16, d_ff=32, n_heads=2)
+    cfg = g.Config(p=7, d_model=16, d_ff=32, n_heads=2, weight_decay=1.0)
     d = g.make_data(cfg, torch.device("cpu"))
     model = g.make_model(cfg, d)
     targets = {id(w) for w in qk_weights(model).values()}
@@ -86,15 +86,88 @@ def test_lrd_arms_move_targets_out_of_l2():
         assert others == ({0.0} if reg == "none" else {1.0})
 
 
+def _sweep_rows(points):
+    """points: (arm, λ, fraction, stable grok step or None) -> sweep-table rows (first grok = stable)."""
+    return pd.DataFrame([{"arm": arm, "strength": lam, "train_fraction": f, "grok_step_stable": step,
+                          "grok_step_first": step} for arm, lam, f, step in points])
+
+
 def test_sweep_claims_compare_phase_boundaries():
-    rows = []
+    points = []
     for frac, l2, lrd in ((0.3, None, None), (0.4, None, 900.0), (0.5, 1500.0, 700.0)):
-        rows += [{"arm": "l2", "strength": 1.0, "train_fraction": frac, "grok_step_stable": l2},
-                 {"arm": "lrd", "strength": 1.0, "train_fraction": frac, "grok_step_stable": lrd}]
-    (claim,) = g.sweep_claims(pd.DataFrame(rows))
-    assert claim.verdict == "PASS" and "L2 ≥ 0.5" in claim.measured and "LRD ≥ 0.4" in claim.measured
-    swapped = pd.DataFrame(rows).replace({"arm": {"l2": "lrd", "lrd": "l2"}})
+        points += [("l2", 1.0, frac, l2), ("lrd", 1.0, frac, lrd)]
+    (claim,) = g.sweep_claims(_sweep_rows(points))
+    assert claim.verdict == "PASS" and "l2 best λ 1 → ≥ 0.5" in claim.measured and "lrd best λ 1 → ≥ 0.4" in claim.measured
+    swapped = _sweep_rows(points).replace({"arm": {"l2": "lrd", "lrd": "l2"}})
     assert g.sweep_claims(swapped)[0].verdict == "FAIL"
+
+
+def test_sweep_claims_compare_each_arm_at_its_own_best_strength():
+    """The audit's table: L2 (λ 0.1) never groks, LRD (λ 5) groks at 0.3 and 0.5 — no shared λ, still PASS."""
+    points = [("l2", 0.1, f, None) for f in (0.3, 0.5)] + [("lrd", 5.0, f, 800.0) for f in (0.3, 0.5)]
+    (claim,) = g.sweep_claims(_sweep_rows(points))
+    assert claim.verdict == "PASS" and "l2 best λ 0.1 → none" in claim.measured
+    # a grid per arm: L2 groks only at λ 1 (fraction 0.5), LRD best at λ 5 (0.3), worse at λ 20
+    points = [("l2", lam, f, 1200.0 if (lam, f) == (1.0, 0.5) else None) for lam in (0.1, 1.0) for f in (0.3, 0.5)]
+    points += [("lrd", 5.0, f, 900.0) for f in (0.3, 0.5)] + [("lrd", 20.0, 0.3, None), ("lrd", 20.0, 0.5, 900.0)]
+    (claim,) = g.sweep_claims(_sweep_rows(points))
+    assert claim.verdict == "PASS" and "l2 best λ 1 → ≥ 0.5" in claim.measured and "lrd best λ 5 → ≥ 0.3" in claim.measured
+    nothing = _sweep_rows([(a, 1.0, f, None) for a in ("l2", "lrd") for f in (0.3, 0.5)])
+    assert g.sweep_claims(nothing)[0].verdict == "INCONCLUSIVE"
+
+
+def test_grok_status_tells_a_cut_off_streak_from_no_grok():
+    steps = list(range(0, 100, 10))
+    assert g.grok_status(steps, [0.1] * 8 + [0.99, 0.99], 0.98, 5) == "cut off"
+    assert g.grok_status(steps, [0.1] * 10, 0.98, 5) == "no grok"
+    assert g.grok_status(steps, [0.1, 0.99] + [0.5] * 8, 0.98, 5) == "unstable"
+    assert g.grok_status(steps, [0.1] * 3 + [0.99] * 7, 0.98, 5) == "grokked"
+
+
+def test_strength_grid_builds_one_arm_per_strength():
+    cfg = g.Config(p=5, d_model=16, d_ff=32, n_heads=2, arms=["l2", "lrd"], strength_grid={"lrd": [2, 5]}, device="cpu")
+    specs = g.arm_specs(cfg)
+    assert [(n, r) for n, r, _ in specs] == [("l2", "l2"), ("lrd@2", "lrd"), ("lrd@5", "lrd")]
+    assert [g.arm_strength(c, r) for _, r, c in specs] == [0.1, 2.0, 5.0]
+    arms = g.build(cfg, torch.device("cpu"))
+    assert [a.extra_steppers[0].param_groups[0]["weight_decay"] for a in arms[1:]] == [2.0, 5.0]
+    with pytest.raises(Exception, match="not in arms"):
+        g.arm_specs(cfg.model_copy(update={"strength_grid": {"lrd_prox": [1.0]}}))
+
+
+def _lrd1_frame(st_lrd, st_l2):
+    """A recorded run: train acc 1 from step 100, Q/K stable rank and nuclear norm per arm every 100 steps."""
+    rows = []
+    for arm, st in (("lrd", st_lrd), ("l2", st_l2)):
+        for i, v in enumerate(st):
+            step = 100 * i
+            rows += [{"step": step, "arm": arm, "layer": "", "metric": "train_acc", "value": float(i > 0)},
+                     {"step": step, "arm": arm, "layer": "", "metric": "test_acc", "value": 0.5},
+                     {"step": step, "arm": arm, "layer": "blocks.0.attn.q", "metric": "weight_stable_rank", "value": v},
+                     {"step": step, "arm": arm, "layer": "blocks.0.attn.q", "metric": "weight_nuclear_norm",
+                      "value": 50.0 / (1 + i) if arm == "lrd" else 50.0}]
+    return pd.DataFrame(rows)
+
+
+def test_lrd1_uses_the_median_over_the_post_memorization_window():
+    cfg = g.Config(arms=["l2", "lrd"])
+    oscillating = [33.9, 4.0, 3.0, 3.1, 2.9, 3.0, 3.2, 28.7]  # a last evaluation that spikes does not decide it
+    claim = g._lrd1_claim(_lrd1_frame(oscillating, [33.9] + [22.8] * 7), cfg)
+    assert claim.verdict == "PASS" and "median 3.10 [2.90–28.70]" in claim.measured and claim.value < 0.2
+    assert g._lrd1_claim(_lrd1_frame([33.9] + [20.0] * 7, [33.9] + [22.8] * 7), cfg).verdict == "FAIL"
+    assert "wd 0.1" in claim.setting and "median Q/K stable rank" in claim.setting
+
+
+def test_lrd1_from_a_sweep_over_arms_and_seeds():
+    """`specscope sweep grokking --grid 'arms=[l2],[lrd]' --grid seed=0,1`: LRD-1 per seed, combined."""
+    cfg = g.Config(arms=["l2", "lrd"])
+    rows = []
+    for seed, last in ((0, 3.0), (1, 20.0)):
+        for r in g.summarize(_lrd1_frame([33.9, 4.0, 3.0, last, 3.0], [33.9] + [22.8] * 4), cfg):
+            rows.append({"arms": '["' + r["arm"] + '"]', "seed": seed, **r, "run": f"r{seed}{r['arm']}"})
+    (lrd1, lrd2) = g.sweep_claims(pd.DataFrame(rows))
+    assert lrd1.id == "LRD-1" and lrd1.seeds == 2 and lrd1.verdict == "PASS" and "seed 0:" in lrd1.measured
+    assert lrd2.id == "LRD-2" and lrd2.verdict == "INCONCLUSIVE"  # one train fraction
 
 
 def test_tiny_run_through_the_cli(tmp_path):
@@ -108,6 +181,8 @@ def test_tiny_run_through_the_cli(tmp_path):
     (run_dir,) = (tmp_path / "grokking").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [c["id"] for c in summary["claims"]] == ["BASE-003", "LRD-1", "LRD-2"]
+    groks = [c for c in summary["claims"] if c["id"] != "LRD-1"]  # LRD-1 does not use a grok step
+    assert all("'first'" in c["setting"] and "'stable'" in c["setting"] for c in groks)
     df = store.load(run_dir)
     st = df[df.metric == "weight_stable_rank"]
     assert set(st.layer) == {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.1.attn.q", "blocks.1.attn.k"}

@@ -100,6 +100,34 @@ def test_intervention_table_speedups_and_sed2_verdicts():
     assert sed._sed2_claim(sed.intervention_table(_records(no_ctrl), cfg), cfg).verdict == "INCONCLUSIVE"
 
 
+def test_sed2_reports_both_grok_definitions_and_the_fresh_random_subspace():
+    cfg = sed.Config(seeds=1, grok_window=2, eval_every=50)
+    rows = _accs("control-s0", 300) + _accs("keep_sed-s0", 150) + _accs("keep_random-s0", 100)
+    rows += _accs("remove_sed-s0", 300) + _accs("remove_random-s0", 300) + _accs("keep_random_fresh-s0", 200)
+    claim = sed._sed2_claim(sed.intervention_table(_records(rows), cfg), cfg)
+    assert "keep_random_fresh 1.50× [1.50–1.50] (first 1.50× [1.50–1.50])" in claim.measured
+    assert "'first'" in claim.setting and "'stable'" in claim.setting and "project, then clip" in claim.setting
+    assert claim.value == 2.0
+
+
+def test_projection_options_clip_first_and_from_step_one(tmp_path):
+    from specscope.labs.runner import run_lab
+
+    cfg = sed.Config(**dict(TINY, interventions=["control", "keep_random", "keep_random_fresh", "keep_sed"],
+                            multitask=[], project_after_clip=True, project_from="start", stop_after_grok=False))
+    arms = {a.name: a for a in sed.build(cfg, torch.device("cpu"))}
+    kinds = [type(cb).__name__ for cb in arms["keep_sed-s0"].callbacks]
+    assert kinds.index("Clip") < kinds.index("GradientProjection") and arms["keep_sed-s0"].grad_clip is None
+    fresh = next(cb for cb in arms["keep_random_fresh-s0"].callbacks if type(cb).__name__ == "GradientProjection")
+    assert not torch.equal(fresh.basis(), fresh.basis())  # a new subspace every step
+    run_dir = run_lab("sed", cfg.model_dump(), out=tmp_path)
+    df = store.load(run_dir, metric="projected")
+    first = df[df.value == 1].groupby("arm")["step"].min()
+    # random arms from step 0; the SED arm once the window holds k = 2 snapshots (pushed at steps 0 and 2,
+    # before the projection of step 2)
+    assert first["keep_random-s0"] == 0 and first["keep_random_fresh-s0"] == 0 and first["keep_sed-s0"] == 2
+
+
 def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
     cfg = sed.Config(multitask=["add", "sub"])
     rb = lambda arm, layer, vals: [(arm, "coupling_Rbar", layer, 100 * i, v) for i, v in enumerate(vals)]  # noqa: E731

@@ -8,6 +8,7 @@ so rtol 1e-6 / atol 1e-8 cannot hide a wrong step (a wrong st(A) or a missing â€
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pandas as pd
@@ -125,6 +126,9 @@ def test_claims_follow_the_recorded_metrics():
     # the advantage grows with the batch instead of fading: (c) flips
     losses_c, _ = _losses(relu_spec=0.1, sw_small=0.45, sw_large=0.1)
     assert sm.claims(_frame(CFG, losses_c, st), CFG)[2].verdict == "FAIL"
+    fades = sm.claims(_frame(CFG, losses, st), CFG)[2]  # log-advantage log(0.5/0.2) -> log(0.5/0.49)
+    assert "project's threshold" in fades.setting and fades.value == pytest.approx(math.log(0.5 / 0.49) / math.log(2.5))
+    assert "'fades' at threshold 0.25: fades, 0.5: fades, 0.75: fades" in fades.measured
     # a high post-activation stable rank on ReLU: (a) flips (bound 0.05Â·min(256, 64) = 3.2)
     st_a = {**st, "relu/n64/gd": 40.0}
     assert sm.claims(_frame(CFG, losses, st_a), CFG)[0].verdict == "FAIL"

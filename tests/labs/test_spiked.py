@@ -152,13 +152,18 @@ def test_claims_follow_the_recorded_numbers():
     def angles(arm, v):
         return [(s, "W", "top_direction_angle", v, arm) for s in (5, 10)]
 
-    def act(name, ratio):
-        arm = lab._arm_name("act", activation=name, nu=0.25, alpha=0.0)
+    def act(name, ratio, alpha=8 / 9):
+        arm = lab._arm_name("act", activation=name, nu=0.25, alpha=alpha)
         return [(0, "W", "s1_e_ratio", ratio, arm), (0, "W", "s1_s2_ratio", ratio, arm)]
 
-    rows = act("relu", 1.0) + act("tanh", 3.0)
-    assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3))).verdict == "PASS"
+    # in the regime 2ν > 1 − α (α = 8/9) ReLU is lowest; at α = 0 (2ν = 0.5 ≤ 1) it is not: reported, not ruled on
+    rows = act("relu", 1.0) + act("tanh", 3.0) + act("relu", 5.0, alpha=0.0) + act("tanh", 3.0, alpha=0.0)
+    claim = lab._claim_spk2(_df(rows + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)))
+    assert claim.verdict == "PASS" and "at 1/1 (ν, α) points in the regime 2ν > 1 − α (out of it: 0/1)" in claim.measured
+    assert "2ν > 1 − α" in claim.setting and claim.value == 1.0
     assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.3) + angles("ntk-tanh", 0.1))).verdict == "FAIL"
+    outside_only = act("relu", 5.0, alpha=0.0) + act("tanh", 3.0, alpha=0.0)
+    assert lab._claim_spk2(_df(outside_only + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3))).verdict == "INCONCLUSIVE"
 
 
 def test_tiny_lab_through_the_cli(tmp_path):

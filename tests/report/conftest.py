@@ -51,3 +51,15 @@ def metrics() -> pd.DataFrame:
 @pytest.fixture
 def claims() -> list[Claim]:
     return list(CLAIMS)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium for the browser tests: found, or installed with apt-get when running as root
+    (as CI does); the tests skip, saying why, only when it is missing and cannot be installed."""
+    from specscope.report.browser import chromium as find
+
+    exe = find(install=True)
+    if exe is None:
+        pytest.skip("no chromium: install Debian's `chromium` package (apt-get install -y chromium, as root)")
+    return exe

@@ -1,4 +1,5 @@
-"""Reports from synthetic long-format metrics: files written, valid PNGs, self-contained and escaped HTML."""
+"""Reports from synthetic long-format metrics: files written, valid PNGs, self-contained and escaped HTML,
+one verdict rule, unmeasured weights listed, figures that fit their canvas."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from specscope.report import (
     advantage_heatmap, claims_table, layer_summary, layer_table, loss_curves, rank_curves, rank_pairs,
     rank_scatter, run_figures, write_comparison, write_report,
 )
+from specscope.report.html import CSP, SCRIPT
 
 from conftest import LAYERS, synthetic_metrics
 
@@ -32,7 +34,9 @@ def assert_png(path) -> None:
 def assert_self_contained(text: str) -> None:
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I)
     assert not re.search(r"https?://", text)
-    assert "<script" not in text.lower()
+    # the one script is the page's own, allowed by hash; nothing else may run or load
+    assert text.lower().count("<script") == 1 and f"<script>{SCRIPT}</script>" in text
+    assert f'http-equiv="Content-Security-Policy" content="{CSP}"' in text and "default-src 'none'" in CSP
     assert "@import" not in text and "url(" not in text
 
 
@@ -57,6 +61,7 @@ def test_report_writes_html_and_valid_pngs(tmp_path, metrics, claims):
     assert_self_contained(text)
     for c in claims:
         assert f'<td class="{c.verdict}">{c.verdict}</td>' in text
+    assert '<div class="weights">' in text and "<button" in text  # searchable, sortable per-weight table
     assert "optim.name" in text and "specgd" in text
     for layer in LAYERS:
         assert layer in text
@@ -64,7 +69,8 @@ def test_report_writes_html_and_valid_pngs(tmp_path, metrics, claims):
 
 def test_report_escapes_every_foreign_string(tmp_path):
     evil = "<script>alert(1)</script>"
-    df = synthetic_metrics(layers=[evil, "ok.layer"], arms=(f'arm"{evil}',), steps=range(3))
+    math = r"a$\frac{$"  # not valid mathtext: drawn as typed, never parsed
+    df = synthetic_metrics(layers=[evil, "ok.layer", math], arms=(f'arm"{evil}', f"{math}"), steps=range(3))
     claim = Claim(evil, f"text {evil}", "<img src=x onerror=alert(1)>", "a & b", "PASS")
     fig = Figure()
     fig.subplots().plot([0, 1])
@@ -72,7 +78,7 @@ def test_report_escapes_every_foreign_string(tmp_path):
     path = write_report(tmp_path, df, config=config, claims=[claim], title=f"Title {evil}",
                         summary={"note": evil}, extra_figures={f"../{evil}": fig}, dpi=DPI)
     text = path.read_text(encoding="utf-8")
-    assert "<script" not in text.lower()
+    assert_self_contained(text)
     assert "<img src=x" not in text and "<b>bye" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "say &quot;hi&quot; &amp; &lt;b&gt;bye&lt;/b&gt;" in text
@@ -112,7 +118,7 @@ def test_ratio_uses_recorded_advantage_else_nr_over_st():
     pairs = rank_pairs(df)
     assert pairs["ratio"].tolist() == [0.5, 0.7]  # step 0 computed nr/st, step 1 the recorded value
     summary = layer_summary(df).iloc[0]
-    assert summary["favoured"] == "euclidean" and summary["ratio_median"] == pytest.approx(0.6)
+    assert summary["verdict"] == "euclidean" and summary["ratio_median"] == pytest.approx(0.6)
 
 
 def test_layer_summary_values_and_nan_handling(metrics):
@@ -125,7 +131,7 @@ def test_layer_summary_values_and_nan_handling(metrics):
     assert head["st_last"] == pytest.approx(rows[rows["step"] == rows["step"].max()]["value"].iloc[0])
     # the synthetic model makes early layers spectral (nr >> st) and the head Euclidean
     first = summary[summary["layer"] == LAYERS[0]]
-    assert set(first["favoured"]) == {"spectral"} and head["favoured"] == "euclidean"
+    assert set(first["verdict"]) == {"spectral"} and head["verdict"] == "euclidean"
 
 
 def test_many_layers_are_grouped_by_type():
@@ -152,6 +158,7 @@ def test_rich_tables(metrics, claims):
     assert "<b>bold</b>" in text  # shown as written, never parsed as markup
     text = render(layer_table(metrics))
     assert "blocks.1.mlp.down" in text and "spectral" in text and "euclidean" in text
+    assert "not decidable at quick size" in render(claims_table([Claim("X", "t", "p", "m", "UNDECIDABLE")]))
     advice = pd.DataFrame({"layer": ["[red]x[/red]", "y"], "spectral_advantage": [2.0, np.nan],
                            "geometry": ["spectral", "euclidean"]})
     text = render(layer_table(advice))
@@ -172,6 +179,131 @@ def test_comparison(tmp_path):
         assert_png(p)
     assert text.count("data:image/png;base64,") == 2
     assert '<tr class="differs"><td>lr</td>' in text and "<tr><td>width</td>" in text
-    assert "run-&quot;b&quot;&lt;script&gt;" in text
-    # final values: one row per (run, arm, layer)
-    assert text.count("<td>blocks.0.attn.q</td>") == 3
+    # named by the setting that differs, the id appended where labels would collide
+    assert "lr=0.1 · gd" in text and "lr=0.2 · adamw" in text
+    # wide: one row per weight, four columns (st, nr, nr/st, verdict) per run/arm
+    assert text.count("<td>blocks.0.attn.q</td>") == 1
+    assert text.count('<th colspan="4">') == 3 and "<td>head</td>" in text
+
+
+def unmeasured_records(layers=("blocks.0.attn.c_attn", "blocks.1.attn.c_attn")) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": "run-1", "step": 0, "layer": name, "metric": "unmeasured", "value": 1.0,
+                          "arm": "gd", "shape": "64x192", "flag": "no input seen <b>"} for name in layers])
+
+
+def test_unmeasured_weights_are_listed_never_absent(tmp_path):
+    metrics = synthetic_metrics(arms=("gd",), steps=range(0, 15, 5))
+    df = pd.concat([metrics, unmeasured_records()], ignore_index=True)
+    summary = layer_summary(df)
+    rows = summary[summary["verdict"] == "unmeasured"]
+    assert sorted(rows["layer"]) == ["blocks.0.attn.c_attn", "blocks.1.attn.c_attn"]
+    assert (rows["shape"] == "64x192").all() and rows["st_median"].isna().all()
+    text = write_report(tmp_path, df, claims=[], dpi=DPI).read_text()
+    assert "Weights not measured (2)" in text and "no input seen &lt;b&gt;" in text
+    assert text.count('<td class="unmeasured">unmeasured</td>') == 2
+    grid = advantage_heatmap(df, dpi=DPI).axes[0].images[0].get_array()
+    assert grid.shape[0] == len(LAYERS) + 2  # the unmeasured weights are rows of the heatmap too
+    text = write_comparison(tmp_path / "c", {"a": df, "b": metrics}, dpi=DPI).read_text()
+    assert text.count('<td class="unmeasured">unmeasured</td>') == 2  # in run a only
+
+
+def test_one_verdict_rule_in_report_and_compare(tmp_path):
+    """nr/st = 0.903 is inside the 0.25 margin: "undecided" everywhere, as in advice()."""
+    from specscope.probe.advice import MARGIN, verdict
+
+    df = pd.DataFrame({"step": [0, 0], "layer": ["w", "w"], "metric": ["stable_rank", "nuclear_rank"],
+                       "value": [10.0, 9.03]})
+    assert MARGIN == 0.25 and verdict(0.903) == "undecided"
+    assert layer_summary(df)["verdict"].tolist() == ["undecided"]
+    assert '<td class="undecided">undecided</td>' in write_report(tmp_path / "r", df, dpi=DPI).read_text()
+    text = write_comparison(tmp_path / "c", {"a": df, "b": df}, dpi=DPI).read_text()
+    assert text.count('<td class="undecided">undecided</td>') == 2
+
+
+def test_run_labels_name_lab_and_differing_settings():
+    from specscope.report.compare import run_labels
+
+    configs = {"20261201-1": {"lr": 0.1, "width": 64, "seed": 0}, "20261201-2": {"lr": 0.2, "width": 64, "seed": 0}}
+    assert run_labels(list(configs), configs, {"20261201-1": "gpt", "20261201-2": "gpt"}) == {
+        "20261201-1": "lr=0.1", "20261201-2": "lr=0.2"}
+    labs = {"20261201-1": "gpt", "20261201-2": "sed"}  # settings of different labs are not compared
+    assert run_labels(list(configs), configs, labs) == {"20261201-1": "gpt", "20261201-2": "sed"}
+    configs["20261201-3"], labs["20261201-3"] = {"lr": 0.1, "width": 128, "seed": 0}, "sed"
+    assert run_labels(list(configs), configs, labs) == {"20261201-1": "gpt", "20261201-2": "sed · lr=0.2, width=64",
+                                                        "20261201-3": "sed · lr=0.1, width=128"}
+    same = {"a": {"lr": 1}, "b": {"lr": 1}}
+    assert run_labels(["a", "b"], same, {"a": "gpt", "b": "gpt"}) == {"a": "gpt (a)", "b": "gpt (b)"}
+
+
+def test_hundred_layer_model_stays_readable(tmp_path):
+    layers = [f"model.layers.{i}.mlp.down_proj" for i in range(100)]
+    df = synthetic_metrics(layers=layers, arms=("",), steps=range(0, 6, 2))
+    text = write_report(tmp_path, df, dpi=DPI).read_text()
+    for name in layers:  # every weight findable by name in the table, though the heatmap thins its labels
+        assert f"<td>{name}</td>" in text
+    assert "100 of 100 shown" in text
+    ticks = advantage_heatmap(df, dpi=DPI).axes[0].get_yticklabels()
+    assert 40 <= len(ticks) <= 80
+
+
+def test_log_ticks_are_plain_numbers():
+    from specscope.report.style import log_ticks, plain_number
+
+    assert log_ticks(3, 8) == [3, 4, 5, 6, 7, 8]
+    assert log_ticks(1.5, 40) == [2, 5, 10, 20]
+    assert log_ticks(0.01, 1000) == [0.01, 0.1, 1, 10, 100, 1000]
+    assert [plain_number(v) for v in (0.02, 5, 300, 2e6, 1e-5)] == ["0.02", "5", "300", "2e6", "1e-5"]
+    fig = rank_scatter(synthetic_metrics(), dpi=DPI)
+    fig.draw_without_rendering()
+    labels = [t.get_text() for ax in fig.axes[:1] for t in ax.get_xticklabels() + ax.get_yticklabels()]
+    assert labels and not any("×" in t or "^" in t or "$" in t for t in labels)
+
+
+@pytest.mark.parametrize("layers", [LAYERS, [f"transformer.h.{i}.attn.c_attn" for i in range(30)]])
+def test_no_figure_text_leaves_its_canvas(layers, claims):
+    from specscope.report.compare import compare_final_ranks, compare_losses
+    from specscope.report.style import finish, layout_problems
+
+    df = synthetic_metrics(layers=layers, steps=range(0, 15, 5))
+    figures = dict(run_figures(df, claims, dpi=DPI))
+    runs = {"a": df, "b": synthetic_metrics(layers=layers, seed=3, arms=("adamw",), steps=range(0, 15, 5))}
+    labels = {"a": "gpt · lr=0.001, width=128", "b": "gpt · lr=0.01, width=256"}
+    figures["compare_loss"] = finish(compare_losses(runs, labels=labels, dpi=DPI))
+    figures["compare_final_ranks"] = finish(compare_final_ranks(runs, labels=labels, dpi=DPI))
+    for name, fig in figures.items():
+        assert layout_problems(fig) == [], name
+
+
+def test_layout_problems_finds_clipped_and_overlapping_text():
+    from specscope.report.style import figure, layout_problems
+
+    fig = figure(3, 2, dpi=DPI)
+    ax = fig.subplots()
+    ax.text(0.5, 1.4, "a label far above the axes", transform=ax.transAxes)
+    ax.set_xticks([0, 0.01], ["a long tick label", "another long one"])
+    problems = layout_problems(fig)
+    assert any("leaves the canvas" in p for p in problems) and any("overlap" in p for p in problems)
+
+
+def test_cli_compare_names_runs_by_lab_and_settings(tmp_path, monkeypatch, capsys):
+    """`specscope compare A B`: the page names the runs by the setting that differs, not by their ids."""
+    import sys
+
+    from specscope import store
+    from specscope.cli import main
+    from specscope.records import Record
+
+    dirs = []
+    for lr in (0.1, 0.2):
+        with store.Run.create(tmp_path / "runs", "gpt", {"lr": lr, "width": 64}) as run:
+            run.append([Record(s, "", "loss", 1 / (1 + lr * s)) for s in range(3)]
+                       + [Record(s, "w", m, v) for s in range(3)
+                          for m, v in (("stable_rank", 4.0), ("nuclear_rank", 6.0))])
+            dirs.append(str(run.path))
+    monkeypatch.setattr(sys, "argv", ["specscope", "compare", *dirs, "--out", str(tmp_path / "cmp")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None), capsys.readouterr()
+    text = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<title>specscope comparison: lr=0.1 vs lr=0.2</title>" in text
+    assert text.count('<td class="spectral">spectral</td>') == 2

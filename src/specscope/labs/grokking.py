@@ -12,6 +12,10 @@ pairs whose mirror (b, a) was also held out: `test_acc_clean`), the grok steps, 
 matrix its stable rank (`weight_stable_rank`, the "effective rank" of paper 004), entropy rank, top
 singular values, norms and the cosine ⟨∇L, W⟩/‖∇L‖‖W‖ (`grad_weight_cosine`, 0 under QK-norm).
 LRD-2 needs several train fractions: run `specscope sweep grokking --grid train_fraction=...`.
+
+Default: tf004, AdamW wd 0.1, LRD λ = 5 (lr·λ = 5e-3 per step) on W_Q, W_K, arms l2 / lrd / lrd_prox, 4,000
+steps: a setting where L2 does not collapse the Q/K spectrum (docs/lab-grokking.md). Paper 003's baseline
+is `--set model=enc003 --set weight_decay=1.0 --set arms=l2`. `strength_grid` sweeps each arm's strength.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.models.modular import ModularTransformer, enc003, qk_weights, tf004
-from specscope.records import Claim, Record
+from specscope.records import Claim, Record, over_seeds
 
 NAME = "grokking"
 
@@ -42,7 +46,7 @@ class Config(LabConfig):
     p: AtLeast1 = 97
     train_fraction: Fraction = 0.5
     split: Literal["random", "commutative"] = "random"
-    model: Literal["enc003", "tf004"] = "enc003"
+    model: Literal["enc003", "tf004"] = "tf004"
     d_model: AtLeast1 = 128
     n_heads: AtLeast1 = 4
     d_ff: AtLeast1 = 256
@@ -51,21 +55,24 @@ class Config(LabConfig):
     optimizer: Literal["adamw", "muon", "auto"] = "adamw"
     lr: Positive = 1e-3
     muon_lr: Positive = 0.02  # lr of the hidden matrices under optimizer=muon|auto
-    weight_decay: NonNegative = 1.0  # λ of L2 (decoupled, AdamW)
-    lrd_strength: NonNegative | None = None  # λ of LRD; None: the same as weight_decay
+    weight_decay: NonNegative = 0.1  # λ of L2 (decoupled, AdamW); paper 004 states none (docs/lab-grokking.md)
+    lrd_strength: NonNegative | None = 5.0  # λ of LRD (lr·λ = 5e-3 per step); None: the same as weight_decay
     lrd_targets: list[str] = ["q", "k"]
     ns_steps: AtLeast1 = 5
     betas: Betas = (0.9, 0.98)
     batch_size: AtLeast0 = 512  # 0: full batch
     grad_clip: NonNegative = 1.0  # 0: no clipping
-    arms: list[Regularizer] = ["l2", "lrd"]
-    steps: AtLeast1 = 5000  # the grok window (20 evals × 50) must fit after a ≈3k-step grok
+    arms: list[Regularizer] = ["l2", "lrd", "lrd_prox"]
+    steps: AtLeast1 = 4000
     eval_every: AtLeast1 = 50
     spectrum_every: AtLeast0 = 0  # Q/K spectra and gradient cosines; 0: every evaluation
     top_singular: AtLeast1 = 8
     grok_threshold: Unit = 0.98
     grok_window: AtLeast1 = 20  # evaluations the test accuracy must stay >= grok_threshold
     stop_after_grok: bool = False
+    # per-arm strength grids, e.g. {"l2": [0.1, 0.3, 1.0], "lrd": [2, 5, 10]}: one arm `<arm>@<λ>` per value
+    strength_grid: dict[str, list[NonNegative]] = {}
+    memorized_acc: Unit = 0.99  # train accuracy that starts LRD-1's post-memorization window
 
 
 # ---------------------------------------------------------------- data, model, optimizer
@@ -86,6 +93,28 @@ def make_model(cfg: Config, data: ModularData) -> ModularTransformer:
 
 def lrd_strength(cfg: Config) -> float:
     return cfg.weight_decay if cfg.lrd_strength is None else cfg.lrd_strength
+
+
+def arm_strength(cfg: Config, reg: str) -> float:
+    """The λ an arm's regularizer uses on the targets: AdamW's for l2/none, LRD's for the LRD variants."""
+    return cfg.weight_decay if reg in ("l2", "none") else lrd_strength(cfg)
+
+
+def arm_specs(cfg: Config) -> list[tuple[str, str, Config]]:
+    """(arm name, regularizer, the config it trains with): one arm per regularizer, or `<reg>@<λ>` for each
+    λ of `strength_grid[reg]` (λ is AdamW's weight decay for l2/none, LRD's strength for the LRD variants)."""
+    bad = set(cfg.strength_grid) - set(cfg.arms)
+    if bad:
+        raise ConfigError(f"strength_grid names {sorted(bad)}, which are not in arms {cfg.arms}; add them to arms")
+    out = []
+    for reg in cfg.arms:
+        grid = cfg.strength_grid.get(reg)
+        if not grid:
+            out.append((reg, reg, cfg))
+            continue
+        key = "weight_decay" if reg in ("l2", "none") else "lrd_strength"
+        out += [(f"{reg}@{lam:g}", reg, cfg.model_copy(update={key: float(lam)})) for lam in grid]
+    return out
 
 
 def _targets(cfg: Config, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -296,7 +325,7 @@ def build(cfg: Config, device: torch.device) -> list[Arm]:
     every = cfg.spectrum_every or cfg.eval_every or 50
     init = None
     arms = []
-    for reg in cfg.arms:
+    for name, reg, arm_cfg in arm_specs(cfg):
         torch.manual_seed(cfg.seed)
         model = make_model(cfg, data).to(device)
         if init is None:
@@ -307,11 +336,11 @@ def build(cfg: Config, device: torch.device) -> list[Arm]:
             from specscope.probe import Monitor
 
             monitor = Monitor(model, every=1)
-        opt, steppers = make_optimizer(cfg, model, reg, monitor)
+        opt, steppers = make_optimizer(arm_cfg, model, reg, monitor)
         tracker = Tracker(cfg.grok_threshold, cfg.grok_window)
         stop = (lambda m, t=tracker: t.grokked) if cfg.stop_after_grok else None
         arms.append(Arm(
-            name=reg, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, cfg.seed), loss=loss_fn,
+            name=name, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, cfg.seed), loss=loss_fn,
             steps=cfg.steps, evaluate=make_evaluate(data, tracker), eval_every=cfg.eval_every,
             monitor=monitor, callbacks=[tracker, Spectra(_targets(cfg, model), every, cfg.top_singular)],
             extra_steppers=steppers, grad_clip=cfg.grad_clip or None, stop=stop,
@@ -333,89 +362,170 @@ def _qk_mean(df: pd.DataFrame, arm: str, metric: str) -> pd.Series:
     return d.groupby("step")["value"].mean().sort_index()
 
 
+def grok_status(steps, accs, threshold: float = 0.98, window: int = 20) -> str:
+    """"grokked" (stable), "cut off" (test accuracy ≥ threshold at the last evaluations, but the run ended
+    before `window` of them), "unstable" (reached the threshold, then fell below it) or "no grok"."""
+    first, stable = grok_steps(steps, accs, threshold, window)
+    if not math.isnan(stable):
+        return "grokked"
+    if math.isnan(first):
+        return "no grok"
+    return "cut off" if np.asarray(accs)[-1] >= threshold else "unstable"
+
+
+def grok_rule(cfg: Config) -> str:
+    """Both grok definitions, as every grokking claim states them."""
+    return (f"grok = first evaluation with test acc ≥ {cfg.grok_threshold} ('first'), or the first after which it "
+            f"stays ≥ {cfg.grok_threshold} for {cfg.grok_window} evaluations every {cfg.eval_every} steps ('stable')")
+
+
+def setting(cfg: Config) -> str:
+    """The settings a grokking verdict rests on, including those the papers leave open."""
+    lrd = ", ".join(f"{r} λ {arm_strength(cfg, r):g}" for r in cfg.arms if r in LRD_MODE)
+    grids = "; grids " + ", ".join(f"{k} {v}" for k, v in cfg.strength_grid.items()) if cfg.strength_grid else ""
+    return (f"{'+'.join(cfg.task)} mod {cfg.p}, fraction {cfg.train_fraction:g} ({cfg.split} split), {cfg.model}, "
+            f"{cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g}" + (f", {lrd}" if lrd else "")
+            + f" on {'/'.join(cfg.lrd_targets)} (lr·λ per step), {cfg.steps} steps, seed {cfg.seed}{grids}")
+
+
 def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
-    """One row per arm for sweep tables: grok steps (from the recorded test accuracy), final accuracies,
-    final Q/K stable rank, and the regularizer strength the arm used."""
+    """One row per arm for sweep tables: grok steps and status (from the recorded test accuracy), final
+    accuracies, the Q/K stable rank (final, and median over the post-memorization window), and the
+    regularizer and strength the arm used."""
     rows = []
-    for arm in cfg.arms:
-        acc = _series(df, arm, "test_acc")
+    for name, reg, arm_cfg in arm_specs(cfg):
+        acc = _series(df, name, "test_acc")
         if acc.empty:
             continue
         first, stable = grok_steps(acc.index, acc.values, cfg.grok_threshold, cfg.grok_window)
-        st = _qk_mean(df, arm, "weight_stable_rank")
+        st = _qk_mean(df, name, "weight_stable_rank")
+        post = post_memorization(df, name, cfg.memorized_acc)
+        nuc = _qk_mean(df, name, "weight_nuclear_norm")
+        at_mem = nuc[nuc.index >= post[0]] if math.isfinite(post[0]) else nuc.iloc[:0]
+        shrink = float(nuc.iloc[-5:].median()) / float(at_mem.iloc[0]) if len(at_mem) else math.nan
         rows.append({
-            "arm": arm,
-            "strength": cfg.weight_decay if arm in ("l2", "none") else lrd_strength(cfg),
+            "arm": reg, "name": name, "strength": arm_strength(arm_cfg, reg),
             "grok_step_first": first, "grok_step_stable": stable,
+            "grok_status": grok_status(acc.index, acc.values, cfg.grok_threshold, cfg.grok_window),
             "final_test_acc": float(acc.iloc[-1]),
-            "final_train_acc": float(_series(df, arm, "train_acc").iloc[-1]),
+            "final_train_acc": float(_series(df, name, "train_acc").iloc[-1]),
             "final_qk_stable_rank": float(st.iloc[-1]) if len(st) else math.nan,
+            "init_qk_stable_rank": float(st.iloc[0]) if len(st) else math.nan,
+            "memorized_acc": cfg.memorized_acc, "memorized_step": post[0], "post_mem_qk_stable_rank": post[1], "post_mem_min": post[2],
+            "post_mem_max": post[3], "nuclear_shrink": shrink,
             "steps": int(acc.index[-1]),
-            "seconds": float(_series(df, arm, "time").iloc[-1]) if len(_series(df, arm, "time")) else math.nan,
+            "seconds": float(_series(df, name, "time").iloc[-1]) if len(_series(df, name, "time")) else math.nan,
         })
     return rows
 
 
-BASELINE = dict(task=["add"], p=97, train_fraction=0.5, split="random", model="enc003", optimizer="adamw")
+def post_memorization(df: pd.DataFrame, arm: str, memorized: float = 0.99) -> tuple[float, float, float, float]:
+    """(first step with train acc ≥ `memorized`, median, min and max of the Q/K stable rank (mean over the
+    targets) over the evaluations from then on); NaNs when the arm never memorized."""
+    train, st = _series(df, arm, "train_acc"), _qk_mean(df, arm, "weight_stable_rank")
+    hit = train.index[train.values >= memorized]
+    if len(hit) == 0 or st.empty:
+        return math.nan, math.nan, math.nan, math.nan
+    window = st[st.index >= hit[0]]
+    if window.empty:
+        return float(hit[0]), math.nan, math.nan, math.nan
+    return float(hit[0]), float(window.median()), float(window.min()), float(window.max())
+
+
+BASELINE = dict(task=["add"], p=97, train_fraction=0.5, split="random", model="enc003", optimizer="adamw", weight_decay=1.0)
 
 
 def _baseline_claim(df: pd.DataFrame, cfg: Config, rows: dict[str, dict]) -> Claim:
     text = "Paper-003 setup (a+b mod 97, fraction 0.5, AdamW wd 1.0) groks in about 3k steps (target: within 4,000)"
     published = "≈ 2.9–3.4k steps"
+    where = ("paper-003 setup: --set model=enc003 --set weight_decay=1.0 --set arms=l2 --set steps=5000; "
+             + grok_rule(cfg) + "; the rule uses 'stable'")
+    claim = lambda measured, verdict, value=None: Claim("BASE-003", text, published, measured, verdict,  # noqa: E731
+                                                        setting=where, value=value)
     differs = [k for k, v in BASELINE.items() if getattr(cfg, k) != v]
     if "l2" not in rows:
-        return Claim("BASE-003", text, published, "no l2 arm", "INCONCLUSIVE")
+        return claim("no l2 arm", "INCONCLUSIVE")
     if differs:
-        return Claim("BASE-003", text, published, f"config differs from the baseline in {differs}", "INCONCLUSIVE")
+        return claim(f"config differs from the baseline in {differs}", "INCONCLUSIVE")
     r = rows["l2"]
-    measured = f"stable grok step {r['grok_step_stable']:.0f} (first ≥{cfg.grok_threshold}: {r['grok_step_first']:.0f}), window {cfg.grok_window} evals"
+    measured = f"stable grok step {r['grok_step_stable']:.0f}, first {r['grok_step_first']:.0f}"
     if math.isnan(r["grok_step_stable"]):
         # a stable grok at step 4000 is confirmed only (window − 1) evaluations later
         enough = r["steps"] >= 4000 + (cfg.grok_window - 1) * cfg.eval_every
-        return Claim("BASE-003", text, published, measured + f"; no stable grok confirmed in {r['steps']} steps"
+        return claim(measured + f"; {r['grok_status']} in {r['steps']} steps"
                      + ("" if enough else " (too few steps to confirm the window; run ≥ 5000)"),
                      "FAIL" if enough else "INCONCLUSIVE")
-    return Claim("BASE-003", text, published, measured, "PASS" if r["grok_step_stable"] <= 4000 else "FAIL")
+    return claim(measured, "PASS" if r["grok_step_stable"] <= 4000 else "FAIL", r["grok_step_stable"])
+
+
+LRD_ARMS = ("lrd", "lrd_prox", "lrd_ns")
+
+
+LRD1_TEXT = "LRD on W_Q, W_K collapses their stable rank and keeps shrinking singular values after train loss vanishes; L2 does not"
+LRD1_PUBLISHED = "Q/K stable rank ≈ 33 → < 5 within ≈ 500 steps (LRD)"
+
+
+def lrd1_rule(memorized: float) -> str:
+    return (f"rule: per LRD variant, median Q/K stable rank over the evaluations after train acc ≥ {memorized} "
+            "< 5 and < ½ of L2's, and ‖W‖_* (median of the last 5 evaluations) < 0.9 × at memorization; "
+            "PASS when every LRD variant passes")
+
+
+def lrd1_from_rows(rows: list[dict], where: str) -> Claim:
+    """LRD-1 from `summarize` rows (one run, or one point of a sweep): the first l2 row against the first
+    row of each LRD variant."""
+    claim = lambda measured, verdict, value=None: Claim("LRD-1", LRD1_TEXT, LRD1_PUBLISHED, measured, verdict,  # noqa: E731
+                                                        setting=where, value=value)
+    first = {}
+    for r in rows:
+        first.setdefault(r["arm"], r)
+    variants = [a for a in LRD_ARMS if a in first]
+    if "l2" not in first or not variants:
+        return claim("needs arm l2 and at least one of lrd, lrd_prox, lrd_ns (--set arms=l2,lrd,lrd_prox)", "INCONCLUSIVE")
+    l2 = first["l2"]
+    if math.isnan(l2["post_mem_qk_stable_rank"]):
+        return claim("the l2 arm never reached the memorization accuracy", "INCONCLUSIVE")
+    parts, oks, medians = [], [], []
+    for arm in variants:
+        r = first[arm]
+        med = r["post_mem_qk_stable_rank"]
+        if math.isnan(med):
+            parts.append(f"{r['name']}: never reached the memorization accuracy")
+            oks.append(False)
+            continue
+        oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and r["nuclear_shrink"] < 0.9)
+        medians.append(med)
+        parts.append(f"{r['name']}: Q/K stable rank {r['init_qk_stable_rank']:.1f} → median {med:.2f} "
+                     f"[{r['post_mem_min']:.2f}–{r['post_mem_max']:.2f}] after memorization (step {r['memorized_step']:.0f}), "
+                     f"final {r['final_qk_stable_rank']:.2f}; ‖W‖_* ×{r['nuclear_shrink']:.2f}")
+    parts.append(f"{l2['name']}: {l2['init_qk_stable_rank']:.1f} → median {l2['post_mem_qk_stable_rank']:.2f} "
+                 f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f})")
+    value = max(medians) / l2["post_mem_qk_stable_rank"] if medians else None
+    return claim("; ".join(parts), "PASS" if all(oks) else "FAIL", value)
 
 
 def _lrd1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
-    """LRD collapses the Q/K stable rank (< 5, < half of L2's) and keeps shrinking the nuclear norm after
-    the training set is memorized (train acc ≥ 0.99)."""
-    text = "LRD on W_Q, W_K collapses their stable rank and keeps shrinking singular values after train loss vanishes; L2 does not"
-    published = "Q/K stable rank ≈ 33 → < 5 within ≈ 500 steps (LRD)"
-    if not {"l2", "lrd"} <= set(cfg.arms):
-        return Claim("LRD-1", text, published, "needs arms l2 and lrd (--set arms=l2,lrd)", "INCONCLUSIVE")
-    st = {a: _qk_mean(df, a, "weight_stable_rank") for a in ("l2", "lrd")}
-    nuc = _qk_mean(df, "lrd", "weight_nuclear_norm")
-    train = _series(df, "lrd", "train_acc")
-    if any(s.empty for s in st.values()) or nuc.empty or train.empty:
-        return Claim("LRD-1", text, published, "Q/K spectra not recorded", "INCONCLUSIVE")
-    memorized = train.index[train.values >= 0.99]
-    if len(memorized) == 0:
-        return Claim("LRD-1", text, published, "the lrd arm never reached train accuracy 0.99", "INCONCLUSIVE")
-    t_mem = int(memorized[0])
-    nuc_mem = float(nuc[nuc.index >= t_mem].iloc[0])
-    shrink = float(nuc.iloc[-1]) / nuc_mem
-    st_l2_mem = float(st["l2"][st["l2"].index >= t_mem].iloc[0])
-    measured = (f"Q/K stable rank {st['lrd'].iloc[0]:.1f} → {st['lrd'].iloc[-1]:.2f} (LRD) vs "
-                f"{st['l2'].iloc[0]:.1f} → {st['l2'].iloc[-1]:.2f} (L2, {st_l2_mem:.2f} at memorization); "
-                f"LRD ‖W‖_* after memorization (step {t_mem}) ×{shrink:.2f}")
-    ok = st["lrd"].iloc[-1] < 5 and st["lrd"].iloc[-1] < 0.5 * st["l2"].iloc[-1] and shrink < 0.9
-    return Claim("LRD-1", text, published, measured, "PASS" if ok else "FAIL")
+    return lrd1_from_rows(summarize(df, cfg), setting(cfg) + "; " + lrd1_rule(cfg.memorized_acc))
 
 
 def _lrd2_claim(rows: dict[str, dict], cfg: Config) -> Claim:
     text = "LRD groks at smaller train fractions than L2 (the phase boundary moves down)"
     published = "LRD groks at fraction ≥ 0.4 where L2 needs ≥ 0.5"
-    here = ", ".join(f"{a}: {'grokked' if not math.isnan(r['grok_step_stable']) else 'no grok'}" for a, r in rows.items())
+    here = ", ".join(f"{r['name']}: {r['grok_status']} (first {_step(r['grok_step_first'])}, stable "
+                     f"{_step(r['grok_step_stable'])}, final test acc {r['final_test_acc']:.3f})" for r in rows.values())
     return Claim("LRD-2", text, published,
-                 f"one fraction ({cfg.train_fraction}) in this run ({here}); the boundary needs a sweep: "
-                 "specscope sweep grokking --grid train_fraction=0.3,0.4,0.5,0.6 --set arms=l2,lrd",
-                 "INCONCLUSIVE")
+                 f"one fraction ({cfg.train_fraction}) in this run: {here}; the boundary needs a sweep: "
+                 "specscope sweep grokking --grid train_fraction=0.3,0.4,0.5,0.6 --grid seed=0,1,2 "
+                 "--set 'strength_grid={\"l2\": [0.1, 0.3, 1], \"lrd\": [2, 5, 10]}'",
+                 "INCONCLUSIVE", setting=setting(cfg) + "; " + grok_rule(cfg))
+
+
+def _step(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.0f}"
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
-    rows = {r["arm"]: r for r in summarize(df, cfg)}
+    rows = {r["name"]: r for r in summarize(df, cfg)}
     return [_baseline_claim(df, cfg, rows), _lrd1_claim(df, cfg), _lrd2_claim(rows, cfg)]
 
 
@@ -424,43 +534,99 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 PHASE = {"x": "train_fraction", "y": "strength", "values": ("grok_step_stable", "final_test_acc"), "panel": "arm"}
 
 
+def boundaries(table: pd.DataFrame, column: str = "grok_step_stable") -> pd.DataFrame:
+    """Per arm and strength: the smallest train fraction at which most seeds grok (by `column`; inf when
+    none), and the number of seeds. An arm's best strength is the one with the smallest boundary."""
+    t = table.assign(grokked=table[column].notna())
+    rate = t.groupby(["arm", "strength", "train_fraction"])["grokked"].agg(["mean", "size"]).reset_index()
+    rows = []
+    for (arm, lam), g in rate.groupby(["arm", "strength"]):
+        ok = g[g["mean"] > 0.5]
+        rows.append({"arm": arm, "strength": lam, "boundary": float(ok["train_fraction"].min()) if len(ok) else math.inf,
+                     "seeds": int(g["size"].min())})
+    return pd.DataFrame(rows)
+
+
+def best_strength(b: pd.DataFrame, arm: str) -> tuple[float, float]:
+    """(strength, boundary) with the smallest boundary for `arm` (the smaller strength on a tie)."""
+    g = b[b["arm"] == arm].sort_values(["boundary", "strength"])
+    return (float(g["strength"].iloc[0]), float(g["boundary"].iloc[0])) if len(g) else (math.nan, math.inf)
+
+
 def sweep_claims(table: pd.DataFrame) -> list[Claim]:
-    """LRD-2 from a sweep table (one row per run and arm): the smallest train fraction at which most seeds
-    grok (stable), per arm and strength; PASS when LRD's boundary is below L2's at the strength both share."""
+    """LRD-1 (per sweep point, combined over points such as seeds) and LRD-2."""
+    return [c for c in (_sweep_lrd1(table),) if c is not None] + _sweep_lrd2(table)
+
+
+ROW_KEYS = {"arm", "name", "strength", "grok_step_first", "grok_step_stable", "grok_status", "final_test_acc",
+            "final_train_acc", "final_qk_stable_rank", "init_qk_stable_rank", "memorized_acc", "memorized_step",
+            "post_mem_qk_stable_rank", "post_mem_min", "post_mem_max", "nuclear_shrink", "steps", "seconds", "run"}
+
+
+def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:
+    """LRD-1 at each point of the grid (runs that differ only in `arms` are one point); None when no point
+    has both l2 and an LRD variant."""
+    if not {"arm", "post_mem_qk_stable_rank"} <= set(table.columns):
+        return None
+    keys = [c for c in table.columns if c not in ROW_KEYS and c != "arms"]
+    groups = list(table.groupby(keys, dropna=False)) if keys else [((), table)]
+    claims, points = [], []
+    for point, g in groups:
+        if "l2" in set(g["arm"]) and set(g["arm"]) & set(LRD_ARMS):
+            point = point if isinstance(point, tuple) else (point,)
+            label = ", ".join(f"{k} {v}" for k, v in zip(keys, point)) or "one sweep point"
+            arms = ", ".join(f"{r.name} λ {r.strength:g}" for r in g.itertuples())
+            rule = lrd1_rule(float(g["memorized_acc"].iloc[0]))
+            claims.append(lrd1_from_rows(g.to_dict("records"), f"{label}: {arms}, {int(g['steps'].max())} steps; " + rule))
+            points.append(label)
+    if not claims:
+        return None
+    if len(claims) == 1:
+        return claims[0]
+    c = over_seeds(claims, list(range(len(claims))))
+    return Claim(**{**c.as_dict(), "measured": " | ".join(f"{p}: {x.measured}" for p, x in zip(points, claims)),
+                    "setting": f"{len(claims)} sweep points ({'; '.join(points)}); " + rule})
+
+
+def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
+    """LRD-2 from a sweep table (one row per run and arm): each arm at its best strength (the one whose
+    smallest train fraction where most seeds grok, stably, is lowest); PASS when LRD's best boundary is
+    below L2's best. The first-grok boundaries are reported beside it."""
     text = "LRD groks at smaller train fractions than L2 (the phase boundary moves down)"
     published = "LRD groks at fraction ≥ 0.4 where L2 needs ≥ 0.5"
-    need = {"arm", "train_fraction", "grok_step_stable", "strength"}
+    need = {"arm", "train_fraction", "grok_step_stable", "grok_step_first", "strength"}
     if not need <= set(table.columns) or not {"l2", "lrd"} <= set(table["arm"]) or table["train_fraction"].nunique() < 2:
         return [Claim("LRD-2", text, published, "needs arms l2 and lrd at ≥ 2 train fractions", "INCONCLUSIVE")]
-    t = table.assign(grokked=table["grok_step_stable"].notna())
-    rate = t.groupby(["arm", "strength", "train_fraction"])["grokked"].mean().reset_index()
-
-    def boundary(arm: str, s: float) -> float:
-        r = rate[(rate["arm"] == arm) & (rate["strength"] == s) & (rate["grokked"] > 0.5)]
-        return float(r["train_fraction"].min()) if len(r) else math.inf
-
-    shared = sorted(set(rate.loc[rate.arm == "l2", "strength"]) & set(rate.loc[rate.arm == "lrd", "strength"]))
-    pairs = {s: (boundary("l2", s), boundary("lrd", s)) for s in shared}
     fmt = lambda b: "none" if math.isinf(b) else f"≥ {b:g}"  # noqa: E731
-    measured = "; ".join(f"λ={s:g}: L2 {fmt(b[0])}, LRD {fmt(b[1])}" for s, b in pairs.items())
-    known = {s: b for s, b in pairs.items() if not (math.isinf(b[0]) and math.isinf(b[1]))}
-    if not known:
-        return [Claim("LRD-2", text, published, measured + " (neither grokked)", "INCONCLUSIVE")]
-    ok = all(b[1] < b[0] for b in known.values())
-    return [Claim("LRD-2", text, published, measured + " (fraction where most seeds grok)", "PASS" if ok else "FAIL")]
+    stable, first = boundaries(table), boundaries(table, "grok_step_first")
+    arms = [a for a in ("l2", *LRD_ARMS) if a in set(table["arm"])]
+    parts = []
+    for arm in arms:
+        lam, b = best_strength(stable, arm)
+        grid = ", ".join(f"{r.strength:g}: {fmt(r.boundary)}" for r in stable[stable.arm == arm].itertuples())
+        parts.append(f"{arm} best λ {lam:g} → {fmt(b)} (first-grok boundary at its best λ "
+                     f"{fmt(best_strength(first, arm)[1])}; per λ {grid})")
+    seeds = int(stable["seeds"].min())
+    fractions = sorted(table["train_fraction"].unique())
+    where = (f"fractions {fractions}, {seeds}+ seed(s) per point; boundary = smallest fraction where most seeds grok "
+             "(stable grok, the rule's definition; first grok reported beside it)")
+    b_l2, b_lrd = best_strength(stable, "l2")[1], best_strength(stable, "lrd")[1]
+    measured = "; ".join(parts)
+    if math.isinf(b_l2) and math.isinf(b_lrd):
+        return [Claim("LRD-2", text, published, measured + " (neither grokked at any strength)", "INCONCLUSIVE",
+                      seeds=seeds, setting=where)]
+    return [Claim("LRD-2", text, published, measured, "PASS" if b_lrd < b_l2 else "FAIL", seeds=seeds,
+                  setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)]
 
 
 # ---------------------------------------------------------------- figures
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    import matplotlib
+    from specscope.report.style import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for arm in cfg.arms:
+    fig, axes = subplots(1, 3, figsize=(15, 4))
+    for arm, _, _ in arm_specs(cfg):
         for metric, ls in (("train_acc", "--"), ("test_acc", "-")):
             s = _series(df, arm, metric)
             axes[0].plot(s.index, s.values, ls, label=f"{arm} {metric}")
@@ -473,5 +639,4 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
     axes[2].set(xlabel="step", ylabel="σ1", title="Q/K top singular value (mean)")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return {"grokking": fig}

@@ -347,13 +347,10 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict:
     """st(A) vs width, nr(G) at steps 0 and 1 vs d, and f/f₀ per activation and method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from specscope.report.style import subplots
 
     out = {}
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     for act in cfg.sweep_activations:
         s = _series(df, "width-sweep", "stable_rank", act)
         ax.loglog(s.index, s.values, "o-", label=act)
@@ -361,7 +358,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
     ax.legend()
     out["rf_stable_rank_vs_width"] = fig
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     for act in cfg.sweep_activations:
         for t, style in ((0, "--"), (1, "-")):
             s = _series(df, f"dim-sweep/step{t}", "nuclear_rank", act)
@@ -370,7 +367,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
     ax.legend(fontsize=7)
     out["rf_nuclear_rank_vs_dim"] = fig
 
-    fig, axes = plt.subplots(1, len(cfg.activations), figsize=(3.2 * len(cfg.activations), 3), squeeze=False)
+    fig, axes = subplots(1, len(cfg.activations), figsize=(3.2 * len(cfg.activations), 3), squeeze=False)
     for ax, act in zip(axes[0], cfg.activations):
         for m in cfg.methods:
             s = _series(df, f"{act}/{m}", "loss")

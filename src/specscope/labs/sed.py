@@ -10,7 +10,8 @@ are full, every `coupling_every` steps, R_1..R_k and R̄ of each SED are measure
 Parts, in order:
 - `<intervention>-s<i>` for each intervention and seed: the paper-003 encoder on a single task, with the
   attention gradient projected before the optimizer step once the window is full (control: none;
-  keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace). The coupling curves
+  keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace, fixed or `*_fresh` each
+  step; `project_after_clip`, `project_from=start` move the projection after clipping / to step 1). The coupling curves
   are measured on the first control arm (`control-s0`). Grok steps as in the grokking lab.
 - `multitask`: one shared encoder with a head per task in `multitask`; aggregated update SED,
   aggregated gradient SED and per-task gradient SED, each coupled to each task's centroids.
@@ -39,8 +40,10 @@ from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
 
 NAME = "sed"
 GRADIENT = "gradient-sed"
-Intervention = Literal["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
-INTERVENTIONS: tuple[str, ...] = ("control", "keep_sed", "remove_sed", "keep_random", "remove_random")
+Intervention = Literal["control", "keep_sed", "remove_sed", "keep_random", "remove_random", "keep_random_fresh",
+                       "remove_random_fresh"]
+CORE: tuple[str, ...] = ("control", "keep_sed", "remove_sed", "keep_random", "remove_random")  # SED-2's rule
+INTERVENTIONS: tuple[str, ...] = (*CORE, "keep_random_fresh", "remove_random_fresh")  # *_fresh: a new subspace each step
 
 
 class Config(LabConfig):
@@ -78,9 +81,11 @@ class Config(LabConfig):
     coupling_every: AtLeast1 = 250
     multitask_coupling_every: AtLeast1 = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
-    interventions: list[Intervention] = ["control", "keep_sed", "remove_sed", "keep_random", "remove_random"]
+    interventions: list[Intervention] = [*CORE, "keep_random_fresh"]
     seeds: AtLeast1 = 1
     random_fixed: bool = True  # random arms: one subspace drawn when projection starts (False: fresh each step)
+    project_after_clip: bool = False  # False: project the raw gradient, then clip (paper 003's order); True: clip first
+    project_from: Literal["window", "start"] = "window"  # start: from step 1 (SED arms once the window holds k snapshots)
 
 
 # ---------------------------------------------------------------- model pieces
@@ -191,20 +196,45 @@ def task_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor], t: int) -> T
 
 
 def _arm(cfg: Config, name: str, model, data: ModularData, seed: int, callbacks: list, steps: int) -> Arm:
+    """With project_after_clip the clipping runs as a callback ahead of the projection (same call, same result
+    for arms that do not project)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     tracker = Tracker(cfg.grok_threshold, cfg.grok_window)
     stop = (lambda m, t=tracker: t.grokked) if cfg.stop_after_grok else None
+    clip_first = bool(cfg.project_after_clip and cfg.grad_clip)
+    if clip_first:
+        at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, (GatedProjection, GradientProjection))), len(callbacks))
+        callbacks = [*callbacks[:at], Clip(cfg.grad_clip), *callbacks[at:]]
     return Arm(name=name, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, seed), loss=loss_fn,
                steps=steps, evaluate=make_evaluate(data, tracker), eval_every=cfg.eval_every,
-               callbacks=[tracker, *callbacks], grad_clip=cfg.grad_clip or None, stop=stop)
+               callbacks=[tracker, *callbacks], grad_clip=None if clip_first else (cfg.grad_clip or None), stop=stop)
 
 
-def _projection(cfg: Config, iv: str, params: list[Tensor], tracker: SEDTracker, seed: int) -> GatedProjection:
-    mode = iv.split("_")[0]
+class Clip:
+    """Gradient-norm clipping as a callback, so a projection placed after it acts on the clipped gradient."""
+
+    every = 1
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def after_backward(self, step: int, model, optimizer) -> list[Record]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_norm)
+        return []
+
+
+def _projection(cfg: Config, iv: str, params: list[Tensor], tracker: SEDTracker, seed: int):
+    """The projection of `iv`: from the first full window (project_from=window), or from step 1 (the SED
+    subspace once the window holds k snapshots); random arms draw one subspace (fresh each step for *_fresh)."""
+    mode, kind = iv.split("_", 1)
     sed = tracker.seds[GRADIENT]
-    subspace = sed if iv.endswith("_sed") else "random"
-    proj = GradientProjection(params, subspace, mode=mode, k=cfg.k, fixed=cfg.random_fixed, seed=seed)
-    return GatedProjection(proj, lambda: sed.full)
+    early = cfg.project_from == "start"
+    if kind == "sed":
+        subspace = (lambda: sed.directions(cfg.k) if len(sed) >= cfg.k else None) if early else sed
+    else:
+        subspace = "random"
+    proj = GradientProjection(params, subspace, mode=mode, k=cfg.k, fixed=cfg.random_fixed and kind == "random", seed=seed)
+    return proj if early else GatedProjection(proj, lambda: sed.full)
 
 
 def update_options(cfg: Config) -> dict[str, Any]:
@@ -335,27 +365,54 @@ def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     update = _update_kind(cfg)
     measured = (f"peak R̄ gradient SED {g:.1f} vs update SED ({update}) {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
                 f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
-    return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL")
+    return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL",
+                 setting=setting(cfg) + "; coupling on control-s0 (no projection)", value=g / u)
+
+
+def grok_rule(cfg: Config) -> str:
+    return (f"grok = first evaluation with test acc ≥ {cfg.grok_threshold} ('first'), or the first after which it "
+            f"stays ≥ {cfg.grok_threshold} for {cfg.grok_window} evaluations every {cfg.eval_every} steps ('stable')")
+
+
+def setting(cfg: Config) -> str:
+    """The settings an SED verdict rests on, including those paper 003 leaves open."""
+    order = "clip, then project" if cfg.project_after_clip else "project, then clip"
+    start = "from step 1" if cfg.project_from == "start" else f"from the first full window (step {(cfg.window - 1) * cfg.snapshot_every})"
+    return (f"{cfg.task} mod {cfg.p}, fraction {cfg.train_fraction:g}, enc003, AdamW lr {cfg.lr:g} wd {cfg.weight_decay:g}, "
+            f"clip {cfg.grad_clip:g}; SED window {cfg.window} × every {cfg.snapshot_every}, k {cfg.k}; projection "
+            f"{order}, {start}; seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}")
+
+
+def _speedups(table: pd.DataFrame, iv: str, kind: str) -> str:
+    d = table[table.intervention == iv][f"speedup_{kind}"]
+    bound = "≤ " if table[table.intervention == iv][f"speedup_{kind}_bound"].any() else ""
+    return f"{bound}{d.mean():.2f}× [{d.min():.2f}–{d.max():.2f}]"
 
 
 def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
     text = "Keeping any 3-D subspace of the attention gradient speeds grokking ≈ 2.2–2.4×; removing it changes nothing"
     published = "keep SED-3 2.20×, keep random-3 2.36×, remove SED-3 1.02×, remove random-3 1.00× (control 3358 steps)"
-    if table.empty or not set(INTERVENTIONS) <= set(table.intervention):
-        return Claim("SED-2", text, published, "needs all five interventions", "INCONCLUSIVE")
+    rule = ("rule (on the 'stable' definition, mean over seeds): keep_sed and keep_random ≥ 1.5× and remove_sed, "
+            "remove_random within 0.8–1.25×; 'first' and the fresh random subspaces reported beside it")
+    where = setting(cfg) + "; " + grok_rule(cfg) + "; " + rule
+    if table.empty or not set(CORE) <= set(table.intervention):
+        return Claim("SED-2", text, published, "needs the five interventions " + ", ".join(CORE), "INCONCLUSIVE",
+                     setting=where)
     ctrl = table[table.intervention == "control"]
     if ctrl["grok_stable"].isna().any():
         return Claim("SED-2", text, published, f"control did not grok (stable) within {cfg.steps} steps in "
-                     f"{int(ctrl['grok_stable'].isna().sum())} of {len(ctrl)} seeds", "INCONCLUSIVE")
-    mean = table.groupby("intervention")["speedup_stable"].agg(["mean", "min", "max"])
-    parts = [f"{iv} {mean.loc[iv, 'mean']:.2f}× [{mean.loc[iv, 'min']:.2f}–{mean.loc[iv, 'max']:.2f}]"
-             for iv in INTERVENTIONS[1:]]
-    measured = (f"k = {cfg.k}: stable-grok speedup vs control (mean [min–max] over {cfg.seeds} seed(s), control "
-                f"{ctrl['grok_stable'].mean():.0f} steps): " + ", ".join(parts)
-                + "; PASS needs both keep ≥ 1.5× and both remove within 0.8–1.25×")
-    keep = all(mean.loc[iv, "mean"] >= 1.5 for iv in ("keep_sed", "keep_random"))
-    remove = all(0.8 <= mean.loc[iv, "mean"] <= 1.25 for iv in ("remove_sed", "remove_random"))
-    return Claim("SED-2", text, published, measured, "PASS" if keep and remove else "FAIL")
+                     f"{int(ctrl['grok_stable'].isna().sum())} of {len(ctrl)} seeds", "INCONCLUSIVE", seeds=len(ctrl),
+                     setting=where)
+    ivs = [iv for iv in INTERVENTIONS[1:] if iv in set(table.intervention)]
+    parts = [f"{iv} {_speedups(table, iv, 'stable')} (first {_speedups(table, iv, 'first')})" for iv in ivs]
+    measured = (f"speedup vs control, stable (first), mean [min–max] over {cfg.seeds} seed(s); control stable "
+                f"{ctrl['grok_stable'].mean():.0f}, first {ctrl['grok_first'].mean():.0f} steps: " + ", ".join(parts))
+    mean = table.groupby("intervention")["speedup_stable"].mean()
+    keep = all(mean[iv] >= 1.5 for iv in ("keep_sed", "keep_random"))
+    remove = all(0.8 <= mean[iv] <= 1.25 for iv in ("remove_sed", "remove_random"))
+    spread = "keep_sed " + _speedups(table, "keep_sed", "stable") if cfg.seeds > 1 else ""
+    return Claim("SED-2", text, published, measured, "PASS" if keep and remove else "FAIL", seeds=cfg.seeds,
+                 spread=spread, setting=where, value=float(min(mean["keep_sed"], mean["keep_random"])))
 
 
 def multitask_layers(task: str) -> dict[str, str]:
@@ -395,7 +452,10 @@ def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
         for _, r in t.iterrows()
     ) + f"; multitask test acc {_fmt_acc(df)}); PASS needs peak update ≤ 2 and per-task ≥ 10 for every task"
     ok = bool((t["update-sed"] <= 2).all() and (t["task-sed"] >= 10).all())
-    return Claim("SED-3", text, published, measured, "PASS" if ok else "FAIL")
+    where = (f"tasks {', '.join(cfg.multitask)} on one enc003 encoder, ≤ {cfg.multitask_steps} steps, coupling every "
+             f"{cfg.multitask_coupling_every}; " + grok_rule(cfg) + " (the arm stops at the 'stable' grok)")
+    return Claim("SED-3", text, published, measured, "PASS" if ok else "FAIL", setting=where,
+                 value=float(t["update-sed"].max()))
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
@@ -406,15 +466,12 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from specscope.report.style import subplots
 
     out = {}
     curves = {layer: _series(df, "control-s0", "coupling_Rbar", layer) for layer in (GRADIENT, UPDATE)}
     if any(len(s) for s in curves.values()):  # none without the control arm (interventions=[]) or a full window
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = subplots(figsize=(7, 4))
         for (layer, s), style in zip(curves.items(), ("-o", "-s")):
             ax.plot(s.index, s.values, style, ms=3, label=f"{layer} R̄")
         acc = _series(df, "control-s0", "test_acc")
@@ -424,12 +481,11 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         ax.set(xlabel="step", ylabel="R̄ (vs median random direction)", yscale="log",
                title=f"centroid coupling, {cfg.task} mod {cfg.p} (control-s0)")
         ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
         out["sed_coupling"] = fig
 
     table = intervention_table(df, cfg)
     if not table.empty:
-        fig, (ax, axt) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
+        fig, (ax, axt) = subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 1.3]})
         ivs = list(dict.fromkeys(table.intervention))
         for i, iv in enumerate(ivs):
             d = table[table.intervention == iv]
@@ -452,12 +508,11 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         tab.set_fontsize(9)
         tab.scale(1, 1.5)
         axt.set_title(f"mean over {cfg.seeds} seed(s)")
-        fig.tight_layout()
         out["sed_interventions"] = fig
 
     mt = multitask_table(df, cfg)
     if not mt.empty and mt[["update-sed", "task-sed"]].notna().any().any():
-        fig, (ax, axc) = plt.subplots(1, 2, figsize=(12, 4))
+        fig, (ax, axc) = subplots(1, 2, figsize=(12, 4))
         x = np.arange(len(mt))
         for j, col in enumerate(("update-sed", "gradient-sed", "task-sed")):
             ax.bar(x + (j - 1) * 0.27, mt[col].fillna(0), 0.27, label=col, color=f"C{j}")
@@ -477,6 +532,5 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         axc.axhline(1, color="k", lw=0.7)
         axc.set(xlabel="step", ylabel="R̄ (one line per task)", yscale="log", title="R̄ over training")
         axc.legend(fontsize=8, loc="lower left")
-        fig.tight_layout()
         out["sed_multitask"] = fig
     return out

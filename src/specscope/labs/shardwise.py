@@ -167,12 +167,9 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    import matplotlib
+    from specscope.report.style import subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax, bx) = subplots(1, 2, figsize=(12, 4))
     val = df[df.metric == "val_loss"]
     for arm, d in sorted(val.groupby("arm")):
         d = d.sort_values("step")
@@ -185,5 +182,4 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         bx.plot(d.index, d.values, label=f"{wt} ({arm.split('-')[1]} ranks)")
     bx.set(xlabel="step", ylabel="cos(global, shard-wise update)", title="per weight type, median over layers")
     bx.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     return {"shardwise": fig}

@@ -303,9 +303,14 @@ def _mlp1c(df: pd.DataFrame, cfg: Config) -> Claim:
     small, large = rows.iloc[0], rows.iloc[-1]
     checks = [large.st0 > small.st0, small.ratio < cfg.margin, adv[-1] < 0.5 * adv[0]]
     measured = "; ".join(f"n={int(r.batch)}: st(h) at init {r.st0:.1f}, loss SpecGD/GD at step {cfg.early} "
-                         f"{r.ratio:.3f}" for r in rows.itertuples())
-    return Claim("MLP-1c", text, pub, measured + f" (fades: log-advantage at the largest n < ½ of the smallest's)",
-                 _verdict(checks))
+                         f"{r.ratio:.3f} (log-advantage {x:.3f})" for r, x in zip(rows.itertuples(), adv))
+    kept = adv[-1] / adv[0] if adv[0] > 0 else math.nan
+    sensitivity = ", ".join(f"{f:g}: {'fades' if adv[-1] < f * adv[0] else 'does not'}" for f in (0.25, 0.5, 0.75))
+    measured += (f"; log-advantage at the largest n = {kept:.2f} × the smallest's; 'fades' at threshold {sensitivity}")
+    where = ("'fades' = log-advantage at the largest n < ½ of the smallest's is this project's threshold (paper 001 "
+             f"shows curves only); {act}, width {cfg.width}, early step {cfg.early}, seed {cfg.seed}")
+    return Claim("MLP-1c", text, pub, measured, _verdict(checks), setting=where,
+                 value=float(kept) if math.isfinite(kept) else None)
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
@@ -315,14 +320,11 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict:
     """Fig. 1 (st(h) over steps), Fig. 17 (st(h) at init vs batch), Fig. 18 (losses and nr(G) per pair)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from specscope.report.style import subplots
 
     out = {}
     first = cfg.activations[0]
-    fig, axes = plt.subplots(1, len(cfg.methods), figsize=(4.5 * len(cfg.methods), 3.3), squeeze=False)
+    fig, axes = subplots(1, len(cfg.methods), figsize=(4.5 * len(cfg.methods), 3.3), squeeze=False)
     for ax, m in zip(axes[0], cfg.methods):
         st = hidden_stable_ranks(df, arm_name(first, cfg.samples, m))
         for col in st.columns:
@@ -331,7 +333,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         ax.legend(fontsize=7)
     out["mlp_post_activation_stable_rank"] = fig
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     init = df[df["arm"] == "init-st"]
     for layer, g in init.groupby("layer"):
         s = g.groupby("step")["value"].last().sort_index()
@@ -341,7 +343,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
     out["mlp_init_stable_rank_vs_batch"] = fig
 
     pairs = arm_specs(cfg)
-    fig, axes = plt.subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)
+    fig, axes = subplots(1, len(pairs), figsize=(3.4 * len(pairs), 3.2), squeeze=False)
     for ax, (act, n) in zip(axes[0], pairs):
         for m in cfg.methods:
             s = _series(df, arm_name(act, n, m), "loss", "")
@@ -355,6 +357,5 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
             twin.set_ylabel("nr(G) layers.1 (GD)", fontsize=7)
     axes[0][0].set_ylabel("training loss")
     axes[0][0].legend()
-    fig.tight_layout()
     out["mlp_loss_gd_vs_specgd"] = fig
     return out

@@ -459,17 +459,23 @@ def _claim_spk1(df: pd.DataFrame) -> Claim:
 def _claim_spk2(df: pd.DataFrame) -> Claim:
     text = "ReLU suppresses S1 relative to smooth activations; MF keeps the top gradient direction more stable than NTK."
     published = "ReLU: ‖σ'⊥‖ = Θ(n) inflates E and S2 and suppresses S1 (smooth σ: o(n)); MF top direction more stable"
-    parts, checks = [], []
+    parts, checks, value = [], [], None
+    where = ("rule: ReLU's ‖S1‖/‖E‖ below every smooth activation's at every (ν, α) of the activation sweep with "
+             "2ν > 1 − α (paper 000's condition for the spike to dominate; points outside it reported beside), "
+             "and MF's mean top-direction angle below NTK's for every activation")
     t = sweep_table(df, "act")
     if not t.empty and "relu" in set(t["activation"]) and set(t["activation"]) & set(SMOOTH):
         smooth = sorted(set(t["activation"]) & set(SMOOTH))
         for key, label in (("s1_e_ratio", "‖S1‖/‖E‖"), ("s1_s2_ratio", "‖S1‖/‖S2‖")):
             wide = t.pivot_table(index=["alpha", "nu"], columns="activation", values=key)
-            wins = int((wide["relu"] < wide[smooth].min(axis=1)).sum())
-            parts.append(f"ReLU {label} below every smooth activation's ({', '.join(smooth)}) at {wins}/{len(wide)} "
-                         f"(ν, α) points")
-            if key == "s1_e_ratio":  # the paper's mechanism: ReLU's σ'⊥ inflates the remainder E
-                checks.append(wins == len(wide))
+            lowest = wide["relu"] < wide[smooth].min(axis=1)
+            inside = np.array([in_regime(alpha, nu) for alpha, nu in wide.index])
+            wins, out_wins = int(lowest[inside].sum()), int(lowest[~inside].sum())
+            parts.append(f"ReLU {label} below every smooth activation's ({', '.join(smooth)}) at {wins}/{int(inside.sum())} "
+                         f"(ν, α) points in the regime 2ν > 1 − α (out of it: {out_wins}/{int((~inside).sum())})")
+            if key == "s1_e_ratio" and inside.any():  # the paper's mechanism: ReLU's σ'⊥ inflates E
+                checks.append(wins == int(inside.sum()))
+                value = float(wins / inside.sum())
     tr = _training(df)
     if set(tr["scaling"]) >= {"mf", "ntk"}:
         mean = tr.groupby(["activation", "scaling"])["value"].mean().unstack().dropna()
@@ -478,8 +484,14 @@ def _claim_spk2(df: pd.DataFrame) -> Claim:
             f"{a} {mean.loc[a, 'mf']:.3g} vs {mean.loc[a, 'ntk']:.3g} rad" for a in mean.index))
     if len(checks) < 2:
         return Claim("SPK-2", text, published, "; ".join(parts) or "activation sweep or MF/NTK arms missing",
-                     "INCONCLUSIVE" if all(checks) else "FAIL")
-    return Claim("SPK-2", text, published, "; ".join(parts), "PASS" if all(checks) else "FAIL")
+                     "INCONCLUSIVE" if all(checks) else "FAIL", setting=where, value=value)
+    return Claim("SPK-2", text, published, "; ".join(parts), "PASS" if all(checks) else "FAIL", setting=where,
+                 value=value)
+
+
+def in_regime(alpha: float, nu: float) -> bool:
+    """Paper 000's condition for the spike to dominate the ReLU comparison: 2ν > 1 − α."""
+    return 2 * nu > 1 - alpha + 1e-12
 
 
 def _claim_spk3(df: pd.DataFrame) -> Claim:
@@ -512,9 +524,9 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def _figure(w: float, h: float, ncols: int = 1):
-    from matplotlib.figure import Figure
+    from specscope.report import style
 
-    fig = Figure(figsize=(w, h), dpi=100, layout="constrained")
+    fig = style.figure(w, h)
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 

@@ -13,9 +13,10 @@ from specscope.errors import ConfigError
 
 COLUMNS = ["layer", "kind", "shape", "rows", "stable_rank", "nuclear_rank", "spectral_advantage", "measurements", "verdict", "estimator"]
 HEAD_PATTERNS = ("head", "*.head", "lm_head", "*.lm_head", "output", "*.output")
+MARGIN = 0.25  # nr/st must clear 1 by this factor to decide a verdict
 
 
-def verdict(ratio: float, margin: float) -> str:
+def verdict(ratio: float, margin: float = MARGIN) -> str:
     """spectral if ratio > 1 + margin, euclidean if ratio < 1 / (1 + margin), else undecided."""
     if ratio != ratio:  # NaN
         return "undecided"

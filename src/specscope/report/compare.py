@@ -1,25 +1,64 @@
-"""Several runs on one page: loss curves overlaid, final st(A) / nr(G) per weight side by side,
-the per-weight final values and the config keys that differ."""
+"""Several runs on one page: loss curves overlaid, final st(A) / nr(G) per weight side by side, wide
+tables (rows = metrics or weights, columns = runs) and the config keys that differ.
+
+Runs are named by what tells them apart: lab, the settings that differ between them, and arm."""
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _figure, _grid, _log_is_sensible, _metric_names
-from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, table,
-                                   value_text, write_text_atomic)
-from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs
+from specscope.probe.advice import verdict
+from specscope.report import style
+from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
+from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
+                                   table, value_text, write_text_atomic)
+from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs, unmeasured
+
+MAX_KEYS = 3  # differing settings named in a run's label
+MAX_SERIES = 8  # run/arm pairs drawn in the final-ranks figure
+HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo", "--"]
 
 
-def _label(run: str, arm: str) -> str:
-    return f"{run} / {arm}" if arm else run
+def differing_keys(configs: Mapping[str, Mapping]) -> list[str]:
+    """Flattened config keys whose value is not the same in every run (missing counts as a value)."""
+    flat = [flatten(cfg or {}) for cfg in configs.values()]
+    keys = ordered_unique(k for cfg in flat for k in cfg)
+    return [k for k in keys if len({value_text(cfg[k]) if k in cfg else "—" for cfg in flat}) > 1]
+
+
+def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = None,
+               labs: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Run name -> "lab · key=value, ..." with the settings that differ between the runs of the same lab
+    (at most MAX_KEYS, "+N" for the rest). Labs are named only when they differ or when nothing else
+    does; the run's own name is appended wherever two labels would otherwise be the same."""
+    configs, labs = configs or {}, labs or {}
+    several_labs = len({labs.get(n, "") for n in names}) > 1
+    labels = {}
+    for n in names:
+        # settings are compared between runs of the same lab; different labs have different settings
+        same_lab = [m for m in names if labs.get(m, "") == labs.get(n, "")]
+        keys = differing_keys({m: configs.get(m, {}) for m in same_lab}) if len(same_lab) > 1 else []
+        flat = flatten(configs.get(n) or {})
+        parts = [f"{k.split('.')[-1]}={textwrap.shorten(value_text(flat[k]), 24, placeholder='…')}"
+                 for k in keys[:MAX_KEYS] if k in flat]
+        settings = ", ".join(parts) + (f" +{len(keys) - MAX_KEYS}" if len(keys) > MAX_KEYS else "")
+        lab = labs.get(n, "")
+        head = lab if lab and (several_labs or not settings) else ""
+        labels[n] = " · ".join(x for x in (head, settings) if x) or str(n)
+    counts = {v: list(labels.values()).count(v) for v in labels.values()}
+    return {n: (f"{v} ({n})" if counts[v] > 1 and v != str(n) else v) for n, v in labels.items()}
+
+
+def _label(run: str, arm: str, labels: Mapping[str, str] | None = None) -> str:
+    name = (labels or {}).get(run, run)
+    return f"{name} · {arm}" if arm else name
 
 
 def combine(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -28,15 +67,16 @@ def combine(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else prepare(None).assign(run="")
 
 
-def compare_losses(runs: Mapping[str, pd.DataFrame], *, dpi: int = DPI) -> Figure | None:
-    """One panel per loss-like metric; colour = run, line style = arm."""
+def compare_losses(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str] | None = None,
+                   dpi: int = DPI) -> Figure | None:
+    """One panel per loss-like metric; colour = run, line style = arm; one legend beside the panels."""
     df = finite(combine(runs))
     metrics = _metric_names(df, "loss")
     if not metrics:
         return None
     names = list(runs)
     rows, cols = _grid(len(metrics))
-    fig = _figure(4.4 * cols, 3.0 * rows, dpi)
+    fig = style.figure(style.PANEL[0] * cols + 2.4, style.PANEL[1] * rows, dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics):
         d = df[(df["metric"] == metric)]
@@ -44,16 +84,18 @@ def compare_losses(runs: Mapping[str, pd.DataFrame], *, dpi: int = DPI) -> Figur
             arms = ordered_unique(df[df["run"] == run]["arm"])
             g = g.groupby("step")["value"].mean()
             ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)),
-                    linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4, label=_label(run, arm))
+                    linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4, label=_label(run, arm, labels))
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
-        ax.set(title=metric, xlabel="step")
+        ax.set_title(metric, fontsize=style.FONT["title"])
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, framealpha=0.7)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle("Loss, all runs", fontsize=11)
-    return fig
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right upper", fontsize=style.FONT["legend"], frameon=False)
+    fig.suptitle("Loss, all runs", fontsize=style.FONT["suptitle"])
+    return style.finish(fig)
 
 
 def final_ranks(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -68,39 +110,53 @@ def final_ranks(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "arm", "layer", "st", "nr", "ratio"])
 
 
-def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, dpi: int = DPI) -> Figure | None:
-    """Final st(A) and nr(G) per weight, one horizontal bar per run/arm, the two quantities side by side."""
+def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str] | None = None,
+                        dpi: int = DPI) -> Figure | None:
+    """Final st(A) and nr(G) per weight, one horizontal bar per run/arm that measured it (colour = run,
+    hatch = arm), the two quantities side by side. At most MAX_SERIES run/arm pairs are drawn; the
+    table on the page has all of them."""
     final = final_ranks(runs)
     if final.empty:
         return None
     layers = ordered_unique(final["layer"])
     series = ordered_unique(zip(final["run"], final["arm"]))
-    height = 0.8 / len(series)
-    fig = _figure(11, float(np.clip(0.25 * len(layers) * max(len(series), 2) / 2 + 1.5, 2.8, 30)), dpi)
+    dropped, series = len(series[MAX_SERIES:]), series[:MAX_SERIES]
+    final = final[[s in set(series) for s in zip(final["run"], final["arm"])]]
+    present = {layer: [s for s in series if ((final["run"] == s[0]) & (final["arm"] == s[1])
+                                              & (final["layer"] == layer)).any()] for layer in layers}
+    layers = [layer for layer in layers if present[layer]]
+    height = 0.8 / max(max(len(p) for p in present.values()), 1)
+    fig = style.figure(11, float(np.clip(0.8 * len(layers) * height * max(map(len, present.values()))
+                                         * 0.35 + 0.3 * len(layers) + 2.2, 3.2, 30)), dpi)
     axes = fig.subplots(1, 2, sharey=True)
     names = list(runs)
+    by = final.set_index(["run", "arm", "layer"])
     for ax, (key, label) in zip(axes, [("st", "final st(A)"), ("nr", "final nr(G)")]):
-        for k, (run, arm) in enumerate(series):
-            d = final[(final["run"] == run) & (final["arm"] == arm)].set_index("layer").reindex(layers)
+        for run, arm in series:
+            rows = [(i, by.loc[(run, arm, layer), key], present[layer].index((run, arm)), len(present[layer]))
+                    for i, layer in enumerate(layers) if (run, arm) in present[layer]]
             arms = ordered_unique(final[final["run"] == run]["arm"])
-            ax.barh(np.arange(len(layers)) + (k - (len(series) - 1) / 2) * height, d[key].to_numpy(),
-                    height=height, color=_arm_colour(names.index(run)), label=_label(run, arm),
-                    hatch=["", "//", "..", "xx"][arms.index(arm) % 4], edgecolor="white", linewidth=0.3)
+            ax.barh([i + (k - (n - 1) / 2) * height for i, _, k, n in rows], [v for _, v, _, _ in rows],
+                    height=height, color=_arm_colour(names.index(run)), label=_label(run, arm, labels),
+                    hatch=HATCHES[arms.index(arm) % len(HATCHES)], edgecolor="white", linewidth=0.3)
         values = final[key].to_numpy(dtype=float)
         if _log_is_sensible(values):
             ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, axis="x")
-    size = float(np.clip(240 / max(len(layers), 1), 5, 9))
+    size = float(np.clip(240 / max(len(layers), 1), style.MIN_FONT, 9))
     axes[0].set_yticks(range(len(layers)), [textwrap.shorten(l, 40, placeholder="…") for l in layers],
                        fontsize=size)
     axes[0].invert_yaxis()  # model order from the top
-    axes[1].legend(fontsize=7, loc="best", framealpha=0.7)
-    fig.suptitle("Final st(A) and nr(G) per weight", fontsize=11)
-    return fig
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(len(series), 3),
+               fontsize=style.FONT["legend"], frameon=False)
+    more = f" (first {MAX_SERIES} run/arm pairs; {dropped} more in the table)" if dropped else ""
+    fig.suptitle("Final st(A) and nr(G) per weight" + more, fontsize=style.FONT["suptitle"])
+    return style.finish(fig)
 
 
-def config_diff_html(configs: Mapping[str, Mapping]) -> str:
+def config_diff_html(configs: Mapping[str, Mapping], labels: Mapping[str, str] | None = None) -> str:
     """Every config key with its value in each run; rows where the runs differ are highlighted."""
     flat = {str(name): flatten(cfg or {}) for name, cfg in configs.items()}
     keys = ordered_unique(k for cfg in flat.values() for k in cfg)
@@ -113,44 +169,88 @@ def config_diff_html(configs: Mapping[str, Mapping]) -> str:
         texts = ["—" if v is missing else value_text(v) for v in values]
         rows.append([key, *texts])
         row_classes.append("differs" if len(set(texts)) > 1 else "")
-    return ("<p>Highlighted rows differ between runs.</p>"
-            + table(rows, ["key", *flat], row_classes=row_classes))
+    header = ["key", *[(labels or {}).get(n, n) for n in flat]]
+    return "<p>Highlighted rows differ between runs.</p>" + table(rows, header, row_classes=row_classes)
 
 
-def final_table_html(runs: Mapping[str, pd.DataFrame]) -> str:
+def _series(runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
+    """(run, arm) in the order given, arms in order of appearance."""
+    return [(str(name), arm) for name, df in runs.items() for arm in ordered_unique(prepare(df)["arm"])]
+
+
+def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
+    """Wide: one row per whole-model metric (loss, accuracy, ...), one column per run/arm, the last
+    finite value."""
+    df = finite(combine(runs))
+    df = df[df["layer"] == ""].sort_values("step", kind="stable")
+    if df.empty:
+        return "<p>No whole-model metrics were recorded.</p>"
+    last = df.groupby(["metric", "run", "arm"])["value"].last()
+    series = [s for s in _series(runs) if any((s[0], s[1]) == (r, a) for _, r, a in last.index)]
+    rows = [[m, *[last.get((m, r, a), np.nan) for r, a in series]] for m in ordered_unique(df["metric"])]
+    return table(rows, ["metric", *[_label(r, a, labels) for r, a in series]], table_class="wide")
+
+
+def final_table_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
+    """Wide: one row per weight; per run/arm its final st(A), nr(G), nr/st and verdict. A weight the probe
+    could not pair in a run has the verdict "unmeasured" there; "—" where a run has no such weight."""
     final = final_ranks(runs)
-    if final.empty:
+    missing = pd.concat([unmeasured(df).assign(run=str(name)) for name, df in runs.items()], ignore_index=True)
+    if final.empty and missing.empty:
         return "<p>No per-weight st(A) / nr(G) were recorded.</p>"
-    final = final.assign(favoured=np.where(final["ratio"] > 1, "spectral",
-                                           np.where(final["ratio"] <= 1, "euclidean", "")))
-    rows = final.values.tolist()
-    classes = [[""] * 6 + [r[-1]] for r in rows]
-    return table(rows, ["run", "arm", "layer", "st(A)", "nr(G)", "nr/st", "favoured"], classes=classes)
+    series = ordered_unique(list(zip(final["run"], final["arm"])) + list(zip(missing["run"], missing["arm"])))
+    by = final.set_index(["run", "arm", "layer"])
+    not_paired = set(zip(missing["run"], missing["arm"], missing["layer"]))
+    rows, classes = [], []
+    for layer in ordered_unique(list(final["layer"]) + list(missing["layer"])):
+        row, cls = [layer], [""]
+        for run, arm in series:
+            key = (run, arm, layer)
+            st, nr, ratio = by.loc[key][["st", "nr", "ratio"]].tolist() if key in by.index else [np.nan] * 3
+            v = verdict(ratio) if key in by.index else "unmeasured" if key in not_paired else "—"
+            row += [st, nr, ratio, v]
+            cls += ["", "", v, v]
+        rows.append(row)
+        classes.append(cls)
+    header = ["weight"] + ["st(A)", "nr(G)", "nr/st", "verdict"] * len(series)
+    groups = [("", 1)] + [(_label(r, a, labels), 4) for r, a in series]
+    return searchable(table(rows, header, classes=classes, sortable=True, groups=groups, table_class="wide"),
+                      "a weight", len(rows))
 
 
 def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame], *,
-                     configs: Mapping[str, Mapping] | None = None, title: str = "specscope comparison",
-                     dpi: int = DPI) -> Path:
+                     configs: Mapping[str, Mapping] | None = None, labs: Mapping[str, str] | None = None,
+                     title: str | None = None, dpi: int = DPI) -> Path:
     """Write out_dir/comparison.html (self-contained) and its PNGs to out_dir/figures/.
 
-    runs maps a display name (usually the run id) to that run's long-format metrics; configs maps the
-    same names to their config dicts. Returns the path of comparison.html.
+    runs maps a run's name (usually its id) to its long-format metrics; configs and labs map the same
+    names to their config dicts and lab names, from which each run gets a readable label (`run_labels`).
+    Returns the path of comparison.html.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"compare_loss": compare_losses(runs, dpi=dpi), "compare_final_ranks": compare_final_ranks(runs, dpi=dpi)}
+    labels = run_labels([str(n) for n in runs], {str(k): v for k, v in (configs or {}).items()},
+                        {str(k): v for k, v in (labs or {}).items()})
+    runs = {str(k): v for k, v in runs.items()}
+    title = title or "specscope comparison: " + " vs ".join(labels.values())
+    figures = {"compare_loss": compare_losses(runs, labels=labels, dpi=dpi),
+               "compare_final_ranks": compare_final_ranks(runs, labels=labels, dpi=dpi)}
     pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi)
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}
-    listing = table([[name, len(prepare(df)), ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
-                     for name, df in runs.items()], ["run", "records", "arms"])
+    listing = table([[labels[name], (labs or {}).get(name, ""), name, len(prepare(df)),
+                      ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
+                     for name, df in runs.items()], ["run", "lab", "id", "records", "arms"])
+    keys = differing_keys(configs) if configs and len(set((labs or {}).values())) <= 1 else []
     body = "\n".join([
         f"<h1>{esc(title)}</h1>",
-        "<h2>Runs</h2>", listing,
+        "<h2>Runs</h2>",
+        f"<p>Settings that differ: {esc(', '.join(keys))}.</p>" if keys else "", listing,
         "<h2>Figures</h2>",
         "\n".join(figure_block(s, d, captions[s]) for s, d in pngs.items()) or "<p>No metrics to plot.</p>",
-        "<h2>Final per-weight values</h2>", final_table_html(runs),
-        "<h2>Configuration</h2>", config_diff_html(configs) if configs else config_table(None),
+        "<h2>Final metrics</h2>", final_metrics_html(runs, labels),
+        "<h2>Final per-weight values</h2>", final_table_html(runs, labels),
+        "<h2>Configuration</h2>", config_diff_html(configs, labels) if configs else config_table(None),
     ])
     path = out / "comparison.html"
     write_text_atomic(path, page(title, body))

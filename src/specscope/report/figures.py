@@ -2,7 +2,7 @@
 
 Every function takes the metrics DataFrame and returns a `matplotlib.figure.Figure`, or None when the
 metrics it draws are absent, so a lab that records no st(A) still gets its loss curves. Figures are
-built with `Figure()` directly (no pyplot): no display, no global figure registry, nothing to close.
+made and finished with `specscope.report.style` (sizes, fonts, log ticks, verdict colours).
 """
 
 from __future__ import annotations
@@ -19,26 +19,21 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from specscope.probe.advice import MARGIN
 from specscope.records import Claim
-from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs
+from specscope.report import style
+from specscope.report.style import DPI
+from specscope.report.tables import claim_verdict_text, finite, ordered_unique, prepare, rank_pairs, unmeasured
 
-DPI = 100
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-VERDICT_COLOURS = {"PASS": "#b7e4c7", "FAIL": "#f4b6b6", "INCONCLUSIVE": "#fde8a6"}
-LEGEND_CAP = 6  # lines named per panel legend; the rest are counted, not listed
 MAX_PANELS = 24
 MAX_POINTS = 20_000  # scatter points drawn at most
 RANK_LABELS = {
     "stable_rank": "st(A): stable rank of each weight's input",
     "nuclear_rank": "nr(G): nuclear rank of each weight's gradient",
 }
-
-
-def _figure(width: float, height: float, dpi: int) -> Figure:
-    return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
 
 
 def _arm_colour(i: int) -> str:
@@ -66,16 +61,6 @@ def _grid(n: int, max_cols: int = 3) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def _legend(ax, handles: list, labels: list[str], *, cap: int = LEGEND_CAP) -> None:
-    if not handles:
-        return
-    if len(handles) > cap:
-        extra = len(handles) - cap
-        handles = handles[:cap] + [Line2D([], [], linestyle="none")]
-        labels = labels[:cap] + [f"… +{extra} more"]
-    ax.legend(handles, labels, fontsize=7, framealpha=0.7, loc="best")
-
-
 def metric_curves(df: pd.DataFrame, metrics: Sequence[str], *, title: str, dpi: int = DPI) -> Figure | None:
     """One panel per metric over steps, one line per arm (and layer, if the metric has layers)."""
     df = finite(prepare(df))
@@ -85,7 +70,7 @@ def metric_curves(df: pd.DataFrame, metrics: Sequence[str], *, title: str, dpi: 
         return None
     arms = ordered_unique(df["arm"])
     rows, cols = _grid(len(metrics))
-    fig = _figure(4.2 * cols, 3.0 * rows, dpi)
+    fig = style.figure(style.PANEL[0] * cols, style.PANEL[1] * rows, dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics):
         d = df[df["metric"] == metric]
@@ -95,14 +80,16 @@ def metric_curves(df: pd.DataFrame, metrics: Sequence[str], *, title: str, dpi: 
             ax.plot(g.index, g.to_numpy(), color=_arm_colour(arms.index(arm)), lw=1.4, label=label)
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
-        ax.set_title(metric, fontsize=10)
+        ax.set_title(metric, fontsize=style.FONT["title"])
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        _legend(ax, *ax.get_legend_handles_labels())
+        if len(ax.lines) > 1:
+            style.legend(ax)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    fig.suptitle(title, fontsize=11)
-    return fig
+    if len(metrics) > 1:
+        fig.suptitle(title, fontsize=style.FONT["suptitle"])
+    return style.finish(fig)
 
 
 def _metric_names(df: pd.DataFrame, pattern: str) -> list[str]:
@@ -149,7 +136,7 @@ def rank_curves(df: pd.DataFrame, metric: str = "stable_rank", *, dpi: int = DPI
     dropped = max(len(panels) - MAX_PANELS, 0)
     panels = panels[:MAX_PANELS]
     rows, cols = _grid(len(panels))
-    fig = _figure(4.0 * cols + (1.2 if grouped else 0), 2.8 * rows + 0.4, dpi)
+    fig = style.figure(style.PANEL[0] * cols + (1.2 if grouped else 0), style.PANEL[1] * rows + 0.4, dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     curves = {key: g.groupby("step")["value"].mean() for key, g in df.groupby(["layer", "arm"], sort=False)}
     for ax, (name, layers) in zip(axes, panels):
@@ -159,31 +146,32 @@ def rank_curves(df: pd.DataFrame, metric: str = "stable_rank", *, dpi: int = DPI
                     continue
                 g = curves[(layer, arm)]
                 if grouped:
-                    style = dict(color=_depth_colour(li, len(layers)), linestyle=LINESTYLES[ai % 4])
+                    look = dict(color=_depth_colour(li, len(layers)), linestyle=LINESTYLES[ai % 4])
                 else:
-                    style = dict(color=_arm_colour(ai), label=arm or None)
-                ax.plot(g.index, g.to_numpy(), lw=1.3, marker="." if len(g) < 3 else None, **style)
+                    look = dict(color=_arm_colour(ai), label=arm or None)
+                ax.plot(g.index, g.to_numpy(), lw=1.3, marker="." if len(g) < 3 else None, **look)
         if _log_is_sensible(df[df["layer"].isin(layers)]["value"].to_numpy()):
             ax.set_yscale("log")
         title = name if len(layers) == 1 else f"{name}  ({len(layers)} weights)"
-        ax.set_title(textwrap.shorten(title, 48, placeholder="…"), fontsize=9)
+        ax.set_title(textwrap.shorten(title, 48, placeholder="…"), fontsize=style.FONT["label"])
         ax.grid(alpha=0.3)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel("step", fontsize=style.FONT["label"])
         if not grouped and len(arms) > 1:
-            _legend(ax, *ax.get_legend_handles_labels())
+            style.legend(ax)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     if grouped:
         depth = ScalarMappable(Normalize(0, 1), ListedColormap([_depth_colour(i, 64) for i in range(64)]))
         bar = fig.colorbar(depth, ax=list(axes), shrink=0.5, aspect=25, location="right")
         bar.set_ticks([0, 1], labels=["first", "last"])
-        bar.set_label("depth within group", fontsize=8)
+        bar.set_label("depth within group", fontsize=style.FONT["label"])
         if len(arms) > 1:
             handles = [Line2D([], [], color="k", linestyle=LINESTYLES[i % 4]) for i in range(len(arms))]
-            fig.legend(handles, [a or "(run)" for a in arms], title="arm", loc="outside right upper", fontsize=8)
+            fig.legend(handles, [a or "(run)" for a in arms], title="arm", loc="outside right upper",
+                       fontsize=style.FONT["legend"])
     suffix = f"  (first {MAX_PANELS} panels; {dropped} more not shown)" if dropped else ""
-    fig.suptitle(RANK_LABELS.get(metric, metric) + suffix, fontsize=11)
-    return fig
+    fig.suptitle(RANK_LABELS.get(metric, metric) + suffix, fontsize=style.FONT["suptitle"])
+    return style.finish(fig)
 
 
 def stable_rank_curves(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
@@ -200,7 +188,9 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     """Weight × step heatmap of log10(nr(G)/st(A)), one panel per arm.
 
     Diverging colours centred at 0: red cells are where the spectral step has the larger guaranteed
-    decrease (nr > st), blue where the Euclidean one does; grey cells were not measured.
+    decrease (nr > st), blue where the Euclidean one does; grey cells were not measured. Weights the
+    probe could not pair are rows in the `unmeasured` colour. The colour bar marks the undecided band
+    (nr/st within a factor 1 + MARGIN of 1).
     """
     pairs = rank_pairs(df)
     ratio = pairs["ratio"].to_numpy(dtype=float)
@@ -210,15 +200,18 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     # steps and weights with an unusable ratio stay in the grid as grey cells, so gaps are visible
     pairs = pairs.assign(log_ratio=np.log10(np.where(valid, ratio, np.nan)))
     arms = ordered_unique(pairs["arm"])
-    layers = ordered_unique(pairs["layer"])
+    missing = unmeasured(df)
+    unmeasured_names = set(missing["layer"])
+    layers = ordered_unique(list(pairs["layer"]) + list(missing["layer"]))
     steps = sorted(pairs["step"].unique())
     vmax = max(float(np.abs(pairs["log_ratio"]).max()), 0.1)
-    cmap = colormaps["RdBu_r"].with_extremes(bad="#dddddd")
-    label_size = float(np.clip(240 / max(len(layers), 1), 5, 9))
-    longest = max(len(textwrap.shorten(l, 40, placeholder="…")) for l in layers)
+    cmap = colormaps["RdBu_r"].with_extremes(bad=style.NOT_MEASURED)
+    label_size = float(np.clip(240 / max(len(layers), 1), style.MIN_FONT, 9))
+    every = max(1, math.ceil(len(layers) / 80))  # thin the labels of very deep models; the table has them all
+    names = [textwrap.shorten(l, 40, placeholder="…") for l in layers]
     panel_width = float(np.clip(2.5 + 0.08 * len(steps), 3.0, 7.0))
-    width = min(0.06 * longest * label_size / 7 + 1.6 + panel_width * len(arms), 18)
-    fig = _figure(width, float(np.clip(0.15 * len(layers) + 1.6, 2.6, 16)), dpi)
+    width = min(0.075 * max(map(len, names)) * label_size / 7 + 2.0 + panel_width * len(arms), 18)
+    fig = style.figure(width, float(np.clip(0.16 * len(layers) / every + 1.8, 3.0, 16)), dpi)
     axes = fig.subplots(1, len(arms), squeeze=False, sharey=True).ravel()
     for k, (ax, arm) in enumerate(zip(axes, arms)):
         grid = (pairs[pairs["arm"] == arm]
@@ -226,19 +219,24 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
                 .reindex(index=layers, columns=steps))
         image = ax.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), aspect="auto", cmap=cmap,
                           norm=Normalize(-vmax, vmax), interpolation="nearest")
-        every = max(1, math.ceil(len(layers) / 80))  # thin the labels of very deep models
+        for i in [i for i, name in enumerate(layers) if name in unmeasured_names]:
+            ax.axhspan(i - 0.5, i + 0.5, color=style.VERDICT_COLOURS["unmeasured"], alpha=0.55, lw=0)
         if k == 0:
-            ax.set_yticks(range(0, len(layers), every), [textwrap.shorten(l, 40, placeholder="…")
-                                                         for l in layers[::every]], fontsize=label_size)
+            ax.set_yticks(range(0, len(layers), every), names[::every], fontsize=label_size)
         ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 6)).round().astype(int))
-        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=8)
-        ax.set_xlabel("step", fontsize=9)
-        ax.set_title(f"arm: {arm}" if arm else "log10(nr/st) per weight", fontsize=9)
+        ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=style.FONT["tick"])
+        ax.set_xlabel("step", fontsize=style.FONT["label"])
+        if arm:
+            ax.set_title(f"arm: {arm}", fontsize=style.FONT["label"])
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9)
-    bar.set_label("log10(nr(G) / st(A))", fontsize=8)
-    fig.suptitle("log10(nr/st) per weight and step: red = spectral step favoured, blue = Euclidean, "
-                 "grey = not measured", fontsize=10)
-    return fig
+    band = math.log10(1 + MARGIN)
+    bar.ax.axhspan(-band, band, color="white", alpha=0.6, lw=0)
+    bar.ax.axhline(band, color="0.3", lw=0.6)
+    bar.ax.axhline(-band, color="0.3", lw=0.6)
+    bar.set_label("log10(nr/st): red spectral, blue Euclidean", fontsize=style.FONT["label"])
+    extra = ", purple = unmeasured" if len(missing) else ""
+    fig.suptitle(f"log10(nr(G)/st(A)) per weight and step (grey = no value{extra})", fontsize=style.FONT["title"])
+    return style.finish(fig)
 
 
 def rank_scatter(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
@@ -255,7 +253,7 @@ def rank_scatter(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     if len(pairs) > MAX_POINTS:  # keep evenly spaced steps, whole, so every weight stays in the picture
         keep = steps[np.linspace(0, len(steps) - 1, max(2, MAX_POINTS * len(steps) // len(pairs))).astype(int)]
         pairs = pairs[pairs["step"].isin(keep)]
-    fig = _figure(5.6, 4.6, dpi)
+    fig = style.figure(6.2, 4.6, dpi)
     ax = fig.subplots()
     norm = Normalize(float(pairs["step"].min()), float(max(pairs["step"].max(), pairs["step"].min() + 1)))
     arms = ordered_unique(pairs["arm"])
@@ -267,24 +265,22 @@ def rank_scatter(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     lo = 0.8 * min(pairs["st"].min(), pairs["nr"].min())
     hi = 1.25 * max(pairs["st"].max(), pairs["nr"].max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.fill_between([lo, hi], [lo, hi], [hi, hi], color="tab:red", alpha=0.06, lw=0)
-    ax.text(0.04, 0.96, "spectral favoured", transform=ax.transAxes, va="top", fontsize=8, color="tab:red")
-    ax.text(0.96, 0.04, "Euclidean favoured", transform=ax.transAxes, ha="right", fontsize=8, color="tab:blue")
+    ax.fill_between([lo, hi], [lo, hi], [hi, hi], color=style.VERDICT_COLOURS["spectral"], alpha=0.06, lw=0)
+    ax.text(0.04, 0.96, "spectral favoured", transform=ax.transAxes, va="top", fontsize=style.FONT["tick"],
+            color=style.VERDICT_COLOURS["spectral"])
+    ax.text(0.96, 0.04, "Euclidean favoured", transform=ax.transAxes, ha="right", fontsize=style.FONT["tick"],
+            color=style.VERDICT_COLOURS["euclidean"])
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi),
            xlabel="st(A)  (stable rank of the input)", ylabel="nr(G)  (nuclear rank of the gradient)")
-    for axis in (ax.xaxis, ax.yaxis):  # 1, 2, 5, 10, ... as plain numbers; no crowded minor labels
-        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        axis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="major")
     # proxy handles: the arm's marker shape in grey (the real points are coloured by step)
     handles = [Line2D([], [], marker=MARKERS[i % len(MARKERS)], color="0.4", linestyle="none")
-               for i in range(len(arms))] + [Line2D([], [], color="k", linestyle="--")]
-    labels = [a or "(run)" for a in arms] + ["nr = st"]
-    ax.legend(handles, labels, fontsize=8, loc="lower right", bbox_to_anchor=(1, 0.08))
+               for i in range(len(arms)) if len(arms) > 1] + [Line2D([], [], color="k", linestyle="--")]
+    labels = [a or "(run)" for a in arms if len(arms) > 1] + ["nr = st"]
+    style.legend(ax, handles, labels, where="top")
     fig.colorbar(points, ax=ax, label="step")
-    ax.set_title("nr(G) vs st(A) per weight and step", fontsize=11)
-    return fig
+    fig.suptitle("nr(G) vs st(A) per weight and step", fontsize=style.FONT["title"])
+    return style.finish(fig)
 
 
 def claims_figure(claims: Sequence[Claim], *, dpi: int = DPI) -> Figure | None:
@@ -293,10 +289,10 @@ def claims_figure(claims: Sequence[Claim], *, dpi: int = DPI) -> Figure | None:
         return None
     widths = {"claim": 8, "text": 60, "published": 20, "measured": 20, "verdict": 13}  # wrap, in chars
     rows = [[textwrap.fill(str(v), widths[k]) for k, v in zip(widths, (c.id, c.text, c.published,
-                                                                         c.measured, c.verdict))]
+                                                                         c.measured, claim_verdict_text(c.verdict)))]
             for c in claims]
     lines = [max(cell.count("\n") + 1 for cell in row) for row in rows]
-    fig = _figure(11, 0.6 + 0.2 * (sum(lines) + len(rows) + 1), dpi)
+    fig = style.figure(11, 0.6 + 0.2 * (sum(lines) + len(rows) + 1), dpi)
     ax = fig.subplots()
     ax.axis("off")
     total = sum(widths.values())
@@ -313,8 +309,8 @@ def claims_figure(claims: Sequence[Claim], *, dpi: int = DPI) -> Figure | None:
             cell.set_facecolor("#e8e8e8")
             cell.get_text().set_weight("bold")
         elif col == len(widths) - 1:
-            cell.set_facecolor(VERDICT_COLOURS.get(claims[r - 1].verdict, "white"))
-    return fig
+            cell.set_facecolor(style.CLAIM_COLOURS.get(claims[r - 1].verdict, "white"))
+    return style.finish(fig)
 
 
 def run_figures(df: pd.DataFrame, claims: Sequence[Claim] = (), *, dpi: int = DPI) -> dict[str, Figure]:

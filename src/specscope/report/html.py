@@ -1,12 +1,15 @@
-"""One self-contained HTML page per run: figures as base64 PNG data URIs, inline CSS, no script.
+"""One self-contained HTML page per run: figures as base64 PNG data URIs, inline CSS, one inline script.
 
 The page loads nothing from the network and escapes every string it did not write itself (config keys
-and values, layer and arm names, figure names, claim texts), so a shared report cannot carry script.
+and values, layer and arm names, figure names, claim texts). Its only script is `SCRIPT` below (sorting
+and searching the per-weight table), and a Content-Security-Policy allows that script by its hash and
+nothing else: no other script, no request beyond the page's own data: images.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -17,28 +20,79 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 import specscope
+from specscope.probe.advice import MARGIN
 from specscope.records import Claim
+from specscope.report import style
 from specscope.report.figures import DPI, run_figures
-from specscope.report.tables import fmt, layer_summary, ordered_unique, prepare
+from specscope.report.tables import claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, unmeasured
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1200px;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd;
-       padding-bottom: 0.2em; margin-top: 1.8em; }
+       padding-bottom: 0.2em; margin-top: 1.8em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.PASS { background: #b7e4c7; font-weight: bold; } td.FAIL { background: #f4b6b6; font-weight: bold; }
-td.INCONCLUSIVE { background: #fde8a6; font-weight: bold; }
-td.spectral { color: #a11; } td.euclidean { color: #125; } tr.differs td { background: #fff6d6; }
-figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+td { overflow-wrap: anywhere; } .wide td { white-space: nowrap; } .wide th { min-width: 4em; }
+.scroll { max-width: 100%; overflow-x: auto; }
+""" + "".join(f"td.{k} {{ background: {v}; font-weight: bold; }}\n" for k, v in style.CLAIM_COLOURS.items()) + \
+    "".join(f"td.{k} {{ color: {v}; font-weight: 600; }}\n" for k, v in style.VERDICT_COLOURS.items()) + """
+td.unmeasured { font-style: italic; } td.UNDECIDABLE { min-width: 9em; } tr.differs td { background: #fff6d6; }
+figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; } .meta { color: #555; font-size: 0.9em; }
 code { background: #f5f5f5; padding: 0 3px; }
+.side { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+.side > figure { flex: 1 1 480px; margin: 0; min-width: 0; }
+.weights { flex: 0 1 auto; min-width: 0; max-height: 90vh; overflow: auto; }
+.weights td, .weights th { white-space: nowrap; } td.num { white-space: nowrap; }
+.weights thead th { position: sticky; top: 0; }
+.weights input { font: inherit; padding: 2px 6px; width: 20em; max-width: 100%; }
+th button { all: unset; cursor: pointer; } th button:focus-visible { outline: 2px solid #2166ac; }
+th[aria-sort=ascending] button::after { content: " ▲"; } th[aria-sort=descending] button::after { content: " ▼"; }
 """
+
+# Sorts a .weights table by the clicked column (numbers as numbers, "—" last) and filters its rows by the
+# search box. Reads only the table it sits in; writes nothing but row order, row.hidden and a count.
+SCRIPT = """
+for (const box of document.querySelectorAll(".weights")) {
+  const table = box.querySelector("table"), body = table.tBodies[0], rows = [...body.rows];
+  const search = box.querySelector("input"), count = box.querySelector("output");
+  const key = (row, i) => {
+    const t = row.cells[i].textContent.trim(), v = Number(t);
+    return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v;
+  };
+  search.addEventListener("input", () => {
+    const q = search.value.trim().toLowerCase();
+    let n = 0;
+    for (const row of rows) { row.hidden = !row.textContent.toLowerCase().includes(q); n += !row.hidden; }
+    count.textContent = n + " of " + rows.length + " shown";
+  });
+  for (const [i, th] of [...table.tHead.rows[table.tHead.rows.length - 1].cells].entries()) {
+    th.querySelector("button").addEventListener("click", () => {
+      const up = th.getAttribute("aria-sort") !== "ascending";
+      for (const h of table.tHead.querySelectorAll("th")) h.removeAttribute("aria-sort");
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      rows.sort((a, b) => {
+        const x = key(a, i), y = key(b, i);
+        if (x === null || y === null) return (x === null) - (y === null);
+        if (typeof x !== typeof y) return typeof x === "number" ? -1 : 1;
+        return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1);
+      });
+      body.append(...rows);
+    });
+  }
+}
+"""
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
+CSP = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'; "
+       "base-uri 'none'; form-action 'none'")
+
+MEASURED = ("stable_rank", "nuclear_rank", "spectral_advantage")  # a weight with one of these was measured
 
 CAPTIONS = {
     "loss": "Loss-like metrics over steps, one line per arm.",
@@ -46,7 +100,9 @@ CAPTIONS = {
     "stable_rank": "st(A) = ‖A‖_F²/‖A‖_2² of each weight's input over steps. Low st(A) favours a spectral step.",
     "nuclear_rank": "nr(G) = ‖G‖_*²/‖G‖_F² of each weight's gradient over steps. High nr(G) favours a spectral step.",
     "advantage_heatmap": "log10(nr(G)/st(A)) per weight and step. Red (> 0): the spectral step has the larger "
-                         "guaranteed one-step decrease; blue: the Euclidean step does; grey: not measured.",
+                         "guaranteed one-step decrease; blue: the Euclidean step does; the lines on the colour "
+                         "bar bound the undecided band; grey: no value at that step; purple rows: weights the "
+                         "probe could not pair (unmeasured). The table beside it has every weight.",
     "nr_vs_st": "nr(G) against st(A) for every weight and step; points above nr = st favour a spectral step.",
     "claims": "The claims table as an image (for slides).",
 }
@@ -60,7 +116,8 @@ def esc(x: object) -> str:
 def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
     """The figure as PNG bytes (the same bytes go to disk and into the page)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, facecolor="white")
+    with rc_context(style.PLAIN_TEXT):
+        fig.savefig(buffer, format="png", dpi=dpi or fig.dpi, facecolor="white")
     return buffer.getvalue()
 
 
@@ -71,12 +128,13 @@ def safe_name(name: str) -> str:
 
 
 def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | None = None) -> dict[str, bytes]:
-    """Write each figure to out_dir/figures/<stem>.png; returns stem -> PNG bytes."""
+    """Finish each figure with the project style and write it to out_dir/figures/<stem>.png; returns
+    stem -> PNG bytes."""
     folder = out_dir / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for stem, fig in figures.items():
-        data = png_bytes(fig, dpi)
+        data = png_bytes(style.finish(fig), dpi)
         (folder / f"{stem}.png").write_bytes(data)
         written[stem] = data
     return written
@@ -94,10 +152,18 @@ def figure_block(stem: str, data: bytes, caption: str) -> str:
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str], *, classes: Sequence[Sequence[str]] = (),
-          row_classes: Sequence[str] = ()) -> str:
-    """An HTML table; every cell escaped. Numbers are right-aligned; `classes[i][j]` styles a cell."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    head = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
+          row_classes: Sequence[str] = (), sortable: bool = False,
+          groups: Sequence[tuple[str, int]] = (), table_class: str = "") -> str:
+    """An HTML table; every cell escaped. Numbers are right-aligned; `classes[i][j]` styles a cell.
+
+    sortable: header cells are buttons the page's script sorts by. groups: a header row above the
+    column names, (text, number of columns spanned) each.
+    """
+    button = '<button type="button">{}</button>' if sortable else "{}"
+    head = "<tr>" + "".join(f"<th>{button.format(esc(h))}</th>" for h in header) + "</tr>" if any(header) else ""
+    if groups:
+        head = "<tr>" + "".join(f'<th colspan="{int(n)}">{esc(g)}</th>' for g, n in groups) + "</tr>" + head
+    head = f"<thead>{head}</thead>" if head else ""
     body = []
     for i, row in enumerate(rows):
         cells = []
@@ -109,7 +175,9 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str], *, classes: S
             cells.append(f"<td{attr}>{esc(value)}</td>")
         rc = f' class="{re.sub(r"[^A-Za-z0-9_-]", "", row_classes[i])}"' if i < len(row_classes) and row_classes[i] else ""
         body.append(f"<tr{rc}>{''.join(cells)}</tr>")
-    return f"<table>{head}<tbody>{''.join(body)}</tbody></table>"
+    cls = f' class="{re.sub(r"[^A-Za-z0-9_ -]", "", table_class)}"' if table_class else ""
+    html_table = f"<table{cls}>{head}<tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{html_table}</div>' if "wide" in table_class.split() else html_table
 
 
 def flatten(config: Mapping, prefix: str = "") -> dict[str, object]:
@@ -150,25 +218,49 @@ def as_claim(c: Claim | Mapping) -> Claim:
 def claims_html(claims: Sequence[Claim]) -> str:
     if not claims:
         return "<p>This run states no claims.</p>"
-    rows = [[c.id, c.text, c.published, c.measured, c.verdict] for c in claims]
+    rows = [[c.id, c.text, c.published, c.measured, claim_verdict_text(c.verdict)] for c in claims]
     classes = [["", "", "", "", c.verdict] for c in claims]
-    counts = {v: sum(c.verdict == v for c in claims) for v in ("PASS", "FAIL", "INCONCLUSIVE")}
-    tally = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
+    counts = {v: sum(c.verdict == v for c in claims) for v in ordered_unique(c.verdict for c in claims)}
+    tally = ", ".join(f"{n} {claim_verdict_text(v)}" for v, n in counts.items())
     return f"<p>{esc(tally)}</p>" + table(rows, ["claim", "text", "published", "measured", "verdict"],
                                            classes=classes)
 
 
-def layer_html(df: pd.DataFrame) -> str:
+def searchable(table_html: str, what: str, n: int) -> str:
+    """A table with a search box and sortable columns (the page's `SCRIPT`)."""
+    return (f'<div class="weights"><label>Find {esc(what)}: <input type="search" placeholder="name or verdict">'
+            f"</label> <output>{n} of {n} shown</output>{table_html}</div>")
+
+
+def weights_table(summary: pd.DataFrame) -> str:
+    """Every weight: shape, measured steps, median st(A), nr(G), nr/st (median and last), verdict."""
+    cols = {"arm": "arm", "layer": "weight", "shape": "shape", "steps": "steps", "st_median": "st(A)",
+            "nr_median": "nr(G)", "ratio_median": "nr/st", "ratio_last": "nr/st last", "verdict": "verdict"}
+    if (summary["arm"] == "").all():
+        cols.pop("arm")
+    rows = summary[list(cols)].values.tolist()
+    classes = [[""] * (len(cols) - 1) + [str(r[-1])] for r in rows]
+    return searchable(table(rows, list(cols.values()), classes=classes, sortable=True), "a weight", len(rows))
+
+
+def unmeasured_html(df: pd.DataFrame) -> str:
+    """The weights the probe could not pair, with their shape and the reason."""
+    missing = unmeasured(df)
+    if missing.empty:
+        return ""
+    cols = [c for c in missing.columns if c != "arm" or (missing["arm"] != "").any()]
+    return (f"<h3>Weights not measured ({len(missing)})</h3><p>The probe could not pair these weights with the "
+            "input they multiply; their verdict is <em>unmeasured</em>, not a guess.</p>"
+            + table(missing[cols].values.tolist(), ["weight" if c == "layer" else c for c in cols]))
+
+
+def weights_html(df: pd.DataFrame, heatmap: str) -> str:
+    """The per-weight section: the heatmap with the searchable, sortable table beside it, then the
+    weights that were not measured."""
     summary = layer_summary(df)
     if summary.empty:
         return "<p>No per-weight st(A) / nr(G) were recorded.</p>"
-    header = ["arm", "layer", "measured steps", "last step", "st(A) last", "st(A) median", "nr(G) last",
-              "nr(G) median", "nr/st last", "nr/st median", "favoured (median nr/st)"]
-    rows = summary.values.tolist()
-    classes = [[""] * (len(header) - 1) + [str(r[-1])] for r in rows]
-    if (summary["arm"] == "").all():
-        header, rows, classes = header[1:], [r[1:] for r in rows], [c[1:] for c in classes]
-    return table(rows, header, classes=classes)
+    return (f'<div class="side">{heatmap}{weights_table(summary)}</div>' + unmeasured_html(df))
 
 
 def metadata_html(df: pd.DataFrame) -> str:
@@ -177,7 +269,8 @@ def metadata_html(df: pd.DataFrame) -> str:
     items = [
         ("run", ", ".join(x for x in ordered_unique(df["run_id"]) if x) or "—"),
         ("arms", ", ".join(x for x in ordered_unique(df["arm"]) if x) or "—"),
-        ("weights measured", len([x for x in ordered_unique(df["layer"]) if x])),
+        ("weights measured", len(ordered_unique(df[df["metric"].isin(MEASURED)]["layer"]))),
+        ("weights not measured", len(unmeasured(df))),
         ("steps", f"{df['step'].min()} – {df['step'].max()}" if len(df) else "—"),
         ("records", len(df)),
         ("non-finite values", int((~df["value"].apply(lambda v: math.isfinite(v))).sum())),
@@ -199,10 +292,12 @@ def summary_html(summary: str | Mapping | None) -> str:
 
 
 def page(title: str, body: str) -> str:
-    """The whole document: no <script>, no external stylesheet, no remote resource."""
+    """The whole document: inline CSS, the one inline `SCRIPT`, a CSP that allows nothing else."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+            f"<script>{SCRIPT}</script>\n</body></html>\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -228,8 +323,9 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     extra = {f"lab_{safe_name(name)}": fig for name, fig in (extra_figures or {}).items() if fig is not None}
     names = {f"lab_{safe_name(name)}": name for name in (extra_figures or {})}
     pngs = save_figures({**figures, **extra}, out, dpi=dpi)
-    blocks = [figure_block(stem, data, CAPTIONS.get(stem) or f"Lab figure: {names.get(stem, stem)}")
-              for stem, data in pngs.items() if stem != "claims"]
+    blocks = {stem: figure_block(stem, data, CAPTIONS.get(stem) or f"Lab figure: {names.get(stem, stem)}")
+              for stem, data in pngs.items() if stem != "claims"}
+    heatmap = blocks.pop("advantage_heatmap", "")
     body = "\n".join([
         f"<h1>{esc(title)}</h1>",
         '<p class="meta">Self-contained specscope report: every figure is embedded; '
@@ -238,11 +334,13 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
         "<h2>Configuration</h2>", config_table(config),
         summary_html(summary),
         "<h2>Claims</h2>", claims_html(claims),
-        "<h2>Figures</h2>", "\n".join(blocks) or "<p>No metrics to plot.</p>",
-        "<h2>Per-weight summary</h2>",
-        "<p>st(A): stable rank of the weight's input; nr(G): nuclear rank of its gradient. nr/st &gt; 1: "
-        "a spectral step has the larger guaranteed one-step decrease (REFERENCE §3).</p>",
-        layer_html(df),
+        "<h2>Per-weight verdicts</h2>",
+        "<p>st(A): stable rank of the weight's input; nr(G): nuclear rank of its gradient; medians over the "
+        f"measured steps. nr/st &gt; {1 + MARGIN:g}: a spectral step has the larger guaranteed one-step "
+        f"decrease (REFERENCE §3), verdict <em>spectral</em>; nr/st &lt; 1/{1 + MARGIN:g}: <em>euclidean</em>; "
+        "between: <em>undecided</em>. Click a column to sort.</p>",
+        weights_html(df, heatmap),
+        "<h2>Figures</h2>", "\n".join(blocks.values()) or "<p>No metrics to plot.</p>",
     ])
     path = out / "report.html"
     write_text_atomic(path, page(title, body))

@@ -15,22 +15,33 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
+from specscope.probe.advice import MARGIN, verdict
 from specscope.records import Claim
 
 COLUMNS = ("run_id", "step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
 TEXT_COLUMNS = ("run_id", "layer", "metric", "arm", "estimator", "shape", "flag")
 
-VERDICT_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow"}
+VERDICT_STYLE = {"PASS": "bold green", "FAIL": "bold red", "INCONCLUSIVE": "bold yellow", "UNDECIDABLE": "bold"}
+# how a claim verdict reads on a page or a terminal, where it differs from its code
+CLAIM_VERDICT_TEXT = {"UNDECIDABLE": "not decidable at quick size"}
+# per-weight verdict -> terminal style (the same hues as style.VERDICT_COLOURS)
+WEIGHT_STYLE = {"spectral": "red", "euclidean": "blue", "undecided": "yellow", "unmeasured": "magenta"}
 
 SUMMARY_COLUMNS = [
-    "arm", "layer", "steps", "last_step",
-    "st_last", "st_median", "nr_last", "nr_median", "ratio_last", "ratio_median", "favoured",
+    "arm", "layer", "shape", "steps", "last_step",
+    "st_last", "st_median", "nr_last", "nr_median", "ratio_last", "ratio_median", "verdict",
 ]
+UNMEASURED_COLUMNS = ["arm", "layer", "shape", "reason"]
 
 
 # the CLI shows a compact view of layer_summary: summary column -> header
 CLI_COLUMNS = {"arm": "arm", "layer": "weight", "last_step": "step", "st_last": "st(A)", "nr_last": "nr(G)",
-               "ratio_last": "nr/st", "ratio_median": "median nr/st", "favoured": "favoured"}
+               "ratio_last": "nr/st", "ratio_median": "median nr/st", "verdict": "verdict"}
+
+
+def claim_verdict_text(code: str) -> str:
+    """A claim verdict as a reader sees it: "not decidable at quick size" for UNDECIDABLE, else the code."""
+    return CLAIM_VERDICT_TEXT.get(code, code)
 
 
 def prepare(df: pd.DataFrame | None) -> pd.DataFrame:
@@ -100,25 +111,47 @@ def _median(s: pd.Series) -> float:
     return float(s.median()) if len(s) else math.nan
 
 
-def layer_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (arm, layer): last and median st(A), nr(G) and nr/st over the recorded steps.
+def unmeasured(df: pd.DataFrame) -> pd.DataFrame:
+    """The weights the probe could not pair (records with metric "unmeasured"): arm, layer, shape, reason."""
+    df = prepare(df)
+    d = df[(df["metric"] == "unmeasured") & (df["layer"] != "")]
+    d = d.drop_duplicates(["arm", "layer"], keep="last").rename(columns={"flag": "reason"})
+    return d[UNMEASURED_COLUMNS].reset_index(drop=True)
 
-    `favoured` is "spectral" when the median nr/st exceeds 1 (the spectral step has the larger
-    guaranteed decrease, REFERENCE §3), "euclidean" when below, "" when unknown. The median, not the
-    last value, decides because a single measured step is noisy.
+
+def layer_summary(df: pd.DataFrame, margin: float = MARGIN) -> pd.DataFrame:
+    """Per (arm, layer): last and median st(A), nr(G) and nr/st over the recorded steps, and the verdict.
+
+    `verdict` is `specscope.probe.advice.verdict` of the median nr/st (the one rule used everywhere):
+    "spectral" above 1 + margin (the spectral step has the larger guaranteed decrease, REFERENCE §3),
+    "euclidean" below 1/(1 + margin), else "undecided". The median, not the last value, decides because
+    a single measured step is noisy. Weights the probe could not pair are rows with verdict "unmeasured".
     """
     pairs = rank_pairs(df)
+    shapes = _shapes(df)
     rows = []
     for (arm, layer), g in pairs.groupby(["arm", "layer"], sort=False):
         ratio_median = _median(g["ratio"])
-        favoured = "" if math.isnan(ratio_median) else ("spectral" if ratio_median > 1 else "euclidean")
         rows.append({
-            "arm": arm, "layer": layer, "steps": int(len(g)), "last_step": int(g["step"].max()),
-            "st_last": _last(g["st"]), "st_median": _median(g["st"]),
+            "arm": arm, "layer": layer, "shape": shapes.get((arm, layer), ""), "steps": int(len(g)),
+            "last_step": int(g["step"].max()), "st_last": _last(g["st"]), "st_median": _median(g["st"]),
             "nr_last": _last(g["nr"]), "nr_median": _median(g["nr"]),
-            "ratio_last": _last(g["ratio"]), "ratio_median": ratio_median, "favoured": favoured,
+            "ratio_last": _last(g["ratio"]), "ratio_median": ratio_median, "verdict": verdict(ratio_median, margin),
         })
+    seen = {(r["arm"], r["layer"]) for r in rows}
+    for u in unmeasured(df).itertuples():
+        if (u.arm, u.layer) not in seen:
+            rows.append({"arm": u.arm, "layer": u.layer, "shape": u.shape, "steps": 0, "last_step": -1,
+                         **{c: math.nan for c in SUMMARY_COLUMNS[5:-1]}, "verdict": "unmeasured"})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _shapes(df: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(arm, layer) -> the weight's shape: from its gradient records (nr(G) is measured on the weight's
+    own matrix), else "" (st(A) records carry the input's shape, not the weight's)."""
+    df = prepare(df)
+    d = df[(df["metric"] == "nuclear_rank") & (df["shape"] != "")]
+    return dict(zip(zip(d["arm"], d["layer"]), d["shape"]))
 
 
 def fmt(x: object) -> str:
@@ -140,7 +173,7 @@ def claims_table(claims: Sequence[Claim], *, title: str = "Claims") -> Table:
     for c in claims:
         # Text(...) never parses rich markup, so a claim text like "[red]" prints as written
         table.add_row(Text(c.id), Text(c.text), Text(c.published), Text(c.measured),
-                      Text(c.verdict, style=VERDICT_STYLE.get(c.verdict, "")))
+                      Text(claim_verdict_text(c.verdict), style=VERDICT_STYLE.get(c.verdict, "")))
     return table
 
 
@@ -153,7 +186,7 @@ def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry
 
     Accepts either the long-format metrics (summarized with `layer_summary`) or an already wide table
     such as `Monitor.advice()` (one row per layer; shown column by column). A column named
-    `favoured`, `geometry`, `advice` or `recommendation` is coloured: spectral green, euclidean blue.
+    `verdict`, `geometry`, `advice` or `recommendation` is coloured by verdict (`WEIGHT_STYLE`).
     """
     if _is_long_format(df_or_advice):
         wide = layer_summary(df_or_advice)[list(CLI_COLUMNS)].rename(columns=CLI_COLUMNS)
@@ -166,13 +199,12 @@ def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry
         numeric = pd.api.types.is_numeric_dtype(wide[col])
         table.add_column(str(col), justify="right" if numeric else "left", overflow="fold",
                          no_wrap=numeric or col in ("arm", "weight", "layer"))
-    colour = {"spectral": "green", "euclidean": "blue"}
     for _, row in wide.iterrows():
         cells = []
         for col in wide.columns:
             text = fmt(row[col])
-            style = colour.get(text.lower(), "") if str(col) in ("favoured", "geometry", "advice",
-                                                                 "recommendation") else ""
+            style = WEIGHT_STYLE.get(text.lower(), "") if str(col) in ("verdict", "geometry", "advice",
+                                                                       "recommendation") else ""
             cells.append(Text(text, style=style))
         table.add_row(*cells)
     return table

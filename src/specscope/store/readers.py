@@ -49,6 +49,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     with run.reader(salvage=salvage) as (con, damage):
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
     df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
+    if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
+        df = df.dropna(subset=["step"]).fillna({"rows": 0})
     df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN
     df.insert(0, "run_id", run.id)
     if damage:

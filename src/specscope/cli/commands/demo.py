@@ -142,8 +142,27 @@ def run_labs(out: Path, quick: bool, seed: int, console: Console) -> dict[str, P
     return dirs
 
 
-def write_demo_report(run, diag_df, labs_: dict[str, Path]) -> tuple[Path, list]:
-    """One self-contained page: diagnose's figures and per-weight table, every lab claim, the labs' figures."""
+def undecidable(claims: list) -> list:
+    """The claims with verdict UNDECIDABLE ("not decidable at quick size"): the quick sizes are far below
+    the sizes the claims are stated for, so their PASS/FAIL would say nothing. The measured figures stay."""
+    from dataclasses import replace
+
+    return [replace(c, verdict="UNDECIDABLE") for c in claims]
+
+
+def relabel_lab_run(path: Path, lab, cfg, df, claims: list, figures: dict) -> None:
+    """Rewrite a quick lab run's summary.json claims and report.html with `claims`."""
+    from specscope import report, store
+
+    run = store.Run.open(path)
+    run.write_summary({**(run.summary or {}), "claims": [c.as_dict() for c in claims]})
+    report.write_report(path, df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures,
+                        title=f"{lab.NAME} — {Path(path).name} (quick size)")
+
+
+def write_demo_report(run, diag_df, labs_: dict[str, Path], quick: bool = False) -> tuple[Path, list]:
+    """One self-contained page: diagnose's figures and per-weight table, every lab claim, the labs' figures.
+    At quick size every claim (here and in the labs' own reports) reads "not decidable at quick size"."""
     from specscope import labs, report, store
     from specscope.labs.config import make_config
 
@@ -152,9 +171,16 @@ def write_demo_report(run, diag_df, labs_: dict[str, Path]) -> tuple[Path, list]
         lab = labs.get(name)
         cfg = make_config(lab.Config, store.Run.open(path).config, name)
         df = store.load(path)
-        claims += list(lab.claims(df, cfg))
-        figures.update({f"{name}: {k}": f for k, f in lab.figures(df, cfg).items()})
+        lab_claims, lab_figures = list(lab.claims(df, cfg)), lab.figures(df, cfg)
+        if quick:
+            lab_claims = undecidable(lab_claims)
+            relabel_lab_run(path, lab, cfg, df, lab_claims, lab_figures)
+        claims += lab_claims
+        figures.update({f"{name}: {k}": f for k, f in lab_figures.items()})
         summary[f"{name} run (its own full report)"] = str(Path(path).relative_to(run.path) / "report.html")
+    if quick:
+        summary["claims"] = ("not decidable at quick size: these sizes only exercise the code; "
+                             "run `specscope demo` (demo size) for verdicts")
     summary["diagnose"] = "the figures and the per-weight table below are the built-in transformer's"
     page = report.write_report(run.path, diag_df, config=run.config, claims=claims, extra_figures=figures,
                                title="specscope demo", summary=summary)
@@ -183,7 +209,7 @@ def demo(
         net, batches, loss_fn = builtin("transformer", seed)
         result = run_diagnose(net, batches, loss_fn, steps, sink=run.append)
         run.flush()
-        page, claims = write_demo_report(run, store.load(run), labs_)
+        page, claims = write_demo_report(run, store.load(run), labs_, quick)
         run.write_summary({"labs": {k: str(v) for k, v in labs_.items()},
                            "claims": [c.as_dict() for c in claims], "final_loss": result.losses[-1]})
         run.set_status("complete")
@@ -198,5 +224,6 @@ def demo(
     console.print(mlp_table(store.load(labs_["sparse-mlp"]), mlp_cfg))
     console.print(verdict_table(result.advice, f"transformer: {steps} steps, loss {result.losses[0]:.3f} -> "
                                                f"{result.losses[-1]:.3f}"))
-    console.print(report.claims_table(claims, title="Claims (measured verdicts)"))
+    title = "Claims (quick size: measured, not decided)" if quick else "Claims (measured verdicts)"
+    console.print(report.claims_table(claims, title=title))
     console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {page}")

@@ -115,11 +115,13 @@ def compare(
     frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    configs, labs = {r.id: r.config for r in runs}, {r.id: r.lab for r in runs}
     page = report.write_comparison(
         out,
         frames,
-        configs={r.id: r.config for r in runs},
+        configs=configs,
+        labs=labs,
         title=("SALVAGED FROM DAMAGED DATABASES (" + "; ".join(damaged) + ") — " if damaged else "")
-        + "specscope comparison: " + ", ".join(r.id for r in runs),
+        + "specscope comparison: " + " vs ".join(report.run_labels(list(frames), configs, labs).values()),
     )
     console.print(f"comparison: {markup(page)}")

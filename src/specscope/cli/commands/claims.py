@@ -1,0 +1,154 @@
+"""`specscope claims`: one table of every claim of every lab, from the runs recorded under --root.
+
+Nothing is re-run. Sources: each complete run's summary.json and each sweep's claims.json. Runs of one lab
+whose configs differ only in `seed` are one group: their claims are combined over seeds (the verdict most
+seeds reached, the mean [min–max] of the figure the rule tests, the per-seed verdicts). For each claim the
+table shows one group: a decisive verdict before an INCONCLUSIVE one, then the most seeds, then the newest.
+`--all` lists every group. `--format markdown --into README.md` rewrites the part of a file between the
+lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from specscope.cli import app
+from specscope.errors import ConfigError
+from specscope.records import Claim, over_seeds
+
+BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
+IGNORED = {"seed", "device", "checkpoint_every"}  # configs equal apart from these are one group
+COLUMNS = ("lab", "claim", "verdict", "seeds", "spread", "setting", "run")
+
+
+@dataclass
+class Row:
+    lab: str
+    claim: Claim
+    runs: list[str]  # run (or sweep) directory names, one per seed
+    created: str  # newest creation time in the group (ISO text)
+
+
+def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
+    """(lab, run name, config, created, claims) of every complete run and every sweep under `root`."""
+    out = []
+    for summary in sorted(root.rglob("summary.json")):
+        meta_file = summary.parent / "config.json"
+        if not meta_file.is_file():
+            continue
+        meta, data = json.loads(meta_file.read_text()), json.loads(summary.read_text())
+        if meta.get("status") != "complete":
+            continue
+        out.append((meta["lab"], summary.parent.name, meta.get("config", {}), _digits(meta.get("created", "")),
+                    [Claim(**c) for c in data.get("claims", [])]))
+    for claims_file in sorted(root.rglob("claims.json")):
+        sweep = claims_file.parent / "sweep.json"
+        if not sweep.is_file():
+            continue
+        meta = json.loads(sweep.read_text())
+        created = _digits(claims_file.parent.name.removeprefix(f"{meta['lab']}-"))  # <lab>-<YYYYmmdd-HHMMSS>
+        out.append((meta["lab"], f"sweep {claims_file.parent.name}", {"sweep": meta}, created,
+                    [Claim(**c) for c in json.loads(claims_file.read_text())]))
+    return out
+
+
+def _digits(when: object) -> str:
+    """"2026-12-01T23:17:14Z" and "20261201-231714" both -> "20261201231714" (comparable as text)."""
+    return "".join(ch for ch in str(when) if ch.isdigit())
+
+
+def collect(root: Path, every: bool = False) -> list[Row]:
+    """The table's rows: one per claim (every group of it with `every`), ordered by lab and claim id."""
+    if not root.is_dir():
+        raise ConfigError(f"--root {root} is not a directory; give the directory runs were written to (default: runs)")
+    groups: dict[tuple[str, str], list] = {}
+    for lab, name, config, created, claims in _runs(root):
+        key = json.dumps({k: v for k, v in config.items() if k not in IGNORED}, sort_keys=True, default=str)
+        groups.setdefault((lab, key), []).append((config.get("seed", 0), name, created, claims))
+    candidates: dict[tuple[str, str], list[Row]] = {}
+    for (lab, _), members in groups.items():
+        members.sort(key=lambda m: (m[0], m[2]))
+        by_seed = {m[0]: m for m in members}  # the newest run of each seed
+        ids = dict.fromkeys(c.id for m in by_seed.values() for c in m[3])
+        for cid in ids:
+            hits = [(seed, m[1], next(c for c in m[3] if c.id == cid)) for seed, m in by_seed.items()
+                    if any(c.id == cid for c in m[3])]
+            claim = hits[0][2] if len(hits) == 1 else over_seeds([h[2] for h in hits], [h[0] for h in hits])
+            created = max(by_seed[h[0]][2] for h in hits)
+            candidates.setdefault((lab, cid), []).append(Row(lab, claim, [h[1] for h in hits], created))
+    rows = []
+    for key in sorted(candidates):
+        ranked = sorted(candidates[key], key=lambda r: (r.claim.verdict != "INCONCLUSIVE", r.claim.seeds, r.created),
+                        reverse=True)
+        rows += ranked if every else ranked[:1]
+    return rows
+
+
+def _cells(r: Row) -> list[str]:
+    run = r.runs[0] if len(r.runs) == 1 else f"{len(r.runs)} runs: " + ", ".join(r.runs)
+    return [r.lab, r.claim.id, r.claim.verdict, str(r.claim.seeds), r.claim.spread or "—", r.claim.setting or "—", run]
+
+
+def markdown(rows: list[Row]) -> str:
+    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(esc(c) for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_into(path: Path, text: str) -> None:
+    """Replace what lies between the BEGIN and END marker lines of `path` with `text`."""
+    body = path.read_text()
+    if BEGIN not in body or END not in body:
+        raise ConfigError(f"{path} has no '{BEGIN}' … '{END}' lines; add them where the table belongs")
+    head, rest = body.split(BEGIN, 1)
+    path.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+
+
+@app.command("claims")
+def claims_cmd(
+    root: Path = typer.Option(Path("runs"), "--root", help="Directory holding the recorded runs and sweeps."),
+    format: str = typer.Option("table", "--format", "-f", help="table, markdown or json."),
+    every: bool = typer.Option(False, "--all", help="Every group of runs, not only the chosen one per claim."),
+    into: Optional[Path] = typer.Option(None, "--into", help="With --format markdown: rewrite this file between "
+                                        f"the lines {BEGIN} and {END}."),
+) -> None:
+    """Every claim of every lab from recorded runs: verdict, seeds, spread, setting, the run it came from."""
+    if format not in ("table", "markdown", "json"):
+        raise ConfigError(f"--format {format!r} is unknown; use table, markdown or json")
+    if into is not None and format != "markdown":
+        raise ConfigError("--into writes a markdown table; add --format markdown")
+    rows = collect(root, every)
+    if not rows:
+        typer.echo(f"no recorded claims under {root} (run a lab first: specscope run LAB --out {root})")
+        return
+    if format == "json":
+        typer.echo(json.dumps([{**r.claim.as_dict(), "lab": r.lab, "runs": r.runs} for r in rows], indent=1))
+    elif format == "markdown":
+        text = markdown(rows)
+        if into is None:
+            typer.echo(text, nl=False)
+        else:
+            write_into(into, text)
+            typer.echo(f"wrote {len(rows)} claims into {into}")
+    else:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        from specscope.report.tables import VERDICT_STYLE
+
+        table = Table(title=f"claims recorded under {root}", box=box.SIMPLE_HEAD)
+        for col in COLUMNS:
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            cells = [Text(c) for c in _cells(r)]
+            cells[2].stylize(VERDICT_STYLE.get(r.claim.verdict, ""))
+            table.add_row(*cells)
+        Console().print(table)

@@ -1,0 +1,73 @@
+"""`specscope claims`: one table of every recorded claim, combined over seeds, from run and sweep directories."""
+
+import json
+
+from typer.testing import CliRunner
+
+from specscope.cli import _register, app
+from specscope.records import Claim, over_seeds
+
+
+def _run(root, lab, run_id, config, claims, status="complete"):
+    d = root / lab / run_id
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"run_id": run_id, "lab": lab, "config": config, "status": status,
+                                               "created": f"2026-12-01T00:00:{run_id[-2:]}Z"}))
+    (d / "summary.json").write_text(json.dumps({"lab": lab, "claims": [c.as_dict() for c in claims]}))
+
+
+def _claim(verdict, value, cid="X-1"):
+    return Claim(cid, "a claim", "published", f"measured {value}", verdict, setting="p = 97", value=value)
+
+
+def invoke(*args):
+    _register()
+    return CliRunner().invoke(app, ["claims", *args])
+
+
+def test_over_seeds_takes_the_majority_and_reports_mean_and_range():
+    c = over_seeds([_claim("PASS", 1.0), _claim("FAIL", 2.0), _claim("PASS", 3.0)], [0, 1, 2])
+    assert (c.verdict, c.seeds, c.value) == ("PASS", 3, 2.0)
+    assert c.spread.startswith("2 [1–3]") and "PASS, FAIL, PASS" in c.spread and "seed 1: measured 2.0" in c.measured
+    assert over_seeds([_claim("PASS", 1.0), _claim("FAIL", 2.0)]).verdict == "INCONCLUSIVE"
+
+
+def test_claims_combine_seeds_prefer_decisive_verdicts_and_read_sweeps(tmp_path):
+    for seed, v in ((0, 1.0), (1, 3.0), (2, 2.0)):
+        _run(tmp_path, "lab-a", f"r{seed}0", {"seed": seed, "p": 97}, [_claim("PASS", v)])
+    _run(tmp_path, "lab-a", "r90", {"seed": 0, "p": 5}, [_claim("INCONCLUSIVE", None)])  # newer, undecided
+    _run(tmp_path, "lab-a", "r95", {"seed": 0, "p": 7}, [_claim("FAIL", 9.0)], status="running")  # not complete
+    sweep = tmp_path / "sweeps" / "lab-b-20261201-000000"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-b", "grid": {}, "fixed": {}}))
+    (sweep / "claims.json").write_text(json.dumps([_claim("FAIL", 0.5, "Y-2").as_dict()]))
+    out = invoke("--root", str(tmp_path), "--format", "json")
+    assert out.exit_code == 0, out.output
+    rows = {r["id"]: r for r in json.loads(out.output)}
+    assert rows["X-1"]["seeds"] == 3 and rows["X-1"]["verdict"] == "PASS" and rows["X-1"]["runs"] == ["r00", "r10", "r20"]
+    assert rows["X-1"]["spread"].startswith("2 [1–3]") and rows["Y-2"]["verdict"] == "FAIL"
+    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    assert sorted(r["verdict"] for r in every) == ["FAIL", "INCONCLUSIVE", "PASS"]
+
+
+def test_markdown_into_a_file_between_markers(tmp_path):
+    _run(tmp_path, "lab-a", "r00", {"seed": 0}, [_claim("PASS", 1.0)])
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- claims:begin -->\nold\n<!-- claims:end -->\ntail\n")
+    out = invoke("--root", str(tmp_path), "--format", "markdown", "--into", str(readme))
+    assert out.exit_code == 0, out.output
+    text = readme.read_text()
+    assert "old" not in text and "| lab-a | X-1 | PASS | 1 |" in text and text.endswith("<!-- claims:end -->\ntail\n")
+
+
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from specscope.cli import main
+
+    for args, needle in ((["--root", str(tmp_path / "none")], "not a directory"),
+                         (["--root", str(tmp_path), "--format", "csv"], "unknown")):
+        monkeypatch.setattr("sys.argv", ["specscope", "claims", *args])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 2 and needle in capsys.readouterr().err

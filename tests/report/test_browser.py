@@ -1,0 +1,59 @@
+"""Reports in a real browser (headless Chromium): every image decodes, nothing is requested beyond the
+page and its data: images, no console error, no horizontal overflow, the per-weight table searches and
+sorts. A screenshot of each page is written beside it."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from specscope.report import write_comparison, write_report
+from specscope.report.browser import check_page
+
+from conftest import CLAIMS, synthetic_metrics
+
+DPI = 40
+
+
+def deep_model_metrics() -> pd.DataFrame:
+    """A 100-weight model with two weights the probe could not pair and hostile names."""
+    layers = [f"model.layers.{i}.{n}" for i in range(24) for n in ("q_proj", "k_proj", "v_proj", "down_proj")]
+    layers += ["<script>alert(1)</script>", "lm_head", "embed_tokens", "norm.weight"]
+    df = synthetic_metrics(layers=layers, arms=("",), steps=range(0, 6, 2))
+    missing = pd.DataFrame([{"run_id": "run-1", "step": 0, "layer": f"model.layers.{i}.attn.c_attn",
+                             "metric": "unmeasured", "value": 1.0, "shape": "64x192",
+                             "flag": "Conv1D: input not seen"} for i in range(2)])
+    return pd.concat([df, missing], ignore_index=True)
+
+
+def test_report_of_a_deep_model_in_a_browser(tmp_path, chromium):
+    page = write_report(tmp_path, deep_model_metrics(), claims=CLAIMS, config={"lr": 0.1}, title="deep", dpi=DPI)
+    check = check_page(page, tmp_path / "report.png", exe=chromium)
+    assert check.problems == [], check.problems
+    assert len(check.images) >= 5 and all(i["width"] > 0 for i in check.images)
+    (weights,) = check.tables
+    assert weights["rows"] == 102 and weights["sorted"] and 1 <= weights["hits"] < 102
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_in_a_browser(tmp_path, chromium):
+    layers = [f"transformer.h.{i}.attn.c_proj" for i in range(12)]
+    runs = {"20261201T000000Z-aaaaaa": synthetic_metrics(layers=layers, seed=1, arms=("adamw", "muon")),
+            "20261201T000100Z-bbbbbb": synthetic_metrics(layers=layers, seed=2, arms=("adamw", "muon"))}
+    configs = {k: {"lr": lr, "width": 64} for k, lr in zip(runs, (0.001, 0.01))}
+    page = write_comparison(tmp_path, runs, configs=configs, labs=dict.fromkeys(runs, "gpt"), dpi=DPI)
+    check = check_page(page, tmp_path / "comparison.png", exe=chromium)
+    assert check.problems == [], check.problems
+    assert "lr=0.001 · muon" in page.read_text()
+    assert check.tables and check.tables[0]["rows"] == 12 and check.tables[0]["sorted"]
+
+
+def test_the_check_sees_what_a_reader_would(tmp_path, chromium):
+    """A broken image, a script error and a request leaving the page are each reported."""
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><body><img alt="broken" src="data:image/png;base64,AAAA">'
+                    '<img alt="remote" src="http://127.0.0.1:9/x.png"><div style="width:5000px">wide</div>'
+                    "<script>undefinedFunction()</script></body></html>")
+    problems = " | ".join(check_page(page, exe=chromium).problems)
+    assert "image 'broken' does not decode" in problems
+    assert "request to http://127.0.0.1:9/x.png" in problems
+    assert "undefinedFunction" in problems and "wider than the window" in problems
