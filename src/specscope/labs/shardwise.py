@@ -15,14 +15,14 @@ initialization, schedule and routing as its "muon" arm) twice, and records
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import torch
 
 from specscope.errors import ConfigError
 from specscope.labs import gpt
-from specscope.labs.base import LabConfig, Measure
+from specscope.labs.base import AtLeast0, AtLeast1, AtLeast2, Betas, LabConfig, Measure, NonNegative, Positive, Unit
 from specscope.optim import Hybrid, _common, _distributed
 from specscope.records import Claim, Record
 
@@ -32,27 +32,27 @@ GPT_FIELDS = ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "steps", 
 
 
 class Config(LabConfig):
-    ranks: list[int] = [2, 4]  # gloo CPU processes per pair of runs
+    ranks: list[AtLeast1] = [2, 4]  # gloo CPU processes per pair of runs
     # the gpt lab's model, data and schedule (smaller defaults: the whole lab runs in minutes on a CPU)
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 64
-    seq_len: int = 32
-    batch_size: int = 16  # global batch; each rank takes batch_size / ranks sequences
+    n_layer: AtLeast1 = 2
+    n_head: AtLeast1 = 4
+    d_model: AtLeast1 = 64
+    seq_len: AtLeast2 = 32
+    batch_size: AtLeast1 = 16  # global batch; each rank takes batch_size / ranks sequences
     corpus: str = "stdlib"
-    max_bytes: int | None = 2_000_000
-    steps: int = 150
-    lr_muon: float = 0.01
-    lr_adamw: float = 3e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup: int = 15
-    decay: str = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    muon_polar: str = "newton_schulz"
-    eval_every: int = 25
-    eval_batches: int = 4
-    cosine_every: int = 10
+    max_bytes: AtLeast1 | None = 2_000_000
+    steps: AtLeast1 = 150
+    lr_muon: Positive = 0.01
+    lr_adamw: Positive = 3e-3
+    betas: Betas = (0.9, 0.95)
+    warmup: AtLeast0 = 15
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: Unit = 0.1
+    grad_clip: NonNegative = 1.0
+    muon_polar: Literal["newton_schulz", "polar_express", "gram", "svd"] = "newton_schulz"
+    eval_every: AtLeast1 = 25
+    eval_batches: AtLeast1 = 4
+    cosine_every: AtLeast1 = 10
 
 
 def gpt_config(cfg: Config) -> gpt.Config:

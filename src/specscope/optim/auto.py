@@ -18,6 +18,8 @@ Moments are updated on every step whichever branch runs, so a switch never start
 A block without a measured st(A) (yet), or one the probe could not pair ("unmeasured", warned once with
 the reason), takes the Euclidean step. Choices are kept in `choices` and
 emitted as Records ("geometry": 1 spectral / 0 Euclidean, "spectral_advantage", "nuclear_rank").
+A group that sets `token_dim` holds one-hot-input weights (embeddings; allowed in an "auto" group) and
+chooses among three geometries: Euclidean, spectral and ℓ₁→ℓ₂ ("geometry" 2; see `embedding_update`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from specscope.errors import ConfigError
-from specscope.optim import _common, _euclidean
+from specscope.optim import _common, _euclidean, l1_to_l2
 from specscope.optim.hybrid import Hybrid, register
 from specscope.optim.specgd import layer_stable_ranks
 from specscope.records import Record
@@ -38,7 +40,7 @@ EUCLIDEAN = ("sgd", "momentum", "adamw")
 AUTO_DEFAULTS: dict[str, Any] = dict(
     threshold=1.0, hysteresis=0.1, every=1, euclidean="sgd", momentum=0.9, nesterov=False,
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, polar="gram", ns_coefficients=(3.4445, -4.775, 2.0315),
-    ns_steps=5, shardwise=False,
+    ns_steps=5, shardwise=False, token_dim=None,
 )
 
 
@@ -63,6 +65,8 @@ def _directions(state: dict, g: Tensor, group: dict) -> tuple[Tensor, Tensor]:
 
 def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
     """One AutoGeometry step on a group (see the module docstring)."""
+    if group["token_dim"] is not None:
+        return embedding_update(opt, group, params, grads, names)
     lr, wd = float(group["lr"]), group["weight_decay"]
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
@@ -98,6 +102,64 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         flag = "" if st else "unmeasured" if rec["layer"] in getattr(opt.stable_rank_source, "unmeasured", {}) else "no_stable_rank"
         opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
+
+
+# ---------------------------------------------------------------- embeddings: a third geometry
+
+
+def choose_among(previous: int | None, advantages: dict[int, float], threshold: float, hysteresis: float) -> int:
+    """The geometry with the largest guarantee (0 Euclidean at `threshold`, else its rank/st); a change of
+    geometry needs the winner to beat the current one by the factor 1 + hysteresis."""
+    values = {EUCLIDEAN_GEOMETRY: threshold, **advantages}
+    best = max(values, key=values.get)
+    if previous is None or previous not in values:
+        return best
+    return best if values[best] > values[previous] * (1 + hysteresis) else previous
+
+
+EUCLIDEAN_GEOMETRY, SPECTRAL_GEOMETRY, L1_TO_L2_GEOMETRY = 0, 1, 2
+GEOMETRY_NAMES = {0: "euclidean", 1: "spectral", 2: "l1_to_l2"}
+
+
+def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
+    """AutoGeometry on a group of one-hot-input weights (`token_dim` set): Euclidean, spectral or ℓ₁→ℓ₂.
+
+    For one-hot inputs L_{1→2}/L_E = N/c_max = st(A), the spectral ratio, so the guarantees compare as
+    1 : nr(D)/st : cr(D)/st with cr = ‖D‖_{2,1}²/‖D‖_F² (docs/optim.md). The ℓ₁→ℓ₂ step is geometry-matched
+    (−lr·(‖D‖_{2,1}/st)·colnorm(D)) or, under euclidean="adamw", RMS-matched (−lr·0.2·sqrt(d)·colnorm(m̂)).
+    """
+    lr, wd, k = float(group["lr"]), group["weight_decay"], group["token_dim"]
+    states = [opt.state[p] for p in params]
+    dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
+    sts = layer_stable_ranks(opt, names, required=False)
+    polar = _common.batched_polar_with_nuclear_norm([_common.as_matrix(D) for D, _ in dirs], group)
+    l12 = dict(token_dim=k, rms=0.2, scale="rms" if group["euclidean"] == "adamw" else "matched")
+    for p, name, s, st, (D, E), (P, nuc) in zip(params, names, states, sts, dirs, polar):
+        step = s.get("step", 0)
+        rec = dict(step=step, layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
+        if st is None:
+            s["geometry"] = EUCLIDEAN_GEOMETRY
+        elif step % group["every"] == 0 or "geometry" not in s:
+            fro2 = float(D.float().square().sum())
+            nr = float(nuc) ** 2 / fro2 if fro2 > 0 else 1.0
+            cr = l1_to_l2.column_rank(D, k)
+            s["geometry"] = choose_among(s.get("geometry"), {SPECTRAL_GEOMETRY: nr / st, L1_TO_L2_GEOMETRY: cr / st},
+                                         group["threshold"], group["hysteresis"])
+            opt._records += [Record(metric="nuclear_rank", value=nr, estimator="gram", **rec),
+                             Record(metric="spectral_advantage", value=nr / st, estimator="gram", **rec),
+                             Record(metric="column_rank", value=cr, estimator="exact", **rec),
+                             Record(metric="l1_to_l2_advantage", value=cr / st, estimator="exact", **rec)]
+        g = s["geometry"]
+        if g == SPECTRAL_GEOMETRY:
+            scale = 0.2 * math.sqrt(max(P.shape)) if group["euclidean"] == "adamw" else nuc / st
+            _euclidean.apply(p, P * scale, lr, wd)
+        elif g == L1_TO_L2_GEOMETRY:
+            _euclidean.apply(p, l1_to_l2.step_direction(D, l12, st), lr, wd)
+        else:
+            _euclidean.apply(p, E, lr, wd)
+        s["step"] = step + 1
+        opt._records.append(Record(metric="geometry", value=float(g), flag="" if st else "no_stable_rank", **rec))
+        opt.choices[rec["layer"]] = GEOMETRY_NAMES[g]
 
 
 register("auto", auto_update, AUTO_DEFAULTS, spectral=True)

@@ -83,7 +83,7 @@ class Hybrid(Optimizer):
             raise ConfigError(f"lr must be >= 0, got {group['lr']}")
         if "polar" in group and ALGORITHMS[alg].spectral:
             _common.check_polar(group["polar"])
-        if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False):
+        if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
             offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
 

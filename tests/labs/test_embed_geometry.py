@@ -1,0 +1,89 @@
+"""embed-geometry: routing of the three embedding geometries, a tiny seeded run, the claim rules, the measured run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from specscope.errors import ConfigError
+from specscope.labs import embed_geometry as eg
+from specscope.labs.config import make_config
+
+from labsmoke import smoke, verdicts
+
+TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
+            probe_every=2, max_bytes=60_000, warmup=2, device="cpu", seeds=[0])
+
+
+def test_each_geometry_routes_only_the_embedding():
+    cfg = make_config(eg.Config, TINY)
+    gcfg = eg.gpt_config(cfg, 0)
+    model = eg.gpt.make_model(gcfg)
+    for geo, alg in (("adamw", "adamw"), ("l1_to_l2", "l1_to_l2"), ("spectral", "muon"), ("auto", "auto")):
+        groups = eg.param_groups(cfg, gcfg, model, geo)
+        opt = eg.gpt.Hybrid(groups, algorithm="adamw", stable_rank=lambda layer: 4.0)  # embeddings allowed here
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        embed = [g for g in groups if "embed.weight" in g["param_names"]]
+        assert len(embed) == 1 and embed[0]["param_names"] == ["embed.weight"] and embed[0]["algorithm"] == alg
+        hidden = [n for g in groups if g["algorithm"] == "muon" for n in g["param_names"] if n != "embed.weight"]
+        if geo == "auto":
+            assert opt.choices["embed"] in ("euclidean", "spectral", "l1_to_l2")
+        assert hidden and all(n.startswith("blocks.") for n in hidden)
+        assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_smoke_run_records_seeds_geometries_and_the_embedding_ranks(monkeypatch, tmp_path):
+    claims, df, figs = smoke(monkeypatch, tmp_path, "embed-geometry", TINY)
+    assert set(df.arm.dropna().unique()) >= {"adamw/s0", "l1_to_l2/s0", "spectral/s0"}
+    for arm in ("adamw/s0", "l1_to_l2/s0", "spectral/s0"):
+        assert sorted(df[(df.arm == arm) & (df.metric == "val_loss")].step) == [0, 2, 4]
+    adv = df[(df.metric == "l1_to_l2_advantage") & (df.layer == "embed")]
+    assert len(adv) and (adv.value > 0).all()
+    assert set(claims) == {"EG-1", "EG-2"}
+    assert figs == ["embed_geometry_advantage", "embed_geometry_val_loss"]
+
+
+def _records(finals: dict[str, list[float]], cr: float, nr: float) -> pd.DataFrame:
+    rows = []
+    for geo, vals in finals.items():
+        for seed, v in enumerate(vals):
+            arm = f"{geo}/s{seed}"
+            rows += [dict(arm=arm, step=10, layer="", metric="val_loss", value=v),
+                     dict(arm=arm, step=10, layer="", metric="time", value=1.0)]
+            if geo == "adamw":
+                rows += [dict(arm=arm, step=0, layer="embed", metric="l1_to_l2_advantage", value=cr),
+                         dict(arm=arm, step=0, layer="embed", metric="spectral_advantage", value=nr)]
+    return pd.DataFrame(rows)
+
+
+def test_claim_rules_are_paired_by_seed():
+    cfg = make_config(eg.Config, {})
+    better = _records({"adamw": [2.0, 2.1, 2.2], "l1_to_l2": [1.9, 2.0, 2.1], "spectral": [1.95, 2.05, 2.15]}, 3.0, 2.0)
+    c1, c2 = eg.claims(better, cfg)
+    assert (c1.verdict, c2.verdict) == ("PASS", "PASS")
+    worse = _records({"adamw": [1.8, 1.9, 2.0], "l1_to_l2": [1.9, 2.0, 2.1], "spectral": [1.95, 2.05, 2.15]}, 1.0, 2.0)
+    c1, c2 = eg.claims(worse, cfg)
+    assert (c1.verdict, c2.verdict) == ("FAIL", "FAIL")  # worse than AdamW in every seed; cr < nr but ℓ₁→ℓ₂ won
+    mixed = _records({"adamw": [1.8, 2.2, 2.0], "l1_to_l2": [1.9, 2.0, 2.1], "spectral": [2.0, 2.1, 2.2]}, 3.0, 2.0)
+    assert eg.claims(mixed, cfg)[0].verdict == "INCONCLUSIVE"
+
+
+def test_bad_config_is_one_clear_error():
+    with pytest.raises(ConfigError, match="repeat"):
+        eg.build(make_config(eg.Config, {**TINY, "seeds": [0, 0]}), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="geometries"):
+        make_config(eg.Config, {"geometries": ["adam"]})
+    with pytest.raises(ConfigError, match="d_model"):
+        eg.build(make_config(eg.Config, {**TINY, "d_model": 15}), torch.device("cpu"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_measured_run(tmp_path):
+    assert verdicts("embed-geometry", tmp_path) == MEASURED
+
+
+MEASURED = {"EG-1": "FAIL", "EG-2": "PASS"}  # the verdicts of the measured default run (docs/lab-embed-geometry.md)
