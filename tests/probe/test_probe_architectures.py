@@ -277,3 +277,15 @@ def test_hf_gradient_checkpointing_gives_the_same_records():
     assert out[0].keys() == out[1].keys()
     for k, (v, rows) in out[0].items():
         assert out[1][k][1] == rows and out[1][k][0] == pytest.approx(v, rel=1e-4), k
+
+
+def test_structural_head_is_the_last_vocabulary_sized_linear_when_d_model_equals_the_vocabulary():
+    """The built-in transformer has vocab 64 and d_model 64: every q/k/v/o is 64×64 like the head, and only the
+    head (registered last) may leave the spectral group when routing has no backward pass to look at."""
+    from specscope.models.builtin import builtin
+    from specscope.optim import spectral_param_groups
+
+    model, _, _ = builtin("transformer", 0)
+    groups = {g["algorithm"]: {n for n, _ in g["params"]} for g in spectral_param_groups(model, 0.02, 1e-3)}
+    assert "head.weight" in groups["adamw"] and "embed.weight" in groups["adamw"]
+    assert {"blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "blocks.0.mlp.up.weight"} <= groups["muon"]

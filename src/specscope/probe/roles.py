@@ -3,8 +3,9 @@
 - embedding: looked up by index (`nn.Embedding`, `F.embedding`), or the same tensor as such a weight (tied);
 - head: produces the model's outputs — the first matrix product met walking the autograd graph back from
   the loss (logits, class scores), or, without a backward pass to look at, the model's declared output
-  embedding (transformers' `get_output_embeddings()`) or a Linear with as many outputs as an embedding
-  has tokens;
+  embedding (transformers' `get_output_embeddings()`) or else the last Linear with as many outputs as
+  an embedding has tokens (heads are registered last; a hidden d×d matrix matches too when d equals the
+  vocabulary, so only the last one counts);
 - hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
 """
 
@@ -28,11 +29,10 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     tokens = inp if isinstance(inp, nn.Embedding) else max(embeds, key=lambda m: m.num_embeddings, default=None)
     vocab = {tokens.num_embeddings} if tokens is not None else set()  # the token table, not positions
     out_emb = _call(model, "get_output_embeddings")
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and (m is out_emb or m.out_features in vocab):
-            roles[id(m.weight)] = "head"
-        elif out_emb is not None and m is out_emb and getattr(m, "weight", None) is not None:
-            roles[id(m.weight)] = "head"
+    if out_emb is None:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
+        out_emb = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear) and m.out_features in vocab), None)
+    if out_emb is not None and isinstance(getattr(out_emb, "weight", None), Tensor):
+        roles[id(out_emb.weight)] = "head"
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
     return roles
