@@ -24,3 +24,16 @@ def verdicts(lab: str, tmp_path) -> dict[str, str]:
     """The verdicts of the lab's default run."""
     run_dir = run_lab(lab, {}, out=tmp_path)
     return {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
+
+
+def seeded_records(finals: dict[str, list[float]], step: int, per_arm=lambda variant: []) -> pd.DataFrame:
+    """Records of a multi-seed lab for its claim rules: arm `<variant>/s<seed>` ends at `step` with the given
+    val_loss (and a unit time); `per_arm(variant)` adds that arm's own (step, layer, metric, value) rows."""
+    rows = []
+    for variant, vals in finals.items():
+        for seed, v in enumerate(vals):
+            arm = f"{variant}/s{seed}"
+            rows += [dict(arm=arm, step=step, layer="", metric="val_loss", value=v),
+                     dict(arm=arm, step=step, layer="", metric="time", value=1.0)]
+            rows += [dict(arm=arm, step=s, layer=layer, metric=m, value=x) for s, layer, m, x in per_arm(variant)]
+    return pd.DataFrame(rows)

@@ -10,7 +10,7 @@ from specscope.errors import ConfigError
 from specscope.labs import embed_geometry as eg
 from specscope.labs.config import make_config
 
-from labsmoke import smoke, verdicts
+from labsmoke import seeded_records, smoke, verdicts
 
 TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
             probe_every=2, max_bytes=60_000, warmup=2, device="cpu", seeds=[0])
@@ -47,16 +47,8 @@ def test_smoke_run_records_seeds_geometries_and_the_embedding_ranks(monkeypatch,
 
 
 def _records(finals: dict[str, list[float]], cr: float, nr: float) -> pd.DataFrame:
-    rows = []
-    for geo, vals in finals.items():
-        for seed, v in enumerate(vals):
-            arm = f"{geo}/s{seed}"
-            rows += [dict(arm=arm, step=10, layer="", metric="val_loss", value=v),
-                     dict(arm=arm, step=10, layer="", metric="time", value=1.0)]
-            if geo == "adamw":
-                rows += [dict(arm=arm, step=0, layer="embed", metric="l1_to_l2_advantage", value=cr),
-                         dict(arm=arm, step=0, layer="embed", metric="spectral_advantage", value=nr)]
-    return pd.DataFrame(rows)
+    embed = [(0, "embed", "l1_to_l2_advantage", cr), (0, "embed", "spectral_advantage", nr)]
+    return seeded_records(finals, 10, lambda geo: embed if geo == "adamw" else [])
 
 
 def test_claim_rules_are_paired_by_seed():

@@ -10,7 +10,7 @@ from specscope.errors import ConfigError
 from specscope.labs import gated_width as gw
 from specscope.labs.config import make_config
 
-from labsmoke import smoke, verdicts
+from labsmoke import seeded_records, smoke, verdicts
 
 TINY = dict(d_model=16, n_layer=1, n_head=2, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
             probe_every=2, max_bytes=60_000, warmup=2, device="cpu", seeds=[0])
@@ -27,16 +27,11 @@ def test_smoke_run_has_both_mlps_and_optimizers_and_per_layer_ranks(monkeypatch,
 
 
 def _records(finals: dict[str, list[float]], down: dict[str, tuple[float, float]]) -> pd.DataFrame:
-    rows = []
-    for v, vals in finals.items():
-        for seed, x in enumerate(vals):
-            arm = f"{v}/s{seed}"
-            rows += [dict(arm=arm, step=9, layer="", metric="val_loss", value=x),
-                     dict(arm=arm, step=9, layer="", metric="time", value=1.0)]
-            adv, st = down[v.split("-")[0]]
-            rows += [dict(arm=arm, step=0, layer="blocks.0.mlp.down", metric="spectral_advantage", value=adv),
-                     dict(arm=arm, step=0, layer="blocks.0.mlp.down", metric="stable_rank", value=st)]
-    return pd.DataFrame(rows)
+    def mlp_down(variant: str) -> list[tuple]:
+        adv, st = down[variant.split("-")[0]]
+        return [(0, "blocks.0.mlp.down", "spectral_advantage", adv), (0, "blocks.0.mlp.down", "stable_rank", st)]
+
+    return seeded_records(finals, 9, mlp_down)
 
 
 def test_claim_rules():
