@@ -20,9 +20,9 @@ def smoke(monkeypatch, tmp_path, lab: str, overrides: dict) -> tuple[dict, pd.Da
     return claims, store.load(run_dir), sorted(figures)
 
 
-def verdicts(lab: str, tmp_path) -> dict[str, str]:
-    """The verdicts of the lab's default run."""
-    run_dir = run_lab(lab, {}, out=tmp_path)
+def verdicts(lab: str, tmp_path, overrides: dict | None = None) -> dict[str, str]:
+    """The verdicts of the lab's default run (or of the run with `overrides`)."""
+    run_dir = run_lab(lab, overrides or {}, out=tmp_path)
     return {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
 
 

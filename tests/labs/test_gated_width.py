@@ -41,6 +41,7 @@ def test_claim_rules():
                      "swiglu-adamw": [2.0, 2.0, 2.0], "swiglu-muon": [1.9, 1.95, 1.9]}, down)
     c1, c2 = gw.claims(kept, cfg)
     assert c1.verdict == "FAIL" and c2.verdict == "PASS" and "keeps 42%" in c1.measured
+    assert (c1.seeds, c2.seeds) == (3, 3) and c1.spread == "0.0833 [0.05–0.1]" and "d_model 192" in c1.setting
     removed = _records({"relu2-adamw": [2.0] * 3, "relu2-muon": [1.8] * 3,
                         "swiglu-adamw": [2.0] * 3, "swiglu-muon": [2.0, 2.1, 2.05]}, down)
     assert gw.claims(removed, cfg)[0].verdict == "PASS"
@@ -62,3 +63,4 @@ def test_measured_run(tmp_path):
 
 
 MEASURED = {"GW-1": "FAIL", "GW-2": "FAIL"}  # the verdicts of the measured default run (docs/lab-gated-width.md)
+

@@ -30,8 +30,9 @@ OPTIMIZERS = ("adamw", "muon")
 
 
 class Config(LabConfig):
-    """Defaults: d_model 192, 2 layers, 80 steps of 16×64 tokens, 3 seeds, 12 arms (what the shared 2-core CPU
-    ran in under an hour at load ≈ 20; raise d_model, n_layer, steps on a bigger machine)."""
+    """Defaults: d_model 192, 2 layers, 80 steps of 16×64 tokens, 3 seeds, 12 arms (a few CPU minutes: the
+    smoke-sized run). WIDE is the measured larger size (about 90 min on one CPU core); raise d_model, n_layer,
+    steps further on a bigger machine."""
 
     mlps: list[Literal["relu2", "swiglu"]] = list(MLPS)
     seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
@@ -50,6 +51,12 @@ class Config(LabConfig):
     eval_batches: AtLeast1 = 4
     probe_every: AtLeast1 = 20
     margin: NonNegative = 0.0  # GW-1: Muon's gain counts when AdamW − Muon > margin (nats/byte)
+
+
+# d 384, 4 layers, 300 steps of 8×128 bytes: the largest size whose 12 arms fit ≈ 90 min on one CPU core, with
+# the learning rates of a 100-step check at this size (docs/lab-gated-width.md)
+WIDE = dict(d_model=384, n_layer=4, n_head=6, batch_size=8, seq_len=128, steps=300, warmup=30, lr_adamw=1e-3,
+            lr_muon=0.02, eval_every=50, eval_batches=8, probe_every=50)
 
 
 def gpt_config(cfg: Config, mlp: str, seed: int) -> gpt.Config:
@@ -83,6 +90,16 @@ def gains(df: pd.DataFrame) -> dict[str, pd.Series]:
     return {m: S.paired_difference(t, f"{m}-muon", f"{m}-adamw") for m in MLPS}
 
 
+def setting(cfg: Config) -> str:
+    return (f"d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.steps} steps of {cfg.batch_size}×{cfg.seq_len} bytes, "
+            f"lr AdamW {cfg.lr_adamw:g} / Muon {cfg.lr_muon:g}")
+
+
+def spread(x: pd.Series) -> str:
+    """The mean [min–max] over seeds, as `specscope claims` shows it."""
+    return f"{x.mean():.3g} [{x.min():.3g}–{x.max():.3g}]" if len(x) else ""
+
+
 def _arms(df: pd.DataFrame, variant: str) -> list[str]:
     return [a for a in df["arm"].unique() if isinstance(a, str) and a.startswith(variant + "/s")]
 
@@ -105,7 +122,8 @@ def _gw1(df: pd.DataFrame, cfg: Config) -> Claim:
     if len(g["relu2"]) and g["relu2"].mean() > 0:
         measured += f"; SwiGLU keeps {sw.mean() / g['relu2'].mean():.0%} of ReLU²'s gain"
     verdict = "PASS" if (sw <= cfg.margin).all() else "FAIL" if (sw > cfg.margin).all() else "INCONCLUSIVE"
-    return Claim("GW-1", text, pub, measured, verdict)
+    return Claim("GW-1", text, pub, measured, verdict, seeds=len(sw), spread=spread(sw), setting=setting(cfg),
+                 value=float(sw.mean()))
 
 
 def _gw2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -122,7 +140,9 @@ def _gw2(df: pd.DataFrame, cfg: Config) -> Claim:
         return Claim("GW-2", text, pub, "needs per-layer records of both MLPs", "INCONCLUSIVE")
     measured = "; ".join(f"{m}: mlp.down nr/st {a:.2f}, st(A) {s:.1f}" for m, (a, s) in med.items())
     ok = med["swiglu"][0] < med["relu2"][0] and med["swiglu"][1] > med["relu2"][1]
-    return Claim("GW-2", text, pub, measured, "PASS" if ok else "FAIL")
+    seeds = len({S.split_arm(a)[1] for a in df["arm"].unique() if isinstance(a, str) and "/s" in a})
+    return Claim("GW-2", text, pub, measured, "PASS" if ok else "FAIL", seeds=seeds, setting=setting(cfg),
+                 value=med["swiglu"][0] - med["relu2"][0])
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
