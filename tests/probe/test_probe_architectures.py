@@ -99,6 +99,34 @@ def test_multihead_attention_in_proj_and_out_proj():
     assert mon.advice().set_index("layer").loc["self_attn.out_proj", "measurements"] == 1
 
 
+def test_multihead_cross_attention_blocks_measured_with_their_own_inputs():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16) + 1.0
+    plain = Monitor(attn)
+    with pytest.warns(UserWarning, match="multiply different inputs.*'q', 'k', 'v'"), plain.step(0):
+        attn(q, kv, kv)[0].square().sum().backward()
+    assert "in_proj_weight" in plain.unmeasured  # named, with the fix, never silent
+    mon = Monitor(attn, split={"in_proj_weight": ["q", "k", "v"]})
+    for step in range(2):
+        attn.zero_grad()
+        with mon.step(step):
+            attn(q, kv, kv)[0].square().sum().backward()
+        recs = mon.pop_records()
+    st, nr = by(recs, "stable_rank"), by(recs, "nuclear_rank")
+    assert not mon.unmeasured
+    assert st["in_proj_weight.q"].value == pytest.approx(exact_st([q]), rel=1e-4)
+    for part in ("k", "v"):
+        assert st[f"in_proj_weight.{part}"].value == pytest.approx(exact_st([kv]), rel=1e-4)
+        assert st[f"in_proj_weight.{part}"].rows == 21
+    G = attn.in_proj_weight.grad.double()
+    assert nr["in_proj_weight.k"].value == pytest.approx(float(linalg.nuclear_rank(G[16:32])), rel=1e-6)
+    again = Monitor(attn, split={"in_proj_weight": ["q", "k", "v"]})
+    again.load_state_dict(mon.state_dict())  # the k/v block's warm start travels with the state
+    assert any("@16:48" in k for k in mon.state_dict()["stats"])
+    assert torch.equal(next(iter(again.slots.values())).block_stats[(16, 48)].V, next(iter(mon.slots.values())).block_stats[(16, 48)].V)
+
+
 def test_conv1d_column_split_gpt2():
     model, data, loss_fn = build("gpt2")
     mon = Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})
