@@ -127,6 +127,30 @@ def test_multihead_cross_attention_blocks_measured_with_their_own_inputs():
     assert torch.equal(next(iter(again.slots.values())).block_stats[(16, 48)].V, next(iter(mon.slots.values())).block_stats[(16, 48)].V)
 
 
+def test_additive_position_tables_are_routed_as_embeddings():
+    from specscope.optim import spectral_param_groups
+
+    class ViTLike(nn.Module):  # a bare 2-D position table and a [1, 1, d] class token, added, never multiplied
+        def __init__(self):
+            super().__init__()
+            self.tok, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50)
+            self.pos, self.cls = nn.Parameter(torch.zeros(8, 16)), nn.Parameter(torch.zeros(1, 1, 16))
+
+        def forward(self, ids):
+            x = torch.cat([self.cls.expand(ids.shape[0], 1, 16), self.tok(ids) + self.pos[: ids.shape[1]]], 1)
+            return self.head(torch.relu(self.fc(x)))
+
+    model = ViTLike()
+    mon = Monitor(model)
+    with pytest.warns(UserWarning, match="never multiplied"), mon.step(0):
+        model(torch.randint(0, 50, (2, 7))).logsumexp(-1).mean().backward()
+    assert mon.roles["pos"] == mon.roles["cls"] == "embedding" and mon.roles["fc"] == "hidden"
+    groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert groups["muon"] == ["fc.weight"]
+    static = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3)}
+    assert "cls" in static["adamw"]  # ≥ 3-D and no convolution kernel: a table, from structure alone
+
+
 def test_conv1d_column_split_gpt2():
     model, data, loss_fn = build("gpt2")
     mon = Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})

@@ -432,6 +432,9 @@ class Monitor:
             for pid, s in self.slots.items():
                 if s.role != "embedding":
                     s.role = "head" if pid in self._heads else "hidden"
+        for s in self.slots.values():  # added to activations, never multiplied: a positional table
+            if s.kind == "" and s.other_ops and s.other_ops <= R.ADDITIVE:
+                s.role = "embedding"
         active = []  # (slot, output range or None for the weight's own input, statistics)
         for s in self.slots.values():
             s.check_ranges()
@@ -475,6 +478,8 @@ class Monitor:
     def _unmeasured_reason(self, s: Slot, has_grad: bool) -> str:
         if s.problem:
             return s.problem
+        if s.other_ops and s.other_ops <= R.ADDITIVE:
+            return f"added to activations ({', '.join(sorted(s.other_ops))}), never multiplied: a table such as learned positions, routed as an embedding; it has no input matrix"
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if not has_grad:
