@@ -177,7 +177,7 @@ class GramStats:
 
 CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
-IMPLICIT_MIN = 128  # inputs this wide skip the Gram when seen once per step (GramStats)
+IMPLICIT_MIN = 256  # inputs this wide skip the Gram when seen once per step (GramStats): the measured crossover
 KRYLOV_DEPTH, COLD_DEPTH, FRESH = 1, 4, 2  # block Krylov depth (warm / cold start); fresh rows of A per step
 VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
 
@@ -212,7 +212,7 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     vectors, bound): with the top Ritz pair's residual r = ‖Cy − θy‖ some eigenvalue lies within r of θ and,
     by Kato–Temple, within r²/δ (δ = θ − the next Ritz value): bound = min(r, r²/δ)/θ. Each pass over A is an
     A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major A): depth + 2 passes in all, plus the residual's
-    one. The small eigenproblem is float64; no host synchronisation.
+    one. Products in float32, the small eigenproblem in float64; no host synchronisation.
     """
     A = A.float()
     if (V.shape[-1] + fresh) * (depth + 1) > A.shape[1]:  # the space would be all of Rⁿ: solve C itself
@@ -227,15 +227,16 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     for _ in range(depth):
         Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))
         W.append(A @ Q[-1])
-    Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1).double()
-    H = Wc.mT @ Wc  # = Qcᵀ C Qc
+    Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1)
+    H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
     H = torch.where(torch.isfinite(H).all(), H, torch.zeros_like(H))  # non-finite A: reported by the caller
     theta, Y = torch.linalg.eigh((H + H.mT) / 2)
-    top, y = theta[-1], Y[:, -1]
-    r = (((Wc @ y).float() @ A).double() - top * (Qc.double() @ y)).norm()  # (Ay)ᵀA = (Cy)ᵀ
+    top, Y = theta[-1], Y.float()
+    y = Y[:, -1]
+    r = torch.linalg.vector_norm((Wc @ y) @ A - top.float() * (Qc @ y)).double()  # (Ay)ᵀA = (Cy)ᵀ
     tiny = torch.finfo(torch.float64).tiny
     bound = torch.minimum(r, r * r / (top - theta[-2]).clamp_min(tiny)) / top.clamp_min(tiny)
-    return top, Qc @ Y[:, -V.shape[-1]:].float(), bound
+    return top, Qc @ Y[:, -V.shape[-1]:], bound
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
