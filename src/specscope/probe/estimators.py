@@ -1,14 +1,17 @@
 """Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
 
-A is never kept (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
-the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks —
+A is never copied (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
+the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks,
+or — a wide input seen once in a step on one process — held (autograd saved it anyway) until the step ends —
 
 - `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives
   VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on
   σ_1(A)² (so st is never underestimated) that is tight once V holds the top eigenvector. V is
   refined by `iters` subspace iterations on the step's first micro-batch and carried to the next step.
-- `gram` (default): C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to float32
-  rounding of C); weights that share an input share its Gram, eigenvalue solves are batched by size.
+- `gram` (default): st = trace(C)/λ_max(C), C = AᵀA. Narrow inputs, micro-batches and ranks: C (n × n)
+  summed, λ_max certified by a Cholesky test (exact up to float32 rounding of C); weights that share an
+  input share its Gram. Wide inputs: C applied as Aᵀ(A·), λ_max by block Krylov with an a-posteriori bound
+  (`krylov_top`), never forming C. Solves are batched by shape.
 - `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
 - `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
 """

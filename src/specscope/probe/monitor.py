@@ -115,8 +115,9 @@ class Monitor:
     gradient: "grad" (the accumulated .grad, read on leaving `step()`), "update" (parameter change across
     the optimizer step) or a callable(name, param) -> Tensor (e.g. an optimizer buffer); the last two are
     read in `after_optimizer_step()`.
-    estimator: how st(A) is measured — "gram" (default: feature-side Gram AᵀA, shared by weights with the
-    same input, top eigenvalue by batched eigvalsh; exact up to float32 rounding), "power" (one-pass
+    estimator: how st(A) is measured — "gram" (default: trace and top eigenvalue of the feature-side Gram
+    AᵀA, shared by weights with the same input; certified, or for wide inputs applied implicitly with an
+    a-posteriori bound — both within 1e-4 of exact; see probe.estimators), "power" (one-pass
     warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
     direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) is exact: eigenvalues of the
     smaller Gram, formed in `grad_gram_dtype` (float64 by default), or an SVD with estimator="exact".
