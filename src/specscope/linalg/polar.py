@@ -115,8 +115,7 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     inv_sqrt = torch.where(keep, lam.clamp(min=torch.finfo(dtype).tiny).rsqrt(), torch.zeros_like(lam))
     apply = torch.float64 if G.dtype == dtype == torch.float64 else torch.float32
     V = V.to(apply)
-    X = X.to(apply).contiguous()  # a transposed tall input: row-major makes VᵀX ≈ 20 % faster (measured)
-    P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X))  # VᵀX first: its rows are σ_i·v_iᵀ
+    P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X.to(apply)))  # VᵀX first: its rows are σ_i·v_iᵀ
     nuclear = torch.where(keep, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
     return (P.mT if tall else P), nuclear
 
