@@ -36,19 +36,6 @@ def work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-# On CPU, from this many rows (wide orientation) the Gram is assembled from its lower block triangle:
-# three products of half the rows instead of one of all, 3/4 of the flops; measured 0.65–0.69× the time
-# of the full product at 768 rows (float64, one thread, 768×768 and 768×3072), slower below 512 rows,
-# where the products are small. On CUDA one product (three launches would cost more than they save there).
-SYMMETRIC_GRAM_MIN_ROWS = 512
-
-
 def smaller_gram(x: Tensor) -> Tensor:
     """X Xᵀ if m <= n else Xᵀ X: the Gram matrix on the smaller side, in x's dtype."""
-    w = x if x.shape[-2] <= x.shape[-1] else x.mT
-    h = w.shape[-2] // 2
-    if 2 * h < SYMMETRIC_GRAM_MIN_ROWS or w.device.type != "cpu":
-        return w @ w.mT
-    top, bottom = w[..., :h, :], w[..., h:, :]
-    lower = bottom @ top.mT
-    return torch.cat([torch.cat([top @ top.mT, lower.mT], -1), torch.cat([lower, bottom @ bottom.mT], -1)], -2)
+    return x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
