@@ -29,7 +29,7 @@ from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import roles as R
-from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gram_of, make_stats
+from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, make_stats
 from specscope.probe.pairing import (MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve,
                                      tracked_slots)
 from specscope.records import Record
@@ -386,9 +386,7 @@ class Monitor:
                 s.stats = make_stats(kind, A.shape[1], self.estimator, **self._stats_kw)
                 s.stats.reset(refine=True)
             if isinstance(s.stats, GramStats):
-                if entry[1] is None:
-                    entry[1] = gram_of(A)
-                s.stats.add(A, entry[1], key)
+                s.stats.add(A, entry, key, source=x)
             else:
                 s.stats.add(A)
 
