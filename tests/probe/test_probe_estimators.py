@@ -113,3 +113,13 @@ def test_input_modified_in_place_after_its_product_is_an_error():
         with mon.step(0):
             model(torch.randn(50, 32)).square().mean().backward()
             model.h.detach().mul_(2.0)  # autograd no longer guards it; the probe still holds it
+
+
+def test_krylov_top_batched_equals_one_by_one():
+    A = torch.stack([spectrum_matrix(120, 48, torch.logspace(0, -2, 20, dtype=torch.float64), s) for s in range(3)])
+    V = torch.stack([E._initial_block(48, 8, A.device)] * 3)
+    theta, W, bound = E.krylov_top(A, V, depth=2)
+    for i in range(3):
+        t, w, b = E.krylov_top(A[i], V[i], depth=2)
+        assert float(theta[i]) == pytest.approx(float(t), rel=1e-5) and float(bound[i]) == pytest.approx(float(b), rel=1e-2, abs=1e-9)
+        assert torch.allclose((W[i].mT @ w).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)  # same top Ritz vector

@@ -1,14 +1,17 @@
 """Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
 
-A is never kept (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
-the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks —
+A is never copied (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
+the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks,
+or — a wide input seen once in a step on one process — held (autograd saved it anyway) until the step ends —
 
 - `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives
   VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on
   σ_1(A)² (so st is never underestimated) that is tight once V holds the top eigenvector. V is
   refined by `iters` subspace iterations on the step's first micro-batch and carried to the next step.
-- `gram` (default): C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to float32
-  rounding of C); weights that share an input share its Gram, eigenvalue solves are batched by size.
+- `gram` (default): st = trace(C)/λ_max(C), C = AᵀA. Narrow inputs, micro-batches and ranks: C (n × n)
+  summed, λ_max certified by a Cholesky test (exact up to float32 rounding of C); weights that share an
+  input share its Gram. Wide inputs: C applied as Aᵀ(A·), λ_max by block Krylov with an a-posteriori bound
+  (`krylov_top`), never forming C. Solves are batched by shape.
 - `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
 - `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
 """
@@ -177,7 +180,7 @@ class GramStats:
 
 CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
-IMPLICIT_MIN = 128  # inputs this wide skip the Gram when seen once per step (GramStats)
+IMPLICIT_MIN = 256  # inputs this wide skip the Gram when seen once per step (GramStats): the measured crossover
 KRYLOV_DEPTH, COLD_DEPTH, FRESH = 1, 4, 2  # block Krylov depth (warm / cold start); fresh rows of A per step
 VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
 
@@ -206,36 +209,39 @@ def _orth_against(Z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """λ_max(AᵀA) without forming AᵀA: Rayleigh–Ritz on the block Krylov space [V, CV, …, C^depth V], C = AᵀA.
 
-    V [n, b] is the warm block (last step's Ritz vectors); `fresh` rows of A, drawn by a private generator
-    (the global RNG is untouched), join it, so the space cannot miss the top direction: a row aᵢ has the
-    component σ₁·u₁ᵢ along it. The Ritz value θ ≤ λ_max (a Rayleigh quotient). Returns (θ, the top-b Ritz
-    vectors, bound): with the top Ritz pair's residual r = ‖Cy − θy‖ some eigenvalue lies within r of θ and,
-    by Kato–Temple, within r²/δ (δ = θ − the next Ritz value): bound = min(r, r²/δ)/θ. Each pass over A is an
-    A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major A): depth + 2 passes in all, plus the residual's
-    one. The small eigenproblem is float64; no host synchronisation.
+    A [..., rows, n] (a batch of inputs of one shape is solved at once), V [..., n, b] the warm block (last
+    step's Ritz vectors); `fresh` rows of A, drawn by a private generator (the global RNG is untouched),
+    join it, so the space cannot miss the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The
+    Ritz value θ ≤ λ_max (a Rayleigh quotient). Returns (θ, the top-b Ritz vectors, bound): with the top Ritz
+    pair's residual r = ‖Cy − θy‖ some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ
+    (δ = θ − the next Ritz value): bound = min(r, r²/δ)/θ. Each pass over A is an A·Q or a (WᵀA)ᵀ product (the
+    fast layouts for a row-major A): depth + 2 passes in all, plus the residual's one. Products in float32,
+    the small eigenproblem in float64; no host synchronisation.
     """
     A = A.float()
-    if (V.shape[-1] + fresh) * (depth + 1) > A.shape[1]:  # the space would be all of Rⁿ: solve C itself
+    b = V.shape[-1]
+    if (b + fresh) * (depth + 1) > A.shape[-1]:  # the space would be all of Rⁿ: solve C itself
         C = gram_of(A).double()
-        C = torch.where(torch.isfinite(C).all(), C, torch.zeros_like(C))
+        C = torch.where(torch.isfinite(C).flatten(-2).all(-1)[..., None, None], C, torch.zeros_like(C))
         theta, Y = torch.linalg.eigh(C)
-        return theta[-1], Y[:, -V.shape[-1]:].to(A.dtype), torch.zeros((), dtype=torch.float64, device=A.device)
-    g = torch.Generator().manual_seed(A.shape[0] * 7919 + A.shape[1])
-    rows = torch.randint(A.shape[0], (fresh,), generator=g).to(A.device)
-    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), A[rows].mT], -1)).Q]
+        return theta[..., -1], Y[..., -b:].to(A.dtype), torch.zeros_like(theta[..., -1])
+    g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
+    rows = torch.randint(A.shape[-2], (fresh,), generator=g).to(A.device)
+    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), A[..., rows, :].mT], -1)).Q]
     W = [A @ Q[0]]
     for _ in range(depth):
         Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))
         W.append(A @ Q[-1])
-    Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1).double()
-    H = Wc.mT @ Wc  # = Qcᵀ C Qc
-    H = torch.where(torch.isfinite(H).all(), H, torch.zeros_like(H))  # non-finite A: reported by the caller
+    Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1)
+    H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
+    H = torch.where(torch.isfinite(H).flatten(-2).all(-1)[..., None, None], H, torch.zeros_like(H))  # non-finite A: the caller reports it
     theta, Y = torch.linalg.eigh((H + H.mT) / 2)
-    top, y = theta[-1], Y[:, -1]
-    r = (((Wc @ y).float() @ A).double() - top * (Qc.double() @ y)).norm()  # (Ay)ᵀA = (Cy)ᵀ
+    top, Y = theta[..., -1], Y.float()
+    y = Y[..., -1:]
+    r = torch.linalg.vector_norm((Wc @ y).mT @ A - top.float()[..., None, None] * (Qc @ y).mT, dim=(-2, -1)).double()
     tiny = torch.finfo(torch.float64).tiny
-    bound = torch.minimum(r, r * r / (top - theta[-2]).clamp_min(tiny)) / top.clamp_min(tiny)
-    return top, Qc @ Y[:, -V.shape[-1]:].float(), bound
+    bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
+    return top, Qc @ Y[..., -b:], bound
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,16 +269,17 @@ def _warm_block(s: GramStats, device: torch.device) -> torch.Tensor:
 
 
 def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
-    """λ_max for the stats holding a wide input, one `krylov_top` per shared input: depth KRYLOV_DEPTH from a
-    warm block (COLD_DEPTH from a cold one); where the bound exceeds VERIFIED, once more at COLD_DEPTH from
-    the improved block; what still fails becomes a Gram for the certified route. At most two host syncs."""
+    """λ_max for the stats holding a wide input, one `krylov_top` per shared input (inputs of one shape and
+    depth solved as one batch): depth KRYLOV_DEPTH from a warm block (COLD_DEPTH from a cold one); where the
+    bound exceeds VERIFIED, once more at COLD_DEPTH from the improved block; what still fails becomes a Gram
+    for the certified route. At most two host syncs."""
     unique: dict[tuple, list[GramStats]] = {}
     for s in stats:
         unique.setdefault((tuple(s.keys), s.n), []).append(s)
     lam: dict[tuple, torch.Tensor] = {}
     todo = {k: (KRYLOV_DEPTH if _is_warm(g[0]) else COLD_DEPTH, _warm_block(g[0], g[0].A.device)) for k, g in unique.items()}
     for attempt in range(2):
-        solved = {k: krylov_top(unique[k][0].A, V, depth) for k, (depth, V) in todo.items()}
+        solved = _solve_batched({k: (unique[k][0].A, V, depth) for k, (depth, V) in todo.items()})
         ok = torch.stack([(solved[k][2] <= VERIFIED) & torch.isfinite(solved[k][0]) for k in todo]).tolist() if todo else []
         for good, k in zip(ok, list(todo)):
             group = unique[k]
@@ -287,6 +294,22 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
         for s in unique[k]:
             s._materialize()
     return lam
+
+
+def _solve_batched(problems: dict) -> dict:
+    """krylov_top for {key: (A, V, depth)}: problems of one (shape, dtype, device, depth) stacked into one call."""
+    groups: dict[tuple, list] = {}
+    for k, (A, V, depth) in problems.items():
+        groups.setdefault((tuple(A.shape), A.dtype, A.device, depth), []).append(k)
+    out = {}
+    for (_, _, _, depth), keys in groups.items():
+        if len(keys) == 1:
+            A, V, _ = problems[keys[0]]
+            out[keys[0]] = krylov_top(A, V, depth)
+            continue
+        theta, V, bound = krylov_top(torch.stack([problems[k][0] for k in keys]), torch.stack([problems[k][1] for k in keys]), depth)
+        out.update({k: (theta[i], V[i], bound[i]) for i, k in enumerate(keys)})
+    return out
 
 
 def _fro2(A: torch.Tensor) -> torch.Tensor:
