@@ -1,12 +1,12 @@
 """Does batching the coupling's perturbation directions with torch.func.vmap pay on this model?
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coupling_batching.py [--batch 8] [--rounds 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coupling_batching.py [--batch 8] [--rounds 3] [--kernel sdpa]
 
 One coupling checkpoint evaluates the centroids μ_x(θ ± εv) (a forward and a backward on 1,024 probes) for
 20 random and 6 SED directions, 52 evaluations. Candidates, each computing the centroids at `batch`
 perturbed θ_attn: `loop` (one evaluation after another, what `coupling_ratios` does) and `vmap`
-(torch.func.vmap of a functional_call over the stacked perturbed weights). Ratios to `loop`, interleaved
-rounds (benchmarks/_timing.py).
+(torch.func.vmap of a functional_call over the stacked perturbed weights). `--kernel`: the model's attention
+(the lab's default `explicit`, or `sdpa`). Ratios to `loop`, interleaved rounds (benchmarks/_timing.py).
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kernel", choices=["explicit", "sdpa"], default="explicit")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's per-item fallback, measured here
     torch.manual_seed(0)
-    cfg = sed.Config()
+    cfg = sed.Config(kernel=args.kernel)
     data = sed.make_data(cfg, [cfg.task], torch.device("cpu"))
     model = sed.make_model(cfg, 1, 0, torch.device("cpu"))
     weights = sed.attention_weights(model)
@@ -64,7 +65,8 @@ def main() -> None:
 
     start = load_average()
     t = interleaved({"loop": loop, "vmap": batched}, "loop", rounds=args.rounds, repeats=2)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}, {start} at start")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), kernel {args.kernel}, batch {args.batch}, "
+          f"{start} at start")
     for name, timing in t.items():
         print(f"{name:5s} {timing.ms / args.batch:7.1f} ms per evaluation, ratio to loop {timing.ratio_text()}")
 

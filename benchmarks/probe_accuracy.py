@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specscope.probe import Monitor, verdict
+from specscope.probe import estimators as E
 
 VOCAB, SEQ, BATCH = 128, 32, 8
 
@@ -166,8 +167,14 @@ def main() -> None:
     ap.add_argument("--measurements", type=int, default=4)
     ap.add_argument("--arch", nargs="+", default=list(ARCHITECTURES))
     ap.add_argument("--estimator", default="gram")
+    ap.add_argument("--implicit-min", type=int, default=None,
+                    help="inputs at least this wide take the implicit (Krylov) route; 1 = every dense input "
+                         f"(default {E.IMPLICIT_MIN}, wider than these tiny models' inputs)")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; estimator {args.estimator!r} vs exact float64")
+    if args.implicit_min is not None:
+        E.IMPLICIT_MIN = args.implicit_min
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; estimator {args.estimator!r} vs exact float64; "
+          f"implicit route for inputs ≥ {E.IMPLICIT_MIN} features")
     print("\n| architecture | every | weights | unmeasured | st(A) median | st(A) max | nr(G) median | nr(G) max | verdicts differing |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arch in args.arch:

@@ -43,10 +43,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--n-probe", type=int, default=1024)
+    ap.add_argument("--kernel", choices=["sdpa", "explicit"], default="sdpa")  # docs/lab-sed.md's table: sdpa
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = sed.Config(device=args.device)
+    cfg = sed.Config(device=args.device, kernel=args.kernel)
     data = sed.make_data(cfg, [cfg.task], device)
     model = sed.make_model(cfg, 1, 0, device)
     params = list(sed.attention_weights(model).values())

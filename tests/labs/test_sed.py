@@ -101,7 +101,7 @@ def test_intervention_table_speedups_and_sed2_verdicts():
 
 
 def test_sed2_reports_both_grok_definitions_and_the_fresh_random_subspace():
-    cfg = sed.Config(seeds=1, grok_window=2, eval_every=50)
+    cfg = sed.Config(seeds=1, grok_window=2, eval_every=50, interventions=[*sed.CORE, "keep_random_fresh"])
     rows = _accs("control-s0", 300) + _accs("keep_sed-s0", 150) + _accs("keep_random-s0", 100)
     rows += _accs("remove_sed-s0", 300) + _accs("remove_random-s0", 300) + _accs("keep_random_fresh-s0", 200)
     claim = sed._sed2_claim(sed.intervention_table(_records(rows), cfg), cfg)
@@ -265,4 +265,6 @@ def test_either_part_alone_completes_with_its_figures(tmp_path, part):
         assert figures == {"sed_multitask"}
     else:
         assert verdicts["SED-3"] == "INCONCLUSIVE" != verdicts["SED-1"]
+        sed3 = next(c for c in json.loads((run_dir / "summary.json").read_text())["claims"] if c["id"] == "SED-3")
+        assert sed.MULTITASK_COMMAND in sed3["measured"]  # says how to run the multitask comparison
         assert figures == {"sed_coupling", "sed_interventions"}

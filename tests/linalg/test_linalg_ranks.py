@@ -179,3 +179,22 @@ def test_empty_and_bad_inputs_raise():
     with pytest.raises(ValueError, match="v0 has length"):
         L.spectral_norm(torch.ones(2, 5), torch.ones(5))
     assert math.isfinite(float(L.stable_rank(torch.ones(2, 2, dtype=torch.int64))))
+
+
+def test_eigh_batched_over_threads_equals_torch():
+    """The thread-pool path (≥ 2 CPU threads, ≥ 2 matrices) gives torch.linalg.eigh's result, any batch shape."""
+    from specscope.linalg.norms import eigh_batched, eigvalsh_batched
+    A = torch.randn(2, 3, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    C = A @ A.mT
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        lam, Q = eigh_batched(C)
+        values = eigvalsh_batched(C)
+    finally:
+        torch.set_num_threads(threads)
+    ref_lam, ref_Q = torch.linalg.eigh(C)
+    torch.testing.assert_close(lam, ref_lam)
+    torch.testing.assert_close(values, ref_lam)
+    torch.testing.assert_close(Q @ torch.diag_embed(lam) @ Q.mT, C)
+    assert lam.shape == (2, 3, 9) and Q.shape == C.shape

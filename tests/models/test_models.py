@@ -48,3 +48,17 @@ def test_mlp():
         MLP([4], "relu")
     with pytest.raises(ConfigError):
         MLP([4, 2], "sigmoidish")
+
+
+def test_explicit_attention_is_scaled_dot_product_attention():
+    from specscope.models.modular import enc003, explicit_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 4, 1, 8).double(), torch.randn(5, 4, 3, 8).double(), torch.randn(5, 4, 3, 8).double()
+    torch.testing.assert_close(explicit_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    x = torch.randint(0, 7, (6, 2))
+    models = []
+    for kernel in ("sdpa", "explicit"):
+        torch.manual_seed(0)
+        models.append(enc003(7, 2, d_model=16, n_heads=2, d_ff=32, kernel=kernel).double())
+    torch.testing.assert_close(models[1](x), models[0](x), rtol=0, atol=1e-12)  # same weights, same function

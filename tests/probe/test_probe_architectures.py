@@ -99,6 +99,58 @@ def test_multihead_attention_in_proj_and_out_proj():
     assert mon.advice().set_index("layer").loc["self_attn.out_proj", "measurements"] == 1
 
 
+def test_multihead_cross_attention_blocks_measured_with_their_own_inputs():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    q, kv = torch.randn(3, 5, 16), torch.randn(3, 7, 16) + 1.0
+    plain = Monitor(attn)
+    with pytest.warns(UserWarning, match="multiply different inputs.*'q', 'k', 'v'"), plain.step(0):
+        attn(q, kv, kv)[0].square().sum().backward()
+    assert "in_proj_weight" in plain.unmeasured  # named, with the fix, never silent
+    mon = Monitor(attn, split={"in_proj_weight": ["q", "k", "v"]})
+    for step in range(2):
+        attn.zero_grad()
+        with mon.step(step):
+            attn(q, kv, kv)[0].square().sum().backward()
+        recs = mon.pop_records()
+    st, nr = by(recs, "stable_rank"), by(recs, "nuclear_rank")
+    assert not mon.unmeasured
+    assert st["in_proj_weight.q"].value == pytest.approx(exact_st([q]), rel=1e-4)
+    for part in ("k", "v"):
+        assert st[f"in_proj_weight.{part}"].value == pytest.approx(exact_st([kv]), rel=1e-4)
+        assert st[f"in_proj_weight.{part}"].rows == 21
+    G = attn.in_proj_weight.grad.double()
+    assert nr["in_proj_weight.k"].value == pytest.approx(float(linalg.nuclear_rank(G[16:32])), rel=1e-6)
+    again = Monitor(attn, split={"in_proj_weight": ["q", "k", "v"]})
+    again.load_state_dict(mon.state_dict())  # the k/v block's warm start travels with the state
+    assert any("@16:48" in k for k in mon.state_dict()["stats"])
+    assert torch.equal(next(iter(again.slots.values())).block_stats[(16, 48)].V, next(iter(mon.slots.values())).block_stats[(16, 48)].V)
+
+
+def test_additive_position_tables_are_routed_as_embeddings():
+    from specscope.optim import spectral_param_groups
+
+    class ViTLike(nn.Module):  # a bare 2-D position table and a [1, 1, d] class token, added, never multiplied
+        def __init__(self):
+            super().__init__()
+            self.tok, self.fc, self.head = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 50)
+            self.pos, self.cls = nn.Parameter(torch.zeros(8, 16)), nn.Parameter(torch.zeros(1, 1, 16))
+
+        def forward(self, ids):
+            x = torch.cat([self.cls.expand(ids.shape[0], 1, 16), self.tok(ids) + self.pos[: ids.shape[1]]], 1)
+            return self.head(torch.relu(self.fc(x)))
+
+    model = ViTLike()
+    mon = Monitor(model)
+    with pytest.warns(UserWarning, match="never multiplied"), mon.step(0):
+        model(torch.randint(0, 50, (2, 7))).logsumexp(-1).mean().backward()
+    assert mon.roles["pos"] == mon.roles["cls"] == "embedding" and mon.roles["fc"] == "hidden"
+    groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert groups["muon"] == ["fc.weight"]
+    static = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3)}
+    assert "cls" in static["adamw"]  # ≥ 3-D and no convolution kernel: a table, from structure alone
+
+
 def test_conv1d_column_split_gpt2():
     model, data, loss_fn = build("gpt2")
     mon = Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})

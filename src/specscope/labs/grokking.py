@@ -252,13 +252,15 @@ class Tracker:
         self.clock, self.steps, self.accs, self.reported = s["clock"], list(s["steps"]), list(s["accs"]), set(s["reported"])
 
 
-def make_evaluate(data: ModularData, tracker: Tracker):
-    """Full-batch loss and accuracy on train and test, per task when there are several."""
+def make_evaluate(data: ModularData, tracker: Tracker, splits: tuple[str, ...] = ("train", "test")):
+    """Full-batch loss and accuracy on each of `splits` (train, test), per task when there are several."""
     clean = ~data.test_mirror_in_train
+    sets = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
         out = {}
-        for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        for split in splits:
+            x, y = sets[split]
             logits = model(x).reshape(x.shape[0], -1, data.p)
             correct = (logits.argmax(-1) == y).float()
             out[f"{split}_loss"] = F.cross_entropy(logits.reshape(-1, data.p), y.reshape(-1)).item()

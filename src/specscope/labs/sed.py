@@ -33,7 +33,7 @@ from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
-from specscope.models.modular import ModularTransformer, enc003
+from specscope.models.modular import Kernel, ModularTransformer, enc003
 from specscope.records import Claim, Record
 from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
@@ -42,13 +42,15 @@ NAME = "sed"
 GRADIENT = "gradient-sed"
 Intervention = Literal["control", "keep_sed", "remove_sed", "keep_random", "remove_random", "keep_random_fresh",
                        "remove_random_fresh"]
+MULTITASK_COMMAND = "specscope run sed --set 'interventions=[]' --set multitask=add,sub,mul,sum_sq"  # SED-3
 CORE: tuple[str, ...] = ("control", "keep_sed", "remove_sed", "keep_random", "remove_random")  # SED-2's rule
 INTERVENTIONS: tuple[str, ...] = (*CORE, "keep_random_fresh", "remove_random_fresh")  # *_fresh: a new subspace each step
 
 
 class Config(LabConfig):
     task: str = "add"  # the single-task runs (coupling curves, interventions)
-    multitask: list[str] = ["add", "sub", "mul", "sum_sq"]  # [] skips the multitask comparison
+    # SED-3's tasks, e.g. add,sub,mul,sum_sq (MULTITASK_COMMAND); off by default: the arm trains ≈ 11k steps
+    multitask: list[str] = []
     p: AtLeast1 = 97
     train_fraction: Fraction = 0.5
     split: Literal["random", "commutative"] = "random"
@@ -61,9 +63,12 @@ class Config(LabConfig):
     betas: Betas = (0.9, 0.98)
     batch_size: AtLeast1 = 512
     grad_clip: NonNegative = 1.0  # 0: no clipping
+    fused_adamw: bool = True  # AdamW(fused=True); False: torch's per-tensor loop (other rounding, slower on CPU)
+    kernel: Kernel = "explicit"  # attention by broadcast products (cheaper for 2 tokens); "sdpa": the torch kernel
     steps: AtLeast1 = 6000  # at most, per single-task arm
     multitask_steps: AtLeast1 = 12000  # at most; the four-task model groks (stable) at ≈ 10.5k steps, then stops
     eval_every: AtLeast1 = 50
+    eval_train: bool = False  # also evaluate the training set (no claim or figure reads it; the step loss is recorded)
     grok_threshold: Unit = 0.98
     grok_window: AtLeast1 = 10  # evaluations test accuracy must stay >= grok_threshold (the stable grok step)
     stop_after_grok: bool = True
@@ -81,7 +86,7 @@ class Config(LabConfig):
     coupling_every: AtLeast1 = 250
     multitask_coupling_every: AtLeast1 = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
-    interventions: list[Intervention] = [*CORE, "keep_random_fresh"]
+    interventions: list[Intervention] = list(CORE)  # add keep_random_fresh, remove_random_fresh for the fresh subspace
     seeds: AtLeast1 = 1
     random_fixed: bool = True  # random arms: one subspace drawn when projection starts (False: fresh each step)
     project_after_clip: bool = False  # False: project the raw gradient, then clip (paper 003's order); True: clip first
@@ -177,7 +182,7 @@ def make_data(cfg: Config, tasks: list[str], device: torch.device) -> ModularDat
 def make_model(cfg: Config, n_tasks: int, seed: int, device: torch.device) -> ModularTransformer:
     torch.manual_seed(seed)
     return enc003(cfg.p, n_tasks, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-                  n_layers=cfg.n_layers).to(device)
+                  n_layers=cfg.n_layers, kernel=cfg.kernel).to(device)
 
 
 def fixed_inputs(data: ModularData, n_fixed: int, n_probe: int, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -198,15 +203,17 @@ def task_loss(model: torch.nn.Module, batch: tuple[Tensor, Tensor], t: int) -> T
 def _arm(cfg: Config, name: str, model, data: ModularData, seed: int, callbacks: list, steps: int) -> Arm:
     """With project_after_clip the clipping runs as a callback ahead of the projection (same call, same result
     for arms that do not project)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=cfg.fused_adamw or None)
     tracker = Tracker(cfg.grok_threshold, cfg.grok_window)
+    splits = ("train", "test") if cfg.eval_train else ("test",)
     stop = (lambda m, t=tracker: t.grokked) if cfg.stop_after_grok else None
     clip_first = bool(cfg.project_after_clip and cfg.grad_clip)
     if clip_first:
         at = next((i for i, cb in enumerate(callbacks) if isinstance(cb, (GatedProjection, GradientProjection))), len(callbacks))
         callbacks = [*callbacks[:at], Clip(cfg.grad_clip), *callbacks[at:]]
     return Arm(name=name, model=model, optimizer=opt, batch=Batches(data, cfg.batch_size, seed), loss=loss_fn,
-               steps=steps, evaluate=make_evaluate(data, tracker), eval_every=cfg.eval_every,
+               steps=steps, evaluate=make_evaluate(data, tracker, splits), eval_every=cfg.eval_every,
                callbacks=[tracker, *callbacks], grad_clip=None if clip_first else (cfg.grad_clip or None), stop=stop)
 
 
@@ -280,7 +287,8 @@ def check(cfg: Config) -> None:
     if cfg.k > cfg.window:
         raise ConfigError(f"k={cfg.k} exceeds window={cfg.window}; the window matrix has rank ≤ window")
     if not cfg.interventions and not cfg.multitask:
-        raise ConfigError("nothing to run: interventions and multitask are both empty")
+        raise ConfigError("nothing to run: interventions and multitask are both empty; for SED-3 alone: "
+                          + MULTITASK_COMMAND)
     if cfg.update_excludes_decay and cfg.update_delta != "step":
         raise ConfigError("update_excludes_decay removes one optimizer step's decay; add --set update_delta=step")
     if len(cfg.multitask) == 1:
@@ -443,7 +451,8 @@ def _sed3_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     published = "update SED R̄ ≤ 1; per-task gradient SED R̄ 20–45× (four operations)"
     t = multitask_table(df, cfg)
     if t.empty or t[["update-sed", "task-sed"]].isna().any().any():
-        return Claim("SED-3", text, published, "no multitask coupling recorded (multitask=[] or too few steps)",
+        why = "too few steps" if cfg.multitask else "the multitask arm is not in the default run"
+        return Claim("SED-3", text, published, f"no multitask coupling recorded ({why}); run: {MULTITASK_COMMAND}",
                      "INCONCLUSIVE")
     measured = f"peak R̄ update ({_update_kind(cfg)}) / aggregated gradient / per-task gradient SED: " + "; ".join(
         f"{r.task} {_fmt(r['update-sed'])} / {_fmt(r['gradient-sed'])} / {_fmt(r['task-sed'])}" for _, r in t.iterrows()

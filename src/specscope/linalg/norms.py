@@ -6,6 +6,8 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 
@@ -92,11 +94,42 @@ def stable_rank_from_gram(C: Tensor) -> Tensor:
     return out.to(work_dtype(C))
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _spread_over_threads(fn, C: Tensor) -> list | None:
+    """fn applied to each matrix of a CPU batch [..., n, n] on a pool of torch.get_num_threads() threads
+    (LAPACK's symmetric eigensolver barely uses a second core for n in the hundreds, and torch solves a
+    batch one matrix after another); None for a single matrix, one thread or another device."""
+    global _POOL
+    threads = torch.get_num_threads()
+    if C.device.type != "cpu" or C.dim() < 3 or C.shape[:-2].numel() < 2 or threads < 2:
+        return None
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="specscope-eigh")
+    return list(_POOL.map(fn, C.reshape(-1, *C.shape[-2:]).unbind()))
+
+
+def eigvalsh_batched(C: Tensor) -> Tensor:
+    """torch.linalg.eigvalsh of a batch [..., n, n], the matrices spread over the CPU threads."""
+    out = _spread_over_threads(torch.linalg.eigvalsh, C)
+    return torch.linalg.eigvalsh(C) if out is None else torch.stack(out).reshape(C.shape[:-1])
+
+
+def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh of a batch [..., n, n], the matrices spread over the CPU threads."""
+    out = _spread_over_threads(torch.linalg.eigh, C)
+    if out is None:
+        return torch.linalg.eigh(C)
+    lam, Q = zip(*out)
+    return torch.stack(lam).reshape(C.shape[:-1]), torch.stack(Q).reshape(C.shape)
+
+
 def nuclear_norm_from_gram(C: Tensor) -> Tensor:
     """‖A‖_* = Σ sqrt(max(eig(C), 0)) for C = gram(A). Exact given C (float64 eigvalsh).
 
     Accuracy is that of C: a float32 C has eigenvalue errors ~1e-7·λ_max, so singular values below
     ~3e-4·σ_1 are unreliable and the sum is off by at most about k·3e-4·σ_1 (k = size of C)."""
     C = _check_gram(C, "nuclear_norm_from_gram")
-    lam = torch.linalg.eigvalsh(C.double()).clamp(min=0)
+    lam = eigvalsh_batched(C.double()).clamp(min=0)
     return lam.sqrt().sum(-1).to(work_dtype(C))

@@ -23,6 +23,15 @@ from specscope.errors import ConfigError
 
 Norm = Literal["layernorm", "rmsnorm"]
 MLPKind = Literal["gelu", "silu", "swiglu"]
+Kernel = Literal["sdpa", "explicit"]
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d) v by broadcast products, [B, H, T, d]: the function F.scaled_dot_product_attention
+    computes (other rounding). For the 2–3 tokens of these tasks it costs less than the CPU flash-attention
+    kernel, whose fixed setup per call dominates at such lengths."""
+    scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5  # [B, H, Tq, Tk]
+    return (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
 
 
 def _norm(kind: Norm, d: int, bias: bool) -> nn.Module:
@@ -32,10 +41,12 @@ def _norm(kind: Norm, d: int, bias: bool) -> nn.Module:
 class Attention(nn.Module):
     """Multi-head self-attention (no mask: the inputs are a set of operands). With `qk_norm`, queries and
     keys are RMS-normalized per head before the dot product (with a learned gain), which makes the
-    output invariant to the scale of W_Q and W_K; their biases are then off to keep that exact."""
+    output invariant to the scale of W_Q and W_K; their biases are then off to keep that exact. `kernel`:
+    F.scaled_dot_product_attention, or `explicit_attention` (cheaper for a few tokens)."""
 
-    def __init__(self, d: int, n_heads: int, bias: bool, qk_norm: bool):
+    def __init__(self, d: int, n_heads: int, bias: bool, qk_norm: bool, kernel: Kernel = "sdpa"):
         super().__init__()
+        self.attend = explicit_attention if kernel == "explicit" else F.scaled_dot_product_attention
         if d % n_heads:
             raise ConfigError(f"d_model={d} is not divisible by n_heads={n_heads}; pick d_model a multiple of n_heads")
         self.n_heads, self.head_dim = n_heads, d // n_heads
@@ -52,7 +63,7 @@ class Attention(nn.Module):
         q, k, v = heads(self.q(xq)), heads(self.k(x)), heads(self.v(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = self.attend(q, k, v)
         return self.o(y.transpose(1, 2).reshape(xq.shape))
 
 
@@ -75,9 +86,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d: int, n_heads: int, d_ff: int, norm: Norm, mlp: MLPKind, bias: bool, qk_norm: bool):
+    def __init__(self, d: int, n_heads: int, d_ff: int, norm: Norm, mlp: MLPKind, bias: bool, qk_norm: bool,
+                 kernel: Kernel = "sdpa"):
         super().__init__()
-        self.norm1, self.attn = _norm(norm, d, bias), Attention(d, n_heads, bias, qk_norm)
+        self.norm1, self.attn = _norm(norm, d, bias), Attention(d, n_heads, bias, qk_norm, kernel)
         self.norm2, self.mlp = _norm(norm, d, bias), MLP(d, d_ff, mlp, bias)
 
     def forward(self, x: torch.Tensor, only: int | None = None) -> torch.Tensor:
@@ -114,6 +126,7 @@ class ModularTransformer(nn.Module):
         qk_norm: bool = False,
         bias: bool = True,
         readout: int = 0,
+        kernel: Kernel = "sdpa",
     ):
         super().__init__()
         if not -seq_len <= readout < seq_len:
@@ -121,7 +134,7 @@ class ModularTransformer(nn.Module):
         self.readout, self.n_tasks = readout, n_tasks
         self.embed = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, norm, mlp, bias, qk_norm) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, norm, mlp, bias, qk_norm, kernel) for _ in range(n_layers))
         self.norm = _norm(norm, d_model, bias)
         self.heads = nn.ModuleList(nn.Linear(d_model, n_classes, bias=bias) for _ in range(n_tasks))
 
@@ -136,10 +149,10 @@ class ModularTransformer(nn.Module):
 
 
 def enc003(p: int, n_tasks: int = 1, *, seq_len: int = 2, d_model: int = 128, n_heads: int = 4,
-           d_ff: int = 256, n_layers: int = 2, mlp: MLPKind = "gelu") -> ModularTransformer:
+           d_ff: int = 256, n_layers: int = 2, mlp: MLPKind = "gelu", kernel: Kernel = "sdpa") -> ModularTransformer:
     """Paper 003's encoder: pre-LayerNorm, GELU, biases, readout from token 0 of [a, b]."""
     return ModularTransformer(p + 1, p, seq_len, n_tasks, d_model, n_heads, d_ff, n_layers,
-                              norm="layernorm", mlp=mlp, qk_norm=False, bias=True, readout=0)
+                              norm="layernorm", mlp=mlp, qk_norm=False, bias=True, readout=0, kernel=kernel)
 
 
 def tf004(p: int, n_tasks: int = 1, *, seq_len: int = 3, d_model: int = 128, n_heads: int = 4,

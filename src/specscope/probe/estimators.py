@@ -1,14 +1,17 @@
 """Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
 
-A is never kept (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
-the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks —
+A is never copied (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
+the dispatch-mode watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks,
+or — a wide input seen once in a step on one process — held (autograd saved it anyway) until the step ends —
 
 - `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives
   VᵀCV and ZᵀZ = VᵀC²V for C = AᵀA, and max over y in span(V) of yᵀC²y / yᵀCy is a lower bound on
   σ_1(A)² (so st is never underestimated) that is tight once V holds the top eigenvector. V is
   refined by `iters` subspace iterations on the step's first micro-batch and carried to the next step.
-- `gram` (default): C = AᵀA (n × n) summed; st from its trace and top eigenvalue (exact up to float32
-  rounding of C); weights that share an input share its Gram, eigenvalue solves are batched by size.
+- `gram` (default): st = trace(C)/λ_max(C), C = AᵀA. Narrow inputs, micro-batches and ranks: C (n × n)
+  summed, λ_max certified by a Cholesky test (exact up to float32 rounding of C); weights that share an
+  input share its Gram. Wide inputs: C applied as Aᵀ(A·), λ_max by block Krylov with an a-posteriori bound
+  (`krylov_top`), never forming C. Solves are batched by shape.
 - `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
 - `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from specscope.errors import SpecscopeError
 from specscope.probe import distributed as D
 
 from specscope import linalg as L
@@ -105,11 +109,16 @@ class PowerStats:
 
 
 class GramStats:
-    """st(A) from the summed feature-side Gram C = AᵀA (n × n, so it adds over micro-batches and ranks).
+    """st(A) from the feature-side Gram C = AᵀA (n × n, so it adds over micro-batches and ranks).
 
     Weights that multiply the same activation (q, k, v; up and gate) share one C per micro-batch: the
-    Monitor computes it once (`gram_of`) and hands it to each. trace(C) = ‖A‖_F²; λ_max(C) comes from
+    Monitor computes it once and hands it to each (`shared`). trace(C) = ‖A‖_F²; λ_max(C) comes from
     `top_eigenvalues`, certified to within `CERTIFIED` relative error (so st(A) is too), batched by size.
+
+    Wide inputs (n ≥ IMPLICIT_MIN) seen once per step on one process never become a Gram: forming AᵀA costs
+    2·rows·n² flops, far more than the step's own product with W when n is 4·d. Their A is held until the
+    end of the step and λ_max is found by `krylov_top` with C applied as Aᵀ(A·), checked a posteriori
+    (`verified`); the rare unverified ones, a second micro-batch, or more than one rank fall back to C.
     """
 
     estimator = "gram"
@@ -121,20 +130,42 @@ class GramStats:
 
     def reset(self, refine: bool = True) -> None:
         self.C: torch.Tensor | None = None
+        self.A: torch.Tensor | None = None  # a wide input held for the implicit route (one micro-batch)
+        self.source: torch.Tensor | None = None
         self.keys: list = []
         self.rows = 0
 
-    def add(self, A: torch.Tensor, C: torch.Tensor | None = None, key=None) -> None:
-        C = gram_of(A) if C is None else C
-        self.C = C if self.C is None else self.C + C
-        self.keys.append(key if key is not None else id(C))
+    def add(self, A: torch.Tensor, shared: list | None = None, key=None, source: torch.Tensor | None = None) -> None:
+        """Add one micro-batch's rows A [rows, n]; `shared` = [A, its Gram or None] when weights share A;
+        `source` is the tensor A was read from (its version counter shows a later in-place change)."""
+        first = self.C is None and self.A is None
+        if first and self.n >= IMPLICIT_MIN and D.world_size() == 1:
+            self.A, self.source = A, A if source is None else source
+            self.version = self.source._version
+        else:
+            self._materialize()
+            C = gram_of(A) if shared is None else _shared_gram(shared)
+            self.C = C if self.C is None else self.C + C
+        self.keys.append(key if key is not None else id(A))
         self.rows += A.shape[0]
 
+    def _materialize(self) -> None:
+        """Turn a held input into its Gram (a second micro-batch, or the implicit route failed)."""
+        if self.A is not None:
+            if self.source._version != self.version:
+                raise SpecscopeError(f"an input of {self.n} features was modified in place after the product that used it; "
+                                     "the probe cannot measure it: keep that activation unmodified until the step ends")
+            C, self.A, self.source = gram_of(self.A), None, None
+            self.C = C if self.C is None else self.C + C
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.C]
+        if D.world_size() > 1:
+            self._materialize()
+        return [] if self.A is not None else [self.C]
 
     def set_tensors(self, ts: list[torch.Tensor]) -> None:
-        (self.C,) = ts
+        if ts:
+            (self.C,) = ts
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         (pair,) = finish_grams([self])
@@ -149,12 +180,68 @@ class GramStats:
 
 CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
+IMPLICIT_MIN = 256  # inputs this wide skip the Gram when seen once per step (GramStats): the measured crossover
+KRYLOV_DEPTH, COLD_DEPTH, FRESH = 1, 4, 2  # block Krylov depth (warm / cold start); fresh rows of A per step
+VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
 
 
 def gram_of(A: torch.Tensor) -> torch.Tensor:
     """AᵀA in float32 (the feature side on purpose: it adds over micro-batches; the smaller side would not)."""
     A = A.float()
     return A.mT @ A
+
+
+def _shared_gram(entry: list) -> torch.Tensor:
+    """The Gram of a shared input entry [A, C | None, …], computed on first use and kept in the entry."""
+    if entry[1] is None:
+        entry[1] = gram_of(entry[0])
+    return entry[1]
+
+
+def _orth_against(Z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of Z's part orthogonal to the orthonormal Q (Gram–Schmidt twice, QR, once more)."""
+    for _ in range(2):
+        Z = Z - Q @ (Q.mT @ Z)
+    Z = torch.linalg.qr(Z).Q
+    return torch.linalg.qr(Z - Q @ (Q.mT @ Z)).Q  # columns that were rounding noise become clean directions
+
+
+def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """λ_max(AᵀA) without forming AᵀA: Rayleigh–Ritz on the block Krylov space [V, CV, …, C^depth V], C = AᵀA.
+
+    A [..., rows, n] (a batch of inputs of one shape is solved at once), V [..., n, b] the warm block (last
+    step's Ritz vectors); `fresh` rows of A, drawn by a private generator (the global RNG is untouched),
+    join it, so the space cannot miss the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The
+    Ritz value θ ≤ λ_max (a Rayleigh quotient). Returns (θ, the top-b Ritz vectors, bound): with the top Ritz
+    pair's residual r = ‖Cy − θy‖ some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ
+    (δ = θ − the next Ritz value): bound = min(r, r²/δ)/θ. Each pass over A is an A·Q or a (WᵀA)ᵀ product (the
+    fast layouts for a row-major A): depth + 2 passes in all, plus the residual's one. Products in float32,
+    the small eigenproblem in float64; no host synchronisation.
+    """
+    A = A.float()
+    b = V.shape[-1]
+    if (b + fresh) * (depth + 1) > A.shape[-1]:  # the space would be all of Rⁿ: solve C itself
+        C = gram_of(A).double()
+        C = torch.where(torch.isfinite(C).flatten(-2).all(-1)[..., None, None], C, torch.zeros_like(C))
+        theta, Y = torch.linalg.eigh(C)
+        return theta[..., -1], Y[..., -b:].to(A.dtype), torch.zeros_like(theta[..., -1])
+    g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
+    rows = torch.randint(A.shape[-2], (fresh,), generator=g).to(A.device)
+    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), A[..., rows, :].mT], -1)).Q]
+    W = [A @ Q[0]]
+    for _ in range(depth):
+        Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))
+        W.append(A @ Q[-1])
+    Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1)
+    H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
+    H = torch.where(torch.isfinite(H).flatten(-2).all(-1)[..., None, None], H, torch.zeros_like(H))  # non-finite A: the caller reports it
+    theta, Y = torch.linalg.eigh((H + H.mT) / 2)
+    top, Y = theta[..., -1], Y.float()
+    y = Y[..., -1:]
+    r = torch.linalg.vector_norm((Wc @ y).mT @ A - top.float()[..., None, None] * (Qc @ y).mT, dim=(-2, -1)).double()
+    tiny = torch.finfo(torch.float64).tiny
+    bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
+    return top, Qc @ Y[..., -b:], bound
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,16 +260,74 @@ def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch
     return theta, V, (info == 0) & (theta > 0)
 
 
-def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(‖A‖_F², λ_max(AᵀA)) per GramStats: one batched solve per Gram size, shared Grams solved once,
-    one host synchronisation (to send the rare uncertified ones to eigvalsh)."""
+def _is_warm(s: GramStats) -> bool:
+    return s.V is not None and s.V.shape == (s.n, min(BLOCK, s.n))
+
+
+def _warm_block(s: GramStats, device: torch.device) -> torch.Tensor:
+    return s.V.to(device) if _is_warm(s) else _initial_block(s.n, min(BLOCK, s.n), device)
+
+
+def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
+    """λ_max for the stats holding a wide input, one `krylov_top` per shared input (inputs of one shape and
+    depth solved as one batch): depth KRYLOV_DEPTH from a warm block (COLD_DEPTH from a cold one); where the
+    bound exceeds VERIFIED, once more at COLD_DEPTH from the improved block; what still fails becomes a Gram
+    for the certified route. At most two host syncs."""
     unique: dict[tuple, list[GramStats]] = {}
     for s in stats:
         unique.setdefault((tuple(s.keys), s.n), []).append(s)
+    lam: dict[tuple, torch.Tensor] = {}
+    todo = {k: (KRYLOV_DEPTH if _is_warm(g[0]) else COLD_DEPTH, _warm_block(g[0], g[0].A.device)) for k, g in unique.items()}
+    for attempt in range(2):
+        solved = _solve_batched({k: (unique[k][0].A, V, depth) for k, (depth, V) in todo.items()})
+        ok = torch.stack([(solved[k][2] <= VERIFIED) & torch.isfinite(solved[k][0]) for k in todo]).tolist() if todo else []
+        for good, k in zip(ok, list(todo)):
+            group = unique[k]
+            if good and group[0].source._version == group[0].version:
+                lam[k], fro2 = solved[k][0], _fro2(group[0].A)
+                for s in group:
+                    s.V, s.fro2, s.A, s.source = solved[k][1], fro2, None, None
+                del todo[k]
+            else:
+                todo[k] = (COLD_DEPTH, solved[k][1])
+    for k in todo:  # unverified (or non-finite): the Gram, certified or reported as non-finite
+        for s in unique[k]:
+            s._materialize()
+    return lam
+
+
+def _solve_batched(problems: dict) -> dict:
+    """krylov_top for {key: (A, V, depth)}: problems of one (shape, dtype, device, depth) stacked into one call."""
+    groups: dict[tuple, list] = {}
+    for k, (A, V, depth) in problems.items():
+        groups.setdefault((tuple(A.shape), A.dtype, A.device, depth), []).append(k)
+    out = {}
+    for (_, _, _, depth), keys in groups.items():
+        if len(keys) == 1:
+            A, V, _ = problems[keys[0]]
+            out[keys[0]] = krylov_top(A, V, depth)
+            continue
+        theta, V, bound = krylov_top(torch.stack([problems[k][0] for k in keys]), torch.stack([problems[k][1] for k in keys]), depth)
+        out.update({k: (theta[i], V[i], bound[i]) for i, k in enumerate(keys)})
+    return out
+
+
+def _fro2(A: torch.Tensor) -> torch.Tensor:
+    flat = A.float().reshape(-1)
+    return (flat @ flat).double()
+
+
+def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(‖A‖_F², λ_max(AᵀA)) per GramStats: wide held inputs by `finish_implicit`, the rest by one batched
+    certified solve per Gram size (shared Grams solved once), one host synchronisation per size."""
+    lam = finish_implicit([s for s in stats if s.A is not None])
+    unique: dict[tuple, list[GramStats]] = {}
+    for s in stats:
+        if (tuple(s.keys), s.n) not in lam:
+            unique.setdefault((tuple(s.keys), s.n), []).append(s)
     by_n: dict[int, list[tuple]] = {}
     for k in unique:
         by_n.setdefault(k[1], []).append(k)
-    lam: dict[tuple, torch.Tensor] = {}
     for n, keys in by_n.items():
         C = torch.stack([unique[k][0].C for k in keys])
         finite = torch.isfinite(C).flatten(1).all(1)
@@ -190,7 +335,7 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         b = min(BLOCK, n)
         warm = [unique[k][0].V for k in keys]
         cold = any(v is None or v.shape != (n, b) for v in warm)
-        V0 = torch.stack([_initial_block(n, b, C.device) if v is None or v.shape != (n, b) else v.to(C.device) for v in warm])
+        V0 = torch.stack([_warm_block(unique[k][0], C.device) for k in keys])
         theta, V, ok = top_eigenvalues(C, V0, COLD_ITERS if cold else WARM_ITERS)
         flags = torch.stack([ok, finite]).tolist()  # the one sync of this size
         bad = [i for i, good in enumerate(flags[0]) if not good]
@@ -202,7 +347,8 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
             lam[k] = top[i]
             for s in unique[k]:
                 s.V = V[i] if flags[1][i] or s.V is None else s.V
-    return [(s.C.diagonal().sum().double(), lam[(tuple(s.keys), s.n)]) for s in stats]
+                s.fro2 = s.C.diagonal().sum().double()
+    return [(s.fro2, lam[(tuple(s.keys), s.n)]) for s in stats]
 
 
 class ExactStats:

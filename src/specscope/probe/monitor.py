@@ -29,7 +29,7 @@ from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import roles as R
-from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, gram_of, make_stats
+from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, make_stats
 from specscope.probe.pairing import (MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve,
                                      tracked_slots)
 from specscope.records import Record
@@ -115,8 +115,9 @@ class Monitor:
     gradient: "grad" (the accumulated .grad, read on leaving `step()`), "update" (parameter change across
     the optimizer step) or a callable(name, param) -> Tensor (e.g. an optimizer buffer); the last two are
     read in `after_optimizer_step()`.
-    estimator: how st(A) is measured — "gram" (default: feature-side Gram AᵀA, shared by weights with the
-    same input, top eigenvalue by batched eigvalsh; exact up to float32 rounding), "power" (one-pass
+    estimator: how st(A) is measured — "gram" (default: trace and top eigenvalue of the feature-side Gram
+    AᵀA, shared by weights with the same input; certified, or for wide inputs applied implicitly with an
+    a-posteriori bound — both within 1e-4 of exact; see probe.estimators), "power" (one-pass
     warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
     direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) is exact: eigenvalues of the
     smaller Gram, formed in `grad_gram_dtype` (float64 by default), or an SVD with estimator="exact".
@@ -290,8 +291,9 @@ class Monitor:
         self._grams, self._casts, self._heads, self._fsdp_checked = {}, {}, set(), set()
         for s in self.slots.values():
             s.begin_step()
-            if s.stats is not None:
-                s.stats.reset(refine=not warm)
+            for st in [s.stats, *s.block_stats.values()]:
+                if st is not None:
+                    st.reset(refine=not warm)
             if s.tokens is not None:
                 s.tokens.reset()
         self._stack = ExitStack()
@@ -382,15 +384,26 @@ class Monitor:
                 return  # another output block of the same product input: A is counted once
             if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
                 return
-            if s.stats is None:
-                s.stats = make_stats(kind, A.shape[1], self.estimator, **self._stats_kw)
-                s.stats.reset(refine=True)
-            if isinstance(s.stats, GramStats):
-                if entry[1] is None:
-                    entry[1] = gram_of(A)
-                s.stats.add(A, entry[1], key)
+            stats = self._stats_for(s, kind, A.shape[1], out_range, key)
+            if isinstance(stats, GramStats):
+                stats.add(A, entry, key, source=x)
             else:
-                s.stats.add(A)
+                stats.add(A)
+
+    def _stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key):
+        """The statistics this use adds to: the weight's own, or — for an output block whose input differs from
+        the first block's (cross-attention's k/v rows) — that block's, kept across steps for warm starts."""
+        if s.main_range is None or s.main_range == out_range or key in s.inputs.get(s.main_range, ()):
+            s.main_range = s.main_range or out_range
+            if s.stats is None:
+                s.stats = make_stats(kind, n, self.estimator, **self._stats_kw)
+                s.stats.reset(refine=True)
+            return s.stats
+        st = s.block_stats.get(out_range)
+        if st is None:
+            st = s.block_stats[out_range] = make_stats(kind, n, self.estimator, **self._stats_kw)
+            st.reset(refine=True)
+        return st
 
     def _input(self, A: torch.Tensor) -> list:
         """[A, its Gram (lazily), a serial number] for an input: weights multiplying the same activation
@@ -420,40 +433,54 @@ class Monitor:
             for pid, s in self.slots.items():
                 if s.role != "embedding":
                     s.role = "head" if pid in self._heads else "hidden"
-        active = []
+        for s in self.slots.values():  # added to activations, never multiplied: a positional table
+            if s.kind == "" and s.other_ops and s.other_ops <= R.ADDITIVE:
+                s.role = "embedding"
+        active = []  # (slot, output range or None for the weight's own input, statistics)
         for s in self.slots.values():
             s.check_ranges()
             st = self._active_stats(s)
             if st is not None and not s.problem:
-                active.append((s, st))
-        flat = [t for _, st in active for t in st.tensors()]
-        rows = torch.tensor([st.rows for _, st in active], dtype=torch.float64)
+                active.append((s, None, st))
+                active += [(s, r, b) for r, b in s.block_stats.items() if s.slice_range and r != s.main_range and b.rows > 0]
+        flat = [t for *_, st in active for t in st.tensors()]
+        rows = torch.tensor([st.rows for *_, st in active], dtype=torch.float64)
         *flat, rows = D.all_reduce_sum(flat + [rows])
         i = 0
-        for _, st in active:
+        for *_, st in active:
             k = len(st.tensors())
             st.set_tensors(flat[i : i + k])
             i += k
-        grams = [st for _, st in active if isinstance(st, GramStats)]
+        grams = [st for *_, st in active if isinstance(st, GramStats)]
         done = dict(zip(map(id, grams), finish_grams(grams)))
-        pairs = [done[id(st)] if id(st) in done else st.finish() for _, st in active]
+        pairs = [done[id(st)] if id(st) in done else st.finish() for *_, st in active]
         if not pairs:
             return {}
         vals = torch.stack([torch.stack([f.double().cpu(), l.double().cpu()]) for f, l in pairs]).tolist()
         out = {}
-        for (s, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
+        for (s, block, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
             flag = "" if math.isfinite(fro2) and math.isfinite(lam) else "nonfinite"
             if flag:
                 self._bad(f"non-finite activation entering '{s.name}' at step {step}")
             elif fro2 == 0:
                 flag = "zero_input"  # st(0) is undefined: recorded as NaN with this flag, not an error
             value = fro2 / lam if not flag else float("nan")
-            out[id(s.param)] = _Inputs(value, int(r), st.n, st.estimator, flag)
+            out[id(s.param) if block is None else (id(s.param), block)] = _Inputs(value, int(r), st.n, st.estimator, flag)
         return out
+
+    @staticmethod
+    def _input_of(inputs: dict, s: Slot, name: str) -> _Inputs | None:
+        """st(A) for a recorded weight or slice: its output block's own input where blocks differ."""
+        block = s.slice_range.get(name)
+        if block is not None and block != s.main_range:
+            return inputs.get((id(s.param), block))
+        return inputs.get(id(s.param))
 
     def _unmeasured_reason(self, s: Slot, has_grad: bool) -> str:
         if s.problem:
             return s.problem
+        if s.other_ops and s.other_ops <= R.ADDITIVE:
+            return f"added to activations ({', '.join(sorted(s.other_ops))}), never multiplied: a table such as learned positions, routed as an embedding; it has no input matrix"
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if not has_grad:
@@ -485,7 +512,7 @@ class Monitor:
             named = [(nm, s, D.whole(G)) for nm, s, G in named]
         nr_est = "exact" if self.estimator == "exact" else "gram"
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
-            self._records_for(step, nm, s, G, f, n, nr_est, inputs.get(id(s.param)))
+            self._records_for(step, nm, s, G, f, n, nr_est, self._input_of(inputs, s, nm))
 
     def _records_for(self, step: int, name: str, slot: Slot, G: torch.Tensor, fro: float, nuc: float, nr_est: str, a: _Inputs | None) -> None:
         gshape = "x".join(map(str, G.shape))
@@ -553,7 +580,8 @@ class Monitor:
         """Warm-start blocks, advice history and latest st(A) (resume gives the same next measurement)."""
         return {
             "version": 1,
-            "stats": {s.name: s.stats.state() for s in self.slots.values() if s.stats is not None},
+            "stats": {s.name: s.stats.state() for s in self.slots.values() if s.stats is not None}
+            | {f"{s.name}@{a}:{b}": st.state() for s in self.slots.values() for (a, b), st in s.block_stats.items()},
             "history": {k: list(v) for k, v in self._history.items()},
             "latest_st": dict(self._latest_st),
         }
@@ -563,9 +591,17 @@ class Monitor:
             raise ConfigError(f"Monitor state version {state.get('version')!r} is not supported (expected 1)")
         by_name = {s.name: s for s in self.slots.values()}
         for name, st in state["stats"].items():
+            name, _, block = name.partition("@")  # "layer@a:b": an output block with its own input
             s = by_name.get(name)
-            if s is not None and st.get("V") is not None:  # warm blocks of "power" and "gram"
-                s.stats = s.stats or make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, **self._stats_kw)
+            if s is None or st.get("V") is None:  # warm blocks of "power" and "gram" only
+                continue
+            fresh = make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, **self._stats_kw)
+            if block:
+                r = tuple(int(v) for v in block.split(":"))
+                s.block_stats[r] = s.block_stats.get(r) or fresh
+                s.block_stats[r].load_state(st)
+            else:
+                s.stats = s.stats or fresh
                 s.stats.load_state(st)
         self._history = {k: deque(map(tuple, v), maxlen=self._history_len) for k, v in state["history"].items()}
         self._latest_st = dict(state["latest_st"])

@@ -87,10 +87,13 @@ class Slot:
     stats: object = None  # dense input statistics (persist across steps: warm starts)
     tokens: object = None  # embedding lookups
     role: str = "hidden"
+    block_stats: dict = field(default_factory=dict)  # output range -> statistics, for blocks with their own input
     # per step
     problem: str = ""
     forward_seen: bool = False
     inputs: dict = field(default_factory=dict)  # output range -> set of input keys
+    main_range: tuple | None = None  # the output range whose input `stats` holds
+    slice_range: dict = field(default_factory=dict)  # slice name -> output range, when blocks differ in input
     other_ops: set = field(default_factory=set)
 
     def grad_matrix(self, g: torch.Tensor) -> torch.Tensor:
@@ -112,6 +115,7 @@ class Slot:
 
     def begin_step(self) -> None:
         self.problem, self.inputs, self.other_ops, self.forward_seen = "", {}, set(), False
+        self.main_range, self.slice_range = None, {}
 
     def note_use(self, kind: str, n: int, out_dim: int, out_range: tuple[int, int], key) -> bool:
         """Record one use; False (with `problem` set) when it contradicts an earlier one."""
@@ -124,10 +128,22 @@ class Slot:
         return True
 
     def check_ranges(self) -> None:
-        """Output blocks used on different inputs (cross-attention's q vs kv rows) are not one A."""
-        if len(self.inputs) > 1 and len({frozenset(k) for k in self.inputs.values()}) > 1:
-            blocks = ", ".join(f"{a}:{b}" for a, b in sorted(self.inputs))
-            self.problem = f"output blocks {blocks} multiply different inputs; measure them separately with split={{'{self.name}': {{...}}}}"
+        """Output blocks used on different inputs (cross-attention's q vs kv rows) are not one A: each slice of
+        the split is measured with the input of the block that contains it; without such a split, a problem."""
+        if len(self.inputs) < 2 or len({frozenset(k) for k in self.inputs.values()}) < 2:
+            return
+        if self.split is not None:
+            where = {}
+            for nm, idx in split_indices(self.name, self.split, self.param.shape[self.out_dim]):
+                lo, hi = (idx.start, idx.stop) if isinstance(idx, slice) else (int(idx.min()), int(idx.max()) + 1)
+                where[nm] = next((r for r in self.inputs if r[0] <= lo and hi <= r[1]), None)
+            if all(r is not None for r in where.values()):
+                self.slice_range = where
+                return
+        blocks = ", ".join(f"{a}:{b}" for a, b in sorted(self.inputs))
+        example = "['q', 'k', 'v']" if self.name.endswith("in_proj_weight") else "{name: size, ...}"
+        self.problem = (f"output blocks {blocks} multiply different inputs; measure them separately with a split whose "
+                        f"slices each lie in one block, e.g. split={{'{self.name}': {example}}}")
 
 
 def layer_name(param_name: str) -> str:

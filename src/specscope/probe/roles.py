@@ -7,6 +7,11 @@
   an embedding has tokens (heads are registered last; a hidden d×d matrix matches too when d equals the
   vocabulary, so only the last one counts);
 - hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
+
+A table that is added to activations rather than multiplied (a learned positional table, a class token
+stored as an nn.Parameter) is no operator on an input: it takes the embedding role — from its use on a
+measured step (only additive ops touched it), or, from structure alone, when it has ≥ 3 dims and is no
+convolution's kernel.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 ROLES = ("embedding", "head", "hidden")
+# ops that use a tensor as an additive table (positions, class tokens), not as an operator
+ADDITIVE = frozenset({"add", "add_", "sub", "cat", "index_select", "index", "repeat", "expand_as", "where"})
 # autograd nodes of a product with a weight: walking back from the loss stops at the first one
 _PRODUCTS = ("MmBackward", "AddmmBackward", "ConvolutionBackward", "EmbeddingBackward", "BmmBackward", "LinearBackward")
 # nodes between a weight and the product that uses it (W.T, views, casts)
@@ -35,6 +42,10 @@ def static_roles(model: nn.Module) -> dict[int, str]:
         roles[id(out_emb.weight)] = "head"
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    for p in model.parameters():
+        if p.dim() >= 3 and id(p) not in kernels:  # [1, tokens, d] position tables, [1, 1, d] class tokens
+            roles[id(p)] = "embedding"
     return roles
 
 

@@ -1,0 +1,125 @@
+"""The default st(A) estimator's two routes: the certified Gram and the implicit Krylov route for wide inputs
+(λ_max(AᵀA) without forming AᵀA), each against float64 SVD."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from specscope import linalg
+from specscope.errors import SpecscopeError
+from specscope.probe import Monitor
+from specscope.probe import estimators as E
+
+
+def spectrum_matrix(rows: int, n: int, sigmas: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(rows, len(sigmas), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, len(sigmas), generator=g, dtype=torch.float64)).Q
+    return ((U * sigmas) @ V.mT).float()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(8, 160), decay=st.floats(0.5, 8.0), gap=st.floats(0.0, 0.5), seed=st.integers(0, 10_000))
+def test_krylov_top_never_overestimates_and_its_bound_holds(n, decay, gap, seed):
+    rows = 2 * n
+    k = min(n, 40)
+    sigmas = torch.logspace(0, -decay, k, dtype=torch.float64)
+    sigmas[1:] *= 1 - gap  # from a clustered top (gap 0) to a separated one
+    A = spectrum_matrix(rows, n, sigmas, seed)
+    lam = float(torch.linalg.svdvals(A.double())[0] ** 2)
+    theta, V, bound = E.krylov_top(A, E._initial_block(n, min(E.BLOCK, n), A.device), depth=E.COLD_DEPTH)
+    assert float(theta) <= lam * (1 + 1e-5)  # a Rayleigh quotient, up to float32 rounding of A's products
+    if float(bound) <= E.VERIFIED:  # what the Monitor accepts is within the bound of λ_max
+        assert (lam - float(theta)) / lam <= float(bound) + 1e-5
+    assert V.shape == (n, min(E.BLOCK, n))
+
+
+def test_krylov_top_on_degenerate_inputs():
+    n = 64
+    zero = torch.zeros(100, n)
+    theta, _, bound = E.krylov_top(zero, E._initial_block(n, 8, zero.device))
+    assert float(theta) == 0 and float(bound) == 0
+    rank2 = spectrum_matrix(100, n, torch.tensor([3.0, 1.0], dtype=torch.float64), 0)
+    theta, _, _ = E.krylov_top(rank2, E._initial_block(n, 8, rank2.device))
+    assert float(theta) == pytest.approx(9.0, rel=1e-5)
+    nan = torch.full((100, n), float("nan"))
+    theta, _, bound = E.krylov_top(nan, E._initial_block(n, 8, nan.device))  # no LAPACK error on NaN input
+    assert not float(bound) <= E.VERIFIED
+
+
+class Wide(nn.Module):
+    """A two-layer MLP whose second weight sees a wide (≥ IMPLICIT_MIN) input."""
+
+    def __init__(self, d=32, hidden=384):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) ** 2)
+
+
+def run(monitor, model, xs):
+    with monitor.step(0):
+        for x in xs:
+            model(x).square().mean().backward()
+    return {r.layer: r for r in monitor.pop_records() if r.metric == "stable_rank"}
+
+
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_wide_input_matches_exact_by_either_route(micro_batches):
+    torch.manual_seed(0)
+    model = Wide()
+    xs = [torch.randn(200, 32) + 0.5 for _ in range(micro_batches)]
+    assert 384 >= E.IMPLICIT_MIN
+    got, ref = run(Monitor(model), model, xs), run(Monitor(model, estimator="exact"), model, xs)
+    for name in ("up", "down"):
+        assert got[name].value == pytest.approx(ref[name].value, rel=1e-4), name
+        assert got[name].rows == 200 * micro_batches
+    hidden = torch.cat([torch.relu(model.up(x)) ** 2 for x in xs]).detach().double()
+    assert got["down"].value == pytest.approx(float(linalg.stable_rank(hidden)), rel=1e-4)
+
+
+def test_implicit_route_holds_no_input_after_the_step_and_warms_the_next():
+    torch.manual_seed(0)
+    model = Wide()
+    mon = Monitor(model)
+    calls = []
+    real = E.krylov_top
+    E.krylov_top = lambda A, V, depth=E.KRYLOV_DEPTH, fresh=E.FRESH: calls.append(depth) or real(A, V, depth, fresh)
+    try:
+        for step in range(3):
+            calls.append("step")
+            run(mon, model, [torch.randn(200, 32)])
+    finally:
+        E.krylov_top = real
+    slot = next(s for s in mon.slots.values() if s.name == "down")
+    assert slot.stats.A is None and slot.stats.V is not None  # nothing held; the Ritz block is carried
+    first = [calls[i + 1] for i, c in enumerate(calls) if c == "step"]  # each step's first solve
+    assert first == [E.COLD_DEPTH, E.KRYLOV_DEPTH, E.KRYLOV_DEPTH]  # warm steps start with the short depth
+
+
+def test_input_modified_in_place_after_its_product_is_an_error():
+    class Keeps(Wide):
+        def forward(self, x):
+            self.h = torch.relu(self.up(x)) ** 2
+            return self.down(self.h)
+
+    torch.manual_seed(0)
+    model = Keeps()
+    mon = Monitor(model)
+    with pytest.raises(SpecscopeError, match="modified in place"):
+        with mon.step(0):
+            model(torch.randn(50, 32)).square().mean().backward()
+            model.h.detach().mul_(2.0)  # autograd no longer guards it; the probe still holds it
+
+
+def test_krylov_top_batched_equals_one_by_one():
+    A = torch.stack([spectrum_matrix(120, 48, torch.logspace(0, -2, 20, dtype=torch.float64), s) for s in range(3)])
+    V = torch.stack([E._initial_block(48, 8, A.device)] * 3)
+    theta, W, bound = E.krylov_top(A, V, depth=2)
+    for i in range(3):
+        t, w, b = E.krylov_top(A[i], V[i], depth=2)
+        assert float(theta[i]) == pytest.approx(float(t), rel=1e-5) and float(bound[i]) == pytest.approx(float(b), rel=1e-2, abs=1e-9)
+        assert torch.allclose((W[i].mT @ w).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)  # same top Ritz vector
