@@ -64,3 +64,12 @@ def test_measured_run(tmp_path):
 
 MEASURED = {"GW-1": "FAIL", "GW-2": "FAIL"}  # the verdicts of the measured default run (docs/lab-gated-width.md)
 
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * 3600)
+def test_measured_wide_run(tmp_path):
+    assert verdicts("gated-width", tmp_path, gw.WIDE) == MEASURED_WIDE
+
+
+MEASURED_WIDE = {"GW-1": "FAIL", "GW-2": "PASS"}  # the verdicts of the measured WIDE run (docs/lab-gated-width.md)
