@@ -117,8 +117,8 @@ class GramStats:
 
     Wide inputs (n ≥ IMPLICIT_MIN) seen once per step on one process never become a Gram: forming AᵀA costs
     2·rows·n² flops, far more than the step's own product with W when n is 4·d. Their A is held until the
-    end of the step and λ_max is found by `krylov_top` with C applied as Aᵀ(A·), checked a posteriori
-    (`verified`); the rare unverified ones, a second micro-batch, or more than one rank fall back to C.
+    end of the step and λ_max is found by `krylov_top` with C applied as Aᵀ(A·), checked a posteriori to
+    within `VERIFIED`; the rare unverified ones, a second micro-batch, or more than one rank fall back to C.
     """
 
     estimator = "gram"
