@@ -200,3 +200,27 @@ def test_eigh_batched_over_threads_equals_torch(monkeypatch):
     torch.testing.assert_close(values, ref_lam)
     torch.testing.assert_close(Q @ torch.diag_embed(lam) @ Q.mT, C)
     assert lam.shape == (2, 3, 9) and Q.shape == C.shape
+
+
+@pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one
+def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
+    """‖G‖_* of a list of matrices of different shapes (wide, tall, square, rank-deficient, zero), in list
+    order, on the thread pool and the batched path alike, and the pool leaves the caller's thread count."""
+    from specscope.linalg import norms
+    monkeypatch.setattr(norms, "POOL_MIN", pool_min)
+    g = torch.Generator().manual_seed(3)
+    mats = [torch.randn(7, 30, generator=g), torch.randn(30, 7, generator=g), torch.randn(12, 12, generator=g),
+            torch.randn(16, 2, generator=g) @ torch.randn(2, 40, generator=g), torch.zeros(5, 9), torch.randn(9, 9, generator=g)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = L.nuclear_norms(mats)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.stack([torch.linalg.svdvals(G.double()).sum() for G in mats])
+    assert got.dtype == torch.float64 and got.shape == (len(mats),)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # float32 inputs, float64 Grams: rounding of the inputs only
+    with pytest.raises(ValueError, match=r"nuclear_norms: mats\[1\] has 1 NaN"):
+        L.nuclear_norms([torch.ones(3, 3), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])])
+    assert L.nuclear_norms([]).shape == (0,)

@@ -95,28 +95,34 @@ def stable_rank_from_gram(C: Tensor) -> Tensor:
 
 
 _POOL: ThreadPoolExecutor | None = None
-POOL_MIN = 512  # smaller matrices: concurrent LAPACK calls were slower than one after another (idle 2-core CPU)
+POOL_MIN = 256  # below it the pool was no faster (eigvalsh) or slower (eigh at 128²) than solving serially
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of `threads` workers, each running torch with one thread."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers != threads:
+        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="specscope-eigh", initializer=torch.set_num_threads, initargs=(1,))
+    return _POOL
 
 
 def _spread_over_threads(fn, C: Tensor) -> list | None:
-    """fn applied to each matrix of a CPU batch [..., n, n] on a pool of torch.get_num_threads() threads
-    (LAPACK's symmetric eigensolver barely uses a second core for n in the hundreds, and torch solves a
-    batch one matrix after another); None for a single matrix, n < POOL_MIN, one thread or another device.
-    Idle 2-core CPU, float64, two threads: eigh of 2 / 4 matrices of 768² 204 / 426 ms on the pool vs 306 /
-    673 ms batched; eigvalsh of 26 of 256² 120 ms vs 73 ms — hence POOL_MIN."""
-    global _POOL
+    """fn applied to a CPU batch [..., n, n] split into torch.get_num_threads() chunks, each solved on its own
+    one-thread worker (LAPACK's symmetric eigensolver barely uses a second core for n in the hundreds, and
+    torch solves a batch one matrix after another); None for a single matrix, n < POOL_MIN, one thread or
+    another device. Each worker sets one thread for itself: a worker left at the process's thread count
+    oversubscribes the cores and was slower than solving serially. Idle 2-core CPU, float64, two threads
+    (benchmarks/eigh_pool.py): eigvalsh of 26 of 256² ≈ 0.7× the serial time, of 4 of 768² ≈ 0.55×; eigh 0.8–0.9×."""
     threads = torch.get_num_threads()
     if C.device.type != "cpu" or C.dim() < 3 or C.shape[:-2].numel() < 2 or threads < 2 or C.shape[-1] < POOL_MIN:
         return None
-    if _POOL is None or _POOL._max_workers != threads:
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="specscope-eigh")
-    return list(_POOL.map(fn, C.reshape(-1, *C.shape[-2:]).unbind()))
+    return list(_pool(threads).map(fn, C.reshape(-1, *C.shape[-2:]).chunk(threads)))
 
 
 def eigvalsh_batched(C: Tensor) -> Tensor:
     """torch.linalg.eigvalsh of a batch [..., n, n], the matrices spread over the CPU threads."""
     out = _spread_over_threads(torch.linalg.eigvalsh, C)
-    return torch.linalg.eigvalsh(C) if out is None else torch.stack(out).reshape(C.shape[:-1])
+    return torch.linalg.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
 def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +131,53 @@ def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
     if out is None:
         return torch.linalg.eigh(C)
     lam, Q = zip(*out)
-    return torch.stack(lam).reshape(C.shape[:-1]), torch.stack(Q).reshape(C.shape)
+    return torch.cat(lam).reshape(C.shape[:-1]), torch.cat(Q).reshape(C.shape)
+
+
+def _nuclear_norms_here(mats: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    return [torch.linalg.eigvalsh(smaller_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum() for G in mats]
+
+
+def _balanced(costs: list[float], parts: int) -> list[list[int]]:
+    """Indices split into `parts` lists of near-equal total cost (largest first, each to the lightest list)."""
+    out: list[list[int]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        j = load.index(min(load))
+        out[j].append(i)
+        load[j] += costs[i]
+    return out
+
+
+def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, check: bool = True) -> Tensor:
+    """‖G‖_* of each matrix of a list (any shapes) as a float64 vector: Σ sqrt(eig) of its smaller Gram,
+    formed in `dtype` (float64: exact to ~1e-12 relative; see nuclear_norm_from_gram for float32).
+
+    On a CPU with several threads and matrices of size ≥ POOL_MIN, each one-thread worker of the pool forms
+    and solves its share of the Grams (shares balanced by cost); elsewhere Grams of equal size are stacked
+    into one batched eigvalsh. `check=False` skips the NaN/Inf scan for callers that screened the input."""
+    if check:
+        mats = [check_tensor(G, "nuclear_norms", f"mats[{i}]") for i, G in enumerate(mats)]
+    if not mats:
+        return torch.zeros(0, dtype=torch.float64)
+    device = mats[0].device
+    threads = torch.get_num_threads()
+    sizes = [min(G.shape[-2:]) for G in mats]
+    if device.type == "cpu" and threads >= 2 and sum(k >= POOL_MIN for k in sizes) >= 2:
+        parts = _balanced([k * k * (max(G.shape[-2:]) + 4 * k) for k, G in zip(sizes, mats)], threads)
+        out = torch.empty(len(mats), dtype=torch.float64)
+        for idx, vals in zip(parts, _pool(threads).map(lambda idx: _nuclear_norms_here([mats[i] for i in idx], dtype), parts)):
+            if idx:
+                out[idx] = torch.stack(vals)
+        return out
+    out = torch.empty(len(mats), dtype=torch.float64, device=device)
+    by_size: dict[int, list[int]] = {}
+    for i, k in enumerate(sizes):
+        by_size.setdefault(k, []).append(i)
+    for idx in by_size.values():
+        C = torch.stack([smaller_gram(mats[i].to(dtype)) for i in idx]).double()
+        out[idx] = eigvalsh_batched(C).clamp(min=0).sqrt().sum(-1)
+    return out
 
 
 def nuclear_norm_from_gram(C: Tensor) -> Tensor:

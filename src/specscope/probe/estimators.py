@@ -297,12 +297,17 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
 
 
 def _solve_batched(problems: dict) -> dict:
-    """krylov_top for {key: (A, V, depth)}: problems of one (shape, dtype, device, depth) stacked into one call."""
+    """krylov_top for {key: (A, V, depth)}: on an accelerator, problems of one (shape, dtype, device, depth)
+    stacked into one call (fewer launches); on the CPU one by one (stacking copies every input, and a batched
+    call was 1.8× the loop for four 2048×1024 inputs, benchmarks/probe_overhead.py's MLP-down shape)."""
     groups: dict[tuple, list] = {}
     for k, (A, V, depth) in problems.items():
         groups.setdefault((tuple(A.shape), A.dtype, A.device, depth), []).append(k)
     out = {}
-    for (_, _, _, depth), keys in groups.items():
+    for (_, _, device, depth), keys in groups.items():
+        if device.type == "cpu":
+            out.update({k: krylov_top(problems[k][0], problems[k][1], depth) for k in keys})
+            continue
         if len(keys) == 1:
             A, V, _ = problems[keys[0]]
             out[keys[0]] = krylov_top(A, V, depth)
@@ -439,12 +444,13 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
     """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
 
     `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram, formed in float64 (exact to ~1e-12
-    relative; Grams of equal size are stacked into one batched eigendecomposition). `exact=True`: float64 SVD.
+    relative; `linalg.nuclear_norms`: spread over the CPU threads, or batched by Gram size). `exact=True`:
+    float64 SVD.
     """
     if not mats:
         z = torch.zeros(0, dtype=torch.float64)
         return z, z
-    fro = torch.stack([G.float().square().sum() for G in mats]).double().sqrt()
+    fro = torch.stack([_fro2(G) for G in mats]).sqrt()
     finite = torch.isfinite(fro).tolist()
     # linalg rejects non-finite input; those matrices are reported through their non-finite ‖G‖_F
     mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
@@ -452,11 +458,5 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
         return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
     # float64 Gram by default: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular
     # values ~3e-4·σ_1 on every zero direction, inflating ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
-    grams = [L.gram(G, dtype=dtype) for G in mats]
-    nuc = torch.empty(len(mats), dtype=torch.float64, device=fro.device)
-    by_size: dict[int, list[int]] = {}
-    for i, C in enumerate(grams):
-        by_size.setdefault(C.shape[-1], []).append(i)
-    for idx in by_size.values():  # one batched eigendecomposition per Gram size
-        nuc[idx] = L.nuclear_norm_from_gram(torch.stack([grams[i] for i in idx]).double())
+    nuc = L.nuclear_norms(mats, dtype, check=False).to(fro.device)
     return fro, nuc
