@@ -4,6 +4,8 @@ and the verdicts of a lab's default run (the slow reproductions)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pandas as pd
 
@@ -21,8 +23,9 @@ def smoke(monkeypatch, tmp_path, lab: str, overrides: dict) -> tuple[dict, pd.Da
 
 
 def verdicts(lab: str, tmp_path, overrides: dict | None = None) -> dict[str, str]:
-    """The verdicts of the lab's default run (or of the run with `overrides`)."""
-    run_dir = run_lab(lab, overrides or {}, out=tmp_path)
+    """The verdicts of the lab's default run (or of the run with `overrides`); the run goes to
+    $SPECSCOPE_SLOW_ROOT when set (`make test-slow`: runs/slow, for `specscope claims`)."""
+    run_dir = run_lab(lab, overrides or {}, out=Path(os.environ.get("SPECSCOPE_SLOW_ROOT") or tmp_path))
     return {c["id"]: c["verdict"] for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
 
 

@@ -224,3 +224,30 @@ def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
     with pytest.raises(ValueError, match=r"nuclear_norms: mats\[1\] has 1 NaN"):
         L.nuclear_norms([torch.ones(3, 3), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])])
     assert L.nuclear_norms([]).shape == (0,)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_eigensolve_pool_works_in_a_forked_child(monkeypatch):
+    """A child forked after the pool ran gets a pool of its own (the parent's worker threads are not there)."""
+    import os
+
+    from specscope.linalg import norms
+    monkeypatch.setattr(norms, "POOL_MIN", 1)
+    C = torch.randn(4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    C = C @ C.mT
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = norms.eigvalsh_batched(C)  # the pool now exists in this process
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if the pool answers (a hung pool is killed by the alarm)
+            import signal
+            signal.alarm(60)
+            try:
+                ok = torch.allclose(norms.eigvalsh_batched(C), expected)
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert os.waitstatus_to_exitcode(status) == 0

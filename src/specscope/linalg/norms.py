@@ -6,6 +6,7 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -95,14 +96,17 @@ def stable_rank_from_gram(C: Tensor) -> Tensor:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = 0
 POOL_MIN = 256  # below it the pool was no faster (eigvalsh) or slower (eigh at 128²) than solving serially
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """The process's pool of `threads` workers, each running torch with one thread."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers != threads:
+    """The process's pool of `threads` workers, each running torch with one thread (made anew in a forked
+    child, where the parent's worker threads do not exist)."""
+    global _POOL, _POOL_PID
+    if _POOL is None or _POOL._max_workers != threads or _POOL_PID != os.getpid():
         _POOL = ThreadPoolExecutor(threads, thread_name_prefix="specscope-eigh", initializer=torch.set_num_threads, initargs=(1,))
+        _POOL_PID = os.getpid()
     return _POOL
 
 
