@@ -43,6 +43,7 @@ def test_smoke_run_records_seeds_geometries_and_the_embedding_ranks(monkeypatch,
     adv = df[(df.metric == "l1_to_l2_advantage") & (df.layer == "embed")]
     assert len(adv) and (adv.value > 0).all()
     assert set(claims) == {"EG-1", "EG-2"}
+    assert all("d_model" in c["setting"] and c["seeds"] == 1 for c in claims.values())
     assert figs == ["embed_geometry_advantage", "embed_geometry_val_loss"]
 
 

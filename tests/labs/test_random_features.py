@@ -137,7 +137,9 @@ def test_claims_follow_the_recorded_metrics():
                  dict(step=3, layer="", metric="objective", value=gd, arm=f"{act}/gd"),
                  dict(step=3, layer="", metric="objective", value=spec, arm=f"{act}/specgd")]
     df = pd.DataFrame(rows)
-    assert rf.claims(df, cfg)[2].verdict == "PASS"
+    rf3 = rf.claims(df, cfg)[2]
+    assert rf3.verdict == "PASS" and rf3.value == 1.0
+    assert "d 128, width 1024" in rf3.setting and "the project's margin" in rf3.setting  # its regime and own threshold
     obj = df["metric"] == "objective"
     df.loc[obj, "arm"] = df.loc[obj, "arm"].map(lambda a: a.replace("gd", "X").replace("specX", "gd").replace("X", "specgd"))
     assert rf.claims(df, cfg)[2].verdict == "FAIL"

@@ -43,6 +43,8 @@ def test_smoke_run_every_setup_has_every_T_the_burn_in_and_auto(monkeypatch, tmp
         assert set(sw.final_losses(df, setup, 0)) == {"0", "2", "4", "auto"}
         assert not sw.burn_in(df, setup, 0, 4).empty
     assert set(claims) == {"SW-1", "SW-2"} and figs == ["switching_loss_vs_T"]
+    for c in claims.values():  # each claim states its regime and seeds, and the figure its rule tests
+        assert c["seeds"] == 1 and "T grid" in c["setting"] and c["value"] is not None
 
 
 def test_crossing_and_the_rule():

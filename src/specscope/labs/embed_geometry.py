@@ -140,6 +140,13 @@ def _median(df: pd.DataFrame, metric: str) -> float:
     return float(v.median()) if len(v) else math.nan
 
 
+def setting(cfg: Config) -> str:
+    """The regime of EG-1/2: the model, the data, the step budget, the learning rates and seeds."""
+    return (f"GPT {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.mlp} MLP, {cfg.corpus} bytes, {cfg.steps} steps of "
+            f"{cfg.batch_size}×{cfg.seq_len}; lr AdamW {cfg.lr_adamw:g}, Muon {cfg.lr_muon:g}, embedding {cfg.lr_embed:g} "
+            f"(RMS-matched); seeds {cfg.seeds}")
+
+
 def _eg1(df: pd.DataFrame, cfg: Config) -> Claim:
     text = ("EG-1: the ℓ₁→ℓ₂ step on the input embedding reaches a lower final validation loss than both AdamW and "
             f"the spectral step (rule: lower by > {cfg.margin:g} in every seed, paired by seed; worse than one "
@@ -161,7 +168,8 @@ def _eg1(df: pd.DataFrame, cfg: Config) -> Claim:
         verdict = "FAIL"
     else:
         verdict = "INCONCLUSIVE"
-    return Claim("EG-1", text, pub, measured, verdict)
+    return Claim("EG-1", text, pub, measured, verdict, seeds=len(gains["adamw"]), setting=setting(cfg),
+                 value=float(min(g.mean() for g in gains.values())))
 
 
 def _eg2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -176,7 +184,8 @@ def _eg2(df: pd.DataFrame, cfg: Config) -> Claim:
     predicted, won = cr > nr, float(d.mean()) > 0
     measured = (f"embedding median cr/st {cr:.2f}, nr/st {nr:.2f} → predicts {'ℓ₁→ℓ₂' if predicted else 'spectral'}; "
                 f"spectral − ℓ₁→ℓ₂ final val loss {S.mean_sd(d)} → {'ℓ₁→ℓ₂' if won else 'spectral'} won")
-    return Claim("EG-2", text, pub, measured, "PASS" if predicted == won else "FAIL")
+    return Claim("EG-2", text, pub, measured, "PASS" if predicted == won else "FAIL", seeds=len(d), setting=setting(cfg),
+                 value=cr / nr)
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:

@@ -278,6 +278,13 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def setting(cfg: Config) -> str:
+    """The regime of RF-1..3 and the settings the paper leaves open (the thresholds are the project's)."""
+    return (f"d {cfg.dim}, width {cfg.width}, samples {cfg.samples}, outputs {cfg.outputs}, {cfg.steps} steps "
+            f"(GD lr 1/‖A‖₂², SpecGD step ‖G‖_*/‖A‖_F²); width sweep {cfg.sweep_widths} at {cfg.sweep_samples} samples, "
+            f"d sweep {cfg.sweep_dims}; seed {cfg.seed}")
+
+
 def _rf1(df: pd.DataFrame, cfg: Config) -> Claim:
     text = ("ReLU random features: st(A) stays O(1) (≈ 3) as width grows; nr(G) is O(1) at W = 0 and grows "
             "with d after one GD step; SpecGD reaches a much lower loss than GD at equal steps.")
@@ -288,12 +295,15 @@ def _rf1(df: pd.DataFrame, cfg: Config) -> Claim:
     if st.empty or nr1.empty or not _finite(gd, spec):
         return Claim("RF-1", text, pub, "relu or the sweeps not recorded", "INCONCLUSIVE")
     s0, s1 = loglog_slope(nr0), loglog_slope(nr1)
+    # the paper's O(1), Ω(d) and ≪ as the project's thresholds (the rule is printed in `setting`)
     checks = [st.max() < 1.5 * st.min() and st.max() < 10, nr0.max() < 10, s1 > 0.75, spec < 0.5 * gd]
     measured = (f"st(A) {st.min():.2f}–{st.max():.2f} over width {st.index.min()}–{st.index.max()}; "
                 f"nr(G₀) {nr0.iloc[0]:.1f}→{nr0.iloc[-1]:.1f} (slope {s0:.2f}), nr(G₁) {nr1.iloc[0]:.1f}→"
                 f"{nr1.iloc[-1]:.1f} (slope {s1:.2f}) over d {nr1.index.min()}–{nr1.index.max()}; "
                 f"f/f₀ at step {cfg.steps}: SpecGD/GD = {spec / gd:.3f}")
-    return Claim("RF-1", text, pub, measured, _verdict(checks))
+    rule = ("; rule (the project's thresholds for O(1), Ω(d), ≪): st(A) max < 1.5 × min and < 10, nr(G₀) < 10, "
+            "log-log slope of nr(G₁) in d > 0.75, SpecGD/GD < 0.5")
+    return Claim("RF-1", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=spec / gd)
 
 
 def _rf2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -309,7 +319,8 @@ def _rf2(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = (f"st(A) {st.iloc[0]:.1f}→{st.iloc[-1]:.1f} over width {st.index.min()}–{st.index.max()} "
                 f"(log-log slope {slope:.2f}); step 1: nr(G) {nr1:.1f} vs st(A) {st_arm:.1f}; "
                 f"f at step {cfg.steps}: GD/SpecGD = {gd / spec:.3f}")
-    return Claim("RF-2", text, pub, measured, _verdict(checks))
+    rule = "; rule (the project's thresholds): log-log slope of st(A) in width > 0.2 (ReLU's ≈ 0), nr(G₁) < st(A), GD < SpecGD"
+    return Claim("RF-2", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=gd / spec)
 
 
 def rf3_rows(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
@@ -335,9 +346,11 @@ def _rf3(df: pd.DataFrame, cfg: Config) -> Claim:
     parts = [f"{r.activation}: nr/st {r.ratio:.2f}, predicted {r.predicted}, won {r.won}"
              + ("" if r.decisive else " (borderline, not tested)") for r in rows.itertuples()]
     measured = "; ".join(parts) or "no activation recorded"
+    where = setting(cfg) + f"; activations {cfg.activations}; tested where nr/st > {cfg.decisive:g} or < 1/{cfg.decisive:g} (the project's margin)"
     if len(dec) == 0 or dec["predicted"].nunique() < 2:
-        return Claim("RF-3", text, pub, measured + "; needs decisive cases of both signs", "INCONCLUSIVE")
-    return Claim("RF-3", text, pub, measured, "PASS" if (dec["predicted"] == dec["won"]).all() else "FAIL")
+        return Claim("RF-3", text, pub, measured + "; needs decisive cases of both signs", "INCONCLUSIVE", setting=where)
+    agree = float((dec["predicted"] == dec["won"]).mean())
+    return Claim("RF-3", text, pub, measured, "PASS" if agree == 1 else "FAIL", setting=where, value=agree)
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:

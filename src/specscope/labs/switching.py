@@ -222,6 +222,14 @@ def table(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def setting(cfg: Config) -> str:
+    """The regime of SW-1/2: setups, sizes, step budgets, T grids and seeds."""
+    return (f"setups {cfg.setups}; RF d {cfg.rf_dim}, width {cfg.rf_width}, samples {cfg.rf_samples}, {cfg.rf_steps} steps, "
+            f"T grid {cfg.rf_switch}; MLP d {cfg.mlp_dim}, width {cfg.mlp_width}, samples {cfg.mlp_samples}, "
+            f"lr {cfg.mlp_lr:g}, {cfg.mlp_steps} steps, T grid {cfg.mlp_switch}; seeds {cfg.seeds}; "
+            f"tolerance {cfg.tolerance:g} (the project's)")
+
+
 def _sw1(df: pd.DataFrame, cfg: Config) -> Claim:
     text = ("SW-1: the best switch time T is where nr(G)/st(A) of the GD burn-in first crosses 1 (rule: per setup, "
             f"the median over seeds of loss(T_pred)/loss(T_best) ≤ 1 + {cfg.tolerance:g}, T_pred = the first grid T "
@@ -237,7 +245,9 @@ def _sw1(df: pd.DataFrame, cfg: Config) -> Claim:
         parts.append(f"{setup}: T_cross {_vals(g.t_cross)}, T_best {_vals(g.t_best)}, AutoGeometry {_vals(g.t_auto)}; "
                      f"loss(T_pred)/best {r:.3f}, plain GD/best {g.gd_over_best.median():.2f}, "
                      f"SpecGD from 0/best {g.spec_over_best.median():.2f}")
-    return Claim("SW-1", text, pub, f"{t.seed.nunique()} seeds; " + "; ".join(parts), "PASS" if all(ok) else "FAIL")
+    worst = float(t.groupby("setup", sort=False)["pred_over_best"].median().max())
+    return Claim("SW-1", text, pub, f"{t.seed.nunique()} seeds; " + "; ".join(parts), "PASS" if all(ok) else "FAIL",
+                 seeds=int(t.seed.nunique()), setting=setting(cfg), value=worst)
 
 
 def _sw2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -249,7 +259,8 @@ def _sw2(df: pd.DataFrame, cfg: Config) -> Claim:
         return Claim("SW-2", text, pub, "no AutoGeometry arm recorded", "INCONCLUSIVE")
     med = t.groupby("setup", sort=False)["auto_over_best"].median()
     measured = "; ".join(f"{s}: AutoGeometry/best {v:.3f}" for s, v in med.items())
-    return Claim("SW-2", text, pub, measured, "PASS" if (med <= 1 + cfg.tolerance).all() else "FAIL")
+    return Claim("SW-2", text, pub, measured, "PASS" if (med <= 1 + cfg.tolerance).all() else "FAIL",
+                 seeds=int(t.seed.nunique()), setting=setting(cfg), value=float(med.max()))
 
 
 def _vals(s: pd.Series) -> str:
