@@ -6,6 +6,7 @@ Nothing here imports the rest of specscope, so every layer may use it.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Sequence
@@ -71,4 +72,6 @@ def over_seeds(claims: Sequence[Claim], seeds: Sequence[int] | None = None) -> C
     seeds = list(seeds) if seeds is not None else list(range(len(claims)))
     measured = " | ".join(f"seed {s}: {c.measured}" for s, c in zip(seeds, claims))
     mean = sum(values) / len(values) if values else None
-    return replace(claims[0], measured=measured, verdict=verdict, seeds=len(claims), spread=spread, value=mean)
+    setting = re.sub(r"\bseed -?\d+\b", "seeds " + ", ".join(map(str, seeds)), claims[0].setting)  # the first seed's text
+    return replace(claims[0], measured=measured, verdict=verdict, seeds=len(claims), spread=spread, value=mean,
+                   setting=setting)

@@ -1,6 +1,7 @@
 """`specscope claims`: one table of every recorded claim, combined over seeds, from run and sweep directories."""
 
 import json
+from dataclasses import replace
 
 from typer.testing import CliRunner
 
@@ -30,6 +31,8 @@ def test_over_seeds_takes_the_majority_and_reports_mean_and_range():
     assert (c.verdict, c.seeds, c.value) == ("PASS", 3, 2.0)
     assert c.spread.startswith("2 [1–3]") and "PASS, FAIL, PASS" in c.spread and "seed 1: measured 2.0" in c.measured
     assert over_seeds([_claim("PASS", 1.0), _claim("FAIL", 2.0)]).verdict == "INCONCLUSIVE"
+    seeded = [replace(_claim("PASS", 1.0), setting=f"p = 97, seed {s}; rule: seed-free") for s in (3, 4)]
+    assert over_seeds(seeded, [3, 4]).setting == "p = 97, seeds 3, 4; rule: seed-free"  # not the first seed's
 
 
 def test_claims_combine_seeds_prefer_decisive_verdicts_and_read_sweeps(tmp_path):
