@@ -165,6 +165,7 @@ def test_claims_follow_the_records():
     assert "bound 5: PASS, 10: PASS, 20: PASS (passes for any bound ≥ 2.00)" in c["GPT-1a"].measured
     assert c["GPT-2a"].verdict == "PASS" and "step 10" in c["GPT-2a"].measured
     assert c["GPT-2b"].verdict == "PASS"
+    assert c["GPT-2a"].value == 0.5 and all("steps of" in c[k].setting for k in ("GPT-1b", "GPT-1d", "GPT-2a", "GPT-2b"))
     assert c["GPT-1c"].verdict == "INCONCLUSIVE"  # no embedding st recorded here
     bad = _records({"adamw": [5, 3, 1.5], "muon-down": [5, 2.5, 1.9], "muon": [5, 1.9, 1.7]}, st_down=20.0)
     c = {x.id: x for x in gpt.claims(bad, cfg.model_copy(update={"arms": ["adamw", "muon-down", "muon"]}))}

@@ -119,7 +119,9 @@ def _losses(relu_spec: float, sw_small: float, sw_large: float) -> tuple[dict, d
 
 def test_claims_follow_the_recorded_metrics():
     losses, st = _losses(relu_spec=0.1, sw_small=0.2, sw_large=0.49)
-    assert [c.verdict for c in sm.claims(_frame(CFG, losses, st), CFG)] == ["PASS", "PASS", "PASS"]
+    claims = sm.claims(_frame(CFG, losses, st), CFG)
+    assert [c.verdict for c in claims] == ["PASS", "PASS", "PASS"]
+    assert all("project's threshold" in c.setting and c.value is not None for c in claims)  # regime, own thresholds, figure
     # SpecGD behind GD on ReLU: (b) flips
     losses_b, _ = _losses(relu_spec=0.6, sw_small=0.2, sw_large=0.49)
     assert sm.claims(_frame(CFG, losses_b, st), CFG)[1].verdict == "FAIL"

@@ -145,9 +145,10 @@ def test_claims_follow_the_recorded_numbers():
 
     good = _df(reg("noise_tau", 0, 1.0) + reg("noise_tau", 1, 2.0) + reg("jac_lambda", 0, 1.0) + reg("jac_lambda", 9, 0.5))
     bad = _df(reg("noise_tau", 0, 1.0) + reg("noise_tau", 1, 0.5) + reg("jac_lambda", 0, 1.0) + reg("jac_lambda", 9, 0.5))
-    assert lab._claim_spk3(good).verdict == "PASS"
-    assert lab._claim_spk3(bad).verdict == "FAIL"
-    assert lab._claim_spk3(_df([(0, "", "loss", 1.0, "mf-tanh")])).verdict == "INCONCLUSIVE"
+    spk3 = lab._claim_spk3(good, lab.Config())
+    assert spk3.verdict == "PASS" and spk3.value == 2.0 and "the project's threshold" in spk3.setting
+    assert lab._claim_spk3(bad, lab.Config()).verdict == "FAIL"
+    assert lab._claim_spk3(_df([(0, "", "loss", 1.0, "mf-tanh")]), lab.Config()).verdict == "INCONCLUSIVE"
 
     def angles(arm, v):
         return [(s, "W", "top_direction_angle", v, arm) for s in (5, 10)]
@@ -158,12 +159,12 @@ def test_claims_follow_the_recorded_numbers():
 
     # in the regime 2ν > 1 − α (α = 8/9) ReLU is lowest; at α = 0 (2ν = 0.5 ≤ 1) it is not: reported, not ruled on
     rows = act("relu", 1.0) + act("tanh", 3.0) + act("relu", 5.0, alpha=0.0) + act("tanh", 3.0, alpha=0.0)
-    claim = lab._claim_spk2(_df(rows + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)))
+    claim = lab._claim_spk2(_df(rows + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)), lab.Config())
     assert claim.verdict == "PASS" and "at 1/1 (ν, α) points in the regime 2ν > 1 − α (out of it: 0/1)" in claim.measured
     assert "2ν > 1 − α" in claim.setting and claim.value == 1.0
-    assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.3) + angles("ntk-tanh", 0.1))).verdict == "FAIL"
+    assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.3) + angles("ntk-tanh", 0.1)), lab.Config()).verdict == "FAIL"
     outside_only = act("relu", 5.0, alpha=0.0) + act("tanh", 3.0, alpha=0.0)
-    assert lab._claim_spk2(_df(outside_only + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3))).verdict == "INCONCLUSIVE"
+    assert lab._claim_spk2(_df(outside_only + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)), lab.Config()).verdict == "INCONCLUSIVE"
 
 
 def test_tiny_lab_through_the_cli(tmp_path):

@@ -323,6 +323,14 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- claims
 
 
+def setting(cfg: Config) -> str:
+    """The regime every GPT claim is measured in: model, data, steps, the arms' learning rates, seed."""
+    return (f"GPT {cfg.n_layer} layers, d_model {cfg.d_model}, d_ff {model_config(cfg).d_ff}, {cfg.mlp} MLP, "
+            f"{'QK-norm, ' if cfg.qk_norm else ''}{cfg.pos} positions; {cfg.corpus} bytes, {cfg.steps} steps of "
+            f"{cfg.batch_size}×{cfg.seq_len}; lr AdamW {cfg.lr_adamw:g}, Muon {cfg.lr_muon:g} (W_down only "
+            f"{cfg.lr_muon_down:g}), AutoGeometry {cfg.lr_auto:g}, {cfg.decay} decay; seed {cfg.seed}")
+
+
 def _gpt1a(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     text = "st(A) of MLP post-activations and RMS states stays bounded by a small constant through training"
     st = _per_layer(df, arm, "stable_rank")
@@ -342,7 +350,7 @@ def _gpt1a(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
                 + "; max st(A) over these inputs per step: " + ", ".join(f"{int(k)}: {v:.2f}" for k, v in picks.items())
                 + f"; verdict at bound {sensitivity} (passes for any bound ≥ {top:.2f})")
     where = (f"the bound st(A) ≤ {cfg.st_bound:g} is this project's reading of 'a small constant' (paper 001 states "
-             f"none; --set st_bound=...); d_model {cfg.d_model}, d_ff {model_config(cfg).d_ff}, seed {cfg.seed}")
+             f"none; --set st_bound=...); {setting(cfg)}")
     return Claim("GPT-1a", text, "small constant (001 Fig. 2, 6)", measured, "PASS" if ok else "FAIL",
                  setting=where, value=top)
 
@@ -361,7 +369,8 @@ def _gpt1b(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     parts = [f"{t}: nr {nr[t]:.1f}, nr/st {adv[t]:.2f}" for t in types]
     ok = all(adv[t] > 1 for t in types)
     return Claim("GPT-1b", text, "large nr(G), nr/st ≫ 1 (001 Fig. 5, 8, 9)",
-                 f"arm {arm}, medians over training: " + "; ".join(parts), "PASS" if ok else "FAIL")
+                 f"arm {arm}, medians over training: " + "; ".join(parts), "PASS" if ok else "FAIL",
+                 setting=f"rule: median nr/st > 1 for every hidden type; {setting(cfg)}", value=float(min(adv[t] for t in types)))
 
 
 def _gpt1c(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
@@ -379,7 +388,8 @@ def _gpt1c(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     whole = f"; whole validation split 1/p_max = {corpus.iloc[0]:.2f}" if len(corpus) else ""
     measured = (f"arm {arm}: recorded st {st[common].min():.2f}–{st[common].max():.2f} over {len(common)} steps, "
                 f"max relative difference to N/c_max of the batch {err:.1e}{whole}")
-    return Claim("GPT-1c", text, "st = 1/p_max ≈ 10 (001 §2.2.1, Fig. 10)", measured, "PASS" if err < 1e-9 else "FAIL")
+    return Claim("GPT-1c", text, "st = 1/p_max ≈ 10 (001 §2.2.1, Fig. 10)", measured, "PASS" if err < 1e-9 else "FAIL",
+                 setting=setting(cfg), value=err)
 
 
 def _gpt1d(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
@@ -392,7 +402,9 @@ def _gpt1d(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     h = float(hidden.median())
     ok = all(v < h for v in ends.values())
     measured = f"arm {arm}, median nr/st: hidden {h:.2f}; " + ", ".join(f"{k} {v:.2f}" for k, v in ends.items())
-    return Claim("GPT-1d", text, "embedding ≈ 1, head moderate, hidden large (001 §1.2.1)", measured, "PASS" if ok else "FAIL")
+    return Claim("GPT-1d", text, "embedding ≈ 1, head moderate, hidden large (001 §1.2.1)", measured, "PASS" if ok else "FAIL",
+                 setting=f"rule: the embedding's and the head's median nr/st below the hidden median; {setting(cfg)}",
+                 value=h - max(ends.values()))
 
 
 def _gpt2a(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -414,7 +426,8 @@ def _gpt2a(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = (f"AdamW final val loss {target:.3f} at step {cfg.steps} ({a['seconds']:.0f} s; eval every {cfg.eval_every}); "
                 + "; ".join(parts) + f"; unigram {_unigram(df):.3f}")
     k = rows["muon"]["steps_to_adamw_final"]
-    return Claim("GPT-2a", text, published, measured, "PASS" if not math.isnan(k) and k < cfg.steps else "FAIL")
+    return Claim("GPT-2a", text, published, measured, "PASS" if not math.isnan(k) and k < cfg.steps else "FAIL",
+                 setting=setting(cfg), value=k / cfg.steps)
 
 
 def _gpt2b(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -427,7 +440,7 @@ def _gpt2b(df: pd.DataFrame, cfg: Config) -> Claim:
     share = (a - d) / (a - m) if a != m else math.nan
     measured = (f"{cfg.mlp} MLP: AdamW {a:.3f}, Muon(W_down) {d:.3f}, Muon(all) {m:.3f}; "
                 f"W_down captures {share:.0%} of the AdamW→Muon gain (published 62% non-gated, 27% gated)")
-    return Claim("GPT-2b", text, published, measured, "PASS" if a > d > m else "FAIL")
+    return Claim("GPT-2b", text, published, measured, "PASS" if a > d > m else "FAIL", setting=setting(cfg), value=share)
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
