@@ -44,6 +44,9 @@ def test_resume_runs_only_missing_points(tmp_path):
     sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6, 0.8]}, resume=d, echo=quiet)  # one new point
     assert len(_run_dirs(d)) == 3 and set(first) <= set(_run_dirs(d))
     assert json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4, 0.6, 0.8]
+    timing = json.loads((d / "timing.json").read_text())  # each session kept: a resume never erases the first's
+    assert [t["points_run"] for t in timing["sessions"]] == [2, 0, 1] and timing["points_run"] == 3
+    assert timing["wall_seconds"] == pytest.approx(sum(t["wall_seconds"] for t in timing["sessions"]))
 
 
 def test_failed_point_is_reported_and_rerun_on_resume(tmp_path):

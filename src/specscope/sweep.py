@@ -36,7 +36,7 @@ import pandas as pd
 
 from specscope.errors import ConfigError
 from specscope.names import mathtext
-from specscope.store.integrity import read_json
+from specscope.store.integrity import read_json, write_atomic
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.csv"
@@ -201,10 +201,25 @@ def run_sweep(
     errors = _execute(lab, todo, resumes, str(sweep_dir / "runs"), workers, threads, backend, echo)
     wall = time.perf_counter() - t0
     (sweep_dir / "errors.json").write_text(json.dumps(errors, indent=1))
-    timing = {"points_run": len(todo), "workers": workers, "threads_per_worker": threads, "wall_seconds": wall}
-    (sweep_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    _add_timing(sweep_dir / "timing.json", {"points_run": len(todo), "workers": workers, "threads_per_worker": threads,
+                                             "wall_seconds": wall})
     finish(sweep_dir)
     return sweep_dir
+
+
+def _add_timing(path: Path, session: dict) -> None:
+    """timing.json: one entry per session that ran (a resume adds one, never replaces the earlier ones),
+    with the totals of points run and wall seconds. An unreadable file starts the list anew."""
+    sessions: list[dict] = []
+    try:
+        old = json.loads(path.read_text())
+        sessions = old["sessions"] if isinstance(old, dict) and isinstance(old.get("sessions"), list) else [old]
+    except (OSError, ValueError):
+        pass
+    sessions = [t for t in sessions if isinstance(t, dict)] + [session]
+    total = {"points_run": sum(int(t.get("points_run", 0)) for t in sessions),
+             "wall_seconds": sum(float(t.get("wall_seconds", 0.0)) for t in sessions)}
+    write_atomic(path, json.dumps({**total, "sessions": sessions}, indent=1).encode())
 
 
 def _execute(lab: str, todo: list[dict], resumes: list[str | None], runs_root: str, workers: int, threads: int,

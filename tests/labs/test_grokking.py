@@ -116,6 +116,17 @@ def test_sweep_claims_compare_each_arm_at_its_own_best_strength():
     assert g.sweep_claims(nothing)[0].verdict == "INCONCLUSIVE"
 
 
+def test_sweep_claims_tie_at_the_grids_floor_is_not_a_fail():
+    """Both arms grok at the smallest fraction of the grid: where either boundary lies below it is unmeasured
+    (INCONCLUSIVE, with the advice to extend the grid down); a tie above the floor is a FAIL."""
+    points = [("l2", 1.0, f, 1500.0) for f in (0.4, 0.5)] + [("lrd", 10.0, f, 1200.0) for f in (0.4, 0.5)]
+    (claim,) = g.sweep_claims(_sweep_rows(points))
+    assert claim.verdict == "INCONCLUSIVE" and "extend the grid down" in claim.measured
+    assert "fractions 0.4, 0.5" in claim.setting
+    points = [("l2", 1.0, 0.3, None), ("lrd", 10.0, 0.3, None)] + points
+    assert g.sweep_claims(_sweep_rows(points))[0].verdict == "FAIL"
+
+
 def test_grok_status_tells_a_cut_off_streak_from_no_grok():
     steps = list(range(0, 100, 10))
     assert g.grok_status(steps, [0.1] * 8 + [0.99, 0.99], 0.98, 5) == "cut off"

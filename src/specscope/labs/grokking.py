@@ -609,13 +609,17 @@ def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
         parts.append(f"{arm} best λ {lam:g} → {fmt(b)} (first-grok boundary at its best λ "
                      f"{fmt(best_strength(first, arm)[1])}; per λ {grid})")
     seeds = int(stable["seeds"].min())
-    fractions = sorted(table["train_fraction"].unique())
-    where = (f"fractions {fractions}, {seeds}+ seed(s) per point; boundary = smallest fraction where most seeds grok "
-             "(stable grok, the rule's definition; first grok reported beside it)")
+    fractions = sorted(float(f) for f in table["train_fraction"].unique())
+    where = (f"fractions {', '.join(f'{f:g}' for f in fractions)}, {seeds}+ seed(s) per point; boundary = smallest "
+             "fraction where most seeds grok (stable grok, the rule's definition; first grok reported beside it)")
     b_l2, b_lrd = best_strength(stable, "l2")[1], best_strength(stable, "lrd")[1]
     measured = "; ".join(parts)
     if math.isinf(b_l2) and math.isinf(b_lrd):
         return [Claim("LRD-2", text, published, measured + " (neither grokked at any strength)", "INCONCLUSIVE",
+                      seeds=seeds, setting=where)]
+    if b_l2 == b_lrd == fractions[0]:  # both boundaries are only known to lie at or below the grid's floor
+        return [Claim("LRD-2", text, published, measured + f" (both grok at the grid's smallest fraction {fractions[0]:g}: "
+                      "where each boundary lies below it is not measured; extend the grid down)", "INCONCLUSIVE",
                       seeds=seeds, setting=where)]
     return [Claim("LRD-2", text, published, measured, "PASS" if b_lrd < b_l2 else "FAIL", seeds=seeds,
                   setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)]
