@@ -224,6 +224,8 @@ def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
     with pytest.raises(ValueError, match=r"nuclear_norms: mats\[1\] has 1 NaN"):
         L.nuclear_norms([torch.ones(3, 3), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])])
     assert L.nuclear_norms([]).shape == (0,)
+    with pytest.raises(ValueError, match=r"mats\[0\] has shape \(2, 3, 3\); pass 2-D matrices"):
+        L.nuclear_norms([torch.ones(2, 3, 3)])
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")

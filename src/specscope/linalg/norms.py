@@ -116,7 +116,7 @@ def _spread_over_threads(fn, C: Tensor) -> list | None:
     torch solves a batch one matrix after another); None for a single matrix, n < POOL_MIN, one thread or
     another device. Each worker sets one thread for itself: a worker left at the process's thread count
     oversubscribes the cores and was slower than solving serially. Idle 2-core CPU, float64, two threads
-    (benchmarks/eigh_pool.py): eigvalsh of 26 of 256² ≈ 0.7× the serial time, of 4 of 768² ≈ 0.55×; eigh 0.8–0.9×."""
+    (benchmarks/eigh_pool.py, docs/linalg.md "Threads"): 0.5–0.8× the serial time from 256² up, ≈ 1× below."""
     threads = torch.get_num_threads()
     if C.device.type != "cpu" or C.dim() < 3 or C.shape[:-2].numel() < 2 or threads < 2 or C.shape[-1] < POOL_MIN:
         return None
@@ -162,6 +162,10 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
     into one batched eigvalsh. `check=False` skips the NaN/Inf scan for callers that screened the input."""
     if check:
         mats = [check_tensor(G, "nuclear_norms", f"mats[{i}]") for i, G in enumerate(mats)]
+        if any(G.ndim != 2 for G in mats):
+            i = next(i for i, G in enumerate(mats) if G.ndim != 2)
+            raise ValueError(f"nuclear_norms: mats[{i}] has shape {tuple(mats[i].shape)}; pass 2-D matrices "
+                             "(list(batch.unbind()) for a batch)")
     if not mats:
         return torch.zeros(0, dtype=torch.float64)
     device = mats[0].device
