@@ -128,6 +128,22 @@ def test_projection_options_clip_first_and_from_step_one(tmp_path):
     assert first["keep_random-s0"] == 0 and first["keep_random_fresh-s0"] == 0 and first["keep_sed-s0"] == 2
 
 
+def test_sed1_over_coupling_seeds_takes_the_verdict_most_seeds_reach():
+    from specscope.errors import ConfigError
+
+    cfg = sed.Config(seeds=3, coupling_seeds=3)
+    rb = lambda arm, layer, vals: [(arm, "coupling_Rbar", layer, 100 * i, v) for i, v in enumerate(vals)]  # noqa: E731
+    rows = rb("control-s0", "gradient-sed", [150]) + rb("control-s0", "update-sed", [5])  # 30×: PASS
+    rows += rb("control-s1", "gradient-sed", [60]) + rb("control-s1", "update-sed", [3])  # 20×: PASS
+    rows += rb("control-s2", "gradient-sed", [20]) + rb("control-s2", "update-sed", [4])  # < 30: FAIL
+    c = sed._sed1_claim(_records(rows), cfg)
+    assert (c.verdict, c.seeds) == ("PASS", 3) and c.value == pytest.approx((30 + 20 + 5) / 3)
+    assert "verdicts PASS, PASS, FAIL" in c.spread and "control-s0…s2" in c.setting
+    assert sed._sed1_claim(_records(rows), sed.Config(seeds=3)).seeds == 1  # default: control-s0 only
+    with pytest.raises(ConfigError, match="seeds=3"):
+        sed.check(sed.Config(coupling_seeds=3))
+
+
 def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
     cfg = sed.Config(multitask=["add", "sub"])
     rb = lambda arm, layer, vals: [(arm, "coupling_Rbar", layer, 100 * i, v) for i, v in enumerate(vals)]  # noqa: E731

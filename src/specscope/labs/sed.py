@@ -12,7 +12,7 @@ Parts, in order:
   attention gradient projected before the optimizer step once the window is full (control: none;
   keep/remove the gradient SED-k subspace; keep/remove a random k-dim subspace, fixed or `*_fresh` each
   step; `project_after_clip`, `project_from=start` move the projection after clipping / to step 1). The coupling curves
-  are measured on the first control arm (`control-s0`). Grok steps as in the grokking lab.
+  are measured on the first `coupling_seeds` control arms (`control-s0`, …). Grok steps as in the grokking lab.
 - `multitask`: one shared encoder with a head per task in `multitask`; aggregated update SED,
   aggregated gradient SED and per-task gradient SED, each coupled to each task's centroids.
 """
@@ -20,7 +20,9 @@ Parts, in order:
 from __future__ import annotations
 
 import math
+import re
 import time
+from dataclasses import replace
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -34,7 +36,7 @@ from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
 from specscope.models.modular import Kernel, ModularTransformer, enc003
-from specscope.records import Claim, Record
+from specscope.records import Claim, Record, over_seeds
 from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
 
@@ -84,6 +86,7 @@ class Config(LabConfig):
     update_delta: Literal["snapshots", "step"] = "snapshots"
     update_excludes_decay: bool = False  # with update_delta=step: Δθ + lr·wd·θ (the Adam direction)
     coupling_every: AtLeast1 = 250
+    coupling_seeds: AtLeast1 = 1  # control arms with coupling curves (control-s0 …); SED-1 over these seeds
     multitask_coupling_every: AtLeast1 = 500  # each multitask checkpoint couples 3 SEDs to each task's centroids
     # interventions
     interventions: list[Intervention] = list(CORE)  # add keep_random_fresh, remove_random_fresh for the fresh subspace
@@ -249,12 +252,13 @@ def update_options(cfg: Config) -> dict[str, Any]:
 
 
 def intervention_arm(cfg: Config, iv: str, s: int, data: ModularData, device: torch.device) -> Arm:
-    """One single-task arm: SED tracking, the projection of `iv`, and (for control-s0) coupling curves."""
+    """One single-task arm: SED tracking, the projection of `iv`, and (for the first `coupling_seeds` control
+    arms) coupling curves."""
     seed = cfg.seed + s
     model = make_model(cfg, 1, seed, device)
     params = list(attention_weights(model).values())
     fixed, (xp, yp) = fixed_inputs(data, cfg.fixed_batch, cfg.n_probe, cfg.seed)
-    measure = iv == "control" and s == 0
+    measure = iv == "control" and s < cfg.coupling_seeds
     tracker = SEDTracker(params, {GRADIENT: lambda: loss_fn(model, fixed)}, window=cfg.window, k=cfg.k,
                          every=cfg.snapshot_every, update=measure, **update_options(cfg))
     callbacks: list[Any] = [tracker]
@@ -291,6 +295,9 @@ def check(cfg: Config) -> None:
                           + MULTITASK_COMMAND)
     if cfg.update_excludes_decay and cfg.update_delta != "step":
         raise ConfigError("update_excludes_decay removes one optimizer step's decay; add --set update_delta=step")
+    if cfg.coupling_seeds > cfg.seeds:
+        raise ConfigError(f"coupling_seeds={cfg.coupling_seeds} exceeds seeds={cfg.seeds}; the coupling curves are "
+                          f"measured on control arms, one per seed: add --set seeds={cfg.coupling_seeds}")
     if len(cfg.multitask) == 1:
         raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
 
@@ -363,10 +370,11 @@ def _update_kind(cfg: Config) -> str:
     return "one optimizer step Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "one optimizer step Δθ"
 
 
-def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
+def _sed1_seed(df: pd.DataFrame, cfg: Config, s: int) -> Claim:
+    """SED-1 on control-s<s>: peak R̄ of gradient vs update SED."""
     text = "Gradient SED couples to centroid features far more than update SED"
     published = "R̄ 100–330× (gradient SED) vs 3–9× (update SED), single task"
-    g, u = peak_rbar(df, "control-s0", GRADIENT), peak_rbar(df, "control-s0", UPDATE)
+    g, u = peak_rbar(df, f"control-s{s}", GRADIENT), peak_rbar(df, f"control-s{s}", UPDATE)
     if math.isnan(g) or math.isnan(u):
         return Claim("SED-1", text, published, "no coupling checkpoint recorded (needs the control arm and "
                      "steps > window·snapshot_every)", "INCONCLUSIVE")
@@ -374,7 +382,16 @@ def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = (f"peak R̄ gradient SED {g:.1f} vs update SED ({update}) {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
                 f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
     return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL",
-                 setting=setting(cfg) + "; coupling on control-s0 (no projection)", value=g / u)
+                 setting=setting(cfg) + f"; coupling on control-s{s} (no projection)", value=g / u)
+
+
+def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
+    """SED-1 on each of the first `coupling_seeds` control arms, combined: the verdict most seeds reach."""
+    per_seed = [_sed1_seed(df, cfg, s) for s in range(cfg.coupling_seeds)]
+    if len(per_seed) == 1:
+        return per_seed[0]
+    c = over_seeds(per_seed, [cfg.seed + s for s in range(cfg.coupling_seeds)])
+    return replace(c, setting=re.sub(r"control-s\d+", "control-s0…s" + str(cfg.coupling_seeds - 1), c.setting))
 
 
 def grok_rule(cfg: Config) -> str:
