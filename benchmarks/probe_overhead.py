@@ -7,6 +7,12 @@ Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" p
 min–max over rounds, machine load at start): each call runs `block` training steps of its own model,
 optimizer and Monitor. "every 10th" is timed when `block` is a multiple of 10 (one measured step per
 call); "every 10th / 100th (derived)" are t_none + (t_every_step − t_none)/k from the same round.
+
+`--floor` times instead what an exact measured step cannot skip, against the same unprobed steps: the exact
+nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and eigenvalues) and st(A) of every distinct
+input by one warm block-Krylov solve of depth 1 (`probe.estimators.krylov_top`, the default route's cheapest
+case), on the gradients and inputs of a real step. 1 + both ratios is the cost below which no probe with these
+estimates can go on this machine, before any pairing, hook or bookkeeping.
 """
 
 from __future__ import annotations
@@ -62,18 +68,58 @@ class Arm:
             self.step_no += 1
 
 
+def floor_candidates(block: int) -> dict:
+    """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
+    from specscope.linalg import nuclear_norms
+    from specscope.probe.estimators import BLOCK, _initial_block, krylov_top
+
+    arm = Arm(None)
+    arm.run(3)
+    inputs: dict[int, torch.Tensor] = {}
+    def keep(module, args, out) -> None:  # q, k, v read one input: kept once
+        inputs.setdefault(args[0].data_ptr(), args[0].detach().flatten(0, -2))
+
+    hooks = [m.register_forward_hook(keep) for m in arm.model.modules() if isinstance(m, torch.nn.Linear)]
+    arm.run(1)
+    for h in hooks:
+        h.remove()
+    grads = [p.grad for p in arm.model.parameters() if p.ndim >= 2 and p.grad is not None]
+    As = list(inputs.values())
+    warm = [krylov_top(A, _initial_block(A.shape[-1], BLOCK, A.device), depth=4)[1] for A in As]
+
+    def st_all():
+        for A, V in zip(As, warm):
+            krylov_top(A, V, depth=1)
+
+    print(f"floor: {len(grads)} gradients {sorted({tuple(g.shape) for g in grads})}, {len(As)} distinct inputs "
+          f"{sorted({tuple(A.shape) for A in As})}")
+    return {"no monitor": lambda: arm.run(block),
+            "exact nr(G), every gradient": lambda: [nuclear_norms(grads) for _ in range(block)],
+            "st(A), depth-1 Krylov per input": lambda: [st_all() for _ in range(block)]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--floor", action="store_true", help="time the exact estimates' arithmetic alone (see above)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
+    if args.floor:
+        res = interleaved(floor_candidates(args.block), "no monitor", rounds=args.rounds, repeats=1, warmup=1, sync=sync)
+        print(f"\n{args.rounds} rounds of {args.block} steps\n\n| per step | ms | × no monitor, median [min–max] |\n|---|---:|---:|")
+        for k, t in res.items():
+            print(f"| {k} | {t.ms / args.block:.1f} | {t.ratio_text()} |")
+        parts = [res["exact nr(G), every gradient"].ratios, res["st(A), depth-1 Krylov per input"].ratios]
+        floor = [1 + a + b for a, b in zip(*parts)]
+        print(f"| floor: 1 + both | | {statistics.median(floor):.3f} [{min(floor):.3f}–{max(floor):.3f}] |")
+        return
     arms = {"no monitor": Arm(None), "every step (default: gram)": Arm(1), "every step, estimator='power'": Arm(1, estimator="power")}
     if args.block % 10 == 0:
         arms["every 10th"] = Arm(10)
