@@ -65,6 +65,22 @@ def test_grokking_default_lrd_collapses_qk_rank_where_l2_does_not(root):
     assert v["LRD-1"].verdict != "INCONCLUSIVE" and v["LRD-1"].value < 0.2
 
 
+@pytest.mark.timeout(6 * 3600)  # 9 points × two arms of ≈ 5 min on one core each, two workers
+def test_grokking_lrd2_boundary_over_three_seeds(root):
+    """LRD-2 (docs/lab-grokking.md): each arm at the strength that grokked on the one-seed 0.4–0.5 grid (AdamW
+    decay 1 for L2, LRD λ 10), train fractions 0.2, 0.3, 0.4, seeds 0, 1, 2; the sweep's claim."""
+    from specscope import sweep
+
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.2, 0.3, 0.4], "seed": list(SEEDS)},
+                        {"arms": ["l2", "lrd"], "strength_grid": {"l2": [1], "lrd": [10]}},
+                        out=root / "sweeps", workers=2, echo=lambda *_: None)
+    (lrd2,) = [Claim(**c) for c in json.loads((d / "claims.json").read_text()) if c["id"] == "LRD-2"]
+    assert lrd2.seeds == 3 and lrd2.verdict == LRD2_MEASURED
+
+
+LRD2_MEASURED = "FAIL"  # docs/lab-grokking.md: both stable boundaries at 0.4; L2 reaches 0.98 at 0.3, LRD does not
+
+
 def test_gpt_muon_reaches_adamw_loss_in_fewer_steps(root):
     v = claims_over_seeds("gpt", {}, root)
     assert v["GPT-2a"].verdict == "PASS" and v["GPT-1c"].verdict == "PASS"
@@ -75,10 +91,12 @@ def test_spiked_published_size_regimes(root):
     assert v["SPK-1"].verdict == "PASS"
 
 
-@pytest.mark.timeout(4 * 3600)  # ≈ 45 min of interventions and 3 × 9 min of multitask on an idle 2-core CPU
+@pytest.mark.timeout(4 * 3600)  # 73 min with one thread: ≈ 30 min of interventions, 3 × ≈ 14 min of multitask
 def test_sed_reproduces_the_parts_of_sed_1_to_3_that_hold_here(root):
     """docs/lab-sed.md: gradient SED in the published range; over three seeds keeping a 3-D subspace speeds
-    grokking and removing it does not; the multitask model groks and its per-task gradient SED couples ≥ 10×.
+    grokking and removing it does not; the per-task gradient SED of the multitask model couples ≥ 10× in every
+    seed, and most seeds reach 0.98 within 12,000 steps (seed 0 stably at 10,450, seed 1 first at 11,500,
+    seed 2 at most 0.953).
     SED-1 is measured on each seed's control arm (coupling_seeds), SED-3 on one multitask run per seed."""
     from specscope import store
     from specscope.labs import sed
@@ -98,7 +116,9 @@ def test_sed_reproduces_the_parts_of_sed_1_to_3_that_hold_here(root):
     mt_runs = runs_over_seeds("sed", multitask, root)
     sed3 = claims_over_seeds("sed", multitask, root, mt_runs)["SED-3"]
     assert sed3.seeds == 3 and "verdicts" in sed3.spread
-    for seed, mt_run in zip(SEEDS, mt_runs):  # every seed's multitask model groks and couples per task
+    reached = 0
+    for seed, mt_run in zip(SEEDS, mt_runs):  # every seed's per-task gradient SED couples; most reach 0.98
         mt_cfg, mt_df = sed.Config(**multitask, seed=seed), store.load(mt_run)
         assert (sed.multitask_table(mt_df, mt_cfg)["task-sed"] >= 10).all()
-        assert mt_df[(mt_df.arm == "multitask") & (mt_df.metric == "grok_stable")]["value"].notna().any()
+        reached += mt_df[(mt_df.arm == "multitask") & (mt_df.metric == "grok_first")]["value"].notna().any()
+    assert reached >= 2

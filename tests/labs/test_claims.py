@@ -53,6 +53,22 @@ def test_claims_combine_seeds_prefer_decisive_verdicts_and_read_sweeps(tmp_path)
     assert sorted(r["verdict"] for r in every) == ["FAIL", "INCONCLUSIVE", "PASS"]
 
 
+def test_a_sweeps_runs_speak_through_its_claims_and_the_labs_setting_wins_a_tie(tmp_path):
+    for seed in (0, 1, 2):
+        _run(tmp_path, "lab-c", f"d{seed}0", {"seed": seed, "p": 97}, [_claim("FAIL", 1.0, "Z-1")])
+    sweep = tmp_path / "sweeps" / "lab-c-20261201-000000"
+    for seed in (0, 1, 2):  # the sweep's own runs: newer, decisive, three seeds — still not a group of their own
+        _run(sweep / "runs", "lab-c", f"s{seed}9", {"seed": seed, "p": 13}, [_claim("PASS", 5.0, "Z-1")])
+    (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-c", "grid": {}, "fixed": {}}))
+    swept = replace(_claim("PASS", 5.0, "Z-1"), seeds=3)
+    (sweep / "claims.json").write_text(json.dumps([swept.as_dict(), replace(swept, id="Z-2").as_dict()]))
+    rows = {r["id"]: r for r in json.loads(invoke("--root", str(tmp_path), "--format", "json").output)}
+    assert rows["Z-1"]["runs"] == ["d00", "d10", "d20"] and rows["Z-1"]["verdict"] == "FAIL"  # tie on seeds: the lab's runs
+    assert rows["Z-2"]["runs"] == ["sweep lab-c-20261201-000000"]
+    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    assert not any(r["runs"][0].startswith("s") and not r["runs"][0].startswith("sweep") for r in every)
+
+
 def test_markdown_into_a_file_between_markers(tmp_path):
     _run(tmp_path, "lab-a", "r00", {"seed": 0}, [_claim("PASS", 1.0)])
     readme = tmp_path / "README.md"

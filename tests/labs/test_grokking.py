@@ -179,6 +179,9 @@ def test_lrd1_from_a_sweep_over_arms_and_seeds():
     (lrd1, lrd2) = g.sweep_claims(pd.DataFrame(rows))
     assert lrd1.id == "LRD-1" and lrd1.seeds == 2 and lrd1.verdict == "PASS" and "seed 0:" in lrd1.measured
     assert lrd2.id == "LRD-2" and lrd2.verdict == "INCONCLUSIVE"  # one train fraction
+    more = pd.DataFrame([{**r, "train_fraction": f} for r in rows for f in (0.3, 0.4)])  # 4 points, 2 seeds
+    lrd1 = g.sweep_claims(more)[0]
+    assert lrd1.seeds == 2 and lrd1.setting.startswith("4 sweep points") and "arms l2 λ" in lrd1.setting
 
 
 def test_tiny_run_through_the_cli(tmp_path):

@@ -586,8 +586,9 @@ def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:
     if len(claims) == 1:
         return claims[0]
     c = over_seeds(claims, list(range(len(claims))))
+    seeds = int(table["seed"].nunique()) if "seed" in table.columns else 1  # points are not seeds
     return Claim(**{**c.as_dict(), "measured": " | ".join(f"{p}: {x.measured}" for p, x in zip(points, claims)),
-                    "setting": f"{len(claims)} sweep points ({'; '.join(points)}); " + rule})
+                    "seeds": seeds, "setting": f"{len(claims)} sweep points ({'; '.join(points)}); arms {arms}; " + rule})
 
 
 def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:

@@ -2,8 +2,10 @@
 
 Nothing is re-run. Sources: each complete run's summary.json and each sweep's claims.json. Runs of one lab
 whose configs differ only in `seed` are one group: their claims are combined over seeds (the verdict most
-seeds reached, the mean [min–max] of the figure the rule tests, the per-seed verdicts). For each claim the
-table shows one group: a decisive verdict before an INCONCLUSIVE one, then the most seeds, then the newest.
+seeds reached, the mean [min–max] of the figure the rule tests, the per-seed verdicts). A sweep's own runs
+are represented by its claims.json, not as groups of their own. For each claim the table shows one group: a
+decisive verdict before an INCONCLUSIVE one, then the most seeds, then runs of the lab before a sweep (the
+lab's setting before a grid over it), then the newest.
 `--all` lists every group. `--format markdown --into README.md` rewrites the part of a file between the
 lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
 """
@@ -37,9 +39,10 @@ class Row:
 def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
     """(lab, run name, config, created, claims) of every complete run and every sweep under `root`."""
     out = []
+    sweeps = {f.parent for f in root.rglob("sweep.json")}
     for summary in sorted(root.rglob("summary.json")):
         meta_file = summary.parent / "config.json"
-        if not meta_file.is_file():
+        if not meta_file.is_file() or sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
             continue
         meta, data = json.loads(meta_file.read_text()), json.loads(summary.read_text())
         if meta.get("status") != "complete":
@@ -83,8 +86,8 @@ def collect(root: Path, every: bool = False) -> list[Row]:
             candidates.setdefault((lab, cid), []).append(Row(lab, claim, [h[1] for h in hits], created))
     rows = []
     for key in sorted(candidates):
-        ranked = sorted(candidates[key], key=lambda r: (r.claim.verdict != "INCONCLUSIVE", r.claim.seeds, r.created),
-                        reverse=True)
+        ranked = sorted(candidates[key], key=lambda r: (r.claim.verdict != "INCONCLUSIVE", r.claim.seeds,
+                                                        not r.runs[0].startswith("sweep "), r.created), reverse=True)
         rows += ranked if every else ranked[:1]
     return rows
 
