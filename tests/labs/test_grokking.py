@@ -98,6 +98,7 @@ def test_sweep_claims_compare_phase_boundaries():
         points += [("l2", 1.0, frac, l2), ("lrd", 1.0, frac, lrd)]
     (claim,) = g.sweep_claims(_sweep_rows(points))
     assert claim.verdict == "PASS" and "l2 best λ 1 → ≥ 0.5" in claim.measured and "lrd best λ 1 → ≥ 0.4" in claim.measured
+    assert claim.spread == "boundary stable l2 ≥ 0.5, lrd ≥ 0.4; first l2 ≥ 0.5, lrd ≥ 0.4"
     swapped = _sweep_rows(points).replace({"arm": {"l2": "lrd", "lrd": "l2"}})
     assert g.sweep_claims(swapped)[0].verdict == "FAIL"
 

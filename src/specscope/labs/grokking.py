@@ -615,15 +615,17 @@ def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
              "fraction where most seeds grok (stable grok, the rule's definition; first grok reported beside it)")
     b_l2, b_lrd = best_strength(stable, "l2")[1], best_strength(stable, "lrd")[1]
     measured = "; ".join(parts)
+    spread = (f"boundary stable l2 {fmt(b_l2)}, lrd {fmt(b_lrd)}; first l2 {fmt(best_strength(first, 'l2')[1])}, "
+              f"lrd {fmt(best_strength(first, 'lrd')[1])}")
     if math.isinf(b_l2) and math.isinf(b_lrd):
         return [Claim("LRD-2", text, published, measured + " (neither grokked at any strength)", "INCONCLUSIVE",
-                      seeds=seeds, setting=where)]
+                      seeds=seeds, spread=spread, setting=where)]
     if b_l2 == b_lrd == fractions[0]:  # both boundaries are only known to lie at or below the grid's floor
         return [Claim("LRD-2", text, published, measured + f" (both grok at the grid's smallest fraction {fractions[0]:g}: "
                       "where each boundary lies below it is not measured; extend the grid down)", "INCONCLUSIVE",
-                      seeds=seeds, setting=where)]
+                      seeds=seeds, spread=spread, setting=where)]
     return [Claim("LRD-2", text, published, measured, "PASS" if b_lrd < b_l2 else "FAIL", seeds=seeds,
-                  setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)]
+                  spread=spread, setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)]
 
 
 # ---------------------------------------------------------------- figures
