@@ -1,0 +1,122 @@
+"""CUDA: the same numbers as on the CPU, and host synchronisations that do not grow with the number of weights.
+
+Skipped without a CUDA device; `benchmarks/cuda.sh` runs this file first on a GPU machine.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from specscope import linalg
+from specscope.models import GPT, GPTConfig
+from specscope.optim import Muon, SpecGD
+from specscope.probe import Monitor
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _low_rank(m: int, n: int, r: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
+
+
+MATRICES = {"full 96×160": lambda: torch.randn(96, 160, generator=torch.Generator().manual_seed(0)),
+            "tall 300×64": lambda: torch.randn(300, 64, generator=torch.Generator().manual_seed(1)),
+            "rank 3 of 128×256": lambda: _low_rank(128, 256, 3, 2)}
+
+
+@pytest.mark.parametrize("name", list(MATRICES))
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_exact_polar_backends_agree_across_devices(name, method):
+    G = MATRICES[name]()
+    cpu, cuda = linalg.polar(G, method), linalg.polar(G.cuda(), method).cpu()
+    assert torch.allclose(cuda, cpu, atol=1e-5), float((cuda - cpu).abs().max())
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "gram_newton_schulz"])
+def test_estimators_are_as_accurate_on_cuda(method):
+    # bf16 products round differently on the two devices: compare the error to the exact polar, not the bits
+    G = torch.stack([MATRICES["full 96×160"](), _low_rank(96, 160, 3, 3)])
+    err_cpu = linalg.polar_error(G, linalg.polar(G, method))
+    err_cuda = linalg.polar_error(G, linalg.polar(G.cuda(), method).cpu())
+    assert (err_cuda <= err_cpu + 0.02).all(), (err_cpu, err_cuda)
+
+
+def test_nuclear_norms_agree_across_devices():
+    mats = [MATRICES[k]() for k in MATRICES] + [torch.randn(512, 300, generator=torch.Generator().manual_seed(4))]
+    cpu = linalg.nuclear_norms(mats)
+    cuda = linalg.nuclear_norms([m.cuda() for m in mats]).cpu()
+    assert torch.allclose(cuda, cpu, rtol=1e-9)
+
+
+def _train(make_opt, device: str, steps: int = 3) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(64, 32), (32, 64), (48, 48), (48, 48)]]
+    opt = make_opt(params)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(device)
+        opt.step()
+    return [p.detach().cpu() for p in params]
+
+
+@pytest.mark.parametrize("make_opt, atol", [
+    (lambda ps: Muon(ps, lr=0.02, polar="gram"), 1e-5),
+    (lambda ps: SpecGD(ps, lr=0.1, momentum=0.9), 1e-5),
+    (lambda ps: Muon(ps, lr=0.02), 5e-3),   # the default backend runs in bfloat16
+], ids=["muon-gram", "specgd", "muon-default"])
+def test_optimizer_steps_agree_across_devices(make_opt, atol):
+    for a, b in zip(_train(make_opt, "cpu"), _train(make_opt, "cuda")):
+        assert torch.allclose(a, b, atol=atol), float((a - b).abs().max())
+
+
+def _tiny_gpt(n_layer: int) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, seq_len=16, n_layer=n_layer, n_head=2, d_model=32)).cuda()
+
+
+def _syncs(fn) -> int:
+    """Host synchronisations during fn(), counted by torch's sync debug mode (one warning each)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+def test_measured_step_syncs_do_not_grow_with_the_number_of_weights():
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0)).cuda()
+    counts = {}
+    for n_layer in (1, 3):
+        model = _tiny_gpt(n_layer)
+        mon = Monitor(model)
+
+        def step(k: int) -> None:
+            model.zero_grad()
+            with mon.step(k):
+                logits = model(tokens[:, :-1])
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            mon.pop_records()
+
+        step(0)  # first measurement: cold starts and one-time setup
+        counts[n_layer] = _syncs(lambda: step(1))
+    assert counts[3] == counts[1], counts
+
+
+def test_muon_step_syncs_do_not_grow_with_the_number_of_weights():
+    counts = {}
+    for n_layer in (1, 3):
+        model = _tiny_gpt(n_layer)
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "blocks" in n]
+        opt = Muon(hidden, lr=0.02)
+        for p in hidden:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        counts[n_layer] = _syncs(opt.step)
+    assert counts[3] == counts[1], counts
