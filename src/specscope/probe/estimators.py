@@ -226,8 +226,9 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
         theta, Y = torch.linalg.eigh(C)
         return theta[..., -1], Y[..., -b:].to(A.dtype), torch.zeros_like(theta[..., -1])
     g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
-    rows = torch.randint(A.shape[-2], (fresh,), generator=g).to(A.device)
-    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), A[..., rows, :].mT], -1)).Q]
+    rows = torch.randint(A.shape[-2], (fresh,), generator=g).tolist()  # host ints: no copy to the device
+    picked = torch.stack([A[..., i, :] for i in rows], -1)             # [..., n, fresh]
+    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), picked], -1)).Q]
     W = [A @ Q[0]]
     for _ in range(depth):
         Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))

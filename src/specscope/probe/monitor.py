@@ -64,6 +64,20 @@ class _Pending:
     before: dict[int, torch.Tensor]
 
 
+def _host_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[float]]:
+    """Scalar tensor pairs as Python floats, with one device-to-host copy per device (not one per pair:
+    on CUDA each copy is a host synchronisation)."""
+    flat = [t.double().reshape(()) for pair in pairs for t in pair]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(flat):
+        by_device.setdefault(t.device, []).append(i)
+    vals = [0.0] * len(flat)
+    for idx in by_device.values():
+        for i, v in zip(idx, torch.stack([flat[i] for i in idx]).cpu().tolist()):
+            vals[i] = v
+    return [vals[i : i + 2] for i in range(0, len(vals), 2)]
+
+
 class _Watch(TorchDispatchMode):
     """Armed on measured steps only: hands every product/convolution/lookup of a tracked weight to the Monitor."""
 
@@ -456,7 +470,7 @@ class Monitor:
         pairs = [done[id(st)] if id(st) in done else st.finish() for *_, st in active]
         if not pairs:
             return {}
-        vals = torch.stack([torch.stack([f.double().cpu(), l.double().cpu()]) for f, l in pairs]).tolist()
+        vals = _host_pairs(pairs)
         out = {}
         for (s, block, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
             flag = "" if math.isfinite(fro2) and math.isfinite(lam) else "nonfinite"
