@@ -125,3 +125,19 @@ def test_lab_figures_fit_their_canvas(quick_demo):
         assert figures, run.lab
         for name, fig in figures.items():
             assert layout_problems(finish(fig)) == [], (run.lab, name)
+
+
+def test_report_rewrites_the_demo_page_from_its_runs(quick_demo):
+    from typer.testing import CliRunner
+
+    from specscope.cli import app
+
+    *_, run_dir = quick_demo
+    page = run_dir / "report.html"
+    before = page.read_text()
+    page.unlink()
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    after = page.read_text()
+    for word in ("specscope demo", "RF-1", "MLP-1a"):
+        assert word in after and word in before

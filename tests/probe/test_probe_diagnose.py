@@ -2,6 +2,7 @@
 
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,7 +156,7 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--split", "qkv"], "PATTERN=q,k,v"),
              (["--split", "qkv=q:1,k"], "PATTERN=q,k,v"),
              (["--split", "qkv=q:a,k:b"], "integers"),
-             (["--estimator", "svd", "--steps", "1"], "estimator")]
+             (["--estimator", "svd", "--steps", "1"], "--estimator 'svd': choose one of gram, power, exact")]
     for args, msg in cases:
         if args[1].startswith("hf:"):
             pytest.importorskip("transformers")
@@ -199,3 +200,41 @@ def test_hf_local_folder_uses_its_tokenizer(tmp_path):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     res = invoke("--model", f"hf:{folder}", "--steps", "2", "--out", str(tmp_path / "runs"))
     assert res.exit_code == 0, res.output
+
+
+def test_report_rewrites_a_diagnose_run(tmp_path):
+    assert invoke("--model", "mlp", "--steps", "2", "--out", str(tmp_path)).exit_code == 0
+    (run_dir,) = (tmp_path / "diagnose").iterdir()
+    page = run_dir / "report.html"
+    page.unlink()
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "diagnose mlp" in page.read_text()
+
+
+def test_the_readme_factory_runs_and_a_wrong_loss_signature_is_one_line(tmp_path, monkeypatch, capsys):
+    import re
+
+    from specscope.cli import main
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    (block,) = re.findall(r"```python\n# mypkg/mymodule.py\n(.*?)```", readme, flags=re.S)
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "mymodule.py").write_text(block)
+    (tmp_path / "mypkg" / "wrong.py").write_text(block.replace("lambda m, b: F.cross_entropy(m(b[0]), b[1])", "F.cross_entropy"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        res = invoke("--model", "mypkg.mymodule:factory", "--steps", "2", "--out", str(tmp_path / "runs"))
+        assert res.exit_code == 0, res.output
+        assert "│ 0 " in res.output and "│ 2 " in res.output  # both Linear layers in the table
+        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "mypkg.wrong:factory", "--steps", "1",
+                                          "--out", str(tmp_path / "runs")])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        for name in ("mypkg", "mypkg.mymodule", "mypkg.wrong"):
+            sys.modules.pop(name, None)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "loss_fn(model, batch) raised TypeError" in err, err

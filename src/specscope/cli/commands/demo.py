@@ -25,6 +25,7 @@ from rich.table import Table
 from rich.text import Text
 
 from specscope.cli import app
+from specscope.errors import ConfigError
 
 RF_DEMO: dict[str, Any] = dict(activations=["relu", "swiglu"], methods=["gd", "specgd"], dim=128, width=1024,
                                samples=1024, outputs=64, steps=30, sweep_widths=[128, 512, 2048],
@@ -185,6 +186,24 @@ def write_demo_report(run, diag_df, labs_: dict[str, Path], quick: bool = False)
     page = report.write_report(run.path, diag_df, config=run.config, claims=claims, extra_figures=figures,
                                title="specscope demo", summary=summary)
     return page, claims
+
+
+def rewrite_demo_report(run, salvage: bool = False) -> Path:
+    """`specscope report` on a demo run: its report.html again from the records of the run and of the lab
+    runs inside it (found on disk under the demo's own directory, the newest complete one per lab)."""
+    from specscope import store
+
+    nested = store.list_runs(run.path)
+    labs_ = {}
+    for name in ("random-features", "sparse-mlp"):
+        done = nested[(nested.lab == name) & (nested.status == "complete")]
+        if done.empty:
+            raise ConfigError(f"demo run {run.id}: no complete {name} run inside {run.path}; "
+                              "rerun `specscope demo` (the demo's report needs both lab runs)")
+        labs_[name] = Path(done.iloc[0].path)
+    df = store.load(run, salvage=salvage)
+    page, _ = write_demo_report(run, df, labs_, bool(run.config.get("quick")))
+    return page
 
 
 @app.command()

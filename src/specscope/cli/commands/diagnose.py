@@ -54,7 +54,15 @@ def load_factory(spec: str, seed: int):
     out = factory(seed=seed) if takes_seed else factory()
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.nn.Module) and callable(out[2])):
         raise ConfigError(f"--model {spec!r}: the factory must return (model: nn.Module, batch_iterator, loss_fn(model, batch)); got {type(out).__name__}")
-    return out
+    model, batches, loss_fn = out
+
+    def checked_loss(m, batch):
+        try:
+            return loss_fn(m, batch)
+        except Exception as e:  # the user's code: one line naming the contract, not a traceback
+            raise ConfigError(f"--model {spec!r}: loss_fn(model, batch) raised {type(e).__name__}: {e}; the factory's "
+                              "loss_fn is called with the model and one batch and must return the scalar loss") from None
+    return model, batches, checked_loss
 
 
 def parse_split(items: list[str]) -> dict:
@@ -100,6 +108,13 @@ def table_width(df) -> int:
     return longest + 72
 
 
+def write_diagnose_report(run, df) -> Path:
+    """A diagnose run's report.html from its records (also what `specscope report` rewrites)."""
+    from specscope import report
+
+    return report.write_report(run.path, df, config=run.config, title=f"diagnose {run.config.get('model')} — {run.id}")
+
+
 @app.command()
 def diagnose(
     model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
@@ -119,6 +134,10 @@ def diagnose(
     from specscope.probe import diagnose as run_diagnose
     from specscope.store import Run
 
+    from specscope.probe.monitor import ESTIMATORS
+
+    if estimator not in ESTIMATORS:  # before a run directory or a progress bar exists
+        raise ConfigError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
     monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
     net, batches, loss_fn = load_factory(model, seed)
     config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw",
@@ -138,7 +157,7 @@ def diagnose(
         summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
                    "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}
         run.write_summary(summary)
-        report.write_report(run.path, store.load(run), config=config, title=f"diagnose {model} — {run.id}")
+        write_diagnose_report(run, store.load(run))
         run.set_status("complete")
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect, keep every name on one line

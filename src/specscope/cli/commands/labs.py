@@ -90,11 +90,20 @@ def report_cmd(
     from specscope.labs.runner import finish
 
     run = store.Run.open(run_dir)
-    lab = labs.get(run.lab)
-    cfg = make_config(lab.Config, run.config, run.lab)
-    if not salvage:
-        run.check()  # before anything is rewritten
-    finish(run, lab, cfg, salvage=salvage)
+    if run.lab == "diagnose":
+        from specscope.cli.commands.diagnose import write_diagnose_report
+
+        write_diagnose_report(run, store.load(run, salvage=salvage))  # store.load checks the records first
+    elif run.lab == "demo":
+        from specscope.cli.commands.demo import rewrite_demo_report
+
+        rewrite_demo_report(run, salvage)
+    else:
+        lab = labs.get(run.lab)
+        cfg = make_config(lab.Config, run.config, run.lab)
+        if not salvage:
+            run.check()  # before anything is rewritten
+        finish(run, lab, cfg, salvage=salvage)
     show_run(run_dir)
 
 
