@@ -307,3 +307,13 @@ def test_cli_compare_names_runs_by_lab_and_settings(tmp_path, monkeypatch, capsy
     text = (tmp_path / "cmp" / "comparison.html").read_text()
     assert "<title>specscope comparison: lr=0.1 vs lr=0.2</title>" in text
     assert text.count('<td class="spectral">spectral</td>') == 2
+
+
+def test_compare_shows_the_medians_and_verdict_of_each_runs_report(tmp_path):
+    """Last step nr/st 1.67 (spectral on its own), median over the steps 1.0: compare says what the report says."""
+    nr = [10.0, 10.0, 16.7]
+    df = pd.DataFrame({"step": [0, 0, 1, 1, 2, 2], "layer": ["w"] * 6, "metric": ["stable_rank", "nuclear_rank"] * 3,
+                       "value": [v for n in nr for v in (10.0, n)]})
+    assert layer_summary(df)["verdict"].tolist() == ["undecided"]
+    text = write_comparison(tmp_path, {"a": df, "b": df}, dpi=DPI).read_text()
+    assert text.count('<td class="undecided">undecided</td>') == 2 and "spectral</td>" not in text

@@ -19,7 +19,7 @@ from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
                                    table, value_text, write_text_atomic)
-from specscope.report.tables import finite, ordered_unique, prepare, rank_pairs, unmeasured
+from specscope.report.tables import finite, layer_summary, ordered_unique, prepare, rank_pairs
 
 MAX_KEYS = 3  # differing settings named in a run's label
 MAX_SERIES = 8  # run/arm pairs drawn in the final-ranks figure
@@ -192,27 +192,30 @@ def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, st
 
 
 def final_table_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
-    """Wide: one row per weight; per run/arm its final st(A), nr(G), nr/st and verdict. A weight the probe
-    could not pair in a run has the verdict "unmeasured" there; "—" where a run has no such weight."""
-    final = final_ranks(runs)
-    missing = pd.concat([unmeasured(df).assign(run=str(name)) for name, df in runs.items()], ignore_index=True)
-    if final.empty and missing.empty:
+    """Wide: one row per weight; per run/arm its median st(A), nr(G) and nr/st over the measured steps and
+    the verdict of that median — `report.tables.layer_summary`, the numbers and rule of each run's own report
+    and of advice(). "unmeasured" where the probe could not pair the weight in a run; "—" where a run has
+    no such weight."""
+    summary = pd.concat([layer_summary(df).assign(run=str(name)) for name, df in runs.items()], ignore_index=True)
+    if summary.empty:
         return "<p>No per-weight st(A) / nr(G) were recorded.</p>"
-    series = ordered_unique(list(zip(final["run"], final["arm"])) + list(zip(missing["run"], missing["arm"])))
-    by = final.set_index(["run", "arm", "layer"])
-    not_paired = set(zip(missing["run"], missing["arm"], missing["layer"]))
+    series = ordered_unique(zip(summary["run"], summary["arm"]))
+    by = summary.set_index(["run", "arm", "layer"])
     rows, classes = [], []
-    for layer in ordered_unique(list(final["layer"]) + list(missing["layer"])):
+    for layer in ordered_unique(summary["layer"]):
         row, cls = [layer], [""]
         for run, arm in series:
             key = (run, arm, layer)
-            st, nr, ratio = by.loc[key][["st", "nr", "ratio"]].tolist() if key in by.index else [np.nan] * 3
-            v = verdict(ratio) if key in by.index else "unmeasured" if key in not_paired else "—"
-            row += [st, nr, ratio, v]
-            cls += ["", "", v, v]
+            if key in by.index:
+                r = by.loc[key]
+                row += [r["st_median"], r["nr_median"], r["ratio_median"], r["verdict"]]
+                cls += ["", "", r["verdict"], r["verdict"]]
+            else:
+                row += [np.nan, np.nan, np.nan, "—"]
+                cls += ["", "", "—", "—"]
         rows.append(row)
         classes.append(cls)
-    header = ["weight"] + ["st(A)", "nr(G)", "nr/st", "verdict"] * len(series)
+    header = ["weight"] + ["st(A)", "nr(G)", "nr/st", "verdict"] * len(series)  # medians: as in each run's report
     groups = [("", 1)] + [(_label(r, a, labels), 4) for r, a in series]
     return searchable(table(rows, header, classes=classes, sortable=True, groups=groups, table_class="wide"),
                       "a weight", len(rows))
@@ -249,7 +252,9 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
         "<h2>Figures</h2>",
         "\n".join(figure_block(s, d, captions[s]) for s, d in pngs.items()) or "<p>No metrics to plot.</p>",
         "<h2>Final metrics</h2>", final_metrics_html(runs, labels),
-        "<h2>Final per-weight values</h2>", final_table_html(runs, labels),
+        "<h2>Per-weight values</h2>",
+        "<p>Medians over each run's measured steps, and the verdict of the median nr/st — the numbers of each "
+        "run's own report.</p>", final_table_html(runs, labels),
         "<h2>Configuration</h2>", config_diff_html(configs, labels) if configs else config_table(None),
     ])
     path = out / "comparison.html"

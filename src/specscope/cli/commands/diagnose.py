@@ -91,7 +91,11 @@ def _fmt(x: float) -> str:
 def verdict_table(df, title: str) -> Table:
     """One row per weight. Names are printed literally and in full: the weight column folds a name that does
     not fit, it never cuts one."""
-    t = Table(title=Text(title))
+    from specscope.probe.advice import MARGIN
+
+    t = Table(title=Text(title), caption=Text(
+        f"medians over the measured steps (nr/st: of the per-step ratios, not nr/st of the medians); "
+        f"verdict: nr/st > {1 + MARGIN:g} spectral, < {1 / (1 + MARGIN):g} euclidean, else undecided"))
     t.add_column("weight", overflow="fold", ratio=1)  # the only column that gives way when the console is narrow
     for col in COLUMNS:
         t.add_column(col, justify="left" if col in ("verdict", "estimator") else "right", no_wrap=True)
