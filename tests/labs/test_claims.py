@@ -90,3 +90,10 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             main()
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_a_demo_is_counted_once_through_the_lab_runs_inside_it(tmp_path):
+    _run(tmp_path, "demo", "dm01", {"quick": False}, [_claim("PASS", 1.0, "RF-1")])  # the demo's copy of its labs' claims
+    _run(tmp_path / "demo" / "dm01", "random-features", "rf02", {"seed": 0}, [_claim("PASS", 1.0, "RF-1")])
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    assert [(r["lab"], r["id"], r["runs"]) for r in rows] == [("random-features", "RF-1", ["rf02"])]

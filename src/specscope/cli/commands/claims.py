@@ -45,7 +45,7 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         if not meta_file.is_file() or sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
             continue
         meta, data = json.loads(meta_file.read_text()), json.loads(summary.read_text())
-        if meta.get("status") != "complete":
+        if meta.get("status") != "complete" or meta.get("lab") == "demo":  # a demo's lab runs, inside it, speak for it
             continue
         out.append((meta["lab"], summary.parent.name, meta.get("config", {}), _digits(meta.get("created", "")),
                     [Claim(**c) for c in data.get("claims", [])]))
