@@ -43,6 +43,9 @@ def test_runs_lists_status(root):
     assert lines.index(r2) < lines.index(r1)  # newest first
     res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "demo"])
     assert "r1" in res.output and "r2" not in res.output
+    assert "last step" in res.output  # the column is the last recorded step, not a count
+    res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "dem"])
+    assert res.exit_code == 0 and "for lab 'dem'" in res.output and "Labs with runs there: " in res.output
 
 
 def test_runs_empty_root(tmp_path):

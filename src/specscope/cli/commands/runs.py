@@ -28,12 +28,14 @@ def runs(
 
     df = list_runs(root, lab=lab)
     if df.empty:
-        typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + ".")
+        present = sorted(set(list_runs(root).lab)) if lab else []
+        typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + "."
+                   + (f" Labs with runs there: {', '.join(present)}." if present else ""))
         return
     table = Table(title=f"runs in {markup(root)}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
-    for col in ("run_id", "lab", "status", "created", "steps"):  # path = root/lab/run_id
+    for col in ("run_id", "lab", "status", "created", "last step"):  # path = root/lab/run_id
         table.add_column(col, no_wrap=col != "lab", min_width=8 if col == "lab" else None,
-                         justify="right" if col == "steps" else "left")
+                         justify="right" if col == "last step" else "left")
     for r in df.itertuples():
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
         status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
