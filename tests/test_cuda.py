@@ -47,7 +47,11 @@ def test_nuclear_norms_agree_across_devices():
     mats = [MATRICES[k]() for k in MATRICES] + [torch.randn(512, 300, generator=torch.Generator().manual_seed(4))]
     cpu = linalg.nuclear_norms(mats)
     cuda = linalg.nuclear_norms([m.cuda() for m in mats]).cpu()
-    assert torch.allclose(cuda, cpu, rtol=1e-9)
+    # full rank: float64 eigenvalues, ~1e-15 apart; the rank-3 float32 matrix adds 125 singular values of its
+    # rounding noise (~1e-7·σ_1), which two float64 eigensolvers resolve only to ~1e-8 of the sum (measured on
+    # the CPU: Gram route vs SVD 2.6e-8)
+    rtol = torch.tensor([1e-9, 1e-9, 1e-6, 1e-9], dtype=torch.float64)
+    assert ((cuda - cpu).abs() <= rtol * cpu).all(), (cuda - cpu) / cpu
 
 
 def _train(make_opt, device: str, steps: int = 3) -> list[torch.Tensor]:
