@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specscope.errors import NonFiniteError
-from specscope.optim import Hybrid, Muon, spectral_param_groups
+from specscope.optim import AutoGeometry, Hybrid, LowRankDecay, Muon, SpecGD, spectral_param_groups
 
 SCRIPT = textwrap.dedent(
     """
@@ -100,3 +100,40 @@ def test_state_dict_round_trip(tiny_model):
     opt2.step()
     for p, q in zip(tiny_model.parameters(), model2.parameters()):
         assert torch.equal(p, q)
+
+
+def _weights():
+    return [("blocks.0.fc.weight", torch.nn.Parameter(torch.randn(8, 6)))]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Muon(_weights(), lr=float("nan")), "lr=nan is not a finite number"),
+    (lambda: Muon(_weights(), lr="0.02"), "lr='0.02' is not a finite number"),
+    (lambda: Muon(_weights(), lr=-1.0), "lr must be >= 0, got -1.0"),
+    (lambda: Muon(_weights(), momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
+    (lambda: Muon(_weights(), weight_decay=-1), "weight_decay must be >= 0, got -1"),
+    (lambda: SpecGD(_weights(), lr=0.1, momentum=float("inf")), "momentum=inf is not a finite number"),
+    (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, threshold=-1), "threshold must be > 0, got -1"),
+    (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, hysteresis=1.0), r"hysteresis must be in \[0, 1\)"),
+    (lambda: AutoGeometry(_weights(), lr=0.1), "AutoGeometry\\(monitor=None\\): pass the st\\(A\\) source"),
+    (lambda: AutoGeometry(_weights(), lr=0.1, monitor=42), "AutoGeometry\\(monitor=42\\)"),
+    (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=-1, weight_decay=0.1), "lr must be a finite number >= 0, got -1"),
+    (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, polar_method="bogus"),
+     "polar_method='bogus' is unknown"),
+])
+def test_bad_hyperparameters_are_one_error_naming_the_value(make, message):
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_specgd_and_autogeometry_take_the_lrs_of_their_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    groups = spectral_param_groups(model, lr_spectral=0.05, lr_adamw=1e-3, algorithm="specgd")
+    opt = SpecGD(groups)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-3, 0.05]
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    auto = AutoGeometry([{"params": list(model[0].parameters())[:1], "lr": 0.1}], monitor=lambda layer: 3.0)
+    assert auto.param_groups[0]["lr"] == 0.1

@@ -44,6 +44,10 @@ AUTO_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def _number_or_none(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def choose(previous: int | None, advantage: float, threshold: float, hysteresis: float) -> int:
     """1 (spectral) or 0 (Euclidean): switch only when nr/st crosses the threshold by the hysteresis band."""
     if previous is None:
@@ -176,7 +180,7 @@ class AutoGeometry(Hybrid):
     def __init__(
         self,
         params: Iterable,
-        lr: float,
+        lr: float | None = None,
         monitor: Any = None,
         threshold: float = 1.0,
         hysteresis: float = 0.1,
@@ -191,10 +195,16 @@ class AutoGeometry(Hybrid):
     ) -> None:
         if euclidean not in EUCLIDEAN:
             raise ConfigError(f"euclidean={euclidean!r} is unknown; use one of {EUCLIDEAN}")
-        if every < 1 or not 0 <= hysteresis < 1 or threshold <= 0:
-            raise ConfigError(f"need every >= 1, 0 <= hysteresis < 1, threshold > 0 (got {every}, {hysteresis}, {threshold})")
+        if not isinstance(every, int) or every < 1:
+            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
+        if _number_or_none(threshold) is not None and threshold <= 0:
+            raise ConfigError(f"threshold must be > 0, got {threshold!r}")
         super().__init__(
-            params, "auto", stable_rank=monitor, lr=lr, threshold=threshold, hysteresis=hysteresis, every=every,
+            params, "auto", stable_rank=monitor, **({} if lr is None else {"lr": lr}), threshold=threshold, hysteresis=hysteresis, every=every,
             euclidean=euclidean, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
             weight_decay=weight_decay, polar=polar,
         )
+        if monitor is None or not (callable(monitor) or callable(getattr(monitor, "stable_rank", None))):
+            raise ConfigError(f"AutoGeometry(monitor={monitor!r}): pass the st(A) source it chooses by — a probe Monitor "
+                              "(probe.Monitor(model)) or a callable layer name -> st(A) or None; without st(A) use "
+                              "SpecGD (spectral) or an AdamW/SGD group (Euclidean)")

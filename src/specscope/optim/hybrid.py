@@ -13,6 +13,8 @@ whose default algorithm is theirs, so each of them accepts extra algorithm="adam
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +46,30 @@ ALGORITHMS: dict[str, Algorithm] = {
 def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool) -> None:
     """Make `algorithm=name` available to every Hybrid-based optimizer."""
     ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral)
+
+
+# group hyperparameters checked on every group: [low, high), each a finite real number
+_RANGES = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (0.0, 1.0), "eps": (0.0, math.inf),
+           "threshold": (0.0, math.inf), "hysteresis": (0.0, 1.0)}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        return float(value) if value.numel() == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _check_numbers(group: dict[str, Any]) -> None:
+    """One ConfigError naming the first hyperparameter of the group that is not a finite number in range."""
+    for key, (low, high) in _RANGES.items():
+        if key not in group:
+            continue
+        number = _number(group[key])
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{key}={group[key]!r} is not a finite number; pass a float")
+        if not low <= number < high:
+            bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
+            raise ConfigError(f"{key} must be {bound}, got {group[key]!r}")
 
 
 class Hybrid(Optimizer):
@@ -79,8 +105,7 @@ class Hybrid(Optimizer):
                 group.setdefault(key, value)
         super().add_param_group(group)
         group = self.param_groups[-1]
-        if float(group["lr"]) < 0:
-            raise ConfigError(f"lr must be >= 0, got {group['lr']}")
+        _check_numbers(group)
         if "polar" in group and ALGORITHMS[alg].spectral:
             _common.check_polar(group["polar"])
         if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:

@@ -13,6 +13,7 @@ Per matrix W, with η = group["lr"] (so an LRScheduler can drive it) and λ = we
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.linalg.polar import METHODS as POLAR_METHODS
 from specscope.optim import _common, _distributed
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
@@ -58,8 +60,12 @@ class LowRankDecay(Optimizer):
         group = self.param_groups[-1]
         if group["mode"] not in MODES:
             raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
-        if group["lr"] < 0 or group["weight_decay"] < 0 or group["l2"] < 0:
-            raise ConfigError("LowRankDecay lr, weight_decay and l2 must be >= 0")
+        for key in ("lr", "weight_decay", "l2"):
+            value = group[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
+        if group["polar_method"] not in POLAR_METHODS:
+            raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r} is unknown; use one of {POLAR_METHODS}")
         for p in group["params"]:
             if p.ndim < 2:
                 raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "

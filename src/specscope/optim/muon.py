@@ -85,8 +85,6 @@ class Muon(Hybrid):
         polar: _common.PolarSpec = DEFAULT_POLAR,
         shardwise: bool = False,
     ) -> None:
-        if momentum < 0 or weight_decay < 0:
-            raise ConfigError(f"momentum and weight_decay must be >= 0 (got {momentum}, {weight_decay})")
         if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
             raise ConfigError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use None, 'original' or 'match_rms_adamw'")
         if not 0 < ns_steps < 100:

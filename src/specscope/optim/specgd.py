@@ -77,7 +77,7 @@ class SpecGD(Hybrid):
     def __init__(
         self,
         params: Iterable,
-        lr: float,
+        lr: float | None = None,
         momentum: float = 0.0,
         nesterov: bool = False,
         stable_rank: Any = None,
@@ -88,6 +88,6 @@ class SpecGD(Hybrid):
         if momentum < 0 or (nesterov and momentum == 0):
             raise ConfigError(f"momentum must be >= 0 and > 0 for nesterov (got {momentum}, nesterov={nesterov})")
         super().__init__(
-            params, "specgd", stable_rank=stable_rank, lr=lr, momentum=momentum, nesterov=nesterov,
+            params, "specgd", stable_rank=stable_rank, **({} if lr is None else {"lr": lr}), momentum=momentum, nesterov=nesterov,
             polar=polar, weight_decay=weight_decay, shardwise=shardwise,
         )
