@@ -160,3 +160,21 @@ def test_list_overrides_accept_commas_brackets_and_json():
     for raw in ("a,b", "[a,b]", '["a", "b"]'):
         assert parse_overrides(toy_lab.Config, [f"arms={raw}"])["arms"] == ["a", "b"]
     assert parse_overrides(toy_lab.Config, ["arms=[]"])["arms"] == []
+
+
+def test_described_types_show_the_allowed_values():
+    from typing import Annotated, Literal, Optional
+
+    from pydantic import BaseModel, Field
+
+    from specscope.labs.config import describe_fields
+
+    class C(BaseModel):
+        mlp: Literal["relu2", "gelu"] = "relu2"
+        arms: list[Literal["adamw", "muon"]] = ["adamw"]
+        rates: list[Annotated[float, Field(gt=0)]] = [0.1]
+        cap: Optional[int] = None
+
+    text = describe_fields(C)
+    assert "mlp (one of relu2|gelu) = 'relu2'" in text and "arms (list of one of adamw|muon)" in text
+    assert "rates (list of float > 0)" in text and "cap (int or None) = None" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,25 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     """`name (type) = default` for every key, for error messages and `specscope list --keys`."""
     parts = []
     for name, f in config_cls.model_fields.items():
-        tp = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        parts.append(f"{name} ({tp}{_range(f.metadata)}) = {f.default!r}")
+        parts.append(f"{name} ({type_name(f.annotation)}{_range(f.metadata)}) = {f.default!r}")
     return ", ".join(parts)
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as a user writes values for it: `one of relu2|swiglu`, `list of int`, `float or None`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return "one of " + "|".join(str(a) for a in args)
+    if origin in (list, tuple, set) and args:
+        return f"list of {type_name(args[0])}"
+    if origin is typing.Annotated:
+        meta = [m for a in args[1:] for m in (getattr(a, "metadata", None) or [a])]  # Field(gt=0) holds Gt(0)
+        return type_name(args[0]) + _range(meta)
+    if origin in (typing.Union, types.UnionType) and args:
+        return " or ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin is dict:
+        return "table"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
