@@ -212,6 +212,9 @@ def test_report_rewrites_a_diagnose_run(tmp_path):
     res = CliRunner().invoke(app, ["report", str(run_dir)])
     assert res.exit_code == 0, res.output
     assert "diagnose mlp" in page.read_text()
+    page.unlink()
+    res = CliRunner().invoke(app, ["report", run_dir.name, "--root", str(tmp_path)])  # the id `runs` prints
+    assert res.exit_code == 0 and page.is_file(), res.output
 
 
 def test_the_readme_factory_runs_and_a_wrong_loss_signature_is_one_line(tmp_path, monkeypatch, capsys):

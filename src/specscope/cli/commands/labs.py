@@ -81,14 +81,16 @@ def show_run(run_dir: Path) -> None:
 
 @app.command("report")
 def report_cmd(
-    run_dir: Path = typer.Argument(..., help="A run directory."),
+    run_dir: str = typer.Argument(..., help="A run directory, or a run id (or lab/run_id) under --root."),
     salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
+    root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
 ) -> None:
     """Recompute a run's claims from its recorded metrics and rewrite its report.html."""
     from specscope import labs, store
     from specscope.labs.config import make_config
     from specscope.labs.runner import finish
 
+    run_dir = store.find_run(run_dir, root)
     run = store.Run.open(run_dir)
     if run.lab == "diagnose":
         from specscope.cli.commands.diagnose import write_diagnose_report
@@ -109,9 +111,10 @@ def report_cmd(
 
 @app.command("compare")
 def compare(
-    run_dirs: list[Path] = typer.Argument(..., help="Two or more run directories."),
+    run_dirs: list[str] = typer.Argument(..., help="Two or more run directories, or run ids (or lab/run_id) under --root."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison (default runs/compare/<time>)."),
     salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
+    root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
 ) -> None:
     """Overlay several runs in one HTML page (loss curves, st(A) and nr(G) per weight)."""
     import time
@@ -120,7 +123,7 @@ def compare(
 
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
-    runs = [store.Run.open(p) for p in run_dirs]
+    runs = [store.Run.open(store.find_run(p, root)) for p in run_dirs]
     frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
