@@ -34,7 +34,8 @@ def runs(
         return
     table = Table(title=f"runs in {markup(root)}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
     for col in ("run_id", "lab", "status", "created", "last step"):  # path = root/lab/run_id
-        table.add_column(col, no_wrap=col != "lab", min_width=8 if col == "lab" else None,
+        whole = col in ("run_id", "last step")  # kept on one line; the others wrap in a narrow terminal, none is cut
+        table.add_column(col, no_wrap=whole, overflow="fold", min_width=22 if col == "run_id" else 9 if whole else None,
                          justify="right" if col == "last step" else "left")
     for r in df.itertuples():
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
