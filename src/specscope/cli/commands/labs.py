@@ -81,7 +81,7 @@ def show_run(run_dir: Path) -> None:
 
 @app.command("report")
 def report_cmd(
-    run_dir: str = typer.Argument(..., help="A run directory, or a run id (or lab/run_id) under --root."),
+    run_dir: str = typer.Argument(..., metavar="RUN", help="A run directory, or a run id (or lab/run_id) under --root."),
     salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
 ) -> None:

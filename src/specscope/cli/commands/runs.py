@@ -47,7 +47,7 @@ def runs(
 
 @app.command()
 def export(
-    run: str = typer.Argument(..., help="Run directory, or a run id (or lab/run_id) under --root."),
+    run: str = typer.Argument(..., metavar="RUN", help="Run directory, or a run id (or lab/run_id) under --root."),
     format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <run_id>.<format> here)."),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
