@@ -243,3 +243,12 @@ def test_the_readme_factory_runs_and_a_wrong_loss_signature_is_one_line(tmp_path
             sys.modules.pop(name, None)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "loss_fn(model, batch) raised TypeError" in err, err
+
+
+def test_printed_ratio_sits_on_the_same_side_of_the_verdict_bounds():
+    from specscope.cli.commands.diagnose import _fmt_ratio
+    from specscope.probe.advice import verdict
+
+    for x in (1.2504, 1.2496, 0.79999, 0.80001, 2.345, 1.0):
+        assert verdict(float(_fmt_ratio(x))) == verdict(x), x
+    assert _fmt_ratio(2.345) == "2.35" and _fmt_ratio(1.2504) == "1.2504"

@@ -88,6 +88,19 @@ def _fmt(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.3g}"
 
 
+def _fmt_ratio(x: float) -> str:
+    """nr/st with 3 significant digits, or as many more as it takes for the printed value to fall on the
+    same side of the verdict's bounds as the value itself (1.2504 prints 1.2504, not 1.25, beside "spectral")."""
+    from specscope.probe.advice import verdict
+
+    if not math.isfinite(x):
+        return "-"
+    digits = 3
+    while verdict(float(f"{x:.{digits}g}")) != verdict(x) and digits < 12:
+        digits += 1
+    return f"{x:.{digits}g}"
+
+
 def verdict_table(df, title: str) -> Table:
     """One row per weight. Names are printed literally and in full: the weight column folds a name that does
     not fit, it never cuts one."""
@@ -101,7 +114,7 @@ def verdict_table(df, title: str) -> Table:
         t.add_column(col, justify="left" if col in ("verdict", "estimator") else "right", no_wrap=True)
     for r in df.itertuples():
         verdict = Text(r.verdict, style=COLOURS.get(r.verdict, "magenta"))
-        t.add_row(Text(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt(r.spectral_advantage), verdict,
+        t.add_row(Text(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt_ratio(r.spectral_advantage), verdict,
                   Text(r.estimator), str(r.rows))
     return t
 
