@@ -32,7 +32,7 @@ from torch import Tensor
 
 from specscope.errors import ConfigError
 from specscope.optim import _common, _euclidean, l1_to_l2
-from specscope.optim.hybrid import Hybrid, register
+from specscope.optim.hybrid import Hybrid, _number, register
 from specscope.optim.specgd import layer_stable_ranks
 from specscope.records import Record
 
@@ -42,10 +42,6 @@ AUTO_DEFAULTS: dict[str, Any] = dict(
     betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, polar="gram", ns_coefficients=(3.4445, -4.775, 2.0315),
     ns_steps=5, shardwise=False, token_dim=None,
 )
-
-
-def _number_or_none(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def choose(previous: int | None, advantage: float, threshold: float, hysteresis: float) -> int:
@@ -197,7 +193,7 @@ class AutoGeometry(Hybrid):
             raise ConfigError(f"euclidean={euclidean!r} is unknown; use one of {EUCLIDEAN}")
         if not isinstance(every, int) or every < 1:
             raise ConfigError(f"every must be an integer >= 1, got {every!r}")
-        if _number_or_none(threshold) is not None and threshold <= 0:
+        if _number(threshold) is not None and threshold <= 0:
             raise ConfigError(f"threshold must be > 0, got {threshold!r}")
         super().__init__(
             params, "auto", stable_rank=monitor, **({} if lr is None else {"lr": lr}), threshold=threshold, hysteresis=hysteresis, every=every,
