@@ -170,11 +170,15 @@ def main() -> None:
     ap.add_argument("--implicit-min", type=int, default=None,
                     help="inputs at least this wide take the implicit (Krylov) route; 1 = every dense input "
                          f"(default {E.IMPLICIT_MIN}, wider than these tiny models' inputs)")
+    ap.add_argument("--nuclear", choices=["auto", "eigh", "polar"], default="auto",
+                    help="route of ‖G‖_* (linalg.nuclear_norms): auto = float64 eigenvalues on the CPU, the matmul-only "
+                         "polar route on an accelerator; polar = that route here too")
     args = ap.parse_args()
+    E.NUCLEAR_METHOD = args.nuclear
     if args.implicit_min is not None:
         E.IMPLICIT_MIN = args.implicit_min
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; estimator {args.estimator!r} vs exact float64; "
-          f"implicit route for inputs ≥ {E.IMPLICIT_MIN} features")
+          f"implicit route for inputs ≥ {E.IMPLICIT_MIN} features; ‖G‖_* route {args.nuclear!r}")
     print("\n| architecture | every | weights | unmeasured | st(A) median | st(A) max | nr(G) median | nr(G) max | verdicts differing |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for arch in args.arch:

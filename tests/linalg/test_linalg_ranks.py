@@ -253,3 +253,81 @@ def test_eigensolve_pool_works_in_a_forked_child(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("lower,tol", [(1e-3, 1e-4), (2e-7, 5e-5), (0.05, 1e-2)])
+def test_converging_schedule_maps_its_interval_to_one_and_below_it_into_unit_interval(lower, tol):
+    """The composite polynomial, evaluated in float64 on a dense grid: within tol of 1 on [lower, 1],
+    in [0, 1] below lower — the two facts the nuclear-norm bound rests on."""
+    from specscope.linalg._coefficients import converging_schedule
+    x0 = torch.cat([torch.logspace(math.log10(lower), 0, 20001, dtype=torch.float64), torch.tensor([lower, 1.0], dtype=torch.float64)])
+    below = torch.logspace(-12, math.log10(lower), 2001, dtype=torch.float64)[:-1]
+    xs, ys = x0.clone(), below.clone()
+    for a, b, c in converging_schedule(lower, tol):
+        xs, ys = a * xs + b * xs**3 + c * xs**5, a * ys + b * ys**3 + c * ys**5
+    assert (xs - 1).abs().max() <= tol
+    assert (ys >= 0).all() and (ys <= 1).all()
+
+
+def test_minimax_quintic_equioscillates():
+    """Remez result: |1 − p| reaches E at four points of [lo, hi] and nowhere exceeds it (Chebyshev's
+    criterion: so no odd quintic does better)."""
+    from specscope.linalg._coefficients import minimax_quintic
+    (a, b, c), E = minimax_quintic(1e-3, 1.0)
+    x = torch.linspace(1e-3, 1.0, 200001, dtype=torch.float64)
+    err = 1 - (a * x + b * x**3 + c * x**5)
+    assert err.abs().max() <= E * (1 + 1e-9)
+    assert err[0] == pytest.approx(E, rel=1e-9) and err[-1] == pytest.approx(-E, rel=1e-9)
+    assert 0.99 < E < 0.992  # ℓ = 1e-3: the first step can only lift 1e-3 to ≈ 8.5e-3
+
+
+def _with_spectrum(s: torch.Tensor, m: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0][:, : len(s)]
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0][:, : len(s)]
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-2])
+@given(st.integers(0, 2**16), st.sampled_from(["geometric", "cluster at ℓ", "one big + many at ℓ", "rank 3"]))
+def test_nuclear_norms_polar_within_its_bound(tol, seed, kind):
+    """|‖G‖_* − exact| ≤ tol·‖G‖_*, on spectra built to sit where the bound is loosest: many singular values
+    at and just below ℓ·‖G‖_F (ℓ = tol/2k), where the iteration has not lifted them to 1."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = int(torch.randint(20, 70, (1,), generator=g)), int(torch.randint(20, 70, (1,), generator=g))
+    k = min(m, n)
+    u = torch.rand(k, generator=g, dtype=torch.float64)
+    ell = tol / (2 * k)
+    if kind == "geometric":
+        s = 10 ** (-12 * u)
+    elif kind == "cluster at ℓ":
+        s = torch.cat([torch.ones(1, dtype=torch.float64), ell * (0.3 + 2 * u[1:])])
+    elif kind == "one big + many at ℓ":  # measured in units of ‖G‖_F ≈ 1: near the worst case of the bound
+        s = torch.cat([torch.ones(1, dtype=torch.float64), ell * (1 - 0.5 * u[1:])])
+    else:
+        s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)[: k]
+    G = _with_spectrum(s, m, n, seed)
+    exact = s.sum()
+    got = L.nuclear_norms([G, G.T.float()], method="polar", tol=tol)
+    assert (got[0] - exact).abs() <= tol * exact
+    assert (got[1] - exact).abs() <= tol * exact + 1e-6 * exact  # float32 input: its own rounding on top
+
+
+def test_nuclear_norms_polar_matches_eigh_on_real_gradients():
+    """Gradients of a tiny transformers GPT-2 after a few AdamW steps: the matmul-only route agrees with
+    the float64 eigenvalue route within its 1e-4 bound, for every hidden matrix."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(128, (8, 32))
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    mats = [p.grad for p in model.parameters() if p.ndim == 2]
+    eig = L.nuclear_norms(mats, method="eigh")
+    pol = L.nuclear_norms(mats, method="polar")
+    assert ((pol - eig).abs() <= 1e-4 * eig).all(), ((pol - eig) / eig).abs().max()
+    with pytest.raises(ValueError, match="unknown method 'qr'"):
+        L.nuclear_norms(mats, method="qr")

@@ -230,3 +230,25 @@ def test_cuda_records_match_cpu(tiny_gpt, lm_step, tokens, estimator):
     assert out["cpu"].keys() == out["cuda"].keys()
     for k, v in out["cpu"].items():  # TF32 is off by default for matmuls, so float32 agreement
         assert out["cuda"][k] == pytest.approx(v, rel=2e-3), k
+
+
+def test_accelerator_nuclear_route_records_within_its_bound(monkeypatch, tiny_gpt, lm_step, tokens):
+    """The route a CUDA Monitor takes for ‖G‖_* (matmuls only), forced on the CPU: records say `polar`,
+    and nr(G) is within 2·10⁻⁴ (twice ‖G‖_*'s bound) of the float64-eigenvalue route on the same steps."""
+    from specscope.probe import estimators as E
+    out = {}
+    for method in ("eigh", "polar"):
+        monkeypatch.setattr(E, "NUCLEAR_METHOD", method)
+        model = tiny_gpt(n_layer=2)
+        mon = Monitor(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(3):
+            opt.zero_grad()
+            with mon.step(step):
+                lm_step(model, tokens).backward()
+            opt.step()
+        out[method] = [r for r in mon.pop_records() if r.metric == "nuclear_rank"]
+    assert {r.estimator for r in out["eigh"]} == {"gram"} and {r.estimator for r in out["polar"]} == {"polar"}
+    assert [(r.step, r.layer) for r in out["eigh"]] == [(r.step, r.layer) for r in out["polar"]]
+    for a, b in zip(out["eigh"], out["polar"]):
+        assert b.value == pytest.approx(a.value, rel=2e-4), (a.layer, a.step)

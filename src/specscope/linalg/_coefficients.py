@@ -18,3 +18,72 @@ _PE_RAW = [
     (1.875, -1.25, 0.375),
 ]
 POLAR_EXPRESS_COEFFICIENTS = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _PE_RAW[:-1]] + [_PE_RAW[-1]]
+
+
+def _solve4(M: list[list[float]], rhs: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting for the 4×4 Remez system (no dependency at import)."""
+    A = [row[:] + [r] for row, r in zip(M, rhs)]
+    n = len(A)
+    for i in range(n):
+        p = max(range(i, n), key=lambda r: abs(A[r][i]))
+        A[i], A[p] = A[p], A[i]
+        for r in range(i + 1, n):
+            f = A[r][i] / A[i][i]
+            A[r] = [x - f * y for x, y in zip(A[r], A[i])]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (A[i][n] - sum(A[i][j] * x[j] for j in range(i + 1, n))) / A[i][i]
+    return x
+
+
+def _critical_points(a: float, b: float, c: float) -> list[float]:
+    """Positive x with p'(x) = a + 3bx² + 5cx⁴ = 0, ascending."""
+    disc = 9 * b * b - 20 * a * c
+    if c == 0 or disc < 0:
+        return []
+    ys = sorted(((-3 * b - disc**0.5) / (10 * c), (-3 * b + disc**0.5) / (10 * c)))
+    return [y**0.5 for y in ys if y > 0]
+
+
+def minimax_quintic(lo: float, hi: float, iters: int = 100) -> tuple[tuple[float, float, float], float]:
+    """The odd quintic p(x) = ax + bx³ + cx⁵ that minimises E = max |1 − p(x)| over [lo, hi], and E.
+
+    Remez exchange on the alternation points lo < q₁ < q₂ < hi (p = 1 − E, 1 + E, 1 − E, 1 + E there;
+    q₁, q₂ the critical points of p), the construction of Polar Express (arXiv 2505.16932, §4). p maps
+    [lo, hi] into [1 − E, 1 + E] and is increasing on [0, q₁], so it maps [0, lo] into [0, 1 − E]."""
+    xs = [lo, (3 * lo + hi) / 4, (lo + 3 * hi) / 4, hi]
+    for _ in range(iters):
+        a, b, c, E = _solve4([[x, x**3, x**5, (-1) ** j] for j, x in enumerate(xs)], [1.0] * 4)
+        q = _critical_points(a, b, c)
+        if len(q) != 2 or not lo < q[0] < q[1] < hi:
+            break
+        new = [lo, q[0], q[1], hi]
+        done = max(abs(u - v) for u, v in zip(new, xs)) <= 1e-15 * hi
+        xs = new
+        if done:
+            break
+    p = lambda x: a * x + b * x**3 + c * x**5  # noqa: E731
+    return (a, b, c), max(abs(1 - p(x)) for x in [lo, hi, *_critical_points(a, b, c)] if lo <= x <= hi)
+
+
+def converging_schedule(lower: float, tol: float) -> list[tuple[float, float, float]]:
+    """Quintic steps that take every σ in [lower, 1] to within `tol` of 1 (exact interval arithmetic).
+
+    Minimax polynomials (`minimax_quintic`) on the current interval [ℓ, u] while E > 1e-3, then the
+    cubically convergent 15/8 x − 10/8 x³ + 3/8 x⁵ (increasing everywhere: [ℓ, u] ↦ [p(ℓ), p(u)]). Every
+    σ below `lower` ends in [0, 1]: each polynomial is increasing below its interval. Deterministic, so the
+    same (lower, tol) gives the same schedule."""
+    if not 0 < lower < 1 or not 0 < tol < 1:
+        raise ValueError(f"converging_schedule: need 0 < lower < 1 and 0 < tol < 1, got {lower}, {tol}")
+    lo, hi, out = lower, 1.0, []
+    while True:
+        if max(1 - lo, hi - 1) > 1e-3:
+            abc, E = minimax_quintic(lo, hi)
+            lo, hi = 1 - E, 1 + E
+        else:
+            abc = (15 / 8, -10 / 8, 3 / 8)
+            p = lambda x: (15 * x - 10 * x**3 + 3 * x**5) / 8  # noqa: E731
+            lo, hi = p(lo), p(hi)
+        out.append(abc)
+        if max(1 - lo, hi - 1) <= tol:
+            return out

@@ -441,12 +441,23 @@ def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int 
     return ExactStats(n)
 
 
+NUCLEAR_METHOD = "auto"  # linalg.nuclear_norms' route for ‖G‖_*: "auto", "eigh" or "polar"
+
+
+def nuclear_route(device: torch.device) -> str:
+    """The estimator name of the route ‖G‖_* takes on `device`: "gram" (float64 Gram eigenvalues, the CPU's)
+    or "polar" (linalg.nuclear_norms_polar, matmuls only, within 1e-4: an accelerator's)."""
+    method = NUCLEAR_METHOD if NUCLEAR_METHOD != "auto" else ("eigh" if device.type == "cpu" else "polar")
+    return "gram" if method == "eigh" else "polar"
+
+
 def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
 
-    `exact=False`: ‖G‖_* from the eigenvalues of the smaller Gram, formed in float64 (exact to ~1e-12
-    relative; `linalg.nuclear_norms`: spread over the CPU threads, or batched by Gram size). `exact=True`:
-    float64 SVD.
+    `exact=False`: `linalg.nuclear_norms` by NUCLEAR_METHOD — on the CPU from the eigenvalues of the smaller
+    Gram, formed in float64 (exact to ~1e-12 relative; spread over the CPU threads), on an accelerator by
+    the matmul-only polar route (within 1e-4 relative; no eigensolver, no host synchronisation).
+    `exact=True`: float64 SVD.
     """
     if not mats:
         z = torch.zeros(0, dtype=torch.float64)
@@ -459,5 +470,5 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
         return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
     # float64 Gram by default: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular
     # values ~3e-4·σ_1 on every zero direction, inflating ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
-    nuc = L.nuclear_norms(mats, dtype, check=False).to(fro.device)
+    nuc = L.nuclear_norms(mats, dtype, check=False, method=NUCLEAR_METHOD).to(fro.device)
     return fro, nuc

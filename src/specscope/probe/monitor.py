@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
+from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, make_stats
 from specscope.probe.pairing import (MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve,
@@ -524,7 +525,7 @@ class Monitor:
         fro, nuc = D.gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
         if self.extras:  # the extras need whole matrices: gather sharded ones
             named = [(nm, s, D.whole(G)) for nm, s, G in named]
-        nr_est = "exact" if self.estimator == "exact" else "gram"
+        nr_est = "exact" if self.estimator == "exact" else E.nuclear_route(named[0][2].device if named else torch.device("cpu"))
         for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
             self._records_for(step, nm, s, G, f, n, nr_est, self._input_of(inputs, s, nm))
 
