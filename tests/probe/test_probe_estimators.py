@@ -123,3 +123,40 @@ def test_krylov_top_batched_equals_one_by_one():
         t, w, b = E.krylov_top(A[i], V[i], depth=2)
         assert float(theta[i]) == pytest.approx(float(t), rel=1e-5) and float(bound[i]) == pytest.approx(float(b), rel=1e-2, abs=1e-9)
         assert torch.allclose((W[i].mT @ w).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)  # same top Ritz vector
+
+
+def test_cholesky_qr_is_an_orthonormal_basis_of_the_same_span_or_keeps_the_fallback():
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(3, 200, 8, generator=g) * torch.logspace(0, -3, 8)  # columns 1000× apart in scale
+    old = E._initial_block(200, 8, Z.device).expand(3, -1, -1)
+    Q = E.cholesky_qr(Z, old)
+    eye = torch.eye(8)
+    assert (Q.mT @ Q - eye).abs().max() < 1e-5
+    H = torch.linalg.qr(Z.double()).Q
+    assert ((Q.double() @ Q.double().mT) - H @ H.mT).abs().max() < 1e-5  # the same projector: the same span
+    # exactly 3 independent columns, all zero, non-finite: each entry keeps its (orthonormal) fallback
+    three = torch.randn(200, 3, generator=g)
+    bad = torch.stack([torch.cat([three, three, three[:, :2]], 1), torch.zeros(200, 8), torch.full((200, 8), float("nan"))])
+    assert torch.equal(E.cholesky_qr(bad, old), old)
+    # rank 3 up to float32 rounding: the rounding-noise directions are directions too (as Householder's)
+    noisy = E.cholesky_qr((three @ torch.randn(3, 8, generator=g))[None], old[:1])
+    assert (noisy.mT @ noisy - eye).abs().max() < 1e-5
+    mixed = torch.stack([Z[0], bad[1], Z[2]])
+    Qm = E.cholesky_qr(mixed, old)
+    assert torch.equal(Qm[1], old[1]) and torch.allclose(Qm[0], Q[0]) and torch.allclose(Qm[2], Q[2])
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(8, 96), rank=st.integers(1, 96), decay=st.floats(0.5, 6.0), seed=st.integers(0, 10_000))
+def test_certified_gram_route_is_within_its_certificate(n, rank, decay, seed):
+    """top_eigenvalues: θ never above λ_max, and where it says certified, within CERTIFIED of it — full-rank
+    and rank-deficient Grams alike (these keep their block and are mostly left to eigvalsh)."""
+    k = min(rank, n)
+    A = spectrum_matrix(3 * n, n, torch.logspace(0, -decay, k, dtype=torch.float64), seed)
+    C = (A.mT @ A)[None]
+    lam = float(torch.linalg.eigvalsh(C.double())[0, -1])
+    theta, V, ok = E.top_eigenvalues(C, E._initial_block(n, min(E.BLOCK, n), C.device)[None], E.COLD_ITERS)
+    assert float(theta[0]) <= lam * (1 + 1e-5)
+    if bool(ok[0]):
+        assert (lam - float(theta[0])) / lam <= E.CERTIFIED + 1e-5
+    assert torch.isfinite(V).all()

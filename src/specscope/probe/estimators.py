@@ -245,15 +245,34 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     return top, Qc @ Y[..., -b:], bound
 
 
+def cholesky_qr(Z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of each Z [..., n, b] by CholeskyQR2 in float64: Q = Z R⁻¹ with
+    RᵀR = ZᵀZ, twice. Batched products, a b×b Cholesky and a triangular solve — one call each for the whole
+    batch, where a Householder QR is one solver call per matrix on a GPU (torch: cuSOLVER geqrf/orgqr
+    looped for n > 256 or small batches). A relative shift of 1e-13 keeps ZᵀZ positive definite, so QᵀQ ≼ I
+    and Rayleigh quotients on span(Q) stay ≤ λ_max. Where Z has (numerically) fewer than b independent
+    columns, Q would lose columns: that entry keeps `fallback` (the orthonormal block it came from)."""
+    X = Z.double()
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    for _ in range(2):
+        S = X.mT @ X
+        shift = 1e-13 * S.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(X.dtype).tiny
+        L = torch.linalg.cholesky_ex(S + shift[..., None, None] * eye).L
+        X = torch.linalg.solve_triangular(L, X.mT, upper=False).mT
+    full = ((X * X).sum(-2) > 0.5).all(-1) & torch.isfinite(X).flatten(-2).all(-1)
+    return torch.where(full[..., None, None], X.to(Z.dtype), fallback.to(Z.dtype))
+
+
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """λ_max of each PSD matrix in the batch C [k, n, n], without an eigendecomposition of C.
 
     Block subspace iteration from V [k, n, b] gives the Ritz value θ ≤ λ_max; a Cholesky factorization of
     θ·(1 + CERTIFIED)·I − C succeeds exactly when that shift lies above λ_max, which certifies θ. Returns
     (θ, the improved block, certified) with no host synchronisation; uncertified entries need eigvalsh.
+    Every step is one batched call for the whole batch (`cholesky_qr`), on a GPU too.
     """
     for _ in range(iters):
-        V = torch.linalg.qr(C @ V).Q
+        V = cholesky_qr(C @ V, V)
     H = V.mT @ C @ V
     theta = torch.linalg.eigvalsh((H + H.mT) / 2)[..., -1]
     eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
