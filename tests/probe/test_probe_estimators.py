@@ -160,3 +160,36 @@ def test_certified_gram_route_is_within_its_certificate(n, rank, decay, seed):
     if bool(ok[0]):
         assert (lam - float(theta[0])) / lam <= E.CERTIFIED + 1e-5
     assert torch.isfinite(V).all()
+
+
+def test_tf32_detection_reads_every_flag_api():
+    """Each way a user turns on TF32 is seen (in a fresh process each: torch refuses mixed flag APIs)."""
+    import subprocess
+    import sys
+    for setter, expect in [("pass", False), ("torch.set_float32_matmul_precision('high')", True),
+                           ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+                           ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+                           ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False)]:
+        code = (f"import torch\n{setter}\nfrom specscope.probe import estimators as E\n"
+                "print(E.tf32_matmuls(), E.product_dtype(torch.device('cuda')), E.product_dtype(torch.device('cpu')))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        assert out == [str(expect), "torch.float64" if expect else "torch.float32", "torch.float32"], (setter, out)
+
+
+def test_float64_products_give_the_same_records(monkeypatch, tiny_gpt, lm_step, tokens):
+    """The TF32 fallback (float64 products of A, taken on CUDA when float32 matmuls are TF32), forced on the
+    CPU: the same records as the float32 products, to float32 rounding."""
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        monkeypatch.setattr(E, "product_dtype", lambda device, dtype=dtype: dtype)
+        monkeypatch.setattr(E, "IMPLICIT_MIN", 64)  # the tiny GPT's 4·d MLP input takes the implicit route too
+        model = tiny_gpt(n_layer=2)
+        mon = Monitor(model)
+        for step in range(3):
+            model.zero_grad()
+            with mon.step(step):
+                lm_step(model, tokens).backward()
+        out[dtype] = {(r.step, r.layer, r.metric): r.value for r in mon.pop_records()}
+    assert out[torch.float32].keys() == out[torch.float64].keys()
+    for k, v in out[torch.float32].items():
+        assert out[torch.float64][k] == pytest.approx(v, rel=1e-4), k

@@ -185,9 +185,30 @@ KRYLOV_DEPTH, COLD_DEPTH, FRESH = 1, 4, 2  # block Krylov depth (warm / cold sta
 VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
 
 
+def tf32_matmuls() -> bool:
+    """Whether CUDA float32 matmuls run as TF32 (set by torch.set_float32_matmul_precision("high"),
+    torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32). Read only: setting it
+    here could mix the legacy and new flag APIs, which torch then refuses in the user's own code."""
+    m = torch.backends.cuda.matmul
+    try:
+        p = getattr(m, "fp32_precision", None)
+        if p is None:  # torch before the fp32_precision API
+            return bool(m.allow_tf32)
+        return (getattr(torch.backends, "fp32_precision", "ieee") if p == "none" else p) == "tf32"
+    except RuntimeError:  # flags set through both APIs: torch cannot say; assume the faster, coarser one
+        return True
+
+
+def product_dtype(device: torch.device) -> torch.dtype:
+    """float32 for the probe's products of A, float64 on a CUDA device whose float32 matmuls are TF32
+    (a 10-bit mantissa, ~1e-3 relative: ten times the probe's tolerance; float64 never uses TF32)."""
+    return torch.float64 if device.type == "cuda" and tf32_matmuls() else torch.float32
+
+
 def gram_of(A: torch.Tensor) -> torch.Tensor:
-    """AᵀA in float32 (the feature side on purpose: it adds over micro-batches; the smaller side would not)."""
-    A = A.float()
+    """AᵀA in float32 (the feature side on purpose: it adds over micro-batches; the smaller side would not);
+    float64 where float32 products would be TF32 (`product_dtype`)."""
+    A = A.to(product_dtype(A.device))
     return A.mT @ A
 
 
@@ -218,7 +239,7 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     fast layouts for a row-major A): depth + 2 passes in all, plus the residual's one. Products in float32,
     the small eigenproblem in float64; no host synchronisation.
     """
-    A = A.float()
+    A = A.to(product_dtype(A.device))
     b = V.shape[-1]
     if (b + fresh) * (depth + 1) > A.shape[-1]:  # the space would be all of Rⁿ: solve C itself
         C = gram_of(A).double()
@@ -228,7 +249,7 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
     rows = torch.randint(A.shape[-2], (fresh,), generator=g).tolist()  # host ints: no copy to the device
     picked = torch.stack([A[..., i, :] for i in rows], -1)             # [..., n, fresh]
-    Q = [torch.linalg.qr(torch.cat([V.to(A.device, torch.float32), picked], -1)).Q]
+    Q = [torch.linalg.qr(torch.cat([V.to(A.device, A.dtype), picked], -1)).Q]
     W = [A @ Q[0]]
     for _ in range(depth):
         Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))
@@ -237,9 +258,9 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
     H = torch.where(torch.isfinite(H).flatten(-2).all(-1)[..., None, None], H, torch.zeros_like(H))  # non-finite A: the caller reports it
     theta, Y = torch.linalg.eigh((H + H.mT) / 2)
-    top, Y = theta[..., -1], Y.float()
+    top, Y = theta[..., -1], Y.to(A.dtype)
     y = Y[..., -1:]
-    r = torch.linalg.vector_norm((Wc @ y).mT @ A - top.float()[..., None, None] * (Qc @ y).mT, dim=(-2, -1)).double()
+    r = torch.linalg.vector_norm((Wc @ y).mT @ A - top.to(A.dtype)[..., None, None] * (Qc @ y).mT, dim=(-2, -1)).double()
     tiny = torch.finfo(torch.float64).tiny
     bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
     return top, Qc @ Y[..., -b:], bound
@@ -271,6 +292,7 @@ def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch
     (θ, the improved block, certified) with no host synchronisation; uncertified entries need eigvalsh.
     Every step is one batched call for the whole batch (`cholesky_qr`), on a GPU too.
     """
+    V = V.to(C.dtype)
     for _ in range(iters):
         V = cholesky_qr(C @ V, V)
     H = V.mT @ C @ V
