@@ -252,3 +252,36 @@ def test_accelerator_nuclear_route_records_within_its_bound(monkeypatch, tiny_gp
     assert [(r.step, r.layer) for r in out["eigh"]] == [(r.step, r.layer) for r in out["polar"]]
     for a, b in zip(out["eigh"], out["polar"]):
         assert b.value == pytest.approx(a.value, rel=2e-4), (a.layer, a.step)
+
+
+def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_gpt, lm_step, tokens):
+    """What makes a measured step latency-bound on a GPU — symmetric eigensolves of Gram-sized matrices, one
+    solver call per matrix — is absent from the accelerator's route: counted at the dispatcher, a measured
+    step asks for no eigendecomposition larger than the Krylov/Ritz problems (≤ 32, batched on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from specscope.probe import estimators as E
+
+    class Eigs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "eigh" in func.__name__ or "eigvalsh" in func.__name__:
+                self.sizes.append(args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    sizes = {}
+    for method in ("eigh", "polar"):
+        monkeypatch.setattr(E, "NUCLEAR_METHOD", method)
+        model = tiny_gpt(n_layer=2, d_model=48)  # Grams of 48 and 192: above the batched-solver size
+        mon = Monitor(model)
+        for step in range(3):
+            model.zero_grad()
+            with Eigs() as count:
+                with mon.step(step):
+                    lm_step(model, tokens).backward()
+        sizes[method] = count.sizes
+    assert any(n > 32 for n in sizes["eigh"])  # the CPU's route: float64 eigenvalues of each gradient Gram
+    assert sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
