@@ -146,16 +146,20 @@ def test_cholesky_qr_is_an_orthonormal_basis_of_the_same_span_or_keeps_the_fallb
     assert torch.equal(Qm[1], old[1]) and torch.allclose(Qm[0], Q[0]) and torch.allclose(Qm[2], Q[2])
 
 
+@pytest.mark.parametrize("orth", ["qr (CPU)", "cholesky_qr (GPU)"])
 @settings(max_examples=20, deadline=None)
 @given(n=st.integers(8, 96), rank=st.integers(1, 96), decay=st.floats(0.5, 6.0), seed=st.integers(0, 10_000))
-def test_certified_gram_route_is_within_its_certificate(n, rank, decay, seed):
+def test_certified_gram_route_is_within_its_certificate(orth, n, rank, decay, seed):
     """top_eigenvalues: θ never above λ_max, and where it says certified, within CERTIFIED of it — full-rank
-    and rank-deficient Grams alike (these keep their block and are mostly left to eigvalsh)."""
+    and rank-deficient Grams alike, with either orthonormalization (the GPU's is forced here on the CPU)."""
+    from unittest import mock
     k = min(rank, n)
     A = spectrum_matrix(3 * n, n, torch.logspace(0, -decay, k, dtype=torch.float64), seed)
     C = (A.mT @ A)[None]
     lam = float(torch.linalg.eigvalsh(C.double())[0, -1])
-    theta, V, ok = E.top_eigenvalues(C, E._initial_block(n, min(E.BLOCK, n), C.device)[None], E.COLD_ITERS)
+    route = E.cholesky_qr if orth.startswith("cholesky") else E.orthonormal_block
+    with mock.patch.object(E, "orthonormal_block", route):
+        theta, V, ok = E.top_eigenvalues(C, E._initial_block(n, min(E.BLOCK, n), C.device)[None], E.COLD_ITERS)
     assert float(theta[0]) <= lam * (1 + 1e-5)
     if bool(ok[0]):
         assert (lam - float(theta[0])) / lam <= E.CERTIFIED + 1e-5

@@ -274,14 +274,19 @@ def cholesky_qr(Z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     and Rayleigh quotients on span(Q) stay ≤ λ_max. Where Z has (numerically) fewer than b independent
     columns, Q would lose columns: that entry keeps `fallback` (the orthonormal block it came from)."""
     X = Z.double()
-    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     for _ in range(2):
         S = X.mT @ X
-        shift = 1e-13 * S.diagonal(dim1=-2, dim2=-1).sum(-1) + torch.finfo(X.dtype).tiny
-        L = torch.linalg.cholesky_ex(S + shift[..., None, None] * eye).L
-        X = torch.linalg.solve_triangular(L, X.mT, upper=False).mT
-    full = ((X * X).sum(-2) > 0.5).all(-1) & torch.isfinite(X).flatten(-2).all(-1)
+        S.diagonal(dim1=-2, dim2=-1).add_(1e-13 * S.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + torch.finfo(X.dtype).tiny)
+        L = torch.linalg.cholesky_ex(S).L
+        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)  # X L⁻ᵀ
+    # the second pass's L is ≈ I; a lost column leaves a ≈ 0 on its diagonal, a NaN a NaN
+    full = L.diagonal(dim1=-2, dim2=-1).amin(-1) > 0.5
     return torch.where(full[..., None, None], X.to(Z.dtype), fallback.to(Z.dtype))
+
+
+def orthonormal_block(Z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Householder QR on the CPU (one cheap LAPACK call per matrix), `cholesky_qr` elsewhere."""
+    return torch.linalg.qr(Z).Q if Z.device.type == "cpu" else cholesky_qr(Z, fallback)
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -290,11 +295,11 @@ def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch
     Block subspace iteration from V [k, n, b] gives the Ritz value θ ≤ λ_max; a Cholesky factorization of
     θ·(1 + CERTIFIED)·I − C succeeds exactly when that shift lies above λ_max, which certifies θ. Returns
     (θ, the improved block, certified) with no host synchronisation; uncertified entries need eigvalsh.
-    Every step is one batched call for the whole batch (`cholesky_qr`), on a GPU too.
+    Each orthonormalization is one batched call for the whole batch on a GPU (`orthonormal_block`).
     """
     V = V.to(C.dtype)
     for _ in range(iters):
-        V = cholesky_qr(C @ V, V)
+        V = orthonormal_block(C @ V, V)
     H = V.mT @ C @ V
     theta = torch.linalg.eigvalsh((H + H.mT) / 2)[..., -1]
     eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)

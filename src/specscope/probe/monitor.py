@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
 
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
@@ -101,7 +101,10 @@ class _Watch(TorchDispatchMode):
 
 
 class _Backward(TorchFunctionMode):
-    """Sees `loss.backward()` to find the weights that produce the outputs (the head role)."""
+    """Sees `loss.backward()` to find the weights that produce the outputs (the head role), and runs the
+    backward pass without the watch when the forward already reached every tracked weight: nothing in it
+    can be paired then (only a checkpointed forward recomputed there can), and the watch would cost a
+    Python call per backward op."""
 
     def __init__(self, monitor: "Monitor"):
         super().__init__()
@@ -113,6 +116,9 @@ class _Backward(TorchFunctionMode):
             for root in roots:
                 if isinstance(root, torch.Tensor):
                     self.monitor._heads |= R.output_weights(root)
+            if _get_current_dispatch_mode() is self.monitor._watch and self.monitor._all_seen():
+                with _pop_mode_temporarily():
+                    return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 
@@ -189,6 +195,7 @@ class Monitor:
         self.unmeasured: dict[str, str] = {}
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
+        self._watch: _Watch | None = None
         self._grams: dict = {}
         self._casts: dict = {}
         self._heads: set[int] = set()
@@ -314,13 +321,17 @@ class Monitor:
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
         self._stack.enter_context(_Backward(self))
-        self._stack.enter_context(_Watch(self))
+        self._watch = self._stack.enter_context(_Watch(self))
 
     def _disarm(self) -> None:
-        stack, self._stack, self._step = self._stack, None, None
+        stack, self._stack, self._step, self._watch = self._stack, None, None, None
         if stack is not None:
             stack.close()
         self._grams, self._casts = {}, {}
+
+    def _all_seen(self) -> bool:
+        """Every tracked weight was reached by a forward of this step (or is observed by hand)."""
+        return all(s.forward_seen or s.kind == "observed" for s in self.slots.values())
 
     def _see(self, op, args, recompute: bool = False) -> None:
         """One aten op of a measured forward pass: pair it if one operand is a tracked weight.
