@@ -105,9 +105,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--floor", action="store_true", help="time the exact estimates' arithmetic alone (see above)")
+    ap.add_argument("--d-model", type=int, default=CFG["d_model"],
+                    help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
+                         "what a measured step costs where the device's arithmetic is nearly free")
+    ap.add_argument("--seq-len", type=int, default=CFG["seq_len"])
+    ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
-    global DEVICE
+    global DEVICE, BATCH
     DEVICE = torch.device(args.device)
+    CFG.update(d_model=args.d_model, seq_len=args.seq_len)
+    BATCH = args.batch
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
