@@ -125,25 +125,58 @@ def test_krylov_top_batched_equals_one_by_one():
         assert torch.allclose((W[i].mT @ w).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)  # same top Ritz vector
 
 
-def test_cholesky_qr_is_an_orthonormal_basis_of_the_same_span_or_keeps_the_fallback():
+def test_cholesky_qr_is_an_orthonormal_basis_containing_the_span():
+    """The GPU's orthonormalization: orthonormal, the same span as Householder's when Z has full rank; when it
+    has not (exact rank 3, zero, NaN), still orthonormal and containing span(Z) — lost columns completed by
+    fixed directions, as QR completes them; with `against`, orthogonal to it too."""
     g = torch.Generator().manual_seed(0)
+    eye = torch.eye(8, dtype=torch.float64)
+
+    def check(Q, Z=None):
+        Q = Q.double()
+        assert torch.isfinite(Q).all() and (Q.mT @ Q - eye).abs().max() < 1e-5
+        if Z is not None:  # span(Z) ⊆ span(Q): projecting Z onto span(Q) changes nothing
+            Z = Z.double()
+            assert (Q @ (Q.mT @ Z) - Z).abs().max() <= 1e-5 * Z.abs().max()
+
     Z = torch.randn(3, 200, 8, generator=g) * torch.logspace(0, -3, 8)  # columns 1000× apart in scale
-    old = E._initial_block(200, 8, Z.device).expand(3, -1, -1)
-    Q = E.cholesky_qr(Z, old)
-    eye = torch.eye(8)
-    assert (Q.mT @ Q - eye).abs().max() < 1e-5
+    Q = E.cholesky_qr(Z)
+    check(Q, Z)
     H = torch.linalg.qr(Z.double()).Q
-    assert ((Q.double() @ Q.double().mT) - H @ H.mT).abs().max() < 1e-5  # the same projector: the same span
-    # exactly 3 independent columns, all zero, non-finite: each entry keeps its (orthonormal) fallback
+    assert ((Q.double() @ Q.double().mT) - H @ H.mT).abs().max() < 1e-5  # full rank: the same projector
     three = torch.randn(200, 3, generator=g)
-    bad = torch.stack([torch.cat([three, three, three[:, :2]], 1), torch.zeros(200, 8), torch.full((200, 8), float("nan"))])
-    assert torch.equal(E.cholesky_qr(bad, old), old)
-    # rank 3 up to float32 rounding: the rounding-noise directions are directions too (as Householder's)
-    noisy = E.cholesky_qr((three @ torch.randn(3, 8, generator=g))[None], old[:1])
-    assert (noisy.mT @ noisy - eye).abs().max() < 1e-5
-    mixed = torch.stack([Z[0], bad[1], Z[2]])
-    Qm = E.cholesky_qr(mixed, old)
-    assert torch.equal(Qm[1], old[1]) and torch.allclose(Qm[0], Q[0]) and torch.allclose(Qm[2], Q[2])
+    rank3 = torch.cat([three, three, three[:, :2]], 1)
+    for bad in (rank3, torch.zeros(200, 8), torch.full((200, 8), float("nan"))):
+        check(E.cholesky_qr(bad[None])[0], None if bad.isnan().any() else bad)
+    against = E.cholesky_qr(torch.randn(200, 8, generator=g)[None])[0]
+    Q2 = E.cholesky_qr(rank3[None], against[None])[0].double()
+    check(Q2)
+    assert (against.double().mT @ Q2).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("route", ["householder (CPU)", "cholesky_qr (GPU)"])
+def test_krylov_top_with_either_orthonormalization(monkeypatch, route):
+    """krylov_top's contract (θ ≤ λ_max, the bound holds where it says verified; degenerate inputs) with
+    the GPU's orthonormalization forced on the CPU."""
+    if route.startswith("cholesky"):
+        monkeypatch.setattr(E, "orthonormal", E.cholesky_qr)
+    for seed in range(8):
+        n = 40 + 13 * seed
+        A = spectrum_matrix(2 * n, n, torch.logspace(0, -1 - seed / 2, min(n, 40), dtype=torch.float64), seed)
+        lam = float(torch.linalg.svdvals(A.double())[0] ** 2)
+        for depth in (E.KRYLOV_DEPTH, E.COLD_DEPTH):
+            theta, V, bound = E.krylov_top(A, E._initial_block(n, 8, A.device), depth=depth)
+            assert float(theta) <= lam * (1 + 1e-5)
+            if float(bound) <= E.VERIFIED:
+                assert (lam - float(theta)) / lam <= float(bound) + 1e-5
+    n = 64
+    theta, _, bound = E.krylov_top(torch.zeros(100, n), E._initial_block(n, 8, torch.device("cpu")))
+    assert float(theta) == 0
+    rank2 = spectrum_matrix(100, n, torch.tensor([3.0, 1.0], dtype=torch.float64), 0)
+    theta, _, _ = E.krylov_top(rank2, E._initial_block(n, 8, rank2.device))
+    assert float(theta) == pytest.approx(9.0, rel=1e-5)
+    theta, _, bound = E.krylov_top(torch.full((100, n), float("nan")), E._initial_block(n, 8, torch.device("cpu")))
+    assert not float(bound) <= E.VERIFIED
 
 
 @pytest.mark.parametrize("orth", ["qr (CPU)", "cholesky_qr (GPU)"])
@@ -157,8 +190,8 @@ def test_certified_gram_route_is_within_its_certificate(orth, n, rank, decay, se
     A = spectrum_matrix(3 * n, n, torch.logspace(0, -decay, k, dtype=torch.float64), seed)
     C = (A.mT @ A)[None]
     lam = float(torch.linalg.eigvalsh(C.double())[0, -1])
-    route = E.cholesky_qr if orth.startswith("cholesky") else E.orthonormal_block
-    with mock.patch.object(E, "orthonormal_block", route):
+    route = E.cholesky_qr if orth.startswith("cholesky") else E.orthonormal
+    with mock.patch.object(E, "orthonormal", route):
         theta, V, ok = E.top_eigenvalues(C, E._initial_block(n, min(E.BLOCK, n), C.device)[None], E.COLD_ITERS)
     assert float(theta[0]) <= lam * (1 + 1e-5)
     if bool(ok[0]):

@@ -219,12 +219,57 @@ def _shared_gram(entry: list) -> torch.Tensor:
     return entry[1]
 
 
-def _orth_against(Z: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of Z's part orthogonal to the orthonormal Q (Gram–Schmidt twice, QR, once more)."""
-    for _ in range(2):
+def _project_out(Z: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """Z minus its part in span(Q) (orthonormal Q), twice: once is not enough in floating point."""
+    for _ in range(0 if Q is None else 2):
         Z = Z - Q @ (Q.mT @ Z)
-    Z = torch.linalg.qr(Z).Q
-    return torch.linalg.qr(Z - Q @ (Q.mT @ Z)).Q  # columns that were rounding noise become clean directions
+    return Z
+
+
+def _cholesky_qr2(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CholeskyQR2 of float64 X [..., n, b]: X ← X L⁻ᵀ with LLᵀ = XᵀX (+ a relative shift of 1e-13, so it
+    never fails and QᵀQ ≼ I), twice; and the columns it lost (X had fewer independent columns), read off
+    the second pass's L ≈ I: a lost column leaves a ≈ 0 on its diagonal, a NaN a NaN."""
+    for _ in range(2):
+        S = X.mT @ X
+        S.diagonal(dim1=-2, dim2=-1).add_(1e-13 * S.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + torch.finfo(X.dtype).tiny)
+        L = torch.linalg.cholesky_ex(S).L
+        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
+    return X, ~(L.diagonal(dim1=-2, dim2=-1) > 0.5)
+
+
+def cholesky_qr(Z: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
+    """An orthonormal basis of the columns of each Z [..., n, b] (minus their part in span(against)), batched
+    and without host synchronisation: float64 CholeskyQR2, and where Z has fewer than b independent columns
+    the lost ones replaced by fixed pseudo-random directions and orthonormalized once more — what a
+    Householder QR's completion does, as batched products, b×b Cholesky factorizations and triangular
+    solves (one call each for the whole batch; torch runs a batch of QRs as one cuSOLVER call per matrix)."""
+    X, lost = _cholesky_qr2(_project_out(Z.double(), None if against is None else against.double()))
+    X = torch.where(lost[..., None, :], _fill(*X.shape[-2:], X.device), X)
+    X, _ = _cholesky_qr2(_project_out(X, None if against is None else against.double()))
+    return X.to(Z.dtype)
+
+
+_FILLS: dict[tuple, torch.Tensor] = {}
+
+
+def _fill(n: int, b: int, device: torch.device) -> torch.Tensor:
+    """Fixed pseudo-random float64 directions [n, b] (private generator), made once per device: no copy per call."""
+    key = (n, b, device)
+    if key not in _FILLS:
+        _FILLS[key] = torch.randn(n, b, generator=torch.Generator().manual_seed(n * 7_919 + b), dtype=torch.float64).to(device)
+    return _FILLS[key]
+
+
+def orthonormal(Z: torch.Tensor, against: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal basis of Z's columns minus their part in span(against): Householder QR on the CPU (one
+    cheap LAPACK call per matrix; rounding-noise columns become clean directions), `cholesky_qr` elsewhere."""
+    if Z.device.type != "cpu":
+        return cholesky_qr(Z, against)
+    if against is None:
+        return torch.linalg.qr(Z).Q
+    Z = torch.linalg.qr(_project_out(Z, against)).Q
+    return torch.linalg.qr(Z - against @ (against.mT @ Z)).Q
 
 
 def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,10 +294,10 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
     rows = torch.randint(A.shape[-2], (fresh,), generator=g).tolist()  # host ints: no copy to the device
     picked = torch.stack([A[..., i, :] for i in rows], -1)             # [..., n, fresh]
-    Q = [torch.linalg.qr(torch.cat([V.to(A.device, A.dtype), picked], -1)).Q]
+    Q = [orthonormal(torch.cat([V.to(A.device, A.dtype), picked], -1))]
     W = [A @ Q[0]]
     for _ in range(depth):
-        Q.append(_orth_against((W[-1].mT @ A).mT, torch.cat(Q, -1)))
+        Q.append(orthonormal((W[-1].mT @ A).mT, torch.cat(Q, -1)))
         W.append(A @ Q[-1])
     Qc, Wc = torch.cat(Q, -1), torch.cat(W, -1)
     H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
@@ -266,40 +311,17 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     return top, Qc @ Y[..., -b:], bound
 
 
-def cholesky_qr(Z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the columns of each Z [..., n, b] by CholeskyQR2 in float64: Q = Z R⁻¹ with
-    RᵀR = ZᵀZ, twice. Batched products, a b×b Cholesky and a triangular solve — one call each for the whole
-    batch, where a Householder QR is one solver call per matrix on a GPU (torch: cuSOLVER geqrf/orgqr
-    looped for n > 256 or small batches). A relative shift of 1e-13 keeps ZᵀZ positive definite, so QᵀQ ≼ I
-    and Rayleigh quotients on span(Q) stay ≤ λ_max. Where Z has (numerically) fewer than b independent
-    columns, Q would lose columns: that entry keeps `fallback` (the orthonormal block it came from)."""
-    X = Z.double()
-    for _ in range(2):
-        S = X.mT @ X
-        S.diagonal(dim1=-2, dim2=-1).add_(1e-13 * S.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True) + torch.finfo(X.dtype).tiny)
-        L = torch.linalg.cholesky_ex(S).L
-        X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)  # X L⁻ᵀ
-    # the second pass's L is ≈ I; a lost column leaves a ≈ 0 on its diagonal, a NaN a NaN
-    full = L.diagonal(dim1=-2, dim2=-1).amin(-1) > 0.5
-    return torch.where(full[..., None, None], X.to(Z.dtype), fallback.to(Z.dtype))
-
-
-def orthonormal_block(Z: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """Householder QR on the CPU (one cheap LAPACK call per matrix), `cholesky_qr` elsewhere."""
-    return torch.linalg.qr(Z).Q if Z.device.type == "cpu" else cholesky_qr(Z, fallback)
-
-
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """λ_max of each PSD matrix in the batch C [k, n, n], without an eigendecomposition of C.
 
     Block subspace iteration from V [k, n, b] gives the Ritz value θ ≤ λ_max; a Cholesky factorization of
     θ·(1 + CERTIFIED)·I − C succeeds exactly when that shift lies above λ_max, which certifies θ. Returns
     (θ, the improved block, certified) with no host synchronisation; uncertified entries need eigvalsh.
-    Each orthonormalization is one batched call for the whole batch on a GPU (`orthonormal_block`).
+    Each orthonormalization is one batched call for the whole batch on a GPU (`orthonormal`).
     """
     V = V.to(C.dtype)
     for _ in range(iters):
-        V = orthonormal_block(C @ V, V)
+        V = orthonormal(C @ V)
     H = V.mT @ C @ V
     theta = torch.linalg.eigvalsh((H + H.mT) / 2)[..., -1]
     eye = torch.eye(C.shape[-1], dtype=C.dtype, device=C.device)
