@@ -255,9 +255,10 @@ def test_accelerator_nuclear_route_records_within_its_bound(monkeypatch, tiny_gp
 
 
 def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_gpt, lm_step, tokens):
-    """What makes a measured step latency-bound on a GPU — symmetric eigensolves of Gram-sized matrices, one
-    solver call per matrix — is absent from the accelerator's route: counted at the dispatcher, a measured
-    step asks for no eigendecomposition larger than the Krylov/Ritz problems (≤ 32, batched on a GPU)."""
+    """What makes a measured step latency-bound on a GPU — symmetric eigensolves of Gram-sized matrices and
+    QR factorizations, each one solver call per matrix there — is absent from the accelerator's route
+    (forced here on the CPU): counted at the dispatcher, a warm measured step asks for no QR and no
+    eigendecomposition larger than the Krylov/Ritz problems (≤ 32, one batched call on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from specscope.probe import estimators as E
@@ -270,11 +271,16 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if "eigh" in func.__name__ or "eigvalsh" in func.__name__:
                 self.sizes.append(args[0].shape[-1])
+            if func.__name__.split(".")[0] in ("linalg_qr", "geqrf", "orgqr", "householder_product"):
+                self.sizes.append("qr")
             return func(*args, **(kwargs or {}))
 
     sizes = {}
     for method in ("eigh", "polar"):
         monkeypatch.setattr(E, "NUCLEAR_METHOD", method)
+        monkeypatch.setattr(E, "IMPLICIT_MIN", 64)  # both st(A) routes: the 48-wide inputs by the Gram, 192 by Krylov
+        if method == "polar":
+            monkeypatch.setattr(E, "orthonormal", E.cholesky_qr)
         model = tiny_gpt(n_layer=2, d_model=48)  # Grams of 48 and 192: above the batched-solver size
         mon = Monitor(model)
         for step in range(3):
@@ -283,5 +289,5 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
                 with mon.step(step):
                     lm_step(model, tokens).backward()
         sizes[method] = count.sizes
-    assert any(n > 32 for n in sizes["eigh"])  # the CPU's route: float64 eigenvalues of each gradient Gram
-    assert sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
+    assert any(n != "qr" and n > 32 for n in sizes["eigh"]) and "qr" in sizes["eigh"]  # the CPU's routes
+    assert sizes["polar"] and "qr" not in sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
