@@ -1,6 +1,8 @@
 """Coefficient schedules (a, b, c) of the odd quintic polar iteration X ← aX + (bA + cA²)X, A = XXᵀ."""
 from __future__ import annotations
 
+import functools
+
 KELLER_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 
 # Degree-5 Polar Express schedule for an initial lower bound ℓ = 1e-3 (arXiv 2505.16932, Algorithm 1).
@@ -66,7 +68,8 @@ def minimax_quintic(lo: float, hi: float, iters: int = 100) -> tuple[tuple[float
     return (a, b, c), max(abs(1 - p(x)) for x in [lo, hi, *_critical_points(a, b, c)] if lo <= x <= hi)
 
 
-def converging_schedule(lower: float, tol: float) -> list[tuple[float, float, float]]:
+@functools.lru_cache(maxsize=64)  # ≈ 2 ms of Remez in Python per schedule: once per (lower, tol)
+def converging_schedule(lower: float, tol: float) -> tuple[tuple[float, float, float], ...]:
     """Quintic steps that take every σ in [lower, 1] to within `tol` of 1 (exact interval arithmetic).
 
     Minimax polynomials (`minimax_quintic`) on the current interval [ℓ, u] while E > 1e-3, then the
@@ -86,4 +89,4 @@ def converging_schedule(lower: float, tol: float) -> list[tuple[float, float, fl
             lo, hi = p(lo), p(hi)
         out.append(abc)
         if max(1 - lo, hi - 1) <= tol:
-            return out
+            return tuple(out)
