@@ -331,3 +331,16 @@ def test_nuclear_norms_polar_matches_eigh_on_real_gradients():
     assert ((pol - eig).abs() <= 1e-4 * eig).all(), ((pol - eig) / eig).abs().max()
     with pytest.raises(ValueError, match="unknown method 'qr'"):
         L.nuclear_norms(mats, method="qr")
+
+
+def test_nuclear_norms_polar_in_chunks_equals_one_batch(monkeypatch):
+    """Many matrices of one shape are iterated a chunk at a time (float64 copies of a whole model's weights
+    would not fit on a device); the chunks give the same numbers as one batch, in list order."""
+    from specscope.linalg import norms
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(12, 30, generator=g) for _ in range(5)] + [torch.randn(30, 12, generator=g), torch.randn(8, 8, generator=g)]
+    whole = L.nuclear_norms(mats, method="polar")
+    monkeypatch.setattr(norms, "POLAR_CHUNK", 2 * 12 * 30)  # two 12×30 matrices per chunk
+    assert torch.equal(L.nuclear_norms(mats, method="polar"), whole)
+    ref = torch.stack([torch.linalg.svdvals(G.double()).sum() for G in mats])
+    assert ((whole - ref).abs() <= 1e-4 * ref).all()

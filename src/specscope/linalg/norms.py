@@ -202,9 +202,13 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
     return out
 
 
+POLAR_CHUNK = 2**25  # float64 elements of G stacked per batch (256 MiB; the iteration holds ≈ 3× that)
+
+
 def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
     """‖G‖_* = ‖G‖_F·⟨X₀, p(X₀)⟩ for X₀ = G/‖G‖_F, p a float64 quintic polar iteration (matmuls only),
-    matrices of one shape batched; a float64 vector on G's device, no host synchronisation.
+    matrices of one shape batched (POLAR_CHUNK elements at a time); a float64 vector on G's device, no host
+    synchronisation.
 
     The schedule (`_coefficients.converging_schedule`) maps every σ ∈ [ℓ, 1]·‖G‖_F, ℓ = tol/(2k), k the
     smaller side, to within tol/2 of 1 and every smaller σ into [0, 1]; so each σ_i ≥ ℓ‖G‖_F is counted
@@ -217,16 +221,23 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
     groups: dict[tuple, list[int]] = {}
     for i, G in enumerate(mats):
         groups.setdefault((min(G.shape), max(G.shape)), []).append(i)
-    for (k, _), idx in groups.items():
-        X = torch.stack([(G.mT if G.shape[-2] > G.shape[-1] else G).double() for G in (mats[i] for i in idx)])
-        fro = torch.linalg.matrix_norm(X)
-        X0 = X / torch.where(fro > 0, fro, torch.ones_like(fro))[:, None, None]  # polar(0) = 0: ‖0‖_* = 0
-        X = X0
-        for a, b, c in converging_schedule(tol / (2 * k), tol / 2):
-            A = X @ X.mT
-            X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # aX + (bA + cA²)X
-        out[idx] = fro * (X0 * X).sum((-2, -1))
+    for (k, m), same in groups.items():
+        per_chunk = max(1, POLAR_CHUNK // (k * m))  # float64 copies of a whole model's matrices would not fit
+        for idx in (same[j : j + per_chunk] for j in range(0, len(same), per_chunk)):
+            out[idx] = _nuclear_norms_polar_batch([mats[i] for i in idx], k, tol)
     return out
+
+
+def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor:
+    """The polar route for matrices of one shape (smaller side k), as one batch."""
+    X = torch.stack([(G.mT if G.shape[-2] > G.shape[-1] else G).double() for G in mats])
+    fro = torch.linalg.matrix_norm(X)
+    X0 = X / torch.where(fro > 0, fro, torch.ones_like(fro))[:, None, None]  # polar(0) = 0: ‖0‖_* = 0
+    X = X0
+    for a, b, c in converging_schedule(tol / (2 * k), tol / 2):
+        A = X @ X.mT
+        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # aX + (bA + cA²)X
+    return fro * (X0 * X).sum((-2, -1))
 
 
 def nuclear_norm_from_gram(C: Tensor) -> Tensor:
