@@ -140,8 +140,10 @@ class Monitor:
     AᵀA, shared by weights with the same input; certified, or for wide inputs applied implicitly with an
     a-posteriori bound — both within 1e-4 of exact; see probe.estimators), "power" (one-pass
     warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
-    direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) is exact: eigenvalues of the
-    smaller Gram, formed in `grad_gram_dtype` (float64 by default), or an SVD with estimator="exact".
+    direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) on the CPU is exact: eigenvalues
+    of the smaller Gram, formed in `grad_gram_dtype` (float64 by default); on an accelerator a matmul-only
+    float64 route within 1e-4 of ‖G‖_* (estimator "polar", linalg.nuclear_norms); an SVD with
+    estimator="exact".
     split: {layer pattern: [slice names] | {name: size} | Interleaved(parts, heads)} measures a fused
     weight's output blocks separately, e.g. {"blocks.*.attn.qkv": ["q", "k", "v"]} records
     "blocks.0.attn.qkv.q"; the output dim is the weight's own (columns of a Conv1D weight stored [in, out]).
