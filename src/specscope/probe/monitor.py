@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode, _pop_mode_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
@@ -79,8 +79,10 @@ def _host_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[flo
     return [vals[i : i + 2] for i in range(0, len(vals), 2)]
 
 
-class _Watch(TorchDispatchMode):
-    """Armed on measured steps only: hands every product/convolution/lookup of a tracked weight to the Monitor."""
+class _Aten(TorchDispatchMode):
+    """Sees the aten ops of one call that touches a tracked weight without being a plain product (an
+    embedding lookup, a convolution, nn.MultiheadAttention's functional path, a cast), and of a backward
+    pass that may recompute a checkpointed forward; hands them to the Monitor."""
 
     def __init__(self, monitor: "Monitor"):
         super().__init__()
@@ -100,26 +102,45 @@ class _Watch(TorchDispatchMode):
         return out
 
 
-class _Backward(TorchFunctionMode):
-    """Sees `loss.backward()` to find the weights that produce the outputs (the head role), and runs the
-    backward pass without the watch when the forward already reached every tracked weight: nothing in it
-    can be paired then (only a checkpointed forward recomputed there can), and the watch would cost a
-    Python call per backward op."""
+_TB = torch._C.TensorBase
+# torch-level products paired without descending to aten: name -> positions of (input, matrix) in args
+_PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
+             torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul"}
+_BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
+
+
+class _Watch(TorchFunctionMode):
+    """Armed on measured steps only; sees every torch call of the step.
+
+    A call that touches no tracked weight runs as is (one Python call, no aten-level watch: most of a
+    forward). A plain product with one (F.linear, addmm, mm, matmul, @ — what nn.Linear and transformers'
+    Conv1D run) is paired here. Any other call that touches one runs under `_Aten`, which sees its aten ops.
+    `loss.backward()` is seen for the head role; it runs under `_Aten` only while some tracked weight was
+    not reached by a forward (a checkpointed forward recomputed in the backward pass can still reach it)."""
 
     def __init__(self, monitor: "Monitor"):
         super().__init__()
         self.monitor = monitor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.backward, torch.autograd.backward) and args:
+        kwargs = kwargs or {}
+        mon = self.monitor
+        if func in _BACKWARDS and args:
             roots = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             for root in roots:
                 if isinstance(root, torch.Tensor):
-                    self.monitor._heads |= R.output_weights(root)
-            if _get_current_dispatch_mode() is self.monitor._watch and self.monitor._all_seen():
-                with _pop_mode_temporarily():
-                    return func(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+                    mon._heads |= R.output_weights(root)
+            if mon._all_seen():
+                return func(*args, **kwargs)
+            with mon._aten:
+                return func(*args, **kwargs)
+        if not torch.is_grad_enabled() or not mon._touches(args, kwargs):
+            return func(*args, **kwargs)
+        kind = _PRODUCTS.get(func)
+        if kind is not None and mon._pair_call(kind, args, kwargs):
+            return func(*args, **kwargs)
+        with mon._aten:
+            return func(*args, **kwargs)
 
 
 class Monitor:
@@ -197,7 +218,7 @@ class Monitor:
         self.unmeasured: dict[str, str] = {}
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
-        self._watch: _Watch | None = None
+        self._aten = _Aten(self)
         self._grams: dict = {}
         self._casts: dict = {}
         self._heads: set[int] = set()
@@ -322,11 +343,10 @@ class Monitor:
                 s.tokens.reset()
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
-        self._stack.enter_context(_Backward(self))
-        self._watch = self._stack.enter_context(_Watch(self))
+        self._stack.enter_context(_Watch(self))
 
     def _disarm(self) -> None:
-        stack, self._stack, self._step, self._watch = self._stack, None, None, None
+        stack, self._stack, self._step = self._stack, None, None
         if stack is not None:
             stack.close()
         self._grams, self._casts = {}, {}
@@ -345,16 +365,9 @@ class Monitor:
         self._recompute = recompute
         if op in MATMULS:
             x, M = (args[1], args[2]) if op is aten.addmm else (args[0], args[1])
-            base = M._base if M._base is not None else M
-            if isinstance(base, nn.Parameter) and id(base) not in self._fsdp_checked and resolve(M, self.slots, self._casts) is None:
-                self._fsdp_checked.add(id(base))  # FSDP2 made this unsharded parameter on this forward
-                self._casts.update(fsdp_aliases(self.model, self.slots))
-            hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
-            if hm is not None and hx is None:
-                return self._dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
-            if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
-                return self._dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
-            return self._other(op, args)
+            if not self._pair_product(op, x, M):
+                self._other(op, args)
+            return None
         if op is aten.convolution:
             x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
             s = self.slots.get(id(w))
@@ -381,6 +394,58 @@ class Monitor:
                 s.kind = "embedding"
             return None
         return self._other(op, args)
+
+    def _pair_product(self, op, x: torch.Tensor, M: torch.Tensor) -> bool:
+        """y = x @ M (2-D M): pair it when exactly one operand is a tracked weight; False when neither or both is."""
+        hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
+        if hm is not None and hx is None:
+            self._dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
+            return True
+        if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
+            self._dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
+            return True
+        return False
+
+    def _touches(self, args, kwargs) -> bool:
+        """Whether a call's tensors (arguments, one level into lists) include a tracked weight, a view of one or
+        a cast copy. A ≥2-D nn.Parameter that is none of these is checked once per step for being FSDP2's
+        unsharded copy of a tracked weight."""
+        slots, casts = self.slots, self._casts
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, (list, tuple)):
+                if self._touches(a, {}):
+                    return True
+                continue
+            if not isinstance(a, torch.Tensor):
+                continue
+            b = a._base if a._base is not None else a
+            if id(b) in slots or (id(b) in casts and casts[id(b)][1] is b):
+                return True
+            if isinstance(b, nn.Parameter) and b.dim() >= 2 and id(b) not in self._fsdp_checked:
+                self._fsdp_checked.add(id(b))  # FSDP2 made this unsharded parameter on this forward
+                self._casts.update(fsdp_aliases(self.model, self.slots))
+                if id(b) in casts:
+                    return True
+        return False
+
+    def _pair_call(self, kind: str, args, kwargs) -> bool:
+        """Pair a torch-level product (F.linear, addmm, mm, matmul) as its aten form would be; False sends the
+        call to the aten-level watch (autocast, batched or vector operands, both operands tracked)."""
+        if kwargs.get("out") is not None or len(args) < 2:
+            return False
+        if kind == "addmm":
+            if len(args) < 3:
+                return False
+            args = args[1:]
+        x, M = args[0], args[1]
+        if not (isinstance(x, torch.Tensor) and isinstance(M, torch.Tensor)) or torch.is_autocast_enabled(x.device.type):
+            return False
+        self._recompute = in_backward()
+        if kind == "linear":  # F.linear(x, W) = x @ W.T for x of any batch shape
+            return M.dim() == 2 and x.dim() >= 2 and self._pair_product(aten.addmm, x, M.mT)
+        if M.dim() != 2 or x.dim() < 2 or (x.dim() > 2 and resolve(x, self.slots, self._casts) is not None):
+            return False  # W @ X with a batched X, or a batched weight: matmul broadcasts (bmm), not a plain product
+        return self._pair_product(aten.mm if kind != "addmm" else aten.addmm, x, M)
 
     def _other(self, op, args) -> None:
         """A tracked weight used by an op the probe does not pair: remembered for the reason text."""

@@ -1,9 +1,11 @@
 """Which matrix each weight multiplies (REFERENCE §2), seen at the operation, not the module class.
 
-On a measured step a `TorchDispatchMode` watches every matrix product, convolution and embedding lookup
-of the forward pass. When one operand is a tracked weight (or a view of it: `W.T` inside `F.linear`, a
-row block of `nn.MultiheadAttention`'s `in_proj_weight`, a column block of transformers' `Conv1D`
-weight stored [in, out]), the other operand is the input matrix A of that weight, in the weight's own
+On a measured step the Monitor watches every matrix product, convolution and embedding lookup of the
+forward pass: a `TorchFunctionMode` sees each torch call, pairs the plain products (F.linear, addmm, mm,
+matmul) itself and runs any other call that touches a tracked weight under a `TorchDispatchMode`, which
+sees its aten ops. When one operand is a tracked weight (or a view of it: `W.T` inside `F.linear`, a row
+block of `nn.MultiheadAttention`'s `in_proj_weight`, a column block of transformers' `Conv1D` weight
+stored [in, out]), the other operand is the input matrix A of that weight, in the weight's own
 orientation:
 
     y = A @ M, M a view of W   ->  rows of A are the inputs; W's output dim is the one M's columns index
