@@ -341,3 +341,51 @@ def test_structural_head_is_the_last_vocabulary_sized_linear_when_d_model_equals
     groups = {g["algorithm"]: {n for n, _ in g["params"]} for g in spectral_param_groups(model, 0.02, 1e-3)}
     assert "head.weight" in groups["adamw"] and "embed.weight" in groups["adamw"]
     assert {"blocks.0.attn.q.weight", "blocks.1.attn.o.weight", "blocks.0.mlp.up.weight"} <= groups["muon"]
+
+
+@pytest.mark.parametrize("arch", [*HF, "encoder", "cnn", "builtin_gpt"])
+def test_products_paired_at_the_torch_call_match_the_aten_watch(arch, monkeypatch):
+    """F.linear / addmm / matmul paired at the torch call give the records the aten-level watch gives."""
+    from specscope.probe import monitor as M
+
+    def records(products):
+        monkeypatch.setattr(M, "_PRODUCTS", products)
+        model, data, loss_fn = build(arch)
+        mon, opt = Monitor(model), torch.optim.AdamW(model.parameters(), lr=1e-2)
+        out = []
+        for step in range(3):  # weights and inputs change between measurements
+            opt.zero_grad()
+            with mon.step(step):
+                loss_fn(model, next(data)).backward()
+            opt.step()
+            out.append({(r.layer, r.metric): (r.value, r.rows, r.shape) for r in mon.pop_records()})
+        return out, mon.roles
+
+    fast, aten_only = records(M._PRODUCTS), records({})
+    assert fast[1] == aten_only[1]
+    for a, b in zip(fast[0], aten_only[0]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k][1:] == b[k][1:], k
+            assert a[k][0] == pytest.approx(b[k][0], rel=1e-5, nan_ok=True), k
+
+
+def test_a_measured_forward_sends_only_non_product_calls_to_the_aten_watch(monkeypatch):
+    """Cost: the built-in GPT's ≈ 300 forward aten ops no longer each enter Python; only the calls that touch a
+    tracked weight other than through a plain product (its embedding lookup) reach the aten-level watch."""
+    from specscope.probe import monitor as M
+
+    seen = []
+    real = M._Aten.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        seen.append(func._overloadpacket)
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(M._Aten, "__torch_dispatch__", counting)
+    model, data, loss_fn = build("builtin_gpt")
+    mon = Monitor(model)
+    with mon.step(0):
+        loss_fn(model, next(data)).backward()
+    assert not mon.unmeasured and len(mon.pop_records()) > 0
+    assert 0 < len(seen) <= 8 and torch.ops.aten.embedding in seen
