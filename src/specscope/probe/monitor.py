@@ -106,7 +106,7 @@ _TB = torch._C.TensorBase
 # torch-level products paired without descending to aten: name -> positions of (input, matrix) in args
 _PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
              torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul"}
-_BACKWARDS = (torch.Tensor.backward, torch.autograd.backward)
+_BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 
 
 class _Watch(TorchFunctionMode):
@@ -125,7 +125,7 @@ class _Watch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         mon = self.monitor
-        if func in _BACKWARDS and args:
+        if func in _BACKWARDS and args:  # (every call of a measured forward passes here: kept cheap)
             roots = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             for root in roots:
                 if isinstance(root, torch.Tensor):
@@ -409,22 +409,28 @@ class Monitor:
     def _touches(self, args, kwargs) -> bool:
         """Whether a call's tensors (arguments, one level into lists) include a tracked weight, a view of one or
         a cast copy. A ≥2-D nn.Parameter that is none of these is checked once per step for being FSDP2's
-        unsharded copy of a tracked weight."""
+        unsharded copy of a tracked weight. (Runs for every torch call of a measured forward: kept cheap.)"""
         slots, casts = self.slots, self._casts
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, (list, tuple)):
-                if self._touches(a, {}):
+        for a in ((*args, *kwargs.values()) if kwargs else args):
+            if type(a) is list or type(a) is tuple:
+                if self._touches(a, None):
                     return True
                 continue
             if not isinstance(a, torch.Tensor):
                 continue
-            b = a._base if a._base is not None else a
-            if id(b) in slots or (id(b) in casts and casts[id(b)][1] is b):
+            b = a._base
+            if b is None:
+                b = a
+            i = id(b)
+            if i in slots:
                 return True
-            if isinstance(b, nn.Parameter) and b.dim() >= 2 and id(b) not in self._fsdp_checked:
-                self._fsdp_checked.add(id(b))  # FSDP2 made this unsharded parameter on this forward
-                self._casts.update(fsdp_aliases(self.model, self.slots))
-                if id(b) in casts:
+            c = casts.get(i)
+            if c is not None and c[1] is b:
+                return True
+            if b.is_leaf and b.requires_grad and i not in self._fsdp_checked and b.dim() >= 2 and isinstance(b, nn.Parameter):
+                self._fsdp_checked.add(i)  # FSDP2 made this unsharded parameter on this forward
+                casts.update(fsdp_aliases(self.model, self.slots))
+                if i in casts:
                     return True
         return False
 
