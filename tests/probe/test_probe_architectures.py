@@ -389,3 +389,22 @@ def test_a_measured_forward_sends_only_non_product_calls_to_the_aten_watch(monke
         loss_fn(model, next(data)).backward()
     assert not mon.unmeasured and len(mon.pop_records()) > 0
     assert 0 < len(seen) <= 8 and torch.ops.aten.embedding in seen
+
+
+def test_autocast_products_are_paired_through_the_cast_copies():
+    """Under CPU autocast (bfloat16) each Linear multiplies a cast copy of its weight and of its input: every
+    weight is still paired, with the st(A) of the input it multiplied (bf16-rounded: within 1 %)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 8))
+    seen, handles = capture(model)
+    mon = Monitor(model)
+    x = torch.randn(64, 24) @ torch.randn(24, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16), mon.step(0):
+        model(x).float().square().mean().backward()
+    for h in handles:
+        h.remove()
+    st = by(mon.pop_records(), "stable_rank")
+    assert not mon.unmeasured and set(st) == {"0", "2"}
+    for s in mon.slots.values():
+        assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)]), rel=1e-2), s.name
+        assert st[s.name].rows == 64
