@@ -404,6 +404,7 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         by_n.setdefault(k[1], []).append(k)
     for n, keys in by_n.items():
         C = torch.stack([unique[k][0].C for k in keys])
+        traces = C.diagonal(dim1=-2, dim2=-1).sum(-1).double()  # ‖A‖_F² = trace(AᵀA), one call per size
         finite = torch.isfinite(C).flatten(1).all(1)
         C = torch.where(finite[:, None, None], C, torch.zeros_like(C))
         b = min(BLOCK, n)
@@ -421,7 +422,7 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
             lam[k] = top[i]
             for s in unique[k]:
                 s.V = V[i] if flags[1][i] or s.V is None else s.V
-                s.fro2 = s.C.diagonal().sum().double()
+                s.fro2 = traces[i]
     return [(s.fro2, lam[(tuple(s.keys), s.n)]) for s in stats]
 
 
@@ -530,7 +531,7 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
     if not mats:
         z = torch.zeros(0, dtype=torch.float64)
         return z, z
-    fro = torch.stack([_fro2(G) for G in mats]).sqrt()
+    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))  # one multi-tensor call, float64 sums
     finite = torch.isfinite(fro).tolist()
     # linalg rejects non-finite input; those matrices are reported through their non-finite ‖G‖_F
     mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
