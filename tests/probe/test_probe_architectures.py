@@ -408,3 +408,54 @@ def test_autocast_products_are_paired_through_the_cast_copies():
     for s in mon.slots.values():
         assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)]), rel=1e-2), s.name
         assert st[s.name].rows == 64
+
+
+def _hf_more(name):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "gpt_neox":
+        cfg = T.GPTNeoXConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+        return T.GPTNeoXForCausalLM(cfg), lambda g: dict(input_ids=(ids := torch.randint(128, (4, 16), generator=g)), labels=ids)
+    if name == "t5":
+        cfg = T.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0, pad_token_id=0)
+        return T.T5ForConditionalGeneration(cfg), lambda g: dict(input_ids=torch.randint(128, (4, 16), generator=g),
+                                                                 labels=torch.randint(128, (4, 8), generator=g))
+    cfg = T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_labels=10)
+    return T.ViTForImageClassification(cfg), lambda g: dict(pixel_values=torch.randn(4, 3, 32, 32, generator=g),
+                                                           labels=torch.randint(10, (4,), generator=g))
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "t5", "vit"])
+def test_more_hf_architectures_paired_at_the_torch_call_as_at_aten(name, monkeypatch):
+    """GPT-NeoX (fused query_key_value), T5 (encoder-decoder, cross-attention) and ViT (conv patches, a class
+    token and position table concatenated/added): the same records from torch-call and aten-level pairing."""
+    import copy
+
+    from specscope.probe import monitor as M
+
+    model, batch = _hf_more(name)
+    runs = []
+    for products in (M._PRODUCTS, {}):
+        monkeypatch.setattr(M, "_PRODUCTS", products)
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)  # the same dropout masks
+        mon, opt, g, out = Monitor(m), torch.optim.AdamW(m.parameters(), lr=1e-3), torch.Generator().manual_seed(1), []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(2):
+                opt.zero_grad()
+                with mon.step(step):
+                    m(**batch(g)).loss.backward()
+                opt.step()
+                out.append({(r.layer, r.metric): r.value for r in mon.pop_records()})
+        runs.append((out, dict(mon.unmeasured), mon.roles))
+    assert runs[0][1:] == runs[1][1:]
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], rel=1e-6, nan_ok=True) for k in a)
+    if name == "vit":  # the class token enters by cat, the position table by add: both named as embedding tables
+        assert set(runs[0][1]) == {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"}
+        assert all("added to activations" in why for why in runs[0][1].values())
+        assert "(cat)" in runs[0][1]["vit.embeddings.cls_token"]
+    else:
+        assert not runs[0][1]

@@ -457,7 +457,7 @@ class Monitor:
         """A tracked weight used by an op the probe does not pair: remembered for the reason text."""
         if self._recompute:
             return
-        for a in args:
+        for a in (t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))):  # cat takes a list
             if isinstance(a, torch.Tensor):
                 hit = resolve(a, self.slots, self._casts)
                 if hit is not None and op not in (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_copy,
