@@ -224,6 +224,7 @@ class Monitor:
         self._heads: set[int] = set()
         self._recompute = False
         self._fsdp_checked: set[int] = set()
+        self._fsdp = False  # some module is FSDP2-sharded (checked when a measured step is armed)
         self._serial = 0
         self._step: int | None = None
         self._pending: _Pending | None = None
@@ -334,6 +335,7 @@ class Monitor:
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
         self._grams, self._casts, self._heads, self._fsdp_checked = {}, {}, set(), set()
+        self._fsdp = any(callable(getattr(m, "_get_fsdp_state", None)) for m in self.model.modules())
         for s in self.slots.values():
             s.begin_step()
             for st in [s.stats, *s.block_stats.values()]:
@@ -427,7 +429,7 @@ class Monitor:
             c = casts.get(i)
             if c is not None and c[1] is b:
                 return True
-            if b.is_leaf and b.requires_grad and i not in self._fsdp_checked and b.dim() >= 2 and isinstance(b, nn.Parameter):
+            if self._fsdp and b.is_leaf and b.requires_grad and i not in self._fsdp_checked and b.dim() >= 2 and isinstance(b, nn.Parameter):
                 self._fsdp_checked.add(i)  # FSDP2 made this unsharded parameter on this forward
                 casts.update(fsdp_aliases(self.model, self.slots))
                 if i in casts:
