@@ -13,7 +13,6 @@ import torch
 
 from specscope.data.synthetic import rf_regression
 from specscope.labs import random_features as rf
-from specscope.linalg import nuclear_norm
 
 SMALL = dict(dim=32, width=256, samples=256, outputs=16)
 RTOL = 1e-10

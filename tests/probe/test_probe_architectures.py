@@ -346,10 +346,10 @@ def test_structural_head_is_the_last_vocabulary_sized_linear_when_d_model_equals
 @pytest.mark.parametrize("arch", [*HF, "encoder", "cnn", "builtin_gpt"])
 def test_products_paired_at_the_torch_call_match_the_aten_watch(arch, monkeypatch):
     """F.linear / addmm / matmul paired at the torch call give the records the aten-level watch gives."""
-    from specscope.probe import monitor as M
+    from specscope.probe import watch as M
 
     def records(products):
-        monkeypatch.setattr(M, "_PRODUCTS", products)
+        monkeypatch.setattr(M, "PRODUCTS", products)
         model, data, loss_fn = build(arch)
         mon, opt = Monitor(model), torch.optim.AdamW(model.parameters(), lr=1e-2)
         out = []
@@ -361,7 +361,7 @@ def test_products_paired_at_the_torch_call_match_the_aten_watch(arch, monkeypatc
             out.append({(r.layer, r.metric): (r.value, r.rows, r.shape) for r in mon.pop_records()})
         return out, mon.roles
 
-    fast, aten_only = records(M._PRODUCTS), records({})
+    fast, aten_only = records(M.PRODUCTS), records({})
     assert fast[1] == aten_only[1]
     for a, b in zip(fast[0], aten_only[0]):
         assert a.keys() == b.keys()
@@ -373,16 +373,16 @@ def test_products_paired_at_the_torch_call_match_the_aten_watch(arch, monkeypatc
 def test_a_measured_forward_sends_only_non_product_calls_to_the_aten_watch(monkeypatch):
     """Cost: the built-in GPT's ≈ 300 forward aten ops no longer each enter Python; only the calls that touch a
     tracked weight other than through a plain product (its embedding lookup) reach the aten-level watch."""
-    from specscope.probe import monitor as M
+    from specscope.probe import watch as M
 
     seen = []
-    real = M._Aten.__torch_dispatch__
+    real = M.AtenWatch.__torch_dispatch__
 
     def counting(self, func, types, args=(), kwargs=None):
         seen.append(func._overloadpacket)
         return real(self, func, types, args, kwargs)
 
-    monkeypatch.setattr(M._Aten, "__torch_dispatch__", counting)
+    monkeypatch.setattr(M.AtenWatch, "__torch_dispatch__", counting)
     model, data, loss_fn = build("builtin_gpt")
     mon = Monitor(model)
     with mon.step(0):
@@ -431,12 +431,12 @@ def test_more_hf_architectures_paired_at_the_torch_call_as_at_aten(name, monkeyp
     token and position table concatenated/added): the same records from torch-call and aten-level pairing."""
     import copy
 
-    from specscope.probe import monitor as M
+    from specscope.probe import watch as M
 
     model, batch = _hf_more(name)
     runs = []
-    for products in (M._PRODUCTS, {}):
-        monkeypatch.setattr(M, "_PRODUCTS", products)
+    for products in (M.PRODUCTS, {}):
+        monkeypatch.setattr(M, "PRODUCTS", products)
         m = copy.deepcopy(model)
         torch.manual_seed(0)  # the same dropout masks
         mon, opt, g, out = Monitor(m), torch.optim.AdamW(m.parameters(), lr=1e-3), torch.Generator().manual_seed(1), []

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
+from specscope.data.synthetic import RFProblem, check_activation, rf_regression
 from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
 from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import Claim, Record

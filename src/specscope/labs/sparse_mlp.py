@@ -21,7 +21,6 @@ import math
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specscope.data.synthetic import check_activation, generator, sparse_regression

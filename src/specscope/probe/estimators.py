@@ -1,7 +1,7 @@
 """Streaming statistics of a weight's input matrix A and exact spectra of its gradient G.
 
 A is never copied (except by the opt-in `exact` reference): each micro-batch's rows are reduced inside
-the Monitor's watch (probe.pairing) to a few small tensors that add over micro-batches and over ranks,
+the Monitor's watch (probe.watch) to a few small tensors that add over micro-batches and over ranks,
 or — a wide input seen once in a step on one process — held (autograd saved it anyway) until the step ends —
 
 - `power`: ‖A‖_F² and Z = AᵀA V for a warm-started orthonormal block V (n × b). One pass gives

@@ -13,6 +13,7 @@ written), and the global RNG is not used.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections import deque
@@ -22,17 +23,15 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
-from specscope.probe.estimators import L, GramStats, TokenCounts, finish_grams, make_stats
-from specscope.probe.pairing import (MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve,
-                                     tracked_slots)
+from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
+from specscope.probe.pairing import Slot, tracked_slots
+from specscope.probe.watch import CallWatch, Watch
 from specscope.records import Record
 
 ESTIMATORS = ("gram", "power", "exact")
@@ -79,75 +78,11 @@ def _host_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[flo
     return [vals[i : i + 2] for i in range(0, len(vals), 2)]
 
 
-class _Aten(TorchDispatchMode):
-    """Sees the aten ops of one call that touches a tracked weight without being a plain product (an
-    embedding lookup, a convolution, nn.MultiheadAttention's functional path, a cast), and of a backward
-    pass that may recompute a checkpointed forward; hands them to the Monitor."""
-
-    def __init__(self, monitor: "Monitor"):
-        super().__init__()
-        self.monitor = monitor
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not torch.is_grad_enabled():  # evaluation passes, and the backward pass itself
-            return func(*args, **kwargs)
-        op = func._overloadpacket
-        self.monitor._see(op, args, recompute=in_backward())
-        out = func(*args, **kwargs)
-        if op is aten._to_copy and isinstance(args[0], torch.Tensor):  # autocast's copy of a weight
-            hit = resolve(args[0], self.monitor.slots, self.monitor._casts)
-            if hit is not None:
-                self.monitor._casts[id(out)] = (hit[0], out)
-        return out
-
-
-_TB = torch._C.TensorBase
-# torch-level products paired without descending to aten: name -> positions of (input, matrix) in args
-_PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
-             torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul"}
-_BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
-
-
-class _Watch(TorchFunctionMode):
-    """Armed on measured steps only; sees every torch call of the step.
-
-    A call that touches no tracked weight runs as is (one Python call, no aten-level watch: most of a
-    forward). A plain product with one (F.linear, addmm, mm, matmul, @ — what nn.Linear and transformers'
-    Conv1D run) is paired here. Any other call that touches one runs under `_Aten`, which sees its aten ops.
-    `loss.backward()` is seen for the head role; it runs under `_Aten` only while some tracked weight was
-    not reached by a forward (a checkpointed forward recomputed in the backward pass can still reach it)."""
-
-    def __init__(self, monitor: "Monitor"):
-        super().__init__()
-        self.monitor = monitor
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        mon = self.monitor
-        if func in _BACKWARDS and args:  # (every call of a measured forward passes here: kept cheap)
-            roots = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
-            for root in roots:
-                if isinstance(root, torch.Tensor):
-                    mon._heads |= R.output_weights(root)
-            if mon._all_seen():
-                return func(*args, **kwargs)
-            with mon._aten:
-                return func(*args, **kwargs)
-        if not torch.is_grad_enabled() or not mon._touches(args, kwargs):
-            return func(*args, **kwargs)
-        kind = _PRODUCTS.get(func)
-        if kind is not None and mon._pair_call(kind, args, kwargs):
-            return func(*args, **kwargs)
-        with mon._aten:
-            return func(*args, **kwargs)
-
-
 class Monitor:
     """Pairs each weight of `model` with the matrix of its inputs and measures st(A), nr(G) per step.
 
     Every trainable ≥2-D parameter is tracked. On a measured step the probe watches the operations
-    themselves (probe.pairing): whatever multiplies a tracked weight — nn.Linear, transformers' Conv1D,
+    themselves (probe.watch, probe.pairing): whatever multiplies a tracked weight — nn.Linear, transformers' Conv1D,
     nn.MultiheadAttention, F.linear on a raw parameter, Conv1d/2d/3d with groups, an embedding lookup —
     is that weight's input. A weight it cannot pair gets an "unmeasured" record with the reason, is
     listed in `unmeasured` (alias `unpaired`), warned about once, and has verdict "unmeasured".
@@ -218,14 +153,9 @@ class Monitor:
         self.unmeasured: dict[str, str] = {}
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
-        self._aten = _Aten(self)
-        self._grams: dict = {}
-        self._casts: dict = {}
-        self._heads: set[int] = set()
-        self._recompute = False
-        self._fsdp_checked: set[int] = set()
-        self._fsdp = False  # some module is FSDP2-sharded (checked when a measured step is armed)
-        self._serial = 0
+        self._watch: Watch | None = None  # the pairing state of the measured step under way
+        self._heads: set[int] = set()  # weights producing the loss, from the last measured step's backward
+        self._serial = itertools.count(1)  # numbers the inputs seen (shared keys of q, k, v), across steps
         self._step: int | None = None
         self._pending: _Pending | None = None
         self._records: list[Record] = []
@@ -303,13 +233,12 @@ class Monitor:
             if slot is None:
                 slot = self.slots[id(weight)] = Slot(name, weight)
             slot.name, slot.kind, slot.n_features, slot.out_dim = name, "observed", weight.shape[-1], 0
-            slot.stats = make_stats("observed", slot.n_features, self.estimator, **self._stats_kw)
-            slot.stats.reset(refine=True)
+            slot.stats = self._new_stats("observed", slot.n_features)
         if inputs.shape[-1] != slot.n_features:
             raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {slot.n_features}")
         with torch.no_grad():
             A = inputs.detach().reshape(-1, slot.n_features)
-            slot.inputs.setdefault((0, weight.shape[0]), set()).add(self._input(A)[2])
+            slot.inputs.setdefault((0, weight.shape[0]), set()).add(self._watch.input(A)[2])
             slot.stats.add(A)
 
     def pop_records(self) -> list[Record]:
@@ -334,8 +263,6 @@ class Monitor:
         self._step = step
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
-        self._grams, self._casts, self._heads, self._fsdp_checked = {}, {}, set(), set()
-        self._fsdp = any(callable(getattr(m, "_get_fsdp_state", None)) for m in self.model.modules())
         for s in self.slots.values():
             s.begin_step()
             for st in [s.stats, *s.block_stats.values()]:
@@ -345,179 +272,21 @@ class Monitor:
                 s.tokens.reset()
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
-        self._stack.enter_context(_Watch(self))
+        self._watch = Watch(self.model, self.slots, self._new_stats, self._serial)
+        self._stack.enter_context(CallWatch(self._watch))
 
     def _disarm(self) -> None:
         stack, self._stack, self._step = self._stack, None, None
         if stack is not None:
             stack.close()
-        self._grams, self._casts = {}, {}
+        if self._watch is not None:  # keep what the records need; drop the held inputs and copies
+            self._heads, self._watch = self._watch.heads, None
 
-    def _all_seen(self) -> bool:
-        """Every tracked weight was reached by a forward of this step (or is observed by hand)."""
-        return all(s.forward_seen or s.kind == "observed" for s in self.slots.values())
-
-    def _see(self, op, args, recompute: bool = False) -> None:
-        """One aten op of a measured forward pass: pair it if one operand is a tracked weight.
-
-        recompute: a forward run inside the backward pass (gradient checkpointing). It is counted only for
-        weights that no forward of this step reached: reentrant checkpointing runs the first forward
-        without gradients, so the recompute is the only pass that sees those inputs.
-        """
-        self._recompute = recompute
-        if op in MATMULS:
-            x, M = (args[1], args[2]) if op is aten.addmm else (args[0], args[1])
-            if not self._pair_product(op, x, M):
-                self._other(op, args)
-            return None
-        if op is aten.convolution:
-            x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
-            s = self.slots.get(id(w))
-            if s is None:
-                return self._other(op, args)
-            if transposed:
-                s.problem = "used in a transposed convolution, which the probe does not pair; pass its inputs with monitor.observe"
-                return None
-            with torch.no_grad():
-                A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
-            return self._dense(s, A, (0, (0, w.shape[0]), True), "conv", op)
-        if op is aten.embedding:
-            s = self.slots.get(id(args[0]))
-            if s is None:
-                return self._other(op, args)
-            if self._recompute and s.forward_seen:
-                return None
-            s.forward_seen |= not self._recompute
-            if s.tokens is None:
-                s.tokens = TokenCounts(s.param.shape[0])
-            s.tokens.add(args[1].detach())
-            s.role = "embedding"
-            if s.kind == "":
-                s.kind = "embedding"
-            return None
-        return self._other(op, args)
-
-    def _pair_product(self, op, x: torch.Tensor, M: torch.Tensor) -> bool:
-        """y = x @ M (2-D M): pair it when exactly one operand is a tracked weight; False when neither or both is."""
-        hx, hm = resolve(x, self.slots, self._casts), resolve(M, self.slots, self._casts)
-        if hm is not None and hx is None:
-            self._dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
-            return True
-        if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
-            self._dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
-            return True
-        return False
-
-    def _touches(self, args, kwargs) -> bool:
-        """Whether a call's tensors (arguments, one level into lists) include a tracked weight, a view of one or
-        a cast copy. A ≥2-D nn.Parameter that is none of these is checked once per step for being FSDP2's
-        unsharded copy of a tracked weight. (Runs for every torch call of a measured forward: kept cheap.)"""
-        slots, casts = self.slots, self._casts
-        for a in ((*args, *kwargs.values()) if kwargs else args):
-            if type(a) is list or type(a) is tuple:
-                if self._touches(a, None):
-                    return True
-                continue
-            if not isinstance(a, torch.Tensor):
-                continue
-            b = a._base
-            if b is None:
-                b = a
-            i = id(b)
-            if i in slots:
-                return True
-            c = casts.get(i)
-            if c is not None and c[1] is b:
-                return True
-            if self._fsdp and b.is_leaf and b.requires_grad and i not in self._fsdp_checked and b.dim() >= 2 and isinstance(b, nn.Parameter):
-                self._fsdp_checked.add(i)  # FSDP2 made this unsharded parameter on this forward
-                casts.update(fsdp_aliases(self.model, self.slots))
-                if i in casts:
-                    return True
-        return False
-
-    def _pair_call(self, kind: str, args, kwargs) -> bool:
-        """Pair a torch-level product (F.linear, addmm, mm, matmul) as its aten form would be; False sends the
-        call to the aten-level watch (autocast, batched or vector operands, both operands tracked)."""
-        if kwargs.get("out") is not None or len(args) < 2:
-            return False
-        if kind == "addmm":
-            if len(args) < 3:
-                return False
-            args = args[1:]
-        x, M = args[0], args[1]
-        if not (isinstance(x, torch.Tensor) and isinstance(M, torch.Tensor)) or torch.is_autocast_enabled(x.device.type):
-            return False
-        self._recompute = in_backward()
-        if kind == "linear":  # F.linear(x, W) = x @ W.T for x of any batch shape
-            return M.dim() == 2 and x.dim() >= 2 and self._pair_product(aten.addmm, x, M.mT)
-        if M.dim() != 2 or x.dim() < 2 or (x.dim() > 2 and resolve(x, self.slots, self._casts) is not None):
-            return False  # W @ X with a batched X, or a batched weight: matmul broadcasts (bmm), not a plain product
-        return self._pair_product(aten.mm if kind != "addmm" else aten.addmm, x, M)
-
-    def _other(self, op, args) -> None:
-        """A tracked weight used by an op the probe does not pair: remembered for the reason text."""
-        if self._recompute:
-            return
-        for a in (t for x in args for t in (x if isinstance(x, (list, tuple)) else (x,))):  # cat takes a list
-            if isinstance(a, torch.Tensor):
-                hit = resolve(a, self.slots, self._casts)
-                if hit is not None and op not in (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_copy,
-                                                  aten.slice, aten.split, aten.chunk, aten.split_with_sizes, aten.unsqueeze, aten.expand):
-                    hit[0].other_ops.add(str(op).removeprefix("aten."))
-
-    def _dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op) -> None:
-        if s.kind == "observed" or s.problem or (self._recompute and s.forward_seen):
-            return
-        s.forward_seen |= not self._recompute
-        if layout is None:
-            s.problem = f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns"
-            return
-        out_dim, out_range, whole_input = layout
-        if not whole_input:
-            s.problem = "only some of its input features multiply this input (a column block of W used as inputs)"
-            return
-        with torch.no_grad():
-            A = x.detach().reshape(-1, x.shape[-1])
-            entry = self._input(A)
-            key = entry[2]
-            if any(key in keys for r, keys in s.inputs.items() if r != out_range):
-                return  # another output block of the same product input: A is counted once
-            if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
-                return
-            stats = self._stats_for(s, kind, A.shape[1], out_range, key)
-            if isinstance(stats, GramStats):
-                stats.add(A, entry, key, source=x)
-            else:
-                stats.add(A)
-
-    def _stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key):
-        """The statistics this use adds to: the weight's own, or — for an output block whose input differs from
-        the first block's (cross-attention's k/v rows) — that block's, kept across steps for warm starts."""
-        if s.main_range is None or s.main_range == out_range or key in s.inputs.get(s.main_range, ()):
-            s.main_range = s.main_range or out_range
-            if s.stats is None:
-                s.stats = make_stats(kind, n, self.estimator, **self._stats_kw)
-                s.stats.reset(refine=True)
-            return s.stats
-        st = s.block_stats.get(out_range)
-        if st is None:
-            st = s.block_stats[out_range] = make_stats(kind, n, self.estimator, **self._stats_kw)
-            st.reset(refine=True)
+    def _new_stats(self, kind: str, n: int):
+        """Fresh input statistics of this Monitor's estimator for a weight with n input features."""
+        st = make_stats(kind, n, self.estimator, **self._stats_kw)
+        st.reset(refine=True)
         return st
-
-    def _input(self, A: torch.Tensor) -> list:
-        """[A, its Gram (lazily), a serial number] for an input: weights multiplying the same activation
-        (q, k, v) get the same entry. The last few entries are held, so their memory cannot be reused by
-        another tensor (which would alias the key) while they can still be matched."""
-        key = input_key(A)
-        entry = self._grams.get(key)
-        if entry is None:
-            self._serial += 1
-            entry = self._grams[key] = [A, None, self._serial]
-            if len(self._grams) > 4:
-                self._grams.pop(next(iter(self._grams)))
-        return entry
 
     # -- turning statistics into records ------------------------------------------------------------
     def _active_stats(self, s: Slot):

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from specscope.probe.advice import verdict
 from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,

@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -147,7 +148,7 @@ def diagnose(
     """Train a model for a few steps with the probe; print st(A), nr(G), nr/st and a verdict per weight."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from specscope import report, store
+    from specscope import store
     from specscope.probe import diagnose as run_diagnose
     from specscope.store import Run
 
