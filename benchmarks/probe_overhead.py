@@ -1,6 +1,6 @@
 """Cost of the probe on a small GPT: time per training step with and without a Monitor.
 
-    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda]
+    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda] [--floor | --phases]
 
 Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² MLP, AdamW.
 Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" per round, median and
@@ -13,6 +13,10 @@ nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and eigenvalues) 
 input by one warm block-Krylov solve of depth 1 (`probe.estimators.krylov_top`, the default route's cheapest
 case), on the gradients and inputs of a real step. 1 + both ratios is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping.
+
+`--phases` times a probed step (every step, default) and an unprobed one phase by phase — forward, backward,
+finishing the measurement (leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
+where a measured step's extra time goes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +73,57 @@ class Arm:
             self.step_no += 1
 
 
+PHASES = ("forward", "backward", "finish", "optimizer")
+
+
+def phase_times(arm: Arm) -> tuple[float, ...]:
+    """One training step of `arm`, timed by phase (ms): forward, backward, finishing the measurement (leaving
+    `monitor.step`), optimizer step."""
+    b = arm.batches[arm.step_no % len(arm.batches)]
+    arm.opt.zero_grad(set_to_none=True)
+    ctx = arm.monitor.step(arm.step_no) if arm.monitor else torch.enable_grad()
+    t = [time.perf_counter()]
+    ctx.__enter__()
+    loss = F.cross_entropy(arm.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten())
+    sync()
+    t.append(time.perf_counter())
+    loss.backward()
+    sync()
+    t.append(time.perf_counter())
+    ctx.__exit__(None, None, None)
+    sync()
+    t.append(time.perf_counter())
+    arm.opt.step()
+    if arm.monitor:
+        arm.monitor.pop_records()
+    sync()
+    t.append(time.perf_counter())
+    arm.step_no += 1
+    return tuple(1e3 * (b - a) for a, b in zip(t, t[1:]))
+
+
+def phases(rounds: int, block: int) -> None:
+    """Per phase, the probed step (every step, default) against the unprobed one, steps alternating."""
+    arms = {"no monitor": Arm(None), "every step": Arm(1)}
+    for a in arms.values():
+        a.run(2)  # warm
+    per_round = []
+    for _ in range(rounds):
+        got = {k: [] for k in arms}
+        for _ in range(block):
+            for k, a in arms.items():
+                got[k].append(phase_times(a))
+        per_round.append({k: [statistics.median(x[i] for x in v) for i in range(len(PHASES))] for k, v in got.items()})
+    print(f"\n{rounds} rounds of {block} alternating steps; ms, median of the round medians [min–max]\n")
+    print("| phase | no monitor | every step | difference |\n|---|---:|---:|---:|")
+    for i, ph in enumerate(PHASES):
+        none = [r["no monitor"][i] for r in per_round]
+        probed = [r["every step"][i] for r in per_round]
+        diff = [p - n for p, n in zip(probed, none)]
+        print(f"| {ph} | {statistics.median(none):.2f} | {statistics.median(probed):.2f} | "
+              f"{statistics.median(diff):+.2f} [{min(diff):+.2f} – {max(diff):+.2f}] |")
+
+
 def floor_candidates(block: int) -> dict:
     """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
     from specscope.linalg import nuclear_norms
@@ -105,6 +161,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--floor", action="store_true", help="time the exact estimates' arithmetic alone (see above)")
+    ap.add_argument("--phases", action="store_true", help="time forward, backward, finishing the measurement and the "
+                                                          "optimizer step apart, probed against unprobed steps (see above)")
     ap.add_argument("--d-model", type=int, default=CFG["d_model"],
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
@@ -118,6 +176,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
+    if args.phases:
+        phases(args.rounds, args.block)
+        return
     if args.floor:
         res = interleaved(floor_candidates(args.block), "no monitor", rounds=args.rounds, repeats=1, warmup=1, sync=sync)
         print(f"\n{args.rounds} rounds of {args.block} steps\n\n| per step | ms | × no monitor, median [min–max] |\n|---|---:|---:|")
