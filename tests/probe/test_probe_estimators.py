@@ -230,3 +230,44 @@ def test_float64_products_give_the_same_records(monkeypatch, tiny_gpt, lm_step, 
     assert out[torch.float32].keys() == out[torch.float64].keys()
     for k, v in out[torch.float32].items():
         assert out[torch.float64][k] == pytest.approx(v, rel=1e-4), k
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(24, 160), decay=st.floats(0.5, 6.0), gap=st.floats(0.0, 0.3), drift=st.floats(0.0, 0.3), seed=st.integers(0, 10_000))
+def test_warm_two_pass_solve_keeps_its_bound_after_the_input_drifts(n, decay, gap, drift, seed):
+    """The warm step's solve (depth 0: two passes over A) from a block fitted to last step's input: θ ≤ λ_max,
+    and where it says verified the error is within its bound; verified_top always ends verified or says not."""
+    k = min(n, 40)
+    sigmas = torch.logspace(0, -decay, k, dtype=torch.float64)
+    sigmas[1:] *= 1 - gap
+    before = spectrum_matrix(2 * n, n, sigmas, seed)
+    after = before + drift * spectrum_matrix(2 * n, n, sigmas, seed + 1)  # the next step's activations
+    lam = float(torch.linalg.svdvals(after.double())[0] ** 2)
+    _, V, _ = E.verified_top(before, E._initial_block(n, min(E.BLOCK, n), before.device), E.COLD_DEPTH)
+    theta, V2, bound = E.krylov_top(after, V, depth=E.KRYLOV_DEPTH)
+    assert E.KRYLOV_DEPTH == 0 and V2.shape == V.shape
+    assert float(theta) <= lam * (1 + 1e-5)
+    if float(bound) <= E.VERIFIED:
+        assert (lam - float(theta)) / lam <= float(bound) + 1e-5
+    theta, _, ok = E.verified_top(after, V, E.KRYLOV_DEPTH)
+    if ok:
+        assert (lam - float(theta)) / lam <= E.VERIFIED + 1e-5
+
+
+def test_implicit_solves_on_the_workers_equal_the_serial_ones():
+    """The wide inputs' solves run as one chain beside queued jobs, per worker when idle, or in the caller with
+    one thread: the same st(A) every way (each solve runs on one thread wherever it runs)."""
+    torch.manual_seed(0)
+    model = Wide()
+    xs = [torch.randn(200, 32) + 0.5]
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            mon = Monitor(model)
+            got[t] = [run(mon, model, xs)["down"].value for _ in range(3)]
+            assert E.workers.count(torch.device("cpu")) == (0 if t == 1 else 2)
+    finally:
+        torch.set_num_threads(threads)
+    assert got[1] == pytest.approx(got[2], rel=1e-6)

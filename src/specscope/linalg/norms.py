@@ -6,12 +6,13 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from . import workers
 from ._checks import check_tensor, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
@@ -96,19 +97,7 @@ def stable_rank_from_gram(C: Tensor) -> Tensor:
     return out.to(work_dtype(C))
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_PID = 0
 POOL_MIN = 256  # below it the pool was no faster (eigvalsh) or slower (eigh at 128²) than solving serially
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """The process's pool of `threads` workers, each running torch with one thread (made anew in a forked
-    child, where the parent's worker threads do not exist)."""
-    global _POOL, _POOL_PID
-    if _POOL is None or _POOL._max_workers != threads or _POOL_PID != os.getpid():
-        _POOL = ThreadPoolExecutor(threads, thread_name_prefix="specscope-eigh", initializer=torch.set_num_threads, initargs=(1,))
-        _POOL_PID = os.getpid()
-    return _POOL
 
 
 def _spread_over_threads(fn, C: Tensor) -> list | None:
@@ -118,10 +107,10 @@ def _spread_over_threads(fn, C: Tensor) -> list | None:
     another device. Each worker sets one thread for itself: a worker left at the process's thread count
     oversubscribes the cores and was slower than solving serially. Idle 2-core CPU, float64, two threads
     (benchmarks/eigh_pool.py, docs/linalg.md "Threads"): 0.5–0.8× the serial time from 256² up, ≈ 1× below."""
-    threads = torch.get_num_threads()
-    if C.device.type != "cpu" or C.dim() < 3 or C.shape[:-2].numel() < 2 or threads < 2 or C.shape[-1] < POOL_MIN:
+    threads = workers.count(C.device)
+    if not threads or C.dim() < 3 or C.shape[:-2].numel() < 2 or C.shape[-1] < POOL_MIN:
         return None
-    return list(_pool(threads).map(fn, C.reshape(-1, *C.shape[-2:]).chunk(threads)))
+    return list(workers.pool(threads).map(fn, C.reshape(-1, *C.shape[-2:]).chunk(threads)))
 
 
 def eigvalsh_batched(C: Tensor) -> Tensor:
@@ -139,19 +128,27 @@ def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(lam).reshape(C.shape[:-1]), torch.cat(Q).reshape(C.shape)
 
 
-def _nuclear_norms_here(mats: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    return [torch.linalg.eigvalsh(smaller_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum() for G in mats]
+def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.linalg.eigvalsh(smaller_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum()
 
 
-def _balanced(costs: list[float], parts: int) -> list[list[int]]:
-    """Indices split into `parts` lists of near-equal total cost (largest first, each to the lightest list)."""
-    out: list[list[int]] = [[] for _ in range(parts)]
-    load = [0.0] * parts
-    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        j = load.index(min(load))
-        out[j].append(i)
-        load[j] += costs[i]
-    return out
+def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
+    """[‖G‖_F, ‖G‖_*] from one Gram (‖G‖_F² = its trace); both NaN for a G holding NaN/Inf."""
+    C = smaller_gram(G.to(dtype)).double()
+    fro2 = C.diagonal().sum()
+    if not bool(torch.isfinite(fro2)):
+        return torch.full((2,), float("nan"), dtype=torch.float64)
+    return torch.stack([fro2.clamp(min=0).sqrt(), torch.linalg.eigvalsh(C).clamp(min=0).sqrt().sum()])
+
+
+def _pooled(mats: list[Tensor]) -> bool:
+    """Whether these matrices' Grams go to the one-thread workers: a multi-thread CPU, ≥ 2 of size ≥ POOL_MIN."""
+    return bool(mats) and bool(workers.count(mats[0].device)) and sum(min(G.shape[-2:]) >= POOL_MIN for G in mats) >= 2
+
+
+def _costs(mats: list[Tensor]) -> list[float]:
+    """Relative cost of a Gram and its eigenvalues: k²·(m + 4k) for a k × m (k ≤ m) matrix."""
+    return [min(G.shape[-2:]) ** 2 * (max(G.shape[-2:]) + 4 * min(G.shape[-2:])) for G in mats]
 
 
 NUCLEAR_METHODS = ("auto", "eigh", "polar")
@@ -164,12 +161,20 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
 
     method "eigh": Σ sqrt(eig) of the smaller Gram formed in `dtype` (float64: exact to ~1e-12 relative;
     see nuclear_norm_from_gram for float32). On a CPU with several threads and matrices of size ≥ POOL_MIN,
-    each one-thread worker of the pool forms and solves its share of the Grams (shares balanced by cost);
+    each Gram is formed and solved as one job of the one-thread workers (`linalg.workers`, largest first);
     elsewhere Grams of equal size are stacked into one batched eigvalsh.
     method "polar": `nuclear_norms_polar` — matmuls only, within `tol` relative (proved bound).
     method "auto": "eigh" on the CPU, "polar" on an accelerator, where a batch of small eigendecompositions
     is one latency-bound solver call per matrix (cuSOLVER syevd for n > 32 in float64).
     `check=False` skips the NaN/Inf scan for callers that screened the input."""
+    return nuclear_norms_later(mats, dtype, check=check, method=method, tol=tol)()
+
+
+def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, check: bool = True,
+                        method: str = "auto", tol: float = NUCLEAR_TOL) -> Callable[[], Tensor]:
+    """`nuclear_norms`, started now and collected by calling the returned function: where the Grams go to the
+    one-thread workers, the caller goes on meanwhile (and can queue its own jobs behind them); elsewhere the
+    norms are computed before this returns."""
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"nuclear_norms: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
     if check:
@@ -179,19 +184,16 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
             raise ValueError(f"nuclear_norms: mats[{i}] has shape {tuple(mats[i].shape)}; pass 2-D matrices "
                              "(list(batch.unbind()) for a batch)")
     if not mats:
-        return torch.zeros(0, dtype=torch.float64)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return lambda: empty
     device = mats[0].device
     if method == "polar" or (method == "auto" and device.type != "cpu"):
-        return nuclear_norms_polar(mats, tol)
-    threads = torch.get_num_threads()
+        out = nuclear_norms_polar(mats, tol)
+        return lambda: out
     sizes = [min(G.shape[-2:]) for G in mats]
-    if device.type == "cpu" and threads >= 2 and sum(k >= POOL_MIN for k in sizes) >= 2:
-        parts = _balanced([k * k * (max(G.shape[-2:]) + 4 * k) for k, G in zip(sizes, mats)], threads)
-        out = torch.empty(len(mats), dtype=torch.float64)
-        for idx, vals in zip(parts, _pool(threads).map(lambda idx: _nuclear_norms_here([mats[i] for i in idx], dtype), parts)):
-            if idx:
-                out[idx] = torch.stack(vals)
-        return out
+    if _pooled(mats):
+        wait = workers.start(partial(_nuclear_norm_here, dtype=dtype), mats, _costs(mats))
+        return lambda: torch.stack(wait())
     out = torch.empty(len(mats), dtype=torch.float64, device=device)
     by_size: dict[int, list[int]] = {}
     for i, k in enumerate(sizes):
@@ -199,7 +201,28 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
     for idx in by_size.values():
         C = torch.stack([smaller_gram(mats[i].to(dtype)) for i in idx]).double()
         out[idx] = eigvalsh_batched(C).clamp(min=0).sqrt().sum(-1)
-    return out
+    return lambda: out
+
+
+def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, method: str = "auto",
+                            tol: float = NUCLEAR_TOL) -> Callable[[], tuple[Tensor, Tensor]]:
+    """(‖G‖_F, ‖G‖_*) of each matrix as two float64 vectors, started now and collected by calling the result
+    (as `nuclear_norms_later`); a matrix holding NaN/Inf gets a non-finite ‖G‖_F (and ‖G‖_*), never an error.
+    On the one-thread workers both come from the job's float64 Gram (‖G‖_F² is its trace); elsewhere ‖G‖_F
+    is one float64 multi-tensor norm."""
+    if not mats:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return lambda: (empty, empty)
+    if _pooled(mats) and method != "polar":
+        wait = workers.start(partial(_fro_nuclear_here, dtype=dtype), mats, _costs(mats))
+        return lambda: tuple(torch.stack(wait()).unbind(-1))
+    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))
+    finite = torch.isfinite(fro)
+    ok = finite.tolist()
+    # nuclear_norms rejects non-finite input: those matrices are solved as zeros and reported as NaN
+    wait = nuclear_norms_later([G if good else torch.zeros_like(G) for G, good in zip(mats, ok)], dtype,
+                               check=False, method=method, tol=tol)
+    return lambda: (fro, torch.where(finite, wait().to(fro.device), torch.full_like(fro, float("nan"))))
 
 
 POLAR_CHUNK = 2**25  # float64 elements of G stacked per batch (256 MiB; the iteration holds ≈ 3× that)

@@ -92,11 +92,26 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
     """‖G‖_F and ‖G‖_* per matrix (float64 vectors), as estimators.gradient_spectra; DTensor gradients are
     measured through the all-reduced Gram of their shards (see the module docstring), never gathered to
     one rank only."""
+    return gradient_spectra_later(mats, exact, dtype)()
+
+
+def gradient_spectra_later(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64):
+    """`gradient_spectra` started now and collected by calling the returned function (estimators'
+    gradient_spectra_later); with DTensor gradients everything, collectives included, is done before it
+    returns, so every rank issues them in the same order."""
+    from specscope.probe.estimators import gradient_spectra_later as plain_later
+
+    if not any(is_dtensor(G) for G in mats):
+        return plain_later(mats, exact=exact, dtype=dtype)
+    out = _sharded_spectra(mats, exact, dtype)
+    return lambda: out
+
+
+def _sharded_spectra(mats: list[torch.Tensor], exact: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spectra of a list holding DTensor gradients: plain matrices as usual, sharded ones by their Grams."""
     from specscope.probe.estimators import gradient_spectra as plain_spectra
 
     sharded = [i for i, G in enumerate(mats) if is_dtensor(G)]
-    if not sharded:
-        return plain_spectra(mats, exact=exact, dtype=dtype)
     plain = [i for i in range(len(mats)) if i not in sharded]
     fro = torch.zeros(len(mats), dtype=torch.float64)
     nuc = torch.zeros(len(mats), dtype=torch.float64)

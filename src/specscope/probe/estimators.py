@@ -18,12 +18,16 @@ or — a wide input seen once in a step on one process — held (autograd saved 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from specscope.errors import SpecscopeError
 from specscope.probe import distributed as D
 
 from specscope import linalg as L
+from specscope.linalg import workers
+from specscope.linalg.norms import fro_nuclear_norms_later
 
 
 def _orth(Z: torch.Tensor) -> torch.Tensor:
@@ -181,7 +185,8 @@ class GramStats:
 CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
 IMPLICIT_MIN = 256  # inputs this wide skip the Gram when seen once per step (GramStats): the measured crossover
-KRYLOV_DEPTH, COLD_DEPTH, FRESH = 1, 4, 2  # block Krylov depth (warm / cold start); fresh rows of A per step
+KRYLOV_DEPTH, COLD_DEPTH, FRESH = 0, 4, 8  # block Krylov depth (warm / cold start); fresh rows of A per step
+RETRY_DEPTHS = (KRYLOV_DEPTH, COLD_DEPTH)  # unverified: again from the improved block, then deeper; then the Gram
 VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
 
 
@@ -273,19 +278,21 @@ def orthonormal(Z: torch.Tensor, against: torch.Tensor | None = None) -> torch.T
 
 
 def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """λ_max(AᵀA) without forming AᵀA: Rayleigh–Ritz on the block Krylov space [V, CV, …, C^depth V], C = AᵀA.
+    """λ_max(AᵀA) without forming AᵀA: Rayleigh–Ritz on the block Krylov space [V₀, CV₀, …, C^depth V₀], C = AᵀA.
 
-    A [..., rows, n] (a batch of inputs of one shape is solved at once), V [..., n, b] the warm block (last
-    step's Ritz vectors); `fresh` rows of A, drawn by a private generator (the global RNG is untouched),
-    join it, so the space cannot miss the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The
-    Ritz value θ ≤ λ_max (a Rayleigh quotient). Returns (θ, the top-b Ritz vectors, bound): with the top Ritz
-    pair's residual r = ‖Cy − θy‖ some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ
-    (δ = θ − the next Ritz value): bound = min(r, r²/δ)/θ. Each pass over A is an A·Q or a (WᵀA)ᵀ product (the
-    fast layouts for a row-major A): depth + 2 passes in all, plus the residual's one. Products in float32,
-    the small eigenproblem in float64; no host synchronisation.
+    A [..., rows, n] (a batch of inputs of one shape is solved at once), V [..., n, b] the warm block; V₀ is V
+    with `fresh` rows of A, drawn by a private generator (the global RNG is untouched), so the space cannot miss
+    the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The Ritz value θ ≤ λ_max (a Rayleigh
+    quotient). One more pass gives CY for the top-b Ritz vectors Y: the top pair's residual r = ‖Cy − θy‖
+    (some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ, δ = θ − the next Ritz value:
+    bound = min(r, r²/δ)/θ) and the next warm block, CY with unit columns — one subspace-iteration step past
+    the Ritz vectors, so a block carried from step to step keeps converging while A drifts. Returns
+    (θ, that block, bound). Each pass over A is an A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major
+    A): 2·(depth + 1) in all. Products in float32, the small eigenproblem in float64; no host synchronisation.
     """
     A = A.to(product_dtype(A.device))
     b = V.shape[-1]
+    tiny = torch.finfo(torch.float64).tiny
     if (b + fresh) * (depth + 1) > A.shape[-1]:  # the space would be all of Rⁿ: solve C itself
         C = gram_of(A).double()
         C = torch.where(torch.isfinite(C).flatten(-2).all(-1)[..., None, None], C, torch.zeros_like(C))
@@ -293,8 +300,8 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
         return theta[..., -1], Y[..., -b:].to(A.dtype), torch.zeros_like(theta[..., -1])
     g = torch.Generator().manual_seed(A.shape[-2] * 7919 + A.shape[-1])
     rows = torch.randint(A.shape[-2], (fresh,), generator=g).tolist()  # host ints: no copy to the device
-    picked = torch.stack([A[..., i, :] for i in rows], -1)             # [..., n, fresh]
-    Q = [orthonormal(torch.cat([V.to(A.device, A.dtype), picked], -1))]
+    start = [V.to(A.device, A.dtype)] + ([torch.stack([A[..., i, :] for i in rows], -1)] if rows else [])
+    Q = [orthonormal(torch.cat(start, -1))]
     W = [A @ Q[0]]
     for _ in range(depth):
         Q.append(orthonormal((W[-1].mT @ A).mT, torch.cat(Q, -1)))
@@ -303,12 +310,21 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
     H = torch.where(torch.isfinite(H).flatten(-2).all(-1)[..., None, None], H, torch.zeros_like(H))  # non-finite A: the caller reports it
     theta, Y = torch.linalg.eigh((H + H.mT) / 2)
-    top, Y = theta[..., -1], Y.to(A.dtype)
-    y = Y[..., -1:]
-    r = torch.linalg.vector_norm((Wc @ y).mT @ A - top.to(A.dtype)[..., None, None] * (Qc @ y).mT, dim=(-2, -1)).double()
-    tiny = torch.finfo(torch.float64).tiny
+    top, Y = theta[..., -1], Y[..., -b:].to(A.dtype)
+    CY = ((Wc @ Y).mT @ A).mT                                            # C·(Ritz vectors), [..., n, b]
+    r = torch.linalg.vector_norm(CY[..., -1] - top.to(A.dtype)[..., None] * (Qc @ Y[..., -1:])[..., 0], dim=-1).double()
     bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
-    return top, Qc @ Y[..., -b:], bound
+    return top, CY / torch.linalg.vector_norm(CY, dim=-2, keepdim=True).clamp_min(tiny), bound
+
+
+def verified_top(A: torch.Tensor, V: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """λ_max(AᵀA) for one input: `krylov_top` at `depth`, then at each of RETRY_DEPTHS from the block the last
+    attempt improved, until the bound is within VERIFIED. (θ, the block for the next step, verified)."""
+    for d in (depth, *RETRY_DEPTHS):
+        theta, V, bound = krylov_top(A, V, d)
+        if bool((bound <= VERIFIED) & torch.isfinite(theta)):
+            return theta, V, True
+    return theta, V, False
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,52 +354,70 @@ def _warm_block(s: GramStats, device: torch.device) -> torch.Tensor:
 
 
 def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
-    """λ_max for the stats holding a wide input, one `krylov_top` per shared input (inputs of one shape and
-    depth solved as one batch): depth KRYLOV_DEPTH from a warm block (COLD_DEPTH from a cold one); where the
-    bound exceeds VERIFIED, once more at COLD_DEPTH from the improved block; what still fails becomes a Gram
-    for the certified route. At most two host syncs."""
+    """λ_max for the stats holding a wide input, one solve per shared input: `krylov_top` at depth KRYLOV_DEPTH
+    from a warm block (COLD_DEPTH from a cold one), then RETRY_DEPTHS where the bound exceeds VERIFIED; what
+    still fails becomes a Gram for the certified route. On a CPU the inputs are solved one after another on
+    one of the one-thread workers (`linalg.workers`), ahead of what is queued there — beside the gradients'
+    eigensolves a Monitor started, which, unlike these many small calls, do not hold Python's lock — or on
+    all of them when the pool is idle; on an accelerator inputs of one shape are solved as one batch, one
+    host synchronisation per attempt."""
     unique: dict[tuple, list[GramStats]] = {}
     for s in stats:
         unique.setdefault((tuple(s.keys), s.n), []).append(s)
+    first = {k: (unique[k][0].A, _warm_block(g[0], g[0].A.device), KRYLOV_DEPTH if _is_warm(g[0]) else COLD_DEPTH)
+             for k, g in unique.items()}
+    if not first:
+        return {}
+    device = next(iter(first.values()))[0].device
+    if device.type == "cpu":  # serial chains: one beside the workers' queued jobs, else one per worker
+        keys = list(first)
+        chains = workers.balanced([first[k][0].numel() * (first[k][2] + 1) for k in keys],
+                                  1 if workers.busy(device) else workers.count(device))
+        wait = workers.start(lambda chain: [(*verified_top(*first[keys[i]]), _fro2(first[keys[i]][0])) for i in chain],
+                             chains, device=device, first=True)
+        solved = {keys[i]: r for chain, rs in zip(chains, wait()) for i, r in zip(chain, rs)}
+    else:
+        solved = {k: (*r, _fro2(first[k][0])) for k, r in _verified_batched(first).items()}
     lam: dict[tuple, torch.Tensor] = {}
-    todo = {k: (KRYLOV_DEPTH if _is_warm(g[0]) else COLD_DEPTH, _warm_block(g[0], g[0].A.device)) for k, g in unique.items()}
-    for attempt in range(2):
-        solved = _solve_batched({k: (unique[k][0].A, V, depth) for k, (depth, V) in todo.items()})
-        ok = torch.stack([(solved[k][2] <= VERIFIED) & torch.isfinite(solved[k][0]) for k in todo]).tolist() if todo else []
-        for good, k in zip(ok, list(todo)):
-            group = unique[k]
-            if good and group[0].source._version == group[0].version:
-                lam[k], fro2 = solved[k][0], _fro2(group[0].A)
-                for s in group:
-                    s.V, s.fro2, s.A, s.source = solved[k][1], fro2, None, None
-                del todo[k]
-            else:
-                todo[k] = (COLD_DEPTH, solved[k][1])
-    for k in todo:  # unverified (or non-finite): the Gram, certified or reported as non-finite
-        for s in unique[k]:
-            s._materialize()
+    for k, (theta, V, good, fro2) in solved.items():
+        group = unique[k]
+        if good and group[0].source._version == group[0].version:
+            lam[k] = theta
+            for s in group:
+                s.V, s.fro2, s.A, s.source = V, fro2, None, None
+        else:  # unverified (or non-finite): the Gram, certified or reported as non-finite
+            for s in group:
+                s._materialize()
     return lam
 
 
-def _solve_batched(problems: dict) -> dict:
-    """krylov_top for {key: (A, V, depth)}: on an accelerator, problems of one (shape, dtype, device, depth)
-    stacked into one call (fewer launches); on the CPU one by one (stacking copies every input, and a batched
-    call was 1.8× the loop for four 2048×1024 inputs, benchmarks/probe_overhead.py's MLP-down shape)."""
-    groups: dict[tuple, list] = {}
-    for k, (A, V, depth) in problems.items():
-        groups.setdefault((tuple(A.shape), A.dtype, A.device, depth), []).append(k)
-    out = {}
-    for (_, _, device, depth), keys in groups.items():
-        if device.type == "cpu":
-            out.update({k: krylov_top(problems[k][0], problems[k][1], depth) for k in keys})
-            continue
-        if len(keys) == 1:
-            A, V, _ = problems[keys[0]]
-            out[keys[0]] = krylov_top(A, V, depth)
-            continue
-        theta, V, bound = krylov_top(torch.stack([problems[k][0] for k in keys]), torch.stack([problems[k][1] for k in keys]), depth)
-        out.update({k: (theta[i], V[i], bound[i]) for i, k in enumerate(keys)})
-    return out
+def _verified_batched(problems: dict) -> dict:
+    """verified_top for {key: (A, V, depth)} on an accelerator: problems of one (shape, dtype, depth) stacked
+    into one krylov_top call per attempt (fewer launches), one host synchronisation per attempt."""
+    todo, done = dict(problems), {}
+    for attempt in range(1 + len(RETRY_DEPTHS)):
+        groups: dict[tuple, list] = {}
+        for k, (A, V, depth) in todo.items():
+            groups.setdefault((tuple(A.shape), A.dtype, depth), []).append(k)
+        out = {}
+        for keys in groups.values():
+            A, V, depth = todo[keys[0]]
+            if len(keys) == 1:
+                out[keys[0]] = krylov_top(A, V, depth)
+                continue
+            theta, V, bound = krylov_top(torch.stack([todo[k][0] for k in keys]), torch.stack([todo[k][1] for k in keys]), depth)
+            out.update({k: (theta[i], V[i], bound[i]) for i, k in enumerate(keys)})
+        ok = torch.stack([(b <= VERIFIED) & torch.isfinite(t) for t, _, b in out.values()]).tolist()
+        last = attempt == len(RETRY_DEPTHS)
+        for good, (k, (theta, V, _)) in zip(ok, out.items()):
+            if good or last:
+                done[k] = (theta, V, good)
+                del todo[k]
+            else:
+                todo[k] = (todo[k][0], V, RETRY_DEPTHS[attempt])
+        if not todo:
+            break
+    return done
 
 
 def _fro2(A: torch.Tensor) -> torch.Tensor:
@@ -524,20 +558,23 @@ def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch
     """‖G‖_F and ‖G‖_* for each matrix, as two float64 vectors.
 
     `exact=False`: `linalg.nuclear_norms` by NUCLEAR_METHOD — on the CPU from the eigenvalues of the smaller
-    Gram, formed in float64 (exact to ~1e-12 relative; spread over the CPU threads), on an accelerator by
-    the matmul-only polar route (within 1e-4 relative; no eigensolver, no host synchronisation).
-    `exact=True`: float64 SVD.
+    Gram, formed in float64 (exact to ~1e-12 relative; one job per matrix on the one-thread workers), on an
+    accelerator by the matmul-only polar route (within 1e-4 relative; no eigensolver, no host synchronisation).
+    `exact=True`: float64 SVD. A matrix holding NaN/Inf gets non-finite norms (the caller flags it), no error.
+    float64 Grams by default: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular values
+    ~3e-4·σ_1 on every zero direction, inflating ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
     """
+    return gradient_spectra_later(mats, exact, dtype)()
+
+
+def gradient_spectra_later(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """`gradient_spectra` started now, collected by calling the returned function: on a CPU the eigensolves run
+    on the one-thread workers meanwhile (`linalg.nuclear_norms_later`)."""
+    if not exact:
+        return fro_nuclear_norms_later(mats, dtype, method=NUCLEAR_METHOD)
     if not mats:
         z = torch.zeros(0, dtype=torch.float64)
-        return z, z
-    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))  # one multi-tensor call, float64 sums
-    finite = torch.isfinite(fro).tolist()
-    # linalg rejects non-finite input; those matrices are reported through their non-finite ‖G‖_F
-    mats = [G if ok else torch.zeros_like(G) for G, ok in zip(mats, finite)]
-    if exact:
-        return fro, torch.stack([L.nuclear_norm(G.double()).to(fro.device) for G in mats])
-    # float64 Gram by default: a float32 one leaves eigenvalue noise ~1e-7·σ_1², i.e. spurious singular
-    # values ~3e-4·σ_1 on every zero direction, inflating ‖G‖_* of a low-rank gradient by up to k·3e-4·σ_1.
-    nuc = L.nuclear_norms(mats, dtype, check=False, method=NUCLEAR_METHOD).to(fro.device)
-    return fro, nuc
+        return lambda: (z, z)
+    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))
+    nuc = torch.stack([L.nuclear_norm(G.double()).to(fro.device) if bool(torch.isfinite(f)) else f for G, f in zip(mats, fro)])
+    return lambda: (fro, nuc)

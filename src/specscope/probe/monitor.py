@@ -64,6 +64,16 @@ class _Pending:
     before: dict[int, torch.Tensor]
 
 
+@dataclass
+class _Gradients:
+    """A measured step's gradient matrices by recorded name, their spectra (started: call to collect) and the
+    slots that had a gradient."""
+
+    named: list[tuple[str, Slot, torch.Tensor]]
+    spectra: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    has_grad: set[int]
+
+
 def _host_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[list[float]]:
     """Scalar tensor pairs as Python floats, with one device-to-host copy per device (not one per pair:
     on CUDA each copy is a host synchronisation)."""
@@ -204,12 +214,13 @@ class Monitor:
             yield
         finally:
             self._disarm()
+        if self.gradient == "grad":  # the gradients' spectra start first: the inputs' solves queue behind them
+            grads = self._gradients(lambda s: s.param.grad)
+            self._record(step, self._finish_inputs(step), grads)
+            return
         inputs = self._finish_inputs(step)
-        if self.gradient == "grad":
-            self._measure(step, inputs, lambda s: s.param.grad)
-        else:
-            before = {id(s.param): s.param.detach().clone() for s in self.slots.values()} if self.gradient == "update" else {}
-            self._pending = _Pending(step, inputs, before)
+        before = {id(s.param): s.param.detach().clone() for s in self.slots.values()} if self.gradient == "update" else {}
+        self._pending = _Pending(step, inputs, before)
 
     def after_optimizer_step(self) -> None:
         """Read the update (or the callable's tensor) of a measured step; a no-op otherwise."""
@@ -358,26 +369,37 @@ class Monitor:
         return "has a gradient but no product with it was seen; pass its inputs with monitor.observe"
 
     def _measure(self, step: int, inputs: dict[int, _Inputs], grad_of: Callable[[Slot], torch.Tensor | None], reduce: bool = True) -> None:
-        slots, mats = [], []
-        self.unmeasured.clear()
+        self._record(step, inputs, self._gradients(grad_of, reduce))
+
+    def _gradients(self, grad_of: Callable[[Slot], torch.Tensor | None], reduce: bool = True) -> _Gradients:
+        """The step's gradient matrices (averaged over ranks where nothing else did), their spectra started."""
+        slots, mats, has_grad = [], [], set()
         for s in self.slots.values():
             g = grad_of(s)
-            if id(s.param) not in inputs:
-                why = self.unmeasured[s.name] = self._unmeasured_reason(s, g is not None)
-                shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
-                self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
-                if s.name not in self._warned:
-                    self._warned.add(s.name)
-                    warnings.warn(f"specscope probe: '{s.name}' is unmeasured: {why}", stacklevel=4)
             if g is None:
                 continue
+            has_grad.add(id(s))
             slots.append(s)
             mats.append(s.grad_matrix(g.detach()))
         if reduce and self.gradient == "grad" and not self._grads_reduced:
             mats = D.all_reduce_mean(mats)
         named = [(nm, s, G) for s, M in zip(slots, mats) for nm, G in s.slices(M)]
         # FSDP2: sharded gradients are measured through the all-reduced Gram of their shards (probe/distributed.py)
-        fro, nuc = D.gradient_spectra([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        spectra = D.gradient_spectra_later([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
+        return _Gradients(named, spectra, has_grad)
+
+    def _record(self, step: int, inputs: dict[int, _Inputs], grads: _Gradients) -> None:
+        self.unmeasured.clear()
+        for s in self.slots.values():
+            if id(s.param) not in inputs:
+                why = self.unmeasured[s.name] = self._unmeasured_reason(s, id(s) in grads.has_grad)
+                shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
+                self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
+                if s.name not in self._warned:
+                    self._warned.add(s.name)
+                    warnings.warn(f"specscope probe: '{s.name}' is unmeasured: {why}", stacklevel=4)
+        fro, nuc = grads.spectra()
+        named = grads.named
         if self.extras:  # the extras need whole matrices: gather sharded ones
             named = [(nm, s, D.whole(G)) for nm, s, G in named]
         nr_est = "exact" if self.estimator == "exact" else E.nuclear_route(named[0][2].device if named else torch.device("cpu"))

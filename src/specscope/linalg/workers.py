@@ -1,0 +1,119 @@
+"""One-thread CPU workers for independent small solves, and "start now, collect later".
+
+LAPACK's symmetric eigensolver barely uses a second core for matrices in the hundreds, and MKL's products
+with a few columns scale poorly across threads: on a CPU such jobs finish sooner side by side, one per core,
+each on one thread, than one after another on all of them. A worker left at the process's thread count
+oversubscribes the cores. `start` hands a list of jobs to the pool, largest first, and returns a function
+that waits for them: a caller can start one kind of job (a step's gradient spectra) and put another ahead of
+what is still queued (`first=True`: the same step's input spectra), so that both kinds share the cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Pool:
+    """`threads` daemon workers, each running torch with one thread, taking jobs by priority then age."""
+
+    def __init__(self, threads: int):
+        self.threads, self.pid = threads, os.getpid()
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._running = 0
+        self._lock = threading.Lock()
+        for i in range(threads):
+            threading.Thread(target=self._work, name=f"specscope-worker-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        # torch gives a thread the process-wide count at its first parallel call: take it now, then set one
+        # (a later set_num_threads elsewhere would otherwise reach this thread through that first call)
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        while True:
+            _, _, fn, arg, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            with self._lock:
+                self._running += 1
+            try:
+                with torch.no_grad():  # a new thread starts with grad mode on: measuring must not build graphs
+                    future.set_result(fn(arg))
+            except BaseException as e:  # handed to whoever waits for this job
+                future.set_exception(e)
+            finally:
+                with self._lock:
+                    self._running -= 1
+
+    def submit(self, fn: Callable[[T], R], arg: T, first: bool = False) -> Future:
+        future: Future = Future()
+        self._jobs.put((0 if first else 1, next(self._order), fn, arg, future))
+        return future
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        return [f.result() for f in [self.submit(fn, x) for x in items]]
+
+    def busy(self) -> bool:
+        """Whether jobs are running or queued."""
+        with self._lock:
+            return self._running > 0 or not self._jobs.empty()
+
+
+_POOL: Pool | None = None
+
+
+def count(device: torch.device) -> int:
+    """Workers the pool would use for jobs on `device`: torch's thread count on a CPU with ≥ 2, else 0."""
+    threads = torch.get_num_threads()
+    return threads if device.type == "cpu" and threads >= 2 else 0
+
+
+def pool(threads: int) -> Pool:
+    """The process's pool of `threads` workers (made anew in a forked child, where the parent's worker
+    threads do not exist, and when the thread count changed)."""
+    global _POOL
+    if _POOL is None or _POOL.threads != threads or _POOL.pid != os.getpid():
+        _POOL = Pool(threads)
+    return _POOL
+
+
+def busy(device: torch.device) -> bool:
+    """Whether the pool that jobs on `device` would use has jobs running or queued."""
+    n = count(device)
+    return bool(n) and _POOL is not None and _POOL.threads == n and _POOL.pid == os.getpid() and _POOL.busy()
+
+
+def start(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float] | None = None,
+          device: torch.device | None = None, first: bool = False) -> Callable[[], list[R]]:
+    """Begin fn(item) for every item on the pool's one-thread workers (largest `costs` first, so the last jobs
+    to start are short; `first=True` puts them ahead of jobs already queued); the returned function waits and
+    gives the results in item order. Without a pool (one thread, or an accelerator) the jobs run, in order,
+    when that function is called."""
+    n = count(device or torch.device("cpu"))
+    if n == 0 or len(items) == 0:
+        return lambda: [fn(x) for x in items]
+    order = sorted(range(len(items)), key=lambda i: -costs[i]) if costs is not None else range(len(items))
+    futures = {i: pool(n).submit(fn, items[i], first) for i in order}
+    return lambda: [futures[i].result() for i in range(len(items))]
+
+
+def balanced(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Indices split into at most `parts` non-empty lists of near-equal total cost (largest first, each to the
+    lightest list)."""
+    out: list[list[int]] = [[] for _ in range(max(1, parts))]
+    load = [0.0] * len(out)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        j = load.index(min(load))
+        out[j].append(i)
+        load[j] += costs[i]
+    return [o for o in out if o]

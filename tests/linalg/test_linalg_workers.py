@@ -1,0 +1,87 @@
+"""The one-thread CPU workers: results in item order, jobs put first run before queued ones, errors reach
+the caller, and ‖G‖_F, ‖G‖_* started on them equal the serial route and float64 SVD."""
+
+import threading
+
+import pytest
+import torch
+
+from specscope import linalg as L
+from specscope.linalg import norms, workers
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_start_gives_results_in_item_order_on_one_thread_workers(two_threads):
+    seen = []
+
+    def job(x):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()))
+        return x * x
+
+    wait = workers.start(job, [3, 1, 2], costs=[1.0, 5.0, 2.0])
+    assert wait() == [9, 1, 4]
+    assert all(name.startswith("specscope-worker") and threads == 1 and not grad for name, threads, grad in seen), seen
+    assert torch.get_num_threads() == 2  # the caller's thread count is its own
+
+
+def test_jobs_put_first_run_before_queued_ones(two_threads):
+    gates = [threading.Event(), threading.Event()]
+    order = []
+    block = workers.start(lambda gate: gate.wait(10), gates)  # both workers held
+    late = workers.start(order.append, ["queued"])
+    early = workers.start(order.append, ["first"], first=True)
+    assert workers.busy(torch.device("cpu"))
+    gates[0].set()  # one worker free: it takes the jobs one at a time, by priority
+    late(), early()
+    gates[1].set()
+    block()
+    assert order == ["first", "queued"]
+
+
+def test_a_failing_job_raises_in_the_caller_and_the_pool_goes_on(two_threads):
+    def job(x):
+        if x == 2:
+            raise ValueError("bad item 2")
+        return x
+
+    with pytest.raises(ValueError, match="bad item 2"):
+        workers.start(job, [1, 2, 3])()
+    assert workers.start(job, [4, 5])() == [4, 5]
+
+
+def test_without_a_pool_jobs_run_in_the_caller_when_collected():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ran = []
+        wait = workers.start(ran.append, [1, 2])
+        assert ran == []  # nothing runs until collected
+        wait()
+        assert ran == [1, 2]
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("pool_min", [1, 10**9])  # the workers' route and the serial one
+def test_fro_and_nuclear_norms_started_early_match_float64_svd(monkeypatch, two_threads, pool_min):
+    monkeypatch.setattr(norms, "POOL_MIN", pool_min)
+    g = torch.Generator().manual_seed(5)
+    mats = [torch.randn(20, 50, generator=g), torch.randn(40, 12, generator=g),
+            torch.randn(30, 3, generator=g) @ torch.randn(3, 30, generator=g), torch.zeros(6, 9)]
+    fro, nuc = norms.fro_nuclear_norms_later(mats)()
+    ref_fro = torch.stack([torch.linalg.matrix_norm(G.double()) for G in mats])
+    ref_nuc = torch.stack([torch.linalg.svdvals(G.double()).sum() for G in mats])
+    torch.testing.assert_close(fro, ref_fro, rtol=1e-12, atol=0)
+    torch.testing.assert_close(nuc, ref_nuc, rtol=1e-6, atol=1e-6)  # float32 inputs, float64 Grams
+    torch.testing.assert_close(L.nuclear_norms(mats), nuc, rtol=1e-12, atol=1e-12)
+    bad = [mats[0], torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), mats[1]]
+    fro, nuc = norms.fro_nuclear_norms_later(bad)()  # no error: the bad matrix is reported non-finite
+    assert not torch.isfinite(fro[1]) and not torch.isfinite(nuc[1])
+    torch.testing.assert_close(nuc[[0, 2]], ref_nuc[:2], rtol=1e-6, atol=1e-6)
