@@ -18,7 +18,7 @@ import torch
 
 from specscope.labs import sed
 from specscope.labs.grokking import Batches, loss_fn
-from specscope.subspace import GradientProjection, RollingSVD, coupling_ratios
+from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import SEDTracker
 
 

@@ -271,3 +271,20 @@ def test_implicit_solves_on_the_workers_equal_the_serial_ones():
     finally:
         torch.set_num_threads(threads)
     assert got[1] == pytest.approx(got[2], rel=1e-6)
+
+
+def test_accelerator_batched_attempts_equal_one_solve_per_input():
+    """The accelerator's route (inputs of one shape stacked into one krylov_top per attempt, one host sync per
+    attempt), run here on CPU tensors: the same θ, verdict and next block as verified_top input by input,
+    including an input whose warm block is poor enough to need the retries."""
+    sig = torch.logspace(0, -2, 20, dtype=torch.float64)
+    As = [spectrum_matrix(150, 64, sig, s) for s in range(3)] + [spectrum_matrix(150, 48, sig, 9)]
+    blocks = [E._initial_block(A.shape[-1], 8, A.device) for A in As]
+    blocks[:2] = [E.verified_top(A, V, E.COLD_DEPTH)[1] for A, V in zip(As[:2], blocks[:2])]  # two warm, two cold
+    problems = {i: (A, V, E.KRYLOV_DEPTH) for i, (A, V) in enumerate(zip(As, blocks))}
+    batched = E._verified_batched(problems)
+    for i, (A, V, depth) in problems.items():
+        theta, W, ok = E.verified_top(A, V, depth)
+        assert batched[i][2] == ok
+        assert float(batched[i][0]) == pytest.approx(float(theta), rel=1e-5)
+        assert torch.allclose((batched[i][1].mT @ W).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)

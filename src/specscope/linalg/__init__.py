@@ -4,7 +4,15 @@ Ranks (REFERENCE §1), norms, polar-factor backends and subspace tools. Every fu
 [..., m, n] (CPU or CUDA), computes half-precision input in float32/float64, and raises ValueError naming
 the function and the problem on non-finite or empty input. See docs/linalg.md.
 """
-from .norms import gram, nuclear_norm_from_gram, nuclear_norms, spectral_norm, stable_rank_from_gram
+from .norms import (
+    fro_nuclear_norms_later,
+    gram,
+    nuclear_norm_from_gram,
+    nuclear_norms,
+    nuclear_norms_later,
+    spectral_norm,
+    stable_rank_from_gram,
+)
 from .polar import (
     GRAM_NS_COEFFICIENTS,
     KELLER_COEFFICIENTS,
@@ -25,6 +33,7 @@ from .subspaces import principal_angles, singular_value_soft_threshold
 __all__ = [
     "stable_rank", "nuclear_rank", "spectral_advantage", "entropy_rank", "participation_ratio", "energy_rank",
     "singular_values", "spectral_norm", "nuclear_norm", "gram", "stable_rank_from_gram", "nuclear_norm_from_gram", "nuclear_norms",
+    "nuclear_norms_later", "fro_nuclear_norms_later",
     "polar", "polar_with_nuclear_norm", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
     "gram_newton_schulz", "default_rcond", "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "GRAM_NS_COEFFICIENTS",
     "singular_value_soft_threshold", "principal_angles", "onehot_stable_rank",

@@ -27,7 +27,7 @@ from specscope.probe import distributed as D
 
 from specscope import linalg as L
 from specscope.linalg import workers
-from specscope.linalg.norms import fro_nuclear_norms_later
+from specscope.linalg import fro_nuclear_norms_later
 
 
 def _orth(Z: torch.Tensor) -> torch.Tensor:
