@@ -26,8 +26,7 @@ from specscope.errors import SpecscopeError
 from specscope.probe import distributed as D
 
 from specscope import linalg as L
-from specscope.linalg import workers
-from specscope.linalg import fro_nuclear_norms_later
+from specscope.linalg import fro_nuclear_norms_later, workers
 
 
 def _orth(Z: torch.Tensor) -> torch.Tensor:

@@ -389,6 +389,8 @@ class Monitor:
         return _Gradients(named, spectra, has_grad)
 
     def _record(self, step: int, inputs: dict[int, _Inputs], grads: _Gradients) -> None:
+        """The step's records: unmeasured weights with their reasons, then, once the gradients' spectra are
+        in, st(A), nr(G) and the rest per measured weight."""
         self.unmeasured.clear()
         for s in self.slots.values():
             if id(s.param) not in inputs:
