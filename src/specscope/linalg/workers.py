@@ -30,7 +30,7 @@ class Pool:
         self.threads, self.pid = threads, os.getpid()
         self._jobs: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        self._running = 0
+        self._pending = 0  # submitted and not yet finished
         self._lock = threading.Lock()
         for i in range(threads):
             threading.Thread(target=self._work, name=f"specscope-worker-{i}", daemon=True).start()
@@ -42,21 +42,21 @@ class Pool:
         torch.set_num_threads(1)
         while True:
             _, _, fn, arg, future = self._jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            with self._lock:
-                self._running += 1
             try:
+                if not future.set_running_or_notify_cancel():
+                    continue
                 with torch.no_grad():  # a new thread starts with grad mode on: measuring must not build graphs
                     future.set_result(fn(arg))
             except BaseException as e:  # handed to whoever waits for this job
                 future.set_exception(e)
             finally:
                 with self._lock:
-                    self._running -= 1
+                    self._pending -= 1
 
     def submit(self, fn: Callable[[T], R], arg: T, first: bool = False) -> Future:
         future: Future = Future()
+        with self._lock:
+            self._pending += 1
         self._jobs.put((0 if first else 1, next(self._order), fn, arg, future))
         return future
 
@@ -66,7 +66,7 @@ class Pool:
     def busy(self) -> bool:
         """Whether jobs are running or queued."""
         with self._lock:
-            return self._running > 0 or not self._jobs.empty()
+            return self._pending > 0
 
 
 _POOL: Pool | None = None
