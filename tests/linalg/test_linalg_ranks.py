@@ -202,6 +202,20 @@ def test_eigh_batched_over_threads_equals_torch(monkeypatch):
     assert lam.shape == (2, 3, 9) and Q.shape == C.shape
 
 
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), st.integers(1, 6), seeds)
+def test_lower_gram_is_what_eigh_reads_of_the_gram(batch, m, n, blocks, seed):
+    """lower_gram's lower triangle, trace and eigen-decomposition are the full smaller Gram's, any shape and
+    block count (more blocks than rows included)."""
+    from specscope.linalg._checks import lower_gram, smaller_gram
+    X = torch.randn(batch, m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    C, full = lower_gram(X, blocks), smaller_gram(X)
+    assert C.shape == full.shape
+    torch.testing.assert_close(C.tril(), full.tril())
+    torch.testing.assert_close(torch.linalg.eigvalsh(C), torch.linalg.eigvalsh(full))
+    lam, Q = torch.linalg.eigh(C)
+    torch.testing.assert_close(Q @ torch.diag_embed(lam) @ Q.mT, full)
+
+
 @pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one
 def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
     """‖G‖_* of a list of matrices of different shapes (wide, tall, square, rank-deficient, zero), in list

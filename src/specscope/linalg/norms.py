@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import workers
-from ._checks import check_tensor, smaller_gram, work_dtype
+from ._checks import check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
 
@@ -129,12 +129,12 @@ def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.linalg.eigvalsh(smaller_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum()
+    return torch.linalg.eigvalsh(lower_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum()
 
 
 def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     """[‖G‖_F, ‖G‖_*] from one Gram (‖G‖_F² = its trace); both NaN for a G holding NaN/Inf."""
-    C = smaller_gram(G.to(dtype)).double()
+    C = lower_gram(G.to(dtype)).double()
     fro2 = C.diagonal().sum()
     if not bool(torch.isfinite(fro2)):
         return torch.full((2,), float("nan"), dtype=torch.float64)
@@ -199,7 +199,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     for i, k in enumerate(sizes):
         by_size.setdefault(k, []).append(i)
     for idx in by_size.values():
-        C = torch.stack([smaller_gram(mats[i].to(dtype)) for i in idx]).double()
+        C = torch.stack([lower_gram(mats[i].to(dtype)) for i in idx]).double()
         out[idx] = eigvalsh_batched(C).clamp(min=0).sqrt().sum(-1)
     return lambda: out
 
