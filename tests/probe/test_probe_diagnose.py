@@ -156,7 +156,12 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--split", "qkv"], "PATTERN=q,k,v"),
              (["--split", "qkv=q:1,k"], "PATTERN=q,k,v"),
              (["--split", "qkv=q:a,k:b"], "integers"),
-             (["--estimator", "svd", "--steps", "1"], "--estimator 'svd': choose one of gram, power, exact")]
+             (["--estimator", "svd", "--steps", "1"], "--estimator 'svd': choose one of gram, power, exact"),
+             (["--exclude", ".*"], "exclude patterns ['.*'] match no weight"),  # a regex where fnmatch is meant
+             (["--exclude", "*"], "leave no weight to measure"),
+             (["--split", "nosuch=q,k"], "split patterns ['nosuch'] match no weight"),
+             (["--out", str(tmp_path / "afile")], "is a file, not a folder")]
+    (tmp_path / "afile").write_text("")
     for args, msg in cases:
         if args[1].startswith("hf:"):
             pytest.importorskip("transformers")
@@ -165,6 +170,7 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
             main()
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1 and err.startswith("error:"), (args, err)
+    assert not (tmp_path / "diagnose").exists()  # every one fails before a run directory is made
 
 
 def test_table_folds_long_names_instead_of_cutting_them():

@@ -219,6 +219,20 @@ def test_extras_records_and_bad_options():
         mon.stable_rank("nope")
 
 
+def test_include_exclude_select_weights_and_reject_patterns_that_select_nothing():
+    from specscope.errors import ConfigError
+
+    model = mlp()
+    assert [s.name for s in Monitor(model, exclude=("0",)).slots.values()] == ["2"]
+    assert [s.name for s in Monitor(model, include=("0",)).slots.values()] == ["0"]
+    with pytest.raises(ConfigError, match=r"exclude patterns \['.\*'\] match no weight"):  # a regex, not fnmatch
+        Monitor(model, exclude=(".*",))
+    with pytest.raises(ConfigError, match=r"include patterns \['fc'\] match no weight"):
+        Monitor(model, include=("fc",))
+    with pytest.raises(ConfigError, match="leave no weight to measure"):
+        Monitor(model, exclude=("*",))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("estimator", ["power", "gram"])
 def test_cuda_records_match_cpu(tiny_gpt, lm_step, tokens, estimator):

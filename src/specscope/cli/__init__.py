@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -110,6 +111,17 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
     typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
 
+_OS_FIXES = {
+    errno.ENOENT: "check the path (a run is a directory under --root, or its id)",
+    errno.ENOTDIR: "a part of this path is a file, not a folder: give a folder (--out / --root)",
+    errno.EISDIR: "this is a folder: give a file",
+    errno.EACCES: "no permission: choose a folder you can write to, or change its permissions",
+    errno.EPERM: "no permission: choose a folder you can write to, or change its permissions",
+    errno.EROFS: "read-only file system: write elsewhere (--out)",
+    errno.ENOSPC: "the disk is full: free space or write elsewhere (--out)",
+}
+
+
 def _one_line(e: BaseException) -> str:
     """The message of a user error on one line; an OSError says which file and what went wrong."""
     from pydantic import ValidationError
@@ -117,7 +129,8 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, ValidationError):
         return _validation_line(e)
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "")
+        fix = _OS_FIXES.get(e.errno, "")
+        return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "") + (f"; {fix}" if fix else "")
     return " ".join(str(e).split()) or type(e).__name__
 
 

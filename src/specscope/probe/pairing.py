@@ -164,6 +164,11 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     split = split or {}
     slots: dict[int, Slot] = {}
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    names = [layer_name(n) for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    for kind, patterns in (("include", include or ()), ("exclude", exclude)):
+        if unknown := [k for k in patterns if not _matches_any(k, names)]:
+            raise ConfigError(f"{kind} patterns {unknown} match no weight of the model (fnmatch on layer names, "
+                              f"e.g. 'blocks.*.attn.*'); names look like {names[:4]}")
     for pname, p in model.named_parameters():
         name = layer_name(pname)
         if p.dim() < 2 or not p.requires_grad:
@@ -175,10 +180,16 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
         if spec is not None:
             split_indices(name, spec, p.shape[out_dim])  # a bad split fails here, not mid-training
         slots[id(p)] = Slot(name, p, spec, out_dim=out_dim)
-    unknown = [k for k in split if not any(fnmatch.fnmatchcase(s.name, k) for s in slots.values())]
-    if unknown:
+    if unknown := [k for k in split if not _matches_any(k, [s.name for s in slots.values()])]:
         raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
+    if names and not slots:
+        given = {k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v}
+        raise ConfigError(f"{given} leave no weight to measure; names look like {names[:4]}")
     return slots
+
+
+def _matches_any(pattern: str, names) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
 
 def resolve(t: torch.Tensor, slots: dict[int, Slot], casts: dict) -> tuple[Slot, torch.Tensor] | None:

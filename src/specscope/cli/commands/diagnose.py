@@ -153,11 +153,13 @@ def diagnose(
     from specscope.store import Run
 
     from specscope.probe.monitor import ESTIMATORS
+    from specscope.probe.pairing import tracked_slots
 
     if estimator not in ESTIMATORS:  # before a run directory or a progress bar exists
         raise ConfigError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
     monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
     net, batches, loss_fn = load_factory(model, seed)
+    tracked_slots(getattr(net, "_orig_mod", net), exclude=tuple(exclude), split=monitor_kwargs["split"])  # bad patterns fail before a run directory exists
     config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw",
               "estimator": estimator, "split": list(split), "exclude": list(exclude)}
     bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
