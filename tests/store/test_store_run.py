@@ -213,10 +213,14 @@ def test_missing_directory_and_config(tmp_path):
     with pytest.raises(RunStoreError, match="no run directory at .*nope.*specscope runs"):
         Run.open(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RunStoreError, match=r"config\.json is missing"):
+    with pytest.raises(RunStoreError, match=r"empty is not a run directory .*runs/LAB/RUN_ID"):  # a wrong path, not a damaged run
         load(tmp_path / "empty")
     run = Run.create(tmp_path, "demo", {})
     run.close()
+    (run.path / "config.json").rename(run.path / "config.json.bak")
+    with pytest.raises(RunStoreError, match=r"config\.json is missing.*restore config\.json"):
+        load(run.path)
+    (run.path / "config.json.bak").rename(run.path / "config.json")
     (run.path / "metrics.sqlite").unlink()
     with pytest.raises(RunStoreError, match=r"metrics\.sqlite does not exist"):
         load(run.path)

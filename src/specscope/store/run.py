@@ -314,6 +314,9 @@ def read_config(path: Path) -> dict:
     if not path.is_dir():
         raise RunStoreError(f"no run directory at {path}: check the path, or list runs with `specscope runs --root DIR`.")
     p = path / CONFIG
+    if not p.exists() and not (path / METRICS).exists():
+        raise RunStoreError(f"{path} is not a run directory (no {CONFIG}, no {METRICS}): give runs/LAB/RUN_ID, "
+                            "or list runs with `specscope runs --root DIR`.")
     meta = integrity.read_json(p, fix=f"{path} is not a complete run directory (restore config.json or delete the run)")
     missing = {"run_id", "lab", "config", "status"} - set(meta)
     if missing:
