@@ -274,6 +274,29 @@ def test_no_figure_text_leaves_its_canvas(layers, claims):
         assert layout_problems(fig) == [], name
 
 
+def test_compare_figures_stay_readable_with_many_arms_and_long_labels():
+    """Two runs of twelve arms with labels longer than the canvas (a demo's lab run against a standalone
+    one): the legend goes below the panels, names every run, shows each entry's arm, covers nothing."""
+    import warnings
+
+    from specscope.report.compare import compare_final_ranks, compare_losses, legend_names
+    from specscope.report.style import layout_problems
+
+    arms = tuple(f"{act}/{m}" for act in ("relu", "swiglu", "gelu", "silu") for m in ("gd", "specgd", "auto"))
+    runs = {"20261203T071905Z-9a1153": synthetic_metrics(arms=arms, steps=range(0, 15, 5)),
+            "20261203T071636Z-e0a72e": synthetic_metrics(arms=arms, seed=4, steps=range(0, 15, 5))}
+    labels = legend_names({"20261203T071905Z-9a1153": 'activations=["relu", "swiglu", "gelu"], methods=["gd", "specgd", "auto"]',
+                           "20261203T071636Z-e0a72e": 'activations=["relu", "swiglu"], methods=["gd", "specgd"]'})
+    assert labels["20261203T071905Z-9a1153"].endswith("(9a1153)") and len(set(labels.values())) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied because axes sizes collapsed"
+        for fig in (compare_losses(runs, labels=labels, dpi=DPI), compare_final_ranks(runs, labels=labels, dpi=DPI)):
+            assert layout_problems(fig) == []
+            texts = [t.get_text() for t in fig.legends[0].get_texts() if not t.get_text().startswith("…")]
+            assert {t.split(" · ")[0][-8:] for t in texts} == {"(9a1153)", "(e0a72e)"}  # both runs, however many arms
+            assert all(t.split(" · ")[1] in arms for t in texts)  # every entry shows its arm
+
+
 def test_layout_problems_finds_clipped_and_overlapping_text():
     from specscope.report.style import figure, layout_problems
 
@@ -283,6 +306,11 @@ def test_layout_problems_finds_clipped_and_overlapping_text():
     ax.set_xticks([0, 0.01], ["a long tick label", "another long one"])
     problems = layout_problems(fig)
     assert any("leaves the canvas" in p for p in problems) and any("overlap" in p for p in problems)
+    fig = figure(3, 2, dpi=DPI)
+    ax = fig.subplots()
+    line, = ax.plot([0, 1], [0, 1])
+    fig.legend([line] * 8, [f"entry {i}" for i in range(8)], loc="center")  # on the panel
+    assert any("covers Axes" in p for p in layout_problems(fig))
 
 
 def test_cli_compare_names_runs_by_lab_and_settings(tmp_path, monkeypatch, capsys):

@@ -21,15 +21,18 @@ from specscope.report.html import (config_table, esc, figure_block, flatten, pag
 from specscope.report.tables import finite, layer_summary, ordered_unique, prepare, rank_pairs
 
 MAX_KEYS = 3  # differing settings named in a run's label
+BOOKKEEPING = {"checkpoint_every", "device"}  # settings that do not change what a run measures
 MAX_SERIES = 8  # run/arm pairs drawn in the final-ranks figure
 HATCHES = ["", "//", "..", "xx", "\\\\", "++", "oo", "--"]
 
 
 def differing_keys(configs: Mapping[str, Mapping]) -> list[str]:
-    """Flattened config keys whose value is not the same in every run (missing counts as a value)."""
+    """Flattened config keys whose value is not the same in every run (missing counts as a value); the
+    settings that do not change a run's results (BOOKKEEPING) last."""
     flat = [flatten(cfg or {}) for cfg in configs.values()]
     keys = ordered_unique(k for cfg in flat for k in cfg)
-    return [k for k in keys if len({value_text(cfg[k]) if k in cfg else "—" for cfg in flat}) > 1]
+    keys = [k for k in keys if len({value_text(cfg[k]) if k in cfg else "—" for cfg in flat}) > 1]
+    return sorted(keys, key=lambda k: k.split(".")[-1] in BOOKKEEPING)
 
 
 def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = None,
@@ -55,9 +58,26 @@ def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = Non
     return {n: (f"{v} ({n})" if counts[v] > 1 and v != str(n) else v) for n, v in labels.items()}
 
 
+def legend_names(labels: Mapping[str, str], width: int = 44) -> dict[str, str]:
+    """Run name -> its label, shortened for a legend; a label that had to be cut ends with the end of the
+    run's id (what tells cut labels apart; the page's run table has both in full)."""
+    def short(n: str, v: str) -> str:
+        return v if len(v) <= width else f"{textwrap.shorten(v, width - 9, placeholder='…')} ({str(n)[-6:]})"
+    return {n: short(n, v) for n, v in labels.items()}
+
+
 def _label(run: str, arm: str, labels: Mapping[str, str] | None = None) -> str:
     name = (labels or {}).get(run, run)
     return f"{name} · {arm}" if arm else name
+
+
+def round_robin(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(run, arm) pairs taking one arm of each run in turn, so a capped legend or figure shows every run."""
+    by_run: dict[str, list] = {}
+    for pair in pairs:
+        by_run.setdefault(pair[0], []).append(pair)
+    columns = list(by_run.values())
+    return [c[i] for i in range(max(map(len, columns), default=0)) for c in columns if i < len(c)]
 
 
 def combine(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -68,22 +88,24 @@ def combine(runs: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
 
 def compare_losses(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str] | None = None,
                    dpi: int = DPI) -> Figure | None:
-    """One panel per loss-like metric; colour = run, line style = arm; one legend beside the panels."""
+    """One panel per loss-like metric; colour = run, line style = arm; one legend below the panels."""
     df = finite(combine(runs))
     metrics = _metric_names(df, "loss")
     if not metrics:
         return None
     names = list(runs)
     rows, cols = _grid(len(metrics))
-    fig = style.figure(style.PANEL[0] * cols + 2.4, style.PANEL[1] * rows, dpi)
+    fig = style.figure(max(style.PANEL[0] * cols, 6.6), style.PANEL[1] * rows, dpi)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    lines = {}  # (run, arm) -> its first line, for the legend
     for ax, metric in zip(axes, metrics):
         d = df[(df["metric"] == metric)]
         for (run, arm), g in d.groupby(["run", "arm"], sort=False):
             arms = ordered_unique(df[df["run"] == run]["arm"])
             g = g.groupby("step")["value"].mean()
-            ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)),
-                    linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4, label=_label(run, arm, labels))
+            line, = ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)),
+                            linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4)
+            lines.setdefault((run, arm), line)
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
         ax.set_title(metric, fontsize=style.FONT["title"])
@@ -91,8 +113,8 @@ def compare_losses(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", fontsize=style.FONT["legend"], frameon=False)
+    pairs = round_robin(list(lines))
+    style.figure_legend(fig, [lines[p] for p in pairs], [_label(*p, labels) for p in pairs])
     fig.suptitle("Loss, all runs", fontsize=style.FONT["suptitle"])
     return style.finish(fig)
 
@@ -118,7 +140,7 @@ def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str
     if final.empty:
         return None
     layers = ordered_unique(final["layer"])
-    series = ordered_unique(zip(final["run"], final["arm"]))
+    series = round_robin(ordered_unique(zip(final["run"], final["arm"])))
     dropped, series = len(series[MAX_SERIES:]), series[:MAX_SERIES]
     final = final[[s in set(series) for s in zip(final["run"], final["arm"])]]
     present = {layer: [s for s in series if ((final["run"] == s[0]) & (final["arm"] == s[1])
@@ -147,9 +169,7 @@ def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str
     axes[0].set_yticks(range(len(layers)), [textwrap.shorten(l, 40, placeholder="…") for l in layers],
                        fontsize=size)
     axes[0].invert_yaxis()  # model order from the top
-    handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(len(series), 3),
-               fontsize=style.FONT["legend"], frameon=False)
+    style.figure_legend(fig, *axes[0].get_legend_handles_labels())
     more = f" (first {MAX_SERIES} run/arm pairs; {dropped} more in the table)" if dropped else ""
     fig.suptitle("Final st(A) and nr(G) per weight" + more, fontsize=style.FONT["suptitle"])
     return style.finish(fig)
@@ -235,8 +255,9 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
                         {str(k): v for k, v in (labs or {}).items()})
     runs = {str(k): v for k, v in runs.items()}
     title = title or "specscope comparison: " + " vs ".join(labels.values())
-    figures = {"compare_loss": compare_losses(runs, labels=labels, dpi=dpi),
-               "compare_final_ranks": compare_final_ranks(runs, labels=labels, dpi=dpi)}
+    short = legend_names(labels)
+    figures = {"compare_loss": compare_losses(runs, labels=short, dpi=dpi),
+               "compare_final_ranks": compare_final_ranks(runs, labels=short, dpi=dpi)}
     pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi)
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}

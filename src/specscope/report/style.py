@@ -83,6 +83,14 @@ def log_axis(axis, lo: float, hi: float) -> None:
         axis.set_minor_locator(NullLocator())
 
 
+def _capped(handles: list, labels: list, cap: int) -> tuple[list, list]:
+    """The first `cap` entries and one that counts the rest."""
+    if len(handles) <= cap:
+        return list(handles), list(labels)
+    return (list(handles[:cap]) + [Line2D([], [], linestyle="none")],
+            list(labels[:cap]) + [f"… +{len(handles) - cap} more"])
+
+
 def legend(ax, handles: list | None = None, labels: list[str] | None = None, *, cap: int = LEGEND_CAP,
            where: str | None = None, title: str | None = None):
     """A legend of at most `cap` named entries (the rest counted), placed `where`: "best" (inside),
@@ -92,10 +100,7 @@ def legend(ax, handles: list | None = None, labels: list[str] | None = None, *, 
         handles, labels = ax.get_legend_handles_labels()
     if not handles:
         return None
-    if len(handles) > cap:
-        extra = len(handles) - cap
-        handles = list(handles[:cap]) + [Line2D([], [], linestyle="none")]
-        labels = list(labels[:cap]) + [f"… +{extra} more"]
+    handles, labels = _capped(handles, labels, cap)
     labels = [textwrap.shorten(str(label), 40, placeholder="…") for label in labels]
     where = where or ("best" if len(handles) <= 4 else "right")
     common = dict(fontsize=FONT["legend"], title=title, title_fontsize=FONT["legend"])
@@ -159,6 +164,26 @@ def _fit_text(fig: Figure) -> None:
                 break
 
 
+def figure_legend(fig: Figure, handles: list, labels: list[str], *, cap: int = 2 * LEGEND_CAP,
+                  title: str | None = None):
+    """One legend for the whole figure, below the panels: at most `cap` named entries (the rest counted),
+    as many columns as the widest label allows, and the figure made taller by its rows, so the panels
+    keep their size however many runs or arms there are."""
+    if not handles:
+        return None
+    handles, labels = _capped(handles, labels, cap)
+    labels = [textwrap.shorten(str(label), 70, placeholder="…") for label in labels]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    probe = Text(0, 0, max(labels, key=len), fontsize=FONT["legend"], figure=fig)
+    entry_px = probe.get_window_extent(renderer).width + 3.2 * FONT["legend"] * fig.dpi / 72  # + handle and gaps
+    ncols = int(max(1, min(len(labels), (fig.bbox.width * 0.95) // entry_px)))
+    rows = math.ceil(len(labels) / ncols) + (1 if title else 0)
+    w, h = fig.get_size_inches()
+    fig.set_size_inches(w, h + rows * 1.45 * FONT["legend"] / 72 + 0.15)
+    return fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=FONT["legend"],
+                      title=title, title_fontsize=FONT["legend"], frameon=False)
+
+
 def finish(fig: Figure) -> Figure:
     """Apply the style to a figure made anywhere (report, compare, a lab) and return it.
 
@@ -208,8 +233,8 @@ PLAIN_TEXT = {"text.parse_math": False}  # rc for drawing: tick labels made whil
 
 
 def layout_problems(fig: Figure, tolerance: float = 1.0) -> list[str]:
-    """What a reader would find broken once the figure is drawn: text leaving the canvas, tick labels
-    of one axis that overlap. Empty when the figure is clean."""
+    """What a reader would find broken once the figure is drawn: text leaving the canvas, a figure legend
+    on the panels or the title, tick labels of one axis that overlap. Empty when the figure is clean."""
     with rc_context(PLAIN_TEXT):
         fig.draw_without_rendering()
     renderer = FigureCanvasAgg(fig).get_renderer()
@@ -222,6 +247,14 @@ def layout_problems(fig: Figure, tolerance: float = 1.0) -> list[str]:
         if (box.x0 < canvas.x0 - tolerance or box.y0 < canvas.y0 - tolerance
                 or box.x1 > canvas.x1 + tolerance or box.y1 > canvas.y1 + tolerance):
             problems.append(f"text {text.get_text()!r} leaves the canvas ({_box(box)} vs {_box(canvas)})")
+    titles = [t for t in (fig._suptitle,) if t is not None and t.get_text()]
+    for leg in fig.legends:  # a figure legend beside the panels, never on them or on the title
+        box = leg.get_window_extent(renderer)
+        for other in [ax for ax in fig.axes if ax.get_visible()] + titles:
+            b = other.get_window_extent(renderer)
+            if _overlap_area(box, b) > 0.05 * min(box.width * box.height, b.width * b.height):
+                problems.append(f"the figure legend ({_box(box)}) covers {type(other).__name__} "
+                                f"{_box(other.get_window_extent(renderer))}")
     for ax in fig.axes:
         if not ax.get_visible():
             continue
