@@ -148,3 +148,13 @@ def test_bad_config_is_a_config_error():
         sm.build(sm.Config(steps=5, early=9), torch.device("cpu"))
     with pytest.raises(ConfigError, match="method"):
         sm.build(sm.Config(methods=["adam"]), torch.device("cpu"))
+
+
+def test_mlp1c_without_an_early_advantage_says_fading_does_not_apply(monkeypatch):
+    """SpecGD not ahead at the smallest batch (log-advantage ≤ 0): no ratio of advantages ('nan ×') and
+    no 'fades / does not' per threshold, a FAIL on the premise."""
+    rows = pd.DataFrame({"batch": [64, 256], "st0": [3.0, 6.0], "ratio": [1.001, 0.98]})
+    monkeypatch.setattr(sm, "batch_rows", lambda df, cfg: rows)
+    claim = sm._mlp1c(pd.DataFrame(), sm.Config())
+    assert claim.verdict == "FAIL" and "nan" not in claim.measured
+    assert "not ahead at the smallest n" in claim.measured and "does not apply" in claim.measured

@@ -160,10 +160,18 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--exclude", ".*"], "exclude patterns ['.*'] match no weight"),  # a regex where fnmatch is meant
              (["--exclude", "*"], "leave no weight to measure"),
              (["--split", "nosuch=q,k"], "split patterns ['nosuch'] match no weight"),
-             (["--out", str(tmp_path / "afile")], "is a file, not a folder")]
+             (["--out", str(tmp_path / "afile")], "is a file, not a folder"),
+             (["--lr", "-1"], "--lr -1.0: the AdamW learning rate must be a finite number > 0"),
+             (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0.0"),
+             (["--seed", "-1"], "--seed -1: use an integer in [0, 2^63)"),
+             (["--seed", str(2**70)], "use an integer in [0, 2^63)"),
+             (["--steps", "0"], "'--steps'"), (["--bogus"], "No such option: --bogus"),  # click's, on one line too
+             (["--split", "blocks.0.attn.q=q,q,v"], "must be distinct"),
+             (["--split", "qkv=q:8,q:8"], "a part is named twice"),
+             (["--out", ""], "--out ''")]
     (tmp_path / "afile").write_text("")
     for args, msg in cases:
-        if args[1].startswith("hf:"):
+        if any(a.startswith("hf:") for a in args):
             pytest.importorskip("transformers")
         monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--out", str(tmp_path), *args])
         with pytest.raises(SystemExit) as exit_:
@@ -171,6 +179,41 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1 and err.startswith("error:"), (args, err)
     assert not (tmp_path / "diagnose").exists()  # every one fails before a run directory is made
+
+
+def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, capsys):
+    from specscope.cli import main
+
+    (tmp_path / "badf.py").write_text(textwrap.dedent("""
+        import torch
+
+        def needs_args(a, b):
+            pass
+
+        def boom(seed):
+            raise RuntimeError("boom in user code")
+
+        def detached(seed=0):
+            model = torch.nn.Linear(4, 2)
+            return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum().detach()
+
+        def not_scalar(seed=0):
+            model = torch.nn.Linear(4, 2)
+            return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b)
+    """))
+    monkeypatch.chdir(tmp_path)
+    cases = {"needs_args": "needs ['a', 'b']; a factory takes no argument or only `seed`",
+             "boom": "the factory raised RuntimeError: boom in user code",
+             "detached": "loss_fn returned a tensor of shape () that does not require grad",
+             "not_scalar": "loss_fn returned a tensor of shape (8, 2)"}
+    for fn, msg in cases.items():
+        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"badf:{fn}", "--steps", "2",
+                                          "--out", str(tmp_path / "runs")])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1, (fn, err)
+    sys.modules.pop("badf", None)
 
 
 def test_table_folds_long_names_instead_of_cutting_them():

@@ -93,4 +93,5 @@ def test_export_unknown_run_is_a_store_error(root):
 def test_usage_errors_exit_2_without_a_traceback(argv):
     out = subprocess.run([str(SCRIPT), *argv], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr and "Error:" in out.stderr
+    assert "Traceback" not in out.stderr and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
+    assert out.stderr.rstrip().endswith("--help`")  # where the valid options and commands are listed

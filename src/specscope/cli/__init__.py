@@ -69,9 +69,18 @@ def main() -> None:
         sys.exit(1)
     except Exception as e:  # click usage errors come here in non-standalone mode
         if _is_click_exception(e):
-            e.show()
+            typer.echo(f"error: {_usage_line(e)}", err=True)  # one line, like every other user error
             sys.exit(e.exit_code)
         raise
+
+
+def _usage_line(e) -> str:
+    """click's usage error on one line, ending with where the command's options are listed."""
+    message = " ".join(e.format_message().split()).rstrip(".")
+    ctx = getattr(e, "ctx", None)
+    sub = [a for a in sys.argv[1:2] if not a.startswith("-")]
+    command = ctx.command_path if ctx is not None else " ".join(["specscope", *sub])
+    return f"{message}; see `{command} --help`"
 
 
 def _is_click_exception(e: Exception) -> bool:
@@ -137,3 +146,12 @@ def _one_line(e: BaseException) -> str:
 def _validation_line(e) -> str:
     parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
     return "invalid config: " + "; ".join(parts)
+
+
+def stdout_console():
+    """The console tables print to: the terminal's, or, when the output is piped or captured (where the
+    width rich guesses is 80), 160 columns, so short columns are not squeezed into broken words."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, 160))

@@ -317,8 +317,11 @@ def _mlp1c(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = "; ".join(f"n={int(r.batch)}: st(h) at init {r.st0:.1f}, loss SpecGD/GD at step {cfg.early} "
                          f"{r.ratio:.3f} (log-advantage {x:.3f})" for r, x in zip(rows.itertuples(), adv))
     kept = adv[-1] / adv[0] if adv[0] > 0 else math.nan
-    sensitivity = ", ".join(f"{f:g}: {'fades' if adv[-1] < f * adv[0] else 'does not'}" for f in (0.25, 0.5, 0.75))
-    measured += (f"; log-advantage at the largest n = {kept:.2f} × the smallest's; 'fades' at threshold {sensitivity}")
+    if math.isfinite(kept):
+        sensitivity = ", ".join(f"{f:g}: {'fades' if adv[-1] < f * adv[0] else 'does not'}" for f in (0.25, 0.5, 0.75))
+        measured += f"; log-advantage at the largest n = {kept:.2f} × the smallest's; 'fades' at threshold {sensitivity}"
+    else:  # nothing to fade: the claim's premise (SpecGD ahead at small n) already fails
+        measured += f"; SpecGD is not ahead at the smallest n (log-advantage {adv[0]:.3f} ≤ 0), so 'fades' does not apply"
     where = ("'fades' = log-advantage at the largest n < ½ of the smallest's is this project's threshold (paper 001 "
              f"shows curves only); batch sizes {sorted({cfg.samples, *cfg.batch_sweep})}, early step {cfg.early}; {setting(cfg)}")
     return Claim("MLP-1c", text, pub, measured, _verdict(checks), setting=where,

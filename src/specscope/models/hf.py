@@ -58,6 +58,8 @@ def hf_model(name: str, seed: int):
                           f"give a folder saved with save_pretrained or one of {sorted(tiny)}")
     config = model.config
     masked = is_masked_lm(config)
+    if not masked and getattr(model, "loss_type", "") is None:  # the causal-LM loss transformers falls back to,
+        model.loss_type = "ForCausalLM"                          # named, so it does not warn on every run (GPT-2)
     tokens, mask_id = _tokens(tokenizer, config, masked, name)
     seq = min(SEQ, getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or SEQ)
     return model, batches(tokens, seed, seq, mask_id if masked else None), hf_loss

@@ -440,7 +440,9 @@ class Monitor:
     def _bad(self, message: str) -> None:
         if self.nonfinite == "raise":
             self._pending = None
-            raise NonFiniteError(f"{message}; lower the learning rate or check the data, or use Monitor(nonfinite='warn') to record it and go on")
+            err = NonFiniteError(f"{message}; lower the learning rate or check the data, or use Monitor(nonfinite='warn') to record it and go on")
+            err.problem = message  # where and when, for a caller that words the fix its own way (the CLI)
+            raise err
         warnings.warn(f"specscope probe: {message} (recorded with flag='nonfinite')", stacklevel=4)
 
     def _gradient_name(self) -> str:

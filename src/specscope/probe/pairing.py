@@ -57,8 +57,13 @@ def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Te
     [names] (equal contiguous blocks), {name: size} (contiguous blocks) or `Interleaved`."""
     if isinstance(spec, Interleaved):
         return [(f"{name}.{p}", idx) for p, idx in spec.indices(out)]
+    names = split_parts(spec)
+    if len(set(names)) < len(names) or not all(isinstance(p, str) and p for p in names):
+        raise ConfigError(f"split of '{name}': part names {names} must be distinct non-empty names, e.g. ['q', 'k', 'v']")
     if isinstance(spec, dict):
         sizes = dict(spec)
+        if bad := {p: n for p, n in sizes.items() if not isinstance(n, int) or n < 1}:
+            raise ConfigError(f"split of '{name}': sizes {bad} must be positive integers (rows of each part)")
     else:
         if out % len(spec):
             raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give sizes as {{name: size}}")

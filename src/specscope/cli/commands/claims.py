@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from specscope.cli import app
+from specscope.cli import app, stdout_console
 from specscope.errors import ConfigError
 from specscope.records import Claim, over_seeds
 
@@ -141,17 +141,19 @@ def claims_cmd(
             typer.echo(f"wrote {len(rows)} claims into {into}")
     else:
         from rich import box
-        from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
         from specscope.report.tables import VERDICT_STYLE
 
         table = Table(title=f"claims recorded under {root}", box=box.SIMPLE_HEAD)
+        console = stdout_console()
+        wide = console.width >= 120  # room to keep names, verdicts and ids whole and wrap only setting and spread
         for col in COLUMNS:
-            table.add_column(col, overflow="fold")
+            table.add_column(col, overflow="fold", no_wrap=wide and col in ("lab", "claim", "verdict", "seeds", "run"),
+                             min_width={"setting": 24, "spread": 6}.get(col) if wide else None)
         for r in rows:
             cells = [Text(c) for c in _cells(r)]
             cells[2].stylize(VERDICT_STYLE.get(r.claim.verdict, ""))
             table.add_row(*cells)
-        Console().print(table)
+        console.print(table)

@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from specscope.cli import app
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, NonFiniteError
 
 COLOURS = {"spectral": "green", "euclidean": "cyan", "undecided": "yellow", "unmeasured": "red"}
 COLUMNS = ("st(A)", "nr(G)", "nr/st", "verdict", "estimator", "rows")
@@ -51,18 +51,33 @@ def load_factory(spec: str, seed: int):
         raise ConfigError(f"--model {spec!r}: module {mod_name!r} has no function {fn_name!r}")
     import torch
 
-    takes_seed = "seed" in inspect.signature(factory).parameters
-    out = factory(seed=seed) if takes_seed else factory()
+    params = inspect.signature(factory).parameters
+    required = [n for n, p in params.items() if n != "seed" and p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise ConfigError(f"--model {spec!r}: {fn_name}{inspect.signature(factory)} needs {required}; a factory takes "
+                          "no argument or only `seed` and returns (model, batches, loss_fn)")
+    try:
+        out = factory(seed=seed) if "seed" in params else factory()
+    except Exception as e:  # the user's code: one line (SPECSCOPE_DEBUG=1 shows the traceback)
+        raise ConfigError(f"--model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.nn.Module) and callable(out[2])):
         raise ConfigError(f"--model {spec!r}: the factory must return (model: nn.Module, batch_iterator, loss_fn(model, batch)); got {type(out).__name__}")
     model, batches, loss_fn = out
 
+    contract = "the factory's loss_fn is called with the model and one batch and must return the scalar loss"
+
     def checked_loss(m, batch):
         try:
-            return loss_fn(m, batch)
+            loss = loss_fn(m, batch)
         except Exception as e:  # the user's code: one line naming the contract, not a traceback
-            raise ConfigError(f"--model {spec!r}: loss_fn(model, batch) raised {type(e).__name__}: {e}; the factory's "
-                              "loss_fn is called with the model and one batch and must return the scalar loss") from None
+            raise ConfigError(f"--model {spec!r}: loss_fn(model, batch) raised {type(e).__name__}: {e}; {contract}") from e
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and loss.requires_grad):
+            got = (f"a tensor of shape {tuple(loss.shape)}{'' if loss.requires_grad else ' that does not require grad'}"
+                   if isinstance(loss, torch.Tensor) else type(loss).__name__)
+            raise ConfigError(f"--model {spec!r}: loss_fn returned {got}; {contract}, computed from the model's "
+                              "parameters (not under torch.no_grad)")
+        return loss
     return model, batches, checked_loss
 
 
@@ -79,9 +94,12 @@ def parse_split(items: list[str]) -> dict:
             out[pattern] = parts
             continue
         try:
-            out[pattern] = {name: int(rows) for name, rows in (p.split(":", 1) for p in parts)}
+            pairs = [(name.strip(), int(rows)) for name, rows in (p.split(":", 1) for p in parts)]
         except ValueError:
             raise ConfigError(f"--split {item!r}: the rows after ':' must be integers") from None
+        if len({name for name, _ in pairs}) < len(pairs):
+            raise ConfigError(f"--split {item!r}: a part is named twice; give each part its own name")
+        out[pattern] = dict(pairs)
     return out
 
 
@@ -157,13 +175,20 @@ def diagnose(
 
     if estimator not in ESTIMATORS:  # before a run directory or a progress bar exists
         raise ConfigError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr {lr}: the AdamW learning rate must be a finite number > 0, e.g. --lr 1e-3")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed}: use an integer in [0, 2^63)")
+    if not out.strip():
+        raise ConfigError("--out '': give the folder for run directories, e.g. --out runs")
     monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
     net, batches, loss_fn = load_factory(model, seed)
     tracked_slots(getattr(net, "_orig_mod", net), exclude=tuple(exclude), split=monitor_kwargs["split"])  # bad patterns fail before a run directory exists
     config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw",
               "estimator": estimator, "split": list(split), "exclude": list(exclude)}
+    err = Console(stderr=True)
     bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+                   TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)  # logs stay clean
     with Run.create(out, "diagnose", config) as run, bar:
         task = bar.add_task("", total=steps)
 
@@ -172,7 +197,10 @@ def diagnose(
             loss = next((r.value for r in records if r.metric == "loss"), float("nan"))
             bar.update(task, advance=1, description=f"loss {loss:.3f}")
 
-        result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
+        try:
+            result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{getattr(e, 'problem', e)}; lower --lr (now {lr:g}) or check the model's data") from e
         run.flush()
         summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
                    "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}

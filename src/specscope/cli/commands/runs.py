@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from specscope.cli import app
+from specscope.cli import app, stdout_console
 from specscope.names import markup
 
 _STYLE = {"running": "cyan", "complete": "green", "incomplete": "yellow", "interrupted": "yellow",
@@ -21,7 +21,6 @@ def runs(
 ) -> None:
     """List runs, newest first, with their status (a run whose process died reads "incomplete")."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     from specscope.store import list_runs
@@ -42,7 +41,7 @@ def runs(
         status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
         table.add_row(markup(r.run_id), markup(r.lab), status, created, steps)  # names from disk are data
-    Console().print(table)
+    stdout_console().print(table)
 
 
 @app.command()
