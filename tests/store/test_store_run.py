@@ -251,3 +251,20 @@ def test_concurrent_reader_in_another_process(tmp_path):
     assert out.stdout.split() == ["6", "running"]
     run.close()
     assert len(load(run.path)) == 9
+
+
+def test_a_demos_lab_runs_are_listed_and_found_by_id(tmp_path):
+    """`specscope demo` keeps its lab runs inside its own directory (runs/demo/<id>/<lab>/<run_id>): `runs`
+    lists them and `report`, `export`, `compare` find them by id, like any run."""
+    from specscope.store import find_run
+
+    with Run.create(tmp_path, "demo", {}) as demo:
+        with Run.create(demo.path, "random-features", {"dim": 8}) as inner:
+            inner.log(0, {"loss": 1.0})
+    with Run.create(tmp_path, "random-features", {"dim": 16}) as top:
+        top.log(0, {"loss": 2.0})
+    df = list_runs(tmp_path)
+    assert set(df.run_id) == {demo.id, inner.id, top.id}
+    assert set(list_runs(tmp_path, lab="random-features").run_id) == {inner.id, top.id}
+    assert find_run(inner.id, tmp_path) == inner.path and find_run(top.id, tmp_path) == top.path
+    assert load(find_run(inner.id, tmp_path)).value.tolist() == [1.0]

@@ -59,7 +59,7 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
 
 
 def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.DataFrame":
-    """Every run under `root/<lab>/<run_id>/`, newest first: run_id, lab, status, created, steps (the last
+    """Every run under `root/<lab>/<run_id>/` (and the lab runs inside one, as a demo's), newest first: run_id, lab, status, created, steps (the last
     step recorded), records, path. A "running" run whose process is gone is listed as "incomplete"; a
     directory with a damaged config.json as "unreadable"."""
     import pandas as pd
@@ -67,8 +67,9 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
     root = Path(root)
     if lab is not None:
         check_name("lab", lab)  # never a glob pattern or a path
-    pattern = f"{lab}/*/{CONFIG}" if lab else f"*/*/{CONFIG}"
-    rows = [_describe(p.parent) for p in root.glob(pattern)] if root.is_dir() else []
+    patterns = [f"{lab}/*/{CONFIG}", f"*/*/{lab}/*/{CONFIG}"] if lab else [f"*/*/{CONFIG}", f"*/*/*/*/{CONFIG}"]
+    # root/<lab>/<run_id>, and the lab runs a run holds (a demo's: root/demo/<id>/<lab>/<run_id>)
+    rows = [_describe(p.parent) for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
     df = pd.DataFrame(rows, columns=LIST_COLUMNS)
     df["created"] = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
     df["steps"] = df["steps"].astype("Int64")
@@ -96,14 +97,16 @@ def _describe(path: Path) -> dict:
 
 
 def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
-    """A run directory from a path, or from a run id (or `lab/run_id`) under `root`."""
+    """A run directory from a path, or from a run id (or `lab/run_id`) under `root`, a demo's lab runs
+    (`root/demo/<id>/<lab>/<run_id>`) included."""
     p, root = Path(run), Path(root)
     if p.is_dir():
         return p
     if (root / run / CONFIG).is_file():  # "lab/run_id"
         return root / run
     plain = _NAME.fullmatch(run) is not None  # never glob a name with wildcards in it
-    hits = sorted(h for h in root.glob(f"*/{run}") if (h / CONFIG).is_file()) if plain and root.is_dir() else []
+    hits = sorted(h for pattern in (f"*/{run}", f"*/*/*/{run}") for h in root.glob(pattern)
+                  if (h / CONFIG).is_file()) if plain and root.is_dir() else []  # a demo's lab runs too
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:

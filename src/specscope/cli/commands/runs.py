@@ -40,7 +40,9 @@ def runs(
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
         status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
-        table.add_row(markup(r.run_id), markup(r.lab), status, created, steps)  # names from disk are data
+        inside = Path(r.path).parents[2].name if len(Path(r.path).relative_to(root).parts) == 4 else ""
+        lab_text = f"{r.lab} (in {inside})" if inside else r.lab  # a lab run a demo made
+        table.add_row(markup(r.run_id), markup(lab_text), status, created, steps)  # names from disk are data
     stdout_console().print(table)
 
 
