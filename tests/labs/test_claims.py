@@ -97,3 +97,14 @@ def test_a_demo_is_counted_once_through_the_lab_runs_inside_it(tmp_path):
     _run(tmp_path / "demo" / "dm01", "random-features", "rf02", {"seed": 0}, [_claim("PASS", 1.0, "RF-1")])
     rows = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
     assert [(r["lab"], r["id"], r["runs"]) for r in rows] == [("random-features", "RF-1", ["rf02"])]
+
+
+def test_the_table_keeps_names_verdicts_and_ids_whole_when_piped(tmp_path):
+    """Piped or captured output (no terminal): names, verdicts and run ids on one line each, the long
+    setting wrapped beside them — not "random-fea / tures", "UNDECIDABL / E"."""
+    long = replace(_claim("UNDECIDABLE", None, "MLP-1a"), setting="a long setting, " * 20)
+    _run(tmp_path, "random-features", "20261203T071936Z-1d9911", {"seed": 0}, [long])
+    out = invoke("--root", str(tmp_path))
+    assert out.exit_code == 0, out.output
+    assert "random-features" in out.output and "UNDECIDABLE" in out.output
+    assert "20261203T071936Z-1d9911" in out.output and "a long setting" in out.output
