@@ -11,6 +11,9 @@ Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/�
 10 % of the better of the two.
 
     .venv/bin/python benchmarks/optim_step.py --rounds 3 --repeats 3   (--device cuda --skip-rf on a GPU)
+
+`--floor` adds a row for the float64 eigensolves of `polar="gram"` alone (one eigh per matrix's smaller Gram,
+on the same one-thread workers): the part of an exact Gram-route step that no scheduling removes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from _timing import interleaved, load_average  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
+from specscope.linalg import workers  # noqa: E402
 from specscope.optim import AutoGeometry, Muon, SpecGD, checks  # noqa: E402
 from specscope.optim._common import adjust_lr  # noqa: E402
 
@@ -67,8 +71,18 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
     return e1, e3
 
 
+FLOOR = "gram's eigensolves alone"
+
+
+def eigensolves(mats: list[torch.Tensor]):
+    """What `polar="gram"` cannot skip: one float64 eigh per matrix's smaller Gram, on the one-thread workers
+    as the step runs them (linalg/workers.py; in order on an accelerator or one thread)."""
+    grams = [(G @ G.mT if G.shape[0] <= G.shape[1] else G.mT @ G).double() for G in mats]
+    return lambda: workers.start(torch.linalg.eigh, grams, [C.shape[-1] for C in grams])()
+
+
 def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, seed: int, device: str,
-                only: list[str] | None = None) -> list[dict]:
+                only: list[str] | None = None, floor: bool = False) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     mats = [gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]
     opts = optimizers(mats, only)
@@ -76,8 +90,10 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
         opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    timings = interleaved({k: o.step for k, o in opts.items()}, "torch.optim.Muon", rounds=rounds, repeats=repeats,
-                          warmup=0, sync=sync)
+    steps = {k: o.step for k, o in opts.items()}
+    if floor:
+        steps[FLOOR], errs[FLOOR] = eigensolves(mats), None
+    timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync)
     return [dict(setting=label, optimizer=k, timing=t, err=errs[k]) for k, t in timings.items()]
 
 
@@ -108,6 +124,8 @@ def main() -> None:
     ap.add_argument("--skip-rf", action="store_true")
     ap.add_argument("--optimizers", nargs="*", default=None, help='only these candidates (the baseline always runs)')
     ap.add_argument("--settings", nargs="*", default=None, help='only these settings, e.g. "GPT block d=768"')
+    ap.add_argument("--floor", action="store_true", help=f'also time "{FLOOR}": the float64 eigh of every matrix\'s '
+                    "smaller Gram, on the workers as polar=\"gram\" runs them (what no exact Gram route can skip)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start\n")
@@ -115,7 +133,8 @@ def main() -> None:
     for label, d, n_layer in (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4)):
         if args.settings and label not in args.settings:
             continue
-        rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device, args.optimizers)
+        rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device, args.optimizers,
+                            args.floor)
     fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['timing'].ms:.1f}",
                 ratio=r["timing"].ratio_text(),
                 e1="–" if r["err"] is None else f"{r['err'][0]:.1e}",

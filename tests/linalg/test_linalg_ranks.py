@@ -181,25 +181,21 @@ def test_empty_and_bad_inputs_raise():
     assert math.isfinite(float(L.stable_rank(torch.ones(2, 2, dtype=torch.int64))))
 
 
-def test_eigh_batched_over_threads_equals_torch(monkeypatch):
-    """The thread-pool path (≥ 2 CPU threads, ≥ 2 matrices) gives torch.linalg.eigh's result, any batch shape."""
+def test_eigvalsh_batched_over_threads_equals_torch(monkeypatch):
+    """The thread-pool path (≥ 2 CPU threads, ≥ 2 matrices) gives torch.linalg.eigvalsh's result, any batch shape."""
     from specscope.linalg import norms
-    from specscope.linalg.norms import eigh_batched, eigvalsh_batched
+    from specscope.linalg.norms import eigvalsh_batched
     monkeypatch.setattr(norms, "POOL_MIN", 1)  # the pool path even for these small matrices
     A = torch.randn(2, 3, 9, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     C = A @ A.mT
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        lam, Q = eigh_batched(C)
         values = eigvalsh_batched(C)
     finally:
         torch.set_num_threads(threads)
-    ref_lam, ref_Q = torch.linalg.eigh(C)
-    torch.testing.assert_close(lam, ref_lam)
-    torch.testing.assert_close(values, ref_lam)
-    torch.testing.assert_close(Q @ torch.diag_embed(lam) @ Q.mT, C)
-    assert lam.shape == (2, 3, 9) and Q.shape == C.shape
+    torch.testing.assert_close(values, torch.linalg.eigvalsh(C))
+    assert values.shape == (2, 3, 9)
 
 
 @given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), st.integers(1, 6), seeds)

@@ -1,6 +1,7 @@
 """The one-thread CPU workers: results in item order, jobs put first run before queued ones, errors reach
 the caller, and ‖G‖_F, ‖G‖_* started on them equal the serial route and float64 SVD."""
 
+import importlib
 import threading
 
 import pytest
@@ -85,3 +86,51 @@ def test_fro_and_nuclear_norms_started_early_match_float64_svd(monkeypatch, two_
     fro, nuc = norms.fro_nuclear_norms_later(bad)()  # no error: the bad matrix is reported non-finite
     assert not torch.isfinite(fro[1]) and not torch.isfinite(nuc[1])
     torch.testing.assert_close(nuc[[0, 2]], ref_nuc[:2], rtol=1e-6, atol=1e-6)
+
+
+def _mixed_matrices():
+    """Shapes of every kind a step hands over at once: wide, tall, square, a batch, float64, rank-deficient."""
+    g = torch.Generator().manual_seed(7)
+    return [torch.randn(24, 60, generator=g), torch.randn(70, 24, generator=g), torch.randn(3, 30, 30, generator=g),
+            torch.randn(40, 4, generator=g) @ torch.randn(4, 50, generator=g),
+            torch.randn(33, 35, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g)]
+
+
+@pytest.mark.parametrize("pool_min", [20, 10**9])  # the workers' route and the calling thread's
+def test_polar_started_on_workers_equals_polar_and_svd(monkeypatch, two_threads, pool_min):
+    polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
+
+    monkeypatch.setattr(polar_module, "POOL_MIN", pool_min)
+    mats = _mixed_matrices()
+    ran = []
+    monkeypatch.setattr(polar_module, "_gram_job",
+                        lambda *a, **k: ran.append(threading.current_thread().name) or _gram_job(*a, **k))
+    Ps = L.polar_later(mats, "gram")()
+    pairs = L.polar_with_nuclear_norm_later(mats, "gram")()
+    on_workers = sum(name.startswith("specscope-worker") for name in ran)
+    assert on_workers == (2 * 5 if pool_min == 20 else 0)  # twice each item whose smaller side reaches POOL_MIN
+    for G, P, (P2, nuc) in zip(mats, Ps, pairs):
+        assert P.shape == G.shape and P.dtype == G.dtype and P2.dtype == G.dtype
+        assert nuc.shape == G.shape[:-2] and nuc.dtype == (torch.float64 if G.dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(P, L.polar(G, "svd"), rtol=0, atol=2e-5 if G.dtype == torch.float32 else 1e-10)
+        torch.testing.assert_close(P2, P, rtol=0, atol=0)
+        torch.testing.assert_close(nuc.double(), torch.linalg.svdvals(G.double()).sum(-1), rtol=1e-6, atol=0)
+
+
+_gram_job = importlib.import_module("specscope.linalg.polar")._gram_job
+
+
+def test_polar_later_checks_every_item_before_anything_starts(monkeypatch, two_threads):
+    polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
+
+    monkeypatch.setattr(polar_module, "POOL_MIN", 1)
+    started = []
+    monkeypatch.setattr(workers, "start", lambda *a, **k: started.append(a) or (lambda: []))
+    bad = [torch.randn(8, 8), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])]
+    with pytest.raises(ValueError, match=r"polar_later: mats\[1\] has 1 NaN"):
+        L.polar_later(bad, "gram")
+    with pytest.raises(ValueError, match="unknown method 'qr'"):
+        L.polar_later([torch.randn(8, 8)], "qr")
+    with pytest.raises(ValueError, match="must be 'gram' or 'svd'"):
+        L.polar_with_nuclear_norm_later([torch.randn(8, 8)], "newton_schulz")
+    assert started == []

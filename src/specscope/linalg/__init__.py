@@ -24,7 +24,9 @@ from .polar import (
     polar,
     polar_error,
     polar_express,
+    polar_later,
     polar_with_nuclear_norm,
+    polar_with_nuclear_norm_later,
 )
 from .ranks import onehot_stable_rank, spectral_advantage, stable_rank
 from .spectra import energy_rank, entropy_rank, nuclear_norm, nuclear_rank, participation_ratio, singular_values
@@ -34,7 +36,7 @@ __all__ = [
     "stable_rank", "nuclear_rank", "spectral_advantage", "entropy_rank", "participation_ratio", "energy_rank",
     "singular_values", "spectral_norm", "nuclear_norm", "gram", "stable_rank_from_gram", "nuclear_norm_from_gram", "nuclear_norms",
     "nuclear_norms_later", "fro_nuclear_norms_later",
-    "polar", "polar_with_nuclear_norm", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
+    "polar", "polar_later", "polar_with_nuclear_norm", "polar_with_nuclear_norm_later", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
     "gram_newton_schulz", "default_rcond", "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "GRAM_NS_COEFFICIENTS",
     "singular_value_soft_threshold", "principal_angles", "onehot_stable_rank",
 ]

@@ -119,15 +119,6 @@ def eigvalsh_batched(C: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
-def eigh_batched(C: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh of a batch [..., n, n], the matrices spread over the CPU threads."""
-    out = _spread_over_threads(torch.linalg.eigh, C)
-    if out is None:
-        return torch.linalg.eigh(C)
-    lam, Q = zip(*out)
-    return torch.cat(lam).reshape(C.shape[:-1]), torch.cat(Q).reshape(C.shape)
-
-
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.linalg.eigvalsh(lower_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum()
 

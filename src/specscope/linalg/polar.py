@@ -13,15 +13,17 @@ as zero: the exact ones map them to exactly 0, the estimators to ≈ p'(0)·σ_i
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, lower_gram, smaller_gram
+from ._checks import check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
+from . import workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
-from .norms import eigh_batched
+from .norms import POOL_MIN
 
 METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
 
@@ -109,7 +111,7 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     The two products that apply C^{-1/2} run in float32 for float32-or-narrower input: each row of VᵀX is
     σ_i·v_iᵀ with absolute error ~eps32·σ_1, so u_iᵀPv_i is off by ~eps32·σ_1/σ_i (3e-6 at 1e-3·σ_1, measured)."""
     X, tall = _wide(G)
-    lam, V = eigh_batched(lower_gram(X.to(dtype)))  # eigh reads the lower triangle
+    lam, V = torch.linalg.eigh(lower_gram(X.to(dtype)))  # eigh reads the lower triangle
     lam = lam.clamp(min=0)
     cutoff = max(rcond**2, max(X.shape[-2:]) * torch.finfo(dtype).eps) * lam[..., -1:]
     keep = lam > cutoff
@@ -119,6 +121,32 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X.to(apply)))  # VᵀX first: its rows are σ_i·v_iᵀ
     nuclear = torch.where(keep, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
     return (P.mT if tall else P), nuclear
+
+
+def _gram_job(G: Tensor, dtype: torch.dtype, rcond: float, nuclear_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One worker job: `_polar_gram_with_nuclear` with the results already in the caller's dtypes."""
+    P, nuclear = _polar_gram_with_nuclear(G, dtype, rcond)
+    return P.to(G.dtype), nuclear.to(nuclear_dtype)
+
+
+def _pooled(G: Tensor) -> bool:
+    """Whether G's `gram` solve goes to the one-thread workers: a multi-thread CPU and a smaller side ≥ POOL_MIN.
+
+    LAPACK's eigh barely uses a second core at these sizes; whole jobs (Gram, eigh, both products) side by
+    side, one per core, keep both cores busy through the products too (docs/linalg.md "Threads")."""
+    return bool(workers.count(G.device)) and min(G.shape[-2:]) >= POOL_MIN
+
+
+def _gram_batch(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Tensor]:
+    """`_polar_gram_with_nuclear` of a batch in G's dtype (norms float32, float64 for float64 G): a batch of
+    ≥ 2 pooled matrices as one job per matrix; a single matrix on the calling thread, which has all the
+    threads for its products."""
+    out = work_dtype(G)
+    X = G.reshape(-1, *G.shape[-2:])
+    if not _pooled(G) or X.shape[0] < 2:
+        return _gram_job(G, dtype, rcond, out)
+    P, nuclear = zip(*workers.start(partial(_gram_job, dtype=dtype, rcond=rcond, nuclear_dtype=out), X.unbind(0))())
+    return torch.stack(P).reshape(G.shape), torch.stack(nuclear).reshape(G.shape[:-2])
 
 
 def _polar_svd_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Tensor]:
@@ -185,7 +213,7 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     if method == "svd":
         P, _ = _polar_svd_with_nuclear(G, dtype or torch.float64, rcond)
     elif method == "gram":
-        P, _ = _polar_gram_with_nuclear(G, dtype or torch.float64, rcond)
+        P, _ = _gram_batch(G, dtype or torch.float64, rcond)
     elif method == "newton_schulz":
         P = newton_schulz(G, ns_steps or 5, ns_coefficients, eps, dtype or torch.bfloat16)
     elif method == "polar_express":
@@ -203,16 +231,67 @@ def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dty
     method "gram" (float64 eigh of the smaller Gram) or "svd" (float64 SVD); both exact as in `polar`,
     with the same cut-off `rcond`. The norm has shape G.shape[:-2], float32 (float64 for float64 input)."""
     G = check_tensor(G, "polar_with_nuclear_norm", "G")
+    _check_exact_method(method, "polar_with_nuclear_norm")
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "gram":
-        P, nuc = _polar_gram_with_nuclear(G, dtype or torch.float64, rcond)
-    elif method == "svd":
-        P, nuc = _polar_svd_with_nuclear(G, dtype or torch.float64, rcond)
-    else:
-        raise ValueError(f"polar_with_nuclear_norm: method must be 'gram' or 'svd', got {method!r}")
-    out = torch.float64 if G.dtype == torch.float64 else torch.float32
-    return P.to(G.dtype), nuc.to(out)
+        return _gram_batch(G, dtype or torch.float64, rcond)
+    P, nuc = _polar_svd_with_nuclear(G, dtype or torch.float64, rcond)
+    return P.to(G.dtype), nuc.to(work_dtype(G))
+
+
+def _check_exact_method(method: str, fn: str) -> None:
+    if method not in ("gram", "svd"):
+        raise ValueError(f"{fn}: method must be 'gram' or 'svd', got {method!r}")
+
+
+def polar_later(mats: Sequence[Tensor], method: str = "auto", *, ns_steps: int | None = None,
+                ns_coefficients=KELLER_COEFFICIENTS, eps: float = 1e-7, tol: float | None = None,
+                dtype: torch.dtype | None = None, rcond: float | None = None, restart: int | None = None,
+                check: bool = True) -> Callable[[], list[Tensor]]:
+    """`polar` of each tensor of a list (any shapes; an item may itself be a batch [..., m, n]), started now
+    and collected by calling the result: a list of polar factors in order. Keyword arguments as `polar`;
+    bad input raises here, before anything starts (`check=False` skips the NaN/Inf scan of the items that
+    go to the workers, for callers that screened them).
+
+    On a multi-thread CPU every item that `gram` solves with a smaller side ≥ 256 is one job — Gram, eigh,
+    both products — on the one-thread workers (linalg/workers.py), costliest first, and this returns at
+    once: the items of every shape share the cores (the optimizers' steps start all their matrices this way;
+    docs/linalg.md "Threads"). Every other item is computed now, one `polar` call per item."""
+    now = partial(polar, method=method, ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, tol=tol,
+                  dtype=dtype, rcond=rcond, restart=restart)
+    return _started(mats, "polar_later", now, method, tol, dtype, rcond, nuclear=False, check=check)
+
+
+def polar_with_nuclear_norm_later(mats: Sequence[Tensor], method: str = "gram", *, dtype: torch.dtype | None = None,
+                                  rcond: float | None = None, check: bool = True) -> Callable[[], list[tuple[Tensor, Tensor]]]:
+    """`polar_with_nuclear_norm` of each tensor of a list, started now and collected by calling the result (a
+    list of (polar factor, ‖·‖_*) in order); "gram" items go to the workers as in `polar_later`."""
+    _check_exact_method(method, "polar_with_nuclear_norm_later")
+    return _started(mats, "polar_with_nuclear_norm_later",
+                    lambda G: polar_with_nuclear_norm(G, method, dtype=dtype, rcond=rcond),
+                    method, None, dtype, rcond, nuclear=True, check=check)
+
+
+def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: float | None,
+             dtype: torch.dtype | None, rcond: float | None, nuclear: bool, check: bool) -> Callable[[], list]:
+    """Check every item, compute the ones not pooled now (`_pooled`), queue the pooled `gram` ones."""
+    mats = [check_tensor(G, fn, f"mats[{i}]") if check else G for i, G in enumerate(mats)]
+    if method not in METHODS:
+        raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
+    gram = [(method == "gram" or (method == "auto" and _auto_method(G, tol) == "gram")) and _pooled(G) for G in mats]
+    pooled = [i for i, g in enumerate(gram) if g]
+    jobs = [partial(_gram_job, G=mats[i], dtype=dtype or torch.float64, nuclear_dtype=work_dtype(mats[i]),
+                    rcond=default_rcond(mats[i].dtype, *mats[i].shape[-2:]) if rcond is None else rcond)
+            for i in pooled]
+    done = {i: now(G) for i, G in enumerate(mats) if not gram[i]}  # first: beside busy workers it would stall
+    wait = workers.start(lambda job: job(), jobs, [mats[i].numel() * min(mats[i].shape[-2:]) for i in pooled])
+
+    def collect() -> list:
+        done.update(zip(pooled, wait() if nuclear else [P for P, _ in wait()]))
+        return [done[i] for i in range(len(mats))]
+
+    return collect
 
 
 def polar_error(G: Tensor, P: Tensor, rel_threshold: float = 0.1) -> Tensor:

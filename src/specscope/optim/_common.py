@@ -145,7 +145,14 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
         return lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps)
     if polar == "gram_newton_schulz":
         return lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps)
-    return lambda X: linalg.polar(X, method=polar)
+    return polar_map(polar)
+
+
+def polar_map(method: str) -> Callable[[Tensor], Tensor]:
+    """linalg.polar with `method`, one call per shape bucket; for "gram" a `LaterMap` that `owner_map` starts
+    on all matrices at once (`linalg.polar_later`: on a CPU their jobs share the one-thread workers)."""
+    now = lambda X: linalg.polar(X, method=method)  # noqa: E731
+    return _distributed.LaterMap(now, lambda mats: linalg.polar_later(mats, "gram", check=False)) if method == "gram" else now
 
 
 def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor], shardwise: bool = False) -> list[Tensor]:
@@ -164,10 +171,12 @@ def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any
     method = group["polar"]
     if method in ("gram", "svd"):
 
-        def fn(X: Tensor) -> tuple[Tensor, Tensor]:
+        def now(X: Tensor) -> tuple[Tensor, Tensor]:
             P, nuc = linalg.polar_with_nuclear_norm(X, method=method)
             return P, nuc.reshape(X.shape[0])
 
+        start = lambda mats: linalg.polar_with_nuclear_norm_later(mats, "gram", check=False)  # noqa: E731
+        fn: Callable = _distributed.LaterMap(now, start) if method == "gram" else now
     else:
         approx = polar_fn(group)
 

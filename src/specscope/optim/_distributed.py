@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from specscope.errors import ConfigError
+from specscope.linalg import workers
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -37,6 +38,20 @@ except ImportError:  # torch.distributed unavailable on this build
     DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
 
 MapFn = Callable[[Tensor], "Tensor | tuple[Tensor, ...]"]
+
+
+@dataclass(frozen=True)
+class LaterMap:
+    """A batched map `now` that can also be started on a whole list of matrices of mixed shapes and collected
+    later (`start`: linalg's `*_later` functions, one result per matrix). On a multi-thread CPU `_batched`
+    starts all the matrices at once, so that their jobs share the one-thread workers, with nothing run on
+    the calling thread beside them (a parallel op there while the workers hold the cores stalls)."""
+
+    now: MapFn
+    start: Callable[[list[Tensor]], Callable[[], list]]
+
+    def __call__(self, X: Tensor) -> "Tensor | tuple[Tensor, ...]":
+        return self.now(X)
 
 
 def world() -> tuple[int, int]:
@@ -150,16 +165,19 @@ def _as_tuple(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 def _batched(fn: MapFn, mats: Sequence[Tensor], extras: int = 0) -> list[tuple[Tensor, ...]]:
     """fn on each matrix, one call per (shape, dtype); an empty matrix (a shard of no rows) maps to itself
-    and zero extras."""
+    and zero extras. A `LaterMap` over several matrices on a multi-thread CPU gets one `start` call for all."""
     out: list[tuple[Tensor, ...]] = [()] * len(mats)
+    live = [i for i, m in enumerate(mats) if m.numel() > 0]
+    for i in set(range(len(mats))) - set(live):
+        out[i] = (mats[i].clone(), *mats[i].new_zeros(extras))
+    if isinstance(fn, LaterMap) and len(live) > 1 and workers.count(mats[live[0]].device):
+        for i, res in zip(live, fn.start([mats[i] for i in live])()):
+            out[i] = _as_tuple(res)
+        return out
     buckets: dict[tuple, list[int]] = {}
-    for i, m in enumerate(mats):
-        buckets.setdefault((tuple(m.shape), m.dtype, m.device), []).append(i)
-    for (shape, _, _), idx in buckets.items():
-        if 0 in shape:
-            for i in idx:
-                out[i] = (mats[i].clone(), *mats[i].new_zeros(extras))
-            continue
+    for i in live:
+        buckets.setdefault((tuple(mats[i].shape), mats[i].dtype, mats[i].device), []).append(i)
+    for idx in buckets.values():
         X = mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
         res = _as_tuple(fn(X))
         for k, i in enumerate(idx):

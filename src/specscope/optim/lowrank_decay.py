@@ -108,7 +108,7 @@ class LowRankDecay(Optimizer):
             fn = lambda X: linalg.polar(X, method="newton_schulz", ns_steps=group["ns_steps"],  # noqa: E731
                                         ns_coefficients=group["ns_coefficients"], dtype=group["ns_dtype"])
         else:
-            fn = lambda X: linalg.polar(X, method=group["polar_method"])  # noqa: E731
+            fn = _common.polar_map(group["polar_method"])
         shrink = group["lr"] * group["l2"] if mode == "elastic" else 0.0
         for p, w, P in zip(params, mats, _common.batched_polar(mats, fn, group.get("shardwise", False))):
             p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
