@@ -115,6 +115,13 @@ def test_polar_started_on_workers_equals_polar_and_svd(monkeypatch, two_threads,
         torch.testing.assert_close(P, L.polar(G, "svd"), rtol=0, atol=2e-5 if G.dtype == torch.float32 else 1e-10)
         torch.testing.assert_close(P2, P, rtol=0, atol=0)
         torch.testing.assert_close(nuc.double(), torch.linalg.svdvals(G.double()).sum(-1), rtol=1e-6, atol=0)
+    batch = torch.randn(2, 3, 30, 40, generator=torch.Generator().manual_seed(8))  # one job per matrix when pooled
+    ran.clear()
+    P, nuc = L.polar_with_nuclear_norm(batch)
+    assert sum(name.startswith("specscope-worker") for name in ran) == (6 if pool_min == 20 else 0)
+    torch.testing.assert_close(L.polar(batch, "gram"), P, rtol=0, atol=0)
+    torch.testing.assert_close(P, L.polar(batch, "svd"), rtol=0, atol=2e-5)
+    torch.testing.assert_close(nuc.double(), torch.linalg.svdvals(batch.double()).sum(-1), rtol=1e-6, atol=0)
 
 
 _gram_job = importlib.import_module("specscope.linalg.polar")._gram_job
