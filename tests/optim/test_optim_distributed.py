@@ -1,5 +1,9 @@
 """2 CPU processes on gloo: ranks split the orthogonalization, end identical, equal to one process."""
 
+import importlib
+import threading
+
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -48,8 +52,12 @@ def _train(params, opt, world):
         opt.step()
 
 
-def _worker(rank, world):
-    torch.set_num_threads(1)
+def _worker(rank, world, pool_min=None):
+    torch.set_num_threads(1 if pool_min is None else 2)
+    polar_module, threads = importlib.import_module("specscope.linalg.polar"), []
+    if pool_min is not None:  # each owner's exact polar jobs on its one-thread workers, even at these sizes
+        polar_module.POOL_MIN, job = pool_min, polar_module._gram_job
+        polar_module._gram_job = lambda *a, **k: threads.append(threading.current_thread().name) or job(*a, **k)
     params, opt = _build()
     for step in range(STEPS):
         local = _local_grads(step, rank, world)
@@ -59,13 +67,16 @@ def _worker(rank, world):
                 g /= world
             p.grad = g  # step 2: param 1 keeps a local grad on rank 0 and has none on rank 1
         opt.step()
+    if pool_min is not None and rank == 0:  # rank 0 owns two of the three Muon matrices: one start for both
+        assert any(name.startswith("specscope-worker") for name in threads), threads
     return [p.detach() for p in params]
 
 
-def test_two_ranks_match_each_other_and_single_process():
+@pytest.mark.parametrize("pool_min", [None, 1])  # one thread; two threads with the owners' jobs on workers
+def test_two_ranks_match_each_other_and_single_process(pool_min):
     # results come back through train.distributed.spawn's queue: gloo's own teardown (which can abort a
     # finished worker with "terminate called without an active exception") cannot fail the comparison
-    r0, r1 = spawn(_worker, 2)
+    r0, r1 = spawn(_worker, 2, pool_min)
     params, opt = _build()
     _train(params, opt, 2)
     for a, b, c in zip(r0, r1, params):
