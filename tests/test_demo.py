@@ -141,3 +141,29 @@ def test_report_rewrites_the_demo_page_from_its_runs(quick_demo):
     after = page.read_text()
     for word in ("specscope demo", "RF-1", "MLP-1a"):
         assert word in after and word in before
+
+
+def test_a_quick_demos_lab_run_keeps_undecidable_verdicts_through_report_and_is_found_by_lab_and_id(quick_demo, tmp_path):
+    """`report sparse-mlp/<id>` (the README's lab/run_id form, for a run inside a demo) finds the lab run and
+    rewrites its page and summary from its records; at quick size the verdicts stay UNDECIDABLE."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from specscope.cli import app
+
+    *_, run_dir = quick_demo
+    root = run_dir.parent.parent
+    (inner,) = run_dir.glob("sparse-mlp/*/")
+    summary = inner / "summary.json"
+    summary.unlink()
+    res = CliRunner().invoke(app, ["report", f"sparse-mlp/{inner.name}", "--root", str(root)])
+    assert res.exit_code == 0, res.output
+    claims = json.loads(summary.read_text())["claims"]
+    assert claims and {c["verdict"] for c in claims} == {"UNDECIDABLE"}
+    assert "(quick size)" in (inner / "report.html").read_text()
+    out = tmp_path / "inner.csv"
+    res = CliRunner().invoke(app, ["export", f"sparse-mlp/{inner.name}", "--root", str(root), "--out", str(out)])
+    assert res.exit_code == 0 and out.stat().st_size > 0, res.output
+    res = CliRunner().invoke(app, ["export", f"random-features/{inner.name}", "--root", str(root)])
+    assert f"no run 'random-features/{inner.name}'" in str(res.exception)  # `specscope` exits 2 with it

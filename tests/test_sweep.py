@@ -65,3 +65,10 @@ def test_cli_grid_parser_handles_lists_and_numbers():
     assert grid == {"train_fraction": [0.3, 0.5], "arms": [["l2", "lrd"], ["l2"]], "task": [["add"], ["mul"]]}
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_grid(Config, ["nope=1,2"], "grokking")
+
+
+def test_ray_backend_without_ray_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match="backend=ray needs Ray"):
+        sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", backend="ray")
+    assert not (tmp_path / "sweeps").exists()

@@ -76,7 +76,7 @@ def _normalized(lab: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: cfg[k] for k in overrides}
 
 
-def _sweep_meta(path: Path) -> dict[str, Any]:
+def read_sweep_meta(path: Path) -> dict[str, Any]:
     """sweep.json: {"lab": str, "grid": {key: [values]}, "fixed": {key: value}}, or one ConfigError naming it."""
     meta = read_json(path, fix="pass the directory `specscope sweep` printed, or start a new sweep")
     if not (isinstance(meta.get("lab"), str) and isinstance(meta.get("grid"), dict) and isinstance(meta.get("fixed"), dict)):
@@ -175,12 +175,14 @@ def run_sweep(
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if backend not in ("process", "ray"):
         raise ConfigError(f"sweep backend {backend!r} is unknown; use 'process' or 'ray'")
+    if backend == "ray":
+        _require_ray()  # before the sweep directory exists
     if resume is not None:
         sweep_dir = Path(resume)
         meta_file = sweep_dir / SWEEP_FILE
         if not meta_file.is_file():
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); pass the directory `specscope sweep` printed")
-        meta = _sweep_meta(meta_file)
+        meta = read_sweep_meta(meta_file)
         lab, grid, fixed = meta["lab"], {**meta["grid"], **grid}, {**meta["fixed"], **(fixed or {})}
     labs.get(lab)  # unknown lab: error now, not in every worker
     points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
@@ -251,12 +253,17 @@ def _execute(lab: str, todo: list[dict], resumes: list[str | None], runs_root: s
     return errors
 
 
-def _ray_map(lab: str, todo: list[dict], resumes: list[str | None], runs_root: str,
-             threads: int) -> list[tuple[str, str, float]]:
+def _require_ray():
     try:
         import ray
     except ImportError:
         raise ConfigError("backend=ray needs Ray: pip install 'specscope[ray]' (or run without --ray)") from None
+    return ray
+
+
+def _ray_map(lab: str, todo: list[dict], resumes: list[str | None], runs_root: str,
+             threads: int) -> list[tuple[str, str, float]]:
+    ray = _require_ray()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     remote = ray.remote(num_cpus=threads)(_run_point)
@@ -284,7 +291,7 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
     from specscope.labs.config import make_config
 
     sweep_dir = Path(sweep_dir)
-    meta = _sweep_meta(sweep_dir / SWEEP_FILE)
+    meta = read_sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     keys = list(meta["grid"])  # the fixed overrides are in sweep.json, the same for every row
     rows = []
@@ -302,7 +309,7 @@ def finish(sweep_dir: str | Path) -> pd.DataFrame:
     from specscope import labs
 
     sweep_dir = Path(sweep_dir)
-    meta = _sweep_meta(sweep_dir / SWEEP_FILE)
+    meta = read_sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     table = summary(sweep_dir)
     table.to_csv(sweep_dir / SUMMARY_FILE, index=False)

@@ -48,6 +48,14 @@ def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_pat
     assert rc == 0 and (tmp_path / "x.salvaged.csv").is_file() and not (tmp_path / "x.csv").exists()
 
 
+def test_salvage_of_an_unreadable_file_does_not_suggest_salvage(finished, copy_of, cli):
+    run = copy_of(finished)
+    (run / "metrics.sqlite").write_bytes(b"not a database " * 4096)
+    rc, _, err = cli("report", run, "--salvage")
+    one_line_error(rc, err, run / "metrics.sqlite", "even to salvage it", "restore it from a copy")
+    assert "--salvage" not in err
+
+
 def test_overwritten_page_fails_the_integrity_check(finished, copy_of, cli):
     run = copy_of(finished)
     db = run / "metrics.sqlite"
@@ -116,13 +124,38 @@ def test_missing_checkpoint_that_progress_records(killed, copy_of, cli):
     assert fingerprint(run) == before
 
 
-def test_edited_summary_fails_its_checksum(finished, copy_of):
+def test_edited_summary_fails_its_checksum(finished, copy_of, cli):
+    """A verdict edited by hand is never shown as a result: `claims` refuses it, `runs` flags the run, and
+    `report` (the fix both name) rewrites the file from the records."""
     run = copy_of(finished)
     summary = json.loads((run / "summary.json").read_text())
-    summary["claims"][0]["verdict"] = "PASS" if summary["claims"][0]["verdict"] != "PASS" else "FAIL"
+    true_verdict = summary["claims"][0]["verdict"]
+    summary["claims"][0]["verdict"] = "PASS" if true_verdict != "PASS" else "FAIL"
     (run / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(RunStoreError, match="summary.json fails its checksum"):
         store.Run.open(run).summary
+    root = run.parent.parent
+    before = fingerprint(run)
+    rc, _, err = cli("claims", "--root", root)
+    one_line_error(rc, err, run / "summary.json", "fails its checksum", "specscope report")
+    rc, out, _ = cli("runs", "--root", root)
+    assert rc in (0, None) and "(damaged)" in out and "summary.json fails its checksum" in out.replace("\n", "")
+    assert store.list_runs(root).problem.str.contains("specscope report").all()
+    assert fingerprint(run) == before  # the readers wrote nothing
+    rc, _, err = cli("report", run)
+    assert rc in (0, None), err
+    assert store.Run.open(run).summary["claims"][0]["verdict"] == true_verdict
+    rc, out, _ = cli("claims", "--root", root, "--format", "json")
+    assert rc in (0, None) and json.loads(out)[0]["verdict"] == true_verdict
+    assert (store.list_runs(root).problem == "").all()
+
+
+def test_a_damaged_progress_file_is_flagged_by_runs(killed, copy_of, cli):
+    run = copy_of(killed)
+    flip_bit(run / "progress.json")
+    rc, out, _ = cli("runs", "--root", run.parent.parent)
+    assert rc in (0, None) and "incomplete (damaged)" in out and "progress.json" in out
+    assert "cannot continue" in store.list_runs(run.parent.parent).problem[0]
 
 
 @pytest.mark.parametrize("content", ["5", "[{}]", '{"run_id": "x"', "\xff\xfe not utf-8"])

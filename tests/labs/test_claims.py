@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from specscope.cli import _register, app
 from specscope.records import Claim, over_seeds
+from specscope.store.integrity import write_json
 
 
 def _run(root, lab, run_id, config, claims, status="complete"):
@@ -14,7 +15,7 @@ def _run(root, lab, run_id, config, claims, status="complete"):
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"run_id": run_id, "lab": lab, "config": config, "status": status,
                                                "created": f"2026-12-01T00:00:{run_id[-2:]}Z"}))
-    (d / "summary.json").write_text(json.dumps({"lab": lab, "claims": [c.as_dict() for c in claims]}))
+    write_json(d / "summary.json", {"lab": lab, "claims": [c.as_dict() for c in claims]}, checksum=True)
 
 
 def _claim(verdict, value, cid="X-1"):

@@ -81,6 +81,24 @@ def test_python_diagnose_function():
     assert len(res.losses) == 5 and seen == res.records
 
 
+def test_a_nan_loss_is_named_as_the_loss_and_a_root_weight_by_its_name():
+    from specscope.errors import NonFiniteError
+    from specscope.probe import diagnose
+
+    model = torch.nn.Linear(4, 3)  # a bare module: its weight is "weight", never the whole-model layer ""
+    batches = [torch.randn(16, 4)] * 3
+    res = diagnose(model, iter(batches), lambda m, b: m(b).square().mean(), 2)
+    assert list(res.advice.layer) == ["weight"] and all(r.layer == "weight" for r in res.records if r.metric != "loss")
+    calls = []
+
+    def inf_at_step_1(m, b):
+        calls.append(0)
+        return m(b).square().mean() * (float("inf") if len(calls) == 2 else 1.0)
+
+    with pytest.raises(NonFiniteError, match=r"non-finite loss \(inf\) at step 1"):
+        diagnose(model, iter(batches), inf_at_step_1, 3)
+
+
 # -- real models, options, literal names --------------------------------------------------------------
 
 def summary_of(tmp_path) -> dict:
@@ -200,12 +218,17 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
         def not_scalar(seed=0):
             model = torch.nn.Linear(4, 2)
             return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b)
+
+        def nan_loss(seed=0):
+            model = torch.nn.Linear(4, 2)
+            return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum() * float("nan")
     """))
     monkeypatch.chdir(tmp_path)
     cases = {"needs_args": "needs ['a', 'b']; a factory takes no argument or only `seed`",
              "boom": "the factory raised RuntimeError: boom in user code",
              "detached": "loss_fn returned a tensor of shape () that does not require grad",
-             "not_scalar": "loss_fn returned a tensor of shape (8, 2)"}
+             "not_scalar": "loss_fn returned a tensor of shape (8, 2)",
+             "nan_loss": "non-finite loss (nan) at step 0; lower --lr"}
     for fn, msg in cases.items():
         monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"badf:{fn}", "--steps", "2",
                                           "--out", str(tmp_path / "runs")])

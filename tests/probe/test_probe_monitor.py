@@ -187,7 +187,7 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
         x = base + 0.01 * torch.randn(256, 64)
         with mon.step(step):
             model(x).sum().backward()
-        st = by(mon.pop_records(), "stable_rank")[""].value
+        st = by(mon.pop_records(), "stable_rank")["weight"].value
         exact = float(linalg.stable_rank(x.double()))
         assert st >= exact * (1 - 1e-5)  # σ_1² is estimated from below, so st from above
         errs.append(st / exact - 1)
@@ -199,8 +199,8 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
     for m in (mon, fresh):
         with m.step(10):
             model(x).sum().backward()
-    assert by(mon.pop_records(), "stable_rank")[""].value == by(fresh.pop_records(), "stable_rank")[""].value
-    assert fresh.stable_rank("") == mon.stable_rank("")
+    assert by(mon.pop_records(), "stable_rank")["weight"].value == by(fresh.pop_records(), "stable_rank")["weight"].value
+    assert fresh.stable_rank("weight") == mon.stable_rank("weight")
 
 
 def test_extras_records_and_bad_options():

@@ -46,7 +46,7 @@ def test_gradient_metrics_are_exact():
     recs = mon.pop_records()
     G = model.weight.grad.double()
     nr = float(linalg.nuclear_rank(G))
-    r = {x.metric: x for x in recs if x.layer == ""}
+    r = {x.metric: x for x in recs if x.layer == "weight"}
     assert r["nuclear_rank"].value == pytest.approx(nr, rel=1e-5) and r["nuclear_rank"].shape == "5x12"
     assert r["grad_fro_norm"].value == pytest.approx(float(G.norm()), rel=1e-6)
     assert r["grad_nuclear_norm"].value == pytest.approx(float(linalg.nuclear_norm(G)), rel=1e-5)
@@ -71,7 +71,7 @@ def test_conv_patches_are_the_rows_the_kernel_multiplies(conv, x):
     mon = Monitor(conv, estimator="exact")
     with mon.step(0):
         conv(x).sum().backward()
-    st = by(mon.pop_records(), "stable_rank")[""]
+    st = by(mon.pop_records(), "stable_rank")["weight"]
     assert st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
 
 
@@ -93,7 +93,7 @@ def test_grouped_and_3d_convs_are_measured_exactly(conv, x):
     mon = Monitor(conv, estimator="exact")
     with mon.step(0):
         conv(x).sum().backward()
-    st = by(mon.pop_records(), "stable_rank")[""]
+    st = by(mon.pop_records(), "stable_rank")["weight"]
     assert not mon.unmeasured and st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
 
 
@@ -196,9 +196,9 @@ def test_split_errors_name_the_problem():
     with pytest.raises(ConfigError, match="match no"):
         Monitor(nn.Linear(4, 6), split={"nothing.*": ["a", "b"]})
     with pytest.raises(ConfigError, match="equal parts"):
-        Monitor(nn.Linear(4, 7), split={"": ["a", "b"]})
-    mon = Monitor(nn.Linear(4, 7), split={"": {"a": 3, "b": 4}})
-    assert mon.layers == [".a", ".b"]
+        Monitor(nn.Linear(4, 7), split={"weight": ["a", "b"]})
+    mon = Monitor(nn.Linear(4, 7), split={"weight": {"a": 3, "b": 4}})
+    assert mon.layers == ["weight.a", "weight.b"]
 
 
 class RawLinear(nn.Module):

@@ -46,11 +46,14 @@ def test_runs_lists_status(root):
     assert "last step" in res.output  # the column is the last recorded step, not a count
     res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "dem"])
     assert res.exit_code == 0 and "for lab 'dem'" in res.output and "Labs with runs there: " in res.output
+    assert "Did you mean 'demo'?" in res.output
 
 
 def test_runs_empty_root(tmp_path):
-    res = runner.invoke(app, ["runs", "--root", str(tmp_path / "none")])
+    res = runner.invoke(app, ["runs", "--root", str(tmp_path)])
     assert res.exit_code == 0 and "no runs under" in res.output
+    res = runner.invoke(app, ["runs", "--root", str(tmp_path / "none")])  # a mistyped root is not "no runs"
+    assert "is not a directory" in str(res.exception) and "(default: runs)" in str(res.exception)
 
 
 @pytest.mark.parametrize("how", ["path", "id", "lab/id"])

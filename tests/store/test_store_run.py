@@ -199,7 +199,7 @@ def test_list_runs_newest_first_and_lab_filter(tmp_path):
         ids.append(run.id)
     df = list_runs(tmp_path)
     assert df.run_id.tolist() == ids[::-1]
-    assert list(df.columns) == ["run_id", "lab", "status", "created", "steps", "records", "path"]
+    assert list(df.columns) == ["run_id", "lab", "status", "created", "steps", "records", "path", "problem"]
     assert list_runs(tmp_path, lab="a").run_id.tolist() == [ids[2], ids[0]]
     assert list_runs(tmp_path / "nothing").empty
     (tmp_path / "a" / "junk").mkdir()  # no config.json: not a run, not listed
@@ -207,6 +207,8 @@ def test_list_runs_newest_first_and_lab_filter(tmp_path):
     (tmp_path / "b" / "broken" / "config.json").write_text("{not json")
     df = list_runs(tmp_path)
     assert len(df) == 4 and df.set_index("run_id").loc["broken", "status"] == "unreadable"
+    assert "config.json is unreadable" in df.set_index("run_id").loc["broken", "problem"]
+    assert (df[df.run_id != "broken"].problem == "").all()
 
 
 def test_missing_directory_and_config(tmp_path):

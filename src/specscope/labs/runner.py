@@ -16,7 +16,7 @@ from specscope.records import Claim, Record
 from specscope.store import integrity, sqlite
 from specscope.train import Interrupt, Progress, Trainer, arm_seed
 
-PROGRESS_FILE = "progress.json"
+PROGRESS_FILE = store.run.PROGRESS
 _PROGRESS_FIX = "restore it, or start a new run"
 
 
@@ -179,19 +179,43 @@ def finish(run, lab, cfg, *, salvage: bool = False) -> list[Claim]:
     """Claims from the recorded metrics, then summary.json and report.html (also used by `specscope report`).
 
     A damaged database is an error unless `salvage`; then both files say, in them, that they were computed
-    from the records that were still readable."""
+    from the records that were still readable. In a lab run made by `demo --quick` every verdict is
+    UNDECIDABLE (see `undecidable`)."""
     df = store.load(run, salvage=salvage)
     damage = df.attrs.get("damage")
     claims = list(lab.claims(df, cfg))
+    quick = made_by_quick_demo(Path(run.path))
+    claims = undecidable(claims) if quick else claims
     summary = {"lab": lab.NAME, "claims": [c.as_dict() for c in claims], "final": _final_metrics(df)}
     run.write_summary({**summary, "salvaged": damage} if damage else summary)
     figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
-    title = f"{lab.NAME} — {Path(run.path).name}"
+    title = f"{lab.NAME} — {Path(run.path).name}" + (" (quick size)" if quick else "")
     report.write_report(
         Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures,
         title=f"SALVAGED FROM A DAMAGED DATABASE ({damage}) — {title}" if damage else title,
     )
     return claims
+
+
+def made_by_quick_demo(path: Path) -> bool:
+    """Whether the lab run at `path` sits inside a `demo --quick` run: OUT/demo/<id>/<lab>/<run_id>, the
+    demo's config.json saying quick."""
+    holder = path.parent.parent
+    if not (holder / store.run.CONFIG).is_file():
+        return False
+    try:
+        meta = store.run.read_config(holder)
+    except RunStoreError:
+        return False
+    return meta["lab"] == "demo" and bool(meta["config"].get("quick"))
+
+
+def undecidable(claims: list[Claim]) -> list[Claim]:
+    """The claims with verdict UNDECIDABLE ("not decidable at quick size"): `demo --quick` sizes are far below
+    the sizes the claims are stated for, so their PASS/FAIL would say nothing. The measured figures stay."""
+    from dataclasses import replace
+
+    return [replace(c, verdict="UNDECIDABLE") for c in claims]
 
 
 def _final_metrics(df) -> dict[str, dict[str, float]]:

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, NonFiniteError
 from specscope.probe.monitor import Monitor
 from specscope.records import Record
 
@@ -52,6 +52,7 @@ def diagnose(
         opt.zero_grad(set_to_none=True)
         with monitor.step(step):
             loss = loss_fn(model, batch)
+            _check_loss(loss, step, monitor.nonfinite)
             loss.backward()
         opt.step()
         monitor.after_optimizer_step()
@@ -63,3 +64,12 @@ def diagnose(
     table = monitor.advice(window=steps, margin=margin)
     monitor.close()
     return DiagnoseResult(table, losses, monitor, records)
+
+
+def _check_loss(loss: torch.Tensor, step: int, nonfinite: str) -> None:
+    """A NaN/Inf loss is named as the loss (every gradient would be non-finite after it), before backward."""
+    if nonfinite == "raise" and not bool(torch.isfinite(loss.detach()).all()):
+        problem = f"non-finite loss ({float(loss.detach().float().sum())}) at step {step}"
+        err = NonFiniteError(f"{problem}; lower the learning rate or check the data")
+        err.problem = problem  # the CLI words the fix its own way
+        raise err

@@ -66,7 +66,7 @@ def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Te
             raise ConfigError(f"split of '{name}': sizes {bad} must be positive integers (rows of each part)")
     else:
         if out % len(spec):
-            raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give sizes as {{name: size}}")
+            raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give each part's rows, e.g. {{'q': 64, 'k': 64}} (CLI: --split PATTERN=q:64,k:64)")
         sizes = {p: out // len(spec) for p in spec}
     if sum(sizes.values()) != out:
         raise ConfigError(f"split of '{name}': sizes {sizes} add to {sum(sizes.values())}, the weight has {out} outputs")
@@ -154,9 +154,8 @@ class Slot:
 
 
 def layer_name(param_name: str) -> str:
-    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`; a root-level `weight` -> ``; other names stay."""
-    if param_name == "weight":
-        return ""
+    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`; other names stay, a root-level `weight` too (the
+    layer "" holds the whole model's records: loss, lr)."""
     return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 

@@ -16,13 +16,14 @@ from specscope.errors import ConfigError, RunStoreError
 from specscope.names import check_name
 from specscope.store import sqlite
 from specscope.store.deps import require
-from specscope.store.run import _NAME, CONFIG, METRICS, Run, effective_status
+from specscope.store import integrity
+from specscope.store.run import _NAME, CONFIG, METRICS, PROGRESS, SUMMARY, Run, effective_status
 
 if TYPE_CHECKING:
     import pandas as pd
 
 LOAD_COLUMNS = ["run_id", *sqlite.COLUMNS]
-LIST_COLUMNS = ["run_id", "lab", "status", "created", "steps", "records", "path"]
+LIST_COLUMNS = ["run_id", "lab", "status", "created", "steps", "records", "path", "problem"]
 
 
 def run_dir(run: str | os.PathLike | Run) -> Path:
@@ -60,8 +61,9 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
 
 def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.DataFrame":
     """Every run under `root/<lab>/<run_id>/` (and the lab runs inside one, as a demo's), newest first: run_id, lab, status, created, steps (the last
-    step recorded), records, path. A "running" run whose process is gone is listed as "incomplete"; a
-    directory with a damaged config.json as "unreadable"."""
+    step recorded), records, path, problem. A "running" run whose process is gone is listed as "incomplete"; a
+    directory with a damaged config.json as "unreadable". `problem` names a checksummed file (summary.json,
+    progress.json) that is damaged or was edited, with its fix; "" when there is none."""
     import pandas as pd
 
     root = Path(root)
@@ -79,11 +81,13 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
 
 def _describe(path: Path) -> dict:
     row = {"run_id": path.name, "lab": path.parent.name, "status": "unreadable", "created": None,
-           "steps": None, "records": None, "path": str(path)}
+           "steps": None, "records": None, "path": str(path), "problem": ""}
     try:
         run = Run.open(path)
-    except RunStoreError:
+    except RunStoreError as e:
+        row["problem"] = str(e)
         return row
+    row["problem"] = _damaged_json(path)
     meta = run.meta
     row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
                status=effective_status(path, meta))
@@ -96,17 +100,34 @@ def _describe(path: Path) -> dict:
     return row
 
 
+_FIXES = {SUMMARY: "`specscope report RUN` rewrites it from the recorded metrics",
+          PROGRESS: "`specscope run --resume` cannot continue this run; start a new one"}
+
+
+def _damaged_json(path: Path) -> str:
+    """The first checksummed JSON file of the run that fails its check, as a RunStoreError's message; "" if none."""
+    for name, fix in _FIXES.items():
+        if (path / name).exists():
+            try:
+                integrity.read_json(path / name, checksum=True, fix=fix)
+            except RunStoreError as e:
+                return str(e)
+    return ""
+
+
 def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     """A run directory from a path, or from a run id (or `lab/run_id`) under `root`, a demo's lab runs
     (`root/demo/<id>/<lab>/<run_id>`) included."""
     p, root = Path(run), Path(root)
     if p.is_dir():
         return p
-    if (root / run / CONFIG).is_file():  # "lab/run_id"
+    parts = run.split("/")
+    plain = len(parts) <= 2 and all(_NAME.fullmatch(x) for x in parts)  # never glob a name with wildcards in it
+    if len(parts) == 2 and (root / run / CONFIG).is_file():  # "lab/run_id"
         return root / run
-    plain = _NAME.fullmatch(run) is not None  # never glob a name with wildcards in it
-    hits = sorted(h for pattern in (f"*/{run}", f"*/*/*/{run}") for h in root.glob(pattern)
-                  if (h / CONFIG).is_file()) if plain and root.is_dir() else []  # a demo's lab runs too
+    patterns = [f"*/{run}", f"*/*/*/{run}"] if len(parts) == 1 else [f"*/*/{run}"]  # a demo's lab runs too
+    hits = sorted(h for pattern in patterns for h in root.glob(pattern)
+                  if (h / CONFIG).is_file()) if plain and root.is_dir() else []
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:

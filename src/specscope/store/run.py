@@ -31,6 +31,7 @@ from specscope.store import integrity, lock, sqlite
 
 STATUSES = ("running", "complete", "incomplete", "interrupted", "failed")
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.sqlite", "summary.json"
+PROGRESS = "progress.json"  # a lab run's finished parts and checkpoints (labs.runner), for --resume
 _NAME = PLAIN
 
 

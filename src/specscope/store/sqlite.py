@@ -41,11 +41,11 @@ _INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
 
 
-def _fail(path: Path, what: str, e: Exception) -> RunStoreError:
-    return RunStoreError(
-        f"{path}: {what} ({e}). The file is truncated, corrupt or not a specscope metrics database; "
-        "--salvage (store.load(run, salvage=True)) reads what is still readable."
-    )
+_SALVAGE = "--salvage (store.load(run, salvage=True)) reads what is still readable"
+
+
+def _fail(path: Path, what: str, e: Exception, fix: str = _SALVAGE) -> RunStoreError:
+    return RunStoreError(f"{path}: {what} ({e}). The file is truncated, corrupt or not a specscope metrics database; {fix}.")
 
 
 def connect_writer(path: Path) -> sqlite3.Connection:
@@ -118,7 +118,8 @@ def _open_checked(uri: str, path: Path, salvage: bool, check: bool) -> tuple[sql
         try:
             return _open_ro(uri, path, writable_schema=True), str(e)
         except sqlite3.DatabaseError:
-            raise _fail(path, "cannot read the database even to salvage it", e) from None
+            raise _fail(path, "cannot read the database even to salvage it", e,
+                        "nothing in it is readable: restore it from a copy, or delete the run") from None
     problem = _quick_check(con) if check else None
     if problem and not salvage:
         con.close()

@@ -20,7 +20,9 @@ from typing import Optional
 import typer
 
 from specscope.cli import app, stdout_console
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
+from specscope.store.integrity import read_json
+from specscope.store.run import read_config
 from specscope.records import Claim, over_seeds
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -38,26 +40,40 @@ class Row:
 
 def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
     """(lab, run name, config, created, claims) of every complete run and every sweep under `root`."""
+    from specscope.sweep import read_sweep_meta  # pandas: not on every CLI start
+
     out = []
     sweeps = {f.parent for f in root.rglob("sweep.json")}
     for summary in sorted(root.rglob("summary.json")):
         meta_file = summary.parent / "config.json"
         if not meta_file.is_file() or sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
             continue
-        meta, data = json.loads(meta_file.read_text()), json.loads(summary.read_text())
-        if meta.get("status") != "complete" or meta.get("lab") == "demo":  # a demo's lab runs, inside it, speak for it
+        meta = read_config(summary.parent)
+        if meta["status"] != "complete" or meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
             continue
+        data = read_json(summary, checksum=True, fix=f"`specscope report {summary.parent}` rewrites it from the "
+                         "recorded metrics")  # a tampered verdict is never shown as a result
         out.append((meta["lab"], summary.parent.name, meta.get("config", {}), _digits(meta.get("created", "")),
                     [Claim(**c) for c in data.get("claims", [])]))
     for claims_file in sorted(root.rglob("claims.json")):
         sweep = claims_file.parent / "sweep.json"
         if not sweep.is_file():
             continue
-        meta = json.loads(sweep.read_text())
+        meta = read_sweep_meta(sweep)
         created = _digits(claims_file.parent.name.removeprefix(f"{meta['lab']}-"))  # <lab>-<YYYYmmdd-HHMMSS>
         out.append((meta["lab"], f"sweep {claims_file.parent.name}", {"sweep": meta}, created,
-                    [Claim(**c) for c in json.loads(claims_file.read_text())]))
+                    _sweep_claims(claims_file)))
     return out
+
+
+def _sweep_claims(path: Path) -> list[Claim]:
+    """A sweep's claims.json, checked: a list of claims as `specscope sweep` writes them."""
+    fix = f"`specscope sweep --resume {path.parent}` rewrites it"
+    try:
+        data = json.loads(path.read_bytes())
+        return [Claim(**c) for c in data]
+    except (OSError, ValueError, TypeError) as e:
+        raise RunStoreError(f"{path} is unreadable or not a list of claims ({str(e)[:120]}); {fix}.") from None
 
 
 def _digits(when: object) -> str:

@@ -105,7 +105,7 @@ def report_cmd(
         cfg = make_config(lab.Config, run.config, run.lab)
         if not salvage:
             run.check()  # before anything is rewritten
-        finish(run, lab, cfg, salvage=salvage)
+        finish(run, lab, cfg, salvage=salvage)  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
     show_run(run_dir)
 
 

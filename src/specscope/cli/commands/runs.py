@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from specscope import labs
 from specscope.cli import app, stdout_console
+from specscope.errors import ConfigError
 from specscope.names import markup
 
 _STYLE = {"running": "cyan", "complete": "green", "incomplete": "yellow", "interrupted": "yellow",
@@ -25,10 +28,14 @@ def runs(
 
     from specscope.store import list_runs
 
+    if not root.is_dir():
+        raise ConfigError(f"--root {root} is not a directory; give the directory runs were written to (default: runs)")
     df = list_runs(root, lab=lab)
     if df.empty:
         present = sorted(set(list_runs(root).lab)) if lab else []
+        close = difflib.get_close_matches(lab, present + labs.names(), n=1) if lab else []
         typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + "."
+                   + (f" Did you mean {close[0]!r}?" if close and close[0] != lab else "")
                    + (f" Labs with runs there: {', '.join(present)}." if present else ""))
         return
     table = Table(title=f"runs in {markup(root)}/<lab>/<run_id>", box=box.SIMPLE_HEAD)
@@ -38,12 +45,14 @@ def runs(
                          justify="right" if col == "last step" else "left")
     for r in df.itertuples():
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
-        status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]"
+        status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]" + (" [red](damaged)[/]" if r.problem and r.status != "unreadable" else "")
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
         inside = Path(r.path).parents[2].name if len(Path(r.path).relative_to(root).parts) == 4 else ""
         lab_text = f"{r.lab} (in {inside})" if inside else r.lab  # a lab run a demo made
         table.add_row(markup(r.run_id), markup(lab_text), status, created, steps)  # names from disk are data
     stdout_console().print(table)
+    for r in df[df.problem != ""].itertuples():  # what is wrong with each damaged run, and the fix
+        typer.echo(f"{r.run_id}: {r.problem}")
 
 
 @app.command()

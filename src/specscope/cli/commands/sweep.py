@@ -65,7 +65,7 @@ def sweep(
         meta_file = resume / sw.SWEEP_FILE
         if not meta_file.is_file():
             raise ConfigError(f"{resume} is not a sweep directory (no {sw.SWEEP_FILE})")
-        recorded = sw._sweep_meta(meta_file)["lab"]
+        recorded = sw.read_sweep_meta(meta_file)["lab"]
         if lab is not None and lab != recorded:
             raise ConfigError(f"--resume {resume} is a sweep of lab '{recorded}', not '{lab}'")
         lab = recorded
