@@ -71,6 +71,14 @@ def matrices(m: int, n: int, s: torch.Tensor, batch: int, gen: torch.Generator) 
     return ((U * s) @ V.mT).float()
 
 
+def cases(d: int, batch: int, seed: int = 0):
+    """(spectrum name, m, n, a batch of float32 matrices) for every spectrum at d×d and d×4d."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, s in spectra(d).items():
+        for m, n in ((d, d), (d, 4 * d)):
+            yield name, m, n, matrices(m, n, s, batch, gen)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dim", type=int, default=768)
@@ -81,16 +89,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     print("| spectrum | shape | float32 eigh, one pass: × gram, err | deflated: × gram, err | gram err |")
     print("|---|---|---|---|---|")
-    gen = torch.Generator().manual_seed(0)
-    d = args.dim
-    for name, s in spectra(d).items():
-        for m, n in ((d, d), (d, 4 * d)):
-            G = matrices(m, n, s, args.batch, gen)
-            routes = {"gram": lambda: polar(G, "gram"), "one pass": lambda: one_pass(G), "deflated": lambda: deflated(G)}
-            t = interleaved(routes, "gram", rounds=args.rounds, repeats=args.repeats)
-            err = {k: float(polar_error(G, f(), 1e-3).max()) for k, f in routes.items()}
-            print(f"| {name} | {m}×{n} | {t['one pass'].ratio_text()}, {err['one pass']:.1e} | "
-                  f"{t['deflated'].ratio_text()}, {err['deflated']:.1e} | {err['gram']:.1e} |", flush=True)
+    for name, m, n, G in cases(args.dim, args.batch):
+        routes = {"gram": lambda: polar(G, "gram"), "one pass": lambda: one_pass(G), "deflated": lambda: deflated(G)}
+        t = interleaved(routes, "gram", rounds=args.rounds, repeats=args.repeats)
+        err = {k: float(polar_error(G, f(), 1e-3).max()) for k, f in routes.items()}
+        print(f"| {name} | {m}×{n} | {t['one pass'].ratio_text()}, {err['one pass']:.1e} | "
+              f"{t['deflated'].ratio_text()}, {err['deflated']:.1e} | {err['gram']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from scipy.special import ellipj, ellipk
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved, load_average  # noqa: E402
-from polar_float32_eigh import matrices, spectra  # noqa: E402
+from polar_float32_eigh import cases  # noqa: E402
 
 from specscope.linalg import gram, polar, polar_error  # noqa: E402
 
@@ -81,16 +81,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     print("| spectrum | shape | rational (2, 2): × gram | rational err | gram err |")
     print("|---|---|---|---|---|")
-    gen = torch.Generator().manual_seed(0)
-    d = args.dim
-    for name, s in spectra(d).items():
-        for m, n in ((d, d), (d, 4 * d)):
-            G = matrices(m, n, s, args.batch, gen)
-            routes = {"gram": lambda: polar(G, "gram"), "rational": lambda: rational_polar(G)}
-            t = interleaved(routes, "gram", rounds=args.rounds, repeats=args.repeats)
-            err = {k: float(polar_error(G, f(), 1e-3).max()) for k, f in routes.items()}
-            print(f"| {name} | {m}×{n} | {t['rational'].ratio_text()} | {err['rational']:.1e} | {err['gram']:.1e} |",
-                  flush=True)
+    for name, m, n, G in cases(args.dim, args.batch):
+        routes = {"gram": lambda: polar(G, "gram"), "rational": lambda: rational_polar(G)}
+        t = interleaved(routes, "gram", rounds=args.rounds, repeats=args.repeats)
+        err = {k: float(polar_error(G, f(), 1e-3).max()) for k, f in routes.items()}
+        print(f"| {name} | {m}×{n} | {t['rational'].ratio_text()} | {err['rational']:.1e} | {err['gram']:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":
