@@ -72,3 +72,10 @@ def test_ray_backend_without_ray_is_refused_before_anything_is_written(tmp_path,
     with pytest.raises(ConfigError, match="backend=ray needs Ray"):
         sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", backend="ray")
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("kw, flag", [({"workers": 0}, "--workers"), ({"threads_per_worker": 0}, "--threads")])
+def test_zero_workers_or_threads_is_refused_before_anything_is_written(tmp_path, kw, flag):
+    with pytest.raises(ConfigError, match=f"{flag} must be >= 1, got 0"):
+        sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", **kw)
+    assert not (tmp_path / "sweeps").exists()

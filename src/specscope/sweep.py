@@ -173,6 +173,8 @@ def run_sweep(
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads_per_worker is not None and threads_per_worker < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads_per_worker}")
     if backend not in ("process", "ray"):
         raise ConfigError(f"sweep backend {backend!r} is unknown; use 'process' or 'ray'")
     if backend == "ray":

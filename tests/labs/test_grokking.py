@@ -198,6 +198,9 @@ def test_tiny_run_through_the_cli(tmp_path):
     assert [c["id"] for c in summary["claims"]] == ["BASE-003", "LRD-1", "LRD-2"]
     groks = [c for c in summary["claims"] if c["id"] != "LRD-1"]  # LRD-1 does not use a grok step
     assert all("'first'" in c["setting"] and "'stable'" in c["setting"] for c in groks)
+    base = summary["claims"][0]  # a tf004 run: the setting says what it had, not only what the claim needs
+    assert base["verdict"] == "INCONCLUSIVE" and "model=tf004" in base["setting"].split("this run: ")[1]
+    assert base["setting"].startswith("needs the paper-003 setup (--set model=enc003")
     df = store.load(run_dir)
     st = df[df.metric == "weight_stable_rank"]
     assert set(st.layer) == {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.1.attn.q", "blocks.1.attn.k"}

@@ -44,9 +44,10 @@ def test_runs_lists_status(root):
     res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "demo"])
     assert "r1" in res.output and "r2" not in res.output
     assert "last step" in res.output  # the column is the last recorded step, not a count
-    res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "dem"])
-    assert res.exit_code == 0 and "for lab 'dem'" in res.output and "Labs with runs there: " in res.output
-    assert "Did you mean 'demo'?" in res.output
+    res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "dem"])  # a misspelt lab is an error
+    assert "--lab 'dem' is not a lab; did you mean 'demo'?" in str(res.exception)
+    res = runner.invoke(app, ["runs", "--root", str(root), "--lab", "random-features"])  # a lab with no runs is not
+    assert res.exit_code == 0 and "for lab 'random-features'" in res.output and "Labs with runs there: demo" in res.output
 
 
 def test_runs_empty_root(tmp_path):
@@ -98,3 +99,9 @@ def test_usage_errors_exit_2_without_a_traceback(argv):
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and out.stderr.startswith("error: ") and len(out.stderr.splitlines()) == 1
     assert out.stderr.rstrip().endswith("--help`")  # where the valid options and commands are listed
+
+
+def test_a_missing_path_is_named_as_a_path_not_as_a_run_id_under_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    res = runner.invoke(app, ["report", str(missing), "--root", str(tmp_path)])
+    assert f"no run directory '{missing}'" in str(res.exception) and "<lab>" not in str(res.exception)

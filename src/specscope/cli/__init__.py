@@ -121,7 +121,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None) -> 
 
 
 _OS_FIXES = {
-    errno.ENOENT: "check the path (a run is a directory under --root, or its id)",
+    errno.ENOENT: "check the path",
     errno.ENOTDIR: "a part of this path is a file, not a folder: give a folder (--out / --root)",
     errno.EISDIR: "this is a folder: give a file",
     errno.EACCES: "no permission: choose a folder you can write to, or change its permissions",

@@ -106,6 +106,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    other = [k for k, v in data.items() if isinstance(v, dict) and k != "config"]
+    if other and "config" not in data:  # e.g. [gpt]: only [config] (or top-level keys) is read
+        raise ConfigError(f"config file {path}: table [{other[0]}] is not read; put the keys under [config] "
+                          f"or at the top level")
     data = data.get("config", data)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: 'config' must be a table ([config] with key = value lines), "

@@ -440,11 +440,13 @@ BASELINE = dict(task=["add"], p=97, train_fraction=0.5, split="random", model="e
 def _baseline_claim(df: pd.DataFrame, cfg: Config, rows: dict[str, dict]) -> Claim:
     text = "Paper-003 setup (a+b mod 97, fraction 0.5, AdamW wd 1.0) groks in about 3k steps (target: within 4,000)"
     published = "≈ 2.9–3.4k steps"
-    where = ("paper-003 setup: --set model=enc003 --set weight_decay=1.0 --set arms=l2 --set steps=5000; "
-             + grok_rule(cfg) + "; the rule uses 'stable'")
+    differs = [k for k, v in BASELINE.items() if getattr(cfg, k) != v]
+    setup = "--set model=enc003 --set weight_decay=1.0 --set arms=l2 --set steps=5000"
+    where = (f"paper-003 setup: {setup}" if not differs else  # say what this run had, not only what the claim needs
+             f"needs the paper-003 setup ({setup}); this run: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in differs))
+    where += "; " + grok_rule(cfg) + "; the rule uses 'stable'"
     claim = lambda measured, verdict, value=None: Claim("BASE-003", text, published, measured, verdict,  # noqa: E731
                                                         setting=where, value=value)
-    differs = [k for k, v in BASELINE.items() if getattr(cfg, k) != v]
     if "l2" not in rows:
         return claim("no l2 arm", "INCONCLUSIVE")
     if differs:

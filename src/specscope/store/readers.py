@@ -133,6 +133,9 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     if len(hits) > 1:
         raise RunStoreError(f"run id {run!r} exists in several labs under {root}: "
                             + ", ".join(str(h) for h in hits) + "; give the path instead.")
+    if not plain:  # a path (or a hostile name), not an id: nothing under root was looked at
+        raise RunStoreError(f"no run directory {run!r}; check the path, or list runs with "
+                            f"`specscope runs --root {root}` and give a run id.")
     raise RunStoreError(f"no run {run!r}: not a directory, and no {root}/<lab>/{run}; "
                         f"list runs with `specscope runs --root {root}` or give the run directory's path.")
 

@@ -40,7 +40,7 @@ def list_labs(keys: bool = typer.Option(False, "--keys", help="Also list each la
 def run(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of config keys ([config] table or top level)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file of config keys, under a \\[config] table or at top level."),
     out: Path = typer.Option(Path("runs"), "--out", help="Root directory for run directories."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted or killed run directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),

@@ -33,7 +33,11 @@ def runs(
     df = list_runs(root, lab=lab)
     if df.empty:
         present = sorted(set(list_runs(root).lab)) if lab else []
-        close = difflib.get_close_matches(lab, present + labs.names(), n=1) if lab else []
+        known = present + labs.names() + ["demo"]  # a demo's runs sit under <root>/demo
+        close = difflib.get_close_matches(lab, known, n=1) if lab else []
+        if lab and lab not in known:
+            raise ConfigError(f"--lab {lab!r} is not a lab" + (f"; did you mean {close[0]!r}?" if close else ".")
+                              + f" Labs: {', '.join(labs.names())} (and demo).")
         typer.echo(f"no runs under {root}" + (f" for lab {lab!r}" if lab else "") + "."
                    + (f" Did you mean {close[0]!r}?" if close and close[0] != lab else "")
                    + (f" Labs with runs there: {', '.join(present)}." if present else ""))
