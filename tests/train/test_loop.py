@@ -178,3 +178,14 @@ def test_described_types_show_the_allowed_values():
     text = describe_fields(C)
     assert "mlp (one of relu2|gelu) = 'relu2'" in text and "arms (list of one of adamw|muon)" in text
     assert "rates (list of float > 0)" in text and "cap (int or None) = None" in text
+
+
+def test_lists_of_names_a_lab_checks_show_their_names_in_list_keys():
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+
+    _register()
+    out = " ".join(CliRunner().invoke(app, ["list", "--keys"], terminal_width=400).output.replace("│", " ").split())
+    assert "methods (list of one of gd|specgd|auto|specgd_wrong_L) = ['gd', 'specgd', 'auto']" in out
+    assert "activations (list of one of relu|relu2|gelu|silu|tanh|abs|linear|swiglu) = ['relu', 'swiglu']" in out

@@ -6,10 +6,11 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from specscope.errors import ConfigError
 
@@ -23,8 +24,16 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     """`name (type) = default` for every key, for error messages and `specscope list --keys`."""
     parts = []
     for name, f in config_cls.model_fields.items():
-        parts.append(f"{name} ({type_name(f.annotation)}{_range(f.metadata)}) = {f.default!r}")
+        names = (f.json_schema_extra or {}).get("choices") if isinstance(f.json_schema_extra, dict) else None
+        kind = f"list of one of {'|'.join(names)}" if names else type_name(f.annotation)
+        parts.append(f"{name} ({kind}{_range(f.metadata)}) = {f.default!r}")
     return ", ".join(parts)
+
+
+def names_from(default: list[str], choices: Sequence[str]) -> Any:
+    """A list-of-names field whose allowed names `list --keys` and key errors show (the lab checks them when it
+    builds, where the names come from the module that defines them)."""
+    return Field(default=list(default), json_schema_extra={"choices": list(choices)})
 
 
 def type_name(annotation: Any) -> str:

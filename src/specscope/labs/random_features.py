@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from specscope.data.synthetic import RFProblem, check_activation, rf_regression
+from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
 from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
+from specscope.labs.config import names_from
 from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import Claim, Record
 
@@ -150,14 +151,14 @@ def predicted(nr: float, st: float) -> str:
 class Config(LabConfig):
     """Random-feature regression; defaults reproduce RF-1..RF-3 in a few minutes on 2 CPU cores."""
 
-    activations: list[str] = ["relu", "swiglu", "gelu", "tanh"]
-    methods: list[str] = ["gd", "specgd", "auto"]
+    activations: list[str] = names_from(["relu", "swiglu", "gelu", "tanh"], ACTIVATION_NAMES)
+    methods: list[str] = names_from(["gd", "specgd", "auto"], METHODS)
     dim: AtLeast1 = 128  # input dimension d of X (d × samples)
     width: AtLeast1 = 1024  # random features (rows of A)
     samples: AtLeast1 = 1024  # columns of A
     outputs: AtLeast1 = 64  # rows of W and Y
     steps: AtLeast1 = 30
-    sweep_activations: list[str] = ["relu", "swiglu"]  # activations of the two sweeps
+    sweep_activations: list[str] = names_from(["relu", "swiglu"], ACTIVATION_NAMES)  # activations of the two sweeps
     sweep_widths: list[AtLeast1] = [128, 256, 512, 1024, 2048]  # st(A) vs width ...
     sweep_samples: AtLeast1 = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
     sweep_dims: list[AtLeast1] = [32, 64, 128, 256]  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2

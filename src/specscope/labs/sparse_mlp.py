@@ -23,9 +23,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from specscope.data.synthetic import check_activation, generator, sparse_regression
+from specscope.data.synthetic import ACTIVATION_NAMES, check_activation, generator, sparse_regression
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, LabConfig, Measure, Positive
+from specscope.labs.config import names_from
 from specscope.linalg import stable_rank
 from specscope.records import Claim, Record
 
@@ -121,8 +122,8 @@ def make_optimizer(method: str, model: SparseMLP, lr: float, monitor):
 class Config(LabConfig):
     """Sparse-function MLP; defaults reproduce MLP-1 in a few minutes on 2 CPU cores."""
 
-    activations: list[str] = ["relu", "swiglu"]  # each trained at `samples`
-    methods: list[str] = ["gd", "specgd"]
+    activations: list[str] = names_from(["relu", "swiglu"], ACTIVATION_NAMES)  # each trained at `samples`
+    methods: list[str] = names_from(["gd", "specgd"], METHODS)
     dim: AtLeast1 = 32  # input dimension d
     width: AtLeast1 = 256  # hidden width h
     samples: AtLeast1 = 256  # full batch n of every activation's arms

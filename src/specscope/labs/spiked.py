@@ -24,6 +24,7 @@ from pydantic import field_validator
 
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, Correlation, LabConfig, Measure, NonNegative, Positive, Share
+from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
 from specscope.records import Claim, Record
@@ -60,11 +61,11 @@ class Config(LabConfig):
     lr: Positive = 0.5
     record_every: AtLeast1 = 5
     train_scalings: list[Literal["mf", "ntk"]] = ["mf", "ntk"]
-    train_activations: list[str] = ["tanh"]
+    train_activations: list[str] = names_from(["tanh"], ACTIVATIONS)
     # sweeps at initialisation (empty list: sweep skipped); sweep_n/d/m = 0: same as n, d, m
     nus: list[NonNegative] = [1 / 8, 1 / 4, 3 / 8, 1 / 2]
     alphas: list[NonNegative] = [0.0, 5 / 9, 8 / 9]
-    activations: list[str] = ["tanh", "gelu", "silu", "relu"]
+    activations: list[str] = names_from(["tanh", "gelu", "silu", "relu"], ACTIVATIONS)
     act_alphas: list[NonNegative] = [0.0, 8 / 9]  # the paper's ReLU condition 2ν > 1 − α holds for all ν > 1/18 at α = 8/9
     weight_decays: list[NonNegative] = [0.0, 1e-3, 1e-2, 1e-1]
     noise_taus: list[NonNegative] = [0.0, 0.5, 1.0, 2.0]
