@@ -164,6 +164,19 @@ def test_conv1d_column_split_gpt2():
         assert rec.value == pytest.approx(float(linalg.nuclear_rank(G[:, 64 * i : 64 * (i + 1)])), rel=1e-6)
 
 
+def test_a_split_that_cuts_across_gpt2s_fused_blocks_is_warned_once_with_the_fix():
+    model, _, _ = build("gpt2")  # c_attn: 64 inputs, 192 outputs = q, k, v (Conv1D, stored [in, out])
+    with pytest.warns(UserWarning) as got:
+        Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k"]})
+    (w,) = [str(x.message) for x in got]
+    assert "transformer.h.0.attn.c_attn' and 1 more" in w and "cut across the 3 blocks of 64" in w
+    assert "give 3 names" in w and "--split PATTERN=q:96,k:96" in w
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the layout given outright: nothing to warn
+        Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k", "v"]})
+        Monitor(model, split={"transformer.h.*.attn.c_attn": {"q": 96, "k": 96}})
+
+
 def test_neox_interleaved_heads_split():
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -139,8 +139,9 @@ def test_hf_local_folder_trains_its_saved_weights(tmp_path):
     assert df[df.metric == "loss"].value.item() == pytest.approx(expected, rel=1e-6)  # the saved weights, not a fresh init
 
 
-def test_options_current_directory_and_literal_names(tmp_path, monkeypatch):
-    (tmp_path / "fused_factory.py").write_text(textwrap.dedent("""
+def write_fused_factory(folder: Path) -> None:
+    """fused_factory:build — an nn.Sequential with a fused qkv (8 -> 24), hostile names and a layer to exclude."""
+    (folder / "fused_factory.py").write_text(textwrap.dedent("""
         import torch
         from torch import nn
 
@@ -154,6 +155,10 @@ def test_options_current_directory_and_literal_names(tmp_path, monkeypatch):
             batches = iter([(torch.randn(16, 8), torch.randn(16, 2)) for _ in range(3)])
             return model, batches, lambda m, b: (m(b[0]) - b[1]).square().mean()
     """))
+
+
+def test_options_current_directory_and_literal_names(tmp_path, monkeypatch):
+    write_fused_factory(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     res = invoke("--model", "fused_factory:build", "--steps", "2", "--out", str(tmp_path), "--estimator", "gram",
@@ -163,6 +168,25 @@ def test_options_current_directory_and_literal_names(tmp_path, monkeypatch):
     assert set(summary_of(tmp_path)["verdicts"]) == {"qkv.q", "qkv.k", "qkv.v", ":llama:", "[bold]out[/bold]"}
     assert "│ :llama: " in res.output and "│ [bold]out[/bold] " in res.output  # literal, no emoji, no markup
     assert "│ gram " in res.output and "skip" not in res.output
+
+
+def test_a_split_cutting_across_fused_blocks_warns_on_one_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from specscope.cli import main
+
+    write_fused_factory(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "fused_factory:build", "--steps", "1",
+                                      "--out", str(tmp_path), "--split", "qkv=q,k", "--exclude", "skip"])
+    try:
+        main()
+    except SystemExit as e:
+        assert e.code in (0, None)
+    finally:
+        sys.modules.pop("fused_factory", None)
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert "'qkv'" in line and "cut across the 3 blocks of 8" in line and "--split PATTERN=q:12,k:12" in line
+    assert set(summary_of(tmp_path)["verdicts"]) == {"qkv.q", "qkv.k", ":llama:", "[bold]out[/bold]"}
 
 
 def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, capsys):

@@ -169,7 +169,7 @@ def _arm(cfg: Config, act: str, n: int, method: str, device) -> Arm:
 
 
 def _init_stable_ranks(cfg: Config):
-    """st(h_ℓ) at initialisation vs batch size for each activation (paper Fig. 17), exact."""
+    """st(A) of each post-activation h_ℓ at initialisation vs batch size for each activation (paper Fig. 17), exact."""
     acts = list(dict.fromkeys([*cfg.activations, cfg.sweep_activation]))
 
     def fn(log, device) -> None:
@@ -252,7 +252,7 @@ def _mlp1a(df: pd.DataFrame, cfg: Config) -> Claim:
                 continue
             worst = float(st.max().max())
             checks.append(worst <= bound)
-            parts.append(f"{act}/{m}: st(h) {float(st.min().min()):.2f}–{worst:.2f} over {len(st)} measured steps")
+            parts.append(f"{act}/{m}: st(A) {float(st.min().min()):.2f}–{worst:.2f} over {len(st)} measured steps")
     if not checks:
         return Claim("MLP-1a", text, pub, "no ReLU-type arm recorded st(A)", "INCONCLUSIVE")
     for act in [a for a in cfg.activations if a == "swiglu"]:
@@ -263,7 +263,7 @@ def _mlp1a(df: pd.DataFrame, cfg: Config) -> Claim:
     worst = max(float(hidden_stable_ranks(df, arm_name(a, cfg.samples, m)).max().max())
                 for a in cfg.activations if a != "swiglu" for m in cfg.methods
                 if not hidden_stable_ranks(df, arm_name(a, cfg.samples, m)).empty)
-    where = f"'low' = st(h) ≤ {cfg.low_st:g}·min(width, n) is this project's threshold (paper 001 shows curves); {setting(cfg)}"
+    where = f"'low' = st(A) ≤ {cfg.low_st:g}·min(width, n) is this project's threshold (paper 001 shows curves); {setting(cfg)}"
     return Claim("MLP-1a", text, pub, measured, _verdict(checks), setting=where, value=worst)
 
 
@@ -290,7 +290,7 @@ def _mlp1b(df: pd.DataFrame, cfg: Config) -> Claim:
 
 
 def batch_rows(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:
-    """Per batch size of the sweep activation: st(h) at step 0 (mean over h₁..h₃) and the early loss ratio."""
+    """Per batch size of the sweep activation: st(A) at step 0 (mean over h₁..h₃) and the early loss ratio."""
     act = cfg.sweep_activation
     rows = []
     for a, n in arm_specs(cfg):
@@ -315,7 +315,7 @@ def _mlp1c(df: pd.DataFrame, cfg: Config) -> Claim:
     adv = -np.log(rows["ratio"].to_numpy())  # log(GD/SpecGD): > 0 while SpecGD is ahead
     small, large = rows.iloc[0], rows.iloc[-1]
     checks = [large.st0 > small.st0, small.ratio < cfg.margin, adv[-1] < 0.5 * adv[0]]
-    measured = "; ".join(f"n={int(r.batch)}: st(h) at init {r.st0:.1f}, loss SpecGD/GD at step {cfg.early} "
+    measured = "; ".join(f"n={int(r.batch)}: st(A) at init {r.st0:.1f}, loss SpecGD/GD at step {cfg.early} "
                          f"{r.ratio:.3f} (log-advantage {x:.3f})" for r, x in zip(rows.itertuples(), adv))
     kept = adv[-1] / adv[0] if adv[0] > 0 else math.nan
     if math.isfinite(kept):
@@ -335,7 +335,7 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict:
-    """Fig. 1 (st(h) over steps), Fig. 17 (st(h) at init vs batch), Fig. 18 (losses and nr(G) per pair)."""
+    """Fig. 1 (st(A) over steps), Fig. 17 (st(A) at init vs batch), Fig. 18 (losses and nr(G) per pair)."""
     from specscope.report.style import subplots
 
     out = {}
@@ -354,7 +354,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
     for layer, g in init.groupby("layer"):
         s = g.groupby("step")["value"].last().sort_index()
         ax.loglog(s.index, s.values, "o-", label=layer, ms=3)
-    ax.set(xlabel="batch size n", ylabel="st(h) at initialisation", title="post-activation stable rank vs batch")
+    ax.set(xlabel="batch size n", ylabel="st(A) at initialisation", title="post-activation stable rank vs batch")
     ax.legend(fontsize=6)
     out["mlp_init_stable_rank_vs_batch"] = fig
 

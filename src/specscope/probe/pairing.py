@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     """A slot for every trainable ≥2-D parameter whose layer name passes include/exclude."""
     split = split or {}
     slots: dict[int, Slot] = {}
+    straddled: dict[str, list[str]] = {}  # a warning -> the weights it concerns
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     names = [layer_name(n) for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
@@ -183,13 +185,34 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
         out_dim = 1 if type(owners.get(id(p))).__name__ == "Conv1D" else 0  # transformers' Conv1D stores [in, out]
         if spec is not None:
             split_indices(name, spec, p.shape[out_dim])  # a bad split fails here, not mid-training
+            if (why := straddled_blocks(spec, p, out_dim)) is not None:
+                straddled.setdefault(why, []).append(name)
         slots[id(p)] = Slot(name, p, spec, out_dim=out_dim)
+    for why, layers in straddled.items():
+        warnings.warn(f"split of {layers[0]!r}{f' and {len(layers) - 1} more' if len(layers) > 1 else ''}: {why}", stacklevel=3)
     if unknown := [k for k in split if not _matches_any(k, [s.name for s in slots.values()])]:
         raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
     if names and not slots:
         given = {k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v}
         raise ConfigError(f"{given} leave no weight to measure; names look like {names[:4]}")
     return slots
+
+
+def straddled_blocks(spec, p: torch.Tensor, out_dim: int) -> str | None:
+    """Why equal parts of a 2-D fused weight look wrong, or None: its output dim is k whole blocks of its
+    input width (GPT-2's c_attn: 2304 = 3 × 768) and the parts cut across those blocks (two names give
+    1152 each). Named sizes ({name: rows}) and `Interleaved` say the layout outright and are not checked."""
+    if p.dim() != 2 or not isinstance(spec, (list, tuple)):
+        return None
+    out, width = p.shape[out_dim], p.shape[1 - out_dim]
+    part = out // len(spec)
+    if out % width or part % width == 0:
+        return None
+    k = out // width
+    sizes = ",".join(f"{n}:{part}" for n in spec)
+    return (f"{len(spec)} equal parts of {part} outputs cut across the {k} blocks of {width} that its {out} outputs "
+            f"are made of; if it fuses {k} projections give {k} names (e.g. q,k,v), or give the sizes to keep "
+            f"this split (CLI: --split PATTERN={sizes})")
 
 
 def _matches_any(pattern: str, names) -> bool:

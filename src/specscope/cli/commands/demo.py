@@ -113,11 +113,11 @@ def rf_tables(rows: list[RFRow], steps: int) -> tuple[Table, Table]:
 
 
 def mlp_table(df, cfg) -> Table:
-    """sparse-mlp: per (activation, batch) st(h) at step 0 and the training loss of GD and SpecGD early and last."""
+    """sparse-mlp: per (activation, batch) st(A) of the post-activations at step 0 and the training loss of GD and SpecGD early and last."""
     from specscope.labs import sparse_mlp as sm
 
     t = Table(title=f"Sparse-function MLP: GD vs SpecGD on layers 2–3 (loss at steps {cfg.early} and {cfg.steps - 1})")
-    for name in ("activation", "batch", "st(h) step 0", f"GD @{cfg.early}", f"SpecGD @{cfg.early}", "SpecGD/GD",
+    for name in ("activation", "batch", "st(A) step 0", f"GD @{cfg.early}", f"SpecGD @{cfg.early}", "SpecGD/GD",
                  f"GD @{cfg.steps - 1}", f"SpecGD @{cfg.steps - 1}"):
         t.add_column(name, justify="left" if name == "activation" else "right")
     for act, n in sorted(sm.arm_specs(cfg)):

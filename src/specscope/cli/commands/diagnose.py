@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -183,7 +184,9 @@ def diagnose(
         raise ConfigError("--out '': give the folder for run directories, e.g. --out runs")
     monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
     net, batches, loss_fn = load_factory(model, seed)
-    tracked_slots(getattr(net, "_orig_mod", net), exclude=tuple(exclude), split=monitor_kwargs["split"])  # bad patterns fail before a run directory exists
+    with warnings.catch_warnings():  # bad patterns fail before a run directory exists; the Monitor gives the warnings
+        warnings.simplefilter("ignore")
+        tracked_slots(getattr(net, "_orig_mod", net), exclude=tuple(exclude), split=monitor_kwargs["split"])
     config = {"model": model, "steps": steps, "every": every, "seed": seed, "lr": lr, "optimizer": "adamw",
               "estimator": estimator, "split": list(split), "exclude": list(exclude)}
     err = Console(stderr=True)
