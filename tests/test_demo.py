@@ -167,3 +167,37 @@ def test_a_quick_demos_lab_run_keeps_undecidable_verdicts_through_report_and_is_
     assert res.exit_code == 0 and out.stat().st_size > 0, res.output
     res = CliRunner().invoke(app, ["export", f"random-features/{inner.name}", "--root", str(root)])
     assert f"no run 'random-features/{inner.name}'" in str(res.exception)  # `specscope` exits 2 with it
+
+
+def test_a_quick_demo_in_the_same_root_does_not_hide_a_decided_run_from_claims(quick_demo, tmp_path):
+    """A lab run recorded PASS/FAIL, then a newer `demo --quick` written beside it: `claims` still shows the
+    decided verdicts, and the quick run's UNDECIDABLE rows only under --all."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from specscope.cli import app
+    from specscope.store.integrity import write_json
+
+    *_, run_dir = quick_demo
+    root = tmp_path / "runs"
+    shutil.copytree(run_dir, root / "demo" / run_dir.name)
+    (quick,) = run_dir.glob("random-features/*/")
+    ids = [c["id"] for c in json.loads((quick / "summary.json").read_text())["claims"]]
+    decided = root / "random-features" / "20261101T000000Z-000000"
+    decided.mkdir(parents=True)
+    meta = json.loads((quick / "config.json").read_text())
+    meta["config"] = {**meta["config"], "width": 4096}  # another setting: its own group
+    meta.update(created="2026-11-01T00:00:00Z", run_id=decided.name)  # older than the demo
+    (decided / "config.json").write_text(json.dumps(meta))
+    claims = [{"id": cid, "text": "t", "published": "p", "measured": "m", "verdict": v}
+              for cid, v in zip(ids, ["PASS", "FAIL", "PASS", "FAIL"])]
+    write_json(decided / "summary.json", {"lab": "random-features", "claims": claims}, checksum=True)
+    res = CliRunner().invoke(app, ["claims", "--root", str(root), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["id"]: r for r in json.loads(res.output) if r["lab"] == "random-features"}
+    assert {cid: rows[cid]["verdict"] for cid in ids} == {c["id"]: c["verdict"] for c in claims}
+    assert {r["runs"][0] for r in rows.values()} == {decided.name}
+    every = json.loads(CliRunner().invoke(app, ["claims", "--root", str(root), "--format", "json", "--all"]).output)
+    assert sum(r["verdict"] == "UNDECIDABLE" and r["lab"] == "random-features" for r in every) == len(ids)

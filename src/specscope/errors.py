@@ -15,3 +15,31 @@ class NonFiniteError(SpecscopeError, ValueError):
 
 class RunStoreError(SpecscopeError, OSError):
     """A missing, truncated or corrupt run directory, database or checkpoint; the message names the file."""
+
+
+class OutOfMemoryError(SpecscopeError, MemoryError):
+    """An allocation the sizes asked for failed; the message names the sizes to lower."""
+
+
+def allocation_failure(e: BaseException) -> str | None:
+    """What failed, when `e` is an allocation failure (Python's MemoryError, torch's CPU allocator or CUDA
+    out of memory): "80.0 GB on cpu"; None for any other error."""
+    import re
+
+    text = str(e)
+    if not isinstance(e, MemoryError) and not (isinstance(e, RuntimeError) and (
+            "can't allocate memory" in text or "out of memory" in text.lower())):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
+    where = "cuda" if "CUDA" in text else "cpu"
+    if size is None:
+        return f"memory on {where}"
+    amount = size.group(1)
+    if not amount.isdigit():
+        return f"{amount} on {where}"
+    n, unit = float(amount), "bytes"
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            break
+        n /= 1000
+    return f"{n:.1f} {unit} on {where}"

@@ -88,3 +88,32 @@ def test_diagnose_zero_leaves_no_run_directory(cli, tmp_path, flag):
     rc, _, err = cli("diagnose", "--model", "mlp", flag, "0", "--out", tmp_path / "runs")
     assert rc == 2 and flag in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_sizes_beyond_memory_fail_on_one_line_naming_them(cli, tmp_path):
+    """A = σ(B X) of 5e6 × 5e6 float64 is 200 TB, beyond any address space: torch's allocator refuses it
+    at once, and the user reads which sizes asked for it — not a 60-line RuntimeError."""
+    rc, _, err = cli("run", "random-features", "--set", "dim=1", "--set", "width=5000000", "--set", "samples=5e6",
+                     "--set", "activations=[\"relu\"]", "--out", tmp_path / "runs")
+    one_line_error(rc, err, "out of memory", "200.0 TB on cpu", "width=5000000 (default 1024)", "samples=5000000", "lower")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_memory_running_out_mid_run_marks_the_run_failed_on_one_line(cli, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from specscope.labs import runner
+
+    real = runner._run_items
+
+    def grows(items, cfg, run, *args):
+        real(items[:1], cfg, run, *args)
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PB: refused by torch's allocator
+
+    monkeypatch.setattr(runner, "_run_items", grows)
+    rc, _, err = cli("run", "grokking", *QUICK_ARGS, "--quiet", "--out", tmp_path / "runs")
+    one_line_error(rc, err, "grokking: out of memory", "1.1 PB", "p=5 (default", "steps=2")
+    (run_dir,) = (tmp_path / "runs" / "grokking").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["status"] == "failed"

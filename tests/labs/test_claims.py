@@ -109,3 +109,11 @@ def test_the_table_keeps_names_verdicts_and_ids_whole_when_piped(tmp_path):
     assert out.exit_code == 0, out.output
     assert "random-features" in out.output and "UNDECIDABLE" in out.output
     assert "20261203T071936Z-1d9911" in out.output and "a long setting" in out.output
+
+
+def test_an_undecidable_quick_run_never_outranks_an_inconclusive_group_of_more_seeds(tmp_path):
+    for seed, v in enumerate(("PASS", "FAIL", "PASS", "FAIL")):
+        _run(tmp_path, "lab-q", f"r{seed}0", {"seed": seed, "p": 97}, [_claim(v, 1.0)])
+    _run(tmp_path, "lab-q", "q99", {"seed": 0, "quick": True}, [_claim("UNDECIDABLE", None)])  # newer, 1 seed
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
+    assert [(r["verdict"], r["seeds"]) for r in rows] == [("INCONCLUSIVE", 4)]

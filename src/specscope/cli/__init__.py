@@ -44,7 +44,7 @@ def main() -> None:
 
     from pydantic import ValidationError
 
-    from specscope.errors import SpecscopeError
+    from specscope.errors import SpecscopeError, allocation_failure
     from specscope.labs.config import tomllib
 
     import warnings
@@ -71,7 +71,12 @@ def main() -> None:
         if _is_click_exception(e):
             typer.echo(f"error: {_usage_line(e)}", err=True)  # one line, like every other user error
             sys.exit(e.exit_code)
-        raise
+        failed = allocation_failure(e)
+        if failed is None or os.environ.get("SPECSCOPE_DEBUG"):
+            raise
+        typer.echo(f"error: out of memory: could not allocate {failed}; lower the sizes (the model's, the "
+                   "batch's, or --set key=value) or use a machine with more memory", err=True)
+        sys.exit(2)
 
 
 def _usage_line(e) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from specscope import labs, report, store
-from specscope.errors import ConfigError, RunStoreError
+from specscope.errors import ConfigError, OutOfMemoryError, RunStoreError, allocation_failure
 from specscope.labs.base import Arm, Measure, resolve_device
 from specscope.labs.config import make_config
 from specscope.records import Claim, Record
@@ -94,7 +95,8 @@ def run_lab(
         lab = labs.get(name)
         cfg = make_config(lab.Config, overrides, name)
     device = resolve_device(cfg.device)
-    items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
+    with _sizes_named(lab, cfg, overrides if resume is None else None):
+        items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
     if resume is None:
         run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
         state = read_progress(run)
@@ -104,7 +106,7 @@ def run_lab(
         run.set_status("running")
     run_dir = Path(run.path)
     try:
-        with Interrupt() as interrupt, Progress(enabled=progress) as bar:
+        with Interrupt() as interrupt, Progress(enabled=progress) as bar, _sizes_named(lab, cfg, overrides):
             interrupted = _run_items(items, cfg, run, device, interrupt, bar, resume is not None, state)
         if interrupted:
             raise KeyboardInterrupt
@@ -121,6 +123,24 @@ def run_lab(
     finally:
         run.close()
     return run_dir
+
+
+@contextlib.contextmanager
+def _sizes_named(lab, cfg, overrides: dict | None):
+    """An allocation failure becomes one OutOfMemoryError naming the sizes that asked for it and the fix."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        failed = allocation_failure(e)
+        if failed is None:
+            raise
+        fields = type(cfg).model_fields
+        size = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        given = [k for k in (overrides or {}) if k in fields and size(getattr(cfg, k))]
+        sizes = ", ".join(f"{k}={getattr(cfg, k)} (default {fields[k].default})" for k in given) or ", ".join(
+            f"{k}={v}" for k, v in cfg.model_dump().items() if size(v))
+        raise OutOfMemoryError(f"{lab.NAME}: out of memory: could not allocate {failed} with {sizes}; lower "
+                               "these sizes (--set key=value) or run on a machine with more memory") from None
 
 
 def build_items(lab, cfg, device) -> list:

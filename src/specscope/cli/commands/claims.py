@@ -4,8 +4,9 @@ Nothing is re-run. Sources: each complete run's summary.json and each sweep's cl
 whose configs differ only in `seed` are one group: their claims are combined over seeds (the verdict most
 seeds reached, the mean [min–max] of the figure the rule tests, the per-seed verdicts). A sweep's own runs
 are represented by its claims.json, not as groups of their own. For each claim the table shows one group: a
-decisive verdict before an INCONCLUSIVE one, then the most seeds, then runs of the lab before a sweep (the
-lab's setting before a grid over it), then the newest.
+decisive verdict (PASS or FAIL) first, then INCONCLUSIVE, then UNDECIDABLE (a `demo --quick` run's); among
+equals the most seeds, then runs of the lab before a sweep (the lab's setting before a grid over it), then
+the newest.
 `--all` lists every group. `--format markdown --into README.md` rewrites the part of a file between the
 lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
 """
@@ -28,6 +29,7 @@ from specscope.records import Claim, over_seeds
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
 IGNORED = {"seed", "device", "checkpoint_every"}  # configs equal apart from these are one group
 COLUMNS = ("lab", "claim", "verdict", "seeds", "spread", "setting", "run")
+RANK = {"PASS": 2, "FAIL": 2, "INCONCLUSIVE": 1, "UNDECIDABLE": 0}  # which group a claim's row shows, first
 
 
 @dataclass
@@ -102,7 +104,7 @@ def collect(root: Path, every: bool = False) -> list[Row]:
             candidates.setdefault((lab, cid), []).append(Row(lab, claim, [h[1] for h in hits], created))
     rows = []
     for key in sorted(candidates):
-        ranked = sorted(candidates[key], key=lambda r: (r.claim.verdict != "INCONCLUSIVE", r.claim.seeds,
+        ranked = sorted(candidates[key], key=lambda r: (RANK.get(r.claim.verdict, 0), r.claim.seeds,
                                                         not r.runs[0].startswith("sweep "), r.created), reverse=True)
         rows += ranked if every else ranked[:1]
     return rows
