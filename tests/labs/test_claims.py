@@ -117,3 +117,24 @@ def test_an_undecidable_quick_run_never_outranks_an_inconclusive_group_of_more_s
     _run(tmp_path, "lab-q", "q99", {"seed": 0, "quick": True}, [_claim("UNDECIDABLE", None)])  # newer, 1 seed
     rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
     assert [(r["verdict"], r["seeds"]) for r in rows] == [("INCONCLUSIVE", 4)]
+
+
+def test_a_narrow_terminal_gets_every_field_of_every_claim_whole(tmp_path, monkeypatch):
+    """At 80 (and at 120 with three runs' ids) the row table would drop or cut columns: each claim is a
+    block instead, with its verdict, seeds, spread, setting and every run id whole."""
+    from rich.console import Console
+
+    for seed in range(3):
+        _run(tmp_path, "random-features", f"20261203T07193{seed}Z-1d99{seed}0", {"seed": seed},
+             [replace(_claim("PASS", 1.0 + seed, "RF-1"), setting="a long setting, " * 12)])
+    for width in (80, 120):
+        monkeypatch.setattr("specscope.cli.commands.claims.stdout_console",
+                            lambda w=width: Console(width=w, force_terminal=True, color_system=None))
+        out = invoke("--root", str(tmp_path))
+        assert out.exit_code == 0, out.output
+        lines = out.output.splitlines()
+        assert max(len(line.rstrip()) for line in lines) <= width
+        assert any(line.startswith("random-features RF-1 PASS  3 seeds") for line in lines), out.output
+        assert all(f"20261203T07193{s}Z-1d99{s}0" in out.output for s in range(3))
+        words = " ".join(out.output.split())
+        assert "2 [1–3]" in words and words.count("a long setting") == 12

@@ -345,3 +345,11 @@ def test_compare_shows_the_medians_and_verdict_of_each_runs_report(tmp_path):
     assert layer_summary(df)["verdict"].tolist() == ["undecided"]
     text = write_comparison(tmp_path, {"a": df, "b": df}, dpi=DPI).read_text()
     assert text.count('<td class="undecided">undecided</td>') == 2 and "spectral</td>" not in text
+
+
+def test_the_run_table_says_which_estimator_gave_each_metric(metrics):
+    from specscope.report.html import estimators_text
+
+    ratio = metrics[metrics["metric"] == "stable_rank"].assign(metric="spectral_advantage", estimator="gram/power")
+    text = estimators_text(pd.concat([metrics, ratio]))
+    assert text == ("stable_rank: power; nuclear_rank: gram; spectral_advantage: gram/power (nr(G)'s / st(A)'s)")

@@ -189,3 +189,17 @@ def test_lists_of_names_a_lab_checks_show_their_names_in_list_keys():
     out = " ".join(CliRunner().invoke(app, ["list", "--keys"], terminal_width=400).output.replace("│", " ").split())
     assert "methods (list of one of gd|specgd|auto|specgd_wrong_L) = ['gd', 'specgd', 'auto']" in out
     assert "activations (list of one of relu|relu2|gelu|silu|tanh|abs|linear|swiglu) = ['relu', 'swiglu']" in out
+
+
+def test_list_keys_on_an_80_column_terminal_keeps_every_name():
+    """A long list of names is folded across lines, never cut with "…" (sed's interventions)."""
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+    from specscope.labs import sed
+
+    _register()
+    text = CliRunner().invoke(app, ["list", "--keys"], terminal_width=80).output
+    assert "…" not in text
+    joined = "".join(line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 3)
+    assert "|".join(sed.INTERVENTIONS) in joined

@@ -275,10 +275,21 @@ def metadata_html(df: pd.DataFrame) -> str:
         ("records", len(df)),
         ("non-finite values", int((~df["value"].apply(lambda v: math.isfinite(v))).sum())),
         ("metrics", ", ".join(ordered_unique(df["metric"])) or "—"),
-        ("estimators", ", ".join(x for x in ordered_unique(df["estimator"]) if x) or "—"),
+        ("estimators", estimators_text(df)),
         ("specscope", specscope.__version__),
     ]
     return table([[k, v if isinstance(v, int) else str(v)] for k, v in items], ["", ""])
+
+
+def estimators_text(df: pd.DataFrame) -> str:
+    """Which estimator gave each metric, e.g. "stable_rank: gram; spectral_advantage: gram/gram (nr(G)'s /
+    st(A)'s); grad_fro_norm: exact"."""
+    parts = []
+    for metric in ordered_unique(df["metric"]):
+        used = [x for x in ordered_unique(df.loc[df["metric"] == metric, "estimator"]) if x]
+        if used:
+            parts.append(f"{metric}: {', '.join(used)}" + (" (nr(G)'s / st(A)'s)" if any("/" in u for u in used) else ""))
+    return "; ".join(parts) or "—"
 
 
 def summary_html(summary: str | Mapping | None) -> str:

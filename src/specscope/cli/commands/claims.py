@@ -158,20 +158,58 @@ def claims_cmd(
             write_into(into, text)
             typer.echo(f"wrote {len(rows)} claims into {into}")
     else:
-        from rich import box
-        from rich.table import Table
-        from rich.text import Text
-
-        from specscope.report.tables import VERDICT_STYLE
-
-        table = Table(title=f"claims recorded under {root}", box=box.SIMPLE_HEAD)
         console = stdout_console()
-        wide = console.width >= 120  # room to keep names, verdicts and ids whole and wrap only setting and spread
-        for col in COLUMNS:
-            table.add_column(col, overflow="fold", no_wrap=wide and col in ("lab", "claim", "verdict", "seeds", "run"),
-                             min_width={"setting": 24, "spread": 6}.get(col) if wide else None)
-        for r in rows:
-            cells = [Text(c) for c in _cells(r)]
-            cells[2].stylize(VERDICT_STYLE.get(r.claim.verdict, ""))
-            table.add_row(*cells)
-        console.print(table)
+        console.print(_table(rows, root) if _fits(rows, console.width) else _records(rows, root))
+
+
+def _fits(rows: list[Row], width: int) -> bool:
+    """Whether the one-line-per-claim table fits: the columns kept whole at their widest, setting and
+    spread at their least (24 and 6), 3 columns of padding each."""
+    whole = [max(len(COLUMNS[i]), *(len(_cells(r)[i]) for r in rows)) for i in (0, 1, 2, 3, 6)]
+    return sum(whole) + 24 + 6 + 3 * len(COLUMNS) <= width
+
+
+def _verdict(r: Row):
+    from rich.text import Text
+
+    from specscope.report.tables import VERDICT_STYLE
+
+    return Text(r.claim.verdict, style=VERDICT_STYLE.get(r.claim.verdict, ""))
+
+
+def _table(rows: list[Row], root: Path):
+    """A row per claim, where it fits: names, verdicts and ids whole; setting and spread wrap."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"claims recorded under {root}", box=box.SIMPLE_HEAD)
+    for col in COLUMNS:
+        table.add_column(col, overflow="fold", no_wrap=col in ("lab", "claim", "verdict", "seeds", "run"),
+                         min_width={"setting": 24, "spread": 6}.get(col))
+    for r in rows:
+        cells: list = [Text(c) for c in _cells(r)]
+        cells[2] = _verdict(r)
+        table.add_row(*cells)
+    return table
+
+
+def _records(rows: list[Row], root: Path):
+    """A block per claim, for a narrow console: "lab claim VERDICT seeds", then spread, setting and run
+    on lines of their own, so no column is dropped or cut."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    blocks: list = [Text(f"claims recorded under {root}", style="italic")]
+    for r in rows:
+        lab, cid, _, seeds, spread, setting, run = _cells(r)
+        head = Text.assemble("\n", (lab, "bold"), " ", (cid, "bold"), " ", _verdict(r),
+                             f"  {seeds} seed" + ("s" if r.claim.seeds != 1 else ""))
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(style="dim", no_wrap=True)
+        grid.add_column(overflow="fold")
+        for key, value in (("spread", spread), ("setting", setting), ("run", run)):
+            grid.add_row(f"  {key}", Text(value))
+        blocks += [head, grid]
+    return Group(*blocks)

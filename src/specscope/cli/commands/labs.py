@@ -26,7 +26,7 @@ def list_labs(keys: bool = typer.Option(False, "--keys", help="Also list each la
 
     table = Table(title="specscope labs")
     table.add_column("lab", style="bold")
-    table.add_column("what it reproduces")
+    table.add_column("what it reproduces", overflow="fold")  # a long list of names breaks, never ends in "…"
     for name in labs.names():
         text = labs.summary(name)
         if keys:

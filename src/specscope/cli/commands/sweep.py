@@ -55,7 +55,8 @@ def sweep(
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     ray: bool = typer.Option(False, "--ray", help="Run the points on a Ray cluster (RAY_ADDRESS) instead of local processes."),
 ) -> None:
-    """Run a lab over a grid of config values; writes one run per point, summary.csv and the phase diagram."""
+    """Run a lab over a grid of config values; writes one run per point, summary.csv, claims.json and, for a
+    lab that defines one (grokking: train fraction × strength), phase_diagram.png."""
     import json
 
     from specscope import labs, sweep as sw
