@@ -260,6 +260,8 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
             main()
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1, (fn, err)
+        runs = list((tmp_path / "runs" / "diagnose").glob("*")) if (tmp_path / "runs").exists() else []
+        assert len(runs) == (fn == "nan_loss"), (fn, runs)  # a broken contract before step 0 is recorded: no run
     sys.modules.pop("badf", None)
 
 

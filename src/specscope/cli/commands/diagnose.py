@@ -10,6 +10,7 @@ import importlib
 import inspect
 import math
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -192,24 +193,31 @@ def diagnose(
     err = Console(stderr=True)
     bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)  # logs stay clean
-    with Run.create(out, "diagnose", config) as run, bar:
-        task = bar.add_task("", total=steps)
+    run, recorded = None, []  # a contract error of the user's code before anything was recorded leaves no run
+    try:
+        with Run.create(out, "diagnose", config) as run, bar:
+            task = bar.add_task("", total=steps)
 
-        def sink(records) -> None:
-            run.append(records)
-            loss = next((r.value for r in records if r.metric == "loss"), float("nan"))
-            bar.update(task, advance=1, description=f"loss {loss:.3f}")
+            def sink(records) -> None:
+                run.append(records)
+                recorded.append(len(records))
+                loss = next((r.value for r in records if r.metric == "loss"), float("nan"))
+                bar.update(task, advance=1, description=f"loss {loss:.3f}")
 
-        try:
-            result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{getattr(e, 'problem', e)}; lower --lr (now {lr:g}) or check the model's data") from e
-        run.flush()
-        summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
-                   "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}
-        run.write_summary(summary)
-        write_diagnose_report(run, store.load(run))
-        run.set_status("complete")
+            try:
+                result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{getattr(e, 'problem', e)}; lower --lr (now {lr:g}) or check the model's data") from e
+            run.flush()
+            summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
+                       "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}
+            run.write_summary(summary)
+            write_diagnose_report(run, store.load(run))
+            run.set_status("complete")
+    except ConfigError:
+        if run is not None and not recorded:
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect, keep every name on one line
         console = Console(width=max(console.width, table_width(result.advice)))
