@@ -150,6 +150,23 @@ def test_edited_summary_fails_its_checksum(finished, copy_of, cli):
     assert (store.list_runs(root).problem == "").all()
 
 
+def test_a_lost_summary_is_damage_not_a_run_without_claims(finished, copy_of, cli):
+    """A complete run records that it wrote summary.json: with the file gone, `claims` does not quietly count
+    one seed fewer, `runs` flags the run with the fix for that run, and `report` rewrites it."""
+    run = copy_of(finished)
+    (run / "summary.json").unlink()
+    root = run.parent.parent
+    rc, _, err = cli("claims", "--root", root)
+    one_line_error(rc, err, run / "summary.json", "is missing", f"specscope report {run}")
+    rc, out, _ = cli("runs", "--root", root)
+    assert rc in (0, None) and "complete (damaged)" in out
+    assert f"specscope report {run}" in store.list_runs(root).problem[0]
+    rc, _, err = cli("report", run)
+    assert rc in (0, None), err
+    rc, out, _ = cli("claims", "--root", root, "--format", "json")
+    assert rc in (0, None) and json.loads(out) and (store.list_runs(root).problem == "").all()
+
+
 def test_a_damaged_progress_file_is_flagged_by_runs(killed, copy_of, cli):
     run = copy_of(killed)
     flip_bit(run / "progress.json")

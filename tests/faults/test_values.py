@@ -18,6 +18,7 @@ QUICK_ARGS = ["--set", "p=5", "--set", "steps=2", "--set", "d_model=8", "--set",
     ("grokking", "train_fraction=1"), ("grokking", "weight_decay=-0.1"), ("grokking", "grok_threshold=2"),
     ("random-features", "dim=0"), ("random-features", "width=-1"), ("sparse-mlp", "lr=0"),
     ("gpt", "seq_len=1"), ("gpt", "betas=[0.9,-0.1]"), ("sed", "grad_clip=-1"), ("spiked", "energy_q=0"),
+    ("random-features", "outputs=true"), ("random-features", "sweep_widths=[true,2]"), ("grokking", "lr=false"),
 ])
 def test_out_of_range_value_fails_before_a_run_directory(cli, tmp_path, lab, pair):
     rc, _, err = cli("run", lab, "--set", pair, "--out", tmp_path / "runs")
@@ -53,9 +54,20 @@ def test_bad_config_file(cli, tmp_path, content, named):
     assert not (tmp_path / "runs").exists()
 
 
-def test_config_file_is_a_directory(cli, tmp_path):
-    rc, _, err = cli("run", "grokking", "--config", tmp_path, "--out", tmp_path / "runs")
-    one_line_error(rc, err, tmp_path)
+def test_a_boolean_in_a_config_file_is_not_read_as_a_number(cli, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[config]\nsteps = true\n")
+    rc, _, err = cli("run", "grokking", "--config", cfg, "--out", tmp_path / "runs")
+    one_line_error(rc, err, "'steps' = True", "true/false is not a value of this key (expected int >= 1)")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where,named", [("folder", "is a folder"), ("/dev/null", "not a regular file"),
+                                         ("missing.toml", "does not exist")])
+def test_config_file_that_is_not_a_file(cli, tmp_path, where, named):
+    path = tmp_path if where == "folder" else where if where.startswith("/") else tmp_path / where
+    rc, _, err = cli("run", "grokking", "--config", path, "--out", tmp_path / "runs")
+    one_line_error(rc, err, path, named)
 
 
 @pytest.mark.parametrize("out", ["/dev/null", "file"])
@@ -75,6 +87,34 @@ def test_export_out_that_cannot_be_written(finished, cli, tmp_path, where):
     rc, _, err = cli("export", finished, "--out", out)
     one_line_error(rc, err, out)
     assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("command,fix", [
+    (("report", "RUN"), "copy the run directory to a writable disk and report the copy"),
+    (("claims", "--root", "ROOT", "--format", "markdown", "--into", "README"), "give --into a file on a writable disk"),
+    (("export", "RUN", "--out", "OUT"), "pass --out FILE somewhere writable"),
+])
+def test_a_read_only_disk_names_the_way_out_this_command_has(finished, copy_of, cli, tmp_path, monkeypatch,
+                                                             command, fix):
+    """EROFS as the kernel raises it (root ignores permission bits, so it is injected at the write)."""
+    import errno
+    import os
+
+    run = copy_of(finished)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- claims:begin -->\n<!-- claims:end -->\n")
+    real_replace = os.replace
+
+    def read_only(src, dst, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr("pathlib.Path.write_text", lambda self, *a, **k: read_only(None, self))
+    args = [{"RUN": run, "ROOT": run.parent.parent, "README": readme, "OUT": tmp_path / "x.csv"}.get(a, a)
+            for a in command]
+    rc, _, err = cli(*args)
+    monkeypatch.setattr(os, "replace", real_replace)
+    one_line_error(rc, err, "Read-only file system", fix)
 
 
 def test_compare_out_under_a_file(finished, cli, tmp_path):
@@ -117,3 +157,9 @@ def test_memory_running_out_mid_run_marks_the_run_failed_on_one_line(cli, tmp_pa
     one_line_error(rc, err, "grokking: out of memory", "1.1 PB", "p=5 (default", "steps=2")
     (run_dir,) = (tmp_path / "runs" / "grokking").iterdir()
     assert json.loads((run_dir / "config.json").read_text())["status"] == "failed"
+
+
+def test_a_key_with_control_characters_is_shown_escaped_not_cleaned_into_a_valid_name(cli, tmp_path):
+    """A terminal escape in a key must not print as the valid key it hides ('wi<ESC>[2Jdth' is not 'width')."""
+    rc, _, err = cli("run", "random-features", "--set", "wi\x1b[2Jdth=3", "--out", tmp_path / "runs")
+    one_line_error(rc, err, "unknown config key 'wi\\x1b[2Jdth'")

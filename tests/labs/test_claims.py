@@ -138,3 +138,14 @@ def test_a_narrow_terminal_gets_every_field_of_every_claim_whole(tmp_path, monke
         assert all(f"20261203T07193{s}Z-1d99{s}0" in out.output for s in range(3))
         words = " ".join(out.output.split())
         assert "2 [1–3]" in words and words.count("a long setting") == 12
+
+
+def test_a_sweep_without_claims_of_its_own_lets_its_seed_runs_be_combined(tmp_path):
+    """`sweep LAB --grid seed=0,1,2` over a lab with no sweep rule writes no claims.json: its runs are then
+    an ordinary group over seeds, not hidden."""
+    sweep = tmp_path / "sweeps" / "lab-d-20261201-000000"
+    for seed in (0, 1, 2):
+        _run(sweep / "runs", "lab-d", f"s{seed}0", {"seed": seed, "p": 13}, [_claim("PASS", 1.0 + seed, "W-1")])
+    (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-d", "grid": {"seed": [0, 1, 2]}, "fixed": {}}))
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
+    assert [(r["id"], r["verdict"], r["seeds"], r["runs"]) for r in rows] == [("W-1", "PASS", 3, ["s00", "s10", "s20"])]

@@ -112,6 +112,7 @@ def _weights():
     (lambda: Muon(_weights(), lr=-1.0), "lr must be >= 0, got -1.0"),
     (lambda: Muon(_weights(), momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
     (lambda: Muon(_weights(), weight_decay=-1), "weight_decay must be >= 0, got -1"),
+    (lambda: Hybrid(_weights(), lr=1e-3, betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\): give two numbers in \[0, 1\)"),
     (lambda: SpecGD(_weights(), lr=0.1, momentum=float("inf")), "momentum=inf is not a finite number"),
     (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, threshold=-1), "threshold must be > 0, got -1"),
     (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, hysteresis=1.0), r"hysteresis must be in \[0, 1\)"),
@@ -137,3 +138,37 @@ def test_specgd_and_autogeometry_take_the_lrs_of_their_groups():
     opt.step()
     auto = AutoGeometry([{"params": list(model[0].parameters())[:1], "lr": 0.1}], monitor=lambda layer: 3.0)
     assert auto.param_groups[0]["lr"] == 0.1
+
+
+def test_a_rejected_param_group_leaves_the_optimizer_as_it_was():
+    """torch.optim appends a group before the checks run: a NaN lr that raised must not stay behind to write
+    NaN into the weights on the next step."""
+    from specscope.errors import ConfigError
+
+    w, w2 = (torch.nn.Parameter(torch.randn(8, 6)) for _ in range(2))
+    v = torch.nn.Parameter(torch.randn(6))
+    for opt, bad in ((Muon([w], lr=0.02), {"params": [w2], "lr": float("nan")}),
+                     (Muon([w], lr=0.02), {"params": [v], "lr": 0.02}),  # a vector in a spectral group
+                     (Hybrid([w], lr=1e-3), {"params": [w2], "lr": 1e-3, "betas": (1.5, 0.9)}),
+                     (LowRankDecay([w], lr=0.1, weight_decay=0.1), {"params": [w2], "lr": -1.0})):
+        with pytest.raises(ConfigError):
+            opt.add_param_group(bad)
+        assert len(opt.param_groups) == 1
+        for p in (w, w2, v):
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert torch.isfinite(w).all()
+
+
+def test_an_auto_group_without_a_source_of_st_refuses_to_start():
+    """Without st(A) every layer would read st = 1 and "auto" would always choose spectral."""
+    from specscope.errors import ConfigError
+    from specscope.integrations.common import spectral_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    with pytest.raises(ConfigError, match=r"Hybrid\(stable_rank=None\): pass the st\(A\) source"):
+        Hybrid(spectral_param_groups(model, lr_spectral=0.05, lr_adamw=1e-3, algorithm="auto"))
+    with pytest.raises(ConfigError, match="stable_rank=None"):
+        spectral_optimizer(model, algorithm="auto")
+    opt = spectral_optimizer(model, algorithm="auto", monitor=lambda layer: 3.0)  # with one: starts
+    assert {g["algorithm"] for g in opt.param_groups} == {"auto", "adamw"}

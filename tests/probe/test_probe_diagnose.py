@@ -200,7 +200,7 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--split", "qkv=q:a,k:b"], "integers"),
              (["--estimator", "svd", "--steps", "1"], "--estimator 'svd': choose one of gram, power, exact"),
              (["--exclude", ".*"], "exclude patterns ['.*'] match no weight"),  # a regex where fnmatch is meant
-             (["--exclude", "*"], "leave no weight to measure"),
+             (["--exclude", "*"], "exclude=['*'] leaves no weight to measure"),
              (["--split", "nosuch=q,k"], "split patterns ['nosuch'] match no weight"),
              (["--out", str(tmp_path / "afile")], "is a file, not a folder"),
              (["--lr", "-1"], "--lr -1.0: the AdamW learning rate must be a finite number > 0"),

@@ -229,7 +229,7 @@ def test_include_exclude_select_weights_and_reject_patterns_that_select_nothing(
         Monitor(model, exclude=(".*",))
     with pytest.raises(ConfigError, match=r"include patterns \['fc'\] match no weight"):
         Monitor(model, include=("fc",))
-    with pytest.raises(ConfigError, match="leave no weight to measure"):
+    with pytest.raises(ConfigError, match="leaves no weight to measure"):
         Monitor(model, exclude=("*",))
 
 

@@ -131,9 +131,17 @@ _OS_FIXES = {
     errno.EISDIR: "this is a folder: give a file",
     errno.EACCES: "no permission: choose a folder you can write to, or change its permissions",
     errno.EPERM: "no permission: choose a folder you can write to, or change its permissions",
-    errno.EROFS: "read-only file system: write elsewhere (--out)",
-    errno.ENOSPC: "the disk is full: free space or write elsewhere (--out)",
+    errno.EROFS: "read-only file system: {elsewhere}",
+    errno.ENOSPC: "the disk is full: free space, or {elsewhere}",
 }
+_ELSEWHERE = {"claims": "give --into a file on a writable disk",  # where each command can write instead
+              "report": "copy the run directory to a writable disk and report the copy"}
+
+
+def _elsewhere() -> str:
+    """How the command being run can write somewhere else: its --out, or what stands for it."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    return _ELSEWHERE.get(command, "write elsewhere (--out)")
 
 
 def _one_line(e: BaseException) -> str:
@@ -143,7 +151,7 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, ValidationError):
         return _validation_line(e)
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
-        fix = _OS_FIXES.get(e.errno, "")
+        fix = _OS_FIXES.get(e.errno, "").format(elsewhere=_elsewhere())
         return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "") + (f"; {fix}" if fix else "")
     return " ".join(str(e).split()) or type(e).__name__
 

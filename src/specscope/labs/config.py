@@ -88,12 +88,12 @@ def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = ""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise ConfigError(f"--set expects key=value, got '{pair}'")
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
         key = key.strip()
         field = config_cls.model_fields.get(key)
         if field is None:
-            raise ConfigError(f"unknown config key '{key}'{_for(lab)}; valid keys: {describe_fields(config_cls)}")
+            raise ConfigError(f"unknown config key {key!r}{_for(lab)}; valid keys: {describe_fields(config_cls)}")
         out[key] = _parse_value(raw.strip(), field.annotation)
     return out
 
@@ -105,8 +105,12 @@ def _for(lab: str) -> str:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The `[config]` table of a TOML file (or its top level); every way it can be wrong is one ConfigError."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; give the path of the TOML file in it")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a device or a pipe); give a TOML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; check the path")
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -126,12 +130,23 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type admits true/false (pydantic would otherwise read true as the number 1)."""
+    return annotation is bool or any(_takes_bool(a) for a in typing.get_args(annotation) if not isinstance(a, str))
+
+
 def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = None, lab: str = "") -> BaseModel:
     """Validate; every problem is reported as one ConfigError naming the key, what was given and what is expected."""
     values = dict(values or {})
     unknown = [k for k in values if k not in config_cls.model_fields]
     if unknown:
-        raise ConfigError(f"unknown config key '{unknown[0]}'{_for(lab)}; valid keys: {describe_fields(config_cls)}")
+        raise ConfigError(f"unknown config key {unknown[0]!r}{_for(lab)}; valid keys: {describe_fields(config_cls)}")
+    for key, value in values.items():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items) and not _takes_bool(config_cls.model_fields[key].annotation):
+            f = config_cls.model_fields[key]
+            raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {value!r}: true/false is not a value of "
+                              f"this key (expected {type_name(f.annotation)}{_range(f.metadata)})")
     try:
         return config_cls(**values)
     except ValidationError as e:

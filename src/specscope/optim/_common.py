@@ -5,6 +5,7 @@ Nothing here holds state; the optimizers compose these functions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,18 @@ POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_
 # since BERT's `attention.output.dense` is a hidden matrix.
 _NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$)")
 NON_HIDDEN_ATTR = "_specscope_non_hidden"
+
+
+@contextlib.contextmanager
+def checked_group(opt: torch.optim.Optimizer):
+    """Around the checks of the group torch.optim has just appended: a rejected group is removed again, so a
+    failed add_param_group leaves the optimizer as it was (no NaN lr left to step with)."""
+    n = len(opt.param_groups)
+    try:
+        yield opt.param_groups[-1]
+    except BaseException:
+        del opt.param_groups[n - 1:]
+        raise
 
 
 # ---------------------------------------------------------------- names and routing

@@ -200,7 +200,4 @@ class AutoGeometry(Hybrid):
             euclidean=euclidean, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
             weight_decay=weight_decay, polar=polar,
         )
-        if monitor is None or not (callable(monitor) or callable(getattr(monitor, "stable_rank", None))):
-            raise ConfigError(f"AutoGeometry(monitor={monitor!r}): pass the st(A) source it chooses by — a probe Monitor "
-                              "(probe.Monitor(model)) or a callable layer name -> st(A) or None; without st(A) use "
-                              "SpecGD (spectral) or an AdamW/SGD group (Euclidean)")
+        self._check_stable_rank_source()  # also when every group was given another algorithm

@@ -70,6 +70,12 @@ def _check_numbers(group: dict[str, Any]) -> None:
         if not low <= number < high:
             bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
             raise ConfigError(f"{key} must be {bound}, got {group[key]!r}")
+    betas = group.get("betas")
+    if betas is not None:
+        pair = list(betas) if isinstance(betas, (tuple, list)) else []
+        numbers = [_number(b) for b in pair]
+        if len(pair) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in numbers):
+            raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
 
 
 class Hybrid(Optimizer):
@@ -104,13 +110,25 @@ class Hybrid(Optimizer):
             for key, value in ALGORITHMS[alg].defaults.items():
                 group.setdefault(key, value)
         super().add_param_group(group)
-        group = self.param_groups[-1]
-        _check_numbers(group)
-        if "polar" in group and ALGORITHMS[alg].spectral:
-            _common.check_polar(group["polar"])
-        if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
-            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
-            _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
+        with _common.checked_group(self) as group:
+            _check_numbers(group)
+            if "polar" in group and ALGORITHMS[alg].spectral:
+                _common.check_polar(group["polar"])
+            if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
+                offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+                _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
+            if alg == "auto":
+                self._check_stable_rank_source()
+
+    def _check_stable_rank_source(self) -> None:
+        """An "auto" group chooses by nr(G)/st(A): without a source of st(A) it would read 1.0 for every layer
+        and always choose spectral, so it refuses to start."""
+        src = self.stable_rank_source
+        if src is None or not (callable(src) or callable(getattr(src, "stable_rank", None))):
+            arg = "monitor" if type(self).__name__ == "AutoGeometry" else "stable_rank"
+            raise ConfigError(f"{type(self).__name__}({arg}={src!r}): pass the st(A) source it chooses by — a probe "
+                              "Monitor (probe.Monitor(model)) or a callable layer name -> st(A) or None; without st(A) "
+                              "use SpecGD (spectral) or an AdamW/SGD group (Euclidean)")
 
     # ------------------------------------------------------------ step
 

@@ -57,19 +57,19 @@ class LowRankDecay(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        if group["mode"] not in MODES:
-            raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
-        for key in ("lr", "weight_decay", "l2"):
-            value = group[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
-        if group["polar_method"] not in POLAR_METHODS:
-            raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r} is unknown; use one of {POLAR_METHODS}")
-        for p in group["params"]:
-            if p.ndim < 2:
-                raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "
-                                  "(leave biases and gains out)")
+        with _common.checked_group(self) as group:
+            if group["mode"] not in MODES:
+                raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
+            for key in ("lr", "weight_decay", "l2"):
+                value = group[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                    raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
+            if group["polar_method"] not in POLAR_METHODS:
+                raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r} is unknown; use one of {POLAR_METHODS}")
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "
+                                      "(leave biases and gains out)")
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:

@@ -193,8 +193,9 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     if unknown := [k for k in split if not _matches_any(k, [s.name for s in slots.values()])]:
         raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
     if names and not slots:
-        given = {k: list(v) for k, v in (("include", include), ("exclude", exclude)) if v}
-        raise ConfigError(f"{given} leave no weight to measure; names look like {names[:4]}")
+        given = " and ".join(f"{k}={list(v)}" for k, v in (("include", include), ("exclude", exclude)) if v)
+        raise ConfigError(f"{given} leave{'s' if ' and ' not in given else ''} no weight to measure; names look "
+                          f"like {names[:4]}")
     return slots
 
 

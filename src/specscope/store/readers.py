@@ -87,7 +87,7 @@ def _describe(path: Path) -> dict:
     except RunStoreError as e:
         row["problem"] = str(e)
         return row
-    row["problem"] = _damaged_json(path)
+    row["problem"] = _damaged_json(path, run.meta)
     meta = run.meta
     row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
                status=effective_status(path, meta))
@@ -100,16 +100,17 @@ def _describe(path: Path) -> dict:
     return row
 
 
-_FIXES = {SUMMARY: "`specscope report RUN` rewrites it from the recorded metrics",
+_FIXES = {SUMMARY: "`specscope report {path}` rewrites it from the recorded metrics",
           PROGRESS: "`specscope run --resume` cannot continue this run; start a new one"}
 
 
-def _damaged_json(path: Path) -> str:
-    """The first checksummed JSON file of the run that fails its check, as a RunStoreError's message; "" if none."""
+def _damaged_json(path: Path, meta: dict) -> str:
+    """The first checksummed JSON file of the run that fails its check, or the summary.json a complete run
+    recorded having and no longer has, as a RunStoreError's message; "" if none."""
     for name, fix in _FIXES.items():
-        if (path / name).exists():
+        if (path / name).exists() or (name == SUMMARY and meta.get("summary") and meta.get("status") == "complete"):
             try:
-                integrity.read_json(path / name, checksum=True, fix=fix)
+                integrity.read_json(path / name, checksum=True, fix=fix.format(path=path))
             except RunStoreError as e:
                 return str(e)
     return ""

@@ -217,7 +217,8 @@ class Run:
         if status not in STATUSES:
             raise ConfigError(f"unknown run status {status!r}: use one of {', '.join(STATUSES)}.")
         self._become_writer(resume=False)
-        self._write_meta(status=status)
+        # a complete run records whether it has a summary.json, so that losing the file reads as damage
+        self._write_meta(status=status, **({"summary": (self.path / SUMMARY).is_file()} if status == "complete" else {}))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """summary.json (claims, headline numbers) with its checksum, written atomically; keeps the status."""

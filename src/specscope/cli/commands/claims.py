@@ -3,10 +3,11 @@
 Nothing is re-run. Sources: each complete run's summary.json and each sweep's claims.json. Runs of one lab
 whose configs differ only in `seed` are one group: their claims are combined over seeds (the verdict most
 seeds reached, the mean [min–max] of the figure the rule tests, the per-seed verdicts). A sweep's own runs
-are represented by its claims.json, not as groups of their own. For each claim the table shows one group: a
-decisive verdict (PASS or FAIL) first, then INCONCLUSIVE, then UNDECIDABLE (a `demo --quick` run's); among
-equals the most seeds, then runs of the lab before a sweep (the lab's setting before a grid over it), then
-the newest.
+are represented by its claims.json, not as groups of their own; a sweep without one (`--grid seed=0,1,2`
+over a lab with no sweep rule) lets its runs be grouped like any others. For each claim the table shows one
+group: a decisive verdict (PASS or FAIL) first, then INCONCLUSIVE, then UNDECIDABLE (a `demo --quick`
+run's); among equals the most seeds, then runs of the lab before a sweep (the lab's setting before a grid
+over it), then the newest.
 `--all` lists every group. `--format markdown --into README.md` rewrites the part of a file between the
 lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
 """
@@ -45,12 +46,22 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
     from specscope.sweep import read_sweep_meta  # pandas: not on every CLI start
 
     out = []
-    sweeps = {f.parent for f in root.rglob("sweep.json")}
-    for summary in sorted(root.rglob("summary.json")):
-        meta_file = summary.parent / "config.json"
-        if not meta_file.is_file() or sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
+    # a sweep with claims of its own speaks for its runs; one without (a lab with no sweep rule, a grid over
+    # seeds) lets its runs be grouped like any others
+    sweeps = {f.parent for f in root.rglob("sweep.json") if (f.parent / "claims.json").is_file()}
+    for meta_file in sorted(root.rglob("config.json")):
+        summary = meta_file.parent / "summary.json"
+        if sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
             continue
-        meta = read_config(summary.parent)
+        if summary.exists():
+            meta = read_config(summary.parent)
+        else:  # lost, if the run recorded writing one; else no claims (a model's config.json, a run in progress)
+            try:
+                meta = read_config(summary.parent)
+            except RunStoreError:
+                continue
+            if not meta.get("summary"):
+                continue
         if meta["status"] != "complete" or meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
             continue
         data = read_json(summary, checksum=True, fix=f"`specscope report {summary.parent}` rewrites it from the "

@@ -55,8 +55,10 @@ def sweep(
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     ray: bool = typer.Option(False, "--ray", help="Run the points on a Ray cluster (RAY_ADDRESS) instead of local processes."),
 ) -> None:
-    """Run a lab over a grid of config values; writes one run per point, summary.csv, claims.json and, for a
-    lab that defines one (grokking: train fraction × strength), phase_diagram.png."""
+    """Run a lab over a grid of config values: one run per point and summary.csv.
+
+    For a lab with a sweep rule (grokking: train fraction × strength), also claims.json and phase_diagram.png.
+    """
     import json
 
     from specscope import labs, sweep as sw
