@@ -155,3 +155,39 @@ def test_checkpoint_saved_at_2_resumes_at_4_and_at_1(runs):
     assert len(runs[4][0]["probed"][1]) == len(resumed) > 0
     for a, b in zip(runs[4][0]["probed"][1], resumed):
         assert a[:3] == b[:3] and a[3] == pytest.approx(b[3], rel=1e-4), (a, b)
+
+
+class _ConvEmbed(torch.nn.Module):
+    """An embedding lookup and a convolution, the two products FSDP2 feeds the unsharded copies of."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.conv, self.head = torch.nn.Embedding(20, 8), torch.nn.Conv1d(8, 6, 3, padding=1), torch.nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.conv(self.emb(ids).transpose(1, 2))).mean(-1))
+
+
+def _conv_embed_records(rank, world):
+    model = _ConvEmbed()
+    if world > 1:
+        D.shard(model, [model.emb, model.conv, model.head])
+    mon = Monitor(model)  # gram: st(A) within 1e-4 of exact, the same on every rank
+    ids = torch.randint(20, (8, 12), generator=torch.Generator().manual_seed(5))
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    with mon.step(0):
+        model(ids[rows]).square().mean().backward()
+    return sorted(records(mon)), dict(mon.unmeasured)
+
+
+def test_fsdp2_measures_a_convolution_and_an_embedding_as_one_process_does():
+    """FSDP2 runs the forward on unsharded copies: the probe pairs them (as autocast's cast copies) instead
+    of reporting the conv and the embedding as unmeasured."""
+    single, unmeasured = _conv_embed_records(0, 1)
+    assert not unmeasured and {r[1] for r in single} == {"emb", "conv", "head"}
+    for recs, missing in D.spawn(_conv_embed_records, 2):
+        assert not missing
+        assert [r[:3] for r in recs] == [r[:3] for r in single]
+        for a, b in zip(recs, single):
+            assert a[3] == pytest.approx(b[3], rel=2e-4, abs=1e-9), (a, b)

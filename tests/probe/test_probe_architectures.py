@@ -423,6 +423,25 @@ def test_autocast_products_are_paired_through_the_cast_copies():
         assert st[s.name].rows == 64
 
 
+def test_autocast_convolutions_are_paired_through_the_cast_copy():
+    """A Conv2d under CPU autocast convolves a bfloat16 copy of its kernel: still measured, with st(A) of its
+    patches within bf16 rounding of the float32 run's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    x = torch.randn(4, 3, 8, 8)
+    st = {}
+    for cast in (False, True):
+        mon = Monitor(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast), mon.step(0):
+            model(x).float().square().mean().backward()
+        model.zero_grad()
+        assert not mon.unmeasured
+        st[cast] = {k: r.value for k, r in by(mon.pop_records(), "stable_rank").items()}
+    assert set(st[True]) == {"0", "3"}
+    for name, value in st[False].items():
+        assert st[True][name] == pytest.approx(value, rel=1e-2), name
+
+
 def _hf_more(name):
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)

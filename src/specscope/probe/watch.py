@@ -66,7 +66,7 @@ class Watch:
             return None
         if op is aten.convolution:
             x, w, _, stride, padding, dilation, transposed, _, groups = args[:9]
-            s = self.slots.get(id(w))
+            s = self._whole(w)
             if s is None:
                 return self.other(op, args)
             if transposed:
@@ -76,7 +76,7 @@ class Watch:
                 A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
             return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op)
         if op is aten.embedding:
-            s = self.slots.get(id(args[0]))
+            s = self._whole(args[0])
             if s is None:
                 return self.other(op, args)
             if self.recompute and s.forward_seen:
@@ -90,6 +90,12 @@ class Watch:
                 s.kind = "embedding"
             return None
         return self.other(op, args)
+
+    def _whole(self, w: torch.Tensor) -> Slot | None:
+        """The slot of `w` when it is a tracked weight itself or its stand-in for the forward (autocast's cast
+        copy, FSDP2's unsharded parameter): a convolution or a lookup uses the whole weight, never a view."""
+        hit = resolve(w, self.slots, self.casts)
+        return hit[0] if hit is not None and hit[1] is w else None
 
     def pair_product(self, op, x: torch.Tensor, M: torch.Tensor) -> bool:
         """y = x @ M (2-D M): pair it when exactly one operand is a tracked weight; False when neither or both is."""
