@@ -210,3 +210,31 @@ def test_polar_error_definition():
     assert float(L.polar_error(torch.zeros(3, 4), torch.zeros(3, 4))) == 0.0
     with pytest.raises(ValueError, match="same matrix shape"):
         L.polar_error(G, P[:, :3])
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(method="gram", rcond=-1.0), r"rcond must be a number in \[0, 1\)"),  # -1 squared would cut every σ
+    (dict(method="svd", rcond=float("nan")), r"rcond must be a number in \[0, 1\)"),
+    (dict(method="newton_schulz", rcond=0.5), "rcond applies to the exact methods"),
+    (dict(method="gram_newton_schulz", rcond=0.5), "rcond applies to the exact methods"),
+    (dict(method="auto", dtype=torch.int32), "dtype=torch.int32 is not one 'auto' computes in"),  # was all zeros
+    (dict(method="gram", dtype=torch.bfloat16), "use one of float32, float64"),
+    (dict(method="newton_schulz", ns_steps=0), "ns_steps must be an integer ≥ 1"),  # was the default 5 steps
+    (dict(method="auto", tol=float("nan")), "tol must be a finite number > 0"),  # was the fast backend
+    (dict(method="polar_express", eps=-1.0), "eps must be a finite number ≥ 0"),
+])
+def test_polar_options_out_of_range_or_not_applying_are_one_error(kw, message):
+    G = torch.randn(40, 70)
+    with pytest.raises(ValueError, match=message):
+        L.polar(G, **kw)
+    with pytest.raises(ValueError, match=message.replace("polar", "")):
+        L.polar_later([G], **kw)
+
+
+def test_rcond_cuts_the_same_singular_values_in_svd_and_gram():
+    torch.manual_seed(0)
+    G = torch.randn(40, 70)
+    kept = int((torch.linalg.svdvals(G) > 0.5 * torch.linalg.svdvals(G)[0]).sum())
+    for method in ("svd", "gram"):
+        s = torch.linalg.svdvals(L.polar(G, method, rcond=0.5).double())
+        assert int((s > 0.5).sum()) == kept and float(s[kept:].max()) < 1e-6, method

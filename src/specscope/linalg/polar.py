@@ -13,6 +13,7 @@ as zero: the exact ones map them to exactly 0, the estimators to ≈ p'(0)·σ_i
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -206,8 +207,10 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     G = check_tensor(G, "polar", "G")
     if method not in METHODS:
         raise ValueError(f"polar: unknown method {method!r}; choose one of {METHODS}")
+    _check_options("polar", method, ns_steps=ns_steps, eps=eps, tol=tol, dtype=dtype, rcond=rcond)
     if method == "auto":
         method = _auto_method(G, tol)
+        _check_options("polar", method, dtype=dtype, rcond=rcond)  # what the chosen backend accepts
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "svd":
@@ -215,13 +218,42 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     elif method == "gram":
         P, _ = _gram_batch(G, dtype or torch.float64, rcond)
     elif method == "newton_schulz":
-        P = newton_schulz(G, ns_steps or 5, ns_coefficients, eps, dtype or torch.bfloat16)
+        P = newton_schulz(G, 5 if ns_steps is None else ns_steps, ns_coefficients, eps, dtype or torch.bfloat16)
     elif method == "polar_express":
-        P = polar_express(G, ns_steps or 5, eps, dtype or torch.bfloat16)
+        P = polar_express(G, 5 if ns_steps is None else ns_steps, eps, dtype or torch.bfloat16)
     else:
-        schedule = _coefficient_schedule(GRAM_NS_COEFFICIENTS, ns_steps or len(GRAM_NS_COEFFICIENTS))
+        schedule = _coefficient_schedule(GRAM_NS_COEFFICIENTS, len(GRAM_NS_COEFFICIENTS) if ns_steps is None else ns_steps)
         P = gram_newton_schulz(G, schedule, restart=restart, eps=eps, dtype=dtype or torch.bfloat16)
     return P.to(G.dtype)
+
+
+EXACT_DTYPES = (torch.float32, torch.float64)  # what SVD and eigh compute in
+ITERATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, dtype=None, rcond=None) -> None:
+    """One ValueError naming the first option of `polar` that is out of range or does not apply to `method`."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if ns_steps is not None and (not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1):
+        raise ValueError(f"{fn}: ns_steps must be an integer ≥ 1 (or None for the method's default), got {ns_steps!r}")
+    if not number(eps) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a finite number ≥ 0, got {eps!r}")
+    if tol is not None and (not number(tol) or tol <= 0):
+        raise ValueError(f"{fn}: tol must be a finite number > 0 (or None), got {tol!r}")
+    exact = method in ("svd", "gram")
+    if rcond is not None:
+        if not number(rcond) or not 0 <= rcond < 1:
+            raise ValueError(f"{fn}: rcond must be a number in [0, 1) (σ_i ≤ rcond·σ_1 map to 0), got {rcond!r}")
+        if not exact and method != "auto":
+            raise ValueError(f"{fn}: rcond applies to the exact methods 'svd' and 'gram'; {method!r} maps σ below the "
+                             "input's precision to ≈ p'(0)·σ and has no cut-off (drop rcond, or use method='gram')")
+    if dtype is not None:
+        allowed = EXACT_DTYPES if exact else ITERATIVE_DTYPES
+        if dtype not in allowed:
+            raise ValueError(f"{fn}: dtype={dtype} is not one {method!r} computes in; use one of "
+                             + ", ".join(str(d).removeprefix("torch.") for d in allowed))
 
 
 def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dtype | None = None,
@@ -232,6 +264,7 @@ def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dty
     with the same cut-off `rcond`. The norm has shape G.shape[:-2], float32 (float64 for float64 input)."""
     G = check_tensor(G, "polar_with_nuclear_norm", "G")
     _check_exact_method(method, "polar_with_nuclear_norm")
+    _check_options("polar_with_nuclear_norm", method, dtype=dtype, rcond=rcond)
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "gram":
@@ -279,6 +312,7 @@ def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: f
     mats = [check_tensor(G, fn, f"mats[{i}]") if check else G for i, G in enumerate(mats)]
     if method not in METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
+    _check_options(fn, method, tol=tol, dtype=dtype, rcond=rcond)
     gram = [(method == "gram" or (method == "auto" and _auto_method(G, tol) == "gram")) and _pooled(G) for G in mats]
     pooled = [i for i, g in enumerate(gram) if g]
     jobs = [partial(_gram_job, G=mats[i], dtype=dtype or torch.float64, nuclear_dtype=work_dtype(mats[i]),
