@@ -179,3 +179,14 @@ def test_bad_config_names_the_problem():
         gpt.build(tiny(arms=[]), torch.device("cpu"))
     with pytest.raises(ConfigError, match="repeats"):
         gpt.build(tiny(arms=["muon", "muon"]), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("losses, says", [
+    ({"adamw": 2.0, "muon-down": 1.8, "muon": 1.5}, "W_down captures 40% of the AdamW→Muon gain"),
+    ({"adamw": 1.5, "muon-down": 1.6, "muon": 1.7}, "Muon(all) does not improve on AdamW here"),  # never "-50%"
+])
+def test_gpt2b_states_the_w_down_share_only_where_there_is_a_gain(monkeypatch, losses, says):
+    cfg = make_config(gpt.Config, {}, "gpt")
+    monkeypatch.setattr(gpt, "summarize", lambda df, cfg: [{"arm": a, "final_val_loss": v} for a, v in losses.items()])
+    claim = gpt._gpt2b(pd.DataFrame(), cfg)
+    assert says in claim.measured and claim.verdict == ("PASS" if losses["adamw"] > losses["muon"] else "FAIL")

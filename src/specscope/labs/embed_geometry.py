@@ -160,8 +160,9 @@ def _eg1(df: pd.DataFrame, cfg: Config) -> Claim:
     secs = table.groupby("variant")["seconds"].mean()
     measured = (f"final val loss over {len(gains['adamw'])} seeds (mean ± sd): "
                 + ", ".join(f"{v} {means[v]} ({secs[v]:.0f} s)" for v in GEOMETRIES)
-                + "; ℓ₁→ℓ₂ lower than " + ", ".join(f"{b} by {S.mean_sd(g)} (in {int((g > cfg.margin).sum())}/{len(g)} seeds)"
-                                                  for b, g in gains.items()))
+                + "; the other's loss − ℓ₁→ℓ₂'s (> 0: ℓ₁→ℓ₂ lower): "
+                + ", ".join(f"{b} {S.mean_sd(g)} (> {cfg.margin:g} in {int((g > cfg.margin).sum())}/{len(g)} seeds)"
+                            for b, g in gains.items()))
     if all(len(g) and (g > cfg.margin).all() for g in gains.values()):
         verdict = "PASS"
     elif any(len(g) and (g < -cfg.margin).all() for g in gains.values()):

@@ -438,8 +438,10 @@ def _gpt2b(df: pd.DataFrame, cfg: Config) -> Claim:
         return Claim("GPT-2b", text, published, "needs arms adamw, muon-down, muon", "INCONCLUSIVE")
     a, d, m = rows["adamw"], rows["muon-down"], rows["muon"]
     share = (a - d) / (a - m) if a != m else math.nan
-    measured = (f"{cfg.mlp} MLP: AdamW {a:.3f}, Muon(W_down) {d:.3f}, Muon(all) {m:.3f}; "
-                f"W_down captures {share:.0%} of the AdamW→Muon gain (published 62% non-gated, 27% gated)")
+    shared = (f"W_down captures {share:.0%} of the AdamW→Muon gain" if a > m else
+              "Muon(all) does not improve on AdamW here, so there is no gain for W_down to capture")
+    measured = (f"{cfg.mlp} MLP: AdamW {a:.3f}, Muon(W_down) {d:.3f}, Muon(all) {m:.3f}; {shared} "
+                "(published 62% non-gated, 27% gated)")
     return Claim("GPT-2b", text, published, measured, "PASS" if a > d > m else "FAIL", setting=setting(cfg), value=share)
 
 
