@@ -79,3 +79,18 @@ def test_zero_workers_or_threads_is_refused_before_anything_is_written(tmp_path,
     with pytest.raises(ConfigError, match=f"{flag} must be >= 1, got 0"):
         sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", **kw)
     assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("name", sorted(__import__("specscope.labs", fromlist=["names"]).names()))
+def test_every_labs_hooks_take_what_the_sweep_and_the_runner_pass(name):
+    """summarize(df, cfg), claims(df, cfg), figures(df, cfg), sweep_claims(table): a hook with another
+    signature breaks only at the end of a sweep, after every point has run."""
+    import inspect
+
+    from specscope import labs
+
+    lab = labs.get(name)
+    args = {"summarize": ("df", "cfg"), "claims": ("df", "cfg"), "figures": ("df", "cfg"), "sweep_claims": ("table",)}
+    for hook, passed in args.items():
+        if hasattr(lab, hook):
+            inspect.signature(getattr(lab, hook)).bind(*passed)

@@ -1,5 +1,8 @@
 """shardwise lab: config checks, the summary table, and (slow) a tiny run on 2 gloo processes."""
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -14,13 +17,50 @@ def test_rank_counts_must_be_at_least_two_and_divide_the_batch(ranks):
         lab.build(lab.Config(ranks=ranks, batch_size=16), device=None)
 
 
-def test_summary_reads_cosines_per_weight_type_and_final_losses():
+def shardwise_records():
     recs = [Record(s, f"blocks.{b}.attn.q", "update_cosine", c, arm="global-2") for s, b, c in [(0, 0, 0.7), (10, 0, 0.9), (0, 1, 0.8)]]
     recs += [Record(s, "", "val_loss", v, arm=a) for a, s, v in [("global-2", 0, 5.0), ("global-2", 10, 3.0),
                                                                  ("shardwise-2", 0, 5.0), ("shardwise-2", 10, 3.5)]]
-    df = pd.DataFrame([r.as_dict() for r in recs])
-    (row,) = lab.summarize(df).to_dict("records")
+    return recs
+
+
+def test_summary_reads_cosines_per_weight_type_and_final_losses():
+    df = pd.DataFrame([r.as_dict() for r in shardwise_records()])
+    (row,) = lab.summarize(df, lab.Config())
     assert row == dict(ranks=2, weight="attn.q", cosine_median=0.8, cosine_min=0.7, val_loss_global=3.0, val_loss_shardwise=3.5)
+
+
+def test_a_sweep_over_shardwise_tabulates_its_summary(tmp_path):
+    """The sweep calls the lab's `summarize(df, cfg)`; shardwise's took the records only, so a finished sweep
+    ended in a TypeError instead of writing summary.csv."""
+    from specscope import store, sweep
+
+    sweep_dir = tmp_path / "shardwise-1"
+    sweep_dir.mkdir()
+    (sweep_dir / sweep.SWEEP_FILE).write_text(json.dumps({"lab": "shardwise", "grid": {"seed": [0]}, "fixed": {}}))
+    with store.Run.create(sweep_dir / "runs", "shardwise", {"seed": 0}) as run:
+        run.append(shardwise_records())
+    (row,) = sweep.summary(sweep_dir).to_dict("records")
+    assert row["seed"] == 0 and row["weight"] == "attn.q" and row["cosine_min"] == 0.7 and row["val_loss_shardwise"] == 3.5
+
+
+def test_run_and_report_print_the_measured_rows_of_a_lab_without_claims(tmp_path):
+    """shardwise states no claims (an open question), so the console and the report show what it measured."""
+    from typer.testing import CliRunner
+
+    import specscope.cli
+    from specscope import store
+    from specscope.cli import app
+
+    specscope.cli._register()
+    with store.Run.create(tmp_path, "shardwise", {"seed": 0}) as run:
+        run.append(shardwise_records())
+    res = CliRunner().invoke(app, ["report", str(run.path)], env={"COLUMNS": "160"})
+    assert res.exit_code == 0, res.output
+    line = next(x for x in res.output.splitlines() if "attn.q" in x)
+    assert [c.strip() for c in line.split("│")[1:-1]] == ["2", "attn.q", "0.8", "0.7", "3", "3.5"]
+    page = (Path(run.path) / "report.html").read_text()
+    assert "<h2>Measured</h2>" in page and "<td>attn.q</td>" in page.replace(' class="num"', "")
 
 
 @pytest.mark.slow

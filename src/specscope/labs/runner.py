@@ -209,9 +209,10 @@ def finish(run, lab, cfg, *, salvage: bool = False) -> list[Claim]:
     summary = {"lab": lab.NAME, "claims": [c.as_dict() for c in claims], "final": _final_metrics(df)}
     run.write_summary({**summary, "salvaged": damage} if damage else summary)
     figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
+    measured = lab.summarize(df, cfg) if hasattr(lab, "summarize") else ()
     title = f"{lab.NAME} — {Path(run.path).name}" + (" (quick size)" if quick else "")
     report.write_report(
-        Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures,
+        Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures, measured=measured,
         title=f"SALVAGED FROM A DAMAGED DATABASE ({damage}) — {title}" if damage else title,
     )
     return claims

@@ -147,19 +147,22 @@ def build(cfg: Config, device: torch.device) -> list[Measure]:
 # ---------------------------------------------------------------- reading the records
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Per rank count and weight type: median and min update_cosine over training; final val_loss of both runs."""
+def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
+    """Per rank count and weight type: median and min update_cosine over training; final val_loss of both runs
+    (the rows of the report's "Measured" table, of `specscope run`'s console and of a sweep's summary.csv)."""
     rows = []
     cos = df[df.metric == "update_cosine"]
     val = df[df.metric == "val_loss"].sort_values("step")
-    for arm in sorted(cos.arm.unique()):
+    for arm in sorted(cos.arm.unique(), key=lambda a: int(a.split("-")[1])):
         n = arm.split("-")[1]
         d = cos[cos.arm == arm]
-        final = {m: val[val.arm == f"{m}-{n}"].value.iloc[-1] for m in ("global", "shardwise") if (val.arm == f"{m}-{n}").any()}
+        final = {m: float(val[val.arm == f"{m}-{n}"].value.iloc[-1]) for m in ("global", "shardwise")
+                 if (val.arm == f"{m}-{n}").any()}
         for wt, g in d.groupby(d.layer.map(gpt.weight_type)):
-            rows.append(dict(ranks=int(n), weight=wt, cosine_median=g.value.median(), cosine_min=g.value.min(),
-                             val_loss_global=final.get("global"), val_loss_shardwise=final.get("shardwise")))
-    return pd.DataFrame(rows)
+            rows.append(dict(ranks=int(n), weight=wt, cosine_median=float(g.value.median()),
+                             cosine_min=float(g.value.min()), val_loss_global=final.get("global", math.nan),
+                             val_loss_shardwise=final.get("shardwise", math.nan)))
+    return rows
 
 
 def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:

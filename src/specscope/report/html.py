@@ -302,6 +302,15 @@ def summary_html(summary: str | Mapping | None) -> str:
     return f"<h2>Summary</h2>{body}"
 
 
+def measured_html(rows: Sequence[Mapping]) -> str:
+    """The lab's own summary rows (its `summarize`: one per arm, or per rank count and weight type …) as a table."""
+    if not rows:
+        return ""
+    header = ordered_unique(k for r in rows for k in r)
+    body = table([[fmt(r.get(k)) for k in header] for r in rows], header, sortable=True, table_class="wide")
+    return f"<h2>Measured</h2><p>The lab's summary of its records (what a sweep's summary.csv holds per run). Click a column to sort.</p>{body}"
+
+
 def page(title: str, body: str) -> str:
     """The whole document: inline CSS, the one inline `SCRIPT`, a CSP that allows nothing else."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -321,11 +330,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
                  claims: Sequence[Claim] = (), extra_figures: Mapping[str, Figure] | None = None,
                  title: str = "specscope report", summary: str | Mapping | None = None,
-                 dpi: int = DPI) -> Path:
+                 measured: Sequence[Mapping] = (), dpi: int = DPI) -> Path:
     """Write out_dir/report.html (self-contained) and every figure to out_dir/figures/*.png.
 
     df is the store's long-format metrics, claims the lab's verdicts, extra_figures the lab's own
-    figures by name (saved as lab_<name>.png). Returns the path of report.html.
+    figures by name (saved as lab_<name>.png), measured the lab's summary rows. Returns the path of report.html.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,6 +354,7 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
         "<h2>Configuration</h2>", config_table(config),
         summary_html(summary),
         "<h2>Claims</h2>", claims_html(claims),
+        measured_html(measured),
         "<h2>Per-weight verdicts</h2>",
         "<p>st(A): stable rank of the weight's input; nr(G): nuclear rank of its gradient; medians over the "
         f"measured steps. nr/st &gt; {1 + MARGIN:g}: a spectral step has the larger guaranteed one-step "

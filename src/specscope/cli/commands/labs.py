@@ -70,13 +70,36 @@ def show_run(run_dir: Path) -> None:
     from specscope.records import Claim
     from specscope.report import claims_table
 
-    summary = store.Run.open(run_dir).summary or {}
+    run = store.Run.open(run_dir)
+    summary = run.summary or {}
     claims = [Claim(**c) for c in summary.get("claims", [])]
     if claims:
         console.print(claims_table(claims))
+    else:
+        show_measured(run, salvage=bool(summary.get("salvaged")))
     if summary.get("salvaged"):
         console.print(f"[red]salvaged[/]: {markup(summary['salvaged'])}")
     console.print(f"run: {markup(run_dir)}\nreport: {markup(Path(run_dir) / 'report.html')}")
+
+
+def show_measured(run, *, salvage: bool) -> None:
+    """A lab that states no claims (shardwise: an open question) prints its summary rows instead."""
+    from specscope import labs, store
+    from specscope.labs.config import make_config
+    from specscope.report.tables import fmt, ordered_unique
+
+    if run.lab not in labs.names() or not hasattr(lab := labs.get(run.lab), "summarize"):
+        return
+    rows = lab.summarize(store.load(run, salvage=salvage), make_config(lab.Config, run.config, run.lab))
+    if not rows:
+        return
+    table = Table(title=f"{run.lab}: measured")
+    header = ordered_unique(k for r in rows for k in r)
+    for name in header:
+        table.add_column(name, overflow="fold")
+    for r in rows:
+        table.add_row(*(markup(fmt(r.get(k))) for k in header))
+    console.print(table)
 
 
 @app.command("report")
