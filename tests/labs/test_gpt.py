@@ -46,7 +46,19 @@ def test_cli_smoke_run_records_every_arm_and_the_claims(tmp_path, monkeypatch, c
         assert set(st.step) == {0, 3}
         assert {"embed", "head", "blocks.0.attn.q", "blocks.0.attn.o", "blocks.0.mlp.up", "blocks.0.mlp.down"} <= set(st.layer)
     assert df[df.metric == "unigram_loss"].value.iloc[0] > 0
+    check = df[df.metric == "onehot_stable_rank"]
+    assert len(check) and set(check.estimator) == {"svd"}  # the dense one-hot's singular values, not the counts
+    (c1c,) = [c for c in summary["claims"] if c["id"] == "GPT-1c"]
+    assert c1c["verdict"] == "PASS" and 0 <= c1c["value"] < 1e-9, c1c
     assert (run_dir / "figures" / "lab_gpt_val_loss.png").is_file()
+
+
+def test_gpt1c_fails_when_the_recorded_embedding_st_is_not_the_one_hot_matrixs():
+    """The check is independent of the closed form: an embedding st recorded from the wrong tokens fails."""
+    rows = [dict(arm="muon", step=s, layer="embed", metric=m, value=v) for s in (0, 5)
+            for m, v in (("stable_rank", 3.2), ("onehot_stable_rank", 3.2 if s == 0 else 3.5))]
+    c = {c.id: c for c in gpt.claims(pd.DataFrame(rows), tiny(arms=["muon"]))}["GPT-1c"]
+    assert c.verdict == "FAIL" and c.value == pytest.approx(0.3 / 3.5)
 
 
 def _capture(model: torch.nn.Module) -> tuple[dict, dict, list]:

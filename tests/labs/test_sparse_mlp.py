@@ -91,7 +91,7 @@ def test_lab_smoke_through_cli(tmp_path, monkeypatch, capsys):
     arms = set(df["arm"])
     assert {"relu/n32/gd", "relu/n32/specgd", "swiglu/n16/specgd", "swiglu/n64/gd", "init-st"} <= arms
     st = sm.hidden_stable_ranks(df, "relu/n32/specgd")
-    assert list(st.index) == list(range(6)) and {"layers.1.up", "layers.2.up", "head"} <= set(st.columns)
+    assert list(st.index) == list(range(6)) and list(st.columns) == ["h1", "h2", "h3"]
 
 
 def _frame(cfg: sm.Config, losses: dict[str, float], st: dict[str, float]) -> pd.DataFrame:
@@ -158,3 +158,19 @@ def test_mlp1c_without_an_early_advantage_says_fading_does_not_apply(monkeypatch
     claim = sm._mlp1c(pd.DataFrame(), sm.Config())
     assert claim.verdict == "FAIL" and "nan" not in claim.measured
     assert "not ahead at the smallest n" in claim.measured and "does not apply" in claim.measured
+
+
+def test_st_at_init_is_the_mean_over_h1_h2_h3_each_counted_once():
+    """SwiGLU's up and gate multiply the same h₁ (and h₂): the mean over h₁..h₃ counts each input once,
+    not each weight (which gave (2·st(h₁) + 2·st(h₂) + st(h₃))/5)."""
+    cfg = sm.Config(activations=["relu"], sweep_activation="swiglu", samples=64, batch_sweep=[16], width=256,
+                    steps=10, early=5)
+    st = {"layers.1": 2.0, "layers.2": 4.0, "head": 9.0}
+    rows = []
+    for arm, loss in (("swiglu/n16/gd", 0.5), ("swiglu/n16/specgd", 0.2)):
+        rows += [dict(step=s, layer="", metric="loss", value=v, arm=arm) for s, v in ((0, 1.0), (cfg.early, loss))]
+        rows += [dict(step=0, layer=f"{w}.{p}" if w != "head" else w, metric="stable_rank", value=v, arm=arm)
+                 for w, v in st.items() for p in (("up", "gate") if w != "head" else ("",))]
+    (row,) = sm.batch_rows(pd.DataFrame(rows), cfg).to_dict("records")
+    assert row["st0"] == pytest.approx((2.0 + 4.0 + 9.0) / 3)
+    assert list(sm.hidden_stable_ranks(pd.DataFrame(rows), "swiglu/n16/gd").columns) == ["h1", "h2", "h3"]

@@ -301,7 +301,7 @@ def _rf1(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = (f"st(A) {st.min():.2f}–{st.max():.2f} over width {st.index.min()}–{st.index.max()}; "
                 f"nr(G₀) {nr0.iloc[0]:.1f}→{nr0.iloc[-1]:.1f} (slope {s0:.2f}), nr(G₁) {nr1.iloc[0]:.1f}→"
                 f"{nr1.iloc[-1]:.1f} (slope {s1:.2f}) over d {nr1.index.min()}–{nr1.index.max()}; "
-                f"f/f₀ at step {cfg.steps}: SpecGD/GD = {spec / gd:.3f}")
+                f"objective at step {cfg.steps}: f_SpecGD / f_GD = {spec / gd:.3f}")
     rule = ("; rule (the project's thresholds for O(1), Ω(d), ≪): st(A) max < 1.5 × min and < 10, nr(G₀) < 10, "
             "log-log slope of nr(G₁) in d > 0.75, SpecGD/GD < 0.5")
     return Claim("RF-1", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=spec / gd)

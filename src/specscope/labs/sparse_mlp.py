@@ -208,14 +208,21 @@ def _series(df: pd.DataFrame, arm: str, metric: str, layer: str | None = None) -
     return sel.groupby("step")["value"].last().sort_index()
 
 
-def _is_post_activation(layer: str) -> bool:
-    return any(layer == w or layer.startswith(w + ".") for w in POST_ACTIVATION_INPUTS)
+def post_activation(layer: str) -> str | None:
+    """The post-activation h1, h2 or h3 that `layer` multiplies (SwiGLU's up and gate share one), else None.
+    Named as the init-st records name them."""
+    for h, w in zip(("h1", "h2", "h3"), POST_ACTIVATION_INPUTS):
+        if layer == w or layer.startswith(w + "."):
+            return h
+    return None
 
 
 def hidden_stable_ranks(df: pd.DataFrame, arm: str) -> pd.DataFrame:
-    """st(A) the Monitor recorded for the post-activation inputs of one arm: step × weight."""
-    sel = df[(df["arm"] == arm) & (df["metric"] == "stable_rank") & df["layer"].map(_is_post_activation)]
-    return sel.pivot_table(index="step", columns="layer", values="value", aggfunc="last")
+    """st(A) the Monitor recorded for the post-activations of one arm: step × h1..h3, each input once (the
+    weights that share an input record the same st, so SwiGLU's up and gate are not counted twice)."""
+    sel = df[(df["arm"] == arm) & (df["metric"] == "stable_rank")]
+    sel = sel.assign(h=sel["layer"].map(post_activation)).dropna(subset=["h"])
+    return sel.pivot_table(index="step", columns="h", values="value", aggfunc="mean")
 
 
 def loss_at(df: pd.DataFrame, arm: str, step: int) -> float:
