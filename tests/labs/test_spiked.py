@@ -163,6 +163,12 @@ def test_claims_follow_the_recorded_numbers():
     assert claim.verdict == "PASS" and "at 1/1 (ν, α) points in the regime 2ν > 1 − α (out of it: 0/1)" in claim.measured
     assert "2ν > 1 − α" in claim.setting and claim.value == 1.0
     assert lab._claim_spk2(_df(rows + angles("mf-tanh", 0.3) + angles("ntk-tanh", 0.1)), lab.Config()).verdict == "FAIL"
+    # ReLU lowest against the error term but not against the data spike, the ratio the paper names: FAIL
+    split = [(0, "W", m, v, lab._arm_name("act", activation=a, nu=0.25, alpha=8 / 9))
+             for a, e, s2 in (("relu", 1.0, 0.33), ("tanh", 3.0, 0.05)) for m, v in (("s1_e_ratio", e), ("s1_s2_ratio", s2))]
+    claim = lab._claim_spk2(_df(split + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)), lab.Config())
+    assert claim.verdict == "FAIL" and "‖S1‖/‖S2‖ below every smooth activation's (tanh) at 0/1" in claim.measured
+    assert claim.value == 0.0
     outside_only = act("relu", 5.0, alpha=0.0) + act("tanh", 3.0, alpha=0.0)
     assert lab._claim_spk2(_df(outside_only + angles("mf-tanh", 0.1) + angles("ntk-tanh", 0.3)), lab.Config()).verdict == "INCONCLUSIVE"
 

@@ -62,6 +62,9 @@ def test_crossing_and_the_rule():
     assert (t.t_cross, t.t_pred, t.t_best, t.t_auto) == (2, 2, 2, 1)
     c1, c2 = sw.claims(df, cfg)
     assert c1.verdict == "PASS" and c2.verdict == "PASS"
+    assert "rf/relu (an interior crossing)" in c1.measured
+    at_once = df.assign(value=df.value.where(df.metric != "spectral_advantage", 1.5))  # above 1 from step 0
+    assert "rf/relu (no interior crossing: tests the sign at the grid's ends)" in sw.claims(at_once, cfg)[0].measured
     df.loc[df.arm == "rf/relu/s0/T2", "value"] = 2.5  # now T = 2 is not the best
     assert sw.claims(df, cfg)[0].verdict == "FAIL"
 

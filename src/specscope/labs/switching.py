@@ -1,7 +1,8 @@
-"""GD for T steps, then SpecGD: loss at a fixed budget vs T, nr(G)/st(A) over the burn-in (001 experiment 3).
+"""GD for T steps, then SpecGD: loss at a fixed budget vs T, nr(G)/st(A) over the burn-in (002's experiment 3).
 
-Paper 001 §1.3 predicts that nr(G) is O(1) at initialization and grows after a short burn-in of GD, so a
-spectral step pays once nr(G)/st(A) > 1. This lab runs, for a grid of switch times T, GD for T steps and the
+Paper 001 (§3.1.4, Theorems 3.6 and 3.11, spiked random features) proves that nr(G) is O(1) at initialization
+and grows after a short burn-in of GD, so a spectral step pays once nr(G)/st(A) > 1; paper 002's third
+suggested experiment is this switching point. This lab runs, for a grid of switch times T, GD for T steps and the
 geometry-matched SpecGD step afterwards (same lr; REFERENCE §3), on two setups of the existing labs:
 
     rf/<act>    random-feature regression ½‖W A − Y‖² from W = 0 (random-features lab), exact constants:
@@ -234,7 +235,7 @@ def _sw1(df: pd.DataFrame, cfg: Config) -> Claim:
     text = ("SW-1: the best switch time T is where nr(G)/st(A) of the GD burn-in first crosses 1 (rule: per setup, "
             f"the median over seeds of loss(T_pred)/loss(T_best) ≤ 1 + {cfg.tolerance:g}, T_pred = the first grid T "
             "≥ the crossing step, or plain GD if it never crosses)")
-    pub = "switch once nr(G) ≥ st(A) after a short GD burn-in (001 §1.3, experiment 3)"
+    pub = "switch once nr(G) ≥ st(A) after a short GD burn-in (001 §3.1.4, Thm 3.6, 3.11; 002's experiment 3)"
     t = table(df, cfg)
     if t.empty:
         return Claim("SW-1", text, pub, "no burn-in or budget losses recorded", "INCONCLUSIVE")
@@ -242,7 +243,10 @@ def _sw1(df: pd.DataFrame, cfg: Config) -> Claim:
     for setup, g in t.groupby("setup", sort=False):
         r = float(g["pred_over_best"].median())
         ok.append(r <= 1 + cfg.tolerance)
-        parts.append(f"{setup}: T_cross {_vals(g.t_cross)}, T_best {_vals(g.t_best)}, AutoGeometry {_vals(g.t_auto)}; "
+        steps = budget(cfg, _parse(setup)[0])[0]
+        where = ("an interior crossing" if ((g.t_cross > 0) & (g.t_cross < steps)).any() else
+                 "no interior crossing: tests the sign at the grid's ends")
+        parts.append(f"{setup} ({where}): T_cross {_vals(g.t_cross)}, T_best {_vals(g.t_best)}, AutoGeometry {_vals(g.t_auto)}; "
                      f"loss(T_pred)/best {r:.3f}, plain GD/best {g.gd_over_best.median():.2f}, "
                      f"SpecGD from 0/best {g.spec_over_best.median():.2f}")
     worst = float(t.groupby("setup", sort=False)["pred_over_best"].median().max())
