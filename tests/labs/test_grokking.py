@@ -170,12 +170,26 @@ def test_lrd1_uses_the_median_over_the_post_memorization_window():
     assert "wd 0.1" in claim.setting and "median Q/K stable rank" in claim.setting
 
 
+def test_lrd1_asks_the_spectrum_to_keep_compressing_after_memorization_where_l2s_does_not():
+    """'Keeps shrinking singular values; L2 does not' (004) as a shape measure: the Q/K stable rank after
+    memorization falls under LRD and not under L2. ‖W‖_* is a scale QK-norm leaves free: reported only."""
+    cfg = g.Config(arms=["l2", "lrd"])
+    l2 = [33.9] + [22.8] * 7
+    keeps = g._lrd1_claim(_lrd1_frame([33.9, 4.0, 3.6, 3.3, 3.0, 2.8, 2.6, 2.5], l2), cfg)
+    assert keeps.verdict == "PASS" and "stable rank ×0.70 (‖W‖_* ×0.33)" in keeps.measured
+    stalls = g._lrd1_claim(_lrd1_frame([33.9, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0], l2), cfg)  # collapsed, then frozen
+    assert stalls.verdict == "FAIL" and "stable rank ×1.00" in stalls.measured
+    l2_too = g._lrd1_claim(_lrd1_frame([33.9, 4.0, 3.6, 3.3, 3.0, 2.8, 2.6, 2.5], [33.9, 22.8, 20, 18, 16, 14, 12, 11]), cfg)
+    assert l2_too.verdict == "FAIL"  # L2 compresses faster: not the contrast the claim states
+    assert "‖W‖_* is reported, not ruled on" in keeps.setting
+
+
 def test_lrd1_from_a_sweep_over_arms_and_seeds():
     """`specscope sweep grokking --grid 'arms=[l2],[lrd]' --grid seed=0,1`: LRD-1 per seed, combined."""
     cfg = g.Config(arms=["l2", "lrd"])
     rows = []
     for seed, last in ((0, 3.0), (1, 20.0)):
-        for r in g.summarize(_lrd1_frame([33.9, 4.0, 3.0, last, 3.0], [33.9] + [22.8] * 4), cfg):
+        for r in g.summarize(_lrd1_frame([33.9, 4.0, 3.0, last, 3.0, 2.5, 2.8], [33.9] + [22.8] * 6), cfg):
             rows.append({"arms": '["' + r["arm"] + '"]', "seed": seed, **r, "run": f"r{seed}{r['arm']}"})
     (lrd1, lrd2) = g.sweep_claims(pd.DataFrame(rows))
     assert lrd1.id == "LRD-1" and lrd1.seeds == 2 and lrd1.verdict == "PASS" and "seed 0:" in lrd1.measured

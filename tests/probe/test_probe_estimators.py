@@ -49,6 +49,41 @@ def test_krylov_top_on_degenerate_inputs():
     assert not float(bound) <= E.VERIFIED
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_rank_deficient_wide_input_leaves_a_finite_warm_block(rows):
+    """An input of fewer rows than the block (a batch of 1–2 on a ≥ 256-wide layer) leaves zero columns in CY; their
+    normalization used float64's tiny, which is 0 in float32, so 0/0 poisoned the block and the next measured step
+    raised LinAlgError. Every step now measures, against float64 singular values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    monitor = Monitor(model, every=1)
+    assert 784 >= E.IMPLICIT_MIN
+    for step in range(3):
+        x = torch.randn(rows, 784)
+        with monitor.step(step):
+            nn.functional.cross_entropy(model(x), torch.randint(0, 10, (rows,))).backward()
+        model.zero_grad()
+        got = {r.layer: r.value for r in monitor.pop_records() if r.metric == "stable_rank"}
+        assert got["0"] == pytest.approx(float(linalg.stable_rank(x.double())), rel=1e-4)
+        blocks = [st["V"] for st in monitor.state_dict()["stats"].values() if st.get("V") is not None]
+        assert blocks and all(torch.isfinite(V).all() for V in blocks)
+
+
+@pytest.mark.parametrize("estimator", ["gram", "exact"])
+def test_an_all_zero_input_is_flagged_by_every_estimator_and_the_next_step_measures(estimator):
+    model = nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 4))
+    monitor = Monitor(model, every=1, estimator=estimator)
+    for step, x in enumerate([torch.zeros(16, 512), torch.randn(16, 512)]):
+        with monitor.step(step):
+            model(x).square().mean().backward()
+        model.zero_grad()
+        rec = {r.layer: r for r in monitor.pop_records() if r.metric == "stable_rank"}["0"]
+        if step == 0:
+            assert rec.flag == "zero_input" and rec.value != rec.value  # NaN, not a NonFiniteError
+        else:
+            assert rec.flag == "" and rec.value == pytest.approx(float(linalg.stable_rank(x.double())), rel=1e-4)
+
+
 class Wide(nn.Module):
     """A two-layer MLP whose second weight sees a wide (≥ IMPLICIT_MIN) input."""
 

@@ -405,6 +405,8 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
         nuc = _qk_mean(df, name, "weight_nuclear_norm")
         at_mem = nuc[nuc.index >= post[0]] if math.isfinite(post[0]) else nuc.iloc[:0]
         shrink = float(nuc.iloc[-5:].median()) / float(at_mem.iloc[0]) if len(at_mem) else math.nan
+        st_mem = st[st.index >= post[0]] if math.isfinite(post[0]) else st.iloc[:0]
+        compress = float(st.iloc[-5:].median()) / float(st_mem.iloc[0]) if len(st_mem) else math.nan
         rows.append({
             "arm": reg, "name": name, "strength": arm_strength(arm_cfg, reg),
             "grok_step_first": first, "grok_step_stable": stable,
@@ -414,7 +416,7 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
             "final_qk_stable_rank": float(st.iloc[-1]) if len(st) else math.nan,
             "init_qk_stable_rank": float(st.iloc[0]) if len(st) else math.nan,
             "memorized_acc": cfg.memorized_acc, "memorized_step": post[0], "post_mem_qk_stable_rank": post[1], "post_mem_min": post[2],
-            "post_mem_max": post[3], "nuclear_shrink": shrink,
+            "post_mem_max": post[3], "nuclear_shrink": shrink, "stable_rank_shrink": compress,
             "steps": int(acc.index[-1]),
             "seconds": float(_series(df, name, "time").iloc[-1]) if len(_series(df, name, "time")) else math.nan,
         })
@@ -471,8 +473,10 @@ LRD1_PUBLISHED = "Q/K stable rank ≈ 33 → < 5 within ≈ 500 steps (LRD)"
 
 def lrd1_rule(memorized: float) -> str:
     return (f"rule: per LRD variant, median Q/K stable rank over the evaluations after train acc ≥ {memorized} "
-            "< 5 and < ½ of L2's, and ‖W‖_* (median of the last 5 evaluations) < 0.9 × at memorization; "
-            "PASS when every LRD variant passes")
+            "< 5 and < ½ of L2's, and the spectrum keeps compressing after memorization where L2's does not: Q/K "
+            "stable rank (median of the last 5 evaluations) / its value at memorization < 1 and < L2's ratio (a "
+            "shape measure: QK-norm leaves the scale ‖W‖_* free, so ‖W‖_* is reported, not ruled on); PASS when "
+            "every LRD variant passes")
 
 
 def lrd1_from_rows(rows: list[dict], where: str) -> Claim:
@@ -497,13 +501,16 @@ def lrd1_from_rows(rows: list[dict], where: str) -> Claim:
             parts.append(f"{r['name']}: never reached the memorization accuracy")
             oks.append(False)
             continue
-        oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and r["nuclear_shrink"] < 0.9)
+        keeps = r["stable_rank_shrink"] < 1 and r["stable_rank_shrink"] < l2["stable_rank_shrink"]
+        oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and keeps)
         medians.append(med)
         parts.append(f"{r['name']}: Q/K stable rank {r['init_qk_stable_rank']:.1f} → median {med:.2f} "
                      f"[{r['post_mem_min']:.2f}–{r['post_mem_max']:.2f}] after memorization (step {r['memorized_step']:.0f}), "
-                     f"final {r['final_qk_stable_rank']:.2f}; ‖W‖_* ×{r['nuclear_shrink']:.2f}")
+                     f"final {r['final_qk_stable_rank']:.2f}; after memorization stable rank ×{r['stable_rank_shrink']:.2f} "
+                     f"(‖W‖_* ×{r['nuclear_shrink']:.2f})")
     parts.append(f"{l2['name']}: {l2['init_qk_stable_rank']:.1f} → median {l2['post_mem_qk_stable_rank']:.2f} "
-                 f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f})")
+                 f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f}), "
+                 f"stable rank ×{l2['stable_rank_shrink']:.2f} (‖W‖_* ×{l2['nuclear_shrink']:.2f})")
     value = max(medians) / l2["post_mem_qk_stable_rank"] if medians else None
     return claim("; ".join(parts), "PASS" if all(oks) else "FAIL", value)
 
@@ -564,7 +571,8 @@ def sweep_claims(table: pd.DataFrame) -> list[Claim]:
 
 ROW_KEYS = {"arm", "name", "strength", "grok_step_first", "grok_step_stable", "grok_status", "final_test_acc",
             "final_train_acc", "final_qk_stable_rank", "init_qk_stable_rank", "memorized_acc", "memorized_step",
-            "post_mem_qk_stable_rank", "post_mem_min", "post_mem_max", "nuclear_shrink", "steps", "seconds", "run"}
+            "post_mem_qk_stable_rank", "post_mem_min", "post_mem_max", "nuclear_shrink", "stable_rank_shrink", "steps",
+            "seconds", "run"}
 
 
 def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:

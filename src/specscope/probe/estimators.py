@@ -313,7 +313,9 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     CY = ((Wc @ Y).mT @ A).mT                                            # C·(Ritz vectors), [..., n, b]
     r = torch.linalg.vector_norm(CY[..., -1] - top.to(A.dtype)[..., None] * (Qc @ Y[..., -1:])[..., 0], dim=-1).double()
     bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
-    return top, CY / torch.linalg.vector_norm(CY, dim=-2, keepdim=True).clamp_min(tiny), bound
+    # the block's own dtype's tiny: float64's underflows to 0 in float32, and a zero column (an input of rank < b)
+    # became 0/0 = NaN, poisoning the warm block of every later step
+    return top, CY / torch.linalg.vector_norm(CY, dim=-2, keepdim=True).clamp_min(torch.finfo(CY.dtype).tiny), bound
 
 
 def verified_top(A: torch.Tensor, V: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -485,7 +487,7 @@ class ExactStats:
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         A = torch.cat(self.chunks)
         fro2 = A.square().sum()
-        if not bool(torch.isfinite(fro2)):
+        if not bool(torch.isfinite(fro2)) or fro2 == 0:  # non-finite: the caller reports it; zero: flagged zero_input
             return fro2, fro2
         return fro2, fro2 / L.stable_rank(A)
 
