@@ -152,3 +152,26 @@ def test_callback_arguments_are_checked():
 
     with pytest.raises(ConfigError, match="not both"):
         SpecscopeCallback(Monitor(tiny_llama()), every=2)
+
+
+@pytest.mark.parametrize("build", ["bert_classifier", "gpt2_classifier", "bert_mlm"])
+def test_task_heads_go_to_adamw_and_optimizer_options_reach_the_spectral_group(build):
+    """A transformers task model's head (classifier, score, the MLM head's transform) sits outside its backbone
+    (`base_model`); without a Monitor it went to Muon. Muon's options pass through `optimizers(...)`."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+    bert = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    model = {"bert_classifier": lambda: BertForSequenceClassification(BertConfig(**bert, num_labels=3)),
+             "gpt2_classifier": lambda: GPT2ForSequenceClassification(GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2,
+                                                                                  num_labels=3, pad_token_id=0)),
+             "bert_mlm": lambda: BertForMaskedLM(BertConfig(**bert))}[build]()
+    opt, _ = optimizers(model, polar="gram", momentum=0.9)
+    (muon,) = [g for g in opt.param_groups if g["algorithm"] == "muon"]
+    backbone = {id(p) for p in model.base_model.parameters()}
+    heads = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in backbone]
+    assert heads and not set(heads) & set(muon["param_names"])
+    hidden = [n for n in muon["param_names"] if "intermediate.dense" in n or "mlp.c_fc" in n]
+    assert hidden  # a d_ff equal to the vocabulary no longer makes a hidden matrix the "head"
+    assert (muon["polar"], muon["momentum"]) == ("gram", 0.9)
+    with pytest.raises(Exception, match="'polr' is not an option of algorithm='muon'; did you mean 'polar'"):
+        optimizers(model, polr="gram")

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from specscope.errors import ConfigError
 from specscope.optim import Hybrid, Muon, SpecGD, spectral_param_groups
@@ -65,6 +66,18 @@ def test_sgd_group_matches_torch_sgd():
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=1e-6)
 
 
+def test_sgd_group_weight_decay_is_decoupled_as_documented():
+    """SGDW: p <- p·(1 − lr·wd) − lr·d with torch.optim.SGD's Nesterov momentum d (not wd·p in the gradient)."""
+    a = [torch.nn.Parameter(torch.ones(4, 3))]
+    ours = _steps(a, Hybrid(a, algorithm="sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05))
+    p, buf, g = torch.ones(4, 3), None, torch.Generator().manual_seed(3)
+    for _ in range(5):
+        grad = torch.randn(p.shape, generator=g)
+        buf = grad.clone() if buf is None else buf * 0.9 + grad
+        p = p * (1 - 0.1 * 0.05) - 0.1 * (grad + 0.9 * buf)
+    torch.testing.assert_close(ours[0], p, rtol=0, atol=1e-6)
+
+
 def test_each_group_has_its_own_schedule(tiny_model):
     opt = Muon(spectral_param_groups(tiny_model, 0.02, 3e-4))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.5**s, lambda s: 1.0])
@@ -76,3 +89,55 @@ def test_each_group_has_its_own_schedule(tiny_model):
     before = tiny_model.up.weight.detach().clone()
     opt.step()  # Muon moves the weight by lr·(1·wd·W + polar) with the scheduled lr
     assert not torch.equal(before, tiny_model.up.weight)
+
+
+def test_roles_of_a_monitor_route_a_compiled_or_ddp_wrapped_model():
+    """The Monitor names weights without torch.compile's `_orig_mod.` / DDP's `module.`; its head must still
+    leave the spectral group of the wrapped model."""
+    import torch.nn.functional as F
+
+    from specscope.probe import Monitor
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    monitor = Monitor(m, every=1)
+    with monitor.step(0):
+        F.cross_entropy(m(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+    assert monitor.roles["4"] == "head"
+    compiled = spectral_param_groups(torch.compile(m), 0.02, 3e-4, roles=monitor)
+    assert [n for n, _ in compiled[0]["params"]] == ["_orig_mod.0.weight", "_orig_mod.2.weight"]
+    assert [n for n, _ in spectral_param_groups(_Wrapped(m), 0.02, 3e-4, roles=monitor)[0]["params"]] == [
+        "module.0.weight", "module.2.weight"]
+
+
+class _Wrapped(nn.parallel.DistributedDataParallel):
+    """DDP's naming (`module.`) without a process group: routing only reads the names."""
+
+    def __init__(self, module):
+        nn.Module.__init__(self)
+        self.module = module
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(exclude=["cls.*"]), r"exclude patterns \['cls.\*'\] match no parameter"),
+    (dict(roles={"4x": "head"}), r"roles: '4x' is not a parameter or layer of the model; did you mean '4'"),
+    (dict(roles={"4": "output"}), r"roles\['4'\] = 'output' is not a role; use one of"),
+    (dict(momentm=0.5), r"'momentm' is not an option of algorithm='muon'; did you mean 'momentum'"),
+])
+def test_routing_options_that_match_nothing_are_one_error(kwargs, message):
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match=message):
+        spectral_param_groups(m, 0.02, 3e-4, **kwargs)
+
+
+def test_exclude_takes_globs_and_module_prefixes_not_substrings():
+    m = nn.Sequential(*[nn.Linear(8, 8) for _ in range(12)])
+    spectral = lambda pats: [n for n, _ in spectral_param_groups(m, 0.02, 3e-4, exclude=pats)[0]["params"]]  # noqa: E731
+    assert "10.weight" in spectral(["1"]) and "1.weight" not in spectral(["1"])  # "1" is module 1, not 10 and 11
+    assert spectral(["1*"]) == [f"{i}.weight" for i in (0, 2, 3, 4, 5, 6, 7, 8, 9)]
+    assert "0.weight" not in spectral(["0."])
+
+
+def test_a_misspelt_hybrid_option_is_an_error_not_a_stored_key():
+    with pytest.raises(ConfigError, match="'momentm' is not an option of algorithm='muon'; did you mean 'momentum'"):
+        Hybrid([nn.Parameter(torch.randn(4, 4))], algorithm="muon", lr=0.02, momentm=0.5)

@@ -236,3 +236,34 @@ def test_raw_parameters_functional_linear_and_observe():
         model(x).sum().backward()
     st = by(mon.pop_records(), "stable_rank")
     assert not mon.unmeasured and st["u_obs"].value == pytest.approx(exact_st(torch.tanh(x)), rel=1e-9)
+
+
+def test_padding_tokens_are_not_rows_of_an_embeddings_input():
+    """nn.Embedding(padding_idx=0): the padding row gets no gradient, so st(A) is that of the one-hot matrix of
+    the other tokens (float64 singular values), and `rows` counts them only."""
+    torch.manual_seed(0)
+    emb, head = torch.nn.Embedding(20, 8, padding_idx=0), torch.nn.Linear(8, 3)
+    ids = torch.randint(1, 20, (8, 16))
+    ids[:, 6:] = 0  # padded batch: 80 of 128 positions
+    monitor = Monitor(torch.nn.ModuleDict({"emb": emb, "head": head}), every=1)
+    with monitor.step(0):
+        head(emb(ids).mean(1)).pow(2).sum().backward()
+    assert float(emb.weight.grad[0].abs().sum()) == 0
+    (rec,) = [r for r in monitor.pop_records() if r.layer == "emb" and r.metric == "stable_rank"]
+    X = torch.nn.functional.one_hot(ids[ids != 0], 20).double()
+    sv = torch.linalg.svdvals(X)
+    assert rec.rows == 48 and rec.value == pytest.approx(float(sv.square().sum() / sv[0] ** 2), rel=1e-12)
+
+
+def test_a_rejected_observe_leaves_the_monitor_as_it_was():
+    """observe() with inputs of the wrong width raised after renaming the slot: layer '0' became 'custom' and stayed
+    unmeasured. The check now comes first."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    monitor = Monitor(m, every=1)
+    with monitor.step(0):
+        with pytest.raises(Exception, match="inputs have 5 features, the weight takes 4"):
+            monitor.observe("custom", m[0].weight, torch.randn(3, 5))
+        m(torch.randn(16, 4)).sum().backward()
+    assert monitor.layers == ["0", "2"] and not monitor.unmeasured
+    assert {r.layer for r in monitor.pop_records() if r.metric == "stable_rank"} == {"0", "2"}

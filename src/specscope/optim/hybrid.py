@@ -13,6 +13,8 @@ whose default algorithm is theirs, so each of them accepts extra algorithm="adam
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 
 from collections.abc import Callable, Iterable
@@ -78,6 +80,21 @@ def _check_numbers(group: dict[str, Any]) -> None:
             raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
 
 
+# keys any group may carry besides its algorithm's defaults (the optimizer's lr, the routing marks)
+GROUP_KEYS = frozenset({"lr", "allow_non_hidden", "token_dim"})
+
+
+def check_options(algorithm: str, options: dict[str, Any], where: str) -> None:
+    """One ConfigError for an option `algorithm` does not have (a typo would otherwise be stored and ignored)."""
+    known = set(ALGORITHMS[algorithm].defaults) | GROUP_KEYS
+    for key in options:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}: {key!r} is not an option of algorithm={algorithm!r}; {hint}"
+                              f"its options are {sorted(known)}")
+
+
 class Hybrid(Optimizer):
     """Param groups with a per-group `algorithm`; see the module docstring.
 
@@ -90,6 +107,7 @@ class Hybrid(Optimizer):
     def __init__(self, params: Iterable, algorithm: str = "adamw", *, stable_rank: Any = None, **defaults: Any):
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm={algorithm!r} is unknown; use one of {sorted(ALGORITHMS)}")
+        check_options(algorithm, defaults, "Hybrid")
         self.stable_rank_source = stable_rank
         self._records: list[Record] = []
         self.choices: dict[str, str] = {}  # "auto" groups: layer -> latest "spectral" / "euclidean"
@@ -207,6 +225,7 @@ def spectral_param_groups(
     betas: tuple[float, float] = (0.9, 0.95),
     exclude: Iterable[str] = (),
     roles: Any = None,
+    **options: Any,
 ) -> list[dict[str, Any]]:
     """Route a model by role: hidden ≥2-D matrices to `algorithm`; embeddings, output heads, gains,
     biases and names matching `exclude` to AdamW. Returns named param groups for `Hybrid`/`Muon`/...
@@ -214,32 +233,69 @@ def spectral_param_groups(
     Roles (specscope.probe.roles): an embedding is looked up by index or tied to such a weight; the head
     produces the outputs. `roles`: a probe Monitor (roles seen on its measured steps, the head found from
     the loss), a {parameter or layer name: role} dict, or None for the model's structure alone
-    (nn.Embedding weights, `get_output_embeddings()`, a Linear with as many outputs as an embedding has
-    tokens). Each routed matrix is marked, so the spectral group's check agrees with the routing.
+    (nn.Embedding weights, `get_output_embeddings()`, a transformers task model's head outside its
+    `base_model`, a Linear with as many outputs as an embedding has tokens). Each routed matrix is marked, so
+    the spectral group's check agrees with the routing. A model wrapped by torch.compile or DDP is routed by the
+    names of the model inside (a Monitor's names). `exclude`: fnmatch patterns on parameter or layer names, or
+    module prefixes ("cls" excludes cls.*); each must match some parameter. `options` (momentum, polar,
+    ns_steps, …) go into the spectral group and must be options of `algorithm`.
     """
-    from specscope.probe.roles import static_roles  # optim may use probe (DESIGN.md layers)
+    from specscope.probe.roles import ROLES, static_roles  # optim may use probe (DESIGN.md layers)
 
     if algorithm not in ALGORITHMS or not ALGORITHMS[algorithm].spectral:
         spectral = sorted(k for k, a in ALGORITHMS.items() if a.spectral)
         raise ConfigError(f"algorithm={algorithm!r} is not a spectral algorithm; use one of {spectral}")
-    role_of = static_roles(getattr(model, "_orig_mod", model))
-    named = {_common.layer_name(n): p for n, p in model.named_parameters()} | dict(model.named_parameters())
-    given = roles.roles if hasattr(roles, "roles") else (roles or {})
-    for key, role in given.items():
-        if key in named:
-            role_of[id(named[key])] = role
+    check_options(algorithm, options, "spectral_param_groups")
+    inner = _unwrapped(model)
+    role_of = static_roles(inner)
+    named = {_common.layer_name(n): p for n, p in inner.named_parameters()} | dict(inner.named_parameters())
+    for key, role in _given_roles(roles, named, ROLES).items():
+        role_of[id(named[key])] = role
     exclude = tuple(exclude)
+    excluded = {pat: [n for n, _ in inner.named_parameters() if _excluded(n, pat)] for pat in exclude}
+    unmatched = [pat for pat, hits in excluded.items() if not hits]
+    if unmatched:
+        raise ConfigError(f"exclude patterns {unmatched} match no parameter of the model (fnmatch on parameter or layer "
+                          f"names, or a module prefix); parameters look like {[n for n, _ in inner.named_parameters()][:4]}")
+    out = {id(p) for hits in excluded.values() for p in (dict(inner.named_parameters())[n] for n in hits)}
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim >= 2:
             _common.mark_non_hidden(p, non_hidden=role_of.get(id(p), "hidden") != "hidden")
-        other = _common.is_non_hidden(p, name) or any(x in name for x in exclude)
+        other = _common.is_non_hidden(p, name) or id(p) in out
         (rest if other else hidden).append((name, p))
-    spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral}
+    spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral, **options}
     if weight_decay is not None:
         spectral_group["weight_decay"] = weight_decay
     adamw_group = {"params": rest, "algorithm": "adamw", "lr": lr_adamw,
                    "weight_decay": adamw_weight_decay, "betas": betas}
     return [g for g in (spectral_group, adamw_group) if g["params"]]
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DDP's and torch.compile's wrappers (the names a Monitor records)."""
+    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return getattr(model, "_orig_mod", model)
+
+
+def _given_roles(roles: Any, named: dict[str, Tensor], valid: tuple[str, ...]) -> dict[str, str]:
+    """A Monitor's roles, or a {parameter or layer name: role} dict checked against the model."""
+    if hasattr(roles, "roles"):
+        return {k: r for k, r in roles.roles.items() if k in named}  # a Monitor's names may include fused slices
+    given = dict(roles or {})
+    for key, role in given.items():
+        if key not in named:
+            close = difflib.get_close_matches(str(key), list(named), n=1)
+            raise ConfigError(f"roles: {key!r} is not a parameter or layer of the model"
+                              + (f"; did you mean {close[0]!r}?" if close else f"; layers look like {list(named)[:4]}"))
+        if role not in valid:
+            raise ConfigError(f"roles[{key!r}] = {role!r} is not a role; use one of {list(valid)}")
+    return given
+
+
+def _excluded(name: str, pattern: str) -> bool:
+    prefix = pattern if pattern.endswith(".") else pattern + "."
+    return (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_common.layer_name(name), pattern)
+            or name.startswith(prefix))

@@ -509,12 +509,23 @@ class TokenCounts:
 
     def reset(self, refine: bool = True) -> None:
         self.counts: torch.Tensor | None = None
-        self.rows = 0
+        self._looked_up = 0
+        self._padded: list[torch.Tensor] = []
 
-    def add(self, ids: torch.Tensor) -> None:
+    @property
+    def rows(self) -> int:
+        """Tokens counted: looked up minus padding (read when the step finishes, so no host sync per lookup)."""
+        return self._looked_up - sum(int(t) for t in self._padded)
+
+    def add(self, ids: torch.Tensor, padding_idx: int = -1) -> None:
+        """Count a lookup's ids; those equal to `padding_idx` (≥ 0) are not counted: the padding row receives no
+        gradient, so those positions are no rows of the input the gradient is paired with."""
         c = torch.bincount(ids.reshape(-1), minlength=self.n)
+        if padding_idx >= 0:
+            self._padded.append(c[padding_idx].clone())
+            c[padding_idx] = 0
         self.counts = c if self.counts is None else self.counts + c
-        self.rows += ids.numel()
+        self._looked_up += ids.numel()
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.counts]

@@ -238,6 +238,9 @@ class Monitor:
         if self._step is None or not torch.is_grad_enabled():
             return
         slot = self.slots.get(id(weight))
+        n_features = slot.n_features if slot is not None and slot.kind == "observed" else weight.shape[-1]
+        if inputs.shape[-1] != n_features:  # checked before anything changes: a rejected call leaves the Monitor as it was
+            raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {n_features}")
         if slot is None or slot.kind != "observed":
             if name in self.layers and (slot is None or name not in slot.names()):
                 raise ConfigError(f"observe('{name}', ...): that name is already a measured weight; pick another")
@@ -245,8 +248,6 @@ class Monitor:
                 slot = self.slots[id(weight)] = Slot(name, weight)
             slot.name, slot.kind, slot.n_features, slot.out_dim = name, "observed", weight.shape[-1], 0
             slot.stats = self._new_stats("observed", slot.n_features)
-        if inputs.shape[-1] != slot.n_features:
-            raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {slot.n_features}")
         with torch.no_grad():
             A = inputs.detach().reshape(-1, slot.n_features)
             slot.inputs.setdefault((0, weight.shape[0]), set()).add(self._watch.input(A)[2])

@@ -3,9 +3,10 @@
 - embedding: looked up by index (`nn.Embedding`, `F.embedding`), or the same tensor as such a weight (tied);
 - head: produces the model's outputs — the first matrix product met walking the autograd graph back from
   the loss (logits, class scores), or, without a backward pass to look at, the model's declared output
-  embedding (transformers' `get_output_embeddings()`) or else the last Linear with as many outputs as
-  an embedding has tokens (heads are registered last; a hidden d×d matrix matches too when d equals the
-  vocabulary, so only the last one counts);
+  embedding (transformers' `get_output_embeddings()`), a transformers task model's matrices outside its
+  backbone (`base_model`: a classifier, `score`, `qa_outputs`, an LM head's transform), or else the last
+  Linear with as many outputs as an embedding has tokens (heads are registered last; a hidden d×d matrix
+  matches too when d equals the vocabulary, so only the last one counts);
 - hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
 
 A table that is added to activations rather than multiplied (a learned positional table, a class token
@@ -36,10 +37,13 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     tokens = inp if isinstance(inp, nn.Embedding) else max(embeds, key=lambda m: m.num_embeddings, default=None)
     vocab = {tokens.num_embeddings} if tokens is not None else set()  # the token table, not positions
     out_emb = _call(model, "get_output_embeddings")
-    if out_emb is None:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
+    task = _task_head(model)
+    if out_emb is None and not task:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
         out_emb = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear) and m.out_features in vocab), None)
     if out_emb is not None and isinstance(getattr(out_emb, "weight", None), Tensor):
         roles[id(out_emb.weight)] = "head"
+    for p in task:
+        roles[id(p)] = "head"
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
@@ -47,6 +51,16 @@ def static_roles(model: nn.Module) -> dict[int, str]:
         if p.dim() >= 3 and id(p) not in kernels:  # [1, tokens, d] position tables, [1, 1, d] class tokens
             roles[id(p)] = "embedding"
     return roles
+
+
+def _task_head(model: nn.Module) -> list[Tensor]:
+    """The ≥ 2-D parameters of a transformers task model (…ForSequenceClassification, …ForMaskedLM) that are not
+    in its backbone `base_model`: the head the task added. [] for a backbone itself or any other model."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, nn.Module) or base is model:
+        return []
+    inside = {id(p) for p in base.parameters()}
+    return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in inside]
 
 
 def _call(model: nn.Module, name: str):

@@ -84,7 +84,7 @@ class Watch:
             s.forward_seen |= not self.recompute
             if s.tokens is None:
                 s.tokens = TokenCounts(s.param.shape[0])
-            s.tokens.add(args[1].detach())
+            s.tokens.add(args[1].detach(), int(args[2]) if len(args) > 2 else -1)  # padding_idx: its row gets no gradient
             s.role = "embedding"
             if s.kind == "":
                 s.kind = "embedding"
