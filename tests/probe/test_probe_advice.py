@@ -55,3 +55,34 @@ def test_param_groups_structural_rules_and_cover_every_parameter(tiny_gpt):
     assert all(p is dict(model.named_parameters())[n] for g in groups for p, n in zip(g["params"], g["param_names"]))
     opt = torch.optim.AdamW([{"params": g["params"]} for g in groups])  # groups are valid optimizer groups
     assert len(opt.param_groups) == 2
+
+
+def test_a_weight_that_sat_out_the_latest_step_keeps_its_windows_verdict():
+    """An MoE-style expert used on steps 0–2 and not on step 3 was 'unmeasured' (the latest step's reason), and
+    param_groups sent it to AdamW; its measured window decides, while a weight never used stays unmeasured."""
+    import torch
+    from torch import nn
+
+    from specscope.probe import Monitor
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.never = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x, use_b):
+            h = torch.relu(self.a(x))
+            return self.head(torch.relu(self.b(h)) if use_b else h)
+
+    torch.manual_seed(0)
+    model = Experts()
+    monitor = Monitor(model, every=1)
+    for step in range(4):
+        with monitor.step(step):
+            model(torch.randn(64, 16), use_b=step < 3).square().mean().backward()
+        model.zero_grad()
+    table = monitor.advice().set_index("layer")
+    assert table.loc["b", "measurements"] == 3 and table.loc["b", "verdict"] != "unmeasured"
+    assert table.loc["never", "verdict"] == "unmeasured" and table.loc["never", "measurements"] == 0
+    assert "not used in this step" in monitor.unmeasured["b"]

@@ -38,7 +38,8 @@ def advice_table(history: dict, described: dict[str, dict], *, window: int, marg
         st = statistics.median(r[1] for r in recent) if recent else float("nan")
         nr = statistics.median(r[2] for r in recent) if recent else float("nan")
         ratio = statistics.median(r[2] / r[1] for r in recent) if recent else float("nan")
-        v = "unmeasured" if d.get("unmeasured") else verdict(ratio, margin)
+        # a weight that only sat out the latest step (an MoE expert) keeps the verdict of its measured window
+        v = "unmeasured" if d.get("unmeasured") and not (recent and d.get("unused")) else verdict(ratio, margin)
         rows.append([name, d["kind"], d["shape"], d.get("rows", 0), st, nr, ratio, len(recent), v, d.get("estimator", "")])
     return pd.DataFrame(rows, columns=COLUMNS)
 

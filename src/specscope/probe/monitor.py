@@ -46,6 +46,10 @@ def is_log_step(step: int, per_decade: int = 10) -> bool:
     return step == round(10 ** (round(per_decade * math.log10(step)) / per_decade))
 
 
+# the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
+NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+
+
 @dataclass
 class _Inputs:
     """st(A) of one weight on one step."""
@@ -362,12 +366,15 @@ class Monitor:
         if s.problem:
             return s.problem
         if s.other_ops and s.other_ops <= R.ADDITIVE:
-            return f"added to activations ({', '.join(sorted(s.other_ops))}), never multiplied: a table such as learned positions, routed as an embedding; it has no input matrix"
+            return (f"used as a table ({', '.join(sorted(s.other_ops))}: indexed or added to activations), never multiplied — "
+                    "learned positions, a class token, a bare-parameter lookup; routed as an embedding, it has no input matrix")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if not has_grad:
-            return "not used in this step's forward pass (no input, no gradient)"
-        return "has a gradient but no product with it was seen; pass its inputs with monitor.observe"
+            return NOT_USED
+        return ("has a gradient but no product with it was seen in this step's forward: run the forward inside "
+                "`with monitor.step(step)` (enter a torch.autocast region inside it too: autocast caches its cast weights "
+                "across steps), or, for a product the probe cannot see, pass its inputs with monitor.observe")
 
     def _measure(self, step: int, inputs: dict[int, _Inputs], grad_of: Callable[[Slot], torch.Tensor | None], reduce: bool = True) -> None:
         self._record(step, inputs, self._gradients(grad_of, reduce))
@@ -468,8 +475,9 @@ class Monitor:
             M = s.grad_matrix(s.param.detach())
             for nm, blk in s.slices(M):
                 rows, est = self._latest_inputs.get(nm, (0, self.estimator if s.kind != "embedding" else "closed_form"))
+                why = self.unmeasured.get(s.name, "")
                 out[nm] = {"kind": s.kind or "unseen", "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
-                           "unmeasured": self.unmeasured.get(s.name, ""), "role": s.role}
+                           "unmeasured": why, "unused": why == NOT_USED, "role": s.role}
         return out
 
     # -- persistence ----------------------------------------------------------------------------------
