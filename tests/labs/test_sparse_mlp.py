@@ -174,3 +174,22 @@ def test_st_at_init_is_the_mean_over_h1_h2_h3_each_counted_once():
     (row,) = sm.batch_rows(pd.DataFrame(rows), cfg).to_dict("records")
     assert row["st0"] == pytest.approx((2.0 + 4.0 + 9.0) / 3)
     assert list(sm.hidden_stable_ranks(pd.DataFrame(rows), "swiglu/n16/gd").columns) == ["h1", "h2", "h3"]
+
+
+def test_squared_relu_the_papers_fig1_activation_trains_at_the_default_lr():
+    """At the N(0, 1/fan_in) init the degree-8 squared-ReLU network blew up (NaN by step 2 at lr 0.05); its
+    INIT_GAIN keeps h₁..h₃ below 1 and the GD loss falls."""
+    cfg = sm.Config(activations=["relu2"], batch_sweep=[], st_batches=[16], steps=10, early=5, device="cpu")
+    arm = next(i for i in sm.build(cfg, torch.device("cpu")) if getattr(i, "name", "") == "relu2/n256/gd")
+    x = arm.batch(0)
+    with torch.no_grad():
+        rms = [float(h.square().mean().sqrt()) for h in arm.model.post_activations(x[0])]
+    assert all(r < 1 for r in rms), rms
+    losses = []
+    for _ in range(10):
+        arm.optimizer.zero_grad()
+        loss = arm.loss(arm.model, x)
+        loss.backward()
+        arm.optimizer.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0], losses
