@@ -72,12 +72,12 @@ def finished(tmp_path_factory) -> Path:
     return run_lab("grokking", QUICK, out=tmp_path_factory.mktemp("finished"), run_id="done")
 
 
-def kill_at(root: Path, fault: str) -> Path:
-    """A grokking run SIGKILLed by the test hook at `fault` (e.g. "checkpoint_rename:4")."""
+def kill_at(root: Path, fault: str, config: dict | None = None) -> Path:
+    """A grokking run (QUICK, or `config`) SIGKILLed by the test hook at `fault` (e.g. "checkpoint_rename:4")."""
     import json
 
     env = {**os.environ, "SPECSCOPE_FAULT": fault, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(root), json.dumps(QUICK)], env=env,
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(root), json.dumps(config or QUICK)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     return root / "grokking" / "victim"

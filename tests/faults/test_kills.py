@@ -38,6 +38,17 @@ def test_kill_at_database_commit_then_resume(tmp_path, finished):
     resume_equals_finished(run, finished)
 
 
+def test_a_run_killed_just_before_its_stopping_evaluation_stops_there_on_resume(tmp_path):
+    """The checkpoint of step 4 is written before step 4's evaluation, the one whose stop rule ends the arm;
+    the resume repeated that evaluation but not the stop, and trained on to the next one."""
+    stops = {**QUICK, "arms": ["l2"], "stop_after_grok": True, "grok_threshold": 0.0, "grok_window": 1}
+    whole = run_lab("grokking", stops, out=tmp_path / "whole", run_id="whole")
+    assert list(store.load(whole, metric="stopped_early").step) == [4]
+    run = kill_at(tmp_path / "killed", "db_commit:2", stops)  # after the step-4 checkpoint, before that step's records
+    assert (run / "checkpoints" / "l2.pt").is_file() and store.load(run, metric="stopped_early").empty
+    resume_equals_finished(run, whole)
+
+
 def test_resume_after_a_kill_while_the_report_was_written(finished, copy_of):
     """All parts done and timed; killed before `complete`: the resume keeps the one timing record."""
     run = copy_of(finished)

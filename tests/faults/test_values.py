@@ -89,6 +89,20 @@ def test_export_out_that_cannot_be_written(finished, cli, tmp_path, where):
     assert (tmp_path / "file").read_text() == "x"
 
 
+@pytest.mark.parametrize("target", ["metrics.sqlite", "config.json", "checkpoints/new.csv", "link"])
+def test_export_never_writes_into_a_run_directory(finished, copy_of, cli, tmp_path, target):
+    """`export RUN --out RUN/metrics.sqlite` replaced the database with CSV (exit 0): the run was lost."""
+    import hashlib
+
+    run = copy_of(finished)
+    (tmp_path / "link").symlink_to(run / "metrics.sqlite")
+    out = tmp_path / "link" if target == "link" else run / target
+    before = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()}
+    rc, _, err = cli("export", run, "--out", out)
+    one_line_error(rc, err, "inside the run directory", "outside every run directory")
+    assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()} == before
+
+
 @pytest.mark.parametrize("command,fix", [
     (("report", "RUN"), "copy the run directory to a writable disk and report the copy"),
     (("claims", "--root", "ROOT", "--format", "markdown", "--into", "README"), "give --into a file on a writable disk"),

@@ -141,6 +141,15 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
                         f"list runs with `specscope runs --root {root}` or give the run directory's path.")
 
 
+def run_holding(path: str | os.PathLike) -> Path | None:
+    """The run directory `path` lies in (a folder holding config.json and metrics.sqlite), or None."""
+    here = Path(os.path.realpath(path))  # a link into a run counts as inside it
+    for d in (here, *here.parents):
+        if (d / CONFIG).exists() and (d / METRICS).exists():
+            return d
+    return None
+
+
 def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False) -> Path:
     """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow), through a temporary file, so
     `out` is the whole export or untouched. With `salvage` the file name says so: `<out stem>.salvaged<suffix>`."""
@@ -148,8 +157,12 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
         raise ConfigError(f"unknown export format {fmt!r}: use csv or parquet.")
     if fmt == "parquet":
         require("pyarrow", "parquet", "export to parquet")
-    df = load(run, salvage=salvage)
     out = Path(out)
+    holder = run_holding(out)
+    if holder is not None:  # an export never replaces what a run recorded (its database, config, checkpoints …)
+        raise RunStoreError(f"cannot write {out}: it is inside the run directory {holder}, whose files an export "
+                            "must not replace; pass --out FILE outside every run directory.")
+    df = load(run, salvage=salvage)
     special = out.exists() and not out.is_file() and not out.is_dir()  # /dev/null, a fifo: write into, never replace
     if "damage" in df.attrs and not special:
         out = out.with_name(f"{out.stem}.salvaged{out.suffix}")

@@ -159,8 +159,9 @@ class Trainer:
         step = start
         # A checkpoint is taken before the evaluation of its step, so resuming repeats that evaluation
         # exactly as the uninterrupted run did (same parameters, same RNG state).
-        if step == 0 or self._due(step, arm.eval_every) or step == arm.steps:
-            result.final.update(self._evaluate(arm, step, t0))
+        # That includes its early stop: a run interrupted just before the evaluation that stopped it stops here too.
+        if (step == 0 or self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result):
+            step = arm.steps
         while step < arm.steps:
             loss = self._step(arm, step)
             step += 1
@@ -170,18 +171,23 @@ class Trainer:
                 if interrupt.requested:
                     result.interrupted = True
                     break
-            if self._due(step, arm.eval_every) or step == arm.steps:
-                metrics = self._evaluate(arm, step, t0)
-                result.final.update(metrics)
-                if arm.stop is not None and metrics and step < arm.steps and arm.stop(metrics):
-                    self._append([Record(step, "", "stopped_early", 1.0, arm.name)])
-                    step = arm.steps
+            if (self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result):
+                step = arm.steps
             if self.progress:
                 self.progress.update(task, step, loss)
         result.steps_done = step
         result.seconds = time.perf_counter() - t0
         self.run.flush()
         return result
+
+    def _evaluate_and_stop(self, arm: Any, step: int, t0: float, result: ArmResult) -> bool:
+        """Evaluate at `step`; True when the arm's stop rule ends it there (recorded as stopped_early)."""
+        metrics = self._evaluate(arm, step, t0)
+        result.final.update(metrics)
+        if arm.stop is not None and metrics and 0 < step < arm.steps and arm.stop(metrics):
+            self._append([Record(step, "", "stopped_early", 1.0, arm.name)])
+            return True
+        return False
 
     @staticmethod
     def _due(step: int, every: int) -> bool:
