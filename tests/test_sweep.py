@@ -94,3 +94,36 @@ def test_every_labs_hooks_take_what_the_sweep_and_the_runner_pass(name):
     for hook, passed in args.items():
         if hasattr(lab, hook):
             inspect.signature(getattr(lab, hook)).bind(*passed)
+
+
+def test_a_resumed_sweep_keeps_its_settings_and_grid(tmp_path):
+    """`sweep --resume D --set steps=60` rewrote sweep.json and mixed two configs in summary.csv; `--grid seed=2`
+    replaced the recorded seeds. --set may only repeat the recorded value; --grid may only add values."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path, echo=quiet)
+    recorded = (d / "sweep.json").read_text()
+    with pytest.raises(ConfigError, match=r"--set steps=.* would change them: start a new sweep"):
+        sweep.run_sweep("grokking", {}, {"steps": FAST["steps"] + 1}, resume=d, echo=quiet)
+    with pytest.raises(ConfigError, match="the sweep being resumed has no such grid key"):
+        sweep.run_sweep("grokking", {"seed": [2]}, resume=d, echo=quiet)
+    assert (d / "sweep.json").read_text() == recorded
+    sweep.run_sweep("grokking", {"train_fraction": [0.6]}, dict(FAST), resume=d, echo=quiet)  # same settings, one value more
+    assert json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4, 0.6]
+    assert sorted(sweep.summary(d)["train_fraction"]) == [0.4, 0.6]
+
+
+def test_a_sweep_with_failed_points_exits_2_naming_them(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from specscope.cli import main
+
+    args = ["specscope", "sweep", "grokking", "--grid", "p=4,5", "--out", str(tmp_path)]
+    for k, v in FAST.items():
+        if k != "p":
+            args += ["--set", f"{k}={json.dumps(v) if isinstance(v, list) else v}"]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "1 point(s) of the sweep failed" in err and "p=4" in err.replace("'p': 4", "p=4")
+    assert "Traceback" not in err

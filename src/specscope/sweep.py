@@ -94,6 +94,8 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int,
 
     from specscope.labs import run_lab
 
+    if _STOP is not None and _STOP.is_set():  # queued before a Ctrl-C reached the sweep: never started
+        return "", "not started: the sweep was interrupted", 0.0
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -102,11 +104,21 @@ def _run_point(lab: str, overrides: dict[str, Any], out: str, threads: int,
         return str(path), "", time.perf_counter() - t0
     except Exception as e:  # a failed point is reported in the table; the sweep goes on
         return "", f"{type(e).__name__}: {e}", time.perf_counter() - t0
+    except KeyboardInterrupt:
+        if _STOP is None:  # in the sweep's own process: the sweep stops
+            raise
+        _STOP.set()  # a worker: its run checkpointed; the points the pool already handed it are not started
+        return "", "interrupted", time.perf_counter() - t0
     finally:
         torch.set_num_threads(previous)
 
 
-def _init_worker(threads: int, parent: int) -> None:
+_STOP = None  # in a worker process: the sweep's interrupt event
+
+
+def _init_worker(threads: int, parent: int, stop=None) -> None:
+    global _STOP
+    _STOP = stop
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     die_with_parent(parent)
@@ -185,7 +197,7 @@ def run_sweep(
         if not meta_file.is_file():
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); pass the directory `specscope sweep` printed")
         meta = read_sweep_meta(meta_file)
-        lab, grid, fixed = meta["lab"], {**meta["grid"], **grid}, {**meta["fixed"], **(fixed or {})}
+        lab, grid, fixed = meta["lab"], extended_grid(meta["grid"], grid), resumed_fixed(meta["fixed"], fixed or {})
     labs.get(lab)  # unknown lab: error now, not in every worker
     points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
     if resume is None:
@@ -202,7 +214,10 @@ def run_sweep(
          f"{len(todo)} to run ({sum(r is not None for r in resumes)} resumed) on {workers} worker(s)")
     threads = threads_per_worker or 1  # small models: one thread each; more threads oversubscribe the cores
     t0 = time.perf_counter()
-    errors = _execute(lab, todo, resumes, str(sweep_dir / "runs"), workers, threads, backend, echo)
+    try:
+        errors = _execute(lab, todo, resumes, str(sweep_dir / "runs"), workers, threads, backend, echo)
+    except KeyboardInterrupt:  # the points under way were checkpointed by their runs; none queued was started
+        raise KeyboardInterrupt(f"sweep interrupted; resume with: specscope sweep --resume {sweep_dir}") from None
     wall = time.perf_counter() - t0
     (sweep_dir / "errors.json").write_text(json.dumps(errors, indent=1))
     _add_timing(sweep_dir / "timing.json", {"points_run": len(todo), "workers": workers, "threads_per_worker": threads,
@@ -246,13 +261,42 @@ def _execute(lab: str, todo: list[dict], resumes: list[str | None], runs_root: s
             report(p, _run_point(lab, p, runs_root, threads, r))
     else:
         ctx = get_context("spawn")  # a fresh interpreter per worker: no inherited torch thread pools or locks
-        init = (threads, os.getpid())
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init) as pool:
+        stop = ctx.Event()
+        init = (threads, os.getpid(), stop)
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=init)
+        try:
             futures = {pool.submit(_run_point, lab, p, runs_root, threads, r): i
                        for i, (p, r) in enumerate(zip(todo, resumes))}
             for f in as_completed(futures):
                 report(todo[futures[f]], f.result())
+        except KeyboardInterrupt:  # Ctrl-C: start no queued point (the pool's exit would run them all first)
+            stop.set()  # the points the pool has already handed to a worker return at once
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     return errors
+
+
+def extended_grid(recorded: dict[str, list], given: dict[str, list]) -> dict[str, list]:
+    """The grid of a resumed sweep: the recorded one, each key's values extended by those given. A key the sweep
+    does not have would change every recorded point, and dropping values would hide them: both are errors."""
+    new = sorted(set(given) - set(recorded))
+    if new:
+        raise ConfigError(f"--grid {', '.join(new)}: the sweep being resumed has no such grid key (its keys: "
+                          f"{sorted(recorded)}); start a new sweep to vary it")
+    out = {}
+    for key, values in recorded.items():
+        out[key] = list(values) + [v for v in given.get(key, []) if v not in values]
+    return out
+
+
+def resumed_fixed(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A resumed sweep keeps its fixed overrides: --set may only repeat them (a change would mix two configs)."""
+    changed = {k: v for k, v in given.items() if k not in recorded or recorded[k] != v}
+    if changed:
+        raise ConfigError(f"--resume continues a sweep with its recorded settings ({recorded}); --set "
+                          f"{', '.join(f'{k}={v!r}' for k, v in changed.items())} would change them: start a new sweep")
+    return dict(recorded)
 
 
 def _require_ray():

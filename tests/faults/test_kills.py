@@ -137,3 +137,33 @@ def test_ctrl_c_prints_the_resume_command(cli, tmp_path, monkeypatch, finished):
     rc, _, err = cli("run", "--resume", run, "--quiet")
     assert rc == 0, err
     pd.testing.assert_frame_equal(metrics(run), metrics(finished))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups")
+def test_ctrl_c_stops_a_sweep_without_starting_queued_points(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) used to let the pool run every queued point first and then
+    print one point's `run --resume`; now nothing queued starts and the message names `sweep --resume`."""
+    script = SWEEP.replace('{"seed": [0, 1]}', '{"seed": [0, 1, 2, 3, 4, 5]}').replace('"steps": 300', '"steps": 3000')
+    wrapper = textwrap.dedent("""
+        import sys
+        from specscope.cli import interruptible
+        body = compile(sys.argv[2], "sweep", "exec")
+        interruptible(lambda: exec(body, {"__name__": "sweep"}))()
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", wrapper, str(tmp_path), script], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/runs/grokking/*/metrics.sqlite")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (sweep_dir,) = tmp_path.iterdir()
+    assert proc.returncode == 130, err
+    assert f"specscope sweep --resume {sweep_dir}" in err and "run --resume" not in err
+    assert len(list((sweep_dir / "runs" / "grokking").iterdir())) <= 2  # the two under way; none of the four queued

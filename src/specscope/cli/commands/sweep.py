@@ -91,3 +91,8 @@ def sweep(
 
         Console().print(claims_table([Claim(**c) for c in json.loads(claims_file.read_text())], title="Sweep claims"))
     typer.echo(f"sweep: {sweep_dir}")
+    failed = json.loads((sweep_dir / "errors.json").read_text()) if (sweep_dir / "errors.json").is_file() else []
+    if failed:  # the table above has the points that ran; the exit status says not all did
+        raise ConfigError(f"{len(failed)} point(s) of the sweep failed, e.g. {failed[0]['overrides']}: {failed[0]['error']}; "
+                          f"fix the grid or the settings (errors in {sweep_dir / 'errors.json'}) and resume with "
+                          f"specscope sweep --resume {sweep_dir}")
