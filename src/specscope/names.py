@@ -38,6 +38,12 @@ def markup(text: object) -> str:
     return escape(str(text))
 
 
+def visible(text: object) -> str:
+    """`text` with every control or format character shown as an escape (\\x1b, \\u200b): text read from a file
+    (a claim, a name) can never move the cursor, retitle the terminal or hide part of itself when printed."""
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode() for ch in str(text))
+
+
 def mathtext(text: object) -> str:
     """`text` for a matplotlib label: every `$` escaped, so no mathtext is parsed."""
     return str(text).replace("$", r"\$")

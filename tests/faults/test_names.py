@@ -87,3 +87,78 @@ def test_arm_names_never_leave_the_checkpoint_directory(tmp_path, arm):
     trainer = Trainer(SimpleNamespace(checkpoints_dir=tmp_path / "checkpoints"), None, 0)
     path = trainer.checkpoint_path(arm)
     assert path.parent == tmp_path / "checkpoints" and path.name.endswith(".pt") and "/" not in path.name
+
+
+def test_control_characters_read_from_a_summary_print_escaped(finished, copy_of, cli, tmp_path):
+    """A summary.json whose checksum was recomputed (it is unkeyed) can hold anything: an OSC/ANSI sequence in a
+    claim's setting retitled the terminal, and an end marker in it corrupted README on the next --into."""
+    from specscope.store.integrity import write_json
+
+    run = copy_of(finished)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("sha256")
+    hostile = "\x1b]0;TITLE\x07\x1b[31mRED <!-- claims:end --> | cell"
+    summary["claims"][0]["setting"] = hostile
+    write_json(run / "summary.json", summary, checksum=True)
+    rc, out, _ = cli("claims", "--root", tmp_path / "runs")
+    assert rc == 0 and "\x1b" not in out and "\x07" not in out and "\\x1b]0;TITLE\\x07" in out.replace("\n", "")
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- claims:begin -->\nold\n<!-- claims:end -->\nbottom\n")
+    for _ in range(2):  # the marker inside a cell is no marker: the file keeps one table, twice written
+        rc, _, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", readme)
+        assert rc == 0, err
+    text = readme.read_text()
+    assert text.startswith("top\n<!-- claims:begin -->\n") and text.endswith("<!-- claims:end -->\nbottom\n")
+    assert text.count("\n<!-- claims:end -->\n") == 1 and "\x1b" not in text
+
+
+@pytest.mark.parametrize("content, message", [
+    ("x\n<!-- claims:end -->\nmid\n<!-- claims:begin -->\ny\n", "line followed by an '<!-- claims:end -->' line"),
+    ("a <!-- claims:begin --> b\n<!-- claims:end -->\n", "line followed by"),
+])
+def test_claims_into_a_file_whose_markers_are_out_of_order_is_one_error(finished, copy_of, cli, tmp_path, content, message):
+    copy_of(finished)
+    target = tmp_path / "f.md"
+    target.write_text(content)
+    rc, _, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", target)
+    one_line_error(rc, err, message)
+    assert target.read_text() == content
+    target.write_bytes(b"\xff\xfe<!-- claims:begin -->\n")
+    rc, _, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", target)
+    one_line_error(rc, err, "is not UTF-8 text")
+
+
+def test_report_never_writes_through_a_link_in_the_run(finished, copy_of, cli, tmp_path):
+    """figures/loss.png replaced by a link to a file outside: `report` wrote the PNG into that file."""
+    run = copy_of(finished)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (figure,) = [f for f in (run / "figures").iterdir() if f.suffix == ".png"][:1]
+    figure.unlink()
+    figure.symlink_to(victim)
+    rc, _, err = cli("report", run)
+    assert rc == 0, err
+    assert victim.read_text() == "keep me" and figure.is_file() and not figure.is_symlink()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    import shutil
+
+    shutil.rmtree(run / "figures")
+    (run / "figures").symlink_to(outside)
+    rc, _, err = cli("report", run)
+    one_line_error(rc, err, "is a link to", "remove the link")
+    assert not any(outside.iterdir())
+
+
+def test_claims_from_a_salvaged_summary_say_so(finished, copy_of, cli, tmp_path):
+    """`report --salvage` writes verdicts from what was readable; `claims` showed them unmarked (and --into
+    carried them into a README as if whole)."""
+    from specscope.store.integrity import write_json
+
+    run = copy_of(finished)
+    summary = json.loads((run / "summary.json").read_text())
+    summary.pop("sha256")
+    write_json(run / "summary.json", {**summary, "salvaged": "3 of 40 pages unreadable"}, checksum=True)
+    for fmt in ("table", "markdown", "json"):
+        rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", fmt)
+        assert rc == 0 and "salvaged from a damaged database" in out, (fmt, err)

@@ -9,6 +9,7 @@ nothing else: no other script, no request beyond the page's own data: images.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import html
 import io
@@ -131,11 +132,17 @@ def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | Non
     """Finish each figure with the project style and write it to out_dir/figures/<stem>.png; returns
     stem -> PNG bytes."""
     folder = out_dir / "figures"
+    if folder.is_symlink():
+        raise OSError(errno.EPERM, f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside "
+                      "its own directory: remove the link", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for stem, fig in figures.items():
         data = png_bytes(style.finish(fig), dpi)
-        (folder / f"{stem}.png").write_bytes(data)
+        path = folder / f"{stem}.png"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # replaces a link at `path` itself: never writes through it to another file
         written[stem] = data
     return written
 

@@ -15,6 +15,7 @@ import pandas as pd
 from rich.table import Table
 from rich.text import Text
 
+from specscope.names import visible
 from specscope.probe.advice import MARGIN, verdict
 from specscope.records import Claim
 
@@ -172,7 +173,7 @@ def claims_table(claims: Sequence[Claim], *, title: str = "Claims") -> Table:
         table.add_column(name, overflow="fold", ratio=3 if name == "text" else None)
     for c in claims:
         # Text(...) never parses rich markup, so a claim text like "[red]" prints as written
-        table.add_row(Text(c.id), Text(c.text), Text(c.published), Text(c.measured),
+        table.add_row(*(Text(visible(x)) for x in (c.id, c.text, c.published, c.measured)),
                       Text(claim_verdict_text(c.verdict), style=VERDICT_STYLE.get(c.verdict, "")))
     return table
 

@@ -15,6 +15,7 @@ lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ import typer
 
 from specscope.cli import app, stdout_console
 from specscope.errors import ConfigError, RunStoreError
+from specscope.names import visible
 from specscope.store.integrity import read_json
 from specscope.store.run import read_config
 from specscope.records import Claim, over_seeds
@@ -66,7 +68,8 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
             continue
         data = read_json(summary, checksum=True, fix=f"`specscope report {summary.parent}` rewrites it from the "
                          "recorded metrics")  # a tampered verdict is never shown as a result
-        out.append((meta["lab"], summary.parent.name, meta.get("config", {}), _digits(meta.get("created", "")),
+        name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged") else "")
+        out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     [Claim(**c) for c in data.get("claims", [])]))
     for claims_file in sorted(root.rglob("claims.json")):
         sweep = claims_file.parent / "sweep.json"
@@ -122,8 +125,10 @@ def collect(root: Path, every: bool = False) -> list[Row]:
 
 
 def _cells(r: Row) -> list[str]:
+    """The row's fields as printable text (control characters read from summary.json escaped)."""
     run = r.runs[0] if len(r.runs) == 1 else f"{len(r.runs)} runs: " + ", ".join(r.runs)
-    return [r.lab, r.claim.id, r.claim.verdict, str(r.claim.seeds), r.claim.spread or "—", r.claim.setting or "—", run]
+    cells = [r.lab, r.claim.id, r.claim.verdict, str(r.claim.seeds), r.claim.spread or "—", r.claim.setting or "—", run]
+    return [visible(c) for c in cells]
 
 
 def markdown(rows: list[Row]) -> str:
@@ -134,12 +139,21 @@ def markdown(rows: list[Row]) -> str:
 
 
 def write_into(path: Path, text: str) -> None:
-    """Replace what lies between the BEGIN and END marker lines of `path` with `text`."""
-    body = path.read_text()
-    if BEGIN not in body or END not in body:
-        raise ConfigError(f"{path} has no '{BEGIN}' … '{END}' lines; add them where the table belongs")
-    head, rest = body.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+    """Replace what lies between the BEGIN and END marker lines of `path` (whole lines, BEGIN first) with `text`;
+    the file is replaced whole (temporary file and rename), never left half written."""
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
+    except UnicodeDecodeError:
+        raise ConfigError(f"--into {path} is not UTF-8 text; give a markdown file with the '{BEGIN}' … '{END}' lines") from None
+    begin = next((i for i, line in enumerate(lines) if line.strip() == BEGIN), None)
+    end = next((i for i, line in enumerate(lines) if line.strip() == END and begin is not None and i > begin), None)
+    if begin is None or end is None:
+        raise ConfigError(f"{path} has no '{BEGIN}' line followed by an '{END}' line; add them, each on a line of its "
+                          "own, where the table belongs")
+    body = "".join(lines[: begin + 1]) + text + "".join(lines[end:])
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(body, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @app.command("claims")
