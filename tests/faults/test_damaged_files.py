@@ -186,3 +186,21 @@ def test_malformed_config_json(finished, copy_of, cli, tmp_path, content, comman
     rc, _, err = cli(*argv)
     one_line_error(rc, err, run / "config.json")
     assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("command", ["export", "report", "compare"])
+@pytest.mark.parametrize("arm", ["l2", "lrd"])
+def test_readers_refuse_a_database_that_lost_records_progress_counts(killed, copy_of, cli, tmp_path, command, arm):
+    """A killed run's -wal file flipped or truncated reads as a valid, shorter database: `export` wrote a CSV of
+    0 of 364 rows with exit 0. progress.json's counts (finished arm l2, lrd's checkpoint) now catch it, as
+    `--resume` did."""
+    run = copy_of(killed)
+    with sqlite3.connect(run / "metrics.sqlite") as con:
+        con.execute("DELETE FROM metrics WHERE arm = ? AND rowid % 5 = 0", (arm,))
+    con.close()
+    before = fingerprint(run)
+    args = {"export": ("export", run, "--out", tmp_path / "x.csv"), "report": ("report", run),
+            "compare": ("compare", run, run, "--out", tmp_path / "cmp")}[command]
+    rc, _, err = cli(*args)
+    one_line_error(rc, err, "lost records", f"'{arm}'", "--salvage")
+    assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()

@@ -23,7 +23,7 @@ _PROGRESS_FIX = "restore it, or start a new run"
 
 def read_progress(run, count=None) -> dict:
     """progress.json (checksummed): the finished parts ("done"), the records each had written ("records"),
-    the latest checkpoint of each unfinished arm ("checkpoints": {arm: {step, records}}) and the seconds
+    the latest checkpoint of each unfinished arm ("checkpoints": {arm: {step, records, position}}) and the seconds
     each part took ("seconds"). A run killed before its first write has none: an empty one, when its
     database is empty too. `count(arm=None)` counts records (default: `run.record_count`)."""
     p = Path(run.path) / PROGRESS_FILE
@@ -155,8 +155,8 @@ def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool, state: d
     """Run the lab's parts in order, skipping the ones a previous attempt finished; progress.json records
     each part's records and seconds when it finishes and each checkpoint's step and records."""
 
-    def checkpointed(arm: str, step: int, records: int) -> None:
-        state["checkpoints"][arm] = {"step": step, "records": records}
+    def checkpointed(arm: str, step: int, records: int, position: int) -> None:
+        state["checkpoints"][arm] = {"step": step, "records": records, "position": position}  # readers check the count
         _write_progress(run, state)
 
     trainer = Trainer(run, device, cfg.seed, cfg.checkpoint_every, bar, on_checkpoint=checkpointed)

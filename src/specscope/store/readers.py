@@ -49,6 +49,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     run = run if isinstance(run, Run) else Run.open(run_dir(run))
     with run.reader(salvage=salvage) as (con, damage):
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
+        if not salvage:
+            _check_counts(run, lambda name, upto: sqlite.count_rows(con, run.metrics_path, arm=name, upto=upto))
     df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
     if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
@@ -57,6 +59,31 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     if damage:
         df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
     return df
+
+
+def _check_counts(run: Run, count) -> None:
+    """A lab run's progress.json says how many records each finished arm wrote and each checkpoint covers; a
+    database holding fewer lost them (a damaged or truncated -wal file reads as a valid, shorter database).
+    A missing or damaged progress.json is not checked here (`runs` names that damage)."""
+    path = Path(run.path) / PROGRESS
+    if not path.is_file():
+        return
+    try:
+        progress = integrity.read_json(path, checksum=True, fix="")
+    except RunStoreError:
+        return
+    want = {name: (n, None, "when it finished") for name, n in (progress.get("records") or {}).items()
+            if name in (progress.get("done") or [])}
+    for name, ck in (progress.get("checkpoints") or {}).items():
+        if isinstance(ck, dict) and name not in want:
+            upto = ck.get("position") if isinstance(ck.get("position"), int) else None  # older runs: no position
+            want[name] = (ck.get("records"), upto, f"up to its step-{ck.get('step')} checkpoint")
+    for name, (n, upto, when) in want.items():
+        have = count(name, upto)
+        if isinstance(n, int) and have < n:
+            raise RunStoreError(f"{run.metrics_path} holds {have} records of '{name}', but {path} says {n} were "
+                                f"written {when}: the database lost records (a damaged or truncated "
+                                f"{run.metrics_path.name}-wal?); --salvage reads what is left.")
 
 
 def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.DataFrame":

@@ -267,7 +267,7 @@ class Trainer:
             },
         )
         if self.on_checkpoint is not None:
-            self.on_checkpoint(arm.name, next_step, records)
+            self.on_checkpoint(arm.name, next_step, records, position)
 
     def _restore(self, arm: Any) -> tuple[int, float]:
         ckpt = load_checkpoint(self.checkpoint_path(arm.name))  # cpu; load_state_dict copies to the device
