@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import one_line_error
+from conftest import fingerprint, one_line_error
 
 QUICK_ARGS = ["--set", "p=5", "--set", "steps=2", "--set", "d_model=8", "--set", "d_ff=16", "--set", "n_heads=2",
               "--set", "device=cpu"]
@@ -131,6 +131,23 @@ def test_a_read_only_disk_names_the_way_out_this_command_has(finished, copy_of, 
     one_line_error(rc, err, "Read-only file system", fix)
 
 
+def test_a_read_only_disk_under_a_resume_says_copy_and_resume(killed, copy_of, cli, monkeypatch):
+    """`run --resume` has no --out: the way out is a writable copy (it said "write elsewhere (--out)")."""
+    import errno
+    import os
+
+    run = copy_of(killed)
+
+    def read_only(src, dst, *a, **k):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    rc, _, err = cli("run", "--resume", run)
+    monkeypatch.undo()
+    one_line_error(rc, err, "Read-only file system", "resume the copy")
+    assert "--out" not in err
+
+
 def test_compare_out_under_a_file(finished, cli, tmp_path):
     (tmp_path / "file").write_text("x")
     rc, _, err = cli("compare", finished, finished, "--out", tmp_path / "file" / "cmp")
@@ -177,3 +194,25 @@ def test_a_key_with_control_characters_is_shown_escaped_not_cleaned_into_a_valid
     """A terminal escape in a key must not print as the valid key it hides ('wi<ESC>[2Jdth' is not 'width')."""
     rc, _, err = cli("run", "random-features", "--set", "wi\x1b[2Jdth=3", "--out", tmp_path / "runs")
     one_line_error(rc, err, "unknown config key 'wi\\x1b[2Jdth'")
+
+
+def test_report_on_an_unfinished_run_says_so_and_refuses_a_live_one(killed, copy_of, cli):
+    """`report` on a killed run gave verdicts from part of the records with nothing saying so; on a live run it
+    wrote summary.json and report.html under the writer."""
+    import fcntl
+    import json
+    import os
+
+    run = copy_of(killed)
+    rc, out, err = cli("report", run)
+    assert rc == 0, err
+    assert "is incomplete: the claims and the report cover only the steps recorded so far" in " ".join(out.split())
+    assert "<title>INCOMPLETE RUN, RECORDS SO FAR" in (run / "report.html").read_text()
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**meta, "status": "running", "pid": os.getpid()}))
+    with open(run / "run.lock", "a+") as held:  # the writer's lock, held as a live run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = fingerprint(run)
+        rc, _, err = cli("report", run)
+        assert fingerprint(run) == before
+    one_line_error(rc, err, "is being written by a live process")

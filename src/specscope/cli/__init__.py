@@ -141,6 +141,8 @@ _ELSEWHERE = {"claims": "give --into a file on a writable disk",  # where each c
 def _elsewhere() -> str:
     """How the command being run can write somewhere else: its --out, or what stands for it."""
     command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if "--resume" in sys.argv[1:]:  # a resume writes into its run (or sweep): --out does not apply
+        return "copy the run (or sweep) directory to a writable disk and resume the copy"
     return _ELSEWHERE.get(command, "write elsewhere (--out)")
 
 

@@ -195,12 +195,12 @@ def _logger(run, arm: str):
     return log
 
 
-def finish(run, lab, cfg, *, salvage: bool = False) -> list[Claim]:
+def finish(run, lab, cfg, *, salvage: bool = False, partial: str = "") -> list[Claim]:
     """Claims from the recorded metrics, then summary.json and report.html (also used by `specscope report`).
 
     A damaged database is an error unless `salvage`; then both files say, in them, that they were computed
     from the records that were still readable. In a lab run made by `demo --quick` every verdict is
-    UNDECIDABLE (see `undecidable`)."""
+    UNDECIDABLE (see `undecidable`). `partial`: the status of a run that did not finish, named in the title."""
     df = store.load(run, salvage=salvage)
     damage = df.attrs.get("damage")
     claims = list(lab.claims(df, cfg))
@@ -211,6 +211,8 @@ def finish(run, lab, cfg, *, salvage: bool = False) -> list[Claim]:
     figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
     measured = lab.summarize(df, cfg) if hasattr(lab, "summarize") else ()
     title = f"{lab.NAME} — {Path(run.path).name}" + (" (quick size)" if quick else "")
+    if partial:  # `specscope report` on a run that did not finish: its page says so first
+        title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
     report.write_report(
         Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures, measured=measured,
         title=f"SALVAGED FROM A DAMAGED DATABASE ({damage}) — {title}" if damage else title,

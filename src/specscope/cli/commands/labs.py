@@ -113,8 +113,17 @@ def report_cmd(
     from specscope.labs.config import make_config
     from specscope.labs.runner import finish
 
+    from specscope.store.run import effective_status, read_config
+
     run_dir = store.find_run(run_dir, root)
     run = store.Run.open(run_dir)
+    status = effective_status(Path(run_dir), read_config(run_dir))
+    if status == "running":
+        raise ConfigError(f"{run_dir} is being written by a live process; report it when it has finished "
+                          "(it writes its own report then)")
+    if status != "complete":  # verdicts from the records so far: said on the console and in the page's title
+        console.print(f"[yellow]warning[/]: {markup(run_dir)} is {status}: the claims and the report cover only "
+                      f"the steps recorded so far (`specscope run --resume {markup(run_dir)}` finishes it)")
     if run.lab == "diagnose":
         from specscope.cli.commands.diagnose import write_diagnose_report
 
@@ -128,7 +137,7 @@ def report_cmd(
         cfg = make_config(lab.Config, run.config, run.lab)
         if not salvage:
             run.check()  # before anything is rewritten
-        finish(run, lab, cfg, salvage=salvage)  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
+        finish(run, lab, cfg, salvage=salvage, partial=status if status != "complete" else "")  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
     show_run(run_dir)
 
 
