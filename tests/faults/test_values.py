@@ -216,3 +216,27 @@ def test_report_on_an_unfinished_run_says_so_and_refuses_a_live_one(killed, copy
         rc, _, err = cli("report", run)
         assert fingerprint(run) == before
     one_line_error(rc, err, "is being written by a live process")
+
+
+def test_compare_never_writes_into_a_run_and_a_file_in_the_way_has_a_fix(finished, copy_of, cli, tmp_path):
+    run = copy_of(finished)
+    before = fingerprint(run)
+    rc, _, err = cli("compare", finished, run, "--out", run)
+    one_line_error(rc, err, "is inside the run directory")
+    assert fingerprint(run) == before
+    (tmp_path / "taken").write_text("x")
+    rc, _, err = cli("compare", finished, run, "--out", tmp_path / "taken")
+    one_line_error(rc, err, "a file is in the way")
+
+
+@pytest.mark.parametrize("name", ["metrics.sqlite", "config.json", "summary.json"])
+def test_a_folder_in_place_of_a_runs_file_is_named_as_such(finished, copy_of, cli, tmp_path, name):
+    import shutil
+
+    run = copy_of(finished)
+    (run / name).unlink()
+    (run / name).mkdir()
+    rc, _, err = cli("claims" if name == "summary.json" else "export", *(("--root", tmp_path / "runs") if name == "summary.json"
+                                                                       else (run, "--out", tmp_path / "x.csv")))
+    one_line_error(rc, err, name, "is a folder")
+    shutil.rmtree(run / name)

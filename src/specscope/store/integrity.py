@@ -73,6 +73,8 @@ def write_json(path: Path, obj: dict, *, checksum: bool = False) -> None:
 def read_json(path: Path, *, checksum: bool = False, fix: str = "restore or delete that run directory") -> dict:
     """A JSON object from `path`; every way it can be wrong is one RunStoreError naming the file and `fix`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise RunStoreError(f"{path} is a folder (or another non-file), not a JSON file; {fix}.")
     if not path.is_file():
         raise RunStoreError(f"{path} is missing; {fix}.")
     try:

@@ -91,6 +91,9 @@ def open_reader(path: Path, *, live: bool, salvage: bool = False, check: bool = 
     unless `salvage`, which reads what is still readable (a truncated file is opened with writable_schema,
     which takes the file's real size instead of the page count its header promises).
     """
+    if path.exists() and not path.is_file():
+        raise RunStoreError(f"{path} is a folder (or another non-file), not the run's metrics database; restore the "
+                            "database file from a copy of the run.")
     if not path.is_file():
         raise RunStoreError(f"{path} does not exist: the run directory has no metrics database (was it made by Run.create?).")
     with contextlib.ExitStack() as stack:

@@ -156,6 +156,9 @@ def compare(
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
     runs = [store.Run.open(store.find_run(p, root)) for p in run_dirs]
+    holder = store.readers.run_holding(out) if out is not None else None
+    if holder is not None:  # its figures/ would replace the run's own
+        raise ConfigError(f"--out {out} is inside the run directory {holder}; give a folder outside every run directory")
     frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
