@@ -366,8 +366,8 @@ class Monitor:
         if s.problem:
             return s.problem
         if s.other_ops and s.other_ops <= R.ADDITIVE:
-            return (f"used as a table ({', '.join(sorted(s.other_ops))}: indexed or added to activations), never multiplied — "
-                    "learned positions, a class token, a bare-parameter lookup; routed as an embedding, it has no input matrix")
+            return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed or added to activations, never multiplied "
+                    "(learned positions, a class token, a bare-parameter lookup): routed as an embedding, it has no input matrix")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if not has_grad:
