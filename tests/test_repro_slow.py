@@ -60,9 +60,10 @@ def test_grokking_paper_003_baseline_groks_within_4000_steps(root):
 def test_grokking_default_lrd_collapses_qk_rank_where_l2_does_not(root):
     """The lab's default (tf004, AdamW wd 0.1, LRD lr·λ = 5e-3 on W_Q, W_K): docs/lab-grokking.md. The rank
     half of LRD-1 (post-memorization median Q/K stable rank ≈ 2.6 for both LRD variants vs ≈ 27.6 for L2 at
-    700 steps, seed 0); the nuclear-norm half failed there under QK-norm, so the verdict is not asserted."""
+    700 steps, seed 0) and the scale-free "keeps compressing" half: PASS in seeds 0, 1, FAIL in seed 2 (plain
+    LRD's spectrum swings back up at the lr·λ floor), so PASS over the three seeds."""
     v = claims_over_seeds("grokking", {}, root)
-    assert v["LRD-1"].verdict != "INCONCLUSIVE" and v["LRD-1"].value < 0.2
+    assert v["LRD-1"].verdict == "PASS" and v["LRD-1"].value < 0.2
 
 
 @pytest.mark.timeout(6 * 3600)  # 9 points × two arms of ≈ 5 min on one core each, two workers
