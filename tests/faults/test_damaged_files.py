@@ -204,3 +204,14 @@ def test_readers_refuse_a_database_that_lost_records_progress_counts(killed, cop
     rc, _, err = cli(*args)
     one_line_error(rc, err, "lost records", f"'{arm}'", "--salvage")
     assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
+
+
+def test_runs_names_a_database_it_cannot_read(finished, copy_of, cli, tmp_path):
+    """A complete run whose database is unreadable was listed `complete` with a blank last step and nothing else."""
+    run = copy_of(finished)
+    (run / "metrics.sqlite").write_bytes(b"not a database" * 100)
+    before = fingerprint(run)
+    rc, out, err = cli("runs", "--root", tmp_path / "runs")
+    assert rc == 0, err
+    assert "(damaged)" in out and "metrics.sqlite" in out and "--salvage" in out
+    assert fingerprint(run) == before

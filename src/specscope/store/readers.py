@@ -122,8 +122,8 @@ def _describe(path: Path) -> dict:
         with run.reader(check=False) as (con, _):
             progress = sqlite.read_progress(con)
         row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
-    except RunStoreError:
-        pass
+    except RunStoreError as e:  # an unreadable database is damage too: said, with the file, not a blank step
+        row["problem"] = row["problem"] or f"{e} (`--salvage` reads what is left)"
     return row
 
 
