@@ -215,3 +215,11 @@ def test_runs_names_a_database_it_cannot_read(finished, copy_of, cli, tmp_path):
     assert rc == 0, err
     assert "(damaged)" in out and "metrics.sqlite" in out and "--salvage" in out
     assert fingerprint(run) == before
+
+
+def test_runs_lists_a_run_killed_before_its_config_was_written(finished, copy_of, cli, tmp_path):
+    run = copy_of(finished)
+    (run / "config.json").unlink()
+    rc, out, err = cli("runs", "--root", tmp_path / "runs")
+    assert rc == 0 and "no runs under" not in out, out
+    assert "unreadable" in out and "config.json" in out

@@ -240,3 +240,11 @@ def test_a_folder_in_place_of_a_runs_file_is_named_as_such(finished, copy_of, cl
                                                                        else (run, "--out", tmp_path / "x.csv")))
     one_line_error(rc, err, name, "is a folder")
     shutil.rmtree(run / name)
+
+
+def test_compare_without_out_writes_beside_the_runs_of_its_root(finished, copy_of, cli, tmp_path, monkeypatch):
+    run = copy_of(finished)
+    monkeypatch.chdir(tmp_path / "runs" / "grokking")  # not where the runs' root is
+    rc, out, err = cli("compare", "done", run.name, "--root", tmp_path / "runs")
+    assert rc == 0, err
+    assert str(tmp_path / "runs" / "compare") in out.replace("\n", "") and not (tmp_path / "runs" / "grokking" / "runs").exists()

@@ -98,7 +98,10 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
         check_name("lab", lab)  # never a glob pattern or a path
     patterns = [f"{lab}/*/{CONFIG}", f"*/*/{lab}/*/{CONFIG}"] if lab else [f"*/*/{CONFIG}", f"*/*/*/*/{CONFIG}"]
     # root/<lab>/<run_id>, and the lab runs a run holds (a demo's: root/demo/<id>/<lab>/<run_id>)
-    rows = [_describe(p.parent) for pattern in patterns for p in root.glob(pattern)] if root.is_dir() else []
+    # a run killed before its config.json was written still has its database: listed as unreadable, not hidden
+    patterns += [pat.replace(CONFIG, METRICS) for pat in patterns]
+    dirs = dict.fromkeys(p.parent for pattern in patterns for p in root.glob(pattern)) if root.is_dir() else {}
+    rows = [_describe(d) for d in dirs]
     df = pd.DataFrame(rows, columns=LIST_COLUMNS)
     df["created"] = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
     df["steps"] = df["steps"].astype("Int64")

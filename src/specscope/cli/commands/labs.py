@@ -144,7 +144,7 @@ def report_cmd(
 @app.command("compare")
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Two or more run directories, or run ids (or lab/run_id) under --root."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison (default runs/compare/<time>)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison (default <root>/compare/<time>)."),
     salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
 ) -> None:
@@ -161,7 +161,7 @@ def compare(
         raise ConfigError(f"--out {out} is inside the run directory {holder}; give a folder outside every run directory")
     frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
-    out = out or Path("runs") / "compare" / time.strftime("%Y%m%d-%H%M%S")
+    out = out or root / "compare" / time.strftime("%Y%m%d-%H%M%S")  # beside the runs it compares
     configs, labs = {r.id: r.config for r in runs}, {r.id: r.lab for r in runs}
     page = report.write_comparison(
         out,
