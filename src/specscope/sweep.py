@@ -179,7 +179,8 @@ def run_sweep(
     """Run every grid point of `lab` that has no complete run yet; return the sweep directory.
 
     `resume` continues an existing sweep directory with its recorded lab, grid and fixed overrides
-    (the grid may be extended by passing a larger one). Each point's error, if any, goes to the table.
+    (`grid` may add values to a recorded key; `fixed` may only repeat the recorded settings: anything else would
+    mix two configurations in one table). Each point's error, if any, goes to the table and errors.json.
     """
     from specscope import labs
 
