@@ -110,6 +110,8 @@ def test_a_resumed_sweep_keeps_its_settings_and_grid(tmp_path):
     sweep.run_sweep("grokking", {"train_fraction": [0.6]}, dict(FAST), resume=d, echo=quiet)  # same settings, one value more
     assert json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4, 0.6]
     assert sorted(sweep.summary(d)["train_fraction"]) == [0.4, 0.6]
+    sweep.run_sweep("grokking", {"train_fraction": [".6", "0.40"]}, {"steps": str(FAST["steps"])}, resume=d, echo=quiet)
+    assert json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4, 0.6]  # by value, not spelling
 
 
 def test_a_sweep_with_failed_points_exits_2_naming_them(tmp_path, monkeypatch, capsys):

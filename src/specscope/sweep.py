@@ -198,7 +198,10 @@ def run_sweep(
         if not meta_file.is_file():
             raise ConfigError(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); pass the directory `specscope sweep` printed")
         meta = read_sweep_meta(meta_file)
-        lab, grid, fixed = meta["lab"], extended_grid(meta["grid"], grid), resumed_fixed(meta["fixed"], fixed or {})
+        lab = meta["lab"]
+        norm = lambda key, v: _normalized(lab, {key: v})[key]  # noqa: E731 - compared by value, not spelling
+        grid = extended_grid(meta["grid"], {k: [norm(k, v) for v in vs] for k, vs in grid.items()}, norm)
+        fixed = resumed_fixed(meta["fixed"], {k: norm(k, v) for k, v in (fixed or {}).items()}, norm)
     labs.get(lab)  # unknown lab: error now, not in every worker
     points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
     if resume is None:
@@ -278,7 +281,7 @@ def _execute(lab: str, todo: list[dict], resumes: list[str | None], runs_root: s
     return errors
 
 
-def extended_grid(recorded: dict[str, list], given: dict[str, list]) -> dict[str, list]:
+def extended_grid(recorded: dict[str, list], given: dict[str, list], norm=lambda key, v: v) -> dict[str, list]:
     """The grid of a resumed sweep: the recorded one, each key's values extended by those given. A key the sweep
     does not have would change every recorded point, and dropping values would hide them: both are errors."""
     new = sorted(set(given) - set(recorded))
@@ -287,13 +290,14 @@ def extended_grid(recorded: dict[str, list], given: dict[str, list]) -> dict[str
                           f"{sorted(recorded)}); start a new sweep to vary it")
     out = {}
     for key, values in recorded.items():
-        out[key] = list(values) + [v for v in given.get(key, []) if v not in values]
+        seen = [norm(key, v) for v in values]
+        out[key] = list(values) + [v for v in given.get(key, []) if v not in seen]
     return out
 
 
-def resumed_fixed(recorded: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def resumed_fixed(recorded: dict[str, Any], given: dict[str, Any], norm=lambda key, v: v) -> dict[str, Any]:
     """A resumed sweep keeps its fixed overrides: --set may only repeat them (a change would mix two configs)."""
-    changed = {k: v for k, v in given.items() if k not in recorded or recorded[k] != v}
+    changed = {k: v for k, v in given.items() if k not in recorded or norm(k, recorded[k]) != v}
     if changed:
         raise ConfigError(f"--resume continues a sweep with its recorded settings ({recorded}); --set "
                           f"{', '.join(f'{k}={v!r}' for k, v in changed.items())} would change them: start a new sweep")

@@ -223,3 +223,18 @@ def test_runs_lists_a_run_killed_before_its_config_was_written(finished, copy_of
     rc, out, err = cli("runs", "--root", tmp_path / "runs")
     assert rc == 0 and "no runs under" not in out, out
     assert "unreadable" in out and "config.json" in out
+
+
+def test_salvage_after_lost_records_says_so_in_what_it_writes(killed, copy_of, cli, tmp_path):
+    """The count check says `--salvage reads what is left`; what --salvage then wrote was not marked."""
+    run = copy_of(killed)
+    with sqlite3.connect(run / "metrics.sqlite") as con:
+        con.execute("DELETE FROM metrics WHERE arm = 'l2' AND rowid % 5 = 0")
+    con.close()
+    rc, out, err = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
+    assert rc == 0, err
+    assert (tmp_path / "x.salvaged.csv").is_file() and not (tmp_path / "x.csv").exists()
+    rc, _, err = cli("report", run, "--salvage")
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert "records lost" in summary["salvaged"] and "SALVAGED" in (run / "report.html").read_text()

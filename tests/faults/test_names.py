@@ -162,3 +162,19 @@ def test_claims_from_a_salvaged_summary_say_so(finished, copy_of, cli, tmp_path)
     for fmt in ("table", "markdown", "json"):
         rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", fmt)
         assert rc == 0 and "salvaged from a damaged database" in out, (fmt, err)
+
+
+def test_claims_into_keeps_a_links_target_the_files_mode_and_its_line_endings(finished, copy_of, cli, tmp_path):
+    import os
+
+    copy_of(finished)
+    real = tmp_path / "real.md"
+    real.write_bytes(b"top\r\n<!-- claims:begin -->\r\nold\r\n<!-- claims:end -->\r\nbottom\r\n")
+    os.chmod(real, 0o600)
+    link = tmp_path / "link.md"
+    link.symlink_to(real)
+    rc, _, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", link)
+    assert rc == 0, err
+    assert link.is_symlink() and (os.stat(real).st_mode & 0o777) == 0o600
+    data = real.read_bytes()
+    assert b"old" not in data and b"| lab |" in data and data.count(b"\n") == data.count(b"\r\n")

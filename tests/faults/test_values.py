@@ -248,3 +248,12 @@ def test_compare_without_out_writes_beside_the_runs_of_its_root(finished, copy_o
     rc, out, err = cli("compare", "done", run.name, "--root", tmp_path / "runs")
     assert rc == 0, err
     assert str(tmp_path / "runs" / "compare") in out.replace("\n", "") and not (tmp_path / "runs" / "grokking" / "runs").exists()
+
+
+def test_export_never_writes_into_a_sweep_directory(finished, cli, tmp_path):
+    sweep_dir = tmp_path / "grokking-1"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text('{"lab": "grokking", "grid": {}, "fixed": {}}')
+    rc, _, err = cli("export", finished, "--out", sweep_dir / "sweep.json")
+    one_line_error(rc, err, "inside the run directory")
+    assert (sweep_dir / "sweep.json").read_text().startswith("{")

@@ -141,3 +141,56 @@ def test_exclude_takes_globs_and_module_prefixes_not_substrings():
 def test_a_misspelt_hybrid_option_is_an_error_not_a_stored_key():
     with pytest.raises(ConfigError, match="'momentm' is not an option of algorithm='muon'; did you mean 'momentum'"):
         Hybrid([nn.Parameter(torch.randn(4, 4))], algorithm="muon", lr=0.02, momentm=0.5)
+
+
+def test_compile_of_ddp_unwraps_as_ddp_of_compile():
+    import torch.nn.functional as F
+
+    from specscope.probe import Monitor
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    monitor = Monitor(torch.compile(_Wrapped(m)), every=1)
+    assert monitor.layers == ["0", "2", "4"]  # no `_orig_mod.module.` in the names
+    with monitor.step(0):
+        F.cross_entropy(m(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
+    groups = spectral_param_groups(torch.compile(_Wrapped(m)), 0.02, 3e-4, roles=monitor, exclude=["0"])
+    assert [n for n, _ in groups[0]["params"]] == ["_orig_mod.module.2.weight"]
+
+
+def test_a_models_own_base_model_attribute_is_no_transformers_backbone():
+    """Only a transformers model's `base_model` splits off a task head; any module with that attribute did."""
+    class WithBase(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+            self.proj1, self.proj2 = nn.Linear(32, 64), nn.Linear(64, 64)
+
+    names = [n for n, _ in spectral_param_groups(WithBase(), 0.02, 3e-4)[0]["params"]]
+    assert names == ["base_model.0.weight", "proj1.weight", "proj2.weight"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(ns_steps=1000), "ns_steps must be an integer in 1..99"),
+    (dict(ns_steps=2.5), "ns_steps must be an integer in 1..99"),
+    (dict(nesterov="yes"), "nesterov must be True or False"),
+    (dict(adjust_lr_fn="bogus"), "adjust_lr_fn='bogus' is unknown"),
+    (dict(lr=5.0), "pass the spectral group's lr as lr_spectral"),
+])
+def test_option_values_passed_through_are_checked_as_the_constructor_checks_them(options, message):
+    from specscope.integrations import spectral_optimizer
+
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match=message):
+        spectral_optimizer(m, **options)
+
+
+def test_a_tied_weight_is_known_by_each_of_its_names():
+    emb = nn.Embedding(16, 8)
+    head = nn.Linear(8, 16, bias=False)
+    head.weight = emb.weight
+    m = nn.ModuleDict({"emb": emb, "mid": nn.Linear(8, 8), "head": head})
+    for kwargs in (dict(roles={"head": "head"}), dict(exclude=["head"]), dict(exclude=["head.weight"])):
+        assert [n for n, _ in spectral_param_groups(m, 0.02, 3e-4, **kwargs)[0]["params"]] == ["mid.weight"]
+    with pytest.raises(ConfigError, match=r"give a list of patterns, e.g. exclude=\['mid'\]"):
+        spectral_param_groups(m, 0.02, 3e-4, exclude="mid")

@@ -390,6 +390,11 @@ def setting(cfg: Config) -> str:
             + f" on {'/'.join(cfg.lrd_targets)} (lr·λ per step), {cfg.steps} steps, seed {cfg.seed}{grids}")
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0 (a weight decayed to zero at memorization has no shape to compare)."""
+    return a / b if b != 0 else math.nan
+
+
 def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
     """One row per arm for sweep tables: grok steps and status (from the recorded test accuracy), final
     accuracies, the Q/K stable rank (final, and median over the post-memorization window), and the
@@ -404,9 +409,9 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
         post = post_memorization(df, name, cfg.memorized_acc)
         nuc = _qk_mean(df, name, "weight_nuclear_norm")
         at_mem = nuc[nuc.index >= post[0]] if math.isfinite(post[0]) else nuc.iloc[:0]
-        shrink = float(nuc.iloc[-5:].median()) / float(at_mem.iloc[0]) if len(at_mem) else math.nan
+        shrink = _ratio(float(nuc.iloc[-5:].median()), float(at_mem.iloc[0])) if len(at_mem) else math.nan
         st_mem = st[st.index >= post[0]] if math.isfinite(post[0]) else st.iloc[:0]
-        compress = float(st.iloc[-5:].median()) / float(st_mem.iloc[0]) if len(st_mem) else math.nan
+        compress = _ratio(float(st.iloc[-5:].median()), float(st_mem.iloc[0])) if len(st_mem) else math.nan
         rows.append({
             "arm": reg, "name": name, "strength": arm_strength(arm_cfg, reg),
             "grok_step_first": first, "grok_step_stable": stable,

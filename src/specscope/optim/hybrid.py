@@ -72,6 +72,13 @@ def _check_numbers(group: dict[str, Any]) -> None:
         if not low <= number < high:
             bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
             raise ConfigError(f"{key} must be {bound}, got {group[key]!r}")
+    if "ns_steps" in group and (isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int)
+                                or not 0 < group["ns_steps"] < 100):
+        raise ConfigError(f"ns_steps must be an integer in 1..99, got {group['ns_steps']!r}")
+    if "nesterov" in group and not isinstance(group["nesterov"], bool):
+        raise ConfigError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    if group.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
+        raise ConfigError(f"adjust_lr_fn={group['adjust_lr_fn']!r} is unknown; use None, 'original' or 'match_rms_adamw'")
     betas = group.get("betas")
     if betas is not None:
         pair = list(betas) if isinstance(betas, (tuple, list)) else []
@@ -246,18 +253,23 @@ def spectral_param_groups(
         spectral = sorted(k for k, a in ALGORITHMS.items() if a.spectral)
         raise ConfigError(f"algorithm={algorithm!r} is not a spectral algorithm; use one of {spectral}")
     check_options(algorithm, options, "spectral_param_groups")
+    if "lr" in options:
+        raise ConfigError("spectral_param_groups: pass the spectral group's lr as lr_spectral, not lr=")
     inner = _unwrapped(model)
     role_of = static_roles(inner)
-    named = {_common.layer_name(n): p for n, p in inner.named_parameters()} | dict(inner.named_parameters())
+    every = dict(inner.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
+    named = {_common.layer_name(n): p for n, p in every.items()} | every
     for key, role in _given_roles(roles, named, ROLES).items():
         role_of[id(named[key])] = role
+    if isinstance(exclude, str):
+        raise ConfigError(f"exclude={exclude!r}: give a list of patterns, e.g. exclude=[{exclude!r}]")
     exclude = tuple(exclude)
-    excluded = {pat: [n for n, _ in inner.named_parameters() if _excluded(n, pat)] for pat in exclude}
+    excluded = {pat: [n for n in every if _excluded(n, pat)] for pat in exclude}
     unmatched = [pat for pat, hits in excluded.items() if not hits]
     if unmatched:
         raise ConfigError(f"exclude patterns {unmatched} match no parameter of the model (fnmatch on parameter or layer "
-                          f"names, or a module prefix); parameters look like {[n for n, _ in inner.named_parameters()][:4]}")
-    out = {id(p) for hits in excluded.values() for p in (dict(inner.named_parameters())[n] for n in hits)}
+                          f"names, or a module prefix); parameters look like {list(every)[:4]}")
+    out = {id(every[n]) for hits in excluded.values() for n in hits}
     hidden, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -275,9 +287,12 @@ def spectral_param_groups(
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The model inside DDP's and torch.compile's wrappers (the names a Monitor records)."""
-    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return getattr(model, "_orig_mod", model)
+    """The model inside DDP's and torch.compile's wrappers, in either order (the names a Monitor records)."""
+    while True:
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else getattr(model, "_orig_mod", model)
+        if inner is model:
+            return model
+        model = inner
 
 
 def _given_roles(roles: Any, named: dict[str, Tensor], valid: tuple[str, ...]) -> dict[str, str]:

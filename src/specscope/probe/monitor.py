@@ -153,9 +153,11 @@ class Monitor:
             raise ConfigError(f"Monitor(extras=...) has unknown {bad}; choose from {EXTRAS}")
         if estimator == "exact" and D.world_size() > 1:
             raise ConfigError("estimator='exact' keeps activations and is single-process; use 'gram' or 'power' under torch.distributed")
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        model = model.module if ddp else model
-        self.model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: names without `_orig_mod.`
+        ddp = False
+        while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):  # either order
+            ddp |= isinstance(model, nn.parallel.DistributedDataParallel)
+            model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
+        self.model = model  # names without DDP's `module.` or torch.compile's `_orig_mod.`
         self._grads_reduced = ddp  # DDP has already averaged .grad over ranks
         self.every, self.log_spaced = every, (10 if log_spaced is True else int(log_spaced))
         self.gradient, self.estimator, self.nonfinite, self.topk = gradient, estimator, nonfinite, topk
@@ -465,8 +467,8 @@ class Monitor:
     def param_groups(self, model: nn.Module | None = None, *, window: int = 20, margin: float = _advice.MARGIN, **kwargs) -> list[dict]:
         """Optimizer parameter groups from the verdicts and the roles (see probe.advice.param_groups)."""
         model = self.model if model is None else model
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        model = getattr(model, "_orig_mod", model)
+        while isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+            model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
         return _advice.param_groups(model, self.advice(window, margin), self.slots.values(), **kwargs)
 
     def _describe(self) -> dict[str, dict]:

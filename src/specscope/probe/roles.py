@@ -57,8 +57,8 @@ def _task_head(model: nn.Module) -> list[Tensor]:
     """The ≥ 2-D parameters of a transformers task model (…ForSequenceClassification, …ForMaskedLM) that are not
     in its backbone `base_model`: the head the task added. [] for a backbone itself or any other model."""
     base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model:
-        return []
+    if not isinstance(base, nn.Module) or base is model or not getattr(model, "base_model_prefix", ""):
+        return []  # base_model_prefix: a transformers PreTrainedModel, not any module with such an attribute
     inside = {id(p) for p in base.parameters()}
     return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in inside]
 

@@ -9,6 +9,7 @@ file unless `salvage=True`, which reads what is still readable and marks the Dat
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -49,8 +50,14 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     run = run if isinstance(run, Run) else Run.open(run_dir(run))
     with run.reader(salvage=salvage) as (con, damage):
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
-        if not salvage:
+        try:
             _check_counts(run, lambda name, upto: sqlite.count_rows(con, run.metrics_path, arm=name, upto=upto))
+        except RunStoreError as e:
+            if not salvage:
+                raise
+            lost = str(e).split(": the database lost records")[0] + " (records lost)"
+            warnings.warn(f"{lost}; read the {len(rows)} records still there", RuntimeWarning, stacklevel=2)
+            damage = "; ".join(filter(None, [damage, lost]))
     df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
     if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
@@ -172,10 +179,11 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
 
 
 def run_holding(path: str | os.PathLike) -> Path | None:
-    """The run directory `path` lies in (a folder holding config.json and metrics.sqlite), or None."""
+    """The run (or sweep) directory `path` lies in — a folder holding config.json and metrics.sqlite, or a
+    sweep's sweep.json —, or None."""
     here = Path(os.path.realpath(path))  # a link into a run counts as inside it
     for d in (here, *here.parents):
-        if (d / CONFIG).exists() and (d / METRICS).exists():
+        if ((d / CONFIG).exists() and (d / METRICS).exists()) or (d / "sweep.json").is_file():
             return d
     return None
 
@@ -191,7 +199,7 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     holder = run_holding(out)
     if holder is not None:  # an export never replaces what a run recorded (its database, config, checkpoints …)
         raise RunStoreError(f"cannot write {out}: it is inside the run directory {holder}, whose files an export "
-                            "must not replace; pass --out FILE outside every run directory.")
+                            "must not replace; pass --out FILE outside every run (and sweep) directory.")
     df = load(run, salvage=salvage)
     special = out.exists() and not out.is_file() and not out.is_dir()  # /dev/null, a fifo: write into, never replace
     if "damage" in df.attrs and not special:

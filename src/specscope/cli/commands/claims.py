@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -150,10 +151,14 @@ def write_into(path: Path, text: str) -> None:
     if begin is None or end is None:
         raise ConfigError(f"{path} has no '{BEGIN}' line followed by an '{END}' line; add them, each on a line of its "
                           "own, where the table belongs")
+    if lines[begin].endswith("\r\n"):  # a CRLF file keeps its line endings
+        text = text.replace("\r\n", "\n").replace("\n", "\r\n")
     body = "".join(lines[: begin + 1]) + text + "".join(lines[end:])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    os.replace(tmp, path)
+    target = Path(os.path.realpath(path))  # through a link to the file it names; the link stays a link
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(body.encode("utf-8"))
+    shutil.copymode(target, tmp)  # the file keeps its permissions
+    os.replace(tmp, target)
 
 
 @app.command("claims")
