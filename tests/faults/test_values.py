@@ -99,7 +99,7 @@ def test_export_never_writes_into_a_run_directory(finished, copy_of, cli, tmp_pa
     out = tmp_path / "link" if target == "link" else run / target
     before = {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()}
     rc, _, err = cli("export", run, "--out", out)
-    one_line_error(rc, err, "inside the run directory", "outside every run directory")
+    one_line_error(rc, err, "inside the run directory", "outside every run (and sweep) directory")
     assert {f: hashlib.sha256(f.read_bytes()).hexdigest() for f in run.rglob("*") if f.is_file()} == before
 
 
