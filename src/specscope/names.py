@@ -4,6 +4,12 @@ before they are printed with rich or drawn by matplotlib.
     check_name("run_id", meta["run_id"], source=path / "config.json")   # ConfigError unless a plain name
     console.print(f"run {markup(run_id)}")                             # "[/nope]" prints as typed
     ax.set_title(mathtext(layer))                                      # "a$\\x{$" draws as typed
+
+Layer names (the probe's, the optimizers', the records'): a parameter's name without the segments wrappers
+insert (torch.compile's `_orig_mod`, activation checkpointing's `_checkpoint_wrapped_module`, FSDP1's
+`_fsdp_wrapped_module`), so a model names its weights alike wrapped or not, at the top or inside:
+
+    layer_name("model._orig_mod.blocks.0.mlp.down.weight")  ->  "model.blocks.0.mlp.down"
 """
 
 from __future__ import annotations
@@ -47,3 +53,20 @@ def visible(text: object) -> str:
 def mathtext(text: object) -> str:
     """`text` for a matplotlib label: every `$` escaped, so no mathtext is parsed."""
     return str(text).replace("$", r"\$")
+
+
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def parameter_name(name: str) -> str:
+    """`name` (from `named_parameters()`) without the segments of torch.compile / checkpoint / FSDP1 wrappers."""
+    if "_" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def layer_name(name: str) -> str:
+    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down` (the module that owns the weight), wrapper segments
+    dropped; other names stay, a root-level `weight` too (the layer "" holds the whole model's records: loss, lr)."""
+    name = parameter_name(name)
+    return name[: -len(".weight")] if name.endswith(".weight") else name

@@ -147,11 +147,73 @@ def test_optimizers_helper_routes_and_the_trainer_schedules_both_groups(tmp_path
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_callback_arguments_are_checked():
+def test_callback_arguments_are_checked(tmp_path):
+    """Each mistake fails when the callback is made, with one message naming it — not inside trainer.train(), and
+    never a silently ignored option (every= beside a Monitor, a metric name that logs nothing)."""
     from specscope.errors import ConfigError
 
+    model = tiny_llama()
     with pytest.raises(ConfigError, match="not both"):
-        SpecscopeCallback(Monitor(tiny_llama()), every=2)
+        SpecscopeCallback(Monitor(model), every=2)
+    with pytest.raises(ConfigError, match="'evry' is not an option of Monitor; did you mean 'every'"):
+        SpecscopeCallback(evry=5)
+    with pytest.raises(ConfigError, match=r"Monitor\(every=0\) must be a positive int"):
+        SpecscopeCallback(every=0)
+    with pytest.raises(ConfigError, match="estimator='grams'"):
+        SpecscopeCallback(estimator="grams")
+    with pytest.raises(ConfigError, match="'stable_rnak' is not a record a Monitor makes; did you mean 'stable_rank'"):
+        SpecscopeCallback(metrics=("stable_rnak",))
+    with pytest.raises(ConfigError, match="a tuple of record names"):
+        SpecscopeCallback(metrics="stable_rank")
+    with pytest.raises(ConfigError, match="monitor=LlamaForCausalLM is not a specscope Monitor"):
+        SpecscopeCallback(model)
+    SpecscopeCallback(every=5, metrics=("grad_sigma_1", "stable_rank"))  # extras' records are names too
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    with pytest.raises(ConfigError, match="not both"):
+        attach(trainer, Monitor(model), every=5)
+    with pytest.raises(ConfigError, match="monitor=LlamaForCausalLM is not a specscope Monitor"):
+        attach(trainer, model)
+    with pytest.raises(ConfigError, match="LlamaForCausalLM is not a transformers Trainer"):
+        attach(model, every=5)
+    assert trainer.callback_handler.callbacks == [c for c in trainer.callback_handler.callbacks if not isinstance(c, SpecscopeCallback)]
+
+
+def test_fp16_overflow_steps_are_skipped_as_the_trainer_skips_them(tmp_path):
+    """fp16 loss scaling overflows on purpose (its GradScaler halves the scale and skips the step): training goes
+    on, the overflow step's gradient records carry flag "nonfinite", and the later steps are measured."""
+    model = tiny_llama()
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 3})
+    callback = SpecscopeCallback(every=1, run=run)
+    trainer = Trainer(model=model, args=args(tmp_path, 3, fp16=True), train_dataset=Tokens(), optimizers=adamw(model),
+                      callbacks=[callback])
+    # the scaled loss of the first step overflows float32; the scaler then drops to 2^27 and the next steps are finite
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    trainer.train()
+    run.close()
+    assert trainer.state.global_step == 3 and callback.monitor.nonfinite == "skip"
+    nr = store.load(run.path).query("metric == 'nuclear_rank'")
+    first, later = nr[nr.step == 0], nr[nr.step > 0]
+    assert len(first) and (first.flag == "nonfinite").all()
+    assert set(later.step) == {1, 2} and (later.flag == "").all() and (later.value > 0).all()
+
+
+def test_load_before_train_restores_the_monitor_the_callback_builds(tmp_path):
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    ids = Tokens().rows[:BATCH]
+    for step in range(2):
+        with monitor.step(step):
+            model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad()
+    (tmp_path / "ckpt").mkdir()
+    torch.save(monitor.state_dict(), tmp_path / "ckpt" / STATE_FILE)
+
+    callback = SpecscopeCallback(every=1)
+    callback.load(tmp_path / "ckpt")  # as the resume warning says: before trainer.train(), the Monitor not built yet
+    trainer = Trainer(model=model, args=args(tmp_path / "out", 1), train_dataset=Tokens(), optimizers=adamw(model),
+                      callbacks=[callback])
+    trainer.train()
+    assert set(callback.monitor.advice(window=10).measurements) == {3}  # 2 loaded + 1 measured
 
 
 @pytest.mark.parametrize("build", ["bert_classifier", "gpt2_classifier", "bert_mlm"])
@@ -175,3 +237,22 @@ def test_task_heads_go_to_adamw_and_optimizer_options_reach_the_spectral_group(b
     assert (muon["polar"], muon["momentum"]) == ("gram", 0.9)
     with pytest.raises(Exception, match="'polr' is not an option of algorithm='muon'; did you mean 'polar'"):
         optimizers(model, polr="gram")
+
+    class Wrapper(torch.nn.Module):  # a LightningModule's `self.model = model`
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+    wrapped, _ = optimizers(Wrapper())
+    (muon_wrapped,) = [g for g in wrapped.param_groups if g["algorithm"] == "muon"]
+    assert muon_wrapped["param_names"] == [f"model.{n}" for n in muon["param_names"]]
+
+    monitor = Monitor(model)  # a measured step sees only the product nearest the loss: declared heads stay heads
+    ids = torch.randint(1, 128, (2, 8))
+    with monitor.step(0):
+        out = model(input_ids=ids, labels=ids if build == "bert_mlm" else torch.tensor([0, 1]))
+        out.loss.backward()
+    assert {n.removesuffix(".weight") for n in heads} <= {k for k, r in monitor.roles.items() if r == "head"}
+    measured, _ = optimizers(model, roles=monitor)
+    (muon_measured,) = [g for g in measured.param_groups if g["algorithm"] == "muon"]
+    assert muon_measured["param_names"] == muon["param_names"]

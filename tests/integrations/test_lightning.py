@@ -132,3 +132,33 @@ def test_configure_optimizers_helper_trains_hidden_matrices_with_muon(tmp_path):
     algos = {n: g["algorithm"] for g in opt.param_groups for n in g["param_names"]}
     assert algos["net.blocks.0.attn.q.weight"] == "muon" and algos["net.embed.weight"] == "adamw"
     assert all(opt.state[p] for g in opt.param_groups for p in g["params"])  # every parameter was stepped
+
+
+def test_16_mixed_overflow_steps_are_skipped_as_lightning_skips_them(tmp_path):
+    """fp16 loss scaling overflows on purpose; its scaler skips the step. The fit goes on (it stopped with a
+    NonFiniteError), the overflow step's records carry flag "nonfinite" and the next step is measured."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from specscope import store
+
+    run = store.Run.create(tmp_path / "runs", "lit", {"steps": 2})
+    callback = SpecscopeCallback(every=1, run=run)
+    # step 0 overflows float32; the scaler then drops to 2^10, which fp16 activations carry
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-117)
+    trainer = fit(Lit(gpt()), callback, tmp_path, 2, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    run.close()
+    assert trainer.global_step == 2 and callback.monitor.nonfinite == "skip"
+    nr = store.load(run.path).query("metric == 'nuclear_rank'")
+    assert set(nr.step) == {0, 1}
+    assert (nr[nr.step == 0].flag == "nonfinite").all() and (nr[nr.step == 1].flag == "").all()
+
+
+def test_callback_arguments_are_checked_when_it_is_made():
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'evry' is not an option of Monitor; did you mean 'every'"):
+        SpecscopeCallback(evry=5)
+    with pytest.raises(ConfigError, match="a tuple of record names"):
+        SpecscopeCallback(metrics="stable_rank")
+    with pytest.raises(ConfigError, match="monitor=GPT is not a specscope Monitor"):
+        SpecscopeCallback(gpt())

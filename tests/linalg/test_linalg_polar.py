@@ -222,6 +222,7 @@ def test_polar_error_definition():
     (dict(method="newton_schulz", ns_steps=0), "ns_steps must be an integer ≥ 1"),  # was the default 5 steps
     (dict(method="auto", tol=float("nan")), "tol must be a finite number > 0"),  # was the fast backend
     (dict(method="polar_express", eps=-1.0), "eps must be a finite number ≥ 0"),
+    (dict(method="newton_schulz", ns_coefficients=(1, 2)), r"ns_coefficients must be \(a, b, c\)"),  # 'int' not iterable
 ])
 def test_polar_options_out_of_range_or_not_applying_are_one_error(kw, message):
     G = torch.randn(40, 70)
@@ -238,3 +239,31 @@ def test_rcond_cuts_the_same_singular_values_in_svd_and_gram():
     for method in ("svd", "gram"):
         s = torch.linalg.svdvals(L.polar(G, method, rcond=0.5).double())
         assert int((s > 0.5).sum()) == kept and float(s[kept:].max()) < 1e-6, method
+
+
+def test_polar_error_threshold_must_select_some_singular_values():
+    G = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    assert float(L.polar_error(G, torch.zeros_like(G), 0.1)) == 1.0  # P = 0 misses every direction
+    for t in (float("nan"), 2.0, 0.0):  # scored nothing: a "perfect" 0 for P = 0
+        with pytest.raises(ValueError, match="rel_threshold must be a number in"):
+            L.polar_error(G, torch.zeros_like(G), t)
+
+
+def test_a_half_precision_dtype_with_auto_picks_the_estimator_or_names_the_conflict(monkeypatch):
+    """dtype=bfloat16 worked for a 64×64 matrix and raised for 16×64 (auto picked "gram" for small sides); with
+    tol asking for the exact backend, the pooled items failed inside a worker thread."""
+    import importlib
+
+    P_mod = importlib.import_module("specscope.linalg.polar")  # the module (specscope.linalg.polar is the function)
+
+    for shape in [(64, 64), (16, 64)]:
+        assert L.polar(torch.randn(*shape), dtype=torch.bfloat16).dtype == torch.float32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(P_mod, "POOL_MIN", 1)  # these small items go to the workers, as 256-wide ones do
+        for mats in ([torch.randn(40, 50)], [torch.randn(40, 50), torch.randn(50, 40)]):
+            with pytest.raises(ValueError, match="tol=0.0001 asks for the exact backend 'gram'.*not dtype=torch.bfloat16"):
+                L.polar_later(mats, tol=1e-4, dtype=torch.bfloat16)
+    finally:
+        torch.set_num_threads(threads)

@@ -354,3 +354,33 @@ def test_nuclear_norms_polar_in_chunks_equals_one_batch(monkeypatch):
     assert torch.equal(L.nuclear_norms(mats, method="polar"), whole)
     ref = torch.stack([torch.linalg.svdvals(G.double()).sum() for G in mats])
     assert ((whole - ref).abs() <= 1e-4 * ref).all()
+
+
+def test_inputs_without_values_or_of_the_wrong_kind_are_named():
+    """Meta and sparse tensors reached torch internals ("item() cannot be called on meta tensors"); the raw polar
+    kernels took NaN, complex and 1-D input silently or with an IndexError; fro_nuclear_norms_later took anything."""
+    for x, message in [(torch.randn(3, 4, device="meta"), "on the meta device and has no values"),
+                       (torch.randn(3, 4).to_sparse(), "sparse_coo tensor; pass a dense one")]:
+        for f in (L.stable_rank, L.nuclear_rank, L.polar):
+            with pytest.raises(ValueError, match=message):
+                f(x)
+    for f in (L.newton_schulz, L.polar_express, L.gram_newton_schulz):
+        with pytest.raises(ValueError, match=f"{f.__name__}: G is complex"):
+            f(torch.randn(4, 6, dtype=torch.cfloat))
+        with pytest.raises(ValueError, match=f"{f.__name__}: G must have at least 2 dims"):
+            f(torch.randn(5))
+    with pytest.raises(ValueError, match=r"mats\[0\] has shape \(2, 6, 7\); pass 2-D matrices"):
+        L.fro_nuclear_norms_later([torch.randn(2, 6, 7)])  # reported ‖B‖_F of the first matrix only
+    with pytest.raises(ValueError, match="unknown method 'bogus'"):
+        L.fro_nuclear_norms_later([torch.randn(6, 7)], method="bogus")
+    fro, nuc = L.fro_nuclear_norms_later([torch.arange(6).reshape(2, 3)])()  # ints are computed as float32
+    assert float(fro[0]) == pytest.approx(float(torch.arange(6.0).norm()))
+
+
+def test_spectral_norm_from_a_zero_start_and_its_options():
+    A = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    sigma, _ = L.spectral_norm(A, torch.zeros(6), iters=100, tol=0)  # was σ = 0: the power iteration never moved
+    assert float(sigma) == pytest.approx(float(torch.linalg.matrix_norm(A.double(), 2)), rel=1e-6)
+    for kw, message in [(dict(tol=float("nan")), "tol must be a number in"), (dict(iters=2.5), "iters must be an int")]:
+        with pytest.raises(ValueError, match=message):
+            L.spectral_norm(A, **kw)

@@ -57,6 +57,46 @@ def test_a_failing_job_raises_in_the_caller_and_the_pool_goes_on(two_threads):
     assert workers.start(job, [4, 5])() == [4, 5]
 
 
+def test_a_failed_collection_cancels_the_jobs_that_have_not_started(two_threads):
+    gates = [threading.Event(), threading.Event()]
+    block = workers.start(lambda gate: gate.wait(10), gates)  # both workers held: the next jobs stay queued
+    hold, ran = threading.Event(), []
+
+    def job(x):
+        if x == 0:
+            raise ValueError("bad item 0")
+        hold.wait(10)  # item 1 keeps the freed worker busy while the caller sees item 0's error
+        ran.append(x)
+
+    wait = workers.start(job, [0, 1, 2, 3])
+    gates[0].set()  # one worker free: it fails item 0, then starts item 1
+    with pytest.raises(ValueError, match="bad item 0"):
+        wait()
+    hold.set()
+    gates[1].set()
+    block()
+    while workers.busy(torch.device("cpu")):
+        threading.Event().wait(0.01)
+    assert ran in ([], [1])  # items 2 and 3 were cancelled before a worker took them (item 1 too, if it had not started)
+
+
+def test_exit_while_workers_run_is_a_clean_exit(tmp_path):
+    """A worker thread still inside torch when the interpreter tears down aborted the process (SIGABRT, status 134):
+    exiting, or failing, in the middle of a measured step. At exit the pool now cancels its queue and finishes."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave.py"
+    script.write_text("import sys, torch\n"
+                      "torch.set_num_threads(2)\n"
+                      "from specscope import linalg as L\n"
+                      "wait = L.nuclear_norms_later([torch.randn(600, 600) for _ in range(8)])\n"
+                      "sys.exit(3)\n")
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 3, done.stderr[-2000:]
+
+
 def test_without_a_pool_jobs_run_in_the_caller_when_collected():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -93,7 +93,7 @@ def test_each_group_has_its_own_schedule(tiny_model):
 
 def test_roles_of_a_monitor_route_a_compiled_or_ddp_wrapped_model():
     """The Monitor names weights without torch.compile's `_orig_mod.` / DDP's `module.`; its head must still
-    leave the spectral group of the wrapped model."""
+    leave the spectral group of the wrapped model, and the groups name weights as the Monitor does."""
     import torch.nn.functional as F
 
     from specscope.probe import Monitor
@@ -105,9 +105,9 @@ def test_roles_of_a_monitor_route_a_compiled_or_ddp_wrapped_model():
         F.cross_entropy(m(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
     assert monitor.roles["4"] == "head"
     compiled = spectral_param_groups(torch.compile(m), 0.02, 3e-4, roles=monitor)
-    assert [n for n, _ in compiled[0]["params"]] == ["_orig_mod.0.weight", "_orig_mod.2.weight"]
+    assert [n for n, _ in compiled[0]["params"]] == ["0.weight", "2.weight"]  # the Monitor's names: SpecGD/auto ask it by them
     assert [n for n, _ in spectral_param_groups(_Wrapped(m), 0.02, 3e-4, roles=monitor)[0]["params"]] == [
-        "module.0.weight", "module.2.weight"]
+        "0.weight", "2.weight"]
 
 
 class _Wrapped(nn.parallel.DistributedDataParallel):
@@ -120,6 +120,11 @@ class _Wrapped(nn.parallel.DistributedDataParallel):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(exclude=["cls.*"]), r"exclude patterns \['cls.\*'\] match no parameter"),
+    (dict(roles="monitor"), r"roles='monitor': pass a probe Monitor .* or a dict"),
+    (dict(roles=["4"]), r"roles=\['4'\]: pass a probe Monitor"),
+    (dict(lr_adamw="3e-4"), r"lr_adamw='3e-4' must be a finite number >= 0"),
+    (dict(lr_spectral=None), r"lr_spectral=None must be a finite number >= 0"),
+    (dict(adamw_weight_decay=-0.1), r"adamw_weight_decay=-0.1 must be a finite number >= 0"),
     (dict(roles={"4x": "head"}), r"roles: '4x' is not a parameter or layer of the model; did you mean '4'"),
     (dict(roles={"4": "output"}), r"roles\['4'\] = 'output' is not a role; use one of"),
     (dict(momentm=0.5), r"'momentm' is not an option of algorithm='muon'; did you mean 'momentum'"),
@@ -127,7 +132,32 @@ class _Wrapped(nn.parallel.DistributedDataParallel):
 def test_routing_options_that_match_nothing_are_one_error(kwargs, message):
     m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
     with pytest.raises(ConfigError, match=message):
-        spectral_param_groups(m, 0.02, 3e-4, **kwargs)
+        spectral_param_groups(m, **{"lr_spectral": 0.02, "lr_adamw": 3e-4, **kwargs})
+
+
+def test_a_model_is_what_routing_and_the_st_source_take():
+    from specscope.optim import AutoGeometry
+
+    m = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.raises(ConfigError, match="pass the model \\(an nn.Module\\), not generator"):
+        spectral_param_groups(m.parameters(), 0.02, 3e-4)
+    with pytest.raises(ConfigError, match=r"AutoGeometry\(monitor=Sequential\): that is a model, not a source of st\(A\)"):
+        AutoGeometry(m.named_parameters(), lr=0.1, monitor=m)
+
+
+@pytest.mark.parametrize("group, message", [
+    ({"algorithm": "adamw", "lr": 0.1, "maximize": True}, "'maximize' is not an option of algorithm='adamw'"),
+    ({"algorithm": "adamw", "lr": 0.1, "amsgrad": True}, "'amsgrad' is not an option of algorithm='adamw'"),
+    ({"momentun": 0.5}, "'momentun' is not an option of algorithm='muon'; did you mean 'momentum'"),
+])
+def test_a_param_group_key_that_would_be_ignored_is_an_error(group, message):
+    """A typo or a torch.optim option no algorithm here implements was stored and ignored (ascent ran as descent);
+    other keys — a group's name, what a scheduler reads — stay, as in torch.optim."""
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ConfigError, match=message):
+        Muon([{"params": [w], **group}], lr=0.02)
+    opt = Muon([{"params": [w], "name": "hidden", "initial_lr": 0.02}], lr=0.02)
+    assert opt.param_groups[0]["name"] == "hidden"
 
 
 def test_exclude_takes_globs_and_module_prefixes_not_substrings():
@@ -155,7 +185,7 @@ def test_compile_of_ddp_unwraps_as_ddp_of_compile():
     with monitor.step(0):
         F.cross_entropy(m(torch.randn(16, 8)), torch.randint(0, 3, (16,))).backward()
     groups = spectral_param_groups(torch.compile(_Wrapped(m)), 0.02, 3e-4, roles=monitor, exclude=["0"])
-    assert [n for n, _ in groups[0]["params"]] == ["_orig_mod.module.2.weight"]
+    assert [n for n, _ in groups[0]["params"]] == ["2.weight"]  # the Monitor's names, wrapped or not
 
 
 def test_a_models_own_base_model_attribute_is_no_transformers_backbone():

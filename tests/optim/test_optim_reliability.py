@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from torch import nn
 
 from specscope.errors import NonFiniteError
 from specscope.optim import AutoGeometry, Hybrid, LowRankDecay, Muon, SpecGD, spectral_param_groups
@@ -120,7 +121,9 @@ def _weights():
     (lambda: AutoGeometry(_weights(), lr=0.1, monitor=42), "AutoGeometry\\(monitor=42\\)"),
     (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=-1, weight_decay=0.1), "lr must be a finite number >= 0, got -1"),
     (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, polar_method="bogus"),
-     "polar_method='bogus' is unknown"),
+     "polar_method='bogus': modes 'polar' and 'elastic' take the exact polar factor"),
+    (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, polar_method="newton_schulz"),
+     r"use one of \('svd', 'gram'\)"),
 ])
 def test_bad_hyperparameters_are_one_error_naming_the_value(make, message):
     from specscope.errors import ConfigError
@@ -172,3 +175,33 @@ def test_an_auto_group_without_a_source_of_st_refuses_to_start():
         spectral_optimizer(model, algorithm="auto")
     opt = spectral_optimizer(model, algorithm="auto", monitor=lambda layer: 3.0)  # with one: starts
     assert {g["algorithm"] for g in opt.param_groups} == {"auto", "adamw"}
+
+
+@pytest.mark.parametrize("algorithm", ["muon", "specgd", "adamw", "auto", "sgd", "LowRankDecay"])
+def test_zero_size_parameters_are_left_alone_as_torch_leaves_them(algorithm):
+    """A zero-size weight (a layer of width 0, an empty conv kernel) crashed the step (ZeroDivisionError,
+    reshape(0, -1)); torch.optim.AdamW steps past it. The others still step."""
+    empty = [nn.Parameter(torch.randn(*s)) for s in ((5, 0), (4, 0, 3, 3), (0, 3, 3, 3))]
+    full = nn.Parameter(torch.randn(6, 4))
+    for p in (*empty, full):
+        p.grad = torch.ones_like(p)
+    named = [("w", full), *((f"e{i}", p) for i, p in enumerate(empty))]
+    if algorithm == "LowRankDecay":
+        opt = LowRankDecay([p for _, p in named], lr=0.01, weight_decay=0.1)
+    else:
+        opt = Hybrid(named, algorithm=algorithm, lr=0.01,
+                     **({"stable_rank": lambda layer: 2.0} if algorithm in ("auto", "specgd") else {}))
+    before = full.detach().clone()
+    opt.step()
+    assert not torch.equal(full, before) and all(p.numel() == 0 for p in empty)
+
+
+def test_a_sparse_gradient_is_named_before_anything_reads_it():
+    """It died inside torch._foreach_norm (a backend NotImplementedError) before the intended message."""
+    from specscope.errors import ConfigError
+
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = Hybrid([{"params": emb.parameters(), "algorithm": "adamw", "lr": 0.1}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ConfigError, match="parameter 'param0' has a sparse gradient"):
+        opt.step()

@@ -212,7 +212,7 @@ def test_extras_records_and_bad_options():
     assert recs["0"].value == pytest.approx(float(linalg.singular_values(model[0].weight.grad)[0]), rel=1e-5)
     from specscope.errors import ConfigError
 
-    for kw in (dict(every=0), dict(estimator="svd"), dict(gradient="momentum"), dict(extras=("x",)), dict(nonfinite="skip")):
+    for kw in (dict(every=0), dict(estimator="svd"), dict(gradient="momentum"), dict(extras=("x",)), dict(nonfinite="ignore")):
         with pytest.raises(ConfigError):
             Monitor(model, **kw)
     with pytest.raises(ConfigError, match="known"):
@@ -309,3 +309,54 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
         sizes[method] = count.sizes
     assert any(n != "qr" and n > 32 for n in sizes["eigh"]) and "qr" in sizes["eigh"]  # the CPU's routes
     assert sizes["polar"] and "qr" not in sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
+
+
+def test_a_compiled_submodule_keeps_the_names_it_has_uncompiled():
+    """`self.model = torch.compile(model)` (Lightning's usual pattern) put `_orig_mod.` into every name: the
+    Monitor's layers, the optimizer's routing and `exclude` patterns written for the plain model stopped matching."""
+    from specscope.optim import Hybrid, spectral_param_groups
+
+    class Wrapper(nn.Module):
+        def __init__(self, compiled: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+            self.model = torch.compile(body, backend="eager") if compiled else body
+
+        def forward(self, x):
+            return self.model(x)
+
+    plain, compiled = Wrapper(False), Wrapper(True)
+    assert "model._orig_mod.0.weight" in dict(compiled.named_parameters())
+    assert Monitor(compiled).layers == Monitor(plain).layers == ["model.0", "model.2", "model.4"]
+    groups = {m: spectral_param_groups(m, 0.02, 3e-4, exclude=["model.2"]) for m in (plain, compiled)}
+    names = {m: [[n for n, _ in g["params"]] for g in gs] for m, gs in groups.items()}
+    assert names[plain] == names[compiled] and "model.2.weight" not in names[plain][0]
+    opt = Hybrid(groups[compiled])
+    monitor = Monitor(compiled, exclude=["model.4"])
+    x = torch.randn(32, 8)
+    with monitor.step(0):
+        compiled(x).square().mean().backward()
+    opt.step()
+    assert {r.layer for r in monitor.pop_records()} == {"model.0", "model.2"}
+
+
+def test_a_gradient_cleared_inside_the_block_is_named_not_read_as_undecided():
+    """optimizer.step() and zero_grad() inside `with monitor.step()` left nothing to measure: no record, no
+    warning, and advice() called every weight "undecided" (a verdict about nr/st) with 0 measurements."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model)
+    x = torch.randn(32, 8)
+    with pytest.warns(UserWarning, match="had no gradient when the `with monitor.step"), monitor.step(0):
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()  # set_to_none: .grad is None when the block ends
+    assert set(monitor.unmeasured) == {"0", "2"}
+    assert set(monitor.advice().verdict) == {"unmeasured"}
+    with monitor.step(1):  # zero_grad(set_to_none=False): a zero gradient, whose nr is undefined
+        model(x).square().mean().backward()
+        opt.zero_grad(set_to_none=False)
+    nr = [r for r in monitor.pop_records() if r.step == 1 and r.metric == "nuclear_rank"]
+    assert len(nr) == 2 and all(r.flag == "zero_gradient" and math.isnan(r.value) for r in nr)

@@ -123,3 +123,54 @@ def test_coupling_is_exact_for_a_linear_centroid_map_and_restores_parameters():
     d[0] = top
     ratios, base = coupling_ratios(centroids, [W], d.reshape(1, -1), n_random=20)
     assert base > 0 and ratios[0] > 2
+
+
+@pytest.mark.parametrize("ratio", [1e-3, 3e-4])
+def test_rolling_svd_of_float32_rows_is_their_svd_to_float64_accuracy(ratio):
+    """The window's Gram was formed in float32: below ≈ sqrt(eps32)·σ₁ its singular values were rounding noise
+    (σ₂ off by 49 % at σ₂/σ₁ = 3e-4) and the "orthonormal" directions had row norms down to 0.19."""
+    g = torch.Generator().manual_seed(0)
+    P, W = 4000, 12
+    s = torch.tensor([1.0, ratio, 0.8 * ratio] + [0.5 * ratio * 0.9**i for i in range(W - 3)], dtype=torch.float64) * 100
+    U = torch.linalg.qr(torch.randn(W, W, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(P, W, generator=g, dtype=torch.float64))[0]
+    M = ((U * s) @ V.T).float()  # the rows the tracker stores, exactly
+    sed = RollingSVD(window=W, k=3)
+    for row in M:
+        sed.push(row)
+    ref = torch.linalg.svdvals(M.double())
+    assert torch.allclose(sed.singular_values(), ref, rtol=1e-6, atol=1e-9 * float(ref[0]))
+    D = sed.directions().double()
+    assert float((D @ D.T - torch.eye(3, dtype=torch.float64)).abs().max()) < 1e-6
+
+
+def test_subspace_arguments_out_of_range_are_errors_not_other_subspaces():
+    from specscope.subspace import coupling_ratios
+
+    w = torch.nn.Parameter(torch.randn(10, 8))
+    sed = RollingSVD(window=4, k=3)
+    for _ in range(4):
+        sed.push(torch.randn(80))
+    for k in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="k is the subspace's dimension, an int ≥ 1"):
+            GradientProjection([w], sed, k=k)  # k=0 projected onto sed.k = 3 directions; "random" zeroed the gradient
+        with pytest.raises(ValueError, match="k must be an int ≥ 1"):
+            sed.directions(k)
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        RollingSVD(4, 2, dtype=torch.int64)
+    state = sed.state_dict()
+    with pytest.raises(ValueError, match="make it with the saved window and dtype"):
+        RollingSVD(window=6, k=3).load_state_dict(state)  # accepted, then push raised IndexError
+    other = RollingSVD(window=4, k=3)
+    other.load_state_dict(state)
+    assert torch.equal(other.directions(), sed.directions())
+
+    xi = torch.randn(5, 3)
+    zero = [torch.nn.Parameter(torch.zeros(4, 3))]
+    with pytest.raises(ValueError, match="the parameters' norm is 0.0"):
+        coupling_ratios(lambda: xi @ zero[0].T, zero, torch.randn(2, 12))  # returned NaN ratios
+    live = [torch.nn.Parameter(torch.randn(4, 3))]
+    with pytest.raises(ValueError, match="the centroids do not move with these parameters"):
+        coupling_ratios(lambda: xi.clone(), live, torch.randn(2, 12), n_random=3)  # ZeroDivisionError
+    with pytest.raises(ValueError, match="n_random must be an int ≥ 1"):
+        coupling_ratios(lambda: xi @ live[0].T, live, torch.randn(2, 12), n_random=0)

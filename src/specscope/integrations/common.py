@@ -3,17 +3,50 @@ records as flat log values, and the one-optimizer spectral/AdamW split."""
 
 from __future__ import annotations
 
+import difflib
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
+from specscope.errors import ConfigError
 from specscope.optim import Hybrid, spectral_param_groups
 from specscope.probe import Monitor
 from specscope.records import Record
 
 LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage")
+# what a Monitor records per weight (grad_sigma_<i> and the other extras only when asked for)
+METRICS = (*LOGGED, "grad_fro_norm", "grad_nuclear_norm", "entropy_rank", "weight_stable_rank")
+
+
+def check_metrics(metrics: Any) -> tuple[str, ...]:
+    """`metrics` as a tuple of record names a Monitor makes; a ConfigError for a string or an unknown name (which
+    would log nothing, silently)."""
+    if isinstance(metrics, str) or not isinstance(metrics, Iterable):
+        raise ConfigError(f"metrics={metrics!r}: give a tuple of record names, e.g. metrics=({metrics!r},)")
+    metrics = tuple(metrics)
+    for m in metrics:
+        if m not in METRICS and not re.fullmatch(r"grad_sigma_[1-9][0-9]*", str(m)):
+            close = difflib.get_close_matches(str(m), METRICS, n=1)
+            raise ConfigError(f"metrics: {m!r} is not a record a Monitor makes; " + (f"did you mean {close[0]!r}? " if close else "")
+                              + f"choose from {list(METRICS)} or grad_sigma_<i>")
+    return metrics
+
+
+def check_monitor(monitor: Any, where: str) -> None:
+    """A ConfigError unless `monitor` is None or a specscope Monitor (a model passed in its place fails at once)."""
+    if monitor is not None and not isinstance(monitor, Monitor):
+        raise ConfigError(f"{where}: monitor={type(monitor).__name__} is not a specscope Monitor; pass "
+                          "Monitor(model, ...) or the Monitor's keyword arguments (every=10, ...) instead")
+
+
+def uses_loss_scaling(monitor: Monitor, scaled: bool) -> None:
+    """Under fp16 loss scaling the scaler overflows on purpose and skips those steps: a Monitor that would raise on
+    their non-finite gradients records them (flag "nonfinite") and training goes on, as it does without specscope."""
+    if scaled and monitor.nonfinite == "raise":
+        monitor.nonfinite = "skip"
 
 
 class _Abandoned(Exception):

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from specscope.errors import ConfigError
-from specscope.integrations.common import LOGGED, StepMeasure, log_values, spectral_optimizer
+from specscope.integrations.common import (LOGGED, StepMeasure, check_metrics, check_monitor, log_values, spectral_optimizer,
+                                           uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -46,17 +47,25 @@ class SpecscopeCallback(transformers.TrainerCallback):
                  metrics: tuple[str, ...] = LOGGED, **monitor_kwargs: Any):
         if monitor is not None and monitor_kwargs:
             raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
-        self.monitor, self.trainer, self.run, self.metrics = monitor, trainer, run, metrics
+        check_monitor(monitor, "SpecscopeCallback")
+        Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.train()
+        self.monitor, self.trainer, self.run, self.metrics = monitor, trainer, run, check_metrics(metrics)
         self._monitor_kwargs = monitor_kwargs
         self._measure: StepMeasure | None = None
         self._values: dict[str, float] = {}
+        self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
             self.monitor = Monitor(model, **self._monitor_kwargs)
+        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
+        uses_loss_scaling(self.monitor, bool(args.fp16) or scaler is not None)
         self._measure = StepMeasure(self.monitor, self.run)
-        if state.global_step > 0:
+        if self._saved is not None:
+            self.monitor.load_state_dict(self._saved)
+            self._saved = None
+        elif state.global_step > 0:
             self._resume(args, state)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -100,11 +109,16 @@ class SpecscopeCallback(transformers.TrainerCallback):
             torch.save(self.monitor.state_dict(), folder / STATE_FILE)
 
     def load(self, checkpoint: str | Path) -> None:
-        """Restore the Monitor's state from a checkpoint folder this callback saved into."""
+        """Restore the Monitor's state from a checkpoint folder this callback saved into (before trainer.train()
+        too: a Monitor the callback builds at train begin starts from it)."""
         path = Path(checkpoint) / STATE_FILE
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: that checkpoint was saved without a SpecscopeCallback")
-        self.monitor.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if self.monitor is None:
+            self._saved = state
+        else:
+            self.monitor.load_state_dict(state)
 
     def _resume(self, args, state) -> None:
         given = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
@@ -113,13 +127,21 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self.load(folder)
         else:
             warnings.warn(f"specscope: resuming at step {state.global_step} without Monitor state ({folder / STATE_FILE} "
-                          "not found); call callback.load(checkpoint_dir) before trainer.train() resumes", stacklevel=2)
+                          "not found: that checkpoint was saved without specscope), so the Monitor's advice window starts "
+                          "empty; to restore it from another checkpoint folder, call callback.load(folder) before "
+                          "trainer.train()", stacklevel=2)
 
 
 def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **monitor_kwargs: Any) -> Monitor:
     """Add a SpecscopeCallback to `trainer` (logging to its reporters too); returns its Monitor.
 
     With no `monitor`, one is built now on trainer.model with `monitor_kwargs` (e.g. every=10)."""
+    if not callable(getattr(trainer, "add_callback", None)) or not isinstance(getattr(trainer, "model", None), torch.nn.Module):
+        raise ConfigError(f"attach(trainer, ...): {type(trainer).__name__} is not a transformers Trainer; pass the Trainer "
+                          "(attach(trainer, monitor) or attach(trainer, every=10))")
+    if monitor is not None and monitor_kwargs:
+        raise ConfigError(f"attach: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
+    check_monitor(monitor, "attach")
     monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
     trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
     return monitor

@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from specscope.errors import ConfigError
-from specscope.integrations.common import LOGGED, StepMeasure, log_values, spectral_optimizer
+from specscope.integrations.common import (LOGGED, StepMeasure, check_metrics, check_monitor, log_values, spectral_optimizer,
+                                           uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -41,7 +42,9 @@ class SpecscopeCallback(L.Callback):
                  **monitor_kwargs: Any):
         if monitor is not None and monitor_kwargs:
             raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
-        self.monitor, self.run, self.metrics = monitor, run, metrics
+        check_monitor(monitor, "SpecscopeCallback")
+        Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.fit()
+        self.monitor, self.run, self.metrics = monitor, run, check_metrics(metrics)
         self._monitor_kwargs = monitor_kwargs
         self._measure: StepMeasure | None = None
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
@@ -50,6 +53,7 @@ class SpecscopeCallback(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.monitor is None:
             self.monitor = Monitor(pl_module, **self._monitor_kwargs)
+        uses_loss_scaling(self.monitor, getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None)
         self._measure = StepMeasure(self.monitor, self.run)
         if self._saved is not None:
             self.monitor.load_state_dict(self._saved)

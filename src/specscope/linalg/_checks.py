@@ -1,7 +1,10 @@
 """Input validation and dtype policy shared by every linalg function.
 
 Every public function calls `check_tensor` first, so a NaN, an Inf or an empty matrix fails loudly with
-the function's name instead of silently producing a wrong number downstream.
+the function's name instead of silently producing a wrong number downstream. The raw polar kernels
+(`newton_schulz`, `polar_express`, `gram_newton_schulz`), on an optimizer's hot path, run `check_structure`
+only: reading the entries for NaN would cost a host synchronisation per call (the optimizers check their
+gradients once per step instead).
 """
 from __future__ import annotations
 
@@ -15,15 +18,7 @@ def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) 
     """Validate `x` and return it as a real floating tensor (ints become float32)."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
-    if x.is_complex():
-        raise ValueError(f"{fn}: {name} is complex ({x.dtype}); only real matrices are supported")
-    if x.ndim < min_ndim:
-        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims ([..., m, n]), got shape {tuple(x.shape)}; "
-                         f"use x.unsqueeze(0) for a single row")
-    if x.numel() == 0:
-        raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); pass a matrix with at least one row and one column")
-    if not x.is_floating_point():
-        x = x.float()
+    x = check_structure(x, fn, name, min_ndim=min_ndim)
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         n_nan = int(torch.isnan(x).sum())
@@ -31,6 +26,26 @@ def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) 
         raise ValueError(f"{fn}: {name} has {n_nan} NaN and {n_inf} Inf entries (shape {tuple(x.shape)}); "
                          f"fix the step that produced it (e.g. a diverged loss) or clean it with torch.nan_to_num")
     return x
+
+
+def check_structure(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:
+    """The checks that read no entry (so no device-to-host copy: the kernels on an optimizer's hot path run
+    them): a dense real tensor of ≥ `min_ndim` dims with data, returned as a floating tensor (ints -> float32)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}; wrap it with torch.as_tensor(...)")
+    if x.layout != torch.strided:
+        raise ValueError(f"{fn}: {name} is a {x.layout} tensor; pass a dense one (x.to_dense())")
+    if x.is_meta:
+        raise ValueError(f"{fn}: {name} is on the meta device and has no values; materialize it (e.g. module.to_empty() "
+                         "and load the weights) first")
+    if x.is_complex():
+        raise ValueError(f"{fn}: {name} is complex ({x.dtype}); only real matrices are supported")
+    if x.ndim < min_ndim:
+        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims ([..., m, n]), got shape {tuple(x.shape)}; "
+                         f"use x.unsqueeze(0) for a single row")
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: {name} is empty (shape {tuple(x.shape)}); pass a matrix with at least one row and one column")
+    return x if x.is_floating_point() else x.float()
 
 
 def work_dtype(x: Tensor) -> torch.dtype:

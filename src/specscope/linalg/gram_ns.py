@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._checks import check_structure
 from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 
 # Four steps: Polar Express's steps 3–6 (arXiv 2505.16932, ℓ = 1e-3 schedule with the 1.01 safety
@@ -46,11 +47,11 @@ GRAM_SIDE_MIN_ROWS = 128
 
 
 def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False) -> tuple[Tensor, Tensor]:
-    """(sX, s²R) with s = 1/(sqrt(max_i Σ_j |R_ij|) + eps), so ‖sX‖₂ ≤ 1 for R = XXᵀ (eps as torch adds
-    it to ‖G‖_F); with aol=True the per-row (diag(s)X, diag(s) R diag(s)), s_i = 1/(sqrt(Σ_j |R_ij|) + eps)
-    (AOL; changes the polar target)."""
+    """(sX, s²R) with s = 1/max(sqrt(max_i Σ_j |R_ij|), eps), so ‖sX‖₂ ≤ 1 for R = XXᵀ (eps as torch.optim.Muon
+    clamps ‖G‖_F: a small gradient's scale is not shrunk); with aol=True the per-row (diag(s)X, diag(s) R diag(s)),
+    s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target)."""
     rows = R.abs().sum(-1, dtype=torch.promote_types(R.dtype, torch.float32))
-    s = 1 / ((rows if aol else rows.amax(-1, keepdim=True)).sqrt() + eps)
+    s = 1 / (rows if aol else rows.amax(-1, keepdim=True)).sqrt().clamp(min=eps)
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)
 
@@ -104,6 +105,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     fewer. Measured at 0.1·σ_1 on a gradient-like 768×3072 matrix in bf16: six steps 0.043 without a
     restart, 0.005 with; five 0.013 vs 0.0045; four 0.0065 vs 0.0037 (not worth two n-sized products).
     """
+    G = check_structure(G, "gram_newton_schulz", "G")  # shape and kind only: NaN/Inf is `polar`'s check
     if restart is None and len(schedule) > 4:
         restart = 2
     X = G.to(dtype)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import workers
-from ._checks import check_tensor, lower_gram, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
 
@@ -34,11 +34,14 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
     (σ_2/σ_1)^(2k) (slower when σ_1 ≈ σ_2, and v may then be any vector of the top cluster, which still
     gives an accurate sigma). Stops early when every batch entry changed by less than tol (relative).
     A v0 exactly orthogonal to the top singular vector converges to the next one instead. Zero matrix:
-    sigma = 0 and v is returned unchanged. Computed in float32 (float64 for float64 input).
+    sigma = 0 and v is returned unchanged. A zero v0 (or batch entry of it) starts as v0=None does.
+    Computed in float32 (float64 for float64 input).
     """
     A = check_tensor(A, "spectral_norm", "A")
-    if iters < 1:
-        raise ValueError(f"spectral_norm: iters must be ≥ 1, got {iters}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"spectral_norm: iters must be an int ≥ 1, got {iters!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
+        raise ValueError(f"spectral_norm: tol must be a number in [0, 1) (relative change to stop at), got {tol!r}")
     dt = work_dtype(A)
     X = A.to(dt)
     if X.shape[-2] > X.shape[-1]:
@@ -52,6 +55,8 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
             raise ValueError(f"spectral_norm: v0 has length {v0.shape[-1]} but A {tuple(A.shape)} needs min(m, n) = {k}; "
                              f"pass the v returned by the previous call on a matrix of the same shape")
         v = v0.to(device=X.device, dtype=dt).expand(*X.shape[:-2], k).clone()
+        zero = v.norm(dim=-1, keepdim=True) == 0  # a zero start finds nothing: those entries start as v0=None does
+        v = torch.where(zero, _default_v0(X.shape[:-2], k, dt, X.device), v)
     v = v / v.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
     sigma = torch.zeros(X.shape[:-2], dtype=dt, device=X.device)
     for _ in range(iters):
@@ -200,7 +205,13 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
     """(‖G‖_F, ‖G‖_*) of each matrix as two float64 vectors, started now and collected by calling the result
     (as `nuclear_norms_later`); a matrix holding NaN/Inf gets a non-finite ‖G‖_F (and ‖G‖_*), never an error.
     On the one-thread workers both come from the job's float64 Gram (‖G‖_F² is its trace); elsewhere ‖G‖_F
-    is one float64 multi-tensor norm."""
+    is one float64 multi-tensor norm. Shapes, kinds and `method` are checked (nothing that reads an entry)."""
+    if method not in NUCLEAR_METHODS:
+        raise ValueError(f"fro_nuclear_norms_later: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
+    mats = [check_structure(G, "fro_nuclear_norms_later", f"mats[{i}]") for i, G in enumerate(mats)]
+    if bad := [i for i, G in enumerate(mats) if G.ndim != 2]:
+        raise ValueError(f"fro_nuclear_norms_later: mats[{bad[0]}] has shape {tuple(mats[bad[0]].shape)}; pass 2-D "
+                         "matrices (list(batch.unbind()) for a batch)")
     if not mats:
         empty = torch.zeros(0, dtype=torch.float64)
         return lambda: (empty, empty)

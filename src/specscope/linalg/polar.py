@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ._checks import check_tensor, lower_gram, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from . import workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
@@ -46,20 +46,24 @@ def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, 
         raise ValueError(f"polar: ns_steps must be ≥ 1, got {steps}")
     if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
         return [tuple(float(c) for c in coefficients)] * steps
-    sched = [tuple(float(c) for c in abc) for abc in coefficients]
+    try:
+        sched = [tuple(float(c) for c in abc) for abc in coefficients]
+    except (TypeError, ValueError):
+        sched = []
     if not sched or any(len(abc) != 3 for abc in sched):
-        raise ValueError("polar: ns_coefficients must be (a, b, c) or a non-empty list of (a, b, c) triples")
+        raise ValueError(f"polar: ns_coefficients must be (a, b, c) or a non-empty list of (a, b, c) triples, got {coefficients!r}")
     return [sched[min(k, len(sched) - 1)] for k in range(steps)]
 
 
 def _odd_quintic_iteration(G: Tensor, schedule: Sequence[tuple[float, float, float]], eps: float,
                            dtype: torch.dtype, norm_scale: float) -> Tensor:
-    """X₀ = G/(norm_scale·‖G‖_F + eps) (so σ ≤ 1), wide orientation; X ← aX + (bA + cA²)X, A = XXᵀ."""
+    """X₀ = G/max(norm_scale·‖G‖_F, eps) (so σ ≤ 1; torch.optim.Muon's clamp, not + eps, which shrinks a
+    small gradient's update), wide orientation; X ← aX + (bA + cA²)X, A = XXᵀ."""
     X = G.to(dtype)
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale).clamp(min=eps)
     batch = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     if X.shape[0] == 1:  # one matrix: 2-D addmm is ~15 % faster than a batch-of-one baddbmm on CPU (measured)
@@ -87,14 +91,17 @@ def newton_schulz(G: Tensor, ns_steps: int = 5, ns_coefficients=KELLER_COEFFICIE
 
     With Keller's (3.4445, −4.775, 2.0315) × 5 the singular values land in roughly [0.7, 1.2] rather
     than at 1, so |u_iᵀPv_i − 1| is ~0.3 at 0.1·σ_1 and ~1 at 1e-3·σ_1 (docs/linalg.md). Zero singular
-    values stay exactly 0 (the iteration is an odd polynomial)."""
+    values stay exactly 0 (the iteration is an odd polynomial). Unchecked for NaN/Inf (`polar` checks)."""
+    G = check_structure(G, "newton_schulz", "G")
     return _odd_quintic_iteration(G, _coefficient_schedule(ns_coefficients, ns_steps), eps, dtype, 1.0)
 
 
 def polar_express(G: Tensor, ns_steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Polar Express estimate of polar(G) (estimator): start X₀ = G/(1.01‖G‖_F), then the per-step
     minimax schedule POLAR_EXPRESS_COEFFICIENTS (steps past 8 repeat the last, cubically convergent map).
-    Same cost per step as Newton–Schulz, much smaller error for small singular values (docs/linalg.md)."""
+    Same cost per step as Newton–Schulz, much smaller error for small singular values (docs/linalg.md).
+    Unchecked for NaN/Inf (`polar` checks)."""
+    G = check_structure(G, "polar_express", "G")
     return _odd_quintic_iteration(G, _coefficient_schedule(POLAR_EXPRESS_COEFFICIENTS, ns_steps), eps, dtype, 1.01)
 
 
@@ -164,7 +171,7 @@ def _polar_svd_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tupl
 FAST_BACKEND_ERROR = 0.05
 
 
-def _auto_method(G: Tensor, tol: float | None) -> str:
+def _auto_method(G: Tensor, tol: float | None, dtype: torch.dtype | None = None) -> str:
     """Selection rule (measured on CPU, docs/linalg.md):
     - min(m, n) ≤ 32: "gram" — an exact eigh of a ≤ 32×32 Gram costs less than the iterations' overhead.
     - no tol, or tol ≥ FAST_BACKEND_ERROR: "gram_newton_schulz" (AOL + 4 bfloat16 steps, Gram-side on
@@ -172,10 +179,12 @@ def _auto_method(G: Tensor, tol: float | None) -> str:
     - tol < FAST_BACKEND_ERROR: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
     tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The rule is the same on CUDA
     (the fast backend is matmul-only and batched; CUDA timings are not yet measured, see docs/linalg.md).
+    A `dtype` the exact backends do not compute in (bfloat16, float16) keeps a small matrix on the estimator.
     """
-    if min(G.shape[-2:]) <= 32:
+    fast_ok = tol is None or tol >= FAST_BACKEND_ERROR
+    if min(G.shape[-2:]) <= 32 and (dtype is None or dtype in EXACT_DTYPES or not fast_ok):
         return "gram"
-    if tol is None or tol >= FAST_BACKEND_ERROR:
+    if fast_ok:
         return "gram_newton_schulz"
     return "gram"
 
@@ -209,8 +218,8 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
         raise ValueError(f"polar: unknown method {method!r}; choose one of {METHODS}")
     _check_options("polar", method, ns_steps=ns_steps, eps=eps, tol=tol, dtype=dtype, rcond=rcond)
     if method == "auto":
-        method = _auto_method(G, tol)
-        _check_options("polar", method, dtype=dtype, rcond=rcond)  # what the chosen backend accepts
+        method = _auto_method(G, tol, dtype)
+        _check_auto_choice("polar", method, tol, dtype, rcond)
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "svd":
@@ -254,6 +263,14 @@ def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, d
         if dtype not in allowed:
             raise ValueError(f"{fn}: dtype={dtype} is not one {method!r} computes in; use one of "
                              + ", ".join(str(d).removeprefix("torch.") for d in allowed))
+
+
+def _check_auto_choice(fn: str, method: str, tol, dtype, rcond) -> None:
+    """What the backend `auto` chose accepts; a dtype it cannot compute in names the tol that chose it."""
+    if method == "gram" and dtype is not None and dtype not in EXACT_DTYPES:
+        raise ValueError(f"{fn}: tol={tol} asks for the exact backend 'gram', which computes in float32 or float64, "
+                         f"not dtype={dtype}; drop dtype, or raise tol to ≥ {FAST_BACKEND_ERROR} for the bfloat16 estimator")
+    _check_options(fn, method, dtype=dtype, rcond=rcond)
 
 
 def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dtype | None = None,
@@ -313,7 +330,11 @@ def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: f
     if method not in METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
     _check_options(fn, method, tol=tol, dtype=dtype, rcond=rcond)
-    gram = [(method == "gram" or (method == "auto" and _auto_method(G, tol) == "gram")) and _pooled(G) for G in mats]
+    chosen = [_auto_method(G, tol, dtype) if method == "auto" else method for G in mats]
+    if method == "auto":  # every item's backend accepts the options before any item starts
+        for c in set(chosen):
+            _check_auto_choice(fn, c, tol, dtype, rcond)
+    gram = [c == "gram" and _pooled(G) for c, G in zip(chosen, mats)]
     pooled = [i for i, g in enumerate(gram) if g]
     jobs = [partial(_gram_job, G=mats[i], dtype=dtype or torch.float64, nuclear_dtype=work_dtype(mats[i]),
                     rcond=default_rcond(mats[i].dtype, *mats[i].shape[-2:]) if rcond is None else rcond)
@@ -335,6 +356,9 @@ def polar_error(G: Tensor, P: Tensor, rel_threshold: float = 0.1) -> Tensor:
     triplets). Shape G.shape[:-2], float64."""
     G = check_tensor(G, "polar_error", "G")
     P = check_tensor(P, "polar_error", "P")
+    if not isinstance(rel_threshold, (int, float)) or isinstance(rel_threshold, bool) or not 0 < rel_threshold <= 1:
+        raise ValueError(f"polar_error: rel_threshold must be a number in (0, 1] (σ_i ≥ rel_threshold·σ_1 are "
+                         f"scored), got {rel_threshold!r}")
     if P.shape[-2:] != G.shape[-2:]:
         raise ValueError(f"polar_error: P {tuple(P.shape)} and G {tuple(G.shape)} must have the same matrix shape")
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)

@@ -6,10 +6,13 @@ each on one thread, than one after another on all of them. A worker left at the 
 oversubscribes the cores. `start` hands a list of jobs to the pool, largest first, and returns a function
 that waits for them: a caller can start one kind of job (a step's gradient spectra) and put another ahead of
 what is still queued (`first=True`: the same step's input spectra), so that both kinds share the cores.
+At exit the queued jobs are cancelled and the running ones finished first: a worker thread still inside torch
+when the interpreter tears down aborts the process (SIGABRT) instead of letting it exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import queue
@@ -32,6 +35,7 @@ class Pool:
         self._order = itertools.count()
         self._pending = 0  # submitted and not yet finished
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         for i in range(threads):
             threading.Thread(target=self._work, name=f"specscope-worker-{i}", daemon=True).start()
 
@@ -52,6 +56,8 @@ class Pool:
             finally:
                 with self._lock:
                     self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
 
     def submit(self, fn: Callable[[T], R], arg: T, first: bool = False) -> Future:
         future: Future = Future()
@@ -67,6 +73,19 @@ class Pool:
         """Whether jobs are running or queued."""
         with self._lock:
             return self._pending > 0
+
+    def drain(self) -> None:
+        """Cancel the queued jobs and wait for the running ones (their waiters get CancelledError)."""
+        while True:
+            try:
+                *_, future = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            future.cancel()
+            with self._lock:
+                self._pending -= 1
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending <= 0)
 
 
 _POOL: Pool | None = None
@@ -87,6 +106,12 @@ def pool(threads: int) -> Pool:
     return _POOL
 
 
+@atexit.register
+def _drain_at_exit() -> None:
+    if _POOL is not None and _POOL.pid == os.getpid():
+        _POOL.drain()
+
+
 def busy(device: torch.device) -> bool:
     """Whether the pool that jobs on `device` would use has jobs running or queued."""
     n = count(device)
@@ -104,7 +129,16 @@ def start(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float] | Non
         return lambda: [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -costs[i]) if costs is not None else range(len(items))
     futures = {i: pool(n).submit(fn, items[i], first) for i in order}
-    return lambda: [futures[i].result() for i in range(len(items))]
+
+    def collect() -> list[R]:
+        try:
+            return [futures[i].result() for i in range(len(items))]
+        except BaseException:  # one job failed (or the wait was interrupted): its siblings not yet started never run
+            for f in futures.values():
+                f.cancel()
+            raise
+
+    return collect
 
 
 def balanced(costs: Sequence[float], parts: int) -> list[list[int]]:

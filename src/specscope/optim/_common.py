@@ -16,6 +16,7 @@ from torch import Tensor
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.names import layer_name, parameter_name  # noqa: F401  (re-exported: optim.layer_name)
 from specscope.optim import _distributed
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
@@ -41,11 +42,6 @@ def checked_group(opt: torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------- names and routing
-
-
-def layer_name(param_name: str) -> str:
-    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down` (the module that owns the weight)."""
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 def mark_non_hidden(*params: Tensor, non_hidden: bool = True) -> None:
@@ -109,7 +105,7 @@ def nonfinite_flags(grads: Sequence[Tensor]) -> list[bool]:
 
 def as_matrix(t: Tensor) -> Tensor:
     """2-D view of a weight: a conv kernel [out, in, kh, kw] becomes [out, in*kh*kw] (rows = outputs)."""
-    return t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+    return t if t.ndim == 2 else t.flatten(1)  # flatten, not reshape(out, -1): a zero-size kernel has no -1
 
 
 def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:

@@ -17,7 +17,7 @@ import difflib
 import fnmatch
 import math
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,26 @@ def check_options(algorithm: str, options: dict[str, Any], where: str) -> None:
                               f"its options are {sorted(known)}")
 
 
+# options of torch.optim's optimizers that change the step and that no specscope algorithm implements: a group
+# that sets one would be stepped as if it had not
+FOREIGN_OPTIONS = frozenset({"maximize", "amsgrad", "dampening", "foreach", "fused", "capturable", "differentiable",
+                             "decoupled_weight_decay", "momentum_decay", "lr_decay", "initial_accumulator_value"})
+
+
+def check_group_keys(algorithm: str, group: dict[str, Any]) -> None:
+    """A ConfigError for a param-group key that is a typo of an option of the group's algorithm or an option of
+    torch.optim's that it does not have; other keys (a "name", metadata a scheduler reads) stay, as in torch.optim."""
+    known = set(ALGORITHMS[algorithm].defaults) | GROUP_KEYS | {"params", "param_names", "algorithm"}
+    for key in group:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
+        if key in FOREIGN_OPTIONS or close:
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
+                              f"its options are {sorted(known - {'params', 'param_names'})}")
+
+
 class Hybrid(Optimizer):
     """Param groups with a per-group `algorithm`; see the module docstring.
 
@@ -115,6 +135,10 @@ class Hybrid(Optimizer):
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm={algorithm!r} is unknown; use one of {sorted(ALGORITHMS)}")
         check_options(algorithm, defaults, "Hybrid")
+        if isinstance(stable_rank, nn.Module):
+            arg = "monitor" if type(self).__name__ == "AutoGeometry" else "stable_rank"
+            raise ConfigError(f"{type(self).__name__}({arg}={type(stable_rank).__name__}): that is a model, not a source of "
+                              "st(A); pass a probe Monitor (probe.Monitor(model)) or a callable layer name -> st(A) or None")
         self.stable_rank_source = stable_rank
         self._records: list[Record] = []
         self.choices: dict[str, str] = {}  # "auto" groups: layer -> latest "spectral" / "euclidean"
@@ -131,6 +155,7 @@ class Hybrid(Optimizer):
         if "lr" not in group and ("lr" not in self.defaults or alg != own):
             raise ConfigError(f"a param group with algorithm={alg!r} needs an 'lr' (in the group or, for "
                               f"{own!r} groups, as the optimizer's lr=)")
+        check_group_keys(alg, group)
         if alg != own:
             for key, value in ALGORITHMS[alg].defaults.items():
                 group.setdefault(key, value)
@@ -173,6 +198,10 @@ class Hybrid(Optimizer):
         if not flat:
             return loss
         has = [p.grad is not None for _, p, _ in flat]
+        for _, p, name in flat:
+            if p.grad is not None and (p.grad.layout != torch.strided or torch.is_complex(p.grad)):
+                raise ConfigError(f"parameter '{name}' has a {'complex' if torch.is_complex(p.grad) else 'sparse'} gradient, "
+                                  "which specscope.optim does not support (nn.Embedding(..., sparse=False) gives a dense one)")
         with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
@@ -184,13 +213,10 @@ class Hybrid(Optimizer):
             name = flat[bad.index(True)][2]
             raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
         for gi, group in enumerate(self.param_groups):
-            items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h]
+            items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h and p.numel()]  # zero-size: nothing to step
             if items:
                 params, names = [p for p, _ in items], [n for _, n in items]
                 grads = [p.grad for p in params]
-                for g in grads:
-                    if g.is_sparse or torch.is_complex(g):
-                        raise ConfigError("sparse or complex gradients are not supported by specscope.optim")
                 ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
         return loss
 
@@ -249,6 +275,15 @@ def spectral_param_groups(
     """
     from specscope.probe.roles import ROLES, static_roles  # optim may use probe (DESIGN.md layers)
 
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"spectral_param_groups: pass the model (an nn.Module), not {type(model).__name__}: routing reads "
+                          "its modules (embeddings, heads); for hand-made groups build Hybrid/Muon param groups directly")
+    for name, value in (("lr_spectral", lr_spectral), ("lr_adamw", lr_adamw), ("weight_decay", weight_decay),
+                        ("adamw_weight_decay", adamw_weight_decay)):
+        number = _number(value) if value is not None or name != "weight_decay" else 0.0
+        if number is None or not math.isfinite(number) or number < 0:
+            raise ConfigError(f"spectral_param_groups: {name}={value!r} must be a finite number >= 0")
+
     if algorithm not in ALGORITHMS or not ALGORITHMS[algorithm].spectral:
         spectral = sorted(k for k, a in ALGORITHMS.items() if a.spectral)
         raise ConfigError(f"algorithm={algorithm!r} is not a spectral algorithm; use one of {spectral}")
@@ -257,7 +292,7 @@ def spectral_param_groups(
         raise ConfigError("spectral_param_groups: pass the spectral group's lr as lr_spectral, not lr=")
     inner = _unwrapped(model)
     role_of = static_roles(inner)
-    every = dict(inner.named_parameters(remove_duplicate=False))  # a tied weight under each of its names
+    every = {_common.parameter_name(n): p for n, p in inner.named_parameters(remove_duplicate=False)}  # tied: each name
     named = {_common.layer_name(n): p for n, p in every.items()} | every
     for key, role in _given_roles(roles, named, ROLES).items():
         role_of[id(named[key])] = role
@@ -271,7 +306,8 @@ def spectral_param_groups(
                           f"names, or a module prefix); parameters look like {list(every)[:4]}")
     out = {id(every[n]) for hits in excluded.values() for n in hits}
     hidden, rest = [], []
-    for name, p in model.named_parameters():
+    for name, p in inner.named_parameters():
+        name = _common.parameter_name(name)
         if not p.requires_grad:
             continue
         if p.ndim >= 2:
@@ -299,6 +335,9 @@ def _given_roles(roles: Any, named: dict[str, Tensor], valid: tuple[str, ...]) -
     """A Monitor's roles, or a {parameter or layer name: role} dict checked against the model."""
     if hasattr(roles, "roles"):
         return {k: r for k, r in roles.roles.items() if k in named}  # a Monitor's names may include fused slices
+    if roles is not None and not isinstance(roles, Mapping):
+        raise ConfigError(f"roles={roles!r}: pass a probe Monitor (roles seen on its measured steps) or a dict "
+                          "{parameter or layer name: role}, e.g. roles={'lm_head': 'head'}")
     given = dict(roles or {})
     for key, role in given.items():
         if key not in named:

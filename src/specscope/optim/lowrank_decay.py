@@ -23,11 +23,11 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
-from specscope.linalg.polar import METHODS as POLAR_METHODS
 from specscope.optim import _common, _distributed
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
 CUBIC = (1.5, -0.5, 0.0)  # X <- 1.5·X − 0.5·(X Xᵀ) X
+EXACT_POLAR = ("svd", "gram")
 
 
 class LowRankDecay(Optimizer):
@@ -64,8 +64,9 @@ class LowRankDecay(Optimizer):
                 value = group[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                     raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
-            if group["polar_method"] not in POLAR_METHODS:
-                raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r} is unknown; use one of {POLAR_METHODS}")
+            if group["polar_method"] not in EXACT_POLAR:
+                raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r}: modes 'polar' and 'elastic' take "
+                                  f"the exact polar factor, so use one of {EXACT_POLAR} (mode='ns' is the soft, iterative one)")
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "

@@ -9,6 +9,7 @@ import pandas as pd
 from torch import nn
 
 from specscope.errors import ConfigError
+from specscope.names import parameter_name
 from specscope.probe import roles as R
 
 COLUMNS = ["layer", "kind", "shape", "rows", "stable_rank", "nuclear_rank", "spectral_advantage", "measurements", "verdict", "estimator"]
@@ -75,6 +76,6 @@ def param_groups(
         is_spectral = not structural and bool(names) and all(verdicts.get(n) == "spectral" for n in names)
         params, pnames = groups[spectral if is_spectral else euclidean]
         params.append(p)
-        pnames.append(pname)
+        pnames.append(parameter_name(pname))
     opts = {spectral: spectral_options or {}, euclidean: euclidean_options or {}}
     return [{"algorithm": alg, "params": ps, "param_names": ns, **opts[alg]} for alg, (ps, ns) in groups.items() if ps]

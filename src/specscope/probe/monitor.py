@@ -13,6 +13,8 @@ written), and the global RNG is not used.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import math
 import warnings
@@ -36,6 +38,7 @@ from specscope.records import Record
 
 ESTIMATORS = ("gram", "power", "exact")
 EXTRAS = ("topk", "entropy_rank", "weight_stable_rank")
+NONFINITE = ("raise", "warn", "skip")
 GradientSource = str | Callable[[str, nn.Parameter], torch.Tensor]
 
 
@@ -46,8 +49,27 @@ def is_log_step(step: int, per_decade: int = 10) -> bool:
     return step == round(10 ** (round(per_decade * math.log10(step)) / per_decade))
 
 
+NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient when the `with monitor.step(step)` block "
+               "ended: run backward inside the block and zero_grad outside it (after optimizer.step), or its output "
+               "does not reach the loss")
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+
+
+def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras) -> None:
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        raise ConfigError(f"Monitor(every={every!r}) must be a positive int or None")
+    if every is None and not log_spaced:
+        raise ConfigError("Monitor(every=None) needs log_spaced=True, or it would never measure")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"Monitor(estimator={estimator!r}) is not one of {ESTIMATORS}")
+    if not callable(gradient) and gradient not in ("grad", "update"):
+        raise ConfigError(f"Monitor(gradient={gradient!r}) must be 'grad', 'update' or a callable(name, param)")
+    if nonfinite not in NONFINITE:
+        raise ConfigError(f"Monitor(nonfinite={nonfinite!r}) must be one of {NONFINITE}")
+    if isinstance(extras, str) or (bad := [e for e in extras if e not in EXTRAS]):
+        raise ConfigError(f"Monitor(extras={extras!r}): give a list of names from {EXTRAS}" if isinstance(extras, str)
+                          else f"Monitor(extras=...) has unknown {bad}; choose from {EXTRAS}")
 
 
 @dataclass
@@ -114,6 +136,9 @@ class Monitor:
     of the smaller Gram, formed in `grad_gram_dtype` (float64 by default); on an accelerator a matmul-only
     float64 route within 1e-4 of ‖G‖_* (estimator "polar", linalg.nuclear_norms); an SVD with
     estimator="exact".
+    nonfinite: a non-finite activation or gradient raises NonFiniteError naming layer and step ("raise"), or
+    is recorded as NaN with flag "nonfinite" and a warning ("warn") or silently ("skip": the overflow steps of
+    fp16 loss scaling, which its GradScaler skips; the framework callbacks choose it when a scaler is in use).
     split: {layer pattern: [slice names] | {name: size} | Interleaved(parts, heads)} measures a fused
     weight's output blocks separately, e.g. {"blocks.*.attn.qkv": ["q", "k", "v"]} records
     "blocks.0.attn.qkv.q"; the output dim is the weight's own (columns of a Conv1D weight stored [in, out]).
@@ -138,19 +163,8 @@ class Monitor:
         history: int = 1000,
         grad_gram_dtype: torch.dtype = torch.float64,
     ):
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ConfigError(f"Monitor(every={every!r}) must be a positive int or None")
-        if every is None and not log_spaced:
-            raise ConfigError("Monitor(every=None) needs log_spaced=True, or it would never measure")
-        if estimator not in ESTIMATORS:
-            raise ConfigError(f"Monitor(estimator={estimator!r}) is not one of {ESTIMATORS}")
-        if not callable(gradient) and gradient not in ("grad", "update"):
-            raise ConfigError(f"Monitor(gradient={gradient!r}) must be 'grad', 'update' or a callable(name, param)")
-        if nonfinite not in ("raise", "warn"):
-            raise ConfigError(f"Monitor(nonfinite={nonfinite!r}) must be 'raise' or 'warn'")
+        _check_values(every=every, log_spaced=log_spaced, gradient=gradient, estimator=estimator, nonfinite=nonfinite, extras=extras)
         self.extras = tuple(extras)
-        if bad := [e for e in self.extras if e not in EXTRAS]:
-            raise ConfigError(f"Monitor(extras=...) has unknown {bad}; choose from {EXTRAS}")
         if estimator == "exact" and D.world_size() > 1:
             raise ConfigError("estimator='exact' keeps activations and is single-process; use 'gram' or 'power' under torch.distributed")
         ddp = False
@@ -166,6 +180,7 @@ class Monitor:
         for pid, role in R.static_roles(self.model).items():
             if pid in self.slots:
                 self.slots[pid].role = role
+        self._task_heads = R.task_heads(self.model)  # heads by declaration: a measured step keeps them so
         self.unmeasured: dict[str, str] = {}
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
@@ -181,6 +196,20 @@ class Monitor:
         self._history_len = history
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """ConfigError for a keyword `Monitor(model, **options)` would reject (an unknown name, a bad value),
+        without a model: a framework callback that builds its Monitor later checks its options when it is made."""
+        known = [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "model")]
+        for key in options:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"{key!r} is not an option of Monitor; " + (f"did you mean {close[0]!r}? " if close else "")
+                                  + f"its options are {known}")
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in known}
+        given = {**defaults, **options}
+        _check_values(**{k: given[k] for k in ("every", "log_spaced", "gradient", "estimator", "nonfinite", "extras")})
 
     @property
     def unpaired(self) -> dict[str, str]:
@@ -320,7 +349,7 @@ class Monitor:
         if self._heads:  # a backward pass was seen: the head is what the loss is computed from
             for pid, s in self.slots.items():
                 if s.role != "embedding":
-                    s.role = "head" if pid in self._heads else "hidden"
+                    s.role = "head" if pid in self._heads or pid in self._task_heads else "hidden"
         for s in self.slots.values():  # added to activations, never multiplied: a positional table
             if s.kind == "" and s.other_ops and s.other_ops <= R.ADDITIVE:
                 s.role = "embedding"
@@ -403,8 +432,9 @@ class Monitor:
         in, st(A), nr(G) and the rest per measured weight."""
         self.unmeasured.clear()
         for s in self.slots.values():
-            if id(s.param) not in inputs:
-                why = self.unmeasured[s.name] = self._unmeasured_reason(s, id(s) in grads.has_grad)
+            if id(s.param) not in inputs or id(s) not in grads.has_grad:
+                why = self.unmeasured[s.name] = (self._unmeasured_reason(s, id(s) in grads.has_grad) if id(s.param) not in inputs
+                                                 else NO_GRADIENT)
                 shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
                 self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
                 if s.name not in self._warned:
@@ -421,7 +451,9 @@ class Monitor:
     def _records_for(self, step: int, name: str, slot: Slot, G: torch.Tensor, fro: float, nuc: float, nr_est: str, a: _Inputs | None) -> None:
         gshape = "x".join(map(str, G.shape))
         gflag = "" if math.isfinite(fro) else "nonfinite"
-        if gflag:
+        if fro == 0:
+            gflag = "zero_gradient"  # nr(0) is undefined: recorded as NaN with this flag (a zero_grad inside the block?)
+        if gflag == "nonfinite":
             self._bad(f"non-finite gradient of '{name}' at step {step}")
         nr = (nuc / fro) ** 2 if fro > 0 and not gflag else float("nan")  # REFERENCE §1: ‖G‖_*² / ‖G‖_F²
         rec = self._records.append
@@ -450,9 +482,13 @@ class Monitor:
     def _bad(self, message: str) -> None:
         if self.nonfinite == "raise":
             self._pending = None
-            err = NonFiniteError(f"{message}; lower the learning rate or check the data, or use Monitor(nonfinite='warn') to record it and go on")
+            err = NonFiniteError(f"{message}; lower the learning rate or check the data, or use Monitor(nonfinite='warn') to "
+                                 "record it and go on (nonfinite='skip' under fp16 loss scaling, whose GradScaler skips "
+                                 "such steps)")
             err.problem = message  # where and when, for a caller that words the fix its own way (the CLI)
             raise err
+        if self.nonfinite == "skip":
+            return
         warnings.warn(f"specscope probe: {message} (recorded with flag='nonfinite')", stacklevel=4)
 
     def _gradient_name(self) -> str:

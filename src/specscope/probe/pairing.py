@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specscope.errors import ConfigError
+from specscope.names import layer_name
 
 aten = torch.ops.aten
 MATMULS = (aten.mm, aten.addmm)
@@ -152,12 +153,6 @@ class Slot:
         example = "['q', 'k', 'v']" if self.name.endswith("in_proj_weight") else "{name: size, ...}"
         self.problem = (f"output blocks {blocks} multiply different inputs; measure them separately with a split whose "
                         f"slices each lie in one block, e.g. split={{'{self.name}': {example}}}")
-
-
-def layer_name(param_name: str) -> str:
-    """`blocks.0.mlp.down.weight` -> `blocks.0.mlp.down`; other names stay, a root-level `weight` too (the
-    layer "" holds the whole model's records: loss, lr)."""
-    return param_name[: -len(".weight")] if param_name.endswith(".weight") else param_name
 
 
 def _matches(name: str, patterns) -> bool:

@@ -30,20 +30,24 @@ _WEIGHT_PATH = ("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackwa
 
 
 def static_roles(model: nn.Module) -> dict[int, str]:
-    """id(param) -> "embedding" / "head" from the model's structure (no forward pass needed)."""
+    """id(param) -> "embedding" / "head" from the model's structure (no forward pass needed). A transformers
+    model inside another module (a LightningModule's `self.model`) declares its embeddings and heads as it
+    would on its own."""
     roles: dict[int, str] = {}
     embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    inp = _call(model, "get_input_embeddings")
-    tokens = inp if isinstance(inp, nn.Embedding) else max(embeds, key=lambda m: m.num_embeddings, default=None)
+    declared = [model, *(m for m in model.modules() if m is not model and _is_transformers_model(m))]
+    inp = next((e for e in map(lambda m: _call(m, "get_input_embeddings"), declared) if isinstance(e, nn.Embedding)), None)
+    tokens = inp if inp is not None else max(embeds, key=lambda m: m.num_embeddings, default=None)
     vocab = {tokens.num_embeddings} if tokens is not None else set()  # the token table, not positions
-    out_emb = _call(model, "get_output_embeddings")
-    task = _task_head(model)
-    if out_emb is None and not task:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
-        out_emb = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear) and m.out_features in vocab), None)
-    if out_emb is not None and isinstance(getattr(out_emb, "weight", None), Tensor):
-        roles[id(out_emb.weight)] = "head"
-    for p in task:
-        roles[id(p)] = "head"
+    outs = [o for o in (_call(m, "get_output_embeddings") for m in declared) if isinstance(getattr(o, "weight", None), Tensor)]
+    task = task_heads(model)
+    if not outs and not task:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
+        last = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear) and m.out_features in vocab), None)
+        outs = [last] if last is not None else []
+    for o in outs:
+        roles[id(o.weight)] = "head"
+    for pid in task:
+        roles[pid] = "head"
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
@@ -53,14 +57,23 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     return roles
 
 
-def _task_head(model: nn.Module) -> list[Tensor]:
-    """The ≥ 2-D parameters of a transformers task model (…ForSequenceClassification, …ForMaskedLM) that are not
-    in its backbone `base_model`: the head the task added. [] for a backbone itself or any other model."""
-    base = getattr(model, "base_model", None)
-    if not isinstance(base, nn.Module) or base is model or not getattr(model, "base_model_prefix", ""):
-        return []  # base_model_prefix: a transformers PreTrainedModel, not any module with such an attribute
-    inside = {id(p) for p in base.parameters()}
-    return [p for p in model.parameters() if p.dim() >= 2 and id(p) not in inside]
+def task_heads(model: nn.Module) -> set[int]:
+    """ids of the ≥ 2-D parameters a transformers task model (…ForSequenceClassification, …ForMaskedLM) adds
+    outside its backbone `base_model`: the task's head, at `model` or at any depth inside it. These stay heads
+    whatever a measured step sees (a masked-LM head's transform is no product nearest the loss)."""
+    out: set[int] = set()
+    for m in model.modules():
+        base = getattr(m, "base_model", None)
+        if not _is_transformers_model(m) or not isinstance(base, nn.Module) or base is m:
+            continue  # a backbone itself, or no transformers model
+        inside = {id(p) for p in base.parameters()}
+        out |= {id(p) for p in m.parameters() if p.dim() >= 2 and id(p) not in inside}
+    return out
+
+
+def _is_transformers_model(m: nn.Module) -> bool:
+    """A transformers PreTrainedModel (by its `base_model_prefix`, not any module with a `base_model` attribute)."""
+    return bool(getattr(m, "base_model_prefix", "")) and callable(getattr(m, "get_output_embeddings", None))
 
 
 def _call(model: nn.Module, name: str):

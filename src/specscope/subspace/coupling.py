@@ -7,6 +7,7 @@ only and ε = eps_rel·‖θ_set‖. R_k = A(v_k) / median_j A(r_j) over random 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -45,11 +46,21 @@ def coupling_ratios(
     generator: torch.Generator | None = None,
 ) -> tuple[list[float], float]:
     """(R_k for each row of `directions`, the median random-direction coupling it is normalised by)."""
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
+        raise ValueError(f"coupling_ratios: n_random must be an int ≥ 1 (the baseline is their median), got {n_random!r}")
+    if not 0 < eps_rel < 1:
+        raise ValueError(f"coupling_ratios: eps_rel must be in (0, 1) (the step is eps_rel·‖θ‖), got {eps_rel!r}")
     theta_norm = float(flatten([p.detach() for p in params], params).norm())
+    if not theta_norm > 0 or not math.isfinite(theta_norm):
+        raise ValueError(f"coupling_ratios: the parameters' norm is {theta_norm}, so the step eps_rel·‖θ‖ is undefined; "
+                         "measure coupling on trained (nonzero, finite) parameters")
     eps = eps_rel * theta_norm
     dim = directions.shape[1]
     gen = generator or torch.Generator().manual_seed(0)
     random_a = [directional_coupling(centroids, params, torch.randn(dim, generator=gen), eps) for _ in range(n_random)]
     baseline = float(torch.tensor(random_a).median())
+    if not baseline > 0:
+        raise ValueError(f"coupling_ratios: the median coupling of random directions is {baseline}: the centroids do "
+                         "not move with these parameters, so no ratio is defined (are they the parameters the centroids use?)")
     ratios = [directional_coupling(centroids, params, d, eps) / baseline for d in directions]
     return ratios, baseline

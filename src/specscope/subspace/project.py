@@ -63,6 +63,10 @@ class GradientProjection:
     ):
         if mode not in ("keep", "remove"):
             raise ValueError(f"GradientProjection: mode must be 'keep' or 'remove', got {mode!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"GradientProjection: k is the subspace's dimension, an int ≥ 1; got {k!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"GradientProjection: every must be an int ≥ 1, got {every!r}")
         self.params = [p for p in params]
         self.subspace, self.mode, self.k, self.fixed, self.every = subspace, mode, k, fixed, every
         self.generator = torch.Generator().manual_seed(seed)

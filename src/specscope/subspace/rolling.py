@@ -3,6 +3,9 @@
 Stack the last W vectors g(τ) ∈ R^P as the rows of M (W × P). Its top-k right singular vectors are the
 SED-k directions. We never form anything P × P: the W × W Gram matrix C = M Mᵀ is kept up to date one
 row/column per push (O(W·P)), and eigh(C) = U Λ Uᵀ gives σ = sqrt(Λ) and V = Mᵀ U Σ⁻¹ (O(W³ + k·W·P)).
+Both products accumulate in float64 (a float32 Gram leaves rounding noise of ≈ sqrt(eps32)·σ₁ under the small
+singular values, whose "directions" then were neither unit nor orthogonal): the result is the SVD of the
+stored rows to float64 accuracy, down to the cut-off σ ≤ W·eps·σ₁ of the rows' own dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +14,16 @@ import torch
 from torch import Tensor
 
 from specscope.linalg import principal_angles
+
+CHUNK = 1 << 16  # columns per float64 product: the rows are never copied whole in float64 (measured fastest)
+
+
+def _times_rows(left: Tensor, rows: Tensor) -> Tensor:
+    """left @ rows in float64 (left [a, n] float64, rows [n, P]), column chunk by column chunk."""
+    out = torch.empty(left.shape[0], rows.shape[1], dtype=torch.float64, device=rows.device)
+    for c in range(0, rows.shape[1], CHUNK):
+        out[:, c:c + CHUNK] = left @ rows[:, c:c + CHUNK].double()
+    return out
 
 
 class RollingSVD:
@@ -24,6 +37,8 @@ class RollingSVD:
     def __init__(self, window: int = 20, k: int = 3, dtype: torch.dtype = torch.float32):
         if window < 1 or k < 1:
             raise ValueError(f"RollingSVD: window ({window}) and k ({k}) must be ≥ 1")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"RollingSVD: dtype={dtype} must be a floating-point dtype (float32 or float64)")
         if k > window:
             raise ValueError(f"RollingSVD: k ({k}) cannot exceed the window ({window}): the window has rank ≤ {window}")
         self.window, self.k, self.dtype = window, k, dtype
@@ -31,6 +46,7 @@ class RollingSVD:
         self._gram: Tensor | None = None  # [W, W], float64
         self._count = 0
         self._cache: tuple[Tensor, Tensor] | None = None
+        self._directions: Tensor | None = None
         self._previous: Tensor | None = None
 
     @property
@@ -52,14 +68,14 @@ class RollingSVD:
             raise ValueError(f"RollingSVD.push: got {v.numel()} entries, the window holds vectors of {self._rows.shape[1]}")
         i = self._count % self.window
         self._rows[i] = v
-        g = (self._rows @ v).double()
+        g = sum(self._rows[:, c:c + CHUNK].double() @ v[c:c + CHUNK].double() for c in range(0, v.numel(), CHUNK))
         self._gram[i, :] = g
         self._gram[:, i] = g
         self._count += 1
-        self._cache = None
+        self._cache = self._directions = None
 
     def _decompose(self) -> tuple[Tensor, Tensor]:
-        """(σ descending [n], V [n, P]) over the n = len(self) rows present."""
+        """(σ descending [n], U [n, r]: the Gram's eigenvectors of the r singular values above the cut-off)."""
         if self._cache is None:
             if self._count == 0:
                 raise ValueError("RollingSVD: no vectors pushed yet")
@@ -68,8 +84,7 @@ class RollingSVD:
             evals, U = evals.flip(0).clamp(min=0), U.flip(1)
             sigma = evals.sqrt()
             keep = sigma > sigma[0] * n * torch.finfo(self.dtype).eps
-            V = (U[:, keep].T.to(self.dtype) @ self._rows[:n]) / sigma[keep, None].to(self.dtype)
-            self._cache = (sigma, V)
+            self._cache = (sigma, U[:, keep])
         return self._cache
 
     def singular_values(self) -> Tensor:
@@ -77,8 +92,17 @@ class RollingSVD:
         return self._decompose()[0]
 
     def directions(self, k: int | None = None) -> Tensor:
-        """The top-k right singular vectors as orthonormal rows [k, P] (fewer if the window has lower rank)."""
-        return self._decompose()[1][: k or self.k]
+        """The top-k right singular vectors (k=None: the tracker's k) as orthonormal rows [k, P] (fewer if the
+        window has lower rank)."""
+        k = self.k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"RollingSVD.directions: k must be an int ≥ 1, got {k!r}")
+        sigma, U = self._decompose()
+        k = min(k, U.shape[1])
+        if self._directions is None or self._directions.shape[0] < k:  # V = Mᵀ U Σ⁻¹, only the rows asked for
+            rows = self._rows[: U.shape[0]]
+            self._directions = (_times_rows(U[:, :k].T.contiguous(), rows) / sigma[:k, None]).to(self.dtype)
+        return self._directions[:k]
 
     def gap(self) -> float:
         """σ_k / σ_{k+1}: how well separated the SED-k subspace is (inf when σ_{k+1} = 0)."""
@@ -99,5 +123,10 @@ class RollingSVD:
         return {"rows": self._rows, "gram": self._gram, "count": self._count, "previous": self._previous}
 
     def load_state_dict(self, state: dict) -> None:
-        self._rows, self._gram, self._count = state["rows"], state["gram"], int(state["count"])
-        self._previous, self._cache = state["previous"], None
+        rows, gram = state["rows"], state["gram"]
+        if rows is not None and (rows.ndim != 2 or rows.shape[0] != self.window or rows.dtype != self.dtype
+                                 or gram is None or tuple(gram.shape) != (self.window, self.window)):
+            raise ValueError(f"RollingSVD.load_state_dict: the state holds a window of {tuple(rows.shape)} {rows.dtype} rows; "
+                             f"this tracker keeps window={self.window} rows of {self.dtype}: make it with the saved window and dtype")
+        self._rows, self._gram, self._count = rows, gram, int(state["count"])
+        self._previous, self._cache, self._directions = state["previous"], None, None
