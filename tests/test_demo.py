@@ -178,7 +178,7 @@ def test_a_quick_demo_in_the_same_root_does_not_hide_a_decided_run_from_claims(q
     from typer.testing import CliRunner
 
     from specscope.cli import app
-    from specscope.store.integrity import write_json
+    from specscope.store.integrity import digest, write_json
 
     *_, run_dir = quick_demo
     root = tmp_path / "runs"
@@ -189,6 +189,7 @@ def test_a_quick_demo_in_the_same_root_does_not_hide_a_decided_run_from_claims(q
     decided.mkdir(parents=True)
     meta = json.loads((quick / "config.json").read_text())
     meta["config"] = {**meta["config"], "width": 4096}  # another setting: its own group
+    meta["config_sha256"] = digest(meta["config"])
     meta.update(created="2026-11-01T00:00:00Z", run_id=decided.name)  # older than the demo
     (decided / "config.json").write_text(json.dumps(meta))
     claims = [{"id": cid, "text": "t", "published": "p", "measured": "m", "verdict": v}

@@ -83,14 +83,15 @@ def test_zero_workers_or_threads_is_refused_before_anything_is_written(tmp_path,
 
 @pytest.mark.parametrize("name", sorted(__import__("specscope.labs", fromlist=["names"]).names()))
 def test_every_labs_hooks_take_what_the_sweep_and_the_runner_pass(name):
-    """summarize(df, cfg), claims(df, cfg), figures(df, cfg), sweep_claims(table): a hook with another
+    """summarize(df, cfg), claims(df, cfg), figures(df, cfg), sweep_claims(table), inputs(cfg): a hook with another
     signature breaks only at the end of a sweep, after every point has run."""
     import inspect
 
     from specscope import labs
 
     lab = labs.get(name)
-    args = {"summarize": ("df", "cfg"), "claims": ("df", "cfg"), "figures": ("df", "cfg"), "sweep_claims": ("table",)}
+    args = {"summarize": ("df", "cfg"), "claims": ("df", "cfg"), "figures": ("df", "cfg"), "sweep_claims": ("table",),
+            "inputs": ("cfg",)}
     for hook, passed in args.items():
         if hasattr(lab, hook):
             inspect.signature(getattr(lab, hook)).bind(*passed)

@@ -37,6 +37,7 @@ import pandas as pd
 from specscope.errors import ConfigError
 from specscope.names import mathtext
 from specscope.store.integrity import read_json, write_atomic
+from specscope.train.processes import die_with_parent
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.csv"
@@ -122,30 +123,6 @@ def _init_worker(threads: int, parent: int, stop=None) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["MKL_NUM_THREADS"] = str(threads)
     die_with_parent(parent)
-
-
-def die_with_parent(parent: int) -> None:
-    """SIGKILL this process when `parent` dies (a killed sweep takes its workers with it)."""
-    import signal
-
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        armed = False
-    if os.getppid() != parent:  # died before the signal was armed
-        os._exit(1)
-    if not armed:
-        import threading
-
-        def watch() -> None:
-            while os.getppid() == parent:
-                time.sleep(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True, name="specscope-parent-watchdog").start()
 
 
 def completed_runs(sweep_dir: Path, lab: str, statuses: tuple[str, ...] = ("complete",)) -> list[tuple[Path, dict[str, Any]]]:

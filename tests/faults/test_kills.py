@@ -16,8 +16,8 @@ import pytest
 
 from conftest import QUICK, kill_at, metrics
 from specscope import store
-from specscope.store.lock import _pid_alive
 from specscope.labs.runner import run_lab
+from specscope.store.lock import pid_alive as _pid_alive
 
 
 def resume_equals_finished(run, finished):
@@ -30,7 +30,9 @@ def resume_equals_finished(run, finished):
 
 def test_kill_at_checkpoint_rename_then_resume(killed, copy_of, finished):
     run = copy_of(killed)
+    assert list((run / "checkpoints").glob(".*.tmp")), "the kill between fsync and rename left no temporary file"
     resume_equals_finished(run, finished)
+    assert not list((run / "checkpoints").glob(".*.tmp")), "the resumed run kept the dead writer's temporary file"
 
 
 def test_kill_at_database_commit_then_resume(tmp_path, finished):
@@ -90,6 +92,16 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def assert_killing_kills_all(parent: subprocess.Popen, workers: list[int]) -> None:
+    """SIGKILL `parent`; every one of its `workers` is gone within 30 s."""
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_pid_alive(w) for w in workers)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
     from specscope import sweep
@@ -103,18 +115,35 @@ def test_killed_sweep_takes_its_workers_and_resumes(tmp_path):
             time.sleep(0.2)
         workers = [c for c in children(parent.pid) if "spawn_main" in cmdline(c)]
         assert workers, "no worker process found"
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(timeout=30)
-        deadline = time.monotonic() + 30
-        while any(_pid_alive(w) for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_pid_alive(w) for w in workers)
+        assert_killing_kills_all(parent, workers)
     finally:
         if parent.poll() is None:
             parent.kill()
     (sweep_dir,) = tmp_path.iterdir()
     sweep.run_sweep("grokking", {}, resume=sweep_dir, echo=lambda *a: None)
     assert sorted(sweep.summary(sweep_dir)["seed"]) == [0, 1]
+
+
+SPAWNER = "from sleeper import sleep; from specscope.train.distributed import spawn; spawn(sleep, 2)"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_spawn_takes_its_ranks_with_it(tmp_path):
+    (tmp_path / "sleeper.py").write_text("import time\n\ndef sleep(rank, world):\n    time.sleep(600)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    parent = subprocess.Popen([sys.executable, "-c", SPAWNER], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        ranks = []
+        while len(ranks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ranks = [c for c in children(parent.pid) if "spawn_main" in cmdline(c)]
+        assert len(ranks) == 2, "the two ranks did not start"
+        time.sleep(3)  # past their start-up: the death signal is armed
+        assert_killing_kills_all(parent, ranks)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 def test_ctrl_c_prints_the_resume_command(cli, tmp_path, monkeypatch, finished):

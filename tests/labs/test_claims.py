@@ -7,14 +7,14 @@ from typer.testing import CliRunner
 
 from specscope.cli import _register, app
 from specscope.records import Claim, over_seeds
-from specscope.store.integrity import write_json
+from specscope.store.integrity import digest, write_json
 
 
 def _run(root, lab, run_id, config, claims, status="complete"):
     d = root / lab / run_id
     d.mkdir(parents=True)
-    (d / "config.json").write_text(json.dumps({"run_id": run_id, "lab": lab, "config": config, "status": status,
-                                               "created": f"2026-12-01T00:00:{run_id[-2:]}Z"}))
+    (d / "config.json").write_text(json.dumps({"run_id": run_id, "lab": lab, "config": config, "config_sha256": digest(config),
+                                               "status": status, "created": f"2026-12-01T00:00:{run_id[-2:]}Z"}))
     write_json(d / "summary.json", {"lab": lab, "claims": [c.as_dict() for c in claims]}, checksum=True)
 
 

@@ -8,7 +8,9 @@ the split is by file and the same on every run (its size depends on the Python v
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ class TextCorpus:
     val: torch.Tensor
     source: str
     n_files: int
+    sha256: str = ""  # of the train and validation bytes: what a resumed run checks it still reads
 
     vocab_size: int = VOCAB_SIZE
 
@@ -74,15 +77,29 @@ def _bytes(data: bytes) -> torch.Tensor:
 
 
 def load_corpus(path: str | Path | None = None, *, val_every: int = 20, max_bytes: int | None = None) -> TextCorpus:
-    """The stdlib corpus (path None or "stdlib"), or a user's text file / folder, as byte tokens."""
+    """The stdlib corpus (path None or "stdlib"), or a user's text file / folder, as byte tokens.
+
+    The last corpus read is kept while its files are unchanged (same paths, sizes and modification times)."""
     if path in (None, "", "stdlib"):
         files, source = stdlib_files(), "python-stdlib"
     else:
         files, source = _files(Path(path)), str(path)
-    train, val = _split(files, val_every, max_bytes)
-    if len(train) < 2 or len(val) < 2:
-        raise ConfigError(f"text corpus {source} is too small to split into train and validation ({len(train)}/{len(val)} bytes)")
-    return TextCorpus(train, val, source, len(files))
+    key = (source, tuple((str(f), *_stamp(f)) for f in files), val_every, max_bytes)
+    if _LAST.get("key") != key:
+        train, val = _split(files, val_every, max_bytes)
+        if len(train) < 2 or len(val) < 2:
+            raise ConfigError(f"text corpus {source} is too small to split into train and validation ({len(train)}/{len(val)} bytes)")
+        digest = hashlib.sha256(train.numpy().tobytes() + b"\0val\0" + val.numpy().tobytes()).hexdigest()
+        _LAST.update(key=key, corpus=TextCorpus(train, val, source, len(files), digest))
+    return _LAST["corpus"]
+
+
+_LAST: dict = {}
+
+
+def _stamp(f: Path) -> tuple[int, int]:
+    st = os.stat(f)
+    return st.st_size, st.st_mtime_ns
 
 
 def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,15 +40,9 @@ def gpt_arm(gcfg: gpt.Config, name: str, groups: Callable[[torch.nn.Module], lis
                grad_clip=gcfg.grad_clip or None)
 
 
-_CORPORA: dict[tuple, Any] = {}
-
-
 def _corpus(gcfg: gpt.Config):
-    """The corpus is read once per (source, size) and shared by every arm of a run."""
-    key = (gcfg.corpus, gcfg.max_bytes)
-    if key not in _CORPORA:
-        _CORPORA[key] = gpt.make_corpus(gcfg)
-    return _CORPORA[key]
+    """The corpus of every arm of a run (read once: `load_corpus` keeps it while its files are unchanged)."""
+    return gpt.make_corpus(gcfg)
 
 
 def final_table(df: pd.DataFrame, metric: str = "val_loss") -> pd.DataFrame:

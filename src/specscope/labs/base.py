@@ -2,17 +2,19 @@
 
 A lab module `specscope/labs/<name>.py` defines `NAME`, `Config(LabConfig)`, `build(cfg, device) -> list[Arm | Measure]`
 (everything created on `device`, a torch.device the loop resolved from `cfg.device`),
-`claims(df, cfg) -> list[Claim]` and optionally `figures(df, cfg) -> dict[str, Figure]`. Its docstring's first
-line is what `specscope list` shows.
+`claims(df, cfg) -> list[Claim]`, optionally `figures(df, cfg) -> dict[str, Figure]` and `inputs(cfg) -> dict[str, str]`
+(a fingerprint of each thing the run reads from outside its config, such as a corpus file: `--resume` refuses
+a run whose inputs changed). Its docstring's first line is what `specscope list` shows.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterable, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from specscope.records import Record
 
@@ -31,6 +33,13 @@ Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]  # a proper 
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # momentum / EMA coefficient in [0, 1)
 Betas = tuple[Beta, Beta]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch.manual_seed accepts
+
+
+def _absolute(path: str) -> str:
+    return path if path in ("", "stdlib") else os.path.abspath(os.path.expanduser(path))
+
+
+Corpus = Annotated[str, AfterValidator(_absolute)]  # "stdlib", or a text file / folder (stored absolute: a resume reads the same files)
 
 
 class LabConfig(BaseModel):

@@ -31,9 +31,9 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
 
 
 def names_from(default: list[str], choices: Sequence[str]) -> Any:
-    """A list-of-names field whose allowed names `list --keys` and key errors show (the lab checks them when it
-    builds, where the names come from the module that defines them)."""
-    return Field(default=list(default), json_schema_extra={"choices": list(choices)})
+    """A non-empty list-of-names field whose allowed names `list --keys` and key errors show (the lab checks them
+    when it builds, where the names come from the module that defines them)."""
+    return Field(default=list(default), min_length=1, json_schema_extra={"choices": list(choices)})
 
 
 def type_name(annotation: Any) -> str:

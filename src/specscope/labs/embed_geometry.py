@@ -31,7 +31,7 @@ from specscope import linalg
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, LabConfig, NonNegative, Seed
+from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed
 from specscope.optim.l1_to_l2 import column_rank
 from specscope.records import Claim, Record
 
@@ -43,13 +43,13 @@ Geometry = Literal["adamw", "l1_to_l2", "spectral", "auto"]
 class Config(LabConfig):
     """Defaults: the gpt lab's 2-layer d=128 model, 200 steps, 3 seeds, 9 arms."""
 
-    geometries: list[Geometry] = list(GEOMETRIES)
+    geometries: list[Geometry] = Field(default=list(GEOMETRIES), min_length=1)
     seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     n_layer: int = Field(2, ge=1, le=48)
     n_head: AtLeast1 = 4
     d_model: int = Field(128, ge=8, le=8192)
     mlp: Literal["relu2", "gelu", "swiglu"] = "relu2"
-    corpus: str = "stdlib"
+    corpus: Corpus = "stdlib"
     max_bytes: int | None = Field(None, ge=10_000)
     seq_len: int = Field(64, ge=2, le=4096)
     batch_size: int = Field(16, ge=1, le=4096)
@@ -113,6 +113,11 @@ class EmbeddingRanks:
         meta = dict(layer="embed", estimator="exact", rows=x.numel(), shape="x".join(map(str, G.shape)))
         return [Record(step, metric="column_rank", value=cr, **meta),
                 Record(step, metric="l1_to_l2_advantage", value=cr / st, **meta)]
+
+
+def inputs(cfg: Config) -> dict[str, str]:
+    """The corpus bytes, checked unchanged on `--resume`."""
+    return gpt.inputs(cfg)
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:

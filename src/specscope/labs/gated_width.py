@@ -21,7 +21,7 @@ from pydantic import Field
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, LabConfig, NonNegative, Seed
+from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed
 from specscope.records import Claim
 
 NAME = "gated-width"
@@ -34,12 +34,12 @@ class Config(LabConfig):
     smoke-sized run). WIDE is the measured larger size (about 90 min on one CPU core); raise d_model, n_layer,
     steps further on a bigger machine."""
 
-    mlps: list[Literal["relu2", "swiglu"]] = list(MLPS)
+    mlps: list[Literal["relu2", "swiglu"]] = Field(default=list(MLPS), min_length=1)
     seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     n_layer: int = Field(2, ge=1, le=96)
     n_head: AtLeast1 = 6
     d_model: int = Field(192, ge=8, le=16384)
-    corpus: str = "stdlib"
+    corpus: Corpus = "stdlib"
     max_bytes: int | None = Field(None, ge=10_000)
     seq_len: int = Field(64, ge=2, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
@@ -64,6 +64,11 @@ def gpt_config(cfg: Config, mlp: str, seed: int) -> gpt.Config:
             "lr_muon", "warmup", "eval_every", "eval_batches", "probe_every")
     return gpt.Config(**{k: getattr(cfg, k) for k in keys}, mlp=mlp, arms=list(OPTIMIZERS), seed=seed,
                       device=cfg.device)
+
+
+def inputs(cfg: Config) -> dict[str, str]:
+    """The corpus bytes, checked unchanged on `--resume`."""
+    return gpt.inputs(cfg)
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:

@@ -29,11 +29,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from pydantic import Field
 
 from specscope import linalg
 from specscope.data.text import TextCorpus, load_corpus, sample_batch, unigram_loss
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast0, AtLeast1, AtLeast2, Betas, LabConfig, Measure, NonNegative, Positive, Unit
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, AtLeast2, Betas, Corpus, LabConfig, Measure, NonNegative, Positive, Unit
 from specscope.models.gpt import GPT, GPTConfig
 from specscope.optim import Hybrid
 from specscope.probe import Monitor
@@ -69,12 +70,12 @@ class Config(LabConfig):
     pos: Literal["rope", "learned"] = "rope"
     tie_embeddings: bool = False
     # data
-    corpus: str = "stdlib"  # "stdlib" or a path to a text file / folder
+    corpus: Corpus = "stdlib"  # "stdlib" or a path to a text file / folder
     max_bytes: AtLeast1 | None = None  # None: the whole corpus
     seq_len: AtLeast2 = 64
     batch_size: AtLeast1 = 16
     # training (equal for every arm: same steps, batches, schedule, seed)
-    arms: list[ArmName] = list(ARMS)
+    arms: list[ArmName] = Field(default=list(ARMS), min_length=1)
     steps: AtLeast1 = 600
     lr_adamw: Positive = 3e-3  # AdamW arm; also every AdamW-routed parameter of the other arms
     lr_muon: Positive = 0.01  # Muon on all hidden matrices
@@ -102,6 +103,11 @@ class Config(LabConfig):
 
 def make_corpus(cfg: Config) -> TextCorpus:
     return load_corpus(None if cfg.corpus in ("", "stdlib") else cfg.corpus, max_bytes=cfg.max_bytes)
+
+
+def inputs(cfg: Config) -> dict[str, str]:
+    """What `--resume` checks is unchanged: the corpus bytes (any config with `corpus` and `max_bytes`)."""
+    return {"corpus": make_corpus(cfg).sha256}
 
 
 def model_config(cfg: Config) -> GPTConfig:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from specscope import linalg
 from specscope.data.modular import ModularData, modular_dataset
@@ -42,7 +43,7 @@ LRD_MODE = {"lrd": "polar", "lrd_prox": "prox", "lrd_ns": "ns", "elastic": "pola
 
 
 class Config(LabConfig):
-    task: list[str] = ["add"]  # several names: one shared encoder, one head per task
+    task: list[str] = Field(default=["add"], min_length=1)  # several names: one shared encoder, one head per task
     p: AtLeast1 = 97
     train_fraction: Fraction = 0.5
     split: Literal["random", "commutative"] = "random"
@@ -57,12 +58,12 @@ class Config(LabConfig):
     muon_lr: Positive = 0.02  # lr of the hidden matrices under optimizer=muon|auto
     weight_decay: NonNegative = 0.1  # λ of L2 (decoupled, AdamW); paper 004 states none (docs/lab-grokking.md)
     lrd_strength: NonNegative | None = 5.0  # λ of LRD (lr·λ = 5e-3 per step); None: the same as weight_decay
-    lrd_targets: list[str] = ["q", "k"]
+    lrd_targets: list[str] = Field(default=["q", "k"], min_length=1)
     ns_steps: AtLeast1 = 5
     betas: Betas = (0.9, 0.98)
     batch_size: AtLeast0 = 512  # 0: full batch
     grad_clip: NonNegative = 1.0  # 0: no clipping
-    arms: list[Regularizer] = ["l2", "lrd", "lrd_prox"]
+    arms: list[Regularizer] = Field(default=["l2", "lrd", "lrd_prox"], min_length=1)
     steps: AtLeast1 = 4000
     eval_every: AtLeast1 = 50
     spectrum_every: AtLeast0 = 0  # Q/K spectra and gradient cosines; 0: every evaluation

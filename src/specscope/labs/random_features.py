@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
 from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
@@ -159,9 +160,9 @@ class Config(LabConfig):
     outputs: AtLeast1 = 64  # rows of W and Y
     steps: AtLeast1 = 30
     sweep_activations: list[str] = names_from(["relu", "swiglu"], ACTIVATION_NAMES)  # activations of the two sweeps
-    sweep_widths: list[AtLeast1] = [128, 256, 512, 1024, 2048]  # st(A) vs width ...
+    sweep_widths: list[AtLeast1] = Field(default=[128, 256, 512, 1024, 2048], min_length=1)  # st(A) vs width ...
     sweep_samples: AtLeast1 = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
-    sweep_dims: list[AtLeast1] = [32, 64, 128, 256]  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
+    sweep_dims: list[AtLeast1] = Field(default=[32, 64, 128, 256], min_length=1)  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
     decisive: Positive = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive
     threshold: Positive = 1.0  # AutoGeometry: spectral when nr/st > threshold
     hysteresis: NonNegative = 0.1

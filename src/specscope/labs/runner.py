@@ -24,10 +24,10 @@ _PROGRESS_FIX = "restore it, or start a new run"
 def read_progress(run, count=None) -> dict:
     """progress.json (checksummed): the finished parts ("done"), the records each had written ("records"),
     the latest checkpoint of each unfinished arm ("checkpoints": {arm: {step, records, position}}) and the seconds
-    each part took ("seconds"). A run killed before its first write has none: an empty one, when its
+    each part took ("seconds") and the fingerprints of the lab's `inputs` ("inputs"). A run killed before its first write has none: an empty one, when its
     database is empty too. `count(arm=None)` counts records (default: `run.record_count`)."""
     p = Path(run.path) / PROGRESS_FILE
-    empty = {"done": [], "records": {}, "checkpoints": {}, "seconds": {}}
+    empty = {"done": [], "records": {}, "checkpoints": {}, "seconds": {}, "inputs": {}}
     if not p.exists() and (count or run.record_count)() == 0:
         return empty
     return {**empty, **integrity.read_json(p, checksum=True, fix=_PROGRESS_FIX)}  # names only compared, never paths
@@ -64,6 +64,16 @@ def verify_resume(run, items, trainer: Trainer) -> dict:
     return progress
 
 
+def check_inputs(run, recorded: dict[str, str], now: dict[str, str]) -> None:
+    """A resumed run reads what it read when it began: every recorded fingerprint still matches."""
+    for name, digest in recorded.items():
+        if now.get(name) != digest:
+            raise ConfigError(
+                f"the {name} of run {run.path} changed since it began (sha256 {digest[:12]}… then, "
+                f"{(now.get(name) or 'none')[:12]}… now): resuming would train on other data; restore it, "
+                "or start a new run.")
+
+
 def _check_names(items: list[Arm | Measure], lab: str) -> None:
     seen = [i.name for i in items]
     dup = {n for n in seen if seen.count(n) > 1}
@@ -97,12 +107,14 @@ def run_lab(
     device = resolve_device(cfg.device)
     with _sizes_named(lab, cfg, overrides if resume is None else None):
         items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
+    inputs = dict(lab.inputs(cfg)) if hasattr(lab, "inputs") else {}
     if resume is None:
         run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
-        state = read_progress(run)
+        state = {**read_progress(run), "inputs": inputs}
         _write_progress(run, state)
     else:
         state = verify_resume(run, items, Trainer(run, device, cfg.seed))  # nothing is written before this
+        check_inputs(run, state["inputs"], inputs)
         run.set_status("running")
     run_dir = Path(run.path)
     try:

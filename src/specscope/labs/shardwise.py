@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
+from pydantic import Field
 
 from specscope.errors import ConfigError
 from specscope.labs import gpt
@@ -32,7 +33,7 @@ GPT_FIELDS = ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "steps", 
 
 
 class Config(LabConfig):
-    ranks: list[AtLeast1] = [2, 4]  # gloo CPU processes per pair of runs
+    ranks: list[AtLeast2] = Field(default=[2, 4], min_length=1)  # gloo CPU processes per pair of runs
     # the gpt lab's model, data and schedule (smaller defaults: the whole lab runs in minutes on a CPU)
     n_layer: AtLeast1 = 2
     n_head: AtLeast1 = 4

@@ -40,7 +40,7 @@ KINDS = ("rf", "mlp")
 class Config(LabConfig):
     """Defaults: rf/relu, rf/swiglu, mlp/relu × 3 seeds × the T grid (+ AutoGeometry), ≈ 3 min on 2 idle cores."""
 
-    setups: list[str] = ["rf/relu", "rf/swiglu", "mlp/relu"]
+    setups: list[str] = Field(default=["rf/relu", "rf/swiglu", "mlp/relu"], min_length=1)
     seeds: list[Seed] = Field(default=[0, 1, 2], min_length=1)
     rf_steps: int = Field(30, ge=1, le=100_000)
     rf_switch: list[AtLeast0] = [0, 1, 2, 3, 5, 8, 12, 20, 30]  # T grid; T = rf_steps is plain GD

@@ -15,7 +15,7 @@ import json
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from specscope.errors import RunStoreError
 
@@ -54,6 +54,18 @@ def write_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
         raise
 
 
+def remove_stale_temps(folder: Path, alive: Callable[[int], bool]) -> list[Path]:
+    """Delete the temporary files `write_atomic` left in `folder` when its process was killed before the rename
+    (`.NAME.PID.tmp` whose PID is not `alive`); returns what it deleted."""
+    gone = []
+    for tmp in Path(folder).glob(".*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not alive(int(pid)) and tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 # ---- JSON ---------------------------------------------------------------------------------------------
 
 
@@ -61,12 +73,17 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def digest(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of `obj` (sorted keys, no spaces)."""
+    return hashlib.sha256(_canonical(obj)).hexdigest()
+
+
 def write_json(path: Path, obj: dict, *, checksum: bool = False) -> None:
     """obj as indented JSON; with `checksum`, plus the hash of what will read back."""
     obj = json.loads(json.dumps(obj, default=str))  # hash what a reader will see, not what we hold
     obj.pop(HASH_KEY, None)
     if checksum:
-        obj[HASH_KEY] = hashlib.sha256(_canonical(obj)).hexdigest()
+        obj[HASH_KEY] = digest(obj)
     write_atomic(Path(path), json.dumps(obj, indent=2).encode())
 
 
@@ -87,7 +104,7 @@ def read_json(path: Path, *, checksum: bool = False, fix: str = "restore or dele
         recorded = obj.pop(HASH_KEY, None)
         if recorded is None:
             raise RunStoreError(f"{path} has no {HASH_KEY} (written by an older specscope, or edited); {fix}.")
-        if hashlib.sha256(_canonical(obj)).hexdigest() != recorded:
+        if digest(obj) != recorded:
             raise RunStoreError(f"{path} fails its checksum: it changed after it was written; {fix}.")
     return obj
 

@@ -64,7 +64,7 @@ def writer_alive(run_dir: Path, pid: int | None, host: str | None, strict: bool 
     same_host = host == socket.gethostname()
     if held is False:
         return False
-    if same_host and pid is not None and not _pid_alive(pid):
+    if same_host and pid is not None and not pid_alive(pid):
         return False
     return held is True or not strict  # lock held by a live pid, or nothing decisive: trust the status on disk
 
@@ -88,7 +88,7 @@ def _lock_held(path: Path) -> bool | None:
         os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
         return True
     try:

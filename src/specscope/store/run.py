@@ -269,6 +269,8 @@ class Run:
                                 "restore the file, or start a new run.")
         self._lock_fd = lock.acquire(self.path)
         try:
+            for folder in (self.path, self.checkpoints_dir):  # a write cut off by a kill before its rename
+                integrity.remove_stale_temps(folder, lock.pid_alive)
             self._con = sqlite.connect_writer(self.metrics_path)
             self._meta = read_config(self.path) if (self.path / CONFIG).exists() else self._meta
             self._write_meta(pid=os.getpid(), host=socket.gethostname(),
@@ -328,6 +330,10 @@ def read_config(path: Path) -> dict:
     if not isinstance(meta["config"], dict) or meta["status"] not in STATUSES:
         raise RunStoreError(f"{p}: 'config' must be an object and 'status' one of {', '.join(STATUSES)}; "
                             "the file was not written by specscope.store.Run.")
+    if meta.get("config_sha256") != integrity.digest(meta["config"]):
+        what = "has no config_sha256" if "config_sha256" not in meta else "fails its config_sha256 checksum"
+        raise RunStoreError(f"{p} {what}: the run's config changed after it was created (or the file is damaged); "
+                            "restore config.json from a backup, or delete the run.")
     return meta
 
 
@@ -355,7 +361,7 @@ def _now() -> str:
 def _metadata(run_id: str, lab: str, config: dict) -> dict:
     return {
         "run_id": run_id, "lab": lab, "created": _now(), "status": "running",
-        "config": config, "seed": config.get("seed"), "device": config.get("device") or _device(),
+        "config": config, "config_sha256": integrity.digest(config), "seed": config.get("seed"), "device": config.get("device") or _device(),
         "versions": _versions(), "git_commit": _git_commit(), "argv": sys.argv,
         "pid": os.getpid(), "host": socket.gethostname(),
     }

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_mod
+import re
 import socket
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -25,6 +28,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from specscope.errors import ConfigError, SpecscopeError
+from specscope.train.processes import die_with_parent, exit_reason
 
 
 # ---------------------------------------------------------------- processes
@@ -36,48 +40,102 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+class WorkerError(SpecscopeError):
+    """A spawned rank failed or died. The message is one line; the worker's traceback is in `.worker_traceback`."""
+
+    def __init__(self, message: str, rank: int, worker_traceback: str = "") -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.worker_traceback = worker_traceback
+
+
+def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
+    die_with_parent(parent)  # a killed spawn() takes its workers with it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
         buf = io.BytesIO()
         torch.save(fn(rank, world, *args), buf)  # bytes, not shared-memory tensors: safe after this process exits
         queue.put((rank, buf.getvalue(), None))
-    except BaseException:
-        queue.put((rank, None, traceback.format_exc()))
-        raise
-    finally:
-        dist.destroy_process_group()
+    except BaseException as e:  # reported to spawn(), which raises it; not printed here a second time
+        summary = traceback.format_exception_only(type(e), e)[-1].strip()
+        queue.put((rank, None, (summary, traceback.format_exc())))
+    finally:  # after the report: the peers see this rank leave only once its error is on its way
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote worker|connection refused", re.IGNORECASE)
+_GRACE = 2.0  # seconds to wait for a dead rank's queued result, or for a peer's death, before reporting
+
+
+def _cause(world: int, procs: list, errors: dict[int, tuple[str, str]], done: set[int]) -> WorkerError:
+    """The failure to report: a rank that died without a word, else the first rank whose error is its own (not
+    gloo's report that a peer went away: that is only the echo of the failure)."""
+    for r, p in enumerate(procs):
+        if r not in done and r not in errors and p.exitcode is not None:
+            return WorkerError(f"rank {r} of {world} died ({exit_reason(p.exitcode)}) without a result", r)
+    causes = [r for r, (summary, _) in errors.items() if not _PEER_LOST.search(summary)]
+    r = causes[0] if causes else next(iter(errors))
+    summary, tb = errors[r]
+    return WorkerError(f"rank {r} of {world} failed: {summary}", r, tb)
 
 
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) in `world` CPU processes joined by a gloo process group; per rank its result.
 
-    fn must be importable (a module-level function) and return something torch.save can write.
-    A worker that fails raises SpecscopeError here with its traceback.
+    fn must be importable (a module-level function) and return something torch.save can write. A rank that
+    raises or dies makes this raise WorkerError at once (one line; `.worker_traceback` has the worker's
+    traceback) and stops the other ranks; so does a run past `timeout` seconds. Workers die with this process.
     """
     if world < 1:
         raise ConfigError(f"world must be >= 1, got {world}")
+    if not timeout > 0:
+        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, os.getpid(), fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
-    out: dict[int, Any] = {}
+    out: dict[int, bytes] = {}
+    errors: dict[int, tuple[str, str]] = {}
+    deadline = time.monotonic() + timeout
+    failing_since: float | None = None
+    ok = False
     try:
-        for _ in procs:
-            rank, data, err = queue.get(timeout=timeout)
-            if err is not None:
-                raise SpecscopeError(f"rank {rank} of {world} failed:\n{err}")
-            out[rank] = torch.load(io.BytesIO(data), weights_only=False)
+        while len(out) < world:
+            try:
+                rank, data, err = queue.get(timeout=0.2)
+                if err is None:
+                    out[rank] = data
+                else:
+                    errors[rank] = err
+            except queue_mod.Empty:
+                pass
+            now = time.monotonic()
+            silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in out and r not in errors]
+            if not (errors or silent):
+                failing_since = None  # a rank that exited had its result still in the pipe
+            elif failing_since is None:
+                failing_since = now
+            if failing_since is not None and now - failing_since > _GRACE:
+                raise _cause(world, procs, errors, set(out))
+            if now > deadline:
+                waiting = [r for r in range(world) if r not in out]
+                raise WorkerError(f"spawn timed out after {timeout:g} s waiting for rank(s) {waiting} of {world}; "
+                                  "raise timeout= if the work is that long", waiting[0])
+        ok = True
     finally:
         for p in procs:
-            p.join(timeout=30)
+            if ok:
+                p.join(timeout=30)
             if p.is_alive():
                 p.kill()
-    return [out[r] for r in range(world)]
+                p.join(timeout=5)
+        queue.close()
+    return [torch.load(io.BytesIO(out[r]), weights_only=False) for r in range(world)]  # our own workers' bytes
 
 
 # ---------------------------------------------------------------- FSDP2
@@ -139,6 +197,6 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
         optimizer.pop_records()
     if monitor is not None:
         state["monitor"].seek(0)
-        monitor.load_state_dict(torch.load(state["monitor"], weights_only=False))
+        monitor.load_state_dict(torch.load(state["monitor"], weights_only=True))  # data from disk: no code runs
     state["extra"].seek(0)
-    return torch.load(state["extra"], weights_only=False)
+    return torch.load(state["extra"], weights_only=True)

@@ -41,7 +41,7 @@ def run(
     lab: Optional[str] = typer.Argument(None, help="Lab name (see `specscope list`)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set key=value (repeatable)."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file of config keys, under a \\[config] table or at top level."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Root directory for run directories."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Root directory for run directories (default: runs)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted or killed run directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -54,13 +54,21 @@ def run(
         raise ConfigError("name a lab (see `specscope list`) or pass --resume RUN_DIR")
     if resume is not None and (set_ or config):
         raise ConfigError("--resume continues a run with its recorded config; --set/--config cannot change it")
+    if resume is not None and out is not None:
+        raise ConfigError("--resume continues a run in its own directory; drop --out")
+    if resume is not None and lab is not None:
+        from specscope import store
+
+        recorded = store.Run.open(resume).lab
+        if recorded != lab:
+            raise ConfigError(f"{resume} is a run of lab '{recorded}', not '{lab}': drop the lab name, or resume a '{lab}' run")
     overrides = {}
     if lab is not None and resume is None:
         mod = labs.get(lab)
         if config is not None:
             overrides.update(load_toml(config))
         overrides.update(parse_overrides(mod.Config, set_, lab))
-    run_dir = run_lab(lab or "", overrides, out=out, resume=resume, progress=not quiet)
+    run_dir = run_lab(lab or "", overrides, out=out or Path("runs"), resume=resume, progress=not quiet)
     show_run(run_dir)
 
 

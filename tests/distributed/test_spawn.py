@@ -1,0 +1,80 @@
+"""spawn(): results per rank; a rank that raises, is killed or dies before the process group exists makes it
+raise at once with one line naming that rank (not the peers that lost their connection to it)."""
+
+import os
+import signal
+import time
+
+import pytest
+import torch.distributed as dist
+
+from specscope.train import distributed as D
+
+
+def _ranks(rank, world):
+    dist.barrier()
+    return rank * 10 + world
+
+
+def _one_raises(rank, world):
+    if rank == 1:
+        raise ValueError("bad shard shape 3x5")
+    dist.barrier()  # rank 0 waits for a peer that never comes
+
+
+def _one_killed(rank, world):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # rank 0 loses its peer: gloo raises here too, but rank 1 is the cause
+
+
+def _explode():
+    raise RuntimeError("cannot unpickle the arguments")
+
+
+class _Unloadable:
+    """An argument that pickles in the parent and fails to load in a worker: it dies before init_process_group."""
+
+    def __reduce__(self):
+        return _explode, ()
+
+
+def _never_called(rank, world, arg):
+    return rank
+
+
+def test_results_come_back_per_rank():
+    assert D.spawn(_ranks, 2) == [2, 12]
+
+
+def test_a_rank_that_raises_is_named_on_one_line_with_its_traceback_kept():
+    t0 = time.monotonic()
+    with pytest.raises(D.WorkerError) as e:
+        D.spawn(_one_raises, 2, timeout=300)
+    assert time.monotonic() - t0 < 120  # not the 300 s timeout: rank 0 is stopped, not waited for
+    assert str(e.value) == "rank 1 of 2 failed: ValueError: bad shard shape 3x5"
+    assert e.value.rank == 1 and "Traceback" in e.value.worker_traceback and "_one_raises" in e.value.worker_traceback
+
+
+def test_a_killed_rank_is_the_cause_not_its_peers_connection_error():
+    with pytest.raises(D.WorkerError, match=r"^rank 1 of 2 died \(killed by SIGKILL\) without a result$") as e:
+        D.spawn(_one_killed, 2, timeout=300)
+    assert e.value.rank == 1
+
+
+def test_ranks_dead_before_the_process_group_fail_fast():
+    t0 = time.monotonic()
+    with pytest.raises(D.WorkerError, match=r"rank \d of 2 died \(exit code 1\) without a result"):
+        D.spawn(_never_called, 2, _Unloadable(), timeout=300)
+    assert time.monotonic() - t0 < 120
+
+
+def test_a_timeout_names_the_ranks_still_running():
+    with pytest.raises(D.WorkerError, match=r"timed out after 20 s waiting for rank\(s\) \[0\] of 2"):
+        D.spawn(_one_sleeps, 2, timeout=20)
+
+
+def _one_sleeps(rank, world):
+    if rank == 0:
+        time.sleep(60)
+    return rank
