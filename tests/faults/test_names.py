@@ -178,3 +178,9 @@ def test_claims_into_keeps_a_links_target_the_files_mode_and_its_line_endings(fi
     assert link.is_symlink() and (os.stat(real).st_mode & 0o777) == 0o600
     data = real.read_bytes()
     assert b"old" not in data and b"| lab |" in data and data.count(b"\n") == data.count(b"\r\n")
+
+
+def test_a_newline_or_tab_in_a_path_shows_escaped_in_the_one_line_error(cli, tmp_path):
+    hostile = tmp_path / "run\nid\tx"
+    rc, _, err = cli("run", "--resume", hostile)
+    one_line_error(rc, err, "run\\nid\\tx")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 
 import typer
 
 from specscope import __version__
+from specscope.names import visible
 
 app = typer.Typer(
     name="specscope",
@@ -155,8 +157,17 @@ def _one_line(e: BaseException) -> str:
         return _validation_line(e)
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         fix = _OS_FIXES.get(e.errno, "").format(elsewhere=_elsewhere())
-        return f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "") + (f"; {fix}" if fix else "")
-    return " ".join(str(e).split()) or type(e).__name__
+        text = f"{e.filename}: {e.strerror}" + (f" (-> {e.filename2})" if e.filename2 else "") + (f"; {fix}" if fix else "")
+    else:
+        text = str(e)
+    return _flat(text) or type(e).__name__
+
+
+def _flat(text: str) -> str:
+    """One line: a wrapped message's line breaks (a newline and its indent) become one space, runs of spaces one;
+    any other control character — a newline or tab inside a path or name — is shown escaped, never lost."""
+    text = re.sub(r"[ \t]*\n[ \t]+|[ \t]+\n[ \t]*", " ", text.strip())
+    return visible(re.sub(" {2,}", " ", text))
 
 
 def _validation_line(e) -> str:
