@@ -1,19 +1,25 @@
 """Tokens/s of the `gpt` lab's training step, per optimizer arm, without the probe and with it every 10th / every step.
 
     python benchmarks/gpt_throughput.py                        # lab defaults, device auto
-    OMP_NUM_THREADS=2 taskset -c 0,1 python benchmarks/gpt_throughput.py --steps 40
+    OMP_NUM_THREADS=2 taskset -c 0,1 python benchmarks/gpt_throughput.py --rounds 5
     python benchmarks/gpt_throughput.py --set device=cuda --set d_model=256
 
-Each measurement builds the lab's arm (same model, optimizer, Monitor, callbacks) and times the shared
-loop's own step (`Trainer._step`: forward, backward, probe, clip, optimizer, schedule, records) over
-`--steps` steps after `--warmup` untimed ones. Evaluation is not included. Prints a Markdown table.
+Each candidate (arm × probe setting) builds the lab's arm (same model, optimizer, Monitor, callbacks) and runs
+the shared loop's own step (`Trainer._step`: forward, backward, probe, clip, optimizer, schedule, records) in
+blocks of `--block` consecutive steps; the candidates take turns block by block (benchmarks/_timing.py), and each
+ratio is per round against the first candidate's block in the same round (median [min–max] over the rounds), or
+against the same arm without the probe. Evaluation is not included. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,11 +29,15 @@ from specscope.labs.base import resolve_device
 from specscope.labs.config import make_config, parse_overrides
 from specscope.train import Trainer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, load_average  # noqa: E402
+
 PROBES = {"off": None, "every 10": 10, "every 1": 1}
 
 
-def time_arm(cfg: gpt.Config, arm_name: str, probe: int | None, steps: int, warmup: int, run) -> float:
-    """Seconds per step of one arm with the probe every `probe` steps (None: no Monitor)."""
+def arm_block(cfg: gpt.Config, arm_name: str, probe: int | None, block: int, run) -> Callable[[], None]:
+    """`block` consecutive steps of one arm with the probe every `probe` steps (None: no Monitor); each call
+    goes on where the last stopped, so a block of 10 holds exactly one measured step at every 10th."""
     device = resolve_device(cfg.device)
     cfg = cfg.model_copy(update={"arms": [arm_name], "probe_every": probe or 10**9})
     arm = gpt.build(cfg, device)[1]
@@ -35,43 +45,47 @@ def time_arm(cfg: gpt.Config, arm_name: str, probe: int | None, steps: int, warm
         arm.monitor = None
     arm.model.to(device)
     trainer = Trainer(run, device, cfg.seed)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for s in range(warmup):
-        trainer._step(arm, s)
-    sync()
-    t0 = time.perf_counter()
-    for s in range(warmup, warmup + steps):
-        trainer._step(arm, s)
-    sync()
-    return (time.perf_counter() - t0) / steps
+    step = itertools.count()
+
+    def run_block() -> None:
+        for _ in range(block):
+            trainer._step(arm, next(step))
+
+    return run_block
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ratios: median and min–max over them)")
+    ap.add_argument("--block", type=int, default=10, help="steps per timed call (10: one measured step at every 10th)")
     ap.add_argument("--arms", default=",".join(gpt.ARMS))
     ap.add_argument("--probes", default=",".join(PROBES))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="lab config override")
     args = ap.parse_args()
+    load = load_average()
     cfg = make_config(gpt.Config, {"max_bytes": 2_000_000, **parse_overrides(gpt.Config, args.set, "gpt")}, "gpt")
     tokens = cfg.batch_size * cfg.seq_len
-    print(f"device {resolve_device(cfg.device)}, torch threads {torch.get_num_threads()}, d_model {cfg.d_model}, "
-          f"n_layer {cfg.n_layer}, {tokens} tokens/step, {args.steps} timed steps\n")
-    print("| arm | probe | ms/step | tokens/s | probe overhead |")
-    print("|---|---|---:|---:|---:|")
+    device = resolve_device(cfg.device)
     with tempfile.TemporaryDirectory() as tmp:
         run = store.Run.create(tmp, "gpt-bench", cfg.model_dump(mode="json"))
-        for arm in args.arms.split(","):
-            base = None
-            for label in args.probes.split(","):
-                probe = PROBES[label]
-                if probe is None and arm == "auto":
-                    continue
-                dt = time_arm(cfg, arm, probe, args.steps, args.warmup, run)
-                base = dt if base is None else base
-                print(f"| {arm} | {label} | {dt * 1e3:.1f} | {tokens / dt:,.0f} | {dt / base - 1:+.0%} |", flush=True)
+        blocks = {(arm, label): arm_block(cfg, arm, PROBES[label], args.block, run)
+                  for arm in args.arms.split(",") for label in args.probes.split(",")
+                  if not (PROBES[label] is None and arm == "auto")}
+        names = {key: f"{key[0]} / {key[1]}" for key in blocks}
+        baseline = names[next(iter(blocks))]
+        t = interleaved({names[k]: fn for k, fn in blocks.items()}, baseline, rounds=args.rounds, repeats=1, warmup=1,
+                        sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
         run.close()
+    print(f"device {device}, torch threads {torch.get_num_threads()}, {load} at start; d_model {cfg.d_model}, "
+          f"n_layer {cfg.n_layer}, {tokens} tokens/step; {args.rounds} interleaved rounds of {args.block} steps\n")
+    print(f"| arm | probe | ms/step | tokens/s | × {baseline}, median [min–max] | × the arm without the probe |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (arm, label), name in names.items():
+        x, off = t[name], t.get(names.get((arm, "off"), ""))
+        ms = x.ms / args.block
+        own = [a / b for a, b in zip(x.ratios, off.ratios)] if off is not None and off is not x else []
+        own_text = f"{statistics.median(own):.2f} [{min(own):.2f}–{max(own):.2f}]" if own else "—"
+        print(f"| {arm} | {label} | {ms:.1f} | {tokens / ms * 1e3:,.0f} | {x.ratio_text()} | {own_text} |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
 """Cost of the rolling gradient SVD, the projection and the centroid coupling on the paper-003 model.
 
-    .venv/bin/python benchmarks/subspace_cost.py [--device cpu|cuda] [--threads 2] [--repeats 30]
+    .venv/bin/python benchmarks/subspace_cost.py [--device cpu|cuda] [--threads 2] [--rounds 5] [--repeats 3]
 
 Model: paper-003 encoder (2 layers, d_model 128, 4 heads, d_ff 256) on a+b mod 97, batch 512, AdamW,
-grad clip 1.0; θ_attn = the 8 attention weight matrices, P = 131,072. Each figure is the median over
-`repeats` timed calls after warm-up; ratios are to the median training step. "per step" amortizes a
-snapshot (every 25 steps) and a coupling checkpoint (every 250 steps) over the steps between them.
+grad clip 1.0; θ_attn = the 8 attention weight matrices, P = 131,072. The operations are timed round-robin
+with the training step (benchmarks/_timing.py): ms is the median over every timed call, × step the median
+[min–max] over the rounds of the ratio to the training step's median in the same round. "per step"
+amortizes a snapshot (every 25 steps) and a coupling checkpoint (every 250 steps) over the steps between them.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
@@ -21,32 +22,24 @@ from specscope.labs.grokking import Batches, loss_fn
 from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import SEDTracker
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import Timing, interleaved, load_average  # noqa: E402
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    """Median seconds of fn() over `repeats` calls (after two warm-up calls)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        fn()
-    out = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+STEP = "training step (batch 512)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ratios: median and min–max over them)")
+    ap.add_argument("--repeats", type=int, default=3, help="calls of each operation per round")
     ap.add_argument("--n-probe", type=int, default=1024)
     ap.add_argument("--kernel", choices=["sdpa", "explicit"], default="sdpa")  # docs/lab-sed.md's table: sdpa
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    load = load_average()
     cfg = sed.Config(device=args.device, kernel=args.kernel)
     data = sed.make_data(cfg, [cfg.task], device)
     model = sed.make_model(cfg, 1, 0, device)
@@ -62,7 +55,6 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
 
-    t_step = timed(train_step, args.repeats, device)
     tracker = SEDTracker(params, {"gradient-sed": lambda: loss_fn(model, fixed)}, window=20, k=3, update=False)
     for i in range(20):
         tracker.after_backward(i, model, opt)
@@ -74,31 +66,29 @@ def main() -> None:
         rolling.push(vecs[next(it) % 4])
         rolling.directions()
 
-    t_svd = timed(push_and_directions, args.repeats, device)
-    t_snap = timed(lambda: tracker.after_backward(0, model, opt), args.repeats, device)
-    loss_fn(model, batches(0)).backward()
+    train_step()  # gradients for the projection to act on (each training step leaves new ones)
     proj = GradientProjection(params, rolling, mode="keep", k=3)
-    t_proj = timed(proj.apply, args.repeats, device)
     fn = lambda: sed.centroids(model, xp, yp[:, 0])  # noqa: E731
     V = torch.cat([rolling.directions(), torch.linalg.qr(torch.randn(P, 3, device=device))[0].T])
-    t_coupling = timed(lambda: coupling_ratios(fn, params, V, n_random=20), max(3, args.repeats // 10), device)
-    full_svd = timed(lambda: torch.linalg.svd(rolling._rows, full_matrices=False), max(3, args.repeats // 10), device)
-
-    rows = [
-        ("training step (batch 512)", t_step, 1.0),
-        ("RollingSVD push + directions(3), per snapshot", t_svd, t_svd / t_step),
-        ("  amortized per step (snapshot every 25)", t_svd / 25, t_svd / 25 / t_step),
-        ("explicit SVD of the 20 × P window (reference)", full_svd, full_svd / t_step),
-        ("gradient snapshot on the fixed batch (autograd.grad + push)", t_snap, t_snap / t_step),
-        ("projection keep SED-3, per step", t_proj, t_proj / t_step),
-        (f"R_k checkpoint: 2 SEDs × 3 + 20 random, {args.n_probe} probes", t_coupling, t_coupling / t_step),
-        ("  amortized per step (checkpoint every 250)", t_coupling / 250, t_coupling / 250 / t_step),
-    ]
+    snap, svd, proj_row, full = ("RollingSVD push + directions(3), per snapshot",
+                                 "gradient snapshot on the fixed batch (autograd.grad + push)",
+                                 "projection keep SED-3, per step", "explicit SVD of the 20 × P window (reference)")
+    coupling = f"R_k checkpoint: 2 SEDs × 3 + 20 random, {args.n_probe} probes"
+    t = interleaved({STEP: train_step, snap: push_and_directions, svd: lambda: tracker.after_backward(0, model, opt),
+                     proj_row: proj.apply, full: lambda: torch.linalg.svd(rolling._rows, full_matrices=False),
+                     coupling: lambda: coupling_ratios(fn, params, V, n_random=20)},
+                    STEP, rounds=args.rounds, repeats=args.repeats, warmup=2,
+                    sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+    every = lambda x, k, label: Timing(label, x.ms / k, tuple(r / k for r in x.ratios))  # noqa: E731
+    rows = [t[STEP], t[snap], every(t[snap], 25, "  amortized per step (snapshot every 25)"), t[full], t[svd],
+            t[proj_row], t[coupling], every(t[coupling], 250, "  amortized per step (checkpoint every 250)")]
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; P = {P:,}; median of {args.repeats}")
-    print("| operation | ms | × training step |\n|---|---:|---:|")
-    for label, t, r in rows:
-        print(f"| {label} | {t * 1e3:.2f} | {r:.3f} |")
+    print(f"device: {name}; torch {torch.__version__}; {load} at start; P = {P:,}; "
+          f"{args.rounds} interleaved rounds of {args.repeats} calls")
+    print("| operation | ms | × training step, median [min–max] |\n|---|---:|---:|")
+    for r in rows:
+        lo, hi = r.spread
+        print(f"| {r.name} | {r.ms:.2f} | {r.ratio:.3f} [{lo:.3f}–{hi:.3f}] |")
 
 
 if __name__ == "__main__":
