@@ -331,9 +331,11 @@ def read_config(path: Path) -> dict:
         raise RunStoreError(f"{p}: 'config' must be an object and 'status' one of {', '.join(STATUSES)}; "
                             "the file was not written by specscope.store.Run.")
     if meta.get("config_sha256") != integrity.digest(meta["config"]):
-        what = "has no config_sha256" if "config_sha256" not in meta else "fails its config_sha256 checksum"
-        raise RunStoreError(f"{p} {what}: the run's config changed after it was created (or the file is damaged); "
-                            "restore config.json from a backup, or delete the run.")
+        if "config_sha256" not in meta:
+            raise RunStoreError(f"{p} has no config_sha256 (written by a specscope older than config checksums, or "
+                                "edited): its config cannot be trusted; rerun the lab, or restore config.json from a backup.")
+        raise RunStoreError(f"{p} fails its config_sha256 checksum: the run's config changed after it was created (or "
+                            "the file is damaged); restore config.json from a backup, or delete the run.")
     return meta
 
 
