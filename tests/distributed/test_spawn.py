@@ -54,6 +54,7 @@ def test_a_rank_that_raises_is_named_on_one_line_with_its_traceback_kept():
     assert time.monotonic() - t0 < 120  # not the 300 s timeout: rank 0 is stopped, not waited for
     assert str(e.value) == "rank 1 of 2 failed: ValueError: bad shard shape 3x5"
     assert e.value.rank == 1 and "Traceback" in e.value.worker_traceback and "_one_raises" in e.value.worker_traceback
+    assert "_one_raises" in str(e.value.__cause__)  # printed with the error under SPECSCOPE_DEBUG=1 or a traceback
 
 
 def test_a_killed_rank_is_the_cause_not_its_peers_connection_error():

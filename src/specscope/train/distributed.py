@@ -49,6 +49,13 @@ class WorkerError(SpecscopeError):
         self.worker_traceback = worker_traceback
 
 
+class _RemoteTraceback(Exception):
+    """The worker's traceback as the cause of a WorkerError: shown under SPECSCOPE_DEBUG=1 and by pytest."""
+
+    def __str__(self) -> str:
+        return "\n\n" + self.args[0]
+
+
 def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
     die_with_parent(parent)  # a killed spawn() takes its workers with it
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -121,7 +128,8 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
             elif failing_since is None:
                 failing_since = now
             if failing_since is not None and now - failing_since > _GRACE:
-                raise _cause(world, procs, errors, set(out))
+                err = _cause(world, procs, errors, set(out))
+                raise err from (_RemoteTraceback(err.worker_traceback) if err.worker_traceback else None)
             if now > deadline:
                 waiting = [r for r in range(world) if r not in out]
                 raise WorkerError(f"spawn timed out after {timeout:g} s waiting for rank(s) {waiting} of {world}; "
