@@ -206,7 +206,9 @@ def test_report_on_an_unfinished_run_says_so_and_refuses_a_live_one(killed, copy
     run = copy_of(killed)
     rc, out, err = cli("report", run)
     assert rc == 0, err
-    assert "is incomplete: the claims and the report cover only the steps recorded so far" in " ".join(out.split())
+    (warning,) = err.splitlines()  # one line on stderr: stdout keeps the report's path for scripts
+    assert warning.startswith("warning: ") and "is incomplete: the claims and the report cover only the steps recorded so far" in warning
+    assert f"report: {run / 'report.html'}" in out.splitlines()  # the path whole on one line, however long
     assert "<title>INCOMPLETE RUN, RECORDS SO FAR" in (run / "report.html").read_text()
     meta = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**meta, "status": "running", "pid": os.getpid()}))

@@ -353,3 +353,63 @@ def test_the_run_table_says_which_estimator_gave_each_metric(metrics):
     ratio = metrics[metrics["metric"] == "stable_rank"].assign(metric="spectral_advantage", estimator="gram/power")
     text = estimators_text(pd.concat([metrics, ratio]))
     assert text == ("stable_rank: power; nuclear_rank: gram; spectral_advantage: gram/power (nr(G)'s / st(A)'s)")
+
+
+def test_cli_compare_keeps_runs_that_share_an_id_or_are_given_twice(tmp_path, monkeypatch, capsys):
+    """Two labs' runs with one id were merged into one (the second silently dropped the first); so was a run
+    given twice."""
+    import sys
+
+    from specscope import store
+    from specscope.cli import main
+    from specscope.records import Record
+
+    dirs = []
+    for lab, loss in (("alpha", 1.0), ("beta", 2.0)):
+        with store.Run.create(tmp_path / "runs", lab, {"lr": 0.1}, run_id="same-id") as run:
+            run.append([Record(s, "", "loss", loss / (1 + s)) for s in range(3)])
+            dirs.append(str(run.path))
+
+    def compare(*args):
+        monkeypatch.setattr(sys, "argv", ["specscope", "compare", *args, "--out", str(tmp_path / "cmp")])
+        with pytest.raises(SystemExit) as e:
+            main()
+        return e.value.code, capsys.readouterr()
+
+    code, out = compare(*dirs)
+    assert code in (0, None), out
+    text = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "alpha/same-id" in text and "beta/same-id" in text and "alpha vs beta" in text
+    code, out = compare(dirs[0], dirs[0])
+    assert code in (0, None), out
+    text = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<td>alpha/same-id</td>" in text and "<td>alpha/same-id (2)</td>" in text
+
+
+def test_a_rewritten_report_drops_the_figures_it_no_longer_draws(tmp_path, metrics):
+    """`report --salvage` on a database with nothing left kept every PNG of the undamaged data beside a page
+    that shows none; a file that is not one of the report's own figures stays."""
+    write_report(tmp_path, metrics, dpi=DPI)
+    (tmp_path / "figures" / "mine.png").write_bytes(b"a user's file")
+    loss_only = metrics[metrics.metric == "loss"]
+    write_report(tmp_path, loss_only, dpi=DPI)
+    assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == {"loss", "mine"}
+
+
+def test_bidirectional_and_zero_width_characters_show_escaped_on_the_page(tmp_path):
+    df = synthetic_metrics(layers=["ok.layer", "w\u202eevil\u200b"], steps=range(3))
+    text = write_report(tmp_path, df, dpi=DPI).read_text(encoding="utf-8")
+    assert "\u202e" not in text and "\u200b" not in text and "w\\u202eevil\\u200b" in text
+
+
+def test_a_metric_recorded_at_one_step_is_drawn_as_a_point_on_whole_step_ticks():
+    """The gpt lab's unigram_loss (step 0 only) drew an empty panel ticked −0.04…0.04."""
+    from specscope.report.figures import loss_curves
+
+    df = pd.DataFrame({"step": [0, 0, 5, 10], "layer": [""] * 4, "metric": ["unigram_loss", "loss", "loss", "loss"],
+                       "value": [5.5, 5.0, 3.0, 2.0], "arm": ["", "adamw", "adamw", "adamw"]})
+    fig = loss_curves(df, dpi=DPI)
+    (ax,) = [a for a in fig.axes if a.get_title() == "unigram_loss"]
+    (line,) = ax.lines
+    assert line.get_marker() == "o"
+    assert all(float(t).is_integer() for t in ax.get_xticks()) and ax.get_xlim() == (-1, 1)

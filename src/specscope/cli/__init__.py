@@ -132,8 +132,8 @@ _OS_FIXES = {
     errno.ENOTDIR: "a part of this path is a file, not a folder: give a folder (--out / --root)",
     errno.EISDIR: "this is a folder: give a file",
     errno.EEXIST: "a file is in the way: give a folder (new, or one that holds no such file)",
-    errno.EACCES: "no permission: choose a folder you can write to, or change its permissions",
-    errno.EPERM: "no permission: choose a folder you can write to, or change its permissions",
+    errno.EACCES: "no permission: {elsewhere}, or change its permissions",
+    errno.EPERM: "no permission: {elsewhere}, or change its permissions",
     errno.EROFS: "read-only file system: {elsewhere}",
     errno.ENOSPC: "the disk is full: free space, or {elsewhere}",
 }

@@ -104,7 +104,7 @@ def compare_losses(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str
             arms = ordered_unique(df[df["run"] == run]["arm"])
             g = g.groupby("step")["value"].mean()
             line, = ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)),
-                            linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4)
+                            linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4, marker="o" if len(g) == 1 else None, ms=4)
             lines.setdefault((run, arm), line)
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
@@ -258,7 +258,7 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     short = legend_names(labels)
     figures = {"compare_loss": compare_losses(runs, labels=short, dpi=dpi),
                "compare_final_ranks": compare_final_ranks(runs, labels=short, dpi=dpi)}
-    pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi)
+    pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi, owned=lambda stem: stem in figures)
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}
     listing = table([[labels[name], (labs or {}).get(name, ""), name, len(prepare(df)),

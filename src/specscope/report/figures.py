@@ -77,7 +77,8 @@ def metric_curves(df: pd.DataFrame, metrics: Sequence[str], *, title: str, dpi: 
         for (arm, layer), g in d.groupby(["arm", "layer"], sort=False):
             g = g.groupby("step")["value"].mean()
             label = " / ".join(x for x in (arm, layer) if x) or metric
-            ax.plot(g.index, g.to_numpy(), color=_arm_colour(arms.index(arm)), lw=1.4, label=label)
+            ax.plot(g.index, g.to_numpy(), color=_arm_colour(arms.index(arm)), lw=1.4, label=label,
+                    marker="o" if len(g) == 1 else None, ms=4)  # a metric recorded once is a point, not nothing
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
         ax.set_title(metric, fontsize=style.FONT["title"])

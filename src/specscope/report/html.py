@@ -9,7 +9,6 @@ nothing else: no other script, no request beyond the page's own data: images.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import html
 import io
@@ -17,7 +16,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -25,11 +24,13 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 import specscope
+from specscope.errors import RunStoreError
 from specscope.probe.advice import MARGIN
 from specscope.records import Claim
 from specscope.report import style
 from specscope.report.figures import DPI, run_figures
 from specscope.report.tables import claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, unmeasured
+from specscope.store.integrity import write_atomic
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
@@ -109,9 +110,13 @@ CAPTIONS = {
 }
 
 
+# characters that would hide or reorder text on the page (controls, zero-width and bidirectional marks): shown escaped
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
 def esc(x: object) -> str:
-    """Text for HTML: escaped, quotes included."""
-    return html.escape(fmt(x), quote=True)
+    """Text for HTML: escaped, quotes included; a control, zero-width or bidi character shown as `\u202e`."""
+    return html.escape(_HIDDEN.sub(lambda m: m.group().encode("unicode_escape").decode(), fmt(x)), quote=True)
 
 
 def png_bytes(fig: Figure, dpi: int | None = None) -> bytes:
@@ -128,22 +133,24 @@ def safe_name(name: str) -> str:
     return stem[:80]
 
 
-def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | None = None) -> dict[str, bytes]:
+def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | None = None,
+                 owned: Callable[[str], bool] = lambda stem: False) -> dict[str, bytes]:
     """Finish each figure with the project style and write it to out_dir/figures/<stem>.png; returns
-    stem -> PNG bytes."""
+    stem -> PNG bytes. A PNG already there whose stem is `owned` (a figure this page could draw) but was not
+    drawn this time is removed, so figures/ never keeps one from data the page no longer shows."""
     folder = out_dir / "figures"
     if folder.is_symlink():
-        raise OSError(errno.EPERM, f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside "
-                      "its own directory: remove the link", str(folder))
+        raise RunStoreError(f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside its own "
+                            "directory: remove the link")
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for stem, fig in figures.items():
         data = png_bytes(style.finish(fig), dpi)
-        path = folder / f"{stem}.png"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # replaces a link at `path` itself: never writes through it to another file
+        write_atomic(folder / f"{stem}.png", data)  # replaces a link there itself: never writes through it
         written[stem] = data
+    for stale in folder.glob("*.png"):
+        if stale.stem not in written and owned(stale.stem):
+            stale.unlink()  # unlinks a link itself, never its target
     return written
 
 
@@ -329,9 +336,7 @@ def page(title: str, body: str) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a page."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
@@ -349,7 +354,7 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     figures = run_figures(df, claims, dpi=dpi)
     extra = {f"lab_{safe_name(name)}": fig for name, fig in (extra_figures or {}).items() if fig is not None}
     names = {f"lab_{safe_name(name)}": name for name in (extra_figures or {})}
-    pngs = save_figures({**figures, **extra}, out, dpi=dpi)
+    pngs = save_figures({**figures, **extra}, out, dpi=dpi, owned=lambda stem: stem in CAPTIONS or stem.startswith("lab_"))
     blocks = {stem: figure_block(stem, data, CAPTIONS.get(stem) or f"Lab figure: {names.get(stem, stem)}")
               for stem, data in pngs.items() if stem != "claims"}
     heatmap = blocks.pop("advantage_heatmap", "")

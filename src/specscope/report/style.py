@@ -208,6 +208,10 @@ def finish(fig: Figure) -> Figure:
                 log_axis(axis, lo, hi)
             elif axis.get_label_text() == "step" and isinstance(axis.get_major_locator(), AutoLocator):
                 axis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+                lo, hi = getattr(ax, f"get_{name}lim")()
+                if abs(hi - lo) < 1:  # one step only: a step either side, not ticks at ±0.04
+                    mid = round((lo + hi) / 2)
+                    getattr(ax, f"set_{name}lim")(mid - 1, mid + 1)
         ax.tick_params(labelsize=max(MIN_FONT, min(_tick_size(ax), FONT["tick"])))
         leg = ax.get_legend()
         if leg is not None and leg._bbox_to_anchor is None and len(leg.get_texts()) > 4:

@@ -49,8 +49,10 @@ def write_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
         if fault:
             fault_point(fault)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file being written, not its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 

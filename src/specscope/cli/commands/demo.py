@@ -226,4 +226,4 @@ def demo(
                                                f"{result.losses[-1]:.3f}"))
     title = "Claims (quick size: measured, not decided)" if quick else "Claims (measured verdicts)"
     console.print(report.claims_table(claims, title=title))
-    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {page}")
+    console.print(f"demo finished in {time.perf_counter() - t0:.0f} s; report: {page}", soft_wrap=True)

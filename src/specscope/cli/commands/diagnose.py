@@ -224,4 +224,4 @@ def diagnose(
     console.print(verdict_table(result.advice, f"{model}: {steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     for name, why in result.monitor.unpaired.items():
         console.print(Text.assemble(("unpaired", "yellow"), f" {name}: {why}"))  # literal: no markup, no emoji codes
-    console.print(Text(f"run: {run.path}\nreport: {run.path / 'report.html'}"))
+    console.print(Text(f"run: {run.path}\nreport: {run.path / 'report.html'}"), soft_wrap=True)

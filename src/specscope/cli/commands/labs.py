@@ -11,7 +11,7 @@ from rich.table import Table
 
 from specscope.cli import app, interruptible
 from specscope.errors import ConfigError
-from specscope.names import markup
+from specscope.names import markup, visible
 
 SALVAGE_HELP = "Read a damaged metrics database anyway: use the records still readable, and say so in every file written."
 
@@ -87,7 +87,7 @@ def show_run(run_dir: Path) -> None:
         show_measured(run, salvage=bool(summary.get("salvaged")))
     if summary.get("salvaged"):
         console.print(f"[red]salvaged[/]: {markup(summary['salvaged'])}")
-    console.print(f"run: {markup(run_dir)}\nreport: {markup(Path(run_dir) / 'report.html')}")
+    console.print(f"run: {markup(run_dir)}\nreport: {markup(Path(run_dir) / 'report.html')}", soft_wrap=True)  # paths whole
 
 
 def show_measured(run, *, salvage: bool) -> None:
@@ -129,9 +129,6 @@ def report_cmd(
     if status == "running":
         raise ConfigError(f"{run_dir} is being written by a live process; report it when it has finished "
                           "(it writes its own report then)")
-    if status != "complete":  # verdicts from the records so far: said on the console and in the page's title
-        console.print(f"[yellow]warning[/]: {markup(run_dir)} is {status}: the claims and the report cover only "
-                      f"the steps recorded so far (`specscope run --resume {markup(run_dir)}` finishes it)")
     if run.lab == "diagnose":
         from specscope.cli.commands.diagnose import write_diagnose_report
 
@@ -146,7 +143,19 @@ def report_cmd(
         if not salvage:
             run.check()  # before anything is rewritten
         finish(run, lab, cfg, salvage=salvage, partial=status if status != "complete" else "")  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
+    if status != "complete":  # verdicts from the records so far: said here (stderr) and in the page's title
+        typer.echo(f"warning: {visible(run_dir)} is {status}: the claims and the report cover only the steps recorded "
+                   f"so far (`specscope run --resume {visible(run_dir)}` finishes it)", err=True)
     show_run(run_dir)
+
+
+def _distinct_names(runs: list, paths: list[Path]) -> list[str]:
+    """Each run's name on the page: its id, `lab/run_id` where two runs share an id, its path where even that is
+    shared (two roots holding the same lab and id), and "(2)", "(3)" after a run given more than once."""
+    ids = [r.id for r in runs]
+    names = [f"{r.lab}/{r.id}" if ids.count(r.id) > 1 else r.id for r in runs]
+    names = [str(p) if names.count(n) > 1 and paths.count(p) == 1 else n for n, p in zip(names, paths)]
+    return [f"{n} ({names[:i].count(n) + 1})" if names[:i].count(n) else n for i, n in enumerate(names)]
 
 
 @app.command("compare")
@@ -163,14 +172,16 @@ def compare(
 
     if len(run_dirs) < 2:
         raise ConfigError("compare needs at least two run directories")
-    runs = [store.Run.open(store.find_run(p, root)) for p in run_dirs]
+    paths = [store.find_run(p, root) for p in run_dirs]
+    runs = [store.Run.open(p) for p in paths]
     holder = store.readers.run_holding(out) if out is not None else None
     if holder is not None:  # its figures/ would replace the run's own
         raise ConfigError(f"--out {out} is inside the run directory {holder}; give a folder outside every run directory")
-    frames = {r.id: store.load(r, salvage=salvage) for r in runs}  # all read (and checked) before writing
+    names = _distinct_names(runs, paths)
+    frames = {n: store.load(r, salvage=salvage) for n, r in zip(names, runs)}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or root / "compare" / time.strftime("%Y%m%d-%H%M%S")  # beside the runs it compares
-    configs, labs = {r.id: r.config for r in runs}, {r.id: r.lab for r in runs}
+    configs, labs = dict(zip(names, (r.config for r in runs))), dict(zip(names, (r.lab for r in runs)))
     page = report.write_comparison(
         out,
         frames,
@@ -179,4 +190,4 @@ def compare(
         title=("SALVAGED FROM DAMAGED DATABASES (" + "; ".join(damaged) + ") — " if damaged else "")
         + "specscope comparison: " + " vs ".join(report.run_labels(list(frames), configs, labs).values()),
     )
-    console.print(f"comparison: {markup(page)}")
+    console.print(f"comparison: {markup(page)}", soft_wrap=True)
