@@ -65,6 +65,10 @@ def test_cli_grid_parser_handles_lists_and_numbers():
     assert grid == {"train_fraction": [0.3, 0.5], "arms": [["l2", "lrd"], ["l2"]], "task": [["add"], ["mul"]]}
     with pytest.raises(ConfigError, match="unknown config key"):
         parse_grid(Config, ["nope=1,2"], "grokking")
+    with pytest.raises(ConfigError, match="--grid seed is given twice"):  # it dropped seed=0,1 and ran seed=2 alone
+        parse_grid(Config, ["seed=0,1", "seed=2"], "grokking")
+    with pytest.raises(ConfigError, match="lists the value 0 twice"):  # it ran the same point twice
+        parse_grid(Config, ["seed=0,0"], "grokking")
 
 
 def test_ray_backend_without_ray_is_refused_before_anything_is_written(tmp_path, monkeypatch):
@@ -130,3 +134,15 @@ def test_a_sweep_with_failed_points_exits_2_naming_them(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert e.value.code == 2 and "1 point(s) of the sweep failed" in err and "p=4" in err.replace("'p': 4", "p=4")
     assert "Traceback" not in err
+
+
+def test_sweep_resume_refuses_out(tmp_path):
+    """`sweep --resume DIR --out ELSEWHERE` ignored --out without a word (`run --resume` refuses it)."""
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+
+    _register()
+    res = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere")])
+    assert res.exit_code != 0 and "drop --out" in str(res.exception or res.output)
+    assert not (tmp_path / "elsewhere").exists()

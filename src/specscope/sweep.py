@@ -353,7 +353,7 @@ def finish(sweep_dir: str | Path) -> pd.DataFrame:
 
 def phase_diagram(table: pd.DataFrame, x: str, y: str, values: Iterable[str], panel: str | None = None):
     """A grid of heatmaps: one row per value column, one column per `panel` value (e.g. arm); cells are the
-    mean over seeds at (x, y); blank where nothing grokked (NaN). Returns a matplotlib Figure."""
+    mean over seeds at (x, y); blank, labelled "none", where nothing grokked (NaN). Returns a matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +374,8 @@ def phase_diagram(table: pd.DataFrame, x: str, y: str, values: Iterable[str], pa
             ax.set_xticks(range(grid.shape[1]), [f"{c:g}" for c in grid.columns])
             ax.set_yticks(range(grid.shape[0]), [f"{r:g}" for r in grid.index])
             for (r, c), v in np.ndenumerate(grid.to_numpy(float)):
-                ax.text(c, r, "—" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7, color="w")
+                ax.text(c, r, "none" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", fontsize=7,
+                        color="0.35" if np.isnan(v) else "w")  # a blank (NaN) cell is white: its label must not be
             title = f"{value}" + (f" — {panel}={pv}" if pv is not None else "")
             ax.set(xlabel=mathtext(x), ylabel=mathtext(y), title=mathtext(title))  # names from disk: drawn as typed
             fig.colorbar(im, ax=ax)

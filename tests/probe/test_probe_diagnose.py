@@ -246,13 +246,30 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
         def nan_loss(seed=0):
             model = torch.nn.Linear(4, 2)
             return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum() * float("nan")
+
+        def gen(seed=0):
+            model = torch.nn.Linear(4, 2)
+            def batches():
+                while True:
+                    yield torch.randn(8, 4)
+            return model, batches, lambda m, b: m(b).sum()  # the function, not batches()
+
+        def no_params(seed=0):
+            return torch.nn.ReLU(), iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum()
+
+        def frozen(seed=0):
+            model = torch.nn.Linear(4, 2).requires_grad_(False)
+            return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum()
     """))
     monkeypatch.chdir(tmp_path)
     cases = {"needs_args": "needs ['a', 'b']; a factory takes no argument or only `seed`",
              "boom": "the factory raised RuntimeError: boom in user code",
              "detached": "loss_fn returned a tensor of shape () that does not require grad",
              "not_scalar": "loss_fn returned a tensor of shape (8, 2)",
-             "nan_loss": "non-finite loss (nan) at step 0; lower --lr"}
+             "gen": "the factory's batches (function) cannot be iterated; return an iterator or iterable of batches",
+             "no_params": "the model has no parameters, so there is nothing to train and measure",
+             "frozen": "the model has no trainable weight with ≥ 2 dims",
+             "nan_loss": "non-finite loss (nan) at step 0; lower --lr"}  # last: the one case that leaves a run
     for fn, msg in cases.items():
         monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"badf:{fn}", "--steps", "2",
                                           "--out", str(tmp_path / "runs")])
@@ -313,6 +330,20 @@ def test_report_rewrites_a_diagnose_run(tmp_path):
     page.unlink()
     res = CliRunner().invoke(app, ["report", run_dir.name, "--root", str(tmp_path)])  # the id `runs` prints
     assert res.exit_code == 0 and page.is_file(), res.output
+
+
+def test_report_of_a_failed_diagnose_run_says_so_and_does_not_offer_a_resume(tmp_path):
+    """It warned "`specscope run --resume RUN` finishes it" (which says: unknown lab 'diagnose') and titled the page
+    as if the run had finished."""
+    from specscope import store
+
+    assert invoke("--model", "mlp", "--steps", "2", "--out", str(tmp_path)).exit_code == 0
+    (run_dir,) = (tmp_path / "diagnose").iterdir()
+    store.Run.open(run_dir).set_status("failed")
+    res = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "--resume" not in res.output and "a diagnose run does not resume: run `specscope diagnose` again" in res.output
+    assert "<title>FAILED RUN, RECORDS SO FAR — diagnose mlp" in (run_dir / "report.html").read_text()
 
 
 def test_the_readme_factory_runs_and_a_wrong_loss_signature_is_one_line(tmp_path, monkeypatch, capsys):

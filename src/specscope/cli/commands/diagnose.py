@@ -66,6 +66,16 @@ def load_factory(spec: str, seed: int):
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.nn.Module) and callable(out[2])):
         raise ConfigError(f"--model {spec!r}: the factory must return (model: nn.Module, batch_iterator, loss_fn(model, batch)); got {type(out).__name__}")
     model, batches, loss_fn = out
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise ConfigError(f"--model {spec!r}: the factory's batches ({type(batches).__name__}) cannot be iterated; return "
+                          "an iterator or iterable of batches (a generator: `batches()`, not `batches`)") from None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not any(p.ndim >= 2 for p in trainable):
+        what = "no parameters" if not list(model.parameters()) else "no trainable weight with ≥ 2 dims"
+        raise ConfigError(f"--model {spec!r}: the model has {what}, so there is nothing to train and measure; "
+                          "return a model with nn.Linear / convolution / embedding weights that require grad")
 
     contract = "the factory's loss_fn is called with the model and one batch and must return the scalar loss"
 
@@ -146,11 +156,15 @@ def table_width(df) -> int:
     return longest + 72
 
 
-def write_diagnose_report(run, df) -> Path:
-    """A diagnose run's report.html from its records (also what `specscope report` rewrites)."""
+def write_diagnose_report(run, df, partial: str = "") -> Path:
+    """A diagnose run's report.html from its records (also what `specscope report` rewrites); `partial`: the
+    status of a run that did not finish, named first in the title."""
     from specscope import report
 
-    return report.write_report(run.path, df, config=run.config, title=f"diagnose {run.config.get('model')} — {run.id}")
+    title = f"diagnose {run.config.get('model')} — {run.id}"
+    if partial:
+        title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
+    return report.write_report(run.path, df, config=run.config, title=title)
 
 
 @app.command()

@@ -132,7 +132,7 @@ def report_cmd(
     if run.lab == "diagnose":
         from specscope.cli.commands.diagnose import write_diagnose_report
 
-        write_diagnose_report(run, store.load(run, salvage=salvage))  # store.load checks the records first
+        write_diagnose_report(run, store.load(run, salvage=salvage), partial=status if status != "complete" else "")
     elif run.lab == "demo":
         from specscope.cli.commands.demo import rewrite_demo_report
 
@@ -144,8 +144,10 @@ def report_cmd(
             run.check()  # before anything is rewritten
         finish(run, lab, cfg, salvage=salvage, partial=status if status != "complete" else "")  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
     if status != "complete":  # verdicts from the records so far: said here (stderr) and in the page's title
+        again = (f"`specscope run --resume {visible(run_dir)}` finishes it" if run.lab not in ("diagnose", "demo")
+                 else f"a {run.lab} run does not resume: run `specscope {run.lab}` again for a complete one")
         typer.echo(f"warning: {visible(run_dir)} is {status}: the claims and the report cover only the steps recorded "
-                   f"so far (`specscope run --resume {visible(run_dir)}` finishes it)", err=True)
+                   f"so far ({again})", err=True)
     show_run(run_dir)
 
 

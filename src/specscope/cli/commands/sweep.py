@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -36,10 +37,17 @@ def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
         if "=" not in pair:
             raise ConfigError(f"--grid expects key=v1,v2,..., got '{pair}'")
         key, raw = pair.split("=", 1)
+        key = key.strip()
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; give all its values in one: --grid {key}=v1,v2,...")
         values = [v[1:-1] if v.startswith("[") and v.endswith("]") else v for v in _split_top(raw)]
-        grid[key.strip()] = [parse_overrides(config_cls, [f"{key.strip()}={v}"], lab)[key.strip()] for v in values]
-        if not grid[key.strip()]:
+        grid[key] = [parse_overrides(config_cls, [f"{key}={v}"], lab)[key] for v in values]
+        if not grid[key]:
             raise ConfigError(f"--grid {key} has no values; write --grid {key}=v1,v2")
+        seen = [json.dumps(v, sort_keys=True) for v in grid[key]]
+        if len(set(seen)) < len(seen):
+            twice = next(v for v in seen if seen.count(v) > 1)
+            raise ConfigError(f"--grid {key} lists the value {twice} twice; each point runs once")
     return grid
 
 
@@ -50,7 +58,7 @@ def sweep(
     grid: list[str] = typer.Option([], "--grid", help="key=v1,v2,... (repeatable; the product of all is run)."),
     set_: list[str] = typer.Option([], "--set", help="A fixed override for every point: key=value (repeatable)."),
     workers: int = typer.Option(1, "--workers", help="Parallel worker processes (one torch thread each unless --threads)."),
-    out: Path = typer.Option(Path("runs/sweeps"), "--out", help="Where the sweep directory is created."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where the sweep directory is created (default runs/sweeps)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a sweep directory: complete points are not rerun."),
     threads: int = typer.Option(1, "--threads", help="torch threads per worker."),
     ray: bool = typer.Option(False, "--ray", help="Run the points on a Ray cluster (RAY_ADDRESS) instead of local processes."),
@@ -64,6 +72,8 @@ def sweep(
     from specscope import labs, sweep as sw
     from specscope.labs.config import parse_overrides
 
+    if resume is not None and out is not None:
+        raise ConfigError("--resume continues a sweep in its own directory; drop --out")
     if resume is not None:
         meta_file = resume / sw.SWEEP_FILE
         if not meta_file.is_file():
@@ -79,7 +89,7 @@ def sweep(
     mod = labs.get(lab)
     sweep_dir = sw.run_sweep(
         lab, parse_grid(mod.Config, grid, lab), parse_overrides(mod.Config, set_, lab),
-        out=out, workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
+        out=out or Path("runs/sweeps"), workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
     )
     sw.print_table(sw.summary(sweep_dir), echo=typer.echo)
     claims_file = sweep_dir / "claims.json"
@@ -94,5 +104,6 @@ def sweep(
     failed = json.loads((sweep_dir / "errors.json").read_text()) if (sweep_dir / "errors.json").is_file() else []
     if failed:  # the table above has the points that ran; the exit status says not all did
         raise ConfigError(f"{len(failed)} point(s) of the sweep failed, e.g. {failed[0]['overrides']}: {failed[0]['error']}; "
-                          f"fix the grid or the settings (errors in {sweep_dir / 'errors.json'}) and resume with "
-                          f"specscope sweep --resume {sweep_dir}")
+                          f"errors in {sweep_dir / 'errors.json'}; a point interrupted or out of memory finishes with "
+                          f"specscope sweep --resume {sweep_dir}, one whose settings fail fails again: start a new sweep "
+                          "whose grid leaves that value out")
