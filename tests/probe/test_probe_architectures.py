@@ -491,3 +491,11 @@ def test_more_hf_architectures_paired_at_the_torch_call_as_at_aten(name, monkeyp
         assert "(cat)" in runs[0][1]["vit.embeddings.cls_token"]
     else:
         assert not runs[0][1]
+
+
+def test_splitting_a_square_weight_into_heads_is_not_called_a_cut_across_fused_blocks():
+    """--split layers.1=q,k on a 128×128 weight warned "cut across the 1 blocks of 128 … give 1 names"."""
+    from specscope.probe.pairing import straddled_blocks
+
+    assert straddled_blocks(["h0", "h1"], torch.zeros(128, 128), 0) is None
+    assert "cut across the 3 blocks of 8" in straddled_blocks(["q", "k"], torch.zeros(24, 8), 0)

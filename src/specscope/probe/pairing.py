@@ -202,7 +202,7 @@ def straddled_blocks(spec, p: torch.Tensor, out_dim: int) -> str | None:
         return None
     out, width = p.shape[out_dim], p.shape[1 - out_dim]
     part = out // len(spec)
-    if out % width or part % width == 0:
+    if out % width or part % width == 0 or out == width:  # one block (a square weight split into heads): nothing fused
         return None
     k = out // width
     sizes = ",".join(f"{n}:{part}" for n in spec)
