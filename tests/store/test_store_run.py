@@ -226,6 +226,8 @@ def test_missing_directory_and_config(tmp_path):
     (run.path / "metrics.sqlite").unlink()
     with pytest.raises(RunStoreError, match=r"metrics\.sqlite does not exist"):
         load(run.path)
+    (problem,) = list_runs(tmp_path).problem
+    assert "metrics.sqlite does not exist" in problem and "--salvage" not in problem  # nothing left for it to read
 
 
 def test_newer_schema_is_refused(tmp_path):

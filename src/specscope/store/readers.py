@@ -133,7 +133,8 @@ def _describe(path: Path) -> dict:
             progress = sqlite.read_progress(con)
         row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
     except RunStoreError as e:  # an unreadable database is damage too: said, with the file, not a blank step
-        row["problem"] = row["problem"] or f"{e} (`--salvage` reads what is left)"
+        salvageable = run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read
+        row["problem"] = row["problem"] or (f"{e} (`--salvage` reads what is left)" if salvageable else str(e))
     return row
 
 
