@@ -413,3 +413,23 @@ def test_a_metric_recorded_at_one_step_is_drawn_as_a_point_on_whole_step_ticks()
     (line,) = ax.lines
     assert line.get_marker() == "o"
     assert all(float(t).is_integer() for t in ax.get_xticks()) and ax.get_xlim() == (-1, 1)
+
+
+def test_every_figure_of_a_salvaged_report_says_so(tmp_path, metrics, monkeypatch):
+    """After `report --salvage` the page said SALVAGED, but loss.png on its own was titled just "Loss"."""
+    from specscope.report import html
+
+    titles = {}
+    real = html.png_bytes
+
+    def recording(fig, dpi=None):
+        titles[id(fig)] = fig._suptitle.get_text() if fig._suptitle is not None else ""
+        return real(fig, dpi)
+
+    monkeypatch.setattr(html, "png_bytes", recording)
+    lab_fig = Figure()
+    lab_fig.subplots().plot([0, 1])
+    text = write_report(tmp_path, metrics, extra_figures={"mine": lab_fig}, salvaged="metrics.sqlite is damaged (x)",
+                        dpi=DPI).read_text()
+    assert titles and all(t.startswith("SALVAGED FROM A DAMAGED DATABASE") for t in titles.values()), titles
+    assert "<title>SALVAGED FROM A DAMAGED DATABASE — specscope report</title>" in text

@@ -227,7 +227,7 @@ def finish(run, lab, cfg, *, salvage: bool = False, partial: str = "") -> list[C
         title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
     report.write_report(
         Path(run.path), df, config=cfg.model_dump(mode="json"), claims=claims, extra_figures=figures, measured=measured,
-        title=f"SALVAGED FROM A DAMAGED DATABASE ({damage}) — {title}" if damage else title,
+        title=title, salvaged=damage or "",
     )
     return claims
 

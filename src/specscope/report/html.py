@@ -35,6 +35,7 @@ from specscope.store.integrity import write_atomic
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
+p.warning { color: #b00020; font-weight: 600; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd;
        padding-bottom: 0.2em; margin-top: 1.8em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
@@ -339,14 +340,25 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
+SALVAGED = "SALVAGED FROM A DAMAGED DATABASE"
+
+
+def _mark_salvaged(fig: Figure) -> None:
+    """Prefix the figure's overall title (or give it one) so a PNG on its own still says where it came from."""
+    old = fig._suptitle.get_text() if fig._suptitle is not None else ""
+    fig.suptitle(f"{SALVAGED}" + (f" — {old}" if old else ""), color="#b00020")
+
+
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
                  claims: Sequence[Claim] = (), extra_figures: Mapping[str, Figure] | None = None,
                  title: str = "specscope report", summary: str | Mapping | None = None,
-                 measured: Sequence[Mapping] = (), dpi: int = DPI) -> Path:
+                 measured: Sequence[Mapping] = (), salvaged: str = "", dpi: int = DPI) -> Path:
     """Write out_dir/report.html (self-contained) and every figure to out_dir/figures/*.png.
 
     df is the store's long-format metrics, claims the lab's verdicts, extra_figures the lab's own
-    figures by name (saved as lab_<name>.png), measured the lab's summary rows. Returns the path of report.html.
+    figures by name (saved as lab_<name>.png), measured the lab's summary rows. `salvaged`: what was wrong with
+    the database the records were salvaged from; the title, the page and every figure then say so.
+    Returns the path of report.html.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -354,12 +366,17 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     figures = run_figures(df, claims, dpi=dpi)
     extra = {f"lab_{safe_name(name)}": fig for name, fig in (extra_figures or {}).items() if fig is not None}
     names = {f"lab_{safe_name(name)}": name for name in (extra_figures or {})}
+    if salvaged:
+        title = f"{SALVAGED} — {title}"
+        for fig in [*figures.values(), *extra.values()]:
+            _mark_salvaged(fig)
     pngs = save_figures({**figures, **extra}, out, dpi=dpi, owned=lambda stem: stem in CAPTIONS or stem.startswith("lab_"))
     blocks = {stem: figure_block(stem, data, CAPTIONS.get(stem) or f"Lab figure: {names.get(stem, stem)}")
               for stem, data in pngs.items() if stem != "claims"}
     heatmap = blocks.pop("advantage_heatmap", "")
     body = "\n".join([
         f"<h1>{esc(title)}</h1>",
+        f'<p class="warning">{esc(salvaged)}</p>' if salvaged else "",
         '<p class="meta">Self-contained specscope report: every figure is embedded; '
         "the PNG files beside this page hold the same images.</p>",
         "<h2>Run</h2>", metadata_html(df),

@@ -164,7 +164,7 @@ def write_diagnose_report(run, df, partial: str = "") -> Path:
     title = f"diagnose {run.config.get('model')} — {run.id}"
     if partial:
         title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
-    return report.write_report(run.path, df, config=run.config, title=title)
+    return report.write_report(run.path, df, config=run.config, title=title, salvaged=df.attrs.get("damage", ""))
 
 
 @app.command()
