@@ -184,3 +184,11 @@ def test_a_newline_or_tab_in_a_path_shows_escaped_in_the_one_line_error(cli, tmp
     hostile = tmp_path / "run\nid\tx"
     rc, _, err = cli("run", "--resume", hostile)
     one_line_error(rc, err, "run\\nid\\tx")
+
+
+@pytest.mark.parametrize("argv", [("compare", "a", "b", "--out", ""), ("runs", "--root", ""), ("runs", "--root=")])
+def test_an_empty_path_option_is_refused_not_read_as_the_current_folder(cli, tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli(*argv)
+    one_line_error(rc, err, "is empty; give a path")
+    assert not any(tmp_path.iterdir())

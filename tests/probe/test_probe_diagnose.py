@@ -210,7 +210,7 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--steps", "0"], "'--steps'"), (["--bogus"], "No such option: --bogus"),  # click's, on one line too
              (["--split", "blocks.0.attn.q=q,q,v"], "must be distinct"),
              (["--split", "qkv=q:8,q:8"], "a part is named twice"),
-             (["--out", ""], "--out ''")]
+             (["--out", ""], "--out is empty; give a path")]
     (tmp_path / "afile").write_text("")
     for args, msg in cases:
         if any(a.startswith("hf:") for a in args):

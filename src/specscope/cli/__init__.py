@@ -56,6 +56,7 @@ def main() -> None:
     user_errors = (SpecscopeError, ValidationError, OSError, UnicodeDecodeError, json.JSONDecodeError,
                    tomllib.TOMLDecodeError)
     try:
+        _check_path_options(sys.argv[1:])
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except user_errors as e:
@@ -147,6 +148,19 @@ def _elsewhere() -> str:
     if "--resume" in sys.argv[1:]:  # a resume writes into its run (or sweep): --out does not apply
         return "copy the run (or sweep) directory to a writable disk and resume the copy"
     return _ELSEWHERE.get(command, "write elsewhere (--out)")
+
+
+PATH_OPTIONS = ("--out", "--root", "--into", "--resume", "--config")
+
+
+def _check_path_options(argv: list[str]) -> None:
+    """An empty path (`--out ''`) would silently mean the current folder: refused, naming the option."""
+    from specscope.errors import ConfigError
+
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in PATH_OPTIONS and (value.strip() == "" if eq else i + 1 < len(argv) and argv[i + 1].strip() == ""):
+            raise ConfigError(f"{name} is empty; give a path (e.g. {name} runs), or leave the option out")
 
 
 def _one_line(e: BaseException) -> str:
