@@ -360,3 +360,15 @@ def test_a_gradient_cleared_inside_the_block_is_named_not_read_as_undecided():
         opt.zero_grad(set_to_none=False)
     nr = [r for r in monitor.pop_records() if r.step == 1 and r.metric == "nuclear_rank"]
     assert len(nr) == 2 and all(r.flag == "zero_gradient" and math.isnan(r.value) for r in nr)
+
+
+def test_an_unmeasured_weight_names_no_estimator_in_the_advice():
+    """`diagnose` showed estimator "gram" on the row of a weight that no estimator ever measured."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(8, 4), "unused": nn.Linear(8, 4)})
+    monitor = Monitor(model)
+    with pytest.warns(UserWarning), monitor.step(0):
+        model["used"](torch.randn(16, 8)).square().mean().backward()
+    table = monitor.advice().set_index("layer")
+    assert table.loc["unused", "verdict"] == "unmeasured" and table.loc["unused", "estimator"] == ""
+    assert table.loc["used", "estimator"] == "gram"

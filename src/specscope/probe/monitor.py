@@ -512,8 +512,9 @@ class Monitor:
         for s in self.slots.values():
             M = s.grad_matrix(s.param.detach())
             for nm, blk in s.slices(M):
-                rows, est = self._latest_inputs.get(nm, (0, self.estimator if s.kind != "embedding" else "closed_form"))
                 why = self.unmeasured.get(s.name, "")
+                default = "" if why else self.estimator if s.kind != "embedding" else "closed_form"  # unmeasured: no estimator ran
+                rows, est = self._latest_inputs.get(nm, (0, default))
                 out[nm] = {"kind": s.kind or "unseen", "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
                            "unmeasured": why, "unused": why == NOT_USED, "role": s.role}
         return out
