@@ -49,12 +49,43 @@ def test_resume_runs_only_missing_points(tmp_path):
     assert timing["wall_seconds"] == pytest.approx(sum(t["wall_seconds"] for t in timing["sessions"]))
 
 
-def test_failed_point_is_reported_and_rerun_on_resume(tmp_path):
+def test_failed_point_is_reported_and_rerun_on_resume(tmp_path, monkeypatch):
+    from specscope.labs import grokking
+
+    make_data = grokking.make_data
+
+    def failing(cfg, device):  # a point that fails while it runs (its settings are valid)
+        if cfg.train_fraction == 0.6:
+            raise RuntimeError("disk full")
+        return make_data(cfg, device)
+
+    monkeypatch.setattr(grokking, "make_data", failing)
     quiet = lambda *a, **k: None  # noqa: E731
-    d = sweep.run_sweep("grokking", {"lrd_targets": [["q"], ["x"]]}, FAST, out=tmp_path, echo=quiet)
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6]}, FAST, out=tmp_path, echo=quiet)
     errors = json.loads((d / "errors.json").read_text())
-    assert len(errors) == 1 and "lrd_targets" in errors[0]["error"]
+    assert len(errors) == 1 and "disk full" in errors[0]["error"] and errors[0]["overrides"]["train_fraction"] == 0.6
     assert len(sweep.summary(d)) == 1
+    monkeypatch.setattr(grokking, "make_data", make_data)
+    sweep.run_sweep("grokking", {}, resume=d, echo=quiet)
+    assert len(sweep.summary(d)) == 2 and len(_run_dirs(d)) == 2
+
+
+@pytest.mark.parametrize("lab, grid, fixed, point, reason", [
+    ("grokking", {"lrd_targets": [["q"], ["x"]]}, FAST, "lrd_targets=['x']", "lrd_targets ['x'] unknown"),
+    ("grokking", {"d_model": [8, 9]}, FAST, "d_model=9", "d_model=9 is not divisible by n_heads=2"),
+    ("grokking", {"arms": [["l2"], ["lrd"]]}, {**FAST, "strength_grid": {"l2": [0.1]}}, "arms=['lrd']",
+     "strength_grid names ['l2'], which are not in arms ['lrd']"),
+    ("gpt", {"d_model": [64, 66]}, {"n_head": 4}, "d_model=66", "d_model=66 is not divisible by n_head=4"),
+    ("switching", {"setups": [["rf/relu"], ["rf/nope"]]}, {}, "setups=['rf/nope']", "unknown activation 'nope'"),
+])
+def test_settings_that_fail_together_are_refused_before_the_sweep_starts(tmp_path, lab, grid, fixed, point, reason):
+    """Every point is checked (the lab's check(cfg)) before the sweep directory exists: a bad combination in the
+    last point of a long sweep used to fail only when its turn came."""
+    import re
+
+    with pytest.raises(ConfigError, match=f"^grid point {re.escape(point)}: .*{re.escape(reason)}"):
+        sweep.run_sweep(lab, grid, fixed, out=tmp_path / "sweeps", echo=lambda *a, **k: None)
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_cli_grid_parser_handles_lists_and_numbers():
@@ -95,7 +126,7 @@ def test_every_labs_hooks_take_what_the_sweep_and_the_runner_pass(name):
 
     lab = labs.get(name)
     args = {"summarize": ("df", "cfg"), "claims": ("df", "cfg"), "figures": ("df", "cfg"), "sweep_claims": ("table",),
-            "inputs": ("cfg",)}
+            "inputs": ("cfg",), "check": ("cfg",)}
     for hook, passed in args.items():
         if hasattr(lab, hook):
             inspect.signature(getattr(lab, hook)).bind(*passed)

@@ -68,13 +68,26 @@ def matches(overrides: dict[str, Any], config: dict[str, Any]) -> bool:
     return all(k in config and _same(v, config[k]) for k, v in overrides.items())
 
 
-def _normalized(lab: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The overrides as the lab's validated config writes them (so matching is by value, not spelling)."""
+def _normalized(lab: str, overrides: dict[str, Any], check: bool = False) -> dict[str, Any]:
+    """The overrides as the lab's validated config writes them (so matching is by value, not spelling); with
+    `check`, a point whose settings fail only together (the lab's `check(cfg)`) is refused here too."""
     from specscope import labs
     from specscope.labs.config import make_config
 
-    cfg = make_config(labs.get(lab).Config, overrides, lab).model_dump(mode="json")
-    return {k: cfg[k] for k in overrides}
+    module = labs.get(lab)
+    cfg = make_config(module.Config, overrides, lab)
+    if check and hasattr(module, "check"):
+        module.check(cfg)
+    dumped = cfg.model_dump(mode="json")
+    return {k: dumped[k] for k in overrides}
+
+
+def _checked_point(lab: str, point: dict[str, Any], grid: dict[str, list]) -> dict[str, Any]:
+    """`_normalized` with the lab's check; an error names the point by its grid values."""
+    try:
+        return _normalized(lab, point, check=True)
+    except ConfigError as e:
+        raise ConfigError(f"grid point {_label({k: point[k] for k in grid if k in point}) or '(no grid keys)'}: {e}") from None
 
 
 def read_sweep_meta(path: Path) -> dict[str, Any]:
@@ -180,7 +193,7 @@ def run_sweep(
         grid = extended_grid(meta["grid"], {k: [norm(k, v) for v in vs] for k, vs in grid.items()}, norm)
         fixed = resumed_fixed(meta["fixed"], {k: norm(k, v) for k, v in (fixed or {}).items()}, norm)
     labs.get(lab)  # unknown lab: error now, not in every worker
-    points = [_normalized(lab, p) for p in expand_grid(grid, fixed)]
+    points = [_checked_point(lab, p, grid) for p in expand_grid(grid, fixed)]  # every point, before any starts
     if resume is None:
         sweep_dir = Path(out) / f"{lab}-{time.strftime('%Y%m%d-%H%M%S')}"
         while sweep_dir.exists():

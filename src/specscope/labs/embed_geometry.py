@@ -120,13 +120,18 @@ def inputs(cfg: Config) -> dict[str, str]:
     return gpt.inputs(cfg)
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm]:
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     if len(set(cfg.geometries)) != len(cfg.geometries) or not cfg.geometries:
         raise ConfigError(f"geometries {cfg.geometries} must be non-empty without repeats; choose from {GEOMETRIES}")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds {cfg.seeds} repeat a seed")
     if cfg.d_model % cfg.n_head:
         raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm]:
+    check(cfg)
     arms = []
     for seed in cfg.seeds:
         gcfg = gpt_config(cfg, seed)

@@ -71,11 +71,16 @@ def inputs(cfg: Config) -> dict[str, str]:
     return gpt.inputs(cfg)
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm]:
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     if not cfg.mlps or len(set(cfg.mlps)) != len(cfg.mlps) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"mlps {cfg.mlps} and seeds {cfg.seeds} must be non-empty without repeats")
     if cfg.d_model % cfg.n_head:
         raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm]:
+    check(cfg)
     arms = []
     for seed in cfg.seeds:
         for mlp in cfg.mlps:

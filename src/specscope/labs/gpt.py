@@ -238,7 +238,8 @@ class OneHotCheck:
         return [Record(step, "embed", "onehot_stable_rank", st, estimator="svd", rows=x.numel())]
 
 
-def _check(cfg: Config) -> None:
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     if not cfg.arms:
         raise ConfigError(f"arms is empty; give some of {ARMS}")
     if len(set(cfg.arms)) != len(cfg.arms):
@@ -247,11 +248,12 @@ def _check(cfg: Config) -> None:
         raise ConfigError("steps, batch_size, eval_batches, probe_every must be >= 1 and seq_len >= 2")
     if not 0 <= cfg.min_lr_ratio <= 1 or cfg.warmup < 1:
         raise ConfigError(f"need warmup >= 1 and 0 <= min_lr_ratio <= 1 (got {cfg.warmup}, {cfg.min_lr_ratio})")
+    model_config(cfg)  # d_model a multiple of n_head
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
     """The corpus baseline, then one arm per optimizer, all from the same initialization and batches."""
-    _check(cfg)
+    check(cfg)
     corpus = make_corpus(cfg)
 
     def baseline(log, device) -> None:

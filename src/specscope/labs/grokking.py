@@ -33,7 +33,7 @@ from specscope import linalg
 from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
-from specscope.models.modular import ModularTransformer, enc003, qk_weights, tf004
+from specscope.models.modular import ModularTransformer, check_heads, enc003, qk_weights, tf004
 from specscope.records import Claim, Record, over_seeds
 
 NAME = "grokking"
@@ -118,10 +118,14 @@ def arm_specs(cfg: Config) -> list[tuple[str, str, Config]]:
     return out
 
 
-def _targets(cfg: Config, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+def _check_targets(cfg: Config) -> None:
     bad = set(cfg.lrd_targets) - {"q", "k", "v", "o"}
     if bad:
         raise ConfigError(f"lrd_targets {sorted(bad)} unknown; choose among q, k, v, o (attention projections)")
+
+
+def _targets(cfg: Config, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    _check_targets(cfg)
     return qk_weights(model, tuple(cfg.lrd_targets))
 
 
@@ -320,10 +324,18 @@ class Spectra:
 # ---------------------------------------------------------------- build
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm]:
-    """One arm per regularizer in `cfg.arms`, all from the same initialization and the same batches."""
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     if not cfg.arms:
         raise ConfigError("arms is empty; give at least one of l2, lrd, lrd_prox, lrd_ns, elastic, none")
+    arm_specs(cfg)  # strength_grid names only arms
+    _check_targets(cfg)
+    check_heads(cfg.d_model, cfg.n_heads)
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm]:
+    """One arm per regularizer in `cfg.arms`, all from the same initialization and the same batches."""
+    check(cfg)
     data = make_data(cfg, device)
     every = cfg.spectrum_every or cfg.eval_every or 50
     init = None

@@ -228,8 +228,8 @@ def _dim_sweep(cfg: Config):
     return fn
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
-    """Arms activation × method (exact constants, W = 0 start), then the width and dimension sweeps."""
+def check(cfg: Config) -> None:
+    """Names a `--set` cannot check by itself (a sweep checks every point with this before it starts)."""
     for act in [*cfg.activations, *cfg.sweep_activations]:
         check_activation(act)
     for m in cfg.methods:
@@ -237,6 +237,11 @@ def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
             from specscope.errors import ConfigError
 
             raise ConfigError(f"unknown method {m!r} in methods; choose from {', '.join(METHODS)}")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
+    """Arms activation × method (exact constants, W = 0 start), then the width and dimension sweeps."""
+    check(cfg)
     items: list[Arm | Measure] = [_arm(cfg, a, m, device) for a in cfg.activations for m in cfg.methods]
     return items + [Measure("width-sweep", _width_sweep(cfg)), Measure("dim-sweep", _dim_sweep(cfg))]
 

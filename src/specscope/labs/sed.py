@@ -35,7 +35,7 @@ from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
-from specscope.models.modular import Kernel, ModularTransformer, enc003
+from specscope.models.modular import Kernel, ModularTransformer, check_heads, enc003
 from specscope.records import Claim, Record, over_seeds
 from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import UPDATE, GatedProjection, SEDTracker
@@ -300,6 +300,7 @@ def check(cfg: Config) -> None:
                           f"measured on control arms, one per seed: add --set seeds={cfg.coupling_seeds}")
     if len(cfg.multitask) == 1:
         raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
+    check_heads(cfg.d_model, cfg.n_heads)
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:

@@ -60,12 +60,14 @@ def gpt_config(cfg: Config) -> gpt.Config:
     return gpt.Config(seed=cfg.seed, device="cpu", arms=["muon"], **{k: getattr(cfg, k) for k in GPT_FIELDS})
 
 
-def _check(cfg: Config) -> None:
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     bad = [n for n in cfg.ranks if n < 2 or cfg.batch_size % n]
     if not cfg.ranks or bad:
         raise ConfigError(f"ranks={cfg.ranks}: each must be >= 2 and divide batch_size={cfg.batch_size}")
     if cfg.eval_every < 1 or cfg.cosine_every < 1:
         raise ConfigError("eval_every and cosine_every must be >= 1")
+    gpt.check(gpt_config(cfg))
 
 
 # ---------------------------------------------------------------- one rank of one pair of runs
@@ -133,7 +135,7 @@ def _train(rank: int, world: int, cfg_json: dict[str, Any]) -> list[dict]:
 
 def build(cfg: Config, device: torch.device) -> list[Measure]:
     """One Measure per rank count: it starts that many gloo processes and logs rank 0's records."""
-    _check(cfg)
+    check(cfg)
     from specscope.train.distributed import spawn
 
     def pair(world: int):

@@ -186,14 +186,19 @@ def _init_stable_ranks(cfg: Config):
     return fn
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
-    """GD and SpecGD arms per (activation, batch size), then st(A) at initialisation vs batch size."""
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     for act in [*cfg.activations, cfg.sweep_activation]:
         check_activation(act)
     if bad := [m for m in cfg.methods if m not in METHODS]:
         raise ConfigError(f"unknown method {bad[0]!r} in methods; choose from {', '.join(METHODS)}")
     if not 0 < cfg.early <= cfg.steps:
         raise ConfigError(f"early={cfg.early} must be between 1 and steps={cfg.steps}")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
+    """GD and SpecGD arms per (activation, batch size), then st(A) at initialisation vs batch size."""
+    check(cfg)
     items: list[Arm | Measure] = [_arm(cfg, a, n, m, device) for a, n in arm_specs(cfg) for m in cfg.methods]
     return items + [Measure("init-st", _init_stable_ranks(cfg))]
 

@@ -151,13 +151,19 @@ def _mlp_arms(cfg: Config, act: str, seed: int, device) -> list[Arm]:
     return arms
 
 
-def build(cfg: Config, device: torch.device) -> list[Arm]:
-    """For every setup and seed: one arm per switch time T of the grid, and an AutoGeometry arm."""
+def check(cfg: Config) -> None:
+    """The settings that only fail together (a sweep checks every point with this before it starts)."""
     parsed = [_parse(s) for s in cfg.setups]
     if len(set(cfg.setups)) != len(cfg.setups) or len(set(cfg.seeds)) != len(cfg.seeds) or not parsed:
         raise ConfigError(f"setups {cfg.setups} and seeds {cfg.seeds} must be non-empty without repeats")
     if any(t < 0 for t in [*cfg.rf_switch, *cfg.mlp_switch]):
         raise ConfigError("switch times must be >= 0")
+
+
+def build(cfg: Config, device: torch.device) -> list[Arm]:
+    """For every setup and seed: one arm per switch time T of the grid, and an AutoGeometry arm."""
+    check(cfg)
+    parsed = [_parse(s) for s in cfg.setups]
     make = {"rf": _rf_arms, "mlp": _mlp_arms}
     return [a for kind, act in parsed for seed in cfg.seeds for a in make[kind](cfg, act, seed, device)]
 

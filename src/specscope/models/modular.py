@@ -38,6 +38,12 @@ def _norm(kind: Norm, d: int, bias: bool) -> nn.Module:
     return nn.LayerNorm(d, bias=bias) if kind == "layernorm" else nn.RMSNorm(d)
 
 
+def check_heads(d: int, n_heads: int) -> None:
+    """d_model splits into n_heads heads of equal width."""
+    if d % n_heads:
+        raise ConfigError(f"d_model={d} is not divisible by n_heads={n_heads}; pick d_model a multiple of n_heads")
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (no mask: the inputs are a set of operands). With `qk_norm`, queries and
     keys are RMS-normalized per head before the dot product (with a learned gain), which makes the
@@ -47,8 +53,7 @@ class Attention(nn.Module):
     def __init__(self, d: int, n_heads: int, bias: bool, qk_norm: bool, kernel: Kernel = "sdpa"):
         super().__init__()
         self.attend = explicit_attention if kernel == "explicit" else F.scaled_dot_product_attention
-        if d % n_heads:
-            raise ConfigError(f"d_model={d} is not divisible by n_heads={n_heads}; pick d_model a multiple of n_heads")
+        check_heads(d, n_heads)
         self.n_heads, self.head_dim = n_heads, d // n_heads
         qk_bias = bias and not qk_norm
         self.q, self.k = nn.Linear(d, d, bias=qk_bias), nn.Linear(d, d, bias=qk_bias)
