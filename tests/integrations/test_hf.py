@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from specscope import store  # noqa: E402
+from specscope.errors import ConfigError  # noqa: E402
 from specscope.integrations.hf import STATE_FILE, SpecscopeCallback, attach, optimizers  # noqa: E402
 from specscope.probe import Monitor  # noqa: E402
 
@@ -256,3 +257,27 @@ def test_task_heads_go_to_adamw_and_optimizer_options_reach_the_spectral_group(b
     measured, _ = optimizers(model, roles=monitor)
     (muon_measured,) = [g for g in measured.param_groups if g["algorithm"] == "muon"]
     assert muon_measured["param_names"] == muon["param_names"]
+
+
+def test_an_auto_optimizers_choices_are_popped_logged_and_stored(tmp_path):
+    """AutoGeometry's records (three per layer and step) are popped by the callback after every optimizer step: stored
+    in the run and logged as specscope/<layer>/geometry. Before, they piled up in the optimizer for the whole fit."""
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    opt, sched = optimizers(model, lr_spectral=0.02, lr_adamw=3e-3, algorithm="auto", monitor=monitor)
+    run = store.Run.create(tmp_path / "runs", "hf", {})
+    callback = SpecscopeCallback(monitor, run=run)
+    trainer = Trainer(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=1), train_dataset=Tokens(),
+                      optimizers=(opt, sched), callbacks=[callback])
+    trainer.train()
+    assert opt._records == []
+    logged = [e for e in trainer.state.log_history if "specscope/model.layers.0.mlp.down_proj/geometry" in e]
+    assert [e["step"] for e in logged] == [1, 2, 3]  # optimizer steps 0, 1, 2, logged at global_step k+1 like the loss
+    geometry = store.load(run, metric="geometry")
+    assert sorted(geometry["step"].unique()) == [0, 1, 2]
+    assert set(geometry["value"].unique()) <= {0.0, 1.0}
+
+
+def test_optimizers_with_auto_and_no_monitor_names_the_missing_argument():
+    with pytest.raises(ConfigError, match="algorithm='auto' .* pass monitor="):
+        optimizers(tiny_llama(), algorithm="auto")

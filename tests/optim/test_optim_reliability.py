@@ -115,7 +115,7 @@ def _weights():
     (lambda: Muon(_weights(), weight_decay=-1), "weight_decay must be >= 0, got -1"),
     (lambda: Hybrid(_weights(), lr=1e-3, betas=(0.9, 1.0)), r"betas=\(0.9, 1.0\): give two numbers in \[0, 1\)"),
     (lambda: SpecGD(_weights(), lr=0.1, momentum=float("inf")), "momentum=inf is not a finite number"),
-    (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, threshold=-1), "threshold must be > 0, got -1"),
+    (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, threshold=-1), "threshold must be a finite number > 0 .*, got -1"),
     (lambda: AutoGeometry(_weights(), lr=0.1, monitor=lambda layer: 2.0, hysteresis=1.0), r"hysteresis must be in \[0, 1\)"),
     (lambda: AutoGeometry(_weights(), lr=0.1), "AutoGeometry\\(monitor=None\\): pass the st\\(A\\) source"),
     (lambda: AutoGeometry(_weights(), lr=0.1, monitor=42), "AutoGeometry\\(monitor=42\\)"),
@@ -124,6 +124,16 @@ def _weights():
      "polar_method='bogus': modes 'polar' and 'elastic' take the exact polar factor"),
     (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, polar_method="newton_schulz"),
      r"use one of \('svd', 'gram'\)"),
+    (lambda: Muon(_weights(), ns_steps="5"), "ns_steps must be an integer in 1..99, got '5'"),
+    (lambda: Muon(_weights(), shardwise="no"), "shardwise must be True or False, got 'no'"),
+    (lambda: SpecGD(_weights(), lr=0.1, momentum="0.9"), "momentum='0.9' is not a finite number"),
+    (lambda: SpecGD(_weights(), lr=0.1, stable_rank=3.0), r"SpecGD\(stable_rank=3.0\): pass a probe Monitor"),
+    (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, mode="ns", ns_steps=0),
+     "ns_steps must be an integer in 1..99, got 0"),
+    (lambda: LowRankDecay([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, weight_decay=0.1, ns_dtype="float32"),
+     "ns_dtype='float32': pass a torch dtype"),
+    (lambda: LowRankDecay([{"params": [torch.nn.Parameter(torch.randn(4, 4))], "wieght_decay": 0.5}], lr=0.1, weight_decay=0.1),
+     "'wieght_decay' is not an option; did you mean 'weight_decay'"),
 ])
 def test_bad_hyperparameters_are_one_error_naming_the_value(make, message):
     from specscope.errors import ConfigError
@@ -171,7 +181,7 @@ def test_an_auto_group_without_a_source_of_st_refuses_to_start():
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     with pytest.raises(ConfigError, match=r"Hybrid\(stable_rank=None\): pass the st\(A\) source"):
         Hybrid(spectral_param_groups(model, lr_spectral=0.05, lr_adamw=1e-3, algorithm="auto"))
-    with pytest.raises(ConfigError, match="stable_rank=None"):
+    with pytest.raises(ConfigError, match="algorithm='auto' chooses each layer's geometry by its measured st.A.: pass monitor="):
         spectral_optimizer(model, algorithm="auto")
     opt = spectral_optimizer(model, algorithm="auto", monitor=lambda layer: 3.0)  # with one: starts
     assert {g["algorithm"] for g in opt.param_groups} == {"auto", "adamw"}
@@ -205,3 +215,103 @@ def test_a_sparse_gradient_is_named_before_anything_reads_it():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ConfigError, match="parameter 'param0' has a sparse gradient"):
         opt.step()
+
+
+def _linear_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"euclidean": "adam"}, "euclidean='adam' is unknown"),
+    ({"every": 0}, "every must be an integer >= 1"),
+    ({"every": 1.5}, "every must be an integer >= 1"),
+    ({"threshold": 0.0}, "threshold must be a finite number > 0"),
+    ({"token_dim": "rows"}, "token_dim must be None or the integer axis"),
+])
+def test_auto_options_given_in_a_group_are_checked_as_the_constructor_checks_them(options, message):
+    """The documented route puts AutoGeometry's options in a param group (spectral_param_groups(..., algorithm="auto")):
+    a misspelt euclidean="adam" used to train with plain SGD and every=0 to fail at the first step."""
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        Hybrid(spectral_param_groups(_linear_model(), 1e-2, 1e-3, algorithm="auto", **options), stable_rank=lambda layer: 4.0)
+
+
+def test_specgd_nesterov_without_momentum_is_refused_in_a_group_too():
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0"):
+        Hybrid(spectral_param_groups(_linear_model(), 1e-2, 1e-3, algorithm="specgd", nesterov=True))
+
+
+def test_records_nobody_pops_are_bounded(monkeypatch):
+    from specscope.optim import hybrid
+
+    monkeypatch.setattr(hybrid, "MAX_UNPOPPED_RECORDS", 50)
+    model = _linear_model()
+    opt = AutoGeometry(spectral_param_groups(model, 1e-2, 1e-3, algorithm="auto"), monitor=lambda layer: 4.0)
+    with pytest.warns(UserWarning, match="records were not popped; keeping the newest 50"):
+        for _ in range(20):  # 2 weights × 3 records per step
+            model(torch.randn(8, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    records = opt.pop_records()
+    assert len(records) == 50 and records[-1].step == 19 and records[0].step > 0
+
+
+def test_a_torch_muon_state_loads_into_muon_and_steps_like_it():
+    """torch.optim.Muon's state_dict has no algorithm / polar keys: they come from the loading optimizer."""
+    torch.manual_seed(0)
+    W = [nn.Parameter(torch.randn(8, 6)) for _ in range(2)]
+    ref = torch.optim.Muon(W, lr=0.02)
+    for _ in range(2):
+        for w in W:
+            w.grad = torch.randn_like(w)
+        ref.step()
+    mine = Muon([nn.Parameter(w.detach().clone()) for w in W], lr=0.5, polar="newton_schulz")
+    mine.load_state_dict(copy.deepcopy(ref.state_dict()))  # as from a checkpoint file: no buffer shared with ref
+    assert mine.param_groups[0]["lr"] == 0.02 and mine.param_groups[0]["algorithm"] == "muon"
+    g = [torch.randn_like(w) for w in W]
+    for w, p, gi in zip(W, mine.param_groups[0]["params"], g):
+        w.grad, p.grad = gi.clone(), gi.clone()
+    ref.step()
+    mine.step()
+    for w, p in zip(W, mine.param_groups[0]["params"]):
+        assert torch.equal(w, p)  # newton_schulz reproduces torch's step bit for bit, from the loaded momentum
+
+
+def _my_polar(X):
+    from specscope import linalg
+
+    return linalg.polar(X, method="svd")
+
+
+def test_a_callable_polar_checkpoint_loads_with_weights_only(tmp_path):
+    """A function in the state_dict made the checkpoint unloadable with weights_only=True (the HF Trainer's load)."""
+    from specscope.errors import ConfigError
+
+    model = _linear_model()
+    opt = Muon(spectral_param_groups(model, 1e-2, 1e-3), polar=_my_polar)
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    state = torch.load(tmp_path / "opt.pt", weights_only=True)
+    again = Muon(spectral_param_groups(_linear_model(), 1e-2, 1e-3), polar=_my_polar)
+    again.load_state_dict(state)
+    assert again.param_groups[0]["polar"] is _my_polar
+    with pytest.raises(ConfigError, match="saved with a callable polar=; build the optimizer with the same callable"):
+        Muon(spectral_param_groups(_linear_model(), 1e-2, 1e-3)).load_state_dict(state)
+
+
+def test_stacked_expert_weights_routed_to_adamw_are_named():
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 8)
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 16, 8))  # [experts, out, in]
+            self.pos = nn.Parameter(torch.zeros(1, 10, 8))            # a position table: no warning for it
+
+    with pytest.warns(UserWarning, match=r"1 parameter\(s\) of ≥ 3 dims .* 'gate_up_proj' \(4, 16, 8\)"):
+        groups = spectral_param_groups(Experts(), 1e-2, 1e-3)
+    assert [n for g in groups if g["algorithm"] == "adamw" for n, _ in g["params"]] == ["gate_up_proj", "pos", "up.bias"]

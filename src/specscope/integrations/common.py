@@ -16,7 +16,7 @@ from specscope.optim import Hybrid, spectral_param_groups
 from specscope.probe import Monitor
 from specscope.records import Record
 
-LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage")
+LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage", "geometry")  # geometry: AutoGeometry's choice
 # what a Monitor records per weight (grad_sigma_<i> and the other extras only when asked for)
 METRICS = (*LOGGED, "grad_fro_norm", "grad_nuclear_norm", "entropy_rank", "weight_stable_rank")
 
@@ -76,19 +76,35 @@ class StepMeasure:
         if context is not None:
             context.__exit__(None, None, None)
 
-    def optimizer_stepped(self) -> list[Record]:
+    def optimizer_stepped(self, optimizer: Any = None) -> list[Record]:
+        """The Monitor's records of the step, and the geometry choices of a specscope `optimizer` (AutoGeometry);
+        the run, if given, stores all of both."""
         self.gradients_ready()
         self.monitor.after_optimizer_step()
         records = self.monitor.pop_records()
-        if records and self.run is not None:
-            self.run.append(records)
-        return records
+        made = optimizer_records(optimizer)
+        if (records or made) and self.run is not None:
+            self.run.append(records + made)
+        return records + [r for r in made if r.metric == "geometry"]  # its nuclear_rank would shadow the Monitor's
 
     def abandon(self) -> None:
         """Disarm a step that training left early (exception, stop signal) without measuring it."""
         context, self._open = self._open, None
         if context is not None:
             context.__exit__(_Abandoned, _Abandoned(), None)
+
+
+def optimizer_records(optimizer: Any) -> list[Record]:
+    """What a specscope optimizer recorded since the last call (AutoGeometry: geometry, spectral_advantage,
+    nuclear_rank per layer), found inside the frameworks' wrappers (accelerate's AcceleratedOptimizer,
+    Lightning's LightningOptimizer); [] for any other optimizer."""
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if isinstance(optimizer, Hybrid):
+            return optimizer.pop_records()
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+    return []
 
 
 def log_values(records: Iterable[Record], metrics: Iterable[str] = LOGGED, prefix: str = "specscope") -> dict[str, float]:
@@ -102,4 +118,7 @@ def spectral_optimizer(model: nn.Module, lr_spectral: float = 0.02, lr_adamw: fl
     """One optimizer: hidden matrices -> `algorithm` (Muon by default), embeddings, heads, gains and biases ->
     AdamW (specscope.optim.spectral_param_groups, whose keyword options pass through). `monitor` feeds the
     measured st(A) to algorithm="specgd" / "auto"."""
+    if algorithm == "auto" and monitor is None:
+        raise ConfigError("algorithm='auto' chooses each layer's geometry by its measured st(A): pass monitor= (a probe "
+                          "Monitor of this model, e.g. the one the callback measures with), or use algorithm='muon'/'specgd'")
     return Hybrid(spectral_param_groups(model, lr_spectral, lr_adamw, algorithm=algorithm, **options), stable_rank=monitor)

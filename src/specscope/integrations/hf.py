@@ -75,7 +75,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
         self._measure.gradients_ready()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._values = log_values(self._measure.optimizer_stepped(), self.metrics)
+        self._values = log_values(self._measure.optimizer_stepped(kwargs.get("optimizer")), self.metrics)
 
     def on_step_end(self, args, state, control, **kwargs):  # logged at global_step k+1, like the Trainer's loss
         values, self._values = self._values, {}

@@ -71,7 +71,7 @@ class SpecscopeCallback(L.Callback):
             return
         self._stepping = False
         step = self._measure.step
-        values = log_values(self._measure.optimizer_stepped(), self.metrics)
+        values = log_values(self._measure.optimizer_stepped(trainer.optimizers[0] if trainer.optimizers else None), self.metrics)
         if values:
             for logger in trainer.loggers:
                 logger.log_metrics(values, step=step)

@@ -162,7 +162,24 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
         opt.choices[rec["layer"]] = GEOMETRY_NAMES[g]
 
 
-register("auto", auto_update, AUTO_DEFAULTS, spectral=True)
+def check_group(group: dict) -> None:
+    """An "auto" group's own options (given to AutoGeometry or in a param group, e.g. through spectral_param_groups)."""
+    if group["euclidean"] not in EUCLIDEAN:
+        raise ConfigError(f"euclidean={group['euclidean']!r} is unknown; use one of {EUCLIDEAN}")
+    every = group["every"]
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"every must be an integer >= 1 (decide every k-th step), got {every!r}")
+    threshold = _number(group["threshold"])
+    if threshold is None or not math.isfinite(threshold) or threshold <= 0:
+        raise ConfigError(f"threshold must be a finite number > 0 (spectral iff nr/st exceeds it), got {group['threshold']!r}")
+    k = group["token_dim"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise ConfigError(f"token_dim must be None or the integer axis that indexes tokens (0 for nn.Embedding), got {k!r}")
+    if group["nesterov"] and group["euclidean"] == "momentum" and float(group["momentum"]) == 0:
+        raise ConfigError("nesterov=True needs momentum > 0 (euclidean='momentum')")
+
+
+register("auto", auto_update, AUTO_DEFAULTS, spectral=True, check=check_group)
 
 
 class AutoGeometry(Hybrid):
@@ -188,16 +205,11 @@ class AutoGeometry(Hybrid):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         polar: _common.PolarSpec = "gram",
+        shardwise: bool = False,
     ) -> None:
-        if euclidean not in EUCLIDEAN:
-            raise ConfigError(f"euclidean={euclidean!r} is unknown; use one of {EUCLIDEAN}")
-        if not isinstance(every, int) or every < 1:
-            raise ConfigError(f"every must be an integer >= 1, got {every!r}")
-        if _number(threshold) is not None and threshold <= 0:
-            raise ConfigError(f"threshold must be > 0, got {threshold!r}")
         super().__init__(
             params, "auto", stable_rank=monitor, **({} if lr is None else {"lr": lr}), threshold=threshold, hysteresis=hysteresis, every=every,
             euclidean=euclidean, momentum=momentum, nesterov=nesterov, betas=betas, eps=eps,
-            weight_decay=weight_decay, polar=polar,
+            weight_decay=weight_decay, polar=polar, shardwise=shardwise,
         )
         self._check_stable_rank_source()  # also when every group was given another algorithm

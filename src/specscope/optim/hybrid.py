@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
-
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +37,7 @@ class Algorithm:
     update: Update  # update(opt, group, params, grads, names), grads all finite
     defaults: dict[str, Any]  # keys a group of this algorithm needs beyond lr
     spectral: bool  # only hidden matrices allowed
+    check: Callable[[dict], None] | None = None  # raises ConfigError for a group's options that fail only together
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -45,14 +46,16 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
-def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool) -> None:
-    """Make `algorithm=name` available to every Hybrid-based optimizer."""
-    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral)
+def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool,
+             check: Callable[[dict], None] | None = None) -> None:
+    """Make `algorithm=name` available to every Hybrid-based optimizer; `check(group)` runs on each of its groups
+    after the shared checks (every option a finite number in range, flags True/False)."""
+    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral, check)
 
 
 # group hyperparameters checked on every group: [low, high), each a finite real number
 _RANGES = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (0.0, 1.0), "eps": (0.0, math.inf),
-           "threshold": (0.0, math.inf), "hysteresis": (0.0, 1.0)}
+           "hysteresis": (0.0, 1.0)}  # an "auto" group's threshold (> 0) is its algorithm's check
 
 
 def _number(value: Any) -> float | None:
@@ -75,8 +78,9 @@ def _check_numbers(group: dict[str, Any]) -> None:
     if "ns_steps" in group and (isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int)
                                 or not 0 < group["ns_steps"] < 100):
         raise ConfigError(f"ns_steps must be an integer in 1..99, got {group['ns_steps']!r}")
-    if "nesterov" in group and not isinstance(group["nesterov"], bool):
-        raise ConfigError(f"nesterov must be True or False, got {group['nesterov']!r}")
+    for flag in ("nesterov", "shardwise", "allow_non_hidden"):
+        if flag in group and not isinstance(group[flag], bool):
+            raise ConfigError(f"{flag} must be True or False, got {group[flag]!r}")
     if group.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
         raise ConfigError(f"adjust_lr_fn={group['adjust_lr_fn']!r} is unknown; use None, 'original' or 'match_rms_adamw'")
     betas = group.get("betas")
@@ -86,6 +90,9 @@ def _check_numbers(group: dict[str, Any]) -> None:
         if len(pair) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in numbers):
             raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
 
+
+MAX_UNPOPPED_RECORDS = 100_000  # records an optimizer keeps when nobody pops them (AutoGeometry: 3 per layer and step)
+CALLABLE_POLAR = "<callable>"  # a callable polar= in a saved state_dict
 
 # keys any group may carry besides its algorithm's defaults (the optimizer's lr, the routing marks)
 GROUP_KEYS = frozenset({"lr", "allow_non_hidden", "token_dim"})
@@ -139,6 +146,10 @@ class Hybrid(Optimizer):
             arg = "monitor" if type(self).__name__ == "AutoGeometry" else "stable_rank"
             raise ConfigError(f"{type(self).__name__}({arg}={type(stable_rank).__name__}): that is a model, not a source of "
                               "st(A); pass a probe Monitor (probe.Monitor(model)) or a callable layer name -> st(A) or None")
+        if stable_rank is not None and not (callable(stable_rank) or callable(getattr(stable_rank, "stable_rank", None))):
+            arg = "monitor" if type(self).__name__ == "AutoGeometry" else "stable_rank"
+            raise ConfigError(f"{type(self).__name__}({arg}={stable_rank!r}): pass a probe Monitor (probe.Monitor(model)) "
+                              "or a callable layer name -> st(A) or None")
         self.stable_rank_source = stable_rank
         self._records: list[Record] = []
         self.choices: dict[str, str] = {}  # "auto" groups: layer -> latest "spectral" / "euclidean"
@@ -167,6 +178,8 @@ class Hybrid(Optimizer):
             if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
                 offset = sum(len(g["params"]) for g in self.param_groups[:-1])
                 _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
+            if ALGORITHMS[alg].check is not None:
+                ALGORITHMS[alg].check(group)
             if alg == "auto":
                 self._check_stable_rank_source()
 
@@ -218,7 +231,20 @@ class Hybrid(Optimizer):
                 params, names = [p for p, _ in items], [n for _, n in items]
                 grads = [p.grad for p in params]
                 ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
+        self._bound_records()
         return loss
+
+    def _bound_records(self) -> None:
+        """Records nobody pops (a training loop that never calls pop_records) would grow without end: keep the
+        newest MAX_UNPOPPED_RECORDS, and say so once."""
+        if len(self._records) <= MAX_UNPOPPED_RECORDS:
+            return
+        del self._records[:-MAX_UNPOPPED_RECORDS]
+        if not getattr(self, "_warned_unpopped", False):
+            self._warned_unpopped = True
+            warnings.warn(f"specscope: {type(self).__name__}'s records were not popped; keeping the newest "
+                          f"{MAX_UNPOPPED_RECORDS}. Call optimizer.pop_records() after each step (the HF and Lightning "
+                          "callbacks do) to log or store them", stacklevel=3)
 
     # ------------------------------------------------------------ records and state
 
@@ -227,8 +253,30 @@ class Hybrid(Optimizer):
         out, self._records = self._records, []
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict; a callable `polar` is saved as the name CALLABLE_POLAR (a function would make the
+        checkpoint unloadable with weights_only=True) and comes back from the loading optimizer's own group."""
+        sd = super().state_dict()
+        sd["param_groups"] = [{**g, "polar": CALLABLE_POLAR} if callable(g.get("polar")) else g for g in sd["param_groups"]]
+        return sd
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params)."""
+        """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params).
+
+        A saved group keeps this optimizer's value of every key it lacks: a torch.optim.Muon (or SGD/AdamW) state
+        has no `algorithm`, `polar`, … and loads into the matching specscope group with its buffers."""
+        saved = state_dict["param_groups"]
+        if len(saved) == len(self.param_groups):
+            groups = []
+            for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+                group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
+                if group.get("polar") == CALLABLE_POLAR:
+                    if not callable(mine.get("polar")):
+                        raise ConfigError(f"param group {i} of this checkpoint was saved with a callable polar=; build the "
+                                          "optimizer with the same callable before loading it")
+                    group["polar"] = mine["polar"]
+                groups.append(group)
+            state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
         # saved keys are positions, or parameter names when torch.distributed.checkpoint wrote them
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
@@ -314,12 +362,27 @@ def spectral_param_groups(
             _common.mark_non_hidden(p, non_hidden=role_of.get(id(p), "hidden") != "hidden")
         other = _common.is_non_hidden(p, name) or id(p) in out
         (rest if other else hidden).append((name, p))
+    _warn_stacked(inner, rest)
     spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral, **options}
     if weight_decay is not None:
         spectral_group["weight_decay"] = weight_decay
     adamw_group = {"params": rest, "algorithm": "adamw", "lr": lr_adamw,
                    "weight_decay": adamw_weight_decay, "betas": betas}
     return [g for g in (spectral_group, adamw_group) if g["params"]]
+
+
+def _warn_stacked(model: nn.Module, rest: list[tuple[str, Tensor]]) -> None:
+    """Say which ≥ 3-D parameters that are no convolution kernel and no [1, …] table (stacked MoE experts
+    [experts, out, in]) were routed to AdamW: a spectral step takes a ≥ 3-D tensor for a conv kernel
+    [out, in·…], one matrix, not a stack of matrices to orthogonalize one by one."""
+    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    stacked = [(n, p) for n, p in rest if p.ndim >= 3 and id(p) not in kernels and p.shape[0] > 1]
+    if stacked:
+        name, p = stacked[0]
+        warnings.warn(f"spectral_param_groups: {len(stacked)} parameter(s) of ≥ 3 dims that are not convolution kernels "
+                      f"go to AdamW (e.g. '{name}' {tuple(p.shape)}, stacked experts?): specscope's spectral steps "
+                      "read a ≥ 3-D tensor as one conv-kernel matrix [out, in·…], not as a stack of matrices "
+                      "(docs/optim.md, 'Stacked expert weights')", stacklevel=2)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -13,6 +13,7 @@ Per matrix W, with η = group["lr"] (so an LRScheduler can drive it) and λ = we
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +24,7 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.linalg.polar import ITERATIVE_DTYPES, _coefficient_schedule as coefficient_schedule
 from specscope.optim import _common, _distributed
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
@@ -56,6 +58,11 @@ class LowRankDecay(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        known = set(self.defaults) | {"params", "param_names"}
+        for key in param_group:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
+            if key not in known and close:  # other keys (a "name", scheduler metadata) stay, as in torch.optim
+                raise ConfigError(f"LowRankDecay param group key {key!r} is not an option; did you mean {close[0]!r}?")
         super().add_param_group(param_group)
         with _common.checked_group(self) as group:
             if group["mode"] not in MODES:
@@ -64,6 +71,7 @@ class LowRankDecay(Optimizer):
                 value = group[key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                     raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
+            _check_ns(group)
             if group["polar_method"] not in EXACT_POLAR:
                 raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r}: modes 'polar' and 'elastic' take "
                                   f"the exact polar factor, so use one of {EXACT_POLAR} (mode='ns' is the soft, iterative one)")
@@ -113,6 +121,22 @@ class LowRankDecay(Optimizer):
         shrink = group["lr"] * group["l2"] if mode == "elastic" else 0.0
         for p, w, P in zip(params, mats, _common.batched_polar(mats, fn, group.get("shardwise", False))):
             p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
+
+
+def _check_ns(group: dict[str, Any]) -> None:
+    """The "ns" mode's options, checked when the group is made rather than at its first step."""
+    steps = group["ns_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps < 100:
+        raise ConfigError(f"LowRankDecay ns_steps must be an integer in 1..99, got {steps!r}")
+    if group["ns_dtype"] not in ITERATIVE_DTYPES:
+        names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in ITERATIVE_DTYPES)
+        raise ConfigError(f"LowRankDecay ns_dtype={group['ns_dtype']!r}: pass a torch dtype, one of {names}")
+    if not isinstance(group["shardwise"], bool):
+        raise ConfigError(f"LowRankDecay shardwise must be True or False, got {group['shardwise']!r}")
+    try:
+        coefficient_schedule(group["ns_coefficients"], steps)
+    except ValueError as e:
+        raise ConfigError(f"LowRankDecay {str(e).removeprefix('polar: ')}") from None
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:

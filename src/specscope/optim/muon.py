@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specscope.errors import ConfigError
 from specscope.optim import _common
 from specscope.optim._euclidean import state_dtype
 from specscope.optim.hybrid import Hybrid, register
@@ -85,10 +84,6 @@ class Muon(Hybrid):
         polar: _common.PolarSpec = DEFAULT_POLAR,
         shardwise: bool = False,
     ) -> None:
-        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
-            raise ConfigError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use None, 'original' or 'match_rms_adamw'")
-        if not 0 < ns_steps < 100:
-            raise ConfigError(f"ns_steps must be in 1..99, got {ns_steps}")
         super().__init__(
             params, "muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, polar=polar,

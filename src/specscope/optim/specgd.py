@@ -63,7 +63,12 @@ def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], n
         _euclidean.apply(p, P * (nuc / st), lr, wd)
 
 
-register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True)
+def check_group(group: dict) -> None:
+    if group["nesterov"] and float(group["momentum"]) == 0:
+        raise ConfigError("nesterov=True needs momentum > 0")
+
+
+register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group)
 
 
 class SpecGD(Hybrid):
@@ -85,8 +90,6 @@ class SpecGD(Hybrid):
         weight_decay: float = 0.0,
         shardwise: bool = False,
     ) -> None:
-        if momentum < 0 or (nesterov and momentum == 0):
-            raise ConfigError(f"momentum must be >= 0 and > 0 for nesterov (got {momentum}, nesterov={nesterov})")
         super().__init__(
             params, "specgd", stable_rank=stable_rank, **({} if lr is None else {"lr": lr}), momentum=momentum, nesterov=nesterov,
             polar=polar, weight_decay=weight_decay, shardwise=shardwise,
