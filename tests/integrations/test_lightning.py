@@ -162,3 +162,27 @@ def test_callback_arguments_are_checked_when_it_is_made():
         SpecscopeCallback(metrics="stable_rank")
     with pytest.raises(ConfigError, match="monitor=GPT is not a specscope Monitor"):
         SpecscopeCallback(gpt())
+
+
+class LitAuto(Lit):
+    """AutoGeometry fed by the Monitor the callback measures with."""
+
+    def __init__(self, net, monitor):
+        super().__init__(net)
+        self.monitor = monitor
+
+    def configure_optimizers(self):
+        return spectral_optimizer(self, 0.02, 1e-3, algorithm="auto", monitor=self.monitor)
+
+
+def test_an_auto_optimizers_choices_are_popped_and_logged(tmp_path):
+    """The optimizer's records are popped after every optimizer step (they piled up for the whole fit before) and its
+    choices logged as specscope/<layer>/geometry."""
+    module = LitAuto(gpt(), None)
+    module.monitor = Monitor(module, every=1)
+    trainer = fit(module, SpecscopeCallback(module.monitor), tmp_path, 2)
+    assert trainer.optimizers[0]._records == []
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    chosen = [r for r in rows if r.get("specscope/net.blocks.0.mlp.down/geometry")]
+    assert [int(r["step"]) for r in chosen] == [0, 1]
