@@ -79,3 +79,27 @@ def _one_sleeps(rank, world):
     if rank == 0:
         time.sleep(60)
     return rank
+
+
+def test_a_ctrl_c_while_the_workers_start_is_left_to_the_parent():
+    """A terminal's Ctrl-C reaches every process of the group; a worker still importing died of it with a traceback
+    and took the run down as 'failed'. The workers start with SIGINT ignored until their entry point runs."""
+    import multiprocessing
+    import threading
+
+    def interrupt_the_children():
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kids = multiprocessing.active_children()
+            if len(kids) == 2:
+                for k in kids:
+                    os.kill(k.pid, signal.SIGINT)
+                return
+            time.sleep(0.001)
+
+    t = threading.Thread(target=interrupt_the_children)
+    t.start()
+    try:
+        assert D.spawn(_ranks, 2) == [2, 12]
+    finally:
+        t.join()

@@ -46,6 +46,45 @@ def test_an_unchanged_corpus_resumes(tmp_path):
     assert run_lab("", resume=run) == run and store.Run.open(run).status == "complete"
 
 
+SPIKED_TINY = dict(n=40, d=12, m=16, steps=3, record_every=1, nus=[], activations=[], weight_decays=[], noise_taus=[],
+                   jac_lambdas=[], train_scalings=["mf"], analyse_digits=False, device="cpu")
+
+
+def test_a_spiked_data_file_is_stored_absolute_and_a_changed_one_is_not_resumed(tmp_path, monkeypatch):
+    """The spiked lab's own data file had no fingerprint and a relative path: a resume trained on whatever the file
+    (or another file of that name in the new working directory) held then."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "X.npy", np.random.default_rng(0).standard_normal((40, 12)).astype("float32"))
+    run = run_lab("spiked", {**SPIKED_TINY, "data": "X.npy"}, out=tmp_path / "runs", run_id="r")
+    assert store.Run.open(run).config["data"] == str(tmp_path / "X.npy")
+    assert set(json.loads((run / "progress.json").read_text())["inputs"]) == {"data"}
+    store.Run.open(run).set_status("interrupted")
+    np.save(tmp_path / "X.npy", np.random.default_rng(1).standard_normal((40, 12)).astype("float32"))
+    with pytest.raises(ConfigError, match="data of run .* changed since it began"):
+        run_lab("", resume=run)
+    assert store.Run.open(run).status == "interrupted"
+
+
+@pytest.mark.parametrize("lab, overrides, message", [
+    ("switching", {"seed": 3}, r"draws its seeds from `seeds` .* use --set seeds=\[3\]"),
+    ("gated-width", {"seed": 1}, "draws its seeds from `seeds`"),
+    ("embed-geometry", {"seed": 1}, "draws its seeds from `seeds`"),
+    ("switching", {"rf_switch": [0, 500]}, r"rf_switch=\[0, 500\]: switch times must be distinct, in 0..rf_steps="),
+    ("switching", {"rf_switch": [4, 4]}, "switch times must be distinct"),
+    ("switching", {"rf_switch": []}, r"rf_switch=\[\] has no switch time before rf_steps="),
+    ("gpt", {"corpus": ""}, "an empty path; give one of stdlib or a path"),
+    ("spiked", {"data": " "}, "an empty path; give one of synthetic, digits or a path"),
+])
+def test_settings_that_would_be_ignored_or_meaningless_are_refused(tmp_path, lab, overrides, message):
+    """`seed` in a lab that reads `seeds` changed nothing while `claims` counted the reruns as seeds; switch times past
+    the budget were clipped and an empty grid made SW-1/SW-2 pass by construction; an empty corpus meant stdlib."""
+    with pytest.raises(ConfigError, match=message):
+        run_lab(lab, overrides, out=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_config_changed_on_disk_is_refused(finished, copy_of, cli):
     run = copy_of(finished)
     meta = json.loads((run / "config.json").read_text())

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Callable, Iterable, Literal, Protocol
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from specscope.errors import ConfigError
 from specscope.records import Record
 
 
@@ -35,11 +36,26 @@ Betas = tuple[Beta, Beta]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]  # what torch.manual_seed accepts
 
 
-def _absolute(path: str) -> str:
-    return path if path in ("", "stdlib") else os.path.abspath(os.path.expanduser(path))
+def _absolute(path: str, names: tuple[str, ...] = ("stdlib",)) -> str:
+    if not path.strip():
+        raise ValueError(f"an empty path; give one of {', '.join(names)} or a path")
+    return path if path in names else os.path.abspath(os.path.expanduser(path))
 
 
 Corpus = Annotated[str, AfterValidator(_absolute)]  # "stdlib", or a text file / folder (stored absolute: a resume reads the same files)
+# "synthetic", "digits", or a .npy / .npz file (stored absolute, as a corpus)
+DataFile = Annotated[str, AfterValidator(lambda path: _absolute(path, ("synthetic", "digits")))]
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file's bytes (a lab's `inputs` fingerprint of data it reads from outside its config)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class LabConfig(BaseModel):
@@ -50,6 +66,14 @@ class LabConfig(BaseModel):
     seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: AtLeast0 = 0  # 0: checkpoint only at the end of each arm and on interrupt
+
+
+def check_seed_list(cfg: LabConfig) -> None:
+    """A lab that draws its seeds from a `seeds` list: `seed` would be accepted and change nothing, and `claims`
+    would count two such runs as two seeds of one setting."""
+    if cfg.seed != 0:
+        raise ConfigError(f"this lab draws its seeds from `seeds` (now {cfg.seeds}); `seed` has no effect here: "
+                          f"use --set seeds=[{cfg.seed}] (or a list of several)")
 
 
 Log = Callable[[Iterable[Record]], None]

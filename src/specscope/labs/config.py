@@ -30,10 +30,11 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     return ", ".join(parts)
 
 
-def names_from(default: list[str], choices: Sequence[str]) -> Any:
-    """A non-empty list-of-names field whose allowed names `list --keys` and key errors show (the lab checks them
-    when it builds, where the names come from the module that defines them)."""
-    return Field(default=list(default), min_length=1, json_schema_extra={"choices": list(choices)})
+def names_from(default: list[str], choices: Sequence[str], *, may_be_empty: bool = False) -> Any:
+    """A list-of-names field whose allowed names `list --keys` and key errors show (the lab checks them when it
+    builds, where the names come from the module that defines them); non-empty unless `may_be_empty` (a sweep
+    that [] skips)."""
+    return Field(default=list(default), min_length=0 if may_be_empty else 1, json_schema_extra={"choices": list(choices)})
 
 
 def type_name(annotation: Any) -> str:

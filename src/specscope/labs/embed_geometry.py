@@ -31,7 +31,7 @@ from specscope import linalg
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed
+from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed, check_seed_list
 from specscope.optim.l1_to_l2 import column_rank
 from specscope.records import Claim, Record
 
@@ -122,6 +122,7 @@ def inputs(cfg: Config) -> dict[str, str]:
 
 def check(cfg: Config) -> None:
     """The settings that only fail together (a sweep checks every point with this before it starts)."""
+    check_seed_list(cfg)
     if len(set(cfg.geometries)) != len(cfg.geometries) or not cfg.geometries:
         raise ConfigError(f"geometries {cfg.geometries} must be non-empty without repeats; choose from {GEOMETRIES}")
     if len(set(cfg.seeds)) != len(cfg.seeds):

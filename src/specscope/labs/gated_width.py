@@ -21,7 +21,7 @@ from pydantic import Field
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
-from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed
+from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed, check_seed_list
 from specscope.records import Claim
 
 NAME = "gated-width"
@@ -73,6 +73,7 @@ def inputs(cfg: Config) -> dict[str, str]:
 
 def check(cfg: Config) -> None:
     """The settings that only fail together (a sweep checks every point with this before it starts)."""
+    check_seed_list(cfg)
     if not cfg.mlps or len(set(cfg.mlps)) != len(cfg.mlps) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"mlps {cfg.mlps} and seeds {cfg.seeds} must be non-empty without repeats")
     if cfg.d_model % cfg.n_head:

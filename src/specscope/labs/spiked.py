@@ -23,7 +23,9 @@ import torch
 from pydantic import field_validator
 
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
-from specscope.labs.base import Arm, AtLeast0, AtLeast1, Correlation, LabConfig, Measure, NonNegative, Positive, Share
+from specscope.errors import ConfigError
+from specscope.labs.base import (Arm, AtLeast0, AtLeast1, Correlation, DataFile, LabConfig, Measure, NonNegative, Positive, Share,
+                                 file_sha256)
 from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
@@ -44,7 +46,7 @@ class Config(LabConfig):
     q: Literal["random", "top", "bottom"] = "random"
     target: Literal["teacher", "multi-index"] = "teacher"
     teacher_width: AtLeast1 = 4
-    data: str = "synthetic"  # "synthetic" | "digits" | path to a .npy (n × d) or .npz (X, y)
+    data: DataFile = "synthetic"  # "synthetic" | "digits" | path to a .npy (n × d) or .npz (X, y), stored absolute
     digits_embed_dim: AtLeast0 = 0  # > 0: digits through a fixed random ReLU embedding of this width
     activation: str = "tanh"
     scaling: Literal["mf", "ntk"] = "mf"
@@ -61,11 +63,11 @@ class Config(LabConfig):
     lr: Positive = 0.5
     record_every: AtLeast1 = 5
     train_scalings: list[Literal["mf", "ntk"]] = ["mf", "ntk"]
-    train_activations: list[str] = names_from(["tanh"], ACTIVATIONS)
+    train_activations: list[str] = names_from(["tanh"], ACTIVATIONS, may_be_empty=True)
     # sweeps at initialisation (empty list: sweep skipped); sweep_n/d/m = 0: same as n, d, m
     nus: list[NonNegative] = [1 / 8, 1 / 4, 3 / 8, 1 / 2]
     alphas: list[NonNegative] = [0.0, 5 / 9, 8 / 9]
-    activations: list[str] = names_from(["tanh", "gelu", "silu", "relu"], ACTIVATIONS)
+    activations: list[str] = names_from(["tanh", "gelu", "silu", "relu"], ACTIVATIONS, may_be_empty=True)
     act_alphas: list[NonNegative] = [0.0, 8 / 9]  # the paper's ReLU condition 2ν > 1 − α holds for all ν > 1/18 at α = 8/9
     weight_decays: list[NonNegative] = [0.0, 1e-3, 1e-2, 1e-1]
     noise_taus: list[NonNegative] = [0.0, 0.5, 1.0, 2.0]
@@ -360,6 +362,16 @@ def _train_arm(cfg: Config, data: SpikedData, scaling: str, activation: str, dev
 
     return Arm(f"{scaling}-{activation}", model, torch.optim.SGD(model.parameters(), lr=lr_w), batch, loss,
                cfg.steps, callbacks=[DecompositionCallback(data, batch, cfg, cfg.record_every)])
+
+
+def inputs(cfg: Config) -> dict[str, str]:
+    """What `--resume` checks is unchanged: the bytes of a `data` file (synthetic and digits data come from the config)."""
+    if cfg.data in ("synthetic", "digits"):
+        return {}
+    try:
+        return {"data": file_sha256(cfg.data)}
+    except OSError as e:
+        raise ConfigError(f"data file {cfg.data} cannot be read ({e.strerror or e}); restore it, or run on another file") from None
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:

@@ -30,7 +30,7 @@ from specscope.data.synthetic import check_activation, rf_regression, sparse_reg
 from specscope.errors import ConfigError
 from specscope.labs import random_features as rf
 from specscope.labs import sparse_mlp as mlp
-from specscope.labs.base import Arm, AtLeast0, LabConfig, NonNegative, Seed
+from specscope.labs.base import Arm, AtLeast0, LabConfig, NonNegative, Seed, check_seed_list
 from specscope.records import Claim
 
 NAME = "switching"
@@ -156,8 +156,15 @@ def check(cfg: Config) -> None:
     parsed = [_parse(s) for s in cfg.setups]
     if len(set(cfg.setups)) != len(cfg.setups) or len(set(cfg.seeds)) != len(cfg.seeds) or not parsed:
         raise ConfigError(f"setups {cfg.setups} and seeds {cfg.seeds} must be non-empty without repeats")
-    if any(t < 0 for t in [*cfg.rf_switch, *cfg.mlp_switch]):
-        raise ConfigError("switch times must be >= 0")
+    check_seed_list(cfg)
+    for kind in sorted({kind for kind, _ in parsed}):
+        steps, grid = (cfg.rf_steps, cfg.rf_switch) if kind == "rf" else (cfg.mlp_steps, cfg.mlp_switch)
+        key = f"{kind}_switch"
+        if any(t < 0 or t > steps for t in grid) or len(set(grid)) != len(grid):
+            raise ConfigError(f"{key}={grid}: switch times must be distinct, in 0..{kind}_steps={steps}")
+        if not [t for t in grid if t < steps]:
+            raise ConfigError(f"{key}={grid} has no switch time before {kind}_steps={steps}: SW-1/SW-2 compare switch "
+                              f"times, so give at least one, e.g. --set {key}=[0,{steps // 2}]")
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:

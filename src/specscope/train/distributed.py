@@ -10,10 +10,12 @@ Under `torchrun` the process group is already there: call `shard`, `save` and `l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import queue as queue_mod
 import re
+import signal
 import socket
 import time
 import traceback
@@ -58,6 +60,7 @@ class _RemoteTraceback(Exception):
 
 def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
     die_with_parent(parent)  # a killed spawn() takes its workers with it
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring it (see spawn): Ctrl-C from here on
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
@@ -89,6 +92,21 @@ def _cause(world: int, procs: list, errors: dict[int, tuple[str, str]], done: se
     return WorkerError(f"rank {r} of {world} failed: {summary}", r, tb)
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while workers start: they inherit the disposition, so a Ctrl-C during their imports (before
+    `_entry` restores it) reaches only this process (the lab runner checkpoints and stops)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) in `world` CPU processes joined by a gloo process group; per rank its result.
 
@@ -104,8 +122,9 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, os.getpid(), fn, args, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
+    with _sigint_ignored():  # a Ctrl-C while a worker imports is the parent's to handle, not a traceback and a dead rank
+        for p in procs:
+            p.start()
     out: dict[int, bytes] = {}
     errors: dict[int, tuple[str, str]] = {}
     deadline = time.monotonic() + timeout
