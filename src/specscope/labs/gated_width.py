@@ -16,12 +16,14 @@ from typing import Literal
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from pydantic import Field
 
 from specscope.errors import ConfigError
 from specscope.labs import _seeded_gpt as S
 from specscope.labs import gpt
 from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed, check_seed_list
+from specscope.report.style import legend
 from specscope.records import Claim
 
 NAME = "gated-width"
@@ -171,16 +173,20 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Figure]:
     fig = Figure(figsize=(4.2 * len(variants), 3.4), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(variants), squeeze=False)[0]
     drawn = False
+    adv = df[(df["metric"] == "spectral_advantage") & (df["layer"] != "")]
+    types = sorted(set(adv["layer"].map(gpt.weight_type)))
+    colour = {wt: f"C{i % 10}" for i, wt in enumerate(types)}  # one colour per weight type in every panel
     for ax, v in zip(axes, variants):
-        d = df[df["arm"].isin(_arms(df, v)) & (df["metric"] == "spectral_advantage") & (df["layer"] != "")]
+        d = adv[adv["arm"].isin(_arms(df, v))]
         for wt, g in d.groupby(d["layer"].map(gpt.weight_type)):
             s = g.groupby("step")["value"].median()
-            ax.plot(s.index, s.values, label=wt)
+            ax.plot(s.index, s.values, label=wt, color=colour[wt])
             drawn = True
         ax.axhline(1.0, color="grey", ls="--", lw=1)
         ax.set(title=v, xlabel="step", yscale="log")
     axes[0].set_ylabel("nr(G)/st(A) (median over layers, seeds)")
-    axes[-1].legend(fontsize=6)
+    handles = [Line2D([], [], color=colour[wt]) for wt in types]
+    legend(axes[-1], handles, types, cap=12, where="right")  # every weight type named: GW-2 rules on mlp.down
     if drawn:
         out["gated_width_spectral_advantage"] = fig
     return out

@@ -173,19 +173,25 @@ def claims(df: pd.DataFrame, cfg: Config) -> list[Claim]:
 
 
 def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
-    from specscope.report.style import subplots
+    from specscope.report.style import legend, subplots
 
-    fig, (ax, bx) = subplots(1, 2, figsize=(12, 4))
+    cos = df[df.metric == "update_cosine"]
+    worlds = sorted({int(arm.split("-")[1]) for arm in cos.arm.unique()})
+    panels = 1 + max(1, len(worlds))
+    fig, axes = subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax, *bxs = axes[0]
     val = df[df.metric == "val_loss"]
     for arm, d in sorted(val.groupby("arm")):
         d = d.sort_values("step")
         ax.plot(d.step, d.value, "--" if arm.startswith("shardwise") else "-", label=arm)
     ax.set(xlabel="step", ylabel="val_loss (nats/byte)", title="global vs shard-wise Muon under FSDP2")
     ax.legend(fontsize=8)
-    cos = df[df.metric == "update_cosine"]
-    for (arm, wt), d in sorted(cos.groupby(["arm", cos.layer.map(gpt.weight_type)])):
-        d = d.groupby("step").value.median()
-        bx.plot(d.index, d.values, label=f"{wt} ({arm.split('-')[1]} ranks)")
-    bx.set(xlabel="step", ylabel="cos(global, shard-wise update)", title="per weight type, median over layers")
-    bx.legend(fontsize=7, ncol=2)
+    for bx, world in zip(bxs, worlds):  # one panel per rank count: each weight type named in its legend
+        c = cos[cos.arm.map(lambda a: int(a.split("-")[1])) == world]
+        for wt, d in sorted(c.groupby(c.layer.map(gpt.weight_type))):
+            d = d.groupby("step").value.median()
+            bx.plot(d.index, d.values, label=wt)
+        bx.set(xlabel="step", ylabel="cos(global, shard-wise update)",
+               title=f"{world} ranks: per weight type, median over layers")
+        legend(bx, cap=12)
     return {"shardwise": fig}
