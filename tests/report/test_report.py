@@ -253,6 +253,8 @@ def test_log_ticks_are_plain_numbers():
     assert log_ticks(1.5, 40) == [2, 5, 10, 20]
     assert log_ticks(0.01, 1000) == [0.01, 0.1, 1, 10, 100, 1000]
     assert [plain_number(v) for v in (0.02, 5, 300, 2e6, 1e-5)] == ["0.02", "5", "300", "2e6", "1e-5"]
+    ticks = log_ticks(1.4e6, 2.6e6)  # less than half a decade of large values: the labels were "2e6, 2e6, 3e6"
+    assert len({plain_number(t) for t in ticks}) == len(ticks) >= 3
     fig = rank_scatter(synthetic_metrics(), dpi=DPI)
     fig.draw_without_rendering()
     labels = [t.get_text() for ax in fig.axes[:1] for t in ax.get_xticklabels() + ax.get_yticklabels()]

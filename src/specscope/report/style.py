@@ -46,10 +46,13 @@ def subplots(rows: int = 1, cols: int = 1, *, figsize: tuple[float, float] | Non
 
 
 def plain_number(value: float, _pos=None) -> str:
-    """A tick value as a reader writes it: 0.02, 5, 300, 2e+06 for the very large or small."""
+    """A tick value as a reader writes it: 0.02, 5, 300, 2e6 or 1.5e6 for the very large or small (three significant
+    digits, so neighbouring ticks never read the same)."""
     if value == 0 or not math.isfinite(value):
         return f"{value:g}"
-    return f"{value:g}" if 1e-3 <= abs(value) < 1e5 else f"{value:.0e}".replace("e+0", "e").replace("e-0", "e-")
+    if 1e-3 <= abs(value) < 1e5:
+        return f"{value:g}"
+    return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
 
 
 def log_ticks(lo: float, hi: float) -> list[float]:
