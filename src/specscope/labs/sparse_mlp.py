@@ -294,7 +294,7 @@ def _mlp1b(df: pd.DataFrame, cfg: Config) -> Claim:
         nr_early = float(nr[nr.index <= cfg.early].max()) if len(nr) else math.nan
         checks.append(r < cfg.margin)
         parts.append(f"{act}: loss SpecGD/GD = {r:.3f} at step {cfg.early}, {final:.3f} at step {cfg.steps - 1}; "
-                     f"max nr(G) of layers.1 (GD) up to step {cfg.early}: {nr_early:.1f}")
+                     f"max nr(G) of {SPECTRAL_LAYERS[0]}.up (GD) up to step {cfg.early}: {nr_early:.1f}")
     if not checks:
         return Claim("MLP-1b", text, pub, "no ReLU-type GD/SpecGD pair recorded", "INCONCLUSIVE")
     ratios = [early_ratio(df, a, cfg.samples, cfg.early) for a in cfg.activations if a != "swiglu"]
@@ -384,7 +384,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         if len(nr):
             twin = ax.twinx()
             twin.plot(nr.index, nr.values, color="grey", lw=0.8, ls="--")
-            twin.set_ylabel("nr(G) layers.1 (GD)", fontsize=7)
+            twin.set_ylabel(f"nr(G) {SPECTRAL_LAYERS[0]}.up (GD)", fontsize=7)
     axes[0][0].set_ylabel("training loss")
     axes[0][0].legend()
     out["mlp_loss_gd_vs_specgd"] = fig
