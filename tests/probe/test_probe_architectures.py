@@ -499,3 +499,19 @@ def test_splitting_a_square_weight_into_heads_is_not_called_a_cut_across_fused_b
 
     assert straddled_blocks(["h0", "h1"], torch.zeros(128, 128), 0) is None
     assert "cut across the 3 blocks of 8" in straddled_blocks(["q", "k"], torch.zeros(24, 8), 0)
+
+
+def test_a_layer_with_one_input_feature_is_measured():
+    """nn.Linear(1, k): its [k, 1] weight has strides (1, 1), read as a column block of W stored [in, out], and the
+    layer was reported unmeasured ("only some of its input features ...")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 5), nn.ReLU(), nn.Linear(5, 1), nn.Linear(1, 3))
+    monitor = Monitor(model, every=1)
+    x = torch.randn(7, 1)
+    with monitor.step(0):
+        model(x).square().sum().backward()
+    records = {(r.layer, r.metric): r.value for r in monitor.pop_records()}
+    assert monitor.unmeasured == {}
+    assert records[("0", "stable_rank")] == pytest.approx(1.0) and records[("3", "stable_rank")] == pytest.approx(1.0)
+    h = torch.relu(model[0](x)).detach().double()
+    assert records[("2", "stable_rank")] == pytest.approx(float(h.square().sum() / torch.linalg.matrix_norm(h, 2) ** 2), rel=1e-5)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from specscope import linalg
-from specscope.errors import NonFiniteError, SpecscopeError
+from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
 from specscope.probe import Monitor, is_log_step
 
 
@@ -372,3 +372,62 @@ def test_an_unmeasured_weight_names_no_estimator_in_the_advice():
     table = monitor.advice().set_index("layer")
     assert table.loc["unused", "verdict"] == "unmeasured" and table.loc["unused", "estimator"] == ""
     assert table.loc["used", "estimator"] == "gram"
+
+
+def test_a_restored_monitor_keeps_what_its_measured_steps_learned():
+    """The HF/Lightning callbacks restore a Monitor with load_state_dict on resume: every weight read as 'unseen' with
+    0 rows, the head lost its role and roles=monitor sent it (and an added position table) to Muon."""
+    from specscope.optim import spectral_param_groups
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(8, 16) * 0.1)  # added to the input: an embedding by use
+            self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x + self.pos)).mean(1))
+
+    def routes(model, monitor):
+        groups = spectral_param_groups(model, lr_spectral=0.02, lr_adamw=3e-4, roles=monitor)
+        return {g["algorithm"]: sorted(n for n, _ in g["params"]) for g in groups}
+
+    torch.manual_seed(0)
+    model = Net()
+    monitor = Monitor(model, every=1)
+    with pytest.warns(UserWarning, match="'pos' is unmeasured"):
+        for step in range(3):
+            with monitor.step(step):
+                model(torch.randn(32, 8, 16)).square().sum().backward()
+            model.zero_grad()
+    again = Net()
+    again.load_state_dict(model.state_dict())
+    restored = Monitor(again, every=1)
+    restored.load_state_dict(monitor.state_dict())
+    columns = ["layer", "kind", "rows", "measurements", "verdict"]
+    assert restored.advice()[columns].equals(monitor.advice()[columns])
+    assert restored.roles == monitor.roles and restored.unmeasured == monitor.unmeasured
+    assert routes(again, restored) == routes(model, monitor) == {"muon": ["body.weight"],
+                                                                "adamw": ["body.bias", "head.bias", "head.weight", "pos"]}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Monitor(lambda x: x), r"Monitor\(model=function\): pass the nn.Module"),
+    (lambda: Monitor(nn.Sequential(nn.ReLU(), nn.LayerNorm(4))), "has no trainable weight of ≥ 2 dims to measure"),
+    (lambda: Monitor(nn.Linear(4, 4), history=0), r"Monitor\(history=0\) must be an int >= 1"),
+])
+def test_a_monitor_that_could_measure_nothing_is_refused(make, message):
+    with pytest.raises(ConfigError, match=message):
+        make()
+
+
+def test_a_step_that_is_not_an_int_is_named():
+    import numpy as np
+
+    monitor = Monitor(nn.Linear(4, 4), every=1)
+    with pytest.raises(ConfigError, match=r"monitor.step\('a'\): pass the optimizer step"):
+        with monitor.step("a"):
+            pass
+    with monitor.step(np.int64(0)):  # a numpy step counter is an int
+        monitor.model(torch.randn(3, 4)).sum().backward()
+    assert {r.metric for r in monitor.pop_records()} >= {"stable_rank", "nuclear_rank"}

@@ -17,6 +17,7 @@ import difflib
 import inspect
 import itertools
 import math
+import numbers
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -164,6 +165,10 @@ class Monitor:
         grad_gram_dtype: torch.dtype = torch.float64,
     ):
         _check_values(every=every, log_spaced=log_spaced, gradient=gradient, estimator=estimator, nonfinite=nonfinite, extras=extras)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Monitor(model={type(model).__name__}): pass the nn.Module whose weights to measure")
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ConfigError(f"Monitor(history={history!r}) must be an int >= 1: the measurements advice() reads")
         self.extras = tuple(extras)
         if estimator == "exact" and D.world_size() > 1:
             raise ConfigError("estimator='exact' keeps activations and is single-process; use 'gram' or 'power' under torch.distributed")
@@ -177,6 +182,9 @@ class Monitor:
         self.gradient, self.estimator, self.nonfinite, self.topk = gradient, estimator, nonfinite, topk
         self._stats_kw = dict(block=power_block, iters=power_iters)
         self.slots: dict[int, Slot] = tracked_slots(self.model, include=include, exclude=tuple(exclude), split=split)
+        if not self.slots:
+            raise ConfigError(f"Monitor: {type(self.model).__name__} has no trainable weight of ≥ 2 dims to measure "
+                              "(st(A) and nr(G) are of weight matrices); pass the model that holds them")
         for pid, role in R.static_roles(self.model).items():
             if pid in self.slots:
                 self.slots[pid].role = role
@@ -241,6 +249,9 @@ class Monitor:
                 f"step {self._pending.step} was measured with gradient={self._gradient_name()}, which is read after the "
                 "optimizer step: call monitor.after_optimizer_step() after optimizer.step()"
             )
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:  # numpy ints too
+            raise ConfigError(f"monitor.step({step!r}): pass the optimizer step, an int >= 0")
+        step = int(step)
         if not self.is_measured(step):
             yield
             return
@@ -515,19 +526,26 @@ class Monitor:
                 why = self.unmeasured.get(s.name, "")
                 default = "" if why else self.estimator if s.kind != "embedding" else "closed_form"  # unmeasured: no estimator ran
                 rows, est = self._latest_inputs.get(nm, (0, default))
-                out[nm] = {"kind": s.kind or "unseen", "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
+                kind = s.kind or ("unpaired" if why and why != NOT_USED else "unseen")  # used, by ops it cannot pair
+                out[nm] = {"kind": kind, "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
                            "unmeasured": why, "unused": why == NOT_USED, "role": s.role}
         return out
 
     # -- persistence ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Warm-start blocks, advice history and latest st(A) (resume gives the same next measurement)."""
+        """Warm-start blocks, advice history and latest st(A) (resume gives the same next measurement), and what the
+        measured steps learned: each weight's use and role, the unmeasured weights and their reasons, the latest
+        rows and estimators (roles=monitor routing and the advice table read them after a resume)."""
         return {
             "version": 1,
             "stats": {s.name: s.stats.state() for s in self.slots.values() if s.stats is not None}
             | {f"{s.name}@{a}:{b}": st.state() for s in self.slots.values() for (a, b), st in s.block_stats.items()},
             "history": {k: list(v) for k, v in self._history.items()},
             "latest_st": dict(self._latest_st),
+            "slots": {s.name: {"kind": s.kind, "n_features": s.n_features, "out_dim": s.out_dim, "role": s.role}
+                      for s in self.slots.values()},
+            "unmeasured": dict(self.unmeasured),
+            "latest_inputs": {k: list(v) for k, v in self._latest_inputs.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -549,6 +567,14 @@ class Monitor:
                 s.stats.load_state(st)
         self._history = {k: deque(map(tuple, v), maxlen=self._history_len) for k, v in state["history"].items()}
         self._latest_st = dict(state["latest_st"])
+        for name, seen in state.get("slots", {}).items():  # absent in states saved before it was kept
+            s = by_name.get(name)
+            if s is not None and seen.get("role") in R.ROLES:
+                s.kind, s.n_features, s.out_dim, s.role = str(seen["kind"]), int(seen["n_features"]), int(seen["out_dim"]), seen["role"]
+        self.unmeasured.clear()
+        self.unmeasured.update({k: str(v) for k, v in state.get("unmeasured", {}).items() if k in by_name})
+        self._warned |= set(self.unmeasured)  # warned about in the run that measured it
+        self._latest_inputs = {k: (int(v[0]), str(v[1])) for k, v in state.get("latest_inputs", {}).items()}
 
     def close(self) -> None:
         """Disarm and drop pending state; the monitor measures nothing afterwards."""

@@ -251,9 +251,11 @@ def operand_layout(W: torch.Tensor, M: torch.Tensor) -> tuple[int, tuple[int, in
     s0, s1 = W.stride()
     off = M.storage_offset() - W.storage_offset()
     r0, c0 = (off // s0, (off % s0) // s1) if s0 >= s1 and s1 > 0 else (0, 0)
-    if M.stride() == (s0, s1) or M is W:  # M = W[rows, cols]: W stored [in, out]
+    fits = lambda rows, cols: M.shape[0] <= W.shape[rows] and M.shape[1] <= W.shape[cols]  # noqa: E731
+    # a size-1 dim's stride says nothing (Linear(1, k): W [k, 1] has strides (1, 1)): the shapes decide then
+    if M is W or (M.stride() == (s0, s1) and fits(0, 1)):  # M = W[rows, cols]: W stored [in, out]
         return 1, (c0, c0 + M.shape[1]), M.shape[0] == W.shape[0]
-    if M.stride() == (s1, s0):  # M = W[rows, cols].T: W stored [out, in]
+    if M.stride() == (s1, s0) and fits(1, 0):  # M = W[rows, cols].T: W stored [out, in]
         return 0, (r0, r0 + M.shape[1]), M.shape[0] == W.shape[1]
     return None
 
