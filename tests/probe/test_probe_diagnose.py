@@ -381,3 +381,20 @@ def test_printed_ratio_sits_on_the_same_side_of_the_verdict_bounds():
     for x in (1.2504, 1.2496, 0.79999, 0.80001, 2.345, 1.0):
         assert verdict(float(_fmt_ratio(x))) == verdict(x), x
     assert _fmt_ratio(2.345) == "2.35" and _fmt_ratio(1.2504) == "1.2504"
+
+
+def test_a_bad_margin_is_refused_before_training_and_log_spaced_measuring_works():
+    import torch
+
+    from specscope.errors import ConfigError
+    from specscope.probe.diagnose import diagnose
+
+    model = torch.nn.Linear(4, 4)
+    batches = [torch.randn(3, 4)] * 3
+    loss = lambda m, x: m(x).square().sum()  # noqa: E731
+    before = model.weight.detach().clone()
+    with pytest.raises(ConfigError, match=r"diagnose\(margin=-1\) must be a finite number >= 0"):
+        diagnose(model, batches, loss, 3, margin=-1)
+    assert torch.equal(model.weight, before)  # refused before any step (it used to fail after the last one)
+    result = diagnose(model, batches, loss, 3, every=None, log_spaced=True)  # was a TypeError comparing None < 1
+    assert list(result.advice["measurements"]) == [3] and len(result.losses) == 3  # steps 0, 1, 2 are log-spaced

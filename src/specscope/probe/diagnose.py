@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,8 +40,11 @@ def diagnose(
     """Train `model` with AdamW for `steps` steps on `batches` (one batch per step), measuring every
     `every`-th step; `loss_fn(model, batch)` returns the scalar loss. Records (plus the loss) go to
     `sink` after each step, e.g. a store's `run.append`. The verdicts use every measured step."""
-    if steps < 1 or every < 1:
-        raise ConfigError(f"diagnose needs steps >= 1 and every >= 1; got steps={steps}, every={every}")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not isinstance(steps, int) or steps < 1 or (every is not None and (not isinstance(every, int) or every < 1)):
+        raise ConfigError(f"diagnose needs steps >= 1 and every >= 1 (or every=None with log_spaced=True); got steps={steps}, every={every}")
+    if not number(margin) or margin < 0:  # checked before training, not after the last step
+        raise ConfigError(f"diagnose(margin={margin!r}) must be a finite number >= 0")
     monitor = Monitor(model, every=every, **monitor_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     it, losses, records = iter(batches), [], []
