@@ -384,3 +384,24 @@ def test_spectral_norm_from_a_zero_start_and_its_options():
     for kw, message in [(dict(tol=float("nan")), "tol must be a number in"), (dict(iters=2.5), "iters must be an int")]:
         with pytest.raises(ValueError, match=message):
             L.spectral_norm(A, **kw)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: L.stable_rank_from_gram(torch.tensor([[1.0, 2.0], [0.0, 1.0]])), "C is not symmetric, so it is no Gram matrix"),
+    (lambda: L.nuclear_norm_from_gram(-torch.eye(3)), "C has a negative diagonal entry"),
+    (lambda: L.spectral_advantage(torch.full((3, 3), float("nan")), torch.randn(4, 3)), "^spectral_advantage: G has 9 NaN"),
+    (lambda: L.singular_value_soft_threshold(torch.randn(2, 3, 3), torch.tensor([0.1, 0.2, 0.3])),
+     r"tau of shape \(3,\) does not broadcast against the batch shape \(2,\)"),
+])
+def test_inputs_that_are_not_what_the_function_measures_are_named(call, message):
+    """Each used to return a number (0.333 for a non-symmetric 'Gram', 0 for −I), name another function, or raise
+    torch's broadcasting error."""
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_gram_functions_accept_grams_made_in_low_precision():
+    A = torch.randn(64, 48)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        C = A.to(dtype).T @ A.to(dtype)
+        assert float(L.stable_rank_from_gram(C)) == pytest.approx(float(L.stable_rank(A)), rel=0.05)

@@ -87,6 +87,14 @@ def _check_gram(C: Tensor, fn: str) -> Tensor:
     C = check_tensor(C, fn, "C")
     if C.shape[-1] != C.shape[-2]:
         raise ValueError(f"{fn}: C must be a square Gram matrix [..., k, k], got {tuple(C.shape)}; build it with linalg.gram(A)")
+    if C.numel():
+        scale = C.abs().amax(dim=(-2, -1))
+        eps = torch.finfo(C.dtype).eps if C.is_floating_point() else 0.0
+        tol = max(1e-4, 10 * eps)  # far above the rounding of a product in C's dtype
+        if bool(((C - C.mT).abs().amax(dim=(-2, -1)) > tol * scale).any()):
+            raise ValueError(f"{fn}: C is not symmetric, so it is no Gram matrix AᵀA; build it with linalg.gram(A)")
+        if bool((C.diagonal(dim1=-2, dim2=-1) < 0).any()):
+            raise ValueError(f"{fn}: C has a negative diagonal entry, so it is no Gram matrix AᵀA; build it with linalg.gram(A)")
     return C
 
 

@@ -30,6 +30,7 @@ def stable_rank(A: Tensor, *, method: str = "exact", iters: int = 20, v0: Tensor
 def spectral_advantage(G: Tensor, A: Tensor) -> Tensor:
     """nr(G)/st(A) (both exact). > 1: the spectral step has the larger guaranteed one-step decrease
     (REFERENCE §3). G = 0 gives 0; A = 0 raises (no curvature, the ratio is undefined)."""
+    G, A = check_tensor(G, "spectral_advantage", "G"), check_tensor(A, "spectral_advantage", "A")
     st = stable_rank(A)
     if bool((st == 0).any()):
         raise ValueError("spectral_advantage: A is the zero matrix, so st(A) = 0 and nr(G)/st(A) is undefined; "

@@ -16,6 +16,13 @@ def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
     tau = torch.as_tensor(tau, dtype=torch.float64, device=W.device)
     if not bool(torch.isfinite(tau).all()) or bool((tau < 0).any()):
         raise ValueError(f"singular_value_soft_threshold: tau must be finite and ≥ 0, got {tau}")
+    try:
+        fits = torch.broadcast_shapes(tau.shape, W.shape[:-2]) == W.shape[:-2]
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"singular_value_soft_threshold: tau of shape {tuple(tau.shape)} does not broadcast against the batch "
+                         f"shape {tuple(W.shape[:-2])} of W {tuple(W.shape)}; give a float or one threshold per batch entry")
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     S = (S - tau.unsqueeze(-1)).clamp(min=0)
     return ((U * S.unsqueeze(-2)) @ Vh).to(W.dtype)
