@@ -431,3 +431,27 @@ def test_a_step_that_is_not_an_int_is_named():
     with monitor.step(np.int64(0)):  # a numpy step counter is an int
         monitor.model(torch.randn(3, 4)).sum().backward()
     assert {r.metric for r in monitor.pop_records()} >= {"stable_rank", "nuclear_rank"}
+
+
+def test_a_stack_of_expert_matrices_gets_no_nuclear_rank_of_its_flattening():
+    """MoE experts stored as one [experts, out, in] tensor (transformers' Mixtral) and multiplied by a grouped or
+    batched product: the probe cannot pair it, and nr(G) of its [experts, out·in] flattening was recorded as if it
+    were a weight's."""
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.Linear(8, 8)
+            self.stack = nn.Parameter(torch.randn(4, 8, 8) / 8)
+
+        def forward(self, x):  # every expert on every token, summed
+            return torch.einsum("ni,eoi->no", self.up(x), self.stack)
+
+    model = Experts()
+    monitor = Monitor(model, every=1)
+    with pytest.warns(UserWarning, match="'stack' is unmeasured"):
+        with monitor.step(0):
+            model(torch.randn(16, 8)).square().sum().backward()
+    metrics = {(r.layer, r.metric) for r in monitor.pop_records()}
+    assert ("stack", "grad_fro_norm") in metrics and ("stack", "nuclear_rank") not in metrics
+    assert ("up", "nuclear_rank") in metrics and "stack" in monitor.unmeasured

@@ -476,8 +476,10 @@ class Monitor:
             if math.isfinite(nr / a.st):
                 self._history.setdefault(name, deque(maxlen=self._history_len)).append((step, a.st, nr))
         rows = G.shape[0]
-        rec(Record(step, name, "nuclear_rank", nr, estimator=nr_est, rows=rows, shape=gshape, flag=gflag))
         rec(Record(step, name, "grad_fro_norm", fro, estimator="exact", rows=rows, shape=gshape, flag=gflag))
+        if slot.param.dim() >= 3 and slot.kind != "conv":  # a stack of matrices (MoE experts [E, out, in]) seen by no
+            return  # convolution: its [E, out·in] flattening is no weight's gradient matrix, so it has no nr(G)
+        rec(Record(step, name, "nuclear_rank", nr, estimator=nr_est, rows=rows, shape=gshape, flag=gflag))
         rec(Record(step, name, "grad_nuclear_norm", nuc, estimator=nr_est, rows=rows, shape=gshape, flag=gflag))
         if gflag:
             return
