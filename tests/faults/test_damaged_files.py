@@ -46,8 +46,9 @@ def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_pat
     page = (run / "report.html").read_text()
     assert "<title>SALVAGED FROM A DAMAGED DATABASE — grokking" in page  # short: the damage is said once, below
     assert page.count("metrics.sqlite is damaged") == 1 and '<p class="warning">' in page
-    rc, out, _ = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
+    rc, out, err = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
     assert rc == 0 and (tmp_path / "x.salvaged.csv").is_file() and not (tmp_path / "x.csv").exists()
+    assert "--salvage" not in err  # what it says under --salvage is what was lost, not advice to use it
 
 
 def test_salvage_of_an_unreadable_file_does_not_suggest_salvage(finished, copy_of, cli):

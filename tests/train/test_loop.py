@@ -174,10 +174,12 @@ def test_described_types_show_the_allowed_values():
         arms: list[Literal["adamw", "muon"]] = ["adamw"]
         rates: list[Annotated[float, Field(gt=0)]] = [0.1]
         cap: Optional[int] = None
+        seeds: list[int] = Field(default=[0], min_length=1)
 
     text = describe_fields(C)
     assert "mlp (one of relu2|gelu) = 'relu2'" in text and "arms (list of one of adamw|muon)" in text
     assert "rates (list of float > 0)" in text and "cap (int or None) = None" in text
+    assert "seeds (non-empty list of int) = [0]" in text  # `--set seeds=[]` is refused: the key says so
 
 
 def test_lists_of_names_a_lab_checks_show_their_names_in_list_keys():
@@ -187,8 +189,8 @@ def test_lists_of_names_a_lab_checks_show_their_names_in_list_keys():
 
     _register()
     out = " ".join(CliRunner().invoke(app, ["list", "--keys"], terminal_width=400).output.replace("│", " ").split())
-    assert "methods (list of one of gd|specgd|auto|specgd_wrong_L) = ['gd', 'specgd', 'auto']" in out
-    assert "activations (list of one of relu|relu2|gelu|silu|tanh|abs|linear|swiglu) = ['relu', 'swiglu']" in out
+    assert "methods (non-empty list of one of gd|specgd|auto|specgd_wrong_L) = ['gd', 'specgd', 'auto']" in out
+    assert "activations (non-empty list of one of relu|relu2|gelu|silu|tanh|abs|linear|swiglu) = ['relu', 'swiglu']" in out
 
 
 def test_list_keys_on_an_80_column_terminal_keeps_every_name():

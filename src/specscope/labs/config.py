@@ -26,6 +26,8 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     for name, f in config_cls.model_fields.items():
         names = (f.json_schema_extra or {}).get("choices") if isinstance(f.json_schema_extra, dict) else None
         kind = f"list of one of {'|'.join(names)}" if names else type_name(f.annotation)
+        if any((getattr(m, "min_length", None) or 0) >= 1 for m in f.metadata):
+            kind = "non-empty " + kind
         parts.append(f"{name} ({kind}{_range(f.metadata)}) = {f.default!r}")
     return ", ".join(parts)
 

@@ -55,7 +55,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
         except RunStoreError as e:
             if not salvage:
                 raise
-            lost = str(e).split(": the database lost records")[0] + " (records lost)"
+            lost = str(e).split(": the database lost records")[0].split(". The file is truncated")[0]  # no fix: this is it
+            lost += " (records lost)" if ": the database lost records" in str(e) else " (record counts not checked)"
             warnings.warn(f"{lost}; read the {len(rows)} records still there", RuntimeWarning, stacklevel=2)
             damage = "; ".join(filter(None, [damage, lost]))
     df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
