@@ -14,11 +14,14 @@ Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/â
 
 `--floor` adds a row for the float64 eigensolves of `polar="gram"` alone (one eigh per matrix's smaller Gram,
 on the same one-thread workers): the part of an exact Gram-route step that no scheduling removes.
+"Muon polar=gram, torch's eigh" is the same optimizer with SPECSCOPE_EIGH=torch (linalg/lapack.py): where
+`polar="gram"` solves on numpy's OpenBLAS, the two rows compare the LAPACKs in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from _timing import interleaved, load_average  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
-from specscope.linalg import workers  # noqa: E402
+from specscope.linalg import lapack, workers  # noqa: E402
 from specscope.optim import AutoGeometry, Muon, SpecGD, checks  # noqa: E402
 from specscope.optim._common import adjust_lr  # noqa: E402
 
@@ -55,6 +58,7 @@ def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[
         kw = {} if polar == "default" else {"polar": polar}
         label = "Muon default (gram_newton_schulz)" if polar == "default" else f"Muon polar={polar}"
         out[label] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
+    out[TORCH_EIGH] = Muon(_params(mats), lr=1.0, weight_decay=0.0, polar="gram")
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
     return {k: o for k, o in out.items() if only is None or k == "torch.optim.Muon" or k in only}
@@ -72,13 +76,27 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
 
 
 FLOOR = "gram's eigensolves alone"
+TORCH_EIGH = "Muon polar=gram, torch's eigh"  # SPECSCOPE_EIGH=torch while it steps (linalg/lapack.py)
+
+
+def with_env(fn, **env):
+    """fn run with os.environ updated by env (restored after): one arm's setting inside an interleaved run."""
+    def run():
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in before.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return run
 
 
 def eigensolves(mats: list[torch.Tensor]):
     """What `polar="gram"` cannot skip: one float64 eigh per matrix's smaller Gram, on the one-thread workers
     as the step runs them (linalg/workers.py; in order on an accelerator or one thread)."""
     grams = [(G @ G.mT if G.shape[0] <= G.shape[1] else G.mT @ G).double() for G in mats]
-    return lambda: workers.start(torch.linalg.eigh, grams, [C.shape[-1] for C in grams])()
+    return lambda: workers.start(lapack.eigh, grams, [C.shape[-1] for C in grams])()
 
 
 def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, seed: int, device: str,
@@ -90,7 +108,7 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
         opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    steps = {k: o.step for k, o in opts.items()}
+    steps = {k: with_env(o.step, SPECSCOPE_EIGH="torch") if k == TORCH_EIGH else o.step for k, o in opts.items()}
     if floor:
         steps[FLOOR], errs[FLOOR] = eigensolves(mats), None
     timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -47,10 +48,21 @@ def group_by_shape(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(g) for g in groups.values()]
 
 
+def _torch_eigh(fn, *args):
+    """fn(*args) with SPECSCOPE_EIGH=torch: `gram` on torch's LAPACK wherever it would use numpy's OpenBLAS."""
+    before = os.environ.get("SPECSCOPE_EIGH")
+    os.environ["SPECSCOPE_EIGH"] = "torch"
+    try:
+        return fn(*args)
+    finally:
+        os.environ.pop("SPECSCOPE_EIGH") if before is None else os.environ.__setitem__("SPECSCOPE_EIGH", before)
+
+
 BACKENDS = {
     # label: (method, kwargs)
     "svd": ("svd", {}),
     "gram (= auto tol=1e-4)": ("gram", {}),
+    "gram, torch's eigh": (lambda G: _torch_eigh(polar, G, "gram"), {}),  # SPECSCOPE_EIGH=torch (linalg/lapack.py)
     "newton_schulz bf16 ×5": ("newton_schulz", {}),
     "polar_express bf16 ×5": ("polar_express", {}),
     "polar_express fp32 ×10": ("polar_express", {"dtype": torch.float32, "ns_steps": 10}),

@@ -11,14 +11,6 @@ from specscope import linalg as L
 from specscope.linalg import norms, workers
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_start_gives_results_in_item_order_on_one_thread_workers(two_threads):
     seen = []
 

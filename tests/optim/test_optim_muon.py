@@ -151,6 +151,8 @@ def test_exact_steps_on_the_workers_equal_the_bucketed_steps_on_gpt2(monkeypatch
     polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
     from specscope.optim import SpecGD
 
+    monkeypatch.setenv("SPECSCOPE_EIGH", "torch")  # one LAPACK for both routes: this compares the routes
+
     def run(pool_min: int) -> list[torch.Tensor]:
         monkeypatch.setattr(polar_module, "POOL_MIN", pool_min)
         torch.manual_seed(0)

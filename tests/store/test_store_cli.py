@@ -1,6 +1,7 @@
 """`specscope runs` and `specscope export`, in-process (CliRunner) and as a real console script."""
 
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,12 @@ def test_a_missing_path_is_named_as_a_path_not_as_a_run_id_under_root(tmp_path):
     missing = tmp_path / "nowhere"
     res = runner.invoke(app, ["report", str(missing), "--root", str(tmp_path)])
     assert f"no run directory '{missing}'" in str(res.exception) and "<lab>" not in str(res.exception)
+
+
+def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path):
+    env = {**os.environ, "SPECSCOPE_EIGH": "mkl"}
+    out = subprocess.run([str(SCRIPT), "run", "sed", "--root", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("error: SPECSCOPE_EIGH='mkl': must be one of auto, torch, openblas")
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -57,6 +57,7 @@ def main() -> None:
                    tomllib.TOMLDecodeError)
     try:
         _check_path_options(sys.argv[1:])
+        _check_environment()
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except user_errors as e:
@@ -80,6 +81,17 @@ def main() -> None:
         typer.echo(f"error: out of memory: could not allocate {failed}; lower the sizes (the model's, the "
                    "batch's, or --set key=value) or use a machine with more memory", err=True)
         sys.exit(2)
+
+
+def _check_environment() -> None:
+    """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH)."""
+    from specscope.errors import ConfigError
+    from specscope.linalg import lapack
+
+    try:
+        lapack.choice()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _usage_line(e) -> str:

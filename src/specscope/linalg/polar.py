@@ -2,7 +2,7 @@
 
 Backends (see docs/linalg.md for the measured speed/accuracy table behind `auto`):
 - "svd": exact reference (float64 SVD).
-- "gram": (G Gᵀ)^{-1/2} G via float64 eigh of the smaller Gram; exact down to a documented cutoff.
+- "gram": (G Gᵀ)^{-1/2} G via float64 eigh of the smaller Gram (linalg/lapack.py); exact down to a documented cutoff.
 - "newton_schulz": odd quintic iteration X ← aX + (bA + cA²)X, A = XXᵀ (Keller Jordan's Muon).
 - "polar_express": the same iteration with per-step minimax coefficients (Amsel et al., arXiv 2505.16932).
 - "gram_newton_schulz": row-sum-scaled start, then the iteration on the small Gram (linalg/gram_ns.py).
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
-from . import workers
+from . import lapack, workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
 from .norms import POOL_MIN
 
@@ -119,7 +119,7 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     The two products that apply C^{-1/2} run in float32 for float32-or-narrower input: each row of VᵀX is
     σ_i·v_iᵀ with absolute error ~eps32·σ_1, so u_iᵀPv_i is off by ~eps32·σ_1/σ_i (3e-6 at 1e-3·σ_1, measured)."""
     X, tall = _wide(G)
-    lam, V = torch.linalg.eigh(lower_gram(X.to(dtype)))  # eigh reads the lower triangle
+    lam, V = lapack.eigh(lower_gram(X.to(dtype)))  # eigh reads the lower triangle
     lam = lam.clamp(min=0)
     cutoff = max(rcond**2, max(X.shape[-2:]) * torch.finfo(dtype).eps) * lam[..., -1:]
     keep = lam > cutoff
