@@ -108,6 +108,17 @@ def as_matrix(t: Tensor) -> Tensor:
     return t if t.ndim == 2 else t.flatten(1)  # flatten, not reshape(out, -1): a zero-size kernel has no -1
 
 
+def matrices(t: Tensor, stacked: bool = False) -> list[Tensor]:
+    """The matrices a spectral step orthogonalizes in t: `as_matrix(t)`, or with stacked=True each matrix of a
+    stack [..., rows, cols] (views)."""
+    return list(t.flatten(0, -3).unbind(0)) if stacked else [as_matrix(t)]
+
+
+def matrix_shape(p: Tensor, stacked: bool = False) -> torch.Size:
+    """The shape `adjust_lr` scales by: the parameter's, or one matrix's [rows, cols] of a stack."""
+    return p.shape[-2:] if stacked else p.shape
+
+
 def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     """torch.optim.Muon's update scale, on the matrix shape (a conv weight: [out, in*kh*kw])."""
     rows, cols = shape[0], math.prod(shape[1:])

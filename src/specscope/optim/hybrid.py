@@ -78,7 +78,7 @@ def _check_numbers(group: dict[str, Any]) -> None:
     if "ns_steps" in group and (isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int)
                                 or not 0 < group["ns_steps"] < 100):
         raise ConfigError(f"ns_steps must be an integer in 1..99, got {group['ns_steps']!r}")
-    for flag in ("nesterov", "shardwise", "allow_non_hidden"):
+    for flag in ("nesterov", "shardwise", "allow_non_hidden", "stacked"):
         if flag in group and not isinstance(group[flag], bool):
             raise ConfigError(f"{flag} must be True or False, got {group[flag]!r}")
     if group.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
@@ -353,36 +353,66 @@ def spectral_param_groups(
         raise ConfigError(f"exclude patterns {unmatched} match no parameter of the model (fnmatch on parameter or layer "
                           f"names, or a module prefix); parameters look like {list(every)[:4]}")
     out = {id(every[n]) for hits in excluded.values() for n in hits}
-    hidden, rest = [], []
+    experts, vectors = _expert_stacks(inner)
+    if algorithm != "muon" or "stacked" in options:
+        experts = set()
+    hidden, stacks, rest = [], [], []
     for name, p in inner.named_parameters():
         name = _common.parameter_name(name)
         if not p.requires_grad:
             continue
+        if id(p) in experts and id(p) not in out:
+            _common.mark_non_hidden(p, non_hidden=False)
+            stacks.append((name, p))
+            continue
         if p.ndim >= 2:
-            _common.mark_non_hidden(p, non_hidden=role_of.get(id(p), "hidden") != "hidden")
+            vector_stack = id(p) in vectors or "bias" in name.rsplit(".", 1)[-1].lower()
+            _common.mark_non_hidden(p, non_hidden=vector_stack or role_of.get(id(p), "hidden") != "hidden")
         other = _common.is_non_hidden(p, name) or id(p) in out
         (rest if other else hidden).append((name, p))
-    _warn_stacked(inner, rest)
+    _warn_stacked(inner, rest, algorithm)
     spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral, **options}
     if weight_decay is not None:
         spectral_group["weight_decay"] = weight_decay
+    stacked_group = {**spectral_group, "params": stacks, "stacked": True}
     adamw_group = {"params": rest, "algorithm": "adamw", "lr": lr_adamw,
                    "weight_decay": adamw_weight_decay, "betas": betas}
-    return [g for g in (spectral_group, adamw_group) if g["params"]]
+    return [g for g in (spectral_group, stacked_group, adamw_group) if g["params"]]
 
 
-def _warn_stacked(model: nn.Module, rest: list[tuple[str, Tensor]]) -> None:
-    """Say which ≥ 3-D parameters that are no convolution kernel and no [1, …] table (stacked MoE experts
-    [experts, out, in]) were routed to AdamW: a spectral step takes a ≥ 3-D tensor for a conv kernel
-    [out, in·…], one matrix, not a stack of matrices to orthogonalize one by one."""
+def _expert_stacks(model: nn.Module) -> tuple[set[int], set[int]]:
+    """ids of mixture-of-experts weight stacks, and of their stacks of vectors.
+
+    A weight stack: a ≥ 3-D parameter, leading dimension > 1, of a module whose name has "expert" in it
+    (transformers' `…mlp.experts.gate_up_proj` [experts, 2·inter, hidden]), never a convolution kernel. Other
+    ≥ 3-D tensors (a [1, tokens, d] table, a multi-codebook embedding) are no stacks of hidden matrices that a
+    name can vouch for. A stack of vectors: a 2-D parameter of such a module with the stacks' leading dimension
+    (GPT-OSS's `gate_up_proj_bias` [experts, 2·inter]): one bias per expert, not a matrix."""
+    stacks: set[int] = set()
+    vectors: set[int] = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd) or "expert" not in module_name.lower():
+            continue
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        leading = {p.shape[0] for p in own if p.ndim >= 3 and p.shape[0] > 1}
+        stacks |= {id(p) for p in own if p.ndim >= 3 and p.shape[0] > 1}
+        vectors |= {id(p) for p in own if p.ndim == 2 and p.shape[0] in leading}
+    return stacks, vectors
+
+
+def _warn_stacked(model: nn.Module, rest: list[tuple[str, Tensor]], algorithm: str) -> None:
+    """Say which ≥ 3-D parameters that are no convolution kernel and no [1, …] table were routed to AdamW: a
+    spectral step takes a ≥ 3-D tensor for a conv kernel [out, in·…], one matrix, unless its group has
+    stacked=True (Muon), and the st(A)-driven algorithms have no per-expert st(A)."""
     kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
     stacked = [(n, p) for n, p in rest if p.ndim >= 3 and id(p) not in kernels and p.shape[0] > 1]
     if stacked:
         name, p = stacked[0]
+        fix = ("route a stack of hidden matrices to Muon by hand, in a group with stacked=True" if algorithm == "muon"
+               else "algorithm='muon' orthogonalizes mixture-of-experts stacks expert by expert")
         warnings.warn(f"spectral_param_groups: {len(stacked)} parameter(s) of ≥ 3 dims that are not convolution kernels "
-                      f"go to AdamW (e.g. '{name}' {tuple(p.shape)}, stacked experts?): specscope's spectral steps "
-                      "read a ≥ 3-D tensor as one conv-kernel matrix [out, in·…], not as a stack of matrices "
-                      "(docs/optim.md, 'Stacked expert weights')", stacklevel=2)
+                      f"go to AdamW (e.g. '{name}' {tuple(p.shape)}); {fix} (docs/optim.md, 'Stacked expert weights')",
+                      stacklevel=3)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

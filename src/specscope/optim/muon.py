@@ -7,7 +7,9 @@ Per parameter (torch.optim.Muon, Keller Jordan's muon.py):
     W <- W·(1 − lr·wd) − lr·s·O           s = sqrt(max(1, rows/cols)) ("original")
                                           or 0.2·sqrt(max(rows, cols)) ("match_rms_adamw")
 A conv weight [out, in, kh, kw] is orthogonalized as the matrix [out, in·kh·kw]; rows/cols in s are
-that matrix's (out and in·kh·kw).
+that matrix's (out and in·kh·kw). In a group with stacked=True every parameter is a stack of matrices
+[..., rows, cols] (mixture-of-experts weights [experts, out, in]): each matrix of the stack is orthogonalized
+on its own, and s is one matrix's.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specscope.optim import _common
+from specscope.errors import ConfigError
+from specscope.optim import _common, _distributed
 from specscope.optim._euclidean import state_dtype
 from specscope.optim.hybrid import Hybrid, register
 
@@ -27,7 +30,7 @@ DEFAULT_POLAR = "gram_newton_schulz"
 
 MUON_DEFAULTS: dict[str, Any] = dict(
     weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.775, 2.0315),
-    eps=1e-7, ns_steps=5, adjust_lr_fn=None, polar=DEFAULT_POLAR, shardwise=False,
+    eps=1e-7, ns_steps=5, adjust_lr_fn=None, polar=DEFAULT_POLAR, shardwise=False, stacked=False,
 )
 
 
@@ -38,7 +41,8 @@ def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard.
     """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
-    updates = []
+    stacked = group.get("stacked", False)
+    updates, counts = [], []
     for p, g in zip(params, grads):
         state = opt.state[p]
         if "momentum_buffer" not in state:
@@ -46,13 +50,31 @@ def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         buf = state["momentum_buffer"]
         g = g.to(buf.dtype)
         buf.lerp_(g, 1 - mu)
-        updates.append(_common.as_matrix(g.lerp(buf, mu) if group["nesterov"] else buf))
-    for p, o in zip(params, _common.batched_polar(updates, _common.polar_fn(group), group.get("shardwise", False))):
+        mats = _common.matrices(g.lerp(buf, mu) if group["nesterov"] else buf, stacked)
+        updates += mats
+        counts.append(len(mats))
+    out = iter(_common.batched_polar(updates, _common.polar_fn(group), group.get("shardwise", False)))
+    for p, n in zip(params, counts):
+        o = torch.stack([next(out) for _ in range(n)]) if stacked else next(out)
         p.mul_(1 - lr * wd)
-        p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # bf16 o: promoted
+        p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], _common.matrix_shape(p, stacked)))
 
 
-register("muon", muon_update, MUON_DEFAULTS, spectral=True)
+def check_muon(group: dict) -> None:
+    """stacked=True: every parameter a local stack of matrices [..., rows, cols] (≥ 3-D, not an FSDP2 DTensor)."""
+    if not group.get("stacked", False):
+        return
+    for i, p in enumerate(group["params"]):
+        if p.ndim < 3:
+            raise ConfigError(f"stacked=True: parameter {i} of the group has shape {tuple(p.shape)}; a stacked group "
+                              "holds stacks of matrices [..., rows, cols] (e.g. MoE experts [experts, out, in]); put "
+                              "2-D weights in a group without stacked")
+        if _distributed.is_dtensor(p):
+            raise ConfigError(f"stacked=True: parameter {i} of the group is a DTensor (FSDP2); stacks are orthogonalized "
+                              "matrix by matrix only on local tensors (one process or DDP); put it in an AdamW group")
+
+
+register("muon", muon_update, MUON_DEFAULTS, spectral=True, check=check_muon)
 
 
 class Muon(Hybrid):
@@ -68,6 +90,9 @@ class Muon(Hybrid):
     Under torch.distributed (DDP or FSDP2 DTensor parameters) the update equals one process's: each matrix
     is orthogonalized whole on one owner rank. shardwise=True orthogonalizes each rank's row shard instead:
     cheaper, no communication, and a different update (see docs/distributed.md).
+
+    stacked=True (usually per group: `spectral_param_groups` makes one for mixture-of-experts weights) treats
+    each parameter as a stack of matrices [..., rows, cols] and orthogonalizes every matrix of it on its own.
     """
 
     def __init__(
@@ -83,9 +108,10 @@ class Muon(Hybrid):
         adjust_lr_fn: str | None = None,
         polar: _common.PolarSpec = DEFAULT_POLAR,
         shardwise: bool = False,
+        stacked: bool = False,
     ) -> None:
         super().__init__(
             params, "muon", lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn, polar=polar,
-            shardwise=shardwise,
+            shardwise=shardwise, stacked=stacked,
         )
