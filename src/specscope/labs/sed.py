@@ -300,6 +300,9 @@ def check(cfg: Config) -> None:
                           f"measured on control arms, one per seed: add --set seeds={cfg.coupling_seeds}")
     if len(cfg.multitask) == 1:
         raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
+    if not cfg.eps_rel < 1:
+        raise ConfigError(f"eps_rel={cfg.eps_rel} must be < 1: the coupling's central difference steps eps_rel·‖θ‖ "
+                          "along each direction (default 0.005)")
     check_heads(cfg.d_model, cfg.n_heads)
 
 

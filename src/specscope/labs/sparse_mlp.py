@@ -192,8 +192,9 @@ def check(cfg: Config) -> None:
         check_activation(act)
     if bad := [m for m in cfg.methods if m not in METHODS]:
         raise ConfigError(f"unknown method {bad[0]!r} in methods; choose from {', '.join(METHODS)}")
-    if not 0 < cfg.early <= cfg.steps:
-        raise ConfigError(f"early={cfg.early} must be between 1 and steps={cfg.steps}")
+    if not 0 < cfg.early < cfg.steps:
+        raise ConfigError(f"early={cfg.early} must be between 1 and steps−1={cfg.steps - 1}: losses are recorded at "
+                          f"steps 0 … {cfg.steps - 1}")
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:

@@ -45,7 +45,10 @@ def coupling_ratios(
     eps_rel: float = 0.005,
     generator: torch.Generator | None = None,
 ) -> tuple[list[float], float]:
-    """(R_k for each row of `directions`, the median random-direction coupling it is normalised by)."""
+    """(R_k for each row of `directions`, the median random-direction coupling it is normalised by).
+
+    `centroids` must be deterministic: call `model.eval()` first (dropout, on in a freshly built Hugging Face
+    model, makes the two sides of every difference different draws and the ratios ≈ 1)."""
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
         raise ValueError(f"coupling_ratios: n_random must be an int ≥ 1 (the baseline is their median), got {n_random!r}")
     if not 0 < eps_rel < 1:
@@ -55,10 +58,19 @@ def coupling_ratios(
         raise ValueError(f"coupling_ratios: the parameters' norm is {theta_norm}, so the step eps_rel·‖θ‖ is undefined; "
                          "measure coupling on trained (nonzero, finite) parameters")
     eps = eps_rel * theta_norm
-    dim = directions.shape[1]
+    dim = sum(p.numel() for p in params)
+    if not isinstance(directions, Tensor) or directions.ndim != 2 or directions.shape[1] != dim:
+        shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
+        raise ValueError(f"coupling_ratios: directions {shape} must be rows [k, {dim}] ({dim} = the parameters' total "
+                         "size), e.g. RollingSVD.directions()")
+    norms = directions.detach().double().norm(dim=1)
+    if not bool(torch.isfinite(directions).all()) or not bool((norms > 0).all()):
+        raise ValueError("coupling_ratios: every direction must be finite and nonzero (it is normalised to unit length)")
     gen = generator or torch.Generator().manual_seed(0)
     random_a = [directional_coupling(centroids, params, torch.randn(dim, generator=gen), eps) for _ in range(n_random)]
-    baseline = float(torch.tensor(random_a).median())
+    baseline = float(torch.tensor(random_a, dtype=torch.float64).median())
+    if math.isnan(baseline):
+        raise ValueError("coupling_ratios: the centroids are NaN or Inf at θ ± ε·r; check the model's output there")
     if not baseline > 0:
         raise ValueError(f"coupling_ratios: the median coupling of random directions is {baseline}: the centroids do "
                          "not move with these parameters, so no ratio is defined (are they the parameters the centroids use?)")

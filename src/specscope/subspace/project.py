@@ -7,6 +7,7 @@ k-dimensional subspace of the whole flattened parameter vector, not a matrix ran
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -17,12 +18,25 @@ from specscope.subspace.rolling import RollingSVD
 
 
 def flatten(tensors: Iterable[Tensor | None], like: Iterable[Tensor]) -> Tensor:
-    """Concatenate tensors (None -> zeros shaped like the matching entry of `like`) into one vector."""
+    """Concatenate tensors (None -> zeros shaped like the matching entry of `like`) into one vector; each tensor
+    must have its `like` entry's number of elements (a filtered list, e.g. only the non-None grads, is refused)."""
+    tensors, like = list(tensors), list(like)
+    if len(tensors) != len(like):
+        raise ValueError(f"flatten: {len(tensors)} tensors for {len(like)} parameters; give one per parameter "
+                         "(None for a missing gradient), in the parameters' order")
+    for i, (t, p) in enumerate(zip(tensors, like)):
+        if t is not None and t.numel() != p.numel():
+            raise ValueError(f"flatten: tensor {i} has {t.numel()} elements, parameter {i} {tuple(p.shape)} has "
+                             f"{p.numel()}; give the tensors in the parameters' order")
     return torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(tensors, like)])
 
 
 def unflatten_(vector: Tensor, into: list[Tensor]) -> None:
-    """Copy consecutive slices of `vector` into the tensors of `into`, in place."""
+    """Copy consecutive slices of `vector` into the tensors of `into`, in place (sizes must add up exactly)."""
+    total = sum(t.numel() for t in into)
+    if vector.ndim != 1 or vector.numel() != total:
+        raise ValueError(f"unflatten_: a vector of shape {tuple(vector.shape)} for tensors of {total} elements in all; "
+                         "give the 1-D vector `flatten` made from these tensors")
     offset = 0
     for t in into:
         n = t.numel()
@@ -31,9 +45,12 @@ def unflatten_(vector: Tensor, into: list[Tensor]) -> None:
 
 
 def project(g: Tensor, Q: Tensor, mode: Literal["keep", "remove"]) -> Tensor:
-    """Project vector g onto (keep) or away from (remove) the row space of the orthonormal rows Q."""
-    kept = Q.T @ (Q @ g.to(Q.dtype))
-    return (kept if mode == "keep" else g - kept.to(g.dtype)).to(g.dtype)
+    """Project vector g onto (keep) or away from (remove) the row space of the orthonormal rows Q, computed in
+    the wider of the two dtypes (a float64 gradient is not rounded to a float32 basis), returned in g's."""
+    dtype = torch.promote_types(g.dtype, Q.dtype)
+    g_, Q_ = g.to(dtype), Q.to(dtype)
+    kept = Q_.T @ (Q_ @ g_)
+    return (kept if mode == "keep" else g_ - kept).to(g.dtype)
 
 
 def random_basis(dim: int, k: int, generator: torch.Generator, device=None, dtype=torch.float32) -> Tensor:
@@ -46,9 +63,13 @@ class GradientProjection:
     """Keep or remove a k-dimensional subspace of the gradient of `params`, before the optimizer step.
 
     `subspace`: a RollingSVD (its current top-k directions: SED-k), "random" (a random k-dim subspace,
-    drawn once when `fixed`, else fresh every step), or a callable returning orthonormal rows [k, P].
-    The projection is skipped until the RollingSVD window is full. Usable from any loop:
+    drawn once when `fixed`, else fresh every step), or a callable returning orthonormal rows [k, P] (or None:
+    no projection at that call).
+    The projection is skipped until the RollingSVD window is full, and (with a warning) while the window
+    holds only zero vectors: "keep" would zero the gradient. Usable from any loop:
     `loss.backward(); proj.apply(); opt.step()`, or as a callback of specscope's loop (after_backward).
+    `every` is read by specscope's loop, which calls it every `every` steps; `apply()` itself projects at
+    every call, so a hand-written loop decides when to call it.
     """
 
     def __init__(
@@ -68,6 +89,13 @@ class GradientProjection:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"GradientProjection: every must be an int ≥ 1, got {every!r}")
         self.params = [p for p in params]
+        if not self.params or not all(isinstance(p, Tensor) for p in self.params):
+            raise ValueError("GradientProjection: params must be a non-empty list of tensors (e.g. list(model.parameters()))")
+        if not (isinstance(subspace, RollingSVD) or subspace == "random" or callable(subspace)):
+            raise ValueError(f"GradientProjection: subspace={subspace!r}: give a RollingSVD, 'random', or a callable "
+                             "returning orthonormal rows [k, P]")
+        self.dim = sum(p.numel() for p in self.params)
+        self._warned_empty = False
         self.subspace, self.mode, self.k, self.fixed, self.every = subspace, mode, k, fixed, every
         self.generator = torch.Generator().manual_seed(seed)
         self._basis: Tensor | None = None
@@ -79,17 +107,45 @@ class GradientProjection:
             return self.subspace.directions(self.k) if self.subspace.full else None
         if self.subspace == "random":
             if self._basis is None or not self.fixed:
-                dim = sum(p.numel() for p in self.params)
-                self._basis = random_basis(dim, self.k, self.generator, self.params[0].device)
+                dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+                self._basis = random_basis(self.dim, self.k, self.generator, self.params[0].device, dtype)
             return self._basis
-        return self.subspace()
+        return self._checked(self.subspace())
+
+    def _checked(self, Q) -> Tensor | None:
+        """A callable's basis: rows [k, P] of these parameters' size, finite, orthonormal (to 1e-3); None skips
+        this call's projection (a subspace not ready yet)."""
+        if Q is None:
+            return None
+        if not isinstance(Q, Tensor) or Q.ndim != 2 or Q.shape[1] != self.dim:
+            shape = tuple(Q.shape) if isinstance(Q, Tensor) else type(Q).__name__
+            raise ValueError(f"GradientProjection: the subspace callable returned {shape}; it must return orthonormal "
+                             f"rows [k, {self.dim}] ({self.dim} = the parameters' total size)")
+        if not bool(torch.isfinite(Q).all()):
+            raise ValueError("GradientProjection: the subspace callable returned NaN or Inf entries")
+        G = Q.double() @ Q.double().T
+        if Q.shape[0] and float((G - torch.eye(len(G), dtype=G.dtype, device=G.device)).abs().max()) > 1e-3:
+            raise ValueError("GradientProjection: the subspace callable's rows are not orthonormal (Q Qᵀ ≠ I); "
+                             "orthonormalize them, e.g. torch.linalg.qr(Q.T)[0].T")
+        return Q
 
     def apply(self) -> bool:
         """Project the gradients in place; returns whether a projection happened."""
         Q = self.basis()
         if Q is None:
             return False
+        if Q.shape[0] == 0:
+            if not self._warned_empty:
+                warnings.warn("GradientProjection: the subspace has no direction (a RollingSVD window of zero vectors: "
+                              "gradients pushed after zero_grad, or an lr of 0?); the gradient is left unchanged",
+                              stacklevel=2)
+                self._warned_empty = True
+            return False
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        for i, g in enumerate(grads):
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(f"GradientProjection.apply: the gradient of parameter {i} {tuple(g.shape)} has NaN or "
+                                 "Inf entries; a projection would spread them to every parameter")
         g = project(flatten(grads, self.params), Q.to(self.params[0].device), self.mode)
         for p, gr in zip(self.params, grads):
             if p.grad is None:

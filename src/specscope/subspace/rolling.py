@@ -35,8 +35,9 @@ class RollingSVD:
     """
 
     def __init__(self, window: int = 20, k: int = 3, dtype: torch.dtype = torch.float32):
-        if window < 1 or k < 1:
-            raise ValueError(f"RollingSVD: window ({window}) and k ({k}) must be ≥ 1")
+        for name, value in (("window", window), ("k", k)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RollingSVD: {name} must be an int ≥ 1, got {value!r}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"RollingSVD: dtype={dtype} must be a floating-point dtype (float32 or float64)")
         if k > window:
@@ -59,6 +60,8 @@ class RollingSVD:
     def push(self, vector: Tensor) -> None:
         """Add one vector (flattened); the oldest leaves once the window is full."""
         v = vector.detach().reshape(-1).to(self.dtype)
+        if v.numel() == 0:
+            raise ValueError("RollingSVD.push: the vector is empty; push the flattened gradient or update")
         if not bool(torch.isfinite(v).all()):
             raise ValueError("RollingSVD.push: the vector has NaN or Inf entries")
         if self._rows is None:
@@ -105,9 +108,12 @@ class RollingSVD:
         return self._directions[:k]
 
     def gap(self) -> float:
-        """σ_k / σ_{k+1}: how well separated the SED-k subspace is (inf when σ_{k+1} = 0)."""
+        """σ_k / σ_{k+1}: how well separated the SED-k subspace is (inf when σ_{k+1} = 0; NaN when σ_k = 0: the
+        window has fewer than k directions, e.g. only zero vectors, and no SED-k subspace)."""
         s = self.singular_values()
-        if len(s) <= self.k:
+        if len(s) < self.k or not s[self.k - 1] > 0:
+            return float("nan")
+        if len(s) == self.k:
             return float("inf")
         return float(s[self.k - 1] / s[self.k]) if s[self.k] > 0 else float("inf")
 

@@ -9,6 +9,8 @@
   the `every` steps between snapshots; with `update_delta="step"` the single optimizer step
   θ_t − θ_{t−1} at the snapshot (and with `exclude_decay=True` that step without decoupled weight decay,
   Δθ_t + lr·wd·θ_{t−1}, which for AdamW is −lr times the Adam direction).
+`every` is specscope's loop's schedule (it calls the callback every `every` steps); a hand-written loop that
+calls `after_backward` / `after_step` itself snapshots at every call, so it calls them every `every` steps.
 `GatedProjection` applies a GradientProjection only once a window is full, so the random-subspace arms
 start projecting at the same step as the SED arms.
 """
