@@ -302,6 +302,24 @@ def test_table_folds_long_names_instead_of_cutting_them():
     assert "rows" in text and "unmeasured" in text
 
 
+def test_the_verdict_table_shows_control_characters_in_names_as_escapes():
+    """A module name from user code can hold ESC sequences or a right-to-left override: printed, they would
+    recolour the terminal or reorder the row; the table shows them as visible escapes."""
+    import pandas as pd
+    from rich.console import Console
+
+    from specscope.cli.commands.diagnose import verdict_table
+
+    name = "mlp\x1b[31m.\u202eevil\x07.weight"
+    df = pd.DataFrame([{"layer": name, "stable_rank": 2.0, "nuclear_rank": 3.0, "spectral_advantage": 1.5,
+                        "verdict": "spectral", "estimator": "gram", "rows": 64}])
+    console = Console(width=200, record=True)
+    console.print(verdict_table(df, "t\x1b]0;title\x07"))
+    text = console.export_text()
+    assert "\x1b" not in text and "\u202e" not in text and "\x07" not in text
+    assert "mlp\\x1b[31m.\\u202eevil\\x07.weight" in text and "t\\x1b]0;title\\x07" in text
+
+
 def test_hf_local_folder_uses_its_tokenizer(tmp_path):
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers

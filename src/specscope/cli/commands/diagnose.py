@@ -22,6 +22,7 @@ from rich.text import Text
 
 from specscope.cli import app
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.names import visible
 
 COLOURS = {"spectral": "green", "euclidean": "cyan", "undecided": "yellow", "unmeasured": "red"}
 COLUMNS = ("st(A)", "nr(G)", "nr/st", "verdict", "estimator", "rows")
@@ -137,7 +138,7 @@ def verdict_table(df, title: str) -> Table:
     not fit, it never cuts one."""
     from specscope.probe.advice import MARGIN
 
-    t = Table(title=Text(title), caption=Text(
+    t = Table(title=Text(visible(title)), caption=Text(
         f"medians over the measured steps (nr/st: of the per-step ratios, not nr/st of the medians); "
         f"verdict: nr/st > {1 + MARGIN:g} spectral, < {1 / (1 + MARGIN):g} euclidean, else undecided"))
     t.add_column("weight", overflow="fold", ratio=1)  # the only column that gives way when the console is narrow
@@ -145,14 +146,14 @@ def verdict_table(df, title: str) -> Table:
         t.add_column(col, justify="left" if col in ("verdict", "estimator") else "right", no_wrap=True)
     for r in df.itertuples():
         verdict = Text(r.verdict, style=COLOURS.get(r.verdict, "magenta"))
-        t.add_row(Text(r.layer), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt_ratio(r.spectral_advantage), verdict,
+        t.add_row(Text(visible(r.layer)), _fmt(r.stable_rank), _fmt(r.nuclear_rank), _fmt_ratio(r.spectral_advantage), verdict,
                   Text(r.estimator), str(r.rows))
     return t
 
 
 def table_width(df) -> int:
     """Columns a table needs to show every name on one line (used when the output is not a terminal)."""
-    longest = max((len(n) for n in df["layer"]), default=6)
+    longest = max((len(visible(n)) for n in df["layer"]), default=6)
     return longest + 72
 
 
@@ -238,4 +239,4 @@ def diagnose(
     console.print(verdict_table(result.advice, f"{model}: {steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"))
     for name, why in result.monitor.unpaired.items():
         console.print(Text.assemble(("unpaired", "yellow"), f" {name}: {why}"))  # literal: no markup, no emoji codes
-    console.print(Text(f"run: {run.path}\nreport: {run.path / 'report.html'}"), soft_wrap=True)
+    console.print(Text(f"run: {visible(run.path)}\nreport: {visible(run.path / 'report.html')}"), soft_wrap=True)

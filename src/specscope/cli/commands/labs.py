@@ -87,7 +87,7 @@ def show_run(run_dir: Path) -> None:
         show_measured(run, salvage=bool(summary.get("salvaged")))
     if summary.get("salvaged"):
         console.print(f"[red]salvaged[/]: {markup(summary['salvaged'])}")
-    console.print(f"run: {markup(run_dir)}\nreport: {markup(Path(run_dir) / 'report.html')}", soft_wrap=True)  # paths whole
+    console.print(f"run: {markup(visible(run_dir))}\nreport: {markup(visible(Path(run_dir) / 'report.html'))}", soft_wrap=True)  # paths whole
 
 
 def show_measured(run, *, salvage: bool) -> None:
