@@ -98,3 +98,9 @@ def test_lab_settings_that_used_to_fail_mid_run_are_refused_upfront():
         sed.build(sed.Config(eps_rel=2), torch.device("cpu"))
     with pytest.raises(ConfigError, match="early=20 must be between 1 and steps−1=19"):
         sparse_mlp.build(sparse_mlp.Config(steps=20, early=20), torch.device("cpu"))
+
+
+def test_the_sed1_text_counts_the_probes_the_coupling_used():
+    assert sed.probes(sed.Config(p=23, n_probe=100000)) == 23 * 23
+    assert sed.probes(sed.Config(p=23, task="div", n_probe=100000)) == 23 * 22
+    assert sed.probes(sed.Config()) == sed.Config().n_probe

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from specscope.data.modular import ModularData, modular_dataset
+from specscope.data.modular import ModularData, all_pairs, modular_dataset
 from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.labs.grokking import Batches, Tracker, grok_steps, loss_fn, make_evaluate
@@ -374,6 +374,11 @@ def _update_kind(cfg: Config) -> str:
     return "one optimizer step Δθ + lr·wd·θ, decay excluded" if cfg.update_excludes_decay else "one optimizer step Δθ"
 
 
+def probes(cfg: Config) -> int:
+    """Probe inputs the coupling uses: n_probe, or every input pair when there are fewer (`fixed_inputs`)."""
+    return min(cfg.n_probe, len(all_pairs(cfg.p, [cfg.task])))
+
+
 def _sed1_seed(df: pd.DataFrame, cfg: Config, s: int) -> Claim:
     """SED-1 on control-s<s>: peak R̄ of gradient vs update SED."""
     text = "Gradient SED couples to centroid features far more than update SED"
@@ -384,7 +389,7 @@ def _sed1_seed(df: pd.DataFrame, cfg: Config, s: int) -> Claim:
                      "steps > window·snapshot_every)", "INCONCLUSIVE")
     update = _update_kind(cfg)
     measured = (f"peak R̄ gradient SED {g:.1f} vs update SED ({update}) {u:.1f} ({g / u:.1f}×), task {cfg.task}, "
-                f"{cfg.n_probe} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
+                f"{probes(cfg)} probes, {cfg.n_random} random directions; PASS needs gradient ≥ 30 and ≥ 10× update")
     return Claim("SED-1", text, published, measured, "PASS" if g >= 30 and g >= 10 * u else "FAIL",
                  setting=setting(cfg) + f"; coupling on control-s{s} (no projection)", value=g / u)
 
