@@ -205,3 +205,16 @@ def test_list_keys_on_an_80_column_terminal_keeps_every_name():
     assert "…" not in text
     joined = "".join(line.split("│")[2].strip() for line in text.splitlines() if line.count("│") == 3)
     assert "|".join(sed.INTERVENTIONS) in joined
+
+
+def test_list_with_a_lab_name_shows_that_lab_and_its_keys_only():
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+    from specscope.errors import ConfigError
+
+    _register()
+    out = " ".join(CliRunner().invoke(app, ["list", "sed"], terminal_width=400).output.replace("│", " ").split())
+    assert "eps_rel (float > 0, finite) = 0.005" in out and "sparse-mlp" not in out and "grokking" not in out
+    res = CliRunner().invoke(app, ["list", "sde"])
+    assert isinstance(res.exception, ConfigError) and "did you mean 'sed'" in str(res.exception)

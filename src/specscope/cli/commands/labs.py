@@ -19,15 +19,21 @@ console = Console()
 
 
 @app.command("list")
-def list_labs(keys: bool = typer.Option(False, "--keys", help="Also list each lab's config keys with types and defaults.")) -> None:
-    """List the labs, one line each."""
+def list_labs(
+    lab: Optional[str] = typer.Argument(None, help="Only this lab (implies --keys)."),
+    keys: bool = typer.Option(False, "--keys", help="Also list each lab's config keys with types and defaults."),
+) -> None:
+    """List the labs, one line each; `specscope list LAB` shows one lab with its config keys."""
     from specscope import labs
     from specscope.labs.config import describe_fields
 
+    if lab is not None:
+        labs.get(lab)  # an unknown name: one line naming the labs
     table = Table(title="specscope labs")
     table.add_column("lab", style="bold")
     table.add_column("what it reproduces", overflow="fold")  # a long list of names breaks, never ends in "…"
-    for name in labs.names():
+    keys = keys or lab is not None
+    for name in [lab] if lab is not None else labs.names():
         text = labs.summary(name)
         if keys:
             text += "\n[dim]" + describe_fields(labs.get(name).Config) + "[/dim]"
