@@ -215,6 +215,6 @@ def test_list_with_a_lab_name_shows_that_lab_and_its_keys_only():
 
     _register()
     out = " ".join(CliRunner().invoke(app, ["list", "sed"], terminal_width=400).output.replace("│", " ").split())
-    assert "eps_rel (float > 0, finite) = 0.005" in out and "sparse-mlp" not in out and "grokking" not in out
+    assert "eps_rel (float > 0, < 1, finite) = 0.005" in out and "sparse-mlp" not in out and "grokking" not in out
     res = CliRunner().invoke(app, ["list", "sde"])
     assert isinstance(res.exception, ConfigError) and "did you mean 'sed'" in str(res.exception)
