@@ -105,3 +105,14 @@ def test_the_sed1_text_counts_the_probes_the_coupling_used():
     assert sed.probes(sed.Config(p=23, n_probe=100000)) == 23 * 23
     assert sed.probes(sed.Config(p=23, task="div", n_probe=100000)) == 23 * 22
     assert sed.probes(sed.Config()) == sed.Config().n_probe
+
+
+def test_a_repeated_intervention_and_a_misspelt_claims_arm_are_refused():
+    from specscope.labs import gpt
+
+    with pytest.raises(ConfigError, match="repeats an arm"):
+        sed.build(sed.Config(interventions=["control", "control"]), torch.device("cpu"))
+    with pytest.raises(ValidationError, match="claims_arm"):
+        gpt.Config(claims_arm="muonn")
+    cfg = gpt.Config(arms=["adamw", "muon"])
+    assert f"lr AdamW {cfg.lr_adamw:g}, Muon {cfg.lr_muon:g}, " in gpt.setting(cfg)  # only the arms run

@@ -94,7 +94,7 @@ class Config(LabConfig):
     probe_every: AtLeast1 = 10
     probe_estimator: Literal["power", "gram", "exact"] = "power"
     # claims
-    claims_arm: str = "muon"  # whose spectra GPT-1 is judged on (the paper measured a Muon run); first arm if absent
+    claims_arm: ArmName = "muon"  # whose spectra GPT-1 is judged on (the paper measured a Muon run); first arm if not run
     st_bound: Positive = 10.0  # GPT-1 "bounded by a small constant": max st(A) over training at most this
 
 
@@ -338,8 +338,14 @@ def setting(cfg: Config) -> str:
     """The regime every GPT claim is measured in: model, data, steps, the arms' learning rates, seed."""
     return (f"GPT {cfg.n_layer} layers, d_model {cfg.d_model}, d_ff {model_config(cfg).d_ff}, {cfg.mlp} MLP, "
             f"{'QK-norm, ' if cfg.qk_norm else ''}{cfg.pos} positions; {cfg.corpus} bytes, {cfg.steps} steps of "
-            f"{cfg.batch_size}×{cfg.seq_len}; lr AdamW {cfg.lr_adamw:g}, Muon {cfg.lr_muon:g} (W_down only "
-            f"{cfg.lr_muon_down:g}), AutoGeometry {cfg.lr_auto:g}, {cfg.decay} decay; seed {cfg.seed}")
+            f"{cfg.batch_size}×{cfg.seq_len}; lr {_arm_lrs(cfg)}, {cfg.decay} decay; seed {cfg.seed}")
+
+
+def _arm_lrs(cfg: Config) -> str:
+    """The learning rates of the arms this run trains, in the order given."""
+    lrs = {"adamw": f"AdamW {cfg.lr_adamw:g}", "muon": f"Muon {cfg.lr_muon:g}",
+           "muon-down": f"Muon on W_down only {cfg.lr_muon_down:g}", "auto": f"AutoGeometry {cfg.lr_auto:g}"}
+    return ", ".join(lrs[a] for a in cfg.arms)
 
 
 def _gpt1a(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
@@ -436,7 +442,7 @@ def _gpt2a(df: pd.DataFrame, cfg: Config) -> Claim:
         reach = (f"reaches it at step {k:.0f} ({k / cfg.steps:.0%} of the steps, {r['seconds_to_adamw_final']:.0f} s)"
                  if not math.isnan(k) else "never reaches it")
         parts.append(f"{arm} {reach}, final {r['final_val_loss']:.3f}")
-    measured = (f"AdamW final val loss {target:.3f} at step {cfg.steps} ({a['seconds']:.0f} s; eval every {cfg.eval_every}); "
+    measured = (f"AdamW final val loss {target:.3f} at step {cfg.steps} ({a['seconds']:.3g} s; eval every {cfg.eval_every}); "
                 + "; ".join(parts) + f"; unigram {_unigram(df):.3f}")
     k = rows["muon"]["steps_to_adamw_final"]
     return Claim("GPT-2a", text, published, measured, "PASS" if not math.isnan(k) and k < cfg.steps else "FAIL",

@@ -293,6 +293,8 @@ def check(cfg: Config) -> None:
     if not cfg.interventions and not cfg.multitask:
         raise ConfigError("nothing to run: interventions and multitask are both empty; for SED-3 alone: "
                           + MULTITASK_COMMAND)
+    if len(set(cfg.interventions)) != len(cfg.interventions):
+        raise ConfigError(f"interventions {cfg.interventions} repeats an arm; give each at most once")
     if cfg.update_excludes_decay and cfg.update_delta != "step":
         raise ConfigError("update_excludes_decay removes one optimizer step's decay; add --set update_delta=step")
     if cfg.coupling_seeds > cfg.seeds:
@@ -421,7 +423,7 @@ def _speedups(table: pd.DataFrame, iv: str, kind: str) -> str:
 
 
 def _sed2_claim(table: pd.DataFrame, cfg: Config) -> Claim:
-    text = "Keeping any 3-D subspace of the attention gradient speeds grokking ≈ 2.2–2.4×; removing it changes nothing"
+    text = f"Keeping any {cfg.k}-D subspace of the attention gradient speeds grokking ≈ 2.2–2.4×; removing it changes nothing"
     published = "keep SED-3 2.20×, keep random-3 2.36×, remove SED-3 1.02×, remove random-3 1.00× (control 3358 steps)"
     rule = ("rule (on the 'stable' definition, mean over seeds): keep_sed and keep_random ≥ 1.5× and remove_sed, "
             "remove_random within 0.8–1.25×; 'first' and the fresh random subspaces reported beside it")
