@@ -4,7 +4,9 @@ one verdict rule, unmeasured weights listed, figures that fit their canvas."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import matplotlib.text
 import numpy as np
 import pandas as pd
 import pytest
@@ -435,3 +437,81 @@ def test_every_figure_of_a_salvaged_report_says_so(tmp_path, metrics, monkeypatc
                         dpi=DPI).read_text()
     assert titles and all(t.startswith("SALVAGED FROM A DAMAGED DATABASE") for t in titles.values()), titles
     assert "<title>SALVAGED FROM A DAMAGED DATABASE — specscope report</title>" in text
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `specscope args...`, in this process."""
+    import sys
+
+    from specscope.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["specscope", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def test_cli_compare_marks_a_run_that_did_not_finish(tmp_path, monkeypatch, capsys):
+    """A killed run's numbers were shown as final, unmarked: now stderr, the title, its label and the final
+    metrics (with the step each value is from) say it stopped."""
+    from specscope import store
+    from specscope.records import Record
+
+    with store.Run.create(tmp_path / "runs", "gpt", {"steps": 20}, run_id="done") as run:
+        run.append([Record(s, "", "loss", 1 / (1 + s)) for s in range(0, 21, 10)])
+    killed = store.Run.create(tmp_path / "runs", "gpt", {"steps": 400}, run_id="killed")
+    killed.append([Record(s, "", "loss", 2 / (1 + s)) for s in range(0, 140, 10)])
+    killed.flush()
+    killed._release()  # as after SIGKILL: status "running" on disk, no writer
+    code, _, err = _cli(monkeypatch, capsys, "compare", killed.path, run.path, "--out", tmp_path / "cmp")
+    assert code == 0, err
+    assert f"warning: {killed.path} is incomplete" in err and "done is" not in err
+    text = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<title>INCOMPLETE RUN, RECORDS SO FAR — specscope comparison: [incomplete] steps=400 vs steps=20</title>" in text
+    assert "<td>0.01527 (step 130)</td>" in text  # the killed run's last loss, and its step
+    assert '<td class="num">0.04762</td>' in text  # the complete run's final loss, plain
+    assert "<td>incomplete</td>" in text and "<td>complete</td>" in text
+
+
+def test_a_refused_report_changes_no_file(tmp_path, monkeypatch, capsys):
+    """figures/ a link out of the run: `report` refused only after rewriting summary.json."""
+    import hashlib
+    import os
+
+    from specscope.labs.runner import run_lab
+
+    quick = {"p": 5, "steps": 4, "eval_every": 2, "d_model": 16, "d_ff": 32, "n_heads": 2, "grok_window": 2,
+             "batch_size": 8, "device": "cpu"}
+    run = Path(run_lab("grokking", quick, out=tmp_path / "runs", run_id="r"))
+    outside = tmp_path / "outside"
+    (run / "figures").rename(outside)
+    (run / "figures").symlink_to(outside, target_is_directory=True)
+    os.utime(run / "summary.json", ns=(1, 1))
+
+    def fingerprint() -> dict:
+        return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                for p in sorted([*run.rglob("*"), *outside.rglob("*")]) if p.is_file() and not p.is_symlink()}
+
+    before = fingerprint()
+    code, _, err = _cli(monkeypatch, capsys, "report", run)
+    assert code == 2 and "is a link to" in err and "remove the link" in err
+    assert fingerprint() == before
+
+
+def test_control_and_bidi_characters_in_names_are_drawn_escaped():
+    """A layer named with U+202E, ESC or BEL reached matplotlib's text raw (only `$` was escaped)."""
+    from specscope.report.compare import compare_final_ranks, compare_losses
+    from specscope.report.style import finish
+
+    evil, arm = "<svg onload=alert(3)>\u202e<evil\x1b[31m", "adam\x07w"
+    df = synthetic_metrics(layers=["ok", evil], arms=(arm, "gd"), steps=range(0, 10, 5))
+    figures = [*run_figures(df, [], dpi=DPI).values(), compare_losses({"a\u202eb": df}, dpi=DPI),
+               compare_final_ranks({"a\u202eb": df}, dpi=DPI)]
+    drawn = []
+    for fig in figures:
+        finish(fig)
+        fig.canvas.draw()  # tick labels are made by their formatter at drawing time
+        drawn += [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
+    assert not any(ch in t for t in drawn for ch in "\u202e\x1b\x07")
+    assert any("\\u202e<evil\\x1b[31m" in t for t in drawn) and any("adam\\x07w" in t for t in drawn)

@@ -115,3 +115,23 @@ def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith("error: SPECSCOPE_EIGH='mkl': must be one of auto, torch, openblas")
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random"])
+def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, damage):
+    """`runs` said "complete (damaged)" and export refused, while `claims` repeated the run's PASS unmarked."""
+    with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt") as run:
+        run.append([Record(s, f"layer{i}", "stable_rank", s / 7) for s in range(400) for i in range(8)])
+        run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
+                                       "verdict": "PASS"}]})
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert res.exit_code == 0 and '"hurt"' in res.stdout and "warning" not in res.stderr
+    db = run.path / "metrics.sqlite"
+    if damage == "truncate":
+        os.truncate(db, 20000)
+    else:
+        db.write_bytes(db.read_bytes()[:4096] + os.urandom(db.stat().st_size - 4096))
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert '"hurt (its metrics database is damaged)"' in res.stdout and '"PASS"' in res.stdout
+    assert f"warning: {run.path}: its claims come from a damaged metrics database" in res.stderr

@@ -18,7 +18,7 @@ from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
                                    table, value_text, write_text_atomic)
-from specscope.report.tables import finite, layer_summary, ordered_unique, prepare, rank_pairs
+from specscope.report.tables import finite, fmt, layer_summary, ordered_unique, prepare, rank_pairs
 
 MAX_KEYS = 3  # differing settings named in a run's label
 BOOKKEEPING = {"checkpoint_every", "device"}  # settings that do not change what a run measures
@@ -197,17 +197,28 @@ def _series(runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
     return [(str(name), arm) for name, df in runs.items() for arm in ordered_unique(prepare(df)["arm"])]
 
 
-def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
+def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str],
+                       unfinished: Mapping[str, str] | None = None) -> str:
     """Wide: one row per whole-model metric (loss, accuracy, ...), one column per run/arm, the last
-    finite value."""
+    finite value; in the column of a run that did not finish (`unfinished`: name -> status) with the step
+    it was recorded at, as it is not final."""
     df = finite(combine(runs))
     df = df[df["layer"] == ""].sort_values("step", kind="stable")
     if df.empty:
         return "<p>No whole-model metrics were recorded.</p>"
-    last = df.groupby(["metric", "run", "arm"])["value"].last()
+    last = df.groupby(["metric", "run", "arm"])[["step", "value"]].last()
     series = [s for s in _series(runs) if any((s[0], s[1]) == (r, a) for _, r, a in last.index)]
-    rows = [[m, *[last.get((m, r, a), np.nan) for r, a in series]] for m in ordered_unique(df["metric"])]
-    return table(rows, ["metric", *[_label(r, a, labels) for r, a in series]], table_class="wide")
+
+    def cell(m: str, r: str, a: str) -> object:
+        if (m, r, a) not in last.index:
+            return np.nan
+        step, value = last.loc[(m, r, a)]
+        return f"{fmt(float(value))} (step {int(step)})" if r in (unfinished or {}) else float(value)
+
+    rows = [[m, *[cell(m, r, a) for r, a in series]] for m in ordered_unique(df["metric"])]
+    note = ("<p>A run that did not finish shows its last value so far and the step it was recorded at.</p>"
+            if unfinished else "")
+    return note + table(rows, ["metric", *[_label(r, a, labels) for r, a in series]], table_class="wide")
 
 
 def final_table_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]) -> str:
@@ -240,38 +251,61 @@ def final_table_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, str]
                       "a weight", len(rows))
 
 
+def unfinished_title(unfinished: Mapping[str, str]) -> str:
+    """"INCOMPLETE RUN, RECORDS SO FAR — " (as `specscope report` titles such a run's page) for the runs that did
+    not finish (name -> status); "" when every run finished."""
+    if not unfinished:
+        return ""
+    statuses = " / ".join(s.upper() for s in ordered_unique(unfinished.values()))
+    return f"{statuses} RUN{'S' if len(unfinished) > 1 else ''}, RECORDS SO FAR — "
+
+
+def mark_unfinished(labels: Mapping[str, str], unfinished: Mapping[str, str]) -> dict[str, str]:
+    """Each label of a run that did not finish starting with its status ("[incomplete] lr=0.1"): kept when a
+    legend shortens the label."""
+    return {n: f"[{unfinished[n]}] {v}" if n in unfinished else v for n, v in labels.items()}
+
+
 def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame], *,
                      configs: Mapping[str, Mapping] | None = None, labs: Mapping[str, str] | None = None,
-                     title: str | None = None, dpi: int = DPI) -> Path:
+                     title: str | None = None, unfinished: Mapping[str, str] | None = None,
+                     salvaged: str = "", dpi: int = DPI) -> Path:
     """Write out_dir/comparison.html (self-contained) and its PNGs to out_dir/figures/.
 
     runs maps a run's name (usually its id) to its long-format metrics; configs and labs map the same
     names to their config dicts and lab names, from which each run gets a readable label (`run_labels`).
-    Returns the path of comparison.html.
+    unfinished maps the name of a run that did not finish to its status (incomplete, running, ...): its label,
+    the title and the final metrics say its values are the records so far. salvaged: what was wrong with the
+    damaged databases read, put first in the title. Returns the path of comparison.html.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    unfinished = {str(k): v for k, v in (unfinished or {}).items() if v != "complete"}
     labels = run_labels([str(n) for n in runs], {str(k): v for k, v in (configs or {}).items()},
                         {str(k): v for k, v in (labs or {}).items()})
+    labels = mark_unfinished(labels, unfinished)
     runs = {str(k): v for k, v in runs.items()}
     title = title or "specscope comparison: " + " vs ".join(labels.values())
+    title = (f"SALVAGED FROM DAMAGED DATABASES ({salvaged}) — " if salvaged else "") + unfinished_title(unfinished) + title
     short = legend_names(labels)
     figures = {"compare_loss": compare_losses(runs, labels=short, dpi=dpi),
                "compare_final_ranks": compare_final_ranks(runs, labels=short, dpi=dpi)}
     pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi, owned=lambda stem: stem in figures)
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}
-    listing = table([[labels[name], (labs or {}).get(name, ""), name, len(prepare(df)),
-                      ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
-                     for name, df in runs.items()], ["run", "lab", "id", "records", "arms"])
+    listing = table([[labels[name], (labs or {}).get(name, ""), name, unfinished.get(name, "complete"),
+                      len(prepare(df)), ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
+                     for name, df in runs.items()], ["run", "lab", "id", "status", "records", "arms"])
     keys = differing_keys(configs) if configs and len(set((labs or {}).values())) <= 1 else []
     body = "\n".join([
         f"<h1>{esc(title)}</h1>",
+        "".join(f'<p class="warning">{esc(n)} is {esc(st)}: its values are the records so far, not final.</p>'
+                for n, st in unfinished.items()),
         "<h2>Runs</h2>",
         f"<p>Settings that differ: {esc(', '.join(keys))}.</p>" if keys else "", listing,
         "<h2>Figures</h2>",
         "\n".join(figure_block(s, d, captions[s]) for s, d in pngs.items()) or "<p>No metrics to plot.</p>",
-        "<h2>Final metrics</h2>", final_metrics_html(runs, labels),
+        "<h2>Final metrics</h2>", final_metrics_html(runs, labels, unfinished),
         "<h2>Per-weight values</h2>",
         "<p>Medians over each run's measured steps, and the verdict of the median nr/st — the numbers of each "
         "run's own report.</p>", final_table_html(runs, labels),

@@ -134,15 +134,24 @@ def safe_name(name: str) -> str:
     return stem[:80]
 
 
+def check_writable(out_dir: str | os.PathLike) -> Path:
+    """out_dir/figures, or RunStoreError when a page written to out_dir would be refused (figures/ a link out
+    of the directory, or not a folder): called before anything is written, so a refused report changes nothing."""
+    folder = Path(out_dir) / "figures"
+    if folder.is_symlink():
+        raise RunStoreError(f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside its own "
+                            "directory: remove the link")
+    if folder.exists() and not folder.is_dir():
+        raise RunStoreError(f"{folder} is a file, not the folder of the report's figures: move it away")
+    return folder
+
+
 def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | None = None,
                  owned: Callable[[str], bool] = lambda stem: False) -> dict[str, bytes]:
     """Finish each figure with the project style and write it to out_dir/figures/<stem>.png; returns
     stem -> PNG bytes. A PNG already there whose stem is `owned` (a figure this page could draw) but was not
     drawn this time is removed, so figures/ never keeps one from data the page no longer shows."""
-    folder = out_dir / "figures"
-    if folder.is_symlink():
-        raise RunStoreError(f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside its own "
-                            "directory: remove the link")
+    folder = check_writable(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for stem, fig in figures.items():

@@ -18,7 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
-from matplotlib.ticker import AutoLocator, FixedLocator, FuncFormatter, MaxNLocator, NullFormatter, NullLocator
+from matplotlib.ticker import (AutoLocator, FixedFormatter, FixedLocator, FuncFormatter, MaxNLocator, NullFormatter,
+                               NullLocator)
+
+from specscope.names import visible
 
 DPI = 100
 PANEL = (4.2, 3.0)  # inches of one panel of a grid
@@ -187,6 +190,30 @@ def figure_legend(fig: Figure, handles: list, labels: list[str], *, cap: int = 2
                       title=title, title_fontsize=FONT["legend"], frameon=False)
 
 
+def shown(text: object) -> str:
+    """`text` as a figure draws it: every control or bidirectional character (U+202E, ESC, BEL) as a visible
+    escape (`names.visible`), line breaks kept (titles and table cells are wrapped on purpose)."""
+    return "\n".join(visible(line) for line in str(text).split("\n"))
+
+
+def _escape_controls(fig: Figure) -> None:
+    """Every text of the figure (titles, labels, legend entries, fixed tick labels such as layer names) through
+    `shown`, so a recorded name can neither reorder nor hide what is drawn."""
+    for text in fig.findobj(Text):
+        if text.get_text() != shown(text.get_text()):
+            text.set_text(shown(text.get_text()))
+    for axis in (axis for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)):
+        for formatter in (axis.get_major_formatter(), axis.get_minor_formatter()):
+            if isinstance(formatter, FixedFormatter):  # labels given as text: set_ticklabels, set_yticks(.., names)
+                formatter.seq = [shown(s) for s in formatter.seq]
+            elif isinstance(formatter, FuncFormatter):
+                formatter.func = _shown_by(formatter.func)
+
+
+def _shown_by(func):
+    return lambda x, pos=None: shown(func(x, pos))
+
+
 def finish(fig: Figure) -> Figure:
     """Apply the style to a figure made anywhere (report, compare, a lab) and return it.
 
@@ -198,6 +225,7 @@ def finish(fig: Figure) -> Figure:
     fig._specscope_finished = True
     for text in fig.findobj(Text):  # names are data: "a$b$" draws as typed, never as mathtext
         text.set_parse_math(False)
+    _escape_controls(fig)
     if fig.get_layout_engine() is None or type(fig.get_layout_engine()).__name__ != "ConstrainedLayoutEngine":
         try:
             fig.set_layout_engine("constrained")

@@ -69,7 +69,9 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
             continue
         data = read_json(summary, checksum=True, fix=f"`specscope report {summary.parent}` rewrites it from the "
                          "recorded metrics")  # a tampered verdict is never shown as a result
-        name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged") else "")
+        damaged = data.get("salvaged") or _damage(summary.parent)
+        name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged")
+                                      else " (its metrics database is damaged)" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     [Claim(**c) for c in data.get("claims", [])]))
     for claims_file in sorted(root.rglob("claims.json")):
@@ -81,6 +83,19 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         out.append((meta["lab"], f"sweep {claims_file.parent.name}", {"sweep": meta}, created,
                     _sweep_claims(claims_file)))
     return out
+
+
+def _damage(path: Path) -> str:
+    """"" when the run's metrics database passes its check, else what is wrong (said on stderr): the claims
+    in its summary.json were computed from records that may no longer be there."""
+    from specscope.store import Run
+
+    try:
+        Run.open(path).check()
+    except RunStoreError as e:
+        typer.echo(f"warning: {visible(path)}: its claims come from a damaged metrics database ({visible(e)})", err=True)
+        return str(e)
+    return ""
 
 
 def _sweep_claims(path: Path) -> list[Claim]:

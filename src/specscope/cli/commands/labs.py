@@ -126,7 +126,7 @@ def report_cmd(
     from specscope import labs, store
     from specscope.labs.config import make_config
     from specscope.labs.runner import finish
-
+    from specscope.report.html import check_writable
     from specscope.store.run import effective_status, read_config
 
     run_dir = store.find_run(run_dir, root)
@@ -135,6 +135,7 @@ def report_cmd(
     if status == "running":
         raise ConfigError(f"{run_dir} is being written by a live process; report it when it has finished "
                           "(it writes its own report then)")
+    check_writable(run_dir)  # every refusal before the first write: a refused report changes no file
     if run.lab == "diagnose":
         from specscope.cli.commands.diagnose import write_diagnose_report
 
@@ -190,12 +191,11 @@ def compare(
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or root / "compare" / time.strftime("%Y%m%d-%H%M%S")  # beside the runs it compares
     configs, labs = dict(zip(names, (r.config for r in runs))), dict(zip(names, (r.lab for r in runs)))
-    page = report.write_comparison(
-        out,
-        frames,
-        configs=configs,
-        labs=labs,
-        title=("SALVAGED FROM DAMAGED DATABASES (" + "; ".join(damaged) + ") — " if damaged else "")
-        + "specscope comparison: " + " vs ".join(report.run_labels(list(frames), configs, labs).values()),
-    )
+    unfinished = {n: r.status for n, r in zip(names, runs) if r.status != "complete"}  # as `report` tells them
+    for n, p in zip(names, paths):
+        if n in unfinished:
+            typer.echo(f"warning: {visible(p)} is {unfinished[n]}: the comparison shows only the steps it recorded "
+                       "so far, not its final values", err=True)
+    page = report.write_comparison(out, frames, configs=configs, labs=labs, unfinished=unfinished,
+                                   salvaged="; ".join(damaged))
     console.print(f"comparison: {markup(page)}", soft_wrap=True)
