@@ -86,12 +86,17 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
 
 
 def _damage(path: Path) -> str:
-    """"" when the run's metrics database passes its check, else what is wrong (said on stderr): the claims
-    in its summary.json were computed from records that may no longer be there."""
-    from specscope.store import Run
+    """"" unless the run's metrics database is there and cannot be read (a truncated, emptied or overwritten file;
+    the cheap check `specscope runs` makes, not a full integrity scan), else what is wrong (said on stderr): the
+    claims in its summary.json were computed from records that may no longer be there."""
+    from specscope.store import Run, sqlite
 
+    run = Run.open(path)
+    if not run.metrics_path.is_file():
+        return ""
     try:
-        Run.open(path).check()
+        with run.reader(check=False) as (con, _):
+            sqlite.read_progress(con)
     except RunStoreError as e:
         typer.echo(f"warning: {visible(path)}: its claims come from a damaged metrics database ({visible(e)})", err=True)
         return str(e)
