@@ -515,3 +515,19 @@ def test_control_and_bidi_characters_in_names_are_drawn_escaped():
         drawn += [t.get_text() for t in fig.findobj(matplotlib.text.Text)]
     assert not any(ch in t for t in drawn for ch in "\u202e\x1b\x07")
     assert any("\\u202e<evil\\x1b[31m" in t for t in drawn) and any("adam\\x07w" in t for t in drawn)
+
+
+def test_a_legend_names_every_line_of_a_per_parameter_figure():
+    """The GPT lab's nr(G) by parameter draws 8 weights: all 8 are named (mlp.down, the one GPT-2b is about,
+    used to be hidden in "+2 more"); past 12 the rest are counted."""
+    from specscope.report import style
+
+    def legend_texts(n: int) -> list[str]:
+        fig = Figure(figsize=style.PANEL)
+        ax = fig.add_subplot()
+        for i in range(n):
+            ax.plot([1, 2], [i, i + 1], label=f"blocks.0.w{i}")
+        return [t.get_text() for t in style.legend(ax).get_texts()]
+
+    assert legend_texts(8) == [f"blocks.0.w{i}" for i in range(8)]
+    assert legend_texts(14)[-1] == "… +2 more" and len(legend_texts(14)) == 13

@@ -27,7 +27,7 @@ DPI = 100
 PANEL = (4.2, 3.0)  # inches of one panel of a grid
 FONT = {"title": 10, "suptitle": 11, "label": 9, "tick": 8, "legend": 8}
 MIN_FONT = 7  # no text smaller than this (points) after `finish`
-LEGEND_CAP = 6  # entries named in one legend; the rest are counted
+LEGEND_CAP = 12  # entries named in one legend (beside the axes from five on); the rest are counted
 # one colour per verdict, the same in figures, HTML tables and the terminal
 VERDICT_COLOURS = {"spectral": "#b2182b", "euclidean": "#2166ac", "undecided": "#8a6d00", "unmeasured": "#6a3d9a"}
 CLAIM_COLOURS = {"PASS": "#b7e4c7", "FAIL": "#f4b6b6", "INCONCLUSIVE": "#fde8a6", "UNDECIDABLE": "#e4e4e4"}
