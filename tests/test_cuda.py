@@ -61,7 +61,8 @@ def test_nuclear_norms_agree_across_devices():
 
 def _train(make_opt, device: str, steps: int = 3) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in [(64, 32), (32, 64), (48, 48), (48, 48)]]
+    # drawn on the CPU and moved: torch.randn(..., device="cuda") draws from the CUDA generator, other numbers
+    params = [torch.nn.Parameter(torch.randn(s).to(device)) for s in [(64, 32), (32, 64), (48, 48), (48, 48)]]
     opt = make_opt(params)
     g = torch.Generator().manual_seed(1)
     for _ in range(steps):
