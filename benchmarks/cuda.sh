@@ -35,7 +35,9 @@ part env "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 part tests "$py" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/probe/test_probe_monitor.py -k cuda
 part polar "$py" benchmarks/polar.py --device "$dev" --dims ${DIMS:-256 768} --rounds "$rounds" --repeats "$repeats"
-part optim_step "$py" benchmarks/optim_step.py --device "$dev" --skip-rf --rounds "$rounds" --repeats "$repeats"
+part optim_step "$py" benchmarks/optim_step.py --device "$dev" --skip-rf --rounds "$rounds" --repeats "$repeats" \
+    --optimizers "Muon default (gram_newton_schulz)" "Muon polar=newton_schulz" "Muon polar=polar_express" "Muon polar=gram"
+# (all candidates, svd, SpecGD and AutoGeometry included, took longer than 90 s on an H200)
 part probe_overhead "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --block "$block"
 part probe_floor "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --block "$block" --floor
 part probe_host "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --block $((2 * block)) --d-model 32 --seq-len 16 --batch 2
