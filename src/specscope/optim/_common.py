@@ -18,6 +18,7 @@ from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
 from specscope.names import layer_name, parameter_name  # noqa: F401  (re-exported: optim.layer_name)
 from specscope.optim import _distributed
+from specscope.optim._distributed import transposable
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
 POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
@@ -95,9 +96,8 @@ def nonfinite_flags(grads: Sequence[Tensor]) -> list[bool]:
     """
     if not grads:
         return []
-    norms = torch.stack([n.float() for n in torch._foreach_norm(list(grads))])
-    suspects = (~torch.isfinite(norms)).tolist()
-    return [s and not bool(torch.isfinite(g).all()) for s, g in zip(suspects, grads)]
+    norms = torch.stack([n.float() for n in torch._foreach_norm(list(grads))]).tolist()
+    return [not math.isfinite(n) and not bool(torch.isfinite(g).all()) for n, g in zip(norms, grads)]
 
 
 # ---------------------------------------------------------------- matrix views
@@ -153,7 +153,12 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     validation of `linalg.polar` — a host sync per bucket on CUDA — is skipped, and the bf16 factor is
     added to the parameter directly. The group's ns_steps / ns_coefficients drive "newton_schulz"
     (ns_steps also "polar_express"); "gram_newton_schulz" runs its own four-step schedule.
-    "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions).
+    "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions). "gram_newton_schulz" and
+    "polar_express" are marked `transposable`: a tall matrix is iterated transposed beside the wide ones of its
+    shape (as the backend would iterate it anyway), so a d×4d and a 4d×d matrix are one batched call (on a GPU
+    a step's launches, not its flops, set its time). "newton_schulz" keeps torch.optim.Muon's one call per shape:
+    its steps equal torch's bit for bit on CPU, which a transposed copy's products (another summation order)
+    would not.
     """
     polar = group["polar"]
     if callable(polar):
@@ -162,9 +167,9 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     if polar == "newton_schulz":
         return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
     if polar == "polar_express":
-        return lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps)
+        return transposable(lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps))
     if polar == "gram_newton_schulz":
-        return lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps)
+        return transposable(lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps))
     return polar_map(polar)
 
 

@@ -164,7 +164,8 @@ def _as_tuple(x: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, ...]:
 
 
 def _batched(fn: MapFn, mats: Sequence[Tensor], extras: int = 0) -> list[tuple[Tensor, ...]]:
-    """fn on each matrix, one call per (shape, dtype); an empty matrix (a shard of no rows) maps to itself
+    """fn on each matrix, one call per (shape, dtype) — a `transposable` map's tall matrices counted by their
+    transpose's shape —; an empty matrix (a shard of no rows) maps to itself
     and zero extras. A `LaterMap` over several matrices on a multi-thread CPU gets one `start` call for all."""
     out: list[tuple[Tensor, ...]] = [()] * len(mats)
     live = [i for i, m in enumerate(mats) if m.numel() > 0]
@@ -174,15 +175,24 @@ def _batched(fn: MapFn, mats: Sequence[Tensor], extras: int = 0) -> list[tuple[T
         for i, res in zip(live, fn.start([mats[i] for i in live])()):
             out[i] = _as_tuple(res)
         return out
+    flip = getattr(fn, "transposable", False)
+    wide = {i: mats[i].mT if flip and mats[i].shape[-2] > mats[i].shape[-1] else mats[i] for i in live}
     buckets: dict[tuple, list[int]] = {}
     for i in live:
-        buckets.setdefault((tuple(mats[i].shape), mats[i].dtype, mats[i].device), []).append(i)
+        buckets.setdefault((tuple(wide[i].shape), mats[i].dtype, mats[i].device), []).append(i)
     for idx in buckets.values():
-        X = mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
+        X = wide[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([wide[i] for i in idx])
         res = _as_tuple(fn(X))
         for k, i in enumerate(idx):
-            out[i] = tuple(t[k] for t in res)
+            out[i] = (res[0][k].mT if wide[i] is not mats[i] else res[0][k], *(t[k] for t in res[1:]))
     return out
+
+
+def transposable(fn: MapFn) -> MapFn:
+    """Mark a map with fn(Xᵀ) = fn(X)ᵀ (a polar map): `_batched` then stacks a tall matrix, transposed, with the
+    wide ones of its shape — one call for a d×4d and a 4d×d matrix, not two."""
+    fn.transposable = True  # type: ignore[attr-defined]
+    return fn
 
 
 def owner_map(mats: Sequence[Tensor], fn: MapFn, shardwise: bool = False, extras: int = 0) -> list[tuple[Tensor, ...]]:

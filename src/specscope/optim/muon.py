@@ -35,29 +35,47 @@ MUON_DEFAULTS: dict[str, Any] = dict(
 
 
 def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
-    """One Muon step on a group: momentum per matrix, one batched polar map over all of them, apply.
+    """One Muon step on a group: momentum, one batched polar map over all matrices, apply.
 
     The polar map is one call so that, under torch.distributed, matrices of every shape are balanced over
-    the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard.
+    the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard. Momentum
+    and the update are multi-tensor (`torch._foreach_*`) ops: one call for all parameters instead of one per
+    parameter (per element the same arithmetic as torch.optim.Muon's, so equal bit for bit on CPU).
     """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
     stacked = group.get("stacked", False)
-    updates, counts = [], []
+    bufs = []
     for p, g in zip(params, grads):
         state = opt.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g, dtype=state_dtype(g))
-        buf = state["momentum_buffer"]
-        g = g.to(buf.dtype)
-        buf.lerp_(g, 1 - mu)
-        mats = _common.matrices(g.lerp(buf, mu) if group["nesterov"] else buf, stacked)
-        updates += mats
-        counts.append(len(mats))
-    out = iter(_common.batched_polar(updates, _common.polar_fn(group), group.get("shardwise", False)))
-    for p, n in zip(params, counts):
-        o = torch.stack([next(out) for _ in range(n)]) if stacked else next(out)
-        p.mul_(1 - lr * wd)
-        p.add_(o.view_as(p), alpha=-_common.adjust_lr(lr, group["adjust_lr_fn"], _common.matrix_shape(p, stacked)))
+        bufs.append(state["momentum_buffer"])
+    grads = [g.to(b.dtype) for g, b in zip(grads, bufs)]
+    updates: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for idx in _foreach_groups(bufs, lambda i: ()):
+        bs, gs = [bufs[i] for i in idx], [grads[i] for i in idx]
+        torch._foreach_lerp_(bs, gs, 1 - mu)
+        for i, u in zip(idx, torch._foreach_lerp(gs, bs, mu) if group["nesterov"] else bs):
+            updates[i] = u
+    mats = [_common.matrices(u, stacked) for u in updates]
+    out = iter(_common.batched_polar([m for ms in mats for m in ms], _common.polar_fn(group), group.get("shardwise", False)))
+    outs = [torch.stack([next(out) for _ in ms]) if stacked else next(out) for ms in mats]
+    scales = [_common.adjust_lr(lr, group["adjust_lr_fn"], _common.matrix_shape(p, stacked)) for p in params]
+    for idx in _foreach_groups(params, lambda i: (scales[i],)):
+        ps = [params[i] for i in idx]
+        if lr * wd != 0:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_add_(ps, [outs[i].reshape(params[i].shape) for i in idx], alpha=-scales[idx[0]])
+
+
+def _foreach_groups(ts: list[Tensor], extra) -> list[list[int]]:
+    """Indices of tensors one multi-tensor op may take together: plain tensors of one device, or DTensors of one
+    mesh (torch refuses a mix), split further by `extra(i)`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(ts):
+        kind = (id(t.device_mesh),) if _distributed.is_dtensor(t) else (None, t.device)
+        groups.setdefault((*kind, *extra(i)), []).append(i)
+    return list(groups.values())
 
 
 def check_muon(group: dict) -> None:
