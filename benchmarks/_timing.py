@@ -81,3 +81,27 @@ def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, r
         ratios = tuple(statistics.median(r) / statistics.median(b) for r, b in zip(times[name], times[baseline]))
         out[name] = Timing(name, statistics.median(t for r in times[name] for t in r), ratios)
     return out
+
+
+# aten ops that only make a view (no kernel runs for them); everything else dispatched is counted
+_VIEW_OPS = {"view", "_unsafe_view", "expand", "transpose", "permute", "select", "slice", "t", "alias", "unsqueeze",
+             "squeeze", "as_strided", "diagonal", "detach", "split", "unbind", "reshape", "promote_types"}
+
+
+def dispatched_ops(fn: Callable[[], object]) -> int:
+    """How many aten ops fn() dispatches on the calling thread, views not counted: on a GPU, where a small step
+    is bound by kernel launches rather than flops, about the number of launches (a multi-tensor `_foreach_*` op
+    counts once). Ops that one-thread workers run are not seen."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten" and func.__name__.split(".")[0] not in _VIEW_OPS:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as c:
+        fn()
+    return c.n

@@ -5,7 +5,9 @@ step time of torch.optim.Muon (the baseline), specscope Muon with each polar bac
 AutoGeometry, timed round-robin (benchmarks/_timing.py); the ratio to the baseline's step in the same
 round as median [min–max] over the rounds, with the load average at start; and the polar error of the
 update direction, max|u_iᵀPv_i − 1| over σ_i ≥ 0.1·σ_1 and σ_i ≥ 1e-3·σ_1 (linalg.polar_error), on the
-gradient-like matrices of benchmarks/polar.py (geometric spectrum 1 … 1e-6, as the linalg benchmark).
+gradient-like matrices of benchmarks/polar.py (geometric spectrum 1 … 1e-6, as the linalg benchmark);
+and "ops / step", the aten ops one step dispatches (views not counted: `_timing.dispatched_ops`), which on a GPU
+is about its kernel launches — what a step of a few milliseconds is bound by.
 Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/‖A‖_2²), SpecGD
 (‖G‖_*/‖A‖_F²) and AutoGeometry (geometry-matched, lr 1/‖A‖_2²) and checks AutoGeometry's loss is within
 10 % of the better of the two.
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
@@ -107,12 +109,13 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
     for opt in opts.values():
         opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
+    ops = {k: dispatched_ops(o.step) for k, o in opts.items()}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     steps = {k: with_env(o.step, SPECSCOPE_EIGH="torch") if k == TORCH_EIGH else o.step for k, o in opts.items()}
     if floor:
-        steps[FLOOR], errs[FLOOR] = eigensolves(mats), None
+        steps[FLOOR], errs[FLOOR], ops[FLOOR] = eigensolves(mats), None, None
     timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync)
-    return [dict(setting=label, optimizer=k, timing=t, err=errs[k]) for k, t in timings.items()]
+    return [dict(setting=label, optimizer=k, timing=t, err=errs[k], ops=ops[k]) for k, t in timings.items()]
 
 
 def rf_check(steps: int, seed: int) -> list[dict]:
@@ -156,11 +159,16 @@ def main() -> None:
     fmt = [dict(setting=r["setting"], optimizer=r["optimizer"], ms=f"{r['timing'].ms:.1f}",
                 ratio=r["timing"].ratio_text(),
                 e1="–" if r["err"] is None else f"{r['err'][0]:.1e}",
-                e3="–" if r["err"] is None else f"{r['err'][1]:.1e}") for r in rows]
+                e3="–" if r["err"] is None else f"{r['err'][1]:.1e}", ops="–" if r["ops"] is None else str(r["ops"]))
+           for r in rows]
     for r in fmt:
         r["× Muon"], r["median ms"], r["err σ≥0.1σ₁"], r["err σ≥1e-3σ₁"] = r["ratio"], r["ms"], r["e1"], r["e3"]
-    print(markdown(fmt, ["setting", "optimizer", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]))
-    print("\n× Muon: median [min–max] over the interleaved rounds of the ratio to torch.optim.Muon's step in the same round")
+    for r in fmt:
+        r["ops / step"] = r["ops"]
+    print(markdown(fmt, ["setting", "optimizer", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁", "ops / step"]))
+    print("\n× Muon: median [min–max] over the interleaved rounds of the ratio to torch.optim.Muon's step in the same round;"
+          "\nops / step: aten ops one step dispatches on the calling thread, views not counted (on a GPU about its kernel"
+          "\nlaunches; a one-thread worker's ops, as polar=\"gram\" runs them on a multi-thread CPU, are not seen)")
     if args.skip_rf:
         return
     rf = rf_check(args.rf_steps, args.seed)
