@@ -82,6 +82,19 @@ def test_export_default_output_name(root, tmp_path, monkeypatch):
     assert res.exit_code == 0 and (tmp_path / "r2.csv").is_file()
 
 
+def test_export_replaces_an_existing_file_only_with_force(root, tmp_path):
+    out = tmp_path / "notes.csv"
+    out.write_text("the user's own notes\n")
+    argv = ["export", "r1", "--out", str(out), "--root", str(root)]
+    res = runner.invoke(app, argv)
+    assert res.exit_code != 0 and "the file exists" in str(res.exception) and "--force" in str(res.exception)
+    assert out.read_text() == "the user's own notes\n" and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    res = runner.invoke(app, argv + ["--force"])
+    assert res.exit_code == 0, res.output
+    pd.testing.assert_frame_equal(pd.read_csv(out, keep_default_na=False, na_values={"value": ["NaN", ""]}),
+                                  load(root / "demo" / "r1"), check_dtype=False)
+
+
 def test_real_console_script(root):
     out = subprocess.run([str(SCRIPT), "runs", "--root", str(root)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

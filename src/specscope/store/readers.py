@@ -190,9 +190,11 @@ def run_holding(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False) -> Path:
+def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False,
+           force: bool = False) -> Path:
     """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow), through a temporary file, so
-    `out` is the whole export or untouched. With `salvage` the file name says so: `<out stem>.salvaged<suffix>`."""
+    `out` is the whole export or untouched. With `salvage` the file name says so: `<out stem>.salvaged<suffix>`.
+    An existing file at `out` is replaced only with `force=True` (it may be an earlier export, or anything else)."""
     if fmt not in ("csv", "parquet"):
         raise ConfigError(f"unknown export format {fmt!r}: use csv or parquet.")
     if fmt == "parquet":
@@ -211,6 +213,9 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     elif out.is_dir() or not out.parent.is_dir():
         raise RunStoreError(f"cannot write {out}: " + ("it is a directory" if out.is_dir() else
                             f"the directory {out.parent} does not exist") + "; pass --out FILE in an existing directory.")
+    elif out.exists() and not force:
+        raise RunStoreError(f"cannot write {out}: the file exists, and an export does not replace a file unasked; "
+                            "pass another --out FILE, or --force to replace it.")
     else:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

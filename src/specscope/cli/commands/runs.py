@@ -67,6 +67,7 @@ def export(
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
     salvage: bool = typer.Option(False, "--salvage", help="Export what is still readable of a damaged database "
                                  "(the file is named <name>.salvaged.<format>)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output file if it exists (refused otherwise)."),
 ) -> None:
     """Write every record of a run (run_id, step, layer, metric, value, arm, ...) to one csv or parquet file."""
     from specscope.store import export as export_run
@@ -75,5 +76,5 @@ def export(
 
     path = find_run(run, root)
     out = out or Path(f"{read_config(path)['run_id']}.{format}")  # a plain name (checked): here, never elsewhere
-    written = export_run(path, out, format, salvage=salvage)
+    written = export_run(path, out, format, salvage=salvage, force=force)
     typer.echo(f"wrote {written}")
