@@ -51,6 +51,21 @@ def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_pat
     assert "--salvage" not in err  # what it says under --salvage is what was lost, not advice to use it
 
 
+def test_salvage_that_reads_no_record_exports_nothing(finished, copy_of, cli, tmp_path):
+    """A database cut to its first pages opens, but not one record is readable: a header-only file and exit 0 read
+    as the export of an empty run."""
+    run = copy_of(finished)
+    with open(run / "metrics.sqlite", "r+b") as f:
+        f.truncate(8192)
+    before = fingerprint(run)
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
+    *warned, last = [line for line in err.splitlines() if line.strip()]  # the salvage's warnings: what was lost
+    assert rc == 2 and all(w.startswith("warning: ") for w in warned) and "Traceback" not in err, err
+    assert last.startswith("error: nothing to export") and str(run / "metrics.sqlite") in last
+    assert "not one of its records could be read" in last and "restore it from a copy" in last
+    assert list(tmp_path.glob("x*")) == [] and fingerprint(run) == before
+
+
 def test_salvage_of_an_unreadable_file_does_not_suggest_salvage(finished, copy_of, cli):
     run = copy_of(finished)
     (run / "metrics.sqlite").write_bytes(b"not a database " * 4096)

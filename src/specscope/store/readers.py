@@ -204,7 +204,11 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     if holder is not None:  # an export never replaces what a run recorded (its database, config, checkpoints …)
         raise RunStoreError(f"cannot write {out}: it is inside the run directory {holder}, whose files an export "
                             "must not replace; pass --out FILE outside every run (and sweep) directory.")
+    run = run if isinstance(run, Run) else Run.open(run_dir(run))
     df = load(run, salvage=salvage)
+    if "damage" in df.attrs and df.empty:  # a header-only file and exit 0 would read as an export of an empty run
+        raise RunStoreError(f"nothing to export: {run.metrics_path} is damaged and not one of its records could be "
+                            "read; restore it from a copy, or delete the run.")
     special = out.exists() and not out.is_file() and not out.is_dir()  # /dev/null, a fifo: write into, never replace
     if "damage" in df.attrs and not special:
         out = out.with_name(f"{out.stem}.salvaged{out.suffix}")
