@@ -36,6 +36,13 @@ class Record:
         return asdict(self)
 
 
+def not_measured_in(records: Sequence[Record], extra: Sequence[Record]) -> list[Record]:
+    """The records of `extra` whose quantity (arm, layer, metric, step) is not already in `records`: an
+    AutoGeometry's nr(G) and nr/st beside a Monitor's of the same step are stored once, as the Monitor's."""
+    seen = {(r.arm, r.layer, r.metric, r.step) for r in records}
+    return [r for r in extra if (r.arm, r.layer, r.metric, r.step) not in seen]
+
+
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "UNDECIDABLE"]  # UNDECIDABLE: "not decidable at quick size"
 
 

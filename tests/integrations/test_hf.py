@@ -276,6 +276,10 @@ def test_an_auto_optimizers_choices_are_popped_logged_and_stored(tmp_path):
     geometry = store.load(run, metric="geometry")
     assert sorted(geometry["step"].unique()) == [0, 1, 2]
     assert set(geometry["value"].unique()) <= {0.0, 1.0}
+    # one record per quantity and step: the Monitor's nr(G), not also the optimizer's nr of its AdamW moment
+    df = store.load(run)
+    assert not df.duplicated(["arm", "layer", "metric", "step"]).any()
+    assert set(df[df.metric == "nuclear_rank"].rows) != {0}  # the Monitor's (it counts rows; the optimizer's do not)
 
 
 def test_optimizers_with_auto_and_no_monitor_names_the_missing_argument():

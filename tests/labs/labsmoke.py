@@ -19,7 +19,10 @@ def smoke(monkeypatch, tmp_path, lab: str, overrides: dict) -> tuple[dict, pd.Da
     monkeypatch.setattr(runner.report, "write_report", lambda *a, **k: figures.extend(k["extra_figures"]))
     run_dir = run_lab(lab, overrides, out=tmp_path)
     claims = {c["id"]: c for c in json.loads((run_dir / "summary.json").read_text())["claims"]}
-    return claims, store.load(run_dir), sorted(figures)
+    df = store.load(run_dir)
+    twice = df[df.duplicated(["arm", "layer", "metric", "step"], keep=False)]
+    assert twice.empty, f"{lab}: a quantity recorded twice at one step:\n{twice.head(8)}"
+    return claims, df, sorted(figures)
 
 
 def verdicts(lab: str, tmp_path, overrides: dict | None = None) -> dict[str, str]:

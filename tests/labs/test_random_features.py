@@ -122,6 +122,10 @@ def test_lab_smoke_through_cli(tmp_path):
     cfg = rf.Config.model_validate(json.loads((run_dir / "config.json").read_text())["config"])
     df = store.load(run_dir)
     assert [c.verdict for c in rf.claims(df, cfg)] == [c["verdict"] for c in summary["claims"]]
+    # AutoGeometry's own nr(G) beside the lab's exact one was a second record of each step
+    auto = df[df.arm.str.endswith("/auto") & (df.metric == "nuclear_rank")]
+    assert len(auto) and not auto.duplicated(["arm", "layer", "step"]).any() and set(auto.estimator) == {"exact"}
+    assert not df.duplicated(["arm", "layer", "metric", "step"]).any()
 
 
 def test_claims_follow_the_recorded_metrics():

@@ -14,7 +14,7 @@ from torch import nn
 from specscope.errors import ConfigError
 from specscope.optim import Hybrid, spectral_param_groups
 from specscope.probe import Monitor
-from specscope.records import Record
+from specscope.records import Record, not_measured_in
 
 LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage", "geometry")  # geometry: AutoGeometry's choice
 # what a Monitor records per weight (grad_sigma_<i> and the other extras only when asked for)
@@ -84,7 +84,7 @@ class StepMeasure:
         records = self.monitor.pop_records()
         made = optimizer_records(optimizer)
         if (records or made) and self.run is not None:
-            self.run.append(records + made)
+            self.run.append(records + not_measured_in(records, made))
         return records + [r for r in made if r.metric == "geometry"]  # its nuclear_rank would shadow the Monitor's
 
     def abandon(self) -> None:

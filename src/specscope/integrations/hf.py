@@ -54,6 +54,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
         self._measure: StepMeasure | None = None
         self._values: dict[str, float] = {}
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
+        self._logged: tuple[int, set[str]] = (-1, set())  # the last logged step and its keys (each stored once)
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -91,10 +92,14 @@ class SpecscopeCallback(transformers.TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is None or not logs:
             return
-        own = {k: float(v) for k, v in logs.items()
-               if not k.startswith("specscope/") and isinstance(v, (int, float)) and math.isfinite(v)}
-        if own:  # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor
-            self.run.log(state.global_step - 1, own)
+        step = state.global_step - 1  # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor
+        if self._logged[0] != step:
+            self._logged = (step, set())
+        own = {k: float(v) for k, v in logs.items() if not k.startswith("specscope/") and k not in self._logged[1]
+               and isinstance(v, (int, float)) and math.isfinite(v)}  # the end-of-training log repeats "epoch"
+        if own:
+            self.run.log(step, own)
+            self._logged[1].update(own)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._measure is not None:

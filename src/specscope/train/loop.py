@@ -21,7 +21,7 @@ from urllib.parse import quote
 import torch
 
 from specscope.errors import NonFiniteError, RunStoreError
-from specscope.records import Record
+from specscope.records import Record, not_measured_in
 from specscope.train.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -226,8 +226,8 @@ class Trainer:
         for cb in arm.callbacks:
             if _runs_hook(cb, "after_step", step):
                 records += _tagged(cb.after_step(step, model, opt) or (), arm.name, step)
-        if hasattr(opt, "pop_records"):
-            records += _tagged(opt.pop_records(), arm.name, step)
+        if hasattr(opt, "pop_records"):  # an AutoGeometry's nr(G) beside a Monitor's or a callback's: stored once
+            records += not_measured_in(records, _tagged(opt.pop_records(), arm.name, step))
         self._append(records)
         return total
 
