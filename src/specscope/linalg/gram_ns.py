@@ -50,7 +50,7 @@ def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False) -> tuple[T
     """(sX, s²R) with s = 1/max(sqrt(max_i Σ_j |R_ij|), eps), so ‖sX‖₂ ≤ 1 for R = XXᵀ (eps as torch.optim.Muon
     clamps ‖G‖_F: a small gradient's scale is not shrunk); with aol=True the per-row (diag(s)X, diag(s) R diag(s)),
     s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target)."""
-    rows = torch.linalg.vector_norm(R, 1, dim=-1, dtype=torch.promote_types(R.dtype, torch.float32))  # Σ_j |R_ij|
+    rows = R.abs().sum(-1, dtype=torch.promote_types(R.dtype, torch.float32))  # (a float32 1-norm: 2× slower on CPU)
     s = (rows if aol else rows.amax(-1, keepdim=True)).clamp(min=eps * eps).rsqrt()  # 1/max(sqrt(·), eps)
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)
