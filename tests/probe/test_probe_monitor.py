@@ -311,6 +311,44 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
     assert sizes["polar"] and "qr" not in sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
 
 
+def test_accelerator_finish_launches_do_not_grow_with_the_number_of_layers(monkeypatch, tiny_gpt, lm_step, tokens):
+    """On a GPU a measured step's finish is bound by kernel launches: on the accelerator's route (forced here on the
+    CPU) the ops it dispatches stay the same from 2 to 4 layers — a check and a norm per input grew them by ~60 a
+    layer (one `(bound <= tol) & isfinite(θ)` and one ‖A‖_F² product per input, one float64 cast per gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from specscope.probe import estimators as E
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.namespace == "aten" and not func.is_view and func.__name__ != "_unsafe_view.default"
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(E, "NUCLEAR_METHOD", "polar")
+    monkeypatch.setattr(E, "orthonormal", E.cholesky_qr)
+    monkeypatch.setattr(E, "solves_in_batches", lambda device: True)
+    monkeypatch.setattr(E, "IMPLICIT_MIN", 64)  # the 64- and 256-wide inputs held for the batched Krylov solves
+    ops = {}
+    for n_layer in (2, 4):  # (1 layer has one input of a shape: solved alone, not as a batch)
+        model = tiny_gpt(n_layer=n_layer, d_model=64)
+        mon = Monitor(model)
+        for step in range(3):  # warm blocks from the second step on
+            model.zero_grad()
+            with mon.step(step):
+                lm_step(model, tokens).backward()
+        model.zero_grad()
+        ctx = mon.step(3)
+        ctx.__enter__()
+        lm_step(model, tokens).backward()
+        with Count() as count:
+            ctx.__exit__(None, None, None)
+        ops[n_layer] = count.n
+        assert {r.metric for r in mon.pop_records()} >= {"stable_rank", "nuclear_rank"}
+    assert ops[4] == ops[2], ops
+
+
 def test_a_compiled_submodule_keeps_the_names_it_has_uncompiled():
     """`self.model = torch.compile(model)` (Lightning's usual pattern) put `_orig_mod.` into every name: the
     Monitor's layers, the optimizer's routing and `exclude` patterns written for the plain model stopped matching."""

@@ -263,7 +263,7 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
 
 def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor:
     """The polar route for matrices of one shape (smaller side k), as one batch."""
-    X = torch.stack([(G.mT if G.shape[-2] > G.shape[-1] else G).double() for G in mats])
+    X = torch.stack([G.mT if G.shape[-2] > G.shape[-1] else G for G in mats]).double()  # one cast, not one per matrix
     fro = torch.linalg.matrix_norm(X)
     X0 = X / torch.where(fro > 0, fro, torch.ones_like(fro))[:, None, None]  # polar(0) = 0: ‖0‖_* = 0
     X = X0

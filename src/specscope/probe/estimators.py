@@ -375,7 +375,7 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
     if not first:
         return {}
     device = next(iter(first.values()))[0].device
-    if device.type == "cpu":  # serial chains: one beside the workers' queued jobs, else one per worker
+    if not solves_in_batches(device):  # serial chains: one beside the workers' queued jobs, else one per worker
         keys = list(first)
         chains = workers.balanced([first[k][0].numel() * (first[k][2] + 1) for k in keys],
                                   1 if workers.busy(device) else workers.count(device))
@@ -383,7 +383,8 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
                              chains, device=device, first=True)
         solved = {keys[i]: r for chain, rs in zip(chains, wait()) for i, r in zip(chain, rs)}
     else:
-        solved = {k: (*r, _fro2(first[k][0])) for k, r in _verified_batched(first).items()}
+        fro2 = dict(zip(first, _fro2_all([first[k][0] for k in first])))
+        solved = {k: (*r, fro2[k]) for k, r in _verified_batched(first).items()}
     lam: dict[tuple, torch.Tensor] = {}
     for k, (theta, V, good, fro2) in solved.items():
         group = unique[k]
@@ -397,6 +398,12 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
     return lam
 
 
+def solves_in_batches(device: torch.device) -> bool:
+    """Whether held inputs are solved as one batch per shape (an accelerator, where launches and host
+    synchronisations cost more than flops) rather than input by input on the CPU's one-thread workers."""
+    return device.type != "cpu"
+
+
 def _verified_batched(problems: dict) -> dict:
     """verified_top for {key: (A, V, depth)} on an accelerator: problems of one (shape, dtype, depth) stacked
     into one krylov_top call per attempt (fewer launches), one host synchronisation per attempt."""
@@ -405,17 +412,19 @@ def _verified_batched(problems: dict) -> dict:
         groups: dict[tuple, list] = {}
         for k, (A, V, depth) in todo.items():
             groups.setdefault((tuple(A.shape), A.dtype, depth), []).append(k)
-        out = {}
+        out, oks = {}, []
         for keys in groups.values():
             A, V, depth = todo[keys[0]]
             if len(keys) == 1:
-                out[keys[0]] = krylov_top(A, V, depth)
-                continue
-            theta, V, bound = krylov_top(torch.stack([todo[k][0] for k in keys]), torch.stack([todo[k][1] for k in keys]), depth)
-            out.update({k: (theta[i], V[i], bound[i]) for i, k in enumerate(keys)})
-        ok = torch.stack([(b <= VERIFIED) & torch.isfinite(t) for t, _, b in out.values()]).tolist()
+                theta, V, bound = krylov_top(A, V, depth)
+                out[keys[0]] = (theta, V)
+            else:
+                theta, V, bound = krylov_top(torch.stack([todo[k][0] for k in keys]), torch.stack([todo[k][1] for k in keys]), depth)
+                out.update({k: (theta[i], V[i]) for i, k in enumerate(keys)})
+            oks.append(((bound <= VERIFIED) & torch.isfinite(theta)).reshape(-1))  # per shape, not per input: fewer launches
+        ok = torch.cat(oks).tolist()
         last = attempt == len(RETRY_DEPTHS)
-        for good, (k, (theta, V, _)) in zip(ok, out.items()):
+        for good, (k, (theta, V)) in zip(ok, out.items()):
             if good or last:
                 done[k] = (theta, V, good)
                 del todo[k]
@@ -429,6 +438,11 @@ def _verified_batched(problems: dict) -> dict:
 def _fro2(A: torch.Tensor) -> torch.Tensor:
     flat = A.float().reshape(-1)
     return (flat @ flat).double()
+
+
+def _fro2_all(As: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`_fro2` of each input by one multi-tensor norm (float32 accumulation, as `_fro2`'s product)."""
+    return list(torch.stack(torch._foreach_norm(As, 2, dtype=torch.float32)).double().square())
 
 
 def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tensor]]:
