@@ -16,6 +16,9 @@ the input), and both together as a measured step finishes them (the solves queue
 one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping.
 
+`--ops` counts instead the aten ops each phase dispatches (views not counted: on a GPU about its kernel launches),
+on this device's route and, on a CPU, on the accelerator's route forced there.
+
 `--phases` times a probed step (every step, default) and an unprobed one phase by phase — forward, backward,
 finishing the measurement (leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
 where a measured step's extra time goes.
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average  # noqa: E402
 
 from specscope.models import GPT, GPTConfig  # noqa: E402
 from specscope.probe import Monitor  # noqa: E402
@@ -126,6 +129,39 @@ def phases(rounds: int, block: int) -> None:
               f"{statistics.median(diff):+.2f} [{min(diff):+.2f} – {max(diff):+.2f}] |")
 
 
+def op_counts() -> None:
+    """Aten ops (views not counted) per phase of an unprobed and a measured step; on a CPU also with the accelerator's
+    route forced (batched Krylov solves, matmul-only ‖G‖_*, CholeskyQR2), since a GPU's step is bound by launches."""
+    from specscope.probe import estimators as E
+
+    routes = {"as on this device": {}}
+    if DEVICE.type == "cpu":
+        routes["accelerator's route, forced on the CPU"] = dict(NUCLEAR_METHOD="polar", orthonormal=E.cholesky_qr,
+                                                                solves_in_batches=lambda device: True)
+    print("\naten ops dispatched per phase (views not counted; ops run on one-thread workers are not seen)\n")
+    print("| route | monitor | forward | backward | finish |\n|---|---|---:|---:|---:|")
+    for route, patch in routes.items():
+        saved = {k: getattr(E, k) for k in patch}
+        for k, v in patch.items():
+            setattr(E, k, v)
+        try:
+            for label, every in (("none", None), ("every step", 1)):
+                arm = Arm(every)
+                arm.run(3)  # warm blocks
+                b = arm.batches[0]
+                arm.opt.zero_grad(set_to_none=True)
+                ctx = arm.monitor.step(arm.step_no) if arm.monitor else torch.enable_grad()
+                loss = []
+                fwd = dispatched_ops(lambda: (ctx.__enter__(), loss.append(
+                    F.cross_entropy(arm.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()))))
+                bwd = dispatched_ops(lambda: loss[0].backward())
+                fin = dispatched_ops(lambda: ctx.__exit__(None, None, None))
+                print(f"| {route} | {label} | {fwd} | {bwd} | {fin} |")
+        finally:
+            for k, v in saved.items():
+                setattr(E, k, v)
+
+
 def floor_candidates(block: int) -> dict:
     """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
     from specscope.linalg import nuclear_norms, workers
@@ -171,6 +207,8 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="time the exact estimates' arithmetic alone (see above)")
     ap.add_argument("--phases", action="store_true", help="time forward, backward, finishing the measurement and the "
                                                           "optimizer step apart, probed against unprobed steps (see above)")
+    ap.add_argument("--ops", action="store_true", help="count the ops each phase dispatches instead of timing "
+                                                       "(on a GPU about its kernel launches; see op_counts)")
     ap.add_argument("--d-model", type=int, default=CFG["d_model"],
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
@@ -186,6 +224,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
     if args.phases:
         phases(args.rounds, args.block)
+        return
+    if args.ops:
+        op_counts()
         return
     if args.floor:
         res = interleaved(floor_candidates(args.block), "no monitor", rounds=args.rounds, repeats=1, warmup=1, sync=sync)
