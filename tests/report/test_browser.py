@@ -47,6 +47,16 @@ def test_comparison_in_a_browser(tmp_path, chromium):
     assert check.tables and check.tables[0]["rows"] == 12 and check.tables[0]["sorted"]
 
 
+def test_a_verdict_is_never_broken_inside_the_word_on_a_narrow_screen(tmp_path, chromium):
+    """At a phone's width the claims table's cells wrap (`overflow-wrap: anywhere`, for long layer names), and
+    INCONCLUSIVE was set as INCONCL / USIVE."""
+    page = write_report(tmp_path, synthetic_metrics(), claims=CLAIMS, config={"lr": 0.1}, title="narrow", dpi=DPI)
+    assert "INCONCLUSIVE" in {c.verdict for c in CLAIMS}
+    check = check_page(page, exe=chromium, width=360)
+    assert not check.split_verdicts, check.split_verdicts
+    assert not [p for p in check.problems if "verdict" in p]
+
+
 def test_the_check_sees_what_a_reader_would(tmp_path, chromium):
     """A broken image, a script error and a request leaving the page are each reported."""
     page = tmp_path / "bad.html"

@@ -37,7 +37,12 @@ LOOK_JS = """(() => {
   const images = [...document.images].map(i => ({alt: i.alt, width: i.naturalWidth, shown: i.clientWidth,
                                                   box: i.parentElement.clientWidth}));
   const doc = document.documentElement;
-  return JSON.stringify({images, scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth});
+  const split = [...document.querySelectorAll("td.PASS, td.FAIL, td.INCONCLUSIVE, td.UNDECIDABLE")].filter(td => {
+    const words = td.textContent.trim().split(/\s+/).filter(w => w);  // a verdict word set on two lines
+    const r = document.createRange();
+    return words.length && td.firstChild && (r.selectNodeContents(td), r.getClientRects().length > words.length);
+  }).map(td => td.textContent.trim());
+  return JSON.stringify({images, split, scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth});
 })()"""
 
 # one search and one sort of every per-weight table, as a reader would
@@ -90,6 +95,7 @@ class PageCheck:
     errors: list[str] = field(default_factory=list)
     tables: list[dict] = field(default_factory=list)
     overflow_px: int = 0
+    split_verdicts: list[str] = field(default_factory=list)  # verdict cells with a word broken across lines
     screenshot: str = ""
 
     @property
@@ -99,6 +105,7 @@ class PageCheck:
         out += [f"request to {u[:80]}" for u in self.requests if not u.startswith(("data:", self.url))]
         out += [f"console: {e}" for e in self.errors]
         out += [f"page is {self.overflow_px}px wider than the window"] if self.overflow_px > 0 else []
+        out += [f"verdict {v!r} is broken inside a word" for v in self.split_verdicts]
         for t in self.tables:
             if t["rows"] and (t["hits"] < 1 or t["hidden_after_clear"] or t["sorted"] is False):
                 out.append(f"per-weight table does not search or sort: {t}")
@@ -106,7 +113,8 @@ class PageCheck:
 
     def as_dict(self) -> dict:
         return {"url": self.url, "images": self.images, "requests": self.requests, "errors": self.errors,
-                "tables": self.tables, "overflow_px": self.overflow_px, "screenshot": self.screenshot,
+                "tables": self.tables, "overflow_px": self.overflow_px, "split_verdicts": self.split_verdicts,
+                "screenshot": self.screenshot,
                 "problems": self.problems}
 
 
@@ -238,7 +246,7 @@ def check_page(page: str | os.PathLike, screenshot: str | os.PathLike | None = N
             pipe.wait_for("Page.loadEventFired", timeout)
             pipe.drain(0.3)
             seen = _evaluate(pipe, LOOK_JS, session)
-            check = PageCheck(url=url, images=seen["images"],
+            check = PageCheck(url=url, images=seen["images"], split_verdicts=seen["split"],
                               overflow_px=max(0, seen["scrollWidth"] - seen["clientWidth"]))
             if screenshot is not None:
                 size = pipe.send("Page.getLayoutMetrics", session=session)["cssContentSize"]

@@ -43,7 +43,8 @@ th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 td { overflow-wrap: anywhere; } .wide td { white-space: nowrap; } .wide th { min-width: 4em; }
 .scroll { max-width: 100%; overflow-x: auto; }
-""" + "".join(f"td.{k} {{ background: {v}; font-weight: bold; }}\n" for k, v in style.CLAIM_COLOURS.items()) + \
+""" + "".join(f"td.{k} {{ background: {v}; font-weight: bold; overflow-wrap: normal; }}\n"  # never INCONCL-USIVE
+          for k, v in style.CLAIM_COLOURS.items()) + \
     "".join(f"td.{k} {{ color: {v}; font-weight: 600; }}\n" for k, v in style.VERDICT_COLOURS.items()) + """
 td.unmeasured { font-style: italic; } td.UNDECIDABLE { min-width: 9em; } tr.differs td { background: #fff6d6; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
