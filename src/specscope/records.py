@@ -30,10 +30,15 @@ class Record:
     estimator: str = ""
     rows: int = 0
     shape: str = ""
-    flag: str = ""  # "" for a normal record; e.g. "nonfinite" when the probe recorded bad input
+    flag: str = ""  # "" for a normal record; e.g. "nonfinite" when the probe recorded bad input; SWEEP (below)
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+SWEEP = "sweep"  # the flag of a record whose `step` holds a swept value (a width, a dimension, a batch size, an
+# index), not a training step: a lab's sweep figures read it; a report's step axis, step range and per-weight
+# summaries leave it out
 
 
 def not_measured_in(records: Sequence[Record], extra: Sequence[Record]) -> list[Record]:

@@ -105,6 +105,7 @@ TINY = ["device=cpu", "dim=16", "width=64", "samples=64", "outputs=8", "steps=4"
 def test_lab_smoke_through_cli(tmp_path):
     """`specscope run random-features --set ...` at tiny size: report, claims, and claims recomputable from the store."""
     import json
+    import re
     import subprocess
     import sys
 
@@ -116,7 +117,10 @@ def test_lab_smoke_through_cli(tmp_path):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "random-features").iterdir()
-    assert (run_dir / "report.html").is_file()
+    page = (run_dir / "report.html").read_text()
+    run_table = re.sub(r"<[^>]+>", " ", page[page.index("<h2>Run</h2>"):page.index("<h2>Configuration</h2>")])
+    # the sweeps' step column holds widths (32, 64) and dimensions (8, 16): not training steps
+    assert re.search(r"steps\s+0 – 4\s", run_table) and re.search(r"sweep records\s+20 ", run_table), run_table
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [c["id"] for c in summary["claims"]] == ["RF-1", "RF-2", "RF-3"]
     cfg = rf.Config.model_validate(json.loads((run_dir / "config.json").read_text())["config"])

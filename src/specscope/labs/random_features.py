@@ -24,7 +24,7 @@ from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activati
 from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
 from specscope.labs.config import names_from
 from specscope.linalg import nuclear_rank, stable_rank
-from specscope.records import Claim, Record
+from specscope.records import SWEEP, Claim, Record
 
 NAME = "random-features"
 
@@ -210,8 +210,8 @@ def _width_sweep(cfg: Config):
         for act in cfg.sweep_activations:
             for w in cfg.sweep_widths:
                 A = _problem(cfg, act, device, width=w, samples=cfg.sweep_samples, outputs=1).A
-                log([Record(w, act, "stable_rank", float(stable_rank(A)), estimator="exact",
-                            rows=cfg.sweep_samples, shape=f"{cfg.sweep_samples}x{w}")])
+                log([Record(w, act, "stable_rank", float(stable_rank(A)), estimator="exact",  # step = width
+                            rows=cfg.sweep_samples, shape=f"{cfg.sweep_samples}x{w}", flag=SWEEP)])
     return fn
 
 
@@ -223,8 +223,8 @@ def _dim_sweep(cfg: Config):
                 c = constants(p.A)
                 tr = descend(p, "gd", 1, c)
                 for t in (0, 1):
-                    log([Record(d, act, "nuclear_rank", tr.nuclear_rank[t], f"dim-sweep/step{t}", "exact"),
-                         Record(d, act, "stable_rank", c.st, f"dim-sweep/step{t}", "exact", rows=8 * d)])
+                    log([Record(d, act, "nuclear_rank", tr.nuclear_rank[t], f"dim-sweep/step{t}", "exact", flag=SWEEP),
+                         Record(d, act, "stable_rank", c.st, f"dim-sweep/step{t}", "exact", rows=8 * d, flag=SWEEP)])
     return fn
 
 

@@ -28,7 +28,7 @@ from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, LabConfig, Measure, Positive
 from specscope.labs.config import names_from
 from specscope.linalg import stable_rank
-from specscope.records import Claim, Record
+from specscope.records import SWEEP, Claim, Record
 
 NAME = "sparse-mlp"
 METHODS = ("gd", "specgd")
@@ -182,7 +182,7 @@ def _init_stable_ranks(cfg: Config):
                 with torch.no_grad():
                     hs = model.post_activations(x)
                 log([Record(n, f"{act}/h{i + 1}", "stable_rank", float(stable_rank(h)), estimator="exact",
-                            rows=n, shape=f"{n}x{cfg.width}") for i, h in enumerate(hs)])
+                            rows=n, shape=f"{n}x{cfg.width}", flag=SWEEP) for i, h in enumerate(hs)])  # step = batch size
     return fn
 
 

@@ -29,7 +29,7 @@ from specscope.labs.base import (Arm, AtLeast0, AtLeast1, Correlation, DataFile,
 from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
-from specscope.records import Claim, Record
+from specscope.records import SWEEP, Claim, Record
 
 NAME = "spiked"
 LAYER = "W"
@@ -314,7 +314,7 @@ def _analysis_measure(name: str, cfg: Config, make_data, *, activation: str, sca
         log(_records(res.metrics | extra, 0, shape, data.n))
         if spectrum:
             k = min(data.n, data.d, m)
-            log([Record(i + 1, LAYER, "singular_value", float(s), "", "gram", data.n, shape)
+            log([Record(i + 1, LAYER, "singular_value", float(s), "", "gram", data.n, shape, SWEEP)  # step = index
                  for i, s in enumerate(res.singular_values[:k].tolist())])
 
     return Measure(name, fn)

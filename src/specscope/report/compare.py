@@ -18,7 +18,7 @@ from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
                                    table, value_text, write_text_atomic)
-from specscope.report.tables import finite, fmt, layer_summary, ordered_unique, prepare, rank_pairs
+from specscope.report.tables import finite, fmt, layer_summary, ordered_unique, prepare, rank_pairs, training
 
 MAX_KEYS = 3  # differing settings named in a run's label
 BOOKKEEPING = {"checkpoint_every", "device"}  # settings that do not change what a run measures
@@ -284,7 +284,7 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     labels = run_labels([str(n) for n in runs], {str(k): v for k, v in (configs or {}).items()},
                         {str(k): v for k, v in (labs or {}).items()})
     labels = mark_unfinished(labels, unfinished)
-    runs = {str(k): v for k, v in runs.items()}
+    runs = {str(k): training(prepare(v)) for k, v in runs.items()}  # sweep records hold no training step
     title = title or "specscope comparison: " + " vs ".join(labels.values())
     title = (f"SALVAGED FROM DAMAGED DATABASES ({salvaged}) — " if salvaged else "") + unfinished_title(unfinished) + title
     short = legend_names(labels)

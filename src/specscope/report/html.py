@@ -26,10 +26,10 @@ from matplotlib.figure import Figure
 import specscope
 from specscope.errors import RunStoreError
 from specscope.probe.advice import MARGIN
-from specscope.records import Claim
+from specscope.records import SWEEP, Claim
 from specscope.report import style
 from specscope.report.figures import DPI, run_figures
-from specscope.report.tables import claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, unmeasured
+from specscope.report.tables import claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, training, unmeasured
 from specscope.store.integrity import write_atomic
 
 CSS = """
@@ -288,8 +288,9 @@ def weights_html(df: pd.DataFrame, heatmap: str) -> str:
     return (f'<div class="side">{heatmap}{weights_table(summary)}</div>' + unmeasured_html(df))
 
 
-def metadata_html(df: pd.DataFrame) -> str:
-    """What the data covers: run ids, arms, number of weights, step range, records, estimators."""
+def metadata_html(df: pd.DataFrame, sweeps: int = 0) -> str:
+    """What the data covers: run ids, arms, number of weights, step range, records, estimators; `sweeps`: how many
+    sweep records the lab's own figures show beside these."""
     df = prepare(df)
     items = [
         ("run", ", ".join(x for x in ordered_unique(df["run_id"]) if x) or "—"),
@@ -298,6 +299,8 @@ def metadata_html(df: pd.DataFrame) -> str:
         ("weights not measured", len(unmeasured(df))),
         ("steps", f"{df['step'].min()} – {df['step'].max()}" if len(df) else "—"),
         ("records", len(df)),
+        *([("sweep records", f"{sweeps} (a swept width, dimension, size or index in their step column: in the "
+                             "lab's figures, not in the step range, tables and step-axis figures here)")] if sweeps else []),
         ("non-finite values", int((~df["value"].apply(lambda v: math.isfinite(v))).sum())),
         ("metrics", ", ".join(ordered_unique(df["metric"])) or "—"),
         ("estimators", estimators_text(df)),
@@ -373,6 +376,8 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     claims = [as_claim(c) for c in claims]
+    swept = prepare(df)
+    df, swept = training(swept), swept[swept["flag"] == SWEEP]  # a sweep's `step` is no training step
     figures = run_figures(df, claims, dpi=dpi)
     extra = {f"lab_{safe_name(name)}": fig for name, fig in (extra_figures or {}).items() if fig is not None}
     names = {f"lab_{safe_name(name)}": name for name in (extra_figures or {})}
@@ -389,7 +394,7 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
         f'<p class="warning">{esc(salvaged)}</p>' if salvaged else "",
         '<p class="meta">Self-contained specscope report: every figure is embedded; '
         "the PNG files beside this page hold the same images.</p>",
-        "<h2>Run</h2>", metadata_html(df),
+        "<h2>Run</h2>", metadata_html(df, sweeps=len(swept)),
         "<h2>Configuration</h2>", config_table(config),
         summary_html(summary),
         "<h2>Claims</h2>", claims_html(claims),

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from specscope.names import visible
 from specscope.probe.advice import MARGIN, verdict
-from specscope.records import Claim
+from specscope.records import SWEEP, Claim
 
 COLUMNS = ("run_id", "step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
 TEXT_COLUMNS = ("run_id", "layer", "metric", "arm", "estimator", "shape", "flag")
@@ -64,6 +64,12 @@ def prepare(df: pd.DataFrame | None) -> pd.DataFrame:
     out = out[out["step"].notna()]
     out["step"] = out["step"].astype(np.int64)
     return out.reset_index(drop=True)
+
+
+def training(df: pd.DataFrame) -> pd.DataFrame:
+    """The records of training steps: a prepared frame without the sweep records (flag `records.SWEEP`: their step
+    column holds a width, a dimension, a size or an index)."""
+    return df[df["flag"] != SWEEP]
 
 
 def finite(df: pd.DataFrame) -> pd.DataFrame:
