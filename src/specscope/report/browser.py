@@ -38,7 +38,7 @@ LOOK_JS = """(() => {
                                                   box: i.parentElement.clientWidth}));
   const doc = document.documentElement;
   const split = [...document.querySelectorAll("td.PASS, td.FAIL, td.INCONCLUSIVE, td.UNDECIDABLE")].filter(td => {
-    const words = td.textContent.trim().split(/\s+/).filter(w => w);  // a verdict word set on two lines
+    const words = td.textContent.trim().split(/\\s+/).filter(w => w);  // a verdict word set on two lines
     const r = document.createRange();
     return words.length && td.firstChild && (r.selectNodeContents(td), r.getClientRects().length > words.length);
   }).map(td => td.textContent.trim());
