@@ -51,9 +51,9 @@ def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_pat
     assert "--salvage" not in err  # what it says under --salvage is what was lost, not advice to use it
 
 
-def test_salvage_that_reads_no_record_exports_nothing(finished, copy_of, cli, tmp_path):
+def test_salvage_that_reads_no_record_exports_and_reports_nothing(finished, copy_of, cli, tmp_path):
     """A database cut to its first pages opens, but not one record is readable: a header-only file and exit 0 read
-    as the export of an empty run."""
+    as the export of an empty run, and `report --salvage` rewrote summary.json with INCONCLUSIVE verdicts."""
     run = copy_of(finished)
     with open(run / "metrics.sqlite", "r+b") as f:
         f.truncate(8192)
@@ -61,9 +61,13 @@ def test_salvage_that_reads_no_record_exports_nothing(finished, copy_of, cli, tm
     rc, _, err = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
     *warned, last = [line for line in err.splitlines() if line.strip()]  # the salvage's warnings: what was lost
     assert rc == 2 and all(w.startswith("warning: ") for w in warned) and "Traceback" not in err, err
-    assert last.startswith("error: nothing to export") and str(run / "metrics.sqlite") in last
+    assert last.startswith("error: ") and str(run / "metrics.sqlite") in last
     assert "not one of its records could be read" in last and "restore it from a copy" in last
     assert list(tmp_path.glob("x*")) == [] and fingerprint(run) == before
+    # a report would have replaced the run's recorded verdicts with INCONCLUSIVE ones built from no record
+    rc, _, err = cli("report", run, "--salvage")
+    assert rc == 2 and "not one of its records could be read" in err.splitlines()[-1], err
+    assert fingerprint(run) == before
 
 
 def test_salvage_of_an_unreadable_file_does_not_suggest_salvage(finished, copy_of, cli):

@@ -64,6 +64,11 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
     df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN
     df.insert(0, "run_id", run.id)
+    if damage and df.empty and metric is None and layer is None and arm is None:
+        # a report, a claims table or an export of nothing would stand in for the run (a report would replace
+        # its recorded verdicts with INCONCLUSIVE ones)
+        raise RunStoreError(f"{run.metrics_path} is damaged and not one of its records could be read, even to salvage "
+                            "them; restore it from a copy, or delete the run.")
     if damage:
         df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
     return df
@@ -204,11 +209,7 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     if holder is not None:  # an export never replaces what a run recorded (its database, config, checkpoints …)
         raise RunStoreError(f"cannot write {out}: it is inside the run directory {holder}, whose files an export "
                             "must not replace; pass --out FILE outside every run (and sweep) directory.")
-    run = run if isinstance(run, Run) else Run.open(run_dir(run))
-    df = load(run, salvage=salvage)
-    if "damage" in df.attrs and df.empty:  # a header-only file and exit 0 would read as an export of an empty run
-        raise RunStoreError(f"nothing to export: {run.metrics_path} is damaged and not one of its records could be "
-                            "read; restore it from a copy, or delete the run.")
+    df = load(run, salvage=salvage)  # refuses a damaged database with not one readable record
     special = out.exists() and not out.is_file() and not out.is_dir()  # /dev/null, a fifo: write into, never replace
     if "damage" in df.attrs and not special:
         out = out.with_name(f"{out.stem}.salvaged{out.suffix}")

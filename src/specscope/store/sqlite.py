@@ -242,36 +242,59 @@ def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
     unless `salvage`, else read what is readable and warn."""
     where, params = _where(filters)
     try:
-        rows, lost = con.execute(_SELECT + where + " ORDER BY rowid", params).fetchall(), 0
+        rows = con.execute(_SELECT + where + " ORDER BY rowid", params).fetchall()
     except sqlite3.DatabaseError as e:
         if not salvage:
             raise _fail(path, "the metrics table is damaged", e) from e
-        (rows, lost), damage = _salvage(con, where, params), damage or str(e)
-    if damage:
-        warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, "
-                      f"{lost} unreadable stretches of <= 16 rowids skipped.", RuntimeWarning, stacklevel=3)
+        (rows, lost, guessed), damage = _salvage(con, where, params), damage or str(e)
+        bound = " (the last rowid is unreadable too: counted up to a bound from the file size)" if guessed else ""
+        warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, {lost} rowids unreadable{bound}.",
+                      RuntimeWarning, stacklevel=3)
+    else:
+        if damage:
+            warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records.", RuntimeWarning, stacklevel=3)
     return rows, damage
 
 
-def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 4096) -> tuple[list[tuple], int]:
-    """Read rowid ranges one at a time, halving a range that fails, skipping ranges of <= 16 rows that still fail."""
+def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 4096) -> tuple[list[tuple], int, bool]:
+    """Read rowid ranges one at a time, halving a range that fails; a range of <= 16 rowids that still fails is
+    read rowid by rowid (a range query also steps onto the next, possibly lost, page; a seek to one rowid does
+    not), unless both its ends fail, when it is counted lost whole. Returns (rows, rowids not read, whether the
+    table's last rowid was unreadable and the search ran up to a bound from the file size instead)."""
     try:
-        hi = con.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0
+        hi, guessed = con.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0, False
     except sqlite3.DatabaseError:  # upper bound from the file size: a row takes at least ~16 bytes
         hi = con.execute("PRAGMA page_count").fetchone()[0] * con.execute("PRAGMA page_size").fetchone()[0] // 16
-    sql = _SELECT + (where + " AND" if where else " WHERE") + " rowid BETWEEN ? AND ? ORDER BY rowid"
+        guessed = True
+    cond = (where + " AND" if where else " WHERE")
+    sql, one = _SELECT + cond + " rowid BETWEEN ? AND ? ORDER BY rowid", _SELECT + cond + " rowid = ?"
+
+    def read_one(rowid: int) -> list[tuple] | None:
+        try:
+            return con.execute(one, params + [rowid]).fetchall()
+        except sqlite3.DatabaseError:
+            return None
+
     rows, lost, todo = [], 0, [(lo, min(lo + chunk - 1, hi)) for lo in range(1, hi + 1, chunk)]
     while todo:
         lo, hi_ = todo.pop(0)
         try:
             rows += con.execute(sql, params + [lo, hi_]).fetchall()
         except sqlite3.DatabaseError:
-            if hi_ - lo < 16:
-                lost += 1
-            else:
+            if hi_ - lo >= 16:
                 mid = (lo + hi_) // 2
                 todo[:0] = [(lo, mid), (mid + 1, hi_)]
-    return rows, lost
+                continue
+            ends = [read_one(lo), read_one(hi_)] if hi_ > lo else [read_one(lo)]
+            if all(e is None for e in ends):
+                lost += hi_ - lo + 1
+                continue
+            for got in [ends[0], *map(read_one, range(lo + 1, hi_)), *ends[1:]]:
+                if got is None:
+                    lost += 1
+                else:
+                    rows += got
+    return rows, lost, guessed
 
 
 def read_progress(con: sqlite3.Connection) -> dict:
