@@ -63,6 +63,8 @@ def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[
     out[TORCH_EIGH] = Muon(_params(mats), lr=1.0, weight_decay=0.0, polar="gram")
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
+    if unknown := sorted(set(only or ()) - set(out)):
+        raise SystemExit(f"unknown optimizer {unknown[0]!r}; choose among {list(out)}")
     return {k: o for k, o in out.items() if only is None or k == "torch.optim.Muon" or k in only}
 
 
@@ -150,8 +152,11 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start\n")
+    settings = (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4))
+    if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
+        raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")
     rows = []
-    for label, d, n_layer in (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4)):
+    for label, d, n_layer in settings:
         if args.settings and label not in args.settings:
             continue
         rows += bench_steps(label, d, n_layer, args.rounds, args.repeats, args.seed, args.device, args.optimizers,

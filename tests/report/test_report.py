@@ -188,6 +188,19 @@ def test_comparison(tmp_path):
     assert text.count('<th colspan="4">') == 3 and "<td>head</td>" in text
 
 
+def test_sweep_records_stay_out_of_steps_weights_and_the_comparison(tmp_path):
+    """A lab's sweep stores a width in `step` (flag "sweep"): it is no training step and its activation no weight."""
+    train = synthetic_metrics(arms=("gd",), steps=range(0, 15, 5))
+    sweep = pd.DataFrame([{"run_id": "run-1", "step": w, "layer": "relu", "metric": "stable_rank", "value": 3.1,
+                           "arm": "", "shape": f"64x{w}", "flag": "sweep"} for w in (128, 512, 2048)])
+    df = pd.concat([train, sweep], ignore_index=True)
+    text = write_report(tmp_path / "r", df, claims=[], dpi=DPI).read_text()
+    assert "<td>steps</td><td>0 – 10</td>" in text and "<td>sweep records</td><td>3 (" in text
+    assert "<td>relu</td>" not in text
+    text = write_comparison(tmp_path / "c", {"a": df, "b": train}, dpi=DPI).read_text()
+    assert "(+3 sweep)" in text and "<td>relu</td>" not in text
+
+
 def unmeasured_records(layers=("blocks.0.attn.c_attn", "blocks.1.attn.c_attn")) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": "run-1", "step": 0, "layer": name, "metric": "unmeasured", "value": 1.0,
                           "arm": "gd", "shape": "64x192", "flag": "no input seen <b>"} for name in layers])

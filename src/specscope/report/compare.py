@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from specscope.records import SWEEP
 from specscope.report import style
 from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
@@ -284,6 +285,7 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     labels = run_labels([str(n) for n in runs], {str(k): v for k, v in (configs or {}).items()},
                         {str(k): v for k, v in (labs or {}).items()})
     labels = mark_unfinished(labels, unfinished)
+    swept = {str(k): int((prepare(v)["flag"] == SWEEP).sum()) for k, v in runs.items()}
     runs = {str(k): training(prepare(v)) for k, v in runs.items()}  # sweep records hold no training step
     title = title or "specscope comparison: " + " vs ".join(labels.values())
     title = (f"SALVAGED FROM DAMAGED DATABASES ({salvaged}) — " if salvaged else "") + unfinished_title(unfinished) + title
@@ -294,7 +296,8 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}
     listing = table([[labels[name], (labs or {}).get(name, ""), name, unfinished.get(name, "complete"),
-                      len(prepare(df)), ", ".join(a for a in ordered_unique(prepare(df)["arm"]) if a) or "—"]
+                      f"{len(df)} (+{swept[name]} sweep)" if swept[name] else len(df),
+                      ", ".join(a for a in ordered_unique(df["arm"]) if a) or "—"]
                      for name, df in runs.items()], ["run", "lab", "id", "status", "records", "arms"])
     keys = differing_keys(configs) if configs and len(set((labs or {}).values())) <= 1 else []
     body = "\n".join([
