@@ -312,6 +312,12 @@ def test_compare_figures_stay_readable_with_many_arms_and_long_labels():
             texts = [t.get_text() for t in fig.legends[0].get_texts() if not t.get_text().startswith("…")]
             assert {t.split(" · ")[0][-8:] for t in texts} == {"(9a1153)", "(e0a72e)"}  # both runs, however many arms
             assert all(t.split(" · ")[1] in arms for t in texts)  # every entry shows its arm
+    # colour = run, line style = arm: with four styles, arms 1 and 5 were the same line; now every one of the
+    # twelve arms of a run is drawn its own way
+    ax = compare_losses(runs, labels=labels, dpi=DPI).axes[0]
+    for colour in {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color() for line in ax.lines}:
+        looks = [(line.get_linestyle(), line.get_marker()) for line in ax.lines if line.get_color() == colour]
+        assert len(looks) == len(arms) == len(set(looks)), looks
 
 
 def test_layout_problems_finds_clipped_and_overlapping_text():

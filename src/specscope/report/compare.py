@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from specscope.records import SWEEP
 from specscope.report import style
-from specscope.report.figures import DPI, LINESTYLES, _arm_colour, _grid, _log_is_sensible, _metric_names
+from specscope.report.figures import DPI, LINESTYLES, MARKERS, _arm_colour, _grid, _log_is_sensible, _metric_names
 from specscope.report.html import (config_table, esc, figure_block, flatten, page, save_figures, searchable,
                                    table, value_text, write_text_atomic)
 from specscope.report.tables import finite, fmt, layer_summary, ordered_unique, prepare, rank_pairs, training
@@ -104,8 +104,10 @@ def compare_losses(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str, str
         for (run, arm), g in d.groupby(["run", "arm"], sort=False):
             arms = ordered_unique(df[df["run"] == run]["arm"])
             g = g.groupby("step")["value"].mean()
-            line, = ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)),
-                            linestyle=LINESTYLES[arms.index(arm) % 4], lw=1.4, marker="o" if len(g) == 1 else None, ms=4)
+            k = arms.index(arm)  # arms 0-3: four line styles; from the fifth on, the same with markers of a kind per four
+            marker = "o" if len(g) == 1 else (MARKERS[(k // 4 - 1) % len(MARKERS)] if k >= 4 else None)
+            line, = ax.plot(g.index, g.to_numpy(), color=_arm_colour(names.index(run)), linestyle=LINESTYLES[k % 4],
+                            lw=1.4, marker=marker, ms=4, markevery=max(1, len(g) // 8))
             lines.setdefault((run, arm), line)
         if _log_is_sensible(d["value"].to_numpy()):
             ax.set_yscale("log")
