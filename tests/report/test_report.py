@@ -201,6 +201,18 @@ def test_sweep_records_stay_out_of_steps_weights_and_the_comparison(tmp_path):
     assert "(+3 sweep)" in text and "<td>relu</td>" not in text
 
 
+def test_heatmap_of_many_arms_of_one_weight_is_one_panel():
+    """Twelve random-features arms of one weight were twelve one-row panels side by side; now one panel with a
+    row per arm. Two arms of many weights keep a panel each."""
+    arms = tuple(f"{act}/{m}" for act in ("relu", "swiglu", "gelu", "tanh") for m in ("gd", "specgd", "auto"))
+    fig = advantage_heatmap(synthetic_metrics(layers=("W",), arms=arms, steps=range(0, 30)), dpi=DPI)
+    (panel,) = [ax for ax in fig.axes if ax.images]
+    assert panel.images[0].get_array().shape == (12, 30)
+    assert {t.get_text() for t in panel.get_yticklabels()} == {f"{a} · W" for a in arms}
+    fig = advantage_heatmap(synthetic_metrics(arms=("gd", "specgd")), dpi=DPI)
+    assert len([ax for ax in fig.axes if ax.images]) == 2
+
+
 def unmeasured_records(layers=("blocks.0.attn.c_attn", "blocks.1.attn.c_attn")) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": "run-1", "step": 0, "layer": name, "metric": "unmeasured", "value": 1.0,
                           "arm": "gd", "shape": "64x192", "flag": "no input seen <b>"} for name in layers])

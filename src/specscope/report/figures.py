@@ -185,8 +185,12 @@ def nuclear_rank_curves(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     return rank_curves(df, "nuclear_rank", dpi=dpi)
 
 
+STACKED_ROWS = 48  # from 3 arms, as many (arm, weight) rows as this go in one heatmap panel
+
+
 def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
-    """Weight × step heatmap of log10(nr(G)/st(A)), one panel per arm.
+    """Weight × step heatmap of log10(nr(G)/st(A)), one panel per arm (from three arms with at most
+    STACKED_ROWS (arm, weight) pairs in all, one panel with a row per arm and weight).
 
     Diverging colours centred at 0: red cells are where the spectral step has the larger guaranteed
     decrease (nr > st), blue where the Euclidean one does; grey cells were not measured. Weights the
@@ -204,6 +208,11 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     missing = unmeasured(df)
     unmeasured_names = set(missing["layer"])
     layers = ordered_unique(list(pairs["layer"]) + list(missing["layer"]))
+    if len(arms) >= 3 and len(arms) * len(layers) <= STACKED_ROWS:  # many arms of few weights: one panel, a row
+        # per arm and weight (twelve random-features arms of one weight made twelve one-row panels side by side)
+        pairs = pairs.assign(layer=pairs["arm"] + " · " + pairs["layer"], arm="")
+        unmeasured_names = {f"{a} · {name}" for a in arms for name in unmeasured_names}
+        layers, arms = [f"{a} · {name}" for a in arms for name in layers], [""]
     steps = sorted(pairs["step"].unique())
     vmax = max(float(np.abs(pairs["log_ratio"]).max()), 0.1)
     cmap = colormaps["RdBu_r"].with_extremes(bad=style.NOT_MEASURED)
