@@ -48,7 +48,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     import pandas as pd
 
     run = run if isinstance(run, Run) else Run.open(run_dir(run))
-    with run.reader(salvage=salvage) as (con, damage):
+    with warnings.catch_warnings(record=True) as said, run.reader(salvage=salvage) as (con, damage):
+        warnings.simplefilter("always")
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
         try:
             _check_counts(run, lambda name, upto: sqlite.count_rows(con, run.metrics_path, arm=name, upto=upto))
@@ -66,9 +67,11 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     df.insert(0, "run_id", run.id)
     if damage and df.empty and metric is None and layer is None and arm is None:
         # a report, a claims table or an export of nothing would stand in for the run (a report would replace
-        # its recorded verdicts with INCONCLUSIVE ones)
+        # its recorded verdicts with INCONCLUSIVE ones); what was lost is all of it, so no warning says more
         raise RunStoreError(f"{run.metrics_path} is damaged and not one of its records could be read, even to salvage "
                             "them; restore it from a copy, or delete the run.")
+    for w in said:  # what the salvage read and lost, once the result is sure to be returned
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if damage:
         df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
     return df
