@@ -167,11 +167,11 @@ def main() -> None:
                 e3="–" if r["err"] is None else f"{r['err'][1]:.1e}", ops="–" if r["ops"] is None else str(r["ops"]))
            for r in rows]
     for r in fmt:
-        r["× Muon"], r["median ms"], r["err σ≥0.1σ₁"], r["err σ≥1e-3σ₁"] = r["ratio"], r["ms"], r["e1"], r["e3"]
+        r["× torch Muon"], r["median ms"], r["err σ≥0.1σ₁"], r["err σ≥1e-3σ₁"] = r["ratio"], r["ms"], r["e1"], r["e3"]
     for r in fmt:
         r["ops / step"] = r["ops"]
-    print(markdown(fmt, ["setting", "optimizer", "median ms", "× Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁", "ops / step"]))
-    print("\n× Muon: median [min–max] over the interleaved rounds of the ratio to torch.optim.Muon's step in the same round;"
+    print(markdown(fmt, ["setting", "optimizer", "median ms", "× torch Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁", "ops / step"]))
+    print("\n× torch Muon: median [min–max] over the interleaved rounds of the ratio to torch.optim.Muon's step in the same round;"
           "\nops / step: aten ops one step dispatches on the calling thread, views not counted (on a GPU about its kernel"
           "\nlaunches; a one-thread worker's ops, as polar=\"gram\" runs them on a multi-thread CPU, are not seen)")
     if args.skip_rf:

@@ -119,7 +119,7 @@ def run(d: int, rounds: int, repeats: int, backends: list[str], seed: int, devic
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["d", "backend", "median ms", "× Muon [min–max]", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]
+    header = ["d", "backend", "median ms", "× torch Muon", "err σ≥0.1σ₁", "err σ≥1e-3σ₁"]
     cells = [[str(r["d"]), r["backend"], f"{r['timing'].ms:.1f}", r["timing"].ratio_text(),
               f"{r['err'][0]:.2e}", f"{r['err'][1]:.2e}"] for r in rows]
     try:

@@ -279,6 +279,10 @@ def test_log_ticks_are_plain_numbers():
     assert log_ticks(3, 8) == [3, 4, 5, 6, 7, 8]
     assert log_ticks(1.5, 40) == [2, 5, 10, 20]
     assert log_ticks(0.01, 1000) == [0.01, 0.1, 1, 10, 100, 1000]
+    # 1-2-5 would be ten labels; thinned it read 1, 5, 20, 100, 500: steps that differ. 1-3 fits in eight.
+    assert log_ticks(1, 1000) == [1, 3, 10, 30, 100, 300, 1000]
+    assert log_ticks(0.02, 60) == [0.03, 0.1, 0.3, 1, 3, 10, 30]  # decades alone left three labels
+    assert log_ticks(1e-12, 1) == [1e-12, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1]  # thinned decades: an even stride
     assert [plain_number(v) for v in (0.02, 5, 300, 2e6, 1e-5)] == ["0.02", "5", "300", "2e6", "1e-5"]
     ticks = log_ticks(1.4e6, 2.6e6)  # less than half a decade of large values: the labels were "2e6, 2e6, 3e6"
     assert len({plain_number(t) for t in ticks}) == len(ticks) >= 3

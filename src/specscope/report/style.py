@@ -2,7 +2,7 @@
 
 Every figure of a report, of the compare page and of the labs is made with `figure`/`subplots` (a plain
 `Figure`, constrained layout, no pyplot registry) and passes through `finish` before it is saved, which
-applies the rest: plain-number log ticks (1, 2, 5, 10 — never "6 × 10⁰"), no tick or legend text
+applies the rest: plain-number log ticks (1, 2, 5, 10 or 1, 3, 10 — never "6 × 10⁰"), no tick or legend text
 below `MIN_FONT`, and titles and labels wrapped until they fit the canvas. `layout_problems` says what
 would still be cut off or overlap; the tests call it on every figure.
 """
@@ -58,23 +58,27 @@ def plain_number(value: float, _pos=None) -> str:
     return f"{value:.3g}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
 
 
+MAX_LOG_TICKS = 8
+
+
 def log_ticks(lo: float, hi: float) -> list[float]:
     """Tick positions for a log axis over [lo, hi], all plain numbers: round linear steps over less than
-    half a decade (8, 10, 12, 14, 16), 1-2-5 (or 1..9 when that gives fewer than three) up to three
-    decades, decades beyond (at most 8 labels)."""
+    half a decade (8, 10, 12, 14, 16); beyond, the densest of 1-2-5, 1-3 and decades per decade that gives
+    at most MAX_LOG_TICKS labels (1..9 where 1-2-5 gives fewer than three), decades thinned by an even stride
+    past that (1e-12, 1e-10, …) — never a thinned 1-2-5 series (1, 5, 20, 100, 500), whose steps differ."""
     if not (lo > 0 and hi > lo):
         return []
-    inside = lambda ticks: [float(t) for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
-    decades = math.log10(hi / lo)
-    if decades < 0.5:
+    inside = lambda ticks: [float(f"{t:.12g}") for t in ticks if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    if math.log10(hi / lo) < 0.5:
         ticks = inside(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
         return ticks if len(ticks) >= 3 else inside(MaxNLocator(9, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
     first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    for subs in ((1, 2, 5), range(1, 10)) if decades <= 3 else ((1,),):
-        ticks = inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
-        if len(ticks) >= 3:
-            break
-    return ticks[:: max(1, math.ceil(len(ticks) / 8))]
+    per_decade = lambda subs: inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
+    options = [per_decade(subs) for subs in ((1, 2, 5), (1, 3), (1,))]
+    ticks = next((t for t in options if len(t) <= MAX_LOG_TICKS), options[-1])
+    if len(ticks) < 3:
+        ticks = per_decade(range(1, 10))
+    return ticks[:: max(1, math.ceil(len(ticks) / MAX_LOG_TICKS))]
 
 
 def log_axis(axis, lo: float, hi: float) -> None:
