@@ -12,7 +12,7 @@ call); "every 10th / 100th (derived)" are t_none + (t_every_step − t_none)/k f
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
 eigenvalues, one job per gradient on the one-thread workers), st(A) of every distinct input by one warm
 block-Krylov solve of depth 0 (`probe.estimators.krylov_top`, the default route's cheapest case: two passes over
-the input), and both together as a measured step finishes them (the solves queued ahead of the eigensolves, on
+the input and a power step's two one-column products), and both together as a measured step finishes them (the solves queued ahead of the eigensolves, on
 one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping.
 

@@ -291,8 +291,10 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     (some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ, δ = θ − the next Ritz value:
     bound = min(r, r²/δ)/θ) and the next warm block, CY with unit columns — one subspace-iteration step past
     the Ritz vectors, so a block carried from step to step keeps converging while A drifts. Returns
-    (θ, that block, bound). Each pass over A is an A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major
-    A): 2·(depth + 1) in all. Products in float32, the small eigenproblem in float64; no host synchronisation.
+    (θ, that block, bound) after one power step on the top pair (`_power_step`: two one-column products, which
+    keep a warm block's first attempt within VERIFIED while the top eigenvector moves from step to step). Each
+    pass over A is an A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major A): 2·(depth + 1) in all, plus
+    those two. Products in float32, the small eigenproblem in float64; no host synchronisation.
     """
     A = A.to(product_dtype(A.device))
     b = V.shape[-1]
@@ -316,9 +318,32 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     CY = ((Y.mT @ Wc.mT) @ A).mT                                          # C·(Ritz vectors), [..., n, b]
     r = torch.linalg.vector_norm(CY[..., -1] - top.to(A.dtype)[..., None] * (Qc @ Y[..., -1:])[..., 0], dim=-1).double()
     bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
+    top, CY, bound = _power_step(A, CY, top, theta[..., -2], bound)
     # the block's own dtype's tiny: float64's underflows to 0 in float32, and a zero column (an input of rank < b)
     # became 0/0 = NaN, poisoning the warm block of every later step
     return top, CY / torch.linalg.vector_norm(CY, dim=-2, keepdim=True).clamp_min(torch.finfo(CY.dtype).tiny), bound
+
+
+def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: torch.Tensor,
+                bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top Ritz pair (θ, y) one power step on, from two one-column products: u = Cy is CY's last column
+    already; θ_u = ‖Au‖²/‖u‖² ≥ θ (the moment ratios yᵀC^(k+1)y / yᵀC^k y of a PSD C grow with k), and its
+    residual ‖Cu − θ_u u‖/‖u‖ from Cu = Aᵀ(Au) bounds it as `krylov_top` bounds θ (δ = θ_u − the next Ritz
+    value). A warm block's top Ritz vector misses a moving top eigenvector by an angle² of 1e-4–1e-2 (those
+    first errors are real: Kato–Temple's bound matches the error measured against float64); a power step
+    shrinks it by (λ₂/λ₁)², which is small for activations. Returns (θ_u, CY with its last column Cu,
+    min(bound, θ_u's bound)) where θ_u ≥ θ, else what it was given: θ ≤ θ_u ≤ λ_max keeps either bound valid."""
+    tiny = torch.finfo(torch.float64).tiny
+    u = CY[..., -1]
+    Au = u.unsqueeze(-2) @ A.mT                      # (Au)ᵀ [..., 1, rows]: the fast layout for a row-major A
+    Cu = (Au @ A)[..., 0, :]                          # (AᵀAu)ᵀ [..., n]
+    uu = (u * u).sum(-1).double().clamp_min(tiny)
+    theta_u = (Au * Au).sum((-2, -1)).double() / uu
+    r_u = torch.linalg.vector_norm(Cu - theta_u.to(u.dtype)[..., None] * u, dim=-1).double() / uu.sqrt()
+    bound_u = torch.minimum(r_u, r_u * r_u / (theta_u - second).clamp_min(tiny)) / theta_u.clamp_min(tiny)
+    better = (theta_u >= top) & torch.isfinite(theta_u) & torch.isfinite(bound_u)
+    CY = torch.cat([CY[..., :-1], torch.where(better[..., None], Cu, u).unsqueeze(-1)], -1)
+    return torch.where(better, theta_u, top), CY, torch.where(better, torch.minimum(bound, bound_u), bound)
 
 
 def _times(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:

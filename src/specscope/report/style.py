@@ -73,7 +73,10 @@ def log_ticks(lo: float, hi: float) -> list[float]:
         ticks = inside(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
         return ticks if len(ticks) >= 3 else inside(MaxNLocator(9, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi))
     first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    per_decade = lambda subs: inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
+
+    def per_decade(subs) -> list[float]:
+        return inside(m * 10.0**e for e in range(first, last + 1) for m in subs)
+
     options = [per_decade(subs) for subs in ((1, 2, 5), (1, 3), (1,))]
     ticks = next((t for t in options if len(t) <= MAX_LOG_TICKS), options[-1])
     if len(ticks) < 3:
