@@ -333,17 +333,17 @@ def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: to
     first errors are real: Kato–Temple's bound matches the error measured against float64); a power step
     shrinks it by (λ₂/λ₁)², which is small for activations. Returns (θ_u, CY with its last column Cu,
     min(bound, θ_u's bound)) where θ_u ≥ θ, else what it was given: θ ≤ θ_u ≤ λ_max keeps either bound valid."""
-    tiny = torch.finfo(torch.float64).tiny
     u = CY[..., -1]
     Au = u.unsqueeze(-2) @ A.mT                      # (Au)ᵀ [..., 1, rows]: the fast layout for a row-major A
     Cu = (Au @ A)[..., 0, :]                          # (AᵀAu)ᵀ [..., n]
-    uu = (u * u).sum(-1).double().clamp_min(tiny)
-    theta_u = (Au * Au).sum((-2, -1)).double() / uu
-    r_u = torch.linalg.vector_norm(Cu - theta_u.to(u.dtype)[..., None] * u, dim=-1).double() / uu.sqrt()
-    bound_u = torch.minimum(r_u, r_u * r_u / (theta_u - second).clamp_min(tiny)) / theta_u.clamp_min(tiny)
-    better = (theta_u >= top) & torch.isfinite(theta_u) & torch.isfinite(bound_u)
-    CY = torch.cat([CY[..., :-1], torch.where(better[..., None], Cu, u).unsqueeze(-1)], -1)
-    return torch.where(better, theta_u, top), CY, torch.where(better, torch.minimum(bound, bound_u), bound)
+    uu = (u * u).sum(-1)
+    theta_u = (Au * Au).sum((-2, -1)) / uu            # NaN for u = 0 (a zero input): then not taken
+    r2 = (Cu - theta_u[..., None] * u).square().sum(-1) / uu
+    bound_u = torch.minimum(r2.sqrt(), r2 / (theta_u - second).clamp_min(torch.finfo(u.dtype).tiny)) / theta_u
+    better = (theta_u >= top) & (theta_u < float("inf"))
+    CY[..., -1] = torch.where(better[..., None], Cu, u)
+    # fmin: a NaN bound_u (an unlucky u) leaves the Ritz pair's bound, which holds for θ_u ≥ θ as well
+    return torch.where(better, theta_u.double(), top), CY, torch.where(better, torch.fmin(bound, bound_u.double()), bound)
 
 
 def _times(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
