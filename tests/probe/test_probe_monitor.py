@@ -297,6 +297,7 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
     for method in ("eigh", "polar"):
         monkeypatch.setattr(E, "NUCLEAR_METHOD", method)
         monkeypatch.setattr(E, "IMPLICIT_MIN", 64)  # both st(A) routes: the 48-wide inputs by the Gram, 192 by Krylov
+        monkeypatch.setattr(E, "DIRECT_MAX", 0)  # the 48-wide Grams by the certified iterations, as on a GPU
         if method == "polar":
             monkeypatch.setattr(E, "orthonormal", E.cholesky_qr)
         model = tiny_gpt(n_layer=2, d_model=48)  # Grams of 48 and 192: above the batched-solver size

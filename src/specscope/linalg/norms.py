@@ -199,12 +199,17 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
         wait = workers.start(partial(_nuclear_norm_here, dtype=dtype), mats, _costs(mats))
         return lambda: torch.stack(wait())
     out = torch.empty(len(mats), dtype=torch.float64, device=device)
-    by_size: dict[int, list[int]] = {}
-    for i, k in enumerate(sizes):
-        by_size.setdefault(k, []).append(i)
-    for idx in by_size.values():
-        C = torch.stack([lower_gram(mats[i].to(dtype)) for i in idx]).double()
-        out[idx] = eigvalsh_batched(C).clamp(min=0).sqrt().sum(-1)
+    by_shape: dict[tuple[int, int], list[int]] = {}  # (smaller side, larger side): one batched Gram per shape
+    for i, (k, G) in enumerate(zip(sizes, mats)):
+        by_shape.setdefault((k, max(G.shape[-2:])), []).append(i)
+    by_size: dict[int, tuple[list[int], list[Tensor]]] = {}  # one batched eigvalsh per Gram size
+    for (k, _), idx in by_shape.items():
+        X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx]).to(dtype)
+        got = by_size.setdefault(k, ([], []))
+        got[0].extend(idx)
+        got[1].append(lower_gram(X).double())
+    for idx, grams in by_size.values():
+        out[idx] = eigvalsh_batched(torch.cat(grams)).clamp(min=0).sqrt().sum(-1)
     return lambda: out
 
 
