@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--estimator", default="gram")
     ap.add_argument("--implicit-min", type=int, default=None,
                     help="inputs at least this wide take the implicit (Krylov) route; 1 = every dense input "
-                         f"(default {E.IMPLICIT_MIN}, wider than these tiny models' inputs)")
+                         f"(default {E.IMPLICIT_MIN}: of these tiny models, only the 256-wide MLP inputs)")
     ap.add_argument("--nuclear", choices=["auto", "eigh", "polar"], default="auto",
                     help="route of ‖G‖_* (linalg.nuclear_norms): auto = float64 eigenvalues on the CPU, the matmul-only "
                          "polar route on an accelerator; polar = that route here too")

@@ -20,7 +20,7 @@ estimates can go on this machine, before any pairing, hook or bookkeeping.
 on this device's route and, on a CPU, on the accelerator's route forced there.
 
 `--phases` times a probed step (every step, default) and an unprobed one phase by phase — forward, backward,
-finishing the measurement (leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
+finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
 where a measured step's extra time goes.
 """
 
@@ -78,11 +78,11 @@ class Arm:
             self.step_no += 1
 
 
-PHASES = ("forward", "backward", "finish", "optimizer")
+PHASES = ("forward", "backward", "finishing", "optimizer")
 
 
 def phase_times(arm: Arm) -> tuple[float, ...]:
-    """One training step of `arm`, timed by phase (ms): forward, backward, finishing the measurement (leaving
+    """One training step of `arm`, timed by phase (ms): forward, backward, finishing (the measurement: leaving
     `monitor.step`), optimizer step."""
     b = arm.batches[arm.step_no % len(arm.batches)]
     arm.opt.zero_grad(set_to_none=True)
@@ -139,7 +139,7 @@ def op_counts() -> None:
         routes["accelerator's route, forced on the CPU"] = dict(NUCLEAR_METHOD="polar", orthonormal=E.cholesky_qr,
                                                                 solves_in_batches=lambda device: True)
     print("\naten ops dispatched per phase (views not counted; ops run on one-thread workers are not seen)\n")
-    print("| route | monitor | forward | backward | finish |\n|---|---|---:|---:|---:|")
+    print("| route | monitor | forward | backward | finishing |\n|---|---|---:|---:|---:|")
     for route, patch in routes.items():
         saved = {k: getattr(E, k) for k in patch}
         for k, v in patch.items():
@@ -200,15 +200,19 @@ def floor_candidates(block: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--block", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median and min–max over them)")
+    ap.add_argument("--block", type=int, default=10,
+                    help="training steps per call; a multiple of 10 also times 'every 10th' (one measured step per call)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--floor", action="store_true", help="time the exact estimates' arithmetic alone (see above)")
-    ap.add_argument("--phases", action="store_true", help="time forward, backward, finishing the measurement and the "
-                                                          "optimizer step apart, probed against unprobed steps (see above)")
-    ap.add_argument("--ops", action="store_true", help="count the ops each phase dispatches instead of timing "
-                                                       "(on a GPU about its kernel launches; see op_counts)")
+    ap.add_argument("--floor", action="store_true",
+                    help="time instead only what an exact measured step cannot skip: exact nr(G) of every gradient and "
+                         "a depth-0 st(A) solve per input, on one real step's tensors; prints 'floor: 1 + both'")
+    ap.add_argument("--phases", action="store_true", help="time forward, backward, finishing (the measurement's own phase) "
+                                                          "and the optimizer step apart, probed against unprobed steps")
+    ap.add_argument("--ops", action="store_true", help="count the aten ops each phase dispatches instead of timing (views "
+                                                       "not counted; on a GPU about its kernel launches), on this "
+                                                       "device's route and, on a CPU, on the accelerator's route forced")
     ap.add_argument("--d-model", type=int, default=CFG["d_model"],
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
