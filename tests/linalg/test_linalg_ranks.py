@@ -215,12 +215,14 @@ def test_lower_gram_is_what_eigh_reads_of_the_gram(batch, m, n, blocks, seed):
 @pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one
 def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
     """‖G‖_* of a list of matrices of different shapes (wide, tall, square, rank-deficient, zero), in list
-    order, on the thread pool and the batched path alike, and the pool leaves the caller's thread count."""
+    order, on the thread pool and the batched path alike (one Gram product per shape, one eigvalsh per Gram
+    size), and the pool leaves the caller's thread count."""
     from specscope.linalg import norms
     monkeypatch.setattr(norms, "POOL_MIN", pool_min)
     g = torch.Generator().manual_seed(3)
     mats = [torch.randn(7, 30, generator=g), torch.randn(30, 7, generator=g), torch.randn(12, 12, generator=g),
-            torch.randn(16, 2, generator=g) @ torch.randn(2, 40, generator=g), torch.zeros(5, 9), torch.randn(9, 9, generator=g)]
+            torch.randn(16, 2, generator=g) @ torch.randn(2, 40, generator=g), torch.zeros(5, 9), torch.randn(9, 9, generator=g),
+            torch.randn(11, 7, generator=g)]  # a Gram of 7 rows from a second shape: two products, one eigvalsh
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
