@@ -515,3 +515,110 @@ def test_a_layer_with_one_input_feature_is_measured():
     assert records[("0", "stable_rank")] == pytest.approx(1.0) and records[("3", "stable_rank")] == pytest.approx(1.0)
     h = torch.relu(model[0](x)).detach().double()
     assert records[("2", "stable_rank")] == pytest.approx(float(h.square().sum() / torch.linalg.matrix_norm(h, 2) ** 2), rel=1e-5)
+
+
+class Raw(nn.Module):
+    """Weights used the ways a module hook would miss: W.T and a row block of W in `@`, a float64 cast copy,
+    nn.MultiheadAttention's functional path, a tied head by matmul, a reentrant checkpointed block."""
+
+    def __init__(self, d=32, vocab=64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=True)
+        self.up = nn.Parameter(torch.randn(2 * d, d) / d**0.5)
+        self.down = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.cast = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.block = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+
+    def forward(self, ids):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.embed(ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        gate, val = (h @ self.up.T).chunk(2, -1)
+        h = h + (torch.sigmoid(gate) * val) @ self.down[:, : h.shape[-1]].T
+        h = h + (h.double() @ self.cast.double().T).float()
+        h = h + checkpoint(self.block, h, use_reentrant=True)
+        return h @ self.embed.weight.T
+
+
+def _raw():
+    g = torch.Generator().manual_seed(1)
+    return Raw(), iter(lambda: torch.randint(64, (4, 12), generator=g), None), lm_loss_of
+
+
+def lm_loss_of(m, ids):
+    return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("arch", [*HF, "gpt_neox", "t5", "vit", "encoder", "cnn", "builtin_gpt", "raw", "raw_autocast"])
+def test_weights_watching_themselves_give_the_records_of_the_mode(arch, monkeypatch):
+    """After a Monitor's first measured step the tracked weights watch their own calls for the step
+    (`ParamWatch`), not a TorchFunctionMode that sees every call: the same records, bit for bit, as the mode
+    gives on every step — on the models people train and on one that uses its weights the ways module hooks
+    miss. The weights are plain nn.Parameters again once a step ends."""
+    from specscope.probe import watch as M
+
+    def records(param_watch):
+        monkeypatch.setattr(M, "PARAM_WATCH", param_watch)
+        if arch in ("gpt_neox", "t5", "vit"):
+            model, batch = _hf_more(arch)
+            g = torch.Generator().manual_seed(1)
+            data, loss_fn = iter(lambda: batch(g), None), lambda m, b: m(**b).loss
+        else:
+            model, data, loss_fn = _raw() if arch.startswith("raw") else build(arch)
+        torch.manual_seed(0)  # the same dropout masks
+        mon, opt = Monitor(model), torch.optim.AdamW(model.parameters(), lr=1e-2)
+        watched, out = [], []
+        first = next(iter(mon.slots.values())).param
+        model.register_forward_pre_hook(lambda m, a: watched.append(
+            (type(first) is not nn.Parameter, len(torch.overrides._get_current_function_mode_stack()))))
+        for step in range(3):
+            opt.zero_grad()
+            with warnings.catch_warnings(), torch.autocast("cpu", torch.bfloat16, enabled=arch == "raw_autocast"), mon.step(step):
+                warnings.simplefilter("ignore")
+                loss_fn(model, next(data)).float().backward()
+            opt.step()
+            out.append({(r.layer, r.metric): (r.value, r.rows, r.shape) for r in mon.pop_records()})
+            assert all(type(s.param) is nn.Parameter for s in mon.slots.values())
+        return out, mon.roles, dict(mon.unmeasured), watched
+
+    fast, mode = records(True), records(False)
+    assert fast[3][0] == (False, 1) and all(w == (True, 0) for w in fast[3][1:])  # the mode on step 0 only
+    assert all(w == (False, 1) for w in mode[3])
+    assert fast[1:3] == mode[1:3]
+    for a, b in zip(fast[0], mode[0]):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k][1:] == b[k][1:], k
+            assert a[k][0] == b[k][0] or (a[k][0] != a[k][0] and b[k][0] != b[k][0]), k  # bit for bit (NaN: both)
+    if arch == "raw":  # (under autocast the checkpointed block's recompute multiplies autocast's cached copies)
+        assert not fast[2] and {"up", "down", "cast", "attn.in_proj_weight", "attn.out_proj", "block.0", "block.2"} <= {
+            layer for layer, metric in fast[0][-1] if metric == "stable_rank"}
+
+
+def test_weights_are_plain_parameters_after_a_step_that_raises_and_in_copies_made_during_one():
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    model = Tiny()
+    mon = Monitor(model)
+    x = torch.randn(12, 8)
+    with mon.step(0):
+        model(x).square().mean().backward()
+    with mon.step(1):  # watched by the weights themselves
+        assert type(model.a.weight) is not nn.Parameter and isinstance(model.a.weight, nn.Parameter)
+        ema = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        model(x).square().mean().backward()
+    assert {type(p) for p in [*ema.parameters(), *torch.load(io.BytesIO(buf.getvalue()), weights_only=False).parameters()]} == {nn.Parameter}
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), mon.step(2):
+        model(torch.randn(12, 7))
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    mon.pop_records()
+    with mon.step(3):
+        model(x).square().mean().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert st["a"].value == pytest.approx(exact_st([x]), rel=1e-4) and st["a"].rows == 12

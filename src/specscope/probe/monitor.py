@@ -34,7 +34,8 @@ from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
 from specscope.probe.pairing import Slot, tracked_slots
-from specscope.probe.watch import CallWatch, Watch
+from specscope.probe import watch as W
+from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
 
 ESTIMATORS = ("gram", "power", "exact")
@@ -193,7 +194,8 @@ class Monitor:
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
         self._watch: Watch | None = None  # the pairing state of the measured step under way
-        self._heads: set[int] = set()  # weights producing the loss, from the last measured step's backward
+        self._heads: set[int] = set()  # weights producing the loss, from the last backward a measured step saw
+        self._backward_seen = False  # a measured step's backward was seen: later ones need not see it (ParamWatch)
         self._serial = itertools.count(1)  # numbers the inputs seen (shared keys of q, k, v), across steps
         self._step: int | None = None
         self._pending: _Pending | None = None
@@ -331,14 +333,19 @@ class Monitor:
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
         self._watch = Watch(self.model, self.slots, self._new_stats, self._serial)
-        self._stack.enter_context(CallWatch(self._watch))
+        if W.PARAM_WATCH and self._backward_seen and ParamWatch.applies(self._watch):
+            self._stack.enter_context(ParamWatch(self._watch))
+        else:
+            self._stack.enter_context(CallWatch(self._watch))
 
     def _disarm(self) -> None:
         stack, self._stack, self._step = self._stack, None, None
         if stack is not None:
             stack.close()
         if self._watch is not None:  # keep what the records need; drop the held inputs and copies
-            self._heads, self._watch = self._watch.heads, None
+            if self._watch.backward_seen:
+                self._heads, self._backward_seen = self._watch.heads, True
+            self._watch = None
 
     def _new_stats(self, kind: str, n: int):
         """Fresh input statistics of this Monitor's estimator for a weight with n input features."""

@@ -1,13 +1,17 @@
 """The watch of a measured step: each tracked weight paired with the tensor it multiplied, at the operation.
 
-Two levels (probe.pairing has the layouts):
-- `CallWatch`, a TorchFunctionMode, sees every torch call of the step. A call that touches no tracked weight
-  runs as is (most of a forward); a plain product with one (F.linear, addmm, mm, matmul, @ — what nn.Linear
-  and transformers' Conv1D run) is paired there. Any other call that touches one runs under
+What sees the calls:
+- `CallWatch`, a TorchFunctionMode, on a Monitor's first measured step (and wherever `ParamWatch` cannot
+  be used): every torch call of the step, and `loss.backward()`, whose graph names the head.
+- `ParamWatch` on the steps after: the tracked weights themselves, as an nn.Parameter subclass for the
+  step, see only the calls that touch them; every other call of the forward runs at full speed.
+Either hands a call that touches a tracked weight to `Watch.call`: a plain product with one (F.linear, addmm,
+mm, matmul, @ — what nn.Linear and transformers' Conv1D run) is paired there; any other call runs under
 - `AtenWatch`, a TorchDispatchMode, which sees its aten ops: an embedding lookup, a convolution,
   nn.MultiheadAttention's functional path, a cast, anything under autocast.
-So a forward costs one Python call per torch call, not one per aten op. `Watch` holds one step's pairing
-state and hands each input matrix to its slot's statistics (probe.estimators).
+So a forward costs one Python call per torch call at most, never one per aten op (probe.pairing has the
+layouts). `Watch` holds one step's pairing state and hands each input matrix to its slot's statistics
+(probe.estimators).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ _TB = torch._C.TensorBase
 # torch-level products paired without descending to aten: function -> kind
 PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
             torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul"}
+PARAM_WATCH = True  # later measured steps are watched by ParamWatch where it applies (False: CallWatch always)
 BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 # aten ops that only view or copy a weight on its way to a product: not a use of their own
 VIEWS = (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_copy, aten.slice, aten.split, aten.chunk,
@@ -42,6 +47,7 @@ class Watch:
         self.grams: dict = {}
         self.casts: dict = {}
         self.heads: set[int] = set()
+        self.backward_seen = False
         self.recompute = False
         self.fsdp_checked: set[int] = set()
         self.fsdp = any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())  # FSDP2-sharded modules
@@ -155,6 +161,15 @@ class Watch:
             return False  # W @ X with a batched X, or a batched weight: matmul broadcasts (bmm), not a plain product
         return self.pair_product(aten.mm if kind != "addmm" else aten.addmm, x, M)
 
+    def call(self, func, args, kwargs):
+        """Run a torch call that touches a tracked weight under grad mode: a plain product is paired here; any
+        other call runs under `AtenWatch`, which sees its aten ops."""
+        kind = PRODUCTS.get(func)
+        if kind is not None and self.pair_call(kind, args, kwargs):
+            return func(*args, **kwargs)
+        with self.aten:
+            return func(*args, **kwargs)
+
     def other(self, op, args) -> None:
         """A tracked weight used by an op the probe does not pair: remembered for the reason text."""
         if self.recompute:
@@ -240,13 +255,12 @@ class AtenWatch(TorchDispatchMode):
 
 
 class CallWatch(TorchFunctionMode):
-    """Armed on measured steps only; sees every torch call of the step.
+    """The watch of a first measured step; sees every torch call of the step.
 
     A call that touches no tracked weight runs as is (one Python call, no aten-level watch: most of a
-    forward). A plain product with one (F.linear, addmm, mm, matmul, @ — what nn.Linear and transformers'
-    Conv1D run) is paired here. Any other call that touches one runs under `AtenWatch`, which sees its aten ops.
-    `loss.backward()` is seen for the head role; it runs under `AtenWatch` only while some tracked weight was
-    not reached by a forward (a checkpointed forward recomputed in the backward pass can still reach it)."""
+    forward). One that does goes to `Watch.call`. `loss.backward()` is seen for the head role; it runs under
+    `AtenWatch` only while some tracked weight was not reached by a forward (a checkpointed forward recomputed
+    in the backward pass can still reach it). Later measured steps take `ParamWatch` where they can."""
 
     def __init__(self, watch: "Watch"):
         super().__init__()
@@ -256,6 +270,7 @@ class CallWatch(TorchFunctionMode):
         kwargs = kwargs or {}
         w = self.watch
         if func in BACKWARDS and args:  # (every call of a measured forward passes here: kept cheap)
+            w.backward_seen = True
             roots = args[0] if isinstance(args[0], (list, tuple)) else [args[0]]
             for root in roots:
                 if isinstance(root, torch.Tensor):
@@ -266,8 +281,76 @@ class CallWatch(TorchFunctionMode):
                 return func(*args, **kwargs)
         if not torch.is_grad_enabled() or not w.touches(args, kwargs):
             return func(*args, **kwargs)
-        kind = PRODUCTS.get(func)
-        if kind is not None and w.pair_call(kind, args, kwargs):
+        return w.call(func, args, kwargs)
+
+
+# property reads of a weight that neither use it nor make a view of it: passed straight through
+PASSIVE = frozenset(getattr(torch.Tensor, n).__get__ for n in (
+    "shape", "dtype", "device", "requires_grad", "is_leaf", "grad", "grad_fn", "layout", "ndim", "is_cuda", "is_sparse",
+    "is_meta", "is_quantized", "is_nested", "data", "_base", "_version", "output_nr", "itemsize", "nbytes"))
+PASSIVE |= {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.stride, torch.Tensor.is_contiguous,
+            torch.Tensor.data_ptr, torch.Tensor.is_floating_point, torch.Tensor.is_complex, torch.Tensor.element_size,
+            torch.Tensor.__len__, torch.Tensor.storage_offset, torch.Tensor.untyped_storage}
+
+
+class ParamWatch:
+    """The watch of a measured step by the weights themselves, for as long as the step lasts: each tracked
+    weight's class becomes an nn.Parameter subclass whose `__torch_function__` hands the calls that touch it to
+    `Watch.call`, and every other call of the step runs at full speed. (A TorchFunctionMode costs ≈ 5 µs of
+    host time on each of the ≈ 200 torch calls of a small GPT's forward; this costs one Python call for each
+    use of a tracked weight.) Views and cast copies of a weight are handed back as the subclass too, so that a
+    product with `W.T` or with `W.to(torch.bfloat16)` is seen as one with W.
+
+    It needs plain nn.Parameter weights (not FSDP2's DTensors, not another subclass) and a head role already
+    known: the backward pass is not seen here, so `Monitor` takes it on a step watched by `CallWatch` first."""
+
+    def __init__(self, watch: "Watch"):
+        self.watch = watch
+        self.params = [s.param for s in watch.slots.values()]
+        self.cls = type("WatchedParameter", (nn.Parameter,), {"__torch_function__": classmethod(_watched_call), "watch": watch,
+                                                             "__deepcopy__": _plain_deepcopy, "__module__": __name__})
+
+    @staticmethod
+    def applies(watch: "Watch") -> bool:
+        return not watch.fsdp and all(type(s.param) is nn.Parameter for s in watch.slots.values())
+
+    def __enter__(self) -> "ParamWatch":
+        for p in self.params:
+            p.__class__ = self.cls
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.params:
+            p.__class__ = nn.Parameter
+        self.cls.watch = None  # a view handed out during the step and kept by the user passes through from now on
+
+
+def _plain_deepcopy(self, memo):
+    """A copy made during the step (an EMA model) holds plain nn.Parameters (pickling gives them already)."""
+    if id(self) not in memo:
+        memo[id(self)] = nn.Parameter(self.data.clone(memory_format=torch.preserve_format), self.requires_grad)
+    return memo[id(self)]
+
+
+def _watched_call(cls, func, types, args=(), kwargs=None):
+    """`__torch_function__` of ParamWatch's class: a call with a tracked weight, a view or a cast copy of one
+    among its arguments."""
+    kwargs = kwargs or {}
+    w = cls.watch
+    with torch._C.DisableTorchFunctionSubclass():
+        if w is None or func in PASSIVE or not torch.is_grad_enabled():
             return func(*args, **kwargs)
-        with w.aten:
-            return func(*args, **kwargs)
+        out = w.call(func, args, kwargs)
+    return _still_watched(out, w, cls, args)
+
+
+def _still_watched(out, w: Watch, cls, args):
+    """The outputs that are views or cast copies of a tracked weight, as `cls`; the rest (a product's output,
+    the weight itself from an in-place op) as they are."""
+    if isinstance(out, torch.Tensor):
+        if type(out) is cls or any(out is a for a in args) or resolve(out, w.slots, w.casts) is None:
+            return out
+        return out.as_subclass(cls)
+    if type(out) is tuple or type(out) is list:  # split, chunk, unbind
+        return type(out)(_still_watched(o, w, cls, args) for o in out)
+    return out
