@@ -519,7 +519,8 @@ def test_a_layer_with_one_input_feature_is_measured():
 
 class Raw(nn.Module):
     """Weights used the ways a module hook would miss: W.T and a row block of W in `@`, a float64 cast copy,
-    nn.MultiheadAttention's functional path, a tied head by matmul, a reentrant checkpointed block."""
+    nn.MultiheadAttention's functional path, a product under torch.func.vmap, a tied head by matmul, a
+    reentrant checkpointed block."""
 
     def __init__(self, d=32, vocab=64):
         super().__init__()
@@ -528,6 +529,7 @@ class Raw(nn.Module):
         self.up = nn.Parameter(torch.randn(2 * d, d) / d**0.5)
         self.down = nn.Parameter(torch.randn(d, d) / d**0.5)
         self.cast = nn.Parameter(torch.randn(d, d) / d**0.5)
+        self.mapped = nn.Parameter(torch.randn(d, d) / d**0.5)
         self.block = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
 
     def forward(self, ids):
@@ -538,6 +540,7 @@ class Raw(nn.Module):
         gate, val = (h @ self.up.T).chunk(2, -1)
         h = h + (torch.sigmoid(gate) * val) @ self.down[:, : h.shape[-1]].T
         h = h + (h.double() @ self.cast.double().T).float()
+        h = h + torch.func.vmap(lambda row: row @ self.mapped.T)(h)
         h = h + checkpoint(self.block, h, use_reentrant=True)
         return h @ self.embed.weight.T
 
@@ -551,7 +554,8 @@ def lm_loss_of(m, ids):
     return F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
 
 
-@pytest.mark.parametrize("arch", [*HF, "gpt_neox", "t5", "vit", "encoder", "cnn", "builtin_gpt", "raw", "raw_autocast"])
+@pytest.mark.parametrize("arch", [*HF, "gpt_neox", "t5", "vit", "encoder", "cnn", "builtin_gpt", "raw", "raw_autocast",
+                                  "gpt2_checkpointing"])
 def test_weights_watching_themselves_give_the_records_of_the_mode(arch, monkeypatch):
     """After a Monitor's first measured step the tracked weights watch their own calls for the step
     (`ParamWatch`), not a TorchFunctionMode that sees every call: the same records, bit for bit, as the mode
@@ -566,7 +570,9 @@ def test_weights_watching_themselves_give_the_records_of_the_mode(arch, monkeypa
             g = torch.Generator().manual_seed(1)
             data, loss_fn = iter(lambda: batch(g), None), lambda m, b: m(**b).loss
         else:
-            model, data, loss_fn = _raw() if arch.startswith("raw") else build(arch)
+            model, data, loss_fn = _raw() if arch.startswith("raw") else build(arch.removesuffix("_checkpointing"))
+        if arch.endswith("_checkpointing"):  # transformers' own (non-reentrant) activation checkpointing
+            model.train().gradient_checkpointing_enable()
         torch.manual_seed(0)  # the same dropout masks
         mon, opt = Monitor(model), torch.optim.AdamW(model.parameters(), lr=1e-2)
         watched, out = [], []
@@ -593,7 +599,7 @@ def test_weights_watching_themselves_give_the_records_of_the_mode(arch, monkeypa
             assert a[k][1:] == b[k][1:], k
             assert a[k][0] == b[k][0] or (a[k][0] != a[k][0] and b[k][0] != b[k][0]), k  # bit for bit (NaN: both)
     if arch == "raw":  # (under autocast the checkpointed block's recompute multiplies autocast's cached copies)
-        assert not fast[2] and {"up", "down", "cast", "attn.in_proj_weight", "attn.out_proj", "block.0", "block.2"} <= {
+        assert not fast[2] and {"up", "down", "cast", "mapped", "attn.in_proj_weight", "attn.out_proj", "block.0", "block.2"} <= {
             layer for layer, metric in fast[0][-1] if metric == "stable_rank"}
 
 
@@ -622,3 +628,21 @@ def test_weights_are_plain_parameters_after_a_step_that_raises_and_in_copies_mad
         model(x).square().mean().backward()
     st = by(mon.pop_records(), "stable_rank")
     assert st["a"].value == pytest.approx(exact_st([x]), rel=1e-4) and st["a"].rows == 12
+
+
+def test_an_input_without_storage_is_named_not_a_crash():
+    """A wrapper tensor subclass (like DTensor activations under tensor parallelism) has no storage to read: the
+    forward runs as it would, and the weight it multiplied is unmeasured with the reason and the fix."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    torch.manual_seed(0)
+    model = Tiny()
+    mon = Monitor(model)
+    for step in range(2):  # the mode, then the weights watching themselves
+        x = torch.randn(12, 8)
+        with mon.step(step):
+            side = model.a(TwoTensor(x, x.clone()))  # a side branch: no gradient reaches `a` through it
+            model.c(torch.relu(model.b(torch.randn(12, 16)))).square().mean().backward()
+        assert torch.allclose(side.a, model.a(x)) and torch.allclose(side.b, model.a(x))
+        assert "without storage" in mon.unmeasured["a"] and "monitor.observe" in mon.unmeasured["a"]
+        assert set(by(mon.pop_records(), "stable_rank")) == {"b", "c"}

@@ -154,6 +154,8 @@ class Watch:
         x, M = args[0], args[1]
         if not (isinstance(x, torch.Tensor) and isinstance(M, torch.Tensor)) or torch.is_autocast_enabled(x.device.type):
             return False
+        if _wrapped(x) or _wrapped(M):  # under torch.func.vmap/grad: the aten level sees the unwrapped product
+            return False
         self.recompute = in_backward()
         if kind == "linear":  # F.linear(x, W) = x @ W.T for x of any batch shape
             return M.dim() == 2 and x.dim() >= 2 and self.pair_product(aten.addmm, x, M.mT)
@@ -190,6 +192,10 @@ class Watch:
         out_dim, out_range, whole_input = layout
         if not whole_input:
             s.problem = "only some of its input features multiply this input (a column block of W used as inputs)"
+            return
+        if not _readable(x):
+            s.problem = (f"multiplied a {type(x).__name__} input without storage of its own (a wrapper tensor subclass), which "
+                         f"the probe does not read; pass its inputs with monitor.observe('{s.name}', weight, inputs)")
             return
         with torch.no_grad():
             A = x.detach().reshape(-1, x.shape[-1])
@@ -229,6 +235,16 @@ class Watch:
             if len(self.grams) > 4:
                 self.grams.pop(next(iter(self.grams)))
         return entry
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether an input's entries are its own storage: not a wrapper subclass (DTensor, anything with its own
+    __torch_dispatch__) nor a torch.func transform's tensor. A plain subclass is read as a tensor."""
+    return type(t).__torch_dispatch__ is torch._C._disabled_torch_dispatch_impl and not _wrapped(t)
 
 
 class AtenWatch(TorchDispatchMode):
