@@ -152,13 +152,19 @@ class Watch:
                 return False
             args = args[1:]
         x, M = args[0], args[1]
-        if not (isinstance(x, torch.Tensor) and isinstance(M, torch.Tensor)) or torch.is_autocast_enabled(x.device.type):
+        if not (isinstance(x, torch.Tensor) and isinstance(M, torch.Tensor)) or torch._C._is_any_autocast_enabled():
             return False
         if _wrapped(x) or _wrapped(M):  # under torch.func.vmap/grad: the aten level sees the unwrapped product
             return False
         self.recompute = in_backward()
         if kind == "linear":  # F.linear(x, W) = x @ W.T for x of any batch shape
-            return M.dim() == 2 and x.dim() >= 2 and self.pair_product(aten.addmm, x, M.mT)
+            if M.dim() != 2 or x.dim() < 2:
+                return False
+            hm = resolve(M, self.slots, self.casts)
+            if hm is not None and hm[1] is M and resolve(x, self.slots, self.casts) is None:  # nn.Linear: the whole W
+                self.dense(hm[0], x, (0, (0, M.shape[0]), x.shape[-1] == M.shape[1]), "linear", aten.addmm)
+                return True
+            return self.pair_product(aten.addmm, x, M.mT)
         if M.dim() != 2 or x.dim() < 2 or (x.dim() > 2 and resolve(x, self.slots, self.casts) is not None):
             return False  # W @ X with a batched X, or a batched weight: matmul broadcasts (bmm), not a plain product
         return self.pair_product(aten.mm if kind != "addmm" else aten.addmm, x, M)
@@ -197,19 +203,18 @@ class Watch:
             s.problem = (f"multiplied a {type(x).__name__} input without storage of its own (a wrapper tensor subclass), which "
                          f"the probe does not read; pass its inputs with monitor.observe('{s.name}', weight, inputs)")
             return
-        with torch.no_grad():
-            A = x.detach().reshape(-1, x.shape[-1])
-            entry = self.input(A)
-            key = entry[2]
-            if any(key in keys for r, keys in s.inputs.items() if r != out_range):
-                return  # another output block of the same product input: A is counted once
-            if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
-                return
-            stats = self.stats_for(s, kind, A.shape[1], out_range, key)
-            if isinstance(stats, GramStats):
-                stats.add(A, entry, key, source=x)
-            else:
-                stats.add(A)
+        A = x.detach().reshape(-1, x.shape[-1])  # detached: what follows records no graph
+        entry = self.input(A)
+        key = entry[2]
+        if any(key in keys for r, keys in s.inputs.items() if r != out_range):
+            return  # another output block of the same product input: A is counted once
+        if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
+            return
+        stats = self.stats_for(s, kind, A.shape[1], out_range, key)
+        if isinstance(stats, GramStats):
+            stats.add(A, entry, key, source=x)
+        else:
+            stats.add(A)
 
     def stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key):
         """The statistics this use adds to: the weight's own, or — for an output block whose input differs from
@@ -357,7 +362,7 @@ def _watched_call(cls, func, types, args=(), kwargs=None):
         if w is None or func in PASSIVE or not torch.is_grad_enabled():
             return func(*args, **kwargs)
         out = w.call(func, args, kwargs)
-    return _still_watched(out, w, cls, args)
+    return out if func in PRODUCTS else _still_watched(out, w, cls, args)  # a product's output is no weight
 
 
 def _still_watched(out, w: Watch, cls, args):
