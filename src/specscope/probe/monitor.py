@@ -190,6 +190,7 @@ class Monitor:
             if pid in self.slots:
                 self.slots[pid].role = role
         self._task_heads = R.task_heads(self.model)  # heads by declaration: a measured step keeps them so
+        self._fsdp = W.sharded(self.model)  # FSDP2 shards modules before a Monitor takes their weights
         self.unmeasured: dict[str, str] = {}
         self._warned: set[str] = set()
         self._stack: ExitStack | None = None
@@ -332,7 +333,7 @@ class Monitor:
                 s.tokens.reset()
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
-        self._watch = Watch(self.model, self.slots, self._new_stats, self._serial)
+        self._watch = Watch(self.model, self.slots, self._new_stats, self._serial, fsdp=self._fsdp)
         if W.PARAM_WATCH and self._backward_seen and ParamWatch.applies(self._watch):
             self._stack.enter_context(ParamWatch(self._watch))
         else:

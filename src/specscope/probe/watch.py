@@ -38,11 +38,17 @@ VIEWS = (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_co
          aten.split_with_sizes, aten.unsqueeze, aten.expand)
 
 
+def sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (`fully_shard`) shards some module of `model` (it must, before a Monitor takes its weights)."""
+    return any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())
+
+
 class Watch:
     """One measured step's pairing: which inputs each slot's weight multiplied (added to its statistics), the
     cast/unsharded copies of weights, the inputs seen (shared by q, k, v), the weights producing the loss."""
 
-    def __init__(self, model: nn.Module, slots: dict[int, Slot], new_stats: Callable[[str, int], object], serial: Iterator[int]):
+    def __init__(self, model: nn.Module, slots: dict[int, Slot], new_stats: Callable[[str, int], object], serial: Iterator[int],
+                 fsdp: bool | None = None):
         self.model, self.slots, self.new_stats, self.serial = model, slots, new_stats, serial
         self.grams: dict = {}
         self.casts: dict = {}
@@ -50,7 +56,7 @@ class Watch:
         self.backward_seen = False
         self.recompute = False
         self.fsdp_checked: set[int] = set()
-        self.fsdp = any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())  # FSDP2-sharded modules
+        self.fsdp = sharded(model) if fsdp is None else fsdp
         self.aten = AtenWatch(self)
 
     def all_seen(self) -> bool:
