@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -28,9 +29,9 @@ from specscope.probe.estimators import GramStats, TokenCounts
 from specscope.probe.pairing import MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve
 
 _TB = torch._C.TensorBase
-# torch-level products paired without descending to aten: function -> kind
+# torch-level products (and lookups) paired without descending to aten: function -> kind
 PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
-            torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul"}
+            torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul", F.embedding: "embedding"}
 PARAM_WATCH = True  # later measured steps are watched by ParamWatch where it applies (False: CallWatch always)
 BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 # aten ops that only view or copy a weight on its way to a product: not a use of their own
@@ -91,17 +92,35 @@ class Watch:
             s = self._whole(args[0])
             if s is None:
                 return self.other(op, args)
-            if self.recompute and s.forward_seen:
-                return None
-            s.forward_seen |= not self.recompute
-            if s.tokens is None:
-                s.tokens = TokenCounts(s.param.shape[0])
-            s.tokens.add(args[1].detach(), int(args[2]) if len(args) > 2 else -1)  # padding_idx: its row gets no gradient
-            s.role = "embedding"
-            if s.kind == "":
-                s.kind = "embedding"
-            return None
+            return self.lookup(s, args[1], int(args[2]) if len(args) > 2 else -1)
         return self.other(op, args)
+
+    def lookup(self, s: Slot, ids: torch.Tensor, padding_idx: int) -> None:
+        """An embedding lookup of `ids` in a tracked weight: counted (its row `padding_idx` gets no gradient)."""
+        if self.recompute and s.forward_seen:
+            return
+        s.forward_seen |= not self.recompute
+        if s.tokens is None:
+            s.tokens = TokenCounts(s.param.shape[0])
+        s.tokens.add(ids.detach(), padding_idx)
+        s.role = "embedding"
+        if s.kind == "":
+            s.kind = "embedding"
+
+    def pair_embedding(self, args, kwargs) -> bool:
+        """F.embedding(ids, W, padding_idx) counted as its aten form would be; False sends the call to the aten-level
+        watch (a max_norm that renormalizes W in place, a torch.func transform's or a wrapper subclass's tensor)."""
+        names = ("input", "weight", "padding_idx", "max_norm")
+        given = {**dict(zip(names, args)), **kwargs}
+        ids, W, pad = given.get("input"), given.get("weight"), given.get("padding_idx")
+        if given.get("max_norm") is not None or not isinstance(ids, torch.Tensor) or not isinstance(W, torch.Tensor):
+            return False
+        s = self._whole(W)
+        if s is None or not _readable(ids):
+            return False
+        self.recompute = in_backward()
+        self.lookup(s, ids, -1 if pad is None else (pad if pad >= 0 else W.shape[0] + pad))
+        return True
 
     def _whole(self, w: torch.Tensor) -> Slot | None:
         """The slot of `w` when it is a tracked weight itself or its stand-in for the forward (autocast's cast
@@ -179,7 +198,7 @@ class Watch:
         """Run a torch call that touches a tracked weight under grad mode: a plain product is paired here; any
         other call runs under `AtenWatch`, which sees its aten ops."""
         kind = PRODUCTS.get(func)
-        if kind is not None and self.pair_call(kind, args, kwargs):
+        if kind is not None and (self.pair_embedding(args, kwargs) if kind == "embedding" else self.pair_call(kind, args, kwargs)):
             return func(*args, **kwargs)
         with self.aten:
             return func(*args, **kwargs)
