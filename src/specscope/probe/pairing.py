@@ -1,9 +1,9 @@
 """Which matrix each weight multiplies (REFERENCE §2), seen at the operation, not the module class.
 
 On a measured step the Monitor watches every matrix product, convolution and embedding lookup of the
-forward pass: a `TorchFunctionMode` sees each torch call, pairs the plain products (F.linear, addmm, mm,
-matmul) itself and runs any other call that touches a tracked weight under a `TorchDispatchMode`, which
-sees its aten ops. When one operand is a tracked weight (or a view of it: `W.T` inside `F.linear`, a row
+forward pass (probe.watch: a `TorchFunctionMode` on a Monitor's first measured step, the weights themselves
+after it): plain products (F.linear, addmm, mm, matmul) and embedding lookups are paired at the torch call,
+and any other call that touches a tracked weight runs under a `TorchDispatchMode`, which sees its aten ops. When one operand is a tracked weight (or a view of it: `W.T` inside `F.linear`, a row
 block of `nn.MultiheadAttention`'s `in_proj_weight`, a column block of transformers' `Conv1D` weight
 stored [in, out]), the other operand is the input matrix A of that weight, in the weight's own
 orientation:

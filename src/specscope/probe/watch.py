@@ -6,9 +6,10 @@ What sees the calls:
 - `ParamWatch` on the steps after: the tracked weights themselves, as an nn.Parameter subclass for the
   step, see only the calls that touch them; every other call of the forward runs at full speed.
 Either hands a call that touches a tracked weight to `Watch.call`: a plain product with one (F.linear, addmm,
-mm, matmul, @ — what nn.Linear and transformers' Conv1D run) is paired there; any other call runs under
-- `AtenWatch`, a TorchDispatchMode, which sees its aten ops: an embedding lookup, a convolution,
-  nn.MultiheadAttention's functional path, a cast, anything under autocast.
+mm, matmul, @ — what nn.Linear and transformers' Conv1D run) and an F.embedding lookup are paired there; any
+other call runs under
+- `AtenWatch`, a TorchDispatchMode, which sees its aten ops: a convolution, nn.MultiheadAttention's
+  functional path, a cast, anything under autocast, a lookup with max_norm.
 So a forward costs one Python call per torch call at most, never one per aten op (probe.pairing has the
 layouts). `Watch` holds one step's pairing state and hands each input matrix to its slot's statistics
 (probe.estimators).
