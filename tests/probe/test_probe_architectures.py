@@ -648,3 +648,28 @@ def test_an_input_without_storage_is_named_not_a_crash():
         assert torch.allclose(side.a, model.a(x)) and torch.allclose(side.b, model.a(x))
         assert "without storage" in mon.unmeasured["a"] and "monitor.observe" in mon.unmeasured["a"]
         assert set(by(mon.pop_records(), "stable_rank")) == {"b", "c"}
+
+
+def test_an_optimizer_step_inside_a_measured_step_trains_as_without_the_probe():
+    """Training is unchanged even with opt.step() inside `with monitor.step()`: the weights' class for the step
+    counts as a plain Parameter in torch.optim's foreach/fused choice (the default on CUDA), and the step gives
+    the parameters an unprobed run gets, bit for bit."""
+    import contextlib
+
+    from torch.optim.optimizer import _foreach_supported_types
+
+    runs = []
+    for probed in (False, True):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt, mon = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), Monitor(model) if probed else None
+        g = torch.Generator().manual_seed(0)
+        for step in range(4):
+            opt.zero_grad()
+            with mon.step(step) if mon else contextlib.nullcontext():
+                model(torch.randn(12, 8, generator=g)).square().mean().backward()
+                if mon and step:  # watched by the weights themselves
+                    assert type(model.a.weight) is not nn.Parameter and all(type(p) in _foreach_supported_types for p in model.parameters())
+                opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -17,6 +17,7 @@ layouts). `Watch` holds one step's pairing state and hands each input matrix to 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -342,20 +343,18 @@ PASSIVE |= {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tenso
 
 class ParamWatch:
     """The watch of a measured step by the weights themselves, for as long as the step lasts: each tracked
-    weight's class becomes an nn.Parameter subclass whose `__torch_function__` hands the calls that touch it to
+    weight's class becomes `WatchedParameter`, whose `__torch_function__` hands the calls that touch it to
     `Watch.call`, and every other call of the step runs at full speed. (A TorchFunctionMode costs ≈ 5 µs of
     host time on each of the ≈ 200 torch calls of a small GPT's forward; this costs one Python call for each
-    use of a tracked weight.) Views and cast copies of a weight are handed back as the subclass too, so that a
-    product with `W.T` or with `W.to(torch.bfloat16)` is seen as one with W.
+    use of a tracked weight.) Views and cast copies of a weight are handed back as `WatchedParameter` too, so
+    that a product with `W.T` or with `W.to(torch.bfloat16)` is seen as one with W.
 
     It needs plain nn.Parameter weights (not FSDP2's DTensors, not another subclass) and a head role already
     known: the backward pass is not seen here, so `Monitor` takes it on a step watched by `CallWatch` first."""
 
     def __init__(self, watch: "Watch"):
-        self.watch = watch
+        self.token = _Token(watch)
         self.params = [s.param for s in watch.slots.values()]
-        self.cls = type("WatchedParameter", (nn.Parameter,), {"__torch_function__": classmethod(_watched_call), "watch": watch,
-                                                             "__deepcopy__": _plain_deepcopy, "__module__": __name__})
 
     @staticmethod
     def applies(watch: "Watch") -> bool:
@@ -363,41 +362,71 @@ class ParamWatch:
 
     def __enter__(self) -> "ParamWatch":
         for p in self.params:
-            p.__class__ = self.cls
+            p.__class__, p._specscope_watch = WatchedParameter, self.token
         return self
 
     def __exit__(self, *exc) -> None:
         for p in self.params:
             p.__class__ = nn.Parameter
-        self.cls.watch = None  # a view handed out during the step and kept by the user passes through from now on
+            del p._specscope_watch
+        self.token.watch = None  # a view handed out during the step and kept by the user passes through from now on
 
 
-def _plain_deepcopy(self, memo):
-    """A copy made during the step (an EMA model) holds plain nn.Parameters (pickling gives them already)."""
-    if id(self) not in memo:
-        memo[id(self)] = nn.Parameter(self.data.clone(memory_format=torch.preserve_format), self.requires_grad)
-    return memo[id(self)]
+class _Token:
+    """What a watched weight and its views point to: the step's Watch while the step lasts, then None."""
+
+    __slots__ = ("watch",)
+
+    def __init__(self, watch: "Watch"):
+        self.watch = watch
 
 
-def _watched_call(cls, func, types, args=(), kwargs=None):
-    """`__torch_function__` of ParamWatch's class: a call with a tracked weight, a view or a cast copy of one
-    among its arguments."""
-    kwargs = kwargs or {}
-    w = cls.watch
-    with torch._C.DisableTorchFunctionSubclass():
-        if w is None or func in PASSIVE or not torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        out = w.call(func, args, kwargs)
-    return out if func in PRODUCTS else _still_watched(out, w, cls, args)  # a product's output is no weight
+def _watch_of(args) -> _Token | None:
+    for a in args:
+        if type(a) is WatchedParameter:
+            return a._specscope_watch
+        if (type(a) is list or type(a) is tuple) and (t := _watch_of(a)) is not None:  # cat takes a list
+            return t
+    return None
 
 
-def _still_watched(out, w: Watch, cls, args):
-    """The outputs that are views or cast copies of a tracked weight, as `cls`; the rest (a product's output,
-    the weight itself from an in-place op) as they are."""
+class WatchedParameter(nn.Parameter):
+    """A tracked weight (or a view or cast copy of one) during a measured step watched by `ParamWatch`."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        token = _watch_of((*args, *kwargs.values()) if kwargs else args)
+        w = None if token is None else token.watch
+        with torch._C.DisableTorchFunctionSubclass():
+            if w is None or func in PASSIVE or not torch.is_grad_enabled():
+                return func(*args, **kwargs)
+            out = w.call(func, args, kwargs)
+        return out if func in PRODUCTS else _still_watched(out, token, args)  # a product's output is no weight
+
+    def __deepcopy__(self, memo):
+        """A copy made during the step (an EMA model) holds plain nn.Parameters (pickling gives them already)."""
+        if id(self) not in memo:
+            memo[id(self)] = nn.Parameter(self.data.clone(memory_format=torch.preserve_format), self.requires_grad)
+        return memo[id(self)]
+
+
+def _still_watched(out, token: _Token, args):
+    """The outputs that are views or cast copies of a tracked weight, as WatchedParameter; the rest (a product's
+    output, the weight itself from an in-place op) as they are."""
     if isinstance(out, torch.Tensor):
-        if type(out) is cls or any(out is a for a in args) or resolve(out, w.slots, w.casts) is None:
+        w = token.watch
+        if type(out) is WatchedParameter or any(out is a for a in args) or resolve(out, w.slots, w.casts) is None:
             return out
-        return out.as_subclass(cls)
+        view = out.as_subclass(WatchedParameter)
+        view._specscope_watch = token
+        return view
     if type(out) is tuple or type(out) is list:  # split, chunk, unbind
-        return type(out)(_still_watched(o, w, cls, args) for o in out)
+        return type(out)(_still_watched(o, token, args) for o in out)
     return out
+
+
+# an optimizer step taken inside a measured step keeps torch.optim's foreach / fused path (as DTensor registers itself)
+_OPTIM_TYPES = getattr(importlib.import_module("torch.optim.optimizer"), "_foreach_supported_types", None)
+if isinstance(_OPTIM_TYPES, list) and WatchedParameter not in _OPTIM_TYPES:
+    _OPTIM_TYPES.append(WatchedParameter)
