@@ -197,8 +197,8 @@ class Watch:
         return self.pair_product(aten.mm if kind != "addmm" else aten.addmm, x, M)
 
     def call(self, func, args, kwargs):
-        """Run a torch call that touches a tracked weight under grad mode: a plain product is paired here; any
-        other call runs under `AtenWatch`, which sees its aten ops."""
+        """Run a torch call that touches a tracked weight under grad mode: a plain product or an embedding lookup
+        is paired here; any other call runs under `AtenWatch`, which sees its aten ops."""
         kind = PRODUCTS.get(func)
         if kind is not None and (self.pair_embedding(args, kwargs) if kind == "embedding" else self.pair_call(kind, args, kwargs)):
             return func(*args, **kwargs)
