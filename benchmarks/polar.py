@@ -10,6 +10,11 @@ Gaussian) and a geometric spectrum σ_i = 10^(−6·(i−1)/(k−1)), i.e. from 
 the singular values lie below 1e-3·σ_1, ‖G‖_F/σ_1 ≈ 5 at d = 768, like a trained layer's gradient with a
 few strong directions and a long tail. They are stored in float32 (the gradient dtype).
 
+Each backend gets the matrices the way its fastest API takes them: the iterative ones and `polar(…, "gram")`
+one batch per shape (four d×d, one d×4d, one 4d×d, in turn); the "six at once" rows the block's six matrices as
+one list (`polar_later`, which the exact optimizers use: on a multi-thread CPU every matrix is one job on the
+one-thread workers, all shapes side by side).
+
     .venv/bin/python benchmarks/polar.py --dims 256 768 --rounds 3 --repeats 3   (add --device cuda on a GPU)
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved, load_average  # noqa: E402
 
-from specscope.linalg import gram_newton_schulz, polar, polar_error  # noqa: E402
+from specscope.linalg import gram_newton_schulz, polar, polar_error, polar_later  # noqa: E402
 
 
 def block_shapes(d: int) -> list[tuple[int, int]]:
@@ -70,6 +75,12 @@ BACKENDS = {
     "gram_newton_schulz bf16 ×4, restart 2": ("gram_newton_schulz", {"restart": 2}),
     "gram_newton_schulz bf16 ×4, AOL rows": (lambda G: gram_newton_schulz(G, aol=True).to(G.dtype), {}),
 }
+# backends given the block's six matrices as one list (`polar_later`, as the exact optimizers call it): on a
+# multi-thread CPU every matrix is one job on the one-thread workers, all shapes at once
+WHOLE = {
+    "gram, six at once (polar_later)": lambda mats: polar_later(mats, "gram")(),
+    "gram, six at once, torch's eigh": lambda mats: _torch_eigh(lambda: polar_later(mats, "gram")()),
+}
 
 
 def muon_baseline(mats: list[torch.Tensor]):
@@ -103,6 +114,9 @@ def run(d: int, rounds: int, repeats: int, backends: list[str], seed: int, devic
     base = "torch.optim.Muon step"
     calls = {base: muon_step}
     for label in backends:
+        if label in WHOLE:
+            calls[label] = lambda fn=WHOLE[label]: fn(mats)
+            continue
         method, kw = BACKENDS[label]
         calls[label] = lambda method=method, kw=kw: _polar_all(groups, method, kw)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -110,6 +124,9 @@ def run(d: int, rounds: int, repeats: int, backends: list[str], seed: int, devic
 
     rows = [dict(d=d, backend=base, timing=timings[base], err=errors(muon_dirs))]
     for label in backends:
+        if label in WHOLE:
+            rows.append(dict(d=d, backend=label, timing=timings[label], err=errors(WHOLE[label](mats))))
+            continue
         method, kw = BACKENDS[label]
         per_group = [P.unbind(0) for P in _polar_all(groups, method, kw)]
         by_shape = {tuple(Gb.shape[1:]): list(Ps) for Gb, Ps in zip(groups, per_group)}
@@ -144,7 +161,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="calls per candidate per round")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    ap.add_argument("--backends", nargs="+", default=[*BACKENDS, *WHOLE], choices=[*BACKENDS, *WHOLE])
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {load_average()} at start")
     rows = [r for d in args.dims for r in run(d, args.rounds, args.repeats, args.backends, args.seed, args.device)]

@@ -1,8 +1,11 @@
 """The one-thread CPU workers: results in item order, jobs put first run before queued ones, errors reach
-the caller, and ‖G‖_F, ‖G‖_* started on them equal the serial route and float64 SVD."""
+the caller, the caller's idle OpenMP threads stop spinning while it waits, and ‖G‖_F, ‖G‖_* started on them
+equal the serial route and float64 SVD."""
 
 import importlib
+import os
 import threading
+import time
 
 import pytest
 import torch
@@ -173,3 +176,51 @@ def test_polar_later_checks_every_item_before_anything_starts(monkeypatch, two_t
     with pytest.raises(ValueError, match="must be 'gram' or 'svd'"):
         L.polar_with_nuclear_norm_later([torch.randn(8, 8)], "newton_schulz")
     assert started == []
+
+
+def _cpu_ns_of_other_threads(skip: set[str]) -> dict[str, int]:
+    """CPU time (ns, /proc schedstat) of every thread of this process not named in `skip`."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        if tid in skip:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("specscope-work"):
+                    continue
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                out[tid] = int(f.read().split()[0])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
+def _spin_while_waiting(release: bool) -> float:
+    """ms of CPU that threads other than the caller and the workers used while the caller ran a 2-thread
+    product, then waited 60 ms for a worker job that sleeps."""
+    workers.RELEASE_OPENMP = release
+    x = torch.randn(1024, 1024)
+    me = {str(threading.get_native_id())}
+    x @ x  # a parallel region: its team is now idle
+    before = _cpu_ns_of_other_threads(me)
+    workers.start(lambda _: time.sleep(0.06), [0, 1])()
+    after = _cpu_ns_of_other_threads(me)
+    return sum(after[t] - before.get(t, 0) for t in after) / 1e6
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task") or workers._omp_pause() is None,
+                    reason="needs Linux /proc and torch's libgomp")
+def test_handing_jobs_over_stops_the_callers_openmp_threads_from_spinning(two_threads, monkeypatch):
+    monkeypatch.setattr(workers, "RELEASE_OPENMP", True)
+    if os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive" and "GOMP_SPINCOUNT" not in os.environ:
+        # libgomp's default: the idle team spins for milliseconds (the cost this avoids is real here)
+        assert max(_spin_while_waiting(False) for _ in range(3)) > 2.0
+    assert min(_spin_while_waiting(True) for _ in range(3)) < 0.5
+    # the caller keeps its thread count and its next parallel region computes as before
+    assert torch.get_num_threads() == 2
+    x = torch.randn(512, 512, dtype=torch.float64)
+    before = x @ x
+    workers.release_openmp_threads()
+    assert torch.allclose(x @ x, before, rtol=1e-14, atol=0)
+    workers.release_openmp_threads()
+    workers.release_openmp_threads()  # no team left: nothing to do
