@@ -181,13 +181,8 @@ def test_polar_later_checks_every_item_before_anything_starts(monkeypatch, two_t
 def _cpu_ns_of_other_threads(skip: set[str]) -> dict[str, int]:
     """CPU time (ns, /proc schedstat) of every thread of this process not named in `skip`."""
     out = {}
-    for tid in os.listdir("/proc/self/task"):
-        if tid in skip:
-            continue
+    for tid in set(os.listdir("/proc/self/task")) - skip:
         try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                if f.read().startswith("specscope-work"):
-                    continue
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 out[tid] = int(f.read().split()[0])
         except OSError:  # the thread ended meanwhile
@@ -196,8 +191,8 @@ def _cpu_ns_of_other_threads(skip: set[str]) -> dict[str, int]:
 
 
 def _spin_while_waiting(release: bool) -> float:
-    """ms of CPU that threads other than the caller and the workers used while the caller ran a 2-thread
-    product, then waited 60 ms for a worker job that sleeps."""
+    """ms of CPU that the caller's other threads used while it ran a 2-thread product, then waited 60 ms for
+    two worker jobs that sleep (the workers themselves use none)."""
     workers.RELEASE_OPENMP = release
     x = torch.randn(1024, 1024)
     me = {str(threading.get_native_id())}
