@@ -18,13 +18,18 @@ Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/�
 on the same one-thread workers): the part of an exact Gram-route step that no scheduling removes.
 "Muon polar=gram, torch's eigh" is the same optimizer with SPECSCOPE_EIGH=torch (linalg/lapack.py): where
 `polar="gram"` solves on numpy's OpenBLAS, the two rows compare the LAPACKs in one run.
+`--baseline-only STEPS` times torch.optim.Muon alone: its step at d=256 ×4 layers takes 64–65 or 86–89 ms on this
+project's CPU depending on the process's memory layout (`setarch -R`, no address randomisation, gave 64–65 ms in 3
+of 4 processes; with it, 86–89 ms in 6 of 6), so every "× torch Muon" ratio of a run moves with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -120,6 +125,23 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
     return [dict(setting=label, optimizer=k, timing=t, err=errs[k], ops=ops[k]) for k, t in timings.items()]
 
 
+def baseline_ms(d: int, n_layer: int, steps: int, seed: int, device: str) -> str:
+    """Median [min–max] ms of `steps` torch.optim.Muon steps on the setting's matrices, after one warm-up step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Muon(_params([gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]),
+                           lr=1.0, weight_decay=0.0)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    opt.step()
+    ms = []
+    for _ in range(steps):
+        sync()
+        t = time.perf_counter()
+        opt.step()
+        sync()
+        ms.append(1e3 * (time.perf_counter() - t))
+    return f"median {statistics.median(ms):.1f} ms [{min(ms):.1f}–{max(ms):.1f}] over {steps} steps"
+
+
 def rf_check(steps: int, seed: int) -> list[dict]:
     rows = []
     for act in ("relu", "swiglu"):
@@ -149,10 +171,18 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=None, help='only these settings, e.g. "GPT block d=768"')
     ap.add_argument("--floor", action="store_true", help=f'also time "{FLOOR}": the float64 eigh of every matrix\'s '
                     "smaller Gram, on the workers as polar=\"gram\" runs them (what no exact Gram route can skip)")
+    ap.add_argument("--baseline-only", type=int, metavar="STEPS", default=0,
+                    help="time only torch.optim.Muon, STEPS steps per setting in this process, and print the median "
+                         "and min–max ms (its speed depends on the process's memory layout: run it several times)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start\n")
     settings = (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4))
+    if args.baseline_only:
+        for label, d, n_layer in settings:
+            if not args.settings or label in args.settings:
+                print(f"{label}: torch.optim.Muon {baseline_ms(d, n_layer, args.baseline_only, args.seed, args.device)}")
+        return
     if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
         raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")
     rows = []
