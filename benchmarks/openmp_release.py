@@ -38,16 +38,16 @@ def worker_ids() -> set[str]:
     return {str(i) for i in workers.start(lambda _: (barrier.wait(10), threading.get_native_id())[1], list(range(n)))()}
 
 
-def _other_threads_cpu_ms(skip: set[str]) -> float:
-    """CPU ms used so far by this process's threads not in `skip` (/proc schedstat)."""
-    total = 0
+def _threads_cpu_ms(skip: set[str]) -> dict[str, float]:
+    """CPU ms used so far by each of this process's threads not in `skip` (/proc schedstat)."""
+    out = {}
     for tid in set(os.listdir("/proc/self/task")) - skip:
         try:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                out[tid] = int(f.read().split()[0]) / 1e6
         except OSError:  # a thread that ended meanwhile
             continue
-    return total / 1e6
+    return out
 
 
 def with_release(on: bool, fn):
@@ -66,9 +66,10 @@ def team_cpu(mats: list[torch.Tensor], step, calls: int = 10) -> dict[str, float
         used = []
         for _ in range(calls):
             step()  # parallel regions: the team is idle and spinning when polar_later starts
-            before = _other_threads_cpu_ms(skip)
+            before = _threads_cpu_ms(skip)
             polar_later(mats, "gram")()
-            used.append(_other_threads_cpu_ms(skip) - before)
+            after = _threads_cpu_ms(skip)  # an ended team's thread is gone: only its time before `before` is lost
+            used.append(sum(ms - before.get(tid, 0.0) for tid, ms in after.items()))
         out["release" if on else "spin"] = statistics.median(used)
     workers.RELEASE_OPENMP = True
     return out
