@@ -219,3 +219,26 @@ def test_handing_jobs_over_stops_the_callers_openmp_threads_from_spinning(two_th
     assert torch.allclose(x @ x, before, rtol=1e-14, atol=0)
     workers.release_openmp_threads()
     workers.release_openmp_threads()  # no team left: nothing to do
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or workers._omp_pause() is None, reason="needs fork and torch's libgomp")
+def test_a_forked_child_hands_jobs_over_without_waiting_on_its_parents_team(tmp_path):
+    """libgomp's record of the parent's team survives a fork without its threads: ending that team in the child
+    waited for them forever. The child's hand-over now leaves it alone (its jobs run; a torch parallel region
+    would still hang there, as it does without specscope)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork.py"
+    script.write_text("import os, torch\n"
+                      "torch.set_num_threads(2)\n"
+                      "from specscope.linalg import workers\n"
+                      "x = torch.randn(1024, 1024)\n"
+                      "x @ x\n"  # the parent's team exists, idle
+                      "pid = os.fork()\n"
+                      "if pid == 0:\n"
+                      "    print(workers.start(lambda v: v + 1, [1, 2])(), flush=True)\n"
+                      "    os._exit(0)\n"
+                      "os.waitpid(pid, 0)\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "[2, 3]" in done.stdout, (done.stdout, done.stderr[-2000:])

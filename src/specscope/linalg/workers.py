@@ -123,13 +123,25 @@ def _omp_pause() -> Callable[[int], int] | None:
     return None
 
 
+_FORKED = False  # set in a forked child: its copy of the parent's team has no threads, and libgomp would wait on them
+
+
+def _forked() -> None:
+    global _FORKED
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def release_openmp_threads() -> None:
     """End the calling thread's idle libgomp team now, instead of letting it spin-wait for a next parallel
     region that will not come while this thread waits for the workers. The caller's next parallel region
     starts a new team (45–75 µs more for that one region on this CPU); its thread count (omp_get_max_threads,
     torch.get_num_threads) is kept. Other threads' teams are untouched. Inside a parallel region, or without
-    libgomp, nothing happens."""
-    fn = _omp_pause() if RELEASE_OPENMP else None
+    libgomp, nothing happens; nor in a forked child, where the parent's team is a record of threads that were
+    not copied (libgomp would wait for them forever, as it does at the child's first parallel region)."""
+    fn = _omp_pause() if RELEASE_OPENMP and not _FORKED else None
     if fn is not None:
         fn(_OMP_PAUSE_SOFT)
 
