@@ -4,6 +4,7 @@ equal the serial route and float64 SVD."""
 
 import importlib
 import os
+import sys
 import threading
 import time
 
@@ -242,3 +243,28 @@ def test_a_forked_child_hands_jobs_over_without_waiting_on_its_parents_team(tmp_
                       "os.waitpid(pid, 0)\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "[2, 3]" in done.stdout, (done.stdout, done.stderr[-2000:])
+
+
+def test_python_switches_threads_sooner_while_the_caller_waits_and_only_then(two_threads, monkeypatch):
+    """While the caller waits on the workers, Python's switch interval is WAIT_SWITCH (a worker back from LAPACK gets
+    the lock within it); the caller's own interval comes back afterwards, also after a failing job, and an interval
+    already shorter is left alone."""
+    monkeypatch.setattr(workers, "WAIT_SWITCH", 5e-4)
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        seen = workers.start(lambda _: (time.sleep(0.02), sys.getswitchinterval())[1], [0, 1])()
+        assert seen == pytest.approx([5e-4, 5e-4]) and sys.getswitchinterval() == pytest.approx(0.004)
+
+        def fail(_):
+            time.sleep(0.02)
+            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"):
+            workers.start(fail, [0])()
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+
+        sys.setswitchinterval(1e-4)
+        assert workers.pool(2).map(lambda _: sys.getswitchinterval(), [0, 1]) == pytest.approx([1e-4, 1e-4])
+        assert sys.getswitchinterval() == pytest.approx(1e-4)
+    finally:
+        sys.setswitchinterval(before)
