@@ -19,8 +19,8 @@ on the same one-thread workers): the part of an exact Gram-route step that no sc
 "Muon polar=gram, torch's eigh" is the same optimizer with SPECSCOPE_EIGH=torch (linalg/lapack.py): where
 `polar="gram"` solves on numpy's OpenBLAS, the two rows compare the LAPACKs in one run.
 `--baseline-only STEPS` times torch.optim.Muon alone: its step at d=256 ×4 layers takes 64–65 or 86–89 ms on this
-project's CPU depending on the process's memory layout (`setarch -R`, no address randomisation, gave 64–65 ms in 3
-of 4 processes; with it, 86–89 ms in 6 of 6), so every "× torch Muon" ratio of a run moves with it.
+project's CPU depending on the memory layout of its tensors (`setarch -R`, no address randomisation, gave 64–65 ms in
+3 of 4 processes; with it, 86–89 ms in 6 of 6), so every "× torch Muon" ratio of a run moves with it.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def main() -> None:
                     "smaller Gram, on the workers as polar=\"gram\" runs them (what no exact Gram route can skip)")
     ap.add_argument("--baseline-only", type=int, metavar="STEPS", default=0,
                     help="time only torch.optim.Muon, STEPS steps per setting in this process, and print the median "
-                         "and min–max ms (its speed depends on the process's memory layout: run it several times)")
+                         "and min–max ms (its speed depends on its tensors' memory layout: run it several times)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start\n")
