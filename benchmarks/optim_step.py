@@ -178,13 +178,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start\n")
     settings = (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4))
+    if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
+        raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")
     if args.baseline_only:
         for label, d, n_layer in settings:
             if not args.settings or label in args.settings:
                 print(f"{label}: torch.optim.Muon {baseline_ms(d, n_layer, args.baseline_only, args.seed, args.device)}")
         return
-    if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
-        raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")
     rows = []
     for label, d, n_layer in settings:
         if args.settings and label not in args.settings:
