@@ -36,6 +36,20 @@ class Timing:
         return f"{self.ratio:.2f} [{lo:.2f}–{hi:.2f}]"
 
 
+def with_env(fn: Callable[[], object], **env: str) -> Callable[[], object]:
+    """fn run with os.environ updated by env (restored after): one arm's setting inside an interleaved run, e.g.
+    SPECSCOPE_EIGH="torch" for the exact routes on torch's LAPACK (src/specscope/linalg/lapack.py)."""
+    def run():
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in before.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return run
+
+
 def load_average() -> str:
     """The 1-minute load average and the core count, e.g. "load 0.42 on 2 cores"."""
     try:

@@ -26,7 +26,6 @@ project's CPU depending on the memory layout of its tensors (`setarch -R`, no ad
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import dispatched_ops, interleaved, load_average  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average, with_env  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
@@ -86,19 +85,6 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
 
 FLOOR = "gram's eigensolves alone"
 TORCH_EIGH = "Muon polar=gram, torch's eigh"  # SPECSCOPE_EIGH=torch while it steps (linalg/lapack.py)
-
-
-def with_env(fn, **env):
-    """fn run with os.environ updated by env (restored after): one arm's setting inside an interleaved run."""
-    def run():
-        before = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            return fn()
-        finally:
-            for k, v in before.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return run
 
 
 def eigensolves(mats: list[torch.Tensor]):

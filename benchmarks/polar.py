@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, with_env  # noqa: E402
 
 from specscope.linalg import gram_newton_schulz, polar, polar_error, polar_later  # noqa: E402
 
@@ -53,21 +52,11 @@ def group_by_shape(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(g) for g in groups.values()]
 
 
-def _torch_eigh(fn, *args):
-    """fn(*args) with SPECSCOPE_EIGH=torch: `gram` on torch's LAPACK wherever it would use numpy's OpenBLAS."""
-    before = os.environ.get("SPECSCOPE_EIGH")
-    os.environ["SPECSCOPE_EIGH"] = "torch"
-    try:
-        return fn(*args)
-    finally:
-        os.environ.pop("SPECSCOPE_EIGH") if before is None else os.environ.__setitem__("SPECSCOPE_EIGH", before)
-
-
 BACKENDS = {
     # label: (method, kwargs)
     "svd": ("svd", {}),
     "gram (= auto tol=1e-4)": ("gram", {}),
-    "gram, torch's eigh": (lambda G: _torch_eigh(polar, G, "gram"), {}),  # SPECSCOPE_EIGH=torch (linalg/lapack.py)
+    "gram, torch's eigh": (lambda G: with_env(lambda: polar(G, "gram"), SPECSCOPE_EIGH="torch")(), {}),  # SPECSCOPE_EIGH=torch (linalg/lapack.py)
     "newton_schulz bf16 ×5": ("newton_schulz", {}),
     "polar_express bf16 ×5": ("polar_express", {}),
     "polar_express fp32 ×10": ("polar_express", {"dtype": torch.float32, "ns_steps": 10}),
@@ -79,7 +68,7 @@ BACKENDS = {
 # multi-thread CPU every matrix is one job on the one-thread workers, all shapes at once
 WHOLE = {
     "gram, six at once (polar_later)": lambda mats: polar_later(mats, "gram")(),
-    "gram, six at once, torch's eigh": lambda mats: _torch_eigh(lambda: polar_later(mats, "gram")()),
+    "gram, six at once, torch's eigh": lambda mats: with_env(lambda: polar_later(mats, "gram")(), SPECSCOPE_EIGH="torch")(),
 }
 
 

@@ -6,7 +6,9 @@ Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² 
 Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" per round, median and
 min–max over rounds, machine load at start): each call runs `block` training steps of its own model,
 optimizer and Monitor. "every 10th" is timed when `block` is a multiple of 10 (one measured step per
-call); "every 10th / 100th (derived)" are t_none + (t_every_step − t_none)/k from the same round.
+call); "every 10th / 100th (derived)" are t_none + (t_every_step − t_none)/k from the same round. "every step,
+torch's LAPACK" is the default with SPECSCOPE_EIGH=torch: the exact routes' float64 Grams and eigenvalues on torch's
+MKL instead of numpy's OpenBLAS (src/specscope/linalg/lapack.py; the same on a CPU where auto picks torch anyway).
 
 `--floor` times instead what an exact measured step cannot skip, against the same unprobed steps, on the gradients
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
@@ -14,12 +16,13 @@ eigenvalues, one job per gradient on the one-thread workers), st(A) of every dis
 block-Krylov solve of depth 0 (`probe.estimators.krylov_top`, the default route's cheapest case: two passes over
 the input and a power step's two one-column products), and both together as a measured step finishes them (the solves queued ahead of the eigensolves, on
 one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
-estimates can go on this machine, before any pairing, hook or bookkeeping.
+estimates can go on this machine, before any pairing, hook or bookkeeping; "floor on torch's LAPACK" is the same with
+SPECSCOPE_EIGH=torch.
 
 `--ops` counts instead the aten ops each phase dispatches (views not counted: on a GPU about its kernel launches),
 on this device's route and, on a CPU, on the accelerator's route forced there.
 
-`--phases` times a probed step (every step, default) and an unprobed one phase by phase — forward, backward,
+`--phases` times a probed step (every step, default; and on torch's LAPACK) and an unprobed one phase by phase — forward, backward,
 finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
 where a measured step's extra time goes.
 """
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import dispatched_ops, interleaved, load_average  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average, with_env  # noqa: E402
 
 from specscope.models import GPT, GPTConfig  # noqa: E402
 from specscope.probe import Monitor  # noqa: E402
@@ -44,6 +47,7 @@ from specscope.probe import Monitor  # noqa: E402
 CFG = dict(vocab_size=256, seq_len=128, n_layer=4, n_head=4, d_model=256)
 BATCH = 16
 DEVICE = torch.device("cpu")
+TORCH_LAPACK = "every step, torch's LAPACK"  # the default with SPECSCOPE_EIGH=torch (src/specscope/linalg/lapack.py)
 
 
 def sync() -> None:
@@ -108,25 +112,30 @@ def phase_times(arm: Arm) -> tuple[float, ...]:
 
 
 def phases(rounds: int, block: int) -> None:
-    """Per phase, the probed step (every step, default) against the unprobed one, steps alternating."""
-    arms = {"no monitor": Arm(None), "every step": Arm(1)}
+    """Per phase, the probed step (every step, default; and the same on torch's LAPACK) against the unprobed one,
+    steps alternating."""
+    arms = {"no monitor": Arm(None), "every step": Arm(1), TORCH_LAPACK: Arm(1)}
+    timed = {k: (lambda a=a: phase_times(a)) for k, a in arms.items()}
+    timed[TORCH_LAPACK] = with_env(timed[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
     for a in arms.values():
         a.run(2)  # warm
     per_round = []
     for _ in range(rounds):
         got = {k: [] for k in arms}
         for _ in range(block):
-            for k, a in arms.items():
-                got[k].append(phase_times(a))
+            for k, fn in timed.items():
+                got[k].append(fn())
         per_round.append({k: [statistics.median(x[i] for x in v) for i in range(len(PHASES))] for k, v in got.items()})
     print(f"\n{rounds} rounds of {block} alternating steps; ms, median of the round medians [min–max]\n")
-    print("| phase | no monitor | every step | difference |\n|---|---:|---:|---:|")
+    print("| phase | no monitor | every step | difference | on torch's LAPACK | difference |\n|---|---:|---:|---:|---:|---:|")
     for i, ph in enumerate(PHASES):
         none = [r["no monitor"][i] for r in per_round]
-        probed = [r["every step"][i] for r in per_round]
-        diff = [p - n for p, n in zip(probed, none)]
-        print(f"| {ph} | {statistics.median(none):.2f} | {statistics.median(probed):.2f} | "
-              f"{statistics.median(diff):+.2f} [{min(diff):+.2f} – {max(diff):+.2f}] |")
+        cells = []
+        for arm in ("every step", TORCH_LAPACK):
+            probed = [r[arm][i] for r in per_round]
+            diff = [p - n for p, n in zip(probed, none)]
+            cells.append(f"{statistics.median(probed):.2f} | {statistics.median(diff):+.2f} [{min(diff):+.2f} – {max(diff):+.2f}]")
+        print(f"| {ph} | {statistics.median(none):.2f} | {' | '.join(cells)} |")
 
 
 def op_counts() -> None:
@@ -195,7 +204,8 @@ def floor_candidates(block: int) -> dict:
     return {"no monitor": lambda: arm.run(block),
             "exact nr(G), every gradient": lambda: [nuclear_norms(grads) for _ in range(block)],
             "st(A), depth-0 Krylov per input": lambda: [st_all() for _ in range(block)],
-            "both, as a measured step finishes them": lambda: [both() for _ in range(block)]}
+            "both, as a measured step finishes them": lambda: [both() for _ in range(block)],
+            "both, on torch's LAPACK": with_env(lambda: [both() for _ in range(block)], SPECSCOPE_EIGH="torch")}
 
 
 def main() -> None:
@@ -237,13 +247,18 @@ def main() -> None:
         print(f"\n{args.rounds} rounds of {args.block} steps\n\n| per step | ms | × no monitor, median [min–max] |\n|---|---:|---:|")
         for k, t in res.items():
             print(f"| {k} | {t.ms / args.block:.1f} | {t.ratio_text()} |")
-        floor = [1 + r for r in res["both, as a measured step finishes them"].ratios]
-        print(f"| floor: 1 + both | | {statistics.median(floor):.3f} [{min(floor):.3f}–{max(floor):.3f}] |")
+        for name, row in (("floor: 1 + both", "both, as a measured step finishes them"),
+                          ("floor on torch's LAPACK", "both, on torch's LAPACK")):
+            floor = [1 + r for r in res[row].ratios]
+            print(f"| {name} | | {statistics.median(floor):.3f} [{min(floor):.3f}–{max(floor):.3f}] |")
         return
-    arms = {"no monitor": Arm(None), "every step (default: gram)": Arm(1), "every step, estimator='power'": Arm(1, estimator="power")}
+    arms = {"no monitor": Arm(None), "every step (default: gram)": Arm(1), "every step, estimator='power'": Arm(1, estimator="power"),
+            TORCH_LAPACK: Arm(1)}
     if args.block % 10 == 0:
         arms["every 10th"] = Arm(10)
-    res = interleaved({k: (lambda a=a: a.run(args.block)) for k, a in arms.items()}, "no monitor",
+    calls = {k: (lambda a=a: a.run(args.block)) for k, a in arms.items()}
+    calls[TORCH_LAPACK] = with_env(calls[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
+    res = interleaved(calls, "no monitor",
                       rounds=args.rounds, repeats=1, warmup=1, sync=sync)
     one = res["every step (default: gram)"]
     print(f"\n{args.rounds} rounds of {args.block} steps per candidate\n\n| Monitor | ms / step | × no monitor, median [min–max over rounds] |\n|---|---:|---:|")

@@ -1,15 +1,18 @@
-"""The symmetric eigensolver of the exact `gram` polar: torch's LAPACK, or numpy's OpenBLAS where that is faster.
+"""The symmetric eigensolver and the float64 Grams of the exact routes: torch's, or numpy's OpenBLAS called
+directly where that is faster.
 
-On a CPU thread of its own (a pool worker, or a process at one thread), torch's LAPACK is MKL, and MKL's
-dsyevd on an AMD CPU takes 7.1 ms for a 256² float64 Gram where numpy's OpenBLAS takes 4.6 ms (5.9 against
-4.7 ms for the Gram of a 256×1024 matrix; 24 such Grams on two one-thread workers: 77 against 64 ms, median of
-7 interleaved rounds; benchmarks/optim_step.py --floor). On all threads MKL is the faster (3.6 against 4.4 ms),
-and for eigenvalues alone MKL wins on the workers too (31 against 46 ms for the same 24: OpenBLAS's many small
-BLAS-2 calls contend across threads), so `eigvalsh` stays on torch everywhere.
+On a CPU thread of its own (a pool worker, or a process at one thread), torch's LAPACK is MKL, and on this
+project's AMD EPYC machine numpy's OpenBLAS, called through its C interface, is the faster for the three things
+the exact routes do with a float64 Gram: form it (`cblas_dsyrk`, one triangle: half a product's multiply-adds,
+where torch's blocked `lower_gram` does 5/8), its eigenvalues and its eigendecomposition (`LAPACKE_dsyevd`).
+Measured (docs/linalg.md "Which LAPACK"): 26 Grams of 256²/256×1024 on the two one-thread workers, eigenvalues
+24.5 against MKL's 31 ms, eigenvectors too 65 against 81 ms; the Grams of 26 such gradients 23 against 28 ms.
+numpy's own `np.linalg.eigvalsh` is no way there: it holds Python's lock while it solves, so two workers calling
+it take the serial time.
 
-Rule (`openblas_eigh`): a float64 CPU matrix, solved on a thread where torch runs one thread, with no autograd,
-goes to OpenBLAS when numpy's LAPACK is OpenBLAS with a per-thread thread count (`openblas_set_num_threads_local`,
-OpenBLAS ≥ 0.3.27; the call runs on one thread and restores the caller's setting) and either
+Rule (`on_openblas`): a float64 CPU tensor, on a thread where torch runs one thread, with no autograd, goes to
+numpy's OpenBLAS when that OpenBLAS has a per-thread thread count (`openblas_set_num_threads_local`, OpenBLAS ≥
+0.3.27; a call runs on one thread and restores the caller's setting) and the three routines, and either
 SPECSCOPE_EIGH=openblas, or SPECSCOPE_EIGH is unset/"auto" and the CPU is AMD with torch on MKL — the one
 combination measured faster. SPECSCOPE_EIGH=torch keeps torch. Both solve the same LAPACK problem (dsyevd,
 lower triangle); their results differ by rounding only.
@@ -21,34 +24,79 @@ import functools
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._checks import lower_gram as torch_lower_gram
 
 ENV = "SPECSCOPE_EIGH"
 CHOICES = ("auto", "torch", "openblas")
 
 
 @functools.cache
-def _numpy_openblas_threads() -> Callable[[int], int] | None:
-    """numpy's OpenBLAS `openblas_set_num_threads_local` (sets the calling thread's count, returns the old one),
-    or None where numpy's LAPACK is not an OpenBLAS that has it."""
+def _numpy_openblas_path() -> str | None:
+    """The file of numpy's OpenBLAS, found through threadpoolctl; None where numpy's LAPACK is something else."""
     try:
         from threadpoolctl import threadpool_info
         with warnings.catch_warnings():  # its notes on OpenMP runtimes are not this lookup's business
             warnings.simplefilter("ignore")
             info = threadpool_info()
-        numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
-        lib = next((i["filepath"] for i in info if i.get("internal_api") == "openblas"
-                    and os.path.dirname(i["filepath"]).startswith(os.path.join(numpy_dir, "numpy"))), None)
-        if lib is None:
-            return None
-        fn = ctypes.CDLL(lib).openblas_set_num_threads_local
-    except (ImportError, OSError, AttributeError):
+    except ImportError:
         return None
-    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+    return next((i["filepath"] for i in info if i.get("internal_api") == "openblas"
+                 and os.path.dirname(i["filepath"]).startswith(os.path.join(numpy_dir, "numpy"))), None)
+
+
+@functools.cache
+def _numpy_openblas_threads() -> Callable[[int], int] | None:
+    """numpy's OpenBLAS `openblas_set_num_threads_local` (sets the calling thread's count, returns the old one),
+    or None where numpy's LAPACK is not an OpenBLAS that has it."""
+    path = _numpy_openblas_path()
+    try:
+        fn = ctypes.CDLL(path).openblas_set_num_threads_local if path else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
     return fn
+
+
+@dataclass(frozen=True)
+class _OpenBLAS:
+    syevd: Callable  # LAPACKE_dsyevd(layout, jobz, uplo, n, a, lda, w) -> info
+    syrk: Callable   # cblas_dsyrk(order, uplo, trans, n, k, alpha, a, lda, beta, c, ldc)
+
+
+def _symbol(lib: ctypes.CDLL, name: str) -> tuple[Callable, type] | None:
+    """`name` as numpy's OpenBLAS builds spell it: scipy-openblas prefixes "scipy_", ILP64 builds suffix "64_"."""
+    for prefix in ("scipy_", ""):
+        for suffix, int_t in (("64_", ctypes.c_int64), ("", ctypes.c_int)):
+            fn = getattr(lib, prefix + name + suffix, None)
+            if fn is not None:
+                return fn, int_t
+    return None
+
+
+@functools.cache
+def _openblas() -> _OpenBLAS | None:
+    """ctypes bindings of numpy's OpenBLAS (a call releases Python's lock), or None where any piece is missing."""
+    path = _numpy_openblas_path()
+    if path is None or _numpy_openblas_threads() is None:
+        return None
+    lib = ctypes.CDLL(path)
+    found = [_symbol(lib, "LAPACKE_dsyevd"), _symbol(lib, "cblas_dsyrk")]
+    if None in found or found[0][1] is not found[1][1]:
+        return None
+    (syevd, int_t), (syrk, _) = found  # int_t: int64 in numpy's ILP64 builds (symbols ending "64_"), else int32
+    p, c = ctypes.c_void_p, ctypes.c_int
+    syevd.argtypes, syevd.restype = [c, ctypes.c_char, ctypes.c_char, int_t, p, int_t, p], int_t
+    syrk.argtypes = [c, c, c, int_t, int_t, ctypes.c_double, p, int_t, ctypes.c_double, p, int_t]
+    syrk.restype = None
+    return _OpenBLAS(syevd, syrk)
 
 
 @functools.cache
@@ -68,14 +116,14 @@ def choice() -> str:
     return value
 
 
-def openblas_eigh(C: Tensor) -> bool:
-    """Whether `eigh(C)` runs on numpy's OpenBLAS (the rule in the module docstring)."""
-    if C.device.type != "cpu" or C.dtype != torch.float64 or (C.requires_grad and torch.is_grad_enabled()):
+def on_openblas(x: Tensor) -> bool:
+    """Whether the Gram of x, or the eigensolve of x, runs on numpy's OpenBLAS (the rule in the module docstring)."""
+    if x.device.type != "cpu" or x.dtype != torch.float64 or (x.requires_grad and torch.is_grad_enabled()):
         return False
     mode = choice()
     if mode == "torch" or torch.get_num_threads() != 1:
         return False
-    if _numpy_openblas_threads() is None:
+    if _openblas() is None:
         if mode == "openblas":
             raise ValueError(f"{ENV}=openblas: numpy's LAPACK here is not an OpenBLAS with openblas_set_num_threads_local "
                              f"(OpenBLAS >= 0.3.27, as numpy's PyPI wheels ship); unset {ENV} to use torch's")
@@ -83,17 +131,73 @@ def openblas_eigh(C: Tensor) -> bool:
     return mode == "openblas" or (_cpu_vendor() == "AuthenticAMD" and torch.backends.mkl.is_available())
 
 
-def eigh(C: Tensor) -> tuple[Tensor, Tensor]:
-    """torch.linalg.eigh(C) of a symmetric [..., n, n] from its lower triangle: (eigenvalues ascending, eigenvectors
-    as columns), on numpy's OpenBLAS where `openblas_eigh(C)`."""
-    if not openblas_eigh(C):
-        return torch.linalg.eigh(C)
+def _one_thread(call: Callable[[], object]) -> object:
+    """call() with numpy's OpenBLAS at one thread on this thread, the thread's own count restored after."""
     set_threads = _numpy_openblas_threads()
     before = set_threads(1)
     try:
-        lam, V = np.linalg.eigh(C.detach().numpy(force=True), UPLO="L")
-    except np.linalg.LinAlgError as e:
-        raise torch.linalg.LinAlgError(f"linalg.eigh (numpy's OpenBLAS): {e}") from None
+        return call()
     finally:
         set_threads(before)
-    return torch.from_numpy(lam), torch.from_numpy(V)
+
+
+def lower_gram(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The smaller Gram of x [..., m, n] in `dtype`: its lower triangle and diagonal, zero above (what eigvalsh and
+    eigh read, UPLO="L"). On OpenBLAS's dsyrk where `on_openblas` (one triangle's multiply-adds), else torch's
+    blocked `_checks.lower_gram`; the two agree to rounding."""
+    X = x.to(dtype)
+    if not on_openblas(X):
+        return torch_lower_gram(X)
+    lib = _openblas()
+    if not X.is_contiguous() and X.mT.is_contiguous():
+        X = X.mT  # the same smaller Gram, read without a copy (a tall gradient's transposed view)
+    X = X.contiguous()
+    m, n = X.shape[-2:]
+    k, trans = (m, 111) if m <= n else (n, 112)  # CblasNoTrans: X Xᵀ; CblasTrans: XᵀX
+    C = X.new_zeros(*X.shape[:-2], k, k)
+
+    def run() -> None:
+        for Xi, Ci in zip(X.reshape(-1, m, n), C.view(-1, k, k)):
+            # CblasRowMajor, CblasLower: row-major lower triangle, as torch reads it
+            lib.syrk(101, 122, trans, k, n if trans == 111 else m, 1.0, Xi.data_ptr(), n, 0.0, Ci.data_ptr(), k)
+
+    _one_thread(run)
+    return C
+
+
+def _syevd(C: Tensor, vectors: bool, overwrite: bool) -> tuple[Tensor, Tensor]:
+    """LAPACKE_dsyevd on each matrix of a float64 batch, reading its row-major lower triangle (the column-major
+    upper one, so nothing is transposed); with vectors, the eigenvectors overwrite the copy (as its rows)."""
+    lib = _openblas()
+    n = C.shape[-1]
+    A = C if overwrite and C.is_contiguous() else C.clone(memory_format=torch.contiguous_format)
+    w = torch.empty(C.shape[:-1], dtype=torch.float64)
+    jobz = b"V" if vectors else b"N"
+
+    def run() -> list[int]:
+        return [lib.syevd(102, jobz, b"U", n, Ai.data_ptr(), n, wi.data_ptr())
+                for Ai, wi in zip(A.view(-1, n, n), w.view(-1, n))]
+
+    info = _one_thread(run)
+    if bad := [i for i in info if i != 0]:
+        raise torch.linalg.LinAlgError(f"linalg.eigh (numpy's OpenBLAS dsyevd): info={bad[0]}; the solver did not "
+                                       "converge (ill-conditioned or non-finite input)")
+    return w, A.mT
+
+
+def eigvalsh(C: Tensor, *, overwrite: bool = False) -> Tensor:
+    """torch.linalg.eigvalsh(C) of a symmetric [..., n, n] from its lower triangle (ascending), on numpy's OpenBLAS
+    where `on_openblas(C)`; `overwrite=True` lets that solve work in C itself (a Gram its caller just made).
+    Non-finite input goes to torch, whose error it raises."""
+    if not on_openblas(C) or not bool(torch.isfinite(C).all()):
+        return torch.linalg.eigvalsh(C)
+    return _syevd(C, vectors=False, overwrite=overwrite)[0]
+
+
+def eigh(C: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """torch.linalg.eigh(C) of a symmetric [..., n, n] from its lower triangle: (eigenvalues ascending, eigenvectors
+    as columns), on numpy's OpenBLAS where `on_openblas(C)`, `overwrite` as in `eigvalsh`. Non-finite input goes to
+    torch."""
+    if not on_openblas(C) or not bool(torch.isfinite(C).all()):
+        return torch.linalg.eigh(C)
+    return _syevd(C, vectors=True, overwrite=overwrite)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import workers
+from . import lapack, workers
 from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
@@ -128,21 +128,21 @@ def _spread_over_threads(fn, C: Tensor) -> list | None:
 
 def eigvalsh_batched(C: Tensor) -> Tensor:
     """torch.linalg.eigvalsh of a batch [..., n, n], the matrices spread over the CPU threads."""
-    out = _spread_over_threads(torch.linalg.eigvalsh, C)
+    out = _spread_over_threads(lapack.eigvalsh, C)
     return torch.linalg.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.linalg.eigvalsh(lower_gram(G.to(dtype)).double()).clamp(min=0).sqrt().sum()
+    return lapack.eigvalsh(lapack.lower_gram(G, dtype).double(), overwrite=True).clamp(min=0).sqrt().sum()
 
 
 def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     """[‖G‖_F, ‖G‖_*] from one Gram (‖G‖_F² = its trace); both NaN for a G holding NaN/Inf."""
-    C = lower_gram(G.to(dtype)).double()
+    C = lapack.lower_gram(G, dtype).double()
     fro2 = C.diagonal().sum()
     if not bool(torch.isfinite(fro2)):
         return torch.full((2,), float("nan"), dtype=torch.float64)
-    return torch.stack([fro2.clamp(min=0).sqrt(), torch.linalg.eigvalsh(C).clamp(min=0).sqrt().sum()])
+    return torch.stack([fro2.clamp(min=0).sqrt(), lapack.eigvalsh(C, overwrite=True).clamp(min=0).sqrt().sum()])
 
 
 def _pooled(mats: list[Tensor]) -> bool:

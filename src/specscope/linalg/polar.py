@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from . import lapack, workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
@@ -119,7 +119,7 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     The two products that apply C^{-1/2} run in float32 for float32-or-narrower input: each row of VᵀX is
     σ_i·v_iᵀ with absolute error ~eps32·σ_1, so u_iᵀPv_i is off by ~eps32·σ_1/σ_i (3e-6 at 1e-3·σ_1, measured)."""
     X, tall = _wide(G)
-    lam, V = lapack.eigh(lower_gram(X.to(dtype)))  # eigh reads the lower triangle
+    lam, V = lapack.eigh(lapack.lower_gram(X, dtype), overwrite=True)  # eigh reads the lower triangle
     lam = lam.clamp(min=0)
     cutoff = max(rcond**2, max(X.shape[-2:]) * torch.finfo(dtype).eps) * lam[..., -1:]
     keep = lam > cutoff
