@@ -24,7 +24,8 @@ on this device's route and, on a CPU, on the accelerator's route forced there.
 
 `--phases` times a probed step (every step, default; and on torch's LAPACK) and an unprobed one phase by phase — forward, backward,
 finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
-where a measured step's extra time goes.
+where a measured step's extra time goes; with `--consecutive` each arm runs its `block` steps in a row, as in the
+ratio runs.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def phase_times(arm: Arm) -> tuple[float, ...]:
     return tuple(1e3 * (b - a) for a, b in zip(t, t[1:]))
 
 
-def phases(rounds: int, block: int) -> None:
+def phases(rounds: int, block: int, consecutive: bool = False) -> None:
     """Per phase, the probed step (every step, default; and the same on torch's LAPACK) against the unprobed one,
-    steps alternating."""
+    steps alternating (or, `consecutive`, each arm's `block` steps in a row)."""
     arms = {"no monitor": Arm(None), "every step": Arm(1), TORCH_LAPACK: Arm(1)}
     timed = {k: (lambda a=a: phase_times(a)) for k, a in arms.items()}
     timed[TORCH_LAPACK] = with_env(timed[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
@@ -122,13 +123,19 @@ def phases(rounds: int, block: int) -> None:
     per_round = []
     for _ in range(rounds):
         got = {k: [] for k in arms}
-        for _ in range(block):
+        if consecutive:
             for k, fn in timed.items():
-                got[k].append(fn())
-        per_round.append({k: [statistics.median(x[i] for x in v) for i in range(len(PHASES))] for k, v in got.items()})
-    print(f"\n{rounds} rounds of {block} alternating steps; ms, median of the round medians [min–max]\n")
+                got[k] += [fn() for _ in range(block)]
+        else:
+            for _ in range(block):
+                for k, fn in timed.items():
+                    got[k].append(fn())
+        per_round.append({k: [statistics.median(x[i] for x in v) for i in range(len(PHASES))] + [statistics.median(map(sum, v))]
+                          for k, v in got.items()})
+    how = "steps in a row per arm" if consecutive else "alternating steps"
+    print(f"\n{rounds} rounds of {block} {how}; ms, median of the round medians [min–max]\n")
     print("| phase | no monitor | every step | difference | on torch's LAPACK | difference |\n|---|---:|---:|---:|---:|---:|")
-    for i, ph in enumerate(PHASES):
+    for i, ph in enumerate((*PHASES, "whole step")):
         none = [r["no monitor"][i] for r in per_round]
         cells = []
         for arm in ("every step", TORCH_LAPACK):
@@ -220,6 +227,8 @@ def main() -> None:
                          "a depth-0 st(A) solve per input, on one real step's tensors; prints 'floor: 1 + both'")
     ap.add_argument("--phases", action="store_true", help="time forward, backward, finishing (the measurement's own phase) "
                                                           "and the optimizer step apart, probed against unprobed steps")
+    ap.add_argument("--consecutive", action="store_true", help="with --phases: each arm runs its --block steps in a row "
+                                                               "(as the ratio runs do) instead of the arms alternating step by step")
     ap.add_argument("--ops", action="store_true", help="count the aten ops each phase dispatches instead of timing (views "
                                                        "not counted; on a GPU about its kernel launches), on this "
                                                        "device's route and, on a CPU, on the accelerator's route forced")
@@ -237,7 +246,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
     if args.phases:
-        phases(args.rounds, args.block)
+        phases(args.rounds, args.block, args.consecutive)
         return
     if args.ops:
         op_counts()

@@ -160,3 +160,17 @@ def test_two_workers_solve_side_by_side(monkeypatch, two_threads):
 
     busy = [min(workers.start(job, [0, 1])()) for _ in range(6)][1:]  # the first round warms the workers
     assert max(busy) >= 0.8, f"each round's less busy worker: {[round(b, 2) for b in busy]}"
+
+
+@needs_openblas
+@pytest.mark.parametrize("info, error, says", [(-1010, MemoryError, "no memory for the workspace"),
+                                               (-4, RuntimeError, "argument 4 rejected"),
+                                               (3, torch.linalg.LinAlgError, "did not converge")])
+def test_a_failed_solve_is_one_clear_error(monkeypatch, info, error, says):
+    """What LAPACKE reports (its workspace allocation failing, a rejected argument, no convergence) becomes one
+    error naming it and the way out, never a silent wrong eigenvalue."""
+    monkeypatch.setenv(lapack.ENV, "openblas")
+    real = lapack._openblas()
+    monkeypatch.setattr(lapack, "_openblas", lambda: lapack._OpenBLAS(lambda *args: info, real.syrk))
+    with pytest.raises(error, match=says):
+        on_worker(lapack.eigvalsh, symmetric(8, 0))

@@ -178,10 +178,16 @@ def _syevd(C: Tensor, vectors: bool, overwrite: bool) -> tuple[Tensor, Tensor]:
         return [lib.syevd(102, jobz, b"U", n, Ai.data_ptr(), n, wi.data_ptr())
                 for Ai, wi in zip(A.view(-1, n, n), w.view(-1, n))]
 
-    info = _one_thread(run)
-    if bad := [i for i in info if i != 0]:
-        raise torch.linalg.LinAlgError(f"linalg.eigh (numpy's OpenBLAS dsyevd): info={bad[0]}; the solver did not "
-                                       "converge (ill-conditioned or non-finite input)")
+    info = next((i for i in _one_thread(run) if i != 0), 0)
+    if info == -1010:  # LAPACK_WORK_MEMORY_ERROR: LAPACKE could not allocate the workspace
+        raise MemoryError(f"linalg.eigh (numpy's OpenBLAS dsyevd): no memory for the workspace of a {n}² solve; "
+                          f"free memory, or set {ENV}=torch")
+    if info < 0:
+        raise RuntimeError(f"linalg.eigh (numpy's OpenBLAS dsyevd): argument {-info} rejected (info={info}); "
+                           f"set {ENV}=torch and report this")
+    if info > 0:
+        raise torch.linalg.LinAlgError(f"linalg.eigh (numpy's OpenBLAS dsyevd): the solver did not converge (info={info}): "
+                                       "the input is ill-conditioned or has too many repeated eigenvalues")
     return w, A.mT
 
 
