@@ -494,3 +494,49 @@ def test_a_stack_of_expert_matrices_gets_no_nuclear_rank_of_its_flattening():
     metrics = {(r.layer, r.metric) for r in monitor.pop_records()}
     assert ("stack", "grad_fro_norm") in metrics and ("stack", "nuclear_rank") not in metrics
     assert ("up", "nuclear_rank") in metrics and "stack" in monitor.unmeasured
+
+
+@pytest.mark.parametrize("lapack_choice", ["openblas", "torch"])
+def test_gradient_norms_of_a_transformers_gpt2_match_float64_svd_on_either_lapack(monkeypatch, lapack_choice):
+    """transformers' GPT-2 at a width where nr(G)'s Grams go to the one-thread workers (256 and 1024 wide), after
+    two AdamW steps: ‖G‖_F and ‖G‖_* of every weight on the measured step equal the float64 SVD of its gradient, with
+    the Grams and eigenvalues on numpy's OpenBLAS (ctypes) or on torch's LAPACK; the OpenBLAS run must take that route."""
+    T = pytest.importorskip("transformers")
+    from specscope.linalg import lapack
+    if lapack_choice == "openblas" and lapack._openblas() is None:
+        pytest.skip("numpy's LAPACK here is not an OpenBLAS with per-thread thread counts")
+    monkeypatch.setenv(lapack.ENV, lapack_choice)
+    solves = []
+    monkeypatch.setattr(lapack, "_syevd", lambda C, *a, _f=lapack._syevd, **k: solves.append(C.shape) or _f(C, *a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the workers' pool
+    try:
+        torch.manual_seed(0)
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=256, n_head=4, vocab_size=64, n_positions=32))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        mon = Monitor(model, every=2)  # steps 0 and 2 measured
+        ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+        for step in range(3):
+            opt.zero_grad()
+            with mon.step(step):
+                model(input_ids=ids, labels=ids).loss.backward()
+            records = mon.pop_records()
+            if step < 2:
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    fro, nuc = by(records, "grad_fro_norm"), by(records, "grad_nuclear_norm")
+    params = dict(model.named_parameters())
+    checked = 0
+    for layer, r in nuc.items():
+        G = params[f"{layer}.weight"].grad.double()
+        S = torch.linalg.svdvals(G)
+        # 128 tokens: rank-deficient gradients. A float64 Gram leaves each null direction an eigenvalue of at most
+        # ~k·eps·σ₁², a singular value of sqrt(k·eps)·σ₁: the sum is off by at most k·sqrt(k·eps)·σ₁
+        k = min(G.shape)
+        tol = k * (k * torch.finfo(torch.float64).eps) ** 0.5 * float(S[0])
+        assert r.value == pytest.approx(float(S.sum()), abs=tol), layer
+        assert fro[layer].value == pytest.approx(float(S.square().sum().sqrt()), rel=1e-12), layer
+        checked += min(G.shape) >= 256
+    assert checked >= 4, f"the 256-wide weights reached the workers' route: {sorted(nuc)}"
+    assert sum(s[-1] == 256 for s in solves) == (8 if lapack_choice == "openblas" else 0), solves  # 2 steps × 4 weights
