@@ -7,8 +7,8 @@ the exact routes do with a float64 Gram: form it (`cblas_dsyrk`, one triangle: h
 where torch's blocked `lower_gram` does 5/8), its eigenvalues and its eigendecomposition (`LAPACKE_dsyevd`).
 Measured (docs/linalg.md "Which LAPACK"): 26 Grams of 256²/256×1024 on the two one-thread workers, eigenvalues
 24.5 against MKL's 31 ms, eigenvectors too 65 against 81 ms; the Grams of 26 such gradients 23 against 28 ms.
-numpy's own `np.linalg.eigvalsh` is no way there: it holds Python's lock while it solves, so two workers calling
-it take the serial time.
+numpy's own `np.linalg.eigvalsh` is no way there: two workers calling it wait on each other and take the serial
+time (each job's CPU time 0.5–0.63 of its wall time), which is why the calls go through ctypes.
 
 Rule (`on_openblas`): a float64 CPU tensor, on a thread where torch runs one thread, with no autograd, goes to
 numpy's OpenBLAS when that OpenBLAS has a per-thread thread count (`openblas_set_num_threads_local`, OpenBLAS ≥
