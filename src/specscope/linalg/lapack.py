@@ -5,14 +5,15 @@ On a CPU thread of its own (a pool worker, or a process at one thread), torch's 
 project's AMD EPYC machine numpy's OpenBLAS, called through its C interface, is the faster for the three things
 the exact routes do with a float64 Gram: form it (`cblas_dsyrk`, one triangle: half a product's multiply-adds,
 where torch's blocked `lower_gram` does 5/8), its eigenvalues and its eigendecomposition (`LAPACKE_dsyevd`).
-Measured (docs/linalg.md "Which LAPACK"): 26 Grams of 256²/256×1024 on the two one-thread workers, eigenvalues
-24.5 against MKL's 31 ms, eigenvectors too 65 against 81 ms; the Grams of 26 such gradients 23 against 28 ms.
+Measured (docs/linalg.md "Which LAPACK"): on the two one-thread workers, the eigenvalues of 26 Grams of
+256²/256×1024 24.5 against MKL's 31 ms, 24 eigendecompositions 65 against 81 ms, the Grams of 26 such gradients 23
+against 28 ms.
 numpy's own `np.linalg.eigvalsh` is no way there: two workers calling it wait on each other and take the serial
 time (each job's CPU time 0.5–0.63 of its wall time), which is why the calls go through ctypes.
 
 Rule (`on_openblas`): a float64 CPU tensor, on a thread where torch runs one thread, with no autograd, goes to
 numpy's OpenBLAS when that OpenBLAS has a per-thread thread count (`openblas_set_num_threads_local`, OpenBLAS ≥
-0.3.27; a call runs on one thread and restores the caller's setting) and the three routines, and either
+0.3.27; a call runs on one thread and restores the caller's setting) and the two routines, and either
 SPECSCOPE_EIGH=openblas, or SPECSCOPE_EIGH is unset/"auto" and the CPU is AMD with torch on MKL — the one
 combination measured faster. SPECSCOPE_EIGH=torch keeps torch. Both solve the same LAPACK problem (dsyevd,
 lower triangle); their results differ by rounding only.
@@ -179,14 +180,15 @@ def _syevd(C: Tensor, vectors: bool, overwrite: bool) -> tuple[Tensor, Tensor]:
                 for Ai, wi in zip(A.view(-1, n, n), w.view(-1, n))]
 
     info = next((i for i in _one_thread(run) if i != 0), 0)
+    fn = "linalg.eigh" if vectors else "linalg.eigvalsh"
     if info == -1010:  # LAPACK_WORK_MEMORY_ERROR: LAPACKE could not allocate the workspace
-        raise MemoryError(f"linalg.eigh (numpy's OpenBLAS dsyevd): no memory for the workspace of a {n}² solve; "
+        raise MemoryError(f"{fn} (numpy's OpenBLAS dsyevd): no memory for the workspace of a {n}² solve; "
                           f"free memory, or set {ENV}=torch")
     if info < 0:
-        raise RuntimeError(f"linalg.eigh (numpy's OpenBLAS dsyevd): argument {-info} rejected (info={info}); "
+        raise RuntimeError(f"{fn} (numpy's OpenBLAS dsyevd): argument {-info} rejected (info={info}); "
                            f"set {ENV}=torch and report this")
     if info > 0:
-        raise torch.linalg.LinAlgError(f"linalg.eigh (numpy's OpenBLAS dsyevd): the solver did not converge (info={info}): "
+        raise torch.linalg.LinAlgError(f"{fn} (numpy's OpenBLAS dsyevd): the solver did not converge (info={info}): "
                                        "the input is ill-conditioned or has too many repeated eigenvalues")
     return w, A.mT
 

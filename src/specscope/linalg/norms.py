@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import lapack, workers
-from ._checks import check_structure, check_tensor, lower_gram, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
 
@@ -127,9 +127,10 @@ def _spread_over_threads(fn, C: Tensor) -> list | None:
 
 
 def eigvalsh_batched(C: Tensor) -> Tensor:
-    """torch.linalg.eigvalsh of a batch [..., n, n], the matrices spread over the CPU threads."""
+    """torch.linalg.eigvalsh of a batch [..., n, n], the matrices spread over the CPU threads (`lapack.eigvalsh`: on
+    numpy's OpenBLAS where that is faster)."""
     out = _spread_over_threads(lapack.eigvalsh, C)
-    return torch.linalg.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
+    return lapack.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,7 +208,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
         X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx]).to(dtype)
         got = by_size.setdefault(k, ([], []))
         got[0].extend(idx)
-        got[1].append(lower_gram(X).double())
+        got[1].append(lapack.lower_gram(X, dtype).double())
     for idx, grams in by_size.values():
         out[idx] = eigvalsh_batched(torch.cat(grams)).clamp(min=0).sqrt().sum(-1)
     return lambda: out
