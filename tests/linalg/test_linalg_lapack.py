@@ -37,9 +37,16 @@ def test_choice_follows_the_environment_and_the_thread(monkeypatch, two_threads)
     torch.set_num_threads(2)
     monkeypatch.setenv(lapack.ENV, "torch")
     assert not on_worker(lapack.on_openblas, C)
+    assert not on_worker(lapack.on_openblas, C, "gram")
     monkeypatch.setenv(lapack.ENV, "auto")
-    amd_mkl = lapack._cpu_vendor() == "AuthenticAMD" and torch.backends.mkl.is_available()
-    assert on_worker(lapack.on_openblas, C) == amd_mkl
+    mkl = torch.backends.mkl.is_available()
+    assert on_worker(lapack.on_openblas, C) == (mkl and lapack._cpu_vendor() == "AuthenticAMD"), "eigensolves: AMD only"
+    assert on_worker(lapack.on_openblas, C, "gram") == mkl, "Grams: OpenBLAS's dsyrk beside MKL on either vendor"
+    for vendor, eigen in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        monkeypatch.setattr(lapack, "_cpu_vendor", lambda v=vendor: v)
+        assert on_worker(lapack.on_openblas, C) == (mkl and eigen) and on_worker(lapack.on_openblas, C, "gram") == mkl
+    with pytest.raises(ValueError, match="work must be one of"):
+        lapack.on_openblas(C, "svd")
 
 
 def test_a_misspelt_setting_is_one_clear_error(monkeypatch):

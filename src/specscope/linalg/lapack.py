@@ -1,22 +1,25 @@
 """The symmetric eigensolver and the float64 Grams of the exact routes: torch's, or numpy's OpenBLAS called
 directly where that is faster.
 
-On a CPU thread of its own (a pool worker, or a process at one thread), torch's LAPACK is MKL, and on this
-project's AMD EPYC machine numpy's OpenBLAS, called through its C interface, is the faster for the three things
-the exact routes do with a float64 Gram: form it (`cblas_dsyrk`, one triangle: half a product's multiply-adds,
-where torch's blocked `lower_gram` does 5/8), its eigenvalues and its eigendecomposition (`LAPACKE_dsyevd`).
-Measured (docs/linalg.md "Which LAPACK"): on the two one-thread workers, the eigenvalues of 26 Grams of
-256²/256×1024 24.5 against MKL's 31 ms, 24 eigendecompositions 65 against 81 ms, the Grams of 26 such gradients 23
-against 28 ms.
+On a CPU thread of its own (a pool worker, or a process at one thread), torch's LAPACK is MKL. The exact routes do
+three things with a float64 Gram: form it, take its eigenvalues, take its eigendecomposition. Measured on two
+machines (docs/linalg.md "Which LAPACK"; `benchmarks/lapack_choice.py` retakes it on any machine):
+- the Gram: numpy's OpenBLAS `cblas_dsyrk` (one triangle: half a product's multiply-adds, where torch's blocked
+  `lower_gram` does 5/8) is the faster on both — on an AMD EPYC the Grams of 26 GPT d=256 gradients took 23
+  against 28 ms on the two workers; on an Intel Xeon (AVX-512, AMX) one 256×1024 Gram 0.92× and one 768×3072
+  Gram 0.87× torch's time;
+- the eigenvalues and eigendecomposition (`LAPACKE_dsyevd`): OpenBLAS is the faster on the AMD EPYC (26
+  eigenvalue solves 24.5 against MKL's 31 ms on the workers, 24 eigendecompositions 65 against 81), MKL on the
+  Intel Xeon (one 256² Gram's eigenvalues 1.14×, its eigendecomposition 1.12× MKL's time on OpenBLAS).
 numpy's own `np.linalg.eigvalsh` is no way there: two workers calling it wait on each other and take the serial
 time (each job's CPU time 0.5–0.63 of its wall time), which is why the calls go through ctypes.
 
-Rule (`on_openblas`): a float64 CPU tensor, on a thread where torch runs one thread, with no autograd, goes to
+Rule (`on_openblas(x, work)`): a float64 CPU tensor, on a thread where torch runs one thread, with no autograd, goes to
 numpy's OpenBLAS when that OpenBLAS has a per-thread thread count (`openblas_set_num_threads_local`, OpenBLAS ≥
 0.3.27; a call runs on one thread and restores the caller's setting) and the two routines, and either
-SPECSCOPE_EIGH=openblas, or SPECSCOPE_EIGH is unset/"auto" and the CPU is AMD with torch on MKL — the one
-combination measured faster. SPECSCOPE_EIGH=torch keeps torch. Both solve the same LAPACK problem (dsyevd,
-lower triangle); their results differ by rounding only.
+SPECSCOPE_EIGH=openblas, or SPECSCOPE_EIGH is unset/"auto", torch is on MKL (the case measured) and the work is a
+Gram, or an eigensolve on an AMD CPU. SPECSCOPE_EIGH=torch keeps torch for both. Both libraries solve the same
+LAPACK problem (dsyevd, lower triangle) and form the same Gram; their results differ by rounding only.
 """
 from __future__ import annotations
 
@@ -117,8 +120,14 @@ def choice() -> str:
     return value
 
 
-def on_openblas(x: Tensor) -> bool:
-    """Whether the Gram of x, or the eigensolve of x, runs on numpy's OpenBLAS (the rule in the module docstring)."""
+WORK = ("gram", "eigen")
+
+
+def on_openblas(x: Tensor, work: str = "eigen") -> bool:
+    """Whether `work` — "gram", forming x's Gram, or "eigen", an eigensolve of x — runs on numpy's OpenBLAS (the
+    rule in the module docstring)."""
+    if work not in WORK:
+        raise ValueError(f"on_openblas: work must be one of {WORK}, got {work!r}")
     if x.device.type != "cpu" or x.dtype != torch.float64 or (x.requires_grad and torch.is_grad_enabled()):
         return False
     mode = choice()
@@ -129,7 +138,9 @@ def on_openblas(x: Tensor) -> bool:
             raise ValueError(f"{ENV}=openblas: numpy's LAPACK here is not an OpenBLAS with openblas_set_num_threads_local "
                              f"(OpenBLAS >= 0.3.27, as numpy's PyPI wheels ship); unset {ENV} to use torch's")
         return False
-    return mode == "openblas" or (_cpu_vendor() == "AuthenticAMD" and torch.backends.mkl.is_available())
+    if mode == "openblas":
+        return True
+    return torch.backends.mkl.is_available() and (work == "gram" or _cpu_vendor() == "AuthenticAMD")
 
 
 def _one_thread(call: Callable[[], object]) -> object:
@@ -144,10 +155,10 @@ def _one_thread(call: Callable[[], object]) -> object:
 
 def lower_gram(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """The smaller Gram of x [..., m, n] in `dtype`: its lower triangle and diagonal, zero above (what eigvalsh and
-    eigh read, UPLO="L"). On OpenBLAS's dsyrk where `on_openblas` (one triangle's multiply-adds), else torch's
+    eigh read, UPLO="L"). On OpenBLAS's dsyrk where `on_openblas(x, "gram")` (one triangle's multiply-adds), else torch's
     blocked `_checks.lower_gram`; the two agree to rounding."""
     X = x.to(dtype)
-    if not on_openblas(X):
+    if not on_openblas(X, "gram"):
         return torch_lower_gram(X)
     lib = _openblas()
     if not X.is_contiguous() and X.mT.is_contiguous():

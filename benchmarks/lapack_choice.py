@@ -1,0 +1,114 @@
+"""Which LAPACK the exact routes should use on this CPU: torch's (MKL) against numpy's OpenBLAS through ctypes.
+
+    .venv/bin/python benchmarks/lapack_choice.py [--rounds 5] [--repeats 5]
+
+The three things the exact routes do with a float64 Gram (src/specscope/linalg/lapack.py): form it, take its
+eigenvalues (the probe's nr(G), `nuclear_norms`) and take its eigendecomposition (`polar(…, "gram")`, the exact
+optimizers), timed on one thread as the one-thread workers run them, for the Grams of a GPT d=256 gradient
+(256×1024) and of a d=768 one (768×3072). Then the workers' real batches, two jobs side by side: the Grams and
+eigenvalues of the 26 gradients of a 4-layer d=256 GPT (the probe's nr(G)), and the Gram and eigendecomposition of
+the 24 hidden matrices of the same model (`Muon(polar="gram")`). Each row: OpenBLAS's time over torch's in the same
+round (benchmarks/_timing.interleaved), median [min–max] over the rounds; below 1 OpenBLAS is faster; "auto" is
+the route SPECSCOPE_EIGH=auto takes on this machine (a Gram and an eigensolve may go to different libraries), which
+the last line names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved, load_average, with_env  # noqa: E402
+
+from specscope.linalg import lapack, workers  # noqa: E402
+
+SHAPES = {"256×1024": (256, 1024), "768×3072": (768, 3072)}
+PROBE_GRADIENTS = [(256, 256)] * 18 + [(256, 1024)] * 4 + [(1024, 256)] * 4  # GPT d=256, 4 layers, vocab 256
+HIDDEN = ([(256, 256)] * 4 + [(1024, 256), (256, 1024)]) * 4
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.processor())
+    except OSError:
+        return platform.processor()
+
+
+def arms(fn):
+    """fn on torch's LAPACK, on numpy's OpenBLAS, and as SPECSCOPE_EIGH=auto routes it on this machine."""
+    return {name: with_env(fn, SPECSCOPE_EIGH=name) for name in ("torch", "openblas", "auto")}
+
+
+def one_thread_rows(rounds: int, repeats: int) -> list[tuple[str, object]]:
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name, (m, n) in SHAPES.items():
+        X = torch.randn(m, n, generator=gen, dtype=torch.float64)
+        C = lapack.lower_gram(X)
+        work = {f"the Gram of a {name}": lambda X=X: lapack.lower_gram(X),
+                f"its eigenvalues ({m}²)": lambda C=C: lapack.eigvalsh(C),
+                f"its eigendecomposition ({m}²)": lambda C=C: lapack.eigh(C)}
+        for what, fn in work.items():
+            rows.append((f"{what}, one thread", interleaved(arms(fn), "torch", rounds=rounds, repeats=repeats)))
+    return rows
+
+
+def _nuclear_job(G: torch.Tensor) -> torch.Tensor:
+    return lapack.eigvalsh(lapack.lower_gram(G if G.shape[0] <= G.shape[1] else G.mT), overwrite=True)
+
+
+def _polar_job(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lapack.eigh(lapack.lower_gram(G if G.shape[0] <= G.shape[1] else G.mT), overwrite=True)
+
+
+def worker_rows(rounds: int, repeats: int) -> list[tuple[str, object]]:
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for what, job, shapes in (("26 Grams + eigenvalues (the probe's nr(G))", _nuclear_job, PROBE_GRADIENTS),
+                              ("24 Grams + eigendecompositions (Muon polar=gram)", _polar_job, HIDDEN)):
+        mats = [torch.randn(m, n, generator=gen) for m, n in shapes]  # float32, as gradients are
+        fn = lambda job=job, mats=mats: workers.start(job, mats, [G.numel() for G in mats])()  # noqa: E731
+        rows.append((f"{what}, two workers", interleaved(arms(fn), "torch", rounds=rounds, repeats=repeats)))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    if lapack._openblas() is None:
+        raise SystemExit("numpy's LAPACK here is not an OpenBLAS with openblas_set_num_threads_local: nothing to compare")
+    print(f"{cpu_model()} ({lapack._cpu_vendor() or 'vendor unknown'}), torch {torch.__version__} "
+          f"(MKL: {torch.backends.mkl.is_available()}), {load_average()} at start\n")
+    print("| work | torch ms | OpenBLAS ms | OpenBLAS / torch | auto / torch |\n|---|---:|---:|---:|---:|")
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = one_thread_rows(args.rounds, args.repeats)
+    finally:
+        torch.set_num_threads(torch_threads)
+    if workers.count(torch.device("cpu")):
+        rows += worker_rows(args.rounds, args.repeats)
+    for label, t in rows:
+        print(f"| {label} | {t['torch'].ms:.2f} | {t['openblas'].ms:.2f} | {t['openblas'].ratio_text()} | {t['auto'].ratio_text()} |")
+    probe = torch.zeros(2, 2, dtype=torch.float64)
+    torch.set_num_threads(1)
+    try:
+        picks = {w: "OpenBLAS" if with_env(lambda w=w: lapack.on_openblas(probe, w), SPECSCOPE_EIGH="auto")() else "torch"
+                 for w in lapack.WORK}
+    finally:
+        torch.set_num_threads(torch_threads)
+    print(f"\n{args.rounds} interleaved rounds of {args.repeats} calls each; ratios median [min–max] over the rounds. "
+          f"On this machine's one-thread threads SPECSCOPE_EIGH=auto forms Grams on {picks['gram']} and solves "
+          f"eigenproblems on {picks['eigen']} (src/specscope/linalg/lapack.py `on_openblas`).")
+
+
+if __name__ == "__main__":
+    main()
