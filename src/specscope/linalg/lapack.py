@@ -6,11 +6,12 @@ three things with a float64 Gram: form it, take its eigenvalues, take its eigend
 machines (docs/linalg.md "Which LAPACK"; `benchmarks/lapack_choice.py` retakes it on any machine):
 - the Gram: numpy's OpenBLAS `cblas_dsyrk` (one triangle: half a product's multiply-adds, where torch's blocked
   `lower_gram` does 5/8) is the faster on both — on an AMD EPYC the Grams of 26 GPT d=256 gradients took 23
-  against 28 ms on the two workers; on an Intel Xeon (AVX-512, AMX) one 256×1024 Gram 0.92× and one 768×3072
-  Gram 0.87× torch's time;
+  against 28 ms on the two workers; on an Intel Xeon (AVX-512, AMX) one 256×1024 Gram 0.89× and one 768×3072
+  Gram 0.92× torch's time (2026-12-05 12:10 UTC);
 - the eigenvalues and eigendecomposition (`LAPACKE_dsyevd`): OpenBLAS is the faster on the AMD EPYC (26
   eigenvalue solves 24.5 against MKL's 31 ms on the workers, 24 eigendecompositions 65 against 81), MKL on the
-  Intel Xeon (one 256² Gram's eigenvalues 1.14×, its eigendecomposition 1.12× MKL's time on OpenBLAS).
+  Intel Xeon (a 256² Gram's eigenvalues 1.17×, its eigendecomposition 1.15× MKL's time on OpenBLAS; a 768²
+  Gram's eigenvalues 0.98×, a tie).
 numpy's own `np.linalg.eigvalsh` is no way there: two workers calling it wait on each other and take the serial
 time (each job's CPU time 0.5–0.63 of its wall time), which is why the calls go through ctypes.
 
@@ -154,9 +155,10 @@ def _one_thread(call: Callable[[], object]) -> object:
 
 
 def lower_gram(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """The smaller Gram of x [..., m, n] in `dtype`: its lower triangle and diagonal, zero above (what eigvalsh and
-    eigh read, UPLO="L"). On OpenBLAS's dsyrk where `on_openblas(x, "gram")` (one triangle's multiply-adds), else torch's
-    blocked `_checks.lower_gram`; the two agree to rounding."""
+    """The smaller Gram of x [..., m, n] in `dtype`: its lower triangle and diagonal are right (what eigvalsh and eigh
+    read, UPLO="L"); above the diagonal OpenBLAS leaves zeros, torch's blocked route whatever its blocks hold. On
+    OpenBLAS's dsyrk where `on_openblas(x.to(dtype), "gram")` (one triangle's multiply-adds), else torch's
+    `_checks.lower_gram`; the two agree to rounding on the lower triangle."""
     X = x.to(dtype)
     if not on_openblas(X, "gram"):
         return torch_lower_gram(X)
