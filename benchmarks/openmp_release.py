@@ -9,7 +9,10 @@ Two measurements, on a multi-thread CPU with torch's libgomp:
   six gradient-like matrices (`benchmarks/polar.py`'s), with the team ended at the hand-over and left spinning;
 - interleaved timings (benchmarks/_timing.py: median [min–max] over rounds of the ratio to torch.optim.Muon's step in
   the same round) of `polar_later(…, "gram")` on that block and of `Muon(polar="gram")`'s step on the GPT d=256
-  ×4 layers of `benchmarks/optim_step.py`, each with the release on ("release") and off ("spin").
+  ×4 layers of `benchmarks/optim_step.py`, each with the release on ("release") and off ("spin");
+- the same for a probe's measured training step (`benchmarks/probe_overhead.py`'s GPT d=256, a Monitor measuring
+  every step; `--probe-block` steps per call), as a ratio to the unprobed step.
+The last line says which of the two `SPECSCOPE_OPENMP_RELEASE` unset ("auto") picks on this CPU.
 """
 from __future__ import annotations
 
@@ -27,7 +30,10 @@ from _timing import interleaved, load_average  # noqa: E402
 from optim_step import _params, gpt_hidden_shapes  # noqa: E402
 from polar import block_shapes, gradient_like  # noqa: E402
 
+from probe_overhead import Arm  # noqa: E402
+
 from specscope.linalg import polar_later, workers  # noqa: E402
+from specscope.linalg._cpu import cpu_vendor  # noqa: E402
 from specscope.optim import Muon  # noqa: E402
 
 
@@ -71,7 +77,7 @@ def team_cpu(mats: list[torch.Tensor], step, calls: int = 10) -> dict[str, float
             after = _threads_cpu_ms(skip)  # an ended team's thread is gone: only its time before `before` is lost
             used.append(sum(ms - before.get(tid, 0.0) for tid, ms in after.items()))
         out["release" if on else "spin"] = statistics.median(used)
-    workers.RELEASE_OPENMP = True
+    workers.RELEASE_OPENMP = None
     return out
 
 
@@ -79,6 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ratios: median and min–max over them)")
     ap.add_argument("--repeats", type=int, default=3, help="calls per candidate per round")
+    ap.add_argument("--probe-block", type=int, default=5, help="training steps per call in the probe's rows")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     if not workers.count(torch.device("cpu")) or workers._omp_pause() is None or not os.path.exists("/proc/self/task"):
@@ -106,8 +113,16 @@ def main() -> None:
                        "Muon(polar='gram'), spin": with_release(False, exact[False].step)},
                       "torch.optim.Muon", rounds=args.rounds, repeats=args.repeats, warmup=0)
     rows += [("GPT d=256 ×4 layers", k, t) for k, t in res.items()]
-    workers.RELEASE_OPENMP = True
-    print("\n| setting | candidate | median ms | × torch Muon |\n|---|---|---:|---:|")
+    arms = {"no monitor": Arm(None), "every step, release": Arm(1), "every step, spin": Arm(1)}
+    res = interleaved({"no monitor": lambda: arms["no monitor"].run(args.probe_block),
+                       "every step, release": with_release(True, lambda: arms["every step, release"].run(args.probe_block)),
+                       "every step, spin": with_release(False, lambda: arms["every step, spin"].run(args.probe_block))},
+                      "no monitor", rounds=args.rounds, repeats=1)
+    rows += [("probe, GPT d=256 training step", k, t) for k, t in res.items()]
+    workers.RELEASE_OPENMP = None
+    print(f"\nauto (SPECSCOPE_OPENMP_RELEASE unset) on this CPU ({cpu_vendor() or 'vendor unknown'}): "
+          f"{'release' if workers.releases_openmp() else 'spin'}")
+    print("\n| setting | candidate | median ms | × the first row of its setting |\n|---|---|---:|---:|")
     for setting, k, t in rows:
         print(f"| {setting} | {k} | {t.ms:.1f} | {t.ratio_text()} |")
 

@@ -9,6 +9,9 @@ optimizer and Monitor. "every 10th" is timed when `block` is a multiple of 10 (o
 call); "every 10th / 100th (derived)" are t_none + (t_every_step − t_none)/k from the same round. "every step,
 torch's LAPACK" is the default with SPECSCOPE_EIGH=torch: the exact routes' float64 Grams and eigenvalues on torch's
 MKL instead of numpy's OpenBLAS (src/specscope/linalg/lapack.py; the same on a CPU where auto picks torch anyway).
+"every step, OpenMP team ended" (or "… left spinning", on a CPU where ending it is the default) is the default with
+SPECSCOPE_OPENMP_RELEASE flipped: whether handing the finish to the workers ends the caller's idle OpenMP team
+(src/specscope/linalg/workers.py).
 
 `--floor` times instead what an exact measured step cannot skip, against the same unprobed steps, on the gradients
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import dispatched_ops, interleaved, load_average, with_env  # noqa: E402
 
+from specscope.linalg import workers  # noqa: E402
 from specscope.models import GPT, GPTConfig  # noqa: E402
 from specscope.probe import Monitor  # noqa: E402
 
@@ -110,6 +114,14 @@ def phase_times(arm: Arm) -> tuple[float, ...]:
     t.append(time.perf_counter())
     arm.step_no += 1
     return tuple(1e3 * (b - a) for a, b in zip(t, t[1:]))
+
+
+def other_release() -> tuple[str, str]:
+    """The row that flips what SPECSCOPE_OPENMP_RELEASE unset picks on this CPU (src/specscope/linalg/workers.py):
+    its name and the setting it runs with."""
+    if workers.releases_openmp():
+        return "every step, OpenMP team left spinning", "off"
+    return "every step, OpenMP team ended", "on"
 
 
 def phases(rounds: int, block: int, consecutive: bool = False) -> None:
@@ -263,10 +275,13 @@ def main() -> None:
         return
     arms = {"no monitor": Arm(None), "every step (default: gram)": Arm(1), "every step, estimator='power'": Arm(1, estimator="power"),
             TORCH_LAPACK: Arm(1)}
+    flipped, value = other_release()
+    arms[flipped] = Arm(1)
     if args.block % 10 == 0:
         arms["every 10th"] = Arm(10)
     calls = {k: (lambda a=a: a.run(args.block)) for k, a in arms.items()}
     calls[TORCH_LAPACK] = with_env(calls[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
+    calls[flipped] = with_env(calls[flipped], SPECSCOPE_OPENMP_RELEASE=value)
     res = interleaved(calls, "no monitor",
                       rounds=args.rounds, repeats=1, warmup=1, sync=sync)
     one = res["every step (default: gram)"]

@@ -121,12 +121,15 @@ def test_a_missing_path_is_named_as_a_path_not_as_a_run_id_under_root(tmp_path):
     assert f"no run directory '{missing}'" in str(res.exception) and "<lab>" not in str(res.exception)
 
 
-def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path):
-    env = {**os.environ, "SPECSCOPE_EIGH": "mkl"}
+@pytest.mark.parametrize("name, value, message", [
+    ("SPECSCOPE_EIGH", "mkl", "error: SPECSCOPE_EIGH='mkl': must be one of auto, torch, openblas"),
+    ("SPECSCOPE_OPENMP_RELEASE", "yes", "error: SPECSCOPE_OPENMP_RELEASE='yes': must be one of auto, on, off")])
+def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path, name, value, message):
+    env = {**os.environ, name: value}
     out = subprocess.run([str(SCRIPT), "run", "sed", "--root", str(tmp_path)], capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.startswith("error: SPECSCOPE_EIGH='mkl': must be one of auto, torch, openblas")
+    assert out.stderr.startswith(message)
     assert not any(tmp_path.iterdir())  # nothing written
 
 

@@ -84,12 +84,14 @@ def main() -> None:
 
 
 def _check_environment() -> None:
-    """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH)."""
+    """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH,
+    SPECSCOPE_OPENMP_RELEASE)."""
     from specscope.errors import ConfigError
-    from specscope.linalg import lapack
+    from specscope.linalg import lapack, workers
 
     try:
         lapack.choice()
+        workers.release_choice()
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

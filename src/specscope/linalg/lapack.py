@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._checks import lower_gram as torch_lower_gram
+from ._cpu import cpu_vendor
 
 ENV = "SPECSCOPE_EIGH"
 CHOICES = ("auto", "torch", "openblas")
@@ -104,13 +105,7 @@ def _openblas() -> _OpenBLAS | None:
     return _OpenBLAS(syevd, syrk)
 
 
-@functools.cache
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+_cpu_vendor = cpu_vendor  # a module global: tests stand in other vendors
 
 
 def choice() -> str:

@@ -9,10 +9,13 @@ what is still queued (`first=True`: the same step's input spectra), so that both
 At exit the queued jobs are cancelled and the running ones finished first: a worker thread still inside torch
 when the interpreter tears down aborts the process (SIGABRT) instead of letting it exit.
 
-Handing jobs over also ends the caller's idle OpenMP team (`release_openmp_threads`). After each parallel
-region torch runs, libgomp's threads spin-wait for the next one, by default for 6–10 ms of a core on this
-project's 2-core CPU, taken from the workers just as they start: the team thread used 9–13 ms of CPU during a
-30 ms `polar_later` of one d=256 GPT block's six matrices.
+On an AMD CPU handing jobs over also ends the caller's idle OpenMP team (`release_openmp_threads`; the rule is
+`releases_openmp`, SPECSCOPE_OPENMP_RELEASE overrides it). After each parallel region torch runs, libgomp's threads
+spin-wait for the next one, by default for 6–10 ms of a core, taken from the workers just as they start: on an AMD
+EPYC the team thread used 9–13 ms of CPU during a 30 ms `polar_later` of one d=256 GPT block's six matrices, and
+ending it made that call 14 % shorter. On an Intel Xeon (AVX-512, AMX) ending it cost more than the spinning: the
+caller blocked 3.6–5.5 ms in the pause beside two busy workers and its next parallel region started a new team, and
+a probe's measured step took 5–11 ms longer with it (docs/linalg.md "The caller's OpenMP team").
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from concurrent.futures import Future
 from typing import Callable, Sequence, TypeVar
 
 import torch
+
+from ._cpu import cpu_vendor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -77,7 +82,8 @@ class Pool:
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
         futures = [self.submit(fn, x) for x in items]
-        release_openmp_threads()
+        if releases_openmp():
+            release_openmp_threads()
         with waiting():
             return [f.result() for f in futures]
 
@@ -102,7 +108,9 @@ class Pool:
 
 _POOL: Pool | None = None
 
-RELEASE_OPENMP = True  # `start` and `Pool.map` end the caller's spinning OpenMP team (False: leave it spinning)
+RELEASE_ENV = "SPECSCOPE_OPENMP_RELEASE"
+RELEASE_CHOICES = ("auto", "on", "off")
+RELEASE_OPENMP: bool | None = None  # True/False: `start` and `Pool.map` end / leave the caller's idle team; None: the env
 _OMP_PAUSE_SOFT = 1  # omp_pause_soft (OpenMP 5.0): the runtime may free idle resources and keeps its settings
 
 
@@ -172,14 +180,33 @@ def waiting():
                 _set_switch(_saved_switch)
 
 
+def release_choice() -> str:
+    """SPECSCOPE_OPENMP_RELEASE, checked: "auto" (unset), "on" or "off"."""
+    value = os.environ.get(RELEASE_ENV, "auto").strip().lower() or "auto"
+    if value not in RELEASE_CHOICES:
+        raise ValueError(f"{RELEASE_ENV}={os.environ[RELEASE_ENV]!r}: must be one of {', '.join(RELEASE_CHOICES)} "
+                         "(unset means auto: on for AMD CPUs, off elsewhere)")
+    return value
+
+
+def releases_openmp() -> bool:
+    """Whether a hand-over to the workers ends the caller's idle OpenMP team: `RELEASE_OPENMP` where set, else
+    SPECSCOPE_OPENMP_RELEASE ("on", "off"; "auto" or unset: on an AMD CPU only, where it was measured to pay)."""
+    if RELEASE_OPENMP is not None:
+        return RELEASE_OPENMP
+    choice = release_choice()
+    return choice == "on" or (choice == "auto" and cpu_vendor() == "AuthenticAMD")
+
+
 def release_openmp_threads() -> None:
-    """End the calling thread's idle libgomp team now, instead of letting it spin-wait for a next parallel
-    region that will not come while this thread waits for the workers. The caller's next parallel region
-    starts a new team (45–75 µs more for that one region on this CPU); its thread count (omp_get_max_threads,
-    torch.get_num_threads) is kept. Other threads' teams are untouched. Inside a parallel region, or without
-    libgomp, nothing happens; nor in a forked child, where the parent's team is a record of threads that were
-    not copied (libgomp would wait for them forever, as it does at the child's first parallel region)."""
-    fn = _omp_pause() if RELEASE_OPENMP and not _FORKED else None
+    """End the calling thread's idle libgomp team now, instead of letting it spin-wait for a next parallel region
+    that will not come while this thread waits for the workers (`start` and `Pool.map` call it where
+    `releases_openmp()`). The caller's next parallel region starts a new team (45–75 µs more for that one region on
+    the AMD EPYC); its thread count (omp_get_max_threads, torch.get_num_threads) is kept. Other threads' teams are
+    untouched. Inside a parallel region, or without libgomp, nothing happens; nor in a forked child, where the
+    parent's team is a record of threads that were not copied (libgomp would wait for them forever, as it does at
+    the child's first parallel region)."""
+    fn = _omp_pause() if not _FORKED else None
     if fn is not None:
         fn(_OMP_PAUSE_SOFT)
 
@@ -222,7 +249,8 @@ def start(fn: Callable[[T], R], items: Sequence[T], costs: Sequence[float] | Non
         return lambda: [fn(x) for x in items]
     order = sorted(range(len(items)), key=lambda i: -costs[i]) if costs is not None else range(len(items))
     futures = {i: pool(n).submit(fn, items[i], first) for i in order}
-    release_openmp_threads()
+    if releases_openmp():
+        release_openmp_threads()
 
     def collect() -> list[R]:
         try:
