@@ -11,7 +11,7 @@ or — a wide input seen once in a step on one process — held (autograd saved 
 - `gram` (default): st = trace(C)/λ_max(C), C = AᵀA. Narrow inputs, micro-batches and ranks: C (n × n)
   summed, λ_max certified by a Cholesky test (exact up to float32 rounding of C; a CPU's Grams of at most
   DIRECT_MAX rows take float64 eigvalsh itself, cheaper there than the iterations); weights that share an
-  input share its Gram. Wide inputs: C applied as Aᵀ(A·), λ_max by block Krylov with an a-posteriori bound
+  input share its Gram. Wide inputs: C applied as Aᵀ(A·), λ_max by block Krylov with an a-posteriori error estimate
   (`krylov_top`), never forming C. Solves are batched by shape.
 - `exact`: keeps the rows and takes a float64 SVD — a reference for tests and benchmarks.
 - `closed_form` (embeddings): token counts; st of the one-hot matrix is N / c_max (REFERENCE §1).
@@ -194,7 +194,7 @@ DIRECT_MAX = 64  # CPU Grams this small take eigvalsh itself (4 Grams of 32²: 1
 # iterations; 64²: 403 against 441; 128²: 2.8 ms against 1.0)
 KRYLOV_DEPTH, COLD_DEPTH, FRESH = 0, 4, 8  # block Krylov depth (warm / cold start); fresh rows of A per step
 RETRY_DEPTHS = (KRYLOV_DEPTH, COLD_DEPTH)  # unverified: again from the improved block, then deeper; then the Gram
-VERIFIED = 1e-4  # the implicit route's a-posteriori tolerance (see krylov_top), as tight as CERTIFIED
+VERIFIED = 1e-4  # the implicit route's tolerance on its a-posteriori error estimate (see krylov_top)
 
 
 def tf32_matmuls() -> bool:
@@ -295,8 +295,10 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     with `fresh` rows of A, drawn by a private generator (the global RNG is untouched), so the space cannot miss
     the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The Ritz value θ ≤ λ_max (a Rayleigh
     quotient). One more pass gives CY for the top-b Ritz vectors Y: the top pair's residual r = ‖Cy − θy‖
-    (some eigenvalue lies within r of θ and, by Kato–Temple, within r²/δ, δ = θ − the next Ritz value:
-    bound = min(r, r²/δ)/θ) and the next warm block, CY with unit columns — one subspace-iteration step past
+    (some eigenvalue lies within r of θ) and the error estimate bound = min(r, r²/δ)/θ, δ = θ − the next Ritz
+    value — Kato–Temple's r²/(θ − λ₂) with the next Ritz value θ₂ ≤ λ₂ standing for λ₂, which no Krylov space
+    certifies, so r²/δ can understate the error (by up to 1.22× on the benchmark GPT's inputs before the power
+    step, docs/probe.md); and the next warm block, CY with unit columns — one subspace-iteration step past
     the Ritz vectors, so a block carried from step to step keeps converging while A drifts. Returns
     (θ, that block, bound) after one power step on the top pair (`_power_step`: two one-column products, which
     keep a warm block's first attempt within VERIFIED while the top eigenvector moves from step to step). Each
@@ -335,11 +337,12 @@ def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: to
                 bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top Ritz pair (θ, y) one power step on, from two one-column products: u = Cy is CY's last column
     already; θ_u = ‖Au‖²/‖u‖² ≥ θ (the moment ratios yᵀC^(k+1)y / yᵀC^k y of a PSD C grow with k), and its
-    residual ‖Cu − θ_u u‖/‖u‖ from Cu = Aᵀ(Au) bounds it as `krylov_top` bounds θ (δ = θ_u − the next Ritz
+    residual ‖Cu − θ_u u‖/‖u‖ from Cu = Aᵀ(Au) gives its estimate as `krylov_top` gives θ's (δ = θ_u − the next Ritz
     value). A warm block's top Ritz vector misses a moving top eigenvector by an angle² of 1e-4–1e-2 (those
-    first errors are real: Kato–Temple's bound matches the error measured against float64); a power step
+    first errors are real: the Kato–Temple estimate matches the error measured against float64); a power step
     shrinks it by (λ₂/λ₁)², which is small for activations. Returns (θ_u, CY with its last column Cu,
-    min(bound, θ_u's bound)) where θ_u ≥ θ, else what it was given: θ ≤ θ_u ≤ λ_max keeps either bound valid."""
+    min(bound, θ_u's bound)) where θ_u ≥ θ, else what it was given: θ ≤ θ_u ≤ λ_max keeps either estimate an
+    estimate of θ_u's error."""
     u = CY[..., -1]
     Au = u.unsqueeze(-2) @ A.mT                      # (Au)ᵀ [..., 1, rows]: the fast layout for a row-major A
     Cu = (Au @ A)[..., 0, :]                          # (AᵀAu)ᵀ [..., n]

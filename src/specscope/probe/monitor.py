@@ -131,8 +131,8 @@ class Monitor:
     the optimizer step) or a callable(name, param) -> Tensor (e.g. an optimizer buffer); the last two are
     read in `after_optimizer_step()`.
     estimator: how st(A) is measured — "gram" (default: trace and top eigenvalue of the feature-side Gram
-    AᵀA, shared by weights with the same input; certified, or for wide inputs applied implicitly with an
-    a-posteriori bound — both within 1e-4 of exact; see probe.estimators), "power" (one-pass
+    AᵀA, shared by weights with the same input; certified within 1e-4, or for wide inputs applied implicitly
+    and accepted on an a-posteriori error estimate of 1e-4 — see probe.estimators), "power" (one-pass
     warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
     direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) on the CPU is exact: eigenvalues
     of the smaller Gram, formed in `grad_gram_dtype` (float64 by default); on an accelerator a matmul-only
