@@ -1,6 +1,7 @@
 """Cost of the probe on a small GPT: time per training step with and without a Monitor.
 
-    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda] [--floor | --phases]
+    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda]
+        [--floor | --phases [--consecutive] | --sparse K [--periods P] | --ops]
 
 Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² MLP, AdamW.
 Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" per round, median and
@@ -21,6 +22,12 @@ the input and a power step's two one-column products), and both together as a me
 one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping; "floor on torch's LAPACK" is the same with
 SPECSCOPE_EIGH=torch.
+
+`--sparse K` times one measured step in K directly, step by step: a Monitor(every=K), an unprobed model and a
+Monitor(every=1) take turns one step at a time, in rotating order, each probed step against the unprobed step of its turn (per-step
+medians over `--periods` periods of K steps per round), so a measured step K steps after the last one (an older warm
+state, colder caches) is timed as itself, and the K − 1 steps between are timed too; the block-timed "every 10th"
+row above, one measured step in a 2-second call, moves by ±0.1 from round to round.
 
 `--ops` counts instead the aten ops each phase dispatches (views not counted: on a GPU about its kernel launches),
 on this device's route and, on a CPU, on the accelerator's route forced there.
@@ -157,6 +164,75 @@ def phases(rounds: int, block: int, consecutive: bool = False) -> None:
         print(f"| {ph} | {statistics.median(none):.2f} | {' | '.join(cells)} |")
 
 
+def step_ms(arm: Arm) -> float:
+    """One training step of `arm`, wall ms."""
+    sync()
+    t0 = time.perf_counter()
+    arm.run(1)
+    sync()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def ordinal(k: int) -> str:
+    """2 -> "2nd", 10 -> "10th"."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def sparse(rounds: int, k: int, periods: int) -> None:
+    """One measured step in k, timed step by step: a Monitor(every=k), an unprobed model and a Monitor(every=1) take
+    turns step by step (the order rotating, so that each arm follows each other arm as often), `periods` periods of k
+    steps per round. Per round, with medians over the round's steps:
+    - the every-k arm against itself: its measured step's time over its unmeasured steps' time u gives m, and
+      1 + m/(k·u) (the same model instance on both sides; an unmeasured step runs none of the Monitor's code);
+    - against the unprobed model: each probed step minus the unprobed step of its turn, for the measured step (m₀),
+      an unmeasured one (u₀) and the every-step arm's (m₁), and 1 + (m₀ + (k − 1)·u₀)/(k·t), t the unprobed step; a
+      u₀ ≠ 0 is the two models' own difference (where their tensors lie in memory) plus noise;
+    - "derived": 1 + m₁/(k·t), which assumes a measured step costs the same one step or k steps after the last."""
+    kth, every = f"every {ordinal(k)}", "every step"
+    arms = {"no monitor": Arm(None), kth: Arm(k), every: Arm(1)}
+    for a in arms.values():
+        a.run(k)  # warm: the every-k arm's next step is a measured one
+    names = list(arms)
+    rows = {key: [] for key in ("own", "ratio", "derived", "m", "m0", "u0", "m1", "none")}
+    for _ in range(rounds):
+        t = {name: [] for name in names}  # t[name][i]: the i-th turn's step, j = i % k its position in the period
+        for _ in range(periods):
+            for j in range(k):
+                order = names[j % 3:] + names[:j % 3]  # each arm follows each other arm about as often
+                for name in order:
+                    t[name].append(step_ms(arms[name]))
+        med = statistics.median
+        is_measured = [i % k == 0 for i in range(len(t[kth]))]
+        own_m = med(x for x, first in zip(t[kth], is_measured) if first)
+        own_u = med(x for x, first in zip(t[kth], is_measured) if not first)
+        diff = [x - n for x, n in zip(t[kth], t["no monitor"])]
+        m0 = med(d for d, first in zip(diff, is_measured) if first)
+        u0 = med(d for d, first in zip(diff, is_measured) if not first)
+        m1 = med(x - n for x, n in zip(t[every], t["no monitor"]))
+        base = med(t["no monitor"])
+        rows["own"].append(1 + (own_m - own_u) / (k * own_u))
+        rows["ratio"].append(1 + (m0 + (k - 1) * u0) / (k * base))
+        rows["derived"].append(1 + m1 / (k * base))
+        for key, v in (("m", own_m - own_u), ("m0", m0), ("u0", u0), ("m1", m1), ("none", base)):
+            rows[key].append(v)
+
+    def cell(xs, fmt):
+        return f"{format(statistics.median(xs), fmt)} [{format(min(xs), fmt)}–{format(max(xs), fmt)}]"
+
+    print(f"\n{rounds} rounds of {periods} periods of {k} steps per arm, arms taking turns step by step; "
+          "median [min–max] over rounds\n")
+    print("| figure | value |\n|---|---:|")
+    print(f"| unprobed step, ms | {cell(rows['none'], '.1f')} |")
+    print(f"| {kth}: measured step, ms over its unmeasured steps | {cell(rows['m'], '+.1f')} |")
+    print(f"| **{kth}, × its unmeasured steps** | **{cell(rows['own'], '.3f')}** |")
+    print(f"| {kth}: measured step, ms over the unprobed step | {cell(rows['m0'], '+.1f')} |")
+    print(f"| {kth}: unmeasured step, ms over the unprobed step | {cell(rows['u0'], '+.1f')} |")
+    print(f"| {kth}, × no monitor | {cell(rows['ratio'], '.3f')} |")
+    print(f"| {every}: measured step, ms over the unprobed step | {cell(rows['m1'], '+.1f')} |")
+    print(f"| {kth} derived from every step, × no monitor | {cell(rows['derived'], '.3f')} |")
+
+
 def op_counts() -> None:
     """Aten ops (views not counted) per phase of an unprobed and a measured step; on a CPU also with the accelerator's
     route forced (batched Krylov solves, matmul-only ‖G‖_*, CholeskyQR2), since a GPU's step is bound by launches."""
@@ -241,6 +317,10 @@ def main() -> None:
                                                           "and the optimizer step apart, probed against unprobed steps")
     ap.add_argument("--consecutive", action="store_true", help="with --phases: each arm runs its --block steps in a row "
                                                                "(as the ratio runs do) instead of the arms alternating step by step")
+    ap.add_argument("--sparse", type=int, default=None, metavar="K",
+                    help="time one measured step in K step by step, each probed step against the unprobed step beside it "
+                         "(--periods periods of K steps per round), and a measured step of an every-step Monitor")
+    ap.add_argument("--periods", type=int, default=5, help="with --sparse: periods of K steps per arm per round")
     ap.add_argument("--ops", action="store_true", help="count the aten ops each phase dispatches instead of timing (views "
                                                        "not counted; on a GPU about its kernel launches), on this "
                                                        "device's route and, on a CPU, on the accelerator's route forced")
@@ -250,6 +330,10 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=CFG["seq_len"])
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
+    if args.sparse is not None and args.sparse < 2:
+        ap.error(f"--sparse {args.sparse}: K is the measuring interval, an int >= 2 (--sparse 10: one measured step in ten)")
+    if args.periods < 1:
+        ap.error(f"--periods {args.periods}: an int >= 1")
     global DEVICE, BATCH
     DEVICE = torch.device(args.device)
     CFG.update(d_model=args.d_model, seq_len=args.seq_len)
@@ -257,6 +341,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
+    if args.sparse:
+        sparse(args.rounds, args.sparse, args.periods)
+        return
     if args.phases:
         phases(args.rounds, args.block, args.consecutive)
         return
