@@ -18,8 +18,9 @@ SPECSCOPE_OPENMP_RELEASE flipped: whether handing the finish to the workers ends
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
 eigenvalues, one job per gradient on the one-thread workers), st(A) of every distinct input by one warm
 block-Krylov solve of depth 0 (`probe.estimators.krylov_top`, the default route's cheapest case: two passes over
-the input and a power step's two one-column products), and both together as a measured step finishes them (the solves queued ahead of the eigensolves, on
-one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
+the input and a power step's two one-column products; the inputs of one shape solved together, as the Monitor does:
+a list on a CPU, a stacked batch on an accelerator), and both together as a measured step finishes them (the solves
+queued ahead of the eigensolves, on one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping; "floor on torch's LAPACK" is the same with
 SPECSCOPE_EIGH=torch.
 
@@ -283,11 +284,14 @@ def floor_candidates(block: int) -> dict:
         h.remove()
     grads = [p.grad for p in arm.model.parameters() if p.ndim >= 2 and p.grad is not None]
     As = list(inputs.values())
-    warm = [verified_top(A, _initial_block(A.shape[-1], BLOCK, A.device), 4)[1] for A in As]
+    by_shape: dict[tuple, list] = {}  # the inputs of one shape solved together, as the Monitor solves them
+    for A in As:
+        by_shape.setdefault(tuple(A.shape), []).append((A, verified_top(A, _initial_block(A.shape[-1], BLOCK, A.device), 4)[1]))
 
     def st_all():
-        for A, V in zip(As, warm):
-            krylov_top(A, V, depth=0)
+        for same in by_shape.values():
+            batch = [A for A, _ in same] if DEVICE.type == "cpu" else torch.stack([A for A, _ in same])
+            krylov_top(batch, torch.stack([V for _, V in same]), depth=0)
 
     def both():
         spectra = gradient_spectra_later(grads)

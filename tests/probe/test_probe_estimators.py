@@ -160,6 +160,41 @@ def test_krylov_top_batched_equals_one_by_one():
         assert torch.allclose((W[i].mT @ w).abs().diagonal()[-1], torch.tensor(1.0), atol=1e-3)  # same top Ritz vector
 
 
+def test_krylov_top_on_a_list_solves_each_input_as_alone_and_the_same_in_any_batch():
+    """The CPU's batch: equal-shape inputs passed as a list (never stacked). Each input gets what it gets solved
+    alone, and the same bits in whatever list it is solved (the workers' job split depends on timing); a zero and
+    a NaN input in the list leave the others' results untouched."""
+    n = 96
+    finite = [spectrum_matrix(300, n, torch.logspace(0, -d, 30, dtype=torch.float64), s) for s, d in enumerate((1, 2, 3, 4))]
+    inputs = [finite[0], torch.zeros(300, n), finite[1], torch.full((300, n), float("nan")), finite[2], finite[3]]
+    V = torch.stack([E._initial_block(n, 8, torch.device("cpu"))] * len(inputs))
+    theta, W, bound = E.krylov_top(inputs, V, depth=2)
+    assert theta.shape == (6,) and W.shape == (6, n, 8) and bound.shape == (6,)
+    for i in (0, 2, 4, 5):
+        t, w, b = E.krylov_top(inputs[i], V[i], depth=2)
+        lam = float(torch.linalg.svdvals(inputs[i].double())[0] ** 2)
+        assert float(theta[i]) == pytest.approx(float(t), rel=1e-6) and float(theta[i]) == pytest.approx(lam, rel=1e-4)
+        assert float(bound[i]) == pytest.approx(float(b), rel=1e-3, abs=1e-9)
+    assert float(theta[1]) == 0 and not float(bound[3]) <= E.VERIFIED  # the zero input; the NaN one is not verified
+    sub = E.krylov_top([inputs[i] for i in (4, 0)], V[[4, 0]], depth=2)
+    for got, whole in zip(sub, (theta, W, bound)):
+        assert torch.equal(got, whole[[4, 0]])
+
+
+def test_verified_solves_are_the_same_bits_however_the_inputs_are_grouped():
+    """finish_implicit hands the workers one list of inputs when the pool is busy and one per worker when it is
+    idle: either way each input's θ, next block and verdict are identical."""
+    n = 64
+    problems = {i: (spectrum_matrix(200, n, torch.logspace(0, -2, 20, dtype=torch.float64), i),
+                    E._initial_block(n, 8, torch.device("cpu")), E.KRYLOV_DEPTH if i % 2 else E.COLD_DEPTH) for i in range(5)}
+    together = E._verified_batched(problems)
+    apart = {**E._verified_batched({k: problems[k] for k in (0, 3)}), **E._verified_batched({k: problems[k] for k in (1, 2, 4)})}
+    alone = {k: E.verified_top(*problems[k]) for k in problems}
+    for k in problems:
+        for a, b, c in zip(together[k], apart[k], alone[k]):
+            assert (a == b == c) if isinstance(a, bool) else (torch.equal(a, b) and torch.equal(a, c))
+
+
 def test_cholesky_qr_is_an_orthonormal_basis_containing_the_span():
     """The GPU's orthonormalization: orthonormal, the same span as Householder's when Z has full rank; when it
     has not (exact rank 3, zero, NaN), still orthonormal and containing span(Z) — lost columns completed by

@@ -288,10 +288,15 @@ def orthonormal(Z: torch.Tensor, against: torch.Tensor | None = None) -> torch.T
     return torch.linalg.qr(Z - against @ (against.mT @ Z)).Q
 
 
-def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Inputs = torch.Tensor | list[torch.Tensor]  # one input [rows, n], a batch [..., rows, n], or equal-shape inputs as a list
+
+
+def krylov_top(A: Inputs, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fresh: int = FRESH) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """λ_max(AᵀA) without forming AᵀA: Rayleigh–Ritz on the block Krylov space [V₀, CV₀, …, C^depth V₀], C = AᵀA.
 
-    A [..., rows, n] (a batch of inputs of one shape is solved at once), V [..., n, b] the warm block; V₀ is V
+    A [..., rows, n] (a batch of inputs of one shape is solved at once; or a list of k inputs [rows, n] of one
+    shape, solved as a batch of k without stacking them: the passes over A go input by input, the small algebra
+    between them is batched), V [..., n, b] ([k, n, b] for a list) the warm block; V₀ is V
     with `fresh` rows of A, drawn by a private generator (the global RNG is untouched), so the space cannot miss
     the top direction: a row aᵢ has the component σ₁·u₁ᵢ along it. The Ritz value θ ≤ λ_max (a Rayleigh
     quotient). One more pass gives CY for the top-b Ritz vectors Y: the top pair's residual r = ‖Cy − θy‖
@@ -305,27 +310,28 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     pass over A is an A·Q or a (WᵀA)ᵀ product (the fast layouts for a row-major A): 2·(depth + 1) in all, plus
     those two. Products in float32, the small eigenproblem in float64; no host synchronisation.
     """
-    A = A.to(product_dtype(A.device))
+    A = [a.to(product_dtype(a.device)) for a in A] if isinstance(A, list) else A.to(product_dtype(A.device))
+    one = A[0] if isinstance(A, list) else A  # an input: its shape, dtype and device are every input's
     b = V.shape[-1]
     tiny = torch.finfo(torch.float64).tiny
-    if (b + fresh) * (depth + 1) > A.shape[-1]:  # the space would be all of Rⁿ: solve C itself
-        C = gram_of(A).double()
+    if (b + fresh) * (depth + 1) > one.shape[-1]:  # the space would be all of Rⁿ: solve C itself
+        C = (torch.stack([gram_of(a) for a in A]) if isinstance(A, list) else gram_of(A)).double()
         C = torch.where(torch.isfinite(C).flatten(-2).all(-1)[..., None, None], C, torch.zeros_like(C))
         theta, Y = torch.linalg.eigh(C)
-        return theta[..., -1], Y[..., -b:].to(A.dtype), torch.zeros_like(theta[..., -1])
-    V = V.to(A.device, A.dtype)
-    Q = [orthonormal(torch.cat([V, A.index_select(-2, _fresh_rows(A.shape[-2:], fresh, A.device)).mT], -1) if fresh else V)]
+        return theta[..., -1], Y[..., -b:].to(one.dtype), torch.zeros_like(theta[..., -1])
+    V = V.to(one.device, one.dtype)
+    Q = [orthonormal(torch.cat([V, _rows(A, _fresh_rows(one.shape[-2:], fresh, one.device)).mT], -1) if fresh else V)]
     W = [_times(A, Q[0])]
     for _ in range(depth):
-        Q.append(orthonormal((W[-1].mT @ A).mT, torch.cat(Q, -1)))
+        Q.append(orthonormal(_times_t(A, W[-1]), torch.cat(Q, -1)))
         W.append(_times(A, Q[-1]))
     Qc, Wc = (Q[0], W[0]) if depth == 0 else (torch.cat(Q, -1), torch.cat(W, -1))
     H = (Wc.mT @ Wc).double()  # = Qcᵀ C Qc (float32 products: ~1e-7 relative, far inside VERIFIED)
     H = torch.where(torch.isfinite(H).flatten(-2).all(-1)[..., None, None], H, torch.zeros_like(H))  # non-finite A: the caller reports it
     theta, Y = torch.linalg.eigh((H + H.mT) / 2)
-    top, Y = theta[..., -1], Y[..., -b:].to(A.dtype)
-    CY = ((Y.mT @ Wc.mT) @ A).mT                                          # C·(Ritz vectors), [..., n, b]
-    r = torch.linalg.vector_norm(CY[..., -1] - top.to(A.dtype)[..., None] * (Qc @ Y[..., -1:])[..., 0], dim=-1).double()
+    top, Y = theta[..., -1], Y[..., -b:].to(one.dtype)
+    CY = _times_t(A, Wc @ Y)                                              # C·(Ritz vectors), [..., n, b]
+    r = torch.linalg.vector_norm(CY[..., -1] - top.to(one.dtype)[..., None] * (Qc @ Y[..., -1:])[..., 0], dim=-1).double()
     bound = torch.minimum(r, r * r / (top - theta[..., -2]).clamp_min(tiny)) / top.clamp_min(tiny)
     top, CY, bound = _power_step(A, CY, top, theta[..., -2], bound)
     # the block's own dtype's tiny: float64's underflows to 0 in float32, and a zero column (an input of rank < b)
@@ -333,7 +339,7 @@ def krylov_top(A: torch.Tensor, V: torch.Tensor, depth: int = KRYLOV_DEPTH, fres
     return top, CY / torch.linalg.vector_norm(CY, dim=-2, keepdim=True).clamp_min(torch.finfo(CY.dtype).tiny), bound
 
 
-def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: torch.Tensor,
+def _power_step(A: Inputs, CY: torch.Tensor, top: torch.Tensor, second: torch.Tensor,
                 bound: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top Ritz pair (θ, y) one power step on, from two one-column products: u = Cy is CY's last column
     already; θ_u = ‖Au‖²/‖u‖² ≥ θ (the moment ratios yᵀC^(k+1)y / yᵀC^k y of a PSD C grow with k), and its
@@ -344,8 +350,8 @@ def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: to
     min(bound, θ_u's bound)) where θ_u ≥ θ, else what it was given: θ ≤ θ_u ≤ λ_max keeps either estimate an
     estimate of θ_u's error."""
     u = CY[..., -1]
-    Au = u.unsqueeze(-2) @ A.mT                      # (Au)ᵀ [..., 1, rows]: the fast layout for a row-major A
-    Cu = (Au @ A)[..., 0, :]                          # (AᵀAu)ᵀ [..., n]
+    Au = _times(A, u.unsqueeze(-1))                   # [..., rows, 1]
+    Cu = _times_t(A, Au)[..., 0]                      # AᵀAu [..., n]
     uu = (u * u).sum(-1)
     theta_u = (Au * Au).sum((-2, -1)) / uu            # NaN for u = 0 (a zero input): then not taken
     r2 = (Cu - theta_u[..., None] * u).square().sum(-1) / uu
@@ -356,10 +362,25 @@ def _power_step(A: torch.Tensor, CY: torch.Tensor, top: torch.Tensor, second: to
     return torch.where(better, theta_u.double(), top), CY, torch.where(better, torch.fmin(bound, bound_u.double()), bound)
 
 
-def _times(A: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+def _each(A: Inputs, f: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], X: torch.Tensor) -> torch.Tensor:
+    """f(A, X); for a list of inputs, f(A[i], X[i]) for each, stacked (the inputs themselves are never copied)."""
+    return torch.stack([f(a, x) for a, x in zip(A, X)]) if isinstance(A, list) else f(A, X)
+
+
+def _times(A: Inputs, Q: torch.Tensor) -> torch.Tensor:
     """A·Q; for a block of under 16 columns as (QᵀAᵀ)ᵀ, which MKL runs 3× faster than A·Q there (0.19 against
     0.59 ms for a 2048 × 256 A and 8 columns, one thread)."""
-    return A @ Q if Q.shape[-1] >= 16 else (Q.mT @ A.mT).mT
+    return _each(A, lambda a, q: a @ q if q.shape[-1] >= 16 else (q.mT @ a.mT).mT, Q)
+
+
+def _times_t(A: Inputs, Z: torch.Tensor) -> torch.Tensor:
+    """Aᵀ·Z, as (ZᵀA)ᵀ: the fast layout for a row-major A."""
+    return _each(A, lambda a, z: (z.mT @ a).mT, Z)
+
+
+def _rows(A: Inputs, index: torch.Tensor) -> torch.Tensor:
+    """The rows `index` of each input, [..., len(index), n]."""
+    return torch.stack([a.index_select(-2, index) for a in A]) if isinstance(A, list) else A.index_select(-2, index)
 
 
 _ROWS: dict[tuple, torch.Tensor] = {}
@@ -378,12 +399,9 @@ def _fresh_rows(shape: torch.Size, fresh: int, device: torch.device) -> torch.Te
 def verified_top(A: torch.Tensor, V: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """λ_max(AᵀA) for one input: `krylov_top` at `depth`, then at each of RETRY_DEPTHS from the block the last
     attempt improved, until the bound is within VERIFIED. (θ, the block for the next step, verified). Fresh rows
-    of A join the first attempt only: a retry's block is already C times the first space's Ritz vectors."""
-    for attempt, d in enumerate((depth, *RETRY_DEPTHS)):
-        theta, V, bound = krylov_top(A, V, d, FRESH if attempt == 0 else 0)
-        if bool((bound <= VERIFIED) & torch.isfinite(theta)):
-            return theta, V, True
-    return theta, V, False
+    of A join the first attempt only: a retry's block is already C times the first space's Ritz vectors. The
+    one-input case of `_verified_batched`, which the Monitor uses: the same bits as the input gets in any batch."""
+    return _verified_batched({0: (A, V, depth)})[0]
 
 
 def top_eigenvalues(C: torch.Tensor, V: torch.Tensor, iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -415,11 +433,11 @@ def _warm_block(s: GramStats, device: torch.device) -> torch.Tensor:
 def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
     """λ_max for the stats holding a wide input, one solve per shared input: `krylov_top` at depth KRYLOV_DEPTH
     from a warm block (COLD_DEPTH from a cold one), then RETRY_DEPTHS where the bound exceeds VERIFIED; what
-    still fails becomes a Gram for the certified route. On a CPU the inputs are solved one after another on
-    one of the one-thread workers (`linalg.workers`), ahead of what is queued there — beside the gradients'
-    eigensolves a Monitor started, which, unlike these many small calls, do not hold Python's lock — or on
-    all of them when the pool is idle; on an accelerator inputs of one shape are solved as one batch, one
-    host synchronisation per attempt."""
+    still fails becomes a Gram for the certified route. Inputs of one shape are solved as one batch
+    (`_verified_batched`). On a CPU that is one job of the one-thread workers (`linalg.workers`), ahead of what is
+    queued there — beside the gradients' eigensolves a Monitor started, which, unlike these small calls, do not
+    hold Python's lock — or one job per worker when the pool is idle; on an accelerator it runs on the caller's
+    stream, one host synchronisation per attempt."""
     unique: dict[tuple, list[GramStats]] = {}
     for s in stats:
         unique.setdefault((tuple(s.keys), s.n), []).append(s)
@@ -428,16 +446,14 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
     if not first:
         return {}
     device = next(iter(first.values()))[0].device
-    if not solves_in_batches(device):  # serial chains: one beside the workers' queued jobs, else one per worker
+    if not solves_in_batches(device):  # one job beside the workers' queued jobs, else one per worker
         keys = list(first)
-        chains = workers.balanced([first[k][0].numel() * (first[k][2] + 1) for k in keys],
-                                  1 if workers.busy(device) else workers.count(device))
-        wait = workers.start(lambda chain: [(*verified_top(*first[keys[i]]), _fro2(first[keys[i]][0])) for i in chain],
-                             chains, device=device, first=True)
-        solved = {keys[i]: r for chain, rs in zip(chains, wait()) for i, r in zip(chain, rs)}
+        parts = workers.balanced([first[k][0].numel() * (first[k][2] + 1) for k in keys],
+                                 1 if workers.busy(device) else workers.count(device))
+        wait = workers.start(lambda part: _solved({keys[i]: first[keys[i]] for i in part}), parts, device=device, first=True)
+        solved = {k: r for got in wait() for k, r in got.items()}
     else:
-        fro2 = dict(zip(first, _fro2_all([first[k][0] for k in first])))
-        solved = {k: (*r, fro2[k]) for k, r in _verified_batched(first).items()}
+        solved = _solved(first)
     lam: dict[tuple, torch.Tensor] = {}
     for k, (theta, V, good, fro2) in solved.items():
         group = unique[k]
@@ -452,14 +468,23 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
 
 
 def solves_in_batches(device: torch.device) -> bool:
-    """Whether held inputs are solved as one batch per shape (an accelerator, where launches and host
-    synchronisations cost more than flops) rather than input by input on the CPU's one-thread workers."""
+    """Whether held inputs are stacked, one batch per shape, and solved on the caller's stream (an accelerator,
+    where launches and host synchronisations cost more than flops), rather than passed as lists to the CPU's
+    one-thread workers."""
     return device.type != "cpu"
 
 
+def _solved(problems: dict) -> dict:
+    """{key: (θ, the next block, verified, ‖A‖_F²)} for {key: (A, V, depth)}."""
+    fro2 = dict(zip(problems, _fro2_all([A for A, _, _ in problems.values()])))
+    return {k: (*r, fro2[k]) for k, r in _verified_batched(problems).items()}
+
+
 def _verified_batched(problems: dict) -> dict:
-    """verified_top for {key: (A, V, depth)} on an accelerator: problems of one (shape, dtype, depth) stacked
-    into one krylov_top call per attempt (fewer launches), one host synchronisation per attempt."""
+    """verified_top for {key: (A, V, depth)}: problems of one (shape, dtype, depth) solved by one krylov_top call
+    per attempt, one host synchronisation per attempt. On an accelerator their inputs are stacked (fewer
+    launches); on a CPU they are passed as a list (no copy of the inputs: the passes over them are memory-bound
+    there, and the batched small algebra saves the per-call overhead that was half of a 2048 × 256 input's solve)."""
     todo, done = dict(problems), {}
     for attempt in range(1 + len(RETRY_DEPTHS)):
         groups: dict[tuple, list] = {}
@@ -468,13 +493,12 @@ def _verified_batched(problems: dict) -> dict:
         out, oks = {}, []
         for keys in groups.values():
             A, V, depth = todo[keys[0]]
-            fresh = FRESH if attempt == 0 else 0  # as verified_top
-            if len(keys) == 1:
-                theta, V, bound = krylov_top(A, V, depth, fresh)
-                out[keys[0]] = (theta, V)
-            else:
-                theta, V, bound = krylov_top(torch.stack([todo[k][0] for k in keys]), torch.stack([todo[k][1] for k in keys]), depth, fresh)
-                out.update({k: (theta[i], V[i]) for i, k in enumerate(keys)})
+            fresh = FRESH if attempt == 0 else 0  # fresh rows join the first attempt only (see verified_top)
+            As = [todo[k][0] for k in keys]  # a list on a CPU even for one input: each input's result is the same bits
+            if solves_in_batches(A.device):  # in whatever batch it is solved (and the job split depends on timing)
+                As = As[0].unsqueeze(0) if len(As) == 1 else torch.stack(As)
+            theta, V, bound = krylov_top(As, torch.stack([todo[k][1] for k in keys]), depth, fresh)
+            out.update({k: (theta[i], V[i]) for i, k in enumerate(keys)})
             oks.append(((bound <= VERIFIED) & torch.isfinite(theta)).reshape(-1))  # per shape, not per input: fewer launches
         ok = torch.cat(oks).tolist()
         last = attempt == len(RETRY_DEPTHS)
@@ -489,13 +513,8 @@ def _verified_batched(problems: dict) -> dict:
     return done
 
 
-def _fro2(A: torch.Tensor) -> torch.Tensor:
-    flat = A.float().reshape(-1)
-    return (flat @ flat).double()
-
-
 def _fro2_all(As: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`_fro2` of each input by one multi-tensor norm (float32 accumulation, as `_fro2`'s product)."""
+    """‖A‖_F² of each input by one multi-tensor norm (float32 accumulation)."""
     return list(torch.stack(torch._foreach_norm(As, 2, dtype=torch.float32)).double().square())
 
 
