@@ -195,6 +195,20 @@ def test_verified_solves_are_the_same_bits_however_the_inputs_are_grouped():
             assert (a == b == c) if isinstance(a, bool) else (torch.equal(a, b) and torch.equal(a, c))
 
 
+def test_the_accelerators_stacked_batches_agree_with_the_cpus_lists(monkeypatch):
+    """The accelerator's route (inputs stacked, a lone input as a batch of one), forced on the CPU: the same θ and
+    verdicts as the CPU's lists, for a group and for a lone input (a retry, a shape seen once)."""
+    n = 64
+    problems = {i: (spectrum_matrix(200 + 50 * (i == 4), n, torch.logspace(0, -2, 20, dtype=torch.float64), i),
+                    E._initial_block(n, 8, torch.device("cpu")), E.KRYLOV_DEPTH) for i in range(5)}
+    listed = E._verified_batched(problems)
+    monkeypatch.setattr(E, "solves_in_batches", lambda device: True)
+    stacked = E._verified_batched(problems)
+    for k in problems:
+        assert stacked[k][2] == listed[k][2] and stacked[k][1].shape == (n, 8)
+        assert float(stacked[k][0]) == pytest.approx(float(listed[k][0]), rel=1e-6)
+
+
 def test_cholesky_qr_is_an_orthonormal_basis_containing_the_span():
     """The GPU's orthonormalization: orthonormal, the same span as Householder's when Z has full rank; when it
     has not (exact rank 3, zero, NaN), still orthonormal and containing span(Z) — lost columns completed by
