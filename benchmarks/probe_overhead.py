@@ -1,7 +1,7 @@
 """Cost of the probe on a small GPT: time per training step with and without a Monitor.
 
     .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda]
-        [--floor | --phases [--consecutive] | --sparse K [--periods P] | --ops]
+        [--floor | --phases [--consecutive] | --sparse K [--periods P] | --ops | --profile]
 
 Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² MLP, AdamW.
 Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" per round, median and
@@ -12,7 +12,8 @@ torch's LAPACK" is the default with SPECSCOPE_EIGH=torch: the exact routes' floa
 MKL instead of numpy's OpenBLAS (src/specscope/linalg/lapack.py; the same on a CPU where auto picks torch anyway).
 "every step, OpenMP team ended" (or "… left spinning", on a CPU where ending it is the default) is the default with
 SPECSCOPE_OPENMP_RELEASE flipped: whether handing the finish to the workers ends the caller's idle OpenMP team
-(src/specscope/linalg/workers.py).
+(src/specscope/linalg/workers.py). On CUDA, "every step, ‖G‖_* as CUDA graphs" is the default with
+SPECSCOPE_CUDA_GRAPHS=on: the gradients' polar iterations replayed as captured graphs (src/specscope/linalg/norms.py).
 
 `--floor` times instead what an exact measured step cannot skip, against the same unprobed steps, on the gradients
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
@@ -32,6 +33,11 @@ row above, one measured step in a 2-second call, moves by ±0.1 from round to ro
 
 `--ops` counts instead the aten ops each phase dispatches (views not counted: on a GPU about its kernel launches),
 on this device's route and, on a CPU, on the accelerator's route forced there.
+
+`--profile` profiles the finishing phase of measured steps (every step, default) instead of timing: cProfile's
+top functions by cumulative host time (a host synchronisation shows as time in the call that waits, e.g. `tolist`),
+the host synchronisations per finish on CUDA (torch.cuda.set_sync_debug_mode), and torch.profiler's ops by device
+time and by host time: where a GPU's finishing time goes.
 
 `--phases` times a probed step (every step, default; and on torch's LAPACK) and an unprobed one phase by phase — forward, backward,
 finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
@@ -61,6 +67,7 @@ CFG = dict(vocab_size=256, seq_len=128, n_layer=4, n_head=4, d_model=256)
 BATCH = 16
 DEVICE = torch.device("cpu")
 TORCH_LAPACK = "every step, torch's LAPACK"  # the default with SPECSCOPE_EIGH=torch (src/specscope/linalg/lapack.py)
+GRAPHS = "every step, ‖G‖_* as CUDA graphs"  # the default with SPECSCOPE_CUDA_GRAPHS=on (src/specscope/linalg/norms.py)
 
 
 def sync() -> None:
@@ -267,6 +274,77 @@ def op_counts() -> None:
                 setattr(E, k, v)
 
 
+def profile(steps: int) -> None:
+    """The finishing phase of `steps` measured steps, profiled three ways (see the module's `--profile`)."""
+    import cProfile
+    import io
+    import pstats
+    import warnings
+
+    arm = Arm(1)
+    arm.run(3)  # warm blocks
+
+    def finishes(k: int, each=None) -> float:
+        """k measured steps; the finishing phases' total wall ms, `each` wrapped around each."""
+        total = 0.0
+        for _ in range(k):
+            b = arm.batches[arm.step_no % len(arm.batches)]
+            arm.opt.zero_grad(set_to_none=True)
+            ctx = arm.monitor.step(arm.step_no)
+            ctx.__enter__()
+            F.cross_entropy(arm.model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten()).backward()
+            sync()
+            t0 = time.perf_counter()
+            if each is None:
+                ctx.__exit__(None, None, None)
+            else:
+                each(lambda: ctx.__exit__(None, None, None))
+            sync()
+            total += time.perf_counter() - t0
+            arm.opt.step()
+            arm.monitor.pop_records()
+            arm.step_no += 1
+        return 1e3 * total
+
+    print(f"\nfinishing, {steps} measured steps: {finishes(steps) / steps:.2f} ms each (wall, synchronised)")
+    prof = cProfile.Profile()
+    finishes(steps, lambda fn: prof.runcall(fn))
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+    print(f"\ncProfile of the finishing phase, {steps} steps, by cumulative host time (s):")
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip() and not line.startswith("   Ordered")))
+    if DEVICE.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                finishes(1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        where = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+        print(f"\nhost synchronisations in one finish: {len(where)}")
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    total: dict[str, list[float]] = {}  # op: [calls, self host µs, self device µs], summed over the finishes
+
+    def profiled(fn) -> None:
+        with torch.profiler.profile(activities=acts) as tp:
+            fn()
+            sync()
+        for e in tp.key_averages():
+            row = total.setdefault(e.key, [0, 0.0, 0.0])
+            row[0] += e.count
+            row[1] += e.self_cpu_time_total
+            row[2] += getattr(e, "self_device_time_total", 0.0)
+
+    finishes(steps, profiled)
+    for col, what in ([(2, "device")] if DEVICE.type == "cuda" else []) + [(1, "host")]:
+        top = sorted(total.items(), key=lambda kv: -kv[1][col])[:25]
+        print(f"\ntorch.profiler, the finishing phase, by self {what} time (per finish, µs)\n")
+        print("| op | calls | self host | self device |\n|---|---:|---:|---:|")
+        for name, (n, host, dev) in top:
+            print(f"| {name[:70]} | {n / steps:.0f} | {host / steps:.0f} | {dev / steps:.0f} |")
+
+
 def floor_candidates(block: int) -> dict:
     """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
     from specscope.linalg import nuclear_norms, workers
@@ -328,6 +406,8 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="count the aten ops each phase dispatches instead of timing (views "
                                                        "not counted; on a GPU about its kernel launches), on this "
                                                        "device's route and, on a CPU, on the accelerator's route forced")
+    ap.add_argument("--profile", action="store_true", help="profile the finishing phase of --block measured steps instead "
+                                                           "of timing: cProfile, host synchronisations (CUDA), torch.profiler")
     ap.add_argument("--d-model", type=int, default=CFG["d_model"],
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
@@ -354,6 +434,9 @@ def main() -> None:
     if args.ops:
         op_counts()
         return
+    if args.profile:
+        profile(args.block)
+        return
     if args.floor:
         res = interleaved(floor_candidates(args.block), "no monitor", rounds=args.rounds, repeats=1, warmup=1, sync=sync)
         print(f"\n{args.rounds} rounds of {args.block} steps\n\n| per step | ms | × no monitor, median [min–max] |\n|---|---:|---:|")
@@ -368,11 +451,15 @@ def main() -> None:
             TORCH_LAPACK: Arm(1)}
     flipped, value = other_release()
     arms[flipped] = Arm(1)
+    if DEVICE.type == "cuda":
+        arms[GRAPHS] = Arm(1)
     if args.block % 10 == 0:
         arms["every 10th"] = Arm(10)
     calls = {k: (lambda a=a: a.run(args.block)) for k, a in arms.items()}
     calls[TORCH_LAPACK] = with_env(calls[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
     calls[flipped] = with_env(calls[flipped], SPECSCOPE_OPENMP_RELEASE=value)
+    if GRAPHS in calls:
+        calls[GRAPHS] = with_env(calls[GRAPHS], SPECSCOPE_CUDA_GRAPHS="on")
     res = interleaved(calls, "no monitor",
                       rounds=args.rounds, repeats=1, warmup=1, sync=sync)
     one = res["every step (default: gram)"]

@@ -358,6 +358,31 @@ def test_nuclear_norms_polar_in_chunks_equals_one_batch(monkeypatch):
     assert ((whole - ref).abs() <= 1e-4 * ref).all()
 
 
+def test_nuclear_norms_polar_keeps_list_order_across_shapes():
+    """Shapes interleaved in the list are batched per shape and come back in list order, each as it is alone."""
+    g = torch.Generator().manual_seed(6)
+    mats = [torch.randn(12, 30, generator=g), torch.randn(8, 8, generator=g), torch.randn(30, 12, generator=g),
+            torch.randn(5, 9, generator=g), torch.randn(8, 8, generator=g)]
+    got = L.nuclear_norms(mats, method="polar")
+    alone = torch.cat([L.nuclear_norms([G], method="polar") for G in mats])
+    torch.testing.assert_close(got, alone, rtol=1e-12, atol=0)
+    ref = torch.stack([torch.linalg.svdvals(G.double()).sum() for G in mats])
+    assert ((got - ref).abs() <= 1e-4 * ref).all()
+
+
+def test_cuda_graphs_switch_is_checked(monkeypatch):
+    """SPECSCOPE_CUDA_GRAPHS: on/off (any case, unset = off); anything else names the variable and its values."""
+    from specscope.linalg import norms
+    for value, want in (("on", True), ("OFF", False), ("", False)):
+        monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", value)
+        assert norms.cuda_graphs() is want
+    monkeypatch.delenv("SPECSCOPE_CUDA_GRAPHS")
+    assert norms.cuda_graphs() is False
+    monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="SPECSCOPE_CUDA_GRAPHS='yes': must be on or off"):
+        norms.cuda_graphs()
+
+
 def test_inputs_without_values_or_of_the_wrong_kind_are_named():
     """Meta and sparse tensors reached torch internals ("item() cannot be called on meta tensors"); the raw polar
     kernels took NaN, complex and 1-D input silently or with an IndexError; fro_nuclear_norms_later took anything."""

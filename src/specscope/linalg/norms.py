@@ -6,6 +6,7 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Callable
 
@@ -242,6 +243,18 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
 
 
 POLAR_CHUNK = 2**25  # float64 elements of G stacked per batch (256 MiB; the iteration holds ≈ 3× that)
+POLAR_GRAPH_MAX = 2**22  # with cuda_graphs(): a CUDA batch of at most this many elements replays as a graph (32 MiB float64)
+GRAPHS_ENV = "SPECSCOPE_CUDA_GRAPHS"
+
+
+def cuda_graphs() -> bool:
+    """Whether small polar batches on CUDA replay as CUDA graphs (`_polar_sums_replayed`): SPECSCOPE_CUDA_GRAPHS "on" or
+    "off" (unset: off until the route has run on a GPU: tests/test_cuda.py checks it there against the eager
+    iteration, and `benchmarks/probe_overhead.py --device cuda` times it as a row of its own)."""
+    value = os.environ.get(GRAPHS_ENV, "off").strip().lower() or "off"
+    if value not in ("on", "off"):
+        raise ValueError(f"{GRAPHS_ENV}={os.environ[GRAPHS_ENV]!r}: must be on or off (unset means off)")
+    return value == "on"
 
 
 def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
@@ -253,23 +266,38 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
     smaller side, to within tol/2 of 1 and every smaller σ into [0, 1]; so each σ_i ≥ ℓ‖G‖_F is counted
     within tol/2·σ_i and the rest lose at most k·ℓ‖G‖_F ≤ tol/2·‖G‖_* in all: |error| ≤ tol·‖G‖_*.
     The iteration runs on G itself, never on its Gram: squaring would put the σ ≈ ℓ·‖G‖_F that the bound
-    needs (≈ 2e-7·‖G‖_F at k = 256) next to float64's rounding of the Gram. 13 steps for k = 256, tol = 1e-4."""
+    needs (≈ 2e-7·‖G‖_F at k = 256) next to float64's rounding of the Gram. 13 steps for k = 256, tol = 1e-4.
+    On CUDA, with `cuda_graphs()`, a batch of at most POLAR_GRAPH_MAX elements runs as a replayed CUDA graph."""
     if not 0 < tol < 1:
         raise ValueError(f"nuclear_norms: tol must be in (0, 1), got {tol}")
-    out = torch.empty(len(mats), dtype=torch.float64, device=mats[0].device if mats else "cpu")
+    if not mats:
+        return torch.empty(0, dtype=torch.float64)
     groups: dict[tuple, list[int]] = {}
     for i, G in enumerate(mats):
         groups.setdefault((min(G.shape), max(G.shape)), []).append(i)
+    order, parts = [], []
     for (k, m), same in groups.items():
         per_chunk = max(1, POLAR_CHUNK // (k * m))  # float64 copies of a whole model's matrices would not fit
         for idx in (same[j : j + per_chunk] for j in range(0, len(same), per_chunk)):
-            out[idx] = _nuclear_norms_polar_batch([mats[i] for i in idx], k, tol)
-    return out
+            order += idx
+            parts.append(_nuclear_norms_polar_batch([mats[i] for i in idx], k, tol))
+    flat = torch.cat(parts)
+    if order == sorted(order):
+        return flat
+    where = {i: j for j, i in enumerate(order)}  # back to the input order by views and one stack: an index list
+    return torch.stack([flat[where[i]] for i in range(len(mats))])  # would be a host-to-device copy
 
 
 def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor:
     """The polar route for matrices of one shape (smaller side k), as one batch."""
-    X = torch.stack([G.mT if G.shape[-2] > G.shape[-1] else G for G in mats]).double()  # one cast, not one per matrix
+    S = torch.stack([G.mT if G.shape[-2] > G.shape[-1] else G for G in mats])  # [B, k, m]
+    if S.is_cuda and S.numel() <= POLAR_GRAPH_MAX and cuda_graphs():
+        return _polar_sums_replayed(S, k, tol)
+    return _polar_sums(S.double(), k, tol)  # one cast, not one per matrix
+
+
+def _polar_sums(X: Tensor, k: int, tol: float) -> Tensor:
+    """‖X_b‖_* for each matrix of a float64 batch X [B, k, m], k ≤ m: the iteration of `nuclear_norms_polar`."""
     fro = torch.linalg.matrix_norm(X)
     X0 = X / torch.where(fro > 0, fro, torch.ones_like(fro))[:, None, None]  # polar(0) = 0: ‖0‖_* = 0
     X = X0
@@ -277,6 +305,44 @@ def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor
         A = X @ X.mT
         X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # aX + (bA + cA²)X
     return fro * (X0 * X).sum((-2, -1))
+
+
+_POLAR_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _polar_sums_replayed(S: Tensor, k: int, tol: float) -> Tensor:
+    """`_polar_sums` of S (cast to float64) as a CUDA graph, captured on the first call per (shape, dtype, device,
+    tol) and replayed after: one launch where the eager iteration makes ≈ 5 per step, 70 for k = 256 — on a
+    small batch the host's launches, not the device's flops, are the cost. The graph keeps its input, output and
+    workspace (≈ 4× the float64 batch) for the process; POLAR_GRAPH_MAX bounds that. The same kernels as
+    `_polar_sums` (tests/test_cuda.py holds the two within 1e-12).
+    A capture that fails (a platform without graph support) leaves that shape on the eager iteration."""
+    key = (tuple(S.shape), S.dtype, S.device, k, tol)
+    if key not in _POLAR_GRAPHS:
+        _POLAR_GRAPHS[key] = _captured(S.shape, S.device, k, tol)
+    if _POLAR_GRAPHS[key] is None:  # capture is not supported here: the eager iteration
+        return _polar_sums(S.double(), k, tol)
+    graph, static, out = _POLAR_GRAPHS[key]
+    static.copy_(S)
+    graph.replay()
+    return out.clone()  # the next replay overwrites `out`
+
+
+def _captured(shape: torch.Size, device: torch.device, k: int, tol: float) -> tuple | None:
+    """(graph, its float64 input, its output) of `_polar_sums` on a batch of `shape`; None where capture fails."""
+    static = torch.zeros(shape, dtype=torch.float64, device=device)
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS's handle and workspace
+        _polar_sums(static, k, tol)
+    current.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls go on
+            out = _polar_sums(static, k, tol)
+    except RuntimeError:
+        return None
+    return graph, static, out
 
 
 def nuclear_norm_from_gram(C: Tensor) -> Tensor:
