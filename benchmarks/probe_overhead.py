@@ -12,8 +12,9 @@ torch's LAPACK" is the default with SPECSCOPE_EIGH=torch: the exact routes' floa
 MKL instead of numpy's OpenBLAS (src/specscope/linalg/lapack.py; the same on a CPU where auto picks torch anyway).
 "every step, OpenMP team ended" (or "… left spinning", on a CPU where ending it is the default) is the default with
 SPECSCOPE_OPENMP_RELEASE flipped: whether handing the finish to the workers ends the caller's idle OpenMP team
-(src/specscope/linalg/workers.py). On CUDA, "every step, ‖G‖_* as CUDA graphs" is the default with
-SPECSCOPE_CUDA_GRAPHS=on: the gradients' polar iterations replayed as captured graphs (src/specscope/linalg/norms.py).
+(src/specscope/linalg/workers.py). On CUDA, "every step, CUDA graphs" is the default with SPECSCOPE_CUDA_GRAPHS=on:
+nr(G)'s polar iterations and st(A)'s warm Krylov solves replayed as captured graphs (src/specscope/linalg/graphs.py);
+`SPECSCOPE_CUDA_GRAPHS=on … --sparse 10` times the every-10th step with them.
 
 `--floor` times instead what an exact measured step cannot skip, against the same unprobed steps, on the gradients
 and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_norms`: float64 Grams and
@@ -67,7 +68,7 @@ CFG = dict(vocab_size=256, seq_len=128, n_layer=4, n_head=4, d_model=256)
 BATCH = 16
 DEVICE = torch.device("cpu")
 TORCH_LAPACK = "every step, torch's LAPACK"  # the default with SPECSCOPE_EIGH=torch (src/specscope/linalg/lapack.py)
-GRAPHS = "every step, ‖G‖_* as CUDA graphs"  # the default with SPECSCOPE_CUDA_GRAPHS=on (src/specscope/linalg/norms.py)
+GRAPHS = "every step, CUDA graphs"  # the default with SPECSCOPE_CUDA_GRAPHS=on (src/specscope/linalg/graphs.py)
 
 
 def sync() -> None:

@@ -62,6 +62,60 @@ def test_polar_nuclear_norms_replayed_as_a_graph_equal_the_eager_iteration(monke
     assert not torch.equal(replayed[0], replayed[1])
 
 
+def test_krylov_solves_replayed_as_graphs_equal_the_eager_solves(monkeypatch):
+    """The st(A) solve of a stacked CUDA batch runs as two replayed CUDA graphs around its eigh: the same θ, error
+    estimate and next block as the eager solve, on new inputs at every call."""
+    from specscope.probe import estimators as E
+    g = torch.Generator().manual_seed(8)
+    calls = []
+    for _ in range(3):
+        A = torch.randn(3, 400, 96, generator=g) * torch.logspace(0, -2, 96)  # a spread spectrum
+        A[:, :, 0] += 5 * torch.randn(3, 400, 1, generator=g)[..., 0]          # and a top direction
+        calls.append((A.cuda(), torch.linalg.qr(torch.randn(3, 96, E.BLOCK, generator=g)).Q.cuda()))
+    monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", "on")
+    replayed = [E.krylov_top(A, V) for A, V in calls]
+    assert E._KRYLOV_GRAPHS and all(v is not None for v in E._KRYLOV_GRAPHS.values())
+    monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", "off")
+    eager = [E.krylov_top(A, V) for A, V in calls]
+    for r, e, (A, _) in zip(replayed, eager, calls):
+        # the same kernels; should cuBLAS pick others under capture, float32 rounding (≈ 1e-7) is what may differ
+        torch.testing.assert_close(r[0], e[0], rtol=1e-6, atol=0)     # θ
+        torch.testing.assert_close(r[1], e[1], rtol=0, atol=1e-5)     # the next block, unit columns
+        torch.testing.assert_close(r[2], e[2], rtol=0, atol=1e-6)     # the error estimate, 1 % of VERIFIED
+        exact = torch.linalg.eigvalsh((A.double().mT @ A.double()))[:, -1]
+        assert ((r[0] <= exact * (1 + 1e-5)) & (r[0] >= 0.5 * exact)).all()  # a Ritz value: below λ_max, near it
+    assert not torch.equal(replayed[0][0], replayed[1][0])
+
+
+def test_a_measured_step_records_the_same_with_cuda_graphs(monkeypatch):
+    """A Monitor's measured steps on a GPT wide enough for the held-input route (d_model 256): the same st(A) and
+    nr(G) with SPECSCOPE_CUDA_GRAPHS on as off (two models of one seed; the attention backward is not bitwise
+    deterministic on a GPU, hence 1e-4)."""
+    from specscope.linalg import norms
+    from specscope.probe import estimators as E
+    tokens = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    got = {}
+    for setting in ("on", "off"):
+        monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", setting)
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=64, seq_len=32, n_layer=2, n_head=4, d_model=256)).cuda()
+        mon = Monitor(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        recs = []
+        for step in range(4):
+            opt.zero_grad(set_to_none=True)
+            with mon.step(step):
+                logits = model(tokens[:, :-1])
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            opt.step()
+            recs += [r for r in mon.pop_records() if r.metric in ("stable_rank", "nuclear_rank")]
+        got[setting] = {(r.step, r.layer, r.metric): r.value for r in recs}
+    assert any(v is not None for v in E._KRYLOV_GRAPHS.values()) and any(v is not None for v in norms._POLAR_GRAPHS.values())
+    assert got["on"].keys() == got["off"].keys() and len(got["on"]) > 20
+    for k, v in got["on"].items():
+        assert abs(v - got["off"][k]) <= 1e-4 * abs(got["off"][k]), (k, v, got["off"][k])
+
+
 def test_nuclear_norms_agree_across_devices():
     """On CUDA `nuclear_norms` takes the matmul-only polar route (no eigensolver): within its 1e-4 bound of
     the CPU's float64 eigenvalues, and the same route on both devices agrees to float64 rounding."""

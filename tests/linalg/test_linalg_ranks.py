@@ -370,19 +370,6 @@ def test_nuclear_norms_polar_keeps_list_order_across_shapes():
     assert ((got - ref).abs() <= 1e-4 * ref).all()
 
 
-def test_cuda_graphs_switch_is_checked(monkeypatch):
-    """SPECSCOPE_CUDA_GRAPHS: on/off (any case, unset = off); anything else names the variable and its values."""
-    from specscope.linalg import norms
-    for value, want in (("on", True), ("OFF", False), ("", False)):
-        monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", value)
-        assert norms.cuda_graphs() is want
-    monkeypatch.delenv("SPECSCOPE_CUDA_GRAPHS")
-    assert norms.cuda_graphs() is False
-    monkeypatch.setenv("SPECSCOPE_CUDA_GRAPHS", "yes")
-    with pytest.raises(ValueError, match="SPECSCOPE_CUDA_GRAPHS='yes': must be on or off"):
-        norms.cuda_graphs()
-
-
 def test_inputs_without_values_or_of_the_wrong_kind_are_named():
     """Meta and sparse tensors reached torch internals ("item() cannot be called on meta tensors"); the raw polar
     kernels took NaN, complex and 1-D input silently or with an IndexError; fro_nuclear_norms_later took anything."""

@@ -410,3 +410,19 @@ def test_a_warm_first_attempt_follows_a_moved_top_direction():
     theta, _, bound = E.krylov_top(after, block, depth=E.KRYLOV_DEPTH)
     assert float(bound) <= E.VERIFIED
     assert abs(1.0 - float(theta)) <= 1e-5  # λ_max = σ₁² = 1
+
+
+def test_krylov_solves_replayed_take_new_inputs_and_hand_out_copies(emulated_cuda_graphs):
+    """`_krylov_replayed`'s two graphs and their shared buffers, with a stand-in that replays by recomputing
+    (tests/conftest.py; tests/test_cuda.py runs the real graphs): every call gives the eager solve's numbers for its
+    own inputs, and results held from earlier calls stay as they were."""
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    for _ in range(3):
+        A = torch.randn(2, 300, 64, generator=g) * torch.logspace(0, -2, 64)
+        calls.append((A, torch.linalg.qr(torch.randn(2, 64, E.BLOCK, generator=g)).Q))
+    replayed = [E._krylov_replayed(A, V, E.KRYLOV_DEPTH, E.FRESH) for A, V in calls]
+    assert len(E._KRYLOV_GRAPHS) == 1 and None not in E._KRYLOV_GRAPHS.values()
+    for (A, V), r in zip(calls, replayed):
+        for x, y in zip(r, E.krylov_top(A, V)):
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=0)

@@ -87,12 +87,12 @@ def _check_environment() -> None:
     """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH,
     SPECSCOPE_OPENMP_RELEASE, SPECSCOPE_CUDA_GRAPHS)."""
     from specscope.errors import ConfigError
-    from specscope.linalg import lapack, norms, workers
+    from specscope.linalg import graphs, lapack, workers
 
     try:
         lapack.choice()
         workers.release_choice()
-        norms.cuda_graphs()
+        graphs.enabled()
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

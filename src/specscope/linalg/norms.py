@@ -6,14 +6,13 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from . import lapack, workers
+from . import graphs, lapack, workers
 from ._checks import check_structure, check_tensor, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
@@ -243,18 +242,7 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
 
 
 POLAR_CHUNK = 2**25  # float64 elements of G stacked per batch (256 MiB; the iteration holds ≈ 3× that)
-POLAR_GRAPH_MAX = 2**22  # with cuda_graphs(): a CUDA batch of at most this many elements replays as a graph (32 MiB float64)
-GRAPHS_ENV = "SPECSCOPE_CUDA_GRAPHS"
-
-
-def cuda_graphs() -> bool:
-    """Whether small polar batches on CUDA replay as CUDA graphs (`_polar_sums_replayed`): SPECSCOPE_CUDA_GRAPHS "on" or
-    "off" (unset: off until the route has run on a GPU: tests/test_cuda.py checks it there against the eager
-    iteration, and `benchmarks/probe_overhead.py --device cuda` times it as a row of its own)."""
-    value = os.environ.get(GRAPHS_ENV, "off").strip().lower() or "off"
-    if value not in ("on", "off"):
-        raise ValueError(f"{GRAPHS_ENV}={os.environ[GRAPHS_ENV]!r}: must be on or off (unset means off)")
-    return value == "on"
+POLAR_GRAPH_MAX = 2**22  # with graphs.enabled(): a CUDA batch of at most this many elements replays as a graph (32 MiB float64)
 
 
 def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
@@ -267,7 +255,8 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
     within tol/2·σ_i and the rest lose at most k·ℓ‖G‖_F ≤ tol/2·‖G‖_* in all: |error| ≤ tol·‖G‖_*.
     The iteration runs on G itself, never on its Gram: squaring would put the σ ≈ ℓ·‖G‖_F that the bound
     needs (≈ 2e-7·‖G‖_F at k = 256) next to float64's rounding of the Gram. 13 steps for k = 256, tol = 1e-4.
-    On CUDA, with `cuda_graphs()`, a batch of at most POLAR_GRAPH_MAX elements runs as a replayed CUDA graph."""
+    On CUDA, with SPECSCOPE_CUDA_GRAPHS=on (`graphs.enabled`), a batch of at most POLAR_GRAPH_MAX elements runs as a
+    replayed CUDA graph."""
     if not 0 < tol < 1:
         raise ValueError(f"nuclear_norms: tol must be in (0, 1), got {tol}")
     if not mats:
@@ -291,7 +280,7 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
 def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor:
     """The polar route for matrices of one shape (smaller side k), as one batch."""
     S = torch.stack([G.mT if G.shape[-2] > G.shape[-1] else G for G in mats])  # [B, k, m]
-    if S.is_cuda and S.numel() <= POLAR_GRAPH_MAX and cuda_graphs():
+    if S.is_cuda and S.numel() <= POLAR_GRAPH_MAX and graphs.enabled():
         return _polar_sums_replayed(S, k, tol)
     return _polar_sums(S.double(), k, tol)  # one cast, not one per matrix
 
@@ -307,42 +296,26 @@ def _polar_sums(X: Tensor, k: int, tol: float) -> Tensor:
     return fro * (X0 * X).sum((-2, -1))
 
 
-_POLAR_GRAPHS: dict[tuple, tuple] = {}
+_POLAR_GRAPHS: dict[tuple, tuple | None] = {}
 
 
 def _polar_sums_replayed(S: Tensor, k: int, tol: float) -> Tensor:
-    """`_polar_sums` of S (cast to float64) as a CUDA graph, captured on the first call per (shape, dtype, device,
-    tol) and replayed after: one launch where the eager iteration makes ≈ 5 per step, 70 for k = 256 — on a
-    small batch the host's launches, not the device's flops, are the cost. The graph keeps its input, output and
-    workspace (≈ 4× the float64 batch) for the process; POLAR_GRAPH_MAX bounds that. The same kernels as
-    `_polar_sums` (tests/test_cuda.py holds the two within 1e-12).
-    A capture that fails (a platform without graph support) leaves that shape on the eager iteration."""
+    """`_polar_sums` of S (cast to float64 in the graph) as a CUDA graph (`graphs.capture`), captured on the first
+    call per (shape, dtype, device, tol) and replayed after: one launch where the eager iteration makes ≈ 5 per
+    step, ≈ 70 for k = 256 — on a small batch the host's launches, not the device's flops, are the cost. The graph
+    keeps its input, output and workspace (≈ 4× the float64 batch) for the process; POLAR_GRAPH_MAX bounds that.
+    The same kernels as `_polar_sums` (tests/test_cuda.py holds the two within 1e-12)."""
     key = (tuple(S.shape), S.dtype, S.device, k, tol)
     if key not in _POLAR_GRAPHS:
-        _POLAR_GRAPHS[key] = _captured(S.shape, S.device, k, tol)
+        static = S.clone()
+        got = graphs.capture(lambda X: _polar_sums(X.double(), k, tol), static)
+        _POLAR_GRAPHS[key] = None if got is None else (got[0], static, got[1])
     if _POLAR_GRAPHS[key] is None:  # capture is not supported here: the eager iteration
         return _polar_sums(S.double(), k, tol)
     graph, static, out = _POLAR_GRAPHS[key]
     static.copy_(S)
     graph.replay()
     return out.clone()  # the next replay overwrites `out`
-
-
-def _captured(shape: torch.Size, device: torch.device, k: int, tol: float) -> tuple | None:
-    """(graph, its float64 input, its output) of `_polar_sums` on a batch of `shape`; None where capture fails."""
-    static = torch.zeros(shape, dtype=torch.float64, device=device)
-    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):  # warm-up outside the capture: cuBLAS's handle and workspace
-        _polar_sums(static, k, tol)
-    current.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads' CUDA calls go on
-            out = _polar_sums(static, k, tol)
-    except RuntimeError:
-        return None
-    return graph, static, out
 
 
 def nuclear_norm_from_gram(C: Tensor) -> Tensor:
