@@ -35,7 +35,8 @@ row above, one measured step in a 2-second call, moves by ±0.1 from round to ro
 `--ops` counts instead the aten ops each phase dispatches (views not counted: on a GPU about its kernel launches),
 on this device's route and, on a CPU, on the accelerator's route forced there.
 
-`--profile` profiles the finishing phase of measured steps (every step, default) instead of timing: cProfile's
+`--profile` profiles the finishing phase of measured steps (every step, default) instead of timing: the CPU time of
+the caller, the workers and the process's other threads (the caller's spinning OpenMP team) per finish (Linux), cProfile's
 top functions by cumulative host time (a host synchronisation shows as time in the call that waits, e.g. `tolist`),
 the host synchronisations per finish on CUDA (torch.cuda.set_sync_debug_mode), and torch.profiler's ops by device
 time and by host time: where a GPU's finishing time goes.
@@ -49,8 +50,10 @@ ratio runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -308,6 +311,8 @@ def profile(steps: int) -> None:
         return 1e3 * total
 
     print(f"\nfinishing, {steps} measured steps: {finishes(steps) / steps:.2f} ms each (wall, synchronised)")
+    if Path("/proc/self/task").is_dir():
+        print_thread_cpu(finishes, steps)
     prof = cProfile.Profile()
     finishes(steps, lambda fn: prof.runcall(fn))
     out = io.StringIO()
@@ -344,6 +349,46 @@ def profile(steps: int) -> None:
         print("| op | calls | self host | self device |\n|---|---:|---:|---:|")
         for name, (n, host, dev) in top:
             print(f"| {name[:70]} | {n / steps:.0f} | {host / steps:.0f} | {dev / steps:.0f} |")
+
+
+def _thread_cpu_ms() -> dict[int, float]:
+    """CPU time (ms) of each thread of this process, from /proc (Linux): the scheduler's nanosecond count
+    (schedstat) where the kernel keeps it, else user + system time at the kernel's tick resolution (stat)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            out[int(tid)] = int(Path(f"/proc/self/task/{tid}/schedstat").read_text().split()[0]) / 1e6
+        except (OSError, ValueError, IndexError):
+            try:
+                fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[int(tid)] = (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+            except OSError:  # the thread ended meanwhile
+                continue
+    return out
+
+
+def print_thread_cpu(finishes, steps: int) -> None:
+    """CPU time per thread during the finishing phases of `steps` measured steps, per finish: the caller, the
+    one-thread workers (linalg.workers) and the process's other threads (the caller's OpenMP team, which spins for a
+    while after each parallel region): where the finish's CPU goes, beside its wall time."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    caller = threading.get_native_id()
+    total: dict[int, float] = {}
+
+    def measured(fn) -> None:
+        before = _thread_cpu_ms()
+        fn()
+        for tid, ms in _thread_cpu_ms().items():
+            total[tid] = total.get(tid, 0.0) + ms - before.get(tid, 0.0)
+
+    finishes(steps, measured)
+    groups: dict[str, float] = {}
+    for tid, ms in total.items():
+        name = names.get(tid, "")
+        label = "caller" if tid == caller else "workers" if name.startswith("specscope-worker") else "other threads"
+        groups[label] = groups.get(label, 0.0) + ms
+    print("CPU per finish (ms, /proc): "
+          + ", ".join(f"{k} {groups.get(k, 0.0) / steps:.1f}" for k in ("caller", "workers", "other threads")))
 
 
 def floor_candidates(block: int) -> dict:
