@@ -464,7 +464,8 @@ class Monitor:
         if self.extras:  # the extras need whole matrices: gather sharded ones
             named = [(nm, s, D.whole(G)) for nm, s, G in named]
         nr_est = "exact" if self.estimator == "exact" else E.nuclear_route(named[0][2].device if named else torch.device("cpu"))
-        for (nm, s, G), f, n in zip(named, fro.tolist(), nuc.tolist()):
+        fro, nuc = torch.stack([fro, nuc.to(fro.device, fro.dtype)]).tolist() if len(fro) else ([], [])  # one device-to-host copy
+        for (nm, s, G), f, n in zip(named, fro, nuc):
             self._records_for(step, nm, s, G, f, n, nr_est, self._input_of(inputs, s, nm))
 
     def _records_for(self, step: int, name: str, slot: Slot, G: torch.Tensor, fro: float, nuc: float, nr_est: str, a: _Inputs | None) -> None:
