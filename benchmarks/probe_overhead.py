@@ -55,6 +55,7 @@ import statistics
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -327,8 +328,9 @@ def profile(steps: int) -> None:
                 finishes(1)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        where = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
-        print(f"\nhost synchronisations in one finish: {len(where)}")
+        where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        print(f"\nhost synchronisations in one finish: {sum(where.values())} (file:line of the call, times): "
+              + ", ".join(f"{k} ×{n}" for k, n in where.most_common()))
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
     total: dict[str, list[float]] = {}  # op: [calls, self host µs, self device µs], summed over the finishes
 
