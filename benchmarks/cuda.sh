@@ -10,8 +10,10 @@
 #    each ratio as median [min–max] over interleaved rounds; probe_overhead.py at d_model 32 (host time alone)
 #    and --phases (where a measured step's extra time goes), --sparse (one measured step in SPARSE, default 10,
 #    timed step by step), --ops (the aten ops each phase dispatches: about the kernel launches; optim_step.py
-#    prints them per step too) and --profile (the finishing phase: cProfile, host synchronisations, torch.profiler).
-# Each part writes OUT_DIR/<part>.txt (11 files) and has its own time limit (LIMIT seconds, default 150), so
+#    prints them per step too) and --profile (the finishing phase: cProfile, host synchronisations, torch.profiler);
+#    --sparse and --profile again with SPECSCOPE_CUDA_GRAPHS=on (the probe_overhead part times "every step, CUDA
+#    graphs" as a row of its own).
+# Each part writes OUT_DIR/<part>.txt (13 files) and has its own time limit (LIMIT seconds, default 150), so
 # one that hangs does not take the others with it. Runs specscope from src/ with the machine's own python3
 # (a CUDA build of torch ≥ 2.6; PYTHON=... to choose another); nothing is installed.
 # DEVICE=cpu DIMS=64 ROUNDS=1 REPEATS=1 BLOCK=2 SPARSE=2 runs the same script on a CPU, as a dry run of the script itself.
@@ -47,3 +49,7 @@ part probe_phases "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$
 part probe_sparse "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --sparse "${SPARSE:-10}" --periods 2
 part probe_ops "$py" benchmarks/probe_overhead.py --device "$dev" --ops
 part probe_profile "$py" benchmarks/probe_overhead.py --device "$dev" --profile --block "$block"
+# the same every-10th timing and profile with nr(G)'s polar iteration and st(A)'s warm Krylov solves replayed as CUDA graphs
+part probe_sparse_graphs env SPECSCOPE_CUDA_GRAPHS=on "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" \
+    --sparse "${SPARSE:-10}" --periods 2
+part probe_profile_graphs env SPECSCOPE_CUDA_GRAPHS=on "$py" benchmarks/probe_overhead.py --device "$dev" --profile --block "$block"
