@@ -179,7 +179,7 @@ def _auto_method(G: Tensor, tol: float | None, dtype: torch.dtype | None = None)
     - tol < FAST_BACKEND_ERROR: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
     tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The rule is the same on CUDA
     (the fast backend is matmul-only and batched; on an H200 it is 0.74 / 0.80× a Muon step at d=256 / 768,
-    polar_express ×5 0.63: README "On one NVIDIA H200").
+    polar_express ×5 0.63: docs/performance-record.md "On one NVIDIA H200").
     A `dtype` the exact backends do not compute in (bfloat16, float16) keeps a small matrix on the estimator.
     """
     fast_ok = tol is None or tol >= FAST_BACKEND_ERROR
