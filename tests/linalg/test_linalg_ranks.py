@@ -419,3 +419,43 @@ def test_gram_functions_accept_grams_made_in_low_precision():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         C = A.to(dtype).T @ A.to(dtype)
         assert float(L.stable_rank_from_gram(C)) == pytest.approx(float(L.stable_rank(A)), rel=0.05)
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 9), st.sampled_from(["ok", "nan", "inf", "-inf", "huge"]),
+                          st.sampled_from([torch.float32, torch.float64, torch.bfloat16])), min_size=1, max_size=6),
+       st.integers(0, 2**31 - 1))
+def test_list_checks_raise_exactly_for_a_non_finite_entry_and_name_the_first(items, seed):
+    """nuclear_norms and polar_later read a list's entries once (one sum per matrix, one host read): a NaN or Inf
+    anywhere is reported with the index of the first matrix holding one and its exact counts; finite entries whose
+    sum overflows (float32 near its largest value) are not an error."""
+    g = torch.Generator().manual_seed(seed)
+    mats, first = [], None
+    for i, (m, n, kind, dtype) in enumerate(items):
+        G = torch.randn(m, n, generator=g, dtype=torch.float64)
+        if kind == "huge":
+            G = torch.full((m, n), 3e38, dtype=torch.float64) if dtype == torch.float32 else G * 1e30
+        elif kind != "ok":
+            G[torch.randint(m, (1,), generator=g), torch.randint(n, (1,), generator=g)] = float(kind)
+            first = i if first is None else first
+        mats.append(G.to(dtype))
+    if first is None:
+        assert L.nuclear_norms(mats).isfinite().all() or any(k == "huge" for *_, k, _ in items)
+        return
+    bad = mats[first].float()
+    n_nan, n_inf = int(bad.isnan().sum()), int(bad.isinf().sum())
+    for call in (L.nuclear_norms, lambda ms: L.polar_later(ms, "gram")()):
+        with pytest.raises(ValueError, match=rf"mats\[{first}\] has {n_nan} NaN and {n_inf} Inf entries"):
+            call(mats)
+
+
+def test_list_checks_scan_only_the_flagged_matrices(monkeypatch):
+    """The exact scan (check_tensor) runs for a matrix whose sum is not finite, not for every matrix of the list."""
+    from specscope.linalg import _checks
+
+    scanned = []
+    real = _checks.check_tensor
+    monkeypatch.setattr(_checks, "check_tensor", lambda x, fn, name="input", **kw: scanned.append(name) or real(x, fn, name, **kw))
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(16, 24, generator=g) for _ in range(5)] + [torch.full((4, 4), 3e38)]  # the last sums to inf
+    assert _checks.check_tensors(mats, "f") == mats
+    assert scanned == ["mats[5]"]

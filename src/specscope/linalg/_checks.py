@@ -28,6 +28,22 @@ def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) 
     return x
 
 
+def check_tensors(mats, fn: str, name: str = "mats") -> list[Tensor]:
+    """`check_tensor` for each matrix of a list, reading the entries once per device: one sum per matrix, stacked,
+    and one host read. A NaN or Inf entry makes its matrix's sum non-finite; so can an overflow of finite entries,
+    so only the flagged matrices get `check_tensor`'s exact scan (which raises, naming the first bad one). One host
+    synchronisation for the list instead of one per matrix."""
+    mats = [check_structure(x, fn, f"{name}[{i}]") for i, x in enumerate(mats)]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, x in enumerate(mats):
+        by_device.setdefault(x.device, []).append(i)
+    for idx in by_device.values():
+        sums = torch.stack([mats[i].sum(dtype=torch.promote_types(mats[i].dtype, torch.float32)).double() for i in idx])
+        for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+            check_tensor(mats[idx[j]], fn, f"{name}[{idx[j]}]")
+    return mats
+
+
 def check_structure(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:
     """The checks that read no entry (so no device-to-host copy: the kernels on an optimizer's hot path run
     them): a dense real tensor of ≥ `min_ndim` dims with data, returned as a floating tensor (ints -> float32)."""

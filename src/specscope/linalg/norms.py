@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import graphs, lapack, workers
-from ._checks import check_structure, check_tensor, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
 
 
@@ -183,7 +183,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"nuclear_norms: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
     if check:
-        mats = [check_tensor(G, "nuclear_norms", f"mats[{i}]") for i, G in enumerate(mats)]
+        mats = check_tensors(mats, "nuclear_norms")
         if any(G.ndim != 2 for G in mats):
             i = next(i for i, G in enumerate(mats) if G.ndim != 2)
             raise ValueError(f"nuclear_norms: mats[{i}] has shape {tuple(mats[i].shape)}; pass 2-D matrices "

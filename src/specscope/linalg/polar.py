@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ._checks import check_structure, check_tensor, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from . import lapack, workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
@@ -327,7 +327,7 @@ def polar_with_nuclear_norm_later(mats: Sequence[Tensor], method: str = "gram", 
 def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: float | None,
              dtype: torch.dtype | None, rcond: float | None, nuclear: bool, check: bool) -> Callable[[], list]:
     """Check every item, compute the ones not pooled now (`_pooled`), queue the pooled `gram` ones."""
-    mats = [check_tensor(G, fn, f"mats[{i}]") if check else G for i, G in enumerate(mats)]
+    mats = check_tensors(mats, fn) if check else list(mats)
     if method not in METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
     _check_options(fn, method, tol=tol, dtype=dtype, rcond=rcond)
