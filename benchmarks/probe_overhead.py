@@ -36,10 +36,10 @@ row above, one measured step in a 2-second call, moves by ±0.1 from round to ro
 on this device's route and, on a CPU, on the accelerator's route forced there.
 
 `--profile` profiles the finishing phase of measured steps (every step, default) instead of timing: the CPU time of
-the caller, the workers and the process's other threads (the caller's spinning OpenMP team) per finish (Linux), cProfile's
-top functions by cumulative host time (a host synchronisation shows as time in the call that waits, e.g. `tolist`),
-the host synchronisations per finish on CUDA (torch.cuda.set_sync_debug_mode), and torch.profiler's ops by device
-time and by host time: where a GPU's finishing time goes.
+the caller, the workers and the process's other threads (the caller's spinning OpenMP team) per finish and the cores
+they kept busy (Linux), cProfile's top functions by cumulative host time (a host synchronisation shows as time in the
+call that waits, e.g. `tolist`), the host synchronisations per finish on CUDA (torch.cuda.set_sync_debug_mode), and
+torch.profiler's ops by device time and by host time: where a GPU's finishing time goes.
 
 `--phases` times a probed step (every step, default; and on torch's LAPACK) and an unprobed one phase by phase — forward, backward,
 finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
@@ -372,7 +372,8 @@ def _thread_cpu_ms() -> dict[int, float]:
 def print_thread_cpu(finishes, steps: int) -> None:
     """CPU time per thread during the finishing phases of `steps` measured steps, per finish: the caller, the
     one-thread workers (linalg.workers) and the process's other threads (the caller's OpenMP team, which spins for a
-    while after each parallel region): where the finish's CPU goes, beside its wall time."""
+    while after each parallel region): where the finish's CPU goes, beside its wall time; and the cores kept busy
+    (all of it over the finishes' wall time: below the core count, some core sat idle)."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     caller = threading.get_native_id()
     total: dict[int, float] = {}
@@ -383,14 +384,15 @@ def print_thread_cpu(finishes, steps: int) -> None:
         for tid, ms in _thread_cpu_ms().items():
             total[tid] = total.get(tid, 0.0) + ms - before.get(tid, 0.0)
 
-    finishes(steps, measured)
+    wall = finishes(steps, measured)
     groups: dict[str, float] = {}
     for tid, ms in total.items():
         name = names.get(tid, "")
         label = "caller" if tid == caller else "workers" if name.startswith("specscope-worker") else "other threads"
         groups[label] = groups.get(label, 0.0) + ms
     print("CPU per finish (ms, /proc): "
-          + ", ".join(f"{k} {groups.get(k, 0.0) / steps:.1f}" for k in ("caller", "workers", "other threads")))
+          + ", ".join(f"{k} {groups.get(k, 0.0) / steps:.1f}" for k in ("caller", "workers", "other threads"))
+          + f"; cores busy (all threads' CPU / wall) {sum(groups.values()) / wall:.2f} of {os.cpu_count()}")
 
 
 def floor_candidates(block: int) -> dict:
