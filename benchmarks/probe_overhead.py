@@ -44,7 +44,8 @@ torch.profiler's ops by device time and by host time: where a GPU's finishing ti
 `--phases` times a probed step (every step, default; and on torch's LAPACK) and an unprobed one phase by phase — forward, backward,
 finishing (the measurement's own phase: leaving `monitor.step`), optimizer step — steps alternating, `block` steps per round:
 where a measured step's extra time goes; with `--consecutive` each arm runs its `block` steps in a row, as in the
-ratio runs.
+ratio runs. On CUDA `--phases` and `--profile` also count the caching allocator's cudaMalloc calls during the timed
+steps and finishes (none in a steady loop).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Arm:
         self.batches = [torch.multinomial(p, BATCH * (CFG["seq_len"] + 1), replacement=True, generator=g).view(BATCH, -1).to(DEVICE)
                         for _ in range(4)]
         self.step_no = 0
+        self.finish_mallocs = 0  # cudaMalloc calls during the finishing phases `phase_times` timed
 
     def run(self, k: int) -> None:
         for _ in range(k):
@@ -110,6 +112,13 @@ class Arm:
 PHASES = ("forward", "backward", "finishing", "optimizer")
 
 
+def cuda_mallocs() -> int:
+    """cudaMalloc calls the caching allocator has made so far in this process (its segments allocated); 0 off CUDA.
+    A steady training loop makes none: each one is a slow, synchronising call, and a count that grows while arms
+    take turns says the allocator's cached blocks did not fit a phase's tensors."""
+    return int(torch.cuda.memory_stats(DEVICE).get("segment.all.allocated", 0)) if DEVICE.type == "cuda" else 0
+
+
 def phase_times(arm: Arm) -> tuple[float, ...]:
     """One training step of `arm`, timed by phase (ms): forward, backward, finishing (the measurement: leaving
     `monitor.step`), optimizer step."""
@@ -124,9 +133,11 @@ def phase_times(arm: Arm) -> tuple[float, ...]:
     loss.backward()
     sync()
     t.append(time.perf_counter())
+    before = cuda_mallocs()
     ctx.__exit__(None, None, None)
     sync()
     t.append(time.perf_counter())
+    arm.finish_mallocs += cuda_mallocs() - before
     arm.opt.step()
     if arm.monitor:
         arm.monitor.pop_records()
@@ -153,6 +164,7 @@ def phases(rounds: int, block: int, consecutive: bool = False) -> None:
     for a in arms.values():
         a.run(2)  # warm
     per_round = []
+    mallocs = cuda_mallocs()
     for _ in range(rounds):
         got = {k: [] for k in arms}
         if consecutive:
@@ -175,6 +187,9 @@ def phases(rounds: int, block: int, consecutive: bool = False) -> None:
             diff = [p - n for p, n in zip(probed, none)]
             cells.append(f"{statistics.median(probed):.2f} | {statistics.median(diff):+.2f} [{min(diff):+.2f} – {max(diff):+.2f}]")
         print(f"| {ph} | {statistics.median(none):.2f} | {' | '.join(cells)} |")
+    if DEVICE.type == "cuda":
+        print(f"\ncudaMalloc calls over the {rounds * block} timed steps per arm: {cuda_mallocs() - mallocs} in all, during "
+              "the finishing phases " + ", ".join(f"{k} {a.finish_mallocs}" for k, a in arms.items()))
 
 
 def step_ms(arm: Arm) -> float:
@@ -311,7 +326,9 @@ def profile(steps: int) -> None:
             arm.step_no += 1
         return 1e3 * total
 
-    print(f"\nfinishing, {steps} measured steps: {finishes(steps) / steps:.2f} ms each (wall, synchronised)")
+    mallocs = cuda_mallocs()
+    print(f"\nfinishing, {steps} measured steps: {finishes(steps) / steps:.2f} ms each (wall, synchronised)"
+          + (f"; cudaMalloc calls during them: {cuda_mallocs() - mallocs}" if DEVICE.type == "cuda" else ""))
     if Path("/proc/self/task").is_dir():
         print_thread_cpu(finishes, steps)
     prof = cProfile.Profile()
