@@ -8,12 +8,13 @@
 # 2. benchmarks/polar.py, optim_step.py (targets: default Muon ≤ 0.8× torch.optim.Muon) and
 #    probe_overhead.py with and without --floor (targets: ≤ 1.3× every step, ≤ 1.05× every 10th),
 #    each ratio as median [min–max] over interleaved rounds; probe_overhead.py at d_model 32 (host time alone)
-#    and --phases (where a measured step's extra time goes; alternating steps, then --consecutive), --sparse
-#    (one measured step in SPARSE, default 10, timed step by step), --ops (the aten ops each phase dispatches: about the kernel launches; optim_step.py
-#    prints them per step too) and --profile (the finishing phase: cProfile, host synchronisations, torch.profiler);
+#    and --phases (where a measured step's extra time goes; alternating steps, --consecutive, and alternating with
+#    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True), --sparse (one measured step in SPARSE, default 10, timed
+#    step by step), --ops (the aten ops each phase dispatches: about the kernel launches; optim_step.py prints them
+#    per step too) and --profile (the finishing phase: cProfile, host synchronisations, torch.profiler);
 #    --sparse and --profile again with SPECSCOPE_CUDA_GRAPHS=on (the probe_overhead part times "every step, CUDA
 #    graphs" as a row of its own).
-# Each part writes OUT_DIR/<part>.txt (14 files) and has its own time limit (LIMIT seconds, default 150), so
+# Each part writes OUT_DIR/<part>.txt (15 files) and has its own time limit (LIMIT seconds, default 150), so
 # one that hangs does not take the others with it. Runs specscope from src/ with the machine's own python3
 # (a CUDA build of torch ≥ 2.6; PYTHON=... to choose another); nothing is installed.
 # DEVICE=cpu DIMS=64 ROUNDS=1 REPEATS=1 BLOCK=2 SPARSE=2 runs the same script on a CPU, as a dry run of the script itself.
@@ -49,6 +50,9 @@ part probe_phases "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$
 # each arm's steps in a row: on one H100 --phases read the finish at 13.2 ms, --profile (one model's steps in a row) at 6.7
 part probe_phases_consecutive "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --block "$block" \
     --phases --consecutive
+# and alternating again with the caching allocator's expandable segments (fewer new segments when blocks get split)
+part probe_phases_expandable env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$py" benchmarks/probe_overhead.py \
+    --device "$dev" --rounds "$rounds" --block "$block" --phases
 part probe_sparse "$py" benchmarks/probe_overhead.py --device "$dev" --rounds "$rounds" --sparse "${SPARSE:-10}" --periods 2
 part probe_ops "$py" benchmarks/probe_overhead.py --device "$dev" --ops
 part probe_profile "$py" benchmarks/probe_overhead.py --device "$dev" --profile --block "$block"
