@@ -10,7 +10,8 @@ eigenvalues of the 26 gradients of a 4-layer d=256 GPT (the probe's nr(G)), and 
 the 24 hidden matrices of the same model (`Muon(polar="gram")`). Each row: OpenBLAS's time over torch's in the same
 round (benchmarks/_timing.interleaved), median [min–max] over the rounds; below 1 OpenBLAS is faster; "auto" is
 the route SPECSCOPE_EIGH=auto takes on this machine (a Gram and an eigensolve may go to different libraries), which
-the last line names.
+the last line names. A row per size times the eigenvalues by OpenBLAS's two-stage reduction (`dsyevd_2stage`) in the
+OpenBLAS column instead, against torch's one-stage solve.
 """
 
 from __future__ import annotations
@@ -56,7 +57,37 @@ def one_thread_rows(rounds: int, repeats: int) -> list[tuple[str, object]]:
                 f"its eigendecomposition ({m}²)": lambda C=C: lapack.eigh(C)}
         for what, fn in work.items():
             rows.append((f"{what}, one thread", interleaved(arms(fn), "torch", rounds=rounds, repeats=repeats)))
+        if two_stage := _two_stage_eigvalsh():
+            candidates = arms(lambda C=C: lapack.eigvalsh(C))
+            candidates["openblas"] = lambda C=C: two_stage(C)
+            rows.append((f"its eigenvalues ({m}²), OpenBLAS's two-stage reduction (dsyevd_2stage), one thread",
+                         interleaved(candidates, "torch", rounds=rounds, repeats=repeats)))
     return rows
+
+
+def _two_stage_eigvalsh():
+    """Eigenvalues by numpy's OpenBLAS `LAPACKE_dsyevd_2stage` (LAPACK ≥ 3.7: the matrix reduced to a band by
+    blocked products, then the band to a tridiagonal one; eigenvalues only), at one thread; None where it is
+    missing. MKL in torch exports no two-stage routine, so the row compares it with torch's one-stage dsyevd."""
+    import ctypes
+
+    path = lapack._numpy_openblas_path()
+    found = lapack._symbol(ctypes.CDLL(path), "LAPACKE_dsyevd_2stage") if path else None
+    if found is None or lapack._numpy_openblas_threads() is None:
+        return None
+    fn, int_t = found
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_char, ctypes.c_char, int_t, ctypes.c_void_p, int_t,
+                               ctypes.c_void_p], int_t
+
+    def eigvalsh(C: torch.Tensor) -> torch.Tensor:
+        A, n = C.clone(memory_format=torch.contiguous_format), C.shape[-1]
+        w = torch.empty(n, dtype=torch.float64)
+        info = lapack._one_thread(lambda: fn(102, b"N", b"U", n, A.data_ptr(), n, w.data_ptr()))
+        if info != 0:
+            raise RuntimeError(f"LAPACKE_dsyevd_2stage returned info={info}")
+        return w
+
+    return eigvalsh
 
 
 def _nuclear_job(G: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,28 @@ def test_openblas_eigenvalues_are_torchs_and_leave_the_input_alone(monkeypatch, 
     assert ((on_worker(lambda M: lapack.eigvalsh(M, overwrite=True), lower.clone()) - ref).abs() <= tol).all()
 
 
+def test_the_benchmarks_two_stage_solve_is_the_same_problem():
+    """benchmarks/lapack_choice.py times OpenBLAS's dsyevd_2stage against torch's solve: it must read the same lower
+    triangle and return the same eigenvalues, or the row compares different work."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / "lapack_choice.py"
+    spec = importlib.util.spec_from_file_location("lapack_choice", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    two_stage = bench._two_stage_eigvalsh()
+    if two_stage is None:
+        pytest.skip("numpy's OpenBLAS here has no LAPACKE_dsyevd_2stage")
+    for n, rank in ((96, None), (130, 7)):
+        C = symmetric(n, 3, rank)
+        lower = torch.tril(C)
+        ref = torch.linalg.eigvalsh(C)
+        tol = 50 * n * torch.finfo(torch.float64).eps * ref[-1].abs()
+        assert ((two_stage(lower) - ref).abs() <= tol).all()
+        assert torch.equal(lower, torch.tril(C)), "the caller's matrix is untouched"
+
+
 @needs_openblas
 def test_non_finite_input_gets_torchs_error(monkeypatch):
     monkeypatch.setenv(lapack.ENV, "openblas")
