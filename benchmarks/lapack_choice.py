@@ -10,8 +10,9 @@ eigenvalues of the 26 gradients of a 4-layer d=256 GPT (the probe's nr(G)), and 
 the 24 hidden matrices of the same model (`Muon(polar="gram")`). Each row: OpenBLAS's time over torch's in the same
 round (benchmarks/_timing.interleaved), median [min–max] over the rounds; below 1 OpenBLAS is faster; "auto" is
 the route SPECSCOPE_EIGH=auto takes on this machine (a Gram and an eigensolve may go to different libraries), which
-the last line names. A row per size times the eigenvalues by OpenBLAS's two-stage reduction (`dsyevd_2stage`) in the
-OpenBLAS column instead, against torch's one-stage solve.
+the last line names. Two more rows per size put another OpenBLAS driver in the OpenBLAS column, against torch's
+dsyevd: the eigenvalues by the two-stage reduction (`dsyevd_2stage`), and the eigendecomposition by the MRRR
+algorithm (`dsyevr`, the other standard driver for all eigenvectors).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def one_thread_rows(rounds: int, repeats: int) -> list[tuple[str, object]]:
             candidates["openblas"] = lambda C=C: two_stage(C)
             rows.append((f"its eigenvalues ({m}²), OpenBLAS's two-stage reduction (dsyevd_2stage), one thread",
                          interleaved(candidates, "torch", rounds=rounds, repeats=repeats)))
+        if mrrr := _mrrr_eigh():
+            candidates = arms(lambda C=C: lapack.eigh(C))
+            candidates["openblas"] = lambda C=C: mrrr(C)
+            rows.append((f"its eigendecomposition ({m}²), OpenBLAS's MRRR (dsyevr), one thread",
+                         interleaved(candidates, "torch", rounds=rounds, repeats=repeats)))
     return rows
 
 
@@ -88,6 +94,36 @@ def _two_stage_eigvalsh():
         return w
 
     return eigvalsh
+
+
+def _mrrr_eigh():
+    """(eigenvalues, eigenvectors as columns) by numpy's OpenBLAS `LAPACKE_dsyevr` (tridiagonal reduction, then
+    the eigenvectors by multiple relatively robust representations instead of divide and conquer), at one thread;
+    None where it is missing. Reads the lower triangle as `lapack.eigh` does."""
+    import ctypes
+
+    path = lapack._numpy_openblas_path()
+    found = lapack._symbol(ctypes.CDLL(path), "LAPACKE_dsyevr") if path else None
+    if found is None or lapack._numpy_openblas_threads() is None:
+        return None
+    fn, int_t = found
+    fn.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, ctypes.c_char, int_t, ctypes.c_void_p, int_t,
+                   ctypes.c_double, ctypes.c_double, int_t, int_t, ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, int_t, ctypes.c_void_p]
+    fn.restype = int_t
+    index = torch.int64 if ctypes.sizeof(int_t) == 8 else torch.int32
+
+    def eigh(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        A, n = C.clone(memory_format=torch.contiguous_format), C.shape[-1]
+        w, Z = torch.empty(n, dtype=torch.float64), torch.empty(n, n, dtype=torch.float64)
+        found, support = torch.zeros(1, dtype=index), torch.empty(2 * n, dtype=index)
+        info = lapack._one_thread(lambda: fn(102, b"V", b"A", b"U", n, A.data_ptr(), n, 0.0, 0.0, 0, 0, 0.0,
+                                             found.data_ptr(), w.data_ptr(), Z.data_ptr(), n, support.data_ptr()))
+        if info != 0 or int(found) != n:
+            raise RuntimeError(f"LAPACKE_dsyevr returned info={info} with {int(found)} of {n} eigenpairs")
+        return w, Z.mT  # column-major (LAPACK_COL_MAJOR = 102), as `lapack._syevd` calls it
+
+    return eigh
 
 
 def _nuclear_job(G: torch.Tensor) -> torch.Tensor:
