@@ -51,6 +51,19 @@ def test_runs_lists_status(root):
     assert res.exit_code == 0 and "for lab 'random-features'" in res.output and "Labs with runs there: demo" in res.output
 
 
+def test_a_sweep_does_not_move_the_last_step(tmp_path):
+    """A lab's sweep records hold a width or a batch size in `step` (flag "sweep"): `runs` shows the last training
+    step, not the largest width, also after records are deleted (a resume rolls back to a checkpoint)."""
+    from specscope.records import SWEEP
+
+    with Run.create(tmp_path, "random-features", {}, run_id="rf") as run:
+        run.append([Record(s, "W", "nuclear_rank", 1.0, arm="gd") for s in range(31)])
+        run.append([Record(w, "relu", "stable_rank", 2.0, flag=SWEEP) for w in (512, 2048)])
+        run.delete_after(20, "gd")
+    line = next(line for line in runner.invoke(app, ["runs", "--root", str(tmp_path)]).output.splitlines() if "rf" in line)
+    assert line.split()[-1] == "20"
+
+
 def test_runs_empty_root(tmp_path):
     res = runner.invoke(app, ["runs", "--root", str(tmp_path)])
     assert res.exit_code == 0 and "no runs under" in res.output

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from specscope.errors import RunStoreError
-from specscope.records import Record
+from specscope.records import SWEEP, Record
 from specscope.store.integrity import fault_point
 
 COLUMNS = ("step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
@@ -37,6 +37,7 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_FLAG = COLUMNS.index("flag")
 _INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
 
@@ -187,13 +188,14 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
     """Append one batch in one transaction and bump the run's progress counters in the same transaction."""
     if not rows:
         return
-    last = max(r[0] for r in rows)
+    last = max((r[0] for r in rows if r[_FLAG] != SWEEP), default=None)  # a sweep record's step is a swept value
     try:
         con.execute("BEGIN IMMEDIATE")
         con.executemany(_INSERT, rows)
-        con.execute(
-            "INSERT INTO run_info (key, value) VALUES ('last_step', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = max(coalesce(value, excluded.value), excluded.value)", (last,))
+        if last is not None:
+            con.execute(
+                "INSERT INTO run_info (key, value) VALUES ('last_step', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(coalesce(value, excluded.value), excluded.value)", (last,))
         con.execute(
             "INSERT INTO run_info (key, value) VALUES ('records', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
@@ -215,7 +217,8 @@ def _delete(con: sqlite3.Connection, path: Path, sql: str, params: tuple) -> int
     try:
         con.execute("BEGIN IMMEDIATE")
         n = con.execute(sql, params).rowcount
-        con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', (SELECT max(step) FROM metrics))")
+        con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', "
+                    "(SELECT max(step) FROM metrics WHERE flag != ?))", (SWEEP,))
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
         con.execute("COMMIT")
     except sqlite3.Error as e:
