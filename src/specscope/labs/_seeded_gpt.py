@@ -15,6 +15,7 @@ from specscope.labs import gpt
 from specscope.labs.base import Arm
 from specscope.optim import Hybrid
 from specscope.probe import Monitor
+from specscope.report import style
 
 
 def arm_name(variant: str, seed: int) -> str:
@@ -91,7 +92,7 @@ def curves_figure(df: pd.DataFrame, variants: list[str], title: str) -> Figure |
         return None
     ax_s.set(xlabel="step", ylabel="validation loss (nats/byte)", title=title)
     ax_t.set(xlabel="wall-clock seconds (mean over seeds)", ylabel="validation loss (nats/byte)")
-    ax_s.legend(fontsize=7)
+    style.legend(ax_s)
     return fig
 
 

@@ -34,6 +34,7 @@ from specscope.labs import gpt
 from specscope.labs.base import Arm, AtLeast1, Corpus, LabConfig, NonNegative, Seed, check_seed_list
 from specscope.optim.l1_to_l2 import column_rank
 from specscope.records import Claim, Record
+from specscope.report import style
 
 NAME = "embed-geometry"
 GEOMETRIES = ("adamw", "l1_to_l2", "spectral")  # the defaults; "auto" is optional
@@ -227,6 +228,6 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Figure]:
             ax.plot(s.index, s.values, label=label)
         ax.axhline(1.0, color="grey", ls="--", lw=1)
         ax.set(xlabel="step", ylabel="embedding gradient rank / st(A)", yscale="log")
-        ax.legend(fontsize=6)
+        style.legend(ax)
         out["embed_geometry_advantage"] = fig
     return out

@@ -497,7 +497,7 @@ def _type_curves(df: pd.DataFrame, cfg: Config, metric: str, key: str, title: st
         ax.set_title(arm)
         ax.set_xlabel("step")
     axes[0].set_ylabel(title)
-    axes[-1].legend(fontsize=7)
+    style.legend(axes[-1])
     return fig
 
 
@@ -527,6 +527,6 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Figure]:
                 ax.axhline(u, ls="--", c="grey", lw=1, label="unigram")
             ax.set_xlabel(xl)
             ax.set_ylabel("validation loss (nats/byte)")
-        ax_t.legend(fontsize=8)
+        style.legend(ax_t)
         out["gpt_val_loss"] = fig
     return out

@@ -35,6 +35,7 @@ from specscope.errors import ConfigError
 from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
 from specscope.models.modular import ModularTransformer, check_heads, enc003, qk_weights, tf004
 from specscope.records import Claim, Record, over_seeds
+from specscope.report import style
 
 NAME = "grokking"
 
@@ -675,5 +676,5 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
     axes[1].set(xlabel="step", ylabel="stable rank", yscale="log", title="Q/K weight stable rank (mean)")
     axes[2].set(xlabel="step", ylabel="σ1", title="Q/K top singular value (mean)")
     for ax in axes:
-        ax.legend(fontsize=7)
+        style.legend(ax)
     return {"grokking": fig}

@@ -25,6 +25,7 @@ from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, 
 from specscope.labs.config import names_from
 from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import SWEEP, Claim, Record
+from specscope.report import style
 
 NAME = "random-features"
 
@@ -375,16 +376,16 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         s = _series(df, "width-sweep", "stable_rank", act)
         ax.loglog(s.index, s.values, "o-", label=act)
     ax.set(xlabel="width (features)", ylabel="st(A)", title="stable rank of random features vs width")
-    ax.legend()
+    style.legend(ax)
     out["rf_stable_rank_vs_width"] = fig
 
     fig, ax = subplots(figsize=(5, 3.5))
     for act in cfg.sweep_activations:
-        for t, style in ((0, "--"), (1, "-")):
+        for t, line in ((0, "--"), (1, "-")):
             s = _series(df, f"dim-sweep/step{t}", "nuclear_rank", act)
-            ax.loglog(s.index, s.values, "o" + style, label=f"{act} step {t}")
+            ax.loglog(s.index, s.values, "o" + line, label=f"{act} step {t}")
     ax.set(xlabel="input dimension d (width = samples = 8d)", ylabel="nr(G)", title="nr(G) at W = 0 and after one GD step")
-    ax.legend(fontsize=7)
+    style.legend(ax)
     out["rf_nuclear_rank_vs_dim"] = fig
 
     fig, axes = subplots(1, len(cfg.activations), figsize=(3.2 * len(cfg.activations), 3), squeeze=False)
@@ -395,6 +396,6 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
                 ax.semilogy(s.index, s.values / s.iloc[0], label=m)
         ax.set(title=act, xlabel="step")
     axes[0][0].set_ylabel("f / f(0)")
-    axes[0][0].legend()
+    style.legend(axes[0][0])
     out["rf_loss"] = fig
     return out

@@ -185,7 +185,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Any]:
         d = d.sort_values("step")
         ax.plot(d.step, d.value, "--" if arm.startswith("shardwise") else "-", label=arm)
     ax.set(xlabel="step", ylabel="val_loss (nats/byte)", title="global vs shard-wise Muon under FSDP2")
-    ax.legend(fontsize=8)
+    legend(ax)
     for bx, world in zip(bxs, worlds):  # one panel per rank count: each weight type named in its legend
         c = cos[cos.arm.map(lambda a: int(a.split("-")[1])) == world]
         for wt, d in sorted(c.groupby(c.layer.map(gpt.weight_type))):

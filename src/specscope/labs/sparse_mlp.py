@@ -29,6 +29,7 @@ from specscope.labs.base import Arm, AtLeast0, AtLeast1, LabConfig, Measure, Pos
 from specscope.labs.config import names_from
 from specscope.linalg import stable_rank
 from specscope.records import SWEEP, Claim, Record
+from specscope.report import style
 
 NAME = "sparse-mlp"
 METHODS = ("gd", "specgd")
@@ -361,7 +362,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         for col in st.columns:
             ax.plot(st.index, st[col], label=col)
         ax.set(title=f"{first} / {m}", xlabel="step", ylabel="st(A) of the input")
-        ax.legend(fontsize=7)
+        style.legend(ax)
     out["mlp_post_activation_stable_rank"] = fig
 
     fig, ax = subplots(figsize=(5, 3.5))
@@ -370,7 +371,7 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         s = g.groupby("step")["value"].last().sort_index()
         ax.loglog(s.index, s.values, "o-", label=layer, ms=3)
     ax.set(xlabel="batch size n", ylabel="st(A) at initialisation", title="post-activation stable rank vs batch")
-    ax.legend(fontsize=6)
+    style.legend(ax)
     out["mlp_init_stable_rank_vs_batch"] = fig
 
     pairs = arm_specs(cfg)
@@ -387,6 +388,6 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
             twin.plot(nr.index, nr.values, color="grey", lw=0.8, ls="--")
             twin.set_ylabel(f"nr(G) {SPECTRAL_LAYERS[0]}.up (GD)", fontsize=7)
     axes[0][0].set_ylabel("training loss")
-    axes[0][0].legend()
+    style.legend(axes[0][0])
     out["mlp_loss_gd_vs_specgd"] = fig
     return out

@@ -32,6 +32,7 @@ from specscope.labs import random_features as rf
 from specscope.labs import sparse_mlp as mlp
 from specscope.labs.base import Arm, AtLeast0, LabConfig, NonNegative, Seed, check_seed_list
 from specscope.records import Claim
+from specscope.report import style
 
 NAME = "switching"
 KINDS = ("rf", "mlp")
@@ -317,5 +318,5 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict[str, Figure]:
         top.set(title=setup, xlabel="switch time T", ylabel="training loss after the budget", yscale="log")
         bottom.axhline(1.0, color="grey", ls="--", lw=1)
         bottom.set(xlabel="step (plain GD)", ylabel="nr(G)/st(A)", yscale="log")
-        top.legend(fontsize=6)
+        style.legend(top)
     return {"switching_loss_vs_T": fig}
