@@ -218,3 +218,22 @@ def test_list_with_a_lab_name_shows_that_lab_and_its_keys_only():
     assert "eps_rel (float > 0, < 1, finite) = 0.005" in out and "sparse-mlp" not in out and "grokking" not in out
     res = CliRunner().invoke(app, ["list", "sde"])
     assert isinstance(res.exception, ConfigError) and "did you mean 'sed'" in str(res.exception)
+
+
+def test_an_arm_stopped_early_ends_its_progress_bar_at_that_step(tmp_path):
+    """A stop rule that ends an arm at its first evaluation, step 5 of 30: the result and the bar say 5 (the bar ran to 30/30,
+    as if every step had been trained)."""
+    import io
+
+    from rich.console import Console
+
+    from specscope.train import Interrupt, Progress, Trainer
+
+    arm = toy_lab.build(toy_lab.Config(arms=["a"]), torch.device("cpu"))[0]
+    arm.steps, arm.stop = 30, lambda metrics: True  # every evaluation after step 0 stops the arm: step 5
+    out = io.StringIO()
+    with store.Run.create(tmp_path, "toy", {}) as run, Interrupt() as interrupt, \
+            Progress(console=Console(file=out, width=120, force_terminal=False)) as bar:
+        result = Trainer(run, torch.device("cpu"), seed=0, progress=bar).fit(arm, interrupt)
+    assert result.steps_done == 5 and list(store.load(run.path, metric="stopped_early").step) == [5]
+    assert "a (stopped early)" in out.getvalue() and "5/5" in out.getvalue() and "/30" not in out.getvalue()

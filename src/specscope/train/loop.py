@@ -160,9 +160,10 @@ class Trainer:
         # A checkpoint is taken before the evaluation of its step, so resuming repeats that evaluation
         # exactly as the uninterrupted run did (same parameters, same RNG state).
         # That includes its early stop: a run interrupted just before the evaluation that stopped it stops here too.
-        if (step == 0 or self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result):
-            step = arm.steps
-        while step < arm.steps:
+        stopped = (step == 0 or self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result)
+        if stopped and self.progress:
+            self.progress.stopped(task, step)
+        while not stopped and step < arm.steps:
             loss = self._step(arm, step)
             step += 1
             if interrupt.requested or (self._due(step, self.checkpoint_every) and step < arm.steps):
@@ -171,10 +172,11 @@ class Trainer:
                 if interrupt.requested:
                     result.interrupted = True
                     break
-            if (self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result):
-                step = arm.steps
+            stopped = (self._due(step, arm.eval_every) or step == arm.steps) and self._evaluate_and_stop(arm, step, t0, result)
             if self.progress:
                 self.progress.update(task, step, loss)
+                if stopped:
+                    self.progress.stopped(task, step)
         result.steps_done = step
         result.seconds = time.perf_counter() - t0
         self.run.flush()

@@ -37,3 +37,8 @@ class Progress:
         t = self._bar.tasks[task]
         rate = f"{t.speed:.1f} it/s" if t.speed else ""
         self._bar.update(task, completed=step, loss=f"{loss:.4g}", rate=rate)
+
+    def stopped(self, task, step: int) -> None:
+        """The arm's stop rule ended it at `step`: the bar ends there, its total shown as that step."""
+        t = self._bar.tasks[task]
+        self._bar.update(task, total=max(step, 1), completed=step, description=f"{t.description} (stopped early)")
