@@ -177,3 +177,23 @@ def test_sweep_resume_refuses_out(tmp_path):
     res = CliRunner().invoke(app, ["sweep", "--resume", str(tmp_path), "--out", str(tmp_path / "elsewhere")])
     assert res.exit_code != 0 and "drop --out" in str(res.exception or res.output)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_summary_rows_are_sorted_by_the_grid_values(tmp_path):
+    """Points run in the order given (seed 1 first here), and their runs are named by start time; the summary is
+    sorted by the grid's values all the same."""
+    d = sweep.run_sweep("grokking", {"seed": [1, 0]}, FAST, out=tmp_path, echo=lambda *a, **k: None)
+    assert list(sweep.summary(d)["seed"]) == [0, 1]
+
+
+def test_default_summary_rows_leave_out_sweep_records():
+    """A lab without `summarize` gets each arm's last whole-model values; a sweep record's step is a width, so
+    an arm with only sweep records (a lab's measurement part) makes no row, and no `final_` column comes from them."""
+    import pandas as pd
+
+    from specscope.records import SWEEP
+
+    df = pd.DataFrame([
+        {"step": s, "layer": "", "metric": "loss", "value": 1.0 / (s + 1), "arm": "gd", "flag": ""} for s in range(3)
+    ] + [{"step": w, "layer": "", "metric": "stable_rank", "value": float(w), "arm": "", "flag": SWEEP} for w in (64, 8)])
+    assert sweep._default_rows(df) == [{"arm": "gd", "final_loss": 1 / 3}]

@@ -319,7 +319,11 @@ def _label(p: dict[str, Any]) -> str:
 
 
 def _default_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
-    whole = df[df["layer"] == ""].sort_values("step")
+    """Per arm, the last value of each whole-model metric; a sweep record's step is a width or a batch size, not a
+    step, so it has no last value and is left out (as are arms that recorded nothing else)."""
+    from specscope.records import SWEEP
+
+    whole = df[(df["layer"] == "") & (df["flag"] != SWEEP)].sort_values("step")
     rows = []
     for arm, g in whole.groupby("arm"):
         rows.append({"arm": arm, **{f"final_{m}": float(s["value"].iloc[-1]) for m, s in g.groupby("metric")}})
@@ -327,7 +331,8 @@ def _default_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def summary(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per (complete run, row of the lab's `summarize`): the grid keys, then the lab's columns."""
+    """One row per (complete run, row of the lab's `summarize`): the grid keys, then the lab's columns; rows sorted
+    by the grid keys' values (runs finish, and are named, in whatever order the workers took them)."""
     from specscope import labs, store
     from specscope.labs.config import make_config
 
@@ -342,7 +347,7 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
         lab_rows = lab.summarize(df, cfg) if hasattr(lab, "summarize") else _default_rows(df)
         point = {k: (json.dumps(config[k]) if isinstance(config.get(k), (list, dict)) else config.get(k)) for k in keys}
         rows += [{**point, **r, "run": path.name} for r in lab_rows]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).sort_values(keys, kind="stable", ignore_index=True) if rows else pd.DataFrame(rows)
 
 
 def finish(sweep_dir: str | Path) -> pd.DataFrame:
