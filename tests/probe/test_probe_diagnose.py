@@ -207,7 +207,9 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0.0"),
              (["--seed", "-1"], "--seed -1: use an integer in [0, 2^63)"),
              (["--seed", str(2**70)], "use an integer in [0, 2^63)"),
-             (["--steps", "0"], "'--steps'"), (["--bogus"], "No such option: --bogus"),  # click's, on one line too
+             (["--steps", "0"], "'--steps'"),
+             (["--bogus"], "No such option: --bogus (the options: --estimator, --every, --exclude, --lr, --model, --out,"),
+             (["--stepz", "3"], "No such option: --stepz (did you mean --steps?)"),  # not --seed or --help
              (["--split", "blocks.0.attn.q=q,q,v"], "must be distinct"),
              (["--split", "qkv=q:8,q:8"], "a part is named twice"),
              (["--out", ""], "--out is empty; give a path")]

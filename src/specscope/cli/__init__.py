@@ -98,12 +98,26 @@ def _check_environment() -> None:
 
 
 def _usage_line(e) -> str:
-    """click's usage error on one line, ending with where the command's options are listed."""
+    """click's usage error on one line, ending with where the command's options are listed. An unknown option
+    gets the command's options whose names are close to it, or, where none is (click's guesses then include
+    names that share nothing with it), every option of the command."""
     message = " ".join(e.format_message().split()).rstrip(".")
     ctx = getattr(e, "ctx", None)
+    if type(e).__name__ == "NoSuchOption" and ctx is not None:
+        message = _unknown_option(e.option_name, ctx.command)
     sub = [a for a in sys.argv[1:2] if not a.startswith("-")]
     command = ctx.command_path if ctx is not None else " ".join(["specscope", *sub])
     return f"{message}; see `{command} --help`"
+
+
+def _unknown_option(name: str, command) -> str:
+    import difflib
+
+    options = sorted({o for p in command.params for o in getattr(p, "opts", []) if o.startswith("--")})
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.7)
+    if close:
+        return f"No such option: {name} (did you mean {' or '.join(close)}?)"
+    return f"No such option: {name} (the options: {', '.join(options)})" if options else f"No such option: {name}"
 
 
 def _is_click_exception(e: Exception) -> bool:
