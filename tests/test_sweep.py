@@ -188,12 +188,14 @@ def test_summary_rows_are_sorted_by_the_grid_values(tmp_path):
 
 def test_default_summary_rows_leave_out_sweep_records():
     """A lab without `summarize` gets each arm's last whole-model values; a sweep record's step is a width, so
-    an arm with only sweep records (a lab's measurement part) makes no row, and no `final_` column comes from them."""
+    an arm with only sweep records (a lab's measurement part) makes no row, and no `final_` column comes from them;
+    nor does the run's timing record."""
     import pandas as pd
 
     from specscope.records import SWEEP
 
     df = pd.DataFrame([
         {"step": s, "layer": "", "metric": "loss", "value": 1.0 / (s + 1), "arm": "gd", "flag": ""} for s in range(3)
-    ] + [{"step": w, "layer": "", "metric": "stable_rank", "value": float(w), "arm": "", "flag": SWEEP} for w in (64, 8)])
+    ] + [{"step": w, "layer": "", "metric": "stable_rank", "value": float(w), "arm": "", "flag": SWEEP} for w in (64, 8)]
+      + [{"step": 0, "layer": "", "metric": "lab_seconds", "value": 3.7, "arm": "", "flag": ""}])
     assert sweep._default_rows(df) == [{"arm": "gd", "final_loss": 1 / 3}]

@@ -320,10 +320,12 @@ def _label(p: dict[str, Any]) -> str:
 
 def _default_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Per arm, the last value of each whole-model metric; a sweep record's step is a width or a batch size, not a
-    step, so it has no last value and is left out (as are arms that recorded nothing else)."""
+    step, so it has no last value and is left out (as are arms that recorded nothing else), and so is the run's own
+    timing record (`lab_seconds`, still in each run's metrics; the sweep's timing.json keeps the wall time), which
+    alone made a row with no arm."""
     from specscope.records import SWEEP
 
-    whole = df[(df["layer"] == "") & (df["flag"] != SWEEP)].sort_values("step")
+    whole = df[(df["layer"] == "") & (df["flag"] != SWEEP) & (df["metric"] != "lab_seconds")].sort_values("step")
     rows = []
     for arm, g in whole.groupby("arm"):
         rows.append({"arm": arm, **{f"final_{m}": float(s["value"].iloc[-1]) for m, s in g.groupby("metric")}})
