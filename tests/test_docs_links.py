@@ -58,3 +58,18 @@ def test_the_checks_see_links_and_commands():
     assert any(re.search(r"--\w", args) for _, args in COMMAND.findall(readme))
     assert anchor("Measured performance (benchmarks print ratios against a baseline timed in the same run)") == \
         "measured-performance-benchmarks-print-ratios-against-a-baseline-timed-in-the-same-run"
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "benchmarks").glob("[a-z]*.py")), ids=lambda p: p.name)
+def test_every_benchmark_script_imports(script):
+    """A quoted command must at least start: each script's imports resolve against the package as it is now
+    (`eigh_pool.py` kept importing a function the package had dropped). Loading runs the imports, not `main`."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    finally:
+        sys.path.remove(str(script.parent))
