@@ -174,8 +174,8 @@ FAST_BACKEND_ERROR = 0.05
 def _auto_method(G: Tensor, tol: float | None, dtype: torch.dtype | None = None) -> str:
     """Selection rule (measured on CPU, docs/linalg.md):
     - min(m, n) ≤ 32: "gram" — an exact eigh of a ≤ 32×32 Gram costs less than the iterations' overhead.
-    - no tol, or tol ≥ FAST_BACKEND_ERROR: "gram_newton_schulz" (AOL + 4 bfloat16 steps, Gram-side on
-      rectangles) — below torch.optim.Muon's step time with less error at 0.1·σ_1.
+    - no tol, or tol ≥ FAST_BACKEND_ERROR: "gram_newton_schulz" (a scalar start from AOL's bound + 4
+      bfloat16 steps, Gram-side on rectangles) — below torch.optim.Muon's step time with less error at 0.1·σ_1.
     - tol < FAST_BACKEND_ERROR: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
     tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The rule is the same on CUDA
     (the fast backend is matmul-only and batched; on an H200 it is 0.74 / 0.80× a Muon step at d=256 / 768,
