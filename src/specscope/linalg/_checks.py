@@ -33,7 +33,7 @@ def check_tensors(mats, fn: str, name: str = "mats") -> list[Tensor]:
     and one host read. A NaN or Inf entry makes its matrix's sum non-finite; so can an overflow of finite entries,
     so only the flagged matrices get `check_tensor`'s exact scan (which raises, naming the first bad one). One host
     synchronisation for the list instead of one per matrix."""
-    mats = [check_structure(x, fn, f"{name}[{i}]") for i, x in enumerate(mats)]
+    mats = [check_structure(x, fn, f"{name}[{i}]") for i, x in enumerate(as_list(mats, fn, name))]
     by_device: dict[torch.device, list[int]] = {}
     for i, x in enumerate(mats):
         by_device.setdefault(x.device, []).append(i)
@@ -42,6 +42,24 @@ def check_tensors(mats, fn: str, name: str = "mats") -> list[Tensor]:
         for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
             check_tensor(mats[idx[j]], fn, f"{name}[{idx[j]}]")
     return mats
+
+
+def as_list(mats, fn: str, name: str = "mats") -> list:
+    """`mats` as a list of matrices; a single tensor (whose rows iteration would take for matrices) is refused."""
+    if isinstance(mats, Tensor):
+        raise ValueError(f"{fn}: {name} must be a list of matrices, got one tensor of shape {tuple(mats.shape)}; pass [G] "
+                         "(or list(batch.unbind()) for a batch)")
+    try:
+        return list(mats)
+    except TypeError:
+        raise ValueError(f"{fn}: {name} must be a list of matrices, got {type(mats).__name__}") from None
+
+
+def check_gram_dtype(dtype, fn: str, name: str = "dtype") -> torch.dtype:
+    """A dtype a Gram is formed in: float32 or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{fn}: {name}={dtype!r} is not one a Gram is formed in; use torch.float64 (exact) or torch.float32")
+    return dtype
 
 
 def check_structure(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:

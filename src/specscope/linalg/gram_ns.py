@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_structure
+from ._scale import in_safe_range, needs_scaling, pow2_scale, scaled_to
 from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 
 # Four steps: Polar Express's steps 3–6 (arXiv 2505.16932, ℓ = 1e-3 schedule with the 1.01 safety
@@ -46,14 +47,37 @@ GRAM_SIDE_MIN_ASPECT = 2.0
 GRAM_SIDE_MIN_ROWS = 128
 
 
-def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False) -> tuple[Tensor, Tensor]:
+def row_sums(R: Tensor) -> Tensor:
+    """Σ_j |R_ij| per row, in float32 or wider (a float32 1-norm: 2× slower on CPU)."""
+    return R.abs().sum(-1, dtype=torch.promote_types(R.dtype, torch.float32))
+
+
+def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False, sums: Tensor | None = None,
+                 floor2: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(sX, s²R) with s = 1/max(sqrt(max_i Σ_j |R_ij|), eps), so ‖sX‖₂ ≤ 1 for R = XXᵀ (eps as torch.optim.Muon
     clamps ‖G‖_F: a small gradient's scale is not shrunk); with aol=True the per-row (diag(s)X, diag(s) R diag(s)),
-    s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target)."""
-    rows = R.abs().sum(-1, dtype=torch.promote_types(R.dtype, torch.float32))  # (a float32 1-norm: 2× slower on CPU)
-    s = (rows if aol else rows.amax(-1, keepdim=True)).clamp(min=eps * eps).rsqrt()  # 1/max(sqrt(·), eps)
+    s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target). `sums`: `_sums(R, aol)` where already known;
+    `floor2`: eps² per matrix in place of eps (a scaled start's (eps·2^-e)², broadcast against the sums)."""
+    s = _sums(R, aol) if sums is None else sums
+    if floor2 is None:
+        s = s.clamp(min=eps * eps).rsqrt()  # 1/max(sqrt(·), eps)
+    else:  # (eps = 0 and a zero matrix: float32's tiny gives 0·large = 0, not 0·∞)
+        s = torch.maximum(s, floor2).clamp_(min=torch.finfo(torch.float32).tiny).rsqrt()
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)
+
+
+def _sums(R: Tensor, aol: bool) -> Tensor:
+    """What the start's scale divides by: every row sum of |R| (aol), or their largest per matrix ([..., 1])."""
+    rows = row_sums(R)
+    return rows if aol else rows.amax(-1, keepdim=True)
+
+
+def _scaled_start(G: Tensor, dtype: torch.dtype, eps: float) -> tuple[Tensor, Tensor]:
+    """(G·2^-e in `dtype`, (eps·2^-e)² per matrix [..., 1]): the start and its clamp at unit scale, where G's Gram
+    would overflow or underflow (_scale.py); G·2^-e is exact, so the result is the unscaled one's."""
+    p = pow2_scale(G)
+    return scaled_to(G, p, dtype), p.squeeze(-1).float().mul_(eps).square_()  # ((eps·p)²: eps = 0 gives 0, never 0·∞)
 
 
 def _fma(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float = 1.0) -> Tensor:
@@ -94,6 +118,15 @@ def _gram_side(X: Tensor, R: Tensor, schedule: Sequence[tuple[float, float, floa
     return Q @ X
 
 
+def _wide_flat(X: Tensor) -> tuple[Tensor, torch.Size]:
+    """X [..., m, n] as wide matrices (m ≤ n), one matrix as 2-D, several as [b, m, n]; and the batch shape."""
+    if X.shape[-2] > X.shape[-1]:
+        X = X.mT
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])
+    return (X[0] if X.shape[0] == 1 else X), batch
+
+
 def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]] = GRAM_NS_COEFFICIENTS, *,
                        restart: int | None = None, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
                        aol: bool = False) -> Tensor:
@@ -108,16 +141,18 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     G = check_structure(G, "gram_newton_schulz", "G")  # shape and kind only: NaN/Inf is `polar`'s check
     if restart is None and len(schedule) > 4:
         restart = 2
-    X = G.to(dtype)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
-    batch = X.shape[:-2]
-    X = X.reshape(-1, *X.shape[-2:])
-    if X.shape[0] == 1:
-        X = X[0]
-    R = X @ X.mT
-    X, R = rowsum_scale(X, R, eps, aol)
+    tall = G.shape[-2] > G.shape[-1]
+    X, floor2 = _scaled_start(G, dtype, eps) if needs_scaling(G) else (G.to(dtype), None)
+    while True:  # on a CPU: unscaled, then scaled where the Gram left dtype's range (read on the host: free there)
+        X, batch = _wide_flat(X)
+        R = X @ X.mT
+        sums = _sums(R, aol)
+        if floor2 is not None or in_safe_range(sums):
+            break
+        X, floor2 = _scaled_start(G, dtype, eps)
+    if floor2 is not None:
+        floor2 = floor2.reshape(-1, 1) if X.ndim == 3 else floor2.reshape(1)
+    X, R = rowsum_scale(X, R, eps, aol, sums, floor2)
     if X.shape[-1] >= GRAM_SIDE_MIN_ASPECT * X.shape[-2] and X.shape[-2] >= GRAM_SIDE_MIN_ROWS:
         X = _gram_side(X, R, schedule, restart)
     else:

@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from . import graphs, lapack, workers
-from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
+from ._checks import as_list, check_gram_dtype, check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
 from ._coefficients import converging_schedule
+from ._scale import gram_scale, pow2_scale
 
 
 def _default_v0(batch: torch.Size, k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -44,6 +45,8 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
         raise ValueError(f"spectral_norm: tol must be a number in [0, 1) (relative change to stop at), got {tol!r}")
     dt = work_dtype(A)
     X = A.to(dt)
+    scale = pow2_scale(X)  # exact: X·2^-e neither overflows nor underflows in the products below; σ is scaled back
+    X = X * scale
     if X.shape[-2] > X.shape[-1]:
         X = X.mT  # now m ≤ n and v lives in R^m
     k = X.shape[-2]
@@ -71,7 +74,7 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
             break
     # One more Rayleigh quotient with the final v (costs one matvec, tightens sigma).
     sigma = (X.mT @ v.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
-    return sigma, v
+    return sigma / scale[..., 0, 0], v
 
 
 def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -80,7 +83,7 @@ def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     Computed in `dtype` (default float32, or float64 for float64 input). Exact up to round-off; in
     float32 its small eigenvalues carry absolute error ~1e-7·‖A‖_2² (see nuclear_norm_from_gram)."""
     A = check_tensor(A, "gram", "A")
-    return smaller_gram(A.to(dtype or work_dtype(A)))
+    return smaller_gram(A.to(work_dtype(A) if dtype is None else check_gram_dtype(dtype, "gram")))
 
 
 def _check_gram(C: Tensor, fn: str) -> Tensor:
@@ -134,16 +137,20 @@ def eigvalsh_batched(C: Tensor) -> Tensor:
 
 
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
-    return lapack.eigvalsh(lapack.lower_gram(G, dtype).double(), overwrite=True).clamp(min=0).sqrt().sum()
+    p = gram_scale(G, dtype)  # a float64 G beyond 1e±154 is solved at unit scale (_scale.py)
+    nuc = lapack.eigvalsh(lapack.lower_gram(G if p is None else G * p, dtype).double(), overwrite=True).clamp(min=0).sqrt().sum()
+    return nuc if p is None else nuc / p.double().reshape(())
 
 
 def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     """[‖G‖_F, ‖G‖_*] from one Gram (‖G‖_F² = its trace); both NaN for a G holding NaN/Inf."""
-    C = lapack.lower_gram(G, dtype).double()
+    p = gram_scale(G, dtype)
+    C = lapack.lower_gram(G if p is None else G * p, dtype).double()
     fro2 = C.diagonal().sum()
     if not bool(torch.isfinite(fro2)):
         return torch.full((2,), float("nan"), dtype=torch.float64)
-    return torch.stack([fro2.clamp(min=0).sqrt(), lapack.eigvalsh(C, overwrite=True).clamp(min=0).sqrt().sum()])
+    out = torch.stack([fro2.clamp(min=0).sqrt(), lapack.eigvalsh(C, overwrite=True).clamp(min=0).sqrt().sum()])
+    return out if p is None else out / p.double().reshape(())
 
 
 def _pooled(mats: list[Tensor]) -> bool:
@@ -182,6 +189,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     norms are computed before this returns."""
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"nuclear_norms: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
+    check_gram_dtype(dtype, "nuclear_norms")
     if check:
         mats = check_tensors(mats, "nuclear_norms")
         if any(G.ndim != 2 for G in mats):
@@ -205,12 +213,14 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
         by_shape.setdefault((k, max(G.shape[-2:])), []).append(i)
     by_size: dict[int, tuple[list[int], list[Tensor]]] = {}  # one batched eigvalsh per Gram size
     for (k, _), idx in by_shape.items():
-        X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx]).to(dtype)
-        got = by_size.setdefault(k, ([], []))
+        X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx])
+        p = gram_scale(X, dtype)  # per matrix, where the Gram could leave dtype's range; undone on the norms
+        got = by_size.setdefault(k, ([], [], []))
         got[0].extend(idx)
-        got[1].append(lapack.lower_gram(X, dtype).double())
-    for idx, grams in by_size.values():
-        out[idx] = eigvalsh_batched(torch.cat(grams)).clamp(min=0).sqrt().sum(-1)
+        got[1].append(lapack.lower_gram(X if p is None else X * p, dtype).double())
+        got[2].append(torch.ones(len(idx), dtype=torch.float64, device=device) if p is None else p.double().reshape(-1))
+    for idx, grams, scales in by_size.values():
+        out[idx] = eigvalsh_batched(torch.cat(grams)).clamp(min=0).sqrt().sum(-1) / torch.cat(scales)
     return lambda: out
 
 
@@ -222,7 +232,8 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
     is one float64 multi-tensor norm. Shapes, kinds and `method` are checked (nothing that reads an entry)."""
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"fro_nuclear_norms_later: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
-    mats = [check_structure(G, "fro_nuclear_norms_later", f"mats[{i}]") for i, G in enumerate(mats)]
+    check_gram_dtype(dtype, "fro_nuclear_norms_later")
+    mats = [check_structure(G, "fro_nuclear_norms_later", f"mats[{i}]") for i, G in enumerate(as_list(mats, "fro_nuclear_norms_later"))]
     if bad := [i for i, G in enumerate(mats) if G.ndim != 2]:
         raise ValueError(f"fro_nuclear_norms_later: mats[{bad[0]}] has shape {tuple(mats[bad[0]].shape)}; pass 2-D "
                          "matrices (list(batch.unbind()) for a batch)")
@@ -232,13 +243,23 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
     if _pooled(mats) and method != "polar":
         wait = workers.start(partial(_fro_nuclear_here, dtype=dtype), mats, _costs(mats))
         return lambda: tuple(torch.stack(wait()).unbind(-1))
-    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))
+    fro = _fro_norms(mats)
     finite = torch.isfinite(fro)
     ok = finite.tolist()
     # nuclear_norms rejects non-finite input: those matrices are solved as zeros and reported as NaN
     wait = nuclear_norms_later([G if good else torch.zeros_like(G) for G, good in zip(mats, ok)], dtype,
                                check=False, method=method, tol=tol)
     return lambda: (fro, torch.where(finite, wait().to(fro.device), torch.full_like(fro, float("nan"))))
+
+
+def _fro_norms(mats: list[Tensor]) -> Tensor:
+    """‖G‖_F of each matrix as a float64 vector, by one multi-tensor norm; a float64 matrix, whose squares can leave
+    float64's range, at unit scale (`gram_scale`)."""
+    fro = torch.stack(torch._foreach_norm(mats, 2, dtype=torch.float64))
+    for i, G in enumerate(mats):
+        if (p := gram_scale(G, torch.float64)) is not None:
+            fro[i] = torch.linalg.vector_norm(G * p, dtype=torch.float64) / p.double().reshape(())
+    return fro
 
 
 POLAR_CHUNK = 2**25  # float64 elements of G stacked per batch (256 MiB; the iteration holds ≈ 3× that)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
+from ._scale import gram_scale, in_safe_range, needs_scaling, pow2_scale, scaled_to
 from . import lapack, workers
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
 from .norms import POOL_MIN
@@ -36,6 +37,8 @@ def default_rcond(dtype: torch.dtype, m: int, n: int) -> float:
     that made the matrix). float16/bfloat16: eps — max(m, n)·eps would exceed 1 from 128 columns on,
     while rounding a rank-r matrix to 16 bits leaves noise singular values of only 0.03–0.1·eps·σ_1
     (measured for 37×91 … 768×3072, r = 2, 8)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"default_rcond: dtype must be a floating torch.dtype (the matrix's storage), got {dtype!r}")
     eps = torch.finfo(dtype).eps
     return eps if torch.finfo(dtype).bits <= 16 else max(m, n) * eps
 
@@ -45,6 +48,8 @@ def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, 
     if steps < 1:
         raise ValueError(f"polar: ns_steps must be ≥ 1, got {steps}")
     if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
+        if not all(math.isfinite(c) for c in coefficients):
+            raise ValueError(f"polar: ns_coefficients must be finite numbers, got {coefficients!r}")
         return [tuple(float(c) for c in coefficients)] * steps
     try:
         sched = [tuple(float(c) for c in abc) for abc in coefficients]
@@ -52,6 +57,8 @@ def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, 
         sched = []
     if not sched or any(len(abc) != 3 for abc in sched):
         raise ValueError(f"polar: ns_coefficients must be (a, b, c) or a non-empty list of (a, b, c) triples, got {coefficients!r}")
+    if not all(math.isfinite(c) for abc in sched for c in abc):
+        raise ValueError(f"polar: ns_coefficients must be finite numbers, got {coefficients!r}")
     return [sched[min(k, len(sched) - 1)] for k in range(steps)]
 
 
@@ -59,11 +66,16 @@ def _odd_quintic_iteration(G: Tensor, schedule: Sequence[tuple[float, float, flo
                            dtype: torch.dtype, norm_scale: float) -> Tensor:
     """X₀ = G/max(norm_scale·‖G‖_F, eps) (so σ ≤ 1; torch.optim.Muon's clamp, not + eps, which shrinks a
     small gradient's update), wide orientation; X ← aX + (bA + cA²)X, A = XXᵀ."""
-    X = G.to(dtype)
-    tall = X.shape[-2] > X.shape[-1]
-    if tall:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * norm_scale).clamp(min=eps)
+    tall = G.shape[-2] > G.shape[-1]
+    X = (G.mT if tall else G).to(dtype)
+    norm = None if needs_scaling(X) else X.norm(dim=(-2, -1), keepdim=True)
+    if norm is not None and in_safe_range(norm):  # a CPU reads it for free: unscaled, as torch.optim.Muon
+        X = X / (norm * norm_scale).clamp(min=eps)
+    else:  # ‖X‖_F would leave dtype's range (or an accelerator, which does not look): at unit scale, exactly
+        p = pow2_scale(G)
+        X = scaled_to(G.mT if tall else G, p, dtype)
+        floor = (p.to(dtype) * eps).clamp_(min=torch.finfo(dtype).tiny)  # eps = 0 and G = 0: 0/tiny = 0, not 0/0
+        X = X / torch.maximum(X.norm(dim=(-2, -1), keepdim=True) * norm_scale, floor)
     batch = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])
     if X.shape[0] == 1:  # one matrix: 2-D addmm is ~15 % faster than a batch-of-one baddbmm on CPU (measured)
@@ -119,6 +131,9 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     The two products that apply C^{-1/2} run in float32 for float32-or-narrower input: each row of VᵀX is
     σ_i·v_iᵀ with absolute error ~eps32·σ_1, so u_iᵀPv_i is off by ~eps32·σ_1/σ_i (3e-6 at 1e-3·σ_1, measured)."""
     X, tall = _wide(G)
+    p = gram_scale(X, dtype)  # a float64 G beyond 1e±154: solved at unit scale (_scale.py); P does not depend on it
+    if p is not None:
+        X = X * p
     lam, V = lapack.eigh(lapack.lower_gram(X, dtype), overwrite=True)  # eigh reads the lower triangle
     lam = lam.clamp(min=0)
     cutoff = max(rcond**2, max(X.shape[-2:]) * torch.finfo(dtype).eps) * lam[..., -1:]
@@ -128,6 +143,8 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     V = V.to(apply)
     P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X.to(apply)))  # VᵀX first: its rows are σ_i·v_iᵀ
     nuclear = torch.where(keep, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
+    if p is not None:
+        nuclear = nuclear / p.to(nuclear.dtype)[..., 0, 0]
     return (P.mT if tall else P), nuclear
 
 
@@ -211,13 +228,16 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
                       (`restart`: rebuild the Gram from X at that step), `dtype` default bfloat16
                       (linalg/gram_ns.py).
       "auto"          see `_auto_method`: no tol -> gram_newton_schulz; tol < 0.05 -> gram; min(m,n) ≤ 32 -> gram.
-    The estimators map σ below the input's precision to ≈ p'(0)·σ (small, not exactly 0). Accuracy of each
-    backend on GPT-block gradients is tabulated in docs/linalg.md.
+    The estimators map σ below the input's precision to ≈ p'(0)·σ (small, not exactly 0), and divide G by
+    max(scale, eps) as torch.optim.Muon does: below a scale of eps the result shrinks with G (eps=0: U Vᵀ at any
+    scale). A finite G whose norm or Gram would overflow or underflow its dtype is computed at unit scale, exactly
+    (docs/linalg.md "Scale"). Accuracy of each backend on GPT-block gradients is tabulated in docs/linalg.md.
     """
     G = check_tensor(G, "polar", "G")
     if method not in METHODS:
         raise ValueError(f"polar: unknown method {method!r}; choose one of {METHODS}")
     _check_options("polar", method, ns_steps=ns_steps, eps=eps, tol=tol, dtype=dtype, rcond=rcond)
+    _check_iteration_options(method, ns_steps, restart)
     if method == "auto":
         method = _auto_method(G, tol, dtype)
         _check_auto_choice("polar", method, tol, dtype, rcond)
@@ -264,6 +284,19 @@ def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, d
         if dtype not in allowed:
             raise ValueError(f"{fn}: dtype={dtype} is not one {method!r} computes in; use one of "
                              + ", ".join(str(d).removeprefix("torch.") for d in allowed))
+
+
+def _check_iteration_options(method: str, ns_steps, restart) -> None:
+    """ns_steps belongs to the iterations, restart to gram_newton_schulz: given to a method that would ignore it, or
+    out of range, one ValueError."""
+    if method in ("svd", "gram") and ns_steps is not None:
+        raise ValueError(f"polar: ns_steps applies to the iterative methods; {method!r} is exact (drop ns_steps)")
+    if restart is None:
+        return
+    if method not in ("gram_newton_schulz", "auto"):
+        raise ValueError(f"polar: restart applies to method='gram_newton_schulz' only, not {method!r} (drop restart)")
+    if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
+        raise ValueError(f"polar: restart must be an int ≥ 1 (the step that rebuilds the Gram) or None, got {restart!r}")
 
 
 def _check_auto_choice(fn: str, method: str, tol, dtype, rcond) -> None:
@@ -362,6 +395,11 @@ def polar_error(G: Tensor, P: Tensor, rel_threshold: float = 0.1) -> Tensor:
                          f"scored), got {rel_threshold!r}")
     if P.shape[-2:] != G.shape[-2:]:
         raise ValueError(f"polar_error: P {tuple(P.shape)} and G {tuple(G.shape)} must have the same matrix shape")
+    try:
+        torch.broadcast_shapes(P.shape[:-2], G.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"polar_error: the batch shapes of P {tuple(P.shape)} and G {tuple(G.shape)} do not broadcast; "
+                         "pass one P per G") from None
     U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     diag = (U * (P.double() @ Vh.mT)).sum(-2)           # u_iᵀ P v_i for every i
     mask = (S >= rel_threshold * S[..., :1]) & (S[..., :1] > 0)

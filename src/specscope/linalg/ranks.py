@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor, work_dtype
+from ._scale import pow2_scale
 from .norms import spectral_norm
 from .spectra import nuclear_rank, stable_rank_exact
 
@@ -21,8 +22,10 @@ def stable_rank(A: Tensor, *, method: str = "exact", iters: int = 20, v0: Tensor
     if method == "exact":
         return stable_rank_exact(A).to(work_dtype(A))
     if method == "power":
+        A = A.to(work_dtype(A))
+        A = A * pow2_scale(A)  # exact, and st does not depend on scale: ‖A‖_F² of 1e20-scale float32 would overflow
         sigma, _ = spectral_norm(A, v0, iters=iters)
-        fro2 = A.to(work_dtype(A)).square().sum((-2, -1))
+        fro2 = A.square().sum((-2, -1))
         return torch.where(sigma > 0, fro2 / torch.where(sigma > 0, sigma, torch.ones_like(sigma)) ** 2, torch.zeros_like(fro2))
     raise ValueError(f"stable_rank: method must be 'exact' or 'power', got {method!r}")
 
@@ -31,6 +34,11 @@ def spectral_advantage(G: Tensor, A: Tensor) -> Tensor:
     """nr(G)/st(A) (both exact). > 1: the spectral step has the larger guaranteed one-step decrease
     (REFERENCE §3). G = 0 gives 0; A = 0 raises (no curvature, the ratio is undefined)."""
     G, A = check_tensor(G, "spectral_advantage", "G"), check_tensor(A, "spectral_advantage", "A")
+    try:
+        torch.broadcast_shapes(G.shape[:-2], A.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"spectral_advantage: the batch shapes of G {tuple(G.shape)} and A {tuple(A.shape)} do not "
+                         "broadcast; pass one gradient per input matrix (or a single one of either)") from None
     st = stable_rank(A)
     if bool((st == 0).any()):
         raise ValueError("spectral_advantage: A is the zero matrix, so st(A) = 0 and nr(G)/st(A) is undefined; "

@@ -12,14 +12,18 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor, smaller_gram, work_dtype
+from ._scale import pow2_scale
 
 
 def _sq_singular_values(x: Tensor) -> Tensor:
-    """σ_i² descending, shape [..., min(m, n)], float64, from eigvalsh of the smaller Gram.
+    """σ_i² of x·2^-e descending, shape [..., min(m, n)], float64, from eigvalsh of the smaller Gram; 2^-e (`_scale`)
+    puts max|x| in [0.5, 1), so a float64 x beyond 1e±154 keeps its spectrum (every caller takes a ratio but
+    `nuclear_norm`, which undoes the scale).
 
     Eigenvalues ≤ max(m, n)·eps·λ_1 are round-off of exact zeros (the Gram's own error is ~eps·λ_1) and
     are set to 0, so a rank-r matrix has exactly r nonzero σ_i² and the bounds nr, st ≤ rank hold."""
-    lam = torch.linalg.eigvalsh(smaller_gram(x.double())).flip(-1)
+    x = x.double()
+    lam = torch.linalg.eigvalsh(smaller_gram(x * pow2_scale(x))).flip(-1)
     cutoff = max(x.shape[-2:]) * torch.finfo(torch.float64).eps * lam[..., :1]
     return torch.where(lam > cutoff, lam, torch.zeros_like(lam))
 
@@ -53,7 +57,7 @@ def nuclear_rank(G: Tensor) -> Tensor:
 def nuclear_norm(G: Tensor) -> Tensor:
     """‖G‖_* = Σσ_i = Σ sqrt(eig(GᵀG)). Exact (float64 eigvalsh of the smaller Gram, eigenvalues clamped at 0)."""
     G = check_tensor(G, "nuclear_norm", "G")
-    return _sq_singular_values(G).sqrt().sum(-1).to(work_dtype(G))
+    return (_sq_singular_values(G).sqrt().sum(-1) / pow2_scale(G.double())[..., 0, 0]).to(work_dtype(G))
 
 
 def entropy_rank(M: Tensor) -> Tensor:
@@ -77,8 +81,8 @@ def energy_rank(M: Tensor, q: float = 0.9) -> Tensor:
     """Smallest k with Σ_{i≤k} σ_i² ≥ q·Σσ² (int64). Exact (float64); a relative slack of 1e-12 absorbs
     round-off when q·Σσ² equals a partial sum. energy_rank(0) := 0."""
     M = check_tensor(M, "energy_rank", "M")
-    if not 0.0 < q <= 1.0:
-        raise ValueError(f"energy_rank: q must be in (0, 1], got {q}")
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q <= 1.0:
+        raise ValueError(f"energy_rank: q must be a number in (0, 1] (the share of Σσ² to reach), got {q!r}")
     s2 = _sq_singular_values(M)
     total = s2.sum(-1, keepdim=True)
     reached = s2.cumsum(-1) >= q * total * (1 - 1e-12)

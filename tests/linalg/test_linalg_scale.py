@@ -1,0 +1,141 @@
+"""Finite matrices whose norms or Grams leave their dtype's range (float32 beyond ≈ 1e±19, float64 beyond ≈ 1e±154)
+get the same polar factors, norms and ranks as at unit scale; and the options that would be ignored or would turn
+the result into NaN are refused."""
+import importlib
+import math
+
+import pytest
+import torch
+
+from specscope import linalg as L
+from specscope.linalg import _scale, gram_ns
+from specscope.optim import Muon
+
+polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
+
+ESTIMATORS = ("gram_newton_schulz", "polar_express", "newton_schulz")
+
+
+def _matrix(m=40, n=60, dtype=torch.float32, seed=0):
+    return torch.randn(m, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
+
+
+def _reference(G):
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    return U @ Vh
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+@pytest.mark.parametrize("shape", [(40, 60), (300, 768), (768, 300)])
+def test_a_power_of_two_scale_changes_no_bit_of_an_estimate(method, shape):
+    """Scaling by 2^k rounds nothing, so an input whose Frobenius norm or Gram overflows (2^100) or underflows
+    (2^-100) float32 is computed at unit scale to the very bits of the unscaled input's estimate."""
+    G = _matrix(*shape)
+    at_one = L.polar(G, method)
+    for k in (100, -100, 60, -60):
+        assert torch.equal(L.polar(G * 2.0**k, method, eps=0.0 if k < 0 else 1e-7), at_one), k
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+def test_large_finite_gradients_give_the_polar_factor_not_zeros_or_nan(method):
+    """1e18 and 3e18 float32 gradients once gave zeros and NaN (‖G‖_F² and G Gᵀ overflow float32 and bfloat16)."""
+    G = _matrix()
+    err = (L.polar(G, method).double() - _reference(G)).norm()
+    for scale in (1e18, 3e18, 1e30, 3e37):
+        P = L.polar(G * scale, method)
+        assert torch.isfinite(P).all()
+        assert (P.double() - _reference(G)).norm() <= 1.05 * err + 1e-3, scale
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+def test_eps_zero_gives_the_polar_factor_at_any_small_scale_and_eps_keeps_torchs_clamp(method):
+    """eps is torch.optim.Muon's clamp on the start's scale: below it the estimate shrinks with G (1e-12 · G); eps=0
+    gives U Vᵀ at any scale, 1e-30 included, and 0 for the zero matrix (not 0/0)."""
+    G = _matrix()
+    at_one = L.polar(G, method)
+    err = (at_one.double() - _reference(G)).norm()
+    for scale in (1e-12, 1e-30):  # (not powers of two: bfloat16 rounds G·scale differently)
+        assert (L.polar(G * scale, method, eps=0.0).double() - _reference(G)).norm() <= 1.2 * err + 1e-2
+        assert L.polar(G * scale, method).norm() < 0.1 * at_one.norm()  # the clamp, as torch.optim.Muon
+    assert torch.equal(L.polar(torch.zeros(40, 60), method, eps=0.0), torch.zeros(40, 60))
+
+
+def test_the_scaled_start_an_accelerator_always_takes_is_bitwise_the_cpus(monkeypatch):
+    """On an accelerator the start is scaled without looking (no host read); at ordinary scales that gives the same
+    bits as the CPU's unscaled start, also for a batch and for tall matrices."""
+    G = torch.stack([_matrix(300, 768, seed=s) * 10.0**s for s in range(-3, 3)])
+    unscaled = {m: L.polar(G, m) for m in ESTIMATORS}
+    monkeypatch.setattr(_scale, "needs_scaling", lambda X: True)
+    monkeypatch.setattr(gram_ns, "needs_scaling", lambda X: True)
+    monkeypatch.setattr(polar_module, "needs_scaling", lambda X: True)
+    for m in ESTIMATORS:
+        assert torch.equal(L.polar(G, m), unscaled[m]), m
+        assert torch.equal(L.polar(G.mT, m), unscaled[m].mT), m
+
+
+def test_muon_steps_on_a_1e19_gradient_as_on_a_unit_one():
+    """A 1e19 gradient once wrote NaN into the weights with no error; its update is the unit gradient's, to the bit
+    for 2^64 ≈ 1.8e19 (the polar factor does not depend on scale)."""
+    updates = []
+    for scale in (1.0, 2.0**64):
+        p = torch.nn.Parameter(torch.zeros(256, 1024))
+        p.grad = _matrix(256, 1024) * scale
+        Muon([p], lr=0.02).step()
+        updates.append(p.detach().clone())
+    assert torch.equal(updates[1], updates[0])
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_float64_beyond_the_grams_range_keeps_its_ranks_and_norms(scale):
+    """float64 Grams of 1e160 entries overflow and of 1e-170 entries underflow: the exact routes once raised
+    torch's eigh error or returned 0 ('A is the zero matrix'). Ranks equal the unit-scale ones, norms scale."""
+    G = _matrix(6, 9, torch.float64)
+    A = _matrix(6, 9, torch.float64, seed=1)
+    for fn in (L.stable_rank, L.nuclear_rank):
+        assert fn(G * scale).item() == pytest.approx(fn(G).item(), rel=1e-12)
+    assert L.stable_rank(G * scale, method="power").item() == pytest.approx(L.stable_rank(G, method="power").item(), rel=1e-12)
+    assert L.spectral_advantage(G * scale, A * scale).item() == pytest.approx(L.spectral_advantage(G, A).item(), rel=1e-12)
+    assert (L.nuclear_norm(G * scale) / scale).item() == pytest.approx(L.nuclear_norm(G).item(), rel=1e-12)
+    big = [_matrix(300, 400, torch.float64, seed=s) for s in range(3)]  # the pooled route (one job per matrix)
+    for mats in ([G, G.mT, A], big):
+        got = L.nuclear_norms([M * scale for M in mats]) / scale
+        assert torch.allclose(got, L.nuclear_norms(mats), rtol=1e-12)
+        fro, nuc = L.fro_nuclear_norms_later([M * scale for M in mats])()
+        assert torch.allclose(nuc / scale, L.nuclear_norms(mats), rtol=1e-12)
+        assert torch.allclose(fro / scale, torch.stack([M.norm() for M in mats]), rtol=1e-12)
+    for method in ("gram", "svd"):
+        assert torch.allclose(L.polar(G * scale, method), _reference(G), atol=1e-12)
+    P, nuc = L.polar_with_nuclear_norm(G * scale)
+    assert torch.allclose(P, _reference(G), atol=1e-12) and (nuc / scale).item() == pytest.approx(L.nuclear_norm(G).item())
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_float32_power_stable_rank_and_spectral_norm_at_extreme_scales(scale):
+    """The power route squared float32 entries: 1e30 gave NaN, 1e-30 gave 0."""
+    A = _matrix(6, 9)
+    assert L.stable_rank(A * scale, method="power").item() == pytest.approx(L.stable_rank(A).item(), rel=1e-4)
+    sigma, _ = L.spectral_norm(A * scale)
+    assert (sigma.double() / scale).item() == pytest.approx(torch.linalg.matrix_norm(A.double(), 2).item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda: L.nuclear_norms([_matrix()], dtype=torch.int32), "dtype=torch.int32 is not one a Gram is formed in"),
+    (lambda: L.fro_nuclear_norms_later([_matrix()], dtype=torch.bfloat16), "not one a Gram is formed in"),
+    (lambda: L.gram(_matrix(), dtype=torch.int32), "not one a Gram is formed in"),
+    (lambda: L.nuclear_norms(_matrix()), r"must be a list of matrices, got one tensor of shape \(40, 60\); pass \[G\]"),
+    (lambda: L.polar(_matrix(), "gram_newton_schulz", restart="a"), "restart must be an int ≥ 1"),
+    (lambda: L.polar(_matrix(), "gram_newton_schulz", restart=0), "restart must be an int ≥ 1"),
+    (lambda: L.polar(_matrix(), "polar_express", restart=2), "restart applies to method='gram_newton_schulz' only"),
+    (lambda: L.polar(_matrix(), "svd", ns_steps=3), "ns_steps applies to the iterative methods; 'svd' is exact"),
+    (lambda: L.polar(_matrix(), "newton_schulz", ns_coefficients=(math.nan, 1, 1)), "ns_coefficients must be finite"),
+    (lambda: L.polar(_matrix(), "newton_schulz", ns_coefficients=[(3, -4, 2), (1, math.inf, 0)]), "must be finite"),
+    (lambda: L.default_rcond(torch.int32, 3, 4), "dtype must be a floating torch.dtype"),
+    (lambda: L.polar_error(torch.randn(2, 5, 6), torch.randn(3, 5, 6)), "batch shapes of P .* do not broadcast"),
+    (lambda: L.spectral_advantage(torch.randn(2, 5, 6), torch.randn(3, 7, 5)), "batch shapes of G .* do not broadcast"),
+    (lambda: L.singular_value_soft_threshold(_matrix(), "0.1"), "tau must be a number ≥ 0 or a tensor"),
+    (lambda: L.singular_value_soft_threshold(_matrix(), None), "tau must be a number ≥ 0 or a tensor"),
+    (lambda: L.energy_rank(_matrix(), q=".9"), r"q must be a number in \(0, 1\]"),
+])
+def test_options_that_would_be_ignored_truncated_or_nan_are_refused(call, says):
+    with pytest.raises(ValueError, match=says):
+        call()
