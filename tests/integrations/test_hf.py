@@ -104,6 +104,21 @@ def test_trainer_records_equal_a_manual_loop_with_accumulation(tmp_path):
     assert set(df[df.metric == "stable_rank"].step) == {0, 2} and set(df[df.metric == "loss"].step) == {0, 1, 2, 3}
 
 
+def test_an_evaluation_before_training_is_logged_at_step_0(tmp_path):
+    """trainer.evaluate() before train() logs at global_step 0: the run stores it at step 0 (it once passed step −1,
+    which the run refuses), and training's own logs follow."""
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path, 2), train_dataset=Tokens(), eval_dataset=list(Tokens(n=4)),
+                      optimizers=adamw(model))
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 2})
+    trainer.add_callback(SpecscopeCallback(Monitor(model, every=1), trainer=trainer, run=run))
+    trainer.evaluate()
+    trainer.train()
+    run.close()
+    df = store.load(run.path)
+    assert set(df[df.metric == "eval_loss"].step) == {0} and set(df[df.metric == "loss"].step) == {0, 1}
+
+
 def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fit(tmp_path):
     full_model = tiny_llama()
     part_model = copy.deepcopy(full_model)

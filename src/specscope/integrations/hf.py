@@ -92,7 +92,9 @@ class SpecscopeCallback(transformers.TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is None or not logs:
             return
-        step = state.global_step - 1  # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor
+        # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor. An evaluation
+        # before the first step (trainer.evaluate() before train()) is the state at step 0.
+        step = max(state.global_step - 1, 0)
         if self._logged[0] != step:
             self._logged = (step, set())
         own = {k: float(v) for k, v in logs.items() if not k.startswith("specscope/") and k not in self._logged[1]

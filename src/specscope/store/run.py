@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
+import numbers
 import os
 import platform
 import secrets
@@ -46,7 +48,7 @@ class Run:
     A Run from `open` is a reader until its first write of records (append, log, flush, delete_after): it
     then takes the writer lock (failing if another live process writes the run) and marks the run
     "running" again, which is how a resumed run continues. `set_status` takes the lock without that mark;
-    `write_summary` needs no lock.
+    `write_summary` needs no lock. After `close()` the object writes nothing more: `Run.open(path)` resumes.
     """
 
     def __init__(self, path: Path, meta: dict, *, flush_every: int = 1000, flush_seconds: float = 5.0):
@@ -59,6 +61,7 @@ class Run:
         self._lock_fd: int | None = None
         self._last_flush = time.monotonic()
         self._new = False
+        self._closed = False
 
     # ---- construction ---------------------------------------------------------------------------
 
@@ -69,9 +72,10 @@ class Run:
         run_id = new_run_id() if run_id is None else run_id
         for what, name in (("lab", lab), ("run_id", run_id)):
             check_name(what, name)
+        _check_flush(flush_every, flush_seconds)
         config = _plain_config(config)
         path = Path(root) / lab / run_id
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(path.parent, root)
         try:
             path.mkdir()  # atomic: of two processes creating the same id, one fails here
         except FileExistsError:
@@ -87,6 +91,7 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike, *, flush_every: int = 1000, flush_seconds: float = 5.0) -> "Run":
         """An existing run directory (for reading; writing later resumes it)."""
+        _check_flush(flush_every, flush_seconds)
         path = Path(path)
         return cls(path, read_config(path), flush_every=flush_every, flush_seconds=flush_seconds)
 
@@ -172,10 +177,12 @@ class Run:
 
     # ---- writing --------------------------------------------------------------------------------
 
-    def append(self, records: Iterable[Record]) -> None:
-        """Buffer records; a batch is written when `flush_every` records or `flush_seconds` have accumulated."""
+    def append(self, records: Iterable[Record] | Record) -> None:
+        """Buffer records (a list of them, or one); a batch is written when `flush_every` records or
+        `flush_seconds` have accumulated. A bad record is one ConfigError, and none of this call's records is
+        buffered."""
         self._become_writer()
-        records = list(records)
+        records = _records(records)
         self._buffer += [sqlite.as_row(r) for r in records]
         for sink in self._sinks:
             sink(records)
@@ -184,19 +191,27 @@ class Run:
 
     def log(self, step: int, values: Mapping[str, float], *, layer: str = "", arm: str = "") -> None:
         """Convenience: `run.log(step, {"loss": 1.2, "val_loss": 1.4})`."""
-        self.append(Record(step, layer, metric, float(v), arm=arm) for metric, v in values.items())
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"log: the values {sqlite.show(values)} are not a dict; give metric names and numbers, "
+                              'e.g. run.log(step, {"loss": 0.5}).')
+        self.append([Record(step, layer, metric, v, arm=arm) for metric, v in values.items()])
 
     def flush(self) -> None:
-        """Write the buffered records as one transaction; once this returns they survive a crash."""
+        """Write the buffered records as one transaction; once this returns they survive a crash. When the
+        write fails the records stay buffered (none is written): the next flush or close writes them."""
         if self._con is None and not self._buffer:
             return  # a run opened for reading stays a reader (and keeps its status)
         self._become_writer()
-        rows, self._buffer = self._buffer, []
-        sqlite.insert_batch(self._con, self.metrics_path, rows)
+        sqlite.insert_batch(self._con, self.metrics_path, self._buffer)
+        self._buffer = []
         self._last_flush = time.monotonic()
 
     def delete_after(self, step: int, arm: str = "") -> int:
-        """Drop the records of `arm` with step > `step` (resume from a checkpoint taken at `step`)."""
+        """Drop the records of `arm` with step > `step` (resume from a checkpoint taken at `step`; -1 drops
+        them all)."""
+        if sqlite.as_int(step, low=-1) is None:
+            raise ConfigError(f"delete_after: step {sqlite.show(step)} is not an int from -1 to 2**63 - 1; give the "
+                              "last step to keep (-1 drops all of the arm's records).")
         self._become_writer()
         self.flush()
         return sqlite.delete_after(self._con, self.metrics_path, step, arm)
@@ -204,6 +219,9 @@ class Run:
     def rewind(self, arm: str, position: int) -> int:
         """Drop the records of `arm` written after `position` (from `position()`): resume from a checkpoint
         taken there, whatever steps those records carry."""
+        if sqlite.as_int(position) is None:
+            raise ConfigError(f"rewind: position {sqlite.show(position)} is not an int >= 0; give what run.position() "
+                              "returned when the checkpoint was taken.")
         self._become_writer()
         self.flush()
         return sqlite.rewind(self._con, self.metrics_path, arm, position)
@@ -225,13 +243,17 @@ class Run:
         integrity.write_json(self.path / SUMMARY, dict(summary), checksum=True)
 
     def close(self) -> None:
-        """Flush, mark "complete" if still "running" (a status set explicitly is kept), release the lock."""
-        if self._con is None:
+        """Flush, mark "complete" if still "running" (a status set explicitly is kept), release the lock. The
+        Run then writes nothing more (Run.open(path) resumes the run); when the flush fails, the records stay
+        buffered and the run stays open to another close()."""
+        if self._con is None and not self._buffer:
+            self._closed = True
             return
         try:
             self.flush()
             if self._meta["status"] == "running":
                 self._write_meta(status="complete")
+            self._closed = True
         finally:
             self._release()
             for sink in self._sinks:
@@ -262,6 +284,9 @@ class Run:
         """Take the writer lock and open the database; `resume` marks the run "running" (records are coming)."""
         if self._con is not None:
             return
+        if self._closed:
+            raise RunStoreError(f"run {self.path} was closed: a closed Run writes nothing more; to add to the run, "
+                                "resume it with Run.open(path), or start a new run with Run.create.")
         if not self.path.is_dir():
             raise RunStoreError(f"run directory {self.path} does not exist.")
         if not self._new and not self.metrics_path.is_file():  # never re-create a database that went missing
@@ -353,7 +378,62 @@ def _plain_config(config: Any) -> dict:
         config = config.model_dump(mode="json")
     if not isinstance(config, Mapping):
         raise ConfigError(f"config must be a dict (or a pydantic model), not {type(config).__name__}.")
-    return json.loads(json.dumps(dict(config), default=str))  # what reads back from disk is what the run sees
+    plain = _json_value(config, "config")
+    return json.loads(json.dumps(plain, allow_nan=False))  # what reads back from disk is what the run sees
+
+
+def _json_value(value: Any, where: str) -> Any:
+    """`value` as standard JSON data, or one ConfigError naming the key. A numpy scalar or one-element (0-d)
+    tensor becomes its number, a path its text; NaN and Infinity are refused (standard JSON has neither)."""
+    if getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {value}: a run's config is standard JSON, which has no NaN or Infinity; "
+                          "give a finite number, or None for 'not set'.")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where} has the key {sqlite.show(bad[0])}: config keys are strings; use str(key).")
+        return {k: _json_value(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise ConfigError(f"{where} = {sqlite.show(value)} is not JSON data: a run's config holds str, int, float, bool, "
+                      "None, lists and dicts; convert the value (e.g. value.tolist(), str(value)) or leave it out.")
+
+
+def _check_flush(flush_every: Any, flush_seconds: Any) -> None:
+    """flush_every: records per batch, >= 1; flush_seconds: >= 0 (0: every append writes, inf: never by time)."""
+    if sqlite.as_int(flush_every, low=1) is None:
+        raise ConfigError(f"flush_every {sqlite.show(flush_every)} is not an int >= 1; give the number of records "
+                          "per batch (default 1000; 1 writes on every append).")
+    if isinstance(flush_seconds, bool) or not isinstance(flush_seconds, numbers.Real) or not flush_seconds >= 0:
+        raise ConfigError(f"flush_seconds {sqlite.show(flush_seconds)} is not a number >= 0; give the seconds between "
+                          "batches (default 5.0; 0 writes on every append, math.inf writes by count only).")
+
+
+def _records(records: Any) -> list[Record]:
+    """What `append` got, as a list: one Record, or an iterable of them (each checked by sqlite.as_row)."""
+    if isinstance(records, Record):
+        return [records]
+    try:
+        return list(records)
+    except TypeError:
+        raise ConfigError(f"append got {sqlite.show(records)}: pass a list of specscope.records.Record (or one "
+                          "Record); for plain values use run.log(step, {name: value}).") from None
+
+
+def _make_folder(folder: Path, root: Any) -> None:
+    """`folder` and its parents, or one RunStoreError naming the part of the path that is a file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), folder)
+        raise RunStoreError(f"cannot make run directories under {root}: {blocker} is a file, not a folder; give a "
+                            "root that is a folder, or a path that does not exist yet.") from None
 
 
 def _now() -> str:

@@ -9,6 +9,7 @@ Every statement is parameterized: layer, metric and arm names are data, never SQ
 from __future__ import annotations
 
 import contextlib
+import operator
 import shutil
 import sqlite3
 import tempfile
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from specscope.errors import RunStoreError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.records import SWEEP, Record
 from specscope.store.integrity import fault_point
 
@@ -38,6 +39,7 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _FLAG = COLUMNS.index("flag")
+MAX_INT = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit number: a larger step or rows cannot be stored
 _INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
 
@@ -178,10 +180,45 @@ def rewind(con: sqlite3.Connection, path: Path, arm: str, to: int) -> int:
     return _delete(con, path, "DELETE FROM metrics WHERE arm = ? AND rowid > ?", (arm, int(to)))
 
 
+def as_int(value, low: int = 0) -> int | None:
+    """`value` as an int from `low` to MAX_INT, else None: ints, numpy integers and one-element torch integer
+    tensors count; bools, floats and strings do not."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        return None
+    try:
+        n = operator.index(value)
+    except TypeError:
+        return None
+    return n if low <= n <= MAX_INT else None
+
+
+def show(value) -> str:
+    """`value` for an error message: its repr, cut short, and its type."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
 def as_row(r: Record) -> tuple:
-    """Record -> SQL parameters. NaN is stored as NULL by SQLite and read back as NaN (`value` is never NULL otherwise)."""
-    return (int(r.step), str(r.layer), str(r.metric), float(r.value), str(r.arm), str(r.estimator),
-            int(r.rows), str(r.shape), str(r.flag))
+    """Record -> SQL parameters, or one ConfigError naming what is wrong with it (nothing is buffered then).
+    NaN is stored as NULL by SQLite and read back as NaN (`value` is never NULL otherwise)."""
+    if not isinstance(r, Record):
+        raise ConfigError(f"append got {show(r)}, not a specscope.records.Record: pass a list of Records (or one "
+                          "Record); for plain values use run.log(step, {name: value}).")
+    step, rows = as_int(r.step), as_int(r.rows)
+    if step is None:
+        raise ConfigError(f"record {r.metric!r}: step {show(r.step)} is not an int from 0 to 2**63 - 1; pass the "
+                          "step as a whole number >= 0 (numpy integers are fine).")
+    if rows is None:
+        raise ConfigError(f"record {r.metric!r} at step {step}: rows {show(r.rows)} is not an int from 0 to 2**63 - 1; "
+                          "pass the number of rows measured as a whole number >= 0 (0 when it does not apply).")
+    try:
+        value = None if isinstance(r.value, (str, bytes)) else float(r.value)
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise ConfigError(f"record {r.metric!r} at step {step}: value {show(r.value)} is not a number; pass a float "
+                          "(an int, a numpy number or a one-element tensor is fine).")
+    return (step, str(r.layer), str(r.metric), value, str(r.arm), str(r.estimator), rows, str(r.shape), str(r.flag))
 
 
 def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> None:
@@ -202,10 +239,12 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('updated', ?)", (time.time(),))
         fault_point("db_commit")
         con.execute("COMMIT")
-    except sqlite3.Error as e:
+    except BaseException as e:  # no half batch left open, whatever failed: the caller keeps the rows to retry
         if con.in_transaction:
             con.execute("ROLLBACK")
-        raise _fail(path, "cannot append records", e) from e
+        if isinstance(e, sqlite3.Error):
+            raise _fail(path, "cannot append records", e) from e
+        raise
 
 
 def delete_after(con: sqlite3.Connection, path: Path, step: int, arm: str) -> int:
@@ -233,10 +272,22 @@ def _where(filters: dict[str, Iterable[str] | None]) -> tuple[str, list]:
     for col, values in filters.items():
         if values is None:
             continue
-        values = [values] if isinstance(values, str) else list(values)
+        values = [values] if isinstance(values, str) else _names(col, values)
         clauses.append(f"{col} IN ({', '.join('?' * len(values))})")  # col is ours, values are data
         params += values
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def _names(col: str, values) -> list[str]:
+    """A filter's list of names, or one ConfigError saying what a filter takes."""
+    try:
+        names = list(values)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(v, str) for v in names):
+        raise ConfigError(f"{col}={show(values)}: a {col} filter is a name or a list of names (str), "
+                          f'e.g. {col}="NAME" or {col}=["A", "B"].')
+    return names
 
 
 def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
