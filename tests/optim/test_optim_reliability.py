@@ -315,3 +315,204 @@ def test_stacked_expert_weights_routed_to_adamw_are_named():
     with pytest.warns(UserWarning, match=r"1 parameter\(s\) of ≥ 3 dims .* 'gate_up_proj' \(4, 16, 8\)"):
         groups = spectral_param_groups(Experts(), 1e-2, 1e-3)
     assert [n for g in groups if g["algorithm"] == "adamw" for n, _ in g["params"]] == ["gate_up_proj", "pos", "up.bias"]
+
+
+# ---------------------------------------------------------------- loading, group options after construction, dtypes
+
+
+def _params(n=2):
+    torch.manual_seed(0)
+    return [nn.Parameter(torch.randn(8, 6)) for _ in range(n)]
+
+
+def _stepped(opt, params):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+def _same_state(a, b):
+    """Two state_dicts equal: groups (params included) and every buffer."""
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for key, v in a["state"][k].items():
+            assert torch.equal(v, b["state"][k][key]) if torch.is_tensor(v) else v == b["state"][k][key], (k, key)
+
+
+_MINE = {
+    "Muon": lambda ps: Muon(ps, lr=0.02),
+    "Hybrid": lambda ps: Hybrid(ps, lr=1e-3),
+    "SpecGD": lambda ps: SpecGD(ps, lr=0.1, momentum=0.9),
+    "AutoGeometry": lambda ps: AutoGeometry(ps, lr=0.1, monitor=lambda layer: 2.0),
+    "LowRankDecay": lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1),
+}
+_THEIRS = {
+    "torch AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+    "torch SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "torch Muon": lambda ps: torch.optim.Muon(ps, lr=0.02),
+    "Muon": lambda ps: Muon(ps, lr=0.02),
+    "LowRankDecay": lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("mine, theirs", [
+    ("Muon", "torch AdamW"), ("Muon", "torch SGD"), ("Muon", "LowRankDecay"), ("Hybrid", "torch AdamW"),
+    ("Hybrid", "Muon"), ("SpecGD", "torch Muon"), ("SpecGD", "torch SGD"), ("AutoGeometry", "torch AdamW"),
+    ("LowRankDecay", "torch AdamW"), ("LowRankDecay", "Muon"),
+])
+@pytest.mark.parametrize("stepped", [False, True])
+def test_another_optimizers_state_is_refused_and_changes_nothing(mine, theirs, stepped):
+    """Muon took torch.optim.AdamW's state: its groups then carried amsgrad/betas/foreach/fused and its state exp_avg."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    opt = _stepped(_MINE[mine](ps), ps)
+    other = _THEIRS[theirs](ps)
+    if stepped:
+        _stepped(other, ps)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ConfigError, match=f"{mine}.load_state_dict: .*Nothing was loaded"):
+        opt.load_state_dict(copy.deepcopy(other.state_dict()))
+    _same_state(before, opt.state_dict())
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5)  # a scheduler's initial_lr in every group
+    again = _MINE[mine](ps)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))  # the state of its own kind loads
+    _same_state(opt.state_dict(), again.state_dict())
+    if mine == "Muon":  # and torch.optim.Muon's, scheduler keys included
+        ref = torch.optim.Muon(ps, lr=0.02)
+        torch.optim.lr_scheduler.LambdaLR(ref, lambda k: 0.5)
+        again.load_state_dict(copy.deepcopy(_stepped(ref, ps).state_dict()))
+        assert again.param_groups[0]["lr"] == 0.01 and again.param_groups[0]["initial_lr"] == 0.02
+
+
+@pytest.mark.parametrize("make", [_MINE["Muon"], _MINE["LowRankDecay"], _MINE["AutoGeometry"]])
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", float("nan"), "lr.*nan"),
+    ("lr", -1.0, "lr must be"),
+    ("weight_decay", float("inf"), "weight_decay.*inf"),
+    ("momentum", 1.5, r"momentum must be in \[0, 1\), got 1.5"),
+    ("ns_coefficients", (1, 2), r"ns_coefficients=\(1, 2\): give \(a, b, c\)"),
+    ("algorithm", "bogus", "algorithm='bogus' is unknown"),
+    ("amsgrad", False, "'amsgrad' is not an option"),
+])
+def test_a_loaded_group_is_checked_as_a_new_group_is(make, key, value, message):
+    """A state_dict with lr=nan turned the weights NaN at the next step; momentum=1.5 and algorithm='bogus' loaded."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    opt = _stepped(make(ps), ps)
+    if key not in opt.param_groups[0] and key != "amsgrad":  # LowRankDecay has no algorithm (a key it keeps, as "name")
+        pytest.skip(f"{type(opt).__name__} has no {key}")
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0][key] = value
+    with pytest.raises(ConfigError, match=f"load_state_dict: param group 0 of the state_dict: .*{message}"):
+        opt.load_state_dict(bad)
+    _same_state(before, opt.state_dict())
+    _stepped(opt, ps)
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
+def test_a_state_of_other_parameters_or_no_state_dict_is_one_clear_error_at_load():
+    """A buffer of another shape raised 'The size of tensor a (6) must match ...' at the next step; None a TypeError;
+    an unknown state key a KeyError."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    saved = _stepped(Muon(ps, lr=0.02), ps).state_dict()
+    wide = [nn.Parameter(torch.randn(8, 5)), nn.Parameter(torch.randn(8, 6))]
+    opt = Muon(wide, lr=0.02)
+    with pytest.raises(ConfigError, match=r"state 'momentum_buffer' of parameter 'param0' has shape \(8, 6\), the "
+                                          r"parameter \(8, 5\).*Nothing was loaded"):
+        opt.load_state_dict(copy.deepcopy(saved))
+    assert not opt.state
+    for bad, message in ((None, "pass an optimizer's state_dict .*got None"),
+                         (nn.Linear(2, 2).state_dict(), r"got a dict with keys \['weight', 'bias'\]"),
+                         (Muon(ps[:1]).state_dict(), r"param groups hold \[1\] parameters, this optimizer's \[2\]"),
+                         ({**saved, "state": {**saved["state"], 7: {}}}, "state for parameter 7, which none of its")):
+        for target in (Muon(ps, lr=0.02), LowRankDecay(ps, lr=0.1, weight_decay=0.1)):
+            if isinstance(target, LowRankDecay) and isinstance(bad, dict) and 7 in bad.get("state", {}):
+                message = "holds per-parameter state, which LowRankDecay does not keep"
+            with pytest.raises(ConfigError, match=message):
+                target.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: Muon(ps, lr=0.02),
+    lambda ps: Hybrid(ps, lr=1e-3),
+    lambda ps: SpecGD(ps, lr=0.1),
+    lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1),
+])
+@pytest.mark.parametrize("how", ["scheduler", "by hand"])
+def test_a_group_option_set_after_construction_is_checked_at_every_step(make, how):
+    """A LambdaLR returning NaN (or param_groups[0]["lr"] = nan) wrote NaN into every weight, silently."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    opt = make(ps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 if k == 0 else float("nan"))
+    _stepped(opt, ps)
+    if how == "scheduler":
+        scheduler.step()
+    else:
+        opt.param_groups[0]["lr"] = float("nan")
+    weights, state = [p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict()["state"])
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    with pytest.raises(ConfigError, match=r"\.step: param group 0: .*lr.*nan.*Nothing was changed"):
+        opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(ps, weights))
+    _same_state({"param_groups": [], "state": state}, {"param_groups": [], "state": opt.state_dict()["state"]})
+
+
+@pytest.mark.parametrize("coefficients", [(float("nan"), 1, 1), (1, 2), [], [(3.4445, -4.775, 2.0315), (1, 2)],
+                                          [(1.5, float("inf"), 0.0)], "abc"])
+def test_ns_coefficients_are_checked_when_the_group_is_made(coefficients):
+    """(nan, 1, 1) made Muon's newton_schulz step write NaN; (1, 2) was accepted and the first step raised from linalg."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    message = r"ns_coefficients=.*: give \(a, b, c\) or a non-empty list of \(a, b, c\) triples, all finite numbers"
+    with pytest.raises(ConfigError, match=message):
+        Muon(ps, lr=0.1, polar="newton_schulz", ns_coefficients=coefficients)
+    opt = Muon(ps[:1], lr=0.1, polar="newton_schulz")
+    with pytest.raises(ConfigError, match=message):
+        opt.add_param_group({"params": ps[1:], "ns_coefficients": coefficients})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ConfigError, match=message):
+        LowRankDecay(ps, lr=0.1, weight_decay=0.1, mode="ns", ns_coefficients=coefficients)
+    schedule = [(3.4445, -4.775, 2.0315), (1.5, -0.5, 0)]  # a per-step list (linalg's rule) still goes
+    _stepped(Muon(ps, lr=0.1, polar="newton_schulz", ns_coefficients=schedule), ps)
+    assert all(torch.isfinite(p).all() for p in ps)
+
+
+@pytest.mark.parametrize("make", [lambda ps: Muon(ps), lambda ps: Hybrid(ps, lr=1e-3),
+                                  lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1)])
+def test_non_floating_parameters_are_refused_at_construction_and_meta_ones_at_step(make):
+    """An int64 weight raised 'linalg.vector_norm: Expected a floating point ...' at the first step, a meta one
+    'Cannot copy out of meta tensor'."""
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"parameter 'param0' \(shape \(4, 3\)\) has dtype torch.int64; .*floating-point"):
+        make([torch.zeros(4, 3, dtype=torch.int64)])
+    meta = nn.Parameter(torch.empty(4, 3, device="meta"))
+    meta.grad = torch.empty(4, 3, device="meta")
+    opt = make([meta])
+    with pytest.raises(ConfigError, match="parameter 'param0.*' is on the meta device .*model.to_empty"):
+        opt.step()
+
+
+@pytest.mark.parametrize("key", ["foreach", "maximize"])
+def test_lowrank_decay_refuses_group_keys_as_hybrid_does(key):
+    """LowRankDecay caught only near-misspellings: torch.optim's options it does not implement (foreach, maximize)
+    were stored and ignored, where Muon and Hybrid refuse them. Other keys (a "name") stay, in both."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    with pytest.raises(ConfigError, match=f"'{key}' is not an option"):
+        Muon([{"params": ps, key: True}])
+    with pytest.raises(ConfigError, match=f"LowRankDecay param group key '{key}' is not an option"):
+        LowRankDecay([{"params": ps, key: True}], lr=0.1, weight_decay=0.1)
+    assert LowRankDecay([{"params": ps, "name": "decay"}], lr=0.1, weight_decay=0.1).param_groups[0]["name"] == "decay"

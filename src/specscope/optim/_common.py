@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -40,6 +40,23 @@ def checked_group(opt: torch.optim.Optimizer):
     except BaseException:
         del opt.param_groups[n - 1:]
         raise
+
+
+def saved_groups(state_dict: Any, param_groups: Sequence[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """The param groups of an optimizer state_dict to be loaded, after a ConfigError for anything that is not one
+    (None, a model's state_dict) or whose groups hold other numbers of parameters than `param_groups`."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, Mapping) else None
+    if (not isinstance(groups, (list, tuple)) or not isinstance(state_dict.get("state"), Mapping)
+            or not all(isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in groups)):
+        what = f"a dict with keys {list(state_dict)[:4]}" if isinstance(state_dict, Mapping) else repr(state_dict)[:80]
+        raise ConfigError(f"{where}: pass an optimizer's state_dict (as optimizer.state_dict() returns it: a dict with "
+                          f"'state' and 'param_groups', each group with its 'params'), got {what}")
+    sizes, mine = [len(g["params"]) for g in groups], [len(g["params"]) for g in param_groups]
+    if sizes != mine:
+        raise ConfigError(f"{where}: the state_dict's param groups hold {sizes} parameters, this optimizer's {mine}: it was "
+                          "saved over other parameters or groups. Nothing was loaded; build the optimizer with the param "
+                          "groups it was saved with, in the same order")
+    return [dict(g) for g in groups]
 
 
 # ---------------------------------------------------------------- names and routing
@@ -75,6 +92,21 @@ def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorit
             "(specscope.optim.spectral_param_groups(model, ...) does this for a whole model), or pass "
             "allow_non_hidden=True in that group if you really mean it."
         )
+
+
+def check_floating(params: Sequence[Tensor], names: Sequence[str]) -> None:
+    """Every parameter a real floating-point tensor: an integer one failed deep inside the first step."""
+    for p, name in zip(params, names):
+        if not p.is_floating_point():
+            raise ConfigError(f"parameter '{name}' (shape {tuple(p.shape)}) has dtype {p.dtype}; the optimizers step real "
+                              "floating-point parameters only (float32, float64, bfloat16, float16): leave it out of the "
+                              "optimizer or make it floating point (e.g. p.float())")
+
+
+def meta_error(name: str) -> ConfigError:
+    """The error for a parameter (or gradient) on the meta device, which has no data to step."""
+    return ConfigError(f"parameter '{name}' is on the meta device (no data), so it cannot be stepped; nothing was changed. "
+                       "Materialize the model first (model.to_empty(device=...), then initialize or load its weights)")
 
 
 def check_finite(named_grads: Iterable[tuple[str, Tensor]]) -> None:
@@ -143,6 +175,23 @@ def buckets_by_shape(mats: Sequence[Tensor]) -> dict[tuple, list[int]]:
 def check_polar(polar: PolarSpec) -> None:
     if not (callable(polar) or polar in POLAR_METHODS):
         raise ConfigError(f"polar={polar!r} is unknown; use one of {POLAR_METHODS} or a callable G -> polar(G)")
+
+
+def check_ns_coefficients(coefficients: Any) -> None:
+    """A ConfigError unless `coefficients` is what linalg's Newton–Schulz accepts when it reads them (the rule of
+    linalg.polar._coefficient_schedule: one (a, b, c) of numbers, or a non-empty list of (a, b, c) triples), with
+    every number finite (a NaN coefficient would make the step write NaN into the weights). Cheap: a few Python
+    checks, run on every group when it is made or loaded and at every step."""
+    try:
+        if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
+            schedule = [tuple(float(c) for c in coefficients)]
+        else:
+            schedule = [tuple(float(c) for c in abc) for abc in coefficients]
+    except (TypeError, ValueError):
+        schedule = []
+    if not schedule or any(len(abc) != 3 or not all(math.isfinite(c) for c in abc) for abc in schedule):
+        raise ConfigError(f"ns_coefficients={coefficients!r}: give (a, b, c) or a non-empty list of (a, b, c) triples, "
+                          "all finite numbers, e.g. (3.4445, -4.775, 2.0315)")
 
 
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:

@@ -179,7 +179,8 @@ def check_group(group: dict) -> None:
         raise ConfigError("nesterov=True needs momentum > 0 (euclidean='momentum')")
 
 
-register("auto", auto_update, AUTO_DEFAULTS, spectral=True, check=check_group)
+register("auto", auto_update, AUTO_DEFAULTS, spectral=True, check=check_group,
+         state={"momentum_buffer", "exp_avg", "exp_avg_sq", "adam_step", "geometry", "step"})
 
 
 class AutoGeometry(Hybrid):

@@ -38,19 +38,22 @@ class Algorithm:
     defaults: dict[str, Any]  # keys a group of this algorithm needs beyond lr
     spectral: bool  # only hidden matrices allowed
     check: Callable[[dict], None] | None = None  # raises ConfigError for a group's options that fail only together
+    state: frozenset[str] | None = None  # the per-parameter state keys it keeps (load_state_dict refuses others); None: any
 
 
 ALGORITHMS: dict[str, Algorithm] = {
-    "adamw": Algorithm(_euclidean.adamw_update, _euclidean.ADAMW_DEFAULTS, spectral=False),
-    "sgd": Algorithm(_euclidean.sgd_update, _euclidean.SGD_DEFAULTS, spectral=False),
+    "adamw": Algorithm(_euclidean.adamw_update, _euclidean.ADAMW_DEFAULTS, spectral=False,
+                       state=frozenset({"exp_avg", "exp_avg_sq", "adam_step"})),
+    "sgd": Algorithm(_euclidean.sgd_update, _euclidean.SGD_DEFAULTS, spectral=False, state=frozenset({"momentum_buffer"})),
 }
 
 
 def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool,
-             check: Callable[[dict], None] | None = None) -> None:
+             check: Callable[[dict], None] | None = None, state: Iterable[str] | None = None) -> None:
     """Make `algorithm=name` available to every Hybrid-based optimizer; `check(group)` runs on each of its groups
-    after the shared checks (every option a finite number in range, flags True/False)."""
-    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral, check)
+    after the shared checks (every option a finite number in range, flags True/False). `state`: the keys `update`
+    keeps in `opt.state[p]`, so that load_state_dict refuses another optimizer's state (None: not checked)."""
+    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral, check, None if state is None else frozenset(state))
 
 
 # group hyperparameters checked on every group: [low, high), each a finite real number
@@ -89,6 +92,8 @@ def _check_numbers(group: dict[str, Any]) -> None:
         numbers = [_number(b) for b in pair]
         if len(pair) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in numbers):
             raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
+    if "ns_coefficients" in group:
+        _common.check_ns_coefficients(group["ns_coefficients"])
 
 
 MAX_UNPOPPED_RECORDS = 100_000  # records an optimizer keeps when nobody pops them (AutoGeometry: 3 per layer and step)
@@ -127,6 +132,19 @@ def check_group_keys(algorithm: str, group: dict[str, Any]) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
                               f"its options are {sorted(known - {'params', 'param_names'})}")
+
+
+def _check_not_foreign(algorithm: str, saved: dict[str, Any]) -> None:
+    """A ConfigError for a key of a saved group that is an option of another specscope algorithm or of LowRankDecay
+    and not of `algorithm`: the group was saved by another optimizer (a torch.optim.Muon group has Muon's keys only)."""
+    from specscope.optim.lowrank_decay import OPTIONS as LOWRANK_DECAY_OPTIONS  # lowrank_decay imports this module
+
+    own = set(ALGORITHMS[algorithm].defaults) | GROUP_KEYS
+    others = {k for a in ALGORITHMS.values() for k in a.defaults} | set(LOWRANK_DECAY_OPTIONS)
+    for key in saved:
+        if key in others and key not in own:
+            raise ConfigError(f"its key {key!r} is an option of another optimizer, not of algorithm={algorithm!r} "
+                              f"(whose options are {sorted(own)})")
 
 
 class Hybrid(Optimizer):
@@ -175,9 +193,10 @@ class Hybrid(Optimizer):
             _check_numbers(group)
             if "polar" in group and ALGORITHMS[alg].spectral:
                 _common.check_polar(group["polar"])
+            names = _group_names(group, sum(len(g["params"]) for g in self.param_groups[:-1]))
+            _common.check_floating(group["params"], names)
             if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
-                offset = sum(len(g["params"]) for g in self.param_groups[:-1])
-                _common.check_spectral_group(group["params"], _group_names(group, offset), alg)
+                _common.check_spectral_group(group["params"], names, alg)
             if ALGORITHMS[alg].check is not None:
                 ALGORITHMS[alg].check(group)
             if alg == "auto":
@@ -197,7 +216,9 @@ class Hybrid(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Check all gradients, then run each group's algorithm. Raises NonFiniteError with nothing changed."""
+        """Check every group's options and all gradients, then run each group's algorithm. Raises ConfigError /
+        NonFiniteError with nothing changed."""
+        self._check_group_options()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -215,6 +236,8 @@ class Hybrid(Optimizer):
             if p.grad is not None and (p.grad.layout != torch.strided or torch.is_complex(p.grad)):
                 raise ConfigError(f"parameter '{name}' has a {'complex' if torch.is_complex(p.grad) else 'sparse'} gradient, "
                                   "which specscope.optim does not support (nn.Embedding(..., sparse=False) gives a dense one)")
+            if p.grad is not None and (p.is_meta or p.grad.is_meta):
+                raise _common.meta_error(name)
         with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
@@ -233,6 +256,20 @@ class Hybrid(Optimizer):
                 ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
         self._bound_records()
         return loss
+
+    def _check_group_options(self) -> None:
+        """Each group's options, at every step before anything changes: a value set after construction (an LR
+        scheduler's lambda, `opt.param_groups[i]["lr"] = ...`) passes no add_param_group, and a NaN lr would write NaN
+        into every weight. Python checks of a few numbers per group; no tensor is read."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                if not isinstance(group.get("algorithm"), str) or group["algorithm"] not in ALGORITHMS:
+                    raise ConfigError(f"algorithm={group.get('algorithm')!r} is unknown; use one of {sorted(ALGORITHMS)}")
+                _check_numbers(group)
+            except ConfigError as e:
+                raise ConfigError(f"{type(self).__name__}.step: param group {i}: {e}. Nothing was changed: a group's options "
+                                  "are checked at every step, so a value set after construction (by an LR scheduler, or "
+                                  f"param_groups[{i}][...] = ...) must be valid too") from None
 
     def _bound_records(self) -> None:
         """Records nobody pops (a training loop that never calls pop_records) would grow without end: keep the
@@ -260,23 +297,76 @@ class Hybrid(Optimizer):
         sd["param_groups"] = [{**g, "polar": CALLABLE_POLAR} if callable(g.get("polar")) else g for g in sd["param_groups"]]
         return sd
 
+    def _loaded_groups(self, state_dict: Any) -> list[dict[str, Any]]:
+        """The saved param groups, each completed with this optimizer's value of every key it lacks, after the checks of
+        load_state_dict's docstring (nothing is changed here)."""
+        where = f"{type(self).__name__}.load_state_dict"
+        saved = _common.saved_groups(state_dict, self.param_groups, where)
+        groups, params, offset = [], {}, 0
+        for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
+            if group.get("polar") == CALLABLE_POLAR:
+                if not callable(mine.get("polar")):
+                    raise ConfigError(f"param group {i} of this checkpoint was saved with a callable polar=; build the "
+                                      "optimizer with the same callable before loading it")
+                group["polar"] = mine["polar"]
+            alg = group.get("algorithm")
+            try:
+                if not isinstance(alg, str) or alg not in ALGORITHMS:
+                    raise ConfigError(f"algorithm={alg!r} is unknown; use one of {sorted(ALGORITHMS)} (register() a custom "
+                                      "one before loading)")
+                if alg != mine["algorithm"]:
+                    raise ConfigError(f"algorithm={alg!r}, but this optimizer's group {i} is {mine['algorithm']!r} (the "
+                                      "state_dict was saved with other param groups)")
+                check_group_keys(alg, group)
+                if "algorithm" not in theirs:  # not saved by a Hybrid: torch.optim.Muon's loads, other optimizers' not
+                    _check_not_foreign(alg, theirs)
+                _check_numbers(group)
+                if "polar" in group and ALGORITHMS[alg].spectral:
+                    _common.check_polar(group["polar"])
+                if ALGORITHMS[alg].check is not None:
+                    ALGORITHMS[alg].check({**group, "params": mine["params"]})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: param group {i} of the state_dict: {e}. Nothing was loaded; pass a state_dict "
+                                  f"saved by a {type(self).__name__} with these param groups (or a torch.optim.Muon's, for "
+                                  "Muon groups)") from None
+            names = _group_names(mine, offset)
+            offset += len(mine["params"])
+            params.update((k, (p, n, alg)) for k, p, n in zip(theirs["params"], mine["params"], names))
+            groups.append(group)
+        for key, entry in state_dict["state"].items():
+            if key not in params:
+                raise ConfigError(f"{where}: the state_dict holds state for parameter {key!r}, which none of its param groups "
+                                  "lists: it is damaged; pass a state_dict as optimizer.state_dict() returns it")
+            p, name, alg = params[key]
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where}: the state of parameter '{name}' is a {type(entry).__name__}, not a dict: the "
+                                  "state_dict is damaged; pass a state_dict as optimizer.state_dict() returns it")
+            keeps = ALGORITHMS[alg].state
+            other = [] if keeps is None else sorted(map(str, set(entry) - keeps))
+            if other:
+                raise ConfigError(f"{where}: the state of parameter '{name}' holds {other}, which algorithm={alg!r} does not "
+                                  f"keep (it keeps {sorted(keeps or ())}): the state_dict is another optimizer's (torch.optim."
+                                  "AdamW keeps 'exp_avg', 'exp_avg_sq', 'step'). Nothing was loaded; pass a state_dict "
+                                  f"saved by a {type(self).__name__} with these param groups")
+            for k, value in entry.items():
+                if torch.is_tensor(value) and value.ndim and value.shape != p.shape:
+                    raise ConfigError(f"{where}: state {k!r} of parameter '{name}' has shape {tuple(value.shape)}, the "
+                                      f"parameter {tuple(p.shape)}: the state_dict was saved for other parameters (another "
+                                      "model, or another order). Nothing was loaded; build the optimizer over the parameters "
+                                      "it was saved with, in the same order")
+        return groups
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params).
 
-        A saved group keeps this optimizer's value of every key it lacks: a torch.optim.Muon (or SGD/AdamW) state
-        has no `algorithm`, `polar`, … and loads into the matching specscope group with its buffers."""
-        saved = state_dict["param_groups"]
-        if len(saved) == len(self.param_groups):
-            groups = []
-            for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
-                group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
-                if group.get("polar") == CALLABLE_POLAR:
-                    if not callable(mine.get("polar")):
-                        raise ConfigError(f"param group {i} of this checkpoint was saved with a callable polar=; build the "
-                                          "optimizer with the same callable before loading it")
-                    group["polar"] = mine["polar"]
-                groups.append(group)
-            state_dict = {**state_dict, "param_groups": groups}
+        A saved group keeps this optimizer's value of every key it lacks: a torch.optim.Muon state has no `algorithm`,
+        `polar`, … and loads into the matching specscope group with its buffers. Each group is checked as
+        add_param_group checks one, and the state against the parameters, before anything changes: another
+        optimizer's state (torch.optim.AdamW's, SGD's, LowRankDecay's), an unknown algorithm, a value out of range or a
+        buffer of another shape raises one ConfigError and leaves this optimizer as it was."""
+        groups = self._loaded_groups(state_dict)
+        state_dict = {**state_dict, "param_groups": groups}
         super().load_state_dict(state_dict)
         # saved keys are positions, or parameter names when torch.distributed.checkpoint wrote them
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]

@@ -85,7 +85,7 @@ def l1_to_l2_update(opt, group: dict, params: list[Tensor], grads: list[Tensor],
         _euclidean.apply(p, step_direction(D, group, st or 1.0), lr, wd)
 
 
-register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False)
+register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, state={"momentum_buffer"})
 
 
 class L1ToL2(Hybrid):

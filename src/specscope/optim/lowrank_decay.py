@@ -24,10 +24,12 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
-from specscope.linalg.polar import ITERATIVE_DTYPES, _coefficient_schedule as coefficient_schedule
+from specscope.linalg.polar import ITERATIVE_DTYPES
 from specscope.optim import _common, _distributed
+from specscope.optim.hybrid import FOREIGN_OPTIONS
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
+OPTIONS = ("lr", "weight_decay", "mode", "ns_steps", "ns_coefficients", "l2", "polar_method", "ns_dtype", "shardwise")
 CUBIC = (1.5, -0.5, 0.0)  # X <- 1.5·X − 0.5·(X Xᵀ) X
 EXACT_POLAR = ("svd", "gram")
 
@@ -58,37 +60,62 @@ class LowRankDecay(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        known = set(self.defaults) | {"params", "param_names"}
-        for key in param_group:
-            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.8)
-            if key not in known and close:  # other keys (a "name", scheduler metadata) stay, as in torch.optim
-                raise ConfigError(f"LowRankDecay param group key {key!r} is not an option; did you mean {close[0]!r}?")
+        _check_keys(param_group)
         super().add_param_group(param_group)
         with _common.checked_group(self) as group:
-            if group["mode"] not in MODES:
-                raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
-            for key in ("lr", "weight_decay", "l2"):
-                value = group[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                    raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
-            _check_ns(group)
-            if group["polar_method"] not in EXACT_POLAR:
-                raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r}: modes 'polar' and 'elastic' take "
-                                  f"the exact polar factor, so use one of {EXACT_POLAR} (mode='ns' is the soft, iterative one)")
+            _check_options(group)
+            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+            names = group.get("param_names", [f"param{offset + k}" for k in range(len(group["params"]))])
+            _common.check_floating(group["params"], names)
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "
                                       "(leave biases and gains out)")
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, after the checks add_param_group makes on each saved group (completed with this optimizer's value
+        of every key it lacks): another optimizer's state_dict (a group without `mode`, per-parameter state, which
+        LowRankDecay does not keep) or a value out of range raises one ConfigError and leaves the decay as it was."""
+        where = "LowRankDecay.load_state_dict"
+        saved = _common.saved_groups(state_dict, self.param_groups, where)
+        fix = "Nothing was loaded; pass the state_dict a LowRankDecay saved (decay.state_dict())"
+        if state_dict["state"]:
+            raise ConfigError(f"{where}: the state_dict holds per-parameter state, which LowRankDecay does not keep: it is "
+                              f"another optimizer's. {fix}")
+        groups = []
+        for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
+            try:
+                if "mode" not in theirs:
+                    raise ConfigError("it has no 'mode', which every LowRankDecay group has (another optimizer's group?)")
+                _check_keys(group)
+                _check_options(group)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: param group {i} of the state_dict: {str(e).removeprefix('LowRankDecay ')}. "
+                                  f"{fix}") from None
+            groups.append(group)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Apply the decay to every matrix; a non-finite weight raises before anything changes."""
+        """Apply the decay to every matrix; a group option out of range (set after construction, e.g. by an LR
+        scheduler) or a non-finite weight raises before anything changes."""
+        for i, group in enumerate(self.param_groups):
+            try:
+                _check_options(group)  # a few Python checks per group; no tensor is read
+            except ConfigError as e:
+                raise ConfigError(f"LowRankDecay.step: param group {i}: {str(e).removeprefix('LowRankDecay ')}. Nothing was "
+                                  "changed: a group's options are checked at every step, so a value set after construction "
+                                  f"(by an LR scheduler, or param_groups[{i}][...] = ...) must be valid too") from None
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         named = [(group.get("param_names", [f"param{k} of group {gi}"] * (k + 1))[k], p)
                  for gi, group in enumerate(self.param_groups) for k, p in enumerate(group["params"])]
+        for name, p in named:
+            if p.is_meta:
+                raise _common.meta_error(name)
         if named:  # each rank checks its shard; all ranks agree before anything changes
             bad = [not bool(torch.isfinite(_distributed.local(p)).all()) for _, p in named]
             _, bad = _distributed.agree([True] * len(bad), bad, named[0][1].device)
@@ -123,6 +150,33 @@ class LowRankDecay(Optimizer):
             p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
 
 
+def _check_keys(group: dict[str, Any]) -> None:
+    """A ConfigError for a group key that is a typo of an option or an option of torch.optim's that LowRankDecay does not
+    have (Hybrid's rule, `check_group_keys`); other keys (a "name", scheduler metadata) stay, as in torch.optim."""
+    known = set(OPTIONS) | {"params", "param_names"}
+    for key in group:
+        if key in known or not isinstance(key, str):
+            continue
+        close = difflib.get_close_matches(key, sorted(OPTIONS), n=1, cutoff=0.8)
+        if key in FOREIGN_OPTIONS or close:
+            hint = f"; did you mean {close[0]!r}? " if close else "; "
+            raise ConfigError(f"LowRankDecay param group key {key!r} is not an option{hint}its options are {list(OPTIONS)}")
+
+
+def _check_options(group: dict[str, Any]) -> None:
+    """A group's options (not its parameters): checked when it is made or loaded and at every step."""
+    if group["mode"] not in MODES:
+        raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
+    for key in ("lr", "weight_decay", "l2"):
+        value = group[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
+    _check_ns(group)
+    if group["polar_method"] not in EXACT_POLAR:
+        raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r}: modes 'polar' and 'elastic' take "
+                          f"the exact polar factor, so use one of {EXACT_POLAR} (mode='ns' is the soft, iterative one)")
+
+
 def _check_ns(group: dict[str, Any]) -> None:
     """The "ns" mode's options, checked when the group is made rather than at its first step."""
     steps = group["ns_steps"]
@@ -134,9 +188,9 @@ def _check_ns(group: dict[str, Any]) -> None:
     if not isinstance(group["shardwise"], bool):
         raise ConfigError(f"LowRankDecay shardwise must be True or False, got {group['shardwise']!r}")
     try:
-        coefficient_schedule(group["ns_coefficients"], steps)
-    except ValueError as e:
-        raise ConfigError(f"LowRankDecay {str(e).removeprefix('polar: ')}") from None
+        _common.check_ns_coefficients(group["ns_coefficients"])
+    except ConfigError as e:
+        raise ConfigError(f"LowRankDecay {e}") from None
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:

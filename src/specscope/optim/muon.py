@@ -92,7 +92,7 @@ def check_muon(group: dict) -> None:
                               "matrix by matrix only on local tensors (one process or DDP); put it in an AdamW group")
 
 
-register("muon", muon_update, MUON_DEFAULTS, spectral=True, check=check_muon)
+register("muon", muon_update, MUON_DEFAULTS, spectral=True, check=check_muon, state={"momentum_buffer"})
 
 
 class Muon(Hybrid):

@@ -68,7 +68,7 @@ def check_group(group: dict) -> None:
         raise ConfigError("nesterov=True needs momentum > 0")
 
 
-register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group)
+register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group, state={"momentum_buffer"})
 
 
 class SpecGD(Hybrid):
