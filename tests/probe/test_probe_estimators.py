@@ -95,8 +95,8 @@ class Wide(nn.Module):
         return self.down(torch.relu(self.up(x)) ** 2)
 
 
-def run(monitor, model, xs):
-    with monitor.step(0):
+def run(monitor, model, xs, step=0):
+    with monitor.step(step):
         for x in xs:
             model(x).square().mean().backward()
     return {r.layer: r for r in monitor.pop_records() if r.metric == "stable_rank"}
@@ -126,7 +126,7 @@ def test_implicit_route_holds_no_input_after_the_step_and_warms_the_next():
     try:
         for step in range(3):
             calls.append("step")
-            run(mon, model, [torch.randn(200, 32)])
+            run(mon, model, [torch.randn(200, 32)], 2 * step)  # steps apart, as step 0 thrice was (no warm skip)
     finally:
         E.krylov_top = real
     slot = next(s for s in mon.slots.values() if s.name == "down")
@@ -350,7 +350,7 @@ def test_implicit_solves_on_the_workers_equal_the_serial_ones():
         for t in (1, 2):
             torch.set_num_threads(t)
             mon = Monitor(model)
-            got[t] = [run(mon, model, xs)["down"].value for _ in range(3)]
+            got[t] = [run(mon, model, xs, 2 * i)["down"].value for i in range(3)]
             assert E.workers.count(torch.device("cpu")) == (0 if t == 1 else 2)
     finally:
         torch.set_num_threads(threads)

@@ -197,7 +197,7 @@ def test_power_estimator_bounds_and_converges_with_warm_start():
     fresh.load_state_dict(mon.state_dict())
     x = base.clone()
     for m in (mon, fresh):
-        with m.step(10):
+        with m.step(13):  # after mon's last step (11), not next to it: neither is warm
             model(x).sum().backward()
     assert by(mon.pop_records(), "stable_rank")["weight"].value == by(fresh.pop_records(), "stable_rank")["weight"].value
     assert fresh.stable_rank("weight") == mon.stable_rank("weight")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 from collections.abc import Iterable
 
@@ -31,8 +33,12 @@ def verdict(ratio: float, margin: float = MARGIN) -> str:
 
 def advice_table(history: dict, described: dict[str, dict], *, window: int, margin: float = MARGIN) -> pd.DataFrame:
     """One row per weight: medians over the last `window` measurements (step, st, nr) and the verdict."""
-    if window < 1 or margin < 0:
-        raise ConfigError(f"advice(window={window}, margin={margin}): window must be >= 1 and margin >= 0")
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ConfigError(f"advice(window={window!r}) must be an int >= 1: the latest measurements the medians are over")
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
+        raise ConfigError(f"advice(margin={margin!r}) must be a finite number >= 0 (default {MARGIN}): spectral above "
+                          "1 + margin, euclidean below 1 / (1 + margin)")
+    window = int(window)
     rows = []
     for name, d in described.items():
         recent = list(history.get(name, ()))[-window:]

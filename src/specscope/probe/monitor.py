@@ -33,7 +33,7 @@ from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
-from specscope.probe.pairing import Slot, tracked_slots
+from specscope.probe.pairing import Interleaved, Slot, tracked_slots
 from specscope.probe import watch as W
 from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
@@ -41,6 +41,7 @@ from specscope.records import Record
 ESTIMATORS = ("gram", "power", "exact")
 EXTRAS = ("topk", "entropy_rank", "weight_stable_rank")
 NONFINITE = ("raise", "warn", "skip")
+GRAM_DTYPES = (torch.float64, torch.float32)  # of the gradient's Gram (nr(G) on the CPU)
 GradientSource = str | Callable[[str, nn.Parameter], torch.Tensor]
 
 
@@ -58,9 +59,34 @@ NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient w
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
 
 
-def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras) -> None:
+def _count(value, least: int) -> bool:
+    """An int (numpy's too, never a bool) of at least `least`."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= least
+
+
+def _check_split(split) -> None:
+    if split is None:
+        return
+    if not isinstance(split, dict):
+        raise ConfigError(f"Monitor(split={split!r}) must be a dict {{layer pattern: slice names}}, e.g. "
+                          "{'blocks.*.attn.qkv': ['q', 'k', 'v']}")
+    for key, value in split.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"Monitor(split=...) has the pattern {key!r}: patterns are layer names (str), e.g. 'blocks.*.attn.qkv'")
+        parts = value.parts if isinstance(value, Interleaved) else value
+        if (not isinstance(value, (list, tuple, dict, Interleaved)) or not len(parts)
+                or (isinstance(value, Interleaved) and not _count(value.heads, 1))):
+            raise ConfigError(f"Monitor(split={{{key!r}: {value!r}}}): give the slices as a non-empty list of names "
+                              "(['q', 'k', 'v']: equal blocks), {name: rows} or Interleaved(names, heads=H)")
+
+
+def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras, power_iters=1, power_block=4, topk=4,
+                  split=None, grad_gram_dtype=torch.float64) -> None:
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
         raise ConfigError(f"Monitor(every={every!r}) must be a positive int or None")
+    if not isinstance(log_spaced, bool) and not _count(log_spaced, 1):
+        raise ConfigError(f"Monitor(log_spaced={log_spaced!r}) must be True (10 measured steps per decade), an int >= 1 "
+                          "(measured steps per decade) or False")
     if every is None and not log_spaced:
         raise ConfigError("Monitor(every=None) needs log_spaced=True, or it would never measure")
     if estimator not in ESTIMATORS:
@@ -72,6 +98,15 @@ def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras) 
     if isinstance(extras, str) or (bad := [e for e in extras if e not in EXTRAS]):
         raise ConfigError(f"Monitor(extras={extras!r}): give a list of names from {EXTRAS}" if isinstance(extras, str)
                           else f"Monitor(extras=...) has unknown {bad}; choose from {EXTRAS}")
+    for key, value, least, what in (("power_iters", power_iters, 0, "refining iterations of the power estimator's block"),
+                                    ("power_block", power_block, 1, "columns of the power estimator's block"),
+                                    ("topk", topk, 1, "singular values the 'topk' extra records")):
+        if not _count(value, least):
+            raise ConfigError(f"Monitor({key}={value!r}) must be an int >= {least}: the {what}")
+    _check_split(split)
+    if grad_gram_dtype not in GRAM_DTYPES:
+        raise ConfigError(f"Monitor(grad_gram_dtype={grad_gram_dtype!r}) must be torch.float64 (the default: exact) or "
+                          "torch.float32: the dtype the gradient's Gram is formed in")
 
 
 @dataclass
@@ -126,10 +161,11 @@ class Monitor:
     listed in `unmeasured` (alias `unpaired`), warned about once, and has verdict "unmeasured".
 
     every / log_spaced: a step is measured when `step % every == 0` (every=None: never by this rule) or,
-    with log_spaced (True = 10 per decade, or an int), when it is a log-spaced step.
+    with log_spaced (True = 10 per decade, or an int >= 1 per decade), when it is a log-spaced step. Measured
+    step numbers increase (`load_state_dict` starts them afresh); one step is open at a time.
     gradient: "grad" (the accumulated .grad, read on leaving `step()`), "update" (parameter change across
-    the optimizer step) or a callable(name, param) -> Tensor (e.g. an optimizer buffer); the last two are
-    read in `after_optimizer_step()`.
+    the optimizer step) or a callable(name, param) -> Tensor of the parameter's shape, or None (e.g. an
+    optimizer buffer); the last two are read in `after_optimizer_step()`.
     estimator: how st(A) is measured — "gram" (default: trace and top eigenvalue of the feature-side Gram
     AᵀA, shared by weights with the same input; certified within 1e-4, or for wide inputs applied implicitly
     and accepted on an a-posteriori error estimate of 1e-4 — see probe.estimators), "power" (one-pass
@@ -165,7 +201,8 @@ class Monitor:
         history: int = 1000,
         grad_gram_dtype: torch.dtype = torch.float64,
     ):
-        _check_values(every=every, log_spaced=log_spaced, gradient=gradient, estimator=estimator, nonfinite=nonfinite, extras=extras)
+        _check_values(every=every, log_spaced=log_spaced, gradient=gradient, estimator=estimator, nonfinite=nonfinite, extras=extras,
+                      power_iters=power_iters, power_block=power_block, topk=topk, split=split, grad_gram_dtype=grad_gram_dtype)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Monitor(model={type(model).__name__}): pass the nn.Module whose weights to measure")
         if isinstance(history, bool) or not isinstance(history, int) or history < 1:
@@ -186,6 +223,10 @@ class Monitor:
         if not self.slots:
             raise ConfigError(f"Monitor: {type(self.model).__name__} has no trainable weight of ≥ 2 dims to measure "
                               "(st(A) and nr(G) are of weight matrices); pass the model that holds them")
+        if meta := [s.name for s in self.slots.values() if s.param.is_meta]:
+            raise ConfigError(f"Monitor: weights {meta[:4]}{' …' if len(meta) > 4 else ''} are on the meta device and have no "
+                              "values to measure; materialize the model first (model.to_empty(device=...), then load or "
+                              "initialize its weights), then build the Monitor")
         for pid, role in R.static_roles(self.model).items():
             if pid in self.slots:
                 self.slots[pid].role = role
@@ -207,6 +248,7 @@ class Monitor:
         self._history_len = history
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
+        self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
 
     @classmethod
     def check_options(cls, **options) -> None:
@@ -220,7 +262,8 @@ class Monitor:
                                   + f"its options are {known}")
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in known}
         given = {**defaults, **options}
-        _check_values(**{k: given[k] for k in ("every", "log_spaced", "gradient", "estimator", "nonfinite", "extras")})
+        _check_values(**{k: given[k] for k in ("every", "log_spaced", "gradient", "estimator", "nonfinite", "extras", "power_iters",
+                                               "power_block", "topk", "split", "grad_gram_dtype")})
 
     @property
     def unpaired(self) -> dict[str, str]:
@@ -258,11 +301,19 @@ class Monitor:
         if not self.is_measured(step):
             yield
             return
+        if self._step is not None:  # its watch would replace the open step's, which then records this step's inputs only
+            raise SpecscopeError(f"monitor.step({step}) entered while monitor.step({self._step}) is still open: one "
+                                 "`with monitor.step(step)` per optimizer step, around all its micro-batches; leave the open one first")
+        if self._last_step is not None and step <= self._last_step:
+            raise ConfigError(f"monitor.step({step}): step {self._last_step} was measured already; pass the optimizer step, "
+                              "which increases (a step number measured again would be recorded twice), or make a new Monitor "
+                              "for a new run")
         self._arm(step)
         try:
             yield
         finally:
             self._disarm()
+        self._last_step = step
         if self.gradient == "grad":  # the gradients' spectra start first: the inputs' solves queue behind them
             grads = self._gradients(lambda s: s.param.grad)
             self._record(step, self._finish_inputs(step), grads)
@@ -279,13 +330,25 @@ class Monitor:
         if self.gradient == "update":
             self._measure(p.step, p.inputs, lambda s: s.param.detach() - p.before[id(s.param)], reduce=False)
         else:
-            self._measure(p.step, p.inputs, lambda s: self.gradient(s.name, s.param), reduce=False)
+            self._measure(p.step, p.inputs, self._called_gradient, reduce=False)
+
+    def _called_gradient(self, s: Slot) -> torch.Tensor | None:
+        """The gradient callable's tensor for a weight (None: it has none this step), checked to be one of its shape."""
+        g = self.gradient(s.name, s.param)
+        if g is not None and (not isinstance(g, torch.Tensor) or g.shape != s.param.shape):
+            got = f"shape {tuple(g.shape)}" if isinstance(g, torch.Tensor) else f"a {type(g).__name__}"
+            raise ConfigError(f"Monitor(gradient={self._gradient_name()}) returned {got} for '{s.name}'; it must return a "
+                              f"tensor of the parameter's shape {tuple(s.param.shape)} (or None: no gradient this step)")
+        return g
 
     def observe(self, name: str, weight: nn.Parameter, inputs: torch.Tensor) -> None:
         """Pair `weight` (used as F.linear(inputs, weight)) with `inputs`, for products the probe cannot
         see (a custom kernel, an einsum); call it next to that product. A no-op outside a measured step."""
         if self._step is None or not torch.is_grad_enabled():
             return
+        if bad := [f"{k} is a {type(v).__name__}" for k, v in (("weight", weight), ("inputs", inputs)) if not isinstance(v, torch.Tensor)]:
+            raise ConfigError(f"observe('{name}', weight, inputs): {' and '.join(bad)}; pass the weight and the input matrix "
+                              "it multiplies as tensors (F.linear(inputs, weight))")
         slot = self.slots.get(id(weight))
         n_features = slot.n_features if slot is not None and slot.kind == "observed" else weight.shape[-1]
         if inputs.shape[-1] != n_features:  # checked before anything changes: a rejected call leaves the Monitor as it was
@@ -312,6 +375,8 @@ class Monitor:
         while it is unmeasured (see `unmeasured[name]`). A fused weight's slices share their input's."""
         if name in self._latest_st:
             return self._latest_st[name]
+        if not isinstance(name, str):
+            raise ConfigError(f"stable_rank({name!r}): pass a weight's name (a str), one of {self.layers}")
         fused = next((s for s in self.slots.values() if s.name == name and s.split is not None), None)
         if fused is not None:
             return self._latest_st.get(fused.names()[0])
@@ -555,13 +620,21 @@ class Monitor:
             "latest_st": dict(self._latest_st),
             "slots": {s.name: {"kind": s.kind, "n_features": s.n_features, "out_dim": s.out_dim, "role": s.role}
                       for s in self.slots.values()},
+            "shapes": {s.name: list(s.param.shape) for s in self.slots.values()},  # load_state_dict checks the model
             "unmeasured": dict(self.unmeasured),
             "latest_inputs": {k: list(v) for k, v in self._latest_inputs.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s state, saved by a Monitor of the same model (layer names and shapes are checked:
+        a refused state leaves this Monitor as it was). Measured steps start afresh: any step number may come next."""
+        if not isinstance(state, dict):
+            raise ConfigError(f"Monitor.load_state_dict({type(state).__name__}): pass the dict a Monitor's state_dict() returned")
         if state.get("version") != 1:
             raise ConfigError(f"Monitor state version {state.get('version')!r} is not supported (expected 1)")
+        if missing := [k for k in ("stats", "history", "latest_st") if not isinstance(state.get(k), dict)]:
+            raise ConfigError(f"Monitor state has no {missing}: pass the dict a Monitor's state_dict() returned, unchanged")
+        self._check_state_layers(state)
         by_name = {s.name: s for s in self.slots.values()}
         for name, st in state["stats"].items():
             name, _, block = name.partition("@")  # "layer@a:b": an output block with its own input
@@ -586,6 +659,35 @@ class Monitor:
         self.unmeasured.update({k: str(v) for k, v in state.get("unmeasured", {}).items() if k in by_name})
         self._warned |= set(self.unmeasured)  # warned about in the run that measured it
         self._latest_inputs = {k: (int(v[0]), str(v[1])) for k, v in state.get("latest_inputs", {}).items()}
+        self._last_step = None  # a resumed run goes on from its checkpoint's step, whatever this Monitor measured
+
+    def _check_state_layers(self, state: dict) -> None:
+        """ConfigError unless `state` was saved by a Monitor of the same weights: its layers are this Monitor's, with
+        the same shapes and recorded names (the same split). Weights it measured through observe() are exempt: a resumed
+        run observes them again (under their names; a tracked weight observed under another name is missing there)."""
+        by_name = {s.name: s for s in self.slots.values()}
+        saved = state.get("slots")  # absent in states saved before it was kept: the names it records are checked then
+        saved = saved if isinstance(saved, dict) else {}
+        observed = {n for n, v in saved.items() if isinstance(v, dict) and v.get("kind") == "observed"}
+        mine = {n for n, s in by_name.items() if s.kind != "observed"}
+        extra, missing = sorted(set(saved) - observed - mine), sorted(mine - set(saved))
+        shapes = state.get("shapes") or {}
+        differ = sorted(n for n in mine & set(shapes) - observed if tuple(shapes[n]) != tuple(by_name[n].param.shape))
+        named = (set(state["history"]) | set(state["latest_st"]) | set(state.get("latest_inputs") or ())
+                 | {k.partition("@")[0] for k in state["stats"]})
+        unknown = sorted(named - set(self.layers) - set(by_name) - observed)
+        if extra or (saved and missing and not observed):
+            why = (f"it has layers {extra[:6]} that this Monitor has not" if extra else
+                   f"this Monitor's layers {missing[:6]} are not in it")
+        elif differ:
+            why = "; ".join(f"'{n}' is {tuple(shapes[n])} there, {tuple(by_name[n].param.shape)} here" for n in differ[:6])
+        elif unknown:
+            why = f"it records {unknown[:6]}, which this Monitor does not (another split?)"
+        else:
+            return
+        raise ConfigError(f"Monitor.load_state_dict: the state is of other weights than this Monitor's ({why}); load "
+                          "the state saved with this model, or build the Monitor as that run did (same model, include, "
+                          "exclude, split); nothing was loaded")
 
     def close(self) -> None:
         """Disarm and drop pending state; the monitor measures nothing afterwards."""

@@ -1,0 +1,230 @@
+"""Bad input to a Monitor gets one ConfigError (or SpecscopeError for a misuse) naming the problem and the fix, before
+anything changes: nested or repeated steps, foreign state, ill-typed options, a gradient callable's wrong tensor."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from specscope import linalg
+from specscope.errors import ConfigError, SpecscopeError
+from specscope.probe import Interleaved, Monitor
+
+
+def by(records, metric):
+    return {r.layer: r for r in records if r.metric == metric}
+
+
+def mlp(*widths):
+    torch.manual_seed(0)
+    widths = widths or (6, 4, 3)
+    layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())][:-1]
+    return nn.Sequential(*layers)
+
+
+def measure(mon, model, step, x):
+    with mon.step(step):
+        model(x).square().sum().backward()
+    model.zero_grad()
+    return mon.pop_records()
+
+
+def test_a_step_entered_inside_an_open_one_is_refused_and_the_open_step_measures_all_its_batches():
+    """Accepted, the inner step's watch replaced the open one's: both steps recorded the second batch's st(A)
+    only, and the weights stayed WatchedParameter for every later step."""
+    model = mlp()
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(10, 6))  # later measured steps are watched by the weights themselves
+    x1, x2 = torch.randn(10, 6), torch.randn(10, 6) * torch.linspace(0.1, 3, 6)
+    with mon.step(2):
+        model(x1).sum().backward()
+        with pytest.raises(SpecscopeError, match=r"monitor.step\(4\) entered while monitor.step\(2\) is still open"):
+            with mon.step(4):
+                pass
+        model(x2).sum().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert set(r.step for r in st.values()) == {2}
+    assert st["0"].rows == 20
+    assert st["0"].value == pytest.approx(float(linalg.stable_rank(torch.cat([x1, x2]).double())), rel=1e-4)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    model.zero_grad()
+    x3 = torch.randn(10, 6)
+    assert by(measure(mon, model, 4, x3), "stable_rank")["0"].value == pytest.approx(float(linalg.stable_rank(x3.double())), rel=1e-4)
+
+
+def test_a_measured_step_number_must_come_after_the_last_measured_one():
+    """5, 3, 3 were all accepted: step 3 recorded twice, after step 5."""
+    model = mlp()
+    mon = Monitor(model)
+    assert {r.step for r in measure(mon, model, 5, torch.randn(8, 6))} == {5}
+    for step in (3, 5):
+        with pytest.raises(ConfigError, match=rf"monitor.step\({step}\): step 5 was measured already"):
+            with mon.step(step):
+                pass
+    assert mon.pop_records() == [] and mon.advice().set_index("layer").loc["0", "measurements"] == 1
+    with pytest.raises(RuntimeError, match="data loader"), mon.step(6):  # a step that failed records nothing:
+        raise RuntimeError("data loader")
+    assert {r.step for r in measure(mon, model, 6, torch.randn(8, 6))} == {6}  # it may be taken again
+    assert mon.advice().set_index("layer").loc["0", "measurements"] == 2
+    every = Monitor(model, every=2)
+    measure(every, model, 4, torch.randn(8, 6))
+    with every.step(3):  # not measured: nothing to record twice, nothing checked
+        model(torch.randn(8, 6)).sum().backward()
+    model.zero_grad()
+    resumed = Monitor(model)  # a resumed run goes on from its checkpoint's step
+    resumed.load_state_dict(mon.state_dict())
+    assert {r.step for r in measure(resumed, model, 0, torch.randn(8, 6))} == {0}
+
+
+def test_state_of_other_weights_is_refused_and_nothing_is_loaded():
+    """A 6-4-3 Monitor loaded a 6-8-8-3 model's state: layer '2' was then unmeasured with a confusing reason and
+    layer '0' carried the other weight's history into advice()."""
+    small, big, wide = mlp(6, 4, 3), mlp(6, 8, 8, 3), mlp(6, 8, 3)
+    mon = Monitor(small)
+    measure(mon, small, 0, torch.randn(9, 6))
+    before = mon.state_dict()
+    for other, match in ((big, r"it has layers \['4'\] that this Monitor has not"),
+                         (wide, r"'0' is \(8, 6\) there, \(4, 6\) here")):
+        theirs = Monitor(other)
+        for step in range(3):
+            measure(theirs, other, step, torch.randn(9, 6))
+        with pytest.raises(ConfigError, match=match):
+            mon.load_state_dict(theirs.state_dict())
+        assert str(mon.state_dict()) == str(before)  # unchanged
+        assert mon.advice().set_index("layer").loc["0", "measurements"] == 1
+    fused = Monitor(small, split={"0": ["a", "b"]})
+    measure(fused, small, 0, torch.randn(9, 6))
+    with pytest.raises(ConfigError, match=r"it records \['0.a', '0.b'\].*another split"):
+        mon.load_state_dict(fused.state_dict())
+    with pytest.raises(ConfigError, match=r"Monitor.load_state_dict\(NoneType\): pass the dict"):
+        mon.load_state_dict(None)
+    # a weight measured through observe() is observed again after a resume: its state loads
+    extra = nn.Parameter(torch.randn(5, 6))
+    seen = Monitor(small)
+    with seen.step(0):
+        h = torch.randn(9, 6)
+        seen.observe("c", extra, h)
+        (small(h).sum() + (h @ extra.T).sum()).backward()
+    again = Monitor(small)
+    again.load_state_dict(seen.state_dict())
+    assert set(again.state_dict()["history"]) == {"0", "2", "c"}
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(every=None, log_spaced=0.5), r"log_spaced=0.5\) must be True"),  # int(0.5) == 0: it never measured
+    (dict(every=None, log_spaced=-3), r"log_spaced=-3\) must be True"),
+    (dict(log_spaced="yes"), r"log_spaced='yes'\) must be True"),
+    (dict(estimator="power", power_block=0), r"power_block=0\) must be an int >= 1"),
+    (dict(estimator="power", power_block=-2), r"power_block=-2\) must be an int >= 1"),
+    (dict(power_iters=-1), r"power_iters=-1\) must be an int >= 0"),
+    (dict(power_iters="a"), r"power_iters='a'\) must be an int >= 0"),
+    (dict(extras=["topk"], topk="a"), r"topk='a'\) must be an int >= 1"),
+    (dict(split={"0": []}), r"split=\{'0': \[\]\}\): give the slices as a non-empty list"),
+    (dict(split={"0": "ab"}), r"split=\{'0': 'ab'\}\): give the slices as a non-empty list"),
+    (dict(split={"0": Interleaved(("a", "b"), heads=0)}), r"give the slices"),
+    (dict(split=["0"]), r"split=\['0'\]\) must be a dict"),
+    (dict(split={0: ["a", "b"]}), r"the pattern 0: patterns are layer names \(str\)"),
+    (dict(grad_gram_dtype=torch.int32), r"grad_gram_dtype=torch.int32\) must be torch.float64"),
+    (dict(grad_gram_dtype=torch.bfloat16), r"grad_gram_dtype=torch.bfloat16\) must be torch.float64"),
+])
+def test_ill_typed_options_are_refused_when_the_monitor_is_made(options, match):
+    """Each was accepted (or crashed in the first step with an IndexError, a RuntimeError, a TypeError, a
+    ZeroDivisionError; int32 recorded nr(G) 1.507 for an exact 2.957)."""
+    with pytest.raises(ConfigError, match=match):
+        Monitor(mlp(), **options)
+    with pytest.raises(ConfigError, match=match):  # a framework callback checks them before it has a model
+        Monitor.check_options(**options)
+
+
+@pytest.mark.parametrize("good, bad", [
+    (dict(every=None, log_spaced=1), dict(every=1, log_spaced=0.9)),
+    (dict(estimator="power", power_block=1, power_iters=0), dict(estimator="power", power_block=1, power_iters=-1)),
+    (dict(estimator="power", power_block=1), dict(estimator="power", power_block=0)),
+    (dict(extras=["topk"], topk=1), dict(extras=["topk"], topk=0)),
+    (dict(split={"0": ("a", "b")}), dict(split={"0": ()})),
+    (dict(grad_gram_dtype=torch.float32), dict(grad_gram_dtype=torch.float16)),
+])
+def test_each_options_domain_ends_where_it_stops_measuring_right(good, bad):
+    model = mlp()
+    x = torch.randn(9, 6)
+    recs = measure(Monitor(model, **good), model, 1, x)
+    st, nr = by(recs, "stable_rank"), by(recs, "nuclear_rank")
+    assert st and all(math.isfinite(r.value) for r in [*st.values(), *nr.values()]), good
+    assert st["2"].value > 1 and st["2"].rows == 9
+    with pytest.raises(ConfigError, match=rf"Monitor\({list(bad)[-1]}="):  # the option named last is past its end
+        Monitor(model, **bad)
+
+
+def test_a_meta_device_model_is_refused_at_construction():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=r"weights \['0', '2'\] are on the meta device.*to_empty"):
+        Monitor(model)
+
+
+@pytest.mark.parametrize("gradient, match", [
+    (lambda n, p: torch.randn(3, 3), r"returned shape \(3, 3\) for '0'; it must return a tensor of the parameter's shape \(5, 5\)"),
+    (lambda n, p: "str", r"returned a str for '0'; it must return a tensor"),
+])
+def test_a_gradient_callable_must_return_a_tensor_of_the_parameters_shape(gradient, match):
+    model = nn.Sequential(nn.Linear(5, 5))
+    mon = Monitor(model, gradient=gradient)
+    with mon.step(0):
+        model(torch.randn(7, 5)).sum().backward()
+    with pytest.raises(ConfigError, match=match):
+        mon.after_optimizer_step()
+
+
+def test_a_gradient_callable_may_return_none_for_a_weight_without_one():
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
+    mon = Monitor(model, gradient=lambda n, p: p.grad if n == "0" else None)
+    with pytest.warns(UserWarning, match="'1' is unmeasured"):
+        with mon.step(0):
+            model(torch.randn(7, 5)).sum().backward()
+        mon.after_optimizer_step()
+    with pytest.raises(ConfigError, match="returned shape"):  # the same check on later steps
+        bad = Monitor(model, gradient=lambda n, p: p.grad[:2] if p.grad is not None else None)
+        with bad.step(0):
+            model(torch.randn(7, 5)).sum().backward()
+        bad.after_optimizer_step()
+    assert by(mon.pop_records(), "nuclear_rank")["0"].value > 0
+
+
+def test_observe_needs_tensors():
+    model = mlp()
+    mon = Monitor(model)
+    W = nn.Parameter(torch.randn(3, 4))
+    with mon.step(0):
+        with pytest.raises(ConfigError, match=r"observe\('c', weight, inputs\): inputs is a str; pass"):
+            mon.observe("c", W, "str")
+        with pytest.raises(ConfigError, match=r"weight is a list"):
+            mon.observe("c", [[1.0]], torch.randn(2, 4))
+        model(torch.randn(5, 6)).sum().backward()
+    assert "c" not in mon.layers and by(mon.pop_records(), "stable_rank").keys() == {"0", "2"}
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(window="5"), r"advice\(window='5'\) must be an int >= 1"),
+    (dict(window=2.5), r"advice\(window=2.5\) must be an int >= 1"),
+    (dict(window=True), r"advice\(window=True\) must be an int >= 1"),
+    (dict(margin="x"), r"advice\(margin='x'\) must be a finite number >= 0"),
+    (dict(margin=float("nan")), r"advice\(margin=nan\) must be a finite number >= 0"),
+])
+def test_advice_window_and_margin_are_checked(kw, match):
+    model = mlp()
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(9, 6))
+    with pytest.raises(ConfigError, match=match):
+        mon.advice(**kw)
+    with pytest.raises(ConfigError, match=match):
+        mon.param_groups(**kw)
+
+
+def test_stable_rank_asks_for_a_name():
+    model = mlp()
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(9, 6))
+    with pytest.raises(ConfigError, match=r"stable_rank\(0\): pass a weight's name \(a str\), one of \['0', '2'\]"):
+        mon.stable_rank(0)
+    assert mon.stable_rank("0") > 0
