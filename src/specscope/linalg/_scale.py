@@ -15,12 +15,19 @@ from torch import Tensor
 SAFE_LOW = 2.0**-60
 
 
+# each dtype's exponent bits, read through an integer view of the same width
+_EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16, 0x7C00),
+             torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
 def pow2_scale(X: Tensor) -> Tensor:
-    """2^-e per matrix of X [..., m, n] (shape [..., 1, 1], X's dtype), e the binary exponent of max|X|, so that
-    X·2^-e has its largest entry in [0.5, 1); 2^(1-emin) for a zero matrix (it stays 0). Multiplying by it rounds
-    nothing. Four kernels: the max, a clamp, frexp, and mantissa/max, which is 2^-e exactly (both share the bits)."""
+    """2^-e per matrix of X [..., m, n] (shape [..., 1, 1], X's dtype), 2^e the power of two at or below max|X|, so
+    that X·2^-e has its largest entry in [1, 2); multiplying by it rounds nothing. A zero matrix gets its dtype's
+    largest safe factor (it stays 0). Four kernels: max|X|, a clamp, its exponent bits (an integer view: no frexp,
+    which some accelerators lack for 16-bit types) and their reciprocal, a power of two and so exact."""
     amax = torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1), keepdim=True).clamp_(min=torch.finfo(X.dtype).tiny)
-    return torch.frexp(amax)[0] / amax
+    as_int, mask = _EXPONENT[X.dtype]
+    return (amax.view(as_int) & mask).view(X.dtype).reciprocal_()
 
 
 def gram_scale(G: Tensor, gram_dtype: torch.dtype) -> Tensor | None:

@@ -59,10 +59,7 @@ def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False, sums: Tens
     s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target). `sums`: `_sums(R, aol)` where already known;
     `floor2`: eps² per matrix in place of eps (a scaled start's (eps·2^-e)², broadcast against the sums)."""
     s = _sums(R, aol) if sums is None else sums
-    if floor2 is None:
-        s = s.clamp(min=eps * eps).rsqrt()  # 1/max(sqrt(·), eps)
-    else:  # (eps = 0 and a zero matrix: float32's tiny gives 0·large = 0, not 0·∞)
-        s = torch.maximum(s, floor2).clamp_(min=torch.finfo(torch.float32).tiny).rsqrt()
+    s = s.clamp(min=eps * eps).rsqrt() if floor2 is None else torch.maximum(s, floor2).rsqrt()  # 1/max(sqrt(·), eps)
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)
 
@@ -77,7 +74,8 @@ def _scaled_start(G: Tensor, dtype: torch.dtype, eps: float) -> tuple[Tensor, Te
     """(G·2^-e in `dtype`, (eps·2^-e)² per matrix [..., 1]): the start and its clamp at unit scale, where G's Gram
     would overflow or underflow (_scale.py); G·2^-e is exact, so the result is the unscaled one's."""
     p = pow2_scale(G)
-    return scaled_to(G, p, dtype), p.squeeze(-1).float().mul_(eps).square_()  # ((eps·p)²: eps = 0 gives 0, never 0·∞)
+    floor2 = (p.squeeze(-1) * eps).square_()  # (eps·p)² (a zero matrix's huge p: ∞, so its start is 0·0, not 0·∞)
+    return scaled_to(G, p, dtype), floor2 if eps > 0 else floor2.clamp_(min=torch.finfo(floor2.dtype).tiny)
 
 
 def _fma(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float = 1.0) -> Tensor:

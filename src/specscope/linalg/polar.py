@@ -74,7 +74,9 @@ def _odd_quintic_iteration(G: Tensor, schedule: Sequence[tuple[float, float, flo
     else:  # ‖X‖_F would leave dtype's range (or an accelerator, which does not look): at unit scale, exactly
         p = pow2_scale(G)
         X = scaled_to(G.mT if tall else G, p, dtype)
-        floor = (p.to(dtype) * eps).clamp_(min=torch.finfo(dtype).tiny)  # eps = 0 and G = 0: 0/tiny = 0, not 0/0
+        floor = p.to(dtype) * eps
+        if eps == 0:  # and G = 0: 0/tiny = 0, not 0/0
+            floor.clamp_(min=torch.finfo(dtype).tiny)
         X = X / torch.maximum(X.norm(dim=(-2, -1), keepdim=True) * norm_scale, floor)
     batch = X.shape[:-2]
     X = X.reshape(-1, *X.shape[-2:])

@@ -17,7 +17,7 @@ from ._scale import pow2_scale
 
 def _sq_singular_values(x: Tensor) -> Tensor:
     """σ_i² of x·2^-e descending, shape [..., min(m, n)], float64, from eigvalsh of the smaller Gram; 2^-e (`_scale`)
-    puts max|x| in [0.5, 1), so a float64 x beyond 1e±154 keeps its spectrum (every caller takes a ratio but
+    puts max|x| in [1, 2), so a float64 x beyond 1e±154 keeps its spectrum (every caller takes a ratio but
     `nuclear_norm`, which undoes the scale).
 
     Eigenvalues ≤ max(m, n)·eps·λ_1 are round-off of exact zeros (the Gram's own error is ~eps·λ_1) and
