@@ -35,6 +35,20 @@ def test_exact_polar_backends_agree_across_devices(name, method):
 
 
 @pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "gram_newton_schulz"])
+def test_the_scaled_start_on_cuda_changes_no_bit_and_survives_overflow(method):
+    """On CUDA the estimators always start at unit scale (no host read): a power-of-two scale of G changes no bit of
+    the estimate, also where ‖G‖_F² overflows float32 (2^100), and a 1e19 gradient steps Muon to finite weights."""
+    G = MATRICES["full 96×160"]().cuda()
+    at_one = linalg.polar(G, method)
+    for k in (100, -60, 20):
+        assert torch.equal(linalg.polar(G * 2.0**k, method, eps=0.0 if k < 0 else 1e-7), at_one), k
+    p = torch.nn.Parameter(torch.zeros(256, 1024, device="cuda"))
+    p.grad = torch.randn(256, 1024, device="cuda") * 1e19
+    Muon([p], lr=0.02).step()
+    assert torch.isfinite(p).all() and p.abs().max() > 0
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "polar_express", "gram_newton_schulz"])
 def test_estimators_are_as_accurate_on_cuda(method):
     # bf16 products round differently on the two devices: compare the error to the exact polar, not the bits
     G = torch.stack([MATRICES["full 96×160"](), _low_rank(96, 160, 3, 3)])
