@@ -16,24 +16,49 @@ from torch import Tensor
 from specscope.subspace.project import flatten, unflatten_
 
 
+def _centroids_at(centroids: Callable[[], Tensor]) -> Tensor:
+    """One call of `centroids`, checked to be a tensor with a leading per-input axis."""
+    out = centroids()
+    if not isinstance(out, Tensor) or out.ndim < 1:
+        what = f"a {out.ndim}-d tensor" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"coupling: centroids() returned {what}; it must return a tensor [n_inputs, ...] "
+                         "(one centroid per input)")
+    return out.detach()
+
+
 def directional_coupling(centroids: Callable[[], Tensor], params: list[Tensor], v: Tensor, eps: float) -> float:
     """A(v) by a central difference along unit vector v; the parameters are restored bit for bit."""
     saved = [p.detach().clone() for p in params]
     theta = flatten([p.detach() for p in params], params)
     v = v.to(theta.device, theta.dtype) / v.norm()
+    plus_theta, minus_theta = theta + eps * v, theta - eps * v
+    if torch.equal(plus_theta, minus_theta):
+        raise ValueError(f"coupling: the step ε = {eps:.3g} along v changes no parameter in {theta.dtype} (it underflows "
+                         "or is below the parameters' rounding); use a larger eps_rel (e.g. the default 0.005)")
     try:
         with torch.no_grad():
-            unflatten_(theta + eps * v, [p.data for p in params])
-        plus = centroids().detach()
+            unflatten_(plus_theta, [p.data for p in params])
+        plus = _centroids_at(centroids)
         with torch.no_grad():
-            unflatten_(theta - eps * v, [p.data for p in params])
-        minus = centroids().detach()
+            unflatten_(minus_theta, [p.data for p in params])
+        minus = _centroids_at(centroids)
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
     diff = (plus - minus) / (2 * eps)
     return float(diff.reshape(diff.shape[0], -1).pow(2).sum(1).mean())
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal up to the dtype's square-root rounding (nondeterministic GPU kernels), NaN equal to NaN."""
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    scale = float(a.detach().abs().nan_to_num(0.0, 0.0, 0.0).max()) if a.numel() else 0.0
+    tol = torch.finfo(a.dtype).eps ** 0.5 * max(scale, torch.finfo(a.dtype).tiny)
+    return bool(torch.allclose(a, b, rtol=0.0, atol=tol, equal_nan=True))
 
 
 def coupling_ratios(
@@ -51,8 +76,18 @@ def coupling_ratios(
     model, makes the two sides of every difference different draws and the ratios ≈ 1)."""
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 1:
         raise ValueError(f"coupling_ratios: n_random must be an int ≥ 1 (the baseline is their median), got {n_random!r}")
-    if not 0 < eps_rel < 1:
-        raise ValueError(f"coupling_ratios: eps_rel must be in (0, 1) (the step is eps_rel·‖θ‖), got {eps_rel!r}")
+    if isinstance(eps_rel, bool) or not isinstance(eps_rel, (int, float)) or not 0 < eps_rel < 1:
+        raise ValueError(f"coupling_ratios: eps_rel must be a number in (0, 1) (the step is eps_rel·‖θ‖), got {eps_rel!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"coupling_ratios: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    params = list(params)
+    if not params or not all(isinstance(p, Tensor) for p in params):
+        raise ValueError("coupling_ratios: params must be a non-empty list of the tensors the centroids depend on")
+    dtype = params[0].dtype
+    if eps_rel <= torch.finfo(dtype).eps:
+        raise ValueError(f"coupling_ratios: eps_rel={eps_rel!r} is at or below {dtype}'s rounding "
+                         f"({torch.finfo(dtype).eps:.3g}): the step eps_rel·‖θ‖ would not change the parameters; "
+                         "use a larger eps_rel (e.g. the default 0.005)")
     theta_norm = float(flatten([p.detach() for p in params], params).norm())
     if not theta_norm > 0 or not math.isfinite(theta_norm):
         raise ValueError(f"coupling_ratios: the parameters' norm is {theta_norm}, so the step eps_rel·‖θ‖ is undefined; "
@@ -66,6 +101,10 @@ def coupling_ratios(
     norms = directions.detach().double().norm(dim=1)
     if not bool(torch.isfinite(directions).all()) or not bool((norms > 0).all()):
         raise ValueError("coupling_ratios: every direction must be finite and nonzero (it is normalised to unit length)")
+    first, second = _centroids_at(centroids), _centroids_at(centroids)
+    if first.shape != second.shape or not _same(first, second):
+        raise ValueError("coupling_ratios: centroids() gave different values in two calls at the same θ (dropout or "
+                         "another random layer is on); call model.eval() first, the ratios would be noise ≈ 1")
     gen = generator or torch.Generator().manual_seed(0)
     random_a = [directional_coupling(centroids, params, torch.randn(dim, generator=gen), eps) for _ in range(n_random)]
     baseline = float(torch.tensor(random_a, dtype=torch.float64).median())

@@ -21,6 +21,9 @@ def flatten(tensors: Iterable[Tensor | None], like: Iterable[Tensor]) -> Tensor:
     """Concatenate tensors (None -> zeros shaped like the matching entry of `like`) into one vector; each tensor
     must have its `like` entry's number of elements (a filtered list, e.g. only the non-None grads, is refused)."""
     tensors, like = list(tensors), list(like)
+    if not like:
+        raise ValueError("flatten: no parameters given; pass the (non-empty) list of parameters and one tensor "
+                         "(or None) per parameter")
     if len(tensors) != len(like):
         raise ValueError(f"flatten: {len(tensors)} tensors for {len(like)} parameters; give one per parameter "
                          "(None for a missing gradient), in the parameters' order")
@@ -47,6 +50,13 @@ def unflatten_(vector: Tensor, into: list[Tensor]) -> None:
 def project(g: Tensor, Q: Tensor, mode: Literal["keep", "remove"]) -> Tensor:
     """Project vector g onto (keep) or away from (remove) the row space of the orthonormal rows Q, computed in
     the wider of the two dtypes (a float64 gradient is not rounded to a float32 basis), returned in g's."""
+    if mode not in ("keep", "remove"):
+        raise ValueError(f"project: mode must be 'keep' or 'remove', got {mode!r}")
+    if not isinstance(g, Tensor) or not isinstance(Q, Tensor) or g.ndim != 1 or Q.ndim != 2 or Q.shape[1] != g.shape[0]:
+        gs = tuple(g.shape) if isinstance(g, Tensor) else type(g).__name__
+        qs = tuple(Q.shape) if isinstance(Q, Tensor) else type(Q).__name__
+        raise ValueError(f"project: g {gs} must be a 1-D vector of size P and Q {qs} rows [k, P] of the same size P; "
+                         "give the flattened gradient and a basis of these parameters")
     dtype = torch.promote_types(g.dtype, Q.dtype)
     g_, Q_ = g.to(dtype), Q.to(dtype)
     kept = Q_.T @ (Q_ @ g_)
@@ -54,7 +64,13 @@ def project(g: Tensor, Q: Tensor, mode: Literal["keep", "remove"]) -> Tensor:
 
 
 def random_basis(dim: int, k: int, generator: torch.Generator, device=None, dtype=torch.float32) -> Tensor:
-    """k orthonormal rows spanning a uniformly random k-dimensional subspace of R^dim."""
+    """k orthonormal rows spanning a uniformly random k-dimensional subspace of R^dim (1 ≤ k ≤ dim)."""
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"random_basis: dim must be an int ≥ 1, got {dim!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+        raise ValueError(f"random_basis: k must be an int with 1 ≤ k ≤ dim ({dim}), got {k!r}")
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"random_basis: generator must be a torch.Generator, got {type(generator).__name__}")
     X = torch.randn(dim, k, generator=generator, dtype=torch.float64).to(device)
     return torch.linalg.qr(X)[0].T.to(dtype)
 
@@ -88,6 +104,8 @@ class GradientProjection:
             raise ValueError(f"GradientProjection: k is the subspace's dimension, an int ≥ 1; got {k!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"GradientProjection: every must be an int ≥ 1, got {every!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"GradientProjection: seed must be an int, got {seed!r}")
         self.params = [p for p in params]
         if not self.params or not all(isinstance(p, Tensor) for p in self.params):
             raise ValueError("GradientProjection: params must be a non-empty list of tensors (e.g. list(model.parameters()))")
@@ -95,6 +113,12 @@ class GradientProjection:
             raise ValueError(f"GradientProjection: subspace={subspace!r}: give a RollingSVD, 'random', or a callable "
                              "returning orthonormal rows [k, P]")
         self.dim = sum(p.numel() for p in self.params)
+        if isinstance(subspace, str) and k >= self.dim:
+            raise ValueError(f"GradientProjection: k={k} random directions in {self.dim} parameters span them all "
+                             f"(keep = identity, remove = a zero gradient); use k < {self.dim}")
+        if isinstance(subspace, RollingSVD) and subspace._rows is not None and subspace._rows.shape[1] != self.dim:
+            raise ValueError(f"GradientProjection: the RollingSVD holds vectors of {subspace._rows.shape[1]} entries, "
+                             f"the parameters have {self.dim} in all; push these parameters' flattened gradients")
         self._warned_empty = False
         self.subspace, self.mode, self.k, self.fixed, self.every = subspace, mode, k, fixed, every
         self.generator = torch.Generator().manual_seed(seed)
@@ -104,7 +128,13 @@ class GradientProjection:
     def basis(self) -> Tensor | None:
         """The current orthonormal rows [k, P], or None while a RollingSVD window is still filling."""
         if isinstance(self.subspace, RollingSVD):
-            return self.subspace.directions(self.k) if self.subspace.full else None
+            if not self.subspace.full:
+                return None
+            Q = self.subspace.directions(self.k)
+            if Q.shape[1] != self.dim:
+                raise ValueError(f"GradientProjection: the RollingSVD holds vectors of {Q.shape[1]} entries, the "
+                                 f"parameters have {self.dim} in all; push these parameters' flattened gradients")
+            return Q
         if self.subspace == "random":
             if self._basis is None or not self.fixed:
                 dtype = torch.promote_types(self.params[0].dtype, torch.float32)
@@ -161,5 +191,13 @@ class GradientProjection:
         return {"generator": self.generator.get_state(), "basis": self._basis, "applied": self.applied}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [key for key in ("generator", "basis", "applied") if key not in state] if isinstance(state, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"GradientProjection.load_state_dict: the state lacks {missing or 'everything (not a dict)'}; "
+                             "give the dict GradientProjection.state_dict() returned")
+        basis = state["basis"]
+        if basis is not None and (not isinstance(basis, Tensor) or basis.ndim != 2 or basis.shape[1] != self.dim):
+            raise ValueError(f"GradientProjection.load_state_dict: the saved basis is not rows [k, {self.dim}]; "
+                             "it was saved for other parameters")
         self.generator.set_state(state["generator"])
         self._basis, self.applied = state["basis"], int(state["applied"])

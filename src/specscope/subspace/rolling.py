@@ -59,23 +59,43 @@ class RollingSVD:
 
     def push(self, vector: Tensor) -> None:
         """Add one vector (flattened); the oldest leaves once the window is full."""
+        if not isinstance(vector, Tensor) or vector.is_complex():
+            raise ValueError(f"RollingSVD.push: the vector must be a real torch.Tensor, got "
+                             f"{vector.dtype if isinstance(vector, Tensor) else type(vector).__name__}; "
+                             "push torch.as_tensor(...) of the flattened gradient or update")
         v = vector.detach().reshape(-1).to(self.dtype)
         if v.numel() == 0:
             raise ValueError("RollingSVD.push: the vector is empty; push the flattened gradient or update")
-        if not bool(torch.isfinite(v).all()):
-            raise ValueError("RollingSVD.push: the vector has NaN or Inf entries")
-        if self._rows is None:
-            self._rows = torch.zeros(self.window, v.numel(), dtype=self.dtype, device=v.device)
-            self._gram = torch.zeros(self.window, self.window, dtype=torch.float64, device=v.device)
-        if v.numel() != self._rows.shape[1]:
-            raise ValueError(f"RollingSVD.push: got {v.numel()} entries, the window holds vectors of {self._rows.shape[1]}")
+        rows, gram = self._rows, self._gram
+        if rows is None:
+            rows = torch.zeros(self.window, v.numel(), dtype=self.dtype, device=v.device)
+            gram = torch.zeros(self.window, self.window, dtype=torch.float64, device=v.device)
+        if v.numel() != rows.shape[1]:
+            raise ValueError(f"RollingSVD.push: got {v.numel()} entries, the window holds vectors of {rows.shape[1]}")
         i = self._count % self.window
-        self._rows[i] = v
-        g = sum(self._rows[:, c:c + CHUNK].double() @ v[c:c + CHUNK].double() for c in range(0, v.numel(), CHUNK))
-        self._gram[i, :] = g
-        self._gram[:, i] = g
+        # The new Gram row against the stored rows (row i still the old one, so a refused vector leaves no trace),
+        # then its own squared norm on the diagonal. One finiteness check of these W numbers covers both a NaN/Inf
+        # entry of v (its squared norm is NaN/Inf) and a Gram entry that overflowed float64.
+        g = sum(rows[:, c:c + CHUNK].double() @ v[c:c + CHUNK].double() for c in range(0, v.numel(), CHUNK))
+        g[i] = sum(v[c:c + CHUNK].double() @ v[c:c + CHUNK].double() for c in range(0, v.numel(), CHUNK))
+        if not bool(torch.isfinite(g).all()):
+            self._refuse(vector, v)
+        self._rows, self._gram = rows, gram
+        rows[i] = v
+        gram[i, :] = g
+        gram[:, i] = g
         self._count += 1
         self._cache = self._directions = None
+
+    def _refuse(self, vector: Tensor, v: Tensor) -> None:
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("RollingSVD.push: the vector has NaN or Inf entries")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"RollingSVD.push: the vector's entries (up to {float(vector.abs().max()):.3g}) overflow "
+                             f"this tracker's {self.dtype}; make it with dtype=torch.float64 or rescale the vectors")
+        raise ValueError(f"RollingSVD.push: the Gram matrix overflowed float64 (entries up to "
+                         f"{float(v.abs().max()):.3g}: the vector's squared norm or its products with the window "
+                         "exceed 1.8e308); rescale the vectors (e.g. by a fixed factor) before pushing them")
 
     def _decompose(self) -> tuple[Tensor, Tensor]:
         """(σ descending [n], U [n, r]: the Gram's eigenvectors of the r singular values above the cut-off)."""
@@ -84,6 +104,9 @@ class RollingSVD:
                 raise ValueError("RollingSVD: no vectors pushed yet")
             n = len(self)
             evals, U = torch.linalg.eigh(self._gram[:n, :n])
+            if not bool(torch.isfinite(evals).all()):
+                raise ValueError("RollingSVD: the window's Gram matrix overflowed float64 (vectors with norms near "
+                                 "1e154); rescale the vectors (e.g. by a fixed factor) before pushing them")
             evals, U = evals.flip(0).clamp(min=0), U.flip(1)
             sigma = evals.sqrt()
             keep = sigma > sigma[0] * n * torch.finfo(self.dtype).eps
@@ -129,7 +152,18 @@ class RollingSVD:
         return {"rows": self._rows, "gram": self._gram, "count": self._count, "previous": self._previous}
 
     def load_state_dict(self, state: dict) -> None:
-        rows, gram = state["rows"], state["gram"]
+        missing = [key for key in ("rows", "gram", "count", "previous") if key not in state] \
+            if isinstance(state, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"RollingSVD.load_state_dict: the state lacks {missing or 'everything (not a dict)'}; "
+                             "give the dict RollingSVD.state_dict() returned")
+        rows, gram, count = state["rows"], state["gram"], state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0 or (count == 0) != (rows is None):
+            raise ValueError(f"RollingSVD.load_state_dict: count={count!r} must be an int ≥ 0, 0 exactly when no rows "
+                             "are stored; give the dict RollingSVD.state_dict() returned")
+        if rows is not None and not (isinstance(rows, Tensor) and isinstance(gram, Tensor)):
+            raise ValueError("RollingSVD.load_state_dict: 'rows' and 'gram' must be tensors (or both None); give the "
+                             "dict RollingSVD.state_dict() returned")
         if rows is not None and (rows.ndim != 2 or rows.shape[0] != self.window or rows.dtype != self.dtype
                                  or gram is None or tuple(gram.shape) != (self.window, self.window)):
             raise ValueError(f"RollingSVD.load_state_dict: the state holds a window of {tuple(rows.shape)} {rows.dtype} rows; "

@@ -17,7 +17,7 @@ start projecting at the same step as the SED arms.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -53,8 +53,22 @@ class SEDTracker:
             raise ValueError(f"update_delta={update_delta!r}: use 'snapshots' or 'step'")
         if exclude_decay and update_delta != "step":
             raise ValueError("exclude_decay removes one step's weight decay; it needs update_delta='step'")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"SEDTracker: every must be an int ≥ 1 (snapshot every that many steps), got {every!r}")
+        if not isinstance(losses, Mapping):
+            raise ValueError(f"SEDTracker: losses must be a dict {{name: loss closure}}, got {type(losses).__name__}; "
+                             "e.g. {'gradient-sed': lambda: loss_fn(model, fixed_batch)}")
+        for name, loss in losses.items():
+            if not isinstance(name, str) or not callable(loss):
+                raise ValueError(f"SEDTracker: losses[{name!r}] must map a str name to a callable returning a scalar "
+                                 f"loss, got {type(loss).__name__}")
+        if update and UPDATE in losses:
+            raise ValueError(f"SEDTracker: the loss name {UPDATE!r} is reserved for the parameter updates' window; "
+                             "rename the loss")
         self.params = list(params)
-        self.losses, self.every = losses, every
+        if not self.params or not all(isinstance(p, Tensor) for p in self.params):
+            raise ValueError("SEDTracker: params must be a non-empty list of tensors (e.g. list(model.parameters()))")
+        self.losses, self.every = dict(losses), every
         self.update_delta, self.exclude_decay = update_delta, exclude_decay
         names = list(losses) + ([UPDATE] if update else [])
         self.seds = {name: RollingSVD(window, k) for name in names}
@@ -67,7 +81,15 @@ class SEDTracker:
         out = []
         for name, loss in self.losses.items():
             with torch.enable_grad():
-                grads = torch.autograd.grad(loss(), self.params, allow_unused=True)
+                value = loss()
+                if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
+                    what = (type(value).__name__ if not isinstance(value, Tensor) else
+                            f"a tensor of shape {tuple(value.shape)}" if value.numel() != 1 else
+                            "a tensor that does not require grad")
+                    raise ValueError(f"SEDTracker: loss {name!r} returned {what}; it must return a scalar tensor "
+                                     "computed from the tracked parameters with grad enabled (not under no_grad, "
+                                     "not .item() or .detach())")
+                grads = torch.autograd.grad(value, self.params, allow_unused=True)
             g = flatten(grads, self.params)
             self.seds[name].push(g)
             out += self._describe(step, name, float(g.norm()))
@@ -113,6 +135,12 @@ class SEDTracker:
         return {"seds": {n: s.state_dict() for n, s in self.seds.items()}, "before": self._before}
 
     def load_state_dict(self, state: dict) -> None:
+        seds = state.get("seds") if isinstance(state, dict) else None
+        if not isinstance(seds, dict) or "before" not in state or set(seds) != set(self.seds):
+            saved = sorted(seds) if isinstance(seds, dict) else None
+            raise ValueError(f"SEDTracker.load_state_dict: the state holds windows {saved}, this tracker has "
+                             f"{sorted(self.seds)}; give the dict SEDTracker.state_dict() returned for the same losses "
+                             "and update setting")
         for n, s in self.seds.items():
             s.load_state_dict(state["seds"][n])
         self._before = state["before"]
