@@ -1,6 +1,7 @@
 """Sweep engine: grid expansion, matching runs to points, resume without rerunning, the CLI's grid parser."""
 
 import json
+import re
 
 import pytest
 
@@ -100,6 +101,23 @@ def test_cli_grid_parser_handles_lists_and_numbers():
         parse_grid(Config, ["seed=0,1", "seed=2"], "grokking")
     with pytest.raises(ConfigError, match="lists the value 0 twice"):  # it ran the same point twice
         parse_grid(Config, ["seed=0,0"], "grokking")
+
+
+@pytest.mark.parametrize("pair", ["steps=1,", "steps=,1", "steps=1,,2", "arms=[l2],,[lrd]"])
+def test_an_empty_grid_value_is_refused_not_dropped(pair):
+    from specscope.cli.commands.sweep import parse_grid
+    from specscope.labs.grokking import Config
+
+    key = pair.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^--grid {re.escape(pair)} has an empty value.*write --grid {key}=v1,v2"):
+        parse_grid(Config, [pair], "grokking")  # `steps=1,` ran the one point steps=1
+
+
+def test_a_grid_point_with_a_list_naming_an_entry_twice_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"grid point arms=\['l2', 'l2'\]: .*repeats 'l2'"):
+        sweep.run_sweep("grokking", {"arms": [["l2", "l2"], ["lrd"]]}, {"steps": 2}, out=tmp_path / "sweeps",
+                        echo=lambda *a, **k: None)
+    assert not (tmp_path / "sweeps").exists()
 
 
 def test_ray_backend_without_ray_is_refused_before_anything_is_written(tmp_path, monkeypatch):

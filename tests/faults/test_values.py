@@ -259,3 +259,36 @@ def test_export_never_writes_into_a_sweep_directory(finished, cli, tmp_path):
     rc, _, err = cli("export", finished, "--out", sweep_dir / "sweep.json")
     one_line_error(rc, err, "inside the run directory")
     assert (sweep_dir / "sweep.json").read_text().startswith("{")
+
+
+SED_QUICK = [*QUICK_ARGS, "--set", "multitask_steps=2", "--set", "interventions=[]"]
+
+
+@pytest.mark.parametrize("lab,pair,named", [
+    # the list named 'add' twice and one task-add-sed window was recorded
+    ("sed", "multitask=add,add", "repeats 'add'"), ("switching", "seeds=[0,0]", "--set seeds=0"),
+    ("grokking", "arms=l2,lrd,l2", "--set arms=l2,lrd"), ("sed", "multitask=add,", "an empty item"),
+    ("sed", f"steps={10**23}", "below 2**63"), ("grokking", f"eval_every={2**63}", "below 2**63"),
+    # pydantic read 1, yes, on as true; a typo such as `ture` must not pass for a value
+    ("sed", "fused_adamw=ture", "give true or false"), ("sed", "fused_adamw=1", "give true or false"),
+    ("sed", "fused_adamw=yes", "give true or false"), ("grokking", "stop_after_grok=0", "give true or false"),
+    # it said "'betas.1' = [0.9]: Field required"
+    ("sed", "betas=0.9", "betas takes 2 values"), ("grokking", "betas=[0.9,0.9,0.9]", "e.g. --set betas=[0.9,0.98]"),
+])
+def test_a_value_the_run_would_misread_fails_on_one_line_naming_the_fix(cli, tmp_path, lab, pair, named):
+    quick = SED_QUICK if lab == "sed" else []  # without the fix, a tiny run (the others fail on their own keys)
+    rc, _, err = cli("run", lab, *quick, "--set", pair, "--out", tmp_path / "runs")
+    one_line_error(rc, err, f"'{pair.split('=')[0]}'" if "empty" not in named else pair.split("=")[0], named)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_true_and_false_are_the_booleans_of_set_and_of_a_config_file(tmp_path):
+    from specscope.labs.config import make_config, parse_overrides
+    from specscope.labs.sed import Config
+
+    assert make_config(Config, parse_overrides(Config, ["fused_adamw=false", "eval_train=true"])).fused_adamw is False
+    assert make_config(Config, parse_overrides(Config, ["multitask=add,sub", "interventions=[]"])).multitask == ["add", "sub"]
+    assert make_config(Config, {"steps": 2**63 - 1}).steps == 2**63 - 1
+    from specscope.errors import ConfigError
+    with pytest.raises(ConfigError, match="give true or false"):
+        make_config(Config, {"fused_adamw": 1})  # a TOML `fused_adamw = 1`

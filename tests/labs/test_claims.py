@@ -149,3 +149,17 @@ def test_a_sweep_without_claims_of_its_own_lets_its_seed_runs_be_combined(tmp_pa
     (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-d", "grid": {"seed": [0, 1, 2]}, "fixed": {}}))
     rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
     assert [(r["id"], r["verdict"], r["seeds"], r["runs"]) for r in rows] == [("W-1", "PASS", 3, ["s00", "s10", "s20"])]
+
+
+def test_a_sweeps_claims_file_with_an_unknown_verdict_is_refused_not_shown(tmp_path):
+    sweep = tmp_path / "sweeps" / "lab-c-20261201-000000"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-c", "grid": {}, "fixed": {}}))
+    (sweep / "claims.json").write_text(json.dumps([dict(_claim("PASS", 5.0, "Z-1").as_dict(), verdict="MAYBE")]))
+    result = invoke("--root", str(tmp_path), "--format", "json")  # `specscope claims`: this error, exit 2
+    from specscope.errors import RunStoreError
+
+    assert isinstance(result.exception, RunStoreError) and "MAYBE" not in result.stdout, result.output
+    message = str(result.exception)
+    assert "unknown verdict 'MAYBE'; use one of PASS, FAIL, INCONCLUSIVE" in message
+    assert "claims.json" in message and "specscope sweep --resume" in message

@@ -566,3 +566,27 @@ def test_a_legend_names_every_line_of_a_per_parameter_figure():
 
     assert legend_texts(8) == [f"blocks.0.w{i}" for i in range(8)]
     assert legend_texts(14)[-1] == "… +2 more" and len(legend_texts(14)) == 13
+
+
+def test_a_comparison_of_no_runs_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="write_comparison got no runs"):  # it was pandas' "No objects to concatenate"
+        write_comparison(tmp_path / "cmp", {}, dpi=DPI)
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_claims_are_claims_or_dicts_alike_and_an_unknown_verdict_is_refused(tmp_path, metrics, claims):
+    from specscope.report import claims_figure
+
+    as_dicts = [c.as_dict() for c in claims]
+    assert isinstance(claims_figure(as_dicts, dpi=DPI), Figure)  # it raised 'dict' object has no attribute 'id'
+    assert set(run_figures(metrics, as_dicts, dpi=DPI)) == set(run_figures(metrics, claims, dpi=DPI))
+    maybe = dict(as_dicts[0], verdict="MAYBE")
+    for call in (lambda: claims_figure([maybe], dpi=DPI), lambda: claims_figure([Claim(**maybe)], dpi=DPI),
+                 lambda: write_report(tmp_path / "rep", metrics, claims=[maybe], dpi=DPI)):
+        with pytest.raises(ValueError, match="unknown verdict 'MAYBE'; use one of PASS, FAIL, INCONCLUSIVE"):
+            call()
+    assert not (tmp_path / "rep").exists()
+    with pytest.raises(ValueError, match="missing field.*verdict"):
+        claims_figure([{"id": "X-1", "text": "t", "published": "p", "measured": "m"}], dpi=DPI)
+    with pytest.raises(ValueError, match="a claim must be a specscope.records.Claim or a dict"):
+        claims_figure(["X-1 PASS"], dpi=DPI)

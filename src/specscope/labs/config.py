@@ -73,14 +73,21 @@ def _is_list_field(annotation: Any) -> bool:
     return any(_is_list_field(a) for a in typing.get_args(annotation)) if origin is typing.Union else False
 
 
-def _parse_value(raw: str, annotation: Any) -> Any:
+def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
     if _is_list_field(annotation) and not isinstance(value, list):
         inner = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw  # [a,b] without JSON quotes
-        value = [_parse_value(v.strip(), None) for v in inner.split(",") if v.strip()] if isinstance(value, str) else [value]
+        if isinstance(value, str):
+            items = [v.strip() for v in inner.split(",")] if inner.strip() else []  # "[]": the empty list
+            if "" in items:
+                raise ConfigError(f"{key}={raw}: an empty item (a comma at the start or end, or two in a row); "
+                                  f"write {key}=a,b (or {key}=[] for none)")
+            value = [_parse_value(v, None) for v in items]
+        else:
+            value = [value]
     if annotation is str and not isinstance(value, str):
         value = raw  # "--set name=123" for a string field stays the string "123"
     return value
@@ -97,7 +104,7 @@ def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = ""
         field = config_cls.model_fields.get(key)
         if field is None:
             raise ConfigError(f"unknown config key {key!r}{_for(lab)}; valid keys: {describe_fields(config_cls)}")
-        out[key] = _parse_value(raw.strip(), field.annotation)
+        out[key] = _parse_value(raw.strip(), field.annotation, key)
     return out
 
 
@@ -145,18 +152,68 @@ def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = Non
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}{_for(lab)}; valid keys: {describe_fields(config_cls)}")
     for key, value in values.items():
+        f = config_cls.model_fields[key]
         items = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, bool) for v in items) and not _takes_bool(config_cls.model_fields[key].annotation):
-            f = config_cls.model_fields[key]
+        if any(isinstance(v, bool) for v in items) and not _takes_bool(f.annotation):
             raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {value!r}: true/false is not a value of "
                               f"this key (expected {type_name(f.annotation)}{_range(f.metadata)})")
+        if _only_bool(f.annotation) and not isinstance(value, bool) and not (value is None and _takes_none(f.annotation)):
+            raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {value!r}: give true or false "
+                              f"(--set {key}=true, or {key} = true in a TOML file)")
+        length = _tuple_length(f.annotation)
+        if length is not None and not (isinstance(value, (list, tuple)) and len(value) == length):
+            example = "[" + ",".join(str(v) for v in f.default) + "]" if isinstance(f.default, (list, tuple)) else ""
+            got = f"{len(value)} value(s)" if isinstance(value, (list, tuple)) else "one value"
+            raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {value!r}: {key} takes {length} values, each "
+                              f"{type_name(typing.get_args(f.annotation)[0])}, got {got}"
+                              + (f"; e.g. --set {key}={example}" if example else ""))
     try:
-        return config_cls(**values)
+        cfg = config_cls(**values)
     except ValidationError as e:
         errs = []
         for err in e.errors():
             key = ".".join(str(x) for x in err["loc"])
             f = config_cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
-            expected = getattr(f.annotation, "__name__", str(f.annotation)) if f else "?"
+            expected = type_name(f.annotation) + _range(f.metadata) if f else "?"
             errs.append(f"'{key}' = {err.get('input')!r}: {err['msg']} (expected {expected})")
         raise ConfigError(f"invalid config{_for(lab)}: " + "; ".join(errs)) from None
+    for key in values:
+        value = getattr(cfg, key)
+        big = _too_large(value)
+        if big is not None:
+            raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {big}: too large; integer values must be "
+                              f"below 2**63 = {2**63} (what the run store and torch hold)")
+        if typing.get_origin(config_cls.model_fields[key].annotation) is list:
+            seen = [json.dumps(v, sort_keys=True, default=str) for v in value]
+            twice = next((v for i, v in enumerate(value) if seen[i] in seen[:i]), None)
+            if len(set(seen)) < len(seen):
+                once = ",".join(dict.fromkeys(str(v) for v in value))
+                raise ConfigError(f"invalid config{_for(lab)}: '{key}' = {value!r} repeats {twice!r}; an entry counts "
+                                  f"once, so give each once: --set {key}={once}")
+    return cfg
+
+
+def _only_bool(annotation: Any) -> bool:
+    """bool or bool | None: a field whose only values are true/false (pydantic would read 1, "yes", "on" as true)."""
+    return annotation is bool or (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                                  and {a for a in typing.get_args(annotation)} == {bool, type(None)})
+
+
+def _takes_none(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _tuple_length(annotation: Any) -> int | None:
+    """The number of items of a fixed-length tuple field (betas: 2), else None."""
+    if typing.get_origin(annotation) is tuple:
+        args = typing.get_args(annotation)
+        return None if not args or Ellipsis in args else len(args)
+    return None
+
+
+def _too_large(value: Any) -> int | None:
+    """The first int in a value (or in its lists / tables) outside the signed 64-bit range, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if not -(2**63) <= value < 2**63 else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((v for v in map(_too_large, items) if v is not None), None)

@@ -281,6 +281,9 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     the title and the final metrics say its values are the records so far. salvaged: what was wrong with the
     damaged databases read, put first in the title. Returns the path of comparison.html.
     """
+    if not runs:
+        raise ValueError("write_comparison got no runs; pass at least one {name: metrics DataFrame} "
+                         "(specscope compare RUN RUN ...)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unfinished = {str(k): v for k, v in (unfinished or {}).items() if v != "complete"}

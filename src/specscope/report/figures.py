@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,7 @@ from specscope.probe.advice import MARGIN
 from specscope.records import Claim
 from specscope.report import style
 from specscope.report.style import DPI
-from specscope.report.tables import claim_verdict_text, finite, ordered_unique, prepare, rank_pairs, unmeasured
+from specscope.report.tables import as_claim, claim_verdict_text, finite, ordered_unique, prepare, rank_pairs, unmeasured
 
 LINESTYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -293,8 +293,10 @@ def rank_scatter(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     return style.finish(fig)
 
 
-def claims_figure(claims: Sequence[Claim], *, dpi: int = DPI) -> Figure | None:
-    """The claims as a table image: claim, text, published, measured, verdict (coloured)."""
+def claims_figure(claims: Sequence[Claim | Mapping], *, dpi: int = DPI) -> Figure | None:
+    """The claims (`Claim`s or dicts of their fields) as a table image: claim, text, published, measured,
+    verdict (coloured)."""
+    claims = [as_claim(c) for c in claims]
     if not claims:
         return None
     widths = {"claim": 8, "text": 60, "published": 20, "measured": 20, "verdict": 13}  # wrap, in chars
@@ -323,8 +325,9 @@ def claims_figure(claims: Sequence[Claim], *, dpi: int = DPI) -> Figure | None:
     return style.finish(fig)
 
 
-def run_figures(df: pd.DataFrame, claims: Sequence[Claim] = (), *, dpi: int = DPI) -> dict[str, Figure]:
+def run_figures(df: pd.DataFrame, claims: Sequence[Claim | Mapping] = (), *, dpi: int = DPI) -> dict[str, Figure]:
     """All standard figures of one run that have data, by file stem (order = order in the report)."""
+    claims = [as_claim(c) for c in claims]  # a bad claim is refused before any figure is drawn
     makers = {
         "loss": lambda: loss_curves(df, dpi=dpi),
         "accuracy": lambda: accuracy_curves(df, dpi=dpi),

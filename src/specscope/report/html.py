@@ -29,7 +29,7 @@ from specscope.probe.advice import MARGIN
 from specscope.records import SWEEP, Claim
 from specscope.report import style
 from specscope.report.figures import DPI, run_figures
-from specscope.report.tables import claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, training, unmeasured
+from specscope.report.tables import as_claim, claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, training, unmeasured
 from specscope.store.integrity import write_atomic
 
 CSS = """
@@ -236,10 +236,6 @@ def config_table(config: Mapping | None) -> str:
     return table([[k, value_text(v)] for k, v in flat.items()], ["key", "value"])
 
 
-def as_claim(c: Claim | Mapping) -> Claim:
-    return c if isinstance(c, Claim) else Claim(**dict(c))
-
-
 def claims_html(claims: Sequence[Claim]) -> str:
     if not claims:
         return "<p>This run states no claims.</p>"
@@ -363,7 +359,7 @@ def _mark_salvaged(fig: Figure) -> None:
 
 
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
-                 claims: Sequence[Claim] = (), extra_figures: Mapping[str, Figure] | None = None,
+                 claims: Sequence[Claim | Mapping] = (), extra_figures: Mapping[str, Figure] | None = None,
                  title: str = "specscope report", summary: str | Mapping | None = None,
                  measured: Sequence[Mapping] = (), salvaged: str = "", dpi: int = DPI) -> Path:
     """Write out_dir/report.html (self-contained) and every figure to out_dir/figures/*.png.
@@ -373,9 +369,9 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     the database the records were salvaged from; the title, the page and every figure then say so.
     Returns the path of report.html.
     """
+    claims = [as_claim(c) for c in claims]  # a bad claim is refused before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claims = [as_claim(c) for c in claims]
     swept = prepare(df)
     df, swept = training(swept), swept[swept["flag"] == SWEEP]  # a sweep's `step` is no training step
     figures = run_figures(df, claims, dpi=dpi)

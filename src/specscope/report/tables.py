@@ -7,8 +7,10 @@ a lab that records no st(A) simply gets an empty summary, never an exception.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,7 +19,7 @@ from rich.text import Text
 
 from specscope.names import visible
 from specscope.probe.advice import MARGIN, verdict
-from specscope.records import SWEEP, Claim
+from specscope.records import SWEEP, Claim, Verdict
 
 COLUMNS = ("run_id", "step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
 TEXT_COLUMNS = ("run_id", "layer", "metric", "arm", "estimator", "shape", "flag")
@@ -38,6 +40,31 @@ UNMEASURED_COLUMNS = ["arm", "layer", "shape", "reason"]
 # the CLI shows a compact view of layer_summary: summary column -> header
 CLI_COLUMNS = {"arm": "arm", "layer": "weight", "last_step": "step", "st_last": "st(A)", "nr_last": "nr(G)",
                "ratio_last": "nr/st", "ratio_median": "median nr/st", "verdict": "verdict"}
+
+
+VERDICTS = typing.get_args(Verdict)  # PASS, FAIL, INCONCLUSIVE, UNDECIDABLE
+CLAIM_FIELDS = tuple(f.name for f in dataclasses.fields(Claim))
+
+
+def as_claim(c: Claim | Mapping) -> Claim:
+    """A claim given as a `Claim` or as a dict of its fields (`Claim.as_dict()`, a summary.json entry), checked:
+    anything else, a missing or unknown field, or a verdict other than PASS/FAIL/INCONCLUSIVE/UNDECIDABLE is
+    one ValueError naming it."""
+    if isinstance(c, Mapping):
+        fields = dict(c)
+        missing = [k for k in ("id", "text", "published", "measured", "verdict") if k not in fields]
+        unknown = [str(k) for k in fields if k not in CLAIM_FIELDS]
+        if missing or unknown:
+            raise ValueError(f"claim {fields.get('id', '?')!r}: " + "; ".join(
+                ([f"missing field(s) {', '.join(missing)}"] if missing else [])
+                + ([f"unknown field(s) {', '.join(unknown)}"] if unknown else []))
+                + f"; a claim is a specscope.records.Claim or a dict of its fields ({', '.join(CLAIM_FIELDS)})")
+        c = Claim(**fields)
+    elif not isinstance(c, Claim):
+        raise ValueError(f"a claim must be a specscope.records.Claim or a dict of its fields, got {type(c).__name__}")
+    if c.verdict not in VERDICTS:
+        raise ValueError(f"claim {c.id!r} has the unknown verdict {c.verdict!r}; use one of {', '.join(VERDICTS)}")
+    return c
 
 
 def claim_verdict_text(code: str) -> str:

@@ -105,10 +105,14 @@ def _damage(path: Path) -> str:
 
 def _sweep_claims(path: Path) -> list[Claim]:
     """A sweep's claims.json, checked: a list of claims as `specscope sweep` writes them."""
+    from specscope.report.tables import as_claim  # the fields and a known verdict (PASS, FAIL, ...) checked
+
     fix = f"`specscope sweep --resume {path.parent}` rewrites it"
     try:
         data = json.loads(path.read_bytes())
-        return [Claim(**c) for c in data]
+        if not isinstance(data, list):
+            raise ValueError(f"a {type(data).__name__}, not a list")
+        return [as_claim(c) for c in data]
     except (OSError, ValueError, TypeError) as e:
         raise RunStoreError(f"{path} is unreadable or not a list of claims ({str(e)[:120]}); {fix}.") from None
 

@@ -12,8 +12,9 @@ from specscope.cli import app, interruptible
 from specscope.errors import ConfigError
 
 
-def _split_top(raw: str) -> list[str]:
-    """Split on commas outside brackets: "0.3,[l2,lrd],1" -> ["0.3", "[l2,lrd]", "1"]."""
+def _split_top(raw: str, keep_empty: bool = False) -> list[str]:
+    """Split on commas outside brackets: "0.3,[l2,lrd],1" -> ["0.3", "[l2,lrd]", "1"] (empty parts dropped
+    unless `keep_empty`)."""
     parts, depth, cur = [], 0, ""
     for ch in raw:
         depth += ch == "["
@@ -23,7 +24,7 @@ def _split_top(raw: str) -> list[str]:
             cur = ""
         else:
             cur += ch
-    return [p.strip() for p in parts + [cur] if p.strip()]
+    return [p.strip() for p in parts + [cur] if keep_empty or p.strip()]
 
 
 def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
@@ -40,7 +41,11 @@ def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
         key = key.strip()
         if key in grid:
             raise ConfigError(f"--grid {key} is given twice; give all its values in one: --grid {key}=v1,v2,...")
-        values = [v[1:-1] if v.startswith("[") and v.endswith("]") else v for v in _split_top(raw)]
+        parts = _split_top(raw, keep_empty=True)
+        if raw.strip() and "" in parts:
+            raise ConfigError(f"--grid {key}={raw.strip()} has an empty value (a comma at the start or end, or two in "
+                              f"a row); write --grid {key}=v1,v2")
+        values = [v[1:-1] if v.startswith("[") and v.endswith("]") else v for v in parts if v]
         grid[key] = [parse_overrides(config_cls, [f"{key}={v}"], lab)[key] for v in values]
         if not grid[key]:
             raise ConfigError(f"--grid {key} has no values; write --grid {key}=v1,v2")
