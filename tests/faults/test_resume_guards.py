@@ -72,7 +72,7 @@ def test_a_spiked_data_file_is_stored_absolute_and_a_changed_one_is_not_resumed(
     ("gated-width", {"seed": 1}, "draws its seeds from `seeds`"),
     ("embed-geometry", {"seed": 1}, "draws its seeds from `seeds`"),
     ("switching", {"rf_switch": [0, 500]}, r"rf_switch=\[0, 500\]: switch times must be distinct, in 0..rf_steps="),
-    ("switching", {"rf_switch": [4, 4]}, "switch times must be distinct"),
+    ("switching", {"rf_switch": [4, 4]}, r"'rf_switch' = \[4, 4\] repeats 4; an entry counts once"),
     ("switching", {"rf_switch": []}, r"rf_switch=\[\] has no switch time before rf_steps="),
     ("gpt", {"corpus": ""}, "an empty path; give one of stdlib or a path"),
     ("spiked", {"data": " "}, "an empty path; give one of synthetic, digits or a path"),

@@ -56,12 +56,28 @@ def verify_resume(run, items, trainer: Trainer) -> dict:
             if item.name in progress["done"] or not isinstance(item, Arm):
                 continue
             if trainer.checkpoint_path(item.name).exists():
-                trainer.verify_checkpoint(item.name, count)
+                step = trainer.verify_checkpoint(item.name, count, item)
+                _check_checkpoint_step(run, trainer, item.name, step, progress["checkpoints"].get(item.name))
             elif item.name in progress["checkpoints"]:
                 raise RunStoreError(
                     f"{trainer.checkpoint_path(item.name)} is missing, but {PROGRESS_FILE} says arm '{item.name}' "
                     f"was checkpointed at step {progress['checkpoints'][item.name]['step']}; {_PROGRESS_FIX}.")
     return progress
+
+
+def _check_checkpoint_step(run, trainer: Trainer, arm: str, step: int, recorded: dict | None) -> None:
+    """The checkpoint's next_step is the one progress.json records for the arm, or the one checkpoint taken
+    after it (a kill between the checkpoint's rename and progress.json's write): later by at most
+    `checkpoint_every` steps (any number when only Ctrl-C checkpoints). Anything else is an altered checkpoint."""
+    last = recorded.get("step", 0) if isinstance(recorded, dict) else 0
+    every = trainer.checkpoint_every
+    if step == last or (last < step and (not every or step - last <= every)):
+        return
+    said = f"says arm '{arm}' was checkpointed at step {last}" if recorded else f"records no checkpoint of arm '{arm}'"
+    raise RunStoreError(
+        f"{trainer.checkpoint_path(arm)} resumes arm '{arm}' at step {step}, but {Path(run.path) / PROGRESS_FILE} "
+        f"{said} (checkpoint_every={every}): the checkpoint was altered or belongs to another run; delete it to "
+        "restart that arm from scratch, or start a new run.")
 
 
 def check_inputs(run, recorded: dict[str, str], now: dict[str, str]) -> None:
@@ -113,7 +129,7 @@ def run_lab(
         state = {**read_progress(run), "inputs": inputs}
         _write_progress(run, state)
     else:
-        state = verify_resume(run, items, Trainer(run, device, cfg.seed))  # nothing is written before this
+        state = verify_resume(run, items, Trainer(run, device, cfg.seed, cfg.checkpoint_every))  # nothing is written before this
         check_inputs(run, state["inputs"], inputs)
         run.set_status("running")
     run_dir = Path(run.path)

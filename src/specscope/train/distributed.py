@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import queue as queue_mod
 import re
 import signal
@@ -29,7 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from specscope.errors import ConfigError, SpecscopeError
+from specscope.errors import ConfigError, RunStoreError, SpecscopeError
 from specscope.train.processes import die_with_parent, exit_reason
 
 
@@ -210,15 +211,86 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     dcp.save(_state(model, optimizer, monitor, extra), checkpoint_id=os.fspath(path))
 
 
+# What a DCP `.metadata` written by `save` references (torch 2.13): the Metadata dataclasses, the filesystem
+# writer's per-item storage info, torch.Size, dtypes and layouts by name, and the path it was saved to.
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a lookup of torch's layouts by name
+    ("collections", "OrderedDict"),
+} | {(module, name) for module in ("pathlib", "pathlib._local")
+     for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata`, admitting only the classes it legitimately holds: no code from the file runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _DCP_METADATA_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it references {module}.{name}, which a checkpoint's metadata never holds")
+
+
+def read_metadata(path: str | os.PathLike) -> Any:
+    """The DCP Metadata in the file `path` (a checkpoint's `.metadata`), read without running code from it;
+    RunStoreError naming the file when it is missing, damaged or not what `save` writes."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    fix = "it was not written by specscope.train.distributed.save; delete the checkpoint directory and save it again"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise RunStoreError(f"checkpoint metadata {os.fspath(path)} is missing; {fix}") from None
+    except Exception as e:  # a damaged or hostile file: whatever the unpickler raised, nothing of it ran
+        raise RunStoreError(f"checkpoint metadata {os.fspath(path)} is corrupt or tampered with ({e}); {fix}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+            or not isinstance(metadata.storage_data, dict):
+        raise RunStoreError(f"checkpoint metadata {os.fspath(path)} is not a checkpoint's metadata "
+                            f"(it holds a {type(metadata).__name__}); {fix}")
+    return metadata
+
+
+class _SafeReader(dcp.FileSystemReader):
+    """torch's FileSystemReader, except that `.metadata` is read by `read_metadata` (torch uses pickle.load)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        metadata = read_metadata(self._get_metadata_path(kwargs.get("rank")))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any = None) -> dict | None:
     """Load a checkpoint written by `save` at any world size (or in one process); returns its `extra`.
 
     Call on every rank, after building the model (sharded as it will train), the optimizer and the monitor.
+    The checkpoint's `.metadata` is read without running code from it: a damaged or tampered one is a
+    RunStoreError naming the file.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
+
     if not os.path.isdir(path):
         raise ConfigError(f"no distributed checkpoint at {os.fspath(path)!r} (a directory written by specscope.train.distributed.save)")
+    # Checked here first, on every rank: torch would swallow the error and report a missing rank-local file.
+    read_metadata(os.path.join(os.fspath(path), ".metadata"))
     state = _state(model, optimizer, monitor, {})
-    dcp.load(state, checkpoint_id=os.fspath(path))
+    try:
+        dcp.load(state, checkpoint_id=os.fspath(path), storage_reader=_SafeReader(os.fspath(path)))
+    except CheckpointException as e:  # under a process group: the rank's own RunStoreError, wrapped
+        for failure in getattr(e, "failures", {}).values():
+            if isinstance(failure, RunStoreError):
+                raise RunStoreError(str(failure)) from None
+        raise
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if hasattr(optimizer, "pop_records"):  # get_state_dict's zero-gradient, lr=0 step to create state recorded nothing real
         optimizer.pop_records()

@@ -128,12 +128,15 @@ class Trainer:
         """checkpoints/<arm>.pt, the arm's name percent-encoded: "relu/gd" -> relu%2Fgd.pt, never a subpath."""
         return Path(self.run.checkpoints_dir) / f"{quote(arm_name, safe='-_.')}.pt"
 
-    def verify_checkpoint(self, arm_name: str, count: Any = None) -> int:
+    def verify_checkpoint(self, arm_name: str, count: Any = None, arm: Any = None) -> int:
         """The step the checkpoint of `arm_name` resumes from, after checking its hash and that the database
         still holds every record the arm had written when it was taken (RunStoreError naming what is missing).
-        `count(arm, upto)` counts records (default: the run's `record_count`)."""
+        `count(arm, upto)` counts records (default: the run's `record_count`). Given the built `arm`, also that
+        the checkpoint fits it: a step within its steps, the same parameters of the same shapes."""
         path = self.checkpoint_path(arm_name)
         ckpt = load_checkpoint(path)
+        if arm is not None:
+            _check_fits(path, ckpt, arm)
         step, want = int(ckpt["next_step"]), int(ckpt["records"])
         count = count or (lambda arm, upto: self.run.record_count(arm, upto=upto))
         have = count(arm_name, upto=int(ckpt["position"]))
@@ -272,16 +275,49 @@ class Trainer:
             self.on_checkpoint(arm.name, next_step, records, position)
 
     def _restore(self, arm: Any) -> tuple[int, float]:
-        ckpt = load_checkpoint(self.checkpoint_path(arm.name))  # cpu; load_state_dict copies to the device
-        arm.model.load_state_dict(ckpt["model"])
-        _load_state(arm.optimizer, ckpt["optimizer"])
-        for s, st in zip(arm.extra_steppers, ckpt["extra_steppers"]):
-            _load_state(s, st)
-        _load_state(arm.monitor, ckpt["monitor"])
-        for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
-            _load_state(cb, st)
-        _set_rng_state(ckpt["rng"])
+        path = self.checkpoint_path(arm.name)
+        ckpt = load_checkpoint(path)  # cpu; load_state_dict copies to the device
+        _check_fits(path, ckpt, arm)
+        try:
+            arm.model.load_state_dict(ckpt["model"])
+            _load_state(arm.optimizer, ckpt["optimizer"])
+            for s, st in zip(arm.extra_steppers, ckpt["extra_steppers"]):
+                _load_state(s, st)
+            _load_state(arm.monitor, ckpt["monitor"])
+            for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
+                _load_state(cb, st)
+            _set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise RunStoreError(_another_configuration(path, arm.name, type(e).__name__)) from None
         return int(ckpt["next_step"]), float(ckpt["elapsed"]), int(ckpt["position"])
+
+
+def _another_configuration(path: Path, arm: str, what: str) -> str:
+    return (f"checkpoint {path} was written by another configuration of arm '{arm}' ({what}); delete it to "
+            "restart that arm from scratch, or resume with the settings that wrote it")
+
+
+def _check_fits(path: Path, ckpt: dict[str, Any], arm: Any) -> None:
+    """RunStoreError naming `path` unless the checkpoint can resume `arm` as built now: its next_step within
+    1..arm.steps and its model the same parameters and buffers, of the same shapes."""
+    try:
+        step = ckpt["next_step"]
+        saved = ckpt["model"]
+    except KeyError as e:
+        raise RunStoreError(f"checkpoint {path} lacks {e}; delete it to restart that arm from scratch") from None
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 < step <= arm.steps:
+        raise RunStoreError(
+            f"checkpoint {path} says arm '{arm.name}' resumes at step {step!r}, outside 1..{arm.steps} (its steps): "
+            "it was altered or written by another configuration; delete it to restart that arm from scratch")
+    own = arm.model.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(own):
+        theirs = set(saved) if isinstance(saved, dict) else set()
+        diff = sorted(theirs ^ set(own))[:3]
+        raise RunStoreError(_another_configuration(path, arm.name, f"other parameters: {', '.join(diff)}"))
+    for k, v in own.items():
+        if not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape:
+            shape = tuple(saved[k].shape) if isinstance(saved[k], torch.Tensor) else type(saved[k]).__name__
+            raise RunStoreError(_another_configuration(path, arm.name, f"{k} is {shape}, this run's is {tuple(v.shape)}"))
 
 
 def finite_or_nan(x: float) -> float:
