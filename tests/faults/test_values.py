@@ -287,6 +287,8 @@ def test_true_and_false_are_the_booleans_of_set_and_of_a_config_file(tmp_path):
     from specscope.labs.sed import Config
 
     assert make_config(Config, parse_overrides(Config, ["fused_adamw=false", "eval_train=true"])).fused_adamw is False
+    assert make_config(Config, parse_overrides(Config, ["fused_adamw=False"])).fused_adamw is False  # Python's spelling
+    assert make_config(Config, parse_overrides(Config, ["fused_adamw=TRUE"])).fused_adamw is True
     assert make_config(Config, parse_overrides(Config, ["multitask=add,sub", "interventions=[]"])).multitask == ["add", "sub"]
     assert make_config(Config, {"steps": 2**63 - 1}).steps == 2**63 - 1
     from specscope.errors import ConfigError

@@ -78,6 +78,8 @@ def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    if isinstance(value, str) and value.lower() in ("true", "false") and annotation is not None and _takes_bool(annotation):
+        value = value.lower() == "true"  # Python's spelling, True/False, too; 1, yes and on stay refused
     if _is_list_field(annotation) and not isinstance(value, list):
         inner = raw[1:-1] if raw.startswith("[") and raw.endswith("]") else raw  # [a,b] without JSON quotes
         if isinstance(value, str):
