@@ -163,3 +163,16 @@ def test_a_sweeps_claims_file_with_an_unknown_verdict_is_refused_not_shown(tmp_p
     message = str(result.exception)
     assert "unknown verdict 'MAYBE'; use one of PASS, FAIL, INCONCLUSIVE" in message
     assert "claims.json" in message and "specscope sweep --resume" in message
+
+
+def test_a_runs_resealed_summary_with_an_unknown_verdict_is_refused_not_shown(tmp_path):
+    """summary.json's checksum stops an edit, not a resealed one: its claims are checked as a sweep's are."""
+    _run(tmp_path, "lab-c", "r1", {}, [_claim("PASS", 5.0, "Z-1")])
+    d = tmp_path / "lab-c" / "r1"
+    write_json(d / "summary.json", {"lab": "lab-c", "claims": [dict(_claim("PASS", 5.0, "Z-1").as_dict(), verdict="MAYBE")]},
+               checksum=True)
+    result = invoke("--root", str(tmp_path), "--format", "json")
+    from specscope.errors import RunStoreError
+
+    assert isinstance(result.exception, RunStoreError) and "MAYBE" not in result.stdout, result.output
+    assert "unknown verdict 'MAYBE'" in str(result.exception) and "summary.json" in str(result.exception)

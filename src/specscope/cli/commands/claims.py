@@ -73,7 +73,7 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged")
                                       else " (its metrics database is damaged)" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
-                    [Claim(**c) for c in data.get("claims", [])]))
+                    _summary_claims(summary, data)))
     for claims_file in sorted(root.rglob("claims.json")):
         sweep = claims_file.parent / "sweep.json"
         if not sweep.is_file():
@@ -101,6 +101,20 @@ def _damage(path: Path) -> str:
         typer.echo(f"warning: {visible(path)}: its claims come from a damaged metrics database ({visible(e)})", err=True)
         return str(e)
     return ""
+
+
+def _summary_claims(path: Path, data: dict) -> list[Claim]:
+    """A run's summary.json claims, checked as a sweep's are (the checksum stops an edit, not a resealed one)."""
+    from specscope.report.tables import as_claim
+
+    try:
+        claims = data.get("claims", [])
+        if not isinstance(claims, list):
+            raise ValueError(f"'claims' is a {type(claims).__name__}, not a list")
+        return [as_claim(c) for c in claims]
+    except (ValueError, TypeError) as e:
+        raise RunStoreError(f"{path} holds claims that are not claims ({str(e)[:120]}); `specscope report "
+                            f"{path.parent}` rewrites it from the recorded metrics.") from None
 
 
 def _sweep_claims(path: Path) -> list[Claim]:
