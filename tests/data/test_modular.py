@@ -1,5 +1,6 @@
 """Modular-arithmetic data: answers, split disjointness, the commutativity-aware split, errors."""
 
+import numpy
 import pytest
 import torch
 
@@ -82,3 +83,11 @@ def test_user_errors_name_the_problem(kw, words):
     args = {"tasks": "add", "p": 7, "train_fraction": 0.5, "split": "random", **kw}
     with pytest.raises(ConfigError, match=words):
         modular_dataset(**args)
+
+
+@pytest.mark.parametrize("p", [2**61 - 1, 100003, 97.0, True])
+def test_a_p_too_large_or_not_an_integer_is_refused_at_once(p):
+    """p = 2**61 − 1 once hung in the trial-division primality test, and 100003 asked torch for 80 GB."""
+    with pytest.raises(ConfigError, match=r"must be an integer prime from 2 to 4093"):
+        modular_dataset(p=p)
+    assert modular_dataset(p=numpy.int64(97)).p == 97

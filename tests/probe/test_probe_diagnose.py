@@ -1,5 +1,6 @@
 """`specscope diagnose` end to end through the CLI, and the Python `diagnose` function."""
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -223,6 +224,35 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1 and err.startswith("error:"), (args, err)
     assert not (tmp_path / "diagnose").exists()  # every one fails before a run directory is made
+
+
+def test_a_model_folder_or_module_that_fails_is_one_line_and_runs_no_folder_code(tmp_path, monkeypatch, capsys):
+    """A folder whose config.json names its own Python file (auto_map) is refused without running or asking about
+    it (transformers would prompt on a terminal); a factory module that fails to import, a relative name and a
+    builtin are one line each."""
+    from specscope.cli import main
+
+    pytest.importorskip("transformers")
+    evil = tmp_path / "evil_model"
+    evil.mkdir()
+    marker = tmp_path / "ran"
+    (evil / "config.json").write_text('{"model_type": "evil", "architectures": ["EvilModel"], "auto_map": '
+                                      '{"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}')
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (tmp_path / "broken_factory.py").write_text("def f(:\n")
+    (tmp_path / "raising_factory.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.chdir(tmp_path)
+    cases = [([f"hf:{evil}"], "contains custom code"), (["broken_factory:f"], "importing 'broken_factory' raised SyntaxError"),
+             (["raising_factory:f"], "raised RuntimeError: boom at import"), ([".fac:f"], "is a relative module name"),
+             (["builtins:dict"], "has no inspectable signature"), (["os:sep"], "os.sep is a str, not a function")]
+    for model, msg in cases:
+        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--out", str(tmp_path / "out"), "--model", *model])
+        monkeypatch.setattr(sys, "stdin", open(os.devnull))  # a prompt would read this: nothing to accept
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and msg in err and err.startswith("error:"), (model, err)
+    assert not marker.exists()
 
 
 def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ their mirror (b, a) trained, so accuracy on the clean remainder is the commutati
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -73,6 +74,9 @@ class ModularData:
     def to(self, device: torch.device | str) -> "ModularData":
         move = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return ModularData(**move)
+
+
+MAX_P = 4093  # the largest prime below 2**12: p² pairs, int64, stay under half a GiB per tensor
 
 
 def is_prime(n: int) -> bool:
@@ -144,6 +148,10 @@ def modular_dataset(
     or without `div`, train_fraction, split, seed), so every arm and task of a run sees the same pairs.
     """
     names = check_tasks(tasks)
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 2 <= p <= MAX_P:
+        raise ConfigError(f"p={p!r} must be an integer prime from 2 to {MAX_P}: the dataset holds all p² pairs "
+                          f"({MAX_P}² ≈ 17M); the published setups use 97 and 113")
+    p = int(p)
     if not is_prime(p):
         raise ConfigError(f"p={p} is not a prime; modular division and the published setups need a prime (e.g. 97, 113)")
     if not 0.0 < train_fraction < 1.0:

@@ -7,6 +7,7 @@ Tokens are the text's bytes (vocabulary 256), or the folder's own tokenizer when
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -66,17 +67,19 @@ def hf_model(name: str, seed: int):
 
 
 def _from_folder(transformers, path: Path):
+    # trust_remote_code=False: a folder's config.json may name Python files of its own (auto_map); transformers
+    # would ask on a terminal whether to run them. No code runs from a data folder: refused, without asking.
     try:
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM
-        model = auto.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
+        model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:  # (a weights file torch refused to unpickle)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"--model hf:{path}: cannot load a causal- or masked-LM from that folder ({first})") from None
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return model, None  # byte tokens
     try:
-        return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--model hf:{path}: the folder's tokenizer does not load ({str(e).strip().splitlines()[0]})") from None
 

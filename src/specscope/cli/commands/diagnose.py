@@ -45,16 +45,27 @@ def load_factory(spec: str, seed: int):
         raise ConfigError(f"--model {spec!r}: use 'mlp', 'transformer', 'hf:<folder or gpt2|llama|bert>' or a factory 'package.module:function'")
     if os.getcwd() not in sys.path:  # like `python -m`: the user's own package, run from its folder
         sys.path.insert(0, os.getcwd())
+    if mod_name.startswith("."):
+        raise ConfigError(f"--model {spec!r}: {mod_name!r} is a relative module name; give the module's full dotted "
+                          "name (package.module), run from the folder that holds the package")
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
         raise ConfigError(f"--model {spec!r}: cannot import module {mod_name!r} ({e}); run from its folder or put it on PYTHONPATH") from None
+    except (Exception, SystemExit) as e:  # the user's module failed while it was imported: one line, as a factory's error
+        raise ConfigError(f"--model {spec!r}: importing {mod_name!r} raised {type(e).__name__}: {e}") from e
     factory = getattr(module, fn_name, None)
-    if not callable(factory):
+    if factory is None:
         raise ConfigError(f"--model {spec!r}: module {mod_name!r} has no function {fn_name!r}")
+    if not callable(factory):
+        raise ConfigError(f"--model {spec!r}: {mod_name}.{fn_name} is a {type(factory).__name__}, not a function")
     import torch
 
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        raise ConfigError(f"--model {spec!r}: {mod_name}.{fn_name} has no inspectable signature (a builtin?); a factory is "
+                          "a Python function taking no argument or only `seed`") from None
     required = [n for n, p in params.items() if n != "seed" and p.default is p.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     if required:
