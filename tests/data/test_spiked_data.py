@@ -94,3 +94,55 @@ def test_load_matrix_npy_npz_and_errors(tmp_path):
         from_matrix(bad)
     with pytest.raises(ConfigError, match="rows"):
         from_matrix(X, np.ones(3))
+
+
+def test_load_matrix_refuses_bad_targets_and_files(tmp_path):
+    X = np.random.default_rng(0).normal(size=(10, 6))
+    np.savez(tmp_path / "y2d.npz", X=X, y=np.ones((5, 2)))  # 10 values, but not one per row
+    with pytest.raises(ConfigError, match=r"\(5, 2\)"):
+        load_matrix(tmp_path / "y2d.npz")
+    np.savez(tmp_path / "ycol.npz", X=X, y=np.arange(10.0)[:, None])  # an (n, 1) column is fine
+    assert load_matrix(tmp_path / "ycol.npz").y.shape == (10,)
+    for bad in (np.nan, np.inf):
+        y = np.arange(10.0)
+        y[3] = bad
+        np.savez(tmp_path / "ynan.npz", X=X, y=y)
+        with pytest.raises(ConfigError, match="NaN or Inf"):
+            load_matrix(tmp_path / "ynan.npz")
+    np.save(tmp_path / "c.npy", X + 1j * X)
+    with pytest.raises(ConfigError, match="complex"):
+        load_matrix(tmp_path / "c.npy")
+    with pytest.raises(ConfigError, match="complex"):
+        from_matrix(X, np.arange(10.0) + 1j)
+    np.save(tmp_path / "s.npy", np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(ConfigError, match="numeric"):
+        load_matrix(tmp_path / "s.npy")
+    np.save(tmp_path / "o.npy", np.array([[1, "a"], [None, 2]], dtype=object), allow_pickle=True)
+    with pytest.raises(ConfigError, match="o.npy"):
+        load_matrix(tmp_path / "o.npy")
+    np.save(tmp_path / "t.npy", X)
+    raw = (tmp_path / "t.npy").read_bytes()
+    (tmp_path / "t.npy").write_bytes(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(ConfigError, match="t.npy"):
+        load_matrix(tmp_path / "t.npy")
+    (tmp_path / "g.npy").write_bytes(b"not a numpy file at all")
+    with pytest.raises(ConfigError, match="g.npy"):
+        load_matrix(tmp_path / "g.npy")
+    (tmp_path / "g.npz").write_bytes(b"not a zip")
+    with pytest.raises(ConfigError, match="g.npz"):
+        load_matrix(tmp_path / "g.npz")
+    np.save(tmp_path / "k.npy", np.ones((10, 6)))  # constant: no bulk to fit α on
+    with pytest.raises(ConfigError, match="constant") as e:
+        load_matrix(tmp_path / "k.npy")
+    assert "fit_range" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(alpha=float("nan")), "alpha"), (dict(alpha=float("inf")), "alpha"), (dict(nu=float("nan")), "nu"),
+    (dict(nu=float("-inf")), "nu"), (dict(nu=1e6), "nu"), (dict(label_noise=float("nan")), "label_noise"),
+    (dict(label_noise=float("inf")), "label_noise"), (dict(label_noise=-0.1), "label_noise"),
+    (dict(n=20.5), "n="), (dict(d=8.0), "d="), (dict(n=1), "n="), (dict(teacher_width=0), "teacher_width"),
+    (dict(teacher_width=-2), "teacher_width"), (dict(teacher_width=1.5), "teacher_width")])
+def test_spiked_covariance_refuses_bad_parameters(kw, word):
+    with pytest.raises(ConfigError, match=word):
+        spiked_covariance(**{**dict(n=20, d=8), **kw})

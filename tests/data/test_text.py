@@ -23,3 +23,60 @@ def test_user_file_and_folder(tmp_path):
     assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ConfigError, match="not a file or a folder"):
         load_corpus(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("kw, word", [(dict(val_every=0), "val_every"), (dict(val_every=-1), "val_every"),
+                                      (dict(val_every=1), "val_every"), (dict(val_every=2.5), "val_every"),
+                                      (dict(max_bytes=-10), "max_bytes"), (dict(max_bytes=0), "max_bytes"),
+                                      (dict(max_bytes=100.5), "max_bytes")])
+def test_load_corpus_refuses_bad_arguments(tmp_path, kw, word):
+    (tmp_path / "a.txt").write_text("hello world " * 200)
+    with pytest.raises(ConfigError, match=word):
+        load_corpus(tmp_path / "a.txt", **kw)
+
+
+def test_load_corpus_reads_only_max_bytes_and_names_unreadable_files(tmp_path, monkeypatch):
+    import builtins
+
+    (tmp_path / "a.txt").write_bytes(bytes(range(256)) * 40)
+    asked = []
+    real_open = builtins.open
+
+    class Spy:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def read(self, n=-1):
+            asked.append(n)
+            return self.fh.read(n)
+
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: Spy(real_open(f, *a, **k)) if str(f).endswith("a.txt") else real_open(f, *a, **k))
+    c = load_corpus(tmp_path / "a.txt", max_bytes=1000)
+    assert asked == [1000] and len(c.train) + len(c.val) == 1000
+    monkeypatch.undo()
+    full = bytes(range(256)) * 40
+    assert bytes(c.train.tolist()) + bytes(c.val.tolist()) == full[:1000]
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.txt").write_text("x" * 500)
+    (d / "b.txt").write_text("y" * 500)
+
+    def fail(f, *a, **k):
+        raise PermissionError(13, "Permission denied", str(f))
+
+    monkeypatch.setattr(builtins, "open", fail)
+    with pytest.raises(ConfigError, match="a.txt"):
+        load_corpus(d, val_every=2)
+
+
+@pytest.mark.parametrize("batch_size, seq_len, word", [(0, 8, "batch_size"), (-2, 8, "batch_size"), (2.5, 8, "batch_size"),
+                                                       (2, 0, "seq_len"), (2, -4, "seq_len"), (2, 4.0, "seq_len")])
+def test_sample_batch_refuses_bad_sizes(batch_size, seq_len, word):
+    with pytest.raises(ConfigError, match=word):
+        sample_batch(torch.arange(100, dtype=torch.uint8), batch_size, seq_len, torch.Generator().manual_seed(0))

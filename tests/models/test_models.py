@@ -62,3 +62,51 @@ def test_explicit_attention_is_scaled_dot_product_attention():
         torch.manual_seed(0)
         models.append(enc003(7, 2, d_model=16, n_heads=2, d_ff=32, kernel=kernel).double())
     torch.testing.assert_close(models[1](x), models[0](x), rtol=0, atol=1e-12)  # same weights, same function
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(n_layer=-3), "n_layer"), (dict(n_layer=0), "n_layer"), (dict(d_model=0), "d_model"), (dict(d_ff=0), "d_ff"),
+    (dict(n_head=0), "n_head"), (dict(n_head=-2), "n_head"), (dict(seq_len=-1), "seq_len"),
+    (dict(vocab_size=-5), "vocab_size"), (dict(d_model=-16), "d_model"), (dict(d_model=16.0), "d_model"),
+    (dict(n_layer=2.5), "n_layer"), (dict(n_layer=True), "n_layer"), (dict(dropout=1.0), "dropout"),
+    (dict(dropout=-0.1), "dropout"), (dict(dropout=float("nan")), "dropout"), (dict(dropout="0.1"), "dropout")])
+def test_gpt_config_refuses_bad_sizes(kw, word):
+    with pytest.raises(ConfigError, match=word):
+        GPTConfig(**{**SMALL, **kw})
+
+
+def test_gpt_forward_refuses_bad_inputs():
+    model = GPT(GPTConfig(**SMALL)).eval()
+    for bad in (torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool), torch.zeros(4, dtype=torch.long),
+                torch.zeros(1, 2, 4, dtype=torch.long)):
+        with pytest.raises(ConfigError, match="token ids"):
+            model(bad)
+    assert model(torch.zeros(2, 4, dtype=torch.int32)).shape == (2, 4, 20)
+
+
+@pytest.mark.parametrize("sizes", [[True, 2], [float("nan"), 2], [2.5, 2], [4, 0], [4, -1], ["4", 2]])
+def test_mlp_refuses_bad_sizes(sizes):
+    with pytest.raises(ConfigError, match="sizes"):
+        MLP(sizes)
+
+
+def test_modular_transformer_refuses_bad_options_and_sizes():
+    from specscope.models.modular import ModularTransformer
+
+    base = dict(vocab_size=8, n_classes=7, seq_len=2, d_model=8, n_heads=2, d_ff=16)
+    for kw, word in ((dict(norm="bogus"), "norm"), (dict(mlp="bogus"), "mlp"), (dict(kernel="bogus"), "kernel"),
+                     (dict(n_layers=-1), "n_layers"), (dict(n_layers=1.5), "n_layers"), (dict(d_model=0), "d_model"),
+                     (dict(d_ff=-1), "d_ff"), (dict(n_heads=0), "n_heads"), (dict(n_tasks=0), "n_tasks"),
+                     (dict(vocab_size=2.0), "vocab_size")):
+        with pytest.raises(ConfigError, match=word) as e:
+            ModularTransformer(**{**base, **kw})
+        if "bogus" in kw.values():
+            assert "bogus" in str(e.value) and "(" in str(e.value)  # lists the valid names
+    model = ModularTransformer(**base, n_layers=0)  # 0 layers: embeddings → norm → head, a supported baseline
+    assert model(torch.zeros(3, 2, dtype=torch.long)).shape == (3, 7)
+    model = ModularTransformer(**base)
+    with pytest.raises(ConfigError, match="seq_len"):
+        model(torch.zeros(3, 3, dtype=torch.long))
+    for bad in (torch.zeros(3, 2), torch.zeros(2, dtype=torch.long)):
+        with pytest.raises(ConfigError, match="token ids"):
+            model(bad)

@@ -12,6 +12,9 @@ Everything is drawn on CPU in float64 from an explicit seed, then moved.
 from __future__ import annotations
 
 import math
+import numbers
+import pickle
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +24,32 @@ import torch
 from specscope.errors import ConfigError
 
 TARGETS = ("teacher", "multi-index")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be a whole number ≥ {minimum}; give an integer ≥ {minimum}")
+
+
+def _check_finite(name: str, value, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (
+            minimum is not None and value < minimum):
+        bound = f" ≥ {minimum}" if minimum is not None else ""
+        raise ConfigError(f"{name}={value!r} must be a finite number{bound}; give a real value{bound}")
+
+
+def _as_real_tensor(a, what: str) -> torch.Tensor:
+    """float64 CPU tensor of a real numeric array; complex, string or object arrays are refused (never cast)."""
+    if isinstance(a, torch.Tensor):
+        if a.is_complex():
+            raise ConfigError(f"{what} is complex ({a.dtype}); give a real array (take .real or .abs() first)")
+        return a.detach().double().cpu()
+    arr = np.asarray(a)
+    if arr.dtype.kind == "c":
+        raise ConfigError(f"{what} is complex ({arr.dtype}); give a real array (take .real or abs() first)")
+    if arr.dtype.kind not in "biuf":
+        raise ConfigError(f"{what} has dtype {arr.dtype}, not numbers; give a numeric (float or int) array")
+    return torch.as_tensor(arr).double().cpu()
 
 
 @dataclass
@@ -95,13 +124,22 @@ def spiked_covariance(n: int, d: int, alpha: float = 0.0, nu: float = 0.25, *, q
     """X = X_B + ζ z qᵀ with bulk covariance diag(k^{−α}), ζ = n^ν, and targets (`teacher_targets` or
     `multi_index_targets`). The same seed draws the same Gaussians for every (α, ν): sweeps use common
     random numbers, so a map over (ν, α) changes only what it varies."""
-    if n < 2 or d < 2:
-        raise ConfigError(f"spiked data needs n ≥ 2 and d ≥ 2, got n={n}, d={d}")
+    _check_int("n", n, 2)
+    _check_int("d", d, 2)
+    _check_finite("alpha", alpha)
+    _check_finite("nu", nu)
+    _check_finite("label_noise", label_noise, 0)
+    _check_int("teacher_width", teacher_width, 1)
+    try:
+        zeta = float(n) ** nu
+    except OverflowError:
+        zeta = math.inf
+    if not math.isfinite(zeta):
+        raise ConfigError(f"nu={nu!r} makes the spike ζ = n^ν = {n}^{nu} overflow; give a smaller nu")
     gen = torch.Generator().manual_seed(seed)
     X_B = torch.randn(n, d, generator=gen, dtype=torch.float64) * bulk_eigenvalues(d, alpha).sqrt()
     z = torch.randn(n, generator=gen, dtype=torch.float64)
     qv = spike_direction(d, q, gen)
-    zeta = float(n) ** nu
     X = X_B + zeta * torch.outer(z, qv)
     y = make_targets(X, target, width=teacher_width, seed=seed + 1)
     if label_noise:
@@ -135,6 +173,7 @@ def multi_index_targets(X: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def make_targets(X: torch.Tensor, target: str, width: int = 4, seed: int = 0) -> torch.Tensor:
     if target == "teacher":
+        _check_int("teacher_width", width, 1)
         return teacher_targets(X, width, seed)
     if target == "multi-index":
         return multi_index_targets(X, seed)
@@ -154,7 +193,7 @@ def estimate_spectrum(X: torch.Tensor, fit_range: tuple[int, int] | None = None)
     lo, hi = fit_range or (2, max(3, min(n, d) // 2))
     k = torch.arange(lo, hi + 1, dtype=torch.float64)
     lam = evals[lo - 1 : hi]
-    keep = lam > 0
+    keep = lam > evals[0] * max(n, d) * torch.finfo(torch.float64).eps  # below this is rounding noise, not spectrum
     if keep.sum() < 2:
         raise ValueError(f"too few positive eigenvalues in k = {lo}..{hi} to fit α; widen fit_range")
     lk, ll = k[keep].log(), lam[keep].log()
@@ -167,22 +206,31 @@ def from_matrix(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | Non
                 target: str = "teacher", seed: int = 0) -> SpikedData:
     """Split a measured data matrix (n × d, rows are samples, not centred) as X_B + ζ z qᵀ around its top
     eigendirection. Without y, targets come from a seeded teacher network on X."""
-    X = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X).double().cpu()
+    X = _as_real_tensor(X, f"the data matrix {name!r}")
     if X.ndim != 2 or min(X.shape) < 2:
         raise ConfigError(f"the data matrix must be 2-D n × d with n, d ≥ 2 (rows = samples); got shape {tuple(X.shape)}")
     if not torch.isfinite(X).all():
         raise ConfigError("the data matrix has NaN or Inf entries; clean or impute them first")
-    est = estimate_spectrum(X)
+    if y is not None:  # checked before the eigendecomposition: a bad y fails fast
+        yt = _as_real_tensor(y, f"the targets y of {name!r}")
+        if not (yt.ndim == 1 or (yt.ndim == 2 and yt.shape[1] == 1)) or yt.shape[0] != X.shape[0]:
+            raise ConfigError(f"targets y of {name!r} have shape {tuple(yt.shape)} but the matrix has {X.shape[0]} rows; "
+                              f"give y of shape ({X.shape[0]},) or ({X.shape[0]}, 1), one target per row")
+        yt = yt.reshape(-1)
+        if not torch.isfinite(yt).all():
+            raise ConfigError(f"targets y of {name!r} have NaN or Inf entries; clean or drop those rows first")
+    try:
+        est = estimate_spectrum(X)
+    except ValueError as e:
+        raise ConfigError(f"the data matrix {name!r} ({X.shape[0]} × {X.shape[1]}) has too few positive eigenvalues "
+                          "after the top one to fit α (it is constant or nearly rank one, or too small); give a "
+                          "matrix with more varied rows and columns") from e
     q = est.q
     proj = X @ q
     zeta = proj.norm().item() / math.sqrt(X.shape[0])
     X_B = X - torch.outer(proj, q)
     if y is None:
         yt = make_targets(X, target, seed=seed)
-    else:
-        yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).double().reshape(-1).cpu()
-        if yt.shape[0] != X.shape[0]:
-            raise ConfigError(f"targets have {yt.shape[0]} entries but the matrix has {X.shape[0]} rows")
     return SpikedData(X_B, proj / zeta, q, zeta, yt, name)
 
 
@@ -225,15 +273,22 @@ def load_matrix(path: str | Path, *, target: str = "teacher", seed: int = 0) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; give a .npy (n × d) or .npz (X, y) path")
-    if path.suffix == ".npz":
-        with np.load(path) as f:
-            if "X" not in f:
-                raise ConfigError(f"{path} has arrays {list(f.keys())}; it needs one named 'X' (and optionally 'y')")
-            X, y = f["X"], (f["y"] if "y" in f else None)
-    elif path.suffix == ".npy":
-        X, y = np.load(path), None
-    else:
+    if path.suffix not in (".npy", ".npz"):
         raise ConfigError(f"data file {path} must end in .npy or .npz")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path) as f:
+                if "X" not in f:
+                    raise ConfigError(f"{path} has arrays {list(f.keys())}; it needs one named 'X' (and optionally 'y')")
+                X, y = f["X"], (f["y"] if "y" in f else None)
+        else:
+            X, y = np.load(path), None
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ConfigError(f"data file {path} could not be read as {path.suffix} ({type(e).__name__}: {e}); "
+                          f"it is truncated, corrupt or holds Python objects: save it again with numpy.save"
+                          f"{'z' if path.suffix == '.npz' else ''}") from e
     return from_matrix(X, y, name=path.stem, target=target, seed=seed)
 
 

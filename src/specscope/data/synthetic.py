@@ -11,6 +11,7 @@ number is the same as for the samples × features layout of REFERENCE §1.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,6 +39,13 @@ def check_activation(name: str) -> str:
     if name not in ACTIVATION_NAMES:
         raise ConfigError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATION_NAMES)}")
     return name
+
+
+def check_size(name: str, value, minimum: int = 1) -> int:
+    """A whole number ≥ minimum (not a bool, not a float); otherwise a ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be a whole number ≥ {minimum}; give an integer ≥ {minimum}")
+    return int(value)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -90,6 +98,8 @@ def rf_regression(dim: int, width: int, samples: int, outputs: int, activation: 
 
     float64 by default: the quadratic check compares exact one-step decreases, which float32 would blur.
     """
+    for name, value in dict(dim=dim, width=width, samples=samples, outputs=outputs).items():
+        check_size(name, value)
     gen = generator(seed)
     X = gaussian((dim, samples), gen, device=device, dtype=dtype)
     A = random_features(X, width, check_activation(activation), gen)
@@ -99,7 +109,7 @@ def rf_regression(dim: int, width: int, samples: int, outputs: int, activation: 
 
 def sparse_function(X: torch.Tensor, support: int = 3) -> torch.Tensor:
     """y = x₁ x₂ ⋯ x_support for X (samples × dim): a sparse function of the input (paper 001 Fig. 1 uses the cubic)."""
-    if not 1 <= support <= X.shape[1]:
+    if isinstance(support, bool) or not isinstance(support, numbers.Integral) or not 1 <= support <= X.shape[1]:
         raise ConfigError(f"support={support} must be between 1 and the input dimension {X.shape[1]}")
     return X[:, :support].prod(dim=1, keepdim=True)
 
@@ -107,5 +117,8 @@ def sparse_function(X: torch.Tensor, support: int = 3) -> torch.Tensor:
 def sparse_regression(dim: int, samples: int, seed: int, *, support: int = 3,
                       device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(X, y): Gaussian inputs (samples × dim, the nn.Linear layout) and the sparse target x₁x₂x₃."""
+    check_size("dim", dim)
+    check_size("samples", samples)
+    check_size("support", support)
     X = gaussian((samples, dim), generator(seed), device=device)
     return X, sparse_function(X, support)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -36,6 +37,20 @@ class TextCorpus:
         return f"{self.source}: {self.n_files} files, {len(self.train):,} train / {len(self.val):,} val bytes"
 
 
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be a whole number ≥ {minimum}; give an integer ≥ {minimum}")
+
+
+def _read(f: Path, limit: int | None = None) -> bytes:
+    """The file's bytes (at most `limit`, reading no more than that); an unreadable file is a ConfigError naming it."""
+    try:
+        with open(f, "rb") as fh:
+            return fh.read() if limit is None else fh.read(limit)
+    except OSError as e:
+        raise ConfigError(f"text corpus file {f} could not be read ({e.strerror or e}); check it exists and is readable") from e
+
+
 def stdlib_files(root: str | Path | None = None) -> list[Path]:
     root = Path(root or sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "lib2to3"}
@@ -55,7 +70,7 @@ def _files(path: Path) -> list[Path]:
 def _split(files: list[Path], val_every: int, max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every val_every-th file is validation; with max_bytes, each side stops at its share of the budget."""
     if len(files) == 1:  # one file: its last 1/val_every is validation
-        data = files[0].read_bytes()[:max_bytes]
+        data = _read(files[0], max_bytes)
         cut = len(data) - len(data) // val_every
         return _bytes(data[:cut]), _bytes(data[cut:])
     budget = {True: math.inf, False: math.inf} if max_bytes is None else {True: max_bytes / val_every, False: max_bytes * (1 - 1 / val_every)}
@@ -64,7 +79,7 @@ def _split(files: list[Path], val_every: int, max_bytes: int | None) -> tuple[to
     for i, f in enumerate(files):
         is_val = i % val_every == val_every - 1
         if used[is_val] < budget[is_val]:
-            data = f.read_bytes()
+            data = _read(f)
             chunks[is_val].append(data)
             used[is_val] += len(data)
         if used[True] >= budget[True] and used[False] >= budget[False]:
@@ -80,11 +95,17 @@ def load_corpus(path: str | Path | None = None, *, val_every: int = 20, max_byte
     """The stdlib corpus (path None or "stdlib"), or a user's text file / folder, as byte tokens.
 
     The last corpus read is kept while its files are unchanged (same paths, sizes and modification times)."""
+    _check_int("val_every", val_every, 2)  # every val_every-th file (or the last 1/val_every of one file) is validation
+    if max_bytes is not None:
+        _check_int("max_bytes", max_bytes, 1)
     if path in (None, "", "stdlib"):
         files, source = stdlib_files(), "python-stdlib"
     else:
         files, source = _files(Path(path)), str(path)
-    key = (source, tuple((str(f), *_stamp(f)) for f in files), val_every, max_bytes)
+    try:
+        key = (source, tuple((str(f), *_stamp(f)) for f in files), val_every, max_bytes)
+    except OSError as e:
+        raise ConfigError(f"text corpus file {e.filename} could not be read ({e.strerror or e}); check it exists") from e
     if _LAST.get("key") != key:
         train, val = _split(files, val_every, max_bytes)
         if len(train) < 2 or len(val) < 2:
@@ -104,6 +125,8 @@ def _stamp(f: Path) -> tuple[int, int]:
 
 def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1], as int64."""
+    _check_int("batch_size", batch_size, 1)
+    _check_int("seq_len", seq_len, 1)
     if len(tokens) <= seq_len + 1:
         raise ConfigError(f"sequence length {seq_len} does not fit a corpus split of {len(tokens)} tokens")
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)

@@ -8,6 +8,7 @@ Module names are part of the contract the probe and the labs rely on (REFERENCE 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,12 @@ from specscope.errors import ConfigError
 
 MLP_KINDS = ("relu2", "gelu", "swiglu")
 POS_KINDS = ("rope", "learned")
+
+
+def _check_size(name: str, value, minimum: int = 1) -> None:
+    """A whole number ≥ minimum (not a bool, not a float), else a ConfigError naming GPTConfig.<name>."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"GPTConfig.{name}={value!r} must be a whole number ≥ {minimum}; give a positive integer")
 
 
 @dataclass
@@ -36,6 +43,13 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "n_layer", "n_head", "d_model"):
+            _check_size(name, getattr(self, name))
+        if self.d_ff is not None:
+            _check_size("d_ff", self.d_ff)
+        p = self.dropout
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 <= p < 1:  # NaN fails 0 <= p
+            raise ConfigError(f"GPTConfig.dropout={p!r} must be a probability in [0, 1); give e.g. 0.0 or 0.1")
         if self.mlp not in MLP_KINDS:
             raise ConfigError(f"GPTConfig.mlp={self.mlp!r} is not one of {MLP_KINDS}")
         if self.pos not in POS_KINDS:
@@ -153,6 +167,11 @@ class GPT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if idx.ndim != 2:
+            raise ConfigError(f"GPT input must be token ids of shape [batch, seq_len]; got shape {tuple(idx.shape)} "
+                              "(add a batch dimension with idx[None])")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"GPT input must be integer token ids (torch.long); got dtype {idx.dtype} (use idx.long())")
         T = idx.shape[-1]
         if T > self.cfg.seq_len:
             raise ConfigError(f"sequence length {T} exceeds GPTConfig.seq_len={self.cfg.seq_len}")

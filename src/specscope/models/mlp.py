@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -24,8 +25,10 @@ class MLP(nn.Module):
 
     def __init__(self, sizes: Sequence[int], activation: str = "relu", bias: bool = True):
         super().__init__()
-        if len(sizes) < 2 or any(int(s) < 1 for s in sizes):
-            raise ConfigError(f"MLP sizes must be at least (in, out) with positive widths; got {tuple(sizes)}")
+        sizes = tuple(sizes)
+        if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sizes):
+            raise ConfigError(f"MLP sizes must be at least (in, out) with positive whole-number widths; got {sizes}")
+        sizes = tuple(int(s) for s in sizes)
         if activation not in ACTIVATIONS:
             raise ConfigError(f"MLP activation={activation!r} is not one of {tuple(ACTIVATIONS)}")
         self.act = ACTIVATIONS[activation]

@@ -13,7 +13,8 @@ regularizer or probe selects W_Q, W_K by name. Several tasks share the encoder; 
 
 from __future__ import annotations
 
-from typing import Literal
+import numbers
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,20 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tor
     return (scores.softmax(-1).unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
 
 
+def _check_choice(name: str, value, options: tuple[str, ...]) -> None:
+    """An unknown option name is refused, never mapped to a default."""
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {options}; pick one of those")
+
+
+def _check_size(name: str, value, minimum: int = 1) -> None:
+    """A whole number ≥ minimum (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"ModularTransformer {name}={value!r} must be a whole number ≥ {minimum}; give an integer ≥ {minimum}")
+
+
 def _norm(kind: Norm, d: int, bias: bool) -> nn.Module:
+    _check_choice("norm", kind, get_args(Norm))
     return nn.LayerNorm(d, bias=bias) if kind == "layernorm" else nn.RMSNorm(d)
 
 
@@ -52,6 +66,7 @@ class Attention(nn.Module):
 
     def __init__(self, d: int, n_heads: int, bias: bool, qk_norm: bool, kernel: Kernel = "sdpa"):
         super().__init__()
+        _check_choice("kernel", kernel, get_args(Kernel))
         self.attend = explicit_attention if kernel == "explicit" else F.scaled_dot_product_attention
         check_heads(d, n_heads)
         self.n_heads, self.head_dim = n_heads, d // n_heads
@@ -77,6 +92,7 @@ class MLP(nn.Module):
 
     def __init__(self, d: int, d_ff: int, kind: MLPKind, bias: bool):
         super().__init__()
+        _check_choice("mlp", kind, get_args(MLPKind))
         self.kind = kind
         self.up, self.down = nn.Linear(d, d_ff, bias=bias), nn.Linear(d_ff, d, bias=bias)
         self.gate = nn.Linear(d, d_ff, bias=bias) if kind == "swiglu" else None
@@ -134,6 +150,15 @@ class ModularTransformer(nn.Module):
         kernel: Kernel = "sdpa",
     ):
         super().__init__()
+        for name, value in dict(vocab_size=vocab_size, n_classes=n_classes, seq_len=seq_len, n_tasks=n_tasks,
+                                d_model=d_model, n_heads=n_heads, d_ff=d_ff).items():
+            _check_size(name, value)
+        _check_size("n_layers", n_layers, 0)  # 0 layers: embeddings → norm → head (forward reads `readout`)
+        if isinstance(readout, bool) or not isinstance(readout, numbers.Integral):
+            raise ConfigError(f"ModularTransformer readout={readout!r} must be a whole-number position")
+        _check_choice("norm", norm, get_args(Norm))
+        _check_choice("mlp", mlp, get_args(MLPKind))
+        _check_choice("kernel", kernel, get_args(Kernel))
         if not -seq_len <= readout < seq_len:
             raise ConfigError(f"readout position {readout} is outside a sequence of length {seq_len}")
         self.readout, self.n_tasks = readout, n_tasks
@@ -144,6 +169,11 @@ class ModularTransformer(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(d_model, n_classes, bias=bias) for _ in range(n_tasks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 2 or x.dtype not in (torch.int64, torch.int32):
+            raise ConfigError(f"ModularTransformer input must be integer token ids [batch, seq_len]; got shape "
+                              f"{tuple(x.shape)}, dtype {x.dtype} (use x.long(), add a batch dimension with x[None])")
+        if x.shape[1] > self.pos.shape[0]:
+            raise ConfigError(f"sequence length {x.shape[1]} exceeds ModularTransformer seq_len={self.pos.shape[0]}")
         h = self.embed(x) + self.pos[: x.shape[1]]
         for i, block in enumerate(self.blocks):
             h = block(h, self.readout if i == len(self.blocks) - 1 else None)
