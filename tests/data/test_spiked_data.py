@@ -146,3 +146,12 @@ def test_load_matrix_refuses_bad_targets_and_files(tmp_path):
 def test_spiked_covariance_refuses_bad_parameters(kw, word):
     with pytest.raises(ConfigError, match=word):
         spiked_covariance(**{**dict(n=20, d=8), **kw})
+
+
+@pytest.mark.parametrize("fit_range", [(0, 5), (5, 2), (3, 3), (2, 41), (1.5, 4), (True, 4)])
+def test_estimate_spectrum_refuses_a_fit_range_outside_the_eigenvalues(fit_range):
+    """(0, 5) read λ_0 as the smallest eigenvalue (index −1) and fitted log 0; (2, 41) of 40 fitted a shorter range."""
+    X = spiked_covariance(200, 40, 0.5, 0.5, seed=0).X
+    with pytest.raises(ValueError, match=r"fit_range=.* must be two whole numbers 1 ≤ lo < hi ≤ min\(n, d\) = 40"):
+        estimate_spectrum(X, fit_range=fit_range)
+    assert math.isfinite(estimate_spectrum(X, fit_range=(1, 40)).alpha)  # the whole range is allowed

@@ -83,6 +83,26 @@ def _accs(arm, grok_at, steps=400, every=50):
     return [(arm, "test_acc", "", s, 1.0 if s >= grok_at else 0.1) for s in range(0, steps + 1, every)]
 
 
+def test_a_window_of_zero_updates_gives_no_coupling_and_no_crash():
+    """With no parameter change between snapshots (lr 0, a warm-up from 0, frozen weights) the update window has
+    no SED directions: the second full window's rotation raised from principal_angles, and R̄ of no ratios was NaN."""
+    torch.manual_seed(0)
+    W, x = torch.nn.Parameter(torch.randn(4, 3)), torch.randn(5, 3)
+    opt = torch.optim.SGD([W], lr=0.0)
+    tracker = sed.SEDTracker([W], {"gradient-sed": lambda: (x @ W.T).pow(2).sum()}, window=2, k=1, every=1)
+    coupling = sed.Coupling([W], tracker, {"": lambda: x @ W.T}, {"": ["gradient-sed", "update-sed"]}, every=1,
+                            n_random=3, eps_rel=0.01, seed=0)
+    records = []
+    for step in range(4):
+        tracker.after_backward(step, None, opt)
+        opt.step()
+        records += tracker.after_step(step, None, opt) + coupling.after_step(step, None, opt)
+    got = {(r.layer, r.metric) for r in records if r.step == 3}
+    assert ("gradient-sed", "coupling_Rbar") in got and ("update-sed", "coupling_baseline") in got
+    assert not any(layer == "update-sed" and metric.startswith(("coupling_R", "sed_rotation")) for layer, metric in got)
+    assert all(math.isfinite(r.value) for r in records if r.metric.startswith("coupling"))
+
+
 def test_intervention_table_speedups_and_sed2_verdicts():
     cfg = sed.Config(seeds=1, grok_window=2, eval_every=50)
     rows = _accs("control-s0", 300) + _accs("keep_sed-s0", 150) + _accs("keep_random-s0", 100)

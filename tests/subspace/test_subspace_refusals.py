@@ -115,6 +115,19 @@ def test_sed_tracker_names_a_loss_that_is_not_a_differentiable_scalar():
             SEDTracker([W], {name: fn}, every=1).after_backward(0, None, opt)
 
 
+def test_sed_tracker_refuses_a_loss_of_other_parameters_instead_of_pushing_zeros():
+    """A closure over another model's weights pushed zero vectors into its window, and the SED came out empty."""
+    W, other = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.SGD([W], lr=0.1)
+    tracker = SEDTracker([W], {"gradient-sed": lambda: other.pow(2).sum()}, window=2, k=1, every=1)
+    with pytest.raises(ValueError, match="loss 'gradient-sed' does not depend on any tracked parameter"):
+        tracker.after_backward(0, None, opt)
+    assert tracker.seds["gradient-sed"]._count == 0  # nothing pushed
+    both = SEDTracker([W, other], {"gradient-sed": lambda: W.pow(2).sum()}, window=2, k=1, every=1)
+    both.after_backward(0, None, opt)  # a loss of some of the tracked parameters is a snapshot (zeros for the rest)
+    assert both.seds["gradient-sed"]._count == 1
+
+
 def _coupling_setup():
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(4, 3))

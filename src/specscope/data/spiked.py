@@ -191,6 +191,10 @@ def estimate_spectrum(X: torch.Tensor, fit_range: tuple[int, int] | None = None)
     evals, evecs = torch.linalg.eigh(X.T @ X / n)
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     lo, hi = fit_range or (2, max(3, min(n, d) // 2))
+    if fit_range is not None and not (all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
+                                      and 1 <= lo < hi <= min(n, d)):
+        raise ValueError(f"estimate_spectrum: fit_range={fit_range!r} must be two whole numbers 1 ≤ lo < hi ≤ "
+                         f"min(n, d) = {min(n, d)} (1-based eigenvalue indices, inclusive)")
     k = torch.arange(lo, hi + 1, dtype=torch.float64)
     lam = evals[lo - 1 : hi]
     keep = lam > evals[0] * max(n, d) * torch.finfo(torch.float64).eps  # below this is rounding noise, not spectrum

@@ -94,6 +94,10 @@ def _bytes(data: bytes) -> torch.Tensor:
 def load_corpus(path: str | Path | None = None, *, val_every: int = 20, max_bytes: int | None = None) -> TextCorpus:
     """The stdlib corpus (path None or "stdlib"), or a user's text file / folder, as byte tokens.
 
+    `max_bytes` caps what is read: of one file, its first max_bytes bytes (the last 1/val_every of them validation);
+    of a folder, whole files in sorted order until each split has its share (validation 1/val_every of max_bytes),
+    so a split may pass its share by the rest of its last file (files are never cut).
+
     The last corpus read is kept while its files are unchanged (same paths, sizes and modification times)."""
     _check_int("val_every", val_every, 2)  # every val_every-th file (or the last 1/val_every of one file) is validation
     if max_bytes is not None:

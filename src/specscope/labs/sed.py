@@ -169,8 +169,8 @@ class Coupling:
                 r = ratios[offset:offset + len(V)]
                 offset += len(V)
                 out += [Record(step, layer, f"coupling_R{i + 1}", v, estimator="finite_difference") for i, v in enumerate(r)]
-                out += [Record(step, layer, "coupling_Rbar", float(np.mean(r)), estimator="finite_difference"),
-                        Record(step, layer, "coupling_baseline", baseline, estimator="finite_difference")]
+                out += [Record(step, layer, "coupling_Rbar", float(np.mean(r)), estimator="finite_difference")] if r else []
+                out += [Record(step, layer, "coupling_baseline", baseline, estimator="finite_difference")]
         out.append(Record(step, "", "coupling_seconds", time.perf_counter() - t0))
         return out
 

@@ -70,7 +70,8 @@ def coupling_ratios(
     eps_rel: float = 0.005,
     generator: torch.Generator | None = None,
 ) -> tuple[list[float], float]:
-    """(R_k for each row of `directions`, the median random-direction coupling it is normalised by).
+    """(R_k for each row of `directions`, the median random-direction coupling it is normalised by); the list is
+    empty when `directions` has no rows (a window of zero vectors has no SED directions).
 
     `centroids` must be deterministic: call `model.eval()` first (dropout, on in a freshly built Hugging Face
     model, makes the two sides of every difference different draws and the ratios ≈ 1)."""

@@ -141,10 +141,11 @@ class RollingSVD:
         return float(s[self.k - 1] / s[self.k]) if s[self.k] > 0 else float("inf")
 
     def rotation(self) -> float:
-        """Largest principal angle (radians) between the current SED-k subspace and the one at the last call."""
+        """Largest principal angle (radians) between the current SED-k subspace and the one at the last call (NaN at
+        the first call, or when either has no directions or another number of them)."""
         V = self.directions()
         prev, self._previous = self._previous, V.clone()
-        if prev is None or prev.shape != V.shape:
+        if prev is None or prev.shape != V.shape or len(V) == 0:
             return float("nan")
         return float(principal_angles(prev.T, V.T).max())
 

@@ -90,6 +90,10 @@ class SEDTracker:
                                      "computed from the tracked parameters with grad enabled (not under no_grad, "
                                      "not .item() or .detach())")
                 grads = torch.autograd.grad(value, self.params, allow_unused=True)
+            if all(g is None for g in grads):
+                raise ValueError(f"SEDTracker: loss {name!r} does not depend on any tracked parameter, so its "
+                                 "gradient snapshot would be all zeros; compute it from the model whose parameters "
+                                 "the tracker was given")
             g = flatten(grads, self.params)
             self.seds[name].push(g)
             out += self._describe(step, name, float(g.norm()))
