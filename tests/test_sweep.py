@@ -217,3 +217,45 @@ def test_default_summary_rows_leave_out_sweep_records():
     ] + [{"step": w, "layer": "", "metric": "stable_rank", "value": float(w), "arm": "", "flag": SWEEP} for w in (64, 8)]
       + [{"step": 0, "layer": "", "metric": "lab_seconds", "value": 3.7, "arm": "", "flag": ""}])
     assert sweep._default_rows(df) == [{"arm": "gd", "final_loss": 1 / 3}]
+
+
+@pytest.mark.parametrize("grid, fixed, problem", [
+    ([("seed", [0])], FAST, r"grid=\[\('seed', \[0\]\)\]: give a dict of config key -> list of values"),
+    ({"seed": [0]}, [("steps", 2)], r"fixed=\[\('steps', 2\)\]: give a dict of config key -> value"),
+])
+def test_a_grid_or_fixed_that_is_no_dict_is_a_config_error(tmp_path, grid, fixed, problem):
+    with pytest.raises(ConfigError, match=problem):  # an AttributeError / TypeError before
+        sweep.run_sweep("grokking", grid, fixed, out=tmp_path / "sweeps", echo=lambda *a, **k: None)
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("kw, flag", [({"workers": "2"}, "--workers"), ({"workers": 1.5}, "--workers"),
+                                      ({"workers": True}, "--workers"), ({"workers": float("nan")}, "--workers"),
+                                      ({"threads_per_worker": 1.5}, "--threads")])
+def test_workers_and_threads_that_are_no_int_are_refused_before_anything_is_written(tmp_path, kw, flag):
+    """workers='2' was a TypeError, 1.5 and nan failed in the process pool, threads_per_worker=1.5 inside the worker
+    after the sweep directory was made."""
+    with pytest.raises(ConfigError, match=f"{flag} must be >= 1, got {re.escape(repr(next(iter(kw.values()))))}"):
+        sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", echo=lambda *a, **k: None, **kw)
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("values", [[0.5, 0.5], [0.5, "0.5"], [0.5, 0.4, 0.50]])
+def test_a_grid_value_given_twice_is_refused_not_run_twice(tmp_path, values):
+    """The CLI's parser refuses `seed=0,0`; run_sweep itself ran both points, two runs of one config (also when the
+    value was spelled twice: 0.5 and "0.5")."""
+    with pytest.raises(ConfigError, match="--grid train_fraction lists one value twice .* give each value once"):
+        sweep.run_sweep("grokking", {"train_fraction": values}, FAST, out=tmp_path / "sweeps", echo=lambda *a, **k: None)
+    assert not (tmp_path / "sweeps").exists()
+
+
+@pytest.mark.parametrize("value", [5, [], "0.4"])
+def test_a_tampered_sweep_json_grid_is_a_config_error_naming_the_file(tmp_path, value):
+    d = tmp_path / "grokking-x"
+    d.mkdir()
+    (d / "sweep.json").write_text(json.dumps({"lab": "grokking", "grid": {"train_fraction": value}, "fixed": FAST}))
+    before = (d / "sweep.json").read_text()
+    for call in (lambda: sweep.run_sweep("grokking", {}, resume=d, echo=lambda *a, **k: None), lambda: sweep.summary(d)):
+        with pytest.raises(ConfigError, match=r"sweep\.json: grid 'train_fraction' is .*, not a non-empty list of values"):
+            call()  # resume: a TypeError; summary: a table with no grid value
+    assert (d / "sweep.json").read_text() == before and sorted(p.name for p in d.iterdir()) == ["sweep.json"]

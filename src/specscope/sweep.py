@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -48,6 +49,10 @@ SUMMARY_FILE = "summary.csv"
 
 def expand_grid(grid: dict[str, list[Any]], fixed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Cartesian product of the grid values, each point merged over `fixed` (grid keys win)."""
+    if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
+        raise ConfigError(f"grid={grid!r}: give a dict of config key -> list of values, e.g. {{'train_fraction': [0.3, 0.5]}}")
+    if fixed is not None and (not isinstance(fixed, dict) or not all(isinstance(k, str) for k in fixed)):
+        raise ConfigError(f"fixed={fixed!r}: give a dict of config key -> value, e.g. {{'steps': 2000}}")
     for key, values in grid.items():
         if not isinstance(values, (list, tuple)) or not values:
             raise ConfigError(f"--grid {key} needs at least one value (key=v1,v2,...)")
@@ -90,11 +95,32 @@ def _checked_point(lab: str, point: dict[str, Any], grid: dict[str, list]) -> di
         raise ConfigError(f"grid point {_label({k: point[k] for k in grid if k in point}) or '(no grid keys)'}: {e}") from None
 
 
+def _count(value: Any) -> bool:
+    """An int >= 1 (numpy's too), never a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _refuse_repeats(given: list[dict[str, Any]], points: list[dict[str, Any]], grid: dict[str, list]) -> None:
+    """A ConfigError when two grid points are one configuration (a value listed twice, or spelled twice: 0.5 and
+    "0.5"): it would run twice, as two runs of the same point."""
+    for j, p in enumerate(points):
+        for i in range(j):
+            if matches(p, points[i]) and matches(points[i], p):
+                key = next((k for k in grid if given[i].get(k) != given[j].get(k)), None) or next(iter(grid), "")
+                raise ConfigError(f"--grid {key} lists one value twice ({given[i].get(key)!r} and {given[j].get(key)!r} are "
+                                  f"the same {key}): grid points {_label({k: given[i][k] for k in grid})} and "
+                                  f"{_label({k: given[j][k] for k in grid})} would run the same config twice; give each "
+                                  "value once")
+
+
 def read_sweep_meta(path: Path) -> dict[str, Any]:
     """sweep.json: {"lab": str, "grid": {key: [values]}, "fixed": {key: value}}, or one ConfigError naming it."""
     meta = read_json(path, fix="pass the directory `specscope sweep` printed, or start a new sweep")
     if not (isinstance(meta.get("lab"), str) and isinstance(meta.get("grid"), dict) and isinstance(meta.get("fixed"), dict)):
         raise ConfigError(f"{path} is not a sweep description (lab, grid, fixed); start a new sweep")
+    if bad := [k for k, v in meta["grid"].items() if not isinstance(v, list) or not v]:
+        raise ConfigError(f"{path}: grid {bad[0]!r} is {meta['grid'][bad[0]]!r}, not a non-empty list of values (the file was "
+                          "changed after the sweep wrote it); restore it, or start a new sweep")
     return meta
 
 
@@ -174,10 +200,12 @@ def run_sweep(
     """
     from specscope import labs
 
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
-    if threads_per_worker is not None and threads_per_worker < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads_per_worker}")
+    if not _count(workers):
+        raise ConfigError(f"--workers must be >= 1, got {workers!r}")
+    if threads_per_worker is not None and not _count(threads_per_worker):
+        raise ConfigError(f"--threads must be >= 1, got {threads_per_worker!r}")
+    workers = int(workers)
+    threads_per_worker = None if threads_per_worker is None else int(threads_per_worker)
     if backend not in ("process", "ray"):
         raise ConfigError(f"sweep backend {backend!r} is unknown; use 'process' or 'ray'")
     if backend == "ray":
@@ -193,7 +221,9 @@ def run_sweep(
         grid = extended_grid(meta["grid"], {k: [norm(k, v) for v in vs] for k, vs in grid.items()}, norm)
         fixed = resumed_fixed(meta["fixed"], {k: norm(k, v) for k, v in (fixed or {}).items()}, norm)
     labs.get(lab)  # unknown lab: error now, not in every worker
-    points = [_checked_point(lab, p, grid) for p in expand_grid(grid, fixed)]  # every point, before any starts
+    given = expand_grid(grid, fixed)
+    points = [_checked_point(lab, p, grid) for p in given]  # every point, before any starts
+    _refuse_repeats(given, points, grid)
     if resume is None:
         sweep_dir = Path(out) / f"{lab}-{time.strftime('%Y%m%d-%H%M%S')}"
         while sweep_dir.exists():

@@ -186,3 +186,70 @@ def test_an_auto_optimizers_choices_are_popped_and_logged(tmp_path):
         rows = list(csv.DictReader(f))
     chosen = [r for r in rows if r.get("specscope/net.blocks.0.mlp.down/geometry")]
     assert [int(r["step"]) for r in chosen] == [0, 1]
+
+
+class TwoOptimizers(L.LightningModule):
+    """A GAN-style module: two optimizers, each stepped after its own backward pass."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.automatic_optimization = net, False
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        for opt, scale in ((first, 1.0), (second, 2.0)):
+            opt.zero_grad()
+            self.manual_backward(scale * lm_loss(self.net, batch))
+            opt.step()
+
+    def configure_optimizers(self):
+        ps = list(self.net.parameters())
+        return torch.optim.SGD(ps[: len(ps) // 2], lr=1e-3), torch.optim.SGD(ps[len(ps) // 2:], lr=1e-3)
+
+
+def test_two_optimizers_stop_the_fit_at_its_start_naming_the_fix(tmp_path):
+    """The first optimizer's step closed the Monitor step: the second's weights were measured with the first loss's
+    gradient (a GAN's generator with the discriminator's), silently."""
+    from specscope.errors import ConfigError
+
+    callback = SpecscopeCallback(every=1)
+    with pytest.raises(ConfigError, match="TwoOptimizers has 2 optimizers.*spectral_optimizer"):
+        L.Trainer(accelerator="cpu", devices=1, max_steps=2, callbacks=[callback], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False).fit(TwoOptimizers(gpt()), train_dataloaders=loader())
+    assert callback.monitor.pop_records() == []
+
+
+class ManualOne(Lit):
+    """Manual optimization, one optimizer stepped every second batch."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        self.manual_backward(lm_loss(self.net, batch) / 2)
+        if batch_idx % 2 == 1:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_manual_optimization_with_one_optimizer_is_measured_per_optimizer_step(tmp_path):
+    callback = SpecscopeCallback(every=1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, callbacks=[callback], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(ManualOne(gpt()), train_dataloaders=loader())
+    table = callback.monitor.advice()
+    assert set(table.measurements) == {2} and not callback.monitor.unmeasured
+    assert set(table.rows) == {2 * 4 * TRANSFORMER["seq_len"]}  # both batches of each optimizer step
+
+
+def test_a_run_or_monitor_that_does_not_fit_fails_before_training(tmp_path):
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="run=str has no append/log/flush"):
+        SpecscopeCallback(every=1, run="runs/x")
+    other = Monitor(gpt(seed=1), every=1)
+    with pytest.raises(ConfigError, match="the Monitor measures the weights of another model than the Lit"):
+        fit(Lit(gpt()), SpecscopeCallback(other), tmp_path, 2)
+    assert other.pop_records() == []

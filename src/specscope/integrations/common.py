@@ -25,7 +25,8 @@ def check_metrics(metrics: Any) -> tuple[str, ...]:
     """`metrics` as a tuple of record names a Monitor makes; a ConfigError for a string or an unknown name (which
     would log nothing, silently)."""
     if isinstance(metrics, str) or not isinstance(metrics, Iterable):
-        raise ConfigError(f"metrics={metrics!r}: give a tuple of record names, e.g. metrics=({metrics!r},)")
+        example = metrics if isinstance(metrics, str) else "stable_rank"
+        raise ConfigError(f"metrics={metrics!r}: give a tuple of record names, e.g. metrics=({example!r},)")
     metrics = tuple(metrics)
     for m in metrics:
         if m not in METRICS and not re.fullmatch(r"grad_sigma_[1-9][0-9]*", str(m)):
@@ -40,6 +41,29 @@ def check_monitor(monitor: Any, where: str) -> None:
     if monitor is not None and not isinstance(monitor, Monitor):
         raise ConfigError(f"{where}: monitor={type(monitor).__name__} is not a specscope Monitor; pass "
                           "Monitor(model, ...) or the Monitor's keyword arguments (every=10, ...) instead")
+
+
+def check_run(run: Any, where: str) -> None:
+    """A ConfigError unless `run` is None or receives records like a specscope.store.Run (append, log, flush): a path
+    or a framework's logger given in its place failed at the first measured step, inside training."""
+    if run is None:
+        return
+    if missing := [m for m in ("append", "log", "flush") if not callable(getattr(run, m, None))]:
+        raise ConfigError(f"{where}: run={type(run).__name__} has no {'/'.join(missing)}; pass a specscope.store.Run "
+                          "(store.Run.create(root, lab, config)) or leave run out")
+
+
+def check_measures(monitor: Monitor, model: nn.Module, where: str,
+                   fix: str = "or pass the Monitor's options (every=10, ...) and let the callback build it") -> None:
+    """A ConfigError when `monitor` tracks none of `model`'s weights: a Monitor of another model (a copy, the model
+    before it was wrapped or reloaded) saw no use of its weights and recorded every one "unmeasured"."""
+    if model is None or not isinstance(model, nn.Module):
+        return
+    own = {id(p) for p in model.parameters()}
+    if not any(id(s.param) in own for s in monitor.slots.values()):
+        raise ConfigError(f"{where}: the Monitor measures the weights of another model than the {type(model).__name__} it is "
+                          f"given (none of its {len(monitor.slots)} weights, e.g. {monitor.layers[:2]}, is a parameter of "
+                          f"it); build the Monitor on the model you train: Monitor(model, ...), {fix}")
 
 
 def uses_loss_scaling(monitor: Monitor, scaled: bool) -> None:
@@ -121,4 +145,9 @@ def spectral_optimizer(model: nn.Module, lr_spectral: float = 0.02, lr_adamw: fl
     if algorithm == "auto" and monitor is None:
         raise ConfigError("algorithm='auto' chooses each layer's geometry by its measured st(A): pass monitor= (a probe "
                           "Monitor of this model, e.g. the one the callback measures with), or use algorithm='muon'/'specgd'")
+    if isinstance(monitor, Monitor) and isinstance(model, nn.Module):
+        check_measures(monitor, model, "spectral_optimizer", "the one whose st(A) the optimizer reads")
+    if isinstance(model, nn.Module) and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"spectral_optimizer: every parameter of {type(model).__name__} is frozen (requires_grad=False), so "
+                          "there is nothing to optimize; unfreeze the ones to train (p.requires_grad_(True)) first")
     return Hybrid(spectral_param_groups(model, lr_spectral, lr_adamw, algorithm=algorithm, **options), stable_rank=monitor)

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from specscope.errors import ConfigError
-from specscope.integrations.common import (LOGGED, StepMeasure, check_metrics, check_monitor, log_values, spectral_optimizer,
-                                           uses_loss_scaling)
+from specscope.errors import ConfigError, RunStoreError, SpecscopeError
+from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run, log_values,
+                                           spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -48,24 +48,29 @@ class SpecscopeCallback(transformers.TrainerCallback):
         if monitor is not None and monitor_kwargs:
             raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
         check_monitor(monitor, "SpecscopeCallback")
+        if trainer is not None:
+            _check_trainer(trainer, "SpecscopeCallback(trainer=...)")
+        check_run(run, "SpecscopeCallback")
         Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.train()
         self.monitor, self.trainer, self.run, self.metrics = monitor, trainer, run, check_metrics(metrics)
         self._monitor_kwargs = monitor_kwargs
         self._measure: StepMeasure | None = None
         self._values: dict[str, float] = {}
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
+        self._saved_from: Path | None = None  # the file it was read from
         self._logged: tuple[int, set[str]] = (-1, set())  # the last logged step and its keys (each stored once)
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if self.monitor is None:
             self.monitor = Monitor(model, **self._monitor_kwargs)
+        check_measures(self.monitor, model, "SpecscopeCallback")
         scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
         uses_loss_scaling(self.monitor, bool(args.fp16) or scaler is not None)
         self._measure = StepMeasure(self.monitor, self.run)
         if self._saved is not None:
-            self.monitor.load_state_dict(self._saved)
-            self._saved = None
+            saved, self._saved = self._saved, None
+            self._restore(saved, self._saved_from)
         elif state.global_step > 0:
             self._resume(args, state)
 
@@ -121,11 +126,31 @@ class SpecscopeCallback(transformers.TrainerCallback):
         path = Path(checkpoint) / STATE_FILE
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: that checkpoint was saved without a SpecscopeCallback")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+        except Exception as e:  # truncated, not a torch file, or holding objects other than tensors
+            raise RunStoreError(f"{path} is not a Monitor state this callback saved (torch.load with weights_only=True: "
+                                f"{type(e).__name__}); it is truncated or was replaced, and is not loaded any other way: "
+                                "resume from another checkpoint folder, or delete the file to resume without the "
+                                "Monitor's state") from None
+        if not isinstance(state, dict):
+            raise RunStoreError(f"{path} holds a {type(state).__name__}, not a Monitor state (a dict); resume from another "
+                                "checkpoint folder, or delete the file to resume without the Monitor's state")
         if self.monitor is None:
-            self._saved = state
+            self._saved, self._saved_from = state, path
         else:
+            self._restore(state, path)
+
+    def _restore(self, state: dict, path: Path | None) -> None:
+        """Monitor.load_state_dict(state), a value it cannot read (a tampered file) named as that file's fault."""
+        try:
             self.monitor.load_state_dict(state)
+        except SpecscopeError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+            raise RunStoreError(f"{path or 'the loaded state'} holds a Monitor state with values of the wrong type "
+                                f"({type(e).__name__}: {e}); it was changed after it was saved: resume from another "
+                                "checkpoint folder, or delete the file to resume without the Monitor's state") from None
 
     def _resume(self, args, state) -> None:
         given = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
@@ -143,15 +168,20 @@ def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **m
     """Add a SpecscopeCallback to `trainer` (logging to its reporters too); returns its Monitor.
 
     With no `monitor`, one is built now on trainer.model with `monitor_kwargs` (e.g. every=10)."""
-    if not callable(getattr(trainer, "add_callback", None)) or not isinstance(getattr(trainer, "model", None), torch.nn.Module):
-        raise ConfigError(f"attach(trainer, ...): {type(trainer).__name__} is not a transformers Trainer; pass the Trainer "
-                          "(attach(trainer, monitor) or attach(trainer, every=10))")
+    _check_trainer(trainer, "attach(trainer, ...)", "(attach(trainer, monitor) or attach(trainer, every=10))")
     if monitor is not None and monitor_kwargs:
         raise ConfigError(f"attach: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
     check_monitor(monitor, "attach")
     monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
     trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
     return monitor
+
+
+def _check_trainer(trainer: Any, where: str, how: str = "(SpecscopeCallback(monitor, trainer=trainer))") -> None:
+    """A ConfigError unless `trainer` looks like a transformers Trainer (its callbacks and model are used)."""
+    if (not callable(getattr(trainer, "add_callback", None)) or not hasattr(trainer, "callback_handler")
+            or not isinstance(getattr(trainer, "model", None), torch.nn.Module)):
+        raise ConfigError(f"{where}: {type(trainer).__name__} is not a transformers Trainer; pass the Trainer {how}")
 
 
 def optimizers(model: torch.nn.Module, lr_spectral: float = 0.02, lr_adamw: float = 3e-4, **options: Any) -> tuple:

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from specscope.errors import ConfigError
-from specscope.integrations.common import (LOGGED, StepMeasure, check_metrics, check_monitor, log_values, spectral_optimizer,
-                                           uses_loss_scaling)
+from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run, log_values,
+                                           spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -35,7 +35,7 @@ class SpecscopeCallback(L.Callback):
 
     Measured values go to every logger of the Trainer as "specscope/<layer>/<metric>" at the optimizer
     step's index (trainer.global_step before the step); `run` (a specscope.store.Run) receives every record.
-    One optimizer per LightningModule (the one `on_before_optimizer_step` reports).
+    One optimizer per LightningModule (with more, fit stops at its start with a ConfigError).
     """
 
     def __init__(self, monitor: Monitor | None = None, *, run: Any = None, metrics: tuple[str, ...] = LOGGED,
@@ -43,6 +43,7 @@ class SpecscopeCallback(L.Callback):
         if monitor is not None and monitor_kwargs:
             raise ConfigError(f"SpecscopeCallback: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
         check_monitor(monitor, "SpecscopeCallback")
+        check_run(run, "SpecscopeCallback")
         Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.fit()
         self.monitor, self.run, self.metrics = monitor, run, check_metrics(metrics)
         self._monitor_kwargs = monitor_kwargs
@@ -53,11 +54,21 @@ class SpecscopeCallback(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.monitor is None:
             self.monitor = Monitor(pl_module, **self._monitor_kwargs)
+        check_measures(self.monitor, pl_module, "SpecscopeCallback")
         uses_loss_scaling(self.monitor, getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None)
         self._measure = StepMeasure(self.monitor, self.run)
         if self._saved is not None:
             self.monitor.load_state_dict(self._saved)
             self._saved = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) > 1:  # the first optimizer's step would read every weight's gradient
+            raise ConfigError(
+                f"SpecscopeCallback measures one optimizer step per batch, and {type(pl_module).__name__} has "
+                f"{len(trainer.optimizers)} optimizers: the first one's step would read the gradients of the weights the "
+                "others step after later backward passes. Return one optimizer from configure_optimizers "
+                "(spectral_optimizer(self) puts Muon and AdamW in one), or measure by hand: with monitor.step(step) around "
+                "the backward passes of one optimizer step in training_step")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._measure.begin(trainer.global_step)

@@ -26,18 +26,25 @@ def verdict(ratio: float, margin: float = MARGIN) -> str:
     a ratio that measurement noise could flip from deciding. A weight the probe could not pair has the
     fourth verdict, "unmeasured" (given by the Monitor, never by a ratio).
     """
+    _check_margin(margin, "verdict")
     if ratio != ratio:  # NaN
         return "undecided"
     return "spectral" if ratio > 1 + margin else "euclidean" if ratio < 1 / (1 + margin) else "undecided"
+
+
+def _check_margin(margin, where: str) -> None:
+    """A ConfigError unless `margin` is a finite number >= 0: a negative one called a ratio of 1 "spectral", and -1
+    divided by zero."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
+        raise ConfigError(f"{where}(margin={margin!r}) must be a finite number >= 0 (default {MARGIN}): spectral above "
+                          "1 + margin, euclidean below 1 / (1 + margin)")
 
 
 def advice_table(history: dict, described: dict[str, dict], *, window: int, margin: float = MARGIN) -> pd.DataFrame:
     """One row per weight: medians over the last `window` measurements (step, st, nr) and the verdict."""
     if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
         raise ConfigError(f"advice(window={window!r}) must be an int >= 1: the latest measurements the medians are over")
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real) or not math.isfinite(margin) or margin < 0:
-        raise ConfigError(f"advice(margin={margin!r}) must be a finite number >= 0 (default {MARGIN}): spectral above "
-                          "1 + margin, euclidean below 1 / (1 + margin)")
+    _check_margin(margin, "advice")
     window = int(window)
     rows = []
     for name, d in described.items():

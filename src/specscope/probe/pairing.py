@@ -23,6 +23,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -57,14 +58,17 @@ class Interleaved:
 def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Tensor]]:
     """(slice name, index along the output dim) of a fused weight, from a `split=` value:
     [names] (equal contiguous blocks), {name: size} (contiguous blocks) or `Interleaved`."""
+    if isinstance(spec, Interleaved) and isinstance(spec.parts, str):  # Interleaved("qkv", ...) would split into letters
+        raise ConfigError(f"split of '{name}': Interleaved({spec.parts!r}, ...) takes its part names as a list, e.g. "
+                          "Interleaved(['q', 'k', 'v'], heads=H)")
+    names = split_parts(spec)
+    if len(set(map(repr, names))) < len(names) or not all(isinstance(p, str) and p for p in names):
+        raise ConfigError(f"split of '{name}': part names {names} must be distinct non-empty names, e.g. ['q', 'k', 'v']")
     if isinstance(spec, Interleaved):
         return [(f"{name}.{p}", idx) for p, idx in spec.indices(out)]
-    names = split_parts(spec)
-    if len(set(names)) < len(names) or not all(isinstance(p, str) and p for p in names):
-        raise ConfigError(f"split of '{name}': part names {names} must be distinct non-empty names, e.g. ['q', 'k', 'v']")
     if isinstance(spec, dict):
         sizes = dict(spec)
-        if bad := {p: n for p, n in sizes.items() if not isinstance(n, int) or n < 1}:
+        if bad := {p: n for p, n in sizes.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}:
             raise ConfigError(f"split of '{name}': sizes {bad} must be positive integers (rows of each part)")
     else:
         if out % len(spec):
@@ -155,6 +159,19 @@ class Slot:
                         f"slices each lie in one block, e.g. split={{'{self.name}': {example}}}")
 
 
+def _patterns(kind: str, patterns) -> tuple[str, ...] | None:
+    """include= / exclude= as a tuple of fnmatch patterns (None stays None); a ConfigError for a bare string, which
+    would be read one character at a time, or for a pattern that is no string."""
+    if patterns is None:
+        return None
+    if not isinstance(patterns, str) and isinstance(patterns, Iterable):
+        patterns = tuple(patterns)
+        if all(isinstance(k, str) for k in patterns):
+            return patterns
+    example = patterns if isinstance(patterns, str) else "blocks.*.attn.*"
+    raise ConfigError(f"{kind}={patterns!r}: give a list of layer-name patterns (str, fnmatch), e.g. {kind}=[{example!r}]")
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -166,6 +183,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     straddled: dict[str, list[str]] = {}  # a warning -> the weights it concerns
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     names = [layer_name(n) for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude) or ()
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
         if unknown := [k for k in patterns if not _matches_any(k, names)]:
             raise ConfigError(f"{kind} patterns {unknown} match no weight of the model (fnmatch on layer names, "
@@ -185,6 +203,10 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
         slots[id(p)] = Slot(name, p, spec, out_dim=out_dim)
     for why, layers in straddled.items():
         warnings.warn(f"split of {layers[0]!r}{f' and {len(layers) - 1} more' if len(layers) > 1 else ''}: {why}", stacklevel=3)
+    if empty := [s for s in slots.values() if s.param.numel() == 0]:  # linalg refuses empty matrices mid-step
+        shapes = ", ".join(f"'{s.name}' {tuple(s.param.shape)}" for s in empty[:4])
+        raise ConfigError(f"weights {shapes} have a dimension of size 0: no entries, so no st(A) or nr(G) to measure; "
+                          f"leave them out with exclude={[s.name for s in empty[:4]]}")
     if unknown := [k for k in split if not _matches_any(k, [s.name for s in slots.values()])]:
         raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
     if names and not slots:
@@ -202,7 +224,7 @@ def straddled_blocks(spec, p: torch.Tensor, out_dim: int) -> str | None:
         return None
     out, width = p.shape[out_dim], p.shape[1 - out_dim]
     part = out // len(spec)
-    if out % width or part % width == 0 or out == width:  # one block (a square weight split into heads): nothing fused
+    if width == 0 or out % width or part % width == 0 or out == width:  # one block (a square weight split into heads): nothing fused
         return None
     k = out // width
     sizes = ",".join(f"{n}:{part}" for n in spec)

@@ -1,0 +1,118 @@
+"""What a user can hand the framework callbacks by mistake, and what a checkpoint folder can hold: one clear error
+when the callback is made or training starts, never an AttributeError mid-training or a silently empty measurement;
+a Monitor state file is read with weights_only=True and a bad one is a RunStoreError naming it."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from specscope.errors import ConfigError, RunStoreError
+from specscope.integrations import spectral_optimizer
+from specscope.probe import Monitor
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import Trainer  # noqa: E402
+
+from specscope.integrations.hf import STATE_FILE, SpecscopeCallback  # noqa: E402
+from test_hf import Tokens, adamw, args, tiny_llama  # noqa: E402
+
+
+def test_a_trainer_or_run_of_the_wrong_type_fails_when_the_callback_is_made():
+    """Both failed with an AttributeError inside trainer.train(), after the first measured step."""
+    with pytest.raises(ConfigError, match=r"trainer=\.\.\.\): str is not a transformers Trainer"):
+        SpecscopeCallback(every=1, trainer="trainer")
+    with pytest.raises(ConfigError, match="run=str has no append/log/flush; pass a specscope.store.Run"):
+        SpecscopeCallback(every=1, run="runs/x")
+
+
+def test_metrics_none_names_a_record_in_its_example():
+    with pytest.raises(ConfigError, match=r"metrics=None: give a tuple of record names, e\.g\. metrics=\('stable_rank',\)"):
+        SpecscopeCallback(metrics=None)
+
+
+def test_a_monitor_of_another_model_stops_training_at_its_start(tmp_path):
+    """It recorded every weight "unmeasured" (not used in this step's forward) for the whole fit."""
+    model = tiny_llama()
+    other = Monitor(tiny_llama(seed=1), every=1)
+    trainer = Trainer(model=model, args=args(tmp_path, 2), train_dataset=Tokens(), optimizers=adamw(model),
+                      callbacks=[SpecscopeCallback(other)])
+    with pytest.raises(ConfigError, match="the Monitor measures the weights of another model than the LlamaForCausalLM"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and other.pop_records() == []
+
+
+def test_spectral_optimizer_refuses_a_frozen_model_and_a_monitor_of_another_model():
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="spectral_optimizer: the Monitor measures the weights of another model"):
+        spectral_optimizer(model, algorithm="auto", monitor=Monitor(copy.deepcopy(model)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="every parameter of LlamaForCausalLM is frozen"):  # torch: "empty parameter list"
+        spectral_optimizer(model)
+
+
+def saved_state(tmp_path):
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    ids = Tokens().rows[:2]
+    with monitor.step(0):
+        model(input_ids=ids, labels=ids).loss.backward()
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    return monitor.state_dict(), folder
+
+
+class _Runs:
+    """Unpickling this calls Path.touch on the marker: the file would run code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+@pytest.mark.parametrize("content", ["garbage", "code", "list", "cut"])
+def test_a_corrupt_state_file_is_a_run_store_error_naming_it(tmp_path, content):
+    """A truncated or replaced specscope_monitor.pt gave torch's UnpicklingError, whose text advises weights_only=False."""
+    state, folder = saved_state(tmp_path)
+    path, marker = folder / STATE_FILE, tmp_path / "ran"
+    torch.save(state, path)
+    whole = path.read_bytes()
+    path.write_bytes({"garbage": b"not a torch file", "code": pickle.dumps(_Runs(marker)), "list": b"",
+                      "cut": whole[: len(whole) // 2]}[content])
+    if content == "list":
+        torch.save([1, 2], path)
+    for callback in (SpecscopeCallback(every=1), SpecscopeCallback(Monitor(tiny_llama(), every=1))):
+        with pytest.raises(RunStoreError, match=f"{STATE_FILE}.*(not a Monitor state this callback saved|holds a list)") as e:
+            callback.load(folder)
+        assert "weights_only=False" not in str(e.value) and str(path) in str(e.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tamper", ["stats", "history", "slots"])
+def test_a_state_file_with_values_of_the_wrong_type_is_a_run_store_error(tmp_path, tamper):
+    state, folder = saved_state(tmp_path)
+    layer = next(iter(state["slots"]))
+    if tamper == "stats":
+        state["stats"] = {k: "x" for k in state["stats"]}
+    elif tamper == "history":
+        state["history"] = {k: 5 for k in state["history"]}
+    else:
+        state["slots"][layer] = {**state["slots"][layer], "n_features": "many"}
+    torch.save(state, folder / STATE_FILE)
+    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state with values of the wrong type"):
+        SpecscopeCallback(Monitor(tiny_llama(), every=1)).load(folder)
+    held = SpecscopeCallback(every=1)
+    held.load(folder)  # held until train begin builds the Monitor: the error comes there, naming the file all the same
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path / "out", 1), train_dataset=Tokens(), optimizers=adamw(model),
+                      callbacks=[held])
+    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state with values of the wrong type"):
+        trainer.train()
