@@ -107,12 +107,12 @@ def test_a_state_file_with_values_of_the_wrong_type_is_a_run_store_error(tmp_pat
     else:
         state["slots"][layer] = {**state["slots"][layer], "n_features": "many"}
     torch.save(state, folder / STATE_FILE)
-    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state with values of the wrong type"):
+    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state this Monitor cannot load"):
         SpecscopeCallback(Monitor(tiny_llama(), every=1)).load(folder)
     held = SpecscopeCallback(every=1)
     held.load(folder)  # held until train begin builds the Monitor: the error comes there, naming the file all the same
     model = tiny_llama()
     trainer = Trainer(model=model, args=args(tmp_path / "out", 1), train_dataset=Tokens(), optimizers=adamw(model),
                       callbacks=[held])
-    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state with values of the wrong type"):
+    with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state this Monitor cannot load"):
         trainer.train()

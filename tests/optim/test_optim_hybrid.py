@@ -224,3 +224,12 @@ def test_a_tied_weight_is_known_by_each_of_its_names():
         assert [n for n, _ in spectral_param_groups(m, 0.02, 3e-4, **kwargs)[0]["params"]] == ["mid.weight"]
     with pytest.raises(ConfigError, match=r"give a list of patterns, e.g. exclude=\['mid'\]"):
         spectral_param_groups(m, 0.02, 3e-4, exclude="mid")
+
+
+def test_spectral_param_groups_of_a_frozen_model_names_the_cause():
+    """Hybrid(spectral_param_groups(frozen)) raised torch's "optimizer got an empty parameter list"."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).requires_grad_(False)
+    with pytest.raises(ConfigError, match="Sequential has no trainable parameter.*requires_grad_"):
+        spectral_param_groups(model, 0.02, 3e-4)
+    model[0].requires_grad_(True)
+    assert [len(g["params"]) for g in spectral_param_groups(model, 0.02, 3e-4)] == [1, 1]

@@ -111,6 +111,54 @@ def test_state_of_other_weights_is_refused_and_nothing_is_loaded():
     assert set(again.state_dict()["history"]) == {"0", "2", "c"}
 
 
+def _tampered(state, part, value):
+    import copy
+
+    state = copy.deepcopy(state)
+    key = next(k for k in state[part] if k == "0" or k.startswith("0"))
+    state[part][key] = value(state[part][key])
+    return state
+
+
+@pytest.mark.parametrize("part, value, match", [
+    ("history", lambda h: 5, r"history\['0'\] is not a list of \(step, st\(A\), nr\(G\)\)"),  # TypeError half-way
+    ("history", lambda h: [[0]], r"history\['0'\]"),  # advice() then raised IndexError
+    ("history", lambda h: [[0, 0.0, 1.0]], r"history\['0'\]"),  # advice() then divided by zero
+    ("history", lambda h: [[0, float("nan"), 1.0]], r"history\['0'\]"),
+    ("latest_st", lambda v: "3", r"latest_st\['0'\] is '3'"),
+    ("stats", lambda st: {"V": torch.zeros(3, 2)}, r"stats\['0'\]\['V'\] is \(3, 2\), not a finite n × block warm start with n = 6"),
+    ("stats", lambda st: {"V": torch.full((6, 2), float("nan"))}, r"stats\['0'\]\['V'\]"),
+    ("stats", lambda st: [1], r"stats\['0'\] is a list, not a dict"),
+    ("slots", lambda seen: seen | {"n_features": "6"}, r"slots\['0'\]"),
+])
+def test_a_tampered_state_is_refused_whole_and_nothing_is_loaded(part, value, match):
+    """The checks ran entry by entry while assigning: a bad history value raised TypeError after the warm blocks were
+    replaced, and values of the wrong form loaded and failed later in advice() or the next measured step."""
+    model = mlp()
+    mon = Monitor(model, estimator="power")
+    for step in range(2):
+        measure(mon, model, step, torch.randn(9, 6))
+    good = mon.state_dict()
+    fresh = Monitor(model, estimator="power")
+    measure(fresh, model, 0, torch.randn(9, 6) * 3)
+    before = str(fresh.state_dict())
+    with pytest.raises(ConfigError, match=f"Monitor.load_state_dict: {match}.*nothing was loaded"):
+        fresh.load_state_dict(_tampered(good, part, value))
+    assert str(fresh.state_dict()) == before
+    fresh.load_state_dict(good)  # the untouched state loads and measures on
+    assert str(fresh.state_dict()) == str(good)
+    measure(fresh, model, 5, torch.randn(9, 6))
+
+
+def test_a_bare_string_exclude_is_refused_not_read_letter_by_letter():
+    with pytest.raises(ConfigError, match=r"exclude='2': give a list of layer-name patterns"):
+        Monitor(mlp(), exclude="2")  # read as the pattern '2' by luck; "fc1" became 'f', 'c', '1'
+    with pytest.raises(ConfigError, match=r"exclude='fc1': give a list"):
+        Monitor(mlp(), exclude="fc1")
+    assert [s.name for s in Monitor(mlp(), exclude=None).slots.values()] == ["0", "2"]
+    assert [s.name for s in Monitor(mlp(), exclude=["2"]).slots.values()] == ["0"]
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(every=None, log_spaced=0.5), r"log_spaced=0.5\) must be True"),  # int(0.5) == 0: it never measured
     (dict(every=None, log_spaced=-3), r"log_spaced=-3\) must be True"),

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from specscope.errors import ConfigError, RunStoreError, SpecscopeError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run, log_values,
                                            spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
@@ -142,15 +142,14 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self._restore(state, path)
 
     def _restore(self, state: dict, path: Path | None) -> None:
-        """Monitor.load_state_dict(state), a value it cannot read (a tampered file) named as that file's fault."""
+        """Monitor.load_state_dict(state); a state it refuses (tampered, or of another model) is that file's fault."""
         try:
             self.monitor.load_state_dict(state)
-        except SpecscopeError:
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
-            raise RunStoreError(f"{path or 'the loaded state'} holds a Monitor state with values of the wrong type "
-                                f"({type(e).__name__}: {e}); it was changed after it was saved: resume from another "
-                                "checkpoint folder, or delete the file to resume without the Monitor's state") from None
+        except (ConfigError, TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+            detail = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            raise RunStoreError(f"{path or 'the loaded state'} holds a Monitor state this Monitor cannot load ({detail}); "
+                                "resume from another checkpoint folder, or delete the file to resume without the "
+                                "Monitor's state") from None
 
     def _resume(self, args, state) -> None:
         given = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None

@@ -467,7 +467,11 @@ def spectral_param_groups(
     stacked_group = {**spectral_group, "params": stacks, "stacked": True}
     adamw_group = {"params": rest, "algorithm": "adamw", "lr": lr_adamw,
                    "weight_decay": adamw_weight_decay, "betas": betas}
-    return [g for g in (spectral_group, stacked_group, adamw_group) if g["params"]]
+    groups = [g for g in (spectral_group, stacked_group, adamw_group) if g["params"]]
+    if not groups:
+        raise ConfigError(f"spectral_param_groups: {type(inner).__name__} has no trainable parameter (all have "
+                          "requires_grad=False); unfreeze the weights to train, e.g. model.requires_grad_(True)")
+    return groups
 
 
 def _expert_stacks(model: nn.Module) -> tuple[set[int], set[int]]:

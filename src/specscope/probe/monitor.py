@@ -219,7 +219,7 @@ class Monitor:
         self.every, self.log_spaced = every, (10 if log_spaced is True else int(log_spaced))
         self.gradient, self.estimator, self.nonfinite, self.topk = gradient, estimator, nonfinite, topk
         self._stats_kw = dict(block=power_block, iters=power_iters)
-        self.slots: dict[int, Slot] = tracked_slots(self.model, include=include, exclude=tuple(exclude), split=split)
+        self.slots: dict[int, Slot] = tracked_slots(self.model, include=include, exclude=exclude, split=split)
         if not self.slots:
             raise ConfigError(f"Monitor: {type(self.model).__name__} has no trainable weight of ≥ 2 dims to measure "
                               "(st(A) and nr(G) are of weight matrices); pass the model that holds them")
@@ -636,29 +636,22 @@ class Monitor:
             raise ConfigError(f"Monitor state has no {missing}: pass the dict a Monitor's state_dict() returned, unchanged")
         self._check_state_layers(state)
         by_name = {s.name: s for s in self.slots.values()}
-        for name, st in state["stats"].items():
-            name, _, block = name.partition("@")  # "layer@a:b": an output block with its own input
-            s = by_name.get(name)
-            if s is None or st.get("V") is None:  # warm blocks of "power" and "gram" only
-                continue
+        stats, history, latest_st, slots, unmeasured, latest_inputs = _read_state(state, by_name, self._history_len)
+        for s, block, st in stats:  # everything read and checked: nothing below can fail half-way
             fresh = make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, **self._stats_kw)
             if block:
-                r = tuple(int(v) for v in block.split(":"))
-                s.block_stats[r] = s.block_stats.get(r) or fresh
-                s.block_stats[r].load_state(st)
+                s.block_stats[block] = s.block_stats.get(block) or fresh
+                s.block_stats[block].load_state(st)
             else:
                 s.stats = s.stats or fresh
                 s.stats.load_state(st)
-        self._history = {k: deque(map(tuple, v), maxlen=self._history_len) for k, v in state["history"].items()}
-        self._latest_st = dict(state["latest_st"])
-        for name, seen in state.get("slots", {}).items():  # absent in states saved before it was kept
-            s = by_name.get(name)
-            if s is not None and seen.get("role") in R.ROLES:
-                s.kind, s.n_features, s.out_dim, s.role = str(seen["kind"]), int(seen["n_features"]), int(seen["out_dim"]), seen["role"]
+        self._history, self._latest_st = history, latest_st
+        for s, seen in slots:
+            s.kind, s.n_features, s.out_dim, s.role = seen
         self.unmeasured.clear()
-        self.unmeasured.update({k: str(v) for k, v in state.get("unmeasured", {}).items() if k in by_name})
+        self.unmeasured.update(unmeasured)
         self._warned |= set(self.unmeasured)  # warned about in the run that measured it
-        self._latest_inputs = {k: (int(v[0]), str(v[1])) for k, v in state.get("latest_inputs", {}).items()}
+        self._latest_inputs = latest_inputs
         self._last_step = None  # a resumed run goes on from its checkpoint's step, whatever this Monitor measured
 
     def _check_state_layers(self, state: dict) -> None:
@@ -697,3 +690,67 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"Monitor({len(self.layers)} weights, every={self.every}, estimator={self.estimator!r}, unmeasured={list(self.unmeasured)})"
+
+
+def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
+    """The parts of a Monitor state, each value checked (a ConfigError naming the entry): warm blocks as
+    (slot, output block or None, stats state), the advice history, latest st(A), the slots' learned use, the
+    unmeasured reasons and the latest inputs. Entries of weights this Monitor has not (observed ones) are skipped."""
+    def bad(where: str, what: str) -> ConfigError:
+        return ConfigError(f"Monitor.load_state_dict: {where} is {what}; the state was changed after it was saved: load "
+                           "the dict a Monitor's state_dict() returned, unchanged; nothing was loaded")
+
+    def positive(x) -> bool:
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+    def whole(x) -> bool:
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0
+
+    saved_slots = state.get("slots") if isinstance(state.get("slots"), dict) else {}
+    stats = []
+    for key, st in state["stats"].items():
+        name, _, block = str(key).partition("@")  # "layer@a:b": an output block with its own input
+        s = by_name.get(name)
+        if not isinstance(st, dict):
+            raise bad(f"stats[{key!r}]", f"a {type(st).__name__}, not a dict")
+        V = st.get("V")
+        if s is None or V is None:  # warm blocks of "power" and "gram" only
+            continue
+        n = (saved_slots.get(name) or {}).get("n_features") if isinstance(saved_slots.get(name), dict) else None
+        if not (isinstance(V, torch.Tensor) and V.dim() == 2 and V.is_floating_point() and V.shape[1] >= 1
+                and (not whole(n) or n == 0 or V.shape[0] == n) and bool(torch.isfinite(V).all())):
+            shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
+            raise bad(f"stats[{key!r}]['V']", f"{shape}, not a finite n × block warm start" + (f" with n = {n}" if whole(n) and n else ""))
+        r = None
+        if block:
+            parts = block.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or int(parts[0]) >= int(parts[1]):
+                raise bad(f"stats key {key!r}", "not 'layer@a:b' with a < b")
+            r = (int(parts[0]), int(parts[1]))
+        stats.append((s, r, st))
+    history = {}
+    for name, entries in state["history"].items():
+        if not isinstance(entries, (list, tuple)) or not all(
+                isinstance(e, (list, tuple)) and len(e) == 3 and whole(e[0]) and positive(e[1]) and positive(e[2]) for e in entries):
+            raise bad(f"history[{name!r}]", "not a list of (step, st(A), nr(G)) with st and nr finite and positive")
+        history[name] = deque(map(tuple, entries), maxlen=history_len)
+    for name, v in state["latest_st"].items():
+        if not positive(v):
+            raise bad(f"latest_st[{name!r}]", f"{v!r}, not a finite positive stable rank")
+    slots = []
+    for name, seen in saved_slots.items():  # absent in states saved before it was kept
+        s = by_name.get(name)
+        if s is None or not isinstance(seen, dict) or seen.get("role") not in R.ROLES:
+            continue
+        if not (isinstance(seen.get("kind"), str) and whole(seen.get("n_features")) and whole(seen.get("out_dim"))):
+            raise bad(f"slots[{name!r}]", f"{seen!r}, not a kind with whole n_features and out_dim")
+        slots.append((s, (seen["kind"], int(seen["n_features"]), int(seen["out_dim"]), seen["role"])))
+    unmeasured = state.get("unmeasured", {})
+    if not isinstance(unmeasured, dict) or not all(isinstance(v, str) for v in unmeasured.values()):
+        raise bad("unmeasured", "not a dict of reasons (text)")
+    latest_inputs = state.get("latest_inputs", {})
+    if not isinstance(latest_inputs, dict) or not all(
+            isinstance(v, (list, tuple)) and len(v) == 2 and whole(v[0]) and isinstance(v[1], str) for v in latest_inputs.values()):
+        raise bad("latest_inputs", "not a dict of (rows, estimator)")
+    return (stats, history, dict(state["latest_st"]), slots, {k: v for k, v in unmeasured.items() if k in by_name},
+            {k: (int(v[0]), v[1]) for k, v in latest_inputs.items()})
