@@ -116,3 +116,32 @@ def test_a_state_file_with_values_of_the_wrong_type_is_a_run_store_error(tmp_pat
                       callbacks=[held])
     with pytest.raises(RunStoreError, match=f"{STATE_FILE} holds a Monitor state this Monitor cannot load"):
         trainer.train()
+
+
+class _FailingOnce(Trainer):
+    """compute_loss raises on its `fail_at`-th call (a bad batch, an OOM), once."""
+
+    fail_at = 2
+
+    def compute_loss(self, *a, **kw):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("bad batch")
+        return super().compute_loss(*a, **kw)
+
+
+def test_training_again_after_train_raised_mid_step_measures_from_the_start(tmp_path):
+    """The Trainer has no exception event: the step it was measuring stayed open, and train() again said
+    "step 0 was measured already" (the Monitor had to be rebuilt) while the weights stayed wrapped."""
+    from specscope.probe.watch import WatchedParameter
+
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    trainer = _FailingOnce(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=2), train_dataset=Tokens(),
+                           optimizers=adamw(model), callbacks=[SpecscopeCallback(monitor)])
+    with pytest.raises(RuntimeError, match="bad batch"):
+        trainer.train()  # the 2nd micro-batch of optimizer step 0, measured, open
+    trainer.train()  # from step 0 again: the step that raised is measured anew
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
+    assert steps == {1, 2, 3}
