@@ -110,3 +110,12 @@ def test_modular_transformer_refuses_bad_options_and_sizes():
     for bad in (torch.zeros(3, 2), torch.zeros(2, dtype=torch.long)):
         with pytest.raises(ConfigError, match="token ids"):
             model(bad)
+
+
+@pytest.mark.parametrize("bad", [16, 99, -1])
+def test_gpt_names_a_token_id_outside_its_vocabulary(bad):
+    """torch's embedding said only "IndexError: index out of range in self"."""
+    model = GPT(GPTConfig(vocab_size=16, seq_len=8, n_layer=1, n_head=1, d_model=8))
+    with pytest.raises(ConfigError, match=rf"token id {bad} is outside GPTConfig.vocab_size=16 \(ids 0..15\)"):
+        model(torch.tensor([[1, 2, bad]]))
+    assert model(torch.tensor([[0, 15]])).shape == (1, 2, 16)

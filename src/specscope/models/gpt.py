@@ -175,6 +175,12 @@ class GPT(nn.Module):
         T = idx.shape[-1]
         if T > self.cfg.seq_len:
             raise ConfigError(f"sequence length {T} exceeds GPTConfig.seq_len={self.cfg.seq_len}")
+        # checked on a CPU only: on an accelerator it would wait for the device each step, compiled it would break the graph
+        if idx.device.type == "cpu" and idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ConfigError(f"token id {lo if lo < 0 else hi} is outside GPTConfig.vocab_size={self.cfg.vocab_size} "
+                                  f"(ids 0..{self.cfg.vocab_size - 1}); build the model with the tokenizer's vocabulary size")
         x = self.embed(idx)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(T, device=idx.device))
