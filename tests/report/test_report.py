@@ -3,6 +3,7 @@ one verdict rule, unmeasured weights listed, figures that fit their canvas."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -161,6 +162,8 @@ def test_rich_tables(metrics, claims):
     text = render(layer_table(metrics))
     assert "blocks.1.mlp.down" in text and "spectral" in text and "euclidean" in text
     assert "not decidable at quick size" in render(claims_table([Claim("X", "t", "p", "m", "UNDECIDABLE")]))
+    as_dicts = [dataclasses.asdict(c) for c in claims]  # a run's summary.json holds them so; write_report takes both
+    assert render(claims_table(as_dicts)) == render(claims_table(claims))
     advice = pd.DataFrame({"layer": ["[red]x[/red]", "y"], "spectral_advantage": [2.0, np.nan],
                            "geometry": ["spectral", "euclidean"]})
     text = render(layer_table(advice))

@@ -199,12 +199,13 @@ def fmt(x: object) -> str:
     return "" if x is None else str(x)
 
 
-def claims_table(claims: Sequence[Claim], *, title: str = "Claims") -> Table:
-    """A rich table of claims: id, claim, published, measured, coloured verdict."""
+def claims_table(claims: Sequence[Claim | Mapping], *, title: str = "Claims") -> Table:
+    """A rich table of claims (each a Claim or a dict of its fields, as write_report takes them): id, claim,
+    published, measured, coloured verdict."""
     table = Table(title=title, show_lines=False)
     for name in ("claim", "text", "published", "measured", "verdict"):
         table.add_column(name, overflow="fold", ratio=3 if name == "text" else None)
-    for c in claims:
+    for c in map(as_claim, claims):
         # Text(...) never parses rich markup, so a claim text like "[red]" prints as written
         table.add_row(*(Text(visible(x)) for x in (c.id, c.text, c.published, c.measured)),
                       Text(claim_verdict_text(c.verdict), style=VERDICT_STYLE.get(c.verdict, "")))

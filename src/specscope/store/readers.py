@@ -201,7 +201,7 @@ def run_holding(path: str | os.PathLike) -> Path | None:
 def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False,
            force: bool = False) -> Path:
     """Write `load(run)` to `out` as csv or parquet (parquet needs pyarrow), through a temporary file, so
-    `out` is the whole export or untouched. With `salvage` the file name says so: `<out stem>.salvaged<suffix>`.
+    `out` is the whole export or untouched. With `salvage` and a damaged database the file name says so: `<out stem>.salvaged<suffix>`.
     An existing file at `out` is replaced only with `force=True` (it may be an earlier export, or anything else)."""
     if fmt not in ("csv", "parquet"):
         raise ConfigError(f"unknown export format {fmt!r}: use csv or parquet.")
