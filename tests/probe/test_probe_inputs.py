@@ -276,3 +276,16 @@ def test_stable_rank_asks_for_a_name():
     with pytest.raises(ConfigError, match=r"stable_rank\(0\): pass a weight's name \(a str\), one of \['0', '2'\]"):
         mon.stable_rank(0)
     assert mon.stable_rank("0") > 0
+
+
+def test_an_empty_batch_is_named_as_such_not_as_a_forward_outside_the_step():
+    """A 0-row batch was reported as "no product with it was seen … run the forward inside `with monitor.step`"."""
+    model = mlp()
+    mon = Monitor(model)
+    with pytest.warns(UserWarning, match="is unmeasured: its inputs in this step had no rows"):
+        unmeasured = by(measure(mon, model, 0, torch.randn(0, 6)), "unmeasured")
+    assert set(unmeasured) == {"0", "2"} and all("no rows (an empty batch)" in r.flag for r in unmeasured.values())
+    assert set(by(measure(mon, model, 1, torch.randn(9, 6)), "stable_rank")) == {"0", "2"}  # the next batch measures
+    verdicts = mon.advice().set_index("layer")["verdict"]
+    measure(mon, model, 2, torch.randn(0, 6))  # like a weight that sat a step out, it keeps its measured window's verdict
+    assert (mon.advice().set_index("layer")["verdict"] == verdicts).all() and "unmeasured" not in set(verdicts)

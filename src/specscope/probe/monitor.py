@@ -57,6 +57,8 @@ NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient w
                "does not reach the loss")
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch), so st(A) is undefined; a step with data "
+               "measures it")
 
 
 def _count(value, least: int) -> bool:
@@ -485,6 +487,8 @@ class Monitor:
                     "(learned positions, a class token, a bare-parameter lookup): routed as an embedding, it has no input matrix")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
+        if s.inputs:  # a product was seen, with no rows
+            return EMPTY_BATCH
         if not has_grad:
             return NOT_USED
         return ("has a gradient but no product with it was seen in this step's forward: run the forward inside "
@@ -604,7 +608,7 @@ class Monitor:
                 rows, est = self._latest_inputs.get(nm, (0, default))
                 kind = s.kind or ("unpaired" if why and why != NOT_USED else "unseen")  # used, by ops it cannot pair
                 out[nm] = {"kind": kind, "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
-                           "unmeasured": why, "unused": why == NOT_USED, "role": s.role}
+                           "unmeasured": why, "unused": why in (NOT_USED, EMPTY_BATCH), "role": s.role}
         return out
 
     # -- persistence ----------------------------------------------------------------------------------
