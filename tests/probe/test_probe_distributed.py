@@ -1,4 +1,5 @@
-"""Two gloo processes on halves of a batch record the same numbers as one process on the whole batch."""
+"""Two gloo processes on halves of a batch record the same numbers as one process on the whole batch, also when one
+process's share of a step is empty."""
 
 import pytest
 import torch
@@ -23,8 +24,9 @@ class Net(nn.Module):
         return self.net(self.emb(ids))
 
 
-def run(rank: int, world: int, estimator: str, ddp: bool) -> list[tuple]:
-    """STEPS of SGD on rows [rank/world, (rank+1)/world) of each global batch of 8 sequences."""
+def run(rank: int, world: int, estimator: str, ddp: bool, empty_at: int | None = None) -> list[tuple]:
+    """STEPS of SGD on rows [rank/world, (rank+1)/world) of each global batch of 8 sequences; at step `empty_at` the
+    last rank's share is empty and the first rank takes the whole batch (uneven data, a short last batch)."""
     model = Net()
     wrapped = nn.parallel.DistributedDataParallel(model) if ddp and world > 1 else model
     mon = Monitor(wrapped, estimator=estimator)
@@ -34,9 +36,12 @@ def run(rank: int, world: int, estimator: str, ddp: bool) -> list[tuple]:
         g = torch.Generator().manual_seed(step)
         ids, y = torch.randint(0, 10, (8, 3), generator=g), torch.randn(8, 3, 3, generator=g)
         rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+        if step == empty_at:
+            rows = slice(0, 8) if rank == 0 else slice(0, 0)
         opt.zero_grad()
         with mon.step(step):
-            (wrapped(ids[rows]) - y[rows]).square().mean().backward()
+            # the global batch's mean loss once gradients are averaged over ranks, whatever each rank's share
+            ((wrapped(ids[rows]) - y[rows]).square().sum() * world / y.numel()).backward()
         if world > 1 and not ddp:  # plain data parallelism by hand: the probe reduces its own copy
             for p in model.parameters():
                 dist.all_reduce(p.grad)
@@ -47,15 +52,16 @@ def run(rank: int, world: int, estimator: str, ddp: bool) -> list[tuple]:
 
 
 def worker(rank, world):
-    return {v: run(rank, world, *v) for v in VARIANTS}
+    return {v: run(rank, world, *v) for v in VARIANTS} | {("empty", v): run(rank, world, *v, empty_at=1) for v in VARIANTS}
 
 
 def test_two_gloo_ranks_match_one_process():
     # results come back through train.distributed.spawn's queue, not exit codes: gloo's own teardown can
     # abort a finished worker ("terminate called without an active exception") after its results are in
     results = spawn(worker, 2, timeout=240)
-    for v in VARIANTS:
-        single = run(0, 1, *v)
+    for v in VARIANTS + [("empty", v) for v in VARIANTS]:
+        # a rank with an empty batch measured nothing and skipped the reduction the other rank waited in
+        single = run(0, 1, *v[1]) if v[0] == "empty" else run(0, 1, *v)
         assert results[0][v] == results[1][v], v  # every rank records the same numbers
         assert len(results[0][v]) == len(single) > 0
         for a, b in zip(results[0][v], single):

@@ -2,7 +2,7 @@
 
 Every rank adds its rows' Frobenius sums, power-iteration products, Grams and token counts; one
 all-reduce per measured step makes them the statistics of the global batch, so all ranks record the
-same numbers. Outside torch.distributed (or with one process) everything here is the identity.
+same numbers (a small one before it sums each weight's row counts, so all ranks reduce the same weights). Outside torch.distributed (or with one process) everything here is the identity.
 
 Under FSDP2 a weight's gradient is a DTensor already averaged over ranks and sharded by rows (Shard(0)).
 nr(G) needs only the eigenvalues of a Gram: for row shards G_r, GᵀG = Σ_r G_rᵀG_r, so each rank forms its

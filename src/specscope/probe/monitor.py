@@ -422,13 +422,37 @@ class Monitor:
         return st
 
     # -- turning statistics into records ------------------------------------------------------------
-    def _active_stats(self, s: Slot):
-        """The statistics a slot is measured by this step: dense use wins over lookups (tied weights)."""
-        if s.stats is not None and s.stats.rows > 0 and s.kind != "embedding":
+    def _active_stats(self, s: Slot, rows: tuple[float, float] | None = None):
+        """The statistics a slot is measured by this step: dense use wins over lookups (tied weights). `rows`: the
+        (dense, lookup) rows of the global batch, when they differ from this process's."""
+        dense, lookup = rows or (s.stats.rows if s.stats is not None else 0, s.tokens.rows if s.tokens is not None else 0)
+        if s.stats is not None and dense > 0 and s.kind != "embedding":
             return s.stats
-        if s.tokens is not None and s.tokens.rows > 0:
+        if s.tokens is not None and lookup > 0:
             return s.tokens
         return None
+
+    def _global_rows(self) -> dict[int, tuple[float, float]] | None:
+        """Per slot, the (dense, lookup) rows of the global batch, so that every rank measures the same weights and
+        reduces the same statistics (a rank whose batch was empty, or routed no token to an expert, has 0 rows of
+        its own). A weight some rank has no statistics for (never multiplied there) gets a problem on every rank.
+        None with one process."""
+        if D.world_size() == 1:
+            return None
+        slots = list(self.slots.values())
+        local = torch.tensor([[s.stats.rows if s.stats is not None else 0, s.tokens.rows if s.tokens is not None else 0,
+                               s.stats is None, s.tokens is None, bool(s.problem)] for s in slots], dtype=torch.float64,
+                             device=_reduce_device(slots))
+        (total,) = D.all_reduce_sum([local])
+        out = {}
+        for s, (dense, lookup, no_stats, no_tokens, problem) in zip(slots, total.tolist()):
+            if problem and not s.problem:
+                s.problem = "another rank could not pair it in this step (its warning there gives the reason)"
+            elif (no_stats and dense > 0) or (no_tokens and lookup > 0):
+                s.problem = ("used on some ranks only so far (e.g. an expert no token of one rank's batch has been "
+                             "routed to): its statistics are not on every rank, so it is not measured in this step")
+            out[id(s)] = (dense, lookup)
+        return out
 
     def _finish_inputs(self, step: int) -> dict[int, _Inputs]:
         """Reduce the input statistics over ranks and turn them into st(A) per slot."""
@@ -442,12 +466,15 @@ class Monitor:
         active = []  # (slot, output range or None for the weight's own input, statistics)
         for s in self.slots.values():
             s.check_ranges()
-            st = self._active_stats(s)
+        rows_of = self._global_rows()
+        for s in self.slots.values():
+            st = self._active_stats(s, rows_of and rows_of[id(s)])
             if st is not None and not s.problem:
                 active.append((s, None, st))
                 active += [(s, r, b) for r, b in s.block_stats.items() if s.slice_range and r != s.main_range and b.rows > 0]
         flat = [t for *_, st in active for t in st.tensors()]
-        rows = torch.tensor([st.rows for *_, st in active], dtype=torch.float64)
+        rows = torch.tensor([st.rows for *_, st in active], dtype=torch.float64,
+                            device=_reduce_device(list(self.slots.values())) if rows_of is not None else None)
         *flat, rows = D.all_reduce_sum(flat + [rows])
         i = 0
         for *_, st in active:
@@ -758,3 +785,8 @@ def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
         raise bad("latest_inputs", "not a dict of (rows, estimator)")
     return (stats, history, dict(state["latest_st"]), slots, {k: v for k, v in unmeasured.items() if k in by_name},
             {k: (int(v[0]), v[1]) for k, v in latest_inputs.items()})
+
+
+def _reduce_device(slots: list[Slot]) -> torch.device:
+    """Where the probe's small all-reduced counts live: the weights' device (NCCL reduces CUDA tensors only)."""
+    return slots[0].param.device if slots else torch.device("cpu")
