@@ -68,3 +68,38 @@ def test_two_gloo_ranks_match_one_process():
             assert a[:3] == b[:3] and a[4:] == b[4:], (v, a, b)
             # sums in a different order: float32 rounding, amplified a little by power iteration
             assert a[3] == pytest.approx(b[3], rel=1e-4), (v, a, b)
+
+
+class Routed(nn.Module):
+    """`b` multiplies only when asked: an expert no token of one rank's batch was routed to."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, use_b: bool):
+        h = self.a(x)
+        return self.b(h) if use_b else h
+
+
+def routed_worker(rank, world):
+    model = Routed()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    mon = Monitor(ddp)
+    out = []
+    for step in range(2):  # step 0: only rank 0 uses b (rank 1 has no statistics for it yet); step 1: both do
+        with mon.step(step):
+            ddp(torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + rank)), use_b=rank == 0 or step == 1).sum().backward()
+        out += [(r.step, r.layer, r.metric, r.value, r.flag) for r in mon.pop_records() if r.metric in ("stable_rank", "unmeasured")]
+    return out
+
+
+def test_a_weight_one_rank_has_not_used_yet_is_unmeasured_on_every_rank_not_a_hang():
+    """Rank 1 left `b` out of its reduction while rank 0 put its Gram in: the ranks hung in the all-reduce."""
+    results = spawn(routed_worker, 2, timeout=120)
+    assert results[0] == results[1]
+    assert any("used on some ranks only so far" in flag for *_, metric, _, flag in results[0] if metric == "unmeasured")
+    unmeasured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "unmeasured"}
+    measured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "stable_rank"}
+    assert unmeasured == {(0, "b")} and measured == {(0, "a"), (1, "a"), (1, "b")}
