@@ -412,14 +412,12 @@ def print_thread_cpu(finishes, steps: int) -> None:
           + f"; cores busy (all threads' CPU / wall) {sum(groups.values()) / wall:.2f} of {os.cpu_count()}")
 
 
-def floor_candidates(block: int) -> dict:
-    """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
-    from specscope.linalg import nuclear_norms, workers
-    from specscope.probe.estimators import BLOCK, _initial_block, gradient_spectra_later, krylov_top, verified_top
-
+def step_tensors() -> tuple[Arm, list[torch.Tensor], list[torch.Tensor]]:
+    """An unprobed arm after four steps, with its last step's weight gradients and distinct Linear inputs."""
     arm = Arm(None)
     arm.run(3)
     inputs: dict[int, torch.Tensor] = {}
+
     def keep(module, args, out) -> None:  # q, k, v read one input: kept once
         inputs.setdefault(args[0].data_ptr(), args[0].detach().flatten(0, -2))
 
@@ -427,8 +425,15 @@ def floor_candidates(block: int) -> dict:
     arm.run(1)
     for h in hooks:
         h.remove()
-    grads = [p.grad for p in arm.model.parameters() if p.ndim >= 2 and p.grad is not None]
-    As = list(inputs.values())
+    return arm, [p.grad for p in arm.model.parameters() if p.ndim >= 2 and p.grad is not None], list(inputs.values())
+
+
+def floor_candidates(block: int) -> dict:
+    """The unprobed step and the exact estimates' arithmetic on one step's gradients and inputs."""
+    from specscope.linalg import nuclear_norms, workers
+    from specscope.probe.estimators import BLOCK, _initial_block, gradient_spectra_later, krylov_top, verified_top
+
+    arm, grads, As = step_tensors()
     by_shape: dict[tuple, list] = {}  # the inputs of one shape solved together, as the Monitor solves them
     for A in As:
         by_shape.setdefault(tuple(A.shape), []).append((A, verified_top(A, _initial_block(A.shape[-1], BLOCK, A.device), 4)[1]))

@@ -283,3 +283,26 @@ def test_python_switches_threads_sooner_while_the_caller_waits_and_only_then(two
         assert sys.getswitchinterval() == pytest.approx(1e-4)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_cache_chunks_keep_each_run_within_its_share_of_the_cache():
+    """Consecutive runs of indices, in order, each within cache / CACHE_SHARE bytes but never empty (an input bigger
+    than the share is a run of its own); no known cache: one run of all, as before the rule."""
+    MiB = 2**20
+    share = 32 * MiB // workers.CACHE_SHARE  # 2 MiB: the AMD EPYC measured
+    assert workers.cache_chunks([2 * MiB] * 3 + [8 * MiB] * 2, cache=32 * MiB) == [[0], [1], [2], [3], [4]]
+    assert workers.cache_chunks([MiB // 2] * 5, cache=32 * MiB) == [[0, 1, 2, 3], [4]]
+    runs = workers.cache_chunks([MiB, 3 * MiB, MiB // 4, MiB // 4, MiB, MiB], cache=32 * MiB)
+    assert [i for r in runs for i in r] == list(range(6)) and all(r for r in runs)
+    assert all(sum([MiB, 3 * MiB, MiB // 4, MiB // 4, MiB, MiB][i] for i in r) <= share for r in runs if len(r) > 1)
+    assert workers.cache_chunks([2 * MiB] * 3, cache=0) == [[0, 1, 2]]
+    assert workers.cache_chunks([], cache=0) == [] and workers.cache_chunks([], cache=32 * MiB) == []
+    assert workers.cache_chunks([MiB] * 3, cache=480 * MiB) == [[0, 1, 2]]  # a cache that holds them all: one run
+
+
+def test_the_last_level_cache_is_read_from_sysfs():
+    from specscope.linalg._cpu import last_level_cache
+    size = last_level_cache()
+    assert isinstance(size, int) and size >= 0
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index0"):
+        assert size >= 2**15  # at least an L1's 32 KiB

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from specscope import linalg
+from specscope.linalg import workers
 from specscope.errors import SpecscopeError
 from specscope.probe import Monitor
 from specscope.probe import estimators as E
@@ -193,6 +194,23 @@ def test_verified_solves_are_the_same_bits_however_the_inputs_are_grouped():
     for k in problems:
         for a, b, c in zip(together[k], apart[k], alone[k]):
             assert (a == b == c) if isinstance(a, bool) else (torch.equal(a, b) and torch.equal(a, c))
+
+
+def test_inputs_solved_in_cache_sized_runs_get_the_same_bits_as_in_one_run(monkeypatch):
+    """On a CPU whose cache cannot hold a step's inputs, finish_implicit's job solves them in runs
+    (`workers.cache_chunks`); each input's θ, block, verdict and ‖A‖_F² are the bits one run gives."""
+    n = 64
+    problems = {i: (spectrum_matrix(200, n, torch.logspace(0, -2, 20, dtype=torch.float64), i),
+                    E._initial_block(n, 8, torch.device("cpu")), E.KRYLOV_DEPTH if i % 2 else E.COLD_DEPTH) for i in range(5)}
+    orig = workers.cache_chunks
+    monkeypatch.setattr(workers, "cache_chunks", lambda nb, cache=None: orig(nb, cache=0))
+    one_run = E._solved(problems)
+    monkeypatch.setattr(workers, "cache_chunks", lambda nb, cache=None: orig(nb, cache=2 * 200 * n * 4 * workers.CACHE_SHARE))
+    assert orig([200 * n * 4] * 5, cache=2 * 200 * n * 4 * workers.CACHE_SHARE) == [[0, 1], [2, 3], [4]]
+    in_runs = E._solved(problems)
+    for k in problems:
+        for a, b in zip(one_run[k], in_runs[k]):
+            assert a == b if isinstance(a, bool) else torch.equal(a, b)
 
 
 def test_the_accelerators_stacked_batches_agree_with_the_cpus_lists(monkeypatch):

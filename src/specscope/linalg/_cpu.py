@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import glob
 
 
 @functools.cache
@@ -12,3 +13,21 @@ def cpu_vendor() -> str:
             return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
     except OSError:
         return ""
+
+
+@functools.cache
+def last_level_cache() -> int:
+    """Bytes of the largest CPU cache cpu0 sees (/sys/devices/system/cpu/cpu0/cache: the L3 of its core complex on
+    an AMD EPYC, 32 MiB on the one measured), or 0 where it cannot be read."""
+    best = 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(f"{d}/size") as f:
+                text = f.read().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in "KMG" else text
+        if digits.isdigit():
+            best = max(best, int(digits) * unit)
+    return best

@@ -547,16 +547,23 @@ def solves_in_batches(device: torch.device) -> bool:
 
 
 def _solved(problems: dict) -> dict:
-    """{key: (θ, the next block, verified, ‖A‖_F²)} for {key: (A, V, depth)}."""
-    fro2 = dict(zip(problems, _fro2_all([A for A, _, _ in problems.values()])))
-    return {k: (*r, fro2[k]) for k, r in _verified_batched(problems).items()}
+    """{key: (θ, the next block, verified, ‖A‖_F²)} for {key: (A, V, depth)}, on a CPU in runs that fit the cache
+    (`workers.cache_chunks`: each run's passes reread inputs the cache still holds)."""
+    keys = list(problems)
+    out = {}
+    for run in workers.cache_chunks([problems[k][0].numel() * problems[k][0].element_size() for k in keys]):
+        part = {keys[i]: problems[keys[i]] for i in run}
+        fro2 = dict(zip(part, _fro2_all([A for A, _, _ in part.values()])))
+        out.update({k: (*r, fro2[k]) for k, r in _verified_batched(part).items()})
+    return out
 
 
 def _verified_batched(problems: dict) -> dict:
     """verified_top for {key: (A, V, depth)}: problems of one (shape, dtype, depth) solved by one krylov_top call
     per attempt, one host synchronisation per attempt. On an accelerator their inputs are stacked (fewer
     launches); on a CPU they are passed as a list (no copy of the inputs: the passes over them are memory-bound
-    there, and the batched small algebra saves the per-call overhead that was half of a 2048 × 256 input's solve)."""
+    there, and the batched small algebra saves the per-call overhead that was half of a 2048 × 256 input's solve;
+    `_solved` hands over lists that fit the cache)."""
     todo, done = dict(problems), {}
     for attempt in range(1 + len(RETRY_DEPTHS)):
         groups: dict[tuple, list] = {}
