@@ -21,7 +21,7 @@ and inputs of a real step: the exact nr(G) of every gradient (`linalg.nuclear_no
 eigenvalues, one job per gradient on the one-thread workers), st(A) of every distinct input by one warm
 block-Krylov solve of depth 0 (`probe.estimators.krylov_top`, the default route's cheapest case: two passes over
 the input and a power step's two one-column products; the inputs of one shape solved together, as the Monitor does:
-a list on a CPU, a stacked batch on an accelerator), and both together as a measured step finishes them (the solves
+a list on a CPU, in the cache-sized runs of `linalg.workers.cache_chunks`, a stacked batch on an accelerator), and both together as a measured step finishes them (the solves
 queued ahead of the eigensolves, on one worker: `probe.estimators.finish_implicit`). 1 + the last ratio is the cost below which no probe with these
 estimates can go on this machine, before any pairing, hook or bookkeeping; "floor on torch's LAPACK" is the same with
 SPECSCOPE_EIGH=torch.
@@ -440,8 +440,11 @@ def floor_candidates(block: int) -> dict:
 
     def st_all():
         for same in by_shape.values():
-            batch = [A for A, _ in same] if DEVICE.type == "cpu" else torch.stack([A for A, _ in same])
-            krylov_top(batch, torch.stack([V for _, V in same]), depth=0)
+            if DEVICE.type != "cpu":
+                krylov_top(torch.stack([A for A, _ in same]), torch.stack([V for _, V in same]), depth=0)
+                continue
+            for run in workers.cache_chunks([A.numel() * A.element_size() for A, _ in same]):  # as the Monitor's job
+                krylov_top([same[i][0] for i in run], torch.stack([same[i][1] for i in run]), depth=0)
 
     def both():
         spectra = gradient_spectra_later(grads)
