@@ -45,6 +45,9 @@ def test_every_value_of_every_lab_has_a_range():
 @pytest.mark.parametrize("content,named", [
     (b"\xff\xfe\x00 not utf-8", "not UTF-8"), (b"config = 5", "must be a table"), (b"p = = 5", "not valid TOML"),
     (b"[grokking]\nsteps = 3", "table [grokking] is not read; put the keys under [config]"),
+    # beside a [config] table, a key or table elsewhere would be silently dropped
+    (b"seed = 3\n[config]\nsteps = 3", "key seed is outside [config] and is not read; put it under [config]"),
+    (b"[config]\nsteps = 3\n[grokking]\np = 5", "table [grokking] is outside [config] and is not read; put its keys under [config]"),
 ])
 def test_bad_config_file(cli, tmp_path, content, named):
     bad = tmp_path / "bad.toml"

@@ -176,3 +176,28 @@ def test_a_runs_resealed_summary_with_an_unknown_verdict_is_refused_not_shown(tm
 
     assert isinstance(result.exception, RunStoreError) and "MAYBE" not in result.stdout, result.output
     assert "unknown verdict 'MAYBE'" in str(result.exception) and "summary.json" in str(result.exception)
+
+
+def test_json_output_is_strict_json_when_a_recorded_value_is_not_a_number(tmp_path):
+    """A summary.json written before NaN values became null (GPT-2a when Muon never reached AdamW's loss):
+    `--format json` prints null, never the bare NaN that strict JSON readers (jq, JSON.parse) refuse."""
+    _run(tmp_path, "lab-a", "r10", {"seed": 0}, [_claim("FAIL", float("nan"))])
+    out = invoke("--root", str(tmp_path), "--format", "json")
+    assert out.exit_code == 0, out.output
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    (row,) = json.loads(out.output, parse_constant=refuse)
+    assert row["value"] is None and row["verdict"] == "FAIL"
+
+
+def test_a_resealed_summary_whose_value_is_not_a_number_is_refused_not_a_crash(tmp_path):
+    """The seeds' values are averaged: a value "high" in a resealed summary.json is one error naming the file."""
+    for seed in (0, 1):
+        _run(tmp_path, "lab-a", f"r{seed}0", {"seed": seed}, [replace(_claim("PASS", 1.0), value="high")])
+    result = invoke("--root", str(tmp_path))
+    from specscope.errors import RunStoreError
+
+    assert isinstance(result.exception, RunStoreError), result.exception
+    assert "value 'high'" in str(result.exception) and "summary.json" in str(result.exception)

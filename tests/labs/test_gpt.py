@@ -202,3 +202,25 @@ def test_gpt2b_states_the_w_down_share_only_where_there_is_a_gain(monkeypatch, l
     monkeypatch.setattr(gpt, "summarize", lambda df, cfg: [{"arm": a, "final_val_loss": v} for a, v in losses.items()])
     claim = gpt._gpt2b(pd.DataFrame(), cfg)
     assert says in claim.measured and claim.verdict == ("PASS" if losses["adamw"] > losses["muon"] else "FAIL")
+
+
+def test_summary_json_holds_null_where_a_claims_figure_is_not_a_number(monkeypatch, tmp_path):
+    """GPT-2a's figure is Muon's step to AdamW's final loss over the steps: NaN when it never gets there. The
+    summary.json the runner writes is strict JSON (null), which `jq` and browsers read."""
+    from specscope.labs import runner
+
+    monkeypatch.setattr(runner.report, "write_report", lambda *a, **k: None)
+    run_dir = runner.run_lab("gpt", {**TINY, "arms": ["adamw", "muon"]}, out=tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=refuse)
+    claims = {c["id"]: c for c in summary["claims"]}
+    assert "never reaches it" in claims["GPT-2a"]["measured"] and claims["GPT-2a"]["value"] is None
+
+
+def test_the_warmup_range_shown_is_the_one_accepted():
+    """`specscope list gpt` shows warmup's range; 0 (refused by the schedule) is refused when the config is made."""
+    with pytest.raises(ConfigError, match="'warmup' = 0"):
+        make_config(gpt.Config, {"warmup": 0}, "gpt")

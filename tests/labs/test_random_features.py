@@ -151,3 +151,13 @@ def test_claims_follow_the_recorded_metrics():
     df.loc[obj, "arm"] = df.loc[obj, "arm"].map(lambda a: a.replace("gd", "X").replace("specX", "gd").replace("X", "specgd"))
     assert rf.claims(df, cfg)[2].verdict == "FAIL"
     assert rf.claims(df.iloc[0:0], cfg)[0].verdict == "INCONCLUSIVE"
+
+
+def test_a_width_of_one_gd_reaching_the_optimum_is_a_verdict_not_a_crash(monkeypatch, tmp_path):
+    """width=1: A has rank one, GD's exact step reaches the optimum (objective 0): the claims divide by nothing."""
+    from labsmoke import smoke
+
+    claims, _, _ = smoke(monkeypatch, tmp_path, "random-features", dict(
+        device="cpu", dim=16, width=1, samples=64, outputs=8, steps=4, activations=["relu", "swiglu"],
+        sweep_widths=[32, 64], sweep_samples=64, sweep_dims=[8, 16]))
+    assert {c["verdict"] for c in claims.values()} <= {"PASS", "FAIL", "INCONCLUSIVE"}

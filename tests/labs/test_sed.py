@@ -187,7 +187,7 @@ def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
 
 @pytest.mark.parametrize("bad", [dict(k=5, window=3), dict(multitask=["add"]), dict(interventions=[], multitask=[]),
                                  dict(k=0), dict(n_probe=0), dict(eps_rel=0), dict(snapshot_every=0),
-                                 dict(task="foo"), dict(p=10), dict(n_heads=3)])
+                                 dict(task="foo"), dict(p=10), dict(n_heads=3), dict(d_model=1, n_heads=1)])
 def test_bad_configs_are_config_errors_and_make_no_run_directory(tmp_path, bad):
     from specscope.errors import ConfigError
     from specscope.labs.runner import run_lab

@@ -80,3 +80,18 @@ def test_tiny_run_on_two_processes(tmp_path):
     cos = df[df.metric == "update_cosine"]
     assert len(cos) == 3 * 6 and cos.value.between(-1, 1).all() and (cos.value < 0.999).any()
     assert set(df[df.metric == "val_loss"].arm) == {"global-2", "shardwise-2"}
+
+
+def test_a_relative_corpus_is_stored_absolute_and_fingerprinted_for_resume(tmp_path, monkeypatch):
+    """As in the gpt lab: the recorded config names the file the run read wherever it is resumed from, and
+    `--resume` refuses a corpus that changed since."""
+    (tmp_path / "text.txt").write_text("some text to train on\n" * 2000)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(lab.Config, {"corpus": "text.txt", "max_bytes": 20_000}, lab.NAME)
+    assert cfg.corpus == str(tmp_path / "text.txt")
+    assert set(lab.inputs(cfg)) == {"corpus"}
+
+
+def test_the_warmup_range_shown_is_the_one_accepted():
+    with pytest.raises(ConfigError, match="'warmup' = 0"):
+        make_config(lab.Config, {"warmup": 0}, lab.NAME)

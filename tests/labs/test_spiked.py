@@ -198,3 +198,13 @@ def test_tiny_lab_through_the_cli(tmp_path):
     err = df[df["metric"] == "decomposition_error"]["value"]
     assert len(err) > 0 and err.max() < 1e-10
     assert set(df[df["metric"] == "top_direction_angle"]["arm"]) == {"mf-tanh", "ntk-tanh"}
+
+
+@pytest.mark.parametrize("sizes", [{"m": 1}, {"sweep_m": 1}])
+def test_a_single_hidden_unit_is_refused_before_a_run_directory_is_made(tmp_path, sizes):
+    """m = 1: the gradient W (m × d) has one singular value, and every analysis reads the top two."""
+    from specscope.labs.runner import run_lab
+
+    with pytest.raises(ConfigError, match="m"):
+        run_lab("spiked", {**lab.PRESETS["tiny"], **sizes}, out=tmp_path)
+    assert not (tmp_path / "spiked").exists()

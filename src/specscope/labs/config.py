@@ -135,6 +135,12 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if other and "config" not in data:  # e.g. [gpt]: only [config] (or top-level keys) is read
         raise ConfigError(f"config file {path}: table [{other[0]}] is not read; put the keys under [config] "
                           f"or at the top level")
+    outside = [k for k in data if k != "config"] if "config" in data else []
+    if outside:  # beside [config] they would be dropped without a word
+        key = outside[0]
+        what = (f"table [{key}] is outside [config] and is not read; put its keys under [config]"
+                if isinstance(data[key], dict) else f"key {key} is outside [config] and is not read; put it under [config]")
+        raise ConfigError(f"config file {path}: {what} (or drop the [config] line and keep every key at the top level)")
     data = data.get("config", data)
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: 'config' must be a table ([config] with key = value lines), "

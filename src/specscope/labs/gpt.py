@@ -34,7 +34,7 @@ from pydantic import Field
 from specscope import linalg
 from specscope.data.text import TextCorpus, load_corpus, sample_batch, unigram_loss
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast0, AtLeast1, AtLeast2, Betas, Corpus, LabConfig, Measure, NonNegative, Positive, Unit
+from specscope.labs.base import Arm, AtLeast1, AtLeast2, Betas, Corpus, LabConfig, Measure, NonNegative, Positive, Unit
 from specscope.models.gpt import GPT, GPTConfig
 from specscope.optim import Hybrid
 from specscope.probe import Monitor
@@ -83,7 +83,7 @@ class Config(LabConfig):
     lr_auto: Positive = 3e-3  # AutoGeometry (Adam-scale: its spectral step is RMS-matched to Adam's)
     betas: Betas = (0.9, 0.95)
     weight_decay: NonNegative = 0.0  # decoupled, on the hidden matrices only (never embeddings, head, gains)
-    warmup: AtLeast0 = 30
+    warmup: AtLeast1 = 30
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Unit = 0.1
     grad_clip: NonNegative = 1.0  # 0: no clipping

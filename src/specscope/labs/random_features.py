@@ -286,6 +286,11 @@ def _finite(*xs: float) -> bool:
     return all(math.isfinite(x) for x in xs)
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN where b is 0 (a method that reached the optimum exactly, e.g. GD on a rank-one A at width 1)."""
+    return a / b if b != 0 else math.nan
+
+
 def setting(cfg: Config) -> str:
     """The regime of RF-1..3 and the settings the paper leaves open (the thresholds are the project's)."""
     return (f"d {cfg.dim}, width {cfg.width}, samples {cfg.samples}, outputs {cfg.outputs}, {cfg.steps} steps "
@@ -308,10 +313,10 @@ def _rf1(df: pd.DataFrame, cfg: Config) -> Claim:
     measured = (f"st(A) {st.min():.2f}–{st.max():.2f} over width {st.index.min()}–{st.index.max()}; "
                 f"nr(G₀) {nr0.iloc[0]:.1f}→{nr0.iloc[-1]:.1f} (slope {s0:.2f}), nr(G₁) {nr1.iloc[0]:.1f}→"
                 f"{nr1.iloc[-1]:.1f} (slope {s1:.2f}) over d {nr1.index.min()}–{nr1.index.max()}; "
-                f"objective at step {cfg.steps}: f_SpecGD / f_GD = {spec / gd:.3f}")
+                f"objective at step {cfg.steps}: f_SpecGD / f_GD = {_ratio(spec, gd):.3f}")
     rule = ("; rule (the project's thresholds for O(1), Ω(d), ≪): st(A) max < 1.5 × min and < 10, nr(G₀) < 10, "
             "log-log slope of nr(G₁) in d > 0.75, SpecGD/GD < 0.5")
-    return Claim("RF-1", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=spec / gd)
+    return Claim("RF-1", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=_ratio(spec, gd))
 
 
 def _rf2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -326,9 +331,9 @@ def _rf2(df: pd.DataFrame, cfg: Config) -> Claim:
     checks = [slope > 0.2, nr1 < st_arm, gd < spec]  # ReLU's slope is ≈ 0
     measured = (f"st(A) {st.iloc[0]:.1f}→{st.iloc[-1]:.1f} over width {st.index.min()}–{st.index.max()} "
                 f"(log-log slope {slope:.2f}); step 1: nr(G) {nr1:.1f} vs st(A) {st_arm:.1f}; "
-                f"f at step {cfg.steps}: GD/SpecGD = {gd / spec:.3f}")
+                f"f at step {cfg.steps}: GD/SpecGD = {_ratio(gd, spec):.3f}")
     rule = "; rule (the project's thresholds): log-log slope of st(A) in width > 0.2 (ReLU's ≈ 0), nr(G₁) < st(A), GD < SpecGD"
-    return Claim("RF-2", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=gd / spec)
+    return Claim("RF-2", text, pub, measured, _verdict(checks), setting=setting(cfg) + rule, value=_ratio(gd, spec))
 
 
 def rf3_rows(df: pd.DataFrame, cfg: Config) -> pd.DataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -231,7 +232,7 @@ def finish(run, lab, cfg, *, salvage: bool = False, partial: str = "") -> list[C
     UNDECIDABLE (see `undecidable`). `partial`: the status of a run that did not finish, named in the title."""
     df = store.load(run, salvage=salvage)
     damage = df.attrs.get("damage")
-    claims = list(lab.claims(df, cfg))
+    claims = finite_values(lab.claims(df, cfg))
     quick = made_by_quick_demo(Path(run.path))
     claims = undecidable(claims) if quick else claims
     summary = {"lab": lab.NAME, "claims": [c.as_dict() for c in claims], "final": _final_metrics(df)}
@@ -259,6 +260,14 @@ def made_by_quick_demo(path: Path) -> bool:
     except RunStoreError:
         return False
     return meta["lab"] == "demo" and bool(meta["config"].get("quick"))
+
+
+def finite_values(claims) -> list[Claim]:
+    """The claims with a NaN or ±inf `value` (a figure that does not exist, e.g. a step never reached) as None:
+    summary.json stays strict JSON (null), and the measured text says what happened."""
+    from dataclasses import replace
+
+    return [replace(c, value=None) if c.value is not None and not math.isfinite(c.value) else c for c in claims]
 
 
 def undecidable(claims: list[Claim]) -> list[Claim]:

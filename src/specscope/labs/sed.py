@@ -302,6 +302,9 @@ def check(cfg: Config) -> None:
                           f"measured on control arms, one per seed: add --set seeds={cfg.coupling_seeds}")
     if len(cfg.multitask) == 1:
         raise ConfigError("multitask needs ≥ 2 tasks (or [] to skip it), e.g. --set multitask=add,sub,mul,sum_sq")
+    if cfg.d_model < 2:
+        raise ConfigError(f"d_model={cfg.d_model}: a LayerNorm over one feature outputs a constant, so the model ignores "
+                          "its input and the centroids the coupling is measured against are zero; use d_model ≥ 2")
     check_heads(cfg.d_model, cfg.n_heads)
 
 

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from specscope.errors import ConfigError
 from specscope.labs import gpt
-from specscope.labs.base import AtLeast0, AtLeast1, AtLeast2, Betas, LabConfig, Measure, NonNegative, Positive, Unit
+from specscope.labs.base import AtLeast1, AtLeast2, Betas, Corpus, LabConfig, Measure, NonNegative, Positive, Unit
 from specscope.optim import Hybrid, _common, _distributed
 from specscope.records import Claim, Record
 
@@ -40,13 +40,13 @@ class Config(LabConfig):
     d_model: AtLeast1 = 64
     seq_len: AtLeast2 = 32
     batch_size: AtLeast1 = 16  # global batch; each rank takes batch_size / ranks sequences
-    corpus: str = "stdlib"
+    corpus: Corpus = "stdlib"  # stored absolute, as in the gpt lab
     max_bytes: AtLeast1 | None = 2_000_000
     steps: AtLeast1 = 150
     lr_muon: Positive = 0.01
     lr_adamw: Positive = 3e-3
     betas: Betas = (0.9, 0.95)
-    warmup: AtLeast0 = 15
+    warmup: AtLeast1 = 15
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: Unit = 0.1
     grad_clip: NonNegative = 1.0
@@ -58,6 +58,11 @@ class Config(LabConfig):
 
 def gpt_config(cfg: Config) -> gpt.Config:
     return gpt.Config(seed=cfg.seed, device="cpu", arms=["muon"], **{k: getattr(cfg, k) for k in GPT_FIELDS})
+
+
+def inputs(cfg: Config) -> dict[str, str]:
+    """What `--resume` checks is unchanged: the corpus bytes (as the gpt lab's)."""
+    return gpt.inputs(gpt_config(cfg))
 
 
 def check(cfg: Config) -> None:

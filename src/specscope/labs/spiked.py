@@ -24,8 +24,8 @@ from pydantic import field_validator
 
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
 from specscope.errors import ConfigError
-from specscope.labs.base import (Arm, AtLeast0, AtLeast1, Correlation, DataFile, LabConfig, Measure, NonNegative, Positive, Share,
-                                 file_sha256)
+from specscope.labs.base import (Arm, AtLeast0, AtLeast1, AtLeast2, Correlation, DataFile, LabConfig, Measure, NonNegative,
+                                 Positive, Share, file_sha256)
 from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
@@ -40,7 +40,7 @@ class Config(LabConfig):
     # data and model (defaults: the published size, paper 000)
     n: AtLeast1 = 750
     d: AtLeast1 = 1000
-    m: AtLeast1 = 1250
+    m: AtLeast2 = 1250  # every analysis reads the gradient's top two singular directions: rank ≥ 2
     nu: NonNegative = 0.25  # spike size ζ = n^ν
     alpha: NonNegative = 0.0  # bulk eigenvalues i^(-α)
     q: Literal["random", "top", "bottom"] = "random"
@@ -89,6 +89,14 @@ class Config(LabConfig):
     def _known_activations(cls, v: list[str]) -> list[str]:
         for a in v:
             cls._known_activation(a)
+        return v
+
+    @field_validator("sweep_m")
+    @classmethod
+    def _two_units(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("one hidden unit gives a rank-one gradient, and every analysis reads its top two singular "
+                             "directions; use 0 (the same as m) or ≥ 2")
         return v
 
     @field_validator("n", "d", "m", "steps", "record_every")

@@ -15,6 +15,7 @@ lines `<!-- claims:begin -->` and `<!-- claims:end -->`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -105,13 +106,11 @@ def _damage(path: Path) -> str:
 
 def _summary_claims(path: Path, data: dict) -> list[Claim]:
     """A run's summary.json claims, checked as a sweep's are (the checksum stops an edit, not a resealed one)."""
-    from specscope.report.tables import as_claim
-
     try:
         claims = data.get("claims", [])
         if not isinstance(claims, list):
             raise ValueError(f"'claims' is a {type(claims).__name__}, not a list")
-        return [as_claim(c) for c in claims]
+        return [_as_claim(c) for c in claims]
     except (ValueError, TypeError) as e:
         raise RunStoreError(f"{path} holds claims that are not claims ({str(e)[:120]}); `specscope report "
                             f"{path.parent}` rewrites it from the recorded metrics.") from None
@@ -119,16 +118,25 @@ def _summary_claims(path: Path, data: dict) -> list[Claim]:
 
 def _sweep_claims(path: Path) -> list[Claim]:
     """A sweep's claims.json, checked: a list of claims as `specscope sweep` writes them."""
-    from specscope.report.tables import as_claim  # the fields and a known verdict (PASS, FAIL, ...) checked
-
     fix = f"`specscope sweep --resume {path.parent}` rewrites it"
     try:
         data = json.loads(path.read_bytes())
         if not isinstance(data, list):
             raise ValueError(f"a {type(data).__name__}, not a list")
-        return [as_claim(c) for c in data]
+        return [_as_claim(c) for c in data]
     except (OSError, ValueError, TypeError) as e:
         raise RunStoreError(f"{path} is unreadable or not a list of claims ({str(e)[:120]}); {fix}.") from None
+
+
+def _as_claim(c) -> Claim:
+    """A claim read from a file, checked: its fields, a known verdict (PASS, FAIL, ...) and a `value` that is a
+    number or null (the seeds' values are averaged); anything else is a ValueError naming it."""
+    from specscope.report.tables import as_claim
+
+    claim = as_claim(c)
+    if claim.value is not None and (isinstance(claim.value, bool) or not isinstance(claim.value, (int, float))):
+        raise ValueError(f"claim {claim.id!r} has the value {claim.value!r}; a claim's value is a number or null")
+    return claim
 
 
 def _digits(when: object) -> str:
@@ -217,7 +225,8 @@ def claims_cmd(
         typer.echo(f"no recorded claims under {root} (run a lab first: specscope run LAB --out {root})")
         return
     if format == "json":
-        typer.echo(json.dumps([{**r.claim.as_dict(), "lab": r.lab, "runs": r.runs} for r in rows], indent=1))
+        typer.echo(json.dumps([{**r.claim.as_dict(), "value": _number(r.claim.value), "lab": r.lab, "runs": r.runs}
+                               for r in rows], indent=1))
     elif format == "markdown":
         text = markdown(rows)
         if into is None:
@@ -228,6 +237,12 @@ def claims_cmd(
     else:
         console = stdout_console()
         console.print(_table(rows, root) if _fits(rows, console.width) else _records(rows, root))
+
+
+def _number(value: float | None) -> float | None:
+    """A claim's figure for JSON: NaN or ±inf (in a summary.json written before they became null) as null,
+    which strict JSON readers accept."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def _fits(rows: list[Row], width: int) -> bool:
