@@ -30,6 +30,34 @@ def test_specgd_missing_stable_rank_names_layer():
         SpecGD([("blocks.0.mlp.down.weight", w)], lr=0.1, stable_rank=lambda layer: None).step()
 
 
+def test_specgd_steps_past_a_layer_whose_input_was_always_zero():
+    """Behind ReLUs that are all dead a layer's input is zero: the probe has no st(A) for it (flag zero_input) and
+    its gradient is zero, so SpecGD has nothing to scale there — it steps the other layers, that one only by its
+    weight decay; a layer with no st(A) and a non-zero direction is still an error naming it."""
+    from specscope.probe import Monitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every unit dead for these inputs: the second layer's input is all zeros
+    monitor = Monitor(model, every=1)
+    opt = SpecGD([(n, p) for n, p in model.named_parameters() if p.ndim == 2], lr=0.1, stable_rank=monitor, weight_decay=0.5)
+    dead = model[2].weight.detach().clone()
+    for step in range(2):
+        with monitor.step(step):
+            model(torch.randn(5, 6)).square().mean().backward()
+        assert monitor.stable_rank("2") is None
+        opt.step()
+        opt.zero_grad()
+    torch.testing.assert_close(model[2].weight.detach(), dead * (1 - 0.1 * 0.5) ** 2)
+    w = torch.nn.Parameter(torch.zeros(4, 4))
+    w.grad = torch.zeros(4, 4)
+    SpecGD([("blk.weight", w)], lr=0.1, stable_rank=lambda layer: None).step()  # zero direction: no error
+    w.grad = torch.randn(4, 4)
+    with pytest.raises(ConfigError, match="blk"):
+        SpecGD([("blk.weight", w)], lr=0.1, stable_rank=lambda layer: None).step()
+
+
 def test_specgd_momentum_is_sgd_buffer():
     w = torch.nn.Parameter(torch.zeros(6, 5))
     opt = SpecGD([w], lr=1.0, momentum=0.5)

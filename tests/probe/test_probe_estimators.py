@@ -85,6 +85,24 @@ def test_an_all_zero_input_is_flagged_by_every_estimator_and_the_next_step_measu
             assert rec.flag == "" and rec.value == pytest.approx(float(linalg.stable_rank(x.double())), rel=1e-4)
 
 
+def test_a_zero_input_leaves_the_last_stable_rank_and_the_state_reloads():
+    """A step whose input is all zeros has no st(A): `stable_rank` keeps the last defined one (None before any),
+    and the Monitor's state_dict, which holds it, loads into a new Monitor (a NaN there was refused on load)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    monitor = Monitor(model, every=1)
+    first = torch.randn(6, 8)
+    for step, x in enumerate([torch.zeros(6, 8), first, torch.zeros(6, 8)]):
+        with monitor.step(step):
+            model(x).square().mean().backward()
+        model.zero_grad()
+        want = None if step == 0 else float(linalg.stable_rank(first.double()))
+        got = monitor.stable_rank("0")
+        assert got == want if want is None else got == pytest.approx(want, rel=1e-4)
+        again = Monitor(model, every=1)
+        again.load_state_dict(monitor.state_dict())
+        assert again.stable_rank("0") == got
+
+
 class Wide(nn.Module):
     """A two-layer MLP whose second weight sees a wide (≥ IMPLICIT_MIN) input."""
 

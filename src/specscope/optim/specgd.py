@@ -25,16 +25,21 @@ SPECGD_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def layer_stable_ranks(opt, names: list[str], required: bool) -> list[float | None]:
+def layer_stable_ranks(opt, names: list[str], required: bool, directions: list[Tensor] | None = None) -> list[float | None]:
     """st(A) for each parameter's layer from the optimizer's source (1.0 without a source).
 
     A layer the source's probe could not pair (`source.unmeasured[layer]`) has none: with required=False
-    (AutoGeometry) it takes the Euclidean step and is warned about once, with the probe's reason.
+    (AutoGeometry) it takes the Euclidean step and is warned about once, with the probe's reason. `directions`
+    (SpecGD's): a layer with no st(A) whose direction is all zeros — an input that was zero at every measurement
+    so far, e.g. behind ReLUs that are all dead — has no step for st(A) to scale; it gets 1.0 instead of an error
+    (one host read per such layer).
     """
     source = opt.stable_rank_source
     if source is None:
         return [1.0] * len(names)
     out = [_common.read_stable_rank(source, _common.layer_name(n)) for n in names]
+    if directions is not None:
+        out = [1.0 if st is None and not bool(D.any()) else st for st, D in zip(out, directions)]
     unmeasured = getattr(source, "unmeasured", {})
     missing = [_common.layer_name(n) for n, st in zip(names, out) if st is None]
     if required and missing:
@@ -58,7 +63,7 @@ def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], n
         _common.as_matrix(_euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"]))
         for p, g in zip(params, grads)
     ]
-    sts = layer_stable_ranks(opt, names, required=True)
+    sts = layer_stable_ranks(opt, names, required=True, directions=dirs)
     for p, (P, nuc), st in zip(params, _common.batched_polar_with_nuclear_norm(dirs, group), sts):
         _euclidean.apply(p, P * (nuc / st), lr, wd)
 

@@ -374,7 +374,9 @@ class Monitor:
 
     def stable_rank(self, name: str) -> float | None:
         """Latest measured st(A) of the input of weight `name`; None before its first measurement or
-        while it is unmeasured (see `unmeasured[name]`). A fused weight's slices share their input's."""
+        while it is unmeasured (see `unmeasured[name]`). A step whose input was all zeros or non-finite (records
+        flagged zero_input / nonfinite) has no st(A) and leaves the one before: None if there was none. A fused
+        weight's slices share their input's."""
         if name in self._latest_st:
             return self._latest_st[name]
         if not isinstance(name, str):
@@ -574,7 +576,8 @@ class Monitor:
         nr = (nuc / fro) ** 2 if fro > 0 and not gflag else float("nan")  # REFERENCE §1: ‖G‖_*² / ‖G‖_F²
         rec = self._records.append
         if a is not None:
-            self._latest_st[name] = a.st
+            if math.isfinite(a.st) and a.st > 0:  # a zero or non-finite input (flagged) leaves the last defined st(A)
+                self._latest_st[name] = a.st
             self._latest_inputs[name] = (a.rows, a.estimator)
             rec(Record(step, name, "stable_rank", a.st, estimator=a.estimator, rows=a.rows, shape=f"{a.rows}x{a.n}", flag=a.flag))
             rec(Record(step, name, "spectral_advantage", nr / a.st, estimator=f"{nr_est}/{a.estimator}", rows=a.rows, shape=gshape, flag=a.flag or gflag))
