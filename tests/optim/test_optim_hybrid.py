@@ -233,3 +233,16 @@ def test_spectral_param_groups_of_a_frozen_model_names_the_cause():
         spectral_param_groups(model, 0.02, 3e-4)
     model[0].requires_grad_(True)
     assert [len(g["params"]) for g in spectral_param_groups(model, 0.02, 3e-4)] == [1, 1]
+
+
+@pytest.mark.parametrize("group", [
+    {"allow_non_hidden": True},  # the override the routing error offers admits embeddings and heads, not vectors
+    {"algorithm": "auto", "token_dim": 0},  # an embedding group of AutoGeometry
+])
+@pytest.mark.parametrize("shape", [(4,), ()])
+def test_a_vector_in_a_spectral_group_is_refused_when_the_group_is_made(group, shape):
+    """A 1-D or 0-D parameter has no polar factor: with allow_non_hidden=True (or token_dim) it passed the routing check
+    and the first step failed with an IndexError inside as_matrix; torch.optim.Muon refuses it up front too."""
+    b = nn.Parameter(torch.randn(shape))
+    with pytest.raises(ConfigError, match=r"'blk\.bias'.*algorithm='adamw'"):
+        Hybrid([{"params": [("blk.bias", b)], "algorithm": "muon", "lr": 0.02, **group}], stable_rank=lambda layer: 2.0)

@@ -138,3 +138,60 @@ def test_random_features_auto_within_10pct_of_best(activation):
     # the two geometries really differ here (RF-1/RF-2), so the check can fail
     winner = "specgd" if activation == "relu" else "gd"
     assert loss[winner] < 0.9 * max(loss["gd"], loss["specgd"]), loss
+
+
+def _monitored_mlp(every=1, **monitor_options):
+    from specscope.probe import Monitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3, bias=False))
+    return model, Monitor(model, every=every, **monitor_options)
+
+
+def _train(model, monitor, opt, steps=3):
+    for step in range(steps):
+        with monitor.step(step):
+            (model(torch.randn(5, 6)) - 1).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        monitor.pop_records()
+
+
+@pytest.mark.parametrize("options", [{"exclude": ["2"]}, {"include": ["0"]}])
+def test_auto_steps_a_layer_the_monitor_leaves_out_euclidean(options):
+    """A Monitor measuring some layers only (include= / exclude=) raised "no tracked weight named '2'" from inside the
+    step; AutoGeometry takes such a layer as one the probe could not pair: Euclidean, warned about once, with the
+    reason. SpecGD, which needs st(A) there, names the layer and the Monitor's options."""
+    model, monitor = _monitored_mlp(**options)
+    named = [(n, p) for n, p in model.named_parameters() if p.ndim == 2]
+    opt = AutoGeometry(named, lr=0.05, monitor=monitor)
+    with pytest.warns(UserWarning, match="'2' is unmeasured.*include=/exclude="):
+        _train(model, monitor, opt)
+    assert opt.choices["2"] == "euclidean"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    model, monitor = _monitored_mlp(**options)
+    opt = SpecGD([(n, p) for n, p in model.named_parameters() if p.ndim == 2], lr=0.05, stable_rank=monitor)
+    with pytest.raises(ConfigError, match="layer '2'.*include=/exclude="):
+        _train(model, monitor, opt)
+
+
+def test_unnamed_parameters_with_a_monitor_name_the_fix():
+    """Parameters passed without names are 'param0', … which no Monitor knows: the error says to pass named ones."""
+    model, monitor = _monitored_mlp()
+    opt = AutoGeometry([p for p in model.parameters() if p.ndim == 2], lr=0.05, monitor=monitor)
+    with pytest.raises(ConfigError, match="param0.*named_parameters"):
+        _train(model, monitor, opt)
+
+
+def test_specgd_names_the_cause_when_an_input_was_zero_on_every_measured_step():
+    """Behind a zero-initialized layer the next one's input is zero at step 0 and not after: with Monitor(every=3) its
+    gradient is non-zero at step 1 with no st(A) yet. The error told the user to measure before the first step, which
+    they had; it names the cause and the fix (measure every step)."""
+    model, monitor = _monitored_mlp(every=3)
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    model[1] = torch.nn.GELU()  # gelu(0) = 0, and the first layer still gets a gradient
+    opt = SpecGD([(n, p) for n, p in model.named_parameters() if p.ndim == 2], lr=0.05, stable_rank=monitor)
+    with pytest.raises(ConfigError, match=r"layer '2'.*all zeros.*every=1"):
+        _train(model, monitor, opt)

@@ -94,6 +94,19 @@ def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorit
         )
 
 
+def check_matrices(params: Sequence[Tensor], names: Sequence[str], algorithm: str) -> None:
+    """Every parameter of a spectral group ≥ 2-D, whatever allow_non_hidden / token_dim say: a vector has no polar
+    factor (its first step failed with an IndexError inside `as_matrix`; torch.optim.Muon refuses it too)."""
+    for p, name in zip(params, names):
+        if p.ndim < 2:
+            raise ConfigError(
+                f"parameter '{name}' (shape {tuple(p.shape)}) is {p.ndim}-D and was put in a spectral ('{algorithm}') "
+                "group, which steps matrices only (allow_non_hidden=True admits embeddings and heads, not vectors). "
+                "Route it to AdamW: put it in a group with algorithm='adamw' (specscope.optim.spectral_param_groups(model, "
+                "...) does this for a whole model)"
+            )
+
+
 def check_floating(params: Sequence[Tensor], names: Sequence[str]) -> None:
     """Every parameter a real floating-point tensor: an integer one failed deep inside the first step."""
     for p, name in zip(params, names):
@@ -262,6 +275,18 @@ def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any
 
 
 # ---------------------------------------------------------------- stable-rank sources
+
+
+def untracked_reason(source: Any, layer: str) -> str | None:
+    """Why a probe Monitor has no st(A) for `layer`, a weight of its model that it does not track (left out by its
+    include= / exclude=, or frozen when the Monitor was made); None for a name no weight of its model has, or a source
+    that is no Monitor."""
+    model = getattr(source, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return None
+    if layer not in {layer_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}:
+        return None
+    return "the Monitor does not track it: its include=/exclude= leave it out, or it was frozen when the Monitor was made"
 
 
 def read_stable_rank(source: Any, layer: str) -> float | None:

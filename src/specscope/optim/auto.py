@@ -33,7 +33,7 @@ from torch import Tensor
 from specscope.errors import ConfigError
 from specscope.optim import _common, _euclidean, l1_to_l2
 from specscope.optim.hybrid import Hybrid, _number, register
-from specscope.optim.specgd import layer_stable_ranks
+from specscope.optim.specgd import layer_stable_ranks, unmeasured_layers
 from specscope.records import Record
 
 EUCLIDEAN = ("sgd", "momentum", "adamw")
@@ -99,7 +99,7 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         else:
             _euclidean.apply(p, E, lr, wd)
         s["step"] = steps[i] + 1
-        flag = "" if st else "unmeasured" if rec["layer"] in getattr(opt.stable_rank_source, "unmeasured", {}) else "no_stable_rank"
+        flag = "" if st else "unmeasured" if rec["layer"] in unmeasured_layers(opt) else "no_stable_rank"
         opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
 

@@ -28,8 +28,9 @@ SPECGD_DEFAULTS: dict[str, Any] = dict(
 def layer_stable_ranks(opt, names: list[str], required: bool, directions: list[Tensor] | None = None) -> list[float | None]:
     """st(A) for each parameter's layer from the optimizer's source (1.0 without a source).
 
-    A layer the source's probe could not pair (`source.unmeasured[layer]`) has none: with required=False
-    (AutoGeometry) it takes the Euclidean step and is warned about once, with the probe's reason. `directions`
+    A layer the source's probe could not pair (`source.unmeasured[layer]`), or a layer of a Monitor's model that the
+    Monitor does not track (its include=/exclude=), has none: with required=False (AutoGeometry) it takes the
+    Euclidean step and is warned about once, with the reason. `directions`
     (SpecGD's): a layer with no st(A) whose direction is all zeros — an input that was zero at every measurement
     so far, e.g. behind ReLUs that are all dead — has no step for st(A) to scale; it gets 1.0 instead of an error
     (one host read per such layer).
@@ -37,13 +38,18 @@ def layer_stable_ranks(opt, names: list[str], required: bool, directions: list[T
     source = opt.stable_rank_source
     if source is None:
         return [1.0] * len(names)
-    out = [_common.read_stable_rank(source, _common.layer_name(n)) for n in names]
+    out = [_read(opt, source, _common.layer_name(n)) for n in names]
     if directions is not None:
         out = [1.0 if st is None and not bool(D.any()) else st for st, D in zip(out, directions)]
-    unmeasured = getattr(source, "unmeasured", {})
+    unmeasured = unmeasured_layers(opt)
     missing = [_common.layer_name(n) for n, st in zip(names, out) if st is None]
     if required and missing:
-        why = f" (the probe could not pair it: {unmeasured[missing[0]]})" if missing[0] in unmeasured else ""
+        untracked = missing[0] in opt.__dict__.get("_untracked", {})  # that reason reads alone
+        why = f" ({'' if untracked else 'the probe could not pair it: '}{unmeasured[missing[0]]})" if missing[0] in unmeasured else ""
+        if not why and callable(getattr(source, "is_measured", None)):  # a Monitor that pairs it: no non-zero input seen
+            why = (" (the Monitor has measured no non-zero input of it yet: an input that was all zeros on the measured "
+                   "steps, e.g. behind a zero-initialized or dead layer, and is not on this one leaves a gradient with no "
+                   "st(A) to scale it; measure every step, Monitor(every=1), so st(A) is there whenever the gradient is not zero)")
         raise ConfigError(
             f"the stable_rank source has no st(A) for layer '{missing[0]}'{why}; measure that layer's input "
             "(probe Monitor on it, with a measurement before the first step, or monitor.observe) or drop stable_rank="
@@ -54,6 +60,35 @@ def layer_stable_ranks(opt, names: list[str], required: bool, directions: list[T
             warned.add(layer)
             warnings.warn(f"specscope: '{layer}' is unmeasured by the probe ({unmeasured[layer]}); it takes the Euclidean step", stacklevel=4)
     return out
+
+
+def _read(opt, source: Any, layer: str) -> float | None:
+    """st(A) of a layer from the source; None for a layer of the Monitor's model that it does not track (kept, with the
+    reason, in `opt._untracked`; asked again each step, as monitor.observe may start tracking it). A name no weight of
+    the Monitor's model has raises."""
+    untracked = opt.__dict__.setdefault("_untracked", {})
+    try:
+        st = _common.read_stable_rank(source, layer)
+    except ConfigError as e:
+        if layer in untracked:
+            return None
+        if getattr(source, "model", None) is None:
+            raise
+        why = _common.untracked_reason(source, layer)
+        if why is None:
+            raise ConfigError(f"{e}. The optimizer asks for st(A) by its parameters' names ('{layer}'): pass named "
+                              "parameters of the Monitor's model (model.named_parameters(), or spectral_param_groups(model, "
+                              "...))") from None
+        untracked[layer] = why
+        return None
+    untracked.pop(layer, None)
+    return st
+
+
+def unmeasured_layers(opt) -> dict[str, str]:
+    """Layer -> reason for the layers the source has no st(A) for by design: those its probe could not pair
+    (`source.unmeasured`) and those a Monitor does not track."""
+    return {**getattr(opt.stable_rank_source, "unmeasured", {}), **opt.__dict__.get("_untracked", {})}
 
 
 def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
