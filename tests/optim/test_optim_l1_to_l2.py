@@ -167,3 +167,15 @@ def test_auto_geometry_picks_l1_to_l2_for_an_embedding_and_descends():
     assert all(b <= a + 1e-9 for a, b in zip(losses, losses[1:]))  # each step guaranteed to descend
     with pytest.raises(ConfigError, match="embedding"):  # without token_dim an embedding is refused
         AutoGeometry([("embed.weight", emb.weight)], lr=0.1)
+
+
+def test_a_vector_is_refused_when_its_l1_to_l2_group_is_made():
+    """ℓ₁→ℓ₂ steps one vector per token of a ≥ 2-D weight: a bias in its group is refused when the optimizer (or
+    the group) is made, naming it and AdamW, not at the first step after training started."""
+    emb, bias = nn.Parameter(torch.randn(10, 4)), nn.Parameter(torch.zeros(4))
+    with pytest.raises(ConfigError, match=r"'b'.*1-D.*'l1_to_l2'.*algorithm='adamw'"):
+        L1ToL2([("e", emb), ("b", bias)], lr=0.1, scale="rms")
+    opt = Hybrid([{"params": [emb], "algorithm": "l1_to_l2", "lr": 0.1, "scale": "rms"}])
+    with pytest.raises(ConfigError, match=r"1-D.*'l1_to_l2'"):
+        opt.add_param_group({"params": [bias], "algorithm": "l1_to_l2", "lr": 0.1, "scale": "rms"})
+    assert len(opt.param_groups) == 1

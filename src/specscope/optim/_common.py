@@ -94,14 +94,16 @@ def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorit
         )
 
 
-def check_matrices(params: Sequence[Tensor], names: Sequence[str], algorithm: str) -> None:
-    """Every parameter of a spectral group ≥ 2-D, whatever allow_non_hidden / token_dim say: a vector has no polar
-    factor (its first step failed with an IndexError inside `as_matrix`; torch.optim.Muon refuses it too)."""
+def check_matrices(params: Sequence[Tensor], names: Sequence[str], algorithm: str, spectral: bool = True) -> None:
+    """Every parameter of a spectral group (or an ℓ₁→ℓ₂ one: a vector per token) ≥ 2-D, whatever allow_non_hidden /
+    token_dim say: a vector has no polar factor (its first step failed with an IndexError inside `as_matrix`;
+    torch.optim.Muon refuses it too), nor tokens."""
+    why = ("a spectral ('{a}') group, which steps matrices only (allow_non_hidden=True admits embeddings and heads, not "
+           "vectors)" if spectral else "an '{a}' group, which steps one vector per token of a ≥ 2-D weight").format(a=algorithm)
     for p, name in zip(params, names):
         if p.ndim < 2:
             raise ConfigError(
-                f"parameter '{name}' (shape {tuple(p.shape)}) is {p.ndim}-D and was put in a spectral ('{algorithm}') "
-                "group, which steps matrices only (allow_non_hidden=True admits embeddings and heads, not vectors). "
+                f"parameter '{name}' (shape {tuple(p.shape)}) is {p.ndim}-D and was put in {why}. "
                 "Route it to AdamW: put it in a group with algorithm='adamw' (specscope.optim.spectral_param_groups(model, "
                 "...) does this for a whole model)"
             )

@@ -195,8 +195,8 @@ class Hybrid(Optimizer):
                 _common.check_polar(group["polar"])
             names = _group_names(group, sum(len(g["params"]) for g in self.param_groups[:-1]))
             _common.check_floating(group["params"], names)
-            if ALGORITHMS[alg].spectral:
-                _common.check_matrices(group["params"], names, alg)
+            if ALGORITHMS[alg].spectral or alg == "l1_to_l2":
+                _common.check_matrices(group["params"], names, alg, spectral=ALGORITHMS[alg].spectral)
             if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
                 _common.check_spectral_group(group["params"], names, alg)
             if ALGORITHMS[alg].check is not None:

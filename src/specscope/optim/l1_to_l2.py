@@ -78,9 +78,7 @@ def l1_to_l2_update(opt, group: dict, params: list[Tensor], grads: list[Tensor],
     check_group(group)
     lr, wd = float(group["lr"]), group["weight_decay"]
     sts = layer_stable_ranks(opt, names, required=group["scale"] == "matched")
-    for p, g, st, name in zip(params, grads, sts, names):
-        if p.ndim < 2:
-            raise ConfigError(f"algorithm='l1_to_l2' needs a ≥2-D weight (one vector per token); '{name}' is {p.ndim}-D")
+    for p, g, st in zip(params, grads, sts):  # every p ≥ 2-D: checked when its group was made (_common.check_matrices)
         D = _euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"])
         _euclidean.apply(p, step_direction(D, group, st or 1.0), lr, wd)
 
