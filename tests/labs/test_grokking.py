@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from specscope.data.modular import modular_dataset
+from specscope.errors import ConfigError
 from specscope.labs import grokking as g
 from specscope.models.modular import enc003, qk_weights, tf004
 
@@ -145,6 +146,9 @@ def test_strength_grid_builds_one_arm_per_strength():
     assert [a.extra_steppers[0].param_groups[0]["weight_decay"] for a in arms[1:]] == [2.0, 5.0]
     with pytest.raises(Exception, match="not in arms"):
         g.arm_specs(cfg.model_copy(update={"strength_grid": {"lrd_prox": [1.0]}}))
+    for grid in ([0.1, 0.1000001], [2, 2.0]):  # one arm name twice: refused with the fix, before anything runs
+        with pytest.raises(ConfigError, match=r"two arms named 'lrd@(0\.1|2)'.*drop the repeat"):
+            g.check(cfg.model_copy(update={"strength_grid": {"lrd": grid}}))
 
 
 def _lrd1_frame(st_lrd, st_l2):

@@ -115,7 +115,12 @@ def arm_specs(cfg: Config) -> list[tuple[str, str, Config]]:
             out.append((reg, reg, cfg))
             continue
         key = "weight_decay" if reg in ("l2", "none") else "lrd_strength"
-        out += [(f"{reg}@{lam:g}", reg, cfg.model_copy(update={key: float(lam)})) for lam in grid]
+        names = [f"{reg}@{lam:g}" for lam in grid]
+        if len(set(names)) < len(names):  # the arm names print λ to 6 significant digits (0.1 and 0.1000001 are one)
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ConfigError(f"strength_grid[{reg!r}] = {grid} gives two arms named '{dup}': its values must differ in "
+                              "their first 6 significant digits; drop the repeat")
+        out += [(name, reg, cfg.model_copy(update={key: float(lam)})) for name, lam in zip(names, grid)]
     return out
 
 
