@@ -145,3 +145,24 @@ def test_training_again_after_train_raised_mid_step_measures_from_the_start(tmp_
     assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
     steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
     assert steps == {1, 2, 3}
+
+
+def test_a_trainer_the_callback_knows_closes_the_open_step_when_train_raises(tmp_path):
+    """attach(trainer, ...) (or SpecscopeCallback(trainer=...)) closes the measured step train() was in when it
+    raised: the weights are plain parameters right after, before any second train(); the next train() measures
+    from the start as before."""
+    from specscope.integrations.hf import attach
+    from specscope.probe.watch import WatchedParameter
+
+    model = tiny_llama()
+    trainer = _FailingOnce(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=2), train_dataset=Tokens(),
+                           optimizers=adamw(model))
+    monitor = attach(trainer, every=1)
+    with pytest.raises(RuntimeError, match="bad batch"):
+        trainer.train()
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    assert not torch.overrides._get_current_function_mode_stack()  # the first step's mode, which sees every op, is off
+    assert monitor._step is None
+    trainer.train()
+    steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
+    assert steps == {1, 2, 3}

@@ -15,6 +15,7 @@ in `specscope_monitor.pt`, restored when training resumes.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -59,6 +60,8 @@ class SpecscopeCallback(transformers.TrainerCallback):
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
         self._saved_from: Path | None = None  # the file it was read from
         self._logged: tuple[int, set[str]] = (-1, set())  # the last logged step and its keys (each stored once)
+        if trainer is not None:
+            _close_on_error(trainer, self)
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -174,6 +177,24 @@ def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **m
     monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
     trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
     return monitor
+
+
+def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
+    """Make `trainer.train` close the callback's open measured step when it raises (the Trainer has no exception
+    event): the weights are plain parameters again at once, not only at the next train(). Wraps this trainer's
+    `train` (an instance attribute over the class's method), once per callback."""
+    train = trainer.train
+
+    @functools.wraps(train)
+    def closing_train(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return train(*args, **kwargs)
+        except BaseException:
+            if callback._measure is not None:
+                callback._measure.abandon()
+            raise
+
+    trainer.train = closing_train
 
 
 def _check_trainer(trainer: Any, where: str, how: str = "(SpecscopeCallback(monitor, trainer=trainer))") -> None:
