@@ -300,9 +300,24 @@ def test_cache_chunks_keep_each_run_within_its_share_of_the_cache():
     assert workers.cache_chunks([MiB] * 3, cache=480 * MiB) == [[0, 1, 2]]  # a cache that holds them all: one run
 
 
-def test_the_last_level_cache_is_read_from_sysfs():
+def test_the_last_level_cache_is_the_largest_size_sysfs_lists(tmp_path):
+    """Sizes as sysfs writes them ("32K", "1024K", "32768K", a bare byte count), the largest wins; unreadable or
+    malformed entries are skipped; no cache folder at all is 0 (one run: the rule before cache_chunks)."""
     from specscope.linalg._cpu import last_level_cache
-    size = last_level_cache()
-    assert isinstance(size, int) and size >= 0
+
+    for i, size in enumerate(["32K", "32K", "1024K", "32768K", "oops", ""]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    (tmp_path / "index9").mkdir()  # no size file
+    assert last_level_cache(str(tmp_path)) == 32 * 2**20
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "index0").mkdir()
+    (tmp_path / "other" / "index0" / "size").write_text("2M")
+    (tmp_path / "other" / "index1").mkdir()
+    (tmp_path / "other" / "index1" / "size").write_text("4096")
+    assert last_level_cache(str(tmp_path / "other")) == 2 * 2**20
+    assert last_level_cache(str(tmp_path / "missing")) == 0
+    here = last_level_cache()
+    assert isinstance(here, int) and here >= 0
     if os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index0"):
-        assert size >= 2**15  # at least an L1's 32 KiB
+        assert here >= 2**15  # at least an L1's 32 KiB

@@ -15,12 +15,15 @@ def cpu_vendor() -> str:
         return ""
 
 
+CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+
+
 @functools.cache
-def last_level_cache() -> int:
-    """Bytes of the largest CPU cache cpu0 sees (/sys/devices/system/cpu/cpu0/cache: the L3 of its core complex on
-    an AMD EPYC, 32 MiB on the one measured), or 0 where it cannot be read."""
+def last_level_cache(root: str = CACHE_DIR) -> int:
+    """Bytes of the largest CPU cache cpu0 sees (`root`/index*/size, e.g. "32768K": the L3 of its core complex on
+    an AMD EPYC, 32 MiB on the one measured), or 0 where none can be read (another OS, a container without sysfs)."""
     best = 0
-    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+    for d in glob.glob(f"{glob.escape(root)}/index*"):
         try:
             with open(f"{d}/size") as f:
                 text = f.read().strip().upper()
