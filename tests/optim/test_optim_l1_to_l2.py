@@ -179,3 +179,22 @@ def test_a_vector_is_refused_when_its_l1_to_l2_group_is_made():
     with pytest.raises(ConfigError, match=r"1-D.*'l1_to_l2'"):
         opt.add_param_group({"params": [bias], "algorithm": "l1_to_l2", "lr": 0.1, "scale": "rms"})
     assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("scale", ["rms", "matched"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_whose_squares_overflow_steps_as_at_unit_scale(scale, dtype):
+    """Token vectors of 1e18 over 768 features: ‖G_j‖² leaves float32 (and bfloat16), and the plain norm was inf —
+    a zero step (rms) or NaN weights (matched). The direction is scale-free, so the step is the unit-scale one
+    (rms) or c times it (matched, whose size is ‖G‖_{2,1})."""
+    g = torch.randn(6, 768, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g[2] = 0  # a token with no gradient stays put
+    c = 2.0**60  # ≈ 1.2e18, a power of two: G·c is exact
+    steps = []
+    for G in (g, g * c):
+        w = nn.Parameter(torch.zeros(6, 768, dtype=dtype))
+        w.grad = G
+        L1ToL2([("e", w)], lr=0.1, scale=scale).step()
+        steps.append(w.detach().float())
+    assert torch.isfinite(steps[1]).all() and not steps[1][2].any()
+    torch.testing.assert_close(steps[1] / (c if scale == "matched" else 1.0), steps[0], rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=0)

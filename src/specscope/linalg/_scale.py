@@ -20,12 +20,13 @@ _EXPONENT = {torch.bfloat16: (torch.int16, 0x7F80), torch.float16: (torch.int16,
              torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
 
 
-def pow2_scale(X: Tensor) -> Tensor:
+def pow2_scale(X: Tensor, dim: tuple[int, ...] | list[int] = (-2, -1)) -> Tensor:
     """2^-e per matrix of X [..., m, n] (shape [..., 1, 1], X's dtype), 2^e the power of two at or below max|X|, so
     that X·2^-e has its largest entry in [1, 2); multiplying by it rounds nothing. A zero matrix gets its dtype's
     largest safe factor (it stays 0). Four kernels: max|X|, a clamp, its exponent bits (an integer view: no frexp,
-    which some accelerators lack for 16-bit types) and their reciprocal, a power of two and so exact."""
-    amax = torch.linalg.vector_norm(X, float("inf"), dim=(-2, -1), keepdim=True).clamp_(min=torch.finfo(X.dtype).tiny)
+    which some accelerators lack for 16-bit types) and their reciprocal, a power of two and so exact. `dim`: the
+    axes one factor covers (the matrix's by default; e.g. all but the token axis for one factor per token)."""
+    amax = torch.linalg.vector_norm(X, float("inf"), dim=tuple(dim), keepdim=True).clamp_(min=torch.finfo(X.dtype).tiny)
     as_int, mask = _EXPONENT[X.dtype]
     return (amax.view(as_int) & mask).view(X.dtype).reciprocal_()
 

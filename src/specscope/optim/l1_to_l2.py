@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from specscope.errors import ConfigError
+from specscope.linalg._scale import pow2_scale
 from specscope.optim import _euclidean
 from specscope.optim.hybrid import Hybrid, register
 from specscope.optim.specgd import layer_stable_ranks
@@ -35,9 +36,17 @@ L1_TO_L2_DEFAULTS: dict[str, Any] = dict(
 
 
 def token_norms(D: Tensor, token_dim: int) -> Tensor:
-    """‖D_j‖_2 per token, shaped to broadcast against D (norm over every axis but `token_dim`)."""
+    """‖D_j‖_2 per token, shaped to broadcast against D (norm over every axis but `token_dim`). A token whose squares
+    leave D's dtype (float32 entries of ≈ 1e18 over a few hundred features: the norm came out inf, and the step
+    zero or NaN) is normed at unit scale, divided by the power of two at or below its largest entry and multiplied
+    back (exact: linalg._scale.pow2_scale). On a CPU only when the plain norm overflowed (one host read); on an
+    accelerator always, without a host synchronisation (one reduction and one product more)."""
     other = [k for k in range(D.ndim) if k != token_dim % D.ndim]
-    return torch.linalg.vector_norm(D, dim=other, keepdim=True)
+    n = torch.linalg.vector_norm(D, dim=other, keepdim=True)
+    if D.device.type == "cpu" and not bool(torch.isinf(n).any()):
+        return n
+    p = pow2_scale(D, dim=other)
+    return torch.linalg.vector_norm(D * p, dim=other, keepdim=True) / p
 
 
 def colnorm(D: Tensor, token_dim: int = 0) -> Tensor:
