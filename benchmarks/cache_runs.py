@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--phase-rounds", type=int, default=6, help="rounds of the measured-step comparison")
     ap.add_argument("--block", type=int, default=8, help="alternating steps per round")
     args = ap.parse_args()
+    if bad := [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v < 1]:
+        ap.error(f"{', '.join(bad)}: each must be an int >= 1")
     workers.cache_chunks = _runs
     print(f"torch {torch.__version__}, {load_average()}; last-level cache {last_level_cache() / 2**20:.0f} MiB "
           f"(runs of at most {last_level_cache() // workers.CACHE_SHARE / 2**20:.1f} MiB)")
