@@ -132,7 +132,10 @@ class _FailingOnce(Trainer):
 
 def test_training_again_after_train_raised_mid_step_measures_from_the_start(tmp_path):
     """The Trainer has no exception event: the step it was measuring stayed open, and train() again said
-    "step 0 was measured already" (the Monitor had to be rebuilt) while the weights stayed wrapped."""
+    "step 0 was measured already" (the Monitor had to be rebuilt) while the weights stayed wrapped. A callback given
+    to Trainer(callbacks=[...]), which is not told its Trainer, finds it at train begin: the step is closed as the
+    micro-batch raises — before, the first step's function mode, which sees every torch call in the process, stayed
+    on until the next train()."""
     from specscope.probe.watch import WatchedParameter
 
     model = tiny_llama()
@@ -141,8 +144,13 @@ def test_training_again_after_train_raised_mid_step_measures_from_the_start(tmp_
                            optimizers=adamw(model), callbacks=[SpecscopeCallback(monitor)])
     with pytest.raises(RuntimeError, match="bad batch"):
         trainer.train()  # the 2nd micro-batch of optimizer step 0, measured, open
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    assert monitor._step is None
     trainer.train()  # from step 0 again: the step that raised is measured anew
     assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    for name in ("train", "training_step"):  # wrapped once, however many times train() ran
+        assert not hasattr(vars(trainer)[name].__wrapped__, "specscope_closes")
     steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
     assert steps == {1, 2, 3}
 

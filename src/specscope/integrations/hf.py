@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class SpecscopeCallback(transformers.TrainerCallback):
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.trainer is None:  # given to Trainer(callbacks=[...]): find the Trainer whose train() is running
+            _close_running_on_error(_calling_trainer(self), self)
         if self.monitor is None:
             self.monitor = Monitor(model, **self._monitor_kwargs)
         check_measures(self.monitor, model, "SpecscopeCallback")
@@ -179,22 +182,59 @@ def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **m
     return monitor
 
 
-def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
-    """Make `trainer.train` close the callback's open measured step when it raises (the Trainer has no exception
-    event): the weights are plain parameters again at once, not only at the next train(). Wraps this trainer's
-    `train` (an instance attribute over the class's method), once per callback."""
-    train = trainer.train
-
-    @functools.wraps(train)
-    def closing_train(*args: Any, **kwargs: Any) -> Any:
+def _closing(method: Any, callback: SpecscopeCallback) -> Any:
+    """`method`, closing the callback's open measured step when it raises (the Trainer has no exception event):
+    the weights are plain parameters again, and no function mode stays on, at once rather than at the next train()."""
+    @functools.wraps(method)
+    def closing(*args: Any, **kwargs: Any) -> Any:
         try:
-            return train(*args, **kwargs)
+            return method(*args, **kwargs)
         except BaseException:
             if callback._measure is not None:
                 callback._measure.abandon()
             raise
 
-    trainer.train = closing_train
+    closing.specscope_closes = callback  # the mark `_closes` reads
+    return closing
+
+
+def _closes(trainer: Any, name: str, callback: SpecscopeCallback) -> bool:
+    """Whether `trainer.<name>` is already this callback's wrapper."""
+    return getattr(vars(trainer).get(name), "specscope_closes", None) is callback
+
+
+def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
+    """Make `trainer.train` close the callback's open measured step when it raises. Wraps this trainer's `train`
+    (an instance attribute over the class's method), once per callback and trainer."""
+    if not _closes(trainer, "train", callback):
+        trainer.train = _closing(trainer.train, callback)
+
+
+def _close_running_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
+    """For a Trainer whose train() is already running: its `training_step` (looked up on the instance for every
+    micro-batch, so this train() sees the wrapper; a measured step is open over those calls) closes the step when it
+    raises, and later train() calls are wrapped whole. A raise between micro-batches of this train() (the data
+    loader, gradient clipping) still leaves the step open until the next train()."""
+    if trainer is None:
+        return
+    _close_on_error(trainer, callback)
+    if not _closes(trainer, "training_step", callback):
+        trainer.training_step = _closing(trainer.training_step, callback)
+
+
+def _calling_trainer(callback: SpecscopeCallback, depth: int = 12) -> Any:
+    """The transformers Trainer whose training loop is calling `callback`'s event (its frame's `self`, holding this
+    callback), or None. Trainer calls events through its CallbackHandler, which passes the model, optimizer and data
+    loaders but not the Trainer itself."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, transformers.Trainer) and callback in getattr(owner.callback_handler, "callbacks", ()):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _check_trainer(trainer: Any, where: str, how: str = "(SpecscopeCallback(monitor, trainer=trainer))") -> None:
