@@ -202,3 +202,17 @@ def test_a_quick_demo_in_the_same_root_does_not_hide_a_decided_run_from_claims(q
     assert {r["runs"][0] for r in rows.values()} == {decided.name}
     every = json.loads(CliRunner().invoke(app, ["claims", "--root", str(root), "--format", "json", "--all"]).output)
     assert sum(r["verdict"] == "UNDECIDABLE" and r["lab"] == "random-features" for r in every) == len(ids)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_out_of_range_is_one_line_before_any_run_directory(tmp_path, monkeypatch, capsys, seed):
+    """A lab's config refused it only after the demo's run directory was made (left behind as a failed run), and
+    named the lab's 'seed' key, not the --seed option."""
+    from specscope.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["specscope", "demo", "--quick", "--seed", seed, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == f"error: --seed {seed}: use an integer in [0, 2^63)"
+    assert not any(tmp_path.iterdir())

@@ -71,7 +71,8 @@ class Claim:
 
 def over_seeds(claims: Sequence[Claim], seeds: Sequence[int] | None = None) -> Claim:
     """One claim measured at several seeds -> one claim: the verdict most seeds reached (INCONCLUSIVE on a
-    tie), `seeds`, and `spread` = the mean [min–max] of `value` over seeds and the per-seed verdicts."""
+    tie), `seeds`, and `spread` = the mean [min–max] of `value` over the seeds that have one (how many, where
+    some have none) and the per-seed verdicts."""
     if not claims:
         raise ValueError("over_seeds needs at least one claim")
     if len({c.id for c in claims}) > 1:
@@ -79,7 +80,10 @@ def over_seeds(claims: Sequence[Claim], seeds: Sequence[int] | None = None) -> C
     counts = Counter(c.verdict for c in claims).most_common()
     verdict = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else "INCONCLUSIVE"
     values = [c.value for c in claims if c.value is not None and math.isfinite(c.value)]
-    spread = f"{sum(values) / len(values):.3g} [{min(values):.3g}–{max(values):.3g}]; " if values else ""
+    spread = f"{sum(values) / len(values):.3g} [{min(values):.3g}–{max(values):.3g}]" if values else ""
+    if values and len(values) < len(claims):  # a seed whose figure the rule does not apply to has no value
+        spread += f" over {len(values)} of {len(claims)} seeds"
+    spread += "; " if values else ""
     spread += "verdicts " + ", ".join(c.verdict for c in claims)
     seeds = list(seeds) if seeds is not None else list(range(len(claims)))
     measured = " | ".join(f"seed {s}: {c.measured}" for s, c in zip(seeds, claims))

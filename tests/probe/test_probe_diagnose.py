@@ -228,21 +228,32 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
 
 def test_a_model_folder_or_module_that_fails_is_one_line_and_runs_no_folder_code(tmp_path, monkeypatch, capsys):
     """A folder whose config.json names its own Python file (auto_map) is refused without running or asking about
-    it (transformers would prompt on a terminal); a factory module that fails to import, a relative name and a
-    builtin are one line each."""
-    from specscope.cli import main
+    it (transformers would prompt on a terminal) — also where the model type is one transformers knows, which it
+    built as its own class, ignoring the folder's code, and trained; a factory module that fails to import, a
+    relative name and a builtin are one line each."""
+    import json
 
-    pytest.importorskip("transformers")
+    from specscope.cli import main
+    from specscope.models.hf import tiny_configs
+
+    transformers = pytest.importorskip("transformers")
     evil = tmp_path / "evil_model"
     evil.mkdir()
     marker = tmp_path / "ran"
     (evil / "config.json").write_text('{"model_type": "evil", "architectures": ["EvilModel"], "auto_map": '
                                       '{"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}')
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    known = tmp_path / "llama_with_code"
+    transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"]).save_pretrained(known)
+    config = json.loads((known / "config.json").read_text())
+    (known / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForCausalLM": "evil.EvilModel"}}))
+    (known / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    capsys.readouterr()  # save_pretrained's progress bar
     (tmp_path / "broken_factory.py").write_text("def f(:\n")
     (tmp_path / "raising_factory.py").write_text("raise RuntimeError('boom at import')\n")
     monkeypatch.chdir(tmp_path)
-    cases = [([f"hf:{evil}"], "contains custom code"), (["broken_factory:f"], "importing 'broken_factory' raised SyntaxError"),
+    cases = [([f"hf:{evil}"], "its config.json names Python code of its own (auto_map)"),
+             ([f"hf:{known}"], "its config.json names Python code of its own (auto_map)"), (["broken_factory:f"], "importing 'broken_factory' raised SyntaxError"),
              (["raising_factory:f"], "raised RuntimeError: boom at import"), ([".fac:f"], "is a relative module name"),
              (["builtins:dict"], "has no inspectable signature"), (["os:sep"], "os.sep is a str, not a function")]
     for model, msg in cases:
@@ -253,6 +264,7 @@ def test_a_model_folder_or_module_that_fails_is_one_line_and_runs_no_folder_code
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and err.startswith("error:"), (model, err)
     assert not marker.exists()
+    assert not (tmp_path / "out" / "diagnose").exists()
 
 
 def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, capsys):
@@ -279,6 +291,13 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
             model = torch.nn.Linear(4, 2)
             return model, iter([torch.randn(8, 4)] * 3), lambda m, b: m(b).sum() * float("nan")
 
+        def nan_later(seed=0):
+            model, calls = torch.nn.Linear(4, 2), []
+            def loss_fn(m, b):
+                calls.append(1)
+                return m(b).sum() * (float("nan") if len(calls) > 1 else 1.0)
+            return model, iter([torch.randn(8, 4)] * 3), loss_fn
+
         def gen(seed=0):
             model = torch.nn.Linear(4, 2)
             def batches():
@@ -301,7 +320,8 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
              "gen": "the factory's batches (function) cannot be iterated; return an iterator or iterable of batches",
              "no_params": "the model has no parameters, so there is nothing to train and measure",
              "frozen": "the model has no trainable weight with ≥ 2 dims",
-             "nan_loss": "non-finite loss (nan) at step 0; lower --lr"}  # last: the one case that leaves a run
+             "nan_loss": "non-finite loss (nan) at step 0; lower --lr",
+             "nan_later": "non-finite loss (nan) at step 1; lower --lr"}  # last: the one case that leaves a run
     for fn, msg in cases.items():
         monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"badf:{fn}", "--steps", "2",
                                           "--out", str(tmp_path / "runs")])
@@ -310,7 +330,9 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1, (fn, err)
         runs = list((tmp_path / "runs" / "diagnose").glob("*")) if (tmp_path / "runs").exists() else []
-        assert len(runs) == (fn == "nan_loss"), (fn, runs)  # a broken contract before step 0 is recorded: no run
+        assert len(runs) == (fn == "nan_later"), (fn, runs)  # a fault before step 0 is recorded: no run
+    (run,) = (tmp_path / "runs" / "diagnose").glob("*")  # step 0 recorded, then the fault: the run stays, failed
+    assert store.Run.open(run).status == "failed"
     sys.modules.pop("badf", None)
 
 

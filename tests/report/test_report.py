@@ -170,6 +170,19 @@ def test_rich_tables(metrics, claims):
     assert "[red]x[/red]" in text and "—" in text
 
 
+def test_a_claim_over_seeds_says_how_many_seeds_its_range_covers():
+    """A seed the claim's rule does not apply to (no value) is left out of the mean and range, which say so: the
+    range of one seed's value read as a spread over all of them."""
+    from specscope.records import over_seeds
+
+    claims = [Claim("C", "t", "p", "m", "PASS", value=0.282), Claim("C", "t", "p", "m", "FAIL", value=None),
+              Claim("C", "t", "p", "m", "PASS", value=0.3)]
+    assert over_seeds(claims[:2]).spread == "0.282 [0.282–0.282] over 1 of 2 seeds; verdicts PASS, FAIL"
+    assert over_seeds([claims[0], claims[2]]).spread == "0.291 [0.282–0.3]; verdicts PASS, PASS"
+    assert over_seeds([claims[1]] * 2).spread == "verdicts FAIL, FAIL"
+    assert over_seeds(claims).value == 0.291 and over_seeds(claims).seeds == 3
+
+
 def test_comparison(tmp_path):
     runs = {"run-a": synthetic_metrics(seed=1),
             'run-"b"<script>': synthetic_metrics(seed=2, arms=("adamw",), layers=LAYERS[:3])}

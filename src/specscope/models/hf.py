@@ -7,6 +7,7 @@ Tokens are the text's bytes (vocabulary 256), or the folder's own tokenizer when
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections.abc import Iterator
 from functools import lru_cache
@@ -69,6 +70,7 @@ def hf_model(name: str, seed: int):
 def _from_folder(transformers, path: Path):
     # trust_remote_code=False: a folder's config.json may name Python files of its own (auto_map); transformers
     # would ask on a terminal whether to run them. No code runs from a data folder: refused, without asking.
+    _refuse_folder_code(path)
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM
@@ -82,6 +84,21 @@ def _from_folder(transformers, path: Path):
         return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--model hf:{path}: the folder's tokenizer does not load ({str(e).strip().splitlines()[0]})") from None
+
+
+def _refuse_folder_code(path: Path) -> None:
+    """A ConfigError where the folder's config or tokenizer config names Python code of its own (`auto_map`).
+    transformers refuses that code for an unknown model type, but for a type it knows it quietly builds its own
+    class instead: the model trained would not be the folder's."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # absent or unreadable: transformers' own error says so
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ConfigError(f"--model hf:{path}: its {name} names Python code of its own (auto_map), which specscope "
+                              "does not run or replace; load that model in a factory of your own "
+                              "(--model package.module:function, with trust_remote_code=True if you trust the code)")
 
 
 @lru_cache(maxsize=1)

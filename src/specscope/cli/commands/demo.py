@@ -195,11 +195,12 @@ def demo(
 ) -> None:
     """The main job: random-features and sparse-mlp labs, diagnose on a transformer, one report."""
     from specscope import report, store
-    from specscope.cli.commands.diagnose import builtin, verdict_table
+    from specscope.cli.commands.diagnose import builtin, check_seed, verdict_table
     from specscope.labs import sparse_mlp as sm
     from specscope.labs.config import make_config
     from specscope.probe import diagnose as run_diagnose
 
+    check_seed(seed)  # before the run directory: a lab's config would refuse it only after
     console = Console()
     t0 = time.perf_counter()
     steps = QUICK_DIAGNOSE_STEPS if quick else DIAGNOSE_STEPS

@@ -28,6 +28,12 @@ COLOURS = {"spectral": "green", "euclidean": "cyan", "undecided": "yellow", "unm
 COLUMNS = ("st(A)", "nr(G)", "nr/st", "verdict", "estimator", "rows")
 
 
+def check_seed(seed: int) -> None:
+    """--seed in [0, 2^63) (torch's generators take no other), checked before a run directory exists."""
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"--seed {seed}: use an integer in [0, 2^63)")
+
+
 def builtin(name: str, seed: int):
     """(model, batches, loss_fn) of a built-in model: 'mlp', 'transformer' or 'hf:...' (see specscope.models.builtin)."""
     from specscope.models.builtin import builtin as make
@@ -205,8 +211,7 @@ def diagnose(
         raise ConfigError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
     if not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"--lr {lr}: the AdamW learning rate must be a finite number > 0, e.g. --lr 1e-3")
-    if not 0 <= seed < 2**63:
-        raise ConfigError(f"--seed {seed}: use an integer in [0, 2^63)")
+    check_seed(seed)
     if not out.strip():
         raise ConfigError("--out '': give the folder for run directories, e.g. --out runs")
     monitor_kwargs = {"estimator": estimator, "split": parse_split(split) or None, "exclude": tuple(exclude)}
@@ -219,7 +224,7 @@ def diagnose(
     err = Console(stderr=True)
     bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)  # logs stay clean
-    run, recorded = None, []  # a contract error of the user's code before anything was recorded leaves no run
+    run, recorded = None, []  # a contract error of the user's code, or a NaN loss, before anything was recorded leaves no run
     try:
         with Run.create(out, "diagnose", config) as run, bar:
             task = bar.add_task("", total=steps)
@@ -240,7 +245,7 @@ def diagnose(
             run.write_summary(summary)
             write_diagnose_report(run, store.load(run))
             run.set_status("complete")
-    except ConfigError:
+    except (ConfigError, NonFiniteError):
         if run is not None and not recorded:
             shutil.rmtree(run.path, ignore_errors=True)
         raise
