@@ -240,10 +240,14 @@ def test_a_gradient_callable_may_return_none_for_a_weight_without_one():
 
 
 def test_observe_needs_tensors():
+    """Also outside a measured step (Monitor(every=10)'s first nine steps), where it is otherwise a no-op: a wrong
+    call fails where it is made, not ten steps later."""
     model = mlp()
-    mon = Monitor(model)
+    mon = Monitor(model, every=2)
     W = nn.Parameter(torch.randn(3, 4))
-    with mon.step(0):
+    with mon.step(1), pytest.raises(ConfigError, match=r"observe\('c', weight, inputs\): inputs is a list; pass"):
+        mon.observe("c", W, [[1.0, 2.0]])
+    with mon.step(2):
         with pytest.raises(ConfigError, match=r"observe\('c', weight, inputs\): inputs is a str; pass"):
             mon.observe("c", W, "str")
         with pytest.raises(ConfigError, match=r"weight is a list"):

@@ -4,6 +4,7 @@ one verdict rule, unmeasured weights listed, figures that fit their canvas."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import re
 from pathlib import Path
 
@@ -168,6 +169,28 @@ def test_rich_tables(metrics, claims):
                            "geometry": ["spectral", "euclidean"]})
     text = render(layer_table(advice))
     assert "[red]x[/red]" in text and "—" in text
+
+
+def test_a_per_weight_table_on_a_narrow_console_leaves_columns_out_and_keeps_every_verdict():
+    """Monitor.advice()'s ten columns beside long layer names: at 80 columns kind, shape, verdict and estimator
+    were squeezed to nothing (the verdict, the point of the table, unreadable)."""
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(3)]
+    advice = pd.DataFrame({"layer": names, "kind": "linear", "shape": "32x32", "rows": 64, "stable_rank": 8.5,
+                           "nuclear_rank": [15.0, 9.0, 7.0], "spectral_advantage": [1.76, 1.06, 0.82],
+                           "measurements": 3, "verdict": ["spectral", "undecided", "euclidean"], "estimator": "gram"})
+    for width in (80, 50):  # at 50 even the name and nr/st alone do not fit: names fold over lines
+        console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+        console.print(layer_table(advice))
+        text = console.export_text()
+        rows = [line for line in text.splitlines() if line.startswith("│")]
+        assert max(map(len, text.splitlines())) <= width
+        for v, ratio in zip(advice["verdict"], ["1.76", "1.06", "0.82"]):
+            assert any(f" {v} " in r and ratio in r for r in rows), (width, text)
+        assert len(rows) == (3 if width == 80 else 6), text
+        assert all(n in "".join(r.split("│")[1].strip() for r in rows) for n in names), text  # whole, if folded
+        assert "not shown at this width:" in text and "estimator" in text.split("not shown")[1]
+    text = render(layer_table(advice))  # wide enough: every column, no caption
+    assert all(col in text for col in advice.columns) and "not shown" not in text
 
 
 def test_a_claim_over_seeds_says_how_many_seeds_its_range_covers():

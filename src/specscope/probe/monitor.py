@@ -345,12 +345,13 @@ class Monitor:
 
     def observe(self, name: str, weight: nn.Parameter, inputs: torch.Tensor) -> None:
         """Pair `weight` (used as F.linear(inputs, weight)) with `inputs`, for products the probe cannot
-        see (a custom kernel, an einsum); call it next to that product. A no-op outside a measured step."""
-        if self._step is None or not torch.is_grad_enabled():
-            return
+        see (a custom kernel, an einsum); call it next to that product. A no-op outside a measured step, where its
+        arguments are checked too (a wrong call fails on the first step, not the first measured one)."""
         if bad := [f"{k} is a {type(v).__name__}" for k, v in (("weight", weight), ("inputs", inputs)) if not isinstance(v, torch.Tensor)]:
             raise ConfigError(f"observe('{name}', weight, inputs): {' and '.join(bad)}; pass the weight and the input matrix "
                               "it multiplies as tensors (F.linear(inputs, weight))")
+        if self._step is None or not torch.is_grad_enabled():
+            return
         slot = self.slots.get(id(weight))
         n_features = slot.n_features if slot is not None and slot.kind == "observed" else weight.shape[-1]
         if inputs.shape[-1] != n_features:  # checked before anything changes: a rejected call leaves the Monitor as it was

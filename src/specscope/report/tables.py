@@ -7,6 +7,7 @@ a lab that records no st(A) simply gets an empty summary, never an exception.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -216,6 +217,32 @@ def _is_long_format(df: pd.DataFrame) -> bool:
     return {"metric", "value"}.issubset(df.columns)
 
 
+VERDICT_COLUMNS = ("verdict", "geometry", "advice", "recommendation")  # coloured by verdict, never narrowed
+KEPT_COLUMNS = (*VERDICT_COLUMNS, "spectral_advantage", "nr/st", "median nr/st")  # with the first: last to go
+
+
+class FittedTable(Table):
+    """A Table that leaves out columns, right to left, where the console is too narrow for all of them, rather
+    than squeezing some to nothing: the first column (the weight), the verdict and nr/st go last. The caption
+    names what was left out."""
+
+    def __rich_console__(self, console, options):
+        table = self
+        droppable = [c for c in self.columns[1:] if str(c.header) not in KEPT_COLUMNS]
+        left_out = []
+        while droppable and table.__rich_measure__(console, options).minimum > options.max_width:
+            left_out.insert(0, str(droppable.pop().header))
+            table = copy.copy(self)
+            table.columns = [c for c in self.columns if str(c.header) not in left_out]
+            table.caption = f"not shown at this width: {', '.join(left_out)}"
+        if table.__rich_measure__(console, options).minimum > options.max_width:  # names and numbers fold too
+            table = copy.copy(table)
+            table.columns = [copy.copy(c) for c in table.columns]
+            for c in table.columns:
+                c.no_wrap = False
+        yield from Table.__rich_console__(table, console, options)
+
+
 def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry") -> Table:
     """A rich per-layer table for the CLI.
 
@@ -229,17 +256,17 @@ def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry
         wide = df_or_advice
     if "arm" in wide.columns and (wide["arm"].astype(str) == "").all():
         wide = wide.drop(columns="arm")
-    table = Table(title=title)
-    for col in wide.columns:
+    table = FittedTable(title=title)  # on a narrow console, fewer columns: kind, shape, verdict and estimator of
+    for col in wide.columns:           # Monitor.advice() were squeezed to nothing at 80 beside long layer names
         numeric = pd.api.types.is_numeric_dtype(wide[col])
         table.add_column(str(col), justify="right" if numeric else "left", overflow="fold",
-                         no_wrap=numeric or col in ("arm", "weight", "layer"))
+                         no_wrap=numeric or col in ("arm", "weight", "layer"),
+                         min_width=max((len(fmt(v)) for v in wide[col]), default=None) if str(col) in VERDICT_COLUMNS else None)
     for _, row in wide.iterrows():
         cells = []
         for col in wide.columns:
             text = fmt(row[col])
-            style = WEIGHT_STYLE.get(text.lower(), "") if str(col) in ("verdict", "geometry", "advice",
-                                                                       "recommendation") else ""
+            style = WEIGHT_STYLE.get(text.lower(), "") if str(col) in VERDICT_COLUMNS else ""
             cells.append(Text(text, style=style))
         table.add_row(*cells)
     return table
