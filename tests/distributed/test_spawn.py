@@ -47,6 +47,19 @@ def test_results_come_back_per_rank():
     assert D.spawn(_ranks, 2) == [2, 12]
 
 
+def test_a_function_the_processes_cannot_receive_is_one_clear_error_before_any_starts():
+    """A lambda was a bare PicklingError from multiprocessing's internals."""
+    from specscope.errors import ConfigError
+
+    def nested(rank, world):
+        return rank
+
+    for fn in (lambda rank, world: rank, nested):
+        with pytest.raises(ConfigError, match=r"cannot be sent to the spawned processes \(.*\); define it with def at "
+                                              r"the top level of an importable module"):
+            D.spawn(fn, 2)
+
+
 def test_a_rank_that_raises_is_named_on_one_line_with_its_traceback_kept():
     t0 = time.monotonic()
     with pytest.raises(D.WorkerError) as e:

@@ -119,6 +119,12 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
         raise ConfigError(f"world must be >= 1, got {world}")
     if not timeout > 0:
         raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    try:  # what each spawned process is sent: a lambda or a nested function is a PicklingError, after the start
+        pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise ConfigError(f"spawn: fn {getattr(fn, '__qualname__', fn)!r} cannot be sent to the spawned processes "
+                          f"({type(e).__name__}); define it with def at the top level of an importable module, not "
+                          "as a lambda or inside another function") from None
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
