@@ -25,6 +25,17 @@ def test_user_file_and_folder(tmp_path):
         load_corpus(tmp_path / "missing")
 
 
+def test_a_folder_of_fewer_files_than_val_every_holds_out_the_end_of_its_text(tmp_path):
+    """Every 20th file goes to validation: six files gave none, and the corpus was refused as "too small to split
+    (32542/0 bytes)". The last 1/20 of their joined text is validation, as for one file."""
+    for i in range(6):
+        (tmp_path / f"m{i}.py").write_text(f"# module {i}\n" + "x = 1\n" * 200)
+    c = load_corpus(tmp_path)
+    joined = b"\n".join((tmp_path / f"m{i}.py").read_bytes() for i in range(6))
+    assert c.n_files == 6 and len(c.val) == len(joined) // 20
+    assert bytes(c.train.tolist()) + bytes(c.val.tolist()) == joined
+
+
 @pytest.mark.parametrize("kw, word", [(dict(val_every=0), "val_every"), (dict(val_every=-1), "val_every"),
                                       (dict(val_every=1), "val_every"), (dict(val_every=2.5), "val_every"),
                                       (dict(max_bytes=-10), "max_bytes"), (dict(max_bytes=0), "max_bytes"),

@@ -28,6 +28,12 @@ def _one_killed(rank, world):
     dist.barrier()  # rank 0 loses its peer: gloo raises here too, but rank 1 is the cause
 
 
+def _one_interrupted(rank, world):
+    if rank == 1:
+        raise KeyboardInterrupt  # a terminal's Ctrl-C reaches every process of its group
+    dist.barrier()
+
+
 def _explode():
     raise RuntimeError("cannot unpickle the arguments")
 
@@ -58,6 +64,12 @@ def test_a_function_the_processes_cannot_receive_is_one_clear_error_before_any_s
         with pytest.raises(ConfigError, match=r"cannot be sent to the spawned processes \(.*\); define it with def at "
                                               r"the top level of an importable module"):
             D.spawn(fn, 2)
+
+
+def test_a_rank_stopped_by_ctrl_c_is_an_interrupt_not_a_failure():
+    """It was "rank 1 of 2 failed: KeyboardInterrupt", a WorkerError: a lab run was marked failed, not interrupted."""
+    with pytest.raises(KeyboardInterrupt, match="rank 1 of 2 was interrupted"):
+        D.spawn(_one_interrupted, 2, timeout=120)
 
 
 def test_a_rank_that_raises_is_named_on_one_line_with_its_traceback_kept():

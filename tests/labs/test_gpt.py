@@ -224,3 +224,12 @@ def test_the_warmup_range_shown_is_the_one_accepted():
     """`specscope list gpt` shows warmup's range; 0 (refused by the schedule) is refused when the config is made."""
     with pytest.raises(ConfigError, match="'warmup' = 0"):
         make_config(gpt.Config, {"warmup": 0}, "gpt")
+
+
+def test_gpt1c_is_inconclusive_with_tied_embeddings():
+    """The tied weight is recorded as "embed" but measured on the head's product (the final RMS state): compared
+    with the one-hot check recorded under the same name, GPT-1c read FAIL (a difference of 0.15)."""
+    rows = [dict(arm="muon", step=s, layer="embed", metric=m, value=v) for s in (0, 5)
+            for m, v in (("stable_rank", 3.0), ("onehot_stable_rank", 3.54))]
+    c = {c.id: c for c in gpt.claims(pd.DataFrame(rows), tiny(arms=["muon"], tie_embeddings=True))}["GPT-1c"]
+    assert c.verdict == "INCONCLUSIVE" and "tied embedding" in c.measured

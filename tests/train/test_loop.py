@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import time
 
 import pandas as pd
 import pytest
@@ -12,6 +15,7 @@ import torch
 from specscope import labs, store
 from specscope.errors import ConfigError, RunStoreError
 from specscope.labs.runner import run_lab
+from specscope.records import Record
 from specscope.store.integrity import seal
 from specscope.train import load_checkpoint, save_checkpoint
 
@@ -237,3 +241,34 @@ def test_an_arm_stopped_early_ends_its_progress_bar_at_that_step(tmp_path):
         result = Trainer(run, torch.device("cpu"), seed=0, progress=bar).fit(arm, interrupt)
     assert result.steps_done == 5 and list(store.load(run.path, metric="stopped_early").step) == [5]
     assert "a (stopped early)" in out.getvalue() and "5/5" in out.getvalue() and "/30" not in out.getvalue()
+
+
+def test_ctrl_c_in_a_measurement_stops_it_at_once_and_resume_redoes_it(tmp_path, monkeypatch):
+    """A measurement has no step to checkpoint at: the flag the loop reads between steps was read only once the
+    part had finished (a shardwise part trained to its end, 23–26 s after Ctrl-C)."""
+    straight = run_lab("toy", {"steps": 6}, out=tmp_path / "straight")
+    original = toy_lab.build
+
+    def build(cfg, device):
+        items = original(cfg, device)
+        measure = items[-1].fn
+
+        def slow(log, device):
+            log([Record(0, "", "partial", 1.0)])  # recorded before the interrupt: gone after the resume
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # a long measurement; Ctrl-C must not wait for it
+            measure(log, device)
+
+        items[-1] = type(items[-1])(items[-1].name, slow)
+        return items
+
+    monkeypatch.setattr(toy_lab, "build", build)
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="resume with"):
+        run_lab("toy", {"steps": 6}, out=tmp_path / "cut")
+    assert time.monotonic() - t0 < 20
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    assert store.Run.open(cut).status == "interrupted"
+    monkeypatch.setattr(toy_lab, "build", original)
+    resumed = run_lab("", resume=cut)
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))

@@ -68,9 +68,10 @@ def _files(path: Path) -> list[Path]:
 
 
 def _split(files: list[Path], val_every: int, max_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every val_every-th file is validation; with max_bytes, each side stops at its share of the budget."""
-    if len(files) == 1:  # one file: its last 1/val_every is validation
-        data = _read(files[0], max_bytes)
+    """Every val_every-th file is validation; with max_bytes, each side stops at its share of the budget. Fewer
+    files than val_every (one file, a small folder): the last 1/val_every of their joined text is validation."""
+    if len(files) < val_every:  # no val_every-th file: a small folder's files would all be training
+        data = b"\n".join(_read(f, max_bytes) for f in files)[:max_bytes]  # one file: as it was read before
         cut = len(data) - len(data) // val_every
         return _bytes(data[:cut]), _bytes(data[cut:])
     budget = {True: math.inf, False: math.inf} if max_bytes is None else {True: max_bytes / val_every, False: max_bytes * (1 - 1 / val_every)}

@@ -393,14 +393,17 @@ def _gpt1b(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
 def _gpt1c(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     text = ("embedding input st(A) = 1/p_max of the batch's tokens (the Monitor's closed form N/c_max against "
             "the float64 singular values of the batch's one-hot matrix; rule: relative difference < 1e-9)")
+    if cfg.tie_embeddings:  # one weight, recorded as "embed", measured on the head's product: its input is the last
+        return Claim("GPT-1c", text, "st = 1/p_max ≈ 10 (001 §2.2.1, Fig. 10)",  # state, not the one-hot tokens
+                     "tied embedding: its st(A) is measured on the head side (the final RMS state), not the lookup",
+                     "INCONCLUSIVE", setting=setting(cfg))
     st = _per_layer(df, arm, "stable_rank")
     st = st[st["layer"] == "embed"].set_index("step")["value"]
     check = _per_layer(df, arm, "onehot_stable_rank")
     check = check[check["layer"] == "embed"].set_index("step")["value"]
     common = st.index.intersection(check.index)
     if len(common) == 0:
-        why = "tied embedding: measured on the head side" if cfg.tie_embeddings else "no embedding st(A) recorded"
-        return Claim("GPT-1c", text, "st = 1/p_max ≈ 10 (001 §2.2.1, Fig. 10)", why, "INCONCLUSIVE")
+        return Claim("GPT-1c", text, "st = 1/p_max ≈ 10 (001 §2.2.1, Fig. 10)", "no embedding st(A) recorded", "INCONCLUSIVE")
     err = float(((st[common] - check[common]).abs() / check[common]).max())
     corpus = df[df["metric"] == "val_onehot_stable_rank"]["value"]
     whole = f"; whole validation split 1/p_max = {corpus.iloc[0]:.2f}" if len(corpus) else ""

@@ -197,7 +197,8 @@ def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool, state: d
         if isinstance(item, Measure):
             run.delete_after(-1, item.name)  # a half-finished measurement is redone whole
             torch.manual_seed(arm_seed(cfg.seed, item.name))
-            item.fn(_logger(run, item.name), device)
+            with interrupt.immediate():  # no checkpoint inside a measurement: Ctrl-C stops it now, resume redoes it
+                item.fn(_logger(run, item.name), device)
             seconds = time.perf_counter() - t0
         else:
             result = trainer.fit(item, interrupt, resume=resuming)

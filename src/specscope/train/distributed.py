@@ -147,6 +147,8 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
                     errors[rank] = err
             except queue_mod.Empty:
                 pass
+            if stopped := [r for r, (summary, _) in errors.items() if summary.startswith("KeyboardInterrupt")]:
+                raise KeyboardInterrupt(f"rank {stopped[0]} of {world} was interrupted")  # Ctrl-C: not a failure
             now = time.monotonic()
             silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in out and r not in errors]
             if not (errors or silent):

@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 from urllib.parse import quote
 
 import torch
@@ -47,13 +47,30 @@ class Interrupt:
     def __init__(self) -> None:
         self.requested = False
         self._previous = None
+        self._installed = False
 
     def __enter__(self) -> "Interrupt":
         try:
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         except ValueError:  # not the main thread: leave signals alone
             self._previous = None
         return self
+
+    @contextlib.contextmanager
+    def immediate(self) -> Iterator[None]:
+        """Ctrl-C raises KeyboardInterrupt at once inside this block: for a part with no step to checkpoint at (a
+        lab's measurement, redone whole on resume), where the flag would be read only once the part had finished."""
+        if not self._installed:
+            yield
+            return
+        if self.requested:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second Ctrl-C stops at once
