@@ -186,6 +186,20 @@ def test_described_types_show_the_allowed_values():
     assert "seeds (non-empty list of int) = [0]" in text  # `--set seeds=[]` is refused: the key says so
 
 
+def test_list_keys_leave_out_a_seed_the_lab_refuses_and_start_ranges_where_the_lab_does():
+    """`seed` was listed for the labs that draw theirs from `seeds` (any value but 0 is refused there), and
+    sparse-mlp's `early` as `int >= 0`, where 0 is refused."""
+    from specscope.labs import embed_geometry, gated_width, sparse_mlp, switching
+    from specscope.labs.config import describe_fields, make_config
+
+    for lab in (embed_geometry, gated_width, switching):
+        text = describe_fields(lab.Config)
+        assert "seeds (" in text and not any(part.startswith("seed (") for part in text.split(", ")), lab.NAME
+    assert "early (int >= 1) = 20" in describe_fields(sparse_mlp.Config)
+    with pytest.raises(ConfigError, match="early"):
+        make_config(sparse_mlp.Config, {"early": 0}, "sparse-mlp")
+
+
 def test_lists_of_names_a_lab_checks_show_their_names_in_list_keys():
     from typer.testing import CliRunner
 

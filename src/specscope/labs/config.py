@@ -21,9 +21,12 @@ else:  # pragma: no cover
 
 
 def describe_fields(config_cls: type[BaseModel]) -> str:
-    """`name (type) = default` for every key, for error messages and `specscope list --keys`."""
+    """`name (type) = default` for every key, for error messages and `specscope list --keys`; `seed` is left out
+    where the lab draws its seeds from a `seeds` list (it refuses any other seed: `base.check_seed_list`)."""
     parts = []
     for name, f in config_cls.model_fields.items():
+        if name == "seed" and "seeds" in config_cls.model_fields:
+            continue
         names = (f.json_schema_extra or {}).get("choices") if isinstance(f.json_schema_extra, dict) else None
         kind = f"list of one of {'|'.join(names)}" if names else type_name(f.annotation)
         if any((getattr(m, "min_length", None) or 0) >= 1 for m in f.metadata):

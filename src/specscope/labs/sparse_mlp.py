@@ -25,7 +25,7 @@ from torch import nn
 
 from specscope.data.synthetic import ACTIVATION_NAMES, check_activation, generator, sparse_regression
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast0, AtLeast1, LabConfig, Measure, Positive
+from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, Positive
 from specscope.labs.config import names_from
 from specscope.linalg import stable_rank
 from specscope.records import SWEEP, Claim, Record
@@ -139,7 +139,7 @@ class Config(LabConfig):
     test_samples: AtLeast1 = 1024
     probe_every: AtLeast1 = 1  # Monitor cadence; SpecGD uses the latest st(A), so 1 = exact every step
     eval_every: AtLeast1 = 25
-    early: AtLeast0 = 20  # "early in training": the step at which MLP-1b/c compare the losses
+    early: AtLeast1 = 20  # "early in training": the step at which MLP-1b/c compare the losses
     margin: Positive = 0.9  # SpecGD "beats" GD when its loss is below margin × GD's
     low_st: Positive = 0.05  # MLP-1a: "low" means st(A) ≤ low_st × min(width, samples)
 
