@@ -286,3 +286,37 @@ def test_ctrl_c_in_a_measurement_stops_it_at_once_and_resume_redoes_it(tmp_path,
     monkeypatch.setattr(toy_lab, "build", original)
     resumed = run_lab("", resume=cut)
     pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+
+
+def test_a_measurement_whose_records_carry_other_arms_is_redone_without_duplicates(tmp_path, monkeypatch):
+    """shardwise's parts log "global-2" / "shardwise-2" records: a resume deleted only the part's own name, so a
+    part stopped after logging was redone on top of its records, and progress.json counted 0 records for it."""
+    from specscope.labs.base import Measure
+
+    original = toy_lab.build
+    stop = {"after_log": False}
+
+    def build(cfg, device):
+        items = original(cfg, device)
+
+        def measure(log, device):
+            log([Record(0, "", "side", 1.0, arm="side-a"), Record(0, "", "side", 2.0, arm="side-b")])
+            if stop["after_log"]:
+                stop["after_log"] = False
+                raise KeyboardInterrupt  # logged, not yet marked done: the worst moment for a resume
+
+        return [*items, Measure("sides", measure, arms=("side-a", "side-b"))]
+
+    monkeypatch.setattr(toy_lab, "build", build)
+    straight = run_lab("toy", {"steps": 4}, out=tmp_path / "straight")
+    assert json.loads((straight / "progress.json").read_text())["records"]["sides"] == 2
+    stop["after_log"] = True
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("toy", {"steps": 4}, out=tmp_path / "cut")
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    resumed = run_lab("", resume=cut)
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+    bad = lambda cfg, device: [*original(cfg, device), Measure("sides", print, arms=("a",))]  # noqa: E731
+    monkeypatch.setattr(toy_lab, "build", bad)  # a part's arm named like another part: refused before any run
+    with pytest.raises(ConfigError, match="same name"):
+        run_lab("toy", {"steps": 4, "arms": ["a"]}, out=tmp_path / "clash")

@@ -123,10 +123,17 @@ class Arm:
 
 @dataclass
 class Measure:
-    """An analysis-only part of a lab: `fn(log, device)` computes and logs records (no training loop)."""
+    """An analysis-only part of a lab: `fn(log, device)` computes and logs records (no training loop). Records
+    without an arm get `name`; `arms` names the others its records carry (shardwise's "global-2"), which a
+    resume deletes and counts with the part's own."""
 
     name: str
     fn: Callable[[Log, torch.device], None]
+    arms: tuple[str, ...] = ()
+
+    @property
+    def owned(self) -> tuple[str, ...]:
+        return (self.name, *self.arms)
 
 
 def resolve_device(name: str) -> torch.device:

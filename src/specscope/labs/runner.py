@@ -46,8 +46,9 @@ def verify_resume(run, items, trainer: Trainer) -> dict:
             return sqlite.count_rows(con, run.metrics_path, arm=arm, upto=upto)
 
         progress = read_progress(run, count)
+        owned = {i.name: i.owned for i in items if isinstance(i, Measure)}  # a measurement's records: all its arms
         for name in progress["done"]:
-            want, have = progress["records"].get(name), count(name)
+            want, have = progress["records"].get(name), sum(count(a) for a in owned.get(name, (name,)))
             if have != want:
                 raise RunStoreError(
                     f"{run.metrics_path} holds {have} records of '{name}', but {Path(run.path) / PROGRESS_FILE} "
@@ -92,7 +93,7 @@ def check_inputs(run, recorded: dict[str, str], now: dict[str, str]) -> None:
 
 
 def _check_names(items: list[Arm | Measure], lab: str) -> None:
-    seen = [i.name for i in items]
+    seen = [n for i in items for n in (i.owned if isinstance(i, Measure) else (i.name,))]  # a resume deletes by these
     dup = {n for n in seen if seen.count(n) > 1}
     if dup:
         raise ConfigError(f"lab '{lab}' built two parts with the same name {sorted(dup)}; names must be unique")
@@ -195,7 +196,8 @@ def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool, state: d
             continue
         t0 = time.perf_counter()
         if isinstance(item, Measure):
-            run.delete_after(-1, item.name)  # a half-finished measurement is redone whole
+            for arm in item.owned:  # a half-finished measurement is redone whole
+                run.delete_after(-1, arm)
             torch.manual_seed(arm_seed(cfg.seed, item.name))
             with interrupt.immediate():  # no checkpoint inside a measurement: Ctrl-C stops it now, resume redoes it
                 item.fn(_logger(run, item.name), device)
@@ -206,7 +208,10 @@ def _run_items(items, cfg, run, device, interrupt, bar, resuming: bool, state: d
                 return True
             seconds = result.seconds  # includes the time before a resume
         state["done"].append(item.name)
-        state["records"][item.name] = run.record_count(item.name)
+        owned = item.owned if isinstance(item, Measure) else (item.name,)
+        state["records"][item.name] = sum(run.record_count(a) for a in owned)
+        if len(owned) > 1:  # readers count a measurement's records under every arm name it wrote
+            state.setdefault("arms", {})[item.name] = list(owned)
         state["seconds"][item.name] = seconds
         state["checkpoints"].pop(item.name, None)
         _write_progress(run, state)

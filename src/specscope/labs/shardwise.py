@@ -149,7 +149,7 @@ def build(cfg: Config, device: torch.device) -> list[Measure]:
 
         return fn
 
-    return [Measure(f"ranks-{n}", pair(n)) for n in cfg.ranks]
+    return [Measure(f"ranks-{n}", pair(n), arms=(f"global-{n}", f"shardwise-{n}")) for n in cfg.ranks]
 
 
 # ---------------------------------------------------------------- reading the records

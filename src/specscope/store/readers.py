@@ -78,7 +78,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
 
 
 def _check_counts(run: Run, count) -> None:
-    """A lab run's progress.json says how many records each finished arm wrote and each checkpoint covers; a
+    """A lab run's progress.json says how many records each finished arm wrote (a measurement's under the arm names
+    "arms" lists) and each checkpoint covers; a
     database holding fewer lost them (a damaged or truncated -wal file reads as a valid, shorter database).
     A missing or damaged progress.json is not checked here (`runs` names that damage)."""
     path = Path(run.path) / PROGRESS
@@ -94,8 +95,11 @@ def _check_counts(run: Run, count) -> None:
         if isinstance(ck, dict) and name not in want:
             upto = ck.get("position") if isinstance(ck.get("position"), int) else None  # older runs: no position
             want[name] = (ck.get("records"), upto, f"up to its step-{ck.get('step')} checkpoint")
+    arms = progress.get("arms") if isinstance(progress.get("arms"), dict) else {}  # a measurement's other arm names
     for name, (n, upto, when) in want.items():
-        have = count(name, upto)
+        owned = arms.get(name)
+        owned = owned if isinstance(owned, list) and all(isinstance(a, str) for a in owned) else [name]
+        have = sum(count(a, upto) for a in owned)
         if isinstance(n, int) and have < n:
             raise RunStoreError(f"{run.metrics_path} holds {have} records of '{name}', but {path} says {n} were "
                                 f"written {when}: the database lost records (a damaged or truncated "
