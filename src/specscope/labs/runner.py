@@ -46,9 +46,10 @@ def verify_resume(run, items, trainer: Trainer) -> dict:
             return sqlite.count_rows(con, run.metrics_path, arm=arm, upto=upto)
 
         progress = read_progress(run, count)
-        owned = {i.name: i.owned for i in items if isinstance(i, Measure)}  # a measurement's records: all its arms
-        for name in progress["done"]:
-            want, have = progress["records"].get(name), sum(count(a) for a in owned.get(name, (name,)))
+        owned = progress.get("arms") or {}  # a measurement's arm names, as counted when it finished (none before
+        for name in progress["done"]:      # they were recorded: its own name, as it was counted then)
+            arms = owned.get(name) if isinstance(owned.get(name), list) else [name]
+            want, have = progress["records"].get(name), sum(count(a) for a in arms if isinstance(a, str))
             if have != want:
                 raise RunStoreError(
                     f"{run.metrics_path} holds {have} records of '{name}', but {Path(run.path) / PROGRESS_FILE} "
