@@ -155,6 +155,68 @@ def test_training_again_after_train_raised_mid_step_measures_from_the_start(tmp_
     assert steps == {1, 2, 3}
 
 
+def test_a_callback_not_told_its_trainer_closes_the_step_when_gradient_clipping_raises(tmp_path):
+    """Trainer(callbacks=[...]) without trainer=: the Trainer clips the gradient after a measured step's last
+    micro-batch, outside training_step. A raise there (here from the accelerator's clip_grad_norm_) left the step
+    open — the first step's function mode on, seeing every torch call in the process — until the next train()."""
+    from specscope.probe.watch import WatchedParameter
+
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    trainer = Trainer(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=2, max_grad_norm=1.0),
+                      train_dataset=Tokens(), optimizers=adamw(model), callbacks=[SpecscopeCallback(monitor)])
+    clip, calls = trainer.accelerator.clip_grad_norm_, []
+
+    def clip_failing_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("clip failed")
+        return clip(*a, **kw)
+
+    trainer.accelerator.clip_grad_norm_ = clip_failing_once
+    with pytest.raises(RuntimeError, match="clip failed"):
+        trainer.train()  # optimizer step 0, measured: both micro-batches done, gradients not yet handed over
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    assert monitor._step is None
+    trainer.train()
+    steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
+    assert steps == {1, 2, 3}
+    assert not hasattr(vars(trainer.accelerator)["clip_grad_norm_"].__wrapped__, "specscope_closes")  # wrapped once
+
+
+class _BrokenAfter(Tokens):
+    """Its iterator raises after `rows` rows (a corrupt shard, a worker that died)."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.limit = rows
+
+    def __iter__(self):
+        for i, row in enumerate(super().__iter__()):
+            if i == self.limit:
+                raise RuntimeError("bad shard")
+            yield row
+
+
+def test_a_data_loader_that_raises_inside_an_accumulated_step_leaves_no_step_open(tmp_path):
+    """The Trainer reads all of a step's micro-batches before the step begins: a data loader that fails on the second
+    micro-batch of step 1 (measured) fails before the Monitor opens it, with or without trainer=."""
+    from specscope.probe.watch import WatchedParameter
+    from test_hf import BATCH
+
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    trainer = Trainer(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=2), train_dataset=_BrokenAfter(3 * BATCH),
+                      optimizers=adamw(model), callbacks=[SpecscopeCallback(monitor)])
+    with pytest.raises(RuntimeError, match="bad shard"):
+        trainer.train()
+    assert trainer.state.global_step == 1  # step 0 done; step 1's second micro-batch could not be read
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    assert monitor._step is None
+
+
 def test_a_trainer_the_callback_knows_closes_the_open_step_when_train_raises(tmp_path):
     """attach(trainer, ...) (or SpecscopeCallback(trainer=...)) closes the measured step train() was in when it
     raised: the weights are plain parameters right after, before any second train(); the next train() measures

@@ -198,9 +198,9 @@ def _closing(method: Any, callback: SpecscopeCallback) -> Any:
     return closing
 
 
-def _closes(trainer: Any, name: str, callback: SpecscopeCallback) -> bool:
-    """Whether `trainer.<name>` is already this callback's wrapper."""
-    return getattr(vars(trainer).get(name), "specscope_closes", None) is callback
+def _closes(owner: Any, name: str, callback: SpecscopeCallback) -> bool:
+    """Whether `owner.<name>` is already this callback's wrapper."""
+    return getattr(vars(owner).get(name), "specscope_closes", None) is callback
 
 
 def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
@@ -211,15 +211,20 @@ def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
 
 
 def _close_running_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
-    """For a Trainer whose train() is already running: its `training_step` (looked up on the instance for every
-    micro-batch, so this train() sees the wrapper; a measured step is open over those calls) closes the step when it
-    raises, and later train() calls are wrapped whole. A raise between micro-batches of this train() (the data
-    loader, gradient clipping) still leaves the step open until the next train()."""
+    """For a Trainer whose train() is already running: what this train() calls while a measured step is open closes
+    the step when it raises — its `training_step` (each micro-batch's forward and backward) and its accelerator's
+    `clip_grad_norm_` (after the last micro-batch; both looked up on their instances at every call, so the running
+    loop sees the wrappers) — and later train() calls are wrapped whole. The Trainer reads a step's micro-batches
+    before it begins the step (transformers ≥ 4.46), so its data loader raises outside a step. What is left is the
+    Trainer's own bookkeeping between the calls (counting the inputs' tokens and flops)."""
     if trainer is None:
         return
     _close_on_error(trainer, callback)
     if not _closes(trainer, "training_step", callback):
         trainer.training_step = _closing(trainer.training_step, callback)
+    accelerator = getattr(trainer, "accelerator", None)
+    if callable(getattr(accelerator, "clip_grad_norm_", None)) and not _closes(accelerator, "clip_grad_norm_", callback):
+        accelerator.clip_grad_norm_ = _closing(accelerator.clip_grad_norm_, callback)
 
 
 def _calling_trainer(callback: SpecscopeCallback, depth: int = 12) -> Any:
