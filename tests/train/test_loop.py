@@ -320,3 +320,35 @@ def test_a_measurement_whose_records_carry_other_arms_is_redone_without_duplicat
     monkeypatch.setattr(toy_lab, "build", bad)  # a part's arm named like another part: refused before any run
     with pytest.raises(ConfigError, match="same name"):
         run_lab("toy", {"steps": 4, "arms": ["a"]}, out=tmp_path / "clash")
+
+
+def test_a_run_recorded_before_measurements_named_their_arms_loads_and_resumes(tmp_path, monkeypatch):
+    """progress.json from before `Measure(arms=)`: no "arms" map, and a finished measurement counted under its own name
+    (0 records, its records being under other arm names). Such a run still loads, and resumes exactly from an arm
+    stopped after the measurement finished."""
+    from specscope.labs.base import Measure
+    from specscope.store import integrity
+
+    original = toy_lab.build
+
+    def build(cfg, device):
+        def measure(log, device):
+            log([Record(0, "", "side", 1.0, arm="side-a"), Record(0, "", "side", 2.0, arm="side-b")])
+
+        return [Measure("sides", measure, arms=("side-a", "side-b")), *original(cfg, device)]
+
+    monkeypatch.setattr(toy_lab, "build", build)
+    straight = run_lab("toy", {"steps": 20}, out=tmp_path / "straight")
+    toy_lab.INTERRUPT_AT["b"] = 3
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("toy", {"steps": 20}, out=tmp_path / "cut")
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    progress = integrity.read_json(cut / "progress.json", checksum=True)
+    assert progress["arms"] == {"sides": ["sides", "side-a", "side-b"]} and progress["records"]["sides"] == 2
+    del progress["arms"]
+    progress["records"]["sides"] = 0  # as the old runner counted it: records under the part's own name
+    integrity.write_json(cut / "progress.json", progress, checksum=True)
+    assert len(store.load(cut).query("arm == 'side-a' or arm == 'side-b'")) == 2
+    resumed = run_lab("", resume=cut)
+    assert store.Run.open(resumed).status == "complete"
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
