@@ -171,6 +171,8 @@ def completed_runs(sweep_dir: Path, lab: str, statuses: tuple[str, ...] = ("comp
     out = []
     root = Path(sweep_dir) / "runs" / lab
     for cfg_file in sorted(root.glob("*/config.json")):
+        if cfg_file.parent.name.startswith("."):  # a run still being made (`store.Run.create`), or one killed then
+            continue
         try:
             run = store.Run.open(cfg_file.parent)
         except Exception:  # a run directory cut short before its config was written

@@ -196,3 +196,16 @@ def test_ctrl_c_stops_a_sweep_without_starting_queued_points(tmp_path):
     assert proc.returncode == 130, err
     assert f"specscope sweep --resume {sweep_dir}" in err and "run --resume" not in err
     assert len(list((sweep_dir / "runs" / "grokking").iterdir())) <= 2  # the two under way; none of the four queued
+
+
+def test_a_run_killed_while_it_was_being_created_leaves_no_half_made_run(tmp_path):
+    """Killed after making its folders, database and config.json, before they appear under the run's name: no run
+    directory is left that `runs` would not list and `--resume` would refuse (a folder holding only checkpoints/ and
+    figures/, or a 0-byte database and no config.json), only a hidden folder that the next run removes."""
+    run = kill_at(tmp_path, "run_create")
+    assert not run.exists()
+    assert [p.name.endswith(".creating") for p in (tmp_path / "grokking").iterdir()] == [True]
+    assert store.list_runs(tmp_path).empty
+    again = run_lab("grokking", QUICK, out=tmp_path, run_id="victim")
+    assert store.Run.open(again).status == "complete"
+    assert [p.name for p in (tmp_path / "grokking").iterdir()] == ["victim"]  # the dead creator's folder is gone

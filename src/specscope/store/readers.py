@@ -120,13 +120,19 @@ def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.D
     # root/<lab>/<run_id>, and the lab runs a run holds (a demo's: root/demo/<id>/<lab>/<run_id>)
     # a run killed before its config.json was written still has its database: listed as unreadable, not hidden
     patterns += [pat.replace(CONFIG, METRICS) for pat in patterns]
-    dirs = dict.fromkeys(p.parent for pattern in patterns for p in root.glob(pattern)) if root.is_dir() else {}
+    dirs = dict.fromkeys(p.parent for pattern in patterns for p in root.glob(pattern)
+                         if not _hidden(p.parent, root)) if root.is_dir() else {}  # hidden: a run still being made
     rows = [_describe(d) for d in dirs]
     df = pd.DataFrame(rows, columns=LIST_COLUMNS)
     df["created"] = pd.to_datetime(df["created"], utc=True, errors="coerce", format="ISO8601")
     df["steps"] = df["steps"].astype("Int64")
     df["records"] = df["records"].astype("Int64")
     return df.sort_values(["created", "run_id"], ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    """Whether a folder under `root` has a hidden name on the way (`Run.create` makes a run under one)."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def _describe(path: Path) -> dict:
@@ -179,7 +185,7 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
         return root / run
     patterns = [f"*/{run}", f"*/*/*/{run}"] if len(parts) == 1 else [f"*/*/{run}"]  # a demo's lab runs too
     hits = sorted(h for pattern in patterns for h in root.glob(pattern)
-                  if (h / CONFIG).is_file()) if plain and root.is_dir() else []
+                  if (h / CONFIG).is_file() and not _hidden(h, root)) if plain and root.is_dir() else []
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:

@@ -37,6 +37,37 @@ PROGRESS = "progress.json"  # a lab run's finished parts and checkpoints (labs.r
 _NAME = PLAIN
 
 
+STAGE_SUFFIX = ".creating"  # a run being made: `.<run_id>.<pid>.creating` beside where it will appear
+
+
+def _staged(path: Path, meta: dict) -> Path:
+    """A new run's directory made complete — checkpoints/, figures/, an empty metrics.sqlite, config.json — under a
+    hidden name beside `path`, for `Run.create` to rename into place: a process killed while making it leaves no
+    half-made run under its name (only this hidden folder, which the next run created beside it removes)."""
+    for old in path.parent.glob(f".*.*{STAGE_SUFFIX}"):  # left by a process killed while creating a run
+        pid = old.name.removesuffix(STAGE_SUFFIX).rsplit(".", 1)[-1]
+        if pid.isdigit() and not lock.pid_alive(int(pid)):
+            _remove_tree(old)
+    stage = path.parent / f".{path.name}.{os.getpid()}{STAGE_SUFFIX}"
+    try:
+        stage.mkdir()
+        (stage / "checkpoints").mkdir()
+        (stage / "figures").mkdir()
+        sqlite.connect_writer(stage / METRICS).close()
+        integrity.write_json(stage / CONFIG, meta)
+        integrity.fault_point("run_create")  # tests: killed with the run made but not yet in place
+    except BaseException:
+        _remove_tree(stage)
+        raise
+    return stage
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def new_run_id() -> str:
     """UTC time to the second plus a random suffix: sorts by creation time, unique without coordination."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
@@ -60,7 +91,6 @@ class Run:
         self._con = None
         self._lock_fd: int | None = None
         self._last_flush = time.monotonic()
-        self._new = False
         self._closed = False
 
     # ---- construction ---------------------------------------------------------------------------
@@ -76,15 +106,20 @@ class Run:
         config = _plain_config(config)
         path = Path(root) / lab / run_id
         _make_folder(path.parent, root)
+        taken = RunStoreError(f"run directory {path} already exists (run id {run_id!r} is taken); "
+                              "runs are never overwritten: pick another run_id or leave it to the default.")
+        if path.exists():
+            raise taken
+        meta = _metadata(run_id, lab, config)
+        stage = _staged(path, meta)
         try:
-            path.mkdir()  # atomic: of two processes creating the same id, one fails here
-        except FileExistsError:
-            raise RunStoreError(f"run directory {path} already exists (run id {run_id!r} is taken); "
-                                "runs are never overwritten: pick another run_id or leave it to the default.") from None
-        (path / "checkpoints").mkdir()
-        (path / "figures").mkdir()
-        run = cls(path, _metadata(run_id, lab, config), flush_every=flush_every, flush_seconds=flush_seconds)
-        run._new = True  # the one case where the writer may create metrics.sqlite
+            os.rename(stage, path)  # atomic: the run appears whole or not at all; a directory holding files is never replaced
+        except OSError:
+            _remove_tree(stage)
+            if path.exists():  # of two processes creating the same id, one fails here
+                raise taken from None
+            raise
+        run = cls(path, meta, flush_every=flush_every, flush_seconds=flush_seconds)
         run._become_writer()
         return run
 
@@ -289,7 +324,7 @@ class Run:
                                 "resume it with Run.open(path), or start a new run with Run.create.")
         if not self.path.is_dir():
             raise RunStoreError(f"run directory {self.path} does not exist.")
-        if not self._new and not self.metrics_path.is_file():  # never re-create a database that went missing
+        if not self.metrics_path.is_file():  # never re-create a database that went missing
             raise RunStoreError(f"{self.metrics_path} is missing: the records of this run are gone; "
                                 "restore the file, or start a new run.")
         self._lock_fd = lock.acquire(self.path)
