@@ -352,3 +352,22 @@ def test_a_run_recorded_before_measurements_named_their_arms_loads_and_resumes(t
     resumed = run_lab("", resume=cut)
     assert store.Run.open(resumed).status == "complete"
     pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+
+
+def test_a_damaged_checkpoint_deleted_as_its_error_says_restarts_that_arm_and_the_resume_is_exact(tmp_path):
+    """The error for a damaged checkpoint says to delete it to restart that arm from scratch; the resume then refused
+    because progress.json named the checkpoint, and the run could not be resumed at all."""
+    straight = run_lab("toy", {"steps": 20}, out=tmp_path / "straight")
+    toy_lab.INTERRUPT_AT["b"] = 7
+    with pytest.raises(KeyboardInterrupt):
+        run_lab("toy", {"steps": 20}, out=tmp_path / "cut")
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    ck = cut / "checkpoints" / "b.pt"
+    ck.write_bytes(ck.read_bytes()[:1000])
+    with pytest.raises(RunStoreError, match="delete it to restart that arm from scratch"):
+        run_lab("", resume=cut)
+    ck.unlink()
+    with pytest.warns(UserWarning, match="arm 'b' starts again from step 0"):
+        resumed = run_lab("", resume=cut)
+    assert store.Run.open(resumed).status == "complete"
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))

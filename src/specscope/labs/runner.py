@@ -61,11 +61,22 @@ def verify_resume(run, items, trainer: Trainer) -> dict:
             if trainer.checkpoint_path(item.name).exists():
                 step = trainer.verify_checkpoint(item.name, count, item)
                 _check_checkpoint_step(run, trainer, item.name, step, progress["checkpoints"].get(item.name))
-            elif item.name in progress["checkpoints"]:
-                raise RunStoreError(
-                    f"{trainer.checkpoint_path(item.name)} is missing, but {PROGRESS_FILE} says arm '{item.name}' "
-                    f"was checkpointed at step {progress['checkpoints'][item.name]['step']}; {_PROGRESS_FIX}.")
+            elif item.name in progress["checkpoints"]:  # deleted (the fix a damaged checkpoint's error names)
+                progress.setdefault("restart", []).append(item.name)
     return progress
+
+
+def restart_arms(run, progress: dict) -> None:
+    """The arms whose checkpoint progress.json names is gone start again from step 0 (their records are recomputed,
+    as for an arm stopped before its first checkpoint): said in one warning each, and progress.json no longer
+    counts their checkpoints' records, so no reader takes the records the restart drops for a loss."""
+    import warnings
+
+    for arm in progress.pop("restart", []):
+        ck = progress["checkpoints"].pop(arm)
+        warnings.warn(f"{Path(run.path) / 'checkpoints'} has no checkpoint of arm '{arm}' (progress.json recorded one at "
+                      f"step {ck.get('step')}): arm '{arm}' starts again from step 0", stacklevel=2)
+    _write_progress(run, progress)
 
 
 def _check_checkpoint_step(run, trainer: Trainer, arm: str, step: int, recorded: dict | None) -> None:
@@ -135,6 +146,8 @@ def run_lab(
         state = verify_resume(run, items, Trainer(run, device, cfg.seed, cfg.checkpoint_every))  # nothing is written before this
         check_inputs(run, state["inputs"], inputs)
         run.set_status("running")
+        if state.get("restart"):
+            restart_arms(run, state)
     run_dir = Path(run.path)
     try:
         with Interrupt() as interrupt, Progress(enabled=progress) as bar, _sizes_named(lab, cfg, overrides):
