@@ -40,8 +40,13 @@ def main() -> None:
             with run.reader(check=True):
                 pass
 
+        def integrity_check_only():
+            with run.reader(check=False) as (con, _):
+                con.execute("PRAGMA integrity_check(1)").fetchone()
+
         res = interleaved({"load(run)": lambda: load(run), "rows, no check": unchecked,
-                           "quick_check alone": quick_check_only}, "load(run)", rounds=args.rounds)
+                           "quick_check alone": quick_check_only, "integrity_check alone": integrity_check_only},
+                          "load(run)", rounds=args.rounds)
         print(f"{args.records} records, {run.metrics_path.stat().st_size / 2**20:.0f} MiB")
     for t in res.values():
         print(f"{t.name:22s} {t.ms:9.1f} ms  x{t.ratio_text()}")

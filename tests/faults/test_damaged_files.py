@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import pandas as pd
 import pytest
 
-from conftest import fingerprint, one_line_error
+from conftest import fingerprint, metrics, one_line_error
 from specscope import store
 from specscope.errors import RunStoreError
 
@@ -135,13 +136,42 @@ def test_truncated_progress_or_checkpoint(killed, copy_of, cli, name):
     assert fingerprint(run) == before
 
 
-def test_missing_checkpoint_that_progress_records(killed, copy_of, cli):
+def test_a_checkpoint_deleted_as_its_damage_error_advises_restarts_its_arm(killed, copy_of, cli, finished):
+    """A damaged checkpoint's error says "delete it to restart that arm from scratch"; with it deleted the resume
+    refused (progress.json named it), so the run could not be resumed at all. Now the arm starts again, said once."""
     run = copy_of(killed)
     (run / "checkpoints" / "lrd.pt").unlink()
-    before = fingerprint(run)
     rc, _, err = cli("run", "--resume", run)
-    one_line_error(rc, err, run / "checkpoints" / "lrd.pt", "step 4")
-    assert fingerprint(run) == before
+    assert rc == 0, err
+    assert "arm 'lrd' starts again from step 0" in err and "step 4" in err, err
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))
+
+
+def test_a_flipped_bit_in_a_records_name_fails_the_integrity_check(finished, copy_of, cli, tmp_path):
+    """quick_check passed a database whose arm name had one flipped bit: `export` wrote the record under an arm the
+    run never had. The full integrity check sees the index disagree with the row."""
+    run = copy_of(finished)
+    db = run / "metrics.sqlite"
+    data = bytearray(db.read_bytes())
+    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as con:
+        leaves = [n for (n,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'metrics' AND pagetype = 'leaf'")]
+    con.close()
+    page = next(n for n in leaves if b"lrd" in data[(n - 1) * 4096 : n * 4096])
+    at = (page - 1) * 4096 + data[(page - 1) * 4096 : page * 4096].index(b"lrd")
+    data[at + 1] ^= 0x01  # 'lrd' -> 'lsd'
+    db.write_bytes(bytes(data))
+    before = fingerprint(run)
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv")
+    one_line_error(rc, err, db, "integrity check")
+    assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
+
+
+def test_claims_names_a_run_that_lost_its_config(finished, copy_of, cli, tmp_path):
+    """A run with its summary.json and database but no config.json was left out of `claims` without a word."""
+    run = copy_of(finished)
+    (run / "config.json").unlink()
+    rc, _, err = cli("claims", "--root", tmp_path / "runs")
+    one_line_error(rc, err, run / "config.json")
 
 
 def test_edited_summary_fails_its_checksum(finished, copy_of, cli):

@@ -53,7 +53,9 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
     # a sweep with claims of its own speaks for its runs; one without (a lab with no sweep rule, a grid over
     # seeds) lets its runs be grouped like any others
     sweeps = {f.parent for f in root.rglob("sweep.json") if (f.parent / "claims.json").is_file()}
-    for meta_file in sorted(root.rglob("config.json")):
+    found = set(root.rglob("config.json")) | {f.parent / "config.json" for f in root.rglob("summary.json")
+                                              if (f.parent / "metrics.sqlite").is_file()}  # a run that lost its config.json
+    for meta_file in sorted(f for f in found if not any(p.startswith(".") for p in f.relative_to(root).parts[:-1])):
         summary = meta_file.parent / "summary.json"
         if sweeps & set(summary.parents):  # a sweep's run: its claims.json speaks for it
             continue
