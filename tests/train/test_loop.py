@@ -371,3 +371,26 @@ def test_a_damaged_checkpoint_deleted_as_its_error_says_restarts_that_arm_and_th
         resumed = run_lab("", resume=cut)
     assert store.Run.open(resumed).status == "complete"
     pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+
+
+def test_ctrl_c_after_the_last_part_stops_the_run_before_its_report(tmp_path, monkeypatch):
+    """A Ctrl-C landing after the loop last read its flag (while the run's timing record was written) was lost:
+    the run wrote its report, ended "complete" and exited 0. It now stops as interrupted, and the resume writes
+    the report, with the same records as a run never stopped."""
+    straight = run_lab("toy", {"steps": 4}, out=tmp_path / "straight")
+    original = store.Run.record_count
+
+    def record_count(self, arm=None, **kw):
+        if kw.get("metric") == "lab_seconds":
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag: the loop has no step left to read it
+        return original(self, arm, **kw)
+
+    monkeypatch.setattr(store.Run, "record_count", record_count)
+    with pytest.raises(KeyboardInterrupt, match="resume with"):
+        run_lab("toy", {"steps": 4}, out=tmp_path / "cut")
+    monkeypatch.setattr(store.Run, "record_count", original)
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    assert store.Run.open(cut).status == "interrupted" and not (cut / "report.html").exists()
+    resumed = run_lab("", resume=cut)
+    pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
+    assert store.Run.open(resumed).status == "complete" and (resumed / "report.html").exists()

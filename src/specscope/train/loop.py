@@ -77,9 +77,13 @@ class Interrupt:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Restore the previous handler; a Ctrl-C that set the flag after the loop last read it (while the last
+        part's records were written) is raised here, so it is not lost to the code after the block."""
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+        if self.requested and exc_type is None:
+            raise KeyboardInterrupt
 
 
 @dataclass
