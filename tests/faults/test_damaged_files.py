@@ -166,6 +166,47 @@ def test_a_flipped_bit_in_a_records_name_fails_the_integrity_check(finished, cop
     assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
 
 
+def _leaf_offset(db, needle: bytes) -> int:
+    """Where `needle` first occurs in a leaf page of the metrics table (not in an index)."""
+    data = db.read_bytes()
+    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as con:
+        leaves = [n for (n,) in con.execute("SELECT pageno FROM dbstat WHERE name = 'metrics' AND pagetype = 'leaf'")]
+    con.close()
+    page = next(n for n in leaves if needle in data[(n - 1) * 4096 : n * 4096])
+    return (page - 1) * 4096 + data[(page - 1) * 4096 : page * 4096].index(needle)
+
+
+@pytest.mark.parametrize("field", ["value", "shape"])
+def test_a_flipped_bit_in_a_stored_number_or_unindexed_name_fails_its_checksum(finished, copy_of, cli, tmp_path, field):
+    """A flipped bit in a stored number's last place, or in a column no index holds, passed SQLite's integrity
+    check and was read as another valid value. Each record's checksum catches it: every reader exits 2 naming the
+    database, and --salvage reads every other record."""
+    import struct
+
+    run = copy_of(finished)
+    db = run / "metrics.sqlite"
+    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as con:
+        value, shape = con.execute("SELECT value, shape FROM metrics WHERE value != CAST(value AS INTEGER) "
+                                   "AND shape != '' LIMIT 1").fetchone()
+    con.close()
+    needle = struct.pack(">d", value) if field == "value" else shape.encode()
+    at = _leaf_offset(db, needle) + len(needle) - 1
+    data = bytearray(db.read_bytes())
+    data[at] ^= 0x01  # the value's last bit of mantissa; the shape's last digit ("…x64" -> "…x65")
+    db.write_bytes(bytes(data))
+    assert sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    before = fingerprint(run)
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv")
+    one_line_error(rc, err, db, "1 of its", "fail their checksum", "--salvage")
+    rc, _, err = cli("report", run)
+    one_line_error(rc, err, db, "fail their checksum")
+    assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
+    with pytest.warns(RuntimeWarning, match="fail their checksum"):
+        part = store.load(run, salvage=True)
+    whole = store.load(finished)
+    assert len(part) == len(whole) - 1 and part.attrs["damage"]
+
+
 def test_claims_names_a_run_that_lost_its_config(finished, copy_of, cli, tmp_path):
     """A run with its summary.json and database but no config.json was left out of `claims` without a word."""
     run = copy_of(finished)

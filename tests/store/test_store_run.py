@@ -241,6 +241,33 @@ def test_newer_schema_is_refused(tmp_path):
         load(run)
 
 
+def test_a_database_from_before_checksums_loads_and_its_resume_checksums_new_records(tmp_path):
+    """Schema 1 had no checksum column: such a run still loads; a writer adds the column (NULL in the old
+    records, which stay unchecked) and every record it appends carries a checksum."""
+    with Run.create(tmp_path, "demo", {}) as run:
+        run.log(0, {"loss": 1.0, "acc": 0.5})
+    db = run.path / "metrics.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("ALTER TABLE metrics DROP COLUMN checksum")
+    con.execute("UPDATE schema_version SET version = 1")
+    con.commit()
+    con.close()
+    assert list(load(run.path).value) == [1.0, 0.5]
+    with Run.open(run.path) as resumed:
+        resumed.log(1, {"loss": 0.25})
+    con = sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True)
+    assert con.execute("SELECT max(version) FROM schema_version").fetchone() == (2,)
+    assert [c is None for (c,) in con.execute("SELECT checksum FROM metrics ORDER BY rowid")] == [True, True, False]
+    con.close()
+    assert list(load(run.path).value) == [1.0, 0.5, 0.25]
+    con = sqlite3.connect(db)
+    con.execute("UPDATE metrics SET value = 0.5 WHERE value = 0.25")  # a new record changed: caught
+    con.commit()
+    con.close()
+    with pytest.raises(RunStoreError, match="1 of its 3 records fail their checksum"):
+        load(run.path)
+
+
 def test_concurrent_reader_in_another_process(tmp_path):
     """The writer stays open (lock held, records flushed + some buffered); a separate process reads."""
     run = Run.create(tmp_path, "demo", {}, flush_every=10**9, flush_seconds=1e9)

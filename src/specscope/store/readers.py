@@ -51,6 +51,9 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     with warnings.catch_warnings(record=True) as said, run.reader(salvage=salvage) as (con, damage):
         warnings.simplefilter("always")
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
+        df, failed = sqlite.verify(pd.DataFrame.from_records(rows, columns=[*sqlite.COLUMNS, *sqlite.READ_CHECKS]),
+                                   run.metrics_path, salvage)
+        damage = "; ".join(filter(None, [damage, failed]))
         try:
             _check_counts(run, lambda name, upto: sqlite.count_rows(con, run.metrics_path, arm=name, upto=upto))
         except RunStoreError as e:
@@ -58,9 +61,8 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
                 raise
             lost = str(e).split(": the database lost records")[0].split(". The file is truncated")[0]  # no fix: this is it
             lost += " (records lost)" if ": the database lost records" in str(e) else " (record counts not checked)"
-            warnings.warn(f"{lost}; read the {len(rows)} records still there", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{lost}; read the {len(df)} records still there", RuntimeWarning, stacklevel=2)
             damage = "; ".join(filter(None, [damage, lost]))
-    df = pd.DataFrame.from_records(rows, columns=list(sqlite.COLUMNS))
     if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
     df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN

@@ -20,6 +20,7 @@ from typing import Iterable, Sequence
 
 from specscope.errors import ConfigError, RunStoreError
 from specscope.records import SWEEP, Record
+from specscope.store import checksum
 from specscope.store.integrity import fault_point
 
 COLUMNS = ("step", "layer", "metric", "value", "arm", "estimator", "rows", "shape", "flag")
@@ -35,13 +36,23 @@ MIGRATIONS: list[str] = [
     CREATE INDEX metrics_arm_metric_layer_step ON metrics (arm, metric, layer, step);
     CREATE TABLE run_info (key TEXT PRIMARY KEY, value);
     """,
+    # each record's checksum (store.checksum); NULL in the records written before it
+    "ALTER TABLE metrics ADD COLUMN checksum INTEGER",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _FLAG = COLUMNS.index("flag")
 MAX_INT = 2**63 - 1  # SQLite's INTEGER is a signed 64-bit number: a larger step or rows cannot be stored
-_INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_SELECT = f"SELECT {', '.join(COLUMNS)} FROM metrics"
+_INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}, checksum) VALUES ({', '.join('?' * (len(COLUMNS) + 1))})"
+_CHECKSUMS = 2  # the schema version that added the checksum column
+
+
+def _select(con: sqlite3.Connection) -> str:
+    """The SELECT of COLUMNS, the stored checksum (0 where none) and whether none was stored (`unchecked`: the
+    records of a database from before checksums)."""
+    version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
+    stored = "ifnull(checksum, 0), checksum IS NULL" if version >= _CHECKSUMS else "0, 1"
+    return f"SELECT {', '.join(COLUMNS)}, {stored} FROM metrics"
 
 
 _SALVAGE = "--salvage (store.load(run, salvage=True)) reads what is still readable"
@@ -229,9 +240,10 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
     if not rows:
         return
     last = max((r[0] for r in rows if r[_FLAG] != SWEEP), default=None)  # a sweep record's step is a swept value
+    stored = [(*r, c) for r, c in zip(rows, checksum.checksums(rows))]
     try:
         con.execute("BEGIN IMMEDIATE")
-        con.executemany(_INSERT, rows)
+        con.executemany(_INSERT, stored)
         if last is not None:
             con.execute(
                 "INSERT INTO run_info (key, value) VALUES ('last_step', ?) "
@@ -295,15 +307,16 @@ def _names(col: str, values) -> list[str]:
 
 def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
               damage: str | None = None) -> tuple[list[tuple], str | None]:
-    """All matching rows in insertion order, and the damage met (None when none). On a damaged file: raise
-    unless `salvage`, else read what is readable and warn."""
+    """All matching rows in insertion order (COLUMNS, then READ_CHECKS: see `verify`), and the damage met (None
+    when none). On a damaged file: raise unless `salvage`, else read what is readable and warn."""
     where, params = _where(filters)
+    select = _select(con)
     try:
-        rows = con.execute(_SELECT + where + " ORDER BY rowid", params).fetchall()
+        rows = con.execute(select + where + " ORDER BY rowid", params).fetchall()
     except sqlite3.DatabaseError as e:
         if not salvage:
             raise _fail(path, "the metrics table is damaged", e) from e
-        (rows, lost, guessed), damage = _salvage(con, where, params), damage or str(e)
+        (rows, lost, guessed), damage = _salvage(con, select, where, params), damage or str(e)
         bound = " (the last rowid is unreadable too: counted up to a bound from the file size)" if guessed else ""
         warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, {lost} rowids unreadable{bound}.",
                       RuntimeWarning, stacklevel=3)
@@ -313,7 +326,29 @@ def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
     return rows, damage
 
 
-def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 4096) -> tuple[list[tuple], int, bool]:
+READ_CHECKS = ("checksum", "unchecked")  # the two columns read_rows adds after COLUMNS
+
+
+def verify(df, path: Path, salvage: bool):
+    """`df` (read_rows' rows as a DataFrame) less the records whose checksum fails, without READ_CHECKS' columns,
+    and what was left out ("" when nothing). Without `salvage` a failed checksum raises RunStoreError naming the
+    first such record."""
+    bad = checksum.mismatched(df)
+    df = df.drop(columns=list(READ_CHECKS))
+    if not len(bad):
+        return df, ""
+    first = df.iloc[int(bad[0])]
+    what = f"{len(bad)} of its {len(df)} records fail their checksum"
+    if not salvage:
+        raise _fail(path, what, f"the first: step {first.step!r}, layer {first.layer!r}, metric {first.metric!r}, "
+                                f"arm {first.arm!r}; a stored byte changed since it was written")
+    warnings.warn(f"{path}: damaged database ({what}); read the {len(df) - len(bad)} others.", RuntimeWarning,
+                  stacklevel=3)
+    return df.drop(index=df.index[bad]).reset_index(drop=True), f"{what}, left out"
+
+
+def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
+             chunk: int = 4096) -> tuple[list[tuple], int, bool]:
     """Read rowid ranges one at a time, halving a range that fails; a range of <= 16 rowids that still fails is
     read rowid by rowid (a range query also steps onto the next, possibly lost, page; a seek to one rowid does
     not), unless both its ends fail, when it is counted lost whole. Returns (rows, rowids not read, whether the
@@ -324,7 +359,7 @@ def _salvage(con: sqlite3.Connection, where: str, params: list, chunk: int = 409
         hi = con.execute("PRAGMA page_count").fetchone()[0] * con.execute("PRAGMA page_size").fetchone()[0] // 16
         guessed = True
     cond = (where + " AND" if where else " WHERE")
-    sql, one = _SELECT + cond + " rowid BETWEEN ? AND ? ORDER BY rowid", _SELECT + cond + " rowid = ?"
+    sql, one = select + cond + " rowid BETWEEN ? AND ? ORDER BY rowid", select + cond + " rowid = ?"
 
     def read_one(rowid: int) -> list[tuple] | None:
         try:

@@ -1,0 +1,73 @@
+"""Record checksums: every record SQLite gives back matches its checksum, and a change to any one field does not."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specscope.records import Record
+from specscope.store import Run, checksum, load
+from specscope.store.checksum import FIELDS
+from specscope.store.sqlite import COLUMNS, MAX_INT, as_row
+
+names = st.text(max_size=12)  # any unicode, empty and NUL included
+values = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**53), 2**53)
+records = st.builds(Record, step=st.integers(0, MAX_INT), layer=names, metric=names, value=values, arm=names,
+                    estimator=names, rows=st.integers(0, MAX_INT), shape=names, flag=names)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(records, min_size=1, max_size=20))
+def test_every_record_read_back_matches_its_checksum(tmp_path_factory, recs):
+    """-0.0 (which SQLite may store as the integer 0), NaN (stored as NULL), ±inf, the largest steps, any names."""
+    with Run.create(tmp_path_factory.mktemp("r"), "demo", {}) as run:
+        run.append(recs)
+    df = load(run.path)  # raises if any checksum failed
+    assert len(df) == len(recs)
+    assert all(math.isnan(a) if math.isnan(b) else a == b for a, b in zip(df.value, [float(r.value) for r in recs]))
+
+
+def frame(rows: list[tuple]) -> pd.DataFrame:
+    """Rows (FIELDS, then a stored checksum) as `store.load` reads them."""
+    return pd.DataFrame.from_records([(*r, False) for r in rows], columns=[*FIELDS, "checksum", "unchecked"])
+
+
+def test_the_checksum_folds_the_stored_columns():
+    assert COLUMNS == FIELDS
+
+
+def _changed(row: tuple, field: int, draw) -> tuple:
+    old = row[field]
+    if isinstance(old, str):
+        new = draw(names.filter(lambda s: s != old))
+    elif isinstance(old, float):
+        new = draw(st.floats(allow_nan=True).filter(
+            lambda v: not (v == old or (math.isnan(v) and math.isnan(old)))))
+    else:
+        new = draw(st.integers(0, MAX_INT).filter(lambda v: v != old))
+    return (*row[:field], new, *row[field + 1:])
+
+
+@settings(max_examples=200, deadline=None)
+@given(records, st.integers(0, 8), st.data())
+def test_a_change_to_any_one_field_changes_the_checksum(rec, field, data):
+    row = as_row(rec)
+    stored = checksum.checksums([row])[0]
+    other = _changed(row, field, data.draw)
+    if field == 3 and other[3] == 0.0 and row[3] == 0.0:  # -0.0 and 0.0 are one value to SQLite
+        return
+    assert len(checksum.mismatched(frame([(*other, stored)]))) == 1
+    assert len(checksum.mismatched(frame([(*row, stored)]))) == 0
+
+
+@given(records, st.integers(0, 63))
+def test_a_flipped_bit_in_a_number_is_caught(rec, bit):
+    row = as_row(rec)
+    stored = checksum.checksums([row])[0]
+    step = row[0] ^ (1 << bit) if bit < 63 else row[0]
+    if step != row[0]:
+        assert len(checksum.mismatched(frame([(step, *row[1:], stored)]))) == 1
+    assert len(checksum.mismatched(frame([(*row, stored ^ (1 << bit))]))) == 1  # the stored checksum itself
