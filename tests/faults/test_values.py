@@ -297,3 +297,12 @@ def test_true_and_false_are_the_booleans_of_set_and_of_a_config_file(tmp_path):
     from specscope.errors import ConfigError
     with pytest.raises(ConfigError, match="give true or false"):
         make_config(Config, {"fused_adamw": 1})  # a TOML `fused_adamw = 1`
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_a_set_key_given_twice_is_refused(cli, tmp_path, command):
+    """`--set dim=3 --set dim=4` ran with dim=4 and said nothing (a --grid key given twice was already refused)."""
+    extra = ["--grid", "seed=0,1"] if command == "sweep" else []
+    rc, _, err = cli(command, "random-features", "--set", "dim=3", "--set", "dim=4", *extra, "--out", tmp_path / "runs")
+    one_line_error(rc, err, "--set dim is given twice (3 and 4)", "give each key once")
+    assert not (tmp_path / "runs").exists()

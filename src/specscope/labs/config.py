@@ -99,7 +99,8 @@ def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
 
 
 def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = "") -> dict[str, Any]:
-    """["width=512", "acts=relu,swiglu"] -> {"width": 512, "acts": ["relu", "swiglu"]}; unknown keys are errors."""
+    """["width=512", "acts=relu,swiglu"] -> {"width": 512, "acts": ["relu", "swiglu"]}; an unknown key, or a key
+    given twice, is an error."""
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -109,7 +110,10 @@ def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = ""
         field = config_cls.model_fields.get(key)
         if field is None:
             raise ConfigError(f"unknown config key {key!r}{_for(lab)}; valid keys: {describe_fields(config_cls)}")
-        out[key] = _parse_value(raw.strip(), field.annotation, key)
+        value = _parse_value(raw.strip(), field.annotation, key)
+        if key in out:  # a --grid key given twice is refused too: neither is silently dropped
+            raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}){_for(lab)}; give each key once")
+        out[key] = value
     return out
 
 
