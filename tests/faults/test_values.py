@@ -308,3 +308,27 @@ def test_a_set_key_given_twice_is_refused(cli, tmp_path, command):
     rc, _, err = cli(command, "random-features", "--set", "dim=3", "--set", "dim=4", *extra, "--out", tmp_path / "runs")
     one_line_error(rc, err, "--set dim is given twice (3 and 4)", "give each key once")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("lab,pair", [("sparse-mlp", "lr=1e300"), ("gpt", "lr_adamw=1e39"), ("grokking", "weight_decay=1e300")])
+def test_a_rate_that_float32_cannot_hold_is_refused_before_the_run_starts(cli, tmp_path, lab, pair):
+    """'finite' was checked as a float64: lr=1e300 passed, a run directory was made, and torch's step raised
+    "value cannot be converted to type float without overflow" with a traceback, exit 1."""
+    rc, _, err = cli("run", lab, "--set", pair, "--out", tmp_path / "runs")
+    one_line_error(rc, err, f"'{pair.split('=')[0]}'", "less than or equal to 3.40282e+38")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,named", [(["--lr", "1e300"], "that float32 holds"),
+                                        (["--steps", str(10**23)], "below 2**63"),
+                                        (["--every", str(2**63)], "below 2**63")])
+def test_diagnose_refuses_a_rate_or_count_out_of_range(cli, tmp_path, args, named):
+    rc, _, err = cli("diagnose", "--model", "mlp", *args, "--out", tmp_path / "runs")
+    one_line_error(rc, err, args[0], named)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_rate_that_adams_bias_correction_overflows_is_one_line(cli, tmp_path):
+    """lr=3e38 is a float32, but Adam's first step size lr / (1 − β₁) is not: torch's error is one line, exit 2."""
+    rc, _, err = cli("diagnose", "--model", "mlp", "--steps", "2", "--lr", "3e38", "--out", tmp_path / "runs")
+    one_line_error(rc, err, "overflowed float32", "lower the learning rate")

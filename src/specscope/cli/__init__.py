@@ -75,12 +75,22 @@ def main() -> None:
         if _is_click_exception(e):
             typer.echo(f"error: {_usage_line(e)}", err=True)  # one line, like every other user error
             sys.exit(e.exit_code)
+        if _float_overflow(e) and not os.environ.get("SPECSCOPE_DEBUG"):
+            typer.echo(f"error: a setting overflowed float32 in the training step ({_one_line(e)}): lower the learning "
+                       "rate, or the other size or scale you raised, to one that float32 arithmetic holds", err=True)
+            sys.exit(2)
         failed = allocation_failure(e)
         if failed is None or os.environ.get("SPECSCOPE_DEBUG"):
             raise
         typer.echo(f"error: out of memory: could not allocate {failed}; lower the sizes (the model's, the "
                    "batch's, or --set key=value) or use a machine with more memory", err=True)
         sys.exit(2)
+
+
+def _float_overflow(e: Exception) -> bool:
+    """torch's refusal of a Python number too large for a float32 scalar: a learning rate of 1e39, or one that
+    Adam's bias correction (lr / (1 − β₁)) takes past 3.4e38."""
+    return isinstance(e, RuntimeError) and "cannot be converted to type float without overflow" in str(e)
 
 
 def _check_environment() -> None:

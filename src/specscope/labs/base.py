@@ -24,9 +24,10 @@ from specscope.records import Record
 AtLeast1 = Annotated[int, Field(ge=1)]  # counts, sizes, intervals: 0 would be meaningless or divide by it
 AtLeast2 = Annotated[int, Field(ge=2)]
 AtLeast0 = Annotated[int, Field(ge=0)]  # counts where 0 means "off" / "all" (the field's comment says which)
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # learning rates, scales, thresholds
-NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]  # decays, penalties, clip norms (0: off)
-Finite = Annotated[float, Field(allow_inf_nan=False)]
+FLOAT32_MAX = 3.4028234663852886e38  # a larger learning rate or decay cannot become the float32 scalar torch steps with
+Positive = Annotated[float, Field(gt=0, le=FLOAT32_MAX, allow_inf_nan=False)]  # learning rates, scales, thresholds
+NonNegative = Annotated[float, Field(ge=0, le=FLOAT32_MAX, allow_inf_nan=False)]  # decays, penalties, clip norms (0: off)
+Finite = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)]
 Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # accuracies, ratios in [0, 1]
 Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # a part of a whole, all of it allowed: (0, 1]
 Correlation = Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)]

@@ -64,7 +64,8 @@ _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
 
 def _range(metadata: list) -> str:
     """" >= 1" / " > 0, finite" from a field's annotated constraints ("" when it has none)."""
-    bits = [f"{op} {getattr(m, k)}" for m in metadata for k, op in _BOUNDS.items() if getattr(m, k, None) is not None]
+    bits = [f"{op} {getattr(m, k):g}" if isinstance(getattr(m, k), float) else f"{op} {getattr(m, k)}"
+            for m in metadata for k, op in _BOUNDS.items() if getattr(m, k, None) is not None]
     bits += ["finite" for m in metadata if getattr(m, "allow_inf_nan", None) is False]
     return (" " + ", ".join(bits)) if bits else ""
 
@@ -115,6 +116,12 @@ def parse_overrides(config_cls: type[BaseModel], pairs: list[str], lab: str = ""
             raise ConfigError(f"--set {key} is given twice ({out[key]!r} and {value!r}){_for(lab)}; give each key once")
         out[key] = value
     return out
+
+
+def _message(err: dict) -> str:
+    """pydantic's message, its bound as a float is written (3.40282e+38, not 340282346638528860000000000000000000000)."""
+    bounds = [v for k, v in (err.get("ctx") or {}).items() if k in _BOUNDS and isinstance(v, float)]
+    return f"{err['msg'].rsplit(' ', 1)[0]} {bounds[0]:g}" if len(bounds) == 1 else err["msg"]  # the bound ends it
 
 
 def _for(lab: str) -> str:
@@ -190,7 +197,7 @@ def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = Non
             key = ".".join(str(x) for x in err["loc"])
             f = config_cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
             expected = type_name(f.annotation) + _range(f.metadata) if f else "?"
-            errs.append(f"'{key}' = {err.get('input')!r}: {err['msg']} (expected {expected})")
+            errs.append(f"'{key}' = {err.get('input')!r}: {_message(err)} (expected {expected})")
         raise ConfigError(f"invalid config{_for(lab)}: " + "; ".join(errs)) from None
     for key in values:
         value = getattr(cfg, key)

@@ -204,13 +204,19 @@ def diagnose(
     from specscope.probe import diagnose as run_diagnose
     from specscope.store import Run
 
+    from specscope.labs.base import FLOAT32_MAX
     from specscope.probe.monitor import ESTIMATORS
     from specscope.probe.pairing import tracked_slots
 
     if estimator not in ESTIMATORS:  # before a run directory or a progress bar exists
         raise ConfigError(f"--estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr {lr}: the AdamW learning rate must be a finite number > 0, e.g. --lr 1e-3")
+    if not (math.isfinite(lr) and 0 < lr <= FLOAT32_MAX):
+        raise ConfigError(f"--lr {lr}: the AdamW learning rate must be a number > 0 that float32 holds (at most "
+                          f"{FLOAT32_MAX:.4g}), e.g. --lr 1e-3")
+    for name, n in (("--steps", steps), ("--every", every)):
+        if n >= 2**63:
+            raise ConfigError(f"{name} {n} is too large: steps are stored as 64-bit integers, so it must "
+                              "be below 2**63")
     check_seed(seed)
     if not out.strip():
         raise ConfigError("--out '': give the folder for run directories, e.g. --out runs")
