@@ -185,6 +185,37 @@ def test_a_callback_not_told_its_trainer_closes_the_step_when_gradient_clipping_
     assert not hasattr(vars(trainer.accelerator)["clip_grad_norm_"].__wrapped__, "specscope_closes")  # wrapped once
 
 
+@pytest.mark.parametrize("where", ["floating_point_ops", "_track_num_input_tokens", "optimizer"])
+def test_a_callback_not_told_its_trainer_closes_the_step_when_the_trainers_bookkeeping_raises(tmp_path, where):
+    """Between a measured step's calls the Trainer counts flops and tokens and steps the optimizer; a raise there
+    left the step open (the function mode on) until the next train(). transformers ≥ 5 runs all of it inside
+    `_run_epoch`, which the callback now closes on error too."""
+    from specscope.probe.watch import WatchedParameter
+
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    optimizer, _ = adamw(model)
+    trainer = Trainer(model=model, args=args(tmp_path, 3, include_num_input_tokens_seen=True),
+                      train_dataset=Tokens(), optimizers=(optimizer, None), callbacks=[SpecscopeCallback(monitor)])
+    if not hasattr(trainer, where if where != "optimizer" else "_run_epoch"):
+        pytest.skip(f"this transformers has no {where} inside a running step (or runs it outside any wrapped call)")
+    owner, name = (optimizer, "step") if where == "optimizer" else (trainer, where)
+    real, calls = getattr(owner, name), []
+
+    def failing_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bookkeeping failed")
+        return real(*a, **kw)
+
+    setattr(owner, name, failing_once)
+    with pytest.raises(RuntimeError, match="bookkeeping failed"):
+        trainer.train()
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert not any(isinstance(p, WatchedParameter) for p in model.parameters())
+    assert monitor._step is None
+
+
 class _BrokenAfter(Tokens):
     """Its iterator raises after `rows` rows (a corrupt shard, a worker that died)."""
 

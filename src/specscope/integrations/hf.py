@@ -210,21 +210,26 @@ def _close_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
         trainer.train = _closing(trainer.train, callback)
 
 
+# What a running train() calls while a measured step is open, each looked up on its instance at every call (so the
+# running loop sees a wrapper set now): the epoch loop (transformers ≥ 5: all of a step, the optimizer's step
+# included), each micro-batch's forward and backward, and the flop and token counting (and, below, the clipping).
+# The optimizer's `step` is left alone: torch's LR schedulers patch it and expect a bound method.
+_RUNNING_TRAINER_CALLS = ("_run_epoch", "training_step", "floating_point_ops", "_track_num_input_tokens")
+
+
 def _close_running_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
-    """For a Trainer whose train() is already running: what this train() calls while a measured step is open closes
-    the step when it raises — its `training_step` (each micro-batch's forward and backward) and its accelerator's
-    `clip_grad_norm_` (after the last micro-batch; both looked up on their instances at every call, so the running
-    loop sees the wrappers) — and later train() calls are wrapped whole. The Trainer reads a step's micro-batches
-    before it begins the step (transformers ≥ 4.46), so its data loader raises outside a step. What is left is the
-    Trainer's own bookkeeping between the calls (counting the inputs' tokens and flops)."""
+    """For a Trainer whose train() is already running: what this train() calls while a measured step is open
+    (`_RUNNING_TRAINER_CALLS` and the accelerator's `clip_grad_norm_`) closes the step when it raises, and later
+    train() calls are wrapped whole. The Trainer reads a step's micro-batches before it begins the step
+    (transformers ≥ 4.46), so its data loader raises outside a step."""
     if trainer is None:
         return
     _close_on_error(trainer, callback)
-    if not _closes(trainer, "training_step", callback):
-        trainer.training_step = _closing(trainer.training_step, callback)
-    accelerator = getattr(trainer, "accelerator", None)
-    if callable(getattr(accelerator, "clip_grad_norm_", None)) and not _closes(accelerator, "clip_grad_norm_", callback):
-        accelerator.clip_grad_norm_ = _closing(accelerator.clip_grad_norm_, callback)
+    owners = [(trainer, name) for name in _RUNNING_TRAINER_CALLS]
+    owners.append((getattr(trainer, "accelerator", None), "clip_grad_norm_"))
+    for owner, name in owners:
+        if callable(getattr(owner, name, None)) and not _closes(owner, name, callback):
+            setattr(owner, name, _closing(getattr(owner, name), callback))
 
 
 def _calling_trainer(callback: SpecscopeCallback, depth: int = 12) -> Any:
