@@ -259,7 +259,7 @@ def _add_timing(path: Path, session: dict) -> None:
     try:
         old = json.loads(path.read_text())
         sessions = old["sessions"] if isinstance(old, dict) and isinstance(old.get("sessions"), list) else [old]
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     sessions = [t for t in sessions if isinstance(t, dict)] + [session]
     total = {"points_run": sum(int(t.get("points_run", 0)) for t in sessions),

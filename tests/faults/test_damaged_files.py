@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 
 import pandas as pd
@@ -266,7 +267,10 @@ def test_a_damaged_progress_file_is_flagged_by_runs(killed, copy_of, cli):
     assert "cannot continue" in store.list_runs(run.parent.parent).problem[0]
 
 
-@pytest.mark.parametrize("content", ["5", "[{}]", '{"run_id": "x"', "\xff\xfe not utf-8"])
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON nested past Python's recursion limit: a RecursionError traceback
+
+
+@pytest.mark.parametrize("content", ["5", "[{}]", '{"run_id": "x"', "\xff\xfe not utf-8", DEEP])
 @pytest.mark.parametrize("command", ["report", "export", "resume"])
 def test_malformed_config_json(finished, copy_of, cli, tmp_path, content, command):
     run = copy_of(finished)
@@ -277,6 +281,17 @@ def test_malformed_config_json(finished, copy_of, cli, tmp_path, content, comman
     rc, _, err = cli(*argv)
     one_line_error(rc, err, run / "config.json")
     assert fingerprint(run) == before
+
+
+def test_a_config_nested_thousands_deep_is_one_problem_among_good_runs(finished, copy_of, cli, tmp_path):
+    """`runs` and `claims` ended in a RecursionError traceback, hiding every good run beside the damaged one."""
+    run = copy_of(finished)
+    shutil.copytree(run, run.parent / "good")
+    (run / "config.json").write_text(DEEP)
+    rc, out, _ = cli("runs", "--root", tmp_path / "runs")
+    assert rc in (0, None) and "complete" in out and "unreadable" in out and "config.json" in out
+    rc, _, err = cli("claims", "--root", tmp_path / "runs")
+    one_line_error(rc, err, run / "config.json")
 
 
 @pytest.mark.parametrize("command", ["export", "report", "compare"])

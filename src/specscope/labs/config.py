@@ -82,6 +82,9 @@ def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"{key}={raw[:20]}…: nested too deeply to be a config value; give a value or a list of "
+                          "values") from None
     if isinstance(value, str) and value.lower() in ("true", "false") and annotation is not None and _takes_bool(annotation):
         value = value.lower() == "true"  # Python's spelling, True/False, too; 1, yes and on stay refused
     if _is_list_field(annotation) and not isinstance(value, list):
@@ -143,6 +146,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests arrays or tables thousands deep; a config holds values and "
+                          "lists of values") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
     other = [k for k, v in data.items() if isinstance(v, dict) and k != "config"]

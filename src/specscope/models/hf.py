@@ -93,7 +93,7 @@ def _refuse_folder_code(path: Path) -> None:
     for name in ("config.json", "tokenizer_config.json"):
         try:
             data = json.loads((path / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # absent or unreadable: transformers' own error says so
+        except (OSError, ValueError, RecursionError):  # absent or unreadable: transformers' own error says so
             continue
         if isinstance(data, dict) and data.get("auto_map"):
             raise ConfigError(f"--model hf:{path}: its {name} names Python code of its own (auto_map), which specscope "

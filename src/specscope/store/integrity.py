@@ -98,7 +98,7 @@ def read_json(path: Path, *, checksum: bool = False, fix: str = "restore or dele
         raise RunStoreError(f"{path} is missing; {fix}.")
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
         raise RunStoreError(f"{path} is unreadable or not valid JSON ({_short(e)}); {fix}.") from None
     if not isinstance(obj, dict):
         raise RunStoreError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}.")

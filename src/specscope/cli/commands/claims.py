@@ -126,7 +126,7 @@ def _sweep_claims(path: Path) -> list[Claim]:
         if not isinstance(data, list):
             raise ValueError(f"a {type(data).__name__}, not a list")
         return [_as_claim(c) for c in data]
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, RecursionError) as e:
         raise RunStoreError(f"{path} is unreadable or not a list of claims ({str(e)[:120]}); {fix}.") from None
 
 
