@@ -53,6 +53,24 @@ def test_salvage_says_so_in_every_file_it_writes(finished, copy_of, cli, tmp_pat
     assert "--salvage" not in err  # what it says under --salvage is what was lost, not advice to use it
 
 
+def test_salvage_that_leaves_a_lab_too_few_records_is_one_line(finished, copy_of, cli, monkeypatch):
+    """A lab's claims read a series the salvage lost (the gpt lab's `time`: an IndexError traceback, exit 1)."""
+    from specscope.labs import grokking
+
+    def claims_of_a_lost_series(df, cfg):
+        return [df[df.metric == "gone"].value.iloc[-1]]
+
+    run = copy_of(finished)
+    truncate(run / "metrics.sqlite")
+    monkeypatch.setattr(grokking, "claims", claims_of_a_lost_series)
+    before = fingerprint(run)
+    rc, _, err = cli("report", run, "--salvage")
+    errors = [line for line in err.splitlines() if not line.startswith("warning: ")]  # what the salvage read and lost
+    assert rc == 2 and "Traceback" not in err
+    one_line_error(rc, "\n".join(errors), run / "metrics.sqlite", "too few to compute its claims", "IndexError", "restore")
+    assert fingerprint(run) == before
+
+
 def test_salvage_that_reads_no_record_exports_and_reports_nothing(finished, copy_of, cli, tmp_path):
     """A database cut to its first pages opens, but not one record is readable: a header-only file and exit 0 read
     as the export of an empty run, and `report --salvage` rewrote summary.json with INCONCLUSIVE verdicts."""

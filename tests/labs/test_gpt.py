@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from specscope import linalg, store
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.labs import gpt
 from specscope.labs.config import make_config
 from specscope.models.gpt import apply_rope
@@ -233,3 +233,27 @@ def test_gpt1c_is_inconclusive_with_tied_embeddings():
             for m, v in (("stable_rank", 3.0), ("onehot_stable_rank", 3.54))]
     c = {c.id: c for c in gpt.claims(pd.DataFrame(rows), tiny(arms=["muon"], tie_embeddings=True))}["GPT-1c"]
     assert c.verdict == "INCONCLUSIVE" and "tied embedding" in c.measured
+
+
+def test_report_salvage_of_a_run_that_lost_its_time_records(tmp_path):
+    """`report --salvage`, the fix a database that lost records is told, ended in an IndexError traceback: the
+    summary read each arm's last `time`. Now the arm's seconds are NaN, and the report is written."""
+    import sqlite3
+    import warnings
+
+    from specscope.labs.runner import finish, run_lab
+
+    run_dir = run_lab("gpt", {**TINY, "arms": ["adamw"]}, out=tmp_path)
+    with sqlite3.connect(run_dir / "metrics.sqlite") as con:
+        con.execute("DELETE FROM metrics WHERE metric = 'time'")
+    con.close()
+    run = store.Run.open(run_dir)
+    cfg = make_config(gpt.Config, run.config, "gpt")
+    with pytest.raises(RunStoreError, match="lost records"):
+        finish(run, gpt, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        claims = finish(run, gpt, cfg, salvage=True)
+    assert claims and "SALVAGED" in (run_dir / "report.html").read_text()
+    (row,) = gpt.summarize(store.load(run_dir, salvage=True), cfg)
+    assert math.isnan(row["seconds"]) and math.isnan(row["tokens_per_s"])

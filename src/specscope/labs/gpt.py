@@ -312,6 +312,10 @@ def steps_to_reach(val: pd.Series, target: float) -> float:
     return float(hit[0]) if len(hit) else math.nan
 
 
+def _last(s: pd.Series) -> float:
+    return float(s.iloc[-1]) if len(s) else math.nan
+
+
 def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
     """One row per arm: final val/train loss, seconds, tokens/s, and the step and time it reached AdamW's final loss."""
     target = _whole(df, "adamw", "val_loss")
@@ -322,10 +326,11 @@ def summarize(df: pd.DataFrame, cfg: Config) -> list[dict[str, Any]]:
         if val.empty:
             continue
         k = steps_to_reach(val, target)
+        seconds = _last(t)  # NaN where the records of an arm's time are gone (a salvaged database)
         rows.append({
             "arm": arm, "lr": arm_lr(cfg, arm), "final_val_loss": float(val.iloc[-1]),
-            "final_train_loss": float(_whole(df, arm, "train_loss").iloc[-1]),
-            "seconds": float(t.iloc[-1]), "tokens_per_s": cfg.steps * cfg.batch_size * cfg.seq_len / float(t.iloc[-1]),
+            "final_train_loss": _last(_whole(df, arm, "train_loss")),
+            "seconds": seconds, "tokens_per_s": cfg.steps * cfg.batch_size * cfg.seq_len / seconds if seconds > 0 else math.nan,
             "steps_to_adamw_final": k, "seconds_to_adamw_final": float(t.get(k, math.nan)) if not math.isnan(k) else math.nan,
         })
     return rows

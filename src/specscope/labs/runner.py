@@ -252,13 +252,13 @@ def finish(run, lab, cfg, *, salvage: bool = False, partial: str = "") -> list[C
     UNDECIDABLE (see `undecidable`). `partial`: the status of a run that did not finish, named in the title."""
     df = store.load(run, salvage=salvage)
     damage = df.attrs.get("damage")
-    claims = finite_values(lab.claims(df, cfg))
+    claims = finite_values(_from_what_is_left(lambda: lab.claims(df, cfg), "its claims", run, damage))
     quick = made_by_quick_demo(Path(run.path))
     claims = undecidable(claims) if quick else claims
     summary = {"lab": lab.NAME, "claims": [c.as_dict() for c in claims], "final": _final_metrics(df)}
     run.write_summary({**summary, "salvaged": damage} if damage else summary)
-    figures = lab.figures(df, cfg) if hasattr(lab, "figures") else {}  # after the summary: claims survive a figure bug
-    measured = lab.summarize(df, cfg) if hasattr(lab, "summarize") else ()
+    figures = _from_what_is_left(lambda: lab.figures(df, cfg), "its figures", run, damage) if hasattr(lab, "figures") else {}
+    measured = _from_what_is_left(lambda: lab.summarize(df, cfg), "its summary", run, damage) if hasattr(lab, "summarize") else ()
     title = f"{lab.NAME} — {Path(run.path).name}" + (" (quick size)" if quick else "")
     if partial:  # `specscope report` on a run that did not finish: its page says so first
         title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
@@ -267,6 +267,18 @@ def finish(run, lab, cfg, *, salvage: bool = False, partial: str = "") -> list[C
         title=title, salvaged=damage or "",
     )
     return claims
+
+
+def _from_what_is_left(compute, what: str, run, damage: str | None):
+    """`compute()`; on the records salvaged from a damaged database, a failure of the lab's code on what is missing
+    (a series it reads is gone) is one RunStoreError naming the database rather than the lab's traceback."""
+    try:
+        return compute()
+    except Exception as e:
+        if not damage:
+            raise
+        raise RunStoreError(f"{run.metrics_path}: the records salvaged from the damaged database are too few to compute "
+                            f"{what} ({type(e).__name__}: {e}); restore the database from a copy of the run") from None
 
 
 def made_by_quick_demo(path: Path) -> bool:
