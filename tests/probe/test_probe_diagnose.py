@@ -204,7 +204,7 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
              (["--exclude", "*"], "exclude=['*'] leaves no weight to measure"),
              (["--split", "nosuch=q,k"], "split patterns ['nosuch'] match no weight"),
              (["--out", str(tmp_path / "afile")], "is a file, not a folder"),
-             (["--lr", "-1"], "--lr -1.0: the AdamW learning rate must be a finite number > 0"),
+             (["--lr", "-1"], "--lr -1.0: the AdamW learning rate must be a number > 0 that float32 holds"),
              (["--lr", "nan"], "--lr nan"), (["--lr", "0"], "--lr 0.0"),
              (["--seed", "-1"], "--seed -1: use an integer in [0, 2^63)"),
              (["--seed", str(2**70)], "use an integer in [0, 2^63)"),
