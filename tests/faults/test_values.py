@@ -332,3 +332,20 @@ def test_a_rate_that_adams_bias_correction_overflows_is_one_line(cli, tmp_path):
     """lr=3e38 is a float32, but Adam's first step size lr / (1 − β₁) is not: torch's error is one line, exit 2."""
     rc, _, err = cli("diagnose", "--model", "mlp", "--steps", "2", "--lr", "3e38", "--out", tmp_path / "runs")
     one_line_error(rc, err, "overflowed float32", "lower the learning rate")
+
+
+def test_compare_does_not_replace_a_comparison_unasked(finished, cli, tmp_path):
+    """`compare --out DIR` replaced the comparison.html already in DIR without a word (export refuses a file)."""
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "comparison.html").write_text("precious")
+    rc, _, err = cli("compare", finished, finished, "--out", out)
+    one_line_error(rc, err, "already holds a comparison.html", "--force")
+    assert (out / "comparison.html").read_text() == "precious"
+    rc, _, err = cli("compare", finished, finished, "--out", out, "--force")
+    assert rc in (0, None) and (out / "comparison.html").read_text().startswith("<!DOCTYPE")
+
+
+def test_an_empty_run_name_is_named_not_taken_for_the_current_folder(finished, cli):
+    rc, _, err = cli("compare", finished, "")
+    one_line_error(rc, err, "a run named '' (empty)")

@@ -178,6 +178,9 @@ def _damaged_json(path: Path, meta: dict) -> str:
 def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     """A run directory from a path, or from a run id (or `lab/run_id`) under `root`, a demo's lab runs
     (`root/demo/<id>/<lab>/<run_id>`) included."""
+    if not str(run).strip():  # Path("") is ".": the current folder would stand in for the run
+        raise RunStoreError(f"a run named {str(run)!r} (empty): give a run directory or a run id; list runs with "
+                            f"`specscope runs --root {root}`.")
     p, root = Path(run), Path(root)
     if p.is_dir():
         return p

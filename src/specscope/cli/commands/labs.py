@@ -173,6 +173,7 @@ def compare(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the comparison (default <root>/compare/<time>)."),
     salvage: bool = typer.Option(False, "--salvage", help=SALVAGE_HELP),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
+    force: bool = typer.Option(False, "--force", help="Replace the comparison.html already in --out (refused otherwise)."),
 ) -> None:
     """Overlay several runs in one HTML page (loss curves, st(A) and nr(G) per weight)."""
     import time
@@ -186,6 +187,9 @@ def compare(
     holder = store.readers.run_holding(out) if out is not None else None
     if holder is not None:  # its figures/ would replace the run's own
         raise ConfigError(f"--out {out} is inside the run directory {holder}; give a folder outside every run directory")
+    if out is not None and (out / "comparison.html").exists() and not force:  # as export refuses to replace a file
+        raise ConfigError(f"--out {out} already holds a comparison.html; a comparison does not replace one unasked: "
+                          "give another folder, or add --force to replace it")
     names = _distinct_names(runs, paths)
     frames = {n: store.load(r, salvage=salvage) for n, r in zip(names, runs)}  # all read (and checked) before writing
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
