@@ -449,7 +449,7 @@ def test_cli_compare_keeps_runs_that_share_an_id_or_are_given_twice(tmp_path, mo
             dirs.append(str(run.path))
 
     def compare(*args):
-        monkeypatch.setattr(sys, "argv", ["specscope", "compare", *args, "--out", str(tmp_path / "cmp")])
+        monkeypatch.setattr(sys, "argv", ["specscope", "compare", *args, "--out", str(tmp_path / "cmp"), "--force"])
         with pytest.raises(SystemExit) as e:
             main()
         return e.value.code, capsys.readouterr()
