@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,9 @@ def test_control_characters_read_from_a_summary_print_escaped(finished, copy_of,
 @pytest.mark.parametrize("content, message", [
     ("x\n<!-- claims:end -->\nmid\n<!-- claims:begin -->\ny\n", "line followed by an '<!-- claims:end -->' line"),
     ("a <!-- claims:begin --> b\n<!-- claims:end -->\n", "line followed by"),
+    # the second begin line fell inside the replaced region and was dropped without a word
+    ("<!-- claims:begin -->\n<!-- claims:begin -->\n<!-- claims:end -->\n", "line more than once"),
+    ("<!-- claims:begin -->\n<!-- claims:end -->\n<!-- claims:end -->\n", "line more than once"),
 ])
 def test_claims_into_a_file_whose_markers_are_out_of_order_is_one_error(finished, copy_of, cli, tmp_path, content, message):
     copy_of(finished)
@@ -192,3 +196,21 @@ def test_an_empty_path_option_is_refused_not_read_as_the_current_folder(cli, tmp
     rc, _, err = cli(*argv)
     one_line_error(rc, err, "is empty; give a path")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_claims_into_what_is_not_a_regular_file_is_refused_before_reading_it(finished, copy_of, cli, tmp_path, kind):
+    """`--into /dev/zero` read the device until the kernel's out-of-memory killer ended the process (exit 137); a
+    FIFO would block forever."""
+    copy_of(finished)
+    target = {"device": Path("/dev/zero"), "fifo": tmp_path / "pipe", "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(target)
+    rc, _, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", target)
+    one_line_error(rc, err, "is not a regular file")
+
+
+def test_claims_as_json_with_nothing_recorded_is_an_empty_list(cli, tmp_path):
+    (tmp_path / "runs").mkdir()
+    rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", "json")
+    assert rc in (0, None) and json.loads(out) == [] and "no recorded claims" in err

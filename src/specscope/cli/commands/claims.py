@@ -190,10 +190,17 @@ def markdown(rows: list[Row]) -> str:
 def write_into(path: Path, text: str) -> None:
     """Replace what lies between the BEGIN and END marker lines of `path` (whole lines, BEGIN first) with `text`;
     the file is replaced whole (temporary file and rename), never left half written."""
+    if path.exists() and not path.is_file():  # /dev/zero would be read until memory ran out; a FIFO, forever
+        raise ConfigError(f"--into {path} is not a regular file (a folder, a device or a pipe); give a markdown file "
+                          f"with the '{BEGIN}' … '{END}' lines")
     try:
         lines = path.read_bytes().decode("utf-8").splitlines(keepends=True)
     except UnicodeDecodeError:
         raise ConfigError(f"--into {path} is not UTF-8 text; give a markdown file with the '{BEGIN}' … '{END}' lines") from None
+    for marker in (BEGIN, END):
+        if sum(line.strip() == marker for line in lines) > 1:  # which pair is meant? the other marker would be lost
+            raise ConfigError(f"{path} has the '{marker}' line more than once; keep one '{BEGIN}' line and one '{END}' "
+                              "line after it")
     begin = next((i for i, line in enumerate(lines) if line.strip() == BEGIN), None)
     end = next((i for i, line in enumerate(lines) if line.strip() == END and begin is not None and i > begin), None)
     if begin is None or end is None:
@@ -224,7 +231,10 @@ def claims_cmd(
         raise ConfigError("--into writes a markdown table; add --format markdown")
     rows = collect(root, every)
     if not rows:
-        typer.echo(f"no recorded claims under {root} (run a lab first: specscope run LAB --out {root})")
+        none = f"no recorded claims under {root} (run a lab first: specscope run LAB --out {root})"
+        if format == "json":  # stdout stays JSON for a script that parses it
+            typer.echo("[]")
+        typer.echo(none, err=format == "json")
         return
     if format == "json":
         typer.echo(json.dumps([{**r.claim.as_dict(), "value": _number(r.claim.value), "lab": r.lab, "runs": r.runs}
