@@ -362,3 +362,46 @@ def test_salvage_after_lost_records_says_so_in_what_it_writes(killed, copy_of, c
     assert rc == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert "records lost" in summary["salvaged"] and "SALVAGED" in (run / "report.html").read_text()
+
+
+@pytest.mark.parametrize("command", ["export", "report", "compare", "resume", "runs"])
+def test_another_runs_config_json_is_refused(finished, killed, copy_of, cli, tmp_path, command):
+    """config.json copied over from another run was taken as the run's own: every reader used the other run's id
+    and settings, and --resume trained the run's unfinished arms on under the other run's config, then marked the
+    mixture complete. The database records which run it was created for."""
+    run = copy_of(killed)
+    shutil.copy(finished / "config.json", run / "config.json")
+    before = fingerprint(run)
+    argv = {"export": ["export", run, "--out", tmp_path / "x.csv"], "report": ["report", run],
+            "compare": ["compare", run, finished, "--out", tmp_path / "cmp"], "resume": ["run", "--resume", run],
+            "runs": ["runs", "--root", tmp_path / "runs"]}[command]
+    rc, out, err = cli(*argv)
+    if command == "runs":  # listed, with the problem named
+        assert rc in (0, None) and "replaced by another run's" in " ".join(out.split())
+    else:
+        one_line_error(rc, err, run / "config.json", "replaced by another run's")
+    assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another run's"])
+@pytest.mark.parametrize("command", ["export", "report", "compare"])
+def test_a_damaged_or_foreign_progress_json_is_an_error_for_every_reader(killed, copy_of, cli, tmp_path, command, damage):
+    """A damaged progress.json turned the readers' record-count check off without a word (exit 0): a database
+    that had lost records then exported as complete. Another run's progress.json is named as such."""
+    run = copy_of(killed)
+    if damage == "truncated":
+        truncate(run / "progress.json")
+    else:
+        progress = json.loads((run / "progress.json").read_text())
+        progress["run_id"] = "someone-else"
+        from specscope.store import integrity
+        (run / "progress.json").unlink()
+        integrity.write_json(run / "progress.json", {k: v for k, v in progress.items() if k != "sha256"}, checksum=True)
+    before = fingerprint(run)
+    argv = {"export": ["export", run, "--out", tmp_path / "x.csv"], "report": ["report", run],
+            "compare": ["compare", run, run, "--out", tmp_path / "cmp"]}[command]
+    rc, _, err = cli(*argv)
+    one_line_error(rc, err, run / "progress.json", "--salvage", *(["'someone-else'"] if damage != "truncated" else []))
+    assert fingerprint(run) == before
+    with pytest.warns(RuntimeWarning, match="record counts not checked"):
+        assert len(store.load(run, salvage=True))

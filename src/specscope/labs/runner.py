@@ -31,11 +31,15 @@ def read_progress(run, count=None) -> dict:
     empty = {"done": [], "records": {}, "checkpoints": {}, "seconds": {}, "inputs": {}}
     if not p.exists() and (count or run.record_count)() == 0:
         return empty
-    return {**empty, **integrity.read_json(p, checksum=True, fix=_PROGRESS_FIX)}  # names only compared, never paths
+    progress = integrity.read_json(p, checksum=True, fix=_PROGRESS_FIX)  # names only compared, never paths
+    if progress.get("run_id", run.id) != run.id:  # (none in a run from before it was recorded)
+        raise RunStoreError(f"{p} is run {progress['run_id']!r}'s, not this run's ({run.id!r}): it was copied over from "
+                            f"another run; {_PROGRESS_FIX}.")
+    return {**empty, **progress}
 
 
 def _write_progress(run, progress: dict) -> None:
-    integrity.write_json(Path(run.path) / PROGRESS_FILE, progress, checksum=True)
+    integrity.write_json(Path(run.path) / PROGRESS_FILE, {**progress, "run_id": run.id}, checksum=True)
 
 
 def verify_resume(run, items, trainer: Trainer) -> dict:
@@ -127,6 +131,8 @@ def run_lab(
     """
     if resume is not None:
         run = store.Run.open(resume)
+        with run.reader(check=False):  # config.json and the database of one run (verify_resume checks the rest)
+            pass
         if run.status == "complete":
             raise ConfigError(f"run {run.path} is already complete; nothing to resume")
         lab = labs.get(run.lab)

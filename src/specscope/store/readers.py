@@ -59,7 +59,7 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
         except RunStoreError as e:
             if not salvage:
                 raise
-            lost = str(e).split(": the database lost records")[0].split(". The file is truncated")[0]  # no fix: this is it
+            lost = str(e).split(": the database lost records")[0].split(". The file is truncated")[0].split("; --salvage")[0]  # no fix: this is it
             lost += " (records lost)" if ": the database lost records" in str(e) else " (record counts not checked)"
             warnings.warn(f"{lost}; read the {len(df)} records still there", RuntimeWarning, stacklevel=2)
             damage = "; ".join(filter(None, [damage, lost]))
@@ -83,14 +83,15 @@ def _check_counts(run: Run, count) -> None:
     """A lab run's progress.json says how many records each finished arm wrote (a measurement's under the arm names
     "arms" lists) and each checkpoint covers; a
     database holding fewer lost them (a damaged or truncated -wal file reads as a valid, shorter database).
-    A missing or damaged progress.json is not checked here (`runs` names that damage)."""
+    A damaged progress.json, or another run's, is a RunStoreError naming it (the counts cannot be checked);
+    a missing one is not checked (a run not made by a lab has none)."""
     path = Path(run.path) / PROGRESS
-    if not path.is_file():
+    if not path.exists():
         return
-    try:
-        progress = integrity.read_json(path, checksum=True, fix="")
-    except RunStoreError:
-        return
+    progress = integrity.read_json(path, checksum=True, fix="--salvage reads the records without checking their counts")
+    if progress.get("run_id", run.id) != run.id:
+        raise RunStoreError(f"{path} is run {progress['run_id']!r}'s, not this run's ({run.id!r}): it was copied over "
+                            "from another run; --salvage reads the records without checking their counts.")
     want = {name: (n, None, "when it finished") for name, n in (progress.get("records") or {}).items()
             if name in (progress.get("done") or [])}
     for name, ck in (progress.get("checkpoints") or {}).items():
@@ -145,7 +146,6 @@ def _describe(path: Path) -> dict:
     except RunStoreError as e:
         row["problem"] = str(e)
         return row
-    row["problem"] = _damaged_json(path, run.meta)
     meta = run.meta
     row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
                status=effective_status(path, meta))
@@ -153,9 +153,11 @@ def _describe(path: Path) -> dict:
         with run.reader(check=False) as (con, _):
             progress = sqlite.read_progress(con)
         row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
-    except RunStoreError as e:  # an unreadable database is damage too: said, with the file, not a blank step
-        salvageable = run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read
-        row["problem"] = row["problem"] or (f"{e} (`--salvage` reads what is left)" if salvageable else str(e))
+    except RunStoreError as e:  # an unreadable database (or another run's config.json) is damage too: said first
+        salvageable = (run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read
+                       and "another run's" not in str(e))
+        row["problem"] = f"{e} (`--salvage` reads what is left)" if salvageable else str(e)
+    row["problem"] = row["problem"] or _damaged_json(path, run.meta)
     return row
 
 

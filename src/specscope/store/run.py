@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import math
 import numbers
@@ -53,7 +54,9 @@ def _staged(path: Path, meta: dict) -> Path:
         stage.mkdir()
         (stage / "checkpoints").mkdir()
         (stage / "figures").mkdir()
-        sqlite.connect_writer(stage / METRICS).close()
+        con = sqlite.connect_writer(stage / METRICS)
+        sqlite.set_owner(con, meta["run_id"])
+        con.close()
         integrity.write_json(stage / CONFIG, meta)
         integrity.fault_point("run_create")  # tests: killed with the run made but not yet in place
     except BaseException:
@@ -180,12 +183,25 @@ class Run:
         return self._con is not None or lock.writer_alive(self.path, self._meta.get("pid"), self._meta.get("host"),
                                                            strict=True)
 
+    @contextlib.contextmanager
     def reader(self, *, salvage: bool = False, check: bool = True):
         """`with run.reader() as (con, damage):` a read-only connection that writes nothing in the run
-        directory (see `sqlite.open_reader`); a damaged database raises unless `salvage`."""
+        directory (see `sqlite.open_reader`); a damaged database raises unless `salvage`, and so does a database
+        of another run than config.json's."""
         if self._con is not None:
             self.flush()
-        return sqlite.open_reader(self.metrics_path, live=self.live, salvage=salvage, check=check)
+        with sqlite.open_reader(self.metrics_path, live=self.live, salvage=salvage, check=check) as (con, damage):
+            self._check_owner(con)
+            yield con, damage
+
+    def _check_owner(self, con) -> None:
+        """config.json and metrics.sqlite of one run: a config.json copied over from another run would give this
+        run's records that run's settings (and a resume would train on under them)."""
+        owner = sqlite.owner(con)
+        if owner is not None and owner != self.id:
+            raise RunStoreError(f"{self.path / CONFIG} is run {self.id!r}'s, but {self.metrics_path} was created for run "
+                                f"{owner!r}: config.json was replaced by another run's; restore this run's config.json "
+                                f"(run_id {owner!r}), or delete the run.")
 
     def record_count(self, arm: str | None = None, *, metric: str | None = None, upto: int | None = None) -> int:
         """Records in the database (of `arm`, of `metric`, written up to `position()` `upto`), buffered ones
@@ -333,6 +349,7 @@ class Run:
                 integrity.remove_stale_temps(folder, lock.pid_alive)
             self._con = sqlite.connect_writer(self.metrics_path)
             self._meta = read_config(self.path) if (self.path / CONFIG).exists() else self._meta
+            self._check_owner(self._con)
             self._write_meta(pid=os.getpid(), host=socket.gethostname(),
                              **({"status": "running"} if resume else {}))
         except BaseException:

@@ -389,6 +389,20 @@ def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
     return rows, lost, guessed
 
 
+def set_owner(con: sqlite3.Connection, run_id: str) -> None:
+    """Record which run the database belongs to (run_info's run_id), for `owner` to compare with config.json's."""
+    con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('run_id', ?)", (run_id,))
+
+
+def owner(con: sqlite3.Connection) -> str | None:
+    """The run id the database was created for; None in a database from before it was recorded, or unreadable."""
+    try:
+        row = con.execute("SELECT value FROM run_info WHERE key = 'run_id'").fetchone()
+    except sqlite3.DatabaseError:
+        return None
+    return row[0] if row and isinstance(row[0], str) else None
+
+
 def read_progress(con: sqlite3.Connection) -> dict:
     """run_info as a dict: last_step, records, updated (cheap: no scan of the metrics table)."""
     try:
