@@ -394,3 +394,19 @@ def test_ctrl_c_after_the_last_part_stops_the_run_before_its_report(tmp_path, mo
     resumed = run_lab("", resume=cut)
     pd.testing.assert_frame_equal(metrics(straight), metrics(resumed))
     assert store.Run.open(resumed).status == "complete" and (resumed / "report.html").exists()
+
+
+def test_ctrl_c_before_the_first_part_prints_the_resume_command(tmp_path, monkeypatch):
+    """Between making the run directory and the first part (progress.json's first write) Ctrl-C exited 130 with a
+    bare "interrupted": no resume command, and the run left "running" (listed as incomplete)."""
+    from specscope.labs import runner
+
+    straight = run_lab("toy", {"steps": 4}, out=tmp_path / "straight")
+    original = runner._write_progress
+    monkeypatch.setattr(runner, "_write_progress", lambda run, state: os.kill(os.getpid(), signal.SIGINT))
+    with pytest.raises(KeyboardInterrupt, match="resume with: specscope run --resume"):
+        run_lab("toy", {"steps": 4}, out=tmp_path / "cut")
+    monkeypatch.setattr(runner, "_write_progress", original)
+    cut = next((tmp_path / "cut" / "toy").iterdir())
+    assert store.Run.open(cut).status == "interrupted"
+    pd.testing.assert_frame_equal(metrics(straight), metrics(run_lab("", resume=cut)))

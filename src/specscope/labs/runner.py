@@ -144,18 +144,19 @@ def run_lab(
     with _sizes_named(lab, cfg, overrides if resume is None else None):
         items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
     inputs = dict(lab.inputs(cfg)) if hasattr(lab, "inputs") else {}
-    if resume is None:
-        run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id)
-        state = {**read_progress(run), "inputs": inputs}
-        _write_progress(run, state)
-    else:
-        state = verify_resume(run, items, Trainer(run, device, cfg.seed, cfg.checkpoint_every))  # nothing is written before this
-        check_inputs(run, state["inputs"], inputs)
-        run.set_status("running")
-        if state.get("restart"):
-            restart_arms(run, state)
-    run_dir = Path(run.path)
-    try:
+    run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id) if resume is None else run
+    run_dir, started = Path(run.path), resume is None  # started: the run's status is ours to set
+    try:  # Ctrl-C from here on, even before the first part, prints the resume command
+        if resume is None:
+            state = {**read_progress(run), "inputs": inputs}
+            _write_progress(run, state)
+        else:
+            state = verify_resume(run, items, Trainer(run, device, cfg.seed, cfg.checkpoint_every))  # nothing is written before this
+            check_inputs(run, state["inputs"], inputs)
+            started = True  # a refusal above leaves the run as it was
+            run.set_status("running")
+            if state.get("restart"):
+                restart_arms(run, state)
         with Interrupt() as interrupt, Progress(enabled=progress) as bar, _sizes_named(lab, cfg, overrides):
             interrupted = _run_items(items, cfg, run, device, interrupt, bar, resume is not None, state)
         if interrupted:
@@ -163,12 +164,14 @@ def run_lab(
         finish(run, lab, cfg)
         run.set_status("complete")
     except KeyboardInterrupt:
-        run.flush()
-        run.set_status("interrupted")
+        if started:
+            run.flush()
+            run.set_status("interrupted")
         raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}") from None
     except BaseException:
-        run.flush()
-        run.set_status("failed")
+        if started:
+            run.flush()
+            run.set_status("failed")
         raise
     finally:
         run.close()
