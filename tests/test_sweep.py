@@ -127,9 +127,12 @@ def test_ray_backend_without_ray_is_refused_before_anything_is_written(tmp_path,
     assert not (tmp_path / "sweeps").exists()
 
 
-@pytest.mark.parametrize("kw, flag", [({"workers": 0}, "--workers"), ({"threads_per_worker": 0}, "--threads")])
-def test_zero_workers_or_threads_is_refused_before_anything_is_written(tmp_path, kw, flag):
-    with pytest.raises(ConfigError, match=f"{flag} must be >= 1, got 0"):
+@pytest.mark.parametrize("kw, flag", [({"workers": 0}, "--workers"), ({"threads_per_worker": 0}, "--threads"),
+                                      ({"workers": 10**20}, "--workers"), ({"threads_per_worker": 10**20}, "--threads")])
+def test_zero_or_too_many_workers_or_threads_is_refused_before_anything_is_written(tmp_path, kw, flag):
+    """10**20 workers or threads ended in an OverflowError (multiprocessing) or ValueError (torch.set_num_threads)
+    traceback, with a sweep directory left holding only sweep.json."""
+    with pytest.raises(ConfigError, match=f"{flag} must be from 1 to 4096, got {next(iter(kw.values()))}"):
         sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", **kw)
     assert not (tmp_path / "sweeps").exists()
 
@@ -235,7 +238,7 @@ def test_a_grid_or_fixed_that_is_no_dict_is_a_config_error(tmp_path, grid, fixed
 def test_workers_and_threads_that_are_no_int_are_refused_before_anything_is_written(tmp_path, kw, flag):
     """workers='2' was a TypeError, 1.5 and nan failed in the process pool, threads_per_worker=1.5 inside the worker
     after the sweep directory was made."""
-    with pytest.raises(ConfigError, match=f"{flag} must be >= 1, got {re.escape(repr(next(iter(kw.values()))))}"):
+    with pytest.raises(ConfigError, match=f"{flag} must be from 1 to 4096, got {re.escape(repr(next(iter(kw.values()))))}"):
         sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path / "sweeps", echo=lambda *a, **k: None, **kw)
     assert not (tmp_path / "sweeps").exists()
 
@@ -259,3 +262,10 @@ def test_a_tampered_sweep_json_grid_is_a_config_error_naming_the_file(tmp_path, 
         with pytest.raises(ConfigError, match=r"sweep\.json: grid 'train_fraction' is .*, not a non-empty list of values"):
             call()  # resume: a TypeError; summary: a table with no grid value
     assert (d / "sweep.json").read_text() == before and sorted(p.name for p in d.iterdir()) == ["sweep.json"]
+
+
+def test_a_key_both_fixed_and_gridded_is_refused(tmp_path):
+    """`--set seed=5 --grid seed=0,1` ran the grid and recorded seed=5 as fixed in sweep.json."""
+    with pytest.raises(ConfigError, match="'seed' is given both as --set seed=5 and in --grid"):
+        sweep.run_sweep("grokking", {"seed": [0, 1]}, {**FAST, "seed": 5}, out=tmp_path / "sweeps")
+    assert not (tmp_path / "sweeps").exists()

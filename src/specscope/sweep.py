@@ -95,6 +95,9 @@ def _checked_point(lab: str, point: dict[str, Any], grid: dict[str, list]) -> di
         raise ConfigError(f"grid point {_label({k: point[k] for k in grid if k in point}) or '(no grid keys)'}: {e}") from None
 
 
+MAX_COUNT = 4096  # workers or threads: a C int bounds both (multiprocessing, torch); far more than a machine has
+
+
 def _count(value: Any) -> bool:
     """An int >= 1 (numpy's too), never a bool, a float or a string."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
@@ -202,10 +205,14 @@ def run_sweep(
     """
     from specscope import labs
 
-    if not _count(workers):
-        raise ConfigError(f"--workers must be >= 1, got {workers!r}")
-    if threads_per_worker is not None and not _count(threads_per_worker):
-        raise ConfigError(f"--threads must be >= 1, got {threads_per_worker!r}")
+    if not _count(workers) or workers > MAX_COUNT:
+        raise ConfigError(f"--workers must be from 1 to {MAX_COUNT}, got {workers!r}")
+    if threads_per_worker is not None and (not _count(threads_per_worker) or threads_per_worker > MAX_COUNT):
+        raise ConfigError(f"--threads must be from 1 to {MAX_COUNT}, got {threads_per_worker!r}")
+    both = sorted(set(grid) & set(fixed or {}))
+    if both:  # the grid's values would silently win over the fixed one
+        raise ConfigError(f"{both[0]!r} is given both as --set {both[0]}={(fixed or {})[both[0]]} and in --grid; "
+                          "give it in one of them")
     workers = int(workers)
     threads_per_worker = None if threads_per_worker is None else int(threads_per_worker)
     if backend not in ("process", "ray"):
