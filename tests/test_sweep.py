@@ -264,8 +264,15 @@ def test_a_tampered_sweep_json_grid_is_a_config_error_naming_the_file(tmp_path, 
     assert (d / "sweep.json").read_text() == before and sorted(p.name for p in d.iterdir()) == ["sweep.json"]
 
 
-def test_a_key_both_fixed_and_gridded_is_refused(tmp_path):
+def test_a_key_both_set_and_gridded_is_refused(tmp_path, monkeypatch, capsys):
     """`--set seed=5 --grid seed=0,1` ran the grid and recorded seed=5 as fixed in sweep.json."""
-    with pytest.raises(ConfigError, match="'seed' is given both as --set seed=5 and in --grid"):
-        sweep.run_sweep("grokking", {"seed": [0, 1]}, {**FAST, "seed": 5}, out=tmp_path / "sweeps")
+    import sys
+
+    from specscope.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["specscope", "sweep", "grokking", "--set", "seed=5", "--grid", "seed=0,1",
+                                      "--out", str(tmp_path / "sweeps")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2 and "'seed' is given both as --set seed=… and in --grid" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()

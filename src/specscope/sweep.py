@@ -209,10 +209,6 @@ def run_sweep(
         raise ConfigError(f"--workers must be from 1 to {MAX_COUNT}, got {workers!r}")
     if threads_per_worker is not None and (not _count(threads_per_worker) or threads_per_worker > MAX_COUNT):
         raise ConfigError(f"--threads must be from 1 to {MAX_COUNT}, got {threads_per_worker!r}")
-    both = sorted(set(grid) & set(fixed or {}))
-    if both:  # the grid's values would silently win over the fixed one
-        raise ConfigError(f"{both[0]!r} is given both as --set {both[0]}={(fixed or {})[both[0]]} and in --grid; "
-                          "give it in one of them")
     workers = int(workers)
     threads_per_worker = None if threads_per_worker is None else int(threads_per_worker)
     if backend not in ("process", "ray"):

@@ -92,8 +92,12 @@ def sweep(
     if resume is None and not grid:
         raise ConfigError("give at least one --grid key=v1,v2 (or use `specscope run` for a single point)")
     mod = labs.get(lab)
+    grid_values, fixed = parse_grid(mod.Config, grid, lab), parse_overrides(mod.Config, set_, lab)
+    both = sorted(set(grid_values) & set(fixed))
+    if both:  # the grid's values would silently win over the --set one
+        raise ConfigError(f"{both[0]!r} is given both as --set {both[0]}=… and in --grid; give it in one of them")
     sweep_dir = sw.run_sweep(
-        lab, parse_grid(mod.Config, grid, lab), parse_overrides(mod.Config, set_, lab),
+        lab, grid_values, fixed,
         out=out or Path("runs/sweeps"), workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
     )
     sw.print_table(sw.summary(sweep_dir), echo=typer.echo)
