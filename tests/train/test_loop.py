@@ -410,3 +410,30 @@ def test_ctrl_c_before_the_first_part_prints_the_resume_command(tmp_path, monkey
     cut = next((tmp_path / "cut" / "toy").iterdir())
     assert store.Run.open(cut).status == "interrupted"
     pd.testing.assert_frame_equal(metrics(straight), metrics(run_lab("", resume=cut)))
+
+
+def test_a_second_ctrl_c_while_the_run_is_marked_interrupted_does_not_cut_it_short(tmp_path, monkeypatch):
+    """Two Ctrl-C 50 ms apart: the second landed while the first's cleanup wrote the status, so the run stayed
+    "running" and the resume command was never printed."""
+    from specscope.labs import runner
+
+    real_write, real_status = runner._write_progress, store.Run.set_status
+    writes = []
+
+    def write_then_ctrl_c(run, state):
+        writes.append(1)
+        real_write(run, state)
+        if len(writes) == 2:  # the first part finished: Ctrl-C now stops at once
+            raise KeyboardInterrupt
+
+    def set_status(self, status):
+        if status == "interrupted":
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C
+        return real_status(self, status)
+
+    monkeypatch.setattr(runner, "_write_progress", write_then_ctrl_c)
+    monkeypatch.setattr(store.Run, "set_status", set_status)
+    with pytest.raises(KeyboardInterrupt, match="resume with"):
+        run_lab("toy", {"steps": 4}, out=tmp_path)
+    monkeypatch.setattr(store.Run, "set_status", real_status)
+    assert store.Run.open(next((tmp_path / "toy").iterdir())).status == "interrupted"

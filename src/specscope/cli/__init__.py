@@ -143,7 +143,14 @@ def _is_click_exception(e: Exception) -> bool:
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
-    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130."""
+    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130. A further Ctrl-C is
+    ignored from here: it would interrupt the interpreter's exit handlers with a traceback."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
     typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
     sys.exit(130)
 

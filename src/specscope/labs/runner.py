@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import math
 import time
 from pathlib import Path
@@ -165,8 +166,9 @@ def run_lab(
         run.set_status("complete")
     except KeyboardInterrupt:
         if started:
-            run.flush()
-            run.set_status("interrupted")
+            with _deaf_to_ctrl_c():  # an impatient second Ctrl-C must not cut the status write short
+                run.flush()
+                run.set_status("interrupted")
         raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}") from None
     except BaseException:
         if started:
@@ -176,6 +178,20 @@ def run_lab(
     finally:
         run.close()
     return run_dir
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c():
+    """SIGINT ignored inside the block (in the main thread; elsewhere signals are not ours to set)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
