@@ -419,3 +419,20 @@ def test_claims_names_a_run_whose_database_is_gone_or_another_runs(finished, kil
     rc, out, err = cli("claims", "--root", tmp_path / "runs")
     assert rc in (0, None) and "(its metrics database is damaged)" in out
     assert f"warning: {run}" in err and ("is missing" if damage == "missing" else "another run's") in " ".join(err.split())
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_text_stored_where_a_number_belongs_is_one_error(finished, copy_of, cli, tmp_path, checksums):
+    """`value = 'abc'` in a record (SQLite's integrity check passes it) was a pandas ValueError traceback from
+    export, report and compare, --salvage too. Record checksums catch it; a database from before them is checked
+    for numbers."""
+    run = copy_of(finished)
+    with sqlite3.connect(run / "metrics.sqlite") as con:
+        con.execute("UPDATE metrics SET value = 'abc' WHERE rowid = 3")
+        if not checksums:
+            con.execute("UPDATE metrics SET checksum = NULL")
+    con.close()
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv")
+    one_line_error(rc, err, run / "metrics.sqlite", "fail their checksum" if checksums else "not a number", "--salvage")
+    with pytest.warns(RuntimeWarning):
+        assert len(store.load(run, salvage=True)) == len(store.load(finished)) - 1

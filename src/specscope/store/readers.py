@@ -65,7 +65,7 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
             damage = "; ".join(filter(None, [damage, lost]))
     if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
-    df = df.astype({"step": "int64", "value": "float64", "rows": "int64"})  # NULL (stored NaN) -> NaN
+    df = _numbers(df, run.metrics_path, salvage)
     df.insert(0, "run_id", run.id)
     if damage and df.empty and metric is None and layer is None and arm is None:
         # a report, a claims table or an export of nothing would stand in for the run (a report would replace
@@ -77,6 +77,25 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
     if damage:
         df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
     return df
+
+
+def _numbers(df, path: Path, salvage: bool):
+    """step, value and rows as int64, float64 (NULL, a stored NaN, as NaN) and int64. A record holding text there (in a
+    database from before record checksums, which catch it) is a RunStoreError, or left out with `salvage`."""
+    import pandas as pd
+
+    try:
+        return df.astype({"step": "int64", "value": "float64", "rows": "int64"})
+    except (ValueError, TypeError, OverflowError) as e:
+        numbers = {c: pd.to_numeric(df[c], errors="coerce") for c in ("step", "value", "rows")}
+        bad = numbers["step"].isna() | numbers["rows"].isna() | (numbers["value"].isna() & df["value"].notna())
+        if not salvage:
+            raise RunStoreError(f"{path}: {int(bad.sum())} of its {len(df)} records hold a step, value or rows that is "
+                                f"not a number ({e}); the file is corrupt; --salvage reads the others.") from None
+        warnings.warn(f"{path}: {int(bad.sum())} records hold a step, value or rows that is not a number; read the "
+                      f"{int((~bad).sum())} others.", RuntimeWarning, stacklevel=3)
+        kept = df[~bad].assign(**{c: v[~bad] for c, v in numbers.items()})
+        return kept.astype({"step": "int64", "value": "float64", "rows": "int64"}).reset_index(drop=True)
 
 
 def _check_counts(run: Run, count) -> None:

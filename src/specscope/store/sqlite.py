@@ -340,7 +340,7 @@ def verify(df, path: Path, salvage: bool):
     first = df.iloc[int(bad[0])]
     what = f"{len(bad)} of its {len(df)} records fail their checksum"
     if not salvage:
-        raise _fail(path, what, f"the first: step {first.step!r}, layer {first.layer!r}, metric {first.metric!r}, "
+        raise _fail(path, what, f"the first: step {first.step}, layer {first.layer!r}, metric {first.metric!r}, "
                                 f"arm {first.arm!r}; a stored byte changed since it was written")
     warnings.warn(f"{path}: damaged database ({what}); read the {len(df) - len(bad)} others.", RuntimeWarning,
                   stacklevel=3)
