@@ -214,3 +214,15 @@ def test_claims_as_json_with_nothing_recorded_is_an_empty_list(cli, tmp_path):
     (tmp_path / "runs").mkdir()
     rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", "json")
     assert rc in (0, None) and json.loads(out) == [] and "no recorded claims" in err
+
+
+def test_claims_markdown_cannot_carry_an_html_tag():
+    """A gpt run on a corpus folder named `"><img src=x onerror=alert(1)>` put the tag, raw, into the Markdown table
+    `claims --into README.md` writes (Markdown passes inline HTML through); the HTML pages escaped it."""
+    from specscope.cli.commands.claims import Row, markdown
+    from specscope.records import Claim
+
+    claim = Claim("GPT-1a", "text", "published", "measured", "PASS",
+                  setting='corpus "><img src=x onerror=alert(1)>; rule: st(A) < 1.5 </td>')
+    table = markdown([Row("gpt", claim, ["r1"], "2026-12-06")])
+    assert "<img" not in table and "</td" not in table and "&lt;img src=x" in table and "st(A) < 1.5" in table

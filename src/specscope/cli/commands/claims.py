@@ -183,7 +183,11 @@ def _cells(r: Row) -> list[str]:
 
 
 def markdown(rows: list[Row]) -> str:
-    esc = lambda s: s.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    """The rows as a Markdown table. A `<` that could open an HTML tag (a corpus folder named `<img onerror=…>` in a
+    setting) is written `&lt;`: Markdown passes inline HTML through; `< 1.5` stays as it is."""
+    import re
+
+    esc = lambda s: re.sub(r"<(?=[A-Za-z/!?])", "&lt;", s.replace("|", "\\|").replace("\n", " "))  # noqa: E731
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(esc(c) for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
