@@ -417,8 +417,11 @@ def test_claims_names_a_run_whose_database_is_gone_or_another_runs(finished, kil
     else:
         shutil.copy(killed / "metrics.sqlite", run / "metrics.sqlite")
     rc, out, err = cli("claims", "--root", tmp_path / "runs")
-    assert rc in (0, None) and "(its metrics database is damaged)" in out
-    assert f"warning: {run}" in err and ("is missing" if damage == "missing" else "another run's") in " ".join(err.split())
+    if damage == "missing":
+        assert rc in (0, None) and "(its metrics database is damaged)" in out
+        assert f"warning: {run}" in err and "is missing" in " ".join(err.split())
+    else:  # the run's files disagree on which run it is: as for a missing config.json, one error
+        one_line_error(rc, err, run / "config.json", "replaced by another run's")
 
 
 @pytest.mark.parametrize("checksums", [True, False])
@@ -436,3 +439,14 @@ def test_text_stored_where_a_number_belongs_is_one_error(finished, copy_of, cli,
     one_line_error(rc, err, run / "metrics.sqlite", "fail their checksum" if checksums else "not a number", "--salvage")
     with pytest.warns(RuntimeWarning):
         assert len(store.load(run, salvage=True)) == len(store.load(finished)) - 1
+
+
+def test_a_config_json_whose_lab_changed_is_named(finished, copy_of, cli, tmp_path):
+    """The lab name is outside config_sha256: a flipped 'grokking' -> 'sed' gave "unknown config key ... for lab
+    'sed'" from report and --resume without naming config.json, and export, runs and claims took it as a sed run."""
+    run = copy_of(finished)
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**meta, "lab": "sed"}))
+    for argv in (["report", run], ["export", run, "--out", tmp_path / "x.csv"], ["run", "--resume", run]):
+        rc, _, err = cli(*argv)
+        one_line_error(rc, err, run / "config.json", "lab 'grokking'")

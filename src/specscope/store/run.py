@@ -41,6 +41,10 @@ _NAME = PLAIN
 STAGE_SUFFIX = ".creating"  # a run being made: `.<run_id>.<pid>.creating` beside where it will appear
 
 
+class NotThisRun(RunStoreError):
+    """config.json and metrics.sqlite of a run directory were made for different runs (or labs)."""
+
+
 def _staged(path: Path, meta: dict) -> Path:
     """A new run's directory made complete — checkpoints/, figures/, an empty metrics.sqlite, config.json — under a
     hidden name beside `path`, for `Run.create` to rename into place: a process killed while making it leaves no
@@ -55,7 +59,7 @@ def _staged(path: Path, meta: dict) -> Path:
         (stage / "checkpoints").mkdir()
         (stage / "figures").mkdir()
         con = sqlite.connect_writer(stage / METRICS)
-        sqlite.set_owner(con, meta["run_id"])
+        sqlite.set_owner(con, meta["run_id"], meta["lab"])
         con.close()
         integrity.write_json(stage / CONFIG, meta)
         integrity.fault_point("run_create")  # tests: killed with the run made but not yet in place
@@ -131,7 +135,15 @@ class Run:
         """An existing run directory (for reading; writing later resumes it)."""
         _check_flush(flush_every, flush_seconds)
         path = Path(path)
-        return cls(path, read_config(path), flush_every=flush_every, flush_seconds=flush_seconds)
+        run = cls(path, read_config(path), flush_every=flush_every, flush_seconds=flush_seconds)
+        try:  # config.json and the database of one run, before anything acts on the config (its lab included)
+            with run.reader(check=False):
+                pass
+        except NotThisRun:
+            raise
+        except RunStoreError:  # a damaged database: the readers name it
+            pass
+        return run
 
     # ---- what a run is --------------------------------------------------------------------------
 
@@ -198,10 +210,14 @@ class Run:
         """config.json and metrics.sqlite of one run: a config.json copied over from another run would give this
         run's records that run's settings (and a resume would train on under them)."""
         owner = sqlite.owner(con)
-        if owner is not None and owner != self.id:
-            raise RunStoreError(f"{self.path / CONFIG} is run {self.id!r}'s, but {self.metrics_path} was created for run "
-                                f"{owner!r}: config.json was replaced by another run's; restore this run's config.json "
-                                f"(run_id {owner!r}), or delete the run.")
+        if owner.get("run_id", self.id) != self.id:
+            raise NotThisRun(f"{self.path / CONFIG} is run {self.id!r}'s, but {self.metrics_path} was created for run "
+                                f"{owner['run_id']!r}: config.json was replaced by another run's; restore this run's "
+                                f"config.json (run_id {owner['run_id']!r}), or delete the run.")
+        if owner.get("lab", self.lab) != self.lab:  # the lab is outside the config's checksum
+            raise NotThisRun(f"{self.path / CONFIG} names lab {self.lab!r}, but {self.metrics_path} was created for "
+                                f"a run of lab {owner['lab']!r}: config.json is damaged or edited; restore it, or "
+                                "delete the run.")
 
     def record_count(self, arm: str | None = None, *, metric: str | None = None, upto: int | None = None) -> int:
         """Records in the database (of `arm`, of `metric`, written up to `position()` `upto`), buffered ones

@@ -389,18 +389,19 @@ def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
     return rows, lost, guessed
 
 
-def set_owner(con: sqlite3.Connection, run_id: str) -> None:
-    """Record which run the database belongs to (run_info's run_id), for `owner` to compare with config.json's."""
-    con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('run_id', ?)", (run_id,))
+def set_owner(con: sqlite3.Connection, run_id: str, lab: str) -> None:
+    """Record which run the database belongs to (run_info's run_id and lab), for `owner` to compare with config.json."""
+    con.executemany("INSERT OR REPLACE INTO run_info (key, value) VALUES (?, ?)", [("run_id", run_id), ("lab", lab)])
 
 
-def owner(con: sqlite3.Connection) -> str | None:
-    """The run id the database was created for; None in a database from before it was recorded, or unreadable."""
+def owner(con: sqlite3.Connection) -> dict[str, str]:
+    """The run id and lab the database was created for ({} in a database from before they were recorded, or
+    unreadable)."""
     try:
-        row = con.execute("SELECT value FROM run_info WHERE key = 'run_id'").fetchone()
+        rows = con.execute("SELECT key, value FROM run_info WHERE key IN ('run_id', 'lab')").fetchall()
     except sqlite3.DatabaseError:
-        return None
-    return row[0] if row and isinstance(row[0], str) else None
+        return {}
+    return {k: v for k, v in rows if isinstance(v, str)}
 
 
 def read_progress(con: sqlite3.Connection) -> dict:
