@@ -470,3 +470,28 @@ def test_a_bad_margin_is_refused_before_training_and_log_spaced_measuring_works(
     assert torch.equal(model.weight, before)  # refused before any step (it used to fail after the last one)
     result = diagnose(model, batches, loss, 3, every=None, log_spaced=True)  # was a TypeError comparing None < 1
     assert list(result.advice["measurements"]) == [3] and len(result.losses) == 3  # steps 0, 1, 2 are log-spaced
+
+
+def test_a_factory_whose_batches_raise_is_one_line(tmp_path, monkeypatch, capsys):
+    """A batch iterator that raised (a broken data file) was a traceback, exit 1, and a failed run directory; a
+    raising loss_fn was already one line."""
+    from specscope.cli import main
+
+    (tmp_path / "badbatches.py").write_text(
+        "import torch, torch.nn as nn\n"
+        "def factory(seed=0):\n"
+        "    def batches():\n"
+        "        yield torch.randn(4, 8)\n"
+        "        raise ValueError('shard 2 is corrupt')\n"
+        "    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), batches(), lambda m, b: m(b).square().mean()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "badbatches:factory", "--steps", "3",
+                                      "--out", str(tmp_path / "runs")])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.modules.pop("badbatches", None)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and "batch iterator raised ValueError: shard 2 is corrupt" in err

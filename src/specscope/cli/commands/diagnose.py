@@ -108,7 +108,19 @@ def load_factory(spec: str, seed: int):
             raise ConfigError(f"--model {spec!r}: loss_fn returned {got}; {contract}, computed from the model's "
                               "parameters (not under torch.no_grad)")
         return loss
-    return model, batches, checked_loss
+
+    def checked_batches(it):
+        """The factory's batches; its iterator raising (a broken file, a worker that died) is one line, as loss_fn's."""
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception as e:  # the user's code
+                raise ConfigError(f"--model {spec!r}: the factory's batch iterator raised {type(e).__name__}: {e}; "
+                                  "fix the data it reads, or the iterator") from e
+            yield batch
+    return model, checked_batches(batches), checked_loss
 
 
 def parse_split(items: list[str]) -> dict:
