@@ -450,3 +450,13 @@ def test_a_config_json_whose_lab_changed_is_named(finished, copy_of, cli, tmp_pa
     for argv in (["report", run], ["export", run, "--out", tmp_path / "x.csv"], ["run", "--resume", run]):
         rc, _, err = cli(*argv)
         one_line_error(rc, err, run / "config.json", "lab 'grokking'")
+
+
+def test_a_folder_in_place_of_a_checkpoint_is_named_with_the_fix(killed, copy_of, cli):
+    """It said "does not exist; start a new run", though the path exists and deleting it restarts the arm."""
+    run = copy_of(killed)
+    (checkpoint,) = (run / "checkpoints").glob("*.pt")
+    checkpoint.unlink()
+    checkpoint.mkdir()
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, checkpoint, "is a folder", "delete it")

@@ -34,6 +34,8 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`; a missing, altered, truncated or foreign file is a RunStoreError."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise RunStoreError(f"checkpoint {path} is a folder (or another non-file), not a checkpoint; {_FIX}")
     if not path.is_file():
         raise RunStoreError(f"checkpoint {path} does not exist; start a new run instead of resuming")
     body = unseal(path, path.read_bytes(), _FIX)
