@@ -143,14 +143,13 @@ def _is_click_exception(e: Exception) -> bool:
 
 
 def _interrupted(e: KeyboardInterrupt) -> None:
-    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130. A further Ctrl-C is
-    ignored from here: it would interrupt the interpreter's exit handlers with a traceback."""
+    """Ctrl-C: say so, with the resume command when a run was interrupted, and exit 130. A further Ctrl-C during
+    the interpreter's exit is ignored (it would interrupt the exit handlers with a traceback): the first exit
+    handler to run, registered last, ignores it — nothing changes for a caller that catches the SystemExit."""
+    import atexit
     import signal
 
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_IGN)
     typer.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
     sys.exit(130)
 

@@ -136,6 +136,8 @@ class Run:
         _check_flush(flush_every, flush_seconds)
         path = Path(path)
         run = cls(path, read_config(path), flush_every=flush_every, flush_seconds=flush_seconds)
+        if run.live:  # reading it would touch the writer's -shm file; its readers check it (`reader`)
+            return run
         try:  # config.json and the database of one run, before anything acts on the config (its lab included)
             with run.reader(check=False):
                 pass

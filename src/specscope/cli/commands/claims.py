@@ -89,16 +89,15 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
 
 
 def _damage(path: Path) -> str:
-    """"" unless the run's metrics database is missing, cannot be read (a truncated, emptied or overwritten file;
-    the cheap check `specscope runs` makes, not a full integrity scan) or is another run's, else what is wrong
-    (said on stderr): the claims in its summary.json were computed from records that may no longer be there."""
+    """"" unless the run's metrics database is there and cannot be read (a truncated, emptied or overwritten file;
+    the cheap check `specscope runs` makes, not a full integrity scan), else what is wrong (said on stderr): the
+    claims in its summary.json were computed from records that may no longer be there. (A database of another run
+    is an error of `Run.open`.)"""
     from specscope.store import Run, sqlite
 
     run = Run.open(path)
     if not run.metrics_path.is_file():
-        e = f"{run.metrics_path} is missing"
-        typer.echo(f"warning: {visible(path)}: its claims come from records that are gone ({visible(e)})", err=True)
-        return e
+        return ""
     try:
         with run.reader(check=False) as (con, _):
             sqlite.read_progress(con)
