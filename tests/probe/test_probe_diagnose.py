@@ -495,3 +495,21 @@ def test_a_factory_whose_batches_raise_is_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("error: ") and "batch iterator raised ValueError: shard 2 is corrupt" in err
+
+
+def test_resuming_a_diagnose_run_says_what_it_is(tmp_path, monkeypatch, capsys):
+    """`run --resume` on a diagnose run said "unknown lab 'diagnose'"."""
+    import json
+
+    from specscope.cli import main
+    from specscope.store import Run
+
+    with Run.create(tmp_path, "diagnose", {"model": "mlp"}) as run:
+        run.log(0, {"loss": 1.0})
+    meta = json.loads((run.path / "config.json").read_text())
+    (run.path / "config.json").write_text(json.dumps({**meta, "status": "interrupted"}))  # stopped before its end
+    monkeypatch.setattr(sys, "argv", ["specscope", "run", "--resume", str(run.path)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "made by `specscope diagnose`" in err and len(err.strip().splitlines()) == 1

@@ -136,6 +136,9 @@ def run_lab(
             pass
         if run.status == "complete":
             raise ConfigError(f"run {run.path} is already complete; nothing to resume")
+        if run.lab == "diagnose":  # made by `specscope diagnose`, which has no checkpoints to resume from
+            raise ConfigError(f"run {run.path} was made by `specscope diagnose`, which `run --resume` does not continue; "
+                              "run `specscope diagnose` again (a few steps: it starts from scratch)")
         lab = labs.get(run.lab)
         cfg = make_config(lab.Config, run.config, run.lab)
     else:
