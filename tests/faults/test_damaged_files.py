@@ -452,3 +452,16 @@ def test_a_folder_in_place_of_a_checkpoint_is_named_with_the_fix(killed, copy_of
     checkpoint.mkdir()
     rc, _, err = cli("run", "--resume", run)
     one_line_error(rc, err, checkpoint, "is a folder", "delete it")
+
+
+def test_another_runs_checkpoint_is_named_as_such(killed, copy_of, cli):
+    """A checkpoint copied over from another run was reported as the database having lost records."""
+    from specscope.train import load_checkpoint, save_checkpoint
+
+    run = copy_of(killed)
+    (checkpoint,) = (run / "checkpoints").glob("*.pt")
+    payload = load_checkpoint(checkpoint)
+    payload.pop("format")
+    save_checkpoint(checkpoint, {**payload, "run_id": "someone-else"})
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, checkpoint, "'someone-else'", "copied over from another run", "delete it")

@@ -156,6 +156,9 @@ class Trainer:
         the checkpoint fits it: a step within its steps, the same parameters of the same shapes."""
         path = self.checkpoint_path(arm_name)
         ckpt = load_checkpoint(path)
+        if ckpt.get("run_id", self.run.id) != self.run.id:  # (none in a checkpoint from before it was recorded)
+            raise RunStoreError(f"checkpoint {path} is run {ckpt['run_id']!r}'s, not this run's ({self.run.id!r}): it was "
+                                "copied over from another run; delete it to restart that arm from scratch")
         if arm is not None:
             _check_fits(path, ckpt, arm)
         step, want = int(ckpt["next_step"]), int(ckpt["records"])
@@ -279,6 +282,7 @@ class Trainer:
         save_checkpoint(
             self.checkpoint_path(arm.name),
             {
+                "run_id": self.run.id,
                 "arm": arm.name,
                 "next_step": next_step,
                 "records": records,
