@@ -2,6 +2,8 @@
 
 import math
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,10 @@ def test_load_matrix_npy_npz_and_errors(tmp_path):
     assert torch.equal(b.y, torch.arange(25.0, dtype=torch.float64))
     with pytest.raises(ConfigError, match="does not exist"):
         load_matrix(tmp_path / "missing.npy")
+    (tmp_path / "folder.npy").mkdir()
+    for there in (tmp_path / "folder.npy", Path("/dev/zero")):  # it said "does not exist"
+        with pytest.raises(ConfigError, match="is not a regular file"):
+            load_matrix(there)
     np.save(tmp_path / "v.npy", np.ones(5))
     with pytest.raises(ConfigError, match="2-D"):
         load_matrix(tmp_path / "v.npy")

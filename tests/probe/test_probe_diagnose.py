@@ -513,3 +513,18 @@ def test_resuming_a_diagnose_run_says_what_it_is(tmp_path, monkeypatch, capsys):
         main()
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "made by `specscope diagnose`" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_factory_that_calls_sys_exit_is_one_line_not_a_silent_success(tmp_path, monkeypatch, capsys):
+    from specscope.cli import main
+
+    (tmp_path / "exiting.py").write_text("import sys\ndef factory():\n    sys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "exiting:factory", "--out", str(tmp_path / "runs")])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    finally:
+        sys.modules.pop("exiting", None)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err == "error: --model 'exiting:factory': the factory called sys.exit(0); a factory returns (model, batches, loss_fn)"

@@ -195,7 +195,8 @@ def _elsewhere() -> str:
     return _ELSEWHERE.get(command, "write elsewhere (--out)")
 
 
-PATH_OPTIONS = ("--out", "--root", "--into", "--resume", "--config")
+PATH_OPTIONS = {"--out": "runs", "--root": "runs", "--into": "README.md", "--resume": "runs/LAB/RUN_ID",
+                "--config": "lab.toml"}  # each with an example of what it takes
 
 
 def _check_path_options(argv: list[str]) -> None:
@@ -205,7 +206,7 @@ def _check_path_options(argv: list[str]) -> None:
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name in PATH_OPTIONS and (value.strip() == "" if eq else i + 1 < len(argv) and argv[i + 1].strip() == ""):
-            raise ConfigError(f"{name} is empty; give a path (e.g. {name} runs), or leave the option out")
+            raise ConfigError(f"{name} is empty; give a path (e.g. {name} {PATH_OPTIONS[name]}), or leave the option out")
 
 
 def _one_line(e: BaseException) -> str:

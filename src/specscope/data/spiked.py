@@ -275,6 +275,9 @@ def digits(embed_dim: int = 0, seed: int = 0) -> SpikedData:
 def load_matrix(path: str | Path, *, target: str = "teacher", seed: int = 0) -> SpikedData:
     """A user's matrix: `.npy` with X (n × d), or `.npz` with arrays `X` and optionally `y`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"data file {path} is not a regular file (a folder, a device or a pipe); give a .npy (n × d) "
+                          "or .npz (X, y) file")
     if not path.is_file():
         raise ConfigError(f"data file {path} does not exist; give a .npy (n × d) or .npz (X, y) path")
     if path.suffix not in (".npy", ".npz"):

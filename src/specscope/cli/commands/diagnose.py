@@ -81,6 +81,9 @@ def load_factory(spec: str, seed: int):
         out = factory(seed=seed) if "seed" in params else factory()
     except Exception as e:  # the user's code: one line (SPECSCOPE_DEBUG=1 shows the traceback)
         raise ConfigError(f"--model {spec!r}: the factory raised {type(e).__name__}: {e}") from e
+    except SystemExit as e:  # sys.exit(0) in it was a silent exit 0 for a diagnosis that never ran
+        raise ConfigError(f"--model {spec!r}: the factory called sys.exit({e.code!r}); a factory returns "
+                          "(model, batches, loss_fn)") from None
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], torch.nn.Module) and callable(out[2])):
         raise ConfigError(f"--model {spec!r}: the factory must return (model: nn.Module, batch_iterator, loss_fn(model, batch)); got {type(out).__name__}")
     model, batches, loss_fn = out
