@@ -472,28 +472,34 @@ def test_a_bad_margin_is_refused_before_training_and_log_spaced_measuring_works(
     assert list(result.advice["measurements"]) == [3] and len(result.losses) == 3  # steps 0, 1, 2 are log-spaced
 
 
-def test_a_factory_whose_batches_raise_is_one_line(tmp_path, monkeypatch, capsys):
-    """A batch iterator that raised (a broken data file) was a traceback, exit 1, and a failed run directory; a
-    raising loss_fn was already one line."""
+def _diagnose_module(tmp_path, monkeypatch, capsys, name: str, source: str, *args: str) -> tuple[int, str]:
+    """`specscope diagnose --model NAME:factory ARGS` on a module of `source` written to tmp_path: (exit code, stderr)."""
     from specscope.cli import main
 
-    (tmp_path / "badbatches.py").write_text(
-        "import torch, torch.nn as nn\n"
-        "def factory(seed=0):\n"
-        "    def batches():\n"
-        "        yield torch.randn(4, 8)\n"
-        "        raise ValueError('shard 2 is corrupt')\n"
-        "    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), batches(), lambda m, b: m(b).square().mean()\n")
+    (tmp_path / f"{name}.py").write_text(source)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "badbatches:factory", "--steps", "3",
+    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"{name}:factory", *args,
                                       "--out", str(tmp_path / "runs")])
     try:
         with pytest.raises(SystemExit) as exit_:
             main()
     finally:
-        sys.modules.pop("badbatches", None)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and "Traceback" not in err
+        sys.modules.pop(name, None)
+    return exit_.value.code, capsys.readouterr().err.strip()
+
+
+def test_a_factory_whose_batches_raise_is_one_line(tmp_path, monkeypatch, capsys):
+    """A batch iterator that raised (a broken data file) was a traceback, exit 1, and a failed run directory; a
+    raising loss_fn was already one line."""
+    code, err = _diagnose_module(tmp_path, monkeypatch, capsys, "badbatches",
+                                 "import torch, torch.nn as nn\n"
+                                 "def factory(seed=0):\n"
+                                 "    def batches():\n"
+                                 "        yield torch.randn(4, 8)\n"
+                                 "        raise ValueError('shard 2 is corrupt')\n"
+                                 "    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), batches(), "
+                                 "lambda m, b: m(b).square().mean()\n", "--steps", "3")
+    assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith("error: ") and "batch iterator raised ValueError: shard 2 is corrupt" in err
 
 
@@ -516,15 +522,6 @@ def test_resuming_a_diagnose_run_says_what_it_is(tmp_path, monkeypatch, capsys):
 
 
 def test_a_factory_that_calls_sys_exit_is_one_line_not_a_silent_success(tmp_path, monkeypatch, capsys):
-    from specscope.cli import main
-
-    (tmp_path / "exiting.py").write_text("import sys\ndef factory():\n    sys.exit(0)\n")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", "exiting:factory", "--out", str(tmp_path / "runs")])
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            main()
-    finally:
-        sys.modules.pop("exiting", None)
-    err = capsys.readouterr().err.strip()
-    assert exit_.value.code == 2 and err == "error: --model 'exiting:factory': the factory called sys.exit(0); a factory returns (model, batches, loss_fn)"
+    code, err = _diagnose_module(tmp_path, monkeypatch, capsys, "exiting", "import sys\ndef factory():\n    sys.exit(0)\n")
+    assert code == 2 and err == ("error: --model 'exiting:factory': the factory called sys.exit(0); a factory returns "
+                                 "(model, batches, loss_fn)")
