@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 import math
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from specscope.labs.base import Arm, Measure, resolve_device
 from specscope.labs.config import make_config
 from specscope.records import Claim, Record
 from specscope.store import integrity, sqlite
-from specscope.train import Interrupt, Progress, Trainer, arm_seed
+from specscope.train import Interrupt, Progress, Trainer, arm_seed, sigint_ignored
 
 PROGRESS_FILE = store.run.PROGRESS
 _PROGRESS_FIX = "restore it, or start a new run"
@@ -169,7 +168,7 @@ def run_lab(
         run.set_status("complete")
     except KeyboardInterrupt:
         if started:
-            with _deaf_to_ctrl_c():  # an impatient second Ctrl-C must not cut the status write short
+            with sigint_ignored():  # an impatient second Ctrl-C must not cut the status write short
                 run.flush()
                 run.set_status("interrupted")
         raise KeyboardInterrupt(f"run interrupted; resume with: specscope run --resume {run_dir}") from None
@@ -181,20 +180,6 @@ def run_lab(
     finally:
         run.close()
     return run_dir
-
-
-@contextlib.contextmanager
-def _deaf_to_ctrl_c():
-    """SIGINT ignored inside the block (in the main thread; elsewhere signals are not ours to set)."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ Under `torchrun` the process group is already there: call `shard`, `save` and `l
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import pickle
@@ -31,6 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from specscope.errors import ConfigError, RunStoreError, SpecscopeError
+from specscope.train.loop import sigint_ignored
 from specscope.train.processes import die_with_parent, exit_reason
 
 
@@ -93,21 +93,6 @@ def _cause(world: int, procs: list, errors: dict[int, tuple[str, str]], done: se
     return WorkerError(f"rank {r} of {world} failed: {summary}", r, tb)
 
 
-@contextlib.contextmanager
-def _sigint_ignored():
-    """SIGINT ignored while workers start: they inherit the disposition, so a Ctrl-C during their imports (before
-    `_entry` restores it) reaches only this process (the lab runner checkpoints and stops)."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals are not ours to change
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) in `world` CPU processes joined by a gloo process group; per rank its result.
 
@@ -129,7 +114,9 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, os.getpid(), fn, args, queue)) for r in range(world)]
-    with _sigint_ignored():  # a Ctrl-C while a worker imports is the parent's to handle, not a traceback and a dead rank
+    # SIGINT ignored while workers start: they inherit the disposition, so a Ctrl-C during their imports (before
+    # `_entry` restores it) reaches only this process, whose lab runner checkpoints and stops
+    with sigint_ignored():  # a Ctrl-C while a worker imports is the parent's to handle, not a traceback and a dead rank
         for p in procs:
             p.start()
     out: dict[int, bytes] = {}

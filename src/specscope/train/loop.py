@@ -41,6 +41,21 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block, in the main thread (elsewhere signals are not ours to change): for work a
+    Ctrl-C must not cut short, and for child processes started inside, which inherit the disposition."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class Interrupt:
     """Turns SIGINT into a flag the loop checks between steps, so a checkpoint is saved before stopping."""
 
