@@ -277,9 +277,10 @@ def test_a_lost_summary_is_damage_not_a_run_without_claims(finished, copy_of, cl
     assert rc in (0, None) and json.loads(out) and (store.list_runs(root).problem == "").all()
 
 
-def test_a_damaged_progress_file_is_flagged_by_runs(killed, copy_of, cli):
+@pytest.mark.parametrize("damage", ["flipped", "deleted"])
+def test_a_damaged_progress_file_is_flagged_by_runs(killed, copy_of, cli, damage):
     run = copy_of(killed)
-    flip_bit(run / "progress.json")
+    flip_bit(run / "progress.json") if damage == "flipped" else (run / "progress.json").unlink()
     rc, out, _ = cli("runs", "--root", run.parent.parent)
     assert rc in (0, None) and "incomplete (damaged)" in out and "progress.json" in out
     assert "cannot continue" in store.list_runs(run.parent.parent).problem[0]
@@ -383,13 +384,15 @@ def test_another_runs_config_json_is_refused(finished, killed, copy_of, cli, tmp
     assert fingerprint(run) == before
 
 
-@pytest.mark.parametrize("damage", ["truncated", "another run's"])
+@pytest.mark.parametrize("damage", ["truncated", "another run's", "deleted"])
 @pytest.mark.parametrize("command", ["export", "report", "compare"])
 def test_a_damaged_or_foreign_progress_json_is_an_error_for_every_reader(killed, copy_of, cli, tmp_path, command, damage):
-    """A damaged progress.json turned the readers' record-count check off without a word (exit 0): a database
-    that had lost records then exported as complete. Another run's progress.json is named as such."""
+    """A damaged or deleted progress.json turned the readers' record-count check off without a word (exit 0): a
+    database that had lost records then exported as complete. Another run's progress.json is named as such."""
     run = copy_of(killed)
-    if damage == "truncated":
+    if damage == "deleted":  # config.json records that the run keeps one
+        (run / "progress.json").unlink()
+    elif damage == "truncated":
         truncate(run / "progress.json")
     else:
         progress = json.loads((run / "progress.json").read_text())
@@ -401,7 +404,8 @@ def test_a_damaged_or_foreign_progress_json_is_an_error_for_every_reader(killed,
     argv = {"export": ["export", run, "--out", tmp_path / "x.csv"], "report": ["report", run],
             "compare": ["compare", run, run, "--out", tmp_path / "cmp"]}[command]
     rc, _, err = cli(*argv)
-    one_line_error(rc, err, run / "progress.json", "--salvage", *(["'someone-else'"] if damage != "truncated" else []))
+    said = {"truncated": [], "another run's": ["'someone-else'"], "deleted": ["is missing"]}[damage]
+    one_line_error(rc, err, run / "progress.json", "--salvage", *said)
     assert fingerprint(run) == before
     with pytest.warns(RuntimeWarning, match="record counts not checked"):
         assert len(store.load(run, salvage=True))

@@ -147,7 +147,7 @@ def run_lab(
     with _sizes_named(lab, cfg, overrides if resume is None else None):
         items = build_items(lab, cfg, device)  # a bad setting fails here, before a run directory is made
     inputs = dict(lab.inputs(cfg)) if hasattr(lab, "inputs") else {}
-    run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id) if resume is None else run
+    run = store.Run.create(out, lab.NAME, cfg.model_dump(mode="json"), run_id=run_id, progress=True) if resume is None else run
     run_dir, started = Path(run.path), resume is None  # started: the run's status is ours to set
     try:  # Ctrl-C from here on, even before the first part, prints the resume command
         if resume is None:

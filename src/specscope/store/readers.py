@@ -102,10 +102,15 @@ def _check_counts(run: Run, count) -> None:
     """A lab run's progress.json says how many records each finished arm wrote (a measurement's under the arm names
     "arms" lists) and each checkpoint covers; a
     database holding fewer lost them (a damaged or truncated -wal file reads as a valid, shorter database).
-    A damaged progress.json, or another run's, is a RunStoreError naming it (the counts cannot be checked);
-    a missing one is not checked (a run not made by a lab has none)."""
+    A damaged progress.json, or another run's, is a RunStoreError naming it (the counts cannot be checked), and so
+    is a missing one where config.json records that the run keeps one and the database holds records (a run not made
+    by a lab has none: not checked)."""
     path = Path(run.path) / PROGRESS
     if not path.exists():
+        if run.meta.get("progress") is True and count(None, None):
+            raise RunStoreError(f"{path} is missing: config.json records that this run keeps one, and the database "
+                                "holds records whose counts it would check (deleted?); restore it from a copy; "
+                                "--salvage reads the records without checking their counts.")
         return
     progress = integrity.read_json(path, checksum=True, fix="--salvage reads the records without checking their counts")
     if progress.get("run_id", run.id) != run.id:
@@ -176,7 +181,7 @@ def _describe(path: Path) -> dict:
         salvageable = (run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read
                        and "another run's" not in str(e))
         row["problem"] = f"{e} (`--salvage` reads what is left)" if salvageable else str(e)
-    row["problem"] = row["problem"] or _damaged_json(path, run.meta)
+    row["problem"] = row["problem"] or _damaged_json(path, run.meta, row["records"] or 0)
     return row
 
 
@@ -184,11 +189,12 @@ _FIXES = {SUMMARY: "`specscope report {path}` rewrites it from the recorded metr
           PROGRESS: "`specscope run --resume` cannot continue this run; start a new one"}
 
 
-def _damaged_json(path: Path, meta: dict) -> str:
+def _damaged_json(path: Path, meta: dict, records: int = 0) -> str:
     """The first checksummed JSON file of the run that fails its check, or the summary.json a complete run
     recorded having and no longer has, as a RunStoreError's message; "" if none."""
     for name, fix in _FIXES.items():
-        if (path / name).exists() or (name == SUMMARY and meta.get("summary") and meta.get("status") == "complete"):
+        recorded = meta.get("summary") and meta.get("status") == "complete" if name == SUMMARY else meta.get("progress") is True
+        if (path / name).exists() or (recorded and (name == SUMMARY or records)):
             try:
                 integrity.read_json(path / name, checksum=True, fix=fix.format(path=path))
             except RunStoreError as e:

@@ -104,8 +104,11 @@ class Run:
 
     @classmethod
     def create(cls, root: str | os.PathLike, lab: str, config: Mapping[str, Any], *, run_id: str | None = None,
-               flush_every: int = 1000, flush_seconds: float = 5.0) -> "Run":
-        """Make `root/<lab>/<run_id>/` (never reusing a directory that exists) and open it for writing."""
+               flush_every: int = 1000, flush_seconds: float = 5.0, progress: bool = False) -> "Run":
+        """Make `root/<lab>/<run_id>/` (never reusing a directory that exists) and open it for writing.
+
+        progress=True records in config.json that the run keeps a progress.json from before its first record (a lab
+        run: labs.runner): readers then take a missing one, beside recorded records, for a deleted file."""
         run_id = new_run_id() if run_id is None else run_id
         for what, name in (("lab", lab), ("run_id", run_id)):
             check_name(what, name)
@@ -117,7 +120,7 @@ class Run:
                               "runs are never overwritten: pick another run_id or leave it to the default.")
         if path.exists():
             raise taken
-        meta = _metadata(run_id, lab, config)
+        meta = _metadata(run_id, lab, config) | ({"progress": True} if progress else {})
         stage = _staged(path, meta)
         try:
             os.rename(stage, path)  # atomic: the run appears whole or not at all; a directory holding files is never replaced
