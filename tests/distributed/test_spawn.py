@@ -96,8 +96,39 @@ def test_ranks_dead_before_the_process_group_fail_fast():
 
 
 def test_a_timeout_names_the_ranks_still_running():
-    with pytest.raises(D.WorkerError, match=r"timed out after 20 s waiting for rank\(s\) \[0\] of 2"):
+    with pytest.raises(D.WorkerError, match=r"^spawn timed out: rank\(s\) \[0\] of 2 sent neither a result nor a "
+                                            r"heartbeat\(\) for 20 s; raise timeout= if a step of the work is that long$"):
         D.spawn(_one_sleeps, 2, timeout=20)
+
+
+def _beats_for(rank, world, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        D.heartbeat()
+        time.sleep(0.05)
+    dist.barrier()
+    return rank
+
+
+def test_heartbeats_let_work_run_past_the_timeout():
+    """The timeout bounded the whole run: a shardwise lab run with more steps than fit in 600 s was killed midway,
+    with a fix (timeout=) a lab user cannot reach. It now bounds a rank's silence."""
+    t0 = time.monotonic()
+    assert D.spawn(_beats_for, 2, 8.0, timeout=4) == [0, 1]
+    assert time.monotonic() - t0 > 8
+
+
+def _one_stops(rank, world):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    dist.barrier()
+
+
+def test_a_stopped_rank_is_named_as_stopped():
+    """A rank stopped by SIGSTOP hung the run until the timeout, which then said only that ranks were still running."""
+    with pytest.raises(D.WorkerError, match=r"rank\(s\) \[0, 1\] of 2 sent neither .* for 5 s; rank\(s\) \[1\] stopped "
+                                            r"\(SIGSTOP or Ctrl-Z: `kill -CONT` resumes a stopped process\)$"):
+        D.spawn(_one_stops, 2, timeout=5)
 
 
 def _one_sleeps(rank, world):

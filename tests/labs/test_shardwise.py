@@ -82,6 +82,22 @@ def test_tiny_run_on_two_processes(tmp_path):
     assert set(df[df.metric == "val_loss"].arm) == {"global-2", "shardwise-2"}
 
 
+@pytest.mark.slow
+def test_a_run_longer_than_the_silence_limit_finishes(monkeypatch):
+    """spawn's timeout bounded the whole part: a run with more steps than fit in 600 s was killed midway, with a fix
+    (spawn's timeout=) a lab user cannot reach. Each step now sends a heartbeat and the limit bounds a silence."""
+    import time
+
+    monkeypatch.setattr(lab, "SILENCE_LIMIT", 8.0)
+    cfg = lab.Config(ranks=[2], steps=400, d_model=16, n_layer=1, n_head=2, seq_len=8, batch_size=4, eval_every=400,
+                     cosine_every=400, eval_batches=1, max_bytes=50_000)
+    (item,) = lab.build(cfg, device=None)
+    recs, t0 = [], time.monotonic()
+    item.fn(recs.extend, None)
+    assert time.monotonic() - t0 > 2 * lab.SILENCE_LIMIT
+    assert {r.arm for r in recs if r.metric == "val_loss"} == {"global-2", "shardwise-2"}
+
+
 def test_a_relative_corpus_is_stored_absolute_and_fingerprinted_for_resume(tmp_path, monkeypatch):
     """As in the gpt lab: the recorded config names the file the run read wherever it is resumed from, and
     `--resume` refuses a corpus that changed since."""

@@ -28,6 +28,7 @@ from specscope.optim import Hybrid, _common, _distributed
 from specscope.records import Claim, Record
 
 NAME = "shardwise"
+SILENCE_LIMIT = 600.0  # seconds a rank may go without a step (spawn's timeout: per silent stretch, not the whole run)
 GPT_FIELDS = ("n_layer", "n_head", "d_model", "seq_len", "batch_size", "steps", "lr_muon", "lr_adamw", "betas",
               "warmup", "decay", "min_lr_ratio", "grad_clip", "muon_polar", "eval_batches", "max_bytes", "corpus")
 
@@ -102,7 +103,7 @@ def update_cosines(opt: Hybrid, step: int) -> list[Record]:
 
 def _train(rank: int, world: int, cfg_json: dict[str, Any]) -> list[dict]:
     """Both runs on this rank; every rank returns the same records."""
-    from specscope.train.distributed import shard
+    from specscope.train.distributed import heartbeat, shard
 
     cfg = Config(**cfg_json)
     g = gpt_config(cfg)
@@ -121,6 +122,7 @@ def _train(rank: int, world: int, cfg_json: dict[str, Any]) -> list[dict]:
         opt = Hybrid(groups, algorithm="adamw")
         schedule = gpt.Schedule(opt, g)
         for step in range(cfg.steps + 1):
+            heartbeat()  # for SILENCE_LIMIT
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 with torch.no_grad():
                     out.append(Record(step, "", "val_loss", evaluate(model)["val_loss"], arm=arm))
@@ -145,7 +147,7 @@ def build(cfg: Config, device: torch.device) -> list[Measure]:
 
     def pair(world: int):
         def fn(log, device) -> None:
-            log([Record(**r) for r in spawn(_train, world, cfg.model_dump(mode="json"))[0]])
+            log([Record(**r) for r in spawn(_train, world, cfg.model_dump(mode="json"), timeout=SILENCE_LIMIT)[0]])
 
         return fn
 

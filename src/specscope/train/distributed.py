@@ -1,6 +1,7 @@
 """More than one process: gloo workers on one machine, FSDP2 wrapping, and distributed checkpoints.
 
     results = spawn(fn, world=2, *args)      # fn(rank, world, *args) in 2 processes; their return values
+    heartbeat()                              # in fn, once a step: spawn's timeout counts from the rank's last one
     shard(model, blocks)                     # fully_shard each block, then the root (FSDP2, DTensor params)
     save(path, model, opt, monitor)          # torch.distributed.checkpoint: every rank writes its shards
     load(path, model, opt, monitor)          # at any world size (2 -> 4, 2 -> 1): DCP reshards on load
@@ -59,8 +60,34 @@ class _RemoteTraceback(Exception):
         return "\n\n" + self.args[0]
 
 
+_ALIVE = "alive"  # a rank's heartbeat on spawn's queue (a result is bytes)
+_BEAT_SECONDS = 1.0  # a rank sends at most one heartbeat a second
+_heartbeat: Callable[[], None] | None = None  # set in a rank that spawn() started
+
+
+def heartbeat() -> None:
+    """In a rank started by `spawn`: the rank is making progress, so spawn's `timeout` for it counts from now (at
+    most one message a second reaches spawn). A no-op in any other process (torchrun, a single process)."""
+    if _heartbeat is not None:
+        _heartbeat()
+
+
+def _beats(rank: int, queue) -> Callable[[], None]:
+    last = time.monotonic()
+
+    def beat() -> None:
+        nonlocal last
+        if (now := time.monotonic()) - last >= _BEAT_SECONDS:
+            last = now
+            queue.put((rank, _ALIVE, None))
+
+    return beat
+
+
 def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tuple, queue) -> None:
+    global _heartbeat
     die_with_parent(parent)  # a killed spawn() takes its workers with it
+    _heartbeat = _beats(rank, queue)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring it (see spawn): Ctrl-C from here on
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -93,12 +120,31 @@ def _cause(world: int, procs: list, errors: dict[int, tuple[str, str]], done: se
     return WorkerError(f"rank {r} of {world} failed: {summary}", r, tb)
 
 
+def _stopped(pid: int | None) -> bool:
+    """Whether a process is stopped (SIGSTOP, Ctrl-Z): state T in /proc (Linux; elsewhere never said)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _timed_out(procs: list, stalled: list[int], timeout: float) -> WorkerError:
+    stopped = [r for r in stalled if _stopped(procs[r].pid)]
+    why = (f"; rank(s) {stopped} stopped (SIGSTOP or Ctrl-Z: `kill -CONT` resumes a stopped process)" if stopped
+           else "; raise timeout= if a step of the work is that long")
+    return WorkerError(f"spawn timed out: rank(s) {stalled} of {len(procs)} sent neither a result nor a heartbeat() "
+                       f"for {timeout:g} s{why}", stalled[0])
+
+
 def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) -> list[Any]:
     """fn(rank, world, *args) in `world` CPU processes joined by a gloo process group; per rank its result.
 
     fn must be importable (a module-level function) and return something torch.save can write. A rank that
     raises or dies makes this raise WorkerError at once (one line; `.worker_traceback` has the worker's
-    traceback) and stops the other ranks; so does a run past `timeout` seconds. Workers die with this process.
+    traceback) and stops the other ranks; so does a rank silent for `timeout` seconds: no result and no
+    `heartbeat()` (which fn calls as it makes progress; without it, `timeout` bounds the whole run). Workers die
+    with this process.
     """
     if world < 1:
         raise ConfigError(f"world must be >= 1, got {world}")
@@ -121,14 +167,16 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
             p.start()
     out: dict[int, bytes] = {}
     errors: dict[int, tuple[str, str]] = {}
-    deadline = time.monotonic() + timeout
+    alive = [time.monotonic()] * world  # each rank's last sign of progress: its start, then its heartbeats
     failing_since: float | None = None
     ok = False
     try:
         while len(out) < world:
             try:
                 rank, data, err = queue.get(timeout=0.2)
-                if err is None:
+                if data == _ALIVE:
+                    alive[rank] = time.monotonic()
+                elif err is None:
                     out[rank] = data
                 else:
                     errors[rank] = err
@@ -145,10 +193,8 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
             if failing_since is not None and now - failing_since > _GRACE:
                 err = _cause(world, procs, errors, set(out))
                 raise err from (_RemoteTraceback(err.worker_traceback) if err.worker_traceback else None)
-            if now > deadline:
-                waiting = [r for r in range(world) if r not in out]
-                raise WorkerError(f"spawn timed out after {timeout:g} s waiting for rank(s) {waiting} of {world}; "
-                                  "raise timeout= if the work is that long", waiting[0])
+            if stalled := [r for r in range(world) if r not in out and now - alive[r] > timeout]:
+                raise _timed_out(procs, stalled, timeout)
         ok = True
     finally:
         for p in procs:
