@@ -82,13 +82,15 @@ def test_run_out_that_is_not_a_directory(cli, tmp_path, out):
     one_line_error(rc, err, target)
 
 
-@pytest.mark.parametrize("where", ["missing dir", "a dir", "under a file"])
+@pytest.mark.parametrize("where", ["missing dir", "a dir", "under a file", "name too long"])
 def test_export_out_that_cannot_be_written(finished, cli, tmp_path, where):
+    """A name over 255 bytes was reported as "<out>/config.json: File name too long", a file nobody named."""
     (tmp_path / "file").write_text("x")
     out = {"missing dir": tmp_path / "nope" / "x.csv", "a dir": tmp_path,
-           "under a file": tmp_path / "file" / "x.csv"}[where]
+           "under a file": tmp_path / "file" / "x.csv", "name too long": tmp_path / ("é" * 130 + ".csv")}[where]
     rc, _, err = cli("export", finished, "--out", out)
-    one_line_error(rc, err, out)
+    one_line_error(rc, err, out, *(["264 bytes", "shorter --out"] if where == "name too long" else []))
+    assert "config.json" not in err
     assert (tmp_path / "file").read_text() == "x"
 
 

@@ -250,6 +250,9 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     if fmt == "parquet":
         require("pyarrow", "parquet", "export to parquet")
     out = Path(out)
+    if long := [part for part in out.parts if len(os.fsencode(part)) > 255]:  # NAME_MAX of Linux's file systems
+        raise ConfigError(f"cannot write {out}: the name {long[0][:40]}… is {len(os.fsencode(long[0]))} bytes, longer "
+                          "than a file name may be (255); pass a shorter --out FILE.")
     holder = run_holding(out)
     if holder is not None:  # an export never replaces what a run recorded (its database, config, checkpoints …)
         raise RunStoreError(f"cannot write {out}: it is inside the run directory {holder}, whose files an export "
