@@ -147,10 +147,11 @@ def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path, 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("damage", ["truncate", "random"])
+@pytest.mark.parametrize("damage", ["truncate", "random", "delete"])
 def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, damage):
-    """`runs` said "complete (damaged)" and export refused, while `claims` repeated the run's PASS unmarked."""
-    with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt") as run:
+    """`runs` said "complete (damaged)" and export refused, while `claims` repeated the run's PASS unmarked; a lab
+    run's deleted database was not even warned about."""
+    with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:
         run.append([Record(s, f"layer{i}", "stable_rank", s / 7) for s in range(400) for i in range(8)])
         run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
                                        "verdict": "PASS"}]})
@@ -159,6 +160,8 @@ def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, da
     db = run.path / "metrics.sqlite"
     if damage == "truncate":
         os.truncate(db, 20000)
+    elif damage == "delete":
+        db.unlink()
     else:
         db.write_bytes(db.read_bytes()[:4096] + os.urandom(db.stat().st_size - 4096))
     res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])

@@ -89,16 +89,18 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
 
 
 def _damage(path: Path) -> str:
-    """"" unless the run's metrics database is there and cannot be read (a truncated, emptied or overwritten file;
-    the cheap check `specscope runs` makes, not a full integrity scan), else what is wrong (said on stderr): the
-    claims in its summary.json were computed from records that may no longer be there. (A database of another run
-    is an error of `Run.open`.)"""
+    """"" unless the run's metrics database cannot be read (a truncated, emptied or overwritten file; the cheap check
+    `specscope runs` makes, not a full integrity scan) or, in a lab run (config.json's "progress"), is missing; else
+    what is wrong (said on stderr): the claims in its summary.json were computed from records that may no longer be
+    there. (A database of another run is an error of `Run.open`.)"""
     from specscope.store import Run, sqlite
 
     run = Run.open(path)
-    if not run.metrics_path.is_file():
-        return ""
     try:
+        if not run.metrics_path.is_file():
+            if run.meta.get("progress") is True:  # made by the lab runner, which always makes one
+                raise RunStoreError(f"{run.metrics_path} is missing")
+            return ""
         with run.reader(check=False) as (con, _):
             sqlite.read_progress(con)
     except RunStoreError as e:
