@@ -674,3 +674,53 @@ def test_an_optimizer_step_inside_a_measured_step_trains_as_without_the_probe():
                 opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_a_convolution_through_a_full_view_of_its_kernel_is_paired_as_the_kernel_itself():
+    """transformers' Mamba runs its depthwise conv as F.conv1d(x, conv1d.weight.squeeze(1).unsqueeze(1), …): a view
+    of the whole kernel, which the probe refused ("used by convolution, squeeze, which the probe does not pair")."""
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 8, 4, groups=8, padding=3)
+    x = torch.randn(2, 8, 16)
+    kernels = {"itself": lambda w: w, "squeeze-unsqueeze": lambda w: w.squeeze(1).unsqueeze(1), "view": lambda w: w.view(8, 1, 4),
+               "part of it": lambda w: w[:, :, :2]}
+    got = {}
+    for name, kernel in kernels.items():
+        mon = Monitor(conv)
+        with warnings.catch_warnings(record=True), mon.step(0):
+            F.conv1d(x, kernel(conv.weight), conv.bias, padding=3, groups=8).square().sum().backward()
+        conv.zero_grad()
+        got[name] = ({r.metric: r.value for r in mon.pop_records()}, dict(mon.unmeasured))
+    assert got["squeeze-unsqueeze"] == got["view"] == got["itself"] and not got["itself"][1]
+    assert "stable_rank" in got["itself"][0]
+    assert "convolution" in got["part of it"][1]["weight"]  # two of its four taps: no input matrix of the weight
+
+
+def test_mamba_is_measured_and_its_a_log_is_a_table_not_a_matrix():
+    """transformers' Mamba: the conv kernel (passed as a view) is paired, and A_log — used only as exp(A_log), never
+    multiplied — takes the embedding role, so `spectral_param_groups(roles=monitor)` leaves it to AdamW; it was
+    'hidden' and Muon orthogonalized it as if it were an operator."""
+    T = pytest.importorskip("transformers")
+    from specscope.optim import spectral_param_groups
+
+    torch.manual_seed(0)
+    model = T.MambaForCausalLM(T.MambaConfig(vocab_size=128, hidden_size=32, state_size=8, num_hidden_layers=1))
+    ids = torch.randint(0, 128, (2, 16))
+    mon = Monitor(model)
+    with pytest.warns(UserWarning, match=r"A_log' is unmeasured: used through exp, never multiplied"), mon.step(0):
+        model(input_ids=ids, labels=ids).loss.backward()
+    records = mon.pop_records()
+    assert set(mon.unmeasured) == {"backbone.layers.0.mixer.A_log"}
+    assert "backbone.layers.0.mixer.conv1d" in by(records, "stable_rank")
+    assert mon.roles["backbone.layers.0.mixer.A_log"] == "embedding" and mon.roles["backbone.layers.0.mixer.conv1d"] == "hidden"
+    groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert "backbone.layers.0.mixer.A_log" in groups["adamw"] and "backbone.layers.0.mixer.in_proj.weight" in groups["muon"]
+
+
+def test_a_weight_scaled_on_its_way_to_a_product_stays_hidden():
+    """Only nonlinear functions of a weight make it a table: F.linear(x, W * scale) still multiplies by W's operator."""
+    lin, head = nn.Linear(16, 16), nn.Linear(16, 4)
+    mon = Monitor(nn.ModuleDict({"lin": lin, "head": head}))
+    with warnings.catch_warnings(record=True), mon.step(0):
+        head(F.linear(torch.randn(8, 16), lin.weight * 0.5)).square().sum().backward()
+    assert mon.roles["lin"] == "hidden" and "mul" in mon.unmeasured["lin"]

@@ -463,8 +463,8 @@ class Monitor:
             for pid, s in self.slots.items():
                 if s.role != "embedding":
                     s.role = "head" if pid in self._heads or pid in self._task_heads else "hidden"
-        for s in self.slots.values():  # added to activations, never multiplied: a positional table
-            if s.kind == "" and s.other_ops and s.other_ops <= R.ADDITIVE:
+        for s in self.slots.values():  # added to activations or used through exp(W), never multiplied: a table
+            if s.kind == "" and R.used_as_table(s.other_ops):
                 s.role = "embedding"
         active = []  # (slot, output range or None for the weight's own input, statistics)
         for s in self.slots.values():
@@ -512,6 +512,10 @@ class Monitor:
     def _unmeasured_reason(self, s: Slot, has_grad: bool) -> str:
         if s.problem:
             return s.problem
+        if R.used_as_table(s.other_ops) and s.other_ops & R.NONLINEAR:
+            return (f"used through {', '.join(sorted(s.other_ops))}, never multiplied as it stands (Mamba's A_log, used as "
+                    "exp(A_log)): its entries are values of a function, not an operator on an input; routed as an embedding, "
+                    "it has no input matrix")
         if s.other_ops and s.other_ops <= R.ADDITIVE:
             return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed or added to activations, never multiplied "
                     "(learned positions, a class token, a bare-parameter lookup): routed as an embedding, it has no input matrix")

@@ -12,7 +12,8 @@
 A table that is added to activations rather than multiplied (a learned positional table, a class token
 stored as an nn.Parameter) is no operator on an input: it takes the embedding role — from its use on a
 measured step (only additive ops touched it), or, from structure alone, when it has ≥ 3 dims and is no
-convolution's kernel.
+convolution's kernel. So does a weight whose entries go through a nonlinear function before any other use (Mamba's
+`A_log`, used as exp(A_log)): what acts on the activations is the function's value, not the weight.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from torch import Tensor, nn
 ROLES = ("embedding", "head", "hidden")
 # ops that use a tensor as an additive table (positions, class tokens), not as an operator
 ADDITIVE = frozenset({"add", "add_", "sub", "cat", "index_select", "index", "repeat", "expand_as", "where"})
+# elementwise nonlinear functions: a weight used only through them holds values, not an operator (scaling ops such as
+# mul and div are left out: W * scale on its way to a product is still the operator W)
+NONLINEAR = frozenset({"exp", "exp2", "expm1", "log", "log1p", "log2", "sigmoid", "tanh", "softplus", "sqrt", "rsqrt",
+                       "reciprocal", "sin", "cos", "_softmax", "_log_softmax", "silu", "gelu", "relu", "elu", "abs"})
+
+
+def used_as_table(ops: set[str]) -> bool:
+    """Whether the ops that touched a weight on a measured step (none of them a product the probe pairs) make it a
+    table: only additive ops, or nonlinear functions of its entries."""
+    return bool(ops) and ops <= ADDITIVE | NONLINEAR
 # autograd nodes of a product with a weight: walking back from the loss stops at the first one
 _PRODUCTS = ("MmBackward", "AddmmBackward", "ConvolutionBackward", "EmbeddingBackward", "BmmBackward", "LinearBackward")
 # nodes between a weight and the product that uses it (W.T, views, casts)

@@ -38,7 +38,8 @@ PARAM_WATCH = True  # later measured steps are watched by ParamWatch where it ap
 BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 # aten ops that only view or copy a weight on its way to a product: not a use of their own
 VIEWS = (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_copy, aten.slice, aten.split, aten.chunk,
-         aten.split_with_sizes, aten.unsqueeze, aten.expand)
+         aten.split_with_sizes, aten.unsqueeze, aten.squeeze, aten.permute, aten._unsafe_view, aten.select, aten.unbind,
+         aten.expand)
 
 
 def sharded(model: nn.Module) -> bool:
@@ -126,9 +127,17 @@ class Watch:
 
     def _whole(self, w: torch.Tensor) -> Slot | None:
         """The slot of `w` when it is a tracked weight itself or its stand-in for the forward (autocast's cast
-        copy, FSDP2's unsharded parameter): a convolution or a lookup uses the whole weight, never a view."""
+        copy, FSDP2's unsharded parameter), or a view of all of it row for row — the same memory, both contiguous,
+        the same first dim, so the same matrix [out, rest] (Mamba's `conv1d.weight.squeeze(1).unsqueeze(1)`):
+        a convolution or a lookup uses the whole weight, never part of it."""
         hit = resolve(w, self.slots, self.casts)
-        return hit[0] if hit is not None and hit[1] is w else None
+        if hit is None:
+            return None
+        s, base = hit
+        if base is w or (w.data_ptr() == base.data_ptr() and w.numel() == base.numel() and w.shape[:1] == base.shape[:1]
+                         and w.is_contiguous() and base.is_contiguous()):
+            return s
+        return None
 
     def pair_product(self, op, x: torch.Tensor, M: torch.Tensor) -> bool:
         """y = x @ M (2-D M): pair it when exactly one operand is a tracked weight; False when neither or both is."""
