@@ -724,3 +724,22 @@ def test_a_weight_scaled_on_its_way_to_a_product_stays_hidden():
     with warnings.catch_warnings(record=True), mon.step(0):
         head(F.linear(torch.randn(8, 16), lin.weight * 0.5)).square().sum().backward()
     assert mon.roles["lin"] == "hidden" and "mul" in mon.unmeasured["lin"]
+
+
+def test_clip_projections_are_the_heads_of_its_contrastive_loss():
+    """CLIP's loss comes from text_embeds @ image_embeds.T, a product of two activations: the walk back from the loss
+    stopped there, found no weight, and left both projections 'hidden' (routed to Muon)."""
+    T = pytest.importorskip("transformers")
+    from specscope.optim import spectral_param_groups
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    model = T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    mon = Monitor(model)
+    with warnings.catch_warnings(record=True), mon.step(0):
+        model(input_ids=torch.randint(0, 64, (3, 8)), pixel_values=torch.randn(3, 3, 16, 16), return_loss=True).loss.backward()
+    assert mon.roles["visual_projection"] == mon.roles["text_projection"] == "head"
+    assert mon.roles["text_model.encoder.layers.0.mlp.fc1"] == "hidden"
+    groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert {"visual_projection.weight", "text_projection.weight"} <= set(groups["adamw"])

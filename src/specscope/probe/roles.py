@@ -1,8 +1,8 @@
 """The role of each weight, from how it is used — never from its name.
 
 - embedding: looked up by index (`nn.Embedding`, `F.embedding`), or the same tensor as such a weight (tied);
-- head: produces the model's outputs — the first matrix product met walking the autograd graph back from
-  the loss (logits, class scores), or, without a backward pass to look at, the model's declared output
+- head: produces the model's outputs — the first matrix product with a weight met walking the autograd graph back
+  from the loss (logits, class scores; CLIP's projections, past the product of their two outputs), or, without a backward pass to look at, the model's declared output
   embedding (transformers' `get_output_embeddings()`), a transformers task model's matrices outside its
   backbone (`base_model`: a classifier, `score`, `qa_outputs`, an LM head's transform), or else the last
   Linear with as many outputs as an embedding has tokens (heads are registered last; a hidden d×d matrix
@@ -96,7 +96,8 @@ def _call(model: nn.Module, name: str):
 
 
 def output_weights(root: Tensor, max_nodes: int = 100_000) -> set[int]:
-    """ids of the weights of the products nearest to `root` (the loss) in its autograd graph."""
+    """ids of the weights of the products nearest to `root` (the loss) in its autograd graph: products of two
+    activations are passed through, to the weights that made them."""
     fn = root.grad_fn
     if fn is None:
         return set()
@@ -107,9 +108,9 @@ def output_weights(root: Tensor, max_nodes: int = 100_000) -> set[int]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__.startswith(_PRODUCTS):
-            found |= _leaf_weights(node)
-            continue
+        if type(node).__name__.startswith(_PRODUCTS) and (weights := _leaf_weights(node)):
+            found |= weights
+            continue  # a product of two activations (CLIP's text·image similarities) is walked through
         stack.extend(n for n, _ in node.next_functions)
     return found
 
