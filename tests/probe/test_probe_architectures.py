@@ -743,3 +743,99 @@ def test_clip_projections_are_the_heads_of_its_contrastive_loss():
     assert mon.roles["text_model.encoder.layers.0.mlp.fc1"] == "hidden"
     groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
     assert {"visual_projection.weight", "text_projection.weight"} <= set(groups["adamw"])
+
+
+def test_weights_concatenated_into_one_operand_are_no_tables():
+    """F.linear(h, cat([q.weight, k.weight])) (weights fused at run time; MobileBERT's head cat([E.T, dense.weight]))
+    made q and k 'embedding' tables ("used as a table (cat) … never multiplied"), and roles=monitor sent them to AdamW."""
+    from specscope.optim import spectral_param_groups
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.q, self.k, self.head = nn.Embedding(64, 16), nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(32, 64)
+
+        def forward(self, ids):
+            return self.head(torch.relu(F.linear(self.emb(ids), torch.cat([self.q.weight, self.k.weight], 0))))
+
+    model, ids = Fused(), torch.randint(0, 64, (4, 8))
+    mon = Monitor(model)
+    with pytest.warns(UserWarning, match="used by cat of weights, which the probe does not pair"), mon.step(0):
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    assert mon.roles["q"] == mon.roles["k"] == "hidden"
+    groups = {g["algorithm"]: [n for n, _ in g["params"]] for g in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert groups["muon"] == ["q.weight", "k.weight"]
+
+
+def test_a_head_fused_at_run_time_is_the_head():
+    """logits = h @ cat([E.T, dense.weight], 1) (MobileBERT's MLM head): both weights are the head's operand."""
+    emb, dense, body = nn.Embedding(50, 8), nn.Linear(4, 8, bias=False), nn.Linear(8, 8)  # dense.weight: [8, 4]
+    model = nn.ModuleDict({"emb": emb, "dense": dense, "body": body})
+    ids = torch.randint(0, 50, (3, 5))
+    mon = Monitor(model)
+    with warnings.catch_warnings(record=True), mon.step(0):
+        h = torch.relu(body(emb(ids)))
+        logits = (h @ torch.cat([emb.weight.T, dense.weight], 1))[..., :50]
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    assert mon.roles["dense"] == "head" and mon.roles["emb"] == "embedding" and mon.roles["body"] == "hidden"
+
+
+def test_a_head_computed_from_its_weight_is_not_walked_past():
+    """The walk from the loss passes a product of two activations (CLIP); a head whose operand is computed from its
+    weight (F.linear(h, W * c), a weight-normed head) is still a weight's product: the layer below is no head."""
+    body, head = nn.Linear(8, 8), nn.Linear(8, 5)
+    mon = Monitor(nn.ModuleDict({"body": body, "head": head}))
+    with warnings.catch_warnings(record=True), mon.step(0):
+        F.linear(torch.relu(body(torch.randn(6, 8))), head.weight * 2.0).logsumexp(-1).mean().backward()
+    assert mon.roles["body"] == "hidden"
+
+
+def test_a_tracked_table_fed_through_a_linear_layer_is_its_input():
+    """DeBERTa feeds its relative-position table (a parameter) through key_proj: F.linear(table, W) with both tracked
+    was left unpaired ("used by addmm, which the probe does not pair"), and a projection also used on the tokens
+    silently lost the table's rows from its st(A)."""
+    table, pos_proj, proj, out = nn.Parameter(torch.randn(16, 8)), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+    model = nn.ModuleDict({"pos_proj": pos_proj, "proj": proj, "out": out})
+    model.table = table
+    x = torch.randn(32, 8)
+    mon = Monitor(model)
+    for step in range(2):  # the first measured step (a function mode) and a later one (the weights watch themselves)
+        with pytest.warns(UserWarning) if step == 0 else warnings.catch_warnings(record=True), mon.step(step):
+            out(proj(x) + pos_proj(table).mean(0) + proj(table).mean(0)).square().mean().backward()
+        rows = {r.layer: r.rows for r in by(mon.pop_records(), "stable_rank").values()}
+        assert rows == {"pos_proj": 16, "proj": 48, "out": 32}
+        assert set(mon.unmeasured) == {"table"} and "input of a linear layer" in mon.unmeasured["table"]
+        assert mon.roles["table"] == "embedding"
+
+
+def test_a_product_of_two_tracked_weights_names_both_instead_of_measuring_part():
+    """x @ (U @ V): which of U, V is the operator is not said; both are unmeasured with that reason, and U, also used
+    on x alone, is not measured on part of its uses."""
+    U, V = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    model = nn.Module()
+    model.U, model.V = U, V
+    x = torch.randn(10, 8)
+    mon = Monitor(model)
+    with warnings.catch_warnings(record=True), mon.step(0):
+        ((x @ (U @ V)).sum() + (x @ U).sum()).backward()
+    assert set(mon.unmeasured) == {"U", "V"}
+    assert "multiplied with another tracked weight ('V', mm)" in mon.unmeasured["U"]
+
+
+def test_a_weight_normed_convolution_keeps_its_kernel_a_kernel():
+    """Wav2Vec2's positional conv is weight-normed: its direction v was taken for a ≥ 3-D table ('embedding'), and
+    spectral_param_groups warned it was an MoE-like stack to route to Muon by hand."""
+    from specscope.optim import spectral_param_groups
+
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3), dim=2), nn.Flatten(),
+                          nn.Linear(96, 2))
+    mon = Monitor(model)
+    with warnings.catch_warnings(record=True), mon.step(0):
+        model(torch.randn(4, 4, 16)).square().mean().backward()
+    v, g = "1.parametrizations.weight.original1", "1.parametrizations.weight.original0"
+    assert mon.roles[v] == "hidden" and mon.roles[g] == "embedding"  # the gain is no operator
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        groups = {g_["algorithm"]: [n for n, _ in g_["params"]] for g_ in spectral_param_groups(model, 0.02, 1e-3, roles=mon)}
+    assert not [w for w in said if "stacked" in str(w.message)]
+    assert v in groups["muon"] and g in groups["adamw"]

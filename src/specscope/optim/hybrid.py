@@ -500,7 +500,9 @@ def _warn_stacked(model: nn.Module, rest: list[tuple[str, Tensor]], algorithm: s
     """Say which ≥ 3-D parameters that are no convolution kernel and no [1, …] table were routed to AdamW: a
     spectral step takes a ≥ 3-D tensor for a conv kernel [out, in·…], one matrix, unless its group has
     stacked=True (Muon), and the st(A)-driven algorithms have no per-expert st(A)."""
-    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    from specscope.probe.roles import conv_kernels
+
+    kernels = conv_kernels(model, gains=True)
     stacked = [(n, p) for n, p in rest if p.ndim >= 3 and id(p) not in kernels and p.shape[0] > 1]
     if stacked:
         name, p = stacked[0]

@@ -517,8 +517,9 @@ class Monitor:
                     "exp(A_log)): its entries are values of a function, not an operator on an input; routed as an embedding, "
                     "it has no input matrix")
         if s.other_ops and s.other_ops <= R.ADDITIVE:
-            return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed or added to activations, never multiplied "
-                    "(learned positions, a class token, a bare-parameter lookup): routed as an embedding, it has no input matrix")
+            return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed, added to activations or fed to a layer as its "
+                    "input, never multiplied as an operator (learned positions, a class token, a relative-position table, a "
+                    "bare-parameter lookup): routed as an embedding, it has no input matrix")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if s.inputs:  # a product was seen, with no rows

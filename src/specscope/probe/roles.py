@@ -22,7 +22,10 @@ from torch import Tensor, nn
 
 ROLES = ("embedding", "head", "hidden")
 # ops that use a tensor as an additive table (positions, class tokens), not as an operator
-ADDITIVE = frozenset({"add", "add_", "sub", "cat", "index_select", "index", "repeat", "expand_as", "where"})
+# how a weight was used, in a Slot's other_ops, where an aten op's name would not say it
+LINEAR_INPUT = "input of a linear layer"  # a tracked table fed through F.linear (whose weight is paired with it)
+WEIGHTS_CAT = "cat of weights"  # concatenated with other weights into one operand (fused at run time): no table
+ADDITIVE = frozenset({"add", "add_", "sub", "cat", "index_select", "index", "repeat", "expand_as", "where", LINEAR_INPUT})
 # elementwise nonlinear functions: a weight used only through them holds values, not an operator (scaling ops such as
 # mul and div are left out: W * scale on its way to a product is still the operator W)
 NONLINEAR = frozenset({"exp", "exp2", "expm1", "log", "log1p", "log2", "sigmoid", "tanh", "softplus", "sqrt", "rsqrt",
@@ -37,7 +40,8 @@ def used_as_table(ops: set[str]) -> bool:
 _PRODUCTS = ("MmBackward", "AddmmBackward", "ConvolutionBackward", "EmbeddingBackward", "BmmBackward", "LinearBackward")
 # nodes between a weight and the product that uses it (W.T, views, casts)
 _WEIGHT_PATH = ("TBackward", "ViewBackward", "TransposeBackward", "PermuteBackward", "ToCopyBackward", "SliceBackward",
-                "SplitBackward", "UnsafeViewBackward", "ReshapeAlias", "AliasBackward", "ExpandBackward", "CloneBackward")
+                "SplitBackward", "UnsafeViewBackward", "ReshapeAlias", "AliasBackward", "ExpandBackward", "CloneBackward",
+                "CatBackward")  # weights fused at run time (MobileBERT's head: cat([E.T, dense.weight]))
 
 
 def static_roles(model: nn.Module) -> dict[int, str]:
@@ -61,11 +65,31 @@ def static_roles(model: nn.Module) -> dict[int, str]:
         roles[pid] = "head"
     for m in embeds:  # tied beats head: the tensor is an embedding
         roles[id(m.weight)] = "embedding"
-    kernels = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    kernels = conv_kernels(model)
     for p in model.parameters():
         if p.dim() >= 3 and id(p) not in kernels:  # [1, tokens, d] position tables, [1, 1, d] class tokens
             roles[id(p)] = "embedding"
     return roles
+
+
+def conv_kernels(model: nn.Module, gains: bool = False) -> set[int]:
+    """ids of the convolutions' kernel parameters: `weight`, or, for a parametrized kernel (a weight-normed conv, as
+    Wav2Vec2's positional one: `m.weight` is then computed anew on each access), the tensors of the kernel's shape it
+    is made from (weight norm's direction); with `gains`, the parametrization's other tensors too (its gain)."""
+    import torch
+    from torch.nn.utils import parametrize
+
+    out: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, nn.modules.conv._ConvNd):
+            continue
+        if parametrize.is_parametrized(m, "weight"):
+            with torch.no_grad():
+                shape = m.weight.shape
+            out |= {id(p) for p in m.parametrizations.weight.parameters() if gains or p.shape == shape}
+        elif isinstance(m.weight, Tensor):
+            out.add(id(m.weight))
+    return out
 
 
 def task_heads(model: nn.Module) -> set[int]:
@@ -108,11 +132,31 @@ def output_weights(root: Tensor, max_nodes: int = 100_000) -> set[int]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__.startswith(_PRODUCTS) and (weights := _leaf_weights(node)):
+        if type(node).__name__.startswith(_PRODUCTS):
+            weights = _leaf_weights(node)
             found |= weights
-            continue  # a product of two activations (CLIP's text·image similarities) is walked through
+            if weights or _weight_made(node):
+                continue
+            # a product of two activations (CLIP's text·image similarities) is walked through
         stack.extend(n for n, _ in node.next_functions)
     return found
+
+
+def _weight_made(node, depth: int = 4) -> bool:
+    """Whether an operand of a product node is computed from a ≥ 2-D parameter by ops that are no products within
+    `depth` nodes (W * c, a weight norm): an operator, though not a view of one weight, so no walking past it."""
+    frontier = [n for n, _ in node.next_functions]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if n is None or type(n).__name__.startswith(_PRODUCTS):
+                continue
+            var = getattr(n, "variable", None)
+            if var is not None and var.dim() >= 2:
+                return True
+            nxt.extend(m for m, _ in n.next_functions)
+        frontier = nxt
+    return False
 
 
 def _leaf_weights(node, depth: int = 4) -> set[int]:

@@ -42,6 +42,11 @@ VIEWS = (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_co
          aten.expand)
 
 
+def _all_tracked(tensors, watch) -> bool:
+    """Whether every tensor in a cat's list is a tracked weight or a view of one."""
+    return all(isinstance(t, torch.Tensor) and resolve(t, watch.slots, watch.casts) is not None for t in tensors)
+
+
 def sharded(model: nn.Module) -> bool:
     """Whether FSDP2 (`fully_shard`) shards some module of `model` (it must, before a Monitor takes its weights)."""
     return any(callable(getattr(m, "_get_fsdp_state", None)) for m in model.modules())
@@ -148,6 +153,12 @@ class Watch:
         if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
             self.dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
             return True
+        if hx is not None and hm is not None and not self.recompute:  # which one is the operator is not said here
+            for a, b in ((hx[0], hm[0]), (hm[0], hx[0])):
+                a.problem = a.problem or (f"multiplied with another tracked weight ('{b.name}', {str(op).removeprefix('aten.')}): "
+                                          "neither is the other's input matrix; pass its inputs with "
+                                          f"monitor.observe('{a.name}', weight, inputs), or exclude= one of them")
+            return True
         return False
 
     def touches(self, args, kwargs) -> bool:
@@ -197,7 +208,9 @@ class Watch:
             if M.dim() != 2 or x.dim() < 2:
                 return False
             hm = resolve(M, self.slots, self.casts)
-            if hm is not None and hm[1] is M and resolve(x, self.slots, self.casts) is None:  # nn.Linear: the whole W
+            if hm is not None and hm[1] is M:  # nn.Linear: the whole W
+                if (hx := resolve(x, self.slots, self.casts)) is not None:  # a tracked table as the input (DeBERTa's
+                    hx[0].other_ops.add(R.LINEAR_INPUT)                       # relative positions through key_proj)
                 self.dense(hm[0], x, (0, (0, M.shape[0]), x.shape[-1] == M.shape[1]), "linear", aten.addmm)
                 return True
             return self.pair_product(aten.addmm, x, M.mT)
@@ -222,7 +235,7 @@ class Watch:
             if isinstance(a, torch.Tensor):
                 hit = resolve(a, self.slots, self.casts)
                 if hit is not None and op not in VIEWS:
-                    hit[0].other_ops.add(str(op).removeprefix("aten."))
+                    hit[0].other_ops.add(R.WEIGHTS_CAT if op is aten.cat and _all_tracked(args[0], self) else str(op).removeprefix("aten."))
 
     def dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op) -> None:
         if s.kind == "observed" or s.problem or (self.recompute and s.forward_seen):
