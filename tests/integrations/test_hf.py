@@ -143,6 +143,34 @@ def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fi
         assert after[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5), col
 
 
+@pytest.mark.parametrize("how", ["attach", "callbacks"])
+def test_resume_from_a_checkpoint_elsewhere_restores_that_checkpoints_monitor(tmp_path, how):
+    """train(resume_from_checkpoint=A/checkpoint-2) with output_dir B restored the Monitor of B/checkpoint-2, another
+    run's checkpoint of the same step, without a word (or none, with a warning naming B's folder); the Trainer keeps
+    the folder it resumes from only in its loop's locals, and args.resume_from_checkpoint stays unset."""
+    saving = dict(save_strategy="steps", save_steps=2)
+    histories = {}
+    for name, seed in (("A", 0), ("B", 5)):  # two runs, each with a checkpoint-2
+        model = tiny_llama(seed)
+        trainer = Trainer(model=model, args=args(tmp_path / name, 2, **saving), train_dataset=Tokens(seed=seed), optimizers=adamw(model))
+        histories[name] = attach(trainer, every=1, estimator="gram")
+        trainer.train()
+    model = tiny_llama(seed=1)
+    trainer = Trainer(model=model, args=args(tmp_path / "B", 3), train_dataset=Tokens(), optimizers=adamw(model),
+                      callbacks=[SpecscopeCallback(every=1, estimator="gram")] if how == "callbacks" else None)
+    resumed = attach(trainer, every=1, estimator="gram") if how == "attach" else None
+    trainer.train(resume_from_checkpoint=str(tmp_path / "A" / "checkpoint-2"))
+    resumed = resumed or next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpecscopeCallback)).monitor
+    before = resumed.advice(window=3)  # steps 0, 1 from a checkpoint's Monitor state, 2 measured now
+    assert set(before.measurements) == {3}
+    ours = histories["A"].advice(window=2).set_index("layer").stable_rank
+    theirs = histories["B"].advice(window=2).set_index("layer").stable_rank
+    assert not (ours == theirs).all()
+    got = {k: list(v)[:2] for k, v in resumed._history.items() if k.endswith("q_proj")}
+    want = {k: list(v)[:2] for k, v in histories["A"]._history.items() if k.endswith("q_proj")}
+    assert got and got.keys() == want.keys() and all(got[k] == want[k] for k in got)
+
+
 def test_optimizers_helper_routes_and_the_trainer_schedules_both_groups(tmp_path):
     model = tiny_llama()
     opt, sched = optimizers(model, lr_spectral=0.02, lr_adamw=3e-3)

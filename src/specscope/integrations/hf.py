@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -66,8 +67,9 @@ class SpecscopeCallback(transformers.TrainerCallback):
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        running, loop = _calling_loop(self)
         if self.trainer is None:  # given to Trainer(callbacks=[...]): find the Trainer whose train() is running
-            _close_running_on_error(_calling_trainer(self), self)
+            _close_running_on_error(running, self)
         if self.monitor is None:
             self.monitor = Monitor(model, **self._monitor_kwargs)
         check_measures(self.monitor, model, "SpecscopeCallback")
@@ -78,7 +80,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
             saved, self._saved = self._saved, None
             self._restore(saved, self._saved_from)
         elif state.global_step > 0:
-            self._resume(args, state)
+            self._resume(args, state, loop.get("resume_from_checkpoint"))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._measure.begin(state.global_step)
@@ -157,8 +159,11 @@ class SpecscopeCallback(transformers.TrainerCallback):
                                 "resume from another checkpoint folder, or delete the file to resume without the "
                                 "Monitor's state") from None
 
-    def _resume(self, args, state) -> None:
-        given = args.resume_from_checkpoint if isinstance(args.resume_from_checkpoint, str) else None
+    def _resume(self, args, state, passed: Any = None) -> None:
+        """The Monitor state of the checkpoint the Trainer resumed from: `train(resume_from_checkpoint=...)`'s folder
+        (read off the running loop: the Trainer keeps it nowhere else), else `args.resume_from_checkpoint`, else
+        output_dir's checkpoint of this step."""
+        given = next((str(g) for g in (passed, args.resume_from_checkpoint) if isinstance(g, (str, os.PathLike))), None)
         folder = Path(given or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if (folder / STATE_FILE).is_file():
             self.load(folder)
@@ -232,19 +237,20 @@ def _close_running_on_error(trainer: Any, callback: SpecscopeCallback) -> None:
             setattr(owner, name, _closing(getattr(owner, name), callback))
 
 
-def _calling_trainer(callback: SpecscopeCallback, depth: int = 12) -> Any:
+def _calling_loop(callback: SpecscopeCallback, depth: int = 12) -> tuple[Any, dict]:
     """The transformers Trainer whose training loop is calling `callback`'s event (its frame's `self`, holding this
-    callback), or None. Trainer calls events through its CallbackHandler, which passes the model, optimizer and data
-    loaders but not the Trainer itself."""
+    callback) and that frame's locals (`resume_from_checkpoint`: the folder `train()` resumes from), or (None, {}).
+    Trainer calls events through its CallbackHandler, which passes the model, optimizer and data loaders but not the
+    Trainer itself."""
     frame = sys._getframe(1)
     for _ in range(depth):
         if frame is None:
-            return None
+            return None, {}
         owner = frame.f_locals.get("self")
         if isinstance(owner, transformers.Trainer) and callback in getattr(owner.callback_handler, "callbacks", ()):
-            return owner
+            return owner, frame.f_locals
         frame = frame.f_back
-    return None
+    return None, {}
 
 
 def _check_trainer(trainer: Any, where: str, how: str = "(SpecscopeCallback(monitor, trainer=trainer))") -> None:
