@@ -790,17 +790,21 @@ def test_a_head_computed_from_its_weight_is_not_walked_past():
     assert mon.roles["body"] == "hidden"
 
 
-def test_a_tracked_table_fed_through_a_linear_layer_is_its_input():
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_tracked_table_fed_through_a_linear_layer_is_its_input(autocast):
     """DeBERTa feeds its relative-position table (a parameter) through key_proj: F.linear(table, W) with both tracked
     was left unpaired ("used by addmm, which the probe does not pair"), and a projection also used on the tokens
-    silently lost the table's rows from its st(A)."""
+    silently lost the table's rows from its st(A). Under autocast the product reaches the aten level as x @ W.T."""
+    import contextlib
+
     table, pos_proj, proj, out = nn.Parameter(torch.randn(16, 8)), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
     model = nn.ModuleDict({"pos_proj": pos_proj, "proj": proj, "out": out})
     model.table = table
     x = torch.randn(32, 8)
     mon = Monitor(model)
     for step in range(2):  # the first measured step (a function mode) and a later one (the weights watch themselves)
-        with pytest.warns(UserWarning) if step == 0 else warnings.catch_warnings(record=True), mon.step(step):
+        cast = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with pytest.warns(UserWarning) if step == 0 else warnings.catch_warnings(record=True), mon.step(step), cast:
             out(proj(x) + pos_proj(table).mean(0) + proj(table).mean(0)).square().mean().backward()
         rows = {r.layer: r.rows for r in by(mon.pop_records(), "stable_rank").values()}
         assert rows == {"pos_proj": 16, "proj": 48, "out": 32}
@@ -820,6 +824,7 @@ def test_a_product_of_two_tracked_weights_names_both_instead_of_measuring_part()
         ((x @ (U @ V)).sum() + (x @ U).sum()).backward()
     assert set(mon.unmeasured) == {"U", "V"}
     assert "multiplied with another tracked weight ('V', mm)" in mon.unmeasured["U"]
+    assert "embedding" not in (mon.roles["U"], mon.roles["V"])  # operators, whichever: no tables
 
 
 def test_a_weight_normed_convolution_keeps_its_kernel_a_kernel():

@@ -42,6 +42,12 @@ VIEWS = (aten.t, aten.view, aten.transpose, aten.detach, aten.alias, aten._to_co
          aten.expand)
 
 
+def _transposed(t: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether `t` is the 2-D `base` transposed (`W.t()`, `W.T`): the same memory read column for row."""
+    return (t.dim() == base.dim() == 2 and t.data_ptr() == base.data_ptr() and tuple(t.shape) == tuple(base.shape)[::-1]
+            and tuple(t.stride()) == tuple(base.stride())[::-1] and tuple(t.stride()) != tuple(base.stride()))
+
+
 def _all_tracked(tensors, watch) -> bool:
     """Whether every tensor in a cat's list is a tracked weight or a view of one."""
     return all(isinstance(t, torch.Tensor) and resolve(t, watch.slots, watch.casts) is not None for t in tensors)
@@ -152,6 +158,10 @@ class Watch:
             return True
         if hx is not None and hm is None:  # W @ X: the columns of X are the inputs
             self.dense(hx[0], M.mT, operand_layout(hx[1], x.mT), "linear", op)
+            return True
+        if hx is not None and hm is not None and _transposed(M, hm[1]) and not _transposed(x, hx[1]):
+            hx[0].other_ops.add(R.LINEAR_INPUT)  # x @ W.T, F.linear's form (under autocast, at this level): W is the operator
+            self.dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
             return True
         if hx is not None and hm is not None and not self.recompute:  # which one is the operator is not said here
             for a, b in ((hx[0], hm[0]), (hm[0], hx[0])):
