@@ -55,6 +55,7 @@ def is_log_step(step: int, per_decade: int = 10) -> bool:
 NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient when the `with monitor.step(step)` block "
                "ended: run backward inside the block and zero_grad outside it (after optimizer.step), or its output "
                "does not reach the loss")
+STACK_PRODUCTS = frozenset({"_grouped_mm", "bmm", "baddbmm"})  # batched products: a ≥ 3-D weight used so is a stack
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
 EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch), so st(A) is undefined; a step with data "
@@ -520,6 +521,9 @@ class Monitor:
             return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed, added to activations or fed to a layer as its "
                     "input, never multiplied as an operator (learned positions, a class token, a relative-position table, a "
                     "bare-parameter lookup): routed as an embedding, it has no input matrix")
+        if s.other_ops & STACK_PRODUCTS and s.param.dim() >= 3:
+            return (f"multiplied by {', '.join(sorted(s.other_ops))} as a stack of matrices {list(s.param.shape)} (the experts "
+                    "of a mixture-of-experts layer): the probe measures whole weight matrices, not a stack's experts")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if s.inputs:  # a product was seen, with no rows

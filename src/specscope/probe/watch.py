@@ -252,7 +252,10 @@ class Watch:
             return
         s.forward_seen |= not self.recompute
         if layout is None:
-            s.problem = f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns"
+            s.problem = (f"multiplied one matrix at a time, as the experts of a stack {list(s.param.shape)} are (a "
+                         "mixture-of-experts layer): the probe measures whole weight matrices, not a stack's experts"
+                         if s.param.dim() >= 3 and kind == "linear" else
+                         f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns")
             return
         out_dim, out_range, whole_input = layout
         if not whole_input:
