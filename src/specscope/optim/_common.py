@@ -42,6 +42,30 @@ def checked_group(opt: torch.optim.Optimizer):
         raise
 
 
+# keys torch's LR schedulers write into every param group (OneCycleLR and CyclicLR cycle momentum through the last
+# two; SWALR): allowed beside an algorithm's options, never taken for a typo of one ("max_momentum" of "momentum")
+SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+
+@contextlib.contextmanager
+def load_pre_hooks_first(opt: torch.optim.Optimizer, state_dict: Any):
+    """The state_dict after `opt`'s load_state_dict pre-hooks, which torch runs before anything reads it (a hook that
+    converts another optimizer's state must run before the checks); inside the block the hooks are off, so that
+    torch's own load, called there, does not run them a second time. Their handles stay valid (the same dict)."""
+    if isinstance(state_dict, Mapping):
+        state_dict = dict(state_dict)  # torch's shallow copy
+    for hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(opt, state_dict)
+        if result is not None:
+            state_dict = result
+    hooks = opt._optimizer_load_state_dict_pre_hooks
+    opt._optimizer_load_state_dict_pre_hooks = type(hooks)()
+    try:
+        yield state_dict
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks = hooks
+
+
 def saved_groups(state_dict: Any, param_groups: Sequence[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """The param groups of an optimizer state_dict to be loaded, after a ConfigError for anything that is not one
     (None, a model's state_dict) or whose groups hold other numbers of parameters than `param_groups`."""

@@ -125,7 +125,7 @@ def check_group_keys(algorithm: str, group: dict[str, Any]) -> None:
     torch.optim's that it does not have; other keys (a "name", metadata a scheduler reads) stay, as in torch.optim."""
     known = set(ALGORITHMS[algorithm].defaults) | GROUP_KEYS | {"params", "param_names", "algorithm"}
     for key in group:
-        if key in known or not isinstance(key, str):
+        if key in known or key in _common.SCHEDULER_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
         if key in FOREIGN_OPTIONS or close:
@@ -367,9 +367,10 @@ class Hybrid(Optimizer):
         add_param_group checks one, and the state against the parameters, before anything changes: another
         optimizer's state (torch.optim.AdamW's, SGD's, LowRankDecay's), an unknown algorithm, a value out of range or a
         buffer of another shape raises one ConfigError and leaves this optimizer as it was."""
-        groups = self._loaded_groups(state_dict)
-        state_dict = {**state_dict, "param_groups": groups}
-        super().load_state_dict(state_dict)
+        with _common.load_pre_hooks_first(self, state_dict) as state_dict:
+            groups = self._loaded_groups(state_dict)
+            state_dict = {**state_dict, "param_groups": groups}
+            super().load_state_dict(state_dict)
         # saved keys are positions, or parameter names when torch.distributed.checkpoint wrote them
         saved_keys = [k for g in state_dict["param_groups"] for k in g["params"]]
         by_key = dict(zip(saved_keys, (p for g in self.param_groups for p in g["params"])))

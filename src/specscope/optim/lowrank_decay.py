@@ -76,6 +76,10 @@ class LowRankDecay(Optimizer):
         """torch's load, after the checks add_param_group makes on each saved group (completed with this optimizer's value
         of every key it lacks): another optimizer's state_dict (a group without `mode`, per-parameter state, which
         LowRankDecay does not keep) or a value out of range raises one ConfigError and leaves the decay as it was."""
+        with _common.load_pre_hooks_first(self, state_dict) as state_dict:
+            self._load_checked(state_dict)
+
+    def _load_checked(self, state_dict: Any) -> None:
         where = "LowRankDecay.load_state_dict"
         saved = _common.saved_groups(state_dict, self.param_groups, where)
         fix = "Nothing was loaded; pass the state_dict a LowRankDecay saved (decay.state_dict())"
@@ -155,7 +159,7 @@ def _check_keys(group: dict[str, Any]) -> None:
     have (Hybrid's rule, `check_group_keys`); other keys (a "name", scheduler metadata) stay, as in torch.optim."""
     known = set(OPTIONS) | {"params", "param_names"}
     for key in group:
-        if key in known or not isinstance(key, str):
+        if key in known or key in _common.SCHEDULER_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, sorted(OPTIONS), n=1, cutoff=0.8)
         if key in FOREIGN_OPTIONS or close:

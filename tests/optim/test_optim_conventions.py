@@ -1,0 +1,98 @@
+"""torch.optim conventions a training script relies on, where they meet specscope's own checks: what LR schedulers
+write into param groups survives a checkpoint, and load_state_dict pre-hooks run before anything reads the dict."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from specscope.errors import ConfigError
+from specscope.optim import Hybrid, L1ToL2, LowRankDecay, Muon
+
+OPTIMIZERS = {
+    "Muon": lambda ps: Muon(ps, lr=0.02),
+    "Hybrid": lambda ps: Hybrid([{"params": ps[:1], "algorithm": "muon", "lr": 0.02}, {"params": ps[1:], "lr": 3e-3}]),
+    "L1ToL2": lambda ps: L1ToL2(ps, lr=0.02),
+}
+
+
+def params():
+    g = torch.Generator().manual_seed(0)
+    return [nn.Parameter(torch.randn(24, 16, generator=g)), nn.Parameter(torch.randn(16, 8, generator=g))]
+
+
+def train(opt, sched, ps, steps, start=0):
+    for k in range(start, start + steps):
+        g = torch.Generator().manual_seed(100 + k)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("schedule", ["OneCycleLR", "CyclicLR"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_a_checkpoint_taken_under_a_momentum_cycling_scheduler_resumes_exactly(name, schedule):
+    """OneCycleLR and CyclicLR write max_momentum and base_momentum into every group; load_state_dict took
+    'max_momentum' for a typo of 'momentum' and refused the checkpoint (torch.optim.Muon and AdamW load it)."""
+    make = {"OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.02, total_steps=20),
+            "CyclicLR": lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=0.02, step_size_up=3)}[schedule]
+    full_ps, part_ps = params(), params()
+    full = OPTIMIZERS[name](full_ps)
+    train(full, make(full), full_ps, 6)
+    part = OPTIMIZERS[name](part_ps)
+    sched = make(part)
+    train(part, sched, part_ps, 3)
+    buf = io.BytesIO()
+    torch.save({"opt": part.state_dict(), "sched": sched.state_dict() if schedule == "OneCycleLR" else None}, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed_ps = [nn.Parameter(p.detach().clone()) for p in part_ps]
+    resumed = OPTIMIZERS[name](resumed_ps)
+    sched = make(resumed)
+    resumed.load_state_dict(saved["opt"])
+    if saved["sched"] is not None:  # CyclicLR's own state_dict fails in torch itself (its _scale_fn_custom)
+        sched.load_state_dict(saved["sched"])
+        train(resumed, sched, resumed_ps, 3, start=3)
+        assert all(torch.equal(a, b) for a, b in zip(resumed_ps, full_ps))
+    assert {"max_momentum", "base_momentum"} <= set(resumed.param_groups[0])
+
+
+def test_a_typo_of_an_option_is_still_refused_on_load():
+    ps = params()
+    opt = Muon(ps, lr=0.02)
+    state = opt.state_dict()
+    state["param_groups"][0]["momentm"] = 0.9
+    with pytest.raises(ConfigError, match="did you mean 'momentum'"):
+        Muon(params(), lr=0.02).load_state_dict(state)
+
+
+@pytest.mark.parametrize("name", ["Muon", "LowRankDecay"])
+def test_load_state_dict_pre_hooks_run_before_the_checks_and_once(name):
+    """A pre-hook that rewrites the dict (converting another optimizer's state) never ran: the checks refused the
+    dict first. torch runs pre-hooks before anything reads it."""
+    make = {"Muon": lambda ps: Muon(ps, lr=0.02), "LowRankDecay": lambda ps: LowRankDecay(ps, lr=0.02, weight_decay=0.1)}[name]
+    ps = params()
+    opt = make(ps)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["amsgrad"] = False  # torch.optim's option, no specscope one: refused unless the hook removes it
+    fresh = make(params())
+    with pytest.raises(ConfigError, match="amsgrad"):
+        fresh.load_state_dict(state)
+    calls = []
+
+    def drop_foreign(optimizer, state_dict):
+        calls.append(optimizer)
+        return {**state_dict, "param_groups": [{k: v for k, v in g.items() if k != "amsgrad"} for g in state_dict["param_groups"]]}
+
+    handle = fresh.register_load_state_dict_pre_hook(drop_foreign)
+    fresh.load_state_dict(state)
+    assert calls == [fresh] and "amsgrad" not in fresh.param_groups[0]
+    handle.remove()  # the handle still removes it
+    with pytest.raises(ConfigError, match="amsgrad"):
+        fresh.load_state_dict(state)
+    assert calls == [fresh]
