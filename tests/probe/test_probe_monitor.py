@@ -540,3 +540,18 @@ def test_gradient_norms_of_a_transformers_gpt2_match_float64_svd_on_either_lapac
         checked += min(G.shape) >= 256
     assert checked >= 4, f"the 256-wide weights reached the workers' route: {sorted(nuc)}"
     assert sum(s[-1] == 256 for s in solves) == (8 if lapack_choice == "openblas" else 0), solves  # 2 steps × 4 weights
+
+
+def test_a_float64_model_with_wide_inputs_is_measured():
+    """A float64 model whose inputs have ≥ 256 features (the implicit route) crashed in the first measured step:
+    torch's multi-tensor norm refused to narrow float64 to the float32 it accumulated in."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(256, 4).double()
+    mon = Monitor(model)
+    for step in range(3):
+        x = torch.randn(64, 256, dtype=torch.float64) @ torch.diag(torch.linspace(0.1, 3, 256, dtype=torch.float64))
+        with mon.step(step):
+            model(x).square().mean().backward()
+        (rec,) = [r for r in mon.pop_records() if r.metric == "stable_rank"]
+        exact = float(x.square().sum() / torch.linalg.matrix_norm(x, 2) ** 2)
+        assert rec.value == pytest.approx(exact, rel=1e-4)

@@ -593,8 +593,17 @@ def _verified_batched(problems: dict) -> dict:
 
 
 def _fro2_all(As: list[torch.Tensor]) -> list[torch.Tensor]:
-    """‖A‖_F² of each input by one multi-tensor norm (float32 accumulation)."""
-    return list(torch.stack(torch._foreach_norm(As, 2, dtype=torch.float32)).double().square())
+    """‖A‖_F² of each input by one multi-tensor norm (float32 accumulation; float64 inputs, of a float64 model, by
+    another in float64, which torch's norm will not narrow)."""
+    if all(A.dtype != torch.float64 for A in As):
+        return list(torch.stack(torch._foreach_norm(As, 2, dtype=torch.float32)).double().square())
+    out: list[torch.Tensor] = [None] * len(As)  # type: ignore[list-item]
+    for dtype in (torch.float32, torch.float64):
+        idx = [i for i, A in enumerate(As) if (A.dtype == torch.float64) == (dtype == torch.float64)]
+        if idx:
+            for i, v in zip(idx, torch.stack(torch._foreach_norm([As[i] for i in idx], 2, dtype=dtype)).double().square()):
+                out[i] = v
+    return out
 
 
 def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tensor]]:
