@@ -1,6 +1,7 @@
 """Monitor behaviour: accumulation, schedule, gradient sources, no effect on training, bad input, state."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -555,3 +556,63 @@ def test_a_float64_model_with_wide_inputs_is_measured():
         (rec,) = [r for r in mon.pop_records() if r.metric == "stable_rank"]
         exact = float(x.square().sum() / torch.linalg.matrix_norm(x, 2) ** 2)
         assert rec.value == pytest.approx(exact, rel=1e-4)
+
+
+def _lm(tie: bool):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                            tie_word_embeddings=tie))
+
+
+def _measure(model, mon, step, *batches):
+    with warnings.catch_warnings(record=True) as said, mon.step(step):
+        warnings.simplefilter("always")
+        for ids in batches:
+            model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()
+    return {r.layer: r for r in mon.pop_records() if r.metric == "stable_rank"}, [str(w.message) for w in said]
+
+
+def test_weights_replaced_after_the_monitor_was_built_are_followed():
+    """load_state_dict(assign=True) swaps every weight for a new tensor: the Monitor went on reporting the old ones as
+    'not used in this step' (keeping their verdicts) and never measured the new ones."""
+    model = _lm(tie=False)
+    mon = Monitor(model)
+    ids = torch.randint(0, 128, (2, 16))
+    before, _ = _measure(model, mon, 0, ids)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    after, _ = _measure(model, mon, 1, ids)
+    assert not mon.unmeasured and after.keys() == before.keys()
+    assert all(after[k].value == pytest.approx(before[k].value, rel=1e-6) for k in after)  # the same values, new tensors
+    assert set(mon.advice().measurements) == {2}
+
+
+def test_a_resized_vocabulary_is_measured_at_its_new_size():
+    """resize_token_embeddings after the Monitor was built: a measured step of two micro-batches crashed (token counts
+    of the old vocabulary size against the new), and records kept the old shape."""
+    model = _lm(tie=True)
+    mon = Monitor(model)
+    _measure(model, mon, 0, torch.randint(0, 128, (2, 16)))
+    model.resize_token_embeddings(160)
+    x1, x2 = torch.full((2, 8), 5), torch.full((2, 8), 7)
+    x1[0, 0], x2[0, 0] = 140, 159
+    records, _ = _measure(model, mon, 1, x1, x2)
+    assert not mon.unmeasured and "model.embed_tokens" in records
+
+
+def test_a_weight_gone_from_the_model_is_named_and_new_ones_are_announced():
+    """weight_norm applied after the Monitor was built replaces '2.weight' by two new tensors: the old weight read
+    'not used in this step' (keeping its verdict) and the new ones went unmentioned."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    mon = Monitor(model)
+    x = torch.randn(32, 8)
+    with mon.step(0):
+        model(x).square().mean().backward()
+    torch.nn.utils.parametrizations.weight_norm(model[2])
+    with pytest.warns(UserWarning, match=r"weights \['2.parametrizations.weight.original0', '2.parametrizations.weight.original1'\] "
+                                         "appeared in the model after the Monitor was built"), mon.step(1):
+        model(x).square().mean().backward()
+    assert set(mon.unmeasured) == {"2"} and "no longer a weight of the model under the name '2'" in mon.unmeasured["2"]
+    assert mon.advice().set_index("layer").verdict["2"] == "unmeasured"

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
+from specscope.names import layer_name
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import estimators as E
@@ -252,6 +253,7 @@ class Monitor:
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
         self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
+        self._known = {layer_name(n) for n, p in self.model.named_parameters() if p.dim() >= 2}  # to name new ones once
 
     @classmethod
     def check_options(cls, **options) -> None:
@@ -391,7 +393,50 @@ class Monitor:
         return None
 
     # -- watching the operations --------------------------------------------------------------------
+    def _follow_replaced(self) -> None:
+        """Track the tensors the model holds now. A weight replaced by another tensor under its name since the Monitor
+        was built (`load_state_dict(assign=True)`, `resize_token_embeddings`, a deep copy's weights swapped in) is
+        followed: its history stays, and its warm statistics go when its shape changed. A weight no longer in the
+        model under its name (tied to another by `tie_weights`, parametrized by `weight_norm`) is unmeasured with that
+        reason, and weights that appeared since are named once: they are not tracked."""
+        now = {layer_name(n): p for n, p in self.model.named_parameters() if p.dim() >= 2}
+        if (all(now.get(s.name) is s.param and s.shape == tuple(s.param.shape) for s in self.slots.values())
+                and len(now) == len(self._known)):
+            return
+        tracked = {id(s.param) for s in self.slots.values()}
+        slots, moved = {}, {}
+        for s in self.slots.values():
+            p = now.get(s.name)
+            if p is not None and tuple(p.shape) != s.shape:  # resized: warm starts and token counts are of the old shape
+                s.stats, s.tokens, s.block_stats, s.kind, s.n_features, s.shape = None, None, {}, "", 0, tuple(p.shape)
+            if p is s.param or (p is not None and id(p) in tracked):  # unchanged; or another slot's tensor (tied)
+                s.gone = "" if p is s.param else (
+                    f"no longer a weight of its own: '{s.name}' is now another tracked weight's tensor (tied after the "
+                    "Monitor was built?); build a new Monitor for the model as it is now")
+                slots[id(s.param)] = s
+                continue
+            if p is None:
+                s.gone = (f"no longer a weight of the model under the name '{s.name}' (removed, tied to another weight, "
+                          "or replaced by a parametrization after the Monitor was built); build a new Monitor for the model "
+                          "as it is now")
+                slots[id(s.param)] = s
+                continue
+            moved[id(s.param)], s.param, s.gone = id(p), p, ""
+            slots[id(p)] = s
+        self.slots = slots
+        self._heads = {moved.get(i, i) for i in self._heads}
+        self._task_heads = R.task_heads(self.model)
+        for pid, role in R.static_roles(self.model).items():
+            if pid in slots and pid in moved.values():
+                slots[pid].role = role
+        if added := sorted(set(now) - self._known):
+            self._known |= set(added)
+            warnings.warn(f"specscope probe: weights {added[:4]}{' …' if len(added) > 4 else ''} appeared in the model "
+                          "after the Monitor was built and are not measured; build a new Monitor for the model as it is now",
+                          stacklevel=4)
+
     def _arm(self, step: int) -> None:
+        self._follow_replaced()
         self._step = step
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
@@ -511,6 +556,8 @@ class Monitor:
         return inputs.get(id(s.param))
 
     def _unmeasured_reason(self, s: Slot, has_grad: bool) -> str:
+        if s.gone:
+            return s.gone
         if s.problem:
             return s.problem
         if R.used_as_table(s.other_ops) and s.other_ops & R.NONLINEAR:

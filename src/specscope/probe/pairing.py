@@ -108,6 +108,11 @@ class Slot:
     main_range: tuple | None = None  # the output range whose input `stats` holds
     slice_range: dict = field(default_factory=dict)  # slice name -> output range, when blocks differ in input
     other_ops: set = field(default_factory=set)
+    gone: str = ""  # why the weight this slot tracked is no longer the model's (replaced after the Monitor was built)
+    shape: tuple = ()  # the weight's shape its statistics were made for (a resize in place changes it)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(self.param.shape)
 
     def grad_matrix(self, g: torch.Tensor) -> torch.Tensor:
         """The gradient as a matrix in the weight's stored orientation (conv kernels flattened per output)."""
