@@ -97,6 +97,8 @@ def test_state_of_other_weights_is_refused_and_nothing_is_loaded():
     measure(fused, small, 0, torch.randn(9, 6))
     with pytest.raises(ConfigError, match=r"it records \['0.a', '0.b'\].*another split"):
         mon.load_state_dict(fused.state_dict())
+    with pytest.raises(ConfigError, match=r"it records \['0'\].*another split"):  # the other way: it loaded, and
+        fused.load_state_dict(before)                                          # the slices started with no history
     with pytest.raises(ConfigError, match=r"Monitor.load_state_dict\(NoneType\): pass the dict"):
         mon.load_state_dict(None)
     # a weight measured through observe() is observed again after a resume: its state loads

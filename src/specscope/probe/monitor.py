@@ -757,9 +757,9 @@ class Monitor:
         extra, missing = sorted(set(saved) - observed - mine), sorted(mine - set(saved))
         shapes = state.get("shapes") or {}
         differ = sorted(n for n in mine & set(shapes) - observed if tuple(shapes[n]) != tuple(by_name[n].param.shape))
-        named = (set(state["history"]) | set(state["latest_st"]) | set(state.get("latest_inputs") or ())
-                 | {k.partition("@")[0] for k in state["stats"]})
-        unknown = sorted(named - set(self.layers) - set(by_name) - observed)
+        recorded = set(state["history"]) | set(state["latest_st"]) | set(state.get("latest_inputs") or ())  # recorded names
+        warm = {k.partition("@")[0] for k in state["stats"]}  # by weight
+        unknown = sorted((recorded - set(self.layers) - observed) | (warm - set(self.layers) - set(by_name) - observed))
         if extra or (saved and missing and not observed):
             why = (f"it has layers {extra[:6]} that this Monitor has not" if extra else
                    f"this Monitor's layers {missing[:6]} are not in it")
