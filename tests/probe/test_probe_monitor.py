@@ -616,3 +616,17 @@ def test_a_weight_gone_from_the_model_is_named_and_new_ones_are_announced():
         model(x).square().mean().backward()
     assert set(mon.unmeasured) == {"2"} and "no longer a weight of the model under the name '2'" in mon.unmeasured["2"]
     assert mon.advice().set_index("layer").verdict["2"] == "unmeasured"
+
+
+def test_close_inside_a_measured_step_measures_nothing_more():
+    """close() says the Monitor measures nothing afterwards; called inside an open measured step, that step was still
+    recorded on leaving the block."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    mon = Monitor(model)
+    with mon.step(0):
+        model(torch.randn(16, 8)).square().mean().backward()
+        mon.close()
+    assert mon.pop_records() == [] and all(type(p) is torch.nn.Parameter for p in model.parameters())
+    with mon.step(1):
+        model(torch.randn(16, 8)).square().mean().backward()
+    assert mon.pop_records() == []

@@ -253,6 +253,7 @@ class Monitor:
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
         self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
+        self._closed = False
         self._known = {layer_name(n) for n, p in self.model.named_parameters() if p.dim() >= 2}  # to name new ones once
 
     @classmethod
@@ -318,6 +319,8 @@ class Monitor:
             yield
         finally:
             self._disarm()
+        if self._closed:  # close() inside the block: this step is not measured either
+            return
         self._last_step = step
         if self.gradient == "grad":  # the gradients' spectra start first: the inputs' solves queue behind them
             grads = self._gradients(lambda s: s.param.grad)
@@ -776,7 +779,7 @@ class Monitor:
     def close(self) -> None:
         """Disarm and drop pending state; the monitor measures nothing afterwards."""
         self._disarm()
-        self._pending = None
+        self._pending, self._closed = None, True
         self.every, self.log_spaced = None, 0
 
     def __repr__(self) -> str:
