@@ -1,7 +1,8 @@
 """Interleaved timing for the benchmarks: ratios against a baseline timed in the same run.
 
 The machine the figures come from is shared and noisy, so a single median is not a figure. Every
-benchmark times its candidates round-robin (baseline, a, b, …, baseline, a, b, …), takes the median
+benchmark times its candidates round-robin (baseline, a, b, …, then a, b, …, baseline: each round's turn starts one
+candidate later), takes the median
 of each candidate's repeats within a round, divides by the baseline's median of the same round, and
 reports the median and min–max of that ratio over ≥ 3 rounds, with the load average at the start.
 """
@@ -73,7 +74,9 @@ def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, r
 
     `sync` is called around each call (torch.cuda.synchronize on a GPU). Each round runs every
     candidate `repeats` times in turn (a, b, c, a, b, c, …), so slow drifts of the machine hit all
-    candidates alike.
+    candidates alike; round r starts the turn at the r-th candidate (b, c, a in the second round …), so over
+    as many rounds as there are candidates each takes every place in the turn once, and no candidate
+    always runs after the same other (whose warm caches or spinning threads it would inherit).
     """
     if baseline not in candidates:
         raise ValueError(f"baseline {baseline!r} is not among the candidates {sorted(candidates)}")
@@ -83,11 +86,13 @@ def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, r
         for _ in range(warmup):
             fn()
     times: dict[str, list[list[float]]] = {n: [] for n in candidates}
-    for _ in range(rounds):
+    names = list(candidates)
+    for r in range(rounds):
         this: dict[str, list[float]] = {n: [] for n in candidates}
+        turn = names[r % len(names):] + names[:r % len(names)]
         for _ in range(repeats):
-            for name, fn in candidates.items():
-                this[name].append(_ms(fn, sync))
+            for name in turn:
+                this[name].append(_ms(candidates[name], sync))
         for name in candidates:
             times[name].append(this[name])
     out = {}
