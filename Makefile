@@ -38,10 +38,17 @@ test-slow: $(TEST_STAMP)
 claims-table: $(STAMP)
 	$(BIN)/specscope claims --root runs --format markdown --into README.md
 
+# the commands behind the README's targets table, in its order (about 30 minutes on 2 cores)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/polar.py
-	$(BIN)/python benchmarks/optim_step.py
-	$(BIN)/python benchmarks/probe_overhead.py
+	$(BIN)/python benchmarks/optim_step.py --rounds 10 --repeats 3 --skip-rf --floor --optimizers \
+	    'Muon default (gram_newton_schulz)' 'Muon polar=polar_express' 'Muon polar=gram'
+	$(BIN)/python benchmarks/polar.py --dims 256 768 --rounds 6 --repeats 3 --backends 'gram_newton_schulz bf16 ×4 (= auto)' \
+	    'polar_express bf16 ×5' 'gram, six at once (polar_later)' 'gram (= auto tol=1e-4)' 'svd'
+	$(BIN)/python benchmarks/probe_overhead.py --rounds 12 --block 10 --threads 2
+	$(BIN)/python benchmarks/probe_overhead.py --sparse 10 --rounds 6 --periods 4 --threads 2
+	$(BIN)/python benchmarks/probe_overhead.py --floor --rounds 10 --block 10 --threads 2
+	$(BIN)/python benchmarks/probe_overhead.py --phases --consecutive --rounds 6 --block 10 --threads 2
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/probe_accuracy.py --every 1 5 100 --measurements 4
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
