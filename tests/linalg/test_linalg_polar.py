@@ -219,7 +219,10 @@ def test_polar_error_definition():
     (dict(method="gram_newton_schulz", rcond=0.5), "rcond applies to the exact methods"),
     (dict(method="auto", dtype=torch.int32), "dtype=torch.int32 is not one 'auto' computes in"),  # was all zeros
     (dict(method="gram", dtype=torch.bfloat16), "use one of float32, float64"),
-    (dict(method="newton_schulz", ns_steps=0), "ns_steps must be an integer ≥ 1"),  # was the default 5 steps
+    (dict(method="newton_schulz", ns_steps=0), "ns_steps must be an integer in 1..99"),  # was the default 5 steps
+    (dict(method="newton_schulz", ns_steps=10**9), "ns_steps must be an integer in 1..99"),  # was a list of 10⁹ steps (a hang)
+    (dict(method="gram_newton_schulz", restart=4), "restart=4 is out of range for 4 steps"),  # was ignored
+    (dict(method="auto", tol=1e-5, restart=1), "method=.auto. chose .gram."),  # was ignored
     (dict(method="auto", tol=float("nan")), "tol must be a finite number > 0"),  # was the fast backend
     (dict(method="polar_express", eps=-1.0), "eps must be a finite number ≥ 0"),
     (dict(method="newton_schulz", ns_coefficients=(1, 2)), r"ns_coefficients must be \(a, b, c\)"),  # 'int' not iterable

@@ -139,3 +139,67 @@ def test_float32_power_stable_rank_and_spectral_norm_at_extreme_scales(scale):
 def test_options_that_would_be_ignored_truncated_or_nan_are_refused(call, says):
     with pytest.raises(ValueError, match=says):
         call()
+
+
+@pytest.mark.parametrize("method", ESTIMATORS)
+def test_eps_zero_on_float64_gives_the_factor_or_zero_never_nan(method):
+    """A float64 matrix's unit-scale factor (up to 2^1022 for the zero matrix) is beyond bfloat16's range: the
+    clamp of the scaled start is formed in float64, so eps=0 gives 0 for the zero matrix and U Vᵀ for a tiny one."""
+    assert torch.equal(L.polar(torch.zeros(3, 3, dtype=torch.float64), method, eps=0.0), torch.zeros(3, 3, dtype=torch.float64))
+    for shape in ((3, 3), (130, 300)):
+        G = _matrix(*shape, dtype=torch.float64)
+        err = (L.polar(G, method) - _reference(G)).norm()  # the estimator's own error at unit scale
+        P = L.polar(G * 1e-60, method, eps=0.0)
+        assert torch.isfinite(P).all()
+        assert (P - _reference(G)).norm() <= 1.2 * err + 1e-2
+
+
+@pytest.mark.parametrize("scale", [2.0**-125, 1e-40, 3e37])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_polar_of_tiny_or_huge_half_and_single_precision_is_the_unit_scale_one(scale, dtype):
+    """The exact route's last two products run in float32: 1/σ_i of a gradient of 1e-38 overflows it (it returned
+    inf, and `Muon(polar="gram")` wrote inf into the weights). They now see X·2^-e, so the factor is the svd's."""
+    G = (_matrix(40, 70) * scale).to(dtype)
+    ref = _reference(G)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3  # bfloat16: the factor is returned in bfloat16 (≈ 1e-3 at unit scale)
+    for P in (L.polar(G, "gram"), L.polar_with_nuclear_norm(G, "gram")[0], L.polar_later([G, G.clone()], "gram")()[1]):
+        assert torch.isfinite(P).all()
+        assert (P.double() - ref).abs().max() < tol
+    p = torch.nn.Parameter(torch.zeros(40, 70))
+    opt = Muon([p], lr=0.1, polar="gram")
+    p.grad = (_matrix(40, 70) * 1e-38)
+    opt.step()
+    assert torch.isfinite(p).all() and p.abs().max() > 0
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_the_matmul_only_nuclear_norm_of_float64_beyond_its_range(scale):
+    """The accelerator's route (‖G‖_* by a polar iteration) of a float64 matrix beyond 1e±154: its ‖G‖_F overflowed
+    (NaN) or underflowed (0). It now runs at unit scale."""
+    G = _matrix(6, 9, dtype=torch.float64)
+    got = L.nuclear_norms([G * scale, G], method="polar")
+    ref = torch.linalg.matrix_norm(G, "nuc")
+    assert abs(float(got[0]) / scale / float(ref) - 1) < 1e-4
+    assert abs(float(got[1]) / float(ref) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("tol", [1e-15, 0.0, 2.0, float("nan"), "1e-4", None, True])
+def test_a_nuclear_tol_out_of_range_is_one_error_on_every_route(tol):
+    """tol=1e-15 made the 'polar' route's schedule loop forever; a str or None raised a bare TypeError there, and the
+    'eigh' route (a CPU's default) accepted anything."""
+    for method in ("polar", "eigh", "auto"):
+        with pytest.raises(ValueError, match=r"tol must be a number in \[1e-12, 1\)"):
+            L.nuclear_norms([_matrix(3, 3)], method=method, tol=tol)
+    with pytest.raises(ValueError, match="finer than float64 certifies"):  # tol/(2k) below float64's resolution: a hang
+        L.nuclear_norms([torch.zeros(600, 601)], method="polar", tol=1e-12)
+
+
+def test_the_polar_backends_and_nuclear_norms_build_no_autograd_graph():
+    """The exact routes give the eigensolver a Gram's lower triangle only, so a derivative through them was wrong
+    (0.047 off U Vᵀ for ‖G‖_* of a 130×300 matrix) and present or not by route; none is built now."""
+    G = torch.randn(130, 300, dtype=torch.float64, requires_grad=True)
+    outs = [L.nuclear_norms([G]), L.nuclear_norms_later([G])(), L.fro_nuclear_norms_later([G])()[1], L.polar(G),
+            L.polar(G, "gram"), L.polar(G, "newton_schulz"), L.polar_with_nuclear_norm(G)[1], L.polar_later([G, 2 * G], "gram")()[0],
+            L.polar_with_nuclear_norm_later([G])()[0][1]]
+    assert not any(o.requires_grad for o in outs)
+    assert L.newton_schulz(G).requires_grad  # the raw kernels are plain torch products: differentiable

@@ -8,10 +8,32 @@ gradients once per step instead). A list (`check_tensors`) is read once: one sum
 """
 from __future__ import annotations
 
+import functools
 from itertools import pairwise
 
 import torch
 from torch import Tensor
+
+
+def without_graph(fn):
+    """`fn` run under torch.no_grad(), and so is the collector it returns (a `*_later` function's): the polar
+    backends and the nuclear norms measure, they take no part in autograd. Their exact routes hand the eigensolver
+    only a Gram's lower triangle, so autograd's derivative through them would be wrong; none is built, whatever
+    the input's requires_grad (torch.linalg.matrix_norm(G, "nuc") and torch.linalg.svd are differentiable)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.no_grad():
+            out = fn(*args, **kwargs)
+        return _no_grad_collector(out) if callable(out) else out
+    return run
+
+
+def _no_grad_collector(collect):
+    @functools.wraps(collect)
+    def run():
+        with torch.no_grad():
+            return collect()
+    return run
 
 
 def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:

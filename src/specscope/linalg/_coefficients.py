@@ -68,6 +68,10 @@ def minimax_quintic(lo: float, hi: float, iters: int = 100) -> tuple[tuple[float
     return (a, b, c), max(abs(1 - p(x)) for x in [lo, hi, *_critical_points(a, b, c)] if lo <= x <= hi)
 
 
+LOWER_MIN, TOL_MIN = 1e-15, 1e-14  # below these the Remez solve and the cubic map stall at float64's rounding
+MAX_STEPS = 100
+
+
 @functools.lru_cache(maxsize=64)  # ≈ 2 ms of Remez in Python per schedule: once per (lower, tol)
 def converging_schedule(lower: float, tol: float) -> tuple[tuple[float, float, float], ...]:
     """Quintic steps that take every σ in [lower, 1] to within `tol` of 1 (exact interval arithmetic).
@@ -76,10 +80,13 @@ def converging_schedule(lower: float, tol: float) -> tuple[tuple[float, float, f
     cubically convergent 15/8 x − 10/8 x³ + 3/8 x⁵ (increasing everywhere: [ℓ, u] ↦ [p(ℓ), p(u)]). Every
     σ below `lower` ends in [0, 1]: each polynomial is increasing below its interval. Deterministic, so the
     same (lower, tol) gives the same schedule."""
-    if not 0 < lower < 1 or not 0 < tol < 1:
-        raise ValueError(f"converging_schedule: need 0 < lower < 1 and 0 < tol < 1, got {lower}, {tol}")
+    if not LOWER_MIN <= lower < 1 or not TOL_MIN <= tol < 1:
+        raise ValueError(f"converging_schedule: need {LOWER_MIN:g} <= lower < 1 and {TOL_MIN:g} <= tol < 1 (float64 "
+                         f"arithmetic resolves no finer), got {lower}, {tol}")
     lo, hi, out = lower, 1.0, []
     while True:
+        if len(out) == MAX_STEPS:  # a safety net: every (lower, tol) in range takes < 40 steps
+            raise ValueError(f"converging_schedule: no schedule of {MAX_STEPS} steps reaches tol={tol} from lower={lower}")
         if max(1 - lo, hi - 1) > 1e-3:
             abc, E = minimax_quintic(lo, hi)
             lo, hi = 1 - E, 1 + E

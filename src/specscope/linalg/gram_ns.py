@@ -75,7 +75,8 @@ def _scaled_start(G: Tensor, dtype: torch.dtype, eps: float) -> tuple[Tensor, Te
     would overflow or underflow (_scale.py); G·2^-e is exact, so the result is the unscaled one's."""
     p = pow2_scale(G)
     floor2 = (p.squeeze(-1) * eps).square_()  # (eps·p)² (a zero matrix's huge p: ∞, so its start is 0·0, not 0·∞)
-    return scaled_to(G, p, dtype), floor2 if eps > 0 else floor2.clamp_(min=torch.finfo(floor2.dtype).tiny)
+    # eps = 0: at least the working dtype's tiny, whose 1/sqrt fits that dtype (float64's would overflow bfloat16: 0·∞)
+    return scaled_to(G, p, dtype), floor2 if eps > 0 else floor2.clamp_(min=torch.finfo(dtype).tiny)
 
 
 def _fma(C: Tensor, A: Tensor, B: Tensor, beta: float, alpha: float = 1.0) -> Tensor:

@@ -6,6 +6,7 @@ iterations usually suffice once warm).
 """
 from __future__ import annotations
 
+import numbers
 from functools import partial
 from typing import Callable
 
@@ -13,8 +14,8 @@ import torch
 from torch import Tensor
 
 from . import graphs, lapack, workers
-from ._checks import as_list, check_gram_dtype, check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
-from ._coefficients import converging_schedule
+from ._checks import as_list, check_gram_dtype, check_structure, check_tensor, check_tensors, smaller_gram, without_graph, work_dtype
+from ._coefficients import LOWER_MIN, converging_schedule
 from ._scale import gram_scale, pow2_scale
 
 
@@ -165,8 +166,18 @@ def _costs(mats: list[Tensor]) -> list[float]:
 
 NUCLEAR_METHODS = ("auto", "eigh", "polar")
 NUCLEAR_TOL = 1e-4  # relative error bound of the "polar" route
+NUCLEAR_TOL_MIN = 1e-12  # the finest bound it is asked for (float64's rounding limits what it can certify)
 
 
+def check_nuclear_tol(tol, fn: str) -> None:
+    """One ValueError for a `tol` of the nuclear norms that is not a number in [NUCLEAR_TOL_MIN, 1), on every route
+    (a bad tol fails the same way on a CPU, where the default route ignores it, as on an accelerator)."""
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not NUCLEAR_TOL_MIN <= tol < 1:
+        raise ValueError(f"{fn}: tol must be a number in [{NUCLEAR_TOL_MIN:g}, 1) (the 'polar' route's bound on the "
+                         f"relative error of ‖G‖_*), got {tol!r}")
+
+
+@without_graph
 def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, check: bool = True,
                   method: str = "auto", tol: float = NUCLEAR_TOL) -> Tensor:
     """‖G‖_* of each matrix of a list (any shapes) as a float64 vector.
@@ -182,6 +193,7 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
     return nuclear_norms_later(mats, dtype, check=check, method=method, tol=tol)()
 
 
+@without_graph
 def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, check: bool = True,
                         method: str = "auto", tol: float = NUCLEAR_TOL) -> Callable[[], Tensor]:
     """`nuclear_norms`, started now and collected by calling the returned function: where the Grams go to the
@@ -189,6 +201,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     norms are computed before this returns."""
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"nuclear_norms: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
+    check_nuclear_tol(tol, "nuclear_norms")
     check_gram_dtype(dtype, "nuclear_norms")
     if check:
         mats = check_tensors(mats, "nuclear_norms")
@@ -224,6 +237,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     return lambda: out
 
 
+@without_graph
 def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, method: str = "auto",
                             tol: float = NUCLEAR_TOL) -> Callable[[], tuple[Tensor, Tensor]]:
     """(‖G‖_F, ‖G‖_*) of each matrix as two float64 vectors, started now and collected by calling the result
@@ -232,6 +246,7 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
     is one float64 multi-tensor norm. Shapes, kinds and `method` are checked (nothing that reads an entry)."""
     if method not in NUCLEAR_METHODS:
         raise ValueError(f"fro_nuclear_norms_later: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
+    check_nuclear_tol(tol, "fro_nuclear_norms_later")
     check_gram_dtype(dtype, "fro_nuclear_norms_later")
     mats = [check_structure(G, "fro_nuclear_norms_later", f"mats[{i}]") for i, G in enumerate(as_list(mats, "fro_nuclear_norms_later"))]
     if bad := [i for i, G in enumerate(mats) if G.ndim != 2]:
@@ -278,13 +293,15 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
     needs (≈ 2e-7·‖G‖_F at k = 256) next to float64's rounding of the Gram. 13 steps for k = 256, tol = 1e-4.
     On CUDA, with SPECSCOPE_CUDA_GRAPHS=on (`graphs.enabled`), a batch of at most POLAR_GRAPH_MAX elements runs as a
     replayed CUDA graph."""
-    if not 0 < tol < 1:
-        raise ValueError(f"nuclear_norms: tol must be in (0, 1), got {tol}")
+    check_nuclear_tol(tol, "nuclear_norms")
     if not mats:
         return torch.empty(0, dtype=torch.float64)
     groups: dict[tuple, list[int]] = {}
     for i, G in enumerate(mats):
         groups.setdefault((min(G.shape), max(G.shape)), []).append(i)
+    if tol / (2 * (k := max(min(g) for g in groups))) < LOWER_MIN:
+        raise ValueError(f"nuclear_norms: tol={tol:g} is finer than float64 certifies for a matrix whose smaller side is "
+                         f"{k} on the 'polar' route (tol >= {2 * k * LOWER_MIN:.1e}); raise tol, or use method='eigh'")
     order, parts = [], []
     for (k, m), same in groups.items():
         per_chunk = max(1, POLAR_CHUNK // (k * m))  # float64 copies of a whole model's matrices would not fit
@@ -301,9 +318,14 @@ def nuclear_norms_polar(mats: list[Tensor], tol: float = NUCLEAR_TOL) -> Tensor:
 def _nuclear_norms_polar_batch(mats: list[Tensor], k: int, tol: float) -> Tensor:
     """The polar route for matrices of one shape (smaller side k), as one batch."""
     S = torch.stack([G.mT if G.shape[-2] > G.shape[-1] else G for G in mats])  # [B, k, m]
+    p = gram_scale(S, torch.float64)  # float64 beyond 1e±154, whose ‖G‖_F leaves float64's range: at unit scale
+    if p is not None:
+        S = S * p
     if S.is_cuda and S.numel() <= POLAR_GRAPH_MAX and graphs.enabled():
-        return _polar_sums_replayed(S, k, tol)
-    return _polar_sums(S.double(), k, tol)  # one cast, not one per matrix
+        out = _polar_sums_replayed(S, k, tol)
+    else:
+        out = _polar_sums(S.double(), k, tol)  # one cast, not one per matrix
+    return out if p is None else out / p.double().reshape(-1)
 
 
 def _polar_sums(X: Tensor, k: int, tol: float) -> Tensor:

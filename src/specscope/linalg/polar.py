@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, work_dtype
+from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, without_graph, work_dtype
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from ._scale import gram_scale, in_safe_range, needs_scaling, pow2_scale, scaled_to
 from . import lapack, workers
@@ -74,7 +74,7 @@ def _odd_quintic_iteration(G: Tensor, schedule: Sequence[tuple[float, float, flo
     else:  # ‖X‖_F would leave dtype's range (or an accelerator, which does not look): at unit scale, exactly
         p = pow2_scale(G)
         X = scaled_to(G.mT if tall else G, p, dtype)
-        floor = p.to(dtype) * eps
+        floor = (p * eps).to(dtype)  # in G's dtype: a float64 G's factor (up to 2^1022) is beyond bfloat16's range
         if eps == 0:  # and G = 0: 0/tiny = 0, not 0/0
             floor.clamp_(min=torch.finfo(dtype).tiny)
         X = X / torch.maximum(X.norm(dim=(-2, -1), keepdim=True) * norm_scale, floor)
@@ -142,12 +142,30 @@ def _polar_gram_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tup
     keep = lam > cutoff
     inv_sqrt = torch.where(keep, lam.clamp(min=torch.finfo(dtype).tiny).rsqrt(), torch.zeros_like(lam))
     apply = torch.float64 if G.dtype == dtype == torch.float64 else torch.float32
-    V = V.to(apply)
-    P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ X.to(apply)))  # VᵀX first: its rows are σ_i·v_iᵀ
+    V, Xa = V.to(apply), X.to(apply)
+    if apply == torch.float32 and _apply_unsafe(X, lam):  # σ_i or 1/σ_i beyond float32's range
+        q = pow2_scale(X)  # exact: the products see X·2^-e, and 1/σ_i becomes 1/(σ_i·2^-e)
+        Xa, inv_sqrt = scaled_to(X, q, apply), inv_sqrt / q.to(inv_sqrt.dtype)[..., 0]
+    P = V @ (inv_sqrt.to(apply).unsqueeze(-1) * (V.mT @ Xa))  # VᵀX first: its rows are σ_i·v_iᵀ
     nuclear = torch.where(keep, lam, torch.zeros_like(lam)).sqrt().sum(-1)  # = ⟨G, P⟩
     if p is not None:
         nuclear = nuclear / p.to(nuclear.dtype)[..., 0, 0]
     return (P.mT if tall else P), nuclear
+
+
+# σ_1² where the float32 products of P = V diag(1/σ) VᵀX stay in range: the kept σ_i ≥ 1e-7·σ_1 (the Gram's
+# resolution) and their reciprocals are normal float32 numbers for σ_1 in [2^-50, 2^50]
+APPLY_SAFE = (2.0**-100, 2.0**100)
+
+
+def _apply_unsafe(X: Tensor, lam: Tensor) -> bool:
+    """Whether the float32 products that apply C^{-1/2} to X need X at unit scale: σ_1 outside APPLY_SAFE (a
+    gradient of 1e-30 or 1e30, whose σ_i or 1/σ_i would underflow or overflow float32). Read on the host on a CPU
+    (free there); an accelerator scales without looking, as the estimators do (_scale.needs_scaling)."""
+    if needs_scaling(X):
+        return True
+    lo, hi = torch.aminmax(lam[..., -1])
+    return not (APPLY_SAFE[0] <= lo.item() and hi.item() <= APPLY_SAFE[1])
 
 
 def _gram_job(G: Tensor, dtype: torch.dtype, rcond: float, nuclear_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -209,6 +227,7 @@ def _auto_method(G: Tensor, tol: float | None, dtype: torch.dtype | None = None)
     return "gram"
 
 
+@without_graph
 def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_coefficients=KELLER_COEFFICIENTS,
           eps: float = 1e-7, tol: float | None = None, dtype: torch.dtype | None = None,
           rcond: float | None = None, restart: int | None = None) -> Tensor:
@@ -243,6 +262,9 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     if method == "auto":
         method = _auto_method(G, tol, dtype)
         _check_auto_choice("polar", method, tol, dtype, rcond)
+        if restart is not None and method != "gram_newton_schulz":
+            raise ValueError(f"polar: restart applies to 'gram_newton_schulz'; method='auto' chose {method!r} here "
+                             f"(tol={tol}, shape {tuple(G.shape[-2:])}): drop restart, or pass method='gram_newton_schulz'")
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "svd":
@@ -260,6 +282,7 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
 
 
 EXACT_DTYPES = (torch.float32, torch.float64)  # what SVD and eigh compute in
+MAX_NS_STEPS = 99  # as the optimizers' ns_steps: float32 Polar Express converges in ~10, so more is a mistake
 ITERATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -268,8 +291,9 @@ def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, d
     def number(x) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-    if ns_steps is not None and (not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or ns_steps < 1):
-        raise ValueError(f"{fn}: ns_steps must be an integer ≥ 1 (or None for the method's default), got {ns_steps!r}")
+    if ns_steps is not None and (not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 1 <= ns_steps <= MAX_NS_STEPS):
+        raise ValueError(f"{fn}: ns_steps must be an integer in 1..{MAX_NS_STEPS} (or None for the method's default), "
+                         f"got {ns_steps!r}")
     if not number(eps) or eps < 0:
         raise ValueError(f"{fn}: eps must be a finite number ≥ 0, got {eps!r}")
     if tol is not None and (not number(tol) or tol <= 0):
@@ -299,6 +323,10 @@ def _check_iteration_options(method: str, ns_steps, restart) -> None:
         raise ValueError(f"polar: restart applies to method='gram_newton_schulz' only, not {method!r} (drop restart)")
     if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
         raise ValueError(f"polar: restart must be an int ≥ 1 (the step that rebuilds the Gram) or None, got {restart!r}")
+    steps = len(GRAM_NS_COEFFICIENTS) if ns_steps is None else ns_steps
+    if restart >= steps:
+        raise ValueError(f"polar: restart={restart} is out of range for {steps} steps (it rebuilds the Gram before step "
+                         f"`restart`, counted from 0: 1..{steps - 1}); lower it or raise ns_steps")
 
 
 def _check_auto_choice(fn: str, method: str, tol, dtype, rcond) -> None:
@@ -309,6 +337,7 @@ def _check_auto_choice(fn: str, method: str, tol, dtype, rcond) -> None:
     _check_options(fn, method, dtype=dtype, rcond=rcond)
 
 
+@without_graph
 def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dtype | None = None,
                             rcond: float | None = None) -> tuple[Tensor, Tensor]:
     """(polar(G), ‖G‖_*) from one decomposition, so an optimizer gets nr(G) at no extra cost.
@@ -331,6 +360,7 @@ def _check_exact_method(method: str, fn: str) -> None:
         raise ValueError(f"{fn}: method must be 'gram' or 'svd', got {method!r}")
 
 
+@without_graph
 def polar_later(mats: Sequence[Tensor], method: str = "auto", *, ns_steps: int | None = None,
                 ns_coefficients=KELLER_COEFFICIENTS, eps: float = 1e-7, tol: float | None = None,
                 dtype: torch.dtype | None = None, rcond: float | None = None, restart: int | None = None,
@@ -349,6 +379,7 @@ def polar_later(mats: Sequence[Tensor], method: str = "auto", *, ns_steps: int |
     return _started(mats, "polar_later", now, method, tol, dtype, rcond, nuclear=False, check=check)
 
 
+@without_graph
 def polar_with_nuclear_norm_later(mats: Sequence[Tensor], method: str = "gram", *, dtype: torch.dtype | None = None,
                                   rcond: float | None = None, check: bool = True) -> Callable[[], list[tuple[Tensor, Tensor]]]:
     """`polar_with_nuclear_norm` of each tensor of a list, started now and collected by calling the result (a
