@@ -351,3 +351,16 @@ def test_compare_does_not_replace_a_comparison_unasked(finished, cli, tmp_path):
 def test_an_empty_run_name_is_named_not_taken_for_the_current_folder(finished, cli):
     rc, _, err = cli("compare", finished, "")
     one_line_error(rc, err, "a run named '' (empty)")
+
+
+@pytest.mark.parametrize("argv, names", [
+    (("sweep", "random-features", "--grid", "seed=0,1", "dim=8,16"), ("dim=8,16", "repeat --grid or --set before each")),
+    (("run", "random-features", "--set", "steps=1", "dim=8"), ("dim=8", "repeat --set before each")),
+    (("diagnose", "--exclude", "layers.0", "layers.1"), ("layers.1", "--exclude")),
+])
+def test_several_values_after_one_repeatable_flag_say_to_repeat_it(cli, tmp_path, argv, names):
+    """`--grid a=1,2 b=3,4` reads like two values of one flag; click said only "unexpected extra argument", now the
+    line says to repeat the flag. Nothing runs."""
+    rc, _, err = cli(*argv, "--out", tmp_path)
+    one_line_error(rc, err, *names)
+    assert not any(tmp_path.iterdir())

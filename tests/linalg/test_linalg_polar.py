@@ -283,3 +283,32 @@ def test_the_fast_backend_stays_within_what_auto_promises_on_low_rank_inputs():
         G = torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
         worst = max(worst, float(L.polar_error(G, L.polar(G, tol=FAST_BACKEND_ERROR), 0.1)))
     assert worst < FAST_BACKEND_ERROR
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda G: L.gram_newton_schulz(G, dtype=torch.int32), "dtype=torch.int32 is not one the iteration computes in"),  # was all zeros
+    (lambda G: L.newton_schulz(G, dtype=torch.complex64), "dtype=torch.complex64 is not one"),  # was a complex factor
+    (lambda G: L.polar_express(G, eps=float("nan")), "eps must be a finite number ≥ 0"),  # was NaN
+    (lambda G: L.polar_express(G, eps=-1.0), "eps must be a finite number ≥ 0"),
+    (lambda G: L.gram_newton_schulz(G, restart=-1), r"restart must be None or an int in 1\.\.3"),  # was ignored
+    (lambda G: L.gram_newton_schulz(G, restart="2"), r"restart must be None or an int in 1\.\.3"),
+    (lambda G: L.gram_newton_schulz(G, schedule=[]), r"needs 1\.\.99 steps, got 0"),  # was the scaled start
+    (lambda G: L.newton_schulz(G, ns_steps=2.5), r"ns_steps must be an integer in 1\.\.99"),  # "can't multiply sequence"
+    (lambda G: L.polar_express(G, ns_steps=10**9), r"needs 1\.\.99 steps"),  # a list of 10⁹ steps
+    (lambda G: L.nuclear_norms([G.int()[None]], check=False), r"mats\[0\] has shape \(1, 40, 70\)"),  # a shape mismatch deep in torch
+    (lambda G: L.nuclear_norms([torch.ones(256, 300, dtype=torch.int32), G.to(torch.complex64)], check=False), "complex"),
+    (lambda G: L.polar_later([G.to(torch.complex64)], "gram", check=False), r"polar_later: mats\[0\] is complex"),
+])
+def test_raw_kernels_and_unscanned_lists_refuse_options_and_kinds_that_gave_wrong_results(call, says):
+    """The raw kernels check their options (Python comparisons: no entry read) and `check=False` skips the NaN/Inf
+    scan only; each case was a silent wrong result, an ignored option or an obscure error deep in torch."""
+    with pytest.raises(ValueError, match=says):
+        call(torch.randn(40, 70))
+
+
+def test_unscanned_integer_lists_are_computed_as_float32():
+    """check=False once sent int matrices to torch.finfo (a TypeError); they are float32 as with the scan."""
+    M = torch.randint(-3, 4, (256, 300), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    ref = torch.linalg.matrix_norm(M.double(), "nuc")
+    assert torch.allclose(L.nuclear_norms([M], check=False), ref.reshape(1), rtol=1e-6)
+    assert torch.allclose(L.polar_later([M], "gram", check=False)()[0].double(), L.polar(M.double(), "svd"), atol=1e-4)

@@ -115,6 +115,11 @@ def _usage_line(e) -> str:
     ctx = getattr(e, "ctx", None)
     if type(e).__name__ == "NoSuchOption" and ctx is not None:
         message = _unknown_option(e.option_name, ctx.command)
+    if message.startswith("Got unexpected extra argument") and ctx is not None:  # `--grid a=1,2 b=3,4`
+        many = [o for p in ctx.command.params if getattr(p, "multiple", False) for o in getattr(p, "opts", []) if o.startswith("--")]
+        if many:
+            message += (f" (an option given several values takes one per flag: repeat {' or '.join(many)} before each, "
+                        f"e.g. `{many[0]} A {many[0]} B`)")
     sub = [a for a in sys.argv[1:2] if not a.startswith("-")]
     command = ctx.command_path if ctx is not None else " ".join(["specscope", *sub])
     return f"{message}; see `{command} --help`"

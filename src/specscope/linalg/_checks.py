@@ -9,6 +9,8 @@ gradients once per step instead). A list (`check_tensors`) is read once: one sum
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from itertools import pairwise
 
 import torch
@@ -34,6 +36,26 @@ def _no_grad_collector(collect):
         with torch.no_grad():
             return collect()
     return run
+
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  # what the raw polar kernels compute in
+MAX_STEPS = 99  # ns_steps, as the optimizers allow: float32 Polar Express converges in ~10
+
+
+def check_kernel_options(fn: str, *, eps, dtype, steps: int, restart=None) -> None:
+    """One ValueError for a raw polar kernel's option that would give a wrong result silently (an integer dtype's
+    all-zero factor, a complex one, a NaN eps) or be ignored (an empty schedule, a restart outside the steps).
+    Python comparisons only: the kernels are on the optimizers' hot path."""
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"{fn}: dtype={dtype} is not one the iteration computes in; use one of "
+                         + ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES))
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{fn}: eps must be a finite number ≥ 0, got {eps!r}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{fn}: the iteration needs 1..{MAX_STEPS} steps, got {steps}")
+    if restart is not None and (isinstance(restart, bool) or not isinstance(restart, numbers.Integral) or not 1 <= restart < steps):
+        raise ValueError(f"{fn}: restart must be None or an int in 1..{steps - 1} (the step, counted from 0, before "
+                         f"which the Gram is rebuilt), got {restart!r}")
 
 
 def check_tensor(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_structure
+from ._checks import check_kernel_options, check_structure
 from ._scale import in_safe_range, needs_scaling, pow2_scale, scaled_to
 from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 
@@ -138,6 +138,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     restart, 0.005 with; five 0.013 vs 0.0045; four 0.0065 vs 0.0037 (not worth two n-sized products).
     """
     G = check_structure(G, "gram_newton_schulz", "G")  # shape and kind only: NaN/Inf is `polar`'s check
+    check_kernel_options("gram_newton_schulz", eps=eps, dtype=dtype, steps=len(schedule), restart=restart)
     if restart is None and len(schedule) > 4:
         restart = 2
     tall = G.shape[-2] > G.shape[-1]

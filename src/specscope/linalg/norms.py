@@ -203,12 +203,13 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
         raise ValueError(f"nuclear_norms: unknown method {method!r}; choose one of {NUCLEAR_METHODS}")
     check_nuclear_tol(tol, "nuclear_norms")
     check_gram_dtype(dtype, "nuclear_norms")
-    if check:
-        mats = check_tensors(mats, "nuclear_norms")
-        if any(G.ndim != 2 for G in mats):
-            i = next(i for i, G in enumerate(mats) if G.ndim != 2)
-            raise ValueError(f"nuclear_norms: mats[{i}] has shape {tuple(mats[i].shape)}; pass 2-D matrices "
-                             "(list(batch.unbind()) for a batch)")
+    # check=False skips the scan of the entries for NaN/Inf only: the structure is checked either way (no entry read)
+    mats = check_tensors(mats, "nuclear_norms") if check else [
+        check_structure(G, "nuclear_norms", f"mats[{i}]") for i, G in enumerate(as_list(mats, "nuclear_norms"))]
+    if any(G.ndim != 2 for G in mats):
+        i = next(i for i, G in enumerate(mats) if G.ndim != 2)
+        raise ValueError(f"nuclear_norms: mats[{i}] has shape {tuple(mats[i].shape)}; pass 2-D matrices "
+                         "(list(batch.unbind()) for a batch)")
     if not mats:
         empty = torch.zeros(0, dtype=torch.float64)
         return lambda: empty

@@ -14,13 +14,15 @@ as zero: the exact ones map them to exactly 0, the estimators to ≈ p'(0)·σ_i
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from ._checks import check_structure, check_tensor, check_tensors, smaller_gram, without_graph, work_dtype
+from ._checks import (MAX_STEPS as MAX_NS_STEPS, as_list, check_kernel_options, check_structure, check_tensor, check_tensors,
+                      smaller_gram, without_graph, work_dtype)
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from ._scale import gram_scale, in_safe_range, needs_scaling, pow2_scale, scaled_to
 from . import lapack, workers
@@ -107,6 +109,8 @@ def newton_schulz(G: Tensor, ns_steps: int = 5, ns_coefficients=KELLER_COEFFICIE
     than at 1, so |u_iᵀPv_i − 1| is ~0.3 at 0.1·σ_1 and ~1 at 1e-3·σ_1 (docs/linalg.md). Zero singular
     values stay exactly 0 (the iteration is an odd polynomial). Unchecked for NaN/Inf (`polar` checks)."""
     G = check_structure(G, "newton_schulz", "G")
+    _check_steps("newton_schulz", ns_steps)
+    check_kernel_options("newton_schulz", eps=eps, dtype=dtype, steps=ns_steps)
     return _odd_quintic_iteration(G, _coefficient_schedule(ns_coefficients, ns_steps), eps, dtype, 1.0)
 
 
@@ -116,7 +120,14 @@ def polar_express(G: Tensor, ns_steps: int = 5, eps: float = 1e-7, dtype: torch.
     Same cost per step as Newton–Schulz, much smaller error for small singular values (docs/linalg.md).
     Unchecked for NaN/Inf (`polar` checks)."""
     G = check_structure(G, "polar_express", "G")
+    _check_steps("polar_express", ns_steps)
+    check_kernel_options("polar_express", eps=eps, dtype=dtype, steps=ns_steps)
     return _odd_quintic_iteration(G, _coefficient_schedule(POLAR_EXPRESS_COEFFICIENTS, ns_steps), eps, dtype, 1.01)
+
+
+def _check_steps(fn: str, ns_steps) -> None:
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral):  # numpy's ints too
+        raise ValueError(f"{fn}: ns_steps must be an integer in 1..{MAX_NS_STEPS}, got {ns_steps!r}")
 
 
 def _wide(G: Tensor) -> tuple[Tensor, bool]:
@@ -282,7 +293,6 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
 
 
 EXACT_DTYPES = (torch.float32, torch.float64)  # what SVD and eigh compute in
-MAX_NS_STEPS = 99  # as the optimizers' ns_steps: float32 Polar Express converges in ~10, so more is a mistake
 ITERATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
@@ -393,7 +403,8 @@ def polar_with_nuclear_norm_later(mats: Sequence[Tensor], method: str = "gram", 
 def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: float | None,
              dtype: torch.dtype | None, rcond: float | None, nuclear: bool, check: bool) -> Callable[[], list]:
     """Check every item, compute the ones not pooled now (`_pooled`), queue the pooled `gram` ones."""
-    mats = check_tensors(mats, fn) if check else list(mats)
+    mats = check_tensors(mats, fn) if check else [check_structure(G, fn, f"mats[{i}]")  # no entry read
+                                                 for i, G in enumerate(as_list(mats, fn, "mats"))]
     if method not in METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
     _check_options(fn, method, tol=tol, dtype=dtype, rcond=rcond)

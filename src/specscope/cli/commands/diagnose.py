@@ -127,14 +127,14 @@ def load_factory(spec: str, seed: int):
 
 
 def parse_split(items: list[str]) -> dict:
-    """--split PATTERN=q,k,v (equal row blocks) or PATTERN=q:64,k:64,v:64 (rows each) -> Monitor(split=...)."""
+    """--split PATTERN=q,k,v (equal output blocks) or PATTERN=q:64,k:64,v:64 (outputs each) -> Monitor(split=...)."""
     out: dict = {}
     for item in items:
         pattern, sep, rest = item.partition("=")
         parts = [p.strip() for p in rest.split(",") if p.strip()]
         sized = [p for p in parts if ":" in p]
         if not sep or not pattern or len(parts) < 2 or 0 < len(sized) < len(parts):
-            raise ConfigError(f"--split {item!r}: use PATTERN=q,k,v (equal row blocks) or PATTERN=q:64,k:64,v:64 (rows of each)")
+            raise ConfigError(f"--split {item!r}: use PATTERN=q,k,v (equal output blocks) or PATTERN=q:64,k:64,v:64 (outputs of each)")
         if not sized:
             out[pattern] = parts
             continue
@@ -209,7 +209,7 @@ def diagnose(
     seed: int = typer.Option(0, "--seed", help="Seed of the model and the data."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     estimator: str = typer.Option("gram", "--estimator", help="st(A) estimator: gram (default, certified within 1e-4), power or exact."),
-    split: list[str] = typer.Option([], "--split", help="Measure a fused weight's row blocks apart: PATTERN=q,k,v or PATTERN=q:64,k:64,v:64 (repeatable)."),
+    split: list[str] = typer.Option([], "--split", help="Measure a fused weight's output blocks apart (its rows; a Conv1D's columns): PATTERN=q,k,v or PATTERN=q:64,k:64,v:64 (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Module name pattern (fnmatch) not to measure (repeatable)."),
 ) -> None:
     """Train a model for a few steps with the probe; print st(A), nr(G), nr/st and a verdict per weight."""
