@@ -3,7 +3,7 @@
 Ranks (REFERENCE §1), norms, polar-factor backends and subspace tools. Every function takes tensors
 [..., m, n] (CPU or CUDA), computes half-precision input in float32/float64, and raises ValueError naming
 the function and the problem on non-finite, empty, complex, sparse or meta input (the raw polar kernels check
-shape and kind only: see docs/linalg.md). The polar backends and the nuclear norms of lists build no autograd graph
+shape, kind and options only: see docs/linalg.md). The polar backends and the nuclear norms of lists build no autograd graph
 (docs/linalg.md "No autograd"); the raw kernels are plain, differentiable torch products.
 """
 from .norms import (
