@@ -312,3 +312,16 @@ def test_unscanned_integer_lists_are_computed_as_float32():
     ref = torch.linalg.matrix_norm(M.double(), "nuc")
     assert torch.allclose(L.nuclear_norms([M], check=False), ref.reshape(1), rtol=1e-6)
     assert torch.allclose(L.polar_later([M], "gram", check=False)()[0].double(), L.polar(M.double(), "svd"), atol=1e-4)
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda: L.principal_angles(torch.randn(4, 6), torch.randn(4, 2)), "more columns than rows"),  # returned angles
+    (lambda: L.principal_angles(torch.randn(2, 10, 3), torch.randn(3, 10, 2)), "batch shapes .* do not broadcast"),
+    (lambda: L.spectral_norm(torch.randn(3, 4, 6), torch.randn(2, 4)), r"v0 \(2, 4\) does not match A's batch"),
+    (lambda: L.stable_rank(torch.randn(5, 6), iters=0), "iters and v0 apply to method='power'"),  # were ignored
+    (lambda: L.stable_rank(torch.randn(5, 6), v0=torch.randn(3)), "iters and v0 apply to method='power'"),
+    (lambda: L.stable_rank_from_gram(torch.tensor([[0.0, 1.0], [1.0, 0.0]])), "negative eigenvalue"),  # returned 0
+])
+def test_subspace_and_rank_inputs_that_gave_an_answer_or_a_torch_error_are_one_clear_error(call, says):
+    with pytest.raises(ValueError, match=says):
+        call()

@@ -58,7 +58,11 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
         if v0.shape[-1] != k:
             raise ValueError(f"spectral_norm: v0 has length {v0.shape[-1]} but A {tuple(A.shape)} needs min(m, n) = {k}; "
                              f"pass the v returned by the previous call on a matrix of the same shape")
-        v = v0.to(device=X.device, dtype=dt).expand(*X.shape[:-2], k).clone()
+        try:
+            v = v0.to(device=X.device, dtype=dt).expand(*X.shape[:-2], k).clone()
+        except RuntimeError:
+            raise ValueError(f"spectral_norm: v0 {tuple(v0.shape)} does not match A's batch {tuple(A.shape[:-2])}; pass one "
+                             f"start of length {k} for all, or one per matrix ([*batch, {k}]: the v the previous call returned)") from None
         zero = v.norm(dim=-1, keepdim=True) == 0  # a zero start finds nothing: those entries start as v0=None does
         v = torch.where(zero, _default_v0(X.shape[:-2], k, dt, X.device), v)
     v = v / v.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(dt).tiny)
@@ -108,8 +112,13 @@ def stable_rank_from_gram(C: Tensor) -> Tensor:
     Well conditioned: a float32 C gives st to ~1e-6 relative."""
     C = _check_gram(C, "stable_rank_from_gram")
     Cd = C.double()
-    top = torch.linalg.eigvalsh(Cd)[..., -1]
+    lam = torch.linalg.eigvalsh(Cd)
+    top = lam[..., -1]
     tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
+    # a Gram's eigenvalues are ≥ 0 up to its dtype's rounding (≈ k·eps·tr); far below that, C is no Gram
+    if bool((lam[..., 0] < -1e-3 * tr.clamp(min=0) - torch.finfo(C.dtype).tiny).any()):
+        raise ValueError("stable_rank_from_gram: C has a negative eigenvalue well beyond rounding, so it is no Gram "
+                         "matrix AᵀA (which is positive semidefinite); build it with linalg.gram(A)")
     out = torch.where(top > 0, tr / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
     return out.to(work_dtype(C))
 

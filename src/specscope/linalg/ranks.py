@@ -10,21 +10,25 @@ from .norms import spectral_norm
 from .spectra import nuclear_rank, stable_rank_exact
 
 
-def stable_rank(A: Tensor, *, method: str = "exact", iters: int = 20, v0: Tensor | None = None) -> Tensor:
+def stable_rank(A: Tensor, *, method: str = "exact", iters: int | None = None, v0: Tensor | None = None) -> Tensor:
     """st(A) = ‖A‖_F² / ‖A‖_2², shape A.shape[:-2]. 1 ≤ st ≤ rank(A); st(0) := 0 (rank of the zero matrix).
 
     method="exact": float64 eigenvalues of the smaller Gram (exact to float64 round-off).
-    method="power": ‖A‖_F² / σ̂_1² with σ̂_1 from `spectral_norm(A, v0, iters=iters)`; an estimator that
+    method="power": ‖A‖_F² / σ̂_1² with σ̂_1 from `spectral_norm(A, v0, iters=iters)` (iters default 20; both
+    options are the power method's: given with "exact" they are refused, not ignored); an estimator that
     over-estimates st by the relative factor (σ_1/σ̂_1)² ≈ 1 + O((σ_2/σ_1)^(2·iters)). Use spectral_norm
     directly to get the warm-start vector back.
     """
     A = check_tensor(A, "stable_rank", "A")
     if method == "exact":
+        if iters is not None or v0 is not None:
+            raise ValueError("stable_rank: iters and v0 apply to method='power'; method='exact' takes no start or "
+                             "iteration count (drop them, or pass method='power')")
         return stable_rank_exact(A).to(work_dtype(A))
     if method == "power":
         A = A.to(work_dtype(A))
         A = A * pow2_scale(A)  # exact, and st does not depend on scale: ‖A‖_F² of 1e20-scale float32 would overflow
-        sigma, _ = spectral_norm(A, v0, iters=iters)
+        sigma, _ = spectral_norm(A, v0, iters=20 if iters is None else iters)
         fro2 = A.square().sum((-2, -1))
         return torch.where(sigma > 0, fro2 / torch.where(sigma > 0, sigma, torch.ones_like(sigma)) ** 2, torch.zeros_like(fro2))
     raise ValueError(f"stable_rank: method must be 'exact' or 'power', got {method!r}")

@@ -31,6 +31,9 @@ def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
 
 
 def _orthonormal_basis(X: Tensor, name: str) -> Tensor:
+    if X.shape[-1] > X.shape[-2]:  # QR would give a basis of the whole space, and angles of a subspace there is not
+        raise ValueError(f"principal_angles: {name} {tuple(X.shape)} has more columns than rows, so its columns are "
+                         f"linearly dependent; pass a basis of at most {X.shape[-2]} columns (e.g. the leading singular vectors)")
     Q, R = torch.linalg.qr(X.double())
     d = R.diagonal(dim1=-2, dim2=-1).abs()
     if bool((d <= max(X.shape[-2:]) * torch.finfo(torch.float64).eps * d.amax(-1, keepdim=True).clamp(min=1e-300)).any()):
@@ -48,6 +51,11 @@ def principal_angles(U: Tensor, V: Tensor) -> Tensor:
     V = check_tensor(V, "principal_angles", "V")
     if U.shape[-2] != V.shape[-2]:
         raise ValueError(f"principal_angles: U {tuple(U.shape)} and V {tuple(V.shape)} must have the same number of rows")
+    try:
+        torch.broadcast_shapes(U.shape[:-2], V.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"principal_angles: the batch shapes of U {tuple(U.shape)} and V {tuple(V.shape)} do not broadcast; "
+                         "pass one V per U (or a single one of either)") from None
     Qu, Qv = _orthonormal_basis(U, "U"), _orthonormal_basis(V, "V")
     if Qv.shape[-1] > Qu.shape[-1]:
         Qu, Qv = Qv, Qu                      # the angles are symmetric; make Qv the narrower one
