@@ -28,6 +28,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from specscope.errors import ConfigError
@@ -84,7 +85,7 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
             s["geometry"] = 0
         elif deciding[i]:
             nuc = float(exact[i][1])
-            fro2 = float(D.float().square().sum())
+            fro2 = float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2  # D.square() overflows float32 beyond 1e19
             nr = nuc * nuc / fro2 if fro2 > 0 else 1.0
             s["geometry"] = choose(s.get("geometry"), nr / st, group["threshold"], group["hysteresis"])
             opt._records += [Record(metric="nuclear_rank", value=nr, estimator="gram", **rec),
@@ -140,7 +141,7 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
         if st is None:
             s["geometry"] = EUCLIDEAN_GEOMETRY
         elif step % group["every"] == 0 or "geometry" not in s:
-            fro2 = float(D.float().square().sum())
+            fro2 = float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2  # D.square() overflows float32 beyond 1e19
             nr = float(nuc) ** 2 / fro2 if fro2 > 0 else 1.0
             cr = l1_to_l2.column_rank(D, k)
             s["geometry"] = choose_among(s.get("geometry"), {SPECTRAL_GEOMETRY: nr / st, L1_TO_L2_GEOMETRY: cr / st},

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.linalg._checks import no_autocast
 from specscope.optim import _common, _distributed, _euclidean
 from specscope.records import Record
 
@@ -120,7 +121,7 @@ FOREIGN_OPTIONS = frozenset({"maximize", "amsgrad", "dampening", "foreach", "fus
                              "decoupled_weight_decay", "momentum_decay", "lr_decay", "initial_accumulator_value"})
 
 
-def check_group_keys(algorithm: str, group: dict[str, Any]) -> None:
+def check_group_keys(algorithm: str, group: dict[str, Any], optimizer_defaults: Mapping[str, Any] | None = None) -> None:
     """A ConfigError for a param-group key that is a typo of an option of the group's algorithm or an option of
     torch.optim's that it does not have; other keys (a "name", metadata a scheduler reads) stay, as in torch.optim."""
     known = set(ALGORITHMS[algorithm].defaults) | GROUP_KEYS | {"params", "param_names", "algorithm"}
@@ -128,6 +129,16 @@ def check_group_keys(algorithm: str, group: dict[str, Any]) -> None:
         if key in known or key in _common.SCHEDULER_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
+        # a group as given (`optimizer_defaults`: before torch fills the optimizer's defaults into it) holding another
+        # algorithm's option (Muon's stacked in a SpecGD group), which this one would ignore
+        others = set() if optimizer_defaults is None else (
+            set().union(*(a.defaults for a in ALGORITHMS.values())) - known - set(optimizer_defaults))
+        theirs = [key] if key in others else difflib.get_close_matches(key, sorted(others), n=1, cutoff=0.8)
+        if theirs and not close:
+            owners = sorted(name for name, a in ALGORITHMS.items() if theirs[0] in a.defaults)
+            raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}"
+                              + (f" ({theirs[0]!r} is one of {', '.join(owners)})" if theirs[0] != key else f" but of {', '.join(owners)}")
+                              + f"; its options are {sorted(known - {'params', 'param_names'})}")
         if key in FOREIGN_OPTIONS or close:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
@@ -184,7 +195,7 @@ class Hybrid(Optimizer):
         if "lr" not in group and ("lr" not in self.defaults or alg != own):
             raise ConfigError(f"a param group with algorithm={alg!r} needs an 'lr' (in the group or, for "
                               f"{own!r} groups, as the optimizer's lr=)")
-        check_group_keys(alg, group)
+        check_group_keys(alg, group, self.defaults)
         if alg != own:
             for key, value in ALGORITHMS[alg].defaults.items():
                 group.setdefault(key, value)
@@ -250,12 +261,13 @@ class Hybrid(Optimizer):
         if any(bad):
             name = flat[bad.index(True)][2]
             raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
-        for gi, group in enumerate(self.param_groups):
-            items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h and p.numel()]  # zero-size: nothing to step
-            if items:
-                params, names = [p for p, _ in items], [n for _, n in items]
-                grads = [p.grad for p in params]
-                ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
+        with no_autocast():  # a step inside torch.autocast: its float32 products stay float32
+            for gi, group in enumerate(self.param_groups):
+                items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h and p.numel()]  # zero-size: nothing to step
+                if items:
+                    params, names = [p for p, _ in items], [n for _, n in items]
+                    grads = [p.grad for p in params]
+                    ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
         self._bound_records()
         return loss
 

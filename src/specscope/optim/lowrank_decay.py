@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from specscope import linalg
 from specscope.errors import ConfigError, NonFiniteError
+from specscope.linalg._checks import no_autocast
 from specscope.linalg.polar import ITERATIVE_DTYPES
 from specscope.optim import _common, _distributed
 from specscope.optim.hybrid import FOREIGN_OPTIONS
@@ -125,8 +126,9 @@ class LowRankDecay(Optimizer):
             _, bad = _distributed.agree([True] * len(bad), bad, named[0][1].device)
             if any(bad):
                 raise NonFiniteError(f"non-finite weight in '{named[bad.index(True)][0]}' before LowRankDecay; nothing was changed")
-        for group in self.param_groups:
-            self._decay_group(group)
+        with no_autocast():  # inside torch.autocast the exact polar's float32 products would run in bfloat16
+            for group in self.param_groups:
+                self._decay_group(group)
         return loss
 
     def _decay_group(self, group: dict[str, Any]) -> None:
