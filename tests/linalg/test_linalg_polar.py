@@ -321,6 +321,7 @@ def test_unscanned_integer_lists_are_computed_as_float32():
     (lambda: L.stable_rank(torch.randn(5, 6), iters=0), "iters and v0 apply to method='power'"),  # were ignored
     (lambda: L.stable_rank(torch.randn(5, 6), v0=torch.randn(3)), "iters and v0 apply to method='power'"),
     (lambda: L.stable_rank_from_gram(torch.tensor([[0.0, 1.0], [1.0, 0.0]])), "negative eigenvalue"),  # returned 0
+    (lambda: L.singular_value_soft_threshold(torch.randn(4, 5), torch.tensor(1 + 1j)), "real tensor"),  # warned, dropped 1j
 ])
 def test_subspace_and_rank_inputs_that_gave_an_answer_or_a_torch_error_are_one_clear_error(call, says):
     with pytest.raises(ValueError, match=says):

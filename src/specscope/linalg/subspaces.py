@@ -13,8 +13,9 @@ def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
     The ideal effect of Low-Rank Decay (REFERENCE §3). tau ≥ 0: a float, or a tensor broadcast against
     W.shape[:-2] (one threshold per batch entry)."""
     W = check_tensor(W, "singular_value_soft_threshold", "W")
-    if not isinstance(tau, Tensor) and (isinstance(tau, bool) or not isinstance(tau, (int, float))):
-        raise ValueError(f"singular_value_soft_threshold: tau must be a number ≥ 0 or a tensor of them, got {tau!r}")
+    if (not isinstance(tau, Tensor) and (isinstance(tau, bool) or not isinstance(tau, (int, float)))) or (
+            isinstance(tau, Tensor) and (tau.is_complex() or tau.dtype == torch.bool)):  # a complex one lost its imaginary part
+        raise ValueError(f"singular_value_soft_threshold: tau must be a real number ≥ 0 or a real tensor of them, got {tau!r}")
     tau = torch.as_tensor(tau, dtype=torch.float64, device=W.device)
     if not bool(torch.isfinite(tau).all()) or bool((tau < 0).any()):
         raise ValueError(f"singular_value_soft_threshold: tau must be finite and ≥ 0, got {tau}")
