@@ -846,23 +846,21 @@ def test_a_weight_normed_convolution_keeps_its_kernel_a_kernel():
     assert v in groups["muon"] and g in groups["adamw"]
 
 
-@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])
-def test_mixtral_expert_stacks_are_named_as_stacks_and_the_rest_is_measured(experts):
-    """transformers 5 keeps Mixtral's experts as [experts, out, in] tensors, multiplied by torch._grouped_mm or one
-    expert at a time: unmeasured, with a reason that says so (it read "pass its inputs with monitor.observe" or "a
-    view the probe cannot map"); attention, router and embeddings are measured."""
+@pytest.mark.parametrize("experts", ["grouped_mm", "eager", "batched_mm"])
+def test_mixtral_expert_stacks_are_measured_per_expert_and_the_rest_too(experts):
+    """transformers 5 keeps Mixtral's experts as [experts, out, in] tensors, multiplied by torch._grouped_mm, one
+    expert at a time, or gathered per token into bmm: each expert is recorded under `…[e]` (they were unmeasured,
+    and the gathered route's reason called the stacks tables); attention, router and embeddings are measured too.
+    tests/probe/test_probe_experts.py checks the values against float64."""
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = T.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32,
-                          **({"experts_implementation": "eager"} if experts == "eager" else {}))
-    model, ids = T.MixtralForCausalLM(cfg), torch.randint(0, 128, (2, 16))
+                          num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=32)
+    model, ids = T.MixtralForCausalLM._from_config(cfg, experts_implementation=experts), torch.randint(0, 128, (2, 16))
     mon = Monitor(model)
     with warnings.catch_warnings(record=True), mon.step(0):
         model(input_ids=ids, labels=ids).loss.backward()
-    stacks = {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"}
-    assert set(mon.unmeasured) == stacks
-    assert all("experts of a" in mon.unmeasured[n] and "not a stack's experts" in mon.unmeasured[n] for n in stacks)
-    said = mon.unmeasured["model.layers.0.mlp.experts.down_proj"]
-    assert ("_grouped_mm" in said) == (experts == "grouped_mm") and ("one matrix at a time" in said) == (experts == "eager")
-    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate"} <= set(by(mon.pop_records(), "stable_rank"))
+    assert mon.unmeasured == {}
+    measured = set(by(mon.pop_records(), "stable_rank"))
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate"} <= measured
+    assert {f"model.layers.0.mlp.experts.{w}[{e}]" for w in ("gate_up_proj", "down_proj") for e in range(4)} <= measured

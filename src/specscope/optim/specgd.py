@@ -70,6 +70,8 @@ def _read(opt, source: Any, layer: str) -> float | None:
     try:
         st = _common.read_stable_rank(source, layer)
     except ConfigError as e:
+        if getattr(e, "final", False):  # the source's own answer about this layer (a stack of experts)
+            raise
         if layer in untracked:
             return None
         if getattr(source, "model", None) is None:

@@ -72,23 +72,29 @@ def param_groups(
 
     Roles first (probe.roles, as in the Muon recipe): embeddings, output heads and parameters that are
     not 2-D go to `euclidean`. A hidden 2-D weight goes to `spectral` when its verdict is "spectral" (for
-    a fused weight: every slice's). Everything else — "euclidean", "undecided", "unmeasured" — goes to
-    `euclidean`.
+    a fused weight: every slice's). A mixture-of-experts stack measured per expert goes, when every expert's
+    verdict is "spectral" and `spectral` is "muon", to a third group with stacked=True (each expert
+    orthogonalized on its own). Everything else — "euclidean", "undecided", "unmeasured" — goes to `euclidean`.
     """
     verdicts = dict(zip(table["layer"], table["verdict"]))
     slots = list(slots)
     slot_names = {id(s.param): s.names() for s in slots}
+    stacks = {id(s.param) for s in slots if s.kind == "experts"}
     roles = R.static_roles(model)
     roles.update({id(s.param): s.role for s in slots})
-    groups = {spectral: ([], []), euclidean: ([], [])}
+    stacked = (spectral, True)
+    groups = {spectral: ([], []), stacked: ([], []), euclidean: ([], [])}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
         names = slot_names.get(id(p), [])
-        structural = p.dim() != 2 or roles.get(id(p), "hidden") != "hidden"
+        stack = id(p) in stacks and spectral == "muon"
+        structural = (p.dim() != 2 and not stack) or roles.get(id(p), "hidden") != "hidden"
         is_spectral = not structural and bool(names) and all(verdicts.get(n) == "spectral" for n in names)
-        params, pnames = groups[spectral if is_spectral else euclidean]
+        params, pnames = groups[(stacked if stack else spectral) if is_spectral else euclidean]
         params.append(p)
         pnames.append(parameter_name(pname))
-    opts = {spectral: spectral_options or {}, euclidean: euclidean_options or {}}
-    return [{"algorithm": alg, "params": ps, "param_names": ns, **opts[alg]} for alg, (ps, ns) in groups.items() if ps]
+    opts = {spectral: spectral_options or {}, stacked: {**(spectral_options or {}), "stacked": True},
+            euclidean: euclidean_options or {}}
+    return [{"algorithm": alg if isinstance(alg, str) else alg[0], "params": ps, "param_names": ns, **opts[alg]}
+            for alg, (ps, ns) in groups.items() if ps]

@@ -34,7 +34,7 @@ from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
-from specscope.probe.pairing import Interleaved, Slot, tracked_slots
+from specscope.probe.pairing import Interleaved, Slot, expert_name, tracked_slots
 from specscope.probe import watch as W
 from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
@@ -391,6 +391,15 @@ class Monitor:
         fused = next((s for s in self.slots.values() if s.name == name and s.split is not None), None)
         if fused is not None:
             return self._latest_st.get(fused.names()[0])
+        stack = next((s for s in self.slots.values() if s.name == name and s.kind == "experts"), None)
+        if stack is not None:
+            err = ConfigError(f"'{name}' is a stack of {stack.param.shape[0]} experts, measured expert by expert "
+                              f"('{stack.names()[0]}' …), each with the rows routed to it: there is no one st(A) of the "
+                              "stack. Ask for one expert's; an optimizer that scales a step by st(A) (SpecGD, AutoGeometry) "
+                              "takes the stack as one matrix — give the stack to Muon with stacked=True, or to AdamW "
+                              "(spectral_param_groups does)")
+            err.final = True  # an answer about this weight, not a name the caller should look up elsewhere
+            raise err
         if name not in self.layers:
             raise ConfigError(f"no tracked weight named '{name}'; known: {self.layers}")
         return None
@@ -492,8 +501,10 @@ class Monitor:
         if D.world_size() == 1:
             return None
         slots = list(self.slots.values())
-        local = torch.tensor([[s.stats.rows if s.stats is not None else 0, s.tokens.rows if s.tokens is not None else 0,
-                               s.stats is None, s.tokens is None, bool(s.problem)] for s in slots], dtype=torch.float64,
+        experts = [s.kind == "experts" for s in slots]  # a stack's statistics are its experts'
+        local = torch.tensor([[sum(b.rows for b in s.block_stats.values()) if x else s.stats.rows if s.stats is not None else 0,
+                               s.tokens.rows if s.tokens is not None else 0, not s.block_stats if x else s.stats is None,
+                               s.tokens is None, bool(s.problem)] for s, x in zip(slots, experts)], dtype=torch.float64,
                              device=_reduce_device(slots))
         (total,) = D.all_reduce_sum([local])
         out = {}
@@ -515,19 +526,30 @@ class Monitor:
         for s in self.slots.values():  # added to activations or used through exp(W), never multiplied: a table
             if s.kind == "" and R.used_as_table(s.other_ops):
                 s.role = "embedding"
+            elif s.kind == "experts":  # a stack of hidden matrices, not a [1, tokens, d] table
+                s.role = "hidden"
         active = []  # (slot, output range or None for the weight's own input, statistics)
         for s in self.slots.values():
             s.check_ranges()
         rows_of = self._global_rows()
         for s in self.slots.values():
+            if s.kind == "experts":
+                active += self._expert_stats(s, rows_of is not None) if not s.problem else []
+                continue
             st = self._active_stats(s, rows_of and rows_of[id(s)])
             if st is not None and not s.problem:
                 active.append((s, None, st))
                 active += [(s, r, b) for r, b in s.block_stats.items() if s.slice_range and r != s.main_range and b.rows > 0]
+        sizes = [len(st.tensors()) for *_, st in active]
         flat = [t for *_, st in active for t in st.tensors()]
         rows = torch.tensor([st.rows for *_, st in active], dtype=torch.float64,
                             device=_reduce_device(list(self.slots.values())) if rows_of is not None else None)
         *flat, rows = D.all_reduce_sum(flat + [rows])
+        if rows_of is not None and any(s.kind == "experts" for s, *_ in active):  # an expert no rank routed a row to
+            keep = [s.kind != "experts" or r > 0 for (s, *_), r in zip(active, rows.tolist())]
+            at = [0, *itertools.accumulate(sizes)]
+            flat = [t for i, k in enumerate(keep) if k for t in flat[at[i]:at[i + 1]]]
+            active, rows = [a for a, k in zip(active, keep) if k], rows[torch.tensor(keep, device=rows.device)]
         i = 0
         for *_, st in active:
             k = len(st.tensors())
@@ -551,6 +573,16 @@ class Monitor:
         return out
 
     @staticmethod
+    def _expert_stats(s: Slot, distributed: bool) -> list:
+        """(slot, block, statistics) of the experts of a stack that were routed rows in this step; under torch.distributed
+        every expert's, those with none given an empty batch, so that each rank reduces the same tensors."""
+        if distributed:
+            for st in s.block_stats.values():
+                if st.rows == 0:
+                    st.add(torch.zeros(0, s.n_features, device=s.param.device))
+        return [(s, r, s.block_stats[r]) for r in sorted(s.block_stats) if distributed or s.block_stats[r].rows > 0]
+
+    @staticmethod
     def _input_of(inputs: dict, s: Slot, name: str) -> _Inputs | None:
         """st(A) for a recorded weight or slice: its output block's own input where blocks differ."""
         block = s.slice_range.get(name)
@@ -572,8 +604,10 @@ class Monitor:
                     "input, never multiplied as an operator (learned positions, a class token, a relative-position table, a "
                     "bare-parameter lookup): routed as an embedding, it has no input matrix")
         if s.other_ops & STACK_PRODUCTS and s.param.dim() >= 3:
-            return (f"multiplied by {', '.join(sorted(s.other_ops))} as a stack of matrices {list(s.param.shape)} (the experts "
-                    "of a mixture-of-experts layer): the probe measures whole weight matrices, not a stack's experts")
+            return (f"multiplied by {', '.join(sorted(s.other_ops))} as a stack of matrices {list(s.param.shape)} in a way the "
+                    "probe cannot split by expert: it measures a stack's experts where it sees each expert's rows — "
+                    "torch._grouped_mm with offsets, one expert at a time (W[e]), or W[expert_ids] then bmm (transformers' "
+                    "experts_implementation 'grouped_mm', 'eager', 'batched_mm')")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
         if s.inputs:  # a product was seen, with no rows
@@ -609,9 +643,9 @@ class Monitor:
         in, st(A), nr(G) and the rest per measured weight."""
         self.unmeasured.clear()
         for s in self.slots.values():
-            if id(s.param) not in inputs or id(s) not in grads.has_grad:
-                why = self.unmeasured[s.name] = (self._unmeasured_reason(s, id(s) in grads.has_grad) if id(s.param) not in inputs
-                                                 else NO_GRADIENT)
+            seen = id(s.param) in inputs or (s.kind == "experts" and not s.problem and any((id(s.param), r) in inputs for r in s.block_stats))
+            if not seen or id(s) not in grads.has_grad:
+                why = self.unmeasured[s.name] = self._unmeasured_reason(s, id(s) in grads.has_grad) if not seen else NO_GRADIENT
                 shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
                 self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
                 if s.name not in self._warned:
@@ -645,8 +679,8 @@ class Monitor:
                 self._history.setdefault(name, deque(maxlen=self._history_len)).append((step, a.st, nr))
         rows = G.shape[0]
         rec(Record(step, name, "grad_fro_norm", fro, estimator="exact", rows=rows, shape=gshape, flag=gflag))
-        if slot.param.dim() >= 3 and slot.kind != "conv":  # a stack of matrices (MoE experts [E, out, in]) seen by no
-            return  # convolution: its [E, out·in] flattening is no weight's gradient matrix, so it has no nr(G)
+        if slot.param.dim() >= 3 and slot.kind not in ("conv", "experts"):  # a stack of matrices (MoE experts [E, out, in])
+            return  # not measured per expert: its [E, out·in] flattening is no weight's gradient matrix, so it has no nr(G)
         rec(Record(step, name, "nuclear_rank", nr, estimator=nr_est, rows=rows, shape=gshape, flag=gflag))
         rec(Record(step, name, "grad_nuclear_norm", nuc, estimator=nr_est, rows=rows, shape=gshape, flag=gflag))
         if gflag:
@@ -762,7 +796,9 @@ class Monitor:
         differ = sorted(n for n in mine & set(shapes) - observed if tuple(shapes[n]) != tuple(by_name[n].param.shape))
         recorded = set(state["history"]) | set(state["latest_st"]) | set(state.get("latest_inputs") or ())  # recorded names
         warm = {k.partition("@")[0] for k in state["stats"]}  # by weight
-        unknown = sorted((recorded - set(self.layers) - observed) | (warm - set(self.layers) - set(by_name) - observed))
+        known = set(self.layers) | {expert_name(s.name, e) for s in by_name.values() if s.param.dim() == 3  # a stack measured
+                                    for e in range(s.param.shape[0])}  # per expert there, not yet here
+        unknown = sorted((recorded - known - observed) | (warm - known - set(by_name) - observed))
         if extra or (saved and missing and not observed):
             why = (f"it has layers {extra[:6]} that this Monitor has not" if extra else
                    f"this Monitor's layers {missing[:6]} are not in it")

@@ -83,6 +83,11 @@ def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Te
     return out_
 
 
+def expert_name(name: str, e: int) -> str:
+    """The recorded name of expert e of a stacked weight [E, ·, ·]: `…experts.gate_up_proj[3]`."""
+    return f"{name}[{e}]"
+
+
 def split_parts(spec) -> list[str]:
     return list(spec.parts if isinstance(spec, Interleaved) else spec)
 
@@ -94,7 +99,7 @@ class Slot:
     name: str
     param: nn.Parameter
     split: object = None
-    kind: str = ""  # "linear" | "conv" | "embedding" | "observed" once seen
+    kind: str = ""  # "linear" | "conv" | "embedding" | "experts" (a stack [E, ·, ·] measured per expert) | "observed" once seen
     n_features: int = 0
     out_dim: int = 0  # the parameter's dim that indexes outputs (1 for a weight stored [in, out])
     stats: object = None  # dense input statistics (persist across steps: warm starts)
@@ -115,14 +120,20 @@ class Slot:
         self.shape = tuple(self.param.shape)
 
     def grad_matrix(self, g: torch.Tensor) -> torch.Tensor:
-        """The gradient as a matrix in the weight's stored orientation (conv kernels flattened per output)."""
-        return g.to_dense().reshape(g.shape[0], -1)
+        """The gradient as a matrix in the weight's stored orientation (conv kernels flattened per output); a stack
+        of experts' matrices stays a stack [E, ·, ·]."""
+        return g.to_dense() if self.kind == "experts" else g.to_dense().reshape(g.shape[0], -1)
 
     def names(self) -> list[str]:
+        if self.kind == "experts":
+            return [expert_name(self.name, e) for e in range(self.param.shape[0])]
         return [f"{self.name}.{p}" for p in split_parts(self.split)] if self.split is not None else [self.name]
 
     def slices(self, G: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        """(name, gradient block) per recorded weight: the whole matrix, or the fused weight's slices."""
+        """(name, gradient block) per recorded weight: the whole matrix, the fused weight's slices, or a stack's
+        experts."""
+        if self.kind == "experts":
+            return [(expert_name(self.name, e), G[e]) for e in range(G.shape[0])]
         if self.split is None:
             return [(self.name, G)]
         out = []
@@ -147,7 +158,11 @@ class Slot:
 
     def check_ranges(self) -> None:
         """Output blocks used on different inputs (cross-attention's q vs kv rows) are not one A: each slice of
-        the split is measured with the input of the block that contains it; without such a split, a problem."""
+        the split is measured with the input of the block that contains it; without such a split, a problem.
+        A stack's expert e is block (e, e + 1), measured with the rows routed to it."""
+        if self.kind == "experts":
+            self.slice_range = {expert_name(self.name, e): (e, e + 1) for e in range(self.param.shape[0])}
+            return
         if len(self.inputs) < 2 or len({frozenset(k) for k in self.inputs.values()}) < 2:
             return
         if self.split is not None:

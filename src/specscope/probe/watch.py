@@ -72,6 +72,8 @@ class Watch:
         self.recompute = False
         self.fsdp_checked: set[int] = set()
         self.fsdp = sharded(model) if fsdp is None else fsdp
+        self.gathers: dict = {}  # id(W[expert_ids]) -> (slot, that tensor, expert_ids): a stack gathered per row
+        self.cast_experts: dict = {}  # id(a cast copy of W[e]) -> e (autocast on the per-expert route)
         self.aten = AtenWatch(self)
 
     def all_seen(self) -> bool:
@@ -107,7 +109,89 @@ class Watch:
             if s is None:
                 return self.other(op, args)
             return self.lookup(s, args[1], int(args[2]) if len(args) > 2 else -1)
+        if op is aten._grouped_mm and len(args) > 2 and self.grouped(*args[:3]):
+            return None
+        if op is aten.bmm and self.gathered_product(args[0], args[1]):
+            return None
         return self.other(op, args)
+
+    # -- the experts of a stack [E, ·, ·] (a mixture-of-experts layer), each measured with the rows routed to it --
+    def grouped(self, x: torch.Tensor, w: torch.Tensor, offs) -> bool:
+        """torch._grouped_mm(x, w, offs) with w a tracked stack (or its transpose) and x [rows, in] sorted by
+        expert: expert e multiplies rows offs[e-1]:offs[e] (transformers' experts_implementation="grouped_mm")."""
+        hit = resolve(w, self.slots, self.casts)
+        if hit is None or not isinstance(offs, torch.Tensor) or x.dim() != 2 or w.dim() != 3 or hit[1].dim() != 3:
+            return False
+        s, base = hit
+        if w.data_ptr() != base.data_ptr() or w.shape[0] != base.shape[0] or x.shape[-1] not in base.shape[1:]:
+            return False
+        ends = offs.tolist()  # one host read per grouped product of a measured step
+        for e, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
+            if hi > lo:
+                self.expert_rows(s, e, x[lo:hi])
+        return True
+
+    def gathered_product(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """torch.bmm with a stack's matrices gathered per row (`W[expert_ids]`, transformers'
+        experts_implementation="batched_mm"): W_s @ x_s ([S, out, in] @ [S, in, 1]) or x_s @ W_s ([S, 1, in] @
+        [S, in, out]); row s goes to expert expert_ids[s]."""
+        for W, x, col in ((a, b, True), (b, a, False)):
+            g = next((g for t in (W, W._base) if t is not None and (g := self.gathers.get(id(t))) is not None and g[1] is t), None)
+            if g is not None and x.dim() == 3 and x.shape[2 if col else 1] == 1 and x.shape[0] == g[2].shape[0]:
+                s, ids = g[0], g[2]
+                A = x[:, :, 0] if col else x[:, 0, :]
+                order = torch.argsort(ids, stable=True)
+                counts = torch.bincount(ids, minlength=s.param.shape[0]).tolist()
+                for e, rows in enumerate(A[order].split(counts)):
+                    if len(rows):
+                        self.expert_rows(s, e, rows)
+                return True
+        return False
+
+    def gather(self, args, out) -> None:
+        """Remember `W[expert_ids]` of a tracked stack W (aten.index on its first dim) for the bmm that follows."""
+        if len(args) < 2 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 3:
+            return
+        idx = args[1]
+        if not (isinstance(idx, (list, tuple)) and len(idx) == 1 and isinstance(idx[0], torch.Tensor) and idx[0].dim() == 1
+                and not idx[0].is_floating_point() and idx[0].dtype is not torch.bool):
+            return
+        hit = resolve(args[0], self.slots, self.casts)
+        if hit is None or hit[1].shape != args[0].shape or hit[1].data_ptr() != args[0].data_ptr():
+            return  # not the whole stack
+        self.gathers[id(out)] = (hit[0], out, idx[0].detach())
+        self.casts[id(out)] = (hit[0], out)  # the bmm that uses it touches the weight (ParamWatch hands it back watched)
+
+    def expert_cast(self, t: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
+        """Autocast's copy `out` of `t`: of one expert W[e] of a stack, or of a stack gathered per row, is that still."""
+        if base.dim() == 3 and (e := expert_of(base, t)) is not None:
+            self.cast_experts[id(out)] = e
+        g = self.gathers.get(id(base))
+        if g is not None and g[1] is base and t.shape == base.shape:
+            self.gathers[id(out)] = (g[0], out, g[2])
+
+    def expert_rows(self, s: Slot, e: int, x: torch.Tensor) -> None:
+        """Rows x [rows, in] that expert e of the stack s multiplied: added to that expert's statistics."""
+        if s.kind == "observed" or s.problem or (self.recompute and s.forward_seen):
+            return
+        s.forward_seen |= not self.recompute
+        if s.split is not None:
+            s.problem = "split= does not apply to a stack of experts, which the probe measures expert by expert; drop its split"
+            return
+        if _unreadable(s, x):
+            return
+        A = x.detach().reshape(-1, x.shape[-1])
+        key = input_key(A)
+        if not s.note_use("experts", A.shape[1], 0, (e, e + 1), key):
+            return
+        for k in range(s.param.shape[0]):  # every expert has statistics (and a warm start) once the stack is measured
+            if (k, k + 1) not in s.block_stats:
+                s.block_stats[(k, k + 1)] = self.new_stats("experts", A.shape[1])
+        stats = s.block_stats[(e, e + 1)]
+        if isinstance(stats, GramStats):
+            stats.add(A, None, key, source=x)
+        else:
+            stats.add(A)
 
     def lookup(self, s: Slot, ids: torch.Tensor, padding_idx: int) -> None:
         """An embedding lookup of `ids` in a tracked weight: counted (its row `padding_idx` gets no gradient)."""
@@ -153,6 +237,11 @@ class Watch:
     def pair_product(self, op, x: torch.Tensor, M: torch.Tensor) -> bool:
         """y = x @ M (2-D M): pair it when exactly one operand is a tracked weight; False when neither or both is."""
         hx, hm = resolve(x, self.slots, self.casts), resolve(M, self.slots, self.casts)
+        if hm is not None and hx is None and hm[0].param.dim() == 3 and id(hm[1]) not in self.gathers:
+            e = expert_of(hm[1], M) if hm[1].dim() == 3 else self.cast_experts.get(id(hm[1]))  # W[e], or autocast's copy of it
+            if e is not None and M.shape[0] == x.shape[-1]:  # x @ W[e].T (F.linear) or x @ W[e] (a stack stored [E, in, out])
+                self.expert_rows(hm[0], e, x)
+                return True
         if hm is not None and hx is None:
             self.dense(hm[0], x, operand_layout(hm[1], M), "linear", op)
             return True
@@ -257,13 +346,15 @@ class Watch:
                          if s.param.dim() >= 3 and kind == "linear" else
                          f"used by {str(op).removeprefix('aten.')} through a view the probe cannot map to its rows/columns")
             return
+        if s.param.dim() >= 3 and kind == "linear":  # a 2-D product with a matrix the probe could not map to one expert
+            s.problem = (f"multiplied through a 2-D matrix of the stack {list(s.param.shape)} that the probe cannot map to "
+                         "one expert (a copy of part of it?): it measures a stack's experts where it sees each expert's rows")
+            return
         out_dim, out_range, whole_input = layout
         if not whole_input:
             s.problem = "only some of its input features multiply this input (a column block of W used as inputs)"
             return
-        if not _readable(x):
-            s.problem = (f"multiplied a {type(x).__name__} input without storage of its own (a wrapper tensor subclass), which "
-                         f"the probe does not read; pass its inputs with monitor.observe('{s.name}', weight, inputs)")
+        if _unreadable(s, x):
             return
         A = x.detach().reshape(-1, x.shape[-1])  # detached: what follows records no graph
         entry = self.input(A)
@@ -304,8 +395,28 @@ class Watch:
         return entry
 
 
+def expert_of(base: torch.Tensor, M: torch.Tensor) -> int | None:
+    """e when the 2-D `M` is matrix e of the stack `base` [E, ·, ·] (`base[e]`, or its transpose), else None."""
+    if M.dim() != 2 or base.dim() != 3 or base.shape[0] == 0:
+        return None
+    offset, step = M.storage_offset() - base.storage_offset(), base.stride(0)
+    if step <= 0 or offset < 0 or offset % step or offset // step >= base.shape[0]:
+        return None
+    own = sorted(zip(base.shape[1:], base.stride()[1:]))
+    return offset // step if sorted(zip(M.shape, M.stride())) == own and M.untyped_storage().data_ptr() == base.untyped_storage().data_ptr() else None
+
+
 def _wrapped(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _unreadable(s: Slot, x: torch.Tensor) -> bool:
+    """Whether the input x of slot s cannot be read (then s has that problem)."""
+    if _readable(x):
+        return False
+    s.problem = (f"multiplied a {type(x).__name__} input without storage of its own (a wrapper tensor subclass), which "
+                 f"the probe does not read; pass its inputs with monitor.observe('{s.name}', weight, inputs)")
+    return True
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -330,10 +441,13 @@ class AtenWatch(TorchDispatchMode):
         op = func._overloadpacket
         self.watch.see(op, args, recompute=in_backward())
         out = func(*args, **kwargs)
+        if op is aten.index and torch.is_grad_enabled():  # W[expert_ids] of a stack, for the bmm that follows
+            self.watch.gather(args, out)
         if op is aten._to_copy and isinstance(args[0], torch.Tensor):  # autocast's copy of a weight
             hit = resolve(args[0], self.watch.slots, self.watch.casts)
             if hit is not None:
                 self.watch.casts[id(out)] = (hit[0], out)
+                self.watch.expert_cast(args[0], hit[1], out)
         return out
 
 
