@@ -26,7 +26,7 @@ POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_
 # Fallback for parameters no role was given to (hand-built groups): a dotted name component that can
 # only be an embedding or an LM head. Routing itself goes by role (probe.roles); "output" is not here,
 # since BERT's `attention.output.dense` is a hidden matrix.
-_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$)")
+_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$|^classifier$)")
 NON_HIDDEN_ATTR = "_specscope_non_hidden"
 
 
@@ -104,6 +104,16 @@ def is_non_hidden(p: Tensor, name: str) -> bool:
     return any(_NON_HIDDEN.search(part) for part in name.lower().split("."))
 
 
+HEAD_MODULES = frozenset({"head", "lm_head", "classifier"})
+
+
+def head_by_name(name: str) -> bool:
+    """Whether a parameter belongs to a module named as an output head (`…classifier.weight`, `head.weight`): what
+    routing by structure falls back to for a user's own head, which no structure marks."""
+    parts = name.lower().split(".")
+    return len(parts) >= 2 and parts[-2] in HEAD_MODULES
+
+
 def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorithm: str) -> None:
     """A spectral group holds only hidden matrices; anything else raises with the routing fix."""
     for p, name in zip(params, names):
@@ -145,7 +155,9 @@ def check_floating(params: Sequence[Tensor], names: Sequence[str]) -> None:
 def meta_error(name: str) -> ConfigError:
     """The error for a parameter (or gradient) on the meta device, which has no data to step."""
     return ConfigError(f"parameter '{name}' is on the meta device (no data), so it cannot be stepped; nothing was changed. "
-                       "Materialize the model first (model.to_empty(device=...), then initialize or load its weights)")
+                       "Materialize the model first (model.to_empty(device=...), then initialize or load its weights), and "
+                       "build the optimizer from the materialized model: to_empty() makes new tensors, and an optimizer "
+                       "built before it still holds the meta ones")
 
 
 def check_finite(named_grads: Iterable[tuple[str, Tensor]]) -> None:

@@ -188,6 +188,16 @@ class Hybrid(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
+        if not isinstance(group.get("params"), (Tensor, set, list, tuple)) and group.get("params") is not None:
+            group["params"] = list(group["params"])  # a generator (model.parameters()), read once
+        if self.param_groups and "param_names" in self.param_groups[0] and _unnamed(group.get("params")):
+            raise ConfigError(
+                "this optimizer's param groups are named (spectral_param_groups makes them so: its steps route, look st(A) "
+                "up and report by name), and the group added has bare tensors. Add (name, parameter) pairs with their "
+                "algorithm, e.g. add_param_group({'params': [(n, p), ...], 'algorithm': 'adamw', 'lr': ...}); to unfreeze "
+                "weights later (Lightning's BaseFinetuning adds bare tensors), build the groups with "
+                "spectral_param_groups(model, ..., include_frozen=True): frozen weights are then in their role's group "
+                "from the start and are stepped once they have gradients")
         own = self.defaults["algorithm"]
         alg = group.setdefault("algorithm", own)
         if alg not in ALGORITHMS:
@@ -249,7 +259,7 @@ class Hybrid(Optimizer):
             if p.grad is not None and (p.grad.layout != torch.strided or torch.is_complex(p.grad)):
                 raise ConfigError(f"parameter '{name}' has a {'complex' if torch.is_complex(p.grad) else 'sparse'} gradient, "
                                   "which specscope.optim does not support (nn.Embedding(..., sparse=False) gives a dense one)")
-            if p.grad is not None and (p.is_meta or p.grad.is_meta):
+            if p.is_meta or (p.grad is not None and p.grad.is_meta):  # an optimizer built before the model was materialized
                 raise _common.meta_error(name)
         with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
@@ -411,10 +421,13 @@ def spectral_param_groups(
     betas: tuple[float, float] = (0.9, 0.95),
     exclude: Iterable[str] = (),
     roles: Any = None,
+    include_frozen: bool = False,
     **options: Any,
 ) -> list[dict[str, Any]]:
     """Route a model by role: hidden ≥2-D matrices to `algorithm`; embeddings, output heads, gains,
     biases and names matching `exclude` to AdamW. Returns named param groups for `Hybrid`/`Muon`/...
+    Frozen parameters (requires_grad=False) are left out, as HF's Trainer leaves them; include_frozen=True routes them
+    too (no gradient, no step while frozen), for unfreezing them later (Lightning's BaseFinetuning).
 
     Roles (specscope.probe.roles): an embedding is looked up by index or tied to such a weight; the head
     produces the outputs. `roles`: a probe Monitor (roles seen on its measured steps, the head found from
@@ -464,7 +477,7 @@ def spectral_param_groups(
     hidden, stacks, rest = [], [], []
     for name, p in inner.named_parameters():
         name = _common.parameter_name(name)
-        if not p.requires_grad:
+        if not (p.requires_grad or include_frozen):
             continue
         if id(p) in experts and id(p) not in out:
             _common.mark_non_hidden(p, non_hidden=False)
@@ -472,7 +485,8 @@ def spectral_param_groups(
             continue
         if p.ndim >= 2:
             vector_stack = id(p) in vectors or "bias" in name.rsplit(".", 1)[-1].lower()
-            _common.mark_non_hidden(p, non_hidden=vector_stack or role_of.get(id(p), "hidden") != "hidden")
+            role = role_of.get(id(p))  # none from the structure: an output head of the user's own may still say so by name
+            _common.mark_non_hidden(p, non_hidden=vector_stack or (role != "hidden" if role else _common.head_by_name(name)))
         other = _common.is_non_hidden(p, name) or id(p) in out
         (rest if other else hidden).append((name, p))
     _warn_stacked(inner, rest, algorithm)
@@ -487,6 +501,12 @@ def spectral_param_groups(
         raise ConfigError(f"spectral_param_groups: {type(inner).__name__} has no trainable parameter (all have "
                           "requires_grad=False); unfreeze the weights to train, e.g. model.requires_grad_(True)")
     return groups
+
+
+def _unnamed(params: Any) -> bool:
+    """Whether a group's params are given as bare tensors (not (name, tensor) pairs)."""
+    items = [params] if isinstance(params, Tensor) else list(params) if isinstance(params, (list, tuple)) else []
+    return bool(items) and all(isinstance(p, Tensor) for p in items)
 
 
 def _expert_stacks(model: nn.Module) -> tuple[set[int], set[int]]:

@@ -133,7 +133,8 @@ class LowRankDecay(Optimizer):
 
     def _decay_group(self, group: dict[str, Any]) -> None:
         tau = group["lr"] * group["weight_decay"]
-        mode, params = group["mode"], group["params"]
+        mode = group["mode"]
+        params = [p for p in group["params"] if p.requires_grad]  # a frozen weight stays as it is (torch.optim's decay too)
         if tau == 0 and (mode != "elastic" or group["lr"] * group["l2"] == 0):
             return  # nothing to do (and an SVD round trip would not be bitwise the identity)
         if mode == "l2":
