@@ -630,3 +630,74 @@ def test_close_inside_a_measured_step_measures_nothing_more():
     with mon.step(1):
         model(torch.randn(16, 8)).square().mean().backward()
     assert mon.pop_records() == []
+
+
+def test_weights_observed_by_hand_each_get_their_own_inputs_stable_rank():
+    """Twelve einsum weights of one width, each passed to monitor.observe after the forward: the inputs' statistics were
+    keyed by id(A), which a later input reuses once A is freed, and the Grams of weights with equal keys were solved as
+    one — 8 to 23 of 240 st(A) values were another weight's (7.78 against 1.30)."""
+    torch.manual_seed(0)
+    ws = nn.ParameterList([nn.Parameter(torch.randn(16, 16) / 4) for _ in range(12)])
+    monitor = Monitor(ws, every=1)
+    for step in range(6):
+        ws.zero_grad()
+        with monitor.step(step):
+            x, inputs = torch.randn(64, 16), []
+            for i, w in enumerate(ws):
+                inputs.append(x)
+                x = torch.tanh(torch.einsum("bi,oi->bo", x, w)) * torch.linspace(0.1, 2, 16) ** (i % 4)
+            for i, w in enumerate(ws):
+                monitor.observe(str(i), w, inputs[i])
+            x.square().mean().backward()
+        st = {r.layer: r.value for r in monitor.pop_records() if r.metric == "stable_rank"}
+        for i, A in enumerate(inputs):
+            s = torch.linalg.svdvals(A.double())
+            assert st[str(i)] == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4), (step, i)
+
+
+def test_an_embedding_bag_is_an_embedding_not_a_hidden_matrix():
+    """nn.EmbeddingBag (a fastText-style classifier): its role read 'hidden', so spectral_param_groups(roles=monitor)
+    sent the table to Muon, and its reason said to pass one-hot inputs of 1000 features to monitor.observe."""
+    from specscope.optim import spectral_param_groups
+
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.bag, self.fc, self.out = nn.EmbeddingBag(1000, 32, mode="mean"), nn.Linear(32, 32), nn.Linear(32, 4)
+
+        def forward(self, ids, offsets):
+            return self.out(torch.relu(self.fc(self.bag(ids, offsets))))
+
+    model = Bags()
+    monitor = Monitor(model, every=1)
+    for step in range(2):  # step 1 is watched by the weights themselves
+        model.zero_grad()
+        with warnings.catch_warnings(record=True), monitor.step(step):
+            torch.nn.functional.cross_entropy(model(torch.randint(0, 1000, (40,)), torch.arange(0, 40, 5)),
+                                              torch.randint(0, 4, (8,))).backward()
+        assert monitor.roles["bag"] == "embedding" and "nn.EmbeddingBag" in monitor.unmeasured["bag"]
+        assert set(monitor.unmeasured) == {"bag"}
+    for roles in (monitor, None):
+        routed = {n: g["algorithm"] for g in spectral_param_groups(model, 0.02, 3e-4, roles=roles) for n, _ in g["params"]}
+        assert routed["bag.weight"] == "adamw" and routed["fc.weight"] == "muon"
+
+
+@pytest.mark.parametrize("n, scale", [(512, 1e18), (512, 1e-25), (128, 9e17), (32, 1e20)])
+def test_inputs_near_the_ends_of_float32_are_measured_or_flagged_never_a_crash(n, scale):
+    """st(A) does not depend on A's scale, but the probe's Grams and products are float32: a finite input of 1e18 raised
+    LinAlgError from eigh (past nonfinite='warn'), one of 1e-25 read as a zero input. A held wide input (512) is now
+    solved at unit scale, a finite Gram near float32's range at unit scale before its solve and its trace summed in
+    float64 (128 features of 9e17 read non-finite); a narrow input whose float32 Gram itself
+    overflowed (32 features of 1e20) is flagged non-finite."""
+    lin = nn.Linear(n, 8)
+    monitor = Monitor(lin, every=1, nonfinite="warn")
+    A = scale * torch.randn(64, n, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True), monitor.step(0):
+        lin(A).sum().backward()
+    record = {r.metric: r for r in monitor.pop_records()}["stable_rank"]
+    if n == 32:
+        assert record.flag == "nonfinite"
+        return
+    s = torch.linalg.svdvals(A.double())
+    assert record.flag == "" and record.value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)

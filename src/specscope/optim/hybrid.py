@@ -190,7 +190,7 @@ class Hybrid(Optimizer):
         group = dict(param_group)
         if not isinstance(group.get("params"), (Tensor, set, list, tuple)) and group.get("params") is not None:
             group["params"] = list(group["params"])  # a generator (model.parameters()), read once
-        if self.param_groups and "param_names" in self.param_groups[0] and _unnamed(group.get("params")):
+        if self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in group and _unnamed(group.get("params")):
             raise ConfigError(
                 "this optimizer's param groups are named (spectral_param_groups makes them so: its steps route, look st(A) "
                 "up and report by name), and the group added has bare tensors. Add (name, parameter) pairs with their "

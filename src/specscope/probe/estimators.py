@@ -28,6 +28,7 @@ from specscope.probe import distributed as D
 
 from specscope import linalg as L
 from specscope.linalg import fro_nuclear_norms_later, graphs, workers
+from specscope.linalg._scale import pow2_scale
 
 
 def _orth(Z: torch.Tensor) -> torch.Tensor:
@@ -158,13 +159,16 @@ class GramStats:
         self.keys.append(key if key is not None else id(A))
         self.rows += A.shape[0]
 
-    def _materialize(self) -> None:
-        """Turn a held input into its Gram (a second micro-batch, or the implicit route failed)."""
+    def _materialize(self, unit: bool = False) -> None:
+        """Turn a held input into its Gram (a second micro-batch, or the implicit route failed). `unit`: the Gram of A
+        at unit scale (A·2^-e, exact), for the step's only input when the solve on A itself failed — entries near
+        1e18 or 1e-20, whose float32 Gram would leave float32's range; st(A) does not depend on the scale."""
         if self.A is not None:
             if self.source._version != self.version:
                 raise SpecscopeError(f"an input of {self.n} features was modified in place after the product that used it; "
                                      "the probe cannot measure it: keep that activation unmodified until the step ends")
-            C, self.A, self.source = gram_of(self.A), None, None
+            A = self.A * pow2_scale(self.A.to(product_dtype(self.A.device))) if unit and self.C is None else self.A
+            C, self.A, self.source = gram_of(A), None, None
             self.C = C if self.C is None else self.C + C
 
     def tensors(self) -> list[torch.Tensor]:
@@ -527,15 +531,17 @@ def finish_implicit(stats: list[GramStats]) -> dict[tuple, torch.Tensor]:
     else:
         solved = _solved(first)
     lam: dict[tuple, torch.Tensor] = {}
+    # ‖A‖_F² = 0 from float32 products: a zero input, or entries so small (≈1e-20) that their squares underflow
+    zero = dict(zip(solved, torch.stack([r[3] for r in solved.values()]).eq(0).tolist())) if solved else {}
     for k, (theta, V, good, fro2) in solved.items():
         group = unique[k]
-        if good and group[0].source._version == group[0].version:
+        if good and not zero[k] and group[0].source._version == group[0].version:
             lam[k] = theta
             for s in group:
                 s.V, s.fro2, s.A, s.source = V, fro2, None, None
-        else:  # unverified (or non-finite): the Gram, certified or reported as non-finite
+        else:  # unverified (or non-finite): the Gram at unit scale, certified or reported as non-finite
             for s in group:
-                s._materialize()
+                s._materialize(unit=True)
     return lam
 
 
@@ -620,9 +626,13 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         by_n.setdefault(k[1], []).append(k)
     for n, keys in by_n.items():
         C = torch.stack([unique[k][0].C for k in keys])
-        traces = C.diagonal(dim1=-2, dim2=-1).sum(-1).double()  # ‖A‖_F² = trace(AᵀA), one call per size
+        traces = C.diagonal(dim1=-2, dim2=-1).sum(-1, dtype=torch.float64)  # ‖A‖_F² = trace(AᵀA), one call per size
         finite = torch.isfinite(C).flatten(1).all(1)
         C = torch.where(finite[:, None, None], C, torch.zeros_like(C))
+        # st(A) is scale-free: each C at unit scale (an exact power of two), so that the float32 products of the solve
+        # cannot overflow where C itself is finite but near float32's range (inputs ~1e18); λ is scaled back
+        e = torch.log2(C.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(C.dtype).tiny)).floor().clamp(-126, 127)
+        C = C * torch.exp2(-e).to(C.dtype)[:, None, None]
         b = min(BLOCK, n)
         warm = [unique[k][0].V for k in keys]
         cold = any(v is None or v.shape != (n, b) for v in warm)
@@ -636,7 +646,7 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         if bad:  # a full eigvalsh where the certificate failed
             theta = theta.clone()
             theta[bad] = torch.linalg.eigvalsh(C[bad].double())[:, -1].to(theta.dtype)
-        top = torch.where(finite, theta.double(), torch.full_like(theta, float("nan"), dtype=torch.float64))
+        top = torch.where(finite, theta.double() * torch.exp2(e.double()), torch.full_like(theta, float("nan"), dtype=torch.float64))
         for i, k in enumerate(keys):
             lam[k] = top[i]
             for s in unique[k]:

@@ -371,8 +371,12 @@ class Monitor:
             slot.stats = self._new_stats("observed", slot.n_features)
         with torch.no_grad():
             A = inputs.detach().reshape(-1, slot.n_features)
-            slot.inputs.setdefault((0, weight.shape[0]), set()).add(self._watch.input(A)[2])
-            slot.stats.add(A)
+            entry = self._watch.input(A)  # its serial number is the input's key: weights observed on one input share it
+            slot.inputs.setdefault((0, weight.shape[0]), set()).add(entry[2])
+            if isinstance(slot.stats, GramStats):  # (a key from id(A) could be another input's, once A is freed)
+                slot.stats.add(A, entry, entry[2], source=inputs)
+            else:
+                slot.stats.add(A)
 
     def pop_records(self) -> list[Record]:
         """The records made since the last call (hand them to a store)."""

@@ -49,7 +49,7 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     model inside another module (a LightningModule's `self.model`) declares its embeddings and heads as it
     would on its own."""
     roles: dict[int, str] = {}
-    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    embeds = [m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     declared = [model, *(m for m in model.modules() if m is not model and _is_transformers_model(m))]
     inp = next((e for e in map(lambda m: _call(m, "get_input_embeddings"), declared) if isinstance(e, nn.Embedding)), None)
     tokens = inp if inp is not None else max(embeds, key=lambda m: m.num_embeddings, default=None)

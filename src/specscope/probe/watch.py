@@ -34,6 +34,7 @@ _TB = torch._C.TensorBase
 # torch-level products (and lookups) paired without descending to aten: function -> kind
 PRODUCTS = {torch.nn.functional.linear: "linear", torch.addmm: "addmm", _TB.addmm: "addmm", torch.mm: "mm", _TB.mm: "mm",
             torch.matmul: "matmul", _TB.matmul: "matmul", _TB.__matmul__: "matmul", F.embedding: "embedding"}
+EMBEDDING_BAGS = (aten._embedding_bag, aten._embedding_bag_forward_only)
 PARAM_WATCH = True  # later measured steps are watched by ParamWatch where it applies (False: CallWatch always)
 BACKWARDS = frozenset({torch.Tensor.backward, torch.autograd.backward})
 # aten ops that only view or copy a weight on its way to a product: not a use of their own
@@ -109,11 +110,22 @@ class Watch:
             if s is None:
                 return self.other(op, args)
             return self.lookup(s, args[1], int(args[2]) if len(args) > 2 else -1)
+        if op in EMBEDDING_BAGS and (s := self._whole(args[0])) is not None:
+            return self.bag(s)
         if op is aten._grouped_mm and len(args) > 2 and self.grouped(*args[:3]):
             return None
         if op is aten.bmm and self.gathered_product(args[0], args[1]):
             return None
         return self.other(op, args)
+
+    def bag(self, s: Slot) -> None:
+        """An nn.EmbeddingBag lookup: a table, whose input — bags of ids, summed or averaged — has no closed-form st(A)."""
+        if self.recompute and s.forward_seen:
+            return
+        s.forward_seen |= not self.recompute
+        s.role = "embedding"
+        s.problem = s.problem or ("looked up by bags of ids (nn.EmbeddingBag: rows summed or averaged per bag), whose input "
+                                  "matrix has no closed form the probe counts: routed as an embedding, it has no st(A)")
 
     # -- the experts of a stack [E, ·, ·] (a mixture-of-experts layer), each measured with the rows routed to it --
     def grouped(self, x: torch.Tensor, w: torch.Tensor, offs) -> bool:
