@@ -701,3 +701,20 @@ def test_inputs_near_the_ends_of_float32_are_measured_or_flagged_never_a_crash(n
         return
     s = torch.linalg.svdvals(A.double())
     assert record.flag == "" and record.value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
+
+
+def test_a_monitor_on_a_model_that_a_copy_of_trains_says_so():
+    """A Monitor built on `model` while a deep copy runs the forward: every weight read 'not used in this step's forward
+    pass', each warned about alone, with nothing pointing at the copy."""
+    import copy
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    monitor = Monitor(model, every=1)
+    trained = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="none of the 2 weights .* used in step 0: is the model that ran the forward the one"):
+        with monitor.step(0):
+            trained(torch.randn(8, 4)).sum().backward()
+    with warnings.catch_warnings():  # once per Monitor
+        warnings.simplefilter("error")
+        with monitor.step(1):
+            trained(torch.randn(8, 4)).sum().backward()
