@@ -103,3 +103,41 @@ def test_a_weight_one_rank_has_not_used_yet_is_unmeasured_on_every_rank_not_a_ha
     unmeasured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "unmeasured"}
     measured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "stable_rank"}
     assert unmeasured == {(0, "b")} and measured == {(0, "a"), (1, "a"), (1, "b")}
+
+
+class TwoOfAWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def empty_share_run(rank: int, world: int) -> list[tuple]:
+    model = TwoOfAWidth()
+    mon = Monitor(model)
+    out = []
+    for step in range(2):  # step 0: rank 1's share of the batch is empty
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(step))
+        rows = slice(0, 8) if world == 1 or (step == 0 and rank == 0) else slice(0, 0) if step == 0 else slice(rank * 4, rank * 4 + 4)
+        with mon.step(step):
+            (model(x[rows]).square().sum() * world).backward()
+        out += [(r.step, r.layer, r.metric, r.value, r.rows) for r in mon.pop_records() if r.metric == "stable_rank"]
+        model.zero_grad()
+    return out
+
+
+def test_a_rank_with_an_empty_share_records_each_weight_of_one_width_as_its_own():
+    """Two weights of one input width and a rank whose share is empty: the empty inputs had one key (the same pointer,
+    shape and version), so that rank solved them as one shared input and recorded a's st(A) for b too."""
+    results = spawn(_empty_share_worker, 2, timeout=120)
+    single = empty_share_run(0, 1)
+    assert results[0] == results[1]
+    for a, b in zip(results[0], single):
+        assert a[:3] == b[:3] and a[4] == b[4] and a[3] == pytest.approx(b[3], rel=1e-4), (a, b)
+
+
+def _empty_share_worker(rank, world):
+    return empty_share_run(rank, world)

@@ -59,6 +59,7 @@ NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient w
 STACK_PRODUCTS = frozenset({"_grouped_mm", "bmm", "baddbmm"})  # batched products: a ≥ 3-D weight used so is a stack
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+NEVER_ROUTED = "an expert no token has been routed to on a measured step so far: no st(A) yet"
 EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch), so st(A) is undefined; a step with data "
                "measures it")
 
@@ -581,9 +582,10 @@ class Monitor:
         """(slot, block, statistics) of the experts of a stack that were routed rows in this step; under torch.distributed
         every expert's, those with none given an empty batch, so that each rank reduces the same tensors."""
         if distributed:
-            for st in s.block_stats.values():
-                if st.rows == 0:
-                    st.add(torch.zeros(0, s.n_features, device=s.param.device))
+            for block, st in s.block_stats.items():
+                if st.rows == 0:  # a key of its own: empty inputs must not read as one shared input (finish_grams)
+                    empty = torch.zeros(0, s.n_features, device=s.param.device)
+                    st.add(empty, None, ("empty", s.name, block)) if isinstance(st, GramStats) else st.add(empty)
         return [(s, r, s.block_stats[r]) for r in sorted(s.block_stats) if distributed or s.block_stats[r].rows > 0]
 
     @staticmethod
@@ -739,11 +741,13 @@ class Monitor:
             M = s.grad_matrix(s.param.detach())
             for nm, blk in s.slices(M):
                 why = self.unmeasured.get(s.name, "")
+                if not why and s.kind == "experts" and nm not in self._history:
+                    why = NEVER_ROUTED
                 default = "" if why else self.estimator if s.kind != "embedding" else "closed_form"  # unmeasured: no estimator ran
                 rows, est = self._latest_inputs.get(nm, (0, default))
                 kind = s.kind or ("unpaired" if why and why != NOT_USED else "unseen")  # used, by ops it cannot pair
                 out[nm] = {"kind": kind, "shape": "x".join(map(str, blk.shape)), "rows": rows, "estimator": est,
-                           "unmeasured": why, "unused": why in (NOT_USED, EMPTY_BATCH), "role": s.role}
+                           "unmeasured": why, "unused": why in (NOT_USED, EMPTY_BATCH, NEVER_ROUTED), "role": s.role}
         return out
 
     # -- persistence ----------------------------------------------------------------------------------
@@ -762,6 +766,7 @@ class Monitor:
             "shapes": {s.name: list(s.param.shape) for s in self.slots.values()},  # load_state_dict checks the model
             "unmeasured": dict(self.unmeasured),
             "latest_inputs": {k: list(v) for k, v in self._latest_inputs.items()},
+            "last_measured": self._last_measured,  # a measurement right after it starts warm, as it would have
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -773,6 +778,10 @@ class Monitor:
             raise ConfigError(f"Monitor state version {state.get('version')!r} is not supported (expected 1)")
         if missing := [k for k in ("stats", "history", "latest_st") if not isinstance(state.get(k), dict)]:
             raise ConfigError(f"Monitor state has no {missing}: pass the dict a Monitor's state_dict() returned, unchanged")
+        last = state.get("last_measured")  # absent in states saved before it was kept
+        if last is not None and (isinstance(last, bool) or not isinstance(last, int) or last < 0):
+            raise ConfigError(f"Monitor state's last_measured is {last!r}, not a step (an int >= 0) or None: pass the dict a "
+                              "Monitor's state_dict() returned, unchanged; nothing was loaded")
         self._check_state_layers(state)
         by_name = {s.name: s for s in self.slots.values()}
         stats, history, latest_st, slots, unmeasured, latest_inputs = _read_state(state, by_name, self._history_len)
@@ -792,6 +801,7 @@ class Monitor:
         self._warned |= set(self.unmeasured)  # warned about in the run that measured it
         self._latest_inputs = latest_inputs
         self._last_step = None  # a resumed run goes on from its checkpoint's step, whatever this Monitor measured
+        self._last_measured = last
 
     def _check_state_layers(self, state: dict) -> None:
         """ConfigError unless `state` was saved by a Monitor of the same weights: its layers are this Monitor's, with

@@ -21,8 +21,10 @@ reason; `Monitor.observe` remains for products the probe cannot see.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import math
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -267,7 +269,7 @@ def resolve(t: torch.Tensor, slots: dict[int, Slot], casts: dict) -> tuple[Slot,
         if s is not None:
             return s, b
         c = casts.get(id(b))
-        if c is not None and c[1] is b:
+        if c is not None and c[1]() is b:  # a weak reference: a dead copy's id, reused, matches nothing
             return c[0], b
     return None
 
@@ -282,7 +284,7 @@ def fsdp_aliases(model: nn.Module, slots: dict[int, Slot]) -> dict[int, tuple[Sl
         for fp in getattr(group, "fsdp_params", ()):
             s, u = slots.get(id(getattr(fp, "sharded_param", None))), getattr(fp, "_unsharded_param", None)
             if s is not None and u is not None:
-                out[id(u)] = (s, u)
+                out[id(u)] = (s, weakref.ref(u))
     return out
 
 
@@ -336,8 +338,14 @@ def input_matrix(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"no input matrix for {type(m).__name__}; the Monitor sees it at the operation")
 
 
+_EMPTY = itertools.count()
+
+
 def input_key(A: torch.Tensor) -> tuple:
-    """Identity of an input within one step: the same activation seen by q, k and v gives one key."""
+    """Identity of an input within one step: the same activation seen by q, k and v gives one key. Inputs with no rows
+    (a rank's empty share of a batch) have no storage to tell them apart by: each gets a key of its own."""
+    if A.numel() == 0:
+        return ("empty", next(_EMPTY))
     return (A.data_ptr(), tuple(A.shape), A.stride(), A._version, A.device)
 
 

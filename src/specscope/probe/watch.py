@@ -18,6 +18,7 @@ layouts). `Watch` holds one step's pairing state and hands each input matrix to 
 from __future__ import annotations
 
 import importlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -157,6 +158,9 @@ class Watch:
                 for e, rows in enumerate(A[order].split(counts)):
                     if len(rows):
                         self.expert_rows(s, e, rows)
+                for k in (id(g[1]), *g[3:]):  # the gathered stack ([S, out, in]: large) is not held past its product
+                    self.gathers.pop(k, None)
+                    self.casts.pop(k, None)
                 return True
         return False
 
@@ -172,15 +176,16 @@ class Watch:
         if hit is None or hit[1].shape != args[0].shape or hit[1].data_ptr() != args[0].data_ptr():
             return  # not the whole stack
         self.gathers[id(out)] = (hit[0], out, idx[0].detach())
-        self.casts[id(out)] = (hit[0], out)  # the bmm that uses it touches the weight (ParamWatch hands it back watched)
+        self.casts[id(out)] = (hit[0], weakref.ref(out))  # the bmm that uses it touches the weight (ParamWatch: watched)
 
     def expert_cast(self, t: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
         """Autocast's copy `out` of `t`: of one expert W[e] of a stack, or of a stack gathered per row, is that still."""
+        self.cast_experts.pop(id(out), None)  # an earlier copy's, whose id this one reuses
         if base.dim() == 3 and (e := expert_of(base, t)) is not None:
             self.cast_experts[id(out)] = e
         g = self.gathers.get(id(base))
         if g is not None and g[1] is base and t.shape == base.shape:
-            self.gathers[id(out)] = (g[0], out, g[2])
+            self.gathers[id(out)] = (g[0], out, g[2], id(base))  # the copy's product lets go of both
 
     def expert_rows(self, s: Slot, e: int, x: torch.Tensor) -> None:
         """Rows x [rows, in] that expert e of the stack s multiplied: added to that expert's statistics."""
@@ -291,7 +296,7 @@ class Watch:
             if i in slots:
                 return True
             c = casts.get(i)
-            if c is not None and c[1] is b:
+            if c is not None and c[1]() is b:
                 return True
             if self.fsdp and b.is_leaf and b.requires_grad and i not in self.fsdp_checked and b.dim() >= 2 and isinstance(b, nn.Parameter):
                 self.fsdp_checked.add(i)  # FSDP2 made this unsharded parameter on this forward
@@ -458,7 +463,7 @@ class AtenWatch(TorchDispatchMode):
         if op is aten._to_copy and isinstance(args[0], torch.Tensor):  # autocast's copy of a weight
             hit = resolve(args[0], self.watch.slots, self.watch.casts)
             if hit is not None:
-                self.watch.casts[id(out)] = (hit[0], out)
+                self.watch.casts[id(out)] = (hit[0], weakref.ref(out))  # not held: a micro-batch's copies go with it
                 self.watch.expert_cast(args[0], hit[1], out)
         return out
 
