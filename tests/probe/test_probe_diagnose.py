@@ -109,7 +109,7 @@ def summary_of(tmp_path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["gpt2", "bert"])
+@pytest.mark.parametrize("name", ["gpt2", "bert", "mixtral"])
 def test_hf_builtin_configs_print_every_measured_weight_in_full(name, tmp_path):
     pytest.importorskip("transformers")
     res = invoke("--model", f"hf:{name}", "--steps", "2", "--out", str(tmp_path))
@@ -121,6 +121,9 @@ def test_hf_builtin_configs_print_every_measured_weight_in_full(name, tmp_path):
         assert any(f"│ {layer} " in line for line in lines), layer
     if name == "bert":
         assert "bert.encoder.layer.1.attention.output.dense" in verdicts
+    if name == "mixtral":  # each expert of each stack a row of its own, its name's brackets printed as typed
+        assert {f"model.layers.{i}.mlp.experts.{w}[{e}]" for i in (0, 1) for w in ("gate_up_proj", "down_proj")
+                for e in range(4)} <= set(verdicts)
 
 
 def test_hf_local_folder_trains_its_saved_weights(tmp_path):

@@ -55,7 +55,7 @@ def mlp_loss(model, batch) -> torch.Tensor:
 
 
 def builtin(name: str, seed: int):
-    """(model, batches, loss_fn) of a built-in model: 'mlp', 'transformer', or 'hf:<folder or gpt2|llama|bert>'
+    """(model, batches, loss_fn) of a built-in model: 'mlp', 'transformer', or 'hf:<folder or gpt2|llama|bert|mixtral>'
     (a transformers model on the stdlib corpus, specscope.models.hf)."""
     if name.startswith("hf:"):
         from specscope.models.hf import hf_model

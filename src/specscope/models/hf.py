@@ -1,5 +1,5 @@
 """Hugging Face transformers as diagnose targets: `hf:<local folder>` (its weights, from_pretrained with
-local_files_only) or `hf:gpt2` / `hf:llama` / `hf:bert` (tiny random-init configs), each with its loss on
+local_files_only) or `hf:gpt2` / `hf:llama` / `hf:bert` / `hf:mixtral` (tiny random-init configs), each with its loss on
 the Python standard library's source (specscope.data.text): causal-LM, or masked-LM for BERT-like models.
 
 Tokens are the text's bytes (vocabulary 256), or the folder's own tokenizer when it has one.
@@ -35,6 +35,9 @@ def tiny_configs(transformers) -> dict:
         "bert": transformers.BertConfig(vocab_size=257, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=128, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                                         attention_probs_dropout_prob=0.0),  # bytes + [MASK] = 256
+        "mixtral": transformers.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                              num_experts_per_tok=2, max_position_embeddings=SEQ),  # experts measured apart
     }
 
 

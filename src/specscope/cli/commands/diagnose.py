@@ -48,7 +48,7 @@ def load_factory(spec: str, seed: int):
         return builtin(spec, seed)
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ConfigError(f"--model {spec!r}: use 'mlp', 'transformer', 'hf:<folder or gpt2|llama|bert>' or a factory 'package.module:function'")
+        raise ConfigError(f"--model {spec!r}: use 'mlp', 'transformer', 'hf:<folder or gpt2|llama|bert|mixtral>' or a factory 'package.module:function'")
     if os.getcwd() not in sys.path:  # like `python -m`: the user's own package, run from its folder
         sys.path.insert(0, os.getcwd())
     if mod_name.startswith("."):
@@ -202,7 +202,7 @@ def write_diagnose_report(run, df, partial: str = "") -> Path:
 
 @app.command()
 def diagnose(
-    model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
+    model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert|mixtral: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
     steps: int = typer.Option(30, "--steps", min=1, help="Training steps (AdamW)."),
     every: int = typer.Option(1, "--every", min=1, help="Measure every K-th step."),
     out: str = typer.Option("runs", "--out", help="Root folder of run directories."),
