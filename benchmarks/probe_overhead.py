@@ -1,9 +1,11 @@
 """Cost of the probe on a small GPT: time per training step with and without a Monitor.
 
-    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda]
+    .venv/bin/python benchmarks/probe_overhead.py [--rounds 3] [--block 10] [--threads N] [--device cpu|cuda] [--moe E]
         [--floor | --phases [--consecutive] | --sparse K [--periods P] | --ops | --profile]
 
-Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² MLP, AdamW.
+Model: GPT 4 layers, d_model 256, 4 heads, seq 128, batch 16, vocab 256, ReLU² MLP, AdamW. `--moe E`: transformers'
+Mixtral of the same width, depth, heads and data instead, E experts a layer (2 per token, inner width 2·d_model),
+each expert measured as a weight of its own (needs the `hf` extra).
 Candidates (benchmarks/_timing.interleaved: round-robin, ratio to "no monitor" per round, median and
 min–max over rounds, machine load at start): each call runs `block` training steps of its own model,
 optimizer and Monitor. "every 10th" is timed when `block` is a multiple of 10 (one measured step per
@@ -81,12 +83,30 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+MOE = 0  # --moe E: transformers' Mixtral of the same size with E experts a layer (2 per token) instead of the GPT
+
+
+def make_model() -> torch.nn.Module:
+    if not MOE:
+        return GPT(GPTConfig(**CFG))
+    import transformers
+
+    d = CFG["d_model"]
+    config = transformers.MixtralConfig(vocab_size=CFG["vocab_size"], hidden_size=d, intermediate_size=2 * d,
+                                        num_hidden_layers=CFG["n_layer"], num_attention_heads=CFG["n_head"],
+                                        num_key_value_heads=CFG["n_head"], num_local_experts=MOE, num_experts_per_tok=2,
+                                        max_position_embeddings=CFG["seq_len"])
+    model = transformers.MixtralForCausalLM(config)
+    model.forward = lambda x, _f=model.forward: _f(input_ids=x).logits  # the GPT's call: token ids in, logits out
+    return model
+
+
 class Arm:
     """A model, its AdamW and (optionally) a Monitor; `run(k)` trains k steps."""
 
     def __init__(self, every: int | None, **kw):
         torch.manual_seed(0)
-        self.model = GPT(GPTConfig(**CFG)).to(DEVICE)
+        self.model = make_model().to(DEVICE)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.monitor = Monitor(self.model, every=every, **kw) if every else None
         g = torch.Generator().manual_seed(0)
@@ -487,19 +507,24 @@ def main() -> None:
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
     ap.add_argument("--seq-len", type=int, default=CFG["seq_len"])
+    ap.add_argument("--moe", type=int, default=0, metavar="E",
+                    help="train transformers' Mixtral of the same width, depth and heads instead, E experts a layer (2 per "
+                         "token, inner width 2·d): what measuring every expert apart costs")
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
     if args.sparse is not None and args.sparse < 2:
         ap.error(f"--sparse {args.sparse}: K is the measuring interval, an int >= 2 (--sparse 10: one measured step in ten)")
     if args.periods < 1:
         ap.error(f"--periods {args.periods}: an int >= 1")
-    global DEVICE, BATCH
+    global DEVICE, BATCH, MOE
     DEVICE = torch.device(args.device)
+    MOE = args.moe
     CFG.update(d_model=args.d_model, seq_len=args.seq_len)
     BATCH = args.batch
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; GPT {CFG}, batch {BATCH}")
+    what = f"Mixtral ({MOE} experts a layer, 2 per token)" if MOE else "GPT"
+    print(f"torch {torch.__version__}, {DEVICE}, {torch.get_num_threads()} threads, {load_average()}; {what} {CFG}, batch {BATCH}")
     if args.sparse:
         sparse(args.rounds, args.sparse, args.periods)
         return

@@ -323,3 +323,16 @@ def test_fsdp2_sharded_expert_stacks_are_measured_as_one_process_measures_them()
     assert [r[:3] + r[4:] for r in results[0]] == [r[:3] + r[4:] for r in results[1]] == [r[:3] + r[4:] for r in single]
     for a, b in zip(results[0], single):
         assert a[3] == pytest.approx(b[3], rel=1e-4), (a, b)
+
+
+def test_the_probe_benchmark_runs_on_a_mixture_of_experts_model():
+    """benchmarks/probe_overhead.py --moe E (smoke test at a tiny size: the figures are the benchmark's own)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parents[2] / "benchmarks" / "probe_overhead.py"
+    res = subprocess.run([sys.executable, str(script), "--moe", "4", "--rounds", "1", "--block", "1", "--d-model", "32",
+                          "--seq-len", "16", "--batch", "2", "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Mixtral (4 experts a layer, 2 per token)" in res.stdout and "| every step (default: gram) |" in res.stdout
