@@ -23,6 +23,19 @@ def test_specgd_step_is_nuclear_norm_times_polar(st):
     torch.testing.assert_close(w.detach(), -0.1 * nuc / (st or 1.0) * P, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e36, 1e-30])
+def test_specgd_steps_a_gradient_whose_nuclear_norm_leaves_float32_when_its_step_does_not(scale):
+    """Entries ≈ 1e36 on a 64×96: ‖G‖_* ≈ 6e38 is beyond float32 while lr·‖G‖_*/st is not; it came back from the
+    float32 norm as inf and the weights became inf (or NaN). Tiny gradients step as the rule says too."""
+    w = torch.nn.Parameter(torch.zeros(64, 96))
+    w.grad = scale * torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    U, S, Vh = torch.linalg.svd(w.grad.double(), full_matrices=False)
+    SpecGD([("blk.weight", w)], lr=1e-3, stable_rank={"blk": 4.0}.get).step()
+    assert torch.isfinite(w).all()
+    length = 1e-3 * float(S.sum()) / 4.0  # the step's length: each entry within float32 rounding of the polar's
+    torch.testing.assert_close(w.detach().double(), -length * (U @ Vh), rtol=1e-4, atol=1e-5 * length)
+
+
 def test_specgd_missing_stable_rank_names_layer():
     w = torch.nn.Parameter(torch.zeros(4, 4))
     w.grad = torch.randn(4, 4)

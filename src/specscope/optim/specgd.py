@@ -16,6 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from specscope.errors import ConfigError
+from specscope.linalg._scale import pow2_scale
 from specscope.optim import _common, _euclidean
 from specscope.optim.hybrid import Hybrid, register
 
@@ -94,15 +95,27 @@ def unmeasured_layers(opt) -> dict[str, str]:
 
 
 def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
-    """One SpecGD step on a group; ‖D‖_* stays on the device (no host sync)."""
+    """One SpecGD step on a group; ‖D‖_* stays on the device (no host sync).
+
+    D is taken at unit scale (D·2^-e, exact; polar(D) does not change) and the step's length lr·‖D‖_*/st(A) is formed in
+    float64 before it becomes a number of P's dtype: ‖D‖_* of a float32 D can exceed float32's range (entries ≈ 1e36 on
+    a 64×64) while the step, lr times it, does not."""
     lr, wd = float(group["lr"]), group["weight_decay"]
     dirs = [
         _common.as_matrix(_euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"]))
         for p, g in zip(params, grads)
     ]
     sts = layer_stable_ranks(opt, names, required=True, directions=dirs)
-    for p, (P, nuc), st in zip(params, _common.batched_polar_with_nuclear_norm(dirs, group), sts):
-        _euclidean.apply(p, P * (nuc / st), lr, wd)
+    scales = [pow2_scale(D) if type(D) is Tensor else None for D in dirs]  # a DTensor (FSDP2) as it is
+    unit = _common.batched_polar_with_nuclear_norm([D if k is None else D * k for D, k in zip(dirs, scales)], group)
+    for p, (P, nuc), st, k in zip(params, unit, sts, scales):
+        if k is None:
+            _euclidean.apply(p, P * (nuc / st), lr, wd)
+            continue
+        length = nuc.double() / k.reshape(()).double() * (lr / st)
+        if wd != 0:
+            p.mul_(1 - lr * wd)  # decay first, as _euclidean.apply
+        p.add_((P * length.to(P.dtype)).view_as(p).to(p.dtype), alpha=-1.0)
 
 
 def check_group(group: dict) -> None:
