@@ -516,6 +516,8 @@ def main() -> None:
         ap.error(f"--sparse {args.sparse}: K is the measuring interval, an int >= 2 (--sparse 10: one measured step in ten)")
     if args.periods < 1:
         ap.error(f"--periods {args.periods}: an int >= 1")
+    if args.moe == 1 or args.moe < 0:
+        ap.error(f"--moe {args.moe}: the experts a layer, an int >= 2 (each token goes to 2 of them), or 0 for the GPT")
     global DEVICE, BATCH, MOE
     DEVICE = torch.device(args.device)
     MOE = args.moe

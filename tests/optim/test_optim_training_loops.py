@@ -144,3 +144,50 @@ def test_lightning_base_finetuning_unfreezes_into_an_optimizer_made_with_include
                   enable_checkpointing=False, callbacks=[Unfreeze()]).fit(lit, torch.utils.data.DataLoader(data, batch_size=4))
     assert torch.equal(lit.seen[0], lit.seen[1])  # frozen through epoch 0
     assert not torch.equal(lit.seen[1], lit.seen[2])  # stepped in epoch 1
+
+
+class RootStack(nn.Module):
+    """A stack of experts on the root module (no "expert" in any module name), routed one expert per row."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.stack = nn.Linear(8, 8), nn.Parameter(torch.randn(4, 8, 8) / 8**0.5)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x, route):
+        h = self.inp(x)
+        order = torch.argsort(route, stable=True)
+        offs = torch.bincount(route, minlength=4).cumsum(0).to(torch.int32)
+        y = torch._grouped_mm(h[order], self.stack.transpose(-2, -1), offs=offs)
+        return self.classifier(torch.empty_like(y).index_copy(0, order, y))
+
+
+@pytest.mark.parametrize("algorithm", ["muon", "specgd", "auto"])
+def test_roles_from_a_monitor_keep_a_measured_stack_out_of_a_one_matrix_group(algorithm):
+    """The Monitor gives a stack it measured expert by expert the role 'hidden'; with roles=monitor that put the stack
+    in the SpecGD/auto group (whose step then refused it) or, on a module without "expert" in its name, in the plain
+    Muon group (orthogonalized as one [4, 64] matrix). A measured stack goes to Muon with stacked=True, else to AdamW."""
+    from specscope.probe import Monitor
+
+    model = RootStack()
+    monitor = Monitor(model, every=1)
+    with monitor.step(0):
+        model(torch.randn(16, 8), torch.arange(16) % 4).square().sum().backward()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        groups = spectral_param_groups(model, 0.02, 3e-4, algorithm=algorithm, roles=monitor)
+    where = {n: (g["algorithm"], g.get("stacked", False)) for g in groups for n, _ in g["params"]}
+    assert where["stack"] == (("muon", True) if algorithm == "muon" else ("adamw", False))
+    assert where["classifier.weight"] == ("adamw", False) and where["inp.weight"] == (algorithm, False)
+
+
+def test_every_linear_of_a_users_sequential_head_is_a_head_by_its_name():
+    """`self.head = nn.Sequential(...)`: head.2.weight went to Muon by spectral_param_groups while a hand-made Muon
+    group refused it by name."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.body = nn.Linear(8, 8)
+    model.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    where = {n: g["algorithm"] for g in spectral_param_groups(model, 0.02, 3e-4) for n, _ in g["params"]}
+    assert where["head.0.weight"] == where["head.2.weight"] == "adamw" and where["body.weight"] == "muon"

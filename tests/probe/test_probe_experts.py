@@ -125,6 +125,8 @@ def test_the_three_routes_of_gpt_oss_stacks_stored_in_by_out_agree():
                 model(input_ids=ids, labels=ids).loss.backward()
         got[route] = {(r.layer, r.metric): (r.value, r.rows) for r in mon.pop_records()
                       if "[" in r.layer and r.metric in ("stable_rank", "nuclear_rank")}
+        biases = {f"model.layers.0.mlp.experts.{w}_bias" for w in ("gate_up_proj", "down_proj")}
+        assert set(mon.unmeasured) == biases and all("a stack of biases" in mon.unmeasured[b] for b in biases)
     names = {layer for layer, _ in got["grouped_mm"]}
     assert names == {f"model.layers.0.mlp.experts.{w}[{e}]" for w in ("gate_up_proj", "down_proj") for e in range(4)}
     for route in ("eager", "batched_mm"):

@@ -683,7 +683,7 @@ def test_an_embedding_bag_is_an_embedding_not_a_hidden_matrix():
         assert routed["bag.weight"] == "adamw" and routed["fc.weight"] == "muon"
 
 
-@pytest.mark.parametrize("n, scale", [(512, 1e18), (512, 1e-25), (128, 9e17), (32, 1e20)])
+@pytest.mark.parametrize("n, scale", [(512, 1e18), (512, 1e-25), (128, 9e17), (32, 1e20), (8, 1e-22), (8, 1e-23)])
 def test_inputs_near_the_ends_of_float32_are_measured_or_flagged_never_a_crash(n, scale):
     """st(A) does not depend on A's scale, but the probe's Grams and products are float32: a finite input of 1e18 raised
     LinAlgError from eigh (past nonfinite='warn'), one of 1e-25 read as a zero input. A held wide input (512) is now
@@ -698,6 +698,9 @@ def test_inputs_near_the_ends_of_float32_are_measured_or_flagged_never_a_crash(n
     record = {r.metric: r for r in monitor.pop_records()}["stable_rank"]
     if n == 32:
         assert record.flag == "nonfinite"
+        return
+    if n == 8:  # a Gram of subnormal squares: it read 4.82 and 2.00 for a true 4.84, unflagged
+        assert record.flag == "zero_input" and math.isnan(record.value)
         return
     s = torch.linalg.svdvals(A.double())
     assert record.flag == "" and record.value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
@@ -758,3 +761,10 @@ def test_a_resumed_power_monitor_makes_the_next_measurement_as_the_uninterrupted
             model.zero_grad()
         return [(r.layer, r.metric, r.value) for r in monitor.pop_records() if r.step == 2]
     assert third(resume=True) == third(resume=False)
+
+
+def test_a_finite_input_whose_gram_overflows_is_named_so_when_it_raises():
+    lin = nn.Linear(8, 4)
+    monitor = Monitor(lin, every=1)
+    with pytest.raises(NonFiniteError, match="or a finite one whose float32 Gram overflowed"), monitor.step(0):
+        lin(1e20 * torch.randn(64, 8)).sum().backward()

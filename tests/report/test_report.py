@@ -629,3 +629,16 @@ def test_claims_are_claims_or_dicts_alike_and_an_unknown_verdict_is_refused(tmp_
         claims_figure([{"id": "X-1", "text": "t", "published": "p", "measured": "m"}], dpi=DPI)
     with pytest.raises(ValueError, match="a claim must be a specscope.records.Claim or a dict"):
         claims_figure(["X-1 PASS"], dpi=DPI)
+
+
+def test_nans_recorded_for_undefined_quantities_are_not_counted_as_non_finite_values():
+    """An expert no token reached has a zero gradient, whose nr(G) is recorded NaN with flag zero_gradient: the report's
+    summary counted it among "non-finite values", which reads as divergence."""
+    from specscope.report.html import metadata_html
+
+    rows = [dict(run_id="r", arm="", step=0, layer="e[3]", metric="nuclear_rank", value=float("nan"), flag="zero_gradient"),
+            dict(run_id="r", arm="", step=0, layer="e[2]", metric="nuclear_rank", value=float("nan"), flag="nonfinite"),
+            dict(run_id="r", arm="", step=0, layer="e[1]", metric="nuclear_rank", value=2.0, flag="")]
+    df = pd.DataFrame([{**r, "estimator": "gram", "rows": 4, "shape": "4x4"} for r in rows])
+    html = metadata_html(df)
+    assert re.search(r"non-finite values</t[dh]><t[dh][^>]*>1<", html), html

@@ -26,7 +26,7 @@ POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_
 # Fallback for parameters no role was given to (hand-built groups): a dotted name component that can
 # only be an embedding or an LM head. Routing itself goes by role (probe.roles); "output" is not here,
 # since BERT's `attention.output.dense` is a hidden matrix.
-_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$|^classifier$)")
+_NON_HIDDEN = re.compile(r"(embed|^wte$|^wpe$|^head$|^lm_head$|^classifier$)")  # any segment of the name
 NON_HIDDEN_ATTR = "_specscope_non_hidden"
 
 
@@ -108,10 +108,10 @@ HEAD_MODULES = frozenset({"head", "lm_head", "classifier"})
 
 
 def head_by_name(name: str) -> bool:
-    """Whether a parameter belongs to a module named as an output head (`…classifier.weight`, `head.weight`): what
-    routing by structure falls back to for a user's own head, which no structure marks."""
-    parts = name.lower().split(".")
-    return len(parts) >= 2 and parts[-2] in HEAD_MODULES
+    """Whether a parameter belongs to a module named as an output head, or lies inside one (`…classifier.weight`,
+    `head.weight`, `head.2.weight` of a Sequential head): what routing by structure falls back to for a user's own head,
+    which no structure marks."""
+    return any(part in HEAD_MODULES for part in name.lower().split(".")[:-1])
 
 
 def check_spectral_group(params: Sequence[Tensor], names: Sequence[str], algorithm: str) -> None:

@@ -472,8 +472,12 @@ def spectral_param_groups(
                           f"names, or a module prefix); parameters look like {list(every)[:4]}")
     out = {id(every[n]) for hits in excluded.values() for n in hits}
     experts, vectors = _expert_stacks(inner)
+    experts |= {id(s.param) for s in getattr(roles, "slots", {}).values() if getattr(s, "kind", "") == "experts"}  # measured so
     if algorithm != "muon" or "stacked" in options:
         experts = set()
+    from specscope.probe.roles import conv_kernels
+
+    kernels = conv_kernels(inner, gains=True)
     hidden, stacks, rest = [], [], []
     for name, p in inner.named_parameters():
         name = _common.parameter_name(name)
@@ -482,6 +486,9 @@ def spectral_param_groups(
         if id(p) in experts and id(p) not in out:
             _common.mark_non_hidden(p, non_hidden=False)
             stacks.append((name, p))
+            continue
+        if p.ndim >= 3 and id(p) not in kernels:  # a stack ([experts, out, in], a [1, tokens, d] table) is no one matrix:
+            rest.append((name, p))                 # AdamW (warned about below) unless Muon took it with stacked=True
             continue
         if p.ndim >= 2:
             vector_stack = id(p) in vectors or "bias" in name.rsplit(".", 1)[-1].lower()

@@ -193,6 +193,7 @@ class GramStats:
 
 CERTIFIED = 1e-4  # λ_max is proved to lie in [θ, θ·(1 + CERTIFIED)]; θ is what is reported
 BLOCK, WARM_ITERS, COLD_ITERS = 8, 6, 24
+UNDERFLOW = 2.0**-100  # a float32 Gram whose largest diagonal entry is below this was formed from subnormal squares
 IMPLICIT_MIN = 256  # inputs this wide skip the Gram when seen once per step (GramStats): the measured crossover
 DIRECT_MAX = 64  # CPU Grams this small take eigvalsh itself (4 Grams of 32²: 108 µs against 315 for the warm
 # iterations; 64²: 403 against 441; 128²: 2.8 ms against 1.0)
@@ -631,7 +632,11 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
         C = torch.where(finite[:, None, None], C, torch.zeros_like(C))
         # st(A) is scale-free: each C at unit scale (an exact power of two), so that the float32 products of the solve
         # cannot overflow where C itself is finite but near float32's range (inputs ~1e18); λ is scaled back
-        e = torch.log2(C.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(C.dtype).tiny)).floor().clamp(-126, 127)
+        d = C.diagonal(dim1=-2, dim2=-1).amax(-1)
+        # squares below float32's normal range (inputs ≈ 1e-19) lost their digits when the Gram was formed: no st(A) is
+        # left to read there, and ‖A‖_F² = 0 reports it as zero_input rather than a value that looks measured
+        traces = torch.where(d < UNDERFLOW, torch.zeros_like(traces), traces)
+        e = torch.log2(d.clamp_min(torch.finfo(C.dtype).tiny)).floor().clamp(-126, 127)
         C = C * torch.exp2(-e).to(C.dtype)[:, None, None]
         b = min(BLOCK, n)
         warm = [unique[k][0].V for k in keys]

@@ -570,7 +570,8 @@ class Monitor:
         for (s, block, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
             flag = "" if math.isfinite(fro2) and math.isfinite(lam) else "nonfinite"
             if flag:
-                self._bad(f"non-finite activation entering '{s.name}' at step {step}")
+                self._bad(f"non-finite activation entering '{s.name}' at step {step}"
+                          + (" (or a finite one whose float32 Gram overflowed: entries beyond ≈ 1e18)" if st.estimator == "gram" else ""))
             elif fro2 == 0:
                 flag = "zero_input"  # st(0) is undefined: recorded as NaN with this flag, not an error
             value = fro2 / lam if not flag else float("nan")
@@ -605,6 +606,10 @@ class Monitor:
             return (f"used through {', '.join(sorted(s.other_ops))}, never multiplied as it stands (Mamba's A_log, used as "
                     "exp(A_log)): its entries are values of a function, not an operator on an input; routed as an embedding, "
                     "it has no input matrix")
+        if s.other_ops and s.other_ops <= R.ADDITIVE and s.name.rsplit(".", 1)[-1].lower().endswith("bias"):
+            return (f"a stack of biases {list(s.param.shape)} (one vector per expert, as GPT-OSS's per-expert biases), "
+                    f"{', '.join(sorted(s.other_ops))} to outputs, never multiplied: routed with the biases (AdamW), it "
+                    "has no input matrix")
         if s.other_ops and s.other_ops <= R.ADDITIVE:
             return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed, added to activations or fed to a layer as its "
                     "input, never multiplied as an operator (learned positions, a class token, a relative-position table, a "

@@ -297,12 +297,19 @@ def metadata_html(df: pd.DataFrame, sweeps: int = 0) -> str:
         ("records", len(df)),
         *([("sweep records", f"{sweeps} (a swept width, dimension, size or index in their step column: in the "
                              "lab's figures, not in the step range, tables and step-axis figures here)")] if sweeps else []),
-        ("non-finite values", int((~df["value"].apply(lambda v: math.isfinite(v))).sum())),
+        ("non-finite values", nonfinite_count(df)),
         ("metrics", ", ".join(ordered_unique(df["metric"])) or "—"),
         ("estimators", estimators_text(df)),
         ("specscope", specscope.__version__),
     ]
     return table([[k, v if isinstance(v, int) else str(v)] for k, v in items], ["", ""])
+
+
+def nonfinite_count(df) -> int:
+    """Non-finite values, less the NaNs recorded for a quantity a step leaves undefined (nr(G) of a zero gradient — an
+    expert no token reached —, st(A) of a zero input): those carry their flag and are no divergence."""
+    undefined = df["flag"].isin(["zero_gradient", "zero_input"]) if "flag" in df else False
+    return int((~df["value"].apply(lambda v: math.isfinite(v)) & ~undefined).sum())
 
 
 def estimators_text(df: pd.DataFrame) -> str:

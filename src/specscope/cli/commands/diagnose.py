@@ -171,7 +171,8 @@ def verdict_table(df, title: str) -> Table:
     from specscope.probe.advice import MARGIN
 
     t = Table(title=Text(visible(title)), caption=Text(
-        f"medians over the measured steps (nr/st: of the per-step ratios, not nr/st of the medians); "
+        f"medians over the measured steps (nr/st: of the per-step ratios, not nr/st of the medians; rows: the latest "
+        f"measured step's); "
         f"verdict: nr/st > {1 + MARGIN:g} spectral, < {1 / (1 + MARGIN):g} euclidean, else undecided"))
     t.add_column("weight", overflow="fold", ratio=1)  # the only column that gives way when the console is narrow
     for col in COLUMNS:
