@@ -486,7 +486,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10,
                     help="training steps per call; a multiple of 10 also times 'every 10th' (one measured step per call)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (one GPU: the CUDA rows, graphs included)")
     ap.add_argument("--floor", action="store_true",
                     help="time instead only what an exact measured step cannot skip: exact nr(G) of every gradient and "
                          "a depth-0 st(A) solve per input, on one real step's tensors; prints 'floor: 1 + both'")
@@ -506,11 +506,11 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=CFG["d_model"],
                     help="model width; a tiny model (--d-model 32 --seq-len 16 --batch 2) leaves the probe's host time: "
                          "what a measured step costs where the device's arithmetic is nearly free")
-    ap.add_argument("--seq-len", type=int, default=CFG["seq_len"])
+    ap.add_argument("--seq-len", type=int, default=CFG["seq_len"], help="tokens per sequence")
     ap.add_argument("--moe", type=int, default=0, metavar="E",
                     help="train transformers' Mixtral of the same width, depth and heads instead, E experts a layer (2 per "
                          "token, inner width 2·d): what measuring every expert apart costs")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
     args = ap.parse_args()
     if args.sparse is not None and args.sparse < 2:
         ap.error(f"--sparse {args.sparse}: K is the measuring interval, an int >= 2 (--sparse 10: one measured step in ten)")

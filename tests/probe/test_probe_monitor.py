@@ -768,3 +768,12 @@ def test_a_finite_input_whose_gram_overflows_is_named_so_when_it_raises():
     monitor = Monitor(lin, every=1)
     with pytest.raises(NonFiniteError, match="or a finite one whose float32 Gram overflowed"), monitor.step(0):
         lin(1e20 * torch.randn(64, 8)).sum().backward()
+
+
+def test_an_unknown_weight_name_gets_the_closest_names_not_every_name():
+    """stable_rank('<unknown>') listed every tracked name (hundreds on a large model, per expert on an MoE one)."""
+    monitor = Monitor(nn.ModuleDict({f"layer{i}": nn.Linear(4, 4) for i in range(40)}))
+    with pytest.raises(ConfigError, match=r"closest: \['layer17', 'layer7', 'layer1'\] and 37 more \(monitor.layers\)"):
+        monitor.stable_rank("layer17x")
+    with pytest.raises(ConfigError, match=r"known: \['layer0', .*'layer5'\] and 34 more"):
+        monitor.stable_rank("q")

@@ -406,7 +406,10 @@ class Monitor:
             err.final = True  # an answer about this weight, not a name the caller should look up elsewhere
             raise err
         if name not in self.layers:
-            raise ConfigError(f"no tracked weight named '{name}'; known: {self.layers}")
+            close = difflib.get_close_matches(name, self.layers, n=3, cutoff=0.6)
+            known = close or self.layers[:6]
+            more = f" and {len(self.layers) - len(known)} more (monitor.layers)" if len(self.layers) > len(known) else ""
+            raise ConfigError(f"no tracked weight named '{name}'; {'closest' if close else 'known'}: {known}{more}")
         return None
 
     # -- watching the operations --------------------------------------------------------------------
