@@ -17,7 +17,9 @@ Part 2 runs random-feature regression (ReLU and SwiGLU features) with GD (lr 1/�
 `--floor` adds a row for the float64 eigensolves of `polar="gram"` alone (one eigh per matrix's smaller Gram,
 on the same one-thread workers): the part of an exact Gram-route step that no scheduling removes.
 "Muon polar=gram, torch's eigh" is the same optimizer with SPECSCOPE_EIGH=torch (linalg/lapack.py): where
-`polar="gram"` solves on numpy's OpenBLAS, the two rows compare the LAPACKs in one run.
+`polar="gram"` solves on numpy's OpenBLAS, the two rows compare the LAPACKs in one run. "Muon default, bf16 / fp32
+iterations" are the default with SPECSCOPE_ITERATION_DTYPE fixed (linalg/devices.py): the default computes in
+bfloat16 where the device multiplies it in hardware and in float32 elsewhere; the two rows show what that costs.
 `--baseline-only STEPS` times torch.optim.Muon alone: its step at d=256 ×4 layers takes 64–65 or 86–89 ms on this
 project's CPU depending on the memory layout of its tensors (`setarch -R`, no address randomisation, gave 64–65 ms in
 3 of 4 processes; with it, 86–89 ms in 6 of 6), so every "× torch Muon" ratio of a run moves with it.
@@ -64,6 +66,8 @@ def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[
         kw = {} if polar == "default" else {"polar": polar}
         label = "Muon default (gram_newton_schulz)" if polar == "default" else f"Muon polar={polar}"
         out[label] = Muon(_params(mats), lr=1.0, weight_decay=0.0, **kw)
+    for label in ITERATION_DTYPES:
+        out[label] = Muon(_params(mats), lr=1.0, weight_decay=0.0)
     out[TORCH_EIGH] = Muon(_params(mats), lr=1.0, weight_decay=0.0, polar="gram")
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
@@ -85,6 +89,17 @@ def direction_errors(opt: torch.optim.Optimizer, mats: list[torch.Tensor]) -> tu
 
 FLOOR = "gram's eigensolves alone"
 TORCH_EIGH = "Muon polar=gram, torch's eigh"  # SPECSCOPE_EIGH=torch while it steps (linalg/lapack.py)
+# the default with its iterations' dtype fixed (SPECSCOPE_ITERATION_DTYPE, linalg/devices.py) in every step it takes
+ITERATION_DTYPES = {"Muon default, bf16 iterations": "bfloat16", "Muon default, fp32 iterations": "float32"}
+
+
+def env_of(label: str) -> dict[str, str]:
+    """The environment a candidate steps in (its first, measured step too)."""
+    if label == TORCH_EIGH:
+        return {"SPECSCOPE_EIGH": "torch"}
+    if label in ITERATION_DTYPES:
+        return {"SPECSCOPE_ITERATION_DTYPE": ITERATION_DTYPES[label]}
+    return {}
 
 
 def eigensolves(mats: list[torch.Tensor]):
@@ -99,12 +114,12 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
     gen = torch.Generator().manual_seed(seed)
     mats = [gradient_like(m, n, gen).to(device) for m, n in gpt_hidden_shapes(d, n_layer)]
     opts = optimizers(mats, only)
-    for opt in opts.values():
-        opt.step()  # first step (warm-up), from W = 0: its update is the measured direction
+    steps = {k: with_env(o.step, **env_of(k)) for k, o in opts.items()}
+    for step in steps.values():
+        step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
-    ops = {k: dispatched_ops(o.step) for k, o in opts.items()}
+    ops = {k: dispatched_ops(steps[k]) for k in opts}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    steps = {k: with_env(o.step, SPECSCOPE_EIGH="torch") if k == TORCH_EIGH else o.step for k, o in opts.items()}
     if floor:
         steps[FLOOR], errs[FLOOR], ops[FLOOR] = eigensolves(mats), None, None
     timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync)
@@ -162,7 +177,8 @@ def main() -> None:
                          "and min–max ms (its speed depends on its tensors' memory layout: run it several times)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-          f"{load_average()} at start\n")
+          f"{load_average()} at start; iterations in {str(linalg.iteration_dtype(args.device)).removeprefix('torch.')} "
+          "by default (linalg.iteration_dtype)\n")
     settings = (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4))
     if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
         raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")

@@ -13,7 +13,8 @@ few strong directions and a long tail. They are stored in float32 (the gradient 
 Each backend gets the matrices the way its fastest API takes them: the iterative ones and `polar(…, "gram")`
 one batch per shape (four d×d, one d×4d, one 4d×d, in turn); the "six at once" rows the block's six matrices as
 one list (`polar_later`, which the exact optimizers use: on a multi-thread CPU every matrix is one job on the
-one-thread workers, all shapes side by side).
+one-thread workers, all shapes side by side). "bf16" / "fp32" in a label fix the iteration's dtype; "(= auto)" is
+what `polar` picks for speed, in `linalg.iteration_dtype` of the device (printed at start).
 
     .venv/bin/python benchmarks/polar.py --dims 256 768 --rounds 3 --repeats 3   (add --device cuda on a GPU)
 """
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import interleaved, load_average, with_env  # noqa: E402
 
-from specscope.linalg import gram_newton_schulz, polar, polar_error, polar_later  # noqa: E402
+from specscope.linalg import gram_newton_schulz, iteration_dtype, polar, polar_error, polar_later  # noqa: E402
 
 
 def block_shapes(d: int) -> list[tuple[int, int]]:
@@ -52,17 +53,22 @@ def group_by_shape(mats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.stack(g) for g in groups.values()]
 
 
+BF16, FP32 = torch.bfloat16, torch.float32
 BACKENDS = {
     # label: (method, kwargs)
     "svd": ("svd", {}),
     "gram (= auto tol=1e-4)": ("gram", {}),
     "gram, torch's eigh": (lambda G: with_env(lambda: polar(G, "gram"), SPECSCOPE_EIGH="torch")(), {}),  # SPECSCOPE_EIGH=torch (linalg/lapack.py)
     "newton_schulz bf16 ×5": ("newton_schulz", {}),
-    "polar_express bf16 ×5": ("polar_express", {}),
-    "polar_express fp32 ×10": ("polar_express", {"dtype": torch.float32, "ns_steps": 10}),
-    "gram_newton_schulz bf16 ×4 (= auto)": ("gram_newton_schulz", {}),
-    "gram_newton_schulz bf16 ×4, restart 2": ("gram_newton_schulz", {"restart": 2}),
-    "gram_newton_schulz bf16 ×4, AOL rows": (lambda G: gram_newton_schulz(G, aol=True).to(G.dtype), {}),
+    "polar_express bf16 ×5": ("polar_express", {"dtype": BF16}),
+    "polar_express fp32 ×5": ("polar_express", {"dtype": FP32}),
+    "polar_express fp32 ×10": ("polar_express", {"dtype": FP32, "ns_steps": 10}),
+    # no dtype: linalg.iteration_dtype of the device (bfloat16 where it multiplies bfloat16 in hardware, else float32)
+    "gram_newton_schulz ×4 (= auto)": ("gram_newton_schulz", {}),
+    "gram_newton_schulz bf16 ×4": ("gram_newton_schulz", {"dtype": BF16}),
+    "gram_newton_schulz fp32 ×4": ("gram_newton_schulz", {"dtype": FP32}),
+    "gram_newton_schulz bf16 ×4, restart 2": ("gram_newton_schulz", {"dtype": BF16, "restart": 2}),
+    "gram_newton_schulz bf16 ×4, AOL rows": (lambda G: gram_newton_schulz(G, aol=True, dtype=BF16).to(G.dtype), {}),
 }
 # backends given the block's six matrices as one list (`polar_later`, as the exact optimizers call it): on a
 # multi-thread CPU every matrix is one job on the one-thread workers, all shapes at once
@@ -152,7 +158,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=[*BACKENDS, *WHOLE], choices=[*BACKENDS, *WHOLE])
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {load_average()} at start")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {load_average()} at start; "
+          f"iterations in {str(iteration_dtype(args.device)).removeprefix('torch.')} by default (linalg.iteration_dtype)")
     rows = [r for d in args.dims for r in run(d, args.rounds, args.repeats, args.backends, args.seed, args.device)]
     print_table(rows)
 

@@ -137,7 +137,8 @@ def test_a_missing_path_is_named_as_a_path_not_as_a_run_id_under_root(tmp_path):
 @pytest.mark.parametrize("name, value, message", [
     ("SPECSCOPE_EIGH", "mkl", "error: SPECSCOPE_EIGH='mkl': must be one of auto, torch, openblas"),
     ("SPECSCOPE_OPENMP_RELEASE", "yes", "error: SPECSCOPE_OPENMP_RELEASE='yes': must be one of auto, on, off"),
-    ("SPECSCOPE_CUDA_GRAPHS", "1", "error: SPECSCOPE_CUDA_GRAPHS='1': must be on or off")])
+    ("SPECSCOPE_CUDA_GRAPHS", "1", "error: SPECSCOPE_CUDA_GRAPHS='1': must be on or off"),
+    ("SPECSCOPE_ITERATION_DTYPE", "fp16", "error: SPECSCOPE_ITERATION_DTYPE='fp16': must be one of auto, bfloat16, float32")])
 def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path, name, value, message):
     env = {**os.environ, name: value}
     out = subprocess.run([str(SCRIPT), "run", "sed", "--root", str(tmp_path)], capture_output=True, text=True,

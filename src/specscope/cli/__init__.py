@@ -95,14 +95,15 @@ def _float_overflow(e: Exception) -> bool:
 
 def _check_environment() -> None:
     """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH,
-    SPECSCOPE_OPENMP_RELEASE, SPECSCOPE_CUDA_GRAPHS)."""
+    SPECSCOPE_OPENMP_RELEASE, SPECSCOPE_CUDA_GRAPHS, SPECSCOPE_ITERATION_DTYPE)."""
     from specscope.errors import ConfigError
-    from specscope.linalg import graphs, lapack, workers
+    from specscope.linalg import devices, graphs, lapack, workers
 
     try:
         lapack.choice()
         workers.release_choice()
         graphs.enabled()
+        devices.iteration_dtype("cpu")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -6,6 +6,7 @@ the function and the problem on non-finite, empty, complex, sparse or meta input
 shape, kind and options only: see docs/linalg.md). The polar backends and the nuclear norms of lists build no autograd graph
 (docs/linalg.md "No autograd"); the raw kernels are plain, differentiable torch products.
 """
+from .devices import iteration_dtype
 from .norms import (
     fro_nuclear_norms_later,
     gram,
@@ -39,6 +40,6 @@ __all__ = [
     "singular_values", "spectral_norm", "nuclear_norm", "gram", "stable_rank_from_gram", "nuclear_norm_from_gram", "nuclear_norms",
     "nuclear_norms_later", "fro_nuclear_norms_later",
     "polar", "polar_later", "polar_with_nuclear_norm", "polar_with_nuclear_norm_later", "polar_error", "orthogonality_error", "newton_schulz", "polar_express",
-    "gram_newton_schulz", "default_rcond", "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "GRAM_NS_COEFFICIENTS",
+    "gram_newton_schulz", "iteration_dtype", "default_rcond", "KELLER_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "GRAM_NS_COEFFICIENTS",
     "singular_value_soft_threshold", "principal_angles", "onehot_stable_rank",
 ]

@@ -1,8 +1,11 @@
-"""Facts about the CPU that pick between measured routes (docs/linalg.md "Which LAPACK", "The caller's OpenMP team")."""
+"""Facts about the CPU that pick between measured routes (docs/linalg.md "Which LAPACK", "The caller's OpenMP team",
+"Iteration dtype")."""
 from __future__ import annotations
 
 import functools
 import glob
+
+import torch
 
 
 @functools.cache
@@ -34,3 +37,29 @@ def last_level_cache(root: str = CACHE_DIR) -> int:
         if digits.isdigit():
             best = max(best, int(digits) * unit)
     return best
+
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 (/proc/cpuinfo "flags")
+ARM_BF16_FEATURE = "bf16"  # aarch64 (/proc/cpuinfo "Features")
+
+
+@functools.cache
+def bfloat16_units(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware: AVX512_BF16 or AMX on x86 (as torch reads them), the BF16
+    extension on Arm (/proc/cpuinfo). Without them a bfloat16 product goes through float32 and costs more than a
+    float32 one: 3.2× for the polar iterations of one GPT block on an Intel Xeon (Ice Lake), docs/linalg.md
+    "Iteration dtype"."""
+    x86 = [getattr(torch.cpu, f"_is_{name}_supported", None) for name in ("avx512_bf16", "amx_tile")]
+    if any(f is not None and f() for f in x86):
+        return True
+    return bool(_cpuinfo_words(cpuinfo) & {*BF16_FLAGS, ARM_BF16_FEATURE})
+
+
+def _cpuinfo_words(path: str = "/proc/cpuinfo") -> set[str]:
+    """The words of cpu0's "flags" (x86) or "Features" (aarch64) line, or none where `path` cannot be read."""
+    try:
+        with open(path) as f:
+            line = next((line for line in f if line.split(":", 1)[0].strip() in ("flags", "Features")), "")
+    except OSError:
+        return set()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()

@@ -32,6 +32,7 @@ from torch import Tensor
 from ._checks import check_kernel_options, check_structure
 from ._scale import in_safe_range, needs_scaling, pow2_scale, scaled_to
 from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
+from .devices import iteration_dtype
 
 # Four steps: Polar Express's steps 3–6 (arXiv 2505.16932, ℓ = 1e-3 schedule with the 1.01 safety
 # deflation). With the row-sum start this reaches error 0.01–0.02 at 0.1·σ_1 on gradients (≤ 0.03 on low-rank inputs) and maps σ ≲ 1e-3·σ_1 — the
@@ -127,9 +128,10 @@ def _wide_flat(X: Tensor) -> tuple[Tensor, torch.Size]:
 
 
 def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]] = GRAM_NS_COEFFICIENTS, *,
-                       restart: int | None = None, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16,
+                       restart: int | None = None, eps: float = 1e-7, dtype: torch.dtype | None = None,
                        aol: bool = False) -> Tensor:
-    """Row-sum-scaled quintic iteration in `dtype`; Gram-side for aspect ratio ≥ 2 (from 128 rows), X-side
+    """Row-sum-scaled quintic iteration in `dtype` (default `iteration_dtype(G.device)`: bfloat16 where the device
+    multiplies it in hardware, float32 elsewhere); Gram-side for aspect ratio ≥ 2 (from 128 rows), X-side
     otherwise.
 
     G: [..., m, n]. Returns [..., m, n] in `dtype`. Zero rows/columns and zero singular values stay 0.
@@ -138,6 +140,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     restart, 0.005 with; five 0.013 vs 0.0045; four 0.0065 vs 0.0037 (not worth two n-sized products).
     """
     G = check_structure(G, "gram_newton_schulz", "G")  # shape and kind only: NaN/Inf is `polar`'s check
+    dtype = iteration_dtype(G.device) if dtype is None else dtype
     check_kernel_options("gram_newton_schulz", eps=eps, dtype=dtype, steps=len(schedule), restart=restart)
     if restart is None and len(schedule) > 4:
         restart = 2

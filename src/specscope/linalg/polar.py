@@ -26,6 +26,7 @@ from ._checks import (MAX_STEPS as MAX_NS_STEPS, as_list, check_kernel_options, 
 from ._coefficients import KELLER_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS
 from ._scale import gram_scale, in_safe_range, needs_scaling, pow2_scale, scaled_to
 from . import lapack, workers
+from .devices import iteration_dtype
 from .gram_ns import GRAM_NS_COEFFICIENTS, gram_newton_schulz
 from .norms import POOL_MIN
 
@@ -114,12 +115,14 @@ def newton_schulz(G: Tensor, ns_steps: int = 5, ns_coefficients=KELLER_COEFFICIE
     return _odd_quintic_iteration(G, _coefficient_schedule(ns_coefficients, ns_steps), eps, dtype, 1.0)
 
 
-def polar_express(G: Tensor, ns_steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def polar_express(G: Tensor, ns_steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
     """Polar Express estimate of polar(G) (estimator): start X₀ = G/(1.01‖G‖_F), then the per-step
     minimax schedule POLAR_EXPRESS_COEFFICIENTS (steps past 8 repeat the last, cubically convergent map).
     Same cost per step as Newton–Schulz, much smaller error for small singular values (docs/linalg.md).
-    Unchecked for NaN/Inf (`polar` checks)."""
+    Computed and returned in `dtype`, default `iteration_dtype(G.device)` (bfloat16 where the device multiplies it
+    in hardware, else float32). Unchecked for NaN/Inf (`polar` checks)."""
     G = check_structure(G, "polar_express", "G")
+    dtype = iteration_dtype(G.device) if dtype is None else dtype
     _check_steps("polar_express", ns_steps)
     check_kernel_options("polar_express", eps=eps, dtype=dtype, steps=ns_steps)
     return _odd_quintic_iteration(G, _coefficient_schedule(POLAR_EXPRESS_COEFFICIENTS, ns_steps), eps, dtype, 1.01)
@@ -223,7 +226,8 @@ def _auto_method(G: Tensor, tol: float | None, dtype: torch.dtype | None = None)
     """Selection rule (measured on CPU, docs/linalg.md):
     - min(m, n) ≤ 32: "gram" — an exact eigh of a ≤ 32×32 Gram costs less than the iterations' overhead.
     - no tol, or tol ≥ FAST_BACKEND_ERROR: "gram_newton_schulz" (a scalar start from AOL's bound + 4
-      bfloat16 steps, Gram-side on rectangles) — below torch.optim.Muon's step time with less error at 0.1·σ_1.
+      steps in `iteration_dtype(G.device)`, Gram-side on rectangles) — below torch.optim.Muon's step time with
+      less error at 0.1·σ_1.
     - tol < FAST_BACKEND_ERROR: "gram" (float64 Gram + eigh): ≤ 1e-5 error down to 1e-3·σ_1, any shape.
     tol is the polar_error you can accept for singular values ≥ 0.1·σ_1. The rule is the same on CUDA
     (the fast backend is matmul-only and batched; on an H200 it is 0.74 / 0.80× a Muon step at d=256 / 768,
@@ -254,10 +258,12 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
       "newton_schulz" estimator: ns_steps (default 5) quintic steps with ns_coefficients ((a,b,c), or a
                       per-step list of triples whose last entry repeats), Frobenius-normalised start,
                       computed in `dtype` (default bfloat16 like torch.optim.Muon).
-      "polar_express" estimator: per-step minimax coefficients, start G/(1.01‖G‖_F), ns_steps (default 5).
+      "polar_express" estimator: per-step minimax coefficients, start G/(1.01‖G‖_F), ns_steps (default 5),
+                      computed in `dtype` (default `iteration_dtype(G.device)`: bfloat16 where the device
+                      multiplies it in hardware, float32 elsewhere; linalg/devices.py).
       "gram_newton_schulz" estimator: start G/sqrt(max row sum of |GGᵀ|), then ns_steps (default 4) Polar
                       Express steps 3…; on the small Gram for aspect ratio ≥ 2 and ≥ 128 rows
-                      (`restart`: rebuild the Gram from X at that step), `dtype` default bfloat16
+                      (`restart`: rebuild the Gram from X at that step), `dtype` as polar_express's
                       (linalg/gram_ns.py).
       "auto"          see `_auto_method`: no tol -> gram_newton_schulz; tol < 0.05 -> gram; min(m,n) ≤ 32 -> gram.
     The estimators map σ below the input's precision to ≈ p'(0)·σ (small, not exactly 0), and divide G by
@@ -285,10 +291,10 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     elif method == "newton_schulz":
         P = newton_schulz(G, 5 if ns_steps is None else ns_steps, ns_coefficients, eps, dtype or torch.bfloat16)
     elif method == "polar_express":
-        P = polar_express(G, 5 if ns_steps is None else ns_steps, eps, dtype or torch.bfloat16)
+        P = polar_express(G, 5 if ns_steps is None else ns_steps, eps, dtype)
     else:
         schedule = _coefficient_schedule(GRAM_NS_COEFFICIENTS, len(GRAM_NS_COEFFICIENTS) if ns_steps is None else ns_steps)
-        P = gram_newton_schulz(G, schedule, restart=restart, eps=eps, dtype=dtype or torch.bfloat16)
+        P = gram_newton_schulz(G, schedule, restart=restart, eps=eps, dtype=dtype)
     return P.to(G.dtype)
 
 

@@ -248,10 +248,11 @@ def check_ns_coefficients(coefficients: Any) -> None:
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """The batched polar map a group asked for: a linalg backend name or the user's callable.
 
-    Iterative backends get bfloat16 input (as torch.optim.Muon casts its update) and go straight to
-    linalg's kernels: the step has already checked the gradients (one fused norm), so the per-call
-    validation of `linalg.polar` — a host sync per bucket on CUDA — is skipped, and the bf16 factor is
-    added to the parameter directly. The group's ns_steps / ns_coefficients drive "newton_schulz"
+    Iterative backends get their compute dtype's input — bfloat16 for "newton_schulz" (as torch.optim.Muon casts
+    its update), `linalg.iteration_dtype` of the device for the others (bfloat16 where it multiplies bfloat16 in
+    hardware, float32 elsewhere) — and go straight to linalg's kernels: the step has already checked the gradients
+    (one fused norm), so the per-call validation of `linalg.polar` — a host sync per bucket on CUDA — is skipped,
+    and the factor is added to the parameter directly. The group's ns_steps / ns_coefficients drive "newton_schulz"
     (ns_steps also "polar_express"); "gram_newton_schulz" runs its own four-step schedule.
     "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions). "gram_newton_schulz" and
     "polar_express" are marked `transposable`: a tall matrix is iterated transposed beside the wide ones of its
@@ -267,9 +268,9 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     if polar == "newton_schulz":
         return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
     if polar == "polar_express":
-        return transposable(lambda X: linalg.polar_express(X.to(bf16), group["ns_steps"], eps))
+        return transposable(lambda X: linalg.polar_express(X.to(linalg.iteration_dtype(X.device)), group["ns_steps"], eps))
     if polar == "gram_newton_schulz":
-        return transposable(lambda X: linalg.gram_newton_schulz(X.to(bf16), eps=eps))
+        return transposable(lambda X: linalg.gram_newton_schulz(X.to(linalg.iteration_dtype(X.device)), eps=eps))
     return polar_map(polar)
 
 

@@ -3,7 +3,7 @@
 Per parameter (torch.optim.Muon, Keller Jordan's muon.py):
     B <- μ·B + (1 − μ)·G                  (lerp; B kept in float32 for bf16/fp16 params)
     U <- (1 − μ)·G + μ·B  if nesterov else B
-    O <- polar(U)                         (one batched call per shape; bf16 for iterative backends)
+    O <- polar(U)                         (one batched call per shape; iterations in linalg.iteration_dtype)
     W <- W·(1 − lr·wd) − lr·s·O           s = sqrt(max(1, rows/cols)) ("original")
                                           or 0.2·sqrt(max(rows, cols)) ("match_rms_adamw")
 A conv weight [out, in, kh, kw] is orthogonalized as the matrix [out, in·kh·kw]; rows/cols in s are
@@ -98,8 +98,9 @@ register("muon", muon_update, MUON_DEFAULTS, spectral=True, check=check_muon, st
 class Muon(Hybrid):
     """torch.optim.Muon's interface plus `polar=` (a specscope.linalg backend name or a callable).
 
-    The default polar="gram_newton_schulz" (4 bf16 steps, the d×4d matrices iterated on their Gram) is
-    cheaper than torch's step and ~30× more accurate at 0.1·σ_1; polar="newton_schulz" with the defaults
+    The default polar="gram_newton_schulz" (4 steps, the d×4d matrices iterated on their Gram; in bfloat16 where
+    the device multiplies it in hardware, else float32: `linalg.iteration_dtype`) is cheaper than torch's step
+    and ~30× more accurate at 0.1·σ_1; polar="newton_schulz" with the defaults
     reproduces torch.optim.Muon bit for bit on CPU (bf16 Newton–Schulz; pass a list of (a, b, c) as
     ns_coefficients for any per-step schedule); "gram" and "svd" give the exact polar factor;
     "polar_express" per-step minimax coefficients. Groups with algorithm="adamw" (and their own
