@@ -118,6 +118,16 @@ def test_heartbeats_let_work_run_past_the_timeout():
     assert time.monotonic() - t0 > 8
 
 
+def _returns_rank(rank, world):
+    return rank
+
+
+def test_a_ranks_start_is_not_counted_as_silence():
+    """A new interpreter importing torch takes 2–5 s before the work's first line: with timeout=4 the heartbeat test
+    above failed on a busy 2-core machine, and a timeout below the start time failed every run."""
+    assert D.spawn(_returns_rank, 2, timeout=0.5) == [0, 1]
+
+
 def _one_stops(rank, world):
     if rank == 1:
         os.kill(os.getpid(), signal.SIGSTOP)

@@ -62,6 +62,9 @@ class _RemoteTraceback(Exception):
 
 _ALIVE = "alive"  # a rank's heartbeat on spawn's queue (a result is bytes)
 _BEAT_SECONDS = 1.0  # a rank sends at most one heartbeat a second
+# a rank's start — a new interpreter importing torch and the work's module — is no silence of the work: until a rank
+# announces itself it has at least this long (5 s on 2 busy cores measured, against a timeout of 4 s in a test)
+_STARTUP_SECONDS = 120.0
 _heartbeat: Callable[[], None] | None = None  # set in a rank that spawn() started
 
 
@@ -88,6 +91,7 @@ def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tu
     global _heartbeat
     die_with_parent(parent)  # a killed spawn() takes its workers with it
     _heartbeat = _beats(rank, queue)
+    queue.put((rank, _ALIVE, None))  # started: spawn's timeout counts this rank's silence from here
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring it (see spawn): Ctrl-C from here on
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -129,7 +133,11 @@ def _stopped(pid: int | None) -> bool:
         return False
 
 
-def _timed_out(procs: list, stalled: list[int], timeout: float) -> WorkerError:
+def _timed_out(procs: list, stalled: list[int], timeout: float, started: list[bool]) -> WorkerError:
+    if not_started := [r for r in stalled if not started[r] and not _stopped(procs[r].pid)]:
+        return WorkerError(f"spawn timed out: rank(s) {not_started} of {len(procs)} did not start within "
+                           f"{max(timeout, _STARTUP_SECONDS):g} s (a new Python process importing torch and the work's "
+                           "module); check that the machine is not out of memory or swapping", not_started[0])
     stopped = [r for r in stalled if _stopped(procs[r].pid)]
     why = (f"; rank(s) {stopped} stopped (SIGSTOP or Ctrl-Z: `kill -CONT` resumes a stopped process)" if stopped
            else "; raise timeout= if a step of the work is that long")
@@ -142,9 +150,9 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
 
     fn must be importable (a module-level function) and return something torch.save can write. A rank that
     raises or dies makes this raise WorkerError at once (one line; `.worker_traceback` has the worker's
-    traceback) and stops the other ranks; so does a rank silent for `timeout` seconds: no result and no
-    `heartbeat()` (which fn calls as it makes progress; without it, `timeout` bounds the whole run). Workers die
-    with this process.
+    traceback) and stops the other ranks; so does a rank silent for `timeout` seconds once started: no result and
+    no `heartbeat()` (which fn calls as it makes progress; without it, `timeout` bounds the whole run). A rank's
+    start (the new interpreter's imports) has max(timeout, 120 s). Workers die with this process.
     """
     if world < 1:
         raise ConfigError(f"world must be >= 1, got {world}")
@@ -168,6 +176,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
     out: dict[int, bytes] = {}
     errors: dict[int, tuple[str, str]] = {}
     alive = [time.monotonic()] * world  # each rank's last sign of progress: its start, then its heartbeats
+    started = [False] * world  # announced by the rank itself (`_entry`): from then on `timeout` bounds its silence
     failing_since: float | None = None
     ok = False
     try:
@@ -175,7 +184,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
             try:
                 rank, data, err = queue.get(timeout=0.2)
                 if data == _ALIVE:
-                    alive[rank] = time.monotonic()
+                    alive[rank], started[rank] = time.monotonic(), True
                 elif err is None:
                     out[rank] = data
                 else:
@@ -193,8 +202,11 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
             if failing_since is not None and now - failing_since > _GRACE:
                 err = _cause(world, procs, errors, set(out))
                 raise err from (_RemoteTraceback(err.worker_traceback) if err.worker_traceback else None)
-            if stalled := [r for r in range(world) if r not in out and now - alive[r] > timeout]:
-                raise _timed_out(procs, stalled, timeout)
+            # a rank not yet heard from has the start's allowance, unless it is stopped (its announcement may still
+            # sit in its queue's feeder thread)
+            if stalled := [r for r in range(world) if r not in out and now - alive[r] > timeout and (
+                    started[r] or now - alive[r] > _STARTUP_SECONDS or _stopped(procs[r].pid))]:
+                raise _timed_out(procs, stalled, timeout, started)
         ok = True
     finally:
         for p in procs:
