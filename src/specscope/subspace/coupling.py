@@ -2,7 +2,7 @@
 
 A(v) = mean_x ‖(μ_x(θ + εv) − μ_x(θ − εv)) / (2ε)‖², with μ_x(θ) the per-input "centroid" features (the
 gradient of the correct-class logit w.r.t. the embedded input), the perturbation on a chosen parameter set
-only and ε = eps_rel·‖θ_set‖. R_k = A(v_k) / median_j A(r_j) over random unit directions r_j.
+only and ε = eps_rel·‖θ_set‖. R_k = A(v_k) / median_j A(r_j) over random unit directions r_j (for an even count, the mean of the middle two).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from specscope.subspace._params import checked_params
 from specscope.subspace.project import flatten, unflatten_
 
 
@@ -34,7 +35,7 @@ def directional_coupling(centroids: Callable[[], Tensor], params: list[Tensor], 
     plus_theta, minus_theta = theta + eps * v, theta - eps * v
     if torch.equal(plus_theta, minus_theta):
         raise ValueError(f"coupling: the step ε = {eps:.3g} along v changes no parameter in {theta.dtype} (it underflows "
-                         "or is below the parameters' rounding); use a larger eps_rel (e.g. the default 0.005)")
+                         f"or is below the parameters' rounding); use a larger eps_rel ({_larger(theta.dtype)})")
     try:
         with torch.no_grad():
             unflatten_(plus_theta, [p.data for p in params])
@@ -48,6 +49,12 @@ def directional_coupling(centroids: Callable[[], Tensor], params: list[Tensor], 
                 p.copy_(s)
     diff = (plus - minus) / (2 * eps)
     return float(diff.reshape(diff.shape[0], -1).pow(2).sum(1).mean())
+
+
+def _larger(dtype: torch.dtype) -> str:
+    """A step size to suggest: the default 0.005 where it is above the dtype's rounding, else 4·eps (bfloat16: 0.031)."""
+    eps = torch.finfo(dtype).eps
+    return "e.g. the default 0.005" if 0.005 > 2 * eps else f"e.g. {4 * eps:.2g}: {dtype} rounds at {eps:.2g}"
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
@@ -81,14 +88,12 @@ def coupling_ratios(
         raise ValueError(f"coupling_ratios: eps_rel must be a number in (0, 1) (the step is eps_rel·‖θ‖), got {eps_rel!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"coupling_ratios: generator must be a torch.Generator or None, got {type(generator).__name__}")
-    params = list(params)
-    if not params or not all(isinstance(p, Tensor) for p in params):
-        raise ValueError("coupling_ratios: params must be a non-empty list of the tensors the centroids depend on")
+    params = checked_params(params, "coupling_ratios", trainable=False)
     dtype = params[0].dtype
     if eps_rel <= torch.finfo(dtype).eps:
         raise ValueError(f"coupling_ratios: eps_rel={eps_rel!r} is at or below {dtype}'s rounding "
                          f"({torch.finfo(dtype).eps:.3g}): the step eps_rel·‖θ‖ would not change the parameters; "
-                         "use a larger eps_rel (e.g. the default 0.005)")
+                         f"use a larger eps_rel ({_larger(dtype)})")
     theta_norm = float(flatten([p.detach() for p in params], params).norm())
     if not theta_norm > 0 or not math.isfinite(theta_norm):
         raise ValueError(f"coupling_ratios: the parameters' norm is {theta_norm}, so the step eps_rel·‖θ‖ is undefined; "
@@ -108,7 +113,7 @@ def coupling_ratios(
                          "another random layer is on); call model.eval() first, the ratios would be noise ≈ 1")
     gen = generator or torch.Generator().manual_seed(0)
     random_a = [directional_coupling(centroids, params, torch.randn(dim, generator=gen), eps) for _ in range(n_random)]
-    baseline = float(torch.tensor(random_a, dtype=torch.float64).median())
+    baseline = float(torch.tensor(random_a, dtype=torch.float64).quantile(0.5))  # the mean of the middle two for even n
     if math.isnan(baseline):
         raise ValueError("coupling_ratios: the centroids are NaN or Inf at θ ± ε·r; check the model's output there")
     if not baseline > 0:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from specscope.records import Record
+from specscope.subspace._params import checked_params
 from specscope.subspace.rolling import RollingSVD
 
 
@@ -80,7 +81,10 @@ class GradientProjection:
 
     `subspace`: a RollingSVD (its current top-k directions: SED-k), "random" (a random k-dim subspace,
     drawn once when `fixed`, else fresh every step), or a callable returning orthonormal rows [k, P] (or None:
-    no projection at that call).
+    no projection at that call). `k`: the subspace's dimension, by default the RollingSVD's own k (3 random
+    directions). `params`: distinct, trainable leaf tensors (a frozen, tied-twice or non-leaf one is refused). A
+    parameter without a gradient at `apply()` counts as a zero gradient and gets the projection's component of it
+    (it then has a .grad, and the optimizer steps it).
     The projection is skipped until the RollingSVD window is full, and (with a warning) while the window
     holds only zero vectors: "keep" would zero the gradient. Usable from any loop:
     `loss.backward(); proj.apply(); opt.step()`, or as a callback of specscope's loop (after_backward).
@@ -93,25 +97,26 @@ class GradientProjection:
         params: Iterable[Tensor],
         subspace: RollingSVD | Literal["random"] | Callable[[], Tensor],
         mode: Literal["keep", "remove"] = "keep",
-        k: int = 3,
+        k: int | None = None,
         fixed: bool = True,
         seed: int = 0,
         every: int = 1,
     ):
         if mode not in ("keep", "remove"):
             raise ValueError(f"GradientProjection: mode must be 'keep' or 'remove', got {mode!r}")
+        if k is None:  # a RollingSVD's own k; 3 random directions
+            k = subspace.k if isinstance(subspace, RollingSVD) else 3
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"GradientProjection: k is the subspace's dimension, an int ≥ 1; got {k!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"GradientProjection: every must be an int ≥ 1, got {every!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"GradientProjection: seed must be an int, got {seed!r}")
-        self.params = [p for p in params]
-        if not self.params or not all(isinstance(p, Tensor) for p in self.params):
-            raise ValueError("GradientProjection: params must be a non-empty list of tensors (e.g. list(model.parameters()))")
-        if not (isinstance(subspace, RollingSVD) or subspace == "random" or callable(subspace)):
-            raise ValueError(f"GradientProjection: subspace={subspace!r}: give a RollingSVD, 'random', or a callable "
-                             "returning orthonormal rows [k, P]")
+        self.params = checked_params(params, "GradientProjection")
+        if not (isinstance(subspace, RollingSVD) or (isinstance(subspace, str) and subspace == "random") or callable(subspace)):
+            what = f"a tensor {tuple(subspace.shape)}" if isinstance(subspace, Tensor) else repr(subspace)
+            raise ValueError(f"GradientProjection: subspace={what}: give a RollingSVD, 'random', or a callable "
+                             "returning orthonormal rows [k, P] (a fixed basis Q: subspace=lambda: Q)")
         self.dim = sum(p.numel() for p in self.params)
         if isinstance(subspace, str) and k >= self.dim:
             raise ValueError(f"GradientProjection: k={k} random directions in {self.dim} parameters span them all "
@@ -175,7 +180,9 @@ class GradientProjection:
         for i, g in enumerate(grads):
             if not bool(torch.isfinite(g).all()):
                 raise ValueError(f"GradientProjection.apply: the gradient of parameter {i} {tuple(g.shape)} has NaN or "
-                                 "Inf entries; a projection would spread them to every parameter")
+                                 "Inf entries; a projection would spread them to every parameter (under "
+                                 "torch.amp.GradScaler an overflowing step has Inf gradients after unscale_: skip apply() "
+                                 "on that step, which the scaler skips too)")
         g = project(flatten(grads, self.params), Q.to(self.params[0].device), self.mode)
         for p, gr in zip(self.params, grads):
             if p.grad is None:
@@ -195,9 +202,20 @@ class GradientProjection:
         if missing is None or missing:
             raise ValueError(f"GradientProjection.load_state_dict: the state lacks {missing or 'everything (not a dict)'}; "
                              "give the dict GradientProjection.state_dict() returned")
-        basis = state["basis"]
+        basis, generator, applied = state["basis"], state["generator"], state["applied"]
         if basis is not None and (not isinstance(basis, Tensor) or basis.ndim != 2 or basis.shape[1] != self.dim):
             raise ValueError(f"GradientProjection.load_state_dict: the saved basis is not rows [k, {self.dim}]; "
                              "it was saved for other parameters")
-        self.generator.set_state(state["generator"])
-        self._basis, self.applied = state["basis"], int(state["applied"])
+        if not (isinstance(generator, Tensor) and generator.dtype == torch.uint8 and generator.ndim == 1):
+            raise ValueError(f"GradientProjection.load_state_dict: 'generator' must be the uint8 tensor "
+                             f"torch.Generator.get_state() returns, got {type(generator).__name__}; give the dict "
+                             "GradientProjection.state_dict() returned")
+        if isinstance(applied, bool) or not isinstance(applied, int) or applied < 0:
+            raise ValueError(f"GradientProjection.load_state_dict: 'applied' must be an int ≥ 0, got {applied!r}; give "
+                             "the dict GradientProjection.state_dict() returned")
+        try:
+            self.generator.set_state(generator.clone())
+        except RuntimeError as e:
+            raise ValueError(f"GradientProjection.load_state_dict: 'generator' is not a CPU generator's state ({e}); "
+                             "give the dict GradientProjection.state_dict() returned") from None
+        self._basis, self.applied = (None if basis is None else basis.detach().clone()), applied

@@ -5,7 +5,9 @@ SED-k directions. We never form anything P × P: the W × W Gram matrix C = M M�
 row/column per push (O(W·P)), and eigh(C) = U Λ Uᵀ gives σ = sqrt(Λ) and V = Mᵀ U Σ⁻¹ (O(W³ + k·W·P)).
 Both products accumulate in float64 (a float32 Gram leaves rounding noise of ≈ sqrt(eps32)·σ₁ under the small
 singular values, whose "directions" then were neither unit nor orthogonal): the result is the SVD of the
-stored rows to float64 accuracy, down to the cut-off σ ≤ W·eps·σ₁ of the rows' own dtype.
+stored rows to float64 accuracy, down to the cut-off: σ ≤ max(W·eps, sqrt(W·eps64))·σ₁, eps the rows' own dtype's —
+the rows' rounding (float32: 2.4e-6·σ₁ at W = 20), or the float64 Gram's eigenvalue noise (≈ W·eps64·σ₁², so
+6.6e-8·σ₁ in σ: what bounds a float64 tracker). Singular values at or below it read 0.
 """
 
 from __future__ import annotations
@@ -109,12 +111,13 @@ class RollingSVD:
                                  "1e154); rescale the vectors (e.g. by a fixed factor) before pushing them")
             evals, U = evals.flip(0).clamp(min=0), U.flip(1)
             sigma = evals.sqrt()
-            keep = sigma > sigma[0] * n * torch.finfo(self.dtype).eps
-            self._cache = (sigma, U[:, keep])
+            keep = sigma > sigma[0] * max(n * torch.finfo(self.dtype).eps, (n * torch.finfo(torch.float64).eps) ** 0.5)
+            self._cache = (torch.where(keep, sigma, torch.zeros_like(sigma)), U[:, keep])
         return self._cache
 
     def singular_values(self) -> Tensor:
-        """All singular values of the window matrix, descending."""
+        """All singular values of the window matrix, descending; those at or below the cut-off (module docstring:
+        the rows' rounding, or the Gram's) read 0."""
         return self._decompose()[0]
 
     def directions(self, k: int | None = None) -> Tensor:
@@ -150,6 +153,8 @@ class RollingSVD:
         return float(principal_angles(prev.T, V.T).max())
 
     def state_dict(self) -> dict:
+        """The window's tensors by reference, as torch's state dicts: `torch.save` it, or copy it to keep a snapshot
+        (`load_state_dict` copies what it loads, so two trackers never share a window)."""
         return {"rows": self._rows, "gram": self._gram, "count": self._count, "previous": self._previous}
 
     def load_state_dict(self, state: dict) -> None:
@@ -169,5 +174,15 @@ class RollingSVD:
                                  or gram is None or tuple(gram.shape) != (self.window, self.window)):
             raise ValueError(f"RollingSVD.load_state_dict: the state holds a window of {tuple(rows.shape)} {rows.dtype} rows; "
                              f"this tracker keeps window={self.window} rows of {self.dtype}: make it with the saved window and dtype")
-        self._rows, self._gram, self._count = rows, gram, int(state["count"])
-        self._previous, self._cache, self._directions = state["previous"], None, None
+        if rows is not None and (gram.dtype != torch.float64 or gram.device != rows.device):
+            raise ValueError(f"RollingSVD.load_state_dict: 'gram' is {gram.dtype} on {gram.device}; the window's Gram is "
+                             f"float64 beside its rows ({rows.device}); give the dict RollingSVD.state_dict() returned")
+        previous = state["previous"]
+        if previous is not None and not (isinstance(previous, Tensor) and rows is not None and previous.ndim == 2
+                                         and previous.shape[0] <= self.k and previous.shape[1] == rows.shape[1]):
+            shape = tuple(previous.shape) if isinstance(previous, Tensor) else type(previous).__name__
+            raise ValueError(f"RollingSVD.load_state_dict: 'previous' {shape} is not the last directions of this window "
+                             f"(rows [≤ {self.k}, P], P the rows' size); give the dict RollingSVD.state_dict() returned")
+        copy = lambda t: None if t is None else t.detach().clone()  # noqa: E731  never the saved tensors themselves
+        self._rows, self._gram, self._count = copy(rows), copy(gram), count
+        self._previous, self._cache, self._directions = copy(previous), None, None

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from specscope.records import Record
+from specscope.subspace._params import checked_params
 from specscope.subspace.project import GradientProjection, flatten
 from specscope.subspace.rolling import RollingSVD
 
@@ -65,9 +66,7 @@ class SEDTracker:
         if update and UPDATE in losses:
             raise ValueError(f"SEDTracker: the loss name {UPDATE!r} is reserved for the parameter updates' window; "
                              "rename the loss")
-        self.params = list(params)
-        if not self.params or not all(isinstance(p, Tensor) for p in self.params):
-            raise ValueError("SEDTracker: params must be a non-empty list of tensors (e.g. list(model.parameters()))")
+        self.params = checked_params(params, "SEDTracker")
         self.losses, self.every = dict(losses), every
         self.update_delta, self.exclude_decay = update_delta, exclude_decay
         names = list(losses) + ([UPDATE] if update else [])
