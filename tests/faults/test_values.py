@@ -136,6 +136,48 @@ def test_a_read_only_disk_names_the_way_out_this_command_has(finished, copy_of, 
     one_line_error(rc, err, "Read-only file system", fix)
 
 
+@pytest.mark.parametrize("command", [("report", "RUN"), ("export", "RUN", "--out", "OUT"),
+                                     ("claims", "--root", "ROOT", "--format", "markdown", "--into", "README")])
+def test_a_read_only_disk_names_the_file_not_its_temporary(finished, copy_of, cli, tmp_path, monkeypatch, command):
+    """On a read-only file system the temporary file's removal fails too (EROFS): its error replaced the write's,
+    and the message named `.summary.json.PID.tmp` instead of summary.json."""
+    import errno
+    import os
+    import pathlib
+
+    run = copy_of(finished)
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- claims:begin -->\n<!-- claims:end -->\n")
+    real_unlink, real_write_bytes = pathlib.Path.unlink, pathlib.Path.write_bytes
+
+    def refused(path):
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def no_temporary_writes(self, *a, **k):  # the temporary is created (a new file), its removal refused
+        if self.name.endswith(".tmp"):
+            raise refused(self)
+        return real_unlink(self, *a, **k)
+
+    def write_bytes(self, data):
+        if self.name.endswith(".tmp"):
+            raise refused(self)
+        return real_write_bytes(self, data)
+
+    def replace(src, dst, *a, **k):
+        raise refused(src)  # rename(2) names the source on EROFS as Python reports it
+
+    monkeypatch.setattr(pathlib.Path, "unlink", no_temporary_writes)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(os, "replace", replace)
+    target = {"report": run / "summary.json", "export": tmp_path / "x.csv", "claims": readme}[command[0]]
+    args = [{"RUN": run, "ROOT": run.parent.parent, "README": readme, "OUT": tmp_path / "x.csv"}.get(a, a)
+            for a in command]
+    rc, _, err = cli(*args)
+    monkeypatch.undo()
+    one_line_error(rc, err, "Read-only file system")
+    assert ".tmp" not in err and (str(target) in err or str(target.name) in err), err
+
+
 def test_a_read_only_disk_under_a_resume_says_copy_and_resume(killed, copy_of, cli, monkeypatch):
     """`run --resume` has no --out: the way out is a writable copy (it said "write elsewhere (--out)")."""
     import errno

@@ -14,7 +14,7 @@ import specscope.cli
 from specscope.cli import app
 from specscope.errors import RunStoreError
 from specscope.records import Record
-from specscope.store import Run, load
+from specscope.store import Run, integrity, load
 
 specscope.cli._register()
 runner = CliRunner()
@@ -154,6 +154,7 @@ def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, da
     run's deleted database was not even warned about."""
     with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:
         run.append([Record(s, f"layer{i}", "stable_rank", s / 7) for s in range(400) for i in range(8)])
+        integrity.write_json(run.path / "progress.json", {"arms": {"a": 3200}, "run_id": run.id}, checksum=True)
         run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
                                        "verdict": "PASS"}]})
     res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
@@ -168,4 +169,29 @@ def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, da
     res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
     assert res.exit_code == 0, res.output
     assert '"hurt (its metrics database is damaged)"' in res.stdout and '"PASS"' in res.stdout
-    assert f"warning: {run.path}: its claims come from a damaged metrics database" in res.stderr
+    assert f"warning: {run.path}: its metrics database is damaged, so its claims may not match its records" in res.stderr
+
+
+@pytest.mark.parametrize("damage", ["edit", "delete"])
+def test_claims_mark_and_warn_about_a_run_whose_progress_file_is_damaged(tmp_path, damage):
+    """`runs` said "complete (damaged)" of a run whose progress.json failed its checksum or was gone, and `claims`
+    listed its claims unmarked, exit 0, no warning."""
+    with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:
+        run.append([Record(s, "layer0", "stable_rank", s / 7) for s in range(50)])
+        integrity.write_json(run.path / "progress.json", {"arms": {"a": 50}, "run_id": run.id}, checksum=True)
+        run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
+                                       "verdict": "PASS"}]})
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert res.exit_code == 0 and '"hurt"' in res.stdout and "warning" not in res.stderr
+    progress = run.path / "progress.json"
+    if damage == "delete":
+        progress.unlink()
+    else:
+        progress.write_text(progress.read_text().replace("50", "51", 1))
+    before = {f.name: f.read_bytes() for f in run.path.iterdir() if f.is_file()}
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert '"hurt (its progress.json is damaged)"' in res.stdout and '"PASS"' in res.stdout
+    assert f"warning: {run.path}: its progress.json is damaged, so its claims may not match its records" in res.stderr
+    assert "progress.json" in res.stderr.split("(", 1)[1]
+    assert before == {f.name: f.read_bytes() for f in run.path.iterdir() if f.is_file()}  # a reader writes nothing

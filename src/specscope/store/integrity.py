@@ -50,10 +50,19 @@ def write_atomic(path: Path, data: bytes, fault: str | None = None) -> None:
             fault_point(fault)
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         if isinstance(e, OSError) and e.filename == str(tmp):  # name the file being written, not its temporary
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temporary file after a failed write, where that is possible: on a read-only file system the removal
+    fails too (EROFS), and its error must not replace the write's."""
+    try:
+        Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def remove_stale_temps(folder: Path, alive: Callable[[int], bool]) -> list[Path]:

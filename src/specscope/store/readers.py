@@ -280,6 +280,6 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
             os.replace(tmp, out)
     except OSError as e:
         if tmp != out:
-            tmp.unlink(missing_ok=True)
+            integrity.discard(tmp)
         raise RunStoreError(f"cannot write {out}: {e.strerror or e}; pass --out FILE somewhere writable.") from None
     return out

@@ -27,7 +27,7 @@ import typer
 from specscope.cli import app, stdout_console
 from specscope.errors import ConfigError, RunStoreError
 from specscope.names import visible
-from specscope.store.integrity import read_json
+from specscope.store.integrity import discard, read_json
 from specscope.store.run import read_config
 from specscope.records import Claim, over_seeds
 
@@ -74,7 +74,7 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
                          "recorded metrics")  # a tampered verdict is never shown as a result
         damaged = data.get("salvaged") or _damage(summary.parent)
         name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged")
-                                      else " (its metrics database is damaged)" if damaged else "")
+                                      else f" ({damaged.split(': ', 1)[0]})" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     _summary_claims(summary, data)))
     for claims_file in sorted(root.rglob("claims.json")):
@@ -89,23 +89,28 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
 
 
 def _damage(path: Path) -> str:
-    """"" unless the run's metrics database cannot be read (a truncated, emptied or overwritten file; the cheap check
-    `specscope runs` makes, not a full integrity scan) or, in a lab run (config.json's "progress"), is missing; else
-    what is wrong (said on stderr): the claims in its summary.json were computed from records that may no longer be
-    there. (A database of another run is an error of `Run.open`.)"""
-    from specscope.store import Run, sqlite
+    """"" unless the run is damaged as `specscope runs` sees it, else "<what>: <why>" (said on stderr): its metrics
+    database cannot be read (a truncated, emptied or overwritten file; the cheap check, not a full integrity scan) or,
+    in a lab run (config.json's "progress"), is missing — the claims in its summary.json were computed from records
+    that may no longer be there —, or its progress.json fails its checksum or is gone. (A database of another run
+    is an error of `Run.open`.)"""
+    from specscope.store import Run, readers, sqlite
 
     run = Run.open(path)
+    records, what = 0, "its metrics database is damaged"
     try:
         if not run.metrics_path.is_file():
             if run.meta.get("progress") is True:  # made by the lab runner, which always makes one
                 raise RunStoreError(f"{run.metrics_path} is missing")
-            return ""
-        with run.reader(check=False) as (con, _):
-            sqlite.read_progress(con)
+        else:
+            with run.reader(check=False) as (con, _):
+                records = sqlite.read_progress(con).get("records", 0)
+        what = "its progress.json is damaged"
+        if problem := readers._damaged_json(path, run.meta, records):
+            raise RunStoreError(problem)
     except RunStoreError as e:
-        typer.echo(f"warning: {visible(path)}: its claims come from a damaged metrics database ({visible(e)})", err=True)
-        return str(e)
+        typer.echo(f"warning: {visible(path)}: {what}, so its claims may not match its records ({visible(e)})", err=True)
+        return f"{what}: {e}"
     return ""
 
 
@@ -218,9 +223,15 @@ def write_into(path: Path, text: str) -> None:
     body = "".join(lines[: begin + 1]) + text + "".join(lines[end:])
     target = Path(os.path.realpath(path))  # through a link to the file it names; the link stays a link
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(body.encode("utf-8"))
-    shutil.copymode(target, tmp)  # the file keeps its permissions
-    os.replace(tmp, target)
+    try:
+        tmp.write_bytes(body.encode("utf-8"))
+        shutil.copymode(target, tmp)  # the file keeps its permissions
+        os.replace(tmp, target)
+    except OSError as e:
+        discard(tmp)
+        if e.filename == str(tmp):  # name the file being written, not its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 @app.command("claims")
