@@ -148,17 +148,23 @@ def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path, 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
-@pytest.mark.parametrize("damage", ["truncate", "random", "delete"])
-def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, damage):
-    """`runs` said "complete (damaged)" and export refused, while `claims` repeated the run's PASS unmarked; a lab
-    run's deleted database was not even warned about."""
+def _passed_lab_run(tmp_path, records: list) -> Run:
+    """A finished lab run "hurt" with `records`, its progress.json and one PASS claim, listed by `claims` unmarked."""
     with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:
-        run.append([Record(s, f"layer{i}", "stable_rank", s / 7) for s in range(400) for i in range(8)])
-        integrity.write_json(run.path / "progress.json", {"arms": {"a": 3200}, "run_id": run.id}, checksum=True)
+        run.append(records)
+        integrity.write_json(run.path / "progress.json", {"arms": {"a": len(records)}, "run_id": run.id}, checksum=True)
         run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
                                        "verdict": "PASS"}]})
     res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
     assert res.exit_code == 0 and '"hurt"' in res.stdout and "warning" not in res.stderr
+    return run
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random", "delete"])
+def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, damage):
+    """`runs` said "complete (damaged)" and export refused, while `claims` repeated the run's PASS unmarked; a lab
+    run's deleted database was not even warned about."""
+    run = _passed_lab_run(tmp_path, [Record(s, f"layer{i}", "stable_rank", s / 7) for s in range(400) for i in range(8)])
     db = run.path / "metrics.sqlite"
     if damage == "truncate":
         os.truncate(db, 20000)
@@ -176,13 +182,7 @@ def test_claims_mark_and_warn_about_a_run_whose_database_is_damaged(tmp_path, da
 def test_claims_mark_and_warn_about_a_run_whose_progress_file_is_damaged(tmp_path, damage):
     """`runs` said "complete (damaged)" of a run whose progress.json failed its checksum or was gone, and `claims`
     listed its claims unmarked, exit 0, no warning."""
-    with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:
-        run.append([Record(s, "layer0", "stable_rank", s / 7) for s in range(50)])
-        integrity.write_json(run.path / "progress.json", {"arms": {"a": 50}, "run_id": run.id}, checksum=True)
-        run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m",
-                                       "verdict": "PASS"}]})
-    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
-    assert res.exit_code == 0 and '"hurt"' in res.stdout and "warning" not in res.stderr
+    run = _passed_lab_run(tmp_path, [Record(s, "layer0", "stable_rank", s / 7) for s in range(50)])
     progress = run.path / "progress.json"
     if damage == "delete":
         progress.unlink()
