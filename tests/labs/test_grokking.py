@@ -248,3 +248,38 @@ def test_single_position_last_block_equals_the_full_computation(factory, seq):
         h = block(h)  # every position, as a plain encoder computes it
     ref = model.heads[0](model.norm(h[:, model.readout]))
     assert torch.allclose(model(x), ref, atol=1e-12)
+
+
+def _lrd1_row(name: str, median: float, shrink: float) -> dict:
+    return {"arm": name.split("@")[0], "name": name, "post_mem_qk_stable_rank": median, "stable_rank_shrink": shrink,
+            "init_qk_stable_rank": 30.0, "post_mem_min": median, "post_mem_max": median, "memorized_step": 100.0,
+            "final_qk_stable_rank": median, "nuclear_shrink": 0.5}
+
+
+def test_lrd1_rules_every_strength_of_a_grid_whatever_its_order():
+    """Only each arm's first row was ruled: strength_grid lrd [1, 5] read PASS and [5, 1] FAIL on the same runs."""
+    l2 = [_lrd1_row("l2@0.1", 20.0, 1.1), _lrd1_row("l2@1", 18.0, 1.0)]
+    collapses, does_not = _lrd1_row("lrd@1", 1.2, 0.5), _lrd1_row("lrd@5", 5.3, 1.0)
+    verdicts = {g.lrd1_from_rows(l2 + lrd, "here").verdict for lrd in ([collapses, does_not], [does_not, collapses])}
+    assert verdicts == {"FAIL"}
+    assert g.lrd1_from_rows(l2 + [collapses], "here").verdict == "PASS"
+    both = g.lrd1_from_rows(l2[::-1] + [collapses, _lrd1_row("lrd@2", 2.0, 0.6)], "here")
+    assert both.verdict == "PASS" and "lrd@2" in both.measured and "l2@0.1" in both.measured
+    assert both.value == pytest.approx(2.0 / 18.0)
+
+
+def test_lrd2_is_ruled_at_each_setting_of_the_grids_other_keys():
+    """An lr grid was pooled: each lr counted as a seed (seeds = 2 from one seed) and the boundaries mixed."""
+    nan = math.nan
+    rows = []
+    for lr, grok in ((0.03, {("l2", 0.3): nan, ("l2", 0.7): 50.0, ("lrd", 0.3): 80.0, ("lrd", 0.7): 40.0}),
+                     (0.003, {("l2", 0.3): nan, ("l2", 0.7): 110.0, ("lrd", 0.3): nan, ("lrd", 0.7): 90.0})):
+        for (arm, fraction), step in grok.items():
+            rows.append({"arm": arm, "name": arm, "strength": 1.0, "train_fraction": fraction, "seed": 0, "lr": lr,
+                         "grok_step_stable": step, "grok_step_first": step})
+    table = pd.DataFrame(rows)
+    (claim,) = g._sweep_lrd2(table)
+    assert claim.seeds == 1 and claim.verdict == "FAIL"  # lr 0.03: lrd ≥ 0.3 < l2 ≥ 0.7, PASS; lr 0.003: both ≥ 0.7
+    assert "lr 0.003: FAIL" in claim.measured and "lr 0.03: PASS" in claim.measured
+    (alone,) = g._sweep_lrd2(table[table["lr"] == 0.03].drop(columns="lr"))
+    assert alone.verdict == "PASS" and alone.seeds == 1

@@ -161,3 +161,16 @@ def test_a_width_of_one_gd_reaching_the_optimum_is_a_verdict_not_a_crash(monkeyp
         device="cpu", dim=16, width=1, samples=64, outputs=8, steps=4, activations=["relu", "swiglu"],
         sweep_widths=[32, 64], sweep_samples=64, sweep_dims=[8, 16]))
     assert {c["verdict"] for c in claims.values()} <= {"PASS", "FAIL", "INCONCLUSIVE"}
+
+
+@pytest.mark.parametrize("lab, key, value", [("random-features", "decisive", 0.5), ("sparse-mlp", "margin", 1.5),
+                                             ("sparse-mlp", "low_st", 2.0)])
+def test_a_threshold_outside_its_meaning_is_refused(lab, key, value):
+    """decisive=0.5 made RF-3 test every ratio as decisive ("> 0.5 or < 1/0.5" holds for all); a margin above 1
+    would let a worse loss "beat" GD."""
+    from pydantic import ValidationError
+
+    from specscope.labs import sparse_mlp
+
+    with pytest.raises(ValidationError, match=key):
+        {"random-features": rf, "sparse-mlp": sparse_mlp}[lab].Config(**{key: value})

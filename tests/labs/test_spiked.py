@@ -208,3 +208,18 @@ def test_a_single_hidden_unit_is_refused_before_a_run_directory_is_made(tmp_path
     with pytest.raises(ConfigError, match="m"):
         run_lab("spiked", {**lab.PRESETS["tiny"], **sizes}, out=tmp_path)
     assert not (tmp_path / "spiked").exists()
+
+
+def test_a_bad_data_file_is_refused_before_a_run_directory_with_analysis_alone(tmp_path):
+    """With train_scalings=[] (the docs' "one analysis only" command) the file was read only by the analysis,
+    after the run directory was made: a NaN in it left a run listed as failed."""
+    import numpy as np
+    from specscope.labs.runner import run_lab
+
+    X = np.random.default_rng(0).standard_normal((60, 40))
+    X[3, 4] = np.nan
+    np.save(tmp_path / "nan.npy", X)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run_lab("spiked", {**lab.PRESETS["tiny"], "data": str(tmp_path / "nan.npy"), "train_scalings": []},
+                out=tmp_path / "runs")
+    assert not (tmp_path / "runs" / "spiked").exists()

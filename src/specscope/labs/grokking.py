@@ -402,8 +402,8 @@ def grok_rule(cfg: Config) -> str:
 
 def setting(cfg: Config) -> str:
     """The settings a grokking verdict rests on, including those the papers leave open."""
-    lrd = ", ".join(f"{r} λ {arm_strength(cfg, r):g}" for r in cfg.arms if r in LRD_MODE)
-    grids = "; grids " + ", ".join(f"{k} {v}" for k, v in cfg.strength_grid.items()) if cfg.strength_grid else ""
+    lrd = ", ".join(f"{r} λ {arm_strength(cfg, r):g}" for r in cfg.arms if r in LRD_MODE and r not in cfg.strength_grid)
+    grids = "; grids " + ", ".join(f"{k} λ {v}" for k, v in cfg.strength_grid.items()) if cfg.strength_grid else ""
     return (f"{'+'.join(cfg.task)} mod {cfg.p}, fraction {cfg.train_fraction:g} ({cfg.split} split), {cfg.model}, "
             f"{cfg.optimizer} lr {cfg.lr:g} wd {cfg.weight_decay:g}" + (f", {lrd}" if lrd else "")
             + f" on {'/'.join(cfg.lrd_targets)} (lr·λ per step), {cfg.steps} steps, seed {cfg.seed}{grids}")
@@ -500,42 +500,46 @@ def lrd1_rule(memorized: float) -> str:
             "< 5 and < ½ of L2's, and the spectrum keeps compressing after memorization where L2's does not: Q/K "
             "stable rank (median of the last 5 evaluations) / its value at memorization < 1 and < L2's ratio (a "
             "shape measure: QK-norm leaves the scale ‖W‖_* free, so ‖W‖_* is reported, not ruled on); PASS when "
-            "every LRD variant passes")
+            "every LRD variant passes — with a strength_grid, every strength of it against every L2 strength")
 
 
 def lrd1_from_rows(rows: list[dict], where: str) -> Claim:
-    """LRD-1 from `summarize` rows (one run, or one point of a sweep): the first l2 row against the first
-    row of each LRD variant."""
+    """LRD-1 from `summarize` rows (one run, or one point of a sweep): every row of each LRD variant (each strength
+    of a strength_grid) against every l2 row that reached memorization; PASS when all those pairs pass. (Ruling
+    only each arm's first row made the verdict depend on the order a grid listed its strengths.)"""
     claim = lambda measured, verdict, value=None: Claim("LRD-1", LRD1_TEXT, LRD1_PUBLISHED, measured, verdict,  # noqa: E731
                                                         setting=where, value=value)
-    first = {}
+    by_arm: dict[str, list[dict]] = {}
     for r in rows:
-        first.setdefault(r["arm"], r)
-    variants = [a for a in LRD_ARMS if a in first]
-    if "l2" not in first or not variants:
+        by_arm.setdefault(r["arm"], []).append(r)
+    variants = [a for a in LRD_ARMS if a in by_arm]
+    if "l2" not in by_arm or not variants:
         return claim("needs arm l2 and at least one of lrd, lrd_prox, lrd_ns (--set arms=l2,lrd,lrd_prox)", "INCONCLUSIVE")
-    l2 = first["l2"]
-    if math.isnan(l2["post_mem_qk_stable_rank"]):
+    l2s = [r for r in by_arm["l2"] if not math.isnan(r["post_mem_qk_stable_rank"])]
+    if not l2s:
         return claim("the l2 arm never reached the memorization accuracy", "INCONCLUSIVE")
     parts, oks, medians = [], [], []
-    for arm in variants:
-        r = first[arm]
+    for r in (r for arm in variants for r in by_arm[arm]):
         med = r["post_mem_qk_stable_rank"]
         if math.isnan(med):
             parts.append(f"{r['name']}: never reached the memorization accuracy")
             oks.append(False)
             continue
-        keeps = r["stable_rank_shrink"] < 1 and r["stable_rank_shrink"] < l2["stable_rank_shrink"]
-        oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and keeps)
+        for l2 in l2s:
+            keeps = r["stable_rank_shrink"] < 1 and r["stable_rank_shrink"] < l2["stable_rank_shrink"]
+            oks.append(med < 5 and med < 0.5 * l2["post_mem_qk_stable_rank"] and keeps)
         medians.append(med)
         parts.append(f"{r['name']}: Q/K stable rank {r['init_qk_stable_rank']:.1f} → median {med:.2f} "
                      f"[{r['post_mem_min']:.2f}–{r['post_mem_max']:.2f}] after memorization (step {r['memorized_step']:.0f}), "
                      f"final {r['final_qk_stable_rank']:.2f}; after memorization stable rank ×{r['stable_rank_shrink']:.2f} "
                      f"(‖W‖_* ×{r['nuclear_shrink']:.2f})")
-    parts.append(f"{l2['name']}: {l2['init_qk_stable_rank']:.1f} → median {l2['post_mem_qk_stable_rank']:.2f} "
-                 f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f}), "
-                 f"stable rank ×{l2['stable_rank_shrink']:.2f} (‖W‖_* ×{l2['nuclear_shrink']:.2f})")
-    value = max(medians) / l2["post_mem_qk_stable_rank"] if medians else None
+    for l2 in by_arm["l2"]:
+        parts.append(f"{l2['name']}: never reached the memorization accuracy" if math.isnan(l2["post_mem_qk_stable_rank"])
+                     else f"{l2['name']}: {l2['init_qk_stable_rank']:.1f} → median {l2['post_mem_qk_stable_rank']:.2f} "
+                     f"[{l2['post_mem_min']:.2f}–{l2['post_mem_max']:.2f}] after memorization (step {l2['memorized_step']:.0f}), "
+                     f"stable rank ×{l2['stable_rank_shrink']:.2f} (‖W‖_* ×{l2['nuclear_shrink']:.2f})")
+    # the pair furthest from passing: the largest LRD median against the smallest L2 one
+    value = max(medians) / min(l2["post_mem_qk_stable_rank"] for l2 in l2s) if medians else None
     return claim("; ".join(parts), "PASS" if all(oks) else "FAIL", value)
 
 
@@ -621,19 +625,44 @@ def _sweep_lrd1(table: pd.DataFrame) -> Claim | None:
         return claims[0]
     c = over_seeds(claims, list(range(len(claims))))
     seeds = int(table["seed"].nunique()) if "seed" in table.columns else 1  # points are not seeds
+    spread = c.spread.replace(f"of {len(claims)} seeds", f"of {len(claims)} sweep points")  # points, not seeds
     return Claim(**{**c.as_dict(), "measured": " | ".join(f"{p}: {x.measured}" for p, x in zip(points, claims)),
-                    "seeds": seeds, "setting": f"{len(claims)} sweep points ({'; '.join(points)}); arms {arms}; " + rule})
+                    "seeds": seeds, "spread": spread, "setting": f"{len(claims)} sweep points ({'; '.join(points)}); arms {arms}; " + rule})
+
+
+LRD2_TEXT = "LRD groks at smaller train fractions than L2 (the phase boundary moves down)"
+LRD2_PUBLISHED = "LRD groks at fraction ≥ 0.4 where L2 needs ≥ 0.5"
 
 
 def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
-    """LRD-2 from a sweep table (one row per run and arm): each arm at its best strength (the one whose
-    smallest train fraction where most seeds grok, stably, is lowest); PASS when LRD's best boundary is
+    """LRD-2 from a sweep table, ruled apart at each setting of the grid's other keys (an lr grid: one boundary
+    per lr — pooling them counted each lr as a seed); with several settings PASS when every one passes, FAIL when
+    one fails."""
+    keys = [c for c in table.columns if c not in ROW_KEYS and c not in ("arms", "seed", "train_fraction")]
+    groups = list(table.groupby(keys, dropna=False)) if keys else [((), table)]
+    if len(groups) == 1:
+        return [_lrd2_point(table)]
+    claims, labels = [], []
+    for point, g in groups:
+        point = point if isinstance(point, tuple) else (point,)
+        labels.append(", ".join(f"{k} {v}" for k, v in zip(keys, point)))
+        claims.append(_lrd2_point(g))
+    verdicts = {c.verdict for c in claims}
+    verdict = "FAIL" if "FAIL" in verdicts else "PASS" if verdicts == {"PASS"} else "INCONCLUSIVE"
+    seeds = int(table["seed"].nunique()) if "seed" in table.columns else 1
+    return [Claim("LRD-2", LRD2_TEXT, LRD2_PUBLISHED, " | ".join(f"{lab}: {c.verdict}: {c.measured}" for lab, c in zip(labels, claims)),
+                  verdict, seeds=seeds, setting=f"ruled at each of {len(claims)} settings ({'; '.join(labels)}); "
+                  + claims[0].setting)]
+
+
+def _lrd2_point(table: pd.DataFrame) -> Claim:
+    """LRD-2 from the sweep table of one setting (one row per run and arm): each arm at its best strength (the one
+    whose smallest train fraction where most seeds grok, stably, is lowest); PASS when LRD's best boundary is
     below L2's best. The first-grok boundaries are reported beside it."""
-    text = "LRD groks at smaller train fractions than L2 (the phase boundary moves down)"
-    published = "LRD groks at fraction ≥ 0.4 where L2 needs ≥ 0.5"
+    text, published = LRD2_TEXT, LRD2_PUBLISHED
     need = {"arm", "train_fraction", "grok_step_stable", "grok_step_first", "strength"}
     if not need <= set(table.columns) or not {"l2", "lrd"} <= set(table["arm"]) or table["train_fraction"].nunique() < 2:
-        return [Claim("LRD-2", text, published, "needs arms l2 and lrd at ≥ 2 train fractions", "INCONCLUSIVE")]
+        return Claim("LRD-2", text, published, "needs arms l2 and lrd at ≥ 2 train fractions", "INCONCLUSIVE")
     fmt = lambda b: "none" if math.isinf(b) else f"≥ {b:g}"  # noqa: E731
     stable, first = boundaries(table), boundaries(table, "grok_step_first")
     arms = [a for a in ("l2", *LRD_ARMS) if a in set(table["arm"])]
@@ -652,14 +681,14 @@ def _sweep_lrd2(table: pd.DataFrame) -> list[Claim]:
     spread = (f"boundary stable l2 {fmt(b_l2)}, lrd {fmt(b_lrd)}; first l2 {fmt(best_strength(first, 'l2')[1])}, "
               f"lrd {fmt(best_strength(first, 'lrd')[1])}")
     if math.isinf(b_l2) and math.isinf(b_lrd):
-        return [Claim("LRD-2", text, published, measured + " (neither grokked at any strength)", "INCONCLUSIVE",
-                      seeds=seeds, spread=spread, setting=where)]
+        return Claim("LRD-2", text, published, measured + " (neither grokked at any strength)", "INCONCLUSIVE",
+                      seeds=seeds, spread=spread, setting=where)
     if b_l2 == b_lrd == fractions[0]:  # both boundaries are only known to lie at or below the grid's floor
-        return [Claim("LRD-2", text, published, measured + f" (both grok at the grid's smallest fraction {fractions[0]:g}: "
+        return Claim("LRD-2", text, published, measured + f" (both grok at the grid's smallest fraction {fractions[0]:g}: "
                       "where each boundary lies below it is not measured; extend the grid down)", "INCONCLUSIVE",
-                      seeds=seeds, spread=spread, setting=where)]
-    return [Claim("LRD-2", text, published, measured, "PASS" if b_lrd < b_l2 else "FAIL", seeds=seeds,
-                  spread=spread, setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)]
+                      seeds=seeds, spread=spread, setting=where)
+    return Claim("LRD-2", text, published, measured, "PASS" if b_lrd < b_l2 else "FAIL", seeds=seeds,
+                  spread=spread, setting=where, value=b_l2 - b_lrd if math.isfinite(b_l2 - b_lrd) else None)
 
 
 # ---------------------------------------------------------------- figures

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from specscope.data.synthetic import ACTIVATION_NAMES, RFProblem, check_activation, rf_regression
-from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, NonNegative, Positive
+from specscope.labs.base import Arm, AtLeast1, LabConfig, Margin, Measure, NonNegative, Positive
 from specscope.labs.config import names_from
 from specscope.linalg import nuclear_rank, stable_rank
 from specscope.records import SWEEP, Claim, Record
@@ -164,7 +164,7 @@ class Config(LabConfig):
     sweep_widths: list[AtLeast1] = Field(default=[128, 256, 512, 1024, 2048], min_length=1)  # st(A) vs width ...
     sweep_samples: AtLeast1 = 2048  # ... at this many samples (≥ the widths, else st(A) saturates at ~samples)
     sweep_dims: list[AtLeast1] = Field(default=[32, 64, 128, 256], min_length=1)  # nr(G) at steps 0, 1 vs d, with width = samples = 8d, outputs = d/2
-    decisive: Positive = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive
+    decisive: Margin = 1.5  # RF-3 tests the sign only where nr/st > decisive or < 1/decisive (≥ 1: 1 tests every ratio)
     threshold: Positive = 1.0  # AutoGeometry: spectral when nr/st > threshold
     hysteresis: NonNegative = 0.1
 

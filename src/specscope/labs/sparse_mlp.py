@@ -25,7 +25,7 @@ from torch import nn
 
 from specscope.data.synthetic import ACTIVATION_NAMES, check_activation, generator, sparse_regression
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, Positive
+from specscope.labs.base import Arm, AtLeast1, LabConfig, Measure, Positive, Share
 from specscope.labs.config import names_from
 from specscope.linalg import stable_rank
 from specscope.records import SWEEP, Claim, Record
@@ -140,8 +140,8 @@ class Config(LabConfig):
     probe_every: AtLeast1 = 1  # Monitor cadence; SpecGD uses the latest st(A), so 1 = exact every step
     eval_every: AtLeast1 = 25
     early: AtLeast1 = 20  # "early in training": the step at which MLP-1b/c compare the losses
-    margin: Positive = 0.9  # SpecGD "beats" GD when its loss is below margin × GD's
-    low_st: Positive = 0.05  # MLP-1a: "low" means st(A) ≤ low_st × min(width, samples)
+    margin: Share = 0.9  # SpecGD "beats" GD when its loss is below margin × GD's (≤ 1: above 1 a worse loss would "beat")
+    low_st: Share = 0.05  # MLP-1a: "low" means st(A) ≤ low_st × min(width, samples) (st(A) never exceeds that min)
 
 
 def arm_specs(cfg: Config) -> list[tuple[str, int]]:

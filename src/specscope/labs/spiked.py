@@ -388,6 +388,9 @@ def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
     sn, sd, sm = _dims(cfg, sweep=True)
     main = lambda: load(cfg.data, n=n, d=d, alpha=cfg.alpha, nu=cfg.nu, q=cfg.q, target=cfg.target,  # noqa: E731
                         teacher_width=cfg.teacher_width, seed=cfg.seed, digits_embed_dim=cfg.digits_embed_dim)
+    if cfg.data not in ("synthetic", "digits"):  # a user's file is read (and refused) now, before any run directory
+        loaded = main()
+        main = lambda: loaded  # noqa: E731
     items: list[Arm | Measure] = [
         _analysis_measure("analysis", cfg, main, activation=cfg.activation, scaling=cfg.scaling, m=m,
                           weight_decay=cfg.weight_decay, noise_tau=cfg.noise_tau, jac_lambda=cfg.jac_lambda,
