@@ -62,8 +62,9 @@ class _RemoteTraceback(Exception):
 
 _ALIVE = "alive"  # a rank's heartbeat on spawn's queue (a result is bytes)
 _BEAT_SECONDS = 1.0  # a rank sends at most one heartbeat a second
-# a rank's start — a new interpreter importing torch and the work's module — is no silence of the work: until a rank
-# announces itself it has at least this long (5 s on 2 busy cores measured, against a timeout of 4 s in a test)
+# a rank's start — a new interpreter importing torch and the work's module, then the process group's rendezvous, which
+# waits for the slowest rank's start — is no silence of the work: until a rank announces itself it has at least this
+# long (5 s on 2 busy cores measured, against a timeout of 4 s in a test)
 _STARTUP_SECONDS = 120.0
 _heartbeat: Callable[[], None] | None = None  # set in a rank that spawn() started
 
@@ -91,12 +92,12 @@ def _entry(rank: int, world: int, port: int, parent: int, fn: Callable, args: tu
     global _heartbeat
     die_with_parent(parent)  # a killed spawn() takes its workers with it
     _heartbeat = _beats(rank, queue)
-    queue.put((rank, _ALIVE, None))  # started: spawn's timeout counts this rank's silence from here
     signal.signal(signal.SIGINT, signal.default_int_handler)  # started ignoring it (see spawn): Ctrl-C from here on
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", rank=rank, world_size=world)  # waits for every rank's start
+        queue.put((rank, _ALIVE, None))  # started: spawn's timeout counts this rank's silence from here
         buf = io.BytesIO()
         torch.save(fn(rank, world, *args), buf)  # bytes, not shared-memory tensors: safe after this process exits
         queue.put((rank, buf.getvalue(), None))
