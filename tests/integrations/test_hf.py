@@ -328,3 +328,27 @@ def test_an_auto_optimizers_choices_are_popped_logged_and_stored(tmp_path):
 def test_optimizers_with_auto_and_no_monitor_names_the_missing_argument():
     with pytest.raises(ConfigError, match="algorithm='auto' .* pass monitor="):
         optimizers(tiny_llama(), algorithm="auto")
+
+
+def test_a_second_train_that_restarts_at_step_0_stops_at_its_start_and_a_new_monitor_measures_it(tmp_path):
+    """The Trainer restarts its step count at 0 on a second train(): the Monitor refused step 0 from inside the
+    training loop, after the Trainer had started; now train() stops at its start naming both ways on."""
+    model = tiny_llama()
+    monitor = Monitor(model, every=1)
+    trainer = Trainer(model=model, args=args(tmp_path, 2), train_dataset=Tokens(), optimizers=adamw(model))
+    attach(trainer, monitor)
+    trainer.train()
+    assert monitor.last_step == 1 and set(monitor.advice(window=10).measurements) == {2}
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match=r"starts at step 0.*steps up to 1.*new Monitor.*resume_from_checkpoint"):
+        trainer.train()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())  # no step was taken
+    assert monitor.last_step == 1 and set(monitor.advice(window=10).measurements) == {2}
+
+    trainer.remove_callback(SpecscopeCallback)
+    again = Monitor(model, every=1)
+    attach(trainer, again)
+    trainer.train()
+    assert again.last_step == 1 and set(again.advice(window=10).measurements) == {2}
+    logged = [e["step"] for e in trainer.state.log_history if any(k.startswith("specscope/") for k in e)]
+    assert logged == [1, 2]  # the second train()'s own steps 0 and 1, logged after each

@@ -253,3 +253,22 @@ def test_a_run_or_monitor_that_does_not_fit_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="the Monitor measures the weights of another model than the Lit"):
         fit(Lit(gpt()), SpecscopeCallback(other), tmp_path, 2)
     assert other.pop_records() == []
+
+
+def test_a_second_fit_from_step_0_with_the_same_callback_stops_at_its_start(tmp_path):
+    """A new Trainer given the callback of a finished fit starts at step 0: the Monitor refused it from inside the fit.
+    It now stops at its start, naming a new callback or ckpt_path; a new callback measures it."""
+    from specscope.errors import ConfigError
+
+    module = Lit(gpt())
+    callback = SpecscopeCallback(every=1)
+    fit(module, callback, tmp_path / "a", 2)
+    assert callback.monitor.last_step == 1
+    weights = copy.deepcopy(module.state_dict())
+    with pytest.raises(ConfigError, match=r"starts at step 0.*steps up to 1.*new SpecscopeCallback.*ckpt_path"):
+        fit(module, callback, tmp_path / "b", 2)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())
+    assert callback.monitor.last_step == 1 and set(callback.monitor.advice(window=10).measurements) == {2}
+    fresh = SpecscopeCallback(every=1)
+    fit(module, fresh, tmp_path / "c", 2)
+    assert fresh.monitor.last_step == 1 and set(fresh.monitor.advice(window=10).measurements) == {2}

@@ -43,6 +43,16 @@ def check_monitor(monitor: Any, where: str) -> None:
                           "Monitor(model, ...) or the Monitor's keyword arguments (every=10, ...) instead")
 
 
+def check_starts_after(monitor: Monitor, step: int, where: str, fix: str) -> None:
+    """A ConfigError when a training loop starts at `step` and `monitor` has measured that step or a later one: the
+    loop's step count restarted (a second `trainer.train()` / a new Trainer given the same callback), and its steps
+    would collide with the records already taken. Raised at the loop's start, before any step; `fix` says what to do."""
+    last = monitor.last_step
+    if last is not None and step <= last:
+        raise ConfigError(f"{where}: training starts at step {step}, and this Monitor measured steps up to {last} in an "
+                          f"earlier run (the loop's step count restarted; its steps would be recorded twice); {fix}")
+
+
 def check_run(run: Any, where: str) -> None:
     """A ConfigError unless `run` is None or receives records like a specscope.store.Run (append, log, flush): a path
     or a framework's logger given in its place failed at the first measured step, inside training."""

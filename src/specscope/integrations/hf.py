@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from specscope.errors import ConfigError, RunStoreError
-from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run, log_values,
-                                           spectral_optimizer, uses_loss_scaling)
+from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
+                                           check_starts_after, log_values, spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -81,6 +81,10 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self._restore(saved, self._saved_from)
         elif state.global_step > 0:
             self._resume(args, state, loop.get("resume_from_checkpoint"))
+        check_starts_after(self.monitor, state.global_step, "SpecscopeCallback",
+                           "to train again from step 0, give this train() a new Monitor (trainer.remove_callback("
+                           "SpecscopeCallback), then attach(trainer, Monitor(model, ...))); to go on from a checkpoint this "
+                           "callback saved, trainer.train(resume_from_checkpoint=...)")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._measure.begin(state.global_step)

@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Any
 
 from specscope.errors import ConfigError
-from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run, log_values,
-                                           spectral_optimizer, uses_loss_scaling)
+from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
+                                           check_starts_after, log_values, spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -62,6 +62,9 @@ class SpecscopeCallback(L.Callback):
             self._saved = None
 
     def on_train_start(self, trainer, pl_module) -> None:
+        check_starts_after(self.monitor, trainer.global_step, "SpecscopeCallback",
+                           "give this fit() a new SpecscopeCallback (with a new Monitor) to train again from step 0, or "
+                           "trainer.fit(model, ckpt_path=...) to go on from a checkpoint this callback saved")
         if len(trainer.optimizers) > 1:  # the first optimizer's step would read every weight's gradient
             raise ConfigError(
                 f"SpecscopeCallback measures one optimizer step per batch, and {type(pl_module).__name__} has "

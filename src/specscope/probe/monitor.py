@@ -283,6 +283,12 @@ class Monitor:
         return {s.name: s.role for s in self.slots.values()}
 
     # -- schedule ---------------------------------------------------------------------------------
+    @property
+    def last_step(self) -> int | None:
+        """The last step this Monitor measured: None before the first, and after `load_state_dict` (a resumed run
+        goes on from its checkpoint's step). Steps it measures next must come after it."""
+        return self._last_step
+
     def is_measured(self, step: int) -> bool:
         """Whether `step` is measured under this schedule."""
         by_every = self.every is not None and step % self.every == 0
