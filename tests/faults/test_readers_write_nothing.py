@@ -4,6 +4,7 @@ no -wal/-shm files in a finished run, a crashed run's WAL read from a private co
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -13,8 +14,10 @@ from specscope import store
 
 
 def readers(cli, run, tmp_path):
+    other = tmp_path / "other" / run.name  # compare takes two distinct runs
+    shutil.copytree(run, other, dirs_exist_ok=True)
     for argv in (["runs", "--root", run.parent.parent], ["export", run, "--out", tmp_path / "x.csv"],
-                 ["compare", run, run, "--out", tmp_path / "cmp"]):
+                 ["compare", run, other, "--out", tmp_path / "cmp"]):
         rc, _, err = cli(*argv)
         assert rc == 0, err
     store.load(run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from conftest import fingerprint, one_line_error
@@ -195,10 +197,20 @@ def test_a_read_only_disk_under_a_resume_says_copy_and_resume(killed, copy_of, c
     assert "--out" not in err
 
 
-def test_compare_out_under_a_file(finished, cli, tmp_path):
+def test_compare_out_under_a_file(finished, copy_of, cli, tmp_path):
     (tmp_path / "file").write_text("x")
-    rc, _, err = cli("compare", finished, finished, "--out", tmp_path / "file" / "cmp")
+    rc, _, err = cli("compare", finished, copy_of(finished), "--out", tmp_path / "file" / "cmp")
     one_line_error(rc, err, tmp_path / "file")
+
+
+def test_compare_refuses_one_run_given_twice_by_path_id_or_link(finished, copy_of, cli, tmp_path):
+    """`compare ID ID` drew one run twice, as if two runs agreed exactly."""
+    run = copy_of(finished)
+    (tmp_path / "link").symlink_to(run)
+    for a, b in ((run, run), ("done", run), (run, tmp_path / "link")):
+        rc, _, err = cli("compare", a, b, "--root", tmp_path / "runs", "--out", tmp_path / "cmp")
+        one_line_error(rc, err, "are the same run", "give each run once")
+    assert not (tmp_path / "cmp").exists()
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--every"])
@@ -293,8 +305,9 @@ def test_a_folder_in_place_of_a_runs_file_is_named_as_such(finished, copy_of, cl
 
 def test_compare_without_out_writes_beside_the_runs_of_its_root(finished, copy_of, cli, tmp_path, monkeypatch):
     run = copy_of(finished)
+    shutil.copytree(run, run.with_name("other"))
     monkeypatch.chdir(tmp_path / "runs" / "grokking")  # not where the runs' root is
-    rc, out, err = cli("compare", "done", run.name, "--root", tmp_path / "runs")
+    rc, out, err = cli("compare", "done", "other", "--root", tmp_path / "runs")
     assert rc == 0, err
     assert str(tmp_path / "runs" / "compare") in out.replace("\n", "") and not (tmp_path / "runs" / "grokking" / "runs").exists()
 
@@ -378,15 +391,16 @@ def test_a_rate_that_adams_bias_correction_overflows_is_one_line(cli, tmp_path):
     one_line_error(rc, err, "overflowed float32", "lower the learning rate")
 
 
-def test_compare_does_not_replace_a_comparison_unasked(finished, cli, tmp_path):
+def test_compare_does_not_replace_a_comparison_unasked(finished, copy_of, cli, tmp_path):
     """`compare --out DIR` replaced the comparison.html already in DIR without a word (export refuses a file)."""
     out = tmp_path / "precious"
     out.mkdir()
     (out / "comparison.html").write_text("precious")
-    rc, _, err = cli("compare", finished, finished, "--out", out)
+    run = copy_of(finished)
+    rc, _, err = cli("compare", finished, run, "--out", out)
     one_line_error(rc, err, "already holds a comparison.html", "--force")
     assert (out / "comparison.html").read_text() == "precious"
-    rc, _, err = cli("compare", finished, finished, "--out", out, "--force")
+    rc, _, err = cli("compare", finished, run, "--out", out, "--force")
     assert rc in (0, None) and (out / "comparison.html").read_text().startswith("<!DOCTYPE")
 
 

@@ -433,9 +433,9 @@ def test_the_run_table_says_which_estimator_gave_each_metric(metrics):
     assert text == ("stable_rank: power; nuclear_rank: gram; spectral_advantage: gram/power (nr(G)'s / st(A)'s)")
 
 
-def test_cli_compare_keeps_runs_that_share_an_id_or_are_given_twice(tmp_path, monkeypatch, capsys):
-    """Two labs' runs with one id were merged into one (the second silently dropped the first); so was a run
-    given twice."""
+def test_cli_compare_keeps_runs_that_share_an_id_and_refuses_a_run_given_twice(tmp_path, monkeypatch, capsys):
+    """Two labs' runs with one id were merged into one (the second silently dropped the first); a run given twice
+    was drawn twice, as if two runs agreed exactly, and is now refused."""
     import sys
 
     from specscope import store
@@ -459,9 +459,8 @@ def test_cli_compare_keeps_runs_that_share_an_id_or_are_given_twice(tmp_path, mo
     text = (tmp_path / "cmp" / "comparison.html").read_text()
     assert "alpha/same-id" in text and "beta/same-id" in text and "alpha vs beta" in text
     code, out = compare(dirs[0], dirs[0])
-    assert code in (0, None), out
-    text = (tmp_path / "cmp" / "comparison.html").read_text()
-    assert "<td>alpha/same-id</td>" in text and "<td>alpha/same-id (2)</td>" in text
+    assert code == 2 and "are the same run" in out.err and "give each run once" in out.err
+    assert (tmp_path / "cmp" / "comparison.html").read_text() == text  # the earlier page stays
 
 
 def test_a_rewritten_report_drops_the_figures_it_no_longer_draws(tmp_path, metrics):

@@ -192,6 +192,11 @@ def compare(
                           "give another folder, or add --force to replace it")
     names = _distinct_names(runs, paths)
     frames = {n: store.load(r, salvage=salvage) for n, r in zip(names, runs)}  # all read (and checked) before writing
+    seen: dict[Path, str] = {}
+    for given, p in zip(run_dirs, paths):  # one run twice would be drawn twice, as if two runs agreed exactly
+        if (key := Path(p).resolve()) in seen:
+            raise ConfigError(f"compare: {given!r} and {seen[key]!r} are the same run ({visible(p)}); give each run once")
+        seen[key] = given
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
     out = out or root / "compare" / time.strftime("%Y%m%d-%H%M%S")  # beside the runs it compares
     configs, labs = dict(zip(names, (r.config for r in runs))), dict(zip(names, (r.lab for r in runs)))
