@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ class Timing:
 
     def ratio_text(self) -> str:
         lo, hi = self.spread
-        return f"{self.ratio:.2f} [{lo:.2f}–{hi:.2f}]"
+        return f"{_figure(self.ratio)} [{_figure(lo)}–{_figure(hi)}]"
+
+
+def _figure(x: float) -> str:
+    """A ratio with two decimals, or two significant digits below 0.1 (0.0078, not 0.01)."""
+    return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.2g}"
 
 
 def with_env(fn: Callable[[], object], **env: str) -> Callable[[], object]:
@@ -60,6 +66,12 @@ def load_average() -> str:
     return f"load {load:.2f} on {os.cpu_count()} cores"
 
 
+def eta(call_ms, calls: int) -> str:
+    """How long `calls` calls of each candidate take, from one call's ms per candidate, e.g. "about 4 min"."""
+    s = calls * sum(call_ms) / 1e3
+    return f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min" if s < 7200 else f"about {s / 3600:.1f} h"
+
+
 def _ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     sync()
     t0 = time.perf_counter()
@@ -69,7 +81,8 @@ def _ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 
 
 def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, rounds: int = 3, repeats: int = 3,
-                warmup: int = 1, sync: Callable[[], None] = lambda: None) -> dict[str, Timing]:
+                warmup: int = 1, sync: Callable[[], None] = lambda: None,
+                first_ms: dict[str, float] | None = None) -> dict[str, Timing]:
     """Time every candidate round-robin; ratios are to `baseline`'s median in the same round.
 
     `sync` is called around each call (torch.cuda.synchronize on a GPU). Each round runs every
@@ -77,14 +90,20 @@ def interleaved(candidates: dict[str, Callable[[], object]], baseline: str, *, r
     candidates alike; round r starts the turn at the r-th candidate (b, c, a in the second round …), so over
     as many rounds as there are candidates each takes every place in the turn once, and no candidate
     always runs after the same other (whose warm caches or spinning threads it would inherit).
+    Before the rounds it prints to stderr how long they will take, from each candidate's last warm-up call (or from
+    `first_ms`, one call's ms per candidate timed by the caller, where warmup=0).
     """
     if baseline not in candidates:
         raise ValueError(f"baseline {baseline!r} is not among the candidates {sorted(candidates)}")
     if rounds < 1 or repeats < 1:
         raise ValueError(f"rounds={rounds} and repeats={repeats} must both be >= 1")
-    for fn in candidates.values():
+    once = dict(first_ms or {})
+    for name, fn in candidates.items():
         for _ in range(warmup):
-            fn()
+            once[name] = _ms(fn, sync)
+    if once:
+        print(f"  {len(candidates)} candidates, {rounds} rounds of {repeats}: {eta(once.values(), rounds * repeats)}",
+              file=sys.stderr, flush=True)
     times: dict[str, list[list[float]]] = {n: [] for n in candidates}
     names = list(candidates)
     for r in range(rounds):

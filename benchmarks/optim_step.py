@@ -118,11 +118,19 @@ def bench_steps(label: str, d: int, n_layer: int, rounds: int, repeats: int, see
     for step in steps.values():
         step()  # first step (warm-up), from W = 0: its update is the measured direction
     errs = {k: direction_errors(o, mats) for k, o in opts.items()}
-    ops = {k: dispatched_ops(steps[k]) for k in opts}
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ops, once = {}, {}
+    for k in opts:  # the second step of each, counted (and timed, for the run's duration printed before the rounds)
+        sync()
+        t0 = time.perf_counter()
+        ops[k] = dispatched_ops(steps[k])
+        sync()
+        once[k] = 1e3 * (time.perf_counter() - t0)
     if floor:
         steps[FLOOR], errs[FLOOR], ops[FLOOR] = eigensolves(mats), None, None
-    timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync)
+    print(f"{label}:", file=sys.stderr, flush=True)
+    timings = interleaved(steps, "torch.optim.Muon", rounds=rounds, repeats=repeats, warmup=0, sync=sync,
+                          first_ms=once)
     return [dict(setting=label, optimizer=k, timing=t, err=errs[k], ops=ops[k]) for k, t in timings.items()]
 
 

@@ -115,6 +115,7 @@ def run(d: int, rounds: int, repeats: int, backends: list[str], seed: int, devic
         method, kw = BACKENDS[label]
         calls[label] = lambda method=method, kw=kw: _polar_all(groups, method, kw)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    print(f"d={d}:", file=sys.stderr, flush=True)
     timings = interleaved(calls, base, rounds=rounds, repeats=repeats, sync=sync)
 
     rows = [dict(d=d, backend=base, timing=timings[base], err=errors(muon_dirs))]
