@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
 
@@ -39,3 +40,10 @@ def _multiplies_bfloat16(kind: str, index: int | None) -> bool:
     if kind == "cuda":
         return torch.cuda.get_device_capability(index)[0] >= 8
     return True  # other accelerators (MPS, XPU, …): as before this rule, unmeasured
+
+
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a torch.distributed DTensor, read without importing torch.distributed.tensor (≈ 1 s: it brings
+    sympy): a DTensor exists only once that module is imported."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)

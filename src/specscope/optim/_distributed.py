@@ -31,11 +31,7 @@ from torch import Tensor
 
 from specscope.errors import ConfigError
 from specscope.linalg import workers
-
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # torch.distributed unavailable on this build
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+from specscope.linalg.devices import is_dtensor
 
 MapFn = Callable[[Tensor], "Tensor | tuple[Tensor, ...]"]
 
@@ -59,10 +55,6 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 def local(t: Tensor) -> Tensor:
@@ -119,6 +111,8 @@ def layout(m: Tensor) -> Layout:
     rows, cols = m.shape
     if not is_dtensor(m):
         return Layout(rows, cols, None, None)
+    from torch.distributed.tensor import Replicate, Shard  # imported already: m is a DTensor
+
     mesh, placements = m.device_mesh, m.placements
     if mesh.ndim != 1:
         raise ConfigError(f"a DTensor on a {mesh.ndim}-D device mesh ({placements}) is not supported by "
@@ -141,6 +135,8 @@ def _rewrap(like: Tensor, rows: Tensor) -> Tensor:
     """The local result rows in `like`'s form (a DTensor with its mesh and placements, or plain)."""
     if not is_dtensor(like):
         return rows
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(rows, like.device_mesh, like.placements, run_check=False,
                               shape=like.shape, stride=rows.new_empty(like.shape, device="meta").stride())
 

@@ -6,14 +6,17 @@ import math
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 from torch import nn
 
 from specscope.errors import ConfigError, NonFiniteError
 from specscope.probe.monitor import Monitor
 from specscope.records import Record
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 @dataclass

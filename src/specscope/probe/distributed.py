@@ -16,11 +16,7 @@ import torch
 import torch.distributed as dist
 
 from specscope import linalg as L
-
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch.distributed unavailable on this build
-    DTensor = Shard = None  # type: ignore[assignment,misc]
+from specscope.linalg.devices import is_dtensor
 
 
 def world_size() -> int:
@@ -56,10 +52,6 @@ def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     for i, t in zip(idx, all_reduce_sum([tensors[i] for i in idx])):
         out[i] = t / n
     return out
-
-
-def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
 
 
 def whole(G: torch.Tensor) -> torch.Tensor:
