@@ -44,13 +44,13 @@ def check_monitor(monitor: Any, where: str) -> None:
 
 
 def check_starts_after(monitor: Monitor, step: int, where: str, fix: str) -> None:
-    """A ConfigError when a training loop starts at `step` and `monitor` has measured that step or a later one: the
-    loop's step count restarted (a second `trainer.train()` / a new Trainer given the same callback), and its steps
-    would collide with the records already taken. Raised at the loop's start, before any step; `fix` says what to do."""
+    """A ConfigError when a training loop starts at `step` and `monitor` has measured that step or a later one (a
+    second `trainer.train()`, which restarts at 0; a new Trainer given a finished fit's callback): its steps would be
+    recorded twice. Raised at the loop's start, before any training step; `fix` says what to do."""
     last = monitor.last_step
     if last is not None and step <= last:
-        raise ConfigError(f"{where}: training starts at step {step}, and this Monitor measured steps up to {last} in an "
-                          f"earlier run (the loop's step count restarted; its steps would be recorded twice); {fix}")
+        raise ConfigError(f"{where}: training starts at step {step}, and this Monitor has measured steps up to {last} "
+                          f"already: those steps' records would be taken twice. {fix}")
 
 
 def check_run(run: Any, where: str) -> None:

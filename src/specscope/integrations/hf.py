@@ -82,9 +82,11 @@ class SpecscopeCallback(transformers.TrainerCallback):
         elif state.global_step > 0:
             self._resume(args, state, loop.get("resume_from_checkpoint"))
         check_starts_after(self.monitor, state.global_step, "SpecscopeCallback",
-                           "to train again from step 0, give this train() a new Monitor (trainer.remove_callback("
-                           "SpecscopeCallback), then attach(trainer, Monitor(model, ...))); to go on from a checkpoint this "
-                           "callback saved, trainer.train(resume_from_checkpoint=...)")
+                           "To train again from step 0, give this train() a new Monitor: trainer.remove_callback("
+                           "SpecscopeCallback), then attach(trainer, Monitor(model, ...)), or trainer.add_callback("
+                           "SpecscopeCallback(Monitor(model, ...), trainer=trainer, run=..., metrics=...)) with a new Run "
+                           "where this one had run=; to go on from a checkpoint this callback saved, "
+                           "trainer.train(resume_from_checkpoint=...)")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._measure.begin(state.global_step)

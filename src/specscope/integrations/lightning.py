@@ -63,8 +63,9 @@ class SpecscopeCallback(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         check_starts_after(self.monitor, trainer.global_step, "SpecscopeCallback",
-                           "give this fit() a new SpecscopeCallback (with a new Monitor) to train again from step 0, or "
-                           "trainer.fit(model, ckpt_path=...) to go on from a checkpoint this callback saved")
+                           "Give this fit() a new SpecscopeCallback (a new Monitor, and a new Run where this one had "
+                           "run=) to train again from step 0, or trainer.fit(model, ckpt_path=...) to go on from a "
+                           "checkpoint this callback saved")
         if len(trainer.optimizers) > 1:  # the first optimizer's step would read every weight's gradient
             raise ConfigError(
                 f"SpecscopeCallback measures one optimizer step per batch, and {type(pl_module).__name__} has "
