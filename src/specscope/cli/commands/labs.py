@@ -160,11 +160,10 @@ def report_cmd(
 
 def _distinct_names(runs: list, paths: list[Path]) -> list[str]:
     """Each run's name on the page: its id, `lab/run_id` where two runs share an id, its path where even that is
-    shared (two roots holding the same lab and id), and "(2)", "(3)" after a run given more than once."""
+    shared (two roots holding the same lab and id). One run given twice is refused by `compare`."""
     ids = [r.id for r in runs]
     names = [f"{r.lab}/{r.id}" if ids.count(r.id) > 1 else r.id for r in runs]
-    names = [str(p) if names.count(n) > 1 and paths.count(p) == 1 else n for n, p in zip(names, paths)]
-    return [f"{n} ({names[:i].count(n) + 1})" if names[:i].count(n) else n for i, n in enumerate(names)]
+    return [str(p) if names.count(n) > 1 else n for n, p in zip(names, paths)]
 
 
 @app.command("compare")
@@ -193,8 +192,8 @@ def compare(
     names = _distinct_names(runs, paths)
     frames = {n: store.load(r, salvage=salvage) for n, r in zip(names, runs)}  # all read (and checked) before writing
     seen: dict[Path, str] = {}
-    for given, p in zip(run_dirs, paths):  # one run twice would be drawn twice, as if two runs agreed exactly
-        if (key := Path(p).resolve()) in seen:
+    for given, p in zip(run_dirs, paths):  # one run twice would be drawn twice, as if two runs agreed exactly (checked
+        if (key := Path(p).resolve()) in seen:  # after the reads, so a damaged run given twice gets its own error)
             raise ConfigError(f"compare: {given!r} and {seen[key]!r} are the same run ({visible(p)}); give each run once")
         seen[key] = given
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
