@@ -9,6 +9,7 @@ reports the median and min–max of that ratio over ≥ 3 rounds, with the load 
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -39,8 +40,11 @@ class Timing:
 
 
 def _figure(x: float) -> str:
-    """A ratio with two decimals, or two significant digits below 0.1 (0.0078, not 0.01)."""
-    return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.2g}"
+    """A ratio with two decimals, or two significant digits below 0.1 (0.0078, not 0.01; no exponent)."""
+    if abs(x) >= 0.095 or x == 0:
+        return f"{x:.2f}"
+    digits = 1 - math.floor(math.log10(abs(x)))  # two significant ones
+    return f"{x:.{digits}f}"
 
 
 def with_env(fn: Callable[[], object], **env: str) -> Callable[[], object]:
@@ -69,7 +73,9 @@ def load_average() -> str:
 def eta(call_ms, calls: int) -> str:
     """How long `calls` calls of each candidate take, from one call's ms per candidate, e.g. "about 4 min"."""
     s = calls * sum(call_ms) / 1e3
-    return f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min" if s < 7200 else f"about {s / 3600:.1f} h"
+    if s < 1:
+        return "under a second"
+    return f"about {s:.0f} s" if s < 99.5 else f"about {s / 60:.0f} min" if s < 5970 else f"about {s / 3600:.1f} h"
 
 
 def _ms(fn: Callable[[], object], sync: Callable[[], None]) -> float:

@@ -1,0 +1,46 @@
+"""benchmarks/_timing.py, which every figure of the README's performance section goes through: ratios to a baseline
+timed in the same round, the printed duration estimate, and the ratio's printed digits."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from _timing import Timing, _figure, eta, interleaved  # noqa: E402
+
+
+def test_ratios_are_per_round_medians_against_the_same_rounds_baseline(monkeypatch, capsys):
+    """Each candidate's ratio in a round is its median there over the baseline's median there; the order of the turn
+    rotates by one candidate a round."""
+    import _timing
+
+    clock = {"base": iter([10, 30, 20, 10, 10, 10]), "half": iter([5, 15, 10, 5, 5, 5])}
+    order = []
+
+    def fake_ms(fn, sync):
+        name = fn()
+        order.append(name)
+        return next(clock[name])
+
+    monkeypatch.setattr(_timing, "_ms", fake_ms)
+    out = interleaved({"base": lambda: "base", "half": lambda: "half"}, "base", rounds=2, repeats=3, warmup=0,
+                      first_ms={"base": 20.0, "half": 10.0})
+    assert order == ["base", "half"] * 3 + ["half", "base"] * 3
+    assert out["half"].ratios == (0.5, 0.5) and out["base"].ratios == (1.0, 1.0)
+    assert "2 candidates, 2 rounds of 3: under a second" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("x, text", [(1.234, "1.23"), (0.5, "0.50"), (0.0078, "0.0078"), (0.0151, "0.015"),
+                                     (4e-5, "0.000040"), (0.0, "0.00")])
+def test_small_ratios_keep_two_significant_digits(x, text):
+    assert _figure(x) == text
+    assert Timing("t", 1.0, (x, x, x)).ratio_text() == f"{text} [{text}–{text}]"
+
+
+@pytest.mark.parametrize("ms, calls, text", [([100.0], 1, "under a second"), ([400.0, 600.0], 30, "about 30 s"),
+                                             ([80_400.0, 700.0], 30, "about 41 min"), ([80_400.0], 300, "about 6.7 h")])
+def test_the_duration_estimate_is_calls_times_one_call_of_each(ms, calls, text):
+    assert eta(ms, calls) == text
