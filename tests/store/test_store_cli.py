@@ -148,6 +148,40 @@ def test_a_misspelt_environment_setting_stops_the_cli_before_any_work(tmp_path, 
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["run", "--help"], ["runs", "--no-such-option"]])
+def test_help_version_and_usage_errors_check_the_environment_without_importing_torch(argv):
+    """Help, the version and a usage error are instant: the environment's settings are checked as strings
+    (specscope.settings), and no command module imports torch at registration."""
+    code = ("import sys; from specscope.cli import main; sys.argv = ['specscope', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('rc', e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SPECSCOPE_EIGH": "TORCH"})  # a valid setting in another case
+    rc = 2 if argv[-1] == "--no-such-option" else 0
+    assert out.stdout.splitlines()[-1] == f"rc {rc} False", (out.stdout, out.stderr)
+    bad = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SPECSCOPE_CUDA_GRAPHS": "yes"})
+    assert bad.stdout.splitlines()[-1] == "rc 2 False"
+    assert bad.stderr == "error: SPECSCOPE_CUDA_GRAPHS='yes': must be on or off (unset means off)\n"
+
+
+def test_each_setting_reads_its_default_unset_or_empty_and_any_case(monkeypatch):
+    from specscope import settings
+
+    for name, (values, default, _) in settings.SETTINGS.items():
+        monkeypatch.delenv(name, raising=False)
+        assert settings.read(name) == default
+        monkeypatch.setenv(name, "  ")
+        assert settings.read(name) == default
+        for value in values:
+            monkeypatch.setenv(name, f" {value.upper()} ")
+            assert settings.read(name) == value
+        monkeypatch.setenv(name, "nonsense")
+        with pytest.raises(ValueError, match=f"{name}='nonsense': must be .*{values[-1]} \\(unset means {default}"):
+            settings.check_all()
+        monkeypatch.delenv(name)
+    settings.check_all()
+
+
 def _passed_lab_run(tmp_path, records: list) -> Run:
     """A finished lab run "hurt" with `records`, its progress.json and one PASS claim, listed by `claims` unmarked."""
     with Run.create(tmp_path, "grokking", {"seed": 0}, run_id="hurt", progress=True) as run:

@@ -94,16 +94,13 @@ def _float_overflow(e: Exception) -> bool:
 
 
 def _check_environment() -> None:
-    """Settings read from the environment, checked before any command starts work (SPECSCOPE_EIGH,
-    SPECSCOPE_OPENMP_RELEASE, SPECSCOPE_CUDA_GRAPHS, SPECSCOPE_ITERATION_DTYPE)."""
+    """Settings read from the environment (specscope.settings), checked before any command starts work, without
+    importing torch: `specscope --help` and a usage error stay instant."""
+    from specscope import settings
     from specscope.errors import ConfigError
-    from specscope.linalg import devices, graphs, lapack, workers
 
     try:
-        lapack.choice()
-        workers.release_choice()
-        graphs.enabled()
-        devices.iteration_dtype("cpu")
+        settings.check_all()
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

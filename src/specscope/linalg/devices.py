@@ -9,24 +9,22 @@ SPECSCOPE_ITERATION_DTYPE=bfloat16 or float32 fixes the choice on every device (
 from __future__ import annotations
 
 import functools
-import os
 import sys
 
 import torch
 
+from specscope import settings
+
 from . import _cpu
 
 ENV = "SPECSCOPE_ITERATION_DTYPE"
-CHOICES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def iteration_dtype(device: torch.device | str) -> torch.dtype:
     """The default compute dtype of `polar_express` and `gram_newton_schulz` (and so of `Muon`'s default step) for
     tensors on `device`. Raises ValueError for a SPECSCOPE_ITERATION_DTYPE it does not know."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)} (unset means auto)")
-    fixed = CHOICES[value]
+    fixed = DTYPES[settings.read(ENV)]
     if fixed is not None:
         return fixed
     device = torch.device(device)

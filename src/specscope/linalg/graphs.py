@@ -13,20 +13,18 @@ until timed on a GPU: tests/test_cuda.py checks both routes against the eager on
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
+
+from specscope import settings
 
 ENV = "SPECSCOPE_CUDA_GRAPHS"
 
 
 def enabled() -> bool:
     """SPECSCOPE_CUDA_GRAPHS, checked: "on" or "off" (any case; unset or empty: off)."""
-    value = os.environ.get(ENV, "off").strip().lower() or "off"
-    if value not in ("on", "off"):
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: must be on or off (unset means off)")
-    return value == "on"
+    return settings.read(ENV) == "on"
 
 
 def capture(fn: Callable[..., Any], *static: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, Any] | None:

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from specscope import settings
+
 from ._checks import lower_gram as torch_lower_gram
 from ._cpu import cpu_vendor
 
 ENV = "SPECSCOPE_EIGH"
-CHOICES = ("auto", "torch", "openblas")
 
 
 @functools.cache
@@ -110,10 +111,7 @@ _cpu_vendor = cpu_vendor  # a module global: tests stand in other vendors
 
 def choice() -> str:
     """SPECSCOPE_EIGH, checked: "auto" (unset), "torch" or "openblas"."""
-    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if value not in CHOICES:
-        raise ValueError(f"{ENV}={os.environ[ENV]!r}: must be one of {', '.join(CHOICES)} (unset means auto)")
-    return value
+    return settings.read(ENV)
 
 
 WORK = ("gram", "eigen")

@@ -34,6 +34,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from specscope import settings
+
 from ._cpu import cpu_vendor, last_level_cache
 
 T = TypeVar("T")
@@ -109,7 +111,6 @@ class Pool:
 _POOL: Pool | None = None
 
 RELEASE_ENV = "SPECSCOPE_OPENMP_RELEASE"
-RELEASE_CHOICES = ("auto", "on", "off")
 RELEASE_OPENMP: bool | None = None  # True/False: `start` and `Pool.map` end / leave the caller's idle team; None: the env
 _OMP_PAUSE_SOFT = 1  # omp_pause_soft (OpenMP 5.0): the runtime may free idle resources and keeps its settings
 
@@ -182,11 +183,7 @@ def waiting():
 
 def release_choice() -> str:
     """SPECSCOPE_OPENMP_RELEASE, checked: "auto" (unset), "on" or "off"."""
-    value = os.environ.get(RELEASE_ENV, "auto").strip().lower() or "auto"
-    if value not in RELEASE_CHOICES:
-        raise ValueError(f"{RELEASE_ENV}={os.environ[RELEASE_ENV]!r}: must be one of {', '.join(RELEASE_CHOICES)} "
-                         "(unset means auto: on for AMD CPUs, off elsewhere)")
-    return value
+    return settings.read(RELEASE_ENV)
 
 
 def releases_openmp() -> bool:
