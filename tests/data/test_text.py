@@ -91,3 +91,11 @@ def test_load_corpus_reads_only_max_bytes_and_names_unreadable_files(tmp_path, m
 def test_sample_batch_refuses_bad_sizes(batch_size, seq_len, word):
     with pytest.raises(ConfigError, match=word):
         sample_batch(torch.arange(100, dtype=torch.uint8), batch_size, seq_len, torch.Generator().manual_seed(0))
+
+
+def test_a_sequence_longer_than_the_split_names_the_longest_that_fits():
+    tokens, g = torch.arange(7, dtype=torch.uint8), torch.Generator().manual_seed(0)
+    x, y = sample_batch(tokens, 3, 5, g)  # the longest that fits: seq_len + 1 = 6 tokens, one start short of the end
+    assert x.shape == y.shape == (3, 5) and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ConfigError, match="sequence length 6 does not fit a corpus split of 7 tokens .*lower seq_len to at most 5, or use a larger corpus"):
+        sample_batch(tokens, 3, 6, g)

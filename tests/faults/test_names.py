@@ -214,6 +214,19 @@ def test_claims_as_json_with_nothing_recorded_is_an_empty_list(cli, tmp_path):
     (tmp_path / "runs").mkdir()
     rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", "json")
     assert rc in (0, None) and json.loads(out) == [] and "no recorded claims" in err
+    rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown")  # a table, or nothing
+    assert rc in (0, None) and out == "" and "no recorded claims" in err
+
+
+def test_claims_into_a_file_with_nothing_recorded_is_refused_and_the_file_kept(cli, tmp_path):
+    """It exited 0 and left the earlier table, which read as a table rewritten from the (absent) runs."""
+    (tmp_path / "runs").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- claims:begin -->\n| an earlier table |\n<!-- claims:end -->\n")
+    before = readme.read_bytes()
+    rc, out, err = cli("claims", "--root", tmp_path / "runs", "--format", "markdown", "--into", readme)
+    one_line_error(rc, err, "no recorded claims under", f"nothing was written into {readme}")
+    assert readme.read_bytes() == before and out == ""
 
 
 def test_claims_markdown_cannot_carry_an_html_tag():

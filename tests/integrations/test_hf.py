@@ -219,6 +219,8 @@ def test_callback_arguments_are_checked(tmp_path):
         attach(trainer, model)
     with pytest.raises(ConfigError, match="LlamaForCausalLM is not a transformers Trainer"):
         attach(model, every=5)
+    with pytest.raises(ConfigError, match="'everyy' is not an option of Monitor; did you mean 'every'"):
+        attach(trainer, everyy=5)  # the README's entry point checks as the callback does, not with a TypeError
     assert trainer.callback_handler.callbacks == [c for c in trainer.callback_handler.callbacks if not isinstance(c, SpecscopeCallback)]
 
 

@@ -76,7 +76,7 @@ def test_zero_matrix_is_rank_zero():
     assert float(L.stable_rank(z, method="power")) == 0.0
     assert float(L.spectral_advantage(z, torch.randn(3, 4))) == 0.0
     with pytest.raises(ValueError, match="st\\(A\\) = 0"):
-        L.spectral_advantage(torch.randn(3, 3), z)
+        L.spectral_advantage(torch.randn(3, 6), z)
 
 
 def test_spectral_advantage_is_ratio():

@@ -132,6 +132,7 @@ def test_float32_power_stable_rank_and_spectral_norm_at_extreme_scales(scale):
     (lambda: L.default_rcond(torch.int32, 3, 4), "dtype must be a floating torch.dtype"),
     (lambda: L.polar_error(torch.randn(2, 5, 6), torch.randn(3, 5, 6)), "batch shapes of P .* do not broadcast"),
     (lambda: L.spectral_advantage(torch.randn(2, 5, 6), torch.randn(3, 7, 5)), "batch shapes of G .* do not broadcast"),
+    (lambda: L.spectral_advantage(torch.randn(4, 5), torch.randn(7, 3)), r"A's 3 features .* match neither side of G \(4, 5\)"),
     (lambda: L.singular_value_soft_threshold(_matrix(), "0.1"), "tau must be a real number ≥ 0 or a real tensor"),
     (lambda: L.singular_value_soft_threshold(_matrix(), None), "tau must be a real number ≥ 0 or a real tensor"),
     (lambda: L.energy_rank(_matrix(), q=".9"), r"q must be a number in \(0, 1\]"),

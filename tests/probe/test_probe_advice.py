@@ -31,7 +31,10 @@ def test_advice_uses_median_over_recent_window(tiny_gpt):
     assert df.loc["blocks.0.mlp.down", "verdict"] == "spectral" and df.loc["blocks.0.mlp.down", "measurements"] == 3
     assert df.loc["blocks.0.attn.q", "spectral_advantage"] == pytest.approx(0.5)
     assert df.loc["blocks.0.attn.q", "verdict"] == "euclidean"
-    assert df.loc["blocks.0.attn.k", "verdict"] == "undecided" and math.isnan(df.loc["blocks.0.attn.k", "stable_rank"])
+    # no measurement is no ratio: not "undecided" (a ratio near 1), which a user would read as measured
+    assert df.loc["blocks.0.attn.k", "verdict"] == "unmeasured" and math.isnan(df.loc["blocks.0.attn.k", "stable_rank"])
+    assert df.loc["blocks.0.attn.k", "measurements"] == 0
+    assert set(Monitor(model).advice().verdict) == {"unmeasured"}  # before any step
     assert mon.advice(window=5).set_index("layer").loc["blocks.0.mlp.down", "spectral_advantage"] == 5
     with pytest.raises(ConfigError):
         mon.advice(window=0)

@@ -57,7 +57,8 @@ def main() -> None:
                    tomllib.TOMLDecodeError)
     try:
         _check_path_options(sys.argv[1:])
-        _check_environment()
+        if not _help_or_version(sys.argv[1:]):  # neither does any work: a misspelt setting must not hide them
+            _check_environment()
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except user_errors as e:
@@ -91,6 +92,11 @@ def _float_overflow(e: Exception) -> bool:
     """torch's refusal of a Python number too large for a float32 scalar: a learning rate of 1e39, or one that
     Adam's bias correction (lr / (1 − β₁)) takes past 3.4e38."""
     return isinstance(e, RuntimeError) and "cannot be converted to type float without overflow" in str(e)
+
+
+def _help_or_version(argv: list[str]) -> bool:
+    """Whether the command line only asks for help or the version (no arguments prints the help too)."""
+    return not argv or "--help" in argv or "--version" in argv
 
 
 def _check_environment() -> None:

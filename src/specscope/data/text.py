@@ -133,7 +133,9 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator:
     _check_int("batch_size", batch_size, 1)
     _check_int("seq_len", seq_len, 1)
     if len(tokens) <= seq_len + 1:
-        raise ConfigError(f"sequence length {seq_len} does not fit a corpus split of {len(tokens)} tokens")
+        fix = f"lower seq_len to at most {len(tokens) - 2}, or " if len(tokens) > 2 else ""
+        raise ConfigError(f"sequence length {seq_len} does not fit a corpus split of {len(tokens)} tokens (a window "
+                          f"takes seq_len + 1 of them): {fix}use a larger corpus")
     starts = torch.randint(0, len(tokens) - seq_len - 1, (batch_size,), generator=generator)
     idx = starts[:, None] + torch.arange(seq_len + 1)
     chunk = tokens[idx].long()

@@ -188,6 +188,7 @@ def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **m
     if monitor is not None and monitor_kwargs:
         raise ConfigError(f"attach: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
     check_monitor(monitor, "attach")
+    Monitor.check_options(**monitor_kwargs)  # a typo is a ConfigError naming the closest option, not a TypeError
     monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
     trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
     return monitor

@@ -36,13 +36,18 @@ def stable_rank(A: Tensor, *, method: str = "exact", iters: int | None = None, v
 
 def spectral_advantage(G: Tensor, A: Tensor) -> Tensor:
     """nr(G)/st(A) (both exact). > 1: the spectral step has the larger guaranteed one-step decrease
-    (REFERENCE §3). G = 0 gives 0; A = 0 raises (no curvature, the ratio is undefined)."""
+    (REFERENCE §3). G is a weight's gradient and A that weight's input, tokens × features: A's feature count is one
+    of G's two sides (out × in as nn.Linear stores it, or in × out as GPT-2's Conv1D does). G = 0 gives 0; A = 0
+    raises (no curvature, the ratio is undefined)."""
     G, A = check_tensor(G, "spectral_advantage", "G"), check_tensor(A, "spectral_advantage", "A")
     try:
         torch.broadcast_shapes(G.shape[:-2], A.shape[:-2])
     except RuntimeError:
         raise ValueError(f"spectral_advantage: the batch shapes of G {tuple(G.shape)} and A {tuple(A.shape)} do not "
                          "broadcast; pass one gradient per input matrix (or a single one of either)") from None
+    if A.shape[-1] not in G.shape[-2:]:
+        raise ValueError(f"spectral_advantage: A's {A.shape[-1]} features (its last dimension, A being tokens × features) "
+                         f"match neither side of G {tuple(G.shape[-2:])}; pass the gradient of the weight whose input A is")
     st = stable_rank(A)
     if bool((st == 0).any()):
         raise ValueError("spectral_advantage: A is the zero matrix, so st(A) = 0 and nr(G)/st(A) is undefined; "

@@ -26,8 +26,8 @@ def verdict(ratio: float, margin: float = MARGIN) -> str:
     """spectral if ratio > 1 + margin, euclidean if ratio < 1 / (1 + margin), else undecided (also NaN).
 
     REFERENCE §1: nr/st > 1 means a spectral step has the larger guaranteed decrease; the margin keeps
-    a ratio that measurement noise could flip from deciding. A weight the probe could not pair has the
-    fourth verdict, "unmeasured" (given by the Monitor, never by a ratio).
+    a ratio that measurement noise could flip from deciding. A weight the probe could not pair, or has not
+    measured yet, has the fourth verdict, "unmeasured" (given by the Monitor, never by a ratio).
     """
     _check_margin(margin, "verdict")
     if ratio != ratio:  # NaN
@@ -55,8 +55,10 @@ def advice_table(history: dict, described: dict[str, dict], *, window: int, marg
         st = statistics.median(r[1] for r in recent) if recent else float("nan")
         nr = statistics.median(r[2] for r in recent) if recent else float("nan")
         ratio = statistics.median(r[2] / r[1] for r in recent) if recent else float("nan")
-        # a weight that only sat out the latest step (an MoE expert) keeps the verdict of its measured window
-        v = "unmeasured" if d.get("unmeasured") and not (recent and d.get("unused")) else verdict(ratio, margin)
+        # a weight that only sat out the latest step (an MoE expert) keeps the verdict of its measured window; one with
+        # no measurement yet (before its first measured step that did not raise) has no ratio to decide by
+        v = ("unmeasured" if not recent or (d.get("unmeasured") and not d.get("unused"))
+             else verdict(ratio, margin))
         rows.append([name, d["kind"], d["shape"], d.get("rows", 0), st, nr, ratio, len(recent), v, d.get("estimator", "")])
     import pandas as pd
 

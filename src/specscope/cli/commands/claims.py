@@ -250,9 +250,11 @@ def claims_cmd(
     rows = collect(root, every)
     if not rows:
         none = f"no recorded claims under {root} (run a lab first: specscope run LAB --out {root})"
+        if into is not None:  # asked to write: an unchanged file must not read as written
+            raise ConfigError(f"{none}; nothing was written into {into}, whose table stays as it was")
         if format == "json":  # stdout stays JSON for a script that parses it
             typer.echo("[]")
-        typer.echo(none, err=format == "json")
+        typer.echo(none, err=format != "table")  # markdown's stdout holds a table or nothing
         return
     if format == "json":
         typer.echo(json.dumps([{**r.claim.as_dict(), "value": _number(r.claim.value), "lab": r.lab, "runs": r.runs}

@@ -70,11 +70,16 @@ def export(
     force: bool = typer.Option(False, "--force", help="Replace the output file if it exists (refused otherwise)."),
 ) -> None:
     """Write every record of a run (run_id, step, layer, metric, value, arm, ...) to one csv or parquet file."""
+    from specscope.names import visible
+    from specscope.store import Run, find_run
     from specscope.store import export as export_run
-    from specscope.store import find_run
     from specscope.store.run import read_config
 
     path = find_run(run, root)
     out = out or Path(f"{read_config(path)['run_id']}.{format}")  # a plain name (checked): here, never elsewhere
+    status = Run.open(path).status  # read before the records: a run finishing meanwhile is exported whole
     written = export_run(path, out, format, salvage=salvage, force=force)
     typer.echo(f"wrote {written}")
+    if status != "complete":  # as compare says it: a live or stopped run's file is not its final record
+        typer.echo(f"warning: {visible(path)} is {status}: {visible(written)} holds only the steps it recorded so far, "
+                   "not its final values", err=True)
