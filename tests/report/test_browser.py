@@ -67,3 +67,43 @@ def test_the_check_sees_what_a_reader_would(tmp_path, chromium):
     assert "image 'broken' does not decode" in problems
     assert "request to http://127.0.0.1:9/x.png" in problems
     assert "undefinedFunction" in problems and "wider than the window" in problems
+
+
+def test_parallel_installs_of_chromium_take_turns(tmp_path, monkeypatch):
+    """Two test workers finding no browser at once (CI as root on a fresh machine) ran apt-get side by side: the
+    second failed on dpkg's lock and its tests skipped. The installs now take turns, and the second finds the first's."""
+    import os
+    import subprocess
+    import tempfile
+    import threading
+    import time
+
+    from specscope.report import browser
+
+    installed, running, most, runs = [], [0], [0], []
+    lock = threading.Lock()
+
+    def fake_run(cmd, **kw):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            runs.append(cmd[1])
+        time.sleep(0.2)  # an apt-get's time: long enough for the other thread to come in
+        with lock:
+            running[0] -= 1
+            if cmd[1] == "install":
+                installed.append(True)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(browser.shutil, "which", lambda name: "/usr/bin/apt-get" if name == "apt-get"
+                        else "/usr/bin/chromium" if installed and name == "chromium" else None)
+    monkeypatch.setattr(browser.subprocess, "run", fake_run)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(browser.chromium(install=True))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found == ["/usr/bin/chromium"] * 2 and most[0] == 1 and runs == ["install"]

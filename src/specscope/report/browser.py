@@ -77,11 +77,22 @@ def chromium(install: bool = False) -> str | None:
     found = next((p for p in map(shutil.which, NAMES) if p), None)
     if found or not install or not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
         return found
+    import fcntl
+
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", "chromium"]):
-        if subprocess.run(cmd, env=env, capture_output=True, timeout=1200).returncode == 0 and "install" in cmd:
-            break
+    # one install at a time: a second apt-get (a parallel test worker's) would fail on dpkg's lock and find none.
+    # The lock file is opened without following a link and never truncated (this runs as root, in a shared /tmp).
+    lock = os.open(Path(tempfile.gettempdir()) / "specscope-chromium-install.lock",
+                   os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for cmd in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", "chromium"]):
+            if shutil.which("chromium") or (subprocess.run(cmd, env=env, capture_output=True, timeout=1200).returncode == 0
+                                            and "install" in cmd):
+                break
+    finally:
+        os.close(lock)  # releases the lock
     return next((p for p in map(shutil.which, NAMES) if p), None)
 
 
