@@ -181,6 +181,28 @@ def test_a_vector_is_refused_when_its_l1_to_l2_group_is_made():
     assert len(opt.param_groups) == 1
 
 
+@pytest.mark.parametrize("options, says", [
+    (dict(scale="rms", rms=float("nan")), "rms=nan is not a finite number"),  # wrote NaN into every weight
+    (dict(scale="rms", rms=-1.0), "rms must be >= 0"),  # stepped uphill
+    (dict(scale="rms", rms="a"), "rms='a' is not a finite number"),  # a TypeError at the first step
+    (dict(token_dim=2), r"token_dim=2 is not an axis of a parameter of shape \(10, 4\)"),  # stepped along axis 0
+    (dict(token_dim=-3), r"token_dim=-3 is not an axis"),
+    (dict(token_dim=1.0), "token_dim=1.0 must be the integer axis")])
+def test_rms_and_token_dim_are_checked_when_made_and_at_every_step(options, says):
+    emb = nn.Parameter(torch.randn(10, 4))
+    with pytest.raises(ConfigError, match=says):
+        L1ToL2([emb], lr=0.1, **options)
+    if set(options) == {"token_dim"}:  # an "auto" group of one-hot-input weights takes token_dim, not rms
+        with pytest.raises(ConfigError, match=says):
+            AutoGeometry([{"params": [("embed.weight", emb)], **options}], lr=0.1, monitor=lambda n: 2.0)
+    opt = L1ToL2([emb], lr=0.1, token_dim=-1, scale="rms")  # the last axis, as -1 means in torch
+    opt.param_groups[0].update(options)  # set after construction, as a scheduler would
+    emb.grad, before = torch.randn(10, 4), emb.detach().clone()
+    with pytest.raises(ConfigError, match="step: param group 0: .*Nothing was changed"):
+        opt.step()
+    assert torch.equal(emb, before)
+
+
 @pytest.mark.parametrize("scale", ["rms", "matched"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_gradient_whose_squares_overflow_steps_as_at_unit_scale(scale, dtype):

@@ -67,6 +67,13 @@ def test_a_measured_step_number_must_come_after_the_last_measured_one():
         raise RuntimeError("data loader")
     assert {r.step for r in measure(mon, model, 6, torch.randn(8, 6))} == {6}  # it may be taken again
     assert mon.advice().set_index("layer").loc["0", "measurements"] == 2
+    from specscope.errors import NonFiniteError  # so may one the Monitor itself refused as non-finite (it was
+    with pytest.raises(NonFiniteError, match="at step 7"):  # "step 7 was measured already", with nothing recorded)
+        measure(mon, model, 7, torch.full((8, 6), math.nan))
+    assert mon.pop_records() == [] and mon.last_step == 6
+    model.zero_grad()  # the refused step's NaN gradients, which the retry must not accumulate onto
+    assert {r.step for r in measure(mon, model, 7, torch.randn(8, 6))} == {7}
+    assert mon.advice().set_index("layer").loc["0", "measurements"] == 3
     every = Monitor(model, every=2)
     measure(every, model, 4, torch.randn(8, 6))
     with every.step(3):  # not measured: nothing to record twice, nothing checked
@@ -101,6 +108,9 @@ def test_state_of_other_weights_is_refused_and_nothing_is_loaded():
         fused.load_state_dict(before)                                          # the slices started with no history
     with pytest.raises(ConfigError, match=r"Monitor.load_state_dict\(NoneType\): pass the dict"):
         mon.load_state_dict(None)
+    for other in (small.state_dict(), torch.optim.SGD(small.parameters(), lr=0.1).state_dict()):  # said "version None"
+        with pytest.raises(ConfigError, match=r"this dict \(keys '.*\) is not a Monitor's state; pass the dict a Monitor's"):
+            mon.load_state_dict(other)
     # a weight measured through observe() is observed again after a resume: its state loads
     extra = nn.Parameter(torch.randn(5, 6))
     seen = Monitor(small)

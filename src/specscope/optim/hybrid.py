@@ -59,7 +59,7 @@ def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool
 
 # group hyperparameters checked on every group: [low, high), each a finite real number
 _RANGES = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (0.0, 1.0), "eps": (0.0, math.inf),
-           "hysteresis": (0.0, 1.0)}  # an "auto" group's threshold (> 0) is its algorithm's check
+           "hysteresis": (0.0, 1.0), "rms": (0.0, math.inf)}  # an "auto" group's threshold (> 0) is its algorithm's check
 
 
 def _number(value: Any) -> float | None:
@@ -95,6 +95,22 @@ def _check_numbers(group: dict[str, Any]) -> None:
             raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
     if "ns_coefficients" in group:
         _common.check_ns_coefficients(group["ns_coefficients"])
+    _check_token_dim(group)
+
+
+def _check_token_dim(group: dict[str, Any]) -> None:
+    """`token_dim`, where set: an int that is an axis of every parameter of the group (a saved group's params are
+    indices: the type only). An axis past the last wrapped round to another one, or failed deep in the step."""
+    k = group.get("token_dim")
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ConfigError(f"token_dim={k!r} must be the integer axis that indexes tokens (0 for nn.Embedding's "
+                          "[vocab, d] weight, 1 for a Linear [out, in] fed one-hot inputs)")
+    for p in group.get("params", ()):
+        if isinstance(p, torch.Tensor) and not -p.ndim <= k < p.ndim:
+            raise ConfigError(f"token_dim={k} is not an axis of a parameter of shape {tuple(p.shape)} (axes 0..{p.ndim - 1}): "
+                              "pass the axis that indexes tokens (0 for nn.Embedding, 1 for a Linear fed one-hot inputs)")
 
 
 MAX_UNPOPPED_RECORDS = 100_000  # records an optimizer keeps when nobody pops them (AutoGeometry: 3 per layer and step)

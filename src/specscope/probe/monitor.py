@@ -328,12 +328,15 @@ class Monitor:
             self._disarm()
         if self._closed:  # close() inside the block: this step is not measured either
             return
-        self._last_step = step
+        # the step counts as measured once its finish succeeds: one refused as non-finite records nothing, and the
+        # same step may be taken again (on clean data)
         if self.gradient == "grad":  # the gradients' spectra start first: the inputs' solves queue behind them
             grads = self._gradients(lambda s: s.param.grad)
             self._record(step, self._finish_inputs(step), grads)
+            self._last_step = step
             return
         inputs = self._finish_inputs(step)
+        self._last_step = step
         before = {id(s.param): s.param.detach().clone() for s in self.slots.values()} if self.gradient == "update" else {}
         self._pending = _Pending(step, inputs, before)
 
@@ -788,8 +791,12 @@ class Monitor:
         a refused state leaves this Monitor as it was). Measured steps start afresh: any step number may come next."""
         if not isinstance(state, dict):
             raise ConfigError(f"Monitor.load_state_dict({type(state).__name__}): pass the dict a Monitor's state_dict() returned")
-        if state.get("version") != 1:
-            raise ConfigError(f"Monitor state version {state.get('version')!r} is not supported (expected 1)")
+        if "version" not in state:  # a model's or an optimizer's state_dict, say
+            keys = ", ".join(map(repr, list(state)[:4])) + (", …" if len(state) > 4 else "")
+            raise ConfigError(f"Monitor.load_state_dict: this dict (keys {keys or 'none'}) is not a Monitor's state; pass "
+                              "the dict a Monitor's state_dict() returned")
+        if state["version"] != 1:
+            raise ConfigError(f"Monitor state version {state['version']!r} is not supported (expected 1)")
         if missing := [k for k in ("stats", "history", "latest_st") if not isinstance(state.get(k), dict)]:
             raise ConfigError(f"Monitor state has no {missing}: pass the dict a Monitor's state_dict() returned, unchanged")
         last = state.get("last_measured")  # absent in states saved before it was kept
