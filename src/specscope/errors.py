@@ -43,3 +43,25 @@ def allocation_failure(e: BaseException) -> str | None:
             break
         n /= 1000
     return f"{n:.1f} {unit} on {where}"
+
+
+def checked_keywords(init):
+    """A constructor whose misspelt keyword (`Muon(params, lrr=0.1)`) is a ConfigError naming the closest option
+    and every option, as a misspelt param-group key is, instead of Python's bare TypeError."""
+    import difflib
+    import functools
+    import inspect
+
+    params = inspect.signature(init).parameters
+    known = [k for k, p in params.items() if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    @functools.wraps(init)
+    def init_checked(self, *args, **kwargs):
+        for key in kwargs:
+            if key not in params:
+                close = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(f"{key!r} is not an option of {type(self).__name__}; "
+                                  + (f"did you mean {close[0]!r}? " if close else "") + f"its options are {known}")
+        return init(self, *args, **kwargs)
+
+    return init_checked

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from specscope.errors import NonFiniteError
-from specscope.optim import AutoGeometry, Hybrid, LowRankDecay, Muon, SpecGD, spectral_param_groups
+from specscope.optim import AutoGeometry, Hybrid, L1ToL2, LowRankDecay, Muon, SpecGD, spectral_param_groups
+from specscope.probe import Monitor
 
 SCRIPT = textwrap.dedent(
     """
@@ -443,6 +444,26 @@ def test_a_state_of_other_parameters_or_no_state_dict_is_one_clear_error_at_load
                 target.load_state_dict(bad)
 
 
+@pytest.mark.parametrize("make, key", [(lambda ps: Muon(ps, lr=0.02), "momentum_buffer"),
+                                       (lambda ps: Hybrid(ps, lr=1e-3), "exp_avg_sq")])
+@pytest.mark.parametrize("damage", ["nan", "inf", "int64"])
+def test_a_damaged_state_buffer_is_refused_at_load_not_written_into_the_weights(make, key, damage):
+    """A buffer of the right shape with NaN loaded and then stepped NaN into the weights; an integer one failed at
+    the next step with lerp's NotImplementedError."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    saved = _stepped(make(ps), ps).state_dict()
+    buffer = saved["state"][1][key]
+    saved["state"][1][key] = (buffer.long() if damage == "int64" else
+                              buffer.index_fill(0, torch.tensor([2]), float(damage)))
+    opt, before = make(ps), [p.detach().clone() for p in ps]
+    says = "is torch.int64, not floating point" if damage == "int64" else f"holds {buffer.shape[1]} NaN or infinite entries"
+    with pytest.raises(ConfigError, match=rf"state '{key}' of parameter 'param1' {says}: the state_dict is damaged.*Nothing was loaded"):
+        opt.load_state_dict(saved)
+    assert not opt.state and all(torch.equal(p, b) for p, b in zip(ps, before))
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: Muon(ps, lr=0.02),
     lambda ps: Hybrid(ps, lr=1e-3),
@@ -520,3 +541,19 @@ def test_lowrank_decay_refuses_group_keys_as_hybrid_does(key):
     with pytest.raises(ConfigError, match=f"LowRankDecay param group key '{key}' is not an option"):
         LowRankDecay([{"params": ps, key: True}], lr=0.1, weight_decay=0.1)
     assert LowRankDecay([{"params": ps, "name": "decay"}], lr=0.1, weight_decay=0.1).param_groups[0]["name"] == "decay"
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda ps: Muon(ps, lrr=0.1), "'lrr' is not an option of Muon; did you mean 'lr'"),
+    (lambda ps: Muon(ps, momentun=0.9), "'momentun' is not an option of Muon; did you mean 'momentum'"),
+    (lambda ps: SpecGD(ps, lr=0.1, betas=(0.9, 0.9)), r"'betas' is not an option of SpecGD; its options are \['params', 'lr'"),
+    (lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1, foreach=True), "'foreach' is not an option of LowRankDecay"),
+    (lambda ps: L1ToL2(ps, lr=0.1, toke_dim=0), "'toke_dim' is not an option of L1ToL2; did you mean 'token_dim'"),
+    (lambda ps: AutoGeometry(ps, lr=0.1, treshold=2.0), "'treshold' is not an option of AutoGeometry; did you mean 'threshold'"),
+    (lambda ps: Monitor(nn.Linear(6, 8), evry=10), "'evry' is not an option of Monitor; did you mean 'every'")])
+def test_a_misspelt_constructor_keyword_names_the_closest_option(make, says):
+    """It was Python's bare TypeError, while the same typo in a param group, Hybrid or a callback got a did-you-mean."""
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        make(_params())

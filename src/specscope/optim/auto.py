@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, checked_keywords
 from specscope.optim import _common, _euclidean, l1_to_l2
 from specscope.optim.hybrid import Hybrid, _number, register
 from specscope.optim.specgd import layer_stable_ranks, unmeasured_layers
@@ -192,6 +192,7 @@ class AutoGeometry(Hybrid):
     layer to its latest "spectral"/"euclidean"; `pop_records()` returns the per-step Records.
     """
 
+    @checked_keywords
     def __init__(
         self,
         params: Iterable,

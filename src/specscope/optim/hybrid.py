@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 
 from specscope.errors import ConfigError, NonFiniteError
 from specscope.linalg._checks import no_autocast
+from specscope.linalg.devices import is_dtensor
 from specscope.optim import _common, _distributed, _euclidean
 from specscope.records import Record
 
@@ -395,6 +396,14 @@ class Hybrid(Optimizer):
                                       f"parameter {tuple(p.shape)}: the state_dict was saved for other parameters (another "
                                       "model, or another order). Nothing was loaded; build the optimizer over the parameters "
                                       "it was saved with, in the same order")
+                if is_dtensor(value):  # each rank checks its own shard: no collective inside a load
+                    value = value.to_local()
+                if torch.is_tensor(value) and value.ndim and (not value.is_floating_point() or not bool(value.isfinite().all())):
+                    what = (f"is {value.dtype}, not floating point" if not value.is_floating_point()
+                            else f"holds {int((~value.isfinite()).sum())} NaN or infinite entries")
+                    raise ConfigError(f"{where}: state {k!r} of parameter '{name}' {what}: the state_dict is damaged (a step "
+                                      "would write it into the weights). Nothing was loaded; load an earlier checkpoint, or "
+                                      "start this optimizer's state afresh")
         return groups
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

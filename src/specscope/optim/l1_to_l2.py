@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, checked_keywords
 from specscope.linalg._scale import pow2_scale
 from specscope.optim import _euclidean
 from specscope.optim.hybrid import Hybrid, register
@@ -101,6 +101,7 @@ class L1ToL2(Hybrid):
     `stable_rank`: a probe Monitor or a callable layer -> st(A) (the embedding's is N/c_max) for scale="matched".
     """
 
+    @checked_keywords
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, scale: str = "matched",
                  rms: float = 0.2, token_dim: int = 0, weight_decay: float = 0.0, stable_rank: Any = None) -> None:
         check_group(dict(scale=scale, momentum=momentum, nesterov=nesterov))

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from specscope import linalg
-from specscope.errors import ConfigError, NonFiniteError
+from specscope.errors import ConfigError, checked_keywords, NonFiniteError
 from specscope.linalg._checks import no_autocast
 from specscope.linalg.polar import ITERATIVE_DTYPES
 from specscope.optim import _common, _distributed
@@ -43,6 +43,7 @@ class LowRankDecay(Optimizer):
     Under FSDP2 each matrix is mapped whole on one owner rank; shardwise=True maps each row shard instead.
     """
 
+    @checked_keywords
     def __init__(
         self,
         params: Iterable,

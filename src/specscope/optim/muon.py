@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, checked_keywords
 from specscope.optim import _common, _distributed
 from specscope.optim._euclidean import state_dtype
 from specscope.optim.hybrid import Hybrid, register
@@ -114,6 +114,7 @@ class Muon(Hybrid):
     each parameter as a stack of matrices [..., rows, cols] and orthogonalizes every matrix of it on its own.
     """
 
+    @checked_keywords
     def __init__(
         self,
         params: Iterable,

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, checked_keywords
 from specscope.linalg._scale import pow2_scale
 from specscope.optim import _common, _euclidean
 from specscope.optim.hybrid import Hybrid, register
@@ -134,6 +134,7 @@ class SpecGD(Hybrid):
     shardwise=True: under FSDP2, polar(D) and ‖D‖_* of each rank's row shard (a different update; see Muon).
     """
 
+    @checked_keywords
     def __init__(
         self,
         params: Iterable,

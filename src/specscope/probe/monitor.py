@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specscope.errors import ConfigError, NonFiniteError, SpecscopeError
+from specscope.errors import ConfigError, checked_keywords, NonFiniteError, SpecscopeError
 from specscope.names import layer_name
 from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
@@ -187,6 +187,7 @@ class Monitor:
     "blocks.0.attn.qkv.q"; the output dim is the weight's own (columns of a Conv1D weight stored [in, out]).
     """
 
+    @checked_keywords
     def __init__(
         self,
         model: nn.Module,
