@@ -187,12 +187,14 @@ def test_a_vector_is_refused_when_its_l1_to_l2_group_is_made():
     (dict(scale="rms", rms="a"), "rms='a' is not a finite number"),  # a TypeError at the first step
     (dict(token_dim=2), r"token_dim=2 is not an axis of a parameter of shape \(10, 4\)"),  # stepped along axis 0
     (dict(token_dim=-3), r"token_dim=-3 is not an axis"),
-    (dict(token_dim=1.0), "token_dim=1.0 must be the integer axis")])
+    (dict(token_dim=1.0), "token_dim must be None or the integer axis .*got 1.0"),
+    (dict(token_dim=None), "token_dim=None: algorithm='l1_to_l2' steps each token's vector")])
 def test_rms_and_token_dim_are_checked_when_made_and_at_every_step(options, says):
     emb = nn.Parameter(torch.randn(10, 4))
     with pytest.raises(ConfigError, match=says):
         L1ToL2([emb], lr=0.1, **options)
-    if set(options) == {"token_dim"}:  # an "auto" group of one-hot-input weights takes token_dim, not rms
+    if set(options) == {"token_dim"} and options["token_dim"] is not None:  # an "auto" group of one-hot-input
+        # weights takes token_dim, not rms (None there means a group of hidden weights)
         with pytest.raises(ConfigError, match=says):
             AutoGeometry([{"params": [("embed.weight", emb)], **options}], lr=0.1, monitor=lambda n: 2.0)
     opt = L1ToL2([emb], lr=0.1, token_dim=-1, scale="rms")  # the last axis, as -1 means in torch

@@ -100,16 +100,17 @@ def _check_numbers(group: dict[str, Any]) -> None:
 
 
 def _check_token_dim(group: dict[str, Any]) -> None:
-    """`token_dim`, where set: an int that is an axis of every parameter of the group (a saved group's params are
-    indices: the type only). An axis past the last wrapped round to another one, or failed deep in the step."""
+    """`token_dim`, where set: an int that is an axis of every matrix of the group (a saved group's params are
+    indices: the type only; a vector is refused by the group's own check, naming AdamW). An axis past the last
+    wrapped round to another one, or failed deep in the step. None: not a token group ("auto"; "l1_to_l2" refuses it)."""
     k = group.get("token_dim")
     if k is None:
         return
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ConfigError(f"token_dim={k!r} must be the integer axis that indexes tokens (0 for nn.Embedding's "
-                          "[vocab, d] weight, 1 for a Linear [out, in] fed one-hot inputs)")
+        raise ConfigError(f"token_dim must be None or the integer axis that indexes tokens (0 for nn.Embedding's "
+                          f"[vocab, d] weight, 1 for a Linear [out, in] fed one-hot inputs), got {k!r}")
     for p in group.get("params", ()):
-        if isinstance(p, torch.Tensor) and not -p.ndim <= k < p.ndim:
+        if isinstance(p, torch.Tensor) and p.ndim >= 2 and not -p.ndim <= k < p.ndim:
             raise ConfigError(f"token_dim={k} is not an axis of a parameter of shape {tuple(p.shape)} (axes 0..{p.ndim - 1}): "
                               "pass the axis that indexes tokens (0 for nn.Embedding, 1 for a Linear fed one-hot inputs)")
 
@@ -307,6 +308,8 @@ class Hybrid(Optimizer):
                 if not isinstance(group.get("algorithm"), str) or group["algorithm"] not in ALGORITHMS:
                     raise ConfigError(f"algorithm={group.get('algorithm')!r} is unknown; use one of {sorted(ALGORITHMS)}")
                 _check_numbers(group)
+                if ALGORITHMS[group["algorithm"]].check is not None:  # options valid together (nesterov with momentum …)
+                    ALGORITHMS[group["algorithm"]].check(group)
             except ConfigError as e:
                 raise ConfigError(f"{type(self).__name__}.step: param group {i}: {e}. Nothing was changed: a group's options "
                                   "are checked at every step, so a value set after construction (by an LR scheduler, or "

@@ -76,6 +76,9 @@ def step_direction(D: Tensor, group: dict, st: float) -> Tensor:
 
 
 def check_group(group: dict) -> None:
+    if "token_dim" in group and group["token_dim"] is None:  # the shared check (hybrid._check_token_dim) allows it for "auto" groups
+        raise ConfigError("token_dim=None: algorithm='l1_to_l2' steps each token's vector, so it needs the axis that "
+                          "indexes tokens (0 for nn.Embedding's [vocab, d] weight, 1 for a Linear fed one-hot inputs)")
     if group["scale"] not in SCALES:
         raise ConfigError(f"scale={group['scale']!r} is unknown for algorithm='l1_to_l2'; use one of {SCALES}")
     if group["momentum"] < 0 or (group["nesterov"] and group["momentum"] == 0):
@@ -92,7 +95,7 @@ def l1_to_l2_update(opt, group: dict, params: list[Tensor], grads: list[Tensor],
         _euclidean.apply(p, step_direction(D, group, st or 1.0), lr, wd)
 
 
-register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, state={"momentum_buffer"})
+register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, check=check_group, state={"momentum_buffer"})
 
 
 class L1ToL2(Hybrid):
@@ -104,6 +107,5 @@ class L1ToL2(Hybrid):
     @checked_keywords
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, scale: str = "matched",
                  rms: float = 0.2, token_dim: int = 0, weight_decay: float = 0.0, stable_rank: Any = None) -> None:
-        check_group(dict(scale=scale, momentum=momentum, nesterov=nesterov))
         super().__init__(params, "l1_to_l2", stable_rank=stable_rank, lr=lr, momentum=momentum, nesterov=nesterov,
                          scale=scale, rms=rms, token_dim=token_dim, weight_decay=weight_decay)
