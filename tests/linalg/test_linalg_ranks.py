@@ -398,6 +398,9 @@ def test_spectral_norm_from_a_zero_start_and_its_options():
     for kw, message in [(dict(tol=float("nan")), "tol must be a number in"), (dict(iters=2.5), "iters must be an int")]:
         with pytest.raises(ValueError, match=message):
             L.spectral_norm(A, **kw)
+    for kw, message in [(dict(iters=0), "iters must be an int ≥ 1, got 0"), (dict(v0=torch.ones(3)), "v0 has length 3")]:
+        with pytest.raises(ValueError, match=rf"^stable_rank\(method='power'\): {message}"):  # the function the user called
+            L.stable_rank(A, method="power", **kw)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -28,7 +28,10 @@ def stable_rank(A: Tensor, *, method: str = "exact", iters: int | None = None, v
     if method == "power":
         A = A.to(work_dtype(A))
         A = A * pow2_scale(A)  # exact, and st does not depend on scale: ‖A‖_F² of 1e20-scale float32 would overflow
-        sigma, _ = spectral_norm(A, v0, iters=20 if iters is None else iters)
+        try:
+            sigma, _ = spectral_norm(A, v0, iters=20 if iters is None else iters)
+        except ValueError as e:  # a bad iters or v0: named as the caller passed it
+            raise ValueError(str(e).replace("spectral_norm:", "stable_rank(method='power'):", 1)) from None
         fro2 = A.square().sum((-2, -1))
         return torch.where(sigma > 0, fro2 / torch.where(sigma > 0, sigma, torch.ones_like(sigma)) ** 2, torch.zeros_like(fro2))
     raise ValueError(f"stable_rank: method must be 'exact' or 'power', got {method!r}")
