@@ -28,11 +28,13 @@ demo: $(STAMP)
 	$(BIN)/specscope demo
 
 # two pytest workers (TEST_WORKERS=1 for one): most tests wait on subprocesses, spawned ranks or a browser, so on
-# 2 cores the suite takes about 11 min instead of 15 (the AMD EPYC Zen 3); -rs lists each skipped test with its reason
+# 2 cores the suite takes about 11 min instead of 15 (the AMD EPYC Zen 3); then, alone, the tests marked serial,
+# which time jobs against the machine's idle cores; -rs lists each skipped test with its reason
 TEST_WORKERS ?= 2
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) -m 'not slow and not serial'
+	$(BIN)/python -m pytest -q -rs -m serial
 
 # three seeds per claim; the runs stay in runs/slow for `make claims-table`
 test-slow: $(TEST_STAMP)

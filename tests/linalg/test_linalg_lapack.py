@@ -186,6 +186,7 @@ def test_non_finite_input_gets_torchs_error(monkeypatch):
 
 
 @needs_openblas
+@pytest.mark.serial  # a second pytest worker beside it would hold the core it needs
 def test_two_workers_solve_side_by_side(monkeypatch, two_threads):
     """The reason the calls go through ctypes, not numpy: two workers calling np.linalg.eigvalsh wait on each
     other (each job's CPU time is 0.5–0.63 of its wall time, measured), so they take the serial time. Here two jobs
