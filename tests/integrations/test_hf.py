@@ -354,3 +354,56 @@ def test_a_second_train_that_restarts_at_step_0_stops_at_its_start_and_a_new_mon
     assert again.last_step == 1 and set(again.advice(window=10).measurements) == {2}
     logged = [e["step"] for e in trainer.state.log_history if any(k.startswith("specscope/") for k in e)]
     assert logged == [1, 2]  # the second train()'s own steps 0 and 1, logged after each
+
+
+def test_one_callback_per_trainer_and_attach_refuses_model_init(tmp_path):
+    """A second SpecscopeCallback (attach twice, or one instance added twice) would measure and log every step once
+    more: refused before any step. attach builds its Monitor at once, so a Trainer whose model_init builds the model
+    at train() is refused with the way that works, which then measures the model train() built."""
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    attach(trainer, every=1, metrics=("stable_rank",))  # metrics= as the callback's
+    with pytest.raises(ConfigError, match="holds a SpecscopeCallback already"):
+        attach(trainer, every=1)
+    callback = SpecscopeCallback(every=1)
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model), callbacks=[callback])
+    trainer.add_callback(callback)
+    with pytest.raises(ConfigError, match="the same SpecscopeCallback twice"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+    trainer = Trainer(model_init=lambda *_: tiny_llama(), args=args(tmp_path, 1), train_dataset=Tokens())
+    with pytest.raises(ConfigError, match=r"model_init=.*SpecscopeCallback\(every=10, trainer=trainer\)"):
+        attach(trainer, every=1)
+    callback = SpecscopeCallback(every=1, trainer=trainer)
+    trainer.add_callback(callback)
+    trainer.train()
+    assert callback.monitor.last_step == 0 and callback.monitor.slots
+    assert {id(s.param) for s in callback.monitor.slots.values()} <= {id(p) for p in trainer.model.parameters()}
+
+
+def test_a_callback_given_in_callbacks_logs_to_the_reporters_too(tmp_path):
+    """Trainer(callbacks=[SpecscopeCallback(...)]) reaches the reporting callbacks (TensorBoard, W&B, ...) as attach does."""
+    class Reporter(transformers.TrainerCallback):
+        def __init__(self):
+            self.keys = set()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.keys |= {k for k in logs or {} if k.startswith("specscope/")}
+
+    model, reporter = tiny_llama(), Reporter()
+    Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model),
+            callbacks=[reporter, SpecscopeCallback(every=1, metrics=("stable_rank",))]).train()
+    assert reporter.keys and all(k.endswith("/stable_rank") for k in reporter.keys)
+
+
+def test_load_names_a_missing_folder_and_a_frozen_weight_is_named_frozen(tmp_path):
+    with pytest.raises(ConfigError, match="is not a folder; pass a checkpoint folder"):
+        SpecscopeCallback(every=1).load(tmp_path / "checkpoint-99")
+    model = tiny_llama()
+    monitor = attach(Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model)), every=1)
+    model.model.layers[0].mlp.down_proj.weight.requires_grad_(False)  # frozen after the Monitor was built (PEFT-style)
+    ids = Tokens().rows[:BATCH]
+    with pytest.warns(UserWarning, match=r"down_proj' is unmeasured: .*frozen \(requires_grad=False\)"):
+        with monitor.step(0):
+            model(input_ids=ids, labels=ids).loss.backward()

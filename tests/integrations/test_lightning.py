@@ -125,6 +125,38 @@ def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fi
         assert after[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5), col
 
 
+def test_a_checkpoint_state_the_monitor_refuses_names_the_checkpoint_and_one_without_state_warns(tmp_path):
+    """Resuming with other Monitor options than the run that saved, or from an altered entry, is the checkpoint's
+    fault, named with its path; a checkpoint saved without the callback resumes with a warning (the advice window
+    starts empty), as the HF callback does."""
+    import warnings
+
+    from specscope.errors import RunStoreError
+
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, accumulate_grad_batches=ACCUM,
+                        callbacks=[SpecscopeCallback(every=1), saver], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(Lit(gpt()), train_dataloaders=loader())
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    with pytest.raises(RunStoreError, match=f"{ckpt.name} holds a SpecscopeCallback state this Monitor cannot load .*other weights"):
+        fit(Lit(gpt()), SpecscopeCallback(every=1, exclude=["*mlp*"]), tmp_path / "other", 4, ckpt_path=str(ckpt))
+    altered = torch.load(ckpt, weights_only=False)
+    altered["callbacks"]["SpecscopeCallback"]["monitor"] = {"junk": 1}
+    torch.save(altered, tmp_path / "altered.ckpt")
+    with pytest.raises(RunStoreError, match=r"altered.ckpt holds .*not a Monitor's state.*delete checkpoint\['callbacks'\]"):
+        fit(Lit(gpt()), SpecscopeCallback(every=1), tmp_path / "altered", 4, ckpt_path=str(tmp_path / "altered.ckpt"))
+
+    del altered["callbacks"]["SpecscopeCallback"]
+    torch.save(altered, tmp_path / "plain.ckpt")
+    resumed = SpecscopeCallback(every=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Lit(gpt()), resumed, tmp_path / "plain", 3, ckpt_path=str(tmp_path / "plain.ckpt"))
+    assert [w for w in caught if "resuming at step 2 without Monitor state" in str(w.message)]
+    assert set(resumed.monitor.advice(window=4).measurements) == {1}  # step 2 only
+
+
 def test_configure_optimizers_helper_trains_hidden_matrices_with_muon(tmp_path):
     module = Lit(gpt(), spectral=True)
     trainer = fit(module, SpecscopeCallback(every=1), tmp_path, 2)

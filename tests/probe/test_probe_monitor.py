@@ -160,6 +160,26 @@ def test_nonfinite_raise_names_layer_and_step():
         model(torch.randn(4, 8)).sum().backward()
 
 
+def test_nonfinite_raise_names_the_first_input_in_forward_order_not_the_first_weight():
+    """A tied embedding is the model's first weight and its input — the head's — the forward's last: a NaN made in a
+    middle layer must be named where it enters, not at the tied head downstream of it."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.out = nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, ids):
+            h = self.out(self.mid(self.emb(ids)))
+            return h @ self.emb.weight.T  # the head, tied to the embedding
+
+    torch.manual_seed(0)
+    model = Tied()
+    with torch.no_grad():
+        model.mid.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"activation entering 'out' at step 0"), Monitor(model).step(0):
+        model(torch.randint(0, 16, (4, 5))).sum().backward()
+
+
 def test_nonfinite_warn_records_flag_and_recovers():
     model = mlp()
     mon = Monitor(model, nonfinite="warn")

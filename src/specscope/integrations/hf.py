@@ -62,6 +62,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
         self._saved_from: Path | None = None  # the file it was read from
         self._logged: tuple[int, set[str]] = (-1, set())  # the last logged step and its keys (each stored once)
+        self._reporting: Any = trainer  # the Trainer whose reporters get the values: `trainer`, else the one running
         if trainer is not None:
             _close_on_error(trainer, self)
 
@@ -70,9 +71,12 @@ class SpecscopeCallback(transformers.TrainerCallback):
         running, loop = _calling_loop(self)
         if self.trainer is None:  # given to Trainer(callbacks=[...]): find the Trainer whose train() is running
             _close_running_on_error(running, self)
+        self._reporting = self.trainer or running
+        _check_one_callback(self._reporting)
         if self.monitor is None:
             self.monitor = Monitor(model, **self._monitor_kwargs)
-        check_measures(self.monitor, model, "SpecscopeCallback")
+        check_measures(self.monitor, model, "SpecscopeCallback", _MODEL_INIT_FIX if getattr(self._reporting, "model_init", None)
+                       else "or pass the Monitor's options (every=10, ...) and let the callback build it")
         scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
         uses_loss_scaling(self.monitor, bool(args.fp16) or scaler is not None)
         self._measure = StepMeasure(self.monitor, self.run)
@@ -102,11 +106,11 @@ class SpecscopeCallback(transformers.TrainerCallback):
         if not values:
             return
         state.log_history.append({**values, "step": state.global_step})
-        if self.trainer is None:
+        if self._reporting is None:
             return
-        for cb in self.trainer.callback_handler.callbacks:  # reporters, not the console printers (dozens of keys)
+        for cb in self._reporting.callback_handler.callbacks:  # reporters, not the console printers (dozens of keys)
             if not isinstance(cb, (SpecscopeCallback, transformers.ProgressCallback, transformers.PrinterCallback)):
-                cb.on_log(args, state, control, logs=dict(values), model=self.trainer.model)
+                cb.on_log(args, state, control, logs=dict(values), model=self._reporting.model)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run is None or not logs:
@@ -138,6 +142,9 @@ class SpecscopeCallback(transformers.TrainerCallback):
         """Restore the Monitor's state from a checkpoint folder this callback saved into (before trainer.train()
         too: a Monitor the callback builds at train begin starts from it)."""
         path = Path(checkpoint) / STATE_FILE
+        if not Path(checkpoint).is_dir():
+            raise ConfigError(f"{checkpoint} is not a folder; pass a checkpoint folder of the Trainer "
+                              f"(<output_dir>/{PREFIX_CHECKPOINT_DIR}-<step>)")
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: that checkpoint was saved without a SpecscopeCallback")
         try:
@@ -180,18 +187,45 @@ class SpecscopeCallback(transformers.TrainerCallback):
                           "trainer.train()", stacklevel=2)
 
 
-def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, **monitor_kwargs: Any) -> Monitor:
+def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, metrics: tuple[str, ...] = LOGGED,
+           **monitor_kwargs: Any) -> Monitor:
     """Add a SpecscopeCallback to `trainer` (logging to its reporters too); returns its Monitor.
 
-    With no `monitor`, one is built now on trainer.model with `monitor_kwargs` (e.g. every=10)."""
+    With no `monitor`, one is built now on trainer.model with `monitor_kwargs` (e.g. every=10). `run` and
+    `metrics` as SpecscopeCallback's."""
     _check_trainer(trainer, "attach(trainer, ...)", "(attach(trainer, monitor) or attach(trainer, every=10))")
     if monitor is not None and monitor_kwargs:
         raise ConfigError(f"attach: pass a Monitor or Monitor keyword arguments, not both ({sorted(monitor_kwargs)})")
     check_monitor(monitor, "attach")
     Monitor.check_options(**monitor_kwargs)  # a typo is a ConfigError naming the closest option, not a TypeError
-    monitor = monitor if monitor is not None else Monitor(trainer.model, **monitor_kwargs)
-    trainer.add_callback(SpecscopeCallback(monitor, trainer=trainer, run=run))
-    return monitor
+    check_run(run, "attach")
+    check_metrics(metrics)
+    _check_one_callback(trainer, "attach")
+    if monitor is None and getattr(trainer, "model_init", None) is not None:
+        raise ConfigError("attach: this Trainer has model_init=, which builds a new model when train() starts, so a Monitor "
+                          "built now would measure the old one. " + _MODEL_INIT_FIX)
+    callback = SpecscopeCallback(monitor or Monitor(trainer.model, **monitor_kwargs), trainer=trainer, run=run, metrics=metrics)
+    trainer.add_callback(callback)
+    return callback.monitor
+
+
+_MODEL_INIT_FIX = ("With model_init=, give the callback the Monitor's options and let it build the Monitor on the model "
+                   "train() builds: callback = SpecscopeCallback(every=10, trainer=trainer); trainer.add_callback(callback); "
+                   "then read callback.monitor after train()")
+
+
+def _check_one_callback(trainer: Any, where: str = "SpecscopeCallback") -> None:
+    """A ConfigError when `trainer` holds a SpecscopeCallback already (`attach`) or more than one (train begin): each
+    would measure every step, and log its values, once more."""
+    if trainer is None:
+        return
+    held = [cb for cb in getattr(trainer.callback_handler, "callbacks", ()) if isinstance(cb, SpecscopeCallback)]
+    if len(held) > (0 if where == "attach" else 1):
+        same = len(held) > 1 and all(cb is held[0] for cb in held)
+        raise ConfigError(f"{where}: this Trainer holds {'the same SpecscopeCallback twice' if same else 'a SpecscopeCallback already'}"
+                          f"{'' if where == 'attach' or same else f' ({len(held)} of them)'}: each would measure every step "
+                          "and log its values once more. Keep one: trainer.remove_callback(SpecscopeCallback) removes one "
+                          "(use the Monitor of the one kept, callback.monitor)")
 
 
 def _closing(method: Any, callback: SpecscopeCallback) -> Any:

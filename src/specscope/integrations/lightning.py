@@ -17,9 +17,10 @@ The Monitor's state rides in Lightning checkpoints (`state_dict`/`load_state_dic
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
                                            check_starts_after, log_values, spectral_optimizer, uses_loss_scaling)
 from specscope.probe import Monitor
@@ -50,18 +51,26 @@ class SpecscopeCallback(L.Callback):
         self._measure: StepMeasure | None = None
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
         self._stepping = False
+        self._trainer: Any = None  # the Trainer of the running fit (its ckpt_path names a checkpoint that fails to load)
+        self._restored = False  # whether this fit restored a Monitor state from its checkpoint
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
         if self.monitor is None:
             self.monitor = Monitor(pl_module, **self._monitor_kwargs)
         check_measures(self.monitor, pl_module, "SpecscopeCallback")
         uses_loss_scaling(self.monitor, getattr(getattr(trainer, "precision_plugin", None), "scaler", None) is not None)
         self._measure = StepMeasure(self.monitor, self.run)
         if self._saved is not None:
-            self.monitor.load_state_dict(self._saved)
-            self._saved = None
+            saved, self._saved = self._saved, None
+            self._load(saved)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and not self._restored and self.monitor.last_step is None:
+            warnings.warn(f"specscope: resuming at step {trainer.global_step} without Monitor state (the checkpoint "
+                          f"{getattr(trainer, 'ckpt_path', None) or ''} was saved without a SpecscopeCallback), so the "
+                          "Monitor's advice window starts empty", stacklevel=2)
+        self._restored = False
         check_starts_after(self.monitor, trainer.global_step, "SpecscopeCallback",
                            "Give this fit() a new SpecscopeCallback (a new Monitor, and a new Run where this one had "
                            "run=) to train again from step 0, or trainer.fit(model, ckpt_path=...) to go on from a "
@@ -110,4 +119,17 @@ class SpecscopeCallback(L.Callback):
         if self.monitor is None:
             self._saved = state_dict["monitor"]
         else:
-            self.monitor.load_state_dict(state_dict["monitor"])
+            self._load(state_dict["monitor"])
+
+    def _load(self, state: Any) -> None:
+        """Monitor.load_state_dict(state); a state it refuses (altered, or saved with other Monitor options or another
+        model) is the checkpoint's fault, named with the way on."""
+        try:
+            self.monitor.load_state_dict(state)
+        except (ConfigError, TypeError, ValueError, AttributeError, KeyError, IndexError, RuntimeError) as e:
+            detail = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            ckpt = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise RunStoreError(f"{ckpt} holds a SpecscopeCallback state this Monitor cannot load ({detail}); resume with "
+                                "the callback's options of the run that saved it, or from another checkpoint, or delete "
+                                "checkpoint['callbacks']['SpecscopeCallback'] to resume without the Monitor's state") from None
+        self._restored = True

@@ -59,6 +59,8 @@ NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient w
 STACK_PRODUCTS = frozenset({"_grouped_mm", "bmm", "baddbmm"})  # batched products: a ≥ 3-D weight used so is a stack
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+FROZEN = ("multiplied an input in this step's forward but is frozen (requires_grad=False), so it has no gradient: "
+          "leave it out with Monitor(exclude=[...]), or build the Monitor after freezing (frozen weights are not tracked)")
 NEVER_ROUTED = "an expert no token has been routed to on a measured step so far: no st(A) yet"
 EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch), so st(A) is undefined; a step with data "
                "measures it")
@@ -579,16 +581,20 @@ class Monitor:
         if not pairs:
             return {}
         vals = _host_pairs(pairs)
-        out = {}
+        out, bad = {}, []
         for (s, block, st), (fro2, lam), r in zip(active, vals, rows.tolist()):
             flag = "" if math.isfinite(fro2) and math.isfinite(lam) else "nonfinite"
             if flag:
-                self._bad(f"non-finite activation entering '{s.name}' at step {step}"
-                          + (" (or a finite one whose float32 Gram overflowed: entries beyond ≈ 1e18)" if st.estimator == "gram" else ""))
+                bad.append((s, st))
             elif fro2 == 0:
                 flag = "zero_input"  # st(0) is undefined: recorded as NaN with this flag, not an error
             value = fro2 / lam if not flag else float("nan")
             out[id(s.param) if block is None else (id(s.param), block)] = _Inputs(value, int(r), st.n, st.estimator, flag)
+        # in forward order: the first non-finite input is where the NaN/Inf appeared, the later ones are downstream of
+        # it (a tied embedding's slot comes first in the model, its input — the head's — last in the forward)
+        for s, st in sorted(bad, key=lambda b: _first_seen(b[0])):
+            self._bad(f"non-finite activation entering '{s.name}' at step {step}"
+                      + (" (or a finite one whose float32 Gram overflowed: entries beyond ≈ 1e18)" if st.estimator == "gram" else ""))
         return out
 
     @staticmethod
@@ -669,7 +675,8 @@ class Monitor:
         for s in self.slots.values():
             seen = id(s.param) in inputs or (s.kind == "experts" and not s.problem and any((id(s.param), r) in inputs for r in s.block_stats))
             if not seen or id(s) not in grads.has_grad:
-                why = self.unmeasured[s.name] = self._unmeasured_reason(s, id(s) in grads.has_grad) if not seen else NO_GRADIENT
+                why = self.unmeasured[s.name] = (self._unmeasured_reason(s, id(s) in grads.has_grad) if not seen
+                                                 else NO_GRADIENT if s.param.requires_grad else FROZEN)
                 shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
                 self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
                 if s.name not in self._warned:
@@ -927,6 +934,11 @@ def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
         raise bad("latest_inputs", "not a dict of (rows, estimator)")
     return (stats, history, dict(state["latest_st"]), slots, {k: v for k, v in unmeasured.items() if k in by_name},
             {k: (int(v[0]), v[1]) for k, v in latest_inputs.items()})
+
+
+def _first_seen(s: Slot) -> float:
+    """The serial number of the first input a slot multiplied in this step's forward (inf: none with a number)."""
+    return min((k for keys in s.inputs.values() for k in keys if isinstance(k, int)), default=math.inf)
 
 
 def _reduce_device(slots: list[Slot]) -> torch.device:
