@@ -421,6 +421,34 @@ def test_report_of_a_failed_diagnose_run_says_so_and_does_not_offer_a_resume(tmp
     assert "<title>FAILED RUN, RECORDS SO FAR — diagnose mlp" in (run_dir / "report.html").read_text()
 
 
+def test_report_of_a_run_a_users_own_loop_recorded_is_the_per_weight_page(tmp_path):
+    """A callback's run= (store.Run.create(root, "hf", ...)) names no lab: `specscope report` gives it diagnose's
+    per-weight page (it said: unknown lab 'hf'); a Run left open says how it completes."""
+    from specscope.probe import Monitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    monitor = Monitor(model, every=1)
+    for close in (True, False):
+        run = store.Run.create(tmp_path / "runs", "hf", {"steps": 2})
+        for step in range(2):
+            with monitor.step(step + 2 * (not close)):
+                model(torch.randn(64, 16)).square().mean().backward()
+            model.zero_grad()
+            for record in monitor.pop_records():
+                run.append(record)
+        if close:
+            run.close()
+        else:
+            run.flush()
+            run.set_status("incomplete")
+        res = CliRunner().invoke(app, ["report", str(run.path)])
+        assert res.exit_code == 0, res.output
+        page = (run.path / "report.html").read_text()
+        assert f"<title>{'' if close else 'INCOMPLETE RUN, RECORDS SO FAR — '}hf — {run.id}" in page and "spectral" in page
+        assert close or "complete once its Run is closed (run.close())" in res.output
+
+
 def test_the_readme_factory_runs_and_a_wrong_loss_signature_is_one_line(tmp_path, monkeypatch, capsys):
     import re
 

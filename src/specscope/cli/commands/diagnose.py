@@ -191,11 +191,13 @@ def table_width(df) -> int:
 
 
 def write_diagnose_report(run, df, partial: str = "") -> Path:
-    """A diagnose run's report.html from its records (also what `specscope report` rewrites); `partial`: the
-    status of a run that did not finish, named first in the title."""
+    """A diagnose run's report.html from its records (also what `specscope report` rewrites, and its page for a run a
+    training loop of the user's own recorded through the Python API: a callback's `run=`); `partial`: the status of
+    a run that did not finish, named first in the title."""
     from specscope import report
 
-    title = f"diagnose {run.config.get('model')} — {run.id}"
+    name = f"diagnose {run.config.get('model')}" if run.lab == "diagnose" else run.lab
+    title = f"{name} — {run.id}"
     if partial:
         title = f"{partial.upper()} RUN, RECORDS SO FAR — {title}"
     return report.write_report(run.path, df, config=run.config, title=title, salvaged=df.attrs.get("damage", ""))

@@ -136,7 +136,8 @@ def report_cmd(
         raise ConfigError(f"{run_dir} is being written by a live process; report it when it has finished "
                           "(it writes its own report then)")
     check_writable(run_dir)  # every refusal before the first write: a refused report changes no file
-    if run.lab == "diagnose":
+    own = run.lab not in (*labs.names(), "demo", "diagnose")  # recorded by a training loop of the user's own (run=)
+    if run.lab == "diagnose" or own:  # per-weight records: diagnose's page
         from specscope.cli.commands.diagnose import write_diagnose_report
 
         write_diagnose_report(run, store.load(run, salvage=salvage), partial=status if status != "complete" else "")
@@ -151,7 +152,8 @@ def report_cmd(
             run.check()  # before anything is rewritten
         finish(run, lab, cfg, salvage=salvage, partial=status if status != "complete" else "")  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
     if status != "complete":  # verdicts from the records so far: said here (stderr) and in the page's title
-        again = (f"`specscope run --resume {visible(run_dir)}` finishes it" if run.lab not in ("diagnose", "demo")
+        again = (f"a run recorded through the Python API is complete once its Run is closed (run.close())" if own
+                 else f"`specscope run --resume {visible(run_dir)}` finishes it" if run.lab not in ("diagnose", "demo")
                  else f"a {run.lab} run does not resume: run `specscope {run.lab}` again for a complete one")
         typer.echo(f"warning: {visible(run_dir)} is {status}: the claims and the report cover only the steps recorded "
                    f"so far ({again})", err=True)
