@@ -285,6 +285,10 @@ def test_a_run_or_monitor_that_does_not_fit_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="the Monitor measures the weights of another model than the Lit"):
         fit(Lit(gpt()), SpecscopeCallback(other), tmp_path, 2)
     assert other.pop_records() == []
+    lit = Lit(gpt())  # a Monitor of the inner model names its weights without the module's "net." (it failed at step 1)
+    with pytest.raises(ConfigError, match=r"'net.embed' here is 'embed' to it.*Monitor\(self, ...\)"):
+        spectral_optimizer(lit, algorithm="auto", monitor=Monitor(lit.net))
+    spectral_optimizer(lit, algorithm="auto", monitor=Monitor(lit))
 
 
 def test_a_second_fit_from_step_0_with_the_same_callback_stops_at_its_start(tmp_path):

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from specscope.errors import ConfigError
+from specscope.names import layer_name
 from specscope.optim import Hybrid, spectral_param_groups
 from specscope.probe import Monitor
 from specscope.records import Record, not_measured_in
@@ -147,6 +148,19 @@ def log_values(records: Iterable[Record], metrics: Iterable[str] = LOGGED, prefi
     return {f"{prefix}/{r.layer}/{r.metric}": r.value for r in records if r.metric in metrics and math.isfinite(r.value)}
 
 
+def _check_same_names(monitor: Monitor, model: nn.Module) -> None:
+    """A ConfigError when `monitor` tracks weights of `model` under other names (built on a submodule: Monitor(self.model)
+    in a LightningModule): the optimizer asks it for st(A) by `model`'s names, which it would not know, at the first step."""
+    here = {id(p): layer_name(n) for n, p in model.named_parameters()}
+    shared = [(s.name, here[id(s.param)]) for s in monitor.slots.values() if id(s.param) in here]
+    if shared and all(theirs != ours for theirs, ours in shared):
+        theirs, ours = shared[0]
+        raise ConfigError(f"spectral_optimizer: the Monitor names the weights of another module than the {type(model).__name__} "
+                          f"given here ('{ours}' here is '{theirs}' to it), and the optimizer asks it for st(A) by this "
+                          f"module's names; build the Monitor on the module given here: Monitor(model, ...) (in a "
+                          "LightningModule, Monitor(self, ...), or SpecscopeCallback's, which is built on the module)")
+
+
 def spectral_optimizer(model: nn.Module, lr_spectral: float = 0.02, lr_adamw: float = 3e-4, *, algorithm: str = "muon",
                        monitor: Monitor | None = None, **options: Any) -> Hybrid:
     """One optimizer: hidden matrices -> `algorithm` (Muon by default), embeddings, heads, gains and biases ->
@@ -157,6 +171,7 @@ def spectral_optimizer(model: nn.Module, lr_spectral: float = 0.02, lr_adamw: fl
                           "Monitor of this model, e.g. the one the callback measures with), or use algorithm='muon'/'specgd'")
     if isinstance(monitor, Monitor) and isinstance(model, nn.Module):
         check_measures(monitor, model, "spectral_optimizer", "the one whose st(A) the optimizer reads")
+        _check_same_names(monitor, model)
     if isinstance(model, nn.Module) and not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"spectral_optimizer: every parameter of {type(model).__name__} is frozen (requires_grad=False), so "
                           "there is nothing to optimize; unfreeze the ones to train (p.requires_grad_(True)) first")
