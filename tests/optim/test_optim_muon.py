@@ -14,14 +14,14 @@ from specscope.optim import Muon
 SHAPES = [(64, 32), (32, 64), (48, 48), (48, 48)]
 
 
-def _run(make_opt, steps=8, seed=0, scale=1.0):
+def _run(make_opt, steps=8, seed=0, scale=1.0, dtype=torch.float32):
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
     opt = make_opt(params)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
         for p in params:
-            p.grad = scale * torch.randn(p.shape, generator=g)
+            p.grad = scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
         opt.step()
     return [p.detach() for p in params]
 
@@ -174,13 +174,14 @@ def test_each_backend_steps(method):
     assert torch.isfinite(p).all() and not torch.equal(p, before)
 
 
-@pytest.mark.parametrize("scale", [1.0, 1e-6])
-def test_newton_schulz_equals_torch_muon_bit_for_bit(scale):
+@pytest.mark.parametrize("scale, dtype, adjust", [(1.0, torch.float32, None), (1e-6, torch.float32, None),
+                                                  (1.0, torch.float64, "match_rms_adamw")])
+def test_newton_schulz_equals_torch_muon_bit_for_bit(scale, dtype, adjust):
     """Small gradients too (‖G‖_F ≈ 1e-4 here): dividing by ‖X‖ + eps instead of torch's max(‖X‖, eps) shrank
-    their update by up to 23 %."""
-    kw = dict(lr=0.02, weight_decay=0.1)
-    ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw), scale=scale)
-    theirs = _run(lambda ps: torch.optim.Muon(ps, **kw), scale=scale)
+    their update by up to 23 %. float64 with "match_rms_adamw": lr·0.2·√n rounds otherwise than torch's lr·(0.2·√n)."""
+    kw = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn=adjust)
+    ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw), scale=scale, dtype=dtype)
+    theirs = _run(lambda ps: torch.optim.Muon(ps, **kw), scale=scale, dtype=dtype)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
 

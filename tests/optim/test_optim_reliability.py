@@ -282,6 +282,45 @@ def test_a_torch_muon_state_loads_into_muon_and_steps_like_it():
         assert torch.equal(w, p)  # newton_schulz reproduces torch's step bit for bit, from the loaded momentum
 
 
+@pytest.mark.parametrize("saved, loaded", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                           (torch.bfloat16, torch.float64), (torch.float32, torch.bfloat16)])
+def test_a_state_loads_into_parameters_of_another_dtype_in_the_dtype_a_step_keeps(saved, loaded):
+    """Each buffer in the dtype a step keeps it in — the parameter's, float32 for bf16 — converted from the saved
+    values: restoring the saved dtype crashed the next AdamW step (float32 moments of float64 parameters) or kept a
+    float32 momentum for float64 weights."""
+    torch.manual_seed(0)
+    w, b = nn.Parameter(torch.randn(8, 16, dtype=saved)), nn.Parameter(torch.randn(16, dtype=saved))
+
+    def make(w, b):
+        return Muon([{"params": [w]}, {"params": [b], "algorithm": "adamw", "lr": 1e-3}], lr=0.02)
+
+    opt = make(w, b)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    w2, b2 = nn.Parameter(w.detach().to(loaded)), nn.Parameter(b.detach().to(loaded))
+    opt2 = make(w2, b2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    want = torch.float32 if loaded == torch.bfloat16 else loaded
+    for p, buffers in ((w2, ("momentum_buffer",)), (b2, ("exp_avg", "exp_avg_sq"))):
+        for k in buffers:
+            before = opt.state[w if p is w2 else b][k]
+            assert opt2.state[p][k].dtype == want and torch.equal(opt2.state[p][k], before.to(want)), k
+    w2.grad, b2.grad = torch.randn_like(w2), torch.randn_like(b2)
+    opt2.step()
+    assert w2.dtype == loaded and opt2.state[w2]["momentum_buffer"].dtype == want and torch.isfinite(w2).all()
+
+
+def test_a_torch_muon_state_of_bf16_parameters_loads_as_float32_momentum():
+    w = nn.Parameter(torch.randn(8, 16).bfloat16())
+    ref = torch.optim.Muon([w], lr=0.02)
+    w.grad = torch.randn_like(w)
+    ref.step()
+    mine = Muon([w], lr=0.02)
+    mine.load_state_dict(copy.deepcopy(ref.state_dict()))
+    assert mine.state[w]["momentum_buffer"].dtype == torch.float32
+    assert torch.equal(mine.state[w]["momentum_buffer"], ref.state[w]["momentum_buffer"].float())
+
+
 def _my_polar(X):
     from specscope import linalg
 

@@ -208,7 +208,7 @@ def adjust_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return lr * math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
-        return lr * 0.2 * math.sqrt(max(rows, cols))
+        return lr * (0.2 * math.sqrt(max(rows, cols)))  # torch's order of operations: the same float, bit for bit
     raise ConfigError(f"adjust_lr_fn={adjust_lr_fn!r} is unknown; use None, 'original' or 'match_rms_adamw'")
 
 

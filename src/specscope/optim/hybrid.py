@@ -410,7 +410,10 @@ class Hybrid(Optimizer):
         return groups
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's load, then restore state dtypes torch casts to the parameter's (fp32 buffers of bf16 params).
+        """torch's load, then each buffer in the dtype a step keeps it in (`_euclidean.state_dtype`): the parameter's,
+        float32 for a bf16/fp16 parameter — torch casts every buffer to the parameter's dtype, which would round a
+        bf16 parameter's float32 buffers; a state saved in another dtype (float32 into float64 parameters, a
+        torch.optim.Muon state of bf16 parameters, whose buffers are bf16) is converted from the saved values.
 
         A saved group keeps this optimizer's value of every key it lacks: a torch.optim.Muon state has no `algorithm`,
         `polar`, … and loads into the matching specscope group with its buffers. Each group is checked as
@@ -426,9 +429,10 @@ class Hybrid(Optimizer):
         by_key = dict(zip(saved_keys, (p for g in self.param_groups for p in g["params"])))
         for key, saved in state_dict["state"].items():
             p = by_key[key]
+            want = _euclidean.state_dtype(p)
             for key, value in saved.items():
-                if torch.is_tensor(value) and value.dtype != self.state[p][key].dtype:
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                if torch.is_tensor(value) and value.is_floating_point() and value.ndim and self.state[p][key].dtype != want:
+                    self.state[p][key] = value.to(device=p.device, dtype=want, copy=True)
 
 
 def _group_names(group: dict[str, Any], offset: int) -> list[str]:
