@@ -135,6 +135,25 @@ def test_another_algorithms_option_in_a_param_group_is_refused():
     SpecGD([{"params": [w], "name": "experts"}], lr=0.1)
 
 
+def test_an_option_the_group_ignores_is_refused_even_where_the_optimizer_has_it():
+    """An AdamW group in a Muon took momentum=0.5 and polar="svd" (Muon's defaults, so skipped) and ignored them; a
+    token_dim in a Muon or SpecGD group was taken and turned the embedding guard off. A group taken from another
+    optimizer's param_groups, whose keys torch filled with the defaults, still loads."""
+    from specscope.optim import SpecGD
+    W, bias, E = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(64, 16))
+    for key, value in (("momentum", 0.5), ("polar", "svd"), ("nesterov", False)):
+        with pytest.raises(ConfigError, match=f"'{key}' is not an option of algorithm='adamw' but of"):
+            Muon([{"params": [W]}, {"params": [bias], "algorithm": "adamw", "lr": 1e-3, key: value}], lr=0.1)
+    with pytest.raises(ConfigError, match="'betas' is not an option of algorithm='muon' but of adamw"):
+        Hybrid([{"params": [bias]}, {"params": [W], "algorithm": "muon", "lr": 0.02, "betas": (0.5, 0.9)}], lr=1e-3, algorithm="adamw")
+    for make in (Muon, SpecGD):
+        with pytest.raises(ConfigError, match="'token_dim' is not an option of algorithm='(muon|specgd)' but of auto, l1_to_l2"):
+            make([{"params": [("transformer.wte.weight", E)], "token_dim": 0}], lr=0.1)
+    first = Muon([{"params": [W]}, {"params": [bias], "algorithm": "adamw", "lr": 1e-3}], lr=0.1)
+    again = Muon(first.param_groups, lr=0.1)
+    assert [g["algorithm"] for g in again.param_groups] == ["muon", "adamw"]
+
+
 def test_autogeometry_measures_nr_at_any_finite_scale():
     """‖D‖_F² of a 1e36 gradient overflowed float32, so nr read 0 and the geometry flipped to euclidean."""
     from specscope.optim import AutoGeometry

@@ -118,8 +118,9 @@ def _check_token_dim(group: dict[str, Any]) -> None:
 MAX_UNPOPPED_RECORDS = 100_000  # records an optimizer keeps when nobody pops them (AutoGeometry: 3 per layer and step)
 CALLABLE_POLAR = "<callable>"  # a callable polar= in a saved state_dict
 
-# keys any group may carry besides its algorithm's defaults (the optimizer's lr, the routing marks)
-GROUP_KEYS = frozenset({"lr", "allow_non_hidden", "token_dim"})
+# keys any group may carry besides its algorithm's defaults (the optimizer's lr, the routing mark); `token_dim` is an
+# option of the algorithms that use it ("auto", "l1_to_l2"): in a Muon or SpecGD group it skipped the embedding guard
+GROUP_KEYS = frozenset({"lr", "allow_non_hidden"})
 
 
 def check_options(algorithm: str, options: dict[str, Any], where: str) -> None:
@@ -148,9 +149,11 @@ def check_group_keys(algorithm: str, group: dict[str, Any], optimizer_defaults: 
             continue
         close = difflib.get_close_matches(key, sorted(known - {"params", "param_names"}), n=1, cutoff=0.8)
         # a group as given (`optimizer_defaults`: before torch fills the optimizer's defaults into it) holding another
-        # algorithm's option (Muon's stacked in a SpecGD group), which this one would ignore
+        # algorithm's option (Muon's stacked in a SpecGD group), which this one would ignore; a key of the optimizer's
+        # defaults at its default value is one torch filled in (a group taken from another optimizer's param_groups)
+        filled = {k for k, v in (optimizer_defaults or {}).items() if k in group and not _differs(group[k], v)}
         others = set() if optimizer_defaults is None else (
-            set().union(*(a.defaults for a in ALGORITHMS.values())) - known - set(optimizer_defaults))
+            set().union(*(a.defaults for a in ALGORITHMS.values())) - known - filled)
         theirs = [key] if key in others else difflib.get_close_matches(key, sorted(others), n=1, cutoff=0.8)
         if theirs and not close:
             owners = sorted(name for name, a in ALGORITHMS.items() if theirs[0] in a.defaults)
@@ -161,6 +164,14 @@ def check_group_keys(algorithm: str, group: dict[str, Any], optimizer_defaults: 
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
                               f"its options are {sorted(known - {'params', 'param_names'})}")
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether a group's value is not the default (a comparison that fails or is ambiguous counts as different)."""
+    try:
+        return bool(value != default)
+    except Exception:  # tensors of several entries, objects whose != raises
+        return True
 
 
 def _check_not_foreign(algorithm: str, saved: dict[str, Any]) -> None:
