@@ -51,23 +51,33 @@ def _probed_run(rank, world, ckpt, resume):
     return full(model), records(mon)
 
 
+AUTO_METRICS = ("nuclear_rank", "column_rank", "spectral_advantage", "l1_to_l2_advantage", "geometry")
+
+
 def _other_optimizers(rank, world):
-    """Three steps each of SpecGD followed by LowRankDecay, and of AutoGeometry (st(A) = 2 for every layer)."""
+    """Three steps each of SpecGD followed by LowRankDecay, and of AutoGeometry (st(A) = 2 for every layer; also as
+    a group of one-hot-input weights, token_dim=0, which weighs ℓ₁→ℓ₂ too), with AutoGeometry's records."""
     out = {}
-    for kind in ("specgd+lrd", "auto"):
+    for kind in ("specgd+lrd", "auto", "auto tokens"):
         model, _ = build(world)
         weights = [(n, p) for n, p in model.named_parameters() if not n.endswith("bias")]
         biases = {"params": [(n, p) for n, p in model.named_parameters() if n.endswith("bias")], "algorithm": "adamw", "lr": 1e-2}
-        if kind == "auto":
-            opt, decay = AutoGeometry([{"params": weights}, biases], lr=0.05, monitor=lambda layer: 2.0), None
+        if kind.startswith("auto"):
+            group = {"params": weights, **({"token_dim": 0} if kind == "auto tokens" else {})}
+            opt, decay = AutoGeometry([group, biases], lr=0.05, monitor=lambda layer: 2.0), None
         else:
             opt = SpecGD([{"params": weights}, biases], lr=0.01, momentum=0.9)
             decay = LowRankDecay([p for _, p in weights], lr=0.01, weight_decay=0.5, polar_method="gram")
+        recs = {}
         for step in range(3):
             train_step(model, opt, step, rank, world)
             if decay is not None:
                 decay.step()
+            recs.update({(r.step, r.layer, r.metric): r.value for r in getattr(opt, "pop_records", list)()
+                         if r.metric in AUTO_METRICS})
         out[kind] = full(model)
+        if kind.startswith("auto"):
+            out[kind + " records"] = recs
     return out
 
 
@@ -112,7 +122,15 @@ def test_fsdp2_muon_equals_one_process(runs, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_specgd_lowrank_decay_autogeometry_equal_one_process(runs, world):
+    """AutoGeometry's nr(D) and cr(D) too: they were formed from the local shard's ‖D‖_F (nr ≈ world × one process's)."""
     for kind, single in runs["others"].items():
+        if kind.endswith("records"):
+            assert single and {m for *_, m in single} >= ({"nuclear_rank", "geometry"} | ({"column_rank"} if "tokens" in kind else set()))
+            for r in runs[world]:
+                assert r["others"][kind].keys() == single.keys(), kind
+                for key, value in single.items():
+                    assert r["others"][kind][key] == pytest.approx(value, rel=1e-5), f"{kind} {key}"
+            continue
         for k in single:
             torch.testing.assert_close(runs[world][0]["others"][kind][k], single[k], rtol=0, atol=1e-6, msg=f"{kind} {k}")
 

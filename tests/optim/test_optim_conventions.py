@@ -154,6 +154,35 @@ def test_an_option_the_group_ignores_is_refused_even_where_the_optimizer_has_it(
     assert [g["algorithm"] for g in again.param_groups] == ["muon", "adamw"]
 
 
+@pytest.mark.parametrize("kind", ["auto", "auto tokens", "l1_to_l2"])
+def test_a_step_whose_length_overflows_float32_is_taken_as_lr_times_it(kind):
+    """‖D‖_* (‖D‖_{2,1}) of a float32 64×64 gradient of entries ≈ 1e36 is beyond float32's range and lr·it is not:
+    AutoGeometry and L1ToL2 wrote inf into the weights (SpecGD did not). The step at gradient scale 1e36 and lr
+    1e-40 is the step at scale 1 and lr 1e-4: these steps' lengths scale with the gradient."""
+    from specscope.optim import AutoGeometry
+
+    def step(scale, lr):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(64, 64) * 0.1)
+        w0 = w.detach().clone()
+        if kind == "l1_to_l2":
+            opt = L1ToL2([("e.weight", w)], lr=lr, stable_rank=lambda layer: 2.0)
+        else:
+            group = {"params": [("e.weight", w)], **({"token_dim": 0} if kind == "auto tokens" else {})}
+            opt = AutoGeometry([group], lr=lr, monitor=lambda layer: 0.5)
+        w.grad = torch.randn(64, 64) * scale
+        opt.step()
+        return (w - w0).detach(), {r.metric: r.value for r in opt.pop_records()}
+
+    big, big_records = step(1e36, 1e-40)
+    small, small_records = step(1.0, 1e-4)
+    assert torch.isfinite(big).all() and big.abs().max() > 0
+    torch.testing.assert_close(big, small, rtol=1e-4, atol=1e-7)
+    assert big_records.keys() == small_records.keys()
+    for metric, value in small_records.items():
+        assert big_records[metric] == pytest.approx(value, rel=1e-5), metric
+
+
 def test_autogeometry_measures_nr_at_any_finite_scale():
     """‖D‖_F² of a 1e36 gradient overflowed float32, so nr read 0 and the geometry flipped to euclidean."""
     from specscope.optim import AutoGeometry

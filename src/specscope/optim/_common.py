@@ -287,6 +287,27 @@ def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor], shardw
     return [r[0] for r in _distributed.owner_map(mats, fn, shardwise)]
 
 
+def fro_squared(D: Tensor) -> float:
+    """‖D‖_F² as a float64 number (D.square() overflows float32 beyond 1e19); a DTensor's whole, not its shard's."""
+    return _distributed.number(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2
+
+
+def unit_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any]) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """(polar(D), ‖D·k‖_*, k) per matrix, D taken at unit scale D·k (k = linalg._scale.pow2_scale(D): exact, polar(D)
+    unchanged) so that its nuclear norm fits D's dtype (a float32 D of entries ≈ 1e36 on a 64×64 has ‖D‖_* beyond
+    float32's range): ‖D‖_* = ‖D·k‖_*/k, to be formed in float64. A DTensor (FSDP2) is taken as it is, k None."""
+    from specscope.linalg._scale import pow2_scale
+
+    scales = [pow2_scale(D) if type(D) is Tensor else None for D in mats]
+    unit = batched_polar_with_nuclear_norm([D if k is None else D * k for D, k in zip(mats, scales)], group)
+    return [(P, nuc, k) for (P, nuc), k in zip(unit, scales)]
+
+
+def nuclear_length(nuc: Tensor, k: Tensor | None) -> Tensor:
+    """‖D‖_* as a float64 0-D tensor from `unit_polar_with_nuclear_norm`'s (‖D·k‖_*, k)."""
+    return nuc.double() if k is None else nuc.double() / k.reshape(()).double()
+
+
 def batched_polar_with_nuclear_norm(mats: Sequence[Tensor], group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
     """(polar(M), ‖M‖_*) per matrix, one call per shape bucket.
 

@@ -57,6 +57,12 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def number(t: Tensor) -> float:
+    """A 0-D result as a Python float; of a DTensor the whole one (a norm or sum of a sharded tensor is a partial
+    value on each rank, which float() would read as the local shard's)."""
+    return float(t.full_tensor() if is_dtensor(t) else t)
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's part of a tensor: the local shard of a DTensor, the tensor itself otherwise."""
     return t.to_local() if is_dtensor(t) else t

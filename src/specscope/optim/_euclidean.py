@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from specscope.linalg.devices import is_dtensor
+
 ADAMW_DEFAULTS: dict[str, Any] = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 SGD_DEFAULTS: dict[str, Any] = dict(momentum=0.0, nesterov=False, weight_decay=0.0)
 
@@ -60,6 +62,18 @@ def apply(p: Tensor, d: Tensor, lr: float, weight_decay: float) -> None:
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
     p.add_(d.view_as(p).to(p.dtype), alpha=-lr)
+
+
+def apply_scaled(p: Tensor, d: Tensor, length: Tensor | float, lr: float, weight_decay: float) -> None:
+    """p <- p·(1 − lr·wd) − (lr·length)·d, the product lr·length formed in float64 before it becomes a number of d's
+    dtype: a step's length (‖D‖_* or ‖D‖_{2,1} of a float32 D of entries ≈ 1e36) can exceed float32's range while
+    lr times it does not."""
+    if weight_decay != 0:
+        p.mul_(1 - lr * weight_decay)
+    if is_dtensor(length):  # a sum or norm over a sharded tensor (FSDP2): partial on each rank until reduced
+        length = length.full_tensor()
+    scale = length.double() * lr if isinstance(length, Tensor) else torch.tensor(float(length) * lr, dtype=torch.float64)
+    p.add_((d * scale.to(d.device, d.dtype)).view_as(p).to(p.dtype), alpha=-1.0)
 
 
 def adamw_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:

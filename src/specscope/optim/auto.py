@@ -76,33 +76,34 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     deciding = [st is not None and (k % group["every"] == 0 or "geometry" not in s)
                 for s, st, k in zip(states, sts, steps)]
     need = [i for i, s in enumerate(states) if deciding[i] or (sts[i] is not None and s.get("geometry") == 1)]
-    polar = _common.batched_polar_with_nuclear_norm([_common.as_matrix(dirs[i][0]) for i in need], group)
-    exact = dict(zip(need, polar))
+    exact = dict(zip(need, _common.unit_polar_with_nuclear_norm([_common.as_matrix(dirs[i][0]) for i in need], group)))
     for i, (p, name, s, st) in enumerate(zip(params, names, states, sts)):
         D, E = dirs[i]
         rec = dict(step=steps[i], layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
         if st is None:
             s["geometry"] = 0
         elif deciding[i]:
-            nuc = float(exact[i][1])
-            fro2 = float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2  # D.square() overflows float32 beyond 1e19
-            nr = nuc * nuc / fro2 if fro2 > 0 else 1.0
+            nr = nuclear_rank(D, *exact[i][1:])
             s["geometry"] = choose(s.get("geometry"), nr / st, group["threshold"], group["hysteresis"])
             opt._records += [Record(metric="nuclear_rank", value=nr, estimator="gram", **rec),
                              Record(metric="spectral_advantage", value=nr / st, estimator="gram", **rec)]
         if s["geometry"] == 1:
-            P, nuc = exact[i]
-            if group["euclidean"] == "adamw":
-                step = P * (0.2 * math.sqrt(max(P.shape[-2], P.shape[-1])))
-            else:
-                step = P * (nuc / st)
-            _euclidean.apply(p, step, lr, wd)
+            P, nuc, k = exact[i]
+            length = 0.2 * math.sqrt(max(P.shape[-2], P.shape[-1])) if group["euclidean"] == "adamw" else _common.nuclear_length(nuc, k) / st
+            _euclidean.apply_scaled(p, P, length, lr, wd)
         else:
             _euclidean.apply(p, E, lr, wd)
         s["step"] = steps[i] + 1
         flag = "" if st else "unmeasured" if rec["layer"] in unmeasured_layers(opt) else "no_stable_rank"
         opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
+
+
+def nuclear_rank(D: Tensor, nuc: Tensor, k: Tensor | None) -> float:
+    """nr(D) = ‖D‖_*²/‖D‖_F² from `unit_polar_with_nuclear_norm`'s (‖D·k‖_*, k): both norms at unit scale (the
+    ratio does not change with it), so neither overflows; a DTensor's whole ‖D‖_F, not its shard's."""
+    fro2 = _common.fro_squared(D if k is None else D * k)
+    return float(nuc) ** 2 / fro2 if fro2 > 0 else 1.0
 
 
 # ---------------------------------------------------------------- embeddings: a third geometry
@@ -133,16 +134,15 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
     sts = layer_stable_ranks(opt, names, required=False)
-    polar = _common.batched_polar_with_nuclear_norm([_common.as_matrix(D) for D, _ in dirs], group)
+    polar = _common.unit_polar_with_nuclear_norm([_common.as_matrix(D) for D, _ in dirs], group)
     l12 = dict(token_dim=k, rms=0.2, scale="rms" if group["euclidean"] == "adamw" else "matched")
-    for p, name, s, st, (D, E), (P, nuc) in zip(params, names, states, sts, dirs, polar):
+    for p, name, s, st, (D, E), (P, nuc, unit) in zip(params, names, states, sts, dirs, polar):
         step = s.get("step", 0)
         rec = dict(step=step, layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
         if st is None:
             s["geometry"] = EUCLIDEAN_GEOMETRY
         elif step % group["every"] == 0 or "geometry" not in s:
-            fro2 = float(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2  # D.square() overflows float32 beyond 1e19
-            nr = float(nuc) ** 2 / fro2 if fro2 > 0 else 1.0
+            nr = nuclear_rank(_common.as_matrix(D), nuc, unit)
             cr = l1_to_l2.column_rank(D, k)
             s["geometry"] = choose_among(s.get("geometry"), {SPECTRAL_GEOMETRY: nr / st, L1_TO_L2_GEOMETRY: cr / st},
                                          group["threshold"], group["hysteresis"])
@@ -152,10 +152,10 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
                              Record(metric="l1_to_l2_advantage", value=cr / st, estimator="exact", **rec)]
         g = s["geometry"]
         if g == SPECTRAL_GEOMETRY:
-            scale = 0.2 * math.sqrt(max(P.shape)) if group["euclidean"] == "adamw" else nuc / st
-            _euclidean.apply(p, P * scale, lr, wd)
+            length = 0.2 * math.sqrt(max(P.shape)) if group["euclidean"] == "adamw" else _common.nuclear_length(nuc, unit) / st
+            _euclidean.apply_scaled(p, P, length, lr, wd)
         elif g == L1_TO_L2_GEOMETRY:
-            _euclidean.apply(p, l1_to_l2.step_direction(D, l12, st), lr, wd)
+            _euclidean.apply_scaled(p, *l1_to_l2.step_direction(D, l12, st), lr, wd)
         else:
             _euclidean.apply(p, E, lr, wd)
         s["step"] = step + 1

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords
 from specscope.linalg._scale import pow2_scale
-from specscope.optim import _euclidean
+from specscope.optim import _common, _distributed, _euclidean
 from specscope.optim.hybrid import Hybrid, register
 from specscope.optim.specgd import layer_stable_ranks
 
@@ -61,18 +61,20 @@ def dual_norm(D: Tensor, token_dim: int = 0) -> Tensor:
 
 
 def column_rank(D: Tensor, token_dim: int = 0) -> float:
-    """‖D‖_{2,1}² / ‖D‖_F²: the ℓ₁→ℓ₂ analogue of nr(G) (1 ≤ it ≤ number of non-zero tokens)."""
-    fro2 = float(D.double().square().sum())
-    return float(dual_norm(D.double(), token_dim)) ** 2 / fro2 if fro2 > 0 else 1.0
+    """‖D‖_{2,1}² / ‖D‖_F²: the ℓ₁→ℓ₂ analogue of nr(G) (1 ≤ it ≤ number of non-zero tokens); of a DTensor (FSDP2)
+    the whole tensor's, not the local shard's."""
+    fro2 = _common.fro_squared(D)
+    return _distributed.number(dual_norm(D.double(), token_dim)) ** 2 / fro2 if fro2 > 0 else 1.0
 
 
-def step_direction(D: Tensor, group: dict, st: float) -> Tensor:
-    """The update direction before −lr: matched (‖D‖_{2,1}/st)·colnorm(D) or rms·sqrt(d)·colnorm(D)."""
+def step_direction(D: Tensor, group: dict, st: float) -> tuple[Tensor, Tensor | float]:
+    """(colnorm(D), its length) of the update before −lr: matched ‖D‖_{2,1}/st (a float64 0-D tensor: ‖D‖_{2,1} of a
+    float32 D can exceed float32's range) or rms·sqrt(d); for `_euclidean.apply_scaled`."""
     k = group["token_dim"]
     P = colnorm(D, k)
     if group["scale"] == "rms":
-        return P * (group["rms"] * math.sqrt(D.numel() / D.shape[k]))
-    return P * (dual_norm(D, k) / st)
+        return P, group["rms"] * math.sqrt(D.numel() / D.shape[k])
+    return P, dual_norm(D.double(), k) / st
 
 
 def check_group(group: dict) -> None:
@@ -92,7 +94,7 @@ def l1_to_l2_update(opt, group: dict, params: list[Tensor], grads: list[Tensor],
     sts = layer_stable_ranks(opt, names, required=group["scale"] == "matched")
     for p, g, st in zip(params, grads, sts):  # every p ≥ 2-D: checked when its group was made (_common.check_matrices)
         D = _euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"])
-        _euclidean.apply(p, step_direction(D, group, st or 1.0), lr, wd)
+        _euclidean.apply_scaled(p, *step_direction(D, group, st or 1.0), lr, wd)
 
 
 register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, check=check_group, state={"momentum_buffer"})

@@ -16,7 +16,6 @@ from typing import Any
 from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords
-from specscope.linalg._scale import pow2_scale
 from specscope.optim import _common, _euclidean
 from specscope.optim.hybrid import Hybrid, register
 
@@ -106,16 +105,8 @@ def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], n
         for p, g in zip(params, grads)
     ]
     sts = layer_stable_ranks(opt, names, required=True, directions=dirs)
-    scales = [pow2_scale(D) if type(D) is Tensor else None for D in dirs]  # a DTensor (FSDP2) as it is
-    unit = _common.batched_polar_with_nuclear_norm([D if k is None else D * k for D, k in zip(dirs, scales)], group)
-    for p, (P, nuc), st, k in zip(params, unit, sts, scales):
-        if k is None:
-            _euclidean.apply(p, P * (nuc / st), lr, wd)
-            continue
-        length = nuc.double() / k.reshape(()).double() * (lr / st)
-        if wd != 0:
-            p.mul_(1 - lr * wd)  # decay first, as _euclidean.apply
-        p.add_((P * length.to(P.dtype)).view_as(p).to(p.dtype), alpha=-1.0)
+    for p, (P, nuc, k), st in zip(params, _common.unit_polar_with_nuclear_norm(dirs, group), sts):
+        _euclidean.apply_scaled(p, P, _common.nuclear_length(nuc, k) / st, lr, wd)
 
 
 def check_group(group: dict) -> None:
