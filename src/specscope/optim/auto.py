@@ -28,7 +28,6 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords

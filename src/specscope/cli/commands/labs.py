@@ -152,7 +152,7 @@ def report_cmd(
             run.check()  # before anything is rewritten
         finish(run, lab, cfg, salvage=salvage, partial=status if status != "complete" else "")  # a `demo --quick` lab run keeps its UNDECIDABLE verdicts
     if status != "complete":  # verdicts from the records so far: said here (stderr) and in the page's title
-        again = (f"a run recorded through the Python API is complete once its Run is closed (run.close())" if own
+        again = ("a run recorded through the Python API is complete once its Run is closed (run.close())" if own
                  else f"`specscope run --resume {visible(run_dir)}` finishes it" if run.lab not in ("diagnose", "demo")
                  else f"a {run.lab} run does not resume: run `specscope {run.lab}` again for a complete one")
         typer.echo(f"warning: {visible(run_dir)} is {status}: the claims and the report cover only the steps recorded "
