@@ -1,4 +1,4 @@
-"""shardwise lab: config checks, the summary table, and (slow) a tiny run on 2 gloo processes."""
+"""shardwise lab: config checks, the summary table, and a tiny run on 2 gloo processes."""
 
 import json
 from pathlib import Path
@@ -69,8 +69,9 @@ def test_run_and_report_print_the_measured_rows_of_a_lab_without_claims(tmp_path
     assert "<h2>Measured</h2>" in page and "<td>attn.q</td>" in page.replace(' class="num"', "")
 
 
-@pytest.mark.slow
 def test_tiny_run_on_two_processes(tmp_path):
+    """The lab end to end at the smallest size (its one run through the optimizers: a group option the optimizer
+    came to refuse stopped every run, and only this test, then slow, could see it)."""
     cfg = lab.Config(ranks=[2], steps=3, d_model=16, n_layer=1, n_head=2, seq_len=8, batch_size=4, eval_every=3,
                      cosine_every=1, eval_batches=1, max_bytes=50_000)
     (item,) = lab.build(cfg, device=None)

@@ -223,3 +223,20 @@ def test_a_bad_data_file_is_refused_before_a_run_directory_with_analysis_alone(t
         run_lab("spiked", {**lab.PRESETS["tiny"], "data": str(tmp_path / "nan.npy"), "train_scalings": []},
                 out=tmp_path / "runs")
     assert not (tmp_path / "runs" / "spiked").exists()
+
+
+def test_data_of_two_columns_runs_without_the_spectrum_estimate(tmp_path):
+    """min(n, d) = 2 leaves one eigenvalue past the spike: the power-law fit raised a ValueError through the CLI (a
+    traceback, a failed run). The analysis runs; α̂, ν̂, ζ̂ are left out with a warning."""
+    from typer.testing import CliRunner
+
+    from specscope import store
+    from specscope.cli import _register, app
+
+    _register()
+    sets = ["n=10", "d=2", "m=10", "nus=0.125", "alphas=0.0", "act_alphas=0.5", "steps=4", "analyse_digits=false"]
+    with pytest.warns(UserWarning, match="α̂, ν̂, ζ̂ are not recorded"):
+        res = CliRunner().invoke(app, ["run", "spiked", "--quiet", "--out", str(tmp_path), *[a for s in sets for a in ("--set", s)]])
+    assert res.exit_code == 0, res.output
+    df = store.load(next((tmp_path / "spiked").iterdir()))
+    assert "data_alpha_hat" not in set(df.metric) and "decomposition_error" in set(df.metric)

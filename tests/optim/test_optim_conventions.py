@@ -196,3 +196,40 @@ def test_autogeometry_measures_nr_at_any_finite_scale():
         assert torch.isfinite(w).all()
     assert seen[1]["nuclear_rank"] == pytest.approx(seen[0]["nuclear_rank"], rel=1e-5)
     assert seen[1]["geometry"] == seen[0]["geometry"] == 1.0
+
+
+def test_a_parameter_twice_is_refused_naming_it():
+    """In two groups torch.optim raised a ValueError naming no parameter; twice in one group it only warned and the
+    parameter was stepped twice per step."""
+    W, V = nn.Parameter(torch.randn(8, 16)), nn.Parameter(torch.randn(8, 16))
+    with pytest.raises(ConfigError, match="'b.weight' is in param group 0 already"):
+        Muon([{"params": [("a.weight", W)]}, {"params": [("b.weight", W)]}], lr=0.1)
+    with pytest.raises(ConfigError, match="at position 2 of the group is listed twice in one param group"):
+        Muon([W, V, W], lr=0.1)
+    with pytest.raises(ConfigError, match="listed twice in one param group"):
+        LowRankDecay([W, W], lr=0.1, weight_decay=0.1)
+    opt = Muon([W], lr=0.1)
+    with pytest.raises(ConfigError, match="is in param group 0 already"):
+        opt.add_param_group({"params": [V, W]})
+    assert len(opt.param_groups) == 1
+
+
+def test_lowrank_decay_takes_a_tensor_lr_and_names_a_vector():
+    """A LambdaLR whose lambda returns a tensor drives every optimizer here; LowRankDecay refused it at its step."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    with pytest.raises(ConfigError, match="got '0.bias' of shape \\(16,\\)"):
+        LowRankDecay(model.named_parameters(), lr=0.1, weight_decay=0.1)
+    decay = LowRankDecay([model[0].weight, model[1].weight], lr=1e-3, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(decay, lambda k: torch.tensor(0.5) ** k)
+    before = model[0].weight.detach().clone()
+    for _ in range(3):
+        decay.step()
+        schedule.step()
+    assert not torch.equal(model[0].weight, before) and torch.isfinite(model[0].weight).all()
+
+
+def test_an_auto_group_in_a_muon_names_the_optimizers_that_take_st():
+    from specscope.optim import spectral_param_groups
+    model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 8), nn.Linear(8, 16))
+    with pytest.raises(ConfigError, match=r"Muon takes no st\(A\) source: give the groups to AutoGeometry"):
+        Muon(spectral_param_groups(model, 0.05, 1e-3, algorithm="auto"))

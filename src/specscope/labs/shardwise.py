@@ -117,8 +117,9 @@ def _train(rank: int, world: int, cfg_json: dict[str, Any]) -> list[dict]:
         model = gpt.make_model(g)
         shard(model, model.blocks)
         groups = gpt.param_groups(g, model, "muon")
-        for grp in groups:
-            grp["shardwise"] = mode == "shardwise" and grp.get("algorithm") == "muon"
+        for grp in groups:  # Muon's option: an AdamW group refuses it
+            if grp.get("algorithm") == "muon":
+                grp["shardwise"] = mode == "shardwise"
         opt = Hybrid(groups, algorithm="adamw")
         schedule = gpt.Schedule(opt, g)
         for step in range(cfg.steps + 1):

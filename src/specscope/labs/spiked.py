@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,8 +39,8 @@ SMOOTH = ("tanh", "gelu", "silu", "softplus", "sigmoid", "erf", "elu")  # C² or
 
 class Config(LabConfig):
     # data and model (defaults: the published size, paper 000)
-    n: AtLeast1 = 750
-    d: AtLeast1 = 1000
+    n: AtLeast2 = 750  # the data check (data.spiked) needs two samples and two features
+    d: AtLeast2 = 1000
     m: AtLeast2 = 1250  # every analysis reads the gradient's top two singular directions: rank ≥ 2
     nu: NonNegative = 0.25  # spike size ζ = n^ν
     alpha: NonNegative = 0.0  # bulk eigenvalues i^(-α)
@@ -317,8 +318,13 @@ def _analysis_measure(name: str, cfg: Config, make_data, *, activation: str, sca
         shape = f"{m}x{data.d}"
         extra = {"analysis_seconds": seconds, "zeta": data.zeta}
         if estimate:
-            est = estimate_spectrum(data.X)
-            extra |= {"data_alpha_hat": est.alpha, "data_nu_hat": est.nu, "data_zeta_hat": est.zeta}
+            try:  # a power law needs two eigenvalues past the spike above rounding: min(n, d) = 2 has one
+                est = estimate_spectrum(data.X)
+                extra |= {"data_alpha_hat": est.alpha, "data_nu_hat": est.nu, "data_zeta_hat": est.zeta}
+            except ValueError:
+                warnings.warn(f"spiked {name}: the data's α̂, ν̂, ζ̂ are not recorded: its {data.n}×{data.d} covariance has "
+                              "fewer than two eigenvalues past the spike above rounding to fit a power law to (min(n, d) "
+                              "≥ 3 and data of rank ≥ 3 have them)", stacklevel=2)
         log(_records(res.metrics | extra, 0, shape, data.n))
         if spectrum:
             k = min(data.n, data.d, m)

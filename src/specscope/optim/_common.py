@@ -287,6 +287,27 @@ def batched_polar(mats: Sequence[Tensor], fn: Callable[[Tensor], Tensor], shardw
     return [r[0] for r in _distributed.owner_map(mats, fn, shardwise)]
 
 
+def check_once(opt: Any, params: Any) -> None:
+    """A ConfigError naming a parameter of a group being added that is in an earlier group, or twice in this one: it
+    would be stepped twice per step (torch.optim refuses the first with a ValueError naming none, and only warns of
+    the second)."""
+    items = [params] if isinstance(params, Tensor) else list(params)
+    pairs = [(x[0], x[1]) if isinstance(x, tuple) and len(x) == 2 else (None, x) for x in items]
+    earlier = {id(p): i for i, g in enumerate(opt.param_groups) for p in g["params"]}
+    seen: set[int] = set()
+    for k, (name, p) in enumerate(pairs):
+        if not isinstance(p, Tensor):
+            continue
+        label = f"'{name}'" if isinstance(name, str) else f"the parameter of shape {tuple(p.shape)} at position {k} of the group"
+        if id(p) in earlier:
+            raise ConfigError(f"{label} is in param group {earlier[id(p)]} already: a parameter in two groups would be "
+                              "stepped twice per step; put each parameter in one group")
+        if id(p) in seen:
+            raise ConfigError(f"{label} is listed twice in one param group: it would be stepped twice per step; list each "
+                              "parameter once (model.parameters() lists a tied weight once)")
+        seen.add(id(p))
+
+
 def fro_squared(D: Tensor) -> float:
     """‖D‖_F² as a float64 number (D.square() overflows float32 beyond 1e19); a DTensor's whole, not its shard's."""
     return _distributed.number(torch.linalg.vector_norm(D, dtype=torch.float64)) ** 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -219,6 +220,8 @@ class Hybrid(Optimizer):
         group = dict(param_group)
         if not isinstance(group.get("params"), (Tensor, set, list, tuple)) and group.get("params") is not None:
             group["params"] = list(group["params"])  # a generator (model.parameters()), read once
+        if group.get("params") is not None:
+            _common.check_once(self, group["params"])
         if self.param_groups and "param_names" in self.param_groups[0] and "param_names" not in group and _unnamed(group.get("params")):
             raise ConfigError(
                 "this optimizer's param groups are named (spectral_param_groups makes them so: its steps route, look st(A) "
@@ -259,8 +262,14 @@ class Hybrid(Optimizer):
         and always choose spectral, so it refuses to start."""
         src = self.stable_rank_source
         if src is None or not (callable(src) or callable(getattr(src, "stable_rank", None))):
-            arg = "monitor" if type(self).__name__ == "AutoGeometry" else "stable_rank"
-            raise ConfigError(f"{type(self).__name__}({arg}={src!r}): pass the st(A) source it chooses by — a probe "
+            kind = type(self).__name__
+            if "stable_rank" not in inspect.signature(type(self).__init__).parameters and kind != "AutoGeometry":
+                raise ConfigError(f"{kind} has an algorithm='auto' group, which chooses each layer's geometry by its "
+                                  f"measured st(A), and {kind} takes no st(A) source: give the groups to "
+                                  "AutoGeometry(groups, monitor=...) or Hybrid(groups, stable_rank=...) (a probe Monitor "
+                                  "of the model), or make that group algorithm='muon'")
+            arg = "monitor" if kind == "AutoGeometry" else "stable_rank"
+            raise ConfigError(f"{kind}({arg}={src!r}): pass the st(A) source it chooses by — a probe "
                               "Monitor (probe.Monitor(model)) or a callable layer name -> st(A) or None; without st(A) "
                               "use SpecGD (spectral) or an AdamW/SGD group (Euclidean)")
 

@@ -27,7 +27,7 @@ from specscope.errors import ConfigError, checked_keywords, NonFiniteError
 from specscope.linalg._checks import no_autocast
 from specscope.linalg.polar import ITERATIVE_DTYPES
 from specscope.optim import _common, _distributed
-from specscope.optim.hybrid import FOREIGN_OPTIONS
+from specscope.optim.hybrid import FOREIGN_OPTIONS, _number
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
 OPTIONS = ("lr", "weight_decay", "mode", "ns_steps", "ns_coefficients", "l2", "polar_method", "ns_dtype", "shardwise")
@@ -63,15 +63,19 @@ class LowRankDecay(Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_keys(param_group)
+        if not isinstance(param_group.get("params"), (Tensor, set, list, tuple)) and param_group.get("params") is not None:
+            param_group = {**param_group, "params": list(param_group["params"])}  # a generator, read once
+        if param_group.get("params") is not None:
+            _common.check_once(self, param_group["params"])
         super().add_param_group(param_group)
         with _common.checked_group(self) as group:
             _check_options(group)
             offset = sum(len(g["params"]) for g in self.param_groups[:-1])
             names = group.get("param_names", [f"param{offset + k}" for k in range(len(group["params"]))])
             _common.check_floating(group["params"], names)
-            for p in group["params"]:
+            for name, p in zip(names, group["params"]):
                 if p.ndim < 2:
-                    raise ConfigError(f"LowRankDecay acts on matrices; got a parameter of shape {tuple(p.shape)} "
+                    raise ConfigError(f"LowRankDecay acts on matrices; got '{name}' of shape {tuple(p.shape)} "
                                       "(leave biases and gains out)")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -133,10 +137,11 @@ class LowRankDecay(Optimizer):
         return loss
 
     def _decay_group(self, group: dict[str, Any]) -> None:
-        tau = group["lr"] * group["weight_decay"]
+        lr, l2 = _number(group["lr"]), _number(group["l2"])  # numbers: checked by _check_options
+        tau = lr * _number(group["weight_decay"])
         mode = group["mode"]
         params = [p for p in group["params"] if p.requires_grad]  # a frozen weight stays as it is (torch.optim's decay too)
-        if tau == 0 and (mode != "elastic" or group["lr"] * group["l2"] == 0):
+        if tau == 0 and (mode != "elastic" or lr * l2 == 0):
             return  # nothing to do (and an SVD round trip would not be bitwise the identity)
         if mode == "l2":
             for p in params:
@@ -153,7 +158,7 @@ class LowRankDecay(Optimizer):
                                         ns_coefficients=group["ns_coefficients"], dtype=group["ns_dtype"])
         else:
             fn = _common.polar_map(group["polar_method"])
-        shrink = group["lr"] * group["l2"] if mode == "elastic" else 0.0
+        shrink = lr * l2 if mode == "elastic" else 0.0
         for p, w, P in zip(params, mats, _common.batched_polar(mats, fn, group.get("shardwise", False))):
             p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
 
@@ -176,9 +181,9 @@ def _check_options(group: dict[str, Any]) -> None:
     if group["mode"] not in MODES:
         raise ConfigError(f"LowRankDecay mode={group['mode']!r} is unknown; use one of {MODES}")
     for key in ("lr", "weight_decay", "l2"):
-        value = group[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {value!r}")
+        value = _number(group[key])  # a one-element tensor too (an LRScheduler may set one), as the other optimizers take
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"LowRankDecay {key} must be a finite number >= 0, got {group[key]!r}")
     _check_ns(group)
     if group["polar_method"] not in EXACT_POLAR:
         raise ConfigError(f"LowRankDecay polar_method={group['polar_method']!r}: modes 'polar' and 'elastic' take "
