@@ -101,6 +101,8 @@ def test_cli_grid_parser_handles_lists_and_numbers():
         parse_grid(Config, ["seed=0,1", "seed=2"], "grokking")
     with pytest.raises(ConfigError, match="lists the value 0 twice"):  # it ran the same point twice
         parse_grid(Config, ["seed=0,0"], "grokking")
+    with pytest.raises(ConfigError, match=r"^--grid steps=\[\]: \[\] is an empty list, and steps takes one value"):
+        parse_grid(Config, ["steps=[]"], "grokking")  # it said: 'steps' = '': Input should be a valid integer
 
 
 @pytest.mark.parametrize("pair", ["steps=1,", "steps=,1", "steps=1,,2", "arms=[l2],,[lrd]"])

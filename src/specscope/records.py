@@ -89,5 +89,8 @@ def over_seeds(claims: Sequence[Claim], seeds: Sequence[int] | None = None) -> C
     measured = " | ".join(f"seed {s}: {c.measured}" for s, c in zip(seeds, claims))
     mean = sum(values) / len(values) if values else None
     setting = re.sub(r"\bseed -?\d+\b", "seeds " + ", ".join(map(str, seeds)), claims[0].setting)  # the first seed's text
+    # a lab that runs seeds seed..seed+k-1 in one run (sed's `seeds`) says "seeds a..b": each run's range from its seed
+    setting = re.sub(r"\bseeds (-?\d+)\.\.(-?\d+)\b", lambda m: "seeds " + ", ".join(
+        str(s) if m[1] == m[2] else f"{s}..{s + int(m[2]) - int(m[1])}" for s in seeds), setting)
     return replace(claims[0], measured=measured, verdict=verdict, seeds=len(claims), spread=spread, value=mean,
                    setting=setting)

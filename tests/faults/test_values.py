@@ -21,6 +21,7 @@ QUICK_ARGS = ["--set", "p=5", "--set", "steps=2", "--set", "d_model=8", "--set",
     ("random-features", "dim=0"), ("random-features", "width=-1"), ("sparse-mlp", "lr=0"),
     ("gpt", "seq_len=1"), ("gpt", "betas=[0.9,-0.1]"), ("sed", "grad_clip=-1"), ("spiked", "energy_q=0"),
     ("random-features", "outputs=true"), ("random-features", "sweep_widths=[true,2]"), ("grokking", "lr=false"),
+    ("switching", "mlp_lr=nan"), ("embed-geometry", "momentum=nan"), ("gated-width", "lr_muon=inf"),
 ])
 def test_out_of_range_value_fails_before_a_run_directory(cli, tmp_path, lab, pair):
     rc, _, err = cli("run", lab, "--set", pair, "--out", tmp_path / "runs")
@@ -41,6 +42,9 @@ def test_every_value_of_every_lab_has_a_range():
             inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
             if any(t in (int, float) for t in inner) and not f.metadata:
                 open_fields.append(f"{name}.{key}")
+            # a float refuses NaN/inf by name ("should be a finite number"), not by a bound it fails ("<= 10")
+            if float in inner and not any(getattr(m, "allow_inf_nan", None) is False for m in f.metadata):
+                open_fields.append(f"{name}.{key} (NaN)")
     assert not open_fields, open_fields
 
 

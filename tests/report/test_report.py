@@ -206,6 +206,18 @@ def test_a_claim_over_seeds_says_how_many_seeds_its_range_covers():
     assert over_seeds(claims).value == 0.291 and over_seeds(claims).seeds == 3
 
 
+def test_a_claim_over_seeds_names_the_seeds_in_its_setting():
+    """sed's setting says "seeds a..b" (the seeds one run covers): two runs at seeds 0 and 1 read "seeds 0..0"."""
+    from specscope.records import over_seeds
+
+    def claim(setting):
+        return Claim("SED-1", "t", "p", "m", "PASS", setting=setting, value=1.0)
+
+    assert over_seeds([claim("add; seeds 0..0"), claim("add; seeds 1..1")], seeds=[0, 1]).setting == "add; seeds 0, 1"
+    assert over_seeds([claim("add; seeds 0..2"), claim("add; seeds 3..5")], seeds=[0, 3]).setting == "add; seeds 0..2, 3..5"
+    assert over_seeds([claim("gpt; seed 0"), claim("gpt; seed 3")], seeds=[0, 3]).setting == "gpt; seeds 0, 3"
+
+
 def test_comparison(tmp_path):
     runs = {"run-a": synthetic_metrics(seed=1),
             'run-"b"<script>': synthetic_metrics(seed=2, arms=("adamw",), layers=LAYERS[:3])}

@@ -196,6 +196,9 @@ def test_list_keys_leave_out_a_seed_the_lab_refuses_and_start_ranges_where_the_l
         text = describe_fields(lab.Config)
         assert "seeds (" in text and not any(part.startswith("seed (") for part in text.split(", ")), lab.NAME
     assert "early (int >= 1) = 20" in describe_fields(sparse_mlp.Config)
+    from specscope.labs import sed  # its `seeds` is a count from `seed` on: `seed` is a key it takes, and listed
+    text = describe_fields(sed.Config)
+    assert "seeds (int >= 1) = 1" in text and any(part.startswith("seed (") for part in text.split(", "))
     with pytest.raises(ConfigError, match="early"):
         make_config(sparse_mlp.Config, {"early": 0}, "sparse-mlp")
 

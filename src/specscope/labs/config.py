@@ -25,7 +25,7 @@ def describe_fields(config_cls: type[BaseModel]) -> str:
     where the lab draws its seeds from a `seeds` list (it refuses any other seed: `base.check_seed_list`)."""
     parts = []
     for name, f in config_cls.model_fields.items():
-        if name == "seed" and "seeds" in config_cls.model_fields:
+        if name == "seed" and isinstance(getattr(config_cls.model_fields.get("seeds"), "default", None), list):
             continue
         names = (f.json_schema_extra or {}).get("choices") if isinstance(f.json_schema_extra, dict) else None
         kind = f"list of one of {'|'.join(names)}" if names else type_name(f.annotation)

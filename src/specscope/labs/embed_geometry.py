@@ -55,10 +55,10 @@ class Config(LabConfig):
     seq_len: int = Field(64, ge=2, le=4096)
     batch_size: int = Field(16, ge=1, le=4096)
     steps: int = Field(200, ge=1, le=1_000_000)
-    lr_adamw: float = Field(3e-3, gt=0, le=1)  # LM head and gains (AdamW in every arm)
-    lr_muon: float = Field(0.01, gt=0, le=1)  # hidden matrices (Muon in every arm)
-    lr_embed: float = Field(3e-3, gt=0, le=1)  # the embedding, whatever its geometry (all RMS-matched to AdamW)
-    momentum: float = Field(0.95, ge=0, lt=1)  # ℓ₁→ℓ₂ and spectral embedding steps (Nesterov)
+    lr_adamw: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)  # LM head and gains (AdamW in every arm)
+    lr_muon: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)  # hidden matrices (Muon in every arm)
+    lr_embed: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)  # the embedding, whatever its geometry (all RMS-matched to AdamW)
+    momentum: float = Field(0.95, ge=0, lt=1, allow_inf_nan=False)  # ℓ₁→ℓ₂ and spectral embedding steps (Nesterov)
     warmup: AtLeast1 = 30
     eval_every: AtLeast1 = 25
     eval_batches: AtLeast1 = 8

@@ -46,8 +46,8 @@ class Config(LabConfig):
     seq_len: int = Field(64, ge=2, le=8192)
     batch_size: int = Field(16, ge=1, le=4096)
     steps: int = Field(80, ge=1, le=1_000_000)
-    lr_adamw: float = Field(3e-3, gt=0, le=1)
-    lr_muon: float = Field(0.01, gt=0, le=1)
+    lr_adamw: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)
+    lr_muon: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)
     warmup: AtLeast1 = 20
     eval_every: AtLeast1 = 20
     eval_batches: AtLeast1 = 4

@@ -54,7 +54,7 @@ class Config(LabConfig):
     mlp_dim: int = Field(32, ge=3)
     mlp_width: int = Field(256, ge=2)
     mlp_samples: int = Field(256, ge=2)
-    mlp_lr: float = Field(0.05, gt=0, le=10)
+    mlp_lr: float = Field(0.05, gt=0, le=10, allow_inf_nan=False)
     tolerance: NonNegative = 0.05  # SW-1: loss at the predicted T within (1 + tolerance) × the best
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +46,10 @@ def parse_grid(config_cls, pairs: list[str], lab: str) -> dict[str, list]:
         if raw.strip() and "" in parts:
             raise ConfigError(f"--grid {key}={raw.strip()} has an empty value (a comma at the start or end, or two in "
                               f"a row); write --grid {key}=v1,v2")
+        field = config_cls.model_fields.get(key)
+        if "[]" in parts and field is not None and typing.get_origin(field.annotation) is not list:
+            raise ConfigError(f"--grid {key}={raw.strip()}: [] is an empty list, and {key} takes one value per point; "
+                              f"write --grid {key}=v1,v2")
         values = [v[1:-1] if v.startswith("[") and v.endswith("]") else v for v in parts if v]
         grid[key] = [parse_overrides(config_cls, [f"{key}={v}"], lab)[key] for v in values]
         if not grid[key]:
