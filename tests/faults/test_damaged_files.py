@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import warnings
 
 import pandas as pd
 import pytest
@@ -224,6 +225,53 @@ def test_a_flipped_bit_in_a_stored_number_or_unindexed_name_fails_its_checksum(f
         part = store.load(run, salvage=True)
     whole = store.load(finished)
     assert len(part) == len(whole) - 1 and part.attrs["damage"]
+
+
+def _set_schema_version(db, version, *, alter_a_value=False):
+    """The schema_version row set to `version` (what one flipped bit there does: 2 -> 0 or 3), and, if asked, one
+    stored value doubled with its checksum left as it was (a flipped exponent bit)."""
+    con = sqlite3.connect(db)
+    with con:
+        con.execute("UPDATE schema_version SET version = ?", (version,))
+        if alter_a_value:
+            con.execute("UPDATE metrics SET value = value * 2 WHERE rowid = (SELECT min(rowid) FROM metrics "
+                        "WHERE metric = 'loss' AND value != 0)")
+    con.close()
+
+
+def test_a_damaged_schema_version_neither_turns_the_checksums_off_nor_asks_for_an_upgrade(finished, copy_of, cli, tmp_path):
+    """2 -> 0 made the readers take the run for one from before checksums: an altered value was read back as
+    recorded. 2 -> 3 said "upgrade specscope" only, and --salvage failed the same way."""
+    run = copy_of(finished)
+    db = run / "metrics.sqlite"
+    _set_schema_version(db, 0, alter_a_value=True)
+    before = fingerprint(run)
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv")
+    one_line_error(rc, err, db, "says schema version 0, and its tables are those of version 2", "--salvage")
+    assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
+    _set_schema_version(db, 3)
+    rc, _, err = cli("report", run)
+    one_line_error(rc, err, db, "has schema version 3, and its tables are this specscope's", "upgrade specscope",
+                   "or the version number is damaged")
+    for version in (0, 3):
+        _set_schema_version(db, version)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            part = store.load(run, salvage=True)  # read by its tables: the checksums still apply
+        assert any("1 of its" in str(w.message) and "fail their checksum" in str(w.message) for w in caught)
+        assert len(part) == len(store.load(finished)) - 1 and f"schema version {version}" in part.attrs["damage"]
+
+
+def test_a_resume_refuses_a_damaged_schema_version_and_leaves_the_run_as_it_was(killed, copy_of, cli):
+    """It migrated 0 -> 1 over the existing tables ("table metrics already exists"), left the writer's connection
+    open, and then reported "database is locked" from the status write that followed."""
+    run = copy_of(killed)
+    db = run / "metrics.sqlite"
+    _set_schema_version(db, 0)
+    before = fingerprint(run)
+    rc, _, err = cli("run", "--resume", run)
+    one_line_error(rc, err, db, "says schema version 0", "restore the file from a copy")
+    assert "locked" not in err and fingerprint(run) == before and store.Run.open(run).status == "incomplete"
 
 
 def test_claims_names_a_run_that_lost_its_config(finished, copy_of, cli, tmp_path):

@@ -49,10 +49,36 @@ _CHECKSUMS = 2  # the schema version that added the checksum column
 
 def _select(con: sqlite3.Connection) -> str:
     """The SELECT of COLUMNS, the stored checksum (0 where none) and whether none was stored (`unchecked`: the
-    records of a database from before checksums)."""
-    version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0] or 0
-    stored = "ifnull(checksum, 0), checksum IS NULL" if version >= _CHECKSUMS else "0, 1"
+    records of a database from before checksums). Whether there are checksums is read off the table itself, never
+    off the stored schema version: one flipped bit in that number would otherwise turn every check off."""
+    stored = "ifnull(checksum, 0), checksum IS NULL" if tables_version(con) >= _CHECKSUMS else "0, 1"
     return f"SELECT {', '.join(COLUMNS)}, {stored} FROM metrics"
+
+
+def tables_version(con: sqlite3.Connection) -> int:
+    """The schema version the tables themselves have: 0 without a metrics table, 1 without the checksum column,
+    _CHECKSUMS (= SCHEMA_VERSION) with it."""
+    columns = {row[1] for row in con.execute("PRAGMA table_info(metrics)")}
+    return 0 if not columns else _CHECKSUMS if "checksum" in columns else 1
+
+
+_BY_TABLES = "--salvage (store.load(run, salvage=True)) reads it by its tables"
+
+
+def version_problem(con: sqlite3.Connection, path: Path, fix: str = _BY_TABLES) -> str | None:
+    """None when the stored schema version is one this specscope reads and matches the tables, else what is wrong
+    and what to do: a version above SCHEMA_VERSION over tables of this one (a newer specscope's file, or a damaged
+    number), or one that disagrees with the tables (damaged: a bit flip in it)."""
+    version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    tables = tables_version(con)
+    if version == tables and version is not None:
+        return None
+    if version is not None and version > SCHEMA_VERSION and tables == SCHEMA_VERSION:
+        return (f"{path} has schema version {version}, and its tables are this specscope's (version {SCHEMA_VERSION}): a "
+                f"newer specscope wrote it (upgrade specscope), or the version number is damaged ({fix})")
+    said = "has no schema version" if version is None else f"says schema version {version}"
+    return (f"{path} {said}, and its tables are those of version {tables}: the version number is damaged or was "
+            f"altered; {fix}, or restore the file from a copy")
 
 
 _SALVAGE = "--salvage (store.load(run, salvage=True)) reads what is still readable"
@@ -64,24 +90,29 @@ def _fail(path: Path, what: str, e: Exception, fix: str = _SALVAGE) -> RunStoreE
 
 def connect_writer(path: Path) -> sqlite3.Connection:
     """Open (creating if needed) the database for appending, in WAL mode, migrated to SCHEMA_VERSION."""
+    con = None
     try:
         con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         _migrate(con, path)
-    except sqlite3.DatabaseError as e:
-        raise _fail(path, "cannot open for writing", e) from e
+    except BaseException as e:  # closed, so that no lock outlives the refusal (a later status write would wait on it)
+        if con is not None:
+            con.close()
+        if isinstance(e, sqlite3.DatabaseError):
+            raise _fail(path, "cannot open for writing", e) from e
+        raise
     return con
 
 
 def _migrate(con: sqlite3.Connection, path: Path) -> None:
+    has_version = con.execute("SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'").fetchone()[0]
+    fix = f"{_BY_TABLES}; a resume does not write into it"
+    if has_version and (problem := version_problem(con, path, fix)) is not None:  # before any write: a refusal changes nothing
+        raise RunStoreError(problem)
     con.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
     row = con.execute("SELECT max(version) FROM schema_version").fetchone()
     version = row[0] or 0
-    if version > SCHEMA_VERSION:
-        raise RunStoreError(
-            f"{path} has schema version {version}, newer than this specscope ({SCHEMA_VERSION}): upgrade specscope."
-        )
     for v in range(version, SCHEMA_VERSION):
         con.execute("BEGIN IMMEDIATE")
         # executescript() would COMMIT on its own; run the statements one by one inside our transaction
@@ -142,7 +173,15 @@ def _open_checked(uri: str, path: Path, salvage: bool, check: bool) -> tuple[sql
     if problem and not salvage:
         con.close()
         raise _fail(path, "fails its integrity check", problem)
-    return con, problem
+    try:
+        version = version_problem(con, path)
+        readable = tables_version(con) > 0
+    except sqlite3.DatabaseError as e:  # no schema_version table, or a damaged schema
+        version, readable = f"{path} has no readable schema version ({e})", True
+    if version is not None and (not salvage or not readable):
+        con.close()
+        raise RunStoreError(version)
+    return con, "; ".join(filter(None, (problem, version))) or None
 
 
 def _integrity_check(con: sqlite3.Connection) -> str | None:
@@ -161,13 +200,10 @@ def _open_ro(uri: str, path: Path, writable_schema: bool) -> sqlite3.Connection:
     try:
         if writable_schema:
             con.execute("PRAGMA writable_schema=ON")
-        version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        con.execute("SELECT max(version) FROM schema_version").fetchone()  # a file SQLite cannot read fails here
     except BaseException:
         con.close()
         raise
-    if version is None or version > SCHEMA_VERSION:
-        con.close()
-        raise RunStoreError(f"{path} has schema version {version}; this specscope reads up to {SCHEMA_VERSION}: upgrade specscope.")
     return con
 
 
