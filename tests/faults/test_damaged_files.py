@@ -379,6 +379,21 @@ def test_readers_refuse_a_database_that_lost_records_progress_counts(killed, cop
     assert fingerprint(run) == before and not (tmp_path / "x.csv").exists()
 
 
+def test_salvage_past_a_damaged_progress_json_blames_it_not_the_database(finished, copy_of, cli, tmp_path):
+    """The page read "SALVAGED FROM A DAMAGED DATABASE" and summary.json "metrics.sqlite is damaged (...progress.json
+    fails its checksum...)" over a whole database."""
+    run = copy_of(finished)
+    truncate(run / "progress.json")
+    rc, out, err = cli("report", run, "--salvage")
+    assert rc in (0, None), err
+    page = (run / "report.html").read_text()
+    assert "<title>SALVAGED: RECORD COUNTS NOT CHECKED — grokking" in page and "DAMAGED DATABASE" not in page
+    salvaged = json.loads((run / "summary.json").read_text())["salvaged"]
+    assert "progress.json" in salvaged and "their counts unchecked" in salvaged and " is damaged (" not in salvaged
+    rc, out, err = cli("claims", "--root", tmp_path / "runs")
+    assert "(salvaged: record counts not checked)" in " ".join(out.split())
+
+
 def test_runs_names_a_database_it_cannot_read(finished, copy_of, cli, tmp_path):
     """A complete run whose database is unreadable was listed `complete` with a blank last step and nothing else."""
     run = copy_of(finished)
@@ -465,7 +480,31 @@ def test_claims_names_a_run_whose_database_is_another_runs(finished, killed, cop
     run = copy_of(finished)
     shutil.copy(killed / "metrics.sqlite", run / "metrics.sqlite")
     rc, out, err = cli("claims", "--root", tmp_path / "runs")
-    one_line_error(rc, err, run / "config.json", "replaced by another run's")
+    # config.json, progress.json and summary.json agree: the database is the file to restore (it blamed config.json)
+    one_line_error(rc, err, run / "metrics.sqlite", "the database was copied over from another run",
+                   "restore this run's metrics.sqlite")
+
+
+@pytest.mark.parametrize("name", ["summary.json", "progress.json"])
+def test_another_runs_summary_or_progress_json_is_named_by_runs_and_claims(finished, copy_of, cli, tmp_path, name):
+    """Another run's summary.json (checksum intact) was listed by `claims` as this run's claims, and neither file
+    was flagged by `runs`."""
+    import copy as _copy
+
+    from specscope.store import integrity
+
+    run = copy_of(finished)
+    data = json.loads((run / name).read_text())
+    other = {k: v for k, v in _copy.deepcopy(data).items() if k != "sha256"} | {"run_id": "someone-else"}
+    (run / name).unlink()
+    integrity.write_json(run / name, other, checksum=True)
+    rc, out, _ = cli("runs", "--root", tmp_path / "runs")
+    assert rc in (0, None) and "is run 'someone-else''s, not this run's" in " ".join(out.split())
+    rc, _, err = cli("claims", "--root", tmp_path / "runs")
+    if name == "summary.json":
+        one_line_error(rc, err, run / name, "copied over from another run")
+    else:  # the claims are this run's; they are shown with the damage named
+        assert rc in (0, None) and "its progress.json is damaged" in err and "someone-else" in err
 
 
 @pytest.mark.parametrize("checksums", [True, False])

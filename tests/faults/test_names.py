@@ -154,6 +154,17 @@ def test_report_never_writes_through_a_link_in_the_run(finished, copy_of, cli, t
     assert not any(outside.iterdir())
 
 
+def test_a_folder_where_the_page_goes_is_refused_before_anything_is_written(finished, copy_of, cli):
+    """report.html made a folder: the report rewrote summary.json and every figure, then failed on the page."""
+    run = copy_of(finished)
+    (run / "report.html").unlink()
+    (run / "report.html").mkdir()
+    before = fingerprint(run)
+    rc, _, err = cli("report", run)
+    one_line_error(rc, err, run / "report.html", "is a folder, not the report page", "move it away")
+    assert fingerprint(run) == before
+
+
 def test_claims_from_a_salvaged_summary_say_so(finished, copy_of, cli, tmp_path):
     """`report --salvage` writes verdicts from what was readable; `claims` showed them unmarked (and --into
     carried them into a README as if whole)."""

@@ -297,7 +297,8 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     short = legend_names(labels)
     figures = {"compare_loss": compare_losses(runs, labels=short, dpi=dpi),
                "compare_final_ranks": compare_final_ranks(runs, labels=short, dpi=dpi)}
-    pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi, owned=lambda stem: stem in figures)
+    pngs = save_figures({k: f for k, f in figures.items() if f is not None}, out, dpi=dpi, owned=lambda stem: stem in figures,
+                        page_name="comparison.html")
     captions = {"compare_loss": "Loss-like metrics of every run; colour = run, line style = arm.",
                 "compare_final_ranks": "st(A) and nr(G) of every weight at the last measured step, per run."}
     listing = table([[labels[name], (labs or {}).get(name, ""), name, unfinished.get(name, "complete"),

@@ -31,6 +31,7 @@ from specscope.report import style
 from specscope.report.figures import DPI, run_figures
 from specscope.report.tables import as_claim, claim_verdict_text, fmt, layer_summary, ordered_unique, prepare, training, unmeasured
 from specscope.store.integrity import write_atomic
+from specscope.store.readers import salvage_title
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
@@ -135,24 +136,28 @@ def safe_name(name: str) -> str:
     return stem[:80]
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
+def check_writable(out_dir: str | os.PathLike, page_name: str = "report.html") -> Path:
     """out_dir/figures, or RunStoreError when a page written to out_dir would be refused (figures/ a link out
-    of the directory, or not a folder): called before anything is written, so a refused report changes nothing."""
+    of the directory, or not a folder; the page `page_name` a folder): called before anything is written, so a
+    refused report changes nothing."""
     folder = Path(out_dir) / "figures"
     if folder.is_symlink():
         raise RunStoreError(f"{folder} is a link to {os.path.realpath(folder)}; a report writes only inside its own "
                             "directory: remove the link")
     if folder.exists() and not folder.is_dir():
         raise RunStoreError(f"{folder} is a file, not the folder of the report's figures: move it away")
+    page = Path(out_dir) / page_name  # replaced whole (a link there too), but a folder cannot be
+    if page.is_dir() and not page.is_symlink():
+        raise RunStoreError(f"{page} is a folder, not the report page the report replaces: move it away")
     return folder
 
 
 def save_figures(figures: Mapping[str, Figure], out_dir: Path, *, dpi: int | None = None,
-                 owned: Callable[[str], bool] = lambda stem: False) -> dict[str, bytes]:
+                 owned: Callable[[str], bool] = lambda stem: False, page_name: str = "report.html") -> dict[str, bytes]:
     """Finish each figure with the project style and write it to out_dir/figures/<stem>.png; returns
     stem -> PNG bytes. A PNG already there whose stem is `owned` (a figure this page could draw) but was not
     drawn this time is removed, so figures/ never keeps one from data the page no longer shows."""
-    folder = check_writable(out_dir)
+    folder = check_writable(out_dir, page_name)
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for stem, fig in figures.items():
@@ -356,13 +361,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, text.encode("utf-8"))
 
 
-SALVAGED = "SALVAGED FROM A DAMAGED DATABASE"
-
-
-def _mark_salvaged(fig: Figure) -> None:
+def _mark_salvaged(fig: Figure, label: str) -> None:
     """Prefix the figure's overall title (or give it one) so a PNG on its own still says where it came from."""
     old = fig._suptitle.get_text() if fig._suptitle is not None else ""
-    fig.suptitle(f"{SALVAGED}" + (f" — {old}" if old else ""), color="#b00020")
+    fig.suptitle(f"{label}" + (f" — {old}" if old else ""), color="#b00020")
 
 
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
@@ -385,9 +387,9 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     extra = {f"lab_{safe_name(name)}": fig for name, fig in (extra_figures or {}).items() if fig is not None}
     names = {f"lab_{safe_name(name)}": name for name in (extra_figures or {})}
     if salvaged:
-        title = f"{SALVAGED} — {title}"
+        title = f"{salvage_title(salvaged)} — {title}"
         for fig in [*figures.values(), *extra.values()]:
-            _mark_salvaged(fig)
+            _mark_salvaged(fig, salvage_title(salvaged))
     pngs = save_figures({**figures, **extra}, out, dpi=dpi, owned=lambda stem: stem in CAPTIONS or stem.startswith("lab_"))
     blocks = {stem: figure_block(stem, data, CAPTIONS.get(stem) or f"Lab figure: {names.get(stem, stem)}")
               for stem, data in pngs.items() if stem != "claims"}

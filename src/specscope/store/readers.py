@@ -53,17 +53,20 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
         rows, damage = sqlite.read_rows(con, run.metrics_path, {"metric": metric, "layer": layer, "arm": arm}, salvage, damage)
         df, failed = sqlite.verify(pd.DataFrame.from_records(rows, columns=[*sqlite.COLUMNS, *sqlite.READ_CHECKS]),
                                    run.metrics_path, salvage)
-        damage = "; ".join(filter(None, [damage, failed]))
+        damage, unchecked = "; ".join(filter(None, [damage, failed])), ""
         try:
             _check_counts(run, lambda name, upto: sqlite.count_rows(con, run.metrics_path, arm=name, upto=upto))
         except RunStoreError as e:
             if not salvage:
                 raise
             lost = str(e).split(": the database lost records")[0].split(". The file is truncated")[0].split("; --salvage")[0]  # no fix: this is it
-            lost += " (records lost)" if ": the database lost records" in str(e) else " (record counts not checked)"
+            if ": the database lost records" in str(e):  # the database's damage
+                lost += " (records lost)"
+                damage = "; ".join(filter(None, [damage, lost]))
+            else:  # progress.json's: the database may be whole, its counts are what cannot be checked
+                unchecked = lost = lost + f" ({COUNTS_UNCHECKED})"
             warnings.warn(f"{lost}; read the {len(df)} records still there", RuntimeWarning, stacklevel=2)
-            damage = "; ".join(filter(None, [damage, lost]))
-    if damage:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
+    if damage or unchecked:  # a damaged page can yield a record without a step: it cannot be placed, so it is not used
         df = df.dropna(subset=["step"]).fillna({"rows": 0})
     df = _numbers(df, run.metrics_path, salvage)
     df.insert(0, "run_id", run.id)
@@ -76,7 +79,20 @@ def load(run: str | os.PathLike | Run, *, metric: str | Iterable[str] | None = N
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if damage:
         df.attrs["damage"] = f"{run.metrics_path} is damaged ({damage}); only the {len(df)} readable records were used"
+    if unchecked:  # the page says which file was damaged: the database, or only what checks its counts
+        df.attrs["damage"] = "; ".join(filter(None, [df.attrs.get("damage"), f"{unchecked}: the {len(df)} records of "
+                                                     f"{run.metrics_path} were read, their counts unchecked"]))
     return df
+
+
+COUNTS_UNCHECKED = "record counts not checked"
+
+
+def salvage_title(damage: str) -> str:
+    """What a page or table made from salvaged records says first: a damaged database, or a whole one whose record
+    counts could not be checked (progress.json damaged)."""
+    return "SALVAGED: RECORD COUNTS NOT CHECKED" if COUNTS_UNCHECKED in damage and " is damaged (" not in damage \
+        else "SALVAGED FROM A DAMAGED DATABASE"
 
 
 def _numbers(df, path: Path, salvage: bool):
@@ -190,15 +206,28 @@ _FIXES = {SUMMARY: "`specscope report {path}` rewrites it from the recorded metr
 
 
 def _damaged_json(path: Path, meta: dict, records: int = 0) -> str:
-    """The first checksummed JSON file of the run that fails its check, or the summary.json a complete run
-    recorded having and no longer has, as a RunStoreError's message; "" if none."""
+    """The first checksummed JSON file of the run that fails its check or is another run's (its run_id or lab is not
+    config.json's: copied over), or the summary.json a complete run recorded having and no longer has, as a
+    RunStoreError's message; "" if none."""
     for name, fix in _FIXES.items():
         recorded = meta.get("summary") and meta.get("status") == "complete" if name == SUMMARY else meta.get("progress") is True
         if (path / name).exists() or (recorded and (name == SUMMARY or records)):
             try:
-                integrity.read_json(path / name, checksum=True, fix=fix.format(path=path))
+                data = integrity.read_json(path / name, checksum=True, fix=fix.format(path=path))
             except RunStoreError as e:
                 return str(e)
+            if problem := other_runs(path / name, data, meta, fix.format(path=path)):
+                return problem
+    return ""
+
+
+def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:
+    """"" unless the JSON file `path` (read as `data`) names another run or lab than config.json's `meta`: then what
+    it is and `fix`. (Files from before a field was recorded lack it: not checked.)"""
+    for key in ("run_id", "lab"):
+        if key in data and key in meta and data[key] != meta[key]:
+            return (f"{path} is {'run' if key == 'run_id' else 'lab'} {data[key]!r}'s, not this run's ({meta[key]!r}): "
+                    f"it was copied over from another run; {fix}")
     return ""
 
 

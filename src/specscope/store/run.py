@@ -216,9 +216,20 @@ class Run:
         run's records that run's settings (and a resume would train on under them)."""
         owner = sqlite.owner(con)
         if owner.get("run_id", self.id) != self.id:
+            named = {name: _peek_run_id(self.path / name) for name in (PROGRESS, SUMMARY)}
+            agree = [name for name, rid in named.items() if rid == self.id]
+            if agree:  # the other files side with config.json: the database is the one copied over
+                raise NotThisRun(f"{self.metrics_path} was created for run {owner['run_id']!r}, and {CONFIG} and "
+                                 f"{' and '.join(agree)} are run {self.id!r}'s: the database was copied over from "
+                                 "another run; restore this run's metrics.sqlite from a copy, or delete the run.")
+            if owner["run_id"] in named.values():  # they side with the database: config.json is the one copied over
+                raise NotThisRun(f"{self.path / CONFIG} is run {self.id!r}'s, but {self.metrics_path} was created for run "
+                                 f"{owner['run_id']!r}: config.json was replaced by another run's; restore this run's "
+                                 f"config.json (run_id {owner['run_id']!r}), or delete the run.")
             raise NotThisRun(f"{self.path / CONFIG} is run {self.id!r}'s, but {self.metrics_path} was created for run "
-                                f"{owner['run_id']!r}: config.json was replaced by another run's; restore this run's "
-                                f"config.json (run_id {owner['run_id']!r}), or delete the run.")
+                             f"{owner['run_id']!r}: one of them was copied over from another run; restore this run's "
+                             f"config.json (if the records are run {owner['run_id']!r}'s) or its metrics.sqlite, or "
+                             "delete the run.")
         if owner.get("lab", self.lab) != self.lab:  # the lab is outside the config's checksum
             raise NotThisRun(f"{self.path / CONFIG} names lab {self.lab!r}, but {self.metrics_path} was created for "
                                 f"a run of lab {owner['lab']!r}: config.json is damaged or edited; restore it, or "
@@ -311,8 +322,9 @@ class Run:
         self._write_meta(status=status, **({"summary": (self.path / SUMMARY).is_file()} if status == "complete" else {}))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """summary.json (claims, headline numbers) with its checksum, written atomically; keeps the status."""
-        integrity.write_json(self.path / SUMMARY, dict(summary), checksum=True)
+        """summary.json (claims, headline numbers) with its checksum and the run's id and lab (a summary.json copied
+        over from another run is named so: `readers`), written atomically; keeps the status."""
+        integrity.write_json(self.path / SUMMARY, {**dict(summary), "run_id": self.id, "lab": self.lab}, checksum=True)
 
     def close(self) -> None:
         """Flush, mark "complete" if still "running" (a status set explicitly is kept), release the lock. The
@@ -407,6 +419,15 @@ def _flush_open_runs() -> None:
 
 
 # ---- config.json ------------------------------------------------------------------------------------
+
+
+def _peek_run_id(path: Path) -> str | None:
+    """The run_id a run's JSON file names, read without its checksum (to tell which file was copied over), or None."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("run_id") if isinstance(data, dict) else None
 
 
 def read_config(path: Path) -> dict:

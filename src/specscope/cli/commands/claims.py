@@ -28,6 +28,7 @@ from specscope.cli import app, stdout_console
 from specscope.errors import ConfigError, RunStoreError
 from specscope.names import visible
 from specscope.store.integrity import discard, read_json
+from specscope.store import readers
 from specscope.store.run import read_config
 from specscope.records import Claim, over_seeds
 
@@ -70,10 +71,12 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
                 continue
         if meta["status"] != "complete" or meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
             continue
-        data = read_json(summary, checksum=True, fix=f"`specscope report {summary.parent}` rewrites it from the "
-                         "recorded metrics")  # a tampered verdict is never shown as a result
+        fix = f"`specscope report {summary.parent}` rewrites it from the recorded metrics"
+        data = read_json(summary, checksum=True, fix=fix)  # a tampered verdict is never shown as a result
+        if problem := readers.other_runs(summary, data, meta, fix):  # nor another run's, under this run's name
+            raise RunStoreError(problem)
         damaged = data.get("salvaged") or _damage(summary.parent)
-        name = summary.parent.name + (" (salvaged from a damaged database)" if data.get("salvaged")
+        name = summary.parent.name + (f" ({readers.salvage_title(str(data['salvaged'])).lower()})" if data.get("salvaged")
                                       else f" ({damaged.split(': ', 1)[0]})" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     _summary_claims(summary, data)))
@@ -94,7 +97,7 @@ def _damage(path: Path) -> str:
     in a lab run (config.json's "progress"), is missing — the claims in its summary.json were computed from records
     that may no longer be there —, or its progress.json fails its checksum or is gone. (A database of another run
     is an error of `Run.open`.)"""
-    from specscope.store import Run, readers, sqlite
+    from specscope.store import Run, sqlite
 
     run = Run.open(path)
     records, what = 0, "its metrics database is damaged"
@@ -105,8 +108,8 @@ def _damage(path: Path) -> str:
         else:
             with run.reader(check=False) as (con, _):
                 records = sqlite.read_progress(con).get("records", 0)
-        what = "its progress.json is damaged"
         if problem := readers._damaged_json(path, run.meta, records):
+            what = f"its {'summary.json' if problem.startswith(str(path / 'summary.json')) else 'progress.json'} is damaged"
             raise RunStoreError(problem)
     except RunStoreError as e:
         typer.echo(f"warning: {visible(path)}: {what}, so its claims may not match its records ({visible(e)})", err=True)
