@@ -424,3 +424,23 @@ def test_several_values_after_one_repeatable_flag_say_to_repeat_it(cli, tmp_path
     rc, _, err = cli(*argv, "--out", tmp_path)
     one_line_error(rc, err, *names)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_on_a_read_only_disk_names_the_run_not_its_hidden_stage(cli, tmp_path, monkeypatch):
+    """`run --out <read-only>` named `.<run_id>.<pid>.creating`, the hidden folder a run is made in."""
+    import errno
+    import os
+    import pathlib
+
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.name.endswith(".creating"):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    rc, _, err = cli("run", "grokking", *QUICK_ARGS, "--out", tmp_path / "runs")
+    monkeypatch.undo()
+    one_line_error(rc, err, "Read-only file system", str(tmp_path / "runs" / "grokking"))
+    assert ".creating" not in err

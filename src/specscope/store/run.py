@@ -63,8 +63,11 @@ def _staged(path: Path, meta: dict) -> Path:
         con.close()
         integrity.write_json(stage / CONFIG, meta)
         integrity.fault_point("run_create")  # tests: killed with the run made but not yet in place
-    except BaseException:
+    except BaseException as e:
         _remove_tree(stage)
+        if isinstance(e, OSError) and e.errno is not None and str(stage) in str(e.filename or ""):
+            # named by the run it was making (a read-only disk: the folder the run goes into), not the hidden stage
+            raise type(e)(e.errno, e.strerror, str(e.filename).replace(str(stage), str(path))) from None
         raise
     return stage
 
