@@ -356,6 +356,26 @@ def test_a_second_train_that_restarts_at_step_0_stops_at_its_start_and_a_new_mon
     assert logged == [1, 2]  # the second train()'s own steps 0 and 1, logged after each
 
 
+def test_a_run_that_holds_an_earlier_trainings_records_is_refused_at_step_0(tmp_path):
+    """The docs say to give a second train() a new Run; the old one was taken and its steps 0… recorded twice."""
+    model = tiny_llama()
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 1})
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    attach(trainer, Monitor(model, every=1), run=run)
+    trainer.train()
+    trainer.remove_callback(SpecscopeCallback)
+    attach(trainer, Monitor(model, every=1), run=run)
+    with pytest.raises(ConfigError, match="run= holds .* nuclear_rank records already.*Give it a new Run"):
+        trainer.train()
+    run.close()
+    fresh = store.Run.create(tmp_path / "runs", "hf", {"steps": 1})
+    trainer.remove_callback(SpecscopeCallback)
+    attach(trainer, Monitor(model, every=1), run=fresh)
+    trainer.train()
+    fresh.close()
+    assert len(store.load(fresh.path, metric="nuclear_rank")) == len(store.load(run.path, metric="nuclear_rank")) > 0
+
+
 def test_one_callback_per_trainer_and_attach_refuses_model_init(tmp_path):
     """A second SpecscopeCallback (attach twice, or one instance added twice) would measure and log every step once
     more: refused before any step. attach builds its Monitor at once, so a Trainer whose model_init builds the model

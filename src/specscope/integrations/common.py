@@ -54,6 +54,17 @@ def check_starts_after(monitor: Monitor, step: int, where: str, fix: str) -> Non
                           f"already: those steps' records would be taken twice. {fix}")
 
 
+def check_run_starts_fresh(run: Any, step: int, where: str) -> None:
+    """A ConfigError when a training loop starts at step 0 and `run` already holds a Monitor's records (the Run of an
+    earlier train()): its steps 0… would be recorded twice. (A resume, from a later step, is not checked here.)"""
+    if run is None or step != 0 or not callable(getattr(run, "record_count", None)):
+        return
+    if (n := run.record_count(metric="nuclear_rank")) > 0:
+        raise ConfigError(f"{where}: run= holds {n} nuclear_rank records already (the Run of an earlier training), and "
+                          "this training starts at step 0: its steps would be recorded twice. Give it a new Run "
+                          "(store.Run.create(root, lab, config)), or leave run out")
+
+
 def check_run(run: Any, where: str) -> None:
     """A ConfigError unless `run` is None or receives records like a specscope.store.Run (append, log, flush): a path
     or a framework's logger given in its place failed at the first measured step, inside training."""

@@ -27,7 +27,8 @@ import torch
 
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
-                                           check_starts_after, log_values, spectral_optimizer, uses_loss_scaling)
+                                           check_run_starts_fresh, check_starts_after, log_values, spectral_optimizer,
+                                           uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -85,6 +86,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self._restore(saved, self._saved_from)
         elif state.global_step > 0:
             self._resume(args, state, loop.get("resume_from_checkpoint"))
+        check_run_starts_fresh(self.run, state.global_step, "SpecscopeCallback")
         check_starts_after(self.monitor, state.global_step, "SpecscopeCallback",
                            "To train again from step 0, give this train() a new Monitor: trainer.remove_callback("
                            "SpecscopeCallback), then attach(trainer, Monitor(model, ...)), or trainer.add_callback("

@@ -22,7 +22,8 @@ from typing import Any
 
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
-                                           check_starts_after, log_values, spectral_optimizer, uses_loss_scaling)
+                                           check_run_starts_fresh, check_starts_after, log_values, spectral_optimizer,
+                                           uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -71,6 +72,7 @@ class SpecscopeCallback(L.Callback):
                           f"{getattr(trainer, 'ckpt_path', None) or ''} was saved without a SpecscopeCallback), so the "
                           "Monitor's advice window starts empty", stacklevel=2)
         self._restored = False
+        check_run_starts_fresh(self.run, trainer.global_step, "SpecscopeCallback")
         check_starts_after(self.monitor, trainer.global_step, "SpecscopeCallback",
                            "Give this fit() a new SpecscopeCallback (a new Monitor, and a new Run where this one had "
                            "run=) to train again from step 0, or trainer.fit(model, ckpt_path=...) to go on from a "
