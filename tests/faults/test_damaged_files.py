@@ -394,6 +394,20 @@ def test_salvage_past_a_damaged_progress_json_blames_it_not_the_database(finishe
     assert "(salvaged: record counts not checked)" in " ".join(out.split())
 
 
+def test_a_damaged_last_step_or_record_count_is_named_by_runs(finished, copy_of, cli, tmp_path):
+    """run_info's counters carried no check: a flipped bit in last_step listed a 2000-step run at step 6096."""
+    run = copy_of(finished)
+    con = sqlite3.connect(run / "metrics.sqlite")
+    with con:
+        con.execute("UPDATE run_info SET value = value + 4096 WHERE key = 'last_step'")
+    con.close()
+    before = fingerprint(run)
+    rc, out, err = cli("runs", "--root", tmp_path / "runs")
+    said = " ".join(out.split())
+    assert rc in (0, None) and "run_info counters" in said and "fail their check" in said, out
+    assert fingerprint(run) == before
+
+
 def test_runs_names_a_database_it_cannot_read(finished, copy_of, cli, tmp_path):
     """A complete run whose database is unreadable was listed `complete` with a blank last step and nothing else."""
     run = copy_of(finished)

@@ -191,7 +191,7 @@ def _describe(path: Path) -> dict:
                status=effective_status(path, meta))
     try:
         with run.reader(check=False) as (con, _):
-            progress = sqlite.read_progress(con)
+            progress = sqlite.read_progress(con, run.metrics_path)
         row.update(steps=progress.get("last_step"), records=progress.get("records", 0))
     except RunStoreError as e:  # an unreadable database (or another run's config.json) is damage too: said first
         salvageable = (run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read

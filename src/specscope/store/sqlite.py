@@ -15,6 +15,7 @@ import sqlite3
 import tempfile
 import time
 import warnings
+import zlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -288,6 +289,7 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
             "INSERT INTO run_info (key, value) VALUES ('records', ?) "
             "ON CONFLICT(key) DO UPDATE SET value = value + excluded.value", (len(rows),))
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('updated', ?)", (time.time(),))
+        _seal_progress(con)
         fault_point("db_commit")
         con.execute("COMMIT")
     except BaseException as e:  # no half batch left open, whatever failed: the caller keeps the rows to retry
@@ -310,6 +312,7 @@ def _delete(con: sqlite3.Connection, path: Path, sql: str, params: tuple) -> int
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('last_step', "
                     "(SELECT max(step) FROM metrics WHERE flag != ?))", (SWEEP,))
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
+        _seal_progress(con)
         con.execute("COMMIT")
     except sqlite3.Error as e:
         if con.in_transaction:
@@ -440,9 +443,29 @@ def owner(con: sqlite3.Connection) -> dict[str, str]:
     return {k: v for k, v in rows if isinstance(v, str)}
 
 
-def read_progress(con: sqlite3.Connection) -> dict:
-    """run_info as a dict: last_step, records, updated (cheap: no scan of the metrics table)."""
+_SEALED = ("last_step", "records")  # what `specscope runs` shows of a run without reading its records
+
+
+def _progress_check(info: dict) -> int:
+    """A CRC-32 of run_info's last step and record count (a flipped bit in either shows as a wrong listing)."""
+    return zlib.crc32(repr(tuple(info.get(k) for k in _SEALED)).encode())
+
+
+def _seal_progress(con: sqlite3.Connection) -> None:
+    """Store `_progress_check` of the counters just updated, in the same transaction."""
+    info = dict(con.execute(f"SELECT key, value FROM run_info WHERE key IN {_SEALED!r}").fetchall())
+    con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('progress_check', ?)", (_progress_check(info),))
+
+
+def read_progress(con: sqlite3.Connection, path: Path | None = None) -> dict:
+    """run_info as a dict: last_step, records, updated (cheap: no scan of the metrics table). Counters that fail their
+    check (`_seal_progress`; a database from before it has none: not checked) raise RunStoreError naming `path`."""
     try:
-        return dict(con.execute("SELECT key, value FROM run_info").fetchall())
+        info = dict(con.execute("SELECT key, value FROM run_info").fetchall())
     except sqlite3.DatabaseError:
         return {}
+    if "progress_check" in info and info["progress_check"] != _progress_check(info):
+        raise RunStoreError(f"{path or 'the metrics database'}: its run_info counters (last step {info.get('last_step')}, "
+                            f"{info.get('records')} records) fail their check: the file is damaged; {_SALVAGE} (the "
+                            "records themselves are checked one by one)")
+    return info

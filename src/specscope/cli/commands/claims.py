@@ -107,7 +107,7 @@ def _damage(path: Path) -> str:
                 raise RunStoreError(f"{run.metrics_path} is missing")
         else:
             with run.reader(check=False) as (con, _):
-                records = sqlite.read_progress(con).get("records", 0)
+                records = sqlite.read_progress(con, run.metrics_path).get("records", 0)
         if problem := readers._damaged_json(path, run.meta, records):
             what = f"its {'summary.json' if problem.startswith(str(path / 'summary.json')) else 'progress.json'} is damaged"
             raise RunStoreError(problem)
