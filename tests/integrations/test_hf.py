@@ -376,6 +376,41 @@ def test_a_run_that_holds_an_earlier_trainings_records_is_refused_at_step_0(tmp_
     assert len(store.load(fresh.path, metric="nuclear_rank")) == len(store.load(run.path, metric="nuclear_rank")) > 0
 
 
+def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path):
+    """Training stopped after step 3 with its last checkpoint at 2; a resume from checkpoint-2 into the same Run trains
+    steps 2, 3 again. Their records were appended a second time (two records per step and layer). The resume drops
+    the run's records of steps >= 2, with a warning, and the run ends as an uninterrupted fit's."""
+    saving = dict(save_strategy="steps", save_steps=2)
+    model = tiny_llama()
+    fresh = copy.deepcopy(model)
+    full = store.Run.create(tmp_path / "runs", "hf", {"steps": 4})
+    trainer = Trainer(model=fresh, args=args(tmp_path / "full", 4), train_dataset=Tokens(), optimizers=adamw(fresh))
+    attach(trainer, every=1, estimator="gram", run=full)
+    trainer.train()
+    full.close()
+
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 4})
+    out = tmp_path / "part"
+    trainer = Trainer(model=model, args=args(out, 4, **saving), train_dataset=Tokens(), optimizers=adamw(model))
+    attach(trainer, every=1, estimator="gram", run=run)
+    trainer.train()  # checkpoints at 2 and 4; the run holds steps 0..3
+    run.close()
+    resumed = tiny_llama(seed=1)
+    run = store.Run.open(run.path)
+    trainer = Trainer(model=resumed, args=args(out, 4, **saving), train_dataset=Tokens(), optimizers=adamw(resumed))
+    attach(trainer, every=1, estimator="gram", run=run)
+    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    run.close()
+    got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full))
+    assert len(got) == len(want) and not got.duplicated(["step", "layer"]).any()
+    assert sorted(got.step.unique()) == [0, 1, 2, 3]
+    g, w = (d.set_index(["step", "layer"]).value.sort_index() for d in (got, want))
+    assert g.tolist() == pytest.approx(w.tolist(), rel=1e-5)
+    loss = store.load(run.path, metric="loss")
+    assert sorted(loss.step) == [0, 1, 2, 3]
+
+
 def test_one_callback_per_trainer_and_attach_refuses_model_init(tmp_path):
     """A second SpecscopeCallback (attach twice, or one instance added twice) would measure and log every step once
     more: refused before any step. attach builds its Monitor at once, so a Trainer whose model_init builds the model

@@ -125,6 +125,34 @@ def test_checkpoint_carries_monitor_state_and_resume_matches_an_uninterrupted_fi
         assert after[col].tolist() == pytest.approx(expected[col].tolist(), rel=1e-5), col
 
 
+def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path):
+    """A fit to step 4 with a checkpoint at 2, resumed from it into the same Run: steps 2, 3 were recorded twice. The
+    resume drops the run's records of steps >= 2 with a warning; the run then holds an uninterrupted fit's records."""
+    from specscope import store
+
+    net = gpt()
+    full = store.Run.create(tmp_path / "runs", "lightning", {"steps": 4})
+    fit(Lit(copy.deepcopy(net)), SpecscopeCallback(every=1, estimator="gram", run=full), tmp_path / "full", 4)
+    full.close()
+
+    run = store.Run.create(tmp_path / "runs", "lightning", {"steps": 4})
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=ACCUM,
+                        callbacks=[SpecscopeCallback(every=1, estimator="gram", run=run), saver], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Lit(net), train_dataloaders=loader())
+    run.close()
+    ckpt = next(c for c in (tmp_path / "ckpt").glob("*.ckpt") if "step=2" in c.name)
+    run = store.Run.open(run.path)
+    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped"):
+        fit(Lit(gpt(seed=1)), SpecscopeCallback(every=1, estimator="gram", run=run), tmp_path / "resumed", 4, ckpt_path=str(ckpt))
+    run.close()
+    got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full))
+    assert len(got) == len(want) and not got.duplicated(["step", "layer"]).any()
+    g, w = (d.set_index(["step", "layer"]).value.sort_index() for d in (got, want))
+    assert g.tolist() == pytest.approx(w.tolist(), rel=1e-5)
+
+
 def test_a_checkpoint_state_the_monitor_refuses_names_the_checkpoint_and_one_without_state_warns(tmp_path):
     """Resuming with other Monitor options than the run that saved, or from an altered entry, is the checkpoint's
     fault, named with its path; a checkpoint saved without the callback resumes with a warning (the advice window

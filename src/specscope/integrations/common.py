@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -63,6 +64,19 @@ def check_run_starts_fresh(run: Any, step: int, where: str) -> None:
         raise ConfigError(f"{where}: run= holds {n} nuclear_rank records already (the Run of an earlier training), and "
                           "this training starts at step 0: its steps would be recorded twice. Give it a new Run "
                           "(store.Run.create(root, lab, config)), or leave run out")
+
+
+def resume_run(run: Any, step: int, where: str) -> int:
+    """A resume at `step` trains steps `step`, `step`+1, … again: `run`'s records of those steps (written after the
+    checkpoint, before the training stopped) are dropped, as TensorBoard's `purge_step` does, so that each step is
+    recorded once, by the timeline that goes on. Warns with how many; returns that number."""
+    if run is None or step <= 0 or not callable(getattr(run, "delete_after", None)):
+        return 0
+    if (dropped := run.delete_after(step - 1)) > 0:
+        warnings.warn(f"{where}: resuming at step {step}, the run {getattr(run, 'path', run)} held {dropped} records of "
+                      f"steps >= {step}, written after that checkpoint; they were dropped, and those steps are recorded "
+                      "again as training repeats them", stacklevel=3)
+    return dropped
 
 
 def check_run(run: Any, where: str) -> None:

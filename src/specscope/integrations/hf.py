@@ -27,7 +27,7 @@ import torch
 
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
-                                           check_run_starts_fresh, check_starts_after, log_values, spectral_optimizer,
+                                           check_run_starts_fresh, check_starts_after, resume_run, log_values, spectral_optimizer,
                                            uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
@@ -93,6 +93,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
                            "SpecscopeCallback(Monitor(model, ...), trainer=trainer, run=..., metrics=...)) with a new Run "
                            "where this one had run=; to go on from a checkpoint this callback saved, "
                            "trainer.train(resume_from_checkpoint=...)")
+        resume_run(self.run, state.global_step, "SpecscopeCallback")
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._measure.begin(state.global_step)

@@ -22,7 +22,7 @@ from typing import Any
 
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
-                                           check_run_starts_fresh, check_starts_after, log_values, spectral_optimizer,
+                                           check_run_starts_fresh, check_starts_after, resume_run, log_values, spectral_optimizer,
                                            uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
@@ -77,6 +77,7 @@ class SpecscopeCallback(L.Callback):
                            "Give this fit() a new SpecscopeCallback (a new Monitor, and a new Run where this one had "
                            "run=) to train again from step 0, or trainer.fit(model, ckpt_path=...) to go on from a "
                            "checkpoint this callback saved")
+        resume_run(self.run, trainer.global_step, "SpecscopeCallback")
         if len(trainer.optimizers) > 1:  # the first optimizer's step would read every weight's gradient
             raise ConfigError(
                 f"SpecscopeCallback measures one optimizer step per batch, and {type(pl_module).__name__} has "
