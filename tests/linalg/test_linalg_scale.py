@@ -136,6 +136,19 @@ def test_float32_power_stable_rank_and_spectral_norm_at_extreme_scales(scale):
     (lambda: L.singular_value_soft_threshold(_matrix(), "0.1"), "tau must be a real number ≥ 0 or a real tensor"),
     (lambda: L.singular_value_soft_threshold(_matrix(), None), "tau must be a real number ≥ 0 or a real tensor"),
     (lambda: L.energy_rank(_matrix(), q=".9"), r"q must be a number in \(0, 1\]"),
+    # options a method would ignore: refused whatever the shape, and for auto per the backend it chose
+    (lambda: L.polar(_matrix(), "gram", ns_coefficients=(math.nan, 1, 1)), "ns_coefficients apply to method='newton_schulz'"),
+    (lambda: L.polar(_matrix(), "polar_express", ns_coefficients=(1.5, -0.5, 0.0)), "'polar_express' does not read them"),
+    (lambda: L.polar(_matrix(20, 30), ns_coefficients=(1.5, -0.5, 0.0)), "'auto' does not read them"),
+    (lambda: L.polar(_matrix(20, 30), ns_steps=3), r"method='auto' chose 'gram' here \(tol=None, shape \(20, 30\)\)"),
+    (lambda: L.polar(_matrix(), tol=1e-4, ns_steps=3), "chose 'gram' here .* drop ns_steps"),
+    (lambda: L.polar(_matrix(), "svd", tol=1e-3), "tol chooses the backend of method='auto'; method='svd' does not read it"),
+    (lambda: L.polar(_matrix(), "newton_schulz", tol=1e-3), "method='newton_schulz' does not read it"),
+    (lambda: L.polar_later([_matrix(256, 300)], "gram", ns_steps=3), "ns_steps applies to the iterative methods"),
+    (lambda: L.polar_later([_matrix(256, 300)], "gram", restart=1), "restart applies to method='gram_newton_schulz' only"),
+    (lambda: L.polar_later([_matrix(256, 300)], "gram", eps=math.nan), "eps must be a finite number"),
+    (lambda: L.polar_later([_matrix(256, 300)], ns_steps=3, tol=1e-4), "chose 'gram' here"),
+    (lambda: L.gram_newton_schulz(_matrix(), [(math.nan, 1.0, 1.0)]), "triples of finite numbers"),
 ])
 def test_options_that_would_be_ignored_truncated_or_nan_are_refused(call, says):
     with pytest.raises(ValueError, match=says):
@@ -204,3 +217,56 @@ def test_the_polar_backends_and_nuclear_norms_build_no_autograd_graph():
             L.polar_with_nuclear_norm_later([G])()[0][1]]
     assert not any(o.requires_grad for o in outs)
     assert L.newton_schulz(G).requires_grad  # the raw kernels are plain torch products: differentiable
+
+
+def test_numpy_numbers_are_options_like_pythons():
+    """np.int64 steps and np.float32 coefficients (read off an array or a config) were refused as not integers."""
+    np = pytest.importorskip("numpy")
+    G = _matrix()
+    want = L.polar(G, "newton_schulz", ns_steps=3, ns_coefficients=(3.4445, -4.775, 2.0315))
+    got = L.polar(G, "newton_schulz", ns_steps=np.int64(3), ns_coefficients=(np.float64(3.4445), -4.775, 2.0315))
+    assert torch.equal(got, want)
+    assert torch.equal(L.polar(G, "gram", ns_coefficients=(3.4445, -4.775, 2.0315)), L.polar(G, "gram"))  # the default
+
+
+@pytest.mark.parametrize("scale", [1e308, 1e-300])
+def test_the_svd_reference_at_the_ends_of_float64(scale):
+    """polar(G·1e308, "svd") was all zeros (σ_1 overflowed to inf, so no σ passed the cut-off) and its ‖G‖_* NaN; the
+    SVD now sees G at unit scale, so the factor is the unit-scale one and a power-of-two scale changes no bit."""
+    G = _matrix(48, 160, dtype=torch.float64)
+    G = G / G.abs().max()
+    P, nuc = L.polar_with_nuclear_norm(G * scale, "svd")
+    assert (P - _reference(G)).abs().max() < 1e-13
+    ref = torch.linalg.svdvals(G).sum() * scale
+    assert nuc == pytest.approx(float(ref), rel=1e-13) if math.isfinite(ref) else nuc == math.inf
+    assert torch.equal(L.polar(G * 2.0**600, "svd"), L.polar(G, "svd"))
+
+
+@pytest.mark.parametrize("scale", [3e38, 1e100, 1e-100])
+def test_the_svd_reference_in_float32_at_scales_float32_cannot_hold(scale):
+    """dtype=float32 SVD of a float64 G of 1e100 raised a LAPACK error; of 3e38 or 1e-100 it gave zeros."""
+    G = _matrix(48, 160, dtype=torch.float64)
+    G = G / G.abs().max()
+    P = L.polar(G * scale, "svd", dtype=torch.float32)
+    assert (P - _reference(G)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype, work", [(torch.float16, None), (torch.bfloat16, torch.float64), (torch.float32, torch.float64)])
+def test_eps_zero_on_a_zero_matrix_narrower_than_the_working_dtype_is_zero(dtype, work):
+    """The clamp of eps=0 is the working dtype's tiny, which float16 (and float32, for float64 work) rounded to 0:
+    1/sqrt(0)·0 gave NaN for the zero matrix, the default route's included."""
+    for shape in ((5, 6), (200, 300)):
+        Z = torch.zeros(*shape, dtype=dtype)
+        for P in (L.polar(Z, "gram_newton_schulz", eps=0.0, dtype=work), L.polar(Z, eps=0.0, dtype=work)):
+            assert torch.equal(P, torch.zeros_like(Z))
+
+
+def test_the_soft_threshold_and_principal_angles_at_the_top_of_float64():
+    """Both ran an unscaled float64 SVD / QR: NaN, or a LinAlgError, for a finite 1e308 matrix."""
+    G = _matrix(48, 160, dtype=torch.float64)
+    G = G / G.abs().max()
+    assert torch.allclose(L.singular_value_soft_threshold(G * 1e308, 1e308 * 0.5) / 1e308,
+                          L.singular_value_soft_threshold(G, 0.5), rtol=0, atol=1e-13)
+    assert torch.allclose(L.singular_value_soft_threshold(G * 1e-300, 0.0) / 1e-300, G, rtol=0, atol=1e-13)
+    B = (G * 1e308).mT[:, :3]
+    assert L.principal_angles(B, B).abs().max() < 1e-7

@@ -55,10 +55,15 @@ KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)  #
 MAX_STEPS = 99  # ns_steps, as the optimizers allow: float32 Polar Express converges in ~10
 
 
-def check_kernel_options(fn: str, *, eps, dtype, steps: int, restart=None) -> None:
+def check_kernel_options(fn: str, *, eps, dtype, steps: int, restart=None, schedule=None) -> None:
     """One ValueError for a raw polar kernel's option that would give a wrong result silently (an integer dtype's
-    all-zero factor, a complex one, a NaN eps) or be ignored (an empty schedule, a restart outside the steps).
-    Python comparisons only: the kernels are on the optimizers' hot path."""
+    all-zero factor, a complex one, a NaN eps or coefficient) or be ignored (an empty schedule, a restart outside the
+    steps). Python comparisons only: the kernels are on the optimizers' hot path."""
+    if schedule is not None and not all(
+            isinstance(abc, (tuple, list)) and len(abc) == 3 and all(
+                isinstance(c, numbers.Real) and not isinstance(c, bool) and math.isfinite(c) for c in abc)
+            for abc in schedule):
+        raise ValueError(f"{fn}: the schedule must be a list of (a, b, c) triples of finite numbers, got {schedule!r}")
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"{fn}: dtype={dtype} is not one the iteration computes in; use one of "
                          + ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES))

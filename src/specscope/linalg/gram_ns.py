@@ -75,8 +75,10 @@ def _scaled_start(G: Tensor, dtype: torch.dtype, eps: float) -> tuple[Tensor, Te
     """(G·2^-e in `dtype`, (eps·2^-e)² per matrix [..., 1]): the start and its clamp at unit scale, where G's Gram
     would overflow or underflow (_scale.py); G·2^-e is exact, so the result is the unscaled one's."""
     p = pow2_scale(G)
-    floor2 = (p.squeeze(-1) * eps).square_()  # (eps·p)² (a zero matrix's huge p: ∞, so its start is 0·0, not 0·∞)
-    # eps = 0: at least the working dtype's tiny, whose 1/sqrt fits that dtype (float64's would overflow bfloat16: 0·∞)
+    # (eps·p)² in the wider of G's and the working dtype (a zero matrix's huge p: ∞ or huge, so its start is 0·0, not
+    # 0·∞); eps = 0: at least the working dtype's tiny, whose 1/sqrt fits that dtype (float64's would overflow
+    # bfloat16: 0·∞), held in a dtype that has it (float16 G rounds float32's tiny to 0: 1/sqrt(0) = ∞, 0·∞ = NaN)
+    floor2 = (p.squeeze(-1).to(torch.promote_types(G.dtype, dtype)) * eps).square_()
     return scaled_to(G, p, dtype), floor2 if eps > 0 else floor2.clamp_(min=torch.finfo(dtype).tiny)
 
 
@@ -141,7 +143,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
     """
     G = check_structure(G, "gram_newton_schulz", "G")  # shape and kind only: NaN/Inf is `polar`'s check
     dtype = iteration_dtype(G.device) if dtype is None else dtype
-    check_kernel_options("gram_newton_schulz", eps=eps, dtype=dtype, steps=len(schedule), restart=restart)
+    check_kernel_options("gram_newton_schulz", eps=eps, dtype=dtype, steps=len(schedule), restart=restart, schedule=schedule)
     if restart is None and len(schedule) > 4:
         restart = 2
     tall = G.shape[-2] > G.shape[-1]

@@ -46,11 +46,16 @@ def default_rcond(dtype: torch.dtype, m: int, n: int) -> float:
     return eps if torch.finfo(dtype).bits <= 16 else max(m, n) * eps
 
 
+def _real(x) -> bool:
+    """A real number, numpy's included; not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
     """A single (a, b, c) is repeated; a per-step list is used in order, its last entry repeated."""
     if steps < 1:
         raise ValueError(f"polar: ns_steps must be ≥ 1, got {steps}")
-    if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
+    if len(coefficients) == 3 and all(_real(c) for c in coefficients):
         if not all(math.isfinite(c) for c in coefficients):
             raise ValueError(f"polar: ns_coefficients must be finite numbers, got {coefficients!r}")
         return [tuple(float(c) for c in coefficients)] * steps
@@ -209,11 +214,16 @@ def _gram_batch(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Te
 
 
 def _polar_svd_with_nuclear(G: Tensor, dtype: torch.dtype, rcond: float) -> tuple[Tensor, Tensor]:
-    """P = U Vᵀ over σ_i > max(rcond, max(m,n)·eps_dtype)·σ_1 from the thin SVD; ‖G‖_* = Σσ over those."""
-    U, S, Vh = torch.linalg.svd(G.to(dtype), full_matrices=False)
+    """P = U Vᵀ over σ_i > max(rcond, max(m,n)·eps_dtype)·σ_1 from the thin SVD; ‖G‖_* = Σσ over those (float64).
+
+    The SVD sees G·2^-e (largest entry in [1, 2), _scale.py): exact, so P is the unit-scale one at any finite scale,
+    where G's own σ_1 would overflow `dtype` (1e308 in float64, 3e38 cast to float32) or its σ underflow."""
+    p = pow2_scale(G)
+    U, S, Vh = torch.linalg.svd(scaled_to(G, p, dtype), full_matrices=False)
     cutoff = max(rcond, max(G.shape[-2:]) * torch.finfo(dtype).eps) * S[..., :1]
     keep = (S > cutoff).to(dtype)
-    return (U * keep.unsqueeze(-2)) @ Vh, (S * keep).sum(-1)
+    nuclear = (S * keep).sum(-1, dtype=torch.float64) / p.to(torch.float64)[..., 0, 0]
+    return (U * keep.unsqueeze(-2)) @ Vh, nuclear
 
 
 # polar_error at 0.1·σ_1 of the fast backend (gram_newton_schulz, bf16, 4 steps) on GPT-block gradients
@@ -274,14 +284,11 @@ def polar(G: Tensor, method: str = "auto", *, ns_steps: int | None = None, ns_co
     G = check_tensor(G, "polar", "G")
     if method not in METHODS:
         raise ValueError(f"polar: unknown method {method!r}; choose one of {METHODS}")
-    _check_options("polar", method, ns_steps=ns_steps, eps=eps, tol=tol, dtype=dtype, rcond=rcond)
-    _check_iteration_options(method, ns_steps, restart)
+    _check_options("polar", method, ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, tol=tol, dtype=dtype,
+                   rcond=rcond, restart=restart)
     if method == "auto":
         method = _auto_method(G, tol, dtype)
-        _check_auto_choice("polar", method, tol, dtype, rcond)
-        if restart is not None and method != "gram_newton_schulz":
-            raise ValueError(f"polar: restart applies to 'gram_newton_schulz'; method='auto' chose {method!r} here "
-                             f"(tol={tol}, shape {tuple(G.shape[-2:])}): drop restart, or pass method='gram_newton_schulz'")
+        _check_auto_choice("polar", method, G, tol, dtype, rcond, ns_steps, restart)
     if rcond is None:
         rcond = default_rcond(G.dtype, *G.shape[-2:])
     if method == "svd":
@@ -302,19 +309,33 @@ EXACT_DTYPES = (torch.float32, torch.float64)  # what SVD and eigh compute in
 ITERATIVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
-def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, dtype=None, rcond=None) -> None:
-    """One ValueError naming the first option of `polar` that is out of range or does not apply to `method`."""
+def _check_options(fn: str, method: str, *, ns_steps=None, ns_coefficients=KELLER_COEFFICIENTS, eps=1e-7, tol=None,
+                   dtype=None, rcond=None, restart=None) -> None:
+    """One ValueError naming the first option of `polar` that is out of range or that `method` would ignore
+    (`auto`'s choice is checked per matrix by `_check_auto_choice`)."""
     def number(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        return _real(x) and math.isfinite(x)
 
-    if ns_steps is not None and (not isinstance(ns_steps, int) or isinstance(ns_steps, bool) or not 1 <= ns_steps <= MAX_NS_STEPS):
+    if ns_steps is not None and (isinstance(ns_steps, bool) or not isinstance(ns_steps, numbers.Integral)
+                                 or not 1 <= ns_steps <= MAX_NS_STEPS):
         raise ValueError(f"{fn}: ns_steps must be an integer in 1..{MAX_NS_STEPS} (or None for the method's default), "
                          f"got {ns_steps!r}")
     if not number(eps) or eps < 0:
         raise ValueError(f"{fn}: eps must be a finite number ≥ 0, got {eps!r}")
     if tol is not None and (not number(tol) or tol <= 0):
         raise ValueError(f"{fn}: tol must be a finite number > 0 (or None), got {tol!r}")
+    if tol is not None and method != "auto":
+        raise ValueError(f"{fn}: tol chooses the backend of method='auto'; method={method!r} does not read it (drop "
+                         "tol, or use method='auto')")
+    if method == "newton_schulz":
+        _coefficient_schedule(ns_coefficients, 1)  # a malformed or non-finite one: its ValueError
+    elif not _default_coefficients(ns_coefficients):
+        own = " (it runs its own per-step minimax schedule)" if method in ("polar_express", "gram_newton_schulz") else ""
+        raise ValueError(f"{fn}: ns_coefficients apply to method='newton_schulz'; {method!r} does not read them{own}: "
+                         "drop ns_coefficients, or use method='newton_schulz'")
     exact = method in ("svd", "gram")
+    if exact and ns_steps is not None:
+        raise ValueError(f"{fn}: ns_steps applies to the iterative methods; {method!r} is exact (drop ns_steps)")
     if rcond is not None:
         if not number(rcond) or not 0 <= rcond < 1:
             raise ValueError(f"{fn}: rcond must be a number in [0, 1) (σ_i ≤ rcond·σ_1 map to 0), got {rcond!r}")
@@ -326,30 +347,44 @@ def _check_options(fn: str, method: str, *, ns_steps=None, eps=1e-7, tol=None, d
         if dtype not in allowed:
             raise ValueError(f"{fn}: dtype={dtype} is not one {method!r} computes in; use one of "
                              + ", ".join(str(d).removeprefix("torch.") for d in allowed))
+    _check_restart(fn, method, ns_steps, restart)
 
 
-def _check_iteration_options(method: str, ns_steps, restart) -> None:
-    """ns_steps belongs to the iterations, restart to gram_newton_schulz: given to a method that would ignore it, or
-    out of range, one ValueError."""
-    if method in ("svd", "gram") and ns_steps is not None:
-        raise ValueError(f"polar: ns_steps applies to the iterative methods; {method!r} is exact (drop ns_steps)")
+def _default_coefficients(coefficients) -> bool:
+    """Whether `ns_coefficients` is the default (a caller may pass it explicitly with any method)."""
+    try:
+        return tuple(float(c) for c in coefficients) == KELLER_COEFFICIENTS
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_restart(fn: str, method: str, ns_steps, restart) -> None:
+    """restart belongs to gram_newton_schulz: given to a method that would ignore it, or out of range, one ValueError."""
     if restart is None:
         return
     if method not in ("gram_newton_schulz", "auto"):
-        raise ValueError(f"polar: restart applies to method='gram_newton_schulz' only, not {method!r} (drop restart)")
-    if isinstance(restart, bool) or not isinstance(restart, int) or restart < 1:
-        raise ValueError(f"polar: restart must be an int ≥ 1 (the step that rebuilds the Gram) or None, got {restart!r}")
+        raise ValueError(f"{fn}: restart applies to method='gram_newton_schulz' only, not {method!r} (drop restart)")
+    if isinstance(restart, bool) or not isinstance(restart, numbers.Integral) or restart < 1:
+        raise ValueError(f"{fn}: restart must be an int ≥ 1 (the step that rebuilds the Gram) or None, got {restart!r}")
     steps = len(GRAM_NS_COEFFICIENTS) if ns_steps is None else ns_steps
     if restart >= steps:
-        raise ValueError(f"polar: restart={restart} is out of range for {steps} steps (it rebuilds the Gram before step "
+        raise ValueError(f"{fn}: restart={restart} is out of range for {steps} steps (it rebuilds the Gram before step "
                          f"`restart`, counted from 0: 1..{steps - 1}); lower it or raise ns_steps")
 
 
-def _check_auto_choice(fn: str, method: str, tol, dtype, rcond) -> None:
-    """What the backend `auto` chose accepts; a dtype it cannot compute in names the tol that chose it."""
+def _check_auto_choice(fn: str, method: str, G: Tensor, tol, dtype, rcond, ns_steps=None, restart=None) -> None:
+    """What the backend `auto` chose for G accepts; an option it would ignore, or a dtype it cannot compute in, is
+    one ValueError naming the tol and shape that chose it."""
+    why = f"method='auto' chose {method!r} here (tol={tol}, shape {tuple(G.shape[-2:])})"
     if method == "gram" and dtype is not None and dtype not in EXACT_DTYPES:
         raise ValueError(f"{fn}: tol={tol} asks for the exact backend 'gram', which computes in float32 or float64, "
                          f"not dtype={dtype}; drop dtype, or raise tol to ≥ {FAST_BACKEND_ERROR} for the bfloat16 estimator")
+    if method == "gram" and ns_steps is not None:
+        raise ValueError(f"{fn}: ns_steps applies to the iterative methods; {why}, which is exact: drop ns_steps, or "
+                         "pass method='gram_newton_schulz'")
+    if restart is not None and method != "gram_newton_schulz":
+        raise ValueError(f"{fn}: restart applies to 'gram_newton_schulz'; {why}: drop restart, or pass "
+                         "method='gram_newton_schulz'")
     _check_options(fn, method, dtype=dtype, rcond=rcond)
 
 
@@ -392,7 +427,9 @@ def polar_later(mats: Sequence[Tensor], method: str = "auto", *, ns_steps: int |
     docs/linalg.md "Threads"). Every other item is computed now, one `polar` call per item."""
     now = partial(polar, method=method, ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, tol=tol,
                   dtype=dtype, rcond=rcond, restart=restart)
-    return _started(mats, "polar_later", now, method, tol, dtype, rcond, nuclear=False, check=check)
+    options = dict(ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, tol=tol, dtype=dtype, rcond=rcond,
+                   restart=restart)
+    return _started(mats, "polar_later", now, method, options, nuclear=False, check=check)
 
 
 @without_graph
@@ -403,21 +440,23 @@ def polar_with_nuclear_norm_later(mats: Sequence[Tensor], method: str = "gram", 
     _check_exact_method(method, "polar_with_nuclear_norm_later")
     return _started(mats, "polar_with_nuclear_norm_later",
                     lambda G: polar_with_nuclear_norm(G, method, dtype=dtype, rcond=rcond),
-                    method, None, dtype, rcond, nuclear=True, check=check)
+                    method, dict(dtype=dtype, rcond=rcond), nuclear=True, check=check)
 
 
-def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, tol: float | None,
-             dtype: torch.dtype | None, rcond: float | None, nuclear: bool, check: bool) -> Callable[[], list]:
-    """Check every item, compute the ones not pooled now (`_pooled`), queue the pooled `gram` ones."""
+def _started(mats: Sequence[Tensor], fn: str, now: Callable, method: str, options: dict, nuclear: bool,
+             check: bool) -> Callable[[], list]:
+    """Check every item and every option (as `polar` would, for the pooled items too), compute the ones not pooled
+    now (`_pooled`), queue the pooled `gram` ones."""
     mats = check_tensors(mats, fn) if check else [check_structure(G, fn, f"mats[{i}]")  # no entry read
                                                  for i, G in enumerate(as_list(mats, fn, "mats"))]
     if method not in METHODS:
         raise ValueError(f"{fn}: unknown method {method!r}; choose one of {METHODS}")
-    _check_options(fn, method, tol=tol, dtype=dtype, rcond=rcond)
+    _check_options(fn, method, **options)
+    tol, dtype, rcond = options.get("tol"), options.get("dtype"), options.get("rcond")
     chosen = [_auto_method(G, tol, dtype) if method == "auto" else method for G in mats]
     if method == "auto":  # every item's backend accepts the options before any item starts
-        for c in set(chosen):
-            _check_auto_choice(fn, c, tol, dtype, rcond)
+        for c, G in zip(chosen, mats):
+            _check_auto_choice(fn, c, G, tol, dtype, rcond, options.get("ns_steps"), options.get("restart"))
     gram = [c == "gram" and _pooled(G) for c, G in zip(chosen, mats)]
     pooled = [i for i, g in enumerate(gram) if g]
     jobs = [partial(_gram_job, G=mats[i], dtype=dtype or torch.float64, nuclear_dtype=work_dtype(mats[i]),

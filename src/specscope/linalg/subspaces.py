@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_tensor, work_dtype
+from ._scale import pow2_scale
 
 
 def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
@@ -26,16 +27,17 @@ def singular_value_soft_threshold(W: Tensor, tau: float | Tensor) -> Tensor:
     if not fits:
         raise ValueError(f"singular_value_soft_threshold: tau of shape {tuple(tau.shape)} does not broadcast against the batch "
                          f"shape {tuple(W.shape[:-2])} of W {tuple(W.shape)}; give a float or one threshold per batch entry")
-    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-    S = (S - tau.unsqueeze(-1)).clamp(min=0)
-    return ((U * S.unsqueeze(-2)) @ Vh).to(W.dtype)
+    p = pow2_scale(W).double()  # the SVD of W·2^-e (exact; finite at any finite scale), the threshold scaled alike
+    U, S, Vh = torch.linalg.svd(W.double() * p, full_matrices=False)
+    S = (S - tau.unsqueeze(-1) * p[..., 0]).clamp(min=0)
+    return ((U * S.unsqueeze(-2)) @ Vh / p).to(W.dtype)
 
 
 def _orthonormal_basis(X: Tensor, name: str) -> Tensor:
     if X.shape[-1] > X.shape[-2]:  # QR would give a basis of the whole space, and angles of a subspace there is not
         raise ValueError(f"principal_angles: {name} {tuple(X.shape)} has more columns than rows, so its columns are "
                          f"linearly dependent; pass a basis of at most {X.shape[-2]} columns (e.g. the leading singular vectors)")
-    Q, R = torch.linalg.qr(X.double())
+    Q, R = torch.linalg.qr(X.double() * pow2_scale(X).double())  # at unit scale (exact): QR of 1e308 overflows
     d = R.diagonal(dim1=-2, dim2=-1).abs()
     if bool((d <= max(X.shape[-2:]) * torch.finfo(torch.float64).eps * d.amax(-1, keepdim=True).clamp(min=1e-300)).any()):
         raise ValueError(f"principal_angles: the columns of {name} {tuple(X.shape)} are linearly dependent; "
