@@ -14,6 +14,7 @@ insert (torch.compile's `_orig_mod`, activation checkpointing's `_checkpoint_wra
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -70,3 +71,9 @@ def layer_name(name: str) -> str:
     dropped; other names stay, a root-level `weight` too (the layer "" holds the whole model's records: loss, lr)."""
     name = parameter_name(name)
     return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Whether a layer or parameter name matches an include/exclude/split pattern: fnmatch's, or the name itself
+    (fnmatch reads the "[0]" of a ModuleDict key "a[0]" as a character class, which the name does not match)."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)

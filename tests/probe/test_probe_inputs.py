@@ -187,6 +187,10 @@ def test_a_bare_string_exclude_is_refused_not_read_letter_by_letter():
     (dict(split={0: ["a", "b"]}), r"the pattern 0: patterns are layer names \(str\)"),
     (dict(grad_gram_dtype=torch.int32), r"grad_gram_dtype=torch.int32\) must be torch.float64"),
     (dict(grad_gram_dtype=torch.bfloat16), r"grad_gram_dtype=torch.bfloat16\) must be torch.float64"),
+    # checked without a model too: a callback given them failed inside trainer.train()
+    (dict(history=0), r"history=0\) must be an int >= 1"),
+    (dict(include="0"), r"include='0': give a list of layer-name patterns"),
+    (dict(exclude=5), r"exclude=5: give a list of layer-name patterns"),
 ])
 def test_ill_typed_options_are_refused_when_the_monitor_is_made(options, match):
     """Each was accepted (or crashed in the first step with an IndexError, a RuntimeError, a TypeError, a
@@ -300,8 +304,102 @@ def test_an_empty_batch_is_named_as_such_not_as_a_forward_outside_the_step():
     mon = Monitor(model)
     with pytest.warns(UserWarning, match="is unmeasured: its inputs in this step had no rows"):
         unmeasured = by(measure(mon, model, 0, torch.randn(0, 6)), "unmeasured")
-    assert set(unmeasured) == {"0", "2"} and all("no rows (an empty batch)" in r.flag for r in unmeasured.values())
+    assert set(unmeasured) == {"0", "2"} and all("no rows (an empty batch" in r.flag for r in unmeasured.values())
     assert set(by(measure(mon, model, 1, torch.randn(9, 6)), "stable_rank")) == {"0", "2"}  # the next batch measures
     verdicts = mon.advice().set_index("layer")["verdict"]
     measure(mon, model, 2, torch.randn(0, 6))  # like a weight that sat a step out, it keeps its measured window's verdict
     assert (mon.advice().set_index("layer")["verdict"] == verdicts).all() and "unmeasured" not in set(verdicts)
+
+
+def test_numpy_ints_are_options_like_pythons():
+    """every=np.int64(3) was refused as not an int, where step numbers and log_spaced took numpy's ints."""
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    mon = Monitor(model, every=np.int64(2), history=np.int64(5))
+    assert mon.every == 2 and type(mon.every) is int
+    assert {r.step for r in measure(mon, model, 0, torch.randn(9, 6)) + measure(mon, model, 1, torch.randn(9, 6))} == {0}
+
+
+def test_an_empty_include_is_named_in_its_error():
+    with pytest.raises(ConfigError, match=r"^include=\[\] leaves no weight to measure"):
+        Monitor(mlp(), include=[])
+
+
+def test_observe_keeps_a_tracked_weights_name():
+    """observe('zz', weight) of a weight tracked as '0' renamed it: '0' left the Monitor's layers, its history split,
+    and the next step without observe called it "no longer a weight of the model under the name 'zz'"."""
+    model = mlp()
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(9, 6))
+    with mon.step(1):
+        model(torch.randn(9, 6)).square().sum().backward()
+        with pytest.raises(ConfigError, match=r"observe\('zz', ...\): this weight is measured as '0'; pass that name"):
+            mon.observe("zz", model[0].weight, torch.randn(10, 6))
+        mon.observe("0", model[0].weight, torch.randn(10, 6))
+    model.zero_grad()
+    assert mon.layers == ["0", "2"] and not mon.unmeasured
+    assert mon.advice().set_index("layer").loc["0", "measurements"] == 2
+
+
+def test_a_layer_name_with_an_at_sign_reloads_its_own_state():
+    """state_dict() keys an output block's statistics "layer@a:b"; a ModuleDict key "x@0:4" was read back as block 0:4
+    of a layer 'd.x', and the Monitor's own state was refused as "another split"."""
+    class H(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d = nn.ModuleDict({"x@0:4": nn.Linear(6, 6), "y": nn.Linear(6, 3)})
+
+        def forward(self, x):
+            return self.d["y"](self.d["x@0:4"](x))
+
+    torch.manual_seed(0)
+    model = H()
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(9, 6))
+    fresh = Monitor(H())
+    fresh.load_state_dict(mon.state_dict())
+    assert str(fresh.state_dict()["stats"].keys()) == str(mon.state_dict()["stats"].keys())
+
+
+def test_a_layer_whose_name_holds_brackets_is_picked_by_that_name():
+    """fnmatch reads '[0]' as a character class: exclude=['d.a[0]'] matched nothing, while the error listed 'd.a[0]'
+    among the names. A pattern now also matches the name it spells."""
+    model = nn.Sequential()
+    model.add_module("a[0]", nn.Linear(6, 4))
+    model.add_module("b", nn.Linear(4, 3))
+    assert Monitor(model, exclude=["a[0]"]).layers == ["b"]
+    assert Monitor(model, include=["a[0]"]).layers == ["a[0]"]
+    assert Monitor(model, exclude=["[ab]"]).layers == ["a[0]"]  # still fnmatch: '[ab]' matches 'b'
+
+
+def test_an_embedding_whose_step_has_only_padding_keeps_its_verdict():
+    """An all-padding_idx (or empty) batch left the embedding with the reason "has a gradient but no product with it was
+    seen … run the forward inside the block", and its verdict 'unmeasured'; a Linear in the same step got the empty-batch
+    reason and kept its measured window's verdict."""
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.lin = nn.Embedding(20, 8, padding_idx=0), nn.Linear(8, 2)
+
+        def forward(self, ids):
+            return self.lin(self.e(ids))
+
+    for batch in (torch.zeros(1, 5, dtype=torch.long), torch.zeros(0, 5, dtype=torch.long)):
+        torch.manual_seed(0)
+        model = E()
+        mon = Monitor(model)
+        measure(mon, model, 0, torch.tensor([[1, 2, 3, 3, 5]]))
+        with pytest.warns(UserWarning, match="'e' is unmeasured: its inputs in this step had no rows"):
+            measure(mon, model, 1, batch)
+        assert "only padding_idx tokens" in mon.unmeasured["e"]
+        assert mon.advice().set_index("layer").loc["e", "verdict"] != "unmeasured"
+
+
+def test_a_gradient_callable_that_returns_none_is_named_as_the_cause():
+    """The reason said to run backward inside the block and zero_grad outside it, which the user had done."""
+    model = nn.Sequential(nn.Linear(5, 5), nn.Linear(5, 2))
+    mon = Monitor(model, gradient=lambda n, p: p.grad if n == "0" else None)
+    with pytest.warns(UserWarning, match="'1' is unmeasured: .*gradient= callable returned None"):
+        with mon.step(0):
+            model(torch.randn(7, 5)).sum().backward()
+        mon.after_optimizer_step()

@@ -212,7 +212,7 @@ class RawLinear(nn.Module):
     def forward(self, x):
         z = torch.einsum("bi,ji->bj", torch.tanh(x), self.u)  # a product the probe does not pair
         if self.monitor is not None:
-            self.monitor.observe("u_obs", self.u, torch.tanh(x))
+            self.monitor.observe("u", self.u, torch.tanh(x))
         return F.linear(x, self.w) + F.linear(x, self.lin.weight) + z[:, :3]  # lin's forward never runs
 
 
@@ -235,7 +235,7 @@ def test_raw_parameters_functional_linear_and_observe():
     with mon.step(1):
         model(x).sum().backward()
     st = by(mon.pop_records(), "stable_rank")
-    assert not mon.unmeasured and st["u_obs"].value == pytest.approx(exact_st(torch.tanh(x)), rel=1e-9)
+    assert not mon.unmeasured and st["u"].value == pytest.approx(exact_st(torch.tanh(x)), rel=1e-9)
 
 
 def test_padding_tokens_are_not_rows_of_an_embeddings_input():

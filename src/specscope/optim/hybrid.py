@@ -14,7 +14,6 @@ whose default algorithm is theirs, so each of them accepts extra algorithm="adam
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import inspect
 import math
 import warnings
@@ -30,6 +29,7 @@ from specscope.errors import ConfigError, NonFiniteError
 from specscope.linalg._checks import no_autocast
 from specscope.linalg.devices import is_dtensor
 from specscope.optim import _common, _distributed, _euclidean
+from specscope.names import name_matches
 from specscope.records import Record
 
 Update = Callable[[Any, dict, list[Tensor], list[Tensor], list[str]], None]
@@ -634,5 +634,5 @@ def _given_roles(roles: Any, named: dict[str, Tensor], valid: tuple[str, ...]) -
 
 def _excluded(name: str, pattern: str) -> bool:
     prefix = pattern if pattern.endswith(".") else pattern + "."
-    return (fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(_common.layer_name(name), pattern)
+    return (name_matches(name, pattern) or name_matches(_common.layer_name(name), pattern)
             or name.startswith(prefix))

@@ -34,7 +34,7 @@ from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
-from specscope.probe.pairing import Interleaved, Slot, expert_name, tracked_slots
+from specscope.probe.pairing import Interleaved, Slot, check_patterns, expert_name, tracked_slots
 from specscope.probe import watch as W
 from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
@@ -59,11 +59,13 @@ NO_GRADIENT = ("multiplied an input in this step's forward but had no gradient w
 STACK_PRODUCTS = frozenset({"_grouped_mm", "bmm", "baddbmm"})  # batched products: a ≥ 3-D weight used so is a stack
 # the one unmeasured reason that says nothing about the weight: it sat out this step (an MoE expert, a branch)
 NOT_USED = "not used in this step's forward pass (no input, no gradient)"
+NO_SOURCE_GRADIENT = ("multiplied an input in this step's forward, but the Monitor's gradient= callable returned None for "
+                      "it: that callable gives this weight no gradient in this step")
 FROZEN = ("multiplied an input in this step's forward but is frozen (requires_grad=False), so it has no gradient: "
           "leave it out with Monitor(exclude=[...]), or build the Monitor after freezing (frozen weights are not tracked)")
 NEVER_ROUTED = "an expert no token has been routed to on a measured step so far: no st(A) yet"
-EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch), so st(A) is undefined; a step with data "
-               "measures it")
+EMPTY_BATCH = ("its inputs in this step had no rows (an empty batch, or only padding_idx tokens for an embedding), so "
+               "st(A) is undefined; a step with data measures it")
 
 
 def _count(value, least: int) -> bool:
@@ -88,9 +90,12 @@ def _check_split(split) -> None:
 
 
 def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras, power_iters=1, power_block=4, topk=4,
-                  split=None, grad_gram_dtype=torch.float64) -> None:
-    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+                  split=None, grad_gram_dtype=torch.float64, history=1000, include=None, exclude=()) -> None:
+    if every is not None and not _count(every, 1):
         raise ConfigError(f"Monitor(every={every!r}) must be a positive int or None")
+    if not _count(history, 1):
+        raise ConfigError(f"Monitor(history={history!r}) must be an int >= 1: the measurements advice() reads")
+    check_patterns("include", include), check_patterns("exclude", exclude)  # a bare string, or a pattern that is no string
     if not isinstance(log_spaced, bool) and not _count(log_spaced, 1):
         raise ConfigError(f"Monitor(log_spaced={log_spaced!r}) must be True (10 measured steps per decade), an int >= 1 "
                           "(measured steps per decade) or False")
@@ -209,12 +214,12 @@ class Monitor:
         history: int = 1000,
         grad_gram_dtype: torch.dtype = torch.float64,
     ):
+        include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)  # a generator read once
         _check_values(every=every, log_spaced=log_spaced, gradient=gradient, estimator=estimator, nonfinite=nonfinite, extras=extras,
-                      power_iters=power_iters, power_block=power_block, topk=topk, split=split, grad_gram_dtype=grad_gram_dtype)
+                      power_iters=power_iters, power_block=power_block, topk=topk, split=split, grad_gram_dtype=grad_gram_dtype,
+                      history=history, include=include, exclude=exclude)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Monitor(model={type(model).__name__}): pass the nn.Module whose weights to measure")
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ConfigError(f"Monitor(history={history!r}) must be an int >= 1: the measurements advice() reads")
         self.extras = tuple(extras)
         if estimator == "exact" and D.world_size() > 1:
             raise ConfigError("estimator='exact' keeps activations and is single-process; use 'gram' or 'power' under torch.distributed")
@@ -224,7 +229,7 @@ class Monitor:
             model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model._orig_mod
         self.model = model  # names without DDP's `module.` or torch.compile's `_orig_mod.`
         self._grads_reduced = ddp  # DDP has already averaged .grad over ranks
-        self.every, self.log_spaced = every, (10 if log_spaced is True else int(log_spaced))
+        self.every, self.log_spaced = (None if every is None else int(every)), (10 if log_spaced is True else int(log_spaced))
         self.gradient, self.estimator, self.nonfinite, self.topk = gradient, estimator, nonfinite, topk
         self._stats_kw = dict(block=power_block, iters=power_iters)
         self.slots: dict[int, Slot] = tracked_slots(self.model, include=include, exclude=exclude, split=split)
@@ -253,7 +258,7 @@ class Monitor:
         self._latest_st: dict[str, float] = {}
         self._latest_inputs: dict[str, tuple[int, str]] = {}
         self._history: dict[str, deque] = {}
-        self._history_len = history
+        self._history_len = int(history)
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
         self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
@@ -273,7 +278,8 @@ class Monitor:
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in known}
         given = {**defaults, **options}
         _check_values(**{k: given[k] for k in ("every", "log_spaced", "gradient", "estimator", "nonfinite", "extras", "power_iters",
-                                               "power_block", "topk", "split", "grad_gram_dtype")})
+                                               "power_block", "topk", "split", "grad_gram_dtype", "history", "include",
+                                               "exclude")})
 
     @property
     def unpaired(self) -> dict[str, str]:
@@ -375,8 +381,11 @@ class Monitor:
         n_features = slot.n_features if slot is not None and slot.kind == "observed" else weight.shape[-1]
         if inputs.shape[-1] != n_features:  # checked before anything changes: a rejected call leaves the Monitor as it was
             raise ConfigError(f"observe('{name}', ...): inputs have {inputs.shape[-1]} features, the weight takes {n_features}")
+        if slot is not None and name not in slot.names():
+            raise ConfigError(f"observe('{name}', ...): this weight is measured as '{slot.name}'; pass that name: "
+                              f"observe('{slot.name}', weight, inputs)")
         if slot is None or slot.kind != "observed":
-            if name in self.layers and (slot is None or name not in slot.names()):
+            if name in self.layers and slot is None:
                 raise ConfigError(f"observe('{name}', ...): that name is already a measured weight; pick another")
             if slot is None:
                 slot = self.slots[id(weight)] = Slot(name, weight)
@@ -640,7 +649,7 @@ class Monitor:
                     "experts_implementation 'grouped_mm', 'eager', 'batched_mm')")
         if s.other_ops:
             return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
-        if s.inputs:  # a product was seen, with no rows
+        if s.inputs or (s.forward_seen and s.tokens is not None):  # a product or a lookup was seen, with no rows
             return EMPTY_BATCH
         if not has_grad:
             return NOT_USED
@@ -676,7 +685,8 @@ class Monitor:
             seen = id(s.param) in inputs or (s.kind == "experts" and not s.problem and any((id(s.param), r) in inputs for r in s.block_stats))
             if not seen or id(s) not in grads.has_grad:
                 why = self.unmeasured[s.name] = (self._unmeasured_reason(s, id(s) in grads.has_grad) if not seen
-                                                 else NO_GRADIENT if s.param.requires_grad else FROZEN)
+                                                 else FROZEN if not s.param.requires_grad
+                                                 else NO_SOURCE_GRADIENT if callable(self.gradient) else NO_GRADIENT)
                 shape = "x".join(map(str, s.grad_matrix(s.param.detach()).shape))
                 self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
                 if s.name not in self._warned:
@@ -835,7 +845,7 @@ class Monitor:
     def _check_state_layers(self, state: dict) -> None:
         """ConfigError unless `state` was saved by a Monitor of the same weights: its layers are this Monitor's, with
         the same shapes and recorded names (the same split). Weights it measured through observe() are exempt: a resumed
-        run observes them again (under their names; a tracked weight observed under another name is missing there)."""
+        run observes them again (under their names: a tracked weight is observed under its own)."""
         by_name = {s.name: s for s in self.slots.values()}
         saved = state.get("slots")  # absent in states saved before it was kept: the names it records are checked then
         saved = saved if isinstance(saved, dict) else {}
@@ -845,7 +855,7 @@ class Monitor:
         shapes = state.get("shapes") or {}
         differ = sorted(n for n in mine & set(shapes) - observed if tuple(shapes[n]) != tuple(by_name[n].param.shape))
         recorded = set(state["history"]) | set(state["latest_st"]) | set(state.get("latest_inputs") or ())  # recorded names
-        warm = {k.partition("@")[0] for k in state["stats"]}  # by weight
+        warm = {_stats_key(k, by_name)[0] for k in state["stats"]}  # by weight
         known = set(self.layers) | {expert_name(s.name, e) for s in by_name.values() if s.param.dim() == 3  # a stack measured
                                     for e in range(s.param.shape[0])}  # per expert there, not yet here
         unknown = sorted((recorded - known - observed) | (warm - known - set(by_name) - observed))
@@ -872,6 +882,16 @@ class Monitor:
         return f"Monitor({len(self.layers)} weights, every={self.every}, estimator={self.estimator!r}, unmeasured={list(self.unmeasured)})"
 
 
+def _stats_key(key, names) -> tuple[str, str]:
+    """(layer, "a:b" or "") of a state's stats key: a layer's own name (a ModuleDict key may hold an "@"), else
+    "layer@a:b", split at its last "@"."""
+    key = str(key)
+    if key in names or "@" not in key:
+        return key, ""
+    name, _, block = key.rpartition("@")
+    return name, block
+
+
 def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
     """The parts of a Monitor state, each value checked (a ConfigError naming the entry): warm blocks as
     (slot, output block or None, stats state), the advice history, latest st(A), the slots' learned use, the
@@ -889,7 +909,7 @@ def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
     saved_slots = state.get("slots") if isinstance(state.get("slots"), dict) else {}
     stats = []
     for key, st in state["stats"].items():
-        name, _, block = str(key).partition("@")  # "layer@a:b": an output block with its own input
+        name, block = _stats_key(key, by_name)  # "layer@a:b": an output block with its own input
         s = by_name.get(name)
         if not isinstance(st, dict):
             raise bad(f"stats[{key!r}]", f"a {type(st).__name__}, not a dict")

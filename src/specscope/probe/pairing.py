@@ -20,7 +20,6 @@ reason; `Monitor.observe` remains for products the probe cannot see.
 
 from __future__ import annotations
 
-import fnmatch
 import itertools
 import math
 import warnings
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specscope.errors import ConfigError
-from specscope.names import layer_name
+from specscope.names import layer_name, name_matches
 
 aten = torch.ops.aten
 MATMULS = (aten.mm, aten.addmm)
@@ -181,7 +180,7 @@ class Slot:
                         f"slices each lie in one block, e.g. split={{'{self.name}': {example}}}")
 
 
-def _patterns(kind: str, patterns) -> tuple[str, ...] | None:
+def check_patterns(kind: str, patterns) -> tuple[str, ...] | None:
     """include= / exclude= as a tuple of fnmatch patterns (None stays None); a ConfigError for a bare string, which
     would be read one character at a time, or for a pattern that is no string."""
     if patterns is None:
@@ -195,7 +194,7 @@ def _patterns(kind: str, patterns) -> tuple[str, ...] | None:
 
 
 def _matches(name: str, patterns) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    return any(name_matches(name, p) for p in patterns)
 
 
 def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> dict[int, Slot]:
@@ -205,7 +204,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     straddled: dict[str, list[str]] = {}  # a warning -> the weights it concerns
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
     names = [layer_name(n) for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
-    include, exclude = _patterns("include", include), _patterns("exclude", exclude) or ()
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude) or ()
     for kind, patterns in (("include", include or ()), ("exclude", exclude)):
         if unknown := [k for k in patterns if not _matches_any(k, names)]:
             raise ConfigError(f"{kind} patterns {unknown} match no weight of the model (fnmatch on layer names, "
@@ -216,7 +215,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
             continue
         if (include is not None and not _matches(name, include)) or _matches(name, exclude):
             continue
-        spec = next((v for k, v in split.items() if fnmatch.fnmatchcase(name, k)), None)
+        spec = next((v for k, v in split.items() if name_matches(name, k)), None)
         out_dim = 1 if type(owners.get(id(p))).__name__ == "Conv1D" else 0  # transformers' Conv1D stores [in, out]
         if spec is not None:
             split_indices(name, spec, p.shape[out_dim])  # a bad split fails here, not mid-training
@@ -232,7 +231,8 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     if unknown := [k for k in split if not _matches_any(k, [s.name for s in slots.values()])]:
         raise ConfigError(f"split patterns {unknown} match no weight of the model; names look like {[s.name for s in slots.values()][:4]}")
     if names and not slots:
-        given = " and ".join(f"{k}={list(v)}" for k, v in (("include", include), ("exclude", exclude)) if v)
+        given = " and ".join(f"{k}={list(v)}" for k, v in (("include", include), ("exclude", exclude))
+                             if v or (k == "include" and v is not None))  # include=[] names no weight
         raise ConfigError(f"{given} leave{'s' if ' and ' not in given else ''} no weight to measure; names look "
                           f"like {names[:4]}")
     return slots
@@ -256,7 +256,7 @@ def straddled_blocks(spec, p: torch.Tensor, out_dim: int) -> str | None:
 
 
 def _matches_any(pattern: str, names) -> bool:
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+    return any(name_matches(n, pattern) for n in names)
 
 
 def resolve(t: torch.Tensor, slots: dict[int, Slot], casts: dict) -> tuple[Slot, torch.Tensor] | None:

@@ -213,7 +213,7 @@ def diagnose(
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     estimator: str = typer.Option("gram", "--estimator", help="st(A) estimator: gram (default, certified within 1e-4), power or exact."),
     split: list[str] = typer.Option([], "--split", help="Measure a fused weight's output blocks apart (its rows; a Conv1D's columns): PATTERN=q,k,v or PATTERN=q:64,k:64,v:64 (repeatable)."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Module name pattern (fnmatch) not to measure (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Layer-name pattern not to measure (fnmatch, or an exact name; repeatable)."),
 ) -> None:
     """Train a model for a few steps with the probe; print st(A), nr(G), nr/st and a verdict per weight."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
