@@ -6,6 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from specscope import linalg as L
+from specscope.errors import ConfigError
 from specscope.probe import Monitor
 from specscope.train.distributed import spawn
 
@@ -103,6 +105,52 @@ def test_a_weight_one_rank_has_not_used_yet_is_unmeasured_on_every_rank_not_a_ha
     unmeasured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "unmeasured"}
     measured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "stable_rank"}
     assert unmeasured == {(0, "b")} and measured == {(0, "a"), (1, "a"), (1, "b")}
+
+
+def plain_routed_worker(rank, world, frozen_on_rank_1=False):
+    """Routed without DDP (the probe averages the gradients itself): rank 1 skips b at step 0, so it has no b.grad."""
+    model = Routed()
+    if frozen_on_rank_1 and rank == 1:
+        model.b.weight.requires_grad_(False)
+    mon = Monitor(model)
+    out = []
+    for step in range(2):
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + rank))
+        with mon.step(step):
+            model(x, use_b=rank == 0 or step == 1).sum().backward()
+        out += [(r.step, r.layer, r.metric, r.value, r.flag) for r in mon.pop_records() if r.metric in ("nuclear_rank", "unmeasured")]
+        model.zero_grad()
+    return out, (model.b.weight.grad is None)
+
+
+def test_a_weight_without_a_gradient_on_one_rank_is_averaged_as_zero_there_not_an_abort():
+    """Without DDP each rank all-reduced the gradients it had: rank 1 had no b.grad, the sizes differed and gloo
+    aborted the processes (NCCL hangs). Every rank now reduces the weights any rank has a gradient of, its own zero
+    where it has none, as DDP's mean does: b's nr(G) is that of rank 0's gradient / 2, the same on both ranks."""
+    results = spawn(plain_routed_worker, 2, timeout=120)
+    (r0, _), (r1, _) = results
+    assert r0 == r1
+    nr = {(step, layer): value for step, layer, metric, value, _ in r0 if metric == "nuclear_rank"}
+    assert set(nr) == {(0, "a"), (0, "b"), (1, "a"), (1, "b")}
+    torch.manual_seed(0)
+    alone = Routed()  # rank 0's step 0 in one process: b's gradient halved has the same nuclear rank
+    alone(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), use_b=True).sum().backward()
+    assert nr[(0, "b")] == pytest.approx(float(L.nuclear_rank(alone.b.weight.grad.double() / 2)), rel=1e-6)
+
+
+def frozen_worker(rank, world):
+    try:
+        plain_routed_worker(rank, world, frozen_on_rank_1=True)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_monitors_of_different_weights_on_the_ranks_are_refused_not_a_hang():
+    """A weight frozen on one rank before its Monitor was made left it out there: the ranks' reductions differed in
+    size and both hung until the spawn timeout. The first measured step now refuses it on every rank."""
+    messages = spawn(frozen_worker, 2, timeout=120)
+    assert all(m is not None and "the ranks measure different weights" in m for m in messages)
 
 
 class TwoOfAWidth(nn.Module):

@@ -40,6 +40,17 @@ def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
+def same_on_every_rank(values: list[float], device: torch.device) -> bool:
+    """Whether every rank passed the same numbers (each exact in float64): one all-reduce of a fixed size, which
+    cannot mismatch however the ranks differ (a sized one whose sizes differ aborts gloo and hangs NCCL)."""
+    if world_size() == 1:
+        return True
+    v = torch.tensor([*values, *(-x for x in values)], dtype=torch.float64, device=device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    top, low = v[: len(values)], -v[len(values):]
+    return bool(torch.equal(top, low))
+
+
 def all_reduce_mean(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Average over ranks (gradients of a model that is not wrapped in DistributedDataParallel).
 

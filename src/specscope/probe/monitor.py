@@ -19,6 +19,7 @@ import itertools
 import math
 import numbers
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -259,6 +260,7 @@ class Monitor:
         self._latest_inputs: dict[str, tuple[int, str]] = {}
         self._history: dict[str, deque] = {}
         self._history_len = int(history)
+        self._ranks_agree = False  # checked at the first measured step under torch.distributed
         self.grad_gram_dtype = grad_gram_dtype
         self._last_measured: int | None = None
         self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
@@ -530,6 +532,7 @@ class Monitor:
         if D.world_size() == 1:
             return None
         slots = list(self.slots.values())
+        self._check_ranks_agree()
         experts = [s.kind == "experts" for s in slots]  # a stack's statistics are its experts'
         local = torch.tensor([[sum(b.rows for b in s.block_stats.values()) if x else s.stats.rows if s.stats is not None else 0,
                                s.tokens.rows if s.tokens is not None else 0, not s.block_stats if x else s.stats is None,
@@ -671,11 +674,41 @@ class Monitor:
             slots.append(s)
             mats.append(s.grad_matrix(g.detach()))
         if reduce and self.gradient == "grad" and not self._grads_reduced:
+            if D.world_size() > 1:
+                slots, mats, has_grad = self._on_every_rank(slots, mats, has_grad)
             mats = D.all_reduce_mean(mats)
         named = [(nm, s, G) for s, M in zip(slots, mats) for nm, G in s.slices(M)]
         # FSDP2: sharded gradients are measured through the all-reduced Gram of their shards (probe/distributed.py)
         spectra = D.gradient_spectra_later([G for _, _, G in named], exact=self.estimator == "exact", dtype=self.grad_gram_dtype)
         return _Gradients(named, spectra, has_grad)
+
+    def _check_ranks_agree(self) -> None:
+        """A ConfigError, on every rank, when the ranks' Monitors track different weights (a weight frozen on one rank
+        before its Monitor was made): their sized all-reduces would not match. Checked once, before the first."""
+        if self._ranks_agree or D.world_size() == 1:
+            return
+        slots = list(self.slots.values())
+        names = "\n".join(s.name for s in slots).encode()
+        if not D.same_on_every_rank([len(slots), zlib.crc32(names)], _reduce_device(slots)):
+            raise ConfigError(f"Monitor: the ranks measure different weights (this rank's Monitor has {len(slots)}, e.g. "
+                              f"{self.layers[:3]}): build the Monitor on every rank from the same model with the same "
+                              "include/exclude/split, and freeze weights (requires_grad=False) on every rank alike, before "
+                              "the Monitor is made")
+        self._ranks_agree = True
+
+    def _on_every_rank(self, slots: list[Slot], mats: list[torch.Tensor], has_grad: set[int]):
+        """The weights some rank has a gradient of, in one order on every rank, a zero gradient where this rank has
+        none (a branch its batch skipped, a weight frozen here): the ranks' all-reduces then agree in size (they
+        once did not, and gloo aborted; NCCL hangs), and the mean counts this rank's zero as DDP's does."""
+        self._check_ranks_agree()
+        every = list(self.slots.values())
+        mine = torch.tensor([id(s) in has_grad for s in every], dtype=torch.float64, device=_reduce_device(every))
+        (anyone,) = D.all_reduce_sum([mine])
+        own = {id(s): M for s, M in zip(slots, mats)}
+        kept = [s for s, n in zip(every, anyone.tolist()) if n > 0]
+        grads = [own[id(s)] if id(s) in own else s.grad_matrix(torch.zeros(s.param.shape, dtype=s.param.dtype,
+                                                                             device=s.param.device)) for s in kept]
+        return kept, grads, {id(s) for s in kept}
 
     def _record(self, step: int, inputs: dict[int, _Inputs], grads: _Gradients) -> None:
         """The step's records: unmeasured weights with their reasons, then, once the gradients' spectra are
