@@ -31,6 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords
+from specscope.linalg.devices import is_dtensor
 from specscope.optim import _common, _euclidean, l1_to_l2
 from specscope.optim.hybrid import Hybrid, _number, register
 from specscope.optim.specgd import layer_stable_ranks, unmeasured_layers
@@ -82,7 +83,7 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         if st is None:
             s["geometry"] = 0
         elif deciding[i]:
-            nr = nuclear_rank(D, *exact[i][1:])
+            nr = nuclear_rank(D, *exact[i][1:], shardwise=group.get("shardwise", False))
             s["geometry"] = choose(s.get("geometry"), nr / st, group["threshold"], group["hysteresis"])
             opt._records += [Record(metric="nuclear_rank", value=nr, estimator="gram", **rec),
                              Record(metric="spectral_advantage", value=nr / st, estimator="gram", **rec)]
@@ -98,9 +99,12 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
 
 
-def nuclear_rank(D: Tensor, nuc: Tensor, k: Tensor | None) -> float:
+def nuclear_rank(D: Tensor, nuc: Tensor, k: Tensor | None, shardwise: bool = False) -> float:
     """nr(D) = ‖D‖_*²/‖D‖_F² from `unit_polar_with_nuclear_norm`'s (‖D·k‖_*, k): both norms at unit scale (the
-    ratio does not change with it), so neither overflows; a DTensor's whole ‖D‖_F, not its shard's."""
+    ratio does not change with it), so neither overflows; a DTensor's whole ‖D‖_F, not its shard's, unless
+    `shardwise` (then ‖D‖_* is the local shard's, and so is ‖D‖_F: each rank's row shard is its own matrix)."""
+    if shardwise and is_dtensor(D):
+        D = D.to_local()
     fro2 = _common.fro_squared(D if k is None else D * k)
     return float(nuc) ** 2 / fro2 if fro2 > 0 else 1.0
 
@@ -141,7 +145,7 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
         if st is None:
             s["geometry"] = EUCLIDEAN_GEOMETRY
         elif step % group["every"] == 0 or "geometry" not in s:
-            nr = nuclear_rank(_common.as_matrix(D), nuc, unit)
+            nr = nuclear_rank(_common.as_matrix(D), nuc, unit, shardwise=group.get("shardwise", False))
             cr = l1_to_l2.column_rank(D, k)
             s["geometry"] = choose_among(s.get("geometry"), {SPECTRAL_GEOMETRY: nr / st, L1_TO_L2_GEOMETRY: cr / st},
                                          group["threshold"], group["hysteresis"])
