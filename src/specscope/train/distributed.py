@@ -261,8 +261,24 @@ def _state(model: nn.Module, optimizer: Any, monitor: Any, extra: dict | None) -
 
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any = None, extra: dict | None = None) -> None:
-    """Write a distributed checkpoint (a directory): each rank writes its own shards; call on every rank."""
-    dcp.save(_state(model, optimizer, monitor, extra), checkpoint_id=os.fspath(path))
+    """Write a distributed checkpoint (a directory): each rank writes its own shards; call on every rank.
+
+    torch's `get_state_dict` gives parameters that have no optimizer state yet (before the first step) one by
+    a zero-gradient, lr=0 step; the optimizer is left as it was before the save (that step's counters, buffers,
+    records and AutoGeometry choices undone), so saving never changes the training that follows."""
+    fresh = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    choices = dict(optimizer.choices) if isinstance(getattr(optimizer, "choices", None), dict) else None
+    made = len(getattr(optimizer, "_records", ()))
+    try:
+        dcp.save(_state(model, optimizer, monitor, extra), checkpoint_id=os.fspath(path))
+    finally:
+        for p in fresh:
+            optimizer.state.pop(p, None)
+        if choices is not None:
+            optimizer.choices.clear()
+            optimizer.choices.update(choices)
+        if isinstance(getattr(optimizer, "_records", None), list):
+            del optimizer._records[made:]
 
 
 # What a DCP `.metadata` written by `save` references (torch 2.13): the Metadata dataclasses, the filesystem
@@ -340,11 +356,16 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     state = _state(model, optimizer, monitor, {})
     try:
         dcp.load(state, checkpoint_id=os.fspath(path), storage_reader=_SafeReader(os.fspath(path)))
-    except CheckpointException as e:  # under a process group: the rank's own RunStoreError, wrapped
-        for failure in getattr(e, "failures", {}).values():
-            if isinstance(failure, RunStoreError):
-                raise RunStoreError(str(failure)) from None
-        raise
+    except CheckpointException as e:  # each rank's error, wrapped (with its frames); a BaseException, not an Exception
+        causes = [f[0] if isinstance(f, tuple) and f else f for f in getattr(e, "failures", {}).values()]
+        for cause in causes:
+            if isinstance(cause, RunStoreError):
+                raise RunStoreError(str(cause)) from None
+        cause = causes[0] if causes else e
+        raise ConfigError(f"the checkpoint {os.fspath(path)!r} does not fit what it is loaded into "
+                          f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}): load it into the "
+                          "model, optimizer and Monitor it was saved with, built the same way (a checkpoint saved without "
+                          "a Monitor: load(path, model, optimizer))") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     if hasattr(optimizer, "pop_records"):  # get_state_dict's zero-gradient, lr=0 step to create state recorded nothing real
         optimizer.pop_records()
