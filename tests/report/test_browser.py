@@ -107,3 +107,19 @@ def test_parallel_installs_of_chromium_take_turns(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert found == ["/usr/bin/chromium"] * 2 and most[0] == 1 and runs == ["install"]
+
+
+def test_a_comparison_of_copies_of_one_run_in_other_folders_fits_the_window(tmp_path, chromium):
+    """Runs named by their paths (copies of one run in three folders): the configuration table squeezed its key column
+    into fragments and pushed the last run's column 1027 px past the window; the figures' legends gave the three runs
+    one label."""
+    from specscope.report.compare import legend_names, run_labels
+
+    names = [f"backup_copy_number_{i}/gpt/20261201T000000Z-aaaaaa" for i in (2, 3, 4)]
+    runs = {n: synthetic_metrics(seed=i, arms=("",)) for i, n in enumerate(names)}
+    configs = {n: {"d_model": 32, "corpus": "stdlib", "device": "cpu", "lr": 0.001} for n in names}
+    page = write_comparison(tmp_path, runs, configs=configs, labs=dict.fromkeys(runs, "gpt"), dpi=DPI)
+    check = check_page(page, exe=chromium)
+    assert check.problems == [], check.problems
+    legends = legend_names(run_labels(names, configs, dict.fromkeys(names, "gpt")))
+    assert len(set(legends.values())) == 3 and all(len(v) <= 44 for v in legends.values())

@@ -61,10 +61,23 @@ def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = Non
 
 def legend_names(labels: Mapping[str, str], width: int = 44) -> dict[str, str]:
     """Run name -> its label, shortened for a legend; a label that had to be cut ends with the end of the
-    run's id (what tells cut labels apart; the page's run table has both in full)."""
-    def short(n: str, v: str) -> str:
-        return v if len(v) <= width else f"{textwrap.shorten(v, width - 9, placeholder='…')} ({str(n)[-6:]})"
-    return {n: short(n, v) for n, v in labels.items()}
+    run's id (what tells cut labels apart; the page's run table has both in full). Runs whose cut labels and id
+    ends are the same (copies of one run in other folders) end with the part of their names that differs."""
+    def cut(v: str, tail: str) -> str:
+        return v if len(v) <= width else f"{textwrap.shorten(v, max(width - 3 - len(tail), 12), placeholder='…')} ({tail})"
+    out = {n: cut(v, str(n)[-6:]) for n, v in labels.items()}
+    for same in [[n for n in out if out[n] == v] for v in set(out.values())]:
+        if len(same) > 1:
+            for n, middle in zip(same, _differing_parts([str(n) for n in same])):
+                out[n] = cut(labels[n], textwrap.shorten(middle, 16, placeholder="…") if len(middle) > 16 else middle)
+    return out
+
+
+def _differing_parts(names: Sequence[str]) -> list[str]:
+    """Each name without the beginning and the end all of them share (at least one character of each is kept)."""
+    head = len(os.path.commonprefix(list(names)))
+    tail = len(os.path.commonprefix([n[::-1] for n in names]))
+    return [n[min(head, len(n) - 1): max(len(n) - tail, min(head, len(n) - 1) + 1)] for n in names]
 
 
 def _label(run: str, arm: str, labels: Mapping[str, str] | None = None) -> str:
@@ -192,7 +205,7 @@ def config_diff_html(configs: Mapping[str, Mapping], labels: Mapping[str, str] |
         rows.append([key, *texts])
         row_classes.append("differs" if len(set(texts)) > 1 else "")
     header = ["key", *[(labels or {}).get(n, n) for n in flat]]
-    return "<p>Highlighted rows differ between runs.</p>" + table(rows, header, row_classes=row_classes)
+    return "<p>Highlighted rows differ between runs.</p>" + table(rows, header, row_classes=row_classes, table_class="wide")
 
 
 def _series(runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
