@@ -247,3 +247,36 @@ def test_claims_mark_and_warn_about_a_run_whose_progress_file_is_damaged(tmp_pat
     assert f"warning: {run.path}: its progress.json is damaged, so its claims may not match its records" in res.stderr
     assert "progress.json" in res.stderr.split("(", 1)[1]
     assert before == {f.name: f.read_bytes() for f in run.path.iterdir() if f.is_file()}  # a reader writes nothing
+
+
+def test_claims_say_which_runs_they_leave_out_and_name_nested_runs_by_their_path(tmp_path):
+    """A killed run whose report wrote its claims was left out in silence ("no recorded claims under …"); a run in a
+    folder below another lab's (runs/bad/grokking/X) was listed as "X", which `report X --root runs` could not find."""
+    killed = Run.create(tmp_path, "grokking", {"seed": 0}, run_id="killed")
+    killed.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m", "verdict": "PASS"}]})
+    killed.flush()
+    killed._release()  # as after SIGKILL: status incomplete
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path)])
+    assert res.exit_code == 0 and "no recorded claims" in res.output
+    assert f"1 run(s) under {tmp_path} did not complete, and their claims are left out: {killed.path} (incomplete)" \
+        in " ".join(res.stderr.split())
+    with Run.create(tmp_path / "bad", "grokking", {"seed": 0}, run_id="nested") as run:
+        run.write_summary({"claims": [{"id": "GR-1", "text": "t", "published": "p", "measured": "m", "verdict": "PASS"}]})
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert f'"{tmp_path / "bad" / "grokking" / "nested"}"' in res.stdout
+
+
+def test_a_folder_where_summary_json_goes_is_named_with_a_fix_that_works(tmp_path):
+    """`runs` and `claims` said that `specscope report` rewrites it; report then failed on writing the file."""
+    with Run.create(tmp_path, "diagnose", {"seed": 0}, run_id="r") as run:
+        run.append([Record(0, "w", "stable_rank", 1.5)])
+        run.write_summary({"claims": []})
+    (run.path / "summary.json").unlink()
+    (run.path / "summary.json").mkdir()
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path)])
+    assert "is a folder (or another non-file), not a JSON file; move it away, then `specscope report" in str(res.exception)
+    res = runner.invoke(app, ["report", str(run.path)])
+    assert isinstance(res.exception, RunStoreError) and "is a folder, not the summary the report rewrites: move it away" \
+        in str(res.exception)
+    (run.path / "summary.json").rmdir()
+    assert runner.invoke(app, ["report", str(run.path)]).exit_code == 0 and (run.path / "report.html").is_file()

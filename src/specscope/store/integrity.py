@@ -102,7 +102,7 @@ def read_json(path: Path, *, checksum: bool = False, fix: str = "restore or dele
     """A JSON object from `path`; every way it can be wrong is one RunStoreError naming the file and `fix`."""
     path = Path(path)
     if path.exists() and not path.is_file():
-        raise RunStoreError(f"{path} is a folder (or another non-file), not a JSON file; {fix}.")
+        raise RunStoreError(f"{path} is a folder (or another non-file), not a JSON file; move it away, then {fix}.")
     if not path.is_file():
         raise RunStoreError(f"{path} is missing; {fix}.")
     try:

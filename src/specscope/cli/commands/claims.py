@@ -29,7 +29,7 @@ from specscope.errors import ConfigError, RunStoreError
 from specscope.names import visible
 from specscope.store.integrity import discard, read_json
 from specscope.store import readers
-from specscope.store.run import read_config
+from specscope.store.run import effective_status, read_config
 from specscope.records import Claim, over_seeds
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -50,7 +50,7 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
     """(lab, run name, config, created, claims) of every complete run and every sweep under `root`."""
     from specscope.sweep import read_sweep_meta  # pandas: not on every CLI start
 
-    out = []
+    out, unfinished = [], []
     # a sweep with claims of its own speaks for its runs; one without (a lab with no sweep rule, a grid over
     # seeds) lets its runs be grouped like any others
     sweeps = {f.parent for f in root.rglob("sweep.json") if (f.parent / "claims.json").is_file()}
@@ -69,17 +69,27 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
                 continue
             if not meta.get("summary"):
                 continue
-        if meta["status"] != "complete" or meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
+        if meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
+            continue
+        if meta["status"] != "complete":  # its claims are of the records so far: left out, and said so
+            if summary.is_file():
+                unfinished.append(f"{summary.parent} ({effective_status(summary.parent, meta)})")
             continue
         fix = f"`specscope report {summary.parent}` rewrites it from the recorded metrics"
         data = read_json(summary, checksum=True, fix=fix)  # a tampered verdict is never shown as a result
         if problem := readers.other_runs(summary, data, meta, fix):  # nor another run's, under this run's name
             raise RunStoreError(problem)
         damaged = data.get("salvaged") or _damage(summary.parent)
-        name = summary.parent.name + (f" ({readers.salvage_title(str(data['salvaged'])).lower()})" if data.get("salvaged")
+        rel = summary.parent.relative_to(root)
+        where = summary.parent.name if len(rel.parts) == 2 else str(summary.parent)  # not <root>/<lab>/<id>: the path
+        name = where + (f" ({readers.salvage_title(str(data['salvaged'])).lower()})" if data.get("salvaged")
                                       else f" ({damaged.split(': ', 1)[0]})" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     _summary_claims(summary, data)))
+    if unfinished:
+        typer.echo(f"warning: {len(unfinished)} run(s) under {visible(root)} did not complete, and their claims are "
+                   f"left out: {visible(', '.join(unfinished[:4]))}{' …' if len(unfinished) > 4 else ''} "
+                   "(`specscope run --resume RUN` completes one)", err=True)
     for claims_file in sorted(root.rglob("claims.json")):
         sweep = claims_file.parent / "sweep.json"
         if not sweep.is_file():

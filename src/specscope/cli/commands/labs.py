@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from specscope.cli import app, interruptible
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.names import markup, visible
 
 SALVAGE_HELP = "Read a damaged metrics database anyway: use the records still readable, and say so in every file written."
@@ -136,6 +136,9 @@ def report_cmd(
         raise ConfigError(f"{run_dir} is being written by a live process; report it when it has finished "
                           "(it writes its own report then)")
     check_writable(run_dir)  # every refusal before the first write: a refused report changes no file
+    if (Path(run_dir) / "summary.json").is_dir() and not (Path(run_dir) / "summary.json").is_symlink():
+        raise RunStoreError(f"{Path(run_dir) / 'summary.json'} is a folder, not the summary the report rewrites: move it "
+                            "away, then report again")
     own = run.lab not in (*labs.names(), "demo", "diagnose")  # recorded by a training loop of the user's own (run=)
     if run.lab == "diagnose" or own:  # per-weight records: diagnose's page
         from specscope.cli.commands.diagnose import write_diagnose_report
