@@ -280,3 +280,18 @@ def test_a_folder_where_summary_json_goes_is_named_with_a_fix_that_works(tmp_pat
         in str(res.exception)
     (run.path / "summary.json").rmdir()
     assert runner.invoke(app, ["report", str(run.path)]).exit_code == 0 and (run.path / "report.html").is_file()
+
+
+def test_runs_lists_a_copied_run_under_its_folders_name_which_export_finds(tmp_path):
+    """A copy of run r1 in folder r1-backup was listed as r1 (its config.json's id), twice; `export r1-backup` is what
+    finds it."""
+    import shutil
+
+    with Run.create(tmp_path, "demo", {"seed": 1}, run_id="r1") as run:
+        run.append([Record(0, "w", "stable_rank", 1.5)])
+    shutil.copytree(run.path, run.path.parent / "r1-backup")
+    res = runner.invoke(app, ["runs", "--root", str(tmp_path)])
+    ids = [line.split()[0] for line in res.output.splitlines() if line.strip().startswith("r1")]
+    assert sorted(ids) == ["r1", "r1-backup"]
+    out = tmp_path / "backup.csv"
+    assert runner.invoke(app, ["export", "r1-backup", "--root", str(tmp_path), "--out", str(out)]).exit_code == 0

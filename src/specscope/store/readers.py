@@ -187,8 +187,9 @@ def _describe(path: Path) -> dict:
         row["problem"] = str(e)
         return row
     meta = run.meta
-    row.update(run_id=meta["run_id"], lab=meta["lab"], created=meta.get("created"),
-               status=effective_status(path, meta))
+    # the folder's name: what `export ID`, `report ID` resolve (a copy of a run in another folder keeps the
+    # original's id in its config.json, and was listed under it, which then named no run)
+    row.update(lab=meta["lab"], created=meta.get("created"), status=effective_status(path, meta))
     try:
         with run.reader(check=False) as (con, _):
             progress = sqlite.read_progress(con, run.metrics_path)
