@@ -334,6 +334,8 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
         assert exit_.value.code == 2 and msg in err and len(err.splitlines()) == 1, (fn, err)
         runs = list((tmp_path / "runs" / "diagnose").glob("*")) if (tmp_path / "runs").exists() else []
         assert len(runs) == (fn == "nan_later"), (fn, runs)  # a fault before step 0 is recorded: no run
+        if fn != "nan_later":  # nor an empty runs/diagnose/ folder (a NaN loss at step 0 left one)
+            assert not (tmp_path / "runs" / "diagnose").exists(), fn
     (run,) = (tmp_path / "runs" / "diagnose").glob("*")  # step 0 recorded, then the fault: the run stays, failed
     assert store.Run.open(run).status == "failed"
     sys.modules.pop("badf", None)

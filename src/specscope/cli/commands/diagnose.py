@@ -6,6 +6,7 @@ CLI start, and `specscope --help` should not pay for torch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import math
@@ -272,6 +273,8 @@ def diagnose(
     except (ConfigError, NonFiniteError):
         if run is not None and not recorded:
             shutil.rmtree(run.path, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the lab folder this run made, if it holds nothing else
+                run.path.parent.rmdir()
         raise
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect, keep every name on one line
