@@ -235,3 +235,17 @@ def test_a_failed_solve_is_one_clear_error(monkeypatch, info, error, says):
     monkeypatch.setattr(lapack, "_openblas", lambda: lapack._OpenBLAS(lambda *args: info, real.syrk))
     with pytest.raises(error, match=says):
         on_worker(lapack.eigvalsh, symmetric(8, 0))
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (64, 64), (3, 7), (7, 3)])
+def test_the_gram_of_a_transposed_square_view_is_its_own_not_the_other_sides(shape):
+    """lower_gram read a transposed view through its contiguous storage and formed that matrix's smaller Gram: for a
+    square view the other side's (XᵀX for X Xᵀ), so polar(G.mT, "gram") of a float64 G was no orthogonal matrix
+    (its error 0.48 on a 2×2)."""
+    G = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for X in (G, G.mT):
+        want = X @ X.mT if X.shape[-2] <= X.shape[-1] else X.mT @ X
+        torch.testing.assert_close(lapack.lower_gram(X).tril(), want.tril(), rtol=0, atol=1e-12)
+        torch.testing.assert_close(L.polar(X, "gram"), L.polar(X, "svd"), rtol=0, atol=1e-10)
+        P, nuc = L.polar_with_nuclear_norm(X, "gram")
+        torch.testing.assert_close(P, L.polar(X, "svd"), rtol=0, atol=1e-10)

@@ -240,6 +240,7 @@ def test_the_svd_reference_at_the_ends_of_float64(scale):
     ref = torch.linalg.svdvals(G).sum() * scale
     assert nuc == pytest.approx(float(ref), rel=1e-13) if math.isfinite(ref) else nuc == math.inf
     assert torch.equal(L.polar(G * 2.0**600, "svd"), L.polar(G, "svd"))
+    assert L.polar_error(G * scale, P) < 1e-12  # its own SVD at unit scale too (NaN at 1e308)
 
 
 @pytest.mark.parametrize("scale", [3e38, 1e100, 1e-100])

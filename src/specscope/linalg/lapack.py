@@ -156,17 +156,18 @@ def lower_gram(x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     if not on_openblas(X, "gram"):
         return torch_lower_gram(X)
     lib = _openblas()
-    if not X.is_contiguous() and X.mT.is_contiguous():
-        X = X.mT  # the same smaller Gram, read without a copy (a tall gradient's transposed view)
-    X = X.contiguous()
-    m, n = X.shape[-2:]
-    k, trans = (m, 111) if m <= n else (n, 112)  # CblasNoTrans: X Xᵀ; CblasTrans: XᵀX
-    C = X.new_zeros(*X.shape[:-2], k, k)
+    rows = X.shape[-2] <= X.shape[-1]  # the smaller Gram: X Xᵀ, else XᵀX (a square X: X Xᵀ, which polar's eigh needs)
+    flipped = not X.is_contiguous() and X.mT.is_contiguous()  # a transposed view, read without a copy as S = Xᵀ
+    S = (X.mT if flipped else X).contiguous()
+    m, n = S.shape[-2:]
+    trans = 111 if rows != flipped else 112  # CblasNoTrans: S Sᵀ; CblasTrans: SᵀS (= X Xᵀ when S = Xᵀ)
+    k = m if trans == 111 else n
+    C = S.new_zeros(*S.shape[:-2], k, k)
 
     def run() -> None:
-        for Xi, Ci in zip(X.reshape(-1, m, n), C.view(-1, k, k)):
+        for Si, Ci in zip(S.reshape(-1, m, n), C.view(-1, k, k)):
             # CblasRowMajor, CblasLower: row-major lower triangle, as torch reads it
-            lib.syrk(101, 122, trans, k, n if trans == 111 else m, 1.0, Xi.data_ptr(), n, 0.0, Ci.data_ptr(), k)
+            lib.syrk(101, 122, trans, k, n if trans == 111 else m, 1.0, Si.data_ptr(), n, 0.0, Ci.data_ptr(), k)
 
     _one_thread(run)
     return C

@@ -476,10 +476,11 @@ def polar_error(G: Tensor, P: Tensor, rel_threshold: float = 0.1) -> Tensor:
     """max |u_iᵀ P v_i − 1| over the singular triplets of G with σ_i ≥ rel_threshold·σ_1 (float64 SVD).
 
     Exact evaluation of how far P is from polar(G) on the directions that matter; 0 when G = 0 (no
-    triplets). Shape G.shape[:-2], float64."""
+    triplets). Shape: the broadcast batch shape of G and P, float64. The SVD is of G at unit scale (exact: its
+    singular vectors do not change), so a finite G of any magnitude is scored."""
     G = check_tensor(G, "polar_error", "G")
     P = check_tensor(P, "polar_error", "P")
-    if not isinstance(rel_threshold, (int, float)) or isinstance(rel_threshold, bool) or not 0 < rel_threshold <= 1:
+    if not _real(rel_threshold) or not 0 < rel_threshold <= 1:
         raise ValueError(f"polar_error: rel_threshold must be a number in (0, 1] (σ_i ≥ rel_threshold·σ_1 are "
                          f"scored), got {rel_threshold!r}")
     if P.shape[-2:] != G.shape[-2:]:
@@ -489,7 +490,7 @@ def polar_error(G: Tensor, P: Tensor, rel_threshold: float = 0.1) -> Tensor:
     except RuntimeError:
         raise ValueError(f"polar_error: the batch shapes of P {tuple(P.shape)} and G {tuple(G.shape)} do not broadcast; "
                          "pass one P per G") from None
-    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(scaled_to(G, pow2_scale(G), torch.float64), full_matrices=False)
     diag = (U * (P.double() @ Vh.mT)).sum(-2)           # u_iᵀ P v_i for every i
     mask = (S >= rel_threshold * S[..., :1]) & (S[..., :1] > 0)
     return torch.where(mask, (diag - 1).abs(), torch.zeros_like(diag)).amax(-1)

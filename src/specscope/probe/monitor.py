@@ -651,7 +651,9 @@ class Monitor:
                     "torch._grouped_mm with offsets, one expert at a time (W[e]), or W[expert_ids] then bmm (transformers' "
                     "experts_implementation 'grouped_mm', 'eager', 'batched_mm')")
         if s.other_ops:
-            return f"used by {', '.join(sorted(s.other_ops))}, which the probe does not pair; pass its inputs with monitor.observe('{s.name}', weight, inputs)"
+            how = " (a torch.einsum runs as bmm)" if "bmm" in s.other_ops else ""
+            return (f"used by {', '.join(sorted(s.other_ops))}{how}, which the probe does not pair; pass its inputs with "
+                    f"monitor.observe('{s.name}', weight, inputs)")
         if s.inputs or (s.forward_seen and s.tokens is not None):  # a product or a lookup was seen, with no rows
             return EMPTY_BATCH
         if not has_grad:
