@@ -95,10 +95,28 @@ def _auto_shardwise_first(rank, world):
     return recorded, {n: float(linalg.nuclear_rank(D.double())) for n, D in local.items() if D.shape[0] > 0}
 
 
+def _monitor_built_before_shard(rank, world):
+    """The probe's records of two steps when the Monitor is built before D.shard and when after: built before, every
+    weight was unmeasured ("no product with it was seen"), the Monitor having taken the model as unsharded."""
+    from _nets import Net
+
+    out = {}
+    for before in (True, False):
+        model = Net()
+        mon = Monitor(model, every=1) if before else None
+        D.shard(model, [model.l1, model.l2, model.l3, model.l4], ignored=[model.extra])
+        mon = mon or Monitor(model, every=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(2):
+            train_step(model, opt, step, rank, world, monitor=mon)
+        out[before] = ({(r.step, r.layer, r.metric): r.value for r in mon.pop_records()}, dict(mon.unmeasured))
+    return out
+
+
 def _at(rank, world, ckpt, resume):
     return {"muon": _muon_runs(rank, world), "first": _first_shardwise_step(rank, world),
             "others": _other_optimizers(rank, world), "probed": _probed_run(rank, world, ckpt, resume),
-            "auto shardwise": _auto_shardwise_first(rank, world)}
+            "auto shardwise": _auto_shardwise_first(rank, world), "monitor first": _monitor_built_before_shard(rank, world)}
 
 
 def _single(steps, shardwise=False, monitor=True):
@@ -173,6 +191,14 @@ def test_shardwise_autogeometry_decides_each_shard_by_that_shards_nuclear_rank(r
         assert own and set(own) <= set(recorded)
         for layer, nr in own.items():
             assert recorded[layer] == pytest.approx(nr, rel=1e-5), layer
+
+
+def test_a_monitor_built_before_the_model_is_sharded_measures_as_one_built_after(runs):
+    for r in runs[2]:
+        (before, unmeasured), (after, _) = r["monitor first"][True], r["monitor first"][False]
+        assert not unmeasured and before.keys() == after.keys() and any(k[2] == "stable_rank" for k in before)
+        for k, v in after.items():
+            assert before[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
 
 
 def test_probe_records_equal_on_every_rank_and_to_one_process(runs):

@@ -492,6 +492,7 @@ class Monitor:
                 s.tokens.reset()
         self._stack = ExitStack()
         self._stack.enter_context(torch.compiler.set_stance("force_eager"))  # a compiled model runs eagerly here
+        self._fsdp = self._fsdp or W.sharded(self.model)  # a model sharded after the Monitor was built (its weights followed)
         self._watch = Watch(self.model, self.slots, self._new_stats, self._serial, fsdp=self._fsdp)
         if W.PARAM_WATCH and self._backward_seen and ParamWatch.applies(self._watch):
             self._stack.enter_context(ParamWatch(self._watch))
