@@ -1,5 +1,6 @@
 """`specscope diagnose` end to end through the CLI, and the Python `diagnose` function."""
 
+import json
 import os
 import sys
 import textwrap
@@ -558,3 +559,33 @@ def test_a_factory_that_calls_sys_exit_is_one_line_not_a_silent_success(tmp_path
     code, err = _diagnose_module(tmp_path, monkeypatch, capsys, "exiting", "import sys\ndef factory():\n    sys.exit(0)\n")
     assert code == 2 and err == ("error: --model 'exiting:factory': the factory called sys.exit(0); a factory returns "
                                  "(model, batches, loss_fn)")
+
+
+def test_a_damaged_hf_folder_is_one_line_and_leaves_no_run(tmp_path):
+    """A cut safetensors file, a config.json of negative sizes, a tokenizer of ids past the model's vocabulary: each
+    ended in a traceback (exit 1), the last after making a failed run directory."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from specscope.models.hf import tiny_configs
+
+    cut = tmp_path / "cut"
+    transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"]).save_pretrained(cut)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    negative = tmp_path / "negative"
+    transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"]).save_pretrained(negative)
+    config = json.loads((negative / "config.json").read_text())
+    (negative / "config.json").write_text(json.dumps({**config, "hidden_size": -4}))
+    wide = tmp_path / "wide-tokenizer"
+    words = {f"w{i}": 300 + i for i in range(5)} | {"[UNK]": 299}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"]).save_pretrained(wide)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(wide)
+    for folder, says in ((cut, "cannot load a causal- or masked-LM from that folder"),
+                         (negative, "cannot load a causal- or masked-LM from that folder"),
+                         (wide, "the folder's tokenizer gives ids up to")):
+        res = invoke("--model", f"hf:{folder}", "--steps", "1", "--out", str(tmp_path / "runs"))
+        assert isinstance(res.exception, ConfigError) and says in str(res.exception), (folder, res.exception)
+        assert not (tmp_path / "runs" / "diagnose").exists()

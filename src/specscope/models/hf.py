@@ -8,7 +8,6 @@ Tokens are the text's bytes (vocabulary 256), or the folder's own tokenizer when
 from __future__ import annotations
 
 import json
-import pickle
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -78,15 +77,18 @@ def _from_folder(transformers, path: Path):
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM
         model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as e:  # (a weights file torch refused to unpickle)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--model hf:{path}: cannot load a causal- or masked-LM from that folder ({first})") from None
+    except Exception as e:  # noqa: BLE001 — a damaged safetensors file, a config of negative sizes or thousands deep:
+        # whatever transformers or safetensors raise on a folder's files is that folder's fault, named as such
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model hf:{path}: cannot load a causal- or masked-LM from that folder "
+                          f"({type(e).__name__}: {first}); check its config.json and weights files") from None
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         return model, None  # byte tokens
     try:
         return model, transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--model hf:{path}: the folder's tokenizer does not load ({str(e).strip().splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 — the folder's tokenizer files: their fault, named
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--model hf:{path}: the folder's tokenizer does not load ({type(e).__name__}: {first})") from None
 
 
 def _refuse_folder_code(path: Path) -> None:
@@ -114,7 +116,14 @@ def _tokens(tokenizer, config, masked: bool, name: str) -> tuple[torch.Tensor, i
     train = corpus_bytes()
     if tokenizer is not None:
         text = train.numpy().tobytes().decode("utf-8", errors="replace")
-        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        try:
+            ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        except Exception as e:  # noqa: BLE001 — a tokenizer that loads but cannot encode: the folder's
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--model hf:{name}: the folder's tokenizer fails on text ({type(e).__name__}: {first})") from None
+        if ids.numel() and (int(ids.max()) >= config.vocab_size or int(ids.min()) < 0):
+            raise ConfigError(f"--model hf:{name}: the folder's tokenizer gives ids up to {int(ids.max())}, and the model "
+                              f"has {config.vocab_size} embeddings (vocab_size): they were made for different models")
         mask_id = tokenizer.mask_token_id
     else:
         if config.vocab_size < 256:
