@@ -161,3 +161,26 @@ def test_estimate_spectrum_refuses_a_fit_range_outside_the_eigenvalues(fit_range
     with pytest.raises(ValueError, match=r"fit_range=.* must be two whole numbers 1 ≤ lo < hi ≤ min\(n, d\) = 40"):
         estimate_spectrum(X, fit_range=fit_range)
     assert math.isfinite(estimate_spectrum(X, fit_range=(1, 40)).alpha)  # the whole range is allowed
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-170])
+def test_a_matrix_of_extreme_but_finite_scale_keeps_its_spectrum(scale):
+    """XᵀX of an X of 1e160 overflowed float64 (eigh's LinAlgError, a traceback from `run spiked --set data=`); of
+    1e-170 it underflowed ("constant or nearly rank one"). α̂ does not depend on the scale, ζ̂ scales with it."""
+    X = torch.randn(30, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    at_one, at_scale = estimate_spectrum(X), estimate_spectrum(X * scale)
+    assert at_scale.alpha == pytest.approx(at_one.alpha, rel=1e-12)
+    assert at_scale.zeta == pytest.approx(at_one.zeta * scale, rel=1e-12)
+    assert from_matrix(X * scale).zeta == pytest.approx(from_matrix(X).zeta * scale, rel=1e-12)
+
+
+def test_a_npy_whose_header_claims_more_than_the_file_holds_is_named_as_corrupt(tmp_path):
+    """A 200-byte file declaring (1e8, 1e5) float64 entries was "out of memory … with m=8: lower these sizes"."""
+    import struct
+
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (100000000, 100000), }"
+    header = header + " " * (118 - len(header)) + "\n"
+    bad = tmp_path / "claims.npy"
+    bad.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + b"\0" * 64)
+    with pytest.raises(ConfigError, match=r"claims.npy could not be read as .npy .*truncated, corrupt"):
+        load_matrix(bad)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from specscope.errors import ConfigError
+from specscope.linalg._scale import pow2_scale
 
 TARGETS = ("teacher", "multi-index")
 
@@ -188,22 +189,23 @@ def estimate_spectrum(X: torch.Tensor, fit_range: tuple[int, int] | None = None)
     """
     X = X.detach().double().cpu()
     n, d = X.shape
-    evals, evecs = torch.linalg.eigh(X.T @ X / n)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    p = float(pow2_scale(X))  # XᵀX of X·2^-e (exact): a finite X of 1e160 overflowed float64's XᵀX, 1e-170 underflowed it
+    unit, evecs = torch.linalg.eigh((X * p).T @ (X * p) / n)
+    unit, evecs = unit.flip(0).clamp_min(0), evecs.flip(1)  # λ·p²: the fit's slope and cut-off do not depend on p
     lo, hi = fit_range or (2, max(3, min(n, d) // 2))
     if fit_range is not None and not (all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
                                       and 1 <= lo < hi <= min(n, d)):
         raise ValueError(f"estimate_spectrum: fit_range={fit_range!r} must be two whole numbers 1 ≤ lo < hi ≤ "
                          f"min(n, d) = {min(n, d)} (1-based eigenvalue indices, inclusive)")
     k = torch.arange(lo, hi + 1, dtype=torch.float64)
-    lam = evals[lo - 1 : hi]
-    keep = lam > evals[0] * max(n, d) * torch.finfo(torch.float64).eps  # below this is rounding noise, not spectrum
+    lam = unit[lo - 1 : hi]
+    keep = lam > unit[0] * max(n, d) * torch.finfo(torch.float64).eps  # below this is rounding noise, not spectrum
     if keep.sum() < 2:
         raise ValueError(f"too few positive eigenvalues in k = {lo}..{hi} to fit α; widen fit_range")
     lk, ll = k[keep].log(), lam[keep].log()
     slope = ((lk - lk.mean()) * (ll - ll.mean())).sum() / ((lk - lk.mean()) ** 2).sum()
-    zeta = evals[0].sqrt().item()
-    return SpectrumEstimate(-slope.item(), zeta, math.log(zeta) / math.log(n), evecs[:, 0].clone(), evals)
+    zeta = unit[0].sqrt().item() / p
+    return SpectrumEstimate(-slope.item(), zeta, math.log(zeta) / math.log(n), evecs[:, 0].clone(), unit / p / p)
 
 
 def from_matrix(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | None = None, *, name: str = "matrix",
@@ -231,7 +233,8 @@ def from_matrix(X: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray | Non
                           "matrix with more varied rows and columns") from e
     q = est.q
     proj = X @ q
-    zeta = proj.norm().item() / math.sqrt(X.shape[0])
+    k = float(pow2_scale(proj[None]))  # ‖Xq‖ at unit scale (exact): its square overflows for an X of 1e160
+    zeta = (proj * k).norm().item() / k / math.sqrt(X.shape[0])
     X_B = X - torch.outer(proj, q)
     if y is None:
         yt = make_targets(X, target, seed=seed)
@@ -288,10 +291,13 @@ def load_matrix(path: str | Path, *, target: str = "teacher", seed: int = 0) -> 
                 if "X" not in f:
                     raise ConfigError(f"{path} has arrays {list(f.keys())}; it needs one named 'X' (and optionally 'y')")
                 X, y = f["X"], (f["y"] if "y" in f else None)
-        else:
-            X, y = np.load(path), None
+        else:  # mapped first: a header that claims more entries than the file holds is refused, not allocated
+            X, y = np.array(np.load(path, mmap_mode="r")), None
     except ConfigError:
         raise
+    except MemoryError:
+        raise ConfigError(f"data file {path} ({path.stat().st_size} bytes) declares an array too large to load; it is "
+                          "corrupt, or too large for this machine's memory: check it, or save a smaller one") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
         raise ConfigError(f"data file {path} could not be read as {path.suffix} ({type(e).__name__}: {e}); "
                           f"it is truncated, corrupt or holds Python objects: save it again with numpy.save"

@@ -269,7 +269,14 @@ def _noisy_bulk(X_B: torch.Tensor, tau: float, seed: int) -> torch.Tensor:
 def step_size(lr: float, model: TwoLayer, X: torch.Tensor) -> float:
     """W's GD step lr / (γ² m λ_max(XᵀX/n)): lr = 1 is about the stability edge of the linearised model
     in both scalings, so MF and NTK move f at the same speed and only the feature motion differs."""
-    lam = torch.linalg.matrix_norm(X.double(), ord=2).item() ** 2 / X.shape[0]
+    sigma = torch.linalg.matrix_norm(X.double(), ord=2).item()
+    try:
+        lam = sigma**2 / X.shape[0]
+    except OverflowError:
+        lam = math.inf
+    if not 0 < lam < math.inf:
+        raise ConfigError(f"the data matrix's λ_max(XᵀX/n) = {sigma:.3g}²/{X.shape[0]} is {'zero' if lam == 0 else 'beyond float64'}"
+                          ": the step size lr/λ_max has no value; rescale the data (e.g. X / X.std()) and save it again")
     return lr / (model.gamma**2 * model.W.shape[0] * lam)
 
 
