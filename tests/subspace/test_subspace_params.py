@@ -147,3 +147,51 @@ def test_a_basis_tensor_is_named_with_the_fix():
     Q = torch.eye(10)[:2]
     p.grad = torch.arange(10.0)
     assert GradientProjection([p], lambda: Q).apply() and torch.equal(p.grad, flatten([torch.tensor([0.0, 1] + [0] * 8)], [p]))
+
+
+@pytest.mark.parametrize("change", ["nan gram", "inf rows", "gram of other rows"])
+def test_a_changed_state_is_refused_not_turned_into_wrong_directions(change):
+    """A NaN in the saved Gram loaded, gave singular values [2.40, 0] for [3.31, 1.13] and NaN directions, and a
+    GradientProjection then wrote NaN into the gradient; a Gram not of its rows gave directions of norm 0.27."""
+    import copy
+
+    a = RollingSVD(window=3, k=2)
+    for v in torch.randn(2, 5, generator=torch.Generator().manual_seed(0)):
+        a.push(v)
+    state = copy.deepcopy(a.state_dict())
+    if change == "nan gram":
+        state["gram"][0, 0] = float("nan")
+    elif change == "inf rows":
+        state["rows"][0, 0] = float("inf")
+    else:
+        state["gram"][0, 1] = state["gram"][1, 0] = state["gram"][0, 1] + 1.0
+    b = RollingSVD(window=3, k=2)
+    with pytest.raises(ValueError, match="it was changed after it was saved"):
+        b.load_state_dict(state)
+    assert len(b) == 0
+    b.load_state_dict(a.state_dict())  # the unchanged one loads
+    torch.testing.assert_close(b.singular_values(), a.singular_values())
+
+
+def test_exclude_decay_refuses_an_optimizer_whose_decay_is_in_the_gradient():
+    """With torch.optim.Adam(weight_decay=0.5) the pushed step had lr·wd·θ taken out although Adam adds the decay to
+    the gradient (no decoupled decay to remove): a wrong row, no error. AdamW's is removed, as before."""
+    from specscope.optim import Muon
+
+    for make, ok in ((lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5), False),
+                     (lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5), True),
+                     (lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.5, decoupled_weight_decay=True), True),
+                     (lambda ps: Muon(ps, lr=0.1, weight_decay=0.5), True),
+                     (lambda ps: torch.optim.SGD(ps, lr=0.1), True)):  # no decay: nothing to remove
+        model = torch.nn.Linear(4, 3, bias=False)
+        opt = make(list(model.parameters()))
+        tracker = SEDTracker(list(model.parameters()), {}, window=2, k=1, every=1, update_delta="step", exclude_decay=True)
+        tracker.after_backward(0, model, opt)
+        model(torch.randn(5, 4)).square().sum().backward()
+        tracker.after_backward(0, model, opt)
+        opt.step()
+        if ok:
+            tracker.after_step(0, model, opt)
+        else:
+            with pytest.raises(ValueError, match="Adam adds its weight_decay to the gradient"):
+                tracker.after_step(0, model, opt)

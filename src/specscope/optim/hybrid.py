@@ -197,6 +197,8 @@ class Hybrid(Optimizer):
     `stable_rank` (a probe Monitor or a callable layer -> st(A) or None) feeds "specgd" and "auto" groups.
     """
 
+    decoupled_weight_decay = True  # θ ← θ·(1 − lr·wd) beside the step (subspace's exclude_decay reads it)
+
     def __init__(self, params: Iterable, algorithm: str = "adamw", *, stable_rank: Any = None, **defaults: Any):
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm={algorithm!r} is unknown; use one of {sorted(ALGORITHMS)}")

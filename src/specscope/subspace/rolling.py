@@ -183,6 +183,15 @@ class RollingSVD:
             shape = tuple(previous.shape) if isinstance(previous, Tensor) else type(previous).__name__
             raise ValueError(f"RollingSVD.load_state_dict: 'previous' {shape} is not the last directions of this window "
                              f"(rows [≤ {self.k}, P], P the rows' size); give the dict RollingSVD.state_dict() returned")
+        if rows is not None:
+            bad = [name for name, t in (("rows", rows), ("gram", gram), ("previous", previous))
+                   if t is not None and not bool(torch.isfinite(t).all())]
+            # the Gram is the rows' own (it is updated row by row): a changed entry would give wrong directions silently
+            if bad or not torch.allclose(gram, rows.double() @ rows.double().T, rtol=1e-6,
+                                         atol=1e-9 * float(gram.diagonal().abs().max().clamp(min=1e-300))):
+                what = f"non-finite entries in {bad}" if bad else "a 'gram' that is not its rows' Gram"
+                raise ValueError(f"RollingSVD.load_state_dict: the state has {what}: it was changed after it was saved; "
+                                 "give the dict RollingSVD.state_dict() returned, unchanged")
         copy = lambda t: None if t is None else t.detach().clone()  # noqa: E731  never the saved tensors themselves
         self._rows, self._gram, self._count = copy(rows), copy(gram), count
         self._previous, self._cache, self._directions = copy(previous), None, None

@@ -119,6 +119,12 @@ class SEDTracker:
         missing = [i for i, p in enumerate(self.params) if id(p) not in group]
         if missing:
             raise ValueError(f"exclude_decay: tracked parameters {missing} are not in the optimizer's param groups")
+        coupled = sorted({type(optimizer).__name__ for p in self.params
+                          if group[id(p)].get("weight_decay", 0.0) and not _decoupled(optimizer, group[id(p)])})
+        if coupled:
+            raise ValueError(f"exclude_decay removes decoupled weight decay (AdamW's, Muon's: θ ← θ·(1 − lr·wd)); "
+                             f"{coupled[0]} adds its weight_decay to the gradient (coupled), where it is part of the step: "
+                             "use exclude_decay=False with it, or AdamW")
         factors = [1 - group[id(p)]["lr"] * group[id(p)].get("weight_decay", 0.0) for p in self.params]
         return torch.cat([torch.full((p.numel(),), f, dtype=like.dtype, device=like.device)
                           for p, f in zip(self.params, factors)])
@@ -163,3 +169,11 @@ class GatedProjection:
 
     def load_state_dict(self, state: dict) -> None:
         self.projection.load_state_dict(state)
+
+
+def _decoupled(optimizer, group: dict) -> bool:
+    """Whether `group`'s weight decay is decoupled (θ·(1 − lr·wd) beside the step): torch's AdamW (and Adam with
+    decoupled_weight_decay=True), an optimizer that says so (specscope's: `decoupled_weight_decay = True`); torch's
+    Adam, SGD, RMSprop… add it to the gradient."""
+    return (isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+            or getattr(type(optimizer), "decoupled_weight_decay", False) is True)
