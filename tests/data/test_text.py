@@ -99,3 +99,17 @@ def test_a_sequence_longer_than_the_split_names_the_longest_that_fits():
     assert x.shape == y.shape == (3, 5) and torch.equal(x[:, 1:], y[:, :-1])
     with pytest.raises(ConfigError, match="sequence length 6 does not fit a corpus split of 7 tokens .*lower seq_len to at most 5, or use a larger corpus"):
         sample_batch(tokens, 3, 6, g)
+
+
+def test_a_corpus_folder_leaves_out_hidden_folders_and_bytecode(tmp_path):
+    """A folder holding a git repository trained on .git's binary objects (only hidden *files* were left out)."""
+    from specscope.data.text import load_corpus
+
+    (tmp_path / "a.txt").write_text("def f():\n    return 1\n" * 50)
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "objects" / "pack").write_bytes(bytes(range(256)) * 40)
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00\x01" * 500)
+    corpus = load_corpus(tmp_path)
+    text = bytes(torch.cat([corpus.train, corpus.val]).tolist())
+    assert text == (tmp_path / "a.txt").read_bytes()

@@ -61,7 +61,9 @@ def _files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = [f for f in sorted(path.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        # not in a hidden folder either (.git's objects are binary), nor a bytecode cache
+        files = [f for f in sorted(path.rglob("*")) if f.is_file()
+                 and not any(part.startswith(".") or part == "__pycache__" for part in f.relative_to(path).parts)]
         if files:
             return files
     raise ConfigError(f"text corpus {path} is not a file or a folder with files; give a .txt file or a folder of text files")
