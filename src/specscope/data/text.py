@@ -114,7 +114,12 @@ def load_corpus(path: str | Path | None = None, *, val_every: int = 20, max_byte
     except OSError as e:
         raise ConfigError(f"text corpus file {e.filename} could not be read ({e.strerror or e}); check it exists") from e
     if _LAST.get("key") != key:
-        train, val = _split(files, val_every, max_bytes)
+        try:
+            train, val = _split(files, val_every, max_bytes)
+        except MemoryError:  # the corpus's fault, not the lab's sizes (which the CLI's memory error would name)
+            size = sum(f.stat().st_size for f in files)
+            raise ConfigError(f"text corpus {source} ({size} bytes in {len(files)} file(s)) does not fit in memory; "
+                              "set max_bytes (e.g. --set max_bytes=100000000) to read a part of it") from None
         if len(train) < 2 or len(val) < 2:
             raise ConfigError(f"text corpus {source} is too small to split into train and validation ({len(train)}/{len(val)} bytes)")
         digest = hashlib.sha256(train.numpy().tobytes() + b"\0val\0" + val.numpy().tobytes()).hexdigest()
