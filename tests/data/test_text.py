@@ -113,3 +113,18 @@ def test_a_corpus_folder_leaves_out_hidden_folders_and_bytecode(tmp_path):
     corpus = load_corpus(tmp_path)
     text = bytes(torch.cat([corpus.train, corpus.val]).tolist())
     assert text == (tmp_path / "a.txt").read_bytes()
+
+
+def test_a_corpus_too_large_for_memory_names_max_bytes(tmp_path, monkeypatch):
+    """A 100 GB file read whole failed as the CLI's "out of memory … with steps=1: lower these sizes"."""
+    from specscope.data import text
+    from specscope.errors import ConfigError
+
+    (tmp_path / "big.txt").write_text("x" * 1000)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(text, "_split", no_memory)
+    with pytest.raises(ConfigError, match=r"big.txt \(1000 bytes in 1 file\(s\)\) does not fit in memory; set max_bytes"):
+        text.load_corpus(tmp_path / "big.txt")
