@@ -34,8 +34,28 @@ def _registry() -> dict[str, str]:
         if hasattr(mod, "NAME") and hasattr(mod, "build"):
             found[mod.NAME] = mod.__name__
     for ep in entry_points(group="specscope.labs"):
-        found.setdefault(ep.name, ep.value)
+        if ep.name not in found:
+            found[ep.name] = ep.value
     return found
+
+
+def _entry_point_lab(name: str, value: str) -> ModuleType:
+    """The module an entry point `name = value` names, checked: a module path (not module:attr) whose NAME is `name`
+    (runs are recorded under NAME, and resumed, reported and swept by it); a ConfigError naming the fix."""
+    fix = f"register it in its package as `{name} = <module>` under [project.entry-points.\"specscope.labs\"]"
+    if ":" in value:
+        raise ConfigError(f"lab '{name}': its entry point names '{value}'; a lab is a module (NAME, Config, build): "
+                          f"give the module path, `{name} = {value.split(':')[0]}`")
+    try:
+        mod = importlib.import_module(value)
+    except Exception as e:  # noqa: BLE001 — an outside lab that does not import is that lab's fault, said in one line
+        raise ConfigError(f"lab '{name}' (module {value}, from an entry point) failed to import ({type(e).__name__}: {e}); "
+                          "fix or reinstall the package that provides it") from None
+    if getattr(mod, "NAME", None) != name or not hasattr(mod, "build"):
+        what = (f"its NAME is {getattr(mod, 'NAME', None)!r}" if hasattr(mod, "build") else "it has no build()")
+        raise ConfigError(f"lab '{name}': module {value} is registered under that name, but {what}; the entry point's "
+                          f"name must be the module's NAME (its runs are recorded, resumed and swept under NAME): {fix}")
+    return mod
 
 
 def names() -> list[str]:
@@ -51,11 +71,17 @@ def get(name: str) -> ModuleType:
         close = difflib.get_close_matches(name, reg, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "."
         raise ConfigError(f"unknown lab '{name}'{hint} Labs: {', '.join(sorted(reg))} (see `specscope list`).")
+    if not reg[name].startswith(f"{__name__}."):
+        return _entry_point_lab(name, reg[name])
     return importlib.import_module(reg[name])
 
 
 def summary(name: str) -> str:
-    doc = (get(name).__doc__ or "").strip()
+    """The first line of the lab's docstring; for a lab that does not load, the one-line reason."""
+    try:
+        doc = (get(name).__doc__ or "").strip()
+    except ConfigError as e:
+        return f"(does not load: {e})"
     return doc.splitlines()[0] if doc else ""
 
 

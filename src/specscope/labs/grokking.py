@@ -32,7 +32,7 @@ from pydantic import Field
 from specscope import linalg
 from specscope.data.modular import ModularData, modular_dataset
 from specscope.errors import ConfigError
-from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit
+from specscope.labs.base import Arm, AtLeast0, AtLeast1, Betas, Fraction, LabConfig, NonNegative, Positive, Unit, step_seed
 from specscope.models.modular import ModularTransformer, check_heads, enc003, qk_weights, tf004
 from specscope.records import Claim, Record, over_seeds
 from specscope.report import style
@@ -193,7 +193,7 @@ class Batches:
         per_epoch = self.n // self.b  # drop the ragged tail so every batch has b examples
         epoch, k = divmod(step, per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(step_seed(self.seed, epoch))
             self._perm, self._epoch = torch.randperm(self.n, generator=g).to(self.x.device), epoch
         idx = self._perm[k * self.b:(k + 1) * self.b]
         return self.x[idx], self.y[idx]

@@ -26,7 +26,7 @@ from pydantic import field_validator
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
 from specscope.errors import ConfigError
 from specscope.labs.base import (Arm, AtLeast0, AtLeast1, AtLeast2, Correlation, DataFile, LabConfig, Measure, NonNegative,
-                                 Positive, Share, file_sha256)
+                                 Positive, Share, file_sha256, step_seed)
 from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
@@ -375,7 +375,7 @@ def _train_arm(cfg: Config, data: SpikedData, scaling: str, activation: str, dev
     lr_w = step_size(cfg.lr, model, data.X)
 
     def batch(step: int) -> dict[str, torch.Tensor]:
-        X_B = _noisy_bulk(data.X_B, cfg.noise_tau, cfg.seed * 1_000_003 + step)
+        X_B = _noisy_bulk(data.X_B, cfg.noise_tau, step_seed(cfg.seed, step))
         return {"X": X_B + data.zeta * torch.outer(data.z, data.q), "X_B": X_B, "y": y}
 
     def loss(model: TwoLayer, b: dict) -> torch.Tensor:

@@ -35,6 +35,9 @@ def list_labs(
     keys = keys or lab is not None
     for name in [lab] if lab is not None else labs.names():
         text = labs.summary(name)
+        if text.startswith("(does not load"):  # an outside lab that fails: listed with its reason, its keys unknown
+            table.add_row(name, markup(text))
+            continue
         if keys:
             text += "\n[dim]" + describe_fields(labs.get(name).Config) + "[/dim]"
         table.add_row(name, text)
@@ -140,6 +143,8 @@ def report_cmd(
         raise RunStoreError(f"{Path(run_dir) / 'summary.json'} is a folder, not the summary the report rewrites: move it "
                             "away, then report again")
     own = run.lab not in (*labs.names(), "demo", "diagnose")  # recorded by a training loop of the user's own (run=)
+    if own and run.meta.get("progress"):  # a lab run (the lab engine keeps its progress) whose lab is not installed
+        labs.get(run.lab)  # its one-line error: the report would be rewritten as another page, its claims dropped
     if run.lab == "diagnose" or own:  # per-weight records: diagnose's page
         from specscope.cli.commands.diagnose import write_diagnose_report
 
