@@ -47,10 +47,11 @@ def test_claims_combine_seeds_prefer_decisive_verdicts_and_read_sweeps(tmp_path)
     (sweep / "claims.json").write_text(json.dumps([_claim("FAIL", 0.5, "Y-2").as_dict()]))
     out = invoke("--root", str(tmp_path), "--format", "json")
     assert out.exit_code == 0, out.output
-    rows = {r["id"]: r for r in json.loads(out.output)}
+    rows = {r["id"]: r for r in json.loads(out.stdout)}  # stdout stays JSON; the left-out run is named on stderr
+    assert "1 run(s) under" in out.stderr and "r95 (running)" in " ".join(out.stderr.split())
     assert rows["X-1"]["seeds"] == 3 and rows["X-1"]["verdict"] == "PASS" and rows["X-1"]["runs"] == ["r00", "r10", "r20"]
     assert rows["X-1"]["spread"].startswith("2 [1–3]") and rows["Y-2"]["verdict"] == "FAIL"
-    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").stdout)
     assert sorted(r["verdict"] for r in every) == ["FAIL", "INCONCLUSIVE", "PASS"]
 
 
@@ -63,10 +64,10 @@ def test_a_sweeps_runs_speak_through_its_claims_and_the_labs_setting_wins_a_tie(
     (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-c", "grid": {}, "fixed": {}}))
     swept = replace(_claim("PASS", 5.0, "Z-1"), seeds=3)
     (sweep / "claims.json").write_text(json.dumps([swept.as_dict(), replace(swept, id="Z-2").as_dict()]))
-    rows = {r["id"]: r for r in json.loads(invoke("--root", str(tmp_path), "--format", "json").output)}
+    rows = {r["id"]: r for r in json.loads(invoke("--root", str(tmp_path), "--format", "json").stdout)}
     assert rows["Z-1"]["runs"] == ["d00", "d10", "d20"] and rows["Z-1"]["verdict"] == "FAIL"  # tie on seeds: the lab's runs
     assert rows["Z-2"]["runs"] == ["sweep lab-c-20261201-000000"]
-    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    every = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").stdout)
     assert not any(r["runs"][0].startswith("s") and not r["runs"][0].startswith("sweep") for r in every)
 
 
@@ -96,7 +97,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_demo_is_counted_once_through_the_lab_runs_inside_it(tmp_path):
     _run(tmp_path, "demo", "dm01", {"quick": False}, [_claim("PASS", 1.0, "RF-1")])  # the demo's copy of its labs' claims
     _run(tmp_path / "demo" / "dm01", "random-features", "rf02", {"seed": 0}, [_claim("PASS", 1.0, "RF-1")])
-    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").output)
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json", "--all").stdout)
     assert [(r["lab"], r["id"], r["runs"]) for r in rows] == [("random-features", "RF-1", ["rf02"])]
 
 
@@ -115,7 +116,7 @@ def test_an_undecidable_quick_run_never_outranks_an_inconclusive_group_of_more_s
     for seed, v in enumerate(("PASS", "FAIL", "PASS", "FAIL")):
         _run(tmp_path, "lab-q", f"r{seed}0", {"seed": seed, "p": 97}, [_claim(v, 1.0)])
     _run(tmp_path, "lab-q", "q99", {"seed": 0, "quick": True}, [_claim("UNDECIDABLE", None)])  # newer, 1 seed
-    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").stdout)
     assert [(r["verdict"], r["seeds"]) for r in rows] == [("INCONCLUSIVE", 4)]
 
 
@@ -147,7 +148,7 @@ def test_a_sweep_without_claims_of_its_own_lets_its_seed_runs_be_combined(tmp_pa
     for seed in (0, 1, 2):
         _run(sweep / "runs", "lab-d", f"s{seed}0", {"seed": seed, "p": 13}, [_claim("PASS", 1.0 + seed, "W-1")])
     (sweep / "sweep.json").write_text(json.dumps({"lab": "lab-d", "grid": {"seed": [0, 1, 2]}, "fixed": {}}))
-    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").output)
+    rows = json.loads(invoke("--root", str(tmp_path), "--format", "json").stdout)
     assert [(r["id"], r["verdict"], r["seeds"], r["runs"]) for r in rows] == [("W-1", "PASS", 3, ["s00", "s10", "s20"])]
 
 

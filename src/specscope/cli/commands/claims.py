@@ -80,9 +80,7 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         if problem := readers.other_runs(summary, data, meta, fix):  # nor another run's, under this run's name
             raise RunStoreError(problem)
         damaged = data.get("salvaged") or _damage(summary.parent)
-        rel = summary.parent.relative_to(root)
-        where = summary.parent.name if len(rel.parts) == 2 else str(summary.parent)  # not <root>/<lab>/<id>: the path
-        name = where + (f" ({readers.salvage_title(str(data['salvaged'])).lower()})" if data.get("salvaged")
+        name = _display_name(summary.parent, root) + (f" ({readers.salvage_title(str(data['salvaged'])).lower()})" if data.get("salvaged")
                                       else f" ({damaged.split(': ', 1)[0]})" if damaged else "")
         out.append((meta["lab"], name, meta.get("config", {}), _digits(meta.get("created", "")),
                     _summary_claims(summary, data)))
@@ -99,6 +97,14 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         out.append((meta["lab"], f"sweep {claims_file.parent.name}", {"sweep": meta}, created,
                     _sweep_claims(claims_file)))
     return out
+
+
+def _display_name(run_dir: Path, root: Path) -> str:
+    """The run's id where it lies as `specscope` writes runs — ROOT/LAB/ID, a demo's ROOT/demo/ID/LAB/ID, a sweep's
+    SWEEP/runs/LAB/ID — (`report ID --root ROOT` finds the first two); elsewhere (`--out runs/bad`) its path."""
+    rel = run_dir.relative_to(root).parts
+    in_sweep = len(rel) >= 3 and rel[-3] == "runs" and (run_dir.parents[2] / "sweep.json").is_file()
+    return run_dir.name if len(rel) == 2 or (len(rel) == 4 and rel[0] == "demo") or in_sweep else str(run_dir)
 
 
 def _damage(path: Path) -> str:
