@@ -394,7 +394,9 @@ def polar_with_nuclear_norm(G: Tensor, method: str = "gram", *, dtype: torch.dty
     """(polar(G), ‖G‖_*) from one decomposition, so an optimizer gets nr(G) at no extra cost.
 
     method "gram" (float64 eigh of the smaller Gram) or "svd" (float64 SVD); both exact as in `polar`,
-    with the same cut-off `rcond`. The norm has shape G.shape[:-2], float32 (float64 for float64 input)."""
+    with the same cut-off `rcond`. The norm has shape G.shape[:-2], float32 (float64 for float64 input): a ‖G‖_*
+    beyond float32's range (a float32 G of entries ≈ 1e37) reads inf there, while P is exact; pass float64 input, or
+    take G at unit scale as the optimizers do (`optim._common.unit_polar_with_nuclear_norm`)."""
     G = check_tensor(G, "polar_with_nuclear_norm", "G")
     _check_exact_method(method, "polar_with_nuclear_norm")
     _check_options("polar_with_nuclear_norm", method, dtype=dtype, rcond=rcond)
