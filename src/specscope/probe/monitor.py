@@ -546,7 +546,8 @@ class Monitor:
                 s.problem = "another rank could not pair it in this step (its warning there gives the reason)"
             elif (no_stats and dense > 0) or (no_tokens and lookup > 0):
                 s.problem = ("used on some ranks only so far (e.g. an expert no token of one rank's batch has been "
-                             "routed to): its statistics are not on every rank, so it is not measured in this step")
+                             "routed to): its input statistics are not on every rank, so its st(A) is not measured in "
+                             "this step (its gradient's nr(G) is)")
             out[id(s)] = (dense, lookup)
         return out
 
