@@ -163,3 +163,15 @@ def test_coupling_refuses_a_step_that_underflows_to_no_change():
     W, x, V = _coupling_setup()
     with pytest.raises(ValueError, match="changes no parameter in torch.float32"):
         directional_coupling(lambda: x @ W.T, [W], V[0], eps=1e-50)  # returned A = 0.0: no step at all
+
+
+def test_rolling_svd_refuses_a_vector_whose_squared_norm_underflows():
+    """A float64 vector of 1e-170 has a squared norm of 1e-340, below float64's range: it read σ = 0 and no direction."""
+    s = RollingSVD(2, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="underflows float64.*rescale"):
+        s.push(torch.full((8,), 1e-170, dtype=torch.float64))
+    assert s.state_dict()["rows"] is None  # refused, nothing kept
+    s.push(torch.full((8,), 1e-150, dtype=torch.float64))  # 8e-300: inside the range
+    assert float(s.singular_values()[0]) == pytest.approx(1e-150 * 8 ** 0.5, rel=1e-12)
+    s.push(torch.zeros(8, dtype=torch.float64))  # a zero vector is no underflow
+    assert len(s) == 2

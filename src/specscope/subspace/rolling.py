@@ -82,6 +82,10 @@ class RollingSVD:
         g[i] = sum(v[c:c + CHUNK].double() @ v[c:c + CHUNK].double() for c in range(0, v.numel(), CHUNK))
         if not bool(torch.isfinite(g).all()):
             self._refuse(vector, v)
+        if float(g[i]) < torch.finfo(torch.float64).tiny and bool(v.any()):
+            raise ValueError(f"RollingSVD.push: the vector's squared norm ({float(g[i]):.3g}) underflows float64 "
+                             f"(entries up to {float(v.abs().max()):.3g}), so its singular values would read 0; "
+                             "rescale the vectors (e.g. by a fixed factor) before pushing them")
         self._rows, self._gram = rows, gram
         rows[i] = v
         gram[i, :] = g
