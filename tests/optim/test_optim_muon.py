@@ -46,6 +46,24 @@ def test_matches_torch_muon_within_bf16_rounding(kw):
         assert float((a - b).abs().max()) <= 3 * torch_rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_decay_of_low_precision_params_is_the_one_asked_for(dtype):
+    """lr·wd = 0.002: a zero gradient leaves p·0.998 per step, rounded to p's dtype, as torch.optim.Muon's mul_. The
+    multi-tensor multiply rounded 0.998 itself to bf16's 0.99609375 first (after 100 steps ‖p‖ 0.584× where 0.998¹⁰⁰ = 0.819, torch's 0.9994:
+    bf16's spacing, 2⁻⁸, is wider than the step, so most entries round back)."""
+    w = torch.randn(32, 32, generator=torch.Generator().manual_seed(0))
+    ours, theirs = torch.nn.Parameter(w.to(dtype)), torch.nn.Parameter(w.to(dtype))
+    a = Muon([ours, torch.nn.Parameter(torch.randn(8, 8))], lr=0.02, weight_decay=0.1)  # a float32 one beside it
+    b = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1)
+    for _ in range(20):
+        ours.grad, theirs.grad = torch.zeros_like(ours), torch.zeros_like(theirs)
+        a.step()
+        b.step()
+    assert torch.equal(ours, theirs)
+    shrink = float(ours.float().norm() / w.norm())
+    assert shrink > 0.99 if dtype == torch.bfloat16 else shrink == pytest.approx(0.998 ** 20, rel=0.002)
+
+
 def test_bf16_params_keep_fp32_momentum_through_state_dict():
     p = torch.nn.Parameter(torch.randn(16, 8).bfloat16())
     opt = Muon([p], lr=0.01)

@@ -40,7 +40,8 @@ def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     The polar map is one call so that, under torch.distributed, matrices of every shape are balanced over
     the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard. Momentum
     and the update are multi-tensor (`torch._foreach_*`) ops: one call for all parameters instead of one per
-    parameter (per element the same arithmetic as torch.optim.Muon's, so equal bit for bit on CPU).
+    parameter (per element the same arithmetic as torch.optim.Muon's, so equal bit for bit on CPU; the decay of
+    bfloat16 and float16 parameters takes `mul_` one by one, see `_decay_`).
     """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
     stacked = group.get("stacked", False)
@@ -64,8 +65,20 @@ def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     for idx in _foreach_groups(params, lambda i: (scales[i],)):
         ps = [params[i] for i in idx]
         if lr * wd != 0:
-            torch._foreach_mul_(ps, 1 - lr * wd)
+            _decay_(ps, 1 - lr * wd)
         torch._foreach_add_(ps, [outs[i].reshape(params[i].shape) for i in idx], alpha=-scales[idx[0]])
+
+
+def _decay_(ps: list[Tensor], factor: float) -> None:
+    """p <- factor·p. torch._foreach_mul_ rounds a Python scalar to the tensors' dtype first (bfloat16's 0.998 is
+    0.99609375: 2.7× the decay asked for) where `mul_`, torch.optim.Muon's, multiplies in float32; so bfloat16 and
+    float16 parameters take `mul_` one by one, float32 and float64 ones one multi-tensor call (the same result)."""
+    narrow = [p for p in ps if p.dtype in (torch.bfloat16, torch.float16)]
+    wide = [p for p in ps if p.dtype not in (torch.bfloat16, torch.float16)]
+    if wide:
+        torch._foreach_mul_(wide, factor)
+    for p in narrow:
+        p.mul_(factor)
 
 
 def _foreach_groups(ts: list[Tensor], extra) -> list[list[int]]:
