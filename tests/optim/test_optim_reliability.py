@@ -503,6 +503,52 @@ def test_a_damaged_state_buffer_is_refused_at_load_not_written_into_the_weights(
     assert not opt.state and all(torch.equal(p, b) for p, b in zip(ps, before))
 
 
+@pytest.mark.parametrize("make, key, value, says", [
+    (lambda ps: Muon(ps, lr=0.02), "momentum_buffer", torch.tensor(float("nan")), r"has shape \(\), the parameter \(8, 6\)"),
+    (lambda ps: SpecGD(ps, lr=0.1, momentum=0.9), "momentum_buffer", torch.tensor(1.0), r"has shape \(\)"),
+    (lambda ps: Muon(ps, lr=0.02), "momentum_buffer", None, "is a NoneType, not a tensor"),
+    (lambda ps: Muon(ps, lr=0.02), "momentum_buffer", [1, 2], "is a list, not a tensor"),
+    (lambda ps: Muon(ps, lr=0.02), "momentum_buffer", torch.ones(8, 6).to_sparse(), "is a torch.sparse_coo tensor, not a dense one"),
+    (lambda ps: Hybrid(ps, lr=1e-3), "adam_step", "x", "is 'x', not a whole number ≥ 0"),
+    (lambda ps: Hybrid(ps, lr=1e-3), "adam_step", -1, "is -1, not a whole number ≥ 0"),
+    (lambda ps: Hybrid(ps, lr=1e-3), "adam_step", 1.5, "is 1.5, not a whole number"),
+    (lambda ps: AutoGeometry(ps, lr=0.1, monitor=lambda name: 2.0), "geometry", 7, "is 7, not 0, 1 or 2"),
+])
+def test_a_state_entry_of_another_kind_is_refused_at_load_not_at_the_next_step(make, key, value, says):
+    """A 0-d buffer, None, a list, a sparse buffer or a counter that is no whole number loaded, and the next step
+    raised a RuntimeError, AttributeError, NotImplementedError or TypeError from inside torch."""
+    from specscope.errors import ConfigError
+
+    ps = _params()
+    saved = _stepped(make(ps), ps).state_dict()
+    assert key in saved["state"][1]
+    saved["state"][1][key] = value
+    opt = make(ps)
+    with pytest.raises(ConfigError, match=rf"state '{key}' of parameter 'param1' {says}.*Nothing was loaded"):
+        opt.load_state_dict(saved)
+    assert not opt.state
+    saved["state"][1][key] = torch.tensor(3) if key in ("adam_step", "geometry") else saved["state"][0][key]
+    if key != "geometry":
+        opt.load_state_dict(saved)  # a whole number held in a 0-d tensor is a counter too
+        _stepped(opt, ps)
+
+
+@pytest.mark.parametrize("make", [lambda ps: Muon(ps, lr=0.02), lambda ps: LowRankDecay(ps, lr=0.1, weight_decay=0.1)])
+def test_a_checkpoints_param_names_never_rename_the_parameters(make):
+    """The saved names replaced the loading optimizer's: a shorter list stopped the parameters past its end from
+    stepping in silence (Muon), or raised IndexError at the step (LowRankDecay)."""
+    ps = _params()
+    named = lambda: make([(f"layer{i}.weight", p) for i, p in enumerate(ps)])  # noqa: E731
+    saved = _stepped(named(), ps).state_dict()
+    saved["param_groups"][0]["param_names"] = ["other.weight"]
+    opt = named()
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["param_names"] == ["layer0.weight", "layer1.weight"]
+    before = [p.detach().clone() for p in ps]
+    _stepped(opt, ps)
+    assert all(not torch.equal(p, b) for p, b in zip(ps, before))  # both stepped
+
+
 @pytest.mark.parametrize("make", [
     lambda ps: Muon(ps, lr=0.02),
     lambda ps: Hybrid(ps, lr=1e-3),

@@ -66,6 +66,13 @@ def load_pre_hooks_first(opt: torch.optim.Optimizer, state_dict: Any):
         opt._optimizer_load_state_dict_pre_hooks = hooks
 
 
+def merged_group(mine: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    """A saved param group completed with this optimizer's value of every key it lacks. The parameters keep this
+    optimizer's names: a checkpoint's `param_names` (another wrapper's prefixes, a damaged or shorter list) would
+    rename them, and a shorter list stopped the ones past its end from stepping."""
+    return {**{k: v for k, v in mine.items() if k != "params"}, **{k: v for k, v in theirs.items() if k != "param_names"}}
+
+
 def saved_groups(state_dict: Any, param_groups: Sequence[dict[str, Any]], where: str) -> list[dict[str, Any]]:
     """The param groups of an optimizer state_dict to be loaded, after a ConfigError for anything that is not one
     (None, a model's state_dict) or whose groups hold other numbers of parameters than `param_groups`."""

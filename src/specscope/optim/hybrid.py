@@ -370,7 +370,7 @@ class Hybrid(Optimizer):
         saved = _common.saved_groups(state_dict, self.param_groups, where)
         groups, params, offset = [], {}, 0
         for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
-            group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
+            group = _common.merged_group(mine, theirs)
             if group.get("polar") == CALLABLE_POLAR:
                 if not callable(mine.get("polar")):
                     raise ConfigError(f"param group {i} of this checkpoint was saved with a callable polar=; build the "
@@ -416,19 +416,7 @@ class Hybrid(Optimizer):
                                   "AdamW keeps 'exp_avg', 'exp_avg_sq', 'step'). Nothing was loaded; pass a state_dict "
                                   f"saved by a {type(self).__name__} with these param groups")
             for k, value in entry.items():
-                if torch.is_tensor(value) and value.ndim and value.shape != p.shape:
-                    raise ConfigError(f"{where}: state {k!r} of parameter '{name}' has shape {tuple(value.shape)}, the "
-                                      f"parameter {tuple(p.shape)}: the state_dict was saved for other parameters (another "
-                                      "model, or another order). Nothing was loaded; build the optimizer over the parameters "
-                                      "it was saved with, in the same order")
-                if is_dtensor(value):  # each rank checks its own shard: no collective inside a load
-                    value = value.to_local()
-                if torch.is_tensor(value) and value.ndim and (not value.is_floating_point() or not bool(value.isfinite().all())):
-                    what = (f"is {value.dtype}, not floating point" if not value.is_floating_point()
-                            else f"holds {int((~value.isfinite()).sum())} NaN or infinite entries")
-                    raise ConfigError(f"{where}: state {k!r} of parameter '{name}' {what}: the state_dict is damaged (a step "
-                                      "would write it into the weights). Nothing was loaded; load an earlier checkpoint, or "
-                                      "start this optimizer's state afresh")
+                _check_state_value(where, name, p, k, value, known=keeps is not None)
         return groups
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -455,6 +443,45 @@ class Hybrid(Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.is_floating_point() and value.ndim and self.state[p][key].dtype != want:
                     self.state[p][key] = value.to(device=p.device, dtype=want, copy=True)
+
+
+BUFFERS = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq"})  # state of the parameter's shape
+COUNTERS = frozenset({"adam_step", "step", "geometry"})  # whole numbers ≥ 0 (geometry: a code, auto.py)
+
+
+def _check_state_value(where: str, name: str, p: Tensor, key: str, value: Any, known: bool = True) -> None:
+    """One saved state entry of parameter `name` fits it: a buffer a dense floating-point tensor of p's shape with
+    finite entries, a counter a whole number ≥ 0 (`geometry` 0, 1 or 2); the keys of an algorithm registered without
+    its `state` (known=False): any tensor of more than 0 dimensions is of p's shape, dense, floating, finite. A
+    ConfigError naming the entry otherwise."""
+    def damaged(what: str) -> ConfigError:
+        return ConfigError(f"{where}: state {key!r} of parameter '{name}' {what}: the state_dict is damaged (a step would "
+                           "write it into the weights). Nothing was loaded; load an earlier checkpoint, or start this "
+                           "optimizer's state afresh")
+    if known and key in COUNTERS:
+        number = value.item() if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex() else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or number < 0 or number != int(number) or (key == "geometry" and number > 2):
+            raise damaged(f"is {value!r}, not {'0, 1 or 2' if key == 'geometry' else 'a whole number ≥ 0'}")
+        return
+    buffer = known and key in BUFFERS
+    if buffer and not torch.is_tensor(value):
+        raise damaged(f"is a {type(value).__name__}, not a tensor")
+    if not torch.is_tensor(value) or (value.ndim == 0 and not buffer):
+        return
+    if value.shape != p.shape:
+        raise ConfigError(f"{where}: state {key!r} of parameter '{name}' has shape {tuple(value.shape)}, the "
+                          f"parameter {tuple(p.shape)}: the state_dict was saved for other parameters (another "
+                          "model, or another order). Nothing was loaded; build the optimizer over the parameters "
+                          "it was saved with, in the same order")
+    if value.layout != torch.strided:
+        raise damaged(f"is a {value.layout} tensor, not a dense one")
+    if is_dtensor(value):  # each rank checks its own shard: no collective inside a load
+        value = value.to_local()
+    if not value.is_floating_point():
+        raise damaged(f"is {value.dtype}, not floating point")
+    if not bool(value.isfinite().all()):
+        raise damaged(f"holds {int((~value.isfinite()).sum())} NaN or infinite entries")
 
 
 def _group_names(group: dict[str, Any], offset: int) -> list[str]:

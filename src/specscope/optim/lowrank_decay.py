@@ -94,7 +94,7 @@ class LowRankDecay(Optimizer):
                               f"another optimizer's. {fix}")
         groups = []
         for i, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
-            group = {**{k: v for k, v in mine.items() if k != "params"}, **theirs}
+            group = _common.merged_group(mine, theirs)
             try:
                 if "mode" not in theirs:
                     raise ConfigError("it has no 'mode', which every LowRankDecay group has (another optimizer's group?)")
