@@ -146,6 +146,21 @@ def test_status_running_while_open_then_incomplete_when_abandoned(tmp_path):
     assert list_runs(tmp_path).status.tolist() == ["incomplete"]
 
 
+@pytest.mark.parametrize("pid", ["abc", None, -3, True])
+def test_a_run_without_its_lock_file_and_a_pid_edited_by_hand_reads_without_a_traceback(tmp_path, pid):
+    """No run.lock and a config.json `pid` of "abc": runs, export and report ended in os.kill's TypeError."""
+    run = Run.create(tmp_path, "demo", {})
+    run.append(recs(0))
+    run.flush()
+    run._release()
+    (run.path / "run.lock").unlink()
+    meta = json.loads((run.path / "config.json").read_text())
+    (run.path / "config.json").write_text(json.dumps({**meta, "pid": pid}))
+    assert Run.open(run.path).status == "running"  # nothing decisive: the status on disk
+    assert list_runs(tmp_path).status.tolist() == ["running"]
+    assert len(load(run.path)) == 3
+
+
 def test_second_writer_is_refused(tmp_path):
     run = Run.create(tmp_path, "demo", {})
     other = Run.open(run.path)

@@ -62,6 +62,8 @@ def writer_alive(run_dir: Path, pid: int | None, host: str | None, strict: bool 
     flock, no pid to check) the answer is True, or False with `strict` (only a held lock counts)."""
     held = _lock_held(run_dir / LOCK_NAME)
     same_host = host == socket.gethostname()
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        pid = None  # a config.json edited by hand: no pid to check
     if held is False:
         return False
     if same_host and pid is not None and not pid_alive(pid):
