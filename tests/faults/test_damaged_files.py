@@ -570,3 +570,28 @@ def test_another_runs_checkpoint_is_named_as_such(killed, copy_of, cli):
     save_checkpoint(checkpoint, {**payload, "run_id": "someone-else"})
     rc, _, err = cli("run", "--resume", run)
     one_line_error(rc, err, checkpoint, "'someone-else'", "copied over from another run", "delete it")
+
+
+def test_a_byte_of_the_schema_text_that_is_no_utf8_is_a_damaged_file_for_every_reader(finished, copy_of, cli, tmp_path):
+    """SQLite quotes a damaged schema's bytes in its message, which Python's sqlite3 then fails to decode: `runs`
+    and `claims` stopped at a UnicodeDecodeError naming no file (every other run unlisted), and `export --salvage`
+    printed a traceback from the table's column list. Byte 0xF2 (no valid UTF-8 after it) over the schema text."""
+    run = copy_of(finished)
+    db = run / "metrics.sqlite"
+    clean = db.read_bytes()
+    start = clean.index(b"CREATE TABLE metrics")
+    hits = 0
+    for at in range(start, start + 600, 7):
+        damaged = bytearray(clean)
+        damaged[at] = 0xF2
+        db.write_bytes(bytes(damaged))
+        rc, out, err = cli("runs", "--root", tmp_path / "runs")
+        assert rc == 0 and "Traceback" not in err, (at, err)
+        if "metrics.sqlite" in out:  # named as the damaged file
+            hits += 1
+        for salvage in ((), ("--salvage",)):
+            rc, out, err = cli("export", run, "--out", tmp_path / f"x{at}{len(salvage)}.csv", *salvage)
+            assert rc in (0, 2) and "Traceback" not in err, (at, salvage, err)
+            if rc == 2:
+                one_line_error(rc, err, db)
+    assert hits > 40  # most of these bytes are read when the schema is parsed

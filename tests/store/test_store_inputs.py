@@ -60,12 +60,19 @@ def test_one_bad_record_refuses_its_call_and_nothing_else(tmp_path):
     (Record(0, "", "a", None), r"value None \(NoneType\) is not a number"),
     (Record(0, "", "a", 1.0, rows=2**63), r"rows 9223372036854775808 \(int\) is not an int"),
     (Record(0, "", "a", 1.0, rows=2.5), r"rows 2.5 \(float\) is not an int"),
+    (Record(0, "", "a", 10**400), r"value 1000.* \(int\) is not a number within float64's range"),
+    (Record(0, "emb.\udcff", "a", 1.0), r"its layer 'emb.\\udcff' is no valid text .*pass a name that encodes as UTF-8"),
+    (Record(0, "", "a", 1.0, arm="\ud800"), r"its arm '\\ud800' is no valid text"),
 ])
 def test_a_record_with_an_unstorable_value_or_rows_is_refused(tmp_path, record, named):
-    with Run.create(tmp_path, "lab", {}) as run:
+    """A name holding a lone surrogate was buffered, and every later flush and the close failed encoding it: the
+    records buffered before and after it were lost and the run never closed. 10**400 raised OverflowError."""
+    with Run.create(tmp_path, "lab", {}, flush_every=10**6) as run:
+        run.log(0, {"before": 1.0})
         with pytest.raises(ConfigError, match=named):
             run.append([record])
-    assert steps(run) == []
+        run.log(1, {"after": 1.0})
+    assert steps(run) == [0, 1] and run.status == "complete"
 
 
 # ---- a failed flush -------------------------------------------------------------------------------------

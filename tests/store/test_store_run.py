@@ -314,3 +314,36 @@ def test_a_demos_lab_runs_are_listed_and_found_by_id(tmp_path):
     assert set(list_runs(tmp_path, lab="random-features").run_id) == {inner.id, top.id}
     assert find_run(inner.id, tmp_path) == inner.path and find_run(top.id, tmp_path) == top.path
     assert load(find_run(inner.id, tmp_path)).value.tolist() == [1.0]
+
+
+def test_a_forked_child_neither_writes_the_parents_buffer_again_nor_through_its_connection(tmp_path):
+    """A child made by os.fork that exited normally flushed the parent's buffered records at its exit (atexit):
+    every one of them was in the run twice."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import os, sys
+        from specscope.store import Run
+        from specscope.errors import RunStoreError
+        run = Run.create(sys.argv[1], "demo", {}, run_id="r", flush_every=10**6, flush_seconds=1e9)
+        for step in range(5):
+            run.log(step, {"x": float(step)})
+        run.flush()
+        run.log(5, {"x": 5.0})  # buffered when the child is made
+        pid = os.fork()
+        if pid == 0:  # the child: a write is refused, and its normal exit (atexit hooks) writes nothing
+            try:
+                run.log(6, {"x": 6.0})
+                run.flush()
+            except RunStoreError as e:
+                sys.exit(0 if "child forked from it" in str(e) else 4)
+            sys.exit(3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, status
+        run.close()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert load(tmp_path / "demo" / "r").step.tolist() == list(range(6))

@@ -89,7 +89,8 @@ class Run:
     A Run from `open` is a reader until its first write of records (append, log, flush, delete_after): it
     then takes the writer lock (failing if another live process writes the run) and marks the run
     "running" again, which is how a resumed run continues. `set_status` takes the lock without that mark;
-    `write_summary` needs no lock. After `close()` the object writes nothing more: `Run.open(path)` resumes.
+    `write_summary` needs no lock. After `close()` the object writes no records and no status (write_summary
+    still rewrites summary.json): `Run.open(path)` resumes.
     """
 
     def __init__(self, path: Path, meta: dict, *, flush_every: int = 1000, flush_seconds: float = 5.0):
@@ -348,7 +349,7 @@ class Run:
 
     def __del__(self) -> None:  # an unclosed, collected run: keep its records, leave the status alone
         try:
-            if self._con is not None:
+            if self._con is not None and not self._forked():
                 self.flush()
                 self._release()
         except Exception:
@@ -370,6 +371,11 @@ class Run:
     def _become_writer(self, resume: bool = True) -> None:
         """Take the writer lock and open the database; `resume` marks the run "running" (records are coming)."""
         if self._con is not None:
+            if self._forked():
+                raise RunStoreError(f"run {self.path} is open for writing in process {self._writer_pid}, and this is a "
+                                    f"child forked from it (pid {os.getpid()}), which cannot write through the parent's "
+                                    "database connection: send the records back to the parent to write, or have the "
+                                    "child create a run of its own")
             return
         if self._closed:
             raise RunStoreError(f"run {self.path} was closed: a closed Run writes nothing more; to add to the run, "
@@ -391,7 +397,13 @@ class Run:
         except BaseException:
             self._release()
             raise
+        self._writer_pid = os.getpid()
         _OPEN.add(self)
+
+    def _forked(self) -> bool:
+        """Open for writing by the process this one was forked from: its buffer and connection are the parent's
+        (a child that flushed them at exit wrote the parent's records a second time)."""
+        return self._con is not None and self._writer_pid != os.getpid()
 
     def _release(self) -> None:
         if self._con is not None:
@@ -414,6 +426,8 @@ _OPEN: "weakref.WeakSet[Run]" = weakref.WeakSet()
 @atexit.register
 def _flush_open_runs() -> None:
     for run in list(_OPEN):
+        if run._forked():  # the parent's run, whose records the parent writes
+            continue
         try:
             run.flush()
             run._release()

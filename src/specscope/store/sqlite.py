@@ -48,11 +48,22 @@ _INSERT = f"INSERT INTO metrics ({', '.join(COLUMNS)}, checksum) VALUES ({', '.j
 _CHECKSUMS = 2  # the schema version that added the checksum column
 
 
-def _select(con: sqlite3.Connection) -> str:
+# What reading a damaged file raises: SQLite's errors, and UnicodeDecodeError where SQLite's own message quotes
+# the damaged bytes of the schema (Python's sqlite3 then fails decoding the message, not the data).
+DB_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
+
+
+def _select(con: sqlite3.Connection, salvage: bool = False) -> str:
     """The SELECT of COLUMNS, the stored checksum (0 where none) and whether none was stored (`unchecked`: the
     records of a database from before checksums). Whether there are checksums is read off the table itself, never
     off the stored schema version: one flipped bit in that number would otherwise turn every check off."""
-    stored = "ifnull(checksum, 0), checksum IS NULL" if tables_version(con) >= _CHECKSUMS else "0, 1"
+    try:
+        version = tables_version(con)
+    except DB_ERRORS:
+        if not salvage:
+            raise
+        version = _CHECKSUMS  # the table's columns are unreadable: try the current ones
+    stored = "ifnull(checksum, 0), checksum IS NULL" if version >= _CHECKSUMS else "0, 1"
     return f"SELECT {', '.join(COLUMNS)}, {stored} FROM metrics"
 
 
@@ -100,7 +111,7 @@ def connect_writer(path: Path) -> sqlite3.Connection:
     except BaseException as e:  # closed, so that no lock outlives the refusal (a later status write would wait on it)
         if con is not None:
             con.close()
-        if isinstance(e, sqlite3.DatabaseError):
+        if isinstance(e, DB_ERRORS):
             raise _fail(path, "cannot open for writing", e) from e
         raise
     return con
@@ -162,12 +173,12 @@ def open_reader(path: Path, *, live: bool, salvage: bool = False, check: bool = 
 def _open_checked(uri: str, path: Path, salvage: bool, check: bool) -> tuple[sqlite3.Connection, str | None]:
     try:
         con = _open_ro(uri, path, writable_schema=False)
-    except sqlite3.DatabaseError as e:
+    except DB_ERRORS as e:
         if not salvage:
             raise _fail(path, "cannot read the database", e) from None
         try:
             return _open_ro(uri, path, writable_schema=True), str(e)
-        except sqlite3.DatabaseError:
+        except DB_ERRORS:
             raise _fail(path, "cannot read the database even to salvage it", e,
                         "nothing in it is readable: restore it from a copy, or delete the run") from None
     problem = _integrity_check(con) if check else None
@@ -177,7 +188,7 @@ def _open_checked(uri: str, path: Path, salvage: bool, check: bool) -> tuple[sql
     try:
         version = version_problem(con, path)
         readable = tables_version(con) > 0
-    except sqlite3.DatabaseError as e:  # no schema_version table, or a damaged schema
+    except DB_ERRORS as e:  # no schema_version table, or a damaged schema
         version, readable = f"{path} has no readable schema version ({e})", True
     if version is not None and (not salvage or not readable):
         con.close()
@@ -191,7 +202,7 @@ def _integrity_check(con: sqlite3.Connection) -> str | None:
     0.35× the time of `load(run)` against quick_check's 0.07× (benchmarks/store_read.py)."""
     try:
         first = con.execute("PRAGMA integrity_check(1)").fetchone()[0]
-    except sqlite3.DatabaseError as e:
+    except DB_ERRORS as e:
         return str(e)
     return None if first == "ok" else str(first)
 
@@ -217,7 +228,7 @@ def count_rows(con: sqlite3.Connection, path: Path, *, arm: str | None = None, m
         params.append(int(upto))
     try:
         return con.execute("SELECT count(*) FROM metrics" + where, params).fetchone()[0]
-    except sqlite3.DatabaseError as e:
+    except DB_ERRORS as e:
         raise _fail(path, "cannot count records", e) from None
 
 
@@ -264,12 +275,21 @@ def as_row(r: Record) -> tuple:
                           "pass the number of rows measured as a whole number >= 0 (0 when it does not apply).")
     try:
         value = None if isinstance(r.value, (str, bytes)) else float(r.value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         value = None
     if value is None:
-        raise ConfigError(f"record {r.metric!r} at step {step}: value {show(r.value)} is not a number; pass a float "
-                          "(an int, a numpy number or a one-element tensor is fine).")
-    return (step, str(r.layer), str(r.metric), value, str(r.arm), str(r.estimator), rows, str(r.shape), str(r.flag))
+        raise ConfigError(f"record {r.metric!r} at step {step}: value {show(r.value)} is not a number within float64's "
+                          "range; pass a float (an int, a numpy number or a one-element tensor is fine).")
+    texts = (str(r.layer), str(r.metric), str(r.arm), str(r.estimator), str(r.shape), str(r.flag))
+    for field, text in zip(("layer", "metric", "arm", "estimator", "shape", "flag"), texts):
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(f"record {r.metric!r} at step {step}: its {field} {text!r} is no valid text (a lone "
+                                  "surrogate, as os.fsdecode leaves for bytes that are not UTF-8); pass a name that "
+                                  "encodes as UTF-8, e.g. name.encode('utf-8', 'replace').decode()") from None
+    return (step, texts[0], texts[1], value, texts[2], texts[3], rows, texts[4], texts[5])
 
 
 def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> None:
@@ -295,7 +315,7 @@ def insert_batch(con: sqlite3.Connection, path: Path, rows: Sequence[tuple]) -> 
     except BaseException as e:  # no half batch left open, whatever failed: the caller keeps the rows to retry
         if con.in_transaction:
             con.execute("ROLLBACK")
-        if isinstance(e, sqlite3.Error):
+        if isinstance(e, (sqlite3.Error, UnicodeDecodeError)):
             raise _fail(path, "cannot append records", e) from e
         raise
 
@@ -314,7 +334,7 @@ def _delete(con: sqlite3.Connection, path: Path, sql: str, params: tuple) -> int
         con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('records', (SELECT count(*) FROM metrics))")
         _seal_progress(con)
         con.execute("COMMIT")
-    except sqlite3.Error as e:
+    except (sqlite3.Error, UnicodeDecodeError) as e:
         if con.in_transaction:
             con.execute("ROLLBACK")
         raise _fail(path, "cannot delete records", e) from e
@@ -349,10 +369,10 @@ def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
     """All matching rows in insertion order (COLUMNS, then READ_CHECKS: see `verify`), and the damage met (None
     when none). On a damaged file: raise unless `salvage`, else read what is readable and warn."""
     where, params = _where(filters)
-    select = _select(con)
+    select = _select(con, salvage=True)  # what a salvage reads with (the current columns where the table's are unreadable)
     try:
-        rows = con.execute(select + where + " ORDER BY rowid", params).fetchall()
-    except sqlite3.DatabaseError as e:
+        rows = con.execute(_select(con) + where + " ORDER BY rowid", params).fetchall()
+    except DB_ERRORS as e:
         if not salvage:
             raise _fail(path, "the metrics table is damaged", e) from e
         (rows, lost, guessed), damage = _salvage(con, select, where, params), damage or str(e)
@@ -394,7 +414,7 @@ def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
     table's last rowid was unreadable and the search ran up to a bound from the file size instead)."""
     try:
         hi, guessed = con.execute("SELECT max(rowid) FROM metrics").fetchone()[0] or 0, False
-    except sqlite3.DatabaseError:  # upper bound from the file size: a row takes at least ~16 bytes
+    except DB_ERRORS:  # upper bound from the file size: a row takes at least ~16 bytes
         hi = con.execute("PRAGMA page_count").fetchone()[0] * con.execute("PRAGMA page_size").fetchone()[0] // 16
         guessed = True
     cond = (where + " AND" if where else " WHERE")
@@ -403,7 +423,7 @@ def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
     def read_one(rowid: int) -> list[tuple] | None:
         try:
             return con.execute(one, params + [rowid]).fetchall()
-        except sqlite3.DatabaseError:
+        except DB_ERRORS:
             return None
 
     rows, lost, todo = [], 0, [(lo, min(lo + chunk - 1, hi)) for lo in range(1, hi + 1, chunk)]
@@ -411,7 +431,7 @@ def _salvage(con: sqlite3.Connection, select: str, where: str, params: list,
         lo, hi_ = todo.pop(0)
         try:
             rows += con.execute(sql, params + [lo, hi_]).fetchall()
-        except sqlite3.DatabaseError:
+        except DB_ERRORS:
             if hi_ - lo >= 16:
                 mid = (lo + hi_) // 2
                 todo[:0] = [(lo, mid), (mid + 1, hi_)]
@@ -438,7 +458,7 @@ def owner(con: sqlite3.Connection) -> dict[str, str]:
     unreadable)."""
     try:
         rows = con.execute("SELECT key, value FROM run_info WHERE key IN ('run_id', 'lab')").fetchall()
-    except sqlite3.DatabaseError:
+    except DB_ERRORS:
         return {}
     return {k: v for k, v in rows if isinstance(v, str)}
 
@@ -462,7 +482,7 @@ def read_progress(con: sqlite3.Connection, path: Path | None = None) -> dict:
     check (`_seal_progress`; a database from before it has none: not checked) raise RunStoreError naming `path`."""
     try:
         info = dict(con.execute("SELECT key, value FROM run_info").fetchall())
-    except sqlite3.DatabaseError:
+    except DB_ERRORS:
         return {}
     if "progress_check" in info and info["progress_check"] != _progress_check(info):
         raise RunStoreError(f"{path or 'the metrics database'}: its run_info counters (last step {info.get('last_step')}, "
