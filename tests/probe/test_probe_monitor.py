@@ -726,6 +726,21 @@ def test_inputs_near_the_ends_of_float32_are_measured_or_flagged_never_a_crash(n
     assert record.flag == "" and record.value == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1e12, 1e15])
+def test_the_power_estimator_measures_finite_inputs_whose_block_products_pass_float32(scale):
+    """estimator="power" (the gpt lab's default) formed ZᵀZ of its finite float32 block Z = AᵀA·V in float32, which
+    overflowed for inputs near 1e12: eigh's LinAlgError ended a diverging gpt run with a traceback."""
+    lin = nn.Linear(16, 4)
+    monitor = Monitor(lin, every=1, estimator="power")
+    A = scale * torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    with monitor.step(0):
+        lin(A).sum().backward()
+    record = {r.metric: r for r in monitor.pop_records()}["stable_rank"]
+    s = torch.linalg.svdvals(A.double())
+    exact = float((s**2).sum() / s[0] ** 2)
+    assert record.flag == "" and exact <= record.value <= 1.25 * exact  # a lower bound on λ_max: st from above
+
+
 def test_a_monitor_on_a_model_that_a_copy_of_trains_says_so():
     """A Monitor built on `model` while a deep copy runs the forward: every weight read 'not used in this step's forward
     pass', each warned about alone, with nothing pointing at the copy."""

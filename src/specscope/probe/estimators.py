@@ -42,13 +42,13 @@ def _initial_block(n: int, b: int, device: torch.device) -> torch.Tensor:
     return _orth(torch.randn(n, b, generator=g)).to(device)
 
 
-def max_rayleigh_ratio(VCV: torch.Tensor, ZZ: torch.Tensor) -> torch.Tensor:
+def max_rayleigh_ratio(VCV: torch.Tensor, ZZ: torch.Tensor, made_in: torch.dtype | None = None) -> torch.Tensor:
     """max over y = Vx of yᵀC²y / yᵀCy from VᵀCV and VᵀC²V: a lower bound on λ_max(C), exact on span(V).
 
-    Directions of span(V) with yᵀCy below 1e3·eps of the largest (of the products' dtype: float32 ones carry
-    rounding noise there) are dropped: their ratios are noise over noise, and on a rank-1 input one read
-    4–16× λ_max (st < 1). Dropping directions keeps it a lower bound."""
-    rel = max(1e-12, 1e3 * torch.finfo(VCV.dtype).eps)
+    Directions of span(V) with yᵀCy below 1e3·eps of the largest (eps of `made_in`, the dtype C·V was computed in,
+    by default the products': float32 ones carry rounding noise there) are dropped: their ratios are noise over
+    noise, and on a rank-1 input one read 4–16× λ_max (st < 1). Dropping directions keeps it a lower bound."""
+    rel = max(1e-12, 1e3 * torch.finfo(made_in or VCV.dtype).eps)
     VCV, ZZ = VCV.double(), ZZ.double()
     d, W = torch.linalg.eigh((VCV + VCV.mT) / 2)
     keep = d > d[-1].clamp_min(0) * rel
@@ -106,7 +106,9 @@ class PowerStats:
         fro2 = self.fro2.double()
         if not (bool(torch.isfinite(self.Z).all()) and bool(torch.isfinite(fro2))):
             return fro2 * float("nan"), fro2 * float("nan")  # reported as non-finite; V is kept
-        lam = torch.minimum(max_rayleigh_ratio(self.V.mT @ self.Z, self.Z.mT @ self.Z), fro2)  # σ₁² ≤ ‖A‖_F²
+        # the n × block products in float64: ZᵀZ of a finite float32 Z overflows float32 (inputs near 1e12)
+        V, Z = self.V.double(), self.Z.double()
+        lam = torch.minimum(max_rayleigh_ratio(V.mT @ Z, Z.mT @ Z, self.Z.dtype), fro2)  # σ₁² ≤ ‖A‖_F²
         if bool(self.Z.abs().sum() > 0):
             self.V = _orth(self.Z)
         return fro2, lam
