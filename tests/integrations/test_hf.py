@@ -462,3 +462,73 @@ def test_load_names_a_missing_folder_and_a_frozen_weight_is_named_frozen(tmp_pat
     with pytest.warns(UserWarning, match=r"down_proj' is unmeasured: .*frozen \(requires_grad=False\)"):
         with monitor.step(0):
             model(input_ids=ids, labels=ids).loss.backward()
+
+
+_KILLED_FIT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[3])
+import torch
+from transformers import Trainer, TrainerCallback
+import test_hf as t
+from specscope import store
+from specscope.integrations.hf import attach
+
+where, root = sys.argv[1], sys.argv[2]
+
+class Kill(TrainerCallback):  # listed before the SpecscopeCallback that attach adds
+    def on_step_end(self, args, state, control, **kw):
+        if where == "step_end" and state.global_step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save(self, args, state, control, **kw):  # checkpoint-4 written, the callback's on_save not yet run
+        if where == "on_save" and state.global_step == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+model = t.tiny_llama()
+run = store.Run.create(root + "/runs", "hf", {"steps": 6}, run_id="r")
+trainer = Trainer(model=model, args=t.args(root + "/out", 6, save_strategy="steps", save_steps=2), train_dataset=t.Tokens(),
+                  optimizers=t.adamw(model), callbacks=[Kill()])
+attach(trainer, every=1, estimator="gram", run=run)
+trainer.train()
+"""
+
+
+@pytest.mark.parametrize("where", ["step_end", "on_save"])
+def test_a_fit_killed_after_a_checkpoint_resumes_to_an_uninterrupted_fits_records_and_monitor(tmp_path, where):
+    """SIGKILL at step 5 (checkpoint-4 written): the records of steps 0-3 were still buffered, so the resume from
+    checkpoint-4 left them out for good and `runs` called the run complete. SIGKILL between the Trainer's writing of
+    checkpoint-4 and the callback's on_save: the Monitor's state was lost ("saved without specscope")."""
+    import os
+    import subprocess
+    import sys
+    import warnings
+
+    here = os.path.dirname(__file__)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_FIT, where, str(tmp_path), here], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "checkpoint-4").is_dir()
+
+    full_model = tiny_llama()
+    full_run = store.Run.create(tmp_path / "runs", "hf", {"steps": 6}, run_id="full")
+    trainer = Trainer(model=full_model, args=args(tmp_path / "full", 6), train_dataset=Tokens(), optimizers=adamw(full_model))
+    full = attach(trainer, every=1, estimator="gram", run=full_run)
+    trainer.train()
+    full_run.close()
+
+    model = tiny_llama(seed=1)
+    run = store.Run.open(tmp_path / "runs" / "hf" / "r")
+    trainer = Trainer(model=model, args=args(tmp_path / "out", 6, save_strategy="steps", save_steps=2),
+                      train_dataset=Tokens(), optimizers=adamw(model))
+    resumed = attach(trainer, every=1, estimator="gram", run=run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "without Monitor state"
+        trainer.train(resume_from_checkpoint=True)
+    run.close()
+    got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full_run))
+    assert sorted(got.step.unique()) == [0, 1, 2, 3, 4, 5] and len(got) == len(want)
+    g, w = (d.set_index(["step", "layer"]).value.sort_index() for d in (got, want))
+    assert g.tolist() == pytest.approx(w.tolist(), rel=1e-5)
+    a, b = resumed.advice(window=6), full.advice(window=6)
+    assert a["stable_rank"].tolist() == pytest.approx(b["stable_rank"].tolist(), rel=1e-5)
+    assert not list((tmp_path / "out").glob(f".{STATE_FILE}-*"))  # the staged states were cleared by the next saves

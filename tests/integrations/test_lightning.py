@@ -336,3 +336,29 @@ def test_a_second_fit_from_step_0_with_the_same_callback_stops_at_its_start(tmp_
     fresh = SpecscopeCallback(every=1)
     fit(module, fresh, tmp_path / "c", 2)
     assert fresh.monitor.last_step == 1 and set(fresh.monitor.advice(window=10).measurements) == {2}
+
+
+def test_the_runs_records_are_on_disk_before_a_checkpoint_that_covers_them():
+    """Lightning writes the checkpoint of step 2 while the run's records of steps 0, 1 could still be buffered: a
+    kill then lost them for good (the resume starts after them). They are flushed before the checkpoint is written."""
+    import tempfile
+    from pathlib import Path
+
+    from specscope import store
+
+    on_disk = {}
+
+    class Peek(L.Callback):  # after ModelCheckpoint: the checkpoint of step 2 is written when step 3 ends
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3 and 3 not in on_disk:
+                on_disk[3] = sorted(store.load(run.path, metric="nuclear_rank").step.unique())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = store.Run.create(Path(tmp) / "runs", "lightning", {}, flush_every=10**6, flush_seconds=1e9)
+        saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=Path(tmp) / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=ACCUM,
+                            callbacks=[SpecscopeCallback(every=1, estimator="gram", run=run), saver, Peek()], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(Lit(gpt()), train_dataloaders=loader())
+        run.close()
+    assert on_disk[3] == [0, 1]

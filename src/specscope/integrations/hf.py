@@ -16,6 +16,7 @@ in `specscope_monitor.pt`, restored when training resumes.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, 
                                            check_run_starts_fresh, check_starts_after, resume_run, log_values, spectral_optimizer,
                                            uses_loss_scaling)
 from specscope.probe import Monitor
+from specscope.store import integrity
 from specscope.store.deps import require
 
 transformers = require("transformers", "hf", "specscope.integrations.hf")
@@ -105,6 +107,8 @@ class SpecscopeCallback(transformers.TrainerCallback):
         self._values = log_values(self._measure.optimizer_stepped(kwargs.get("optimizer")), self.metrics)
 
     def on_step_end(self, args, state, control, **kwargs):  # logged at global_step k+1, like the Trainer's loss
+        if control.should_save:  # the Trainer writes checkpoint-k right after this, then calls on_save
+            self._stage(args, state)
         values, self._values = self._values, {}
         if not values:
             return
@@ -136,10 +140,25 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self.run.flush()
 
     # -- checkpoints -------------------------------------------------------------------------------
+    def _stage(self, args, state) -> None:
+        """Before the Trainer writes checkpoint-k: the run's records flushed (a kill after the checkpoint then loses
+        none of the steps it covers) and the Monitor's state written beside the checkpoints as `_staged(k)`, which a
+        resume reads when a kill came between the Trainer's write and `on_save`."""
+        if self.run is not None:
+            self.run.flush()
+        if state.is_world_process_zero and self.monitor is not None:
+            _save_state(self.monitor.state_dict(), _staged(args.output_dir, state.global_step))
+
     def on_save(self, args, state, control, **kwargs):
+        if self.run is not None:
+            self.run.flush()
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
-            torch.save(self.monitor.state_dict(), folder / STATE_FILE)
+            _save_state(self.monitor.state_dict(), folder / STATE_FILE)
+            for old in Path(args.output_dir).glob(f".{STATE_FILE}-*"):  # staged states of this step and before
+                step = old.name.rsplit("-", 1)[-1]
+                if step.isdigit() and int(step) <= state.global_step:
+                    old.unlink(missing_ok=True)
 
     def load(self, checkpoint: str | Path) -> None:
         """Restore the Monitor's state from a checkpoint folder this callback saved into (before trainer.train()
@@ -150,16 +169,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
                               f"(<output_dir>/{PREFIX_CHECKPOINT_DIR}-<step>)")
         if not path.is_file():
             raise ConfigError(f"{path} does not exist: that checkpoint was saved without a SpecscopeCallback")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
-        except Exception as e:  # truncated, not a torch file, or holding objects other than tensors
-            raise RunStoreError(f"{path} is not a Monitor state this callback saved (torch.load with weights_only=True: "
-                                f"{type(e).__name__}); it is truncated or was replaced, and is not loaded any other way: "
-                                "resume from another checkpoint folder, or delete the file to resume without the "
-                                "Monitor's state") from None
-        if not isinstance(state, dict):
-            raise RunStoreError(f"{path} holds a {type(state).__name__}, not a Monitor state (a dict); resume from another "
-                                "checkpoint folder, or delete the file to resume without the Monitor's state")
+        state = _read_state(path)
         if self.monitor is None:
             self._saved, self._saved_from = state, path
         else:
@@ -181,13 +191,43 @@ class SpecscopeCallback(transformers.TrainerCallback):
         output_dir's checkpoint of this step."""
         given = next((str(g) for g in (passed, args.resume_from_checkpoint) if isinstance(g, (str, os.PathLike))), None)
         folder = Path(given or Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        staged = _staged(args.output_dir, state.global_step)
         if (folder / STATE_FILE).is_file():
             self.load(folder)
+        elif folder.parent.resolve() == Path(args.output_dir).resolve() and staged.is_file():
+            self._restore(_read_state(staged), staged)  # killed between the Trainer's checkpoint and on_save
         else:
             warnings.warn(f"specscope: resuming at step {state.global_step} without Monitor state ({folder / STATE_FILE} "
                           "not found: that checkpoint was saved without specscope), so the Monitor's advice window starts "
                           "empty; to restore it from another checkpoint folder, call callback.load(folder) before "
                           "trainer.train()", stacklevel=2)
+
+
+def _staged(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where the Monitor's state of step `step` waits, beside the checkpoints, until on_save puts it in checkpoint-step."""
+    return Path(output_dir) / f".{STATE_FILE}-{step}"
+
+
+def _save_state(state: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a kill leaves the old file or the new one, never half."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    integrity.write_atomic(path, buffer.getvalue())
+
+
+def _read_state(path: Path) -> dict:
+    """A Monitor state file, loaded with weights_only=True; one RunStoreError naming it when it is none."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+    except Exception as e:  # truncated, not a torch file, or holding objects other than tensors
+        raise RunStoreError(f"{path} is not a Monitor state this callback saved (torch.load with weights_only=True: "
+                            f"{type(e).__name__}); it is truncated or was replaced, and is not loaded any other way: "
+                            "resume from another checkpoint folder, or delete the file to resume without the "
+                            "Monitor's state") from None
+    if not isinstance(state, dict):
+        raise RunStoreError(f"{path} holds a {type(state).__name__}, not a Monitor state (a dict); resume from another "
+                            "checkpoint folder, or delete the file to resume without the Monitor's state")
+    return state
 
 
 def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, metrics: tuple[str, ...] = LOGGED,

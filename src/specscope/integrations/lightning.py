@@ -113,6 +113,12 @@ class SpecscopeCallback(L.Callback):
             self._measure.abandon()
 
     # -- checkpoints: Lightning stores this under checkpoint["callbacks"]["SpecscopeCallback"] --------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Before Lightning writes the checkpoint: the run's records flushed, so a kill after it loses none of the
+        steps it covers (a resume from it starts after them)."""
+        if self.run is not None:
+            self.run.flush()
+
     def state_dict(self) -> dict:
         return {"monitor": self.monitor.state_dict()} if self.monitor is not None else {}
 
