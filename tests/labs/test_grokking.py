@@ -118,6 +118,19 @@ def test_sweep_claims_compare_each_arm_at_its_own_best_strength():
     assert g.sweep_claims(nothing)[0].verdict == "INCONCLUSIVE"
 
 
+def test_lrd2_rules_the_best_lrd_variant_swept_not_plain_lrd_alone():
+    """The proximal variant moved the boundary to 0.3 against L2's 0.5 and LRD-2 read FAIL (only `lrd` was ruled);
+    a sweep of l2 and lrd_prox alone read INCONCLUSIVE ("needs arms l2 and lrd")."""
+    bounds = {"l2": 0.5, "lrd": 0.5, "lrd_prox": 0.3}
+    points = [(a, 1.0, f, 1000.0 if f >= b else None) for a, b in bounds.items() for f in (0.3, 0.4, 0.5)]
+    (claim,) = g.sweep_claims(_sweep_rows(points))
+    assert claim.verdict == "PASS" and claim.spread.startswith("boundary stable l2 ≥ 0.5, lrd_prox ≥ 0.3")
+    without_plain = [p for p in points if p[0] != "lrd"]
+    assert g.sweep_claims(_sweep_rows(without_plain))[0].verdict == "PASS"
+    only_l2 = [p for p in points if p[0] == "l2"]
+    assert "needs arm l2 and one of lrd, lrd_prox, lrd_ns" in g.sweep_claims(_sweep_rows(only_l2))[0].measured
+
+
 def test_sweep_claims_tie_at_the_grids_floor_is_not_a_fail():
     """Both arms grok at the smallest fraction of the grid: where either boundary lies below it is unmeasured
     (INCONCLUSIVE, with the advice to extend the grid down); a tie above the floor is a FAIL."""
@@ -226,6 +239,21 @@ def test_tiny_run_through_the_cli(tmp_path):
     assert sorted(st[st.arm == "l2"].step.unique()) == [0, 4, 8, 12]
     cos = df[df.metric == "grad_weight_cosine"]["value"].abs()
     assert len(cos) and cos.max() < 1e-3  # QK-norm: ∇L ⟂ W_Q, W_K
+
+
+def test_a_diverging_run_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """lr=1e8 (inside the declared range): the spectra of NaN weights raised singular_values' ValueError, a
+    60-line traceback and exit 1, before the loss of the next step could say what happened."""
+    from specscope.cli import main
+
+    sets = ["p=11", "steps=20", "eval_every=2", "d_model=16", "n_heads=2", "d_ff=32", "arms=l2", "lr=1e8", "device=cpu"]
+    monkeypatch.setattr("sys.argv", ["specscope", "run", "grokking", *(a for s in sets for a in ("--set", s)),
+                                     "--out", str(tmp_path), "--quiet"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert "NaN or infinite" in err and "lower the learning rate" in err
 
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
