@@ -159,6 +159,7 @@ def test_sed1_over_coupling_seeds_takes_the_verdict_most_seeds_reach():
     c = sed._sed1_claim(_records(rows), cfg)
     assert (c.verdict, c.seeds) == ("PASS", 3) and c.value == pytest.approx((30 + 20 + 5) / 3)
     assert "verdicts PASS, PASS, FAIL" in c.spread and "control-s0…s2" in c.setting
+    assert "seeds 0..2" in c.setting and "seeds 0..2, 1..3" not in c.setting  # one run's arms, not a run per seed
     assert sed._sed1_claim(_records(rows), sed.Config(seeds=3)).seeds == 1  # default: control-s0 only
     with pytest.raises(ConfigError, match="seeds=3"):
         sed.check(sed.Config(coupling_seeds=3))
@@ -186,7 +187,7 @@ def test_sed1_and_sed3_verdicts_follow_the_recorded_peaks():
 
 
 @pytest.mark.parametrize("bad", [dict(k=5, window=3), dict(multitask=["add"]), dict(interventions=[], multitask=[]),
-                                 dict(k=0), dict(n_probe=0), dict(eps_rel=0), dict(snapshot_every=0),
+                                 dict(k=0), dict(n_probe=0), dict(eps_rel=0), dict(eps_rel=1e-9), dict(snapshot_every=0),
                                  dict(task="foo"), dict(p=10), dict(n_heads=3), dict(d_model=1, n_heads=1)])
 def test_bad_configs_are_config_errors_and_make_no_run_directory(tmp_path, bad):
     from specscope.errors import ConfigError

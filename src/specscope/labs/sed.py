@@ -305,6 +305,10 @@ def check(cfg: Config) -> None:
     if cfg.d_model < 2:
         raise ConfigError(f"d_model={cfg.d_model}: a LayerNorm over one feature outputs a constant, so the model ignores "
                           "its input and the centroids the coupling is measured against are zero; use d_model ≥ 2")
+    if cfg.eps_rel <= torch.finfo(torch.float32).eps:  # what coupling_ratios refuses at the first coupling step
+        raise ConfigError(f"eps_rel={cfg.eps_rel:g} is at or below float32's rounding ({torch.finfo(torch.float32).eps:.3g}): "
+                          "the coupling step eps_rel·‖θ‖ would not change the float32 parameters; use eps_rel ≥ 1e-6 "
+                          "(default 0.005)")
     check_heads(cfg.d_model, cfg.n_heads)
 
 
@@ -402,7 +406,8 @@ def _sed1_claim(df: pd.DataFrame, cfg: Config) -> Claim:
     if len(per_seed) == 1:
         return per_seed[0]
     c = over_seeds(per_seed, [cfg.seed + s for s in range(cfg.coupling_seeds)])
-    return replace(c, setting=re.sub(r"control-s\d+", "control-s0…s" + str(cfg.coupling_seeds - 1), c.setting))
+    # one run's setting ("seeds a..b" are this run's arms): over_seeds' rewrite is for one run per seed
+    return replace(c, setting=re.sub(r"control-s\d+", "control-s0…s" + str(cfg.coupling_seeds - 1), per_seed[0].setting))
 
 
 def grok_rule(cfg: Config) -> str:
