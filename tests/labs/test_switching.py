@@ -69,6 +69,23 @@ def test_crossing_and_the_rule():
     assert sw.claims(df, cfg)[0].verdict == "FAIL"
 
 
+def test_a_setup_with_no_finite_burn_in_leaves_the_claims_inconclusive_and_is_named():
+    """mlp/relu dead at a tiny size (every nr(G)/st(A) NaN) was dropped in silence, and SW-1/SW-2 read PASS on the
+    other setup alone, where the rule asks every setup to meet it."""
+    cfg = make_config(sw.Config, {"setups": ["rf/relu", "mlp/relu"], "seeds": [0], "rf_steps": 4, "rf_switch": [0, 2],
+                                  "mlp_steps": 4, "mlp_switch": [0, 2]})
+    rows = []
+    for setup, adv in (("rf/relu", 1.5), ("mlp/relu", float("nan"))):
+        rows += [dict(arm=f"{setup}/s0/T{t}", step=4, layer="", metric="train_loss", value=v)
+                 for t, v in (("0", 1.0), ("2", 2.0), ("4", 3.0), ("auto", 1.0))]
+        rows += [dict(arm=f"{setup}/s0/T4", step=s, layer="W", metric="spectral_advantage", value=adv) for s in range(4)]
+    c1, c2 = sw.claims(pd.DataFrame(rows), cfg)
+    for c in (c1, c2):
+        assert c.verdict == "INCONCLUSIVE" and "not ruled: mlp/relu" in c.measured
+    rows = [r if not (r["arm"] == "rf/relu/s0/T0" and r["metric"] == "train_loss") else {**r, "value": 9.0} for r in rows]
+    assert sw.claims(pd.DataFrame(rows), cfg)[0].verdict == "FAIL"  # a setup that fails decides it all the same
+
+
 def test_bad_setup_is_one_clear_error():
     with pytest.raises(ConfigError, match="setup"):
         sw.build(make_config(sw.Config, {"setups": ["cnn/relu"]}), torch.device("cpu"))

@@ -264,8 +264,20 @@ def _sw1(df: pd.DataFrame, cfg: Config) -> Claim:
                      f"loss(T_pred)/best {r:.3f}, plain GD/best {g.gd_over_best.median():.2f}, "
                      f"SpecGD from 0/best {g.spec_over_best.median():.2f}")
     worst = float(t.groupby("setup", sort=False)["pred_over_best"].median().max())
-    return Claim("SW-1", text, pub, f"{t.seed.nunique()} seeds; " + "; ".join(parts), "PASS" if all(ok) else "FAIL",
-                 seeds=int(t.seed.nunique()), setting=setting(cfg), value=worst)
+    measured, verdict = _unruled(t, cfg, f"{t.seed.nunique()} seeds; " + "; ".join(parts), all(ok))
+    return Claim("SW-1", text, pub, measured, verdict, seeds=int(t.seed.nunique()), setting=setting(cfg), value=worst)
+
+
+def _unruled(t: pd.DataFrame, cfg: Config, measured: str, ok: bool) -> tuple[str, str]:
+    """(measured, verdict) of a claim every setup must meet: a setup of the config with no row in `t` (no finite
+    nr(G)/st(A) in its burn-in, or no budget loss: a network dead at this size) leaves it INCONCLUSIVE, unless
+    another setup already fails it, and is named."""
+    missing = [s for s in cfg.setups if s not in set(t["setup"])]
+    if not missing:
+        return measured, "PASS" if ok else "FAIL"
+    note = (f"; not ruled: {', '.join(missing)} (no finite nr(G)/st(A) in the GD burn-in or no budget loss recorded: "
+            "a network whose units are all inactive at this size reads NaN)")
+    return measured + note, "FAIL" if not ok else "INCONCLUSIVE"
 
 
 def _sw2(df: pd.DataFrame, cfg: Config) -> Claim:
@@ -276,9 +288,10 @@ def _sw2(df: pd.DataFrame, cfg: Config) -> Claim:
     if t.empty or t["auto_over_best"].isna().all():
         return Claim("SW-2", text, pub, "no AutoGeometry arm recorded", "INCONCLUSIVE")
     med = t.groupby("setup", sort=False)["auto_over_best"].median()
-    measured = "; ".join(f"{s}: AutoGeometry/best {v:.3f}" for s, v in med.items())
-    return Claim("SW-2", text, pub, measured, "PASS" if (med <= 1 + cfg.tolerance).all() else "FAIL",
-                 seeds=int(t.seed.nunique()), setting=setting(cfg), value=float(med.max()))
+    measured, verdict = _unruled(t, cfg, "; ".join(f"{s}: AutoGeometry/best {v:.3f}" for s, v in med.items()),
+                                 bool((med <= 1 + cfg.tolerance).all()))
+    return Claim("SW-2", text, pub, measured, verdict, seeds=int(t.seed.nunique()), setting=setting(cfg),
+                 value=float(med.max()))
 
 
 def _vals(s: pd.Series) -> str:
