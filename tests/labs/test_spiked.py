@@ -225,6 +225,32 @@ def test_a_bad_data_file_is_refused_before_a_run_directory_with_analysis_alone(t
     assert not (tmp_path / "runs" / "spiked").exists()
 
 
+def test_logistic_loss_on_a_files_labels_other_than_plus_minus_one_is_refused(tmp_path):
+    """0/1 labels with loss=logistic all became +1 (labels() keeps the sign, 0 counted as +): the lab trained and
+    analysed a constant target in silence. ±1 labels run; a file without y takes its teacher's signs, as before."""
+    import numpy as np
+    from specscope.labs.runner import run_lab
+
+    X = np.random.default_rng(0).standard_normal((60, 40))
+    np.savez(tmp_path / "01.npz", X=X, y=(X[:, 0] > 0).astype(float))
+    cfg = {**lab.PRESETS["tiny"], "loss": "logistic", "train_scalings": []}
+    with pytest.raises(ConfigError, match=r"labels y of ±1, and y of .*01.npz holds 0: map 0/1 labels to 2·y − 1"):
+        run_lab("spiked", {**cfg, "data": str(tmp_path / "01.npz")}, out=tmp_path / "runs")
+    assert not (tmp_path / "runs" / "spiked").exists()
+    np.savez(tmp_path / "pm.npz", X=X, y=np.where(X[:, 0] > 0, 1.0, -1.0))
+    from specscope.data.spiked import load_matrix
+
+    lab._check_labels(lab.Config(**{**cfg, "data": str(tmp_path / "pm.npz")}), load_matrix(tmp_path / "pm.npz"))  # no error
+
+
+def test_a_negative_init_spike_corr_is_refused_with_the_config():
+    """The config took init_spike_corr in [-1, 1]; the model refused a negative one after the run directory was made."""
+    from specscope.labs.config import make_config
+
+    with pytest.raises(ConfigError, match="init_spike_corr"):
+        make_config(lab.Config, {"init_spike_corr": -0.5})
+
+
 def test_data_of_two_columns_runs_without_the_spectrum_estimate(tmp_path):
     """min(n, d) = 2 leaves one eigenvalue past the spike: the power-law fit raised a ValueError through the CLI (a
     traceback, a failed run). The analysis runs; α̂, ν̂, ζ̂ are left out with a warning."""

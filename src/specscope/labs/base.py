@@ -30,7 +30,6 @@ NonNegative = Annotated[float, Field(ge=0, le=FLOAT32_MAX, allow_inf_nan=False)]
 Finite = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX, allow_inf_nan=False)]
 Unit = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]  # accuracies, ratios in [0, 1]
 Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]  # a part of a whole, all of it allowed: (0, 1]
-Correlation = Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]  # a proper part of a whole: (0, 1)
 Margin = Annotated[float, Field(ge=1, le=FLOAT32_MAX, allow_inf_nan=False)]  # a factor x with a band [1/x, x] around 1
 Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]  # momentum / EMA coefficient in [0, 1)

@@ -16,6 +16,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -25,8 +26,8 @@ from pydantic import field_validator
 
 from specscope.data.spiked import SpikedData, estimate_spectrum, load, spiked_covariance
 from specscope.errors import ConfigError
-from specscope.labs.base import (Arm, AtLeast0, AtLeast1, AtLeast2, Correlation, DataFile, LabConfig, Measure, NonNegative,
-                                 Positive, Share, file_sha256, step_seed)
+from specscope.labs.base import (Arm, AtLeast0, AtLeast1, AtLeast2, DataFile, LabConfig, Measure, NonNegative,
+                                 Positive, Share, Unit, file_sha256, step_seed)
 from specscope.labs.config import names_from
 from specscope.linalg import principal_angles, spectral_norm
 from specscope.models.spiked import ACTIVATIONS, TwoLayer, decompose, jacobian_penalty, objective, residue
@@ -34,7 +35,7 @@ from specscope.records import SWEEP, Claim, Record
 
 NAME = "spiked"
 LAYER = "W"
-SMOOTH = ("tanh", "gelu", "silu", "softplus", "sigmoid", "erf", "elu")  # C² or close to it; relu is not
+SMOOTH = ("tanh", "gelu", "silu", "softplus", "sigmoid", "erf")  # C², as paper 000's argument asks (elu is C¹ only: σ'' jumps at 0)
 
 
 class Config(LabConfig):
@@ -53,7 +54,7 @@ class Config(LabConfig):
     scaling: Literal["mf", "ntk"] = "mf"
     loss: Literal["mse", "logistic"] = "mse"
     init: Literal["sphere", "spike"] = "sphere"
-    init_spike_corr: Correlation = 0.5
+    init_spike_corr: Unit = 0.5
     energy_q: Share = 0.9  # energy_rank threshold ("rank-90")
     # regularizers (used by the single analysis and the training arms)
     weight_decay: NonNegative = 0.0
@@ -395,6 +396,21 @@ def inputs(cfg: Config) -> dict[str, str]:
         raise ConfigError(f"data file {cfg.data} cannot be read ({e.strerror or e}); restore it, or run on another file") from None
 
 
+def _check_labels(cfg: Config, data: SpikedData) -> None:
+    """loss=logistic on a user's .npz with its own y: y must be ±1 (labels() keeps the sign, so 0/1 labels all
+    became +1: a constant target, trained on in silence)."""
+    if cfg.loss != "logistic" or Path(cfg.data).suffix != ".npz":
+        return
+    with np.load(cfg.data) as f:
+        if "y" not in f.files:
+            return  # the targets of a seeded teacher, whose signs are the labels
+    other = sorted(set(data.y.unique().tolist()) - {-1.0, 1.0})
+    if other:
+        shown = ", ".join(f"{v:g}" for v in other[:5]) + (", …" if len(other) > 5 else "")
+        raise ConfigError(f"loss=logistic takes labels y of ±1, and y of {cfg.data} holds {shown}: map 0/1 labels to "
+                          "2·y − 1 (numpy.savez(path, X=X, y=2 * y - 1)), or use loss=mse for real-valued targets")
+
+
 def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
     """Analysis at init (cfg.data), digits, (ν, α) map, activation sweep, regularizer sweep, MF/NTK training."""
     n, d, m = _dims(cfg, sweep=False)
@@ -404,6 +420,7 @@ def build(cfg: Config, device: torch.device) -> list[Arm | Measure]:
     if cfg.data not in ("synthetic", "digits"):  # a user's file is read (and refused) now, before any run directory
         loaded = main()
         main = lambda: loaded  # noqa: E731
+        _check_labels(cfg, loaded)
     items: list[Arm | Measure] = [
         _analysis_measure("analysis", cfg, main, activation=cfg.activation, scaling=cfg.scaling, m=m,
                           weight_decay=cfg.weight_decay, noise_tau=cfg.noise_tau, jac_lambda=cfg.jac_lambda,
