@@ -47,6 +47,13 @@ def test_claim_rules():
     assert gw.claims(removed, cfg)[0].verdict == "PASS"
     mixed = _records({"swiglu-adamw": [2.0] * 3, "swiglu-muon": [1.9, 2.1, 2.0]}, down)
     assert gw.claims(mixed, cfg)[0].verdict == "INCONCLUSIVE"
+    # nothing to remove: Muon no better than AdamW with ReLU² either (a tiny run), or no ReLU² arms: was PASS
+    neither = _records({"relu2-adamw": [2.0] * 3, "relu2-muon": [2.1] * 3,
+                        "swiglu-adamw": [2.0] * 3, "swiglu-muon": [2.1] * 3}, down)
+    c1 = gw.claims(neither, cfg)[0]
+    assert c1.verdict == "INCONCLUSIVE" and "no advantage shown to remove" in c1.measured
+    alone = _records({"swiglu-adamw": [2.0] * 3, "swiglu-muon": [2.1] * 3}, down)
+    assert gw.claims(alone, cfg)[0].verdict == "INCONCLUSIVE"
 
 
 def test_bad_config_is_one_clear_error():

@@ -119,8 +119,9 @@ def _arms(df: pd.DataFrame, variant: str) -> list[str]:
 
 def _gw1(df: pd.DataFrame, cfg: Config) -> Claim:
     text = (f"GW-1: at d_model {cfg.d_model}, {cfg.n_layer} layers, {cfg.steps} steps, SwiGLU removes Muon's advantage "
-            f"over AdamW (rule: AdamW − Muon final val loss ≤ {cfg.margin:g} in every seed with SwiGLU: PASS; "
-            "> margin in every seed: FAIL; seeds disagree: INCONCLUSIVE). ReLU²'s gain is reported beside it")
+            f"over AdamW (rule: AdamW − Muon final val loss ≤ {cfg.margin:g} in every seed with SwiGLU while > margin "
+            "in every seed with ReLU² (an advantage to remove): PASS; SwiGLU's > margin in every seed: FAIL; seeds "
+            "disagree, or no ReLU² gain: INCONCLUSIVE)")
     pub = "open question; published gated ablation 3.884 → 3.513 (Muon still ahead at 124M, 001 Table 2)"
     g = gains(df)
     if g["swiglu"].empty:
@@ -135,6 +136,11 @@ def _gw1(df: pd.DataFrame, cfg: Config) -> Claim:
     if len(g["relu2"]) and g["relu2"].mean() > 0:
         measured += f"; SwiGLU keeps {sw.mean() / g['relu2'].mean():.0%} of ReLU²'s gain"
     verdict = "PASS" if (sw <= cfg.margin).all() else "FAIL" if (sw > cfg.margin).all() else "INCONCLUSIVE"
+    relu2 = g["relu2"]
+    if verdict == "PASS" and (relu2.empty or not (relu2 > cfg.margin).all()):  # nothing shown to be removed
+        verdict = "INCONCLUSIVE"
+        measured += ("; no ReLU² arms to show an advantage to remove" if relu2.empty else
+                     f"; ReLU²'s gain is not > {cfg.margin:g} in every seed either: no advantage shown to remove")
     return Claim("GW-1", text, pub, measured, verdict, seeds=len(sw), spread=spread(sw), setting=setting(cfg),
                  value=float(sw.mean()))
 
