@@ -235,6 +235,21 @@ def test_gpt1c_is_inconclusive_with_tied_embeddings():
     assert c.verdict == "INCONCLUSIVE" and "tied embedding" in c.measured
 
 
+def test_gpt1d_and_gpt1a_read_a_tied_embedding_as_the_head():
+    """With tied embeddings GPT-1d ruled an "embedding" nr/st measured on the head's product (PASS on the head's
+    numbers alone), and GPT-1a left that weight's final-RMS-state st(A) out as "one-hot tokens"."""
+    rows = [dict(arm="muon", step=5, layer=layer, metric=m, value=v)
+            for layer, adv, st in (("blocks.0.attn.q", 8.0, 2.0), ("blocks.0.mlp.down", 9.0, 3.0), ("embed", 2.0, 7.5))
+            for m, v in (("spectral_advantage", adv), ("stable_rank", st), ("nuclear_rank", adv * st))]
+    cfg = tiny(arms=["muon"], tie_embeddings=True)
+    c = {c.id: c for c in gpt.claims(pd.DataFrame(rows), cfg)}
+    assert c["GPT-1d"].verdict == "INCONCLUSIVE" and "head 2.00" in c["GPT-1d"].measured
+    assert "embedding's half is not measured" in c["GPT-1d"].measured
+    assert "final RMS state: max 7.50" in c["GPT-1a"].measured
+    untied = {c.id: c for c in gpt.claims(pd.DataFrame(rows), tiny(arms=["muon"]))}
+    assert untied["GPT-1d"].verdict == "PASS" and "embed 2.00" in untied["GPT-1d"].measured
+
+
 def test_report_salvage_of_a_run_that_lost_its_time_records(tmp_path):
     """`report --salvage`, the fix a database that lost records is told, ended in an IndexError traceback: the
     summary read each arm's last `time`. Now the arm's seconds are NaN, and the report is written."""

@@ -288,10 +288,14 @@ def _whole(df: pd.DataFrame, arm: str, metric: str) -> pd.Series:
     return d.groupby("step")["value"].mean().sort_index()
 
 
-def _per_layer(df: pd.DataFrame, arm: str, metric: str) -> pd.DataFrame:
-    """Rows of one arm's per-layer metric with its weight type and input type."""
+def _per_layer(df: pd.DataFrame, arm: str, metric: str, tied: bool = False) -> pd.DataFrame:
+    """Rows of one arm's per-layer metric with its weight type and input type. `tied` (tie_embeddings): the one
+    weight recorded as `embed` is measured on the head's product, so it is typed as the head, its input the final
+    RMS state."""
     d = df[(df["arm"] == arm) & (df["metric"] == metric) & (df["layer"] != "")].copy()
     d["type"] = d["layer"].map(weight_type)
+    if tied:
+        d["type"] = d["type"].replace({"embed": "head"})
     d["input"] = d["type"].map(INPUT_OF)
     return d[np.isfinite(d["value"])]
 
@@ -355,7 +359,7 @@ def _arm_lrs(cfg: Config) -> str:
 
 def _gpt1a(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     text = "st(A) of MLP post-activations and RMS states stays bounded by a small constant through training"
-    st = _per_layer(df, arm, "stable_rank")
+    st = _per_layer(df, arm, "stable_rank", cfg.tie_embeddings)
     st = st[st["input"].isin(RMS_AND_POST)]
     if st.empty:
         return Claim("GPT-1a", text, "small constant (001 Fig. 2, 6)", "no st(A) recorded", "INCONCLUSIVE")
@@ -421,7 +425,7 @@ def _gpt1c(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
 
 def _gpt1d(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     text = "LM head and embedding have smaller nr/st margins than the hidden blocks"
-    adv = _per_layer(df, arm, "spectral_advantage")
+    adv = _per_layer(df, arm, "spectral_advantage", cfg.tie_embeddings)
     hidden = adv[adv["type"].isin(HIDDEN_TYPES)]["value"]
     ends = {t: adv[adv["type"] == t]["value"].median() for t in ("head", "embed") if (adv["type"] == t).any()}
     if hidden.empty or not ends:
@@ -429,7 +433,11 @@ def _gpt1d(df: pd.DataFrame, cfg: Config, arm: str) -> Claim:
     h = float(hidden.median())
     ok = all(v < h for v in ends.values())
     measured = f"arm {arm}, median nr/st: hidden {h:.2f}; " + ", ".join(f"{k} {v:.2f}" for k, v in ends.items())
-    return Claim("GPT-1d", text, "embedding ≈ 1, head moderate, hidden large (001 §1.2.1)", measured, "PASS" if ok else "FAIL",
+    verdict = "PASS" if ok else "FAIL"
+    if cfg.tie_embeddings:  # one weight, measured on the head's product: the embedding's half is not measured
+        measured += " (tied embedding: the one weight is measured as the head; the embedding's half is not measured)"
+        verdict = "INCONCLUSIVE" if ok else "FAIL"
+    return Claim("GPT-1d", text, "embedding ≈ 1, head moderate, hidden large (001 §1.2.1)", measured, verdict,
                  setting=f"rule: the embedding's and the head's median nr/st below the hidden median; {setting(cfg)}",
                  value=h - max(ends.values()))
 
@@ -497,7 +505,7 @@ def _type_curves(df: pd.DataFrame, cfg: Config, metric: str, key: str, title: st
         return None
     fig, axes = _panels(len(arms))
     for ax, arm in zip(axes, arms):
-        d = _per_layer(df, arm, metric)
+        d = _per_layer(df, arm, metric, cfg.tie_embeddings)
         for label, g in d.groupby(key):
             s = g.groupby("step")["value"].mean()
             ax.plot(s.index, s.values, label=label)
