@@ -256,6 +256,16 @@ def test_a_diverging_run_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     assert "NaN or infinite" in err and "lower the learning rate" in err
 
 
+def test_a_strength_grid_entry_out_of_range_or_empty_is_named():
+    """strength_grid={"l2": [-1]} said "(expected table)" of a table; {"l2": []} ran l2 at its one strength in silence."""
+    from specscope.labs.config import make_config
+
+    with pytest.raises(ConfigError, match=r"'strength_grid.l2.0' = -1: .*greater than or equal to 0 \(an entry of 'strength_grid'"):
+        make_config(g.Config, {"strength_grid": {"l2": [-1]}, "arms": ["l2"]}, "grokking")
+    with pytest.raises(ConfigError, match=r"strength_grid\['l2'\] is empty"):
+        g.arm_specs(make_config(g.Config, {"strength_grid": {"l2": []}, "arms": ["l2"]}, "grokking"))
+
+
 def test_bad_config_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     from specscope.cli import main
 

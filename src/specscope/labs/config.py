@@ -203,7 +203,8 @@ def make_config(config_cls: type[BaseModel], values: dict[str, Any] | None = Non
             key = ".".join(str(x) for x in err["loc"])
             f = config_cls.model_fields.get(str(err["loc"][0])) if err["loc"] else None
             expected = type_name(f.annotation) + _range(f.metadata) if f else "?"
-            errs.append(f"'{key}' = {err.get('input')!r}: {_message(err)} (expected {expected})")
+            where = f"expected {expected}" if len(err["loc"]) < 2 else f"an entry of '{err['loc'][0]}', a {expected}"
+            errs.append(f"'{key}' = {err.get('input')!r}: {_message(err)} ({where})")
         raise ConfigError(f"invalid config{_for(lab)}: " + "; ".join(errs)) from None
     for key in values:
         value = getattr(cfg, key)

@@ -111,6 +111,9 @@ def arm_specs(cfg: Config) -> list[tuple[str, str, Config]]:
     out = []
     for reg in cfg.arms:
         grid = cfg.strength_grid.get(reg)
+        if grid is not None and not grid:
+            raise ConfigError(f"strength_grid[{reg!r}] is empty; give it the strengths to sweep, or leave {reg!r} out of "
+                              "strength_grid to train it at its one strength")
         if not grid:
             out.append((reg, reg, cfg))
             continue
