@@ -46,10 +46,10 @@ claims-table: $(STAMP)
 
 # the commands behind the README's targets table, in its order (about 30 minutes on 2 cores)
 bench: $(STAMP)
-	$(BIN)/python benchmarks/optim_step.py --rounds 10 --repeats 3 --skip-rf --floor --optimizers \
+	$(BIN)/python benchmarks/optim_step.py --rounds 14 --repeats 3 --skip-rf --floor --optimizers \
 	    'Muon default (gram_newton_schulz)' 'Muon default, bf16 iterations' 'Muon default, fp32 iterations' \
 	    'Muon polar=polar_express' 'Muon polar=gram'
-	$(BIN)/python benchmarks/polar.py --dims 256 768 --rounds 6 --repeats 3 --backends 'gram_newton_schulz ×4 (= auto)' \
+	$(BIN)/python benchmarks/polar.py --dims 256 768 --rounds 8 --repeats 3 --backends 'gram_newton_schulz ×4 (= auto)' \
 	    'gram_newton_schulz bf16 ×4' 'gram_newton_schulz fp32 ×4' 'polar_express bf16 ×5' 'gram, six at once (polar_later)' \
 	    'gram (= auto tol=1e-4)' 'svd'
 	$(BIN)/python benchmarks/probe_overhead.py --rounds 12 --block 10 --threads 2

@@ -4,11 +4,13 @@ The machine the figures come from is shared and noisy, so a single median is not
 benchmark times its candidates round-robin (baseline, a, b, …, then a, b, …, baseline: each round's turn starts one
 candidate later), takes the median
 of each candidate's repeats within a round, divides by the baseline's median of the same round, and
-reports the median and min–max of that ratio over ≥ 3 rounds, with the load average at the start.
+reports the median and min–max of that ratio over its rounds (≥ 3 for a figure; 1 is a dry run), with the load
+average at the start.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import statistics
@@ -149,3 +151,36 @@ def dispatched_ops(fn: Callable[[], object]) -> int:
     with _Count() as c:
         fn()
     return c.n
+
+
+# Options that count something (rounds, steps, sizes): a whole number ≥ 1, or ≥ 0 where 0 means "off".
+AT_LEAST_1 = {"rounds", "repeats", "block", "periods", "steps", "records", "measurements", "threads", "dims", "d_model",
+              "seq_len", "batch", "n_probe", "dim", "ranks", "every", "flush_every", "rf_steps", "probe_block",
+              "phase_rounds", "sparse"}
+AT_LEAST_0 = {"baseline_only", "moe"}
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """ap.parse_args(), then one argparse error (exit 2) for a count below its range (--rounds 0, --block -2: a loop
+    that ran nothing printed ratios) or a --device this machine has not (cuda without a GPU: torch's AssertionError)."""
+    args = ap.parse_args(argv)
+    for key, value in vars(args).items():
+        low = 1 if key in AT_LEAST_1 else 0 if key in AT_LEAST_0 else None
+        if low is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v < low:
+                ap.error(f"--{key.replace('_', '-')} {v}: give a whole number ≥ {low}")
+    device = getattr(args, "device", None)
+    if device is not None:
+        import torch
+
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, ValueError):
+            ap.error(f"--device {device!r} is no torch device; give cpu or cuda")
+        if kind == "cuda" and not torch.cuda.is_available():
+            ap.error(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); run on cpu")
+        if kind not in ("cpu", "cuda"):
+            ap.error(f"--device {device}: the benchmarks run on cpu or cuda")
+    return args

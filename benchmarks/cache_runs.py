@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import probe_overhead as po  # noqa: E402
-from _timing import load_average  # noqa: E402
+from _timing import load_average, parse  # noqa: E402
 
 from specscope.linalg import workers  # noqa: E402
 from specscope.linalg._cpu import last_level_cache  # noqa: E402
@@ -120,7 +120,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9, help="rounds of the job-alone comparison")
     ap.add_argument("--phase-rounds", type=int, default=6, help="rounds of the measured-step comparison")
     ap.add_argument("--block", type=int, default=8, help="alternating steps per round")
-    args = ap.parse_args()
+    args = parse(ap)
     if bad := [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v < 1]:
         ap.error(f"{', '.join(bad)}: each must be an int >= 1")
     workers.cache_chunks = _runs

@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch.func import functional_call, grad, vmap
 
-from _timing import interleaved, load_average
+from _timing import interleaved, load_average, parse
 from specscope.labs import sed
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kernel", choices=["explicit", "sdpa"], default="explicit")
-    args = ap.parse_args()
+    args = parse(ap)
     warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap's per-item fallback, measured here
     torch.manual_seed(0)
     cfg = sed.Config(kernel=args.kernel)

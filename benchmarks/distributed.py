@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 
 from specscope.labs import gpt  # noqa: E402
 from specscope.optim import Hybrid, _distributed  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
+    a = parse(ap)
     print(f"# {load_average()} at start; torch {torch.__version__}; gloo on CPU; gpt lab model d_model={a.d_model}, 2 layers")
     print("| ranks | optimizer | step ms (median) | ratio to AdamW, median [min–max] | bytes sent per step (rank 0) |")
     print("|---|---|---|---|---|")

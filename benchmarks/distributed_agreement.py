@@ -17,6 +17,7 @@ import argparse
 
 import torch
 
+from _timing import parse
 from specscope.optim import Muon, spectral_param_groups
 from specscope.probe import Monitor
 from specscope.train import distributed as D
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--wrap", choices=("ddp", "fsdp2"), default="ddp")
     ap.add_argument("--polar", nargs="+", default=["gram", "gram_newton_schulz"])
-    a = ap.parse_args()
+    a = parse(ap)
     print(f"torch {torch.__version__}; tiny Llama, {a.steps} Muon steps, {a.wrap} at {a.ranks} gloo ranks against one process")
     print("| polar | params: rank 0 − rank r | params: ranks − one process | records: ranks vs one process (relative) |")
     print("|---|---:|---:|---:|")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 
 from specscope.linalg import lapack  # noqa: E402
 from specscope.linalg.norms import _spread_over_threads, eigvalsh_batched  # noqa: E402
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
+    a = parse(ap)
     torch.set_num_threads(a.threads)
     print(f"{load_average()}, torch {torch.__version__}, {a.threads} threads, float64")
     print(f"{'n':>5} {'batch':>5} {'op':>9} {'serial ms':>10} {'pool/serial':>20} {'max |Δλ|/λ_max':>15}")

@@ -30,7 +30,7 @@ from specscope.labs.config import make_config, parse_overrides
 from specscope.train import Trainer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 
 PROBES = {"off": None, "every 10": 10, "every 1": 1}
 
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(gpt.ARMS))
     ap.add_argument("--probes", default=",".join(PROBES))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="lab config override")
-    args = ap.parse_args()
+    args = parse(ap)
     load = load_average()
     cfg = make_config(gpt.Config, {"max_bytes": 2_000_000, **parse_overrides(gpt.Config, args.set, "gpt")}, "gpt")
     tokens = cfg.batch_size * cfg.seq_len

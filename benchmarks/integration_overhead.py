@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from _timing import interleaved, load_average
+from _timing import interleaved, load_average, parse
 from specscope.models.hf import hf_model
 
 ACCUM = 2
@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args()
+    a = parse(ap)
     if a.threads:
         torch.set_num_threads(a.threads)
     import transformers

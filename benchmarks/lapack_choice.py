@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average, with_env  # noqa: E402
+from _timing import interleaved, load_average, parse, with_env  # noqa: E402
 
 from specscope.linalg import lapack, workers  # noqa: E402
 
@@ -149,7 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=5)
-    args = ap.parse_args()
+    args = parse(ap)
     if lapack._openblas() is None:
         raise SystemExit("numpy's LAPACK here is not an OpenBLAS with openblas_set_num_threads_local: nothing to compare")
     print(f"{cpu_model()} ({lapack._cpu_vendor() or 'vendor unknown'}), torch {torch.__version__} "

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 from optim_step import _params, gpt_hidden_shapes  # noqa: E402
 from polar import block_shapes, gradient_like  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (ratios: median and min–max over them)")
     ap.add_argument("--repeats", type=int, default=3, help="calls per candidate per round")
     ap.add_argument("--probe-block", type=int, default=5, help="training steps per call in the probe's rows")
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     if not workers.count(torch.device("cpu")) or workers._omp_pause() is None or not os.path.exists("/proc/self/task"):
         raise SystemExit("needs a CPU with ≥ 2 torch threads, torch's libgomp and Linux /proc")

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import dispatched_ops, interleaved, load_average, with_env  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average, parse, with_env  # noqa: E402
 from polar import gradient_like  # noqa: E402  the linalg benchmark's test matrices
 
 from specscope import linalg  # noqa: E402
@@ -72,7 +72,8 @@ def optimizers(mats: list[torch.Tensor], only: list[str] | None = None) -> dict[
     out["SpecGD (gram)"] = SpecGD(named(_params(mats)), lr=1e-3, stable_rank=st)
     out["AutoGeometry (gram)"] = AutoGeometry(named(_params(mats)), lr=1e-3, monitor=st)
     if unknown := sorted(set(only or ()) - set(out)):
-        raise SystemExit(f"unknown optimizer {unknown[0]!r}; choose among {list(out)}")
+        print(f"optim_step.py: error: unknown optimizer {unknown[0]!r}; choose among {list(out)}", file=sys.stderr)
+        raise SystemExit(2)
     return {k: o for k, o in out.items() if only is None or k == "torch.optim.Muon" or k in only}
 
 
@@ -187,13 +188,15 @@ def main() -> None:
     ap.add_argument("--baseline-only", type=int, metavar="STEPS", default=0,
                     help="time only torch.optim.Muon, STEPS steps per setting in this process, and print the median "
                          "and min–max ms (its speed depends on its tensors' memory layout: run it several times)")
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
           f"{load_average()} at start; iterations in {str(linalg.iteration_dtype(args.device)).removeprefix('torch.')} "
           "by default (linalg.iteration_dtype)\n")
     settings = (("GPT block d=768", 768, 1), ("GPT d=256 ×4 layers", 256, 4))
     if unknown := sorted(set(args.settings or ()) - {label for label, *_ in settings}):
-        raise SystemExit(f"unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}")
+        print(f"optim_step.py: error: unknown setting {unknown[0]!r}; choose among {[label for label, *_ in settings]}",
+              file=sys.stderr)
+        raise SystemExit(2)
     if args.baseline_only:
         for label, d, n_layer in settings:
             if not args.settings or label in args.settings:

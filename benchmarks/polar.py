@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average, with_env  # noqa: E402
+from _timing import interleaved, load_average, parse, with_env  # noqa: E402
 
 from specscope.linalg import gram_newton_schulz, iteration_dtype, polar, polar_error, polar_later  # noqa: E402
 
@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backends", nargs="+", default=[*BACKENDS, *WHOLE], choices=[*BACKENDS, *WHOLE])
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, {load_average()} at start; "
           f"iterations in {str(iteration_dtype(args.device)).removeprefix('torch.')} by default (linalg.iteration_dtype)")
     rows = [r for d in args.dims for r in run(d, args.rounds, args.repeats, args.backends, args.seed, args.device)]

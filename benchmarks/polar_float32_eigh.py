@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 
 from specscope.linalg import default_rcond, gram, polar, polar_error  # noqa: E402
 
@@ -85,7 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     print("| spectrum | shape | float32 eigh, one pass: × gram, err | deflated: × gram, err | gram err |")
     print("|---|---|---|---|---|")

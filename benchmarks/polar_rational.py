@@ -27,7 +27,7 @@ import torch
 from scipy.special import ellipj, ellipk
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 from polar_float32_eigh import cases  # noqa: E402
 
 from specscope.linalg import gram, polar, polar_error  # noqa: E402
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    args = parse(ap)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load_average()} at start")
     print("| spectrum | shape | rational (2, 2): × gram | rational err | gram err |")
     print("|---|---|---|---|---|")

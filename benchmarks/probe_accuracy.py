@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _timing import parse
 from specscope.probe import Monitor, verdict
 from specscope.probe import estimators as E
 
@@ -165,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--every", type=int, nargs="+", default=[1, 5, 100])
     ap.add_argument("--measurements", type=int, default=4)
-    ap.add_argument("--arch", nargs="+", default=list(ARCHITECTURES))
+    ap.add_argument("--arch", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
     ap.add_argument("--estimator", default="gram")
     ap.add_argument("--implicit-min", type=int, default=None,
                     help="inputs at least this wide take the implicit (Krylov) route; 1 = every dense input "
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument("--nuclear", choices=["auto", "eigh", "polar"], default="auto",
                     help="route of ‖G‖_* (linalg.nuclear_norms): auto = float64 eigenvalues on the CPU, the matmul-only "
                          "polar route on an accelerator; polar = that route here too")
-    args = ap.parse_args()
+    args = parse(ap)
     E.NUCLEAR_METHOD = args.nuclear
     if args.implicit_min is not None:
         E.IMPLICIT_MIN = args.implicit_min

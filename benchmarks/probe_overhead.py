@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import dispatched_ops, interleaved, load_average, with_env  # noqa: E402
+from _timing import dispatched_ops, interleaved, load_average, parse, with_env  # noqa: E402
 
 from specscope.linalg import workers  # noqa: E402
 from specscope.models import GPT, GPTConfig  # noqa: E402
@@ -177,7 +177,8 @@ def other_release() -> tuple[str, str]:
 
 def phases(rounds: int, block: int, consecutive: bool = False) -> None:
     """Per phase, the probed step (every step, default; and the same on torch's LAPACK) against the unprobed one,
-    steps alternating (or, `consecutive`, each arm's `block` steps in a row)."""
+    steps alternating (or, `consecutive`, each arm's `block` steps in a row), the arms' order rotating turn by turn
+    (round by round when `consecutive`)."""
     arms = {"no monitor": Arm(None), "every step": Arm(1), TORCH_LAPACK: Arm(1)}
     timed = {k: (lambda a=a: phase_times(a)) for k, a in arms.items()}
     timed[TORCH_LAPACK] = with_env(timed[TORCH_LAPACK], SPECSCOPE_EIGH="torch")
@@ -185,15 +186,18 @@ def phases(rounds: int, block: int, consecutive: bool = False) -> None:
         a.run(2)  # warm
     per_round = []
     mallocs = cuda_mallocs()
-    for _ in range(rounds):
+    names = list(timed)
+    turn = 0  # the arms' order rotates turn by turn, so that each arm follows each other arm as often
+    for r in range(rounds):
         got = {k: [] for k in arms}
         if consecutive:
-            for k, fn in timed.items():
-                got[k] += [fn() for _ in range(block)]
+            for k in names[r % 3:] + names[:r % 3]:
+                got[k] += [timed[k]() for _ in range(block)]
         else:
             for _ in range(block):
-                for k, fn in timed.items():
-                    got[k].append(fn())
+                for k in names[turn % 3:] + names[:turn % 3]:
+                    got[k].append(timed[k]())
+                turn += 1
         per_round.append({k: [statistics.median(x[i] for x in v) for i in range(len(PHASES))] + [statistics.median(map(sum, v))]
                           for k, v in got.items()})
     how = "steps in a row per arm" if consecutive else "alternating steps"
@@ -243,11 +247,13 @@ def sparse(rounds: int, k: int, periods: int) -> None:
         a.run(k)  # warm: the every-k arm's next step is a measured one
     names = list(arms)
     rows = {key: [] for key in ("own", "ratio", "derived", "m", "m0", "u0", "m1", "none")}
+    turn = 0  # counted over the whole run: the measured step's turn (j = 0) rotates too, period by period
     for _ in range(rounds):
         t = {name: [] for name in names}  # t[name][i]: the i-th turn's step, j = i % k its position in the period
         for _ in range(periods):
             for j in range(k):
-                order = names[j % 3:] + names[:j % 3]  # each arm follows each other arm about as often
+                order = names[turn % 3:] + names[:turn % 3]  # each arm follows each other arm about as often
+                turn += 1
                 for name in order:
                     t[name].append(step_ms(arms[name]))
         med = statistics.median
@@ -511,7 +517,7 @@ def main() -> None:
                     help="train transformers' Mixtral of the same width, depth and heads instead, E experts a layer (2 per "
                          "token, inner width 2·d): what measuring every expert apart costs")
     ap.add_argument("--batch", type=int, default=16, help="sequences per step")
-    args = ap.parse_args()
+    args = parse(ap)
     if args.sparse is not None and args.sparse < 2:
         ap.error(f"--sparse {args.sparse}: K is the measuring interval, an int >= 2 (--sparse 10: one measured step in ten)")
     if args.periods < 1:

@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from _timing import interleaved, load_average
+from _timing import interleaved, load_average, parse
 from specscope.labs import sed
 from specscope.labs.grokking import Batches, loss_fn
 
@@ -41,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = parse(ap)
     variants = {"sdpa, per-tensor AdamW": dict(kernel="sdpa", fused_adamw=False),
                 "sdpa, fused AdamW": dict(kernel="sdpa", fused_adamw=True),
                 "explicit, per-tensor AdamW": dict(kernel="explicit", fused_adamw=False),

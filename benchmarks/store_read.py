@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved, load_average  # noqa: E402
+from _timing import interleaved, load_average, parse  # noqa: E402
 
 import pandas as pd  # noqa: E402
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    args = parse(ap)
     print(load_average())
     with tempfile.TemporaryDirectory() as tmp:
         with Run.create(tmp, "bench", {}) as run:

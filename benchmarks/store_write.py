@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import load_average  # noqa: E402
+from _timing import load_average, parse  # noqa: E402
 
 from specscope.records import Record  # noqa: E402
 from specscope.store import Run, load  # noqa: E402
@@ -55,9 +55,11 @@ def one_setting(root: str, records: int, flush_every: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--records", type=int, default=1_000_000, help="records to write, 200 per step (at least 200)")
     ap.add_argument("--flush-every", type=int, nargs="+", default=[100, 1000, 10000])
-    args = ap.parse_args()
+    args = parse(ap)
+    if args.records < 200:
+        ap.error(f"--records {args.records}: give at least 200 (one step of 200 records)")
     print(f"{args.records} records, {load_average()} at start\n")
     print("| flush_every | records/s written | µs per 200-record step | load all (s) | load one layer+metric (ms) | file (MiB) |")
     print("|---:|---:|---:|---:|---:|---:|")

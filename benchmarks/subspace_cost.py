@@ -23,7 +23,7 @@ from specscope.subspace import GradientProjection, coupling_ratios
 from specscope.subspace.snapshots import SEDTracker
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import Timing, interleaved, load_average  # noqa: E402
+from _timing import Timing, interleaved, load_average, parse  # noqa: E402
 
 STEP = "training step (batch 512)"
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="calls of each operation per round")
     ap.add_argument("--n-probe", type=int, default=1024)
     ap.add_argument("--kernel", choices=["sdpa", "explicit"], default="sdpa")  # docs/lab-sed.md's table: sdpa
-    args = ap.parse_args()
+    args = parse(ap)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = load_average()

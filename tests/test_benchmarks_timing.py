@@ -44,3 +44,25 @@ def test_small_ratios_keep_two_significant_digits(x, text):
                                              ([80_400.0, 700.0], 30, "about 41 min"), ([80_400.0], 300, "about 6.7 h")])
 def test_the_duration_estimate_is_calls_times_one_call_of_each(ms, calls, text):
     assert eta(ms, calls) == text
+
+
+def test_benchmark_options_out_of_range_are_one_argparse_error(capsys):
+    """--block -2 printed a table of ratios of loops that ran nothing, exit 0; --rounds 0, --dims -5, --device cuda
+    without a GPU ended in tracebacks."""
+    import argparse
+
+    from _timing import parse
+
+    ap = argparse.ArgumentParser(prog="bench")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dims", type=int, nargs="+", default=[256])
+    ap.add_argument("--moe", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    assert parse(ap, ["--moe", "0"]).rounds == 3
+    for argv, says in ((["--rounds", "0"], "--rounds 0: give a whole number ≥ 1"),
+                       (["--dims", "8", "-5"], "--dims -5"), (["--moe", "-1"], "≥ 0"),
+                       (["--device", "foo"], "no torch device")):
+        with pytest.raises(SystemExit) as e:
+            parse(ap, argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
