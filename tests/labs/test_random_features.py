@@ -153,6 +153,19 @@ def test_claims_follow_the_recorded_metrics():
     assert rf.claims(df.iloc[0:0], cfg)[0].verdict == "INCONCLUSIVE"
 
 
+def test_figures_whose_records_are_gone_are_left_out():
+    """A salvaged run that lost its sweep records drew both sweep figures as empty axes with legends, and the report
+    showed them; only the figures with data are drawn now."""
+    import pandas as pd
+
+    cfg = rf.Config(activations=["relu"], methods=["gd"], steps=2)
+    loss = pd.DataFrame([dict(step=s, layer="", metric="loss", value=1.0 / (s + 1), arm="relu/gd") for s in range(3)])
+    assert set(rf.figures(loss, cfg)) == {"rf_loss"}
+    width = pd.DataFrame([dict(step=8, layer="relu", metric="stable_rank", value=2.0, arm="width-sweep")])
+    assert set(rf.figures(pd.concat([loss, width]), cfg)) == {"rf_loss", "rf_stable_rank_vs_width"}
+    assert rf.figures(loss.iloc[0:0], cfg) == {}
+
+
 def test_a_width_of_one_gd_reaching_the_optimum_is_a_verdict_not_a_crash(monkeypatch, tmp_path):
     """width=1: A has rank one, GD's exact step reaches the optimum (objective 0): the claims divide by nothing."""
     from labsmoke import smoke

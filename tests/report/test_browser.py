@@ -57,6 +57,18 @@ def test_a_verdict_is_never_broken_inside_the_word_on_a_narrow_screen(tmp_path, 
     assert not [p for p in check.problems if "verdict" in p]
 
 
+def test_a_labs_measured_table_sorts_and_a_phone_scrolls_its_claims(tmp_path, chromium):
+    """The Measured table said "Click a column to sort." and did not (the page's script sorted .weights tables only);
+    at 390 px the claims table pushed a lab report 60 px past the window."""
+    measured = [{"arm": a, "final_test_acc": v} for a, v in (("l2", 0.4918), ("lrd", 0.09836), ("lrd_prox", 0.1475))]
+    page = write_report(tmp_path, synthetic_metrics(), claims=CLAIMS, measured=measured, title="lab", dpi=DPI)
+    for width in (1280, 390):
+        check = check_page(page, exe=chromium, width=width)
+        assert check.problems == [], (width, check.problems)
+        sortable = [t for t in check.tables if t.get("column")]
+        assert sortable and all(t["sorted"] for t in sortable), check.tables
+
+
 def test_the_check_sees_what_a_reader_would(tmp_path, chromium):
     """A broken image, a script error and a request leaving the page are each reported."""
     page = tmp_path / "bad.html"

@@ -653,3 +653,33 @@ def test_nans_recorded_for_undefined_quantities_are_not_counted_as_non_finite_va
     df = pd.DataFrame([{**r, "estimator": "gram", "rows": 4, "shape": "4x4"} for r in rows])
     html = metadata_html(df)
     assert re.search(r"non-finite values</t[dh]><t[dh][^>]*>1<", html), html
+
+
+def test_names_without_spaces_keep_both_ends_when_shortened():
+    """textwrap.shorten cut at spaces and left a bare "…" of BERT's 41–45-character weight names: six rows of the
+    heatmap read "…" and could not be told apart."""
+    from specscope.report.style import shorten
+
+    names = [f"bert.encoder.layer.{i}.attention.self.{n}" for i in (0, 1) for n in ("query", "value")]
+    short = [shorten(n, 40) for n in names]
+    assert len(set(short)) == 4 and all(len(s) <= 40 and "…" in s for s in short)
+    assert short[0] == "bert.….layer.0.attention.self.query"  # the first part and the last ones, the index kept
+    assert shorten("x" * 50, 40) == "x" * 19 + "…" + "x" * 20
+    assert shorten("lm_head", 40) == "lm_head" and shorten("a\tb", 40) == "a b"
+
+
+def test_the_eleventh_arm_or_run_has_its_own_colour():
+    """tab10 alone: the 11th arm drew exactly as the first (random-features' 12 arms: relu/gd and tanh/specgd)."""
+    from specscope.report.figures import _arm_colour
+
+    assert len({tuple(_arm_colour(i)) for i in range(50)}) == 50
+
+
+def test_two_lab_figures_saved_under_one_file_name_are_refused(tmp_path):
+    """"a<b" and "a>b" both became lab_a_b.png: one figure was dropped without a word."""
+    from specscope.errors import ConfigError
+
+    figs = {name: Figure() for name in ("a<b", "a>b")}
+    with pytest.raises(ConfigError, match=r"'a<b' and 'a>b' are both saved as lab_a_b.png"):
+        write_report(tmp_path, synthetic_metrics(), extra_figures=figs, dpi=DPI)
+    assert not (tmp_path / "report.html").exists()

@@ -375,23 +375,27 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
     """st(A) vs width, nr(G) at steps 0 and 1 vs d, and f/f₀ per activation and method."""
     from specscope.report.style import subplots
 
-    out = {}
+    out = {}  # a figure none of whose series was recorded (a salvaged run that lost its sweeps) is left out
     fig, ax = subplots(figsize=(5, 3.5))
     for act in cfg.sweep_activations:
         s = _series(df, "width-sweep", "stable_rank", act)
-        ax.loglog(s.index, s.values, "o-", label=act)
+        if len(s):
+            ax.loglog(s.index, s.values, "o-", label=act)
     ax.set(xlabel="width (features)", ylabel="st(A)", title="stable rank of random features vs width")
     style.legend(ax)
-    out["rf_stable_rank_vs_width"] = fig
+    if ax.lines:
+        out["rf_stable_rank_vs_width"] = fig
 
     fig, ax = subplots(figsize=(5, 3.5))
     for act in cfg.sweep_activations:
         for t, line in ((0, "--"), (1, "-")):
             s = _series(df, f"dim-sweep/step{t}", "nuclear_rank", act)
-            ax.loglog(s.index, s.values, "o" + line, label=f"{act} step {t}")
+            if len(s):
+                ax.loglog(s.index, s.values, "o" + line, label=f"{act} step {t}")
     ax.set(xlabel="input dimension d (width = samples = 8d)", ylabel="nr(G)", title="nr(G) at W = 0 and after one GD step")
     style.legend(ax)
-    out["rf_nuclear_rank_vs_dim"] = fig
+    if ax.lines:
+        out["rf_nuclear_rank_vs_dim"] = fig
 
     fig, axes = subplots(1, len(cfg.activations), figsize=(3.2 * len(cfg.activations), 3), squeeze=False)
     for ax, act in zip(axes[0], cfg.activations):
@@ -402,5 +406,6 @@ def figures(df: pd.DataFrame, cfg: Config) -> dict:
         ax.set(title=act, xlabel="step")
     axes[0][0].set_ylabel("f / f(0)")
     style.legend(axes[0][0])
-    out["rf_loss"] = fig
+    if any(ax.lines for ax in axes[0]):
+        out["rf_loss"] = fig
     return out

@@ -45,7 +45,7 @@ LOOK_JS = """(() => {
   return JSON.stringify({images, split, scrollWidth: doc.scrollWidth, clientWidth: doc.clientWidth});
 })()"""
 
-# one search and one sort of every per-weight table, as a reader would
+# one search and one sort of every per-weight table, and one sort of every other sortable table, as a reader would
 TRY_JS = """(() => {
   const out = {tables: []};
   for (const box of document.querySelectorAll(".weights")) {
@@ -66,6 +66,22 @@ TRY_JS = """(() => {
     }
     out.tables.push({rows: rows.length, searched: name, hits, count, sorted,
                      hidden_after_clear: rows.filter(r => r.hidden).length});
+  }
+  // every other table whose header has buttons (a lab's Measured table): one click on its first column sorts it
+  const key = t => { t = t.trim(); const v = Number(t); return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v; };
+  for (const table of document.querySelectorAll("table")) {
+    if (table.closest(".weights") || !table.tHead) continue;
+    const heads = [...table.tHead.rows[table.tHead.rows.length - 1].cells], body = table.tBodies[0];
+    if (!body || body.rows.length < 2) continue;
+    const values = i => [...body.rows].map(r => key(r.cells[i].textContent)).filter(x => x !== null);
+    const ascending = v => v.every((x, i) => i === 0 || typeof v[i - 1] !== typeof x || v[i - 1] <= x);
+    const buttons = heads.map((h, i) => h.querySelector("button") ? i : -1).filter(i => i >= 0);
+    if (!buttons.length) continue;
+    const at = buttons.find(i => !ascending(values(i))) ?? buttons[0];  // a column the click has to reorder
+    heads[at].querySelector("button").click();
+    const sorted = ascending(values(at));
+    out.tables.push({rows: body.rows.length, searched: null, hits: 1, count: "", sorted, hidden_after_clear: 0,
+                     column: heads[at].textContent.trim()});
   }
   return JSON.stringify(out);
 })()"""
@@ -119,7 +135,7 @@ class PageCheck:
         out += [f"verdict {v!r} is broken inside a word" for v in self.split_verdicts]
         for t in self.tables:
             if t["rows"] and (t["hits"] < 1 or t["hidden_after_clear"] or t["sorted"] is False):
-                out.append(f"per-weight table does not search or sort: {t}")
+                out.append(f"{'sortable' if t.get('column') else 'per-weight'} table does not search or sort: {t}")
         return out
 
     def as_dict(self) -> dict:

@@ -6,7 +6,6 @@ Runs are named by what tells them apart: lab, the settings that differ between t
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def run_labels(names: Sequence[str], configs: Mapping[str, Mapping] | None = Non
         same_lab = [m for m in names if labs.get(m, "") == labs.get(n, "")]
         keys = differing_keys({m: configs.get(m, {}) for m in same_lab}) if len(same_lab) > 1 else []
         flat = flatten(configs.get(n) or {})
-        parts = [f"{k.split('.')[-1]}={textwrap.shorten(value_text(flat[k]), 24, placeholder='…')}"
+        parts = [f"{k.split('.')[-1]}={style.shorten(value_text(flat[k]), 24)}"
                  for k in keys[:MAX_KEYS] if k in flat]
         settings = ", ".join(parts) + (f" +{len(keys) - MAX_KEYS}" if len(keys) > MAX_KEYS else "")
         lab = labs.get(n, "")
@@ -64,12 +63,12 @@ def legend_names(labels: Mapping[str, str], width: int = 44) -> dict[str, str]:
     run's id (what tells cut labels apart; the page's run table has both in full). Runs whose cut labels and id
     ends are the same (copies of one run in other folders) end with the part of their names that differs."""
     def cut(v: str, tail: str) -> str:
-        return v if len(v) <= width else f"{textwrap.shorten(v, max(width - 3 - len(tail), 12), placeholder='…')} ({tail})"
+        return v if len(v) <= width else f"{style.shorten(v, max(width - 3 - len(tail), 12))} ({tail})"
     out = {n: cut(v, str(n)[-6:]) for n, v in labels.items()}
     for same in [[n for n in out if out[n] == v] for v in set(out.values())]:
         if len(same) > 1:
             for n, middle in zip(same, _differing_parts([str(n) for n in same])):
-                out[n] = cut(labels[n], textwrap.shorten(middle, 16, placeholder="…") if len(middle) > 16 else middle)
+                out[n] = cut(labels[n], style.shorten(middle, 16) if len(middle) > 16 else middle)
     return out
 
 
@@ -182,7 +181,7 @@ def compare_final_ranks(runs: Mapping[str, pd.DataFrame], *, labels: Mapping[str
         ax.set_xlabel(label)
         ax.grid(alpha=0.3, axis="x")
     size = float(np.clip(240 / max(len(layers), 1), style.MIN_FONT, 9))
-    axes[0].set_yticks(range(len(layers)), [textwrap.shorten(l, 40, placeholder="…") for l in layers],
+    axes[0].set_yticks(range(len(layers)), [style.shorten(l, 40) for l in layers],
                        fontsize=size)
     axes[0].invert_yaxis()  # model order from the top
     style.figure_legend(fig, *axes[0].get_legend_handles_labels())

@@ -36,8 +36,13 @@ RANK_LABELS = {
 }
 
 
-def _arm_colour(i: int) -> str:
-    return colormaps["tab10"](i % 10)
+_COLOURS = [*colormaps["tab10"].colors, *colormaps["tab20b"].colors, *colormaps["tab20c"].colors]  # 50 apart
+
+
+def _arm_colour(i: int):
+    """The i-th arm's or run's colour: tab10's ten, then tab20b's and tab20c's twenty each (with tab10 alone the
+    11th arm drew as the first, line for line)."""
+    return _COLOURS[i % len(_COLOURS)]
 
 
 def _depth_colour(i: int, n: int):
@@ -154,7 +159,7 @@ def rank_curves(df: pd.DataFrame, metric: str = "stable_rank", *, dpi: int = DPI
         if _log_is_sensible(df[df["layer"].isin(layers)]["value"].to_numpy()):
             ax.set_yscale("log")
         title = name if len(layers) == 1 else f"{name}  ({len(layers)} weights)"
-        ax.set_title(textwrap.shorten(title, 48, placeholder="…"), fontsize=style.FONT["label"])
+        ax.set_title(style.shorten(title, 48), fontsize=style.FONT["label"])
         ax.grid(alpha=0.3)
         ax.set_xlabel("step", fontsize=style.FONT["label"])
         if not grouped and len(arms) > 1:
@@ -218,7 +223,7 @@ def advantage_heatmap(df: pd.DataFrame, *, dpi: int = DPI) -> Figure | None:
     cmap = colormaps["RdBu_r"].with_extremes(bad=style.NOT_MEASURED)
     label_size = float(np.clip(240 / max(len(layers), 1), style.MIN_FONT, 9))
     every = max(1, math.ceil(len(layers) / 80))  # thin the labels of very deep models; the table has them all
-    names = [textwrap.shorten(l, 40, placeholder="…") for l in layers]
+    names = [style.shorten(l, 40) for l in layers]
     panel_width = float(np.clip(2.5 + 0.08 * len(steps), 3.0, 7.0))
     width = min(0.075 * max(map(len, names)) * label_size / 7 + 2.0 + panel_width * len(arms), 18)
     fig = style.figure(width, float(np.clip(0.16 * len(layers) / every + 1.8, 3.0, 16)), dpi)

@@ -24,7 +24,7 @@ from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 import specscope
-from specscope.errors import RunStoreError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.probe.advice import MARGIN
 from specscope.records import SWEEP, Claim
 from specscope.report import style
@@ -36,8 +36,8 @@ from specscope.store.readers import salvage_title
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1400px;
        padding: 0 1em; color: #222; }
-p.warning { color: #b00020; font-weight: 600; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd;
+p.warning { color: #b00020; font-weight: 600; overflow-wrap: anywhere; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; overflow-wrap: anywhere; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd;
        padding-bottom: 0.2em; margin-top: 1.8em; } h3 { font-size: 1.05em; }
 table { border-collapse: collapse; font-size: 0.88em; margin: 0.5em 0; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; vertical-align: top; }
@@ -61,24 +61,22 @@ th button { all: unset; cursor: pointer; } th button:focus-visible { outline: 2p
 th[aria-sort=ascending] button::after { content: " ▲"; } th[aria-sort=descending] button::after { content: " ▼"; }
 """
 
-# Sorts a .weights table by the clicked column (numbers as numbers, "—" last) and filters its rows by the
-# search box. Reads only the table it sits in; writes nothing but row order, row.hidden and a count.
+# Sorts every table whose header cells hold buttons by the clicked column (numbers as numbers, "—" last), and
+# filters a .weights table's rows by its search box. Reads only the table it acts on; writes nothing but row
+# order, row.hidden and a count.
 SCRIPT = """
-for (const box of document.querySelectorAll(".weights")) {
-  const table = box.querySelector("table"), body = table.tBodies[0], rows = [...body.rows];
-  const search = box.querySelector("input"), count = box.querySelector("output");
-  const key = (row, i) => {
-    const t = row.cells[i].textContent.trim(), v = Number(t);
-    return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v;
-  };
-  search.addEventListener("input", () => {
-    const q = search.value.trim().toLowerCase();
-    let n = 0;
-    for (const row of rows) { row.hidden = !row.textContent.toLowerCase().includes(q); n += !row.hidden; }
-    count.textContent = n + " of " + rows.length + " shown";
-  });
-  for (const [i, th] of [...table.tHead.rows[table.tHead.rows.length - 1].cells].entries()) {
-    th.querySelector("button").addEventListener("click", () => {
+const key = (row, i) => {
+  const t = row.cells[i].textContent.trim(), v = Number(t);
+  return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v;
+};
+for (const table of document.querySelectorAll("table")) {
+  if (!table.tHead || !table.tBodies.length) continue;
+  const cells = [...table.tHead.rows[table.tHead.rows.length - 1].cells], body = table.tBodies[0];
+  const rows = [...body.rows];
+  for (const [i, th] of cells.entries()) {
+    const button = th.querySelector("button");
+    if (!button) continue;
+    button.addEventListener("click", () => {
       const up = th.getAttribute("aria-sort") !== "ascending";
       for (const h of table.tHead.querySelectorAll("th")) h.removeAttribute("aria-sort");
       th.setAttribute("aria-sort", up ? "ascending" : "descending");
@@ -91,6 +89,16 @@ for (const box of document.querySelectorAll(".weights")) {
       body.append(...rows);
     });
   }
+}
+for (const box of document.querySelectorAll(".weights")) {
+  const rows = [...box.querySelector("table").tBodies[0].rows];
+  const search = box.querySelector("input"), count = box.querySelector("output");
+  search.addEventListener("input", () => {
+    const q = search.value.trim().toLowerCase();
+    let n = 0;
+    for (const row of rows) { row.hidden = !row.textContent.toLowerCase().includes(q); n += !row.hidden; }
+    count.textContent = n + " of " + rows.length + " shown";
+  });
 }
 """
 SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode("utf-8")).digest()).decode("ascii")
@@ -114,7 +122,11 @@ CAPTIONS = {
 
 
 # characters that would hide or reorder text on the page (controls, zero-width and bidirectional marks): shown escaped
-_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# (every control but tab and line feed, which HTML shows as a space; every format character: soft hyphen, Arabic letter
+# mark, Mongolian vowel separator, zero-width and bidi marks, line and paragraph separators, interlinear annotation,
+# tag characters)
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\xad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+                     "\ufeff\ufff9-\ufffb\U000e0000-\U000e007f]")
 
 
 def esc(x: object) -> str:
@@ -248,8 +260,8 @@ def claims_html(claims: Sequence[Claim]) -> str:
     classes = [["", "", "", "", c.verdict] for c in claims]
     counts = {v: sum(c.verdict == v for c in claims) for v in ordered_unique(c.verdict for c in claims)}
     tally = ", ".join(f"{n} {claim_verdict_text(v)}" for v, n in counts.items())
-    return f"<p>{esc(tally)}</p>" + table(rows, ["claim", "text", "published", "measured", "verdict"],
-                                           classes=classes)
+    claims_table = table(rows, ["claim", "text", "published", "measured", "verdict"], classes=classes)
+    return f'<p>{esc(tally)}</p><div class="scroll">{claims_table}</div>'  # a phone's width scrolls it, not the page
 
 
 def searchable(table_html: str, what: str, n: int) -> str:
@@ -367,6 +379,16 @@ def _mark_salvaged(fig: Figure, label: str) -> None:
     fig.suptitle(f"{label}" + (f" — {old}" if old else ""), color="#b00020")
 
 
+def _check_figure_names(extra_figures: Mapping) -> None:
+    """Two lab figures whose names clean to one file name ("a<b", "a>b": lab_a_b.png) kept one of them: refused."""
+    seen: dict[str, object] = {}
+    for name in extra_figures:
+        other = seen.setdefault(safe_name(name), name)
+        if other != name:
+            raise ConfigError(f"extra_figures {other!r} and {name!r} are both saved as lab_{safe_name(name)}.png (file names "
+                              "keep letters, digits, '.', '-' and '_'); give them names that differ there")
+
+
 def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mapping | None = None,
                  claims: Sequence[Claim | Mapping] = (), extra_figures: Mapping[str, Figure] | None = None,
                  title: str = "specscope report", summary: str | Mapping | None = None,
@@ -379,6 +401,7 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     Returns the path of report.html.
     """
     claims = [as_claim(c) for c in claims]  # a bad claim is refused before anything is written
+    _check_figure_names(extra_figures or {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     swept = prepare(df)

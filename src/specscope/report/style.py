@@ -104,6 +104,22 @@ def _capped(handles: list, labels: list, cap: int) -> tuple[list, list]:
             list(labels[:cap]) + [f"… +{len(handles) - cap} more"])
 
 
+def shorten(text: str, width: int) -> str:
+    """`text` in at most `width` characters, whitespace runs as one space, a cut made in the middle ("…") so that both
+    ends stay (of a dotted name, whole parts: the first and the last ones that fit): textwrap.shorten cuts at spaces and left "…" alone of a name without any (BERT's 45-character
+    `bert.encoder.layer.0.attention.self.query.weight`), so rows of a figure could not be told apart."""
+    text = " ".join(str(text).split())
+    if len(text) <= width:
+        return text
+    parts = text.split(".")  # a dotted name: its first part and as many of its last as fit (the layer index stays)
+    for k in range(len(parts) - 2, 0, -1):
+        kept = f"{parts[0]}.….{'.'.join(parts[-k:])}"
+        if len(kept) <= width:
+            return kept
+    head = max((width - 1) // 2, 1)
+    return text[:head] + "…" + text[len(text) - max(width - 1 - head, 1):]
+
+
 def legend(ax, handles: list | None = None, labels: list[str] | None = None, *, cap: int = LEGEND_CAP,
            where: str | None = None, title: str | None = None):
     """A legend of at most `cap` named entries (the rest counted), placed `where`: "best" (inside),
@@ -114,7 +130,7 @@ def legend(ax, handles: list | None = None, labels: list[str] | None = None, *, 
     if not handles:
         return None
     handles, labels = _capped(handles, labels, cap)
-    labels = [textwrap.shorten(str(label), 40, placeholder="…") for label in labels]
+    labels = [shorten(label, 40) for label in labels]
     where = where or ("best" if len(handles) <= 4 else "right")
     common = dict(fontsize=FONT["legend"], title=title, title_fontsize=FONT["legend"])
     if where == "right":
@@ -185,7 +201,7 @@ def figure_legend(fig: Figure, handles: list, labels: list[str], *, cap: int = 2
     if not handles:
         return None
     handles, labels = _capped(handles, labels, cap)
-    labels = [textwrap.shorten(str(label), 70, placeholder="…") for label in labels]
+    labels = [shorten(label, 70) for label in labels]
     renderer = FigureCanvasAgg(fig).get_renderer()
     probe = Text(0, 0, max(labels, key=len), fontsize=FONT["legend"], figure=fig)
     entry_px = probe.get_window_extent(renderer).width + 3.2 * FONT["legend"] * fig.dpi / 72  # + handle and gaps
