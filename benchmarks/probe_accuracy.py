@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _timing import parse
 from specscope.probe import Monitor, verdict
 from specscope.probe import estimators as E
 
@@ -174,6 +173,8 @@ def main() -> None:
     ap.add_argument("--nuclear", choices=["auto", "eigh", "polar"], default="auto",
                     help="route of ‖G‖_* (linalg.nuclear_norms): auto = float64 eigenvalues on the CPU, the matmul-only "
                          "polar route on an accelerator; polar = that route here too")
+    from _timing import parse  # here: tests load this file as a module, without benchmarks/ on sys.path
+
     args = parse(ap)
     E.NUCLEAR_METHOD = args.nuclear
     if args.implicit_min is not None:

@@ -595,3 +595,16 @@ def test_a_byte_of_the_schema_text_that_is_no_utf8_is_a_damaged_file_for_every_r
             if rc == 2:
                 one_line_error(rc, err, db)
     assert hits > 40  # most of these bytes are read when the schema is parsed
+
+
+def test_export_takes_its_format_from_the_outs_suffix_and_refuses_a_mismatch(finished, copy_of, cli, tmp_path):
+    """`export RUN --out y.parquet` wrote CSV text into y.parquet and said "wrote y.parquet"."""
+    import pandas as pd
+
+    run = copy_of(finished)
+    rc, out, err = cli("export", run, "--out", tmp_path / "y.parquet")
+    assert rc in (0, None), err
+    assert len(pd.read_parquet(tmp_path / "y.parquet")) == len(store.load(run))
+    rc, out, err = cli("export", run, "--format", "csv", "--out", tmp_path / "z.parquet")
+    one_line_error(rc, err, "ends in .parquet but --format is 'csv'")
+    assert not (tmp_path / "z.parquet").exists()

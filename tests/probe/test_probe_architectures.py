@@ -864,3 +864,21 @@ def test_mixtral_expert_stacks_are_measured_per_expert_and_the_rest_too(experts)
     measured = set(by(mon.pop_records(), "stable_rank"))
     assert {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate"} <= measured
     assert {f"model.layers.0.mlp.experts.{w}[{e}]" for w in ("gate_up_proj", "down_proj") for e in range(4)} <= measured
+
+
+def test_a_weight_scaled_before_a_function_the_probe_cannot_see_says_how_to_route_it():
+    """exp(-W): the probe sees only the negation of W (what follows acts on -W), which could as well precede a product;
+    the weight stays hidden, and its reason said only "pass its inputs with monitor.observe", which a table has none of."""
+    class Decay(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A_log, self.fc = nn.Parameter(torch.randn(16, 16)), nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(x) * torch.exp(-self.A_log).mean(0)
+
+    model = Decay()
+    monitor = Monitor(model, every=1)
+    with pytest.warns(UserWarning, match=r"used by neg.*as in exp\(-W\), the weight is a table: route it with"), monitor.step(0):
+        model(torch.randn(8, 16)).sum().backward()
+    assert monitor.roles["A_log"] == "hidden"

@@ -654,8 +654,10 @@ class Monitor:
                     "experts_implementation 'grouped_mm', 'eager', 'batched_mm')")
         if s.other_ops:
             how = " (a torch.einsum runs as bmm)" if "bmm" in s.other_ops else ""
+            scaled = (" (if a nonlinear function follows, as in exp(-W), the weight is a table: route it with "
+                      "spectral_param_groups(exclude=...))" if s.other_ops <= R.SCALING else "")
             return (f"used by {', '.join(sorted(s.other_ops))}{how}, which the probe does not pair; pass its inputs with "
-                    f"monitor.observe('{s.name}', weight, inputs)")
+                    f"monitor.observe('{s.name}', weight, inputs){scaled}")
         if s.inputs or (s.forward_seen and s.tokens is not None):  # a product or a lookup was seen, with no rows
             return EMPTY_BATCH
         if not has_grad:

@@ -32,6 +32,10 @@ NONLINEAR = frozenset({"exp", "exp2", "expm1", "log", "log1p", "log2", "sigmoid"
                        "reciprocal", "sin", "cos", "_softmax", "_log_softmax", "silu", "gelu", "relu", "elu", "abs"})
 
 
+# elementwise scalings of the weight itself: what follows them (a product, exp) is not seen from the weight
+SCALING = frozenset({"neg", "mul", "div"})
+
+
 def used_as_table(ops: set[str]) -> bool:
     """Whether the ops that touched a weight on a measured step (none of them a product the probe pairs) make it a
     table: only additive ops, or nonlinear functions of its entries."""

@@ -62,7 +62,8 @@ def runs(
 @app.command()
 def export(
     run: str = typer.Argument(..., metavar="RUN", help="Run directory, or a run id (or lab/run_id) under --root."),
-    format: str = typer.Option("csv", "--format", "-f", help="csv or parquet (parquet needs pyarrow)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="csv or parquet (parquet needs pyarrow); default: "
+                                         "--out's suffix (.csv, .parquet), else csv."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: <run_id>.<format> here)."),
     root: Path = typer.Option(Path("runs"), "--root", help="Where run ids are looked up."),
     salvage: bool = typer.Option(False, "--salvage", help="Export what is still readable of a damaged database "
@@ -75,6 +76,12 @@ def export(
     from specscope.store import export as export_run
     from specscope.store.run import read_config
 
+    suffix = out.suffix.lower().lstrip(".") if out is not None else ""
+    if format is None:
+        format = suffix if suffix in ("csv", "parquet") else "csv"
+    elif suffix in ("csv", "parquet") and suffix != format:  # y.parquet holding CSV text, said "wrote y.parquet"
+        raise ConfigError(f"--out {visible(out)} ends in .{suffix} but --format is {format!r}; give one of them only "
+                          f"(the format follows --out's suffix), or make them agree")
     path = find_run(run, root)
     out = out or Path(f"{read_config(path)['run_id']}.{format}")  # a plain name (checked): here, never elsewhere
     status = Run.open(path).status  # read before the records: a run finishing meanwhile is exported whole
