@@ -316,6 +316,21 @@ def test_a_demos_lab_runs_are_listed_and_found_by_id(tmp_path):
     assert load(find_run(inner.id, tmp_path)).value.tolist() == [1.0]
 
 
+def test_a_sweeps_runs_are_found_by_the_id_claims_shows():
+    """`claims` names a sweep's runs by id, and `export ID --root runs` said "no run" for each of them."""
+    import tempfile
+    from pathlib import Path
+
+    from specscope.store import find_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with Run.create(root / "sweeps" / "grid1" / "runs", "grokking", {}) as point:
+            point.log(0, {"loss": 1.0})
+        assert find_run(point.id, root) == point.path
+        assert find_run(f"grokking/{point.id}", root) == point.path
+
+
 def test_a_forked_child_neither_writes_the_parents_buffer_again_nor_through_its_connection(tmp_path):
     """A child made by os.fork that exited normally flushed the parent's buffered records at its exit (atexit):
     every one of them was in the run twice."""

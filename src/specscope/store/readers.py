@@ -234,7 +234,8 @@ def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:
 
 def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     """A run directory from a path, or from a run id (or `lab/run_id`) under `root`, a demo's lab runs
-    (`root/demo/<id>/<lab>/<run_id>`) included."""
+    (`root/demo/<id>/<lab>/<run_id>`) and a sweep's (`root/sweeps/<name>/runs/<lab>/<run_id>`: the ids `claims` shows)
+    included."""
     if not str(run).strip():  # Path("") is ".": the current folder would stand in for the run
         raise RunStoreError(f"a run named {str(run)!r} (empty): give a run directory or a run id; list runs with "
                             f"`specscope runs --root {root}`.")
@@ -245,7 +246,9 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     plain = len(parts) <= 2 and all(_NAME.fullmatch(x) for x in parts)  # never glob a name with wildcards in it
     if len(parts) == 2 and (root / run / CONFIG).is_file():  # "lab/run_id"
         return root / run
-    patterns = [f"*/{run}", f"*/*/*/{run}"] if len(parts) == 1 else [f"*/*/{run}"]  # a demo's lab runs too
+    # a demo's lab runs (demo/<id>/<lab>/<run_id>) and a sweep's runs (sweeps/<name>/runs/<lab>/<run_id>) too
+    patterns = ([f"*/{run}", f"*/*/*/{run}", f"sweeps/*/runs/*/{run}"] if len(parts) == 1
+                else [f"*/*/{run}", f"sweeps/*/runs/{run}"])
     hits = sorted(h for pattern in patterns for h in root.glob(pattern)
                   if (h / CONFIG).is_file() and not _hidden(h, root)) if plain and root.is_dir() else []
     if len(hits) == 1:
