@@ -10,7 +10,8 @@ orientation:
 
     y = A @ M, M a view of W   ->  rows of A are the inputs; W's output dim is the one M's columns index
     convolution(x, W, groups)   ->  A = patches of x, [groups·positions, C/groups·k] (a group's rows of W
-                                    multiply that group's patches; together W multiplies all of them)
+                                    multiply that group's patches only: with groups > 1 the stacked patches'
+                                    λ_max bounds the per-group max_g λ_max(A_g) from above, docs/probe.md)
     embedding(W, ids)           ->  the one-hot matrix of ids (counted, never built)
 
 Passes without gradient (evaluation) and the recomputed forwards of gradient checkpointing (they run
