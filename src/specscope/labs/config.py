@@ -93,7 +93,7 @@ def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
             items = [v.strip() for v in inner.split(",")] if inner.strip() else []  # "[]": the empty list
             if "" in items:
                 raise ConfigError(f"{key}={raw}: an empty item (a comma at the start or end, or two in a row); "
-                                  f"write {key}=a,b (or {key}=[] for none)")
+                                  f"write {key}=a,b (a list key that may be empty also takes {key}=[])")
             value = [_parse_value(v, None) for v in items]
         else:
             value = [value]
