@@ -632,8 +632,9 @@ def test_a_weight_gone_from_the_model_is_named_and_new_ones_are_announced():
         model(x).square().mean().backward()
     torch.nn.utils.parametrizations.weight_norm(model[2])
     with pytest.warns(UserWarning, match=r"weights \['2.parametrizations.weight.original0', '2.parametrizations.weight.original1'\] "
-                                         "appeared in the model after the Monitor was built"), mon.step(1):
+                                         "appeared in the model after the Monitor was built") as caught, mon.step(1):
         model(x).square().mean().backward()
+    assert {w.filename for w in caught if "appeared" in str(w.message)} == {__file__}  # the user's line, not contextlib's
     assert set(mon.unmeasured) == {"2"} and "no longer a weight of the model under the name '2'" in mon.unmeasured["2"]
     assert mon.advice().set_index("layer").verdict["2"] == "unmeasured"
 

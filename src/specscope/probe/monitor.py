@@ -122,6 +122,20 @@ def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras, 
                           "torch.float32: the dtype the gradient's Gram is formed in")
 
 
+_PACKAGE = str(__import__("pathlib").Path(__file__).resolve().parents[1])  # src/specscope
+
+
+def _user_level() -> int:
+    """warnings.warn's stacklevel (for its caller) that points at the first frame outside specscope and contextlib:
+    the user's line (`with monitor.step(...)`), however many of the Monitor's own frames lie between."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    return level
+
 @dataclass
 class _Inputs:
     """st(A) of one weight on one step."""
@@ -476,7 +490,7 @@ class Monitor:
             self._known |= set(added)
             warnings.warn(f"specscope probe: weights {added[:4]}{' …' if len(added) > 4 else ''} appeared in the model "
                           "after the Monitor was built and are not measured; build a new Monitor for the model as it is now",
-                          stacklevel=4)
+                          stacklevel=_user_level())
 
     def _arm(self, step: int) -> None:
         self._follow_replaced()
