@@ -213,6 +213,31 @@ def test_lower_gram_is_what_eigh_reads_of_the_gram(batch, m, n, blocks, seed):
 
 
 @pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one
+def test_the_nuclear_rank_of_a_rank_deficient_float64_gradient_is_at_most_its_rank(monkeypatch, pool_min):
+    """The probe's route summed the square roots of every Gram eigenvalue: each round-off eigenvalue of an exact zero
+    added ~1e-8·σ_1, so a rank-1 256 × 1024 float64 G read nr 1.0000011 and ‖G‖_* 5e-7 high. Eigenvalues at the
+    eigensolver's noise floor (max(m, n)·eps·λ_max, as `linalg.spectra`) are now zeros."""
+    from specscope.linalg import norms
+    monkeypatch.setattr(norms, "POOL_MIN", pool_min)
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(256, r, generator=g, dtype=torch.float64) @ torch.randn(r, 1024, generator=g, dtype=torch.float64)
+            for r in (1, 4)]
+    mats += [mats[1].T.contiguous(), torch.randn(300, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 300, generator=g, dtype=torch.float64)]
+    ranks = [1, 4, 4, 3]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fro, nuc = L.fro_nuclear_norms_later(mats)()
+        alone = L.nuclear_norms(mats)
+    finally:
+        torch.set_num_threads(threads)
+    ref = torch.stack([torch.linalg.svdvals(G).sum() for G in mats])
+    torch.testing.assert_close(nuc, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(alone, ref, rtol=1e-12, atol=0)
+    assert all(nr <= r * (1 + 1e-12) for nr, r in zip((nuc / fro).square().tolist(), ranks))
+
+
+@pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one
 def test_nuclear_norms_of_mixed_shapes_match_float64_svd(monkeypatch, pool_min):
     """‖G‖_* of a list of matrices of different shapes (wide, tall, square, rank-deficient, zero), in list
     order, on the thread pool and the batched path alike (one Gram product per shape, one eigvalsh per Gram
@@ -406,6 +431,7 @@ def test_spectral_norm_from_a_zero_start_and_its_options():
 @pytest.mark.parametrize("call, message", [
     (lambda: L.stable_rank_from_gram(torch.tensor([[1.0, 2.0], [0.0, 1.0]])), "C is not symmetric, so it is no Gram matrix"),
     (lambda: L.nuclear_norm_from_gram(-torch.eye(3)), "C has a negative diagonal entry"),
+    (lambda: L.nuclear_norm_from_gram(torch.tensor([[1.0, 2.0], [2.0, 1.0]])), "negative eigenvalue well beyond rounding"),  # read 1.73
     (lambda: L.spectral_advantage(torch.full((3, 3), float("nan")), torch.randn(4, 3)), "^spectral_advantage: G has 9 NaN"),
     (lambda: L.singular_value_soft_threshold(torch.randn(2, 3, 3), torch.tensor([0.1, 0.2, 0.3])),
      r"tau of shape \(3,\) does not broadcast against the batch shape \(2,\)"),

@@ -42,6 +42,30 @@ def test_jobs_put_first_run_before_queued_ones(two_threads):
     assert order == ["first", "queued"]
 
 
+def test_a_changed_thread_count_ends_the_old_workers_after_their_jobs():
+    """The pool is made anew when torch's thread count changes; the old one's workers idled for good, so a loop
+    switching between 2 and 3 threads grew by 2–3 threads a call (3, 6, 8, 11, 13, 16)."""
+    def workers_alive():
+        return sum(t.name.startswith("specscope-worker") for t in threading.enumerate())
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        gate = threading.Event()
+        held = workers.start(lambda g: g.wait(10) and "done", [gate, gate])  # the old pool busy when it is replaced
+        for i in range(6):
+            torch.set_num_threads(3 + i % 2)
+            assert workers.start(lambda x: x + 1, [i, i])() == [i + 1, i + 1]
+        gate.set()
+        assert held() == ["done", "done"]  # queued on the old pool: still answered
+        deadline = time.monotonic() + 10
+        while workers_alive() > 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert workers_alive() == 4
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_failing_job_raises_in_the_caller_and_the_pool_goes_on(two_threads):
     def job(x):
         if x == 2:

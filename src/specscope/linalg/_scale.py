@@ -47,11 +47,18 @@ def scaled_to(G: Tensor, p: Tensor, dtype: torch.dtype) -> Tensor:
     return G.to(dtype) * p.to(dtype)
 
 
-def in_safe_range(v: Tensor) -> bool:
-    """Whether every value (a norm, or a Gram's largest row sum, per matrix) is finite and ≥ SAFE_LOW: the unscaled
+def safe_low(dtype: torch.dtype) -> float:
+    """The smallest Gram row sum a Gram formed in `dtype` is used unscaled from: SAFE_LOW, or for float16 — normal
+    from 2^-14 only, largest 65504 — 2^-8: below it the Gram's products were subnormal, and the start's scale
+    1/sum, formed in float16, overflows (a 1e-4 gradient's polar was all NaN)."""
+    return 2.0**-8 if dtype == torch.float16 else SAFE_LOW
+
+
+def in_safe_range(v: Tensor, low: float = SAFE_LOW) -> bool:
+    """Whether every value (a norm, or a Gram's largest row sum, per matrix) is finite and ≥ `low`: the unscaled
     computation was exact to its dtype's rounding. Reads two numbers on the host: call it on a CPU only."""
     lo, hi = torch.aminmax(v)
-    return lo.item() >= SAFE_LOW and hi.item() < math.inf  # (NaN fails both)
+    return lo.item() >= low and hi.item() < math.inf  # (NaN fails both)
 
 
 def needs_scaling(X: Tensor) -> bool:

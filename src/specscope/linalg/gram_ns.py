@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_kernel_options, check_structure
-from ._scale import in_safe_range, needs_scaling, pow2_scale, scaled_to
+from ._scale import in_safe_range, needs_scaling, pow2_scale, safe_low, scaled_to
 from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 from .devices import iteration_dtype
 
@@ -60,7 +60,11 @@ def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False, sums: Tens
     s_i = 1/max(sqrt(Σ_j |R_ij|), eps) (AOL; changes the polar target). `sums`: `_sums(R, aol)` where already known;
     `floor2`: eps² per matrix in place of eps (a scaled start's (eps·2^-e)², broadcast against the sums)."""
     s = _sums(R, aol) if sums is None else sums
-    s = s.clamp(min=eps * eps).rsqrt() if floor2 is None else torch.maximum(s, floor2).rsqrt()  # 1/max(sqrt(·), eps)
+    if floor2 is None:  # 1/max(sqrt(·), eps)
+        s = s.clamp(min=eps * eps).rsqrt()
+    else:  # in s's dtype, as unscaled (the same bits); where eps·2^-e leaves it, the floor wins, taken in its own dtype
+        f = floor2.to(s.dtype)
+        s = torch.where(torch.isfinite(f), torch.maximum(s, f).rsqrt(), floor2.rsqrt().to(s.dtype))
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)
 
@@ -152,7 +156,7 @@ def gram_newton_schulz(G: Tensor, schedule: Sequence[tuple[float, float, float]]
         X, batch = _wide_flat(X)
         R = X @ X.mT
         sums = _sums(R, aol)
-        if floor2 is not None or in_safe_range(sums):
+        if floor2 is not None or in_safe_range(sums, safe_low(dtype)):
             break
         X, floor2 = _scaled_start(G, dtype, eps)
     if floor2 is not None:

@@ -106,19 +106,25 @@ def _check_gram(C: Tensor, fn: str) -> Tensor:
     return C
 
 
+def _gram_eigenvalues(lam: Tensor, Cd: Tensor, dtype: torch.dtype, fn: str) -> Tensor:
+    """lam, the eigenvalues of C (ascending), once they show C is a Gram: they are ≥ 0 up to its dtype's rounding
+    (≈ k·eps·tr); one far below that means C is no Gram."""
+    tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
+    if lam.numel() and bool((lam[..., 0] < -1e-3 * tr.clamp(min=0) - torch.finfo(dtype).tiny).any()):
+        raise ValueError(f"{fn}: C has a negative eigenvalue well beyond rounding, so it is no Gram matrix AᵀA (which "
+                         "is positive semidefinite); build it with linalg.gram(A)")
+    return lam
+
+
 def stable_rank_from_gram(C: Tensor) -> Tensor:
     """st(A) = tr(C)/λ_max(C) for C = gram(A). Exact given C (float64 eigvalsh); st of a zero C is 0.
 
     Well conditioned: a float32 C gives st to ~1e-6 relative."""
     C = _check_gram(C, "stable_rank_from_gram")
     Cd = C.double()
-    lam = torch.linalg.eigvalsh(Cd)
+    lam = _gram_eigenvalues(torch.linalg.eigvalsh(Cd), Cd, C.dtype, "stable_rank_from_gram")
     top = lam[..., -1]
     tr = Cd.diagonal(dim1=-2, dim2=-1).sum(-1)
-    # a Gram's eigenvalues are ≥ 0 up to its dtype's rounding (≈ k·eps·tr); far below that, C is no Gram
-    if bool((lam[..., 0] < -1e-3 * tr.clamp(min=0) - torch.finfo(C.dtype).tiny).any()):
-        raise ValueError("stable_rank_from_gram: C has a negative eigenvalue well beyond rounding, so it is no Gram "
-                         "matrix AᵀA (which is positive semidefinite); build it with linalg.gram(A)")
     out = torch.where(top > 0, tr / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(top))
     return out.to(work_dtype(C))
 
@@ -146,9 +152,18 @@ def eigvalsh_batched(C: Tensor) -> Tensor:
     return lapack.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
+def sum_of_roots(lam: Tensor, longer: int | Tensor) -> Tensor:
+    """Σ_i sqrt(λ_i) of a Gram's float64 eigenvalues [..., k] (G k × `longer`), those ≤ longer·eps·λ_max set to 0:
+    round-off of exact zeros (float64's eigensolver is backward stable to ~k·eps·λ_max), as `spectra`, so a rank-r
+    G sums r roots and nr(G) ≤ rank holds; each root below it was ~1e-8·σ_1 of noise (a rank-1 256 × 1024 G read
+    ‖G‖_* 5e-7 high). NaN stays NaN."""
+    cutoff = longer * torch.finfo(torch.float64).eps * lam.amax(-1, keepdim=True)
+    return lam.masked_fill(lam <= cutoff, 0).sqrt().sum(-1)
+
+
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     p = gram_scale(G, dtype)  # a float64 G beyond 1e±154 is solved at unit scale (_scale.py)
-    nuc = lapack.eigvalsh(lapack.lower_gram(G if p is None else G * p, dtype).double(), overwrite=True).clamp(min=0).sqrt().sum()
+    nuc = sum_of_roots(lapack.eigvalsh(lapack.lower_gram(G if p is None else G * p, dtype).double(), overwrite=True), max(G.shape))
     return nuc if p is None else nuc / p.double().reshape(())
 
 
@@ -159,7 +174,7 @@ def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     fro2 = C.diagonal().sum()
     if not bool(torch.isfinite(fro2)):
         return torch.full((2,), float("nan"), dtype=torch.float64)
-    out = torch.stack([fro2.clamp(min=0).sqrt(), lapack.eigvalsh(C, overwrite=True).clamp(min=0).sqrt().sum()])
+    out = torch.stack([fro2.clamp(min=0).sqrt(), sum_of_roots(lapack.eigvalsh(C, overwrite=True), max(G.shape))])
     return out if p is None else out / p.double().reshape(())
 
 
@@ -191,7 +206,8 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
                   method: str = "auto", tol: float = NUCLEAR_TOL) -> Tensor:
     """‖G‖_* of each matrix of a list (any shapes) as a float64 vector.
 
-    method "eigh": Σ sqrt(eig) of the smaller Gram formed in `dtype` (float64: exact to ~1e-12 relative;
+    method "eigh": Σ sqrt(eig) of the smaller Gram formed in `dtype`, eigenvalues at the float64 eigensolver's noise
+    floor (max(m,n)·eps·λ_max) taken as zeros (`sum_of_roots`: a rank-r G sums r roots; float64: exact to ~1e-12 relative;
     see nuclear_norm_from_gram for float32). On a CPU with several threads and matrices of size ≥ POOL_MIN,
     each Gram is formed and solved as one job of the one-thread workers (`linalg.workers`, largest first);
     elsewhere Grams of equal size are stacked into one batched eigvalsh.
@@ -238,12 +254,13 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     for (k, _), idx in by_shape.items():
         X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx])
         p = gram_scale(X, dtype)  # per matrix, where the Gram could leave dtype's range; undone on the norms
-        got = by_size.setdefault(k, ([], [], []))
+        got = by_size.setdefault(k, ([], [], [], []))
         got[0].extend(idx)
         got[1].append(lapack.lower_gram(X if p is None else X * p, dtype).double())
         got[2].append(torch.ones(len(idx), dtype=torch.float64, device=device) if p is None else p.double().reshape(-1))
-    for idx, grams, scales in by_size.values():
-        out[idx] = eigvalsh_batched(torch.cat(grams)).clamp(min=0).sqrt().sum(-1) / torch.cat(scales)
+        got[3].append(torch.full((len(idx), 1), float(X.shape[-1]), dtype=torch.float64, device=device))
+    for idx, grams, scales, longer in by_size.values():
+        out[idx] = sum_of_roots(eigvalsh_batched(torch.cat(grams)), torch.cat(longer)) / torch.cat(scales)
     return lambda: out
 
 
@@ -377,5 +394,6 @@ def nuclear_norm_from_gram(C: Tensor) -> Tensor:
     Accuracy is that of C: a float32 C has eigenvalue errors ~1e-7·λ_max, so singular values below
     ~3e-4·σ_1 are unreliable and the sum is off by at most about k·3e-4·σ_1 (k = size of C)."""
     C = _check_gram(C, "nuclear_norm_from_gram")
-    lam = eigvalsh_batched(C.double()).clamp(min=0)
-    return lam.sqrt().sum(-1).to(work_dtype(C))
+    Cd = C.double()
+    lam = _gram_eigenvalues(eigvalsh_batched(Cd), Cd, C.dtype, "nuclear_norm_from_gram")
+    return lam.clamp(min=0).sqrt().sum(-1).to(work_dtype(C))

@@ -62,6 +62,8 @@ class Pool:
         torch.set_num_threads(1)
         while True:
             _, _, fn, arg, future = self._jobs.get()
+            if future is None:  # close(): this worker ends
+                return
             try:
                 if not future.set_running_or_notify_cancel():
                     continue
@@ -88,6 +90,11 @@ class Pool:
             release_openmp_threads()
         with waiting():
             return [f.result() for f in futures]
+
+    def close(self) -> None:
+        """End the workers once the jobs queued so far are done (their waiters still get their results)."""
+        for _ in range(self.threads):
+            self._jobs.put((2, next(self._order), None, None, None))
 
     def busy(self) -> bool:
         """Whether jobs are running or queued."""
@@ -216,9 +223,11 @@ def count(device: torch.device) -> int:
 
 def pool(threads: int) -> Pool:
     """The process's pool of `threads` workers (made anew in a forked child, where the parent's worker
-    threads do not exist, and when the thread count changed)."""
+    threads do not exist, and when the thread count changed, the old one's workers ending after their jobs)."""
     global _POOL
     if _POOL is None or _POOL.threads != threads or _POOL.pid != os.getpid():
+        if _POOL is not None and _POOL.pid == os.getpid():
+            _POOL.close()  # a thread count changed: the old workers end after their jobs, not idle for good
         _POOL = Pool(threads)
     return _POOL
 
