@@ -6,7 +6,7 @@ Architectures (tiny random-init configs, generated data, CPU): transformers' GPT
 `transformers`), `nn.TransformerEncoderLayer`, a CNN with a grouped convolution, and specscope's built-in GPT.
 Each trains with AdamW (lr 3e-3) for (measurements - 1)·every + 1 steps, so the weights and the inputs change
 between measurements. On every measured step two Monitors watch the same forward/backward: the default one
-and an `exact` one (keeps A: float64 SVD; float64 SVD of G). Printed per architecture and cadence: median /
+and an `exact` one (keeps A: float64 Gram eigenvalues; nr(G) by linalg.nuclear_rank, float64 Gram eigenvalues of G). Printed per architecture and cadence: median /
 max relative error of st(A) and nr(G) over every weight and measured step, and how many per-step verdicts
 (probe.advice.verdict of nr/st) and final advice() verdicts differ from the exact ones.
 """

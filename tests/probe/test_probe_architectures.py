@@ -25,24 +25,28 @@ def by(records, metric):
     return {r.layer: r for r in records if r.metric == metric}
 
 
-def exact_st(chunks) -> float:
-    A = torch.cat([c.double().reshape(-1, c.shape[-1]) for c in chunks])
-    return float(linalg.stable_rank(A))
+def exact_st(chunks, groups: int = 1) -> float:
+    """st(A) of the micro-batches' rows in float64; a grouped convolution's ‖A‖_F² / max_g ‖A_g‖₂² (each chunk
+    group-major, as `input_matrix` lays out patches)."""
+    A = torch.cat([c.double().reshape(groups, -1, c.shape[-1]) for c in chunks], 1)
+    return float(A.square().sum() / torch.linalg.matrix_norm(A, 2).square().max())
 
 
 def capture(model):
     """Inputs of every Linear / transformers Conv1D / Conv module, keyed by id(weight), via forward pre-hooks."""
     seen: dict[int, list] = {}
+    groups: dict[int, int] = {}
 
     def hook(m, args):
         if torch.is_grad_enabled():
             x = args[0].detach()
             A = input_matrix(m, x) if isinstance(m, (nn.Conv1d, nn.Conv2d)) else x.reshape(-1, x.shape[-1])
             seen.setdefault(id(m.weight), []).append(A)
+            groups[id(m.weight)] = getattr(m, "groups", 1)
 
     handles = [m.register_forward_pre_hook(hook) for m in model.modules()
                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or type(m).__name__ == "Conv1D"]
-    return seen, handles
+    return seen, groups, handles
 
 
 def build(arch):
@@ -55,7 +59,7 @@ def build(arch):
 @pytest.mark.parametrize("arch", [*HF, "cnn", "builtin_gpt"])
 def test_every_weight_paired_with_what_it_multiplied(arch):
     model, data, loss_fn = build(arch)
-    seen, handles = capture(model)
+    seen, groups, handles = capture(model)
     mon = Monitor(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # nothing unmeasured, so nothing warned
@@ -72,7 +76,7 @@ def test_every_weight_paired_with_what_it_multiplied(arch):
         G = s.param.grad.double().reshape(s.param.shape[0], -1)
         assert nr[s.name].value == pytest.approx(float(linalg.nuclear_rank(G)), rel=1e-6), s.name
         if id(s.param) in seen:  # Linear / Conv1D / Conv: the hook saw the input; embeddings are counted
-            assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)]), rel=1e-4), s.name
+            assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)], groups[id(s.param)]), rel=1e-4), s.name
             assert st[s.name].rows == sum(a.shape[0] for a in seen[id(s.param)])
             checked += 1
         else:
@@ -411,7 +415,7 @@ def test_autocast_products_are_paired_through_the_cast_copies():
     weight is still paired, with the st(A) of the input it multiplied (bf16-rounded: within 1 %)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 48), nn.GELU(), nn.Linear(48, 8))
-    seen, handles = capture(model)
+    seen, groups, handles = capture(model)
     mon = Monitor(model)
     x = torch.randn(64, 24) @ torch.randn(24, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16), mon.step(0):
@@ -421,7 +425,7 @@ def test_autocast_products_are_paired_through_the_cast_copies():
     st = by(mon.pop_records(), "stable_rank")
     assert not mon.unmeasured and set(st) == {"0", "2"}
     for s in mon.slots.values():
-        assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)]), rel=1e-2), s.name
+        assert st[s.name].value == pytest.approx(exact_st(seen[id(s.param)], groups[id(s.param)]), rel=1e-2), s.name
         assert st[s.name].rows == 64
 
 

@@ -324,7 +324,7 @@ def test_a_factory_that_breaks_its_contract_is_one_line(tmp_path, monkeypatch, c
              "gen": "the factory's batches (function) cannot be iterated; return an iterator or iterable of batches",
              "no_params": "the model has no parameters, so there is nothing to train and measure",
              "frozen": "the model has no trainable weight with ≥ 2 dims",
-             "nan_loss": "non-finite loss (nan) at step 0; lower --lr",
+             "nan_loss": "non-finite loss (nan) at step 0; check the model's initialization and its data (no update had been made yet, so --lr is not the cause)",
              "nan_later": "non-finite loss (nan) at step 1; lower --lr"}  # last: the one case that leaves a run
     for fn, msg in cases.items():
         monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--model", f"badf:{fn}", "--steps", "2",

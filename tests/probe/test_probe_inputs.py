@@ -142,6 +142,8 @@ def _tampered(state, part, value):
     ("stats", lambda st: {"V": torch.full((6, 2), float("nan"))}, r"stats\['0'\]\['V'\]"),
     ("stats", lambda st: [1], r"stats\['0'\] is a list, not a dict"),
     ("slots", lambda seen: seen | {"n_features": "6"}, r"slots\['0'\]"),
+    ("slots", lambda seen: seen | {"role": "boss"}, r"slots\['0'\] is .*not a role of \['embedding', 'head', 'hidden'\]"),  # skipped
+    ("slots", lambda seen: seen | {"kind": "boss"}, r"slots\['0'\] is .*and a kind of"),  # unmeasured at the next step
 ])
 def test_a_tampered_state_is_refused_whole_and_nothing_is_loaded(part, value, match):
     """The checks ran entry by entry while assigning: a bad history value raised TypeError after the warm blocks were
@@ -182,7 +184,6 @@ def test_a_bare_string_exclude_is_refused_not_read_letter_by_letter():
     (dict(extras=["topk"], topk="a"), r"topk='a'\) must be an int >= 1"),
     (dict(split={"0": []}), r"split=\{'0': \[\]\}\): give the slices as a non-empty list"),
     (dict(split={"0": "ab"}), r"split=\{'0': 'ab'\}\): give the slices as a non-empty list"),
-    (dict(split={"0": Interleaved(("a", "b"), heads=0)}), r"give the slices"),
     (dict(split=["0"]), r"split=\['0'\]\) must be a dict"),
     (dict(split={0: ["a", "b"]}), r"the pattern 0: patterns are layer names \(str\)"),
     (dict(grad_gram_dtype=torch.int32), r"grad_gram_dtype=torch.int32\) must be torch.float64"),
@@ -395,3 +396,32 @@ def test_an_embedding_whose_step_has_only_padding_keeps_its_verdict():
             measure(mon, model, 1, batch)
         assert "only padding_idx tokens" in mon.unmeasured["e"]
         assert mon.advice().set_index("layer").loc["e", "verdict"] != "unmeasured"
+
+
+def test_a_model_with_lazy_weights_is_one_error_saying_to_run_a_forward_first():
+    """torch's own ValueError ("Attempted to use an uninitialized parameter") came out of the Monitor, and the CLI's
+    diagnose exited 1 with its traceback."""
+    model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.raises(ConfigError, match=r"weights \['0', '0.bias'\] are not initialized yet .*run one forward pass"):
+        Monitor(model)
+    model(torch.randn(2, 8))
+    assert set(Monitor(model).layers) == {"0", "2"}
+
+
+def test_two_split_patterns_splitting_one_weight_differently_are_refused_not_resolved_by_their_order():
+    model = nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(4, 12)}), "mlp": nn.Linear(4, 4)})
+    with pytest.raises(ConfigError, match=r"split patterns \['attn.qkv', 'attn.\*'\] all match weight 'attn.qkv'"):
+        Monitor(model, split={"attn.qkv": ["q", "k", "v"], "attn.*": ["a", "b"]})
+    same = Monitor(model, split={"attn.qkv": ["q", "k", "v"], "*.qkv": ["q", "k", "v"]})  # agreeing patterns: fine
+    assert same.layers == ["attn.qkv.q", "attn.qkv.k", "attn.qkv.v", "mlp"]
+
+
+def test_interleaved_heads_and_param_groups_options_of_the_wrong_kind_are_named():
+    for heads in (0, -2, 2.0, True):
+        with pytest.raises(ConfigError, match=r"heads must be an int ≥ 1"):
+            Interleaved(("q", "k", "v"), heads=heads)
+    model = mlp(6, 8, 4)
+    mon = Monitor(model)
+    measure(mon, model, 0, torch.randn(9, 6))
+    with pytest.raises(ConfigError, match=r"param_groups\(spectral_options='lr'\): pass a dict"):
+        mon.param_groups(spectral_options="lr")

@@ -1,11 +1,14 @@
 """Each recorded st(A) is the stable rank of the matrix the weight really multiplied (REFERENCE §2)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from specscope import linalg
+from specscope.errors import ConfigError
 from specscope.probe import Monitor, input_matrix
 
 
@@ -17,8 +20,10 @@ def by(records, metric):
     return {r.layer: r for r in records if r.metric == metric}
 
 
-def exact_st(A: torch.Tensor) -> float:
-    return float(linalg.stable_rank(A.detach().double().reshape(-1, A.shape[-1])))
+def exact_st(A: torch.Tensor, groups: int = 1) -> float:
+    """‖A‖_F² / max_g ‖A_g‖₂² in float64, A's rows g·rows:(g+1)·rows being group g's (one group: st(A))."""
+    A = A.detach().double().reshape(-1, A.shape[-1])
+    return float(A.square().sum() / torch.linalg.matrix_norm(A.unflatten(0, (groups, -1)), 2).square().max())
 
 
 @pytest.mark.parametrize("estimator", ["exact", "gram"])
@@ -79,7 +84,8 @@ def test_conv_patches_are_the_rows_the_kernel_multiplies(conv, x):
                                      (nn.Conv1d(4, 4, 3, groups=4, stride=2), (3, 4, 9)),
                                      (nn.Conv3d(2, 4, (2, 3, 2), groups=2, padding=(1, 0, 1), dilation=(1, 2, 1)), (2, 2, 4, 7, 5))])
 def test_grouped_and_3d_convs_are_measured_exactly(conv, x):
-    """A group's rows of W multiply that group's patches: A stacks every group's patches."""
+    """A group's rows of W multiply that group's patches only: A stacks every group's patches, and st(A) is
+    Σ_g ‖A_g‖_F² / max_g ‖A_g‖₂², the ratio of a spectral and a Euclidean step's second-order bounds."""
     torch.manual_seed(0)
     x = torch.randn(*x)
     A = input_matrix(conv, x)
@@ -94,7 +100,68 @@ def test_grouped_and_3d_convs_are_measured_exactly(conv, x):
     with mon.step(0):
         conv(x).sum().backward()
     st = by(mon.pop_records(), "stable_rank")["weight"]
-    assert not mon.unmeasured and st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A), rel=1e-9)
+    assert not mon.unmeasured and st.rows == A.shape[0] and st.value == pytest.approx(exact_st(A, g), rel=1e-9)
+
+
+@pytest.mark.parametrize("estimator", ["gram", "power", "exact"])
+@pytest.mark.parametrize("groups, channels, kernel", [(4, 16, 3), (16, 16, 3), (2, 64, 3)])
+def test_a_grouped_convs_stable_rank_is_per_group_not_of_the_stacked_patches(estimator, groups, channels, kernel):
+    """Each group's first channel 3× the others: the groups' top directions coincide, so the stacked patches'
+    λ_max (of Σ_g A_gᵀA_g) is about `groups` times max_g λ_max(A_gᵀA_g), and st(A) read from it was too low. Two
+    micro-batches and three steps: the groups' Grams add over micro-batches and their warm blocks carry over
+    (64 channels in 2 groups: 288 features a group, the held-input route on the first micro-batch)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, kernel, groups=groups, padding=1)
+    scale = (1 + 2 * (torch.arange(channels) % (channels // groups) == 0))[None, :, None, None]
+    xs = [torch.randn(3, channels, 6, 6) * scale for _ in range(2)]
+    mon = Monitor(conv, estimator=estimator)
+    for step in range(3):
+        with mon.step(step):
+            for x in xs:
+                conv(x).square().mean().backward()
+        conv.zero_grad()
+    st = {r.step: r for r in mon.pop_records() if r.metric == "stable_rank"}
+    A = torch.cat([input_matrix(conv, x).unflatten(0, (groups, -1)) for x in xs], 1).flatten(0, 1)
+    truth, stacked = exact_st(A, groups), exact_st(A)
+    assert truth > 1.5 * stacked  # the case this test is about
+    rel = {"power": 0.15, "gram": 1e-4, "exact": 1e-9}[estimator]  # power: σ₁² from below, so st from above
+    assert st[2].value == pytest.approx(truth, rel=rel) and st[2].rows == A.shape[0] and not mon.unmeasured
+    if estimator == "power":
+        assert st[2].value >= truth * (1 - 1e-6)
+
+
+def test_a_kernel_used_with_two_group_counts_in_one_step_is_unmeasured_with_the_reason():
+    """F.conv2d with one kernel [8, 2, 3, 3] on 8 channels in 4 groups and on 2 channels in 1: the same features
+    per group, two layouts of the input; no one st(A)."""
+    w = nn.Parameter(torch.randn(8, 2, 3, 3))
+    mon = Monitor(nn.ParameterDict({"w": w}))
+    with warnings.catch_warnings(record=True), mon.step(0):
+        (F.conv2d(torch.randn(2, 8, 5, 5), w, groups=4).sum() + F.conv2d(torch.randn(2, 2, 5, 5), w).sum()).backward()
+    assert "groups=4 and groups=1" in mon.unmeasured["w"]
+
+
+@pytest.mark.parametrize("estimator", ["gram", "power"])
+def test_a_resumed_grouped_conv_measures_as_the_uninterrupted_one_and_a_tampered_state_is_refused(estimator):
+    """Each group's warm block is saved (`V_groups`) and reloaded: the measurement after a resume is the same bits."""
+    def run(resume: bool):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(8, 8, 3, groups=4, padding=1)
+        mon = Monitor(conv, estimator=estimator)
+        for step in range(3):
+            if step == 2 and resume:
+                state = mon.state_dict()
+                mon = Monitor(conv, estimator=estimator)
+                mon.load_state_dict(state)
+            with mon.step(step):
+                conv(torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(step))).square().sum().backward()
+            conv.zero_grad()
+        return [(r.layer, r.metric, r.value) for r in mon.pop_records() if r.step == 2], mon.state_dict()
+    (resumed, state), (uninterrupted, _) = run(True), run(False)
+    assert resumed == uninterrupted and len(state["stats"]["weight"]["V_groups"]) == 4
+    bad = state | {"stats": {"weight": state["stats"]["weight"] | {"V_groups": [torch.zeros(3, 2)] * 4}}}
+    with pytest.raises(ConfigError, match=r"stats\['weight'\]\['V_groups'\] is a list of \[\(3, 2\), .*not a list of 2 or "
+                                          r"more finite 18 × \d warm starts, one per group.*nothing was loaded"):
+        Monitor(nn.Conv2d(8, 8, 3, groups=4, padding=1)).load_state_dict(bad)
 
 
 def test_tied_linear_is_measured_once_with_all_inputs():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -83,6 +83,10 @@ def param_groups(
     verdict is "spectral" and `spectral` is "muon", to a third group with stacked=True (each expert
     orthogonalized on its own). Everything else — "euclidean", "undecided", "unmeasured" — goes to `euclidean`.
     """
+    for what, opts in (("spectral_options", spectral_options), ("euclidean_options", euclidean_options)):
+        if opts is not None and not isinstance(opts, Mapping):
+            raise ConfigError(f"param_groups({what}={opts!r}): pass a dict of the optimizer's options for that group, "
+                              "e.g. {'lr': 0.02}")
     verdicts = dict(zip(table["layer"], table["verdict"]))
     slots = list(slots)
     slot_names = {id(s.param): s.names() for s in slots}

@@ -58,10 +58,14 @@ def diagnose(
         except StopIteration:
             raise ConfigError(f"the batch iterator ended after {step} batches; diagnose needs one per step (steps={steps})") from None
         opt.zero_grad(set_to_none=True)
-        with monitor.step(step):
-            loss = loss_fn(model, batch)
-            _check_loss(loss, step, monitor.nonfinite)
-            loss.backward()
+        try:
+            with monitor.step(step):
+                loss = loss_fn(model, batch)
+                _check_loss(loss, step, monitor.nonfinite)
+                loss.backward()
+        except NonFiniteError as e:
+            e.before_update = step == 0  # no update yet: the learning rate cannot be the cause (the CLI's wording)
+            raise
         opt.step()
         monitor.after_optimizer_step()
         losses.append(float(loss.detach()))
@@ -78,6 +82,7 @@ def _check_loss(loss: torch.Tensor, step: int, nonfinite: str) -> None:
     """A NaN/Inf loss is named as the loss (every gradient would be non-finite after it), before backward."""
     if nonfinite == "raise" and not bool(torch.isfinite(loss.detach()).all()):
         problem = f"non-finite loss ({float(loss.detach().float().sum())}) at step {step}"
-        err = NonFiniteError(f"{problem}; lower the learning rate or check the data")
+        err = NonFiniteError(f"{problem}; " + ("check the model's initialization and the data (no update has been made "
+                                               "yet)" if step == 0 else "lower the learning rate or check the data"))
         err.problem = problem  # the CLI words the fix its own way
         raise err

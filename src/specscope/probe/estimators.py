@@ -150,16 +150,24 @@ class GramStats:
     def add(self, A: torch.Tensor, shared: list | None = None, key=None, source: torch.Tensor | None = None) -> None:
         """Add one micro-batch's rows A [rows, n]; `shared` = [A, its Gram or None] when weights share A;
         `source` is the tensor A was read from (its version counter shows a later in-place change)."""
-        first = self.C is None and self.A is None
-        if first and self.n >= IMPLICIT_MIN and D.world_size() == 1:
+        if self.holds_next():
             self.A, self.source = A, A if source is None else source
             self.version = self.source._version
+            self.keys.append(key if key is not None else id(A))
+            self.rows += A.shape[0]
         else:
-            self._materialize()
-            C = gram_of(A) if shared is None else _shared_gram(shared)
-            self.C = C if self.C is None else self.C + C
-        self.keys.append(key if key is not None else id(A))
-        self.rows += A.shape[0]
+            self.add_gram(gram_of(A) if shared is None else _shared_gram(shared), A.shape[0], key if key is not None else id(A))
+
+    def holds_next(self) -> bool:
+        """Whether the next input is held for the implicit route: wide, the step's first, one process."""
+        return self.C is None and self.A is None and self.n >= IMPLICIT_MIN and D.world_size() == 1
+
+    def add_gram(self, C: torch.Tensor, rows: int, key) -> None:
+        """Add the Gram C = AᵀA of `rows` rows already formed (a grouped convolution's groups, one batched product)."""
+        self._materialize()
+        self.C = C if self.C is None else self.C + C
+        self.keys.append(key)
+        self.rows += rows
 
     def _materialize(self, unit: bool = False) -> None:
         """Turn a held input into its Gram (a second micro-batch, or the implicit route failed). `unit`: the Gram of A
@@ -662,6 +670,78 @@ def finish_grams(stats: list[GramStats]) -> list[tuple[torch.Tensor, torch.Tenso
     return [(s.fro2, lam[(tuple(s.keys), s.n)]) for s in stats]
 
 
+class GroupedStats:
+    """st(A) of a grouped convolution, one statistics object per group: group g's rows of W multiply group g's
+    patches A_g only, so a spectral step's second-order term is bounded by Σ_g ‖A_g‖_F² = ‖A‖_F² and a Euclidean
+    step's by max_g λ_max(A_gᵀA_g), and st(A) = Σ_g ‖A_g‖_F² / max_g ‖A_g‖₂² (docs/probe.md "What it pairs").
+    The groups' patches stacked would give ‖A‖_F² / λ_max(Σ_g A_gᵀA_g), up to `groups` times lower."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.n, self.estimator = parts[0].n, parts[0].estimator
+
+    @property
+    def groups(self) -> int:
+        return len(self.parts)
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    def reset(self, refine: bool = True) -> None:
+        for p in self.parts:
+            p.reset(refine)
+
+    def add(self, A: torch.Tensor, key=None, source: torch.Tensor | None = None) -> None:
+        """Add the patches A [groups·rows, n], group-major (`pairing.patches`): rows g·rows:(g+1)·rows are group g's."""
+        As = A.unflatten(0, (self.groups, -1))
+        key = id(A) if key is None else key
+        if isinstance(self.parts[0], GramStats) and not self.parts[0].holds_next():
+            for g, (p, C) in enumerate(zip(self.parts, gram_of(As))):  # every group's Gram by one batched product
+                p.add_gram(C, As.shape[1], (key, g))
+            return
+        for g, (p, Ag) in enumerate(zip(self.parts, As)):
+            p.add(Ag, None, (key, g), source) if isinstance(p, GramStats) else p.add(Ag)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts for t in p.tensors()]
+
+    def set_tensors(self, ts: list[torch.Tensor]) -> None:
+        i = 0
+        for p in self.parts:
+            k = len(p.tensors())
+            p.set_tensors(ts[i : i + k])
+            i += k
+
+    @staticmethod
+    def combine(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_g ‖A_g‖_F², max_g λ_max) from the groups' (‖A_g‖_F², λ_max) pairs (NaN in any group gives NaN)."""
+        fro2 = torch.stack([f.double().reshape(()) for f, _ in pairs])
+        lam = torch.stack([v.double().reshape(()) for _, v in pairs])
+        return fro2.sum(), lam.max()
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.parts[0], GramStats):
+            return self.combine(finish_grams(self.parts))
+        return self.combine([p.finish() for p in self.parts])
+
+    def state(self) -> dict:
+        Vs = [p.state().get("V") for p in self.parts]
+        if any(V is None for V in Vs):
+            return {"V": None}
+        return {"V": Vs[0], "V_groups": Vs}  # a list: each block keeps its memory layout (QR's is column-major)
+
+    def load_state(self, s: dict) -> None:
+        Vg = s.get("V_groups")
+        for g, p in enumerate(self.parts):
+            p.load_state({"V": None if Vg is None or len(Vg) != self.groups else Vg[g]})
+
+
+def groups_of(stats) -> int:
+    """How many groups' statistics `stats` keeps (1: not a grouped convolution's)."""
+    return stats.groups if isinstance(stats, GroupedStats) else 1
+
+
 class ExactStats:
     """Reference: keeps A (float64) and takes its SVD. Single process only; memory grows with the step."""
 
@@ -746,8 +826,11 @@ class TokenCounts:
         pass
 
 
-def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 1):
-    """The input accumulator for one weight: token counts for embeddings, else the chosen estimator."""
+def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 1, groups: int = 1):
+    """The input accumulator for one weight: token counts for embeddings, else the chosen estimator (one per group
+    of a grouped convolution: `GroupedStats`)."""
+    if groups > 1:
+        return GroupedStats([make_stats(kind, n, estimator, block=block, iters=iters) for _ in range(groups)])
     if kind == "embedding":
         return TokenCounts(n)
     if estimator == "power":

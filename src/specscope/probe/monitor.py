@@ -34,8 +34,8 @@ from specscope.probe import advice as _advice
 from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
-from specscope.probe.estimators import L, GramStats, finish_grams, make_stats
-from specscope.probe.pairing import Interleaved, Slot, check_patterns, expert_name, tracked_slots
+from specscope.probe.estimators import L, GramStats, GroupedStats, finish_grams, groups_of, make_stats
+from specscope.probe.pairing import KINDS, Interleaved, Slot, check_patterns, expert_name, tracked_slots
 from specscope.probe import watch as W
 from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
@@ -197,7 +197,7 @@ class Monitor:
     AᵀA, shared by weights with the same input; certified within 1e-4, or for wide inputs applied implicitly
     and accepted on an a-posteriori error estimate of 1e-4 — see probe.estimators), "power" (one-pass
     warm-started block power iteration: cheaper, a lower bound on σ_1² that can be far off when the top
-    direction moves) or "exact" (keeps A; a float64 SVD reference). nr(G) on the CPU is exact: eigenvalues
+    direction moves) or "exact" (keeps A; a float64 reference). nr(G) on the CPU is exact: eigenvalues
     of the smaller Gram, formed in `grad_gram_dtype` (float64 by default); on an accelerator a matmul-only
     float64 route within 1e-4 of ‖G‖_* (estimator "polar", linalg.nuclear_norms); an SVD with
     estimator="exact".
@@ -522,9 +522,9 @@ class Monitor:
                 self._heads, self._backward_seen = self._watch.heads, True
             self._watch = None
 
-    def _new_stats(self, kind: str, n: int):
-        """Fresh input statistics of this Monitor's estimator for a weight with n input features."""
-        st = make_stats(kind, n, self.estimator, **self._stats_kw)
+    def _new_stats(self, kind: str, n: int, groups: int = 1):
+        """Fresh input statistics of this Monitor's estimator for a weight with n input features (per group)."""
+        st = make_stats(kind, n, self.estimator, groups=groups, **self._stats_kw)
         st.reset(refine=True)
         return st
 
@@ -603,9 +603,15 @@ class Monitor:
             k = len(st.tensors())
             st.set_tensors(flat[i : i + k])
             i += k
-        grams = [st for *_, st in active if isinstance(st, GramStats)]
+        grams = [p for *_, st in active for p in getattr(st, "parts", [st]) if isinstance(p, GramStats)]  # one batched solve
         done = dict(zip(map(id, grams), finish_grams(grams)))
-        pairs = [done[id(st)] if id(st) in done else st.finish() for *_, st in active]
+
+        def pair(st) -> tuple[torch.Tensor, torch.Tensor]:
+            if isinstance(st, GroupedStats) and id(st.parts[0]) in done:
+                return st.combine([done[id(p)] for p in st.parts])
+            return done[id(st)] if id(st) in done else st.finish()
+
+        pairs = [pair(st) for *_, st in active]
         if not pairs:
             return {}
         vals = _host_pairs(pairs)
@@ -878,12 +884,13 @@ class Monitor:
         by_name = {s.name: s for s in self.slots.values()}
         stats, history, latest_st, slots, unmeasured, latest_inputs = _read_state(state, by_name, self._history_len)
         for s, block, st in stats:  # everything read and checked: nothing below can fail half-way
-            fresh = make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, **self._stats_kw)
+            groups = len(st["V_groups"]) if "V_groups" in st else 1  # a grouped convolution's, one block per group
+            fresh = make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, groups=groups, **self._stats_kw)
             if block:
                 s.block_stats[block] = s.block_stats.get(block) or fresh
                 s.block_stats[block].load_state(st)
             else:
-                s.stats = s.stats or fresh
+                s.stats = s.stats if s.stats is not None and groups_of(s.stats) == groups else fresh
                 s.stats.load_state(st)
         self._history, self._latest_st = history, latest_st
         for s, seen in slots:
@@ -974,6 +981,13 @@ def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
                 and (not whole(n) or n == 0 or V.shape[0] == n) and bool(torch.isfinite(V).all())):
             shape = tuple(V.shape) if isinstance(V, torch.Tensor) else type(V).__name__
             raise bad(f"stats[{key!r}]['V']", f"{shape}, not a finite n × block warm start" + (f" with n = {n}" if whole(n) and n else ""))
+        Vg = st.get("V_groups", [V])  # a grouped convolution's: a warm block per group, V the first
+        if not (isinstance(Vg, list) and (len(Vg) >= 2 or "V_groups" not in st) and all(
+                isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == V.shape and bool(torch.isfinite(v).all()) for v in Vg)):
+            what = f"a list of {[tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__ for v in Vg][:4]}" \
+                if isinstance(Vg, list) else f"a {type(Vg).__name__}"
+            raise bad(f"stats[{key!r}]['V_groups']", f"{what}, not a list of 2 or more finite {V.shape[0]} × {V.shape[1]} warm "
+                                                     "starts, one per group")
         r = None
         if block:
             parts = block.split(":")
@@ -993,10 +1007,12 @@ def _read_state(state: dict, by_name: dict[str, Slot], history_len: int):
     slots = []
     for name, seen in saved_slots.items():  # absent in states saved before it was kept
         s = by_name.get(name)
-        if s is None or not isinstance(seen, dict) or seen.get("role") not in R.ROLES:
+        if s is None:
             continue
-        if not (isinstance(seen.get("kind"), str) and whole(seen.get("n_features")) and whole(seen.get("out_dim"))):
-            raise bad(f"slots[{name!r}]", f"{seen!r}, not a kind with whole n_features and out_dim")
+        if not (isinstance(seen, dict) and seen.get("role") in R.ROLES and seen.get("kind") in KINDS
+                and whole(seen.get("n_features")) and whole(seen.get("out_dim"))):
+            raise bad(f"slots[{name!r}]", f"{seen!r}, not a role of {list(R.ROLES)} and a kind of {list(KINDS)} with whole "
+                                          "n_features and out_dim")
         slots.append((s, (seen["kind"], int(seen["n_features"]), int(seen["out_dim"]), seen["role"])))
     unmeasured = state.get("unmeasured", {})
     if not isinstance(unmeasured, dict) or not all(isinstance(v, str) for v in unmeasured.values()):

@@ -9,9 +9,9 @@ stored [in, out]), the other operand is the input matrix A of that weight, in th
 orientation:
 
     y = A @ M, M a view of W   ->  rows of A are the inputs; W's output dim is the one M's columns index
-    convolution(x, W, groups)   ->  A = patches of x, [groups·positions, C/groups·k] (a group's rows of W
-                                    multiply that group's patches only: with groups > 1 the stacked patches'
-                                    λ_max bounds the per-group max_g λ_max(A_g) from above, docs/probe.md)
+    convolution(x, W, groups)   ->  A = patches of x, [groups·positions, C/groups·k], group-major (a group's
+                                    rows of W multiply that group's patches A_g only: st(A) is then
+                                    Σ_g ‖A_g‖_F² / max_g ‖A_g‖₂², estimators.GroupedStats)
     embedding(W, ids)           ->  the one-hot matrix of ids (counted, never built)
 
 Passes without gradient (evaluation) and the recomputed forwards of gradient checkpointing (they run
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -48,6 +49,11 @@ class Interleaved:
 
     parts: tuple[str, ...]
     heads: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, bool) or not isinstance(self.heads, numbers.Integral) or self.heads < 1:
+            raise ConfigError(f"Interleaved({self.parts!r}, heads={self.heads!r}): heads must be an int ≥ 1, the attention "
+                              "heads the fused dimension holds (e.g. config.num_attention_heads)")
 
     def indices(self, out: int) -> list[tuple[str, torch.Tensor]]:
         k = len(self.parts)
@@ -94,6 +100,9 @@ def split_parts(spec) -> list[str]:
     return list(spec.parts if isinstance(spec, Interleaved) else spec)
 
 
+KINDS = ("", "linear", "conv", "embedding", "experts", "observed")  # how a weight was seen used (Slot.kind)
+
+
 @dataclass
 class Slot:
     """One tracked weight: how it was used on the current step and its input statistics."""
@@ -101,7 +110,7 @@ class Slot:
     name: str
     param: nn.Parameter
     split: object = None
-    kind: str = ""  # "linear" | "conv" | "embedding" | "experts" (a stack [E, ·, ·] measured per expert) | "observed" once seen
+    kind: str = ""  # one of KINDS: "" until seen, then "linear" | "conv" | "embedding" | "experts" (a stack [E, ·, ·] measured per expert) | "observed"
     n_features: int = 0
     out_dim: int = 0  # the parameter's dim that indexes outputs (1 for a weight stored [in, out])
     stats: object = None  # dense input statistics (persist across steps: warm starts)
@@ -201,6 +210,10 @@ def _matches(name: str, patterns) -> bool:
 def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> dict[int, Slot]:
     """A slot for every trainable ≥2-D parameter whose layer name passes include/exclude."""
     split = split or {}
+    if lazy := [layer_name(n) for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]:
+        raise ConfigError(f"weights {lazy[:4]}{' …' if len(lazy) > 4 else ''} are not initialized yet (lazy modules, e.g. "
+                          "nn.LazyLinear, take their shapes from the first forward): run one forward pass on a batch, "
+                          "then build the Monitor")
     slots: dict[int, Slot] = {}
     straddled: dict[str, list[str]] = {}  # a warning -> the weights it concerns
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -216,7 +229,11 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
             continue
         if (include is not None and not _matches(name, include)) or _matches(name, exclude):
             continue
-        spec = next((v for k, v in split.items() if name_matches(name, k)), None)
+        specs = [k for k in split if name_matches(name, k)]
+        if len(specs) > 1 and len({repr(split[k]) for k in specs}) > 1:
+            raise ConfigError(f"split patterns {specs} all match weight '{name}' and split it differently; make the "
+                              "patterns exclusive (e.g. a full name for the one weight)")
+        spec = split[specs[0]] if specs else None
         out_dim = 1 if type(owners.get(id(p))).__name__ == "Conv1D" else 0  # transformers' Conv1D stores [in, out]
         if spec is not None:
             split_indices(name, spec, p.shape[out_dim])  # a bad split fails here, not mid-training
@@ -317,8 +334,8 @@ def patches(x: torch.Tensor, weight_shape, stride, padding, dilation, groups: in
         span = dilation[i] * (k[i] - 1) + 1
         x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
     # x: [B, C, *out_positions, *k]
-    B, C = x.shape[:2]
-    x = x.reshape(B, groups, C // groups, -1, math.prod(k))  # [B, g, C/g, P, K]
+    B, C, P = x.shape[0], x.shape[1], math.prod(x.shape[2 : 2 + d])  # (P spelled out: an empty batch has no -1)
+    x = x.reshape(B, groups, C // groups, P, math.prod(k))  # [B, g, C/g, P, K]
     return x.permute(1, 0, 3, 2, 4).reshape(-1, (C // groups) * math.prod(k))
 
 

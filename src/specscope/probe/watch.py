@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.probe import roles as R
-from specscope.probe.estimators import GramStats, TokenCounts
+from specscope.probe.estimators import GramStats, GroupedStats, TokenCounts, groups_of
 from specscope.probe.pairing import MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve
 
 _TB = torch._C.TensorBase
@@ -64,7 +64,7 @@ class Watch:
     """One measured step's pairing: which inputs each slot's weight multiplied (added to its statistics), the
     cast/unsharded copies of weights, the inputs seen (shared by q, k, v), the weights producing the loss."""
 
-    def __init__(self, model: nn.Module, slots: dict[int, Slot], new_stats: Callable[[str, int], object], serial: Iterator[int],
+    def __init__(self, model: nn.Module, slots: dict[int, Slot], new_stats: Callable[..., object], serial: Iterator[int],
                  fsdp: bool | None = None):
         self.model, self.slots, self.new_stats, self.serial = model, slots, new_stats, serial
         self.grams: dict = {}
@@ -105,7 +105,7 @@ class Watch:
                 return None
             with torch.no_grad():
                 A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
-            return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op)
+            return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op, groups)
         if op is aten.embedding:
             s = self._whole(args[0])
             if s is None:
@@ -353,7 +353,9 @@ class Watch:
                 if hit is not None and op not in VIEWS:
                     hit[0].other_ops.add(R.WEIGHTS_CAT if op is aten.cat and _all_tracked(args[0], self) else str(op).removeprefix("aten."))
 
-    def dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op) -> None:
+    def dense(self, s: Slot, x: torch.Tensor, layout, kind: str, op, groups: int = 1) -> None:
+        """A product of the tracked weight of `s` with the input rows x (a convolution's patches: `groups` groups'
+        rows, group-major), added to the statistics of its output block."""
         if s.kind == "observed" or s.problem or (self.recompute and s.forward_seen):
             return
         s.forward_seen |= not self.recompute
@@ -380,19 +382,31 @@ class Watch:
             return  # another output block of the same product input: A is counted once
         if not s.note_use(kind, A.shape[1], out_dim, out_range, key):
             return
-        stats = self.stats_for(s, kind, A.shape[1], out_range, key)
+        stats = self.stats_for(s, kind, A.shape[1], out_range, key, groups)
+        if stats is None:
+            return
         if isinstance(stats, GramStats):
             stats.add(A, entry, key, source=x)
+        elif isinstance(stats, GroupedStats):
+            stats.add(A, key, source=x)
         else:
             stats.add(A)
 
-    def stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key):
+    def stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key, groups: int = 1):
         """The statistics this use adds to: the weight's own, or — for an output block whose input differs from
-        the first block's (cross-attention's k/v rows) — that block's, kept across steps for warm starts."""
+        the first block's (cross-attention's k/v rows) — that block's, kept across steps for warm starts. A
+        convolution's groups get statistics each (`GroupedStats`); None (with `problem` set) when one step uses
+        the kernel with two group counts."""
         if s.main_range is None or s.main_range == out_range or key in s.inputs.get(s.main_range, ()):
             s.main_range = s.main_range or out_range
+            if s.stats is not None and groups_of(s.stats) != groups:
+                if s.stats.rows:
+                    s.problem = (f"used as a convolution kernel with groups={groups_of(s.stats)} and groups={groups} in one "
+                                 "step: its input has no one st(A)")
+                    return None
+                s.stats = None  # regrouped since its last measured step: its warm blocks are another layout's
             if s.stats is None:
-                s.stats = self.new_stats(kind, n)
+                s.stats = self.new_stats(kind, n, groups)
             return s.stats
         st = s.block_stats.get(out_range)
         if st is None:

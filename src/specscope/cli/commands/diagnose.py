@@ -263,7 +263,9 @@ def diagnose(
             try:
                 result = run_diagnose(net, batches, loss_fn, steps, every=every, lr=lr, sink=sink, **monitor_kwargs)
             except NonFiniteError as e:
-                raise NonFiniteError(f"{getattr(e, 'problem', e)}; lower --lr (now {lr:g}) or check the model's data") from e
+                fix = ("check the model's initialization and its data (no update had been made yet, so --lr is not the cause)"
+                       if getattr(e, "before_update", False) else f"lower --lr (now {lr:g}) or check the model's data")
+                raise NonFiniteError(f"{getattr(e, 'problem', e)}; {fix}") from e
             run.flush()
             summary = {"final_loss": result.losses[-1], "unpaired": result.monitor.unpaired,
                        "verdicts": dict(zip(result.advice["layer"], result.advice["verdict"]))}
