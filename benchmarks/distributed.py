@@ -34,7 +34,8 @@ def _optimizers(model, cfg) -> dict[str, Hybrid]:
     for name, shardwise in (("muon-global", False), ("muon-shardwise", True)):
         groups = gpt.param_groups(cfg, model, "muon")
         for g in groups:
-            g["shardwise"] = shardwise and g.get("algorithm") == "muon"
+            if g.get("algorithm") == "muon":  # an AdamW group has no such option
+                g["shardwise"] = shardwise
         out[name] = Hybrid(groups, algorithm="adamw")
     return out
 

@@ -66,3 +66,18 @@ def test_benchmark_options_out_of_range_are_one_argparse_error(capsys):
         with pytest.raises(SystemExit) as e:
             parse(ap, argv)
         assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_distributed_benchmarks_optimizers_are_built():
+    """benchmarks/distributed.py wrote shardwise=False into the AdamW groups too, which Hybrid refuses: the documented
+    command ended in a WorkerError at every world size."""
+    import torch
+
+    import distributed as bench
+    from specscope.labs import gpt
+
+    cfg = gpt.Config(d_model=16, n_layer=1, seq_len=8, batch_size=2, muon_polar="newton_schulz")
+    torch.manual_seed(0)
+    opts = bench._optimizers(gpt.make_model(cfg), cfg)
+    assert set(opts) == {"adamw", "muon-global", "muon-shardwise"}
+    assert [g.get("shardwise") for g in opts["muon-shardwise"].param_groups if g.get("algorithm") == "muon"] == [True]

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.optim import AutoGeometry, Muon
 from specscope.probe import Monitor
 from specscope.train import distributed as D
@@ -71,3 +71,69 @@ def test_a_checkpoint_loaded_into_objects_it_does_not_fit_is_one_clear_error(tmp
                                 torch.nn.Linear(8, 4))
     with pytest.raises(ConfigError, match=r"does not fit .*Size mismatch"):
         D.load(tmp_path / "ck", other, _optimizer("adamw", other, None))
+
+
+class _Branchy(torch.nn.Module):
+    """`b` is used from step 2 on: before that the optimizer holds no state for it (a branch, an expert not routed to)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x, use_b):
+        return self.head(self.b(self.a(x)) if use_b else self.a(x))
+
+
+def _branchy(kind):
+    model = _Branchy()
+    named = list(model.named_parameters())
+    if kind == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+    return model, Muon([{"params": [p for n, p in named if n.endswith("weight")]},
+                        {"params": [p for n, p in named if n.endswith("bias")], "algorithm": "adamw", "lr": 1e-2}], lr=0.02)
+
+
+def _steps(model, opt, steps):
+    for step in steps:
+        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+        model(x, use_b=step >= 2).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+@pytest.mark.parametrize("at", [0, 1])
+def test_a_run_resumed_from_a_checkpoint_with_stateless_parameters_steps_as_the_saving_one(kind, at, tmp_path):
+    """Saved before the first step (at 0), the checkpoint held the zero step's state (AdamW step 1: the resumed
+    parameters were 0.047 off after three steps); saved while `b` had no state yet (at 1), torch wrote no keys for it
+    and the load into fresh objects failed ("Missing key in checkpoint state_dict: optim.state.b.weight.step")."""
+    model, opt = _branchy(kind)
+    _steps(model, opt, range(at))
+    D.save(tmp_path / "ck", model, opt)
+    _steps(model, opt, range(at, 4))
+    again, opt2 = _branchy(kind)
+    D.load(tmp_path / "ck", again, opt2)
+    assert not any(opt2.state.get(p) for p in again.b.parameters())
+    _steps(again, opt2, range(at, 4))
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_an_extra_that_cannot_be_loaded_is_refused_before_anything_is_written(tmp_path):
+    """load reads `extra` with weights_only=True: an object of a class of the user's was saved, then the resume raised
+    torch's UnpicklingError; a lambda raised pickle's error from inside DCP."""
+    model, opt = _branchy("adamw")
+    for extra in ({"cfg": _Branchy}, {"f": lambda: 1}, [1, 2]):
+        with pytest.raises(ConfigError, match=r"save\(extra="):
+            D.save(tmp_path / "ck", model, opt, extra=extra)
+        assert not (tmp_path / "ck").exists()
+    D.save(tmp_path / "ck", model, opt, extra={"step": 3, "note": "ok", "t": torch.ones(2)})
+    assert D.load(tmp_path / "ck", *_branchy("adamw"))["step"] == 3
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_run_store_error_not_torchs_checkpoint_exception(tmp_path):
+    (tmp_path / "file").write_text("x")
+    model, opt = _branchy("adamw")
+    with pytest.raises(RunStoreError, match=r"could not write the checkpoint .*file'"):
+        D.save(tmp_path / "file", model, opt)

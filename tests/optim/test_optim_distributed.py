@@ -83,3 +83,26 @@ def test_two_ranks_match_each_other_and_single_process(pool_min):
         assert torch.equal(a, b)  # every matrix was computed once and broadcast: bitwise identical
         # float64 eigh on a slice vs on the full batch: equal up to float32 rounding of the result
         torch.testing.assert_close(a, c.detach(), rtol=0, atol=1e-6)
+
+
+def _fewer_worker(rank, world):
+    from specscope.errors import ConfigError
+    from specscope.optim import Muon
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+    opt = Muon(weights if rank == 0 else weights[:2], lr=0.02)
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    try:
+        opt.step()
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def test_optimizers_of_different_parameters_on_the_ranks_are_refused_not_an_abort():
+    """One rank's Muon over 3 weights, the other's over 2: the per-step agreement's all-reduce differed in size and
+    gloo aborted both ranks (NCCL hangs)."""
+    for message in spawn(_fewer_worker, 2, timeout=120):
+        assert message is not None and "the ranks' optimizers hold different parameters" in message

@@ -155,6 +155,29 @@ def test_monitors_of_different_weights_on_the_ranks_are_refused_not_a_hang():
     assert all(m is not None and "the ranks measure different weights" in m for m in messages)
 
 
+def _settings_worker(rank, world):
+    out = {}
+    for what, options in (("every", dict(every=1 if rank == 0 else 2)), ("estimator", dict(estimator="gram" if rank == 0 else "power"))):
+        model = Net()
+        mon = Monitor(nn.parallel.DistributedDataParallel(model), **options)
+        try:
+            for step in range(2):
+                with mon.step(step):
+                    model(torch.randint(0, 10, (4, 3))).sum().backward()
+            out[what] = None
+        except ConfigError as e:
+            out[what] = str(e)
+    return out
+
+
+def test_monitors_set_up_differently_on_the_ranks_are_refused_not_an_abort():
+    """every=1 on one rank and 2 on the other (or gram against power) aborted gloo (NCCL hangs): one rank reduced
+    statistics the other never did."""
+    for got in spawn(_settings_worker, 2, timeout=120):
+        for what in ("every", "estimator"):
+            assert got[what] is not None and "the ranks' Monitors are set up differently" in got[what], (what, got)
+
+
 class TwoOfAWidth(nn.Module):
     def __init__(self):
         super().__init__()
@@ -191,3 +214,31 @@ def test_a_rank_with_an_empty_share_records_each_weight_of_one_width_as_its_own(
 
 def _empty_share_worker(rank, world):
     return empty_share_run(rank, world)
+
+
+def _attention_run(rank, world, estimator):
+    """Self-attention called with three views of one input, x[:] each (q is not k): the rank whose share is empty
+    gave each empty view a key of its own, so in_proj's q/k/v blocks read as three inputs there ("output blocks …
+    multiply different inputs") while the other rank measured it; with `power` gloo aborted."""
+    torch.manual_seed(0)
+    att = nn.MultiheadAttention(16, 2, batch_first=True)
+    run = nn.parallel.DistributedDataParallel(att) if world > 1 else att
+    mon = Monitor(att, estimator=estimator)
+    x = torch.randn(6, 1, 16)[: 6 if rank == 0 else 0]
+    with mon.step(0):
+        run(x[:], x[:], x[:])[0].sum().backward()
+    return dict(mon.unmeasured), [(r.layer, r.value, r.rows) for r in mon.pop_records() if r.metric == "stable_rank"]
+
+
+def _attention_worker(rank, world):
+    return {est: _attention_run(rank, world, est) for est in ("gram", "power")}
+
+
+def test_views_of_an_empty_share_pair_as_views_of_a_full_one_do():
+    results = spawn(_attention_worker, 2, timeout=120)
+    for est in ("gram", "power"):
+        single = _attention_run(0, 1, est)
+        assert results[0][est] == results[1][est] and not single[0] and not results[0][est][0], est
+        assert [(a[0], a[2]) for a in results[0][est][1]] == [(a[0], a[2]) for a in single[1]]
+        for a, b in zip(results[0][est][1], single[1]):
+            assert a[1] == pytest.approx(b[1], rel=1e-4), (est, a, b)

@@ -22,6 +22,7 @@ runs locally, with no collective call.
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -307,6 +308,19 @@ def _count(nbytes: int) -> None:
 
 
 # ---------------------------------------------------------------- step agreement
+
+
+def check_same_parameters(names: Sequence[str], device: torch.device) -> None:
+    """A ConfigError on every rank when the ranks' optimizers hold different parameters (`agree`'s all-reduce is sized
+    by them: sizes that differ abort gloo and hang NCCL). One all-reduce of a fixed size; call it once per optimizer."""
+    if world()[1] == 1:
+        return
+    key = [float(len(names)), float(zlib.crc32("\n".join(names).encode()))]
+    v = torch.tensor([*key, *(-x for x in key)], dtype=torch.float64, device=device)
+    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+    if not torch.equal(v[:2], -v[2:]):
+        raise ConfigError(f"the ranks' optimizers hold different parameters (this rank's: {len(names)}, e.g. "
+                          f"{list(names[:3])}): build the optimizer on every rank from the same model and parameter groups")
 
 
 def agree(has_grad: Sequence[bool], nonfinite: Sequence[bool], device: torch.device) -> tuple[list[bool], list[bool]]:

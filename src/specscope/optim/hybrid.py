@@ -304,6 +304,9 @@ class Hybrid(Optimizer):
         with_grad = [_distributed.local(p.grad) for _, p, _ in flat if p.grad is not None]  # each rank its shard
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
+        if getattr(self, "_same_on_ranks", None) != len(flat):  # once (and again if groups are added)
+            _distributed.check_same_parameters([n for _, _, n in flat], flat[0][1].device)
+            self._same_on_ranks = len(flat)
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         for (_, p, name), b in zip(flat, bad):
             if b and p.grad is not None:

@@ -494,6 +494,7 @@ class Monitor:
 
     def _arm(self, step: int) -> None:
         self._follow_replaced()
+        self._check_ranks_agree()  # before this step's forward: `power` reduces there
         self._step = step
         warm = self._last_measured == step - 1  # consecutive measurements: skip the power refinement
         self._last_measured = step
@@ -720,7 +721,17 @@ class Monitor:
                               f"{self.layers[:3]}): build the Monitor on every rank from the same model with the same "
                               "include/exclude/split, and freeze weights (requires_grad=False) on every rank alike, before "
                               "the Monitor is made")
+        settings = self._settings()  # a rank measuring steps the others skip, or reducing other statistics, waits for ever
+        if not D.same_on_every_rank([zlib.crc32(repr(settings).encode())], _reduce_device(slots)):
+            raise ConfigError(f"Monitor: the ranks' Monitors are set up differently (this rank's: {settings}): give every "
+                              "rank the same every/log_spaced/estimator/gradient/extras/power options")
         self._ranks_agree = True
+
+    def _settings(self) -> dict:
+        """What decides which steps are measured and which statistics the ranks reduce together."""
+        gradient = self.gradient if isinstance(self.gradient, str) else "a callable"
+        return {"every": self.every, "log_spaced": self.log_spaced, "estimator": self.estimator, "gradient": gradient,
+                "extras": self.extras, "topk": self.topk, **self._stats_kw}
 
     def _on_every_rank(self, slots: list[Slot], mats: list[torch.Tensor], has_grad: set[int]):
         """The weights some rank has a gradient of, in one order on every rank, a zero gradient where this rank has

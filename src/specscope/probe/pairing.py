@@ -361,9 +361,15 @@ _EMPTY = itertools.count()
 
 def input_key(A: torch.Tensor) -> tuple:
     """Identity of an input within one step: the same activation seen by q, k and v gives one key. Inputs with no rows
-    (a rank's empty share of a batch) have no storage to tell them apart by: each gets a key of its own."""
+    (a rank's empty share of a batch) have no data pointer to tell them apart by (it is 0): theirs is the storage
+    object they view, so that views of one empty activation share a key as views of a full one do (q, k and v of one
+    input: a rank whose share is empty pairs them as the others do) and distinct empty activations do not."""
     if A.numel() == 0:
-        return ("empty", next(_EMPTY))
+        try:
+            storage = A.untyped_storage()._cdata
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            return ("empty", next(_EMPTY))
+        return ("empty", storage, A.storage_offset(), tuple(A.shape), A.stride(), A._version, A.device)
     return (A.data_ptr(), tuple(A.shape), A.stride(), A._version, A.device)
 
 

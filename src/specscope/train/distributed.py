@@ -249,36 +249,107 @@ def _blob(obj: Any) -> io.BytesIO:
     return buf
 
 
-def _state(model: nn.Module, optimizer: Any, monitor: Any, extra: dict | None) -> dict[str, Any]:
+def _params(optimizer: Any) -> list[nn.Parameter]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+def _stateless(optimizer: Any) -> list[int]:
+    """Positions (in param_groups order) of the parameters the optimizer holds no state for: not stepped yet (before
+    the first step, or a branch or expert no batch has used)."""
+    return [i for i, p in enumerate(_params(optimizer)) if not optimizer.state.get(p)]
+
+
+def _fill_state(optimizer: Any, missing: list[int]) -> None:
+    """Give the parameters at `missing` optimizer state by a zero-gradient, lr=0 step on them alone, as torch's
+    `get_state_dict` does for an optimizer with no state at all (it leaves a partly stepped one as it is, and then
+    a checkpoint lacks those parameters' keys, which a fresh optimizer's target has); the step's AutoGeometry choices
+    and records are undone by the caller. Other parameters' gradients are put back as they were."""
+    params = _params(optimizer)
+    if not missing or len(missing) == len(params):  # nothing to fill, or all: torch's own initialisation does it
+        return
+    grads = [p.grad for p in params]
+    lrs = [g.get("lr") for g in optimizer.param_groups]
+    try:
+        for i, p in enumerate(params):
+            p.grad = torch.zeros_like(p) if i in set(missing) and p.requires_grad else None
+        for g in optimizer.param_groups:
+            if "lr" in g:
+                g["lr"] = torch.tensor(0.0) if isinstance(g["lr"], torch.Tensor) else 0.0
+        optimizer.step()
+    finally:
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        for g, lr in zip(optimizer.param_groups, lrs):
+            if lr is not None:
+                g["lr"] = lr
+
+
+def _state(model: nn.Module, optimizer: Any, monitor: Any, extra: dict | None, stateless: list[int] | None) -> dict[str, Any]:
     """The state DCP reads and writes: model and optimizer keyed by parameter name (sharded tensors stay
-    DTensors, so DCP can reshard them), Monitor state and `extra` as one replicated blob each."""
+    DTensors, so DCP can reshard them), Monitor state, `extra` and the positions of the parameters that had no
+    optimizer state (`stateless`; None: a checkpoint from before they were kept) as one replicated blob each."""
+    _fill_state(optimizer, _stateless(optimizer))
     msd, osd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": msd, "optim": osd}
     if monitor is not None:
         state["monitor"] = _blob(monitor.state_dict())
     state["extra"] = _blob(extra or {})
+    if stateless is not None:
+        state["stateless"] = _blob(stateless)
     return state
+
+
+def _undo_filled(optimizer: Any, stateless: list[int], choices: dict | None, made: int) -> None:
+    """Drop the zero-step state of the parameters at `stateless` and what that step chose and recorded."""
+    params = _params(optimizer)
+    for i in stateless:
+        if i < len(params):
+            optimizer.state.pop(params[i], None)
+    if choices is not None:
+        optimizer.choices.clear()
+        optimizer.choices.update(choices)
+    if isinstance(getattr(optimizer, "_records", None), list):
+        del optimizer._records[made:]
+
+
+def _check_extra(extra: Any) -> None:
+    """`extra` must load with weights_only=True, as `load` reads it: checked before anything is written."""
+    if extra is None:
+        return
+    if not isinstance(extra, dict):
+        raise ConfigError(f"save(extra={type(extra).__name__}): pass a dict (of numbers, strings, lists, dicts and tensors)")
+    try:
+        torch.load(_blob(extra), weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"save(extra=...): it holds something a checkpoint cannot load without running code "
+                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); keep to numbers, strings, "
+                          "lists, tuples, dicts and tensors") from None
 
 
 def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any = None, extra: dict | None = None) -> None:
     """Write a distributed checkpoint (a directory): each rank writes its own shards; call on every rank.
 
-    torch's `get_state_dict` gives parameters that have no optimizer state yet (before the first step) one by
-    a zero-gradient, lr=0 step; the optimizer is left as it was before the save (that step's counters, buffers,
-    records and AutoGeometry choices undone), so saving never changes the training that follows."""
-    fresh = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    Parameters with no optimizer state yet (before the first step, or a branch not used yet) get one by a
+    zero-gradient, lr=0 step, so that every parameter's keys are written (torch's `get_state_dict` does this only
+    for an optimizer with no state at all); the checkpoint lists them, and `load` leaves them without state again, so
+    a resumed run steps exactly as the saving one. The optimizer is left as it was before the save (that step's
+    counters, buffers, records and AutoGeometry choices undone), so saving never changes the training that follows.
+    `extra` must load with weights_only=True (checked before anything is written)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _check_extra(extra)
+    stateless = _stateless(optimizer)
     choices = dict(optimizer.choices) if isinstance(getattr(optimizer, "choices", None), dict) else None
     made = len(getattr(optimizer, "_records", ()))
     try:
-        dcp.save(_state(model, optimizer, monitor, extra), checkpoint_id=os.fspath(path))
+        dcp.save(_state(model, optimizer, monitor, extra, stateless), checkpoint_id=os.fspath(path))
+    except CheckpointException as e:  # a BaseException whose message is each rank's traceback
+        cause = next((f[0] if isinstance(f, tuple) and f else f for f in getattr(e, "failures", {}).values()), e)
+        raise RunStoreError(f"could not write the checkpoint {os.fspath(path)!r} ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''}): give a directory path that can be "
+                            "created and written") from None
     finally:
-        for p in fresh:
-            optimizer.state.pop(p, None)
-        if choices is not None:
-            optimizer.choices.clear()
-            optimizer.choices.update(choices)
-        if isinstance(getattr(optimizer, "_records", None), list):
-            del optimizer._records[made:]
+        _undo_filled(optimizer, stateless, choices, made)
 
 
 # What a DCP `.metadata` written by `save` references (torch 2.13): the Metadata dataclasses, the filesystem
@@ -352,8 +423,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     if not os.path.isdir(path):
         raise ConfigError(f"no distributed checkpoint at {os.fspath(path)!r} (a directory written by specscope.train.distributed.save)")
     # Checked here first, on every rank: torch would swallow the error and report a missing rank-local file.
-    read_metadata(os.path.join(os.fspath(path), ".metadata"))
-    state = _state(model, optimizer, monitor, {})
+    metadata = read_metadata(os.path.join(os.fspath(path), ".metadata"))
+    kept = any(k == "stateless" or k.startswith("stateless.") for k in metadata.state_dict_metadata)
+    state = _state(model, optimizer, monitor, {}, [] if kept else None)
     try:
         dcp.load(state, checkpoint_id=os.fspath(path), storage_reader=_SafeReader(os.fspath(path)))
     except CheckpointException as e:  # each rank's error, wrapped (with its frames); a BaseException, not an Exception
@@ -367,6 +439,9 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
                           "model, optimizer and Monitor it was saved with, built the same way (a checkpoint saved without "
                           "a Monitor: load(path, model, optimizer))") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if kept:  # the parameters that had no state when saved have none now: the next step is the saving run's
+        state["stateless"].seek(0)
+        _undo_filled(optimizer, torch.load(state["stateless"], weights_only=True), None, len(getattr(optimizer, "_records", ())))
     if hasattr(optimizer, "pop_records"):  # get_state_dict's zero-gradient, lr=0 step to create state recorded nothing real
         optimizer.pop_records()
     if monitor is not None:
