@@ -79,11 +79,19 @@ def test_an_unknown_setting_is_one_clear_error(cpu_units, monkeypatch):
 
 
 def test_gpus_from_compute_capability_8_multiply_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for major, expected in ((7, False), (8, True), (9, True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, major=major: (major, 0))
         devices._multiplies_bfloat16.cache_clear()
         assert devices._multiplies_bfloat16("cuda", 0) is expected
     devices._multiplies_bfloat16.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a CUDA device")
+def test_cuda_without_a_cuda_device_is_a_value_error_not_torchs_assertion():
+    devices._multiplies_bfloat16.cache_clear()
+    with pytest.raises(ValueError, match=r"iteration_dtype\('cuda'\): this torch has no CUDA device"):
+        linalg.iteration_dtype("cuda")
 
 
 @pytest.mark.parametrize("text, expected", [

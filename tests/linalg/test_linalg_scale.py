@@ -227,6 +227,14 @@ def test_numpy_numbers_are_options_like_pythons():
     got = L.polar(G, "newton_schulz", ns_steps=np.int64(3), ns_coefficients=(np.float64(3.4445), -4.775, 2.0315))
     assert torch.equal(got, want)
     assert torch.equal(L.polar(G, "gram", ns_coefficients=(3.4445, -4.775, 2.0315)), L.polar(G, "gram"))  # the default
+    assert torch.equal(L.spectral_norm(G, iters=np.int64(3))[0], L.spectral_norm(G, iters=3)[0])  # was refused
+
+
+@pytest.mark.parametrize("method", ["svd", "gram"])
+def test_eps_given_to_an_exact_method_is_refused_not_ignored(method):
+    with pytest.raises(ValueError, match=rf"polar: eps clamps the scale .*{method!r} is exact and does not read it"):
+        L.polar(_matrix(), method, eps=1e-3)
+    assert torch.equal(L.polar(_matrix(), method, eps=1e-7), L.polar(_matrix(), method))  # the default, passed
 
 
 @pytest.mark.parametrize("scale", [1e308, 1e-300])
@@ -294,3 +302,11 @@ def test_a_small_gradient_iterated_in_float16_gives_the_polar_factor_not_nan(sca
     P = L.polar(G * scale, "gram_newton_schulz", dtype=torch.float16)
     assert torch.isfinite(P).all()
     assert (P.double() - _reference(G)).norm() <= 1.5 * err
+
+
+def test_the_gram_of_a_finite_input_that_overflows_is_named_not_inf():
+    """linalg.gram of entries of 1e20 returned inf, and stable_rank_from_gram then blamed 'a diverged loss'."""
+    A = _matrix(5, 7) * 1e20
+    with pytest.raises(ValueError, match=r"gram: A is finite but its Gram overflows float32 .*dtype=torch.float64"):
+        L.gram(A)
+    assert torch.isfinite(L.gram(A, dtype=torch.float64)).all()

@@ -36,6 +36,8 @@ def _multiplies_bfloat16(kind: str, index: int | None) -> bool:
     if kind == "cpu":
         return _cpu.bfloat16_units()
     if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("iteration_dtype('cuda'): this torch has no CUDA device; pass a device tensors live on")
         return torch.cuda.get_device_capability(index)[0] >= 8
     return True  # other accelerators (MPS, XPU, …): as before this rule, unmeasured
 

@@ -40,9 +40,10 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
     Computed in float32 (float64 for float64 input).
     """
     A = check_tensor(A, "spectral_norm", "A")
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    if isinstance(iters, bool) or not isinstance(iters, numbers.Integral) or iters < 1:
         raise ValueError(f"spectral_norm: iters must be an int ≥ 1, got {iters!r}")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
+    iters = int(iters)
+    if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not 0 <= tol < 1:
         raise ValueError(f"spectral_norm: tol must be a number in [0, 1) (relative change to stop at), got {tol!r}")
     dt = work_dtype(A)
     X = A.to(dt)
@@ -88,7 +89,14 @@ def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     Computed in `dtype` (default float32, or float64 for float64 input). Exact up to round-off; in
     float32 its small eigenvalues carry absolute error ~1e-7·‖A‖_2² (see nuclear_norm_from_gram)."""
     A = check_tensor(A, "gram", "A")
-    return smaller_gram(A.to(work_dtype(A) if dtype is None else check_gram_dtype(dtype, "gram")))
+    dtype = work_dtype(A) if dtype is None else check_gram_dtype(dtype, "gram")
+    C = smaller_gram(A.to(dtype))
+    # A is finite (checked); its squares can leave dtype's range only where dtype is not wider (no read otherwise)
+    if gram_scale(A, dtype) is not None and not bool(torch.isfinite(C).all()):
+        raise ValueError(f"gram: A is finite but its Gram overflows {str(dtype).removeprefix('torch.')} (largest entry "
+                         f"{A.abs().max().item():.3g}); pass dtype=torch.float64, or A scaled by a power of two (st(A) "
+                         "and nr(A) do not depend on the scale)")
+    return C
 
 
 def _check_gram(C: Tensor, fn: str) -> Tensor:

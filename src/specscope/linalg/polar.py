@@ -334,6 +334,9 @@ def _check_options(fn: str, method: str, *, ns_steps=None, ns_coefficients=KELLE
         raise ValueError(f"{fn}: ns_coefficients apply to method='newton_schulz'; {method!r} does not read them{own}: "
                          "drop ns_coefficients, or use method='newton_schulz'")
     exact = method in ("svd", "gram")
+    if exact and eps != 1e-7:
+        raise ValueError(f"{fn}: eps clamps the scale an iterative method divides G by; {method!r} is exact and does not "
+                         "read it (drop eps; rcond sets which singular values map to 0)")
     if exact and ns_steps is not None:
         raise ValueError(f"{fn}: ns_steps applies to the iterative methods; {method!r} is exact (drop ns_steps)")
     if rcond is not None:
