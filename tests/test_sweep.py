@@ -278,3 +278,64 @@ def test_a_key_both_set_and_gridded_is_refused(tmp_path, monkeypatch, capsys):
         main()
     assert e.value.code == 2 and "'seed' is given both as --set seed=… and in --grid" in capsys.readouterr().err
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_second_process_on_a_sweep_being_run_is_refused_before_it_runs_anything(tmp_path):
+    """Two `sweep --resume` of one directory at once each ran every point without a complete run: 5 runs for 3 points,
+    summary.csv listing two points twice. The sweep directory is locked by the process running it now."""
+    from specscope.errors import RunStoreError
+    from specscope.store import lock
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path, echo=quiet)
+    held = lock.acquire(d)  # another live process running it
+    try:
+        with pytest.raises(RunStoreError, match="is being written by another live process"):
+            sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6]}, resume=d, echo=quiet)
+    finally:
+        lock.release(held)
+    assert len(_run_dirs(d)) == 1 and json.loads((d / "sweep.json").read_text())["grid"]["train_fraction"] == [0.4]
+    sweep.run_sweep("grokking", {"train_fraction": [0.4, 0.6]}, resume=d, echo=quiet)  # the lock is gone with it
+    assert len(_run_dirs(d)) == 2
+
+
+def test_a_failed_write_of_the_sweeps_files_leaves_the_old_ones(tmp_path):
+    """sweep.json was rewritten in place on every resume: a write cut short (here a file-size limit of 0, which kills
+    the process at its first byte; a full disk or a kill alike) left it empty, and the sweep could never be resumed or
+    summarized again. Each file is now written beside and renamed."""
+    import subprocess
+    import sys
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path, echo=quiet)
+    before = {f: (d / f).read_bytes() for f in ("sweep.json", "summary.csv", "errors.json")}
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)); from specscope import sweep; "
+            "sweep.run_sweep('grokking', {}, resume=sys.argv[1], echo=print)")
+    done = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, timeout=300)
+    assert done.returncode != 0  # killed by SIGXFSZ at its first write
+    assert {f: (d / f).read_bytes() for f in before} == before
+    sweep.run_sweep("grokking", {}, resume=d, echo=quiet)
+
+
+def test_a_damaged_run_in_a_sweep_names_what_to_do_in_a_sweep(tmp_path):
+    """The checksum error's fix was '--salvage', which `sweep` has no option of."""
+    from specscope.errors import RunStoreError
+
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"train_fraction": [0.4]}, FAST, out=tmp_path, echo=quiet)
+    (run,) = (d / "runs" / "grokking").iterdir()
+    db = run / "metrics.sqlite"
+    data = bytearray(db.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    db.write_bytes(bytes(data))
+    with pytest.raises(RunStoreError) as e:
+        sweep.summary(d)
+    assert f"move its directory ({run}) out of the sweep" in str(e.value) and "--resume" in str(e.value)
+    assert "; --salvage" not in str(e.value)
+
+
+def test_an_odd_head_size_in_an_embed_geometry_grid_is_refused_before_the_sweep_exists(tmp_path):
+    with pytest.raises(ConfigError, match="even head size"):
+        sweep.run_sweep("embed-geometry", {"d_model": [16, 20]}, {"n_head": 4, "steps": 2, "device": "cpu"}, out=tmp_path,
+                        echo=lambda *a, **k: None)
+    assert not any(tmp_path.iterdir())

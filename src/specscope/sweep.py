@@ -35,8 +35,9 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, RunStoreError
 from specscope.names import mathtext
+from specscope.store import lock
 from specscope.store.integrity import read_json, write_atomic
 from specscope.train.processes import die_with_parent
 
@@ -234,7 +235,18 @@ def run_sweep(
         while sweep_dir.exists():
             sweep_dir = sweep_dir.with_name(sweep_dir.name + "_")
         sweep_dir.mkdir(parents=True)
-    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"lab": lab, "grid": grid, "fixed": fixed or {}}, indent=1))
+    held = lock.acquire(sweep_dir)  # one process per sweep: a second resume would run the same points again
+    try:
+        return _run_points(lab, grid, fixed, points, sweep_dir, workers, threads_per_worker, backend, echo)
+    finally:
+        lock.release(held)
+
+
+def _run_points(lab: str, grid: dict, fixed: dict | None, points: list, sweep_dir: Path, workers: int,
+                threads_per_worker: int | None, backend: str, echo: Any) -> Path:
+    """The part of `run_sweep` done under the sweep's lock: record the sweep, run its points without a complete
+    run, write its summary."""
+    write_atomic(sweep_dir / SWEEP_FILE, json.dumps({"lab": lab, "grid": grid, "fixed": fixed or {}}, indent=1).encode())
     done = completed_runs(sweep_dir, lab)
     todo = [p for p in points if not any(matches(p, cfg) for _, cfg in done)]
     cut_short = completed_runs(sweep_dir, lab, ("incomplete", "interrupted"))
@@ -248,7 +260,7 @@ def run_sweep(
     except KeyboardInterrupt:  # the points under way were checkpointed by their runs; none queued was started
         raise KeyboardInterrupt(f"sweep interrupted; resume with: specscope sweep --resume {sweep_dir}") from None
     wall = time.perf_counter() - t0
-    (sweep_dir / "errors.json").write_text(json.dumps(errors, indent=1))
+    write_atomic(sweep_dir / "errors.json", json.dumps(errors, indent=1).encode())
     _add_timing(sweep_dir / "timing.json", {"points_run": len(todo), "workers": workers, "threads_per_worker": threads,
                                              "wall_seconds": wall})
     finish(sweep_dir)
@@ -379,7 +391,13 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
     keys = list(meta["grid"])  # the fixed overrides are in sweep.json, the same for every row
     rows = []
     for path, config in completed_runs(sweep_dir, meta["lab"]):
-        df = store.load(path)
+        try:
+            df = store.load(path)
+        except RunStoreError as e:  # one damaged run: its own message's --salvage is no option of `sweep`
+            why = str(e).split("; --salvage")[0].split(" --salvage")[0].rstrip(" ;.")
+            raise RunStoreError(f"{why}. That run is a point of the sweep {sweep_dir}: move its directory ({path}) out of "
+                                f"the sweep and `specscope sweep --resume {sweep_dir}` runs the point again; `specscope export "
+                                f"{path} --salvage` writes what is still readable of it") from None
         cfg = make_config(lab.Config, config, meta["lab"])
         lab_rows = lab.summarize(df, cfg) if hasattr(lab, "summarize") else _default_rows(df)
         point = {k: (json.dumps(config[k]) if isinstance(config.get(k), (list, dict)) else config.get(k)) for k in keys}
@@ -395,10 +413,10 @@ def finish(sweep_dir: str | Path) -> pd.DataFrame:
     meta = read_sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     table = summary(sweep_dir)
-    table.to_csv(sweep_dir / SUMMARY_FILE, index=False)
+    write_atomic(sweep_dir / SUMMARY_FILE, table.to_csv(index=False).encode())
     if not table.empty and hasattr(lab, "sweep_claims"):
         claims = lab.sweep_claims(table)
-        (sweep_dir / "claims.json").write_text(json.dumps([c.as_dict() for c in claims], indent=1))
+        write_atomic(sweep_dir / "claims.json", json.dumps([c.as_dict() for c in claims], indent=1).encode())
     phase = getattr(lab, "PHASE", None)
     if phase and not table.empty and {phase["x"], phase["y"]} <= set(table.columns):
         fig = phase_diagram(table, **phase)

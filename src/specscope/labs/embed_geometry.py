@@ -130,6 +130,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"seeds {cfg.seeds} repeat a seed")
     if cfg.d_model % cfg.n_head:
         raise ConfigError(f"d_model={cfg.d_model} must be a multiple of n_head={cfg.n_head}")
+    gpt.check(gpt_config(cfg, cfg.seeds[0]))  # the model's own rules (an even head size for rotary positions), as a run checks
 
 
 def build(cfg: Config, device: torch.device) -> list[Arm]:
