@@ -235,6 +235,13 @@ def test_the_nuclear_rank_of_a_rank_deficient_float64_gradient_is_at_most_its_ra
     torch.testing.assert_close(nuc, ref, rtol=1e-12, atol=0)
     torch.testing.assert_close(alone, ref, rtol=1e-12, atol=0)
     assert all(nr <= r * (1 + 1e-12) for nr, r in zip((nuc / fro).square().tolist(), ranks))
+    # above the eigensolver's noise floor (k·eps·λ_1 of a k × k Gram) σ are summed: 255 σ of 5e-7 beside σ_1 = 1
+    torch.manual_seed(0)
+    U, V = torch.linalg.qr(torch.randn(256, 256, dtype=torch.float64))[0], torch.linalg.qr(torch.randn(4096, 256, dtype=torch.float64))[0]
+    s = torch.full((256,), 5e-7, dtype=torch.float64)
+    s[0] = 1
+    G = U @ torch.diag(s) @ V.T
+    assert float(L.nuclear_norms([G])[0]) == pytest.approx(1.0001275, rel=1e-9)
 
 
 @pytest.mark.parametrize("pool_min", [1, 10**9])  # the thread-pool path and the batched one

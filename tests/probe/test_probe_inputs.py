@@ -402,7 +402,7 @@ def test_a_model_with_lazy_weights_is_one_error_saying_to_run_a_forward_first():
     """torch's own ValueError ("Attempted to use an uninitialized parameter") came out of the Monitor, and the CLI's
     diagnose exited 1 with its traceback."""
     model = nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
-    with pytest.raises(ConfigError, match=r"weights \['0', '0.bias'\] are not initialized yet .*run one forward pass"):
+    with pytest.raises(ConfigError, match=r"parameters \['0', '0.bias'\] are not initialized yet .*run one forward pass"):
         Monitor(model)
     model(torch.randn(2, 8))
     assert set(Monitor(model).layers) == {"0", "2"}
@@ -412,7 +412,7 @@ def test_two_split_patterns_splitting_one_weight_differently_are_refused_not_res
     model = nn.ModuleDict({"attn": nn.ModuleDict({"qkv": nn.Linear(4, 12)}), "mlp": nn.Linear(4, 4)})
     with pytest.raises(ConfigError, match=r"split patterns \['attn.qkv', 'attn.\*'\] all match weight 'attn.qkv'"):
         Monitor(model, split={"attn.qkv": ["q", "k", "v"], "attn.*": ["a", "b"]})
-    same = Monitor(model, split={"attn.qkv": ["q", "k", "v"], "*.qkv": ["q", "k", "v"]})  # agreeing patterns: fine
+    same = Monitor(model, split={"attn.qkv": ["q", "k", "v"], "*.qkv": ("q", "k", "v")})  # agreeing patterns: fine
     assert same.layers == ["attn.qkv.q", "attn.qkv.k", "attn.qkv.v", "mlp"]
 
 

@@ -175,3 +175,39 @@ def test_rolling_svd_refuses_a_vector_whose_squared_norm_underflows():
     assert float(s.singular_values()[0]) == pytest.approx(1e-150 * 8 ** 0.5, rel=1e-12)
     s.push(torch.zeros(8, dtype=torch.float64))  # a zero vector is no underflow
     assert len(s) == 2
+
+
+def test_a_nan_snapshot_names_its_loss_and_step_and_a_bad_saved_before_is_refused():
+    """A NaN fixed-batch loss raised only RollingSVD's 'the vector has NaN or Inf entries' (no loss, no step); a
+    state whose 'before' was of another size loaded and failed at the next after_step with a size mismatch."""
+    from specscope.errors import NonFiniteError
+
+    W = torch.nn.Parameter(torch.randn(4, 4))
+    opt = torch.optim.SGD([W], lr=0.1)
+    tracker = SEDTracker([W], {"fixed": lambda: W.sum() * float("nan")}, window=2, k=1, every=1)
+    with pytest.raises(NonFiniteError, match=r"gradient of loss 'fixed' at step 7 has NaN or Inf entries"):
+        tracker.after_backward(7, None, opt)
+    good = SEDTracker([W], {"fixed": lambda: W.pow(2).sum()}, window=2, k=1, every=1)
+    good.after_backward(0, None, opt)
+    state = good.state_dict()
+    for before in (torch.zeros(3), torch.full((16,), float("nan")), "x"):
+        with pytest.raises(ValueError, match=r"SEDTracker.load_state_dict: 'before' is .*not None or the 16 finite"):
+            SEDTracker([W], {"fixed": lambda: W.pow(2).sum()}, window=2, k=1, every=1).load_state_dict(state | {"before": before})
+
+
+def test_a_projection_refuses_more_directions_than_its_window_another_k_and_sparse_gradients():
+    """k=5 from a window of 2 projected on 2 directions in silence; a saved random basis of k=2 loaded into a k=3
+    projection kept projecting on 2; a sparse embedding gradient raised torch's NotImplementedError."""
+    p = _param(20)
+    with pytest.raises(ValueError, match=r"k=5 directions from a RollingSVD of window 2"):
+        GradientProjection([p], RollingSVD(window=2, k=1), k=5)
+    two = GradientProjection([p], "random", k=2)
+    two.apply()
+    with pytest.raises(ValueError, match=r"saved basis has 2 random directions, this projection 3"):
+        GradientProjection([p], "random", k=3).load_state_dict(two.state_dict())
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="the gradient of parameter 0 is sparse"):
+        GradientProjection([emb.weight], "random", k=2).apply()
+    with pytest.raises(ValueError, match="RollingSVD.push: the vector is sparse"):
+        RollingSVD(window=2, k=1).push(emb.weight.grad)

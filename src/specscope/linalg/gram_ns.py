@@ -62,8 +62,10 @@ def rowsum_scale(X: Tensor, R: Tensor, eps: float, aol: bool = False, sums: Tens
     s = _sums(R, aol) if sums is None else sums
     if floor2 is None:  # 1/max(sqrt(·), eps)
         s = s.clamp(min=eps * eps).rsqrt()
-    else:  # in s's dtype, as unscaled (the same bits); where eps·2^-e leaves it, the floor wins, taken in its own dtype
-        f = floor2.to(s.dtype)
+    elif torch.finfo(floor2.dtype).max <= torch.finfo(s.dtype).max:  # float32/bfloat16/float16 G: the floor fits the sums'
+        s = torch.maximum(s, floor2).rsqrt()  # dtype exactly: promoted to it inside the one kernel
+    else:  # float64 G iterated in float32: in s's dtype, as unscaled (the same bits); where eps·2^-e leaves that
+        f = floor2.to(s.dtype)  # dtype, the floor wins, taken in its own
         s = torch.where(torch.isfinite(f), torch.maximum(s, f).rsqrt(), floor2.rsqrt().to(s.dtype))
     s = s.to(X.dtype).unsqueeze(-1)
     return X * s, R * s * s.mT if aol else R * (s * s)

@@ -93,9 +93,10 @@ def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     C = smaller_gram(A.to(dtype))
     # A is finite (checked); its squares can leave dtype's range only where dtype is not wider (no read otherwise)
     if gram_scale(A, dtype) is not None and not bool(torch.isfinite(C).all()):
+        wider = "pass dtype=torch.float64, or " if dtype != torch.float64 else "pass "
         raise ValueError(f"gram: A is finite but its Gram overflows {str(dtype).removeprefix('torch.')} (largest entry "
-                         f"{A.abs().max().item():.3g}); pass dtype=torch.float64, or A scaled by a power of two (st(A) "
-                         "and nr(A) do not depend on the scale)")
+                         f"{A.abs().max().item():.3g}); {wider}A scaled by a power of two (st(A) and nr(A) do not depend "
+                         "on the scale)")
     return C
 
 
@@ -160,18 +161,18 @@ def eigvalsh_batched(C: Tensor) -> Tensor:
     return lapack.eigvalsh(C) if out is None else torch.cat(out).reshape(C.shape[:-1])
 
 
-def sum_of_roots(lam: Tensor, longer: int | Tensor) -> Tensor:
-    """Σ_i sqrt(λ_i) of a Gram's float64 eigenvalues [..., k] (G k × `longer`), those ≤ longer·eps·λ_max set to 0:
-    round-off of exact zeros (float64's eigensolver is backward stable to ~k·eps·λ_max), as `spectra`, so a rank-r
-    G sums r roots and nr(G) ≤ rank holds; each root below it was ~1e-8·σ_1 of noise (a rank-1 256 × 1024 G read
-    ‖G‖_* 5e-7 high). NaN stays NaN."""
-    cutoff = longer * torch.finfo(torch.float64).eps * lam.amax(-1, keepdim=True)
+def sum_of_roots(lam: Tensor) -> Tensor:
+    """Σ_i sqrt(λ_i) of a k × k Gram's float64 eigenvalues [..., k], those ≤ k·eps·λ_max set to 0: the eigensolver's
+    own noise (backward stable to ~k·eps·λ_max), so a rank-r G sums r roots and nr(G) ≤ rank holds; each root below
+    it was ~1e-8·σ_1 of noise (a rank-1 256 × 1024 G read ‖G‖_* 5e-7 high). Above it σ_i are resolved: σ of
+    5e-7·σ_1 on a 256 × 4096 G are summed (1.0001275, as float64 SVD). NaN stays NaN."""
+    cutoff = lam.shape[-1] * torch.finfo(torch.float64).eps * lam.amax(-1, keepdim=True)
     return lam.masked_fill(lam <= cutoff, 0).sqrt().sum(-1)
 
 
 def _nuclear_norm_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     p = gram_scale(G, dtype)  # a float64 G beyond 1e±154 is solved at unit scale (_scale.py)
-    nuc = sum_of_roots(lapack.eigvalsh(lapack.lower_gram(G if p is None else G * p, dtype).double(), overwrite=True), max(G.shape))
+    nuc = sum_of_roots(lapack.eigvalsh(lapack.lower_gram(G if p is None else G * p, dtype).double(), overwrite=True))
     return nuc if p is None else nuc / p.double().reshape(())
 
 
@@ -182,7 +183,7 @@ def _fro_nuclear_here(G: Tensor, dtype: torch.dtype) -> Tensor:
     fro2 = C.diagonal().sum()
     if not bool(torch.isfinite(fro2)):
         return torch.full((2,), float("nan"), dtype=torch.float64)
-    out = torch.stack([fro2.clamp(min=0).sqrt(), sum_of_roots(lapack.eigvalsh(C, overwrite=True), max(G.shape))])
+    out = torch.stack([fro2.clamp(min=0).sqrt(), sum_of_roots(lapack.eigvalsh(C, overwrite=True))])
     return out if p is None else out / p.double().reshape(())
 
 
@@ -215,7 +216,8 @@ def nuclear_norms(mats: list[Tensor], dtype: torch.dtype = torch.float64, *, che
     """‖G‖_* of each matrix of a list (any shapes) as a float64 vector.
 
     method "eigh": Σ sqrt(eig) of the smaller Gram formed in `dtype`, eigenvalues at the float64 eigensolver's noise
-    floor (max(m,n)·eps·λ_max) taken as zeros (`sum_of_roots`: a rank-r G sums r roots; float64: exact to ~1e-12 relative;
+    floor (k·eps·λ_max, k the Gram's size) taken as zeros (`sum_of_roots`: a rank-r G sums r roots; float64: exact to
+    ~1e-12 relative where no σ_i lies near sqrt(k·eps)·σ_1;
     see nuclear_norm_from_gram for float32). On a CPU with several threads and matrices of size ≥ POOL_MIN,
     each Gram is formed and solved as one job of the one-thread workers (`linalg.workers`, largest first);
     elsewhere Grams of equal size are stacked into one batched eigvalsh.
@@ -262,13 +264,12 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
     for (k, _), idx in by_shape.items():
         X = torch.stack([mats[i] if mats[i].shape[-2] <= mats[i].shape[-1] else mats[i].mT for i in idx])
         p = gram_scale(X, dtype)  # per matrix, where the Gram could leave dtype's range; undone on the norms
-        got = by_size.setdefault(k, ([], [], [], []))
+        got = by_size.setdefault(k, ([], [], []))
         got[0].extend(idx)
         got[1].append(lapack.lower_gram(X if p is None else X * p, dtype).double())
         got[2].append(torch.ones(len(idx), dtype=torch.float64, device=device) if p is None else p.double().reshape(-1))
-        got[3].append(torch.full((len(idx), 1), float(X.shape[-1]), dtype=torch.float64, device=device))
-    for idx, grams, scales, longer in by_size.values():
-        out[idx] = sum_of_roots(eigvalsh_batched(torch.cat(grams)), torch.cat(longer)) / torch.cat(scales)
+    for idx, grams, scales in by_size.values():
+        out[idx] = sum_of_roots(eigvalsh_batched(torch.cat(grams))) / torch.cat(scales)
     return lambda: out
 
 

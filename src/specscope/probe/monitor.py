@@ -724,7 +724,7 @@ class Monitor:
         settings = self._settings()  # a rank measuring steps the others skip, or reducing other statistics, waits for ever
         if not D.same_on_every_rank([zlib.crc32(repr(settings).encode())], _reduce_device(slots)):
             raise ConfigError(f"Monitor: the ranks' Monitors are set up differently (this rank's: {settings}): give every "
-                              "rank the same every/log_spaced/estimator/gradient/extras/power options")
+                              "rank the same every/log_spaced/estimator/gradient/extras/topk/power options")
         self._ranks_agree = True
 
     def _settings(self) -> dict:

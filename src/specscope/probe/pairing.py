@@ -211,9 +211,10 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
     """A slot for every trainable ≥2-D parameter whose layer name passes include/exclude."""
     split = split or {}
     if lazy := [layer_name(n) for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]:
-        raise ConfigError(f"weights {lazy[:4]}{' …' if len(lazy) > 4 else ''} are not initialized yet (lazy modules, e.g. "
-                          "nn.LazyLinear, take their shapes from the first forward): run one forward pass on a batch, "
-                          "then build the Monitor")
+        raise ConfigError(f"parameters {lazy[:4]}{' …' if len(lazy) > 4 else ''} are not initialized yet (lazy modules, "
+                          "e.g. nn.LazyLinear or nn.LazyBatchNorm1d, take their shapes from the first forward; the model "
+                          "is not whole until then, whichever weights you include): run one forward pass on a batch, then "
+                          "build the Monitor")
     slots: dict[int, Slot] = {}
     straddled: dict[str, list[str]] = {}  # a warning -> the weights it concerns
     owners = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
@@ -230,7 +231,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
         if (include is not None and not _matches(name, include)) or _matches(name, exclude):
             continue
         specs = [k for k in split if name_matches(name, k)]
-        if len(specs) > 1 and len({repr(split[k]) for k in specs}) > 1:
+        if len(specs) > 1 and len({repr(tuple(v) if isinstance(v := split[k], list) else v) for k in specs}) > 1:
             raise ConfigError(f"split patterns {specs} all match weight '{name}' and split it differently; make the "
                               "patterns exclusive (e.g. a full name for the one weight)")
         spec = split[specs[0]] if specs else None

@@ -121,6 +121,9 @@ class GradientProjection:
         if isinstance(subspace, str) and k >= self.dim:
             raise ValueError(f"GradientProjection: k={k} random directions in {self.dim} parameters span them all "
                              f"(keep = identity, remove = a zero gradient); use k < {self.dim}")
+        if isinstance(subspace, RollingSVD) and k > subspace.window:
+            raise ValueError(f"GradientProjection: k={k} directions from a RollingSVD of window {subspace.window}, which "
+                             f"has at most {subspace.window}; use k ≤ {subspace.window} (or k=None: the RollingSVD's own k)")
         if isinstance(subspace, RollingSVD) and subspace._rows is not None and subspace._rows.shape[1] != self.dim:
             raise ValueError(f"GradientProjection: the RollingSVD holds vectors of {subspace._rows.shape[1]} entries, "
                              f"the parameters have {self.dim} in all; push these parameters' flattened gradients")
@@ -177,6 +180,9 @@ class GradientProjection:
                 self._warned_empty = True
             return False
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if sparse := [i for i, g in enumerate(grads) if g.layout != torch.strided]:
+            raise ValueError(f"GradientProjection.apply: the gradient of parameter {sparse[0]} is sparse; a projection "
+                             "mixes every entry: use nn.Embedding(..., sparse=False), whose gradient is dense")
         for i, g in enumerate(grads):
             if not bool(torch.isfinite(g).all()):
                 raise ValueError(f"GradientProjection.apply: the gradient of parameter {i} {tuple(g.shape)} has NaN or "
@@ -206,6 +212,9 @@ class GradientProjection:
         if basis is not None and (not isinstance(basis, Tensor) or basis.ndim != 2 or basis.shape[1] != self.dim):
             raise ValueError(f"GradientProjection.load_state_dict: the saved basis is not rows [k, {self.dim}]; "
                              "it was saved for other parameters")
+        if basis is not None and self.subspace == "random" and basis.shape[0] != self.k:
+            raise ValueError(f"GradientProjection.load_state_dict: the saved basis has {basis.shape[0]} random directions, "
+                             f"this projection {self.k}; give the state of a projection with k={self.k}")
         if not (isinstance(generator, Tensor) and generator.dtype == torch.uint8 and generator.ndim == 1):
             raise ValueError(f"GradientProjection.load_state_dict: 'generator' must be the uint8 tensor "
                              f"torch.Generator.get_state() returns, got {type(generator).__name__}; give the dict "

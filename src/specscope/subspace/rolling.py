@@ -5,9 +5,11 @@ SED-k directions. We never form anything P × P: the W × W Gram matrix C = M M�
 row/column per push (O(W·P)), and eigh(C) = U Λ Uᵀ gives σ = sqrt(Λ) and V = Mᵀ U Σ⁻¹ (O(W³ + k·W·P)).
 Both products accumulate in float64 (a float32 Gram leaves rounding noise of ≈ sqrt(eps32)·σ₁ under the small
 singular values, whose "directions" then were neither unit nor orthogonal): the result is the SVD of the
-stored rows to float64 accuracy, down to the cut-off: σ ≤ max(W·eps, sqrt(W·eps64))·σ₁, eps the rows' own dtype's —
-the rows' rounding (float32: 2.4e-6·σ₁ at W = 20), or the float64 Gram's eigenvalue noise (≈ W·eps64·σ₁², so
-6.6e-8·σ₁ in σ: what bounds a float64 tracker). Singular values at or below it read 0.
+stored rows, each σ_i to a relative error of about W·eps64·σ₁²/σ_i² (the float64 Gram's eigenvalue noise over σ_i²;
+a direction's error is of that order too), down to the cut-off: σ ≤ max(W·eps, sqrt(W·eps64))·σ₁, eps the rows' own
+dtype's — the rows' rounding (float32: 2.4e-6·σ₁ at W = 20, where the error above is below 1e-5), or the Gram's
+noise itself (6.6e-8·σ₁ in σ: what bounds a float64 tracker, whose directions between that and ≈ 1e-6·σ₁ are
+accurate only to 3e-3 at 1e-7·σ₁, 1e-5 at 1e-6·σ₁, measured). Singular values at or below it read 0.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class RollingSVD:
             raise ValueError(f"RollingSVD.push: the vector must be a real torch.Tensor, got "
                              f"{vector.dtype if isinstance(vector, Tensor) else type(vector).__name__}; "
                              "push torch.as_tensor(...) of the flattened gradient or update")
+        if vector.layout != torch.strided:
+            raise ValueError("RollingSVD.push: the vector is sparse; push a dense one (.to_dense(), or "
+                             "nn.Embedding(..., sparse=False), whose gradient is dense)")
         v = vector.detach().reshape(-1).to(self.dtype)
         if v.numel() == 0:
             raise ValueError("RollingSVD.push: the vector is empty; push the flattened gradient or update")
@@ -126,7 +131,8 @@ class RollingSVD:
 
     def directions(self, k: int | None = None) -> Tensor:
         """The top-k right singular vectors (k=None: the tracker's k) as orthonormal rows [k, P] (fewer if the
-        window has lower rank)."""
+        window has lower rank; a float64 tracker's directions of σ below ≈ 1e-6·σ₁ are orthonormal only to about
+        W·eps64·σ₁²/σ², module docstring)."""
         k = self.k if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"RollingSVD.directions: k must be an int ≥ 1, got {k!r}")

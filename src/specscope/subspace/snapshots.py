@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Literal, Mapping
 import torch
 from torch import Tensor
 
+from specscope.errors import NonFiniteError
 from specscope.records import Record
 from specscope.subspace._params import checked_params
 from specscope.subspace.project import GradientProjection, flatten
@@ -94,6 +95,9 @@ class SEDTracker:
                                  "gradient snapshot would be all zeros; compute it from the model whose parameters "
                                  "the tracker was given")
             g = flatten(grads, self.params)
+            if not bool(torch.isfinite(g).all()):  # named here: RollingSVD.push knows neither the loss nor the step
+                raise NonFiniteError(f"SEDTracker: the gradient of loss {name!r} at step {step} has NaN or Inf entries "
+                                     f"(the loss read {float(value.detach())}); lower the learning rate or check the data")
             self.seds[name].push(g)
             out += self._describe(step, name, float(g.norm()))
         if UPDATE in self.seds and self.update_delta == "step":
@@ -150,9 +154,15 @@ class SEDTracker:
             raise ValueError(f"SEDTracker.load_state_dict: the state holds windows {saved}, this tracker has "
                              f"{sorted(self.seds)}; give the dict SEDTracker.state_dict() returned for the same losses "
                              "and update setting")
+        before, size = state["before"], sum(p.numel() for p in self.params)
+        if before is not None and not (isinstance(before, Tensor) and before.shape == (size,) and before.is_floating_point()
+                                       and bool(torch.isfinite(before).all())):
+            got = tuple(before.shape) if isinstance(before, Tensor) else type(before).__name__
+            raise ValueError(f"SEDTracker.load_state_dict: 'before' is {got}, not None or the {size} finite parameters "
+                             "of this tracker; give the dict SEDTracker.state_dict() returned for the same parameters")
         for n, s in self.seds.items():
             s.load_state_dict(state["seds"][n])
-        self._before = state["before"]
+        self._before = None if before is None else before.to(self.params[0].device, copy=True)
 
 
 class GatedProjection:

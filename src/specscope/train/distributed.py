@@ -11,6 +11,7 @@ Under `torchrun` the process group is already there: call `shard`, `save` and `l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -21,6 +22,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from specscope.errors import ConfigError, RunStoreError, SpecscopeError
+from specscope.store import integrity
 from specscope.train.loop import sigint_ignored
 from specscope.train.processes import die_with_parent, exit_reason
 
@@ -249,6 +252,62 @@ def _blob(obj: Any) -> io.BytesIO:
     return buf
 
 
+CHECKSUMS = "checksums.json"  # {file name: SHA-256} of every file `save` wrote, checked by `load`
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_checksums(path: str) -> None:
+    """On rank 0 (or the one process), once every rank's files are written: the SHA-256 of each (DCP's `.metadata`
+    and shards), sealed as a run's JSON files are; every rank waits for it."""
+    if _rank() == 0:
+        files = sorted(f for f in os.listdir(path) if f != CHECKSUMS and os.path.isfile(os.path.join(path, f)))
+        integrity.write_json(Path(path) / CHECKSUMS, {"files": {f: _sha256(os.path.join(path, f)) for f in files}}, checksum=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _verify_checksums(path: str) -> None:
+    """RunStoreError, on every rank, naming each file of the checkpoint that is missing or whose bytes changed since
+    `save` hashed them (a flipped bit once loaded as a wrong weight, a truncated shard read as "does not fit"). The
+    files are split over the ranks, each hashed once, the verdicts summed by one all-reduce. A checkpoint saved
+    before checksums were kept has no CHECKSUMS file and is read as before."""
+    fix = "the checkpoint is damaged; load an earlier one, or delete it and train from the last good one"
+    listed = os.path.join(path, CHECKSUMS)
+    if not os.path.exists(listed):
+        return
+    files = integrity.read_json(Path(listed), checksum=True, fix=fix).get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise RunStoreError(f"{listed} does not list the checkpoint's files; {fix}")
+    names = sorted(files)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    bad = torch.zeros(len(names), dtype=torch.float64)
+    for i in range(_rank(), len(names), world):
+        f = os.path.join(path, names[i])
+        if os.path.sep in names[i] or names[i] in ("", ".", "..") or not os.path.isfile(f):
+            bad[i] = 1
+        elif _sha256(f) != files[names[i]]:
+            bad[i] = 2
+    if world > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        reduced = bad.to(device)
+        dist.all_reduce(reduced)
+        bad = reduced.cpu()
+    if bool(bad.any()):
+        what = [f"{names[i]} ({'missing' if v == 1 else 'changed since it was saved'})" for i, v in enumerate(bad.tolist()) if v]
+        raise RunStoreError(f"checkpoint {path}: {', '.join(what[:4])}{' …' if len(what) > 4 else ''}; {fix}")
+
+
 def _params(optimizer: Any) -> list[nn.Parameter]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -261,11 +320,12 @@ def _stateless(optimizer: Any) -> list[int]:
 
 def _fill_state(optimizer: Any, missing: list[int]) -> None:
     """Give the parameters at `missing` optimizer state by a zero-gradient, lr=0 step on them alone, as torch's
-    `get_state_dict` does for an optimizer with no state at all (it leaves a partly stepped one as it is, and then
-    a checkpoint lacks those parameters' keys, which a fresh optimizer's target has); the step's AutoGeometry choices
-    and records are undone by the caller. Other parameters' gradients are put back as they were."""
+    `get_state_dict` does only for an optimizer with no state and no gradient at all (it left a partly stepped one, or
+    one whose parameters held gradients, as it was: a checkpoint then lacked those parameters' keys, and a load target
+    got none, so DCP loaded no optimizer state in silence); the step's AutoGeometry choices and records are undone by
+    the caller. Every parameter's gradient is put back as it was."""
     params = _params(optimizer)
-    if not missing or len(missing) == len(params):  # nothing to fill, or all: torch's own initialisation does it
+    if not missing:  # (all of them too: torch's initialisation does nothing where any parameter holds a gradient)
         return
     grads = [p.grad for p in params]
     lrs = [g.get("lr") for g in optimizer.param_groups]
@@ -343,6 +403,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     made = len(getattr(optimizer, "_records", ()))
     try:
         dcp.save(_state(model, optimizer, monitor, extra, stateless), checkpoint_id=os.fspath(path))
+        _write_checksums(os.fspath(path))
     except CheckpointException as e:  # a BaseException whose message is each rank's traceback
         cause = next((f[0] if isinstance(f, tuple) and f else f for f in getattr(e, "failures", {}).values()), e)
         raise RunStoreError(f"could not write the checkpoint {os.fspath(path)!r} ({type(cause).__name__}: "
@@ -424,6 +485,7 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
         raise ConfigError(f"no distributed checkpoint at {os.fspath(path)!r} (a directory written by specscope.train.distributed.save)")
     # Checked here first, on every rank: torch would swallow the error and report a missing rank-local file.
     metadata = read_metadata(os.path.join(os.fspath(path), ".metadata"))
+    _verify_checksums(os.fspath(path))
     kept = any(k == "stateless" or k.startswith("stateless.") for k in metadata.state_dict_metadata)
     state = _state(model, optimizer, monitor, {}, [] if kept else None)
     try:

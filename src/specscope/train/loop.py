@@ -358,6 +358,28 @@ def _check_fits(path: Path, ckpt: dict[str, Any], arm: Any) -> None:
         if not isinstance(saved[k], torch.Tensor) or saved[k].shape != v.shape:
             shape = tuple(saved[k].shape) if isinstance(saved[k], torch.Tensor) else type(saved[k]).__name__
             raise RunStoreError(_another_configuration(path, arm.name, f"{k} is {shape}, this run's is {tuple(v.shape)}"))
+    for what in ("callbacks", "extra_steppers"):  # zip() would drop the extra ones' state, or leave a new one empty
+        theirs, mine = ckpt.get(what), getattr(arm, what)
+        if not isinstance(theirs, list) or len(theirs) != len(mine):
+            got = len(theirs) if isinstance(theirs, list) else type(theirs).__name__
+            raise RunStoreError(_another_configuration(path, arm.name, f"{got} {what}, this run has {len(mine)}"))
+    if (why := _other_optimizer(ckpt.get("optimizer"), arm.optimizer)) is not None:
+        raise RunStoreError(_another_configuration(path, arm.name, why))
+
+
+def _other_optimizer(saved: Any, optimizer: Any) -> str | None:
+    """Why a saved torch.optim state is another optimizer's (its groups' option names differ: AdamW's betas, SGD's
+    momentum; torch's load_state_dict takes them and the next step fails), else None."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return None
+    own = optimizer.state_dict()["param_groups"]
+    theirs = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(theirs, list) or len(theirs) != len(own) or not all(isinstance(g, dict) for g in theirs):
+        return f"another optimizer's state ({len(theirs) if isinstance(theirs, list) else 'no'} param groups, this run's has {len(own)})"
+    for i, (a, b) in enumerate(zip(theirs, own)):
+        if set(a) != set(b):
+            return f"another optimizer's state (param group {i} has options {sorted(set(a) ^ set(b))[:4]} that differ)"
+    return None
 
 
 def finite_or_nan(x: float) -> float:
