@@ -334,3 +334,24 @@ def test_a_rejected_observe_leaves_the_monitor_as_it_was():
         m(torch.randn(16, 4)).sum().backward()
     assert monitor.layers == ["0", "2"] and not monitor.unmeasured
     assert {r.layer for r in monitor.pop_records() if r.metric == "stable_rank"} == {"0", "2"}
+
+
+def test_a_state_from_when_grouped_st_was_stacked_drops_that_history_with_a_warning():
+    """A Monitor state saved before st(A) was per group held the stacked value in its history, and advice() medians
+    then mixed the two definitions after a resume."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=4, padding=1), nn.Flatten(), nn.Linear(8 * 25, 2))
+    mon = Monitor(model)
+    for step in range(2):
+        with mon.step(step):
+            model(torch.randn(2, 8, 5, 5)).sum().backward()
+        model.zero_grad()
+    state = mon.state_dict()
+    kept = Monitor(model)
+    kept.load_state_dict(state)
+    assert set(kept.state_dict()["history"]) == {"0", "2"}
+    old = {k: v for k, v in state.items() if k != "grouped_st"}
+    again = Monitor(model)
+    with pytest.warns(UserWarning, match=r"history of the grouped convolution\(s\) \['0'\] .*dropped"):
+        again.load_state_dict(old)
+    assert set(again.state_dict()["history"]) == {"2"} and again.stable_rank("0") is None

@@ -872,6 +872,7 @@ class Monitor:
             "unmeasured": dict(self.unmeasured),
             "latest_inputs": {k: list(v) for k, v in self._latest_inputs.items()},
             "last_measured": self._last_measured,  # a measurement right after it starts warm, as it would have
+            "grouped_st": "per_group",  # a grouped convolution's st(A): Σ_g‖A_g‖_F² / max_g‖A_g‖₂² (not the stacked patches')
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -894,6 +895,15 @@ class Monitor:
         self._check_state_layers(state)
         by_name = {s.name: s for s in self.slots.values()}
         stats, history, latest_st, slots, unmeasured, latest_inputs = _read_state(state, by_name, self._history_len)
+        if state.get("grouped_st") != "per_group":  # saved when a grouped conv's st(A) was its stacked patches'
+            grouped = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1}
+            if old := [s.name for s in self.slots.values() if id(s.param) in grouped and s.name in history]:
+                warnings.warn(f"Monitor.load_state_dict: the history of the grouped convolution(s) {old[:4]} was measured "
+                              "when their st(A) was that of the groups' patches stacked (up to `groups` times lower); it is "
+                              "dropped, and their advice starts from the next measured step", stacklevel=2)
+                for name in old:
+                    history.pop(name, None)
+                    latest_st.pop(name, None)
         for s, block, st in stats:  # everything read and checked: nothing below can fail half-way
             groups = len(st["V_groups"]) if "V_groups" in st else 1  # a grouped convolution's, one block per group
             fresh = make_stats(s.kind or "linear", st["V"].shape[0], self.estimator, groups=groups, **self._stats_kw)
