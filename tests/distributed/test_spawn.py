@@ -171,3 +171,15 @@ def test_a_ctrl_c_while_the_workers_start_is_left_to_the_parent():
         assert D.spawn(_ranks, 2) == [2, 12]
     finally:
         t.join()
+
+
+@pytest.mark.parametrize("world, timeout, says", [("2", 600, "world must be an int >= 1"), (2.5, 600, "world must be an int"),
+                                                  (True, 600, "world must be an int"), (0, 600, "world must be an int"),
+                                                  (2, None, "timeout must be a number of seconds > 0"),
+                                                  (2, -1, "timeout must be a number")])
+def test_a_world_or_timeout_of_the_wrong_kind_is_one_config_error(world, timeout, says):
+    """'2' and 2.5 raised torch's or range()'s TypeError; True started workers that failed on int('True')."""
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=says):
+        D.spawn(_returns_rank, world, timeout=timeout)

@@ -310,3 +310,21 @@ def test_the_gram_of_a_finite_input_that_overflows_is_named_not_inf():
     with pytest.raises(ValueError, match=r"gram: A is finite but its Gram overflows float32 .*dtype=torch.float64"):
         L.gram(A)
     assert torch.isfinite(L.gram(A, dtype=torch.float64)).all()
+
+
+def test_float8_and_quantized_inputs_are_one_value_error_not_torchs():
+    """float8 raised NotImplementedError ('isfinite' not implemented) or torch's promotion error; a quantized tensor
+    'Creation of quantized tensor requires quantized dtype'."""
+    import warnings
+
+    f8 = _matrix(4, 5).to(torch.float8_e4m3fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates quantize_per_tensor
+        q = torch.quantize_per_tensor(_matrix(4, 5), 0.1, 0, torch.qint8)
+    for x, says in ((f8, r"is torch.float8_e4m3fn, .*pass A.float\(\)"), (q, r"is quantized \(torch.qint8\), .*dequantize\(\)")):
+        with pytest.raises(ValueError, match="stable_rank: A " + says):
+            L.stable_rank(x)
+        with pytest.raises(ValueError, match=r"nuclear_norms: mats\[0\] is"):
+            L.nuclear_norms([x])
+        with pytest.raises(ValueError, match=r"polar: G is"):
+            L.polar(x)

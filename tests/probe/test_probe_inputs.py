@@ -425,3 +425,17 @@ def test_interleaved_heads_and_param_groups_options_of_the_wrong_kind_are_named(
     measure(mon, model, 0, torch.randn(9, 6))
     with pytest.raises(ConfigError, match=r"param_groups\(spectral_options='lr'\): pass a dict"):
         mon.param_groups(spectral_options="lr")
+
+
+def test_an_observed_weight_given_no_rows_is_unmeasured_for_that_reason():
+    """It read 'used by bmm (a torch.einsum runs as bmm) …, pass its inputs with monitor.observe', which it was."""
+    import warnings
+
+    W = nn.Parameter(torch.randn(8, 16))
+    mon = Monitor(nn.ParameterDict({"w": W}))
+    for step, rows in ((0, 4), (1, 0)):
+        x = torch.randn(rows, 16)
+        with warnings.catch_warnings(record=True), mon.step(step):
+            mon.observe("w", W, x)
+            torch.einsum("bd,ed->be", x, W).sum().backward()
+    assert "had no rows" in mon.unmeasured["w"]

@@ -124,6 +124,9 @@ def check_gram_dtype(dtype, fn: str, name: str = "dtype") -> torch.dtype:
     return dtype
 
 
+FLOAT8 = tuple(getattr(torch, n) for n in dir(torch) if n.startswith("float8_") and isinstance(getattr(torch, n), torch.dtype))
+
+
 def check_structure(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 2) -> Tensor:
     """The checks that read no entry (so no device-to-host copy: the kernels on an optimizer's hot path run
     them): a dense real tensor of ≥ `min_ndim` dims with data, returned as a floating tensor (ints -> float32)."""
@@ -136,6 +139,10 @@ def check_structure(x: Tensor, fn: str, name: str = "input", *, min_ndim: int = 
                          "and load the weights) first")
     if x.is_complex():
         raise ValueError(f"{fn}: {name} is complex ({x.dtype}); only real matrices are supported")
+    if x.is_quantized or x.dtype in FLOAT8:
+        raise ValueError(f"{fn}: {name} is {'quantized' if x.is_quantized else x.dtype} ({x.dtype}), which torch's linear "
+                         f"algebra does not compute in; pass {name}.dequantize() or {name}.float()" if x.is_quantized else
+                         f"{fn}: {name} is {x.dtype}, which torch's linear algebra does not compute in; pass {name}.float()")
     if x.ndim < min_ndim:
         raise ValueError(f"{fn}: {name} must have at least {min_ndim} dims ([..., m, n]), got shape {tuple(x.shape)}; "
                          f"use x.unsqueeze(0) for a single row")

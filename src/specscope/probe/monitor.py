@@ -668,6 +668,8 @@ class Monitor:
             return (f"used as a table ({', '.join(sorted(s.other_ops))}), indexed, added to activations or fed to a layer as its "
                     "input, never multiplied as an operator (learned positions, a class token, a relative-position table, a "
                     "bare-parameter lookup): routed as an embedding, it has no input matrix")
+        if s.kind == "observed" and s.inputs:  # paired by hand (its einsum/bmm is why): what it was given had no rows
+            return EMPTY_BATCH
         if s.other_ops & STACK_PRODUCTS and s.param.dim() >= 3:
             return (f"multiplied by {', '.join(sorted(s.other_ops))} as a stack of matrices {list(s.param.shape)} in a way the "
                     "probe cannot split by expert: it measures a stack's experts where it sees each expert's rows — "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
 import pickle
 import queue as queue_mod
@@ -158,10 +159,11 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 600) 
     no `heartbeat()` (which fn calls as it makes progress; without it, `timeout` bounds the whole run). A rank's
     start (the new interpreter's imports) has max(timeout, 120 s). Workers die with this process.
     """
-    if world < 1:
-        raise ConfigError(f"world must be >= 1, got {world}")
-    if not timeout > 0:
-        raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+    if isinstance(world, bool) or not isinstance(world, numbers.Integral) or world < 1:
+        raise ConfigError(f"world must be an int >= 1 (the number of processes), got {world!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not timeout > 0:
+        raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    world = int(world)
     try:  # what each spawned process is sent: a lambda or a nested function is a PicklingError, after the start
         pickle.dumps(fn)
     except (pickle.PicklingError, AttributeError, TypeError) as e:
