@@ -453,9 +453,17 @@ def test_a_checkpoint_of_another_optimizer_or_other_callbacks_is_refused_naming_
     cut = next((tmp_path / "cut" / "toy").iterdir())
     if change == "optimizer":
         monkeypatch.setattr(torch.optim, "SGD", lambda params, lr, momentum: torch.optim.Adam(params, lr=lr))
-    else:
-        monkeypatch.setattr(toy_lab, "Interrupter", lambda name: None)  # no callback
+    else:  # a callback with state that the interrupted run did not have (a stateless one may come or go)
+        class Counter:
+            every = 1
+
+            def state_dict(self):
+                return {"n": 0}
+
+            def load_state_dict(self, state):
+                pass
+
         real = toy_lab.Arm
-        monkeypatch.setattr(toy_lab, "Arm", lambda *a, callbacks, **k: real(*a, callbacks=[], **k))
-    with pytest.raises(RunStoreError, match=r"b\.pt was written by another configuration of arm 'b' \((another optimizer|1 callbacks, this run has 0)"):
+        monkeypatch.setattr(toy_lab, "Arm", lambda *a, callbacks, **k: real(*a, callbacks=[*callbacks, Counter()], **k))
+    with pytest.raises(RunStoreError, match=r"b\.pt was written by another configuration of arm 'b' \((another optimizer|0 callbacks with state, this run has 1)"):
         run_lab("", resume=cut)

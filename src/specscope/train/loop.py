@@ -114,6 +114,17 @@ def _state(obj: Any) -> Any:
     return obj.state_dict() if obj is not None and hasattr(obj, "state_dict") else None
 
 
+def _stateful(objs: list) -> list:
+    """The callbacks (or steppers) that keep state, in order: a stateless one (a progress printer, a test's
+    interrupter) may come or go between a run and its resume."""
+    return [o for o in objs if o is not None and hasattr(o, "state_dict") and hasattr(o, "load_state_dict")]
+
+
+def _saved(states: list) -> list:
+    """The states a checkpoint holds for its stateful callbacks, in order (None marks a stateless one)."""
+    return [st for st in states if st is not None]
+
+
 def _load_state(obj: Any, state: Any) -> None:
     if obj is not None and state is not None and hasattr(obj, "load_state_dict"):
         obj.load_state_dict(state)
@@ -321,10 +332,10 @@ class Trainer:
         try:
             arm.model.load_state_dict(ckpt["model"])
             _load_state(arm.optimizer, ckpt["optimizer"])
-            for s, st in zip(arm.extra_steppers, ckpt["extra_steppers"]):
+            for s, st in zip(_stateful(arm.extra_steppers), _saved(ckpt["extra_steppers"])):
                 _load_state(s, st)
             _load_state(arm.monitor, ckpt["monitor"])
-            for cb, st in zip(arm.callbacks, ckpt["callbacks"]):
+            for cb, st in zip(_stateful(arm.callbacks), _saved(ckpt["callbacks"])):
                 _load_state(cb, st)
             _set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -359,10 +370,10 @@ def _check_fits(path: Path, ckpt: dict[str, Any], arm: Any) -> None:
             shape = tuple(saved[k].shape) if isinstance(saved[k], torch.Tensor) else type(saved[k]).__name__
             raise RunStoreError(_another_configuration(path, arm.name, f"{k} is {shape}, this run's is {tuple(v.shape)}"))
     for what in ("callbacks", "extra_steppers"):  # zip() would drop the extra ones' state, or leave a new one empty
-        theirs, mine = ckpt.get(what), getattr(arm, what)
-        if not isinstance(theirs, list) or len(theirs) != len(mine):
-            got = len(theirs) if isinstance(theirs, list) else type(theirs).__name__
-            raise RunStoreError(_another_configuration(path, arm.name, f"{got} {what}, this run has {len(mine)}"))
+        theirs, mine = ckpt.get(what), _stateful(getattr(arm, what))
+        if not isinstance(theirs, list) or len(_saved(theirs)) != len(mine):
+            got = len(_saved(theirs)) if isinstance(theirs, list) else type(theirs).__name__
+            raise RunStoreError(_another_configuration(path, arm.name, f"{got} {what} with state, this run has {len(mine)}"))
     if (why := _other_optimizer(ckpt.get("optimizer"), arm.optimizer)) is not None:
         raise RunStoreError(_another_configuration(path, arm.name, why))
 
