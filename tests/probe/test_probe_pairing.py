@@ -130,6 +130,57 @@ def test_a_grouped_convs_stable_rank_is_per_group_not_of_the_stacked_patches(est
         assert st[2].value >= truth * (1 - 1e-6)
 
 
+def test_grouped_power_iterates_every_groups_block_as_a_power_stats_of_its_own_would():
+    """`power` on a grouped convolution iterates all groups' blocks at once (batched products, QR and Rayleigh–Ritz);
+    each group's block and estimate are those of a `PowerStats` fed that group's rows alone, over micro-batches and
+    steps — a zero group (its block kept, its λ 0) and a group of rank 1 among them; a NaN group is non-finite for the
+    weight and keeps its block."""
+    from specscope.probe.estimators import GroupedPowerStats, PowerStats, make_stats
+
+    torch.manual_seed(0)
+    G, n, rows = 6, 12, 9
+    grouped, singles = make_stats("conv", n, "power", groups=G), [PowerStats(n) for _ in range(G)]
+    assert isinstance(grouped, GroupedPowerStats)
+    scale = torch.logspace(0, -3, n)
+
+    def batch():
+        A = torch.randn(G, rows, n) * scale * torch.logspace(0, 2, G)[:, None, None]
+        A[2] = 0  # a zero group
+        A[4] = torch.randn(rows, 1) @ torch.randn(1, n)  # rank 1
+        return A
+
+    for step in range(3):
+        grouped.reset()
+        for p in singles:
+            p.reset()
+        for _ in range(2):  # micro-batches
+            A = batch()
+            grouped.add(A.flatten(0, 1))
+            for p, Ag in zip(singles, A):
+                p.add(Ag)
+        fro2, lam = grouped.finish()
+        pairs = [p.finish() for p in singles]
+        assert fro2.item() == pytest.approx(sum(f.item() for f, _ in pairs), rel=1e-6)
+        assert lam.item() == pytest.approx(max(v.item() for _, v in pairs), rel=1e-6)
+        for g, p in enumerate(singles):  # the same subspace in each group (of rank 1: its one direction in both)
+            if g == 4:
+                u = torch.linalg.svd(A[4])[2][0]
+                assert (grouped.V[g].T @ u).norm() == pytest.approx(1, abs=1e-5) and (p.V.T @ u).norm() == pytest.approx(1, abs=1e-5)
+            else:
+                torch.testing.assert_close(grouped.V[g] @ grouped.V[g].T, p.V @ p.V.T, atol=1e-5, rtol=0)
+    assert grouped.rows == 2 * G * rows and len(grouped.state()["V_groups"]) == G
+    before = grouped.V.clone()
+    grouped.reset()
+    A = batch()
+    A[1, 0, 0] = float("nan")
+    grouped.add(A.flatten(0, 1))
+    fro2, lam = grouped.finish()
+    assert fro2.isnan() and lam.isnan() and torch.equal(grouped.V[1], before[1]) and grouped.V.isfinite().all()
+    again = make_stats("conv", n, "power", groups=G)  # a state of the per-group layout loads into the batched one
+    again.load_state({"V": singles[0].V, "V_groups": [p.V for p in singles]})
+    torch.testing.assert_close(again.V, torch.stack([p.V for p in singles]))
+
+
 def test_a_kernel_used_with_two_group_counts_in_one_step_is_unmeasured_with_the_reason():
     """F.conv2d with one kernel [8, 2, 3, 3] on 8 channels in 4 groups and on 2 channels in 1: the same features
     per group, two layouts of the input; no one st(A)."""

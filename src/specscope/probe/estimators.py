@@ -59,6 +59,19 @@ def max_rayleigh_ratio(VCV: torch.Tensor, ZZ: torch.Tensor, made_in: torch.dtype
     return torch.linalg.eigvalsh((M + M.mT) / 2)[-1]
 
 
+def max_rayleigh_ratios(VCV: torch.Tensor, ZZ: torch.Tensor, made_in: torch.dtype | None = None) -> torch.Tensor:
+    """`max_rayleigh_ratio` of each matrix of a batch [..., b, b], by batched solves: the dropped directions' columns
+    are zeroed instead of removed, which leaves the largest ratio (the Rayleigh matrix stays positive semidefinite);
+    0 where no direction is kept."""
+    rel = max(1e-12, 1e3 * torch.finfo(made_in or VCV.dtype).eps)
+    VCV, ZZ = VCV.double(), ZZ.double()
+    d, W = torch.linalg.eigh((VCV + VCV.mT) / 2)
+    keep = d > d[..., -1:].clamp_min(0) * rel
+    T = W * torch.where(keep, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), torch.zeros_like(d)).unsqueeze(-2)
+    M = T.mT @ ZZ @ T
+    return torch.linalg.eigvalsh((M + M.mT) / 2)[..., -1]
+
+
 class PowerStats:
     """st(A) by one-pass block power iteration, warm-started from the previous measured step."""
 
@@ -737,9 +750,63 @@ class GroupedStats:
             p.load_state({"V": None if Vg is None or len(Vg) != self.groups else Vg[g]})
 
 
+class GroupedPowerStats(PowerStats):
+    """`power` for a grouped convolution (st(A) as `GroupedStats` defines it): every group's warm block iterated at
+    once, V [groups, n, block], by batched products, QR and Rayleigh–Ritz solves — one call where a loop over groups
+    made `groups` (a depthwise convolution's 512 groups cost 2.2× the `gram` route's step that way)."""
+
+    estimator = "power"
+
+    def __init__(self, n: int, groups: int, block: int = 4, iters: int = 1):
+        self.groups = groups
+        super().__init__(n, block, iters)  # fro2 holds ‖A_g‖_F² of each group, Z each group's block product
+
+    def add(self, A: torch.Tensor, key=None, source: torch.Tensor | None = None) -> None:
+        """Add the patches A [groups·rows, n], group-major (`pairing.patches`): rows g·rows:(g+1)·rows are group g's."""
+        As = A.float().unflatten(0, (self.groups, -1))
+        cold = self.V is None
+        if cold:
+            self.V = _initial_block(self.n, self.block, A.device).expand(self.groups, -1, -1).contiguous()
+        V = self.V = self.V.to(A.device)
+        if self.Z is None:  # first micro-batch of the step: refine the warm blocks on it
+            for _ in range(self.iters if self.refine or cold else 0):
+                (Z,) = D.all_reduce_sum([As.mT @ (As @ V)])
+                Q = _orth(Z)
+                V = torch.where(torch.isfinite(Q).flatten(1).all(1)[:, None, None], Q, V)  # per group: NaN keeps the block
+            self.V = V.contiguous()  # one memory layout, the one a saved state is loaded into (bit-exact resume)
+            self.fro2, self.Z = As.new_zeros(self.groups), torch.zeros_like(self.V)
+        flat = As.flatten(1)
+        self.fro2 += (flat.unsqueeze(1) @ flat.unsqueeze(2)).reshape(-1)  # ‖A_g‖_F² without a squared copy of A
+        self.Z += As.mT @ (As @ self.V)
+        self.rows += A.shape[0]
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_g ‖A_g‖_F², max_g σ_1(A_g)² estimate) as 0-d tensors (NaN if any group's are non-finite); carries the
+        improved blocks to the next step."""
+        fro2 = self.fro2.double()
+        if not (bool(torch.isfinite(self.Z).all()) and bool(torch.isfinite(fro2).all())):
+            nan = fro2.sum() * float("nan")
+            return nan, nan  # reported as non-finite; V is kept
+        V, Z = self.V.double(), self.Z.double()
+        lam = torch.minimum(max_rayleigh_ratios(V.mT @ Z, Z.mT @ Z, self.Z.dtype), fro2)  # σ₁² ≤ ‖A_g‖_F²
+        moved = self.Z.abs().flatten(1).sum(1) > 0
+        self.V = torch.where(moved[:, None, None], _orth(self.Z), self.V).contiguous()
+        return fro2.sum(), lam.max()
+
+    def state(self) -> dict:
+        if self.V is None:
+            return {"V": None}
+        Vs = list(self.V.detach().cpu().unbind(0))
+        return {"V": Vs[0], "V_groups": Vs}
+
+    def load_state(self, s: dict) -> None:
+        Vg = s.get("V_groups")
+        self.V = None if Vg is None or len(Vg) != self.groups else torch.stack(list(Vg)).contiguous()
+
+
 def groups_of(stats) -> int:
     """How many groups' statistics `stats` keeps (1: not a grouped convolution's)."""
-    return stats.groups if isinstance(stats, GroupedStats) else 1
+    return stats.groups if isinstance(stats, (GroupedStats, GroupedPowerStats)) else 1
 
 
 class ExactStats:
@@ -829,6 +896,8 @@ class TokenCounts:
 def make_stats(kind: str, n: int, estimator: str, *, block: int = 4, iters: int = 1, groups: int = 1):
     """The input accumulator for one weight: token counts for embeddings, else the chosen estimator (one per group
     of a grouped convolution: `GroupedStats`)."""
+    if groups > 1 and estimator == "power" and kind != "embedding":
+        return GroupedPowerStats(n, groups, block, iters)
     if groups > 1:
         return GroupedStats([make_stats(kind, n, estimator, block=block, iters=iters) for _ in range(groups)])
     if kind == "embedding":

@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.probe import roles as R
-from specscope.probe.estimators import GramStats, GroupedStats, TokenCounts, groups_of
+from specscope.probe.estimators import GramStats, GroupedPowerStats, GroupedStats, TokenCounts, groups_of
 from specscope.probe.pairing import MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve
 
 _TB = torch._C.TensorBase
@@ -387,7 +387,7 @@ class Watch:
             return
         if isinstance(stats, GramStats):
             stats.add(A, entry, key, source=x)
-        elif isinstance(stats, GroupedStats):
+        elif isinstance(stats, (GroupedStats, GroupedPowerStats)):
             stats.add(A, key, source=x)
         else:
             stats.add(A)
