@@ -115,10 +115,20 @@ def test_other_algorithms_and_excluded_stacks_stay_on_adamw_with_the_fix_named()
         groups = spectral_param_groups(model, 0.02, 3e-3, algorithm="specgd")
     adamw = next(g for g in groups if g["algorithm"] == "adamw")
     assert {id(p) for p in stacks.values()} <= {id(p) for p in _tensors(adamw)}
-    with pytest.warns(UserWarning, match="in a group with stacked=True"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the stacks go where exclude= asked: nothing to warn about
         groups = spectral_param_groups(model, 0.02, 3e-3, exclude=["*.experts.*"])
     assert not any(g.get("stacked") for g in groups)
     Hybrid(groups, "muon")  # the groups build
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_stacked_is_no_routing_option_the_routing_sets_it_per_group(stacked):
+    """stacked=True went into the 2-D weights' group too (Muon then refused it, naming a 2-D weight) and sent the stacks
+    to AdamW; the routing makes the stacked group itself, and exclude= keeps stacks on AdamW."""
+    model, _ = _tiny_mixtral()
+    with pytest.raises(ConfigError, match=rf"stacked={stacked} is set per group by the routing.*exclude=\['\*.experts.\*'\]"):
+        spectral_param_groups(model, 0.02, 3e-3, stacked=stacked)
 
 
 def test_gpt_oss_expert_biases_are_vectors_on_adamw_and_its_stacks_train():

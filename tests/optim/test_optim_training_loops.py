@@ -67,6 +67,40 @@ class OwnHead(nn.Module):
         return getattr(self, self.head_name)(self.backbone(input_ids=ids).last_hidden_state[:, 0])
 
 
+def _tiny_llama(vocab: int, hidden: int = 32, inter: int = 64):
+    return T.LlamaModel(T.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _tiny_llama(64),  # vocabulary = intermediate width: up_proj and gate_proj have as many outputs
+    lambda: _tiny_llama(32),  # vocabulary = hidden width: down_proj, o_proj, q_proj
+    lambda: T.BertModel(T.BertConfig(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)),  # the pooler, output.dense
+    lambda: T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32), add_pooling_layer=False),
+])
+def test_a_transformers_backbone_declaring_no_head_has_none_whatever_its_widths(make):
+    """A bare LlamaModel/BertModel declares no output embedding: every block matrix is hidden. The last Linear with as many
+    outputs as the vocabulary was taken for a head (a hidden matrix to AdamW) when a width equalled the vocabulary."""
+    torch.manual_seed(0)
+    model = make()
+    adamw = [n for g in spectral_param_groups(model, 0.02, 3e-4) if g["algorithm"] == "adamw" for n, p in g["params"]
+             if p.dim() >= 2]
+    assert adamw == [n for n, p in model.named_parameters() if p.dim() >= 2 and "embeddings" in n or n == "embed_tokens.weight"]
+
+
+def test_a_users_head_on_a_transformers_backbone_is_still_found_by_the_vocabulary():
+    """A Linear of the vocabulary's outputs outside the backbone (a user's LM head on a LlamaModel) is still a head."""
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.out = _tiny_llama(48), nn.Linear(32, 48, bias=False)
+
+    routed = {n: g["algorithm"] for g in spectral_param_groups(LM(), 0.02, 3e-4) for n, _ in g["params"]}
+    assert routed["out.weight"] == "adamw" and routed["model.layers.1.mlp.down_proj.weight"] == "muon"
+
+
 @pytest.mark.parametrize("head", ["classifier", "head"])
 def test_a_head_of_the_users_own_goes_to_adamw_by_its_name(head):
     """`self.classifier = nn.Linear(d, C)` on a BertModel went to Muon (no structure marks it a head), while a hand-made

@@ -540,6 +540,11 @@ def spectral_param_groups(
     check_options(algorithm, options, "spectral_param_groups")
     if "lr" in options:
         raise ConfigError("spectral_param_groups: pass the spectral group's lr as lr_spectral, not lr=")
+    if "stacked" in options:
+        raise ConfigError(f"spectral_param_groups: stacked={options['stacked']!r} is set per group by the routing: the "
+                          "mixture-of-experts stacks it finds get a group of their own with stacked=True, the 2-D weights "
+                          "one without; to keep the stacks on AdamW pass exclude=['*.experts.*'] (docs/optim.md, 'Stacked "
+                          "expert weights')")
     inner = _unwrapped(model)
     role_of = static_roles(inner)
     every = {_common.parameter_name(n): p for n, p in inner.named_parameters(remove_duplicate=False)}  # tied: each name
@@ -557,7 +562,7 @@ def spectral_param_groups(
     out = {id(every[n]) for hits in excluded.values() for n in hits}
     experts, vectors = _expert_stacks(inner)
     experts |= {id(s.param) for s in getattr(roles, "slots", {}).values() if getattr(s, "kind", "") == "experts"}  # measured so
-    if algorithm != "muon" or "stacked" in options:
+    if algorithm != "muon":
         experts = set()
     from specscope.probe.roles import conv_kernels
 
@@ -580,7 +585,7 @@ def spectral_param_groups(
             _common.mark_non_hidden(p, non_hidden=vector_stack or (role != "hidden" if role else _common.head_by_name(name)))
         other = _common.is_non_hidden(p, name) or id(p) in out
         (rest if other else hidden).append((name, p))
-    _warn_stacked(inner, rest, algorithm)
+    _warn_stacked(inner, [(n, p) for n, p in rest if id(p) not in out], algorithm)  # not what exclude= sent there
     spectral_group: dict[str, Any] = {"params": hidden, "algorithm": algorithm, "lr": lr_spectral, **options}
     if weight_decay is not None:
         spectral_group["weight_decay"] = weight_decay

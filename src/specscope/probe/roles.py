@@ -5,8 +5,9 @@
   from the loss (logits, class scores; CLIP's projections, past the product of their two outputs), or, without a backward pass to look at, the model's declared output
   embedding (transformers' `get_output_embeddings()`), a transformers task model's matrices outside its
   backbone (`base_model`: a classifier, `score`, `qa_outputs`, an LM head's transform), or else the last
-  Linear with as many outputs as an embedding has tokens (heads are registered last; a hidden d×d matrix
-  matches too when d equals the vocabulary, so only the last one counts);
+  Linear with as many outputs as an embedding has tokens outside any transformers model (heads are registered
+  last; a hidden d×d matrix matches too when d equals the vocabulary, so only the last one counts; a transformers
+  model declares its heads, and a backbone declaring none — LlamaModel, BertModel — has none);
 - hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
 
 A table that is added to activations rather than multiplied (a learned positional table, a class token
@@ -61,7 +62,10 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     outs = [o for o in (_call(m, "get_output_embeddings") for m in declared) if isinstance(getattr(o, "weight", None), Tensor)]
     task = task_heads(model)
     if not outs and not task:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
-        last = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear) and m.out_features in vocab), None)
+        # not inside a transformers model: it declares its heads, and one declaring none (LlamaModel, BertModel) has none
+        backbone = {id(m) for t in declared if _is_transformers_model(t) for m in t.modules()}
+        last = next((m for m in reversed(list(model.modules()))
+                     if isinstance(m, nn.Linear) and m.out_features in vocab and id(m) not in backbone), None)
         outs = [last] if last is not None else []
     for o in outs:
         roles[id(o.weight)] = "head"
