@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from specscope.errors import NonFiniteError
+from specscope.errors import ConfigError, NonFiniteError
 from specscope.optim import AutoGeometry, Hybrid, L1ToL2, LowRankDecay, Muon, SpecGD, spectral_param_groups
 from specscope.probe import Monitor
 
@@ -642,3 +642,69 @@ def test_a_misspelt_constructor_keyword_names_the_closest_option(make, says):
 
     with pytest.raises(ConfigError, match=says):
         make(_params())
+
+
+def test_a_group_option_set_after_construction_is_checked_before_the_step_changes_anything():
+    """A polar name, an algorithm or a vector put into a group after construction: one ConfigError at the step, the
+    momentum as it was (an unknown polar name advanced the momentum, then raised linalg's ValueError; an algorithm
+    changed after construction raised KeyError 'betas' or an IndexError from inside the step)."""
+    p = nn.Parameter(torch.randn(8, 6))
+    opt = Muon([p], lr=0.02)
+    p.grad = torch.randn(8, 6)
+    opt.step()
+    buf, before = opt.state[p]["momentum_buffer"].clone(), p.detach().clone()
+    opt.param_groups[0]["polar"] = "gramm"
+    with pytest.raises(ConfigError, match=r"param group 0: polar='gramm' is unknown.*Nothing was changed"):
+        opt.step()
+    opt.param_groups[0]["polar"] = "gram"
+    opt.param_groups[0]["algorithm"] = "adamw"
+    with pytest.raises(ConfigError, match=r"algorithm='adamw' has no \['betas'\] in the group: an algorithm set after construction"):
+        opt.step()
+    assert torch.equal(buf, opt.state[p]["momentum_buffer"]) and torch.equal(before, p)
+    b = nn.Parameter(torch.randn(8))
+    hybrid = Hybrid([{"params": [b], "algorithm": "adamw", "lr": 1e-3}], "muon")
+    hybrid.param_groups[0] |= {k: v for k, v in Muon([nn.Parameter(torch.randn(3, 3))]).param_groups[0].items() if k != "params"}
+    b.grad = torch.randn(8)
+    with pytest.raises(ConfigError, match=r"param group 0: parameter 'param0' \(shape \(8,\)\) is 1-D and was put in a spectral"):
+        hybrid.step()
+
+
+@pytest.mark.parametrize("make, key, hint", [
+    (lambda g: Muon([g], lr=0.02), "polar_method", "did you mean 'polar'"),
+    (lambda g: Muon([g], lr=0.02), "wd", "did you mean 'weight_decay'"),
+    (lambda g: Muon([g], lr=0.02), "learning_rate", "did you mean 'lr'"),
+    (lambda g: Hybrid([g | {"algorithm": "adamw", "lr": 1e-3}], "muon"), "mom", "its options are"),
+    (lambda g: LowRankDecay([g], lr=0.1, weight_decay=0.1), "polar", "did you mean 'polar_method'"),
+])
+def test_another_name_of_an_option_is_refused_not_stored_and_ignored(make, key, hint):
+    """LowRankDecay's `polar_method` in a Muon group, Muon's `polar` in a LowRankDecay group, `wd`, `learning_rate`:
+    taken as metadata and ignored (the step ran with svd where gram was asked for). Other keys stay, as in torch.optim."""
+    with pytest.raises(ConfigError, match=rf"key '{key}' is not an option.*{hint}"):
+        make({"params": [nn.Parameter(torch.randn(8, 6))], key: 0.5 if key != "polar" else "gram"})
+    Muon([{"params": [nn.Parameter(torch.randn(8, 6))], "name": "blocks"}], lr=0.02)  # metadata
+
+
+@pytest.mark.parametrize("value, message", [(1e-300, ">= 1 by definition"), (0.5, ">= 1 by definition"),
+                                            ("3", "as a number"), (True, "as a number"), (float("inf"), "finite number")])
+def test_a_stable_rank_source_giving_no_stable_rank_is_refused_before_a_weight_changes(value, message):
+    """st(A) >= 1 by definition; 1e-300 made SpecGD's step 1/st(A) long and wrote Inf into the weight, "3" was
+    float()-ed."""
+    from specscope.errors import NonFiniteError
+    from specscope.optim import SpecGD
+
+    p = nn.Parameter(torch.randn(8, 6))
+    p.grad, before = torch.randn(8, 6), p.detach().clone()
+    with pytest.raises((ConfigError, NonFiniteError), match=message):
+        SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: value).step()
+    assert torch.equal(p, before)
+    SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: 1 - 1e-9).step()  # an estimate a rounding below 1
+
+
+def test_routing_options_are_checked_where_they_are_given_and_sgd_nesterov_needs_momentum():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for kwargs, message in ((dict(include_frozen="no"), "include_frozen='no' must be True or False"),
+                            (dict(betas=(float("nan"), 0.9)), r"betas=\(nan, 0.9\)"), (dict(momentum=1.5), r"momentum must be in \[0, 1\)")):
+        with pytest.raises(ConfigError, match=message):
+            spectral_param_groups(model, 0.02, 1e-3, **kwargs)
+    with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0"):  # as torch.optim.SGD refuses it
+        Hybrid([{"params": [nn.Parameter(torch.randn(3))], "algorithm": "sgd", "lr": 0.1, "nesterov": True}], "muon")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -45,6 +46,18 @@ def checked_group(opt: torch.optim.Optimizer):
 # keys torch's LR schedulers write into every param group (OneCycleLR and CyclicLR cycle momentum through the last
 # two; SWALR): allowed beside an algorithm's options, never taken for a typo of one ("max_momentum" of "momentum")
 SCHEDULER_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr"})
+
+# other names users give an option (other libraries', abbreviations, the other optimizer's name of it): never metadata,
+# always an option the step would ignore; a group holding one is refused, naming the option it stands for where the
+# algorithm has it
+ALIASES = {"wd": "weight_decay", "weight_decay_rate": "weight_decay", "learning_rate": "lr", "LR": "lr", "mom": "momentum",
+           "beta1": "betas", "beta2": "betas", "ns_iters": "ns_steps", "nesterov_momentum": "nesterov",
+           "polar_method": "polar", "polar": "polar_method"}
+
+
+def alias_hint(key: str, known: set[str] | frozenset[str]) -> str:
+    """"did you mean 'weight_decay'? " for an alias of an option in `known`, else ""."""
+    return f"did you mean {ALIASES[key]!r}? " if ALIASES.get(key) in known else ""
 
 
 @contextlib.contextmanager
@@ -385,7 +398,13 @@ def read_stable_rank(source: Any, layer: str) -> float | None:
     st = get(layer)
     if st is None:
         return None
+    if isinstance(st, bool) or not isinstance(st, (numbers.Real, Tensor)) or (isinstance(st, Tensor) and st.numel() != 1):
+        raise ConfigError(f"stable_rank source returned {st!r} for layer '{layer}'; it must return st(A) as a number (or None "
+                          "where it has none)")
     st = float(st)
-    if not math.isfinite(st) or st <= 0:
-        raise NonFiniteError(f"stable_rank source returned {st} for layer '{layer}'; st(A) must be a positive number")
+    if not math.isfinite(st):
+        raise NonFiniteError(f"stable_rank source returned {st} for layer '{layer}'; st(A) must be a finite number >= 1")
+    if st < 1 - 1e-6:  # ‖A‖_F² ≥ ‖A‖₂²; an estimate may read a rounding below 1, never 0.5 or 1e-300 (a step 1/st long)
+        raise ConfigError(f"stable_rank source returned {st} for layer '{layer}'; st(A) = ‖A‖_F²/‖A‖₂² is >= 1 by definition: "
+                          "return the input's stable rank (a probe Monitor's stable_rank(name)), not another quantity")
     return st

@@ -12,10 +12,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from specscope.errors import ConfigError
 from specscope.linalg.devices import is_dtensor
 
 ADAMW_DEFAULTS: dict[str, Any] = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 SGD_DEFAULTS: dict[str, Any] = dict(momentum=0.0, nesterov=False, weight_decay=0.0)
+
+
+def check_sgd(group: dict[str, Any]) -> None:
+    """nesterov=True needs momentum > 0 (torch.optim.SGD refuses it too: the step would be plain SGD)."""
+    if group["nesterov"] and float(group["momentum"]) == 0:
+        raise ConfigError("nesterov=True needs momentum > 0")
 
 
 def state_dtype(g: Tensor) -> torch.dtype:

@@ -47,7 +47,8 @@ class Algorithm:
 ALGORITHMS: dict[str, Algorithm] = {
     "adamw": Algorithm(_euclidean.adamw_update, _euclidean.ADAMW_DEFAULTS, spectral=False,
                        state=frozenset({"exp_avg", "exp_avg_sq", "adam_step"})),
-    "sgd": Algorithm(_euclidean.sgd_update, _euclidean.SGD_DEFAULTS, spectral=False, state=frozenset({"momentum_buffer"})),
+    "sgd": Algorithm(_euclidean.sgd_update, _euclidean.SGD_DEFAULTS, spectral=False, check=_euclidean.check_sgd,
+                     state=frozenset({"momentum_buffer"})),
 }
 
 
@@ -161,8 +162,9 @@ def check_group_keys(algorithm: str, group: dict[str, Any], optimizer_defaults: 
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}"
                               + (f" ({theirs[0]!r} is one of {', '.join(owners)})" if theirs[0] != key else f" but of {', '.join(owners)}")
                               + f"; its options are {sorted(known - {'params', 'param_names'})}")
-        if key in FOREIGN_OPTIONS or close:
-            hint = f"did you mean {close[0]!r}? " if close else ""
+        alias = key in _common.ALIASES and not any(key in a.defaults for a in ALGORITHMS.values())  # another's option: above
+        if key in FOREIGN_OPTIONS or close or alias:
+            hint = f"did you mean {close[0]!r}? " if close else _common.alias_hint(key, known)
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
                               f"its options are {sorted(known - {'params', 'param_names'})}")
 
@@ -248,16 +250,23 @@ class Hybrid(Optimizer):
             _check_numbers(group)
             if "polar" in group and ALGORITHMS[alg].spectral:
                 _common.check_polar(group["polar"])
-            names = _group_names(group, sum(len(g["params"]) for g in self.param_groups[:-1]))
-            _common.check_floating(group["params"], names)
-            if ALGORITHMS[alg].spectral or alg == "l1_to_l2":
-                _common.check_matrices(group["params"], names, alg, spectral=ALGORITHMS[alg].spectral)
-            if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
-                _common.check_spectral_group(group["params"], names, alg)
+            self._check_params_fit(group, len(self.param_groups) - 1)
             if ALGORITHMS[alg].check is not None:
                 ALGORITHMS[alg].check(group)
             if alg == "auto":
                 self._check_stable_rank_source()
+
+    def _check_params_fit(self, group: dict[str, Any], index: int) -> None:
+        """The group's parameters fit its algorithm (floating; matrices for a spectral one, hidden unless allowed);
+        noted, so that a step checks them again only after the group's algorithm was changed."""
+        alg = group["algorithm"]
+        names = _group_names(group, sum(len(g["params"]) for g in self.param_groups[:index]))
+        _common.check_floating(group["params"], names)
+        if ALGORITHMS[alg].spectral or alg == "l1_to_l2":
+            _common.check_matrices(group["params"], names, alg, spectral=ALGORITHMS[alg].spectral)
+        if ALGORITHMS[alg].spectral and not group.get("allow_non_hidden", False) and group.get("token_dim") is None:
+            _common.check_spectral_group(group["params"], names, alg)
+        self.__dict__.setdefault("_params_fit", {})[id(group)] = (group, alg)  # the group held: its id is not reused
 
     def _check_stable_rank_source(self) -> None:
         """An "auto" group chooses by nr(G)/st(A): without a source of st(A) it would read 1.0 for every layer
@@ -330,9 +339,18 @@ class Hybrid(Optimizer):
         into every weight. Python checks of a few numbers per group; no tensor is read."""
         for i, group in enumerate(self.param_groups):
             try:
-                if not isinstance(group.get("algorithm"), str) or group["algorithm"] not in ALGORITHMS:
-                    raise ConfigError(f"algorithm={group.get('algorithm')!r} is unknown; use one of {sorted(ALGORITHMS)}")
+                alg = group.get("algorithm")
+                if not isinstance(alg, str) or alg not in ALGORITHMS:
+                    raise ConfigError(f"algorithm={alg!r} is unknown; use one of {sorted(ALGORITHMS)}")
+                if missing := sorted(set(ALGORITHMS[alg].defaults) - set(group)):
+                    raise ConfigError(f"algorithm={alg!r} has no {missing} in the group: an algorithm set after construction "
+                                      f"(param_groups[{i}]['algorithm'] = ...) brings none of its options; add a group of "
+                                      "that algorithm with add_param_group instead")
                 _check_numbers(group)
+                if "polar" in group and ALGORITHMS[alg].spectral:
+                    _common.check_polar(group["polar"])
+                if self.__dict__.get("_params_fit", {}).get(id(group), (None, None))[1] != alg:
+                    self._check_params_fit(group, i)  # a group loaded or changed since it was checked
                 if ALGORITHMS[group["algorithm"]].check is not None:  # options valid together (nesterov with momentum …)
                     ALGORITHMS[group["algorithm"]].check(group)
             except ConfigError as e:
@@ -540,6 +558,9 @@ def spectral_param_groups(
     check_options(algorithm, options, "spectral_param_groups")
     if "lr" in options:
         raise ConfigError("spectral_param_groups: pass the spectral group's lr as lr_spectral, not lr=")
+    if not isinstance(include_frozen, bool):
+        raise ConfigError(f"spectral_param_groups: include_frozen={include_frozen!r} must be True or False")
+    _check_numbers({**options, "betas": betas})  # as the optimizer would check them, here where they were given
     if "stacked" in options:
         raise ConfigError(f"spectral_param_groups: stacked={options['stacked']!r} is set per group by the routing: the "
                           "mixture-of-experts stacks it finds get a group of their own with stacked=True, the 2-D weights "

@@ -171,8 +171,8 @@ def _check_keys(group: dict[str, Any]) -> None:
         if key in known or key in _common.SCHEDULER_KEYS or not isinstance(key, str):
             continue
         close = difflib.get_close_matches(key, sorted(OPTIONS), n=1, cutoff=0.8)
-        if key in FOREIGN_OPTIONS or close:
-            hint = f"; did you mean {close[0]!r}? " if close else "; "
+        if key in FOREIGN_OPTIONS or close or key in _common.ALIASES:
+            hint = f"; did you mean {close[0]!r}? " if close else "; " + _common.alias_hint(key, set(OPTIONS))
             raise ConfigError(f"LowRankDecay param group key {key!r} is not an option{hint}its options are {list(OPTIONS)}")
 
 

@@ -40,8 +40,9 @@ def muon_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     The polar map is one call so that, under torch.distributed, matrices of every shape are balanced over
     the owner ranks at once (optim/_distributed.py); shardwise=True orthogonalizes each local shard. Momentum
     and the update are multi-tensor (`torch._foreach_*`) ops: one call for all parameters instead of one per
-    parameter (per element the same arithmetic as torch.optim.Muon's, so equal bit for bit on CPU; the decay of
-    bfloat16 and float16 parameters takes `mul_` one by one, see `_decay_`).
+    parameter (per element the same arithmetic as torch.optim.Muon's, so equal bit for bit on CPU for float32 and
+    float64 parameters; bfloat16 and float16 ones keep a float32 momentum, torch's is in their dtype; their decay takes
+    `mul_` one by one, as torch's, see `_decay_`).
     """
     mu, lr, wd = group["momentum"], float(group["lr"]), group["weight_decay"]
     stacked = group.get("stacked", False)
@@ -114,7 +115,7 @@ class Muon(Hybrid):
     The default polar="gram_newton_schulz" (4 steps, the d×4d matrices iterated on their Gram; in bfloat16 where
     the device multiplies it in hardware, else float32: `linalg.iteration_dtype`) is cheaper than torch's step
     and ~30× more accurate at 0.1·σ_1; polar="newton_schulz" with the defaults
-    reproduces torch.optim.Muon bit for bit on CPU (bf16 Newton–Schulz; pass a list of (a, b, c) as
+    reproduces torch.optim.Muon bit for bit on CPU for float32/float64 parameters (bf16 Newton–Schulz; pass a list of (a, b, c) as
     ns_coefficients for any per-step schedule); "gram" and "svd" give the exact polar factor;
     "polar_express" per-step minimax coefficients. Groups with algorithm="adamw" (and their own
     lr) may sit beside the Muon groups. Parameters of ≥2 dims only; embeddings and heads raise ConfigError.
