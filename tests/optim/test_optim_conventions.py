@@ -169,7 +169,7 @@ def test_a_step_whose_length_overflows_float32_is_taken_as_lr_times_it(kind):
             opt = L1ToL2([("e.weight", w)], lr=lr, stable_rank=lambda layer: 2.0)
         else:
             group = {"params": [("e.weight", w)], **({"token_dim": 0} if kind == "auto tokens" else {})}
-            opt = AutoGeometry([group], lr=lr, monitor=lambda layer: 0.5)
+            opt = AutoGeometry([group], lr=lr, monitor=lambda layer: 1.0)
         w.grad = torch.randn(64, 64) * scale
         opt.step()
         return (w - w0).detach(), {r.metric: r.value for r in opt.pop_records()}

@@ -697,7 +697,7 @@ def test_a_stable_rank_source_giving_no_stable_rank_is_refused_before_a_weight_c
     with pytest.raises((ConfigError, NonFiniteError), match=message):
         SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: value).step()
     assert torch.equal(p, before)
-    SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: 1 - 1e-9).step()  # an estimate a rounding below 1
+    SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: 1 - 1e-5).step()  # a float32 estimate a rounding below 1
 
 
 def test_routing_options_are_checked_where_they_are_given_and_sgd_nesterov_needs_momentum():

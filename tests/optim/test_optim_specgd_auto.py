@@ -93,19 +93,19 @@ def test_choose_hysteresis():
 
 
 def test_auto_picks_by_nr_over_st_and_records():
-    # rank-1 gradient: nr = 1. st = 0.5 -> advantage 2 (spectral); st = 4 -> 0.25 (Euclidean)
-    u, v = torch.randn(8, 1), torch.randn(1, 6)
+    # rank-4 gradient of equal singular values: nr = 4. st = 2 -> advantage 2 (spectral); st = 16 -> 0.25 (Euclidean)
+    u, v = torch.linalg.qr(torch.randn(8, 4))[0], torch.linalg.qr(torch.randn(6, 4))[0].T
     a = torch.nn.Parameter(torch.zeros(8, 6))
     b = torch.nn.Parameter(torch.zeros(8, 6))
     c = torch.nn.Parameter(torch.zeros(8, 6))
-    st = {"a": 0.5, "b": 4.0, "c": None}
+    st = {"a": 2.0, "b": 16.0, "c": None}
     opt = AutoGeometry([("a.weight", a), ("b.weight", b), ("c.weight", c)], lr=0.1, monitor=st.get)
     for p in (a, b, c):
         p.grad = u @ v
     opt.step()
     assert opt.choices == {"a": "spectral", "b": "euclidean", "c": "euclidean"}
     P, nuc = _exact(u @ v)
-    torch.testing.assert_close(a.detach(), -0.1 * nuc / 0.5 * P, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.detach(), -0.1 * nuc / 2.0 * P, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b.detach(), -0.1 * u @ v)
     recs = {(r.layer, r.metric): r for r in opt.pop_records()}
     assert recs[("a", "geometry")].value == 1.0 and recs[("b", "geometry")].value == 0.0
@@ -116,11 +116,11 @@ def test_auto_picks_by_nr_over_st_and_records():
 
 def test_auto_every_k_keeps_choice_between_decisions():
     w = torch.nn.Parameter(torch.zeros(5, 5))
-    st = {"w": 0.5}
+    st = {"w": 1.0}
     opt = AutoGeometry([("w.weight", w)], lr=0.01, monitor=st.get, every=3)
     metrics = []
     for k in range(6):
-        st["w"] = 0.5 if k < 1 else 100.0  # after step 0 the advantage collapses
+        st["w"] = 1.0 if k < 1 else 100.0  # after step 0 the advantage collapses
         w.grad = torch.randn(5, 5)
         opt.step()
         metrics.append(opt.choices["w"])
