@@ -295,3 +295,31 @@ def test_runs_lists_a_copied_run_under_its_folders_name_which_export_finds(tmp_p
     assert sorted(ids) == ["r1", "r1-backup"]
     out = tmp_path / "backup.csv"
     assert runner.invoke(app, ["export", "r1-backup", "--root", str(tmp_path), "--out", str(out)]).exit_code == 0
+
+
+def test_runs_shows_control_characters_of_names_from_disk_as_escapes(tmp_path):
+    """`runs` printed a folder name's ESC sequences raw (retitling the terminal, clearing the screen) and a newline
+    broke its table; claims, export and report escaped them already."""
+    from specscope.store import Run
+
+    with Run.create(tmp_path, "custom", {"a": 1}, run_id="plain") as run:
+        run.log(0, {"loss": 1.0})
+    run.path.rename(run.path.with_name("x\x1b]0;pwned\x07\x1b[2Jy\nz"))
+    out = subprocess.run([sys.executable, "-m", "specscope", "runs", "--root", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "\x1b" not in out.stdout and "\\x1b]0;pwned\\x07" in out.stdout.replace("\n", "")
+
+
+def test_a_fifo_at_run_lock_is_an_error_not_a_reader_that_hangs(tmp_path):
+    from specscope.errors import RunStoreError
+    from specscope.store import Run, load
+
+    with Run.create(tmp_path, "custom", {"a": 1}, run_id="r") as run:
+        run.log(0, {"loss": 1.0})
+    (run.path / "run.lock").unlink()
+    os.mkfifo(run.path / "run.lock")
+    code = f"from specscope.store import load, list_runs; print(len(load({str(run.path)!r})), list_runs({str(tmp_path)!r}).status.tolist())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["1", "['complete']"]
+    with pytest.raises(RunStoreError, match=r"run.lock is not a regular file \(a FIFO"):
+        Run.open(run.path).log(1, {"loss": 0.5})
+    assert len(load(run.path)) == 1

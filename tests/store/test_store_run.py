@@ -362,3 +362,72 @@ def test_a_forked_child_neither_writes_the_parents_buffer_again_nor_through_its_
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert load(tmp_path / "demo" / "r").step.tolist() == list(range(6))
+
+
+def test_a_deleted_run_lock_lets_no_second_writer_into_a_live_run(tmp_path):
+    """The writer's flock was on run.lock alone: deleted under a live writer, a second process made a new one, took it
+    and wrote step 0 a second time. The writer also locks the run's directory, which readers never take."""
+    a = Run.create(tmp_path, "api", {"seed": 0})
+    a.log(0, {"loss": 1.0})
+    a.flush()
+    (a.path / "run.lock").unlink()
+    code = "import sys; from specscope.store import Run; b = Run.open(sys.argv[1]); b.log(0, {'loss': 9.0}); b.close()"
+    out = subprocess.run([sys.executable, "-c", code, str(a.path)], capture_output=True, text=True)
+    assert out.returncode != 0 and "is being written by another live process" in out.stderr
+    a.log(1, {"loss": 0.5})
+    a.close()
+    assert load(a.path)[["step", "value"]].values.tolist() == [[0, 1.0], [1, 0.5]]
+    assert list_runs(tmp_path).status.tolist() == ["complete"]  # readers: not blocked by the directory's lock
+
+
+@pytest.mark.parametrize("content", [b"", "foreign"])
+def test_an_emptied_or_foreign_metrics_database_is_refused_not_recreated(tmp_path, content):
+    """A writer opening a run whose metrics.sqlite was emptied (or replaced by another program's database) created the
+    tables anew: the 100 records were gone and the run read as sound."""
+    with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
+        for s in range(100):
+            run.log(s, {"loss": 1 / (s + 1)})
+    if content == "foreign":
+        run.metrics_path.unlink()
+        con = sqlite3.connect(run.metrics_path)
+        con.execute("CREATE TABLE notes (text TEXT)")
+        con.close()
+    else:
+        run.metrics_path.write_bytes(content)
+    before = run.metrics_path.read_bytes()
+    again = Run.open(run.path)
+    with pytest.raises(RunStoreError, match=r"holds no specscope records .*emptied or replaced.*Restore the file"):
+        again.log(100, {"loss": 0.0})
+    assert run.metrics_path.read_bytes() == before
+
+
+def test_position_is_a_query_that_leaves_the_status_as_it_is(tmp_path):
+    """position() took the writer lock and marked the run "running" (then "complete" at close): a finished run read as
+    incomplete meanwhile, a killed one became complete and could no longer be resumed."""
+    with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
+        run.log(0, {"loss": 1.0})
+        run.log(1, {"loss": 0.5})
+    status = list_runs(tmp_path).status.tolist()
+    config = (run.path / "config.json").read_bytes()
+    reader = Run.open(run.path)
+    assert reader.position() == 2
+    reader.close()
+    assert list_runs(tmp_path).status.tolist() == status and (run.path / "config.json").read_bytes() == config
+
+
+def test_a_write_the_file_system_refuses_is_named_as_such_not_as_corruption(tmp_path):
+    """Under `ulimit -f` the append failed with SQLite's "disk I/O error", reported as a truncated or corrupt file with
+    --salvage as the fix; creating a run named the hidden stage folder."""
+    code = f"""
+import resource, sys
+from specscope.store import Run
+resource.setrlimit(resource.RLIMIT_FSIZE, ({{0}}, {{0}}))
+run = Run.create({str(tmp_path)!r}, "api", {{{{"seed": 0}}}}, run_id=sys.argv[1])
+for s in range(2000):
+    run.log(s, {{{{"loss": 1.0, "other": 2.0}}}})
+run.close()
+"""
+    for limit, name in ((200_000, "big"), (4096, "small")):
+        out = subprocess.run([sys.executable, "-c", code.format(limit), name], capture_output=True, text=True)
+        assert "the file system refused the write" in out.stderr and "corrupt" not in out.stderr.splitlines()[-1]
+        assert ".creating" not in out.stderr.splitlines()[-1]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -27,33 +28,49 @@ except ImportError:  # Windows
 LOCK_NAME = "run.lock"
 
 
-def acquire(run_dir: Path, wait_s: float = 0.5) -> int | None:
-    """Take the writer lock; returns the fd to keep open (None without flock). Raises if another writer holds it.
+def acquire(run_dir: Path, wait_s: float = 0.5) -> tuple[int, ...]:
+    """Take the writer lock; returns the fds to keep open. Raises if another writer holds it.
 
-    Waits up to `wait_s` because a reader holds a shared lock for a few microseconds while it checks.
+    Two locks: `run.lock`, which readers test, and the directory itself, which only writers take: a run.lock deleted
+    under a live writer (its flock then held on a file no longer there) must not let a second writer in. Waits up to
+    `wait_s` because a reader holds a shared lock on run.lock for a few microseconds while it checks.
     """
     path = run_dir / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    held: list[int] = []
+    try:
+        for target, flags in ((run_dir, os.O_RDONLY), (path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)):
+            fd = os.open(target, flags, 0o644)
+            held.append(fd)
+            if target == path and not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RunStoreError(f"{path} is not a regular file (a FIFO, a device or a folder): restore it as an "
+                                    "empty file, or delete it when no process writes the run")
+            _lock_exclusive(fd, run_dir, path, wait_s)
+    except BaseException:
+        release(tuple(held))
+        raise
+    return tuple(held)
+
+
+def _lock_exclusive(fd: int, run_dir: Path, path: Path, wait_s: float) -> None:
     if fcntl is None:
-        return fd
+        return
     deadline = time.monotonic() + wait_s
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            return
         except BlockingIOError:
             if time.monotonic() > deadline:
-                os.close(fd)
                 raise RunStoreError(
                     f"{run_dir} is being written by another live process (it holds {path}); "
                     "wait for it to finish, or stop it first.") from None
             time.sleep(0.01)
         except OSError:  # file system without flock: fall back to the pid check
-            return fd
+            return
 
 
-def release(fd: int | None) -> None:
-    if fd is not None:
+def release(fds: tuple[int, ...] | None) -> None:
+    for fd in fds or ():
         os.close(fd)  # closing the last descriptor drops the flock
 
 
@@ -76,10 +93,13 @@ def _lock_held(path: Path) -> bool | None:
     if fcntl is None or not path.exists():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not block the reader
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RunStoreError(f"{path} is not a regular file (a FIFO, a device or a folder): restore it as an empty "
+                                "file, or delete it when no process writes the run")
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
     except BlockingIOError:

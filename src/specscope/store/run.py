@@ -58,7 +58,7 @@ def _staged(path: Path, meta: dict) -> Path:
         stage.mkdir()
         (stage / "checkpoints").mkdir()
         (stage / "figures").mkdir()
-        con = sqlite.connect_writer(stage / METRICS)
+        con = sqlite.connect_writer(stage / METRICS, create=True)
         sqlite.set_owner(con, meta["run_id"], meta["lab"])
         con.close()
         integrity.write_json(stage / CONFIG, meta)
@@ -68,6 +68,8 @@ def _staged(path: Path, meta: dict) -> Path:
         if isinstance(e, OSError) and e.errno is not None and str(stage) in str(e.filename or ""):
             # named by the run it was making (a read-only disk: the folder the run goes into), not the hidden stage
             raise type(e)(e.errno, e.strerror, str(e.filename).replace(str(stage), str(path))) from None
+        if isinstance(e, RunStoreError) and str(stage) in str(e):  # the database's refusal, named by the run's path too
+            raise RunStoreError(str(e).replace(str(stage), str(path))) from None
         raise
     return stage
 
@@ -100,7 +102,7 @@ class Run:
         self._buffer: list[tuple] = []
         self._sinks: list[Callable[[list[Record]], Any]] = []
         self._con = None
-        self._lock_fd: int | None = None
+        self._lock_fd: tuple[int, ...] | None = None
         self._last_flush = time.monotonic()
         self._closed = False
 
@@ -249,10 +251,13 @@ class Run:
             return sqlite.count_rows(con, self.metrics_path, arm=arm, metric=metric, upto=upto)
 
     def position(self) -> int:
-        """The position (rowid) of the last record written, 0 when none: a checkpoint stores it, `rewind` returns to it."""
-        self._become_writer()
-        self.flush()
-        return sqlite.position(self._con)
+        """The position (rowid) of the last record written, 0 when none: a checkpoint stores it, `rewind` returns to it.
+        A query: a reader stays a reader (the run's status is left as it is)."""
+        if self._con is not None:
+            self.flush()
+            return sqlite.position(self._con)
+        with self.reader(check=False) as (con, _):
+            return sqlite.position(con)
 
     def check(self) -> None:
         """RunStoreError naming the file unless metrics.sqlite exists and passes SQLite's integrity check."""

@@ -96,15 +96,29 @@ def version_problem(con: sqlite3.Connection, path: Path, fix: str = _BY_TABLES) 
 _SALVAGE = "--salvage (store.load(run, salvage=True)) reads what is still readable"
 
 
+# SQLite's words for a write the file system refused (full disk, `ulimit -f`, a read-only file), not a damaged file
+_WRITE_REFUSED = ("disk i/o error", "database or disk is full", "readonly database", "unable to open database file")
+
+
 def _fail(path: Path, what: str, e: Exception, fix: str = _SALVAGE) -> RunStoreError:
+    if any(words in str(e).lower() for words in _WRITE_REFUSED) and "integrity" not in what:
+        return RunStoreError(f"{path}: {what} ({e}): the file system refused the write — a full disk, a file size limit "
+                             "(ulimit -f) or a file or folder that is not writable. Free space or fix the permissions, "
+                             "then resume the run; what was written before is kept.")
     return RunStoreError(f"{path}: {what} ({e}). The file is truncated, corrupt or not a specscope metrics database; {fix}.")
 
 
-def connect_writer(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the database for appending, in WAL mode, migrated to SCHEMA_VERSION."""
+def connect_writer(path: Path, create: bool = False) -> sqlite3.Connection:
+    """Open the database for appending, in WAL mode, migrated to SCHEMA_VERSION; `create`: a new, empty one (else a
+    file without specscope's tables — emptied, or another program's — is refused, never re-created over the records)."""
     con = None
     try:
         con = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not create and "metrics" not in tables:
+            raise RunStoreError(f"{path} holds no specscope records ({'an empty file' if not tables else 'tables ' + str(sorted(tables)[:4])}): "
+                                "it was emptied or replaced, and a resume would start a new database over the run's "
+                                "records. Restore the file from a copy of the run, or start a new run.")
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=NORMAL")
         _migrate(con, path)

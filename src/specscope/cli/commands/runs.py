@@ -11,7 +11,7 @@ import typer
 from specscope import labs
 from specscope.cli import app, stdout_console
 from specscope.errors import ConfigError
-from specscope.names import markup
+from specscope.names import markup, visible
 
 _STYLE = {"running": "cyan", "complete": "green", "incomplete": "yellow", "interrupted": "yellow",
           "failed": "red", "unreadable": "red"}
@@ -53,10 +53,10 @@ def runs(
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
         inside = Path(r.path).parents[2].name if len(Path(r.path).relative_to(root).parts) == 4 else ""
         lab_text = f"{r.lab} (in {inside})" if inside else r.lab  # a lab run a demo made
-        table.add_row(markup(r.run_id), markup(lab_text), status, created, steps)  # names from disk are data
+        table.add_row(markup(visible(r.run_id)), markup(visible(lab_text)), status, created, steps)  # names from disk are data
     stdout_console().print(table)
     for r in df[df.problem != ""].itertuples():  # what is wrong with each damaged run, and the fix
-        typer.echo(f"{r.run_id}: {r.problem}")
+        typer.echo(f"{visible(r.run_id)}: {visible(r.problem)}")
 
 
 @app.command()
