@@ -86,3 +86,21 @@ def test_a_checkpoint_ahead_of_progress_by_one_interval_resumes(killed, copy_of,
     run_lab("", resume=run)
     assert store.Run.open(run).status == "complete"
     pd.testing.assert_frame_equal(metrics(run), metrics(finished))
+
+
+@pytest.mark.parametrize("edit, names", [
+    (lambda c: c.pop("records"), ["lacks ['records']"]),
+    (lambda c: c.pop("elapsed"), ["lacks ['elapsed']"]),
+    (lambda c: c.pop("rng"), ["lacks ['rng']"]),
+    (lambda c: c.update(records="x"), ["records='x'"]),
+    (lambda c: c.update(elapsed="x"), ["elapsed='x'"]),
+    (lambda c: c.update(position=-1), ["position=-1"]),
+])
+def test_a_resealed_checkpoint_missing_a_field_or_of_a_wrong_kind_is_one_line(killed, copy_of, cli, edit, names):
+    """A field a resume reads, missing or of another kind in a correctly sealed file: a KeyError or ValueError
+    traceback (exit 1, the `elapsed` case marking the run failed), or "written by another configuration" for a
+    missing rng."""
+    run = copy_of(killed)
+    ckpt = run / "checkpoints" / f"{ARM}.pt"
+    _reseal(ckpt, edit)
+    _refused(cli, run, ckpt, *names)

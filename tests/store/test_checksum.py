@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,3 +72,25 @@ def test_a_flipped_bit_in_a_number_is_caught(rec, bit):
     if step != row[0]:
         assert len(checksum.mismatched(frame([(step, *row[1:], stored)]))) == 1
     assert len(checksum.mismatched(frame([(*row, stored ^ (1 << bit))]))) == 1  # the stored checksum itself
+
+
+def test_a_record_whose_checksum_was_set_to_null_after_checked_ones_is_damaged_not_unchecked(tmp_path):
+    """NULL marked a record from before checksums, row by row: `UPDATE metrics SET value = 0.001, checksum = NULL`
+    passed every reader. Only records before the first checksummed one are from before checksums."""
+    import sqlite3
+
+    from specscope.errors import RunStoreError
+    from specscope.store import Run, load
+
+    with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
+        for s in range(10):
+            run.log(s, {"loss": 1.0 / (s + 1), "val_loss": 2.0})
+    con = sqlite3.connect(run.metrics_path)
+    con.execute("UPDATE metrics SET value = 0.001, checksum = NULL WHERE metric = 'val_loss'")
+    con.commit()
+    con.close()
+    with pytest.raises(RunStoreError, match="checksum"):
+        load(run.path)
+    with pytest.warns(RuntimeWarning):
+        df = load(run.path, salvage=True)
+    assert set(df.metric) == {"loss"} and len(df) == 10  # the edited records are left out

@@ -63,7 +63,11 @@ def _select(con: sqlite3.Connection, salvage: bool = False) -> str:
         if not salvage:
             raise
         version = _CHECKSUMS  # the table's columns are unreadable: try the current ones
-    stored = "ifnull(checksum, 0), checksum IS NULL" if version >= _CHECKSUMS else "0, 1"
+    # unchecked: records before the first one with a checksum (a database migrated from before them); a NULL after it
+    # is a damaged or edited record (one bit turns an integer's type to NULL), checked and failed
+    first = "(SELECT ifnull((SELECT rowid FROM metrics WHERE checksum IS NOT NULL ORDER BY rowid LIMIT 1), 9223372036854775807))"
+    stored = ("0, 1" if version < _CHECKSUMS else "ifnull(checksum, 0), checksum IS NULL" if salvage
+              else f"ifnull(checksum, 0), checksum IS NULL AND rowid < {first}")
     return f"SELECT {', '.join(COLUMNS)}, {stored} FROM metrics"
 
 

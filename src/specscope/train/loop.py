@@ -185,6 +185,7 @@ class Trainer:
         if ckpt.get("run_id", self.run.id) != self.run.id:  # (none in a checkpoint from before it was recorded)
             raise RunStoreError(f"checkpoint {path} is run {ckpt['run_id']!r}'s, not this run's ({self.run.id!r}): it was "
                                 "copied over from another run; delete it to restart that arm from scratch")
+        _check_fields(path, ckpt)
         if arm is not None:
             _check_fits(path, ckpt, arm)
         step, want = int(ckpt["next_step"]), int(ckpt["records"])
@@ -328,6 +329,7 @@ class Trainer:
     def _restore(self, arm: Any) -> tuple[int, float]:
         path = self.checkpoint_path(arm.name)
         ckpt = load_checkpoint(path)  # cpu; load_state_dict copies to the device
+        _check_fields(path, ckpt)
         _check_fits(path, ckpt, arm)
         try:
             arm.model.load_state_dict(ckpt["model"])
@@ -346,6 +348,26 @@ class Trainer:
 def _another_configuration(path: Path, arm: str, what: str) -> str:
     return (f"checkpoint {path} was written by another configuration of arm '{arm}' ({what}); delete it to "
             "restart that arm from scratch, or resume with the settings that wrote it")
+
+
+_COUNTS = ("next_step", "records", "position")  # whole numbers a resume reads (next_step's range: _check_fits)
+_STATES = ("model", "optimizer", "extra_steppers", "monitor", "callbacks", "rng")  # what it loads
+
+
+def _check_fields(path: Path, ckpt: dict[str, Any]) -> None:
+    """RunStoreError naming `path` unless every field a resume reads is there with a value of its kind (a sealed file's
+    fields were read unchecked: a missing `records` or a text `elapsed` ended in a KeyError or ValueError traceback)."""
+    if missing := [k for k in (*_COUNTS, "elapsed", *_STATES) if k not in ckpt]:
+        raise RunStoreError(f"checkpoint {path} lacks {missing}: it was altered or written by another program; delete it "
+                            "to restart that arm from scratch")
+    bad = [k for k in _COUNTS if isinstance(ckpt[k], bool) or not isinstance(ckpt[k], int) or (ckpt[k] < 0 and k != "next_step")]
+    elapsed = ckpt["elapsed"]
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not math.isfinite(elapsed) or elapsed < 0:
+        bad.append("elapsed")
+    bad += [k for k in ("extra_steppers", "callbacks") if not isinstance(ckpt[k], list)]
+    if bad:
+        raise RunStoreError(f"checkpoint {path} holds {', '.join(f'{k}={ckpt[k]!r}'[:80] for k in bad)}, not the values a "
+                            "checkpoint records: it was altered; delete it to restart that arm from scratch")
 
 
 def _check_fits(path: Path, ckpt: dict[str, Any], arm: Any) -> None:
