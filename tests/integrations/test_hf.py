@@ -224,13 +224,16 @@ def test_callback_arguments_are_checked(tmp_path):
     assert trainer.callback_handler.callbacks == [c for c in trainer.callback_handler.callbacks if not isinstance(c, SpecscopeCallback)]
 
 
-def test_fp16_overflow_steps_are_skipped_as_the_trainer_skips_them(tmp_path):
+@pytest.mark.parametrize("fp16", [True, False])
+def test_fp16_overflow_steps_are_skipped_as_the_trainer_skips_them(tmp_path, fp16):
     """fp16 loss scaling overflows on purpose (its GradScaler halves the scale and skips the step): training goes
-    on, the overflow step's gradient records carry flag "nonfinite", and the later steps are measured."""
+    on, the overflow step's gradient records carry flag "nonfinite", and the later steps are measured. Without
+    args.fp16 (a scaler that accelerate made, ACCELERATE_MIXED_PRECISION=fp16) a callback given in callbacks=[...]
+    read the scaler of its `trainer=`, None there, and the planned overflow stopped the fit."""
     model = tiny_llama()
     run = store.Run.create(tmp_path / "runs", "hf", {"steps": 3})
     callback = SpecscopeCallback(every=1, run=run)
-    trainer = Trainer(model=model, args=args(tmp_path, 3, fp16=True), train_dataset=Tokens(), optimizers=adamw(model),
+    trainer = Trainer(model=model, args=args(tmp_path, 3, fp16=fp16), train_dataset=Tokens(), optimizers=adamw(model),
                       callbacks=[callback])
     # the scaled loss of the first step overflows float32; the scaler then drops to 2^27 and the next steps are finite
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
@@ -527,6 +530,8 @@ def test_a_fit_killed_after_a_checkpoint_resumes_to_an_uninterrupted_fits_record
     run.close()
     got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full_run))
     assert sorted(got.step.unique()) == [0, 1, 2, 3, 4, 5] and len(got) == len(want)
+    # the Trainer's own records of the checkpointed step (logged after its step ended, before the checkpoint) too
+    assert sorted(store.load(run.path, metric="loss").step) == sorted(store.load(full_run.path, metric="loss").step) == list(range(6))
     g, w = (d.set_index(["step", "layer"]).value.sort_index() for d in (got, want))
     assert g.tolist() == pytest.approx(w.tolist(), rel=1e-5)
     a, b = resumed.advice(window=6), full.advice(window=6)

@@ -80,7 +80,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self.monitor = Monitor(model, **self._monitor_kwargs)
         check_measures(self.monitor, model, "SpecscopeCallback", _MODEL_INIT_FIX if getattr(self._reporting, "model_init", None)
                        else "or pass the Monitor's options (every=10, ...) and let the callback build it")
-        scaler = getattr(getattr(self.trainer, "accelerator", None), "scaler", None)
+        scaler = getattr(getattr(self._reporting, "accelerator", None), "scaler", None)  # the running Trainer's
         uses_loss_scaling(self.monitor, bool(args.fp16) or scaler is not None)
         self._measure = StepMeasure(self.monitor, self.run)
         if self._saved is not None:
@@ -132,6 +132,16 @@ class SpecscopeCallback(transformers.TrainerCallback):
         if own:
             self.run.log(step, own)
             self._logged[1].update(own)
+            if control.should_save or _saves_best(args):  # a checkpoint follows this log: the records go first
+                self.run.flush()
+
+    def on_epoch_end(self, args, state, control, **kwargs):  # save_strategy="epoch": should_save is set by now
+        if control.should_save:
+            self._stage(args, state)
+
+    def on_evaluate(self, args, state, control, **kwargs):  # save_strategy="best" decides after this, then saves
+        if _saves_best(args):
+            self._stage(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._measure is not None:
@@ -348,3 +358,8 @@ def optimizers(model: torch.nn.Module, lr_spectral: float = 0.02, lr_adamw: floa
     """`Trainer(optimizers=optimizers(model))`: (spectral_optimizer(model, ...), None) — the Trainer then builds
     its own scheduler (args.lr_scheduler_type, warmup) over both groups' learning rates."""
     return spectral_optimizer(model, lr_spectral, lr_adamw, **options), None
+
+
+def _saves_best(args) -> bool:
+    """Whether the Trainer saves a checkpoint when an evaluation is the best so far (save_strategy="best")."""
+    return str(getattr(getattr(args, "save_strategy", None), "value", getattr(args, "save_strategy", ""))) == "best"
