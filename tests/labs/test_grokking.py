@@ -321,3 +321,17 @@ def test_lrd2_is_ruled_at_each_setting_of_the_grids_other_keys():
     assert "lr 0.003: FAIL" in claim.measured and "lr 0.03: PASS" in claim.measured
     (alone,) = g._sweep_lrd2(table[table["lr"] == 0.03].drop(columns="lr"))
     assert alone.verdict == "PASS" and alone.seeds == 1
+
+
+@pytest.mark.parametrize("change", [dict(d_model=16), dict(n_layers=1), dict(lr=1e-4), dict(batch_size=0), dict(grad_clip=0.0),
+                                    dict(betas=(0.9, 0.999)), dict(mlp="silu"), dict(grok_window=2), dict(eval_every=100)])
+def test_base003_rules_only_the_paper_003_setting_in_full(change):
+    """BASE-003 gave PASS/FAIL "for the paper-003 setup" on a 1-layer d_model 16 model at lr 1e-4, full batch: only the
+    task, model name, optimizer and decay were compared. The published setting's width, depth, lr, betas, batch, clip
+    and the grok rule are compared too; the paper's own setting (mlp "default" = enc003's gelu) is still ruled."""
+    base = dict(model="enc003", weight_decay=1.0, arms=["l2"], steps=5000)
+    rows = {"l2": {"grok_step_stable": 3000.0, "grok_step_first": 2900.0, "steps": 5000}}
+    ruled = g._baseline_claim(pd.DataFrame(), g.Config(**base), rows)
+    assert ruled.verdict == "PASS"
+    claim = g._baseline_claim(pd.DataFrame(), g.Config(**base | change), rows)
+    assert claim.verdict == "INCONCLUSIVE" and f"{next(iter(change))}" in claim.measured
