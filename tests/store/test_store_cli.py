@@ -323,3 +323,9 @@ def test_a_fifo_at_run_lock_is_an_error_not_a_reader_that_hangs(tmp_path):
     with pytest.raises(RunStoreError, match=r"run.lock is not a regular file \(a FIFO"):
         Run.open(run.path).log(1, {"loss": 0.5})
     assert len(load(run.path)) == 1
+
+
+def test_specscope_alone_prints_the_help_and_exits_0():
+    """`specscope` with no arguments printed the help, then `error: ; see specscope --help` and exited 2."""
+    out = subprocess.run([sys.executable, "-m", "specscope"], capture_output=True, text=True)
+    assert out.returncode == 0 and "Usage" in out.stdout and out.stderr == ""

@@ -73,6 +73,8 @@ def main() -> None:
     except typer.Abort:
         sys.exit(1)
     except Exception as e:  # click usage errors come here in non-standalone mode
+        if _is_click_exception(e) and not str(getattr(e, "message", "") or e) and not sys.argv[1:]:
+            sys.exit(0)  # `specscope` alone: click printed the help (no_args_is_help), nothing is wrong
         if _is_click_exception(e):
             typer.echo(f"error: {_usage_line(e)}", err=True)  # one line, like every other user error
             sys.exit(e.exit_code)
