@@ -683,3 +683,16 @@ def test_two_lab_figures_saved_under_one_file_name_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"'a<b' and 'a>b' are both saved as lab_a_b.png"):
         write_report(tmp_path, synthetic_metrics(), extra_figures=figs, dpi=DPI)
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_run_that_ended_on_nan_shows_it_in_the_final_metrics_not_its_last_finite_value():
+    """The comparison's final metrics took the last finite value: a run whose loss went 1, inf, 0.5, nan read 0.5, with
+    no step and no note, and could look like the best of a sweep."""
+    from specscope.report.compare import final_metrics_html
+
+    def run(values):
+        return pd.DataFrame({"step": range(len(values)), "layer": "", "metric": "loss", "value": values, "arm": "main"})
+
+    html = final_metrics_html({"a": run([1.0, float("inf"), 0.5, float("nan")]), "b": run([5.0, 2.0, 1.0, 0.8])}, {})
+    assert "nan (step 3; last finite 0.5 at step 2)" in html and "diverged" in html and "0.8" in html
+    assert "diverged" not in final_metrics_html({"b": run([5.0, 2.0, 1.0, 0.8])}, {})

@@ -217,22 +217,33 @@ def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, st
     """Wide: one row per whole-model metric (loss, accuracy, ...), one column per run/arm, the last
     finite value; in the column of a run that did not finish (`unfinished`: name -> status) with the step
     it was recorded at, as it is not final."""
-    df = finite(combine(runs))
-    df = df[df["layer"] == ""].sort_values("step", kind="stable")
+    every = combine(runs)
+    every = every[every["layer"] == ""].sort_values("step", kind="stable")
+    df = finite(every)
     if df.empty:
         return "<p>No whole-model metrics were recorded.</p>"
     last = df.groupby(["metric", "run", "arm"])[["step", "value"]].last()
+    latest = every.groupby(["metric", "run", "arm"]).tail(1).set_index(["metric", "run", "arm"])[["step", "value"]]
     series = [s for s in _series(runs) if any((s[0], s[1]) == (r, a) for _, r, a in last.index)]
+    diverged = False
 
     def cell(m: str, r: str, a: str) -> object:
+        nonlocal diverged
         if (m, r, a) not in last.index:
             return np.nan
         step, value = last.loc[(m, r, a)]
+        end_step, end = latest.loc[(m, r, a)]
+        if not np.isfinite(float(end)):  # the run ended on NaN/inf: that is its final value, not the last finite one
+            diverged = True
+            return f"{float(end)} (step {int(end_step)}; last finite {fmt(float(value))} at step {int(step)})"
         return f"{fmt(float(value))} (step {int(step)})" if r in (unfinished or {}) else float(value)
 
     rows = [[m, *[cell(m, r, a) for r, a in series]] for m in ordered_unique(df["metric"])]
     note = ("<p>A run that did not finish shows its last value so far and the step it was recorded at.</p>"
             if unfinished else "")
+    if diverged:
+        note += ("<p>A run whose last value of a metric is not finite (it diverged) shows that value, with its last "
+                 "finite one beside it.</p>")
     return note + table(rows, ["metric", *[_label(r, a, labels) for r, a in series]], table_class="wide")
 
 
