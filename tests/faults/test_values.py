@@ -444,3 +444,15 @@ def test_a_run_on_a_read_only_disk_names_the_run_not_its_hidden_stage(cli, tmp_p
     monkeypatch.undo()
     one_line_error(rc, err, "Read-only file system", str(tmp_path / "runs" / "grokking"))
     assert ".creating" not in err
+
+
+@pytest.mark.parametrize("raw, reads", [("1e-400", "0.0"), ("1e400", "inf"), ("-2e999", "-inf")])
+def test_a_set_number_beyond_float64_is_named_as_typed_not_as_its_rounding(raw, reads):
+    """`--set lr=1e-400` was refused as "'lr' = 0.0: Input should be greater than 0": the value typed never appeared."""
+    from specscope.errors import ConfigError
+    from specscope.labs.config import parse_overrides
+    from specscope.labs.sparse_mlp import Config
+
+    with pytest.raises(ConfigError, match=rf"lr={raw}: beyond a float64's range \(it reads as {reads}\)"):
+        parse_overrides(Config, [f"lr={raw}"])
+    assert parse_overrides(Config, ["lr=0.0", "width=0e5"]) == {"lr": 0.0, "width": 0.0}  # zeros typed as zeros

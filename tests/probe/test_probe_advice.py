@@ -16,6 +16,13 @@ def test_verdict_margin():
     assert verdict(float("nan"), 0.25) == "undecided"
 
 
+@pytest.mark.parametrize("ratio, message", [(-1.0, ">= 0"), (float("-inf"), ">= 0"), ("2", "a number"), (True, "a number")])
+def test_verdict_refuses_what_no_ratio_of_ranks_can_be(ratio, message):
+    """nr(G)/st(A) >= 0: verdict(-1) said "euclidean", as a bad margin was refused and a bad ratio was not."""
+    with pytest.raises(ConfigError, match=message):
+        verdict(ratio)
+
+
 def history_state(mon, ratios: dict[str, list[float]]):
     """A monitor state whose history holds the given nr/st ratios (st = 2, nr = 2·ratio)."""
     state = mon.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 import typing
@@ -85,6 +86,9 @@ def _parse_value(raw: str, annotation: Any, key: str = "") -> Any:
     except RecursionError:
         raise ConfigError(f"{key}={raw[:20]}…: nested too deeply to be a config value; give a value or a list of "
                           "values") from None
+    if isinstance(value, float) and value in (0.0, math.inf, -math.inf) and any(c in "123456789" for c in raw.split("e")[0].split("E")[0]):
+        raise ConfigError(f"{key}={raw}: beyond a float64's range (it reads as {value}); give a number between "
+                          "2.2e-308 and 1.8e308 in size")
     if isinstance(value, str) and value.lower() in ("true", "false") and annotation is not None and _takes_bool(annotation):
         value = value.lower() == "true"  # Python's spelling, True/False, too; 1, yes and on stay refused
     if _is_list_field(annotation) and not isinstance(value, list):

@@ -30,8 +30,12 @@ def verdict(ratio: float, margin: float = MARGIN) -> str:
     measured yet, has the fourth verdict, "unmeasured" (given by the Monitor, never by a ratio).
     """
     _check_margin(margin, "verdict")
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise ConfigError(f"verdict({ratio!r}): pass the ratio nr(G)/st(A), a number")
     if ratio != ratio:  # NaN
         return "undecided"
+    if ratio < 0:
+        raise ConfigError(f"verdict({ratio!r}): nr(G)/st(A) is >= 0 (both ranks are >= 1); pass that ratio")
     return "spectral" if ratio > 1 + margin else "euclidean" if ratio < 1 / (1 + margin) else "undecided"
 
 

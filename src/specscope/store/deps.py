@@ -17,5 +17,6 @@ def require(module: str, extra: str, feature: str):
     if importlib.util.find_spec(module) is None:
         raise MissingDependencyError(
             f"{feature} needs the optional package `{module}`, which is not installed: "
-            f"pip install 'specscope[{extra}]' (or pip install {module}).")
+            f"pip install 'specscope[{extra}]' (from a checkout: .venv/bin/pip install -e '.[{extra}]'; or pip install "
+            f"{module}).")
     return importlib.import_module(module)

@@ -298,10 +298,12 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
         tmp = out
     elif out.is_dir() or not out.parent.is_dir():
         raise RunStoreError(f"cannot write {out}: " + ("it is a directory" if out.is_dir() else
-                            f"the directory {out.parent} does not exist") + "; pass --out FILE in an existing directory.")
+                            f"the directory {out.parent} does not exist") + "; write to a file in an existing directory (--out FILE; "
+                            "`out=` of store.export).")
     elif out.exists() and not force:
         raise RunStoreError(f"cannot write {out}: the file exists, and an export does not replace a file unasked; "
-                            "pass another --out FILE, or --force to replace it.")
+                            "pass another file (--out FILE; `out=` of store.export), or replace it with --force "
+                            "(force=True).")
     else:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
