@@ -15,6 +15,7 @@ from specscope.integrations.lightning import SpecscopeCallback, spectral_optimiz
 from specscope.models.builtin import TRANSFORMER, language_batches, lm_loss  # noqa: E402
 from specscope.models.gpt import GPT, GPTConfig  # noqa: E402
 from specscope.probe import Monitor  # noqa: E402
+from specscope import store  # noqa: E402
 
 ACCUM, MICRO_PER_EPOCH = 2, 4  # two optimizer steps per epoch
 
@@ -362,3 +363,26 @@ def test_the_runs_records_are_on_disk_before_a_checkpoint_that_covers_them():
         trainer.fit(Lit(gpt()), train_dataloaders=loader())
         run.close()
     assert on_disk[3] == [0, 1]
+
+
+class SkipsOne(Lit):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 2 else lm_loss(self.net, batch)  # Lightning skips the backward and the step
+
+
+def test_a_training_step_that_returns_none_is_not_measured_and_warns_nothing(tmp_path):
+    """Lightning calls on_before_optimizer_step for a batch whose training_step returned None, with no gradient: every
+    weight was recorded "unmeasured", each with a warning to run backward inside the block (not the user's fault)."""
+    import warnings
+
+    run = store.Run.create(tmp_path / "runs", "lightning", {"steps": 4})
+    callback = SpecscopeCallback(every=1, run=run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|num_workers|LightningModule|logging interval|returned `None`).*")
+        L.Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=[callback], logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False).fit(SkipsOne(gpt()), train_dataloaders=loader())
+    run.close()
+    df = store.load(run.path)
+    assert not (df.flag == "unmeasured").any() and (df.metric == "nuclear_rank").any()
+    assert not callback.monitor.unmeasured

@@ -90,6 +90,9 @@ class SpecscopeCallback(L.Callback):
         self._measure.begin(trainer.global_step)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not any(p.grad is not None for p in pl_module.parameters()):  # training_step returned None: Lightning skipped
+            self._measure.abandon()  # the backward (and steps nothing); no weight is "unmeasured" for a step not taken
+            return
         self._measure.gradients_ready()
         self._stepping = True
 
