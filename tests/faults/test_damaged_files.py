@@ -608,3 +608,17 @@ def test_export_takes_its_format_from_the_outs_suffix_and_refuses_a_mismatch(fin
     rc, out, err = cli("export", run, "--format", "csv", "--out", tmp_path / "z.parquet")
     one_line_error(rc, err, "ends in .parquet but --format is 'csv'")
     assert not (tmp_path / "z.parquet").exists()
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.75, 0.9])
+def test_a_salvages_warnings_count_the_records_it_exports(finished, copy_of, cli, tmp_path, keep):
+    """A damaged page can give records without a step (all NULL), which cannot be placed: they were counted by the
+    warnings ("read the 176 others") and dropped after (151 rows written)."""
+    import re
+
+    run = copy_of(finished)
+    truncate(run / "metrics.sqlite", keep)
+    rc, _, err = cli("export", run, "--out", tmp_path / "x.csv", "--salvage")
+    rows = len(pd.read_csv(tmp_path / "x.salvaged.csv"))
+    counts = [int(n) for n in re.findall(r"read (?:the )?(\d+) (?:records|others)", err)]
+    assert rc == 0 and counts and counts[-1] == rows

@@ -394,6 +394,8 @@ def read_rows(con: sqlite3.Connection, path: Path, filters: dict, salvage: bool,
         if not salvage:
             raise _fail(path, "the metrics table is damaged", e) from e
         (rows, lost, guessed), damage = _salvage(con, select, where, params), damage or str(e)
+        placed = [r for r in rows if r[0] is not None]  # a damaged page's record without a step cannot be placed
+        rows, lost = placed, lost + len(rows) - len(placed)
         bound = " (the last rowid is unreadable too: counted up to a bound from the file size)" if guessed else ""
         warnings.warn(f"{path}: damaged database ({damage}); read {len(rows)} records, {lost} rowids unreadable{bound}.",
                       RuntimeWarning, stacklevel=3)
