@@ -156,7 +156,7 @@ def dispatched_ops(fn: Callable[[], object]) -> int:
 # Options that count something (rounds, steps, sizes): a whole number ≥ 1, or ≥ 0 where 0 means "off".
 AT_LEAST_1 = {"rounds", "repeats", "block", "periods", "steps", "records", "measurements", "threads", "dims", "d_model",
               "seq_len", "batch", "n_probe", "dim", "ranks", "every", "flush_every", "rf_steps", "probe_block",
-              "phase_rounds", "sparse"}
+              "phase_rounds", "sparse", "channels", "kernel", "size"}
 AT_LEAST_0 = {"baseline_only", "moe"}
 
 

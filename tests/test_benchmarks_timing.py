@@ -81,3 +81,22 @@ def test_the_distributed_benchmarks_optimizers_are_built():
     opts = bench._optimizers(gpt.make_model(cfg), cfg)
     assert set(opts) == {"adamw", "muon-global", "muon-shardwise"}
     assert [g.get("shardwise") for g in opts["muon-shardwise"].param_groups if g.get("algorithm") == "muon"] == [True]
+
+
+def test_the_grouped_conv_benchmark_runs_and_its_loop_is_the_per_group_estimator(capsys):
+    """benchmarks/grouped_conv.py, one tiny round: its reference candidate keeps one PowerStats per group."""
+    import torch
+    from torch import nn
+
+    import grouped_conv as bench
+    from specscope.probe import Monitor, estimators as E
+
+    bench.main(["--channels", "4", "--kernel", "3", "--batch", "1", "--size", "4", "--rounds", "1", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| power, one group at a time |" in out and "| gram (default) |" in out
+    conv = nn.Conv2d(4, 4, 3, groups=4)
+    mon = bench.looped_power(Monitor(conv, estimator="power"))
+    with mon.step(0):
+        conv(torch.randn(1, 4, 5, 5)).sum().backward()
+    slot = next(iter(mon.slots.values()))
+    assert isinstance(slot.stats, E.GroupedStats) and all(isinstance(p, E.PowerStats) for p in slot.stats.parts)
