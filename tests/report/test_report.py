@@ -696,3 +696,31 @@ def test_a_run_that_ended_on_nan_shows_it_in_the_final_metrics_not_its_last_fini
     html = final_metrics_html({"a": run([1.0, float("inf"), 0.5, float("nan")]), "b": run([5.0, 2.0, 1.0, 0.8])}, {})
     assert "nan (step 3; last finite 0.5 at step 2)" in html and "diverged" in html and "0.8" in html
     assert "diverged" not in final_metrics_html({"b": run([5.0, 2.0, 1.0, 0.8])}, {})
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(extra_figures={"x": 3}), r"extra_figures\['x'\] is a int, not a matplotlib Figure"),
+                                             (dict(extra_figures=[1]), "extra_figures is a list"),
+                                             (dict(df=[1, 2, 3]), "pass the run's records as a DataFrame")])
+def test_write_report_refuses_bad_input_before_writing_anything(tmp_path, kwargs, message):
+    """An int among extra_figures raised AttributeError after figures/*.png were written; a list as df left an empty
+    directory behind an AttributeError."""
+    from specscope.errors import ConfigError
+    from specscope.report import write_report
+
+    out = tmp_path / "r"
+    with pytest.raises(ConfigError, match=message):
+        write_report(out, **{"df": synthetic_metrics(), **kwargs})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("width", [24, 30, 34, 36, 38])
+def test_the_verdict_is_whole_at_any_width(width):
+    """Below about 40 columns the weight, nr/st and the verdict did not fit folded, and the verdict was cut
+    ("undeci…", "spectr"): nr/st is left out before the verdict is cut."""
+    df = pd.DataFrame({"layer": ["transformer.h.0.mlp.c_fc", "transformer.h.0.attn.c_attn"], "kind": ["linear", "linear"],
+                       "stable_rank": [3.2, 40.1], "nuclear_rank": [10.0, 12.0], "spectral_advantage": [3.1, 0.3],
+                       "verdict": ["undecided", "euclidean"]})
+    console = Console(width=width, record=True)
+    console.print(layer_table(df))
+    text = console.export_text()
+    assert "undecided" in text and "euclidean" in text

@@ -380,7 +380,13 @@ def _mark_salvaged(fig: Figure, label: str) -> None:
 
 
 def _check_figure_names(extra_figures: Mapping) -> None:
-    """Two lab figures whose names clean to one file name ("a<b", "a>b": lab_a_b.png) kept one of them: refused."""
+    """Two lab figures whose names clean to one file name ("a<b", "a>b": lab_a_b.png) kept one of them: refused; so is
+    a value that is no matplotlib Figure (None: the lab made none), before anything is written."""
+    if not isinstance(extra_figures, Mapping):
+        raise ConfigError(f"extra_figures is a {type(extra_figures).__name__}; pass a dict {{name: matplotlib Figure}}")
+    if bad := [name for name, fig in extra_figures.items() if fig is not None and not isinstance(fig, Figure)]:
+        raise ConfigError(f"extra_figures[{bad[0]!r}] is a {type(extra_figures[bad[0]]).__name__}, not a matplotlib Figure; "
+                          "pass the Figure (or None for none)")
     seen: dict[str, object] = {}
     for name in extra_figures:
         other = seen.setdefault(safe_name(name), name)
@@ -402,6 +408,8 @@ def write_report(out_dir: str | os.PathLike, df: pd.DataFrame, *, config: Mappin
     """
     claims = [as_claim(c) for c in claims]  # a bad claim is refused before anything is written
     _check_figure_names(extra_figures or {})
+    if df is not None and not isinstance(df, pd.DataFrame):
+        raise ConfigError(f"write_report(df={type(df).__name__}): pass the run's records as a DataFrame (store.load(run))")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     swept = prepare(df)

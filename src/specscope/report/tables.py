@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import math
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -240,7 +241,27 @@ class FittedTable(Table):
             table.columns = [copy.copy(c) for c in table.columns]
             for c in table.columns:
                 c.no_wrap = False
+        rest = [c for c in table.columns[1:] if str(c.header) not in VERDICT_COLUMNS]  # nr/st, then the verdict is whole
+        while rest and not _verdicts_whole(table, options.max_width):
+            left_out.insert(0, str(rest.pop().header))
+            table = copy.copy(table)
+            table.columns = [c for c in table.columns if str(c.header) not in left_out]
+            table.caption = f"not shown at this width: {', '.join(left_out)}"
         yield from Table.__rich_console__(table, console, options)
+
+
+def _verdicts_whole(table: Table, width: int) -> bool:
+    """Whether every verdict cell of `table` comes out whole at `width` columns (rendered off screen: rich's measure
+    takes a folding name for one word as wide as the whole name, so it cannot tell)."""
+    from rich.console import Console
+
+    plain = copy.copy(table)
+    plain.__class__ = Table  # rendered as is, not fitted again
+    off = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    off.print(plain)
+    words = set(off.export_text().split())
+    return all(str(getattr(cell, "plain", cell)) in words for c in table.columns if str(c.header) in VERDICT_COLUMNS
+               for cell in c._cells if str(getattr(cell, "plain", cell)))
 
 
 def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry") -> Table:
