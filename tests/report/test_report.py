@@ -724,3 +724,20 @@ def test_the_verdict_is_whole_at_any_width(width):
     console.print(layer_table(df))
     text = console.export_text()
     assert "undecided" in text and "euclidean" in text
+
+
+def test_a_legend_label_with_a_control_character_is_measured_and_drawn_as_its_escape(recwarn):
+    """The legend's widest entry was measured before its ESC was escaped: matplotlib warned "Glyph 27 (\\x1b) missing"
+    on stderr and the columns were fitted to the wrong widths (U+202E drawn as 6 characters, measured as 1)."""
+    from matplotlib.figure import Figure as Fig
+
+    from specscope.report.style import figure_legend, finish
+
+    fig = Fig()
+    ax = fig.add_subplot()
+    lines = [ax.plot([0, 1], [0, i])[0] for i in range(2)]
+    legend = figure_legend(fig, lines, ["run\x1b[2J", "other\u202e"])
+    finish(fig)
+    fig.canvas.draw()
+    assert [t.get_text() for t in legend.get_texts()] == ["run\\x1b[2J", "other\\u202e"]
+    assert not [w for w in recwarn if "missing from font" in str(w.message)]

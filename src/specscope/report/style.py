@@ -201,7 +201,7 @@ def figure_legend(fig: Figure, handles: list, labels: list[str], *, cap: int = 2
     if not handles:
         return None
     handles, labels = _capped(handles, labels, cap)
-    labels = [shorten(label, 70) for label in labels]
+    labels = [shorten(shown(label), 70) for label in labels]  # measured as drawn: a control character as its escape
     renderer = FigureCanvasAgg(fig).get_renderer()
     probe = Text(0, 0, max(labels, key=len), fontsize=FONT["legend"], figure=fig)
     entry_px = probe.get_window_extent(renderer).width + 3.2 * FONT["legend"] * fig.dpi / 72  # + handle and gaps
