@@ -104,3 +104,14 @@ def test_a_resealed_checkpoint_missing_a_field_or_of_a_wrong_kind_is_one_line(ki
     ckpt = run / "checkpoints" / f"{ARM}.pt"
     _reseal(ckpt, edit)
     _refused(cli, run, ckpt, *names)
+
+
+def test_a_sealed_plain_pickle_is_one_line_without_torchs_note(killed, copy_of, cli):
+    """A correctly sealed checkpoint whose body is a plain pickle: torch's "Detected pickle protocol 4" warning came
+    first, two lines on stderr where one is promised."""
+    import pickle
+
+    run = copy_of(killed)
+    ckpt = run / "checkpoints" / f"{ARM}.pt"
+    ckpt.write_bytes(seal(pickle.dumps({"next_step": 4}, protocol=4)))
+    _refused(cli, run, ckpt, "corrupt")

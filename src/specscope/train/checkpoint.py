@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise RunStoreError(f"checkpoint {path} does not exist; start a new run instead of resuming")
     body = unseal(path, path.read_bytes(), _FIX)
     try:
-        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's own note on a legacy pickle body: the error below says what is wrong
+            warnings.simplefilter("ignore")
+            payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
         raise RunStoreError(f"checkpoint {path} is corrupt ({type(e).__name__}); {_FIX}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
