@@ -38,7 +38,8 @@ def acquire(run_dir: Path, wait_s: float = 0.5) -> tuple[int, ...]:
     path = run_dir / LOCK_NAME
     held: list[int] = []
     try:
-        for target, flags in ((run_dir, os.O_RDONLY), (path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK)):
+        targets = [(run_dir, os.O_RDONLY)] if fcntl is not None else []  # a directory opens on POSIX only
+        for target, flags in (*targets, (path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0))):
             fd = os.open(target, flags, 0o644)
             held.append(fd)
             if target == path and not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -93,7 +94,7 @@ def _lock_held(path: Path) -> bool | None:
     if fcntl is None or not path.exists():
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO put there must not block the reader
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO put there must not block the reader
     except OSError:
         return None
     try:
