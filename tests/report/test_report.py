@@ -741,3 +741,12 @@ def test_a_legend_label_with_a_control_character_is_measured_and_drawn_as_its_es
     fig.canvas.draw()
     assert [t.get_text() for t in legend.get_texts()] == ["run\\x1b[2J", "other\\u202e"]
     assert not [w for w in recwarn if "missing from font" in str(w.message)]
+
+
+def test_write_comparison_refuses_settings_of_a_run_it_was_not_given(tmp_path):
+    """configs={"zzz": {}} (a name that is no run's) was accepted and ignored: the labels came from nothing."""
+    from specscope.report import write_comparison
+
+    with pytest.raises(ValueError, match=r"configs names \['zzz'\], which are not among the runs \['a'\]"):
+        write_comparison(tmp_path / "c", {"a": synthetic_metrics()}, configs={"zzz": {}})
+    assert not (tmp_path / "c").exists()

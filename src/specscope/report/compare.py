@@ -307,6 +307,11 @@ def write_comparison(out_dir: str | os.PathLike, runs: Mapping[str, pd.DataFrame
     if not runs:
         raise ValueError("write_comparison got no runs; pass at least one {name: metrics DataFrame} "
                          "(specscope compare RUN RUN ...)")
+    names = {str(n) for n in runs}
+    for what, given in (("configs", configs), ("labs", labs), ("unfinished", unfinished)):
+        if stray := sorted(str(k) for k in (given or {}) if str(k) not in names):
+            raise ValueError(f"write_comparison: {what} names {stray[:4]}, which are not among the runs "
+                             f"{sorted(names)[:6]}; key {what} by the runs' names")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unfinished = {str(k): v for k, v in (unfinished or {}).items() if v != "complete"}
