@@ -708,3 +708,27 @@ def test_routing_options_are_checked_where_they_are_given_and_sgd_nesterov_needs
             spectral_param_groups(model, 0.02, 1e-3, **kwargs)
     with pytest.raises(ConfigError, match="nesterov=True needs momentum > 0"):  # as torch.optim.SGD refuses it
         Hybrid([{"params": [nn.Parameter(torch.randn(3))], "algorithm": "sgd", "lr": 0.1, "nesterov": True}], "muon")
+
+
+def test_numpy_values_are_numbers_where_a_number_is_asked():
+    """A 0-d numpy array from an st(A) source, np.bool_ for include_frozen and numpy floats in betas were refused."""
+    import numpy as np
+
+    from specscope.optim import SpecGD
+
+    p = nn.Parameter(torch.randn(8, 6))
+    p.grad = torch.randn(8, 6)
+    SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: np.array(3.0)).step()
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    groups = spectral_param_groups(model, 0.02, 1e-3, include_frozen=np.bool_(True), betas=(np.float64(0.9), np.float32(0.95)))
+    Muon(groups).step()
+    with pytest.raises(ConfigError, match="as a number"):
+        SpecGD([("w", p)], lr=0.1, stable_rank=lambda layer: np.bool_(True)).step()
+
+
+def test_a_saved_state_with_a_key_now_refused_names_how_to_load_it():
+    p = nn.Parameter(torch.randn(8, 6))
+    state = Muon([p], lr=0.02).state_dict()
+    state["param_groups"][0]["wd"] = 0.1  # kept by specscope before such keys were refused
+    with pytest.raises(ConfigError, match=r"drop it from the saved groups, `for g in sd\['param_groups'\]: g.pop\('wd', None\)`"):
+        Muon([p], lr=0.02).load_state_dict(state)

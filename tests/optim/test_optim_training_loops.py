@@ -225,3 +225,37 @@ def test_every_linear_of_a_users_sequential_head_is_a_head_by_its_name():
     model.head = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     where = {n: g["algorithm"] for g in spectral_param_groups(model, 0.02, 3e-4) for n, _ in g["params"]}
     assert where["head.0.weight"] == where["head.2.weight"] == "adamw" and where["body.weight"] == "muon"
+
+
+def test_a_remote_code_model_with_an_undeclared_vocabulary_head_still_routes_it_to_adamw():
+    """A PreTrainedModel written outside transformers (ChatGLM's layout: `output_layer`, no get_output_embeddings) holds a
+    head it does not declare: excluding every transformers model from the vocabulary-width search sent it to Muon."""
+    class Cfg(T.PretrainedConfig):
+        model_type = "glm_like_for_test"
+
+        def __init__(self, hidden_size=32, padded_vocab_size=64, **kw):
+            self.hidden_size, self.padded_vocab_size = hidden_size, padded_vocab_size
+            super().__init__(**kw)
+
+    class Pre(T.PreTrainedModel):
+        config_class, base_model_prefix = Cfg, "transformer"
+
+    class Inner(Pre):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.word_embeddings = nn.Embedding(64, 32)
+            self.encoder = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 32))
+            self.output_layer = nn.Linear(32, 64, bias=False)
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return self.word_embeddings
+
+    class Outer(Pre):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.transformer = Inner(cfg)
+            self.post_init()
+
+    routed = {n: g["algorithm"] for g in spectral_param_groups(Outer(Cfg()), 0.02, 3e-4) for n, _ in g["params"]}
+    assert routed["transformer.output_layer.weight"] == "adamw" and routed["transformer.encoder.0.weight"] == "muon"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -398,10 +397,13 @@ def read_stable_rank(source: Any, layer: str) -> float | None:
     st = get(layer)
     if st is None:
         return None
-    if isinstance(st, bool) or not isinstance(st, (numbers.Real, Tensor)) or (isinstance(st, Tensor) and st.numel() != 1):
+    try:  # a number, numpy's scalars and 0-d arrays, a one-element tensor; not text, a flag or a list
+        if isinstance(st, (str, bytes)) or type(st).__name__ in ("bool", "bool_"):
+            raise TypeError
+        st = float(st)
+    except (TypeError, ValueError, RuntimeError):
         raise ConfigError(f"stable_rank source returned {st!r} for layer '{layer}'; it must return st(A) as a number (or None "
-                          "where it has none)")
-    st = float(st)
+                          "where it has none)") from None
     if not math.isfinite(st):
         raise NonFiniteError(f"stable_rank source returned {st} for layer '{layer}'; st(A) must be a finite number >= 1")
     if st < 0.999:  # ‖A‖_F² ≥ ‖A‖₂²; a float32 estimate of a rank-1 input may read a rounding below 1, never 0.5 or 1e-300

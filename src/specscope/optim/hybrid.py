@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -68,7 +69,12 @@ _RANGES = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (
 def _number(value: Any) -> float | None:
     if isinstance(value, torch.Tensor):
         return float(value) if value.numel() == 1 else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, numbers.Real) and not _is_bool(value) else None  # numpy's scalars too
+
+
+def _is_bool(value: Any) -> bool:
+    """Python's or numpy's bool (np.bool_ is no Python bool, and no number to count with)."""
+    return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy 2 names it "bool"
 
 
 def _check_numbers(group: dict[str, Any]) -> None:
@@ -165,8 +171,10 @@ def check_group_keys(algorithm: str, group: dict[str, Any], optimizer_defaults: 
         alias = key in _common.ALIASES and not any(key in a.defaults for a in ALGORITHMS.values())  # another's option: above
         if key in FOREIGN_OPTIONS or close or alias:
             hint = f"did you mean {close[0]!r}? " if close else _common.alias_hint(key, known)
+            saved = (f" (a state_dict saved with it, as specscope before 2026-12-07 kept such keys: drop it from the saved "
+                     f"groups, `for g in sd['param_groups']: g.pop({key!r}, None)`, then load)" if alias else "")
             raise ConfigError(f"param group key {key!r} is not an option of algorithm={algorithm!r}; {hint}"
-                              f"its options are {sorted(known - {'params', 'param_names'})}")
+                              f"its options are {sorted(known - {'params', 'param_names'})}{saved}")
 
 
 def _differs(value: Any, default: Any) -> bool:
@@ -558,8 +566,9 @@ def spectral_param_groups(
     check_options(algorithm, options, "spectral_param_groups")
     if "lr" in options:
         raise ConfigError("spectral_param_groups: pass the spectral group's lr as lr_spectral, not lr=")
-    if not isinstance(include_frozen, bool):
+    if not _is_bool(include_frozen):
         raise ConfigError(f"spectral_param_groups: include_frozen={include_frozen!r} must be True or False")
+    include_frozen = bool(include_frozen)
     _check_numbers({**options, "betas": betas})  # as the optimizer would check them, here where they were given
     if "stacked" in options:
         raise ConfigError(f"spectral_param_groups: stacked={options['stacked']!r} is set per group by the routing: the "

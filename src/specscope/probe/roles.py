@@ -5,9 +5,10 @@
   from the loss (logits, class scores; CLIP's projections, past the product of their two outputs), or, without a backward pass to look at, the model's declared output
   embedding (transformers' `get_output_embeddings()`), a transformers task model's matrices outside its
   backbone (`base_model`: a classifier, `score`, `qa_outputs`, an LM head's transform), or else the last
-  Linear with as many outputs as an embedding has tokens outside any transformers model (heads are registered
-  last; a hidden d×d matrix matches too when d equals the vocabulary, so only the last one counts; a transformers
-  model declares its heads, and a backbone declaring none — LlamaModel, BertModel — has none);
+  Linear with as many outputs as an embedding has tokens outside the transformers library's own models (heads are
+  registered last; a hidden d×d matrix matches too when d equals the vocabulary, so only the last one counts; those
+  models declare their heads, and a backbone declaring none — LlamaModel, BertModel — has none; a model of remote
+  code, which may not declare its head, is searched);
 - hidden: everything else. Only hidden matrices take a spectral step (REFERENCE §3).
 
 A table that is added to activations rather than multiplied (a learned positional table, a class token
@@ -62,8 +63,9 @@ def static_roles(model: nn.Module) -> dict[int, str]:
     outs = [o for o in (_call(m, "get_output_embeddings") for m in declared) if isinstance(getattr(o, "weight", None), Tensor)]
     task = task_heads(model)
     if not outs and not task:  # the last vocabulary-sized Linear: a hidden d×d matrix can match when d equals the vocabulary
-        # not inside a transformers model: it declares its heads, and one declaring none (LlamaModel, BertModel) has none
-        backbone = {id(m) for t in declared if _is_transformers_model(t) for m in t.modules()}
+        # not inside one of transformers' own models: they declare their heads, and one declaring none (LlamaModel,
+        # BertModel) has none; a model of remote code (ChatGLM's output_layer) may hold an undeclared one
+        backbone = {id(m) for t in declared if _is_transformers_model(t) and _from_transformers(t) for m in t.modules()}
         last = next((m for m in reversed(list(model.modules()))
                      if isinstance(m, nn.Linear) and m.out_features in vocab and id(m) not in backbone), None)
         outs = [last] if last is not None else []
@@ -117,6 +119,11 @@ def task_heads(model: nn.Module) -> set[int]:
 def _is_transformers_model(m: nn.Module) -> bool:
     """A transformers PreTrainedModel (by its `base_model_prefix`, not any module with a `base_model` attribute)."""
     return bool(getattr(m, "base_model_prefix", "")) and callable(getattr(m, "get_output_embeddings", None))
+
+
+def _from_transformers(m: nn.Module) -> bool:
+    """A class of the transformers library itself (transformers.models.*), not a subclass written elsewhere."""
+    return type(m).__module__.startswith("transformers.")
 
 
 def _call(model: nn.Module, name: str):

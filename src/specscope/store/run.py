@@ -127,6 +127,7 @@ class Run:
         if path.exists():
             raise taken
         meta = _metadata(run_id, lab, config) | ({"progress": True} if progress else {})
+        meta[FIXED_SHA] = integrity.digest(_fixed(meta))
         stage = _staged(path, meta)
         try:
             os.rename(stage, path)  # atomic: the run appears whole or not at all; a directory holding files is never replaced
@@ -477,7 +478,20 @@ def read_config(path: Path) -> dict:
                                 "edited): its config cannot be trusted; rerun the lab, or restore config.json from a backup.")
         raise RunStoreError(f"{p} fails its config_sha256 checksum: the run's config changed after it was created (or "
                             "the file is damaged); restore config.json from a backup, or delete the run.")
+    if FIXED_SHA in meta and meta[FIXED_SHA] != integrity.digest(_fixed(meta)):  # (none in runs made before it was kept)
+        raise RunStoreError(f"{p} fails its {FIXED_SHA} checksum: one of {list(FIXED)} changed after the run was "
+                            "created (or the file is damaged); restore config.json from a backup, or delete the run.")
     return meta
+
+
+FIXED = ("created", "seed", "device", "versions", "git_commit", "argv", "progress")  # set once (run_id, lab: checked apart)
+FIXED_SHA = "fixed_sha256"
+
+
+def _fixed(meta: dict) -> dict:
+    """The keys of config.json that never change after the run is created (a renamed `progress` turned off the check
+    that progress.json is there), as JSON reads them back."""
+    return json.loads(json.dumps({k: meta.get(k) for k in FIXED}, default=str))
 
 
 def effective_status(path: Path, meta: dict) -> str:
