@@ -431,3 +431,18 @@ run.close()
         out = subprocess.run([sys.executable, "-c", code.format(limit), name], capture_output=True, text=True)
         assert "the file system refused the write" in out.stderr and "corrupt" not in out.stderr.splitlines()[-1]
         assert ".creating" not in out.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("edit", [lambda m: m.pop("progress"), lambda m: m.update(created="2020-01-01T00:00:00Z"),
+                                  lambda m: m.update(seed=7), lambda m: m.update(argv=["x"])])
+def test_config_json_keys_set_at_creation_are_under_a_checksum(tmp_path, edit):
+    """Outside config_sha256, `created`, `versions`, `argv`, `seed` and the `progress` flag could be changed unnoticed; a
+    renamed `progress` turned off the check that progress.json is there."""
+    run = Run.create(tmp_path, "api", {"seed": 0}, run_id="r", progress=True)
+    run.log(0, {"loss": 1.0})
+    run.close()
+    meta = json.loads((run.path / "config.json").read_text())
+    edit(meta)
+    (run.path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RunStoreError, match="fails its fixed_sha256 checksum"):
+        load(run.path)
