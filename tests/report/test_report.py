@@ -696,6 +696,8 @@ def test_a_run_that_ended_on_nan_shows_it_in_the_final_metrics_not_its_last_fini
     html = final_metrics_html({"a": run([1.0, float("inf"), 0.5, float("nan")]), "b": run([5.0, 2.0, 1.0, 0.8])}, {})
     assert "nan (step 3; last finite 0.5 at step 2)" in html and "diverged" in html and "0.8" in html
     assert "diverged" not in final_metrics_html({"b": run([5.0, 2.0, 1.0, 0.8])}, {})
+    html = final_metrics_html({"a": run([3.0, 2.0, float("nan")]), "b": run([float("nan")] * 3)}, {})
+    assert "nan (step 2; no finite value)" in html and "nan (step 2; last finite 2 at step 1)" in html  # b not left out
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(extra_figures={"x": 3}), r"extra_figures\['x'\] is a int, not a matplotlib Figure"),
@@ -750,3 +752,14 @@ def test_write_comparison_refuses_settings_of_a_run_it_was_not_given(tmp_path):
     with pytest.raises(ValueError, match=r"configs names \['zzz'\], which are not among the runs \['a'\]"):
         write_comparison(tmp_path / "c", {"a": synthetic_metrics()}, configs={"zzz": {}})
     assert not (tmp_path / "c").exists()
+
+
+def test_a_verdict_column_of_several_words_keeps_every_column_where_they_fit():
+    """An `advice` column of "spectral (Muon)" read as never whole (its cell is two words), and every other column was
+    left out at any width."""
+    df = pd.DataFrame({"layer": ["blocks.0.mlp.fc", "blocks.0.attn"], "nr/st": [2.0, 0.5], "stable_rank": [3.1, 4.2],
+                       "advice": ["spectral (Muon)", "euclidean (AdamW)"]})
+    console = Console(width=120, record=True, file=io.StringIO(), color_system=None)
+    console.print(layer_table(df))
+    text = console.export_text()
+    assert "stable_rank" in text and "nr/st" in text and "not shown" not in text and "euclidean (AdamW)" in text

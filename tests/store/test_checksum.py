@@ -94,3 +94,56 @@ def test_a_record_whose_checksum_was_set_to_null_after_checked_ones_is_damaged_n
     with pytest.warns(RuntimeWarning):
         df = load(run.path, salvage=True)
     assert set(df.metric) == {"loss"} and len(df) == 10  # the edited records are left out
+
+
+def test_nulled_checksums_of_a_databases_first_records_are_damage_too(tmp_path):
+    """Only records before the first checksummed one counted as "from before checksums": nulling the checksums of the
+    leading records (or of all) made them unchecked. A database records where its checksums begin (`checksums_from`)."""
+    import sqlite3
+
+    from specscope.errors import RunStoreError
+    from specscope.store import Run, load
+
+    with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
+        for s in range(4):
+            run.log(s, {"loss": 1.0 + s})
+    con = sqlite3.connect(run.metrics_path)
+    assert con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone() == (1,)
+    con.execute("UPDATE metrics SET value = value * 100, checksum = NULL")
+    con.commit()
+    con.close()
+    with pytest.raises(RunStoreError, match="fail their checksum"):
+        load(run.path)
+
+
+def test_a_database_migrated_from_before_checksums_reads_its_old_records_unchecked(tmp_path):
+    """Schema version 1 (no checksum column): its records stay readable, unchecked, and the ones appended after the
+    migration are checked."""
+    import sqlite3
+
+    from specscope.store import Run, load, sqlite as S
+
+    with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
+        run.log(0, {"loss": 1.0})
+    db = run.metrics_path
+    db.unlink()
+    con = sqlite3.connect(db)
+    for stmt in filter(str.strip, S.MIGRATIONS[0].split(";")):
+        con.execute(stmt)
+    con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    con.execute("INSERT INTO schema_version VALUES (1)")
+    con.executemany("INSERT INTO metrics VALUES (?, '', 'loss', ?, '', '', 0, '', '')", [(0, 1.0), (1, 0.5)])
+    con.commit()
+    S.set_owner(con, "r", "api")
+    con.close()
+    again = Run.open(run.path)
+    again.log(2, {"loss": 0.25})
+    again.close()
+    assert load(run.path).value.tolist() == [1.0, 0.5, 0.25]
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone() == (3,)
+    con.execute("UPDATE metrics SET value = 9, checksum = NULL WHERE rowid = 3")
+    con.commit()
+    con.close()
+    with pytest.raises(Exception, match="fail their checksum"):
+        load(run.path)

@@ -219,26 +219,27 @@ def final_metrics_html(runs: Mapping[str, pd.DataFrame], labels: Mapping[str, st
     it was recorded at, as it is not final."""
     every = combine(runs)
     every = every[every["layer"] == ""].sort_values("step", kind="stable")
-    df = finite(every)
-    if df.empty:
+    if every.empty:
         return "<p>No whole-model metrics were recorded.</p>"
-    last = df.groupby(["metric", "run", "arm"])[["step", "value"]].last()
+    last = finite(every).groupby(["metric", "run", "arm"])[["step", "value"]].last()
     latest = every.groupby(["metric", "run", "arm"]).tail(1).set_index(["metric", "run", "arm"])[["step", "value"]]
-    series = [s for s in _series(runs) if any((s[0], s[1]) == (r, a) for _, r, a in last.index)]
+    series = [s for s in _series(runs) if any((s[0], s[1]) == (r, a) for _, r, a in latest.index)]
     diverged = False
 
     def cell(m: str, r: str, a: str) -> object:
         nonlocal diverged
-        if (m, r, a) not in last.index:
+        if (m, r, a) not in latest.index:
             return np.nan
-        step, value = last.loc[(m, r, a)]
         end_step, end = latest.loc[(m, r, a)]
         if not np.isfinite(float(end)):  # the run ended on NaN/inf: that is its final value, not the last finite one
             diverged = True
+            if (m, r, a) not in last.index:
+                return f"{float(end)} (step {int(end_step)}; no finite value)"
+            step, value = last.loc[(m, r, a)]
             return f"{float(end)} (step {int(end_step)}; last finite {fmt(float(value))} at step {int(step)})"
-        return f"{fmt(float(value))} (step {int(step)})" if r in (unfinished or {}) else float(value)
+        return f"{fmt(float(end))} (step {int(end_step)})" if r in (unfinished or {}) else float(end)
 
-    rows = [[m, *[cell(m, r, a) for r, a in series]] for m in ordered_unique(df["metric"])]
+    rows = [[m, *[cell(m, r, a) for r, a in series]] for m in ordered_unique(every["metric"])]
     note = ("<p>A run that did not finish shows its last value so far and the step it was recorded at.</p>"
             if unfinished else "")
     if diverged:

@@ -257,11 +257,12 @@ def _verdicts_whole(table: Table, width: int) -> bool:
 
     plain = copy.copy(table)
     plain.__class__ = Table  # rendered as is, not fitted again
+    plain.title = plain.caption = None  # a verdict's word there is no cell
     off = Console(width=width, record=True, file=io.StringIO(), color_system=None)
     off.print(plain)
     words = set(off.export_text().split())
-    return all(str(getattr(cell, "plain", cell)) in words for c in table.columns if str(c.header) in VERDICT_COLUMNS
-               for cell in c._cells if str(getattr(cell, "plain", cell)))
+    return all(word in words for c in table.columns if str(c.header) in VERDICT_COLUMNS  # each word of a cell whole
+               for cell in c._cells for word in str(getattr(cell, "plain", cell)).split())
 
 
 def layer_table(df_or_advice: pd.DataFrame, *, title: str = "Per-weight geometry") -> Table:

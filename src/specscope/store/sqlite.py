@@ -63,9 +63,16 @@ def _select(con: sqlite3.Connection, salvage: bool = False) -> str:
         if not salvage:
             raise
         version = _CHECKSUMS  # the table's columns are unreadable: try the current ones
-    # unchecked: records before the first one with a checksum (a database migrated from before them); a NULL after it
-    # is a damaged or edited record (one bit turns an integer's type to NULL), checked and failed
+    # unchecked: records written before checksums were (a database migrated from version 1: `run_info`'s checksums_from,
+    # else, in a database made before that was kept, those before its first checksummed record); a NULL after them is
+    # a damaged or edited record (one bit turns an integer's type to NULL), checked and failed
     first = "(SELECT ifnull((SELECT rowid FROM metrics WHERE checksum IS NOT NULL ORDER BY rowid LIMIT 1), 9223372036854775807))"
+    try:
+        row = con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone()
+    except DB_ERRORS:
+        row = None
+    if row is not None and isinstance(row[0], int):
+        first = str(row[0])
     stored = ("0, 1" if version < _CHECKSUMS else "ifnull(checksum, 0), checksum IS NULL" if salvage
               else f"ifnull(checksum, 0), checksum IS NULL AND rowid < {first}")
     return f"SELECT {', '.join(COLUMNS)}, {stored} FROM metrics"
@@ -148,6 +155,9 @@ def _migrate(con: sqlite3.Connection, path: Path) -> None:
         # executescript() would COMMIT on its own; run the statements one by one inside our transaction
         for stmt in filter(str.strip, MIGRATIONS[v].split(";")):
             con.execute(stmt)
+        if v + 1 == _CHECKSUMS:  # every record from here on has a checksum: a NULL one after it is damage
+            con.execute("INSERT OR REPLACE INTO run_info (key, value) VALUES ('checksums_from', "
+                        "(SELECT ifnull(max(rowid), 0) + 1 FROM metrics))")
         con.execute("DELETE FROM schema_version")
         con.execute("INSERT INTO schema_version (version) VALUES (?)", (v + 1,))
         con.execute("COMMIT")
