@@ -537,3 +537,17 @@ def test_a_fit_killed_after_a_checkpoint_resumes_to_an_uninterrupted_fits_record
     a, b = resumed.advice(window=6), full.advice(window=6)
     assert a["stable_rank"].tolist() == pytest.approx(b["stable_rank"].tolist(), rel=1e-5)
     assert not list((tmp_path / "out").glob(f".{STATE_FILE}-*"))  # the staged states were cleared by the next saves
+
+
+def test_save_strategy_best_leaves_no_staged_state_behind(tmp_path):
+    """With save_strategy="best" the Monitor's state is staged after every evaluation (the Trainer decides to save
+    after it); the evaluations that were not the best left theirs in output_dir for good."""
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path, 6, save_strategy="best", eval_strategy="steps", eval_steps=2,
+                                             metric_for_best_model="loss", greater_is_better=False),
+                      train_dataset=Tokens(), eval_dataset=Tokens(16, seed=1), optimizers=adamw(model))
+    attach(trainer, every=1, estimator="gram")
+    trainer.train()
+    saved = sorted(tmp_path.glob("checkpoint-*"))
+    assert saved and all((c / STATE_FILE).is_file() for c in saved)
+    assert not list(tmp_path.glob(f".{STATE_FILE}-*"))

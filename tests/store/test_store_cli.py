@@ -329,3 +329,15 @@ def test_specscope_alone_prints_the_help_and_exits_0():
     """`specscope` with no arguments printed the help, then `error: ; see specscope --help` and exited 2."""
     out = subprocess.run([sys.executable, "-m", "specscope"], capture_output=True, text=True)
     assert out.returncode == 0 and "Usage" in out.stdout and out.stderr == ""
+
+
+def test_a_folder_at_run_lock_is_one_store_error(tmp_path):
+    from specscope.errors import RunStoreError
+    from specscope.store import Run
+
+    with Run.create(tmp_path, "custom", {"a": 1}, run_id="r") as run:
+        run.log(0, {"loss": 1.0})
+    (run.path / "run.lock").unlink()
+    (run.path / "run.lock").mkdir()
+    with pytest.raises(RunStoreError, match=r"run.lock is not a regular file"):
+        Run.open(run.path).log(1, {"loss": 0.5})

@@ -148,6 +148,10 @@ class SpecscopeCallback(transformers.TrainerCallback):
             self._measure.abandon()
         if self.run is not None:
             self.run.flush()
+        if state.is_world_process_zero:  # states staged for checkpoints that were not written (a non-best evaluation)
+            for old in Path(args.output_dir).glob(f".{STATE_FILE}-*"):
+                if old.name.rsplit("-", 1)[-1].isdigit():
+                    old.unlink(missing_ok=True)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _stage(self, args, state) -> None:

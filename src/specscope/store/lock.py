@@ -40,7 +40,11 @@ def acquire(run_dir: Path, wait_s: float = 0.5) -> tuple[int, ...]:
     try:
         targets = [(run_dir, os.O_RDONLY)] if fcntl is not None else []  # a directory opens on POSIX only
         for target, flags in (*targets, (path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0))):
-            fd = os.open(target, flags, 0o644)
+            try:
+                fd = os.open(target, flags, 0o644)
+            except IsADirectoryError:
+                raise RunStoreError(f"{path} is not a regular file (a FIFO, a device or a folder): restore it as an empty "
+                                    "file, or delete it when no process writes the run") from None
             held.append(fd)
             if target == path and not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise RunStoreError(f"{path} is not a regular file (a FIFO, a device or a folder): restore it as an "
