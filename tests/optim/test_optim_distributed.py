@@ -106,3 +106,28 @@ def test_optimizers_of_different_parameters_on_the_ranks_are_refused_not_an_abor
     gloo aborted both ranks (NCCL hangs)."""
     for message in spawn(_fewer_worker, 2, timeout=120):
         assert message is not None and "the ranks' optimizers hold different parameters" in message
+
+
+def _other_options_worker(rank, world, option):
+    from specscope.errors import ConfigError
+    from specscope.optim import Muon
+
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(3)]
+    settings = {"lr": 0.02} | ({option: {"lr": 0.05, "shardwise": True, "polar": "gram"}[option]} if rank == 1 else {})
+    opt = Muon(weights, **settings)
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    try:
+        opt.step()
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("option", ["shardwise", "lr", "polar"])
+def test_optimizers_of_different_options_on_the_ranks_are_refused_not_a_hang(option):
+    """A shardwise=True on one rank skipped the collectives the other entered (a hang); another lr or polar stepped
+    each matrix by its owner rank's setting, a mix of two configurations, in silence."""
+    for message in spawn(_other_options_worker, 2, option, timeout=120):
+        assert message is not None and "param groups of different options" in message

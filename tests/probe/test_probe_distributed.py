@@ -157,7 +157,8 @@ def test_monitors_of_different_weights_on_the_ranks_are_refused_not_a_hang():
 
 def _settings_worker(rank, world):
     out = {}
-    for what, options in (("every", dict(every=1 if rank == 0 else 2)), ("estimator", dict(estimator="gram" if rank == 0 else "power"))):
+    for what, options in (("every", dict(every=1 if rank == 0 else 2)), ("estimator", dict(estimator="gram" if rank == 0 else "power")),
+                          ("grad_gram_dtype", dict(grad_gram_dtype=torch.float64 if rank == 0 else torch.float32))):
         model = Net()
         mon = Monitor(nn.parallel.DistributedDataParallel(model), **options)
         try:
@@ -174,7 +175,7 @@ def test_monitors_set_up_differently_on_the_ranks_are_refused_not_an_abort():
     """every=1 on one rank and 2 on the other (or gram against power) aborted gloo (NCCL hangs): one rank reduced
     statistics the other never did."""
     for got in spawn(_settings_worker, 2, timeout=120):
-        for what in ("every", "estimator"):
+        for what in ("every", "estimator", "grad_gram_dtype"):  # the gradients' Grams are reduced in grad_gram_dtype
             assert got[what] is not None and "the ranks' Monitors are set up differently" in got[what], (what, got)
 
 

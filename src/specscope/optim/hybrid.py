@@ -72,6 +72,18 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, numbers.Real) and not _is_bool(value) else None  # numpy's scalars too
 
 
+def _options_text(group: dict[str, Any]) -> str:
+    """A group's options as text that is the same on every rank for the same settings (a callable by its name, a number
+    by its value), for `_distributed.check_same_parameters`."""
+    def text(v: Any) -> str:
+        if callable(v):
+            return f"<{getattr(v, '__qualname__', type(v).__name__)}>"
+        if isinstance(v, torch.Tensor):
+            return repr(v.tolist()) if v.numel() <= 16 else f"<tensor {tuple(v.shape)}>"
+        return repr(float(v)) if isinstance(v, numbers.Real) and not _is_bool(v) else repr(v)
+    return ", ".join(f"{k}={text(group[k])}" for k in sorted(map(str, group)) if k not in ("params", "param_names"))
+
+
 def _is_bool(value: Any) -> bool:
     """Python's or numpy's bool (np.bool_ is no Python bool, and no number to count with)."""
     return isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy 2 names it "bool"
@@ -322,7 +334,8 @@ class Hybrid(Optimizer):
         flags = iter(_common.nonfinite_flags(with_grad))
         bad = [next(flags) if h else False for h in has]
         if getattr(self, "_same_on_ranks", None) != len(flat):  # once (and again if groups are added)
-            _distributed.check_same_parameters([n for _, _, n in flat], flat[0][1].device)
+            _distributed.check_same_parameters([n for _, _, n in flat], flat[0][1].device,
+                                               [_options_text(g) for g in self.param_groups])
             self._same_on_ranks = len(flat)
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         for (_, p, name), b in zip(flat, bad):

@@ -733,7 +733,7 @@ class Monitor:
         """What decides which steps are measured and which statistics the ranks reduce together."""
         gradient = self.gradient if isinstance(self.gradient, str) else "a callable"
         return {"every": self.every, "log_spaced": self.log_spaced, "estimator": self.estimator, "gradient": gradient,
-                "extras": self.extras, "topk": self.topk, **self._stats_kw}
+                "extras": self.extras, "topk": self.topk, "grad_gram_dtype": str(self.grad_gram_dtype), **self._stats_kw}
 
     def _on_every_rank(self, slots: list[Slot], mats: list[torch.Tensor], has_grad: set[int]):
         """The weights some rank has a gradient of, in one order on every rank, a zero gradient where this rank has
