@@ -191,3 +191,17 @@ def test_gradients_held_at_a_save_or_a_load_do_not_drop_the_optimizer_state(kind
     _steps(again, opt2, range(3, 5))
     for (name, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_file_of_a_checkpoint_without_checksums_is_named_as_damage(tmp_path, damage):
+    """Without checksums.json (saved before it was written) a missing or truncated shard read as "does not fit what it
+    is loaded into", with the fix of loading it into other objects."""
+    model, opt = _branchy("adamw")
+    _steps(model, opt, range(2))
+    D.save(tmp_path / "ck", model, opt)
+    (tmp_path / "ck" / D.CHECKSUMS).unlink()
+    (shard,) = (tmp_path / "ck").glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:100]) if damage == "truncate" else shard.unlink()
+    with pytest.raises(RunStoreError, match=r"a file of the checkpoint .*ck' is missing or damaged .*saved without checksums.json"):
+        D.load(tmp_path / "ck", *_branchy("adamw"))

@@ -498,6 +498,11 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
             if isinstance(cause, RunStoreError):
                 raise RunStoreError(str(cause)) from None
         cause = causes[0] if causes else e
+        if isinstance(cause, (OSError, EOFError)) or any(w in str(cause) for w in ("PytorchStreamReader", "zip archive")):
+            # a file gone or unreadable, in a checkpoint without checksums.json (saved before it was written) to name it
+            raise RunStoreError(f"a file of the checkpoint {os.fspath(path)!r} is missing or damaged ({type(cause).__name__}: "
+                                f"{str(cause).splitlines()[0] if str(cause) else ''}); it was saved without checksums.json, "
+                                "which would name the file: restore the checkpoint from a copy, or start the run again") from None
         raise ConfigError(f"the checkpoint {os.fspath(path)!r} does not fit what it is loaded into "
                           f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}): load it into the "
                           "model, optimizer and Monitor it was saved with, built the same way (a checkpoint saved without "
