@@ -99,21 +99,12 @@ def test_a_record_whose_checksum_was_set_to_null_after_checked_ones_is_damaged_n
 def test_nulled_checksums_of_a_databases_first_records_are_damage_too(tmp_path):
     """Only records before the first checksummed one counted as "from before checksums": nulling the checksums of the
     leading records (or of all) made them unchecked. A database records where its checksums begin (`checksums_from`)."""
-    import sqlite3
-
-    from specscope.errors import RunStoreError
-    from specscope.store import Run, load
+    from specscope.store import Run
 
     with Run.create(tmp_path, "api", {"seed": 0}, run_id="r") as run:
         for s in range(4):
             run.log(s, {"loss": 1.0 + s})
-    con = sqlite3.connect(run.metrics_path)
-    assert con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone() == (1,)
-    con.execute("UPDATE metrics SET value = value * 100, checksum = NULL")
-    con.commit()
-    con.close()
-    with pytest.raises(RunStoreError, match="fail their checksum"):
-        load(run.path)
+    _nulled_is_damage(run.path, checksums_from=1, where="")  # every record, the first ones included
 
 
 def test_a_database_migrated_from_before_checksums_reads_its_old_records_unchecked(tmp_path):
@@ -140,10 +131,21 @@ def test_a_database_migrated_from_before_checksums_reads_its_old_records_uncheck
     again.log(2, {"loss": 0.25})
     again.close()
     assert load(run.path).value.tolist() == [1.0, 0.5, 0.25]
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone() == (3,)
-    con.execute("UPDATE metrics SET value = 9, checksum = NULL WHERE rowid = 3")
+    _nulled_is_damage(run.path, checksums_from=3, where=" WHERE rowid = 3")  # the one appended after the migration
+
+
+def _nulled_is_damage(path, checksums_from: int, where: str) -> None:
+    """The database records where its checksums begin; records of it edited with their checksum set to NULL (`where`:
+    which) fail their check when read."""
+    import sqlite3
+
+    from specscope.errors import RunStoreError
+    from specscope.store import load
+
+    con = sqlite3.connect(path / "metrics.sqlite")
+    assert con.execute("SELECT value FROM run_info WHERE key = 'checksums_from'").fetchone() == (checksums_from,)
+    con.execute("UPDATE metrics SET value = value * 100, checksum = NULL" + where)
     con.commit()
     con.close()
-    with pytest.raises(Exception, match="fail their checksum"):
-        load(run.path)
+    with pytest.raises(RunStoreError, match="fail their checksum"):
+        load(path)
