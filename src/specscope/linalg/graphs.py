@@ -2,7 +2,7 @@
 
 On a GPU a batch of small matrices takes microseconds of arithmetic, but every eager torch op costs the host
 ≈ 20 µs to launch: the probe's measured step on one H100 spent 6.7 ms finishing, ≈ 320 launches, against ≈ 3.5 ms
-of device time (README "On one NVIDIA H100"). A CUDA graph records a computation's kernels once and replays them
+of device time (README "On a GPU"). A CUDA graph records a computation's kernels once and replays them
 all with one launch; it reads its inputs from, and writes its outputs to, buffers of its own, so a replay copies
 the new inputs in and the caller clones the outputs out before the next replay overwrites them.
 
