@@ -886,3 +886,17 @@ def test_a_weight_scaled_before_a_function_the_probe_cannot_see_says_how_to_rout
     with pytest.warns(UserWarning, match=r"used by neg.*as in exp\(-W\), the weight is a table: route it with"), monitor.step(0):
         model(torch.randn(8, 16)).sum().backward()
     assert monitor.roles["A_log"] == "hidden"
+
+
+def test_a_split_into_unequal_parts_suggests_sizes_that_add_up():
+    """64 outputs into 3 named parts do not divide: the error's example names the user's parts with sizes adding
+    to 64 (it suggested {'q': 64, 'k': 64} whatever the weight, which failed again when followed)."""
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"adding to 64, e\.g\. \{'a': 22, 'b': 21, 'c': 21\} \(CLI: --split PATTERN=a:22,b:21,c:21\)"):
+        Monitor(nn.Linear(4, 64), split={"weight": ["a", "b", "c"]})
+    model = nn.Linear(4, 64)
+    mon = Monitor(model, split={"weight": {"a": 22, "b": 21, "c": 21}})  # the suggestion works
+    with mon.step(0):
+        model(torch.randn(8, 4)).square().sum().backward()
+    assert {r.layer for r in mon.pop_records() if r.metric == "nuclear_rank"} == {"weight.a", "weight.b", "weight.c"}

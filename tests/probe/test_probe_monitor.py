@@ -328,9 +328,13 @@ def test_accelerator_route_needs_no_large_eigendecomposition(monkeypatch, tiny_g
             with Eigs() as count:
                 with mon.step(step):
                     lm_step(model, tokens).backward()
-        sizes[method] = count.sizes
-    assert any(n != "qr" and n > 32 for n in sizes["eigh"]) and "qr" in sizes["eigh"]  # the CPU's routes
-    assert sizes["polar"] and "qr" not in sizes["polar"] and max(sizes["polar"]) <= 32, sizes["polar"]
+            sizes.setdefault(method, []).append(count.sizes)
+    # the CPU's routes, over the three steps (the cold first one solves larger Ritz problems on any CPU; which warm
+    # solves reach the dispatcher depends on the CPU: an AMD one's nr(G) eigensolves run in OpenBLAS through ctypes)
+    cpu = [n for step in sizes["eigh"] for n in step]
+    assert any(n != "qr" and n > 32 for n in cpu) and "qr" in cpu, sizes["eigh"]
+    warm = [n for step in sizes["polar"][1:] for n in step]
+    assert warm and "qr" not in warm and max(warm) <= 32, sizes["polar"]
 
 
 def test_accelerator_finish_launches_do_not_grow_with_the_number_of_layers(monkeypatch, tiny_gpt, lm_step, tokens):

@@ -763,14 +763,14 @@ class Monitor:
                 self._records.append(Record(step, s.name, "unmeasured", 1.0, shape=shape, flag=why))
                 if s.name not in self._warned:
                     self._warned.add(s.name)
-                    warnings.warn(f"specscope probe: '{s.name}' is unmeasured: {why}", stacklevel=4)
+                    warnings.warn(f"specscope probe: '{s.name}' is unmeasured: {why}", stacklevel=_user_level())
         if self.slots and all(v == NOT_USED for v in self.unmeasured.values()) and len(self.unmeasured) == len(self.slots) \
                 and "<none used>" not in self._warned:
             self._warned.add("<none used>")
             warnings.warn(f"specscope probe: none of the {len(self.slots)} weights of this Monitor's model was used in step "
                           f"{step}: is the model that ran the forward the one the Monitor was built on? A copy (copy.deepcopy, "
                           "an EMA or teacher model, a framework that copies the model) trains other tensors: build the Monitor "
-                          "on the model that runs; or the forward ran outside `with monitor.step(step)`", stacklevel=4)
+                          "on the model that runs; or the forward ran outside `with monitor.step(step)`", stacklevel=_user_level())
         fro, nuc = grads.spectra()
         named = grads.named
         if self.extras:  # the extras need whole matrices: gather sharded ones
@@ -824,7 +824,7 @@ class Monitor:
             raise err
         if self.nonfinite == "skip":
             return
-        warnings.warn(f"specscope probe: {message} (recorded with flag='nonfinite')", stacklevel=4)
+        warnings.warn(f"specscope probe: {message} (recorded with flag='nonfinite')", stacklevel=_user_level())
 
     def _gradient_name(self) -> str:
         return self.gradient if isinstance(self.gradient, str) else getattr(self.gradient, "__name__", "callable")

@@ -80,7 +80,11 @@ def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Te
             raise ConfigError(f"split of '{name}': sizes {bad} must be positive integers (rows of each part)")
     else:
         if out % len(spec):
-            raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give each part's rows, e.g. {{'q': 64, 'k': 64}} (CLI: --split PATTERN=q:64,k:64)")
+            rows = [out // len(spec) + (i < out % len(spec)) for i in range(len(spec))]  # sizes that add to out
+            example = dict(zip(names, rows))
+            raise ConfigError(f"split of '{name}': {out} outputs do not divide into {len(spec)} equal parts; give each "
+                              f"part's rows, adding to {out}, e.g. {example} (CLI: --split PATTERN="
+                              + ",".join(f"{p}:{n}" for p, n in example.items()) + ")")
         sizes = {p: out // len(spec) for p in spec}
     if sum(sizes.values()) != out:
         raise ConfigError(f"split of '{name}': sizes {sizes} add to {sum(sizes.values())}, the weight has {out} outputs")
@@ -324,8 +328,10 @@ def operand_layout(W: torch.Tensor, M: torch.Tensor) -> tuple[int, tuple[int, in
 
 
 def patches(x: torch.Tensor, weight_shape, stride, padding, dilation, groups: int) -> torch.Tensor:
-    """Rows the kernel multiplies: [groups·B·positions, C/groups·prod(k)], columns in W.reshape(out, -1)'s order."""
-    k = weight_shape[2:]
+    """Rows the kernel multiplies: [groups·B·positions, C/groups·prod(k)], columns in W.reshape(out, -1)'s order.
+    Written by one copy from a strided view of x (a convolution's patches are prod(k) times its input: a second
+    copy to reorder them cost as much as the first)."""
+    k = tuple(weight_shape[2:])
     d = len(k)
     if x.dim() == d + 1:  # unbatched input
         x = x.unsqueeze(0)
@@ -334,10 +340,23 @@ def patches(x: torch.Tensor, weight_shape, stride, padding, dilation, groups: in
     for i in range(d):
         span = dilation[i] * (k[i] - 1) + 1
         x = x.unfold(2 + i, span, stride[i])[..., :: dilation[i]]
-    # x: [B, C, *out_positions, *k]
-    B, C, P = x.shape[0], x.shape[1], math.prod(x.shape[2 : 2 + d])  # (P spelled out: an empty batch has no -1)
-    x = x.reshape(B, groups, C // groups, P, math.prod(k))  # [B, g, C/g, P, K]
-    return x.permute(1, 0, 3, 2, 4).reshape(-1, (C // groups) * math.prod(k))
+    # x: [B, C, *out_positions, *k], a view; the rows in the order [g, B, *out_positions], columns [C/g, *k]
+    B, C, positions = x.shape[0], x.shape[1], x.shape[2 : 2 + d]
+    x = x.unflatten(1, (groups, C // groups)).permute(1, 0, *range(3, 3 + d), 2, *range(3 + d, 3 + 2 * d))
+    out = torch.empty((groups, B, *positions, C // groups, *k), dtype=x.dtype, device=x.device)
+    out.copy_(x)
+    return out.view(-1, (C // groups) * math.prod(k))
+
+
+def patches_shape(x_shape, weight_shape, stride, padding, dilation, groups: int) -> tuple[int, int]:
+    """The shape `patches` gives, from the shapes alone: [groups·B·positions, C/groups·prod(k)]."""
+    k = weight_shape[2:]
+    d = len(k)
+    batch = 1 if len(x_shape) == d + 1 else x_shape[0]
+    sizes = x_shape[-d:]
+    padding = list(padding) * d if len(padding) == 1 else padding  # aten's [0] for padding="valid"
+    positions = math.prod((sizes[i] + 2 * padding[i] - dilation[i] * (k[i] - 1) - 1) // stride[i] + 1 for i in range(d))
+    return groups * batch * positions, x_shape[-d - 1] // groups * math.prod(k)
 
 
 def input_matrix(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ layouts). `Watch` holds one step's pairing state and hands each input matrix to 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import weakref
 from collections.abc import Callable, Iterator
@@ -28,8 +29,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from specscope.probe import roles as R
-from specscope.probe.estimators import GramStats, GroupedPowerStats, GroupedStats, TokenCounts, groups_of
-from specscope.probe.pairing import MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, resolve
+from specscope.probe.estimators import Deferred, GramStats, GroupedPowerStats, GroupedStats, TokenCounts, groups_of, rows_of
+from specscope.probe.pairing import MATMULS, Slot, aten, fsdp_aliases, in_backward, input_key, operand_layout, patches, patches_shape, resolve
 
 _TB = torch._C.TensorBase
 # torch-level products (and lookups) paired without descending to aten: function -> kind
@@ -103,8 +104,12 @@ class Watch:
             if transposed:
                 s.problem = "used in a transposed convolution, which the probe does not pair; pass its inputs with monitor.observe"
                 return None
-            with torch.no_grad():
-                A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
+            if groups > 1:  # each group's rows go to statistics of its own, now
+                with torch.no_grad():
+                    A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
+            else:  # built where they are read: held for the step's end, they would be prod(k) times the input
+                A = Deferred(functools.partial(patches, x.detach(), w.shape, stride, padding, dilation, groups),
+                             patches_shape(x.shape, w.shape, stride, padding, dilation, groups), x.dtype, x.device, x)
             return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op, groups)
         if op is aten.embedding:
             s = self._whole(args[0])
@@ -373,10 +378,13 @@ class Watch:
         if not whole_input:
             s.problem = "only some of its input features multiply this input (a column block of W used as inputs)"
             return
-        if _unreadable(s, x):
+        source = x.source if isinstance(x, Deferred) else x
+        if _unreadable(s, source):
             return
-        A = x.detach().reshape(-1, x.shape[-1])  # detached: what follows records no graph
-        entry = self.input(A)
+        A = x if isinstance(x, Deferred) else x.detach().reshape(-1, x.shape[-1])  # detached: what follows records no graph
+        # a convolution's patches are a copy no other weight multiplies: an entry of their own, not one the last few
+        # inputs' cache would hold (prod(k) times the conv's input each, for four more products)
+        entry = [A, None, next(self.serial)] if kind == "conv" else self.input(A)
         key = entry[2]
         if any(key in keys for r, keys in s.inputs.items() if r != out_range):
             return  # another output block of the same product input: A is counted once
@@ -386,11 +394,11 @@ class Watch:
         if stats is None:
             return
         if isinstance(stats, GramStats):
-            stats.add(A, entry, key, source=x)
+            stats.add(A, entry, key, source=source)
         elif isinstance(stats, (GroupedStats, GroupedPowerStats)):
             stats.add(A, key, source=x)
         else:
-            stats.add(A)
+            stats.add(rows_of(A))
 
     def stats_for(self, s: Slot, kind: str, n: int, out_range: tuple, key, groups: int = 1):
         """The statistics this use adds to: the weight's own, or — for an output block whose input differs from
