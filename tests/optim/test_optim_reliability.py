@@ -732,3 +732,73 @@ def test_a_saved_state_with_a_key_now_refused_names_how_to_load_it():
     state["param_groups"][0]["wd"] = 0.1  # kept by specscope before such keys were refused
     with pytest.raises(ConfigError, match=r"drop it from the saved groups, `for g in sd\['param_groups'\]: g.pop\('wd', None\)`"):
         Muon([p], lr=0.02).load_state_dict(state)
+
+
+@pytest.mark.parametrize("algorithm, options, bad", [("specgd", {"momentum": 0.9}, None), ("specgd", {"momentum": 0.9}, 0.5),
+                                                     ("specgd", {}, float("nan")), ("auto", {"euclidean": "adamw"}, 0.5),
+                                                     ("auto", {"euclidean": "momentum", "momentum": 0.9}, "2"),
+                                                     ("l1_to_l2", {"token_dim": 0}, 0.5)])
+def test_a_bad_stable_rank_raises_before_any_group_steps(algorithm, options, bad):
+    """st(A) is read for every group before any group changes: a missing or bad value raises with the weights of
+    every group (a Muon group stepped before it included) and the buffers as they were — a retry after measuring the
+    layer does not add the same gradient to the momentum twice."""
+    torch.manual_seed(0)
+    A, B = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8))
+    values = {"a": 2.0, "b": 2.0}
+    opt = Hybrid([{"params": [("a.weight", A)], "algorithm": "muon", "lr": 0.02},
+                  {"params": [("b.weight", B)], "algorithm": algorithm, "lr": 0.01, **options}], stable_rank=lambda layer: values[layer])
+    A.grad, B.grad = torch.randn(8, 8), torch.randn(8, 8)
+    opt.step()
+    values["b"] = bad
+    before = copy.deepcopy([A.detach(), B.detach(), opt.state_dict()["state"]])
+    with pytest.raises((ConfigError, NonFiniteError)):
+        opt.step()
+    after = [A.detach(), B.detach(), opt.state_dict()["state"]]
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert before[2].keys() == after[2].keys()
+    for k in before[2]:
+        for key, value in before[2][k].items():
+            assert (torch.equal(value, after[2][k][key]) if torch.is_tensor(value) else value == after[2][k][key]), (k, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_buffers_follow_a_model_moved_to_another_dtype_after_steps(dtype):
+    """model.double() (or .bfloat16()) after steps: the next step keeps every buffer as a step in that dtype would
+    (float32 for bf16 parameters) and equals the step of an optimizer that loaded the state into the moved model,
+    instead of failing part-way with torch's dtype error after the Muon group had stepped."""
+    def build(model):
+        return Muon(spectral_param_groups(model, 0.02, 1e-3))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = build(model)
+    x = torch.randn(3, 8)
+    model(x).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    model.to(dtype)
+    twin = copy.deepcopy(model)
+    twin_opt = build(twin)
+    twin_opt.load_state_dict(opt.state_dict())
+    for m, o in ((model, opt), (twin, twin_opt)):
+        m(x.to(dtype)).sum().backward()
+        o.step()
+    want = torch.float32 if dtype == torch.bfloat16 else dtype
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+        assert {v.dtype for v in opt.state[p].values() if torch.is_tensor(v) and v.ndim} == {want}
+
+
+@pytest.mark.parametrize("opt_class", [Muon, SpecGD])
+@pytest.mark.parametrize("bad", [lambda X: X.mT, lambda X: X.flatten(-2), lambda X: None])
+def test_a_polar_callable_of_the_wrong_shape_is_refused_with_nothing_changed(opt_class, bad):
+    """A user's polar callable that returns another shape (a transpose of a wide batch has the same number of entries,
+    which a reshape would have applied scrambled) is one ConfigError naming the shapes, the weights untouched."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(8, 16))
+    opt = opt_class([W], lr=0.02, polar=bad, **({"stable_rank": lambda layer: 2.0} if opt_class is SpecGD else {}))
+    W.grad = torch.randn(8, 16)
+    before = W.detach().clone()
+    with pytest.raises(ConfigError, match="same shape"):
+        opt.step()
+    assert torch.equal(W, before)

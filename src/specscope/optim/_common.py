@@ -282,7 +282,7 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     """
     polar = group["polar"]
     if callable(polar):
-        return polar
+        return checked_callable(polar)
     eps, bf16 = group["eps"], torch.bfloat16
     if polar == "newton_schulz":
         return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
@@ -291,6 +291,19 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     if polar == "gram_newton_schulz":
         return transposable(lambda X: linalg.gram_newton_schulz(X.to(linalg.iteration_dtype(X.device)), eps=eps))
     return polar_map(polar)
+
+
+def checked_callable(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The user's polar callable, its result checked for a tensor of the batch's shape (a transposed or reshaped
+    result would otherwise be reshaped into the weight's shape and applied scrambled). Shape only: no entry read."""
+    def call(X: Tensor) -> Tensor:
+        out = fn(X)
+        if not isinstance(out, Tensor) or out.shape != X.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
+            raise ConfigError(f"polar={getattr(fn, '__name__', fn)!r} returned {got} for a batch of shape {tuple(X.shape)}; "
+                              "a polar callable maps a batch [..., m, n] to its polar factors, a tensor of the same shape")
+        return out
+    return call
 
 
 def polar_map(method: str) -> Callable[[Tensor], Tensor]:
@@ -387,6 +400,13 @@ def untracked_reason(source: Any, layer: str) -> str | None:
     if layer not in {layer_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}:
         return None
     return "the Monitor does not track it: its include=/exclude= leave it out, or it was frozen when the Monitor was made"
+
+
+def taken_ahead(opt, group: dict, read: Callable[[], Any]) -> Any:
+    """What the optimizer's step read for `group` before any group changed (Algorithm.ahead), or `read()` now when
+    the update runs on its own."""
+    ahead = opt.__dict__.get("_ahead", {})
+    return ahead.pop(id(group)) if id(group) in ahead else read()
 
 
 def read_stable_rank(source: Any, layer: str) -> float | None:

@@ -69,9 +69,9 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     if group["token_dim"] is not None:
         return embedding_update(opt, group, params, grads, names)
     lr, wd = float(group["lr"]), group["weight_decay"]
+    sts = _common.taken_ahead(opt, group, lambda: auto_stable_ranks(opt, group, params, grads, names))
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
-    sts = layer_stable_ranks(opt, names, required=False)
     steps = [s.get("step", 0) for s in states]
     deciding = [st is not None and (k % group["every"] == 0 or "geometry" not in s)
                 for s, st, k in zip(states, sts, steps)]
@@ -97,6 +97,11 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
         flag = "" if st else "unmeasured" if rec["layer"] in unmeasured_layers(opt) else "no_stable_rank"
         opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
+
+
+def auto_stable_ranks(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> list[float | None]:
+    """st(A) of each parameter's layer (None: the Euclidean step), read before the step changes anything."""
+    return layer_stable_ranks(opt, names, required=False)
 
 
 def nuclear_rank(D: Tensor, nuc: Tensor, k: Tensor | None, shardwise: bool = False) -> float:
@@ -134,9 +139,9 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
     (−lr·(‖D‖_{2,1}/st)·colnorm(D)) or, under euclidean="adamw", RMS-matched (−lr·0.2·sqrt(d)·colnorm(m̂)).
     """
     lr, wd, k = float(group["lr"]), group["weight_decay"], group["token_dim"]
+    sts = _common.taken_ahead(opt, group, lambda: auto_stable_ranks(opt, group, params, grads, names))
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
-    sts = layer_stable_ranks(opt, names, required=False)
     polar = _common.unit_polar_with_nuclear_norm([_common.as_matrix(D) for D, _ in dirs], group)
     l12 = dict(token_dim=k, rms=0.2, scale="rms" if group["euclidean"] == "adamw" else "matched")
     for p, name, s, st, (D, E), (P, nuc, unit) in zip(params, names, states, sts, dirs, polar):
@@ -184,7 +189,7 @@ def check_group(group: dict) -> None:
 
 
 register("auto", auto_update, AUTO_DEFAULTS, spectral=True, check=check_group,
-         state={"momentum_buffer", "exp_avg", "exp_avg_sq", "adam_step", "geometry", "step"})
+         state={"momentum_buffer", "exp_avg", "exp_avg_sq", "adam_step", "geometry", "step"}, ahead=auto_stable_ranks)
 
 
 class AutoGeometry(Hybrid):

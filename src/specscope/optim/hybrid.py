@@ -43,6 +43,9 @@ class Algorithm:
     spectral: bool  # only hidden matrices allowed
     check: Callable[[dict], None] | None = None  # raises ConfigError for a group's options that fail only together
     state: frozenset[str] | None = None  # the per-parameter state keys it keeps (load_state_dict refuses others); None: any
+    # ahead(opt, group, params, grads, names): what update reads from outside the optimizer (st(A) from its source),
+    # read and checked for every group before any group changes; update takes it with _common.taken_ahead
+    ahead: Callable[..., Any] | None = None
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -54,11 +57,14 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 
 def register(name: str, update: Update, defaults: dict[str, Any], spectral: bool,
-             check: Callable[[dict], None] | None = None, state: Iterable[str] | None = None) -> None:
+             check: Callable[[dict], None] | None = None, state: Iterable[str] | None = None,
+             ahead: Callable[..., Any] | None = None) -> None:
     """Make `algorithm=name` available to every Hybrid-based optimizer; `check(group)` runs on each of its groups
     after the shared checks (every option a finite number in range, flags True/False). `state`: the keys `update`
-    keeps in `opt.state[p]`, so that load_state_dict refuses another optimizer's state (None: not checked)."""
-    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral, check, None if state is None else frozenset(state))
+    keeps in `opt.state[p]`, so that load_state_dict refuses another optimizer's state (None: not checked).
+    `ahead(opt, group, params, grads, names)`: what `update` reads from outside the optimizer, read for every group
+    before any group steps, so that an error there leaves every weight and buffer as it was."""
+    ALGORITHMS[name] = Algorithm(update, dict(defaults), spectral, check, None if state is None else frozenset(state), ahead)
 
 
 # group hyperparameters checked on every group: [low, high), each a finite real number
@@ -344,13 +350,20 @@ class Hybrid(Optimizer):
         if any(bad):
             name = flat[bad.index(True)][2]
             raise NonFiniteError(f"non-finite gradient in parameter '{name}' on another rank; nothing was changed")
-        with no_autocast():  # a step inside torch.autocast: its float32 products stay float32
-            for gi, group in enumerate(self.param_groups):
-                items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h and p.numel()]  # zero-size: nothing to step
-                if items:
-                    params, names = [p for p, _ in items], [n for _, n in items]
-                    grads = [p.grad for p in params]
-                    ALGORITHMS[group["algorithm"]].update(self, group, params, grads, names)
+        work = []  # (algorithm, group, params, grads, names) of each group with something to step
+        for gi, group in enumerate(self.param_groups):
+            items = [(p, n) for (j, p, n), h in zip(flat, has) if j == gi and h and p.numel()]  # zero-size: nothing to step
+            if items:
+                params, names = [p for p, _ in items], [n for _, n in items]
+                work.append((ALGORITHMS[group["algorithm"]], group, params, [p.grad for p in params], names))
+        self._ahead = {id(w[1]): w[0].ahead(self, *w[1:]) for w in work if w[0].ahead is not None}  # may raise: nothing changed yet
+        _state_follows_parameters(self.state, [p for w in work for p in w[2]])
+        try:
+            with no_autocast():  # a step inside torch.autocast: its float32 products stay float32
+                for alg, group, params, grads, names in work:
+                    alg.update(self, group, params, grads, names)
+        finally:
+            self._ahead = {}
         self._bound_records()
         return loss
 
@@ -485,6 +498,22 @@ class Hybrid(Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.is_floating_point() and value.ndim and self.state[p][key].dtype != want:
                     self.state[p][key] = value.to(device=p.device, dtype=want, copy=True)
+
+
+def _state_follows_parameters(state: dict, params: list[Tensor]) -> None:
+    """Buffers in the dtype and on the device a step keeps them (`_euclidean.state_dtype`), as load_state_dict leaves
+    them: a model moved after steps (model.double(), .to(device)) would otherwise meet its old buffers part-way
+    through a step, after other groups had stepped. Python checks of each buffer's dtype and device; a copy only
+    where one moved."""
+    for p in params:
+        st = state.get(p)
+        if not st:
+            continue
+        want = _euclidean.state_dtype(p)
+        for key in BUFFERS & st.keys():
+            value = st[key]
+            if torch.is_tensor(value) and (value.dtype != want or value.device != p.device):
+                st[key] = value.to(device=p.device, dtype=want)
 
 
 BUFFERS = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq"})  # state of the parameter's shape

@@ -91,13 +91,19 @@ def l1_to_l2_update(opt, group: dict, params: list[Tensor], grads: list[Tensor],
     """One ℓ₁→ℓ₂ step on a group (see the module docstring)."""
     check_group(group)
     lr, wd = float(group["lr"]), group["weight_decay"]
-    sts = layer_stable_ranks(opt, names, required=group["scale"] == "matched")
+    sts = _common.taken_ahead(opt, group, lambda: l1_to_l2_stable_ranks(opt, group, params, grads, names))
     for p, g, st in zip(params, grads, sts):  # every p ≥ 2-D: checked when its group was made (_common.check_matrices)
         D = _euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"])
         _euclidean.apply_scaled(p, *step_direction(D, group, st or 1.0), lr, wd)
 
 
-register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, check=check_group, state={"momentum_buffer"})
+def l1_to_l2_stable_ranks(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> list[float | None]:
+    """st(A) of each parameter's layer (needed for scale="matched"), read before the step changes anything."""
+    return layer_stable_ranks(opt, names, required=group["scale"] == "matched")
+
+
+register("l1_to_l2", l1_to_l2_update, L1_TO_L2_DEFAULTS, spectral=False, check=check_group, state={"momentum_buffer"},
+         ahead=l1_to_l2_stable_ranks)
 
 
 class L1ToL2(Hybrid):

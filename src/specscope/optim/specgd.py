@@ -10,9 +10,10 @@ polar(D) and ‖D‖_* come from one eigendecomposition (polar="gram", the defau
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords
@@ -25,22 +26,23 @@ SPECGD_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def layer_stable_ranks(opt, names: list[str], required: bool, directions: list[Tensor] | None = None) -> list[float | None]:
+def layer_stable_ranks(opt, names: list[str], required: bool,
+                       directions: Callable[[int], Tensor] | None = None) -> list[float | None]:
     """st(A) for each parameter's layer from the optimizer's source (1.0 without a source).
 
     A layer the source's probe could not pair (`source.unmeasured[layer]`), or a layer of a Monitor's model that the
     Monitor does not track (its include=/exclude=), has none: with required=False (AutoGeometry) it takes the
-    Euclidean step and is warned about once, with the reason. `directions`
-    (SpecGD's): a layer with no st(A) whose direction is all zeros — an input that was zero at every measurement
-    so far, e.g. behind ReLUs that are all dead — has no step for st(A) to scale; it gets 1.0 instead of an error
-    (one host read per such layer).
+    Euclidean step and is warned about once, with the reason. `directions(i)`
+    (SpecGD's): the direction parameter i would take; a layer with no st(A) whose direction is all zeros — an input
+    that was zero at every measurement so far, e.g. behind ReLUs that are all dead — has no step for st(A) to scale;
+    it gets 1.0 instead of an error (one host read per such layer).
     """
     source = opt.stable_rank_source
     if source is None:
         return [1.0] * len(names)
     out = [_read(opt, source, _common.layer_name(n)) for n in names]
     if directions is not None:
-        out = [1.0 if st is None and not bool(D.any()) else st for st, D in zip(out, directions)]
+        out = [1.0 if st is None and not bool(directions(i).any()) else st for i, st in enumerate(out)]
     unmeasured = unmeasured_layers(opt)
     missing = [_common.layer_name(n) for n, st in zip(names, out) if st is None]
     if required and missing:
@@ -100,13 +102,24 @@ def specgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], n
     float64 before it becomes a number of P's dtype: ‖D‖_* of a float32 D can exceed float32's range (entries ≈ 1e36 on
     a 64×64) while the step, lr times it, does not."""
     lr, wd = float(group["lr"]), group["weight_decay"]
+    sts = _common.taken_ahead(opt, group, lambda: specgd_stable_ranks(opt, group, params, grads, names))
     dirs = [
         _common.as_matrix(_euclidean.sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"]))
         for p, g in zip(params, grads)
     ]
-    sts = layer_stable_ranks(opt, names, required=True, directions=dirs)
     for p, (P, nuc, k), st in zip(params, _common.unit_polar_with_nuclear_norm(dirs, group), sts):
         _euclidean.apply_scaled(p, P, _common.nuclear_length(nuc, k) / st, lr, wd)
+
+
+def specgd_stable_ranks(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> list[float | None]:
+    """st(A) of each parameter's layer, read before the step changes anything (a missing or bad value raises with
+    the momentum buffers as they were); a missing one is forgiven where the direction would be all zeros, which is
+    then taken on a copy of the state."""
+    def direction(i: int) -> Tensor:
+        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[params[i]].items()}
+        return _euclidean.sgd_direction(state, grads[i], group["momentum"], group["nesterov"])
+
+    return layer_stable_ranks(opt, names, required=True, directions=direction)
 
 
 def check_group(group: dict) -> None:
@@ -114,7 +127,8 @@ def check_group(group: dict) -> None:
         raise ConfigError("nesterov=True needs momentum > 0")
 
 
-register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group, state={"momentum_buffer"})
+register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group, state={"momentum_buffer"},
+         ahead=specgd_stable_ranks)
 
 
 class SpecGD(Hybrid):
