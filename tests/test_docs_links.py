@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-COMMAND = re.compile(r"benchmarks/(\w+)\.py((?:\s+(?:--[\w-]+|[^\s`|;)]+))*)")
+# a command's arguments run to the end of its line, or on past a trailing backslash (never into the next command)
+COMMAND = re.compile(r"benchmarks/(\w+)\.py((?:(?:[ \t]+|[ \t]*\\\n[ \t]*)(?:--[\w-]+|[^\s`|;)\\]+))*)")
 
 
 def anchor(heading: str) -> str:

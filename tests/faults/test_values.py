@@ -456,3 +456,30 @@ def test_a_set_number_beyond_float64_is_named_as_typed_not_as_its_rounding(raw, 
     with pytest.raises(ConfigError, match=rf"lr={raw}: beyond a float64's range \(it reads as {reads}\)"):
         parse_overrides(Config, [f"lr={raw}"])
     assert parse_overrides(Config, ["lr=0.0", "width=0e5"]) == {"lr": 0.0, "width": 0.0}  # zeros typed as zeros
+
+
+@pytest.mark.parametrize("args, option", [
+    (["run", "random-features", "--config", "a.toml", "--config", "b.toml"], "--config"),
+    (["run", "random-features", "--out", "o1", "--out=o2"], "--out"),
+    (["diagnose", "--steps", "2", "--steps", "3"], "--steps"),
+])
+def test_an_option_of_one_value_given_twice_is_refused(cli, tmp_path, monkeypatch, args, option):
+    """click keeps the last value of a repeated option and drops the others: a second --config file silently threw
+    away every key of the first, and the run went ahead at the lab's defaults. One line naming the option, exit 2,
+    nothing made; `--set`, given once per key, still repeats."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.toml").write_text("[config]\nwidth = 64\n")
+    (tmp_path / "b.toml").write_text("[config]\ndim = 12\n")
+    rc, _, err = cli(*args)
+    one_line_error(rc, err, option, "give it once")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.toml", "b.toml"]
+
+
+@pytest.mark.parametrize("out, words", [("", "--out run.csv"), ("-", "not standard output")])
+def test_export_to_an_empty_or_dash_path_is_refused_naming_a_file(cli, tmp_path, monkeypatch, out, words):
+    """export's --out is a file: '' is refused with a file for an example (not a folder, as for run's --out), and '-'
+    — which wrote a file named '-' here and said "wrote -" — with the reason (no standard output)."""
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = cli("export", "some-run", "--out", out)
+    one_line_error(rc, err, words)
+    assert not any(tmp_path.iterdir())

@@ -57,6 +57,7 @@ def main() -> None:
                    tomllib.TOMLDecodeError)
     try:
         _check_path_options(sys.argv[1:])
+        _check_repeated_options(sys.argv[1:])
         if not _help_or_version(sys.argv[1:]):  # neither does any work: a misspelt setting must not hide them
             _check_environment()
         rc = app(standalone_mode=False)
@@ -214,10 +215,32 @@ def _check_path_options(argv: list[str]) -> None:
     """An empty path (`--out ''`) would silently mean the current folder: refused, naming the option."""
     from specscope.errors import ConfigError
 
+    files = next((a for a in argv if not a.startswith("-")), "") == "export"  # export's --out is a file
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name in PATH_OPTIONS and (value.strip() == "" if eq else i + 1 < len(argv) and argv[i + 1].strip() == ""):
-            raise ConfigError(f"{name} is empty; give a path (e.g. {name} {PATH_OPTIONS[name]}), or leave the option out")
+            example = "run.csv" if files and name == "--out" else PATH_OPTIONS[name]
+            raise ConfigError(f"{name} is empty; give a path (e.g. {name} {example}), or leave the option out")
+
+
+def _check_repeated_options(argv: list[str]) -> None:
+    """An option that takes one value given twice (`--config a.toml --config b.toml`): click keeps the last and drops
+    the rest without a word — every key of the first file, here. Refused, naming the option; options given several
+    values (`--set`, `--grid`) and flags are not affected."""
+    from specscope.errors import ConfigError
+
+    command = typer.main.get_command(app)  # typer's own click: its classes are not the installed click's
+    args = argv[: argv.index("--")] if "--" in argv else argv
+    for arg in args:  # the subcommand named on the line, through groups
+        if hasattr(command, "list_commands") and not arg.startswith("-"):
+            command = command.get_command(None, arg) or command
+    for param in command.params:
+        if getattr(param, "param_type_name", "") != "option" or param.multiple or param.is_flag or param.count:
+            continue
+        given = [a.partition("=")[0] for a in args if a.partition("=")[0] in param.opts + param.secondary_opts]
+        if len(given) > 1:
+            raise ConfigError(f"{given[0]} is given {len(given)} times; it takes one value (only the last would be used): "
+                              "give it once" + (" and the other keys with --set KEY=VALUE" if "--config" in param.opts else ""))
 
 
 def _one_line(e: BaseException) -> str:

@@ -76,6 +76,9 @@ def export(
     from specscope.store import export as export_run
     from specscope.store.run import read_config
 
+    if out is not None and str(out) == "-":  # read as a file named "-" in the current folder
+        raise ConfigError("--out -: export writes a file (csv or parquet), not standard output; give the file's path, "
+                          "e.g. --out run.csv")
     suffix = out.suffix.lower().lstrip(".") if out is not None else ""
     if format is None:
         format = suffix if suffix in ("csv", "parquet") else "csv"
