@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from specscope.errors import ConfigError
 from specscope.optim import LowRankDecay, Muon
@@ -95,3 +96,29 @@ def test_bad_mode_and_vector_raise():
         LowRankDecay([torch.nn.Parameter(torch.ones(2, 2))], lr=0.1, weight_decay=0.1, mode="nuclear")
     with pytest.raises(ConfigError, match="matrices"):
         LowRankDecay([torch.nn.Parameter(torch.ones(2))], lr=0.1, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("mode", ["polar", "prox", "elastic", "ns"])
+def test_stacked_decays_each_expert_matrix_on_its_own(mode):
+    """stacked=True: an expert stack [E, out, in] is E matrices, each decayed as LowRankDecay decays a matrix of its
+    own (without it, the stack is the one matrix W.flatten(1), rank ≤ E: 3×600 for (3, 20, 30))."""
+    torch.manual_seed(0)
+    stack = nn.Parameter(torch.randn(3, 20, 30))
+    alone = [nn.Parameter(stack[e].detach().clone()) for e in range(3)]
+    options = dict(lr=0.1, weight_decay=0.5, mode=mode, l2=0.1)
+    LowRankDecay([stack], stacked=True, **options).step()
+    LowRankDecay(alone, **options).step()
+    torch.testing.assert_close(stack.detach(), torch.stack([a.detach() for a in alone]), rtol=1e-6, atol=1e-6)
+    flat = nn.Parameter(torch.randn(3, 20, 30))
+    before = flat.detach().clone()
+    LowRankDecay([flat], **options).step()  # the default: one matrix [3, 600]
+    one = nn.Parameter(before.flatten(1).clone())
+    LowRankDecay([one], **options).step()
+    torch.testing.assert_close(flat.detach().flatten(1), one.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_refuses_a_matrix():
+    with pytest.raises(ConfigError, match="stacked=True.*not a stack"):
+        LowRankDecay([nn.Parameter(torch.randn(4, 5))], lr=0.1, weight_decay=0.1, stacked=True)
+    with pytest.raises(ConfigError, match="stacked must be True or False"):
+        LowRankDecay([nn.Parameter(torch.randn(2, 4, 5))], lr=0.1, weight_decay=0.1, stacked=1)

@@ -30,7 +30,7 @@ from specscope.optim import _common, _distributed
 from specscope.optim.hybrid import FOREIGN_OPTIONS, _number
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
-OPTIONS = ("lr", "weight_decay", "mode", "ns_steps", "ns_coefficients", "l2", "polar_method", "ns_dtype", "shardwise")
+OPTIONS = ("lr", "weight_decay", "mode", "ns_steps", "ns_coefficients", "l2", "polar_method", "ns_dtype", "shardwise", "stacked")
 CUBIC = (1.5, -0.5, 0.0)  # X <- 1.5·X − 0.5·(X Xᵀ) X
 EXACT_POLAR = ("svd", "gram")
 
@@ -41,6 +41,8 @@ class LowRankDecay(Optimizer):
     `polar_method` picks the exact backend for "polar"/"elastic" ("svd" default, float64; "gram" is faster
     for rectangular W). "ns" runs in `ns_dtype` (float32; torch.bfloat16 to mimic Muon's arithmetic).
     Under FSDP2 each matrix is mapped whole on one owner rank; shardwise=True maps each row shard instead.
+    A parameter of ≥ 3 dims is one matrix W.flatten(1) (a conv kernel [out, in, k…]); stacked=True decays each matrix
+    of a stack [..., rows, cols] on its own instead (mixture-of-experts weights [experts, out, in]), as Muon's.
     """
 
     @checked_keywords
@@ -56,9 +58,10 @@ class LowRankDecay(Optimizer):
         polar_method: str = "svd",
         ns_dtype: torch.dtype = torch.float32,
         shardwise: bool = False,
+        stacked: bool = False,
     ) -> None:
         defaults = dict(lr=lr, weight_decay=weight_decay, mode=mode, ns_steps=ns_steps, ns_coefficients=ns_coefficients,
-                        l2=l2, polar_method=polar_method, ns_dtype=ns_dtype, shardwise=shardwise)
+                        l2=l2, polar_method=polar_method, ns_dtype=ns_dtype, shardwise=shardwise, stacked=stacked)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -77,6 +80,11 @@ class LowRankDecay(Optimizer):
                 if p.ndim < 2:
                     raise ConfigError(f"LowRankDecay acts on matrices; got '{name}' of shape {tuple(p.shape)} "
                                       "(leave biases and gains out)")
+                if group["stacked"] and (p.ndim < 3 or _distributed.is_dtensor(p)):
+                    raise ConfigError(f"LowRankDecay stacked=True: '{name}' of shape {tuple(p.shape)} is "
+                                      + ("a DTensor (FSDP2); stacks are decayed matrix by matrix only on local tensors"
+                                         if p.ndim >= 3 else "not a stack of matrices [..., rows, cols]; put 2-D weights "
+                                         "in a group without stacked"))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after the checks add_param_group makes on each saved group (completed with this optimizer's value
@@ -147,11 +155,13 @@ class LowRankDecay(Optimizer):
             for p in params:
                 p.mul_(1 - tau)
             return
-        mats = [_common.as_matrix(p).to(_state_dtype(p)) for p in params]
+        stacked = group.get("stacked", False)
+        per = [_common.matrices(p, stacked) for p in params]  # one matrix a parameter, or each of a stack's
+        mats = [m.to(_state_dtype(p)) for p, ms in zip(params, per) for m in ms]
         if mode == "prox":
-            new = _common.batched_polar(mats, lambda X: linalg.singular_value_soft_threshold(X, tau), group.get("shardwise", False))
-            for p, w in zip(params, new):
-                p.copy_(w.view_as(p))
+            new = iter(_common.batched_polar(mats, lambda X: linalg.singular_value_soft_threshold(X, tau), group.get("shardwise", False)))
+            for p, ms in zip(params, per):
+                p.copy_(torch.stack([next(new) for _ in ms]).view_as(p) if stacked else next(new).view_as(p))
             return
         if mode == "ns":
             fn = lambda X: linalg.polar(X, method="newton_schulz", ns_steps=group["ns_steps"],  # noqa: E731
@@ -159,8 +169,9 @@ class LowRankDecay(Optimizer):
         else:
             fn = _common.polar_map(group["polar_method"])
         shrink = lr * l2 if mode == "elastic" else 0.0
-        for p, w, P in zip(params, mats, _common.batched_polar(mats, fn, group.get("shardwise", False))):
-            p.copy_((w - tau * P.to(w.dtype) - shrink * w).view_as(p))
+        new = iter([w - tau * P.to(w.dtype) - shrink * w for w, P in zip(mats, _common.batched_polar(mats, fn, group.get("shardwise", False)))])
+        for p, ms in zip(params, per):
+            p.copy_(torch.stack([next(new) for _ in ms]).view_as(p) if stacked else next(new).view_as(p))
 
 
 def _check_keys(group: dict[str, Any]) -> None:
@@ -198,8 +209,9 @@ def _check_ns(group: dict[str, Any]) -> None:
     if group["ns_dtype"] not in ITERATIVE_DTYPES:
         names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in ITERATIVE_DTYPES)
         raise ConfigError(f"LowRankDecay ns_dtype={group['ns_dtype']!r}: pass a torch dtype, one of {names}")
-    if not isinstance(group["shardwise"], bool):
-        raise ConfigError(f"LowRankDecay shardwise must be True or False, got {group['shardwise']!r}")
+    for flag in ("shardwise", "stacked"):
+        if not isinstance(group.get(flag, False), bool):
+            raise ConfigError(f"LowRankDecay {flag} must be True or False, got {group[flag]!r}")
     try:
         _common.check_ns_coefficients(group["ns_coefficients"])
     except ConfigError as e:
