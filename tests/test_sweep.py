@@ -339,3 +339,20 @@ def test_an_odd_head_size_in_an_embed_geometry_grid_is_refused_before_the_sweep_
         sweep.run_sweep("embed-geometry", {"d_model": [16, 20]}, {"n_head": 4, "steps": 2, "device": "cpu"}, out=tmp_path,
                         echo=lambda *a, **k: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_runs_of_no_point_are_left_out_of_the_summary_with_a_warning(tmp_path):
+    """sweep.json edited after its runs (steps 4 -> 5): the resume runs the points anew, and the summary lists only
+    runs of the points it now names — the steps=4 runs sat beside the steps=5 ones, each seed twice, with no column
+    telling them apart."""
+    quiet = lambda *a, **k: None  # noqa: E731
+    d = sweep.run_sweep("grokking", {"seed": [0, 1]}, FAST, out=tmp_path, echo=quiet)
+    meta = json.loads((d / "sweep.json").read_text())
+    meta["fixed"]["steps"] = 5
+    (d / "sweep.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="2 complete run"):
+        sweep.run_sweep("grokking", {}, resume=d, echo=quiet)
+    assert len(_run_dirs(d)) == 4
+    with pytest.warns(UserWarning, match="realize none of the points"):
+        table = sweep.summary(d)
+    assert sorted(table["seed"]) == [0, 1] and len(set(table["run"])) == 2

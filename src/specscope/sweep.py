@@ -28,6 +28,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -389,8 +390,12 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
     meta = read_sweep_meta(sweep_dir / SWEEP_FILE)
     lab = labs.get(meta["lab"])
     keys = list(meta["grid"])  # the fixed overrides are in sweep.json, the same for every row
-    rows = []
+    points = [_normalized(meta["lab"], p) for p in expand_grid(meta["grid"], meta["fixed"])]
+    rows, strays = [], []
     for path, config in completed_runs(sweep_dir, meta["lab"]):
+        if not any(matches(p, config) for p in points):  # a run of no point of this sweep (its sweep.json was changed)
+            strays.append(path.name)
+            continue
         try:
             df = store.load(path)
         except RunStoreError as e:  # one damaged run: its own message's --salvage is no option of `sweep`
@@ -402,6 +407,10 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
         lab_rows = lab.summarize(df, cfg) if hasattr(lab, "summarize") else _default_rows(df)
         point = {k: (json.dumps(config[k]) if isinstance(config.get(k), (list, dict)) else config.get(k)) for k in keys}
         rows += [{**point, **r, "run": path.name} for r in lab_rows]
+    if strays:
+        warnings.warn(f"{len(strays)} complete run(s) under {sweep_dir} realize none of the points its {SWEEP_FILE} lists "
+                      f"({', '.join(strays[:3])}{', …' if len(strays) > 3 else ''}): left out of the summary; a sweep.json "
+                      "edited after they ran describes another sweep", stacklevel=2)
     return pd.DataFrame(rows).sort_values(keys, kind="stable", ignore_index=True) if rows else pd.DataFrame(rows)
 
 

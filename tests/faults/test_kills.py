@@ -209,3 +209,14 @@ def test_a_run_killed_while_it_was_being_created_leaves_no_half_made_run(tmp_pat
     again = run_lab("grokking", QUICK, out=tmp_path, run_id="victim")
     assert store.Run.open(again).status == "complete"
     assert [p.name for p in (tmp_path / "grokking").iterdir()] == ["victim"]  # the dead creator's folder is gone
+
+
+def test_resume_by_run_id_under_runs(killed, copy_of, finished, cli, monkeypatch):
+    """`specscope run --resume RUN_ID` finds the run under runs/ as `report` and `export` find it (it was "no run
+    directory at RUN_ID"), and finishes it exactly."""
+    run = copy_of(killed)  # tmp_path/runs/grokking/<id>
+    monkeypatch.chdir(run.parents[2])
+    rc, _, err = cli("run", "--resume", run.name, "--quiet")
+    assert rc == 0, err
+    assert store.Run.open(run).status == "complete"
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))

@@ -462,6 +462,7 @@ def test_a_set_number_beyond_float64_is_named_as_typed_not_as_its_rounding(raw, 
     (["run", "random-features", "--config", "a.toml", "--config", "b.toml"], "--config"),
     (["run", "random-features", "--out", "o1", "--out=o2"], "--out"),
     (["diagnose", "--steps", "2", "--steps", "3"], "--steps"),
+    (["export", "some-run", "-oa.csv", "-o", "b.csv"], "-o"),
 ])
 def test_an_option_of_one_value_given_twice_is_refused(cli, tmp_path, monkeypatch, args, option):
     """click keeps the last value of a repeated option and drops the others: a second --config file silently threw
@@ -483,3 +484,8 @@ def test_export_to_an_empty_or_dash_path_is_refused_naming_a_file(cli, tmp_path,
     rc, _, err = cli("export", "some-run", "--out", out)
     one_line_error(rc, err, words)
     assert not any(tmp_path.iterdir())
+
+
+def test_help_with_a_repeated_option_still_prints_the_help(cli):
+    rc, out, err = cli("run", "gpt", "--out", "a", "--out", "b", "--help")
+    assert rc == 0 and "Usage" in out and not err

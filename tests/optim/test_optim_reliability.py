@@ -4,6 +4,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -802,3 +803,20 @@ def test_a_polar_callable_of_the_wrong_shape_is_refused_with_nothing_changed(opt
     with pytest.raises(ConfigError, match="same shape"):
         opt.step()
     assert torch.equal(W, before)
+
+
+def test_a_step_with_no_gradient_anywhere_warns_once_naming_the_replaced_parameters():
+    """An optimizer built before the model's parameters were replaced (here load_state_dict(assign=True); fully_shard
+    and to_empty do the same) steps parameters the backward pass never reaches: every step changed nothing, silently.
+    The first such step warns, naming the cause; later ones do not repeat it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = Muon(spectral_param_groups(model, 0.02, 1e-3))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    for k in range(2):
+        model(torch.randn(3, 8)).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        said = [str(w.message) for w in caught if "no gradient" in str(w.message)]
+        assert len(said) == (1 if k == 0 else 0) and (k or "build it after fully_shard" in said[0]), said

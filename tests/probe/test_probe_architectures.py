@@ -900,3 +900,10 @@ def test_a_split_into_unequal_parts_suggests_sizes_that_add_up():
     with mon.step(0):
         model(torch.randn(8, 4)).square().sum().backward()
     assert {r.layer for r in mon.pop_records() if r.metric == "nuclear_rank"} == {"weight.a", "weight.b", "weight.c"}
+
+
+def test_a_split_into_more_parts_than_outputs_is_refused_without_an_example():
+    from specscope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="2 outputs cannot be split into 3 parts"):
+        Monitor(nn.Linear(3, 2), split={"weight": ["q", "k", "v"]})

@@ -229,18 +229,28 @@ def _check_repeated_options(argv: list[str]) -> None:
     values (`--set`, `--grid`) and flags are not affected."""
     from specscope.errors import ConfigError
 
-    command = typer.main.get_command(app)  # typer's own click: its classes are not the installed click's
     args = argv[: argv.index("--")] if "--" in argv else argv
+    if "--help" in args:
+        return
+    command = typer.main.get_command(app)  # typer's own click: its classes are not the installed click's
     for arg in args:  # the subcommand named on the line, through groups
         if hasattr(command, "list_commands") and not arg.startswith("-"):
             command = command.get_command(None, arg) or command
     for param in command.params:
         if getattr(param, "param_type_name", "") != "option" or param.multiple or param.is_flag or param.count:
             continue
-        given = [a.partition("=")[0] for a in args if a.partition("=")[0] in param.opts + param.secondary_opts]
+        given = [opt for a in args for opt in param.opts + param.secondary_opts if _names(a, opt)]
         if len(given) > 1:
             raise ConfigError(f"{given[0]} is given {len(given)} times; it takes one value (only the last would be used): "
                               "give it once" + (" and the other keys with --set KEY=VALUE" if "--config" in param.opts else ""))
+
+
+def _names(arg: str, opt: str) -> bool:
+    """Whether the command-line token `arg` gives option `opt`: `--out`, `--out=x`, `-o` or `-ox` (a short option's
+    value attached, as click reads it)."""
+    if arg == opt or arg.startswith(opt + "="):
+        return True
+    return len(opt) == 2 and not opt.startswith("--") and arg.startswith(opt) and not arg.startswith("--")
 
 
 def _one_line(e: BaseException) -> str:

@@ -344,6 +344,8 @@ class Hybrid(Optimizer):
                                                [_options_text(g) for g in self.param_groups])
             self._same_on_ranks = len(flat)
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
+        if not any(has):
+            _warn_no_gradient(self, len(flat))
         for (_, p, name), b in zip(flat, bad):
             if b and p.grad is not None:
                 _common.check_finite([(name, _distributed.local(p.grad))])
@@ -498,6 +500,18 @@ class Hybrid(Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value) and value.is_floating_point() and value.ndim and self.state[p][key].dtype != want:
                     self.state[p][key] = value.to(device=p.device, dtype=want, copy=True)
+
+
+def _warn_no_gradient(opt: Optimizer, count: int) -> None:
+    """Once per optimizer: a step on which none of its parameters has a gradient changes nothing, which is what an
+    optimizer built before its model's parameters were replaced does at every step — fully_shard (FSDP2), to_empty
+    or load_state_dict(assign=True) put new Parameter objects in the model, and the backward pass fills theirs."""
+    if opt.__dict__.get("_warned_no_gradient"):
+        return
+    opt._warned_no_gradient = True
+    warnings.warn(f"specscope: step() found no gradient on any of the optimizer's {count} parameters, so it changed "
+                  "nothing. If the model's backward pass ran, the optimizer holds parameters the model no longer uses: build "
+                  "it after fully_shard / to_empty / load_state_dict(assign=True), which replace them", stacklevel=3)
 
 
 def _state_follows_parameters(state: dict, params: list[Tensor]) -> None:

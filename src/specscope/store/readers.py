@@ -225,10 +225,12 @@ def _damaged_json(path: Path, meta: dict, records: int = 0) -> str:
 def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:
     """"" unless the JSON file `path` (read as `data`) names another run or lab than config.json's `meta`: then what
     it is and `fix`. (Files from before a field was recorded lack it: not checked.)"""
-    for key in ("run_id", "lab"):
-        if key in data and key in meta and data[key] != meta[key]:
-            return (f"{path} is {'run' if key == 'run_id' else 'lab'} {data[key]!r}'s, not this run's ({meta[key]!r}): "
-                    f"it was copied over from another run; {fix}")
+    if "run_id" in data and "run_id" in meta and data["run_id"] != meta["run_id"]:
+        return f"{path} is run {data['run_id']!r}'s, not this run's ({meta['run_id']!r}): it was copied over from another run; {fix}"
+    if "lab" in data and "lab" in meta and data["lab"] != meta["lab"]:  # config.json's lab is outside its checksum
+        return (f"{path} is lab {data['lab']!r}'s, but {CONFIG} names lab {meta['lab']!r}: {CONFIG}'s lab was edited "
+                f"(restore it to {data['lab']!r}: metrics.sqlite says which), or {path.name} was copied over from "
+                f"another run ({fix})")
     return ""
 
 

@@ -65,6 +65,10 @@ def run(
         raise ConfigError("--resume continues a run with its recorded config; --set/--config cannot change it")
     if resume is not None and out is not None:
         raise ConfigError("--resume continues a run in its own directory; drop --out")
+    if resume is not None:  # a run directory, or a run id under runs/ as `report` and `export` take it
+        from specscope.store import find_run
+
+        resume = find_run(str(resume), Path("runs"))
     if resume is not None and lab is not None:
         from specscope import store
 
