@@ -222,7 +222,8 @@ def test_bad_options_and_models_exit_2_with_one_line(tmp_path, monkeypatch, caps
     for args, msg in cases:
         if any(a.startswith("hf:") for a in args):
             pytest.importorskip("transformers")
-        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", "--out", str(tmp_path), *args])
+        out = [] if "--out" in args else ["--out", str(tmp_path)]  # a case's own --out, given once
+        monkeypatch.setattr(sys, "argv", ["specscope", "diagnose", *out, *args])
         with pytest.raises(SystemExit) as exit_:
             main()
         err = capsys.readouterr().err.strip()

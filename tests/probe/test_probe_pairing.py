@@ -157,6 +157,38 @@ def test_no_convs_patches_live_from_its_forward_to_the_steps_end(monkeypatch, es
         assert st["2"].value == pytest.approx(exact_st(input_matrix(model[2], hidden)), rel=RTOL[estimator])
 
 
+@pytest.mark.parametrize("groups, channels", [(64, 64), (4, 128)])
+def test_a_grouped_convs_patches_are_built_a_chunk_of_groups_at_a_time(monkeypatch, groups, channels):
+    """A grouped conv's Grams take its patches a cache-sized chunk of groups at a time (`GROUP_CHUNK_BYTES`; a
+    depthwise conv's whole patches are k² times its input), and held ones (4 groups of 288 features) a group at a
+    time; st(A) is the exact per-group one either way."""
+    from specscope.probe import estimators as E
+    from specscope.probe import watch as W
+
+    sizes = []
+
+    def tracked(*args):
+        A = pairing.patches(*args)
+        sizes.append(A.numel())
+        return A
+
+    monkeypatch.setattr(W, "patches", tracked)
+    monkeypatch.setattr(E, "GROUP_CHUNK_BYTES", 16 << 10)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
+    mon = Monitor(conv)
+    for step in range(2):
+        x = torch.randn(4, channels, 12, 12)
+        conv.zero_grad()
+        with mon.step(step):
+            conv(x).square().mean().backward()
+        whole = input_matrix(conv, x)
+        assert sizes and max(sizes) <= whole.numel() // 4, (max(sizes), whole.numel())
+        sizes.clear()
+        st = by(mon.pop_records(), "stable_rank")["weight"]
+        assert st.value == pytest.approx(exact_st(whole, groups), rel=RTOL["gram"]) and st.rows == whole.shape[0]
+
+
 @pytest.mark.parametrize("conv, x", [(nn.Conv2d(4, 6, 3, groups=2, padding=1), (2, 4, 7, 6)),
                                      (nn.Conv1d(4, 4, 3, groups=4, stride=2), (3, 4, 9)),
                                      (nn.Conv3d(2, 4, (2, 3, 2), groups=2, padding=(1, 0, 1), dilation=(1, 2, 1)), (2, 2, 4, 7, 5))])

@@ -141,8 +141,9 @@ class Deferred:
     (its version counter shows a later in-place change)."""
 
     def __init__(self, make: Callable[[], torch.Tensor], shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
-                 source: torch.Tensor):
+                 source: torch.Tensor, groups_make: Callable[[int, int], torch.Tensor] | None = None):
         self.make, self.shape, self.dtype, self.device, self.source = make, torch.Size(shape), dtype, device, source
+        self.groups_make = groups_make  # (g0, g1) -> the rows of groups g0..g1-1 alone (a grouped convolution's)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -154,6 +155,24 @@ class Deferred:
 def rows_of(A: "torch.Tensor | Deferred") -> torch.Tensor:
     """The rows of an input, built now if they were deferred."""
     return A.make() if isinstance(A, Deferred) else A
+
+
+def group_rows(A: "torch.Tensor | Deferred", groups: int, g0: int, g1: int) -> torch.Tensor:
+    """Rows of groups g0..g1-1 of a group-major input of `groups` groups: built for those groups alone where deferred."""
+    if isinstance(A, Deferred) and A.groups_make is not None:
+        return A.groups_make(g0, g1)
+    rows = A.shape[0] // groups
+    return rows_of(A)[g0 * rows : g1 * rows]
+
+
+def group_deferred(A: "torch.Tensor | Deferred", groups: int, g: int) -> "torch.Tensor | Deferred":
+    """Group g's rows of a group-major input, deferred where the input is."""
+    if isinstance(A, Deferred) and A.groups_make is not None:
+        return Deferred(lambda: A.groups_make(g, g + 1), (A.shape[0] // groups, A.shape[1]), A.dtype, A.device, A.source)
+    return group_rows(A, groups, g, g + 1)
+
+
+GROUP_CHUNK_BYTES = 2 << 20  # a grouped conv's patches are built and multiplied this many bytes of groups at a time
 
 
 class GramStats:
@@ -737,15 +756,25 @@ class GroupedStats:
             p.reset(refine)
 
     def add(self, A: torch.Tensor, key=None, source: torch.Tensor | None = None) -> None:
-        """Add the patches A [groups·rows, n], group-major (`pairing.patches`): rows g·rows:(g+1)·rows are group g's."""
-        As = A.unflatten(0, (self.groups, -1))
+        """Add the patches A [groups·rows, n], group-major (`pairing.patches`): rows g·rows:(g+1)·rows are group g's.
+        Grams: a cache-sized chunk of groups at a time (GROUP_CHUNK_BYTES), built and multiplied by one batched
+        product — a depthwise conv's patches, k² times its input, are never whole; held inputs: each group's
+        deferred on its own."""
         key = id(A) if key is None else key
+        rows = A.shape[0] // self.groups
         if isinstance(self.parts[0], GramStats) and not self.parts[0].holds_next():
-            for g, (p, C) in enumerate(zip(self.parts, gram_of(As))):  # every group's Gram by one batched product
-                p.add_gram(C, As.shape[1], (key, g))
+            step = max(1, GROUP_CHUNK_BYTES // max(1, rows * self.n * A.element_size()))
+            for g0 in range(0, self.groups, step):
+                g1 = min(self.groups, g0 + step)
+                for g, C in enumerate(gram_of(group_rows(A, self.groups, g0, g1).unflatten(0, (g1 - g0, rows))), g0):
+                    self.parts[g].add_gram(C, rows, (key, g))
             return
-        for g, (p, Ag) in enumerate(zip(self.parts, As)):
-            p.add(Ag, None, (key, g), source) if isinstance(p, GramStats) else p.add(Ag)
+        if isinstance(self.parts[0], GramStats):
+            for g, p in enumerate(self.parts):
+                p.add(group_deferred(A, self.groups, g), None, (key, g), source)
+            return
+        for p, Ag in zip(self.parts, rows_of(A).unflatten(0, (self.groups, -1))):
+            p.add(Ag)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.parts for t in p.tensors()]
@@ -794,6 +823,7 @@ class GroupedPowerStats(PowerStats):
 
     def add(self, A: torch.Tensor, key=None, source: torch.Tensor | None = None) -> None:
         """Add the patches A [groups·rows, n], group-major (`pairing.patches`): rows g·rows:(g+1)·rows are group g's."""
+        A = rows_of(A)
         As = A.float().unflatten(0, (self.groups, -1))
         cold = self.V is None
         if cold:

@@ -79,7 +79,7 @@ def split_indices(name: str, spec, out: int) -> list[tuple[str, slice | torch.Te
         if bad := {p: n for p, n in sizes.items() if isinstance(n, bool) or not isinstance(n, int) or n < 1}:
             raise ConfigError(f"split of '{name}': sizes {bad} must be positive integers (rows of each part)")
     else:
-        if out < len(spec):
+        if 0 < out < len(spec):  # (a weight with no outputs is refused as such, later)
             raise ConfigError(f"split of '{name}': {out} outputs cannot be split into {len(spec)} parts {names}; give "
                               "fewer parts, or split another weight")
         if out % len(spec):

@@ -104,12 +104,11 @@ class Watch:
             if transposed:
                 s.problem = "used in a transposed convolution, which the probe does not pair; pass its inputs with monitor.observe"
                 return None
-            if groups > 1:  # each group's rows go to statistics of its own, now
-                with torch.no_grad():
-                    A = patches(x.detach(), w.shape, stride, padding, dilation, groups)
-            else:  # built where they are read: held for the step's end, they would be prod(k) times the input
-                A = Deferred(functools.partial(patches, x.detach(), w.shape, stride, padding, dilation, groups),
-                             patches_shape(x.shape, w.shape, stride, padding, dilation, groups), x.dtype, x.device, x)
+            # built where they are read, a group's alone where that is all the reader needs: prod(k) times the input,
+            # held to the step's end or whole at once they would cost the memory the forward pass itself takes
+            A = Deferred(functools.partial(patches, x.detach(), w.shape, stride, padding, dilation, groups),
+                         patches_shape(x.shape, w.shape, stride, padding, dilation, groups), x.dtype, x.device, x,
+                         functools.partial(_groups_patches, x.detach(), w.shape, stride, padding, dilation, groups))
             return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op, groups)
         if op is aten.embedding:
             s = self._whole(args[0])
@@ -396,7 +395,7 @@ class Watch:
         if isinstance(stats, GramStats):
             stats.add(A, entry, key, source=source)
         elif isinstance(stats, (GroupedStats, GroupedPowerStats)):
-            stats.add(A, key, source=x)
+            stats.add(A, key, source=source)
         else:
             stats.add(rows_of(A))
 
@@ -447,6 +446,13 @@ def expert_of(base: torch.Tensor, M: torch.Tensor) -> int | None:
 
 def _wrapped(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _groups_patches(x: torch.Tensor, weight_shape, stride, padding, dilation, groups: int, g0: int, g1: int) -> torch.Tensor:
+    """The patches of groups g0..g1-1 of a grouped convolution alone: those groups' input channels, g1 - g0 groups."""
+    per = x.shape[-len(weight_shape) + 1] // groups  # input channels a group (the channel axis: 0 unbatched, else 1)
+    channels = x.narrow(x.dim() - len(weight_shape) + 1, g0 * per, (g1 - g0) * per)
+    return patches(channels, weight_shape, stride, padding, dilation, g1 - g0)
 
 
 def _unreadable(s: Slot, x: torch.Tensor) -> bool:
