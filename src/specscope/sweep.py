@@ -380,9 +380,10 @@ def _default_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
     return rows
 
 
-def summary(sweep_dir: str | Path) -> pd.DataFrame:
+def summary(sweep_dir: str | Path, warn: bool = True) -> pd.DataFrame:
     """One row per (complete run, row of the lab's `summarize`): the grid keys, then the lab's columns; rows sorted
-    by the grid keys' values (runs finish, and are named, in whatever order the workers took them)."""
+    by the grid keys' values (runs finish, and are named, in whatever order the workers took them). `warn`: of the
+    complete runs of no point of the sweep, which are left out (a caller that has warned already passes False)."""
     from specscope import labs, store
     from specscope.labs.config import make_config
 
@@ -407,7 +408,7 @@ def summary(sweep_dir: str | Path) -> pd.DataFrame:
         lab_rows = lab.summarize(df, cfg) if hasattr(lab, "summarize") else _default_rows(df)
         point = {k: (json.dumps(config[k]) if isinstance(config.get(k), (list, dict)) else config.get(k)) for k in keys}
         rows += [{**point, **r, "run": path.name} for r in lab_rows]
-    if strays:
+    if strays and warn:
         warnings.warn(f"{len(strays)} complete run(s) under {sweep_dir} realize none of the points its {SWEEP_FILE} lists "
                       f"({', '.join(strays[:3])}{', …' if len(strays) > 3 else ''}): left out of the summary; a sweep.json "
                       "edited after they ran describes another sweep", stacklevel=2)

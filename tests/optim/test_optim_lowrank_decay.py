@@ -122,3 +122,22 @@ def test_stacked_refuses_a_matrix():
         LowRankDecay([nn.Parameter(torch.randn(4, 5))], lr=0.1, weight_decay=0.1, stacked=True)
     with pytest.raises(ConfigError, match="stacked must be True or False"):
         LowRankDecay([nn.Parameter(torch.randn(2, 4, 5))], lr=0.1, weight_decay=0.1, stacked=1)
+
+
+def test_stacked_over_matrices_is_refused_when_loaded_or_set_with_nothing_changed():
+    """A saved stacked=True group loaded over 2-D weights, or the flag set on a group after construction, is one
+    ConfigError with nothing loaded or decayed (the step crashed with an IndexError after the groups before it
+    were decayed); an empty stack has nothing to decay."""
+    saved = LowRankDecay([{"params": [nn.Parameter(torch.randn(3, 8, 6))]},
+                          {"params": [nn.Parameter(torch.randn(3, 8, 6))], "stacked": True}], lr=0.1, weight_decay=0.5)
+    a, b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8, 6))
+    decay = LowRankDecay([{"params": [a]}, {"params": [b]}], lr=0.1, weight_decay=0.5)
+    with pytest.raises(ConfigError, match="load_state_dict.*not a stack"):
+        decay.load_state_dict(saved.state_dict())
+    assert all(not g.get("stacked") for g in decay.param_groups)
+    decay.param_groups[1]["stacked"] = True
+    before = a.detach().clone()
+    with pytest.raises(ConfigError, match="step.*not a stack"):
+        decay.step()
+    assert torch.equal(a, before)
+    LowRankDecay([nn.Parameter(torch.randn(0, 4, 5))], lr=0.1, weight_decay=0.5, stacked=True).step()

@@ -17,9 +17,11 @@ import difflib
 import inspect
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -511,7 +513,21 @@ def _warn_no_gradient(opt: Optimizer, count: int) -> None:
     opt._warned_no_gradient = True
     warnings.warn(f"specscope: step() found no gradient on any of the optimizer's {count} parameters, so it changed "
                   "nothing. If the model's backward pass ran, the optimizer holds parameters the model no longer uses: build "
-                  "it after fully_shard / to_empty / load_state_dict(assign=True), which replace them", stacklevel=3)
+                  "it after fully_shard / to_empty / load_state_dict(assign=True), which replace them",
+                  stacklevel=_outside_level())
+
+
+_INSIDE = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, sys.modules["specscope"]))
+
+
+def _outside_level() -> int:
+    """warnings.warn's stacklevel, for its caller, that points at the first frame outside specscope and torch: the
+    user's `opt.step()` line, past torch's step wrappers (and a warning per line, not one for every optimizer
+    whose step reached the same torch frame)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _state_follows_parameters(state: dict, params: list[Tensor]) -> None:

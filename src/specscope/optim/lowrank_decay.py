@@ -80,11 +80,7 @@ class LowRankDecay(Optimizer):
                 if p.ndim < 2:
                     raise ConfigError(f"LowRankDecay acts on matrices; got '{name}' of shape {tuple(p.shape)} "
                                       "(leave biases and gains out)")
-                if group["stacked"] and (p.ndim < 3 or _distributed.is_dtensor(p)):
-                    raise ConfigError(f"LowRankDecay stacked=True: '{name}' of shape {tuple(p.shape)} is "
-                                      + ("a DTensor (FSDP2); stacks are decayed matrix by matrix only on local tensors"
-                                         if p.ndim >= 3 else "not a stack of matrices [..., rows, cols]; put 2-D weights "
-                                         "in a group without stacked"))
+            _check_stacked(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's load, after the checks add_param_group makes on each saved group (completed with this optimizer's value
@@ -108,6 +104,7 @@ class LowRankDecay(Optimizer):
                     raise ConfigError("it has no 'mode', which every LowRankDecay group has (another optimizer's group?)")
                 _check_keys(group)
                 _check_options(group)
+                _check_stacked({**group, "params": mine["params"]})  # this optimizer's parameters, not the saved ids
             except ConfigError as e:
                 raise ConfigError(f"{where}: param group {i} of the state_dict: {str(e).removeprefix('LowRankDecay ')}. "
                                   f"{fix}") from None
@@ -121,6 +118,7 @@ class LowRankDecay(Optimizer):
         for i, group in enumerate(self.param_groups):
             try:
                 _check_options(group)  # a few Python checks per group; no tensor is read
+                _check_stacked(group)
             except ConfigError as e:
                 raise ConfigError(f"LowRankDecay.step: param group {i}: {str(e).removeprefix('LowRankDecay ')}. Nothing was "
                                   "changed: a group's options are checked at every step, so a value set after construction "
@@ -148,7 +146,7 @@ class LowRankDecay(Optimizer):
         lr, l2 = _number(group["lr"]), _number(group["l2"])  # numbers: checked by _check_options
         tau = lr * _number(group["weight_decay"])
         mode = group["mode"]
-        params = [p for p in group["params"] if p.requires_grad]  # a frozen weight stays as it is (torch.optim's decay too)
+        params = [p for p in group["params"] if p.requires_grad and p.numel()]  # a frozen weight stays as it is (torch.optim's decay too); an empty one has nothing
         if tau == 0 and (mode != "elastic" or lr * l2 == 0):
             return  # nothing to do (and an SVD round trip would not be bitwise the identity)
         if mode == "l2":
@@ -172,6 +170,21 @@ class LowRankDecay(Optimizer):
         new = iter([w - tau * P.to(w.dtype) - shrink * w for w, P in zip(mats, _common.batched_polar(mats, fn, group.get("shardwise", False)))])
         for p, ms in zip(params, per):
             p.copy_(torch.stack([next(new) for _ in ms]).view_as(p) if stacked else next(new).view_as(p))
+
+
+def _check_stacked(group: dict[str, Any]) -> None:
+    """stacked=True: every parameter of the group a local stack of matrices [..., rows, cols] (≥ 3-D, not a DTensor);
+    checked where a group is made, loaded (a saved stacked=True over 2-D weights) or stepped (one set after)."""
+    if not group.get("stacked", False):
+        return
+    names = group.get("param_names", [f"param{k}" for k in range(len(group["params"]))])
+    for name, p in zip(names, group["params"]):
+        if p.ndim < 3 or _distributed.is_dtensor(p):
+            raise ConfigError(f"LowRankDecay stacked=True: '{name}' of shape {tuple(p.shape)} is "
+                              + ("a DTensor (FSDP2), and stacks are decayed matrix by matrix only on local tensors: "
+                                 "leave it out of the decay, or decay it as one matrix (stacked=False)"
+                                 if p.ndim >= 3 else "not a stack of matrices [..., rows, cols]; put 2-D weights in a "
+                                 "group without stacked"))
 
 
 def _check_keys(group: dict[str, Any]) -> None:

@@ -228,7 +228,7 @@ def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:
     if "run_id" in data and "run_id" in meta and data["run_id"] != meta["run_id"]:
         return f"{path} is run {data['run_id']!r}'s, not this run's ({meta['run_id']!r}): it was copied over from another run; {fix}"
     if "lab" in data and "lab" in meta and data["lab"] != meta["lab"]:  # config.json's lab is outside its checksum
-        return (f"{path} is lab {data['lab']!r}'s, but {CONFIG} names lab {meta['lab']!r}: {CONFIG}'s lab was edited "
+        return (f"{path} is of lab {data['lab']!r}, but {CONFIG} names lab {meta['lab']!r}: {CONFIG}'s lab was edited "
                 f"(restore it to {data['lab']!r}: metrics.sqlite says which), or {path.name} was copied over from "
                 f"another run ({fix})")
     return ""

@@ -105,7 +105,7 @@ def sweep(
         lab, grid_values, fixed,
         out=out or Path("runs/sweeps"), workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
     )
-    sw.print_table(sw.summary(sweep_dir), echo=typer.echo)
+    sw.print_table(sw.summary(sweep_dir, warn=False), echo=typer.echo)  # run_sweep's summary warned of strays
     claims_file = sweep_dir / "claims.json"
     if claims_file.is_file():
         from rich.console import Console
