@@ -250,3 +250,18 @@ def test_claims_markdown_cannot_carry_an_html_tag():
                   setting='corpus "><img src=x onerror=alert(1)>; rule: st(A) < 1.5 </td>')
     table = markdown([Row("gpt", claim, ["r1"], "2026-12-06")])
     assert "<img" not in table and "</td" not in table and "&lt;img src=x" in table and "st(A) < 1.5" in table
+
+
+@pytest.mark.parametrize("command", [["report"], ["run", "--resume"]])
+def test_a_run_named_dot_dot_slash_x_is_not_looked_up_beside_the_root(finished, copy_of, cli, tmp_path, monkeypatch, command):
+    """`../x` is no run id: with a run at ./x and the root runs/, it resolved to runs/../x (the `lab/run_id` form was
+    tried before the name was checked), and `report ../x` wrote there. Now the name is refused as a path that is not there."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(finished, tmp_path / "x")
+    before = fingerprint(tmp_path / "x")
+    rc, _, err = cli(*command, "../x")
+    one_line_error(rc, err, "../x")
+    assert fingerprint(tmp_path / "x") == before

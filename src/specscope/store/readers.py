@@ -246,7 +246,7 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
         return p
     parts = run.split("/")
     plain = len(parts) <= 2 and all(_NAME.fullmatch(x) for x in parts)  # never glob a name with wildcards in it
-    if len(parts) == 2 and (root / run / CONFIG).is_file():  # "lab/run_id"
+    if len(parts) == 2 and plain and (root / run / CONFIG).is_file():  # "lab/run_id" (never "../x": outside root)
         return root / run
     # a demo's lab runs (demo/<id>/<lab>/<run_id>) and a sweep's runs (sweeps/<name>/runs/<lab>/<run_id>) too
     patterns = ([f"*/{run}", f"*/*/*/{run}", f"sweeps/*/runs/*/{run}"] if len(parts) == 1
