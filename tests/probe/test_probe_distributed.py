@@ -109,6 +109,29 @@ def test_a_weight_one_rank_has_not_used_yet_is_unmeasured_on_every_rank_not_a_ha
     assert unmeasured == {(0, "b")} and measured == {(0, "a"), (1, "a"), (1, "b")}
 
 
+def skipping_worker(rank, world):
+    model = Routed()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    mon = Monitor(ddp)
+    out = []
+    for step in range(3):  # b on both ranks, then on rank 0 only, then on both again
+        with mon.step(step):
+            ddp(torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + rank)), use_b=rank == 0 or step != 1).sum().backward()
+        out += [(r.step, r.layer, r.metric, r.value, r.flag) for r in mon.pop_records() if r.metric in ("stable_rank", "unmeasured")]
+    return out
+
+
+def test_a_weight_one_rank_skips_after_using_it_is_unmeasured_that_step_not_a_crash():
+    """Rank 1 used `b` at step 0 and skipped it at step 1 (a task head its batch did not need): its emptied statistics
+    went into the all-reduce as None and the step raised AttributeError on that rank. Now b is unmeasured at step 1
+    on every rank and measured again at step 2."""
+    results = spawn(skipping_worker, 2, timeout=120)
+    assert results[0] == results[1]
+    unmeasured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "unmeasured"}
+    measured = {(step, layer) for step, layer, metric, _, _ in results[0] if metric == "stable_rank"}
+    assert unmeasured == {(1, "b")} and measured == {(0, "a"), (0, "b"), (1, "a"), (2, "a"), (2, "b")}
+
+
 def plain_routed_worker(rank, world, frozen_on_rank_1=False):
     """Routed without DDP (the probe averages the gradients itself): rank 1 skips b at step 0, so it has no b.grad."""
     model = Routed()

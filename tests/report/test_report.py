@@ -763,3 +763,11 @@ def test_a_verdict_column_of_several_words_keeps_every_column_where_they_fit():
     console.print(layer_table(df))
     text = console.export_text()
     assert "stable_rank" in text and "nr/st" in text and "not shown" not in text and "euclidean (AdamW)" in text
+
+
+def test_infinite_values_read_inf_not_the_no_value_dash():
+    """±Inf (a diverged loss) is a value: tables print "inf" / "-inf"; only NaN (no value) prints "—"."""
+    from specscope.report.tables import fmt
+
+    assert [fmt(float("inf")), fmt(float("-inf")), fmt(float("nan")), fmt(np.float32("inf")), fmt(1.23456)] == \
+        ["inf", "-inf", "—", "inf", "1.235"]

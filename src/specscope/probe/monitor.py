@@ -125,6 +125,11 @@ def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras, 
 _PACKAGE = str(__import__("pathlib").Path(__file__).resolve().parents[1])  # src/specscope
 
 
+def _filled(st) -> bool:
+    """Whether input statistics hold this step's data: a weight not used on this step keeps an emptied object."""
+    return st is not None and all(t is not None for t in st.tensors())
+
+
 def _user_level() -> int:
     """warnings.warn's stacklevel (for its caller) that points at the first frame outside specscope and contextlib:
     the user's line (`with monitor.step(...)`), however many of the Monitor's own frames lie between."""
@@ -550,8 +555,10 @@ class Monitor:
         slots = list(self.slots.values())
         self._check_ranks_agree()
         experts = [s.kind == "experts" for s in slots]  # a stack's statistics are its experts'
+        # a weight this rank used on an earlier step but not on this one has statistics emptied by the step's reset:
+        # nothing to reduce (its all-reduce would be handed None), so it counts as having none here
         local = torch.tensor([[sum(b.rows for b in s.block_stats.values()) if x else s.stats.rows if s.stats is not None else 0,
-                               s.tokens.rows if s.tokens is not None else 0, not s.block_stats if x else s.stats is None,
+                               s.tokens.rows if s.tokens is not None else 0, not s.block_stats if x else not _filled(s.stats),
                                s.tokens is None, bool(s.problem)] for s, x in zip(slots, experts)], dtype=torch.float64,
                              device=_reduce_device(slots))
         (total,) = D.all_reduce_sum([local])
@@ -560,9 +567,9 @@ class Monitor:
             if problem and not s.problem:
                 s.problem = "another rank could not pair it in this step (its warning there gives the reason)"
             elif (no_stats and dense > 0) or (no_tokens and lookup > 0):
-                s.problem = ("used on some ranks only so far (e.g. an expert no token of one rank's batch has been "
-                             "routed to): its input statistics are not on every rank, so its st(A) is not measured in "
-                             "this step (its gradient's nr(G) is)")
+                s.problem = ("used on some ranks only so far, or in this step (e.g. an expert no token of one rank's batch "
+                             "has been routed to, a task head one rank's batch skipped): its input statistics are not on "
+                             "every rank, so its st(A) is not measured in this step (its gradient's nr(G) is)")
             out[id(s)] = (dense, lookup)
         return out
 

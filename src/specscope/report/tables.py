@@ -191,13 +191,15 @@ def _shapes(df: pd.DataFrame) -> dict[tuple[str, str], str]:
 
 
 def fmt(x: object) -> str:
-    """Numbers to 4 significant digits, NaN to an em dash, anything else to str."""
+    """Numbers to 4 significant digits, NaN (no value) to an em dash, ±Inf (a value that overflowed: a diverged loss)
+    to "inf" / "-inf", anything else to str."""
     if isinstance(x, (bool, np.bool_)):
         return str(x)
     if isinstance(x, (int, np.integer)):
         return str(int(x))
     if isinstance(x, (float, np.floating)):
-        return "—" if not math.isfinite(float(x)) else f"{float(x):.4g}"
+        x = float(x)
+        return "—" if math.isnan(x) else ("inf" if x > 0 else "-inf") if math.isinf(x) else f"{x:.4g}"
     return "" if x is None else str(x)
 
 

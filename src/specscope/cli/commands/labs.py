@@ -211,7 +211,7 @@ def compare(
             raise ConfigError(f"compare: {given!r} and {seen[key]!r} are the same run ({visible(p)}); give each run once")
         seen[key] = given
     damaged = [df.attrs["damage"] for df in frames.values() if "damage" in df.attrs]
-    out = out or root / "compare" / time.strftime("%Y%m%d-%H%M%S")  # beside the runs it compares
+    out = out or _fresh_folder(root / "compare" / time.strftime("%Y%m%d-%H%M%S"))  # beside the runs it compares
     configs, labs = dict(zip(names, (r.config for r in runs))), dict(zip(names, (r.lab for r in runs)))
     unfinished = {n: r.status for n, r in zip(names, runs) if r.status != "complete"}  # as `report` tells them
     for n, p in zip(names, paths):
@@ -221,3 +221,17 @@ def compare(
     page = report.write_comparison(out, frames, configs=configs, labs=labs, unfinished=unfinished,
                                    salvaged="; ".join(damaged))
     console.print(f"comparison: {markup(page)}", soft_wrap=True)
+
+
+def _fresh_folder(path: Path) -> Path:
+    """`path`, made now, or `path_2`, `path_3`, … where it exists: two comparisons started in one second each get a
+    folder of their own (mkdir is the test, so two processes cannot both take one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        candidate = path if k == 1 else path.with_name(f"{path.name}_{k}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise ConfigError(f"{path}: no free folder name beside it; pass --out")
