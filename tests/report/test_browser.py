@@ -135,3 +135,12 @@ def test_a_comparison_of_copies_of_one_run_in_other_folders_fits_the_window(tmp_
     assert check.problems == [], check.problems
     legends = legend_names(run_labels(names, configs, dict.fromkeys(names, "gpt")))
     assert len(set(legends.values())) == 3 and all(len(v) <= 44 for v in legends.values())
+
+
+def test_a_measured_column_with_infinities_sorts_them_as_the_largest_and_smallest(tmp_path, chromium):
+    """A diverged arm's loss prints "inf": the page's sort read it as text, after every number in both directions."""
+    measured = [{"arm": a, "final_loss": v} for a, v in (("a", 0.5), ("b", float("inf")), ("c", 2.0), ("d", float("-inf")))]
+    page = write_report(tmp_path, synthetic_metrics(), measured=measured, title="diverged", dpi=DPI)
+    check = check_page(page, exe=chromium)
+    sortable = [t for t in check.tables if t.get("column") == "final_loss"]
+    assert sortable and sortable[0]["sorted"], check.tables

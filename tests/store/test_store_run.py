@@ -446,3 +446,18 @@ def test_config_json_keys_set_at_creation_are_under_a_checksum(tmp_path, edit):
     (run.path / "config.json").write_text(json.dumps(meta))
     with pytest.raises(RunStoreError, match="fails its fixed_sha256 checksum"):
         load(run.path)
+
+
+def test_a_run_id_with_a_trailing_slash_or_found_through_a_link_is_one_run(tmp_path, monkeypatch):
+    """`lab/ID/` (shell completion from inside the root) was "no run directory"; a lab folder linked under another
+    name made one run "exist in several labs"."""
+    from specscope.store import find_run
+
+    monkeypatch.chdir(tmp_path)  # the names are not paths from here
+    root = tmp_path / "runs"
+    with Run.create(root, "random-features", {"dim": 8}) as run:
+        run.log(0, {"loss": 1.0})
+    assert find_run(f"random-features/{run.id}/", root) == run.path
+    assert find_run(f"{run.id}/", root) == run.path
+    (root / "alias").symlink_to(root / "random-features")
+    assert find_run(run.id, root).resolve() == run.path.resolve()

@@ -17,6 +17,7 @@ import difflib
 import inspect
 import math
 import numbers
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -517,7 +518,7 @@ def _warn_no_gradient(opt: Optimizer, count: int) -> None:
                   stacklevel=_outside_level())
 
 
-_INSIDE = tuple(str(Path(m.__file__).resolve().parent) for m in (torch, sys.modules["specscope"]))
+_INSIDE = tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in (torch, sys.modules["specscope"]))  # not torchtune/
 
 
 def _outside_level() -> int:

@@ -68,7 +68,8 @@ TRY_JS = """(() => {
                      hidden_after_clear: rows.filter(r => r.hidden).length});
   }
   // every other table whose header has buttons (a lab's Measured table): one click on its first column sorts it
-  const key = t => { t = t.trim(); const v = Number(t); return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v; };
+  const key = t => { t = t.trim(); const v = t === "inf" ? Infinity : t === "-inf" ? -Infinity : Number(t);
+                     return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v; };
   for (const table of document.querySelectorAll("table")) {
     if (table.closest(".weights") || !table.tHead) continue;
     const heads = [...table.tHead.rows[table.tHead.rows.length - 1].cells], body = table.tBodies[0];

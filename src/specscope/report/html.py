@@ -61,12 +61,13 @@ th button { all: unset; cursor: pointer; } th button:focus-visible { outline: 2p
 th[aria-sort=ascending] button::after { content: " ▲"; } th[aria-sort=descending] button::after { content: " ▼"; }
 """
 
-# Sorts every table whose header cells hold buttons by the clicked column (numbers as numbers, "—" last), and
+# Sorts every table whose header cells hold buttons by the clicked column (numbers as numbers, "inf" / "-inf" as ±∞,
+# "—" last), and
 # filters a .weights table's rows by its search box. Reads only the table it acts on; writes nothing but row
 # order, row.hidden and a count.
 SCRIPT = """
 const key = (row, i) => {
-  const t = row.cells[i].textContent.trim(), v = Number(t);
+  const t = row.cells[i].textContent.trim(), v = t === "inf" ? Infinity : t === "-inf" ? -Infinity : Number(t);
   return t === "" || t === "\u2014" ? null : Number.isNaN(v) ? t.toLowerCase() : v;
 };
 for (const table of document.querySelectorAll("table")) {

@@ -244,6 +244,7 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     p, root = Path(run), Path(root)
     if p.is_dir():
         return p
+    run = run.rstrip("/") or run  # "lab/ID/", as shell completion from inside the root writes it
     parts = run.split("/")
     plain = len(parts) <= 2 and all(_NAME.fullmatch(x) for x in parts)  # never glob a name with wildcards in it
     if len(parts) == 2 and plain and (root / run / CONFIG).is_file():  # "lab/run_id" (never "../x": outside root)
@@ -253,6 +254,7 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
                 else [f"*/*/{run}", f"sweeps/*/runs/{run}"])
     hits = sorted(h for pattern in patterns for h in root.glob(pattern)
                   if (h / CONFIG).is_file() and not _hidden(h, root)) if plain and root.is_dir() else []
+    hits = [h for i, h in enumerate(hits) if h.resolve() not in {g.resolve() for g in hits[:i]}]  # one run, two links
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
