@@ -623,3 +623,22 @@ def test_a_salvages_warnings_count_the_records_it_exports(finished, copy_of, cli
     rows = len(pd.read_csv(tmp_path / "x.salvaged.csv"))
     counts = [int(n) for n in re.findall(r"read (?:the )?(\d+) (?:records|others)", err)]
     assert rc == 0 and counts and counts[-1] == rows
+
+
+def test_a_status_edited_to_complete_is_not_believed(killed, copy_of, cli, finished, tmp_path):
+    """config.json's status is outside its checksums (it changes as the run goes); a killed run edited to say
+    "complete" was listed, reported and counted by `claims` as finished. progress.json (checksummed) names the
+    lab's parts and which are done: the run reads as incomplete, `runs` says why, and the resume finishes it."""
+    run = copy_of(killed)
+    assert cli("report", run)[0] in (0, None)  # a summary.json of the records so far, as `claims` reads
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(meta | {"status": "complete"}))
+    assert store.Run.open(run).status == "incomplete"
+    listed = store.list_runs(run.parent.parent)
+    assert listed.status[0] == "incomplete" and "status was edited" in listed.problem[0] and "'lrd'" in listed.problem[0]
+    rc, out, err = cli("claims", "--root", run.parent.parent)
+    assert "no recorded claims" in out and f"{run} (incomplete)" in err, (out, err)
+    rc, _, err = cli("run", "--resume", run)
+    assert rc == 0, err
+    assert store.Run.open(run).status == "complete" and store.list_runs(run.parent.parent).problem[0] == ""
+    pd.testing.assert_frame_equal(metrics(run), metrics(finished))

@@ -538,6 +538,21 @@ def test_a_factory_whose_batches_raise_is_one_line(tmp_path, monkeypatch, capsys
     assert err.splitlines()[-1].startswith("error: ") and "batch iterator raised ValueError: shard 2 is corrupt" in err
 
 
+def test_a_factory_that_fails_before_its_first_record_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """No run was kept, but the --out folder made for it was (an empty `runs/`); a folder that was there stays."""
+    source = ("import torch, torch.nn as nn\n"
+              "def factory(seed=0):\n"
+              "    def batches():\n"
+              "        raise ValueError('no shards found')\n"
+              "        yield\n"
+              "    return nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)), batches(), lambda m, b: m(b).square().mean()\n")
+    code, err = _diagnose_module(tmp_path, monkeypatch, capsys, "nobatches", source, "--steps", "3")
+    assert code == 2 and "no shards found" in err and not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "mine").mkdir(parents=True)
+    code, err = _diagnose_module(tmp_path, monkeypatch, capsys, "nobatches", source, "--steps", "3")
+    assert code == 2 and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mine"]
+
+
 def test_resuming_a_diagnose_run_says_what_it_is(tmp_path, monkeypatch, capsys):
     """`run --resume` on a diagnose run said "unknown lab 'diagnose'"."""
     import json

@@ -151,11 +151,12 @@ def run_lab(
     run_dir, started = Path(run.path), resume is None  # started: the run's status is ours to set
     try:  # Ctrl-C from here on, even before the first part, prints the resume command
         if resume is None:
-            state = {**read_progress(run), "inputs": inputs}
+            state = {**read_progress(run), "inputs": inputs, "parts": [item.name for item in items]}
             _write_progress(run, state)
         else:
             state = verify_resume(run, items, Trainer(run, device, cfg.seed, cfg.checkpoint_every))  # nothing is written before this
             check_inputs(run, state["inputs"], inputs)
+            state["parts"] = [item.name for item in items]
             started = True  # a refusal above leaves the run as it was
             run.set_status("running")
             if state.get("restart"):

@@ -18,7 +18,7 @@ from specscope.names import check_name
 from specscope.store import sqlite
 from specscope.store.deps import require
 from specscope.store import integrity
-from specscope.store.run import _NAME, CONFIG, METRICS, PROGRESS, SUMMARY, Run, effective_status
+from specscope.store.run import _NAME, CONFIG, METRICS, PROGRESS, SUMMARY, Run, effective_status, parts_left
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -198,7 +198,7 @@ def _describe(path: Path) -> dict:
         salvageable = (run.metrics_path.is_file() and "--salvage" not in str(e)  # a missing file has nothing left to read
                        and "another run's" not in str(e))
         row["problem"] = f"{e} (`--salvage` reads what is left)" if salvageable else str(e)
-    row["problem"] = row["problem"] or _damaged_json(path, run.meta, row["records"] or 0)
+    row["problem"] = row["problem"] or _damaged_json(path, run.meta, row["records"] or 0) or _edited_status(path, run.meta)
     return row
 
 
@@ -220,6 +220,14 @@ def _damaged_json(path: Path, meta: dict, records: int = 0) -> str:
             if problem := other_runs(path / name, data, meta, fix.format(path=path)):
                 return problem
     return ""
+
+
+def _edited_status(path: Path, meta: dict) -> str:
+    """What is wrong with a "complete" status that progress.json contradicts (its parts were not all done), or ""."""
+    if meta.get("status") != "complete" or not (left := parts_left(path, meta)):
+        return ""
+    return (f"{path / CONFIG} says complete, but {path / PROGRESS} (checksummed) has {', '.join(map(repr, left))} "
+            "unfinished: the status was edited; `specscope run --resume` continues the run")
 
 
 def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:

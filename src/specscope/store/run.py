@@ -495,9 +495,30 @@ def _fixed(meta: dict) -> dict:
 
 
 def effective_status(path: Path, meta: dict) -> str:
+    """The status a reader should believe: "running" without a live writer reads as "incomplete", and so does a
+    "complete" lab run whose progress.json (checksummed, unlike the status) has parts left (see `parts_left`)."""
     if meta["status"] == "running" and not lock.writer_alive(path, meta.get("pid"), meta.get("host")):
         return "incomplete"
+    if meta["status"] == "complete" and parts_left(path, meta):
+        return "incomplete"
     return meta["status"]
+
+
+def parts_left(path: Path, meta: dict) -> list[str]:
+    """The lab parts that progress.json names (its "parts", recorded when the run started) and does not list as
+    done: none in a finished run, so a "complete" status with parts left was written by hand. [] where it cannot
+    tell (no progress.json, one from before the parts were recorded, a damaged one: that is reported apart)."""
+    p = Path(path) / PROGRESS
+    if meta.get("progress") is not True or not p.is_file():
+        return []
+    try:
+        progress = integrity.read_json(p, checksum=True)
+    except RunStoreError:
+        return []
+    parts, done = progress.get("parts"), progress.get("done")
+    if not (isinstance(parts, list) and isinstance(done, list)):
+        return []
+    return [str(name) for name in parts if name not in done]
 
 
 _REWRITE = "`specscope report RUN` rewrites it from the recorded metrics"

@@ -71,9 +71,9 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
                 continue
         if meta["lab"] == "demo":  # a demo's lab runs, inside it, speak for it
             continue
-        if meta["status"] != "complete":  # its claims are of the records so far: left out, and said so
+        if (status := effective_status(summary.parent, meta)) != "complete":  # claims of the records so far: left out, said so
             if summary.is_file():
-                unfinished.append(f"{summary.parent} ({effective_status(summary.parent, meta)})")
+                unfinished.append(f"{summary.parent} ({status})")
             continue
         fix = f"`specscope report {summary.parent}` rewrites it from the recorded metrics"
         data = read_json(summary, checksum=True, fix=fix)  # a tampered verdict is never shown as a result

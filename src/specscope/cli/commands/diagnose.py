@@ -204,6 +204,15 @@ def write_diagnose_report(run, df, partial: str = "") -> Path:
     return report.write_report(run.path, df, config=run.config, title=title, salvaged=df.attrs.get("damage", ""))
 
 
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
 @app.command()
 def diagnose(
     model: str = typer.Option("transformer", "--model", help="mlp, transformer, hf:<folder saved with save_pretrained, or gpt2|llama|bert|mixtral: a tiny random-init config>, or a factory module:function returning (model, batches, loss_fn)."),
@@ -250,6 +259,7 @@ def diagnose(
     bar = Progress(TextColumn("diagnose"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)  # logs stay clean
     run, recorded = None, []  # a contract error of the user's code, or a NaN loss, before anything was recorded leaves no run
+    made = _missing_folders(Path(out))  # ... nor the --out folders that Run.create makes for it
     try:
         with Run.create(out, "diagnose", config) as run, bar:
             task = bar.add_task("", total=steps)
@@ -275,8 +285,9 @@ def diagnose(
     except (ConfigError, NonFiniteError):
         if run is not None and not recorded:
             shutil.rmtree(run.path, ignore_errors=True)
-            with contextlib.suppress(OSError):  # the lab folder this run made, if it holds nothing else
-                run.path.parent.rmdir()
+            for folder in [run.path.parent, *made]:  # the lab folder and --out, made for it, if they hold nothing else
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
     console = Console()
     if not console.is_terminal:  # piped or captured: no terminal width to respect, keep every name on one line
