@@ -40,6 +40,38 @@ def test_accumulation_covers_all_micro_batches():
     assert by(r1, "stable_rank")["0"].value == pytest.approx(float(linalg.stable_rank(x.double())), rel=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv", "grouped conv"])
+def test_an_input_buffer_reused_across_micro_batches_is_measured(kind):
+    """A loop that copies each micro-batch into one buffer (`buf.copy_(next)`: pinned host buffers, the static inputs
+    of CUDA-graph loops) was refused as an in-place change: the probe held the first micro-batch's wide input to the
+    step's end and found it overwritten. An input outside autograd is now copied when held; st(A) is the one of
+    every micro-batch's rows, as with fresh tensors."""
+    torch.manual_seed(0)
+    if kind == "linear":  # 300 features: wide enough to be held
+        make, shape = (lambda: nn.Sequential(nn.Linear(300, 16), nn.ReLU(), nn.Linear(16, 4))), (6, 300)
+    else:  # 32 channels × 3×3 = 288 features a group, one or two groups
+        groups = 2 if kind == "grouped conv" else 1
+        make = lambda: nn.Sequential(nn.Conv2d(32 * groups, 8, 3, padding=1, groups=groups), nn.Flatten(), nn.Linear(8 * 25, 4))  # noqa: E731
+        shape = (3, 32 * groups, 5, 5)
+    parts = [torch.randn(*shape) * (1 + k) for k in range(3)]
+    records = []
+    for reused in (False, True):
+        torch.manual_seed(1)
+        model = make()
+        mon = Monitor(model, estimator="gram")
+        buf = torch.empty(shape)
+        with mon.step(0):
+            for x in parts:
+                if reused:
+                    buf.copy_(x)
+                model(buf if reused else x.clone()).square().mean().backward()
+        records.append(by(mon.pop_records(), "stable_rank")["0"])
+    fresh, reused = records
+    assert reused.rows == fresh.rows and reused.value == pytest.approx(fresh.value, rel=1e-5)
+    if kind == "linear":
+        assert reused.value == pytest.approx(float(linalg.stable_rank(torch.cat(parts).double())), rel=1e-4)
+
+
 def test_eval_passes_without_grad_are_not_counted():
     model = mlp()
     mon = Monitor(model)

@@ -138,12 +138,17 @@ class Deferred:
     input, are built when the step's solves read them (`rows_of`, one run of `_solved` at a time) instead of living
     from the forward pass to the end of the step — on a 6-layer, 64-channel 3×3 conv net (batch 64 at 32×32) a
     measured step held 1.06 GB more than an unprobed one that way. `source` is the tensor the rows are read from
-    (its version counter shows a later in-place change)."""
+    (its version counter shows a later in-place change); `make(source)` builds them."""
 
-    def __init__(self, make: Callable[[], torch.Tensor], shape: tuple[int, int], dtype: torch.dtype, device: torch.device,
-                 source: torch.Tensor, groups_make: Callable[[int, int], torch.Tensor] | None = None):
+    def __init__(self, make: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, int], dtype: torch.dtype,
+                 device: torch.device, source: torch.Tensor,
+                 groups_make: Callable[[torch.Tensor, int, int], torch.Tensor] | None = None):
         self.make, self.shape, self.dtype, self.device, self.source = make, torch.Size(shape), dtype, device, source
-        self.groups_make = groups_make  # (g0, g1) -> the rows of groups g0..g1-1 alone (a grouped convolution's)
+        self.groups_make = groups_make  # (source, g0, g1) -> the rows of groups g0..g1-1 alone (a grouped convolution's)
+
+    def on(self, source: torch.Tensor) -> "Deferred":
+        """The same recipe read from another tensor of the source's contents (a copy)."""
+        return Deferred(self.make, self.shape, self.dtype, self.device, source, self.groups_make)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -154,13 +159,13 @@ class Deferred:
 
 def rows_of(A: "torch.Tensor | Deferred") -> torch.Tensor:
     """The rows of an input, built now if they were deferred."""
-    return A.make() if isinstance(A, Deferred) else A
+    return A.make(A.source.detach()) if isinstance(A, Deferred) else A
 
 
 def group_rows(A: "torch.Tensor | Deferred", groups: int, g0: int, g1: int) -> torch.Tensor:
     """Rows of groups g0..g1-1 of a group-major input of `groups` groups: built for those groups alone where deferred."""
     if isinstance(A, Deferred) and A.groups_make is not None:
-        return A.groups_make(g0, g1)
+        return A.groups_make(A.source.detach(), g0, g1)
     rows = A.shape[0] // groups
     return rows_of(A)[g0 * rows : g1 * rows]
 
@@ -168,8 +173,21 @@ def group_rows(A: "torch.Tensor | Deferred", groups: int, g0: int, g1: int) -> t
 def group_deferred(A: "torch.Tensor | Deferred", groups: int, g: int) -> "torch.Tensor | Deferred":
     """Group g's rows of a group-major input, deferred where the input is."""
     if isinstance(A, Deferred) and A.groups_make is not None:
-        return Deferred(lambda: A.groups_make(g, g + 1), (A.shape[0] // groups, A.shape[1]), A.dtype, A.device, A.source)
+        make = A.groups_make
+        return Deferred(lambda x: make(x, g, g + 1), (A.shape[0] // groups, A.shape[1]), A.dtype, A.device, A.source)
     return group_rows(A, groups, g, g + 1)
+
+
+def kept(A: "torch.Tensor | Deferred", source: torch.Tensor | None):
+    """(A, source) for an input held to the step's end, copied first when the source is outside autograd (data, or a
+    buffer the loop refills for the next micro-batch — `buf.copy_(next)`, pinned host buffers, a CUDA-graph loop's
+    static input), which nothing stops from changing once this micro-batch's backward has run. A tensor autograd
+    tracks is held as it is: changing it in place after its product is the error `GramStats` names."""
+    if source is None or source.grad_fn is not None or source.requires_grad or getattr(source, "_specscope_kept", False):
+        return A, source
+    copy = source.detach().clone() if isinstance(A, Deferred) else A.clone()
+    copy._specscope_kept = True  # a grouped input's groups share the one copy
+    return (A.on(copy) if isinstance(A, Deferred) else copy), copy
 
 
 GROUP_CHUNK_BYTES = 2 << 20  # a grouped conv's patches are built and multiplied this many bytes of groups at a time
@@ -207,6 +225,7 @@ class GramStats:
         """Add one micro-batch's rows A [rows, n]; `shared` = [A, its Gram or None] when weights share A;
         `source` is the tensor A was read from (its version counter shows a later in-place change)."""
         if self.holds_next():
+            A, source = kept(A, source)
             self.A, self.source = A, A if source is None else source
             self.version = self.source._version
             self.keys.append(key if key is not None else id(A))
@@ -770,6 +789,7 @@ class GroupedStats:
                     self.parts[g].add_gram(C, rows, (key, g))
             return
         if isinstance(self.parts[0], GramStats):
+            A, source = kept(A, source)  # one copy for all the groups, not one each
             for g, p in enumerate(self.parts):
                 p.add(group_deferred(A, self.groups, g), None, (key, g), source)
             return

@@ -17,7 +17,6 @@ layouts). `Watch` holds one step's pairing state and hands each input matrix to 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import weakref
 from collections.abc import Callable, Iterator
@@ -106,9 +105,9 @@ class Watch:
                 return None
             # built where they are read, a group's alone where that is all the reader needs: prod(k) times the input,
             # held to the step's end or whole at once they would cost the memory the forward pass itself takes
-            A = Deferred(functools.partial(patches, x.detach(), w.shape, stride, padding, dilation, groups),
-                         patches_shape(x.shape, w.shape, stride, padding, dilation, groups), x.dtype, x.device, x,
-                         functools.partial(_groups_patches, x.detach(), w.shape, stride, padding, dilation, groups))
+            layout = (w.shape, stride, padding, dilation, groups)
+            A = Deferred(lambda x: patches(x, *layout), patches_shape(x.shape, *layout), x.dtype, x.device, x,
+                         lambda x, g0, g1: _groups_patches(x, *layout, g0, g1))
             return self.dense(s, A, (0, (0, w.shape[0]), True), "conv", op, groups)
         if op is aten.embedding:
             s = self._whole(args[0])
