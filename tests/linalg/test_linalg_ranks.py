@@ -128,6 +128,20 @@ def test_spectral_norm_power_and_warm_start():
     assert rel(est, L.stable_rank(M)) < 1e-6
 
 
+def test_float32_measures_are_float32_inside_autocast():
+    """`gram` and `spectral_norm` (and the power stable rank built on it) compute in float32 as documented: inside
+    torch.autocast their products ran in bfloat16 (σ_1 4 % low, st(A) 9 % high on a 300×200 matrix)."""
+    A = torch.randn(300, 200, generator=torch.Generator().manual_seed(0))
+    plain = (L.spectral_norm(A, iters=50)[0], L.stable_rank(A, method="power", iters=50), L.gram(A))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = (L.spectral_norm(A, iters=50)[0], L.stable_rank(A, method="power", iters=50), L.gram(A))
+    for a, b in zip(plain, inside):
+        assert b.dtype == a.dtype and torch.allclose(a, b, rtol=1e-6, atol=0)
+    x = torch.randn(50, 20, requires_grad=True)  # autograd is left as it is
+    L.spectral_norm(x)[0].backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_spectral_norm_does_not_touch_global_rng():
     torch.manual_seed(0)
     a = torch.rand(3)

@@ -187,6 +187,27 @@ def test_polar_started_on_workers_equals_polar_and_svd(monkeypatch, two_threads,
 _gram_job = importlib.import_module("specscope.linalg.polar")._gram_job
 
 
+def test_an_input_changed_before_its_result_is_collected_is_refused(monkeypatch, two_threads):
+    """The workers read the matrices while the caller goes on: one changed meanwhile (a gradient zeroed, the next
+    momentum update) gave a random mix of its old and new values — six norms read [1, 2, 2, 2, 2, 2]× their
+    values in one trial. The collection now refuses it, naming the matrix; unchanged inputs collect as before."""
+    polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
+
+    monkeypatch.setattr(polar_module, "POOL_MIN", 1)
+    monkeypatch.setattr(norms, "POOL_MIN", 1)
+    g = torch.Generator().manual_seed(3)
+    for start, name in [(lambda ms: L.polar_later(ms, "gram"), "polar_later"),
+                        (lambda ms: L.polar_with_nuclear_norm_later(ms, "gram"), "polar_with_nuclear_norm_later"),
+                        (norms.nuclear_norms_later, "nuclear_norms_later"),
+                        (norms.fro_nuclear_norms_later, "fro_nuclear_norms_later")]:
+        mats = [torch.randn(30, 40, generator=g) for _ in range(3)]
+        start(mats)()  # unchanged: collected
+        wait = start(mats)
+        mats[1].mul_(2.0)
+        with pytest.raises(ValueError, match=rf"{name}: mats\[1\] was changed in place after the call"):
+            wait()
+
+
 def test_polar_later_checks_every_item_before_anything_starts(monkeypatch, two_threads):
     polar_module = importlib.import_module("specscope.linalg.polar")  # the package's `polar` is the function
 

@@ -13,6 +13,7 @@ import functools
 import math
 import numbers
 from itertools import pairwise
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -27,6 +28,31 @@ def no_autocast():
             if torch.is_autocast_enabled(device):
                 stack.enter_context(torch.autocast(device, enabled=False))
         yield
+
+
+def unchanged_until_collected(mats: list[Tensor | None], fn: str, wait: Callable[[], Any]) -> Callable[[], Any]:
+    """`wait`, refusing a result whose inputs changed in place before it was collected: a `*_later` function's
+    workers read the matrices while the caller goes on, so a change made meanwhile (zeroing a gradient, the next
+    momentum update) gave a random mix of old and new values."""
+    versions = [None if G is None else G._version for G in mats]  # None: a matrix computed before the call returned
+
+    def collect():
+        out = wait()
+        if changed := [i for i, (G, v) in enumerate(zip(mats, versions)) if G is not None and G._version != v]:
+            raise ValueError(f"{fn}: mats[{changed[0]}] was changed in place after the call, while the workers read "
+                             f"it; change the matrices only after calling the function {fn} returned (or pass copies)")
+        return out
+    return collect
+
+
+def autocast_off(fn):
+    """`fn` run without autocast, autograd left as it is: a function that computes in float32 (`gram`,
+    `spectral_norm`) had its products run in bfloat16 inside torch.autocast (σ_1 4 % low, st(A) 9 % high)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with no_autocast():
+            return fn(*args, **kwargs)
+    return run
 
 
 def without_graph(fn):

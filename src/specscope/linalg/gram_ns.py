@@ -35,7 +35,7 @@ from ._coefficients import POLAR_EXPRESS_COEFFICIENTS
 from .devices import iteration_dtype
 
 # Four steps: Polar Express's steps 3–6 (arXiv 2505.16932, ℓ = 1e-3 schedule with the 1.01 safety
-# deflation). With the row-sum start this reaches error 0.01–0.02 at 0.1·σ_1 on gradients (≤ 0.03 on low-rank inputs) and maps σ ≲ 1e-3·σ_1 — the
+# deflation). With the row-sum start this reaches error 0.01–0.02 at 0.1·σ_1 on gradients (≤ 0.03 on low-rank inputs, ≤ 0.11 where one σ dominates: docs/linalg.md) and maps σ ≲ 1e-3·σ_1 — the
 # bfloat16 rounding noise of a low-rank input (≈ 0.1·eps_bf16·σ_1) — to ≲ 0.06 (docs/linalg.md).
 GRAM_NS_COEFFICIENTS = tuple(POLAR_EXPRESS_COEFFICIENTS[2:6])
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from . import graphs, lapack, workers
-from ._checks import as_list, check_gram_dtype, check_structure, check_tensor, check_tensors, smaller_gram, without_graph, work_dtype
+from ._checks import as_list, autocast_off, unchanged_until_collected, check_gram_dtype, check_structure, check_tensor, check_tensors, smaller_gram, without_graph, work_dtype
 from ._coefficients import LOWER_MIN, converging_schedule
 from ._scale import gram_scale, pow2_scale
 
@@ -25,6 +25,7 @@ def _default_v0(batch: torch.Size, k: int, dtype: torch.dtype, device: torch.dev
     return torch.randn(*batch, k, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+@autocast_off
 def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: float = 1e-6) -> tuple[Tensor, Tensor]:
     """σ_1(A) by power iteration on the smaller side; returns (sigma, v) with v the warm start for next time.
 
@@ -83,6 +84,7 @@ def spectral_norm(A: Tensor, v0: Tensor | None = None, *, iters: int = 20, tol: 
     return sigma / scale[..., 0, 0], v
 
 
+@autocast_off
 def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """The smaller-side Gram matrix: A Aᵀ if m ≤ n else AᵀA, shape [..., k, k] with k = min(m, n).
 
@@ -254,7 +256,7 @@ def nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float64, 
         return lambda: out
     sizes = [min(G.shape[-2:]) for G in mats]
     if _pooled(mats):
-        wait = workers.start(partial(_nuclear_norm_here, dtype=dtype), mats, _costs(mats))
+        wait = unchanged_until_collected(mats, "nuclear_norms_later", workers.start(partial(_nuclear_norm_here, dtype=dtype), mats, _costs(mats)))
         return lambda: torch.stack(wait())
     out = torch.empty(len(mats), dtype=torch.float64, device=device)
     by_shape: dict[tuple[int, int], list[int]] = {}  # (smaller side, larger side): one batched Gram per shape
@@ -292,7 +294,8 @@ def fro_nuclear_norms_later(mats: list[Tensor], dtype: torch.dtype = torch.float
         empty = torch.zeros(0, dtype=torch.float64)
         return lambda: (empty, empty)
     if _pooled(mats) and method != "polar":
-        wait = workers.start(partial(_fro_nuclear_here, dtype=dtype), mats, _costs(mats))
+        wait = unchanged_until_collected(mats, "fro_nuclear_norms_later",
+                                         workers.start(partial(_fro_nuclear_here, dtype=dtype), mats, _costs(mats)))
         return lambda: tuple(torch.stack(wait()).unbind(-1))
     fro = _fro_norms(mats)
     finite = torch.isfinite(fro)
