@@ -324,6 +324,18 @@ def test_the_gram_of_a_finite_input_that_overflows_is_named_not_inf():
     assert torch.isfinite(L.gram(A, dtype=torch.float64)).all()
 
 
+def test_the_gram_of_a_finite_input_that_underflows_is_named_not_zeros():
+    """Entries of 1e-25 gave an all-zero float32 Gram (its squares 1e-50), whose st(A) then read 0; from ≈ 1e-22 it
+    was off by 0.25 %. Refused like an overflow; float64 and unit scale stay exact, and the zero matrix is zero."""
+    A = _matrix(50, 20)
+    for scale in (1e-25, 1e-22):
+        with pytest.raises(ValueError, match=r"gram: A is finite but its Gram underflows float32 .*dtype=torch.float64"):
+            L.gram(A * scale)
+        C = L.gram(A * scale, dtype=torch.float64)
+        assert float(L.stable_rank_from_gram(C)) == pytest.approx(float(L.stable_rank(A)), rel=1e-6)
+    assert float(L.gram(A * 1e-15).abs().max()) > 0 and torch.equal(L.gram(torch.zeros(5, 7)), torch.zeros(5, 5))
+
+
 def test_float8_and_quantized_inputs_are_one_value_error_not_torchs():
     """float8 raised NotImplementedError ('isfinite' not implemented) or torch's promotion error; a quantized tensor
     'Creation of quantized tensor requires quantized dtype'."""

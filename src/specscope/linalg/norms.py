@@ -94,11 +94,14 @@ def gram(A: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     dtype = work_dtype(A) if dtype is None else check_gram_dtype(dtype, "gram")
     C = smaller_gram(A.to(dtype))
     # A is finite (checked); its squares can leave dtype's range only where dtype is not wider (no read otherwise)
-    if gram_scale(A, dtype) is not None and not bool(torch.isfinite(C).all()):
-        wider = "pass dtype=torch.float64, or " if dtype != torch.float64 else "pass "
-        raise ValueError(f"gram: A is finite but its Gram overflows {str(dtype).removeprefix('torch.')} (largest entry "
-                         f"{A.abs().max().item():.3g}); {wider}A scaled by a power of two (st(A) and nr(A) do not depend "
-                         "on the scale)")
+    if gram_scale(A, dtype) is not None and A.numel():
+        info, top = torch.finfo(dtype), C.diagonal(dim1=-2, dim2=-1).amax()
+        lost = "overflows" if not bool(torch.isfinite(C).all()) else "underflows" if 0 < A.abs().amax() and top < info.tiny / info.eps else ""
+        if lost:  # underflow: squares below dtype's normal range kept fewer digits than eps (all zeros from ≈ 1e-23)
+            wider = "pass dtype=torch.float64, or " if dtype != torch.float64 else "pass "
+            raise ValueError(f"gram: A is finite but its Gram {lost} {str(dtype).removeprefix('torch.')} (largest entry "
+                             f"{A.abs().max().item():.3g}); {wider}A scaled by a power of two (st(A) and nr(A) do not "
+                             "depend on the scale)")
     return C
 
 
