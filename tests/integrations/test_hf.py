@@ -211,7 +211,7 @@ def test_callback_arguments_are_checked(tmp_path):
         SpecscopeCallback(metrics="stable_rank")
     with pytest.raises(ConfigError, match="monitor=LlamaForCausalLM is not a specscope Monitor"):
         SpecscopeCallback(model)
-    SpecscopeCallback(every=5, metrics=("grad_sigma_1", "stable_rank"))  # extras' records are names too
+    SpecscopeCallback(every=5, metrics=("grad_sigma_1", "stable_rank"), extras=("topk",))  # extras' records are names too
     trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
     with pytest.raises(ConfigError, match="not both"):
         attach(trainer, Monitor(model), every=5)
@@ -402,9 +402,10 @@ def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path):
     run = store.Run.open(run.path)
     trainer = Trainer(model=resumed, args=args(out, 4, **saving), train_dataset=Tokens(), optimizers=adamw(resumed))
     attach(trainer, every=1, estimator="gram", run=run)
-    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped"):
+    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped") as caught:
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-2"))
     run.close()
+    assert [w.filename for w in caught if "dropped" in str(w.message)] == [__file__]  # train()'s line, not the Trainer's
     got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full))
     assert len(got) == len(want) and not got.duplicated(["step", "layer"]).any()
     assert sorted(got.step.unique()) == [0, 1, 2, 3]
@@ -551,3 +552,67 @@ def test_save_strategy_best_leaves_no_staged_state_behind(tmp_path):
     saved = sorted(tmp_path.glob("checkpoint-*"))
     assert saved and all((c / STATE_FILE).is_file() for c in saved)
     assert not list(tmp_path.glob(f".{STATE_FILE}-*"))
+
+
+def test_every_value_the_trainer_logs_reaches_the_run_once(tmp_path):
+    """Values logged at one step after training (two evaluations, a metric logged twice, an infinite perplexity)
+    each reach the run: the run dropped every key already logged at that step, and every non-finite value. Only the
+    end-of-training log's repeat of the last "epoch" is left out."""
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    run = store.Run.create(tmp_path / "runs", "hf", {"steps": 1})
+    attach(trainer, every=1, run=run)
+    trainer.train()
+    trainer.evaluate(list(Tokens(n=4, seed=1)))
+    trainer.evaluate(list(Tokens(n=4, seed=2)))
+    trainer.log({"val_acc": 0.25, "val_ppl": float("inf")})
+    trainer.log({"val_acc": 0.75})
+    run.close()
+    df = store.load(run.path).query("layer == ''")
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert sorted(df[df.metric == "eval_loss"].value) == sorted(evals) and evals[0] != evals[1]
+    assert sorted(df[df.metric == "val_acc"].value) == [0.25, 0.75]
+    assert df[df.metric == "val_ppl"].value.tolist() == [float("inf")]
+    assert set(df.step) == {0} and len(df[df.metric == "epoch"]) == 1
+
+
+class Regression(torch.nn.Module):
+    """y ≈ W2 relu(W1 x), its loss returned as the Trainer reads it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, x, y):
+        return {"loss": torch.nn.functional.mse_loss(self.out(torch.relu(self.hidden(x))), y)}
+
+
+class Rows(torch.utils.data.IterableDataset):
+    """Random (x, y) rows in a fixed order, row `nan` with a NaN in x."""
+
+    def __init__(self, nan: int, n: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)
+        self.x[nan, 0] = float("nan")
+
+    def __iter__(self):
+        for x, y in zip(self.x, self.y):
+            yield {"x": x, "y": y}
+
+
+@pytest.mark.parametrize("step, fix", [(0, r"check the model's initialization and the data \(no update has been made yet, so "
+                                           r"the learning rate is not the cause\)"),
+                                       (1, r"lower the learning rate or check the data")])
+def test_a_nan_input_names_the_learning_rate_only_after_an_update(tmp_path, step, fix):
+    """A NaN in the data of step 0 said "lower the learning rate" too, though no update had been made."""
+    from specscope.errors import NonFiniteError
+
+    rows = Rows(step * BATCH)
+    model = Regression()
+    trainer = Trainer(model=model, args=args(tmp_path, 3, gradient_accumulation_steps=1), train_dataset=rows,
+                      optimizers=adamw(model))
+    attach(trainer, every=1)
+    with pytest.raises(NonFiniteError, match=rf"non-finite activation entering 'hidden' at step {step} .*; {fix}") as e:
+        trainer.train()
+    assert e.value.before_update == (step == 0)

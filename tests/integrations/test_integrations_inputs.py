@@ -267,3 +267,41 @@ def test_a_trainer_the_callback_knows_closes_the_open_step_when_train_raises(tmp
     trainer.train()
     steps = {h["step"] for h in trainer.state.log_history if "specscope/model.layers.0.mlp.up_proj/nuclear_rank" in h}
     assert steps == {1, 2, 3}
+
+
+def test_metrics_an_extra_records_need_that_extra_when_the_callback_is_made(tmp_path):
+    """metrics= naming a record of an extra the Monitor is not given (extras=, or a sigma past topk) logged nothing."""
+    from specscope.integrations.hf import attach
+
+    with pytest.raises(ConfigError, match=r"'grad_sigma_1' is recorded only with extras=\('topk',\)"):
+        SpecscopeCallback(every=1, metrics=("grad_sigma_1", "entropy_rank", "weight_stable_rank"))
+    with pytest.raises(ConfigError, match=r"'entropy_rank' is recorded only with extras=\('entropy_rank',\)"):
+        SpecscopeCallback(every=1, metrics=("grad_sigma_1", "entropy_rank"), extras=("topk",))
+    with pytest.raises(ConfigError, match=r"'grad_sigma_9' is recorded only up to topk \(4 here\); pass topk=9"):
+        SpecscopeCallback(every=1, metrics=("grad_sigma_9",), extras=("topk",))
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=r"'grad_sigma_3' is recorded only up to topk \(2 here\)"):
+        SpecscopeCallback(Monitor(model, extras=("topk",), topk=2), metrics=("grad_sigma_3",))
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    with pytest.raises(ConfigError, match=r"'weight_stable_rank' is recorded only with extras=\('weight_stable_rank',\)"):
+        attach(trainer, every=1, metrics=("weight_stable_rank",))
+    SpecscopeCallback(every=1, metrics=("grad_sigma_9", "entropy_rank", "weight_stable_rank"),
+                      extras=("topk", "entropy_rank", "weight_stable_rank"), topk=9)
+
+
+def test_a_closed_run_fails_when_the_callback_is_made_or_training_starts(tmp_path):
+    """A Run closed by its with block passed the checks and failed inside train(), at the first measured step."""
+    from specscope import store
+    from specscope.integrations.hf import attach
+
+    with store.Run.create(tmp_path / "runs", "hf", {}) as closed:
+        pass
+    with pytest.raises(ConfigError, match=r"run= .* was closed.*store\.Run\.open"):
+        SpecscopeCallback(every=1, run=closed)
+    model = tiny_llama()
+    trainer = Trainer(model=model, args=args(tmp_path, 1), train_dataset=Tokens(), optimizers=adamw(model))
+    with store.Run.create(tmp_path / "runs", "hf", {}) as run:
+        attach(trainer, every=1, run=run)
+    with pytest.raises(ConfigError, match=r"run= .* was closed"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -145,9 +145,10 @@ def test_a_resume_from_an_older_checkpoint_records_each_step_once(tmp_path):
     run.close()
     ckpt = next(c for c in (tmp_path / "ckpt").glob("*.ckpt") if "step=2" in c.name)
     run = store.Run.open(run.path)
-    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped"):
+    with pytest.warns(UserWarning, match=r"resuming at step 2, .* records of steps >= 2.*dropped") as caught:
         fit(Lit(gpt(seed=1)), SpecscopeCallback(every=1, estimator="gram", run=run), tmp_path / "resumed", 4, ckpt_path=str(ckpt))
     run.close()
+    assert [w.filename for w in caught if "dropped" in str(w.message)] == [__file__]  # fit()'s line, not Lightning's
     got, want = (store.load(r.path, metric="nuclear_rank") for r in (run, full))
     assert len(got) == len(want) and not got.duplicated(["step", "layer"]).any()
     g, w = (d.set_index(["step", "layer"]).value.sort_index() for d in (got, want))
@@ -182,7 +183,7 @@ def test_a_checkpoint_state_the_monitor_refuses_names_the_checkpoint_and_one_wit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(Lit(gpt()), resumed, tmp_path / "plain", 3, ckpt_path=str(tmp_path / "plain.ckpt"))
-    assert [w for w in caught if "resuming at step 2 without Monitor state" in str(w.message)]
+    assert [w.filename for w in caught if "resuming at step 2 without Monitor state" in str(w.message)] == [__file__]
     assert set(resumed.monitor.advice(window=4).measurements) == {1}  # step 2 only
 
 
@@ -223,6 +224,10 @@ def test_callback_arguments_are_checked_when_it_is_made():
         SpecscopeCallback(metrics="stable_rank")
     with pytest.raises(ConfigError, match="monitor=GPT is not a specscope Monitor"):
         SpecscopeCallback(gpt())
+    with pytest.raises(ConfigError, match=r"'entropy_rank' is recorded only with extras=\('entropy_rank',\)"):
+        SpecscopeCallback(every=1, metrics=("entropy_rank",))  # it logged nothing
+    with pytest.raises(ConfigError, match=r"'grad_sigma_9' is recorded only up to topk \(4 here\)"):
+        SpecscopeCallback(Monitor(gpt(), extras=("topk",)), metrics=("grad_sigma_9",))
 
 
 class LitAuto(Lit):
@@ -386,3 +391,51 @@ def test_a_training_step_that_returns_none_is_not_measured_and_warns_nothing(tmp
     df = store.load(run.path)
     assert not (df.flag == "unmeasured").any() and (df.metric == "nuclear_rank").any()
     assert not callback.monitor.unmeasured
+
+
+def test_a_closed_run_fails_when_the_callback_is_made_or_the_fit_starts(tmp_path):
+    """A Run closed by its with block passed the checks and failed inside fit(), at the first measured step."""
+    from specscope.errors import ConfigError
+
+    with store.Run.create(tmp_path / "runs", "lightning", {}) as closed:
+        pass
+    with pytest.raises(ConfigError, match=r"run= .* was closed"):
+        SpecscopeCallback(every=1, run=closed)
+    with store.Run.create(tmp_path / "runs", "lightning", {}) as run:
+        callback = SpecscopeCallback(every=1, run=run)
+    with pytest.raises(ConfigError, match=r"run= .* was closed"):
+        fit(Lit(gpt()), callback, tmp_path, 2)
+    assert callback.monitor.last_step is None
+
+
+class Regression(L.LightningModule):
+    """y ≈ W2 relu(W1 x) on float rows, one of them NaN."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.out(torch.relu(self.hidden(x))), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.parametrize("step, fix", [(0, r"check the model's initialization and the data \(no update has been made yet, so "
+                                           r"the learning rate is not the cause\)"),
+                                       (1, r"lower the learning rate or check the data")])
+def test_a_nan_input_names_the_learning_rate_only_after_an_update(tmp_path, step, fix):
+    """A NaN in the data of step 0 said "lower the learning rate" too, though no update had been made."""
+    from specscope.errors import NonFiniteError
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 4, generator=g), torch.randn(4, 1, generator=g)) for _ in range(3)]
+    batches[step][0][0, 0] = float("nan")
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, callbacks=[SpecscopeCallback(every=1)], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.raises(NonFiniteError, match=rf"non-finite activation entering 'hidden' at step {step} .*; {fix}") as e:
+        trainer.fit(Regression(), train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert e.value.before_update == (step == 0)

@@ -119,3 +119,15 @@ def test_gpt_names_a_token_id_outside_its_vocabulary(bad):
     with pytest.raises(ConfigError, match=rf"token id {bad} is outside GPTConfig.vocab_size=16 \(ids 0..15\)"):
         model(torch.tensor([[1, 2, bad]]))
     assert model(torch.tensor([[0, 15]])).shape == (1, 2, 16)
+
+
+def test_hf_model_expands_a_home_folder(tmp_path, monkeypatch):
+    """`--model hf:~/mymodel` failed with "no local folder '~/mymodel'": the ~ was taken as a folder name."""
+    transformers = pytest.importorskip("transformers")
+    from specscope.models.hf import hf_model, tiny_configs
+
+    saved = transformers.LlamaForCausalLM(tiny_configs(transformers)["llama"])
+    saved.save_pretrained(tmp_path / "mymodel")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model, _, _ = hf_model("~/mymodel", seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))

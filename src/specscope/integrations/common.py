@@ -3,19 +3,23 @@ records as flat log values, and the one-optimizer spectral/AdamW split."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import inspect
 import math
 import re
+import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
 
-from specscope.errors import ConfigError
+from specscope.errors import ConfigError, NonFiniteError
 from specscope.names import layer_name
 from specscope.optim import Hybrid, spectral_param_groups
 from specscope.probe import Monitor
+from specscope.probe.monitor import EXTRAS
 from specscope.records import Record, not_measured_in
 
 LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage", "geometry")  # geometry: AutoGeometry's choice
@@ -23,9 +27,10 @@ LOGGED = ("stable_rank", "nuclear_rank", "spectral_advantage", "geometry")  # ge
 METRICS = (*LOGGED, "grad_fro_norm", "grad_nuclear_norm", "entropy_rank", "weight_stable_rank")
 
 
-def check_metrics(metrics: Any) -> tuple[str, ...]:
-    """`metrics` as a tuple of record names a Monitor makes; a ConfigError for a string or an unknown name (which
-    would log nothing, silently)."""
+def check_metrics(metrics: Any, monitor: Monitor | None = None, options: dict | None = None) -> tuple[str, ...]:
+    """`metrics` as a tuple of record names the Monitor makes (`monitor`, or one built with `options`); a ConfigError
+    for a string, an unknown name, or the record of an extra it is not given (extras=, topk=): each would log
+    nothing, silently."""
     if isinstance(metrics, str) or not isinstance(metrics, Iterable):
         example = metrics if isinstance(metrics, str) else "stable_rank"
         raise ConfigError(f"metrics={metrics!r}: give a tuple of record names, e.g. metrics=({example!r},)")
@@ -35,7 +40,24 @@ def check_metrics(metrics: Any) -> tuple[str, ...]:
             close = difflib.get_close_matches(str(m), METRICS, n=1)
             raise ConfigError(f"metrics: {m!r} is not a record a Monitor makes; " + (f"did you mean {close[0]!r}? " if close else "")
                               + f"choose from {list(METRICS)} or grad_sigma_<i>")
+    extras, topk = _extras(monitor, options or {})
+    for m in metrics:
+        need = "topk" if m.startswith("grad_sigma_") else m if m in EXTRAS else None
+        if need is not None and need not in extras:
+            raise ConfigError(f"metrics: {m!r} is recorded only with extras=({need!r},), which this Monitor is not given "
+                              f"(its extras are {extras}); add {need!r} to the Monitor's extras=, or leave {m!r} out of metrics")
+        if need == "topk" and (i := int(m.removeprefix("grad_sigma_"))) > topk:
+            raise ConfigError(f"metrics: {m!r} is recorded only up to topk ({topk} here); pass topk={i} (or more) to the "
+                              f"Monitor, or leave {m!r} out of metrics")
     return metrics
+
+
+def _extras(monitor: Monitor | None, options: dict) -> tuple[tuple[str, ...], int]:
+    """The extras and topk of `monitor`, or of a Monitor built with `options` (its defaults where they say nothing)."""
+    if monitor is not None:
+        return tuple(monitor.extras), monitor.topk
+    defaults = inspect.signature(Monitor.__init__).parameters
+    return tuple(options.get("extras", defaults["extras"].default)), options.get("topk", defaults["topk"].default)
 
 
 def check_monitor(monitor: Any, where: str) -> None:
@@ -66,6 +88,20 @@ def check_run_starts_fresh(run: Any, step: int, where: str) -> None:
                           "(store.Run.create(root, lab, config)), or leave run out")
 
 
+# packages whose frames lie between a training loop's caller and a callback event
+_CALLERS = ("specscope", "transformers", "accelerate", "lightning", "pytorch_lightning", "lightning_fabric", "torch",
+            "contextlib", "functools")
+
+
+def user_level() -> int:
+    """warnings.warn's stacklevel (for its caller) that points at the first frame outside specscope and the training
+    frameworks that call the callbacks' events: the user's `trainer.train()` / `trainer.fit(...)` line."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _CALLERS:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resume_run(run: Any, step: int, where: str) -> int:
     """A resume at `step` trains steps `step`, `step`+1, … again: `run`'s records of those steps (written after the
     checkpoint, before the training stopped) are dropped, as TensorBoard's `purge_step` does, so that each step is
@@ -75,18 +111,24 @@ def resume_run(run: Any, step: int, where: str) -> int:
     if (dropped := run.delete_after(step - 1)) > 0:
         warnings.warn(f"{where}: resuming at step {step}, the run {getattr(run, 'path', run)} held {dropped} records of "
                       f"steps >= {step}, written after that checkpoint; they were dropped, and those steps are recorded "
-                      "again as training repeats them", stacklevel=3)
+                      "again as training repeats them", stacklevel=user_level())
     return dropped
 
 
 def check_run(run: Any, where: str) -> None:
-    """A ConfigError unless `run` is None or receives records like a specscope.store.Run (append, log, flush): a path
-    or a framework's logger given in its place failed at the first measured step, inside training."""
+    """A ConfigError unless `run` is None or an open Run that receives records like a specscope.store.Run (append,
+    log, flush): a path or a framework's logger given in its place, or a Run closed (by its `with` block) before
+    training, failed at the first measured step, inside training. Called when the callback is made and again when
+    training starts."""
     if run is None:
         return
     if missing := [m for m in ("append", "log", "flush") if not callable(getattr(run, m, None))]:
         raise ConfigError(f"{where}: run={type(run).__name__} has no {'/'.join(missing)}; pass a specscope.store.Run "
                           "(store.Run.create(root, lab, config)) or leave run out")
+    if getattr(run, "closed", False) is True:
+        raise ConfigError(f"{where}: run= {getattr(run, 'path', run)} was closed (a `with store.Run.create(...) as run:` "
+                          "block closes it at its end), and a closed Run writes nothing more; train inside the with "
+                          "block, or resume the run with store.Run.open(path), or pass a new Run")
 
 
 def check_measures(monitor: Monitor, model: nn.Module, where: str,
@@ -134,7 +176,8 @@ class StepMeasure:
     def gradients_ready(self) -> None:
         context, self._open = self._open, None
         if context is not None:
-            context.__exit__(None, None, None)
+            with self._naming_the_cause():
+                context.__exit__(None, None, None)
 
     def optimizer_stepped(self, optimizer: Any = None) -> list[Record]:
         """The Monitor's records of the step, and the geometry choices of a specscope `optimizer` (AutoGeometry);
@@ -152,6 +195,20 @@ class StepMeasure:
         context, self._open = self._open, None
         if context is not None:
             context.__exit__(_Abandoned, _Abandoned(), None)
+
+    @contextlib.contextmanager
+    def _naming_the_cause(self):
+        """A NonFiniteError of step 0's forward and backward came before any update: its fix names the model's
+        initialization and the data, not the learning rate (as `specscope diagnose` does); `before_update` says which
+        it is."""
+        try:
+            yield
+        except NonFiniteError as e:
+            e.before_update = self.step == 0
+            if e.before_update and (problem := getattr(e, "problem", None)):
+                e.args = (f"{problem}; check the model's initialization and the data (no update has been made yet, so the "
+                          "learning rate is not the cause), or use Monitor(nonfinite='warn') to record it and go on",)
+            raise
 
 
 def optimizer_records(optimizer: Any) -> list[Record]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import os
 import sys
 import warnings
@@ -29,7 +28,7 @@ import torch
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
                                            check_run_starts_fresh, check_starts_after, resume_run, log_values, spectral_optimizer,
-                                           uses_loss_scaling)
+                                           user_level, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store import integrity
 from specscope.store.deps import require
@@ -58,19 +57,21 @@ class SpecscopeCallback(transformers.TrainerCallback):
             _check_trainer(trainer, "SpecscopeCallback(trainer=...)")
         check_run(run, "SpecscopeCallback")
         Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.train()
-        self.monitor, self.trainer, self.run, self.metrics = monitor, trainer, run, check_metrics(metrics)
+        self.monitor, self.trainer, self.run = monitor, trainer, run
+        self.metrics = check_metrics(metrics, monitor, monitor_kwargs)
         self._monitor_kwargs = monitor_kwargs
         self._measure: StepMeasure | None = None
         self._values: dict[str, float] = {}
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
         self._saved_from: Path | None = None  # the file it was read from
-        self._logged: tuple[int, set[str]] = (-1, set())  # the last logged step and its keys (each stored once)
+        self._epoch: tuple[int, float] | None = None  # the last (step, epoch) stored in the run
         self._reporting: Any = trainer  # the Trainer whose reporters get the values: `trainer`, else the one running
         if trainer is not None:
             _close_on_error(trainer, self)
 
     # -- training events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_run(self.run, "SpecscopeCallback")  # closed since the callback was made (the end of its with block)
         running, loop = _calling_loop(self)
         if self.trainer is None:  # given to Trainer(callbacks=[...]): find the Trainer whose train() is running
             _close_running_on_error(running, self)
@@ -125,13 +126,13 @@ class SpecscopeCallback(transformers.TrainerCallback):
         # the Trainer logs after step k (global_step k+1); the run numbers steps like the Monitor. An evaluation
         # before the first step (trainer.evaluate() before train()) is the state at step 0.
         step = max(state.global_step - 1, 0)
-        if self._logged[0] != step:
-            self._logged = (step, set())
-        own = {k: float(v) for k, v in logs.items() if not k.startswith("specscope/") and k not in self._logged[1]
-               and isinstance(v, (int, float)) and math.isfinite(v)}  # the end-of-training log repeats "epoch"
+        own = {k: float(v) for k, v in logs.items() if not k.startswith("specscope/") and isinstance(v, (int, float))}
+        if "epoch" in own and (step, own["epoch"]) == self._epoch:  # the end-of-training log repeats the last epoch
+            del own["epoch"]
+        elif "epoch" in own:
+            self._epoch = (step, own["epoch"])
         if own:
             self.run.log(step, own)
-            self._logged[1].update(own)
             if control.should_save or _saves_best(args):  # a checkpoint follows this log: the records go first
                 self.run.flush()
 
@@ -214,7 +215,7 @@ class SpecscopeCallback(transformers.TrainerCallback):
             warnings.warn(f"specscope: resuming at step {state.global_step} without Monitor state ({folder / STATE_FILE} "
                           "not found: that checkpoint was saved without specscope), so the Monitor's advice window starts "
                           "empty; to restore it from another checkpoint folder, call callback.load(folder) before "
-                          "trainer.train()", stacklevel=2)
+                          "trainer.train()", stacklevel=user_level())
 
 
 def _staged(output_dir: str | os.PathLike, step: int) -> Path:
@@ -256,7 +257,7 @@ def attach(trainer: Any, monitor: Monitor | None = None, *, run: Any = None, met
     check_monitor(monitor, "attach")
     Monitor.check_options(**monitor_kwargs)  # a typo is a ConfigError naming the closest option, not a TypeError
     check_run(run, "attach")
-    check_metrics(metrics)
+    check_metrics(metrics, monitor, monitor_kwargs)
     _check_one_callback(trainer, "attach")
     if monitor is None and getattr(trainer, "model_init", None) is not None:
         raise ConfigError("attach: this Trainer has model_init=, which builds a new model when train() starts, so a Monitor "

@@ -23,7 +23,7 @@ from typing import Any
 from specscope.errors import ConfigError, RunStoreError
 from specscope.integrations.common import (LOGGED, StepMeasure, check_measures, check_metrics, check_monitor, check_run,
                                            check_run_starts_fresh, check_starts_after, resume_run, log_values, spectral_optimizer,
-                                           uses_loss_scaling)
+                                           user_level, uses_loss_scaling)
 from specscope.probe import Monitor
 from specscope.store.deps import require
 
@@ -47,7 +47,7 @@ class SpecscopeCallback(L.Callback):
         check_monitor(monitor, "SpecscopeCallback")
         check_run(run, "SpecscopeCallback")
         Monitor.check_options(**monitor_kwargs)  # a typo fails here, not inside trainer.fit()
-        self.monitor, self.run, self.metrics = monitor, run, check_metrics(metrics)
+        self.monitor, self.run, self.metrics = monitor, run, check_metrics(metrics, monitor, monitor_kwargs)
         self._monitor_kwargs = monitor_kwargs
         self._measure: StepMeasure | None = None
         self._saved: dict | None = None  # Monitor state loaded before the Monitor exists
@@ -67,10 +67,11 @@ class SpecscopeCallback(L.Callback):
             self._load(saved)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        check_run(self.run, "SpecscopeCallback")  # closed since the callback was made (the end of its with block)
         if trainer.global_step > 0 and not self._restored and self.monitor.last_step is None:
             warnings.warn(f"specscope: resuming at step {trainer.global_step} without Monitor state (the checkpoint "
                           f"{getattr(trainer, 'ckpt_path', None) or ''} was saved without a SpecscopeCallback), so the "
-                          "Monitor's advice window starts empty", stacklevel=2)
+                          "Monitor's advice window starts empty", stacklevel=user_level())
         self._restored = False
         check_run_starts_fresh(self.run, trainer.global_step, "SpecscopeCallback")
         check_starts_after(self.monitor, trainer.global_step, "SpecscopeCallback",

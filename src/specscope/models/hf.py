@@ -45,14 +45,15 @@ def is_masked_lm(config) -> bool:
 
 
 def hf_model(name: str, seed: int):
-    """(model, batches, loss_fn) for `hf:<name>`: a local folder if one exists at `name`, else a built-in config."""
+    """(model, batches, loss_fn) for `hf:<name>`: a local folder if one exists at `name` (~ expanded), else a
+    built-in config."""
     from specscope.store.deps import require
 
     transformers = require("transformers", "hf", "--model hf:...")
     torch.manual_seed(seed)
     tiny = tiny_configs(transformers)
-    if name and Path(name).is_dir():
-        model, tokenizer = _from_folder(transformers, Path(name))
+    if name and (folder := Path(name).expanduser()).is_dir():
+        model, tokenizer = _from_folder(transformers, folder)
     elif name in tiny:
         config = tiny[name]
         auto = transformers.AutoModelForMaskedLM if is_masked_lm(config) else transformers.AutoModelForCausalLM

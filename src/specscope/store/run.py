@@ -202,6 +202,11 @@ class Run:
         return integrity.read_json(p, checksum=True, fix=_REWRITE) if p.exists() else None
 
     @property
+    def closed(self) -> bool:
+        """Whether this Run object was closed (its `with` block ended, or `close()`): it writes nothing more."""
+        return self._closed
+
+    @property
     def live(self) -> bool:
         """Whether a process (this one or another) holds the writer lock of this run right now."""
         return self._con is not None or lock.writer_alive(self.path, self._meta.get("pid"), self._meta.get("host"),
