@@ -131,6 +131,47 @@ def test_multihead_cross_attention_blocks_measured_with_their_own_inputs():
     assert torch.equal(next(iter(again.slots.values())).block_stats[(16, 48)].V, next(iter(mon.slots.values())).block_stats[(16, 48)].V)
 
 
+def test_a_split_slice_covered_by_two_products_is_measured_on_both_inputs():
+    """A slice lies in every output block a product covered: one attention used for self- then cross-attention
+    multiplies q's rows by [x; h] and k's by [x; mem]. Each slice was measured with the first block's input alone
+    (q and k read st(x): 6 % and 33 % off); so was `F.linear(b, W) + F.linear(a, W[:8])`'s slice 'a' (14–72 %)."""
+    torch.manual_seed(0)
+    att = nn.MultiheadAttention(16, 4, batch_first=True)
+    x, mem = torch.randn(2, 5, 16), torch.randn(2, 7, 16) * 3 + 1.0
+    mon = Monitor(att, split={"in_proj_weight": ["q", "k", "v"]})
+    with mon.step(0):
+        h = att(x, x, x)[0]
+        att(h, mem, mem)[0].pow(2).mean().backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert not mon.unmeasured
+    assert st["in_proj_weight.q"].value == pytest.approx(exact_st([x, h.detach()]), rel=1e-4)
+    assert st["in_proj_weight.q"].rows == 20
+    for part in ("k", "v"):
+        assert st[f"in_proj_weight.{part}"].value == pytest.approx(exact_st([x, mem]), rel=1e-4)
+        assert st[f"in_proj_weight.{part}"].rows == 24
+    power = Monitor(att, split={"in_proj_weight": ["q", "k", "v"]}, estimator="power")  # no sum of Grams: said, not wrong
+    with pytest.warns(UserWarning, match="in_proj_weight' is unmeasured.*estimator='gram'"), power.step(0):
+        att(att(x, x, x)[0], mem, mem)[0].pow(2).mean().backward()
+    assert not [r for r in power.pop_records() if r.metric == "stable_rank" and r.layer.startswith("in_proj")]
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(24, 300) / 20)
+
+        def forward(self, a, b):
+            return F.linear(b, self.W).sum() + F.linear(a, self.W[:8]).sum()
+
+    model = Shared()
+    a, b = torch.randn(30, 300) + 1.0, torch.randn(20, 300)
+    mon = Monitor(model, split={"W": {"a": 8, "b": 16}})
+    with mon.step(0):
+        model(a, b).backward()
+    st = by(mon.pop_records(), "stable_rank")
+    assert st["W.a"].value == pytest.approx(exact_st([b, a]), rel=1e-4) and st["W.a"].rows == 50
+    assert st["W.b"].value == pytest.approx(exact_st([b]), rel=1e-4) and st["W.b"].rows == 20
+
+
 def test_additive_position_tables_are_routed_as_embeddings():
     from specscope.optim import spectral_param_groups
 
@@ -173,6 +214,7 @@ def test_a_split_that_cuts_across_gpt2s_fused_blocks_is_warned_once_with_the_fix
     with pytest.warns(UserWarning) as got:
         Monitor(model, split={"transformer.h.*.attn.c_attn": ["q", "k"]})
     (w,) = [str(x.message) for x in got]
+    assert got[0].filename == __file__  # the user's line (it pointed into specscope/errors.py)
     assert "transformer.h.0.attn.c_attn' and 1 more" in w and "cut across the 3 blocks of 64" in w
     assert "give 3 names" in w and "--split PATTERN=q:96,k:96" in w
     with warnings.catch_warnings():

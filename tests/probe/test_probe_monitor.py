@@ -72,6 +72,30 @@ def test_an_input_buffer_reused_across_micro_batches_is_measured(kind):
         assert reused.value == pytest.approx(float(linalg.stable_rank(torch.cat(parts).double())), rel=1e-4)
 
 
+def test_a_weight_unfrozen_after_the_monitor_was_built_is_named_once():
+    """Frozen weights are not tracked; one unfrozen later for training was never measured, without a word."""
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    mon = Monitor(model)
+    model[0].weight.requires_grad_(True)
+    x = torch.randn(6, 8)
+    with pytest.warns(UserWarning, match=r"weights \['0'\] were frozen when the Monitor was built and are trained now"):
+        with mon.step(0):
+            model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        with mon.step(1):
+            model(x).sum().backward()
+    excluded = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    excluded[0].weight.requires_grad_(False)
+    quiet = Monitor(excluded, exclude=["[02]"])  # a frozen weight the patterns leave out is not named
+    excluded[0].weight.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with quiet.step(0):
+            excluded(x).sum().backward()
+
+
 def test_eval_passes_without_grad_are_not_counted():
     model = mlp()
     mon = Monitor(model)

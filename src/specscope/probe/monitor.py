@@ -35,7 +35,7 @@ from specscope.probe import distributed as D
 from specscope.probe import estimators as E
 from specscope.probe import roles as R
 from specscope.probe.estimators import L, GramStats, GroupedStats, finish_grams, groups_of, make_stats
-from specscope.probe.pairing import KINDS, Interleaved, Slot, check_patterns, expert_name, tracked_slots
+from specscope.probe.pairing import KINDS, Interleaved, Slot, check_patterns, expert_name, frozen_names, tracked_slots, user_level as _user_level
 from specscope.probe import watch as W
 from specscope.probe.watch import CallWatch, ParamWatch, Watch
 from specscope.records import Record
@@ -122,24 +122,10 @@ def _check_values(*, every, log_spaced, gradient, estimator, nonfinite, extras, 
                           "torch.float32: the dtype the gradient's Gram is formed in")
 
 
-_PACKAGE = str(__import__("pathlib").Path(__file__).resolve().parents[1])  # src/specscope
-
-
 def _filled(st) -> bool:
     """Whether input statistics hold this step's data: a weight not used on this step keeps an emptied object."""
     return st is not None and all(t is not None for t in st.tensors())
 
-
-def _user_level() -> int:
-    """warnings.warn's stacklevel (for its caller) that points at the first frame outside specscope and contextlib:
-    the user's line (`with monitor.step(...)`), however many of the Monitor's own frames lie between."""
-    import sys
-
-    frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
-                                 or frame.f_code.co_filename.endswith("contextlib.py")):
-        frame, level = frame.f_back, level + 1
-    return level
 
 @dataclass
 class _Inputs:
@@ -285,6 +271,7 @@ class Monitor:
         self._last_step: int | None = None  # the last measured step whose block ended: later ones must come after it
         self._closed = False
         self._known = {layer_name(n) for n, p in self.model.named_parameters() if p.dim() >= 2}  # to name new ones once
+        self._frozen = frozen_names(self.model, include=include, exclude=exclude)  # to name the ones unfrozen later once
 
     @classmethod
     def check_options(cls, **options) -> None:
@@ -462,6 +449,11 @@ class Monitor:
         model under its name (tied to another by `tie_weights`, parametrized by `weight_norm`) is unmeasured with that
         reason, and weights that appeared since are named once: they are not tracked."""
         now = {layer_name(n): p for n, p in self.model.named_parameters() if p.dim() >= 2}
+        if self._frozen and (thawed := sorted(n for n in self._frozen if n in now and now[n].requires_grad)):
+            self._frozen -= set(thawed)
+            warnings.warn(f"specscope probe: weights {thawed[:4]}{' …' if len(thawed) > 4 else ''} were frozen when the "
+                          "Monitor was built and are trained now; frozen weights are not tracked, so they are not measured: "
+                          "build a new Monitor for the model as it is now", stacklevel=_user_level())
         if (all(now.get(s.name) is s.param and s.shape == tuple(s.param.shape) for s in self.slots.values())
                 and len(now) == len(self._known)):
             return
@@ -611,6 +603,7 @@ class Monitor:
             k = len(st.tensors())
             st.set_tensors(flat[i : i + k])
             i += k
+        active, rows = self._with_unions(active, rows)
         grams = [p for *_, st in active for p in getattr(st, "parts", [st]) if isinstance(p, GramStats)]  # one batched solve
         done = dict(zip(map(id, grams), finish_grams(grams)))
 
@@ -640,6 +633,33 @@ class Monitor:
         return out
 
     @staticmethod
+    def _with_unions(active: list, rows: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """`active` and its (global) row counts, with a statistics object for each split slice that several products
+        covered (`Slot.slice_union`): the sum of the Grams of the blocks holding its inputs, formed after the reduction
+        over ranks; a problem where the blocks' statistics are not Grams of those inputs alone."""
+        out, counts = list(active), rows.tolist()
+        for s in {id(s): s for s, *_ in active if s.slice_union}.values():
+            mine = [(st, r) for (slot, _, st), r in zip(active, counts) if slot is s]
+            for ranges in dict.fromkeys(s.slice_union.values()):
+                keys = set().union(*(s.inputs[r] for r in ranges))
+                members = [(st, r) for st, r in mine if isinstance(st, GramStats) and keys & set(st.keys)]
+                if any(not isinstance(st, GramStats) or (keys & set(st.keys) and set(st.keys) - keys) for st, _ in mine):
+                    s.problem = (f"a slice of its split is multiplied by the inputs of several products; the probe sums "
+                                 f"their Grams with estimator='gram' (this Monitor's is '{mine[0][0].estimator}') and "
+                                 "where no block's input is another's; give the products' inputs their own weights")
+                    keep = [slot is not s for slot, *_ in out]  # unmeasured, with that reason: no slice's st(A) is wrong
+                    out, counts = [a for a, k in zip(out, keep) if k], [c for c, k in zip(counts, keep) if k]
+                    break
+                union = GramStats(s.n_features)
+                for st, _ in members:
+                    st._materialize()
+                    if st.C is not None:
+                        union.add_gram(st.C, st.rows, tuple(st.keys))
+                out.append((s, ranges, union))
+                counts.append(sum(r for _, r in members))
+        return out, torch.tensor(counts, dtype=rows.dtype, device=rows.device)
+
+    @staticmethod
     def _expert_stats(s: Slot, distributed: bool) -> list:
         """(slot, block, statistics) of the experts of a stack that were routed rows in this step; under torch.distributed
         every expert's, those with none given an empty batch, so that each rank reduces the same tensors."""
@@ -653,7 +673,7 @@ class Monitor:
     @staticmethod
     def _input_of(inputs: dict, s: Slot, name: str) -> _Inputs | None:
         """st(A) for a recorded weight or slice: its output block's own input where blocks differ."""
-        block = s.slice_range.get(name)
+        block = s.slice_union.get(name) or s.slice_range.get(name)
         if block is not None and block != s.main_range:
             return inputs.get((id(s.param), block))
         return inputs.get(id(s.param))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import sys
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -130,6 +131,7 @@ class Slot:
     inputs: dict = field(default_factory=dict)  # output range -> set of input keys
     main_range: tuple | None = None  # the output range whose input `stats` holds
     slice_range: dict = field(default_factory=dict)  # slice name -> output range, when blocks differ in input
+    slice_union: dict = field(default_factory=dict)  # slice name -> the output ranges holding it, when several products cover it
     other_ops: set = field(default_factory=set)
     gone: str = ""  # why the weight this slot tracked is no longer the model's (replaced after the Monitor was built)
     shape: tuple = ()  # the weight's shape its statistics were made for (a resize in place changes it)
@@ -162,7 +164,7 @@ class Slot:
 
     def begin_step(self) -> None:
         self.problem, self.inputs, self.other_ops, self.forward_seen = "", {}, set(), False
-        self.main_range, self.slice_range = None, {}
+        self.main_range, self.slice_range, self.slice_union = None, {}, {}
 
     def note_use(self, kind: str, n: int, out_dim: int, out_range: tuple[int, int], key) -> bool:
         """Record one use; False (with `problem` set) when it contradicts an earlier one."""
@@ -176,25 +178,42 @@ class Slot:
 
     def check_ranges(self) -> None:
         """Output blocks used on different inputs (cross-attention's q vs kv rows) are not one A: each slice of
-        the split is measured with the input of the block that contains it; without such a split, a problem.
-        A stack's expert e is block (e, e + 1), measured with the rows routed to it."""
+        the split is measured with the inputs of the blocks that contain it (`slice_union` where there are several:
+        one attention used for self- and then cross-attention multiplies q's rows by [x; h]); without such a split,
+        a problem. A stack's expert e is block (e, e + 1), measured with the rows routed to it."""
         if self.kind == "experts":
             self.slice_range = {expert_name(self.name, e): (e, e + 1) for e in range(self.param.shape[0])}
             return
         if len(self.inputs) < 2 or len({frozenset(k) for k in self.inputs.values()}) < 2:
             return
         if self.split is not None:
-            where = {}
+            where, union = {}, {}
             for nm, idx in split_indices(self.name, self.split, self.param.shape[self.out_dim]):
                 lo, hi = (idx.start, idx.stop) if isinstance(idx, slice) else (int(idx.min()), int(idx.max()) + 1)
-                where[nm] = next((r for r in self.inputs if r[0] <= lo and hi <= r[1]), None)
+                holding = tuple(sorted(r for r in self.inputs if r[0] <= lo and hi <= r[1]))
+                where[nm] = holding[0] if holding else None
+                if len({frozenset(self.inputs[r]) for r in holding}) > 1:
+                    union[nm] = holding
             if all(r is not None for r in where.values()):
-                self.slice_range = where
+                self.slice_range, self.slice_union = where, union
                 return
         blocks = ", ".join(f"{a}:{b}" for a, b in sorted(self.inputs))
         example = "['q', 'k', 'v']" if self.name.endswith("in_proj_weight") else "{name: size, ...}"
         self.problem = (f"output blocks {blocks} multiply different inputs; measure them separately with a split whose "
                         f"slices each lie in one block, e.g. split={{'{self.name}': {example}}}")
+
+
+_PACKAGE = str(__import__("pathlib").Path(__file__).resolve().parents[1])  # src/specscope
+
+
+def user_level() -> int:
+    """warnings.warn's stacklevel (for its caller) that points at the first frame outside specscope and contextlib:
+    the user's line (`with monitor.step(...)`), however many of the Monitor's own frames lie between."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename.endswith("contextlib.py")):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_patterns(kind: str, patterns) -> tuple[str, ...] | None:
@@ -212,6 +231,13 @@ def check_patterns(kind: str, patterns) -> tuple[str, ...] | None:
 
 def _matches(name: str, patterns) -> bool:
     return any(name_matches(name, p) for p in patterns)
+
+
+def frozen_names(model: nn.Module, *, include=None, exclude=()) -> set[str]:
+    """The layer names of the frozen ≥2-D parameters that include/exclude (checked by `tracked_slots`) would track."""
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude) or ()
+    names = {layer_name(n) for n, p in model.named_parameters() if p.dim() >= 2 and not p.requires_grad}
+    return {n for n in names if (include is None or _matches(n, include)) and not _matches(n, exclude)}
 
 
 def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> dict[int, Slot]:
@@ -249,7 +275,7 @@ def tracked_slots(model: nn.Module, *, include=None, exclude=(), split=None) -> 
                 straddled.setdefault(why, []).append(name)
         slots[id(p)] = Slot(name, p, spec, out_dim=out_dim)
     for why, layers in straddled.items():
-        warnings.warn(f"split of {layers[0]!r}{f' and {len(layers) - 1} more' if len(layers) > 1 else ''}: {why}", stacklevel=3)
+        warnings.warn(f"split of {layers[0]!r}{f' and {len(layers) - 1} more' if len(layers) > 1 else ''}: {why}", stacklevel=user_level())
     if empty := [s for s in slots.values() if s.param.numel() == 0]:  # linalg refuses empty matrices mid-step
         shapes = ", ".join(f"'{s.name}' {tuple(s.param.shape)}" for s in empty[:4])
         raise ConfigError(f"weights {shapes} have a dimension of size 0: no entries, so no st(A) or nr(G) to measure; "
