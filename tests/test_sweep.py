@@ -356,3 +356,33 @@ def test_runs_of_no_point_are_left_out_of_the_summary_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="realize none of the points"):
         table = sweep.summary(d)
     assert sorted(table["seed"]) == [0, 1] and len(set(table["run"])) == 2
+
+
+RF = {"dim": 8, "width": 16, "samples": 16, "outputs": 4, "steps": 3, "sweep_widths": [8, 16], "sweep_samples": 16,
+      "sweep_dims": [4, 8], "activations": ["relu"], "sweep_activations": ["relu"]}
+
+
+def test_a_damaged_claims_json_is_named_with_a_fix_that_works(tmp_path, monkeypatch):
+    """A sweep's damaged claims.json: `claims` named `sweep --resume` as the fix, which left the file as it was for a lab
+    without a sweep rule (random-features) and failed with a bare JSON error naming no file."""
+    from typer.testing import CliRunner
+
+    from specscope.cli import _register, app
+    from specscope.errors import RunStoreError
+
+    _register()
+    invoke = lambda *argv: CliRunner().invoke(app, [*map(str, argv)])  # noqa: E731
+    d = sweep.run_sweep("random-features", {"seed": [0]}, RF, out=tmp_path, echo=lambda *a, **k: None)
+    claims, fix = d / "claims.json", f"`specscope sweep --resume {d}` rewrites it"
+    claims.write_text("[1,2\n")
+    res = invoke("claims", "--root", d)
+    assert isinstance(res.exception, RunStoreError) and str(claims) in str(res.exception) and fix in str(res.exception)
+    with monkeypatch.context() as m:  # the claims.json the sweep command prints, unwritten: named with the same fix
+        m.setattr(sweep, "finish", lambda sweep_dir: None)
+        res = invoke("sweep", "--resume", d)
+        assert isinstance(res.exception, RunStoreError) and str(claims) in str(res.exception) and fix in str(res.exception)
+    res = invoke("sweep", "--resume", d)
+    assert res.exit_code == 0, res.output
+    assert not claims.exists()  # random-features states no claims of a sweep: its runs' own claims speak for it
+    res = invoke("claims", "--root", d, "--format", "json")
+    assert res.exit_code == 0 and json.loads(res.stdout), res.output

@@ -44,6 +44,7 @@ from specscope.train.processes import die_with_parent
 
 SWEEP_FILE = "sweep.json"
 SUMMARY_FILE = "summary.csv"
+CLAIMS_FILE = "claims.json"
 
 
 # ---------------------------------------------------------------- grid
@@ -416,7 +417,11 @@ def summary(sweep_dir: str | Path, warn: bool = True) -> pd.DataFrame:
 
 
 def finish(sweep_dir: str | Path) -> pd.DataFrame:
-    """Write summary.csv, the lab's sweep claims (claims.json) and phase diagram; print the table."""
+    """Write summary.csv, the lab's sweep claims (claims.json) and phase diagram; print the table.
+
+    A sweep with no claims of its own (its lab has no sweep rule, or no run is complete) has no claims.json: one
+    there (damaged, or left by an earlier sweep rule) is removed, as `specscope claims` would take it to speak for the
+    sweep's runs."""
     from specscope import labs
 
     sweep_dir = Path(sweep_dir)
@@ -426,7 +431,9 @@ def finish(sweep_dir: str | Path) -> pd.DataFrame:
     write_atomic(sweep_dir / SUMMARY_FILE, table.to_csv(index=False).encode())
     if not table.empty and hasattr(lab, "sweep_claims"):
         claims = lab.sweep_claims(table)
-        write_atomic(sweep_dir / "claims.json", json.dumps([c.as_dict() for c in claims], indent=1).encode())
+        write_atomic(sweep_dir / CLAIMS_FILE, json.dumps([c.as_dict() for c in claims], indent=1).encode())
+    else:
+        (sweep_dir / CLAIMS_FILE).unlink(missing_ok=True)
     phase = getattr(lab, "PHASE", None)
     if phase and not table.empty and {phase["x"], phase["y"]} <= set(table.columns):
         fig = phase_diagram(table, **phase)

@@ -57,10 +57,12 @@ def test_run_and_report_print_the_measured_rows_of_a_lab_without_claims(tmp_path
     import specscope.cli
     from specscope import store
     from specscope.cli import app
+    from specscope.store import integrity
 
     specscope.cli._register()
-    with store.Run.create(tmp_path, "shardwise", {"seed": 0}) as run:
+    with store.Run.create(tmp_path, "shardwise", {"seed": 0}, progress=True) as run:  # as a lab run is made
         run.append(shardwise_records())
+        integrity.write_json(run.path / "progress.json", {"run_id": run.id}, checksum=True)
     res = CliRunner().invoke(app, ["report", str(run.path)], env={"COLUMNS": "160"})
     assert res.exit_code == 0, res.output
     line = next(x for x in res.output.splitlines() if "attn.q" in x)

@@ -341,3 +341,71 @@ def test_a_folder_at_run_lock_is_one_store_error(tmp_path):
     (run.path / "run.lock").mkdir()
     with pytest.raises(RunStoreError, match=r"run.lock is not a regular file"):
         Run.open(run.path).log(1, {"loss": 0.5})
+
+
+RF = {"dim": 8, "width": 16, "samples": 16, "outputs": 4, "steps": 3, "sweep_widths": [8, 16], "sweep_samples": 16,
+      "sweep_dims": [4, 8], "activations": ["relu"], "sweep_activations": ["relu"]}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """(root, sweep directory): a one-point random-features sweep under root/sweeps/, as `specscope sweep` writes it by
+    default, with a run of it cut short ("cut", as after SIGKILL)."""
+    from specscope import sweep
+
+    root = tmp_path_factory.mktemp("swept")
+    d = sweep.run_sweep("random-features", {"seed": [0]}, RF, out=root / "sweeps", echo=lambda *a, **k: None)
+    cut = Run.create(d / "runs", "random-features", {"seed": 1}, run_id="cut")
+    cut.log(2, {"loss": 0.5})
+    cut.flush()
+    cut._release()
+    return root, d
+
+
+@pytest.mark.parametrize("where", ["root", "sweeps folder", "sweep"])
+def test_runs_lists_a_sweeps_runs_and_each_id_claims_shows_is_found(swept, tmp_path, where):
+    """`runs` listed none of a sweep's runs, finished or cut short ("no runs under runs."), while `claims` showed their
+    claims by an id that `report ID --root` could not find with the sweep directory as the root."""
+    import json
+
+    root, d = swept
+    root = {"root": root, "sweeps folder": d.parent, "sweep": d}[where]
+    (done,) = [p.name for p in (d / "runs" / "random-features").iterdir() if p.name != "cut"]
+    res = runner.invoke(app, ["runs", "--root", str(root)], env={"COLUMNS": "200"})
+    rows = {line.split()[0]: line for line in res.output.splitlines() if line.strip().startswith((done, "cut "))}
+    assert " complete " in rows[done] and " incomplete " in rows["cut"], res.output
+    assert all(f"random-features (in sweep {d.name})" in row for row in rows.values())
+    res = runner.invoke(app, ["claims", "--root", str(root), "--format", "json"])
+    assert {name for claim in json.loads(res.stdout) for name in claim["runs"]} == {done}
+    out = tmp_path / "run.csv"
+    res = runner.invoke(app, ["export", done, "--root", str(root), "--out", str(out)])
+    assert res.exit_code == 0 and out.is_file(), res.output
+
+
+def test_report_of_an_api_run_named_like_a_lab_is_the_per_weight_page(tmp_path):
+    """A run the Python API recorded under a lab's name ("gpt") was reported as that lab's run: "unknown config key
+    'lr' for lab 'gpt'". A lab run records in config.json that it keeps progress.json; this one does not."""
+    with Run.create(tmp_path, "gpt", {"lr": 0.1}, run_id="o-gpt") as run:
+        run.log(0, {"loss": 1.0})
+        run.append([Record(s, "w", m, 1.5 + s) for s in range(3) for m in ("stable_rank", "nuclear_rank")])
+    res = runner.invoke(app, ["report", "o-gpt", "--root", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "<title>gpt — o-gpt" in (run.path / "report.html").read_text()
+
+
+def test_export_under_a_file_names_the_file_not_a_missing_directory(root, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(app, ["export", "r1", "--root", str(root), "--out", str(tmp_path / "afile" / "x.csv")])
+    assert isinstance(res.exception, RunStoreError)
+    assert f"{tmp_path / 'afile'} is a file, not a directory" in str(res.exception) and "does not exist" not in str(res.exception)
+
+
+def test_claims_name_a_folder_in_place_of_the_database_as_runs_does(tmp_path):
+    """`claims` warned that the database "is missing"; `runs` said, correctly, that it is a folder."""
+    run = _passed_lab_run(tmp_path, [Record(s, "layer0", "stable_rank", s / 7) for s in range(5)])
+    for name in ("metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm"):
+        (run.path / name).unlink(missing_ok=True)
+    (run.path / "metrics.sqlite").mkdir()
+    res = runner.invoke(app, ["claims", "--root", str(tmp_path), "--format", "json"])
+    assert res.exit_code == 0 and '"hurt (its metrics database is damaged)"' in res.stdout, res.output
+    assert "is a folder" in res.stderr and "is missing" not in res.stderr

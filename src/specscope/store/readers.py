@@ -8,6 +8,7 @@ file unless `salvage=True`, which reads what is still readable and marks the Dat
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import warnings
 from pathlib import Path
@@ -149,20 +150,32 @@ def _check_counts(run: Run, count) -> None:
                                 f"{run.metrics_path.name}-wal?); --salvage reads what is left.")
 
 
+# Where a run directory lies under a root, as `specscope` writes runs: root/<lab>/<run_id>; a demo's lab runs
+# (root/demo/<id>/<lab>/<run_id>) and the runs of a sweep in root (root/<sweep>/runs/<lab>/<run_id>); a sweep's runs with
+# the sweep itself as root; those of a sweep one folder down (`specscope sweep`'s default: runs/sweeps/<sweep>/...).
+# `list_runs` lists, `find_run` finds by id, and `claims` names by id, the runs in these places, and only those.
+LAYOUTS = ("{lab}/{run}", "*/*/{lab}/{run}", "runs/{lab}/{run}", "*/*/runs/{lab}/{run}")
+
+
+def found_by_id(path: Path, root: Path) -> bool:
+    """Whether the run directory `path` lies in one of the LAYOUTS under `root` (a run id finds it there)."""
+    parts = path.relative_to(root).parts
+    return any(len(parts) == len(want) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, want))
+               for want in (Path(layout.format(lab="*", run="*")).parts for layout in LAYOUTS))
+
+
 def list_runs(root: str | os.PathLike = "runs", lab: str | None = None) -> "pd.DataFrame":
-    """Every run under `root/<lab>/<run_id>/` (and the lab runs inside one, as a demo's), newest first: run_id, lab, status, created, steps (the last
-    step recorded), records, path, problem. A "running" run whose process is gone is listed as "incomplete"; a
-    directory with a damaged config.json as "unreadable". `problem` names a checksummed file (summary.json,
-    progress.json) that is damaged or was edited, with its fix; "" when there is none."""
+    """Every run under `root/<lab>/<run_id>/` (and the lab runs inside a demo or a sweep: LAYOUTS), newest first: run_id,
+    lab, status, created, steps (the last step recorded), records, path, problem. A "running" run whose process is
+    gone is listed as "incomplete"; a directory with a damaged config.json as "unreadable". `problem` names a
+    checksummed file (summary.json, progress.json) that is damaged or was edited, with its fix; "" when there is none."""
     import pandas as pd
 
     root = Path(root)
     if lab is not None:
         check_name("lab", lab)  # never a glob pattern or a path
-    patterns = [f"{lab}/*/{CONFIG}", f"*/*/{lab}/*/{CONFIG}"] if lab else [f"*/*/{CONFIG}", f"*/*/*/*/{CONFIG}"]
-    # root/<lab>/<run_id>, and the lab runs a run holds (a demo's: root/demo/<id>/<lab>/<run_id>)
+    patterns = [f"{layout.format(lab=lab or '*', run='*')}/{name}" for layout in LAYOUTS for name in (CONFIG, METRICS)]
     # a run killed before its config.json was written still has its database: listed as unreadable, not hidden
-    patterns += [pat.replace(CONFIG, METRICS) for pat in patterns]
     dirs = dict.fromkeys(p.parent for pattern in patterns for p in root.glob(pattern)
                          if not _hidden(p.parent, root)) if root.is_dir() else {}  # hidden: a run still being made
     rows = [_describe(d) for d in dirs]
@@ -243,9 +256,8 @@ def other_runs(path: Path, data: dict, meta: dict, fix: str) -> str:
 
 
 def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
-    """A run directory from a path, or from a run id (or `lab/run_id`) under `root`, a demo's lab runs
-    (`root/demo/<id>/<lab>/<run_id>`) and a sweep's (`root/sweeps/<name>/runs/<lab>/<run_id>`: the ids `claims` shows)
-    included."""
+    """A run directory from a path, or from a run id (or `lab/run_id`) under `root` in one of the LAYOUTS: a demo's lab
+    runs and a sweep's included (the ids `runs` and `claims` show)."""
     if not str(run).strip():  # Path("") is ".": the current folder would stand in for the run
         raise RunStoreError(f"a run named {str(run)!r} (empty): give a run directory or a run id; list runs with "
                             f"`specscope runs --root {root}`.")
@@ -257,9 +269,8 @@ def find_run(run: str, root: str | os.PathLike = "runs") -> Path:
     plain = len(parts) <= 2 and all(_NAME.fullmatch(x) for x in parts)  # never glob a name with wildcards in it
     if len(parts) == 2 and plain and (root / run / CONFIG).is_file():  # "lab/run_id" (never "../x": outside root)
         return root / run
-    # a demo's lab runs (demo/<id>/<lab>/<run_id>) and a sweep's runs (sweeps/<name>/runs/<lab>/<run_id>) too
-    patterns = ([f"*/{run}", f"*/*/*/{run}", f"sweeps/*/runs/*/{run}"] if len(parts) == 1
-                else [f"*/*/{run}", f"sweeps/*/runs/{run}"])
+    lab, run_id = parts if len(parts) == 2 else ("*", run)
+    patterns = [layout.format(lab=lab, run=run_id) for layout in LAYOUTS]  # a demo's lab runs and a sweep's runs too
     hits = sorted(h for pattern in patterns for h in root.glob(pattern)
                   if (h / CONFIG).is_file() and not _hidden(h, root)) if plain and root.is_dir() else []
     hits = [h for i, h in enumerate(hits) if h.resolve() not in {g.resolve() for g in hits[:i]}]  # one run, two links
@@ -283,6 +294,17 @@ def run_holding(path: str | os.PathLike) -> Path | None:
         if ((d / CONFIG).exists() and (d / METRICS).exists()) or (d / "sweep.json").is_file():
             return d
     return None
+
+
+def _no_folder(out: Path) -> str:
+    """Why no file can be made at `out`: it is a directory, a folder on its way is a file (or another non-folder), or
+    its folder does not exist."""
+    if out.is_dir():
+        return "it is a directory"
+    blocking = next((p for p in reversed(out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file, not a directory" if blocking.is_file() else f"{blocking} is not a directory"
+    return f"the directory {out.parent} does not exist"
 
 
 def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv", *, salvage: bool = False,
@@ -309,8 +331,7 @@ def export(run: str | os.PathLike | Run, out: str | os.PathLike, fmt: str = "csv
     if special:
         tmp = out
     elif out.is_dir() or not out.parent.is_dir():
-        raise RunStoreError(f"cannot write {out}: " + ("it is a directory" if out.is_dir() else
-                            f"the directory {out.parent} does not exist") + "; write to a file in an existing directory (--out FILE; "
+        raise RunStoreError(f"cannot write {out}: {_no_folder(out)}; write to a file in an existing directory (--out FILE; "
                             "`out=` of store.export).")
     elif out.exists() and not force:
         raise RunStoreError(f"cannot write {out}: the file exists, and an export does not replace a file unasked; "

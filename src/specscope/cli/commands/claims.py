@@ -95,16 +95,14 @@ def _runs(root: Path) -> list[tuple[str, str, dict, str, list[Claim]]]:
         meta = read_sweep_meta(sweep)
         created = _digits(claims_file.parent.name.removeprefix(f"{meta['lab']}-"))  # <lab>-<YYYYmmdd-HHMMSS>
         out.append((meta["lab"], f"sweep {claims_file.parent.name}", {"sweep": meta}, created,
-                    _sweep_claims(claims_file)))
+                    read_sweep_claims(claims_file)))
     return out
 
 
 def _display_name(run_dir: Path, root: Path) -> str:
-    """The run's id where it lies as `specscope` writes runs — ROOT/LAB/ID, a demo's ROOT/demo/ID/LAB/ID, a sweep's
-    SWEEP/runs/LAB/ID — (`report ID --root ROOT` finds the first two); elsewhere (`--out runs/bad`) its path."""
-    rel = run_dir.relative_to(root).parts
-    in_sweep = len(rel) >= 3 and rel[-3] == "runs" and (run_dir.parents[2] / "sweep.json").is_file()
-    return run_dir.name if len(rel) == 2 or (len(rel) == 4 and rel[0] == "demo") or in_sweep else str(run_dir)
+    """The run's id where `report ID --root ROOT` finds it — ROOT/LAB/ID, a demo's lab runs, a sweep's runs
+    (readers.LAYOUTS) —; elsewhere (`--out runs/bad`, a sweep deeper down) its path."""
+    return run_dir.name if readers.found_by_id(run_dir, root) else str(run_dir)
 
 
 def _damage(path: Path) -> str:
@@ -118,7 +116,7 @@ def _damage(path: Path) -> str:
     run = Run.open(path)
     records, what = 0, "its metrics database is damaged"
     try:
-        if not run.metrics_path.is_file():
+        if not run.metrics_path.exists():  # a folder there is read, and named as one
             if run.meta.get("progress") is True:  # made by the lab runner, which always makes one
                 raise RunStoreError(f"{run.metrics_path} is missing")
         else:
@@ -145,9 +143,10 @@ def _summary_claims(path: Path, data: dict) -> list[Claim]:
                             f"{path.parent}` rewrites it from the recorded metrics.") from None
 
 
-def _sweep_claims(path: Path) -> list[Claim]:
-    """A sweep's claims.json, checked: a list of claims as `specscope sweep` writes them."""
-    fix = f"`specscope sweep --resume {path.parent}` rewrites it"
+def read_sweep_claims(path: Path) -> list[Claim]:
+    """A sweep's claims.json, checked: a list of claims as `specscope sweep` writes them; else a RunStoreError naming
+    the file and the fix."""
+    fix = f"`specscope sweep --resume {path.parent}` rewrites it (or removes it, where the sweep states no claims)"
     try:
         data = json.loads(path.read_bytes())
         if not isinstance(data, list):

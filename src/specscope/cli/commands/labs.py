@@ -109,7 +109,7 @@ def show_measured(run, *, salvage: bool) -> None:
     from specscope.labs.config import make_config
     from specscope.report.tables import fmt, ordered_unique
 
-    if run.lab not in labs.names() or not hasattr(lab := labs.get(run.lab), "summarize"):
+    if not _made_by_a_lab(run) or run.lab not in labs.names() or not hasattr(lab := labs.get(run.lab), "summarize"):
         return
     rows = lab.summarize(store.load(run, salvage=salvage), make_config(lab.Config, run.config, run.lab))
     if not rows:
@@ -121,6 +121,15 @@ def show_measured(run, *, salvage: bool) -> None:
     for r in rows:
         table.add_row(*(markup(fmt(r.get(k))) for k in header))
     console.print(table)
+
+
+def _made_by_a_lab(run) -> bool:
+    """Whether a lab recorded the run: config.json says it keeps a progress.json (lab runs from before that was
+    recorded: the file itself). A run of a training loop of the user's own (run=, the Python API) keeps none, whatever
+    lab name it was given, a built-in lab's included."""
+    from specscope.store.run import PROGRESS
+
+    return run.meta.get("progress") is True or (Path(run.path) / PROGRESS).exists()
 
 
 @app.command("report")
@@ -146,9 +155,7 @@ def report_cmd(
     if (Path(run_dir) / "summary.json").is_dir() and not (Path(run_dir) / "summary.json").is_symlink():
         raise RunStoreError(f"{Path(run_dir) / 'summary.json'} is a folder, not the summary the report rewrites: move it "
                             "away, then report again")
-    own = run.lab not in (*labs.names(), "demo", "diagnose")  # recorded by a training loop of the user's own (run=)
-    if own and run.meta.get("progress"):  # a lab run (the lab engine keeps its progress) whose lab is not installed
-        labs.get(run.lab)  # its one-line error: the report would be rewritten as another page, its claims dropped
+    own = run.lab not in ("demo", "diagnose") and not _made_by_a_lab(run)  # a loop of the user's own (run=, the API)
     if run.lab == "diagnose" or own:  # per-weight records: diagnose's page
         from specscope.cli.commands.diagnose import write_diagnose_report
 

@@ -51,12 +51,20 @@ def runs(
         created = "" if r.created is None or str(r.created) == "NaT" else r.created.strftime("%Y-%m-%d %H:%M")
         status = f"[{_STYLE.get(r.status, 'white')}]{r.status}[/]" + (" [red](damaged)[/]" if r.problem and r.status != "unreadable" else "")
         steps = "" if str(r.steps) == "<NA>" else str(r.steps)
-        inside = Path(r.path).parents[2].name if len(Path(r.path).relative_to(root).parts) == 4 else ""
-        lab_text = f"{r.lab} (in {inside})" if inside else r.lab  # a lab run a demo made
+        lab_text = r.lab + _holder(Path(r.path), root)
         table.add_row(markup(visible(r.run_id)), markup(visible(lab_text)), status, created, steps)  # names from disk are data
     stdout_console().print(table)
     for r in df[df.problem != ""].itertuples():  # what is wrong with each damaged run, and the fix
         typer.echo(f"{visible(r.run_id)}: {visible(r.problem)}")
+
+
+def _holder(path: Path, root: Path) -> str:
+    """What a run lies in, said after its lab: " (in sweep NAME)" for a sweep's run (NAME/runs/<lab>/<run_id>),
+    " (in demo)" for a lab run a demo made, "" for a run of root/<lab>/<run_id>."""
+    sweep = path.parent.parent.parent
+    if path.parent.parent.name == "runs" and (sweep / "sweep.json").is_file():
+        return f" (in sweep {sweep.name})"
+    return f" (in {path.parents[2].name})" if len(path.relative_to(root).parts) == 4 else ""
 
 
 @app.command()

@@ -106,14 +106,14 @@ def sweep(
         out=out or Path("runs/sweeps"), workers=workers, resume=resume, threads_per_worker=threads, backend="ray" if ray else "process", echo=typer.echo,
     )
     sw.print_table(sw.summary(sweep_dir, warn=False), echo=typer.echo)  # run_sweep's summary warned of strays
-    claims_file = sweep_dir / "claims.json"
+    claims_file = sweep_dir / sw.CLAIMS_FILE
     if claims_file.is_file():
         from rich.console import Console
 
-        from specscope.records import Claim
+        from specscope.cli.commands.claims import read_sweep_claims
         from specscope.report import claims_table
 
-        Console().print(claims_table([Claim(**c) for c in json.loads(claims_file.read_text())], title="Sweep claims"))
+        Console().print(claims_table(read_sweep_claims(claims_file), title="Sweep claims"))
     typer.echo(f"sweep: {sweep_dir}")
     failed = json.loads((sweep_dir / "errors.json").read_text()) if (sweep_dir / "errors.json").is_file() else []
     if failed:  # the table above has the points that ran; the exit status says not all did
