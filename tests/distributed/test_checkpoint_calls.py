@@ -205,3 +205,45 @@ def test_a_damaged_file_of_a_checkpoint_without_checksums_is_named_as_damage(tmp
     shard.write_bytes(shard.read_bytes()[:100]) if damage == "truncate" else shard.unlink()
     with pytest.raises(RunStoreError, match=r"a file of the checkpoint .*ck' is missing or damaged .*saved without checksums.json"):
         D.load(tmp_path / "ck", *_branchy("adamw"))
+
+
+def _auto(model, euclidean):
+    named = list(model.named_parameters())
+    return AutoGeometry([{"params": [(n, p) for n, p in named if n.endswith("weight")]},
+                         {"params": [(n, p) for n, p in named if n.endswith("bias")], "algorithm": "adamw", "lr": 1e-2}],
+                        lr=0.05, monitor=lambda layer: 2.0, euclidean=euclidean, polar="gram")
+
+
+def _auto_steps(model, opt, steps):
+    for step in steps:
+        model(torch.randn(16, 6, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_another_optimizers_state_in_a_checkpoint_is_one_config_error_not_dropped(tmp_path):
+    """DCP loads the keys its target asks for and ignores the others: AutoGeometry(euclidean="adamw")'s checkpoint
+    loaded into one with euclidean="sgd" in silence, its group now "adamw" and its Adam moments gone."""
+    model = _net()
+    opt = _auto(model, "adamw")
+    _auto_steps(model, opt, range(2))
+    D.save(tmp_path / "ck", model, opt)
+    again = _net()
+    with pytest.raises(ConfigError, match=r"holds optimizer state this optimizer does not keep \(for parameter '0\.weight': "
+                                          r"\['adam_step', 'exp_avg', 'exp_avg_sq'\].*build the optimizer as the run that saved it"):
+        D.load(tmp_path / "ck", again, _auto(again, "sgd"))
+    D.load(tmp_path / "ck", again, _auto(again, "adamw"))  # the optimizer it was saved with loads
+
+
+def test_autogeometry_choices_after_a_load_are_the_saved_ones(tmp_path):
+    """They were those of the zero-gradient step that gives a fresh optimizer its state for the load (every layer
+    "euclidean"), until the next step."""
+    model = _net()
+    opt = _auto(model, "adamw")
+    _auto_steps(model, opt, range(3))
+    assert "spectral" in opt.choices.values()
+    D.save(tmp_path / "ck", model, opt)
+    again = _net()
+    opt2 = _auto(again, "adamw")
+    D.load(tmp_path / "ck", again, opt2)
+    assert opt2.choices == opt.choices

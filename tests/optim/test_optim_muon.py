@@ -14,9 +14,9 @@ from specscope.optim import Muon
 SHAPES = [(64, 32), (32, 64), (48, 48), (48, 48)]
 
 
-def _run(make_opt, steps=8, seed=0, scale=1.0, dtype=torch.float32):
+def _run(make_opt, steps=8, seed=0, scale=1.0, dtype=torch.float32, shapes=SHAPES):
     torch.manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
     opt = make_opt(params)
     g = torch.Generator().manual_seed(seed + 1)
     for _ in range(steps):
@@ -39,9 +39,8 @@ def test_matches_torch_muon_within_bf16_rounding(kw):
     for a, b, r in zip(ours, theirs, ref):
         torch_rounding = float((b - r).abs().max())
         assert torch_rounding > 0  # bf16 really differs from float64, so the bound below is meaningful
-        # ours is a bf16 evaluation of the same map (linalg's fused baddbmm, torch's addmm): its distance to
-        # the float64 map may differ from torch's by the order of rounding, not by more than torch's own.
-        # (On CPU with torch 2.13 the two are in fact bitwise equal.)
+        # ours is a bf16 evaluation of the same map: its distance to the float64 map may differ from torch's by the
+        # order of rounding, not by more than torch's own. (On CPU with torch 2.13 the two are in fact bitwise equal.)
         assert float((a - r).abs().max()) <= 2 * torch_rounding
         assert float((a - b).abs().max()) <= 3 * torch_rounding
 
@@ -100,6 +99,8 @@ def test_tall_matrix_scale_original():
 
 
 def test_same_shape_params_share_one_batched_call():
+    """One call per shape; the first step also probes each shape once with one matrix (its result's shape is checked
+    before any weight changes)."""
     calls = []
 
     def polar(X):
@@ -107,9 +108,12 @@ def test_same_shape_params_share_one_batched_call():
         return linalg.polar(X, method="gram")
 
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    Muon(params, polar=polar).step()
+    opt = Muon(params, polar=polar)
+    for _ in range(2):
+        calls.clear()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
     assert sorted(calls) == [(1, 32, 64), (1, 64, 32), (2, 48, 48)]
 
 
@@ -200,6 +204,18 @@ def test_newton_schulz_equals_torch_muon_bit_for_bit(scale, dtype, adjust):
     kw = dict(lr=0.05, weight_decay=0.1, adjust_lr_fn=adjust)
     ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw), scale=scale, dtype=dtype)
     theirs = _run(lambda ps: torch.optim.Muon(ps, **kw), scale=scale, dtype=dtype)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, shape, count, seed", [(torch.float32, (7, 13), 6, 11), (torch.float64, (7, 13), 6, 2),
+                                                       (torch.float64, (13, 7), 4, 2)])
+def test_newton_schulz_equals_torch_muon_bit_for_bit_on_same_shape_matrices(dtype, shape, count, seed):
+    """Same-shape matrices were iterated as one batch (baddbmm), whose bf16 products round otherwise than torch's
+    per-matrix addmm now and then (these seeds); each matrix is now iterated on its own, as torch iterates it."""
+    kw = dict(lr=0.05, weight_decay=0.1)
+    ours = _run(lambda ps: Muon(ps, polar="newton_schulz", **kw), steps=2, seed=seed, dtype=dtype, shapes=[shape] * count)
+    theirs = _run(lambda ps: torch.optim.Muon(ps, **kw), steps=2, seed=seed, dtype=dtype, shapes=[shape] * count)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
 

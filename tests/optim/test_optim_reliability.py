@@ -821,3 +821,70 @@ def test_a_step_with_no_gradient_anywhere_warns_once_naming_the_replaced_paramet
         said = [w for w in caught if "no gradient" in str(w.message)]
         assert len(said) == (1 if k == 0 else 0) and (k or "build it after fully_shard" in str(said[0].message)), said
         assert all(w.filename == __file__ for w in said)  # the user's opt.step() line, not torch's step wrapper
+
+
+@pytest.mark.parametrize("opt_class", [Muon, SpecGD])
+def test_a_polar_callable_of_the_wrong_shape_is_refused_before_any_group_steps(opt_class):
+    """The callable's result was checked inside its group's step: the groups before it had stepped and its momentum
+    was made when the ConfigError came. Its shape is now checked before any group changes."""
+    torch.manual_seed(0)
+    A, B = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 16))
+    extra = {"stable_rank": lambda layer: 2.0} if opt_class is SpecGD else {}
+    opt = opt_class([{"params": [("a.weight", A)]}, {"params": [("b.weight", B)], "polar": lambda X: X.mT}],
+                    lr=0.02, momentum=0.9, **extra)
+    A.grad, B.grad = torch.randn(8, 8), torch.randn(8, 16)
+    before = [A.detach().clone(), B.detach().clone()]
+    with pytest.raises(ConfigError, match="same shape.*[Nn]othing was changed"):
+        opt.step()
+    assert torch.equal(A, before[0]) and torch.equal(B, before[1]) and not opt.state
+
+
+def test_a_tensor_lr_steps_as_its_number_and_other_tensor_options_are_refused_at_construction():
+    """A one-element tensor lr is torch.optim's convention (an LR scheduler's lambda may return one): every algorithm
+    steps with its value, where an AdamW group beside a Muon one raised a TypeError after the Muon weight had stepped.
+    A tensor eps or weight_decay passed the checks and failed inside the step, after the momentum was made: refused
+    where it is given."""
+    def run(lr):
+        torch.manual_seed(0)
+        A, B, C = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6, 4))
+        opt = Muon([{"params": [A]}, {"params": [B], "algorithm": "adamw", "lr": lr},
+                    {"params": [C], "algorithm": "sgd", "lr": lr, "momentum": 0.9}], lr=0.02)
+        for _ in range(2):
+            for p in (A, B, C):
+                p.grad = torch.randn_like(p)
+            opt.step()
+        return [A.detach(), B.detach(), C.detach()]
+
+    for a, b in zip(run(torch.tensor([1e-2])), run(1e-2)):
+        assert torch.equal(a, b)
+    p = nn.Parameter(torch.randn(8, 6))
+    for options in ({"eps": torch.tensor(1e-7), "polar": "newton_schulz"}, {"weight_decay": torch.tensor([0.1])}):
+        with pytest.raises(ConfigError, match=f"{next(iter(options))}=tensor.*pass a float"):
+            Muon([p], lr=0.02, **options)
+    opt = Muon([p], lr=0.02)
+    opt.param_groups[0]["momentum"] = torch.tensor(0.9)
+    p.grad = torch.randn_like(p)
+    with pytest.raises(ConfigError, match="momentum=tensor"):
+        opt.step()
+    assert not opt.state
+
+
+def test_numpy_integers_and_bools_are_taken_as_python_ones():
+    """ns_steps=np.int64(3) was refused as "not an integer in 1..99", numpy floats were taken; numpy integers and
+    bools are now taken where an integer or a flag is asked, and stored as Python's."""
+    import numpy as np
+
+    p = nn.Parameter(torch.randn(8, 6))
+    muon = Muon([p], lr=0.02, polar="newton_schulz", ns_steps=np.int64(3), nesterov=np.bool_(True))
+    assert type(muon.param_groups[0]["ns_steps"]) is int and muon.param_groups[0]["nesterov"] is True
+    auto = AutoGeometry([("w.weight", p)], lr=0.02, monitor=lambda layer: 2.0, every=np.int64(2))
+    assert type(auto.param_groups[0]["every"]) is int
+    embed = nn.Parameter(torch.randn(10, 4))
+    l12 = L1ToL2([embed], lr=0.1, token_dim=np.int64(0), scale="rms")
+    assert type(l12.param_groups[0]["token_dim"]) is int
+    for opt, params in ((muon, [p]), (auto, [p]), (l12, [embed])):
+        for q in params:
+            q.grad = torch.randn_like(q)
+        opt.step()
+    with pytest.raises(ConfigError, match="ns_steps must be an integer in 1..99, got np.float64"):
+        Muon([p], lr=0.02, polar="newton_schulz", ns_steps=np.float64(3))

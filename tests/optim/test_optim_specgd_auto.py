@@ -208,3 +208,72 @@ def test_specgd_names_the_cause_when_an_input_was_zero_on_every_measured_step():
     opt = SpecGD([(n, p) for n, p in model.named_parameters() if p.ndim == 2], lr=0.05, stable_rank=monitor)
     with pytest.raises(ConfigError, match=r"layer '2'.*all zeros.*every=1"):
         _train(model, monitor, opt)
+
+
+def test_auto_records_carry_the_optimizer_step_the_monitor_labels():
+    """A layer without a gradient at step 0 (unused there) counted its own steps: from step 1 on its records were
+    labelled one step early, so a store kept two nuclear_rank values for one (layer, step), the Monitor's and the
+    optimizer's. Every record now carries the optimizer's step, and the two de-duplicate; so after a step the optimizer
+    did not take (a GradScaler skips one whose gradients overflowed)."""
+    from specscope.probe import Monitor
+    from specscope.records import not_measured_in
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 6, bias=False), "b": torch.nn.Linear(6, 6, bias=False)})
+    monitor = Monitor(model, every=1)
+    opt = AutoGeometry(list(model.named_parameters()), lr=0.01, monitor=monitor)
+    stored = []
+    for step in range(4):
+        with monitor.step(step):
+            x = model["a"](torch.randn(5, 6))
+            (x if step == 0 else model["b"](x)).square().mean().backward()
+        if step != 2:
+            opt.step()
+        opt.zero_grad()
+        measured, made = monitor.pop_records(), opt.pop_records()
+        assert {r.step for r in made} == ({step} if step != 2 else set())
+        stored += measured + not_measured_in(measured, made)
+    keys = [(r.layer, r.metric, r.step) for r in stored]
+    assert ("b", "nuclear_rank", 1) in keys and len(keys) == len(set(keys))
+
+
+def test_a_monitor_that_measured_no_step_is_named_with_its_fix():
+    """A training loop that never enters `with monitor.step(step):` leaves the Monitor without any measurement:
+    AutoGeometry stepped every layer Euclidean in silence, and SpecGD blamed inputs that were all zeros."""
+    import warnings
+
+    model, monitor = _monitored_mlp()
+    named = [(n, p) for n, p in model.named_parameters() if p.ndim == 2]
+    opt = AutoGeometry(named, lr=0.05, monitor=monitor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            (model(torch.randn(5, 6)) - 1).square().mean().backward()
+            opt.step()
+    said = [w for w in caught if "measured no step" in str(w.message)]
+    assert len(said) == 1 and "with monitor.step(step):" in str(said[0].message) and said[0].filename == __file__
+    opt = SpecGD(named, lr=0.05, stable_rank=monitor)
+    with pytest.raises(ConfigError, match=r"measured no step.*with monitor.step\(step\):") as e:
+        opt.step()
+    assert "all zeros" not in str(e.value)
+
+
+@pytest.mark.parametrize("options", [{"ns_steps": 3}, {"ns_coefficients": (3, -3, 1)}, {"eps": 0.5}])
+def test_specgd_and_auto_refuse_iteration_options_their_polar_ignores(options):
+    """With the default polar="gram" (an eigendecomposition) ns_steps, ns_coefficients and eps were stored and never
+    read, as Muon refuses them; a backend that reads them takes them, and an AdamW-driven "auto" group its eps."""
+    from specscope.optim import spectral_param_groups
+
+    key = next(iter(options))
+    w = torch.nn.Parameter(torch.zeros(6, 4))
+    with pytest.raises(ConfigError, match=f"{key}=.* has no effect with polar='gram'"):
+        SpecGD([{"params": [w], **options}], lr=0.1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(ConfigError, match=f"{key}=.* has no effect with polar='gram'"):
+        SpecGD(spectral_param_groups(model, 0.1, 1e-3, algorithm="specgd", **options))
+    with pytest.raises(ConfigError, match=f"{key}=.* has no effect with polar='gram'"):
+        AutoGeometry([{"params": [("w.weight", w)], **options}], lr=0.1, monitor=lambda layer: 2.0)
+    SpecGD([{"params": [w], **options}], lr=0.1, polar="newton_schulz")
+    AutoGeometry([{"params": [("w.weight", w)], **options}], lr=0.1, monitor=lambda layer: 2.0, polar="newton_schulz")
+    if key == "eps":
+        AutoGeometry([("w.weight", w)], lr=0.1, monitor=lambda layer: 2.0, euclidean="adamw", eps=0.5)

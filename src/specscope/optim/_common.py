@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -19,6 +20,7 @@ from specscope.errors import ConfigError, NonFiniteError
 from specscope.names import layer_name, parameter_name  # noqa: F401  (re-exported: optim.layer_name)
 from specscope.optim import _distributed
 from specscope.optim._distributed import transposable
+from specscope.optim._euclidean import state_dtype
 
 PolarSpec = Union[str, Callable[[Tensor], Tensor]]
 POLAR_METHODS = ("auto", "svd", "gram", "newton_schulz", "polar_express", "gram_newton_schulz")
@@ -253,7 +255,7 @@ def check_ns_coefficients(coefficients: Any) -> None:
     every number finite (a NaN coefficient would make the step write NaN into the weights). Cheap: a few Python
     checks, run on every group when it is made or loaded and at every step."""
     try:
-        if len(coefficients) == 3 and all(isinstance(c, (int, float)) for c in coefficients):
+        if len(coefficients) == 3 and all(isinstance(c, numbers.Real) for c in coefficients):  # numpy's too
             schedule = [tuple(float(c) for c in coefficients)]
         else:
             schedule = [tuple(float(c) for c in abc) for abc in coefficients]
@@ -262,6 +264,34 @@ def check_ns_coefficients(coefficients: Any) -> None:
     if not schedule or any(len(abc) != 3 or not all(math.isfinite(c) for c in abc) for abc in schedule):
         raise ConfigError(f"ns_coefficients={coefficients!r}: give (a, b, c) or a non-empty list of (a, b, c) triples, "
                           "all finite numbers, e.g. (3.4445, -4.775, 2.0315)")
+
+
+# the iteration options each polar backend reads; the others are refused when set (they would be ignored)
+USES = {"newton_schulz": {"ns_steps", "ns_coefficients", "eps"}, "polar_express": {"ns_steps", "eps"},
+        "gram_newton_schulz": {"eps"}}
+
+
+def check_iteration_options(group: dict[str, Any], defaults: Mapping[str, Any], read: Iterable[str] = ()) -> None:
+    """A ConfigError for ns_steps, ns_coefficients or eps set to other than its default in a group whose polar backend
+    does not read it (nor the group's algorithm otherwise: `read`, e.g. an "auto" group's AdamW eps): it would be
+    stored and ignored."""
+    polar = group["polar"]
+    uses = (set() if callable(polar) else USES.get(polar, set())) | set(read)
+    for key in ("ns_steps", "ns_coefficients", "eps"):
+        if key not in uses and key in group and not _same(group[key], defaults[key]):
+            readers = [name for name, keys in USES.items() if key in keys]
+            raise ConfigError(f"{key}={group[key]!r} has no effect with polar={getattr(polar, '__name__', polar)!r} (it drives "
+                              f"{' and '.join(map(repr, readers))}): drop {key}, or pass one of those polar backends")
+
+
+def _same(value: Any, default: Any) -> bool:
+    """A group's option equal to its default (coefficients as a list or tuple of the same numbers)."""
+    if isinstance(default, tuple):
+        try:
+            return len(value) == len(default) and all(float(a) == b for a, b in zip(value, default))
+        except TypeError:
+            return False
+    return value == default
 
 
 def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
@@ -276,16 +306,17 @@ def polar_fn(group: dict[str, Any]) -> Callable[[Tensor], Tensor]:
     "gram"/"svd"/"auto" go through `linalg.polar` (float64 decompositions). "gram_newton_schulz" and
     "polar_express" are marked `transposable`: a tall matrix is iterated transposed beside the wide ones of its
     shape (as the backend would iterate it anyway), so a d×4d and a 4d×d matrix are one batched call (on a GPU
-    a step's launches, not its flops, set its time). "newton_schulz" keeps torch.optim.Muon's one call per shape:
-    its steps equal torch's bit for bit on CPU, which a transposed copy's products (another summation order)
-    would not.
+    a step's launches, not its flops, set its time). "newton_schulz" keeps torch.optim.Muon's one iteration per
+    matrix: its steps equal torch's bit for bit on CPU, which a batch's products (baddbmm) or a transposed copy's
+    (another summation order) would not always.
     """
     polar = group["polar"]
     if callable(polar):
         return checked_callable(polar)
     eps, bf16 = group["eps"], torch.bfloat16
-    if polar == "newton_schulz":
-        return lambda X: linalg.newton_schulz(X.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
+    if polar == "newton_schulz":  # matrix by matrix, as torch: a batch's baddbmm rounds otherwise than addmm now and then
+        return lambda X: torch.stack([linalg.newton_schulz(x.to(bf16), group["ns_steps"], group["ns_coefficients"], eps)
+                                      for x in X.unbind(0)])
     if polar == "polar_express":
         return transposable(lambda X: linalg.polar_express(X.to(linalg.iteration_dtype(X.device)), group["ns_steps"], eps))
     if polar == "gram_newton_schulz":
@@ -304,6 +335,25 @@ def checked_callable(fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tenso
                               "a polar callable maps a batch [..., m, n] to its polar factors, a tensor of the same shape")
         return out
     return call
+
+
+def probe_polar(opt: Any, group: dict[str, Any], grads: Sequence[Tensor]) -> None:
+    """A group's polar callable checked (`checked_callable`) on one matrix of each shape it will be given, before any
+    group of the step changes: inside the update a wrong shape raised after the groups before it had stepped and its
+    own momentum had moved. The probe is a gradient's matrix in the dtype the update passes; each (callable, shape,
+    dtype, device) is probed once per optimizer. A DTensor's matrices (FSDP2) are left to the check inside the step."""
+    fn, probed = group["polar"], opt.__dict__.setdefault("_polar_probed", set())
+    for g in grads:
+        if _distributed.is_dtensor(g):
+            continue
+        m = matrices(g, group.get("stacked", False))[0].to(state_dtype(g))
+        key = (id(fn), tuple(m.shape), m.dtype, m.device)
+        if key not in probed:
+            try:
+                checked_callable(fn)(m.unsqueeze(0))
+            except ConfigError as e:
+                raise ConfigError(f"{e}. Nothing was changed") from None
+            probed.add(key)
 
 
 def polar_map(method: str) -> Callable[[Tensor], Tensor]:

@@ -310,21 +310,29 @@ def _count(nbytes: int) -> None:
 # ---------------------------------------------------------------- step agreement
 
 
-def check_same_parameters(names: Sequence[str], device: torch.device, options: Sequence[str] = ()) -> None:
+def check_same_parameters(names: Sequence[str], device: torch.device, options: Sequence[str] = (),
+                          params: Sequence[Tensor] = ()) -> None:
     """A ConfigError on every rank when the ranks' optimizers hold different parameters (`agree`'s all-reduce is sized
-    by them: sizes that differ abort gloo and hang NCCL) or their groups different options (`options`, one text per
-    group: a `shardwise` on one rank skips the collectives of `owner_map` the others enter, a hang; another lr, polar
+    by them: sizes that differ abort gloo and hang NCCL), parameters of other global shapes or dtypes (`params`, in the
+    order of `names`: `owner_map`'s all_to_all is sized by them) or their groups different options (`options`, one text
+    per group: a `shardwise` on one rank skips the collectives of `owner_map` the others enter, a hang; another lr, polar
     or momentum steps each matrix by its owner's settings, a mix of two runs). One all-reduce of a fixed size; call it
     once per optimizer."""
     if world()[1] == 1:
         return
-    key = [float(len(names)), float(zlib.crc32("\n".join(names).encode())), float(zlib.crc32("\n".join(options).encode()))]
+    shapes = [f"{name} {tuple(p.shape)} {str(p.dtype).removeprefix('torch.')}" for name, p in zip(names, params)]
+    key = [float(len(names)), *(float(zlib.crc32("\n".join(text).encode())) for text in (names, shapes, options))]
     v = torch.tensor([*key, *(-x for x in key)], dtype=torch.float64, device=device)
     dist.all_reduce(v, op=dist.ReduceOp.MAX)
-    if not torch.equal(v[:2], -v[3:5]):
+    same = (v[: len(key)] == -v[len(key):]).tolist()
+    if not (same[0] and same[1]):
         raise ConfigError(f"the ranks' optimizers hold different parameters (this rank's: {len(names)}, e.g. "
                           f"{list(names[:3])}): build the optimizer on every rank from the same model and parameter groups")
-    if v[2] != -v[5]:
+    if not same[2]:
+        raise ConfigError(f"the ranks' optimizers hold parameters of different shapes or dtypes (this rank's: "
+                          f"{shapes[:3]}{' …' if len(shapes) > 3 else ''}): build the model with the same sizes and dtype on "
+                          "every rank")
+    if not same[3]:
         raise ConfigError(f"the ranks' optimizers have param groups of different options (this rank's group 0: "
                           f"{options[0][:200] if options else ''}): build the optimizer with the same settings on every rank")
 

@@ -84,14 +84,14 @@ def apply_scaled(p: Tensor, d: Tensor, length: Tensor | float, lr: float, weight
 
 
 def adamw_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
-    """The AdamW step on each parameter of the group (no amsgrad, no maximize)."""
+    """The AdamW step on each parameter of the group (no amsgrad, no maximize); lr may be a one-element tensor."""
     for p, g in zip(params, grads):
         m, v, step = adam_moments(opt.state[p], g, group["betas"])
-        apply(p, adam_direction(m, v, step, group["betas"], group["eps"]), group["lr"], group["weight_decay"])
+        apply(p, adam_direction(m, v, step, group["betas"], group["eps"]), float(group["lr"]), group["weight_decay"])
 
 
 def sgd_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> None:
     """SGD with optional (Nesterov) momentum and decoupled weight decay."""
     for p, g in zip(params, grads):
         d = sgd_direction(opt.state[p], g, group["momentum"], group["nesterov"])
-        apply(p, d, group["lr"], group["weight_decay"])
+        apply(p, d, float(group["lr"]), group["weight_decay"])

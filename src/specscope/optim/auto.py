@@ -1,7 +1,7 @@
 """AutoGeometry: per block and step, take the spectral or the Euclidean step, whichever is predicted
 to descend more (REFERENCE §3).
 
-For each matrix, on decision steps (every `every` steps):
+For each matrix, on decision steps (the optimizer's steps k with k % every == 0, and a block's first step):
     P, ‖D‖_*   <- one eigendecomposition of D (linalg.polar_with_nuclear_norm)
     nr         =  ‖D‖_*² / ‖D‖_F²
     st         =  st(A) of the block's input, read from a probe Monitor (or a callable)
@@ -17,7 +17,8 @@ D and E by `euclidean`:
 Moments are updated on every step whichever branch runs, so a switch never starts from cold state.
 A block without a measured st(A) (yet), or one the probe could not pair ("unmeasured", warned once with
 the reason), takes the Euclidean step. Choices are kept in `choices` and
-emitted as Records ("geometry": 1 spectral / 0 Euclidean, "spectral_advantage", "nuclear_rank").
+emitted as Records ("geometry": 1 spectral / 0 Euclidean, "spectral_advantage", "nuclear_rank") labelled with the
+optimizer's step (`Hybrid.step_index`: the k of a loop's `with monitor.step(k)`), so they line up with a Monitor's.
 A group that sets `token_dim` holds one-hot-input weights (embeddings; allowed in an "auto" group) and
 chooses among three geometries: Euclidean, spectral and ℓ₁→ℓ₂ ("geometry" 2; see `embedding_update`).
 """
@@ -33,7 +34,7 @@ from torch import Tensor
 from specscope.errors import ConfigError, checked_keywords
 from specscope.linalg.devices import is_dtensor
 from specscope.optim import _common, _euclidean, l1_to_l2
-from specscope.optim.hybrid import Hybrid, _number, register
+from specscope.optim.hybrid import Hybrid, _number, register, whole_number
 from specscope.optim.specgd import layer_stable_ranks, unmeasured_layers
 from specscope.records import Record
 
@@ -69,17 +70,15 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
     if group["token_dim"] is not None:
         return embedding_update(opt, group, params, grads, names)
     lr, wd = float(group["lr"]), group["weight_decay"]
-    sts = _common.taken_ahead(opt, group, lambda: auto_stable_ranks(opt, group, params, grads, names))
+    sts, step = _common.taken_ahead(opt, group, lambda: auto_ahead(opt, group, params, grads, names))
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
-    steps = [s.get("step", 0) for s in states]
-    deciding = [st is not None and (k % group["every"] == 0 or "geometry" not in s)
-                for s, st, k in zip(states, sts, steps)]
+    deciding = [st is not None and (step % group["every"] == 0 or "geometry" not in s) for s, st in zip(states, sts)]
     need = [i for i, s in enumerate(states) if deciding[i] or (sts[i] is not None and s.get("geometry") == 1)]
     exact = dict(zip(need, _common.unit_polar_with_nuclear_norm([_common.as_matrix(dirs[i][0]) for i in need], group)))
     for i, (p, name, s, st) in enumerate(zip(params, names, states, sts)):
         D, E = dirs[i]
-        rec = dict(step=steps[i], layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
+        rec = dict(step=step, layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
         if st is None:
             s["geometry"] = 0
         elif deciding[i]:
@@ -93,15 +92,16 @@ def auto_update(opt, group: dict, params: list[Tensor], grads: list[Tensor], nam
             _euclidean.apply_scaled(p, P, length, lr, wd)
         else:
             _euclidean.apply(p, E, lr, wd)
-        s["step"] = steps[i] + 1
+        s["step"] = step + 1
         flag = "" if st else "unmeasured" if rec["layer"] in unmeasured_layers(opt) else "no_stable_rank"
         opt._records.append(Record(metric="geometry", value=float(s["geometry"]), flag=flag, **rec))
         opt.choices[rec["layer"]] = "spectral" if s["geometry"] == 1 else "euclidean"
 
 
-def auto_stable_ranks(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> list[float | None]:
-    """st(A) of each parameter's layer (None: the Euclidean step), read before the step changes anything."""
-    return layer_stable_ranks(opt, names, required=False)
+def auto_ahead(opt, group: dict, params: list[Tensor], grads: list[Tensor], names: list[str]) -> tuple[list[float | None], int]:
+    """st(A) of each parameter's layer (None: the Euclidean step) and the optimizer's step index (its records' step),
+    read before the step changes anything: a group stepped before would have moved the index."""
+    return layer_stable_ranks(opt, names, required=False), opt.step_index()
 
 
 def nuclear_rank(D: Tensor, nuc: Tensor, k: Tensor | None, shardwise: bool = False) -> float:
@@ -139,13 +139,12 @@ def embedding_update(opt, group: dict, params: list[Tensor], grads: list[Tensor]
     (−lr·(‖D‖_{2,1}/st)·colnorm(D)) or, under euclidean="adamw", RMS-matched (−lr·0.2·sqrt(d)·colnorm(m̂)).
     """
     lr, wd, k = float(group["lr"]), group["weight_decay"], group["token_dim"]
-    sts = _common.taken_ahead(opt, group, lambda: auto_stable_ranks(opt, group, params, grads, names))
+    sts, step = _common.taken_ahead(opt, group, lambda: auto_ahead(opt, group, params, grads, names))
     states = [opt.state[p] for p in params]
     dirs = [_directions(s, g, group) for s, g in zip(states, grads)]
     polar = _common.unit_polar_with_nuclear_norm([_common.as_matrix(D) for D, _ in dirs], group)
     l12 = dict(token_dim=k, rms=0.2, scale="rms" if group["euclidean"] == "adamw" else "matched")
     for p, name, s, st, (D, E), (P, nuc, unit) in zip(params, names, states, sts, dirs, polar):
-        step = s.get("step", 0)
         rec = dict(step=step, layer=_common.layer_name(name), shape="x".join(map(str, p.shape)))
         if st is None:
             s["geometry"] = EUCLIDEAN_GEOMETRY
@@ -175,21 +174,17 @@ def check_group(group: dict) -> None:
     """An "auto" group's own options (given to AutoGeometry or in a param group, e.g. through spectral_param_groups)."""
     if group["euclidean"] not in EUCLIDEAN:
         raise ConfigError(f"euclidean={group['euclidean']!r} is unknown; use one of {EUCLIDEAN}")
-    every = group["every"]
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"every must be an integer >= 1 (decide every k-th step), got {every!r}")
-    threshold = _number(group["threshold"])
+    group["every"] = whole_number(group["every"], "every must be an integer >= 1 (decide every k-th step)", 1)
+    threshold = _number(group["threshold"], tensor=False)
     if threshold is None or not math.isfinite(threshold) or threshold <= 0:
         raise ConfigError(f"threshold must be a finite number > 0 (spectral iff nr/st exceeds it), got {group['threshold']!r}")
-    k = group["token_dim"]
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-        raise ConfigError(f"token_dim must be None or the integer axis that indexes tokens (0 for nn.Embedding), got {k!r}")
     if group["nesterov"] and group["euclidean"] == "momentum" and float(group["momentum"]) == 0:
         raise ConfigError("nesterov=True needs momentum > 0 (euclidean='momentum')")
+    _common.check_iteration_options(group, AUTO_DEFAULTS, read={"eps"} if group["euclidean"] == "adamw" else ())
 
 
 register("auto", auto_update, AUTO_DEFAULTS, spectral=True, check=check_group,
-         state={"momentum_buffer", "exp_avg", "exp_avg_sq", "adam_step", "geometry", "step"}, ahead=auto_stable_ranks)
+         state={"momentum_buffer", "exp_avg", "exp_avg_sq", "adam_step", "geometry", "step"}, ahead=auto_ahead)
 
 
 class AutoGeometry(Hybrid):

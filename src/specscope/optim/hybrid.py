@@ -75,10 +75,12 @@ _RANGES = {"lr": (0.0, math.inf), "weight_decay": (0.0, math.inf), "momentum": (
            "hysteresis": (0.0, 1.0), "rms": (0.0, math.inf)}  # an "auto" group's threshold (> 0) is its algorithm's check
 
 
-def _number(value: Any) -> float | None:
+def _number(value: Any, tensor: bool = True) -> float | None:
+    """A real number's value (numpy's scalars too) or, unless tensor=False, a one-element real tensor's (an lr, which
+    torch.optim takes as a tensor); None for anything else."""
     if isinstance(value, torch.Tensor):
-        return float(value) if value.numel() == 1 else None
-    return float(value) if isinstance(value, numbers.Real) and not _is_bool(value) else None  # numpy's scalars too
+        return float(value) if tensor and value.numel() == 1 and not value.is_complex() else None
+    return float(value) if isinstance(value, numbers.Real) and not _is_bool(value) else None
 
 
 def _options_text(group: dict[str, Any]) -> str:
@@ -99,29 +101,36 @@ def _is_bool(value: Any) -> bool:
 
 
 def _check_numbers(group: dict[str, Any]) -> None:
-    """One ConfigError naming the first hyperparameter of the group that is not a finite number in range."""
+    """One ConfigError naming the first hyperparameter of the group that is not a finite number in range (a tensor only
+    for lr: the updates read the others as numbers, and one failed inside the step after the momentum had moved).
+    numpy's integers and bools are stored as Python's, so that every step reads one kind of value."""
     for key, (low, high) in _RANGES.items():
         if key not in group:
             continue
-        number = _number(group[key])
+        number = _number(group[key], tensor=key == "lr")
+        if isinstance(group[key], torch.Tensor) and number is None:
+            raise ConfigError(f"{key}={group[key]!r} is a tensor; pass a float (lr alone may be a one-element tensor, "
+                              "as in torch.optim)")
         if number is None or not math.isfinite(number):
             raise ConfigError(f"{key}={group[key]!r} is not a finite number; pass a float")
         if not low <= number < high:
             bound = f"in [{low:g}, {high:g})" if math.isfinite(high) else f">= {low:g}"
             raise ConfigError(f"{key} must be {bound}, got {group[key]!r}")
-    if "ns_steps" in group and (isinstance(group["ns_steps"], bool) or not isinstance(group["ns_steps"], int)
-                                or not 0 < group["ns_steps"] < 100):
-        raise ConfigError(f"ns_steps must be an integer in 1..99, got {group['ns_steps']!r}")
+    if "ns_steps" in group:
+        group["ns_steps"] = whole_number(group["ns_steps"], "ns_steps must be an integer in 1..99", 1, 99)
     for flag in ("nesterov", "shardwise", "allow_non_hidden", "stacked"):
-        if flag in group and not isinstance(group[flag], bool):
+        if flag not in group:
+            continue
+        if not _is_bool(group[flag]):
             raise ConfigError(f"{flag} must be True or False, got {group[flag]!r}")
+        group[flag] = bool(group[flag])
     if group.get("adjust_lr_fn") not in (None, "original", "match_rms_adamw"):
         raise ConfigError(f"adjust_lr_fn={group['adjust_lr_fn']!r} is unknown; use None, 'original' or 'match_rms_adamw'")
     betas = group.get("betas")
     if betas is not None:
         pair = list(betas) if isinstance(betas, (tuple, list)) else []
-        numbers = [_number(b) for b in pair]
-        if len(pair) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in numbers):
+        values = [_number(b, tensor=False) for b in pair]
+        if len(pair) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in values):
             raise ConfigError(f"betas={betas!r}: give two numbers in [0, 1), e.g. (0.9, 0.999)")
     if "ns_coefficients" in group:
         _common.check_ns_coefficients(group["ns_coefficients"])
@@ -135,13 +144,21 @@ def _check_token_dim(group: dict[str, Any]) -> None:
     k = group.get("token_dim")
     if k is None:
         return
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ConfigError(f"token_dim must be None or the integer axis that indexes tokens (0 for nn.Embedding's "
-                          f"[vocab, d] weight, 1 for a Linear [out, in] fed one-hot inputs), got {k!r}")
+    k = group["token_dim"] = whole_number(k, "token_dim must be None or the integer axis that indexes tokens (0 for "
+                                          "nn.Embedding's [vocab, d] weight, 1 for a Linear [out, in] fed one-hot inputs)")
     for p in group.get("params", ()):
         if isinstance(p, torch.Tensor) and p.ndim >= 2 and not -p.ndim <= k < p.ndim:
             raise ConfigError(f"token_dim={k} is not an axis of a parameter of shape {tuple(p.shape)} (axes 0..{p.ndim - 1}): "
                               "pass the axis that indexes tokens (0 for nn.Embedding, 1 for a Linear fed one-hot inputs)")
+
+
+def whole_number(value: Any, what: str, low: int | None = None, high: int | None = None) -> int:
+    """`value` as a Python int: an integer, numpy's too, not a bool, in low..high where given; else a ConfigError
+    "<what>, got <value>"."""
+    if _is_bool(value) or not isinstance(value, numbers.Integral) or not (low is None or low <= value) \
+            or not (high is None or value <= high):
+        raise ConfigError(f"{what}, got {value!r}")
+    return int(value)
 
 
 MAX_UNPOPPED_RECORDS = 100_000  # records an optimizer keeps when nobody pops them (AutoGeometry: 3 per layer and step)
@@ -344,7 +361,7 @@ class Hybrid(Optimizer):
         bad = [next(flags) if h else False for h in has]
         if getattr(self, "_same_on_ranks", None) != len(flat):  # once (and again if groups are added)
             _distributed.check_same_parameters([n for _, _, n in flat], flat[0][1].device,
-                                               [_options_text(g) for g in self.param_groups])
+                                               [_options_text(g) for g in self.param_groups], [p for _, p, _ in flat])
             self._same_on_ranks = len(flat)
         has, bad = _distributed.agree(has, bad, flat[0][1].device)
         if not any(has):
@@ -362,6 +379,9 @@ class Hybrid(Optimizer):
                 params, names = [p for p, _ in items], [n for _, n in items]
                 work.append((ALGORITHMS[group["algorithm"]], group, params, [p.grad for p in params], names))
         self._ahead = {id(w[1]): w[0].ahead(self, *w[1:]) for w in work if w[0].ahead is not None}  # may raise: nothing changed yet
+        for alg, group, _, grads, _ in work:
+            if alg.spectral and callable(group.get("polar")):
+                _common.probe_polar(self, group, grads)  # may raise: nothing changed yet
         _state_follows_parameters(self.state, [p for w in work for p in w[2]])
         try:
             with no_autocast():  # a step inside torch.autocast: its float32 products stay float32
@@ -371,6 +391,16 @@ class Hybrid(Optimizer):
             self._ahead = {}
         self._bound_records()
         return loss
+
+    def step_index(self) -> int:
+        """The index of the step being taken (0 at the first), the k of a training loop's `with monitor.step(k)`: one
+        past the last step any parameter with a "step" counter took (an "auto" one's is one past its last step), and
+        at least the step its probe Monitor measured last (a step the optimizer did not take, as a GradScaler skips
+        one, counts there). Read from the state, it goes on from a loaded one, and a step undone with its state (a
+        checkpoint's state-making step) leaves it as it was."""
+        taken = max((int(s["step"]) for s in self.state.values() if "step" in s), default=0)
+        measured = getattr(self.stable_rank_source, "last_step", None)
+        return max(taken, measured) if isinstance(measured, int) and not _is_bool(measured) else taken
 
     def _check_group_options(self) -> None:
         """Each group's options, at every step before anything changes: a value set after construction (an LR

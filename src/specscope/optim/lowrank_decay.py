@@ -27,7 +27,7 @@ from specscope.errors import ConfigError, checked_keywords, NonFiniteError
 from specscope.linalg._checks import no_autocast
 from specscope.linalg.polar import ITERATIVE_DTYPES
 from specscope.optim import _common, _distributed
-from specscope.optim.hybrid import FOREIGN_OPTIONS, _number
+from specscope.optim.hybrid import FOREIGN_OPTIONS, _is_bool, _number, _options_text, whole_number
 
 MODES = ("polar", "prox", "ns", "l2", "elastic")
 OPTIONS = ("lr", "weight_decay", "mode", "ns_steps", "ns_coefficients", "l2", "polar_method", "ns_dtype", "shardwise", "stacked")
@@ -132,21 +132,37 @@ class LowRankDecay(Optimizer):
         for name, p in named:
             if p.is_meta:
                 raise _common.meta_error(name)
+        trained = set()
         if named:  # each rank checks its shard; all ranks agree before anything changes
+            self._check_ranks(named)
             bad = [not bool(torch.isfinite(_distributed.local(p)).all()) for _, p in named]
-            _, bad = _distributed.agree([True] * len(bad), bad, named[0][1].device)
+            trains, bad = _distributed.agree([p.requires_grad for _, p in named], bad, named[0][1].device)
             if any(bad):
                 raise NonFiniteError(f"non-finite weight in '{named[bad.index(True)][0]}' before LowRankDecay; nothing was changed")
+            trained = {id(p) for (_, p), t in zip(named, trains) if t}
         with no_autocast():  # inside torch.autocast the exact polar's float32 products would run in bfloat16
             for group in self.param_groups:
-                self._decay_group(group)
+                self._decay_group(group, trained)
         return loss
 
-    def _decay_group(self, group: dict[str, Any]) -> None:
+    def _check_ranks(self, named: list[tuple[str, Tensor]]) -> None:
+        """Under torch.distributed, once (and again if groups are added): a ConfigError on every rank when the ranks'
+        decays hold other parameters, shapes or options. Each rank would decide alone whether a group enters the owner
+        map's collectives (a weight_decay of 0 or mode "l2" skips them: the others wait for ever), size them by its own
+        matrices (gloo aborts), or decay each matrix by its owner rank's settings (a mix of two runs)."""
+        if getattr(self, "_same_on_ranks", None) == len(named):
+            return
+        _distributed.check_same_parameters([n for n, _ in named], named[0][1].device,
+                                           [_options_text(g) for g in self.param_groups], [p for _, p in named])
+        self._same_on_ranks = len(named)
+
+    def _decay_group(self, group: dict[str, Any], trained: set[int]) -> None:
+        """Decay the group's weights in `trained` (ids: weights that require grad on every rank, so that every rank maps
+        the same matrices) that are not empty; a frozen weight stays as it is (torch.optim's decay too)."""
         lr, l2 = _number(group["lr"]), _number(group["l2"])  # numbers: checked by _check_options
         tau = lr * _number(group["weight_decay"])
         mode = group["mode"]
-        params = [p for p in group["params"] if p.requires_grad and p.numel()]  # a frozen weight stays as it is (torch.optim's decay too); an empty one has nothing
+        params = [p for p in group["params"] if id(p) in trained and p.numel()]
         if tau == 0 and (mode != "elastic" or lr * l2 == 0):
             return  # nothing to do (and an SVD round trip would not be bitwise the identity)
         if mode == "l2":
@@ -216,15 +232,15 @@ def _check_options(group: dict[str, Any]) -> None:
 
 def _check_ns(group: dict[str, Any]) -> None:
     """The "ns" mode's options, checked when the group is made rather than at its first step."""
-    steps = group["ns_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 0 < steps < 100:
-        raise ConfigError(f"LowRankDecay ns_steps must be an integer in 1..99, got {steps!r}")
+    group["ns_steps"] = whole_number(group["ns_steps"], "LowRankDecay ns_steps must be an integer in 1..99", 1, 99)
     if group["ns_dtype"] not in ITERATIVE_DTYPES:
         names = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in ITERATIVE_DTYPES)
         raise ConfigError(f"LowRankDecay ns_dtype={group['ns_dtype']!r}: pass a torch dtype, one of {names}")
     for flag in ("shardwise", "stacked"):
-        if not isinstance(group.get(flag, False), bool):
+        if not _is_bool(group.get(flag, False)):
             raise ConfigError(f"LowRankDecay {flag} must be True or False, got {group[flag]!r}")
+        if flag in group:
+            group[flag] = bool(group[flag])  # numpy's bool as Python's
     try:
         _common.check_ns_coefficients(group["ns_coefficients"])
     except ConfigError as e:

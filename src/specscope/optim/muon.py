@@ -92,21 +92,10 @@ def _foreach_groups(ts: list[Tensor], extra) -> list[list[int]]:
     return list(groups.values())
 
 
-# the iteration options each polar backend reads; the others are refused when set (they would be ignored)
-USES = {"newton_schulz": {"ns_steps", "ns_coefficients", "eps"}, "polar_express": {"ns_steps", "eps"},
-        "gram_newton_schulz": {"eps"}}
-
-
 def check_muon(group: dict) -> None:
     """The iteration options the group's polar backend would ignore, if set to other than their defaults; stacked=True:
     every parameter a local stack of matrices [..., rows, cols] (≥ 3-D, not an FSDP2 DTensor)."""
-    polar = group["polar"]
-    uses = set() if callable(polar) else USES.get(polar, set())
-    for key in ("ns_steps", "ns_coefficients", "eps"):
-        if key not in uses and key in group and not _same(group[key], MUON_DEFAULTS[key]):
-            readers = [name for name, keys in USES.items() if key in keys]
-            raise ConfigError(f"{key}={group[key]!r} has no effect with polar={getattr(polar, '__name__', polar)!r} (it drives "
-                              f"{' and '.join(map(repr, readers))}): drop {key}, or pass one of those polar backends")
+    _common.check_iteration_options(group, MUON_DEFAULTS)
     if not group.get("stacked", False):
         return
     for i, p in enumerate(group["params"]):
@@ -117,16 +106,6 @@ def check_muon(group: dict) -> None:
         if _distributed.is_dtensor(p):
             raise ConfigError(f"stacked=True: parameter {i} of the group is a DTensor (FSDP2); stacks are orthogonalized "
                               "matrix by matrix only on local tensors (one process or DDP); put it in an AdamW group")
-
-
-def _same(value: Any, default: Any) -> bool:
-    """A group's option equal to Muon's default (coefficients as a list or tuple of the same numbers)."""
-    if isinstance(default, tuple):
-        try:
-            return len(value) == len(default) and all(float(a) == b for a, b in zip(value, default))
-        except TypeError:
-            return False
-    return value == default
 
 
 register("muon", muon_update, MUON_DEFAULTS, spectral=True, check=check_muon, state={"momentum_buffer"})

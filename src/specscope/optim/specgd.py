@@ -18,7 +18,7 @@ from torch import Tensor
 
 from specscope.errors import ConfigError, checked_keywords
 from specscope.optim import _common, _euclidean
-from specscope.optim.hybrid import Hybrid, register
+from specscope.optim.hybrid import Hybrid, _outside_level, register
 
 SPECGD_DEFAULTS: dict[str, Any] = dict(
     momentum=0.0, nesterov=False, weight_decay=0.0, polar="gram",
@@ -32,7 +32,8 @@ def layer_stable_ranks(opt, names: list[str], required: bool,
 
     A layer the source's probe could not pair (`source.unmeasured[layer]`), or a layer of a Monitor's model that the
     Monitor does not track (its include=/exclude=), has none: with required=False (AutoGeometry) it takes the
-    Euclidean step and is warned about once, with the reason. `directions(i)`
+    Euclidean step and is warned about once, with the reason. A Monitor that has measured no step at all is named as
+    the cause, with its fix (an error with required=True, one warning otherwise). `directions(i)`
     (SpecGD's): the direction parameter i would take; a layer with no st(A) whose direction is all zeros — an input
     that was zero at every measurement so far, e.g. behind ReLUs that are all dead — has no step for st(A) to scale;
     it gets 1.0 instead of an error (one host read per such layer).
@@ -41,6 +42,8 @@ def layer_stable_ranks(opt, names: list[str], required: bool,
     if source is None:
         return [1.0] * len(names)
     out = [_read(opt, source, _common.layer_name(n)) for n in names]
+    if out and all(st is None for st in out) and _measured_no_step(source):
+        _no_step_measured(opt, required)
     if directions is not None:
         out = [1.0 if st is None and not bool(directions(i).any()) else st for i, st in enumerate(out)]
     unmeasured = unmeasured_layers(opt)
@@ -62,6 +65,24 @@ def layer_stable_ranks(opt, names: list[str], required: bool,
             warned.add(layer)
             warnings.warn(f"specscope: '{layer}' is unmeasured by the probe ({unmeasured[layer]}); it takes the Euclidean step", stacklevel=4)
     return out
+
+
+def _measured_no_step(source: Any) -> bool:
+    """Whether `source` is a probe Monitor that has measured no step (nor loaded an st(A)): a training loop without
+    `with monitor.step(step):`, which no layer's input explains."""
+    return callable(getattr(source, "is_measured", None)) and getattr(source, "last_step", 0) is None
+
+
+def _no_step_measured(opt, required: bool) -> None:
+    """SpecGD (required): a ConfigError; AutoGeometry: a warning, once, that every layer steps Euclidean."""
+    fix = ("run each step's forward and backward passes inside `with monitor.step(step):` (step: the optimizer step, "
+           "0, 1, …), so that it measures the layers' inputs before optimizer.step()")
+    if required:
+        raise ConfigError(f"the Monitor has measured no step yet, so it has no st(A) for any layer: {fix}")
+    if not opt.__dict__.get("_warned_no_step"):
+        opt._warned_no_step = True
+        warnings.warn(f"specscope: the Monitor has measured no step yet, so every layer takes the Euclidean step: {fix}",
+                      stacklevel=_outside_level())  # the user's opt.step() line
 
 
 def _read(opt, source: Any, layer: str) -> float | None:
@@ -123,8 +144,10 @@ def specgd_stable_ranks(opt, group: dict, params: list[Tensor], grads: list[Tens
 
 
 def check_group(group: dict) -> None:
+    """nesterov only with momentum; the iteration options only where the group's polar backend reads them."""
     if group["nesterov"] and float(group["momentum"]) == 0:
         raise ConfigError("nesterov=True needs momentum > 0")
+    _common.check_iteration_options(group, SPECGD_DEFAULTS)
 
 
 register("specgd", specgd_update, SPECGD_DEFAULTS, spectral=True, check=check_group, state={"momentum_buffer"},

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from specscope import linalg as L
+from specscope.errors import ConfigError
+from specscope.linalg._checks import smaller_gram
 from specscope.linalg.devices import is_dtensor
 
 
@@ -70,11 +72,27 @@ def whole(G: torch.Tensor) -> torch.Tensor:
     return G.full_tensor() if is_dtensor(G) else G
 
 
+def check_supported(t: torch.Tensor) -> None:
+    """A ConfigError, naming what is supported, for a DTensor (a weight or its gradient) the probe cannot measure: one
+    on a mesh of more than one dimension (HSDP, tensor parallelism), sharded along a third dimension, or holding
+    partial sums."""
+    if not is_dtensor(t):
+        return
+    mesh, placements = t.device_mesh, t.placements
+    if mesh.ndim != 1:
+        raise ConfigError(f"probe: a DTensor on a {mesh.ndim}-D device mesh ({placements}: HSDP or tensor parallelism) "
+                          "is not measured by the Monitor; shard the model on a 1-D mesh (fully_shard's default) or "
+                          "replicate it (DDP)")
+    (place,) = placements
+    if (place.is_shard() and place.dim not in (0, 1)) or place.is_partial():
+        raise ConfigError(f"probe: a DTensor with placement {place} is not measured by the Monitor; shard matrices by "
+                          "rows or columns on a 1-D mesh (fully_shard's default) or replicate them")
+
+
 def _sharded_dim(G: torch.Tensor) -> int | None:
     """0 or 1 for a 2-D DTensor sharded by rows or columns on a 1-D mesh; None when its local part is whole."""
-    (place,) = G.placements if G.device_mesh.ndim == 1 else (None,)
-    if place is None or (place.is_shard() and place.dim not in (0, 1)) or place.is_partial():
-        raise ValueError(f"probe: a gradient DTensor with placements {G.placements} is not supported; use a 1-D mesh (fully_shard)")
+    check_supported(G)
+    (place,) = G.placements
     return place.dim if place.is_shard() else None
 
 
@@ -86,9 +104,17 @@ def gram_of_shards(G: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, b
     d = _sharded_dim(G)
     sharded, other = (G.shape[d], G.shape[1 - d]) if d is not None else (0, 0)
     if d is None or other > sharded:
-        return L.gram(whole(G), dtype=dtype), False
+        return _whole_gram(whole(G), dtype), False
     A = G.to_local().to(dtype)
     return (A.T @ A if d == 0 else A @ A.T), True
+
+
+def _whole_gram(G: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The smaller-side Gram of a whole gradient in `dtype`. A non-finite one's Gram holds its NaN, as the summed shards'
+    Grams do, and is recorded with flag "nonfinite" as the Monitor's `nonfinite` says (linalg.gram refuses it)."""
+    if bool(torch.isfinite(G).all()):
+        return L.gram(G, dtype=dtype)
+    return smaller_gram(G.to(dtype))
 
 
 def gradient_spectra(mats: list[torch.Tensor], exact: bool = False, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:

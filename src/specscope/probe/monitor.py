@@ -744,9 +744,11 @@ class Monitor:
         if self._ranks_agree or D.world_size() == 1:
             return
         slots = list(self.slots.values())
-        names = "\n".join(s.name for s in slots).encode()
+        for s in slots:  # HSDP, tensor parallelism: one ConfigError before any collective, not a ValueError mid-step
+            D.check_supported(s.param)
+        names = "\n".join(f"{s.name} {tuple(s.param.shape)} {s.param.dtype}" for s in slots).encode()
         if not D.same_on_every_rank([len(slots), zlib.crc32(names)], _reduce_device(slots)):
-            raise ConfigError(f"Monitor: the ranks measure different weights (this rank's Monitor has {len(slots)}, e.g. "
+            raise ConfigError(f"Monitor: the ranks measure different weights, or weights of other shapes or dtypes (this rank's Monitor has {len(slots)}, e.g. "
                               f"{self.layers[:3]}): build the Monitor on every rank from the same model with the same "
                               "include/exclude/split, and freeze weights (requires_grad=False) on every rank alike, before "
                               "the Monitor is made")

@@ -346,19 +346,27 @@ def _fill_state(optimizer: Any, missing: list[int]) -> None:
                 g["lr"] = lr
 
 
-def _state(model: nn.Module, optimizer: Any, monitor: Any, extra: dict | None, stateless: list[int] | None) -> dict[str, Any]:
+def _state(model: nn.Module, optimizer: Any, monitor: Any, extra: dict | None, stateless: list[int] | None,
+           choices: dict | None) -> dict[str, Any]:
     """The state DCP reads and writes: model and optimizer keyed by parameter name (sharded tensors stay
-    DTensors, so DCP can reshard them), Monitor state, `extra` and the positions of the parameters that had no
-    optimizer state (`stateless`; None: a checkpoint from before they were kept) as one replicated blob each."""
+    DTensors, so DCP can reshard them), Monitor state, `extra`, the positions of the parameters that had no
+    optimizer state (`stateless`) and AutoGeometry's `choices` as one replicated blob each (`stateless` or `choices`
+    None: a checkpoint from before they were kept, or an optimizer without choices)."""
     _fill_state(optimizer, _stateless(optimizer))
     msd, osd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": msd, "optim": osd}
     if monitor is not None:
         state["monitor"] = _blob(monitor.state_dict())
     state["extra"] = _blob(extra or {})
-    if stateless is not None:
-        state["stateless"] = _blob(stateless)
+    for key, value in (("stateless", stateless), ("choices", choices)):
+        if value is not None:
+            state[key] = _blob(value)
     return state
+
+
+def _choices(optimizer: Any) -> dict | None:
+    """A copy of AutoGeometry's `choices` (layer -> geometry); None for an optimizer without them."""
+    return dict(optimizer.choices) if isinstance(getattr(optimizer, "choices", None), dict) else None
 
 
 def _undo_filled(optimizer: Any, stateless: list[int], choices: dict | None, made: int) -> None:
@@ -401,10 +409,10 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
 
     _check_extra(extra)
     stateless = _stateless(optimizer)
-    choices = dict(optimizer.choices) if isinstance(getattr(optimizer, "choices", None), dict) else None
+    choices = _choices(optimizer)
     made = len(getattr(optimizer, "_records", ()))
     try:
-        dcp.save(_state(model, optimizer, monitor, extra, stateless), checkpoint_id=os.fspath(path))
+        dcp.save(_state(model, optimizer, monitor, extra, stateless, choices), checkpoint_id=os.fspath(path))
         _write_checksums(os.fspath(path))
     except CheckpointException as e:  # a BaseException whose message is each rank's traceback
         cause = next((f[0] if isinstance(f, tuple) and f else f for f in getattr(e, "failures", {}).values()), e)
@@ -488,8 +496,11 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
     # Checked here first, on every rank: torch would swallow the error and report a missing rank-local file.
     metadata = read_metadata(os.path.join(os.fspath(path), ".metadata"))
     _verify_checksums(os.fspath(path))
-    kept = any(k == "stateless" or k.startswith("stateless.") for k in metadata.state_dict_metadata)
-    state = _state(model, optimizer, monitor, {}, [] if kept else None)
+    kept, chosen = (any(k == key or k.startswith(key + ".") for k in metadata.state_dict_metadata)
+                    for key in ("stateless", "choices"))
+    choices = _choices(optimizer)
+    state = _state(model, optimizer, monitor, {}, [] if kept else None, {} if chosen and choices is not None else None)
+    _check_optimizer_keys(os.fspath(path), metadata, state["optim"])
     try:
         dcp.load(state, checkpoint_id=os.fspath(path), storage_reader=_SafeReader(os.fspath(path)))
     except CheckpointException as e:  # each rank's error, wrapped (with its frames); a BaseException, not an Exception
@@ -508,13 +519,42 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer: Any, monitor: Any
                           "model, optimizer and Monitor it was saved with, built the same way (a checkpoint saved without "
                           "a Monitor: load(path, model, optimizer))") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    if kept:  # the parameters that had no state when saved have none now: the next step is the saving run's
-        state["stateless"].seek(0)
-        _undo_filled(optimizer, torch.load(state["stateless"], weights_only=True), None, len(getattr(optimizer, "_records", ())))
+    # the parameters that had no state when saved have none now (the next step is the saving run's), and AutoGeometry's
+    # choices are the saved ones (those from before the load, of a checkpoint saved before they were kept)
+    _undo_filled(optimizer, _read(state["stateless"]) if kept else [],
+                 _read(state["choices"]) if "choices" in state else choices, len(getattr(optimizer, "_records", ())))
     if hasattr(optimizer, "pop_records"):  # get_state_dict's zero-gradient, lr=0 step to create state recorded nothing real
         optimizer.pop_records()
     if monitor is not None:
-        state["monitor"].seek(0)
-        monitor.load_state_dict(torch.load(state["monitor"], weights_only=True))  # data from disk: no code runs
-    state["extra"].seek(0)
-    return torch.load(state["extra"], weights_only=True)
+        monitor.load_state_dict(_read(state["monitor"]))
+    return _read(state["extra"])
+
+
+def _read(blob: io.BytesIO) -> Any:
+    """A blob DCP loaded, read with weights_only=True: data from disk, no code runs."""
+    blob.seek(0)
+    return torch.load(blob, weights_only=True)
+
+
+def _check_optimizer_keys(path: str, metadata: Any, osd: dict) -> None:
+    """One ConfigError, before anything loads, when the checkpoint's optimizer state is not what the optimizer keeps:
+    DCP loads the keys its target asks for and ignores the others, so another optimizer's state (AdamW's moments loaded
+    into SGD's momentum, an option such as AutoGeometry's euclidean= set otherwise) would be dropped in silence while
+    its param groups' options load. (A key the target asks for and the checkpoint lacks DCP reports itself.)"""
+    wanted = {f"optim.state.{name}": set(map(str, entry)) for name, entry in osd.get("state", {}).items()}
+    saved: dict[str, set[str]] = {}
+    for key in metadata.state_dict_metadata:
+        parts = key.split(".")
+        if parts[:2] == ["optim", "state"]:  # optim.state.<parameter name, dotted>.<state key>[.<nested>]
+            at = next((i for i in range(3, len(parts)) if ".".join(parts[:i]) in wanted), len(parts) - 1)
+            saved.setdefault(".".join(parts[:at]), set()).add(parts[at])
+    extra = {name: sorted(keys - wanted.get(name, set())) for name, keys in saved.items() if keys - wanted.get(name, set())}
+    if not extra:
+        return
+    name, keys = next(iter(extra.items()))
+    keeps = sorted(wanted.get(name, ()))
+    more = f", and {len(extra) - 1} more parameters" if len(extra) > 1 else ""
+    raise ConfigError(f"the checkpoint {path!r} holds optimizer state this optimizer does not keep (for parameter "
+                      f"'{name.removeprefix('optim.state.')}': {keys}; it keeps {keeps}{more}): "
+                      "it was saved by another optimizer, or one with other settings (an algorithm, AutoGeometry's "
+                      "euclidean=, a momentum); build the optimizer as the run that saved it, then load")
