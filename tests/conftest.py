@@ -1,6 +1,19 @@
 """Fixtures shared across the test folders."""
 
+import signal
+
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """SIGINT's handler as each test found it: code a test runs may leave it changed (Lightning ignores SIGINT after a
+    KeyboardInterrupt in fit; a CLI interrupt ignores it for the exit handlers), and a later test of the same worker
+    — or the subprocess it starts, which inherits an ignored signal — then never sees its Ctrl-C."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    if signal.getsignal(signal.SIGINT) is not before:
+        signal.signal(signal.SIGINT, before)
 
 
 class EmulatedGraph:
